@@ -1,1 +1,25 @@
+//! bicsi: a Kubernetes CSI driver whose volumes can start from verified backing images.
+//!
+//! The library holds all logic; `main.rs` only parses flags. Layers, from the outside in:
+//! `cli` and `server` (processes), `csi` and `http` (protocol adapters), `controller` and `node`
+//! (the domain), `store` (records), `replicas`, `disks` and `os` (files, processes, mounts).
 
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod controller;
+pub mod csi;
+pub mod disks;
+pub mod error;
+pub mod fsutil;
+pub mod guard;
+pub mod http;
+pub mod model;
+pub mod node;
+pub mod os;
+pub mod params;
+pub mod quantity;
+pub mod replicas;
+pub mod server;
+pub mod store;

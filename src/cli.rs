@@ -1,0 +1,494 @@
+//! The command line: `bicsi serve` and the client commands that drive a running bicsi. Parsing
+//! lives here; every command calls the library and prints. Flags named in the issues are
+//! contracts other tools script against: add flags, never rename them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{CsiClient, status_error};
+use crate::csi::pb;
+use crate::error::{Error, Result};
+use crate::model::{AccessMode, AccessType, Capability};
+use crate::quantity;
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/bicsi";
+const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bicsi",
+    version,
+    about = "A CSI driver whose volumes start from verified backing images"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run controller and node agent in one process (the embedded default).
+    Serve(ServeArgs),
+    /// Create, attach, detach and delete volumes on a running `bicsi serve`.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// List objects.
+    #[command(subcommand)]
+    Get(GetCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where bicsi keeps its state, engines and default disk.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// CSI endpoint; default unix://<data-dir>/csi.sock.
+    #[arg(long)]
+    pub csi_endpoint: Option<String>,
+    /// This node's id; default the host name.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// A disk directory for replicas and backing images (repeatable); default <data-dir>/disks/default.
+    #[arg(long = "disk")]
+    pub disks: Vec<PathBuf>,
+    /// The CSI driver name (the StorageClass provisioner).
+    #[arg(long, default_value = "driver.longhorn.io")]
+    pub driver_name: String,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:9500")]
+    pub http_listen: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Endpoint {
+    /// The CSI endpoint of the running bicsi.
+    #[arg(long, env = "BICSI_CSI_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub csi_endpoint: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a volume (CSI CreateVolume).
+    Create {
+        name: String,
+        /// Size in Kubernetes quantity form: 256Mi, 10Gi.
+        #[arg(long)]
+        size: String,
+        /// A StorageClass parameter KEY=VALUE (repeatable); split at the first '='.
+        #[arg(short = 'p', long = "parameter")]
+        parameters: Vec<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Attach a volume to this node: ControllerPublish, NodeStage, NodePublish.
+    Attach {
+        name: String,
+        /// Mount the volume's filesystem at PATH.
+        #[arg(long, conflicts_with = "block", required_unless_present = "block")]
+        mount: Option<PathBuf>,
+        /// Expose the raw block device at PATH (a file).
+        #[arg(long)]
+        block: Option<PathBuf>,
+        /// Filesystem for a new volume: ext4 (default) or xfs.
+        #[arg(long)]
+        fs_type: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Detach a volume attached with `bicsi volume attach`.
+    Detach {
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Delete a volume (CSI DeleteVolume).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GetCommand {
+    /// List volumes with capacity, attachment and condition.
+    Volumes {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+/// Splits `KEY=VALUE` at the first '=', so JSON values with '=' pass through.
+pub fn parse_parameter(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(Error::InvalidArgument(format!(
+            "parameter {text:?} is not KEY=VALUE"
+        ))),
+    }
+}
+
+/// What `attach` remembers so `detach` can undo it: kept beside the socket, in `cli-attach/`.
+#[derive(Serialize, Deserialize)]
+struct AttachRecord {
+    volume_id: String,
+    node_id: String,
+    staging_path: PathBuf,
+    target_path: PathBuf,
+    block: bool,
+    capability: Capability,
+}
+
+fn attach_dir(endpoint: &str) -> Result<PathBuf> {
+    let sock = crate::server::socket_path(endpoint)?;
+    Ok(sock.parent().unwrap_or(Path::new("/")).join("cli-attach"))
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Volume(cmd) => volume(cmd).await,
+        Command::Get(GetCommand::Volumes { endpoint }) => get_volumes(&endpoint.csi_endpoint).await,
+    }
+}
+
+pub fn serve_config(args: ServeArgs) -> Result<crate::server::Config> {
+    let node_id = match args.node_id {
+        Some(id) => id,
+        None => nix::unistd::gethostname()
+            .map_err(|e| Error::Internal(format!("host name: {e}; pass --node-id")))?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    Ok(crate::server::Config {
+        csi_endpoint: args
+            .csi_endpoint
+            .unwrap_or_else(|| crate::server::default_endpoint(&args.data_dir)),
+        data_dir: args.data_dir,
+        node_id,
+        disks: args.disks,
+        driver_name: args.driver_name,
+        http_listen: args.http_listen,
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let cfg = serve_config(args)?;
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+    };
+    crate::server::serve(cfg, crate::os::Os::real(), shutdown).await
+}
+
+fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {
+    Capability {
+        access: AccessType::Mount {
+            fs_type: fs_type.unwrap_or_default(),
+            mount_flags: vec![],
+        },
+        mode: if read_only {
+            AccessMode::SingleNodeReaderOnly
+        } else {
+            AccessMode::SingleNodeWriter
+        },
+    }
+}
+
+async fn volume(cmd: VolumeCommand) -> Result<()> {
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            parameters,
+            endpoint,
+        } => {
+            let bytes = quantity::parse(&size).map_err(Error::InvalidArgument)?;
+            let parameters: HashMap<String, String> = parameters
+                .iter()
+                .map(|p| parse_parameter(p))
+                .collect::<Result<_>>()?;
+            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
+            let v = c
+                .controller
+                .create_volume(pb::CreateVolumeRequest {
+                    name: name.clone(),
+                    capacity_range: Some(pb::CapacityRange {
+                        required_bytes: bytes as i64,
+                        limit_bytes: 0,
+                    }),
+                    volume_capabilities: vec![crate::csi::capability_to_pb(&mount_capability(
+                        None, false,
+                    ))],
+                    parameters,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            println!(
+                "volume {name} created: id {}, {}",
+                v.volume_id,
+                quantity::format(v.capacity_bytes as u64)
+            );
+            Ok(())
+        }
+        VolumeCommand::Attach {
+            name,
+            mount,
+            block,
+            fs_type,
+            read_only,
+            endpoint,
+        } => {
+            let volume_id = crate::controller::volume_id_for(&name);
+            let (target, cap) = match (mount, block) {
+                (Some(m), None) => (m, mount_capability(fs_type, read_only)),
+                (None, Some(b)) => (
+                    b,
+                    Capability {
+                        access: AccessType::Block,
+                        mode: if read_only {
+                            AccessMode::SingleNodeReaderOnly
+                        } else {
+                            AccessMode::SingleNodeWriter
+                        },
+                    },
+                ),
+                _ => {
+                    return Err(Error::InvalidArgument(
+                        "give exactly one of --mount PATH or --block PATH".into(),
+                    ));
+                }
+            };
+            let target = std::path::absolute(&target)
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", target.display())))?;
+            let dir = attach_dir(&endpoint.csi_endpoint)?;
+            let staging = dir.join(&volume_id).join("staging");
+            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
+            let node_id = c
+                .node
+                .node_get_info(pb::NodeGetInfoRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .node_id;
+            let pb_cap = crate::csi::capability_to_pb(&cap);
+            c.controller
+                .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    node_id: node_id.clone(),
+                    volume_capability: Some(pb_cap.clone()),
+                    readonly: read_only,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?;
+            std::fs::create_dir_all(&staging)
+                .map_err(|e| Error::Internal(format!("{}: {e}", staging.display())))?;
+            let record = AttachRecord {
+                volume_id: volume_id.clone(),
+                node_id,
+                staging_path: staging.clone(),
+                target_path: target.clone(),
+                block: cap.is_block(),
+                capability: cap,
+            };
+            crate::fsutil::write_atomic(
+                &dir.join(format!("{volume_id}.json")),
+                &serde_json::to_vec_pretty(&record)?,
+            )
+            .map_err(|e| Error::Internal(format!("cannot record the attachment: {e}")))?;
+            c.node
+                .node_stage_volume(pb::NodeStageVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    volume_capability: Some(pb_cap.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?;
+            c.node
+                .node_publish_volume(pb::NodePublishVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    target_path: target.display().to_string(),
+                    volume_capability: Some(pb_cap),
+                    readonly: read_only,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?;
+            println!("volume {name} attached at {}", target.display());
+            Ok(())
+        }
+        VolumeCommand::Detach { name, endpoint } => {
+            let volume_id = crate::controller::volume_id_for(&name);
+            let dir = attach_dir(&endpoint.csi_endpoint)?;
+            let record_path = dir.join(format!("{volume_id}.json"));
+            let bytes = std::fs::read(&record_path).map_err(|_| {
+                Error::NotFound(format!(
+                    "volume {name:?} was not attached with `bicsi volume attach` through this endpoint"
+                ))
+            })?;
+            let rec: AttachRecord = serde_json::from_slice(&bytes)?;
+            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
+            c.node
+                .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    target_path: rec.target_path.display().to_string(),
+                })
+                .await
+                .map_err(status_error)?;
+            c.node
+                .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    staging_target_path: rec.staging_path.display().to_string(),
+                })
+                .await
+                .map_err(status_error)?;
+            c.controller
+                .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    node_id: rec.node_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?;
+            let _ = std::fs::remove_file(&record_path);
+            let _ = std::fs::remove_dir_all(dir.join(&volume_id));
+            println!("volume {name} detached");
+            Ok(())
+        }
+        VolumeCommand::Delete { name, endpoint } => {
+            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
+            c.controller
+                .delete_volume(pb::DeleteVolumeRequest {
+                    volume_id: crate::controller::volume_id_for(&name),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?;
+            println!("volume {name} deleted");
+            Ok(())
+        }
+    }
+}
+
+async fn get_volumes(endpoint: &str) -> Result<()> {
+    let mut c = CsiClient::connect(endpoint).await?;
+    let mut token = String::new();
+    println!(
+        "{:<44} {:>10} {:<20} CONDITION",
+        "VOLUME", "SIZE", "ATTACHED TO"
+    );
+    loop {
+        let page = c
+            .controller
+            .list_volumes(pb::ListVolumesRequest {
+                max_entries: 100,
+                starting_token: token.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        for e in page.entries {
+            let v = e.volume.unwrap_or_default();
+            let status = e.status.unwrap_or_default();
+            let cond = status
+                .volume_condition
+                .map(|c| {
+                    if c.abnormal {
+                        format!("abnormal: {}", c.message)
+                    } else {
+                        c.message
+                    }
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<44} {:>10} {:<20} {}",
+                v.volume_id,
+                quantity::format(v.capacity_bytes as u64),
+                if status.published_node_ids.is_empty() {
+                    "-".to_string()
+                } else {
+                    status.published_node_ids.join(",")
+                },
+                cond
+            );
+        }
+        if page.next_token.is_empty() {
+            return Ok(());
+        }
+        token = page.next_token;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_split_at_the_first_equals() {
+        assert_eq!(
+            parse_parameter("backingImageDataSourceParameters={\"url\":\"http://x/?a=b\"}")
+                .unwrap(),
+            (
+                "backingImageDataSourceParameters".to_string(),
+                "{\"url\":\"http://x/?a=b\"}".to_string()
+            )
+        );
+        assert_eq!(
+            parse_parameter("k=").unwrap(),
+            ("k".to_string(), String::new())
+        );
+        assert!(parse_parameter("novalue").is_err());
+        assert!(parse_parameter("=v").is_err());
+    }
+
+    #[test]
+    fn serve_flags_have_the_documented_defaults() {
+        let cli = Cli::try_parse_from(["bicsi", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let cfg = serve_config(args).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/bicsi"));
+        assert_eq!(cfg.csi_endpoint, "unix:///var/lib/bicsi/csi.sock");
+        assert_eq!(cfg.driver_name, "driver.longhorn.io");
+        assert_eq!(cfg.http_listen, "127.0.0.1:9500");
+        assert!(cfg.disks.is_empty());
+        let cli = Cli::try_parse_from([
+            "bicsi",
+            "serve",
+            "--data-dir",
+            "/d",
+            "--disk",
+            "/a",
+            "--disk",
+            "/b",
+            "--node-id",
+            "n1",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let cfg = serve_config(args).unwrap();
+        assert_eq!(cfg.csi_endpoint, "unix:///d/csi.sock");
+        assert_eq!(cfg.disks, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(cfg.node_id, "n1");
+    }
+}

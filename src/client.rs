@@ -1,0 +1,53 @@
+//! A CSI client over the unix socket, used by the `bicsi volume …` commands (people who run
+//! `serve` without Kubernetes) and by the tests.
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::csi::pb::controller_client::ControllerClient;
+use crate::csi::pb::identity_client::IdentityClient;
+use crate::csi::pb::node_client::NodeClient;
+use crate::error::{Error, Result};
+
+#[derive(Clone)]
+pub struct CsiClient {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+impl CsiClient {
+    /// Connects to `unix:///path` (or a plain path).
+    pub async fn connect(endpoint: &str) -> Result<CsiClient> {
+        let path: PathBuf = crate::server::socket_path(endpoint)?;
+        let p = path.clone();
+        // The URI is required by tonic but unused: the connector below opens the socket.
+        let channel = Endpoint::try_from("http://[::]:50051")
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot connect to bicsi at {}: {e}; is `bicsi serve` running with this --csi-endpoint?",
+                    path.display()
+                ))
+            })?;
+        Ok(CsiClient {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        })
+    }
+}
+
+/// Converts a gRPC status from bicsi back into a domain error for display.
+pub fn status_error(s: tonic::Status) -> Error {
+    Error::from_code(s.code(), s.message().to_string())
+}

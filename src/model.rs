@@ -1,0 +1,236 @@
+//! The records bicsi keeps: volumes with their replicas and attachments, and what a node has
+//! staged and published. Plain data with serde; no I/O and no protocol types (the CSI adapter
+//! converts from and to these).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How a volume is presented to a workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AccessType {
+    /// A filesystem mounted at the target path.
+    Mount {
+        fs_type: String,
+        mount_flags: Vec<String>,
+    },
+    /// The raw block device bind-mounted onto the target file.
+    Block,
+}
+
+/// CSI access modes. bicsi volumes attach to one node at a time, so only the single-node modes
+/// are supported; the others are kept so they can be named in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+    MultiNodeReaderOnly,
+    MultiNodeSingleWriter,
+    MultiNodeMultiWriter,
+    Unknown,
+}
+
+impl AccessMode {
+    pub fn is_supported(self) -> bool {
+        matches!(
+            self,
+            AccessMode::SingleNodeWriter
+                | AccessMode::SingleNodeReaderOnly
+                | AccessMode::SingleNodeSingleWriter
+                | AccessMode::SingleNodeMultiWriter
+        )
+    }
+
+    pub fn is_read_only(self) -> bool {
+        matches!(
+            self,
+            AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capability {
+    pub access: AccessType,
+    pub mode: AccessMode,
+}
+
+impl Capability {
+    pub fn is_block(&self) -> bool {
+        matches!(self.access, AccessType::Block)
+    }
+
+    /// Capabilities are "the same" for idempotency when access type, filesystem and mode match;
+    /// an empty fs type means "the default" and matches the default.
+    pub fn same_as(&self, other: &Capability) -> bool {
+        self.mode == other.mode
+            && match (&self.access, &other.access) {
+                (AccessType::Block, AccessType::Block) => true,
+                (
+                    AccessType::Mount {
+                        fs_type: a,
+                        mount_flags: fa,
+                    },
+                    AccessType::Mount {
+                        fs_type: b,
+                        mount_flags: fb,
+                    },
+                ) => (a == b || a.is_empty() || b.is_empty()) && fa == fb,
+                _ => false,
+            }
+    }
+}
+
+/// One copy of a volume's data: a qcow2 file on a disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replica {
+    pub id: String,
+    pub node_id: String,
+    pub disk_id: String,
+    /// The replica's qcow2 file, `<disk>/replicas/<volume>-<id>/volume.qcow2`.
+    pub path: PathBuf,
+}
+
+/// A volume attached (ControllerPublished) to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Publication {
+    pub node_id: String,
+    pub capability: Capability,
+    pub read_only: bool,
+}
+
+/// What a user asked for when creating the volume (desired state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSpec {
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub number_of_replicas: u32,
+    pub stale_replica_timeout_minutes: Option<u32>,
+    pub fs_type: Option<String>,
+    pub backing_image: Option<String>,
+    /// The parameters exactly as given, compared on a repeated CreateVolume.
+    pub parameters: BTreeMap<String, String>,
+    pub capabilities: Vec<Capability>,
+}
+
+/// A volume: its spec and what exists for it (observed state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Volume {
+    pub id: String,
+    pub spec: VolumeSpec,
+    pub replicas: Vec<Replica>,
+    pub publication: Option<Publication>,
+    pub created_at: String,
+}
+
+impl Volume {
+    /// Fewer replicas than asked for: the volume works but has less redundancy.
+    pub fn is_degraded(&self) -> bool {
+        (self.replicas.len() as u32) < self.spec.number_of_replicas
+    }
+}
+
+/// A published target path of a staged volume on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePublication {
+    pub target_path: PathBuf,
+    pub capability: Capability,
+    pub read_only: bool,
+}
+
+/// What this node has set up for a volume: the engine, the loop device, the staging mount and the
+/// published targets. Kept so a restart of bicsi re-adopts them instead of starting over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeVolume {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub capability: Capability,
+    pub engine_dir: PathBuf,
+    pub device: PathBuf,
+    pub replicas: Vec<PathBuf>,
+    pub publications: Vec<NodePublication>,
+}
+
+/// A disk of a node: a directory that holds replicas (and, later, backing image files).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    pub id: String,
+    pub node_id: String,
+    pub path: PathBuf,
+}
+
+/// Current time as RFC 3339 (UTC, seconds), for records people read.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic
+/// Gregorian), so we need no date crate for one timestamp format.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_766_903), "2026-11-27T08:08:23Z");
+    }
+
+    #[test]
+    fn capability_sameness() {
+        let m = |fs: &str| Capability {
+            access: AccessType::Mount {
+                fs_type: fs.into(),
+                mount_flags: vec![],
+            },
+            mode: AccessMode::SingleNodeWriter,
+        };
+        let b = Capability {
+            access: AccessType::Block,
+            mode: AccessMode::SingleNodeWriter,
+        };
+        assert!(m("ext4").same_as(&m("ext4")));
+        assert!(m("").same_as(&m("ext4")));
+        assert!(!m("xfs").same_as(&m("ext4")));
+        assert!(!m("ext4").same_as(&b));
+        assert!(b.same_as(&b));
+    }
+}

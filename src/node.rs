@@ -1,0 +1,520 @@
+//! The node domain: turning a volume's replicas into a device and a mount on this node, and back.
+//!
+//! Stage: qemu-storage-daemon serves the replicas (quorum when several) and exports them as a
+//! file through FUSE; a loop device over that file is the volume's block device; a filesystem
+//! volume is formatted only when the device holds no filesystem, then mounted at the staging path.
+//! Publish: a bind mount of the staging mount (or of the device node, for block) onto the target.
+//! Every step is idempotent and checked against the real system, so a restart of bicsi re-adopts
+//! what is running (the daemon outlives bicsi) and a half-done stage is finished or redone.
+//! It must not decide anything about placement or attachment: that is the controller's.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::fsutil::blocking;
+use crate::guard::Guards;
+use crate::model::{AccessType, Capability, NodePublication, NodeVolume, Volume};
+use crate::os::{EngineSpec, Os};
+use crate::store::{Kind, Store, StoreExt};
+
+/// Topology key NodeGetInfo reports.
+pub const TOPOLOGY_KEY: &str = "topology.bicsi.io/node";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    /// None for block volumes.
+    pub inodes: Option<(u64, u64, u64)>,
+    pub abnormal: bool,
+    pub message: String,
+}
+
+pub struct NodeAgent {
+    node_id: String,
+    data_dir: PathBuf,
+    os: Os,
+    /// Where volume records live (the controller's store).
+    volumes: Arc<dyn Store>,
+    /// Where this node's own records live.
+    local: Arc<dyn Store>,
+    guards: Guards,
+}
+
+fn default_fs(cap: &Capability, volume: &Volume) -> String {
+    match &cap.access {
+        AccessType::Mount { fs_type, .. } if !fs_type.is_empty() => fs_type.clone(),
+        _ => volume
+            .spec
+            .fs_type
+            .clone()
+            .unwrap_or_else(|| "ext4".to_string()),
+    }
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Internal(format!("{what} {}: {e}", path.display()))
+}
+
+impl NodeAgent {
+    pub fn new(
+        node_id: String,
+        data_dir: PathBuf,
+        os: Os,
+        volumes: Arc<dyn Store>,
+        local: Arc<dyn Store>,
+    ) -> NodeAgent {
+        NodeAgent {
+            node_id,
+            data_dir,
+            os,
+            volumes,
+            local,
+            guards: Guards::default(),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The engine's run directory. Its QMP socket path must fit a unix socket address (108 bytes
+    /// with the NUL), so a long volume id under a long data dir is replaced by a digest of it.
+    fn engine_dir(&self, volume_id: &str) -> PathBuf {
+        let base = self.data_dir.join("engines");
+        let plain = base.join(volume_id);
+        if plain.join("qmp.sock").as_os_str().len() <= 100 {
+            return plain;
+        }
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha512::digest(volume_id.as_bytes()));
+        base.join(format!("h-{}", &digest[..16]))
+    }
+
+    fn record(&self, volume_id: &str) -> Result<Option<NodeVolume>> {
+        self.local.get(Kind::NodeVolume, volume_id)
+    }
+
+    /// Whether what the record describes is really in place (engine, loop device, mount).
+    fn healthy(os: &Os, rec: &NodeVolume) -> Result<bool> {
+        let Some(state) = os.engine.status(&rec.engine_dir)? else {
+            return Ok(false);
+        };
+        if os.loops.find(&state.export_path)?.as_deref() != Some(rec.device.as_path()) {
+            return Ok(false);
+        }
+        if rec.capability.is_block() {
+            return Ok(true);
+        }
+        Ok(os
+            .mounts
+            .mount_info(&rec.staging_path)?
+            .is_some_and(|m| Path::new(&m.source) == rec.device))
+    }
+
+    /// Logs what survived a restart; the next Node call on each volume repairs what did not.
+    pub async fn readopt(&self) -> Result<()> {
+        let records: Vec<NodeVolume> = self.local.list(Kind::NodeVolume)?;
+        for rec in records {
+            let os = self.os.clone();
+            let r = rec.clone();
+            let ok = blocking(move || Self::healthy(&os, &r)).await?;
+            if ok {
+                tracing::info!(volume = %rec.volume_id, "re-adopted staged volume");
+            } else {
+                tracing::warn!(volume = %rec.volume_id, "staged volume is not fully in place; the next stage call repairs it");
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn stage(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        capability: Capability,
+    ) -> Result<()> {
+        let _guard = self.guards.try_take(volume_id, "volume")?;
+        let volume: Volume = self
+            .volumes
+            .get(Kind::Volume, volume_id)?
+            .ok_or_else(|| Error::NotFound(format!("volume {volume_id:?} not found")))?;
+        if let Some(rec) = self.record(volume_id)? {
+            if rec.staging_path != staging_path {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id:?} is already staged at {}; unstage it there first",
+                    rec.staging_path.display()
+                )));
+            }
+            if !rec.capability.same_as(&capability) {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {volume_id:?} is already staged at {} with another capability",
+                    staging_path.display()
+                )));
+            }
+            let os = self.os.clone();
+            let r = rec.clone();
+            if blocking(move || Self::healthy(&os, &r)).await? {
+                return Ok(());
+            }
+            tracing::warn!(volume = %volume_id, "repairing a staged volume that is not fully in place");
+        }
+        let replicas: Vec<PathBuf> = volume
+            .replicas
+            .iter()
+            .filter(|r| r.node_id == self.node_id && r.path.is_file())
+            .map(|r| r.path.clone())
+            .collect();
+        if replicas.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id:?} has no replica file on node {:?}; its replicas are: {}",
+                self.node_id,
+                volume
+                    .replicas
+                    .iter()
+                    .map(|r| format!("{} on {}", r.path.display(), r.node_id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let read_only = capability.mode.is_read_only();
+        let rec = NodeVolume {
+            volume_id: volume_id.to_string(),
+            staging_path: staging_path.to_path_buf(),
+            capability: capability.clone(),
+            engine_dir: self.engine_dir(volume_id),
+            device: PathBuf::new(),
+            replicas,
+            publications: self
+                .record(volume_id)?
+                .map(|r| r.publications)
+                .unwrap_or_default(),
+        };
+        let fs_type = default_fs(&capability, &volume);
+        let os = self.os.clone();
+        let rec = blocking(move || {
+            let mut rec = rec;
+            let state = os.engine.start(&EngineSpec {
+                volume_id: rec.volume_id.clone(),
+                replicas: rec.replicas.clone(),
+                run_dir: rec.engine_dir.clone(),
+                read_only,
+            })?;
+            rec.device = os.loops.attach(&state.export_path)?;
+            if let AccessType::Mount { mount_flags, .. } = &rec.capability.access {
+                let existing = os.fs.probe(&rec.device)?;
+                let fs = match existing {
+                    Some(fs) => fs,
+                    None if read_only => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {:?} holds no filesystem and is staged read-only; stage it writable once to format it",
+                            rec.volume_id
+                        )));
+                    }
+                    None => {
+                        os.fs.mkfs(&rec.device, &fs_type)?;
+                        fs_type.clone()
+                    }
+                };
+                std::fs::create_dir_all(&rec.staging_path)
+                    .map_err(|e| io_err("cannot create staging path", &rec.staging_path, e))?;
+                let mounted = os.mounts.mount_info(&rec.staging_path)?;
+                if mounted.is_none_or(|m| Path::new(&m.source) != rec.device) {
+                    // A filesystem smaller than its device (an image's filesystem, or a volume
+                    // expanded while detached) is grown to the volume size. ext4 grows offline
+                    // here, before mounting: growing it mounted needs CAP_SYS_RESOURCE.
+                    let device_size = os.fs.device_size(&rec.device)?;
+                    if !read_only
+                        && os
+                            .fs
+                            .fs_size(&rec.device, &fs)?
+                            .is_some_and(|size| size < device_size)
+                    {
+                        os.fs.grow(&rec.device, &rec.staging_path, &fs)?;
+                    }
+                    let mut options = mount_flags.clone();
+                    if read_only {
+                        options.push("ro".into());
+                    }
+                    os.mounts.mount(&rec.device, &rec.staging_path, &fs, &options)?;
+                    if !read_only && fs == "xfs" {
+                        os.fs.grow(&rec.device, &rec.staging_path, &fs)?;
+                    }
+                }
+            }
+            Ok(rec)
+        })
+        .await?;
+        self.local.put(Kind::NodeVolume, volume_id, &rec)?;
+        tracing::info!(volume = %volume_id, device = %rec.device.display(), "volume staged");
+        Ok(())
+    }
+
+    pub async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let _guard = self.guards.try_take(volume_id, "volume")?;
+        let Some(rec) = self.record(volume_id)? else {
+            return Ok(());
+        };
+        if rec.staging_path != staging_path {
+            return Ok(());
+        }
+        if let Some(p) = rec.publications.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id:?} is still published at {}; unpublish it first",
+                p.target_path.display()
+            )));
+        }
+        let os = self.os.clone();
+        let r = rec.clone();
+        blocking(move || {
+            if !r.capability.is_block() {
+                os.mounts.unmount(&r.staging_path)?;
+            }
+            if let Some(state) = os.engine.status(&r.engine_dir)? {
+                if let Some(dev) = os.loops.find(&state.export_path)? {
+                    os.loops.detach(&dev)?;
+                }
+            } else if !r.device.as_os_str().is_empty() {
+                // The engine is gone; the loop device, if still there, points at nothing useful.
+                let export = r.engine_dir.join("export");
+                if let Some(dev) = os.loops.find(&export)? {
+                    os.loops.detach(&dev)?;
+                }
+            }
+            Ok(os.engine.stop(&r.engine_dir)?)
+        })
+        .await?;
+        self.local.delete(Kind::NodeVolume, volume_id)?;
+        tracing::info!(volume = %volume_id, "volume unstaged");
+        Ok(())
+    }
+
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        target: &Path,
+        capability: Capability,
+        read_only: bool,
+    ) -> Result<()> {
+        let _guard = self.guards.try_take(volume_id, "volume")?;
+        if self.volumes.get_raw(Kind::Volume, volume_id)?.is_none() {
+            return Err(Error::NotFound(format!("volume {volume_id:?} not found")));
+        }
+        let mut rec = match self.record(volume_id)? {
+            Some(r) if r.staging_path == staging_path => r,
+            _ => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id:?} is not staged at {}; call NodeStageVolume first",
+                    staging_path.display()
+                )));
+            }
+        };
+        if capability.is_block() != rec.capability.is_block() {
+            return Err(Error::InvalidArgument(format!(
+                "volume {volume_id:?} was staged as {} but is published as {}",
+                if rec.capability.is_block() {
+                    "block"
+                } else {
+                    "filesystem"
+                },
+                if capability.is_block() {
+                    "block"
+                } else {
+                    "filesystem"
+                }
+            )));
+        }
+        let read_only = read_only || capability.mode.is_read_only();
+        if let Some(p) = rec.publications.iter().find(|p| p.target_path == target) {
+            if p.capability.same_as(&capability) && p.read_only == read_only {
+                let os = self.os.clone();
+                let t = target.to_path_buf();
+                if blocking(move || Ok(os.mounts.mount_info(&t)?.is_some())).await? {
+                    return Ok(());
+                }
+            } else {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {volume_id:?} is already published at {} with another capability or read-only flag",
+                    target.display()
+                )));
+            }
+        }
+        let os = self.os.clone();
+        let source = if capability.is_block() {
+            rec.device.clone()
+        } else {
+            rec.staging_path.clone()
+        };
+        let t = target.to_path_buf();
+        let block = capability.is_block();
+        blocking(move || {
+            if block {
+                prepare_block_target(&t)?;
+            } else {
+                std::fs::create_dir_all(&t)
+                    .map_err(|e| io_err("cannot create target path", &t, e))?;
+            }
+            if os.mounts.mount_info(&t)?.is_none() {
+                os.mounts.bind_mount(&source, &t, read_only)?;
+            }
+            Ok(())
+        })
+        .await?;
+        rec.publications.retain(|p| p.target_path != target);
+        rec.publications.push(NodePublication {
+            target_path: target.to_path_buf(),
+            capability,
+            read_only,
+        });
+        self.local.put(Kind::NodeVolume, volume_id, &rec)?;
+        Ok(())
+    }
+
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
+        let _guard = self.guards.try_take(volume_id, "volume")?;
+        let rec = self.record(volume_id)?;
+        let ours = rec
+            .as_ref()
+            .is_some_and(|r| r.publications.iter().any(|p| p.target_path == target));
+        let os = self.os.clone();
+        let t = target.to_path_buf();
+        blocking(move || {
+            if ours {
+                os.mounts.unmount(&t)?;
+            }
+            // The target path is ours to remove once nothing is mounted on it.
+            if os.mounts.mount_info(&t)?.is_none() {
+                match std::fs::symlink_metadata(&t) {
+                    Ok(m) if m.is_dir() => {
+                        let _ = std::fs::remove_dir(&t);
+                    }
+                    Ok(_) => {
+                        let _ = std::fs::remove_file(&t);
+                    }
+                    Err(_) => {}
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(mut rec) = rec
+            && ours
+        {
+            rec.publications.retain(|p| p.target_path != target);
+            self.local.put(Kind::NodeVolume, volume_id, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// The record of a known volume that is staged or published at `path`, else NotFound.
+    fn record_at(&self, volume_id: &str, path: &Path) -> Result<NodeVolume> {
+        if self.volumes.get_raw(Kind::Volume, volume_id)?.is_none() {
+            return Err(Error::NotFound(format!("volume {volume_id:?} not found")));
+        }
+        self.record(volume_id)?
+            .filter(|r| {
+                r.staging_path == path || r.publications.iter().any(|p| p.target_path == path)
+            })
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "volume {volume_id:?} is not staged or published at {}",
+                    path.display()
+                ))
+            })
+    }
+
+    /// Usage and health of a volume at one of its paths on this node.
+    pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
+        let rec = self.record_at(volume_id, path)?;
+        let os = self.os.clone();
+        let p = path.to_path_buf();
+        blocking(move || {
+            let mut stats = if rec.capability.is_block() {
+                let size = os.fs.device_size(&rec.device)?;
+                VolumeStats {
+                    total_bytes: size,
+                    ..VolumeStats::default()
+                }
+            } else {
+                let s = os.fs.stats(&p)?;
+                VolumeStats {
+                    total_bytes: s.total_bytes,
+                    available_bytes: s.available_bytes,
+                    used_bytes: s.used_bytes,
+                    inodes: Some((s.total_inodes, s.free_inodes, s.used_inodes)),
+                    ..VolumeStats::default()
+                }
+            };
+            let mut problems: Vec<String> = rec
+                .replicas
+                .iter()
+                .filter(|r| !r.is_file())
+                .map(|r| format!("replica {} is missing", r.display()))
+                .collect();
+            if os.engine.status(&rec.engine_dir)?.is_none() {
+                problems.push("the block engine (qemu-storage-daemon) is not running".into());
+            }
+            stats.abnormal = !problems.is_empty();
+            stats.message = if problems.is_empty() {
+                "healthy".into()
+            } else {
+                problems.join("; ")
+            };
+            Ok(stats)
+        })
+        .await
+    }
+
+    /// Grows the filesystem (online) to the device's size; returns the device size.
+    pub async fn expand(&self, volume_id: &str, path: &Path) -> Result<u64> {
+        let _guard = self.guards.try_take(volume_id, "volume")?;
+        let rec = self.record_at(volume_id, path)?;
+        let os = self.os.clone();
+        blocking(move || {
+            os.loops.refresh_size(&rec.device)?;
+            let device_size = os.fs.device_size(&rec.device)?;
+            if !rec.capability.is_block() {
+                let fs = os.fs.probe(&rec.device)?.unwrap_or_else(|| "ext4".into());
+                // Staging already grew an ext4 filesystem that was smaller than its device;
+                // only grow (online) when there is something left to grow.
+                let grown = os
+                    .fs
+                    .fs_size(&rec.device, &fs)?
+                    .is_some_and(|size| size >= device_size);
+                if !grown {
+                    os.fs.grow(&rec.device, &rec.staging_path, &fs)?;
+                }
+            }
+            Ok(device_size)
+        })
+        .await
+    }
+}
+
+/// A block volume's target is a file the device is bind-mounted onto; the orchestrator may hand
+/// us a path that exists as an (empty) directory or not at all.
+fn prepare_block_target(target: &Path) -> Result<()> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io_err("cannot create", parent, e))?;
+    }
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => {
+            std::fs::remove_dir(target).map_err(|e| {
+                io_err(
+                    "block target is a non-empty directory; expected a file at",
+                    target,
+                    e,
+                )
+            })?;
+            std::fs::File::create(target).map_err(|e| io_err("cannot create", target, e))?;
+        }
+        Ok(_) => {}
+        Err(_) => {
+            std::fs::File::create(target).map_err(|e| io_err("cannot create", target, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! The operating-system layer: the few small, synchronous traits through which the node domain
+//! touches the machine (qcow2 images, the qemu-storage-daemon engine, loop devices, mounts and
+//! filesystems), their real implementations, and in-memory fakes for tests that run without root.
+//!
+//! It owns the exact command lines, kernel calls and the facts measured on real machines (why loop
+//! devices never use direct I/O on the FUSE export, why the export is unmounted before the daemon
+//! is signalled). It must not make decisions that belong to the domain: it never chooses sizes,
+//! replica placement or whether a device should be formatted, and it keeps no state of its own
+//! beyond what the kernel and the engine's run directory already hold, so a restarted bicsi finds
+//! everything again. Every call may block: the domain runs them inside
+//! `tokio::task::spawn_blocking`. Every operation is idempotent where its documentation says
+//! so, because CSI retries every call.
+
+pub mod engine;
+pub mod fake;
+pub mod fs;
+pub mod image;
+pub mod loopdev;
+pub mod mount;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+pub type OsResult<T> = Result<T, OsError>;
+
+/// What went wrong below the domain. Each message names the object and, where one is known, the
+/// fix. The variants exist so that the domain can map them to CSI codes without parsing text:
+/// `NotFound` → NotFound, `Busy` → FailedPrecondition, `Conflict` → AlreadyExists or
+/// FailedPrecondition, `Unsupported` → InvalidArgument, `NoSpace` → ResourceExhausted,
+/// `Timeout` → DeadlineExceeded, everything else → Internal.
+#[derive(Debug, thiserror::Error)]
+pub enum OsError {
+    /// A program exited non-zero; `stderr` is what it said (plus a hint when one is known).
+    #[error("{cmd} failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, device, program or process the call needs does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The object is in use (a mounted loop device, an export with a loop device on it).
+    #[error("{0}")]
+    Busy(String),
+    /// The object exists but differs from what was asked (a replica with another size, an engine
+    /// serving other replicas, a device that already holds data).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request cannot be served by this layer (a filesystem type, an image format, a path).
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl OsError {
+    /// An I/O error with context; ENOSPC becomes `NoSpace` and ENOENT `NotFound` so callers can
+    /// tell them apart without looking at errno.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> OsError {
+        let context = context.into();
+        match source.kind() {
+            std::io::ErrorKind::StorageFull => {
+                OsError::NoSpace(format!("{context}: {source}; free space on that disk"))
+            }
+            std::io::ErrorKind::NotFound => OsError::NotFound(format!("{context}: {source}")),
+            _ => OsError::Io { context, source },
+        }
+    }
+}
+
+/// The filesystems `Filesystems::mkfs` can create.
+pub const SUPPORTED_FILESYSTEMS: &[&str] = &["ext4", "xfs"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name qemu uses (`-f`, `-F`, `"driver"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ImageFormat> {
+        match name {
+            "raw" => Some(ImageFormat::Raw),
+            "qcow2" => Some(ImageFormat::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: ImageFormat,
+    /// What the guest (the volume) sees, in bytes.
+    pub virtual_size: u64,
+    /// Bytes allocated on the host disk.
+    pub actual_size: u64,
+    /// Absolute path of the backing file, as qemu resolves it.
+    pub backing_file: Option<PathBuf>,
+}
+
+pub trait ImageTool: Send + Sync {
+    /// Create a qcow2 replica file of `size` bytes, optionally on top of a backing file (absolute
+    /// path) of the given format. Idempotent: if it exists with the same size/backing, Ok; if it
+    /// exists with another size or backing, `Conflict`.
+    fn create_replica(
+        &self,
+        path: &Path,
+        size: u64,
+        backing: Option<(&Path, ImageFormat)>,
+    ) -> OsResult<()>;
+    /// Grow the image's virtual size (never shrinks; equal size is Ok). Offline only: fails while
+    /// an engine has the image open.
+    fn resize(&self, path: &Path, new_size: u64) -> OsResult<()>;
+    /// Format, sizes and backing file; works while an engine has the image open.
+    fn info(&self, path: &Path) -> OsResult<ImageInfo>;
+    /// Copy the whole content of `src` (including what it inherits from its backing chain) into a
+    /// new standalone image `dst` of `format`, sparse. Used to export a volume as a backing image.
+    /// `dst` must not exist; it appears only when complete.
+    fn convert(&self, src: &Path, dst: &Path, format: ImageFormat) -> OsResult<()>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineSpec {
+    pub volume_id: String,
+    /// qcow2 replica files, absolute paths; the first is preferred for reads.
+    pub replicas: Vec<PathBuf>,
+    /// Directory that belongs to this engine alone (export file, QMP socket, pid file, log).
+    pub run_dir: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineState {
+    pub pid: i32,
+    /// The volume as a regular file (the FUSE export); attach a loop device to it.
+    pub export_path: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub replicas: Vec<PathBuf>,
+    pub read_only: bool,
+}
+
+pub trait Engine: Send + Sync {
+    /// Start the engine serving the replicas as one volume exported as a regular file at
+    /// `<run_dir>/export`, and return once the export is mounted. Idempotent: a live engine in
+    /// `run_dir` with the same replicas and mode is returned as it is; one with other replicas is a
+    /// `Conflict`. The engine outlives this process (re-adoption through `status`).
+    fn start(&self, spec: &EngineSpec) -> OsResult<EngineState>;
+    /// The live engine in `run_dir`, if any (process alive AND export mounted).
+    fn status(&self, run_dir: &Path) -> OsResult<Option<EngineState>>;
+    /// Unmount the export, stop the process, remove `run_dir`. Ok if nothing runs; cleans the
+    /// stale mount of a dead engine. `Busy` while a loop device is attached to the export.
+    fn stop(&self, run_dir: &Path) -> OsResult<()>;
+}
+
+pub trait LoopDevices: Send + Sync {
+    /// Attach a loop device to `file` (read-only when the file has no write permission bits, as
+    /// the engine's read-only export does). Idempotent: returns the device already attached.
+    fn attach(&self, file: &Path) -> OsResult<PathBuf>;
+    /// The loop device attached to `file`, if any.
+    fn find(&self, file: &Path) -> OsResult<Option<PathBuf>>;
+    /// Detach; Ok if already gone. `Busy` if it stays attached because it is still in use.
+    /// Beware of repeating it: once detached, the kernel may hand the same device number to
+    /// another volume, and a second `detach(dev)` would cut that one. Retries use `detach_file`.
+    fn detach(&self, dev: &Path) -> OsResult<()>;
+    /// Detach every loop device attached to `file`; Ok if there is none. The idempotent form.
+    fn detach_file(&self, file: &Path) -> OsResult<()>;
+    /// Make the device pick up a new size of its backing file.
+    fn refresh_size(&self, dev: &Path) -> OsResult<()>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountInfo {
+    pub source: String,
+    pub target: PathBuf,
+    pub fstype: String,
+    /// Per-mount options followed by the superblock options, without duplicates.
+    pub options: Vec<String>,
+}
+
+pub trait Mounter: Send + Sync {
+    /// Mount `source` (a device) on `target`, creating `target` as a directory when missing.
+    /// Idempotent: Ok if `source` is already mounted there; `Conflict` if something else is.
+    fn mount(&self, source: &Path, target: &Path, fstype: &str, options: &[String])
+    -> OsResult<()>;
+    /// Bind-mount `source` (a directory or a device node) on `target`, creating `target` as a
+    /// directory or an empty file to match. Idempotent like `mount`.
+    fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> OsResult<()>;
+    /// Unmount everything stacked on `target`; Ok if nothing is mounted or it does not exist.
+    fn unmount(&self, target: &Path) -> OsResult<()>;
+    /// The top-most mount on `target`, if any.
+    fn mount_info(&self, target: &Path) -> OsResult<Option<MountInfo>>;
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub used_inodes: u64,
+}
+
+pub trait Filesystems: Send + Sync {
+    /// The filesystem (or other signature, e.g. a partition table type such as "dos" or "gpt")
+    /// on the device; None only when the device is readable and holds no known signature.
+    fn probe(&self, dev: &Path) -> OsResult<Option<String>>;
+    /// Create a filesystem (one of `SUPPORTED_FILESYSTEMS`). Refuses (`Conflict`) when the device
+    /// already holds a signature: this layer never destroys data, whatever the caller believes.
+    fn mkfs(&self, dev: &Path, fstype: &str) -> OsResult<()>;
+    /// Grow the filesystem to fill its device: online when it is mounted at `mount_point`
+    /// (resize2fs / xfs_growfs); when it is not mounted anywhere, ext4 is checked and grown
+    /// offline (e2fsck -f -p, resize2fs) and xfs is refused (`Unsupported`: mount it first).
+    /// Growing online needs CAP_SYS_RESOURCE for ext4. Nothing to grow is Ok.
+    fn grow(&self, dev: &Path, mount_point: &Path, fstype: &str) -> OsResult<()>;
+    fn stats(&self, path: &Path) -> OsResult<FsStats>;
+    /// Size in bytes of a block device or a regular file.
+    fn device_size(&self, dev: &Path) -> OsResult<u64>;
+    /// Bytes the filesystem on `dev` spans, where cheaply known without mounting (ext4, read
+    /// from its superblock); None when unknown. Lets a stage skip an offline check-and-grow
+    /// when there is nothing to grow.
+    fn fs_size(&self, dev: &Path, fstype: &str) -> OsResult<Option<u64>> {
+        let _ = (dev, fstype);
+        Ok(None)
+    }
+}
+
+/// Everything the node domain needs, bundled.
+#[derive(Clone)]
+pub struct Os {
+    pub images: Arc<dyn ImageTool>,
+    pub engine: Arc<dyn Engine>,
+    pub loops: Arc<dyn LoopDevices>,
+    pub mounts: Arc<dyn Mounter>,
+    pub fs: Arc<dyn Filesystems>,
+}
+
+impl Os {
+    /// The machine itself: qemu-img, qemu-storage-daemon, losetup, mount(2), mkfs.
+    pub fn real() -> Os {
+        Os {
+            images: Arc::new(image::QemuImg::new()),
+            engine: Arc::new(engine::QemuStorageDaemon::new()),
+            loops: Arc::new(loopdev::Losetup::new()),
+            mounts: Arc::new(mount::SysMounter::new()),
+            fs: Arc::new(fs::SysFilesystems::new()),
+        }
+    }
+
+    /// In-memory fakes sharing one simulated machine; see `fake::Fake` to inspect it.
+    pub fn fake() -> Os {
+        fake::Fake::new().os()
+    }
+}
+
+impl std::fmt::Debug for Os {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Os { .. }")
+    }
+}
+
+/// For tests that need root: returns false and prints why when not root; panics (test fails) when
+/// env CI is set and we are not root, because CI must not skip them.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{test}: needs root (loop devices, mounts, FUSE) and CI must not skip it; \
+             run the test suite as root"
+        );
+    }
+    eprintln!(
+        "skipping {test}: needs root (loop devices, mounts, FUSE); run the tests as root to include it"
+    );
+    false
+}
+
+/// A command line as a person would type it, for error messages.
+pub(crate) fn display_command(cmd: &Command) -> String {
+    let mut out = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        let arg = arg.to_string_lossy();
+        out.push(' ');
+        if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+            out.push('\'');
+            out.push_str(&arg.replace('\'', r"'\''"));
+            out.push('\'');
+        } else {
+            out.push_str(&arg);
+        }
+    }
+    out
+}
+
+/// Run a program to completion and return its output whatever its exit status. The C locale makes
+/// the messages we match on stable; stdin is closed so nothing can wait for a terminal.
+pub(crate) fn output(cmd: &mut Command) -> OsResult<Output> {
+    cmd.env("LC_ALL", "C").stdin(Stdio::null());
+    cmd.output().map_err(|e| spawn_error(cmd, e))
+}
+
+/// Like `output`, but a non-zero exit is an `OsError::Command` carrying stderr.
+pub(crate) fn run(cmd: &mut Command) -> OsResult<Output> {
+    let out = output(cmd)?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(command_error(cmd, &out, None))
+    }
+}
+
+pub(crate) fn spawn_error(cmd: &Command, e: std::io::Error) -> OsError {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        OsError::NotFound(format!(
+            "program {program:?} not found in PATH; install it (the node image needs qemu-utils, \
+             qemu-system-common or qemu-storage-daemon, e2fsprogs, xfsprogs, util-linux)"
+        ))
+    } else {
+        OsError::Io {
+            context: format!("cannot run {}", display_command(cmd)),
+            source: e,
+        }
+    }
+}
+
+/// The error for a failed command: stderr (or stdout, or the exit status when both are empty),
+/// an optional hint that says how to fix it, and `NoSpace` when the disk is full.
+pub(crate) fn command_error(cmd: &Command, out: &Output, hint: Option<&str>) -> OsError {
+    let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if text.is_empty() {
+        text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    }
+    if text.is_empty() {
+        text = format!("{} with no message", out.status);
+    }
+    command_failure(display_command(cmd), text, hint)
+}
+
+pub(crate) fn command_failure(cmd: String, mut stderr: String, hint: Option<&str>) -> OsError {
+    if let Some(hint) = hint {
+        stderr.push_str("; ");
+        stderr.push_str(hint);
+    }
+    if stderr.contains("No space left on device") {
+        return OsError::NoSpace(format!("{cmd} failed: {stderr}; free space on that disk"));
+    }
+    OsError::Command { cmd, stderr }
+}
+
+/// A path as UTF-8, which qemu's JSON options need.
+pub(crate) fn utf8_path(path: &Path) -> OsResult<&str> {
+    path.to_str().ok_or_else(|| {
+        OsError::Unsupported(format!(
+            "path {} is not valid UTF-8; qemu's options need UTF-8 paths, rename it",
+            path.display()
+        ))
+    })
+}
+
+/// `path` with its parent resolved through symlinks but its last component left alone, so it
+/// matches /proc/self/mountinfo and sysfs even when the last component is a dead FUSE mount that
+/// cannot be stat'ed (ENOTCONN).
+pub(crate) fn resolve_parent(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => match std::fs::canonicalize(parent) {
+            Ok(parent) => parent.join(name),
+            Err(_) => absolute,
+        },
+        _ => absolute,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Cleanup that runs even when a root test panics halfway, so a failed test leaves no mount,
+    //! loop device or daemon behind to break the next run.
+
+    use super::*;
+
+    /// Registers what a test created; on drop (also when the test panics) unmounts, detaches
+    /// and stops it all through `os`, in that order.
+    pub struct Cleanup {
+        pub os: Os,
+        pub mounts: Vec<PathBuf>,
+        pub loops: Vec<PathBuf>,
+        pub engines: Vec<PathBuf>,
+    }
+
+    impl Default for Cleanup {
+        fn default() -> Self {
+            Cleanup::with(Os::real())
+        }
+    }
+
+    impl Cleanup {
+        pub fn with(os: Os) -> Cleanup {
+            Cleanup {
+                os,
+                mounts: Vec::new(),
+                loops: Vec::new(),
+                engines: Vec::new(),
+            }
+        }
+        pub fn mount(&mut self, target: &Path) {
+            self.mounts.push(target.to_path_buf());
+        }
+        /// Registered by file, not by device: a device number freed by the test's own detach
+        /// may already serve another test running in parallel.
+        pub fn loop_file(&mut self, file: &Path) {
+            self.loops.push(file.to_path_buf());
+        }
+        pub fn engine(&mut self, run_dir: &Path) {
+            self.engines.push(run_dir.to_path_buf());
+        }
+    }
+
+    /// Run a command and return stdout, panicking with its stderr on failure.
+    pub fn sh(cmd: &mut Command) -> String {
+        let out = run(cmd).unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let os = &self.os;
+            for target in self.mounts.iter().rev() {
+                if let Err(e) = os.mounts.unmount(target) {
+                    eprintln!("cleanup: {e}");
+                }
+            }
+            for file in self.loops.iter().rev() {
+                if let Err(e) = os.loops.detach_file(file) {
+                    eprintln!("cleanup: {e}");
+                }
+            }
+            for run_dir in self.engines.iter().rev() {
+                if let Err(e) = os.engine.stop(run_dir) {
+                    eprintln!("cleanup: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_command_quotes_what_a_shell_would_split() {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["info", "/a b/c", "it's", ""]);
+        assert_eq!(
+            display_command(&cmd),
+            r"qemu-img info '/a b/c' 'it'\''s' ''"
+        );
+    }
+
+    #[test]
+    fn failing_command_carries_stderr_and_hint() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo boom >&2; exit 3"]);
+        let err = run(&mut cmd).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sh -c 'echo boom >&2; exit 3' failed: boom"
+        );
+        let out = output(&mut cmd).unwrap();
+        let err = command_error(&cmd, &out, Some("do the fix"));
+        assert!(err.to_string().ends_with("boom; do the fix"), "{err}");
+    }
+
+    #[test]
+    fn enospc_is_no_space() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo 'write: No space left on device' >&2; exit 1"]);
+        assert!(matches!(run(&mut cmd), Err(OsError::NoSpace(_))));
+        let e = OsError::io("writing x", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(e, OsError::NoSpace(_)), "{e}");
+    }
+
+    #[test]
+    fn missing_program_is_not_found_with_fix() {
+        // A plain PATH: an unreadable directory in the caller's PATH would turn ENOENT into EACCES.
+        let mut cmd = Command::new("bicsi-no-such-program");
+        cmd.env("PATH", "/usr/bin:/bin");
+        let err = run(&mut cmd).unwrap_err();
+        assert!(matches!(err, OsError::NotFound(_)));
+        assert!(err.to_string().contains("install it"), "{err}");
+    }
+
+    #[test]
+    fn resolve_parent_keeps_last_component() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let canonical = std::fs::canonicalize(&real).unwrap();
+        assert_eq!(
+            resolve_parent(&dir.path().join("link/export")),
+            canonical.join("export")
+        );
+    }
+}

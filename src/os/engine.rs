@@ -1,0 +1,1058 @@
+//! The block engine: one `qemu-storage-daemon` per attached volume, serving the volume's qcow2
+//! replicas as one block node (a `quorum` over them when there are several) and exporting it as a
+//! regular file through qemu's FUSE export, for a loop device to sit on.
+//!
+//! Everything about a running engine lives in its run directory (export file, QMP socket, pid
+//! file, log) and in the daemon's own command line, which is read back from /proc to re-adopt it
+//! after bicsi restarts: this module keeps no state in memory. It must not resize (quorum cannot
+//! grow online; the domain grows replicas offline with `ImageTool::resize`), must not touch loop
+//! devices or mounts other than its own export, and never kills a process it cannot prove is the
+//! engine of that run directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use super::{
+    Engine, EngineSpec, EngineState, OsError, OsResult, command_failure, display_command, loopdev,
+    mount, resolve_parent, spawn_error, utf8_path,
+};
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The real engine: `qemu-storage-daemon` processes.
+#[derive(Clone, Debug)]
+pub struct QemuStorageDaemon {
+    pub program: PathBuf,
+    /// How long the daemon may take to set up its export before we give up on it.
+    pub start_timeout: Duration,
+    /// How long after SIGTERM before SIGKILL. Measured: the daemon exits ~30 ms after SIGTERM;
+    /// the ~1.6 s a shell loop on `kill -0` sees is the zombie waiting for init to reap it.
+    pub stop_timeout: Duration,
+}
+
+impl Default for QemuStorageDaemon {
+    fn default() -> Self {
+        QemuStorageDaemon {
+            program: PathBuf::from("qemu-storage-daemon"),
+            start_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl QemuStorageDaemon {
+    pub fn new() -> QemuStorageDaemon {
+        QemuStorageDaemon::default()
+    }
+}
+
+/// The files of one engine's run directory.
+#[derive(Clone, Debug)]
+struct RunPaths {
+    dir: PathBuf,
+    export: PathBuf,
+    qmp: PathBuf,
+    pid: PathBuf,
+    log: PathBuf,
+}
+
+impl RunPaths {
+    fn new(run_dir: &Path) -> RunPaths {
+        // Resolved the way the kernel reports mount points, so comparisons with mountinfo and
+        // with the daemon's command line hold whatever spelling the caller used.
+        let dir = fs::canonicalize(run_dir).unwrap_or_else(|_| resolve_parent(run_dir));
+        RunPaths {
+            export: dir.join("export"),
+            qmp: dir.join("qmp.sock"),
+            pid: dir.join("qsd.pid"),
+            log: dir.join("qsd.log"),
+            dir,
+        }
+    }
+}
+
+/// What a daemon's command line says about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DaemonArgs {
+    export: PathBuf,
+    replicas: Vec<PathBuf>,
+    read_only: bool,
+}
+
+/// qemu's option syntax (`key=value,key=value`) needs a literal comma doubled.
+fn escape_opt(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// The daemon's arguments. Block nodes and the export use qemu's JSON syntax, so paths need no
+/// escaping; only --chardev still takes the key=value syntax.
+fn build_args(spec: &EngineSpec, paths: &RunPaths) -> OsResult<Vec<String>> {
+    let ro = spec.read_only;
+    let mut args = Vec::new();
+    let mut children = Vec::new();
+    for (i, replica) in spec.replicas.iter().enumerate() {
+        let file = format!("file{i}");
+        let node = format!("replica{i}");
+        // discard=unmap: a discard that reaches the export frees the clusters in every replica
+        // (measured: blkdiscard on the loop device, or a punched hole in the export file).
+        let file_node = json!({"driver": "file", "node-name": file, "filename": utf8_path(replica)?,
+            "read-only": ro, "discard": "unmap"});
+        let fmt_node = json!({"driver": "qcow2", "node-name": node, "file": file, "read-only": ro, "discard": "unmap"});
+        args.extend(["--blockdev".to_string(), file_node.to_string()]);
+        args.extend(["--blockdev".to_string(), fmt_node.to_string()]);
+        children.push(node);
+    }
+    let top = if children.len() == 1 {
+        children[0].clone()
+    } else {
+        // vote-threshold 1: a read succeeds from any healthy replica and a write succeeds when one
+        // replica took it, while every write still goes to all of them. fifo: read from the first
+        // replica (the local one) and fall back to the next only on error, instead of reading all
+        // and voting.
+        let quorum = json!({"driver": "quorum", "node-name": "volume", "vote-threshold": 1,
+            "read-pattern": "fifo", "children": children, "read-only": ro, "discard": "unmap"});
+        args.extend(["--blockdev".to_string(), quorum.to_string()]);
+        "volume".to_string()
+    };
+    let export = json!({"type": "fuse", "id": "export0", "node-name": top,
+        "mountpoint": utf8_path(&paths.export)?, "writable": !ro});
+    args.extend(["--export".to_string(), export.to_string()]);
+    args.extend([
+        "--chardev".to_string(),
+        format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            escape_opt(utf8_path(&paths.qmp)?)
+        ),
+        "--monitor".to_string(),
+        "chardev=qmp0,mode=control".to_string(),
+        "--pidfile".to_string(),
+        utf8_path(&paths.pid)?.to_string(),
+        // The daemon outlives bicsi (re-adoption after a restart), and its parent exits only once
+        // the export is up or failed, which is our readiness signal.
+        "--daemonize".to_string(),
+    ]);
+    Ok(args)
+}
+
+/// Read our own arguments back from a daemon's command line; None when it is not an engine.
+fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
+    let program = argv.first()?;
+    if !program.contains("qemu-storage-daemon") {
+        return None;
+    }
+    let mut export = None;
+    let mut read_only = false;
+    let mut replicas = Vec::new();
+    for pair in argv.windows(2) {
+        let value = || serde_json::from_str::<Value>(&pair[1]).ok();
+        match pair[0].as_str() {
+            "--export" => {
+                let v = value()?;
+                export = Some(PathBuf::from(v.get("mountpoint")?.as_str()?));
+                read_only = !v.get("writable").and_then(Value::as_bool).unwrap_or(false);
+            }
+            "--blockdev" => {
+                if let Some(v) = value()
+                    && v.get("driver").and_then(Value::as_str) == Some("file")
+                {
+                    replicas.push(PathBuf::from(v.get("filename")?.as_str()?));
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(DaemonArgs {
+        export: export?,
+        replicas,
+        read_only,
+    })
+}
+
+fn read_cmdline(pid: i32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Alive and not a zombie: if bicsi runs as PID 1 of a container, an exited daemon is re-parented
+/// to us and lingers as a zombie that kill(0) still reports as existing.
+fn alive(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the last ')' (the command name may itself contain parentheses).
+    match stat.rsplit_once(')') {
+        Some((_, rest)) => !matches!(rest.trim_start().chars().next(), Some('Z' | 'X') | None),
+        None => false,
+    }
+}
+
+/// The live daemons serving `paths.export`: the pid file's first (the fast path), else a scan
+/// of /proc, which also finds a daemon whose pid file was lost.
+fn find_daemons(paths: &RunPaths) -> Vec<(i32, DaemonArgs)> {
+    let ours = |pid: i32| -> Option<DaemonArgs> {
+        let args = parse_args(&read_cmdline(pid)?)?;
+        (args.export == paths.export && alive(pid)).then_some(args)
+    };
+    if let Some(pid) = fs::read_to_string(&paths.pid)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        && let Some(args) = ours(pid)
+    {
+        return vec![(pid, args)];
+    }
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<(i32, DaemonArgs)> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, ours(pid)?)))
+        .collect();
+    found.sort_by_key(|(pid, _)| *pid);
+    found
+}
+
+fn export_mounted(paths: &RunPaths) -> OsResult<bool> {
+    Ok(mount::lookup(&paths.export)?.is_some_and(|e| e.fstype.starts_with("fuse")))
+}
+
+/// Unmount the export, turning "busy" into the fix: a loop device still sits on it.
+fn unmount_export(paths: &RunPaths) -> OsResult<()> {
+    match mount::unmount_all(&paths.export) {
+        Err(OsError::Busy(_)) => {
+            let loops: Vec<String> = loopdev::attached()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, file)| *file == paths.export)
+                .map(|(dev, _)| dev.display().to_string())
+                .collect();
+            Err(OsError::Busy(format!(
+                "cannot stop the engine in {}: its export {} is still in use{}; unmount the \
+                 volume and detach its loop device first",
+                paths.dir.display(),
+                paths.export.display(),
+                if loops.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by loop device {}", loops.join(", "))
+                }
+            )))
+        }
+        other => other,
+    }
+}
+
+fn wait_exit(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !alive(pid) {
+            // Reap it when we are its parent (bicsi as PID 1 or a subreaper), so stopped engines
+            // do not pile up as zombies; ECHILD otherwise, which is fine. Only a verified engine
+            // daemon gets here, never a child another thread is waiting for.
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_log_from(path: &Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.seek(SeekFrom::Start(offset));
+        let _ = f.take(64 * 1024).read_to_string(&mut text);
+    }
+    text.trim().to_string()
+}
+
+impl QemuStorageDaemon {
+    /// Terminate every daemon of `paths` and remove its export mount; run_dir stays.
+    fn shut_down(&self, paths: &RunPaths) -> OsResult<()> {
+        // Unmount first: a daemon can leave its FUSE mount behind when it quits (seen after a
+        // graceful QMP quit), and an unmount refused because a loop device still uses the export
+        // must stop us before the data path is cut under a mounted filesystem.
+        unmount_export(paths)?;
+        for (pid, _) in find_daemons(paths) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            if wait_exit(pid, self.stop_timeout) {
+                continue;
+            }
+            tracing::warn!(pid, run_dir = %paths.dir.display(),
+                "engine ignored SIGTERM for {:?}; killing it", self.stop_timeout);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            if !wait_exit(pid, Duration::from_secs(5)) {
+                return Err(OsError::Timeout(format!(
+                    "engine pid {pid} in {} survives SIGKILL (stuck in the kernel?); check `cat \
+                     /proc/{pid}/stack`",
+                    paths.dir.display()
+                )));
+            }
+        }
+        // A daemon killed mid-way leaves its FUSE mount behind: clean it too.
+        unmount_export(paths)
+    }
+
+    fn validate(spec: &EngineSpec) -> OsResult<()> {
+        if spec.replicas.is_empty() {
+            return Err(OsError::Unsupported(format!(
+                "engine for volume {:?}: no replicas given; a volume needs at least one",
+                spec.volume_id
+            )));
+        }
+        for (i, r) in spec.replicas.iter().enumerate() {
+            if !r.is_absolute() {
+                return Err(OsError::Unsupported(format!(
+                    "engine for volume {:?}: replica path {} must be absolute",
+                    spec.volume_id,
+                    r.display()
+                )));
+            }
+            if spec.replicas[..i].contains(r) {
+                return Err(OsError::Unsupported(format!(
+                    "engine for volume {:?}: replica {} is listed twice",
+                    spec.volume_id,
+                    r.display()
+                )));
+            }
+            if !r.is_file() {
+                return Err(OsError::NotFound(format!(
+                    "engine for volume {:?}: replica {} does not exist; create it first",
+                    spec.volume_id,
+                    r.display()
+                )));
+            }
+            utf8_path(r)?;
+        }
+        Ok(())
+    }
+
+    fn state(paths: &RunPaths, pid: i32, args: DaemonArgs) -> EngineState {
+        EngineState {
+            pid,
+            export_path: paths.export.clone(),
+            qmp_socket: paths.qmp.clone(),
+            replicas: args.replicas,
+            read_only: args.read_only,
+        }
+    }
+}
+
+fn same_replicas(a: &[PathBuf], b: &[PathBuf]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+impl Engine for QemuStorageDaemon {
+    fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
+        Self::validate(spec)?;
+        let qmp = resolve_parent(&spec.run_dir).join("qmp.sock");
+        if qmp.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(OsError::Unsupported(format!(
+                "engine for volume {:?}: socket path {} is longer than {MAX_SOCKET_PATH} bytes, \
+                 the limit of unix sockets; use a shorter data directory",
+                spec.volume_id,
+                qmp.display()
+            )));
+        }
+        fs::create_dir_all(&spec.run_dir).map_err(|e| {
+            OsError::io(
+                format!(
+                    "creating run directory {} of volume {:?}",
+                    spec.run_dir.display(),
+                    spec.volume_id
+                ),
+                e,
+            )
+        })?;
+        let paths = RunPaths::new(&spec.run_dir);
+        if let Some(state) = self.status(&paths.dir)? {
+            // Order-insensitive: the same replica set is the same engine; which one is read
+            // first only matters for speed.
+            if same_replicas(&state.replicas, &spec.replicas) && state.read_only == spec.read_only {
+                return Ok(state);
+            }
+            return Err(OsError::Conflict(format!(
+                "engine in {} already serves replicas {:?} (read_only={}) for another request \
+                 (volume {:?}: replicas {:?}, read_only={}); stop it first",
+                paths.dir.display(),
+                state.replicas,
+                state.read_only,
+                spec.volume_id,
+                spec.replicas,
+                spec.read_only
+            )));
+        }
+        // Leftovers of a dead or half-started engine: a stale mount, a daemon without export.
+        self.shut_down(&paths)?;
+        for stale in [&paths.pid, &paths.qmp] {
+            let _ = fs::remove_file(stale);
+        }
+        // The FUSE export mounts over an existing regular file.
+        File::create(&paths.export).map_err(|e| {
+            OsError::io(
+                format!("creating export file {}", paths.export.display()),
+                e,
+            )
+        })?;
+
+        let args = build_args(spec, &paths)?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&args);
+        let display = display_command(&cmd);
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.log)
+            .map_err(|e| OsError::io(format!("opening {}", paths.log.display()), e))?;
+        let log_start = log.seek(SeekFrom::End(0)).unwrap_or(0);
+        let _ = writeln!(
+            log,
+            "bicsi: starting engine for volume {:?}: {display}",
+            spec.volume_id
+        );
+        let log_err = log
+            .try_clone()
+            .map_err(|e| OsError::io(format!("opening {}", paths.log.display()), e))?;
+        // The daemon writes its start-up errors to the log file rather than to a pipe: the
+        // daemonized child keeps the inherited descriptors open, so reading a pipe to EOF would
+        // wait for the engine to exit.
+        cmd.env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| spawn_error(&cmd, e))?;
+        let deadline = started + self.start_timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Err(e) => {
+                    return Err(OsError::io(format!("waiting for {display}"), e));
+                }
+            }
+        };
+        let failure = |reason: String| -> OsError {
+            // Best effort: leave nothing half-started behind; the log stays for a person.
+            let _ = self.shut_down(&paths);
+            let log = read_log_from(&paths.log, log_start);
+            let hint = if log.contains("lock") {
+                "another engine or qemu-img has a replica open; stop it first"
+            } else if log.contains("fuse") || log.contains("FUSE") {
+                "the FUSE export needs /dev/fuse (modprobe fuse; in a container, give it /dev/fuse \
+                 and CAP_SYS_ADMIN)"
+            } else {
+                "see the log above"
+            };
+            command_failure(
+                display.clone(),
+                format!("{reason}; log {}:\n{log}", paths.log.display()),
+                Some(hint),
+            )
+        };
+        match status {
+            None => {
+                return Err(OsError::Timeout(
+                    failure(format!(
+                        "did not set up its export within {:?}",
+                        self.start_timeout
+                    ))
+                    .to_string(),
+                ));
+            }
+            Some(status) if !status.success() => {
+                return Err(failure(format!("exited with {status}")));
+            }
+            Some(_) => {}
+        }
+        // --daemonize returns once the export is set up; the check guards against an export that
+        // was set up and torn down again at once.
+        let mount_deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(state) = self.status(&paths.dir)? {
+                tracing::debug!(volume = %spec.volume_id, pid = state.pid,
+                    elapsed_ms = started.elapsed().as_millis() as u64, "engine started");
+                return Ok(state);
+            }
+            if Instant::now() >= mount_deadline {
+                return Err(failure(
+                    "started but its export never appeared as a mount".to_string(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn status(&self, run_dir: &Path) -> OsResult<Option<EngineState>> {
+        if !run_dir.is_dir() {
+            return Ok(None);
+        }
+        let paths = RunPaths::new(run_dir);
+        let Some((pid, args)) = find_daemons(&paths).into_iter().next() else {
+            return Ok(None);
+        };
+        if !export_mounted(&paths)? {
+            return Ok(None);
+        }
+        Ok(Some(Self::state(&paths, pid, args)))
+    }
+
+    fn stop(&self, run_dir: &Path) -> OsResult<()> {
+        if fs::symlink_metadata(run_dir).is_err() {
+            return Ok(());
+        }
+        let paths = RunPaths::new(run_dir);
+        self.shut_down(&paths)?;
+        // remove_dir_all would descend into anything mounted below run_dir and delete its files:
+        // refuse instead.
+        if let Some(m) = mount::read_mountinfo()?
+            .into_iter()
+            .find(|m| m.mount_point.starts_with(&paths.dir))
+        {
+            return Err(OsError::Busy(format!(
+                "not removing run directory {}: {} is mounted inside it; unmount it first",
+                paths.dir.display(),
+                m.mount_point.display()
+            )));
+        }
+        match fs::remove_dir_all(&paths.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(OsError::io(
+                format!("removing run directory {}", paths.dir.display()),
+                e,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::testutil::{Cleanup, sh};
+    use crate::os::{ImageFormat, ImageTool, Os};
+
+    fn spec(dir: &Path, replicas: &[PathBuf], read_only: bool) -> EngineSpec {
+        EngineSpec {
+            volume_id: "pvc-test".into(),
+            replicas: replicas.to_vec(),
+            run_dir: dir.join("run"),
+            read_only,
+        }
+    }
+
+    #[test]
+    fn args_round_trip_and_escape() {
+        let paths = RunPaths::new(Path::new("/var/lib/bi,csi/run/vol"));
+        let s = EngineSpec {
+            volume_id: "v".into(),
+            replicas: vec!["/d0/r,0.qcow2".into(), "/d1/r 1.qcow2".into()],
+            run_dir: "/var/lib/bi,csi/run/vol".into(),
+            read_only: false,
+        };
+        let mut argv = vec!["/usr/bin/qemu-storage-daemon".to_string()];
+        argv.extend(build_args(&s, &paths).unwrap());
+        assert!(argv.contains(&"--daemonize".to_string()));
+        assert!(
+            argv.contains(
+                &"socket,id=qmp0,path=/var/lib/bi,,csi/run/vol/qmp.sock,server=on,wait=off"
+                    .to_string()
+            ),
+            "{argv:?}"
+        );
+        let quorum = argv
+            .iter()
+            .find(|a| a.contains("quorum"))
+            .expect("quorum node");
+        let q: Value = serde_json::from_str(quorum).unwrap();
+        assert_eq!(q["vote-threshold"], 1);
+        assert_eq!(q["read-pattern"], "fifo");
+        assert_eq!(q["children"], json!(["replica0", "replica1"]));
+        assert_eq!(
+            parse_args(&argv),
+            Some(DaemonArgs {
+                export: "/var/lib/bi,csi/run/vol/export".into(),
+                replicas: s.replicas.clone(),
+                read_only: false
+            })
+        );
+
+        // One replica: the qcow2 node is exported directly; read-only all the way down.
+        let one = EngineSpec {
+            replicas: vec!["/d0/r.qcow2".into()],
+            read_only: true,
+            ..s
+        };
+        let mut argv = vec!["qemu-storage-daemon".to_string()];
+        argv.extend(build_args(&one, &paths).unwrap());
+        assert!(!argv.iter().any(|a| a.contains("quorum")));
+        let export = argv.iter().find(|a| a.contains("\"fuse\"")).unwrap();
+        let e: Value = serde_json::from_str(export).unwrap();
+        assert_eq!(
+            (e["node-name"].as_str(), e["writable"].as_bool()),
+            (Some("replica0"), Some(false))
+        );
+        assert!(parse_args(&argv).unwrap().read_only);
+        assert_eq!(
+            parse_args(&["/bin/sleep".to_string(), "1".to_string()]),
+            None
+        );
+    }
+
+    #[test]
+    fn start_validates_the_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = QemuStorageDaemon::new();
+        let err = e.start(&spec(dir.path(), &[], false)).unwrap_err();
+        assert!(err.to_string().contains("at least one"), "{err}");
+        let err = e
+            .start(&spec(dir.path(), &["rel.qcow2".into()], false))
+            .unwrap_err();
+        assert!(matches!(err, OsError::Unsupported(_)), "{err}");
+        let missing = dir.path().join("missing.qcow2");
+        let err = e.start(&spec(dir.path(), &[missing], false)).unwrap_err();
+        assert!(matches!(err, OsError::NotFound(_)), "{err}");
+        let r = dir.path().join("r.qcow2");
+        fs::write(&r, b"").unwrap();
+        let err = e
+            .start(&spec(dir.path(), &[r.clone(), r.clone()], false))
+            .unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+        let long = dir.path().join("x".repeat(120));
+        let s = EngineSpec {
+            run_dir: long.clone(),
+            ..spec(dir.path(), &[r], false)
+        };
+        let err = e.start(&s).unwrap_err();
+        assert!(err.to_string().contains("shorter data directory"), "{err}");
+        assert!(!long.exists(), "a refused start creates nothing");
+        // Nothing runs: status is None and stop is a no-op, twice.
+        assert!(e.status(&dir.path().join("run")).unwrap().is_none());
+        e.stop(&dir.path().join("never-started")).unwrap();
+        e.stop(&dir.path().join("never-started")).unwrap();
+    }
+
+    /// CAP_SYS_RESOURCE (bit 24 of CapEff), which ext4's online resize needs.
+    fn has_cap_sys_resource() -> bool {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .unwrap()
+            .trim();
+        u64::from_str_radix(hex, 16).unwrap() & (1 << 24) != 0
+    }
+
+    fn replicas(dir: &Path, n: usize, size: u64) -> Vec<PathBuf> {
+        let images = crate::os::image::QemuImg::new();
+        (0..n)
+            .map(|i| {
+                let disk = dir.join(format!("disk{i}"));
+                fs::create_dir_all(&disk).unwrap();
+                let r = disk.join("replica.qcow2");
+                images.create_replica(&r, size, None).unwrap();
+                r
+            })
+            .collect()
+    }
+
+    /// Nothing of an engine is left: no process, no mount under run_dir, no loop device on it.
+    fn assert_gone(run_dir: &Path, pid: i32) {
+        assert!(!alive(pid), "engine pid {pid} still alive");
+        let paths = RunPaths::new(run_dir);
+        assert!(
+            !mount::read_mountinfo()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_point.starts_with(&paths.dir)),
+            "a mount is left under {}",
+            paths.dir.display()
+        );
+        assert!(
+            !loopdev::attached()
+                .unwrap()
+                .iter()
+                .any(|(_, f)| f.starts_with(&paths.dir)),
+            "a loop device is left on {}",
+            paths.dir.display()
+        );
+        assert!(!run_dir.exists(), "{} still exists", run_dir.display());
+    }
+
+    #[test]
+    fn real_two_replicas_write_stop_readopt_read_back() {
+        if !crate::os::root_or_skip("real_two_replicas_write_stop_readopt_read_back") {
+            return;
+        }
+        let os = Os::real();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let reps = replicas(dir.path(), 2, 64 << 20);
+        let s = spec(dir.path(), &reps, false);
+        cleanup.engine(&s.run_dir);
+        let mnt = dir.path().join("mnt");
+        cleanup.mount(&mnt);
+
+        let t = Instant::now();
+        let state = os.engine.start(&s).unwrap();
+        eprintln!("engine start (2 replicas): {:?}", t.elapsed());
+        assert_eq!(state.replicas, reps);
+        assert!(!state.read_only);
+        assert_eq!(os.engine.status(&s.run_dir).unwrap(), Some(state.clone()));
+        // Idempotent, also with the replicas in another order.
+        let mut reordered = s.clone();
+        reordered.replicas.reverse();
+        assert_eq!(os.engine.start(&reordered).unwrap().pid, state.pid);
+        // Another replica set in the same run_dir is refused.
+        let err = os
+            .engine
+            .start(&spec(dir.path(), &reps[..1], false))
+            .unwrap_err();
+        assert!(matches!(err, OsError::Conflict(_)), "{err}");
+        // Replicas cannot be resized while the engine has them open; the error says why.
+        let err = os.images.resize(&reps[0], 128 << 20).unwrap_err();
+        assert!(err.to_string().contains("stop the engine"), "{err}");
+        assert_eq!(os.images.info(&reps[0]).unwrap().virtual_size, 64 << 20);
+
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        cleanup.loop_file(&state.export_path);
+        assert_eq!(os.fs.device_size(&dev).unwrap(), 64 << 20);
+        assert_eq!(os.fs.probe(&dev).unwrap(), None);
+        os.fs.mkfs(&dev, "ext4").unwrap();
+        assert_eq!(os.fs.probe(&dev).unwrap().as_deref(), Some("ext4"));
+        os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+        os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap(); // idempotent
+        assert_eq!(os.mounts.mount_info(&mnt).unwrap().unwrap().fstype, "ext4");
+        fs::write(mnt.join("hello.txt"), b"hello through quorum\n").unwrap();
+
+        // Busy while the volume is in use, and the message says what to do.
+        let err = os.engine.stop(&s.run_dir).unwrap_err();
+        assert!(matches!(err, OsError::Busy(_)), "{err}");
+        assert!(
+            err.to_string().contains(&dev.display().to_string()),
+            "{err}"
+        );
+        assert!(
+            os.engine.status(&s.run_dir).unwrap().is_some(),
+            "a refused stop changes nothing"
+        );
+
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        let t = Instant::now();
+        os.engine.stop(&s.run_dir).unwrap();
+        eprintln!("engine stop (2 replicas): {:?}", t.elapsed());
+        os.engine.stop(&s.run_dir).unwrap();
+        assert_gone(&s.run_dir, state.pid);
+        assert_eq!(os.engine.status(&s.run_dir).unwrap(), None);
+        // Every write reached both replicas.
+        let cmp = sh(Command::new("qemu-img").arg("compare").args(&reps));
+        assert!(cmp.contains("identical"), "{cmp}");
+        // And the daemon closed them cleanly: no leaked clusters, no corruption.
+        for r in &reps {
+            let check = sh(Command::new("qemu-img").arg("check").arg(r));
+            assert!(check.contains("No errors were found"), "{check}");
+        }
+
+        // Start again; a fresh engine object (as after a bicsi restart) re-adopts it.
+        let state2 = os.engine.start(&s).unwrap();
+        assert_ne!(state2.pid, state.pid);
+        let restarted = QemuStorageDaemon::new();
+        assert_eq!(restarted.status(&s.run_dir).unwrap(), Some(state2.clone()));
+        assert_eq!(restarted.start(&s).unwrap(), state2);
+        let dev = os.loops.attach(&state2.export_path).unwrap();
+        cleanup.loop_file(&state2.export_path);
+        assert_eq!(
+            os.loops.find(&state2.export_path).unwrap(),
+            Some(dev.clone())
+        );
+        assert_eq!(os.fs.probe(&dev).unwrap().as_deref(), Some("ext4"));
+        os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+        assert_eq!(
+            fs::read(mnt.join("hello.txt")).unwrap(),
+            b"hello through quorum\n"
+        );
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        os.engine.stop(&s.run_dir).unwrap();
+        assert_gone(&s.run_dir, state2.pid);
+    }
+
+    #[test]
+    fn real_read_only_engine_refuses_writes() {
+        if !crate::os::root_or_skip("real_read_only_engine_refuses_writes") {
+            return;
+        }
+        let os = Os::real();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let reps = replicas(dir.path(), 2, 32 << 20);
+        let mnt = dir.path().join("mnt");
+        cleanup.mount(&mnt);
+        let rw = spec(dir.path(), &reps, false);
+        cleanup.engine(&rw.run_dir);
+
+        // Put a file on the volume first.
+        let state = os.engine.start(&rw).unwrap();
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        cleanup.loop_file(&state.export_path);
+        os.fs.mkfs(&dev, "ext4").unwrap();
+        os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+        fs::write(mnt.join("f"), b"kept").unwrap();
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        // Read-write → read-only in the same run_dir is a different engine: refused while live.
+        assert!(matches!(
+            os.engine.start(&spec(dir.path(), &reps, true)),
+            Err(OsError::Conflict(_))
+        ));
+        os.engine.stop(&rw.run_dir).unwrap();
+
+        let ro = spec(dir.path(), &reps, true);
+        let state = os.engine.start(&ro).unwrap();
+        assert!(state.read_only);
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        cleanup.loop_file(&state.export_path);
+        // The device itself is read-only: every write is refused.
+        let err = crate::os::loopdev::tests::write_block(&dev).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+        // Writing the export file directly (what a careless loop device would do) fails too.
+        let mut export = fs::OpenOptions::new()
+            .write(true)
+            .open(&state.export_path)
+            .unwrap();
+        assert!(
+            export
+                .write_all(&[0u8; 4096])
+                .and_then(|_| export.sync_all())
+                .is_err()
+        );
+        drop(export);
+        // mkfs refuses (it holds ext4), and the filesystem mounts read-only with the data there.
+        assert!(matches!(
+            os.fs.mkfs(&dev, "ext4"),
+            Err(OsError::Conflict(_))
+        ));
+        os.mounts
+            .mount(&dev, &mnt, "ext4", &["ro".to_string()])
+            .unwrap();
+        assert_eq!(fs::read(mnt.join("f")).unwrap(), b"kept");
+        let err = fs::write(mnt.join("g"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        os.engine.stop(&ro.run_dir).unwrap();
+        assert_gone(&ro.run_dir, state.pid);
+    }
+
+    #[test]
+    fn real_xfs_grows_after_offline_resize() {
+        if !crate::os::root_or_skip("real_xfs_grows_after_offline_resize") {
+            return;
+        }
+        let os = Os::real();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        // xfs needs more than 300 MiB; qcow2 keeps this sparse.
+        let reps = replicas(dir.path(), 2, 400 << 20);
+        let s = spec(dir.path(), &reps, false);
+        cleanup.engine(&s.run_dir);
+        let mnt = dir.path().join("mnt");
+        cleanup.mount(&mnt);
+
+        let state = os.engine.start(&s).unwrap();
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        cleanup.loop_file(&state.export_path);
+        os.fs.mkfs(&dev, "xfs").unwrap();
+        assert_eq!(os.fs.probe(&dev).unwrap().as_deref(), Some("xfs"));
+        os.mounts
+            .mount(&dev, &mnt, "xfs", &["noatime".to_string()])
+            .unwrap();
+        let info = os.mounts.mount_info(&mnt).unwrap().unwrap();
+        assert_eq!(info.fstype, "xfs");
+        assert!(info.options.contains(&"noatime".to_string()), "{info:?}");
+        fs::write(mnt.join("data"), vec![42u8; 1 << 20]).unwrap();
+        let before = os.fs.stats(&mnt).unwrap();
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        os.engine.stop(&s.run_dir).unwrap();
+
+        // Offline resize of every replica, then the engine comes back with the bigger volume.
+        for r in &reps {
+            os.images.resize(r, 800 << 20).unwrap();
+        }
+        let state = os.engine.start(&s).unwrap();
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        cleanup.loop_file(&state.export_path);
+        os.loops.refresh_size(&dev).unwrap();
+        assert_eq!(os.fs.device_size(&dev).unwrap(), 800 << 20);
+        os.mounts.mount(&dev, &mnt, "xfs", &[]).unwrap();
+        os.fs.grow(&dev, &mnt, "xfs").unwrap();
+        os.fs.grow(&dev, &mnt, "xfs").unwrap(); // nothing left to grow: still Ok
+        let after = os.fs.stats(&mnt).unwrap();
+        eprintln!(
+            "xfs total before {} after {}",
+            before.total_bytes, after.total_bytes
+        );
+        assert!(
+            after.total_bytes > before.total_bytes + (300 << 20),
+            "{before:?} {after:?}"
+        );
+        assert!(after.used_bytes >= 1 << 20);
+        assert_eq!(fs::read(mnt.join("data")).unwrap(), vec![42u8; 1 << 20]);
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        os.engine.stop(&s.run_dir).unwrap();
+        assert_gone(&s.run_dir, state.pid);
+    }
+
+    /// The architecture's path for an image that carries a filesystem: a raw backing image with
+    /// ext4 under a larger qcow2 replica is probed as ext4 (never formatted) and grown, online
+    /// where the kernel allows it, else offline before mounting.
+    #[test]
+    fn real_backing_image_filesystem_is_grown_not_formatted() {
+        if !crate::os::root_or_skip("real_backing_image_filesystem_is_grown_not_formatted") {
+            return;
+        }
+        let os = Os::real();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let backing = dir.path().join("backing");
+        File::create(&backing).unwrap().set_len(32 << 20).unwrap();
+        os.fs.mkfs(&backing, "ext4").unwrap();
+        let replica = dir.path().join("replica.qcow2");
+        os.images
+            .create_replica(&replica, 96 << 20, Some((&backing, ImageFormat::Raw)))
+            .unwrap();
+        let s = spec(dir.path(), std::slice::from_ref(&replica), false);
+        cleanup.engine(&s.run_dir);
+        let mnt = dir.path().join("mnt");
+        cleanup.mount(&mnt);
+        let state = os.engine.start(&s).unwrap();
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        cleanup.loop_file(&state.export_path);
+        assert_eq!(os.fs.device_size(&dev).unwrap(), 96 << 20);
+        assert_eq!(os.fs.probe(&dev).unwrap().as_deref(), Some("ext4"));
+        assert!(matches!(
+            os.fs.mkfs(&dev, "ext4"),
+            Err(OsError::Conflict(_))
+        ));
+        os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+        let before = os.fs.stats(&mnt).unwrap();
+        assert!(before.total_bytes <= 32 << 20, "{before:?}");
+        // Online: works where the kernel grants CAP_SYS_RESOURCE; elsewhere the error says so.
+        match os.fs.grow(&dev, &mnt, "ext4") {
+            Ok(()) => {
+                assert!(has_cap_sys_resource());
+                os.fs.grow(&dev, &mnt, "ext4").unwrap();
+            }
+            Err(e) => {
+                assert!(!has_cap_sys_resource(), "{e}");
+                assert!(e.to_string().contains("CAP_SYS_RESOURCE"), "{e}");
+                // Offline, before mounting: what the domain does when it stages the volume.
+                os.mounts.unmount(&mnt).unwrap();
+                assert!(matches!(
+                    os.fs.grow(&dev, &mnt, "xfs"),
+                    Err(OsError::Unsupported(_))
+                ));
+                os.fs.grow(&dev, &mnt, "ext4").unwrap();
+                os.fs.grow(&dev, &mnt, "ext4").unwrap();
+                os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+            }
+        }
+        let after = os.fs.stats(&mnt).unwrap();
+        eprintln!(
+            "ext4 total before {} after {}",
+            before.total_bytes, after.total_bytes
+        );
+        assert!(
+            after.total_bytes > before.total_bytes + (50 << 20),
+            "{before:?} {after:?}"
+        );
+        fs::write(mnt.join("new"), b"on the overlay").unwrap();
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        os.engine.stop(&s.run_dir).unwrap();
+        assert_gone(&s.run_dir, state.pid);
+        // The shared backing file was never written.
+        assert_eq!(os.fs.probe(&backing).unwrap().as_deref(), Some("ext4"));
+        assert_eq!(fs::metadata(&backing).unwrap().len(), 32 << 20);
+    }
+
+    #[test]
+    fn real_crashed_engine_is_cleaned_and_restarted() {
+        if !crate::os::root_or_skip("real_crashed_engine_is_cleaned_and_restarted") {
+            return;
+        }
+        let os = Os::real();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let reps = replicas(dir.path(), 1, 16 << 20);
+        let s = spec(dir.path(), &reps, false);
+        cleanup.engine(&s.run_dir);
+        let state = os.engine.start(&s).unwrap();
+        kill(Pid::from_raw(state.pid), Signal::SIGKILL).unwrap();
+        assert!(wait_exit(state.pid, Duration::from_secs(5)));
+        // The dead daemon's FUSE mount stays behind; status does not report it as live.
+        assert!(export_mounted(&RunPaths::new(&s.run_dir)).unwrap());
+        assert_eq!(os.engine.status(&s.run_dir).unwrap(), None);
+        // start() clears the leftovers and starts afresh.
+        let state2 = os.engine.start(&s).unwrap();
+        assert_ne!(state2.pid, state.pid);
+        kill(Pid::from_raw(state2.pid), Signal::SIGKILL).unwrap();
+        assert!(wait_exit(state2.pid, Duration::from_secs(5)));
+        // stop() cleans a stale mount too.
+        os.engine.stop(&s.run_dir).unwrap();
+        assert_gone(&s.run_dir, state2.pid);
+    }
+
+    #[test]
+    fn real_start_failure_shows_the_log() {
+        if !crate::os::root_or_skip("real_start_failure_shows_the_log") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let bogus = dir.path().join("not-qcow2");
+        fs::write(&bogus, vec![1u8; 1 << 20]).unwrap();
+        let s = spec(dir.path(), &[bogus], false);
+        cleanup.engine(&s.run_dir);
+        let e = QemuStorageDaemon::new();
+        let err = e.start(&s).unwrap_err();
+        assert!(matches!(err, OsError::Command { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("qcow2"), "{text}");
+        assert!(text.contains("qsd.log"), "{text}");
+        assert_eq!(e.status(&s.run_dir).unwrap(), None);
+        assert!(!export_mounted(&RunPaths::new(&s.run_dir)).unwrap());
+        e.stop(&s.run_dir).unwrap();
+        assert!(!s.run_dir.exists());
+    }
+}

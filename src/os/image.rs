@@ -1,0 +1,387 @@
+//! Disk images through `qemu-img`: create qcow2 replicas (optionally over a shared backing
+//! file), grow them offline, read their metadata, and flatten a volume into a standalone image.
+//!
+//! It must not download, checksum or place images (the domain does), and it never resizes an image
+//! an engine has open: qemu's image locks refuse that, and the error says to stop the engine.
+//! New files appear only when complete (written under a temporary name, fsynced, renamed), so a
+//! crash never leaves a half-made replica that a retry would mistake for a finished one.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+use super::{
+    ImageFormat, ImageInfo, ImageTool, OsError, OsResult, command_error, output, utf8_path,
+};
+
+/// The real `qemu-img` of this machine.
+#[derive(Clone, Debug, Default)]
+pub struct QemuImg;
+
+impl QemuImg {
+    pub fn new() -> QemuImg {
+        QemuImg
+    }
+}
+
+/// The fields of `qemu-img info --output=json` we use.
+#[derive(Deserialize)]
+struct QemuImgInfo {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    actual_size: u64,
+    #[serde(rename = "full-backing-filename")]
+    full_backing_filename: Option<String>,
+    #[serde(rename = "backing-filename")]
+    backing_filename: Option<String>,
+}
+
+pub(crate) fn parse_info(path: &Path, json: &str) -> OsResult<ImageInfo> {
+    let raw: QemuImgInfo = serde_json::from_str(json).map_err(|e| {
+        OsError::Other(format!(
+            "cannot parse `qemu-img info` output for {}: {e}",
+            path.display()
+        ))
+    })?;
+    let format = ImageFormat::parse(&raw.format).ok_or_else(|| {
+        OsError::Unsupported(format!(
+            "image {} is in format {:?}; only raw and qcow2 are supported, convert it with \
+             `qemu-img convert -O qcow2`",
+            path.display(),
+            raw.format
+        ))
+    })?;
+    Ok(ImageInfo {
+        format,
+        virtual_size: raw.virtual_size,
+        actual_size: raw.actual_size,
+        backing_file: raw
+            .full_backing_filename
+            .or(raw.backing_filename)
+            .map(PathBuf::from),
+    })
+}
+
+/// `.<name>.tmp-<pid>` beside `path`: same directory (so the rename is atomic), hidden, and
+/// distinct per process so two agents never write the same temporary file.
+fn temp_path(path: &Path) -> OsResult<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| OsError::Unsupported(format!("{} does not name a file", path.display())))?;
+    Ok(path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+/// fsync the file, rename it into place, fsync the directory: the file is there whole or not at
+/// all, even across a power cut.
+pub(crate) fn commit(tmp: &Path, path: &Path) -> OsResult<()> {
+    let sync = |p: &Path| {
+        File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| OsError::io(format!("syncing {}", p.display()), e))
+    };
+    sync(tmp)?;
+    fs::rename(tmp, path).map_err(|e| {
+        OsError::io(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        )
+    })?;
+    if let Some(dir) = path.parent() {
+        sync(dir)?;
+    }
+    Ok(())
+}
+
+fn require_parent(path: &Path, what: &str) -> OsResult<()> {
+    match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => Ok(()),
+        Some(dir) => Err(OsError::NotFound(format!(
+            "cannot create {what} {}: directory {} does not exist; create it first",
+            path.display(),
+            dir.display()
+        ))),
+        None => Err(OsError::Unsupported(format!(
+            "{} does not name a file",
+            path.display()
+        ))),
+    }
+}
+
+/// Run qemu-img; on failure, point at the usual cause when qemu's image locks refused.
+fn qemu_img(cmd: &mut Command, path: &Path) -> OsResult<String> {
+    let out = output(cmd)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let hint = stderr.contains("lock").then(|| {
+            format!(
+                "another process (usually the volume's engine) has {} open; stop the engine \
+                 (detach the volume) and retry",
+                path.display()
+            )
+        });
+        return Err(command_error(cmd, &out, hint.as_deref()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl ImageTool for QemuImg {
+    fn create_replica(
+        &self,
+        path: &Path,
+        size: u64,
+        backing: Option<(&Path, ImageFormat)>,
+    ) -> OsResult<()> {
+        if let Some((file, _)) = backing {
+            if !file.is_absolute() {
+                return Err(OsError::Unsupported(format!(
+                    "backing file {} of replica {} must be an absolute path (qemu resolves a \
+                     relative one against the replica's directory)",
+                    file.display(),
+                    path.display()
+                )));
+            }
+            if !file.exists() {
+                return Err(OsError::NotFound(format!(
+                    "backing file {} of replica {} does not exist; prepare the backing image on \
+                     this disk first",
+                    file.display(),
+                    path.display()
+                )));
+            }
+        }
+        if path.exists() {
+            let info = self.info(path)?;
+            let want_backing = backing.map(|(f, _)| f.to_path_buf());
+            if info.format == ImageFormat::Qcow2
+                && info.virtual_size == size
+                && info.backing_file == want_backing
+            {
+                return Ok(());
+            }
+            return Err(OsError::Conflict(format!(
+                "replica {} already exists as {} of {} bytes with backing {:?}, but {} bytes with \
+                 backing {:?} was asked; delete it or use another path",
+                path.display(),
+                info.format,
+                info.virtual_size,
+                info.backing_file,
+                size,
+                want_backing
+            )));
+        }
+        require_parent(path, "replica")?;
+        let tmp = temp_path(path)?;
+        let _ = fs::remove_file(&tmp);
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some((file, format)) = backing {
+            cmd.arg("-b").arg(file).arg("-F").arg(format.as_str());
+        }
+        cmd.arg(&tmp).arg(size.to_string());
+        let result = qemu_img(&mut cmd, path).and_then(|_| commit(&tmp, path));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn resize(&self, path: &Path, new_size: u64) -> OsResult<()> {
+        let info = self.info(path)?;
+        if new_size == info.virtual_size {
+            return Ok(());
+        }
+        if new_size < info.virtual_size {
+            return Err(OsError::Unsupported(format!(
+                "cannot shrink image {} from {} to {} bytes: volumes only grow",
+                path.display(),
+                info.virtual_size,
+                new_size
+            )));
+        }
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["resize", "-q", "-f", info.format.as_str()])
+            .arg(path)
+            .arg(new_size.to_string());
+        qemu_img(&mut cmd, path).map(|_| ())
+    }
+
+    fn info(&self, path: &Path) -> OsResult<ImageInfo> {
+        if !path.exists() {
+            return Err(OsError::NotFound(format!(
+                "image {} does not exist",
+                path.display()
+            )));
+        }
+        utf8_path(path)?;
+        // -U (force-share): read the metadata even while an engine holds the image's write lock.
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["info", "-U", "--output=json"]).arg(path);
+        let json = qemu_img(&mut cmd, path)?;
+        parse_info(path, &json)
+    }
+
+    fn convert(&self, src: &Path, dst: &Path, format: ImageFormat) -> OsResult<()> {
+        if dst.exists() {
+            return Err(OsError::Conflict(format!(
+                "cannot convert {} into {}: the destination already exists; delete it or choose \
+                 another path",
+                src.display(),
+                dst.display()
+            )));
+        }
+        if !src.exists() {
+            return Err(OsError::NotFound(format!(
+                "cannot convert {}: it does not exist",
+                src.display()
+            )));
+        }
+        require_parent(dst, "image")?;
+        let tmp = temp_path(dst)?;
+        let _ = fs::remove_file(&tmp);
+        // No -U: the copy must be consistent, so qemu's locks refuse while an engine writes.
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["convert", "-q", "-O", format.as_str()])
+            .arg(src)
+            .arg(&tmp);
+        let result = qemu_img(&mut cmd, src).and_then(|_| commit(&tmp, dst));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn parse_info_table() {
+        let p = Path::new("/x");
+        let qcow = r#"{"virtual-size": 67108864, "filename": "ov.qcow2", "format": "qcow2",
+            "actual-size": 200704, "backing-filename-format": "raw",
+            "full-backing-filename": "/d/base.raw", "backing-filename": "base.raw"}"#;
+        assert_eq!(
+            parse_info(p, qcow).unwrap(),
+            ImageInfo {
+                format: ImageFormat::Qcow2,
+                virtual_size: 67108864,
+                actual_size: 200704,
+                backing_file: Some("/d/base.raw".into())
+            }
+        );
+        let raw = r#"{"virtual-size": 1024, "format": "raw"}"#;
+        let info = parse_info(p, raw).unwrap();
+        assert_eq!(
+            (info.format, info.actual_size, info.backing_file),
+            (ImageFormat::Raw, 0, None)
+        );
+        let vmdk = r#"{"virtual-size": 1024, "format": "vmdk"}"#;
+        let err = parse_info(p, vmdk).unwrap_err();
+        assert!(matches!(err, OsError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("qemu-img convert"), "{err}");
+        assert!(parse_info(p, "not json").is_err());
+    }
+
+    #[test]
+    fn replica_over_raw_backing_is_idempotent_and_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = QemuImg::new();
+        let base = dir.path().join("backing");
+        let mut f = File::create(&base).unwrap();
+        f.write_all(&[7u8; 65536]).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let base_info = img.info(&base).unwrap();
+        assert_eq!(base_info.format, ImageFormat::Raw);
+        assert_eq!(base_info.virtual_size, 1 << 20);
+
+        let replica = dir.path().join("replica.qcow2");
+        let backing = Some((base.as_path(), ImageFormat::Raw));
+        img.create_replica(&replica, 4 << 20, backing).unwrap();
+        img.create_replica(&replica, 4 << 20, backing).unwrap();
+        let info = img.info(&replica).unwrap();
+        assert_eq!(info.format, ImageFormat::Qcow2);
+        assert_eq!(info.virtual_size, 4 << 20);
+        assert_eq!(info.backing_file, Some(base.clone()));
+        assert!(info.actual_size < 1 << 20, "qcow2 is sparse: {info:?}");
+        // No temporary file left behind.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+
+        let err = img.create_replica(&replica, 8 << 20, backing).unwrap_err();
+        assert!(matches!(err, OsError::Conflict(_)), "{err}");
+        let err = img.create_replica(&replica, 4 << 20, None).unwrap_err();
+        assert!(matches!(err, OsError::Conflict(_)), "{err}");
+
+        img.resize(&replica, 8 << 20).unwrap();
+        img.resize(&replica, 8 << 20).unwrap();
+        assert_eq!(img.info(&replica).unwrap().virtual_size, 8 << 20);
+        let err = img.resize(&replica, 1 << 20).unwrap_err();
+        assert!(matches!(err, OsError::Unsupported(_)), "{err}");
+
+        // Flattening keeps the backing content and drops the backing file.
+        let flat = dir.path().join("flat.raw");
+        img.convert(&replica, &flat, ImageFormat::Raw).unwrap();
+        let flat_info = img.info(&flat).unwrap();
+        assert_eq!(
+            (
+                flat_info.format,
+                flat_info.virtual_size,
+                flat_info.backing_file
+            ),
+            (ImageFormat::Raw, 8 << 20, None)
+        );
+        let bytes = fs::read(&flat).unwrap();
+        assert!(bytes[..65536].iter().all(|b| *b == 7));
+        assert!(bytes[65536..].iter().all(|b| *b == 0));
+        assert!(matches!(
+            img.convert(&replica, &flat, ImageFormat::Raw),
+            Err(OsError::Conflict(_))
+        ));
+        let q = dir.path().join("flat.qcow2");
+        img.convert(&replica, &q, ImageFormat::Qcow2).unwrap();
+        assert_eq!(img.info(&q).unwrap().format, ImageFormat::Qcow2);
+    }
+
+    #[test]
+    fn replica_errors_name_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = QemuImg::new();
+        let err = img
+            .create_replica(
+                &dir.path().join("r"),
+                1 << 20,
+                Some((Path::new("relative"), ImageFormat::Raw)),
+            )
+            .unwrap_err();
+        assert!(matches!(err, OsError::Unsupported(_)), "{err}");
+        let err = img
+            .create_replica(
+                &dir.path().join("r"),
+                1 << 20,
+                Some((&dir.path().join("missing"), ImageFormat::Raw)),
+            )
+            .unwrap_err();
+        assert!(matches!(err, OsError::NotFound(_)), "{err}");
+        let err = img
+            .create_replica(&dir.path().join("no/such/dir/r"), 1 << 20, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("create it first"), "{err}");
+        assert!(matches!(
+            img.info(&dir.path().join("missing")),
+            Err(OsError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,131 @@
+//! Where bicsi keeps its records, behind one trait so the embedded store (the default) and a
+//! Kubernetes custom-resource store can be swapped without the domain noticing.
+//!
+//! The trait is deliberately small: objects are JSON documents addressed by kind and key, and
+//! every write is one atomic, durable commit. Typed access (`get::<Volume>`) sits on top in
+//! [`StoreExt`]. The store must not interpret the documents; validation belongs to the domain.
+
+pub mod embedded;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::Result;
+
+/// The kinds of object bicsi stores. Each is a table (embedded) or a resource type (Kubernetes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Volume,
+    NodeVolume,
+    Disk,
+    BackingImage,
+    StorageClass,
+    Setting,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Volume,
+        Kind::NodeVolume,
+        Kind::Disk,
+        Kind::BackingImage,
+        Kind::StorageClass,
+        Kind::Setting,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Volume => "volumes",
+            Kind::NodeVolume => "node-volumes",
+            Kind::Disk => "disks",
+            Kind::BackingImage => "backing-images",
+            Kind::StorageClass => "storage-classes",
+            Kind::Setting => "settings",
+        }
+    }
+}
+
+/// A durable map of JSON documents per kind. Every call is atomic; `put` and `delete` are
+/// durable when they return.
+pub trait Store: Send + Sync {
+    fn get_raw(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>>;
+    /// All documents of a kind, ordered by key.
+    fn list_raw(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>>;
+    fn put_raw(&self, kind: Kind, key: &str, value: &[u8]) -> Result<()>;
+    /// Removes the document; Ok when it was already gone.
+    fn delete(&self, kind: Kind, key: &str) -> Result<()>;
+}
+
+/// Typed access to a [`Store`].
+pub trait StoreExt: Store {
+    fn get<T: DeserializeOwned>(&self, kind: Kind, key: &str) -> Result<Option<T>> {
+        match self.get_raw(kind, key)? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list<T: DeserializeOwned>(&self, kind: Kind) -> Result<Vec<T>> {
+        self.list_raw(kind)?
+            .into_iter()
+            .map(|(_, bytes)| Ok(serde_json::from_slice(&bytes)?))
+            .collect()
+    }
+
+    fn put<T: Serialize>(&self, kind: Kind, key: &str, value: &T) -> Result<()> {
+        self.put_raw(kind, key, &serde_json::to_vec(value)?)
+    }
+}
+
+impl<S: Store + ?Sized> StoreExt for S {}
+
+/// The conformance tests every backend must pass; each backend's test module calls them.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
+        put_get_delete(&*make());
+        list_is_ordered_and_per_kind(&*make());
+        delete_is_idempotent(&*make());
+    }
+
+    fn put_get_delete(s: &dyn Store) {
+        assert_eq!(s.get_raw(Kind::Volume, "a").unwrap(), None);
+        s.put_raw(Kind::Volume, "a", b"{\"x\":1}").unwrap();
+        assert_eq!(
+            s.get_raw(Kind::Volume, "a").unwrap().as_deref(),
+            Some(&b"{\"x\":1}"[..])
+        );
+        s.put_raw(Kind::Volume, "a", b"{\"x\":2}").unwrap();
+        assert_eq!(
+            s.get_raw(Kind::Volume, "a").unwrap().as_deref(),
+            Some(&b"{\"x\":2}"[..])
+        );
+        s.delete(Kind::Volume, "a").unwrap();
+        assert_eq!(s.get_raw(Kind::Volume, "a").unwrap(), None);
+    }
+
+    fn list_is_ordered_and_per_kind(s: &dyn Store) {
+        for k in ["c", "a", "b"] {
+            s.put_raw(Kind::Volume, k, b"{}").unwrap();
+        }
+        s.put_raw(Kind::Disk, "z", b"{}").unwrap();
+        let keys: Vec<String> = s
+            .list_raw(Kind::Volume)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert_eq!(s.list_raw(Kind::Disk).unwrap().len(), 1);
+        assert!(s.list_raw(Kind::Setting).unwrap().is_empty());
+    }
+
+    fn delete_is_idempotent(s: &dyn Store) {
+        s.delete(Kind::Volume, "never").unwrap();
+        s.put_raw(Kind::Volume, "v", b"{}").unwrap();
+        s.delete(Kind::Volume, "v").unwrap();
+        s.delete(Kind::Volume, "v").unwrap();
+    }
+}
