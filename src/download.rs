@@ -1,0 +1,802 @@
+//! The download data source: fetch a backing image from an http(s) URL into a temp file, verified
+//! by SHA-512, in one streaming pass.
+//!
+//! This module owns the HTTP transfer and everything that makes it dependable: bounded memory
+//! (the body streams through [`pipeline`] in 1 MiB blocks, never held whole), SHA-512 computed
+//! while the bytes arrive on a thread of its own (the hash is the slowest stage, so it overlaps
+//! receiving and writing instead of following them; the file is never read back), the file's
+//! pages written back and dropped from the page cache while it grows (so the disk works with the
+//! network, not after it, and the page cache the download fills stays small), resume with
+//! `Range: bytes=N-` after a dropped connection (the hash state continues in memory), restart
+//! from zero when the server ignores Range, bounded attempts with capped exponential backoff, an
+//! idle timeout so no download hangs forever, and at the end `fdatasync` then
+//! `POSIX_FADV_DONTNEED` so the page cache the download filled is released.
+//!
+//! The temp file at [`DownloadRequest::dest`] is either a complete, synced, verified file when
+//! [`download`] returns `Ok`, or gone: every error, cancellation, or dropping the future removes
+//! it. Renaming it into place (and syncing the directory) is the caller's job, as is deciding
+//! what the image is (see [`crate::imagefmt`]).
+//!
+//! It must not know about backing-image objects, disks or Kubernetes, and must never log a URL's
+//! credentials or query string (they often carry tokens): URLs are shown through [`redact`].
+
+mod pipeline;
+#[cfg(test)]
+mod tests;
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use nix::errno::Errno;
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{StatusCode, Url};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use pipeline::Pipeline;
+
+/// Default for [`DownloadRequest::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for [`DownloadRequest::max_attempts`].
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Default for [`DownloadRequest::backoff`].
+pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts, whatever the base and the attempt number.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Redirects followed before giving up.
+pub const MAX_REDIRECTS: usize = 10;
+/// Progress is reported at most this often (and once at the end).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What to download, where, and how hard to try.
+#[derive(Debug, Clone)]
+pub struct DownloadRequest {
+    /// An http or https URL; redirects are followed.
+    pub url: String,
+    /// The temp file to write (under `<disk>/tmp/`). Created, parent directories too; an existing
+    /// file there is truncated.
+    pub dest: PathBuf,
+    /// Lower-case hex SHA-512 (128 characters), already validated by the caller. `None` accepts
+    /// whatever arrives and reports its checksum.
+    pub expected_sha512: Option<String>,
+    /// An attempt fails when no byte arrives for this long (also the connect timeout).
+    pub idle_timeout: Duration,
+    /// Attempts in all, the first included (0 is taken as 1).
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled for each further one, capped at [`MAX_BACKOFF`].
+    pub backoff: Duration,
+}
+
+impl DownloadRequest {
+    /// A request with the default timeouts and attempts and no expected checksum.
+    pub fn new(url: impl Into<String>, dest: impl Into<PathBuf>) -> Self {
+        DownloadRequest {
+            url: url.into(),
+            dest: dest.into(),
+            expected_sha512: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff: DEFAULT_BACKOFF,
+        }
+    }
+}
+
+/// A finished, synced and verified download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadOutcome {
+    /// Bytes in the file.
+    pub size: u64,
+    /// Lower-case hex SHA-512 of the whole file.
+    pub sha512: String,
+    /// How many times the transfer went on from where it broke, with a Range request.
+    pub resumed: u32,
+}
+
+/// Receives progress. Called from the download's task, so it must be cheap (store, don't block).
+pub trait ProgressSink: Send + Sync {
+    /// `received` bytes of `total` (when the server said) are in; `received` can go back to 0
+    /// when the server ignores a Range request and the download restarts.
+    fn progress(&self, received: u64, total: Option<u64>);
+}
+
+/// Any `Fn(received, total)` closure is a sink.
+impl<F: Fn(u64, Option<u64>) + Send + Sync> ProgressSink for F {
+    fn progress(&self, received: u64, total: Option<u64>) {
+        self(received, total)
+    }
+}
+
+/// A sink that ignores progress.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn progress(&self, _: u64, _: Option<u64>) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("unsupported URL scheme {scheme:?} in {url}: only http and https are supported")]
+    UnsupportedScheme { scheme: String, url: String },
+    #[error("GET {url}: HTTP {status}{}", gave_up(*attempts))]
+    HttpStatus {
+        url: String,
+        status: StatusCode,
+        attempts: u32,
+    },
+    #[error("GET {url}: connection failed after {attempts} attempt(s): {last}")]
+    Connection {
+        url: String,
+        attempts: u32,
+        last: String,
+    },
+    #[error("GET {url}: no data received for {}{}", secs(*idle), gave_up(*attempts))]
+    IdleTimeout {
+        url: String,
+        idle: Duration,
+        attempts: u32,
+    },
+    #[error(
+        "GET {url}: truncated: the body ended at {received} of {expected} bytes{}",
+        gave_up(*attempts)
+    )]
+    Truncated {
+        url: String,
+        received: u64,
+        expected: u64,
+        attempts: u32,
+    },
+    #[error("GET {url}: {detail}")]
+    Redirect { url: String, detail: String },
+    #[error(
+        "checksum mismatch: expected {expected}, got {got}; the file at the URL changed or is \
+         corrupt"
+    )]
+    ChecksumMismatch { expected: String, got: String },
+    #[error(
+        "disk full: no space left to write {path}; free space on that disk and retry",
+        path = path.display()
+    )]
+    DiskFull { path: PathBuf },
+    #[error("I/O error on {path}: {source}", path = path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("HTTP client error: {0}")]
+    Client(String),
+    #[error("download of {url} cancelled")]
+    Cancelled { url: String },
+}
+
+fn gave_up(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (gave up after {attempts} attempts)")
+    } else {
+        String::new()
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+impl DownloadError {
+    /// Whether trying the same download again later may succeed: network trouble, timeouts,
+    /// 408/429/5xx answers. Bad URLs, other 4xx answers, checksum mismatches, a full disk and
+    /// cancellation are not retryable. [`download`] already retried these itself up to
+    /// [`DownloadRequest::max_attempts`]; this is for the caller's own, slower, retry loop.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DownloadError::HttpStatus { status, .. } => retryable_status(*status),
+            DownloadError::Connection { .. }
+            | DownloadError::IdleTimeout { .. }
+            | DownloadError::Truncated { .. } => true,
+            DownloadError::InvalidUrl { .. }
+            | DownloadError::UnsupportedScheme { .. }
+            | DownloadError::Redirect { .. }
+            | DownloadError::ChecksumMismatch { .. }
+            | DownloadError::DiskFull { .. }
+            | DownloadError::Io { .. }
+            | DownloadError::Client(_)
+            | DownloadError::Cancelled { .. } => false,
+        }
+    }
+
+    fn io(path: &Path, source: io::Error) -> Self {
+        let full = [Errno::ENOSPC as i32, Errno::EDQUOT as i32];
+        if source.raw_os_error().is_some_and(|c| full.contains(&c)) {
+            DownloadError::DiskFull {
+                path: path.to_path_buf(),
+            }
+        } else {
+            DownloadError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+fn retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+/// Parses `url` and accepts only absolute http and https URLs with a host.
+pub fn validate_url(url: &str) -> Result<Url, DownloadError> {
+    let parsed = Url::parse(url.trim()).map_err(|e| DownloadError::InvalidUrl {
+        url: url.to_owned(),
+        reason: format!("{e}; only absolute http and https URLs are supported"),
+    })?;
+    match parsed.scheme() {
+        "http" | "https" => {}
+        other => {
+            return Err(DownloadError::UnsupportedScheme {
+                scheme: other.to_owned(),
+                url: redact(&parsed),
+            });
+        }
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(DownloadError::InvalidUrl {
+            url: redact(&parsed),
+            reason: "no host".to_owned(),
+        });
+    }
+    Ok(parsed)
+}
+
+/// The URL as it may be logged or shown: no user, password, query or fragment (they often hold
+/// tokens). A removed query shows as `?…`.
+pub fn redact(url: &Url) -> String {
+    let mut shown = url.clone();
+    let had_query = url.query().is_some();
+    // These only fail for URLs that cannot have credentials (no host), which have none to hide.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let mut s = shown.to_string();
+    if had_query {
+        s.push_str("?…");
+    }
+    s
+}
+
+/// Downloads `req.url` into `req.dest`, hashing as the bytes arrive.
+///
+/// Cancel with `cancel`: the download stops within one chunk or timer, removes the temp file
+/// and returns [`DownloadError::Cancelled`]. Dropping the future also removes the temp file.
+/// `progress` is called at most every [`PROGRESS_INTERVAL`] and once at the end.
+///
+/// On `Ok` the file holds exactly the body, is `fdatasync`ed, its pages are dropped from the
+/// page cache, and, when `expected_sha512` was given, it matched.
+pub async fn download(
+    req: &DownloadRequest,
+    progress: &dyn ProgressSink,
+    cancel: CancellationToken,
+) -> Result<DownloadOutcome, DownloadError> {
+    let url = validate_url(&req.url)?;
+    let shown = redact(&url);
+    let span = tracing::info_span!("download", url = %shown, dest = %req.dest.display());
+    async move {
+        // Armed before the file exists: whatever happens from here, a failed download leaves
+        // nothing behind.
+        let mut guard = RemoveOnDrop(Some(req.dest.clone()));
+        let started = Instant::now();
+        let result = Transfer::new(req, url, shown, progress, &cancel)?
+            .run()
+            .await;
+        match result {
+            Ok(outcome) => {
+                guard.0 = None;
+                let secs = started.elapsed().as_secs_f64();
+                info!(
+                    size = outcome.size,
+                    sha512 = %outcome.sha512,
+                    resumed = outcome.resumed,
+                    secs,
+                    mib_per_s = outcome.size as f64 / (1 << 20) as f64 / secs.max(1e-9),
+                    "download done"
+                );
+                Ok(outcome)
+            }
+            Err(e) => {
+                warn!(error = %e, "download failed");
+                drop(guard);
+                Err(e)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Removes the temp file when dropped (on error, cancellation, or a dropped future).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => debug!(path = %path.display(), "removed temp file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot remove temp file"),
+            }
+        }
+    }
+}
+
+/// One attempt's failure.
+enum Failure {
+    /// Give up now.
+    Fatal(DownloadError),
+    /// Try again (after a backoff, or after the server's Retry-After if longer).
+    Transient {
+        why: Transient,
+        retry_after: Option<Duration>,
+    },
+}
+
+enum Transient {
+    Connect(String),
+    Status(StatusCode),
+    Idle,
+    Truncated { received: u64, expected: u64 },
+}
+
+impl From<Transient> for Failure {
+    fn from(why: Transient) -> Self {
+        Failure::Transient {
+            why,
+            retry_after: None,
+        }
+    }
+}
+
+/// Whether the server serves byte ranges, as far as we know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ranges {
+    Unknown,
+    Yes,
+    No,
+}
+
+struct Transfer<'a> {
+    req: &'a DownloadRequest,
+    url: Url,
+    shown: String,
+    progress: &'a dyn ProgressSink,
+    cancel: &'a CancellationToken,
+    client: reqwest::Client,
+    /// Bytes handed to the pipeline since the last restart, i.e. where a resume starts.
+    received: u64,
+    /// Size of the whole file, when the server said.
+    total: Option<u64>,
+    ranges: Ranges,
+    /// ETag (strong) or Last-Modified of the first answer, sent as If-Range so a file that
+    /// changed between attempts is sent whole instead of spliced.
+    validator: Option<HeaderValue>,
+    resumed: u32,
+    last_progress: Option<Instant>,
+}
+
+impl<'a> Transfer<'a> {
+    fn new(
+        req: &'a DownloadRequest,
+        url: Url,
+        shown: String,
+        progress: &'a dyn ProgressSink,
+        cancel: &'a CancellationToken,
+    ) -> Result<Self, DownloadError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(req.idle_timeout)
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| DownloadError::Client(error_chain(&e.without_url())))?;
+        Ok(Transfer {
+            req,
+            url,
+            shown,
+            progress,
+            cancel,
+            client,
+            received: 0,
+            total: None,
+            ranges: Ranges::Unknown,
+            validator: None,
+            resumed: 0,
+            last_progress: None,
+        })
+    }
+
+    fn dest(&self) -> &Path {
+        &self.req.dest
+    }
+
+    fn cancelled(&self) -> DownloadError {
+        DownloadError::Cancelled {
+            url: self.shown.clone(),
+        }
+    }
+
+    async fn run(mut self) -> Result<DownloadOutcome, DownloadError> {
+        if self.cancel.is_cancelled() {
+            return Err(self.cancelled());
+        }
+        let file = create_dest(self.dest()).await?;
+        let mut pipe = Pipeline::start(file);
+        let max_attempts = self.req.max_attempts.max(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let failure = match self.attempt(attempt, &mut pipe).await {
+                Ok(()) => break,
+                Err(f) => f,
+            };
+            let (why, retry_after) = match failure {
+                Failure::Fatal(e) => return Err(e),
+                Failure::Transient { why, retry_after } => (why, retry_after),
+            };
+            let error = self.give_up(why, attempt);
+            if attempt >= max_attempts {
+                return Err(error);
+            }
+            let delay = backoff(self.req.backoff, attempt).max(retry_after.unwrap_or_default());
+            debug!(
+                attempt,
+                error = %error,
+                delay_ms = delay.as_millis() as u64,
+                "attempt failed; retrying"
+            );
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Err(self.cancelled()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+
+        let (file, sha512) = pipe
+            .finish()
+            .await
+            .map_err(|e| DownloadError::io(self.dest(), e))?;
+        let size = self.received;
+        self.progress.progress(size, self.total.or(Some(size)));
+        let dest = self.dest().to_path_buf();
+        tokio::task::spawn_blocking(move || settle(&file, &dest, size))
+            .await
+            .map_err(|e| DownloadError::io(self.dest(), io::Error::other(e.to_string())))??;
+
+        if let Some(expected) = &self.req.expected_sha512
+            && !expected.eq_ignore_ascii_case(&sha512)
+        {
+            return Err(DownloadError::ChecksumMismatch {
+                expected: expected.to_ascii_lowercase(),
+                got: sha512,
+            });
+        }
+        Ok(DownloadOutcome {
+            size,
+            sha512,
+            resumed: self.resumed,
+        })
+    }
+
+    /// The error to report if this failure is the last one.
+    fn give_up(&self, why: Transient, attempts: u32) -> DownloadError {
+        let url = self.shown.clone();
+        match why {
+            Transient::Connect(last) => DownloadError::Connection {
+                url,
+                attempts,
+                last,
+            },
+            Transient::Status(status) => DownloadError::HttpStatus {
+                url,
+                status,
+                attempts,
+            },
+            Transient::Idle => DownloadError::IdleTimeout {
+                url,
+                idle: self.req.idle_timeout,
+                attempts,
+            },
+            Transient::Truncated { received, expected } => DownloadError::Truncated {
+                url,
+                received,
+                expected,
+                attempts,
+            },
+        }
+    }
+
+    async fn attempt(&mut self, attempt: u32, pipe: &mut Pipeline) -> Result<(), Failure> {
+        let resume_from = self.received;
+        let try_range = resume_from > 0 && self.ranges != Ranges::No;
+        if resume_from > 0 && !try_range {
+            self.restart(pipe).await?;
+        }
+        let mut request = self
+            .client
+            .get(self.url.clone())
+            // The checksum is of the bytes as stored: no transfer compression.
+            .header(header::ACCEPT_ENCODING, "identity");
+        if try_range {
+            request = request.header(header::RANGE, format!("bytes={resume_from}-"));
+            if let Some(v) = &self.validator {
+                request = request.header(header::IF_RANGE, v.clone());
+            }
+        }
+        debug!(
+            attempt,
+            range_start = try_range.then_some(resume_from),
+            "GET"
+        );
+
+        let idle = self.req.idle_timeout;
+        let response = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return Err(Failure::Fatal(self.cancelled())),
+            r = tokio::time::timeout(idle, request.send()) => r,
+        };
+        let response = match response {
+            Err(_) => return Err(Transient::Idle.into()),
+            Ok(Err(e)) => return Err(self.request_failure(e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        let headers = response.headers();
+        debug!(
+            attempt,
+            status = status.as_u16(),
+            final_url = %redact(response.url()),
+            content_length = response.content_length(),
+            "response"
+        );
+
+        match status {
+            StatusCode::PARTIAL_CONTENT if try_range => {
+                let range = content_range(headers);
+                match range {
+                    Some((start, total))
+                        if start == resume_from
+                            && (self.total.is_none() || total.is_none() || total == self.total) =>
+                    {
+                        self.resumed += 1;
+                        self.ranges = Ranges::Yes;
+                        self.total = self.total.or(total);
+                        debug!(attempt, from = start, "resuming");
+                    }
+                    _ => {
+                        // Not the range asked for, or the file changed size: start over.
+                        self.ranges = Ranges::No;
+                        self.restart(pipe).await?;
+                        return Err(Transient::Connect(format!(
+                            "the server answered a Range request from byte {resume_from} with \
+                             Content-Range {:?}",
+                            headers.get(header::CONTENT_RANGE)
+                        ))
+                        .into());
+                    }
+                }
+            }
+            StatusCode::OK => {
+                if self.received > 0 {
+                    if try_range {
+                        debug!(
+                            attempt,
+                            "the server ignored the Range request; restarting from 0"
+                        );
+                        self.ranges = Ranges::No;
+                    }
+                    self.restart(pipe).await?;
+                }
+                self.total = response.content_length();
+                if self.ranges == Ranges::Unknown {
+                    self.ranges = match headers
+                        .get(header::ACCEPT_RANGES)
+                        .map(HeaderValue::as_bytes)
+                    {
+                        Some(b"bytes") => Ranges::Yes,
+                        Some(b"none") => Ranges::No,
+                        _ => Ranges::Unknown,
+                    };
+                }
+                self.validator = validator(headers);
+                if let Some(total) = self.total {
+                    pipe.reserve(total).await.map_err(|e| self.io(e))?;
+                }
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE if try_range => {
+                self.ranges = Ranges::No;
+                self.restart(pipe).await?;
+                return Err(Transient::Status(status).into());
+            }
+            s if retryable_status(s) => {
+                return Err(Failure::Transient {
+                    why: Transient::Status(s),
+                    retry_after: retry_after(headers),
+                });
+            }
+            s => {
+                return Err(Failure::Fatal(DownloadError::HttpStatus {
+                    url: self.shown.clone(),
+                    status: s,
+                    attempts: attempt,
+                }));
+            }
+        }
+
+        let mut body = response.bytes_stream();
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Err(Failure::Fatal(self.cancelled())),
+                next = tokio::time::timeout(idle, body.next()) => next,
+            };
+            let chunk: Bytes = match next {
+                Err(_) => return Err(Transient::Idle.into()),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(Transient::Connect(error_chain(&e.without_url())).into());
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            self.received += chunk.len() as u64;
+            pipe.push(chunk).await.map_err(|e| self.io(e))?;
+            self.report(false);
+        }
+        match self.total {
+            Some(expected) if self.received != expected => {
+                let received = self.received;
+                if received > expected {
+                    // More than announced: nothing to resume from.
+                    self.restart(pipe).await?;
+                }
+                Err(Transient::Truncated { received, expected }.into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn restart(&mut self, pipe: &mut Pipeline) -> Result<(), Failure> {
+        pipe.restart().await.map_err(|e| self.io(e))?;
+        self.received = 0;
+        self.report(true);
+        Ok(())
+    }
+
+    fn io(&self, e: io::Error) -> Failure {
+        Failure::Fatal(DownloadError::io(self.dest(), e))
+    }
+
+    fn request_failure(&self, e: reqwest::Error) -> Failure {
+        let (redirect, builder) = (e.is_redirect(), e.is_builder());
+        let detail = error_chain(&e.without_url());
+        if redirect {
+            Failure::Fatal(DownloadError::Redirect {
+                url: self.shown.clone(),
+                detail,
+            })
+        } else if builder {
+            Failure::Fatal(DownloadError::Client(detail))
+        } else {
+            Transient::Connect(detail).into()
+        }
+    }
+
+    fn report(&mut self, force: bool) {
+        let now = Instant::now();
+        if force
+            || self
+                .last_progress
+                .is_none_or(|t| now.duration_since(t) >= PROGRESS_INTERVAL)
+        {
+            self.last_progress = Some(now);
+            self.progress.progress(self.received, self.total);
+        }
+    }
+}
+
+/// Wait before attempt `attempt + 1`: base · 2^(attempt-1), at most [`MAX_BACKOFF`].
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let factor = 1u32 << attempt.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+/// `Retry-After: <seconds>` (the HTTP-date form is rare for downloads and ignored), capped.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs).min(MAX_BACKOFF))
+}
+
+/// `Content-Range: bytes START-END/TOTAL` → (START, TOTAL if not `*`).
+fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end): (u64, u64) = (start.trim().parse().ok()?, end.trim().parse().ok()?);
+    if end < start {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start, total))
+}
+
+/// A strong ETag, else Last-Modified: what If-Range accepts (RFC 9110 §13.1.5).
+fn validator(headers: &HeaderMap) -> Option<HeaderValue> {
+    headers
+        .get(header::ETAG)
+        .filter(|v| !v.as_bytes().starts_with(b"W/"))
+        .or_else(|| headers.get(header::LAST_MODIFIED))
+        .cloned()
+}
+
+/// "error: cause: cause" (reqwest's own Display stops at the outermost error).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            let _ = write!(s, ": {text}");
+        }
+        source = cause.source();
+    }
+    s
+}
+
+async fn create_dest(path: &Path) -> Result<std::fs::File, DownloadError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        if let Some(parent) = owned.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&owned)
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))
+    .and_then(|r| r)
+    .map_err(|e| DownloadError::io(path, e))
+}
+
+/// Makes the file durable, checks its size, and releases the page cache the download filled
+/// (dirty pages cannot be dropped, so this comes after the sync).
+fn settle(file: &std::fs::File, path: &Path, size: u64) -> Result<(), DownloadError> {
+    let err = |e| DownloadError::io(path, e);
+    file.sync_data().map_err(err)?;
+    let on_disk = file.metadata().map_err(err)?.len();
+    if on_disk != size {
+        return Err(err(io::Error::other(format!(
+            "file is {on_disk} bytes after writing {size}"
+        ))));
+    }
+    if let Err(e) = posix_fadvise(file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED) {
+        debug!(error = %e, "posix_fadvise(DONTNEED) failed; page cache left to the kernel");
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The receive → (hash ‖ write) pipeline behind [`super::download`].
+//!
+//! The async side gathers the body's chunks into blocks of at least [`BLOCK`] bytes without
+//! copying them (only tiny chunks are copied together) and hands each block, shared, to two
+//! blocking workers over bounded queues: one feeds SHA-512, the other writes the file with one
+//! `writev` per block, while a third thread writes back the file's dirty pages as it grows and
+//! drops them from the page cache. SHA-512 cannot be split across cores and is the slowest stage
+//! (about 0.5 GiB/s), so it gets a thread of its own and the whole download takes
+//! max(network, write, hash) rather than their sum. Memory is bounded by the queues: about
+//! `(QUEUE_DEPTH + 2) * BLOCK` bytes of body at most, whatever the image size; dirty page cache
+//! by about three [`FLUSH_WINDOW`]s. The hash state lives only here, in memory, so a resumed
+//! download never reads the file back.
+//!
+//! This module must not know about HTTP, retries or URLs: it takes bytes, restarts from zero when
+//! told, and at the end returns the file (written, not yet synced) and its digest.
+
+use std::fs::File;
+use std::io::{self, IoSlice, Write};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use nix::errno::Errno;
+use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
+use sha2::{Digest, Sha512};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Bytes per block handed to the workers: large writes, few queue operations.
+pub(super) const BLOCK: usize = 1 << 20;
+/// Chunks smaller than this are copied together rather than referenced one by one, so a block
+/// never has more than about `BLOCK / SMALL_CHUNK` pieces (`writev` takes at most 1024).
+const SMALL_CHUNK: usize = 16 * 1024;
+/// Blocks each worker may have queued before the receiver waits (back-pressure to TCP).
+const QUEUE_DEPTH: usize = 8;
+/// Bytes written before they are handed to the flusher thread for writeback.
+const FLUSH_WINDOW: u64 = 16 << 20;
+
+/// A run of the body, in order: the chunks as they arrived, shared between the two workers.
+type Block = Arc<[Bytes]>;
+
+enum Msg {
+    Data(Block),
+    /// Forget everything received so far: truncate the file, reset the hash.
+    Restart,
+    /// The final size is known: reserve the space now, so a full disk fails at once rather than
+    /// after gigabytes (writer only).
+    Reserve(u64),
+}
+
+pub(super) struct Pipeline {
+    /// Chunks of the block being gathered, and their total length (with `small`).
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    /// Small chunks copied together, to become one piece of `pending`.
+    small: BytesMut,
+    hash_tx: mpsc::Sender<Msg>,
+    write_tx: mpsc::Sender<Msg>,
+    hasher: Option<JoinHandle<Sha512>>,
+    writer: Option<JoinHandle<io::Result<File>>>,
+}
+
+/// Why the pipeline stopped: the writer's error (disk full, I/O), or a worker that panicked.
+pub(super) type PipeError = io::Error;
+
+impl Pipeline {
+    pub(super) fn start(file: File) -> Self {
+        let (hash_tx, hash_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (write_tx, write_rx) = mpsc::channel(QUEUE_DEPTH);
+        Pipeline {
+            pending: Vec::new(),
+            pending_len: 0,
+            small: BytesMut::new(),
+            hash_tx,
+            write_tx,
+            hasher: Some(tokio::task::spawn_blocking(move || hash_worker(hash_rx))),
+            writer: Some(tokio::task::spawn_blocking(move || {
+                write_worker(file, write_rx)
+            })),
+        }
+    }
+
+    /// Takes one chunk of the body, in order.
+    pub(super) async fn push(&mut self, chunk: Bytes) -> Result<(), PipeError> {
+        self.pending_len += chunk.len();
+        if chunk.len() < SMALL_CHUNK {
+            if self.small.capacity() == 0 {
+                self.small.reserve(4 * SMALL_CHUNK);
+            }
+            self.small.extend_from_slice(&chunk);
+            if self.small.len() >= SMALL_CHUNK {
+                self.pending.push(self.small.split().freeze());
+            }
+        } else {
+            if !self.small.is_empty() {
+                self.pending.push(self.small.split().freeze());
+            }
+            self.pending.push(chunk);
+        }
+        if self.pending_len >= BLOCK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Throws away everything received so far (the server ignored the Range request).
+    pub(super) async fn restart(&mut self) -> Result<(), PipeError> {
+        self.pending.clear();
+        self.pending_len = 0;
+        self.small.clear();
+        self.send_hasher(Msg::Restart).await?;
+        self.send_writer(Msg::Restart).await
+    }
+
+    /// Asks the writer to reserve `len` bytes for the file.
+    pub(super) async fn reserve(&mut self, len: u64) -> Result<(), PipeError> {
+        self.send_writer(Msg::Reserve(len)).await
+    }
+
+    /// Hands over the last partial block, stops the workers and returns the file (not yet
+    /// synced) and the lower-case hex SHA-512 of every byte pushed since the last restart.
+    pub(super) async fn finish(mut self) -> Result<(File, String), PipeError> {
+        self.flush().await?;
+        let Pipeline {
+            hash_tx,
+            write_tx,
+            hasher,
+            writer,
+            ..
+        } = self;
+        drop((hash_tx, write_tx));
+        let file = join(writer.expect("writer joined once")).await??;
+        let digest = join(hasher.expect("hasher joined once")).await?.finalize();
+        Ok((file, hex::encode(digest)))
+    }
+
+    async fn flush(&mut self) -> Result<(), PipeError> {
+        if !self.small.is_empty() {
+            self.pending.push(self.small.split().freeze());
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let block: Block = std::mem::take(&mut self.pending).into();
+        self.pending_len = 0;
+        // Both workers share the block's buffers: the bytes are in memory once.
+        self.send_writer(Msg::Data(block.clone())).await?;
+        self.send_hasher(Msg::Data(block)).await
+    }
+
+    async fn send_writer(&mut self, msg: Msg) -> Result<(), PipeError> {
+        if self.write_tx.send(msg).await.is_err() {
+            return Err(self.worker_died().await);
+        }
+        Ok(())
+    }
+
+    async fn send_hasher(&mut self, msg: Msg) -> Result<(), PipeError> {
+        if self.hash_tx.send(msg).await.is_err() {
+            return Err(self.worker_died().await);
+        }
+        Ok(())
+    }
+
+    /// A queue was closed: a worker stopped early. The writer stops on an I/O error, which is
+    /// the one worth reporting; otherwise something panicked.
+    async fn worker_died(&mut self) -> PipeError {
+        if let Some(writer) = self.writer.take() {
+            match join(writer).await {
+                Ok(Err(e)) => return e,
+                Err(e) => return e,
+                Ok(Ok(_)) => {}
+            }
+        }
+        io::Error::other("download pipeline worker stopped unexpectedly")
+    }
+}
+
+async fn join<T>(handle: JoinHandle<T>) -> Result<T, PipeError> {
+    handle
+        .await
+        .map_err(|e| io::Error::other(format!("download pipeline worker failed: {e}")))
+}
+
+fn hash_worker(mut rx: mpsc::Receiver<Msg>) -> Sha512 {
+    let mut hasher = Sha512::new();
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Data(block) => block.iter().for_each(|b| hasher.update(b)),
+            Msg::Restart => hasher = Sha512::new(),
+            Msg::Reserve(_) => {}
+        }
+    }
+    hasher
+}
+
+fn write_worker(file: File, rx: mpsc::Receiver<Msg>) -> io::Result<File> {
+    std::thread::scope(|scope| {
+        // One window queued while another is being flushed: at most about three windows of the
+        // file are dirty in the page cache at any time.
+        let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(1);
+        let flusher = scope.spawn(|| flush_worker(&file, flush_rx));
+        let written = write_loop(&file, rx, flush_tx);
+        let flushed = flusher
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("download flusher thread panicked")));
+        written.and(flushed)
+    })?;
+    Ok(file)
+}
+
+fn write_loop(
+    mut file: &File,
+    mut rx: mpsc::Receiver<Msg>,
+    flush_tx: std::sync::mpsc::SyncSender<(u64, u64)>,
+) -> io::Result<()> {
+    let mut written = 0u64;
+    let mut handed = 0u64;
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Data(block) => {
+                written += write_block(file, &block)?;
+                if written - handed >= FLUSH_WINDOW {
+                    if flush_tx.send((handed, written)).is_err() {
+                        // The flusher stopped on an error; joining it reports that error.
+                        return Ok(());
+                    }
+                    handed = written;
+                }
+            }
+            Msg::Restart => {
+                file.set_len(0)?;
+                io::Seek::rewind(&mut file)?;
+                (written, handed) = (0, 0);
+            }
+            Msg::Reserve(len) => reserve(file, len)?,
+        }
+    }
+    Ok(())
+}
+
+/// Writes the block's pieces with `writev`, returning how many bytes that was.
+fn write_block(mut file: &File, block: &[Bytes]) -> io::Result<u64> {
+    let mut slices: Vec<IoSlice<'_>> = block.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    let total: usize = block.iter().map(Bytes::len).sum();
+    IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total as u64)
+}
+
+/// Writes back each window while the next ones are written, then drops its pages from the page
+/// cache. Without this the whole file would sit dirty in memory until the final `fdatasync`,
+/// which would then wait for all of it: the disk would work after the network instead of with
+/// it, and a large download would fill the page cache.
+fn flush_worker(file: &File, rx: std::sync::mpsc::Receiver<(u64, u64)>) -> io::Result<()> {
+    for (from, to) in rx {
+        file.sync_data()?;
+        let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
+            continue;
+        };
+        // Advice only: the pages are clean now, so this cannot lose data.
+        let _ = posix_fadvise(
+            file.as_fd(),
+            offset,
+            len,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+    Ok(())
+}
+
+/// `fallocate(2)` with mode 0 (not `posix_fallocate`, whose glibc fallback writes every block).
+/// Only ENOSPC/EDQUOT matter; a file system without fallocate just gets its space as it comes.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
+    let Ok(len) = i64::try_from(len) else {
+        return Err(io::Error::from_raw_os_error(Errno::EFBIG as i32));
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    match fallocate(file.as_fd(), FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG)) => Err(e.into()),
+        Err(e) => {
+            tracing::debug!(error = %e, "fallocate not available; writing without reservation");
+            Ok(())
+        }
+    }
+}

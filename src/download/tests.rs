@@ -1,0 +1,851 @@
+//! Tests against a real axum HTTP server on 127.0.0.1, serving generated images through routes
+//! that misbehave in the ways real servers do.
+
+use super::*;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap as AxHeaders, Response, StatusCode as AxStatus, Uri, header as h};
+use sha2::{Digest, Sha512};
+
+const MIB: usize = 1 << 20;
+/// Chunk size the test server writes with.
+const SERVE_CHUNK: usize = 64 * 1024;
+
+/// Deterministic incompressible bytes (xorshift64*), no extra crate.
+fn random_bytes(len: usize, seed: u64) -> Bytes {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(len);
+    v.into()
+}
+
+/// SHA-512 computed independently of the code under test.
+fn sha512_hex(data: &[u8]) -> String {
+    hex::encode(Sha512::digest(data))
+}
+
+#[derive(Default)]
+struct ServerState {
+    files: HashMap<String, Bytes>,
+    /// Every request: (path, Range header).
+    log: Mutex<Vec<(String, Option<String>)>>,
+}
+
+impl ServerState {
+    fn hits(&self, path: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .count()
+    }
+
+    fn ranges(&self, path: &str) -> Vec<Option<String>> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    state: Arc<ServerState>,
+}
+
+impl Server {
+    async fn start(files: HashMap<String, Bytes>) -> Server {
+        let state = Arc::new(ServerState {
+            files,
+            ..Default::default()
+        });
+        let app = Router::new()
+            .route("/{mode}/{name}", axum::routing::get(serve))
+            .route("/missing", axum::routing::get(missing))
+            .route("/loop", axum::routing::get(redirect_loop))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Server { addr, state }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+fn record(state: &ServerState, uri: &Uri, headers: &AxHeaders) {
+    let range = headers
+        .get(h::RANGE)
+        .map(|v| v.to_str().unwrap().to_owned());
+    state
+        .log
+        .lock()
+        .unwrap()
+        .push((uri.path().to_owned(), range));
+}
+
+async fn missing(State(st): State<Arc<ServerState>>, uri: Uri, headers: AxHeaders) -> AxStatus {
+    record(&st, &uri, &headers);
+    AxStatus::NOT_FOUND
+}
+
+async fn redirect_loop(
+    State(st): State<Arc<ServerState>>,
+    uri: Uri,
+    headers: AxHeaders,
+) -> Response<Body> {
+    record(&st, &uri, &headers);
+    Response::builder()
+        .status(AxStatus::FOUND)
+        .header(h::LOCATION, "/loop")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// Chunks of `data[from..]`; `stop` ends the stream early: `Some(true)` with an error (the
+/// connection is cut), `Some(false)` by stalling forever.
+fn body_stream(data: Bytes, from: usize, cut_at: Option<(usize, bool)>) -> Body {
+    let end = cut_at.map_or(data.len(), |(at, _)| at);
+    let chunks: Vec<Result<Bytes, std::io::Error>> = (from..end)
+        .step_by(SERVE_CHUNK)
+        .map(|i| Ok(data.slice(i..(i + SERVE_CHUNK).min(end))))
+        .collect();
+    let head = futures::stream::iter(chunks);
+    match cut_at {
+        None => Body::from_stream(head),
+        Some((_, true)) => Body::from_stream(head.chain(futures::stream::once(async {
+            Err(std::io::Error::other("connection cut by the test server"))
+        }))),
+        Some((_, false)) => Body::from_stream(head.chain(futures::stream::pending())),
+    }
+}
+
+/// `/{mode}/{name}`: modes are `range` (full file, Range support), `norange` (ignores Range),
+/// `drop` (first request cut half-way, then `range`), `drop-norange` (first request cut, always
+/// ignores Range), `stall` (some bytes then silence), `redirect` (302 to `range`), `chunked` (no
+/// Content-Length), `flaky` (503 with Retry-After first, then `range`), `badrange` (cut first,
+/// then answers Range with the wrong start).
+async fn serve(
+    State(st): State<Arc<ServerState>>,
+    UrlPath((mode, name)): UrlPath<(String, String)>,
+    uri: Uri,
+    headers: AxHeaders,
+) -> Response<Body> {
+    record(&st, &uri, &headers);
+    let first = st.hits(uri.path()) == 1;
+    let Some(data) = st.files.get(&name).cloned() else {
+        return Response::builder()
+            .status(AxStatus::NOT_FOUND)
+            .body(Body::empty())
+            .unwrap();
+    };
+    let len = data.len();
+    let full = |cut: Option<(usize, bool)>, ranges: bool| {
+        let mut r = Response::builder()
+            .status(AxStatus::OK)
+            .header(h::CONTENT_LENGTH, len)
+            .header(h::ETAG, "\"v1\"");
+        if ranges {
+            r = r.header(h::ACCEPT_RANGES, "bytes");
+        }
+        r.body(body_stream(data.clone(), 0, cut)).unwrap()
+    };
+    let range_start = headers.get(h::RANGE).and_then(|v| {
+        v.to_str()
+            .ok()?
+            .strip_prefix("bytes=")?
+            .strip_suffix('-')?
+            .parse::<usize>()
+            .ok()
+    });
+    let ranged = |start: usize, claimed_start: usize| {
+        if start >= len {
+            return Response::builder()
+                .status(AxStatus::RANGE_NOT_SATISFIABLE)
+                .header(h::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(Body::empty())
+                .unwrap();
+        }
+        Response::builder()
+            .status(AxStatus::PARTIAL_CONTENT)
+            .header(h::CONTENT_LENGTH, len - start)
+            .header(
+                h::CONTENT_RANGE,
+                format!("bytes {claimed_start}-{}/{len}", len - 1),
+            )
+            .header(h::ACCEPT_RANGES, "bytes")
+            .body(body_stream(data.clone(), start, None))
+            .unwrap()
+    };
+    let with_ranges = |range_start: Option<usize>| match range_start {
+        Some(start) => ranged(start, start),
+        None => full(None, true),
+    };
+    match mode.as_str() {
+        "range" => with_ranges(range_start),
+        "norange" => full(None, false),
+        "drop" if first => full(Some((len / 2, true)), true),
+        "drop" => with_ranges(range_start),
+        "drop-norange" if first => full(Some((len / 2, true)), false),
+        "drop-norange" => full(None, false),
+        "badrange" if first => full(Some((len / 2, true)), true),
+        "badrange" => match range_start {
+            Some(start) => ranged(start, start.saturating_sub(1000)),
+            None => full(None, true),
+        },
+        "stall" => full(Some((len.min(256 * 1024), false)), true),
+        "chunked" => Response::builder()
+            .status(AxStatus::OK)
+            .body(body_stream(data.clone(), 0, None))
+            .unwrap(),
+        "flaky" if first => Response::builder()
+            .status(AxStatus::SERVICE_UNAVAILABLE)
+            .header(h::RETRY_AFTER, "0")
+            .body(Body::empty())
+            .unwrap(),
+        "flaky" => with_ranges(range_start),
+        "redirect" => Response::builder()
+            .status(AxStatus::FOUND)
+            .header(h::LOCATION, format!("/range/{name}"))
+            .body(Body::empty())
+            .unwrap(),
+        _ => Response::builder()
+            .status(AxStatus::BAD_REQUEST)
+            .body(Body::empty())
+            .unwrap(),
+    }
+}
+
+/// Records every progress call.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(u64, Option<u64>)>>);
+
+impl ProgressSink for Recorder {
+    fn progress(&self, received: u64, total: Option<u64>) {
+        self.0.lock().unwrap().push((received, total));
+    }
+}
+
+struct Fixture {
+    server: Server,
+    dir: tempfile::TempDir,
+    rand: Bytes,
+    qcow2: Bytes,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        // A few MiB, not a multiple of the 1 MiB block nor of the server's chunk.
+        let rand = random_bytes(3 * MIB + 12_345, 7);
+        let qpath = dir.path().join("made.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                qpath.to_str().unwrap(),
+                "64M",
+            ])
+            .output()
+            .expect("qemu-img is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let qcow2 = Bytes::from(std::fs::read(&qpath).unwrap());
+        let files = HashMap::from([
+            ("rand.img".to_owned(), rand.clone()),
+            ("made.qcow2".to_owned(), qcow2.clone()),
+            ("big.img".to_owned(), random_bytes(4 * MIB, 9)),
+        ]);
+        Fixture {
+            server: Server::start(files).await,
+            dir,
+            rand,
+            qcow2,
+        }
+    }
+
+    /// A request for `path` into `<tmp>/disk/tmp/<name>` (parent directories not there yet),
+    /// with test-sized timeouts.
+    fn request(&self, path: &str) -> DownloadRequest {
+        DownloadRequest {
+            idle_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            backoff: Duration::from_millis(10),
+            ..DownloadRequest::new(
+                self.server.url(path),
+                self.dir.path().join("disk/tmp/image.part"),
+            )
+        }
+    }
+}
+
+async fn get(req: &DownloadRequest) -> Result<DownloadOutcome, DownloadError> {
+    download(req, &NoProgress, CancellationToken::new()).await
+}
+
+fn assert_file(req: &DownloadRequest, want: &[u8]) {
+    let got = std::fs::read(&req.dest).expect("downloaded file exists");
+    assert_eq!(got.len(), want.len(), "file size");
+    assert!(got == want, "file content differs from the served bytes");
+}
+
+fn assert_gone(req: &DownloadRequest) {
+    assert!(
+        !req.dest.exists(),
+        "temp file {} was left behind",
+        req.dest.display()
+    );
+}
+
+#[tokio::test]
+async fn full_file_with_range_support() {
+    let fx = Fixture::new().await;
+    let req = fx.request("/range/rand.img");
+    let rec = Recorder::default();
+    let out = download(&req, &rec, CancellationToken::new())
+        .await
+        .unwrap();
+    let n = fx.rand.len() as u64;
+    assert_eq!(
+        out,
+        DownloadOutcome {
+            size: n,
+            sha512: sha512_hex(&fx.rand),
+            resumed: 0
+        }
+    );
+    assert_file(&req, &fx.rand);
+    let calls = rec.0.lock().unwrap().clone();
+    assert_eq!(calls.last(), Some(&(n, Some(n))), "final progress call");
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "{calls:?}");
+    assert_eq!(fx.server.state.hits("/range/rand.img"), 1);
+}
+
+#[tokio::test]
+async fn missing_checksum_reports_sha512_of_served_bytes() {
+    let fx = Fixture::new().await;
+    // The qcow2 made by qemu-img: the checksum is of the file as a raw byte stream.
+    let req = fx.request("/range/made.qcow2");
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.sha512, sha512_hex(&fx.qcow2));
+    assert_eq!(out.size, fx.qcow2.len() as u64);
+    assert_file(&req, &fx.qcow2);
+    let info = crate::imagefmt::probe(&req.dest).unwrap();
+    assert_eq!(info.format, crate::imagefmt::Format::Qcow2);
+    assert_eq!(info.virtual_size, 64 << 20);
+}
+
+#[tokio::test]
+async fn right_checksum_is_accepted() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/range/rand.img");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    let out = get(&req).await.unwrap();
+    assert_eq!(Some(out.sha512), req.expected_sha512);
+    assert_file(&req, &fx.rand);
+}
+
+#[tokio::test]
+async fn wrong_checksum_fails_and_removes_the_file() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/range/rand.img");
+    let wrong = sha512_hex(b"something else");
+    req.expected_sha512 = Some(wrong.clone());
+    let e = get(&req).await.unwrap_err();
+    let got = sha512_hex(&fx.rand);
+    assert!(matches!(e, DownloadError::ChecksumMismatch { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "checksum mismatch: expected {wrong}, got {got}; the file at the URL changed or is \
+             corrupt"
+        )
+    );
+    assert!(!e.is_retryable());
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn server_without_range_support() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/norange/rand.img");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.resumed, 0);
+    assert_file(&req, &fx.rand);
+}
+
+#[tokio::test]
+async fn dropped_connection_resumes_with_range() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/drop/rand.img");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    let rec = Recorder::default();
+    let out = download(&req, &rec, CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(out.resumed >= 1, "{out:?}");
+    assert_eq!(out.sha512, sha512_hex(&fx.rand));
+    assert_file(&req, &fx.rand);
+    let ranges = fx.server.state.ranges("/drop/rand.img");
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[0], None);
+    let start: u64 = ranges[1]
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .expect("second request has Range: bytes=N-");
+    assert!(start > 0 && start <= fx.rand.len() as u64 / 2, "{start}");
+    // Resumed, not restarted: progress never went back to 0.
+    let calls = rec.0.lock().unwrap().clone();
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "{calls:?}");
+}
+
+#[tokio::test]
+async fn dropped_connection_without_range_support_restarts() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/drop-norange/rand.img");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.resumed, 0);
+    assert_eq!(out.sha512, sha512_hex(&fx.rand));
+    assert_file(&req, &fx.rand);
+    assert_eq!(fx.server.state.hits("/drop-norange/rand.img"), 2);
+}
+
+#[tokio::test]
+async fn wrong_content_range_restarts_from_zero() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/badrange/rand.img");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.resumed, 0);
+    assert_file(&req, &fx.rand);
+    let ranges = fx.server.state.ranges("/badrange/rand.img");
+    // cut; Range answered with the wrong start; whole file without Range.
+    assert_eq!(ranges.len(), 3, "{ranges:?}");
+    assert!(ranges[1].is_some() && ranges[2].is_none(), "{ranges:?}");
+}
+
+#[tokio::test]
+async fn stalled_server_times_out_after_max_attempts() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/stall/rand.img");
+    req.idle_timeout = Duration::from_millis(300);
+    req.max_attempts = 3;
+    let started = Instant::now();
+    let e = get(&req).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(e, DownloadError::IdleTimeout { attempts: 3, .. }),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "GET {}: no data received for 0.3 s (gave up after 3 attempts)",
+            fx.server.url("/stall/rand.img")
+        )
+    );
+    assert!(e.is_retryable());
+    assert_eq!(fx.server.state.hits("/stall/rand.img"), 3);
+    // Each retry resumed from where the bytes stopped.
+    let ranges = fx.server.state.ranges("/stall/rand.img");
+    assert_eq!(ranges[1].as_deref(), Some("bytes=262144-"), "{ranges:?}");
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn not_found_is_not_retried() {
+    let fx = Fixture::new().await;
+    let req = fx.request("/missing");
+    let e = get(&req).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("GET {}: HTTP 404 Not Found", fx.server.url("/missing"))
+    );
+    assert!(!e.is_retryable());
+    assert_eq!(fx.server.state.hits("/missing"), 1);
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn server_error_is_retried() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/flaky/rand.img");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    get(&req).await.unwrap();
+    assert_file(&req, &fx.rand);
+    assert_eq!(fx.server.state.hits("/flaky/rand.img"), 2);
+}
+
+#[tokio::test]
+async fn redirect_is_followed() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/redirect/rand.img");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    get(&req).await.unwrap();
+    assert_file(&req, &fx.rand);
+    assert_eq!(fx.server.state.hits("/redirect/rand.img"), 1);
+    assert_eq!(fx.server.state.hits("/range/rand.img"), 1);
+}
+
+#[tokio::test]
+async fn redirect_loop_is_an_error_not_retried() {
+    let fx = Fixture::new().await;
+    let req = fx.request("/loop");
+    let e = get(&req).await.unwrap_err();
+    assert!(matches!(e, DownloadError::Redirect { .. }), "{e:?}");
+    println!("redirect loop: {e}");
+    assert!(e.to_string().contains("redirect"), "{e}");
+    assert!(!e.is_retryable());
+    // The first request and MAX_REDIRECTS redirects, once.
+    assert_eq!(fx.server.state.hits("/loop"), MAX_REDIRECTS + 1);
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn body_without_content_length() {
+    let fx = Fixture::new().await;
+    let req = fx.request("/chunked/rand.img");
+    let rec = Recorder::default();
+    let out = download(&req, &rec, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(out.sha512, sha512_hex(&fx.rand));
+    assert_file(&req, &fx.rand);
+    let n = fx.rand.len() as u64;
+    assert_eq!(rec.0.lock().unwrap().last(), Some(&(n, Some(n))));
+}
+
+#[tokio::test]
+async fn connection_refused_gives_up_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that was just free on loopback; nothing listens there any more.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let req = DownloadRequest {
+        max_attempts: 2,
+        backoff: Duration::from_millis(10),
+        idle_timeout: Duration::from_secs(2),
+        ..DownloadRequest::new(
+            format!("http://127.0.0.1:{port}/x"),
+            dir.path().join("x.part"),
+        )
+    };
+    let e = get(&req).await.unwrap_err();
+    assert!(
+        matches!(e, DownloadError::Connection { attempts: 2, .. }),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    println!("connection refused: {msg}");
+    assert!(
+        msg.starts_with(&format!(
+            "GET http://127.0.0.1:{port}/x: connection failed after 2 attempt(s): "
+        )),
+        "{msg}"
+    );
+    assert!(msg.to_lowercase().contains("refused"), "{msg}");
+    assert!(e.is_retryable());
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn cancel_stops_a_stalled_download_and_removes_the_file() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/stall/rand.img");
+    req.idle_timeout = Duration::from_secs(60);
+    let cancel = CancellationToken::new();
+    let later = cancel.clone();
+    // Cancel once the first bytes are in, seen through the progress sink.
+    let seen = Arc::new(AtomicU64::new(0));
+    let seen2 = seen.clone();
+    let sink = move |received: u64, _: Option<u64>| {
+        seen2.store(received, Ordering::SeqCst);
+        if received > 0 {
+            later.cancel();
+        }
+    };
+    let started = Instant::now();
+    let e = download(&req, &sink, cancel).await.unwrap_err();
+    assert!(matches!(e, DownloadError::Cancelled { .. }), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(seen.load(Ordering::SeqCst) > 0);
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn secrets_in_the_url_stay_out_of_errors() {
+    let fx = Fixture::new().await;
+    let url = format!(
+        "http://user:hunter2@{}/missing?X-Amz-Signature=topsecret",
+        fx.server.addr
+    );
+    let req = DownloadRequest::new(url, fx.dir.path().join("s.part"));
+    let e = get(&req).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        !msg.contains("hunter2") && !msg.contains("topsecret"),
+        "{msg}"
+    );
+    assert_eq!(
+        msg,
+        format!(
+            "GET http://{}/missing?…: HTTP 404 Not Found",
+            fx.server.addr
+        )
+    );
+}
+
+#[tokio::test]
+async fn disk_full_is_its_own_error_and_leaves_no_file() {
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("SKIP disk_full_is_its_own_error_and_leaves_no_file: needs root to mount tmpfs");
+        return;
+    }
+    let fx = Fixture::new().await;
+    let mnt = tempfile::tempdir().unwrap();
+    if let Err(e) = nix::mount::mount(
+        Some("tmpfs"),
+        mnt.path(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    ) {
+        println!("SKIP disk_full_is_its_own_error_and_leaves_no_file: mount tmpfs: {e}");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(mnt.path());
+    // With Content-Length the reservation fails at once; without, a write fails mid-way.
+    for route in ["/range/big.img", "/chunked/big.img"] {
+        let req = DownloadRequest {
+            dest: mnt.path().join("tmp/big.part"),
+            ..fx.request(route)
+        };
+        let e = get(&req).await.unwrap_err();
+        assert!(
+            matches!(e, DownloadError::DiskFull { .. }),
+            "{route}: {e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "disk full: no space left to write {}; free space on that disk and retry",
+                req.dest.display()
+            )
+        );
+        assert!(!e.is_retryable());
+        assert_gone(&req);
+        assert_eq!(fx.server.state.hits(route), 1, "{route}: not retried");
+    }
+}
+
+#[test]
+fn validate_url_table() {
+    let ok = [
+        "http://example.com/a.img",
+        "https://example.com:8443/x/y.qcow2?sig=1",
+        "  https://h/a  ",
+    ];
+    for u in ok {
+        assert!(validate_url(u).is_ok(), "{u}");
+    }
+    let bad = [
+        (
+            "ftp://example.com/a.img",
+            "unsupported URL scheme \"ftp\" in ftp://example.com/a.img: only http and https are supported",
+        ),
+        (
+            "file:///etc/passwd",
+            "unsupported URL scheme \"file\" in file:///etc/passwd: only http and https are supported",
+        ),
+        ("s3://bucket/key", "unsupported URL scheme \"s3\""),
+        (
+            "/relative/path",
+            "invalid URL \"/relative/path\": relative URL without a base; only absolute http and https URLs are supported",
+        ),
+        ("", "invalid URL \"\""),
+        ("http://", "invalid URL \"http://\": empty host"),
+    ];
+    for (u, want) in bad {
+        let e = validate_url(u).unwrap_err();
+        assert!(
+            e.to_string().starts_with(want),
+            "{u:?}: {e} does not start with {want}"
+        );
+        assert!(!e.is_retryable());
+    }
+}
+
+#[test]
+fn redact_drops_credentials_and_query() {
+    let cases = [
+        (
+            "https://u:p@h.example/a.img?token=x#frag",
+            "https://h.example/a.img?…",
+        ),
+        (
+            "http://h.example:8080/a/b.raw",
+            "http://h.example:8080/a/b.raw",
+        ),
+        ("http://u@h/a", "http://h/a"),
+    ];
+    for (url, want) in cases {
+        assert_eq!(redact(&Url::parse(url).unwrap()), want);
+    }
+}
+
+#[test]
+fn backoff_doubles_and_is_capped() {
+    let b = Duration::from_millis(500);
+    let got: Vec<_> = (1..=8).map(|a| backoff(b, a).as_millis()).collect();
+    assert_eq!(got, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+    assert_eq!(backoff(Duration::from_secs(1), u32::MAX), MAX_BACKOFF);
+}
+
+#[test]
+fn content_range_table() {
+    let cases = [
+        ("bytes 100-199/200", Some((100, Some(200)))),
+        ("bytes 0-0/1", Some((0, Some(1)))),
+        ("bytes 5-9/*", Some((5, None))),
+        ("bytes 9-5/10", None),
+        ("bytes */200", None),
+        ("items 1-2/3", None),
+        ("bytes 1-x/3", None),
+    ];
+    for (v, want) in cases {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_RANGE, HeaderValue::from_static(v));
+        assert_eq!(content_range(&headers), want, "{v}");
+    }
+}
+
+#[test]
+fn download_future_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let req = DownloadRequest::new("http://127.0.0.1:1/x", "/nonexistent/x");
+    let fut = download(&req, &NoProgress, CancellationToken::new());
+    assert_send(&fut);
+}
+
+/// Throughput against the reference `curl -s -o f URL && sha512sum f`, same server, same run.
+/// `BICSI_DL_BENCH=1 cargo test --release bench_download -- --nocapture`
+/// (`BICSI_DL_BENCH_MIB` sets the size, default 512; `BICSI_DL_BENCH_DIR` the directory, /tmp).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_download_vs_curl() {
+    if std::env::var_os("BICSI_DL_BENCH").is_none() {
+        println!("SKIP bench_download_vs_curl: set BICSI_DL_BENCH=1 (and use --release)");
+        return;
+    }
+    let mib: usize = std::env::var("BICSI_DL_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let rounds = 3;
+    let base = std::env::var("BICSI_DL_BENCH_DIR").unwrap_or_else(|_| "/tmp".to_owned());
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let data = random_bytes(mib * MIB, 42);
+    let sha = sha512_hex(&data);
+    let server = Server::start(HashMap::from([("big.img".to_owned(), data)])).await;
+    let url = server.url("/range/big.img");
+
+    let mut ours = Vec::new();
+    let mut curl = Vec::new();
+    let mut rss_growth = 0u64;
+    for _ in 0..rounds {
+        let req = DownloadRequest {
+            expected_sha512: Some(sha.clone()),
+            ..DownloadRequest::new(&url, dir.path().join("ours.part"))
+        };
+        // Resident memory sampled at each progress call (10 per second), over the baseline.
+        let base = rss_kib();
+        let peak = AtomicU64::new(base);
+        let sink = |_: u64, _: Option<u64>| {
+            peak.fetch_max(rss_kib(), Ordering::Relaxed);
+        };
+        let t = Instant::now();
+        let out = download(&req, &sink, CancellationToken::new())
+            .await
+            .unwrap();
+        ours.push(t.elapsed().as_secs_f64());
+        rss_growth = rss_growth.max(peak.load(Ordering::Relaxed).saturating_sub(base));
+        assert_eq!(out.sha512, sha);
+        std::fs::remove_file(&req.dest).unwrap();
+
+        let f = dir.path().join("curl.img");
+        let t = Instant::now();
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "curl -s -o {f} {url} && sha512sum {f} >/dev/null",
+                f = f.display()
+            ))
+            .status()
+            .await
+            .unwrap();
+        curl.push(t.elapsed().as_secs_f64());
+        assert!(status.success());
+        std::fs::remove_file(&f).unwrap();
+    }
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (om, omin, omax) = stats(&mut ours);
+    let (cm, cmin, cmax) = stats(&mut curl);
+    println!(
+        "download+verify {mib} MiB over loopback, {rounds} rounds (median [min-max] s):\n  \
+         bicsi (stream+hash+fdatasync+fadvise): {om:.2} [{omin:.2}-{omax:.2}] = {:.0} MiB/s\n  \
+         curl -o f && sha512sum f:              {cm:.2} [{cmin:.2}-{cmax:.2}] = {:.0} MiB/s\n  \
+         ratio bicsi/curl: {:.2}\n  \
+         bicsi resident memory growth while downloading (server included): {} MiB max",
+        mib as f64 / om,
+        mib as f64 / cm,
+        om / cm,
+        rss_growth / 1024
+    );
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
