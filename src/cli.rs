@@ -35,9 +35,50 @@ pub enum Command {
     /// Create, attach, detach and delete volumes on a running `bicsi serve`.
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// List objects.
+    /// List objects, or show one.
     #[command(subcommand)]
     Get(GetCommand),
+    /// Create or check the BackingImages and StorageClasses in a YAML file (`-f -`: stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Delete an object.
+    #[command(subcommand)]
+    Delete(DeleteCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Server {
+    /// The HTTP API of the running bicsi.
+    #[arg(long, env = "BICSI_SERVER", default_value = "http://127.0.0.1:9500")]
+    pub server: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeleteCommand {
+    /// Delete a backing image and its files (refused while volumes use it).
+    #[command(alias = "backingimages", alias = "bi")]
+    Backingimage {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Delete a StorageClass kept by bicsi.
+    #[command(alias = "storageclasses", alias = "sc")]
+    Storageclass {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Output {
+    Json,
+    Yaml,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -80,8 +121,13 @@ pub enum VolumeCommand {
         /// A StorageClass parameter KEY=VALUE (repeatable); split at the first '='.
         #[arg(short = 'p', long = "parameter")]
         parameters: Vec<String>,
+        /// Take the parameters of this StorageClass (applied with `bicsi apply`); -p overrides.
+        #[arg(long)]
+        storage_class: Option<String>,
         #[command(flatten)]
         endpoint: Endpoint,
+        #[command(flatten)]
+        server: Server,
     },
     /// Attach a volume to this node: ControllerPublish, NodeStage, NodePublish.
     Attach {
@@ -121,6 +167,26 @@ pub enum GetCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// List backing images with their state on each disk.
+    #[command(alias = "bi")]
+    Backingimages {
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Show one backing image with its status.
+    Backingimage {
+        name: String,
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: Output,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// List the StorageClasses kept by bicsi.
+    #[command(alias = "sc")]
+    Storageclasses {
+        #[command(flatten)]
+        server: Server,
+    },
 }
 
 /// Splits `KEY=VALUE` at the first '=', so JSON values with '=' pass through.
@@ -154,6 +220,24 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Volume(cmd) => volume(cmd).await,
         Command::Get(GetCommand::Volumes { endpoint }) => get_volumes(&endpoint.csi_endpoint).await,
+        Command::Get(GetCommand::Backingimages { server }) => {
+            crate::cli_api::get_backing_images(&server.server).await
+        }
+        Command::Get(GetCommand::Backingimage {
+            name,
+            output,
+            server,
+        }) => crate::cli_api::get_backing_image(&server.server, &name, output).await,
+        Command::Get(GetCommand::Storageclasses { server }) => {
+            crate::cli_api::get_storage_classes(&server.server).await
+        }
+        Command::Apply { file, server } => crate::cli_api::apply(&server.server, &file).await,
+        Command::Delete(DeleteCommand::Backingimage { name, server }) => {
+            crate::cli_api::delete(&server.server, "backingimages", &name).await
+        }
+        Command::Delete(DeleteCommand::Storageclass { name, server }) => {
+            crate::cli_api::delete(&server.server, "storageclasses", &name).await
+        }
     }
 }
 
@@ -211,13 +295,20 @@ async fn volume(cmd: VolumeCommand) -> Result<()> {
             name,
             size,
             parameters,
+            storage_class,
             endpoint,
+            server,
         } => {
             let bytes = quantity::parse(&size).map_err(Error::InvalidArgument)?;
-            let parameters: HashMap<String, String> = parameters
-                .iter()
-                .map(|p| parse_parameter(p))
-                .collect::<Result<_>>()?;
+            let mut merged: HashMap<String, String> = HashMap::new();
+            if let Some(sc) = storage_class {
+                merged.extend(crate::cli_api::storage_class_parameters(&server.server, &sc).await?);
+            }
+            for p in &parameters {
+                let (k, v) = parse_parameter(p)?;
+                merged.insert(k, v);
+            }
+            let parameters = merged;
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
             let v = c
                 .controller

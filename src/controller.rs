@@ -4,12 +4,17 @@
 //! it with domain types and maps its errors with the one table in `error.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use crate::backing::BackingImages;
+use crate::backing::object::BackingImage;
+use crate::backing::state::FileState;
 use crate::error::{Error, Result};
 use crate::fsutil::blocking;
 use crate::guard::Guards;
 use crate::model::{Capability, Publication, Replica, Volume, VolumeSpec, now_rfc3339};
+use crate::os::ImageFormat;
 use crate::params;
 use crate::replicas::{DiskSpace, ReplicaFiles};
 use crate::store::{Kind, Store, StoreExt};
@@ -45,6 +50,7 @@ pub struct Condition {
 
 pub struct Controller {
     store: Arc<dyn Store>,
+    backing: Arc<BackingImages>,
     replicas: Arc<dyn ReplicaFiles>,
     nodes: RwLock<BTreeSet<String>>,
     guards: Guards,
@@ -113,6 +119,16 @@ fn check_capabilities(caps: &[Capability]) -> Result<()> {
     Ok(())
 }
 
+fn image_format(bi: &BackingImage) -> Result<ImageFormat> {
+    ImageFormat::parse(&bi.status.format).ok_or_else(|| {
+        Error::Internal(format!(
+            "backing image {:?} has an unknown format {:?}",
+            bi.name(),
+            bi.status.format
+        ))
+    })
+}
+
 /// Mutable parameters (CreateVolume's and ControllerModifyVolume's): only `numberOfReplicas`.
 fn check_mutable(mutable: &BTreeMap<String, String>) -> Result<()> {
     for (key, value) in mutable {
@@ -151,9 +167,14 @@ pub fn place_replicas(mut disks: Vec<DiskSpace>, n: usize) -> Vec<DiskSpace> {
 }
 
 impl Controller {
-    pub fn new(store: Arc<dyn Store>, replicas: Arc<dyn ReplicaFiles>) -> Controller {
+    pub fn new(
+        store: Arc<dyn Store>,
+        replicas: Arc<dyn ReplicaFiles>,
+        backing: Arc<BackingImages>,
+    ) -> Controller {
         Controller {
             store,
+            backing,
             replicas,
             nodes: RwLock::new(BTreeSet::new()),
             guards: Guards::default(),
@@ -200,7 +221,6 @@ impl Controller {
             p.kept
                 .insert(params::NUMBER_OF_REPLICAS.into(), n.trim().to_string());
         }
-        let size = size_for_range(req.required_bytes, req.limit_bytes, DEFAULT_VOLUME_SIZE)?;
         if let Some(src) = &req.source_snapshot {
             return Err(Error::NotFound(format!("snapshot {src:?} not found")));
         }
@@ -217,6 +237,31 @@ impl Controller {
             return self.compatible_existing(existing, &req, &p.kept);
         }
 
+        let image = match &p.backing_image {
+            Some(b) => Some(self.ready_image(b).await?),
+            None => None,
+        };
+        let size = match &image {
+            Some(bi) => {
+                const MIB: u64 = 1 << 20;
+                let virtual_size = bi.status.virtual_size;
+                let size = size_for_range(
+                    req.required_bytes,
+                    req.limit_bytes,
+                    virtual_size.div_ceil(MIB) * MIB,
+                )?;
+                if size < virtual_size {
+                    return Err(Error::OutOfRange(format!(
+                        "volume {:?} would be {size} bytes, smaller than the {virtual_size}-byte virtual size of backing image {:?}; request at least {virtual_size} bytes",
+                        req.name,
+                        bi.name()
+                    )));
+                }
+                size
+            }
+            None => size_for_range(req.required_bytes, req.limit_bytes, DEFAULT_VOLUME_SIZE)?,
+        };
+
         let disks = {
             let files = self.replicas.clone();
             blocking(move || files.disks()).await?
@@ -227,24 +272,49 @@ impl Controller {
             ));
         }
         let chosen = place_replicas(disks, p.number_of_replicas as usize);
-        let replicas: Vec<Replica> = chosen
-            .iter()
-            .map(|d| {
-                let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-                Replica {
-                    path: crate::disks::replica_path(&d.disk, &id, &rid),
-                    id: rid,
-                    node_id: d.disk.node_id.clone(),
-                    disk_id: d.disk.id.clone(),
+        // A replica on a disk that holds a ready file of the image is an overlay on it now;
+        // elsewhere it is made at first attach, when the file has been brought to that disk.
+        let mut plans: Vec<(Replica, Option<(PathBuf, ImageFormat)>)> = Vec::new();
+        for d in &chosen {
+            let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+            let mut replica = Replica {
+                path: crate::disks::replica_path(&d.disk, &id, &rid),
+                id: rid,
+                node_id: d.disk.node_id.clone(),
+                disk_id: d.disk.id.clone(),
+                deferred: false,
+            };
+            let backing = match &image {
+                Some(bi) => {
+                    let ready = bi
+                        .status
+                        .disk_file_status_map
+                        .get(&d.disk.id)
+                        .is_some_and(|f| f.state == FileState::Ready);
+                    let file = BackingImages::file_path(&d.disk, bi);
+                    if ready && file.is_file() {
+                        Some((file, image_format(bi)?))
+                    } else {
+                        replica.deferred = true;
+                        None
+                    }
                 }
-            })
-            .collect();
+                None => None,
+            };
+            plans.push((replica, backing));
+        }
+        let replicas: Vec<Replica> = plans.iter().map(|(r, _)| r.clone()).collect();
         {
             let files = self.replicas.clone();
-            let reps = replicas.clone();
+            let plans = plans.clone();
             blocking(move || {
-                for (i, r) in reps.iter().enumerate() {
-                    if let Err(e) = files.create(r, size) {
+                let reps: Vec<Replica> = plans.iter().map(|(r, _)| r.clone()).collect();
+                for (i, (r, backing)) in plans.iter().enumerate() {
+                    if r.deferred {
+                        continue;
+                    }
+                    let backing = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+                    if let Err(e) = files.create(r, size, backing) {
                         // Leave nothing half-made: remove the replicas created so far.
                         for done in &reps[..=i] {
                             let _ = files.delete(done);
@@ -264,7 +334,7 @@ impl Controller {
                 number_of_replicas: p.number_of_replicas,
                 stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
                 fs_type: p.fs_type.clone(),
-                backing_image: None,
+                backing_image: p.backing_image.as_ref().map(|b| b.name.clone()),
                 parameters: p.kept,
                 capabilities: req.capabilities.clone(),
             },
@@ -295,6 +365,28 @@ impl Controller {
             tracing::info!(volume = %id, size, replicas = volume.replicas.len(), "volume created");
         }
         Ok(volume)
+    }
+
+    /// The volume's backing image with a ready file, or why not yet: Unavailable while it is
+    /// being prepared (the provisioner retries), FailedPrecondition when every file failed.
+    async fn ready_image(&self, req: &params::BackingImageRequest) -> Result<BackingImage> {
+        let bi = self.backing.ensure_for_volume(req).await?;
+        if bi.has_ready_file() {
+            return Ok(bi);
+        }
+        let files = &bi.status.disk_file_status_map;
+        if !files.is_empty() && files.values().all(|f| f.state == FileState::Failed) {
+            return Err(Error::FailedPrecondition(format!(
+                "backing image {:?} failed: {}; fix its source, delete it and create it again",
+                bi.name(),
+                BackingImages::describe(&bi)
+            )));
+        }
+        Err(Error::Unavailable(format!(
+            "backing image {:?} is being prepared ({}); the volume is created when it is ready",
+            bi.name(),
+            BackingImages::describe(&bi)
+        )))
     }
 
     fn compatible_existing(
@@ -544,6 +636,13 @@ impl Controller {
                 p.node_id
             )));
         }
+        if let Some(image) = &volume.spec.backing_image
+            && wanted > volume.spec.number_of_replicas
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id:?} starts from backing image {image:?}: adding replicas to such a volume is not supported yet"
+            )));
+        }
         let files = self.replicas.clone();
         let current = volume.replicas.clone();
         let vol_id = id.to_string();
@@ -570,6 +669,7 @@ impl Controller {
                         id: rid,
                         node_id: d.disk.node_id.clone(),
                         disk_id: d.disk.id.clone(),
+                        deferred: false,
                     };
                     files.copy(&source, &r)?;
                     reps.push(r);

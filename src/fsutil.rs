@@ -37,6 +37,26 @@ where
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }
 
+/// SHA-512 of a whole file as stored (lower-case hex), read in large blocks.
+pub fn sha512_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f =
+        File::open(path).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    let mut hasher = sha2::Sha512::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

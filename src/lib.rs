@@ -6,7 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backing;
 pub mod cli;
+pub mod cli_api;
 pub mod client;
 pub mod controller;
 pub mod csi;
@@ -24,4 +26,5 @@ pub mod params;
 pub mod quantity;
 pub mod replicas;
 pub mod server;
+pub mod storageclass;
 pub mod store;

@@ -96,6 +96,10 @@ pub struct Replica {
     pub disk_id: String,
     /// The replica's qcow2 file, `<disk>/replicas/<volume>-<id>/volume.qcow2`.
     pub path: PathBuf,
+    /// Not created yet: its disk had no file of the volume's backing image when the volume was
+    /// created, so the overlay is made at first attach, once the file is there.
+    #[serde(default)]
+    pub deferred: bool,
 }
 
 /// A volume attached (ControllerPublished) to a node.

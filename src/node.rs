@@ -11,11 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::backing::BackingImages;
 use crate::error::{Error, Result};
 use crate::fsutil::blocking;
 use crate::guard::Guards;
-use crate::model::{AccessType, Capability, NodePublication, NodeVolume, Volume};
-use crate::os::{EngineSpec, Os};
+use crate::model::{AccessType, Capability, Disk, NodePublication, NodeVolume, Volume};
+use crate::os::{EngineSpec, ImageFormat, Os};
 use crate::store::{Kind, Store, StoreExt};
 
 /// Topology key NodeGetInfo reports.
@@ -40,6 +41,8 @@ pub struct NodeAgent {
     volumes: Arc<dyn Store>,
     /// Where this node's own records live.
     local: Arc<dyn Store>,
+    backing: Arc<BackingImages>,
+    disks: Vec<Disk>,
     guards: Guards,
 }
 
@@ -65,6 +68,8 @@ impl NodeAgent {
         os: Os,
         volumes: Arc<dyn Store>,
         local: Arc<dyn Store>,
+        backing: Arc<BackingImages>,
+        disks: Vec<Disk>,
     ) -> NodeAgent {
         NodeAgent {
             node_id,
@@ -72,8 +77,61 @@ impl NodeAgent {
             os,
             volumes,
             local,
+            backing,
+            disks,
             guards: Guards::default(),
         }
+    }
+
+    /// Brings the volume's backing image to the disk of every replica on this node and creates
+    /// the replicas that were deferred until then. While a file is being prepared this returns
+    /// a retryable error with its progress; the next call continues the same work.
+    async fn prepare_replicas(&self, volume: &mut Volume) -> Result<()> {
+        let Some(name) = volume.spec.backing_image.clone() else {
+            return Ok(());
+        };
+        let mut changed = false;
+        for i in 0..volume.replicas.len() {
+            let r = volume.replicas[i].clone();
+            if r.node_id != self.node_id {
+                continue;
+            }
+            let disk = self
+                .disks
+                .iter()
+                .find(|d| d.id == r.disk_id)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "replica {} of volume {:?} is on disk {}, which this node does not have",
+                        r.id, volume.id, r.disk_id
+                    ))
+                })?;
+            let file = self.backing.prepare_on_disk(&name, &disk).await?;
+            if r.deferred {
+                let bi = self.backing.must_get(&name)?;
+                let format = ImageFormat::parse(&bi.status.format).ok_or_else(|| {
+                    Error::Internal(format!("backing image {name:?} has no known format"))
+                })?;
+                let size = volume.spec.capacity_bytes;
+                let os = self.os.clone();
+                let path = r.path.clone();
+                blocking(move || {
+                    let dir = path.parent().expect("replica has a directory");
+                    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+                    Ok(os
+                        .images
+                        .create_replica(&path, size, Some((&file, format)))?)
+                })
+                .await?;
+                volume.replicas[i].deferred = false;
+                changed = true;
+            }
+        }
+        if changed {
+            self.volumes.put(Kind::Volume, &volume.id, volume)?;
+        }
+        Ok(())
     }
 
     pub fn node_id(&self) -> &str {
@@ -137,7 +195,7 @@ impl NodeAgent {
         capability: Capability,
     ) -> Result<()> {
         let _guard = self.guards.try_take(volume_id, "volume")?;
-        let volume: Volume = self
+        let mut volume: Volume = self
             .volumes
             .get(Kind::Volume, volume_id)?
             .ok_or_else(|| Error::NotFound(format!("volume {volume_id:?} not found")))?;
@@ -161,6 +219,7 @@ impl NodeAgent {
             }
             tracing::warn!(volume = %volume_id, "repairing a staged volume that is not fully in place");
         }
+        self.prepare_replicas(&mut volume).await?;
         let replicas: Vec<PathBuf> = volume
             .replicas
             .iter()

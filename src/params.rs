@@ -3,14 +3,37 @@
 
 use std::collections::BTreeMap;
 
+use crate::backing::object::SourceType;
 use crate::error::{Error, Result};
 
 pub const NUMBER_OF_REPLICAS: &str = "numberOfReplicas";
 pub const STALE_REPLICA_TIMEOUT: &str = "staleReplicaTimeout";
 pub const FS_TYPE: &str = "fsType";
+pub const BACKING_IMAGE: &str = "backingImage";
+pub const BACKING_IMAGE_SOURCE_TYPE: &str = "backingImageDataSourceType";
+pub const BACKING_IMAGE_SOURCE_PARAMETERS: &str = "backingImageDataSourceParameters";
+pub const BACKING_IMAGE_CHECKSUM: &str = "backingImageChecksum";
 
 /// Every parameter key bicsi accepts (besides the `csi.storage.k8s.io/` keys the sidecars add).
-pub const ACCEPTED: &[&str] = &[NUMBER_OF_REPLICAS, STALE_REPLICA_TIMEOUT, FS_TYPE];
+pub const ACCEPTED: &[&str] = &[
+    NUMBER_OF_REPLICAS,
+    STALE_REPLICA_TIMEOUT,
+    FS_TYPE,
+    BACKING_IMAGE,
+    BACKING_IMAGE_SOURCE_TYPE,
+    BACKING_IMAGE_SOURCE_PARAMETERS,
+    BACKING_IMAGE_CHECKSUM,
+];
+
+/// The backing image a volume asks for, and how to create it if it does not exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingImageRequest {
+    pub name: String,
+    /// Source type and parameters, when the StorageClass says how to create the image.
+    pub source: Option<(SourceType, BTreeMap<String, String>)>,
+    /// Expected checksum (lower-case hex), when given.
+    pub checksum: Option<String>,
+}
 
 /// Keys the Kubernetes sidecars add (`--extra-create-metadata`); accepted and not kept as spec.
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
@@ -24,6 +47,7 @@ pub struct VolumeParams {
     pub number_of_replicas: u32,
     pub stale_replica_timeout_minutes: Option<u32>,
     pub fs_type: Option<String>,
+    pub backing_image: Option<BackingImageRequest>,
     /// The parameters that define the volume (sidecar metadata removed), for idempotency checks.
     pub kept: BTreeMap<String, String>,
 }
@@ -33,8 +57,13 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
         number_of_replicas: DEFAULT_REPLICAS,
         stale_replica_timeout_minutes: None,
         fs_type: None,
+        backing_image: None,
         kept: BTreeMap::new(),
     };
+    let mut bi_name = None;
+    let mut bi_type = None;
+    let mut bi_params = None;
+    let mut bi_checksum = None;
     for (key, value) in params {
         if key.starts_with(SIDECAR_PREFIX) {
             continue;
@@ -49,6 +78,17 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
                 })?)
             }
             FS_TYPE => out.fs_type = Some(parse_fs_type(value)?),
+            BACKING_IMAGE => {
+                crate::backing::object::validate_name(value.trim())?;
+                bi_name = Some(value.trim().to_string());
+            }
+            BACKING_IMAGE_SOURCE_TYPE => bi_type = Some(SourceType::parse(value.trim())?),
+            BACKING_IMAGE_SOURCE_PARAMETERS => bi_params = Some(parse_source_parameters(value)?),
+            BACKING_IMAGE_CHECKSUM => {
+                let name = bi_name.clone().unwrap_or_default();
+                bi_checksum = Some(crate::backing::object::normalize_checksum(&name, value)?)
+                    .filter(|c| !c.is_empty());
+            }
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown parameter {other:?}; accepted parameters are: {}",
@@ -58,7 +98,57 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
         }
         out.kept.insert(key.clone(), value.clone());
     }
+    match (bi_name, bi_type, bi_params) {
+        (Some(name), ty, params) => {
+            let source = match (ty, params) {
+                (Some(t), p) => Some((t, p.unwrap_or_default())),
+                (None, Some(_)) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "parameter {BACKING_IMAGE_SOURCE_PARAMETERS} needs {BACKING_IMAGE_SOURCE_TYPE} (download or export-from-volume)"
+                    )));
+                }
+                (None, None) => None,
+            };
+            out.backing_image = Some(BackingImageRequest {
+                name,
+                source,
+                checksum: bi_checksum,
+            });
+        }
+        (None, ty, params) => {
+            if ty.is_some() || params.is_some() || bi_checksum.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "parameters {BACKING_IMAGE_SOURCE_TYPE}, {BACKING_IMAGE_SOURCE_PARAMETERS} and {BACKING_IMAGE_CHECKSUM} need {BACKING_IMAGE} (the image's name)"
+                )));
+            }
+        }
+    }
     Ok(out)
+}
+
+/// `backingImageDataSourceParameters`: a JSON object of strings in a string, as in the seed's
+/// StorageClass examples.
+fn parse_source_parameters(value: &str) -> Result<BTreeMap<String, String>> {
+    let parsed: serde_json::Value = serde_json::from_str(value).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "parameter {BACKING_IMAGE_SOURCE_PARAMETERS} is not valid JSON ({e}); write a JSON object such as '{{\"url\": \"https://host/image.raw\"}}' and mind the escaping of \\ in YAML"
+        ))
+    })?;
+    let serde_json::Value::Object(map) = parsed else {
+        return Err(Error::InvalidArgument(format!(
+            "parameter {BACKING_IMAGE_SOURCE_PARAMETERS} must be a JSON object of strings, got {value}"
+        )));
+    };
+    map.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Number(n) => Ok((k, n.to_string())),
+            serde_json::Value::Bool(b) => Ok((k, b.to_string())),
+            other => Err(Error::InvalidArgument(format!(
+                "parameter {BACKING_IMAGE_SOURCE_PARAMETERS}: value of {k:?} must be a string, got {other}"
+            ))),
+        })
+        .collect()
 }
 
 pub fn parse_replicas(value: &str) -> Result<u32> {
@@ -108,6 +198,41 @@ mod tests {
             parse(&map(&[])).unwrap().number_of_replicas,
             DEFAULT_REPLICAS
         );
+    }
+
+    #[test]
+    fn parses_the_seed_storage_class_parameters() {
+        let p = parse(&map(&[
+            ("numberOfReplicas", "3"),
+            ("staleReplicaTimeout", "2880"),
+            ("backingImage", "bi-download"),
+            ("backingImageDataSourceType", "download"),
+            ("backingImageDataSourceParameters", r#"{"url": "https://backing-image-example.s3-region.amazonaws.com/test-backing-image"}"#),
+        ]))
+        .unwrap();
+        let b = p.backing_image.unwrap();
+        assert_eq!(b.name, "bi-download");
+        let (t, params) = b.source.unwrap();
+        assert_eq!(t, SourceType::Download);
+        assert_eq!(
+            params["url"],
+            "https://backing-image-example.s3-region.amazonaws.com/test-backing-image"
+        );
+        let p = parse(&map(&[
+            ("backingImage", "bi-export-from-volume"),
+            ("backingImageDataSourceType", "export-from-volume"),
+            (
+                "backingImageDataSourceParameters",
+                r#"{"volume-name": "vol-export-src", "export-type": "qcow2"}"#,
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p.backing_image.unwrap().source.unwrap().1["export-type"],
+            "qcow2"
+        );
+        let p = parse(&map(&[("backingImage", "plain")])).unwrap();
+        assert_eq!(p.backing_image.unwrap().source, None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::disks;
 use crate::error::{Error, Result};
 use crate::model::{Disk, Replica};
-use crate::os::Os;
+use crate::os::{ImageFormat, Os};
 
 /// A disk that can take replicas, with the bytes it has free.
 #[derive(Clone, Debug)]
@@ -21,8 +21,14 @@ pub struct DiskSpace {
 /// File operations on replicas, wherever their disks are. Blocking: call from the blocking pool.
 pub trait ReplicaFiles: Send + Sync {
     fn disks(&self) -> Result<Vec<DiskSpace>>;
-    /// Creates an empty replica of `size` bytes. Idempotent.
-    fn create(&self, replica: &Replica, size: u64) -> Result<()>;
+    /// Creates an empty replica of `size` bytes, or an overlay on a backing file (an absolute
+    /// path on the replica's own disk). Idempotent.
+    fn create(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing: Option<(&Path, ImageFormat)>,
+    ) -> Result<()>;
     /// Creates `replica` as a copy of `source`'s data (sparse: holes stay holes).
     fn copy(&self, source: &Replica, replica: &Replica) -> Result<()>;
     /// Removes the replica's directory. Ok when it is already gone.
@@ -61,7 +67,12 @@ impl ReplicaFiles for LocalReplicas {
             .collect()
     }
 
-    fn create(&self, replica: &Replica, size: u64) -> Result<()> {
+    fn create(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing: Option<(&Path, ImageFormat)>,
+    ) -> Result<()> {
         std::fs::create_dir_all(replica_dir(replica)).map_err(|e| {
             Error::Internal(format!(
                 "replica {}: cannot create {}: {e}",
@@ -69,7 +80,9 @@ impl ReplicaFiles for LocalReplicas {
                 replica_dir(replica).display()
             ))
         })?;
-        self.os.images.create_replica(&replica.path, size, None)?;
+        self.os
+            .images
+            .create_replica(&replica.path, size, backing)?;
         Ok(())
     }
 

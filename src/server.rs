@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::backing::BackingImages;
 use crate::controller::Controller;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
@@ -102,9 +103,12 @@ pub async fn serve(
         disks.push(disk);
     }
 
+    let backing = BackingImages::new(store.clone(), disks.clone(), os.clone());
+    backing.resume().await?;
     let controller = Arc::new(Controller::new(
         store.clone(),
-        LocalReplicas::new(disks, os.clone()),
+        LocalReplicas::new(disks.clone(), os.clone()),
+        backing.clone(),
     ));
     controller.register_node(&cfg.node_id);
     let agent = Arc::new(NodeAgent::new(
@@ -113,6 +117,8 @@ pub async fn serve(
         os,
         store.clone(),
         store.clone(),
+        backing.clone(),
+        disks,
     ));
     agent.readopt().await?;
 
@@ -153,7 +159,12 @@ pub async fn serve(
         }))
         .add_service(NodeServer::new(NodeService { agent }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix), wait(stop_rx.clone()));
-    let api = crate::http::router(crate::http::ApiState { controller });
+    let api = crate::http::router(crate::http::ApiState {
+        controller,
+        backing,
+        store: store.clone(),
+        driver_name: cfg.driver_name.clone(),
+    });
     let http_server = axum::serve(http, api).with_graceful_shutdown(wait(stop_rx.clone()));
 
     let grpc = tokio::spawn(grpc);

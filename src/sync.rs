@@ -1,0 +1,195 @@
+//! Sync between disks: moving a backing image file from one disk to another, same node or not,
+//! without ever moving its holes.
+//!
+//! This module owns the byte-moving half of "sync between disks" (see the architecture's data
+//! path): finding a file's data extents ([`data_extents`], [`allocated_bytes`]), the same-node
+//! copy ([`local_copy`]: `FICLONE` reflink where the filesystem shares blocks, else a
+//! sparse-aware `copy_file_range` of the data extents only), the cross-node transfer (the sender's
+//! [`extent_stream`] and the receiver's [`receive`], speaking the framed format below over HTTP),
+//! and the SHA-512 of a file's logical content computed from its data extents
+//! ([`sha512_sparse`]). Every file it writes is either complete, synced and (for [`receive`])
+//! verified when it returns `Ok`, or removed; the page cache the write filled is released.
+//!
+//! It must not know about backing-image objects, disks' directory layout, the store, or HTTP
+//! routes and servers: callers pick the paths, serve [`extent_stream`] on whatever route they
+//! like, rename a finished file into place and sync its directory. It never trusts a sender to
+//! vouch for its own bytes: the expected checksum always comes from the caller. Only
+//! [`reflink`] may use `unsafe` (one ioctl that nix does not wrap).
+//!
+//! # Wire format (`BICSIX1`)
+//!
+//! ```text
+//! stream = header record* end
+//! header = "BICSIX1\n" (8 bytes) | size:   u64 BE     the file's logical size in bytes
+//! record = offset: u64 BE         | len:    u64 BE     len > 0, followed by len bytes: the file's
+//!                                                      content at [offset, offset + len)
+//! end    = offset: u64 BE = size  | len:    u64 BE = 0
+//! ```
+//!
+//! Records come in increasing offset order, do not overlap, and lie within `size`; every byte no
+//! record covers is zero (a hole), so only the data extents cross the wire and the overhead is
+//! 16 bytes per extent plus 32. Nothing follows the end record; a body that ends before it is a
+//! truncated transfer. Frames are independent of HTTP chunking: a receiver must accept any split,
+//! down to one byte per chunk. The stream carries no checksum: the receiver verifies the SHA-512
+//! of the logical content (holes as zeros) against the value its caller knows.
+
+mod extents;
+mod flush;
+mod hash;
+mod local;
+mod receive;
+mod reflink;
+mod send;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use tracing::{debug, warn};
+
+pub use extents::{Extent, allocated_bytes, data_extents};
+pub use hash::sha512_sparse;
+pub use local::{CopyMethod, CopyOutcome, local_copy};
+pub use receive::{ReceiveOutcome, receive};
+pub use send::extent_stream;
+
+/// Receives progress of a [`receive`]. Called from the transfer's task, so it must be cheap
+/// (store, don't block). Same shape as the download module's sink, so one adapter serves both.
+pub trait ProgressSink: Send + Sync {
+    /// `done` bytes of the file's logical content (holes included) of `total` are in.
+    fn progress(&self, done: u64, total: Option<u64>);
+}
+
+/// Any `Fn(done, total)` closure is a sink.
+impl<F: Fn(u64, Option<u64>) + Send + Sync> ProgressSink for F {
+    fn progress(&self, done: u64, total: Option<u64>) {
+        self(done, total)
+    }
+}
+
+/// A sink that ignores progress.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn progress(&self, _: u64, _: Option<u64>) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A local file operation failed; `context` names the operation and the path.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// ENOSPC or EDQUOT writing the named path.
+    #[error("no space left on the disk holding {0}; free space on that disk and retry")]
+    NoSpace(String),
+    /// The URL could not be used at all (malformed, unsupported scheme).
+    #[error("invalid sync URL {0}")]
+    InvalidUrl(String),
+    /// The sending node answered with a non-success status.
+    #[error("GET {url}: HTTP {status} from the sending node")]
+    Http { url: String, status: u16 },
+    /// The sending node could not be reached.
+    #[error("cannot reach the sending node: {0}")]
+    Connect(String),
+    /// The stream ended (or the connection broke) before the end record.
+    #[error("truncated transfer: {0}; it will be retried")]
+    Truncated(String),
+    /// The stream is not a well-formed `BICSIX1` stream.
+    #[error("sync protocol error: {0}")]
+    Protocol(String),
+    /// The file arrived whole but its SHA-512 is not the expected one.
+    #[error(
+        "checksum mismatch: expected {expected}, got {got}; the transfer was corrupt and will be \
+         retried"
+    )]
+    ChecksumMismatch { expected: String, got: String },
+    /// No byte arrived for `idle`.
+    #[error("GET {url}: no data received for {} s; the sending node stalled", idle.as_secs_f64())]
+    IdleTimeout { url: String, idle: Duration },
+}
+
+impl SyncError {
+    /// Whether trying the same sync again later may succeed: network trouble, stalls, truncated
+    /// or corrupt transfers, and 408/429/5xx answers. A full disk, a malformed stream, a bad URL,
+    /// other HTTP answers and local I/O errors need someone to fix something first.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SyncError::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            SyncError::Connect(_)
+            | SyncError::Truncated(_)
+            | SyncError::ChecksumMismatch { .. }
+            | SyncError::IdleTimeout { .. } => true,
+            SyncError::Io { .. }
+            | SyncError::NoSpace(_)
+            | SyncError::InvalidUrl(_)
+            | SyncError::Protocol(_) => false,
+        }
+    }
+
+    /// `what` failed on `path`: ENOSPC and EDQUOT become [`SyncError::NoSpace`] naming the path.
+    fn io(what: &str, path: &Path, source: io::Error) -> Self {
+        let full = [Errno::ENOSPC as i32, Errno::EDQUOT as i32];
+        if source.raw_os_error().is_some_and(|c| full.contains(&c)) {
+            SyncError::NoSpace(path.display().to_string())
+        } else {
+            SyncError::Io {
+                context: format!("{what} {}", path.display()),
+                source,
+            }
+        }
+    }
+}
+
+/// Removes a file being written when dropped, unless disarmed: every error, panic or dropped
+/// future leaves nothing behind.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn new(path: &Path) -> Self {
+        RemoveOnDrop(Some(path.to_path_buf()))
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => debug!(path = %path.display(), "removed unfinished file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot remove unfinished file"),
+            }
+        }
+    }
+}
+
+/// The URL as it may be logged or shown: no user, password, query or fragment (they may hold
+/// tokens). A removed query shows as `?…`.
+fn redact(url: &str) -> String {
+    let Ok(mut shown) = reqwest::Url::parse(url) else {
+        return format!("{url:?}");
+    };
+    let had_query = shown.query().is_some();
+    // These only fail for URLs that cannot have credentials, which have none to hide.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let mut s = shown.to_string();
+    if had_query {
+        s.push_str("?…");
+    }
+    s
+}

@@ -1,0 +1,213 @@
+//! Same-node copy of a backing image file between two disks: a `FICLONE` reflink when both are
+//! on one filesystem that shares blocks, else a sparse copy of the data extents only.
+//!
+//! This module owns [`local_copy`]: choosing the method, falling back, keeping holes as holes,
+//! syncing the result and releasing the page cache it filled. It must not verify checksums or
+//! rename the copy into place (the caller does both), and must never leave a partial copy: on
+//! any error the destination is removed.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::fcntl::{PosixFadviseAdvice, copy_file_range, posix_fadvise};
+use std::os::unix::fs::FileExt;
+use tracing::{debug, info};
+
+use super::extents::extents_within;
+use super::flush::{Writeback, with_writeback};
+use super::{RemoveOnDrop, SyncError, reflink};
+
+/// Bytes asked of one `copy_file_range` call: small enough that writeback follows closely.
+const CFR_CHUNK: u64 = 8 << 20;
+/// Buffer for the read/write fallback.
+const RW_CHUNK: usize = 1 << 20;
+
+/// How [`local_copy`] made the copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMethod {
+    /// `FICLONE`: the copy shares the source's blocks; nothing was copied.
+    Reflink,
+    /// The data extents were copied (`copy_file_range`, or read/write where that is not
+    /// available); holes stayed holes.
+    SparseCopy,
+}
+
+/// What [`local_copy`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyOutcome {
+    pub method: CopyMethod,
+    /// Data bytes actually copied; 0 for a reflink.
+    pub bytes_copied: u64,
+}
+
+/// Same-node copy of a backing image file from `src` to `dst`.
+///
+/// `dst` must not exist and its parent must; the caller renames it into place after verifying
+/// it. A reflink (`FICLONE`) is tried first and falls back on EOPNOTSUPP, EXDEV, EINVAL, ENOTTY
+/// or EPERM to a sparse copy: `dst` is sized first, then only the data extents are copied with
+/// `copy_file_range` (read/write where that fails with EXDEV, ENOSYS, EINVAL or EOPNOTSUPP),
+/// so holes stay holes. The result is `fsync`ed, then the page cache of `dst` (and of `src` for
+/// the sparse copy) is dropped. On any error `dst` is removed.
+///
+/// Blocking: call it from a blocking thread. `src` must not change during the copy.
+pub fn local_copy(src: &Path, dst: &Path) -> Result<CopyOutcome, SyncError> {
+    let started = Instant::now();
+    let source = File::open(src).map_err(|e| SyncError::io("opening", src, e))?;
+    let meta = source
+        .metadata()
+        .map_err(|e| SyncError::io("reading metadata of", src, e))?;
+    if !meta.is_file() {
+        return Err(SyncError::io(
+            "copying",
+            src,
+            io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    let size = meta.len();
+    // create_new: an existing file at dst is the caller's, not ours to overwrite or remove.
+    let target = File::options()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(|e| SyncError::io("creating (it must not exist yet)", dst, e))?;
+    let mut guard = RemoveOnDrop::new(dst);
+
+    let outcome = copy(&source, &target, src, dst, size)?;
+    target
+        .sync_all()
+        .map_err(|e| SyncError::io("syncing", dst, e))?;
+    // Advice only: the data is on disk, so dropping its pages cannot lose anything.
+    let _ = posix_fadvise(&target, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    if outcome.method == CopyMethod::SparseCopy {
+        let _ = posix_fadvise(&source, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+    guard.disarm();
+    info!(
+        src = %src.display(),
+        dst = %dst.display(),
+        method = ?outcome.method,
+        size,
+        bytes_copied = outcome.bytes_copied,
+        secs = started.elapsed().as_secs_f64(),
+        "local copy done"
+    );
+    Ok(outcome)
+}
+
+fn copy(
+    source: &File,
+    target: &File,
+    src: &Path,
+    dst: &Path,
+    size: u64,
+) -> Result<CopyOutcome, SyncError> {
+    match reflink::ficlone(source, target) {
+        Ok(()) => {
+            return Ok(CopyOutcome {
+                method: CopyMethod::Reflink,
+                bytes_copied: 0,
+            });
+        }
+        Err(
+            e @ (Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY | Errno::EPERM),
+        ) => debug!(error = %e, "no reflink; copying the data extents"),
+        Err(e) => return Err(SyncError::io("cloning into", dst, e.into())),
+    }
+
+    target
+        .set_len(size)
+        .map_err(|e| SyncError::io("sizing", dst, e))?;
+    let extents =
+        extents_within(source, size).map_err(|e| SyncError::io("finding data extents of", src, e))?;
+    // Advice only: the source is read once, front to back.
+    let _ = posix_fadvise(source, 0, 0, PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL);
+    let mut copier = Copier {
+        source,
+        target,
+        use_cfr: true,
+        buf: Vec::new(),
+    };
+    let bytes_copied = with_writeback(target, |writeback| {
+        let mut copied = 0;
+        for extent in &extents {
+            copier.copy_range(extent.offset, extent.len, writeback)?;
+            copied += extent.len;
+        }
+        Ok(copied)
+    })
+    // The error may be the source's or the target's; name both, and a full disk still shows.
+    .map_err(|e| SyncError::io(&format!("copying {} to", src.display()), dst, e))?;
+    Ok(CopyOutcome {
+        method: CopyMethod::SparseCopy,
+        bytes_copied,
+    })
+}
+
+struct Copier<'a> {
+    source: &'a File,
+    target: &'a File,
+    /// Cleared for good once the kernel said `copy_file_range` cannot do these two files.
+    use_cfr: bool,
+    buf: Vec<u8>,
+}
+
+impl Copier<'_> {
+    /// Copies `[offset, offset + len)` to the same offset in the target.
+    fn copy_range(&mut self, offset: u64, len: u64, writeback: &mut Writeback) -> io::Result<()> {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = if self.use_cfr {
+                match self.cfr(pos, (end - pos).min(CFR_CHUNK)) {
+                    Ok(n) => n,
+                    Err(Errno::EINTR) => continue,
+                    Err(e @ (Errno::EXDEV | Errno::ENOSYS | Errno::EINVAL | Errno::EOPNOTSUPP)) => {
+                        debug!(error = %e, "copy_file_range not available; using read/write");
+                        self.use_cfr = false;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                self.read_write(pos, (end - pos).min(RW_CHUNK as u64) as usize)?
+            };
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the source file shrank during the copy",
+                ));
+            }
+            writeback.wrote(pos, n);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn cfr(&self, pos: u64, len: u64) -> nix::Result<u64> {
+        let mut off_in = i64::try_from(pos).map_err(|_| Errno::EFBIG)?;
+        let mut off_out = off_in;
+        let n = copy_file_range(
+            self.source,
+            Some(&mut off_in),
+            self.target,
+            Some(&mut off_out),
+            len as usize,
+        )?;
+        Ok(n as u64)
+    }
+
+    fn read_write(&mut self, pos: u64, len: usize) -> io::Result<u64> {
+        self.buf.resize(len, 0);
+        let n = loop {
+            match self.source.read_at(&mut self.buf, pos) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => break other?,
+            }
+        };
+        self.target.write_all_at(&self.buf[..n], pos)?;
+        Ok(n as u64)
+    }
+}
