@@ -27,6 +27,8 @@ pub fn root_or_skip(test: &str) -> bool {
 pub struct Bicsi {
     pub dir: tempfile::TempDir,
     pub endpoint: String,
+    /// The HTTP API, `http://127.0.0.1:PORT`.
+    pub http: String,
     pub disks: Vec<PathBuf>,
     child: Option<Child>,
 }
@@ -42,9 +44,14 @@ impl Bicsi {
             .map(|i| dir.path().join(format!("disk{i}")))
             .collect();
         let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
         let mut b = Bicsi {
             dir,
             endpoint,
+            http: format!("http://127.0.0.1:{port}"),
             disks,
             child: None,
         };
@@ -70,7 +77,7 @@ impl Bicsi {
             .arg("--node-id")
             .arg(NODE_ID)
             .arg("--http-listen")
-            .arg("127.0.0.1:0");
+            .arg(self.http.trim_start_matches("http://"));
         for d in &self.disks {
             cmd.arg("--disk").arg(d);
         }
@@ -96,6 +103,21 @@ impl Bicsi {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Runs the `bicsi` CLI against this server; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_bicsi"))
+            .args(args)
+            .env("BICSI_CSI_ENDPOINT", &self.endpoint)
+            .env("BICSI_SERVER", &self.http)
+            .output()
+            .expect("run bicsi");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn log(&self) -> String {

@@ -4,6 +4,7 @@
 //! restart of bicsi. Covers the rules in shared/docs/conformance.md (the upstream csi-sanity suite
 //! cannot be installed on these machines; `csi-sanity/run.sh` runs it where it can).
 
+mod backing;
 mod harness;
 mod node;
 
