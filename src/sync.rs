@@ -14,7 +14,7 @@
 //! routes and servers: callers pick the paths, serve [`extent_stream`] on whatever route they
 //! like, rename a finished file into place and sync its directory. It never trusts a sender to
 //! vouch for its own bytes: the expected checksum always comes from the caller. Only
-//! [`reflink`] may use `unsafe` (one ioctl that nix does not wrap).
+//! `reflink` may use `unsafe` (one ioctl that nix does not wrap).
 //!
 //! # Wire format (`BICSIX1`)
 //!
@@ -94,6 +94,9 @@ pub enum SyncError {
     /// The URL could not be used at all (malformed, unsupported scheme).
     #[error("invalid sync URL {0}")]
     InvalidUrl(String),
+    /// The expected checksum given by the caller is not a SHA-512 (128 hex digits).
+    #[error("invalid expected checksum {0:?}: a SHA-512 is 128 hexadecimal digits")]
+    InvalidChecksum(String),
     /// The sending node answered with a non-success status.
     #[error("GET {url}: HTTP {status} from the sending node")]
     Http { url: String, status: u16 },
@@ -131,6 +134,7 @@ impl SyncError {
             SyncError::Io { .. }
             | SyncError::NoSpace(_)
             | SyncError::InvalidUrl(_)
+            | SyncError::InvalidChecksum(_)
             | SyncError::Protocol(_) => false,
         }
     }
@@ -169,7 +173,9 @@ impl Drop for RemoveOnDrop {
             match std::fs::remove_file(&path) {
                 Ok(()) => debug!(path = %path.display(), "removed unfinished file"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => warn!(path = %path.display(), error = %e, "cannot remove unfinished file"),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot remove unfinished file")
+                }
             }
         }
     }

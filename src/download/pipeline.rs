@@ -2,8 +2,8 @@
 //!
 //! The async side gathers the body's chunks into blocks of at least [`BLOCK`] bytes without
 //! copying them (only tiny chunks are copied together) and hands each block, shared, to two
-//! blocking workers over bounded queues: one feeds SHA-512, the other writes the file with one
-//! `writev` per block, while a third thread writes back the file's dirty pages as it grows and
+//! blocking workers over bounded queues: one feeds SHA-512, the other writes the file (runs of
+//! data with positional writes; all-zero chunks are skipped and stay holes), while a third thread writes back the file's dirty pages as it grows and
 //! drops them from the page cache. SHA-512 cannot be split across cores and is the slowest stage
 //! (about 0.5 GiB/s), so it gets a thread of its own and the whole download takes
 //! max(network, write, hash) rather than their sum. Memory is bounded by the queues: about
@@ -15,13 +15,13 @@
 //! told, and at the end returns the file (written, not yet synced) and its digest.
 
 use std::fs::File;
-use std::io::{self, IoSlice, Write};
+use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use nix::errno::Errno;
-use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 use sha2::{Digest, Sha512};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -219,7 +219,7 @@ fn write_loop(
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Data(block) => {
-                written += write_block(file, &block)?;
+                written += write_block(file, written, &block)?;
                 if written - handed >= FLUSH_WINDOW {
                     if flush_tx.send((handed, written)).is_err() {
                         // The flusher stopped on an error; joining it reports that error.
@@ -236,22 +236,47 @@ fn write_loop(
             Msg::Reserve(len) => reserve(file, len)?,
         }
     }
+    // Zero chunks were skipped, not written: the length covers the holes at the end.
+    if file.metadata()?.len() != written {
+        file.set_len(written)?;
+    }
     Ok(())
 }
 
-/// Writes the block's pieces with `writev`, returning how many bytes that was.
-fn write_block(mut file: &File, block: &[Bytes]) -> io::Result<u64> {
-    let mut slices: Vec<IoSlice<'_>> = block.iter().map(|b| IoSlice::new(b)).collect();
-    let mut rest = &mut slices[..];
+/// Chunks of this size (aligned to the file offset) that hold only zeros are not written, so
+/// they stay holes: a sparse image downloads into a sparse file, and syncing it to other disks
+/// later moves only its data.
+const HOLE_CHUNK: u64 = 64 * 1024;
+
+/// Writes the block at `offset`, leaving its all-zero chunks as holes; returns its length.
+fn write_block(file: &File, offset: u64, block: &[Bytes]) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
     let total: usize = block.iter().map(Bytes::len).sum();
-    IoSlice::advance_slices(&mut rest, 0);
-    while !rest.is_empty() {
-        match file.write_vectored(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    // One contiguous copy of about 1 MiB: cheap next to hashing it, and it lets the zero scan
+    // and the writes ignore how the network split the bytes.
+    let mut buf = Vec::with_capacity(total);
+    for piece in block {
+        buf.extend_from_slice(piece);
+    }
+    let mut pos = 0usize;
+    let mut run_start: Option<usize> = None;
+    while pos < buf.len() {
+        let abs = offset + pos as u64;
+        let end = (((abs / HOLE_CHUNK) + 1) * HOLE_CHUNK - offset) as usize;
+        let end = end.min(buf.len());
+        let zero = buf[pos..end].iter().all(|b| *b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(start)) => {
+                file.write_all_at(&buf[start..pos], offset + start as u64)?;
+                run_start = None;
+            }
+            _ => {}
         }
+        pos = end;
+    }
+    if let Some(start) = run_start {
+        file.write_all_at(&buf[start..], offset + start as u64)?;
     }
     Ok(total as u64)
 }
@@ -277,21 +302,14 @@ fn flush_worker(file: &File, rx: std::sync::mpsc::Receiver<(u64, u64)>) -> io::R
     Ok(())
 }
 
-/// `fallocate(2)` with mode 0 (not `posix_fallocate`, whose glibc fallback writes every block).
-/// Only ENOSPC/EDQUOT matter; a file system without fallocate just gets its space as it comes.
+/// Fails at once with ENOSPC when the file system cannot hold `len` more bytes, so a full disk
+/// is reported before gigabytes arrive. Space is checked, not allocated: allocating it would
+/// fill the holes the writer leaves.
 fn reserve(file: &File, len: u64) -> io::Result<()> {
-    let Ok(len) = i64::try_from(len) else {
-        return Err(io::Error::from_raw_os_error(Errno::EFBIG as i32));
-    };
-    if len == 0 {
-        return Ok(());
+    let st = nix::sys::statvfs::fstatvfs(file.as_fd()).map_err(io::Error::from)?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if len > free {
+        return Err(io::Error::from_raw_os_error(Errno::ENOSPC as i32));
     }
-    match fallocate(file.as_fd(), FallocateFlags::empty(), 0, len) {
-        Ok(()) => Ok(()),
-        Err(e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG)) => Err(e.into()),
-        Err(e) => {
-            tracing::debug!(error = %e, "fallocate not available; writing without reservation");
-            Ok(())
-        }
-    }
+    Ok(())
 }

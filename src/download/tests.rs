@@ -277,6 +277,7 @@ impl Fixture {
             ("rand.img".to_owned(), rand.clone()),
             ("made.qcow2".to_owned(), qcow2.clone()),
             ("big.img".to_owned(), random_bytes(4 * MIB, 9)),
+            ("sparse.img".to_owned(), sparse_bytes()),
         ]);
         Fixture {
             server: Server::start(files).await,
@@ -341,6 +342,29 @@ async fn full_file_with_range_support() {
     assert_eq!(calls.last(), Some(&(n, Some(n))), "final progress call");
     assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "{calls:?}");
     assert_eq!(fx.server.state.hits("/range/rand.img"), 1);
+}
+
+/// 8 MiB of zeros with 1 MiB of random data in the middle and a few bytes near the end.
+fn sparse_bytes() -> Bytes {
+    let mut v = vec![0u8; 8 * MIB];
+    v[3 * MIB..4 * MIB].copy_from_slice(&random_bytes(MIB, 11));
+    v[8 * MIB - 10] = 1;
+    Bytes::from(v)
+}
+
+#[tokio::test]
+async fn zeros_stay_holes_in_the_downloaded_file() {
+    let fx = Fixture::new().await;
+    let req = fx.request("/range/sparse.img");
+    let out = get(&req).await.unwrap();
+    let want = sparse_bytes();
+    assert_eq!(out.sha512, sha512_hex(&want));
+    assert_file(&req, &want);
+    let allocated = crate::sync::allocated_bytes(&req.dest).unwrap();
+    assert!(
+        allocated <= 2 * MIB as u64,
+        "8 MiB with 1 MiB of data must allocate about 1 MiB, got {allocated}"
+    );
 }
 
 #[tokio::test]

@@ -165,7 +165,12 @@ mod tests {
     fn data_extents_clip_to_size_and_cover_data_at_the_end() {
         let dir = tempfile::tempdir().unwrap();
         // Size not a multiple of the block; the last extent ends at the file's end.
-        let file = sparse_file(dir.path(), "tail", 3 * MIB + 10, &[(3 * MIB, b"0123456789")]);
+        let file = sparse_file(
+            dir.path(),
+            "tail",
+            3 * MIB + 10,
+            &[(3 * MIB, b"0123456789")],
+        );
         assert_eq!(data_extents(&file).unwrap(), vec![ext(3 * MIB, 10)]);
     }
 
@@ -183,7 +188,12 @@ mod tests {
     #[test]
     fn extents_within_a_smaller_size_stop_there() {
         let dir = tempfile::tempdir().unwrap();
-        let file = sparse_file(dir.path(), "f", 4 * MIB, &[(0, &[1u8; 8192]), (2 * MIB, b"z")]);
+        let file = sparse_file(
+            dir.path(),
+            "f",
+            4 * MIB,
+            &[(0, &[1u8; 8192]), (2 * MIB, b"z")],
+        );
         assert_eq!(extents_within(&file, 4096).unwrap(), vec![ext(0, 4096)]);
         assert_eq!(extents_within(&file, MIB).unwrap(), vec![ext(0, 8192)]);
     }

@@ -44,7 +44,10 @@ pub(super) fn hash_zeros(hasher: &mut Sha512, mut n: u64) {
 pub fn sha512_sparse(path: &Path) -> Result<String, SyncError> {
     let err = |what: &str, e: std::io::Error| SyncError::io(what, path, e);
     let file = File::open(path).map_err(|e| err("opening", e))?;
-    let size = file.metadata().map_err(|e| err("reading metadata of", e))?.len();
+    let size = file
+        .metadata()
+        .map_err(|e| err("reading metadata of", e))?
+        .len();
     let extents = extents_within(&file, size).map_err(|e| err("finding data extents of", e))?;
     // Advice only: read-ahead helps, and without it the result is the same.
     let _ = posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL);

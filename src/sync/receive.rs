@@ -58,9 +58,10 @@ pub struct ReceiveOutcome {
 /// on a thread of its own. The stream must be well formed (records in increasing offset order,
 /// within the size, the end record present: else [`SyncError::Protocol`] or
 /// [`SyncError::Truncated`]) and its content must hash to `expected_sha512` (hex, any case),
-/// else [`SyncError::ChecksumMismatch`]. No byte for `idle_timeout` (also the connect timeout)
-/// is [`SyncError::IdleTimeout`]. On success the file is `fdatasync`ed and dropped from the page
-/// cache; on any error `dest` is removed.
+/// else [`SyncError::ChecksumMismatch`] (a malformed `expected_sha512` is
+/// [`SyncError::InvalidChecksum`], before anything is fetched). No byte for `idle_timeout`
+/// (also the connect timeout) is [`SyncError::IdleTimeout`]. On success the file is
+/// `fdatasync`ed and dropped from the page cache; on any error `dest` is removed.
 pub async fn receive(
     url: &str,
     dest: &Path,
@@ -115,6 +116,10 @@ struct Transfer<'a> {
 
 impl Transfer<'_> {
     async fn run(&self, expected_sha512: &str) -> Result<ReceiveOutcome, SyncError> {
+        // Checked before any byte moves: a wrong value here would fail only after the transfer.
+        if expected_sha512.len() != 128 || !expected_sha512.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(SyncError::InvalidChecksum(expected_sha512.to_owned()));
+        }
         let parsed = reqwest::Url::parse(self.url)
             .map_err(|e| SyncError::InvalidUrl(format!("{}: {e}", self.shown)))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -128,12 +133,6 @@ impl Transfer<'_> {
             .user_agent(concat!("bicsi-sync/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| SyncError::Connect(error_chain(&e)))?;
-
-        let dest = self.dest.to_path_buf();
-        let file = tokio::task::spawn_blocking(move || File::create(dest))
-            .await
-            .map_err(|e| self.io("creating", io::Error::other(e)))?
-            .map_err(|e| self.io("creating", e))?;
 
         let request = client
             .get(parsed)
@@ -160,6 +159,12 @@ impl Transfer<'_> {
             });
         }
 
+        // Created only once the sender has answered, so a refused request touches no disk.
+        let dest = self.dest.to_path_buf();
+        let file = tokio::task::spawn_blocking(move || File::create(dest))
+            .await
+            .map_err(|e| self.io("creating", io::Error::other(e)))?
+            .map_err(|e| self.io("creating", e))?;
         let mut pipe = Pipe::start(file);
         let mut decoder = Decoder::default();
         let mut events = Vec::new();
@@ -191,9 +196,7 @@ impl Transfer<'_> {
                     Event::Data { offset, bytes } => done = offset + bytes.len() as u64,
                     Event::End => done = size.unwrap_or(done),
                 }
-                pipe.event(event)
-                    .await
-                    .map_err(|e| self.io("writing", e))?;
+                pipe.event(event).await.map_err(|e| self.io("writing", e))?;
             }
             if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
                 self.progress.progress(done, size);

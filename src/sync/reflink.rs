@@ -1,10 +1,10 @@
 //! The `FICLONE` ioctl: make one file share all of another's blocks (a reflink), in O(1),
 //! on filesystems that support it (XFS with reflink, btrfs).
 //!
-//! This is the only `unsafe` code in bicsi, allowed here alone: nix has no `FICLONE` wrapper
-//! (and its `ioctl_write_int!` macro would generate an `unsafe fn` anyway), so the call goes to
-//! `libc::ioctl` directly. This module must do nothing else: no fallbacks, no file opening, no
-//! error interpretation; [`super::local`] decides what a failure means.
+//! The one module of bicsi allowed `unsafe` (the crate root denies it): nix has no `FICLONE`
+//! wrapper (and its `ioctl_write_int!` macro would generate an `unsafe fn` anyway), so the call
+//! goes to `libc::ioctl` directly. This module must do nothing else: no fallbacks, no file
+//! opening, no error interpretation; [`super::local`] decides what a failure means.
 #![allow(unsafe_code)]
 
 use std::fs::File;

@@ -22,7 +22,7 @@ use super::extents::extents_within;
 use super::wire::{self, HEAD_LEN};
 
 /// Largest chunk handed to the body (headers included).
-pub(super) const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 1 << 20;
 /// Chunks read ahead of the network.
 const QUEUE_DEPTH: usize = 4;
 
@@ -34,8 +34,10 @@ type Chunk = io::Result<Bytes>;
 /// Nothing happens until the stream is first polled (inside a Tokio runtime): then a blocking
 /// task opens the file, finds its data extents and reads them into a bounded queue. A failure
 /// (file missing, unreadable, shrinking) ends the stream with an error item, which makes the
-/// HTTP server abort the response, so the receiver sees a truncated transfer. Dropping the
-/// stream (a client gone) stops the reader at its next chunk.
+/// HTTP server abort the response, so the receiver sees a truncated transfer. The status line
+/// goes out before the first chunk, so a route should check that the file exists (and answer
+/// 404) before starting the stream. Dropping the stream (a client gone) stops the reader at its
+/// next chunk.
 pub fn extent_stream(path: PathBuf) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     enum State {
         NotStarted(PathBuf),

@@ -220,8 +220,13 @@ mod tests {
     fn join(events: Vec<Event>) -> Vec<Event> {
         let mut joined: Vec<Event> = Vec::new();
         for e in events {
-            if let (Some(Event::Data { offset, bytes }), Event::Data { offset: o2, bytes: b2 }) =
-                (joined.last_mut(), &e)
+            if let (
+                Some(Event::Data { offset, bytes }),
+                Event::Data {
+                    offset: o2,
+                    bytes: b2,
+                },
+            ) = (joined.last_mut(), &e)
                 && *offset + bytes.len() as u64 == *o2
             {
                 let mut v = bytes.to_vec();
@@ -284,10 +289,18 @@ mod tests {
 
         let protocol: &[(&str, &[u8], &str)] = &[
             ("bad magic", &bad_magic, "not a bicsi extent stream"),
-            ("http page", b"<html><body>hello</body></html>", "not a bicsi"),
+            (
+                "http page",
+                b"<html><body>hello</body></html>",
+                "not a bicsi",
+            ),
             ("after end", &after_end, "after the end record"),
             ("overlap", &overlap, "starts before the previous one ends"),
-            ("backwards", &backwards, "starts before the previous one ends"),
+            (
+                "backwards",
+                &backwards,
+                "starts before the previous one ends",
+            ),
             ("past end", &past_end, "goes past the end of the file"),
             ("overflow", &overflow, "goes past the end of the file"),
             ("early end", &early_end, "end record at offset 500"),
@@ -306,8 +319,16 @@ mod tests {
             ("in header", &good[..10], "10 bytes of header"),
             ("in record header", &good[..20], "without the end record"),
             ("in payload", &good[..40], "inside a record"),
-            ("no end record", &good[..good.len() - 16], "without the end record"),
-            ("in end record", &good[..good.len() - 1], "without the end record"),
+            (
+                "no end record",
+                &good[..good.len() - 16],
+                "without the end record",
+            ),
+            (
+                "in end record",
+                &good[..good.len() - 1],
+                "without the end record",
+            ),
         ];
         for &(name, stream, want) in truncated {
             for step in [1, 5, stream.len().max(1)] {
