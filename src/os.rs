@@ -17,6 +17,7 @@ pub mod fs;
 pub mod image;
 pub mod loopdev;
 pub mod mount;
+pub mod nbd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -161,6 +162,91 @@ pub struct EngineState {
     pub read_only: bool,
 }
 
+/// A replica the volume engine reads and writes: a local qcow2 file, or a replica served by
+/// another node's engine over NBD (TCP).
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum ReplicaTarget {
+    /// A qcow2 replica file on this node, absolute path.
+    Local(PathBuf),
+    /// A replica exported by another node's replica server (`Engine::export_replica`): `export`
+    /// is the replica id it was exported under. Read by qemu's built-in NBD client, so no kernel
+    /// NBD module is needed.
+    Nbd {
+        host: String,
+        port: u16,
+        export: String,
+    },
+}
+
+impl std::fmt::Display for ReplicaTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaTarget::Local(path) => write!(f, "{}", path.display()),
+            ReplicaTarget::Nbd { host, port, export } if host.contains(':') => {
+                write!(f, "nbd://[{host}]:{port}/{export}")
+            }
+            ReplicaTarget::Nbd { host, port, export } => write!(f, "nbd://{host}:{port}/{export}"),
+        }
+    }
+}
+
+/// `EngineSpec` with replicas that may live on other nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeEngineSpec {
+    pub volume_id: String,
+    /// The children of the volume, the first preferred for reads (qemu's quorum reads the first
+    /// healthy child and falls back to the next only on an error): put the local replica first.
+    pub replicas: Vec<ReplicaTarget>,
+    /// Directory that belongs to this engine alone (export file, QMP socket, pid file, logs).
+    pub run_dir: PathBuf,
+    pub read_only: bool,
+}
+
+impl From<&EngineSpec> for VolumeEngineSpec {
+    fn from(spec: &EngineSpec) -> VolumeEngineSpec {
+        VolumeEngineSpec {
+            volume_id: spec.volume_id.clone(),
+            replicas: spec
+                .replicas
+                .iter()
+                .cloned()
+                .map(ReplicaTarget::Local)
+                .collect(),
+            run_dir: spec.run_dir.clone(),
+            read_only: spec.read_only,
+        }
+    }
+}
+
+/// A live volume engine with all its children, and what its NBD client saw of the remote ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeEngineState {
+    /// As `Engine::status` reports it; its `replicas` holds the local children only.
+    pub engine: EngineState,
+    /// Every child, in the engine's read order.
+    pub replicas: Vec<ReplicaTarget>,
+    /// NBD children whose connection dropped and that qemu reconnected since the engine started
+    /// (it does so silently on the next request once the export is back). Writes made while it was
+    /// away are missing from that replica: treat it as stale until it is rebuilt.
+    pub reconnected: Vec<ReplicaTarget>,
+    /// Failures qemu's NBD client logged since the engine started: a dropped connection, or an
+    /// error the remote server returned (e.g. its disk is full). Requests refused while a child
+    /// stays disconnected are not counted. Non-zero: some NBD child may have missed writes
+    /// (qemu does not say which; with vote-threshold 1 the volume itself saw no error).
+    pub remote_errors: u64,
+}
+
+/// A replica file of this node to serve to other nodes under its replica id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaExport {
+    /// The NBD export name the other node's engine asks for (`ReplicaTarget::Nbd::export`).
+    pub replica_id: String,
+    /// The qcow2 replica file, absolute path.
+    pub path: PathBuf,
+}
+
 pub trait Engine: Send + Sync {
     /// Start the engine serving the replicas as one volume exported as a regular file at
     /// `<run_dir>/export`, and return once the export is mounted. Idempotent: a live engine in
@@ -172,6 +258,46 @@ pub trait Engine: Send + Sync {
     /// Unmount the export, stop the process, remove `run_dir`. Ok if nothing runs; cleans the
     /// stale mount of a dead engine. `Busy` while a loop device is attached to the export.
     fn stop(&self, run_dir: &Path) -> OsResult<()>;
+
+    /// Start the volume engine with local and/or NBD children (a quorum with vote-threshold 1
+    /// when there is more than one), with the same FUSE export, idempotence (the same set of
+    /// children in any order is the same engine), `Conflict` and re-adoption rules as `start`,
+    /// which is this with local children only. Every NBD child must be reachable and exported
+    /// when the engine starts (else `Command` naming it); once running, a child that fails is
+    /// left behind while the volume keeps working from the others (see `volume_status`). Stop it
+    /// with `stop`, before the replica servers it uses.
+    fn start_volume(&self, spec: &VolumeEngineSpec) -> OsResult<EngineState>;
+    /// The live engine in `run_dir` with all its children, local and remote, and what its NBD
+    /// client saw of the remote ones; None as for `status`.
+    fn volume_status(&self, run_dir: &Path) -> OsResult<Option<VolumeEngineState>>;
+    /// Ensure an NBD server for this node's replicas runs in `run_dir` (a directory that belongs
+    /// to it alone) listening on host:port (TCP; port 0: any free port, or the one the running
+    /// server already uses), and exports `export` (writable, export name = replica id), adding it
+    /// to a running server without disturbing the other exports. Idempotent. Returns the port
+    /// actually used. `Conflict` when the running server listens elsewhere, when the replica id
+    /// is exported from another file, or when the port is taken by another program; `Command`
+    /// with a lock hint when a local engine has the file open. The server outlives this process
+    /// (re-adoption through `replica_server_status`) but not a reboot or a crash: exports are
+    /// kept only in the daemon, so the caller re-exports what attached volumes need. A replica
+    /// whose server died while an engine used it has missed writes: do not re-export it under
+    /// the same id while that engine runs (its NBD client would reconnect to it silently).
+    fn export_replica(
+        &self,
+        run_dir: &Path,
+        host: &str,
+        port: u16,
+        export: &ReplicaExport,
+    ) -> OsResult<u16>;
+    /// Stop exporting one replica (Ok if not exported) and close its file; stops the server and
+    /// removes `run_dir` when it exports nothing any more. `Busy` while an engine (on any node)
+    /// is connected to the export: stop that engine first.
+    fn unexport_replica(&self, run_dir: &Path, replica_id: &str) -> OsResult<()>;
+    /// `unexport_replica` that cuts connected engines off instead of refusing: for an attaching
+    /// node that is gone (its dead TCP connection would keep the export busy forever) or when
+    /// the replica must be taken away from a running engine (which then goes on without it).
+    fn unexport_replica_force(&self, run_dir: &Path, replica_id: &str) -> OsResult<()>;
+    /// The live replica server in `run_dir`: its port and the replica ids it exports (sorted).
+    fn replica_server_status(&self, run_dir: &Path) -> OsResult<Option<(u16, Vec<String>)>>;
 }
 
 pub trait LoopDevices: Send + Sync {
@@ -409,13 +535,15 @@ pub(crate) mod testutil {
 
     use super::*;
 
-    /// Registers what a test created; on drop (also when the test panics) unmounts, detaches
-    /// and stops it all through `os`, in that order.
+    /// Registers what a test created; on drop (also when the test panics) unmounts, detaches,
+    /// stops the engines and then the replica servers (every export cut off) through `os`, in
+    /// that order.
     pub struct Cleanup {
         pub os: Os,
         pub mounts: Vec<PathBuf>,
         pub loops: Vec<PathBuf>,
         pub engines: Vec<PathBuf>,
+        pub replica_servers: Vec<PathBuf>,
     }
 
     impl Default for Cleanup {
@@ -431,6 +559,7 @@ pub(crate) mod testutil {
                 mounts: Vec::new(),
                 loops: Vec::new(),
                 engines: Vec::new(),
+                replica_servers: Vec::new(),
             }
         }
         pub fn mount(&mut self, target: &Path) {
@@ -443,6 +572,9 @@ pub(crate) mod testutil {
         }
         pub fn engine(&mut self, run_dir: &Path) {
             self.engines.push(run_dir.to_path_buf());
+        }
+        pub fn replica_server(&mut self, run_dir: &Path) {
+            self.replica_servers.push(run_dir.to_path_buf());
         }
     }
 
@@ -468,6 +600,19 @@ pub(crate) mod testutil {
             for run_dir in self.engines.iter().rev() {
                 if let Err(e) = os.engine.stop(run_dir) {
                     eprintln!("cleanup: {e}");
+                }
+            }
+            for run_dir in self.replica_servers.iter().rev() {
+                match os.engine.replica_server_status(run_dir) {
+                    Ok(Some((_, ids))) => {
+                        for id in ids {
+                            if let Err(e) = os.engine.unexport_replica_force(run_dir, &id) {
+                                eprintln!("cleanup: {e}");
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => eprintln!("cleanup: {e}"),
                 }
             }
         }

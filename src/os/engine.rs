@@ -1,18 +1,32 @@
 //! The block engine: one `qemu-storage-daemon` per attached volume, serving the volume's qcow2
 //! replicas as one block node (a `quorum` over them when there are several) and exporting it as a
-//! regular file through qemu's FUSE export, for a loop device to sit on.
+//! regular file through qemu's FUSE export, for a loop device to sit on. A replica on another node
+//! is a child read through qemu's built-in NBD client from that node's replica server
+//! (`super::nbd`), so no kernel NBD module is needed.
 //!
 //! Everything about a running engine lives in its run directory (export file, QMP socket, pid
-//! file, log) and in the daemon's own command line, which is read back from /proc to re-adopt it
-//! after bicsi restarts: this module keeps no state in memory. It must not resize (quorum cannot
-//! grow online; the domain grows replicas offline with `ImageTool::resize`), must not touch loop
-//! devices or mounts other than its own export, and never kills a process it cannot prove is the
-//! engine of that run directory.
+//! file, log, NBD trace) and in the daemon's own command line, which is read back from /proc to
+//! re-adopt it after bicsi restarts: this module keeps no state in memory. It must not resize
+//! (quorum cannot grow online; the domain grows replicas offline with `ImageTool::resize`), must
+//! not touch loop devices or mounts other than its own export, and never kills a process it cannot
+//! prove is the engine of that run directory.
+//!
+//! Measured with qemu 10.0 (quorum, vote-threshold 1, one local and NBD children):
+//! - a remote replica server that dies (its process killed, so the kernel closes the connection)
+//!   costs nothing visible: writes and fsyncs through the export keep succeeding from the local
+//!   child, qemu logs nothing and emits only a QMP event nobody listens to;
+//! - once the export is back on the same host:port, the NBD client reconnects on the next request,
+//!   silently, and writes reach that replica again although it missed the ones made meanwhile;
+//!   the `--trace` events written to `nbd-trace.log` are the only record (`volume_status`);
+//! - a remote that hangs without closing its connection (process stopped, host gone without a
+//!   reset) blocks every write of the volume until the connection breaks (for a dead host, TCP's
+//!   retransmission timeout, ~15 min by default), and while a FUSE request waits the daemon's main
+//!   loop does not answer QMP either (and qemu-storage-daemon has no `yank`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -21,12 +35,23 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use super::{
-    Engine, EngineSpec, EngineState, OsError, OsResult, command_failure, display_command, loopdev,
-    mount, resolve_parent, spawn_error, utf8_path,
+    Engine, EngineSpec, EngineState, OsError, OsResult, ReplicaExport, ReplicaTarget,
+    VolumeEngineSpec, VolumeEngineState, command_failure, display_command, loopdev, mount, nbd,
+    resolve_parent, spawn_error, utf8_path,
 };
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
+pub(super) const MAX_SOCKET_PATH: usize = 107;
+
+/// The longest export name the NBD protocol allows.
+pub(super) const MAX_NBD_NAME: usize = 4096;
+
+/// qemu's NBD client events written to `nbd-trace.log` of an engine with NBD children: a
+/// completed handshake (names the export; a second one for the same export is a reconnect), and
+/// the two failures that mean a remote child missed a request. They fire only on (re)connects and
+/// failures, so the file stays small.
+const NBD_TRACE_HANDSHAKE: &str = "nbd_client_handshake_success";
+const NBD_TRACE_FAILURES: &[&str] = &["nbd_co_request_fail", "nbd_read_reply_entry_fail"];
 
 /// The real engine: `qemu-storage-daemon` processes.
 #[derive(Clone, Debug)]
@@ -63,6 +88,7 @@ struct RunPaths {
     qmp: PathBuf,
     pid: PathBuf,
     log: PathBuf,
+    trace: PathBuf,
 }
 
 impl RunPaths {
@@ -75,6 +101,7 @@ impl RunPaths {
             qmp: dir.join("qmp.sock"),
             pid: dir.join("qsd.pid"),
             log: dir.join("qsd.log"),
+            trace: dir.join("nbd-trace.log"),
             dir,
         }
     }
@@ -84,31 +111,78 @@ impl RunPaths {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct DaemonArgs {
     export: PathBuf,
-    replicas: Vec<PathBuf>,
+    /// The children in read order.
+    targets: Vec<ReplicaTarget>,
     read_only: bool,
 }
 
+impl DaemonArgs {
+    fn local_replicas(&self) -> Vec<PathBuf> {
+        self.targets
+            .iter()
+            .filter_map(|t| match t {
+                ReplicaTarget::Local(p) => Some(p.clone()),
+                ReplicaTarget::Nbd { .. } => None,
+            })
+            .collect()
+    }
+}
+
 /// qemu's option syntax (`key=value,key=value`) needs a literal comma doubled.
-fn escape_opt(value: &str) -> String {
+pub(super) fn escape_opt(value: &str) -> String {
     value.replace(',', ",,")
 }
 
 /// The daemon's arguments. Block nodes and the export use qemu's JSON syntax, so paths need no
-/// escaping; only --chardev still takes the key=value syntax.
-fn build_args(spec: &EngineSpec, paths: &RunPaths) -> OsResult<Vec<String>> {
+/// escaping; only --chardev and --trace still take the key=value syntax.
+fn build_args(spec: &VolumeEngineSpec, paths: &RunPaths) -> OsResult<Vec<String>> {
     let ro = spec.read_only;
     let mut args = Vec::new();
+    if spec
+        .replicas
+        .iter()
+        .any(|t| matches!(t, ReplicaTarget::Nbd { .. }))
+    {
+        // First, so that the handshakes of the initial connections are recorded too.
+        args.extend([
+            "--trace".to_string(),
+            format!(
+                "enable={NBD_TRACE_HANDSHAKE},file={}",
+                escape_opt(utf8_path(&paths.trace)?)
+            ),
+        ]);
+        for event in NBD_TRACE_FAILURES {
+            args.extend(["--trace".to_string(), event.to_string()]);
+        }
+    }
     let mut children = Vec::new();
-    for (i, replica) in spec.replicas.iter().enumerate() {
-        let file = format!("file{i}");
+    for (i, target) in spec.replicas.iter().enumerate() {
         let node = format!("replica{i}");
-        // discard=unmap: a discard that reaches the export frees the clusters in every replica
-        // (measured: blkdiscard on the loop device, or a punched hole in the export file).
-        let file_node = json!({"driver": "file", "node-name": file, "filename": utf8_path(replica)?,
-            "read-only": ro, "discard": "unmap"});
-        let fmt_node = json!({"driver": "qcow2", "node-name": node, "file": file, "read-only": ro, "discard": "unmap"});
-        args.extend(["--blockdev".to_string(), file_node.to_string()]);
-        args.extend(["--blockdev".to_string(), fmt_node.to_string()]);
+        match target {
+            ReplicaTarget::Local(replica) => {
+                let file = format!("file{i}");
+                // discard=unmap: a discard that reaches the export frees the clusters in every
+                // replica (measured: blkdiscard on the loop device, or a punched hole in the
+                // export file).
+                let file_node = json!({"driver": "file", "node-name": file,
+                    "filename": utf8_path(replica)?, "read-only": ro, "discard": "unmap"});
+                let fmt_node = json!({"driver": "qcow2", "node-name": node, "file": file,
+                    "read-only": ro, "discard": "unmap"});
+                args.extend(["--blockdev".to_string(), file_node.to_string()]);
+                args.extend(["--blockdev".to_string(), fmt_node.to_string()]);
+            }
+            ReplicaTarget::Nbd { host, port, export } => {
+                // The remote serves the qcow2 node, so this is the replica's content as is.
+                // reconnect-delay stays 0: a request to a lost child fails at once and quorum
+                // goes on with the others instead of waiting. keep-alive lets the kernel break
+                // an idle connection to a dead host (after net.ipv4.tcp_keepalive_time).
+                let nbd_node = json!({"driver": "nbd", "node-name": node,
+                    "server": {"type": "inet", "host": host, "port": port.to_string(),
+                        "keep-alive": true},
+                    "export": export, "read-only": ro, "discard": "unmap"});
+                args.extend(["--blockdev".to_string(), nbd_node.to_string()]);
+            }
+        }
         children.push(node);
     }
     let top = if children.len() == 1 {
@@ -143,6 +217,22 @@ fn build_args(spec: &EngineSpec, paths: &RunPaths) -> OsResult<Vec<String>> {
     Ok(args)
 }
 
+/// An NBD child's address as written in a `--blockdev` (the port is a string in qemu's schema;
+/// a number is accepted too).
+fn parse_nbd_node(v: &Value) -> Option<ReplicaTarget> {
+    let server = v.get("server")?;
+    let port = match server.get("port")? {
+        Value::String(s) => s.parse().ok()?,
+        Value::Number(n) => u16::try_from(n.as_u64()?).ok()?,
+        _ => return None,
+    };
+    Some(ReplicaTarget::Nbd {
+        host: server.get("host")?.as_str()?.to_string(),
+        port,
+        export: v.get("export")?.as_str()?.to_string(),
+    })
+}
+
 /// Read our own arguments back from a daemon's command line; None when it is not an engine.
 fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
     let program = argv.first()?;
@@ -151,7 +241,7 @@ fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
     }
     let mut export = None;
     let mut read_only = false;
-    let mut replicas = Vec::new();
+    let mut targets = Vec::new();
     for pair in argv.windows(2) {
         let value = || serde_json::from_str::<Value>(&pair[1]).ok();
         match pair[0].as_str() {
@@ -161,10 +251,16 @@ fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
                 read_only = !v.get("writable").and_then(Value::as_bool).unwrap_or(false);
             }
             "--blockdev" => {
-                if let Some(v) = value()
-                    && v.get("driver").and_then(Value::as_str) == Some("file")
-                {
-                    replicas.push(PathBuf::from(v.get("filename")?.as_str()?));
+                // The children are written in read order, a local one as its file node.
+                let Some(v) = value() else { continue };
+                match v.get("driver").and_then(Value::as_str) {
+                    Some("file") => {
+                        targets.push(ReplicaTarget::Local(PathBuf::from(
+                            v.get("filename")?.as_str()?,
+                        )));
+                    }
+                    Some("nbd") => targets.push(parse_nbd_node(&v)?),
+                    _ => {}
                 }
             }
             _ => {}
@@ -172,12 +268,12 @@ fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
     }
     Some(DaemonArgs {
         export: export?,
-        replicas,
+        targets,
         read_only,
     })
 }
 
-fn read_cmdline(pid: i32) -> Option<Vec<String>> {
+pub(super) fn read_cmdline(pid: i32) -> Option<Vec<String>> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     Some(
         raw.split(|b| *b == 0)
@@ -189,7 +285,7 @@ fn read_cmdline(pid: i32) -> Option<Vec<String>> {
 
 /// Alive and not a zombie: if bicsi runs as PID 1 of a container, an exited daemon is re-parented
 /// to us and lingers as a zombie that kill(0) still reports as existing.
-fn alive(pid: i32) -> bool {
+pub(super) fn alive(pid: i32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -200,30 +296,40 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-/// The live daemons serving `paths.export`: the pid file's first (the fast path), else a scan
-/// of /proc, which also finds a daemon whose pid file was lost.
-fn find_daemons(paths: &RunPaths) -> Vec<(i32, DaemonArgs)> {
-    let ours = |pid: i32| -> Option<DaemonArgs> {
-        let args = parse_args(&read_cmdline(pid)?)?;
-        (args.export == paths.export && alive(pid)).then_some(args)
+/// The live processes whose command line `ours` accepts: the pid file's first (the fast path),
+/// else a scan of /proc, which also finds a daemon whose pid file was lost.
+pub(super) fn find_processes<T>(
+    pid_file: &Path,
+    ours: impl Fn(&[String]) -> Option<T>,
+) -> Vec<(i32, T)> {
+    let check = |pid: i32| -> Option<T> {
+        let args = ours(&read_cmdline(pid)?)?;
+        alive(pid).then_some(args)
     };
-    if let Some(pid) = fs::read_to_string(&paths.pid)
+    if let Some(pid) = fs::read_to_string(pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
-        && let Some(args) = ours(pid)
+        && let Some(args) = check(pid)
     {
         return vec![(pid, args)];
     }
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut found: Vec<(i32, DaemonArgs)> = entries
+    let mut found: Vec<(i32, T)> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| Some((pid, ours(pid)?)))
+        .filter_map(|pid| Some((pid, check(pid)?)))
         .collect();
     found.sort_by_key(|(pid, _)| *pid);
     found
+}
+
+/// The live daemons serving `paths.export`.
+fn find_daemons(paths: &RunPaths) -> Vec<(i32, DaemonArgs)> {
+    find_processes(&paths.pid, |argv| {
+        parse_args(argv).filter(|a| a.export == paths.export)
+    })
 }
 
 fn export_mounted(paths: &RunPaths) -> OsResult<bool> {
@@ -256,7 +362,7 @@ fn unmount_export(paths: &RunPaths) -> OsResult<()> {
     }
 }
 
-fn wait_exit(pid: i32, timeout: Duration) -> bool {
+pub(super) fn wait_exit(pid: i32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if !alive(pid) {
@@ -273,13 +379,95 @@ fn wait_exit(pid: i32, timeout: Duration) -> bool {
     }
 }
 
-fn read_log_from(path: &Path, offset: u64) -> String {
+/// SIGTERM, then SIGKILL after `timeout`, for a process proven to be one of our daemons.
+pub(super) fn terminate(pid: i32, timeout: Duration, what: &str) -> OsResult<()> {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    if wait_exit(pid, timeout) {
+        return Ok(());
+    }
+    tracing::warn!(pid, "{what} ignored SIGTERM for {timeout:?}; killing it");
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    if !wait_exit(pid, Duration::from_secs(5)) {
+        return Err(OsError::Timeout(format!(
+            "{what} pid {pid} survives SIGKILL (stuck in the kernel?); check `cat \
+             /proc/{pid}/stack`"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn read_log_from(path: &Path, offset: u64) -> String {
     let mut text = String::new();
     if let Ok(mut f) = File::open(path) {
         let _ = f.seek(SeekFrom::Start(offset));
         let _ = f.take(64 * 1024).read_to_string(&mut text);
     }
     text.trim().to_string()
+}
+
+/// A `--daemonize`d daemon whose parent has exited (or was given up on).
+pub(super) struct Spawned {
+    /// The command line, for messages.
+    pub display: String,
+    /// Where this start's lines begin in the log.
+    pub log_start: u64,
+    /// The parent's exit status; None when it did not exit within the timeout (it was killed).
+    pub status: Option<ExitStatus>,
+    pub started: Instant,
+}
+
+/// Run `program args` with its output appended to `log` (after a `bicsi: <banner>` line) and wait
+/// for the daemonizing parent to exit, which it does once the daemon is set up or has failed.
+pub(super) fn spawn_daemonized(
+    program: &Path,
+    args: &[String],
+    log_path: &Path,
+    banner: &str,
+    timeout: Duration,
+) -> OsResult<Spawned> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let display = display_command(&cmd);
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| OsError::io(format!("opening {}", log_path.display()), e))?;
+    let log_start = log.seek(SeekFrom::End(0)).unwrap_or(0);
+    let _ = writeln!(log, "bicsi: {banner}: {display}");
+    let log_err = log
+        .try_clone()
+        .map_err(|e| OsError::io(format!("opening {}", log_path.display()), e))?;
+    // The daemon writes its start-up errors to the log file rather than to a pipe: the
+    // daemonized child keeps the inherited descriptors open, so reading a pipe to EOF would
+    // wait for the daemon to exit.
+    cmd.env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| spawn_error(&cmd, e))?;
+    let deadline = started + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Err(e) => {
+                return Err(OsError::io(format!("waiting for {display}"), e));
+            }
+        }
+    };
+    Ok(Spawned {
+        display,
+        log_start,
+        status,
+        started,
+    })
 }
 
 impl QemuStorageDaemon {
@@ -290,71 +478,100 @@ impl QemuStorageDaemon {
         // must stop us before the data path is cut under a mounted filesystem.
         unmount_export(paths)?;
         for (pid, _) in find_daemons(paths) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            if wait_exit(pid, self.stop_timeout) {
-                continue;
-            }
-            tracing::warn!(pid, run_dir = %paths.dir.display(),
-                "engine ignored SIGTERM for {:?}; killing it", self.stop_timeout);
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            if !wait_exit(pid, Duration::from_secs(5)) {
-                return Err(OsError::Timeout(format!(
-                    "engine pid {pid} in {} survives SIGKILL (stuck in the kernel?); check `cat \
-                     /proc/{pid}/stack`",
-                    paths.dir.display()
-                )));
-            }
+            terminate(
+                pid,
+                self.stop_timeout,
+                &format!("engine in {}", paths.dir.display()),
+            )?;
         }
         // A daemon killed mid-way leaves its FUSE mount behind: clean it too.
         unmount_export(paths)
     }
 
-    fn validate(spec: &EngineSpec) -> OsResult<()> {
+    fn validate(spec: &VolumeEngineSpec) -> OsResult<()> {
+        let volume = &spec.volume_id;
         if spec.replicas.is_empty() {
             return Err(OsError::Unsupported(format!(
-                "engine for volume {:?}: no replicas given; a volume needs at least one",
-                spec.volume_id
+                "engine for volume {volume:?}: no replicas given; a volume needs at least one"
             )));
         }
-        for (i, r) in spec.replicas.iter().enumerate() {
-            if !r.is_absolute() {
+        for (i, target) in spec.replicas.iter().enumerate() {
+            if spec.replicas[..i].contains(target) {
                 return Err(OsError::Unsupported(format!(
-                    "engine for volume {:?}: replica path {} must be absolute",
-                    spec.volume_id,
-                    r.display()
+                    "engine for volume {volume:?}: replica {target} is listed twice"
                 )));
             }
-            if spec.replicas[..i].contains(r) {
-                return Err(OsError::Unsupported(format!(
-                    "engine for volume {:?}: replica {} is listed twice",
-                    spec.volume_id,
-                    r.display()
-                )));
+            match target {
+                ReplicaTarget::Local(r) => {
+                    if !r.is_absolute() {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica path {} must be absolute",
+                            r.display()
+                        )));
+                    }
+                    if !r.is_file() {
+                        return Err(OsError::NotFound(format!(
+                            "engine for volume {volume:?}: replica {} does not exist; create it \
+                             first",
+                            r.display()
+                        )));
+                    }
+                    utf8_path(r)?;
+                }
+                ReplicaTarget::Nbd { host, port, export } => {
+                    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica {target}: {host:?} is not a \
+                             host name or address"
+                        )));
+                    }
+                    if *port == 0 {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica {target}: port 0; give the \
+                             port export_replica returned"
+                        )));
+                    }
+                    if export.is_empty() || export.len() > MAX_NBD_NAME {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica {target}: the export name must \
+                             have 1 to {MAX_NBD_NAME} bytes"
+                        )));
+                    }
+                }
             }
-            if !r.is_file() {
-                return Err(OsError::NotFound(format!(
-                    "engine for volume {:?}: replica {} does not exist; create it first",
-                    spec.volume_id,
-                    r.display()
-                )));
-            }
-            utf8_path(r)?;
         }
         Ok(())
     }
 
-    fn state(paths: &RunPaths, pid: i32, args: DaemonArgs) -> EngineState {
+    fn state(paths: &RunPaths, pid: i32, args: &DaemonArgs) -> EngineState {
         EngineState {
             pid,
             export_path: paths.export.clone(),
             qmp_socket: paths.qmp.clone(),
-            replicas: args.replicas,
+            replicas: args.local_replicas(),
             read_only: args.read_only,
         }
     }
+
+    /// The live engine in `run_dir` and its command line.
+    fn live(&self, run_dir: &Path) -> OsResult<Option<(RunPaths, i32, DaemonArgs)>> {
+        if !run_dir.is_dir() {
+            return Ok(None);
+        }
+        let paths = RunPaths::new(run_dir);
+        let Some((pid, args)) = find_daemons(&paths).into_iter().next() else {
+            return Ok(None);
+        };
+        if !export_mounted(&paths)? {
+            return Ok(None);
+        }
+        Ok(Some((paths, pid, args)))
+    }
 }
 
-fn same_replicas(a: &[PathBuf], b: &[PathBuf]) -> bool {
+/// Order-insensitive: the same set of children is the same engine; which one is read first only
+/// matters for speed.
+fn same_targets(a: &[ReplicaTarget], b: &[ReplicaTarget]) -> bool {
     let mut a = a.to_vec();
     let mut b = b.to_vec();
     a.sort();
@@ -362,8 +579,50 @@ fn same_replicas(a: &[PathBuf], b: &[PathBuf]) -> bool {
     a == b
 }
 
+/// What `nbd-trace.log` says: the NBD children that completed more than one handshake, and the
+/// number of failure events.
+fn read_nbd_trace(path: &Path, targets: &[ReplicaTarget]) -> (Vec<ReplicaTarget>, u64) {
+    let Ok(text) = fs::read(path) else {
+        return (Vec::new(), 0);
+    };
+    let text = String::from_utf8_lossy(&text);
+    let mut handshakes: std::collections::HashMap<&str, u32> = Default::default();
+    let mut failures = 0;
+    for line in text.lines() {
+        // Lines read "<event> <message>", perhaps after a "pid@time:" prefix.
+        if let Some(at) = line.find(NBD_TRACE_HANDSHAKE) {
+            let rest = &line[at + NBD_TRACE_HANDSHAKE.len()..];
+            if let Some(start) = rest.find("export '")
+                && let Some(end) = rest.rfind('\'')
+                && end >= start + "export '".len()
+            {
+                *handshakes
+                    .entry(&rest[start + "export '".len()..end])
+                    .or_default() += 1;
+            }
+        } else if NBD_TRACE_FAILURES.iter().any(|e| line.contains(e)) {
+            failures += 1;
+        }
+    }
+    let reconnected = targets
+        .iter()
+        .filter(|t| match t {
+            ReplicaTarget::Nbd { export, .. } => {
+                handshakes.get(export.as_str()).is_some_and(|n| *n > 1)
+            }
+            ReplicaTarget::Local(_) => false,
+        })
+        .cloned()
+        .collect();
+    (reconnected, failures)
+}
+
 impl Engine for QemuStorageDaemon {
     fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
+        self.start_volume(&VolumeEngineSpec::from(spec))
+    }
+
+    fn start_volume(&self, spec: &VolumeEngineSpec) -> OsResult<EngineState> {
         Self::validate(spec)?;
         let qmp = resolve_parent(&spec.run_dir).join("qmp.sock");
         if qmp.as_os_str().len() > MAX_SOCKET_PATH {
@@ -385,26 +644,30 @@ impl Engine for QemuStorageDaemon {
             )
         })?;
         let paths = RunPaths::new(&spec.run_dir);
-        if let Some(state) = self.status(&paths.dir)? {
-            // Order-insensitive: the same replica set is the same engine; which one is read
-            // first only matters for speed.
-            if same_replicas(&state.replicas, &spec.replicas) && state.read_only == spec.read_only {
-                return Ok(state);
+        if let Some((_, pid, args)) = self.live(&paths.dir)? {
+            if same_targets(&args.targets, &spec.replicas) && args.read_only == spec.read_only {
+                return Ok(Self::state(&paths, pid, &args));
             }
+            let show = |t: &[ReplicaTarget]| {
+                t.iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             return Err(OsError::Conflict(format!(
-                "engine in {} already serves replicas {:?} (read_only={}) for another request \
-                 (volume {:?}: replicas {:?}, read_only={}); stop it first",
+                "engine in {} already serves replicas [{}] (read_only={}) for another request \
+                 (volume {:?}: replicas [{}], read_only={}); stop it first",
                 paths.dir.display(),
-                state.replicas,
-                state.read_only,
+                show(&args.targets),
+                args.read_only,
                 spec.volume_id,
-                spec.replicas,
+                show(&spec.replicas),
                 spec.read_only
             )));
         }
         // Leftovers of a dead or half-started engine: a stale mount, a daemon without export.
         self.shut_down(&paths)?;
-        for stale in [&paths.pid, &paths.qmp] {
+        for stale in [&paths.pid, &paths.qmp, &paths.trace] {
             let _ = fs::remove_file(stale);
         }
         // The FUSE export mounts over an existing regular file.
@@ -416,72 +679,40 @@ impl Engine for QemuStorageDaemon {
         })?;
 
         let args = build_args(spec, &paths)?;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&args);
-        let display = display_command(&cmd);
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&paths.log)
-            .map_err(|e| OsError::io(format!("opening {}", paths.log.display()), e))?;
-        let log_start = log.seek(SeekFrom::End(0)).unwrap_or(0);
-        let _ = writeln!(
-            log,
-            "bicsi: starting engine for volume {:?}: {display}",
-            spec.volume_id
-        );
-        let log_err = log
-            .try_clone()
-            .map_err(|e| OsError::io(format!("opening {}", paths.log.display()), e))?;
-        // The daemon writes its start-up errors to the log file rather than to a pipe: the
-        // daemonized child keeps the inherited descriptors open, so reading a pipe to EOF would
-        // wait for the engine to exit.
-        cmd.env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
-        let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| spawn_error(&cmd, e))?;
-        let deadline = started + self.start_timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                Err(e) => {
-                    return Err(OsError::io(format!("waiting for {display}"), e));
-                }
-            }
-        };
+        let spawned = spawn_daemonized(
+            &self.program,
+            &args,
+            &paths.log,
+            &format!("starting engine for volume {:?}", spec.volume_id),
+            self.start_timeout,
+        )?;
         let failure = |reason: String| -> OsError {
             // Best effort: leave nothing half-started behind; the log stays for a person.
             let _ = self.shut_down(&paths);
-            let log = read_log_from(&paths.log, log_start);
+            let log = read_log_from(&paths.log, spawned.log_start);
             let hint = if log.contains("lock") {
                 "another engine or qemu-img has a replica open; stop it first"
             } else if log.contains("fuse") || log.contains("FUSE") {
                 "the FUSE export needs /dev/fuse (modprobe fuse; in a container, give it /dev/fuse \
                  and CAP_SYS_ADMIN)"
+            } else if log.contains("\"nbd\"") || log.contains("export") {
+                "a remote replica is not reachable or not exported: check that its node's replica \
+                 server runs (export_replica) and that host:port is reachable from this node"
             } else {
                 "see the log above"
             };
             command_failure(
-                display.clone(),
+                spawned.display.clone(),
                 format!("{reason}; log {}:\n{log}", paths.log.display()),
                 Some(hint),
             )
         };
-        match status {
+        match spawned.status {
             None => {
                 return Err(OsError::Timeout(
                     failure(format!(
-                        "did not set up its export within {:?}",
+                        "did not set up its export within {:?} (a remote replica that accepts \
+                         the connection but never answers does this)",
                         self.start_timeout
                     ))
                     .to_string(),
@@ -498,7 +729,7 @@ impl Engine for QemuStorageDaemon {
         loop {
             if let Some(state) = self.status(&paths.dir)? {
                 tracing::debug!(volume = %spec.volume_id, pid = state.pid,
-                    elapsed_ms = started.elapsed().as_millis() as u64, "engine started");
+                    elapsed_ms = spawned.started.elapsed().as_millis() as u64, "engine started");
                 return Ok(state);
             }
             if Instant::now() >= mount_deadline {
@@ -511,17 +742,21 @@ impl Engine for QemuStorageDaemon {
     }
 
     fn status(&self, run_dir: &Path) -> OsResult<Option<EngineState>> {
-        if !run_dir.is_dir() {
-            return Ok(None);
-        }
-        let paths = RunPaths::new(run_dir);
-        let Some((pid, args)) = find_daemons(&paths).into_iter().next() else {
-            return Ok(None);
-        };
-        if !export_mounted(&paths)? {
-            return Ok(None);
-        }
-        Ok(Some(Self::state(&paths, pid, args)))
+        Ok(self
+            .live(run_dir)?
+            .map(|(paths, pid, args)| Self::state(&paths, pid, &args)))
+    }
+
+    fn volume_status(&self, run_dir: &Path) -> OsResult<Option<VolumeEngineState>> {
+        Ok(self.live(run_dir)?.map(|(paths, pid, args)| {
+            let (reconnected, remote_errors) = read_nbd_trace(&paths.trace, &args.targets);
+            VolumeEngineState {
+                engine: Self::state(&paths, pid, &args),
+                replicas: args.targets,
+                reconnected,
+                remote_errors,
+            }
+        }))
     }
 
     fn stop(&self, run_dir: &Path) -> OsResult<()> {
@@ -551,6 +786,28 @@ impl Engine for QemuStorageDaemon {
             )),
         }
     }
+
+    fn export_replica(
+        &self,
+        run_dir: &Path,
+        host: &str,
+        port: u16,
+        export: &ReplicaExport,
+    ) -> OsResult<u16> {
+        nbd::export_replica(self, run_dir, host, port, export)
+    }
+
+    fn unexport_replica(&self, run_dir: &Path, replica_id: &str) -> OsResult<()> {
+        nbd::unexport_replica(self, run_dir, replica_id, false)
+    }
+
+    fn unexport_replica_force(&self, run_dir: &Path, replica_id: &str) -> OsResult<()> {
+        nbd::unexport_replica(self, run_dir, replica_id, true)
+    }
+
+    fn replica_server_status(&self, run_dir: &Path) -> OsResult<Option<(u16, Vec<String>)>> {
+        nbd::replica_server_status(self, run_dir)
+    }
 }
 
 #[cfg(test)]
@@ -578,7 +835,7 @@ mod tests {
             read_only: false,
         };
         let mut argv = vec!["/usr/bin/qemu-storage-daemon".to_string()];
-        argv.extend(build_args(&s, &paths).unwrap());
+        argv.extend(build_args(&VolumeEngineSpec::from(&s), &paths).unwrap());
         assert!(argv.contains(&"--daemonize".to_string()));
         assert!(
             argv.contains(
@@ -599,7 +856,12 @@ mod tests {
             parse_args(&argv),
             Some(DaemonArgs {
                 export: "/var/lib/bi,csi/run/vol/export".into(),
-                replicas: s.replicas.clone(),
+                targets: s
+                    .replicas
+                    .iter()
+                    .cloned()
+                    .map(ReplicaTarget::Local)
+                    .collect(),
                 read_only: false
             })
         );
@@ -611,7 +873,7 @@ mod tests {
             ..s
         };
         let mut argv = vec!["qemu-storage-daemon".to_string()];
-        argv.extend(build_args(&one, &paths).unwrap());
+        argv.extend(build_args(&VolumeEngineSpec::from(&one), &paths).unwrap());
         assert!(!argv.iter().any(|a| a.contains("quorum")));
         let export = argv.iter().find(|a| a.contains("\"fuse\"")).unwrap();
         let e: Value = serde_json::from_str(export).unwrap();
@@ -623,6 +885,72 @@ mod tests {
         assert_eq!(
             parse_args(&["/bin/sleep".to_string(), "1".to_string()]),
             None
+        );
+    }
+
+    #[test]
+    fn nbd_children_round_trip_and_their_trace_is_read() {
+        let paths = RunPaths::new(Path::new("/run/bi,csi/vol"));
+        let remote = |port, export: &str| ReplicaTarget::Nbd {
+            host: "10.0.0.2".into(),
+            port,
+            export: export.into(),
+        };
+        let spec = VolumeEngineSpec {
+            volume_id: "v".into(),
+            replicas: vec![
+                ReplicaTarget::Local("/d/r0.qcow2".into()),
+                remote(10809, "v-r1"),
+                remote(10810, "v-r2"),
+            ],
+            run_dir: "/run/bi,csi/vol".into(),
+            read_only: false,
+        };
+        let mut argv = vec!["qemu-storage-daemon".to_string()];
+        argv.extend(build_args(&spec, &paths).unwrap());
+        // The trace comes before the block nodes, so the first handshakes are recorded.
+        assert_eq!(argv[1], "--trace");
+        assert_eq!(
+            argv[2],
+            "enable=nbd_client_handshake_success,file=/run/bi,,csi/vol/nbd-trace.log"
+        );
+        let node: Value = serde_json::from_str(
+            argv.iter()
+                .find(|a| a.contains("\"nbd\""))
+                .expect("an nbd node"),
+        )
+        .unwrap();
+        assert_eq!(node["server"]["port"], "10809");
+        assert_eq!(node["node-name"], "replica1");
+        let parsed = parse_args(&argv).unwrap();
+        assert_eq!(parsed.targets, spec.replicas);
+        assert_eq!(parsed.local_replicas(), vec![PathBuf::from("/d/r0.qcow2")]);
+        // Local only: no trace.
+        let local = VolumeEngineSpec {
+            replicas: spec.replicas[..1].to_vec(),
+            ..spec.clone()
+        };
+        assert!(
+            !build_args(&local, &paths)
+                .unwrap()
+                .contains(&"--trace".to_string())
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("nbd-trace.log");
+        assert_eq!(read_nbd_trace(&trace, &spec.replicas), (vec![], 0));
+        fs::write(
+            &trace,
+            "nbd_client_handshake_success export 'v-r1'\n\
+             nbd_client_handshake_success export 'v-r2'\n\
+             nbd_co_request_fail Request failed { .from = 1, .len = 2, .handle = 1, .flags = \
+             0x0, .type = 1 (write) } ret = -5, err: Connection closed\n\
+             123@1700000000.000001:nbd_client_handshake_success export 'v-r2'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_nbd_trace(&trace, &spec.replicas),
+            (vec![remote(10810, "v-r2")], 1)
         );
     }
 

@@ -10,6 +10,14 @@
 //! targets. Processes, loop devices and mounts live in memory, so they survive a "restart" of the
 //! domain that reuses the same `Fake`, as the real ones survive a restart of bicsi.
 //!
+//! Several machines share a `FakeNet` (`Fake::new_cluster`, `Fake::with_net`): a replica server
+//! of one (`export_replica`) is reached by address from the engines of the others
+//! (`ReplicaTarget::Nbd`), with qemu's measured behaviour: a write goes to every child that
+//! answers and succeeds when one took it, a read comes from the first that answers, an export in
+//! use is `Busy` to unexport, a child whose server died (`Fake::kill_replica_server`) or was cut
+//! off misses the writes from then on and is reconnected silently at a later request once its
+//! export is back, which `volume_status` reports as the real engine does.
+//!
 //! It must not be used outside tests and must never touch the machine beyond the paths it is given.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -23,7 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Engine, EngineSpec, EngineState, Filesystems, FsStats, ImageFormat, ImageInfo, ImageTool,
-    LoopDevices, MountInfo, Mounter, Os, OsError, OsResult, SUPPORTED_FILESYSTEMS, resolve_parent,
+    LoopDevices, MountInfo, Mounter, Os, OsError, OsResult, ReplicaExport, ReplicaTarget,
+    SUPPORTED_FILESYSTEMS, VolumeEngineSpec, VolumeEngineState, resolve_parent,
 };
 
 /// First line of a fake image file.
@@ -147,7 +156,10 @@ fn lock_error(cmd: &str, path: &Path) -> OsError {
 #[derive(Clone, Debug)]
 struct EngineEntry {
     pid: i32,
+    /// The local children (resolved paths), which this engine holds open.
     replicas: Vec<PathBuf>,
+    /// Every child in read order, local ones resolved.
+    targets: Vec<ReplicaTarget>,
     read_only: bool,
     export: PathBuf,
     /// False after `Fake::kill_engine`: the process is gone, its export mount is stale.
@@ -173,6 +185,9 @@ struct MountEntry {
 
 #[derive(Default)]
 struct World {
+    /// This machine's number on its network.
+    node: u32,
+    net: FakeNet,
     next_pid: i32,
     engines: BTreeMap<PathBuf, EngineEntry>,
     loops: BTreeMap<u32, LoopEntry>,
@@ -182,9 +197,10 @@ struct World {
 
 /// What a fake loop device's reads and writes reach.
 enum Backing {
-    /// The replicas of a live engine.
+    /// The children of a live engine, resolved at each access like qemu's quorum does.
     Engine {
-        replicas: Vec<PathBuf>,
+        run_dir: PathBuf,
+        targets: Vec<ReplicaTarget>,
         read_only: bool,
     },
     /// A plain file.
@@ -211,6 +227,54 @@ impl World {
             .find(|e| e.replicas.iter().any(|r| r == image))
     }
 
+    /// The replica id under which a replica server of this machine serves `image` (and so holds
+    /// it open for writing), if any.
+    fn exported_as(&self, image: &Path) -> Option<String> {
+        let net = self.net.lock();
+        net.servers
+            .values()
+            .filter(|s| s.node == self.node)
+            .find_map(|s| {
+                s.exports
+                    .iter()
+                    .find(|(_, p)| p.as_path() == image)
+                    .map(|(id, _)| id.clone())
+            })
+    }
+
+    /// The files of an engine's children that one access reaches, in read order: local ones
+    /// always, an NBD one while its server runs and exports it. As qemu's NBD client does, a
+    /// child whose connection was lost fails the request that finds out (counted in the engine's
+    /// remote errors) and connects again at the next one once its export is back (counted as a
+    /// handshake); `all`: stop at the first reachable child (a read) or try them all (a write).
+    fn reach(&self, run_dir: &Path, targets: &[ReplicaTarget], all: bool) -> Vec<PathBuf> {
+        let mut net = self.net.lock();
+        let mut files = Vec::new();
+        for (i, target) in targets.iter().enumerate() {
+            let file = match target {
+                ReplicaTarget::Local(p) => Some(p.clone()),
+                ReplicaTarget::Nbd { .. } => {
+                    net.access(&ClientKey(self.node, run_dir.to_path_buf(), i), target)
+                }
+            };
+            if let Some(f) = file {
+                files.push(f);
+                if !all {
+                    break;
+                }
+            }
+        }
+        files
+    }
+
+    /// The file that holds an engine's content for a read, or EIO when no child answers.
+    fn read_file(&self, run_dir: &Path, targets: &[ReplicaTarget]) -> OsResult<PathBuf> {
+        self.reach(run_dir, targets, false)
+            .into_iter()
+            .next()
+            .ok_or_else(|| no_child(run_dir))
+    }
+
     fn loop_index(dev: &Path) -> Option<u32> {
         dev.to_str()?.strip_prefix(LOOP_PREFIX)?.parse().ok()
     }
@@ -228,8 +292,15 @@ impl World {
                     std::io::Error::from_raw_os_error(libc::ENOTCONN),
                 ));
             }
+            let run_dir = self
+                .engines
+                .iter()
+                .find(|(_, x)| x.export == e.export)
+                .map(|(dir, _)| dir.clone())
+                .unwrap_or_default();
             return Ok(Backing::Engine {
-                replicas: e.replicas.clone(),
+                run_dir,
+                targets: e.targets.clone(),
                 read_only: e.read_only,
             });
         }
@@ -238,7 +309,19 @@ impl World {
 
     fn backing_size(&self, backing: &Backing) -> OsResult<u64> {
         match backing {
-            Backing::Engine { replicas, .. } => Ok(read_image(&replicas[0])?.virtual_size),
+            // The size the engine learnt when it opened its children; no request goes out.
+            Backing::Engine {
+                run_dir, targets, ..
+            } => {
+                let file = match targets.iter().find_map(|t| match t {
+                    ReplicaTarget::Local(p) => Some(p.clone()),
+                    ReplicaTarget::Nbd { .. } => None,
+                }) {
+                    Some(local) => local,
+                    None => self.net.lock().size_file(run_dir, targets)?,
+                };
+                Ok(read_image(&file)?.virtual_size)
+            }
             Backing::File(f) => fs::metadata(f)
                 .map(|m| m.len())
                 .map_err(|e| OsError::io(format!("{}", f.display()), e)),
@@ -264,7 +347,9 @@ impl World {
 
     fn device_fs(&self, dev: &Path) -> OsResult<Option<FakeFs>> {
         match self.device_backing(dev)?.0 {
-            Backing::Engine { replicas, .. } => content_fs(&replicas[0]),
+            Backing::Engine {
+                run_dir, targets, ..
+            } => content_fs(&self.read_file(&run_dir, &targets)?),
             Backing::File(f) => content_fs(&f),
         }
     }
@@ -283,8 +368,19 @@ impl World {
         let files = match backing {
             Backing::Engine {
                 read_only: false,
-                replicas,
-            } if !dev_read_only => replicas,
+                run_dir,
+                targets,
+            } if !dev_read_only => {
+                // Every write goes to every child that answers; it succeeds when one took it.
+                let files = self.reach(&run_dir, &targets, true);
+                // The flush that ends it is a request of its own: a child that lost its
+                // connection during the write connects again here, without the write.
+                let _ = self.reach(&run_dir, &targets, true);
+                if files.is_empty() {
+                    return Err(no_child(&run_dir));
+                }
+                files
+            }
             Backing::File(f) if !dev_read_only => vec![f],
             _ => {
                 return Err(OsError::Command {
@@ -306,6 +402,226 @@ impl World {
     }
 }
 
+/// EIO from an engine none of whose children answers.
+fn no_child(run_dir: &Path) -> OsError {
+    OsError::io(
+        format!(
+            "volume engine in {}: no replica answers (every remote one is unreachable)",
+            run_dir.display()
+        ),
+        std::io::Error::from_raw_os_error(libc::EIO),
+    )
+}
+
+/// An engine's NBD child: (machine, engine run_dir, child index).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ClientKey(u32, PathBuf, usize);
+
+/// What an engine's NBD child knows of its connection.
+#[derive(Clone, Debug)]
+struct ClientState {
+    target: ReplicaTarget,
+    /// The pid of the replica server it is connected to; None once the connection was lost.
+    conn: Option<i32>,
+    /// Completed handshakes: more than one is a reconnect.
+    handshakes: u32,
+    /// Failures its engine's NBD client would have logged.
+    errors: u64,
+}
+
+/// A fake replica server: a process of machine `node`, listening on its address.
+#[derive(Clone, Debug)]
+struct FakeServer {
+    node: u32,
+    run_dir: PathBuf,
+    pid: i32,
+    /// Replica id → file (resolved).
+    exports: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Default)]
+struct Net {
+    next_node: u32,
+    next_port: u16,
+    /// Live replica servers by (host, port).
+    servers: BTreeMap<(String, u16), FakeServer>,
+    clients: BTreeMap<ClientKey, ClientState>,
+}
+
+impl Net {
+    fn server_of(&self, node: u32, run_dir: &Path) -> Option<((String, u16), &FakeServer)> {
+        self.servers
+            .iter()
+            .find(|(_, s)| s.node == node && s.run_dir == run_dir)
+            .map(|(addr, s)| (addr.clone(), s))
+    }
+
+    /// The file an NBD target reaches right now, without side effects.
+    fn peek(&self, target: &ReplicaTarget) -> Option<PathBuf> {
+        let ReplicaTarget::Nbd { host, port, export } = target else {
+            return None;
+        };
+        self.servers
+            .get(&(host.clone(), *port))?
+            .exports
+            .get(export)
+            .cloned()
+    }
+
+    fn server_pid(&self, target: &ReplicaTarget) -> Option<i32> {
+        let ReplicaTarget::Nbd { host, port, .. } = target else {
+            return None;
+        };
+        Some(self.servers.get(&(host.clone(), *port))?.pid)
+    }
+
+    /// One request of an NBD child (see `World::reach`).
+    fn access(&mut self, key: &ClientKey, target: &ReplicaTarget) -> Option<PathBuf> {
+        let now = self.peek(target);
+        let pid = self.server_pid(target);
+        let client = self
+            .clients
+            .entry(key.clone())
+            .or_insert_with(|| ClientState {
+                target: target.clone(),
+                conn: None,
+                handshakes: 0,
+                errors: 0,
+            });
+        if client.conn.is_some() && (client.conn != pid || now.is_none()) {
+            // The server died or cut us off: the request that finds out fails on this child.
+            client.conn = None;
+            client.errors += 1;
+            return None;
+        }
+        // Not connected: connect again when the export is back (a new handshake).
+        let file = now?;
+        if client.conn.is_none() {
+            client.conn = pid;
+            client.handshakes += 1;
+        }
+        Some(file)
+    }
+
+    /// Connect an engine's NBD children at its start; the error names the first that fails.
+    fn connect(&mut self, node: u32, run_dir: &Path, targets: &[ReplicaTarget]) -> OsResult<()> {
+        for t in targets {
+            if let ReplicaTarget::Nbd { host, port, export } = t {
+                let Some(server) = self.servers.get(&(host.clone(), *port)) else {
+                    return Err(OsError::Command {
+                        cmd: "qemu-storage-daemon".into(),
+                        stderr: format!(
+                            "--blockdev {{\"driver\":\"nbd\",..}}: Failed to connect to \
+                             '{host}:{port}': Connection refused; a remote replica is not \
+                             reachable or not exported: check that its node's replica server \
+                             runs (export_replica) and that host:port is reachable from this node"
+                        ),
+                    });
+                };
+                if !server.exports.contains_key(export) {
+                    return Err(OsError::Command {
+                        cmd: "qemu-storage-daemon".into(),
+                        stderr: format!(
+                            "--blockdev {{\"driver\":\"nbd\",..}}: Requested export not \
+                             available\nserver reported: export '{export}' not present; a remote \
+                             replica is not reachable or not exported: check that its node's \
+                             replica server runs (export_replica) and that host:port is \
+                             reachable from this node"
+                        ),
+                    });
+                }
+            }
+        }
+        self.disconnect(node, run_dir);
+        for (i, t) in targets.iter().enumerate() {
+            if matches!(t, ReplicaTarget::Nbd { .. }) {
+                let pid = self.server_pid(t);
+                self.clients.insert(
+                    ClientKey(node, run_dir.to_path_buf(), i),
+                    ClientState {
+                        target: t.clone(),
+                        conn: pid,
+                        handshakes: 1,
+                        errors: 0,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's process is gone: so are its connections.
+    fn disconnect(&mut self, node: u32, run_dir: &Path) {
+        self.clients
+            .retain(|k, _| !(k.0 == node && k.1.as_path() == run_dir));
+    }
+
+    /// For the size of an engine without local children: its first NBD child that answers.
+    fn size_file(&self, run_dir: &Path, targets: &[ReplicaTarget]) -> OsResult<PathBuf> {
+        targets
+            .iter()
+            .find_map(|t| self.peek(t))
+            .ok_or_else(|| no_child(run_dir))
+    }
+
+    /// Engines (of any machine) connected to `export` of the server at `addr`.
+    fn clients_of(&self, addr: &(String, u16), export: &str) -> usize {
+        let Some(server) = self.servers.get(addr) else {
+            return 0;
+        };
+        self.clients
+            .values()
+            .filter(|c| {
+                c.conn == Some(server.pid)
+                    && matches!(&c.target, ReplicaTarget::Nbd { host, port, export: e }
+                        if (host, *port) == (&addr.0, addr.1) && e == export)
+            })
+            .count()
+    }
+
+    fn free_port(&mut self, host: &str) -> u16 {
+        if self.next_port < 20_000 {
+            self.next_port = 20_000;
+        }
+        loop {
+            self.next_port = self.next_port.wrapping_add(1).max(20_000);
+            if !self
+                .servers
+                .contains_key(&(host.to_string(), self.next_port))
+            {
+                return self.next_port;
+            }
+        }
+    }
+}
+
+/// The network fake machines share: their replica servers by address and the connections of
+/// their engines' NBD children. Every `Fake` has one; `Fake::with_net` puts another machine on
+/// the same network, so a domain test can run two "nodes" in one process, node B exporting a
+/// replica with `export_replica` and node A's engine using it as `ReplicaTarget::Nbd`. Machines on
+/// one network see each other's files (the test's temp dir) as a real cluster would not: the
+/// fakes only reach them through the rules above.
+#[derive(Clone, Default)]
+pub struct FakeNet {
+    inner: Arc<Mutex<Net>>,
+}
+
+impl std::fmt::Debug for FakeNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeNet { .. }")
+    }
+}
+
+impl FakeNet {
+    pub fn new() -> FakeNet {
+        FakeNet::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Net> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// One simulated machine; clone it freely, all clones share it.
 #[derive(Clone, Default)]
 pub struct Fake {
@@ -324,10 +640,37 @@ fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
 }
 
 impl Fake {
+    /// A machine alone on its own network.
     pub fn new() -> Fake {
+        Fake::with_net(&FakeNet::new())
+    }
+
+    /// Another machine on `net`, which reaches the replica servers of the machines already there.
+    pub fn with_net(net: &FakeNet) -> Fake {
+        let node = {
+            let mut n = net.lock();
+            n.next_node += 1;
+            n.next_node - 1
+        };
         let fake = Fake::default();
-        lock(&fake.world).next_pid = 40_000;
+        {
+            let mut w = lock(&fake.world);
+            w.next_pid = 40_000;
+            w.node = node;
+            w.net = net.clone();
+        }
         fake
+    }
+
+    /// `n` machines on one network ("nodes" of a cluster).
+    pub fn new_cluster(n: usize) -> Vec<Fake> {
+        let net = FakeNet::new();
+        (0..n).map(|_| Fake::with_net(&net)).collect()
+    }
+
+    /// The network this machine is on, to put another one on it with `with_net`.
+    pub fn net(&self) -> FakeNet {
+        self.world().net.clone()
     }
 
     /// The `Os` bundle whose parts all act on this machine.
@@ -350,7 +693,9 @@ impl Fake {
     /// "engine.stop", "loops.attach", "loops.find", "loops.detach", "loops.detach_file",
     /// "loops.refresh_size",
     /// "mounts.mount", "mounts.bind_mount", "mounts.unmount", "mounts.mount_info", "fs.probe",
-    /// "fs.mkfs", "fs.grow", "fs.stats", "fs.device_size". Several calls queue up.
+    /// "fs.mkfs", "fs.grow", "fs.stats", "fs.device_size", "engine.start_volume",
+    /// "engine.volume_status", "engine.export_replica", "engine.unexport_replica" (also for the
+    /// forced form), "engine.replica_server_status". Several calls queue up.
     pub fn fail_next(&self, op: &str, error: OsError) {
         self.world()
             .failures
@@ -361,9 +706,43 @@ impl Fake {
 
     /// Simulate an engine crash: the process is gone, its export mount stays behind stale.
     pub fn kill_engine(&self, run_dir: &Path) {
-        if let Some(e) = self.world().engines.get_mut(&resolve_parent(run_dir)) {
+        let mut w = self.world();
+        let run_dir = resolve_parent(run_dir);
+        if let Some(e) = w.engines.get_mut(&run_dir) {
             e.alive = false;
+            let node = w.node;
+            w.net.lock().disconnect(node, &run_dir);
         }
+    }
+
+    /// Simulate a replica server crash (or its node going down): the process is gone with its
+    /// exports and its port, the engines connected to it lose those children (see
+    /// `World::reach`), and its run directory stays behind.
+    pub fn kill_replica_server(&self, run_dir: &Path) {
+        let w = self.world();
+        let mut net = w.net.lock();
+        let run_dir = resolve_parent(run_dir);
+        if let Some((addr, _)) = net.server_of(w.node, &run_dir) {
+            net.servers.remove(&addr);
+        }
+    }
+
+    /// Live replica servers of this machine: run_dir, host, port and exported replica ids.
+    pub fn replica_servers(&self) -> Vec<(PathBuf, String, u16, Vec<String>)> {
+        let w = self.world();
+        let net = w.net.lock();
+        net.servers
+            .iter()
+            .filter(|(_, s)| s.node == w.node)
+            .map(|((host, port), s)| {
+                (
+                    s.run_dir.clone(),
+                    host.clone(),
+                    *port,
+                    s.exports.keys().cloned().collect(),
+                )
+            })
+            .collect()
     }
 
     /// Live engines.
@@ -500,7 +879,8 @@ impl ImageTool for FakeImages {
                 new_size
             )));
         }
-        if w.engine_using(&resolve_parent(path), None).is_some() {
+        let image = resolve_parent(path);
+        if w.engine_using(&image, None).is_some() || w.exported_as(&image).is_some() {
             return Err(lock_error("qemu-img resize", path));
         }
         img.virtual_size = new_size;
@@ -547,8 +927,9 @@ impl ImageTool for FakeImages {
                 src.display()
             )));
         }
-        if w.engine_using(&resolve_parent(src), None)
-            .is_some_and(|e| !e.read_only)
+        let image = resolve_parent(src);
+        if w.engine_using(&image, None).is_some_and(|e| !e.read_only)
+            || w.exported_as(&image).is_some()
         {
             return Err(lock_error("qemu-img convert", src));
         }
@@ -567,37 +948,57 @@ impl ImageTool for FakeImages {
     }
 }
 
-impl Engine for FakeEngine {
-    fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
-        let mut w = self.0.world();
-        w.fail("engine.start")?;
+impl FakeEngine {
+    /// `start_volume` without the failure injection, shared by `start`.
+    fn start_targets(&self, w: &mut World, spec: &VolumeEngineSpec) -> OsResult<EngineState> {
+        let volume = &spec.volume_id;
         if spec.replicas.is_empty() {
             return Err(OsError::Unsupported(format!(
-                "engine for volume {:?}: no replicas given; a volume needs at least one",
-                spec.volume_id
+                "engine for volume {volume:?}: no replicas given; a volume needs at least one"
             )));
         }
-        for (i, r) in spec.replicas.iter().enumerate() {
-            if !r.is_absolute() {
+        for (i, target) in spec.replicas.iter().enumerate() {
+            if spec.replicas[..i].contains(target) {
                 return Err(OsError::Unsupported(format!(
-                    "engine for volume {:?}: replica path {} must be absolute",
-                    spec.volume_id,
-                    r.display()
+                    "engine for volume {volume:?}: replica {target} is listed twice"
                 )));
             }
-            if spec.replicas[..i].contains(r) {
-                return Err(OsError::Unsupported(format!(
-                    "engine for volume {:?}: replica {} is listed twice",
-                    spec.volume_id,
-                    r.display()
-                )));
-            }
-            if !r.is_file() {
-                return Err(OsError::NotFound(format!(
-                    "engine for volume {:?}: replica {} does not exist; create it first",
-                    spec.volume_id,
-                    r.display()
-                )));
+            match target {
+                ReplicaTarget::Local(r) => {
+                    if !r.is_absolute() {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica path {} must be absolute",
+                            r.display()
+                        )));
+                    }
+                    if !r.is_file() {
+                        return Err(OsError::NotFound(format!(
+                            "engine for volume {volume:?}: replica {} does not exist; create it \
+                             first",
+                            r.display()
+                        )));
+                    }
+                }
+                ReplicaTarget::Nbd { host, port, export } => {
+                    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica {target}: {host:?} is not a \
+                             host name or address"
+                        )));
+                    }
+                    if *port == 0 {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica {target}: port 0; give the \
+                             port export_replica returned"
+                        )));
+                    }
+                    if export.is_empty() || export.len() > 4096 {
+                        return Err(OsError::Unsupported(format!(
+                            "engine for volume {volume:?}: replica {target}: the export name must \
+                             have 1 to 4096 bytes"
+                        )));
+                    }
+                }
             }
         }
         fs::create_dir_all(&spec.run_dir).map_err(|e| {
@@ -607,22 +1008,41 @@ impl Engine for FakeEngine {
             )
         })?;
         let run_dir = resolve_parent(&spec.run_dir);
-        let replicas: Vec<PathBuf> = spec.replicas.iter().map(|r| resolve_parent(r)).collect();
+        let targets: Vec<ReplicaTarget> = spec
+            .replicas
+            .iter()
+            .map(|t| match t {
+                ReplicaTarget::Local(r) => ReplicaTarget::Local(resolve_parent(r)),
+                nbd => nbd.clone(),
+            })
+            .collect();
+        let replicas: Vec<PathBuf> = targets
+            .iter()
+            .filter_map(|t| match t {
+                ReplicaTarget::Local(r) => Some(r.clone()),
+                ReplicaTarget::Nbd { .. } => None,
+            })
+            .collect();
         if let Some(e) = w.engines.get(&run_dir).filter(|e| e.alive) {
-            let (mut a, mut b) = (e.replicas.clone(), replicas.clone());
+            let (mut a, mut b) = (e.targets.clone(), targets.clone());
             a.sort();
             b.sort();
             if a == b && e.read_only == spec.read_only {
                 return Ok(engine_state(&run_dir, e));
             }
+            let show = |t: &[ReplicaTarget]| {
+                t.iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             return Err(OsError::Conflict(format!(
-                "engine in {} already serves replicas {:?} (read_only={}) for another request \
-                 (volume {:?}: replicas {:?}, read_only={}); stop it first",
+                "engine in {} already serves replicas [{}] (read_only={}) for another request \
+                 (volume {volume:?}: replicas [{}], read_only={}); stop it first",
                 run_dir.display(),
-                e.replicas,
+                show(&e.targets),
                 e.read_only,
-                spec.volume_id,
-                spec.replicas,
+                show(&spec.replicas),
                 spec.read_only
             )));
         }
@@ -650,7 +1070,12 @@ impl Engine for FakeEngine {
             {
                 return Err(lock_error("qemu-storage-daemon", r));
             }
+            if w.exported_as(r).is_some() {
+                return Err(lock_error("qemu-storage-daemon", r));
+            }
         }
+        let node = w.node;
+        w.net.lock().connect(node, &run_dir, &targets)?;
         fs::write(&export, b"").map_err(|e| OsError::io("creating export file", e))?;
         let mode = if spec.read_only { 0o400 } else { 0o600 };
         let _ = fs::set_permissions(&export, fs::Permissions::from_mode(mode));
@@ -658,6 +1083,7 @@ impl Engine for FakeEngine {
         let entry = EngineEntry {
             pid: w.next_pid,
             replicas,
+            targets,
             read_only: spec.read_only,
             export,
             alive: true,
@@ -666,6 +1092,63 @@ impl Engine for FakeEngine {
         let state = engine_state(&run_dir, &entry);
         w.engines.insert(run_dir, entry);
         Ok(state)
+    }
+
+    fn unexport(&self, run_dir: &Path, replica_id: &str, force: bool) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("engine.unexport_replica")?;
+        let run_dir = resolve_parent(run_dir);
+        let node = w.node;
+        let net = w.net.clone();
+        let mut net = net.lock();
+        let Some((addr, _)) = net.server_of(node, &run_dir) else {
+            drop(net);
+            return remove_run_dir(&run_dir);
+        };
+        if !net.servers[&addr].exports.contains_key(replica_id) {
+            return Ok(());
+        }
+        if !force && net.clients_of(&addr, replica_id) > 0 {
+            return Err(OsError::Busy(format!(
+                "replica {replica_id:?} exported on {}:{} is still in use by a volume engine (an \
+                 attaching node is connected to it); stop that engine first, or use \
+                 unexport_replica_force when that node is gone",
+                addr.0, addr.1
+            )));
+        }
+        let server = net.servers.get_mut(&addr).expect("found above");
+        server.exports.remove(replica_id);
+        if server.exports.is_empty() {
+            net.servers.remove(&addr);
+            drop(net);
+            return remove_run_dir(&run_dir);
+        }
+        Ok(())
+    }
+}
+
+fn remove_run_dir(run_dir: &Path) -> OsResult<()> {
+    match fs::remove_dir_all(run_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(OsError::io(
+            format!("removing run directory {}", run_dir.display()),
+            e,
+        )),
+    }
+}
+
+impl Engine for FakeEngine {
+    fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
+        let mut w = self.0.world();
+        w.fail("engine.start")?;
+        self.start_targets(&mut w, &VolumeEngineSpec::from(spec))
+    }
+
+    fn start_volume(&self, spec: &VolumeEngineSpec) -> OsResult<EngineState> {
+        let mut w = self.0.world();
+        w.fail("engine.start_volume")?;
+        self.start_targets(&mut w, spec)
     }
 
     fn status(&self, run_dir: &Path) -> OsResult<Option<EngineState>> {
@@ -678,6 +1161,32 @@ impl Engine for FakeEngine {
             .map(|e| engine_state(&run_dir, e)))
     }
 
+    fn volume_status(&self, run_dir: &Path) -> OsResult<Option<VolumeEngineState>> {
+        let mut w = self.0.world();
+        w.fail("engine.volume_status")?;
+        let run_dir = resolve_parent(run_dir);
+        let Some(e) = w.engines.get(&run_dir).filter(|e| e.alive) else {
+            return Ok(None);
+        };
+        let net = w.net.lock();
+        let mut reconnected = Vec::new();
+        let mut remote_errors = 0;
+        for (i, t) in e.targets.iter().enumerate() {
+            if let Some(c) = net.clients.get(&ClientKey(w.node, run_dir.clone(), i)) {
+                if c.handshakes > 1 {
+                    reconnected.push(t.clone());
+                }
+                remote_errors += c.errors;
+            }
+        }
+        Ok(Some(VolumeEngineState {
+            engine: engine_state(&run_dir, e),
+            replicas: e.targets.clone(),
+            reconnected,
+            remote_errors,
+        }))
+    }
+
     fn stop(&self, run_dir: &Path) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("engine.stop")?;
@@ -687,15 +1196,139 @@ impl Engine for FakeEngine {
                 return Err(export_busy(&run_dir, &e.export));
             }
             w.engines.remove(&run_dir);
+            let node = w.node;
+            w.net.lock().disconnect(node, &run_dir);
         }
-        match fs::remove_dir_all(&run_dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(OsError::io(
-                format!("removing run directory {}", run_dir.display()),
+        remove_run_dir(&run_dir)
+    }
+
+    fn export_replica(
+        &self,
+        run_dir: &Path,
+        host: &str,
+        port: u16,
+        export: &ReplicaExport,
+    ) -> OsResult<u16> {
+        let mut w = self.0.world();
+        w.fail("engine.export_replica")?;
+        let id = &export.replica_id;
+        if id.is_empty() || id.len() > 4096 {
+            return Err(OsError::Unsupported(format!(
+                "replica id {id:?}: an NBD export name must have 1 to 4096 bytes"
+            )));
+        }
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+            return Err(OsError::Unsupported(format!(
+                "replica server address {host:?} is not a host name or address"
+            )));
+        }
+        if !export.path.is_absolute() {
+            return Err(OsError::Unsupported(format!(
+                "replica {id:?}: path {} must be absolute",
+                export.path.display()
+            )));
+        }
+        if !export.path.is_file() {
+            return Err(OsError::NotFound(format!(
+                "replica {id:?}: {} does not exist; create it first",
+                export.path.display()
+            )));
+        }
+        let path = resolve_parent(&export.path);
+        fs::create_dir_all(run_dir).map_err(|e| {
+            OsError::io(
+                format!(
+                    "creating run directory {} of the replica server",
+                    run_dir.display()
+                ),
                 e,
-            )),
+            )
+        })?;
+        let run_dir = resolve_parent(run_dir);
+        if w.engine_using(&path, None).is_some() {
+            return Err(lock_error("QMP blockdev-add", &path));
         }
+        let exported_as = w.exported_as(&path);
+        let node = w.node;
+        let net = w.net.clone();
+        let mut net = net.lock();
+        let addr = match net.server_of(node, &run_dir) {
+            Some((addr, _)) => {
+                if addr.0 != host || (port != 0 && port != addr.1) {
+                    return Err(OsError::Conflict(format!(
+                        "replica server in {} listens on {}:{}, not on {host}:{port}; unexport \
+                         its replicas first (it stops with the last one) or use that address",
+                        run_dir.display(),
+                        addr.0,
+                        addr.1
+                    )));
+                }
+                addr
+            }
+            None => {
+                let port = if port == 0 { net.free_port(host) } else { port };
+                let addr = (host.to_string(), port);
+                if net.servers.contains_key(&addr) {
+                    return Err(OsError::Conflict(format!(
+                        "replica server in {}: port {port} on {host} is taken by another \
+                         program; use another port",
+                        run_dir.display()
+                    )));
+                }
+                addr
+            }
+        };
+        if let Some(server) = net.servers.get(&addr)
+            && let Some(file) = server.exports.get(id)
+        {
+            if *file == path {
+                return Ok(addr.1);
+            }
+            return Err(OsError::Conflict(format!(
+                "replica server in {} already exports replica {id:?} from {}, not from {}; \
+                 unexport it first",
+                run_dir.display(),
+                file.display(),
+                export.path.display()
+            )));
+        }
+        if exported_as.is_some() {
+            return Err(lock_error("QMP blockdev-add", &path));
+        }
+        if !net.servers.contains_key(&addr) {
+            w.next_pid += 1;
+            let _ = fs::write(run_dir.join("qsd.pid"), format!("{}\n", w.next_pid));
+            net.servers.insert(
+                addr.clone(),
+                FakeServer {
+                    node,
+                    run_dir: run_dir.clone(),
+                    pid: w.next_pid,
+                    exports: BTreeMap::new(),
+                },
+            );
+        }
+        let server = net.servers.get_mut(&addr).expect("inserted above");
+        server.exports.insert(id.clone(), path);
+        Ok(addr.1)
+    }
+
+    fn unexport_replica(&self, run_dir: &Path, replica_id: &str) -> OsResult<()> {
+        self.unexport(run_dir, replica_id, false)
+    }
+
+    fn unexport_replica_force(&self, run_dir: &Path, replica_id: &str) -> OsResult<()> {
+        self.unexport(run_dir, replica_id, true)
+    }
+
+    fn replica_server_status(&self, run_dir: &Path) -> OsResult<Option<(u16, Vec<String>)>> {
+        let mut w = self.0.world();
+        w.fail("engine.replica_server_status")?;
+        let run_dir = resolve_parent(run_dir);
+        let net = w.net.lock();
+        Ok(net
+            .server_of(w.node, &run_dir)
+            .map(|((_, port), s)| (port, s.exports.keys().cloned().collect())))
     }
 }
 
