@@ -1,7 +1,7 @@
 //! Compiles the protobuf APIs with protox (a pure-Rust protoc: nothing to install).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto"];
+    let protos = ["proto/csi.proto", "proto/bicsi.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -32,6 +32,11 @@ pub struct Cli {
 pub enum Command {
     /// Run controller and node agent in one process (the embedded default).
     Serve(ServeArgs),
+    /// The controller of the split mode: state, CSI Controller, HTTP API, and the Cluster
+    /// service node agents register with.
+    Controller(ControllerArgs),
+    /// A node agent of the split mode: CSI Node, this node's disks, file transfers.
+    Node(NodeArgs),
     /// Create, attach, detach and delete volumes on a running `bicsi serve`.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -101,6 +106,57 @@ pub struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:9500")]
     pub http_listen: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllerArgs {
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// CSI endpoint; default unix://<data-dir>/csi.sock.
+    #[arg(long)]
+    pub csi_endpoint: Option<String>,
+    #[arg(long, default_value = "driver.longhorn.io")]
+    pub driver_name: String,
+    #[arg(long, default_value = "127.0.0.1:9500")]
+    pub http_listen: String,
+    /// Where node agents reach the Cluster service.
+    #[arg(long, default_value = "127.0.0.1:9501")]
+    pub cluster_listen: String,
+    /// Seconds without a heartbeat after which a node is down.
+    #[arg(long, default_value_t = crate::cluster::DOWN_AFTER.as_secs())]
+    pub node_down_after: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// CSI endpoint; default unix://<data-dir>/csi.sock.
+    #[arg(long)]
+    pub csi_endpoint: Option<String>,
+    /// This node's id; default the host name.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// A disk directory (repeatable); default <data-dir>/disks/default.
+    #[arg(long = "disk")]
+    pub disks: Vec<PathBuf>,
+    #[arg(long, default_value = "driver.longhorn.io")]
+    pub driver_name: String,
+    /// The controller's Cluster service.
+    #[arg(long, default_value = "http://127.0.0.1:9501")]
+    pub controller: String,
+    /// Where the controller reaches this node's Agent service.
+    #[arg(long, default_value = "127.0.0.1:9502")]
+    pub agent_listen: String,
+    /// Where other nodes fetch this node's backing image files (HTTP).
+    #[arg(long, default_value = "127.0.0.1:9503")]
+    pub http_listen: String,
+    /// Host name or address other processes reach this node at (default: the listen address).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+    /// Where this node serves its replicas to other nodes' engines (NBD over TCP).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd_listen: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -187,6 +243,16 @@ pub enum GetCommand {
         #[command(flatten)]
         server: Server,
     },
+    /// List the nodes with their state.
+    Nodes {
+        #[command(flatten)]
+        server: Server,
+    },
+    /// List the disks of the up nodes with their free space.
+    Disks {
+        #[command(flatten)]
+        server: Server,
+    },
 }
 
 /// Splits `KEY=VALUE` at the first '=', so JSON values with '=' pass through.
@@ -218,6 +284,48 @@ fn attach_dir(endpoint: &str) -> Result<PathBuf> {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Controller(args) => {
+            let cfg = crate::server::Config {
+                csi_endpoint: args
+                    .csi_endpoint
+                    .unwrap_or_else(|| crate::server::default_endpoint(&args.data_dir)),
+                data_dir: args.data_dir,
+                node_id: String::new(),
+                disks: vec![],
+                driver_name: args.driver_name,
+                http_listen: args.http_listen,
+            };
+            let split = crate::server::SplitConfig {
+                cluster_listen: args.cluster_listen,
+                node_down_after: Some(std::time::Duration::from_secs(args.node_down_after.max(1))),
+                ..Default::default()
+            };
+            crate::server::controller(cfg, split, shutdown_signal()).await
+        }
+        Command::Node(args) => {
+            let cfg = serve_config(ServeArgs {
+                data_dir: args.data_dir,
+                csi_endpoint: args.csi_endpoint,
+                node_id: args.node_id,
+                disks: args.disks,
+                driver_name: args.driver_name,
+                http_listen: args.http_listen,
+            })?;
+            let split = crate::server::SplitConfig {
+                controller: args.controller,
+                agent_listen: args.agent_listen,
+                advertise_host: args.advertise_host,
+                nbd_listen: args.nbd_listen,
+                ..Default::default()
+            };
+            crate::server::node(cfg, split, crate::os::Os::real(), shutdown_signal()).await
+        }
+        Command::Get(GetCommand::Nodes { server }) => {
+            crate::cli_api::get_nodes(&server.server).await
+        }
+        Command::Get(GetCommand::Disks { server }) => {
+            crate::cli_api::get_disks(&server.server).await
+        }
         Command::Volume(cmd) => volume(cmd).await,
         Command::Get(GetCommand::Volumes { endpoint }) => get_volumes(&endpoint.csi_endpoint).await,
         Command::Get(GetCommand::Backingimages { server }) => {
@@ -261,18 +369,20 @@ pub fn serve_config(args: ServeArgs) -> Result<crate::server::Config> {
     })
 }
 
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let cfg = serve_config(args)?;
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        }
-    };
-    crate::server::serve(cfg, crate::os::Os::real(), shutdown).await
+    crate::server::serve(cfg, crate::os::Os::real(), shutdown_signal()).await
 }
 
 fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {
@@ -377,16 +487,17 @@ async fn volume(cmd: VolumeCommand) -> Result<()> {
                 .into_inner()
                 .node_id;
             let pb_cap = crate::csi::capability_to_pb(&cap);
-            c.controller
-                .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            let publish_context = publish_until_ready(
+                &mut c,
+                pb::ControllerPublishVolumeRequest {
                     volume_id: volume_id.clone(),
                     node_id: node_id.clone(),
                     volume_capability: Some(pb_cap.clone()),
                     readonly: read_only,
                     ..Default::default()
-                })
-                .await
-                .map_err(status_error)?;
+                },
+            )
+            .await?;
             std::fs::create_dir_all(&staging)
                 .map_err(|e| Error::Internal(format!("{}: {e}", staging.display())))?;
             let record = AttachRecord {
@@ -405,6 +516,7 @@ async fn volume(cmd: VolumeCommand) -> Result<()> {
             c.node
                 .node_stage_volume(pb::NodeStageVolumeRequest {
                     volume_id: volume_id.clone(),
+                    publish_context: publish_context.clone(),
                     staging_target_path: staging.display().to_string(),
                     volume_capability: Some(pb_cap.clone()),
                     ..Default::default()
@@ -414,6 +526,7 @@ async fn volume(cmd: VolumeCommand) -> Result<()> {
             c.node
                 .node_publish_volume(pb::NodePublishVolumeRequest {
                     volume_id: volume_id.clone(),
+                    publish_context,
                     staging_target_path: staging.display().to_string(),
                     target_path: target.display().to_string(),
                     volume_capability: Some(pb_cap),
@@ -474,6 +587,32 @@ async fn volume(cmd: VolumeCommand) -> Result<()> {
                 .map_err(status_error)?;
             println!("volume {name} deleted");
             Ok(())
+        }
+    }
+}
+
+/// ControllerPublishVolume, retried while the volume is being prepared (its backing image is on
+/// its way to a replica's disk), with the progress shown.
+async fn publish_until_ready(
+    c: &mut CsiClient,
+    req: pb::ControllerPublishVolumeRequest,
+) -> Result<HashMap<String, String>> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    loop {
+        match c.controller.controller_publish_volume(req.clone()).await {
+            Ok(r) => {
+                bar.finish_and_clear();
+                return Ok(r.into_inner().publish_context);
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                bar.set_message(s.message().to_string());
+                bar.tick();
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(s) => {
+                bar.finish_and_clear();
+                return Err(status_error(s));
+            }
         }
     }
 }

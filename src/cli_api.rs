@@ -217,3 +217,43 @@ pub async fn delete(server: &str, collection: &str, name: &str) -> Result<()> {
     println!("{}/{name} deleted", collection.trim_end_matches('s'));
     Ok(())
 }
+
+pub async fn get_nodes(server: &str) -> Result<()> {
+    let nodes: Vec<crate::model::NodeRecord> =
+        json(send(client().get(url(server, "v1/nodes")), server).await?).await?;
+    println!(
+        "{:<24} {:<6} {:>5} {:<28} AGENT",
+        "NODE", "STATE", "DISKS", "LAST HEARTBEAT"
+    );
+    for n in nodes {
+        println!(
+            "{:<24} {:<6} {:>5} {:<28} {}",
+            n.node_id,
+            if n.up { "up" } else { "down" },
+            n.disks.len(),
+            n.last_heartbeat,
+            if n.agent_url.is_empty() {
+                "(in process)"
+            } else {
+                &n.agent_url
+            }
+        );
+    }
+    Ok(())
+}
+
+pub async fn get_disks(server: &str) -> Result<()> {
+    let disks: Vec<crate::agent::DiskSpace> =
+        json(send(client().get(url(server, "v1/disks")), server).await?).await?;
+    println!("{:<14} {:<24} {:>10} PATH", "DISK", "NODE", "FREE");
+    for d in disks {
+        println!(
+            "{:<14} {:<24} {:>10} {}",
+            d.disk.id,
+            d.disk.node_id,
+            crate::quantity::human(d.free_bytes),
+            d.disk.path.display()
+        );
+    }
+    Ok(())
+}

@@ -4,19 +4,17 @@
 //! it with domain types and maps its errors with the one table in `error.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
+use crate::agent::DiskSpace;
 use crate::backing::BackingImages;
 use crate::backing::object::BackingImage;
 use crate::backing::state::FileState;
+use crate::cluster::Cluster;
 use crate::error::{Error, Result};
-use crate::fsutil::blocking;
 use crate::guard::Guards;
 use crate::model::{Capability, Publication, Replica, Volume, VolumeSpec, now_rfc3339};
-use crate::os::ImageFormat;
 use crate::params;
-use crate::replicas::{DiskSpace, ReplicaFiles};
 use crate::store::{Kind, Store, StoreExt};
 
 /// Size of a volume created without a capacity range.
@@ -51,8 +49,7 @@ pub struct Condition {
 pub struct Controller {
     store: Arc<dyn Store>,
     backing: Arc<BackingImages>,
-    replicas: Arc<dyn ReplicaFiles>,
-    nodes: RwLock<BTreeSet<String>>,
+    cluster: Arc<Cluster>,
     guards: Guards,
 }
 
@@ -119,14 +116,18 @@ fn check_capabilities(caps: &[Capability]) -> Result<()> {
     Ok(())
 }
 
-fn image_format(bi: &BackingImage) -> Result<ImageFormat> {
-    ImageFormat::parse(&bi.status.format).ok_or_else(|| {
-        Error::Internal(format!(
-            "backing image {:?} has an unknown format {:?}",
-            bi.name(),
-            bi.status.format
-        ))
-    })
+/// The key of the publish context that carries the replica targets to NodeStageVolume.
+pub const REPLICAS_CONTEXT_KEY: &str = "bicsi.io/replicas";
+
+fn publish_context(targets: &[crate::os::ReplicaTarget]) -> Result<BTreeMap<String, String>> {
+    let mut ctx = BTreeMap::new();
+    if !targets.is_empty() {
+        ctx.insert(
+            REPLICAS_CONTEXT_KEY.to_string(),
+            serde_json::to_string(targets)?,
+        );
+    }
+    Ok(ctx)
 }
 
 /// Mutable parameters (CreateVolume's and ControllerModifyVolume's): only `numberOfReplicas`.
@@ -169,31 +170,23 @@ pub fn place_replicas(mut disks: Vec<DiskSpace>, n: usize) -> Vec<DiskSpace> {
 impl Controller {
     pub fn new(
         store: Arc<dyn Store>,
-        replicas: Arc<dyn ReplicaFiles>,
+        cluster: Arc<Cluster>,
         backing: Arc<BackingImages>,
     ) -> Controller {
         Controller {
             store,
             backing,
-            replicas,
-            nodes: RwLock::new(BTreeSet::new()),
+            cluster,
             guards: Guards::default(),
         }
     }
 
-    /// Makes `node_id` a node volumes can be published to.
-    pub fn register_node(&self, node_id: &str) {
-        self.nodes
-            .write()
-            .expect("node set poisoned")
-            .insert(node_id.to_string());
+    pub fn backing(&self) -> &Arc<BackingImages> {
+        &self.backing
     }
 
-    fn known_node(&self, node_id: &str) -> bool {
-        self.nodes
-            .read()
-            .expect("node set poisoned")
-            .contains(node_id)
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Volume>> {
@@ -262,10 +255,7 @@ impl Controller {
             None => size_for_range(req.required_bytes, req.limit_bytes, DEFAULT_VOLUME_SIZE)?,
         };
 
-        let disks = {
-            let files = self.replicas.clone();
-            blocking(move || files.disks()).await?
-        };
+        let disks = self.cluster.disks().await?;
         if disks.is_empty() {
             return Err(Error::ResourceExhausted(
                 "no disks to place replicas on; start bicsi with --disk PATH".into(),
@@ -274,7 +264,8 @@ impl Controller {
         let chosen = place_replicas(disks, p.number_of_replicas as usize);
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
-        let mut plans: Vec<(Replica, Option<(PathBuf, ImageFormat)>)> = Vec::new();
+        let image_name = image.as_ref().map(|bi| bi.name().to_string());
+        let mut replicas: Vec<Replica> = Vec::new();
         for d in &chosen {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             let mut replica = Replica {
@@ -284,47 +275,23 @@ impl Controller {
                 disk_id: d.disk.id.clone(),
                 deferred: false,
             };
-            let backing = match &image {
-                Some(bi) => {
-                    let ready = bi
-                        .status
-                        .disk_file_status_map
-                        .get(&d.disk.id)
-                        .is_some_and(|f| f.state == FileState::Ready);
-                    let file = BackingImages::file_path(&d.disk, bi);
-                    if ready && file.is_file() {
-                        Some((file, image_format(bi)?))
-                    } else {
-                        replica.deferred = true;
-                        None
-                    }
+            let created = match self.cluster.agent(&replica.node_id) {
+                Ok(agent) => {
+                    agent
+                        .create_replica(&replica, size, image_name.as_deref())
+                        .await
                 }
-                None => None,
+                Err(e) => Err(e),
             };
-            plans.push((replica, backing));
-        }
-        let replicas: Vec<Replica> = plans.iter().map(|(r, _)| r.clone()).collect();
-        {
-            let files = self.replicas.clone();
-            let plans = plans.clone();
-            blocking(move || {
-                let reps: Vec<Replica> = plans.iter().map(|(r, _)| r.clone()).collect();
-                for (i, (r, backing)) in plans.iter().enumerate() {
-                    if r.deferred {
-                        continue;
-                    }
-                    let backing = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-                    if let Err(e) = files.create(r, size, backing) {
-                        // Leave nothing half-made: remove the replicas created so far.
-                        for done in &reps[..=i] {
-                            let _ = files.delete(done);
-                        }
-                        return Err(e);
-                    }
+            match created {
+                Ok(now) => replica.deferred = !now,
+                Err(e) => {
+                    // Leave nothing half-made: remove the replicas created so far.
+                    self.delete_replicas(&replicas).await;
+                    return Err(e);
                 }
-                Ok(())
-            })
-            .await?;
+            }
+            replicas.push(replica);
         }
         let volume = Volume {
             id: id.clone(),
@@ -343,15 +310,7 @@ impl Controller {
             created_at: now_rfc3339(),
         };
         if let Err(e) = self.store.put(Kind::Volume, &id, &volume) {
-            let files = self.replicas.clone();
-            let reps = volume.replicas.clone();
-            let _ = blocking(move || {
-                for r in &reps {
-                    let _ = files.delete(r);
-                }
-                Ok(())
-            })
-            .await;
+            self.delete_replicas(&volume.replicas).await;
             return Err(e);
         }
         if volume.is_degraded() {
@@ -365,6 +324,15 @@ impl Controller {
             tracing::info!(volume = %id, size, replicas = volume.replicas.len(), "volume created");
         }
         Ok(volume)
+    }
+
+    /// Best-effort removal of replicas of a volume that is not being created after all.
+    async fn delete_replicas(&self, replicas: &[Replica]) {
+        for r in replicas {
+            if let Ok(agent) = self.cluster.agent(&r.node_id) {
+                let _ = agent.delete_replica(r).await;
+            }
+        }
     }
 
     /// The volume's backing image with a ready file, or why not yet: Unavailable while it is
@@ -424,15 +392,9 @@ impl Controller {
                 p.node_id
             )));
         }
-        let files = self.replicas.clone();
-        let reps = volume.replicas.clone();
-        blocking(move || {
-            for r in &reps {
-                files.delete(r)?;
-            }
-            Ok(())
-        })
-        .await?;
+        for r in &volume.replicas {
+            self.cluster.agent(&r.node_id)?.delete_replica(r).await?;
+        }
         self.store.delete(Kind::Volume, id)?;
         tracing::info!(volume = %id, "volume deleted");
         Ok(())
@@ -448,16 +410,16 @@ impl Controller {
         check_capabilities(std::slice::from_ref(&capability))?;
         let _guard = self.guards.try_take(id, "volume")?;
         let mut volume = self.must_get(id)?;
-        if !self.known_node(node_id) {
+        if !self.cluster.known(node_id) {
             return Err(Error::NotFound(format!(
                 "node {node_id:?} not found; known nodes: {:?}",
-                self.nodes.read().expect("node set poisoned")
+                self.cluster.node_ids()
             )));
         }
         match &volume.publication {
             Some(p) if p.node_id == node_id => {
                 if p.capability.same_as(&capability) && p.read_only == read_only {
-                    return Ok(BTreeMap::new());
+                    return publish_context(&p.targets);
                 }
                 return Err(Error::AlreadyExists(format!(
                     "volume {id:?} is already published to node {node_id:?} with another capability or read-only flag; unpublish it first"
@@ -471,13 +433,73 @@ impl Controller {
             }
             None => {}
         }
+        let targets = self.prepare_replicas(&mut volume, node_id).await?;
+        let context = publish_context(&targets)?;
         volume.publication = Some(Publication {
             node_id: node_id.to_string(),
             capability,
             read_only,
+            targets,
         });
         self.store.put(Kind::Volume, id, &volume)?;
-        Ok(BTreeMap::new())
+        Ok(context)
+    }
+
+    /// Asks each replica's node to make it usable from `node_id`: the backing image file on its
+    /// disk, a deferred replica created, an NBD export for another node. Replicas on nodes that
+    /// are down are left out (the volume attaches degraded); while files are on their way this
+    /// answers Unavailable, and the CO's retry continues the work.
+    async fn prepare_replicas(
+        &self,
+        volume: &mut Volume,
+        node_id: &str,
+    ) -> Result<Vec<crate::os::ReplicaTarget>> {
+        let image = volume.spec.backing_image.clone();
+        let mut targets = Vec::new();
+        let mut waiting = Vec::new();
+        let mut skipped = Vec::new();
+        for r in volume.replicas.iter_mut() {
+            let agent = match self.cluster.agent(&r.node_id) {
+                Ok(a) => a,
+                Err(e) => {
+                    skipped.push(format!("replica {}: {e}", r.id));
+                    continue;
+                }
+            };
+            match agent
+                .prepare_replica(r, volume.spec.capacity_bytes, image.as_deref(), node_id)
+                .await
+            {
+                Ok(t) => {
+                    r.deferred = false;
+                    targets.push(t);
+                }
+                Err(e) if e.code() == tonic::Code::Unavailable => waiting.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        if !waiting.is_empty() {
+            // Deferred replicas created so far are recorded even though attaching must wait.
+            self.store.put(Kind::Volume, &volume.id, &*volume)?;
+            return Err(Error::Unavailable(format!(
+                "volume {:?} is being prepared for node {node_id:?}: {}",
+                volume.id,
+                waiting.join("; ")
+            )));
+        }
+        if targets.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "no replica of volume {:?} is reachable: {}",
+                volume.id,
+                skipped.join("; ")
+            )));
+        }
+        for s in &skipped {
+            tracing::warn!(volume = %volume.id, "attaching without a replica: {s}");
+        }
+        // The attaching node's own replica first: qemu's quorum reads from the first child.
+        targets.sort_by_key(|t| !matches!(t, crate::os::ReplicaTarget::Local(_)));
+        Ok(targets)
     }
 
     /// Unpublishes from `node_id` (or from any node when empty). Unknown volume or node: Ok.
@@ -486,13 +508,25 @@ impl Controller {
         let Some(mut volume) = self.get(id)? else {
             return Ok(());
         };
-        match &volume.publication {
-            Some(p) if node_id.is_empty() || p.node_id == node_id => {
-                volume.publication = None;
-                self.store.put(Kind::Volume, id, &volume)
+        let attached = match &volume.publication {
+            Some(p) if node_id.is_empty() || p.node_id == node_id => p.node_id.clone(),
+            _ => return Ok(()),
+        };
+        // Replicas served to the attaching node over NBD are no longer needed there.
+        for r in volume.replicas.iter().filter(|r| r.node_id != attached) {
+            match self.cluster.agent(&r.node_id) {
+                Ok(agent) => {
+                    if let Err(e) = agent.release_replica(r).await {
+                        tracing::warn!(volume = %id, replica = %r.id, error = %e, "cannot stop exporting a replica");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %id, replica = %r.id, error = %e, "replica's node is down")
+                }
             }
-            _ => Ok(()),
         }
+        volume.publication = None;
+        self.store.put(Kind::Volume, id, &volume)
     }
 
     /// None when every capability is supported, else the reason.
@@ -538,28 +572,31 @@ impl Controller {
 
     /// Free bytes across the disks that take replicas.
     pub async fn capacity(&self) -> Result<u64> {
-        let files = self.replicas.clone();
-        let disks = blocking(move || files.disks()).await?;
+        let disks = self.cluster.disks().await?;
         Ok(disks.iter().map(|d| d.free_bytes).sum())
     }
 
     pub async fn condition(&self, volume: &Volume) -> Result<Condition> {
-        let files = self.replicas.clone();
-        let reps = volume.replicas.clone();
-        let missing: Vec<String> = blocking(move || {
-            let mut missing = Vec::new();
-            for r in &reps {
-                if !files.exists(r)? {
+        let mut missing = Vec::new();
+        for r in volume.replicas.iter().filter(|r| !r.deferred) {
+            let exists = match self.cluster.agent(&r.node_id) {
+                Ok(agent) => agent.replica_exists(r).await?,
+                Err(_) => {
                     missing.push(format!(
-                        "replica {} ({}) is missing",
-                        r.id,
-                        r.path.display()
+                        "replica {} is on node {}, which is down",
+                        r.id, r.node_id
                     ));
+                    continue;
                 }
+            };
+            if !exists {
+                missing.push(format!(
+                    "replica {} ({}) is missing",
+                    r.id,
+                    r.path.display()
+                ));
             }
-            Ok(missing)
-        })
-        .await?;
+        }
         if missing.is_empty() {
             let message = if volume.is_degraded() {
                 format!(
@@ -603,15 +640,12 @@ impl Controller {
                 p.node_id
             )));
         }
-        let files = self.replicas.clone();
-        let reps = volume.replicas.clone();
-        blocking(move || {
-            for r in &reps {
-                files.resize(r, size)?;
-            }
-            Ok(())
-        })
-        .await?;
+        for r in volume.replicas.iter().filter(|r| !r.deferred) {
+            self.cluster
+                .agent(&r.node_id)?
+                .resize_replica(r, size)
+                .await?;
+        }
         volume.spec.capacity_bytes = size;
         self.store.put(Kind::Volume, id, &volume)?;
         Ok((size, !is_block))
@@ -643,41 +677,40 @@ impl Controller {
                 "volume {id:?} starts from backing image {image:?}: adding replicas to such a volume is not supported yet"
             )));
         }
-        let files = self.replicas.clone();
-        let current = volume.replicas.clone();
-        let vol_id = id.to_string();
-        let new_replicas = blocking(move || {
-            let mut reps = current;
-            let want = wanted as usize;
-            while reps.len() > want {
-                let r = reps.pop().expect("non-empty");
-                files.delete(&r)?;
+        let want = wanted as usize;
+        let mut reps = volume.replicas.clone();
+        while reps.len() > want {
+            let r = reps.pop().expect("non-empty");
+            self.cluster.agent(&r.node_id)?.delete_replica(&r).await?;
+        }
+        if reps.len() < want {
+            let source = reps.first().cloned().ok_or_else(|| {
+                Error::FailedPrecondition("volume has no replica to copy from".into())
+            })?;
+            // A new replica is a copy of an existing one, so it goes on the source's node.
+            let free: Vec<DiskSpace> = self
+                .cluster
+                .disks()
+                .await?
+                .into_iter()
+                .filter(|d| d.disk.node_id == source.node_id)
+                .filter(|d| !reps.iter().any(|r| r.disk_id == d.disk.id))
+                .collect();
+            let agent = self.cluster.agent(&source.node_id)?;
+            for d in place_replicas(free, want - reps.len()) {
+                let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+                let r = Replica {
+                    path: crate::disks::replica_path(&d.disk, id, &rid),
+                    id: rid,
+                    node_id: d.disk.node_id.clone(),
+                    disk_id: d.disk.id.clone(),
+                    deferred: false,
+                };
+                agent.copy_replica(&source, &r).await?;
+                reps.push(r);
             }
-            if reps.len() < want {
-                let free: Vec<DiskSpace> = files
-                    .disks()?
-                    .into_iter()
-                    .filter(|d| !reps.iter().any(|r| r.disk_id == d.disk.id))
-                    .collect();
-                let source = reps.first().cloned().ok_or_else(|| {
-                    Error::FailedPrecondition("volume has no replica to copy from".into())
-                })?;
-                for d in place_replicas(free, want - reps.len()) {
-                    let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-                    let r = Replica {
-                        path: crate::disks::replica_path(&d.disk, &vol_id, &rid),
-                        id: rid,
-                        node_id: d.disk.node_id.clone(),
-                        disk_id: d.disk.id.clone(),
-                        deferred: false,
-                    };
-                    files.copy(&source, &r)?;
-                    reps.push(r);
-                }
-            }
-            Ok(reps)
-        })
-        .await?;
+        }
+        let new_replicas = reps;
         volume.replicas = new_replicas;
         volume.spec.number_of_replicas = wanted;
         volume

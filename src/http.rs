@@ -16,13 +16,17 @@ use crate::backing::BackingImages;
 use crate::backing::object::BackingImage;
 use crate::controller::Controller;
 use crate::error::Error;
+use crate::files::FileManagers;
 use crate::storageclass::{self, StorageClass};
 use crate::store::{Kind, Store, StoreExt};
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub controller: Arc<Controller>,
-    pub backing: Arc<BackingImages>,
+    /// Absent on a node agent alone: it serves only files and health.
+    pub controller: Option<Arc<Controller>>,
+    pub backing: Option<Arc<BackingImages>>,
+    /// This node's backing image files, served to other nodes (absent on a controller alone).
+    pub files: Option<Arc<FileManagers>>,
     pub store: Arc<dyn Store>,
     pub driver_name: String,
 }
@@ -40,6 +44,20 @@ impl IntoResponse for Error {
 }
 
 type ApiResult<T> = Result<T, Error>;
+
+impl ApiState {
+    fn controller(&self) -> ApiResult<&Arc<Controller>> {
+        self.controller.as_ref().ok_or_else(|| {
+            Error::NotFound("this is a node agent; ask the controller's HTTP API".into())
+        })
+    }
+
+    fn backing(&self) -> ApiResult<&Arc<BackingImages>> {
+        self.backing.as_ref().ok_or_else(|| {
+            Error::NotFound("this is a node agent; ask the controller's HTTP API".into())
+        })
+    }
+}
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -61,7 +79,49 @@ pub fn router(state: ApiState) -> Router {
             "/v1/storageclasses/{name}",
             get(get_storage_class).delete(delete_storage_class),
         )
+        .route("/v1/files/{dir}", get(transfer_file))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/disks", get(list_disks))
         .with_state(state)
+}
+
+async fn list_nodes(State(s): State<ApiState>) -> ApiResult<Json<Vec<crate::model::NodeRecord>>> {
+    let cluster = s.controller()?.cluster().clone();
+    let mut nodes: Vec<crate::model::NodeRecord> = s.store.list(Kind::Node)?;
+    for n in &mut nodes {
+        n.up = cluster.is_up(&n.node_id);
+    }
+    Ok(Json(nodes))
+}
+
+async fn list_disks(State(s): State<ApiState>) -> ApiResult<Json<Vec<crate::agent::DiskSpace>>> {
+    Ok(Json(s.controller()?.cluster().disks().await?))
+}
+
+/// Streams a ready backing image file of this node to another node: data extents only, in the
+/// framed format of `sync`. The receiver verifies the SHA-512 itself.
+async fn transfer_file(State(s): State<ApiState>, Path(dir): Path<String>) -> ApiResult<Response> {
+    let files = s
+        .files
+        .as_ref()
+        .ok_or_else(|| Error::NotFound("this process holds no backing image files".into()))?;
+    if dir.contains('/') || dir.contains("..") {
+        return Err(Error::InvalidArgument(format!(
+            "{dir:?} is not a backing image file"
+        )));
+    }
+    let path = files
+        .disks()
+        .iter()
+        .map(|d| d.path.join("backing-images").join(&dir).join("backing"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::NotFound(format!("no ready file {dir:?} on this node")))?;
+    let body = axum::body::Body::from_stream(crate::sync::extent_stream(path));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        body,
+    )
+        .into_response())
 }
 
 /// Parses a JSON body with our error format (axum's own rejection is plain text).
@@ -71,12 +131,12 @@ fn body<T: DeserializeOwned>(bytes: &Bytes, what: &str) -> ApiResult<T> {
 }
 
 async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
-    let (volumes, _) = s.controller.list_volumes(0, "")?;
+    let (volumes, _) = s.controller()?.list_volumes(0, "")?;
     Ok(Json(serde_json::to_value(volumes)?))
 }
 
 async fn list_backing_images(State(s): State<ApiState>) -> ApiResult<Json<Vec<BackingImage>>> {
-    Ok(Json(s.backing.list()?))
+    Ok(Json(s.backing()?.list()?))
 }
 
 async fn create_backing_image(
@@ -84,7 +144,7 @@ async fn create_backing_image(
     bytes: Bytes,
 ) -> ApiResult<(StatusCode, Json<BackingImage>)> {
     let bi: BackingImage = body(&bytes, "BackingImage")?;
-    let (bi, created) = s.backing.create(bi).await?;
+    let (bi, created) = s.backing()?.create(bi).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -97,14 +157,14 @@ async fn get_backing_image(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<BackingImage>> {
-    Ok(Json(s.backing.must_get(&name)?))
+    Ok(Json(s.backing()?.must_get(&name)?))
 }
 
 async fn delete_backing_image(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.backing.delete(&name).await?;
+    s.backing()?.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

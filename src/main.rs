@@ -10,6 +10,8 @@ async fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal; log files and container logs stay plain.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = bicsi::cli::Cli::parse();
     if let Err(e) = bicsi::cli::run(cli).await {

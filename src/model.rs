@@ -109,6 +109,9 @@ pub struct Publication {
     pub node_id: String,
     pub capability: Capability,
     pub read_only: bool,
+    /// How the attaching node's engine reaches each replica (local file or NBD export).
+    #[serde(default)]
+    pub targets: Vec<crate::os::ReplicaTarget>,
 }
 
 /// What a user asked for when creating the volume (desired state).
@@ -163,7 +166,11 @@ pub struct NodeVolume {
     pub capability: Capability,
     pub engine_dir: PathBuf,
     pub device: PathBuf,
+    /// The local replica files among the engine's children.
     pub replicas: Vec<PathBuf>,
+    /// Every child of the engine, local and remote.
+    #[serde(default)]
+    pub targets: Vec<crate::os::ReplicaTarget>,
     pub publications: Vec<NodePublication>,
 }
 
@@ -174,6 +181,23 @@ pub struct Disk {
     pub id: String,
     pub node_id: String,
     pub path: PathBuf,
+}
+
+/// A node as the controller knows it: where its agent and its file transfers are, its disks, and
+/// whether it is up (sending heartbeats).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    pub node_id: String,
+    /// The node's Agent gRPC service (split mode); empty for the all-in-one process.
+    #[serde(default)]
+    pub agent_url: String,
+    /// Base URL other nodes fetch this node's backing image files from.
+    #[serde(default)]
+    pub transfer_url: String,
+    pub disks: Vec<Disk>,
+    pub up: bool,
+    pub last_heartbeat: String,
 }
 
 /// Current time as RFC 3339 (UTC, seconds), for records people read.

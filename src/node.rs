@@ -11,12 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backing::BackingImages;
 use crate::error::{Error, Result};
+use crate::files::FileManagers;
 use crate::fsutil::blocking;
 use crate::guard::Guards;
 use crate::model::{AccessType, Capability, Disk, NodePublication, NodeVolume, Volume};
-use crate::os::{EngineSpec, ImageFormat, Os};
+use crate::os::{ImageFormat, Os, ReplicaTarget, VolumeEngineSpec};
 use crate::store::{Kind, Store, StoreExt};
 
 /// Topology key NodeGetInfo reports.
@@ -41,7 +41,7 @@ pub struct NodeAgent {
     volumes: Arc<dyn Store>,
     /// Where this node's own records live.
     local: Arc<dyn Store>,
-    backing: Arc<BackingImages>,
+    files: Arc<FileManagers>,
     disks: Vec<Disk>,
     guards: Guards,
 }
@@ -68,7 +68,7 @@ impl NodeAgent {
         os: Os,
         volumes: Arc<dyn Store>,
         local: Arc<dyn Store>,
-        backing: Arc<BackingImages>,
+        files: Arc<FileManagers>,
         disks: Vec<Disk>,
     ) -> NodeAgent {
         NodeAgent {
@@ -77,7 +77,7 @@ impl NodeAgent {
             os,
             volumes,
             local,
-            backing,
+            files,
             disks,
             guards: Guards::default(),
         }
@@ -107,9 +107,12 @@ impl NodeAgent {
                         r.id, volume.id, r.disk_id
                     ))
                 })?;
-            let file = self.backing.prepare_on_disk(&name, &disk).await?;
+            let file = self.files.ensure_file(&name, &disk.id).await?;
             if r.deferred {
-                let bi = self.backing.must_get(&name)?;
+                let bi: crate::backing::object::BackingImage = self
+                    .volumes
+                    .get(Kind::BackingImage, &name)?
+                    .ok_or_else(|| Error::NotFound(format!("backing image {name:?} not found")))?;
                 let format = ImageFormat::parse(&bi.status.format).ok_or_else(|| {
                     Error::Internal(format!("backing image {name:?} has no known format"))
                 })?;
@@ -188,11 +191,14 @@ impl NodeAgent {
         Ok(())
     }
 
+    /// `publish_context` is ControllerPublishVolume's answer: it names the engine's children
+    /// (replicas of other nodes over NBD). Without it, this node's own replicas are used.
     pub async fn stage(
         &self,
         volume_id: &str,
         staging_path: &Path,
         capability: Capability,
+        publish_context: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
         let _guard = self.guards.try_take(volume_id, "volume")?;
         let mut volume: Volume = self
@@ -219,16 +225,29 @@ impl NodeAgent {
             }
             tracing::warn!(volume = %volume_id, "repairing a staged volume that is not fully in place");
         }
-        self.prepare_replicas(&mut volume).await?;
-        let replicas: Vec<PathBuf> = volume
-            .replicas
-            .iter()
-            .filter(|r| r.node_id == self.node_id && r.path.is_file())
-            .map(|r| r.path.clone())
-            .collect();
-        if replicas.is_empty() {
+        let targets = match publish_context.get(crate::controller::REPLICAS_CONTEXT_KEY) {
+            Some(json) => serde_json::from_str::<Vec<ReplicaTarget>>(json).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "publish_context {} is malformed ({e}); pass ControllerPublishVolume's answer unchanged",
+                    crate::controller::REPLICAS_CONTEXT_KEY
+                ))
+            })?,
+            None => {
+                self.prepare_replicas(&mut volume).await?;
+                if volume.replicas.iter().any(|r| r.node_id != self.node_id) {
+                    tracing::warn!(volume = %volume_id, "no publish context: staging with this node's replicas only");
+                }
+                volume
+                    .replicas
+                    .iter()
+                    .filter(|r| r.node_id == self.node_id && r.path.is_file())
+                    .map(|r| ReplicaTarget::Local(r.path.clone()))
+                    .collect()
+            }
+        };
+        if targets.is_empty() {
             return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id:?} has no replica file on node {:?}; its replicas are: {}",
+                "volume {volume_id:?} has no replica reachable from node {:?}; its replicas are: {}",
                 self.node_id,
                 volume
                     .replicas
@@ -238,6 +257,13 @@ impl NodeAgent {
                     .join(", ")
             )));
         }
+        let replicas: Vec<PathBuf> = targets
+            .iter()
+            .filter_map(|t| match t {
+                ReplicaTarget::Local(p) => Some(p.clone()),
+                ReplicaTarget::Nbd { .. } => None,
+            })
+            .collect();
         let read_only = capability.mode.is_read_only();
         let rec = NodeVolume {
             volume_id: volume_id.to_string(),
@@ -246,6 +272,7 @@ impl NodeAgent {
             engine_dir: self.engine_dir(volume_id),
             device: PathBuf::new(),
             replicas,
+            targets,
             publications: self
                 .record(volume_id)?
                 .map(|r| r.publications)
@@ -255,9 +282,9 @@ impl NodeAgent {
         let os = self.os.clone();
         let rec = blocking(move || {
             let mut rec = rec;
-            let state = os.engine.start(&EngineSpec {
+            let state = os.engine.start_volume(&VolumeEngineSpec {
                 volume_id: rec.volume_id.clone(),
-                replicas: rec.replicas.clone(),
+                replicas: rec.targets.clone(),
                 run_dir: rec.engine_dir.clone(),
                 read_only,
             })?;

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::agent::LocalAgent;
 use crate::backing::BackingImages;
+use crate::cluster::Cluster;
 use crate::controller::Controller;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
@@ -19,9 +21,10 @@ use crate::csi::pb::controller_server::ControllerServer;
 use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::pb::node_server::NodeServer;
 use crate::error::{Error, Result};
+use crate::files::FileManagers;
+use crate::model::NodeRecord;
 use crate::node::NodeAgent;
 use crate::os::Os;
-use crate::replicas::LocalReplicas;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Kind, Store, StoreExt};
 
@@ -76,12 +79,33 @@ async fn bind_unix(path: &Path) -> Result<UnixListener> {
         .map_err(|e| Error::Internal(format!("cannot listen on {}: {e}", path.display())))
 }
 
-/// Runs bicsi until `shutdown` resolves.
-pub async fn serve(
-    cfg: Config,
-    os: Os,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+/// Where the split mode's processes listen and find each other.
+#[derive(Clone, Debug, Default)]
+pub struct SplitConfig {
+    /// Controller: the Cluster service for node agents (`host:port`).
+    pub cluster_listen: String,
+    /// Node: the controller's Cluster service (`http://host:port`).
+    pub controller: String,
+    /// Node: the Agent service for the controller (`host:port`).
+    pub agent_listen: String,
+    /// Node: the host name or address other processes reach this node at; default: the
+    /// address it listens on.
+    pub advertise_host: Option<String>,
+    /// Node: where this node's replica server listens for NBD clients (`host:port`).
+    pub nbd_listen: String,
+    /// Controller: a node silent for this long is down.
+    pub node_down_after: Option<std::time::Duration>,
+}
+
+/// What one process runs: the CSI services it offers and the extra gRPC services.
+struct Services {
+    controller: Option<Arc<Controller>>,
+    node: Option<Arc<NodeAgent>>,
+    extra: Option<(TcpListener, tonic::service::Routes)>,
+}
+
+/// Opens the data directory, the embedded store and the disks.
+fn open_local(cfg: &Config) -> Result<(Arc<dyn Store>, Vec<crate::model::Disk>)> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         Error::Internal(format!(
             "cannot create data directory {}: {e}",
@@ -89,7 +113,6 @@ pub async fn serve(
         ))
     })?;
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?);
-
     let disk_paths = if cfg.disks.is_empty() {
         vec![cfg.data_dir.join("disks").join("default")]
     } else {
@@ -102,37 +125,281 @@ pub async fn serve(
         tracing::info!(disk = %disk.id, path = %disk.path.display(), "disk ready");
         disks.push(disk);
     }
+    Ok((store, disks))
+}
 
-    let backing = BackingImages::new(store.clone(), disks.clone(), os.clone());
-    backing.resume().await?;
-    let controller = Arc::new(Controller::new(
+async fn bind_tcp(addr: &str, flag: &str) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await.map_err(|e| {
+        Error::FailedPrecondition(format!(
+            "cannot listen on {addr}: {e}; choose another {flag}"
+        ))
+    })?;
+    let a = l.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    Ok((l, a))
+}
+
+/// `bicsi serve`: controller and node agent in one process, calling each other directly.
+pub async fn serve(
+    cfg: Config,
+    os: Os,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (store, disks) = open_local(&cfg)?;
+    let cluster = Cluster::new(store.clone());
+    let backing = BackingImages::new(store.clone(), cluster.clone());
+    let files = FileManagers::new(
+        cfg.node_id.clone(),
+        disks.clone(),
+        os.clone(),
         store.clone(),
-        LocalReplicas::new(disks.clone(), os.clone()),
         backing.clone(),
-    ));
-    controller.register_node(&cfg.node_id);
+    );
+    let local_agent = Arc::new(LocalAgent {
+        node_id: cfg.node_id.clone(),
+        disks: disks.clone(),
+        os: os.clone(),
+        files: files.clone(),
+        store: store.clone(),
+        nbd: None,
+    });
+    cluster.register(
+        NodeRecord {
+            node_id: cfg.node_id.clone(),
+            agent_url: String::new(),
+            transfer_url: String::new(),
+            disks: disks.clone(),
+            up: true,
+            last_heartbeat: String::new(),
+        },
+        local_agent,
+        true,
+    )?;
+    files.resume().await?;
+    let controller = Arc::new(Controller::new(store.clone(), cluster, backing.clone()));
     let agent = Arc::new(NodeAgent::new(
         cfg.node_id.clone(),
         cfg.data_dir.clone(),
         os,
         store.clone(),
         store.clone(),
-        backing.clone(),
+        files.clone(),
         disks,
     ));
     agent.readopt().await?;
+    let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
+    let api = crate::http::router(crate::http::ApiState {
+        controller: Some(controller.clone()),
+        backing: Some(backing),
+        files: Some(files),
+        store,
+        driver_name: cfg.driver_name.clone(),
+    });
+    run(
+        &cfg,
+        Services {
+            controller: Some(controller),
+            node: Some(agent),
+            extra: None,
+        },
+        (http, http_addr, api),
+        shutdown,
+    )
+    .await
+}
 
-    let sock = socket_path(&cfg.csi_endpoint)?;
-    let unix = bind_unix(&sock).await?;
-    let http = TcpListener::bind(&cfg.http_listen).await.map_err(|e| {
-        Error::FailedPrecondition(format!(
-            "cannot listen for HTTP on {}: {e}; choose another --http-listen",
-            cfg.http_listen
+/// `bicsi controller`: state, the CSI Controller service, the HTTP API, and the Cluster service
+/// the node agents register with.
+pub async fn controller(
+    cfg: Config,
+    split: SplitConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?);
+    let cluster = Cluster::with_down_after(
+        store.clone(),
+        split.node_down_after.unwrap_or(crate::cluster::DOWN_AFTER),
+    );
+    let backing = BackingImages::new(store.clone(), cluster.clone());
+    let controller = Arc::new(Controller::new(
+        store.clone(),
+        cluster.clone(),
+        backing.clone(),
+    ));
+    let (cluster_l, cluster_addr) = bind_tcp(&split.cluster_listen, "--cluster-listen").await?;
+    tracing::info!(cluster = %cluster_addr, "serving node agents");
+    let routes = tonic::service::Routes::new(
+        crate::remote::pb::cluster_server::ClusterServer::new(crate::remote::ClusterService {
+            cluster: cluster.clone(),
+            store: store.clone(),
+            backing: backing.clone(),
+        }),
+    );
+    // Nodes that stop sending heartbeats are marked down, and their files unknown.
+    let sweeper = {
+        let (cluster, backing) = (cluster.clone(), backing.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::cluster::HEARTBEAT_INTERVAL);
+            loop {
+                tick.tick().await;
+                if let Ok(down) = cluster.sweep() {
+                    for node in down {
+                        let _ = backing.node_down(&node).await;
+                    }
+                }
+            }
+        })
+    };
+    let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
+    let api = crate::http::router(crate::http::ApiState {
+        controller: Some(controller.clone()),
+        backing: Some(backing),
+        files: None,
+        store,
+        driver_name: cfg.driver_name.clone(),
+    });
+    let r = run(
+        &cfg,
+        Services {
+            controller: Some(controller),
+            node: None,
+            extra: Some((cluster_l, routes)),
+        },
+        (http, http_addr, api),
+        shutdown,
+    )
+    .await;
+    sweeper.abort();
+    r
+}
+
+/// `bicsi node`: the CSI Node service, this node's disks and their backing image files, the
+/// Agent service for the controller, and the file transfer endpoint for other nodes.
+pub async fn node(
+    cfg: Config,
+    split: SplitConfig,
+    os: Os,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (local_store, disks) = open_local(&cfg)?;
+    let channel = crate::remote::channel(&split.controller)?;
+    let cluster_store: Arc<dyn Store> = Arc::new(crate::remote::RemoteStore::new(channel.clone()));
+    let reports = Arc::new(crate::remote::RemoteReports {
+        client: crate::remote::pb::cluster_client::ClusterClient::new(channel.clone()),
+    });
+    let files = FileManagers::new(
+        cfg.node_id.clone(),
+        disks.clone(),
+        os.clone(),
+        cluster_store.clone(),
+        reports,
+    );
+    let (nbd_host, nbd_port) = split.nbd_listen.rsplit_once(':').ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "--nbd-listen {:?} is not host:port",
+            split.nbd_listen
         ))
     })?;
-    let http_addr: SocketAddr = http
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let nbd_port: u16 = nbd_port.parse().map_err(|_| {
+        Error::InvalidArgument(format!("--nbd-listen {:?}: bad port", split.nbd_listen))
+    })?;
+    let nbd_advertised = split
+        .advertise_host
+        .clone()
+        .unwrap_or_else(|| nbd_host.to_string());
+    let _ = nbd_host;
+    let local_agent = Arc::new(LocalAgent {
+        node_id: cfg.node_id.clone(),
+        disks: disks.clone(),
+        os: os.clone(),
+        files: files.clone(),
+        store: cluster_store.clone(),
+        nbd: Some((
+            cfg.data_dir.join("replica-server"),
+            nbd_advertised,
+            nbd_port,
+        )),
+    });
+    let agent = Arc::new(NodeAgent::new(
+        cfg.node_id.clone(),
+        cfg.data_dir.clone(),
+        os,
+        cluster_store.clone(),
+        local_store.clone(),
+        files.clone(),
+        disks,
+    ));
+    agent.readopt().await?;
+    let (agent_l, agent_addr) = bind_tcp(&split.agent_listen, "--agent-listen").await?;
+    let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
+    let host = split
+        .advertise_host
+        .clone()
+        .unwrap_or_else(|| agent_addr.ip().to_string());
+    let register = crate::remote::pb::RegisterNodeRequest {
+        node_id: cfg.node_id.clone(),
+        agent_url: format!("http://{host}:{}", agent_addr.port()),
+        transfer_url: format!("http://{host}:{}", http_addr.port()),
+        disks: vec![],
+    };
+    let routes = tonic::service::Routes::new(crate::remote::pb::agent_server::AgentServer::new(
+        crate::remote::AgentService {
+            local: local_agent.clone(),
+        },
+    ));
+    let keeper = tokio::spawn(crate::remote::keep_registered(
+        crate::remote::pb::cluster_client::ClusterClient::new(channel),
+        register,
+        local_agent,
+    ));
+    // Resume cut-off work once the controller answers (the store is remote).
+    let resumer = {
+        let files = files.clone();
+        tokio::spawn(async move {
+            loop {
+                match files.resume().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot resume backing image work yet");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    };
+    let api = crate::http::router(crate::http::ApiState {
+        controller: None,
+        backing: None,
+        files: Some(files),
+        store: local_store,
+        driver_name: cfg.driver_name.clone(),
+    });
+    let r = run(
+        &cfg,
+        Services {
+            controller: None,
+            node: Some(agent),
+            extra: Some((agent_l, routes)),
+        },
+        (http, http_addr, api),
+        shutdown,
+    )
+    .await;
+    keeper.abort();
+    resumer.abort();
+    r
+}
+
+/// Serves CSI on the unix socket, the HTTP API, and any extra gRPC services until `shutdown`.
+async fn run(
+    cfg: &Config,
+    services: Services,
+    (http, http_addr, api): (TcpListener, SocketAddr, axum::Router),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let sock = socket_path(&cfg.csi_endpoint)?;
+    let unix = bind_unix(&sock).await?;
     tracing::info!(
         csi = %sock.display(),
         http = %http_addr,
@@ -150,24 +417,29 @@ pub async fn serve(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let grpc = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService {
-            driver_name: cfg.driver_name.clone(),
-        }))
-        .add_service(ControllerServer::new(ControllerService {
-            controller: controller.clone(),
-        }))
-        .add_service(NodeServer::new(NodeService { agent }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(unix), wait(stop_rx.clone()));
-    let api = crate::http::router(crate::http::ApiState {
-        controller,
-        backing,
-        store: store.clone(),
+    let mut builder = tonic::transport::Server::builder();
+    let mut router = builder.add_service(IdentityServer::new(IdentityService {
         driver_name: cfg.driver_name.clone(),
+        controller: services.controller.is_some(),
+    }));
+    if let Some(controller) = services.controller {
+        router = router.add_service(ControllerServer::new(ControllerService { controller }));
+    }
+    if let Some(agent) = services.node {
+        router = router.add_service(NodeServer::new(NodeService { agent }));
+    }
+    let grpc = tokio::spawn(
+        router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), wait(stop_rx.clone())),
+    );
+    let extra = services.extra.map(|(listener, routes)| {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone())),
+        )
     });
     let http_server = axum::serve(http, api).with_graceful_shutdown(wait(stop_rx.clone()));
-
-    let grpc = tokio::spawn(grpc);
     let http_server = tokio::spawn(async move { http_server.await });
     wait(stop_rx.clone()).await;
     // Sidecars and the kubelet keep their connections open; give in-flight calls a grace period,
@@ -175,6 +447,9 @@ pub async fn serve(
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let g = grpc.await;
         let h = http_server.await;
+        if let Some(e) = extra {
+            let _ = e.await;
+        }
         (g, h)
     })
     .await;

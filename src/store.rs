@@ -21,16 +21,18 @@ pub enum Kind {
     BackingImage,
     StorageClass,
     Setting,
+    Node,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Volume,
         Kind::NodeVolume,
         Kind::Disk,
         Kind::BackingImage,
         Kind::StorageClass,
         Kind::Setting,
+        Kind::Node,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,7 +43,12 @@ impl Kind {
             Kind::BackingImage => "backing-images",
             Kind::StorageClass => "storage-classes",
             Kind::Setting => "settings",
+            Kind::Node => "nodes",
         }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 

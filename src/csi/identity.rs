@@ -7,6 +7,8 @@ use super::pb::identity_server::Identity;
 
 pub struct IdentityService {
     pub driver_name: String,
+    /// Whether this process serves the Controller service (not a node agent alone).
+    pub controller: bool,
 }
 
 #[tonic::async_trait]
@@ -27,15 +29,17 @@ impl Identity for IdentityService {
         _: Request<pb::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
         use pb::plugin_capability::{Service, Type, VolumeExpansion, service, volume_expansion};
-        let caps = vec![
-            Type::Service(Service {
-                r#type: service::Type::ControllerService as i32,
-            }),
+        let mut caps = vec![
             // Quorum-backed volumes grow while detached; the filesystem then grows online.
             Type::VolumeExpansion(VolumeExpansion {
                 r#type: volume_expansion::Type::Offline as i32,
             }),
         ];
+        if self.controller {
+            caps.push(Type::Service(Service {
+                r#type: service::Type::ControllerService as i32,
+            }));
+        }
         Ok(Response::new(pb::GetPluginCapabilitiesResponse {
             capabilities: caps
                 .into_iter()

@@ -26,8 +26,14 @@ impl CsiNode for NodeService {
             required(&r.volume_id, "volume_id")?;
             required(&r.staging_target_path, "staging_target_path")?;
             let cap = required_capability(&r.volume_capability, "volume_capability")?;
+            let context = r.publish_context.clone().into_iter().collect();
             self.agent
-                .stage(&r.volume_id, Path::new(&r.staging_target_path), cap)
+                .stage(
+                    &r.volume_id,
+                    Path::new(&r.staging_target_path),
+                    cap,
+                    &context,
+                )
                 .await?;
             Ok(Response::new(pb::NodeStageVolumeResponse {}))
         }

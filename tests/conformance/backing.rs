@@ -634,12 +634,23 @@ async fn attach(
     cap: pb::VolumeCapability,
 ) -> (PathBuf, PathBuf) {
     let (st, tg) = (b.path(&format!("st-{id}")), b.path(&format!("tg-{id}")));
-    c.controller
-        .controller_publish_volume(cpublish_req(id, cap.clone(), false))
-        .await
-        .unwrap();
-    // The image file may still be coming to the replica's disk: the call says so and is retried.
+    // The image file may still be coming to a replica's disk: the calls say so and are retried,
+    // as the CSI sidecars do.
     let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c
+            .controller
+            .controller_publish_volume(cpublish_req(id, cap.clone(), false))
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                assert!(s.message().contains("being prepared"), "{}", s.message());
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("publish {id}: {s:?}"),
+        }
+    }
     loop {
         match c
             .node

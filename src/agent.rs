@@ -1,0 +1,261 @@
+//! What the controller asks of a node agent: replica files on its disks, backing image files,
+//! free space. One trait, two implementations: [`LocalAgent`] works on this process's disks (the
+//! all-in-one mode, and the node side of the split mode), `remote::RemoteAgent` forwards the
+//! same calls over gRPC. The controller never touches a disk directly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backing::BackingImages;
+use crate::backing::state::FileState;
+use crate::error::{Error, Result};
+use crate::files::FileManagers;
+use crate::fsutil::blocking;
+use crate::model::{Disk, Replica};
+use crate::os::{ImageFormat, Os, ReplicaExport, ReplicaTarget};
+use crate::store::{Kind, Store, StoreExt};
+
+/// A disk that can take replicas, with the bytes it has free.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSpace {
+    pub disk: Disk,
+    pub free_bytes: u64,
+}
+
+#[tonic::async_trait]
+pub trait Agent: Send + Sync {
+    async fn disk_space(&self) -> Result<Vec<DiskSpace>>;
+    /// Creates an empty replica, or an overlay on the disk's file of `backing_image` when the
+    /// disk holds a ready one. Returns false when the replica must wait for that file (it is
+    /// then created at first attach). Idempotent.
+    async fn create_replica(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<bool>;
+    /// Removes the replica's directory; Ok when it is gone already.
+    async fn delete_replica(&self, replica: &Replica) -> Result<()>;
+    async fn replica_exists(&self, replica: &Replica) -> Result<bool>;
+    /// Grows the replica (offline).
+    async fn resize_replica(&self, replica: &Replica, size: u64) -> Result<()>;
+    /// Creates `replica` as a copy of `source`, another replica on this node (sparse).
+    async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()>;
+    /// Starts preparing an image's first file on one of this node's disks.
+    async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()>;
+    /// Removes every file of an image from this node's disks.
+    async fn delete_image_files(&self, image: &str) -> Result<()>;
+    /// Makes a replica of this node usable by the node the volume attaches to: its disk gets
+    /// the backing image's file (copied or transferred, verified), a deferred replica is
+    /// created, and for another node the replica is exported over NBD. Unavailable while a
+    /// file is on its way; the next call continues the same work.
+    async fn prepare_replica(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+        attach_node: &str,
+    ) -> Result<ReplicaTarget>;
+    /// Stops exporting a replica to other nodes; Ok when it is not exported.
+    async fn release_replica(&self, replica: &Replica) -> Result<()>;
+}
+
+/// The agent of the disks in this process.
+pub struct LocalAgent {
+    pub node_id: String,
+    pub disks: Vec<Disk>,
+    pub os: Os,
+    pub files: Arc<FileManagers>,
+    /// The image records (the controller's store).
+    pub store: Arc<dyn Store>,
+    /// Where this node serves its replicas to other nodes: the replica server's run directory
+    /// and its NBD address (host, port). None in the all-in-one mode (one node, no exports).
+    pub nbd: Option<(PathBuf, String, u16)>,
+}
+
+fn replica_dir(replica: &Replica) -> &Path {
+    replica.path.parent().unwrap_or(Path::new("/"))
+}
+
+impl LocalAgent {
+    fn disk(&self, id: &str) -> Result<&Disk> {
+        self.disks
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| Error::NotFound(format!("disk {id:?} is not on this node")))
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for LocalAgent {
+    async fn disk_space(&self) -> Result<Vec<DiskSpace>> {
+        let disks = self.disks.clone();
+        blocking(move || {
+            disks
+                .into_iter()
+                .map(|d| {
+                    Ok(DiskSpace {
+                        free_bytes: crate::disks::free_bytes(&d.path)?,
+                        disk: d,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn create_replica(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<bool> {
+        let disk = self.disk(&replica.disk_id)?.clone();
+        let backing = match backing_image {
+            Some(name) => {
+                let bi: crate::backing::object::BackingImage = self
+                    .store
+                    .get(Kind::BackingImage, name)?
+                    .ok_or_else(|| Error::NotFound(format!("backing image {name:?} not found")))?;
+                let file = BackingImages::file_path(&disk, &bi);
+                let ready = bi
+                    .status
+                    .disk_file_status_map
+                    .get(&disk.id)
+                    .is_some_and(|f| f.state == FileState::Ready);
+                if !ready || !file.is_file() {
+                    return Ok(false);
+                }
+                let format = ImageFormat::parse(&bi.status.format).ok_or_else(|| {
+                    Error::Internal(format!("backing image {name:?} has no known format"))
+                })?;
+                Some((file, format))
+            }
+            None => None,
+        };
+        let os = self.os.clone();
+        let r = replica.clone();
+        blocking(move || {
+            let dir = replica_dir(&r);
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Internal(format!(
+                    "replica {}: cannot create {}: {e}",
+                    r.id,
+                    dir.display()
+                ))
+            })?;
+            let backing = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+            os.images.create_replica(&r.path, size, backing)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_replica(&self, replica: &Replica) -> Result<()> {
+        let r = replica.clone();
+        blocking(move || match std::fs::remove_dir_all(replica_dir(&r)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Internal(format!(
+                "replica {}: cannot remove {}: {e}",
+                r.id,
+                replica_dir(&r).display()
+            ))),
+        })
+        .await
+    }
+
+    async fn replica_exists(&self, replica: &Replica) -> Result<bool> {
+        Ok(replica.path.is_file())
+    }
+
+    async fn resize_replica(&self, replica: &Replica, size: u64) -> Result<()> {
+        let os = self.os.clone();
+        let path = replica.path.clone();
+        blocking(move || Ok(os.images.resize(&path, size)?)).await
+    }
+
+    async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()> {
+        let (src, r) = (source.clone(), replica.clone());
+        blocking(move || {
+            let dir = replica_dir(&r);
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            let tmp = dir.join("volume.qcow2.part");
+            let _ = std::fs::remove_file(&tmp);
+            crate::sync::local_copy(&src.path, &tmp).map_err(|e| {
+                Error::Internal(format!("copying replica {} to {}: {e}", src.id, r.id))
+            })?;
+            std::fs::rename(&tmp, &r.path)
+                .map_err(|e| Error::Internal(format!("replica {}: {e}", r.id)))
+        })
+        .await
+    }
+
+    async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()> {
+        self.files.prepare_first_file(image, disk_id)
+    }
+
+    async fn delete_image_files(&self, image: &str) -> Result<()> {
+        self.files.delete_image_files(image).await
+    }
+
+    async fn prepare_replica(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+        attach_node: &str,
+    ) -> Result<ReplicaTarget> {
+        if let Some(image) = backing_image {
+            self.files.ensure_file(image, &replica.disk_id).await?;
+            if !replica.path.is_file() && !self.create_replica(replica, size, Some(image)).await? {
+                return Err(Error::Unavailable(format!(
+                    "replica {} waits for backing image {image:?} on disk {}",
+                    replica.id, replica.disk_id
+                )));
+            }
+        }
+        if !replica.path.is_file() {
+            return Err(Error::FailedPrecondition(format!(
+                "replica {} of disk {} is missing ({})",
+                replica.id,
+                replica.disk_id,
+                replica.path.display()
+            )));
+        }
+        if attach_node == self.node_id {
+            return Ok(ReplicaTarget::Local(replica.path.clone()));
+        }
+        let (run_dir, host, port) = self.nbd.clone().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "node {:?} does not serve replicas to other nodes (no --nbd-listen)",
+                self.node_id
+            ))
+        })?;
+        let os = self.os.clone();
+        let export = ReplicaExport {
+            replica_id: replica.id.clone(),
+            path: replica.path.clone(),
+        };
+        let h = host.clone();
+        let port =
+            blocking(move || Ok(os.engine.export_replica(&run_dir, &h, port, &export)?)).await?;
+        Ok(ReplicaTarget::Nbd {
+            host,
+            port,
+            export: replica.id.clone(),
+        })
+    }
+
+    async fn release_replica(&self, replica: &Replica) -> Result<()> {
+        let Some((run_dir, _, _)) = self.nbd.clone() else {
+            return Ok(());
+        };
+        let os = self.os.clone();
+        let id = replica.id.clone();
+        // The attaching node unstaged (or is gone): a connection left behind must not keep the
+        // export busy forever.
+        blocking(move || Ok(os.engine.unexport_replica_force(&run_dir, &id)?)).await
+    }
+}

@@ -1,0 +1,555 @@
+//! The split mode's wire: the controller's Cluster service and the node agents' Agent service
+//! (`proto/bicsi.proto`), and the client side of each, implementing the same traits as the
+//! in-process versions (`Agent`, `Store`, `FileReports`), so the domain runs unchanged in both
+//! modes. Records travel as the JSON documents the store keeps.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::agent::{Agent, DiskSpace, LocalAgent};
+use crate::backing::BackingImages;
+use crate::cluster::{Cluster, HEARTBEAT_INTERVAL};
+use crate::error::{Error, Result};
+use crate::files::{FileReport, FileReports};
+use crate::model::{Disk, NodeRecord, Replica};
+use crate::os::ReplicaTarget;
+use crate::store::{Kind, Store};
+
+pub mod pb {
+    #![allow(clippy::all)]
+    tonic::include_proto!("bicsi.v1");
+}
+
+use pb::agent_client::AgentClient;
+use pb::agent_server::Agent as AgentRpc;
+use pb::cluster_client::ClusterClient;
+use pb::cluster_server::Cluster as ClusterRpc;
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(v)?)
+}
+
+fn from_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::InvalidArgument(format!("malformed {what} record: {e}")))
+}
+
+fn status_error(s: Status) -> Error {
+    Error::from_code(s.code(), s.message().to_string())
+}
+
+fn kind(name: &str) -> Result<Kind> {
+    Kind::parse(name).ok_or_else(|| Error::InvalidArgument(format!("unknown record kind {name:?}")))
+}
+
+/// A lazily connecting channel to `url` (`http://host:port`).
+pub fn channel(url: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| Error::InvalidArgument(format!("bad address {url:?}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60))
+        .connect_lazy())
+}
+
+fn disk_infos(disks: &[DiskSpace]) -> Result<Vec<pb::DiskInfo>> {
+    disks
+        .iter()
+        .map(|d| {
+            Ok(pb::DiskInfo {
+                disk_json: to_json(&d.disk)?,
+                free_bytes: d.free_bytes,
+            })
+        })
+        .collect()
+}
+
+fn disk_spaces(infos: &[pb::DiskInfo]) -> Result<Vec<DiskSpace>> {
+    infos
+        .iter()
+        .map(|i| {
+            Ok(DiskSpace {
+                disk: from_json(&i.disk_json, "disk")?,
+                free_bytes: i.free_bytes,
+            })
+        })
+        .collect()
+}
+
+// ---- controller side: the Cluster service -----------------------------------------------------
+
+pub struct ClusterService {
+    pub cluster: Arc<Cluster>,
+    pub store: Arc<dyn Store>,
+    pub backing: Arc<BackingImages>,
+}
+
+#[tonic::async_trait]
+impl ClusterRpc for ClusterService {
+    async fn register_node(
+        &self,
+        request: Request<pb::RegisterNodeRequest>,
+    ) -> std::result::Result<Response<pb::RegisterNodeResponse>, Status> {
+        let r = request.into_inner();
+        crate::csi::required(&r.node_id, "node_id")?;
+        crate::csi::required(&r.agent_url, "agent_url")?;
+        let disks: Vec<Disk> = disk_spaces(&r.disks)?.into_iter().map(|d| d.disk).collect();
+        let record = NodeRecord {
+            node_id: r.node_id.clone(),
+            agent_url: r.agent_url.clone(),
+            transfer_url: r.transfer_url,
+            disks,
+            up: true,
+            last_heartbeat: String::new(),
+        };
+        let agent = Arc::new(RemoteAgent {
+            client: AgentClient::new(channel(&r.agent_url)?),
+        });
+        self.cluster.register(record, agent, false)?;
+        Ok(Response::new(pb::RegisterNodeResponse {
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> std::result::Result<Response<pb::HeartbeatResponse>, Status> {
+        self.cluster.heartbeat(&request.into_inner().node_id)?;
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn store_get(
+        &self,
+        request: Request<pb::StoreKey>,
+    ) -> std::result::Result<Response<pb::StoreValue>, Status> {
+        let r = request.into_inner();
+        let v = self.store.get_raw(kind(&r.kind)?, &r.key)?;
+        Ok(Response::new(pb::StoreValue {
+            found: v.is_some(),
+            value: v.unwrap_or_default(),
+        }))
+    }
+
+    async fn store_list(
+        &self,
+        request: Request<pb::StoreKind>,
+    ) -> std::result::Result<Response<pb::StoreEntries>, Status> {
+        let r = request.into_inner();
+        let entries = self
+            .store
+            .list_raw(kind(&r.kind)?)?
+            .into_iter()
+            .map(|(key, value)| pb::StoreEntry {
+                kind: r.kind.clone(),
+                key,
+                value,
+            })
+            .collect();
+        Ok(Response::new(pb::StoreEntries { entries }))
+    }
+
+    async fn store_put(
+        &self,
+        request: Request<pb::StoreEntry>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.store.put_raw(kind(&r.kind)?, &r.key, &r.value)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn store_delete(
+        &self,
+        request: Request<pb::StoreKey>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.store.delete(kind(&r.kind)?, &r.key)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn report_file(
+        &self,
+        request: Request<pb::ReportFileRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let disk: Disk = from_json(&r.disk_json, "disk")?;
+        let report: FileReport = from_json(&r.report_json, "file report")?;
+        self.backing.apply_report(&r.image, &disk, report).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+}
+
+/// The controller's handle on a node agent in another process.
+pub struct RemoteAgent {
+    client: AgentClient<Channel>,
+}
+
+fn replica_request(
+    replica: &Replica,
+    size: u64,
+    backing_image: Option<&str>,
+) -> Result<pb::ReplicaRequest> {
+    Ok(pb::ReplicaRequest {
+        replica_json: to_json(replica)?,
+        size,
+        backing_image: backing_image.unwrap_or_default().to_string(),
+        volume_id: String::new(),
+    })
+}
+
+#[tonic::async_trait]
+impl Agent for RemoteAgent {
+    async fn disk_space(&self) -> Result<Vec<DiskSpace>> {
+        let r = self
+            .client
+            .clone()
+            .disk_space(pb::Empty {})
+            .await
+            .map_err(status_error)?;
+        disk_spaces(&r.into_inner().disks)
+    }
+
+    async fn create_replica(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<bool> {
+        let r = self
+            .client
+            .clone()
+            .create_replica(replica_request(replica, size, backing_image)?)
+            .await
+            .map_err(status_error)?;
+        Ok(r.into_inner().exists)
+    }
+
+    async fn delete_replica(&self, replica: &Replica) -> Result<()> {
+        self.client
+            .clone()
+            .delete_replica(replica_request(replica, 0, None)?)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn replica_exists(&self, replica: &Replica) -> Result<bool> {
+        let r = self
+            .client
+            .clone()
+            .replica_exists(replica_request(replica, 0, None)?)
+            .await
+            .map_err(status_error)?;
+        Ok(r.into_inner().exists)
+    }
+
+    async fn resize_replica(&self, replica: &Replica, size: u64) -> Result<()> {
+        self.client
+            .clone()
+            .resize_replica(replica_request(replica, size, None)?)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn copy_replica(&self, _source: &Replica, replica: &Replica) -> Result<()> {
+        Err(Error::FailedPrecondition(format!(
+            "adding replica {} by copying is only supported in the all-in-one mode for now",
+            replica.id
+        )))
+    }
+
+    async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()> {
+        self.client
+            .clone()
+            .prepare_first_file(pb::FileRequest {
+                image: image.to_string(),
+                disk_id: disk_id.to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn delete_image_files(&self, image: &str) -> Result<()> {
+        self.client
+            .clone()
+            .delete_image_files(pb::FileRequest {
+                image: image.to_string(),
+                disk_id: String::new(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn prepare_replica(
+        &self,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+        attach_node: &str,
+    ) -> Result<ReplicaTarget> {
+        let r = self
+            .client
+            .clone()
+            .prepare_replica(pb::PrepareReplicaRequest {
+                volume_id: String::new(),
+                replica_json: to_json(replica)?,
+                size,
+                backing_image: backing_image.unwrap_or_default().to_string(),
+                attach_node_id: attach_node.to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        from_json(&r.into_inner().target_json, "replica target")
+    }
+
+    async fn release_replica(&self, replica: &Replica) -> Result<()> {
+        self.client
+            .clone()
+            .release_replica(replica_request(replica, 0, None)?)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+}
+
+// ---- node side: the Agent service and the clients of the controller -------------------------
+
+pub struct AgentService {
+    pub local: Arc<LocalAgent>,
+}
+
+#[tonic::async_trait]
+impl AgentRpc for AgentService {
+    async fn disk_space(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> std::result::Result<Response<pb::DiskSpaceResponse>, Status> {
+        let disks = self.local.disk_space().await?;
+        Ok(Response::new(pb::DiskSpaceResponse {
+            disks: disk_infos(&disks)?,
+        }))
+    }
+
+    async fn create_replica(
+        &self,
+        request: Request<pb::ReplicaRequest>,
+    ) -> std::result::Result<Response<pb::ReplicaExistsResponse>, Status> {
+        let r = request.into_inner();
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let backing = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        let exists = self.local.create_replica(&replica, r.size, backing).await?;
+        Ok(Response::new(pb::ReplicaExistsResponse { exists }))
+    }
+
+    async fn delete_replica(
+        &self,
+        request: Request<pb::ReplicaRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let replica: Replica = from_json(&request.into_inner().replica_json, "replica")?;
+        self.local.delete_replica(&replica).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn replica_exists(
+        &self,
+        request: Request<pb::ReplicaRequest>,
+    ) -> std::result::Result<Response<pb::ReplicaExistsResponse>, Status> {
+        let replica: Replica = from_json(&request.into_inner().replica_json, "replica")?;
+        let exists = self.local.replica_exists(&replica).await?;
+        Ok(Response::new(pb::ReplicaExistsResponse { exists }))
+    }
+
+    async fn resize_replica(
+        &self,
+        request: Request<pb::ReplicaRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        self.local.resize_replica(&replica, r.size).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn prepare_first_file(
+        &self,
+        request: Request<pb::FileRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.local.prepare_first_file(&r.image, &r.disk_id).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn prepare_replica(
+        &self,
+        request: Request<pb::PrepareReplicaRequest>,
+    ) -> std::result::Result<Response<pb::PrepareReplicaResponse>, Status> {
+        let r = request.into_inner();
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let backing = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        let target = self
+            .local
+            .prepare_replica(&replica, r.size, backing, &r.attach_node_id)
+            .await?;
+        Ok(Response::new(pb::PrepareReplicaResponse {
+            target_json: to_json(&target)?,
+        }))
+    }
+
+    async fn release_replica(
+        &self,
+        request: Request<pb::ReplicaRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let replica: Replica = from_json(&request.into_inner().replica_json, "replica")?;
+        self.local.release_replica(&replica).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn delete_image_files(
+        &self,
+        request: Request<pb::FileRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        self.local
+            .delete_image_files(&request.into_inner().image)
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+}
+
+/// The controller's store, seen from a node agent. The `Store` trait is synchronous (the
+/// embedded store is), so each call blocks its worker thread on the RPC; node agents run on the
+/// multi-threaded runtime, where that is allowed.
+pub struct RemoteStore {
+    client: ClusterClient<Channel>,
+}
+
+impl RemoteStore {
+    pub fn new(channel: Channel) -> RemoteStore {
+        RemoteStore {
+            client: ClusterClient::new(channel),
+        }
+    }
+
+    fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(ClusterClient<Channel>) -> std::result::Result<T, Status>,
+    ) -> Result<T> {
+        let client = self.client.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async move { f(client).await })
+        })
+        .map_err(|s| Error::Unavailable(format!("controller store: {}", s.message())))
+    }
+}
+
+impl Store for RemoteStore {
+    fn get_raw(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>> {
+        let req = pb::StoreKey {
+            kind: kind.name().to_string(),
+            key: key.to_string(),
+        };
+        let v = self
+            .call(async move |mut c| c.store_get(req).await)?
+            .into_inner();
+        Ok(v.found.then_some(v.value))
+    }
+
+    fn list_raw(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>> {
+        let req = pb::StoreKind {
+            kind: kind.name().to_string(),
+        };
+        let v = self
+            .call(async move |mut c| c.store_list(req).await)?
+            .into_inner();
+        Ok(v.entries.into_iter().map(|e| (e.key, e.value)).collect())
+    }
+
+    fn put_raw(&self, kind: Kind, key: &str, value: &[u8]) -> Result<()> {
+        let req = pb::StoreEntry {
+            kind: kind.name().to_string(),
+            key: key.to_string(),
+            value: value.to_vec(),
+        };
+        self.call(async move |mut c| c.store_put(req).await)?;
+        Ok(())
+    }
+
+    fn delete(&self, kind: Kind, key: &str) -> Result<()> {
+        let req = pb::StoreKey {
+            kind: kind.name().to_string(),
+            key: key.to_string(),
+        };
+        self.call(async move |mut c| c.store_delete(req).await)?;
+        Ok(())
+    }
+}
+
+/// File reports of a node agent, sent to the controller.
+pub struct RemoteReports {
+    pub client: ClusterClient<Channel>,
+}
+
+#[tonic::async_trait]
+impl FileReports for RemoteReports {
+    async fn report(&self, image: &str, disk: &Disk, report: FileReport) -> Result<()> {
+        self.client
+            .clone()
+            .report_file(pb::ReportFileRequest {
+                image: image.to_string(),
+                disk_json: to_json(disk)?,
+                report_json: to_json(&report)?,
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+}
+
+/// Registers the node with the controller and keeps sending heartbeats (registering again
+/// when the controller lost track of it, after its restart for example). Runs until dropped.
+pub async fn keep_registered(
+    mut client: ClusterClient<Channel>,
+    register: pb::RegisterNodeRequest,
+    local: Arc<LocalAgent>,
+) {
+    let mut registered = false;
+    loop {
+        if !registered {
+            let mut req = register.clone();
+            if let Ok(d) = local.disk_space().await
+                && let Ok(infos) = disk_infos(&d)
+            {
+                req.disks = infos;
+            }
+            match client.register_node(req).await {
+                Ok(_) => {
+                    registered = true;
+                    tracing::info!(node = %register.node_id, "registered with the controller");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), "cannot register with the controller; retrying")
+                }
+            }
+        } else {
+            let req = pb::HeartbeatRequest {
+                node_id: register.node_id.clone(),
+                disks: vec![],
+            };
+            match client.heartbeat(req).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => registered = false,
+                Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
+            }
+        }
+        tokio::time::sleep(if registered {
+            HEARTBEAT_INTERVAL
+        } else {
+            std::time::Duration::from_millis(500)
+        })
+        .await;
+    }
+}

@@ -1,0 +1,571 @@
+//! The split mode on one machine: a `bicsi controller` and several `bicsi node` agents on
+//! 127.0.0.1, each with its own disks, ports and CSI socket. Backing image files travel between
+//! the nodes over HTTP (data extents only, SHA-512 verified), and volumes whose replicas sit on
+//! several nodes attach through NBD.
+
+#[path = "../conformance/backing.rs"]
+#[allow(dead_code)]
+mod backing;
+#[path = "../conformance/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bicsi::client::CsiClient;
+use bicsi::csi::pb;
+use harness::*;
+use tonic::Code;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+fn spawn(args: &[String], log: &Path) -> Child {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_bicsi"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .unwrap()
+}
+
+pub struct Node {
+    pub id: String,
+    pub dir: PathBuf,
+    pub endpoint: String,
+    pub disk: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub http: String,
+    pub endpoint: String,
+    pub nodes: Vec<Node>,
+    controller: Child,
+}
+
+impl TestCluster {
+    pub async fn start(n: usize) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("bicsi-multi-")
+            .tempdir()
+            .unwrap();
+        let (http_port, cluster_port) = (free_port(), free_port());
+        let endpoint = format!("unix://{}", dir.path().join("controller.sock").display());
+        let controller = spawn(
+            &[
+                "controller".into(),
+                "--data-dir".into(),
+                dir.path().join("controller").display().to_string(),
+                "--csi-endpoint".into(),
+                endpoint.clone(),
+                "--http-listen".into(),
+                format!("127.0.0.1:{http_port}"),
+                "--cluster-listen".into(),
+                format!("127.0.0.1:{cluster_port}"),
+                "--node-down-after".into(),
+                "3".into(),
+            ],
+            &dir.path().join("controller.log"),
+        );
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let id = format!("node-{i}");
+            let ndir = dir.path().join(&id);
+            let disk = ndir.join("disk");
+            let endpoint = format!("unix://{}", ndir.join("csi.sock").display());
+            let args: Vec<String> = vec![
+                "node".into(),
+                "--node-id".into(),
+                id.clone(),
+                "--data-dir".into(),
+                ndir.join("data").display().to_string(),
+                "--csi-endpoint".into(),
+                endpoint.clone(),
+                "--disk".into(),
+                disk.display().to_string(),
+                "--controller".into(),
+                format!("http://127.0.0.1:{cluster_port}"),
+                "--agent-listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--http-listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--nbd-listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+            ];
+            std::fs::create_dir_all(&ndir).unwrap();
+            let child = spawn(&args, &ndir.join("node.log"));
+            nodes.push(Node {
+                id,
+                dir: ndir,
+                endpoint,
+                disk,
+                args,
+                child: Some(child),
+            });
+        }
+        let c = TestCluster {
+            dir,
+            http: format!("http://127.0.0.1:{http_port}"),
+            endpoint,
+            nodes,
+            controller,
+        };
+        c.wait_up(n).await;
+        c
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out =
+            std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
+        for n in &self.nodes {
+            out.push_str(&format!("\n--- {} ---\n", n.id));
+            out.push_str(&std::fs::read_to_string(n.dir.join("node.log")).unwrap_or_default());
+        }
+        out
+    }
+
+    pub fn node_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes[i].dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// Waits until `n` nodes are registered and up.
+    pub async fn wait_up(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/v1/nodes", self.http)).await
+                && let Ok(v) = r.json::<serde_json::Value>().await
+                && v.as_array()
+                    .is_some_and(|a| a.iter().filter(|n| n["up"] == true).count() == n)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes did not come up:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn controller_client(&self) -> CsiClient {
+        CsiClient::connect(&self.endpoint).await.unwrap()
+    }
+
+    pub async fn node_client(&self, i: usize) -> CsiClient {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = CsiClient::connect(&self.nodes[i].endpoint).await {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} socket:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_bicsi"))
+            .args(args)
+            .env("BICSI_SERVER", &self.http)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.child = Some(spawn(&n.args, &n.dir.join("node.log")));
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = self.controller.kill();
+        let _ = self.controller.wait();
+        for m in mounts_under(self.dir.path()) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        for l in loops_under(self.dir.path()) {
+            let _ = Command::new("losetup").arg("-d").arg(&l).status();
+        }
+        for pid in engines_under(self.dir.path()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for m in mounts_under(self.dir.path()) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+async fn image(c: &TestCluster, name: &str) -> serde_json::Value {
+    reqwest::get(format!("{}/v1/backingimages/{name}", c.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// ControllerPublish until the replicas are prepared (it answers Unavailable while files move).
+async fn publish_retrying(
+    c: &mut CsiClient,
+    req: pb::ControllerPublishVolumeRequest,
+) -> pb::ControllerPublishVolumeResponse {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.controller.controller_publish_volume(req.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("publish: {s:?}"),
+        }
+    }
+}
+
+fn sha512sum(path: &Path) -> String {
+    let out = Command::new("sha512sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn backing_files(disk: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(disk.join("backing-images"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let f = e.path().join("backing");
+        if f.is_file() {
+            out.push(f);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn nodes_register_heartbeat_and_go_down() {
+    let mut c = TestCluster::start(2).await;
+    let (ok, out, err) = c.cli(&["get", "nodes"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("node-1") && l.contains(" up ")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("node-2") && l.contains(" up ")),
+        "{out}"
+    );
+    let (ok, disks, _) = c.cli(&["get", "disks"]);
+    assert!(
+        ok && disks.contains("node-1") && disks.contains("node-2"),
+        "{disks}"
+    );
+    c.stop_node(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, out, _) = c.cli(&["get", "nodes"]);
+        if out
+            .lines()
+            .any(|l| l.starts_with("node-2") && l.contains(" down "))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-2 never marked down:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.start_node(1);
+    c.wait_up(2).await;
+}
+
+#[tokio::test]
+async fn attaching_brings_the_image_to_every_replica_disk_and_writes_reach_every_replica() {
+    if !root_or_skip("attaching_brings_the_image_to_every_replica_disk") {
+        return;
+    }
+    let c = TestCluster::start(3).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    // A sparse raw image: a filesystem of 64 MiB with a few MiB of data.
+    let raw = backing::ext4_image(&work, 64);
+    let want = backing::sha512(&raw);
+    let server = backing::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
+    let params = backing::seed_sc_params(&server.url("img.raw"), "bi-multi");
+    let mut ctl = c.controller_client().await;
+    let mut req = pb::CreateVolumeRequest {
+        name: "vol-3".into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: 128 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: params.iter().cloned().collect(),
+        ..Default::default()
+    };
+    backing::create_retrying(&mut ctl, req.clone())
+        .await
+        .unwrap();
+    // Attach on node-2: every replica disk (one per node) gets a verified file.
+    let mut publish = cpublish_req("vol-3", mount_cap(), false);
+    publish.node_id = "node-2".into();
+    let ctx = publish_retrying(&mut ctl, publish.clone())
+        .await
+        .publish_context;
+    let img = image(&c, "bi-multi").await;
+    let files = img["status"]["diskFileStatusMap"].as_object().unwrap();
+    assert_eq!(files.len(), 3, "{img}");
+    assert!(files.values().all(|f| f["state"] == "ready"), "{img}");
+    for n in &c.nodes {
+        let f = backing_files(&n.disk);
+        assert_eq!(f.len(), 1, "{} holds the image once", n.id);
+        assert_eq!(sha512sum(&f[0]), want, "{} has the right bytes", n.id);
+    }
+    // Only data crossed the wire: the receivers say so in their logs.
+    let mut received = 0;
+    for i in 0..3 {
+        for line in c
+            .node_log(i)
+            .lines()
+            .filter(|l| l.contains("received backing image file"))
+        {
+            received += 1;
+            let field = |k: &str| -> u64 {
+                let at = line.find(&format!("{k}=")).unwrap() + k.len() + 1;
+                line[at..]
+                    .split(|ch: char| !ch.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            let (wire, data) = (field("wire"), field("data"));
+            assert!(
+                wire <= data + data / 20 + 4096,
+                "wire {wire} vs data {data}"
+            );
+            assert!(
+                data < raw.len() as u64 / 2,
+                "a sparse image sends less than its size: {data}"
+            );
+        }
+    }
+    assert_eq!(
+        received,
+        2,
+        "two nodes received the file from the first:\n{}",
+        c.logs()
+    );
+
+    // Stage on node-2 with the publish context: a quorum over one local and two NBD replicas.
+    let mut n2 = c.node_client(1).await;
+    let st = c.dir.path().join("st");
+    let tg = c.dir.path().join("tg");
+    let mut stage = stage_req("vol-3", &st, mount_cap());
+    stage.publish_context = ctx.clone();
+    n2.node.node_stage_volume(stage.clone()).await.unwrap();
+    let mut pubr = publish_req("vol-3", &st, &tg, mount_cap(), false);
+    pubr.publish_context = ctx.clone();
+    n2.node.node_publish_volume(pubr).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(tg.join("hello.txt")).unwrap(),
+        "hello from the backing image\n"
+    );
+    std::fs::write(tg.join("new.bin"), vec![9u8; 3 << 20]).unwrap();
+    n2.node
+        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: "vol-3".into(),
+            target_path: tg.display().to_string(),
+        })
+        .await
+        .unwrap();
+    n2.node
+        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: "vol-3".into(),
+            staging_target_path: st.display().to_string(),
+        })
+        .await
+        .unwrap();
+    let mut unpub = pb::ControllerUnpublishVolumeRequest {
+        volume_id: "vol-3".into(),
+        node_id: "node-2".into(),
+        ..Default::default()
+    };
+    ctl.controller
+        .controller_unpublish_volume(unpub.clone())
+        .await
+        .unwrap();
+    // Every replica holds the same guest content (qemu-img follows each one's backing file).
+    let replicas: Vec<PathBuf> = c
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            std::fs::read_dir(n.disk.join("replicas"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path().join("volume.qcow2"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    for r in &replicas[1..] {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+            .arg(&replicas[0])
+            .arg(r)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "replicas differ: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // A second volume on the same disks reuses the files: no transfer.
+    req.name = "vol-3b".into();
+    backing::create_retrying(&mut ctl, req).await.unwrap();
+    let mut publish = cpublish_req("vol-3b", mount_cap(), false);
+    publish.node_id = "node-3".into();
+    publish_retrying(&mut ctl, publish).await;
+    let again: usize = (0..3)
+        .map(|i| c.node_log(i).matches("received backing image file").count())
+        .sum();
+    assert_eq!(again, 2, "no new transfer for a second volume");
+    unpub.volume_id = "vol-3b".into();
+    unpub.node_id = "node-3".into();
+    ctl.controller
+        .controller_unpublish_volume(unpub)
+        .await
+        .unwrap();
+    assert!(
+        engines_under(c.dir.path()).len() <= 3,
+        "only replica servers may remain"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupted_transfer_is_caught_and_retried() {
+    let c = TestCluster::start(2).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = backing::ext4_image(&work, 16);
+    let server = backing::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
+    let mut ctl = c.controller_client().await;
+    // The image lands on one node; a two-replica volume needs it on the other.
+    let params = backing::seed_sc_params(&server.url("img.raw"), "bi-corrupt");
+    let mut req = pb::CreateVolumeRequest {
+        name: "v".into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: 32 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: params.into_iter().collect(),
+        ..Default::default()
+    };
+    req.parameters.insert("numberOfReplicas".into(), "2".into());
+    backing::create_retrying(&mut ctl, req).await.unwrap();
+    let img = image(&c, "bi-corrupt").await;
+    let (first_disk, first) = img["status"]["diskFileStatusMap"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, f)| f["state"] == "ready")
+        .map(|(d, f)| (d.clone(), f["nodeId"].as_str().unwrap().to_string()))
+        .unwrap();
+    let src_node = c.nodes.iter().position(|n| n.id == first).unwrap();
+    let src = backing_files(&c.nodes[src_node].disk).remove(0);
+    // Flip a byte of the source file: the receiver's SHA-512 check must refuse it.
+    let good = std::fs::read(&src).unwrap();
+    let mut bad = good.clone();
+    bad[4096] ^= 0xff;
+    std::fs::write(&src, &bad).unwrap();
+    let mut publish = cpublish_req("v", mount_cap(), false);
+    publish.node_id = c.nodes[src_node].id.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        let _ = ctl
+            .controller
+            .controller_publish_volume(publish.clone())
+            .await;
+        let img = image(&c, "bi-corrupt").await;
+        let failed = img["status"]["diskFileStatusMap"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(d, f)| **d != first_disk && f["state"] == "failed")
+            .map(|(_, f)| f["message"].as_str().unwrap().to_string());
+        if let Some(m) = failed {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "corruption not caught:\n{img}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(message.contains("checksum mismatch"), "{message}");
+    let other = 1 - src_node;
+    assert!(
+        backing_files(&c.nodes[other].disk).is_empty(),
+        "a corrupt file never becomes ready"
+    );
+    // Repair the source: the next attach retries the transfer and succeeds.
+    std::fs::write(&src, &good).unwrap();
+    publish_retrying(&mut ctl, publish).await;
+    assert_eq!(
+        sha512sum(&backing_files(&c.nodes[other].disk)[0]),
+        backing::sha512(&raw)
+    );
+}
