@@ -65,6 +65,7 @@ fn set_file(
             progress,
             message: message.into(),
             last_state_transition_time: time,
+            last_update_time: now_rfc3339(),
             node_id: disk.node_id.clone(),
         },
     );
@@ -205,6 +206,34 @@ impl BackingImages {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Fails every file that sits in a non-final state past its deadline at `now` (seconds since
+    /// the epoch), so nothing stays stuck; the next attach prepares it again. Returns how many.
+    pub async fn expire(&self, now: u64) -> Result<usize> {
+        let mut failed = 0;
+        for bi in self.list()? {
+            for (disk_id, f) in &bi.status.disk_file_status_map {
+                let entered =
+                    crate::model::parse_rfc3339(&f.last_state_transition_time).unwrap_or(now);
+                let updated = crate::model::parse_rfc3339(&f.last_update_time).unwrap_or(entered);
+                let Some(why) = state::overdue(f.state, entered, updated, now) else {
+                    continue;
+                };
+                let disk = Disk {
+                    id: disk_id.clone(),
+                    node_id: f.node_id.clone(),
+                    path: Default::default(),
+                };
+                tracing::warn!(image = %bi.name(), disk = %disk_id, "{why}");
+                self.update(bi.name(), |bi| {
+                    set_file(bi, &disk, FileState::Failed, 0, why.clone())
+                })
+                .await?;
+                failed += 1;
+            }
+        }
+        Ok(failed)
     }
 
     /// A node went down: its files are unknown until it returns and reports them again.
@@ -372,5 +401,81 @@ impl BackingImages {
 impl FileReports for BackingImages {
     async fn report(&self, image: &str, disk: &Disk, report: FileReport) -> Result<()> {
         self.apply_report(image, disk, report).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backing::object::{
+        BackingImageSpec, BackingImageStatus, DiskFileStatus, ObjectMeta,
+    };
+    use crate::store::embedded::EmbeddedStore;
+
+    fn file(state: FileState, entered: u64, updated: u64) -> DiskFileStatus {
+        DiskFileStatus {
+            state,
+            progress: 40,
+            message: String::new(),
+            last_state_transition_time: crate::model::rfc3339(entered),
+            last_update_time: crate::model::rfc3339(updated),
+            node_id: "n1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn expire_fails_only_files_past_their_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let images = BackingImages::new(store.clone(), Cluster::new(store.clone()));
+        let t0 = 2_000_000_000;
+        let bi = BackingImage {
+            api_version: object::API_VERSION.into(),
+            kind: object::KIND.into(),
+            metadata: ObjectMeta {
+                name: "img".into(),
+                namespace: object::DEFAULT_NAMESPACE.into(),
+            },
+            spec: BackingImageSpec {
+                source_type: SourceType::Download,
+                source_parameters: [("url".to_string(), "http://127.0.0.1/x".to_string())].into(),
+                checksum: String::new(),
+                min_number_of_copies: 1,
+            },
+            status: BackingImageStatus {
+                uuid: "0123abcd".into(),
+                disk_file_status_map: [
+                    (
+                        "stuck".to_string(),
+                        file(FileState::InProgress, t0, t0 + 60),
+                    ),
+                    (
+                        "alive".to_string(),
+                        file(FileState::InProgress, t0, t0 + 20 * 60),
+                    ),
+                    ("done".to_string(), file(FileState::Ready, t0, t0)),
+                ]
+                .into(),
+                ..Default::default()
+            },
+        };
+        store.put(Kind::BackingImage, "img", &bi).unwrap();
+        // Twenty-one minutes on: "stuck" last reported 20 minutes ago, "alive" one minute ago.
+        assert_eq!(images.expire(t0 + 21 * 60).await.unwrap(), 1);
+        let got = images.must_get("img").unwrap().status.disk_file_status_map;
+        assert_eq!(got["stuck"].state, FileState::Failed);
+        assert!(
+            got["stuck"].message.contains("no progress"),
+            "{}",
+            got["stuck"].message
+        );
+        assert_eq!(got["alive"].state, FileState::InProgress);
+        assert_eq!(got["done"].state, FileState::Ready);
+        assert_eq!(
+            images.expire(t0 + 21 * 60).await.unwrap(),
+            0,
+            "failed is final"
+        );
     }
 }

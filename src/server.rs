@@ -176,6 +176,7 @@ pub async fn serve(
     )?;
     files.resume().await?;
     let controller = Arc::new(Controller::new(store.clone(), cluster, backing.clone()));
+    let expiry = spawn_expiry(backing.clone());
     let agent = Arc::new(NodeAgent::new(
         cfg.node_id.clone(),
         cfg.data_dir.clone(),
@@ -194,7 +195,7 @@ pub async fn serve(
         store,
         driver_name: cfg.driver_name.clone(),
     });
-    run(
+    let r = run(
         &cfg,
         Services {
             controller: Some(controller),
@@ -204,7 +205,24 @@ pub async fn serve(
         (http, http_addr, api),
         shutdown,
     )
-    .await
+    .await;
+    expiry.abort();
+    r
+}
+
+/// How often files past their deadline are looked for.
+const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn spawn_expiry(backing: Arc<BackingImages>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Err(e) = backing.expire(crate::model::now_secs()).await {
+                tracing::warn!(error = %e, "cannot check backing image files for deadlines");
+            }
+        }
+    })
 }
 
 /// `bicsi controller`: state, the CSI Controller service, the HTTP API, and the Cluster service
@@ -252,6 +270,7 @@ pub async fn controller(
         })
     };
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
+    let backing_for_expiry = backing.clone();
     let api = crate::http::router(crate::http::ApiState {
         controller: Some(controller.clone()),
         backing: Some(backing),
@@ -259,6 +278,7 @@ pub async fn controller(
         store,
         driver_name: cfg.driver_name.clone(),
     });
+    let expiry = spawn_expiry(backing_for_expiry);
     let r = run(
         &cfg,
         Services {
@@ -271,6 +291,7 @@ pub async fn controller(
     )
     .await;
     sweeper.abort();
+    expiry.abort();
     r
 }
 

@@ -81,6 +81,9 @@ pub struct DiskFileStatus {
     #[serde(default)]
     pub message: String,
     pub last_state_transition_time: String,
+    /// The last report on the file (progress counts as life for an in-progress file).
+    #[serde(default)]
+    pub last_update_time: String,
     /// The node the disk belongs to.
     #[serde(default)]
     pub node_id: String,

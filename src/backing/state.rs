@@ -64,6 +64,24 @@ impl std::fmt::Display for FileState {
     }
 }
 
+/// Why a file in `state` is past its deadline at `now` (seconds since the epoch), if it is:
+/// measured from its last report while in progress, else from when it entered the state.
+pub fn overdue(state: FileState, entered: u64, last_update: u64, now: u64) -> Option<String> {
+    let deadline = state.deadline()?;
+    let since = if state == FileState::InProgress {
+        last_update.max(entered)
+    } else {
+        entered
+    };
+    let waited = now.saturating_sub(since);
+    (waited > deadline.as_secs()).then(|| {
+        format!(
+            "no progress for {waited} s while {state} (the limit is {} s); it will be prepared again",
+            deadline.as_secs()
+        )
+    })
+}
+
 /// Checks a move from `from` to `to`; staying in a state (progress updates) is allowed.
 pub fn transition(from: FileState, to: FileState) -> Result<FileState> {
     use FileState::*;
@@ -129,6 +147,28 @@ mod tests {
         for s in [Pending, Starting, InProgress, Ready, Failed, Unknown] {
             assert_eq!(s.deadline().is_none(), s.is_final(), "{s}");
         }
+    }
+
+    #[test]
+    fn deadlines_fail_stuck_files_and_spare_working_ones() {
+        let t0 = 1_000_000;
+        // Pending for 11 minutes: past the 10-minute deadline.
+        assert!(overdue(Pending, t0, t0, t0 + 11 * 60).is_some());
+        assert!(overdue(Pending, t0, t0, t0 + 9 * 60).is_none());
+        // In progress for an hour but reporting progress a minute ago: alive.
+        assert!(overdue(InProgress, t0, t0 + 59 * 60, t0 + 60 * 60).is_none());
+        // In progress with the last report 11 minutes ago: stuck.
+        let why = overdue(InProgress, t0, t0 + 60, t0 + 12 * 60).unwrap();
+        assert!(
+            why.contains("in-progress") && why.contains("600 s"),
+            "{why}"
+        );
+        // Unknown past the recovery wait, starting past its 2 minutes.
+        assert!(overdue(Unknown, t0, t0, t0 + 6 * 60).is_some());
+        assert!(overdue(Starting, t0, t0, t0 + 3 * 60).is_some());
+        // Final states have none.
+        assert!(overdue(Ready, t0, t0, u64::MAX).is_none());
+        assert!(overdue(Failed, t0, t0, u64::MAX).is_none());
     }
 
     #[test]
