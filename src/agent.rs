@@ -20,6 +20,9 @@ use crate::store::{Kind, Store, StoreExt};
 pub struct DiskSpace {
     pub disk: Disk,
     pub free_bytes: u64,
+    /// Whether the disk's backing image manager runs (it does while the disk holds files).
+    #[serde(default)]
+    pub manager: bool,
 }
 
 #[tonic::async_trait]
@@ -90,12 +93,14 @@ impl LocalAgent {
 impl Agent for LocalAgent {
     async fn disk_space(&self) -> Result<Vec<DiskSpace>> {
         let disks = self.disks.clone();
+        let running = self.files.running_managers();
         blocking(move || {
             disks
                 .into_iter()
                 .map(|d| {
                     Ok(DiskSpace {
                         free_bytes: crate::disks::free_bytes(&d.path)?,
+                        manager: running.contains(&d.id),
                         disk: d,
                     })
                 })

@@ -245,13 +245,17 @@ pub async fn get_nodes(server: &str) -> Result<()> {
 pub async fn get_disks(server: &str) -> Result<()> {
     let disks: Vec<crate::agent::DiskSpace> =
         json(send(client().get(url(server, "v1/disks")), server).await?).await?;
-    println!("{:<14} {:<24} {:>10} PATH", "DISK", "NODE", "FREE");
+    println!(
+        "{:<14} {:<24} {:>10} {:<8} PATH",
+        "DISK", "NODE", "FREE", "MANAGER"
+    );
     for d in disks {
         println!(
-            "{:<14} {:<24} {:>10} {}",
+            "{:<14} {:<24} {:>10} {:<8} {}",
             d.disk.id,
             d.disk.node_id,
             crate::quantity::human(d.free_bytes),
+            if d.manager { "running" } else { "-" },
             d.disk.path.display()
         );
     }

@@ -734,6 +734,7 @@ mod tests {
                 path: format!("/d/{id}").into(),
             },
             free_bytes: free,
+            manager: false,
         }
     }
 

@@ -62,6 +62,7 @@ fn disk_infos(disks: &[DiskSpace]) -> Result<Vec<pb::DiskInfo>> {
             Ok(pb::DiskInfo {
                 disk_json: to_json(&d.disk)?,
                 free_bytes: d.free_bytes,
+                manager: d.manager,
             })
         })
         .collect()
@@ -74,6 +75,7 @@ fn disk_spaces(infos: &[pb::DiskInfo]) -> Result<Vec<DiskSpace>> {
             Ok(DiskSpace {
                 disk: from_json(&i.disk_json, "disk")?,
                 free_bytes: i.free_bytes,
+                manager: i.manager,
             })
         })
         .collect()

@@ -254,10 +254,18 @@ async fn seed_download_manifest_becomes_a_ready_verified_file() {
     let (ok, _, err) = b.cli(&["apply", "-f", manifest.to_str().unwrap()]);
     assert!(!ok && err.contains("sourceParameters"), "{err}");
 
+    // The disk's backing image manager runs while the disk holds a file, and stops after.
+    let (_, disks, _) = b.cli(&["get", "disks"]);
+    assert!(disks.lines().nth(1).unwrap().contains("running"), "{disks}");
     let (ok, out, err) = b.cli(&["delete", "backingimage", "bi-download"]);
     assert!(ok, "{out}{err}");
     assert!(get_image(&b, "bi-download").await.is_none());
     assert!(!file.exists(), "files removed with the image");
+    let (_, disks, _) = b.cli(&["get", "disks"]);
+    assert!(
+        !disks.lines().nth(1).unwrap().contains("running"),
+        "{disks}"
+    );
 }
 
 #[tokio::test]
