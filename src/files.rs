@@ -579,6 +579,41 @@ impl FileManagers {
         self.finish_file(name, disk, &tmp, sha512, size).await
     }
 
+    /// Checks a file against the image's checksum: Ready when it matches, else Failed.
+    async fn verify(&self, bi: &BackingImage, disk: &Disk) -> FileReport {
+        let path = BackingImages::file_path(disk, bi);
+        if !path.is_file() {
+            return FileReport::new(FileState::Failed, 0, "the file is missing from the disk");
+        }
+        let p = path.clone();
+        let sum = blocking(move || {
+            crate::sync::sha512_sparse(&p).map_err(|e| Error::Internal(e.to_string()))
+        })
+        .await;
+        match sum {
+            Ok(sum) if sum == bi.status.checksum => {
+                let mut r =
+                    FileReport::new(FileState::Ready, 100, "verified after its node returned");
+                r.ready = Some(ReadyFile {
+                    size: bi.status.size,
+                    virtual_size: bi.status.virtual_size,
+                    format: bi.status.format.clone(),
+                    checksum: sum,
+                });
+                r
+            }
+            Ok(sum) => FileReport::new(
+                FileState::Failed,
+                0,
+                format!(
+                    "checksum mismatch: expected {}, got {sum}; the file changed on disk",
+                    bi.status.checksum
+                ),
+            ),
+            Err(e) => FileReport::new(FileState::Failed, 0, e.to_string()),
+        }
+    }
+
     /// Removes every file of the image (any uuid) from this node's disks.
     pub async fn delete_image_files(&self, name: &str) -> Result<()> {
         for m in self.managers.lock().expect("managers poisoned").values() {
@@ -627,8 +662,9 @@ impl FileManagers {
         Ok(())
     }
 
-    /// After a restart: work that was cut off starts again from the beginning (its temp file is
-    /// removed), ready files that disappeared are reported failed, and files of images that no
+    /// After a restart or a return: work that was cut off starts again from the beginning (its
+    /// temp file is removed), ready files that disappeared are reported failed, files marked
+    /// unknown while the node was away are verified and reused, and files of images that no
     /// longer exist are removed.
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let images: Vec<BackingImage> = self.store.list(Kind::BackingImage)?;
@@ -674,6 +710,11 @@ impl FileManagers {
                             ),
                         )
                         .await?;
+                    }
+                    // This node was away: its files are verified and reused, not fetched again.
+                    FileState::Unknown => {
+                        let report = self.verify(bi, &disk).await;
+                        self.report(bi.name(), &disk, report).await?;
                     }
                     _ => {}
                 }

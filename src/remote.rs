@@ -531,6 +531,12 @@ pub async fn keep_registered(
                 Ok(_) => {
                     registered = true;
                     tracing::info!(node = %register.node_id, "registered with the controller");
+                    // Cut-off work starts again and files marked unknown while away are
+                    // verified; until the controller answers, the next round retries.
+                    if let Err(e) = local.files.resume().await {
+                        tracing::warn!(error = %e, "cannot resume backing image work yet");
+                        registered = false;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e.message(), "cannot register with the controller; retrying")

@@ -374,21 +374,6 @@ pub async fn node(
         register,
         local_agent,
     ));
-    // Resume cut-off work once the controller answers (the store is remote).
-    let resumer = {
-        let files = files.clone();
-        tokio::spawn(async move {
-            loop {
-                match files.resume().await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot resume backing image work yet");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        })
-    };
     let api = crate::http::router(crate::http::ApiState {
         controller: None,
         backing: None,
@@ -408,7 +393,6 @@ pub async fn node(
     )
     .await;
     keeper.abort();
-    resumer.abort();
     r
 }
 

@@ -569,3 +569,70 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
         backing::sha512(&raw)
     );
 }
+
+#[tokio::test]
+async fn a_returning_node_verifies_and_reuses_its_files() {
+    use std::os::unix::fs::MetadataExt;
+    let mut c = TestCluster::start(2).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = backing::ext4_image(&work, 8);
+    let server = backing::ImageServer::start([("i.raw".to_string(), raw.clone())].into()).await;
+    let f = work.join("bi.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: bi-away\nspec:\n  sourceType: download\n  sourceParameters:\n    url: {}\n",
+            server.url("i.raw")
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = c.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let file_state = |img: &serde_json::Value| -> (String, String, String) {
+        let (_, f) = img["status"]["diskFileStatusMap"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap();
+        (
+            f["state"].as_str().unwrap().to_string(),
+            f["message"].as_str().unwrap_or_default().to_string(),
+            f["nodeId"].as_str().unwrap().to_string(),
+        )
+    };
+    let http = c.http.clone();
+    let wait_state = async |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let img: serde_json::Value = reqwest::get(format!("{http}/v1/backingimages/bi-away"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let s = file_state(&img);
+            if s.0 == want {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "never {want}: {img}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let (_, _, holder) = wait_state("ready").await;
+    let i = c.nodes.iter().position(|n| n.id == holder).unwrap();
+    let path = backing_files(&c.nodes[i].disk).remove(0);
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    c.stop_node(i);
+    let (_, msg, _) = wait_state("unknown").await;
+    assert!(msg.contains("is down"), "{msg}");
+    c.start_node(i);
+    let (_, msg, _) = wait_state("ready").await;
+    assert!(msg.contains("verified"), "{msg}");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        inode,
+        "the same file, not a new download"
+    );
+}
