@@ -6,6 +6,7 @@
 
 mod backing;
 mod harness;
+mod images;
 mod node;
 
 use harness::*;

@@ -3,12 +3,12 @@
 //! the nodes over HTTP (data extents only, SHA-512 verified), and volumes whose replicas sit on
 //! several nodes attach through NBD.
 
-#[path = "../conformance/backing.rs"]
-#[allow(dead_code)]
-mod backing;
 #[path = "../conformance/harness.rs"]
 #[allow(dead_code)]
 mod harness;
+#[path = "../conformance/images.rs"]
+#[allow(dead_code)]
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -337,10 +337,10 @@ async fn attaching_brings_the_image_to_every_replica_disk_and_writes_reach_every
     let work = c.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     // A sparse raw image: a filesystem of 64 MiB with a few MiB of data.
-    let raw = backing::ext4_image(&work, 64);
-    let want = backing::sha512(&raw);
-    let server = backing::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
-    let params = backing::seed_sc_params(&server.url("img.raw"), "bi-multi");
+    let raw = images::ext4_image(&work, 64);
+    let want = images::sha512(&raw);
+    let server = images::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
+    let params = images::seed_sc_params(&server.url("img.raw"), "bi-multi");
     let mut ctl = c.controller_client().await;
     let mut req = pb::CreateVolumeRequest {
         name: "vol-3".into(),
@@ -352,7 +352,7 @@ async fn attaching_brings_the_image_to_every_replica_disk_and_writes_reach_every
         parameters: params.iter().cloned().collect(),
         ..Default::default()
     };
-    backing::create_retrying(&mut ctl, req.clone())
+    images::create_retrying(&mut ctl, req.clone())
         .await
         .unwrap();
     // Attach on node-2: every replica disk (one per node) gets a verified file.
@@ -473,7 +473,7 @@ async fn attaching_brings_the_image_to_every_replica_disk_and_writes_reach_every
 
     // A second volume on the same disks reuses the files: no transfer.
     req.name = "vol-3b".into();
-    backing::create_retrying(&mut ctl, req).await.unwrap();
+    images::create_retrying(&mut ctl, req).await.unwrap();
     let mut publish = cpublish_req("vol-3b", mount_cap(), false);
     publish.node_id = "node-3".into();
     publish_retrying(&mut ctl, publish).await;
@@ -498,11 +498,11 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
     let c = TestCluster::start(2).await;
     let work = c.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let raw = backing::ext4_image(&work, 16);
-    let server = backing::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
+    let raw = images::ext4_image(&work, 16);
+    let server = images::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
     let mut ctl = c.controller_client().await;
     // The image lands on one node; a two-replica volume needs it on the other.
-    let params = backing::seed_sc_params(&server.url("img.raw"), "bi-corrupt");
+    let params = images::seed_sc_params(&server.url("img.raw"), "bi-corrupt");
     let mut req = pb::CreateVolumeRequest {
         name: "v".into(),
         capacity_range: Some(pb::CapacityRange {
@@ -514,7 +514,7 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
         ..Default::default()
     };
     req.parameters.insert("numberOfReplicas".into(), "2".into());
-    backing::create_retrying(&mut ctl, req).await.unwrap();
+    images::create_retrying(&mut ctl, req).await.unwrap();
     let img = image(&c, "bi-corrupt").await;
     let (first_disk, first) = img["status"]["diskFileStatusMap"]
         .as_object()
@@ -566,7 +566,7 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
     publish_retrying(&mut ctl, publish).await;
     assert_eq!(
         sha512sum(&backing_files(&c.nodes[other].disk)[0]),
-        backing::sha512(&raw)
+        images::sha512(&raw)
     );
 }
 
@@ -576,8 +576,8 @@ async fn a_returning_node_verifies_and_reuses_its_files() {
     let mut c = TestCluster::start(2).await;
     let work = c.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let raw = backing::ext4_image(&work, 8);
-    let server = backing::ImageServer::start([("i.raw".to_string(), raw.clone())].into()).await;
+    let raw = images::ext4_image(&work, 8);
+    let server = images::ImageServer::start([("i.raw".to_string(), raw.clone())].into()).await;
     let f = work.join("bi.yaml");
     std::fs::write(
         &f,
