@@ -323,6 +323,7 @@ async fn run(args: Args) -> Res<bool> {
             );
         }
     }
+    println!("load average at the end: {}", load_average());
     if checks.failed.is_empty() {
         println!("checks: all passed");
         Ok(true)
@@ -377,8 +378,9 @@ async fn print_header(work: &Path, size: u64, runs: usize, quick: bool) {
     println!("command:  {command}");
     println!(
         "machine:  {cpus} cpus ({model}), {mem} memory, kernel {kernel}, \
-         work dir {} on {fs}; curl {curl}",
-        work.display()
+         work dir {} on {fs}; curl {curl}; load average {}",
+        work.display(),
+        load_average()
     );
     println!(
         "settings: {} image, {runs} run(s) per side{}; medians [min–max]; \
@@ -449,7 +451,7 @@ async fn download_verify(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
                 }
             }
         }
-        println!("  run {}: {}", run + 1, notes.join("; "));
+        println!("  run {}: {}", run + 1, notes.join("\n         "));
     }
     Ok(REFS
         .iter()
@@ -469,6 +471,8 @@ struct BicsiRun {
     elapsed: Duration,
     checksum: String,
     vm_hwm: Option<u64>,
+    /// RssAnon and RssFile of the idle process, just before the POST.
+    idle: (u64, u64),
     /// Peaks sampled at each poll while downloading: anonymous and file-backed resident memory,
     /// and threads.
     anon_peak: u64,
@@ -480,6 +484,9 @@ struct BicsiRun {
     logged_secs: Option<f64>,
     /// /proc/PID/smaps_rollup at the end, when the peak was over the bound.
     smaps: Option<String>,
+    /// CPU seconds (user+system) of the process since it started, and of each of its threads
+    /// still alive when the file was ready (busiest first).
+    cpu: Option<(f64, Vec<(String, f64)>)>,
 }
 
 impl BicsiRun {
@@ -494,9 +501,12 @@ impl BicsiRun {
         }
         let _ = write!(
             s,
-            "), VmHWM {} (sampled peaks: RssAnon {}, RssFile {}, {} threads), \
+            "), VmHWM {} (idle before the POST: RssAnon {}, RssFile {}; \
+             sampled peaks: RssAnon {}, RssFile {}, {} threads), \
              page cache of the ready file {}, checksum {}",
             self.vm_hwm.map_or("n/a".into(), fmt_bytes),
+            fmt_bytes(self.idle.0),
+            fmt_bytes(self.idle.1),
             fmt_bytes(self.anon_peak),
             fmt_bytes(self.file_peak),
             self.threads_peak,
@@ -507,12 +517,30 @@ impl BicsiRun {
                 format!("{:?}", self.checksum)
             }
         );
+        if let Some((total, threads)) = &self.cpu {
+            let busy: Vec<String> = threads
+                .iter()
+                .filter(|(_, t)| *t >= 0.05)
+                .map(|(name, t)| format!("{t:.2} {name}"))
+                .collect();
+            let _ = write!(
+                s,
+                "\n         cpu {total:.2} s in all; busiest threads (s): {}",
+                busy.join(", ")
+            );
+        }
         if let Some(smaps) = &self.smaps {
-            let _ = write!(s, "\n    smaps_rollup:");
-            for l in smaps.lines().skip(1) {
-                let _ = write!(s, " {}", l.split_whitespace().collect::<Vec<_>>().join(" "));
-                s.push(';');
-            }
+            let kb = |k: &str| kib_field(smaps, k).map_or("?".into(), fmt_bytes);
+            let _ = write!(
+                s,
+                "\n         over {} (smaps_rollup when ready: Rss {}, Anonymous {}, Pss_File {}, \
+                 Private_Dirty {})",
+                fmt_bytes(RSS_BOUND),
+                kb("Rss:"),
+                kb("Anonymous:"),
+                kb("Pss_File:"),
+                kb("Private_Dirty:")
+            );
         }
         s
     }
@@ -525,6 +553,11 @@ async fn bicsi_download(b: &Bench, run: usize) -> Res<BicsiRun> {
     let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
     let name = format!("bench-{run}");
     let result = async {
+        let st = proc_status(serve.pid).unwrap_or_default();
+        let idle = (
+            kib_field(&st, "RssAnon:").unwrap_or(0),
+            kib_field(&st, "RssFile:").unwrap_or(0),
+        );
         sync().await;
         let body = serde_json::json!({
             "apiVersion": "longhorn.io/v1beta2",
@@ -582,6 +615,7 @@ async fn bicsi_download(b: &Bench, run: usize) -> Res<BicsiRun> {
         let smaps = vm_hwm.filter(|&h| h > RSS_BOUND).and_then(|_| {
             std::fs::read_to_string(format!("/proc/{}/smaps_rollup", serve.pid)).ok()
         });
+        let cpu = cpu_usage(serve.pid);
         let cached = match ready_file(&disk, &name) {
             Some(f) => fincore(&f).await,
             None => None,
@@ -590,12 +624,14 @@ async fn bicsi_download(b: &Bench, run: usize) -> Res<BicsiRun> {
             elapsed,
             checksum: obj["status"]["checksum"].as_str().unwrap_or("").to_string(),
             vm_hwm,
+            idle,
             anon_peak,
             file_peak,
             threads_peak,
             cached,
             logged_secs: None,
             smaps,
+            cpu,
         })
     }
     .await;
@@ -783,6 +819,34 @@ fn child_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
         });
     }
     cmd
+}
+
+/// CPU seconds of process `pid` (user+system, all threads so far) and of each live thread.
+fn cpu_usage(pid: u32) -> Option<(f64, Vec<(String, f64)>)> {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // utime and stime are fields 14 and 15 of /proc/…/stat, counted after the ")" that ends
+    // the command name (which may contain spaces).
+    let secs = |stat: &str| -> Option<f64> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (u, s): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+        Some((u + s) / tick)
+    };
+    let total = secs(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    let mut threads = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if let Some(secs) = secs(&stat) {
+            threads.push((name.trim().to_string(), secs));
+        }
+    }
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some((total, threads))
 }
 
 fn proc_status(pid: u32) -> Option<String> {
@@ -1012,6 +1076,13 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
         .parse::<u64>()
         .ok()
         .map(|k| k * 1024)
+}
+
+/// The 1, 5 and 15 minute load averages: the machine is shared, so say how busy it was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn strip_ansi(s: &str) -> String {

@@ -381,7 +381,19 @@ impl FileManagers {
     ) -> Result<()> {
         let probe_path = tmp.to_path_buf();
         let header = blocking(move || {
-            imagefmt::probe(&probe_path).map_err(|e| Error::InvalidArgument(e.to_string()))
+            let header =
+                imagefmt::probe(&probe_path).map_err(|e| Error::InvalidArgument(e.to_string()));
+            // The probe's read (and its readahead) brought pages back into the cache that the
+            // download had released: release them again.
+            if let Ok(f) = std::fs::File::open(&probe_path) {
+                let _ = nix::fcntl::posix_fadvise(
+                    &f,
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                );
+            }
+            header
         })
         .await;
         let header = match header {

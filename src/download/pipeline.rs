@@ -29,10 +29,11 @@ use tokio::task::JoinHandle;
 /// Bytes per block handed to the workers: large writes, few queue operations.
 pub(super) const BLOCK: usize = 1 << 20;
 /// Chunks smaller than this are copied together rather than referenced one by one, so a block
-/// never has more than about `BLOCK / SMALL_CHUNK` pieces (`writev` takes at most 1024).
+/// never has more than about `BLOCK / SMALL_CHUNK` pieces.
 const SMALL_CHUNK: usize = 16 * 1024;
-/// Blocks each worker may have queued before the receiver waits (back-pressure to TCP).
-const QUEUE_DEPTH: usize = 8;
+/// Blocks each worker may have queued before the receiver waits (back-pressure to TCP). The hash
+/// is always the slowest stage, so a deeper queue only holds memory.
+const QUEUE_DEPTH: usize = 3;
 /// Bytes written before they are handed to the flusher thread for writeback.
 const FLUSH_WINDOW: u64 = 16 << 20;
 
