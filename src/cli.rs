@@ -86,23 +86,37 @@ pub enum Output {
     Yaml,
 }
 
+/// Flags every serving mode takes.
 #[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
+pub struct ProcessArgs {
     /// Where bicsi keeps its state, engines and default disk.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// CSI endpoint; default unix://<data-dir>/csi.sock.
     #[arg(long)]
     pub csi_endpoint: Option<String>,
+    /// The CSI driver name (the StorageClass provisioner).
+    #[arg(long, default_value = "driver.longhorn.io")]
+    pub driver_name: String,
+}
+
+/// Flags of a process that holds disks (serve, node).
+#[derive(Args, Debug, Clone)]
+pub struct DiskArgs {
     /// This node's id; default the host name.
     #[arg(long)]
     pub node_id: Option<String>,
     /// A disk directory for replicas and backing images (repeatable); default <data-dir>/disks/default.
     #[arg(long = "disk")]
     pub disks: Vec<PathBuf>,
-    /// The CSI driver name (the StorageClass provisioner).
-    #[arg(long, default_value = "driver.longhorn.io")]
-    pub driver_name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    #[command(flatten)]
+    pub disk: DiskArgs,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:9500")]
     pub http_listen: String,
@@ -110,13 +124,9 @@ pub struct ServeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ControllerArgs {
-    #[arg(long, default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-    /// CSI endpoint; default unix://<data-dir>/csi.sock.
-    #[arg(long)]
-    pub csi_endpoint: Option<String>,
-    #[arg(long, default_value = "driver.longhorn.io")]
-    pub driver_name: String,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:9500")]
     pub http_listen: String,
     /// Where node agents reach the Cluster service.
@@ -129,19 +139,10 @@ pub struct ControllerArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
-    #[arg(long, default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-    /// CSI endpoint; default unix://<data-dir>/csi.sock.
-    #[arg(long)]
-    pub csi_endpoint: Option<String>,
-    /// This node's id; default the host name.
-    #[arg(long)]
-    pub node_id: Option<String>,
-    /// A disk directory (repeatable); default <data-dir>/disks/default.
-    #[arg(long = "disk")]
-    pub disks: Vec<PathBuf>,
-    #[arg(long, default_value = "driver.longhorn.io")]
-    pub driver_name: String,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    #[command(flatten)]
+    pub disk: DiskArgs,
     /// The controller's Cluster service.
     #[arg(long, default_value = "http://127.0.0.1:9501")]
     pub controller: String,
@@ -285,16 +286,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Controller(args) => {
-            let cfg = crate::server::Config {
-                csi_endpoint: args
-                    .csi_endpoint
-                    .unwrap_or_else(|| crate::server::default_endpoint(&args.data_dir)),
-                data_dir: args.data_dir,
-                node_id: String::new(),
-                disks: vec![],
-                driver_name: args.driver_name,
-                http_listen: args.http_listen,
-            };
+            let cfg = process_config(args.process, None, args.http_listen)?;
             let split = crate::server::SplitConfig {
                 cluster_listen: args.cluster_listen,
                 node_down_after: Some(std::time::Duration::from_secs(args.node_down_after.max(1))),
@@ -303,14 +295,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::server::controller(cfg, split, shutdown_signal()).await
         }
         Command::Node(args) => {
-            let cfg = serve_config(ServeArgs {
-                data_dir: args.data_dir,
-                csi_endpoint: args.csi_endpoint,
-                node_id: args.node_id,
-                disks: args.disks,
-                driver_name: args.driver_name,
-                http_listen: args.http_listen,
-            })?;
+            let cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
             let split = crate::server::SplitConfig {
                 controller: args.controller,
                 agent_listen: args.agent_listen,
@@ -350,22 +335,37 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 pub fn serve_config(args: ServeArgs) -> Result<crate::server::Config> {
-    let node_id = match args.node_id {
-        Some(id) => id,
-        None => nix::unistd::gethostname()
-            .map_err(|e| Error::Internal(format!("host name: {e}; pass --node-id")))?
-            .to_string_lossy()
-            .into_owned(),
+    process_config(args.process, Some(args.disk), args.http_listen)
+}
+
+/// The server configuration of a mode; a process without disks (the controller) has no node id.
+fn process_config(
+    process: ProcessArgs,
+    disk: Option<DiskArgs>,
+    http_listen: String,
+) -> Result<crate::server::Config> {
+    let (node_id, disks) = match disk {
+        Some(d) => {
+            let id = match d.node_id {
+                Some(id) => id,
+                None => nix::unistd::gethostname()
+                    .map_err(|e| Error::Internal(format!("host name: {e}; pass --node-id")))?
+                    .to_string_lossy()
+                    .into_owned(),
+            };
+            (id, d.disks)
+        }
+        None => (String::new(), vec![]),
     };
     Ok(crate::server::Config {
-        csi_endpoint: args
+        csi_endpoint: process
             .csi_endpoint
-            .unwrap_or_else(|| crate::server::default_endpoint(&args.data_dir)),
-        data_dir: args.data_dir,
+            .unwrap_or_else(|| crate::server::default_endpoint(&process.data_dir)),
+        data_dir: process.data_dir,
         node_id,
-        disks: args.disks,
-        driver_name: args.driver_name,
-        http_listen: args.http_listen,
+        disks,
+        driver_name: process.driver_name,
+        http_listen,
     })
 }
 
