@@ -313,7 +313,7 @@ impl BackingImages {
         };
         if *source_type == SourceType::Upload {
             return Err(Error::InvalidArgument(format!(
-                "backing image {name:?} cannot be created by uploading through a StorageClass: upload it first (bicsi image upload {name} FILE, or POST the file to the HTTP API), then name it in backingImage"
+                "backing image {name:?} cannot be created by uploading through a StorageClass: upload it first (bicsi image upload {name} FILE, or PUT the file to /v1/backingimages/{name}/file of the HTTP API), then name it in backingImage"
             )));
         }
         let bi = BackingImage {

@@ -53,6 +53,33 @@ pub enum Command {
     /// Delete an object.
     #[command(subcommand)]
     Delete(DeleteCommand),
+    /// Move backing image files between this machine and bicsi.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Upload a local file as the file of a backing image (created with sourceType upload when
+    /// it does not exist).
+    Upload {
+        name: String,
+        file: PathBuf,
+        /// The file's SHA-512 (`shasum -a 512 FILE`); the upload fails if what arrives differs.
+        #[arg(long)]
+        checksum: Option<String>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Download a backing image's ready file, verified by its SHA-512.
+    Download {
+        name: String,
+        /// Where to write the file (default: NAME in the current directory).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        server: Server,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -330,6 +357,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Delete(DeleteCommand::Storageclass { name, server }) => {
             crate::cli_api::delete(&server.server, "storageclasses", &name).await
+        }
+        Command::Image(ImageCommand::Upload {
+            name,
+            file,
+            checksum,
+            server,
+        }) => crate::cli_api::upload_image(&server.server, &name, &file, checksum).await,
+        Command::Image(ImageCommand::Download {
+            name,
+            output,
+            server,
+        }) => {
+            let output = output.unwrap_or_else(|| PathBuf::from(&name));
+            crate::cli_api::download_image(&server.server, &name, &output).await
         }
     }
 }

@@ -261,3 +261,214 @@ pub async fn get_disks(server: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A progress bar of bytes with rate and ETA (drawn only on a terminal).
+fn byte_bar(total: Option<u64>, verb: &str) -> indicatif::ProgressBar {
+    let bar = match total {
+        Some(t) => indicatif::ProgressBar::new(t),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    let template = if total.is_some() {
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
+    } else {
+        "{msg} {bytes} {binary_bytes_per_sec}"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(verb.to_string());
+    bar
+}
+
+/// `bicsi image upload NAME FILE`: creates the image (sourceType upload) when missing, then
+/// streams the file to it; the server answers once the file is ready.
+pub async fn upload_image(
+    server: &str,
+    name: &str,
+    file: &std::path::Path,
+    checksum: Option<String>,
+) -> Result<()> {
+    use futures::StreamExt;
+    use tokio::io::AsyncReadExt;
+    let checksum = checksum
+        .map(|c| crate::files::parse_checksum(&c, "--checksum"))
+        .transpose()?;
+    let f = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", file.display())))?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", file.display())))?
+        .len();
+    let image_url = url(server, &format!("v1/backingimages/{name}"));
+    match send(client().get(&image_url), server).await {
+        Ok(resp) => {
+            let bi: BackingImage = json(resp).await?;
+            if bi.spec.source_type != crate::backing::object::SourceType::Upload {
+                return Err(Error::FailedPrecondition(format!(
+                    "backing image {name:?} exists with source type {}: only an image with sourceType upload takes an upload",
+                    bi.spec.source_type.as_str()
+                )));
+            }
+            // The server refuses these too, but before reading the body: a client still sending
+            // may then see a broken connection instead of the answer. Say it before sending.
+            if bi.has_ready_file() {
+                return Err(Error::FailedPrecondition(format!(
+                    "backing image {name:?} already has a ready file; to upload another file, delete the image and create it again"
+                )));
+            }
+            use crate::backing::state::FileState;
+            if bi.status.disk_file_status_map.values().any(|f| {
+                matches!(
+                    f.state,
+                    FileState::Pending | FileState::Starting | FileState::InProgress
+                )
+            }) {
+                return Err(Error::Aborted(format!(
+                    "backing image {name:?} is being uploaded already ({}); wait for that upload to finish or fail",
+                    crate::backing::BackingImages::describe(&bi)
+                )));
+            }
+        }
+        Err(Error::NotFound(_)) => {
+            let object = serde_json::json!({
+                "apiVersion": crate::backing::object::API_VERSION,
+                "kind": crate::backing::object::KIND,
+                "metadata": { "name": name, "namespace": crate::backing::object::DEFAULT_NAMESPACE },
+                "spec": { "sourceType": "upload" },
+            });
+            send(
+                client().post(url(server, "v1/backingimages")).json(&object),
+                server,
+            )
+            .await?;
+            eprintln!("backingimage/{name} created");
+        }
+        Err(e) => return Err(e),
+    }
+    let bar = byte_bar(Some(len), "uploading");
+    let b = bar.clone();
+    let chunks = futures::stream::unfold(f, |mut f| async move {
+        let mut buf = vec![0u8; 1 << 20];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    })
+    .inspect(move |c| {
+        if let Ok(c) = c {
+            b.inc(c.len() as u64);
+        }
+    });
+    let mut req = client()
+        .put(url(server, &format!("v1/backingimages/{name}/file")))
+        .header(reqwest::header::CONTENT_LENGTH, len)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(chunks));
+    if let Some(c) = &checksum {
+        req = req.header(crate::http::CHECKSUM_HEADER, c);
+    }
+    let result = send(req, server).await;
+    bar.finish_and_clear();
+    let bi: BackingImage = json(result?).await?;
+    println!(
+        "backingimage/{name} uploaded: {} ({}), sha512 {}",
+        crate::quantity::human(bi.status.size),
+        if bi.status.format.is_empty() {
+            "-"
+        } else {
+            &bi.status.format
+        },
+        bi.status.checksum
+    );
+    Ok(())
+}
+
+/// `bicsi image download NAME -o FILE`: writes `FILE.part` while hashing it, and renames it to
+/// FILE only when its SHA-512 is the image's.
+pub async fn download_image(server: &str, name: &str, output: &std::path::Path) -> Result<()> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let resp = send(
+        client().get(url(server, &format!("v1/backingimages/{name}/file"))),
+        server,
+    )
+    .await?;
+    let expected = resp
+        .headers()
+        .get(crate::http::CHECKSUM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let total = resp.content_length();
+    let mut part = output.as_os_str().to_owned();
+    part.push(".part");
+    let part = std::path::PathBuf::from(part);
+    let io = |e: std::io::Error| Error::Internal(format!("{}: {e}", part.display()));
+    let mut f = tokio::fs::File::create(&part).await.map_err(io)?;
+    let bar = byte_bar(total, "downloading");
+    let mut hasher = sha2::Sha512::new();
+    let mut received = 0u64;
+    let mut body = resp.bytes_stream();
+    let outcome: Result<()> = async {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                Error::Unavailable(format!(
+                    "the download of {name:?} broke off after {received} bytes: {e}; download again"
+                ))
+            })?;
+            hasher.update(&chunk);
+            f.write_all(&chunk).await.map_err(io)?;
+            received += chunk.len() as u64;
+            bar.inc(chunk.len() as u64);
+        }
+        f.flush().await.map_err(io)?;
+        f.sync_all().await.map_err(io)?;
+        if let Some(t) = total
+            && t != received
+        {
+            return Err(Error::Unavailable(format!(
+                "the download of {name:?} ended at {received} of {t} bytes; download again"
+            )));
+        }
+        let got = hex::encode(hasher.finalize());
+        if expected.is_empty() {
+            return Err(Error::Internal(format!(
+                "the server sent no X-Bicsi-Checksum for {name:?}; the file (sha512 {got}) is not verified"
+            )));
+        }
+        if got != expected {
+            return Err(Error::FailedPrecondition(format!(
+                "checksum mismatch downloading {name:?}: expected {expected}, got {got}; the file was removed"
+            )));
+        }
+        Ok(())
+    }
+    .await;
+    bar.finish_and_clear();
+    drop(f);
+    if let Err(e) = outcome {
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
+    std::fs::rename(&part, output).map_err(|e| {
+        let _ = std::fs::remove_file(&part);
+        Error::Internal(format!(
+            "cannot move {} to {}: {e}",
+            part.display(),
+            output.display()
+        ))
+    })?;
+    println!(
+        "backingimage/{name} downloaded to {}: {}, sha512 {expected}",
+        output.display(),
+        crate::quantity::human(received)
+    );
+    Ok(())
+}

@@ -8,7 +8,11 @@
 //! checksum, so nothing half-written is ever ready. It must not change image objects itself:
 //! the controller owns them and applies the reports.
 
-use std::collections::HashMap;
+mod upload;
+
+pub use upload::{UploadRequest, parse_checksum};
+
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,6 +88,8 @@ pub struct FileManagers {
     store: Arc<dyn Store>,
     reports: Arc<dyn FileReports>,
     managers: Mutex<HashMap<String, Arc<DiskManager>>>,
+    /// Images being uploaded through this process now.
+    uploads: Mutex<HashSet<String>>,
 }
 
 fn tmp_path(disk: &Disk, bi: &BackingImage) -> PathBuf {
@@ -115,6 +121,7 @@ impl FileManagers {
             store,
             reports,
             managers: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(HashSet::new()),
         })
     }
 
@@ -173,6 +180,25 @@ impl FileManagers {
             }
             busy || has_files
         });
+    }
+
+    /// The image and its ready file on one of this process's disks, to serve it whole. Without
+    /// one: FailedPrecondition saying where the image stands.
+    pub fn ready_file(&self, name: &str) -> Result<(BackingImage, PathBuf)> {
+        let bi = self.image(name)?;
+        let path = self
+            .disks
+            .iter()
+            .filter(|d| ready_on(&bi, &d.id))
+            .map(|d| BackingImages::file_path(d, &bi))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "backing image {name:?} has no ready file to download yet: {}",
+                    BackingImages::describe(&bi)
+                ))
+            })?;
+        Ok((bi, path))
     }
 
     fn image(&self, name: &str) -> Result<BackingImage> {
@@ -686,6 +712,22 @@ impl FileManagers {
                     continue;
                 };
                 match f.state {
+                    // An upload cut off by the restart cannot go on: its client has gone.
+                    FileState::Starting | FileState::InProgress | FileState::Pending
+                        if bi.spec.source_type == SourceType::Upload =>
+                    {
+                        let _ = std::fs::remove_file(tmp_path(&disk, bi));
+                        self.report(
+                            bi.name(),
+                            &disk,
+                            FileReport::new(
+                                FileState::Failed,
+                                0,
+                                "upload interrupted by a restart of bicsi; upload again",
+                            ),
+                        )
+                        .await?;
+                    }
                     FileState::Starting | FileState::InProgress | FileState::Pending => {
                         let _ = std::fs::remove_file(tmp_path(&disk, bi));
                         if f.state != FileState::Pending {

@@ -72,6 +72,13 @@ pub fn router(state: ApiState) -> Router {
             get(get_backing_image).delete(delete_backing_image),
         )
         .route(
+            "/v1/backingimages/{name}/file",
+            get(download_file)
+                .put(upload_file)
+                // An upload is as large as the image; only the disk's free space bounds it.
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
             "/v1/storageclasses",
             get(list_storage_classes).post(apply_storage_class),
         )
@@ -122,6 +129,198 @@ async fn transfer_file(State(s): State<ApiState>, Path(dir): Path<String>) -> Ap
         body,
     )
         .into_response())
+}
+
+/// The header with the SHA-512 of an uploaded or downloaded file.
+pub const CHECKSUM_HEADER: &str = "x-bicsi-checksum";
+
+/// 501: what this process does not do (yet), with the error body of every other error.
+fn not_implemented(message: &str) -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        Json(serde_json::json!({ "error": message, "code": "Unimplemented" })),
+    )
+        .into_response()
+}
+
+/// `PUT /v1/backingimages/{name}/file`: the body (raw, streamed, any size) becomes the first
+/// file of an image created with sourceType upload. `X-Bicsi-Checksum` (SHA-512) is checked
+/// besides the image's own checksum. Answers the image once its file is ready.
+async fn upload_file(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    let (Some(backing), Some(files)) = (s.backing.clone(), s.files.clone()) else {
+        return Ok(not_implemented(
+            "upload through the node that should hold the file is not supported yet: upload to `bicsi serve`, which holds both the images and the disks",
+        ));
+    };
+    let checksum = headers
+        .get(CHECKSUM_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| Error::InvalidArgument("X-Bicsi-Checksum is not text".into()))
+                .and_then(|t| crate::files::parse_checksum(t, "X-Bicsi-Checksum"))
+        })
+        .transpose()?;
+    let length = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let req = crate::files::UploadRequest { length, checksum };
+    // The upload runs as a task of its own: a client that goes away mid-body drops this handler,
+    // and the task still sees the broken body, fails the file and removes the temp file.
+    let task = {
+        let name = name.clone();
+        tokio::spawn(async move { files.upload(&name, body.into_data_stream(), req).await })
+    };
+    task.await
+        .map_err(|e| Error::Internal(format!("upload task failed: {e}")))??;
+    Ok((StatusCode::OK, Json(backing.must_get(&name)?)).into_response())
+}
+
+/// A single `Range: bytes=...` of a file of `size` bytes: `Ok(None)` for no (or an ignorable)
+/// Range, `Ok(Some((first, last)))` inclusive, `Err(())` when unsatisfiable.
+fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    // Several ranges: served whole (allowed by RFC 9110 §14.2).
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        // The last b bytes.
+        let Ok(n) = b.parse::<u64>() else {
+            return Ok(None);
+        };
+        if n == 0 || size == 0 {
+            return Err(());
+        }
+        return Ok(Some((size.saturating_sub(n), size - 1)));
+    }
+    let Ok(first) = a.parse::<u64>() else {
+        return Ok(None);
+    };
+    let last = if b.is_empty() {
+        size.saturating_sub(1)
+    } else {
+        match b.parse::<u64>() {
+            Ok(l) if l >= first => l.min(size.saturating_sub(1)),
+            _ => return Ok(None),
+        }
+    };
+    if first >= size {
+        return Err(());
+    }
+    Ok(Some((first, last)))
+}
+
+/// `len` bytes of `path` from `offset`, in 256 KiB chunks.
+fn file_stream(
+    file: tokio::fs::File,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send {
+    use tokio::io::AsyncReadExt;
+    futures::stream::unfold((file, len), |(mut f, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; left.min(256 * 1024) as usize];
+        match f.read(&mut buf).await {
+            Ok(0) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file ended early",
+                )),
+                (f, 0),
+            )),
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), (f, left - n as u64)))
+            }
+            Err(e) => Some((Err(e), (f, 0))),
+        }
+    })
+}
+
+/// `GET /v1/backingimages/{name}/file`: the image's ready file on this process's disks, whole or
+/// one byte range, with its checksum in `X-Bicsi-Checksum`.
+async fn download_file(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Response> {
+    use axum::http::header;
+    let Some(files) = s.files.as_ref() else {
+        return Ok(not_implemented(
+            "download through the controller of the split mode is not supported yet: ask the HTTP API of a node that holds a ready file",
+        ));
+    };
+    let (bi, path) = files.ready_file(&name)?;
+    let open = path.clone();
+    let file = tokio::fs::File::open(&open)
+        .await
+        .map_err(|e| Error::Internal(format!("{}: {e}", open.display())))?;
+    let size = file
+        .metadata()
+        .await
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?
+        .len();
+    let range = parse_range(
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
+        size,
+    );
+    let common = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::ACCEPT_RANGES, "bytes".to_string()),
+        (
+            header::HeaderName::from_static(CHECKSUM_HEADER),
+            bi.status.checksum.clone(),
+        ),
+    ];
+    match range {
+        Err(()) => Ok((
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            common,
+            [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+        )
+            .into_response()),
+        Ok(None) => Ok((
+            StatusCode::OK,
+            common,
+            [(header::CONTENT_LENGTH, size.to_string())],
+            axum::body::Body::from_stream(file_stream(file, size)),
+        )
+            .into_response()),
+        Ok(Some((first, last))) => {
+            use tokio::io::AsyncSeekExt;
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(first))
+                .await
+                .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+            let len = last - first + 1;
+            Ok((
+                StatusCode::PARTIAL_CONTENT,
+                common,
+                [
+                    (header::CONTENT_LENGTH, len.to_string()),
+                    (
+                        header::CONTENT_RANGE,
+                        format!("bytes {first}-{last}/{size}"),
+                    ),
+                ],
+                axum::body::Body::from_stream(file_stream(file, len)),
+            )
+                .into_response())
+        }
+    }
 }
 
 /// Parses a JSON body with our error format (axum's own rejection is plain text).
@@ -208,4 +407,22 @@ async fn delete_storage_class(
 ) -> ApiResult<StatusCode> {
     s.store.delete(Kind::StorageClass, &name)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=2-5"), 10), Ok(Some((2, 5))));
+        assert_eq!(parse_range(Some("bytes=2-"), 10), Ok(Some((2, 9))));
+        assert_eq!(parse_range(Some("bytes=2-100"), 10), Ok(Some((2, 9))));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Ok(None));
+        assert_eq!(parse_range(Some("items=0-1"), 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=5-2"), 10), Ok(None));
+    }
 }

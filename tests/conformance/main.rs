@@ -8,6 +8,7 @@ mod backing;
 mod harness;
 mod images;
 mod node;
+mod transfer;
 
 use harness::*;
 use tonic::Code;
