@@ -2,18 +2,28 @@
 //! one table row per path (median [min–max] of N runs each side, the ratio, bicsi's peak
 //! resident memory). Run it through `bench/run`, which builds it and gives it a temp directory.
 //!
-//! Everything happens on this machine over 127.0.0.1: the image is an incompressible random file
-//! served by an in-process HTTP server (axum, streamed from disk in 1 MiB chunks, with
-//! Content-Length and Range), bicsi is a fresh `bicsi serve` child per run on a fresh data dir,
-//! and the references are shell pipelines of curl and coreutils writing to the same filesystem.
+//! Everything happens on this machine over 127.0.0.1: the images (an incompressible random file,
+//! and sparse ones with 1 MiB of random data at every 4th MiB) are served by an in-process HTTP
+//! server (axum, streamed from disk in 1 MiB chunks, with Content-Length and Range), bicsi is a
+//! fresh `bicsi serve` child (or a `bicsi controller` and two `bicsi node` agents) per run on a
+//! fresh data dir, and the references are shell commands (curl, cp, coreutils) writing to the
+//! same filesystem.
+//!
+//! Paths: download + verify; same-node sync on ext4 (the work dir's filesystem) and on XFS with
+//! reflink (a loop-mounted file, root only); cross-node sync between two node agents; attach of
+//! a new volume for two image sizes (root only). Every process, mount, loop device and
+//! qemu-storage-daemon a run leaves behind is removed by a guard ([`SweepOnDrop`]), also on
+//! failure.
 //!
 //! Adding a path: write an `async fn(&Bench, &mut Checks) -> Res<Vec<Row>>` like
 //! [`download_verify`] (time bicsi and its reference in the same runs, alternating their order)
 //! and list it in [`PathName`] and `run_path`. Correctness checks go through [`Checks`]: a failed
 //! check makes the whole run exit non-zero; times are reported, never asserted.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom, Write as _};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -21,10 +31,12 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bicsi::client::CsiClient;
+use bicsi::csi::pb;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use sha2::{Digest, Sha512};
@@ -85,6 +97,17 @@ struct Args {
 enum PathName {
     /// URL to a ready, verified file vs `curl -o FILE URL && sha512sum FILE`.
     DownloadVerify,
+    /// Second disk of the same node ready (ext4, the work dir's filesystem) vs
+    /// `cp --sparse=always`.
+    SyncExt4,
+    /// Second disk of the same node ready on XFS with reflink (loop-mounted; root) vs
+    /// `cp --reflink=always`.
+    SyncXfs,
+    /// Another node's disk ready (HTTP between two node agents) vs curl of the same stream.
+    SyncCross,
+    /// CreateVolume + ControllerPublish + NodeStage + NodePublish of a new volume, for a 1x and a
+    /// 4x image (root).
+    Attach,
 }
 
 impl PathName {
@@ -98,9 +121,16 @@ struct Bench {
     work: PathBuf,
     bicsi: PathBuf,
     runs: usize,
+    /// The --size option.
+    size: u64,
     source: Source,
     /// URL of `source` on the in-process file server.
     url: String,
+    /// Sparse images by length (1 MiB of random data at every 4th MiB), served at
+    /// `{files}/sparse-{len}`.
+    sparse: BTreeMap<u64, Source>,
+    /// Base URL of the in-process file server.
+    files: String,
     /// Client for bicsi's HTTP API (no proxy).
     http: reqwest::Client,
 }
@@ -110,6 +140,8 @@ struct Source {
     path: PathBuf,
     len: u64,
     sha512: String,
+    /// Bytes allocated on disk (st_blocks × 512).
+    allocated: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -147,13 +179,14 @@ impl Stats {
         self.sorted().last().copied().unwrap_or(f64::NAN)
     }
 
-    /// `6.62 s [6.40–7.01]`
+    /// `6.62 s [6.40–7.01]`; three decimals when every run took under a second.
     fn show(&self) -> String {
+        let p = if self.max() < 1.0 { 3 } else { 2 };
         if self.0.len() == 1 {
-            format!("{:.2} s", self.median())
+            format!("{:.p$} s", self.median())
         } else {
             format!(
-                "{:.2} s [{:.2}–{:.2}]",
+                "{:.p$} s [{:.p$}–{:.p$}]",
                 self.median(),
                 self.min(),
                 self.max()
@@ -170,6 +203,8 @@ struct Row {
     ref_name: String,
     /// Largest VmHWM of the bicsi process over the runs.
     peak_rss: Option<u64>,
+    /// Printed under the table: what the figures include, the bound.
+    note: Option<String>,
 }
 
 fn print_table(rows: &[Row]) {
@@ -238,13 +273,40 @@ impl Checks {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    let work = args.work_dir.clone();
+    let outcome = tokio::select! {
+        r = run(args) => r,
+        what = stop_signal() => {
+            // The run future is dropped by now: its guards killed bicsi, unmounted and swept
+            // what they own. Sweep the whole work dir once more for anything in between.
+            if let Ok(work) = work.canonicalize() {
+                report_leftovers("after the interruption", &sweep(&work));
+            }
+            Err(format!("stopped by {what}").into())
+        }
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("bicsi-bench: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
     }
 }
 
@@ -284,7 +346,41 @@ async fn run(args: Args) -> Res<bool> {
         &source.sha512[..16]
     );
 
-    let url = start_file_server(source.path.clone(), size).await?;
+    // Sparse images: the sync paths use one of --size, attach one of 1x and one of 4x.
+    let mut sparse_lens = BTreeSet::new();
+    if paths.iter().any(|p| {
+        matches!(
+            p,
+            PathName::SyncExt4 | PathName::SyncXfs | PathName::SyncCross
+        )
+    }) {
+        sparse_lens.insert(size);
+    }
+    if paths.contains(&PathName::Attach) {
+        let one = attach_unit(size);
+        sparse_lens.extend([one, 4 * one]);
+    }
+    let mut sparse = BTreeMap::new();
+    for len in sparse_lens {
+        let started = Instant::now();
+        let s = generate_sparse(work.join(format!("sparse-{len}.raw")), len).await?;
+        println!(
+            "image:    {} sparse (1 MiB of /dev/urandom data at every 4th MiB: {} allocated), \
+             generated in {:.1} s, sha512 {}…",
+            fmt_bytes(len),
+            fmt_bytes(s.allocated),
+            started.elapsed().as_secs_f64(),
+            &s.sha512[..16]
+        );
+        sparse.insert(len, s);
+    }
+
+    let mut served = vec![("image".to_string(), source.path.clone(), size)];
+    for (len, s) in &sparse {
+        served.push((format!("sparse-{len}"), s.path.clone(), *len));
+    }
+    let files = start_file_server(served).await?;
+    let url = format!("{files}/image");
     let rate = curl_rate(&url, size).await?;
     println!(
         "server:   {url} (in-process axum, 1 MiB chunks from a warm page cache); \
@@ -297,19 +393,30 @@ async fn run(args: Args) -> Res<bool> {
         work,
         bicsi,
         runs,
+        size,
         source,
         url,
+        sparse,
+        files,
         http: reqwest::Client::builder().no_proxy().build()?,
     };
     let mut checks = Checks::default();
     let mut rows = Vec::new();
     for p in paths {
-        rows.extend(run_path(p, &bench, &mut checks).await?);
+        let result = run_path(p, &bench, &mut checks).await;
+        // Whatever the path left behind (it cleans up itself; this is the last resort).
+        report_leftovers("after the path", &sweep(&bench.work));
+        rows.extend(result?);
+        println!();
     }
 
-    println!();
     print_table(&rows);
     println!();
+    for r in &rows {
+        if let Some(note) = &r.note {
+            println!("- {}: {note}", r.path);
+        }
+    }
     for r in &rows {
         if let Some(peak) = r.peak_rss {
             println!(
@@ -339,6 +446,10 @@ async fn run(args: Args) -> Res<bool> {
 async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     match p {
         PathName::DownloadVerify => download_verify(b, checks).await,
+        PathName::SyncExt4 => sync_ext4(b, checks).await,
+        PathName::SyncXfs => sync_xfs(b, checks).await,
+        PathName::SyncCross => sync_cross(b, checks).await,
+        PathName::Attach => attach(b, checks).await,
     }
 }
 
@@ -462,6 +573,7 @@ async fn download_verify(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
             reference,
             ref_name: (*name).into(),
             peak_rss: peak,
+            note: None,
         })
         .collect())
 }
@@ -711,37 +823,1427 @@ async fn reference(b: &Bench, script: &str) -> Res<(Duration, String)> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The bicsi process
+// Paths: same-node sync (ext4, XFS reflink)
 
-/// A `bicsi serve` child on its own data dir, disk and HTTP port.
-struct Serve {
-    child: tokio::process::Child,
-    pid: u32,
-    api: String,
-    log: PathBuf,
-    http: reqwest::Client,
+/// Smallest XFS filesystem mkfs.xfs makes (it refuses under 300 MB).
+const XFS_MIN: u64 = 512 * MIB;
+
+impl Bench {
+    fn sparse_image(&self, len: u64) -> Res<&Source> {
+        Ok(self
+            .sparse
+            .get(&len)
+            .ok_or_else(|| format!("no sparse image of {len} bytes was generated"))?)
+    }
+
+    fn sparse_url(&self, len: u64) -> String {
+        format!("{}/sparse-{len}", self.files)
+    }
 }
 
-impl Serve {
-    async fn start(bin: &Path, dir: &Path, disk: &Path, http: &reqwest::Client) -> Res<Serve> {
-        // A free port: bound, read and released (the window for another taker is tiny here).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let api = format!("http://127.0.0.1:{port}");
-        let log = dir.join("serve.log");
+/// How long a file of `len` bytes may take to get ready anywhere.
+fn file_deadline(len: u64) -> Duration {
+    Duration::from_secs(120 + len / (5 * MIB))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SameNode {
+    Ext4,
+    XfsReflink,
+}
+
+impl SameNode {
+    fn label(self) -> &'static str {
+        match self {
+            SameNode::Ext4 => "same-node sync, ext4",
+            SameNode::XfsReflink => "same-node sync, XFS reflink",
+        }
+    }
+
+    /// The reference's name and script (`$1` = SRC, `$2` = DST).
+    fn reference(self) -> (&'static str, &'static str) {
+        match self {
+            SameNode::Ext4 => (
+                "cp --sparse=always SRC DST && sync DST",
+                r#"cp --sparse=always "$1" "$2" && sync "$2""#,
+            ),
+            SameNode::XfsReflink => (
+                "cp --reflink=always SRC DST && sync DST",
+                r#"cp --reflink=always "$1" "$2" && sync "$2""#,
+            ),
+        }
+    }
+}
+
+async fn sync_ext4(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    let fs = fs_type(&b.work).await;
+    if fs != "ext4" {
+        println!(
+            "{}: note: the work dir is on {fs}, not ext4; measuring there anyway",
+            SameNode::Ext4.label()
+        );
+    }
+    same_node_sync(b, checks, &b.work.join("sync-ext4"), SameNode::Ext4).await
+}
+
+async fn sync_xfs(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    let label = SameNode::XfsReflink.label();
+    if !nix::unistd::geteuid().is_root() {
+        println!("{label}: skipped: needs root");
+        return Ok(vec![]);
+    }
+    for (tool, package) in [
+        ("mkfs.xfs", "xfsprogs"),
+        ("losetup", "mount"),
+        ("mount", "mount"),
+        ("umount", "mount"),
+    ] {
+        if !have_tool(tool) {
+            println!("{label}: skipped: {tool} is missing (Debian package {package})");
+            return Ok(vec![]);
+        }
+    }
+    let len = (2 * b.size).max(XFS_MIN);
+    let started = Instant::now();
+    let fs = LoopMount::xfs(&b.work.join("xfs.img"), &b.work.join("xfs"), len).await?;
+    println!(
+        "{label}: XFS (mkfs.xfs -q -m reflink=1) in a {} sparse file on {}, mounted at {} \
+         in {:.2} s",
+        fmt_bytes(len),
+        fs.dev.as_deref().unwrap_or("?"),
+        fs.mnt.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let rows = same_node_sync(b, checks, &fs.mnt.clone(), SameNode::XfsReflink).await;
+    drop(fs); // unmount, losetup -d, remove the file
+    rows
+}
+
+/// What one run of a sync path measured, both sides.
+#[derive(Default)]
+struct SyncRun {
+    bicsi: Duration,
+    reference: Duration,
+    vm_hwm: Option<u64>,
+    /// Whether VmHWM was reset (`/proc/PID/clear_refs`) just before the publish.
+    hwm_reset: bool,
+    /// Cross-node: bytes on the wire and data bytes the receiver logged, bytes curl received.
+    wire: Option<u64>,
+    data: Option<u64>,
+    curl_bytes: u64,
+    notes: Vec<String>,
+}
+
+/// Same-node sync: a fresh `bicsi serve` with disks A and B under `base` per run, the image
+/// downloaded to one of them (untimed), then ControllerPublishVolume of a 2-replica volume until
+/// it succeeds (the file on the other disk ready) against the reference's copy of that file.
+async fn same_node_sync(
+    b: &Bench,
+    checks: &mut Checks,
+    base: &Path,
+    kind: SameNode,
+) -> Res<Vec<Row>> {
+    let src = b.sparse_image(b.size)?;
+    let (ref_name, _) = kind.reference();
+    println!(
+        "{}: {} runs; fresh `bicsi serve` per run with two disks on one filesystem; the {} sparse \
+         image ({} allocated) is downloaded to one disk (untimed) and a 2-replica volume created \
+         (the other disk's replica deferred); bicsi = ControllerPublishVolume (retried every {} \
+         ms while Unavailable) from the first call until it succeeds, i.e. the file is ready on \
+         the second disk; reference = `{ref_name}` of the same ready file; the source's page \
+         cache is dropped before each side",
+        kind.label(),
+        b.runs,
+        fmt_bytes(src.len),
+        fmt_bytes(src.allocated),
+        POLL.as_millis()
+    );
+    let mut bicsi = Stats::default();
+    let mut reference = Stats::default();
+    let mut peak: Option<u64> = None;
+    let mut hwm_reset = true;
+    for run in 0..b.runs {
+        let dir = base.join(format!("run-{run}"));
+        std::fs::create_dir_all(&dir)?;
+        let guard = SweepOnDrop(dir.clone());
+        let r = same_node_run(b, checks, &dir, run, kind, src).await;
+        drop(guard);
+        let r = r?;
+        bicsi.push(r.bicsi);
+        reference.push(r.reference);
+        peak = peak.max(r.vm_hwm);
+        hwm_reset &= r.hwm_reset;
+        println!("  run {}: {}", run + 1, r.notes.join("\n         "));
+    }
+    let _ = std::fs::remove_dir(base);
+    let rss = if hwm_reset {
+        "peak RSS = bicsi serve's VmHWM during the publish (reset just before it)"
+    } else {
+        "peak RSS = bicsi serve's VmHWM since its start (could not reset it: not root?), \
+         the download included"
+    };
+    let note = match kind {
+        SameNode::Ext4 => format!(
+            "bound: a sparse copy of the data extents only ({} of {}); bicsi fsyncs its copy \
+             (so does the reference: `sync DST`), and its time also holds the publish round \
+             trips and the deferred replica's qcow2 overlay (qemu-img); {rss}",
+            fmt_bytes(src.allocated),
+            fmt_bytes(src.len)
+        ),
+        SameNode::XfsReflink => format!(
+            "bound: O(1), one FICLONE (the node log's method=Reflink is checked); target well \
+             under 0.1 s whatever the size: median {:.1} ms, max {:.1} ms ({}); bicsi fsyncs \
+             its copy (so does the reference); {rss}",
+            bicsi.median() * 1e3,
+            bicsi.max() * 1e3,
+            if bicsi.max() < 0.1 { "met" } else { "OVER" }
+        ),
+    };
+    Ok(vec![Row {
+        path: kind.label().into(),
+        bicsi,
+        reference,
+        ref_name: ref_name.into(),
+        peak_rss: peak,
+        note: Some(note),
+    }])
+}
+
+async fn same_node_run(
+    b: &Bench,
+    checks: &mut Checks,
+    dir: &Path,
+    run: usize,
+    kind: SameNode,
+    src: &Source,
+) -> Res<SyncRun> {
+    let disks = [dir.join("disk-a"), dir.join("disk-b")];
+    for d in &disks {
+        std::fs::create_dir_all(d)?;
+    }
+    let serve = Serve::start_disks(&b.bicsi, dir, &disks, &b.http).await?;
+    let result = same_node_sides(b, checks, dir, run, kind, src, &serve, &disks).await;
+    let log = serve.stop().await.unwrap_or_default();
+    if result.is_err() {
+        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn same_node_sides(
+    b: &Bench,
+    checks: &mut Checks,
+    dir: &Path,
+    run: usize,
+    kind: SameNode,
+    src: &Source,
+    serve: &Serve,
+    disks: &[PathBuf; 2],
+) -> Res<SyncRun> {
+    let name = format!("sync-{run}");
+    let url = b.sparse_url(src.len);
+    create_image(&b.http, &serve.api, &name, &url, &src.sha512, src.len).await?;
+    let (from, to) = match (ready_file(&disks[0], &name), ready_file(&disks[1], &name)) {
+        (Some(f), None) => (f, &disks[1]),
+        (None, Some(f)) => (f, &disks[0]),
+        other => {
+            return Err(format!(
+                "expected the image's ready file on exactly one disk, found {other:?}"
+            )
+            .into());
+        }
+    };
+    let from_alloc = allocated(&from)?;
+    let mut csi = csi_connect(&serve.csi).await?;
+    let cap = mount_capability();
+    let vol = create_volume(&mut csi, &format!("sync-vol-{run}"), &name, 2, &cap).await?;
+    let (ref_name, script) = kind.reference();
+    let mut out = SyncRun::default();
+    for k in 0..2 {
+        if (run + k) % 2 == 0 {
+            sync().await;
+            drop_page_cache(&from);
+            out.hwm_reset = reset_hwm(serve.pid);
+            let p =
+                publish_until_ready(&mut csi, &vol, "bench", &cap, file_deadline(src.len)).await?;
+            out.bicsi = p.elapsed;
+            out.vm_hwm = vm_hwm(serve.pid);
+            let copy = ready_file(to, &name)
+                .ok_or("the publish succeeded, but no ready file is on the second disk")?;
+            let copy_alloc = allocated(&copy)?;
+            let sha = sha512_file(&copy).await?;
+            checks.check(
+                sha == src.sha512,
+                format!("run {}: bicsi's copy hashes to {sha}", run + 1),
+            );
+            checks.check(
+                copy_alloc <= from_alloc + from_alloc / 20 + MIB,
+                format!(
+                    "run {}: bicsi's copy allocates {} for a source of {}: holes were filled",
+                    run + 1,
+                    fmt_bytes(copy_alloc),
+                    fmt_bytes(from_alloc)
+                ),
+            );
+            let log = serve.log_text();
+            let method = logged(&log, "copied backing image file between disks", "method");
+            let copy_secs = logged(&log, "local copy done", "secs")
+                .and_then(|s| s.parse::<f64>().ok())
+                .map_or("?".into(), |s| format!("{:.1} ms", s * 1e3));
+            if kind == SameNode::XfsReflink {
+                checks.check(
+                    method.as_deref() == Some("Reflink"),
+                    format!(
+                        "run {}: the node log says method={}, not Reflink",
+                        run + 1,
+                        method.as_deref().unwrap_or("(no line)")
+                    ),
+                );
+            }
+            out.notes.push(format!(
+                "bicsi {:.1} ms ({} ControllerPublish calls, the first {:.1} ms, the last {:.1} \
+                 ms; node log: \"copied backing image file between disks ... method={}\", the \
+                 copy itself {copy_secs}); copy allocated {} vs source {}; VmHWM {}",
+                p.elapsed.as_secs_f64() * 1e3,
+                p.calls,
+                p.first_call.as_secs_f64() * 1e3,
+                p.last_call.as_secs_f64() * 1e3,
+                method.as_deref().unwrap_or("?"),
+                fmt_bytes(copy_alloc),
+                fmt_bytes(from_alloc),
+                out.vm_hwm.map_or("n/a".into(), fmt_bytes)
+            ));
+            unpublish_and_delete(&mut csi, &vol, "bench").await?;
+        } else {
+            let dst = dir.join("reference.copy");
+            sync().await;
+            drop_page_cache(&from);
+            let t = run_script(script, &[from.as_os_str(), dst.as_os_str()]).await?;
+            let alloc = allocated(&dst)?;
+            let _ = std::fs::remove_file(&dst);
+            out.reference = t;
+            out.notes.push(format!(
+                "`{ref_name}` {:.1} ms, copy allocated {}",
+                t.as_secs_f64() * 1e3,
+                fmt_bytes(alloc)
+            ));
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Path: cross-node sync
+
+/// A `bicsi controller` and two `bicsi node` agents (n1, n2, one disk each) on 127.0.0.1.
+struct Cluster {
+    controller: Daemon,
+    nodes: Vec<ClusterNode>,
+    /// The controller's HTTP API.
+    api: String,
+    /// The controller's CSI endpoint.
+    csi: String,
+}
+
+struct ClusterNode {
+    id: String,
+    daemon: Daemon,
+    disk: PathBuf,
+    /// Where it serves its ready files to other nodes.
+    http_port: u16,
+}
+
+impl Cluster {
+    async fn start(b: &Bench, dir: &Path) -> Res<Cluster> {
+        let (http_port, cluster_port) = (free_port()?, free_port()?);
+        let csi = format!("unix://{}", dir.join("controller.sock").display());
+        let s = |v: &str| v.to_string();
+        let controller = Daemon::spawn(
+            &b.bicsi,
+            &[
+                s("controller"),
+                s("--data-dir"),
+                dir.join("controller").display().to_string(),
+                s("--csi-endpoint"),
+                csi.clone(),
+                s("--http-listen"),
+                format!("127.0.0.1:{http_port}"),
+                s("--cluster-listen"),
+                format!("127.0.0.1:{cluster_port}"),
+            ],
+            dir.join("controller.log"),
+        )?;
+        let mut nodes = Vec::new();
+        for id in ["n1", "n2"] {
+            let ndir = dir.join(id);
+            let disk = ndir.join("disk");
+            std::fs::create_dir_all(&disk)?;
+            let node_http = free_port()?;
+            let args = vec![
+                s("node"),
+                s("--node-id"),
+                s(id),
+                s("--data-dir"),
+                ndir.join("data").display().to_string(),
+                s("--csi-endpoint"),
+                format!("unix://{}", ndir.join("csi.sock").display()),
+                s("--disk"),
+                disk.display().to_string(),
+                s("--controller"),
+                format!("http://127.0.0.1:{cluster_port}"),
+                s("--agent-listen"),
+                format!("127.0.0.1:{}", free_port()?),
+                s("--http-listen"),
+                format!("127.0.0.1:{node_http}"),
+                s("--nbd-listen"),
+                format!("127.0.0.1:{}", free_port()?),
+            ];
+            let daemon = Daemon::spawn(&b.bicsi, &args, ndir.join("node.log"))?;
+            nodes.push(ClusterNode {
+                id: id.into(),
+                daemon,
+                disk,
+                http_port: node_http,
+            });
+        }
+        let mut c = Cluster {
+            controller,
+            nodes,
+            api: format!("http://127.0.0.1:{http_port}"),
+            csi,
+        };
+        let started = Instant::now();
+        loop {
+            let up = match api_get(&b.http, &c.api, "/v1/nodes").await {
+                Ok(v) => v.as_array().map_or(0, |a| {
+                    a.iter()
+                        .filter(|n| {
+                            n["up"] == true && n["disks"].as_array().is_some_and(|d| !d.is_empty())
+                        })
+                        .count()
+                }),
+                Err(_) => 0,
+            };
+            if up == c.nodes.len() {
+                return Ok(c);
+            }
+            c.controller.check_alive()?;
+            for n in &mut c.nodes {
+                n.daemon.check_alive()?;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("only {up} of 2 nodes up after 30 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the nodes, then the controller; returns the tails of their logs.
+    async fn stop(self) -> String {
+        let mut logs = String::new();
+        for n in self.nodes {
+            let log = n.daemon.stop().await;
+            let _ = write!(logs, "--- node {} ---\n{}", n.id, log_tail(&log, 15));
+        }
+        let log = self.controller.stop().await;
+        let _ = write!(logs, "--- controller ---\n{}", log_tail(&log, 15));
+        logs
+    }
+}
+
+/// Cross-node sync: per run a fresh controller and two nodes; the image is downloaded to one
+/// node (untimed); ControllerPublishVolume of a 2-replica volume to that node until it succeeds
+/// (the other node has received, verified and stored the file) against curl of the same stream
+/// from the sending node, then `sync FILE`.
+async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    const REF: &str = "curl -o FILE http://SENDER/v1/files/NAME-UUID && sync FILE";
+    let src = b.sparse_image(b.size)?;
+    println!(
+        "cross-node sync: {} runs; fresh `bicsi controller` + 2 `bicsi node` per run on \
+         127.0.0.1; the {} sparse image ({} allocated) is downloaded to one node (untimed) and a \
+         2-replica volume created (one replica per node, the other node's deferred); bicsi = \
+         ControllerPublishVolume to the node holding the file (retried every {} ms while \
+         Unavailable) until it succeeds: the other node has pulled the data extents over HTTP, \
+         hashed and fsynced them; reference = `{REF}` of the same stream from the sender; the \
+         sender's page cache of the file is dropped before each side",
+        b.runs,
+        fmt_bytes(src.len),
+        fmt_bytes(src.allocated),
+        POLL.as_millis()
+    );
+    let mut bicsi = Stats::default();
+    let mut reference = Stats::default();
+    let mut peak: Option<u64> = None;
+    let mut wire: Vec<(u64, u64)> = Vec::new();
+    let mut hwm_reset = true;
+    for run in 0..b.runs {
+        let dir = b.work.join(format!("cross-{run}"));
+        std::fs::create_dir_all(&dir)?;
+        let guard = SweepOnDrop(dir.clone());
+        let r = cross_run(b, checks, &dir, run, src).await;
+        drop(guard);
+        let r = r?;
+        bicsi.push(r.bicsi);
+        reference.push(r.reference);
+        peak = peak.max(r.vm_hwm);
+        hwm_reset &= r.hwm_reset;
+        if let (Some(w), Some(a)) = (r.wire, r.data) {
+            wire.push((w, a));
+        }
+        println!("  run {}: {}", run + 1, r.notes.join("\n         "));
+    }
+    let wire_note = match wire.last() {
+        Some(&(w, _)) => {
+            let over = w as f64 / src.allocated as f64 - 1.0;
+            format!(
+                "bytes on the wire {} vs the image's allocated {}: {:+.2}% (target within 5%: {})",
+                fmt_bytes(w),
+                fmt_bytes(src.allocated),
+                over * 100.0,
+                if over.abs() <= 0.05 { "met" } else { "OVER" }
+            )
+        }
+        None => "bytes on the wire: not logged".into(),
+    };
+    let note = format!(
+        "{wire_note}; bicsi also hashes the whole logical size ({}, holes as zeros) with \
+         SHA-512 on one core (about 0.5 GiB/s here), which is the bound, and fsyncs the file; \
+         its time also holds the deferred replica's qcow2 overlay and its NBD export on the \
+         receiver; peak RSS = the RECEIVING node's VmHWM{}",
+        fmt_bytes(src.len),
+        if hwm_reset {
+            " during the publish (reset just before it)"
+        } else {
+            " since its start (could not reset it)"
+        }
+    );
+    Ok(vec![Row {
+        path: "cross-node sync".into(),
+        bicsi,
+        reference,
+        ref_name: REF.into(),
+        peak_rss: peak,
+        note: Some(note),
+    }])
+}
+
+async fn cross_run(
+    b: &Bench,
+    checks: &mut Checks,
+    dir: &Path,
+    run: usize,
+    src: &Source,
+) -> Res<SyncRun> {
+    let cluster = Cluster::start(b, dir).await?;
+    let result = cross_sides(b, checks, dir, run, src, &cluster).await;
+    let logs = cluster.stop().await;
+    if result.is_err() {
+        eprintln!("bicsi logs (last lines):\n{logs}");
+    }
+    result
+}
+
+async fn cross_sides(
+    b: &Bench,
+    checks: &mut Checks,
+    dir: &Path,
+    run: usize,
+    src: &Source,
+    cluster: &Cluster,
+) -> Res<SyncRun> {
+    let name = format!("cross-{run}");
+    let url = b.sparse_url(src.len);
+    let obj = create_image(&b.http, &cluster.api, &name, &url, &src.sha512, src.len).await?;
+    let uuid = obj["status"]["uuid"]
+        .as_str()
+        .filter(|u| !u.is_empty())
+        .ok_or("the backing image has no status.uuid")?
+        .to_string();
+    let holder = obj["status"]["diskFileStatusMap"]
+        .as_object()
+        .and_then(|m| m.values().find(|f| f["state"] == "ready"))
+        .and_then(|f| f["nodeId"].as_str())
+        .ok_or("no ready file with a nodeId")?
+        .to_string();
+    let s = cluster
+        .nodes
+        .iter()
+        .position(|n| n.id == holder)
+        .ok_or_else(|| format!("the image is ready on unknown node {holder:?}"))?;
+    let (sender, receiver) = (&cluster.nodes[s], &cluster.nodes[1 - s]);
+    let from = ready_file(&sender.disk, &name).ok_or("no ready file on the sending node")?;
+    let from_alloc = allocated(&from)?;
+    let mut csi = csi_connect(&cluster.csi).await?;
+    let cap = mount_capability();
+    let vol = create_volume(&mut csi, &format!("cross-vol-{run}"), &name, 2, &cap).await?;
+    let stream_url = format!(
+        "http://127.0.0.1:{}/v1/files/{name}-{uuid}",
+        sender.http_port
+    );
+    let mut out = SyncRun::default();
+    for k in 0..2 {
+        if (run + k) % 2 == 0 {
+            sync().await;
+            drop_page_cache(&from);
+            out.hwm_reset = reset_hwm(receiver.daemon.pid);
+            let p =
+                publish_until_ready(&mut csi, &vol, &holder, &cap, file_deadline(src.len)).await?;
+            out.bicsi = p.elapsed;
+            out.vm_hwm = vm_hwm(receiver.daemon.pid);
+            let got = ready_file(&receiver.disk, &name)
+                .ok_or("the publish succeeded, but the receiving node has no ready file")?;
+            let got_alloc = allocated(&got)?;
+            let sha = sha512_file(&got).await?;
+            checks.check(
+                sha == src.sha512,
+                format!("run {}: the received file hashes to {sha}", run + 1),
+            );
+            let log = receiver.daemon.log_text();
+            let msg = "received backing image file";
+            out.wire = logged(&log, msg, "wire").and_then(|v| v.parse().ok());
+            out.data = logged(&log, msg, "data").and_then(|v| v.parse().ok());
+            let recv = logged(&log, "sync receive done", "secs")
+                .and_then(|s| s.parse::<f64>().ok())
+                .map_or("?".into(), |s| format!("{s:.2} s"));
+            out.notes.push(format!(
+                "bicsi {:.2} s ({} ControllerPublish calls, the first {:.1} ms, the last {:.1} \
+                 ms; {} → {}; receiver log: \"{msg} wire={} data={}\", receive itself {recv}); \
+                 sender's file allocated {}, received file allocated {}; receiver VmHWM {}",
+                p.elapsed.as_secs_f64(),
+                p.calls,
+                p.first_call.as_secs_f64() * 1e3,
+                p.last_call.as_secs_f64() * 1e3,
+                sender.id,
+                receiver.id,
+                out.wire.map_or("?".into(), |w| w.to_string()),
+                out.data.map_or("?".into(), |d| d.to_string()),
+                fmt_bytes(from_alloc),
+                fmt_bytes(got_alloc),
+                out.vm_hwm.map_or("n/a".into(), fmt_bytes)
+            ));
+            unpublish_and_delete(&mut csi, &vol, &holder).await?;
+        } else {
+            let file = dir.join("reference.stream");
+            sync().await;
+            drop_page_cache(&from);
+            let t = run_script(
+                r#"curl -sS --fail --noproxy '*' -o "$1" "$2" && sync "$1""#,
+                &[file.as_os_str(), std::ffi::OsStr::new(&stream_url)],
+            )
+            .await?;
+            out.curl_bytes = std::fs::metadata(&file)?.len();
+            let _ = std::fs::remove_file(&file);
+            out.reference = t;
+            out.notes.push(format!(
+                "`curl -o FILE {stream_url} && sync FILE` {:.2} s ({} bytes received)",
+                t.as_secs_f64(),
+                out.curl_bytes
+            ));
+        }
+    }
+    if let Some(w) = out.wire {
+        checks.check(
+            w == out.curl_bytes,
+            format!(
+                "run {}: bicsi logged {w} bytes on the wire, curl received {} of the same stream",
+                run + 1,
+                out.curl_bytes
+            ),
+        );
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Path: attach
+
+/// The 1x image of the attach path: a quarter of --size in whole MiB, at least 64 MiB.
+fn attach_unit(size: u64) -> u64 {
+    (size / 4 / MIB * MIB).max(64 * MIB)
+}
+
+/// Attach of a new volume, image already ready on the disk: CreateVolume (1 replica) +
+/// ControllerPublish + NodeStage (block) + NodePublish, for a 1x and a 4x image on one
+/// `bicsi serve`; detach (untimed) after each. O(1) in the image size: the ratio 4x/1x.
+async fn attach(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("attach: skipped: needs root (loop devices, FUSE, mounts)");
+        return Ok(vec![]);
+    }
+    let one = attach_unit(b.size);
+    let sizes = [one, 4 * one];
+    println!(
+        "attach: {} runs; one `bicsi serve`, images of {} (1x) and {} (4x) ready on its disk \
+         (downloaded untimed); bicsi = CreateVolume (1 replica) + ControllerPublishVolume + \
+         NodeStageVolume (block) + NodePublishVolume to a target file, of a new volume; then \
+         NodeUnpublish, NodeUnstage, ControllerUnpublish and DeleteVolume (untimed); 1x and 4x \
+         alternate their order; reference = attach 1x",
+        b.runs,
+        fmt_bytes(sizes[0]),
+        fmt_bytes(sizes[1])
+    );
+    let dir = b.work.join("attach");
+    let disk = dir.join("disk");
+    std::fs::create_dir_all(&disk)?;
+    let guard = SweepOnDrop(dir.clone());
+    let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
+    let result = attach_runs(b, checks, &serve, &dir, sizes).await;
+    let log = serve.stop().await.unwrap_or_default();
+    if result.is_err() {
+        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
+    }
+    drop(guard);
+    let (stats, peak, hwm_reset) = result?;
+    let [s1, s4] = stats;
+    let ratio = s4.median() / s1.median();
+    let ref_name = format!("attach 1x ({})", fmt_bytes(sizes[0]));
+    let rss = if hwm_reset {
+        "peak RSS = bicsi serve's VmHWM over the attaches (reset after the downloads)"
+    } else {
+        "peak RSS = bicsi serve's VmHWM since its start, downloads included"
+    };
+    Ok(vec![
+        Row {
+            path: ref_name.clone(),
+            bicsi: s1.clone(),
+            reference: s1.clone(),
+            ref_name: ref_name.clone(),
+            peak_rss: peak,
+            note: Some(format!(
+                "the reference of the 4x row (ratio 1 by construction); {rss}; the engine is \
+                 qemu-storage-daemon's FUSE export on a loop device"
+            )),
+        },
+        Row {
+            path: format!("attach 4x ({})", fmt_bytes(sizes[1])),
+            bicsi: s4,
+            reference: s1,
+            ref_name,
+            peak_rss: peak,
+            note: Some(format!(
+                "bound: O(1) in the image size (a qcow2 overlay, nothing copied); target \
+                 4x/1x ≤ 1.2: {ratio:.2} ({})",
+                if ratio <= 1.2 { "met" } else { "OVER" }
+            )),
+        },
+    ])
+}
+
+async fn attach_runs(
+    b: &Bench,
+    checks: &mut Checks,
+    serve: &Serve,
+    dir: &Path,
+    sizes: [u64; 2],
+) -> Res<([Stats; 2], Option<u64>, bool)> {
+    const X: [u64; 2] = [1, 4];
+    for (i, &len) in sizes.iter().enumerate() {
+        let src = b.sparse_image(len)?;
+        let name = format!("attach-{}x", X[i]);
+        create_image(
+            &b.http,
+            &serve.api,
+            &name,
+            &b.sparse_url(len),
+            &src.sha512,
+            len,
+        )
+        .await?;
+    }
+    let mut csi = csi_connect(&serve.csi).await?;
+    let cap = block_capability();
+    let hwm_reset = reset_hwm(serve.pid);
+    let mut stats: [Stats; 2] = Default::default();
+    for run in 0..b.runs {
+        let mut notes = Vec::new();
+        for k in 0..2 {
+            let i = (run + k) % 2;
+            let src = b.sparse_image(sizes[i])?;
+            let image = format!("attach-{}x", X[i]);
+            let name = format!("attach-{}x-{run}", X[i]);
+            let staging = dir.join("staging").join(&name);
+            let target = dir.join("targets").join(&name);
+            std::fs::create_dir_all(&staging)?;
+            std::fs::create_dir_all(dir.join("targets"))?;
+            let staging_s = staging.display().to_string();
+            let target_s = target.display().to_string();
+            sync().await;
+            let t0 = Instant::now();
+            let vol = create_volume(&mut csi, &name, &image, 1, &cap).await?;
+            let t1 = Instant::now();
+            let p =
+                publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
+            let t2 = Instant::now();
+            csi.node
+                .node_stage_volume(pb::NodeStageVolumeRequest {
+                    volume_id: vol.clone(),
+                    publish_context: p.context.clone(),
+                    staging_target_path: staging_s.clone(),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| rpc_err("NodeStageVolume", s))?;
+            let t3 = Instant::now();
+            csi.node
+                .node_publish_volume(pb::NodePublishVolumeRequest {
+                    volume_id: vol.clone(),
+                    publish_context: p.context.clone(),
+                    staging_target_path: staging_s.clone(),
+                    target_path: target_s.clone(),
+                    volume_capability: Some(cap.clone()),
+                    readonly: false,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| rpc_err("NodePublishVolume", s))?;
+            let t4 = Instant::now();
+            stats[i].push(t4 - t0);
+            let (t, path, len) = (target.clone(), src.path.clone(), src.len);
+            let shows =
+                tokio::task::spawn_blocking(move || check_block_target(&t, &path, len)).await?;
+            if let Err(e) = &shows {
+                checks.check(false, format!("run {}: {}x volume: {e}", run + 1, X[i]));
+            }
+            // Detach (untimed).
+            let d0 = Instant::now();
+            csi.node
+                .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                    volume_id: vol.clone(),
+                    target_path: target_s,
+                })
+                .await
+                .map_err(|s| rpc_err("NodeUnpublishVolume", s))?;
+            csi.node
+                .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                    volume_id: vol.clone(),
+                    staging_target_path: staging_s,
+                })
+                .await
+                .map_err(|s| rpc_err("NodeUnstageVolume", s))?;
+            unpublish_and_delete(&mut csi, &vol, "bench").await?;
+            let _ = std::fs::remove_dir(&staging);
+            let detach = d0.elapsed();
+            // The engine (qemu-storage-daemon) exits 1.5–2 s after NodeUnstage returns: let it
+            // go before the next timed attach, so the two never overlap.
+            let engine_gone = tokio::task::spawn_blocking({
+                let dir = dir.to_path_buf();
+                move || {
+                    let started = Instant::now();
+                    while qsd_under(&dir).into_iter().any(alive)
+                        && started.elapsed() < Duration::from_secs(15)
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    started.elapsed()
+                }
+            })
+            .await?;
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            notes.push(format!(
+                "{}x: {:.1} ms (CreateVolume {:.1}, ControllerPublish {:.1}, NodeStage {:.1}, \
+                 NodePublish {:.1}); {}; detach {:.2} s, then the engine exited {:.2} s later",
+                X[i],
+                ms(t0, t4),
+                ms(t0, t1),
+                ms(t1, t2),
+                ms(t2, t3),
+                ms(t3, t4),
+                if shows.is_ok() {
+                    "the block device shows the image"
+                } else {
+                    "the block device does NOT show the image"
+                },
+                detach.as_secs_f64(),
+                engine_gone.as_secs_f64()
+            ));
+        }
+        println!("  run {}: {}", run + 1, notes.join("\n         "));
+    }
+    let peak = vm_hwm(serve.pid);
+    Ok((stats, peak, hwm_reset))
+}
+
+/// The published target is a block device of at least `len` bytes whose first MiB and last
+/// data block are the image's.
+fn check_block_target(target: &Path, image: &Path, len: u64) -> Result<(), String> {
+    let meta = std::fs::metadata(target).map_err(|e| format!("{}: {e}", target.display()))?;
+    if !meta.file_type().is_block_device() {
+        return Err(format!("{} is not a block device", target.display()));
+    }
+    let mut dev = std::fs::File::open(target).map_err(|e| format!("open target: {e}"))?;
+    let size = dev
+        .seek(SeekFrom::End(0))
+        .map_err(|e| format!("size of the device: {e}"))?;
+    if size < len {
+        return Err(format!("the device has {size} bytes, the image {len}"));
+    }
+    let img = std::fs::File::open(image).map_err(|e| format!("open image: {e}"))?;
+    let last = (len - 1) / (4 * MIB) * (4 * MIB);
+    for offset in [0, last] {
+        let n = (len - offset).min(MIB) as usize;
+        let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+        dev.read_exact_at(&mut a, offset)
+            .map_err(|e| format!("read the device at {offset}: {e}"))?;
+        img.read_exact_at(&mut b, offset)
+            .map_err(|e| format!("read the image at {offset}: {e}"))?;
+        if a != b {
+            return Err(format!(
+                "the device differs from the image at offset {offset}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bicsi's APIs: backing images over HTTP, volumes over CSI
+
+/// POSTs a download BackingImage of `url` with its checksum and waits until a file of it is
+/// ready on some disk; returns the object.
+async fn create_image(
+    http: &reqwest::Client,
+    api: &str,
+    name: &str,
+    url: &str,
+    sha512: &str,
+    len: u64,
+) -> Res<serde_json::Value> {
+    let body = serde_json::json!({
+        "apiVersion": "longhorn.io/v1beta2",
+        "kind": "BackingImage",
+        "metadata": { "name": name },
+        "spec": {
+            "sourceType": "download",
+            "sourceParameters": { "url": url },
+            "checksum": sha512,
+        },
+    });
+    let resp = http
+        .post(format!("{api}/v1/backingimages"))
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(format!(
+            "POST backing image {name}: {status}: {}",
+            resp.text().await?
+        )
+        .into());
+    }
+    let deadline = file_deadline(len);
+    let started = Instant::now();
+    loop {
+        let obj = api_get(http, api, &format!("/v1/backingimages/{name}")).await?;
+        let files = obj["status"]["diskFileStatusMap"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        if files.values().any(|f| f["state"] == "ready") {
+            return Ok(obj);
+        }
+        if let Some(f) = files.values().find(|f| f["state"] == "failed") {
+            return Err(format!("backing image {name} failed: {}", f["message"]).into());
+        }
+        if started.elapsed() > deadline {
+            return Err(format!("backing image {name} not ready after {deadline:?}: {obj}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rpc_err(what: &str, s: tonic::Status) -> Box<dyn std::error::Error + Send + Sync> {
+    format!("{what}: {:?}: {}", s.code(), s.message()).into()
+}
+
+/// Connects to a CSI endpoint, retrying for 30 s while its socket is not there yet.
+async fn csi_connect(endpoint: &str) -> Res<CsiClient> {
+    let started = Instant::now();
+    loop {
+        match CsiClient::connect(endpoint).await {
+            Ok(c) => return Ok(c),
+            Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("CSI endpoint {endpoint}: {e}").into());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn capability(access: pb::volume_capability::AccessType) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(access),
+        access_mode: Some(pb::volume_capability::AccessMode {
+            mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+fn mount_capability() -> pb::VolumeCapability {
+    capability(pb::volume_capability::AccessType::Mount(
+        pb::volume_capability::MountVolume::default(),
+    ))
+}
+
+fn block_capability() -> pb::VolumeCapability {
+    capability(pb::volume_capability::AccessType::Block(
+        pb::volume_capability::BlockVolume {},
+    ))
+}
+
+/// CreateVolume of `name` from backing image `image` with `replicas` replicas and the image's
+/// size; returns the volume id.
+async fn create_volume(
+    c: &mut CsiClient,
+    name: &str,
+    image: &str,
+    replicas: u32,
+    cap: &pb::VolumeCapability,
+) -> Res<String> {
+    let parameters = HashMap::from([
+        ("backingImage".to_string(), image.to_string()),
+        ("numberOfReplicas".to_string(), replicas.to_string()),
+    ]);
+    let v = c
+        .controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: name.into(),
+            volume_capabilities: vec![cap.clone()],
+            parameters,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("CreateVolume", s))?
+        .into_inner()
+        .volume
+        .ok_or("CreateVolume answered no volume")?;
+    Ok(v.volume_id)
+}
+
+struct Published {
+    elapsed: Duration,
+    calls: usize,
+    /// How long the first call (which starts the work) and the last (successful) one took.
+    first_call: Duration,
+    last_call: Duration,
+    context: HashMap<String, String>,
+}
+
+/// ControllerPublishVolume, called again every [`POLL`] while it answers Unavailable (the
+/// backing image's file is on its way to a replica's disk); timed from the first call.
+async fn publish_until_ready(
+    c: &mut CsiClient,
+    volume_id: &str,
+    node_id: &str,
+    cap: &pb::VolumeCapability,
+    deadline: Duration,
+) -> Res<Published> {
+    let req = pb::ControllerPublishVolumeRequest {
+        volume_id: volume_id.into(),
+        node_id: node_id.into(),
+        volume_capability: Some(cap.clone()),
+        readonly: false,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut calls = 0;
+    let mut first_call = Duration::ZERO;
+    loop {
+        calls += 1;
+        let call = Instant::now();
+        let result = c.controller.controller_publish_volume(req.clone()).await;
+        let took = call.elapsed();
+        if calls == 1 {
+            first_call = took;
+        }
+        match result {
+            Ok(r) => {
+                return Ok(Published {
+                    elapsed: started.elapsed(),
+                    calls,
+                    first_call,
+                    last_call: took,
+                    context: r.into_inner().publish_context,
+                });
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                if started.elapsed() > deadline {
+                    return Err(format!(
+                        "ControllerPublishVolume still Unavailable after {deadline:?}: {}",
+                        s.message()
+                    )
+                    .into());
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            Err(s) => return Err(rpc_err("ControllerPublishVolume", s)),
+        }
+    }
+}
+
+async fn unpublish_and_delete(c: &mut CsiClient, volume_id: &str, node_id: &str) -> Res<()> {
+    c.controller
+        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            node_id: node_id.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("ControllerUnpublishVolume", s))?;
+    c.controller
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: volume_id.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("DeleteVolume", s))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files, processes, cleanup
+
+/// Bytes allocated to `path` on disk (st_blocks × 512).
+fn allocated(path: &Path) -> Res<u64> {
+    Ok(std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .blocks()
+        * 512)
+}
+
+/// Drops the (clean) page cache of `path`, so the next reader reads the disk.
+fn drop_page_cache(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// SHA-512 of a file's logical content, read in 1 MiB blocks.
+async fn sha512_file(path: &Path) -> Res<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Res<String> {
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = Sha512::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        // Advice only: the harness's read must not warm the next side's cache.
+        let _ = nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+        Ok(hex::encode(h.finalize()))
+    })
+    .await?
+}
+
+/// Resets the peak resident size (VmHWM) of `pid` to its current RSS (`5 > clear_refs`).
+fn reset_hwm(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+fn vm_hwm(pid: u32) -> Option<u64> {
+    proc_status(pid).and_then(|s| kib_field(&s, "VmHWM:"))
+}
+
+/// Runs `bash -c SCRIPT reference ARGS…` and returns its time.
+async fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> Res<Duration> {
+    let started = Instant::now();
+    let out = child_command("bash")
+        .arg("-c")
+        .arg(format!("set -o pipefail; {script}"))
+        .arg("reference")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let elapsed = started.elapsed();
+    if !out.status.success() {
+        return Err(format!(
+            "reference `{script}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(elapsed)
+}
+
+/// The value of `key=` after the message `msg` on the last log line that holds `msg`.
+fn logged(log: &str, msg: &str, key: &str) -> Option<String> {
+    let line = strip_ansi(log.lines().rev().find(|l| l.contains(msg))?);
+    let (_, rest) = line.split_once(msg)?;
+    let prefix = format!("{key}=");
+    rest.split_whitespace()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+async fn fs_type(dir: &Path) -> String {
+    let dir = dir.to_string_lossy();
+    match capture("findmnt", &["-n", "-o", "FSTYPE", "-T", &dir]).await {
+        Ok(fs) => fs,
+        Err(_) => capture("stat", &["-f", "-c", "%T", &dir])
+            .await
+            .unwrap_or_else(|_| "unknown".into()),
+    }
+}
+
+fn have_tool(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
+
+/// An XFS filesystem with reflink in a sparse file, on a loop device, mounted at `mnt`; dropping
+/// it unmounts, detaches the loop device and removes the file.
+struct LoopMount {
+    img: PathBuf,
+    dev: Option<String>,
+    mnt: PathBuf,
+    mounted: bool,
+}
+
+impl LoopMount {
+    async fn xfs(img: &Path, mnt: &Path, len: u64) -> Res<LoopMount> {
+        let mut lm = LoopMount {
+            img: img.to_path_buf(),
+            dev: None,
+            mnt: mnt.to_path_buf(),
+            mounted: false,
+        };
+        std::fs::File::create(img)?.set_len(len)?;
+        let img_s = img.to_string_lossy();
+        capture_checked("mkfs.xfs", &["-q", "-m", "reflink=1", &img_s]).await?;
+        let dev = capture_checked("losetup", &["--find", "--show", &img_s]).await?;
+        lm.dev = Some(dev.clone());
+        std::fs::create_dir_all(mnt)?;
+        capture_checked("mount", &[&dev, &mnt.to_string_lossy()]).await?;
+        lm.mounted = true;
+        Ok(lm)
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            report_leftovers(&format!("under {}", self.mnt.display()), &sweep(&self.mnt));
+            let mut unmounted = false;
+            for _ in 0..10 {
+                let st = std::process::Command::new("umount").arg(&self.mnt).status();
+                if st.is_ok_and(|s| s.success()) {
+                    unmounted = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            if !unmounted {
+                eprintln!("{} is busy; unmounting it lazily", self.mnt.display());
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mnt)
+                    .status();
+            }
+        }
+        if let Some(dev) = &self.dev {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", dev])
+                .status();
+        }
+        let _ = std::fs::remove_dir(&self.mnt);
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+/// Sweeps `dir` (see [`sweep`]) and removes it when dropped: every run's guard, so a failure or
+/// an early return leaves nothing mounted or running.
+struct SweepOnDrop(PathBuf);
+
+impl Drop for SweepOnDrop {
+    fn drop(&mut self) {
+        report_leftovers(&format!("of {}", self.0.display()), &sweep(&self.0));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn report_leftovers(context: &str, done: &[String]) {
+    if !done.is_empty() {
+        println!("  cleanup {context}: {}", done.join("; "));
+    }
+}
+
+/// Removes what bicsi may leave under `dir` after a failure (bind mounts, FUSE exports, loop
+/// devices, qemu-storage-daemon processes, which are daemonized and outlive bicsi): unmounts
+/// everything mounted below `dir` (deepest first), detaches loop devices backed by files below
+/// it, stops (SIGTERM, then SIGKILL after 5 s) the qemu-storage-daemons whose command line
+/// names it, and unmounts again (a FUSE export left by its daemon). Returns what it did.
+fn sweep(dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    let umount = |m: &Path, done: &mut Vec<String>| {
+        let ok = std::process::Command::new("umount")
+            .arg(m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            done.push(format!("unmounted {}", m.display()));
+        } else {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
+            done.push(format!("unmounted {} lazily", m.display()));
+        }
+    };
+    for m in mounts_under(dir) {
+        umount(&m, &mut done);
+    }
+    for l in loops_under(dir) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &l])
+            .status();
+        done.push(format!("detached {l}"));
+    }
+    let pids = qsd_under(dir);
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        done.push(format!("stopped qemu-storage-daemon {pid}"));
+    }
+    let started = Instant::now();
+    while pids.iter().any(|&p| alive(p)) && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &pid in &pids {
+        if alive(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    for m in mounts_under(dir) {
+        umount(&m, &mut done);
+    }
+    done
+}
+
+/// Whether `pid` runs (exists and is not a zombie: a daemonized process's parent may be an init
+/// that does not reap).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Mount points strictly below `dir`, deepest first (/proc/self/mountinfo, escapes decoded).
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount(p)))
+        .filter(|p| p != dir && p.starts_with(dir))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+/// Decodes the `\ooo` octal escapes of /proc/self/mountinfo.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Loop devices whose backing file is below `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let Ok(out) = std::process::Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+        .output()
+    else {
+        return vec![];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, back) = l.trim().split_once(char::is_whitespace)?;
+            let back = back.trim();
+            let back = back.strip_suffix(" (deleted)").unwrap_or(back);
+            Path::new(back).starts_with(dir).then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// Live qemu-storage-daemon processes whose command line names a path below `dir`.
+fn qsd_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&c| c == 0).map(String::from_utf8_lossy);
+        let is_qsd = args
+            .next()
+            .is_some_and(|a0| a0.rsplit('/').next() == Some("qemu-storage-daemon"));
+        if is_qsd && args.any(|a| a.contains(&needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bicsi process
+
+/// A bicsi child process (`serve`, `controller` or `node`) logging to a file; killed if dropped.
+struct Daemon {
+    what: String,
+    child: tokio::process::Child,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Res<Daemon> {
+        let what = format!("bicsi {}", args.first().map_or("", String::as_str));
         let child = child_command(bin)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--csi-endpoint")
-            .arg(format!("unix://{}", dir.join("csi.sock").display()))
-            .arg("--http-listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--node-id")
-            .arg("bench")
-            .arg("--disk")
-            .arg(disk)
+            .args(args)
             .env("BICSI_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -749,11 +2251,106 @@ impl Serve {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let pid = child.id().ok_or("bicsi serve exited at once")?;
-        let mut serve = Serve {
+        let pid = child.id().ok_or_else(|| format!("{what} exited at once"))?;
+        Ok(Daemon {
+            what,
             child,
             pid,
+            log,
+        })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// An error with the log when the process has exited.
+    fn check_alive(&mut self) -> Res<()> {
+        match self.child.try_wait()? {
+            Some(st) => {
+                Err(format!("{} exited ({st}); its log:\n{}", self.what, self.log_text()).into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// SIGTERM, wait (SIGKILL after 30 s); returns the log.
+    async fn stop(mut self) -> String {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "{} did not stop within 30 s of SIGTERM; killing it",
+                self.what
+            );
+            let _ = self.child.kill().await;
+        }
+        self.log_text()
+    }
+}
+
+/// The last `n` lines of a log, indented, for an error report.
+fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("  {l}\n"))
+        .collect()
+}
+
+/// A `bicsi serve` child on its own data dir, disks and HTTP port, node id `bench`.
+struct Serve {
+    daemon: Daemon,
+    pid: u32,
+    api: String,
+    /// Its CSI endpoint, `unix://<dir>/csi.sock`.
+    csi: String,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Serve {
+    async fn start(bin: &Path, dir: &Path, disk: &Path, http: &reqwest::Client) -> Res<Serve> {
+        Self::start_disks(bin, dir, &[disk.to_path_buf()], http).await
+    }
+
+    async fn start_disks(
+        bin: &Path,
+        dir: &Path,
+        disks: &[PathBuf],
+        http: &reqwest::Client,
+    ) -> Res<Serve> {
+        let port = free_port()?;
+        let api = format!("http://127.0.0.1:{port}");
+        let log = dir.join("serve.log");
+        let csi = format!("unix://{}", dir.join("csi.sock").display());
+        let mut args: Vec<String> = [
+            "serve",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--csi-endpoint",
+            &csi,
+            "--http-listen",
+            &format!("127.0.0.1:{port}"),
+            "--node-id",
+            "bench",
+        ]
+        .map(String::from)
+        .to_vec();
+        for d in disks {
+            args.extend(["--disk".to_string(), d.display().to_string()]);
+        }
+        let daemon = Daemon::spawn(bin, &args, log.clone())?;
+        let mut serve = Serve {
+            pid: daemon.pid,
+            daemon,
             api,
+            csi,
             log,
             http: http.clone(),
         };
@@ -767,10 +2364,7 @@ impl Serve {
             if health.is_ok_and(|r| r.status().is_success()) {
                 return Ok(serve);
             }
-            if let Some(st) = serve.child.try_wait()? {
-                let log = std::fs::read_to_string(&serve.log).unwrap_or_default();
-                return Err(format!("bicsi serve exited ({st}) before it was up:\n{log}").into());
-            }
+            serve.daemon.check_alive()?;
             if started.elapsed() > Duration::from_secs(30) {
                 return Err("bicsi serve did not answer /healthz within 30 s".into());
             }
@@ -779,27 +2373,33 @@ impl Serve {
     }
 
     async fn get(&self, path: &str) -> Res<serde_json::Value> {
-        let resp = self.http.get(format!("{}{path}", self.api)).send().await?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(format!("GET {path}: {status}: {}", resp.text().await?).into());
-        }
-        Ok(resp.json().await?)
+        api_get(&self.http, &self.api, path).await
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, wait (SIGKILL after 30 s); returns the log.
-    async fn stop(mut self) -> Res<String> {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid)?);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .is_err()
-        {
-            eprintln!("bicsi serve did not stop within 30 s of SIGTERM; killing it");
-            self.child.kill().await?;
-        }
-        Ok(std::fs::read_to_string(&self.log)?)
+    async fn stop(self) -> Res<String> {
+        Ok(self.daemon.stop().await)
     }
+}
+
+/// A free port on 127.0.0.1: bound, read and released (the window for another taker is tiny).
+fn free_port() -> Res<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn api_get(http: &reqwest::Client, base: &str, path: &str) -> Res<serde_json::Value> {
+    let resp = http.get(format!("{base}{path}")).send().await?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(format!("GET {path}: {status}: {}", resp.text().await?).into());
+    }
+    Ok(resp.json().await?)
 }
 
 /// A child process without proxy settings, killed with us if we die.
@@ -882,34 +2482,83 @@ async fn generate(path: PathBuf, len: u64) -> Res<Source> {
         }
         drop(tx);
         out.sync_all()?;
+        let allocated = out.metadata()?.blocks() * 512;
         let sha512 = hasher.join().map_err(|_| "hash thread panicked")?;
-        Ok(Source { path, len, sha512 })
+        Ok(Source {
+            path,
+            len,
+            sha512,
+            allocated,
+        })
     })
     .await?
 }
 
-struct Served {
-    path: PathBuf,
-    len: u64,
+/// Writes a sparse raw image of `len` bytes: 1 MiB of /dev/urandom data at every 4th MiB
+/// (offsets 0, 4, 8, … MiB), holes between, so about 25% of it is allocated in extents. Hashed
+/// as its logical content (holes as zeros), then synced.
+async fn generate_sparse(path: PathBuf, len: u64) -> Res<Source> {
+    tokio::task::spawn_blocking(move || -> Res<Source> {
+        let mut rng = std::fs::File::open("/dev/urandom")?;
+        let out = std::fs::File::create(&path)?;
+        out.set_len(len)?;
+        let mut h = Sha512::new();
+        let zeros = vec![0u8; CHUNK];
+        let mut block = vec![0u8; CHUNK];
+        let (mut offset, mut i) = (0u64, 0u64);
+        while offset < len {
+            let n = (len - offset).min(CHUNK as u64) as usize;
+            if i % 4 == 0 {
+                rng.read_exact(&mut block[..n])?;
+                out.write_all_at(&block[..n], offset)?;
+                h.update(&block[..n]);
+            } else {
+                h.update(&zeros[..n]);
+            }
+            offset += n as u64;
+            i += 1;
+        }
+        out.sync_all()?;
+        let allocated = out.metadata()?.blocks() * 512;
+        Ok(Source {
+            path,
+            len,
+            sha512: hex::encode(h.finalize()),
+            allocated,
+        })
+    })
+    .await?
 }
 
-/// Serves the file at `/image` on 127.0.0.1:0; returns its URL.
-async fn start_file_server(path: PathBuf, len: u64) -> Res<String> {
+/// The files of the file server by URL name: path and length.
+struct Served {
+    files: HashMap<String, (PathBuf, u64)>,
+}
+
+/// Serves each `(name, path, len)` at `/{name}` on 127.0.0.1:0; returns the base URL.
+async fn start_file_server(files: Vec<(String, PathBuf, u64)>) -> Res<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let files = files.into_iter().map(|(n, p, l)| (n, (p, l))).collect();
     let app = Router::new()
-        .route("/image", get(serve_file))
-        .with_state(Arc::new(Served { path, len }));
+        .route("/{name}", get(serve_file))
+        .with_state(Arc::new(Served { files }));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             eprintln!("file server stopped: {e}");
         }
     });
-    Ok(format!("http://{addr}/image"))
+    Ok(format!("http://{addr}"))
 }
 
-async fn serve_file(State(f): State<Arc<Served>>, headers: HeaderMap) -> Response {
-    let len = f.len;
+async fn serve_file(
+    State(f): State<Arc<Served>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some((path, len)) = f.files.get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -926,7 +2575,6 @@ async fn serve_file(State(f): State<Arc<Served>>, headers: HeaderMap) -> Respons
         Some(Ok((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-    let path = f.path.clone();
     // A plain thread reads ahead (up to 4 chunks) while hyper writes: the reads never wait on
     // the runtime, and the runtime never waits on a read.
     std::thread::spawn(move || {
@@ -967,7 +2615,7 @@ async fn serve_file(State(f): State<Arc<Served>>, headers: HeaderMap) -> Respons
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if let Ok(v) = HeaderValue::from_str(&format!("\"bench-{len}\"")) {
+    if let Ok(v) = HeaderValue::from_str(&format!("\"bench-{name}-{len}\"")) {
         h.insert(header::ETAG, v);
     }
     if status == StatusCode::PARTIAL_CONTENT {
@@ -1051,6 +2699,21 @@ async fn fincore(file: &Path) -> Option<u64> {
         return None;
     }
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Like [`capture`], with the command's stderr in the error.
+async fn capture_checked(program: &str, args: &[&str]) -> Res<String> {
+    let out = Command::new(program).args(args).output().await?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 async fn capture(program: &str, args: &[&str]) -> Res<String> {
