@@ -288,15 +288,7 @@ impl FileManagers {
                 let mut req = DownloadRequest::new(url, tmp.clone());
                 req.expected_sha512 =
                     (!bi.status.checksum.is_empty()).then(|| bi.status.checksum.clone());
-                let p = progress.clone();
-                let sink = move |received: u64, total: Option<u64>| {
-                    if let Some(t) = total.filter(|t| *t > 0) {
-                        p.store(
-                            (received.saturating_mul(100) / t).min(99) as u8,
-                            Ordering::Relaxed,
-                        );
-                    }
-                };
+                let sink = percent_sink(progress.clone());
                 let work = download::download(&req, &sink, cancel.clone());
                 let outcome = self
                     .with_progress(name, disk, &progress, &message, work)
@@ -597,8 +589,7 @@ impl FileManagers {
             }
             Source::Remote { url, .. } => {
                 let progress = Arc::new(AtomicU8::new(0));
-                let p = progress.clone();
-                let sink = ProgressToAtomic(p);
+                let sink = percent_sink(progress.clone());
                 let work = crate::sync::receive(
                     url,
                     &tmp,
@@ -831,12 +822,11 @@ impl Source {
     }
 }
 
-struct ProgressToAtomic(Arc<AtomicU8>);
-
-impl crate::sync::ProgressSink for ProgressToAtomic {
-    fn progress(&self, done: u64, total: Option<u64>) {
+/// A progress sink that keeps the percentage done (at most 99 until the file is ready).
+fn percent_sink(p: Arc<AtomicU8>) -> impl Fn(u64, Option<u64>) + Send + Sync {
+    move |done, total| {
         if let Some(t) = total.filter(|t| *t > 0) {
-            self.0.store(
+            p.store(
                 (done.saturating_mul(100) / t).min(99) as u8,
                 Ordering::Relaxed,
             );

@@ -57,27 +57,9 @@ pub use local::{CopyMethod, CopyOutcome, local_copy};
 pub use receive::{ReceiveOutcome, receive};
 pub use send::extent_stream;
 
-/// Receives progress of a [`receive`]. Called from the transfer's task, so it must be cheap
-/// (store, don't block). Same shape as the download module's sink, so one adapter serves both.
-pub trait ProgressSink: Send + Sync {
-    /// `done` bytes of the file's logical content (holes included) of `total` are in.
-    fn progress(&self, done: u64, total: Option<u64>);
-}
-
-/// Any `Fn(done, total)` closure is a sink.
-impl<F: Fn(u64, Option<u64>) + Send + Sync> ProgressSink for F {
-    fn progress(&self, done: u64, total: Option<u64>) {
-        self(done, total)
-    }
-}
-
-/// A sink that ignores progress.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoProgress;
-
-impl ProgressSink for NoProgress {
-    fn progress(&self, _: u64, _: Option<u64>) {}
-}
+/// Progress of a [`receive`] (`done` bytes of the file's logical content, holes included, of
+/// `total`): the download module's sink, so one adapter serves both.
+pub use crate::download::{NoProgress, ProgressSink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
