@@ -181,10 +181,6 @@ impl Controller {
         }
     }
 
-    pub fn backing(&self) -> &Arc<BackingImages> {
-        &self.backing
-    }
-
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
     }

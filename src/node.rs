@@ -11,12 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::agent::{Agent, LocalAgent};
 use crate::error::{Error, Result};
-use crate::files::FileManagers;
 use crate::fsutil::blocking;
 use crate::guard::Guards;
-use crate::model::{AccessType, Capability, Disk, NodePublication, NodeVolume, Volume};
-use crate::os::{ImageFormat, Os, ReplicaTarget, VolumeEngineSpec};
+use crate::model::{AccessType, Capability, NodePublication, NodeVolume, Volume};
+use crate::os::{Os, ReplicaTarget, VolumeEngineSpec};
 use crate::store::{Kind, Store, StoreExt};
 
 /// Topology key NodeGetInfo reports.
@@ -41,8 +41,8 @@ pub struct NodeAgent {
     volumes: Arc<dyn Store>,
     /// Where this node's own records live.
     local: Arc<dyn Store>,
-    files: Arc<FileManagers>,
-    disks: Vec<Disk>,
+    /// This node's agent: replica and backing image file work on its disks.
+    agent: Arc<LocalAgent>,
     guards: Guards,
 }
 
@@ -68,8 +68,7 @@ impl NodeAgent {
         os: Os,
         volumes: Arc<dyn Store>,
         local: Arc<dyn Store>,
-        files: Arc<FileManagers>,
-        disks: Vec<Disk>,
+        agent: Arc<LocalAgent>,
     ) -> NodeAgent {
         NodeAgent {
             node_id,
@@ -77,64 +76,46 @@ impl NodeAgent {
             os,
             volumes,
             local,
-            files,
-            disks,
+            agent,
             guards: Guards::default(),
         }
     }
 
-    /// Brings the volume's backing image to the disk of every replica on this node and creates
-    /// the replicas that were deferred until then. While a file is being prepared this returns
-    /// a retryable error with its progress; the next call continues the same work.
-    async fn prepare_replicas(&self, volume: &mut Volume) -> Result<()> {
-        let Some(name) = volume.spec.backing_image.clone() else {
-            return Ok(());
-        };
+    /// The engine's children when no publish context names them: this node's own replicas,
+    /// made ready by the local agent exactly as ControllerPublishVolume would (the backing
+    /// image's file on each replica's disk, deferred replicas created). A replica whose file is
+    /// gone is left out (the volume stages degraded and its condition says so); while a file is
+    /// on its way this answers Unavailable.
+    async fn local_targets(&self, volume: &mut Volume) -> Result<Vec<ReplicaTarget>> {
+        let image = volume.spec.backing_image.clone();
+        let size = volume.spec.capacity_bytes;
+        let mut targets = Vec::new();
         let mut changed = false;
-        for i in 0..volume.replicas.len() {
-            let r = volume.replicas[i].clone();
-            if r.node_id != self.node_id {
-                continue;
-            }
-            let disk = self
-                .disks
-                .iter()
-                .find(|d| d.id == r.disk_id)
-                .cloned()
-                .ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "replica {} of volume {:?} is on disk {}, which this node does not have",
-                        r.id, volume.id, r.disk_id
-                    ))
-                })?;
-            let file = self.files.ensure_file(&name, &disk.id).await?;
-            if r.deferred {
-                let bi: crate::backing::object::BackingImage = self
-                    .volumes
-                    .get(Kind::BackingImage, &name)?
-                    .ok_or_else(|| Error::NotFound(format!("backing image {name:?} not found")))?;
-                let format = ImageFormat::parse(&bi.status.format).ok_or_else(|| {
-                    Error::Internal(format!("backing image {name:?} has no known format"))
-                })?;
-                let size = volume.spec.capacity_bytes;
-                let os = self.os.clone();
-                let path = r.path.clone();
-                blocking(move || {
-                    let dir = path.parent().expect("replica has a directory");
-                    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
-                    Ok(os
-                        .images
-                        .create_replica(&path, size, Some((&file, format)))?)
-                })
-                .await?;
-                volume.replicas[i].deferred = false;
-                changed = true;
+        for r in volume
+            .replicas
+            .iter_mut()
+            .filter(|r| r.node_id == self.node_id)
+        {
+            match self
+                .agent
+                .prepare_replica(r, size, image.as_deref(), &self.node_id)
+                .await
+            {
+                Ok(t) => {
+                    changed |= r.deferred;
+                    r.deferred = false;
+                    targets.push(t);
+                }
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    tracing::warn!(volume = %volume.id, replica = %r.id, error = %e, "staging without a replica");
+                }
+                Err(e) => return Err(e),
             }
         }
         if changed {
-            self.volumes.put(Kind::Volume, &volume.id, volume)?;
+            self.volumes.put(Kind::Volume, &volume.id, &*volume)?;
         }
-        Ok(())
+        Ok(targets)
     }
 
     pub fn node_id(&self) -> &str {
@@ -233,16 +214,10 @@ impl NodeAgent {
                 ))
             })?,
             None => {
-                self.prepare_replicas(&mut volume).await?;
                 if volume.replicas.iter().any(|r| r.node_id != self.node_id) {
                     tracing::warn!(volume = %volume_id, "no publish context: staging with this node's replicas only");
                 }
-                volume
-                    .replicas
-                    .iter()
-                    .filter(|r| r.node_id == self.node_id && r.path.is_file())
-                    .map(|r| ReplicaTarget::Local(r.path.clone()))
-                    .collect()
+                self.local_targets(&mut volume).await?
             }
         };
         if targets.is_empty() {

@@ -25,8 +25,8 @@ use crate::files::FileManagers;
 use crate::model::NodeRecord;
 use crate::node::NodeAgent;
 use crate::os::Os;
+use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Kind, Store, StoreExt};
 
 /// How long in-flight calls may run after a shutdown signal.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -121,7 +121,6 @@ fn open_local(cfg: &Config) -> Result<(Arc<dyn Store>, Vec<crate::model::Disk>)>
     let mut disks = Vec::new();
     for path in &disk_paths {
         let disk = crate::disks::open_disk(&cfg.node_id, path)?;
-        store.put(Kind::Disk, &disk.id, &disk)?;
         tracing::info!(disk = %disk.id, path = %disk.path.display(), "disk ready");
         disks.push(disk);
     }
@@ -171,7 +170,7 @@ pub async fn serve(
             up: true,
             last_heartbeat: String::new(),
         },
-        local_agent,
+        local_agent.clone(),
         true,
     )?;
     files.resume().await?;
@@ -183,8 +182,7 @@ pub async fn serve(
         os,
         store.clone(),
         store.clone(),
-        files.clone(),
-        disks,
+        local_agent.clone(),
     ));
     agent.readopt().await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
@@ -348,8 +346,7 @@ pub async fn node(
         os,
         cluster_store.clone(),
         local_store.clone(),
-        files.clone(),
-        disks,
+        local_agent.clone(),
     ));
     agent.readopt().await?;
     let (agent_l, agent_addr) = bind_tcp(&split.agent_listen, "--agent-listen").await?;

@@ -17,7 +17,6 @@ use crate::error::Result;
 pub enum Kind {
     Volume,
     NodeVolume,
-    Disk,
     BackingImage,
     StorageClass,
     Setting,
@@ -25,10 +24,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Volume,
         Kind::NodeVolume,
-        Kind::Disk,
         Kind::BackingImage,
         Kind::StorageClass,
         Kind::Setting,
@@ -39,7 +37,6 @@ impl Kind {
         match self {
             Kind::Volume => "volumes",
             Kind::NodeVolume => "node-volumes",
-            Kind::Disk => "disks",
             Kind::BackingImage => "backing-images",
             Kind::StorageClass => "storage-classes",
             Kind::Setting => "settings",
@@ -117,7 +114,7 @@ pub(crate) mod conformance {
         for k in ["c", "a", "b"] {
             s.put_raw(Kind::Volume, k, b"{}").unwrap();
         }
-        s.put_raw(Kind::Disk, "z", b"{}").unwrap();
+        s.put_raw(Kind::Node, "z", b"{}").unwrap();
         let keys: Vec<String> = s
             .list_raw(Kind::Volume)
             .unwrap()
@@ -125,7 +122,7 @@ pub(crate) mod conformance {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["a", "b", "c"]);
-        assert_eq!(s.list_raw(Kind::Disk).unwrap().len(), 1);
+        assert_eq!(s.list_raw(Kind::Node).unwrap().len(), 1);
         assert!(s.list_raw(Kind::Setting).unwrap().is_empty());
     }
 
