@@ -1,0 +1,191 @@
+//! Slow networks on purpose, so that a `kill -9` lands in the middle of a transfer: an HTTP server
+//! of images whose rate the test sets (it answers `Range` requests and counts every request), and
+//! a TCP proxy with a settable rate in front of a node agent.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bytes per second; 0 means as fast as it goes.
+pub type Rate = Arc<AtomicU64>;
+
+const CHUNK: usize = 64 * 1024;
+
+/// How long `len` bytes take at `rate`.
+fn pause(rate: &Rate, len: usize) -> Option<Duration> {
+    let r = rate.load(Ordering::Relaxed);
+    (r > 0).then(|| Duration::from_nanos(len as u64 * 1_000_000_000 / r))
+}
+
+#[derive(Clone)]
+struct Shared {
+    files: Arc<HashMap<String, (bytes::Bytes, String)>>,
+    rate: Rate,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Images served over HTTP at a rate the test controls.
+pub struct ImageServer {
+    pub base: String,
+    pub rate: Rate,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl ImageServer {
+    pub async fn start(files: HashMap<String, Vec<u8>>) -> ImageServer {
+        // Each image with its ETag, hashed once.
+        let files = files
+            .into_iter()
+            .map(|(n, b)| {
+                let etag = format!("\"{}\"", &crate::images::sha512(&b)[..16]);
+                (n, (bytes::Bytes::from(b), etag))
+            })
+            .collect();
+        let shared = Shared {
+            files: Arc::new(files),
+            rate: Arc::new(AtomicU64::new(0)),
+            hits: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let (rate, hits) = (shared.rate.clone(), shared.hits.clone());
+        let app = axum::Router::new()
+            .route("/img/{name}", axum::routing::get(serve))
+            .with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        ImageServer { base, rate, hits }
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("{}/img/{name}", self.base)
+    }
+
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// GET requests for `name` so far.
+    pub fn hits(&self, name: &str) -> usize {
+        self.hits.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
+/// `Range: bytes=N-` (the only form bicsi sends).
+fn range_start(headers: &HeaderMap) -> Option<usize> {
+    let v = headers.get(header::RANGE)?.to_str().ok()?;
+    v.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
+}
+
+async fn serve(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    *s.hits.lock().unwrap().entry(name.clone()).or_default() += 1;
+    let Some((bytes, etag)) = s.files.get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let if_range_ok = headers
+        .get(header::IF_RANGE)
+        .is_none_or(|v| v.as_bytes() == etag.as_bytes());
+    let start = range_start(&headers)
+        .filter(|s| *s < bytes.len() && if_range_ok)
+        .unwrap_or(0);
+    let len = bytes.len();
+    let rate = s.rate.clone();
+    let body = futures::stream::unfold(start, move |at| {
+        let (bytes, rate) = (bytes.clone(), rate.clone());
+        async move {
+            if at >= bytes.len() {
+                return None;
+            }
+            let end = (at + CHUNK).min(bytes.len());
+            if let Some(d) = pause(&rate, end - at) {
+                tokio::time::sleep(d).await;
+            }
+            Some((Ok::<_, std::io::Error>(bytes.slice(at..end)), end))
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, "bytes".parse().unwrap());
+    h.insert(header::ETAG, etag.parse().unwrap());
+    h.insert(header::CONTENT_LENGTH, (len - start).into());
+    if start > 0 {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        resp.headers_mut().insert(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", len - 1).parse().unwrap(),
+        );
+    }
+    resp
+}
+
+/// Where node agents are advertised: the proxies listen here, the agents on 127.0.0.1.
+pub const PROXY_HOST: &str = "127.0.0.2";
+
+/// A TCP proxy from `127.0.0.2:PORT` to `127.0.0.1:PORT`; answers flow at [`Proxy::rate`].
+pub struct Proxy {
+    pub rate: Rate,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(port: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind((PROXY_HOST, port))
+            .await
+            .unwrap_or_else(|e| panic!("bind {PROXY_HOST}:{port}: {e}"));
+        let rate: Rate = Arc::new(AtomicU64::new(0));
+        let r = rate.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = upstream.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                        let _ = uw.shutdown().await;
+                    });
+                    let mut buf = vec![0u8; CHUNK / 4];
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if let Some(d) = pause(&r, n) {
+                            tokio::time::sleep(d).await;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                    up.abort();
+                });
+            }
+        });
+        Proxy { rate, task }
+    }
+
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
