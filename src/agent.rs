@@ -48,6 +48,11 @@ pub trait Agent: Send + Sync {
     async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()>;
     /// Removes every file of an image from this node's disks.
     async fn delete_image_files(&self, image: &str) -> Result<()>;
+    /// Removes the image's file (and any work in progress on it) from one of this node's disks.
+    async fn delete_image_file(&self, image: &str, disk_id: &str) -> Result<()>;
+    /// Starts syncing the image's file to one of this node's disks from a ready file (another
+    /// disk of this node, or another node); Ok once it runs or is already ready.
+    async fn sync_image_file(&self, image: &str, disk_id: &str) -> Result<()>;
     /// Makes a replica of this node usable by the node the volume attaches to: its disk gets
     /// the backing image's file (copied or transferred, verified), a deferred replica is
     /// created, and for another node the replica is exported over NBD. Unavailable while a
@@ -203,6 +208,17 @@ impl Agent for LocalAgent {
 
     async fn delete_image_files(&self, image: &str) -> Result<()> {
         self.files.delete_image_files(image).await
+    }
+
+    async fn delete_image_file(&self, image: &str, disk_id: &str) -> Result<()> {
+        self.files.delete_image_file(image, disk_id).await
+    }
+
+    async fn sync_image_file(&self, image: &str, disk_id: &str) -> Result<()> {
+        match self.files.ensure_file(image, disk_id).await {
+            Ok(_) | Err(Error::Unavailable(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn prepare_replica(

@@ -3,6 +3,7 @@
 //! [`state::transition`]. The file work itself (download, export, copy, transfer) is the nodes'
 //! (`files.rs`); this module must not touch disks, nor know about CSI or HTTP.
 
+pub mod lifecycle;
 pub mod object;
 pub mod state;
 
@@ -11,10 +12,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::files::{FileReport, FileReports};
-use crate::model::{Disk, Volume, now_rfc3339};
+use crate::model::{Disk, Volume, rfc3339};
+use crate::settings::Settings;
 use crate::store::{Kind, Store, StoreExt};
 use object::{BackingImage, DiskFileStatus, SourceType};
 use state::{FileState, transition};
@@ -37,27 +40,29 @@ pub struct BackingImages {
     cluster: Arc<Cluster>,
     /// Serialises read-modify-write of image objects (reports come from many tasks and nodes).
     write: tokio::sync::Mutex<()>,
+    /// "Now" for state times, deadlines and the lifecycle's waits.
+    clock: Arc<dyn Clock>,
+    settings: Settings,
 }
 
-/// Sets a disk file's state through the one transition function.
+/// Sets a disk file's state through the one transition function, at `now` (seconds).
 fn set_file(
     bi: &mut BackingImage,
     disk: &Disk,
     to: FileState,
     progress: u8,
     message: impl Into<String>,
+    now: u64,
 ) -> Result<()> {
     let entry = bi.status.disk_file_status_map.get(&disk.id);
     let from = entry.map(|f| f.state).unwrap_or(FileState::Pending);
     let state = transition(from, to)?;
     let changed = entry.is_none_or(|f| f.state != state);
-    let time = if changed {
-        now_rfc3339()
-    } else {
-        entry
-            .map(|f| f.last_state_transition_time.clone())
-            .unwrap_or_else(now_rfc3339)
+    let time = match entry {
+        Some(f) if !changed => f.last_state_transition_time.clone(),
+        _ => rfc3339(now),
     };
+    let unused_since = entry.map(|f| f.unused_since.clone()).unwrap_or_default();
     bi.status.disk_file_status_map.insert(
         disk.id.clone(),
         DiskFileStatus {
@@ -65,8 +70,9 @@ fn set_file(
             progress,
             message: message.into(),
             last_state_transition_time: time,
-            last_update_time: now_rfc3339(),
+            last_update_time: rfc3339(now),
             node_id: disk.node_id.clone(),
+            unused_since,
         },
     );
     Ok(())
@@ -74,11 +80,30 @@ fn set_file(
 
 impl BackingImages {
     pub fn new(store: Arc<dyn Store>, cluster: Arc<Cluster>) -> Arc<BackingImages> {
+        BackingImages::with_clock(store, cluster, crate::clock::system())
+    }
+
+    /// Backing images whose time rules read `clock` (a manual one in tests).
+    pub fn with_clock(
+        store: Arc<dyn Store>,
+        cluster: Arc<Cluster>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<BackingImages> {
         Arc::new(BackingImages {
+            settings: Settings::new(store.clone()),
             store,
             cluster,
             write: tokio::sync::Mutex::new(()),
+            clock,
         })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn now(&self) -> u64 {
+        self.clock.now_secs()
     }
 
     pub fn get(&self, name: &str) -> Result<Option<BackingImage>> {
@@ -158,7 +183,14 @@ impl BackingImages {
                     "no disks to hold backing images; start bicsi with --disk PATH".into(),
                 )
             })?;
-        set_file(bi, &best.disk, FileState::Pending, 0, "waiting to start")
+        set_file(
+            bi,
+            &best.disk,
+            FileState::Pending,
+            0,
+            "waiting to start",
+            self.now(),
+        )
     }
 
     /// Asks the nodes holding pending first files to start preparing them.
@@ -181,6 +213,7 @@ impl BackingImages {
     /// checksum rule (the first ready file fixes the image's checksum; every later file must
     /// match it).
     pub async fn apply_report(&self, name: &str, disk: &Disk, report: FileReport) -> Result<()> {
+        let now = self.now();
         self.update(name, |bi| {
             let mut report = report;
             if let Some(ready) = &report.ready {
@@ -197,27 +230,36 @@ impl BackingImages {
                     if bi.status.checksum.is_empty() {
                         bi.status.checksum = ready.checksum.clone();
                     }
+                    bi.status.message.clear();
                     bi.status.size = ready.size;
                     bi.status.virtual_size = ready.virtual_size;
                     bi.status.format = ready.format.clone();
                 }
             }
-            set_file(bi, disk, report.state, report.progress, report.message)
+            set_file(bi, disk, report.state, report.progress, report.message, now)
         })
         .await
         .map(|_| ())
     }
 
     /// Fails every file that sits in a non-final state past its deadline at `now` (seconds since
-    /// the epoch), so nothing stays stuck; the next attach prepares it again. Returns how many.
+    /// the epoch), so nothing stays stuck; recovery then prepares it again. An unknown file's
+    /// deadline is the `backing-image-recovery-wait-interval` setting. Returns how many.
     pub async fn expire(&self, now: u64) -> Result<usize> {
+        let unknown_after = self.settings.recovery_wait();
         let mut failed = 0;
         for bi in self.list()? {
             for (disk_id, f) in &bi.status.disk_file_status_map {
                 let entered =
                     crate::model::parse_rfc3339(&f.last_state_transition_time).unwrap_or(now);
                 let updated = crate::model::parse_rfc3339(&f.last_update_time).unwrap_or(entered);
-                let Some(why) = state::overdue(f.state, entered, updated, now) else {
+                let deadline = if f.state == FileState::Unknown {
+                    Some(unknown_after)
+                } else {
+                    f.state.deadline()
+                };
+                let Some(why) = state::overdue_after(f.state, deadline, entered, updated, now)
+                else {
                     continue;
                 };
                 let disk = Disk {
@@ -227,7 +269,7 @@ impl BackingImages {
                 };
                 tracing::warn!(image = %bi.name(), disk = %disk_id, "{why}");
                 self.update(bi.name(), |bi| {
-                    set_file(bi, &disk, FileState::Failed, 0, why.clone())
+                    set_file(bi, &disk, FileState::Failed, 0, why.clone(), now)
                 })
                 .await?;
                 failed += 1;
@@ -238,6 +280,7 @@ impl BackingImages {
 
     /// A node went down: its files are unknown until it returns and reports them again.
     pub async fn node_down(&self, node_id: &str) -> Result<()> {
+        let now = self.now();
         for bi in self.list()? {
             let disks: Vec<Disk> = bi
                 .status
@@ -258,6 +301,7 @@ impl BackingImages {
                         FileState::Unknown,
                         0,
                         format!("node {node_id} is down"),
+                        now,
                     )
                 })
                 .await?;
@@ -420,6 +464,7 @@ mod tests {
             last_state_transition_time: crate::model::rfc3339(entered),
             last_update_time: crate::model::rfc3339(updated),
             node_id: "n1".into(),
+            unused_since: String::new(),
         }
     }
 

@@ -53,9 +53,23 @@ pub enum Command {
     /// Delete an object.
     #[command(subcommand)]
     Delete(DeleteCommand),
-    /// Move backing image files between this machine and bicsi.
+    /// Move backing image files between this machine and bicsi, or clean them up.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Change a setting.
+    #[command(subcommand)]
+    Set(SetCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SetCommand {
+    /// Set a setting (`bicsi get settings` lists them); it applies without a restart.
+    Setting {
+        name: String,
+        value: String,
+        #[command(flatten)]
+        server: Server,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,6 +91,16 @@ pub enum ImageCommand {
         /// Where to write the file (default: NAME in the current directory).
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Remove a backing image's files from chosen disks now (never a file replicas use, and
+    /// never below minNumberOfCopies files); says which disks were refused and why.
+    Cleanup {
+        name: String,
+        /// A disk id or path (repeatable), as `bicsi get disks` shows.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
         #[command(flatten)]
         server: Server,
     },
@@ -125,6 +149,10 @@ pub struct ProcessArgs {
     /// The CSI driver name (the StorageClass provisioner).
     #[arg(long, default_value = "driver.longhorn.io")]
     pub driver_name: String,
+    /// How often (milliseconds) the controller runs backing image expiry, recovery and cleanup,
+    /// and a node looks for scrub work.
+    #[arg(long, default_value_t = crate::server::LIFECYCLE_TICK.as_millis() as u64)]
+    pub lifecycle_tick_ms: u64,
 }
 
 /// Flags of a process that holds disks (serve, node).
@@ -281,6 +309,13 @@ pub enum GetCommand {
         #[command(flatten)]
         server: Server,
     },
+    /// List the settings with their values, defaults and descriptions.
+    Settings {
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+        #[command(flatten)]
+        server: Server,
+    },
 }
 
 /// Splits `KEY=VALUE` at the first '=', so JSON values with '=' pass through.
@@ -338,6 +373,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Get(GetCommand::Disks { server }) => {
             crate::cli_api::get_disks(&server.server).await
         }
+        Command::Get(GetCommand::Settings { output, server }) => {
+            crate::cli_api::get_settings(&server.server, output).await
+        }
+        Command::Set(SetCommand::Setting {
+            name,
+            value,
+            server,
+        }) => crate::cli_api::set_setting(&server.server, &name, &value).await,
+        Command::Image(ImageCommand::Cleanup {
+            name,
+            disks,
+            server,
+        }) => crate::cli_api::cleanup_image(&server.server, &name, &disks).await,
         Command::Volume(cmd) => volume(cmd).await,
         Command::Get(GetCommand::Volumes { endpoint }) => get_volumes(&endpoint.csi_endpoint).await,
         Command::Get(GetCommand::Backingimages { server }) => {
@@ -407,6 +455,7 @@ fn process_config(
         disks,
         driver_name: process.driver_name,
         http_listen,
+        lifecycle_tick: std::time::Duration::from_millis(process.lifecycle_tick_ms.max(1)),
     })
 }
 

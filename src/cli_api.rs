@@ -472,3 +472,75 @@ pub async fn download_image(server: &str, name: &str, output: &std::path::Path) 
     );
     Ok(())
 }
+
+/// `bicsi get settings`: NAME VALUE DEFAULT DESCRIPTION (`-o json|yaml`: the records).
+pub async fn get_settings(server: &str, output: Option<Output>) -> Result<()> {
+    let list: Vec<crate::settings::SettingView> =
+        json(send(client().get(url(server, "v1/settings")), server).await?).await?;
+    match output {
+        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&list)?),
+        Some(Output::Yaml) => print!(
+            "{}",
+            serde_yaml::to_string(&list).map_err(|e| Error::Internal(e.to_string()))?
+        ),
+        None => {
+            println!("{:<42} {:>8} {:>8} DESCRIPTION", "NAME", "VALUE", "DEFAULT");
+            for s in list {
+                println!(
+                    "{:<42} {:>8} {:>8} ({}) {}",
+                    s.name, s.value, s.default, s.unit, s.description
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `bicsi set setting NAME VALUE`: checked here first (the server checks again).
+pub async fn set_setting(server: &str, name: &str, value: &str) -> Result<()> {
+    crate::settings::definition(name)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?
+        .parse(value)?;
+    let s: crate::settings::SettingView = json(
+        send(
+            client()
+                .put(url(server, &format!("v1/settings/{name}")))
+                .json(&serde_json::json!({ "value": value })),
+            server,
+        )
+        .await?,
+    )
+    .await?;
+    println!("setting {} = {} ({})", s.name, s.value, s.unit);
+    Ok(())
+}
+
+/// `bicsi image cleanup NAME --disk D...`: prints the disks cleaned and those refused with
+/// their reasons; fails when any was refused.
+pub async fn cleanup_image(server: &str, name: &str, disks: &[String]) -> Result<()> {
+    let r: crate::backing::lifecycle::CleanupResult = json(
+        send(
+            client()
+                .post(url(server, &format!("v1/backingimages/{name}/cleanup")))
+                .json(&serde_json::json!({ "disks": disks })),
+            server,
+        )
+        .await?,
+    )
+    .await?;
+    for d in &r.cleaned {
+        println!("disk {d}: cleaned up");
+    }
+    for f in &r.refused {
+        eprintln!("disk {}: refused: {}", f.disk, f.reason);
+    }
+    if r.refused.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::FailedPrecondition(format!(
+            "backing image {name:?}: {} of {} disks were refused",
+            r.refused.len(),
+            r.refused.len() + r.cleaned.len()
+        )))
+    }
+}

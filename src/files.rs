@@ -14,7 +14,7 @@ pub use upload::{UploadRequest, parse_checksum};
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,12 +24,14 @@ use tokio_util::sync::CancellationToken;
 use crate::backing::object::{BackingImage, SourceType};
 use crate::backing::state::FileState;
 use crate::backing::{BackingImages, FileMeta};
+use crate::clock::Clock;
 use crate::download::{self, DownloadRequest};
 use crate::error::{Error, Result};
 use crate::fsutil::{blocking, write_atomic};
 use crate::imagefmt;
 use crate::model::{Disk, NodeRecord, Volume};
 use crate::os::{ImageFormat, Os};
+use crate::settings::Settings;
 use crate::store::{Kind, Store, StoreExt};
 
 /// How often the progress of running work is reported.
@@ -90,6 +92,65 @@ pub struct FileManagers {
     managers: Mutex<HashMap<String, Arc<DiskManager>>>,
     /// Images being uploaded through this process now.
     uploads: Mutex<HashSet<String>>,
+    /// "Now" for the scrub.
+    clock: Arc<dyn Clock>,
+    /// Read on every use, from the controller's store: changes apply without a restart.
+    settings: Settings,
+    /// File syncs (sending or receiving) running on this node.
+    syncs: SyncSlots,
+    /// (image directory, disk id) → when its ready file was last verified (seconds).
+    verified: Mutex<HashMap<(String, String), u64>>,
+    /// Ready files are verified once per process start, at the first `resume`.
+    verified_at_start: AtomicBool,
+    /// When this process started (seconds): the scrub's first round counts from it.
+    started: u64,
+}
+
+/// Counts the file syncs running on a node against `concurrent-backing-image-syncs-per-node`.
+#[derive(Default)]
+pub struct SyncSlots(Arc<SlotsInner>);
+
+#[derive(Default)]
+struct SlotsInner {
+    running: Mutex<usize>,
+    freed: tokio::sync::Notify,
+}
+
+/// A running sync; dropping it frees its slot.
+pub struct SyncSlot(Arc<SlotsInner>);
+
+impl Drop for SyncSlot {
+    fn drop(&mut self) {
+        *self.0.running.lock().expect("sync slots poisoned") -= 1;
+        self.0.freed.notify_waiters();
+    }
+}
+
+impl SyncSlots {
+    /// Takes a slot if fewer than `limit` are taken.
+    pub fn try_take(&self, limit: usize) -> Option<SyncSlot> {
+        let mut running = self.0.running.lock().expect("sync slots poisoned");
+        (*running < limit).then(|| {
+            *running += 1;
+            SyncSlot(self.0.clone())
+        })
+    }
+
+    pub fn running(&self) -> usize {
+        *self.0.running.lock().expect("sync slots poisoned")
+    }
+
+    /// Waits for a free slot; the limit is read again each time one frees (or every second,
+    /// so a changed setting applies).
+    pub async fn take(&self, limit: impl Fn() -> usize) -> SyncSlot {
+        loop {
+            let freed = self.0.freed.notified();
+            if let Some(slot) = self.try_take(limit()) {
+                return slot;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+        }
+    }
 }
 
 fn tmp_path(disk: &Disk, bi: &BackingImage) -> PathBuf {
@@ -113,16 +174,33 @@ impl FileManagers {
         os: Os,
         store: Arc<dyn Store>,
         reports: Arc<dyn FileReports>,
+        clock: Arc<dyn Clock>,
     ) -> Arc<FileManagers> {
         Arc::new(FileManagers {
             node_id,
             disks,
             os,
+            settings: Settings::new(store.clone()),
             store,
             reports,
             managers: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashSet::new()),
+            started: clock.now_secs(),
+            clock,
+            syncs: SyncSlots::default(),
+            verified: Mutex::new(HashMap::new()),
+            verified_at_start: AtomicBool::new(false),
         })
+    }
+
+    /// The sync slots of this node (the HTTP sender takes one per file it sends).
+    pub fn syncs(&self) -> &SyncSlots {
+        &self.syncs
+    }
+
+    /// The current `concurrent-backing-image-syncs-per-node`.
+    pub fn sync_limit(&self) -> usize {
+        self.settings.concurrent_syncs()
     }
 
     pub fn disks(&self) -> &[Disk] {
@@ -551,8 +629,30 @@ impl FileManagers {
     }
 
     async fn sync_file(&self, name: &str, disk: &Disk, source: Source) -> Result<()> {
-        let bi = self.image(name)?;
         let message = source.describe();
+        // "At most this many syncs at once per node; others wait in pending."
+        let slot = match self.syncs.try_take(self.sync_limit()) {
+            Some(slot) => slot,
+            None => {
+                self.report(
+                    name,
+                    disk,
+                    FileReport::new(
+                        FileState::Pending,
+                        0,
+                        format!(
+                            "waiting: {} syncs run on node {} (concurrent-backing-image-syncs-per-node)",
+                            self.syncs.running(),
+                            self.node_id
+                        ),
+                    ),
+                )
+                .await?;
+                self.syncs.take(|| self.sync_limit()).await
+            }
+        };
+        let _slot = slot;
+        let bi = self.image(name)?;
         self.report(
             name,
             disk,
@@ -608,11 +708,24 @@ impl FileManagers {
         self.finish_file(name, disk, &tmp, sha512, size).await
     }
 
-    /// Checks a file against the image's checksum: Ready when it matches, else Failed.
-    async fn verify(&self, bi: &BackingImage, disk: &Disk) -> FileReport {
+    /// Checks a file against the image's checksum (SHA-512, streamed): Ready when it matches,
+    /// else Failed with a message naming the disk, the mismatch and `why` it was checked.
+    async fn verify(&self, bi: &BackingImage, disk: &Disk, why: &str) -> FileReport {
         let path = BackingImages::file_path(disk, bi);
+        self.verified
+            .lock()
+            .expect("verified poisoned")
+            .insert((bi.dir_name(), disk.id.clone()), self.clock.now_secs());
         if !path.is_file() {
-            return FileReport::new(FileState::Failed, 0, "the file is missing from the disk");
+            return FileReport::new(
+                FileState::Failed,
+                0,
+                format!(
+                    "{why}: the file is missing from disk {} ({})",
+                    disk.id,
+                    path.display()
+                ),
+            );
         }
         let p = path.clone();
         let sum = blocking(move || {
@@ -621,8 +734,7 @@ impl FileManagers {
         .await;
         match sum {
             Ok(sum) if sum == bi.status.checksum => {
-                let mut r =
-                    FileReport::new(FileState::Ready, 100, "verified after its node returned");
+                let mut r = FileReport::new(FileState::Ready, 100, format!("{why}: verified"));
                 r.ready = Some(ReadyFile {
                     size: bi.status.size,
                     virtual_size: bi.status.virtual_size,
@@ -635,22 +747,44 @@ impl FileManagers {
                 FileState::Failed,
                 0,
                 format!(
-                    "checksum mismatch: expected {}, got {sum}; the file changed on disk",
-                    bi.status.checksum
+                    "{why}: checksum mismatch on disk {}: expected {}, got {sum}; the file changed on disk",
+                    disk.id, bi.status.checksum
                 ),
             ),
-            Err(e) => FileReport::new(FileState::Failed, 0, e.to_string()),
+            Err(e) => FileReport::new(
+                FileState::Failed,
+                0,
+                format!("{why}: cannot read the file on disk {}: {e}", disk.id),
+            ),
         }
     }
 
     /// Removes every file of the image (any uuid) from this node's disks.
     pub async fn delete_image_files(&self, name: &str) -> Result<()> {
-        for m in self.managers.lock().expect("managers poisoned").values() {
+        self.delete_files(name, None).await
+    }
+
+    /// Removes the image's file (any uuid) and its work in progress from one disk.
+    pub async fn delete_image_file(&self, name: &str, disk_id: &str) -> Result<()> {
+        self.disk(disk_id)?;
+        self.delete_files(name, Some(disk_id)).await
+    }
+
+    async fn delete_files(&self, name: &str, only: Option<&str>) -> Result<()> {
+        for (id, m) in self.managers.lock().expect("managers poisoned").iter() {
+            if only.is_some_and(|o| o != id) {
+                continue;
+            }
             if let Some(c) = m.tasks.lock().expect("tasks poisoned").get(name) {
                 c.cancel();
             }
         }
-        let disks = self.disks.clone();
+        let disks: Vec<Disk> = self
+            .disks
+            .iter()
+            .filter(|d| only.is_none_or(|o| o == d.id))
+            .cloned()
+            .collect();
         let prefix = format!("{name}-");
         blocking(move || {
             for d in &disks {
@@ -697,6 +831,7 @@ impl FileManagers {
     /// longer exist are removed.
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let images: Vec<BackingImage> = self.store.list(Kind::BackingImage)?;
+        let first_start = !self.verified_at_start.load(Ordering::SeqCst);
         for bi in &images {
             for disk in self.disks.clone() {
                 let Some(f) = bi.status.disk_file_status_map.get(&disk.id) else {
@@ -744,6 +879,15 @@ impl FileManagers {
                             self.prepare_first_file(bi.name(), &disk.id)?;
                         }
                     }
+                    // Start-up verification: a ready file is hashed again before it is used
+                    // again; a changed or missing one fails, and recovery replaces it.
+                    FileState::Ready if first_start => {
+                        let report = self.verify(bi, &disk, "start-up verification").await;
+                        if report.state != FileState::Ready {
+                            tracing::warn!(image = %bi.name(), disk = %disk.id, message = %report.message, "ready file failed its start-up verification");
+                            self.report(bi.name(), &disk, report).await?;
+                        }
+                    }
                     FileState::Ready if !BackingImages::file_path(&disk, bi).is_file() => {
                         self.report(
                             bi.name(),
@@ -751,14 +895,14 @@ impl FileManagers {
                             FileReport::new(
                                 FileState::Failed,
                                 0,
-                                "the ready file is missing from the disk",
+                                format!("the ready file is missing from disk {}", disk.id),
                             ),
                         )
                         .await?;
                     }
                     // This node was away: its files are verified and reused, not fetched again.
                     FileState::Unknown => {
-                        let report = self.verify(bi, &disk).await;
+                        let report = self.verify(bi, &disk, "its node returned").await;
                         self.report(bi.name(), &disk, report).await?;
                     }
                     _ => {}
@@ -794,7 +938,55 @@ impl FileManagers {
                 self.manager(&d);
             }
         }
+        self.verified_at_start.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The periodic scrub at a lifecycle tick: every ready file of this node not verified for
+    /// `backing-image-scrub-interval` is hashed again (streamed, bounded memory); one whose
+    /// bytes changed is reported failed, and recovery replaces it. Files with work running are
+    /// left alone. Returns how many files were hashed.
+    pub async fn scrub(&self) -> Result<usize> {
+        let Some(interval) = self.settings.scrub_interval() else {
+            return Ok(0);
+        };
+        let images: Vec<BackingImage> = self.store.list(Kind::BackingImage)?;
+        let mut hashed = 0;
+        for bi in &images {
+            for disk in &self.disks {
+                if !ready_on(bi, &disk.id) {
+                    continue;
+                }
+                let busy = self
+                    .managers
+                    .lock()
+                    .expect("managers poisoned")
+                    .get(&disk.id)
+                    .is_some_and(|m| {
+                        m.tasks
+                            .lock()
+                            .expect("tasks poisoned")
+                            .contains_key(bi.name())
+                    });
+                let last = self
+                    .verified
+                    .lock()
+                    .expect("verified poisoned")
+                    .get(&(bi.dir_name(), disk.id.clone()))
+                    .copied()
+                    .unwrap_or(self.started);
+                if busy || self.clock.now_secs().saturating_sub(last) < interval.as_secs() {
+                    continue;
+                }
+                let report = self.verify(bi, disk, "scrub").await;
+                hashed += 1;
+                if report.state != FileState::Ready {
+                    tracing::warn!(image = %bi.name(), disk = %disk.id, message = %report.message, "scrub found a changed file");
+                    self.report(bi.name(), disk, report).await?;
+                }
+            }
+        }
+        Ok(hashed)
     }
 }
 

@@ -86,6 +86,12 @@ pub fn router(state: ApiState) -> Router {
             "/v1/storageclasses/{name}",
             get(get_storage_class).delete(delete_storage_class),
         )
+        .route(
+            "/v1/backingimages/{name}/cleanup",
+            axum::routing::post(cleanup_backing_image),
+        )
+        .route("/v1/settings", get(list_settings))
+        .route("/v1/settings/{name}", get(get_setting).put(put_setting))
         .route("/v1/files/{dir}", get(transfer_file))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/disks", get(list_disks))
@@ -123,13 +129,37 @@ async fn transfer_file(State(s): State<ApiState>, Path(dir): Path<String>) -> Ap
         .map(|d| d.path.join("backing-images").join(&dir).join("backing"))
         .find(|p| p.is_file())
         .ok_or_else(|| Error::NotFound(format!("no ready file {dir:?} on this node")))?;
-    let body = axum::body::Body::from_stream(crate::sync::extent_stream(path));
+    // Sending counts against this node's concurrent syncs too; a receiver that waits too long
+    // fails its sync, which recovery starts again.
+    let slots = files.syncs();
+    let slot = tokio::time::timeout(
+        SENDER_SLOT_WAIT,
+        slots.take(|| files.sync_limit()),
+    )
+    .await
+    .map_err(|_| {
+        Error::Unavailable(format!(
+            "{} backing image file syncs run on this node (concurrent-backing-image-syncs-per-node); retry later",
+            slots.running()
+        ))
+    })?;
+    let body = axum::body::Body::from_stream(futures::StreamExt::map(
+        crate::sync::extent_stream(path),
+        move |chunk| {
+            // The slot is held until the stream is dropped (sent or broken off).
+            let _held = &slot;
+            chunk
+        },
+    ));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         body,
     )
         .into_response())
 }
+
+/// How long a sender waits for a free sync slot before answering 503.
+const SENDER_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The header with the SHA-512 of an uploaded or downloaded file.
 pub const CHECKSUM_HEADER: &str = "x-bicsi-checksum";
@@ -365,6 +395,64 @@ async fn delete_backing_image(
 ) -> ApiResult<StatusCode> {
     s.backing()?.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize)]
+struct CleanupRequest {
+    disks: Vec<String>,
+}
+
+/// `POST /v1/backingimages/{name}/cleanup` `{"disks":[...]}`: which disks were cleaned, which
+/// were refused and why.
+async fn cleanup_backing_image(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<crate::backing::lifecycle::CleanupResult>> {
+    let req: CleanupRequest = body(&bytes, "cleanup request ({\"disks\":[\"DISK\"]})")?;
+    Ok(Json(s.backing()?.cleanup_disks(&name, &req.disks).await?))
+}
+
+/// Settings live in the controller's store: a node agent alone sends callers there.
+fn settings(s: &ApiState) -> ApiResult<&crate::settings::Settings> {
+    Ok(s.backing()?.settings())
+}
+
+async fn list_settings(
+    State(s): State<ApiState>,
+) -> ApiResult<Json<Vec<crate::settings::SettingView>>> {
+    Ok(Json(settings(&s)?.list()?))
+}
+
+async fn get_setting(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::settings::SettingView>> {
+    Ok(Json(settings(&s)?.get(&name)?))
+}
+
+#[derive(serde::Deserialize)]
+struct SettingValue {
+    value: serde_json::Value,
+}
+
+/// `PUT /v1/settings/{name}` `{"value":"..."}` (a JSON number is taken too).
+async fn put_setting(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<crate::settings::SettingView>> {
+    let req: SettingValue = body(&bytes, "setting value ({\"value\":\"...\"})")?;
+    let value = match req.value {
+        serde_json::Value::String(v) => v,
+        serde_json::Value::Number(n) => n.to_string(),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "setting {name:?}: value must be a string, got {other}"
+            )));
+        }
+    };
+    Ok(Json(settings(&s)?.set(&name, &value)?))
 }
 
 async fn list_storage_classes(State(s): State<ApiState>) -> ApiResult<Json<Vec<StorageClass>>> {

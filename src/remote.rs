@@ -288,6 +288,30 @@ impl Agent for RemoteAgent {
         Ok(())
     }
 
+    async fn delete_image_file(&self, image: &str, disk_id: &str) -> Result<()> {
+        self.client
+            .clone()
+            .delete_image_files(pb::FileRequest {
+                image: image.to_string(),
+                disk_id: disk_id.to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn sync_image_file(&self, image: &str, disk_id: &str) -> Result<()> {
+        self.client
+            .clone()
+            .sync_image_file(pb::FileRequest {
+                image: image.to_string(),
+                disk_id: disk_id.to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
     async fn prepare_replica(
         &self,
         replica: &Replica,
@@ -415,9 +439,21 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<pb::FileRequest>,
     ) -> std::result::Result<Response<pb::Empty>, Status> {
-        self.local
-            .delete_image_files(&request.into_inner().image)
-            .await?;
+        let r = request.into_inner();
+        if r.disk_id.is_empty() {
+            self.local.delete_image_files(&r.image).await?;
+        } else {
+            self.local.delete_image_file(&r.image, &r.disk_id).await?;
+        }
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn sync_image_file(
+        &self,
+        request: Request<pb::FileRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.local.sync_image_file(&r.image, &r.disk_id).await?;
         Ok(Response::new(pb::Empty {}))
     }
 }

@@ -39,7 +39,13 @@ pub struct Config {
     pub disks: Vec<PathBuf>,
     pub driver_name: String,
     pub http_listen: String,
+    /// How often the controller runs expiry, recovery and cleanup, and the node looks for
+    /// scrub work (`--lifecycle-tick-ms`).
+    pub lifecycle_tick: std::time::Duration,
 }
+
+/// The default `--lifecycle-tick-ms`.
+pub const LIFECYCLE_TICK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `unix:///run/csi.sock` (or a plain path) → the socket path.
 pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
@@ -152,6 +158,7 @@ pub async fn serve(
         os.clone(),
         store.clone(),
         backing.clone(),
+        crate::clock::system(),
     );
     let local_agent = Arc::new(LocalAgent {
         node_id: cfg.node_id.clone(),
@@ -175,7 +182,8 @@ pub async fn serve(
     )?;
     files.resume().await?;
     let controller = Arc::new(Controller::new(store.clone(), cluster, backing.clone()));
-    let expiry = spawn_expiry(backing.clone());
+    let lifecycle = spawn_lifecycle(backing.clone(), cfg.lifecycle_tick);
+    let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
     let agent = Arc::new(NodeAgent::new(
         cfg.node_id.clone(),
         cfg.data_dir.clone(),
@@ -204,20 +212,40 @@ pub async fn serve(
         shutdown,
     )
     .await;
-    expiry.abort();
+    lifecycle.abort();
+    scrub.abort();
     r
 }
 
-/// How often files past their deadline are looked for.
-const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-
-fn spawn_expiry(backing: Arc<BackingImages>) -> tokio::task::JoinHandle<()> {
+/// The controller's lifecycle round every `every`: deadlines, recovery, cleanup.
+fn spawn_lifecycle(
+    backing: Arc<BackingImages>,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+        let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = backing.expire(crate::model::now_secs()).await {
-                tracing::warn!(error = %e, "cannot check backing image files for deadlines");
+            if let Err(e) = backing.tick().await {
+                tracing::warn!(error = %e, "backing image lifecycle round failed; retrying at the next tick");
+            }
+        }
+    })
+}
+
+/// The node's look for scrub work every `every` (the scrub interval is a setting).
+fn spawn_scrub(
+    files: Arc<FileManagers>,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = files.scrub().await {
+                tracing::debug!(error = %e, "cannot scrub backing image files now");
             }
         }
     })
@@ -276,7 +304,7 @@ pub async fn controller(
         store,
         driver_name: cfg.driver_name.clone(),
     });
-    let expiry = spawn_expiry(backing_for_expiry);
+    let lifecycle = spawn_lifecycle(backing_for_expiry, cfg.lifecycle_tick);
     let r = run(
         &cfg,
         Services {
@@ -289,7 +317,7 @@ pub async fn controller(
     )
     .await;
     sweeper.abort();
-    expiry.abort();
+    lifecycle.abort();
     r
 }
 
@@ -313,6 +341,7 @@ pub async fn node(
         os.clone(),
         cluster_store.clone(),
         reports,
+        crate::clock::system(),
     );
     let (nbd_host, nbd_port) = split.nbd_listen.rsplit_once(':').ok_or_else(|| {
         Error::InvalidArgument(format!(
@@ -371,6 +400,7 @@ pub async fn node(
         register,
         local_agent,
     ));
+    let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
     let api = crate::http::router(crate::http::ApiState {
         controller: None,
         backing: None,
@@ -390,6 +420,7 @@ pub async fn node(
     )
     .await;
     keeper.abort();
+    scrub.abort();
     r
 }
 

@@ -87,6 +87,10 @@ pub struct DiskFileStatus {
     /// The node the disk belongs to.
     #[serde(default)]
     pub node_id: String,
+    /// Since when no replica on the disk uses the file (RFC 3339); empty while one does. The
+    /// cleanup wait is measured from it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unused_since: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +111,10 @@ pub struct BackingImageStatus {
     /// Disk id → the file's state on that disk.
     #[serde(default)]
     pub disk_file_status_map: BTreeMap<String, DiskFileStatus>,
+    /// What a user must know about the image as a whole (an uploaded image that cannot be
+    /// recovered, for one); empty when all is well.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -67,7 +67,18 @@ impl std::fmt::Display for FileState {
 /// Why a file in `state` is past its deadline at `now` (seconds since the epoch), if it is:
 /// measured from its last report while in progress, else from when it entered the state.
 pub fn overdue(state: FileState, entered: u64, last_update: u64, now: u64) -> Option<String> {
-    let deadline = state.deadline()?;
+    overdue_after(state, state.deadline(), entered, last_update, now)
+}
+
+/// [`overdue`] with the deadline given (a setting can change a state's deadline).
+pub fn overdue_after(
+    state: FileState,
+    deadline: Option<Duration>,
+    entered: u64,
+    last_update: u64,
+    now: u64,
+) -> Option<String> {
+    let deadline = deadline?;
     let since = if state == FileState::InProgress {
         last_update.max(entered)
     } else {
