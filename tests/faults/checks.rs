@@ -256,7 +256,7 @@ pub async fn settle(
     let all = wait_for("every file in a final state", SETTLE, &log, || async {
         let all = images(http).await?;
         all.iter()
-            .flat_map(|v| files(v))
+            .flat_map(files)
             .all(|(_, s, _)| s == "ready" || s == "failed")
             .then_some(all)
     })

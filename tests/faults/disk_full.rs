@@ -76,11 +76,20 @@ impl Drop for SmallDisk {
     }
 }
 
-#[tokio::test]
-async fn a_full_disk_fails_the_file_with_a_space_message_leaves_no_temp_file_and_bicsi_serves_on() {
-    if !root_or_skip("a_full_disk_fails_the_file_with_a_space_message") {
-        return;
-    }
+/// The small disk, bicsi serving on it, and an image of 64 MiB (larger than the disk) and one
+/// of 4 MiB, served over HTTP.
+struct Setup {
+    b: Serve,
+    server: ImageServer,
+    big: Vec<u8>,
+    want_fits: String,
+    disk: PathBuf,
+    _dir: tempfile::TempDir,
+    // Dropped last: bicsi is stopped before its disk is unmounted.
+    _small: SmallDisk,
+}
+
+async fn setup() -> Setup {
     let dir = tempfile::Builder::new()
         .prefix("bicsi-faults-")
         .tempdir()
@@ -98,63 +107,27 @@ async fn a_full_disk_fails_the_file_with_a_space_message_leaves_no_temp_file_and
         .into(),
     )
     .await;
-    let mut b = Serve::start(dir.path(), vec![disk.clone()]).await;
-    let watch = Watch::start(&b.http, &b.disks, &[("bi-fits", &want_fits)]);
-
-    // A download larger than the disk.
-    create_image(
-        &b.http,
-        "bi-big",
-        "download",
-        serde_json::json!({ "url": server.url("big.raw") }),
-    )
-    .await;
-    let all = settle(&b.http, &b.disks, &[], || b.log()).await;
-    let (_, state, message) = files(&all[0]).remove(0);
-    assert_eq!(state, "failed", "{:?}", all[0]);
-    eprintln!("download to a full disk: {message}");
-    assert!(
-        message.contains("space"),
-        "the message names the cause: {message}"
-    );
-    assert!(backing_files(&disk).is_empty());
-
-    // An upload larger than the disk, its length unknown in advance (a chunked body).
-    create_image(&b.http, "bi-big-up", "upload", serde_json::json!({})).await;
-    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = big
-        .chunks(MIB)
-        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
-        .collect();
-    let resp = reqwest::Client::new()
-        .put(format!("{}/v1/backingimages/bi-big-up/file", b.http))
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await;
-    if let Ok(r) = resp {
-        assert!(
-            !r.status().is_success(),
-            "an upload larger than the disk succeeded"
-        );
-        let text = r.text().await.unwrap();
-        assert!(text.contains("space"), "{text}");
+    let b = Serve::start(dir.path(), vec![disk.clone()]).await;
+    Setup {
+        b,
+        server,
+        big,
+        want_fits,
+        disk,
+        _dir: dir,
+        _small: small,
     }
-    let all = settle(&b.http, &b.disks, &[], || b.log()).await;
-    let up = all
-        .iter()
-        .find(|v| v["metadata"]["name"] == "bi-big-up")
-        .unwrap();
-    let (_, state, message) = files(up).remove(0);
-    assert_eq!(state, "failed", "{up}");
-    eprintln!("upload to a full disk: {message}");
-    assert!(message.contains("space"), "{message}");
+}
 
-    // The space is free again and bicsi serves on: an image that fits becomes ready there.
+/// bicsi serves on and the space is free again: an image that fits becomes ready on the disk.
+async fn an_image_that_fits_becomes_ready(s: &mut Setup) {
+    let b = &mut s.b;
     b.proc.assert_alive();
     create_image(
         &b.http,
         "bi-fits",
         "download",
-        serde_json::json!({ "url": server.url("fits.raw") }),
+        serde_json::json!({ "url": s.server.url("fits.raw") }),
     )
     .await;
     wait_for(
@@ -163,12 +136,111 @@ async fn a_full_disk_fails_the_file_with_a_space_message_leaves_no_temp_file_and
         || b.log(),
         || async {
             let v = image(&b.http, "bi-fits").await?;
-            files(&v).iter().any(|(_, s, _)| s == "ready").then_some(())
+            files(&v)
+                .iter()
+                .any(|(_, st, _)| st == "ready")
+                .then_some(())
         },
     )
     .await;
-    settle(&b.http, &b.disks, &[("bi-fits", &want_fits)], || b.log()).await;
+    settle(&b.http, &b.disks, &[("bi-fits", &s.want_fits)], || b.log()).await;
+}
+
+#[tokio::test]
+async fn a_download_larger_than_its_disk_fails_saying_so_and_leaves_no_temp_file() {
+    if !root_or_skip("a_download_larger_than_its_disk_fails_saying_so") {
+        return;
+    }
+    let mut s = setup().await;
+    let watch = Watch::start(&s.b.http, &s.b.disks, &[("bi-fits", &s.want_fits)]);
+    create_image(
+        &s.b.http,
+        "bi-big",
+        "download",
+        serde_json::json!({ "url": s.server.url("big.raw") }),
+    )
+    .await;
+    let b = &s.b;
+    let all = settle(&b.http, &b.disks, &[], || b.log()).await;
+    let (_, state, message) = files(&all[0]).remove(0);
+    assert_eq!(state, "failed", "{:?}", all[0]);
+    assert!(
+        message.contains("space"),
+        "the message names the cause: {message}"
+    );
+    assert!(backing_files(&s.disk).is_empty());
+    // Deleting the image that cannot fit frees its disk for good.
+    let (ok, out, err) = s.b.cli(&["delete", "backingimage", "bi-big"]);
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    an_image_that_fits_becomes_ready(&mut s).await;
     watch.finish().await;
-    drop(b);
-    drop(small);
+}
+
+#[tokio::test]
+async fn a_download_that_cannot_fit_is_not_retried_in_a_loop() {
+    if !root_or_skip("a_download_that_cannot_fit_is_not_retried_in_a_loop") {
+        return;
+    }
+    let s = setup().await;
+    let b = &s.b;
+    create_image(
+        &b.http,
+        "bi-big",
+        "download",
+        serde_json::json!({ "url": s.server.url("big.raw") }),
+    )
+    .await;
+    settle(&b.http, &b.disks, &[], || b.log()).await;
+    // Each attempt fills the disk that replicas share, and the failure is not going away: the
+    // recovery re-downloads, but not at every lifecycle tick (15 ticks here).
+    let before = s.server.hits("big.raw");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = s.server.hits("big.raw") - before;
+    assert!(
+        again <= 1,
+        "{again} downloads of an image that cannot fit in 3 s:\n{}",
+        b.log()
+    );
+}
+
+#[tokio::test]
+async fn an_upload_larger_than_its_disk_fails_saying_so_and_leaves_no_temp_file() {
+    if !root_or_skip("an_upload_larger_than_its_disk_fails_saying_so") {
+        return;
+    }
+    let mut s = setup().await;
+    let watch = Watch::start(&s.b.http, &s.b.disks, &[("bi-fits", &s.want_fits)]);
+    let b = &s.b;
+    create_image(&b.http, "bi-big-up", "upload", serde_json::json!({})).await;
+    // Its length unknown in advance (a chunked body): bicsi finds out by filling the disk.
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = s
+        .big
+        .chunks(MIB)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/backingimages/bi-big-up/file", b.http))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await;
+    // The client hears why, unless bicsi closed the connection while the body still flowed.
+    if let Ok(r) = resp {
+        assert!(
+            !r.status().is_success(),
+            "an upload larger than the disk succeeded"
+        );
+        let text = r.text().await.unwrap();
+        assert!(text.contains("space"), "{text}");
+    }
+    // The image says why too, also once recovery has said that it cannot re-upload it.
+    let all = settle(&b.http, &b.disks, &[], || b.log()).await;
+    let (_, state, message) = files(&all[0]).remove(0);
+    assert_eq!(state, "failed", "{:?}", all[0]);
+    assert!(
+        message.contains("space"),
+        "the message names the cause: {message}"
+    );
+    assert!(backing_files(&s.disk).is_empty());
+    an_image_that_fits_becomes_ready(&mut s).await;
+    watch.finish().await;
 }

@@ -12,21 +12,9 @@ use crate::throttle::Proxy;
 /// How often the processes run their lifecycle work (expiry, cleanup, recovery, scrub).
 pub const TICK_MS: &str = "200";
 
-/// `--lifecycle-tick-ms TICK_MS`. TODO(life): unconditional once the flag is merged.
+/// `--lifecycle-tick-ms TICK_MS`, for every process.
 pub fn tick_args() -> Vec<String> {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let yes = *SUPPORTED.get_or_init(|| {
-        let out = Command::new(env!("CARGO_BIN_EXE_bicsi"))
-            .args(["serve", "--help"])
-            .output()
-            .expect("bicsi serve --help");
-        String::from_utf8_lossy(&out.stdout).contains("--lifecycle-tick-ms")
-    });
-    if yes {
-        vec!["--lifecycle-tick-ms".into(), TICK_MS.into()]
-    } else {
-        vec![]
-    }
+    vec!["--lifecycle-tick-ms".into(), TICK_MS.into()]
 }
 
 pub fn free_port() -> u16 {
@@ -385,10 +373,6 @@ impl Cluster {
 
     pub fn disks(&self) -> Vec<PathBuf> {
         self.nodes.iter().map(|n| n.disk.clone()).collect()
-    }
-
-    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        cli(&self.http, Some(&self.endpoint), args)
     }
 }
 
