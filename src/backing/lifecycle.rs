@@ -651,11 +651,27 @@ mod tests {
     async fn unused_files_are_cleaned_up_after_the_wait_and_not_before() {
         use FileState::*;
         let w = world();
-        w.image(SourceType::Download, 1, &[("d1", Ready), ("d2", Ready), ("d3", Ready)]);
+        w.image(
+            SourceType::Download,
+            1,
+            &[("d1", Ready), ("d2", Ready), ("d3", Ready)],
+        );
         // The first look marks the files unused; the default wait is 60 minutes.
-        assert!(w.images.cleanup(w.clock.now_secs()).await.unwrap().is_empty());
+        assert!(
+            w.images
+                .cleanup(w.clock.now_secs())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         w.clock.advance(59 * 60 + 59);
-        assert!(w.images.cleanup(w.clock.now_secs()).await.unwrap().is_empty());
+        assert!(
+            w.images
+                .cleanup(w.clock.now_secs())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(w.files().len(), 3);
         assert!(w.agent.take().is_empty());
         w.clock.advance(1);
@@ -666,7 +682,13 @@ mod tests {
         assert_eq!(w.agent.take().len(), 2);
         // The setting applies at once: 0 cleans up at the next round, but never the last file.
         w.set(CLEANUP_WAIT_INTERVAL, "0");
-        assert!(w.images.cleanup(w.clock.now_secs()).await.unwrap().is_empty());
+        assert!(
+            w.images
+                .cleanup(w.clock.now_secs())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(w.files().len(), 1);
     }
 
@@ -692,7 +714,11 @@ mod tests {
         use FileState::*;
         let w = world();
         w.set(CLEANUP_WAIT_INTERVAL, "0");
-        w.image(SourceType::Download, 2, &[("d1", Failed), ("d2", Ready), ("d3", Ready)]);
+        w.image(
+            SourceType::Download,
+            2,
+            &[("d1", Failed), ("d2", Ready), ("d3", Ready)],
+        );
         let removed = w.images.cleanup(w.clock.now_secs()).await.unwrap();
         assert_eq!(removed, [("img".to_string(), "d1".to_string())]);
         let files = w.files();
@@ -711,7 +737,11 @@ mod tests {
         w.set(CLEANUP_WAIT_INTERVAL, "0");
         // The used file is failed and its replica deferred: still never removed, automatically
         // or manually, however long it waits.
-        w.image(SourceType::Download, 1, &[("d1", Failed), ("d2", Ready), ("d3", Ready)]);
+        w.image(
+            SourceType::Download,
+            1,
+            &[("d1", Failed), ("d2", Ready), ("d3", Ready)],
+        );
         w.volume_on("v1", "d1");
         for _ in 0..3 {
             w.images.cleanup(w.clock.now_secs()).await.unwrap();
@@ -783,7 +813,10 @@ mod tests {
         let files = w.files();
         assert_eq!(files["d1"].state, Failed);
         assert_eq!(files["d2"].state, Pending);
-        assert!(files["d2"].message.contains("downloading again"), "{files:?}");
+        assert!(
+            files["d2"].message.contains("downloading again"),
+            "{files:?}"
+        );
         // Under way: the next round does not start it twice.
         w.images.tick().await.unwrap();
         assert!(w.agent.take().is_empty());
