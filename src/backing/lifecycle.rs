@@ -25,6 +25,11 @@ use crate::error::Result;
 use crate::model::{Disk, Volume, parse_rfc3339, rfc3339};
 use crate::store::{Kind, StoreExt};
 
+/// A failed file is recovered once it has been failed this long, so a source that fails at
+/// once (a full disk, a dead URL) is retried every few seconds rather than at every tick, and
+/// the failed state with its message stays visible meanwhile.
+pub const RECOVERY_BACKOFF: u64 = 5;
+
 /// The answer of a manual cleanup.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanupResult {
@@ -301,9 +306,15 @@ impl BackingImages {
         if files.is_empty() {
             return Ok(());
         }
+        let now = self.now();
+        let failed_long_enough = |f: &super::object::DiskFileStatus| {
+            f.state == FileState::Failed
+                && parse_rfc3339(&f.last_state_transition_time)
+                    .is_none_or(|t| now.saturating_sub(t) >= RECOVERY_BACKOFF)
+        };
         if bi.has_ready_file() {
             for (disk, f) in files {
-                if f.state != FileState::Failed || !self.cluster.is_up(&f.node_id) {
+                if !failed_long_enough(f) || !self.cluster.is_up(&f.node_id) {
                     continue;
                 }
                 tracing::info!(image = %name, disk = %disk, "failed file: removing it and syncing it again from a ready one");
@@ -317,10 +328,9 @@ impl BackingImages {
         }
         // "All files failed": unknown ones count once past the recovery wait, when `expire`
         // has failed them.
-        if !files.values().all(|f| f.state == FileState::Failed) {
+        if !files.values().all(failed_long_enough) {
             return Ok(());
         }
-        let now = self.now();
         match bi.spec.source_type {
             SourceType::Upload => {
                 let message = unrecoverable_upload(name);
@@ -791,6 +801,10 @@ mod tests {
         use FileState::*;
         let w = world();
         w.image(SourceType::Download, 1, &[("d1", Ready), ("d2", Failed)]);
+        w.clock.advance(RECOVERY_BACKOFF - 1);
+        w.images.recover().await.unwrap();
+        assert!(w.agent.take().is_empty(), "failed just now: not yet");
+        w.clock.advance(1);
         w.images.recover().await.unwrap();
         assert_eq!(w.agent.take(), ["delete img d2", "sync img d2"]);
         assert!(!w.files().contains_key("d2"));
@@ -807,6 +821,9 @@ mod tests {
         assert_eq!(w.files()["d1"].state, Unknown);
         assert!(w.agent.take().is_empty(), "nothing before the wait");
         w.clock.advance(1);
+        w.images.tick().await.unwrap();
+        assert_eq!(w.files()["d1"].state, Failed);
+        w.clock.advance(RECOVERY_BACKOFF);
         w.images.tick().await.unwrap();
         // d2 has more free space in the recorder: the download starts again there.
         assert_eq!(w.agent.take(), ["delete img d2", "first img d2"]);
@@ -827,6 +844,7 @@ mod tests {
         use FileState::*;
         let w = world();
         w.image(SourceType::ExportFromVolume, 1, &[("d1", Failed)]);
+        w.clock.advance(RECOVERY_BACKOFF);
         w.images.recover().await.unwrap();
         assert_eq!(w.agent.take(), ["delete img d1", "first img d1"]);
         assert!(w.files()["d1"].message.contains("exporting again"));
@@ -837,6 +855,7 @@ mod tests {
         use FileState::*;
         let w = world();
         w.image(SourceType::Upload, 1, &[("d1", Failed), ("d2", Failed)]);
+        w.clock.advance(RECOVERY_BACKOFF);
         w.images.tick().await.unwrap();
         assert!(w.agent.take().is_empty(), "nothing to recover from");
         let bi = w.images.must_get("img").unwrap();
