@@ -275,6 +275,13 @@ async fn cleanup_by_hand_and_after_the_wait_keeps_used_files_and_one_copy() {
         "{r}"
     );
     assert_eq!(backing_files(&b, "bi-clean").len(), 3);
+    // Deleting the image is refused while a volume uses it; the error lists the volumes.
+    let (ok, _, err) = b.cli(&["delete", "backingimage", "bi-clean"]);
+    assert!(
+        !ok && err.contains("used by volumes") && err.contains(&vol),
+        "{err}"
+    );
+    assert_eq!(backing_files(&b, "bi-clean").len(), 3);
 
     // Unused now; the default wait (60 minutes) keeps them, a manual cleanup does not wait.
     unpublish_and_delete(&b, &vol).await;
@@ -317,6 +324,11 @@ async fn cleanup_by_hand_and_after_the_wait_keeps_used_files_and_one_copy() {
         .to_string();
     let (ok, _, err) = b.cli(&["image", "cleanup", "bi-clean", "--disk", &last]);
     assert!(!ok && err.contains("minNumberOfCopies"), "{err}");
+    // Unused, the image can be deleted, with its last file.
+    let (ok, _, err) = b.cli(&["delete", "backingimage", "bi-clean"]);
+    assert!(ok, "{err}");
+    assert!(backing_files(&b, "bi-clean").is_empty());
+    assert!(get_image(&b, "bi-clean").await.is_none());
 }
 
 #[tokio::test]
@@ -330,7 +342,15 @@ async fn a_changed_file_fails_at_start_up_and_is_synced_again_from_a_ready_one()
     let files = backing_files(&b, "bi-rec");
     assert_eq!(files.len(), 2);
     flip_a_byte(&files[1]);
+    // What a crash leaves: a temp file, and the directory of an image deleted meanwhile.
+    let stray = b.disks[0].join("tmp").join("bi-rec-0badc0de.part");
+    std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
+    std::fs::write(&stray, b"half a download").unwrap();
+    let gone = b.disks[1].join("backing-images").join("gone-0badc0de");
+    std::fs::create_dir_all(&gone).unwrap();
+    std::fs::write(gone.join("backing"), b"old").unwrap();
     b.restart().await;
+    assert!(!stray.exists() && !gone.exists(), "removed at start-up");
     // Start-up verification fails it, recovery removes it and copies it from the ready one.
     until(&b, "the changed file recovered", async || {
         let img = get_image(&b, "bi-rec").await.unwrap();
