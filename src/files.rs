@@ -1032,3 +1032,218 @@ fn redact(url: &str) -> String {
         .map(|u| download::redact(&u))
         .unwrap_or_else(|_| "<invalid URL>".to_string())
 }
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+    use crate::backing::object::{self, BackingImageSpec, BackingImageStatus, DiskFileStatus};
+    use crate::clock::ManualClock;
+    use crate::store::embedded::EmbeddedStore;
+
+    const T0: u64 = 2_000_000_000;
+
+    #[derive(Default)]
+    struct Reports(Mutex<Vec<(String, FileReport)>>);
+
+    #[tonic::async_trait]
+    impl FileReports for Reports {
+        async fn report(&self, _image: &str, disk: &Disk, report: FileReport) -> Result<()> {
+            self.0.lock().unwrap().push((disk.id.clone(), report));
+            Ok(())
+        }
+    }
+
+    struct World {
+        _dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        files: Arc<FileManagers>,
+        reports: Arc<Reports>,
+        settings: Settings,
+        path: PathBuf,
+    }
+
+    /// A node with one disk holding a ready file of image "img" that the store says is ready.
+    fn world() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let disk = Disk {
+            id: "d1".into(),
+            node_id: "n1".into(),
+            path: dir.path().join("disk"),
+        };
+        let path = disk.path.join("backing-images/img-0123abcd/backing");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let checksum = crate::fsutil::sha512_file(&path).unwrap();
+        let bi = BackingImage {
+            api_version: object::API_VERSION.into(),
+            kind: object::KIND.into(),
+            metadata: object::ObjectMeta {
+                name: "img".into(),
+                namespace: object::DEFAULT_NAMESPACE.into(),
+            },
+            spec: BackingImageSpec {
+                source_type: SourceType::Download,
+                source_parameters: [("url".to_string(), "http://127.0.0.1/x".to_string())].into(),
+                checksum: checksum.clone(),
+                min_number_of_copies: 1,
+            },
+            status: BackingImageStatus {
+                uuid: "0123abcd".into(),
+                size: data.len() as u64,
+                virtual_size: data.len() as u64,
+                format: "raw".into(),
+                checksum,
+                disk_file_status_map: [(
+                    "d1".to_string(),
+                    DiskFileStatus {
+                        state: FileState::Ready,
+                        progress: 100,
+                        message: String::new(),
+                        last_state_transition_time: crate::model::rfc3339(T0),
+                        last_update_time: crate::model::rfc3339(T0),
+                        node_id: "n1".into(),
+                        unused_since: String::new(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            },
+        };
+        store.put(Kind::BackingImage, "img", &bi).unwrap();
+        let clock = ManualClock::new(T0);
+        let reports = Arc::new(Reports::default());
+        let files = FileManagers::new(
+            "n1".into(),
+            vec![disk],
+            Os::fake(),
+            store.clone(),
+            reports.clone(),
+            clock.clone(),
+        );
+        World {
+            _dir: dir,
+            clock,
+            files,
+            reports,
+            settings: Settings::new(store),
+            path,
+        }
+    }
+
+    fn flip_a_byte(path: &Path) {
+        let mut data = std::fs::read(path).unwrap();
+        data[4096] ^= 0xff;
+        std::fs::write(path, data).unwrap();
+    }
+
+    fn take(w: &World) -> Vec<(String, FileReport)> {
+        std::mem::take(&mut *w.reports.0.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn start_up_verification_fails_a_changed_ready_file_once_per_start() {
+        let w = world();
+        w.files.resume().await.unwrap();
+        assert!(take(&w).is_empty(), "an intact ready file stays ready");
+        flip_a_byte(&w.path);
+        // Registering again (a controller restart) does not hash everything again.
+        w.files.resume().await.unwrap();
+        assert!(take(&w).is_empty());
+        // A new process start does.
+        let w2 = World {
+            files: FileManagers::new(
+                "n1".into(),
+                w.files.disks().to_vec(),
+                Os::fake(),
+                w.files.store.clone(),
+                w.reports.clone(),
+                w.clock.clone(),
+            ),
+            ..w
+        };
+        w2.files.resume().await.unwrap();
+        let got = take(&w2);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1.state, FileState::Failed);
+        assert!(
+            got[0].1.message.contains("start-up verification")
+                && got[0].1.message.contains("checksum mismatch on disk d1"),
+            "{}",
+            got[0].1.message
+        );
+        std::fs::remove_file(&w2.path).unwrap();
+        let w3 = FileManagers::new(
+            "n1".into(),
+            w2.files.disks().to_vec(),
+            Os::fake(),
+            w2.files.store.clone(),
+            w2.reports.clone(),
+            w2.clock.clone(),
+        );
+        w3.resume().await.unwrap();
+        let got = take(&w2);
+        assert!(got[0].1.message.contains("missing from disk d1"), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn the_scrub_rehashes_ready_files_at_its_interval_and_catches_a_flipped_byte() {
+        let w = world();
+        w.settings
+            .set(crate::settings::SCRUB_INTERVAL, "100")
+            .unwrap();
+        assert_eq!(w.files.scrub().await.unwrap(), 0, "not due yet");
+        w.clock.advance(100);
+        assert_eq!(w.files.scrub().await.unwrap(), 1);
+        assert!(take(&w).is_empty(), "intact");
+        flip_a_byte(&w.path);
+        w.clock.advance(99);
+        assert_eq!(w.files.scrub().await.unwrap(), 0, "hashed 99 s ago");
+        w.clock.advance(1);
+        assert_eq!(w.files.scrub().await.unwrap(), 1);
+        let got = take(&w);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.state, FileState::Failed);
+        assert!(
+            got[0]
+                .1
+                .message
+                .contains("scrub: checksum mismatch on disk d1"),
+            "{}",
+            got[0].1.message
+        );
+        // 0 turns the scrub off.
+        w.settings
+            .set(crate::settings::SCRUB_INTERVAL, "0")
+            .unwrap();
+        w.clock.advance(1_000_000);
+        assert_eq!(w.files.scrub().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn sync_slots_hold_back_syncs_over_the_limit() {
+        let slots = SyncSlots::default();
+        let a = slots.try_take(2).unwrap();
+        let _b = slots.try_take(2).unwrap();
+        assert!(slots.try_take(2).is_none());
+        assert_eq!(slots.running(), 2);
+        // A waiter gets the slot freed by another sync.
+        let waiter = tokio::spawn({
+            let inner = SyncSlots(slots.0.clone());
+            async move {
+                let _s = inner.take(|| 2).await;
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        // A higher limit (the setting changed) lets more run at once.
+        assert!(slots.try_take(3).is_some());
+    }
+}

@@ -25,6 +25,11 @@ use crate::error::Result;
 use crate::model::{Disk, Volume, parse_rfc3339, rfc3339};
 use crate::store::{Kind, StoreExt};
 
+/// A failed file is recovered once it has been failed this long, so a source that fails at
+/// once (a full disk, a dead URL) is retried every few seconds rather than at every tick, and
+/// the failed state with its message stays visible meanwhile.
+pub const RECOVERY_BACKOFF: u64 = 5;
+
 /// The answer of a manual cleanup.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanupResult {
@@ -301,9 +306,15 @@ impl BackingImages {
         if files.is_empty() {
             return Ok(());
         }
+        let now = self.now();
+        let failed_long_enough = |f: &super::object::DiskFileStatus| {
+            f.state == FileState::Failed
+                && parse_rfc3339(&f.last_state_transition_time)
+                    .is_none_or(|t| now.saturating_sub(t) >= RECOVERY_BACKOFF)
+        };
         if bi.has_ready_file() {
             for (disk, f) in files {
-                if f.state != FileState::Failed || !self.cluster.is_up(&f.node_id) {
+                if !failed_long_enough(f) || !self.cluster.is_up(&f.node_id) {
                     continue;
                 }
                 tracing::info!(image = %name, disk = %disk, "failed file: removing it and syncing it again from a ready one");
@@ -317,10 +328,9 @@ impl BackingImages {
         }
         // "All files failed": unknown ones count once past the recovery wait, when `expire`
         // has failed them.
-        if !files.values().all(|f| f.state == FileState::Failed) {
+        if !files.values().all(failed_long_enough) {
             return Ok(());
         }
-        let now = self.now();
         match bi.spec.source_type {
             SourceType::Upload => {
                 let message = unrecoverable_upload(name);
@@ -651,11 +661,27 @@ mod tests {
     async fn unused_files_are_cleaned_up_after_the_wait_and_not_before() {
         use FileState::*;
         let w = world();
-        w.image(SourceType::Download, 1, &[("d1", Ready), ("d2", Ready), ("d3", Ready)]);
+        w.image(
+            SourceType::Download,
+            1,
+            &[("d1", Ready), ("d2", Ready), ("d3", Ready)],
+        );
         // The first look marks the files unused; the default wait is 60 minutes.
-        assert!(w.images.cleanup(w.clock.now_secs()).await.unwrap().is_empty());
+        assert!(
+            w.images
+                .cleanup(w.clock.now_secs())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         w.clock.advance(59 * 60 + 59);
-        assert!(w.images.cleanup(w.clock.now_secs()).await.unwrap().is_empty());
+        assert!(
+            w.images
+                .cleanup(w.clock.now_secs())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(w.files().len(), 3);
         assert!(w.agent.take().is_empty());
         w.clock.advance(1);
@@ -666,7 +692,13 @@ mod tests {
         assert_eq!(w.agent.take().len(), 2);
         // The setting applies at once: 0 cleans up at the next round, but never the last file.
         w.set(CLEANUP_WAIT_INTERVAL, "0");
-        assert!(w.images.cleanup(w.clock.now_secs()).await.unwrap().is_empty());
+        assert!(
+            w.images
+                .cleanup(w.clock.now_secs())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(w.files().len(), 1);
     }
 
@@ -692,7 +724,11 @@ mod tests {
         use FileState::*;
         let w = world();
         w.set(CLEANUP_WAIT_INTERVAL, "0");
-        w.image(SourceType::Download, 2, &[("d1", Failed), ("d2", Ready), ("d3", Ready)]);
+        w.image(
+            SourceType::Download,
+            2,
+            &[("d1", Failed), ("d2", Ready), ("d3", Ready)],
+        );
         let removed = w.images.cleanup(w.clock.now_secs()).await.unwrap();
         assert_eq!(removed, [("img".to_string(), "d1".to_string())]);
         let files = w.files();
@@ -711,7 +747,11 @@ mod tests {
         w.set(CLEANUP_WAIT_INTERVAL, "0");
         // The used file is failed and its replica deferred: still never removed, automatically
         // or manually, however long it waits.
-        w.image(SourceType::Download, 1, &[("d1", Failed), ("d2", Ready), ("d3", Ready)]);
+        w.image(
+            SourceType::Download,
+            1,
+            &[("d1", Failed), ("d2", Ready), ("d3", Ready)],
+        );
         w.volume_on("v1", "d1");
         for _ in 0..3 {
             w.images.cleanup(w.clock.now_secs()).await.unwrap();
@@ -761,6 +801,10 @@ mod tests {
         use FileState::*;
         let w = world();
         w.image(SourceType::Download, 1, &[("d1", Ready), ("d2", Failed)]);
+        w.clock.advance(RECOVERY_BACKOFF - 1);
+        w.images.recover().await.unwrap();
+        assert!(w.agent.take().is_empty(), "failed just now: not yet");
+        w.clock.advance(1);
         w.images.recover().await.unwrap();
         assert_eq!(w.agent.take(), ["delete img d2", "sync img d2"]);
         assert!(!w.files().contains_key("d2"));
@@ -778,12 +822,18 @@ mod tests {
         assert!(w.agent.take().is_empty(), "nothing before the wait");
         w.clock.advance(1);
         w.images.tick().await.unwrap();
+        assert_eq!(w.files()["d1"].state, Failed);
+        w.clock.advance(RECOVERY_BACKOFF);
+        w.images.tick().await.unwrap();
         // d2 has more free space in the recorder: the download starts again there.
         assert_eq!(w.agent.take(), ["delete img d2", "first img d2"]);
         let files = w.files();
         assert_eq!(files["d1"].state, Failed);
         assert_eq!(files["d2"].state, Pending);
-        assert!(files["d2"].message.contains("downloading again"), "{files:?}");
+        assert!(
+            files["d2"].message.contains("downloading again"),
+            "{files:?}"
+        );
         // Under way: the next round does not start it twice.
         w.images.tick().await.unwrap();
         assert!(w.agent.take().is_empty());
@@ -794,6 +844,7 @@ mod tests {
         use FileState::*;
         let w = world();
         w.image(SourceType::ExportFromVolume, 1, &[("d1", Failed)]);
+        w.clock.advance(RECOVERY_BACKOFF);
         w.images.recover().await.unwrap();
         assert_eq!(w.agent.take(), ["delete img d1", "first img d1"]);
         assert!(w.files()["d1"].message.contains("exporting again"));
@@ -804,6 +855,7 @@ mod tests {
         use FileState::*;
         let w = world();
         w.image(SourceType::Upload, 1, &[("d1", Failed), ("d2", Failed)]);
+        w.clock.advance(RECOVERY_BACKOFF);
         w.images.tick().await.unwrap();
         assert!(w.agent.take().is_empty(), "nothing to recover from");
         let bi = w.images.must_get("img").unwrap();

@@ -30,12 +30,19 @@ pub struct Bicsi {
     /// The HTTP API, `http://127.0.0.1:PORT`.
     pub http: String,
     pub disks: Vec<PathBuf>,
+    /// Extra flags of `bicsi serve` (kept across restarts).
+    pub args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Bicsi {
     /// Starts bicsi with `n_disks` disk directories.
     pub async fn start(n_disks: usize) -> Bicsi {
+        Bicsi::start_with(n_disks, &[]).await
+    }
+
+    /// Starts bicsi with `n_disks` disk directories and extra `bicsi serve` flags.
+    pub async fn start_with(n_disks: usize, args: &[&str]) -> Bicsi {
         let dir = tempfile::Builder::new()
             .prefix("bicsi-test-")
             .tempdir()
@@ -53,6 +60,7 @@ impl Bicsi {
             endpoint,
             http: format!("http://127.0.0.1:{port}"),
             disks,
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         b.spawn().await;
@@ -81,6 +89,7 @@ impl Bicsi {
         for d in &self.disks {
             cmd.arg("--disk").arg(d);
         }
+        cmd.args(&self.args);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

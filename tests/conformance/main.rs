@@ -7,6 +7,7 @@
 mod backing;
 mod harness;
 mod images;
+mod lifecycle;
 mod node;
 mod transfer;
 

@@ -59,6 +59,12 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(n: usize) -> TestCluster {
+        TestCluster::start_with(n, &[]).await
+    }
+
+    /// `n` nodes, with `extra` flags for the controller and every node.
+    pub async fn start_with(n: usize, extra: &[&str]) -> TestCluster {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let dir = tempfile::Builder::new()
             .prefix("bicsi-multi-")
             .tempdir()
@@ -67,18 +73,22 @@ impl TestCluster {
         let endpoint = format!("unix://{}", dir.path().join("controller.sock").display());
         let controller = spawn(
             &[
-                "controller".into(),
-                "--data-dir".into(),
-                dir.path().join("controller").display().to_string(),
-                "--csi-endpoint".into(),
-                endpoint.clone(),
-                "--http-listen".into(),
-                format!("127.0.0.1:{http_port}"),
-                "--cluster-listen".into(),
-                format!("127.0.0.1:{cluster_port}"),
-                "--node-down-after".into(),
-                "3".into(),
-            ],
+                &[
+                    "controller".into(),
+                    "--data-dir".into(),
+                    dir.path().join("controller").display().to_string(),
+                    "--csi-endpoint".into(),
+                    endpoint.clone(),
+                    "--http-listen".into(),
+                    format!("127.0.0.1:{http_port}"),
+                    "--cluster-listen".into(),
+                    format!("127.0.0.1:{cluster_port}"),
+                    "--node-down-after".into(),
+                    "3".into(),
+                ],
+                &extra[..],
+            ]
+            .concat(),
             &dir.path().join("controller.log"),
         );
         let mut nodes = Vec::new();
@@ -87,7 +97,7 @@ impl TestCluster {
             let ndir = dir.path().join(&id);
             let disk = ndir.join("disk");
             let endpoint = format!("unix://{}", ndir.join("csi.sock").display());
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "node".into(),
                 "--node-id".into(),
                 id.clone(),
@@ -106,6 +116,7 @@ impl TestCluster {
                 "--nbd-listen".into(),
                 format!("127.0.0.1:{}", free_port()),
             ];
+            args.extend(extra.iter().cloned());
             std::fs::create_dir_all(&ndir).unwrap();
             let child = spawn(&args, &ndir.join("node.log"));
             nodes.push(Node {
@@ -635,4 +646,74 @@ async fn a_returning_node_verifies_and_reuses_its_files() {
         inode,
         "the same file, not a new download"
     );
+}
+
+#[tokio::test]
+async fn a_file_changed_on_one_node_is_caught_by_its_scrub_and_synced_again_from_another() {
+    let c = TestCluster::start_with(2, &["--lifecycle-tick-ms", "200"]).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = images::ext4_image(&work, 8);
+    let want = images::sha512(&raw);
+    let server = images::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
+    let mut params = images::seed_sc_params(&server.url("img.raw"), "bi-scrub");
+    params[0].1 = "2".into();
+    let mut ctl = c.controller_client().await;
+    images::create_retrying(
+        &mut ctl,
+        pb::CreateVolumeRequest {
+            name: "vol-s".into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_cap()],
+            parameters: params.iter().cloned().collect(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut publish = cpublish_req("vol-s", mount_cap(), false);
+    publish.node_id = "node-1".into();
+    publish_retrying(&mut ctl, publish).await;
+    let files: Vec<PathBuf> = c
+        .nodes
+        .iter()
+        .map(|n| backing_files(&n.disk).remove(0))
+        .collect();
+    // node-2's copy changes on disk; the setting reaches node-2 through the controller's store.
+    let mut bytes = std::fs::read(&files[1]).unwrap();
+    bytes[8192] ^= 0x5a;
+    std::fs::write(&files[1], bytes).unwrap();
+    let (ok, _, err) = c.cli(&["set", "setting", "backing-image-scrub-interval", "1"]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let img = image(&c, "bi-scrub").await;
+        let states = img["status"]["diskFileStatusMap"].as_object().unwrap();
+        if states.len() == 2
+            && states.values().all(|f| f["state"] == "ready")
+            && sha512sum(&files[1]) == want
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not recovered: {img}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        c.node_log(1).contains("scrub: checksum mismatch on disk"),
+        "{}",
+        c.logs()
+    );
+    assert!(
+        c.logs().contains("syncing it again from a ready one"),
+        "synced again from node-1:\n{}",
+        c.logs()
+    );
+    assert_eq!(sha512sum(&files[0]), want);
 }
