@@ -244,21 +244,28 @@ impl Watch {
     }
 }
 
-/// Waits until every file of every image is `ready` or `failed` (the final states), then checks
-/// that every ready file on `disks` holds its image's SHA-512 (from `expected`) and that the
-/// disks' `tmp/` are empty. Returns the images.
+/// Waits until every file of every image is `ready` or `failed` (the final states) and every
+/// image of `expected` has a ready file, then checks that every ready file on `disks` holds its
+/// image's SHA-512 (from `expected`) and that the disks' `tmp/` are empty. Returns the images.
 pub async fn settle(
     http: &str,
     disks: &[PathBuf],
     expected: &[(&str, &str)],
     log: impl Fn() -> String,
 ) -> Vec<Value> {
-    let all = wait_for("every file in a final state", SETTLE, &log, || async {
+    let what = "every file in a final state, a ready file for each image that must recover";
+    let all = wait_for(what, SETTLE, &log, || async {
         let all = images(http).await?;
-        all.iter()
+        let settled = all
+            .iter()
             .flat_map(files)
-            .all(|(_, s, _)| s == "ready" || s == "failed")
-            .then_some(all)
+            .all(|(_, s, _)| s == "ready" || s == "failed");
+        let recovered = expected.iter().all(|(name, _)| {
+            all.iter()
+                .find(|v| v["metadata"]["name"] == *name)
+                .is_some_and(|v| files(v).iter().any(|(_, s, _)| s == "ready"))
+        });
+        (settled && recovered).then_some(all)
     })
     .await;
     let ids: HashMap<String, PathBuf> = disks.iter().map(|d| (disk_id(d), d.clone())).collect();
@@ -310,4 +317,21 @@ pub async fn create_image(http: &str, name: &str, source_type: &str, params: Val
         .await
         .unwrap();
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+}
+
+/// Waits until `name` has a ready file; panics if one of its files fails meanwhile (work that
+/// restarted after a fault must not fail on its own leftovers).
+pub async fn wait_ready_without_failing(http: &str, name: &str, log: impl Fn() -> String) {
+    wait_for(&format!("{name} ready"), SETTLE, &log, || async {
+        let v = image(http, name).await?;
+        let f = files(&v);
+        if let Some((disk, _, message)) = f.iter().find(|(_, s, _)| s == "failed") {
+            panic!(
+                "{name}: the restarted work failed on disk {disk}: {message}\n{}",
+                log()
+            );
+        }
+        f.iter().any(|(_, s, _)| s == "ready").then_some(())
+    })
+    .await
 }

@@ -47,6 +47,7 @@ async fn kill9_during_a_download_never_readies_partial_bytes_and_the_download_re
         );
     }
     server.set_rate(0);
+    wait_ready_without_failing(&b.http, "bi-kill", || b.log()).await;
     let all = settle(&b.http, &b.disks, &[("bi-kill", &want)], || b.log()).await;
     let v = all
         .iter()

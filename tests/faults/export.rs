@@ -81,6 +81,7 @@ async fn kill9_during_an_export_restarts_it_and_it_ends_ready_with_the_volume_co
     b.restart().await;
     let v = image(&b.http, "bi-export").await.unwrap();
     assert!(files(&v).iter().all(|(_, s, _)| s != "ready"), "{v}");
+    wait_ready_without_failing(&b.http, "bi-export", || b.log()).await;
     let all = settle(&b.http, &b.disks, &expected, || b.log()).await;
     let v = all
         .iter()
