@@ -183,7 +183,9 @@ impl Watch {
                 known.insert(key, h.clone());
                 Some(h)
             };
-            while !s.load(Ordering::Relaxed) {
+            loop {
+                // One last look after the scenario ended, so its final files are judged too.
+                let last = s.load(Ordering::Relaxed);
                 let ids: HashMap<String, PathBuf> = disks
                     .iter()
                     .filter(|d| d.join("disk.json").exists())
@@ -223,6 +225,9 @@ impl Watch {
                         }
                         checked += 1;
                     }
+                }
+                if last {
+                    break;
                 }
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }

@@ -54,8 +54,12 @@ async fn kill9_during_an_upload_fails_it_with_a_message_and_a_new_upload_succeed
     assert_eq!(state, "failed", "{v}");
     assert!(message.contains("upload"), "{message}");
     let all = settle(&b.http, &b.disks, &[], || b.log()).await;
-    let (_, _, message) = files(&all[0]).remove(0);
-    assert!(message.contains("upload the file again"), "{message}");
+    let (_, state, message) = files(&all[0]).remove(0);
+    assert_eq!(state, "failed", "{:?}", all[0]);
+    assert!(
+        message.contains("upload") && message.contains("again"),
+        "{message}"
+    );
     let (ok, out, err) = b.cli(&["delete", "backingimage", "bi-up"]);
     assert!(ok, "stdout: {out}\nstderr: {err}");
 
