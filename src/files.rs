@@ -1223,6 +1223,68 @@ mod lifecycle_tests {
     }
 
     #[tokio::test]
+    async fn a_sync_waits_in_pending_while_the_node_runs_its_limit_of_syncs() {
+        let w = world();
+        let d2 = Disk {
+            id: "d2".into(),
+            node_id: "n1".into(),
+            path: w._dir.path().join("disk2"),
+        };
+        // What `disks::open_disk` prepares.
+        std::fs::create_dir_all(d2.path.join("tmp")).unwrap();
+        let mut disks = w.files.disks().to_vec();
+        disks.push(d2.clone());
+        let files = FileManagers::new(
+            "n1".into(),
+            disks,
+            Os::fake(),
+            w.files.store.clone(),
+            w.reports.clone(),
+            w.clock.clone(),
+        );
+        w.settings
+            .set(crate::settings::CONCURRENT_SYNCS_PER_NODE, "1")
+            .unwrap();
+        let held = files.syncs().try_take(files.sync_limit()).unwrap();
+        let e = files.ensure_file("img", "d2").await.unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !take(&w)
+            .iter()
+            .any(|(_, r)| r.state == FileState::Pending && r.message.contains("waiting: 1 syncs"))
+        {
+            assert!(std::time::Instant::now() < deadline, "never waited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            take(&w).iter().all(|(_, r)| r.state == FileState::Pending),
+            "nothing starts while the slot is taken"
+        );
+        assert!(!BackingImages::file_path(&d2, &files.image("img").unwrap()).exists());
+        // The slot frees: the copy runs and ends ready, with the same bytes.
+        drop(held);
+        let mut seen = Vec::new();
+        loop {
+            seen.extend(take(&w));
+            if seen.iter().any(|(_, r)| r.state == FileState::Ready) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let copy = BackingImages::file_path(&d2, &files.image("img").unwrap());
+        assert_eq!(
+            std::fs::read(copy).unwrap(),
+            std::fs::read(&w.path).unwrap()
+        );
+        assert_eq!(files.syncs().running(), 0);
+    }
+
+    #[tokio::test]
     async fn sync_slots_hold_back_syncs_over_the_limit() {
         let slots = SyncSlots::default();
         let a = slots.try_take(2).unwrap();
