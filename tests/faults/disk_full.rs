@@ -240,6 +240,21 @@ async fn an_upload_larger_than_its_disk_fails_saying_so_and_leaves_no_temp_file(
         message.contains("space"),
         "the message names the cause: {message}"
     );
+    let message = wait_for(
+        "recovery to say the upload cannot be recovered",
+        Duration::from_secs(30),
+        || b.log(),
+        || async {
+            let v = image(&b.http, "bi-big-up").await?;
+            let (_, _, m) = files(&v).pop()?;
+            m.contains("cannot be recovered").then_some(m)
+        },
+    )
+    .await;
+    assert!(
+        message.contains("space"),
+        "the cause is kept beside what to do: {message}"
+    );
     assert!(backing_files(&s.disk).is_empty());
     an_image_that_fits_becomes_ready(&mut s).await;
     watch.finish().await;
