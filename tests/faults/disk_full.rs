@@ -43,10 +43,13 @@ impl SmallDisk {
             .unwrap()
             .set_len(mib << 20)
             .unwrap();
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
         let dev = run(Command::new("losetup")
             .args(["--find", "--show"])
             .arg(&file));
+        // On the device, not the file: for a file, mkfs asks every loop device of the machine
+        // whether it is backed by it, and one that hangs (a stuck FUSE export of some other
+        // test) would hang this test too.
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
         let mnt = dir.join("small");
         std::fs::create_dir_all(&mnt).unwrap();
         let d = SmallDisk {
