@@ -138,10 +138,24 @@ pub struct DiskArgs {
     pub disks: Vec<PathBuf>,
 }
 
+/// Flags of the processes that own the cluster state and its HTTP API (serve, controller).
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Where the state lives: `embedded` (a redb file in the data directory) or `kubernetes`
+    /// (longhorn.io/v1beta2 custom resources in the pod's namespace; apply deploy/crds.yaml).
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub store: crate::server::StoreBackend,
+    /// A file holding the bearer token the HTTP API requires on every route but /healthz.
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
     #[command(flatten)]
     pub disk: DiskArgs,
     /// Address of the HTTP API.
@@ -153,6 +167,8 @@ pub struct ServeArgs {
 pub struct ControllerArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:9500")]
     pub http_listen: String,
@@ -313,7 +329,9 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Controller(args) => {
-            let cfg = process_config(args.process, None, args.http_listen)?;
+            let mut cfg = process_config(args.process, None, args.http_listen)?;
+            cfg.store = args.state.store;
+            cfg.api_token_file = args.state.api_token_file;
             let split = crate::server::SplitConfig {
                 cluster_listen: args.cluster_listen,
                 node_down_after: Some(std::time::Duration::from_secs(args.node_down_after.max(1))),
@@ -376,7 +394,10 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 pub fn serve_config(args: ServeArgs) -> Result<crate::server::Config> {
-    process_config(args.process, Some(args.disk), args.http_listen)
+    let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
+    cfg.store = args.state.store;
+    cfg.api_token_file = args.state.api_token_file;
+    Ok(cfg)
 }
 
 /// The server configuration of a mode; a process without disks (the controller) has no node id.
@@ -407,6 +428,8 @@ fn process_config(
         disks,
         driver_name: process.driver_name,
         http_listen,
+        store: Default::default(),
+        api_token_file: None,
     })
 }
 

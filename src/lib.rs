@@ -28,6 +28,7 @@ pub mod node;
 pub mod os;
 pub mod params;
 pub mod quantity;
+pub mod reconcile;
 pub mod remote;
 pub mod server;
 pub mod storageclass;
