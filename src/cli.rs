@@ -37,6 +37,8 @@ pub enum Command {
     Controller(ControllerArgs),
     /// A node agent of the split mode: CSI Node, this node's disks, file transfers.
     Node(NodeArgs),
+    /// Print the CustomResourceDefinitions of the Kubernetes store (deploy/crds.yaml).
+    Crd,
     /// Create, attach, detach and delete volumes on a running `bicsi serve`.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -349,6 +351,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             crate::server::node(cfg, split, crate::os::Os::real(), shutdown_signal()).await
+        }
+        Command::Crd => {
+            print!("{}", crate::store::kubernetes::crd::manifests());
+            Ok(())
         }
         Command::Get(GetCommand::Nodes { server }) => {
             crate::cli_api::get_nodes(&server.server).await

@@ -79,13 +79,13 @@ macro_rules! record_kind {
         #[doc = $doc]
         #[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
         #[kube(
-                    group = "longhorn.io",
-                    version = "v1beta2",
-                    kind = $kind,
-                    namespaced,
-                    shortname = $short,
-                    doc = $doc
-                )]
+                            group = "longhorn.io",
+                            version = "v1beta2",
+                            kind = $kind,
+                            namespaced,
+                            shortname = $short,
+                            doc = $doc
+                        )]
         pub struct $spec(pub Record);
     };
 }
@@ -156,4 +156,51 @@ pub fn manifests() -> String {
         out.push_str(&serde_yaml::to_string(&crd(kind)).expect("a CRD serializes to YAML"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crds_match_the_rust_types() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/crds.yaml");
+        let committed = std::fs::read_to_string(path).expect("deploy/crds.yaml");
+        assert!(
+            committed == manifests(),
+            "deploy/crds.yaml differs from the Rust types; regenerate it: cargo run -- crd > deploy/crds.yaml"
+        );
+    }
+
+    #[test]
+    fn backing_image_is_longhorns_resource_with_a_status_subresource() {
+        let bi = crd(Kind::BackingImage);
+        assert_eq!(
+            bi.metadata.name.as_deref(),
+            Some("backingimages.longhorn.io")
+        );
+        let v = &bi.spec.versions[0];
+        assert_eq!(v.name, VERSION);
+        assert!(
+            v.subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
+        let schema = serde_json::to_value(v.schema.as_ref().unwrap()).unwrap();
+        let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["sourceType"]));
+        assert_eq!(
+            spec["properties"]["sourceType"]["enum"],
+            serde_json::json!(["download", "upload", "export-from-volume"])
+        );
+        // No other kind reuses a Longhorn name whose meaning differs.
+        for kind in Kind::ALL {
+            let name = crd(kind).metadata.name.unwrap();
+            assert!(
+                kind == Kind::BackingImage || name.starts_with("bicsi"),
+                "{name}"
+            );
+        }
+    }
 }
