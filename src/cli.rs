@@ -26,6 +26,9 @@ const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// The HTTP API's bearer token (Secret bicsi-api-token), for commands that use --server.
+    #[arg(long, env = "BICSI_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -328,6 +331,7 @@ fn attach_dir(endpoint: &str) -> Result<PathBuf> {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
+    crate::cli_api::set_token(cli.token);
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Controller(args) => {

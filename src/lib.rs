@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod auth;
 pub mod backing;
 pub mod cli;
 pub mod cli_api;

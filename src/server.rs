@@ -184,6 +184,7 @@ pub async fn serve(
     os: Os,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let token = crate::auth::load(cfg.api_token_file.as_deref())?;
     let (store, kube, disks) = open_local(&cfg).await?;
     let cluster = Cluster::new(store.clone());
     let backing = BackingImages::new(store.clone(), cluster.clone());
@@ -228,13 +229,16 @@ pub async fn serve(
     ));
     agent.readopt().await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
-    let api = crate::http::router(crate::http::ApiState {
-        controller: Some(controller.clone()),
-        backing: Some(backing),
-        files: Some(files),
-        store,
-        driver_name: cfg.driver_name.clone(),
-    });
+    let api = crate::auth::protect(
+        crate::http::router(crate::http::ApiState {
+            controller: Some(controller.clone()),
+            backing: Some(backing),
+            files: Some(files),
+            store,
+            driver_name: cfg.driver_name.clone(),
+        }),
+        token,
+    );
     let r = run(
         &cfg,
         Services {
@@ -277,6 +281,7 @@ pub async fn controller(
 ) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+    let token = crate::auth::load(cfg.api_token_file.as_deref())?;
     let (store, kube) = open_store(&cfg).await?;
     let cluster = Cluster::with_down_after(
         store.clone(),
@@ -314,13 +319,16 @@ pub async fn controller(
     };
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
     let backing_for_expiry = backing.clone();
-    let api = crate::http::router(crate::http::ApiState {
-        controller: Some(controller.clone()),
-        backing: Some(backing),
-        files: None,
-        store,
-        driver_name: cfg.driver_name.clone(),
-    });
+    let api = crate::auth::protect(
+        crate::http::router(crate::http::ApiState {
+            controller: Some(controller.clone()),
+            backing: Some(backing),
+            files: None,
+            store,
+            driver_name: cfg.driver_name.clone(),
+        }),
+        token,
+    );
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing_for_expiry.clone()));
     let expiry = spawn_expiry(backing_for_expiry);
     let r = run(
