@@ -51,3 +51,74 @@ pub fn spawn(kube: Arc<KubeStore>, backing: Arc<BackingImages>) -> tokio::task::
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::kubernetes::tests::{FakeApi, NS, runtime};
+    use crate::store::{Store, StoreExt};
+    use serde_json::json;
+
+    fn wait(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn kubectl_created_images_are_taken_up_and_deleted_ones_released() {
+        runtime().block_on(async {
+            let (fake, client) = FakeApi::start().await;
+            let kube = Arc::new(KubeStore::new(client, NS).await.unwrap());
+            let store: Arc<dyn Store> = kube.clone();
+            let backing = BackingImages::new(store.clone(), crate::cluster::Cluster::new(store));
+            tokio::task::block_in_place(|| {
+                let rt = tokio::runtime::Handle::current();
+                // `kubectl apply` of an upload image (no disk needed until the upload).
+                fake.kubectl_create(
+                    "backingimages",
+                    json!({"apiVersion": "longhorn.io/v1beta2", "kind": "BackingImage",
+                           "metadata": {"name": "bi-up", "namespace": NS},
+                           "spec": {"sourceType": "upload"}}),
+                );
+                wait("the watch delivers bi-up", || {
+                    backing.get("bi-up").unwrap().is_some()
+                });
+                rt.block_on(backing_images_once(&kube, &backing));
+                let obj = fake.object("backingimages", "bi-up").unwrap();
+                let uuid = obj["status"]["uuid"].as_str().unwrap_or("");
+                assert_eq!(uuid.len(), 8, "not taken up: {obj}");
+                // Taking it up also puts bicsi's finalizer on it.
+                assert_eq!(
+                    obj["metadata"]["finalizers"],
+                    json!([crate::store::kubernetes::FINALIZER])
+                );
+
+                // A volume uses it: `kubectl delete` waits, the object stays.
+                kube.put_raw(
+                    Kind::Volume,
+                    "vol-1",
+                    &serde_json::to_vec(&json!({"id": "vol-1", "spec": {"name": "vol-1",
+                        "capacityBytes": 1, "numberOfReplicas": 1, "staleReplicaTimeoutMinutes": null,
+                        "fsType": null, "backingImage": "bi-up", "parameters": {}, "capabilities": []},
+                        "replicas": [], "publication": null, "createdAt": ""}))
+                    .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(backing.users("bi-up").unwrap(), ["vol-1"]);
+                fake.kubectl_delete("backingimages", "bi-up");
+                wait("the deletion is seen", || kube.terminating(Kind::BackingImage) == ["bi-up"]);
+                rt.block_on(backing_images_once(&kube, &backing));
+                assert!(fake.object("backingimages", "bi-up").is_some(), "deleted while in use");
+
+                // The volume goes: the next pass deletes the image and the object with it.
+                kube.delete(Kind::Volume, "vol-1").unwrap();
+                rt.block_on(backing_images_once(&kube, &backing));
+                assert!(fake.object("backingimages", "bi-up").is_none());
+                assert!(kube.get::<serde_json::Value>(Kind::BackingImage, "bi-up").unwrap().is_none());
+            });
+        });
+    }
+}

@@ -21,7 +21,7 @@
 pub mod crd;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -180,6 +180,17 @@ fn key_of(obj: &DynamicObject) -> String {
         .cloned()
         .or_else(|| obj.metadata.name.clone())
         .unwrap_or_default()
+}
+
+/// Not marked for deletion and without bicsi's finalizer (finalizers cannot be added once
+/// deletion started).
+fn lacks_finalizer(obj: &DynamicObject) -> bool {
+    obj.metadata.deletion_timestamp.is_none()
+        && !obj
+            .metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
 }
 
 fn type_meta(kind: Kind) -> kube::api::TypeMeta {
@@ -458,7 +469,8 @@ impl KubeStore {
                         Err(e) => return Err(unavailable(kind, "create", e)),
                     }
                 }
-                Some(cur) if cur.data.get("spec") != Some(&spec) => {
+                // Also an object someone else created (kubectl apply): it gets the finalizer.
+                Some(cur) if cur.data.get("spec") != Some(&spec) || lacks_finalizer(&cur) => {
                     let mut obj = cur.clone();
                     obj.types = Some(type_meta(kind));
                     obj.data["spec"] = spec.clone();

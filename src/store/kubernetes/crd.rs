@@ -79,13 +79,13 @@ macro_rules! record_kind {
         #[doc = $doc]
         #[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
         #[kube(
-                                    group = "longhorn.io",
-                                    version = "v1beta2",
-                                    kind = $kind,
-                                    namespaced,
-                                    shortname = $short,
-                                    doc = $doc
-                                )]
+                                            group = "longhorn.io",
+                                            version = "v1beta2",
+                                            kind = $kind,
+                                            namespaced,
+                                            shortname = $short,
+                                            doc = $doc
+                                        )]
         pub struct $spec(pub Record);
     };
 }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::store::StoreExt;
 
-const NS: &str = "longhorn-system";
+pub const NS: &str = "longhorn-system";
 
 #[derive(Clone, Debug)]
 pub struct Logged {
@@ -122,6 +122,25 @@ impl FakeApi {
                 .events
                 .send((rv, plural.into(), "MODIFIED".into(), obj));
         }
+    }
+
+    /// `kubectl apply` of a new object.
+    pub fn kubectl_create(&self, plural: &str, manifest: Value) {
+        let mut st = self.state.lock().unwrap();
+        let (code, v) = self.route(&mut st, &Method::POST, &[plural.to_string()], &manifest);
+        assert_eq!(code, 201, "{v}");
+    }
+
+    /// `kubectl delete`.
+    pub fn kubectl_delete(&self, plural: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        let (code, v) = self.route(
+            &mut st,
+            &Method::DELETE,
+            &[plural.to_string(), name.to_string()],
+            &Value::Null,
+        );
+        assert_eq!(code, 200, "{v}");
     }
 
     pub fn object(&self, plural: &str, name: &str) -> Option<Value> {
@@ -406,7 +425,7 @@ impl FakeApi {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
