@@ -74,18 +74,20 @@ impl JsonSchema for Record {
     }
 }
 
+// rustfmt re-indents attributes inside macro_rules on every run; keep this one as written.
+#[rustfmt::skip]
 macro_rules! record_kind {
     ($spec:ident, $kind:literal, $short:literal, $doc:literal) => {
         #[doc = $doc]
         #[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
         #[kube(
-                                            group = "longhorn.io",
-                                            version = "v1beta2",
-                                            kind = $kind,
-                                            namespaced,
-                                            shortname = $short,
-                                            doc = $doc
-                                        )]
+            group = "longhorn.io",
+            version = "v1beta2",
+            kind = $kind,
+            namespaced,
+            shortname = $short,
+            doc = $doc
+        )]
         pub struct $spec(pub Record);
     };
 }
