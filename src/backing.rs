@@ -159,17 +159,46 @@ impl BackingImages {
                 return Ok((existing, false));
             }
             let mut bi = wanted;
-            bi.status.uuid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-            bi.status.checksum = bi.spec.checksum.clone();
-            if bi.spec.source_type != SourceType::Upload {
-                self.place_first_file(&mut bi).await?;
-            }
+            self.initialise(&mut bi).await?;
             self.store.put(Kind::BackingImage, &name, &bi)?;
             bi
         };
         tracing::info!(image = %name, source = created.spec.source_type.as_str(), "backing image created");
         self.start_first_files(&created).await;
         Ok((self.must_get(&name)?, true))
+    }
+
+    /// A new image's identity and first file: its uuid, the checksum it was given, and (unless
+    /// it waits for an upload) the disk its first file goes to.
+    async fn initialise(&self, bi: &mut BackingImage) -> Result<()> {
+        bi.status.uuid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        bi.status.checksum = bi.spec.checksum.clone();
+        if bi.spec.source_type != SourceType::Upload {
+            self.place_first_file(bi).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes up an image that appeared in the store without going through [`Self::create`]
+    /// (`kubectl apply` of a BackingImage with the Kubernetes store): validates it, gives it
+    /// its uuid and starts its first file. Images already taken up are left alone.
+    pub async fn adopt(self: &Arc<Self>, name: &str) -> Result<()> {
+        let bi = {
+            let _w = self.write.lock().await;
+            let Some(found) = self.get(name)? else {
+                return Ok(());
+            };
+            if !found.status.uuid.is_empty() {
+                return Ok(());
+            }
+            let mut bi = object::from_user(found)?;
+            self.initialise(&mut bi).await?;
+            self.store.put(Kind::BackingImage, name, &bi)?;
+            bi
+        };
+        tracing::info!(image = %name, source = bi.spec.source_type.as_str(), "backing image taken up from the cluster");
+        self.start_first_files(&bi).await;
+        Ok(())
     }
 
     /// Puts the first file on the disk with the most free space of an up node.

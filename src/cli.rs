@@ -26,6 +26,9 @@ const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// The HTTP API's bearer token (Secret bicsi-api-token), for commands that use --server.
+    #[arg(long, env = "BICSI_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -37,6 +40,8 @@ pub enum Command {
     Controller(ControllerArgs),
     /// A node agent of the split mode: CSI Node, this node's disks, file transfers.
     Node(NodeArgs),
+    /// Print the CustomResourceDefinitions of the Kubernetes store (deploy/crds.yaml).
+    Crd,
     /// Create, attach, detach and delete volumes on a running `bicsi serve`.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -166,10 +171,24 @@ pub struct DiskArgs {
     pub disks: Vec<PathBuf>,
 }
 
+/// Flags of the processes that own the cluster state and its HTTP API (serve, controller).
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Where the state lives: `embedded` (a redb file in the data directory) or `kubernetes`
+    /// (longhorn.io/v1beta2 custom resources in the pod's namespace; apply deploy/crds.yaml).
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub store: crate::server::StoreBackend,
+    /// A file holding the bearer token the HTTP API requires on every route but /healthz.
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
     #[command(flatten)]
     pub disk: DiskArgs,
     /// Address of the HTTP API.
@@ -181,6 +200,8 @@ pub struct ServeArgs {
 pub struct ControllerArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:9500")]
     pub http_listen: String,
@@ -345,10 +366,13 @@ fn attach_dir(endpoint: &str) -> Result<PathBuf> {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
+    crate::cli_api::set_token(cli.token);
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Controller(args) => {
-            let cfg = process_config(args.process, None, args.http_listen)?;
+            let mut cfg = process_config(args.process, None, args.http_listen)?;
+            cfg.store = args.state.store;
+            cfg.api_token_file = args.state.api_token_file;
             let split = crate::server::SplitConfig {
                 cluster_listen: args.cluster_listen,
                 node_down_after: Some(std::time::Duration::from_secs(args.node_down_after.max(1))),
@@ -366,6 +390,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             crate::server::node(cfg, split, crate::os::Os::real(), shutdown_signal()).await
+        }
+        Command::Crd => {
+            print!("{}", crate::store::kubernetes::crd::manifests());
+            Ok(())
         }
         Command::Get(GetCommand::Nodes { server }) => {
             crate::cli_api::get_nodes(&server.server).await
@@ -424,7 +452,10 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 pub fn serve_config(args: ServeArgs) -> Result<crate::server::Config> {
-    process_config(args.process, Some(args.disk), args.http_listen)
+    let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
+    cfg.store = args.state.store;
+    cfg.api_token_file = args.state.api_token_file;
+    Ok(cfg)
 }
 
 /// The server configuration of a mode; a process without disks (the controller) has no node id.
@@ -456,6 +487,8 @@ fn process_config(
         driver_name: process.driver_name,
         http_listen,
         lifecycle_tick: std::time::Duration::from_millis(process.lifecycle_tick_ms.max(1)),
+        store: Default::default(),
+        api_token_file: None,
     })
 }
 

@@ -12,8 +12,28 @@ use crate::cli::Output;
 use crate::error::{Error, Result};
 use crate::storageclass::StorageClass;
 
+/// The API token of this CLI invocation (`--token` or `BICSI_TOKEN`), sent on every request.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the token the HTTP commands send; called once by `cli::run`.
+pub fn set_token(token: Option<String>) {
+    if let Some(t) = token.filter(|t| !t.trim().is_empty()) {
+        let _ = TOKEN.set(t.trim().to_string());
+    }
+}
+
 fn client() -> reqwest::Client {
-    reqwest::Client::new()
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = TOKEN.get()
+        && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+    {
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap_or_default()
 }
 
 fn url(server: &str, path: &str) -> String {
@@ -42,6 +62,7 @@ async fn send(req: reqwest::RequestBuilder, server: &str) -> Result<reqwest::Res
         .unwrap_or(text);
     Err(match status.as_u16() {
         400 => Error::InvalidArgument(message),
+        401 => Error::InvalidArgument(format!("bicsi at {server} refused the request: {message}")),
         404 => Error::NotFound(message),
         409 => Error::FailedPrecondition(message),
         503 => Error::Unavailable(message),

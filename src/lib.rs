@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod auth;
 pub mod backing;
 pub mod cli;
 pub mod cli_api;
@@ -29,6 +30,7 @@ pub mod node;
 pub mod os;
 pub mod params;
 pub mod quantity;
+pub mod reconcile;
 pub mod remote;
 pub mod server;
 pub mod settings;

@@ -42,6 +42,41 @@ pub struct Config {
     /// How often the controller runs expiry, recovery and cleanup, and the node looks for
     /// scrub work (`--lifecycle-tick-ms`).
     pub lifecycle_tick: std::time::Duration,
+    /// Where the cluster state lives (serve and controller; a node's own records stay local).
+    pub store: StoreBackend,
+    /// Bearer token the HTTP API requires (except /healthz); None: no token.
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// `--store`: the embedded redb file (default) or Kubernetes custom resources.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreBackend {
+    #[default]
+    Embedded,
+    Kubernetes,
+}
+
+/// Opens the store `cfg` asks for; the Kubernetes one also comes back typed, for its watches.
+async fn open_store(
+    cfg: &Config,
+) -> Result<(
+    Arc<dyn Store>,
+    Option<Arc<crate::store::kubernetes::KubeStore>>,
+)> {
+    match cfg.store {
+        StoreBackend::Embedded => Ok((
+            Arc::new(EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?),
+            None,
+        )),
+        StoreBackend::Kubernetes => {
+            let kube = Arc::new(crate::store::kubernetes::KubeStore::connect().await?);
+            tracing::info!(
+                namespace = kube.namespace(),
+                "state in Kubernetes custom resources"
+            );
+            Ok((kube.clone(), Some(kube)))
+        }
+    }
 }
 
 /// The default `--lifecycle-tick-ms`.
@@ -110,15 +145,21 @@ struct Services {
     extra: Option<(TcpListener, tonic::service::Routes)>,
 }
 
-/// Opens the data directory, the embedded store and the disks.
-fn open_local(cfg: &Config) -> Result<(Arc<dyn Store>, Vec<crate::model::Disk>)> {
+/// Opens the data directory, the store and the disks.
+async fn open_local(
+    cfg: &Config,
+) -> Result<(
+    Arc<dyn Store>,
+    Option<Arc<crate::store::kubernetes::KubeStore>>,
+    Vec<crate::model::Disk>,
+)> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         Error::Internal(format!(
             "cannot create data directory {}: {e}",
             cfg.data_dir.display()
         ))
     })?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?);
+    let (store, kube) = open_store(cfg).await?;
     let disk_paths = if cfg.disks.is_empty() {
         vec![cfg.data_dir.join("disks").join("default")]
     } else {
@@ -130,7 +171,7 @@ fn open_local(cfg: &Config) -> Result<(Arc<dyn Store>, Vec<crate::model::Disk>)>
         tracing::info!(disk = %disk.id, path = %disk.path.display(), "disk ready");
         disks.push(disk);
     }
-    Ok((store, disks))
+    Ok((store, kube, disks))
 }
 
 async fn bind_tcp(addr: &str, flag: &str) -> Result<(TcpListener, SocketAddr)> {
@@ -149,7 +190,8 @@ pub async fn serve(
     os: Os,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let (store, disks) = open_local(&cfg)?;
+    let token = crate::auth::load(cfg.api_token_file.as_deref())?;
+    let (store, kube, disks) = open_local(&cfg).await?;
     let cluster = Cluster::new(store.clone());
     let backing = BackingImages::new(store.clone(), cluster.clone());
     let files = FileManagers::new(
@@ -184,6 +226,7 @@ pub async fn serve(
     let controller = Arc::new(Controller::new(store.clone(), cluster, backing.clone()));
     let lifecycle = spawn_lifecycle(backing.clone(), cfg.lifecycle_tick);
     let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
+    let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing.clone()));
     let agent = Arc::new(NodeAgent::new(
         cfg.node_id.clone(),
         cfg.data_dir.clone(),
@@ -194,13 +237,16 @@ pub async fn serve(
     ));
     agent.readopt().await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
-    let api = crate::http::router(crate::http::ApiState {
-        controller: Some(controller.clone()),
-        backing: Some(backing),
-        files: Some(files),
-        store,
-        driver_name: cfg.driver_name.clone(),
-    });
+    let api = crate::auth::protect(
+        crate::http::router(crate::http::ApiState {
+            controller: Some(controller.clone()),
+            backing: Some(backing),
+            files: Some(files),
+            store,
+            driver_name: cfg.driver_name.clone(),
+        }),
+        token,
+    );
     let r = run(
         &cfg,
         Services {
@@ -214,6 +260,9 @@ pub async fn serve(
     .await;
     lifecycle.abort();
     scrub.abort();
+    if let Some(task) = reconciler {
+        task.abort();
+    }
     r
 }
 
@@ -260,7 +309,8 @@ pub async fn controller(
 ) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?);
+    let token = crate::auth::load(cfg.api_token_file.as_deref())?;
+    let (store, kube) = open_store(&cfg).await?;
     let cluster = Cluster::with_down_after(
         store.clone(),
         split.node_down_after.unwrap_or(crate::cluster::DOWN_AFTER),
@@ -297,13 +347,17 @@ pub async fn controller(
     };
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
     let backing_for_expiry = backing.clone();
-    let api = crate::http::router(crate::http::ApiState {
-        controller: Some(controller.clone()),
-        backing: Some(backing),
-        files: None,
-        store,
-        driver_name: cfg.driver_name.clone(),
-    });
+    let api = crate::auth::protect(
+        crate::http::router(crate::http::ApiState {
+            controller: Some(controller.clone()),
+            backing: Some(backing),
+            files: None,
+            store,
+            driver_name: cfg.driver_name.clone(),
+        }),
+        token,
+    );
+    let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing_for_expiry.clone()));
     let lifecycle = spawn_lifecycle(backing_for_expiry, cfg.lifecycle_tick);
     let r = run(
         &cfg,
@@ -318,6 +372,9 @@ pub async fn controller(
     .await;
     sweeper.abort();
     lifecycle.abort();
+    if let Some(task) = reconciler {
+        task.abort();
+    }
     r
 }
 
@@ -329,7 +386,7 @@ pub async fn node(
     os: Os,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let (local_store, disks) = open_local(&cfg)?;
+    let (local_store, _, disks) = open_local(&cfg).await?;
     let channel = crate::remote::channel(&split.controller)?;
     let cluster_store: Arc<dyn Store> = Arc::new(crate::remote::RemoteStore::new(channel.clone()));
     let reports = Arc::new(crate::remote::RemoteReports {

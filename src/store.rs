@@ -6,6 +6,7 @@
 //! [`StoreExt`]. The store must not interpret the documents; validation belongs to the domain.
 
 pub mod embedded;
+pub mod kubernetes;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::state::FileState;
@@ -13,7 +14,7 @@ pub const API_VERSION: &str = "longhorn.io/v1beta2";
 pub const KIND: &str = "BackingImage";
 pub const DEFAULT_NAMESPACE: &str = "longhorn-system";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SourceType {
     #[serde(rename = "download")]
     Download,
@@ -55,7 +56,7 @@ pub struct ObjectMeta {
     pub namespace: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackingImageSpec {
     pub source_type: SourceType,
@@ -73,7 +74,7 @@ fn one() -> u32 {
 }
 
 /// The state of the image's file on one disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DiskFileStatus {
     pub state: FileState,
@@ -93,7 +94,7 @@ pub struct DiskFileStatus {
     pub unused_since: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackingImageStatus {
     #[serde(default)]

@@ -1,0 +1,149 @@
+//! `bicsi serve --api-token-file`: the real binary's HTTP API refuses requests without the
+//! token (401, with what to send) except /healthz, and the CLI gets through with `--token` or
+//! `BICSI_TOKEN`.
+
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+struct Served {
+    _dir: tempfile::TempDir,
+    child: Child,
+    server: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn serve(token: &str) -> Served {
+    let dir = tempfile::Builder::new()
+        .prefix("bicsi-token-")
+        .tempdir()
+        .unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("bicsi.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_bicsi"))
+        .args(["serve", "--node-id", "token-node"])
+        .arg("--http-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--api-token-file")
+        .arg(&token_file)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--csi-endpoint")
+        .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let s = Served {
+        _dir: dir,
+        child,
+        server: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_status(&format!("{}/healthz", s.server), None) != Some(200) {
+        assert!(Instant::now() < deadline, "bicsi did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s
+}
+
+/// GET with an optional bearer token over a plain TCP connection; the status code.
+fn http_status(url: &str, token: Option<&str>) -> Option<u16> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut conn = std::net::TcpStream::connect(host).ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        conn,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+fn bicsi(args: &[&str], env_token: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bicsi"));
+    c.args(args).env_remove("BICSI_TOKEN");
+    if let Some(t) = env_token {
+        c.env("BICSI_TOKEN", t);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn http_api_requires_the_token_except_healthz() {
+    let s = serve("tok-123");
+    assert_eq!(
+        http_status(&format!("{}/healthz", s.server), None),
+        Some(200)
+    );
+    for path in ["v1/backingimages", "v1/storageclasses", "v1/volumes"] {
+        let url = format!("{}/{path}", s.server);
+        assert_eq!(http_status(&url, None), Some(401), "{path}");
+        assert_eq!(http_status(&url, Some("nope")), Some(401), "{path}");
+        assert_eq!(http_status(&url, Some("tok-123")), Some(200), "{path}");
+    }
+}
+
+#[test]
+fn cli_sends_the_token_from_the_flag_or_the_environment() {
+    let s = serve("tok-456");
+    let get = ["get", "backingimages", "--server", &s.server];
+    let refused = bicsi(&get, None);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("requires a token") && err.contains("BICSI_TOKEN"),
+        "{err}"
+    );
+    let wrong = bicsi(&[&get[..], &["--token", "bad"]].concat(), None);
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("token is wrong"));
+    let by_flag = bicsi(&[&get[..], &["--token", "tok-456"]].concat(), None);
+    assert!(
+        by_flag.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_flag.stderr)
+    );
+    let by_env = bicsi(&get, Some("tok-456"));
+    assert!(
+        by_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_env.stderr)
+    );
+}
+
+#[test]
+fn an_empty_token_file_stops_the_server_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("token");
+    std::fs::write(&f, "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bicsi"))
+        .args(["serve", "--node-id", "n", "--http-listen", "127.0.0.1:0"])
+        .arg("--api-token-file")
+        .arg(&f)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"));
+}
