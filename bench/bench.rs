@@ -42,6 +42,9 @@ use clap::{Parser, ValueEnum};
 use sha2::{Digest, Sha512};
 use tokio::process::Command;
 
+mod control;
+mod volume_io;
+
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const MIB: u64 = 1 << 20;
@@ -108,6 +111,11 @@ enum PathName {
     /// CreateVolume + ControllerPublish + NodeStage + NodePublish of a new volume, for a 1x and a
     /// 4x image (root).
     Attach,
+    /// CreateVolume and DeleteVolume at 1 and 32 concurrent clients over the CSI socket vs
+    /// `qemu-img create` + `sync` and `rm -r` at the same concurrency.
+    Control,
+    /// fio (or dd) through a published volume vs a plain loop device over a raw file (root).
+    VolumeIo,
 }
 
 impl PathName {
@@ -121,6 +129,8 @@ struct Bench {
     work: PathBuf,
     bicsi: PathBuf,
     runs: usize,
+    /// --quick: a smoke run.
+    quick: bool,
     /// The --size option.
     size: u64,
     source: Source,
@@ -360,6 +370,9 @@ async fn run(args: Args) -> Res<bool> {
         let one = attach_unit(size);
         sparse_lens.extend([one, 4 * one]);
     }
+    if paths.contains(&PathName::Control) {
+        sparse_lens.insert(attach_unit(size));
+    }
     let mut sparse = BTreeMap::new();
     for len in sparse_lens {
         let started = Instant::now();
@@ -393,6 +406,7 @@ async fn run(args: Args) -> Res<bool> {
         work,
         bicsi,
         runs,
+        quick: args.quick,
         size,
         source,
         url,
@@ -450,6 +464,8 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::SyncXfs => sync_xfs(b, checks).await,
         PathName::SyncCross => sync_cross(b, checks).await,
         PathName::Attach => attach(b, checks).await,
+        PathName::Control => control::control(b, checks).await,
+        PathName::VolumeIo => volume_io::volume_io(b, checks).await,
     }
 }
 
