@@ -50,12 +50,18 @@ fn device_len(size: u64) -> u64 {
     (size / 4 / MIB * MIB).clamp(64 * MIB, GIB)
 }
 
+/// Why the engine is FUSE here, printed with the rows when the kernel has no NBD client.
+const NO_NBD: &str = "; bound: every request is a round trip through the daemon's single-threaded \
+                      FUSE export; this kernel has no nbd (and no ublk) module for the faster \
+                      kernel NBD client";
+
 pub(crate) async fn volume_io(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     if !nix::unistd::geteuid().is_root() {
         println!("volume-io: skipped: needs root (loop devices, FUSE, mounts)");
         return Ok(vec![]);
     }
     let fio = have_tool("fio");
+    let nbd = Path::new("/sys/module/nbd").exists();
     let len = device_len(b.size);
     println!(
         "volume-io: {} runs; a new empty {} volume of one `bicsi serve` (1 replica, block, \
@@ -101,10 +107,11 @@ pub(crate) async fn volume_io(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
             note: Some(format!(
                 "{} vs {}; target ≥ half the loop device's throughput (ratio ≤ 2): {}; peak RSS \
                  = the volume's qemu-storage-daemon (VmHWM); the engine is its FUSE export on a \
-                 loop device",
+                 buffered loop device{}",
                 fmt_rate(bytes / bicsi.median()),
                 fmt_rate(bytes / reference.median()),
-                if ratio <= 2.0 { "met" } else { "OVER" }
+                if ratio <= 2.0 { "met" } else { "OVER" },
+                if nbd { "" } else { NO_NBD }
             )),
         });
     }
