@@ -175,7 +175,10 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("base.raw");
-        std::fs::File::create(&raw).unwrap().set_len(8 << 20).unwrap();
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
         let qcow = dir.path().join("base.qcow2");
         let (ok, out) = qemu_img(&["create", "-q", "-f", "qcow2", qcow.to_str().unwrap(), "8M"]);
         assert!(ok, "{out}");
@@ -210,7 +213,10 @@ mod tests {
                 assert!(ok, "{out}");
 
                 let (ok, out) = qemu_img(&["check", ours.to_str().unwrap()]);
-                assert!(ok, "size {size}, backing {backing:?}: qemu-img check: {out}");
+                assert!(
+                    ok,
+                    "size {size}, backing {backing:?}: qemu-img check: {out}"
+                );
                 assert!(out.contains("No errors were found"), "{out}");
                 assert!(!out.contains("leaked"), "{out}");
 
@@ -225,7 +231,12 @@ mod tests {
                 ] {
                     assert_eq!(a[key], b[key], "size {size}, backing {backing:?}: {key}");
                 }
-                for key in ["compat", "refcount-bits", "compression-type", "lazy-refcounts"] {
+                for key in [
+                    "compat",
+                    "refcount-bits",
+                    "compression-type",
+                    "lazy-refcounts",
+                ] {
                     assert_eq!(
                         a["format-specific"]["data"][key], b["format-specific"]["data"][key],
                         "size {size}, backing {backing:?}: {key}"
@@ -240,7 +251,10 @@ mod tests {
                 let parsed = QemuImg::new().info(&ours).unwrap();
                 assert_eq!(parsed.format, ImageFormat::Qcow2);
                 assert_eq!(parsed.virtual_size, size.div_ceil(512) * 512);
-                assert_eq!(parsed.backing_file, backing.as_ref().map(|(p, _)| p.clone()));
+                assert_eq!(
+                    parsed.backing_file,
+                    backing.as_ref().map(|(p, _)| p.clone())
+                );
             }
         }
     }
@@ -293,7 +307,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.qcow2");
         std::fs::write(&p, b"keep").unwrap();
-        assert!(create(&p, 1 << 20, None).is_err(), "an existing file is never overwritten");
+        assert!(
+            create(&p, 1 << 20, None).is_err(),
+            "an existing file is never overwritten"
+        );
         assert_eq!(std::fs::read(&p).unwrap(), b"keep");
     }
 }

@@ -240,7 +240,10 @@ mod tests {
         }
         let all = s.list_raw(Kind::Volume).unwrap();
         assert_eq!(all.len(), THREADS * EACH / 2);
-        assert!(all.iter().all(|(_, v)| v == b"second"), "each writer's order holds");
+        assert!(
+            all.iter().all(|(_, v)| v == b"second"),
+            "each writer's order holds"
+        );
         let writes = (THREADS * EACH * 2) as u64;
         let commits = s.commits.load(std::sync::atomic::Ordering::Relaxed);
         assert!(
