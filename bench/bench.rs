@@ -339,6 +339,7 @@ async fn run(args: Args) -> Res<bool> {
     std::fs::create_dir_all(&args.work_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.work_dir.display()))?;
     let work = args.work_dir.canonicalize()?;
+    let _ = WORK_DIR.set(work.clone());
     let paths = if args.paths.is_empty() {
         PathName::all()
     } else {
@@ -1002,7 +1003,7 @@ async fn same_node_sync(
         SameNode::Ext4 => format!(
             "bound: a sparse copy of the data extents only ({} of {}); bicsi fsyncs its copy \
              (so does the reference: `sync DST`), and its time also holds the publish round \
-             trips and the deferred replica's qcow2 overlay (qemu-img); {rss}",
+             trips and the deferred replica's qcow2 overlay; {rss}",
             fmt_bytes(src.allocated),
             fmt_bytes(src.len)
         ),
@@ -2699,8 +2700,20 @@ async fn curl_rate(url: &str, len: u64) -> Res<f64> {
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
+/// The work dir, whose filesystem [`sync`] flushes.
+static WORK_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Flushes the work dir's filesystem (syncfs), not every filesystem: on a shared machine a
+/// global sync(2) waits for everyone's writeback, and forever when another user's FUSE export
+/// has stopped answering under a mounted filesystem (seen here).
 async fn sync() {
-    let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+    let _ = tokio::task::spawn_blocking(|| {
+        let dir = WORK_DIR.get().map_or(Path::new("/"), PathBuf::as_path);
+        if let Ok(f) = std::fs::File::open(dir) {
+            let _ = nix::unistd::syncfs(&f);
+        }
+    })
+    .await;
 }
 
 /// Bytes of `file` in the page cache, by `fincore` (None when it is not installed).

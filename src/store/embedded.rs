@@ -4,8 +4,8 @@
 //!
 //! Writes are group-committed: a write that finds no commit running leads one, taking every
 //! write queued so far into a single transaction (one fsync); writes that arrive meanwhile wait
-//! for the next. Each caller still returns only once its own write is durable, so the contract
-//! is unchanged, but 32 concurrent CreateVolume calls cost a few fsyncs instead of 32. A batch
+//! for the next (telling tokio they block). Each caller still returns only once its own write is
+//! durable, so the contract is unchanged, but 32 concurrent CreateVolume calls cost a few fsyncs instead of 32. A batch
 //! that fails is retried one write per transaction, so one bad write fails only its caller.
 
 use std::path::Path;
@@ -48,22 +48,9 @@ struct Group {
 }
 
 impl EmbeddedStore {
-    /// Queues `w` and returns once it is committed (or failed). The wait is an fsync, its own
-    /// or its batch's: on a multi-threaded runtime tokio is told (`block_in_place`), so the
-    /// worker's other tasks go on elsewhere and concurrent writers can pile up into one batch
-    /// instead of holding every worker while they queue.
+    /// Queues `w` and returns once it is committed (or failed), leading a batch when no commit
+    /// is running.
     fn write(&self, w: Write) -> Result<()> {
-        use tokio::runtime::{Handle, RuntimeFlavor};
-        match Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.write_now(w))
-            }
-            _ => self.write_now(w),
-        }
-    }
-
-    /// [`Self::write`] on this thread, leading a batch when no commit is running.
-    fn write_now(&self, w: Write) -> Result<()> {
         let mut g = self.group.lock().expect("store group poisoned");
         let ticket = g.next_ticket;
         g.next_ticket += 1;
@@ -73,7 +60,7 @@ impl EmbeddedStore {
                 return outcome.map_err(Error::Store);
             }
             if g.committing {
-                g = self.committed.wait(g).expect("store group poisoned");
+                g = wait_blocking(|| self.committed.wait(g).expect("store group poisoned"));
                 continue;
             }
             // Lead: commit everything queued so far (our own write included) in one go.
@@ -125,6 +112,19 @@ impl EmbeddedStore {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// Runs `f`, which waits for another writer's commit. On a multi-threaded runtime tokio is told
+/// (`block_in_place`), so the worker's other tasks go on elsewhere and concurrent writers pile up
+/// into the next batch instead of holding every worker while they queue. A writer that leads
+/// does not use it: it waits for its own fsync, as a single write always did, and a lone writer
+/// (a download's progress) never makes the runtime start another thread.
+fn wait_blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
