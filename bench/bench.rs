@@ -42,6 +42,9 @@ use clap::{Parser, ValueEnum};
 use sha2::{Digest, Sha512};
 use tokio::process::Command;
 
+mod control;
+mod volume_io;
+
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const MIB: u64 = 1 << 20;
@@ -108,6 +111,11 @@ enum PathName {
     /// CreateVolume + ControllerPublish + NodeStage + NodePublish of a new volume, for a 1x and a
     /// 4x image (root).
     Attach,
+    /// CreateVolume and DeleteVolume at 1 and 32 concurrent clients over the CSI socket vs
+    /// `qemu-img create` + `sync` and `rm -r` at the same concurrency.
+    Control,
+    /// fio (or dd) through a published volume vs a plain loop device over a raw file (root).
+    VolumeIo,
 }
 
 impl PathName {
@@ -121,6 +129,8 @@ struct Bench {
     work: PathBuf,
     bicsi: PathBuf,
     runs: usize,
+    /// --quick: a smoke run.
+    quick: bool,
     /// The --size option.
     size: u64,
     source: Source,
@@ -329,6 +339,7 @@ async fn run(args: Args) -> Res<bool> {
     std::fs::create_dir_all(&args.work_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.work_dir.display()))?;
     let work = args.work_dir.canonicalize()?;
+    let _ = WORK_DIR.set(work.clone());
     let paths = if args.paths.is_empty() {
         PathName::all()
     } else {
@@ -359,6 +370,9 @@ async fn run(args: Args) -> Res<bool> {
     if paths.contains(&PathName::Attach) {
         let one = attach_unit(size);
         sparse_lens.extend([one, 4 * one]);
+    }
+    if paths.contains(&PathName::Control) {
+        sparse_lens.insert(attach_unit(size));
     }
     let mut sparse = BTreeMap::new();
     for len in sparse_lens {
@@ -393,6 +407,7 @@ async fn run(args: Args) -> Res<bool> {
         work,
         bicsi,
         runs,
+        quick: args.quick,
         size,
         source,
         url,
@@ -450,6 +465,8 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::SyncXfs => sync_xfs(b, checks).await,
         PathName::SyncCross => sync_cross(b, checks).await,
         PathName::Attach => attach(b, checks).await,
+        PathName::Control => control::control(b, checks).await,
+        PathName::VolumeIo => volume_io::volume_io(b, checks).await,
     }
 }
 
@@ -986,7 +1003,7 @@ async fn same_node_sync(
         SameNode::Ext4 => format!(
             "bound: a sparse copy of the data extents only ({} of {}); bicsi fsyncs its copy \
              (so does the reference: `sync DST`), and its time also holds the publish round \
-             trips and the deferred replica's qcow2 overlay (qemu-img); {rss}",
+             trips and the deferred replica's qcow2 overlay; {rss}",
             fmt_bytes(src.allocated),
             fmt_bytes(src.len)
         ),
@@ -2683,8 +2700,20 @@ async fn curl_rate(url: &str, len: u64) -> Res<f64> {
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
+/// The work dir, whose filesystem [`sync`] flushes.
+static WORK_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Flushes the work dir's filesystem (syncfs), not every filesystem: on a shared machine a
+/// global sync(2) waits for everyone's writeback, and forever when another user's FUSE export
+/// has stopped answering under a mounted filesystem (seen here).
 async fn sync() {
-    let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+    let _ = tokio::task::spawn_blocking(|| {
+        let dir = WORK_DIR.get().map_or(Path::new("/"), PathBuf::as_path);
+        if let Ok(f) = std::fs::File::open(dir) {
+            let _ = nix::unistd::syncfs(&f);
+        }
+    })
+    .await;
 }
 
 /// Bytes of `file` in the page cache, by `fincore` (None when it is not installed).

@@ -18,6 +18,7 @@ pub mod image;
 pub mod loopdev;
 pub mod mount;
 pub mod nbd;
+pub mod qcow2;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

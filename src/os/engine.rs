@@ -1071,6 +1071,15 @@ mod tests {
 
         let dev = os.loops.attach(&state.export_path).unwrap();
         cleanup.loop_file(&state.export_path);
+        // The export's read-ahead was raised for the loop device's buffered reads.
+        let knob = crate::os::loopdev::fuse_read_ahead_path(&state.export_path)
+            .expect("the export is a FUSE file");
+        let kb: u64 = fs::read_to_string(&knob).unwrap().trim().parse().unwrap();
+        assert!(
+            kb >= crate::os::loopdev::FUSE_READ_AHEAD_KB,
+            "{}: {kb}",
+            knob.display()
+        );
         assert_eq!(os.fs.device_size(&dev).unwrap(), 64 << 20);
         assert_eq!(os.fs.probe(&dev).unwrap(), None);
         os.fs.mkfs(&dev, "ext4").unwrap();

@@ -5,6 +5,10 @@
 //! `losetup --direct-io=on` is accepted but writes through the device are lost or misplaced
 //! (a pattern written with O_DIRECT reads back different from byte 1; ext4 made on it fails to
 //! mount with "journal inode checksum invalid"), while buffered loop devices read back exactly.
+//!
+//! A buffered loop device reads its file through the page cache, so over a FUSE export the
+//! file's read-ahead decides how large the requests to the engine are. It raises that read-ahead
+//! (see [`FUSE_READ_AHEAD_KB`]); it changes nothing on other filesystems.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -17,6 +21,46 @@ use super::{LoopDevices, OsError, OsResult, command_error, output, resolve_paren
 /// How long a detached device may take to let go of its file (the kernel finishes the detach
 /// when the last opener, e.g. a blkid probe from udev, closes it).
 const DETACH_WAIT: Duration = Duration::from_secs(5);
+
+/// Read-ahead (KiB) given to a FUSE file's backing device before a loop device is attached to
+/// it. The kernel's 128 KiB default makes every sequential read a chain of small requests, one
+/// round trip each through qemu-storage-daemon's single-threaded FUSE export: measured here
+/// (10.0.2, fio 1 MiB direct sequential reads on the loop device), about 100 MB/s at 128 KiB
+/// and 1 MiB, 360–490 MB/s at 4 MiB, less again at 16 MiB.
+pub const FUSE_READ_AHEAD_KB: u64 = 4096;
+
+/// `/sys/class/bdi/MAJ:MIN/read_ahead_kb` of the filesystem holding `file` when it is a FUSE
+/// filesystem; None elsewhere.
+pub(crate) fn fuse_read_ahead_path(file: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let fs = nix::sys::statfs::statfs(file).ok()?;
+    if fs.filesystem_type() != nix::sys::statfs::FUSE_SUPER_MAGIC {
+        return None;
+    }
+    let dev = fs::metadata(file).ok()?.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    Some(PathBuf::from(format!(
+        "/sys/class/bdi/{major}:{minor}/read_ahead_kb"
+    )))
+}
+
+/// Raises the read-ahead of a FUSE `file` to [`FUSE_READ_AHEAD_KB`] (never lowers it). Best
+/// effort: without it the volume is only slower, so a failure is logged, not returned.
+fn raise_fuse_read_ahead(file: &Path) {
+    let Some(knob) = fuse_read_ahead_path(file) else {
+        return;
+    };
+    let current = fs::read_to_string(&knob)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if current.is_some_and(|kb| kb >= FUSE_READ_AHEAD_KB) {
+        return;
+    }
+    if let Err(e) = fs::write(&knob, FUSE_READ_AHEAD_KB.to_string()) {
+        tracing::warn!(file = %file.display(), knob = %knob.display(), error = %e,
+            "cannot raise the read-ahead of the engine's export; sequential reads will be slower");
+    }
+}
 
 /// The real loop devices of this machine.
 #[derive(Clone, Debug, Default)]
@@ -85,6 +129,7 @@ impl LoopDevices for Losetup {
         if let Some(dev) = self.find(file)? {
             return Ok(dev);
         }
+        raise_fuse_read_ahead(file);
         let mut cmd = Command::new("losetup");
         cmd.args(["--find", "--show", "--direct-io=off"]);
         // Root ignores permission bits, so the engine's read-only export (mode 0400) would be
