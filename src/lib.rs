@@ -30,6 +30,7 @@ pub mod params;
 pub mod quantity;
 pub mod remote;
 pub mod server;
+pub mod snapshot;
 pub mod storageclass;
 pub mod store;
 pub mod sync;

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::files::{FileReport, FileReports};
 use crate::model::{Disk, NodeRecord, Replica};
 use crate::os::ReplicaTarget;
+use crate::snapshot::SnapshotFile;
 use crate::store::{Kind, Store};
 
 pub mod pb {
@@ -318,6 +319,40 @@ impl Agent for RemoteAgent {
             .map_err(status_error)?;
         Ok(())
     }
+    async fn snapshot_replicas(
+        &self,
+        snapshot_id: &str,
+        _replicas: &[Replica],
+        _backing_image: Option<&str>,
+    ) -> Result<Vec<SnapshotFile>> {
+        Err(split_mode_snapshots(&format!("snapshot {snapshot_id:?}")))
+    }
+
+    async fn restore_replica(
+        &self,
+        _source: &SnapshotFile,
+        _source_image: Option<&str>,
+        replica: &Replica,
+        _size: u64,
+        _backing_image: Option<&str>,
+    ) -> Result<()> {
+        Err(split_mode_snapshots(&format!("replica {}", replica.id)))
+    }
+
+    async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        Err(split_mode_snapshots("deleting snapshot files"))
+    }
+}
+
+/// Snapshots, clones and restores work in the all-in-one mode only: the node agents' API has
+/// no calls for them yet.
+fn split_mode_snapshots(what: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "{what}: snapshots, clones and restores from snapshots are supported by `bicsi serve` (all-in-one) only; the split mode (bicsi controller + bicsi node) cannot take them yet"
+    ))
 }
 
 // ---- node side: the Agent service and the clients of the controller -------------------------

@@ -8,6 +8,7 @@ mod backing;
 mod harness;
 mod images;
 mod node;
+mod snapshots;
 mod transfer;
 
 use harness::*;
