@@ -438,3 +438,14 @@ pub fn export_source(
         .find(|f| disks.iter().any(|d| d.id == f.disk_id) && f.path.is_file())
         .map(|f| f.path.clone()))
 }
+
+/// Snapshots whose files sit on top of backing image `image` (their source volume's): the
+/// image cannot go while they exist.
+pub fn snapshots_over(store: &dyn crate::store::Store, image: &str) -> Result<Vec<String>> {
+    let snapshots: Vec<Snapshot> = store.list(Kind::Snapshot)?;
+    Ok(snapshots
+        .into_iter()
+        .filter(|s| s.backing_image.as_deref() == Some(image))
+        .map(|s| s.name)
+        .collect())
+}

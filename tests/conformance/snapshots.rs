@@ -815,3 +815,102 @@ spec:
     c.controller.delete_snapshot(del).await.unwrap();
     assert!(get_image(&b, &snap_image).await.is_none());
 }
+
+/// The parameters of one of csi-sanity's YAML files, as csi-sanity reads them.
+fn sanity_params(file: &str) -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("csi-sanity")
+        .join(file);
+    let map: std::collections::BTreeMap<String, String> =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    map.into_iter().collect()
+}
+
+/// csi-sanity's snapshot, restore and clone calls with the seed's backing image StorageClass
+/// parameters and both snapshot parameter files of `csi-sanity/run.sh` (csi-sanity itself is a
+/// Go program that cannot be installed here).
+#[tokio::test]
+async fn csi_sanity_snapshot_calls_with_the_seed_backing_image_parameters() {
+    let b = Bicsi::start(1).await;
+    let mut c = b.client().await;
+    let (_server, mut sc) = image_params(&b, "bi-download", "1").await;
+    // run.sh's params-backing-image.yaml with its placeholders filled in the same way.
+    let template = sanity_params("params-backing-image.yaml");
+    assert_eq!(
+        template.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        [
+            "backingImage",
+            "backingImageChecksum",
+            "backingImageDataSourceParameters",
+            "backingImageDataSourceType",
+            "numberOfReplicas",
+            "staleReplicaTimeout"
+        ]
+    );
+    sc.sort();
+    let size = 64 * MIB;
+    let make = |name: &str| {
+        let mut r = create_with(name, size, &sc, mount_cap());
+        r.capacity_range.as_mut().unwrap().limit_bytes = size;
+        r
+    };
+    for (file, exported) in [
+        ("params-snapshot.yaml", false),
+        ("params-snapshot-bi.yaml", true),
+    ] {
+        let sp = sanity_params(file);
+        let sp: Vec<(&str, &str)> = sp.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let vol = format!("sanity-source-{exported}");
+        create_retrying(&mut c, make(&vol)).await.unwrap();
+        // A maximum-length name, twice.
+        let name = format!("{}{}", if exported { "b" } else { "s" }, "x".repeat(127));
+        let first = wait_snapshot_ready(&mut c, &name, &vol, &sp).await;
+        let second = wait_snapshot_ready(&mut c, &name, &vol, &sp).await;
+        assert_eq!(first.snapshot_id, second.snapshot_id);
+        let (ids, _) = list_ids(&mut c, list_req(0, "", "", &first.snapshot_id)).await;
+        assert_eq!(ids, [first.snapshot_id.clone()]);
+        // Restore and clone with csi-sanity's request shape (required = limit = 64 MiB).
+        let mut restore = make(&format!("sanity-restore-{exported}"));
+        restore.volume_content_source =
+            from_snapshot("x", 0, &first.snapshot_id, &[]).volume_content_source;
+        create_retrying(&mut c, restore).await.unwrap();
+        let mut clone = make(&format!("sanity-clone-{exported}"));
+        clone.volume_content_source = from_volume("x", 0, &vol, &[]).volume_content_source;
+        create_retrying(&mut c, clone).await.unwrap();
+        let (ok, out, _) = b.cli(&["get", "backingimages"]);
+        assert!(ok);
+        assert_eq!(
+            out.lines().count(),
+            if exported { 3 } else { 2 },
+            "a bi snapshot adds one image:\n{out}"
+        );
+        // csi-sanity's cleanup: volumes, then the snapshot.
+        for v in [
+            format!("sanity-restore-{exported}"),
+            format!("sanity-clone-{exported}"),
+            vol.clone(),
+        ] {
+            c.controller
+                .delete_volume(pb::DeleteVolumeRequest {
+                    volume_id: v,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        // The image is still under the snapshot's data.
+        let (ok, _, err) = b.cli(&["delete", "backingimage", "bi-download"]);
+        assert!(!ok && err.contains(&name), "{err}");
+        c.controller
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: first.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let (_, out, _) = b.cli(&["get", "backingimages"]);
+        assert_eq!(out.lines().count(), 2, "{out}");
+    }
+    let (ok, _, err) = b.cli(&["delete", "backingimage", "bi-download"]);
+    assert!(ok, "{err}");
+}
