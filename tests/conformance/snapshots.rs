@@ -868,7 +868,7 @@ async fn csi_sanity_snapshot_calls_with_the_seed_backing_image_parameters() {
         let second = wait_snapshot_ready(&mut c, &name, &vol, &sp).await;
         assert_eq!(first.snapshot_id, second.snapshot_id);
         let (ids, _) = list_ids(&mut c, list_req(0, "", "", &first.snapshot_id)).await;
-        assert_eq!(ids, [first.snapshot_id.clone()]);
+        assert_eq!(ids, std::slice::from_ref(&first.snapshot_id));
         // Restore and clone with csi-sanity's request shape (required = limit = 64 MiB).
         let mut restore = make(&format!("sanity-restore-{exported}"));
         restore.volume_content_source =
