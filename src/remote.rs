@@ -322,37 +322,54 @@ impl Agent for RemoteAgent {
     async fn snapshot_replicas(
         &self,
         snapshot_id: &str,
-        _replicas: &[Replica],
-        _backing_image: Option<&str>,
+        replicas: &[Replica],
+        backing_image: Option<&str>,
     ) -> Result<Vec<SnapshotFile>> {
-        Err(split_mode_snapshots(&format!("snapshot {snapshot_id:?}")))
+        let r = self
+            .client
+            .clone()
+            .snapshot_replicas(pb::SnapshotReplicasRequest {
+                snapshot_id: snapshot_id.to_string(),
+                replicas_json: to_json(&replicas)?,
+                backing_image: backing_image.unwrap_or_default().to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        from_json(&r.into_inner().files_json, "snapshot files")
     }
 
     async fn restore_replica(
         &self,
-        _source: &SnapshotFile,
-        _source_image: Option<&str>,
+        source: &SnapshotFile,
+        source_image: Option<&str>,
         replica: &Replica,
-        _size: u64,
-        _backing_image: Option<&str>,
+        size: u64,
+        backing_image: Option<&str>,
     ) -> Result<()> {
-        Err(split_mode_snapshots(&format!("replica {}", replica.id)))
+        self.client
+            .clone()
+            .restore_replica(pb::RestoreReplicaRequest {
+                source_json: to_json(source)?,
+                source_image: source_image.unwrap_or_default().to_string(),
+                replica_json: to_json(replica)?,
+                size,
+                backing_image: backing_image.unwrap_or_default().to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
     }
 
     async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
-        if files.is_empty() {
-            return Ok(());
-        }
-        Err(split_mode_snapshots("deleting snapshot files"))
+        self.client
+            .clone()
+            .delete_snapshot_files(pb::SnapshotFiles {
+                files_json: to_json(&files)?,
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
     }
-}
-
-/// Snapshots, clones and restores work in the all-in-one mode only: the node agents' API has
-/// no calls for them yet.
-fn split_mode_snapshots(what: &str) -> Error {
-    Error::FailedPrecondition(format!(
-        "{what}: snapshots, clones and restores from snapshots are supported by `bicsi serve` (all-in-one) only; the split mode (bicsi controller + bicsi node) cannot take them yet"
-    ))
 }
 
 // ---- node side: the Agent service and the clients of the controller -------------------------
@@ -453,6 +470,46 @@ impl AgentRpc for AgentService {
         self.local
             .delete_image_files(&request.into_inner().image)
             .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+    async fn snapshot_replicas(
+        &self,
+        request: Request<pb::SnapshotReplicasRequest>,
+    ) -> std::result::Result<Response<pb::SnapshotFiles>, Status> {
+        let r = request.into_inner();
+        let replicas: Vec<Replica> = from_json(&r.replicas_json, "replicas")?;
+        let backing = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        let files = self
+            .local
+            .snapshot_replicas(&r.snapshot_id, &replicas, backing)
+            .await?;
+        Ok(Response::new(pb::SnapshotFiles {
+            files_json: to_json(&files)?,
+        }))
+    }
+
+    async fn restore_replica(
+        &self,
+        request: Request<pb::RestoreReplicaRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let source: SnapshotFile = from_json(&r.source_json, "snapshot file")?;
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let source_image = (!r.source_image.is_empty()).then_some(r.source_image.as_str());
+        let backing = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        self.local
+            .restore_replica(&source, source_image, &replica, r.size, backing)
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn delete_snapshot_files(
+        &self,
+        request: Request<pb::SnapshotFiles>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let files: Vec<SnapshotFile> =
+            from_json(&request.into_inner().files_json, "snapshot files")?;
+        self.local.delete_snapshot_files(&files).await?;
         Ok(Response::new(pb::Empty {}))
     }
 }

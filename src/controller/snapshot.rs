@@ -70,7 +70,7 @@ impl Controller {
             .collect();
         if replicas.is_empty() {
             return Err(Error::FailedPrecondition(format!(
-                "volume {:?} is attached to node {node:?}, which holds none of its replicas; snapshots of a volume whose replicas are all on other nodes need the split mode's snapshot support, which bicsi does not have yet",
+                "volume {:?} is attached to node {node:?}, which holds none of its replicas: its engine can copy only a local replica at one instant; detach the volume to take the snapshot",
                 volume.id
             )));
         }
@@ -433,10 +433,17 @@ pub fn export_source(
     else {
         return Ok(None);
     };
-    Ok(s.files
+    s.files
         .iter()
         .find(|f| disks.iter().any(|d| d.id == f.disk_id) && f.path.is_file())
-        .map(|f| f.path.clone()))
+        .map(|f| Some(f.path.clone()))
+        .ok_or_else(|| {
+            let nodes: Vec<&str> = s.files.iter().map(|f| f.node_id.as_str()).collect();
+            Error::FailedPrecondition(format!(
+                "backing image {image:?} is exported from snapshot {:?}, whose files are on node(s) {nodes:?}, not on the disks of this node; delete the snapshot and take it again so the image is prepared where its files are",
+                s.name
+            ))
+        })
 }
 
 /// Snapshots whose files sit on top of backing image `image` (their source volume's): the
