@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 use crate::model::{AccessMode, AccessType, Capability};
 use crate::quantity;
 
+mod snapshot;
+
+pub use snapshot::SnapshotCommand;
+
 const DEFAULT_DATA_DIR: &str = "/var/lib/bicsi";
 const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
 
@@ -56,6 +60,9 @@ pub enum Command {
     /// Move backing image files between this machine and bicsi.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Take, list, delete and restore CSI snapshots on a running bicsi.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -339,6 +346,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::cli_api::get_disks(&server.server).await
         }
         Command::Volume(cmd) => volume(cmd).await,
+        Command::Snapshot(cmd) => snapshot::run(cmd).await,
         Command::Get(GetCommand::Volumes { endpoint }) => get_volumes(&endpoint.csi_endpoint).await,
         Command::Get(GetCommand::Backingimages { server }) => {
             crate::cli_api::get_backing_images(&server.server).await

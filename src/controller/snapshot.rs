@@ -287,7 +287,8 @@ impl Controller {
                 (None, Some(vid)) => {
                     let source = self.must_get(vid)?;
                     let _source_guard = self.guards.try_take(&source.id, "volume")?;
-                    let files = self.capture(&format!("clone-{id}"), &source).await?;
+                    // A leading '.' never starts a snapshot id (see `volume_id_for`).
+                    let files = self.capture(&format!(".clone-{id}"), &source).await?;
                     (
                         files,
                         source.spec.capacity_bytes,

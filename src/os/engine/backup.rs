@@ -9,8 +9,13 @@
 //! writing AAAA, with BBBB written over it while the job ran, leaves AAAA in the copy and the
 //! backing file's bytes where the volume was never written; `qemu-img check` finds no error.
 //! The engine keeps serving the volume throughout; the filter goes away with the job.
+//!
+//! One QMP client at a time, measured: a second client that connects to an engine's monitor
+//! while another is connected waits for the greeting, and once it gives up the monitor stops
+//! answering anyone (no greeting for later clients). So copies are serialized in this process.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -22,6 +27,9 @@ use crate::os::{OsError, OsResult, ReplicaTarget, utf8_path};
 /// A backup that makes no progress for this long is cancelled.
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(50);
+
+/// Serializes this process's QMP sessions with engines (see the module doc).
+static QMP_LOCK: Mutex<()> = Mutex::new(());
 
 /// The run directory of the live engine that has `replica` open, and the index of that child.
 fn engine_of(replica: &Path) -> Option<(PathBuf, usize)> {
@@ -49,6 +57,7 @@ fn call(qmp: &mut Qmp, command: &str, args: Value) -> OsResult<Value> {
 }
 
 pub(super) fn backup_replica(replica: &Path, target: &Path) -> OsResult<bool> {
+    let _one_client = QMP_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some((run_dir, index)) = engine_of(replica) else {
         return Ok(false);
     };
