@@ -2,11 +2,17 @@
 # Run the upstream CSI conformance suite (csi-sanity) against `bicsi serve`:
 # once with mount volumes, once with block volumes.
 #
-# Usage: csi-sanity/run.sh [--backing-image] [--keep] [-- CSI_SANITY_ARGS...]
+# Usage: csi-sanity/run.sh [--backing-image] [--snapshot-type snap|bi] [--keep]
+#                          [-- CSI_SANITY_ARGS...]
 #
 #   --backing-image  create every test volume from a backing image: serve a
 #                    small raw image on 127.0.0.1 and use
-#                    params-backing-image.yaml instead of params.yaml
+#                    params-backing-image.yaml instead of params.yaml (the
+#                    snapshot, clone and restore tests then keep that image)
+#   --snapshot-type  the snapshot parameters csi-sanity's snapshot tests pass:
+#                    snap (default, params-snapshot.yaml: kept on the volume's
+#                    disks) or bi (params-snapshot-bi.yaml: each snapshot also
+#                    exported as a backing image)
 #   --keep           keep the temporary directory (data dir, mounts removed)
 #   -- ARGS          passed to csi-sanity, e.g. -- --ginkgo.focus=NodeStage
 #
@@ -37,11 +43,17 @@ die() {
 }
 
 BACKING_IMAGE=0
+SNAPSHOT_TYPE=snap
 KEEP=0
 EXTRA_ARGS=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --backing-image) BACKING_IMAGE=1 ;;
+    --snapshot-type)
+        [[ $# -ge 2 ]] || die "--snapshot-type needs a value: snap or bi"
+        SNAPSHOT_TYPE=$2
+        shift
+        ;;
     --keep) KEEP=1 ;;
     -h | --help)
         usage
@@ -272,6 +284,11 @@ start_bicsi() {
 # ---------------------------------------------------------------- backing image
 
 PARAMS="$HERE/params.yaml"
+case "$SNAPSHOT_TYPE" in
+snap) SNAPSHOT_PARAMS="$HERE/params-snapshot.yaml" ;;
+bi) SNAPSHOT_PARAMS="$HERE/params-snapshot-bi.yaml" ;;
+*) die "--snapshot-type $SNAPSHOT_TYPE: use snap or bi" ;;
+esac
 
 setup_backing_image() {
     command -v qemu-img >/dev/null 2>&1 || die "--backing-image needs qemu-img (qemu-utils)"
@@ -327,6 +344,7 @@ run_sanity() {
     "$CSI_SANITY_BIN" \
         --csi.endpoint="unix://$SOCK" \
         --csi.testvolumeparameters="$PARAMS" \
+        --csi.testsnapshotparameters="$SNAPSHOT_PARAMS" \
         --csi.testvolumeaccesstype="$mode" \
         --csi.testvolumesize=67108864 \
         --csi.mountdir="$dir/target" \
@@ -339,6 +357,7 @@ run_sanity() {
 
 [[ $BACKING_IMAGE == 1 ]] && setup_backing_image
 log "volume parameters: $PARAMS"
+log "snapshot parameters: $SNAPSHOT_PARAMS"
 start_bicsi
 
 declare -A RESULT
@@ -358,6 +377,7 @@ done
 
 variant="plain volumes"
 [[ $BACKING_IMAGE == 1 ]] && variant="volumes from a backing image"
+variant="$variant, $SNAPSHOT_TYPE snapshots"
 printf '\n==================== csi-sanity summary (%s) ====================\n' "$variant"
 for mode in mount block; do
     printf '  %-6s %s\n' "$mode" "${RESULT[$mode]}"

@@ -13,6 +13,7 @@ use crate::files::FileManagers;
 use crate::fsutil::blocking;
 use crate::model::{Disk, Replica};
 use crate::os::{ImageFormat, Os, ReplicaExport, ReplicaTarget};
+use crate::snapshot::SnapshotFile;
 use crate::store::{Kind, Store, StoreExt};
 
 /// A disk that can take replicas, with the bytes it has free.
@@ -66,6 +67,28 @@ pub trait Agent: Send + Sync {
     ) -> Result<ReplicaTarget>;
     /// Stops exporting a replica to other nodes; Ok when it is not exported.
     async fn release_replica(&self, replica: &Replica) -> Result<()>;
+    /// Captures the volume of these replicas (all on this node) as it is now into snapshot
+    /// `snapshot_id`: one point-in-time file from the first replica that has one (through its
+    /// engine when the volume is attached here), copied to the other replicas' disks.
+    async fn snapshot_replicas(
+        &self,
+        snapshot_id: &str,
+        replicas: &[Replica],
+        backing_image: Option<&str>,
+    ) -> Result<Vec<SnapshotFile>>;
+    /// Creates `replica` of `size` bytes from the snapshot file `source` (on this node), over
+    /// `backing_image`'s file on the replica's disk; `source_image` is the snapshot's own. Ok
+    /// when the replica exists already. Unavailable while the image's file comes to that disk.
+    async fn restore_replica(
+        &self,
+        source: &SnapshotFile,
+        source_image: Option<&str>,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<()>;
+    /// Removes snapshot files of this node; Ok when they are gone.
+    async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()>;
 }
 
 /// The agent of the disks in this process.
@@ -91,6 +114,27 @@ impl LocalAgent {
             .iter()
             .find(|d| d.id == id)
             .ok_or_else(|| Error::NotFound(format!("disk {id:?} is not on this node")))
+    }
+
+    /// The ready file of `image` on `disk` and its format; None when the disk has none yet.
+    fn image_file(&self, image: &str, disk: &Disk) -> Result<Option<(PathBuf, ImageFormat)>> {
+        let bi: crate::backing::object::BackingImage =
+            self.store
+                .get(Kind::BackingImage, image)?
+                .ok_or_else(|| Error::NotFound(format!("backing image {image:?} not found")))?;
+        let file = BackingImages::file_path(disk, &bi);
+        let ready = bi
+            .status
+            .disk_file_status_map
+            .get(&disk.id)
+            .is_some_and(|f| f.state == FileState::Ready);
+        if !ready || !file.is_file() {
+            return Ok(None);
+        }
+        let format = ImageFormat::parse(&bi.status.format).ok_or_else(|| {
+            Error::Internal(format!("backing image {image:?} has no known format"))
+        })?;
+        Ok(Some((file, format)))
     }
 }
 
@@ -278,5 +322,112 @@ impl Agent for LocalAgent {
         // The attaching node unstaged (or is gone): a connection left behind must not keep the
         // export busy forever.
         blocking(move || Ok(os.engine.unexport_replica_force(&run_dir, &id)?)).await
+    }
+    async fn snapshot_replicas(
+        &self,
+        snapshot_id: &str,
+        replicas: &[Replica],
+        backing_image: Option<&str>,
+    ) -> Result<Vec<SnapshotFile>> {
+        let first = replicas
+            .iter()
+            .find(|r| !r.deferred && r.path.is_file())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "snapshot {snapshot_id:?}: the volume has no replica file on node {:?} yet (its replicas are made at first attach); attach the volume once, then take the snapshot",
+                    self.node_id
+                ))
+            })?;
+        let disk = self.disk(&first.disk_id)?.clone();
+        let backing = match backing_image {
+            Some(image) => Some(self.image_file(image, &disk)?.ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "snapshot {snapshot_id:?}: disk {} has no ready file of backing image {image:?}",
+                    disk.id
+                ))
+            })?),
+            None => None,
+        };
+        // The other replicas' disks get a copy over their own file of the image.
+        let mut copies = Vec::new();
+        for r in replicas.iter().filter(|r| r.disk_id != first.disk_id) {
+            let other = self.disk(&r.disk_id)?.clone();
+            if copies.iter().any(|(d, _): &(Disk, _)| d.id == other.id) {
+                continue;
+            }
+            let other_backing = match backing_image {
+                Some(image) => match self.image_file(image, &other)? {
+                    Some(b) => Some(b),
+                    None => continue,
+                },
+                None => None,
+            };
+            copies.push((other, other_backing));
+        }
+        let os = self.os.clone();
+        let node = self.node_id.clone();
+        let (id, replica) = (snapshot_id.to_string(), first.path.clone());
+        blocking(move || {
+            let dest = crate::snapshot::snapshot_path(&disk, &id);
+            let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+            crate::snapshot::capture(&os, &replica, &dest, b)?;
+            let mut files = vec![SnapshotFile {
+                node_id: node.clone(),
+                disk_id: disk.id.clone(),
+                path: dest.clone(),
+            }];
+            for (other, other_backing) in copies {
+                let path = crate::snapshot::snapshot_path(&other, &id);
+                let b = other_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+                crate::snapshot::copy_to(&os, &dest, &path, b)?;
+                files.push(SnapshotFile {
+                    node_id: node.clone(),
+                    disk_id: other.id.clone(),
+                    path,
+                });
+            }
+            Ok(files)
+        })
+        .await
+    }
+
+    async fn restore_replica(
+        &self,
+        source: &SnapshotFile,
+        source_image: Option<&str>,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<()> {
+        if replica.path.is_file() {
+            return Ok(());
+        }
+        let backing = match backing_image {
+            Some(image) => {
+                let path = self.files.ensure_file(image, &replica.disk_id).await?;
+                let disk = self.disk(&replica.disk_id)?.clone();
+                let (_, format) = self.image_file(image, &disk)?.ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "backing image {image:?} is being prepared on disk {}",
+                        disk.id
+                    ))
+                })?;
+                Some((path, format))
+            }
+            None => None,
+        };
+        let same_image = source_image == backing_image;
+        let os = self.os.clone();
+        let (src, dest) = (source.path.clone(), replica.path.clone());
+        blocking(move || {
+            let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+            crate::snapshot::restore(&os, &src, &dest, size, b, same_image)
+        })
+        .await
+    }
+
+    async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
+        let files = files.to_vec();
+        blocking(move || files.iter().try_for_each(crate::snapshot::remove)).await
     }
 }

@@ -430,6 +430,13 @@ impl BackingImages {
                 users.join(", ")
             )));
         }
+        let snapshots = crate::controller::snapshot::snapshots_over(&*self.store, name)?;
+        if !snapshots.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "backing image {name:?} holds the data under snapshots {}; delete them first",
+                snapshots.join(", ")
+            )));
+        }
         let _ = bi;
         for node in self.cluster.node_ids() {
             match self.cluster.agent(&node) {

@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 use crate::model::{AccessMode, AccessType, Capability};
 use crate::quantity;
 
+mod snapshot;
+
+pub use snapshot::SnapshotCommand;
+
 const DEFAULT_DATA_DIR: &str = "/var/lib/bicsi";
 const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
 
@@ -61,6 +65,9 @@ pub enum Command {
     /// Move backing image files between this machine and bicsi, or clean them up.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Take, list, delete and restore CSI snapshots on a running bicsi.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Change a setting.
     #[command(subcommand)]
     Set(SetCommand),
@@ -415,6 +422,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             server,
         }) => crate::cli_api::cleanup_image(&server.server, &name, &disks).await,
         Command::Volume(cmd) => volume(cmd).await,
+        Command::Snapshot(cmd) => snapshot::run(cmd).await,
         Command::Get(GetCommand::Volumes { endpoint }) => get_volumes(&endpoint.csi_endpoint).await,
         Command::Get(GetCommand::Backingimages { server }) => {
             crate::cli_api::get_backing_images(&server.server).await

@@ -17,6 +17,8 @@ use crate::model::{Capability, Publication, Replica, Volume, VolumeSpec, now_rfc
 use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
+pub mod snapshot;
+
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 /// The largest volume bicsi creates (qcow2 handles more; this catches unit mistakes).
@@ -210,20 +212,14 @@ impl Controller {
             p.kept
                 .insert(params::NUMBER_OF_REPLICAS.into(), n.trim().to_string());
         }
-        if let Some(src) = &req.source_snapshot {
-            return Err(Error::NotFound(format!("snapshot {src:?} not found")));
-        }
-        if let Some(src) = &req.source_volume {
-            self.must_get(src)?;
-            return Err(Error::InvalidArgument(format!(
-                "cloning volume {src:?} is not supported yet; create an empty volume instead"
-            )));
-        }
         let id = volume_id_for(&req.name);
         let _guard = self.guards.try_take(&id, "volume")?;
 
         if let Some(existing) = self.get(&id)? {
             return self.compatible_existing(existing, &req, &p.kept);
+        }
+        if req.source_snapshot.is_some() || req.source_volume.is_some() {
+            return self.create_from_source(&req, p, &id).await;
         }
 
         let image = match &p.backing_image {

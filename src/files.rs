@@ -420,13 +420,20 @@ impl FileManagers {
         }
     }
 
-    /// Exports a detached volume's content (its replica with its backing chain, flattened).
+    /// Exports a volume's content at one point in time (its replica with its backing chain,
+    /// flattened, sparse): a `type: bi` snapshot's image from that snapshot's file, an attached
+    /// volume from a point-in-time copy its engine makes, a detached one from its replica.
     async fn export_volume(&self, bi: &BackingImage, tmp: &Path) -> Result<(String, u64)> {
         let vol_name = bi.spec.source_parameters["volume-name"].clone();
         let format = match bi.spec.source_parameters["export-type"].as_str() {
             "raw" => ImageFormat::Raw,
             _ => ImageFormat::Qcow2,
         };
+        if let Some(source) =
+            crate::controller::snapshot::export_source(&*self.store, bi.name(), &self.disks)?
+        {
+            return self.convert(source, tmp, format, None).await;
+        }
         let id = crate::controller::volume_id_for(&vol_name);
         let volume: Volume = self.store.get(Kind::Volume, &id)?.ok_or_else(|| {
             Error::NotFound(format!(
@@ -434,13 +441,6 @@ impl FileManagers {
                 bi.name()
             ))
         })?;
-        if let Some(p) = &volume.publication {
-            return Err(Error::FailedPrecondition(format!(
-                "backing image {:?}: volume {vol_name:?} is attached to node {:?}; exporting an attached volume is not supported yet: detach it and create the image again",
-                bi.name(),
-                p.node_id
-            )));
-        }
         let replica = volume
             .replicas
             .iter()
@@ -453,10 +453,60 @@ impl FileManagers {
                     self.node_id
                 ))
             })?;
+        let Some(p) = &volume.publication else {
+            return self.convert(replica.path, tmp, format, None).await;
+        };
+        if p.node_id != self.node_id {
+            return Err(Error::FailedPrecondition(format!(
+                "backing image {:?}: volume {vol_name:?} is attached to node {:?} and its replica here is written over the network; export it while it is detached, or from a snapshot (type: bi) in the all-in-one mode",
+                bi.name(),
+                p.node_id
+            )));
+        }
+        // The engine copies the replica's own clusters as they are now, over the same backing
+        // file; the conversion then reads that copy, which no one writes.
+        let backing = match &volume.spec.backing_image {
+            Some(name) => {
+                let image = self.image(name)?;
+                let disk = self.disk(&replica.disk_id)?;
+                let format = ImageFormat::parse(&image.status.format).ok_or_else(|| {
+                    Error::Internal(format!("backing image {name:?} has no known format"))
+                })?;
+                Some((BackingImages::file_path(disk, &image), format))
+            }
+            None => None,
+        };
+        let point = tmp.with_extension("pit.qcow2");
+        self.convert(replica.path, tmp, format, Some((point, backing)))
+            .await
+    }
+
+    /// Converts `source` into `tmp` (standalone, sparse) and hashes it; with `point`, `source` is
+    /// first captured there at one instant (over the given backing file) and converted from that
+    /// copy, which is removed after.
+    async fn convert(
+        &self,
+        source: PathBuf,
+        tmp: &Path,
+        format: ImageFormat,
+        point: Option<(PathBuf, Option<(PathBuf, ImageFormat)>)>,
+    ) -> Result<(String, u64)> {
         let os = self.os.clone();
         let tmp = tmp.to_path_buf();
         blocking(move || {
-            os.images.convert(&replica.path, &tmp, format)?;
+            let from = match &point {
+                Some((copy, backing)) => {
+                    let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+                    crate::snapshot::capture(&os, &source, copy, b)?;
+                    copy.clone()
+                }
+                None => source,
+            };
+            let converted = os.images.convert(&from, &tmp, format);
+            if let Some((copy, _)) = &point {
+                let _ = std::fs::remove_file(copy);
+            }
+            converted?;
             let sha = crate::fsutil::sha512_file(&tmp)?;
             let size = std::fs::metadata(&tmp)
                 .map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?

@@ -34,6 +34,7 @@ pub mod reconcile;
 pub mod remote;
 pub mod server;
 pub mod settings;
+pub mod snapshot;
 pub mod storageclass;
 pub mod store;
 pub mod sync;

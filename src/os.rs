@@ -141,6 +141,16 @@ pub trait ImageTool: Send + Sync {
     /// new standalone image `dst` of `format`, sparse. Used to export a volume as a backing image.
     /// `dst` must not exist; it appears only when complete.
     fn convert(&self, src: &Path, dst: &Path, format: ImageFormat) -> OsResult<()>;
+    /// Point the qcow2 image `path` at another backing file (None: no backing, the content
+    /// flattened into it). `safe`: the content stays what it was, qemu writes into `path` every
+    /// cluster where the old and the new backing differ; unsafe: only the header changes, for a
+    /// backing file known to hold the same bytes (a verified copy of the same image).
+    fn rebase(
+        &self,
+        path: &Path,
+        backing: Option<(&Path, ImageFormat)>,
+        safe: bool,
+    ) -> OsResult<()>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -299,6 +309,12 @@ pub trait Engine: Send + Sync {
     fn unexport_replica_force(&self, run_dir: &Path, replica_id: &str) -> OsResult<()>;
     /// The live replica server in `run_dir`: its port and the replica ids it exports (sorted).
     fn replica_server_status(&self, run_dir: &Path) -> OsResult<Option<(u16, Vec<String>)>>;
+    /// Copies what a live engine's local child `replica` holds at this instant (its own
+    /// clusters, not its backing file's) into `target`, an existing qcow2 image the caller made
+    /// with the replica's size and backing file: a point-in-time copy, so writes that go on
+    /// meanwhile do not reach it. Returns false, copying nothing, when no live engine on this
+    /// machine has `replica` open (the file is then at rest and can be copied as it is).
+    fn backup_replica(&self, replica: &Path, target: &Path) -> OsResult<bool>;
 }
 
 pub trait LoopDevices: Send + Sync {

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::files::{FileReport, FileReports};
 use crate::model::{Disk, NodeRecord, Replica};
 use crate::os::ReplicaTarget;
+use crate::snapshot::SnapshotFile;
 use crate::store::{Kind, Store};
 
 pub mod pb {
@@ -342,6 +343,57 @@ impl Agent for RemoteAgent {
             .map_err(status_error)?;
         Ok(())
     }
+    async fn snapshot_replicas(
+        &self,
+        snapshot_id: &str,
+        replicas: &[Replica],
+        backing_image: Option<&str>,
+    ) -> Result<Vec<SnapshotFile>> {
+        let r = self
+            .client
+            .clone()
+            .snapshot_replicas(pb::SnapshotReplicasRequest {
+                snapshot_id: snapshot_id.to_string(),
+                replicas_json: to_json(&replicas)?,
+                backing_image: backing_image.unwrap_or_default().to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        from_json(&r.into_inner().files_json, "snapshot files")
+    }
+
+    async fn restore_replica(
+        &self,
+        source: &SnapshotFile,
+        source_image: Option<&str>,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<()> {
+        self.client
+            .clone()
+            .restore_replica(pb::RestoreReplicaRequest {
+                source_json: to_json(source)?,
+                source_image: source_image.unwrap_or_default().to_string(),
+                replica_json: to_json(replica)?,
+                size,
+                backing_image: backing_image.unwrap_or_default().to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
+        self.client
+            .clone()
+            .delete_snapshot_files(pb::SnapshotFiles {
+                files_json: to_json(&files)?,
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
 }
 
 // ---- node side: the Agent service and the clients of the controller -------------------------
@@ -454,6 +506,46 @@ impl AgentRpc for AgentService {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
         self.local.sync_image_file(&r.image, &r.disk_id).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+    async fn snapshot_replicas(
+        &self,
+        request: Request<pb::SnapshotReplicasRequest>,
+    ) -> std::result::Result<Response<pb::SnapshotFiles>, Status> {
+        let r = request.into_inner();
+        let replicas: Vec<Replica> = from_json(&r.replicas_json, "replicas")?;
+        let backing = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        let files = self
+            .local
+            .snapshot_replicas(&r.snapshot_id, &replicas, backing)
+            .await?;
+        Ok(Response::new(pb::SnapshotFiles {
+            files_json: to_json(&files)?,
+        }))
+    }
+
+    async fn restore_replica(
+        &self,
+        request: Request<pb::RestoreReplicaRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let source: SnapshotFile = from_json(&r.source_json, "snapshot file")?;
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let source_image = (!r.source_image.is_empty()).then_some(r.source_image.as_str());
+        let backing = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        self.local
+            .restore_replica(&source, source_image, &replica, r.size, backing)
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn delete_snapshot_files(
+        &self,
+        request: Request<pb::SnapshotFiles>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let files: Vec<SnapshotFile> =
+            from_json(&request.into_inner().files_json, "snapshot files")?;
+        self.local.delete_snapshot_files(&files).await?;
         Ok(Response::new(pb::Empty {}))
     }
 }

@@ -22,16 +22,18 @@ pub enum Kind {
     StorageClass,
     Setting,
     Node,
+    Snapshot,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Volume,
         Kind::NodeVolume,
         Kind::BackingImage,
         Kind::StorageClass,
         Kind::Setting,
         Kind::Node,
+        Kind::Snapshot,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Kind {
             Kind::StorageClass => "storage-classes",
             Kind::Setting => "settings",
             Kind::Node => "nodes",
+            Kind::Snapshot => "snapshots",
         }
     }
 

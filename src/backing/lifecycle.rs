@@ -415,6 +415,7 @@ mod tests {
     use crate::error::{Error, Result};
     use crate::model::{NodeRecord, Replica, VolumeSpec};
     use crate::os::ReplicaTarget;
+    use crate::snapshot::SnapshotFile;
     use crate::settings::{CLEANUP_WAIT_INTERVAL, RECOVERY_WAIT_INTERVAL};
     use crate::store::Store;
     use crate::store::embedded::EmbeddedStore;
@@ -487,6 +488,27 @@ mod tests {
             Err(unused())
         }
         async fn release_replica(&self, _: &Replica) -> Result<()> {
+            Err(unused())
+        }
+        async fn snapshot_replicas(
+            &self,
+            _: &str,
+            _: &[Replica],
+            _: Option<&str>,
+        ) -> Result<Vec<SnapshotFile>> {
+            Err(unused())
+        }
+        async fn restore_replica(
+            &self,
+            _: &SnapshotFile,
+            _: Option<&str>,
+            _: &Replica,
+            _: u64,
+            _: Option<&str>,
+        ) -> Result<()> {
+            Err(unused())
+        }
+        async fn delete_snapshot_files(&self, _: &[SnapshotFile]) -> Result<()> {
             Err(unused())
         }
     }

@@ -7,9 +7,11 @@ use tracing::Instrument;
 
 use super::pb::controller_server::Controller as CsiController;
 use super::{capability_from_pb, capability_to_pb, pb, required, required_capability, rpc_span};
+use crate::controller::snapshot::CreateSnapshot;
 use crate::controller::{Controller, CreateVolume};
 use crate::error::Error;
 use crate::model::Volume;
+use crate::snapshot::Snapshot;
 
 pub struct ControllerService {
     pub controller: Arc<Controller>,
@@ -22,6 +24,22 @@ fn volume_to_pb(v: &Volume) -> pb::Volume {
         volume_context: Default::default(),
         content_source: None,
         accessible_topology: vec![],
+    }
+}
+
+impl ControllerService {
+    fn snapshot_to_pb(&self, s: &Snapshot) -> Result<pb::Snapshot, Error> {
+        Ok(pb::Snapshot {
+            size_bytes: s.size_bytes.min(i64::MAX as u64) as i64,
+            snapshot_id: s.id.clone(),
+            source_volume_id: s.source_volume_id.clone(),
+            creation_time: Some(prost_types::Timestamp {
+                seconds: s.creation_secs.min(i64::MAX as u64) as i64,
+                nanos: s.creation_nanos as i32,
+            }),
+            ready_to_use: self.controller.snapshot_ready(s)?,
+            group_snapshot_id: String::new(),
+        })
     }
 }
 
@@ -250,6 +268,9 @@ impl CsiController for ControllerService {
             R::VolumeCondition,
             R::GetVolume,
             R::ModifyVolume,
+            R::CreateDeleteSnapshot,
+            R::ListSnapshots,
+            R::CloneVolume,
         ];
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
             capabilities: rpcs
@@ -259,6 +280,72 @@ impl CsiController for ControllerService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        let r = request.into_inner();
+        async {
+            required(&r.name, "name")?;
+            required(&r.source_volume_id, "source_volume_id")?;
+            let s = self
+                .controller
+                .create_snapshot(CreateSnapshot {
+                    name: r.name.clone(),
+                    source_volume_id: r.source_volume_id.clone(),
+                    parameters: r.parameters.clone().into_iter().collect(),
+                })
+                .await?;
+            Ok(Response::new(pb::CreateSnapshotResponse {
+                snapshot: Some(self.snapshot_to_pb(&s)?),
+            }))
+        }
+        .instrument(rpc_span("CreateSnapshot", &r.source_volume_id))
+        .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r = request.into_inner();
+        async {
+            required(&r.snapshot_id, "snapshot_id")?;
+            self.controller.delete_snapshot(&r.snapshot_id).await?;
+            Ok(Response::new(pb::DeleteSnapshotResponse {}))
+        }
+        .instrument(rpc_span("DeleteSnapshot", ""))
+        .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = request.into_inner();
+        async {
+            let max = nonneg(r.max_entries as i64, "max_entries")? as usize;
+            let (page, next_token) = self.controller.list_snapshots(
+                max,
+                &r.starting_token,
+                &r.source_volume_id,
+                &r.snapshot_id,
+            )?;
+            let mut entries = Vec::with_capacity(page.len());
+            for s in &page {
+                entries.push(pb::list_snapshots_response::Entry {
+                    snapshot: Some(self.snapshot_to_pb(s)?),
+                });
+            }
+            Ok(Response::new(pb::ListSnapshotsResponse {
+                entries,
+                next_token,
+            }))
+        }
+        .instrument(rpc_span("ListSnapshots", &r.source_volume_id))
+        .await
     }
 
     async fn controller_expand_volume(

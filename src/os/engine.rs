@@ -23,6 +23,8 @@
 //!   retransmission timeout, ~15 min by default), and while a FUSE request waits the daemon's main
 //!   loop does not answer QMP either (and qemu-storage-daemon has no `yank`).
 
+mod backup;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -803,6 +805,10 @@ impl Engine for QemuStorageDaemon {
 
     fn unexport_replica_force(&self, run_dir: &Path, replica_id: &str) -> OsResult<()> {
         nbd::unexport_replica(self, run_dir, replica_id, true)
+    }
+
+    fn backup_replica(&self, replica: &Path, target: &Path) -> OsResult<bool> {
+        backup::backup_replica(replica, target)
     }
 
     fn replica_server_status(&self, run_dir: &Path) -> OsResult<Option<(u16, Vec<String>)>> {

@@ -946,6 +946,22 @@ impl ImageTool for FakeImages {
             },
         )
     }
+    fn rebase(
+        &self,
+        path: &Path,
+        backing: Option<(&Path, ImageFormat)>,
+        safe: bool,
+    ) -> OsResult<()> {
+        self.0.world().fail("images.rebase")?;
+        let mut img = read_image(path)?;
+        if safe {
+            // The content stays what it was: keep it in the image itself.
+            img.fs = content_fs(path)?;
+        }
+        img.backing = backing.map(|(f, _)| f.to_path_buf());
+        img.backing_format = backing.map(|(_, f)| f.as_str().to_string());
+        write_image(path, &img)
+    }
 }
 
 impl FakeEngine {
@@ -1139,6 +1155,19 @@ fn remove_run_dir(run_dir: &Path) -> OsResult<()> {
 }
 
 impl Engine for FakeEngine {
+    fn backup_replica(&self, replica: &Path, target: &Path) -> OsResult<bool> {
+        let mut w = self.0.world();
+        w.fail("engine.backup_replica")?;
+        if w.engine_using(&resolve_parent(replica), None).is_none() {
+            return Ok(false);
+        }
+        let own = read_image(replica)?.fs;
+        let mut img = read_image(target)?;
+        img.fs = own;
+        write_image(target, &img)?;
+        Ok(true)
+    }
+
     fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
         let mut w = self.0.world();
         w.fail("engine.start")?;

@@ -253,6 +253,38 @@ impl ImageTool for QemuImg {
         }
         result
     }
+    fn rebase(
+        &self,
+        path: &Path,
+        backing: Option<(&Path, ImageFormat)>,
+        safe: bool,
+    ) -> OsResult<()> {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["rebase", "-q", "-f", "qcow2"]);
+        if !safe {
+            cmd.arg("-u");
+        }
+        match backing {
+            Some((file, format)) => {
+                if !file.is_absolute() {
+                    return Err(OsError::Unsupported(format!(
+                        "backing file {} of {} must be an absolute path",
+                        file.display(),
+                        path.display()
+                    )));
+                }
+                cmd.arg("-b").arg(file).arg("-F").arg(format.as_str());
+            }
+            None => {
+                cmd.args(["-b", ""]);
+            }
+        }
+        cmd.arg(path);
+        qemu_img(&mut cmd, path)?;
+        File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| OsError::io(format!("syncing {}", path.display()), e))
+    }
 }
 
 #[cfg(test)]

@@ -219,7 +219,7 @@ async fn checksums_urls_and_formats() {
     );
 }
 
-fn create_with(
+pub(super) fn create_with(
     name: &str,
     bytes: i64,
     params: &[(String, String)],
@@ -474,7 +474,7 @@ metadata:
     );
 }
 
-async fn attach(
+pub(super) async fn attach(
     c: &mut bicsi::client::CsiClient,
     b: &Bicsi,
     id: &str,
@@ -518,7 +518,7 @@ async fn attach(
     (st, tg)
 }
 
-async fn detach(c: &mut bicsi::client::CsiClient, id: &str, st: &Path, tg: &Path) {
+pub(super) async fn detach(c: &mut bicsi::client::CsiClient, id: &str, st: &Path, tg: &Path) {
     c.node
         .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
             volume_id: id.into(),

@@ -717,3 +717,149 @@ async fn a_file_changed_on_one_node_is_caught_by_its_scrub_and_synced_again_from
     );
     assert_eq!(sha512sum(&files[0]), want);
 }
+
+/// Publishes `volume` to node `i` and stages and publishes it there; returns the target path.
+async fn attach_on(c: &TestCluster, ctl: &mut CsiClient, volume: &str, i: usize) -> PathBuf {
+    let mut publish = cpublish_req(volume, mount_cap(), false);
+    publish.node_id = c.nodes[i].id.clone();
+    let ctx = publish_retrying(ctl, publish).await.publish_context;
+    let mut node = c.node_client(i).await;
+    let st = c.dir.path().join(format!("st-{volume}"));
+    let tg = c.dir.path().join(format!("tg-{volume}"));
+    let mut stage = stage_req(volume, &st, mount_cap());
+    stage.publish_context = ctx.clone();
+    node.node.node_stage_volume(stage).await.unwrap();
+    let mut pubr = publish_req(volume, &st, &tg, mount_cap(), false);
+    pubr.publish_context = ctx;
+    node.node.node_publish_volume(pubr).await.unwrap();
+    tg
+}
+
+async fn detach_from(c: &TestCluster, ctl: &mut CsiClient, volume: &str, i: usize) {
+    let mut node = c.node_client(i).await;
+    node.node
+        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: c
+                .dir
+                .path()
+                .join(format!("tg-{volume}"))
+                .display()
+                .to_string(),
+        })
+        .await
+        .unwrap();
+    node.node
+        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: volume.into(),
+            staging_target_path: c
+                .dir
+                .path()
+                .join(format!("st-{volume}"))
+                .display()
+                .to_string(),
+        })
+        .await
+        .unwrap();
+    ctl.controller
+        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: c.nodes[i].id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn write_synced(dir: &Path, name: &str, bytes: &[u8]) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join(name)).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+    std::fs::File::open(dir).unwrap().sync_all().unwrap();
+}
+
+/// Snapshots, restores and clones in the split mode go through the node agents' API: the
+/// attached node's engine takes the point in time, the snapshot stays on that node's disk, and
+/// the restored volume attaches from another node over NBD.
+#[tokio::test]
+async fn snapshots_restores_and_clones_through_the_node_agents() {
+    if !root_or_skip("snapshots_restores_and_clones_through_the_node_agents") {
+        return;
+    }
+    let c = TestCluster::start(2).await;
+    let mut ctl = c.controller_client().await;
+    ctl.controller
+        .create_volume(create_req("src", 64 * MIB, &[("numberOfReplicas", "2")]))
+        .await
+        .unwrap();
+    let tg = attach_on(&c, &mut ctl, "src", 0).await;
+    write_synced(&tg, "before.txt", b"before the snapshot");
+    let snap = ctl
+        .controller
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "snap-split".into(),
+            source_volume_id: "src".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", c.logs()))
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use);
+    assert!(
+        c.node_log(0)
+            .contains("point-in-time copy made by the volume's engine"),
+        "node-1's engine did not take the snapshot:\n{}",
+        c.logs()
+    );
+    let file = c.nodes[0].disk.join("snapshots/snap-split/snapshot.qcow2");
+    assert!(file.is_file(), "{}", file.display());
+    write_synced(&tg, "after.txt", b"after the snapshot");
+    detach_from(&c, &mut ctl, "src", 0).await;
+
+    // Restored on node-1's disk (where the snapshot is), attached on node-2 through NBD.
+    let mut req = create_req("restored", 64 * MIB, &[("numberOfReplicas", "1")]);
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Snapshot(
+            pb::volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    ctl.controller.create_volume(req).await.unwrap();
+    let tg = attach_on(&c, &mut ctl, "restored", 1).await;
+    assert_eq!(
+        std::fs::read(tg.join("before.txt")).unwrap(),
+        b"before the snapshot"
+    );
+    assert!(!tg.join("after.txt").exists());
+    detach_from(&c, &mut ctl, "restored", 1).await;
+
+    // A clone of the detached source has everything.
+    let mut req = create_req("cloned", 64 * MIB, &[("numberOfReplicas", "1")]);
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Volume(
+            pb::volume_content_source::VolumeSource {
+                volume_id: "src".into(),
+            },
+        )),
+    });
+    ctl.controller.create_volume(req).await.unwrap();
+    let tg = attach_on(&c, &mut ctl, "cloned", 0).await;
+    assert_eq!(
+        std::fs::read(tg.join("after.txt")).unwrap(),
+        b"after the snapshot"
+    );
+    detach_from(&c, &mut ctl, "cloned", 0).await;
+
+    ctl.controller
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!file.exists(), "the node agent removed the snapshot file");
+}

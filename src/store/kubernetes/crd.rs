@@ -117,6 +117,12 @@ record_kind!(
     "A StorageClass applied through bicsi (bicsi apply), for volumes created by name."
 );
 record_kind!(BicsiSettingSpec, "BicsiSetting", "bset", "A bicsi setting.");
+record_kind!(
+    BicsiSnapshotSpec,
+    "BicsiSnapshot",
+    "bsnap",
+    "A CSI snapshot of a bicsi volume: where its files sit and the backing image it keeps."
+);
 
 /// The CRD that holds one kind of record.
 pub fn crd(kind: Kind) -> CustomResourceDefinition {
@@ -127,6 +133,7 @@ pub fn crd(kind: Kind) -> CustomResourceDefinition {
         Kind::Node => BicsiNode::crd(),
         Kind::StorageClass => BicsiStorageClass::crd(),
         Kind::Setting => BicsiSetting::crd(),
+        Kind::Snapshot => BicsiSnapshot::crd(),
     }
 }
 
@@ -139,6 +146,7 @@ pub fn api_resource(kind: Kind) -> kube::api::ApiResource {
         Kind::Node => kube::api::ApiResource::erase::<BicsiNode>(&()),
         Kind::StorageClass => kube::api::ApiResource::erase::<BicsiStorageClass>(&()),
         Kind::Setting => kube::api::ApiResource::erase::<BicsiSetting>(&()),
+        Kind::Snapshot => kube::api::ApiResource::erase::<BicsiSnapshot>(&()),
     }
 }
 

@@ -1,0 +1,341 @@
+//! CSI snapshots as bicsi keeps them: the record, its parameters, and the node-side file work
+//! (capture, copy to the volume's other disks, restore into a new replica).
+//!
+//! A snapshot is a qcow2 file per disk at `<disk>/snapshots/<snapshot-id>/snapshot.qcow2`
+//! holding the volume's own clusters at one instant, with the disk's file of the volume's
+//! backing image as its backing file, so a snapshot of a volume over a 10 GiB image with 5 MiB
+//! written takes about 5 MiB. An attached volume is captured by its engine (qemu's
+//! copy-before-write backup, `os::Engine::backup_replica`), a detached one by copying its replica
+//! file (reflink where the filesystem shares blocks). A new volume from a snapshot gets copies of
+//! that file as its replicas, rebased onto the backing image it should use.
+//!
+//! The controller decides which snapshot, which volume and which disks (`controller::snapshot`);
+//! this module must not touch volume or snapshot records, and the OS layer does the qemu work.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::Disk;
+use crate::os::{ImageFormat, Os};
+
+/// Snapshot parameter (VolumeSnapshotClass): `bi` exports the snapshot as a backing image.
+pub const TYPE: &str = "type";
+/// Snapshot parameter: the format of that backing image, `raw` or `qcow2` (the default).
+pub const EXPORT_TYPE: &str = "export-type";
+/// The value of [`TYPE`] that asks for a backing image.
+pub const TYPE_BACKING_IMAGE: &str = "bi";
+/// The value of [`TYPE`] for a snapshot kept on the volume's disks (the default).
+pub const TYPE_SNAPSHOT: &str = "snap";
+
+/// One file of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotFile {
+    pub node_id: String,
+    pub disk_id: String,
+    pub path: PathBuf,
+}
+
+/// The backing image a `type: bi` snapshot was exported as.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportedImage {
+    pub name: String,
+    pub export_type: String,
+}
+
+/// A snapshot of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    pub source_volume_id: String,
+    /// The source volume's size when it was taken: a volume restored from it is at least this.
+    pub size_bytes: u64,
+    pub creation_secs: u64,
+    pub creation_nanos: u32,
+    /// The backing image of the source volume, which a restore uses unless told otherwise.
+    pub backing_image: Option<String>,
+    pub parameters: BTreeMap<String, String>,
+    pub files: Vec<SnapshotFile>,
+    /// Set for `type: bi`.
+    pub exported: Option<ExportedImage>,
+}
+
+/// What CreateSnapshot's parameters ask for: None for a snapshot on the volume's disks, else the
+/// backing image's export type.
+pub fn parse_parameters(params: &BTreeMap<String, String>) -> Result<Option<String>> {
+    for key in params.keys() {
+        if key != TYPE && key != EXPORT_TYPE && !key.starts_with("csi.storage.k8s.io/") {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot parameter {key:?} is not supported; the accepted keys are {TYPE:?} ({TYPE_SNAPSHOT} or {TYPE_BACKING_IMAGE}) and {EXPORT_TYPE:?} (raw or qcow2, with {TYPE}: {TYPE_BACKING_IMAGE})"
+            )));
+        }
+    }
+    let export_type = match params.get(EXPORT_TYPE).map(|s| s.trim()) {
+        None | Some("") => None,
+        Some(t @ ("raw" | "qcow2")) => Some(t.to_string()),
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot parameter {EXPORT_TYPE}: {other:?} is not an export type; use raw or qcow2"
+            )));
+        }
+    };
+    match params.get(TYPE).map(|s| s.trim()) {
+        Some(TYPE_BACKING_IMAGE) => Ok(Some(export_type.unwrap_or_else(|| "qcow2".into()))),
+        None | Some("") | Some(TYPE_SNAPSHOT) => {
+            if export_type.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot parameter {EXPORT_TYPE} needs {TYPE}: {TYPE_BACKING_IMAGE} (it is the format of the exported backing image)"
+                )));
+            }
+            Ok(None)
+        }
+        Some(other) => Err(Error::InvalidArgument(format!(
+            "snapshot parameter {TYPE}: {other:?} is not a snapshot type; use {TYPE_SNAPSHOT} (kept on the volume's disks) or {TYPE_BACKING_IMAGE} (exported as a backing image)"
+        ))),
+    }
+}
+
+/// The backing image name of a `type: bi` snapshot: the snapshot name when it is a DNS-1123
+/// label already, else its lower-cased letters and digits joined by '-', cut to fit, with a
+/// digest of the full name so two names never share an image.
+pub fn image_name_for(snapshot_name: &str) -> String {
+    if crate::backing::object::validate_name(snapshot_name).is_ok() {
+        return snapshot_name.to_string();
+    }
+    let mut clean = String::new();
+    for c in snapshot_name.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            clean.push(c);
+        } else if !clean.ends_with('-') && !clean.is_empty() {
+            clean.push('-');
+        }
+    }
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha512::digest(snapshot_name.as_bytes()));
+    // 63 characters at most: up to 50 of the name, '-', 12 of the digest.
+    let mut head: String = clean.chars().take(50).collect();
+    while head.ends_with('-') {
+        head.pop();
+    }
+    if head.is_empty() {
+        format!("snap-{}", &digest[..12])
+    } else {
+        format!("{head}-{}", &digest[..12])
+    }
+}
+
+/// The directory of a snapshot's file on a disk.
+pub fn snapshot_dir(disk: &Disk, snapshot_id: &str) -> PathBuf {
+    disk.path.join("snapshots").join(snapshot_id)
+}
+
+pub fn snapshot_path(disk: &Disk, snapshot_id: &str) -> PathBuf {
+    snapshot_dir(disk, snapshot_id).join("snapshot.qcow2")
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Internal(format!("{what} {}: {e}", path.display()))
+}
+
+fn part_path(dest: &Path) -> PathBuf {
+    dest.with_extension("qcow2.part")
+}
+
+/// Moves a finished file into place durably.
+fn commit(tmp: &Path, dest: &Path) -> Result<()> {
+    Ok(crate::os::image::commit(tmp, dest)?)
+}
+
+/// Captures `replica` as it is now into `dest` (a new qcow2 with the replica's size and
+/// `backing`, the replica's own backing file): through the engine when one has it open (a
+/// point-in-time copy while writes go on), else a copy of the file at rest. Blocking.
+pub fn capture(
+    os: &Os,
+    replica: &Path,
+    dest: &Path,
+    backing: Option<(&Path, ImageFormat)>,
+) -> Result<()> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let tmp = part_path(dest);
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let size = os.images.info(replica)?.virtual_size;
+        os.images.create_replica(&tmp, size, backing)?;
+        if os.engine.backup_replica(replica, &tmp)? {
+            tracing::info!(replica = %replica.display(), copy = %dest.display(), "point-in-time copy made by the volume's engine");
+        } else {
+            // No engine has it open: the file is at rest and its copy is the content.
+            std::fs::remove_file(&tmp).map_err(|e| io("cannot remove", &tmp, e))?;
+            crate::sync::local_copy(replica, &tmp).map_err(|e| {
+                Error::Internal(format!(
+                    "copying replica {} to {}: {e}",
+                    replica.display(),
+                    tmp.display()
+                ))
+            })?;
+        }
+        commit(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Copies a snapshot file to `dest` (another disk), pointing it at that disk's file of the same
+/// backing image (the same verified bytes, so only the header changes). Blocking.
+pub fn copy_to(
+    os: &Os,
+    src: &Path,
+    dest: &Path,
+    backing: Option<(&Path, ImageFormat)>,
+) -> Result<()> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let tmp = part_path(dest);
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        crate::sync::local_copy(src, &tmp).map_err(|e| {
+            Error::Internal(format!(
+                "copying snapshot {} to {}: {e}",
+                src.display(),
+                tmp.display()
+            ))
+        })?;
+        if backing.is_some() {
+            os.images.rebase(&tmp, backing, false)?;
+        }
+        commit(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Makes the replica file `dest` of `size` bytes from the snapshot file `src`. `same_image`:
+/// `backing` is a file of the snapshot's own backing image (only the header changes); else the
+/// content is kept by a safe rebase, which writes into the replica every cluster where the
+/// snapshot's backing and the new one differ. Blocking.
+pub fn restore(
+    os: &Os,
+    src: &Path,
+    dest: &Path,
+    size: u64,
+    backing: Option<(&Path, ImageFormat)>,
+    same_image: bool,
+) -> Result<()> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let tmp = part_path(dest);
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        crate::sync::local_copy(src, &tmp).map_err(|e| {
+            Error::Internal(format!(
+                "copying snapshot {} to {}: {e}",
+                src.display(),
+                tmp.display()
+            ))
+        })?;
+        let current = os.images.info(&tmp)?.backing_file;
+        let wanted = backing.map(|(p, _)| p.to_path_buf());
+        if !same_image {
+            os.images.rebase(&tmp, backing, true)?;
+        } else if current != wanted {
+            os.images.rebase(&tmp, backing, false)?;
+        }
+        os.images.resize(&tmp, size)?;
+        commit(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes a snapshot's directory on a disk; Ok when it is gone already.
+pub fn remove(file: &SnapshotFile) -> Result<()> {
+    let Some(dir) = file.path.parent() else {
+        return Ok(());
+    };
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("cannot remove snapshot directory", dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+
+    #[test]
+    fn parameters_table() {
+        let ok: &[(Pairs, Option<&str>)] = &[
+            (&[], None),
+            (&[("type", "snap")], None),
+            (&[("type", "bi")], Some("qcow2")),
+            (&[("type", "bi"), ("export-type", "raw")], Some("raw")),
+            (&[("type", "bi"), ("export-type", "qcow2")], Some("qcow2")),
+            (&[("csi.storage.k8s.io/volumesnapshot/name", "s1")], None),
+        ];
+        for (p, want) in ok {
+            assert_eq!(
+                parse_parameters(&params(p)).unwrap().as_deref(),
+                *want,
+                "{p:?}"
+            );
+        }
+        let bad: &[(Pairs, &str)] = &[
+            (&[("color", "blue")], "\"color\""),
+            (&[("type", "bi"), ("export-type", "vmdk")], "vmdk"),
+            (&[("type", "backup")], "backup"),
+            (&[("export-type", "raw")], "needs"),
+        ];
+        for (p, needle) in bad {
+            let e = parse_parameters(&params(p)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{p:?}");
+            assert!(e.to_string().contains(needle), "{p:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn image_names_are_dns_labels() {
+        assert_eq!(image_name_for("snap-1"), "snap-1");
+        for name in [
+            "Snapshot_One",
+            "snapshot-e8f2c4a0-7c1b-4a6e-9a53-0b0e3c1f5d2a-with-a-long-suffix-beyond-63",
+            "___",
+            "a.b.c",
+        ] {
+            let got = image_name_for(name);
+            crate::backing::object::validate_name(&got)
+                .unwrap_or_else(|e| panic!("{name:?} -> {got:?}: {e}"));
+            assert_eq!(got, image_name_for(name), "stable");
+        }
+        assert_ne!(image_name_for("A"), image_name_for("a_"));
+    }
+}
