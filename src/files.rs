@@ -245,6 +245,15 @@ impl FileManagers {
             .clone()
     }
 
+    /// Whether work on the image's file on `disk_id` runs in this process now.
+    fn running(&self, disk_id: &str, image: &str) -> bool {
+        self.managers
+            .lock()
+            .expect("managers poisoned")
+            .get(disk_id)
+            .is_some_and(|m| m.tasks.lock().expect("tasks poisoned").contains_key(image))
+    }
+
     /// Stops the managers of disks that hold no backing image file and run no work.
     pub fn retire_idle(&self) {
         let mut managers = self.managers.lock().expect("managers poisoned");
@@ -832,17 +841,39 @@ impl FileManagers {
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let images: Vec<BackingImage> = self.store.list(Kind::BackingImage)?;
         let first_start = !self.verified_at_start.load(Ordering::SeqCst);
+        // The partial files of work cut off by the restart go before any work starts again
+        // (a restarted download or export writes its temp file at once); those of work running
+        // in this process now (a node registering again after a controller restart) stay.
+        for d in &self.disks {
+            let live: Vec<PathBuf> = images
+                .iter()
+                .filter(|bi| self.running(&d.id, bi.name()))
+                .map(|bi| tmp_path(d, bi))
+                .collect();
+            for e in std::fs::read_dir(d.path.join("tmp"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !live.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         for bi in &images {
             for disk in self.disks.clone() {
                 let Some(f) = bi.status.disk_file_status_map.get(&disk.id) else {
                     continue;
                 };
+                // Work running in this process now goes on untouched.
+                if !f.state.is_final() && self.running(&disk.id, bi.name()) {
+                    continue;
+                }
                 match f.state {
                     // An upload cut off by the restart cannot go on: its client has gone.
                     FileState::Starting | FileState::InProgress | FileState::Pending
                         if bi.spec.source_type == SourceType::Upload =>
                     {
-                        let _ = std::fs::remove_file(tmp_path(&disk, bi));
                         self.report(
                             bi.name(),
                             &disk,
@@ -855,7 +886,6 @@ impl FileManagers {
                         .await?;
                     }
                     FileState::Starting | FileState::InProgress | FileState::Pending => {
-                        let _ = std::fs::remove_file(tmp_path(&disk, bi));
                         if f.state != FileState::Pending {
                             self.report(
                                 bi.name(),
@@ -921,13 +951,6 @@ impl FileManagers {
                     tracing::info!(disk = %d.id, dir = %n, "removing the files of a deleted backing image");
                     let _ = std::fs::remove_dir_all(e.path());
                 }
-            }
-            for e in std::fs::read_dir(d.path.join("tmp"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let _ = std::fs::remove_file(e.path());
             }
         }
         for d in self.disks.clone() {
@@ -1186,6 +1209,41 @@ mod lifecycle_tests {
         w3.resume().await.unwrap();
         let got = take(&w2);
         assert!(got[0].1.message.contains("missing from disk d1"), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn registering_again_leaves_running_work_and_its_temp_file_alone() {
+        let w = world();
+        w.files.resume().await.unwrap();
+        take(&w);
+        let disk = w.files.disks()[0].clone();
+        let mut bi: BackingImage = w
+            .files
+            .store
+            .get(Kind::BackingImage, "img")
+            .unwrap()
+            .unwrap();
+        bi.status.disk_file_status_map.get_mut("d1").unwrap().state = FileState::InProgress;
+        w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
+        let tmp = tmp_path(&disk, &bi);
+        std::fs::create_dir_all(disk.path.join("tmp")).unwrap();
+        std::fs::write(&tmp, b"under way").unwrap();
+        let stale = disk.path.join("tmp/gone-0123.part");
+        std::fs::write(&stale, b"cut off").unwrap();
+        // The image's work runs in this process when the node registers again.
+        w.files
+            .manager(&disk)
+            .tasks
+            .lock()
+            .unwrap()
+            .insert("img".into(), CancellationToken::new());
+        w.files.resume().await.unwrap();
+        assert!(
+            take(&w).is_empty(),
+            "running work is not failed nor restarted"
+        );
+        assert!(tmp.is_file(), "the running work keeps its temp file");
+        assert!(!stale.exists(), "the temp file of no running work goes");
     }
 
     #[tokio::test]
