@@ -588,22 +588,30 @@ impl FileManagers {
                 }
             )));
         }
-        let source = self.pick_source(&bi, &disk)?;
-        let d = disk.clone();
-        let n = name.to_string();
-        self.report(
-            name,
-            &disk,
-            FileReport::new(FileState::Pending, 0, source.describe()),
-        )
-        .await?;
-        self.spawn(name, &disk, move |this, _cancel| {
-            Box::pin(async move { this.sync_file(&n, &d, source).await })
-        });
+        self.start_sync(&bi, &disk).await?;
         Err(Error::Unavailable(format!(
             "backing image {name:?} is being prepared on disk {}; retry shortly",
             disk.id
         )))
+    }
+
+    /// Starts bringing the image's file to `disk` from a ready one (pending until a sync slot
+    /// frees), or says why no ready file can be its source yet.
+    async fn start_sync(self: &Arc<Self>, bi: &BackingImage, disk: &Disk) -> Result<()> {
+        let source = self.pick_source(bi, disk)?;
+        let name = bi.name();
+        let d = disk.clone();
+        let n = name.to_string();
+        self.report(
+            name,
+            disk,
+            FileReport::new(FileState::Pending, 0, source.describe()),
+        )
+        .await?;
+        self.spawn(name, disk, move |this, _cancel| {
+            Box::pin(async move { this.sync_file(&n, &d, source).await })
+        });
+        Ok(())
     }
 
     fn pick_source(&self, bi: &BackingImage, disk: &Disk) -> Result<Source> {
@@ -898,15 +906,28 @@ impl FileManagers {
                             )
                             .await?;
                         }
-                        let first = !bi.has_ready_file();
-                        self.report(
-                            bi.name(),
-                            &disk,
-                            FileReport::new(FileState::Pending, 0, "restarting"),
-                        )
-                        .await?;
-                        if first {
+                        if !bi.has_ready_file() {
+                            self.report(
+                                bi.name(),
+                                &disk,
+                                FileReport::new(FileState::Pending, 0, "restarting"),
+                            )
+                            .await?;
                             self.prepare_first_file(bi.name(), &disk.id)?;
+                        } else if let Err(e) = self.start_sync(bi, &disk).await {
+                            // A copy cut off by the restart starts again from a ready file;
+                            // with none reachable yet, it stays failed, and the next attach
+                            // (or recovery) starts it.
+                            self.report(
+                                bi.name(),
+                                &disk,
+                                FileReport::new(
+                                    FileState::Failed,
+                                    0,
+                                    format!("interrupted by a restart of bicsi; {e}"),
+                                ),
+                            )
+                            .await?;
                         }
                     }
                     // Start-up verification: a ready file is hashed again before it is used
@@ -1278,6 +1299,62 @@ mod lifecycle_tests {
             .unwrap();
         w.clock.advance(1_000_000);
         assert_eq!(w.files.scrub().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_copy_cut_off_by_a_restart_starts_again_at_resume_and_ends_ready() {
+        let w = world();
+        let d2 = Disk {
+            id: "d2".into(),
+            node_id: "n1".into(),
+            path: w._dir.path().join("disk2"),
+        };
+        std::fs::create_dir_all(d2.path.join("tmp")).unwrap();
+        // The copy to d2 was under way when bicsi stopped: its partial file is in tmp/.
+        let mut bi: BackingImage = w
+            .files
+            .store
+            .get(Kind::BackingImage, "img")
+            .unwrap()
+            .unwrap();
+        let mut f = bi.status.disk_file_status_map["d1"].clone();
+        f.state = FileState::InProgress;
+        f.progress = 40;
+        bi.status.disk_file_status_map.insert("d2".into(), f);
+        w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
+        std::fs::write(tmp_path(&d2, &bi), b"partial").unwrap();
+        let mut disks = w.files.disks().to_vec();
+        disks.push(d2.clone());
+        let files = FileManagers::new(
+            "n1".into(),
+            disks,
+            Os::fake(),
+            w.files.store.clone(),
+            w.reports.clone(),
+            w.clock.clone(),
+        );
+        files.resume().await.unwrap();
+        // Nothing else asks for it (no attach): resume itself starts the copy again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        loop {
+            seen.extend(take(&w));
+            if seen.iter().any(|(_, r)| r.state == FileState::Ready) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen[0].1.state, FileState::Failed, "{seen:?}");
+        assert!(seen[0].1.message.contains("interrupted by a restart"));
+        assert_eq!(
+            std::fs::read(BackingImages::file_path(&d2, &bi)).unwrap(),
+            std::fs::read(&w.path).unwrap()
+        );
+        assert!(!tmp_path(&d2, &bi).exists());
     }
 
     #[tokio::test]
