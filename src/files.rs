@@ -245,6 +245,15 @@ impl FileManagers {
             .clone()
     }
 
+    /// Whether work on the image's file on `disk_id` runs in this process now.
+    fn running(&self, disk_id: &str, image: &str) -> bool {
+        self.managers
+            .lock()
+            .expect("managers poisoned")
+            .get(disk_id)
+            .is_some_and(|m| m.tasks.lock().expect("tasks poisoned").contains_key(image))
+    }
+
     /// Stops the managers of disks that hold no backing image file and run no work.
     pub fn retire_idle(&self) {
         let mut managers = self.managers.lock().expect("managers poisoned");
@@ -629,22 +638,30 @@ impl FileManagers {
                 }
             )));
         }
-        let source = self.pick_source(&bi, &disk)?;
-        let d = disk.clone();
-        let n = name.to_string();
-        self.report(
-            name,
-            &disk,
-            FileReport::new(FileState::Pending, 0, source.describe()),
-        )
-        .await?;
-        self.spawn(name, &disk, move |this, _cancel| {
-            Box::pin(async move { this.sync_file(&n, &d, source).await })
-        });
+        self.start_sync(&bi, &disk).await?;
         Err(Error::Unavailable(format!(
             "backing image {name:?} is being prepared on disk {}; retry shortly",
             disk.id
         )))
+    }
+
+    /// Starts bringing the image's file to `disk` from a ready one (pending until a sync slot
+    /// frees), or says why no ready file can be its source yet.
+    async fn start_sync(self: &Arc<Self>, bi: &BackingImage, disk: &Disk) -> Result<()> {
+        let source = self.pick_source(bi, disk)?;
+        let name = bi.name();
+        let d = disk.clone();
+        let n = name.to_string();
+        self.report(
+            name,
+            disk,
+            FileReport::new(FileState::Pending, 0, source.describe()),
+        )
+        .await?;
+        self.spawn(name, disk, move |this, _cancel| {
+            Box::pin(async move { this.sync_file(&n, &d, source).await })
+        });
+        Ok(())
     }
 
     fn pick_source(&self, bi: &BackingImage, disk: &Disk) -> Result<Source> {
@@ -882,17 +899,39 @@ impl FileManagers {
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let images: Vec<BackingImage> = self.store.list(Kind::BackingImage)?;
         let first_start = !self.verified_at_start.load(Ordering::SeqCst);
+        // The partial files of work cut off by the restart go before any work starts again
+        // (a restarted download or export writes its temp file at once); those of work running
+        // in this process now (a node registering again after a controller restart) stay.
+        for d in &self.disks {
+            let live: Vec<PathBuf> = images
+                .iter()
+                .filter(|bi| self.running(&d.id, bi.name()))
+                .map(|bi| tmp_path(d, bi))
+                .collect();
+            for e in std::fs::read_dir(d.path.join("tmp"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !live.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         for bi in &images {
             for disk in self.disks.clone() {
                 let Some(f) = bi.status.disk_file_status_map.get(&disk.id) else {
                     continue;
                 };
+                // Work running in this process now goes on untouched.
+                if !f.state.is_final() && self.running(&disk.id, bi.name()) {
+                    continue;
+                }
                 match f.state {
                     // An upload cut off by the restart cannot go on: its client has gone.
                     FileState::Starting | FileState::InProgress | FileState::Pending
                         if bi.spec.source_type == SourceType::Upload =>
                     {
-                        let _ = std::fs::remove_file(tmp_path(&disk, bi));
                         self.report(
                             bi.name(),
                             &disk,
@@ -905,7 +944,6 @@ impl FileManagers {
                         .await?;
                     }
                     FileState::Starting | FileState::InProgress | FileState::Pending => {
-                        let _ = std::fs::remove_file(tmp_path(&disk, bi));
                         if f.state != FileState::Pending {
                             self.report(
                                 bi.name(),
@@ -918,15 +956,28 @@ impl FileManagers {
                             )
                             .await?;
                         }
-                        let first = !bi.has_ready_file();
-                        self.report(
-                            bi.name(),
-                            &disk,
-                            FileReport::new(FileState::Pending, 0, "restarting"),
-                        )
-                        .await?;
-                        if first {
+                        if !bi.has_ready_file() {
+                            self.report(
+                                bi.name(),
+                                &disk,
+                                FileReport::new(FileState::Pending, 0, "restarting"),
+                            )
+                            .await?;
                             self.prepare_first_file(bi.name(), &disk.id)?;
+                        } else if let Err(e) = self.start_sync(bi, &disk).await {
+                            // A copy cut off by the restart starts again from a ready file;
+                            // with none reachable yet, it stays failed, and the next attach
+                            // (or recovery) starts it.
+                            self.report(
+                                bi.name(),
+                                &disk,
+                                FileReport::new(
+                                    FileState::Failed,
+                                    0,
+                                    format!("interrupted by a restart of bicsi; {e}"),
+                                ),
+                            )
+                            .await?;
                         }
                     }
                     // Start-up verification: a ready file is hashed again before it is used
@@ -971,13 +1022,6 @@ impl FileManagers {
                     tracing::info!(disk = %d.id, dir = %n, "removing the files of a deleted backing image");
                     let _ = std::fs::remove_dir_all(e.path());
                 }
-            }
-            for e in std::fs::read_dir(d.path.join("tmp"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let _ = std::fs::remove_file(e.path());
             }
         }
         for d in self.disks.clone() {
@@ -1239,6 +1283,41 @@ mod lifecycle_tests {
     }
 
     #[tokio::test]
+    async fn registering_again_leaves_running_work_and_its_temp_file_alone() {
+        let w = world();
+        w.files.resume().await.unwrap();
+        take(&w);
+        let disk = w.files.disks()[0].clone();
+        let mut bi: BackingImage = w
+            .files
+            .store
+            .get(Kind::BackingImage, "img")
+            .unwrap()
+            .unwrap();
+        bi.status.disk_file_status_map.get_mut("d1").unwrap().state = FileState::InProgress;
+        w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
+        let tmp = tmp_path(&disk, &bi);
+        std::fs::create_dir_all(disk.path.join("tmp")).unwrap();
+        std::fs::write(&tmp, b"under way").unwrap();
+        let stale = disk.path.join("tmp/gone-0123.part");
+        std::fs::write(&stale, b"cut off").unwrap();
+        // The image's work runs in this process when the node registers again.
+        w.files
+            .manager(&disk)
+            .tasks
+            .lock()
+            .unwrap()
+            .insert("img".into(), CancellationToken::new());
+        w.files.resume().await.unwrap();
+        assert!(
+            take(&w).is_empty(),
+            "running work is not failed nor restarted"
+        );
+        assert!(tmp.is_file(), "the running work keeps its temp file");
+        assert!(!stale.exists(), "the temp file of no running work goes");
+    }
+
+    #[tokio::test]
     async fn the_scrub_rehashes_ready_files_at_its_interval_and_catches_a_flipped_byte() {
         let w = world();
         w.settings
@@ -1270,6 +1349,62 @@ mod lifecycle_tests {
             .unwrap();
         w.clock.advance(1_000_000);
         assert_eq!(w.files.scrub().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_copy_cut_off_by_a_restart_starts_again_at_resume_and_ends_ready() {
+        let w = world();
+        let d2 = Disk {
+            id: "d2".into(),
+            node_id: "n1".into(),
+            path: w._dir.path().join("disk2"),
+        };
+        std::fs::create_dir_all(d2.path.join("tmp")).unwrap();
+        // The copy to d2 was under way when bicsi stopped: its partial file is in tmp/.
+        let mut bi: BackingImage = w
+            .files
+            .store
+            .get(Kind::BackingImage, "img")
+            .unwrap()
+            .unwrap();
+        let mut f = bi.status.disk_file_status_map["d1"].clone();
+        f.state = FileState::InProgress;
+        f.progress = 40;
+        bi.status.disk_file_status_map.insert("d2".into(), f);
+        w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
+        std::fs::write(tmp_path(&d2, &bi), b"partial").unwrap();
+        let mut disks = w.files.disks().to_vec();
+        disks.push(d2.clone());
+        let files = FileManagers::new(
+            "n1".into(),
+            disks,
+            Os::fake(),
+            w.files.store.clone(),
+            w.reports.clone(),
+            w.clock.clone(),
+        );
+        files.resume().await.unwrap();
+        // Nothing else asks for it (no attach): resume itself starts the copy again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        loop {
+            seen.extend(take(&w));
+            if seen.iter().any(|(_, r)| r.state == FileState::Ready) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen[0].1.state, FileState::Failed, "{seen:?}");
+        assert!(seen[0].1.message.contains("interrupted by a restart"));
+        assert_eq!(
+            std::fs::read(BackingImages::file_path(&d2, &bi)).unwrap(),
+            std::fs::read(&w.path).unwrap()
+        );
+        assert!(!tmp_path(&d2, &bi).exists());
     }
 
     #[tokio::test]

@@ -52,6 +52,16 @@ pub fn unrecoverable_upload(name: &str) -> String {
     )
 }
 
+/// `message` followed by the cause a failed file reported, unless it has none or already
+/// carries `message` (recovery says it once; a later round must not repeat it).
+fn with_cause(message: &str, cause: &str) -> String {
+    if cause.is_empty() || cause.starts_with(message) {
+        message.to_string()
+    } else {
+        format!("{message}; it failed with: {cause}")
+    }
+}
+
 /// Which of `candidates` (disk ids) may go, keeping at least `min_copies` files of the image,
 /// ready ones before others. `files` are all the image's files (disk id → state).
 pub fn removable(
@@ -340,18 +350,23 @@ impl BackingImages {
                 tracing::warn!(image = %name, "{message}");
                 self.update(name, |bi| {
                     bi.status.message = message.clone();
-                    let disks: Vec<Disk> = bi
+                    // Each file keeps what made it fail (a full disk, a cut connection)
+                    // beside what to do now.
+                    let disks: Vec<(Disk, String)> = bi
                         .status
                         .disk_file_status_map
                         .iter()
-                        .map(|(id, f)| Disk {
-                            id: id.clone(),
-                            node_id: f.node_id.clone(),
-                            path: Default::default(),
+                        .map(|(id, f)| {
+                            let disk = Disk {
+                                id: id.clone(),
+                                node_id: f.node_id.clone(),
+                                path: Default::default(),
+                            };
+                            (disk, with_cause(&message, &f.message))
                         })
                         .collect();
-                    for d in disks {
-                        set_file(bi, &d, FileState::Failed, 0, message.clone(), now)?;
+                    for (d, text) in disks {
+                        set_file(bi, &d, FileState::Failed, 0, text, now)?;
                     }
                     Ok(())
                 })
@@ -877,18 +892,40 @@ mod tests {
         use FileState::*;
         let w = world();
         w.image(SourceType::Upload, 1, &[("d1", Failed), ("d2", Failed)]);
+        let cause = "writing the upload to disk d1: No space left on device (os error 28)";
+        let mut bi = w.images.must_get("img").unwrap();
+        bi.status
+            .disk_file_status_map
+            .get_mut("d1")
+            .unwrap()
+            .message = cause.into();
+        w.store.put(Kind::BackingImage, "img", &bi).unwrap();
         w.clock.advance(RECOVERY_BACKOFF);
         w.images.tick().await.unwrap();
         assert!(w.agent.take().is_empty(), "nothing to recover from");
         let bi = w.images.must_get("img").unwrap();
+        let files = &bi.status.disk_file_status_map;
         for text in [
             bi.status.message.as_str(),
-            bi.status.disk_file_status_map["d2"].message.as_str(),
+            files["d1"].message.as_str(),
+            files["d2"].message.as_str(),
         ] {
             assert!(
                 text.contains("cannot be recovered") && text.contains("delete it"),
                 "{text}"
             );
         }
+        // The cause stays beside what to do, and later rounds do not repeat it.
+        assert!(files["d1"].message.ends_with(cause), "{files:?}");
+        assert!(!files["d2"].message.contains("failed with"), "{files:?}");
+        w.clock.advance(RECOVERY_BACKOFF);
+        w.images.tick().await.unwrap();
+        let again = w
+            .images
+            .must_get("img")
+            .unwrap()
+            .status
+            .disk_file_status_map;
+        assert_eq!(again["d1"].message, files["d1"].message);
     }
 }

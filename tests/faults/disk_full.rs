@@ -215,9 +215,6 @@ async fn an_upload_larger_than_its_disk_fails_saying_so_and_leaves_no_temp_file(
 }
 
 #[tokio::test]
-#[ignore = "product bug (src/backing/lifecycle.rs, lifecycle scope): recovery replaces the \
-            failed upload's message (disk full, no space left) with 'cannot be recovered', so \
-            the cause is lost"]
 async fn an_upload_larger_than_its_disk_keeps_its_cause_once_called_unrecoverable() {
     if !root_or_skip("an_upload_larger_than_its_disk_keeps_its_cause") {
         return;

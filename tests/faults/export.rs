@@ -16,9 +16,6 @@ async fn kill9_during_an_export_restarts_it_and_it_ends_ready_with_the_volume_co
 }
 
 #[tokio::test]
-#[ignore = "product bug (src/files.rs, lifecycle scope): FileManagers::resume restarts the first \
-            file, then empties tmp/, deleting the restarted export's temp file; the export fails \
-            with ENOENT and only recovery's retry (5 s later) brings it to ready"]
 async fn kill9_during_an_export_restarts_it_without_failing_on_its_own_temp_file() {
     export_killed(true).await;
 }

@@ -141,10 +141,6 @@ async fn kill9_of_the_sender_during_a_cross_node_sync_fails_the_copy_then_the_re
 }
 
 #[tokio::test]
-#[ignore = "product bug (src/files.rs, lifecycle scope): after a restart, FileManagers::resume \
-            puts an interrupted sync back to pending ('restarting') but starts nothing, and \
-            ensure_file will not start a pending file: every attach answers 'being prepared' \
-            until the 10-minute pending deadline"]
 async fn kill9_of_the_receiver_during_a_cross_node_sync_restarts_the_copy_after_it_returns() {
     let mut s = transfer_under_way().await;
     let watch = Watch::start(&s.c.http, &s.c.disks(), &[("bi-sync", &s.want)]);
