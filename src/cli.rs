@@ -238,6 +238,13 @@ pub struct NodeArgs {
     /// Host name or address other processes reach this node at (default: the listen address).
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// The Agent service's URL as the controller reaches it, when that is not
+    /// `http://ADVERTISE_HOST:PORT` of --agent-listen (a Service, a NAT, a proxy).
+    #[arg(long)]
+    pub advertise_agent_url: Option<String>,
+    /// The file-transfer URL (this node's HTTP listener) as other nodes reach it, likewise.
+    #[arg(long)]
+    pub advertise_transfer_url: Option<String>,
     /// Where this node serves its replicas to other nodes' engines (NBD over TCP).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: String,
@@ -393,6 +400,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 controller: args.controller,
                 agent_listen: args.agent_listen,
                 advertise_host: args.advertise_host,
+                advertise_agent_url: args.advertise_agent_url,
+                advertise_transfer_url: args.advertise_transfer_url,
                 nbd_listen: args.nbd_listen,
                 ..Default::default()
             };

@@ -132,6 +132,11 @@ pub struct SplitConfig {
     /// Node: the host name or address other processes reach this node at; default: the
     /// address it listens on.
     pub advertise_host: Option<String>,
+    /// Node: the Agent service's URL as others reach it, when it is not `http://HOST:PORT` of
+    /// the listen address (a Service, a NAT, a proxy in front of the agent).
+    pub advertise_agent_url: Option<String>,
+    /// Node: the HTTP file-transfer URL as others reach it, likewise.
+    pub advertise_transfer_url: Option<String>,
     /// Node: where this node's replica server listens for NBD clients (`host:port`).
     pub nbd_listen: String,
     /// Controller: a node silent for this long is down.
@@ -443,8 +448,14 @@ pub async fn node(
         .unwrap_or_else(|| agent_addr.ip().to_string());
     let register = crate::remote::pb::RegisterNodeRequest {
         node_id: cfg.node_id.clone(),
-        agent_url: format!("http://{host}:{}", agent_addr.port()),
-        transfer_url: format!("http://{host}:{}", http_addr.port()),
+        agent_url: split
+            .advertise_agent_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{host}:{}", agent_addr.port())),
+        transfer_url: split
+            .advertise_transfer_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{host}:{}", http_addr.port())),
         disks: vec![],
     };
     let routes = tonic::service::Routes::new(crate::remote::pb::agent_server::AgentServer::new(

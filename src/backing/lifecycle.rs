@@ -430,8 +430,8 @@ mod tests {
     use crate::error::{Error, Result};
     use crate::model::{NodeRecord, Replica, VolumeSpec};
     use crate::os::ReplicaTarget;
-    use crate::snapshot::SnapshotFile;
     use crate::settings::{CLEANUP_WAIT_INTERVAL, RECOVERY_WAIT_INTERVAL};
+    use crate::snapshot::SnapshotFile;
     use crate::store::Store;
     use crate::store::embedded::EmbeddedStore;
 

@@ -6,8 +6,9 @@
 //! file holding the image's SHA-512, and nothing left under `tmp/`.
 //!
 //! Downloads come from a throttled HTTP server in this process so a kill lands mid-transfer;
-//! cross-node syncs go through a throttling TCP proxy on 127.0.0.2 for the same reason. Waits
-//! poll with deadlines (the processes run with a small `--lifecycle-tick-ms`): no fixed sleeps.
+//! cross-node syncs go through a throttling TCP proxy (on a port of its own on 127.0.0.1, which
+//! the node agents advertise with `--advertise-agent-url`/`--advertise-transfer-url`) for the
+//! same reason. Waits poll with deadlines (the processes run with a small `--lifecycle-tick-ms`): no fixed sleeps.
 
 #[path = "../conformance/harness.rs"]
 #[allow(dead_code)]

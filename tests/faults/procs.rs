@@ -229,8 +229,8 @@ pub fn cli(http: &str, endpoint: Option<&str>, args: &[&str]) -> (bool, String, 
     )
 }
 
-/// One node agent of a [`Cluster`]. It listens on 127.0.0.1 and advertises 127.0.0.2, where a
-/// proxy of the test forwards to it: its file transfers to other nodes can be throttled.
+/// One node agent of a [`Cluster`]. It advertises the URLs of proxies of the test that forward
+/// to its listeners: its file transfers to other nodes can be throttled.
 pub struct Node {
     pub id: String,
     pub disk: PathBuf,
@@ -308,8 +308,10 @@ impl Cluster {
                 format!("127.0.0.1:{transfer_port}"),
                 "--nbd-listen".into(),
                 format!("127.0.0.1:{}", free_port()),
-                "--advertise-host".into(),
-                crate::throttle::PROXY_HOST.into(),
+                "--advertise-agent-url".into(),
+                format!("http://127.0.0.1:{}", agent.port),
+                "--advertise-transfer-url".into(),
+                format!("http://127.0.0.1:{}", transfer.port),
             ]
             .into_iter()
             .chain(tick_args())

@@ -128,20 +128,21 @@ async fn serve(
     resp
 }
 
-/// Where node agents are advertised: the proxies listen here, the agents on 127.0.0.1.
-pub const PROXY_HOST: &str = "127.0.0.2";
-
-/// A TCP proxy from `127.0.0.2:PORT` to `127.0.0.1:PORT`; answers flow at [`Proxy::rate`].
+/// A TCP proxy on a port of its own on 127.0.0.1 to `127.0.0.1:PORT`; answers flow at
+/// [`Proxy::rate`]. Node agents advertise the proxy's URL (`--advertise-*-url`).
 pub struct Proxy {
     pub rate: Rate,
+    /// The port the proxy listens on.
+    pub port: u16,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
     pub async fn start(port: u16) -> Proxy {
-        let listener = tokio::net::TcpListener::bind((PROXY_HOST, port))
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
-            .unwrap_or_else(|e| panic!("bind {PROXY_HOST}:{port}: {e}"));
+            .unwrap_or_else(|e| panic!("bind a proxy for 127.0.0.1:{port}: {e}"));
+        let listen_port = listener.local_addr().unwrap().port();
         let rate: Rate = Arc::new(AtomicU64::new(0));
         let r = rate.clone();
         let task = tokio::spawn(async move {
@@ -176,7 +177,11 @@ impl Proxy {
                 });
             }
         });
-        Proxy { rate, task }
+        Proxy {
+            rate,
+            port: listen_port,
+            task,
+        }
     }
 
     pub fn set_rate(&self, bytes_per_sec: u64) {
