@@ -188,6 +188,8 @@ pub fn capture(
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        // The snapshot's directory, when this capture made it: remove_dir leaves a non-empty one.
+        let _ = std::fs::remove_dir(dir);
     }
     result
 }

@@ -56,11 +56,32 @@ fn call(qmp: &mut Qmp, command: &str, args: Value) -> OsResult<Value> {
     })
 }
 
+/// The environment variable that turns on live copies (`1`); off by default, see [`LIVE_COPY`].
+const LIVE_COPY_ENV: &str = "BICSI_EXPERIMENTAL_LIVE_COPY";
+
+/// Why live copies are off by default, measured here on 2026-11-27 with qemu 10.0.2: once a
+/// `blockdev-backup` job starts on a node that a FUSE export serves, the export can stop
+/// answering. With a writer on the mounted volume the first job wedged the daemon (QMP silent,
+/// the volume's I/O hung, and every `mkfs` on the machine hung on its loop device); with the
+/// filesystem frozen around the job's start, the thaw itself hung. An export in an iothread
+/// made the daemon drop the QMP connection. Until a qemu or a method without this is proven, a
+/// snapshot or export of an attached volume is refused unless the operator opts in.
+const LIVE_COPY: &str = "a point-in-time copy of an attached volume is off: with \
+     qemu-storage-daemon 10.0 a backup job on a FUSE-exported volume can stop the volume's I/O; \
+     detach the volume (or stop its workload and unpublish it) and retry, or set \
+     BICSI_EXPERIMENTAL_LIVE_COPY=1 in bicsi's environment to accept that risk";
+
 pub(super) fn backup_replica(replica: &Path, target: &Path) -> OsResult<bool> {
     let _one_client = QMP_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some((run_dir, index)) = engine_of(replica) else {
         return Ok(false);
     };
+    if std::env::var_os(LIVE_COPY_ENV).is_none_or(|v| v != "1") {
+        return Err(OsError::Busy(format!(
+            "replica {} is open by a running engine: {LIVE_COPY}",
+            replica.display()
+        )));
+    }
     let mut qmp = Qmp::connect(&run_dir.join("qmp.sock"))?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
