@@ -27,6 +27,44 @@ pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 pub const MAX_NAME_LEN: usize = 128;
 const PAGE_TOKEN_PREFIX: &str = "bicsi-page-1:";
 
+/// One page of `items` (in the store's order, by id): those after the id that `token` names, at
+/// most `max_entries` of them (0: all), and the token of the next page ("" after the last).
+/// Tokens are `prefix` plus the hex of the last id; one without `prefix` was not issued by
+/// `issuer` and is refused with Aborted.
+pub(crate) fn page_by_id<T>(
+    items: Vec<T>,
+    id: impl Fn(&T) -> &str,
+    max_entries: usize,
+    token: &str,
+    prefix: &str,
+    issuer: &str,
+) -> Result<(Vec<T>, String)> {
+    let after = if token.is_empty() {
+        None
+    } else {
+        let decoded = token
+            .strip_prefix(prefix)
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| {
+                Error::Aborted(format!(
+                    "starting_token {token:?} was not issued by {issuer}; list again from the start"
+                ))
+            })?;
+        Some(decoded)
+    };
+    let mut page: Vec<T> = items
+        .into_iter()
+        .filter(|t| after.as_deref().is_none_or(|a| id(t) > a))
+        .collect();
+    let mut next = String::new();
+    if max_entries > 0 && page.len() > max_entries {
+        page.truncate(max_entries);
+        next = format!("{prefix}{}", hex::encode(id(&page[max_entries - 1])));
+    }
+    Ok((page, next))
+}
+
 /// A CreateVolume request in domain terms.
 #[derive(Clone, Debug, Default)]
 pub struct CreateVolume {
@@ -534,32 +572,15 @@ impl Controller {
         max_entries: usize,
         starting_token: &str,
     ) -> Result<(Vec<Volume>, String)> {
-        let after = if starting_token.is_empty() {
-            None
-        } else {
-            let decoded = starting_token
-                .strip_prefix(PAGE_TOKEN_PREFIX)
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    Error::Aborted(format!(
-                        "starting_token {starting_token:?} was not issued by bicsi; list again from the start"
-                    ))
-                })?;
-            Some(decoded)
-        };
         let all: Vec<Volume> = self.store.list(Kind::Volume)?;
-        let mut page: Vec<Volume> = all
-            .into_iter()
-            .filter(|v| after.as_ref().is_none_or(|a| &v.id > a))
-            .collect();
-        let mut next = String::new();
-        if max_entries > 0 && page.len() > max_entries {
-            page.truncate(max_entries);
-            let last = &page[max_entries - 1].id;
-            next = format!("{PAGE_TOKEN_PREFIX}{}", hex::encode(last));
-        }
-        Ok((page, next))
+        page_by_id(
+            all,
+            |v| &v.id,
+            max_entries,
+            starting_token,
+            PAGE_TOKEN_PREFIX,
+            "bicsi",
+        )
     }
 
     /// Free bytes across the disks that take replicas.

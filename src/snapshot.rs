@@ -153,6 +153,38 @@ fn commit(tmp: &Path, dest: &Path) -> Result<()> {
     Ok(crate::os::image::commit(tmp, dest)?)
 }
 
+/// Builds `dest` through `make`, which writes its `.part` file: the file moves into place durably
+/// only when `make` succeeds; on failure nothing is left, neither the part file nor the
+/// directory when this call created it.
+fn build(dest: &Path, make: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
+    let made_dir = !dir.exists();
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let tmp = part_path(dest);
+    let _ = std::fs::remove_file(&tmp);
+    let result = make(&tmp).and_then(|()| commit(&tmp, dest));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        if made_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    result
+}
+
+/// Copies a snapshot or replica file to `to`, naming both in the error.
+fn copy_file(what: &str, from: &Path, to: &Path) -> Result<()> {
+    crate::sync::local_copy(from, to).map(drop).map_err(|e| {
+        Error::Internal(format!(
+            "copying {what} {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })
+}
+
 /// Captures `replica` as it is now into `dest` (a new qcow2 with the replica's size and
 /// `backing`, the replica's own backing file): through the engine when one has it open (a
 /// point-in-time copy while writes go on), else a copy of the file at rest. Blocking.
@@ -162,36 +194,18 @@ pub fn capture(
     dest: &Path,
     backing: Option<(&Path, ImageFormat)>,
 ) -> Result<()> {
-    let dir = dest
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
-    let tmp = part_path(dest);
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
+    build(dest, |tmp| {
         let size = os.images.info(replica)?.virtual_size;
-        os.images.create_replica(&tmp, size, backing)?;
-        if os.engine.backup_replica(replica, &tmp)? {
+        os.images.create_replica(tmp, size, backing)?;
+        if os.engine.backup_replica(replica, tmp)? {
             tracing::info!(replica = %replica.display(), copy = %dest.display(), "point-in-time copy made by the volume's engine");
         } else {
             // No engine has it open: the file is at rest and its copy is the content.
-            std::fs::remove_file(&tmp).map_err(|e| io("cannot remove", &tmp, e))?;
-            crate::sync::local_copy(replica, &tmp).map_err(|e| {
-                Error::Internal(format!(
-                    "copying replica {} to {}: {e}",
-                    replica.display(),
-                    tmp.display()
-                ))
-            })?;
+            std::fs::remove_file(tmp).map_err(|e| io("cannot remove", tmp, e))?;
+            copy_file("replica", replica, tmp)?;
         }
-        commit(&tmp, dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        // The snapshot's directory, when this capture made it: remove_dir leaves a non-empty one.
-        let _ = std::fs::remove_dir(dir);
-    }
-    result
+        Ok(())
+    })
 }
 
 /// Copies a snapshot file to `dest` (another disk), pointing it at that disk's file of the same
@@ -202,29 +216,13 @@ pub fn copy_to(
     dest: &Path,
     backing: Option<(&Path, ImageFormat)>,
 ) -> Result<()> {
-    let dir = dest
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
-    let tmp = part_path(dest);
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        crate::sync::local_copy(src, &tmp).map_err(|e| {
-            Error::Internal(format!(
-                "copying snapshot {} to {}: {e}",
-                src.display(),
-                tmp.display()
-            ))
-        })?;
+    build(dest, |tmp| {
+        copy_file("snapshot", src, tmp)?;
         if backing.is_some() {
-            os.images.rebase(&tmp, backing, false)?;
+            os.images.rebase(tmp, backing, false)?;
         }
-        commit(&tmp, dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        Ok(())
+    })
 }
 
 /// Makes the replica file `dest` of `size` bytes from the snapshot file `src`. `same_image`:
@@ -239,34 +237,18 @@ pub fn restore(
     backing: Option<(&Path, ImageFormat)>,
     same_image: bool,
 ) -> Result<()> {
-    let dir = dest
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
-    let tmp = part_path(dest);
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        crate::sync::local_copy(src, &tmp).map_err(|e| {
-            Error::Internal(format!(
-                "copying snapshot {} to {}: {e}",
-                src.display(),
-                tmp.display()
-            ))
-        })?;
-        let current = os.images.info(&tmp)?.backing_file;
+    build(dest, |tmp| {
+        copy_file("snapshot", src, tmp)?;
+        let current = os.images.info(tmp)?.backing_file;
         let wanted = backing.map(|(p, _)| p.to_path_buf());
         if !same_image {
-            os.images.rebase(&tmp, backing, true)?;
+            os.images.rebase(tmp, backing, true)?;
         } else if current != wanted {
-            os.images.rebase(&tmp, backing, false)?;
+            os.images.rebase(tmp, backing, false)?;
         }
-        os.images.resize(&tmp, size)?;
-        commit(&tmp, dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        os.images.resize(tmp, size)?;
+        Ok(())
+    })
 }
 
 /// Removes a snapshot's directory on a disk; Ok when it is gone already.

@@ -236,34 +236,20 @@ impl Controller {
         source_volume_id: &str,
         snapshot_id: &str,
     ) -> Result<(Vec<Snapshot>, String)> {
-        let after = if starting_token.is_empty() {
-            None
-        } else {
-            let decoded = starting_token
-                .strip_prefix(SNAPSHOT_PAGE_PREFIX)
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    Error::Aborted(format!(
-                        "starting_token {starting_token:?} was not issued by bicsi's ListSnapshots; list again from the start"
-                    ))
-                })?;
-            Some(decoded)
-        };
         let all: Vec<Snapshot> = self.store.list(Kind::Snapshot)?;
-        let mut page: Vec<Snapshot> = all
+        let matching = all
             .into_iter()
             .filter(|s| snapshot_id.is_empty() || s.id == snapshot_id)
             .filter(|s| source_volume_id.is_empty() || s.source_volume_id == source_volume_id)
-            .filter(|s| after.as_ref().is_none_or(|a| &s.id > a))
             .collect();
-        let mut next = String::new();
-        if max_entries > 0 && page.len() > max_entries {
-            page.truncate(max_entries);
-            let last = &page[max_entries - 1].id;
-            next = format!("{SNAPSHOT_PAGE_PREFIX}{}", hex::encode(last));
-        }
-        Ok((page, next))
+        super::page_by_id(
+            matching,
+            |s| &s.id,
+            max_entries,
+            starting_token,
+            SNAPSHOT_PAGE_PREFIX,
+            "bicsi's ListSnapshots",
+        )
     }
 
     /// CreateVolume with a content source: a snapshot (restore) or a volume (clone, through a
