@@ -1625,21 +1625,7 @@ async fn attach_runs(
             }
             // Detach (untimed).
             let d0 = Instant::now();
-            csi.node
-                .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                    volume_id: vol.clone(),
-                    target_path: target_s,
-                })
-                .await
-                .map_err(|s| rpc_err("NodeUnpublishVolume", s))?;
-            csi.node
-                .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                    volume_id: vol.clone(),
-                    staging_target_path: staging_s,
-                })
-                .await
-                .map_err(|s| rpc_err("NodeUnstageVolume", s))?;
-            unpublish_and_delete(&mut csi, &vol, "bench").await?;
+            detach_and_delete(&mut csi, &vol, target_s, staging_s).await?;
             let _ = std::fs::remove_dir(&staging);
             let detach = d0.elapsed();
             // The engine (qemu-storage-daemon) exits 1.5–2 s after NodeUnstage returns: let it
@@ -1898,6 +1884,30 @@ async fn publish_until_ready(
             Err(s) => return Err(rpc_err("ControllerPublishVolume", s)),
         }
     }
+}
+
+/// Unpublishes and unstages `volume_id` on the node (node "bench"), then unpublishes and deletes it.
+async fn detach_and_delete(
+    c: &mut CsiClient,
+    volume_id: &str,
+    target_path: String,
+    staging_target_path: String,
+) -> Res<()> {
+    c.node
+        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            target_path,
+        })
+        .await
+        .map_err(|s| rpc_err("NodeUnpublishVolume", s))?;
+    c.node
+        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path,
+        })
+        .await
+        .map_err(|s| rpc_err("NodeUnstageVolume", s))?;
+    unpublish_and_delete(c, volume_id, "bench").await
 }
 
 async fn unpublish_and_delete(c: &mut CsiClient, volume_id: &str, node_id: &str) -> Res<()> {

@@ -185,21 +185,7 @@ async fn io_runs(
         .max();
 
     // Detach (untimed) and let the engine exit.
-    csi.node
-        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            target_path: target_s,
-        })
-        .await
-        .map_err(|s| rpc_err("NodeUnpublishVolume", s))?;
-    csi.node
-        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-            volume_id: vol.clone(),
-            staging_target_path: staging_s,
-        })
-        .await
-        .map_err(|s| rpc_err("NodeUnstageVolume", s))?;
-    unpublish_and_delete(&mut csi, &vol, "bench").await?;
+    detach_and_delete(&mut csi, &vol, target_s, staging_s).await?;
     Ok((result?, peak))
 }
 
