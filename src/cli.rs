@@ -44,6 +44,9 @@ pub enum Command {
     Controller(ControllerArgs),
     /// A node agent of the split mode: CSI Node, this node's disks, file transfers.
     Node(NodeArgs),
+    /// The engine host of a node: starts the node agent's qemu-storage-daemon processes so they
+    /// live in this process's container and survive restarts of the agent's (--engine-endpoint).
+    Engine(EngineArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (deploy/crds.yaml).
     Crd,
     /// Create, attach, detach and delete volumes on a running `bicsi serve`.
@@ -176,6 +179,26 @@ pub struct DiskArgs {
     /// A disk directory for replicas and backing images (repeatable); default <data-dir>/disks/default.
     #[arg(long = "disk")]
     pub disks: Vec<PathBuf>,
+    /// The engine host (`bicsi engine`, unix:///PATH) that starts this node's qemu-storage-daemon
+    /// processes, so they outlive a restart of this process's container; default: none, this
+    /// process starts them.
+    #[arg(long)]
+    pub engine_endpoint: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// The node agent's data directory: the host only starts daemons whose run directories are
+    /// under <data-dir>/engines/ or in <data-dir>/replica-server/.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Where to listen; default unix://<data-dir>/engine.sock.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Ask the engine host at --listen whether it answers, print its pid, and exit (non-zero when
+    /// it does not answer): a readiness check.
+    #[arg(long)]
+    pub probe: bool,
 }
 
 /// Flags of the processes that own the cluster state and its HTTP API (serve, controller).
@@ -394,7 +417,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             crate::server::controller(cfg, split, shutdown_signal()).await
         }
+        Command::Engine(args) => engine(args).await,
         Command::Node(args) => {
+            let os = real_os(args.disk.engine_endpoint.as_deref())?;
             let cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
             let split = crate::server::SplitConfig {
                 controller: args.controller,
@@ -405,7 +430,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 nbd_listen: args.nbd_listen,
                 ..Default::default()
             };
-            crate::server::node(cfg, split, crate::os::Os::real(), shutdown_signal()).await
+            crate::server::node(cfg, split, os, shutdown_signal()).await
         }
         Command::Crd => {
             print!("{}", crate::store::kubernetes::crd::manifests());
@@ -521,8 +546,45 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    let os = real_os(args.disk.engine_endpoint.as_deref())?;
     let cfg = serve_config(args)?;
-    crate::server::serve(cfg, crate::os::Os::real(), shutdown_signal()).await
+    crate::server::serve(cfg, os, shutdown_signal()).await
+}
+
+/// The machine, with engines started by the engine host at `engine_endpoint` when one is given.
+fn real_os(engine_endpoint: Option<&str>) -> Result<crate::os::Os> {
+    Ok(match engine_endpoint {
+        None => crate::os::Os::real(),
+        Some(e) => {
+            let socket = crate::server::socket_path(e).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "--engine-endpoint {e:?} is not a unix socket; use unix:///path/to/engine.sock"
+                ))
+            })?;
+            crate::os::Os::real_with_engine_host(socket)
+        }
+    })
+}
+
+async fn engine(args: EngineArgs) -> Result<()> {
+    let listen = args.listen.unwrap_or_else(|| {
+        format!(
+            "unix://{}",
+            args.data_dir
+                .join(crate::os::engine::host::SOCKET_NAME)
+                .display()
+        )
+    });
+    if args.probe {
+        let socket = crate::server::socket_path(&listen)?;
+        let info = crate::os::engine::host::ping_async(&socket).await?;
+        println!(
+            "engine host pid {} (bicsi {}), data dir {}",
+            info.pid, info.version, info.data_dir
+        );
+        return Ok(());
+    }
+    crate::server::engine(args.data_dir, &listen, shutdown_signal()).await
 }
 
 fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {

@@ -56,7 +56,7 @@ impl Error {
             Error::Internal(_) | Error::Store(_) => Code::Internal,
             Error::Os(OsError::NoSpace(_)) => Code::ResourceExhausted,
             Error::Os(OsError::Busy(_) | OsError::Conflict(_)) => Code::FailedPrecondition,
-            Error::Os(OsError::Timeout(_)) => Code::Unavailable,
+            Error::Os(OsError::Timeout(_) | OsError::Unavailable(_)) => Code::Unavailable,
             Error::Os(_) => Code::Internal,
         }
     }

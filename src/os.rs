@@ -30,7 +30,7 @@ pub type OsResult<T> = Result<T, OsError>;
 /// fix. The variants exist so that the domain can map them to CSI codes without parsing text:
 /// `NotFound` → NotFound, `Busy` → FailedPrecondition, `Conflict` → AlreadyExists or
 /// FailedPrecondition, `Unsupported` → InvalidArgument, `NoSpace` → ResourceExhausted,
-/// `Timeout` → DeadlineExceeded, everything else → Internal.
+/// `Timeout` and `Unavailable` → Unavailable, everything else → Internal.
 #[derive(Debug, thiserror::Error)]
 pub enum OsError {
     /// A program exited non-zero; `stderr` is what it said (plus a hint when one is known).
@@ -59,6 +59,9 @@ pub enum OsError {
     NoSpace(String),
     #[error("{0}")]
     Timeout(String),
+    /// A service this layer depends on does not answer (the engine host of `--engine-endpoint`).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Other(String),
 }
@@ -409,6 +412,15 @@ impl Os {
             loops: Arc::new(loopdev::Losetup::new()),
             mounts: Arc::new(mount::SysMounter::new()),
             fs: Arc::new(fs::SysFilesystems::new()),
+        }
+    }
+
+    /// The machine, with qemu-storage-daemon started by the engine host listening on `socket`
+    /// (`bicsi engine`) instead of forked from this process.
+    pub fn real_with_engine_host(socket: PathBuf) -> Os {
+        Os {
+            engine: Arc::new(engine::QemuStorageDaemon::with_host(socket)),
+            ..Os::real()
         }
     }
 

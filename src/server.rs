@@ -101,8 +101,9 @@ pub fn default_endpoint(data_dir: &Path) -> String {
     format!("unix://{}", data_dir.join("csi.sock").display())
 }
 
-/// Binds the unix socket, replacing a stale socket file but never a live server's.
-async fn bind_unix(path: &Path) -> Result<UnixListener> {
+/// Binds the unix socket, replacing a stale socket file but never a live server's (`flag` is the
+/// option that chose the path, for the message).
+async fn bind_unix(path: &Path, flag: &str) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
@@ -110,7 +111,7 @@ async fn bind_unix(path: &Path) -> Result<UnixListener> {
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(Error::FailedPrecondition(format!(
-                "another process is serving on {}; stop it or choose another --csi-endpoint",
+                "another process is serving on {}; stop it or choose another {flag}",
                 path.display()
             )));
         }
@@ -492,6 +493,56 @@ pub async fn node(
     r
 }
 
+/// `bicsi engine`: the engine host (`os::engine::host`) on the unix socket `listen` until
+/// `shutdown`. The qemu-storage-daemon processes it started keep running when it stops: they
+/// serve attached volumes and end only with the engine's container (or when the node agent
+/// stops them).
+pub async fn engine(
+    data_dir: PathBuf,
+    listen: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    use crate::os::engine::host;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", data_dir.display())))?;
+    let data_dir = std::fs::canonicalize(&data_dir)
+        .map_err(|e| Error::Internal(format!("cannot resolve {}: {e}", data_dir.display())))?;
+    // Daemonized engines re-parent to us instead of to init, so we reap them and they are ours
+    // (our container's) for their whole life.
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| Error::Internal(format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
+    let sock = socket_path(listen).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "--listen {listen:?} is not a unix socket; use unix:///path/to/engine.sock"
+        ))
+    })?;
+    let unix = bind_unix(&sock, "--listen").await?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Whoever can connect can start processes as us: root only.
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::Internal(format!("chmod 0600 {}: {e}", sock.display())))?;
+    }
+    let children = Arc::new(host::Children::default());
+    let reaper = tokio::spawn(children.clone().reaper()?);
+    let service = host::EngineHostService::new(
+        data_dir.clone(),
+        crate::os::engine::QemuStorageDaemon::new().program,
+        children.clone(),
+    );
+    tracing::info!(socket = %sock.display(), data_dir = %data_dir.display(), "engine host serving");
+    let r = tonic::transport::Server::builder()
+        .add_service(crate::remote::pb::engine_host_server::EngineHostServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&sock);
+    children.reap();
+    reaper.abort();
+    r.map_err(|e| Error::Internal(format!("engine host: {e}")))?;
+    tracing::info!("engine host stopped; the engines it started keep running");
+    Ok(())
+}
+
 /// Serves CSI on the unix socket, the HTTP API, and any extra gRPC services until `shutdown`.
 async fn run(
     cfg: &Config,
@@ -500,7 +551,7 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let sock = socket_path(&cfg.csi_endpoint)?;
-    let unix = bind_unix(&sock).await?;
+    let unix = bind_unix(&sock, "--csi-endpoint").await?;
     tracing::info!(
         csi = %sock.display(),
         http = %http_addr,

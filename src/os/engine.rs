@@ -24,6 +24,7 @@
 //!   loop does not answer QMP either (and qemu-storage-daemon has no `yank`).
 
 mod backup;
+pub mod host;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -64,6 +65,10 @@ pub struct QemuStorageDaemon {
     /// How long after SIGTERM before SIGKILL. Measured: the daemon exits ~30 ms after SIGTERM;
     /// the ~1.6 s a shell loop on `kill -0` sees is the zombie waiting for init to reap it.
     pub stop_timeout: Duration,
+    /// The engine host's socket (`bicsi engine`, `--engine-endpoint`): daemons are started by
+    /// it instead of forked from this process. Everything else (pid files, /proc, QMP, stop)
+    /// works on the shared host PID namespace and data directory as before.
+    pub host: Option<PathBuf>,
 }
 
 impl Default for QemuStorageDaemon {
@@ -72,6 +77,7 @@ impl Default for QemuStorageDaemon {
             program: PathBuf::from("qemu-storage-daemon"),
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
+            host: None,
         }
     }
 }
@@ -79,6 +85,14 @@ impl Default for QemuStorageDaemon {
 impl QemuStorageDaemon {
     pub fn new() -> QemuStorageDaemon {
         QemuStorageDaemon::default()
+    }
+
+    /// Daemons started through the engine host listening on `socket`.
+    pub fn with_host(socket: PathBuf) -> QemuStorageDaemon {
+        QemuStorageDaemon {
+            host: Some(socket),
+            ..QemuStorageDaemon::default()
+        }
     }
 }
 
@@ -416,17 +430,28 @@ pub(super) struct Spawned {
     /// The parent's exit status; None when it did not exit within the timeout (it was killed).
     pub status: Option<ExitStatus>,
     pub started: Instant,
+    /// The log lines of a failed start as the engine host sent them; None: read the log file.
+    pub log: Option<String>,
 }
 
-/// Run `program args` with its output appended to `log` (after a `bicsi: <banner>` line) and wait
-/// for the daemonizing parent to exit, which it does once the daemon is set up or has failed.
-pub(super) fn spawn_daemonized(
+impl Spawned {
+    /// This start's lines of the daemon's log.
+    pub fn log_text(&self, log_path: &Path) -> String {
+        match &self.log {
+            Some(text) => text.clone(),
+            None => read_log_from(log_path, self.log_start),
+        }
+    }
+}
+
+/// The command that runs `program args` with its output appended to `log_path` (after a
+/// `bicsi: <banner>` line), its display form and where this start's lines begin in the log.
+pub(super) fn daemonizing_command(
     program: &Path,
     args: &[String],
     log_path: &Path,
     banner: &str,
-    timeout: Duration,
-) -> OsResult<Spawned> {
+) -> OsResult<(Command, String, u64)> {
     let mut cmd = Command::new(program);
     cmd.args(args);
     let display = display_command(&cmd);
@@ -447,6 +472,19 @@ pub(super) fn spawn_daemonized(
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err));
+    Ok((cmd, display, log_start))
+}
+
+/// Run `program args` in this process (see `daemonizing_command`) and wait for the daemonizing
+/// parent to exit, which it does once the daemon is set up or has failed.
+pub(super) fn spawn_daemonized(
+    program: &Path,
+    args: &[String],
+    log_path: &Path,
+    banner: &str,
+    timeout: Duration,
+) -> OsResult<Spawned> {
+    let (mut cmd, display, log_start) = daemonizing_command(program, args, log_path, banner)?;
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| spawn_error(&cmd, e))?;
     let deadline = started + timeout;
@@ -469,7 +507,24 @@ pub(super) fn spawn_daemonized(
         log_start,
         status,
         started,
+        log: None,
     })
+}
+
+impl QemuStorageDaemon {
+    /// Start a daemon: forked from this process, or by the engine host when one is configured,
+    /// so that it lives in the host's container.
+    pub(super) fn spawn(
+        &self,
+        args: &[String],
+        log_path: &Path,
+        banner: &str,
+    ) -> OsResult<Spawned> {
+        match &self.host {
+            Some(socket) => host::spawn(socket, args, log_path, banner, self.start_timeout),
+            None => spawn_daemonized(&self.program, args, log_path, banner, self.start_timeout),
+        }
+    }
 }
 
 impl QemuStorageDaemon {
@@ -635,6 +690,13 @@ impl Engine for QemuStorageDaemon {
                 qmp.display()
             )));
         }
+        // With an engine host, make sure it answers before anything is created for the new
+        // engine, so an unreachable host leaves nothing behind (a live engine needs no host).
+        if let Some(socket) = &self.host
+            && self.live(&spec.run_dir)?.is_none()
+        {
+            host::ping(socket)?;
+        }
         fs::create_dir_all(&spec.run_dir).map_err(|e| {
             OsError::io(
                 format!(
@@ -681,17 +743,15 @@ impl Engine for QemuStorageDaemon {
         })?;
 
         let args = build_args(spec, &paths)?;
-        let spawned = spawn_daemonized(
-            &self.program,
+        let spawned = self.spawn(
             &args,
             &paths.log,
             &format!("starting engine for volume {:?}", spec.volume_id),
-            self.start_timeout,
         )?;
         let failure = |reason: String| -> OsError {
             // Best effort: leave nothing half-started behind; the log stays for a person.
             let _ = self.shut_down(&paths);
-            let log = read_log_from(&paths.log, spawned.log_start);
+            let log = spawned.log_text(&paths.log);
             let hint = if log.contains("lock") {
                 "another engine or qemu-img has a replica open; stop it first"
             } else if log.contains("fuse") || log.contains("FUSE") {

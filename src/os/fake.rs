@@ -1800,6 +1800,7 @@ mod tests {
             Err(OsError::Unsupported(_)) => "Unsupported".into(),
             Err(OsError::NoSpace(_)) => "NoSpace".into(),
             Err(OsError::Timeout(_)) => "Timeout".into(),
+            Err(OsError::Unavailable(_)) => "Unavailable".into(),
             Err(OsError::Other(_)) => "Other".into(),
         }
     }

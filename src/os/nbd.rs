@@ -30,8 +30,7 @@ use serde_json::{Value, json};
 use sha2::Digest;
 
 use super::engine::{
-    MAX_NBD_NAME, MAX_SOCKET_PATH, QemuStorageDaemon, escape_opt, find_processes, read_log_from,
-    spawn_daemonized, terminate,
+    MAX_NBD_NAME, MAX_SOCKET_PATH, QemuStorageDaemon, escape_opt, find_processes, terminate,
 };
 use super::{OsError, OsResult, ReplicaExport, command_failure, resolve_parent, utf8_path};
 
@@ -246,6 +245,12 @@ fn build_server_args(host: &str, port: u16, paths: &ServerPaths) -> OsResult<Vec
     ])
 }
 
+/// The replica server's arguments for a run directory, for the engine host's tests.
+#[cfg(test)]
+pub(crate) fn server_args_for_tests(run_dir: &Path) -> Vec<String> {
+    build_server_args("127.0.0.1", 10809, &ServerPaths::new(run_dir)).unwrap()
+}
+
 /// Our replica server of `pid_file`, read back from its command line; None for anything else.
 fn parse_server_args(argv: &[String], pid_file: &Path) -> Option<ServerArgs> {
     if !argv.first()?.contains("qemu-storage-daemon") {
@@ -378,14 +383,12 @@ fn start_server(
     for attempt in 1..=attempts {
         let port = if port == 0 { free_port(host)? } else { port };
         let args = build_server_args(host, port, paths)?;
-        let spawned = spawn_daemonized(
-            &qsd.program,
+        let spawned = qsd.spawn(
             &args,
             &paths.log,
             &format!("starting replica server on {host}:{port}"),
-            qsd.start_timeout,
         )?;
-        let log = || read_log_from(&paths.log, spawned.log_start);
+        let log = || spawned.log_text(&paths.log);
         let failure = |reason: String, hint: &str| {
             for (pid, _) in find_servers(paths) {
                 let _ = terminate(pid, qsd.stop_timeout, "replica server");
@@ -669,6 +672,7 @@ mod tests {
             Err(OsError::Unsupported(_)) => "Unsupported".into(),
             Err(OsError::NoSpace(_)) => "NoSpace".into(),
             Err(OsError::Timeout(_)) => "Timeout".into(),
+            Err(OsError::Unavailable(_)) => "Unavailable".into(),
             Err(OsError::Other(_)) => "Other".into(),
         }
     }
