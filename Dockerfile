@@ -54,7 +54,7 @@ RUN set -eux; \
 
 COPY --from=builder /out/bicsi /usr/local/bin/bicsi
 
-# No USER: the node role needs root (loop devices, mounts, FUSE). The
+# No USER: the node and engine roles need root (loop devices, mounts, FUSE). The
 # controller Deployment drops every capability in its securityContext.
 ENTRYPOINT ["/usr/local/bin/bicsi"]
 CMD ["serve"]
