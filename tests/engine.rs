@@ -790,3 +790,353 @@ async fn unreachable_engine_host_fails_stage_clearly_and_leaves_nothing() {
     assert_eq!(mounts_under(node.dir.path()), Vec::<PathBuf>::new());
     node.stop_engine_host();
 }
+
+// ---- split mode: the replica server -------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// A controller and two node agents, each agent with an engine host of its own: the NBD replica
+/// server a node runs for the other's engine is started by its engine host too.
+struct Split {
+    dir: tempfile::TempDir,
+    http: String,
+    controller_endpoint: String,
+    cluster_port: u16,
+    children: Vec<Child>,
+    /// Node agents by index; None while stopped.
+    agents: Vec<Option<Child>>,
+    /// Each agent's flags, kept across restarts (same ports).
+    agent_args: Vec<Vec<String>>,
+    engine_pids: Vec<u32>,
+}
+
+impl Split {
+    async fn start() -> Split {
+        let dir = tempfile::Builder::new()
+            .prefix("bicsi-engine-split-")
+            .tempdir()
+            .expect("temp dir");
+        let (http_port, cluster_port) = (free_port(), free_port());
+        let controller_endpoint =
+            format!("unix://{}", dir.path().join("controller.sock").display());
+        let controller = spawn_logged(
+            &[
+                "controller".to_string(),
+                "--data-dir".into(),
+                dir.path().join("controller").display().to_string(),
+                "--csi-endpoint".into(),
+                controller_endpoint.clone(),
+                "--http-listen".into(),
+                format!("127.0.0.1:{http_port}"),
+                "--cluster-listen".into(),
+                format!("127.0.0.1:{cluster_port}"),
+            ],
+            &dir.path().join("controller.log"),
+        );
+        let mut s = Split {
+            http: format!("http://127.0.0.1:{http_port}"),
+            controller_endpoint,
+            cluster_port,
+            children: vec![controller],
+            agents: vec![None, None],
+            agent_args: vec![],
+            engine_pids: vec![],
+            dir,
+        };
+        for i in 0..2 {
+            let data = s.node_dir(i).join("data");
+            std::fs::create_dir_all(&data).unwrap();
+            let mut host = spawn_logged(
+                &[
+                    "engine".to_string(),
+                    "--data-dir".into(),
+                    data.display().to_string(),
+                ],
+                &s.node_dir(i).join("engine.log"),
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !data.join("engine.sock").exists() {
+                assert!(host.try_wait().unwrap().is_none(), "engine host exited");
+                assert!(Instant::now() < deadline, "engine host did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            s.engine_pids.push(host.id());
+            s.children.push(host);
+            let args = s.agent_args(i);
+            s.agent_args.push(args);
+        }
+        s
+    }
+
+    fn agent_args(&self, i: usize) -> Vec<String> {
+        let dir = self.node_dir(i);
+        let data = dir.join("data");
+        vec![
+            "node".into(),
+            "--node-id".into(),
+            format!("node-{}", i + 1),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--csi-endpoint".into(),
+            self.node_endpoint(i),
+            "--disk".into(),
+            dir.join("disk").display().to_string(),
+            "--controller".into(),
+            format!("http://127.0.0.1:{}", self.cluster_port),
+            "--agent-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--http-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--nbd-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--engine-endpoint".into(),
+            format!("unix://{}", data.join("engine.sock").display()),
+        ]
+    }
+
+    fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{}", i + 1))
+    }
+
+    fn node_endpoint(&self, i: usize) -> String {
+        format!("unix://{}", self.node_dir(i).join("csi.sock").display())
+    }
+
+    fn logs(&self) -> String {
+        let mut out =
+            std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
+        for i in 0..2 {
+            for f in ["node.log", "engine.log"] {
+                out.push_str(&format!("\n--- node-{} {f} ---\n", i + 1));
+                out.push_str(
+                    &std::fs::read_to_string(self.node_dir(i).join(f)).unwrap_or_default(),
+                );
+            }
+        }
+        out
+    }
+
+    /// Starts node agent `i` (the default data dir's engine socket), in `cgroup` when given.
+    fn start_agent(&mut self, i: usize, cgroup: Option<&Cgroup>) {
+        let child = spawn_logged(&self.agent_args[i], &self.node_dir(i).join("node.log"));
+        if let Some(cg) = cgroup {
+            cg.add(child.id());
+        }
+        self.agents[i] = Some(child);
+    }
+
+    async fn wait_up(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/v1/nodes", self.http)).await
+                && let Ok(v) = r.json::<serde_json::Value>().await
+                && v.as_array()
+                    .is_some_and(|a| a.iter().filter(|n| n["up"] == true).count() == n)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes did not come up:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The replica server node `i` runs for other nodes' engines.
+    fn replica_server_pid(&self, i: usize) -> i32 {
+        let file = self.node_dir(i).join("data/replica-server/qsd.pid");
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", file.display(), self.logs()))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn replicas(&self) -> Vec<PathBuf> {
+        (0..2)
+            .flat_map(|i| {
+                std::fs::read_dir(self.node_dir(i).join("disk/replicas"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path().join("volume.qcow2"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Split {
+    fn drop(&mut self) {
+        for mut c in self
+            .agents
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(self.children.drain(..))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let dir = self.dir.path();
+        for m in mounts_under(dir) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        for l in loops_under(dir) {
+            let _ = Command::new("losetup").arg("-d").arg(&l).status();
+        }
+        for pid in engines_under(dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        for m in mounts_under(dir) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+/// 1 MiB of `byte`.
+fn filled(byte: u8) -> Vec<u8> {
+    vec![byte; 1 << 20]
+}
+
+fn parent_of(pid: i32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()?
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A volume attached on node-1 with its second replica on node-2 (read over NBD from node-2's
+/// replica server): node-2's plugin container restarts while writes go on, and the replica
+/// server, started by node-2's engine host, keeps taking them: both replicas end identical, and
+/// the restarted agent re-adopts the same server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_server_survives_a_restart_of_its_nodes_plugin() {
+    if !root_or_skip("replica_server_survives_a_restart_of_its_nodes_plugin") {
+        return;
+    }
+    let mut s = Split::start().await;
+    let cgroup = Cgroup::create(&format!("bicsi-test-plugin-{}-s1", std::process::id()));
+    s.start_agent(0, None);
+    s.start_agent(1, Some(&cgroup));
+    s.wait_up(2).await;
+    let mut ctl = CsiClient::connect(&s.controller_endpoint).await.unwrap();
+    let name = "engine-nbd";
+    ctl.controller
+        .create_volume(create_req(name, 64 * MIB, &[("numberOfReplicas", "2")]))
+        .await
+        .unwrap();
+    let publish = pb::ControllerPublishVolumeRequest {
+        node_id: "node-1".into(),
+        ..cpublish_req(name, mount_cap(), false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ctx = loop {
+        match ctl
+            .controller
+            .controller_publish_volume(publish.clone())
+            .await
+        {
+            Ok(r) => break r.into_inner().publish_context,
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("publish: {e}\n{}", s.logs()),
+        }
+    };
+    let mut n1 = CsiClient::connect(&s.node_endpoint(0)).await.unwrap();
+    let st = s.dir.path().join("st");
+    let tg = s.dir.path().join("tg");
+    let mut stage = stage_req(name, &st, mount_cap());
+    stage.publish_context = ctx.clone();
+    n1.node
+        .node_stage_volume(stage)
+        .await
+        .unwrap_or_else(|e| panic!("stage: {e}\n{}", s.logs()));
+    let mut publish = publish_req(name, &st, &tg, mount_cap(), false);
+    publish.publish_context = ctx;
+    n1.node.node_publish_volume(publish).await.unwrap();
+    write_file(&tg.join("before"), &filled(1));
+    let server = s.replica_server_pid(1);
+    assert_eq!(
+        parent_of(server),
+        Some(s.engine_pids[1]),
+        "node-2's replica server is its engine host's child"
+    );
+
+    // node-2's plugin container restarts; node-1 keeps writing to both replicas.
+    cgroup.kill_all();
+    let mut agent = s.agents[1].take().unwrap();
+    wait_child(&mut agent, "node-2 agent");
+    assert!(
+        alive(server),
+        "the replica server died with node-2's plugin"
+    );
+    write_file(&tg.join("during"), &filled(2));
+    let again = Cgroup::create(&format!("bicsi-test-plugin-{}-s2", std::process::id()));
+    s.start_agent(1, Some(&again));
+    s.wait_up(2).await;
+    assert_eq!(
+        s.replica_server_pid(1),
+        server,
+        "the same server, re-adopted"
+    );
+    write_file(&tg.join("after"), &filled(3));
+
+    n1.node
+        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: name.into(),
+            target_path: tg.display().to_string(),
+        })
+        .await
+        .unwrap();
+    n1.node
+        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: name.into(),
+            staging_target_path: st.display().to_string(),
+        })
+        .await
+        .unwrap();
+    ctl.controller
+        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: name.into(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("controller unpublish: {e}\n{}", s.logs()));
+    // Every write reached node-2's replica too, including those made while its plugin was down.
+    let replicas = s.replicas();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .args(&replicas)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("identical"), "{text}{}", s.logs());
+    ctl.controller
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        !alive(server),
+        "the replica server stops once it exports nothing"
+    );
+    assert_eq!(engines_under(s.dir.path()), Vec::<i32>::new());
+    assert_eq!(loops_under(s.dir.path()), Vec::<String>::new());
+    assert_eq!(mounts_under(s.dir.path()), Vec::<PathBuf>::new());
+}

@@ -6,10 +6,12 @@
 //!
 //! Everything about a running engine lives in its run directory (export file, QMP socket, pid
 //! file, log, NBD trace) and in the daemon's own command line, which is read back from /proc to
-//! re-adopt it after bicsi restarts: this module keeps no state in memory. It must not resize
-//! (quorum cannot grow online; the domain grows replicas offline with `ImageTool::resize`), must
-//! not touch loop devices or mounts other than its own export, and never kills a process it cannot
-//! prove is the engine of that run directory.
+//! re-adopt it after bicsi restarts: this module keeps no state in memory. With an engine host
+//! (`host`, `--engine-endpoint`) the daemon is started by that process instead of forked from
+//! this one, so it lives in the host's container; everything else here works the same. It must
+//! not resize (quorum cannot grow online; the domain grows replicas offline with
+//! `ImageTool::resize`), must not touch loop devices or mounts other than its own export, and
+//! never kills a process it cannot prove is the engine of that run directory.
 //!
 //! Measured with qemu 10.0 (quorum, vote-threshold 1, one local and NBD children):
 //! - a remote replica server that dies (its process killed, so the kernel closes the connection)
