@@ -146,7 +146,12 @@ impl Drop for Cgroup {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let _ = std::fs::remove_dir(&self.path);
+        // A killed process leaves the cgroup once reaped: the tests declare their cgroups before
+        // the processes' owners, so those are dropped (and reap) first.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -536,11 +541,13 @@ async fn plugin_container_restart_keeps_volumes_served_by_the_engine_host() {
     if !root_or_skip("plugin_container_restart_keeps_volumes_served_by_the_engine_host") {
         return;
     }
+    // Before the node: dropped after it, once it has reaped what ran in them.
+    let first = Cgroup::create(&format!("bicsi-test-plugin-{}-1", std::process::id()));
+    let second = Cgroup::create(&format!("bicsi-test-plugin-{}-2", std::process::id()));
     let mut node = Node::new(true);
     let host_pid = node.start_engine_host();
     let (ok, text) = node.probe();
     assert!(ok && text.contains(&format!("pid {host_pid}")), "{text}");
-    let first = Cgroup::create(&format!("bicsi-test-plugin-{}-1", std::process::id()));
     let mut c = node.start_plugin(Some(&first)).await;
     attach(&mut c, &node, FILE_VOL, false).await;
     attach(&mut c, &node, BLOCK_VOL, true).await;
@@ -585,7 +592,6 @@ async fn plugin_container_restart_keeps_volumes_served_by_the_engine_host() {
     let host_pid = node.start_engine_host();
 
     // The plugin comes back in a new container and re-adopts the same daemons.
-    let second = Cgroup::create(&format!("bicsi-test-plugin-{}-2", std::process::id()));
     let mut c = node.start_plugin(Some(&second)).await;
     let log = node.log("plugin.log");
     assert_eq!(
@@ -697,8 +703,8 @@ async fn without_the_engine_host_a_container_restart_kills_the_engine() {
     if !root_or_skip("without_the_engine_host_a_container_restart_kills_the_engine") {
         return;
     }
-    let mut node = Node::new(false);
     let cgroup = Cgroup::create(&format!("bicsi-test-plugin-{}-c", std::process::id()));
+    let mut node = Node::new(false);
     let mut c = node.start_plugin(Some(&cgroup)).await;
     attach(&mut c, &node, BLOCK_VOL, true).await;
     let pid = node.engine_pid(BLOCK_VOL);
@@ -1025,8 +1031,9 @@ async fn replica_server_survives_a_restart_of_its_nodes_plugin() {
     if !root_or_skip("replica_server_survives_a_restart_of_its_nodes_plugin") {
         return;
     }
-    let mut s = Split::start().await;
     let cgroup = Cgroup::create(&format!("bicsi-test-plugin-{}-s1", std::process::id()));
+    let again = Cgroup::create(&format!("bicsi-test-plugin-{}-s2", std::process::id()));
+    let mut s = Split::start().await;
     s.start_agent(0, None);
     s.start_agent(1, Some(&cgroup));
     s.wait_up(2).await;
@@ -1083,7 +1090,6 @@ async fn replica_server_survives_a_restart_of_its_nodes_plugin() {
         "the replica server died with node-2's plugin"
     );
     write_file(&tg.join("during"), &filled(2));
-    let again = Cgroup::create(&format!("bicsi-test-plugin-{}-s2", std::process::id()));
     s.start_agent(1, Some(&again));
     s.wait_up(2).await;
     assert_eq!(
