@@ -548,6 +548,12 @@ async fn plugin_container_restart_keeps_volumes_served_by_the_engine_host() {
     let host_pid = node.start_engine_host();
     let (ok, text) = node.probe();
     assert!(ok && text.contains(&format!("pid {host_pid}")), "{text}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(node.engine_socket())
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the engine socket is root's only");
     let mut c = node.start_plugin(Some(&first)).await;
     attach(&mut c, &node, FILE_VOL, false).await;
     attach(&mut c, &node, BLOCK_VOL, true).await;
@@ -794,6 +800,13 @@ async fn unreachable_engine_host_fails_stage_clearly_and_leaves_nothing() {
         .unwrap();
     assert!(!alive(pid));
     assert_eq!(mounts_under(node.dir.path()), Vec::<PathBuf>::new());
+    // A host killed outright leaves its socket behind; the next one replaces it.
+    let mut host = node.engine.take().unwrap();
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert!(node.engine_socket().exists());
+    assert!(!node.probe().0);
+    node.start_engine_host();
     node.stop_engine_host();
 }
 
