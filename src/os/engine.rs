@@ -1111,6 +1111,21 @@ mod tests {
                 .unwrap();
         }
         export.sync_all().unwrap();
+        // A disk without room for the replica's 16 MiB is refused before any job starts, with
+        // the fix in the message (a job that ran out of space could wedge the engine).
+        let small = dir.path().join("small");
+        fs::create_dir(&small).unwrap();
+        sh(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&small));
+        cleanup.mount(&small);
+        let cramped = small.join("copy.qcow2");
+        os.images.create_replica(&cramped, size, None).unwrap();
+        let err = os.engine.backup_replica(&reps[0], &cramped).unwrap_err();
+        assert!(matches!(err, OsError::NoSpace(_)), "{err}");
+        assert!(err.to_string().contains("free space on that disk"), "{err}");
+        let check = sh(Command::new("qemu-img").arg("check").arg(&cramped));
+        assert!(check.contains("No errors were found"), "{check}");
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let writer = {

@@ -20,13 +20,13 @@
 //! daemon then answers nothing, the loop device above hangs, and so does every `mkfs` on the
 //! machine. A job that waits in `pending` does nothing in that poll; `job-finalize` removes the
 //! filter from the monitor, at the top of the main loop, where no request is in flight: 0 hangs
-//! in 125 jobs under writes (`scripts/repro-live-copy-hang finalize 30`), where letting the job
-//! finalize itself wedged 7 runs of 9 within 10 jobs (`... auto 10`).
+//! in 205 jobs under writes (`scripts/repro-live-copy-hang finalize 30`, and `quorum`), where
+//! letting the job finalize itself wedged 11 runs of 12 within 10 jobs (`... auto 10`).
 //!
 //! What this does not fix in qemu 10.0: a job that fails (its target disk full, a replica
 //! unreadable) or that is cancelled while still running is torn down by qemu in that same
-//! nested poll, and can wedge the same way while the volume is busy (measured: 1 of 3 failures
-//! on a full target, 2 of 5 cancels after an error). So the copy first checks that its disk has
+//! nested poll, and can wedge the same way while the volume is busy (measured: 1 of 8 failures
+//! on a full target, 3 of 10 cancels after an error). So the copy first checks that its disk has
 //! room for all of the replica's clusters, and a job is cancelled only when it has stalled for
 //! [`STALL_TIMEOUT`]. qemu reworked the FUSE export to serve requests in coroutines, without the
 //! nested poll ("export/fuse: Use coroutines and multi-threading", Hanna Czenczek, 2025).
