@@ -42,8 +42,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{find_processes, parse_args};
+use crate::os::fs::SysFilesystems;
 use crate::os::nbd::Qmp;
-use crate::os::{OsError, OsResult, ReplicaTarget, utf8_path};
+use crate::os::{Filesystems, OsError, OsResult, ReplicaTarget, utf8_path};
 
 /// A backup that makes no progress for this long is cancelled.
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -79,13 +80,7 @@ fn ensure_room(replica: &Path, target: &Path) -> OsResult<()> {
         .blocks()
         * 512;
     let dir = target.parent().unwrap_or(Path::new("/"));
-    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| {
-        OsError::io(
-            format!("reading the free space of {}", dir.display()),
-            e.into(),
-        )
-    })?;
-    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let free = SysFilesystems.stats(dir)?.available_bytes;
     if free < need {
         return Err(OsError::NoSpace(format!(
             "a point-in-time copy of replica {} needs up to {need} bytes in {}, which has \
