@@ -1102,6 +1102,172 @@ mod tests {
         assert!(!run_dir.exists(), "{} still exists", run_dir.display());
     }
 
+    /// One 64 KiB block of the live-copy test: its index and the pass that wrote it, repeated.
+    fn stamp(index: u32, pass: u32) -> Vec<u8> {
+        let mut unit = index.to_le_bytes().to_vec();
+        unit.extend(pass.to_le_bytes());
+        unit.repeat(LIVE_BLOCK / unit.len())
+    }
+
+    const LIVE_BLOCK: usize = 64 << 10;
+    const LIVE_BLOCKS: u32 = 256;
+
+    /// The order the writer visits blocks in: a fixed permutation that is not monotonic, so a
+    /// copy that read the blocks one after another while they were written would not match any
+    /// one instant of the writer (97 is odd, hence a permutation of 0..256).
+    fn live_order(k: u32) -> u32 {
+        (k * 97 + 13) % LIVE_BLOCKS
+    }
+
+    /// A live copy of a replica taken while a writer keeps overwriting the volume through the
+    /// engine's export is the volume at one instant: every block the writer had finished before
+    /// that instant, none it wrote after, and `qemu-img check` finds the copy clean. The writer
+    /// passes over every block again and again in a fixed order, stamping each with its pass,
+    /// so the instants it goes through are known: after `n` writes, the first `n % 256` blocks
+    /// of the order hold pass `n / 256 + 1` and the others pass `n / 256`. Several copies in a
+    /// row, because with qemu 10.0 a job left to finalize itself wedged the engine within a
+    /// few of them (see `backup.rs`).
+    #[test]
+    fn real_live_copy_under_writes_is_one_instant_of_the_volume() {
+        if !crate::os::root_or_skip("real_live_copy_under_writes_is_one_instant_of_the_volume") {
+            return;
+        }
+        use std::os::unix::fs::FileExt;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let os = Os::real();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let size = LIVE_BLOCKS as u64 * LIVE_BLOCK as u64;
+        let reps = replicas(dir.path(), 2, size);
+        let s = spec(dir.path(), &reps, false);
+        cleanup.engine(&s.run_dir);
+        // At rest, no engine has the replica: the caller copies the file itself.
+        let idle = dir.path().join("idle.qcow2");
+        os.images.create_replica(&idle, size, None).unwrap();
+        assert!(!os.engine.backup_replica(&reps[0], &idle).unwrap());
+
+        let state = os.engine.start(&s).unwrap();
+        // Dropped before `cleanup`: if a copy wedged the engine, the writer is stuck in the
+        // export and the engine cannot be stopped; killing the daemon fails the writer's request
+        // and lets cleanup unmount the export, so no wedged daemon outlives the test.
+        struct KillOnPanic(i32);
+        impl Drop for KillOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() && kill(Pid::from_raw(self.0), Signal::SIGKILL).is_ok()
+                {
+                    wait_exit(self.0, Duration::from_secs(5));
+                }
+            }
+        }
+        let _kill = KillOnPanic(state.pid);
+        let export = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&state.export_path)
+            .unwrap();
+        // Pass 0 everywhere, so every block is the replica's own cluster that the copy holds.
+        for i in 0..LIVE_BLOCKS {
+            export
+                .write_all_at(&stamp(i, 0), i as u64 * LIVE_BLOCK as u64)
+                .unwrap();
+        }
+        export.sync_all().unwrap();
+        // A disk without room for the replica's 16 MiB is refused before any job starts, with
+        // the fix in the message (a job that ran out of space could wedge the engine).
+        let small = dir.path().join("small");
+        fs::create_dir(&small).unwrap();
+        sh(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&small));
+        cleanup.mount(&small);
+        let cramped = small.join("copy.qcow2");
+        os.images.create_replica(&cramped, size, None).unwrap();
+        let err = os.engine.backup_replica(&reps[0], &cramped).unwrap_err();
+        assert!(matches!(err, OsError::NoSpace(_)), "{err}");
+        assert!(err.to_string().contains("free space on that disk"), "{err}");
+        let check = sh(Command::new("qemu-img").arg("check").arg(&cramped));
+        assert!(check.contains("No errors were found"), "{check}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (stop, written) = (stop.clone(), written.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let block = live_order((n % LIVE_BLOCKS as u64) as u32);
+                    let pass = (n / LIVE_BLOCKS as u64 + 1) as u32;
+                    // Without a writeback cache every write is a FUSE request: once pwrite
+                    // returns, qemu has the data.
+                    export.write_all_at(&stamp(block, pass), block as u64 * LIVE_BLOCK as u64)?;
+                    n += 1;
+                    written.store(n, Ordering::SeqCst);
+                }
+                Ok(())
+            })
+        };
+        for round in 0..6 {
+            let copy = dir.path().join(format!("copy{round}.qcow2"));
+            os.images.create_replica(&copy, size, None).unwrap();
+            // Let the writer get going (and past the previous copy).
+            let from = written.load(Ordering::SeqCst);
+            while written.load(Ordering::SeqCst) < from + 64 && !writer.is_finished() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let before = written.load(Ordering::SeqCst);
+            let t = Instant::now();
+            let live = os.engine.backup_replica(&reps[0], &copy);
+            let after = written.load(Ordering::SeqCst);
+            assert!(live.as_ref().is_ok_and(|l| *l), "round {round}: {live:?}");
+            eprintln!(
+                "live copy {round}: {:?}, writes {before}..{after}",
+                t.elapsed()
+            );
+            let check = sh(Command::new("qemu-img").arg("check").arg(&copy));
+            assert!(check.contains("No errors were found"), "{check}");
+            let raw = dir.path().join(format!("copy{round}.raw"));
+            sh(Command::new("qemu-img")
+                .args(["convert", "-O", "raw"])
+                .arg(&copy)
+                .arg(&raw));
+            let bytes = fs::read(&raw).unwrap();
+            let pass_of = |i: u32| -> u32 {
+                let b = &bytes[i as usize * LIVE_BLOCK..(i as usize + 1) * LIVE_BLOCK];
+                let pass = u32::from_le_bytes(b[4..8].try_into().unwrap());
+                assert_eq!(b, stamp(i, pass), "round {round}: block {i} is torn");
+                pass
+            };
+            // The instant: the number of writes n that gives exactly these passes.
+            let base = (0..LIVE_BLOCKS).map(pass_of).min().unwrap();
+            let ahead = (0..LIVE_BLOCKS)
+                .take_while(|k| pass_of(live_order(*k)) == base + 1)
+                .count() as u32;
+            for k in 0..LIVE_BLOCKS {
+                let want = if k < ahead { base + 1 } else { base };
+                assert_eq!(
+                    pass_of(live_order(k)),
+                    want,
+                    "round {round}: block {} is from another instant than the writer's first \
+                     {ahead} blocks of pass {}",
+                    live_order(k),
+                    base + 1
+                );
+            }
+            let n = base as u64 * LIVE_BLOCKS as u64 + ahead as u64;
+            // Everything written before the call is in the copy; nothing written after it.
+            assert!(
+                (before..=after).contains(&n),
+                "round {round}: the copy is the volume after {n} writes, not between {before} \
+                 and {after}"
+            );
+            fs::remove_file(&raw).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap().unwrap();
+        os.engine.stop(&s.run_dir).unwrap();
+        assert_gone(&s.run_dir, state.pid);
+    }
+
     #[test]
     fn real_two_replicas_write_stop_readopt_read_back() {
         if !crate::os::root_or_skip("real_two_replicas_write_stop_readopt_read_back") {

@@ -787,10 +787,6 @@ async fn snapshots_restores_and_clones_through_the_node_agents() {
     if !root_or_skip("snapshots_restores_and_clones_through_the_node_agents") {
         return;
     }
-    // Live copies of attached volumes are off by default (README known limits); this test
-    // takes one, without a writer, so it opts its processes in (nextest: one process per test).
-    // SAFETY: set before the test starts any thread of its own that reads the environment.
-    unsafe { std::env::set_var("BICSI_EXPERIMENTAL_LIVE_COPY", "1") };
     let c = TestCluster::start(2).await;
     let mut ctl = c.controller_client().await;
     ctl.controller

@@ -10,6 +10,27 @@
 //! backing file's bytes where the volume was never written; `qemu-img check` finds no error.
 //! The engine keeps serving the volume throughout; the filter goes away with the job.
 //!
+//! The job is never left to finish on its own (`auto-finalize: false`): we finalize it with a
+//! QMP command. Found on 2026-11-27 with qemu-storage-daemon 10.0.2 (gdb on the wedged daemon):
+//! its FUSE export serves a request synchronously, and a write or flush of the volume waits for
+//! its block request in a nested `aio_poll`, with the export's in-flight count held. When the
+//! job's last copy completes inside that poll, the job's completion runs there too, and its
+//! removal of the copy-before-write filter (`bdrv_cbw_drop`, a drained graph change) waits for
+//! the export to have no request in flight: the one it is nested in, which cannot finish. The
+//! daemon then answers nothing, the loop device above hangs, and so does every `mkfs` on the
+//! machine. A job that waits in `pending` does nothing in that poll; `job-finalize` removes the
+//! filter from the monitor, at the top of the main loop, where no request is in flight: 0 hangs
+//! in 205 jobs under writes (`scripts/repro-live-copy-hang finalize 30`, and `quorum`), where
+//! letting the job finalize itself wedged 11 runs of 12 within 10 jobs (`... auto 10`).
+//!
+//! What this does not fix in qemu 10.0: a job that fails (its target disk full, a replica
+//! unreadable) or that is cancelled while still running is torn down by qemu in that same
+//! nested poll, and can wedge the same way while the volume is busy (measured: 1 of 8 failures
+//! on a full target, 3 of 10 cancels after an error). So the copy first checks that its disk has
+//! room for all of the replica's clusters, and a job is cancelled only when it has stalled for
+//! [`STALL_TIMEOUT`]. qemu reworked the FUSE export to serve requests in coroutines, without the
+//! nested poll ("export/fuse: Use coroutines and multi-threading", Hanna Czenczek, 2025).
+//!
 //! One QMP client at a time, measured: a second client that connects to an engine's monitor
 //! while another is connected waits for the greeting, and once it gives up the monitor stops
 //! answering anyone (no greeting for later clients). So copies are serialized in this process.
@@ -21,8 +42,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{find_processes, parse_args};
+use crate::os::fs::SysFilesystems;
 use crate::os::nbd::Qmp;
-use crate::os::{OsError, OsResult, ReplicaTarget, utf8_path};
+use crate::os::{Filesystems, OsError, OsResult, ReplicaTarget, utf8_path};
 
 /// A backup that makes no progress for this long is cancelled.
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -47,6 +69,29 @@ fn engine_of(replica: &Path) -> Option<(PathBuf, usize)> {
     found.into_iter().next().map(|(_, found)| found)
 }
 
+/// Refuses a copy whose disk cannot hold all of the replica's clusters: a job that runs out of
+/// space fails inside qemu, which can wedge a busy volume (see the module doc). The replica
+/// file's allocated size bounds what the copy (its clusters at the instant the job starts,
+/// plus qcow2 metadata of about the same size) can take.
+fn ensure_room(replica: &Path, target: &Path) -> OsResult<()> {
+    use std::os::unix::fs::MetadataExt;
+    let need = std::fs::metadata(replica)
+        .map_err(|e| OsError::io(format!("reading the size of {}", replica.display()), e))?
+        .blocks()
+        * 512;
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    let free = SysFilesystems.stats(dir)?.available_bytes;
+    if free < need {
+        return Err(OsError::NoSpace(format!(
+            "a point-in-time copy of replica {} needs up to {need} bytes in {}, which has \
+             {free} free; free space on that disk and retry",
+            replica.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 fn call(qmp: &mut Qmp, command: &str, args: Value) -> OsResult<Value> {
     qmp.execute(command, Some(args.clone()))?.map_err(|e| {
         OsError::Other(format!(
@@ -56,32 +101,12 @@ fn call(qmp: &mut Qmp, command: &str, args: Value) -> OsResult<Value> {
     })
 }
 
-/// The environment variable that turns on live copies (`1`); off by default, see [`LIVE_COPY`].
-const LIVE_COPY_ENV: &str = "BICSI_EXPERIMENTAL_LIVE_COPY";
-
-/// Why live copies are off by default, measured here on 2026-11-27 with qemu 10.0.2: once a
-/// `blockdev-backup` job starts on a node that a FUSE export serves, the export can stop
-/// answering. With a writer on the mounted volume the first job wedged the daemon (QMP silent,
-/// the volume's I/O hung, and every `mkfs` on the machine hung on its loop device); with the
-/// filesystem frozen around the job's start, the thaw itself hung. An export in an iothread
-/// made the daemon drop the QMP connection. Until a qemu or a method without this is proven, a
-/// snapshot or export of an attached volume is refused unless the operator opts in.
-const LIVE_COPY: &str = "a point-in-time copy of an attached volume is off: with \
-     qemu-storage-daemon 10.0 a backup job on a FUSE-exported volume can stop the volume's I/O; \
-     detach the volume (or stop its workload and unpublish it) and retry, or set \
-     BICSI_EXPERIMENTAL_LIVE_COPY=1 in bicsi's environment to accept that risk";
-
 pub(super) fn backup_replica(replica: &Path, target: &Path) -> OsResult<bool> {
     let _one_client = QMP_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some((run_dir, index)) = engine_of(replica) else {
         return Ok(false);
     };
-    if std::env::var_os(LIVE_COPY_ENV).is_none_or(|v| v != "1") {
-        return Err(OsError::Busy(format!(
-            "replica {} is open by a running engine: {LIVE_COPY}",
-            replica.display()
-        )));
-    }
+    ensure_room(replica, target)?;
     let mut qmp = Qmp::connect(&run_dir.join("qmp.sock"))?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -109,11 +134,12 @@ pub(super) fn backup_replica(replica: &Path, target: &Path) -> OsResult<bool> {
 }
 
 fn run_job(qmp: &mut Qmp, device: &str, node: &str, job: &str, target: &Path) -> OsResult<()> {
+    // auto-finalize off: see the module doc; wait_concluded finalizes it.
     call(
         qmp,
         "blockdev-backup",
         json!({"job-id": job, "device": device, "target": node, "sync": "top",
-            "auto-dismiss": false}),
+            "auto-finalize": false, "auto-dismiss": false}),
     )?;
     match wait_concluded(qmp, job, target)? {
         None => Ok(()),
@@ -124,7 +150,8 @@ fn run_job(qmp: &mut Qmp, device: &str, node: &str, job: &str, target: &Path) ->
     }
 }
 
-/// Waits for the job to conclude; returns its error, if it had one.
+/// Waits for the job to conclude, finalizing it from here once it is `pending` (see the module
+/// doc); returns its error, if it had one.
 fn wait_concluded(qmp: &mut Qmp, job: &str, target: &Path) -> OsResult<Option<String>> {
     let mut last_progress = 0u64;
     let mut since = Instant::now();
@@ -137,8 +164,13 @@ fn wait_concluded(qmp: &mut Qmp, job: &str, target: &Path) -> OsResult<Option<St
         else {
             return Ok(Some(format!("job {job} disappeared")));
         };
-        if entry["status"] == "concluded" {
-            return Ok(entry["error"].as_str().map(str::to_string));
+        match entry["status"].as_str() {
+            Some("concluded") => return Ok(entry["error"].as_str().map(str::to_string)),
+            Some("pending") => {
+                call(qmp, "job-finalize", json!({"id": job}))?;
+                continue;
+            }
+            _ => {}
         }
         let progress = entry["current-progress"].as_u64().unwrap_or(0);
         if progress != last_progress {
