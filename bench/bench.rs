@@ -944,9 +944,12 @@ struct SyncRun {
     vm_hwm: Option<u64>,
     /// Whether VmHWM was reset (`/proc/PID/clear_refs`) just before the publish.
     hwm_reset: bool,
-    /// Cross-node: bytes on the wire and data bytes the receiver logged, bytes curl received.
+    /// Cross-node: bytes on the wire (the extent stream) and data bytes the receiver logged,
+    /// the manifest's bytes it fetched besides, how it verified, bytes curl received.
     wire: Option<u64>,
     data: Option<u64>,
+    manifest: Option<u64>,
+    verified: Option<String>,
     curl_bytes: u64,
     notes: Vec<String>,
 }
@@ -1306,7 +1309,7 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         peak = peak.max(r.vm_hwm);
         hwm_reset &= r.hwm_reset;
         if let (Some(w), Some(a)) = (r.wire, r.data) {
-            wire.push((w, a));
+            wire.push((w + r.manifest.unwrap_or(0), a));
         }
         println!("  run {}: {}", run + 1, r.notes.join("\n         "));
     }
@@ -1314,7 +1317,8 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         Some(&(w, _)) => {
             let over = w as f64 / src.allocated as f64 - 1.0;
             format!(
-                "bytes on the wire {} vs the image's allocated {}: {:+.2}% (target within 5%: {})",
+                "bytes on the wire (extent stream + manifest) {} vs the image's allocated {}: \
+                 {:+.2}% (target within 5%: {})",
                 fmt_bytes(w),
                 fmt_bytes(src.allocated),
                 over * 100.0,
@@ -1324,10 +1328,12 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         None => "bytes on the wire: not logged".into(),
     };
     let note = format!(
-        "{wire_note}; bicsi also hashes the whole logical size ({}, holes as zeros) with \
-         SHA-512 on one core (about 0.5 GiB/s here), which is the bound, and fsyncs the file; \
-         its time also holds the deferred replica's qcow2 overlay and its NBD export on the \
-         receiver; peak RSS = the RECEIVING node's VmHWM{}",
+        "{wire_note}; bicsi checks each 1 MiB chunk that holds data against the sender's chunk \
+         manifest (SHA-256; its SHA-512 is the image's, and all-zero chunks must arrive as \
+         holes), or without a usable manifest hashes the whole logical size ({}, holes as \
+         zeros) with SHA-512 on one core (about 0.5 GiB/s here), and fsyncs the file; its time \
+         also holds the deferred replica's qcow2 overlay and its NBD export on the receiver; \
+         peak RSS = the RECEIVING node's VmHWM{}",
         fmt_bytes(src.len),
         if hwm_reset {
             " during the publish (reset just before it)"
@@ -1420,13 +1426,18 @@ async fn cross_sides(
             let msg = "received backing image file";
             out.wire = logged(&log, msg, "wire").and_then(|v| v.parse().ok());
             out.data = logged(&log, msg, "data").and_then(|v| v.parse().ok());
+            out.manifest = logged(&log, msg, "manifest").and_then(|v| v.parse().ok());
+            out.verified = logged(&log, msg, "verified");
+            let stages = ["body_secs", "check_wait_secs", "settle_secs"]
+                .map(|k| logged(&log, "sync receive stages", k).unwrap_or("?".into()));
             let recv = logged(&log, "sync receive done", "secs")
                 .and_then(|s| s.parse::<f64>().ok())
                 .map_or("?".into(), |s| format!("{s:.2} s"));
             out.notes.push(format!(
                 "bicsi {:.2} s ({} ControllerPublish calls, the first {:.1} ms, the last {:.1} \
-                 ms; {} → {}; receiver log: \"{msg} wire={} data={}\", receive itself {recv}); \
-                 sender's file allocated {}, received file allocated {}; receiver VmHWM {}",
+                 ms; {} → {}; receiver log: \"{msg} wire={} manifest={} data={} verified={}\", \
+                 receive itself {recv}: body {} s, then waiting for the checks {} s, settle {} \
+                 s); sender's file allocated {}, received file allocated {}; receiver VmHWM {}",
                 p.elapsed.as_secs_f64(),
                 p.calls,
                 p.first_call.as_secs_f64() * 1e3,
@@ -1434,7 +1445,12 @@ async fn cross_sides(
                 sender.id,
                 receiver.id,
                 out.wire.map_or("?".into(), |w| w.to_string()),
+                out.manifest.map_or("?".into(), |m| m.to_string()),
                 out.data.map_or("?".into(), |d| d.to_string()),
+                out.verified.as_deref().unwrap_or("?"),
+                stages[0],
+                stages[1],
+                stages[2],
                 fmt_bytes(from_alloc),
                 fmt_bytes(got_alloc),
                 out.vm_hwm.map_or("n/a".into(), fmt_bytes)
