@@ -820,7 +820,7 @@ impl FileManagers {
                     crate::sync::Verified::Manifest => "manifest",
                     crate::sync::Verified::Sha512 { .. } => "sha512",
                 };
-                tracing::info!(image = %name, disk = %disk.id, wire = outcome.bytes_on_wire, manifest = outcome.manifest_bytes, data = outcome.data_bytes, verified, "received backing image file");
+                tracing::info!(image = %name, disk = %disk.id, wire = outcome.bytes_on_wire, manifest = outcome.manifest_bytes, data = outcome.data_bytes, verified = %verified, "received backing image file");
                 (outcome.sha512, outcome.size, Some(outcome.manifest))
             }
         };
@@ -1300,6 +1300,39 @@ mod lifecycle_tests {
 
     fn take(w: &World) -> Vec<(String, FileReport)> {
         std::mem::take(&mut *w.reports.0.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn verification_writes_a_missing_manifest_and_repairs_a_corrupt_one_but_not_for_a_changed_file()
+     {
+        let w = world();
+        let manifest = manifest_path(&w.path);
+        assert!(!manifest.exists());
+        // The start-up verification finds the file intact and writes its manifest.
+        w.files.resume().await.unwrap();
+        assert!(take(&w).is_empty());
+        let want = crate::sync::hash_sparse(&w.path).unwrap().1;
+        let written = std::fs::read(&manifest).unwrap();
+        assert_eq!(crate::sync::Manifest::parse(&written).unwrap(), want);
+        assert_eq!(read_manifest(&w.path, &want.sha512), Some(want.clone()));
+
+        // A manifest that rotted is refused by readers and replaced by the next verification.
+        let mut bad = written.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 0x01;
+        std::fs::write(&manifest, &bad).unwrap();
+        assert_eq!(read_manifest(&w.path, &want.sha512), None);
+        let bi = w.files.image("img").unwrap();
+        let disk = w.files.disks()[0].clone();
+        let r = w.files.verify(&bi, &disk, "scrub").await;
+        assert_eq!(r.state, FileState::Ready, "{}", r.message);
+        assert_eq!(std::fs::read(&manifest).unwrap(), written);
+
+        // A changed file fails, and its (old, still right) manifest is not rebuilt from it.
+        flip_a_byte(&w.path);
+        let r = w.files.verify(&bi, &disk, "scrub").await;
+        assert_eq!(r.state, FileState::Failed);
+        assert_eq!(std::fs::read(&manifest).unwrap(), written);
     }
 
     #[tokio::test]
