@@ -108,6 +108,9 @@ enum PathName {
     SyncXfs,
     /// Another node's disk ready (HTTP between two node agents) vs curl of the same stream.
     SyncCross,
+    /// The same with the sender's chunk manifest removed first: the receiver falls back to the
+    /// SHA-512 of the whole logical content (as before manifests, and for files without one).
+    SyncCrossSha512,
     /// CreateVolume + ControllerPublish + NodeStage + NodePublish of a new volume, for a 1x and a
     /// 4x image (root).
     Attach,
@@ -362,7 +365,10 @@ async fn run(args: Args) -> Res<bool> {
     if paths.iter().any(|p| {
         matches!(
             p,
-            PathName::SyncExt4 | PathName::SyncXfs | PathName::SyncCross
+            PathName::SyncExt4
+                | PathName::SyncXfs
+                | PathName::SyncCross
+                | PathName::SyncCrossSha512
         )
     }) {
         sparse_lens.insert(size);
@@ -463,7 +469,8 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::DownloadVerify => download_verify(b, checks).await,
         PathName::SyncExt4 => sync_ext4(b, checks).await,
         PathName::SyncXfs => sync_xfs(b, checks).await,
-        PathName::SyncCross => sync_cross(b, checks).await,
+        PathName::SyncCross => sync_cross(b, checks, true).await,
+        PathName::SyncCrossSha512 => sync_cross(b, checks, false).await,
         PathName::Attach => attach(b, checks).await,
         PathName::Control => control::control(b, checks).await,
         PathName::VolumeIo => volume_io::volume_io(b, checks).await,
@@ -1276,11 +1283,22 @@ impl Cluster {
 /// node (untimed); ControllerPublishVolume of a 2-replica volume to that node until it succeeds
 /// (the other node has received, verified and stored the file) against curl of the same stream
 /// from the sending node, then `sync FILE`.
-async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -> Res<Vec<Row>> {
     const REF: &str = "curl -o FILE http://SENDER/v1/files/NAME-UUID && sync FILE";
     let src = b.sparse_image(b.size)?;
+    let title = if manifest {
+        "cross-node sync"
+    } else {
+        "cross-node sync, no manifest"
+    };
+    let variant = if manifest {
+        ""
+    } else {
+        " the sender's backing.manifest is removed before each publish, so the receiver verifies \
+         the whole SHA-512;"
+    };
     println!(
-        "cross-node sync: {} runs; fresh `bicsi controller` + 2 `bicsi node` per run on \
+        "{title}: {} runs;{variant} fresh `bicsi controller` + 2 `bicsi node` per run on \
          127.0.0.1; the {} sparse image ({} allocated) is downloaded to one node (untimed) and a \
          2-replica volume created (one replica per node, the other node's deferred); bicsi = \
          ControllerPublishVolume to the node holding the file (retried every {} ms while \
@@ -1301,7 +1319,7 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         let dir = b.work.join(format!("cross-{run}"));
         std::fs::create_dir_all(&dir)?;
         let guard = SweepOnDrop(dir.clone());
-        let r = cross_run(b, checks, &dir, run, src).await;
+        let r = cross_run(b, checks, &dir, run, src, manifest).await;
         drop(guard);
         let r = r?;
         bicsi.push(r.bicsi);
@@ -1342,7 +1360,7 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         }
     );
     Ok(vec![Row {
-        path: "cross-node sync".into(),
+        path: title.into(),
         bicsi,
         reference,
         ref_name: REF.into(),
@@ -1357,9 +1375,10 @@ async fn cross_run(
     dir: &Path,
     run: usize,
     src: &Source,
+    manifest: bool,
 ) -> Res<SyncRun> {
     let cluster = Cluster::start(b, dir).await?;
-    let result = cross_sides(b, checks, dir, run, src, &cluster).await;
+    let result = cross_sides(b, checks, dir, run, src, &cluster, manifest).await;
     let logs = cluster.stop().await;
     if result.is_err() {
         eprintln!("bicsi logs (last lines):\n{logs}");
@@ -1374,6 +1393,7 @@ async fn cross_sides(
     run: usize,
     src: &Source,
     cluster: &Cluster,
+    manifest: bool,
 ) -> Res<SyncRun> {
     let name = format!("cross-{run}");
     let url = b.sparse_url(src.len);
@@ -1407,6 +1427,18 @@ async fn cross_sides(
     let mut out = SyncRun::default();
     for k in 0..2 {
         if (run + k) % 2 == 0 {
+            let sender_manifest = from.with_file_name("backing.manifest");
+            if !manifest {
+                std::fs::remove_file(&sender_manifest)?;
+            }
+            checks.check(
+                sender_manifest.is_file() == manifest,
+                format!(
+                    "run {}: the sender's file {} a manifest",
+                    run + 1,
+                    if manifest { "has" } else { "no longer has" }
+                ),
+            );
             sync().await;
             drop_page_cache(&from);
             out.hwm_reset = reset_hwm(receiver.daemon.pid);
@@ -1428,6 +1460,15 @@ async fn cross_sides(
             out.data = logged(&log, msg, "data").and_then(|v| v.parse().ok());
             out.manifest = logged(&log, msg, "manifest").and_then(|v| v.parse().ok());
             out.verified = logged(&log, msg, "verified");
+            let want = if manifest { "manifest" } else { "sha512" };
+            checks.check(
+                out.verified.as_deref() == Some(want),
+                format!(
+                    "run {}: the receiver verified by {want} ({:?})",
+                    run + 1,
+                    out.verified
+                ),
+            );
             let stages = ["body_secs", "check_wait_secs", "settle_secs"]
                 .map(|k| logged(&log, "sync receive stages", k).unwrap_or("?".into()));
             let recv = logged(&log, "sync receive done", "secs")
