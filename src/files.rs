@@ -648,7 +648,8 @@ impl FileManagers {
 
     /// The ready file of the image on `disk_id`, or a retryable error while it is prepared there:
     /// copied from another disk of this node (reflink where possible, else a sparse copy), or
-    /// transferred from another node (data extents only, SHA-512 verified on arrival). A later
+    /// transferred from another node (data extents only, verified on arrival against the sender's
+    /// chunk manifest, or by the whole SHA-512 without a usable one). A later
     /// call continues the same work; it never starts it twice.
     pub async fn ensure_file(self: &Arc<Self>, name: &str, disk_id: &str) -> Result<PathBuf> {
         let disk = self.disk(disk_id)?.clone();
