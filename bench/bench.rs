@@ -108,6 +108,9 @@ enum PathName {
     SyncXfs,
     /// Another node's disk ready (HTTP between two node agents) vs curl of the same stream.
     SyncCross,
+    /// The same with the sender's chunk manifest removed first: the receiver falls back to the
+    /// SHA-512 of the whole logical content (as before manifests, and for files without one).
+    SyncCrossSha512,
     /// CreateVolume + ControllerPublish + NodeStage + NodePublish of a new volume, for a 1x and a
     /// 4x image (root).
     Attach,
@@ -362,7 +365,10 @@ async fn run(args: Args) -> Res<bool> {
     if paths.iter().any(|p| {
         matches!(
             p,
-            PathName::SyncExt4 | PathName::SyncXfs | PathName::SyncCross
+            PathName::SyncExt4
+                | PathName::SyncXfs
+                | PathName::SyncCross
+                | PathName::SyncCrossSha512
         )
     }) {
         sparse_lens.insert(size);
@@ -463,7 +469,8 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::DownloadVerify => download_verify(b, checks).await,
         PathName::SyncExt4 => sync_ext4(b, checks).await,
         PathName::SyncXfs => sync_xfs(b, checks).await,
-        PathName::SyncCross => sync_cross(b, checks).await,
+        PathName::SyncCross => sync_cross(b, checks, true).await,
+        PathName::SyncCrossSha512 => sync_cross(b, checks, false).await,
         PathName::Attach => attach(b, checks).await,
         PathName::Control => control::control(b, checks).await,
         PathName::VolumeIo => volume_io::volume_io(b, checks).await,
@@ -944,9 +951,12 @@ struct SyncRun {
     vm_hwm: Option<u64>,
     /// Whether VmHWM was reset (`/proc/PID/clear_refs`) just before the publish.
     hwm_reset: bool,
-    /// Cross-node: bytes on the wire and data bytes the receiver logged, bytes curl received.
+    /// Cross-node: bytes on the wire (the extent stream) and data bytes the receiver logged,
+    /// the manifest's bytes it fetched besides, how it verified, bytes curl received.
     wire: Option<u64>,
     data: Option<u64>,
+    manifest: Option<u64>,
+    verified: Option<String>,
     curl_bytes: u64,
     notes: Vec<String>,
 }
@@ -1273,11 +1283,22 @@ impl Cluster {
 /// node (untimed); ControllerPublishVolume of a 2-replica volume to that node until it succeeds
 /// (the other node has received, verified and stored the file) against curl of the same stream
 /// from the sending node, then `sync FILE`.
-async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -> Res<Vec<Row>> {
     const REF: &str = "curl -o FILE http://SENDER/v1/files/NAME-UUID && sync FILE";
     let src = b.sparse_image(b.size)?;
+    let title = if manifest {
+        "cross-node sync"
+    } else {
+        "cross-node sync, no manifest"
+    };
+    let variant = if manifest {
+        ""
+    } else {
+        " the sender's backing.manifest is removed before each publish, so the receiver verifies \
+         the whole SHA-512;"
+    };
     println!(
-        "cross-node sync: {} runs; fresh `bicsi controller` + 2 `bicsi node` per run on \
+        "{title}: {} runs;{variant} fresh `bicsi controller` + 2 `bicsi node` per run on \
          127.0.0.1; the {} sparse image ({} allocated) is downloaded to one node (untimed) and a \
          2-replica volume created (one replica per node, the other node's deferred); bicsi = \
          ControllerPublishVolume to the node holding the file (retried every {} ms while \
@@ -1298,7 +1319,7 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         let dir = b.work.join(format!("cross-{run}"));
         std::fs::create_dir_all(&dir)?;
         let guard = SweepOnDrop(dir.clone());
-        let r = cross_run(b, checks, &dir, run, src).await;
+        let r = cross_run(b, checks, &dir, run, src, manifest).await;
         drop(guard);
         let r = r?;
         bicsi.push(r.bicsi);
@@ -1306,7 +1327,7 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         peak = peak.max(r.vm_hwm);
         hwm_reset &= r.hwm_reset;
         if let (Some(w), Some(a)) = (r.wire, r.data) {
-            wire.push((w, a));
+            wire.push((w + r.manifest.unwrap_or(0), a));
         }
         println!("  run {}: {}", run + 1, r.notes.join("\n         "));
     }
@@ -1314,7 +1335,8 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         Some(&(w, _)) => {
             let over = w as f64 / src.allocated as f64 - 1.0;
             format!(
-                "bytes on the wire {} vs the image's allocated {}: {:+.2}% (target within 5%: {})",
+                "bytes on the wire (extent stream + manifest) {} vs the image's allocated {}: \
+                 {:+.2}% (target within 5%: {})",
                 fmt_bytes(w),
                 fmt_bytes(src.allocated),
                 over * 100.0,
@@ -1324,10 +1346,12 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         None => "bytes on the wire: not logged".into(),
     };
     let note = format!(
-        "{wire_note}; bicsi also hashes the whole logical size ({}, holes as zeros) with \
-         SHA-512 on one core (about 0.5 GiB/s here), which is the bound, and fsyncs the file; \
-         its time also holds the deferred replica's qcow2 overlay and its NBD export on the \
-         receiver; peak RSS = the RECEIVING node's VmHWM{}",
+        "{wire_note}; bicsi checks each 1 MiB chunk that holds data against the sender's chunk \
+         manifest (SHA-256; its SHA-512 is the image's, and all-zero chunks must arrive as \
+         holes), or without a usable manifest hashes the whole logical size ({}, holes as \
+         zeros) with SHA-512 on one core (about 0.5 GiB/s here), and fsyncs the file; its time \
+         also holds the deferred replica's qcow2 overlay and its NBD export on the receiver; \
+         peak RSS = the RECEIVING node's VmHWM{}",
         fmt_bytes(src.len),
         if hwm_reset {
             " during the publish (reset just before it)"
@@ -1336,7 +1360,7 @@ async fn sync_cross(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         }
     );
     Ok(vec![Row {
-        path: "cross-node sync".into(),
+        path: title.into(),
         bicsi,
         reference,
         ref_name: REF.into(),
@@ -1351,9 +1375,10 @@ async fn cross_run(
     dir: &Path,
     run: usize,
     src: &Source,
+    manifest: bool,
 ) -> Res<SyncRun> {
     let cluster = Cluster::start(b, dir).await?;
-    let result = cross_sides(b, checks, dir, run, src, &cluster).await;
+    let result = cross_sides(b, checks, dir, run, src, &cluster, manifest).await;
     let logs = cluster.stop().await;
     if result.is_err() {
         eprintln!("bicsi logs (last lines):\n{logs}");
@@ -1368,6 +1393,7 @@ async fn cross_sides(
     run: usize,
     src: &Source,
     cluster: &Cluster,
+    manifest: bool,
 ) -> Res<SyncRun> {
     let name = format!("cross-{run}");
     let url = b.sparse_url(src.len);
@@ -1401,6 +1427,18 @@ async fn cross_sides(
     let mut out = SyncRun::default();
     for k in 0..2 {
         if (run + k) % 2 == 0 {
+            let sender_manifest = from.with_file_name("backing.manifest");
+            if !manifest {
+                std::fs::remove_file(&sender_manifest)?;
+            }
+            checks.check(
+                sender_manifest.is_file() == manifest,
+                format!(
+                    "run {}: the sender's file {} a manifest",
+                    run + 1,
+                    if manifest { "has" } else { "no longer has" }
+                ),
+            );
             sync().await;
             drop_page_cache(&from);
             out.hwm_reset = reset_hwm(receiver.daemon.pid);
@@ -1420,13 +1458,27 @@ async fn cross_sides(
             let msg = "received backing image file";
             out.wire = logged(&log, msg, "wire").and_then(|v| v.parse().ok());
             out.data = logged(&log, msg, "data").and_then(|v| v.parse().ok());
+            out.manifest = logged(&log, msg, "manifest").and_then(|v| v.parse().ok());
+            out.verified = logged(&log, msg, "verified");
+            let want = if manifest { "manifest" } else { "sha512" };
+            checks.check(
+                out.verified.as_deref() == Some(want),
+                format!(
+                    "run {}: the receiver verified by {want} ({:?})",
+                    run + 1,
+                    out.verified
+                ),
+            );
+            let stages = ["body_secs", "check_wait_secs", "settle_secs"]
+                .map(|k| logged(&log, "sync receive stages", k).unwrap_or("?".into()));
             let recv = logged(&log, "sync receive done", "secs")
                 .and_then(|s| s.parse::<f64>().ok())
                 .map_or("?".into(), |s| format!("{s:.2} s"));
             out.notes.push(format!(
                 "bicsi {:.2} s ({} ControllerPublish calls, the first {:.1} ms, the last {:.1} \
-                 ms; {} → {}; receiver log: \"{msg} wire={} data={}\", receive itself {recv}); \
-                 sender's file allocated {}, received file allocated {}; receiver VmHWM {}",
+                 ms; {} → {}; receiver log: \"{msg} wire={} manifest={} data={} verified={}\", \
+                 receive itself {recv}: body {} s, then waiting for the checks {} s, settle {} \
+                 s); sender's file allocated {}, received file allocated {}; receiver VmHWM {}",
                 p.elapsed.as_secs_f64(),
                 p.calls,
                 p.first_call.as_secs_f64() * 1e3,
@@ -1434,7 +1486,12 @@ async fn cross_sides(
                 sender.id,
                 receiver.id,
                 out.wire.map_or("?".into(), |w| w.to_string()),
+                out.manifest.map_or("?".into(), |m| m.to_string()),
                 out.data.map_or("?".into(), |d| d.to_string()),
+                out.verified.as_deref().unwrap_or("?"),
+                stages[0],
+                stages[1],
+                stages[2],
                 fmt_bytes(from_alloc),
                 fmt_bytes(got_alloc),
                 out.vm_hwm.map_or("n/a".into(), fmt_bytes)

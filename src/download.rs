@@ -95,6 +95,9 @@ pub struct DownloadOutcome {
     pub sha512: String,
     /// How many times the transfer went on from where it broke, with a Range request.
     pub resumed: u32,
+    /// The file's chunk manifest, built from the bytes that were hashed, in the same pass. Its
+    /// SHA-512 is `sha512`: when the request had an expected checksum, the verified one.
+    pub manifest: crate::sync::Manifest,
 }
 
 /// Receives progress. Called from the download's task, so it must be cheap (store, don't block).
@@ -467,7 +470,7 @@ impl<'a> Transfer<'a> {
             }
         }
 
-        let (file, sha512) = pipe
+        let (file, sha512, manifest) = pipe
             .finish()
             .await
             .map_err(|e| DownloadError::io(self.dest(), e))?;
@@ -490,6 +493,7 @@ impl<'a> Transfer<'a> {
             size,
             sha512,
             resumed: self.resumed,
+            manifest,
         })
     }
 

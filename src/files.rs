@@ -5,8 +5,11 @@
 //! from another node over HTTP), and reports each file's state to the controller through
 //! [`FileReports`]. Work happens under `<disk>/tmp/`; a file is renamed to
 //! `<disk>/backing-images/<name>-<uuid>/backing` only after its SHA-512 matched the image's
-//! checksum, so nothing half-written is ever ready. It must not change image objects itself:
-//! the controller owns them and applies the reports.
+//! checksum, so nothing half-written is ever ready. Beside it go `backing.cfg` (its facts) and,
+//! when one was built from the same bytes as that SHA-512, `backing.manifest` (its chunk
+//! manifest, see [`crate::sync::manifest`], which lets other nodes check a transfer chunk by
+//! chunk); verification and the scrub rebuild a missing or wrong manifest. It must not change
+//! image objects itself: the controller owns them and applies the reports.
 
 mod upload;
 
@@ -151,6 +154,19 @@ impl SyncSlots {
             let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
         }
     }
+}
+
+/// The chunk manifest beside a ready `backing` file (the path of that file).
+pub fn manifest_path(file: &Path) -> PathBuf {
+    file.with_file_name("backing.manifest")
+}
+
+/// The manifest beside a ready file, if there is one, it is intact and it names `sha512`.
+fn read_manifest(file: &Path, sha512: &str) -> Option<crate::sync::Manifest> {
+    let bytes = std::fs::read(manifest_path(file)).ok()?;
+    crate::sync::Manifest::parse(&bytes)
+        .ok()
+        .filter(|m| m.sha512 == sha512)
 }
 
 fn tmp_path(disk: &Disk, bi: &BackingImage) -> PathBuf {
@@ -362,7 +378,7 @@ impl FileManagers {
         let tmp = tmp_path(disk, &bi);
         let _ = std::fs::remove_file(&tmp);
         let progress = Arc::new(AtomicU8::new(0));
-        let (sha512, size) = match bi.spec.source_type {
+        let (sha512, size, manifest) = match bi.spec.source_type {
             SourceType::Download => {
                 let url = bi.spec.source_parameters["url"].clone();
                 let message = format!("downloading {}", redact(&url));
@@ -381,7 +397,7 @@ impl FileManagers {
                     .with_progress(name, disk, &progress, &message, work)
                     .await
                     .map_err(|e| Error::Unavailable(format!("backing image {name:?}: {e}")))?;
-                (outcome.sha512, outcome.size)
+                (outcome.sha512, outcome.size, Some(outcome.manifest))
             }
             SourceType::ExportFromVolume => {
                 self.report(
@@ -398,7 +414,8 @@ impl FileManagers {
                 )));
             }
         };
-        self.finish_file(name, disk, &tmp, sha512, size).await
+        self.finish_file(name, disk, &tmp, sha512, size, manifest)
+            .await
     }
 
     /// Runs `work` while reporting its progress once a second.
@@ -432,7 +449,11 @@ impl FileManagers {
     /// Exports a volume's content at one point in time (its replica with its backing chain,
     /// flattened, sparse): a `type: bi` snapshot's image from that snapshot's file, an attached
     /// volume from a point-in-time copy its engine makes, a detached one from its replica.
-    async fn export_volume(&self, bi: &BackingImage, tmp: &Path) -> Result<(String, u64)> {
+    async fn export_volume(
+        &self,
+        bi: &BackingImage,
+        tmp: &Path,
+    ) -> Result<(String, u64, Option<crate::sync::Manifest>)> {
         let vol_name = bi.spec.source_parameters["volume-name"].clone();
         let format = match bi.spec.source_parameters["export-type"].as_str() {
             "raw" => ImageFormat::Raw,
@@ -490,16 +511,16 @@ impl FileManagers {
             .await
     }
 
-    /// Converts `source` into `tmp` (standalone, sparse) and hashes it; with `point`, `source` is
-    /// first captured there at one instant (over the given backing file) and converted from that
-    /// copy, which is removed after.
+    /// Converts `source` into `tmp` (standalone, sparse) and hashes it (SHA-512 and, in the same
+    /// pass, its manifest); with `point`, `source` is first captured there at one instant (over
+    /// the given backing file) and converted from that copy, which is removed after.
     async fn convert(
         &self,
         source: PathBuf,
         tmp: &Path,
         format: ImageFormat,
         point: Option<(PathBuf, Option<(PathBuf, ImageFormat)>)>,
-    ) -> Result<(String, u64)> {
+    ) -> Result<(String, u64, Option<crate::sync::Manifest>)> {
         let os = self.os.clone();
         let tmp = tmp.to_path_buf();
         blocking(move || {
@@ -516,16 +537,16 @@ impl FileManagers {
                 let _ = std::fs::remove_file(copy);
             }
             converted?;
-            let sha = crate::fsutil::sha512_file(&tmp)?;
-            let size = std::fs::metadata(&tmp)
-                .map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?
-                .len();
-            Ok((sha, size))
+            let (sha, manifest) = crate::sync::hash_sparse(&tmp)
+                .map_err(|e| Error::Internal(format!("hashing the export: {e}")))?;
+            Ok((sha, manifest.size, Some(manifest)))
         })
         .await
     }
 
     /// Checks a prepared temp file and moves it into place as the disk's ready file.
+    /// `manifest`, built from the same bytes as `sha512`, is written beside the file when that
+    /// SHA-512 is the image's.
     async fn finish_file(
         &self,
         name: &str,
@@ -533,6 +554,7 @@ impl FileManagers {
         tmp: &Path,
         sha512: String,
         size: u64,
+        manifest: Option<crate::sync::Manifest>,
     ) -> Result<()> {
         let probe_path = tmp.to_path_buf();
         let header = blocking(move || {
@@ -589,13 +611,31 @@ impl FileManagers {
             source_type: bi.spec.source_type.as_str().to_string(),
         };
         let tmp = tmp.to_path_buf();
+        // Only a manifest of exactly these verified bytes goes beside them.
+        let manifest = manifest.filter(|m| m.sha512 == ready.checksum && m.size == size);
         blocking(move || {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            // A manifest left from an earlier file of this image goes first: a manifest
+            // beside a file is always that file's.
+            let manifest_path = manifest_path(&final_path);
+            if let Err(e) = std::fs::remove_file(&manifest_path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::Internal(format!(
+                    "cannot remove {}: {e}",
+                    manifest_path.display()
+                )));
+            }
             std::fs::rename(&tmp, &final_path)
                 .map_err(|e| Error::Internal(format!("cannot move the file into place: {e}")))?;
             write_atomic(&dir.join("backing.cfg"), &serde_json::to_vec_pretty(&meta)?)
                 .map_err(|e| Error::Internal(format!("cannot write backing.cfg: {e}")))?;
+            if let Some(m) = manifest {
+                write_atomic(&manifest_path, &m.to_bytes()).map_err(|e| {
+                    Error::Internal(format!("cannot write {}: {e}", manifest_path.display()))
+                })?;
+            }
             Ok(())
         })
         .await?;
@@ -608,7 +648,8 @@ impl FileManagers {
 
     /// The ready file of the image on `disk_id`, or a retryable error while it is prepared there:
     /// copied from another disk of this node (reflink where possible, else a sparse copy), or
-    /// transferred from another node (data extents only, SHA-512 verified on arrival). A later
+    /// transferred from another node (data extents only, verified on arrival against the sender's
+    /// chunk manifest, or by the whole SHA-512 without a usable one). A later
     /// call continues the same work; it never starts it twice.
     pub async fn ensure_file(self: &Arc<Self>, name: &str, disk_id: &str) -> Result<PathBuf> {
         let disk = self.disk(disk_id)?.clone();
@@ -739,12 +780,16 @@ impl FileManagers {
                 "backing image {name:?} has no checksum yet; its first file is not ready"
             )));
         }
-        let (sha512, size) = match &source {
+        let (sha512, size, manifest) = match &source {
             Source::Local(from) => {
                 let src = BackingImages::file_path(from, &bi);
                 let t = tmp.clone();
-                let outcome = blocking(move || {
-                    crate::sync::local_copy(&src, &t).map_err(|e| Error::Internal(e.to_string()))
+                let checksum = bi.status.checksum.clone();
+                let (outcome, manifest) = blocking(move || {
+                    let manifest = read_manifest(&src, &checksum);
+                    crate::sync::local_copy(&src, &t)
+                        .map(|o| (o, manifest))
+                        .map_err(|e| Error::Internal(e.to_string()))
                 })
                 .await?;
                 tracing::info!(image = %name, disk = %disk.id, method = ?outcome.method, bytes = outcome.bytes_copied, "copied backing image file between disks");
@@ -752,13 +797,15 @@ impl FileManagers {
                 let size = std::fs::metadata(&tmp)
                     .map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?
                     .len();
-                (bi.status.checksum.clone(), size)
+                (bi.status.checksum.clone(), size, manifest)
             }
             Source::Remote { url, .. } => {
                 let progress = Arc::new(AtomicU8::new(0));
                 let sink = percent_sink(progress.clone());
-                let work = crate::sync::receive(
+                let manifest_url = format!("{url}/manifest");
+                let work = crate::sync::receive_with_manifest(
                     url,
+                    &manifest_url,
                     &tmp,
                     &bi.status.checksum,
                     TRANSFER_IDLE_TIMEOUT,
@@ -767,12 +814,19 @@ impl FileManagers {
                 let outcome = self
                     .with_progress(name, disk, &progress, &message, work)
                     .await
-                    .map_err(|e| Error::Unavailable(format!("backing image {name:?}: {e}")))?;
-                tracing::info!(image = %name, disk = %disk.id, wire = outcome.bytes_on_wire, data = outcome.data_bytes, "received backing image file");
-                (outcome.sha512, outcome.size)
+                    .map_err(|e| {
+                        Error::Unavailable(format!("backing image {name:?}, disk {}: {e}", disk.id))
+                    })?;
+                let verified = match &outcome.verified {
+                    crate::sync::Verified::Manifest => "manifest",
+                    crate::sync::Verified::Sha512 { .. } => "sha512",
+                };
+                tracing::info!(image = %name, disk = %disk.id, wire = outcome.bytes_on_wire, manifest = outcome.manifest_bytes, data = outcome.data_bytes, verified = %verified, "received backing image file");
+                (outcome.sha512, outcome.size, Some(outcome.manifest))
             }
         };
-        self.finish_file(name, disk, &tmp, sha512, size).await
+        self.finish_file(name, disk, &tmp, sha512, size, manifest)
+            .await
     }
 
     /// Checks a file against the image's checksum (SHA-512, streamed): Ready when it matches,
@@ -795,8 +849,20 @@ impl FileManagers {
             );
         }
         let p = path.clone();
+        let checksum = bi.status.checksum.clone();
         let sum = blocking(move || {
-            crate::sync::sha512_sparse(&p).map_err(|e| Error::Internal(e.to_string()))
+            let (sum, manifest) =
+                crate::sync::hash_sparse(&p).map_err(|e| Error::Internal(e.to_string()))?;
+            // The file is verified: its manifest, built in the same pass, replaces a missing,
+            // corrupt or different one.
+            if sum == checksum && read_manifest(&p, &sum).as_ref() != Some(&manifest) {
+                let mp = manifest_path(&p);
+                match write_atomic(&mp, &manifest.to_bytes()) {
+                    Ok(()) => tracing::info!(path = %mp.display(), "rebuilt the chunk manifest of a verified file"),
+                    Err(e) => tracing::warn!(path = %mp.display(), error = %e, "cannot write the chunk manifest"),
+                }
+            }
+            Ok(sum)
         })
         .await;
         match sum {
@@ -1235,6 +1301,39 @@ mod lifecycle_tests {
 
     fn take(w: &World) -> Vec<(String, FileReport)> {
         std::mem::take(&mut *w.reports.0.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn verification_writes_a_missing_manifest_and_repairs_a_corrupt_one_but_not_for_a_changed_file()
+     {
+        let w = world();
+        let manifest = manifest_path(&w.path);
+        assert!(!manifest.exists());
+        // The start-up verification finds the file intact and writes its manifest.
+        w.files.resume().await.unwrap();
+        assert!(take(&w).is_empty());
+        let want = crate::sync::hash_sparse(&w.path).unwrap().1;
+        let written = std::fs::read(&manifest).unwrap();
+        assert_eq!(crate::sync::Manifest::parse(&written).unwrap(), want);
+        assert_eq!(read_manifest(&w.path, &want.sha512), Some(want.clone()));
+
+        // A manifest that rotted is refused by readers and replaced by the next verification.
+        let mut bad = written.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 0x01;
+        std::fs::write(&manifest, &bad).unwrap();
+        assert_eq!(read_manifest(&w.path, &want.sha512), None);
+        let bi = w.files.image("img").unwrap();
+        let disk = w.files.disks()[0].clone();
+        let r = w.files.verify(&bi, &disk, "scrub").await;
+        assert_eq!(r.state, FileState::Ready, "{}", r.message);
+        assert_eq!(std::fs::read(&manifest).unwrap(), written);
+
+        // A changed file fails, and its (old, still right) manifest is not rebuilt from it.
+        flip_a_byte(&w.path);
+        let r = w.files.verify(&bi, &disk, "scrub").await;
+        assert_eq!(r.state, FileState::Failed);
+        assert_eq!(std::fs::read(&manifest).unwrap(), written);
     }
 
     #[tokio::test]

@@ -93,6 +93,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/settings", get(list_settings))
         .route("/v1/settings/{name}", get(get_setting).put(put_setting))
         .route("/v1/files/{dir}", get(transfer_file))
+        .route("/v1/files/{dir}/manifest", get(transfer_manifest))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/disks", get(list_disks))
         .with_state(state)
@@ -154,6 +155,45 @@ async fn transfer_file(State(s): State<ApiState>, Path(dir): Path<String>) -> Ap
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         body,
+    )
+        .into_response())
+}
+
+/// Serves the chunk manifest beside a ready backing image file of this node (404 without one),
+/// for a receiver to check a transfer chunk by chunk. The receiver checks its seal and that it
+/// names the SHA-512 it expects; a bad one only makes it verify the whole SHA-512.
+async fn transfer_manifest(
+    State(s): State<ApiState>,
+    Path(dir): Path<String>,
+) -> ApiResult<Response> {
+    let files = s
+        .files
+        .as_ref()
+        .ok_or_else(|| Error::NotFound("this process holds no backing image files".into()))?;
+    if dir.contains('/') || dir.contains("..") {
+        return Err(Error::InvalidArgument(format!(
+            "{dir:?} is not a backing image file"
+        )));
+    }
+    let paths: Vec<std::path::PathBuf> = files
+        .disks()
+        .iter()
+        .map(|d| d.path.join("backing-images").join(&dir).join("backing"))
+        .filter(|p| p.is_file())
+        .map(|p| crate::files::manifest_path(&p))
+        .collect();
+    let bytes =
+        crate::fsutil::blocking(move || Ok(paths.iter().find_map(|p| std::fs::read(p).ok())))
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!("no manifest of a ready file {dir:?} on this node"))
+            })?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        bytes,
     )
         .into_response())
 }

@@ -5,15 +5,26 @@
 //! path): finding a file's data extents ([`data_extents`], [`allocated_bytes`]), the same-node
 //! copy ([`local_copy`]: `FICLONE` reflink where the filesystem shares blocks, else a
 //! sparse-aware `copy_file_range` of the data extents only), the cross-node transfer (the sender's
-//! [`extent_stream`] and the receiver's [`receive`], speaking the framed format below over HTTP),
-//! and the SHA-512 of a file's logical content computed from its data extents
-//! ([`sha512_sparse`]). Every file it writes is either complete, synced and (for [`receive`])
-//! verified when it returns `Ok`, or removed; the page cache the write filled is released.
+//! [`extent_stream`] and the receiver's [`receive`] / [`receive_with_manifest`], speaking the
+//! framed format below over HTTP), the SHA-512 of a file's logical content computed from its
+//! data extents ([`sha512_sparse`], [`hash_sparse`]), and chunk [`Manifest`]s. Every file it
+//! writes is either complete, synced and (for a receive) verified when it returns `Ok`, or
+//! removed; the page cache the write filled is released.
 //!
 //! It must not know about backing-image objects, disks' directory layout, the store, or HTTP
-//! routes and servers: callers pick the paths, serve [`extent_stream`] on whatever route they
-//! like, rename a finished file into place and sync its directory. It never trusts a sender to
-//! vouch for its own bytes: the expected checksum always comes from the caller. Only
+//! routes and servers: callers pick the paths, serve [`extent_stream`] and a file's manifest on
+//! whatever routes they like, rename a finished file into place and sync its directory.
+//!
+//! What a receive guarantees: the expected SHA-512 always comes from the caller, never from the
+//! sender. Either the received content hashes to it, or every chunk of the content matches a
+//! manifest that names exactly that SHA-512 and whose seal is intact. A manifest is only ever
+//! built from the very bytes that were hashed to a SHA-512 in the same pass (a download, a
+//! full-hash receive, a verification or scrub) and only kept when that SHA-512 matched the
+//! image's checksum; so a file whose chunks all match it holds the bytes that matched, up to
+//! SHA-256 collisions. Rot in the sender's file after its manifest was made shows as a chunk
+//! that differs; rot in the manifest breaks its seal (and the receive falls back to the whole
+//! SHA-512). The seal is a checksum, not a signature: a node that forges a manifest on purpose
+//! is outside what it protects against, as it is for every other byte a node serves. Only
 //! `reflink` may use `unsafe` (one ioctl that nix does not wrap).
 //!
 //! # Wire format (`BICSIX1`)
@@ -30,13 +41,15 @@
 //! record covers is zero (a hole), so only the data extents cross the wire and the overhead is
 //! 16 bytes per extent plus 32. Nothing follows the end record; a body that ends before it is a
 //! truncated transfer. Frames are independent of HTTP chunking: a receiver must accept any split,
-//! down to one byte per chunk. The stream carries no checksum: the receiver verifies the SHA-512
-//! of the logical content (holes as zeros) against the value its caller knows.
+//! down to one byte per chunk. The stream carries no checksum: the receiver verifies the
+//! logical content (holes as zeros) against the SHA-512 its caller knows, directly or through
+//! the file's manifest (a separate document, see [`manifest`]).
 
 mod extents;
 mod flush;
 mod hash;
 mod local;
+pub mod manifest;
 mod receive;
 mod reflink;
 mod send;
@@ -52,9 +65,10 @@ use nix::errno::Errno;
 use tracing::{debug, warn};
 
 pub use extents::{Extent, allocated_bytes, data_extents};
-pub use hash::sha512_sparse;
+pub use hash::{hash_sparse, sha512_sparse};
 pub use local::{CopyMethod, CopyOutcome, local_copy};
-pub use receive::{ReceiveOutcome, receive};
+pub use manifest::Manifest;
+pub use receive::{ReceiveOutcome, Verified, receive, receive_with_manifest};
 pub use send::extent_stream;
 
 /// Progress of a [`receive`] (`done` bytes of the file's logical content, holes included, of
@@ -97,6 +111,19 @@ pub enum SyncError {
          retried"
     )]
     ChecksumMismatch { expected: String, got: String },
+    /// A chunk that arrived is not the one the image's manifest (whose SHA-512 is the expected
+    /// one) describes.
+    #[error(
+        "chunk at offset {offset} ({len} bytes) of {dest} does not match the image's manifest: \
+         {detail}; the sending node's file or the transfer is corrupt and the sync will be \
+         retried"
+    )]
+    ChunkMismatch {
+        dest: String,
+        offset: u64,
+        len: u64,
+        detail: String,
+    },
     /// No byte arrived for `idle`.
     #[error("GET {url}: no data received for {} s; the sending node stalled", idle.as_secs_f64())]
     IdleTimeout { url: String, idle: Duration },
@@ -112,6 +139,7 @@ impl SyncError {
             SyncError::Connect(_)
             | SyncError::Truncated(_)
             | SyncError::ChecksumMismatch { .. }
+            | SyncError::ChunkMismatch { .. }
             | SyncError::IdleTimeout { .. } => true,
             SyncError::Io { .. }
             | SyncError::NoSpace(_)

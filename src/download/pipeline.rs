@@ -1,10 +1,12 @@
 //! The receive → (hash ‖ write) pipeline behind [`super::download`].
 //!
 //! The async side gathers the body's chunks into blocks of at least [`BLOCK`] bytes without
-//! copying them (only tiny chunks are copied together) and hands each block, shared, to two
-//! blocking workers over bounded queues: one feeds SHA-512, the other writes the file (runs of
-//! data with positional writes; all-zero chunks are skipped and stay holes), while a third thread writes back the file's dirty pages as it grows and
-//! drops them from the page cache. SHA-512 cannot be split across cores and is the slowest stage
+//! copying them (only tiny chunks are copied together) and hands each block, shared, to three
+//! blocking workers over bounded queues: one feeds SHA-512, one builds the file's chunk
+//! [`Manifest`] from the same bytes (SHA-256 of each data chunk, see [`crate::sync::manifest`]),
+//! and one writes the file (runs of data with positional writes; all-zero chunks are skipped and
+//! stay holes), while a fourth thread writes back the file's dirty pages as it grows and drops
+//! them from the page cache. SHA-512 cannot be split across cores and is the slowest stage
 //! (about 0.5 GiB/s), so it gets a thread of its own and the whole download takes
 //! max(network, write, hash) rather than their sum. Memory is bounded by the queues: about
 //! `(QUEUE_DEPTH + 2) * BLOCK` bytes of body at most, whatever the image size; dirty page cache
@@ -26,6 +28,8 @@ use sha2::{Digest, Sha512};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::sync::manifest::{CHUNK_SIZE, Manifest, ManifestBuilder};
+
 /// Bytes per block handed to the workers: large writes, few queue operations.
 pub(super) const BLOCK: usize = 1 << 20;
 /// Chunks smaller than this are copied together rather than referenced one by one, so a block
@@ -40,6 +44,7 @@ const FLUSH_WINDOW: u64 = 16 << 20;
 /// A run of the body, in order: the chunks as they arrived, shared between the two workers.
 type Block = Arc<[Bytes]>;
 
+#[derive(Clone)]
 enum Msg {
     Data(Block),
     /// Forget everything received so far: truncate the file, reset the hash.
@@ -56,8 +61,10 @@ pub(super) struct Pipeline {
     /// Small chunks copied together, to become one piece of `pending`.
     small: BytesMut,
     hash_tx: mpsc::Sender<Msg>,
+    manifest_tx: mpsc::Sender<Msg>,
     write_tx: mpsc::Sender<Msg>,
     hasher: Option<JoinHandle<Sha512>>,
+    builder: Option<JoinHandle<ManifestBuilder>>,
     writer: Option<JoinHandle<io::Result<File>>>,
 }
 
@@ -67,14 +74,19 @@ pub(super) type PipeError = io::Error;
 impl Pipeline {
     pub(super) fn start(file: File) -> Self {
         let (hash_tx, hash_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (manifest_tx, manifest_rx) = mpsc::channel(QUEUE_DEPTH);
         let (write_tx, write_rx) = mpsc::channel(QUEUE_DEPTH);
         Pipeline {
             pending: Vec::new(),
             pending_len: 0,
             small: BytesMut::new(),
             hash_tx,
+            manifest_tx,
             write_tx,
             hasher: Some(tokio::task::spawn_blocking(move || hash_worker(hash_rx))),
+            builder: Some(tokio::task::spawn_blocking(move || {
+                manifest_worker(manifest_rx)
+            })),
             writer: Some(tokio::task::spawn_blocking(move || {
                 write_worker(file, write_rx)
             })),
@@ -119,20 +131,27 @@ impl Pipeline {
     }
 
     /// Hands over the last partial block, stops the workers and returns the file (not yet
-    /// synced) and the lower-case hex SHA-512 of every byte pushed since the last restart.
-    pub(super) async fn finish(mut self) -> Result<(File, String), PipeError> {
+    /// synced), the lower-case hex SHA-512 of every byte pushed since the last restart, and the
+    /// manifest of those bytes (naming that SHA-512: keep it only if it is the expected one).
+    pub(super) async fn finish(mut self) -> Result<(File, String, Manifest), PipeError> {
         self.flush().await?;
         let Pipeline {
             hash_tx,
+            manifest_tx,
             write_tx,
             hasher,
+            builder,
             writer,
             ..
         } = self;
-        drop((hash_tx, write_tx));
+        drop((hash_tx, manifest_tx, write_tx));
         let file = join(writer.expect("writer joined once")).await??;
         let digest = join(hasher.expect("hasher joined once")).await?.finalize();
-        Ok((file, hex::encode(digest)))
+        let sha512 = hex::encode(digest);
+        let manifest = join(builder.expect("builder joined once"))
+            .await?
+            .finish(&sha512);
+        Ok((file, sha512, manifest))
     }
 
     async fn flush(&mut self) -> Result<(), PipeError> {
@@ -156,8 +175,11 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Sends to the SHA-512 worker and the manifest builder, which see the same bytes.
     async fn send_hasher(&mut self, msg: Msg) -> Result<(), PipeError> {
-        if self.hash_tx.send(msg).await.is_err() {
+        if self.hash_tx.send(msg.clone()).await.is_err()
+            || self.manifest_tx.send(msg).await.is_err()
+        {
             return Err(self.worker_died().await);
         }
         Ok(())
@@ -193,6 +215,18 @@ fn hash_worker(mut rx: mpsc::Receiver<Msg>) -> Sha512 {
         }
     }
     hasher
+}
+
+fn manifest_worker(mut rx: mpsc::Receiver<Msg>) -> ManifestBuilder {
+    let mut builder = ManifestBuilder::new(CHUNK_SIZE);
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Data(block) => block.iter().for_each(|b| builder.update(b)),
+            Msg::Restart => builder = ManifestBuilder::new(CHUNK_SIZE),
+            Msg::Reserve(_) => {}
+        }
+    }
+    builder
 }
 
 fn write_worker(file: File, rx: mpsc::Receiver<Msg>) -> io::Result<File> {

@@ -312,6 +312,15 @@ fn assert_file(req: &DownloadRequest, want: &[u8]) {
     assert!(got == want, "file content differs from the served bytes");
 }
 
+/// The download's manifest is the one a verification of the file it wrote builds, and names
+/// its SHA-512: the same content gives the same manifest whichever way it was read.
+fn assert_manifest(req: &DownloadRequest, out: &DownloadOutcome) {
+    let (sha512, manifest) = crate::sync::hash_sparse(&req.dest).unwrap();
+    assert_eq!(sha512, out.sha512);
+    assert_eq!(out.manifest, manifest);
+    assert_eq!(out.manifest.size, out.size);
+}
+
 fn assert_gone(req: &DownloadRequest) {
     assert!(
         !req.dest.exists(),
@@ -330,14 +339,11 @@ async fn full_file_with_range_support() {
         .unwrap();
     let n = fx.rand.len() as u64;
     assert_eq!(
-        out,
-        DownloadOutcome {
-            size: n,
-            sha512: sha512_hex(&fx.rand),
-            resumed: 0
-        }
+        (out.size, out.sha512.as_str(), out.resumed),
+        (n, sha512_hex(&fx.rand).as_str(), 0)
     );
     assert_file(&req, &fx.rand);
+    assert_manifest(&req, &out);
     let calls = rec.0.lock().unwrap().clone();
     assert_eq!(calls.last(), Some(&(n, Some(n))), "final progress call");
     assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "{calls:?}");
@@ -360,6 +366,14 @@ async fn zeros_stay_holes_in_the_downloaded_file() {
     let want = sparse_bytes();
     assert_eq!(out.sha512, sha512_hex(&want));
     assert_file(&req, &want);
+    assert_manifest(&req, &out);
+    // 1 MiB chunks: data in the fourth and the last, zeros elsewhere.
+    use crate::sync::manifest::Chunk;
+    let data: Vec<usize> = (out.manifest.chunks.iter().enumerate())
+        .filter(|(_, c)| **c != Chunk::Zero)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(data, [3, 7]);
     let allocated = crate::sync::allocated_bytes(&req.dest).unwrap();
     assert!(
         allocated <= 2 * MIB as u64,
@@ -433,6 +447,7 @@ async fn dropped_connection_resumes_with_range() {
     assert!(out.resumed >= 1, "{out:?}");
     assert_eq!(out.sha512, sha512_hex(&fx.rand));
     assert_file(&req, &fx.rand);
+    assert_manifest(&req, &out);
     let ranges = fx.server.state.ranges("/drop/rand.img");
     assert_eq!(ranges.len(), 2, "{ranges:?}");
     assert_eq!(ranges[0], None);
@@ -466,6 +481,8 @@ async fn wrong_content_range_restarts_from_zero() {
     let out = get(&req).await.unwrap();
     assert_eq!(out.resumed, 0);
     assert_file(&req, &fx.rand);
+    // Restarted from zero: the manifest forgot what came before, as the hash did.
+    assert_manifest(&req, &out);
     let ranges = fx.server.state.ranges("/badrange/rand.img");
     // cut; Range answered with the wrong start; whole file without Range.
     assert_eq!(ranges.len(), 3, "{ranges:?}");

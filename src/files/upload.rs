@@ -1,7 +1,7 @@
 //! The upload data source: a file streamed to the HTTP API becomes the image's first file.
 //!
 //! The body is never held whole: its chunks go over a bounded queue to a blocking writer that
-//! hashes them (SHA-512) and writes them to `<disk>/tmp/<name>-<uuid>.part`, leaving all-zero
+//! hashes them (SHA-512, and the chunk manifest from the same bytes) and writes them to `<disk>/tmp/<name>-<uuid>.part`, leaving all-zero
 //! 64 KiB chunks as holes, then `fdatasync`s. The file then goes through the same checks as any
 //! first file ([`FileManagers::finish_file`]: probe, checksum, rename). A body that breaks off
 //! fails the file ("upload interrupted"), removes the temp file, and a new upload starts over:
@@ -21,6 +21,7 @@ use crate::backing::object::SourceType;
 use crate::backing::state::FileState;
 use crate::error::{Error, Result};
 use crate::model::Disk;
+use crate::sync::manifest::{CHUNK_SIZE, Manifest, ManifestBuilder};
 
 /// Chunks queued for the writer before the receiver waits (back-pressure to the client).
 const QUEUE_DEPTH: usize = 8;
@@ -286,7 +287,7 @@ impl FileManagers {
             .await
             .map_err(|e| Error::Internal(format!("upload writer failed: {e}")))?;
         outcome?;
-        let (sha512, size) = written.map_err(|e| io_error(&tmp, e))?;
+        let (sha512, size, manifest) = written.map_err(|e| io_error(&tmp, e))?;
         if size != received {
             return Err(Error::Internal(format!(
                 "upload: {size} bytes written of {received} received"
@@ -316,7 +317,7 @@ impl FileManagers {
         // finish_file removes the temp file itself when it refuses it, and renames it when not.
         guard.0 = None;
         let r = self
-            .finish_file(name, disk, &tmp, sha512.clone(), size)
+            .finish_file(name, disk, &tmp, sha512.clone(), size, Some(manifest))
             .await;
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -355,16 +356,19 @@ fn open_tmp(path: &Path) -> Result<std::fs::File> {
         .map_err(|e| io_error(path, e))
 }
 
-/// Hashes and writes every chunk in order; returns the hex SHA-512 and the bytes written.
+/// Hashes and writes every chunk in order; returns the hex SHA-512, the bytes written and the
+/// manifest built from the same bytes.
 fn write_worker(
     file: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> io::Result<(String, u64)> {
+) -> io::Result<(String, u64, Manifest)> {
     let mut hasher = Sha512::new();
+    let mut builder = ManifestBuilder::new(CHUNK_SIZE);
     let mut buf = BytesMut::with_capacity(BLOCK);
     let mut offset = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         hasher.update(&chunk);
+        builder.update(&chunk);
         let mut rest = &chunk[..];
         while !rest.is_empty() {
             let take = (BLOCK - buf.len()).min(rest.len());
@@ -388,7 +392,9 @@ fn write_worker(
         0,
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     );
-    Ok((hex::encode(hasher.finalize()), offset))
+    let sha512 = hex::encode(hasher.finalize());
+    let manifest = builder.finish(&sha512);
+    Ok((sha512, offset, manifest))
 }
 
 /// Writes `buf` at `offset` (a multiple of [`BLOCK`]), skipping its all-zero chunks.
@@ -430,7 +436,7 @@ mod tests {
                 tx.blocking_send(Bytes::copy_from_slice(c)).unwrap();
             }
         });
-        let (sha, size) = write_worker(file, rx).unwrap();
+        let (sha, size, manifest) = write_worker(file, rx).unwrap();
         sender.join().unwrap();
         assert_eq!(size, data.len() as u64);
         assert_eq!(sha, hex::encode(Sha512::digest(&data)));
@@ -438,5 +444,11 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
         assert!(allocated < BLOCK as u64, "{allocated} bytes allocated");
+        // The manifest built while writing is the one a verification of the file builds.
+        use crate::sync::manifest::Chunk;
+        let kinds: Vec<bool> = manifest.chunks.iter().map(|c| *c == Chunk::Zero).collect();
+        assert_eq!(kinds, [true, false, true, false]);
+        assert_eq!(manifest.sha512, sha);
+        assert_eq!(crate::sync::hash_sparse(&path).unwrap(), (sha, manifest));
     }
 }

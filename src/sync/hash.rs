@@ -1,10 +1,12 @@
 //! SHA-512 of a file's logical content without reading its holes: the data extents are read
 //! from disk, the zeros between them are hashed from a static zero buffer.
 //!
-//! This module owns [`sha512_sparse`] and the zero-hashing helper the receiver shares. It must
-//! not write files or drop their page cache (the file it hashes may be in use by replicas).
-//! SHA-512 runs on one core at about 0.5 GiB/s and cannot be split, so reading is done on a
-//! second thread, a few chunks ahead, and the whole takes max(read, hash) rather than their sum.
+//! This module owns [`sha512_sparse`] (and [`hash_sparse`], which also builds the file's chunk
+//! [`Manifest`] in the same pass) and the zero-hashing helper the receiver shares. It must not
+//! write files or drop their page cache (the file it hashes may be in use by replicas).
+//! SHA-512 runs on one core at about 0.5 GiB/s and cannot be split, so reading (and the
+//! manifest's SHA-256 of the data chunks) is done on a second thread, a few chunks ahead, and
+//! the whole takes max(read, hash) rather than their sum.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -16,10 +18,11 @@ use sha2::{Digest, Sha512};
 
 use super::SyncError;
 use super::extents::extents_within;
+use super::manifest::{CHUNK_SIZE, Manifest, ManifestBuilder};
 
 /// Zeros for hashing holes: small enough to stay in the CPU cache while it is hashed over and
 /// over, large enough that the per-call overhead does not show.
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+pub(super) static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Bytes read from disk at a time.
 const READ_CHUNK: usize = 1 << 20;
@@ -42,6 +45,13 @@ pub(super) fn hash_zeros(hasher: &mut Sha512, mut n: u64) {
 /// file that shrinks meanwhile is an error, one that grows is hashed up to its size at the
 /// start).
 pub fn sha512_sparse(path: &Path) -> Result<String, SyncError> {
+    hash_sparse(path).map(|(sha512, _)| sha512)
+}
+
+/// [`sha512_sparse`] and, from the same bytes in the same pass, the file's chunk manifest
+/// (chunks of [`CHUNK_SIZE`], SHA-256 on the reading thread). The manifest names the SHA-512
+/// computed here: keep it only if that SHA-512 is the expected one.
+pub fn hash_sparse(path: &Path) -> Result<(String, Manifest), SyncError> {
     let err = |what: &str, e: std::io::Error| SyncError::io(what, path, e);
     let file = File::open(path).map_err(|e| err("opening", e))?;
     let size = file
@@ -54,7 +64,7 @@ pub fn sha512_sparse(path: &Path) -> Result<String, SyncError> {
 
     let mut hasher = Sha512::new();
     let mut hashed = 0u64;
-    std::thread::scope(|scope| {
+    let mut builder = std::thread::scope(|scope| {
         let (full_tx, full_rx) = sync_channel::<(u64, Vec<u8>)>(READ_AHEAD);
         let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(READ_AHEAD + 2);
         for _ in 0..READ_AHEAD + 2 {
@@ -76,32 +86,39 @@ pub fn sha512_sparse(path: &Path) -> Result<String, SyncError> {
     })
     .map_err(|e| err("reading", e))?;
     hash_zeros(&mut hasher, size - hashed);
-    Ok(hex::encode(hasher.finalize()))
+    builder.zeros(size - builder.position());
+    let sha512 = hex::encode(hasher.finalize());
+    let manifest = builder.finish(&sha512);
+    Ok((sha512, manifest))
 }
 
-/// Reads every extent in chunks, in order, into recycled buffers, and sends each with its
-/// offset. Stops quietly when the hasher has gone.
+/// Reads every extent in chunks, in order, into recycled buffers, feeds each to the manifest
+/// builder (holes as zeros) and sends it with its offset. Stops quietly when the hasher has
+/// gone; returns the builder, fed up to the end of the last extent.
 fn read_extents(
     file: &File,
     extents: &[super::Extent],
     full: SyncSender<(u64, Vec<u8>)>,
     empty: Receiver<Vec<u8>>,
-) -> std::io::Result<()> {
+) -> std::io::Result<ManifestBuilder> {
+    let mut builder = ManifestBuilder::new(CHUNK_SIZE);
     for extent in extents {
+        builder.zeros(extent.offset - builder.position());
         let mut done = 0u64;
         while done < extent.len {
             let Ok(mut buf) = empty.recv() else {
-                return Ok(());
+                return Ok(builder);
             };
             let n = (extent.len - done).min(READ_CHUNK as u64) as usize;
             buf.resize(n, 0);
             // A short read means the file shrank under us: read_exact_at says UnexpectedEof.
             file.read_exact_at(&mut buf, extent.offset + done)?;
+            builder.update(&buf);
             if full.send((extent.offset + done, buf)).is_err() {
-                return Ok(());
+                return Ok(builder);
             }
             done += n as u64;
         }
     }
-    Ok(())
+    Ok(builder)
 }

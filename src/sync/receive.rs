@@ -1,13 +1,17 @@
 //! The receiving side of a cross-node sync: pull a `BICSIX1` stream over HTTP into a sparse
-//! file, verified by SHA-512 as it arrives.
+//! file, verified as it arrives, chunk by chunk against the image's manifest or by SHA-512.
 //!
-//! This module owns the transfer: the GET, the idle timeout, decoding frames as chunks arrive,
-//! and a pipeline of two blocking workers fed over bounded queues, one writing each record at
-//! its offset (holes stay holes) with writeback following behind ([`super::flush`]), one
-//! hashing the logical content in order (the gaps between records hashed as zeros from a static
-//! buffer, never read from disk). SHA-512 is the slowest stage, so it runs beside receiving and
-//! writing rather than after them, and memory is bounded by the queues, whatever the image
-//! size. The file at `dest` is complete, synced, verified and out of the page cache when
+//! This module owns the transfer: the manifest's GET and its checks, the stream's GET, the idle
+//! timeout, decoding frames as chunks arrive, and a pipeline of blocking workers fed over
+//! bounded queues: one writes each record at its offset (holes stay holes) with writeback
+//! following behind ([`super::flush`]); the others see the logical content in order (the gaps
+//! between records as zeros from a static buffer, never read from disk). With a manifest whose
+//! SHA-512 is the expected one, one worker checks every chunk against it (SHA-256 of the data
+//! chunks; "zero" chunks must arrive as holes or zeros). Without one (none served, or one that
+//! fails its checks), one worker hashes SHA-512, the slowest stage, and another builds the
+//! manifest from the same bytes, so the received file can be sent on later. Either way the
+//! checks run beside receiving and writing rather than after them, and memory is bounded by the
+//! queues, whatever the image size. The file at `dest` is complete, synced, verified and out of the page cache when
 //! [`receive`] returns `Ok`, and gone on every error or when the future is dropped. It must not
 //! retry (the caller decides, see [`SyncError::is_retryable`]), rename the file into place, or
 //! log a URL's credentials or query.
@@ -28,15 +32,30 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::flush::with_writeback;
 use super::hash::hash_zeros;
+use super::manifest::{
+    CHUNK_SIZE, ChunkChecker, ChunkMismatch, MAX_MANIFEST_BYTES, Manifest, ManifestBuilder,
+};
 use super::wire::{Decoder, Event, WireError};
 use super::{ProgressSink, RemoveOnDrop, SyncError, redact};
 
 /// Bytes of contiguous data gathered before they are handed to the workers.
 const BLOCK: u64 = 1 << 20;
-/// Blocks each worker may have queued before receiving waits (back-pressure to TCP).
-const QUEUE_DEPTH: usize = 8;
+/// Blocks each worker may have queued before receiving waits (back-pressure to TCP). The blocks
+/// are shared, so memory follows the slowest worker's queue: 4 keeps a receive that hashes
+/// SHA-512 and builds a manifest beside it under 32 MiB resident (8 reached 32.2 MiB), and the
+/// disk still has blocks queued while the network waits.
+const QUEUE_DEPTH: usize = 4;
 /// Progress is reported at most this often (and once at the end).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How a transfer was verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// Chunk by chunk against the sender's manifest, whose SHA-512 is the expected one.
+    Manifest,
+    /// By the SHA-512 of the whole content; `why` says why the manifest was not used.
+    Sha512 { why: String },
+}
 
 /// A finished, verified transfer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,10 +64,16 @@ pub struct ReceiveOutcome {
     pub size: u64,
     /// Lower-case hex SHA-512 of the file's logical content (equal to the expected one).
     pub sha512: String,
-    /// Bytes of HTTP body received: data plus framing.
+    /// Bytes of the stream's HTTP body received: data plus framing.
     pub bytes_on_wire: u64,
+    /// Bytes of the manifest's HTTP body received (0 without one).
+    pub manifest_bytes: u64,
     /// Bytes of file content received (the sender's data extents).
     pub data_bytes: u64,
+    pub verified: Verified,
+    /// The file's manifest: the sender's, which every chunk matched, or the one built from the
+    /// bytes whose SHA-512 matched. Its SHA-512 is the expected one: write it beside the file.
+    pub manifest: Manifest,
 }
 
 /// The receiver: GETs `url` (served by a peer's [`super::extent_stream`]) into `dest`.
@@ -69,6 +94,42 @@ pub async fn receive(
     idle_timeout: Duration,
     progress: &dyn ProgressSink,
 ) -> Result<ReceiveOutcome, SyncError> {
+    receive_with(url, None, dest, expected_sha512, idle_timeout, progress).await
+}
+
+/// [`receive`], verified chunk by chunk against the manifest at `manifest_url` (served by the
+/// same peer, see [`super::manifest`]) when it is sealed, well formed and names
+/// `expected_sha512`: a chunk that differs from it is [`SyncError::ChunkMismatch`] naming the
+/// chunk's offset, as soon as the chunk is complete. A manifest that is missing (any non-success
+/// answer), unreadable or fails a check is logged and the transfer is verified by SHA-512 as
+/// [`receive`] does; so is one whose size is not the stream's.
+pub async fn receive_with_manifest(
+    url: &str,
+    manifest_url: &str,
+    dest: &Path,
+    expected_sha512: &str,
+    idle_timeout: Duration,
+    progress: &dyn ProgressSink,
+) -> Result<ReceiveOutcome, SyncError> {
+    receive_with(
+        url,
+        Some(manifest_url),
+        dest,
+        expected_sha512,
+        idle_timeout,
+        progress,
+    )
+    .await
+}
+
+async fn receive_with(
+    url: &str,
+    manifest_url: Option<&str>,
+    dest: &Path,
+    expected_sha512: &str,
+    idle_timeout: Duration,
+    progress: &dyn ProgressSink,
+) -> Result<ReceiveOutcome, SyncError> {
     let shown = redact(url);
     let span = tracing::info_span!("sync_receive", url = %shown, dest = %dest.display());
     async move {
@@ -77,6 +138,7 @@ pub async fn receive(
         let started = Instant::now();
         let transfer = Transfer {
             url,
+            manifest_url,
             shown: &shown,
             dest,
             idle: idle_timeout,
@@ -90,6 +152,8 @@ pub async fn receive(
                     size = outcome.size,
                     data_bytes = outcome.data_bytes,
                     bytes_on_wire = outcome.bytes_on_wire,
+                    manifest_bytes = outcome.manifest_bytes,
+                    verified = ?outcome.verified,
                     sha512 = %outcome.sha512,
                     secs,
                     "sync receive done"
@@ -108,6 +172,7 @@ pub async fn receive(
 
 struct Transfer<'a> {
     url: &'a str,
+    manifest_url: Option<&'a str>,
     shown: &'a str,
     dest: &'a Path,
     idle: Duration,
@@ -133,6 +198,22 @@ impl Transfer<'_> {
             .user_agent(concat!("bicsi-sync/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| SyncError::Connect(error_chain(&e)))?;
+        let expected = expected_sha512.to_ascii_lowercase();
+        let (check, manifest_bytes) = match self.manifest_url {
+            Some(m) => match self.fetch_manifest(&client, m, &expected).await {
+                Ok((manifest, bytes)) => (Check::Manifest(Arc::new(manifest)), bytes),
+                Err((why, bytes)) => {
+                    warn!(manifest = %redact(m), %why, "not using the sender's manifest; verifying the whole SHA-512");
+                    (Check::Sha512 { why }, bytes)
+                }
+            },
+            None => (
+                Check::Sha512 {
+                    why: "no manifest was asked for".into(),
+                },
+                0,
+            ),
+        };
 
         let request = client
             .get(parsed)
@@ -165,7 +246,8 @@ impl Transfer<'_> {
             .await
             .map_err(|e| self.io("creating", io::Error::other(e)))?
             .map_err(|e| self.io("creating", e))?;
-        let mut pipe = Pipe::start(file);
+        let body_started = Instant::now();
+        let mut pipe = Pipe::start(file, &check);
         let mut decoder = Decoder::default();
         let mut events = Vec::new();
         let mut body = response.bytes_stream();
@@ -192,11 +274,26 @@ impl Transfer<'_> {
                 .map_err(|e| self.wire_error(e))?;
             for event in events.drain(..) {
                 match &event {
-                    Event::Start { size: s } => size = Some(*s),
+                    Event::Start { size: s } => {
+                        if let Check::Manifest(m) = &check
+                            && m.size != *s
+                        {
+                            return Err(self.chunk_error(ChunkMismatch {
+                                offset: m.size.min(*s),
+                                len: m.size.abs_diff(*s),
+                                detail: format!(
+                                    "the sender's stream is of a {s}-byte file, the image's \
+                                     manifest says {}",
+                                    m.size
+                                ),
+                            }));
+                        }
+                        size = Some(*s)
+                    }
                     Event::Data { offset, bytes } => done = offset + bytes.len() as u64,
                     Event::End => done = size.unwrap_or(done),
                 }
-                pipe.event(event).await.map_err(|e| self.io("writing", e))?;
+                pipe.event(event).await.map_err(|e| self.pipe_error(e))?;
             }
             if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
                 self.progress.progress(done, size);
@@ -205,31 +302,125 @@ impl Transfer<'_> {
         }
         decoder.finish().map_err(|e| self.wire_error(e))?;
         let size = size.expect("a finished stream has a header");
+        let body_done = Instant::now();
 
-        let (file, sha512, data_bytes) = pipe.finish().await.map_err(|e| self.io("writing", e))?;
-        let expected = expected_sha512.to_ascii_lowercase();
-        if sha512 != expected {
-            return Err(SyncError::ChecksumMismatch {
-                expected,
-                got: sha512,
-            });
-        }
+        let (file, verdict, data_bytes) = pipe.finish().await.map_err(|e| self.pipe_error(e))?;
+        let (sha512, verified, manifest) = match (verdict, check) {
+            (Verdict::Checked, Check::Manifest(m)) => {
+                (expected, Verified::Manifest, Arc::unwrap_or_clone(m))
+            }
+            (Verdict::Hashed { sha512, builder }, Check::Sha512 { why }) => {
+                if sha512 != expected {
+                    return Err(SyncError::ChecksumMismatch {
+                        expected,
+                        got: sha512,
+                    });
+                }
+                let manifest = builder.finish(&sha512);
+                (sha512, Verified::Sha512 { why }, manifest)
+            }
+            _ => unreachable!("the pipe verifies the way it was started"),
+        };
+        let checked = Instant::now();
         let dest = self.dest.to_path_buf();
         tokio::task::spawn_blocking(move || settle(&file, &dest, size))
             .await
             .map_err(|e| self.io("syncing", io::Error::other(e)))?
             .map_err(|e| self.io("syncing", e))?;
+        // Where the time went: the body (receiving, bounded by the slowest worker through the
+        // queues), the wait for the workers after the body's end, and the final sync.
+        info!(
+            body_secs = (body_done - body_started).as_secs_f64(),
+            check_wait_secs = (checked - body_done).as_secs_f64(),
+            settle_secs = checked.elapsed().as_secs_f64(),
+            "sync receive stages"
+        );
         self.progress.progress(size, Some(size));
         Ok(ReceiveOutcome {
             size,
             sha512,
             bytes_on_wire: on_wire,
+            manifest_bytes,
             data_bytes,
+            verified,
+            manifest,
         })
+    }
+
+    /// GETs and checks the sender's manifest; on any failure, why (and the bytes received), for
+    /// the log: the transfer then falls back to the whole SHA-512.
+    async fn fetch_manifest(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        expected: &str,
+    ) -> Result<(Manifest, u64), (String, u64)> {
+        let shown = redact(url);
+        let fetch = async {
+            let mut response = client
+                .get(url)
+                .header(reqwest::header::ACCEPT_ENCODING, "identity")
+                .send()
+                .await
+                .map_err(|e| (format!("GET {shown}: {}", error_chain(&e.without_url())), 0))?;
+            if !response.status().is_success() {
+                return Err((
+                    format!("GET {shown}: HTTP {}", response.status().as_u16()),
+                    0,
+                ));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| {
+                let e = error_chain(&e.without_url());
+                (format!("GET {shown}: {e}"), body.len() as u64)
+            })? {
+                body.extend_from_slice(&chunk);
+                if body.len() as u64 > MAX_MANIFEST_BYTES {
+                    return Err((
+                        format!("{shown} is larger than {MAX_MANIFEST_BYTES} bytes"),
+                        body.len() as u64,
+                    ));
+                }
+            }
+            Ok(body)
+        };
+        // One bound for the whole manifest: it is small.
+        let body = tokio::time::timeout(self.idle, fetch)
+            .await
+            .map_err(|_| (format!("GET {shown}: no answer in {:?}", self.idle), 0))??;
+        let bytes = body.len() as u64;
+        let manifest = Manifest::parse(&body)
+            .map_err(|why| (format!("the manifest at {shown} is invalid: {why}"), bytes))?;
+        if manifest.sha512 != expected {
+            return Err((
+                format!(
+                    "the manifest at {shown} is of content with SHA-512 {}, not the expected {expected}",
+                    manifest.sha512
+                ),
+                bytes,
+            ));
+        }
+        Ok((manifest, bytes))
     }
 
     fn io(&self, what: &str, e: io::Error) -> SyncError {
         SyncError::io(what, self.dest, e)
+    }
+
+    fn pipe_error(&self, e: PipeError) -> SyncError {
+        match e {
+            PipeError::Io(e) => self.io("writing", e),
+            PipeError::Chunk(c) => self.chunk_error(c),
+        }
+    }
+
+    fn chunk_error(&self, c: ChunkMismatch) -> SyncError {
+        SyncError::ChunkMismatch {
+            dest: self.dest.display().to_string(),
+            offset: c.offset,
+            len: c.len,
+            detail: c.detail,
+        }
     }
 
     fn idle_timeout(&self) -> SyncError {
@@ -264,12 +455,51 @@ fn settle(file: &File, path: &Path, size: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A run of contiguous file content, as the pieces that arrived, shared by both workers.
+/// A run of contiguous file content, as the pieces that arrived, shared by all workers.
 type Block = Arc<[Bytes]>;
 
+#[derive(Clone)]
 enum HashMsg {
     Zeros(u64),
     Data(Block),
+}
+
+/// How the content is checked.
+enum Check {
+    Manifest(Arc<Manifest>),
+    Sha512 { why: String },
+}
+
+/// What the checking workers found, once they all finished.
+enum Verdict {
+    /// Every chunk matched the manifest.
+    Checked,
+    /// The content's SHA-512 (not yet compared) and its manifest, built in the same pass.
+    Hashed {
+        sha512: String,
+        builder: ManifestBuilder,
+    },
+}
+
+/// Why the pipe stopped.
+enum PipeError {
+    /// Writing failed, or a worker died.
+    Io(io::Error),
+    /// A chunk did not match the manifest.
+    Chunk(ChunkMismatch),
+}
+
+impl From<io::Error> for PipeError {
+    fn from(e: io::Error) -> Self {
+        PipeError::Io(e)
+    }
+}
+
+/// A worker that sees the logical content in order.
+enum Checker {
+    Chunks(JoinHandle<Result<(), ChunkMismatch>>),
+    Sha512(JoinHandle<Sha512>),
+    Build(JoinHandle<ManifestBuilder>),
 }
 
 enum WriteMsg {
@@ -286,16 +516,42 @@ struct Pipe {
     /// The logical offset the hasher has been given everything up to.
     hashed_to: u64,
     data_bytes: u64,
-    hash_tx: mpsc::Sender<HashMsg>,
+    /// One queue per checking worker, in the order of `checkers`.
+    hash_tx: Vec<mpsc::Sender<HashMsg>>,
     write_tx: mpsc::Sender<WriteMsg>,
-    hasher: Option<JoinHandle<Sha512>>,
+    checkers: Vec<Checker>,
     writer: Option<JoinHandle<io::Result<File>>>,
 }
 
 impl Pipe {
-    fn start(file: File) -> Self {
-        let (hash_tx, hash_rx) = mpsc::channel(QUEUE_DEPTH);
+    fn start(file: File, check: &Check) -> Self {
         let (write_tx, write_rx) = mpsc::channel(QUEUE_DEPTH);
+        let mut hash_tx = Vec::new();
+        let mut checkers = Vec::new();
+        let mut queue = || {
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            hash_tx.push(tx);
+            rx
+        };
+        match check {
+            Check::Manifest(m) => {
+                let (rx, m) = (queue(), m.clone());
+                checkers.push(Checker::Chunks(tokio::task::spawn_blocking(move || {
+                    check_worker(rx, &m)
+                })));
+            }
+            Check::Sha512 { .. } => {
+                // Two threads: SHA-512 is the slowest stage and gets one to itself.
+                let rx = queue();
+                checkers.push(Checker::Sha512(tokio::task::spawn_blocking(move || {
+                    hash_worker(rx)
+                })));
+                let rx = queue();
+                checkers.push(Checker::Build(tokio::task::spawn_blocking(move || {
+                    build_worker(rx)
+                })));
+            }
+        }
         Pipe {
             pending: Vec::new(),
             pending_offset: 0,
@@ -305,7 +561,7 @@ impl Pipe {
             data_bytes: 0,
             hash_tx,
             write_tx,
-            hasher: Some(tokio::task::spawn_blocking(move || hash_worker(hash_rx))),
+            checkers,
             writer: Some(tokio::task::spawn_blocking(move || {
                 write_worker(file, write_rx)
             })),
@@ -313,7 +569,7 @@ impl Pipe {
     }
 
     /// Takes the decoder's events in order (the decoder has checked them).
-    async fn event(&mut self, event: Event) -> io::Result<()> {
+    async fn event(&mut self, event: Event) -> Result<(), PipeError> {
         match event {
             Event::Start { size } => {
                 self.size = size;
@@ -346,25 +602,36 @@ impl Pipe {
         }
     }
 
-    /// Stops the workers; returns the file (not yet synced), the lower-case hex SHA-512 of
-    /// everything hashed, and the data bytes received.
-    async fn finish(mut self) -> io::Result<(File, String, u64)> {
+    /// Stops the workers; returns the file (not yet synced), what the checking workers found,
+    /// and the data bytes received.
+    async fn finish(mut self) -> Result<(File, Verdict, u64), PipeError> {
         self.flush().await?;
         let Pipe {
             hash_tx,
             write_tx,
-            hasher,
+            checkers,
             writer,
             data_bytes,
             ..
         } = self;
         drop((hash_tx, write_tx));
         let file = join(writer.expect("writer joined once")).await??;
-        let digest = join(hasher.expect("hasher joined once")).await?.finalize();
-        Ok((file, hex::encode(digest), data_bytes))
+        let (mut sha512, mut builder) = (None, None);
+        for c in checkers {
+            match c {
+                Checker::Chunks(h) => join(h).await?.map_err(PipeError::Chunk)?,
+                Checker::Sha512(h) => sha512 = Some(hex::encode(join(h).await?.finalize())),
+                Checker::Build(h) => builder = Some(join(h).await?),
+            }
+        }
+        let verdict = match (sha512, builder) {
+            (Some(sha512), Some(builder)) => Verdict::Hashed { sha512, builder },
+            _ => Verdict::Checked,
+        };
+        Ok((file, verdict, data_bytes))
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
+    async fn flush(&mut self) -> Result<(), PipeError> {
         if self.pending_len == 0 {
             return Ok(());
         }
@@ -385,30 +652,44 @@ impl Pipe {
         self.send_hasher(HashMsg::Data(block)).await
     }
 
-    async fn send_writer(&mut self, msg: WriteMsg) -> io::Result<()> {
+    async fn send_writer(&mut self, msg: WriteMsg) -> Result<(), PipeError> {
         if self.write_tx.send(msg).await.is_err() {
-            return Err(self.worker_died().await);
+            return Err(self.worker_died(None).await);
         }
         Ok(())
     }
 
-    async fn send_hasher(&mut self, msg: HashMsg) -> io::Result<()> {
-        if self.hash_tx.send(msg).await.is_err() {
-            return Err(self.worker_died().await);
+    async fn send_hasher(&mut self, msg: HashMsg) -> Result<(), PipeError> {
+        for i in 0..self.hash_tx.len() {
+            if self.hash_tx[i].send(msg.clone()).await.is_err() {
+                return Err(self.worker_died(Some(i)).await);
+            }
         }
         Ok(())
     }
 
-    /// A queue was closed: a worker stopped early. The writer stops on an I/O error (a full
-    /// disk, say), which is the one worth reporting; otherwise something panicked.
-    async fn worker_died(&mut self) -> io::Error {
+    /// A queue was closed: a worker stopped early. The chunk checker stops at the first chunk
+    /// that differs from the manifest, and the writer on an I/O error (a full disk, say): those
+    /// are the ones worth reporting; otherwise something panicked.
+    /// `checker`: the index of the checking worker whose queue closed (None: the writer's).
+    async fn worker_died(&mut self, checker: Option<usize>) -> PipeError {
+        if let Some(i) = checker
+            && matches!(self.checkers[i], Checker::Chunks(_))
+            && let Checker::Chunks(h) = self.checkers.remove(i)
+        {
+            match join(h).await {
+                Ok(Err(mismatch)) => return PipeError::Chunk(mismatch),
+                Err(e) => return PipeError::Io(e),
+                Ok(Ok(())) => {}
+            }
+        }
         if let Some(writer) = self.writer.take() {
             match join(writer).await {
-                Ok(Err(e)) | Err(e) => return e,
+                Ok(Err(e)) | Err(e) => return PipeError::Io(e),
                 Ok(Ok(_)) => {}
             }
         }
-        io::Error::other("sync receive worker stopped unexpectedly")
+        PipeError::Io(io::Error::other("sync receive worker stopped unexpectedly"))
     }
 }
 
@@ -427,6 +708,31 @@ fn hash_worker(mut rx: mpsc::Receiver<HashMsg>) -> Sha512 {
         }
     }
     hasher
+}
+
+/// Builds the content's manifest (kept only if the SHA-512 worker's digest matches).
+fn build_worker(mut rx: mpsc::Receiver<HashMsg>) -> ManifestBuilder {
+    let mut builder = ManifestBuilder::new(CHUNK_SIZE);
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            HashMsg::Zeros(n) => builder.zeros(n),
+            HashMsg::Data(block) => block.iter().for_each(|b| builder.update(b)),
+        }
+    }
+    builder
+}
+
+/// Checks the content against the manifest; stops (closing its queue) at the first chunk that
+/// differs.
+fn check_worker(mut rx: mpsc::Receiver<HashMsg>, manifest: &Manifest) -> Result<(), ChunkMismatch> {
+    let mut checker = ChunkChecker::new(manifest);
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            HashMsg::Zeros(n) => checker.zeros(n)?,
+            HashMsg::Data(block) => block.iter().try_for_each(|b| checker.update(b))?,
+        }
+    }
+    checker.finish()
 }
 
 fn write_worker(file: File, mut rx: mpsc::Receiver<WriteMsg>) -> io::Result<File> {

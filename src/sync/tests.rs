@@ -317,9 +317,22 @@ fn local_copy_reflinks_on_xfs_and_falls_back_across_filesystems() {
 
 // ---- cross node ----
 
-/// The test routes, all serving `file` (or a corruption of its stream).
+/// Where the test routes serve `file`'s manifest from (404 while it does not exist).
+fn manifest_file(file: &Path) -> PathBuf {
+    file.with_extension("manifest")
+}
+
+/// The test routes, all serving `file` (or a corruption of its stream), and its manifest.
 fn routes(file: PathBuf) -> Router {
     Router::new()
+        .route(
+            "/file/manifest",
+            get(|State(p): State<PathBuf>| async move {
+                std::fs::read(manifest_file(&p))
+                    .map(Body::from)
+                    .map_err(|_| axum::http::StatusCode::NOT_FOUND)
+            }),
+        )
         .route(
             "/file",
             get(|State(p): State<PathBuf>| async move { Body::from_stream(extent_stream(p)) }),
@@ -651,6 +664,181 @@ async fn qcow2_image_survives_local_copy_and_receive_bit_identical() {
             .arg(&raw)
             .arg(copy));
     }
+}
+
+// ---- cross node, with a manifest ----
+
+/// A 64 MiB sparse source served with its manifest written beside it, as a ready file has it.
+async fn with_manifest(dir: &Path) -> (PathBuf, String, Manifest, String) {
+    let src = dir.join("src");
+    make_sparse(&src, 64 * MIB, SPARSE_64);
+    let (want, manifest) = hash_sparse(&src).unwrap();
+    assert_eq!(want, full_sha512(&src));
+    std::fs::write(manifest_file(&src), manifest.to_bytes()).unwrap();
+    let base = serve(routes(src.clone())).await;
+    (src, want, manifest, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_with_a_manifest_checks_chunks_and_gives_the_same_file_and_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want, manifest, base) = with_manifest(dir.path()).await;
+    // Most of SPARSE_64's chunks are holes: those are not hashed at all.
+    let zero = manifest
+        .chunks
+        .iter()
+        .filter(|c| **c == manifest::Chunk::Zero)
+        .count();
+    assert!(zero > 40 && zero < 64, "{zero} zero chunks of 64");
+
+    let dest = dir.path().join("dest");
+    let progress = Recorder::default();
+    let got = receive_with_manifest(
+        &format!("{base}/file"),
+        &format!("{base}/file/manifest"),
+        &dest,
+        &want.to_uppercase(),
+        IDLE,
+        &progress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.verified, Verified::Manifest);
+    assert_eq!((got.size, got.sha512.as_str()), (64 * MIB, want.as_str()));
+    assert_eq!(got.manifest, manifest);
+    assert_eq!(got.manifest_bytes, manifest.to_bytes().len() as u64);
+    assert_eq!(full_sha512(&dest), want);
+    assert_eq!(got.data_bytes, data_len(&src));
+    assert!(got.bytes_on_wire + got.manifest_bytes <= got.data_bytes + got.data_bytes / 100);
+    let reports = progress.0.into_inner().unwrap();
+    assert_eq!(reports.last(), Some(&(64 * MIB, Some(64 * MIB))));
+
+    // The whole-SHA-512 receive of the same content builds the very same manifest.
+    let dest2 = dir.path().join("dest2");
+    let full = receive(&format!("{base}/file"), &dest2, &want, IDLE, &NoProgress)
+        .await
+        .unwrap();
+    assert!(matches!(full.verified, Verified::Sha512 { .. }));
+    assert_eq!(full.manifest, manifest);
+    assert_eq!(full.manifest_bytes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_changed_in_the_senders_file_after_its_manifest_fails_that_chunk_and_leaves_nothing()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want, _, base) = with_manifest(dir.path()).await;
+    let file = File::options().write(true).open(&src).unwrap();
+    // Rot inside a data run, then data written where the manifest says the chunk is zeros.
+    for (at, expected) in [
+        (5 * MIB + 20_000, "expected sha256"),
+        (2 * MIB + 12_345, "expected zeros"),
+    ] {
+        let mut b = [0u8; 1];
+        File::open(&src).unwrap().read_exact_at(&mut b, at).unwrap();
+        file.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+        let dest = dir.path().join("dest");
+        let err = receive_with_manifest(
+            &format!("{base}/file"),
+            &format!("{base}/file/manifest"),
+            &dest,
+            &want,
+            IDLE,
+            &NoProgress,
+        )
+        .await
+        .unwrap_err();
+        let chunk = at / manifest::CHUNK_SIZE * manifest::CHUNK_SIZE;
+        match &err {
+            SyncError::ChunkMismatch {
+                offset,
+                len,
+                detail,
+                dest: d,
+            } => {
+                assert_eq!((*offset, *len), (chunk, manifest::CHUNK_SIZE), "{err}");
+                assert!(detail.contains(expected), "{err}");
+                assert_eq!(d, &dest.display().to_string());
+            }
+            other => panic!("{other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("chunk at offset {chunk}")), "{msg}");
+        assert!(err.is_retryable());
+        assert!(!dest.exists(), "no file left after a bad chunk");
+        // Put the byte back for the next case.
+        file.write_all_at(&b, at).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_corrupt_or_foreign_manifest_falls_back_to_the_whole_sha512() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want, manifest, base) = with_manifest(dir.path()).await;
+    let (file, manifest_url) = (format!("{base}/file"), format!("{base}/file/manifest"));
+    let get = |stream: String, dest: PathBuf| {
+        let (manifest_url, want) = (manifest_url.clone(), want.clone());
+        async move {
+            receive_with_manifest(&stream, &manifest_url, &dest, &want, IDLE, &NoProgress).await
+        }
+    };
+    let fallback = |got: &ReceiveOutcome, why: &str| match &got.verified {
+        Verified::Sha512 { why: w } => assert!(w.contains(why), "{w}"),
+        other => panic!("{other:?}"),
+    };
+
+    // The stream corrupted on the way: a good manifest names the chunk.
+    let dest = dir.path().join("flip");
+    let err = get(format!("{base}/flip"), dest.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, SyncError::ChunkMismatch { offset: 0, .. }),
+        "{err:?}"
+    );
+    assert!(!dest.exists());
+
+    // A manifest that rotted: its seal breaks, the whole SHA-512 is checked instead, and the
+    // received file's manifest is built from the bytes that matched.
+    let good = manifest.to_bytes();
+    let mut rotten = good.clone();
+    let at = rotten.len() / 2;
+    rotten[at] ^= 0x01;
+    std::fs::write(manifest_file(&src), &rotten).unwrap();
+    let got = get(file.clone(), dir.path().join("rotten")).await.unwrap();
+    fallback(&got, "seal");
+    assert_eq!(got.manifest, manifest);
+    assert_eq!(full_sha512(&dir.path().join("rotten")), want);
+    // ... and the corrupted stream is still caught, by the SHA-512.
+    let dest = dir.path().join("flip2");
+    let err = get(format!("{base}/flip"), dest.clone()).await.unwrap_err();
+    assert!(matches!(err, SyncError::ChecksumMismatch { .. }), "{err:?}");
+    assert!(!dest.exists());
+
+    // A well-sealed manifest of other content (another SHA-512) is not used.
+    let mut other = manifest.clone();
+    other.sha512 = "ab".repeat(64);
+    std::fs::write(manifest_file(&src), other.to_bytes()).unwrap();
+    let got = get(file.clone(), dir.path().join("other")).await.unwrap();
+    fallback(&got, "not the expected");
+
+    // A well-sealed manifest naming the right SHA-512 but other chunks: the chunk is caught.
+    let mut forged = manifest.clone();
+    forged.chunks[5] = manifest::Chunk::Sha256([7; 32]);
+    std::fs::write(manifest_file(&src), forged.to_bytes()).unwrap();
+    let dest = dir.path().join("forged");
+    let err = get(file.clone(), dest.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, SyncError::ChunkMismatch { offset, .. } if offset == 5 * MIB),
+        "{err:?}"
+    );
+    assert!(!dest.exists());
+
+    // No manifest at all (an older sender): the whole SHA-512, as before.
+    std::fs::remove_file(manifest_file(&src)).unwrap();
+    let got = get(file.clone(), dir.path().join("none")).await.unwrap();
+    fallback(&got, "HTTP 404");
+    assert_eq!(got.manifest, manifest);
+    assert_eq!(got.manifest_bytes, 0);
+    assert_eq!(full_sha512(&dir.path().join("none")), want);
 }
 
 // ---- benchmark ----

@@ -94,6 +94,11 @@ async fn seed_download_manifest_becomes_a_ready_verified_file() {
     let sum = Command::new("sha512sum").arg(&file).output().unwrap();
     assert!(String::from_utf8_lossy(&sum.stdout).starts_with(&want));
     assert!(file.with_file_name("backing.cfg").is_file());
+    // And its chunk manifest, built from the bytes that hashed to the checksum.
+    let chunks = std::fs::read(file.with_file_name("backing.manifest")).unwrap();
+    let chunks = bicsi::sync::Manifest::parse(&chunks).unwrap();
+    assert_eq!(chunks.sha512, want);
+    assert_eq!(chunks.size, raw.len() as u64);
     assert!(files_under(&b.disks[0].join("tmp")).is_empty());
 
     let (ok, out, _) = b.cli(&["apply", "-f", manifest.to_str().unwrap()]);

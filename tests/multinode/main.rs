@@ -536,7 +536,12 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
         .unwrap();
     let src_node = c.nodes.iter().position(|n| n.id == first).unwrap();
     let src = backing_files(&c.nodes[src_node].disk).remove(0);
-    // Flip a byte of the source file: the receiver's SHA-512 check must refuse it.
+    // The sender's file has its manifest, made when its download's SHA-512 matched.
+    let manifest = src.with_file_name("backing.manifest");
+    let m = bicsi::sync::Manifest::parse(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m.sha512, images::sha512(&raw));
+    // Flip a byte of the source file after that: the receiver's chunk check against the
+    // manifest must refuse it and name the chunk and the disk.
     let good = std::fs::read(&src).unwrap();
     let mut bad = good.clone();
     bad[4096] ^= 0xff;
@@ -559,6 +564,15 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
         if let Some(m) = failed {
             break m;
         }
+        // A chunk check fails within milliseconds and the next publish starts the sync again:
+        // the failed state may be gone before it is seen, the receiver's log keeps it.
+        let logged = c.node_log(1 - src_node);
+        if let Some(line) = logged
+            .lines()
+            .find(|l| l.contains("backing image file failed"))
+        {
+            break line.to_string();
+        }
         assert!(
             Instant::now() < deadline,
             "corruption not caught:\n{img}\n{}",
@@ -566,8 +580,14 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(message.contains("checksum mismatch"), "{message}");
     let other = 1 - src_node;
+    let other_disk = img_disk_of(&c, "bi-corrupt", &c.nodes[other].id).await;
+    assert!(
+        message.contains("chunk at offset 0 ")
+            && message.contains("does not match the image's manifest")
+            && message.contains(&format!("disk {other_disk}")),
+        "{message}"
+    );
     assert!(
         backing_files(&c.nodes[other].disk).is_empty(),
         "a corrupt file never becomes ready"
@@ -575,10 +595,30 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
     // Repair the source: the next attach retries the transfer and succeeds.
     std::fs::write(&src, &good).unwrap();
     publish_retrying(&mut ctl, publish).await;
-    assert_eq!(
-        sha512sum(&backing_files(&c.nodes[other].disk)[0]),
-        images::sha512(&raw)
+    let received = backing_files(&c.nodes[other].disk).remove(0);
+    assert_eq!(sha512sum(&received), images::sha512(&raw));
+    // Verified against the sender's manifest, which now sits beside the received file too.
+    assert!(
+        c.node_log(other).contains("verified=manifest"),
+        "{}",
+        c.node_log(other)
     );
+    assert_eq!(
+        std::fs::read(received.with_file_name("backing.manifest")).unwrap(),
+        std::fs::read(&manifest).unwrap()
+    );
+}
+
+/// The id of the disk of `node` that the image's status lists.
+async fn img_disk_of(c: &TestCluster, name: &str, node: &str) -> String {
+    let img = image(c, name).await;
+    img["status"]["diskFileStatusMap"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, f)| f["nodeId"] == node)
+        .map(|(d, _)| d.clone())
+        .unwrap_or_else(|| panic!("no file of {name} on {node}: {img}"))
 }
 
 #[tokio::test]
