@@ -115,20 +115,10 @@ async fn list_disks(State(s): State<ApiState>) -> ApiResult<Json<Vec<crate::agen
 /// Streams a ready backing image file of this node to another node: data extents only, in the
 /// framed format of `sync`. The receiver verifies the SHA-512 itself.
 async fn transfer_file(State(s): State<ApiState>, Path(dir): Path<String>) -> ApiResult<Response> {
-    let files = s
-        .files
-        .as_ref()
-        .ok_or_else(|| Error::NotFound("this process holds no backing image files".into()))?;
-    if dir.contains('/') || dir.contains("..") {
-        return Err(Error::InvalidArgument(format!(
-            "{dir:?} is not a backing image file"
-        )));
-    }
-    let path = files
-        .disks()
-        .iter()
-        .map(|d| d.path.join("backing-images").join(&dir).join("backing"))
-        .find(|p| p.is_file())
+    let (files, ready) = ready_files(&s, &dir)?;
+    let path = ready
+        .into_iter()
+        .next()
         .ok_or_else(|| Error::NotFound(format!("no ready file {dir:?} on this node")))?;
     // Sending counts against this node's concurrent syncs too; a receiver that waits too long
     // fails its sync, which recovery starts again.
@@ -166,21 +156,10 @@ async fn transfer_manifest(
     State(s): State<ApiState>,
     Path(dir): Path<String>,
 ) -> ApiResult<Response> {
-    let files = s
-        .files
-        .as_ref()
-        .ok_or_else(|| Error::NotFound("this process holds no backing image files".into()))?;
-    if dir.contains('/') || dir.contains("..") {
-        return Err(Error::InvalidArgument(format!(
-            "{dir:?} is not a backing image file"
-        )));
-    }
-    let paths: Vec<std::path::PathBuf> = files
-        .disks()
+    let (_, ready) = ready_files(&s, &dir)?;
+    let paths: Vec<std::path::PathBuf> = ready
         .iter()
-        .map(|d| d.path.join("backing-images").join(&dir).join("backing"))
-        .filter(|p| p.is_file())
-        .map(|p| crate::files::manifest_path(&p))
+        .map(|p| crate::files::manifest_path(p))
         .collect();
     let bytes =
         crate::fsutil::blocking(move || Ok(paths.iter().find_map(|p| std::fs::read(p).ok())))
@@ -196,6 +175,31 @@ async fn transfer_manifest(
         bytes,
     )
         .into_response())
+}
+
+/// This process's file managers and the ready `backing` files of the backing image file
+/// directory `dir` on its disks (a name from another node's sync request, checked to be one
+/// path component).
+fn ready_files<'a>(
+    s: &'a ApiState,
+    dir: &str,
+) -> ApiResult<(&'a Arc<FileManagers>, Vec<std::path::PathBuf>)> {
+    let files = s
+        .files
+        .as_ref()
+        .ok_or_else(|| Error::NotFound("this process holds no backing image files".into()))?;
+    if dir.contains('/') || dir.contains("..") {
+        return Err(Error::InvalidArgument(format!(
+            "{dir:?} is not a backing image file"
+        )));
+    }
+    let ready = files
+        .disks()
+        .iter()
+        .map(|d| d.path.join("backing-images").join(dir).join("backing"))
+        .filter(|p| p.is_file())
+        .collect();
+    Ok((files, ready))
 }
 
 /// How long a sender waits for a free sync slot before answering 503.

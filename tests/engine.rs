@@ -345,6 +345,24 @@ impl Node {
     }
 }
 
+/// Removes what a test's processes left under `dir`, whatever state they died in: mounts
+/// (lazily, so a dead FUSE server cannot block it), loop devices, then the daemons, then
+/// mounts their exit left behind.
+fn tear_down_under(dir: &Path) {
+    for m in mounts_under(dir) {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+    for l in loops_under(dir) {
+        let _ = Command::new("losetup").arg("-d").arg(&l).status();
+    }
+    for pid in engines_under(dir) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    for m in mounts_under(dir) {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         for mut c in [self.plugin.take(), self.engine.take()]
@@ -354,19 +372,7 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let dir = self.dir.path();
-        for m in mounts_under(dir) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        for l in loops_under(dir) {
-            let _ = Command::new("losetup").arg("-d").arg(&l).status();
-        }
-        for pid in engines_under(dir) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        for m in mounts_under(dir) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
+        tear_down_under(self.dir.path());
     }
 }
 
@@ -1003,19 +1009,7 @@ impl Drop for Split {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let dir = self.dir.path();
-        for m in mounts_under(dir) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        for l in loops_under(dir) {
-            let _ = Command::new("losetup").arg("-d").arg(&l).status();
-        }
-        for pid in engines_under(dir) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        for m in mounts_under(dir) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
+        tear_down_under(self.dir.path());
     }
 }
 
