@@ -27,30 +27,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 ############################ runtime ############################
 FROM debian:bookworm-slim
 
-# qemu-storage-daemon: in plain bookworm (qemu 7.2) it ships in
-# qemu-system-common, which drags in SPICE, audio, GBM and USB libraries. In
-# bookworm-backports (qemu 10.0) it ships in qemu-utils, next to qemu-img,
-# which is also the qemu the project's development machines run. So we take
-# qemu-utils from backports. Without backports, install
-# `qemu-utils qemu-system-common` from bookworm instead.
-#
-#   qemu-utils   qemu-img, qemu-storage-daemon (FUSE/NBD exports, quorum)
-#   e2fsprogs    mkfs.ext4, resize2fs
-#   xfsprogs     mkfs.xfs, xfs_growfs
-#   util-linux   blkid, findmnt, wipefs
-#   mount        mount, umount, losetup
-#   fuse3        fusermount3 (qemu-storage-daemon's FUSE export)
-#   ca-certificates  TLS roots for backing-image downloads (rustls platform verifier)
-RUN set -eux; \
-    echo 'deb http://deb.debian.org/debian bookworm-backports main' \
-        > /etc/apt/sources.list.d/bookworm-backports.list; \
-    apt-get update; \
-    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils; \
-    apt-get install -y --no-install-recommends \
-        e2fsprogs xfsprogs util-linux mount fuse3 ca-certificates; \
-    rm -rf /var/lib/apt/lists/*; \
-    test -x /usr/bin/qemu-storage-daemon; \
-    test -x /usr/bin/qemu-img
+# The packages (qemu-utils 10 from bookworm-backports for qemu-img and
+# qemu-storage-daemon, e2fsprogs, xfsprogs, util-linux, mount, fuse3,
+# ca-certificates) and why each is there: deploy/image/install-runtime.sh. It is
+# the one list: scripts/check-image-rootfs runs the same script in a
+# debootstrap'd bookworm minbase chroot and smoke-tests bicsi there.
+COPY deploy/image/install-runtime.sh /tmp/install-runtime.sh
+RUN sh /tmp/install-runtime.sh && rm /tmp/install-runtime.sh
 
 COPY --from=builder /out/bicsi /usr/local/bin/bicsi
 
