@@ -22,7 +22,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin bicsi \
- && install -D -m 0755 target/release/bicsi /out/bicsi
+ && install -D -s -m 0755 target/release/bicsi /out/bicsi
 
 ############################ runtime ############################
 FROM debian:bookworm-slim
