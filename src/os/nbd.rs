@@ -567,6 +567,9 @@ pub(crate) fn export_replica(
     }
 }
 
+/// How long a safe unexport waits for a client that has just disconnected to be released.
+const CLIENT_RELEASE_GRACE: Duration = Duration::from_secs(2);
+
 pub(crate) fn unexport_replica(
     qsd: &QemuStorageDaemon,
     run_dir: &Path,
@@ -587,17 +590,25 @@ pub(crate) fn unexport_replica(
     if list_exports(&mut qmp)?.iter().any(|(e, _)| *e == id) {
         let mode = if force { "hard" } else { "safe" };
         let display = format!("QMP block-export-del {id} (mode {mode})");
-        match qmp.execute("block-export-del", Some(json!({"id": id, "mode": mode})))? {
-            Ok(_) => {}
-            Err(e) if e.desc.contains("in use") => {
-                return Err(OsError::Busy(format!(
-                    "replica {replica_id:?} exported on {}:{} is still in use by a volume \
-                     engine (an attaching node is connected to it); stop that engine first, or \
-                     use unexport_replica_force when that node is gone",
-                    args.host, args.port
-                )));
+        // An engine that has just stopped may still count as a client for a moment: qemu
+        // releases a closed connection asynchronously. Only one that stays connected is busy.
+        let grace = Instant::now() + CLIENT_RELEASE_GRACE;
+        loop {
+            match qmp.execute("block-export-del", Some(json!({"id": id, "mode": mode})))? {
+                Ok(_) => break,
+                Err(e) if e.desc.contains("in use") && Instant::now() < grace => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) if e.desc.contains("in use") => {
+                    return Err(OsError::Busy(format!(
+                        "replica {replica_id:?} exported on {}:{} is still in use by a volume \
+                         engine (an attaching node is connected to it); stop that engine first, \
+                         or use unexport_replica_force when that node is gone",
+                        args.host, args.port
+                    )));
+                }
+                Err(e) => return Err(qmp_failure(display, &e.desc)),
             }
-            Err(e) => return Err(qmp_failure(display, &e.desc)),
         }
         // The deletion completes asynchronously (at once without clients; after the clients
         // are cut off in hard mode).
