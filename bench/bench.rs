@@ -1649,29 +1649,9 @@ async fn attach_runs(
             let p =
                 publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
             let t2 = Instant::now();
-            csi.node
-                .node_stage_volume(pb::NodeStageVolumeRequest {
-                    volume_id: vol.clone(),
-                    publish_context: p.context.clone(),
-                    staging_target_path: staging_s.clone(),
-                    volume_capability: Some(cap.clone()),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| rpc_err("NodeStageVolume", s))?;
+            node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
             let t3 = Instant::now();
-            csi.node
-                .node_publish_volume(pb::NodePublishVolumeRequest {
-                    volume_id: vol.clone(),
-                    publish_context: p.context.clone(),
-                    staging_target_path: staging_s.clone(),
-                    target_path: target_s.clone(),
-                    volume_capability: Some(cap.clone()),
-                    readonly: false,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| rpc_err("NodePublishVolume", s))?;
+            node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
             let t4 = Instant::now();
             stats[i].push(t4 - t0);
             let (t, path, len) = (target.clone(), src.path.clone(), src.len);
@@ -1944,6 +1924,51 @@ async fn publish_until_ready(
 }
 
 /// Unpublishes and unstages `volume_id` on the node (node "bench"), then unpublishes and deletes it.
+/// NodeStageVolume of a published volume at `staging`.
+async fn node_stage(
+    c: &mut CsiClient,
+    volume_id: &str,
+    published: &Published,
+    staging: &str,
+    cap: &pb::VolumeCapability,
+) -> Res<()> {
+    c.node
+        .node_stage_volume(pb::NodeStageVolumeRequest {
+            volume_id: volume_id.into(),
+            publish_context: published.context.clone(),
+            staging_target_path: staging.into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("NodeStageVolume", s))?;
+    Ok(())
+}
+
+/// NodePublishVolume of a staged volume at `target`, read-write.
+async fn node_publish(
+    c: &mut CsiClient,
+    volume_id: &str,
+    published: &Published,
+    staging: &str,
+    target: &str,
+    cap: &pb::VolumeCapability,
+) -> Res<()> {
+    c.node
+        .node_publish_volume(pb::NodePublishVolumeRequest {
+            volume_id: volume_id.into(),
+            publish_context: published.context.clone(),
+            staging_target_path: staging.into(),
+            target_path: target.into(),
+            volume_capability: Some(cap.clone()),
+            readonly: false,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("NodePublishVolume", s))?;
+    Ok(())
+}
+
 async fn detach_and_delete(
     c: &mut CsiClient,
     volume_id: &str,

@@ -151,27 +151,8 @@ async fn io_runs(
     let target = dir.join("target");
     std::fs::create_dir_all(&staging)?;
     let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
-    csi.node
-        .node_stage_volume(pb::NodeStageVolumeRequest {
-            volume_id: vol.clone(),
-            publish_context: p.context.clone(),
-            staging_target_path: staging_s.clone(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| rpc_err("NodeStageVolume", s))?;
-    csi.node
-        .node_publish_volume(pb::NodePublishVolumeRequest {
-            volume_id: vol.clone(),
-            publish_context: p.context.clone(),
-            staging_target_path: staging_s.clone(),
-            target_path: target_s.clone(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| rpc_err("NodePublishVolume", s))?;
+    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
+    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
 
     let raw = dir.join("plain.raw");
     std::fs::File::create(&raw)?.set_len(len)?;

@@ -166,25 +166,10 @@ impl Agent for LocalAgent {
     ) -> Result<bool> {
         let disk = self.disk(&replica.disk_id)?.clone();
         let backing = match backing_image {
-            Some(name) => {
-                let bi: crate::backing::object::BackingImage = self
-                    .store
-                    .get(Kind::BackingImage, name)?
-                    .ok_or_else(|| Error::NotFound(format!("backing image {name:?} not found")))?;
-                let file = BackingImages::file_path(&disk, &bi);
-                let ready = bi
-                    .status
-                    .disk_file_status_map
-                    .get(&disk.id)
-                    .is_some_and(|f| f.state == FileState::Ready);
-                if !ready || !file.is_file() {
-                    return Ok(false);
-                }
-                let format = ImageFormat::parse(&bi.status.format).ok_or_else(|| {
-                    Error::Internal(format!("backing image {name:?} has no known format"))
-                })?;
-                Some((file, format))
-            }
+            Some(name) => match self.image_file(name, &disk)? {
+                Some(file) => Some(file),
+                None => return Ok(false),
+            },
             None => None,
         };
         let os = self.os.clone();

@@ -323,26 +323,10 @@ impl Controller {
             }
             replicas.push(replica);
         }
-        let volume = Volume {
-            id: id.clone(),
-            spec: VolumeSpec {
-                name: req.name.clone(),
-                capacity_bytes: size,
-                number_of_replicas: p.number_of_replicas,
-                stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
-                fs_type: p.fs_type.clone(),
-                backing_image: p.backing_image.as_ref().map(|b| b.name.clone()),
-                parameters: p.kept,
-                capabilities: req.capabilities.clone(),
-            },
-            replicas,
-            publication: None,
-            created_at: now_rfc3339(),
-        };
-        if let Err(e) = self.store.put(Kind::Volume, &id, &volume) {
-            self.delete_replicas(&volume.replicas).await;
-            return Err(e);
-        }
+        let image = p.backing_image.as_ref().map(|b| b.name.clone());
+        let volume = self
+            .record_volume(&id, &req, p, size, image, replicas)
+            .await?;
         if volume.is_degraded() {
             tracing::warn!(
                 volume = %id,
@@ -352,6 +336,40 @@ impl Controller {
             );
         } else {
             tracing::info!(volume = %id, size, replicas = volume.replicas.len(), "volume created");
+        }
+        Ok(volume)
+    }
+
+    /// Stores a new volume whose replicas were just made; if the store refuses it, the replicas
+    /// are removed again so nothing is left half-made.
+    async fn record_volume(
+        &self,
+        id: &str,
+        req: &CreateVolume,
+        p: params::VolumeParams,
+        size: u64,
+        backing_image: Option<String>,
+        replicas: Vec<Replica>,
+    ) -> Result<Volume> {
+        let volume = Volume {
+            id: id.to_string(),
+            spec: VolumeSpec {
+                name: req.name.clone(),
+                capacity_bytes: size,
+                number_of_replicas: p.number_of_replicas,
+                stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
+                fs_type: p.fs_type,
+                backing_image,
+                parameters: p.kept,
+                capabilities: req.capabilities.clone(),
+            },
+            replicas,
+            publication: None,
+            created_at: now_rfc3339(),
+        };
+        if let Err(e) = self.store.put(Kind::Volume, id, &volume) {
+            self.delete_replicas(&volume.replicas).await;
+            return Err(e);
         }
         Ok(volume)
     }

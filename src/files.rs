@@ -1303,6 +1303,51 @@ mod lifecycle_tests {
         std::mem::take(&mut *w.reports.0.lock().unwrap())
     }
 
+    /// A second disk of node n1, not yet known to `w.files`, with the `tmp/` that
+    /// `disks::open_disk` prepares.
+    fn second_disk(w: &World) -> Disk {
+        let d2 = Disk {
+            id: "d2".into(),
+            node_id: "n1".into(),
+            path: w._dir.path().join("disk2"),
+        };
+        std::fs::create_dir_all(d2.path.join("tmp")).unwrap();
+        d2
+    }
+
+    /// File managers of `w`'s disks plus `disk`, over the same store, reports and clock.
+    fn with_disk(w: &World, disk: &Disk) -> Arc<FileManagers> {
+        let mut disks = w.files.disks().to_vec();
+        disks.push(disk.clone());
+        FileManagers::new(
+            "n1".into(),
+            disks,
+            Os::fake(),
+            w.files.store.clone(),
+            w.reports.clone(),
+            w.clock.clone(),
+        )
+    }
+
+    /// The reports made until one says ready, by `deadline` at the latest.
+    async fn reports_until_ready(
+        w: &World,
+        deadline: std::time::Instant,
+    ) -> Vec<(String, FileReport)> {
+        let mut seen = Vec::new();
+        loop {
+            seen.extend(take(w));
+            if seen.iter().any(|(_, r)| r.state == FileState::Ready) {
+                return seen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
     async fn verification_writes_a_missing_manifest_and_repairs_a_corrupt_one_but_not_for_a_changed_file()
      {
@@ -1453,12 +1498,7 @@ mod lifecycle_tests {
     #[tokio::test]
     async fn a_copy_cut_off_by_a_restart_starts_again_at_resume_and_ends_ready() {
         let w = world();
-        let d2 = Disk {
-            id: "d2".into(),
-            node_id: "n1".into(),
-            path: w._dir.path().join("disk2"),
-        };
-        std::fs::create_dir_all(d2.path.join("tmp")).unwrap();
+        let d2 = second_disk(&w);
         // The copy to d2 was under way when bicsi stopped: its partial file is in tmp/.
         let mut bi: BackingImage = w
             .files
@@ -1472,31 +1512,11 @@ mod lifecycle_tests {
         bi.status.disk_file_status_map.insert("d2".into(), f);
         w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
         std::fs::write(tmp_path(&d2, &bi), b"partial").unwrap();
-        let mut disks = w.files.disks().to_vec();
-        disks.push(d2.clone());
-        let files = FileManagers::new(
-            "n1".into(),
-            disks,
-            Os::fake(),
-            w.files.store.clone(),
-            w.reports.clone(),
-            w.clock.clone(),
-        );
+        let files = with_disk(&w, &d2);
         files.resume().await.unwrap();
         // Nothing else asks for it (no attach): resume itself starts the copy again.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut seen = Vec::new();
-        loop {
-            seen.extend(take(&w));
-            if seen.iter().any(|(_, r)| r.state == FileState::Ready) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never ready: {seen:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let seen =
+            reports_until_ready(&w, std::time::Instant::now() + Duration::from_secs(10)).await;
         assert_eq!(seen[0].1.state, FileState::Failed, "{seen:?}");
         assert!(seen[0].1.message.contains("interrupted by a restart"));
         assert_eq!(
@@ -1509,23 +1529,8 @@ mod lifecycle_tests {
     #[tokio::test]
     async fn a_sync_waits_in_pending_while_the_node_runs_its_limit_of_syncs() {
         let w = world();
-        let d2 = Disk {
-            id: "d2".into(),
-            node_id: "n1".into(),
-            path: w._dir.path().join("disk2"),
-        };
-        // What `disks::open_disk` prepares.
-        std::fs::create_dir_all(d2.path.join("tmp")).unwrap();
-        let mut disks = w.files.disks().to_vec();
-        disks.push(d2.clone());
-        let files = FileManagers::new(
-            "n1".into(),
-            disks,
-            Os::fake(),
-            w.files.store.clone(),
-            w.reports.clone(),
-            w.clock.clone(),
-        );
+        let d2 = second_disk(&w);
+        let files = with_disk(&w, &d2);
         w.settings
             .set(crate::settings::CONCURRENT_SYNCS_PER_NODE, "1")
             .unwrap();
@@ -1548,18 +1553,7 @@ mod lifecycle_tests {
         assert!(!BackingImages::file_path(&d2, &files.image("img").unwrap()).exists());
         // The slot frees: the copy runs and ends ready, with the same bytes.
         drop(held);
-        let mut seen = Vec::new();
-        loop {
-            seen.extend(take(&w));
-            if seen.iter().any(|(_, r)| r.state == FileState::Ready) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never ready: {seen:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        reports_until_ready(&w, deadline).await;
         let copy = BackingImages::file_path(&d2, &files.image("img").unwrap());
         assert_eq!(
             std::fs::read(copy).unwrap(),

@@ -478,21 +478,7 @@ async fn detach_and_delete(c: &mut CsiClient, node: &Node, name: &str) {
         })
         .await
         .unwrap_or_else(|e| panic!("unstage {name}: {e}\n{}", node.log("plugin.log")));
-    c.controller
-        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-            volume_id: name.into(),
-            node_id: NODE_ID.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    c.controller
-        .delete_volume(pb::DeleteVolumeRequest {
-            volume_id: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    harness::unpublish_and_delete(c, name).await;
 }
 
 /// Writes and fsyncs a file on the mounted volume.
@@ -958,11 +944,7 @@ impl Split {
     async fn wait_up(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(format!("{}/v1/nodes", self.http)).await
-                && let Ok(v) = r.json::<serde_json::Value>().await
-                && v.as_array()
-                    .is_some_and(|a| a.iter().filter(|n| n["up"] == true).count() == n)
-            {
+            if harness::nodes_up(&self.http).await == n {
                 return;
             }
             assert!(

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use super::{Controller, CreateVolume, place_replicas, size_for_range, volume_id_for};
 use crate::backing::object::{self, BackingImage, SourceType};
 use crate::error::{Error, Result};
-use crate::model::{Replica, Volume, VolumeSpec, now_rfc3339};
+use crate::model::{Replica, Volume};
 use crate::params::VolumeParams;
 use crate::snapshot::{ExportedImage, Snapshot, SnapshotFile};
 use crate::store::{Kind, StoreExt};
@@ -381,26 +381,9 @@ impl Controller {
             }
             replicas.push(replica);
         }
-        let volume = Volume {
-            id: id.to_string(),
-            spec: VolumeSpec {
-                name: req.name.clone(),
-                capacity_bytes: size,
-                number_of_replicas: p.number_of_replicas,
-                stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
-                fs_type: p.fs_type.clone(),
-                backing_image: image,
-                parameters: p.kept,
-                capabilities: req.capabilities.clone(),
-            },
-            replicas,
-            publication: None,
-            created_at: now_rfc3339(),
-        };
-        if let Err(e) = self.store.put(Kind::Volume, id, &volume) {
-            self.delete_replicas(&volume.replicas).await;
-            return Err(e);
-        }
+        let volume = self
+            .record_volume(id, req, p, size, image, replicas)
+            .await?;
         tracing::info!(volume = %id, source = %what, size, backing_image = ?volume.spec.backing_image, "volume created from a source");
         Ok(volume)
     }

@@ -179,6 +179,38 @@ impl Drop for Bicsi {
 }
 
 /// Mount points under `dir`, deepest first.
+/// How many nodes the HTTP API at `http` lists as up (0 while it does not answer).
+#[allow(dead_code)] // for the suites that start several node agents (engine, multinode, faults)
+pub async fn nodes_up(http: &str) -> usize {
+    let Ok(r) = reqwest::get(format!("{http}/v1/nodes")).await else {
+        return 0;
+    };
+    let Ok(v) = r.json::<serde_json::Value>().await else {
+        return 0;
+    };
+    v.as_array()
+        .map_or(0, |a| a.iter().filter(|n| n["up"] == true).count())
+}
+
+/// ControllerUnpublishVolume from [`NODE_ID`], then DeleteVolume.
+pub async fn unpublish_and_delete(c: &mut CsiClient, volume: &str) {
+    c.controller
+        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: NODE_ID.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("unpublish {volume}: {e}"));
+    c.controller
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: volume.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("delete {volume}: {e}"));
+}
+
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut out: Vec<PathBuf> = text

@@ -12,7 +12,6 @@ use tonic::Code;
 
 use super::harness::*;
 use super::images::*;
-use bicsi::csi::pb;
 
 const TICK: &[&str] = &["--lifecycle-tick-ms", "200"];
 
@@ -120,25 +119,6 @@ async fn image_on_every_disk(b: &Bicsi, name: &str, raw: &[u8], replicas: usize)
     assert_eq!(files.len(), replicas, "{img}");
     assert!(files.values().all(|f| f["state"] == "ready"), "{img}");
     vol
-}
-
-async fn unpublish_and_delete(b: &Bicsi, vol: &str) {
-    let mut c = b.client().await;
-    c.controller
-        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-            volume_id: vol.into(),
-            node_id: NODE_ID.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    c.controller
-        .delete_volume(pb::DeleteVolumeRequest {
-            volume_id: vol.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
@@ -284,7 +264,7 @@ async fn cleanup_by_hand_and_after_the_wait_keeps_used_files_and_one_copy() {
     assert_eq!(backing_files(&b, "bi-clean").len(), 3);
 
     // Unused now; the default wait (60 minutes) keeps them, a manual cleanup does not wait.
-    unpublish_and_delete(&b, &vol).await;
+    unpublish_and_delete(&mut b.client().await, &vol).await;
     let (ok, out, err) = b.cli(&["image", "cleanup", "bi-clean", "--disk", &disk(0)]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("cleaned up"), "{out}");

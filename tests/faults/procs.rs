@@ -347,11 +347,7 @@ impl Cluster {
     pub async fn wait_up(&mut self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(format!("{}/v1/nodes", self.http)).await
-                && let Ok(v) = r.json::<serde_json::Value>().await
-                && v.as_array()
-                    .is_some_and(|a| a.iter().filter(|n| n["up"] == true).count() == n)
-            {
+            if crate::harness::nodes_up(&self.http).await == n {
                 return;
             }
             for node in &mut self.nodes {

@@ -157,11 +157,7 @@ impl TestCluster {
     pub async fn wait_up(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(format!("{}/v1/nodes", self.http)).await
-                && let Ok(v) = r.json::<serde_json::Value>().await
-                && v.as_array()
-                    .is_some_and(|a| a.iter().filter(|n| n["up"] == true).count() == n)
-            {
+            if harness::nodes_up(&self.http).await == n {
                 return;
             }
             assert!(

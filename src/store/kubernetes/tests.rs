@@ -454,6 +454,15 @@ fn requests(fake: &FakeApi, method: &str) -> Vec<Logged> {
         .collect()
 }
 
+/// The requests made other than the store's watches, as (method, status).
+fn calls(fake: &FakeApi) -> Vec<(String, u16)> {
+    fake.log()
+        .into_iter()
+        .filter(|l| !l.query.contains("watch"))
+        .map(|l| (l.method, l.status))
+        .collect()
+}
+
 #[test]
 fn passes_store_conformance() {
     let rt = runtime();
@@ -554,12 +563,7 @@ fn a_stale_update_is_retried_when_only_metadata_moved() {
         });
         fake.clear_log();
         s.put_raw(Kind::Volume, "v", br#"{"size":2}"#).unwrap();
-        let log: Vec<(String, u16)> = fake
-            .log()
-            .into_iter()
-            .filter(|l| !l.query.contains("watch"))
-            .map(|l| (l.method, l.status))
-            .collect();
+        let log = calls(fake);
         assert_eq!(
             log,
             [
@@ -722,12 +726,7 @@ fn delete_removes_the_finalizer_last() {
         s.put_raw(Kind::Volume, "v", br#"{"size":1}"#).unwrap();
         fake.clear_log();
         s.delete(Kind::Volume, "v").unwrap();
-        let log: Vec<(String, u16)> = fake
-            .log()
-            .into_iter()
-            .filter(|l| !l.query.contains("watch"))
-            .map(|l| (l.method, l.status))
-            .collect();
+        let log = calls(fake);
         assert_eq!(log, [("DELETE".into(), 200), ("PATCH".into(), 200)]);
         let patch = &requests(fake, "PATCH")[0];
         assert_eq!(patch.body["metadata"]["finalizers"], json!([]));
@@ -763,12 +762,7 @@ fn kubectl_delete_leaves_the_object_until_bicsi_releases_it() {
         assert!(s.get_raw(Kind::Volume, "v").unwrap().is_some());
         fake.clear_log();
         s.delete(Kind::Volume, "v").unwrap();
-        let log: Vec<String> = fake
-            .log()
-            .into_iter()
-            .filter(|l| !l.query.contains("watch"))
-            .map(|l| l.method)
-            .collect();
+        let log: Vec<String> = calls(fake).into_iter().map(|(m, _)| m).collect();
         assert_eq!(
             log,
             ["PATCH"],
