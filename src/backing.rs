@@ -265,6 +265,13 @@ impl BackingImages {
                     bi.status.format = ready.format.clone();
                 }
             }
+            if report.restart
+                && let Some(f) = bi.status.disk_file_status_map.get(&disk.id)
+                && matches!(f.state, FileState::Starting | FileState::InProgress)
+            {
+                // Work cut off by a restart: failed and pending again in this one update.
+                set_file(bi, disk, FileState::Failed, 0, report.message.clone(), now)?;
+            }
             set_file(bi, disk, report.state, report.progress, report.message, now)
         })
         .await
@@ -558,5 +565,85 @@ mod tests {
             0,
             "failed is final"
         );
+    }
+
+    /// Work cut off by a restart goes back to pending in one update: the store never holds
+    /// the file failed (others read it between two updates: the controller's cleanup and
+    /// recovery, users, the fault suite's checks).
+    #[tokio::test]
+    async fn a_restart_report_moves_work_back_to_pending_in_one_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let images = BackingImages::new(store.clone(), Cluster::new(store.clone()));
+        let t0 = 2_000_000_000;
+        let mut bi = BackingImage {
+            api_version: object::API_VERSION.into(),
+            kind: object::KIND.into(),
+            metadata: ObjectMeta {
+                name: "img".into(),
+                namespace: object::DEFAULT_NAMESPACE.into(),
+            },
+            spec: BackingImageSpec {
+                source_type: SourceType::Download,
+                source_parameters: [("url".to_string(), "http://127.0.0.1/x".to_string())].into(),
+                checksum: String::new(),
+                min_number_of_copies: 1,
+            },
+            status: BackingImageStatus {
+                uuid: "0123abcd".into(),
+                ..Default::default()
+            },
+        };
+        for (disk, state) in [
+            ("starting", FileState::Starting),
+            ("in-progress", FileState::InProgress),
+            ("pending", FileState::Pending),
+            ("ready", FileState::Ready),
+        ] {
+            bi.status
+                .disk_file_status_map
+                .insert(disk.into(), file(state, t0, t0));
+        }
+        store.put(Kind::BackingImage, "img", &bi).unwrap();
+        let disk = |id: &str| Disk {
+            id: id.into(),
+            node_id: "n1".into(),
+            path: dir.path().join(id),
+        };
+        let state =
+            |id: &str| images.must_get("img").unwrap().status.disk_file_status_map[id].clone();
+        // Without the restart mark, in progress cannot go back to pending.
+        assert!(
+            images
+                .apply_report(
+                    "img",
+                    &disk("in-progress"),
+                    FileReport::new(FileState::Pending, 0, "x")
+                )
+                .await
+                .is_err()
+        );
+        for id in ["starting", "in-progress", "pending"] {
+            images
+                .apply_report(
+                    "img",
+                    &disk(id),
+                    FileReport::restarting("interrupted; restarting"),
+                )
+                .await
+                .unwrap();
+            let f = state(id);
+            assert_eq!(f.state, FileState::Pending, "{id}");
+            assert_eq!(f.message, "interrupted; restarting");
+        }
+        // A ready file is not work: a restart mark does not reset it.
+        assert!(
+            images
+                .apply_report("img", &disk("ready"), FileReport::restarting("x"))
+                .await
+                .is_err()
+        );
+        assert_eq!(state("ready").state, FileState::Ready);
     }
 }

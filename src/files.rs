@@ -60,6 +60,11 @@ pub struct FileReport {
     pub progress: u8,
     pub message: String,
     pub ready: Option<ReadyFile>,
+    /// The work on the file was cut off by a restart of bicsi and starts again: the file goes
+    /// back to pending from where it was (through failed, as its states require) in one update
+    /// of the image, so no one ever sees it failed for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
 }
 
 impl FileReport {
@@ -69,6 +74,15 @@ impl FileReport {
             progress,
             message: message.into(),
             ready: None,
+            restart: false,
+        }
+    }
+
+    /// Pending again after a restart cut off the work (see `restart`).
+    pub fn restarting(message: impl Into<String>) -> FileReport {
+        FileReport {
+            restart: true,
+            ..FileReport::new(FileState::Pending, 0, message)
         }
     }
 }
@@ -1010,30 +1024,20 @@ impl FileManagers {
                         .await?;
                     }
                     FileState::Starting | FileState::InProgress | FileState::Pending => {
-                        if f.state != FileState::Pending {
-                            self.report(
-                                bi.name(),
-                                &disk,
-                                FileReport::new(
-                                    FileState::Failed,
-                                    0,
-                                    "interrupted by a restart of bicsi",
-                                ),
-                            )
-                            .await?;
-                        }
+                        // Back to pending in one report, never failed on the way: the work
+                        // is redone, not lost.
+                        self.report(
+                            bi.name(),
+                            &disk,
+                            FileReport::restarting("interrupted by a restart of bicsi; restarting"),
+                        )
+                        .await?;
                         if !bi.has_ready_file() {
-                            self.report(
-                                bi.name(),
-                                &disk,
-                                FileReport::new(FileState::Pending, 0, "restarting"),
-                            )
-                            .await?;
                             self.prepare_first_file(bi.name(), &disk.id)?;
                         } else if let Err(e) = self.start_sync(bi, &disk).await {
                             // A copy cut off by the restart starts again from a ready file;
-                            // with none reachable yet, it stays failed, and the next attach
-                            // (or recovery) starts it.
+                            // with none reachable yet, it fails, and the next attach (or
+                            // recovery) starts it.
                             self.report(
                                 bi.name(),
                                 &disk,
@@ -1496,6 +1500,42 @@ mod lifecycle_tests {
     }
 
     #[tokio::test]
+    async fn a_first_file_cut_off_by_a_restart_goes_back_to_pending_without_failing() {
+        let w = world();
+        // The only file was downloading when bicsi stopped: no ready file anywhere.
+        let mut bi: BackingImage = w
+            .files
+            .store
+            .get(Kind::BackingImage, "img")
+            .unwrap()
+            .unwrap();
+        let f = bi.status.disk_file_status_map.get_mut("d1").unwrap();
+        f.state = FileState::InProgress;
+        f.progress = 40;
+        w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
+        w.files.resume().await.unwrap();
+        // Its first report puts it back to pending, marked as a restart; the download starts
+        // again (and fails for real here: nothing serves its URL).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|(_, r): &(String, FileReport)| r.state == FileState::Starting)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never started: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            seen.extend(take(&w));
+        }
+        assert_eq!(seen[0].1.state, FileState::Pending, "{seen:?}");
+        assert!(seen[0].1.restart, "{seen:?}");
+        assert!(seen[0].1.message.contains("interrupted by a restart"));
+        assert_eq!(seen[1].1.state, FileState::Starting, "{seen:?}");
+    }
+
+    #[tokio::test]
     async fn a_copy_cut_off_by_a_restart_starts_again_at_resume_and_ends_ready() {
         let w = world();
         let d2 = second_disk(&w);
@@ -1517,8 +1557,13 @@ mod lifecycle_tests {
         // Nothing else asks for it (no attach): resume itself starts the copy again.
         let seen =
             reports_until_ready(&w, std::time::Instant::now() + Duration::from_secs(10)).await;
-        assert_eq!(seen[0].1.state, FileState::Failed, "{seen:?}");
+        assert_eq!(seen[0].1.state, FileState::Pending, "{seen:?}");
+        assert!(seen[0].1.restart, "{seen:?}");
         assert!(seen[0].1.message.contains("interrupted by a restart"));
+        assert!(
+            seen.iter().all(|(_, r)| r.state != FileState::Failed),
+            "failed on the way: {seen:?}"
+        );
         assert_eq!(
             std::fs::read(BackingImages::file_path(&d2, &bi)).unwrap(),
             std::fs::read(&w.path).unwrap()

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod authority;
 pub mod backing;
 pub mod cli;
 pub mod cli_api;

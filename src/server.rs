@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::agent::LocalAgent;
+use crate::authority::any_authority;
 use crate::backing::BackingImages;
 use crate::cluster::Cluster;
 use crate::controller::Controller;
@@ -533,7 +534,7 @@ pub async fn engine(
     tracing::info!(socket = %sock.display(), data_dir = %data_dir.display(), "engine host serving");
     let r = tonic::transport::Server::builder()
         .add_service(crate::remote::pb::engine_host_server::EngineHostServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown)
+        .serve_with_incoming_shutdown(any_authority(UnixListenerStream::new(unix)), shutdown)
         .await;
     let _ = std::fs::remove_file(&sock);
     children.reap();
@@ -580,11 +581,12 @@ async fn run(
     if let Some(agent) = services.node {
         router = router.add_service(NodeServer::new(NodeService { agent }));
     }
-    let grpc = tokio::spawn(
-        router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), wait(stop_rx.clone())),
-    );
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+        any_authority(UnixListenerStream::new(unix)),
+        wait(stop_rx.clone()),
+    ));
     let extra = services.extra.map(|(listener, routes)| {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = any_authority(tokio_stream::wrappers::TcpListenerStream::new(listener));
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_routes(routes)

@@ -1,0 +1,168 @@
+//! gRPC clients that are not tonic against the real `bicsi serve` and `bicsi controller`: Python's
+//! grpcio, on gRPC's C core (the core of the C++ and Ruby clients too), through
+//! `scripts/grpc-python-client`. The C core sends a unix socket's path, percent-encoded, as the
+//! HTTP/2 :authority, which tonic's h2 refused (issue 23; `bicsi::authority`).
+//!
+//! Needs python3 with pip: grpcio and grpcio-tools are installed from PyPI when missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Makes sure python3 can import grpc and grpc_tools, installing them with pip once (under a
+/// lock: the tests of this file run at the same time, in processes of their own).
+fn python_with_grpcio() -> &'static str {
+    let importable = || {
+        Command::new("python3")
+            .args(["-c", "import grpc, grpc_tools"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let lock = std::fs::File::create(std::env::temp_dir().join("bicsi-grpcio-install.lock"))
+        .expect("lock file");
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock");
+    if !importable() {
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "grpcio",
+                "grpcio-tools",
+            ])
+            .output()
+            .expect("python3 -m pip: these tests need python3 with pip");
+        assert!(
+            out.status.success() && importable(),
+            "cannot install grpcio and grpcio-tools with pip: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    "python3"
+}
+
+fn client(args: &[&str]) {
+    let python = python_with_grpcio();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/grpc-python-client");
+    let started = Instant::now();
+    let out = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("run the Python client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}(in {:?})", started.elapsed());
+    assert!(
+        out.status.success(),
+        "the Python gRPC client failed:\n{text}"
+    );
+}
+
+/// A bicsi process killed (and its data removed) at the end of the test.
+struct Bicsi {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Bicsi {
+    fn start(dir: tempfile::TempDir, args: &[String]) -> Bicsi {
+        let log = std::fs::File::create(dir.path().join("bicsi.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_bicsi"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Bicsi { dir, child }
+    }
+
+    fn wait_for(&mut self, what: &str, ready: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("bicsi exited ({status}) before {what}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "no {what}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bicsi.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Bicsi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("bicsi-grpc-clients-")
+        .tempdir()
+        .unwrap()
+}
+
+fn path(p: PathBuf) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn python_grpcio_calls_identity_controller_and_node_on_the_csi_socket() {
+    let dir = tempdir();
+    let sock = dir.path().join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let args = [
+        "serve".to_string(),
+        "--node-id".into(),
+        "py-node".into(),
+        "--http-listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        path(dir.path().join("data")),
+        "--csi-endpoint".into(),
+        endpoint.clone(),
+    ];
+    let mut b = Bicsi::start(dir, &args);
+    b.wait_for("CSI socket", || sock.exists());
+    client(&["csi", &endpoint, "py-node"]);
+}
+
+#[test]
+fn python_grpcio_calls_the_cluster_service_over_tcp() {
+    let dir = tempdir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let args = [
+        "controller".to_string(),
+        "--http-listen".into(),
+        "127.0.0.1:0".into(),
+        "--cluster-listen".into(),
+        address.clone(),
+        "--data-dir".into(),
+        path(dir.path().join("data")),
+        "--csi-endpoint".into(),
+        format!("unix://{}", dir.path().join("csi.sock").display()),
+    ];
+    let mut b = Bicsi::start(dir, &args);
+    b.wait_for("Cluster service", || {
+        std::net::TcpStream::connect(&address).is_ok()
+    });
+    client(&["cluster", &address]);
+}
