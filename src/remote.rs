@@ -107,6 +107,8 @@ impl ClusterRpc for ClusterService {
             disks,
             up: true,
             last_heartbeat: String::new(),
+            // 0 from a node that predates the field: no limit, as before.
+            max_volumes_per_node: r.max_volumes_per_node,
         };
         let agent = Arc::new(RemoteAgent {
             client: AgentClient::new(channel(&r.agent_url)?),

@@ -46,6 +46,9 @@ pub struct Config {
     pub store: StoreBackend,
     /// Bearer token the HTTP API requires (except /healthz); None: no token.
     pub api_token_file: Option<PathBuf>,
+    /// How many volumes may be published to this node at once (`--max-volumes-per-node`):
+    /// NodeGetInfo reports it and ControllerPublishVolume enforces it; 0: no limit.
+    pub max_volumes_per_node: u64,
 }
 
 /// `--store`: the embedded redb file (default) or Kubernetes custom resources.
@@ -224,6 +227,7 @@ pub async fn serve(
             disks: disks.clone(),
             up: true,
             last_heartbeat: String::new(),
+            max_volumes_per_node: cfg.max_volumes_per_node,
         },
         local_agent.clone(),
         true,
@@ -233,14 +237,17 @@ pub async fn serve(
     let lifecycle = spawn_lifecycle(backing.clone(), cfg.lifecycle_tick);
     let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing.clone()));
-    let agent = Arc::new(NodeAgent::new(
-        cfg.node_id.clone(),
-        cfg.data_dir.clone(),
-        os,
-        store.clone(),
-        store.clone(),
-        local_agent.clone(),
-    ));
+    let agent = Arc::new(
+        NodeAgent::new(
+            cfg.node_id.clone(),
+            cfg.data_dir.clone(),
+            os,
+            store.clone(),
+            store.clone(),
+            local_agent.clone(),
+        )
+        .with_max_volumes(cfg.max_volumes_per_node),
+    );
     agent.readopt().await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
     let api = crate::auth::protect(
@@ -432,14 +439,17 @@ pub async fn node(
             nbd_port,
         )),
     });
-    let agent = Arc::new(NodeAgent::new(
-        cfg.node_id.clone(),
-        cfg.data_dir.clone(),
-        os,
-        cluster_store.clone(),
-        local_store.clone(),
-        local_agent.clone(),
-    ));
+    let agent = Arc::new(
+        NodeAgent::new(
+            cfg.node_id.clone(),
+            cfg.data_dir.clone(),
+            os,
+            cluster_store.clone(),
+            local_store.clone(),
+            local_agent.clone(),
+        )
+        .with_max_volumes(cfg.max_volumes_per_node),
+    );
     agent.readopt().await?;
     let (agent_l, agent_addr) = bind_tcp(&split.agent_listen, "--agent-listen").await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
@@ -458,6 +468,7 @@ pub async fn node(
             .clone()
             .unwrap_or_else(|| format!("http://{host}:{}", http_addr.port())),
         disks: vec![],
+        max_volumes_per_node: cfg.max_volumes_per_node,
     };
     let routes = tonic::service::Routes::new(crate::remote::pb::agent_server::AgentServer::new(
         crate::remote::AgentService {

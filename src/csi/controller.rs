@@ -271,6 +271,9 @@ impl CsiController for ControllerService {
             R::CreateDeleteSnapshot,
             R::ListSnapshots,
             R::CloneVolume,
+            // The readonly flag of ControllerPublishVolume is honoured: NodePublishVolume
+            // mounts such a volume read-only, and a republish with the other flag is refused.
+            R::PublishReadonly,
         ];
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
             capabilities: rpcs
