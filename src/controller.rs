@@ -17,6 +17,7 @@ use crate::model::{Capability, NodeRecord, Publication, Replica, Volume, VolumeS
 use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
+pub mod group_snapshot;
 pub mod snapshot;
 
 /// Size of a volume created without a capacity range.

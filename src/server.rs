@@ -15,9 +15,11 @@ use crate::backing::BackingImages;
 use crate::cluster::Cluster;
 use crate::controller::Controller;
 use crate::csi::controller::ControllerService;
+use crate::csi::group_controller::GroupControllerService;
 use crate::csi::identity::IdentityService;
 use crate::csi::node::NodeService;
 use crate::csi::pb::controller_server::ControllerServer;
+use crate::csi::pb::group_controller_server::GroupControllerServer;
 use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::pb::node_server::NodeServer;
 use crate::error::{Error, Result};
@@ -586,6 +588,9 @@ async fn run(
         controller: services.controller.is_some(),
     }));
     if let Some(controller) = services.controller {
+        router = router.add_service(GroupControllerServer::new(GroupControllerService {
+            controller: controller.clone(),
+        }));
         router = router.add_service(ControllerServer::new(ControllerService { controller }));
     }
     if let Some(agent) = services.node {
