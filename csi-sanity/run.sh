@@ -17,7 +17,12 @@
 #   -- ARGS          passed to csi-sanity, e.g. -- --ginkgo.focus=NodeStage
 #
 # Environment:
-#   CSI_SANITY   path to csi-sanity (default: found on PATH or in Go's bin dir)
+#   CSI_SANITY   path to csi-sanity (default: ../shared/tools/csi-sanity next to
+#                the repository when it exists, else found on PATH or in Go's
+#                bin dir)
+#   MAX_VOLUMES_PER_NODE  the attach limit bicsi serve runs with, which
+#                csi-sanity's --csi.testnodevolumeattachlimit spec fills
+#                (default 4)
 #   BICSI_BIN    path to a built bicsi (default: cargo build --release)
 #   SANITY_OUT   where logs and JUnit reports go (default: target/csi-sanity)
 #   TMPDIR       where the temporary directory goes (default /tmp; avoid a
@@ -44,6 +49,7 @@ die() {
 
 BACKING_IMAGE=0
 SNAPSHOT_TYPE=snap
+MAX_VOLUMES_PER_NODE=${MAX_VOLUMES_PER_NODE:-4}
 KEEP=0
 EXTRA_ARGS=()
 while [[ $# -gt 0 ]]; do
@@ -81,6 +87,11 @@ find_csi_sanity() {
         printf '%s\n' "$CSI_SANITY"
         return
     fi
+    # The project's pinned build (../shared/tools/README.md): v5.3.1, CSI spec v1.10.0.
+    if [[ -x "$REPO/../shared/tools/csi-sanity" ]]; then
+        printf '%s\n' "$(cd "$REPO/../shared/tools" && pwd)/csi-sanity"
+        return
+    fi
     if command -v csi-sanity >/dev/null 2>&1; then
         command -v csi-sanity
         return
@@ -93,7 +104,8 @@ find_csi_sanity() {
         fi
     done
     cat >&2 <<'EOF'
-run.sh: error: csi-sanity not found (looked at $CSI_SANITY, PATH, $GOBIN, $GOPATH/bin).
+run.sh: error: csi-sanity not found (looked at $CSI_SANITY, ../shared/tools/csi-sanity,
+PATH, $GOBIN, $GOPATH/bin).
 Install it on a machine with Go (it is a static binary, copy it over if needed):
     go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@latest
 then put it on PATH or run with CSI_SANITY=/path/to/csi-sanity.
@@ -267,6 +279,7 @@ start_bicsi() {
         --csi-endpoint "unix://$SOCK" \
         --http-listen 127.0.0.1:0 \
         --node-id sanity-node \
+        --max-volumes-per-node "$MAX_VOLUMES_PER_NODE" \
         >>"$TMP/bicsi.log" 2>&1 </dev/null &
     BICSI_PID=$!
     local i
@@ -347,6 +360,7 @@ run_sanity() {
         --csi.testsnapshotparameters="$SNAPSHOT_PARAMS" \
         --csi.testvolumeaccesstype="$mode" \
         --csi.testvolumesize=67108864 \
+        --csi.testnodevolumeattachlimit \
         --csi.mountdir="$dir/target" \
         --csi.stagingdir="$dir/staging" \
         --ginkgo.junit-report="$SANITY_OUT/junit-$mode.xml" \
@@ -363,12 +377,17 @@ start_bicsi
 declare -A RESULT
 FAILED=0
 for mode in mount block; do
+    start=$SECONDS
     if run_sanity "$mode"; then
         RESULT[$mode]="PASS"
     else
         RESULT[$mode]="FAIL (csi-sanity exit $?)"
         FAILED=1
     fi
+    # Ginkgo's last word: "SUCCESS! -- 91 Passed | 0 Failed | 1 Pending | 0 Skipped".
+    counts=$(grep -Eo '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| [0-9]+ Skipped' \
+        "$SANITY_OUT/csi-sanity-$mode.log" | tail -n 1 || true)
+    RESULT[$mode]="${RESULT[$mode]}: ${counts:-no spec counts in the log}, $((SECONDS - start)) s"
     if ! alive "$BICSI_PID"; then
         RESULT[$mode]="${RESULT[$mode]}, bicsi exited during the run"
         FAILED=1

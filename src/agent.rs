@@ -13,7 +13,7 @@ use crate::files::FileManagers;
 use crate::fsutil::blocking;
 use crate::model::{Disk, Replica};
 use crate::os::{ImageFormat, Os, ReplicaExport, ReplicaTarget};
-use crate::snapshot::SnapshotFile;
+use crate::snapshot::{GroupMember, SnapshotFile};
 use crate::store::{Kind, Store, StoreExt};
 
 /// A disk that can take replicas, with the bytes it has free.
@@ -76,6 +76,15 @@ pub trait Agent: Send + Sync {
         replicas: &[Replica],
         backing_image: Option<&str>,
     ) -> Result<Vec<SnapshotFile>>;
+    /// Captures the volumes of a group snapshot whose replicas are on this node at one instant
+    /// (`snapshot::capture_group` says how and what it guarantees); the files of each member,
+    /// in the order of `members`. Nothing is left behind when it fails.
+    async fn snapshot_group(&self, members: &[GroupMember]) -> Result<Vec<Vec<SnapshotFile>>> {
+        let _ = members;
+        Err(Error::FailedPrecondition(
+            "this node agent cannot take group snapshots; upgrade it".into(),
+        ))
+    }
     /// Creates `replica` of `size` bytes from the snapshot file `source` (on this node), over
     /// `backing_image`'s file on the replica's disk; `source_image` is the snapshot's own. Ok
     /// when the replica exists already. Unavailable while the image's file comes to that disk.
@@ -109,6 +118,59 @@ fn replica_dir(replica: &Replica) -> &Path {
 }
 
 impl LocalAgent {
+    /// What capturing the volume of `replicas` (all on this node) takes: the first replica that
+    /// has a file, the disk's file of the backing image under it, and the volume's other disks
+    /// that get a copy (each over its own file of the image).
+    async fn plan_capture(
+        &self,
+        snapshot_id: &str,
+        replicas: &[Replica],
+        backing_image: Option<&str>,
+    ) -> Result<crate::snapshot::CapturePlan> {
+        let first = replicas
+            .iter()
+            .find(|r| !r.deferred && r.path.is_file())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "snapshot {snapshot_id:?}: the volume has no replica file on node {:?} yet (its replicas are made at first attach); attach the volume once, then take the snapshot",
+                    self.node_id
+                ))
+            })?;
+        let disk = self.disk(&first.disk_id)?.clone();
+        let backing = match backing_image {
+            Some(image) => Some(self.image_file(image, &disk)?.ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "snapshot {snapshot_id:?}: disk {} has no ready file of backing image {image:?}",
+                    disk.id
+                ))
+            })?),
+            None => None,
+        };
+        // The other replicas' disks get a copy over their own file of the image.
+        let mut copies = Vec::new();
+        for r in replicas.iter().filter(|r| r.disk_id != first.disk_id) {
+            let other = self.disk(&r.disk_id)?.clone();
+            if copies.iter().any(|(d, _): &(Disk, _)| d.id == other.id) {
+                continue;
+            }
+            let other_backing = match backing_image {
+                Some(image) => match self.image_file(image, &other)? {
+                    Some(b) => Some(b),
+                    None => continue,
+                },
+                None => None,
+            };
+            copies.push((other, other_backing));
+        }
+        Ok(crate::snapshot::CapturePlan {
+            snapshot_id: snapshot_id.to_string(),
+            disk,
+            replica: first.path.clone(),
+            backing,
+            copies,
+        })
+    }
+
     fn disk(&self, id: &str) -> Result<&Disk> {
         self.disks
             .iter()
@@ -314,66 +376,25 @@ impl Agent for LocalAgent {
         replicas: &[Replica],
         backing_image: Option<&str>,
     ) -> Result<Vec<SnapshotFile>> {
-        let first = replicas
-            .iter()
-            .find(|r| !r.deferred && r.path.is_file())
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "snapshot {snapshot_id:?}: the volume has no replica file on node {:?} yet (its replicas are made at first attach); attach the volume once, then take the snapshot",
-                    self.node_id
-                ))
-            })?;
-        let disk = self.disk(&first.disk_id)?.clone();
-        let backing = match backing_image {
-            Some(image) => Some(self.image_file(image, &disk)?.ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "snapshot {snapshot_id:?}: disk {} has no ready file of backing image {image:?}",
-                    disk.id
-                ))
-            })?),
-            None => None,
-        };
-        // The other replicas' disks get a copy over their own file of the image.
-        let mut copies = Vec::new();
-        for r in replicas.iter().filter(|r| r.disk_id != first.disk_id) {
-            let other = self.disk(&r.disk_id)?.clone();
-            if copies.iter().any(|(d, _): &(Disk, _)| d.id == other.id) {
-                continue;
-            }
-            let other_backing = match backing_image {
-                Some(image) => match self.image_file(image, &other)? {
-                    Some(b) => Some(b),
-                    None => continue,
-                },
-                None => None,
-            };
-            copies.push((other, other_backing));
+        let plan = self
+            .plan_capture(snapshot_id, replicas, backing_image)
+            .await?;
+        let os = self.os.clone();
+        let node = self.node_id.clone();
+        blocking(move || crate::snapshot::capture_plan(&os, &node, &plan)).await
+    }
+
+    async fn snapshot_group(&self, members: &[GroupMember]) -> Result<Vec<Vec<SnapshotFile>>> {
+        let mut plans = Vec::with_capacity(members.len());
+        for m in members {
+            plans.push(
+                self.plan_capture(&m.snapshot_id, &m.replicas, m.backing_image.as_deref())
+                    .await?,
+            );
         }
         let os = self.os.clone();
         let node = self.node_id.clone();
-        let (id, replica) = (snapshot_id.to_string(), first.path.clone());
-        blocking(move || {
-            let dest = crate::snapshot::snapshot_path(&disk, &id);
-            let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-            crate::snapshot::capture(&os, &replica, &dest, b)?;
-            let mut files = vec![SnapshotFile {
-                node_id: node.clone(),
-                disk_id: disk.id.clone(),
-                path: dest.clone(),
-            }];
-            for (other, other_backing) in copies {
-                let path = crate::snapshot::snapshot_path(&other, &id);
-                let b = other_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-                crate::snapshot::copy_to(&os, &dest, &path, b)?;
-                files.push(SnapshotFile {
-                    node_id: node.clone(),
-                    disk_id: other.id.clone(),
-                    path,
-                });
-            }
-            Ok(files)
-        })
-        .await
+        blocking(move || crate::snapshot::capture_group(&os, &node, &plans)).await
     }
 
     async fn restore_replica(

@@ -184,6 +184,10 @@ pub struct DiskArgs {
     /// process starts them.
     #[arg(long)]
     pub engine_endpoint: Option<String>,
+    /// How many volumes may be published to this node at once (CSI's max_volumes_per_node,
+    /// reported by NodeGetInfo and enforced by ControllerPublishVolume); 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_volumes_per_node: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -506,6 +510,7 @@ fn process_config(
     disk: Option<DiskArgs>,
     http_listen: String,
 ) -> Result<crate::server::Config> {
+    let max_volumes_per_node = disk.as_ref().map_or(0, |d| d.max_volumes_per_node);
     let (node_id, disks) = match disk {
         Some(d) => {
             let id = match d.node_id {
@@ -531,6 +536,7 @@ fn process_config(
         lifecycle_tick: std::time::Duration::from_millis(process.lifecycle_tick_ms.max(1)),
         store: Default::default(),
         api_token_file: None,
+        max_volumes_per_node,
     })
 }
 

@@ -7,6 +7,7 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::csi::pb::controller_client::ControllerClient;
+use crate::csi::pb::group_controller_client::GroupControllerClient;
 use crate::csi::pb::identity_client::IdentityClient;
 use crate::csi::pb::node_client::NodeClient;
 use crate::error::{Error, Result};
@@ -16,6 +17,8 @@ pub struct CsiClient {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+    /// Volume group snapshots.
+    pub group: GroupControllerClient<Channel>,
 }
 
 impl CsiClient {
@@ -42,6 +45,7 @@ impl CsiClient {
         Ok(CsiClient {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
+            group: GroupControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
         })
     }

@@ -13,10 +13,11 @@ use crate::backing::state::FileState;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::guard::Guards;
-use crate::model::{Capability, Publication, Replica, Volume, VolumeSpec, now_rfc3339};
+use crate::model::{Capability, NodeRecord, Publication, Replica, Volume, VolumeSpec, now_rfc3339};
 use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
+pub mod group_snapshot;
 pub mod snapshot;
 
 /// Size of a volume created without a capacity range.
@@ -91,6 +92,9 @@ pub struct Controller {
     backing: Arc<BackingImages>,
     cluster: Arc<Cluster>,
     guards: Guards,
+    /// Held from counting a node's published volumes to recording a new one, so two publishes
+    /// to a node with an attach limit cannot both take its last slot.
+    attach_slots: tokio::sync::Mutex<()>,
 }
 
 /// The CSI volume id for a volume name: the name itself when it is a safe file and path
@@ -159,8 +163,18 @@ fn check_capabilities(caps: &[Capability]) -> Result<()> {
 /// The key of the publish context that carries the replica targets to NodeStageVolume.
 pub const REPLICAS_CONTEXT_KEY: &str = "bicsi.io/replicas";
 
-fn publish_context(targets: &[crate::os::ReplicaTarget]) -> Result<BTreeMap<String, String>> {
+/// The key of the publish context that tells NodePublishVolume the volume was published
+/// read-only (PUBLISH_READONLY), so every mount of it on the node is read-only.
+pub const READ_ONLY_CONTEXT_KEY: &str = "bicsi.io/read-only";
+
+fn publish_context(
+    targets: &[crate::os::ReplicaTarget],
+    read_only: bool,
+) -> Result<BTreeMap<String, String>> {
     let mut ctx = BTreeMap::new();
+    if read_only {
+        ctx.insert(READ_ONLY_CONTEXT_KEY.to_string(), "true".to_string());
+    }
     if !targets.is_empty() {
         ctx.insert(
             REPLICAS_CONTEXT_KEY.to_string(),
@@ -218,6 +232,7 @@ impl Controller {
             backing,
             cluster,
             guards: Guards::default(),
+            attach_slots: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -466,8 +481,12 @@ impl Controller {
         }
         match &volume.publication {
             Some(p) if p.node_id == node_id => {
+                // CSI, ControllerPublishVolume: "ALREADY_EXISTS: Indicates that a volume
+                // corresponding to the specified volume_id has already been published at the
+                // node corresponding to the specified node_id but is incompatible with the
+                // specified volume_capability or readonly flag."
                 if p.capability.same_as(&capability) && p.read_only == read_only {
-                    return publish_context(&p.targets);
+                    return publish_context(&p.targets, p.read_only);
                 }
                 return Err(Error::AlreadyExists(format!(
                     "volume {id:?} is already published to node {node_id:?} with another capability or read-only flag; unpublish it first"
@@ -481,8 +500,36 @@ impl Controller {
             }
             None => {}
         }
+        let limit = self
+            .store
+            .get::<NodeRecord>(Kind::Node, node_id)?
+            .map_or(0, |n| n.max_volumes_per_node);
+        let _slots = if limit > 0 {
+            let slots = self.attach_slots.lock().await;
+            let published: Vec<String> = self
+                .store
+                .list::<Volume>(Kind::Volume)?
+                .into_iter()
+                .filter(|v| v.id != id)
+                .filter(|v| v.publication.as_ref().is_some_and(|p| p.node_id == node_id))
+                .map(|v| v.id)
+                .collect();
+            // CSI, ControllerPublishVolume: "RESOURCE_EXHAUSTED: Indicates that the maximum
+            // supported number of volumes that can be attached to the specified node are already
+            // attached."
+            if published.len() as u64 >= limit {
+                return Err(Error::ResourceExhausted(format!(
+                    "node {node_id:?} has {} of its limit of {limit} volumes published ({}); unpublish one there or publish volume {id:?} to another node",
+                    published.len(),
+                    published.join(", ")
+                )));
+            }
+            Some(slots)
+        } else {
+            None
+        };
         let targets = self.prepare_replicas(&mut volume, node_id).await?;
-        let context = publish_context(&targets)?;
+        let context = publish_context(&targets, read_only)?;
         volume.publication = Some(Publication {
             node_id: node_id.to_string(),
             capability,

@@ -3,6 +3,7 @@
 //! come only from `From<Error> for Status`; no business logic lives here.
 
 pub mod controller;
+pub mod group_controller;
 pub mod identity;
 pub mod node;
 

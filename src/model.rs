@@ -198,6 +198,10 @@ pub struct NodeRecord {
     pub disks: Vec<Disk>,
     pub up: bool,
     pub last_heartbeat: String,
+    /// How many volumes may be published to this node at once (`--max-volumes-per-node`);
+    /// 0: no limit. Records written before the limit existed read as 0.
+    #[serde(default)]
+    pub max_volumes_per_node: u64,
 }
 
 /// Current time as RFC 3339 (UTC, seconds), for records people read.

@@ -44,6 +44,8 @@ pub struct NodeAgent {
     /// This node's agent: replica and backing image file work on its disks.
     agent: Arc<LocalAgent>,
     guards: Guards,
+    /// NodeGetInfo's max_volumes_per_node; 0: no limit.
+    max_volumes: u64,
 }
 
 fn default_fs(cap: &Capability, volume: &Volume) -> String {
@@ -78,7 +80,19 @@ impl NodeAgent {
             local,
             agent,
             guards: Guards::default(),
+            max_volumes: 0,
         }
+    }
+
+    /// Reports `max` as this node's attach limit (0: none); the controller enforces it.
+    pub fn with_max_volumes(mut self, max: u64) -> NodeAgent {
+        self.max_volumes = max;
+        self
+    }
+
+    /// How many volumes may be published to this node at once; 0: no limit.
+    pub fn max_volumes(&self) -> u64 {
+        self.max_volumes
     }
 
     /// The engine's children when no publish context names them: this node's own replicas,

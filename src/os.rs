@@ -318,6 +318,13 @@ pub trait Engine: Send + Sync {
     /// meanwhile do not reach it. Returns false, copying nothing, when no live engine on this
     /// machine has `replica` open (the file is then at rest and can be copied as it is).
     fn backup_replica(&self, replica: &Path, target: &Path) -> OsResult<bool>;
+    /// Where the volume whose live engine on this machine has `replica` open is mounted: None
+    /// when no live engine has it open (nothing writes to it); else the mount point of its
+    /// filesystem, or no mount point when nothing here mounts the engine's device (a raw block
+    /// volume). Group snapshots freeze that filesystem around their point-in-time copies.
+    fn engine_mounts(&self, _replica: &Path) -> OsResult<Option<Vec<PathBuf>>> {
+        Ok(None)
+    }
 }
 
 pub trait LoopDevices: Send + Sync {
@@ -382,6 +389,21 @@ pub trait Filesystems: Send + Sync {
     /// Growing online needs CAP_SYS_RESOURCE for ext4. Nothing to grow is Ok.
     fn grow(&self, dev: &Path, mount_point: &Path, fstype: &str) -> OsResult<()>;
     fn stats(&self, path: &Path) -> OsResult<FsStats>;
+    /// Flushes the filesystem mounted at `mount_point` and makes every new write to it wait
+    /// until [`Filesystems::thaw`] (FIFREEZE, `fsfreeze --freeze`).
+    fn freeze(&self, mount_point: &Path) -> OsResult<()> {
+        Err(OsError::Other(format!(
+            "cannot freeze the filesystem at {}: not supported here",
+            mount_point.display()
+        )))
+    }
+    /// Lets writes to a frozen filesystem go on (FITHAW, `fsfreeze --unfreeze`).
+    fn thaw(&self, mount_point: &Path) -> OsResult<()> {
+        Err(OsError::Other(format!(
+            "cannot thaw the filesystem at {}: not supported here",
+            mount_point.display()
+        )))
+    }
     /// Size in bytes of a block device or a regular file.
     fn device_size(&self, dev: &Path) -> OsResult<u64>;
     /// Bytes the filesystem on `dev` spans, where cheaply known without mounting (ext4, read

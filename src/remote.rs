@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::files::{FileReport, FileReports};
 use crate::model::{Disk, NodeRecord, Replica};
 use crate::os::ReplicaTarget;
-use crate::snapshot::SnapshotFile;
+use crate::snapshot::{GroupMember, SnapshotFile};
 use crate::store::{Kind, Store};
 
 pub mod pb {
@@ -107,6 +107,8 @@ impl ClusterRpc for ClusterService {
             disks,
             up: true,
             last_heartbeat: String::new(),
+            // 0 from a node that predates the field: no limit, as before.
+            max_volumes_per_node: r.max_volumes_per_node,
         };
         let agent = Arc::new(RemoteAgent {
             client: AgentClient::new(channel(&r.agent_url)?),
@@ -362,6 +364,18 @@ impl Agent for RemoteAgent {
         from_json(&r.into_inner().files_json, "snapshot files")
     }
 
+    async fn snapshot_group(&self, members: &[GroupMember]) -> Result<Vec<Vec<SnapshotFile>>> {
+        let r = self
+            .client
+            .clone()
+            .snapshot_group(pb::SnapshotGroupRequest {
+                members_json: to_json(&members)?,
+            })
+            .await
+            .map_err(status_error)?;
+        from_json(&r.into_inner().files_json, "group snapshot files")
+    }
+
     async fn restore_replica(
         &self,
         source: &SnapshotFile,
@@ -520,6 +534,18 @@ impl AgentRpc for AgentService {
             .snapshot_replicas(&r.snapshot_id, &replicas, backing)
             .await?;
         Ok(Response::new(pb::SnapshotFiles {
+            files_json: to_json(&files)?,
+        }))
+    }
+
+    async fn snapshot_group(
+        &self,
+        request: Request<pb::SnapshotGroupRequest>,
+    ) -> std::result::Result<Response<pb::SnapshotGroupFiles>, Status> {
+        let members: Vec<GroupMember> =
+            from_json(&request.into_inner().members_json, "group members")?;
+        let files = self.local.snapshot_group(&members).await?;
+        Ok(Response::new(pb::SnapshotGroupFiles {
             files_json: to_json(&files)?,
         }))
     }

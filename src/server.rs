@@ -16,9 +16,11 @@ use crate::backing::BackingImages;
 use crate::cluster::Cluster;
 use crate::controller::Controller;
 use crate::csi::controller::ControllerService;
+use crate::csi::group_controller::GroupControllerService;
 use crate::csi::identity::IdentityService;
 use crate::csi::node::NodeService;
 use crate::csi::pb::controller_server::ControllerServer;
+use crate::csi::pb::group_controller_server::GroupControllerServer;
 use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::pb::node_server::NodeServer;
 use crate::error::{Error, Result};
@@ -47,6 +49,9 @@ pub struct Config {
     pub store: StoreBackend,
     /// Bearer token the HTTP API requires (except /healthz); None: no token.
     pub api_token_file: Option<PathBuf>,
+    /// How many volumes may be published to this node at once (`--max-volumes-per-node`):
+    /// NodeGetInfo reports it and ControllerPublishVolume enforces it; 0: no limit.
+    pub max_volumes_per_node: u64,
 }
 
 /// `--store`: the embedded redb file (default) or Kubernetes custom resources.
@@ -225,6 +230,7 @@ pub async fn serve(
             disks: disks.clone(),
             up: true,
             last_heartbeat: String::new(),
+            max_volumes_per_node: cfg.max_volumes_per_node,
         },
         local_agent.clone(),
         true,
@@ -234,14 +240,17 @@ pub async fn serve(
     let lifecycle = spawn_lifecycle(backing.clone(), cfg.lifecycle_tick);
     let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing.clone()));
-    let agent = Arc::new(NodeAgent::new(
-        cfg.node_id.clone(),
-        cfg.data_dir.clone(),
-        os,
-        store.clone(),
-        store.clone(),
-        local_agent.clone(),
-    ));
+    let agent = Arc::new(
+        NodeAgent::new(
+            cfg.node_id.clone(),
+            cfg.data_dir.clone(),
+            os,
+            store.clone(),
+            store.clone(),
+            local_agent.clone(),
+        )
+        .with_max_volumes(cfg.max_volumes_per_node),
+    );
     agent.readopt().await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
     let api = crate::auth::protect(
@@ -433,14 +442,17 @@ pub async fn node(
             nbd_port,
         )),
     });
-    let agent = Arc::new(NodeAgent::new(
-        cfg.node_id.clone(),
-        cfg.data_dir.clone(),
-        os,
-        cluster_store.clone(),
-        local_store.clone(),
-        local_agent.clone(),
-    ));
+    let agent = Arc::new(
+        NodeAgent::new(
+            cfg.node_id.clone(),
+            cfg.data_dir.clone(),
+            os,
+            cluster_store.clone(),
+            local_store.clone(),
+            local_agent.clone(),
+        )
+        .with_max_volumes(cfg.max_volumes_per_node),
+    );
     agent.readopt().await?;
     let (agent_l, agent_addr) = bind_tcp(&split.agent_listen, "--agent-listen").await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
@@ -459,6 +471,7 @@ pub async fn node(
             .clone()
             .unwrap_or_else(|| format!("http://{host}:{}", http_addr.port())),
         disks: vec![],
+        max_volumes_per_node: cfg.max_volumes_per_node,
     };
     let routes = tonic::service::Routes::new(crate::remote::pb::agent_server::AgentServer::new(
         crate::remote::AgentService {
@@ -576,6 +589,9 @@ async fn run(
         controller: services.controller.is_some(),
     }));
     if let Some(controller) = services.controller {
+        router = router.add_service(GroupControllerServer::new(GroupControllerService {
+            controller: controller.clone(),
+        }));
         router = router.add_service(ControllerServer::new(ControllerService { controller }));
     }
     if let Some(agent) = services.node {

@@ -64,6 +64,171 @@ pub struct Snapshot {
     pub files: Vec<SnapshotFile>,
     /// Set for `type: bi`.
     pub exported: Option<ExportedImage>,
+    /// The volume group snapshot this snapshot is a member of: it was cut at the same instant
+    /// as the group's other members and is deleted only with them (DeleteVolumeGroupSnapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_snapshot_id: Option<String>,
+}
+
+/// One volume of a group snapshot, as its node captures it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupMember {
+    pub snapshot_id: String,
+    /// The volume's replicas on the capturing node.
+    pub replicas: Vec<crate::model::Replica>,
+    pub backing_image: Option<String>,
+}
+
+/// What a node needs to capture one volume: the replica to copy (`replica`, on `disk`, over
+/// `backing`) and the volume's other disks of this node, each with its own file of the backing
+/// image, that get a copy of the result.
+#[derive(Clone, Debug)]
+pub struct CapturePlan {
+    pub snapshot_id: String,
+    pub disk: Disk,
+    pub replica: PathBuf,
+    pub backing: Option<(PathBuf, ImageFormat)>,
+    pub copies: Vec<(Disk, Option<(PathBuf, ImageFormat)>)>,
+}
+
+/// Captures one volume by `plan`: the point-in-time file on the plan's disk, then its copies on
+/// the other disks. Blocking.
+pub fn capture_plan(os: &Os, node_id: &str, plan: &CapturePlan) -> Result<Vec<SnapshotFile>> {
+    let first = capture_first(os, node_id, plan)?;
+    copy_plan(os, node_id, plan, first)
+}
+
+fn capture_first(os: &Os, node_id: &str, plan: &CapturePlan) -> Result<SnapshotFile> {
+    let dest = snapshot_path(&plan.disk, &plan.snapshot_id);
+    let b = plan.backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+    capture(os, &plan.replica, &dest, b)?;
+    Ok(SnapshotFile {
+        node_id: node_id.to_string(),
+        disk_id: plan.disk.id.clone(),
+        path: dest,
+    })
+}
+
+fn copy_plan(
+    os: &Os,
+    node_id: &str,
+    plan: &CapturePlan,
+    first: SnapshotFile,
+) -> Result<Vec<SnapshotFile>> {
+    let mut files = vec![first];
+    for (other, other_backing) in &plan.copies {
+        let path = snapshot_path(other, &plan.snapshot_id);
+        let b = other_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+        if let Err(e) = copy_to(os, &files[0].path, &path, b) {
+            files.iter().for_each(|f| drop(remove(f)));
+            return Err(e);
+        }
+        files.push(SnapshotFile {
+            node_id: node_id.to_string(),
+            disk_id: other.id.clone(),
+            path,
+        });
+    }
+    Ok(files)
+}
+
+/// Captures several volumes of this node at one instant (a volume group snapshot). Blocking.
+///
+/// The guarantee: every write that any member volume acknowledged before the instant is in the
+/// group's files, and none issued after it is, for all members alike, so a set of volumes
+/// written in a dependent order (a database's log on one, its data on another) restores to a
+/// state that existed. How: a member that no engine has open is at rest (the controller holds
+/// each member's volume guard, so none is attached meanwhile) and its file is copied as it is.
+/// For a member whose engine runs here, the filesystem mounted from it is frozen (FIFREEZE:
+/// the kernel flushes it through the engine and makes every new write wait) before any member
+/// is captured, all members are captured while every one of them is frozen (each engine's
+/// point-in-time copy, `backup_replica`, holds the volume as it was when its job started, and
+/// no write reaches any member between the first job and the last), and all are thawed at once
+/// after the last capture, also when one fails. Writers wait, they do not fail, for as long as
+/// the captures take (the replicas' own clusters, copied locally). An attached member that no
+/// filesystem here is mounted from (a raw block volume, whose writes bicsi cannot hold) makes
+/// the group fail with FailedPrecondition before anything is frozen: the CSI spec requires a
+/// group snapshot to be write-order consistent or to fail. The copies to the members' other
+/// disks are made after the thaw, from the captured files.
+pub fn capture_group(
+    os: &Os,
+    node_id: &str,
+    plans: &[CapturePlan],
+) -> Result<Vec<Vec<SnapshotFile>>> {
+    let mut frozen: Vec<PathBuf> = Vec::new();
+    for plan in plans {
+        match os.engine.engine_mounts(&plan.replica)? {
+            None => {}
+            Some(mounts) if mounts.is_empty() => {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {:?}: its volume is attached on node {node_id:?} without a filesystem bicsi can freeze (a raw block volume): bicsi cannot hold its writes for a write-order consistent group snapshot; snapshot it alone, or detach it first",
+                    plan.snapshot_id
+                )));
+            }
+            Some(mounts) => {
+                for m in mounts {
+                    if !frozen.contains(&m) {
+                        frozen.push(m);
+                    }
+                }
+            }
+        }
+    }
+    let mut held = Vec::new();
+    let mut result = Ok(());
+    for m in &frozen {
+        match os.fs.freeze(m) {
+            Ok(()) => held.push(m.clone()),
+            Err(e) => {
+                result = Err(Error::from(e));
+                break;
+            }
+        }
+    }
+    let mut firsts = Vec::new();
+    if result.is_ok() {
+        tracing::info!(
+            members = plans.len(),
+            frozen = held.len(),
+            "group snapshot: writes held; capturing"
+        );
+        for plan in plans {
+            match capture_first(os, node_id, plan) {
+                Ok(f) => firsts.push(f),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+    }
+    // Thaw whatever happened: a filesystem left frozen hangs its writers.
+    let mut thaw_error = None;
+    for m in held.iter().rev() {
+        if let Err(e) = os.fs.thaw(m) {
+            tracing::error!(mount = %m.display(), error = %e, "cannot thaw a filesystem frozen for a group snapshot");
+            thaw_error.get_or_insert(Error::from(e));
+        }
+    }
+    if let Some(e) = thaw_error {
+        result = result.and(Err(e));
+    }
+    if let Err(e) = result {
+        firsts.iter().for_each(|f| drop(remove(f)));
+        return Err(e);
+    }
+    let mut all: Vec<Vec<SnapshotFile>> = Vec::new();
+    for (plan, first) in plans.iter().zip(firsts) {
+        match copy_plan(os, node_id, plan, first) {
+            Ok(files) => all.push(files),
+            Err(e) => {
+                all.iter().flatten().for_each(|f| drop(remove(f)));
+                return Err(e);
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// What CreateSnapshot's parameters ask for: None for a snapshot on the volume's disks, else the

@@ -567,6 +567,7 @@ mod tests {
         cluster
             .register(
                 NodeRecord {
+                    max_volumes_per_node: 0,
                     node_id: "n1".into(),
                     agent_url: String::new(),
                     transfer_url: String::new(),

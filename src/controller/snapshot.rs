@@ -25,7 +25,7 @@ pub struct CreateSnapshot {
     pub parameters: BTreeMap<String, String>,
 }
 
-fn now() -> (u64, u32) {
+pub(super) fn now() -> (u64, u32) {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -51,7 +51,7 @@ impl Controller {
 
     /// The replicas to capture a volume from: those of the node its engine runs on when it is
     /// attached (the engine holds the point in time), else of its first replica's node.
-    fn capture_node(volume: &Volume) -> Result<(String, Vec<Replica>)> {
+    pub(super) fn capture_node(volume: &Volume) -> Result<(String, Vec<Replica>)> {
         let node = match &volume.publication {
             Some(p) => p.node_id.clone(),
             None => volume
@@ -85,7 +85,7 @@ impl Controller {
             .await
     }
 
-    async fn delete_files(&self, files: &[SnapshotFile]) -> Result<()> {
+    pub(super) async fn delete_files(&self, files: &[SnapshotFile]) -> Result<()> {
         let mut by_node: BTreeMap<&str, Vec<SnapshotFile>> = BTreeMap::new();
         for f in files {
             by_node.entry(&f.node_id).or_default().push(f.clone());
@@ -163,6 +163,7 @@ impl Controller {
             parameters: req.parameters.clone(),
             files,
             exported: exported.clone(),
+            group_snapshot_id: None,
         };
         if let Err(e) = self.store.put(Kind::Snapshot, &id, &snapshot) {
             let _ = self.delete_files(&snapshot.files).await;
@@ -209,6 +210,14 @@ impl Controller {
         let Some(snapshot) = self.get_snapshot(id)? else {
             return Ok(());
         };
+        // CSI, DeleteSnapshot: "A snapshot for which SP provided a non-empty group_snapshot_id
+        // indicates a snapshot that CAN NOT be deleted stand alone", and its error table:
+        // "Snapshot is part of a group | 3 INVALID_ARGUMENT".
+        if let Some(group) = &snapshot.group_snapshot_id {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {id:?} is a member of volume group snapshot {group:?} and cannot be deleted alone; delete the group snapshot (DeleteVolumeGroupSnapshot)"
+            )));
+        }
         if let Some(e) = &snapshot.exported {
             let users = self.backing.users(&e.name)?;
             if !users.is_empty() {

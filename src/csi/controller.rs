@@ -27,20 +27,19 @@ fn volume_to_pb(v: &Volume) -> pb::Volume {
     }
 }
 
-impl ControllerService {
-    fn snapshot_to_pb(&self, s: &Snapshot) -> Result<pb::Snapshot, Error> {
-        Ok(pb::Snapshot {
-            size_bytes: s.size_bytes.min(i64::MAX as u64) as i64,
-            snapshot_id: s.id.clone(),
-            source_volume_id: s.source_volume_id.clone(),
-            creation_time: Some(prost_types::Timestamp {
-                seconds: s.creation_secs.min(i64::MAX as u64) as i64,
-                nanos: s.creation_nanos as i32,
-            }),
-            ready_to_use: self.controller.snapshot_ready(s)?,
-            group_snapshot_id: String::new(),
-        })
-    }
+/// A snapshot as CSI shows it; a member of a volume group snapshot carries the group's id.
+pub(crate) fn snapshot_to_pb(controller: &Controller, s: &Snapshot) -> Result<pb::Snapshot, Error> {
+    Ok(pb::Snapshot {
+        size_bytes: s.size_bytes.min(i64::MAX as u64) as i64,
+        snapshot_id: s.id.clone(),
+        source_volume_id: s.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.creation_secs.min(i64::MAX as u64) as i64,
+            nanos: s.creation_nanos as i32,
+        }),
+        ready_to_use: controller.snapshot_ready(s)?,
+        group_snapshot_id: s.group_snapshot_id.clone().unwrap_or_default(),
+    })
 }
 
 fn capabilities(caps: &[pb::VolumeCapability]) -> Result<Vec<crate::model::Capability>, Error> {
@@ -271,6 +270,9 @@ impl CsiController for ControllerService {
             R::CreateDeleteSnapshot,
             R::ListSnapshots,
             R::CloneVolume,
+            // The readonly flag of ControllerPublishVolume is honoured: NodePublishVolume
+            // mounts such a volume read-only, and a republish with the other flag is refused.
+            R::PublishReadonly,
         ];
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
             capabilities: rpcs
@@ -299,7 +301,7 @@ impl CsiController for ControllerService {
                 })
                 .await?;
             Ok(Response::new(pb::CreateSnapshotResponse {
-                snapshot: Some(self.snapshot_to_pb(&s)?),
+                snapshot: Some(snapshot_to_pb(&self.controller, &s)?),
             }))
         }
         .instrument(rpc_span("CreateSnapshot", &r.source_volume_id))
@@ -336,7 +338,7 @@ impl CsiController for ControllerService {
             let mut entries = Vec::with_capacity(page.len());
             for s in &page {
                 entries.push(pb::list_snapshots_response::Entry {
-                    snapshot: Some(self.snapshot_to_pb(s)?),
+                    snapshot: Some(snapshot_to_pb(&self.controller, s)?),
                 });
             }
             Ok(Response::new(pb::ListSnapshotsResponse {

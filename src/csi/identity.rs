@@ -39,6 +39,10 @@ impl Identity for IdentityService {
             caps.push(Type::Service(Service {
                 r#type: service::Type::ControllerService as i32,
             }));
+            // Volume group snapshots, served with the Controller service.
+            caps.push(Type::Service(Service {
+                r#type: service::Type::GroupControllerService as i32,
+            }));
         }
         Ok(Response::new(pb::GetPluginCapabilitiesResponse {
             capabilities: caps

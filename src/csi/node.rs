@@ -81,7 +81,12 @@ impl CsiNode for NodeService {
                     Path::new(&r.staging_target_path),
                     Path::new(&r.target_path),
                     cap,
-                    r.readonly,
+                    // A volume ControllerPublishVolume published read-only is read-only in
+                    // every mount, whatever this call's own flag says.
+                    r.readonly
+                        || r.publish_context
+                            .get(crate::controller::READ_ONLY_CONTEXT_KEY)
+                            .is_some_and(|v| v == "true"),
                 )
                 .await?;
             Ok(Response::new(pb::NodePublishVolumeResponse {}))
@@ -199,7 +204,7 @@ impl CsiNode for NodeService {
                     .collect(),
             }),
             node_id,
-            max_volumes_per_node: 0,
+            max_volumes_per_node: self.agent.max_volumes().min(i64::MAX as u64) as i64,
         }))
     }
 }

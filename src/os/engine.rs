@@ -873,6 +873,10 @@ impl Engine for QemuStorageDaemon {
         backup::backup_replica(replica, target)
     }
 
+    fn engine_mounts(&self, replica: &Path) -> OsResult<Option<Vec<PathBuf>>> {
+        backup::engine_mounts(replica)
+    }
+
     fn replica_server_status(&self, run_dir: &Path) -> OsResult<Option<(u16, Vec<String>)>> {
         nbd::replica_server_status(self, run_dir)
     }

@@ -14,6 +14,7 @@ use std::process::Command;
 
 use super::{
     Filesystems, FsStats, OsError, OsResult, SUPPORTED_FILESYSTEMS, command_error, mount, output,
+    run,
 };
 
 /// resize2fs refuses an unmounted filesystem that was not checked since its last mount, so check
@@ -112,6 +113,14 @@ fn check_readable(dev: &Path) -> OsResult<()> {
 }
 
 impl Filesystems for SysFilesystems {
+    fn freeze(&self, mount_point: &Path) -> OsResult<()> {
+        run(Command::new("fsfreeze").arg("--freeze").arg(mount_point)).map(drop)
+    }
+
+    fn thaw(&self, mount_point: &Path) -> OsResult<()> {
+        run(Command::new("fsfreeze").arg("--unfreeze").arg(mount_point)).map(drop)
+    }
+
     fn fs_size(&self, dev: &Path, fstype: &str) -> OsResult<Option<u64>> {
         if fstype != "ext4" {
             return Ok(None);

@@ -55,6 +55,12 @@ static QMP_LOCK: Mutex<()> = Mutex::new(());
 
 /// The run directory of the live engine that has `replica` open, and the index of that child.
 fn engine_of(replica: &Path) -> Option<(PathBuf, usize)> {
+    let (export, index) = export_of(replica)?;
+    Some((export.parent()?.to_path_buf(), index))
+}
+
+/// The FUSE export file of the live engine that has `replica` open, and the index of that child.
+fn export_of(replica: &Path) -> Option<(PathBuf, usize)> {
     let want = std::fs::canonicalize(replica).unwrap_or_else(|_| replica.to_path_buf());
     let same = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()) == want;
     // No pid file names such an engine: scan /proc.
@@ -64,9 +70,54 @@ fn engine_of(replica: &Path) -> Option<(PathBuf, usize)> {
             .targets
             .iter()
             .position(|t| matches!(t, ReplicaTarget::Local(p) if same(p)))?;
-        Some((args.export.parent()?.to_path_buf(), index))
+        Some((args.export.clone(), index))
     });
     found.into_iter().next().map(|(_, found)| found)
+}
+
+/// The filesystem mounted on this machine from the volume whose live engine has `replica` open:
+/// None when no live engine has it (the file is at rest); else one mount point of the
+/// filesystem on the engine's loop device (freezing one mount freezes its superblock, so all of
+/// them), or none when nothing here mounts that device (a raw block volume).
+pub(super) fn engine_mounts(replica: &Path) -> OsResult<Option<Vec<PathBuf>>> {
+    use crate::os::LoopDevices;
+    let Some((export, _)) = export_of(replica) else {
+        return Ok(None);
+    };
+    let Some(dev) = crate::os::loopdev::Losetup.find(&export)? else {
+        return Ok(Some(vec![]));
+    };
+    let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let sys = Path::new("/sys/block").join(name).join("dev");
+    let majmin = std::fs::read_to_string(&sys)
+        .map_err(|e| OsError::io(format!("reading {}", sys.display()), e))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| OsError::io("reading /proc/self/mountinfo", e))?;
+    Ok(Some(
+        mount_points_of(&mountinfo, majmin.trim())
+            .into_iter()
+            .take(1)
+            .collect(),
+    ))
+}
+
+/// The mount points in `mountinfo` (the format of /proc/self/mountinfo) of the filesystem on
+/// device `majmin` ("7:3"). A block device bind-mounted onto a file shows devtmpfs's numbers,
+/// not the device's, so only real filesystems on the device match.
+fn mount_points_of(mountinfo: &str, majmin: &str) -> Vec<PathBuf> {
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.len() > 4 && fields[2] == majmin).then(|| PathBuf::from(unescape(fields[4])))
+        })
+        .collect()
 }
 
 /// Refuses a copy whose disk cannot hold all of the replica's clusters: a job that runs out of
@@ -183,5 +234,31 @@ fn wait_concluded(qmp: &mut Qmp, job: &str, target: &Path) -> OsResult<Option<St
             )));
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_of_a_device() {
+        let info = "\
+36 25 7:3 / /var/lib/kubelet/staging/pv\\0401 rw,relatime shared:1 - ext4 /dev/loop3 rw
+37 25 7:3 / /var/lib/kubelet/pods/x/mount rw,relatime shared:1 - ext4 /dev/loop3 rw
+38 25 0:5 /loop4 /var/lib/kubelet/pods/y/dev rw shared:2 - devtmpfs udev rw
+39 25 7:30 / /other rw - xfs /dev/loop30 rw
+";
+        assert_eq!(
+            mount_points_of(info, "7:3"),
+            [
+                PathBuf::from("/var/lib/kubelet/staging/pv 1"),
+                PathBuf::from("/var/lib/kubelet/pods/x/mount")
+            ]
+        );
+        assert!(
+            mount_points_of(info, "7:4").is_empty(),
+            "a block bind mount is no filesystem"
+        );
     }
 }
