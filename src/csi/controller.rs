@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::pb::controller_server::Controller as CsiController;
-use super::{capability_from_pb, capability_to_pb, pb, required, required_capability, rpc_span};
+use super::{
+    Rpc, capability_from_pb, capability_to_pb, pb, required, required_capability,
+};
 use crate::controller::snapshot::CreateSnapshot;
 use crate::controller::{Controller, CreateVolume};
 use crate::error::Error;
@@ -111,7 +112,7 @@ impl CsiController for ControllerService {
                 volume: Some(volume),
             }))
         }
-        .instrument(rpc_span("CreateVolume", &r.name))
+        .rpc("CreateVolume", &r.name)
         .await
     }
 
@@ -125,7 +126,7 @@ impl CsiController for ControllerService {
             self.controller.delete_volume(&r.volume_id).await?;
             Ok(Response::new(pb::DeleteVolumeResponse {}))
         }
-        .instrument(rpc_span("DeleteVolume", &r.volume_id))
+        .rpc("DeleteVolume", &r.volume_id)
         .await
     }
 
@@ -146,7 +147,7 @@ impl CsiController for ControllerService {
                 publish_context: publish_context.into_iter().collect(),
             }))
         }
-        .instrument(rpc_span("ControllerPublishVolume", &r.volume_id))
+        .rpc("ControllerPublishVolume", &r.volume_id)
         .await
     }
 
@@ -160,7 +161,7 @@ impl CsiController for ControllerService {
             self.controller.unpublish(&r.volume_id, &r.node_id).await?;
             Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}))
         }
-        .instrument(rpc_span("ControllerUnpublishVolume", &r.volume_id))
+        .rpc("ControllerUnpublishVolume", &r.volume_id)
         .await
     }
 
@@ -195,7 +196,7 @@ impl CsiController for ControllerService {
             };
             Ok(Response::new(response))
         }
-        .instrument(rpc_span("ValidateVolumeCapabilities", &r.volume_id))
+        .rpc("ValidateVolumeCapabilities", &r.volume_id)
         .await
     }
 
@@ -226,7 +227,7 @@ impl CsiController for ControllerService {
                 next_token,
             }))
         }
-        .instrument(rpc_span("ListVolumes", ""))
+        .rpc("ListVolumes", "")
         .await
     }
 
@@ -249,7 +250,7 @@ impl CsiController for ControllerService {
                 minimum_volume_size: Some(512),
             }))
         }
-        .instrument(rpc_span("GetCapacity", ""))
+        .rpc("GetCapacity", "")
         .await
     }
 
@@ -302,7 +303,7 @@ impl CsiController for ControllerService {
                 snapshot: Some(self.snapshot_to_pb(&s)?),
             }))
         }
-        .instrument(rpc_span("CreateSnapshot", &r.source_volume_id))
+        .rpc("CreateSnapshot", &r.source_volume_id)
         .await
     }
 
@@ -316,7 +317,7 @@ impl CsiController for ControllerService {
             self.controller.delete_snapshot(&r.snapshot_id).await?;
             Ok(Response::new(pb::DeleteSnapshotResponse {}))
         }
-        .instrument(rpc_span("DeleteSnapshot", ""))
+        .rpc("DeleteSnapshot", "")
         .await
     }
 
@@ -344,7 +345,7 @@ impl CsiController for ControllerService {
                 next_token,
             }))
         }
-        .instrument(rpc_span("ListSnapshots", &r.source_volume_id))
+        .rpc("ListSnapshots", &r.source_volume_id)
         .await
     }
 
@@ -377,7 +378,7 @@ impl CsiController for ControllerService {
                 node_expansion_required,
             }))
         }
-        .instrument(rpc_span("ControllerExpandVolume", &r.volume_id))
+        .rpc("ControllerExpandVolume", &r.volume_id)
         .await
     }
 
@@ -400,7 +401,7 @@ impl CsiController for ControllerService {
                 }),
             }))
         }
-        .instrument(rpc_span("ControllerGetVolume", &r.volume_id))
+        .rpc("ControllerGetVolume", &r.volume_id)
         .await
     }
 
@@ -415,7 +416,7 @@ impl CsiController for ControllerService {
             self.controller.modify(&r.volume_id, &params).await?;
             Ok(Response::new(pb::ControllerModifyVolumeResponse {}))
         }
-        .instrument(rpc_span("ControllerModifyVolume", &r.volume_id))
+        .rpc("ControllerModifyVolume", &r.volume_id)
         .await
     }
 }
