@@ -440,6 +440,13 @@ impl Controller {
                 p.node_id
             )));
         }
+        // An attach that failed half-way in an older version left its engine, loop device or
+        // mount behind, holding the replicas open: each node that is up removes its own.
+        for node in self.cluster.node_ids() {
+            if let Ok(agent) = self.cluster.agent(&node) {
+                agent.clean_volume(id, &volume.replicas).await?;
+            }
+        }
         for r in &volume.replicas {
             self.cluster.agent(&r.node_id)?.delete_replica(r).await?;
         }
@@ -481,16 +488,36 @@ impl Controller {
             }
             None => {}
         }
-        let targets = self.prepare_replicas(&mut volume, node_id).await?;
-        let context = publish_context(&targets)?;
-        volume.publication = Some(Publication {
-            node_id: node_id.to_string(),
-            capability,
-            read_only,
-            targets,
+        let prepared = self.prepare_replicas(&mut volume, node_id).await;
+        let published = prepared.and_then(|targets| {
+            let context = publish_context(&targets)?;
+            volume.publication = Some(Publication {
+                node_id: node_id.to_string(),
+                capability,
+                read_only,
+                targets,
+            });
+            self.store.put(Kind::Volume, id, &volume)?;
+            Ok(context)
         });
-        self.store.put(Kind::Volume, id, &volume)?;
-        Ok(context)
+        if published.is_err() {
+            // Nothing stays exported for an attach that did not happen.
+            self.release_exports(&volume, node_id).await;
+        }
+        published
+    }
+
+    /// Stops exporting the volume's replicas of other nodes to `node_id`; a failure is logged.
+    async fn release_exports(&self, volume: &Volume, node_id: &str) {
+        for r in volume.replicas.iter().filter(|r| r.node_id != node_id) {
+            let released = match self.cluster.agent(&r.node_id) {
+                Ok(agent) => agent.release_replica(r).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = released {
+                tracing::warn!(volume = %volume.id, replica = %r.id, error = %e, "cannot stop exporting a replica");
+            }
+        }
     }
 
     /// Asks each replica's node to make it usable from `node_id`: the backing image file on its
@@ -560,19 +587,16 @@ impl Controller {
             Some(p) if node_id.is_empty() || p.node_id == node_id => p.node_id.clone(),
             _ => return Ok(()),
         };
-        // Replicas served to the attaching node over NBD are no longer needed there.
-        for r in volume.replicas.iter().filter(|r| r.node_id != attached) {
-            match self.cluster.agent(&r.node_id) {
-                Ok(agent) => {
-                    if let Err(e) = agent.release_replica(r).await {
-                        tracing::warn!(volume = %id, replica = %r.id, error = %e, "cannot stop exporting a replica");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %id, replica = %r.id, error = %e, "replica's node is down")
-                }
-            }
+        // What a failed stage of an older version left on the node goes first (its engine
+        // holds the exports below open); a volume still staged there is left alone: DeleteVolume
+        // refuses it later.
+        if let Ok(agent) = self.cluster.agent(&attached)
+            && let Err(e) = agent.clean_volume(id, &volume.replicas).await
+        {
+            tracing::warn!(volume = %id, node = %attached, error = %e, "not cleaning the node the volume was attached to");
         }
+        // Replicas served to the attaching node over NBD are no longer needed there.
+        self.release_exports(&volume, &attached).await;
         volume.publication = None;
         self.store.put(Kind::Volume, id, &volume)
     }
