@@ -13,7 +13,9 @@ use crate::backing::state::FileState;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::guard::Guards;
-use crate::model::{Capability, Publication, Replica, Volume, VolumeSpec, now_rfc3339};
+use crate::model::{
+    Capability, Publication, Replica, Volume, VolumeSource, VolumeSpec, now_rfc3339,
+};
 use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
@@ -79,6 +81,18 @@ pub struct CreateVolume {
     pub source_snapshot: Option<String>,
 }
 
+impl CreateVolume {
+    /// The content source, one of the two at most (a snapshot wins, as the CSI adapter only
+    /// fills one).
+    pub fn source(&self) -> Option<VolumeSource> {
+        match (&self.source_snapshot, &self.source_volume) {
+            (Some(id), _) => Some(VolumeSource::Snapshot { id: id.clone() }),
+            (None, Some(id)) => Some(VolumeSource::Volume { id: id.clone() }),
+            (None, None) => None,
+        }
+    }
+}
+
 /// The health of a volume as CSI's VolumeCondition reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Condition {
@@ -137,6 +151,25 @@ pub fn size_for_range(required: u64, limit: u64, default: u64) -> Result<u64> {
         )));
     }
     Ok(size)
+}
+
+/// CreateVolume's capacity range raised to the smallest volume that can hold what it is for
+/// (`params::minimum_size`): a smaller `required_bytes` is rounded up, which CSI allows (a
+/// volume may be larger than required); a `limit_bytes` below the minimum is OutOfRange naming
+/// it. Decided here rather than left to the first mkfs, which would fail at attach.
+fn raise_to_minimum(mut req: CreateVolume, minimum: u64, needs: &str) -> Result<CreateVolume> {
+    if req.limit_bytes > 0 && req.limit_bytes < minimum {
+        return Err(Error::OutOfRange(format!(
+            "volume {:?}: limit_bytes {} is below {minimum} bytes ({} MiB), the smallest volume bicsi makes for {needs}; allow at least that much",
+            req.name,
+            req.limit_bytes,
+            minimum >> 20
+        )));
+    }
+    if req.required_bytes > 0 && req.required_bytes < minimum {
+        req.required_bytes = minimum;
+    }
+    Ok(req)
 }
 
 fn check_capabilities(caps: &[Capability]) -> Result<()> {
@@ -246,10 +279,12 @@ impl Controller {
         check_mutable(&req.mutable_parameters)?;
         if let Some(n) = req.mutable_parameters.get(params::NUMBER_OF_REPLICAS) {
             // A VolumeAttributesClass overrides the StorageClass for the mutable parameters.
-            p.number_of_replicas = params::parse_replicas(n)?;
+            p.number_of_replicas = Some(params::parse_replicas(n)?);
             p.kept
                 .insert(params::NUMBER_OF_REPLICAS.into(), n.trim().to_string());
         }
+        let (minimum, needs) = params::minimum_size(&req.capabilities, p.fs_type.as_deref());
+        let req = raise_to_minimum(req, minimum, &needs)?;
         let id = volume_id_for(&req.name);
         let _guard = self.guards.try_take(&id, "volume")?;
 
@@ -291,7 +326,10 @@ impl Controller {
                 "no disks to place replicas on; start bicsi with --disk PATH".into(),
             ));
         }
-        let chosen = place_replicas(disks, p.number_of_replicas as usize);
+        let wanted = *p
+            .number_of_replicas
+            .get_or_insert(params::default_replicas(disks.len()));
+        let chosen = place_replicas(disks, wanted as usize);
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
         let image_name = image.as_ref().map(|bi| bi.name().to_string());
@@ -356,12 +394,15 @@ impl Controller {
             spec: VolumeSpec {
                 name: req.name.clone(),
                 capacity_bytes: size,
-                number_of_replicas: p.number_of_replicas,
+                number_of_replicas: p
+                    .number_of_replicas
+                    .unwrap_or(replicas.len() as u32),
                 stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
                 fs_type: p.fs_type,
                 backing_image,
                 parameters: p.kept,
                 capabilities: req.capabilities.clone(),
+                source: req.source(),
             },
             replicas,
             publication: None,
@@ -418,6 +459,22 @@ impl Controller {
             return Err(Error::AlreadyExists(format!(
                 "volume {:?} already exists with capacity {cap} bytes, outside the requested range (required {}, limit {}); use another name or delete the volume first",
                 req.name, req.required_bytes, req.limit_bytes
+            )));
+        }
+        // "If a volume corresponding to the specified volume name already exists [...] and is
+        // incompatible with the specified capacity_range, volume_capabilities, parameters,
+        // accessibility_requirements or volume_content_source, the Plugin MUST reply 6
+        // ALREADY_EXISTS" (CSI spec, CreateVolume).
+        if existing.spec.source != req.source() {
+            let made_from = |s: &Option<VolumeSource>| match s {
+                Some(s) => format!("from {s}"),
+                None => "empty".to_string(),
+            };
+            return Err(Error::AlreadyExists(format!(
+                "volume {:?} already exists, made {}; the request asks for one made {}; use another name or delete the volume first",
+                req.name,
+                made_from(&existing.spec.source),
+                made_from(&req.source())
             )));
         }
         if &existing.spec.parameters != kept {

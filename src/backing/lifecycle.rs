@@ -650,6 +650,7 @@ mod tests {
                     backing_image: Some("img".into()),
                     parameters: Default::default(),
                     capabilities: vec![],
+                    source: None,
                 },
                 replicas: vec![Replica {
                     id: "r1".into(),
