@@ -11,7 +11,8 @@ use crate::backing::state::FileState;
 use crate::error::{Error, Result};
 use crate::files::FileManagers;
 use crate::fsutil::blocking;
-use crate::model::{Disk, Replica};
+use crate::guard::Guards;
+use crate::model::{Disk, NodeVolume, Replica};
 use crate::os::{ImageFormat, Os, ReplicaExport, ReplicaTarget};
 use crate::snapshot::{GroupMember, SnapshotFile};
 use crate::store::{Kind, Store, StoreExt};
@@ -98,6 +99,71 @@ pub trait Agent: Send + Sync {
     ) -> Result<()>;
     /// Removes snapshot files of this node; Ok when they are gone.
     async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()>;
+    /// Removes what an attach of the volume left on this node although the volume is not
+    /// staged here (an attach that failed half-way, in a version that did not undo it): mounts
+    /// of its loop devices, loop devices over its engine's export or over one of `replicas`
+    /// (those of this node), its engine. Ok when there is nothing; FailedPrecondition while the
+    /// volume is staged on this node.
+    async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()>;
+}
+
+/// The run directory of a volume's engine under a node's data directory. Its QMP socket path
+/// must fit a unix socket address (108 bytes with the NUL), so a long volume id under a long
+/// data dir is replaced by a digest of it.
+pub fn engine_dir(data_dir: &Path, volume_id: &str) -> PathBuf {
+    let base = data_dir.join("engines");
+    let plain = base.join(volume_id);
+    if plain.join("qmp.sock").as_os_str().len() <= 100 {
+        return plain;
+    }
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha512::digest(volume_id.as_bytes()));
+    base.join(format!("h-{}", &digest[..16]))
+}
+
+/// Finds by the volume's id what an attach set up on this node and removes it, last step first:
+/// every mount of a loop device over the engine's export or over one of `replicas`, those loop
+/// devices, then the engine (process, FUSE export, run directory). Returns whether anything was
+/// there. The caller makes sure the volume is not staged here: this removes a live attach too.
+pub fn remove_attach_leftovers(
+    os: &Os,
+    data_dir: &Path,
+    volume_id: &str,
+    replicas: &[PathBuf],
+) -> Result<bool> {
+    let mut run_dirs = vec![engine_dir(data_dir, volume_id)];
+    let plain = data_dir.join("engines").join(volume_id);
+    if !run_dirs.contains(&plain) {
+        run_dirs.push(plain);
+    }
+    let mut files: Vec<PathBuf> = run_dirs.iter().map(|d| d.join("export")).collect();
+    files.extend(replicas.iter().cloned());
+    let mut found = false;
+    for file in &files {
+        // Bounded: a file carries a few loop devices at most (attached by hand), never many.
+        for _ in 0..16 {
+            let Some(dev) = os.loops.find(file)? else {
+                break;
+            };
+            found = true;
+            for target in os.mounts.mounts_of(&dev)? {
+                tracing::warn!(volume = %volume_id, device = %dev.display(), target = %target.display(), "unmounting what an attach left behind");
+                os.mounts.unmount(&target)?;
+            }
+            tracing::warn!(volume = %volume_id, device = %dev.display(), file = %file.display(), "detaching a loop device an attach left behind");
+            os.loops.detach(&dev)?;
+        }
+    }
+    for dir in &run_dirs {
+        if std::fs::symlink_metadata(dir).is_ok() {
+            found = true;
+            if os.engine.status(dir)?.is_some() {
+                tracing::warn!(volume = %volume_id, run_dir = %dir.display(), "stopping an engine an attach left behind");
+            }
+            os.engine.stop(dir)?;
+        }
+    }
+    Ok(found)
 }
 
 /// The agent of the disks in this process.
@@ -111,6 +177,13 @@ pub struct LocalAgent {
     /// Where this node serves its replicas to other nodes: the replica server's run directory
     /// and its NBD address (host, port). None in the all-in-one mode (one node, no exports).
     pub nbd: Option<(PathBuf, String, u16)>,
+    /// This node's data directory (the engines' run directories are under it).
+    pub data_dir: PathBuf,
+    /// This node's own records (what is staged here).
+    pub node_records: Arc<dyn Store>,
+    /// Per-volume guards of the node's attach work, shared with `crate::node::NodeAgent`, so a
+    /// cleanup never runs into a stage in progress.
+    pub volume_guards: Guards,
 }
 
 fn replica_dir(replica: &Replica) -> &Path {
@@ -435,5 +508,29 @@ impl Agent for LocalAgent {
     async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
         let files = files.to_vec();
         blocking(move || files.iter().try_for_each(crate::snapshot::remove)).await
+    }
+
+    async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()> {
+        let _guard = self.volume_guards.try_take(volume_id, "volume")?;
+        if let Some(rec) = self
+            .node_records
+            .get::<NodeVolume>(Kind::NodeVolume, volume_id)?
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id:?} is staged on node {:?} at {}; unstage it there first",
+                self.node_id,
+                rec.staging_path.display()
+            )));
+        }
+        let replicas: Vec<PathBuf> = replicas
+            .iter()
+            .filter(|r| r.node_id == self.node_id)
+            .map(|r| r.path.clone())
+            .collect();
+        let (os, data_dir, id) = (self.os.clone(), self.data_dir.clone(), volume_id.to_string());
+        if blocking(move || remove_attach_leftovers(&os, &data_dir, &id, &replicas)).await? {
+            tracing::info!(volume = %volume_id, node = %self.node_id, "removed what an attach left behind");
+        }
+        Ok(())
     }
 }

@@ -13,7 +13,9 @@ use crate::backing::state::FileState;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::guard::Guards;
-use crate::model::{Capability, NodeRecord, Publication, Replica, Volume, VolumeSpec, now_rfc3339};
+use crate::model::{
+    Capability, NodeRecord, Publication, Replica, Volume, VolumeSource, VolumeSpec, now_rfc3339,
+};
 use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
@@ -80,6 +82,18 @@ pub struct CreateVolume {
     pub source_snapshot: Option<String>,
 }
 
+impl CreateVolume {
+    /// The content source, one of the two at most (a snapshot wins, as the CSI adapter only
+    /// fills one).
+    pub fn source(&self) -> Option<VolumeSource> {
+        match (&self.source_snapshot, &self.source_volume) {
+            (Some(id), _) => Some(VolumeSource::Snapshot { id: id.clone() }),
+            (None, Some(id)) => Some(VolumeSource::Volume { id: id.clone() }),
+            (None, None) => None,
+        }
+    }
+}
+
 /// The health of a volume as CSI's VolumeCondition reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Condition {
@@ -141,6 +155,25 @@ pub fn size_for_range(required: u64, limit: u64, default: u64) -> Result<u64> {
         )));
     }
     Ok(size)
+}
+
+/// CreateVolume's capacity range raised to the smallest volume that can hold what it is for
+/// (`params::minimum_size`): a smaller `required_bytes` is rounded up, which CSI allows (a
+/// volume may be larger than required); a `limit_bytes` below the minimum is OutOfRange naming
+/// it. Decided here rather than left to the first mkfs, which would fail at attach.
+fn raise_to_minimum(mut req: CreateVolume, minimum: u64, needs: &str) -> Result<CreateVolume> {
+    if req.limit_bytes > 0 && req.limit_bytes < minimum {
+        return Err(Error::OutOfRange(format!(
+            "volume {:?}: limit_bytes {} is below {minimum} bytes ({} MiB), the smallest volume bicsi makes for {needs}; allow at least that much",
+            req.name,
+            req.limit_bytes,
+            minimum >> 20
+        )));
+    }
+    if req.required_bytes > 0 && req.required_bytes < minimum {
+        req.required_bytes = minimum;
+    }
+    Ok(req)
 }
 
 fn check_capabilities(caps: &[Capability]) -> Result<()> {
@@ -261,10 +294,12 @@ impl Controller {
         check_mutable(&req.mutable_parameters)?;
         if let Some(n) = req.mutable_parameters.get(params::NUMBER_OF_REPLICAS) {
             // A VolumeAttributesClass overrides the StorageClass for the mutable parameters.
-            p.number_of_replicas = params::parse_replicas(n)?;
+            p.number_of_replicas = Some(params::parse_replicas(n)?);
             p.kept
                 .insert(params::NUMBER_OF_REPLICAS.into(), n.trim().to_string());
         }
+        let (minimum, needs) = params::minimum_size(&req.capabilities, p.fs_type.as_deref());
+        let req = raise_to_minimum(req, minimum, &needs)?;
         let id = volume_id_for(&req.name);
         let _guard = self.guards.try_take(&id, "volume")?;
 
@@ -306,7 +341,10 @@ impl Controller {
                 "no disks to place replicas on; start bicsi with --disk PATH".into(),
             ));
         }
-        let chosen = place_replicas(disks, p.number_of_replicas as usize);
+        let wanted = *p
+            .number_of_replicas
+            .get_or_insert(params::default_replicas(disks.len()));
+        let chosen = place_replicas(disks, wanted as usize);
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
         let image_name = image.as_ref().map(|bi| bi.name().to_string());
@@ -371,12 +409,15 @@ impl Controller {
             spec: VolumeSpec {
                 name: req.name.clone(),
                 capacity_bytes: size,
-                number_of_replicas: p.number_of_replicas,
+                number_of_replicas: p
+                    .number_of_replicas
+                    .unwrap_or(replicas.len() as u32),
                 stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
                 fs_type: p.fs_type,
                 backing_image,
                 parameters: p.kept,
                 capabilities: req.capabilities.clone(),
+                source: req.source(),
             },
             replicas,
             publication: None,
@@ -435,6 +476,22 @@ impl Controller {
                 req.name, req.required_bytes, req.limit_bytes
             )));
         }
+        // "If a volume corresponding to the specified volume name already exists [...] and is
+        // incompatible with the specified capacity_range, volume_capabilities, parameters,
+        // accessibility_requirements or volume_content_source, the Plugin MUST reply 6
+        // ALREADY_EXISTS" (CSI spec, CreateVolume).
+        if existing.spec.source != req.source() {
+            let made_from = |s: &Option<VolumeSource>| match s {
+                Some(s) => format!("from {s}"),
+                None => "empty".to_string(),
+            };
+            return Err(Error::AlreadyExists(format!(
+                "volume {:?} already exists, made {}; the request asks for one made {}; use another name or delete the volume first",
+                req.name,
+                made_from(&existing.spec.source),
+                made_from(&req.source())
+            )));
+        }
         if &existing.spec.parameters != kept {
             return Err(Error::AlreadyExists(format!(
                 "volume {:?} already exists with other parameters ({:?}, requested {:?}); use another name or delete the volume first",
@@ -454,6 +511,13 @@ impl Controller {
                 "volume {id:?} is attached to node {:?}; detach it before deleting",
                 p.node_id
             )));
+        }
+        // An attach that failed half-way in an older version left its engine, loop device or
+        // mount behind, holding the replicas open: each node that is up removes its own.
+        for node in self.cluster.node_ids() {
+            if let Ok(agent) = self.cluster.agent(&node) {
+                agent.clean_volume(id, &volume.replicas).await?;
+            }
         }
         for r in &volume.replicas {
             self.cluster.agent(&r.node_id)?.delete_replica(r).await?;
@@ -528,16 +592,36 @@ impl Controller {
         } else {
             None
         };
-        let targets = self.prepare_replicas(&mut volume, node_id).await?;
-        let context = publish_context(&targets, read_only)?;
-        volume.publication = Some(Publication {
-            node_id: node_id.to_string(),
-            capability,
-            read_only,
-            targets,
+        let prepared = self.prepare_replicas(&mut volume, node_id).await;
+        let published = prepared.and_then(|targets| {
+            let context = publish_context(&targets, read_only)?;
+            volume.publication = Some(Publication {
+                node_id: node_id.to_string(),
+                capability,
+                read_only,
+                targets,
+            });
+            self.store.put(Kind::Volume, id, &volume)?;
+            Ok(context)
         });
-        self.store.put(Kind::Volume, id, &volume)?;
-        Ok(context)
+        if published.is_err() {
+            // Nothing stays exported for an attach that did not happen.
+            self.release_exports(&volume, node_id).await;
+        }
+        published
+    }
+
+    /// Stops exporting the volume's replicas of other nodes to `node_id`; a failure is logged.
+    async fn release_exports(&self, volume: &Volume, node_id: &str) {
+        for r in volume.replicas.iter().filter(|r| r.node_id != node_id) {
+            let released = match self.cluster.agent(&r.node_id) {
+                Ok(agent) => agent.release_replica(r).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = released {
+                tracing::warn!(volume = %volume.id, replica = %r.id, error = %e, "cannot stop exporting a replica");
+            }
+        }
     }
 
     /// Asks each replica's node to make it usable from `node_id`: the backing image file on its
@@ -607,19 +691,16 @@ impl Controller {
             Some(p) if node_id.is_empty() || p.node_id == node_id => p.node_id.clone(),
             _ => return Ok(()),
         };
-        // Replicas served to the attaching node over NBD are no longer needed there.
-        for r in volume.replicas.iter().filter(|r| r.node_id != attached) {
-            match self.cluster.agent(&r.node_id) {
-                Ok(agent) => {
-                    if let Err(e) = agent.release_replica(r).await {
-                        tracing::warn!(volume = %id, replica = %r.id, error = %e, "cannot stop exporting a replica");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %id, replica = %r.id, error = %e, "replica's node is down")
-                }
-            }
+        // What a failed stage of an older version left on the node goes first (its engine
+        // holds the exports below open); a volume still staged there is left alone: DeleteVolume
+        // refuses it later.
+        if let Ok(agent) = self.cluster.agent(&attached)
+            && let Err(e) = agent.clean_volume(id, &volume.replicas).await
+        {
+            tracing::warn!(volume = %id, node = %attached, error = %e, "not cleaning the node the volume was attached to");
         }
+        // Replicas served to the attaching node over NBD are no longer needed there.
+        self.release_exports(&volume, &attached).await;
         volume.publication = None;
         self.store.put(Kind::Volume, id, &volume)
     }

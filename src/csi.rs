@@ -96,6 +96,46 @@ pub fn required_capability(cap: &Option<pb::VolumeCapability>, field: &str) -> R
 }
 
 /// The span every RPC runs in, with the volume id when there is one.
-pub fn rpc_span(method: &'static str, volume_id: &str) -> tracing::Span {
+fn rpc_span(method: &'static str, volume_id: &str) -> tracing::Span {
     tracing::info_span!("csi", method, volume = %volume_id)
+}
+
+/// How every CSI handler runs its body: inside the RPC's span (method and volume id), and a
+/// failure is logged there once with its code, so a call that fails leaves a line in bicsi's log
+/// even when the caller (a sidecar, the CLI) shows it nowhere.
+pub trait Rpc: std::future::Future + Sized {
+    fn rpc(
+        self,
+        method: &'static str,
+        volume_id: &str,
+    ) -> impl std::future::Future<Output = Self::Output>;
+}
+
+impl<T, F> Rpc for F
+where
+    F: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    async fn rpc(self, method: &'static str, volume_id: &str) -> F::Output {
+        use tracing::Instrument;
+        let span = rpc_span(method, volume_id);
+        let result = self.instrument(span.clone()).await;
+        if let Err(status) = &result {
+            span.in_scope(|| {
+                // Callers retry Aborted and Unavailable by design: those are not worth a warning.
+                match status.code() {
+                    tonic::Code::Aborted | tonic::Code::Unavailable => tracing::info!(
+                        code = ?status.code(),
+                        error = %status.message(),
+                        "call failed; the caller retries"
+                    ),
+                    _ => tracing::warn!(
+                        code = ?status.code(),
+                        error = %status.message(),
+                        "call failed"
+                    ),
+                }
+            });
+        }
+        result
+    }
 }

@@ -127,6 +127,28 @@ pub struct VolumeSpec {
     /// The parameters exactly as given, compared on a repeated CreateVolume.
     pub parameters: BTreeMap<String, String>,
     pub capabilities: Vec<Capability>,
+    /// What the volume was made from, compared on a repeated CreateVolume: the same name with
+    /// another source is another volume (AlreadyExists). None: an empty volume, or a volume
+    /// recorded by a version that did not keep its source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+}
+
+/// CreateVolume's content source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum VolumeSource {
+    Snapshot { id: String },
+    Volume { id: String },
+}
+
+impl std::fmt::Display for VolumeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VolumeSource::Snapshot { id } => write!(f, "snapshot {id:?}"),
+            VolumeSource::Volume { id } => write!(f, "volume {id:?}"),
+        }
+    }
 }
 
 /// A volume: its spec and what exists for it (observed state).

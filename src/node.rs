@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::{Agent, LocalAgent};
+use crate::agent::{Agent, LocalAgent, remove_attach_leftovers};
 use crate::error::{Error, Result};
 use crate::fsutil::blocking;
 use crate::guard::Guards;
@@ -78,8 +78,8 @@ impl NodeAgent {
             os,
             volumes,
             local,
+            guards: agent.volume_guards.clone(),
             agent,
-            guards: Guards::default(),
             max_volumes: 0,
         }
     }
@@ -136,17 +136,20 @@ impl NodeAgent {
         &self.node_id
     }
 
-    /// The engine's run directory. Its QMP socket path must fit a unix socket address (108 bytes
-    /// with the NUL), so a long volume id under a long data dir is replaced by a digest of it.
     fn engine_dir(&self, volume_id: &str) -> PathBuf {
-        let base = self.data_dir.join("engines");
-        let plain = base.join(volume_id);
-        if plain.join("qmp.sock").as_os_str().len() <= 100 {
-            return plain;
-        }
-        use sha2::Digest;
-        let digest = hex::encode(sha2::Sha512::digest(volume_id.as_bytes()));
-        base.join(format!("h-{}", &digest[..16]))
+        crate::agent::engine_dir(&self.data_dir, volume_id)
+    }
+
+    /// The volume's replica files on this node (none when the volume is unknown).
+    fn local_replica_paths(&self, volume_id: &str) -> Result<Vec<PathBuf>> {
+        let volume: Option<Volume> = self.volumes.get(Kind::Volume, volume_id)?;
+        Ok(volume
+            .map(|v| v.replicas)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.node_id == self.node_id)
+            .map(|r| r.path)
+            .collect())
     }
 
     fn record(&self, volume_id: &str) -> Result<Option<NodeVolume>> {
@@ -254,6 +257,7 @@ impl NodeAgent {
             })
             .collect();
         let read_only = capability.mode.is_read_only();
+        let prior = self.record(volume_id)?;
         let rec = NodeVolume {
             volume_id: volume_id.to_string(),
             staging_path: staging_path.to_path_buf(),
@@ -262,67 +266,40 @@ impl NodeAgent {
             device: PathBuf::new(),
             replicas,
             targets,
-            publications: self
-                .record(volume_id)?
-                .map(|r| r.publications)
+            publications: prior
+                .as_ref()
+                .map(|r| r.publications.clone())
                 .unwrap_or_default(),
         };
         let fs_type = default_fs(&capability, &volume);
-        let os = self.os.clone();
+        let repair = prior.is_some();
+        let (os, data_dir, local) = (self.os.clone(), self.data_dir.clone(), self.local.clone());
         let rec = blocking(move || {
-            let mut rec = rec;
-            let state = os.engine.start_volume(&VolumeEngineSpec {
-                volume_id: rec.volume_id.clone(),
-                replicas: rec.targets.clone(),
-                run_dir: rec.engine_dir.clone(),
-                read_only,
-            })?;
-            rec.device = os.loops.attach(&state.export_path)?;
-            if let AccessType::Mount { mount_flags, .. } = &rec.capability.access {
-                let existing = os.fs.probe(&rec.device)?;
-                let fs = match existing {
-                    Some(fs) => fs,
-                    None if read_only => {
-                        return Err(Error::FailedPrecondition(format!(
-                            "volume {:?} holds no filesystem and is staged read-only; stage it writable once to format it",
-                            rec.volume_id
-                        )));
-                    }
-                    None => {
-                        os.fs.mkfs(&rec.device, &fs_type)?;
-                        fs_type.clone()
-                    }
+            let mut done = StageSteps::default();
+            let result = stage_steps(&os, rec.clone(), &fs_type, read_only, &mut done)
+                .and_then(|rec| {
+                    local.put(Kind::NodeVolume, &rec.volume_id, &rec)?;
+                    Ok(rec)
+                });
+            if let Err(e) = &result {
+                // A failed stage leaves the node as it found it. A first stage owns everything
+                // of the volume here (also what an older version's failed stage left); a repair
+                // of a recorded stage undoes only its own steps and keeps the record, so that
+                // NodeUnstageVolume still finds what to remove.
+                tracing::warn!(volume = %rec.volume_id, error = %e, "stage failed; undoing its steps");
+                let undone = if repair {
+                    done.undo(&os, &rec)
+                } else {
+                    remove_attach_leftovers(&os, &data_dir, &rec.volume_id, &rec.replicas)
+                        .map(|_| ())
                 };
-                std::fs::create_dir_all(&rec.staging_path)
-                    .map_err(|e| io_err("cannot create staging path", &rec.staging_path, e))?;
-                let mounted = os.mounts.mount_info(&rec.staging_path)?;
-                if mounted.is_none_or(|m| Path::new(&m.source) != rec.device) {
-                    // A filesystem smaller than its device (an image's filesystem, or a volume
-                    // expanded while detached) is grown to the volume size. ext4 grows offline
-                    // here, before mounting: growing it mounted needs CAP_SYS_RESOURCE.
-                    let device_size = os.fs.device_size(&rec.device)?;
-                    if !read_only
-                        && os
-                            .fs
-                            .fs_size(&rec.device, &fs)?
-                            .is_some_and(|size| size < device_size)
-                    {
-                        os.fs.grow(&rec.device, &rec.staging_path, &fs)?;
-                    }
-                    let mut options = mount_flags.clone();
-                    if read_only {
-                        options.push("ro".into());
-                    }
-                    os.mounts.mount(&rec.device, &rec.staging_path, &fs, &options)?;
-                    if !read_only && fs == "xfs" {
-                        os.fs.grow(&rec.device, &rec.staging_path, &fs)?;
-                    }
+                if let Err(u) = undone {
+                    tracing::error!(volume = %rec.volume_id, error = %u, "cannot undo a failed stage; NodeUnstageVolume or DeleteVolume retries it");
                 }
             }
-            Ok(rec)
+            result
         })
         .await?;
-        self.local.put(Kind::NodeVolume, volume_id, &rec)?;
         tracing::info!(volume = %volume_id, device = %rec.device.display(), "volume staged");
         Ok(())
     }
@@ -330,6 +307,14 @@ impl NodeAgent {
     pub async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let _guard = self.guards.try_take(volume_id, "volume")?;
         let Some(rec) = self.record(volume_id)? else {
+            // Not staged here; but a stage that failed in an older version, which did not undo
+            // its steps, left an engine, a loop device, perhaps a mount: found by the volume's
+            // id, they go now.
+            let replicas = self.local_replica_paths(volume_id)?;
+            let (os, data_dir, id) = (self.os.clone(), self.data_dir.clone(), volume_id.to_string());
+            if blocking(move || remove_attach_leftovers(&os, &data_dir, &id, &replicas)).await? {
+                tracing::info!(volume = %volume_id, "removed what a failed stage left behind");
+            }
             return Ok(());
         };
         if rec.staging_path != staging_path {
@@ -426,16 +411,24 @@ impl NodeAgent {
         let t = target.to_path_buf();
         let block = capability.is_block();
         blocking(move || {
-            if block {
-                prepare_block_target(&t)?;
-            } else {
-                std::fs::create_dir_all(&t)
-                    .map_err(|e| io_err("cannot create target path", &t, e))?;
+            let existed = std::fs::symlink_metadata(&t).is_ok();
+            let bound = (|| {
+                if block {
+                    prepare_block_target(&t)?;
+                } else {
+                    std::fs::create_dir_all(&t)
+                        .map_err(|e| io_err("cannot create target path", &t, e))?;
+                }
+                if os.mounts.mount_info(&t)?.is_none() {
+                    os.mounts.bind_mount(&source, &t, read_only)?;
+                }
+                Ok(())
+            })();
+            // A failed publish leaves no target behind that it made itself.
+            if bound.is_err() && !existed && os.mounts.mount_info(&t).is_ok_and(|m| m.is_none()) {
+                let _ = std::fs::remove_dir(&t).or_else(|_| std::fs::remove_file(&t));
             }
-            if os.mounts.mount_info(&t)?.is_none() {
-                os.mounts.bind_mount(&source, &t, read_only)?;
-            }
-            Ok(())
+            bound
         })
         .await?;
         rec.publications.retain(|p| p.target_path != target);
@@ -567,6 +560,95 @@ impl NodeAgent {
         })
         .await
     }
+}
+
+/// What a stage call did itself (and so must undo when a later step fails): whatever was in
+/// place before the call is left alone.
+#[derive(Default)]
+struct StageSteps {
+    engine: bool,
+    loop_device: bool,
+    mount: bool,
+}
+
+impl StageSteps {
+    /// Undoes the recorded steps, last first.
+    fn undo(&self, os: &Os, rec: &NodeVolume) -> Result<()> {
+        if self.mount {
+            os.mounts.unmount(&rec.staging_path)?;
+        }
+        if self.loop_device {
+            os.loops.detach_file(&rec.engine_dir.join("export"))?;
+        }
+        if self.engine {
+            os.engine.stop(&rec.engine_dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Engine, loop device, filesystem and staging mount of `rec`, each step skipped when it is in
+/// place already; `done` learns each step as it is taken, so a failure can be undone.
+fn stage_steps(
+    os: &Os,
+    mut rec: NodeVolume,
+    fs_type: &str,
+    read_only: bool,
+    done: &mut StageSteps,
+) -> Result<NodeVolume> {
+    done.engine = os.engine.status(&rec.engine_dir)?.is_none();
+    let state = os.engine.start_volume(&VolumeEngineSpec {
+        volume_id: rec.volume_id.clone(),
+        replicas: rec.targets.clone(),
+        run_dir: rec.engine_dir.clone(),
+        read_only,
+    })?;
+    done.loop_device = os.loops.find(&state.export_path)?.is_none();
+    rec.device = os.loops.attach(&state.export_path)?;
+    if let AccessType::Mount { mount_flags, .. } = &rec.capability.access {
+        let existing = os.fs.probe(&rec.device)?;
+        let fs = match existing {
+            Some(fs) => fs,
+            None if read_only => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {:?} holds no filesystem and is staged read-only; stage it writable once to format it",
+                    rec.volume_id
+                )));
+            }
+            None => {
+                os.fs.mkfs(&rec.device, fs_type)?;
+                fs_type.to_string()
+            }
+        };
+        std::fs::create_dir_all(&rec.staging_path)
+            .map_err(|e| io_err("cannot create staging path", &rec.staging_path, e))?;
+        let mounted = os.mounts.mount_info(&rec.staging_path)?;
+        if mounted.is_none_or(|m| Path::new(&m.source) != rec.device) {
+            // A filesystem smaller than its device (an image's filesystem, or a volume
+            // expanded while detached) is grown to the volume size. ext4 grows offline
+            // here, before mounting: growing it mounted needs CAP_SYS_RESOURCE.
+            let device_size = os.fs.device_size(&rec.device)?;
+            if !read_only
+                && os
+                    .fs
+                    .fs_size(&rec.device, &fs)?
+                    .is_some_and(|size| size < device_size)
+            {
+                os.fs.grow(&rec.device, &rec.staging_path, &fs)?;
+            }
+            let mut options = mount_flags.clone();
+            if read_only {
+                options.push("ro".into());
+            }
+            done.mount = true;
+            os.mounts
+                .mount(&rec.device, &rec.staging_path, &fs, &options)?;
+            if !read_only && fs == "xfs" {
+                os.fs.grow(&rec.device, &rec.staging_path, &fs)?;
+            }
+        }
+    }
+    Ok(rec)
 }
 
 /// A block volume's target is a file the device is bind-mounted onto; the orchestrator may hand

@@ -364,6 +364,10 @@ pub trait Mounter: Send + Sync {
     fn unmount(&self, target: &Path) -> OsResult<()>;
     /// The top-most mount on `target`, if any.
     fn mount_info(&self, target: &Path) -> OsResult<Option<MountInfo>>;
+    /// Every mount point that shows the block device `device`: its filesystem mounted, binds of
+    /// that mount, and binds of the device node itself; deepest first, so unmounting them in
+    /// that order never meets a mount that still has another one inside it.
+    fn mounts_of(&self, device: &Path) -> OsResult<Vec<PathBuf>>;
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -38,13 +38,17 @@ pub struct BackingImageRequest {
 /// Keys the Kubernetes sidecars add (`--extra-create-metadata`); accepted and not kept as spec.
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// The most replicas a volume gets when `numberOfReplicas` is not given: fewer when there are
+/// fewer disks to put them on (see `default_replicas`).
 pub const DEFAULT_REPLICAS: u32 = 3;
 pub const MAX_REPLICAS: u32 = 20;
 pub const FS_TYPES: &[&str] = &["ext4", "xfs"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeParams {
-    pub number_of_replicas: u32,
+    /// None when the parameter is not given: the controller then picks `default_replicas` (or
+    /// the source volume's count, for a restore or a clone).
+    pub number_of_replicas: Option<u32>,
     pub stale_replica_timeout_minutes: Option<u32>,
     pub fs_type: Option<String>,
     pub backing_image: Option<BackingImageRequest>,
@@ -54,7 +58,7 @@ pub struct VolumeParams {
 
 pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
     let mut out = VolumeParams {
-        number_of_replicas: DEFAULT_REPLICAS,
+        number_of_replicas: None,
         stale_replica_timeout_minutes: None,
         fs_type: None,
         backing_image: None,
@@ -69,7 +73,7 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
             continue;
         }
         match key.as_str() {
-            NUMBER_OF_REPLICAS => out.number_of_replicas = parse_replicas(value)?,
+            NUMBER_OF_REPLICAS => out.number_of_replicas = Some(parse_replicas(value)?),
             STALE_REPLICA_TIMEOUT => {
                 out.stale_replica_timeout_minutes = Some(value.trim().parse().map_err(|_| {
                     Error::InvalidArgument(format!(
@@ -151,6 +155,45 @@ fn parse_source_parameters(value: &str) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
+/// The replica count of a volume whose parameters do not give one: [`DEFAULT_REPLICAS`], or the
+/// number of distinct disks replicas can be placed on when that is smaller (a replica per disk
+/// at most), so a volume on a one-disk node is not degraded from birth.
+pub fn default_replicas(disks: usize) -> u32 {
+    (disks.min(DEFAULT_REPLICAS as usize) as u32).max(1)
+}
+
+/// The smallest volume bicsi makes for a block volume: the default filesystem fits in nothing
+/// smaller than a few blocks and a raw device this small is a unit mistake, not a wish.
+pub const MIN_BLOCK_SIZE: u64 = 1 << 20;
+/// The smallest ext4 volume: below 2 MiB mkfs.ext4 leaves the journal out, and 4 MiB leaves the
+/// files some room next to the journal and the inode tables.
+pub const MIN_EXT4_SIZE: u64 = 4 << 20;
+/// mkfs.xfs refuses anything smaller ("Filesystem must be larger than 300MB").
+pub const MIN_XFS_SIZE: u64 = 300 << 20;
+
+/// The smallest size for a volume with these capabilities and `fsType` parameter, and what
+/// needs it: a mount capability needs its filesystem (its own fs_type, else the parameter, else
+/// ext4) to fit; block only needs [`MIN_BLOCK_SIZE`].
+pub fn minimum_size(caps: &[crate::model::Capability], fs_type: Option<&str>) -> (u64, String) {
+    let mut min = (MIN_BLOCK_SIZE, "a volume".to_string());
+    for cap in caps {
+        if let crate::model::AccessType::Mount { fs_type: cap_fs, .. } = &cap.access {
+            let fs = Some(cap_fs.as_str())
+                .filter(|f| !f.is_empty())
+                .or(fs_type)
+                .unwrap_or("ext4");
+            let size = match fs {
+                "xfs" => MIN_XFS_SIZE,
+                _ => MIN_EXT4_SIZE,
+            };
+            if size > min.0 {
+                min = (size, format!("an {fs} filesystem"));
+            }
+        }
+    }
+    min
+}
+
 pub fn parse_replicas(value: &str) -> Result<u32> {
     match value.trim().parse::<u32>() {
         Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok(n),
@@ -184,6 +227,41 @@ mod tests {
     }
 
     #[test]
+    fn default_replicas_are_the_disks_up_to_three() {
+        for (disks, want) in [(0, 1), (1, 1), (2, 2), (3, 3), (7, 3)] {
+            assert_eq!(default_replicas(disks), want, "{disks} disks");
+        }
+    }
+
+    #[test]
+    fn minimum_sizes_follow_the_filesystem() {
+        use crate::model::{AccessMode, AccessType, Capability};
+        let mount = |fs: &str| Capability {
+            access: AccessType::Mount {
+                fs_type: fs.into(),
+                mount_flags: vec![],
+            },
+            mode: AccessMode::SingleNodeWriter,
+        };
+        let block = Capability {
+            access: AccessType::Block,
+            mode: AccessMode::SingleNodeWriter,
+        };
+        let table: &[(Vec<Capability>, Option<&str>, u64)] = &[
+            (vec![], None, MIN_BLOCK_SIZE),
+            (vec![block.clone()], Some("xfs"), MIN_BLOCK_SIZE),
+            (vec![mount("")], None, MIN_EXT4_SIZE),
+            (vec![mount("")], Some("xfs"), MIN_XFS_SIZE),
+            (vec![mount("xfs")], None, MIN_XFS_SIZE),
+            (vec![mount("ext4")], Some("xfs"), MIN_EXT4_SIZE),
+            (vec![block, mount("xfs")], None, MIN_XFS_SIZE),
+        ];
+        for (caps, fs, want) in table {
+            assert_eq!(minimum_size(caps, *fs).0, *want, "{caps:?} {fs:?}");
+        }
+    }
+
+    #[test]
     fn parses_parameters() {
         let p = parse(&map(&[
             ("numberOfReplicas", "3"),
@@ -191,13 +269,10 @@ mod tests {
             ("csi.storage.k8s.io/pvc/name", "data"),
         ]))
         .unwrap();
-        assert_eq!(p.number_of_replicas, 3);
+        assert_eq!(p.number_of_replicas, Some(3));
         assert_eq!(p.stale_replica_timeout_minutes, Some(2880));
         assert!(!p.kept.contains_key("csi.storage.k8s.io/pvc/name"));
-        assert_eq!(
-            parse(&map(&[])).unwrap().number_of_replicas,
-            DEFAULT_REPLICAS
-        );
+        assert_eq!(parse(&map(&[])).unwrap().number_of_replicas, None);
     }
 
     #[test]

@@ -408,6 +408,18 @@ impl Agent for RemoteAgent {
             .map_err(status_error)?;
         Ok(())
     }
+
+    async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()> {
+        self.client
+            .clone()
+            .clean_volume(pb::CleanVolumeRequest {
+                volume_id: volume_id.to_string(),
+                replicas_json: to_json(&replicas)?,
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
 }
 
 // ---- node side: the Agent service and the clients of the controller -------------------------
@@ -572,6 +584,16 @@ impl AgentRpc for AgentService {
         let files: Vec<SnapshotFile> =
             from_json(&request.into_inner().files_json, "snapshot files")?;
         self.local.delete_snapshot_files(&files).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn clean_volume(
+        &self,
+        request: Request<pb::CleanVolumeRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let replicas: Vec<Replica> = from_json(&r.replicas_json, "replicas")?;
+        self.local.clean_volume(&r.volume_id, &replicas).await?;
         Ok(Response::new(pb::Empty {}))
     }
 }

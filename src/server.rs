@@ -221,6 +221,9 @@ pub async fn serve(
         files: files.clone(),
         store: store.clone(),
         nbd: None,
+        data_dir: cfg.data_dir.clone(),
+        node_records: store.clone(),
+        volume_guards: Default::default(),
     });
     cluster.register(
         NodeRecord {
@@ -441,6 +444,9 @@ pub async fn node(
             nbd_advertised,
             nbd_port,
         )),
+        data_dir: cfg.data_dir.clone(),
+        node_records: local_store.clone(),
+        volume_guards: Default::default(),
     });
     let agent = Arc::new(
         NodeAgent::new(

@@ -526,6 +526,9 @@ mod tests {
         async fn delete_snapshot_files(&self, _: &[SnapshotFile]) -> Result<()> {
             Err(unused())
         }
+        async fn clean_volume(&self, _: &str, _: &[Replica]) -> Result<()> {
+            Err(unused())
+        }
     }
 
     impl Recorder {
@@ -648,6 +651,7 @@ mod tests {
                     backing_image: Some("img".into()),
                     parameters: Default::default(),
                     capabilities: vec![],
+                    source: None,
                 },
                 replicas: vec![Replica {
                     id: "r1".into(),

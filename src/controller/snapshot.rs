@@ -268,7 +268,7 @@ impl Controller {
     pub(super) async fn create_from_source(
         &self,
         req: &CreateVolume,
-        p: VolumeParams,
+        mut p: VolumeParams,
         id: &str,
     ) -> Result<Volume> {
         let (files, source_size, source_image, temporary) =
@@ -277,11 +277,20 @@ impl Controller {
                     let s = self
                         .get_snapshot(sid)?
                         .ok_or_else(|| Error::NotFound(format!("snapshot {sid:?} not found")))?;
+                    // Without `numberOfReplicas` a restore keeps its source volume's count
+                    // (while that volume exists; else the default for the disks).
+                    if p.number_of_replicas.is_none() {
+                        p.number_of_replicas = self
+                            .get(&s.source_volume_id)?
+                            .map(|v| v.spec.number_of_replicas);
+                    }
                     (s.files, s.size_bytes, s.backing_image, false)
                 }
                 (None, Some(vid)) => {
                     let source = self.must_get(vid)?;
                     let _source_guard = self.guards.try_take(&source.id, "volume")?;
+                    p.number_of_replicas
+                        .get_or_insert(source.spec.number_of_replicas);
                     // A leading '.' never starts a snapshot id (see `volume_id_for`).
                     let files = self.capture(&format!(".clone-{id}"), &source).await?;
                     (
@@ -307,7 +316,7 @@ impl Controller {
     async fn restore_volume(
         &self,
         req: &CreateVolume,
-        p: VolumeParams,
+        mut p: VolumeParams,
         id: &str,
         files: &[SnapshotFile],
         source_size: u64,
@@ -353,7 +362,10 @@ impl Controller {
             .into_iter()
             .filter(|d| d.disk.node_id == node)
             .collect();
-        let chosen = place_replicas(disks, p.number_of_replicas as usize);
+        let wanted = *p
+            .number_of_replicas
+            .get_or_insert(crate::params::default_replicas(disks.len()));
+        let chosen = place_replicas(disks, wanted as usize);
         if chosen.is_empty() {
             return Err(Error::ResourceExhausted(format!(
                 "node {node:?}, which holds {what}, has no disk for the new volume's replicas"

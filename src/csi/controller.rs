@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::pb::controller_server::Controller as CsiController;
-use super::{capability_from_pb, capability_to_pb, pb, required, required_capability, rpc_span};
+use super::{
+    Rpc, capability_from_pb, capability_to_pb, pb, required, required_capability,
+};
 use crate::controller::snapshot::CreateSnapshot;
 use crate::controller::{Controller, CreateVolume};
 use crate::error::Error;
@@ -110,7 +111,7 @@ impl CsiController for ControllerService {
                 volume: Some(volume),
             }))
         }
-        .instrument(rpc_span("CreateVolume", &r.name))
+        .rpc("CreateVolume", &r.name)
         .await
     }
 
@@ -124,7 +125,7 @@ impl CsiController for ControllerService {
             self.controller.delete_volume(&r.volume_id).await?;
             Ok(Response::new(pb::DeleteVolumeResponse {}))
         }
-        .instrument(rpc_span("DeleteVolume", &r.volume_id))
+        .rpc("DeleteVolume", &r.volume_id)
         .await
     }
 
@@ -145,7 +146,7 @@ impl CsiController for ControllerService {
                 publish_context: publish_context.into_iter().collect(),
             }))
         }
-        .instrument(rpc_span("ControllerPublishVolume", &r.volume_id))
+        .rpc("ControllerPublishVolume", &r.volume_id)
         .await
     }
 
@@ -159,7 +160,7 @@ impl CsiController for ControllerService {
             self.controller.unpublish(&r.volume_id, &r.node_id).await?;
             Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}))
         }
-        .instrument(rpc_span("ControllerUnpublishVolume", &r.volume_id))
+        .rpc("ControllerUnpublishVolume", &r.volume_id)
         .await
     }
 
@@ -194,7 +195,7 @@ impl CsiController for ControllerService {
             };
             Ok(Response::new(response))
         }
-        .instrument(rpc_span("ValidateVolumeCapabilities", &r.volume_id))
+        .rpc("ValidateVolumeCapabilities", &r.volume_id)
         .await
     }
 
@@ -225,7 +226,7 @@ impl CsiController for ControllerService {
                 next_token,
             }))
         }
-        .instrument(rpc_span("ListVolumes", ""))
+        .rpc("ListVolumes", "")
         .await
     }
 
@@ -248,7 +249,7 @@ impl CsiController for ControllerService {
                 minimum_volume_size: Some(512),
             }))
         }
-        .instrument(rpc_span("GetCapacity", ""))
+        .rpc("GetCapacity", "")
         .await
     }
 
@@ -304,7 +305,7 @@ impl CsiController for ControllerService {
                 snapshot: Some(snapshot_to_pb(&self.controller, &s)?),
             }))
         }
-        .instrument(rpc_span("CreateSnapshot", &r.source_volume_id))
+        .rpc("CreateSnapshot", &r.source_volume_id)
         .await
     }
 
@@ -318,7 +319,7 @@ impl CsiController for ControllerService {
             self.controller.delete_snapshot(&r.snapshot_id).await?;
             Ok(Response::new(pb::DeleteSnapshotResponse {}))
         }
-        .instrument(rpc_span("DeleteSnapshot", ""))
+        .rpc("DeleteSnapshot", "")
         .await
     }
 
@@ -346,7 +347,7 @@ impl CsiController for ControllerService {
                 next_token,
             }))
         }
-        .instrument(rpc_span("ListSnapshots", &r.source_volume_id))
+        .rpc("ListSnapshots", &r.source_volume_id)
         .await
     }
 
@@ -379,7 +380,7 @@ impl CsiController for ControllerService {
                 node_expansion_required,
             }))
         }
-        .instrument(rpc_span("ControllerExpandVolume", &r.volume_id))
+        .rpc("ControllerExpandVolume", &r.volume_id)
         .await
     }
 
@@ -402,7 +403,7 @@ impl CsiController for ControllerService {
                 }),
             }))
         }
-        .instrument(rpc_span("ControllerGetVolume", &r.volume_id))
+        .rpc("ControllerGetVolume", &r.volume_id)
         .await
     }
 
@@ -417,7 +418,7 @@ impl CsiController for ControllerService {
             self.controller.modify(&r.volume_id, &params).await?;
             Ok(Response::new(pb::ControllerModifyVolumeResponse {}))
         }
-        .instrument(rpc_span("ControllerModifyVolume", &r.volume_id))
+        .rpc("ControllerModifyVolume", &r.volume_id)
         .await
     }
 }

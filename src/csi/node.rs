@@ -4,10 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::pb::node_server::Node as CsiNode;
-use super::{pb, required, required_capability, rpc_span};
+use super::{Rpc, pb, required, required_capability};
 use crate::error::Error;
 use crate::node::{NodeAgent, TOPOLOGY_KEY};
 
@@ -37,7 +36,7 @@ impl CsiNode for NodeService {
                 .await?;
             Ok(Response::new(pb::NodeStageVolumeResponse {}))
         }
-        .instrument(rpc_span("NodeStageVolume", &r.volume_id))
+        .rpc("NodeStageVolume", &r.volume_id)
         .await
     }
 
@@ -54,7 +53,7 @@ impl CsiNode for NodeService {
                 .await?;
             Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
         }
-        .instrument(rpc_span("NodeUnstageVolume", &r.volume_id))
+        .rpc("NodeUnstageVolume", &r.volume_id)
         .await
     }
 
@@ -91,7 +90,7 @@ impl CsiNode for NodeService {
                 .await?;
             Ok(Response::new(pb::NodePublishVolumeResponse {}))
         }
-        .instrument(rpc_span("NodePublishVolume", &r.volume_id))
+        .rpc("NodePublishVolume", &r.volume_id)
         .await
     }
 
@@ -108,7 +107,7 @@ impl CsiNode for NodeService {
                 .await?;
             Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
         }
-        .instrument(rpc_span("NodeUnpublishVolume", &r.volume_id))
+        .rpc("NodeUnpublishVolume", &r.volume_id)
         .await
     }
 
@@ -147,7 +146,7 @@ impl CsiNode for NodeService {
                 }),
             }))
         }
-        .instrument(rpc_span("NodeGetVolumeStats", &r.volume_id))
+        .rpc("NodeGetVolumeStats", &r.volume_id)
         .await
     }
 
@@ -167,7 +166,7 @@ impl CsiNode for NodeService {
                 capacity_bytes: size as i64,
             }))
         }
-        .instrument(rpc_span("NodeExpandVolume", &r.volume_id))
+        .rpc("NodeExpandVolume", &r.volume_id)
         .await
     }
 

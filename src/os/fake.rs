@@ -1644,6 +1644,23 @@ impl Mounter for FakeMounter {
         w.fail("mounts.mount_info")?;
         Ok(w.top_mount(&resolve_parent(target)).map(|m| m.info.clone()))
     }
+
+    fn mounts_of(&self, device: &Path) -> OsResult<Vec<PathBuf>> {
+        let mut w = self.0.world();
+        w.fail("mounts.mounts_of")?;
+        let Some(index) = World::loop_index(device) else {
+            return Ok(Vec::new());
+        };
+        let mut found: Vec<PathBuf> = w
+            .mounts
+            .iter()
+            .filter(|m| m.device == Some(index))
+            .map(|m| m.info.target.clone())
+            .collect();
+        found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        found.dedup();
+        Ok(found)
+    }
 }
 
 impl Filesystems for FakeFilesystems {

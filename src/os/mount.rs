@@ -370,6 +370,25 @@ impl Mounter for SysMounter {
     fn mount_info(&self, target: &Path) -> OsResult<Option<MountInfo>> {
         Ok(lookup(target)?.map(|e| e.to_info()))
     }
+
+    fn mounts_of(&self, device: &Path) -> OsResult<Vec<PathBuf>> {
+        // A bind of the device node shows devtmpfs with the node's name as its root.
+        let node = device
+            .file_name()
+            .map(|n| Path::new("/").join(n))
+            .unwrap_or_default();
+        let mut found: Vec<PathBuf> = read_mountinfo()?
+            .into_iter()
+            .filter(|e| {
+                entry_is_device(e, device)
+                    || (e.fstype == "devtmpfs" && e.root == node && !node.as_os_str().is_empty())
+            })
+            .map(|e| e.mount_point)
+            .collect();
+        found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        found.dedup();
+        Ok(found)
+    }
 }
 
 #[cfg(test)]

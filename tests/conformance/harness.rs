@@ -32,6 +32,9 @@ pub struct Bicsi {
     pub disks: Vec<PathBuf>,
     /// Extra flags of `bicsi serve` (kept across restarts).
     pub args: Vec<String>,
+    /// Environment variables of `bicsi serve` (kept across restarts), e.g. a PATH whose
+    /// programs fail on purpose.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -43,6 +46,11 @@ impl Bicsi {
 
     /// Starts bicsi with `n_disks` disk directories and extra `bicsi serve` flags.
     pub async fn start_with(n_disks: usize, args: &[&str]) -> Bicsi {
+        Bicsi::start_with_env(n_disks, args, &[]).await
+    }
+
+    /// Starts bicsi with `n_disks` disk directories, extra flags and environment variables.
+    pub async fn start_with_env(n_disks: usize, args: &[&str], env: &[(&str, &str)]) -> Bicsi {
         let dir = tempfile::Builder::new()
             .prefix("bicsi-test-")
             .tempdir()
@@ -61,6 +69,10 @@ impl Bicsi {
             http: format!("http://127.0.0.1:{port}"),
             disks,
             args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         b.spawn().await;
@@ -90,6 +102,7 @@ impl Bicsi {
             cmd.arg("--disk").arg(d);
         }
         cmd.args(&self.args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -5,6 +5,8 @@
 //! cannot be installed on these machines; `csi-sanity/run.sh` runs it where it can).
 
 mod backing;
+mod create;
+mod failures;
 mod harness;
 mod images;
 mod lifecycle;
