@@ -383,6 +383,14 @@ fn slow_proxy(upstream: &str, rate: u64, cut_after: Option<usize>) -> String {
     addr
 }
 
+fn is_mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == path)
+}
+
 /// Sends SIGINT (what Ctrl-C sends) to a child.
 fn interrupt(child: &Child) {
     nix::sys::signal::kill(
@@ -747,6 +755,27 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
     s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
     s.ok(&["volume", "detach", "twice"]);
     assert!(!b.exists());
+
+    // What an older bicsi left: a second attach replaced the record of the first path, which
+    // stayed mounted. Detach now undoes both.
+    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    let record = s.path("cli-attach/twice.json");
+    let text = std::fs::read_to_string(&record).unwrap();
+    std::fs::write(
+        &record,
+        text.replace(a.to_str().unwrap(), b.to_str().unwrap()),
+    )
+    .unwrap();
+    s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
+    assert!(is_mounted(&a) && is_mounted(&b));
+    let out = s.bicsi(&["volume", "detach", "twice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&a) && !is_mounted(&b));
+    assert!(!a.exists() && !b.exists());
 
     // Grown while detached, the filesystem is larger at the next attach.
     let total = |p: &Path| {

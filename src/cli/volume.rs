@@ -162,7 +162,12 @@ pub async fn create_volume(
         match c.controller.create_volume(req.clone()).await {
             Ok(r) => break r.into_inner().volume.unwrap_or_default(),
             Err(s) if s.code() == tonic::Code::Unavailable => {
-                let why = s.message().to_string();
+                // Servers that make CreateVolume wait for the image add that "the volume is
+                // created when it is ready": only a retry does that, so it is not repeated here.
+                let why = s
+                    .message()
+                    .trim_end_matches("; the volume is created when it is ready")
+                    .to_string();
                 if wait.no_wait {
                     return Err(Error::Unavailable(format!(
                         "volume {name} is not created: {why}; run the command again to create it (without --no-wait it waits)"
@@ -443,13 +448,40 @@ async fn detach(name: &str, endpoint: &str) -> Result<()> {
         })
         .await
         .map_err(status_error)?;
-    c.node
-        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-            volume_id: volume_id.clone(),
-            staging_target_path: rec.staging_path.display().to_string(),
-        })
-        .await
-        .map_err(status_error)?;
+    // An older bicsi replaced the record on a second attach at another path, so the first
+    // path stayed published and NodeUnstage refuses, naming it: unpublish what it names (only
+    // paths of this volume on this node) and unstage again.
+    let mut stranded = Vec::new();
+    loop {
+        let unstaged = c
+            .node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: volume_id.clone(),
+                staging_target_path: rec.staging_path.display().to_string(),
+            })
+            .await;
+        let path = match &unstaged {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition && stranded.len() < 16 => s
+                .message()
+                .split_once(" is still published at ")
+                .and_then(|(_, rest)| rest.rsplit_once("; unpublish it first"))
+                .map(|(p, _)| p.to_string()),
+            _ => None,
+        };
+        let Some(path) = path.filter(|p| !stranded.contains(p)) else {
+            unstaged.map_err(status_error)?;
+            break;
+        };
+        c.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.clone(),
+                target_path: path.clone(),
+            })
+            .await
+            .map_err(status_error)?;
+        eprintln!("volume {name}: unpublished {path} too (left by an earlier attach)");
+        stranded.push(path);
+    }
     c.controller
         .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
             volume_id: volume_id.clone(),
