@@ -832,3 +832,58 @@ fn snapshot_create_waits_until_ready_to_use() {
         "{out}"
     );
 }
+
+#[test]
+fn timeout_gives_up_waiting_and_no_wait_does_not_wait() {
+    let s = Served::start();
+    let url = slow_file_server(noise(2 << 20, 13), 128 << 10);
+    s.apply_download("bi-late", &url);
+    let started = Instant::now();
+    let err = s.fails(&[
+        "volume",
+        "create",
+        "late",
+        "--size",
+        "8Mi",
+        "-p",
+        "backingImage=bi-late",
+        "-p",
+        "numberOfReplicas=1",
+        "--timeout",
+        "2s",
+    ]);
+    assert!(err.contains("gave up waiting (--timeout)"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    // --no-wait answers at once, and never says the volume will appear by itself.
+    let out = s.bicsi(&[
+        "volume",
+        "create",
+        "late",
+        "--size",
+        "8Mi",
+        "-p",
+        "backingImage=bi-late",
+        "-p",
+        "numberOfReplicas=1",
+        "--no-wait",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("created when it is ready"), "{text}");
+    if out.status.success() {
+        // A server whose CreateVolume does not wait for the image: attach waits for it.
+        assert!(
+            text.contains("`bicsi volume attach late` waits for it"),
+            "{text}"
+        );
+    } else {
+        assert!(
+            text.contains("run the command again to create it"),
+            "{text}"
+        );
+    }
+    assert!(!s.image_ready("bi-late"));
+}
