@@ -19,6 +19,11 @@ struct Served {
 
 impl Served {
     fn start() -> Served {
+        Served::start_with(&[])
+    }
+
+    /// A `bicsi serve` with extra flags (`--disk` …, paths relative to its directory).
+    fn start_with(extra: &[&str]) -> Served {
         let dir = tempfile::Builder::new()
             .prefix("bicsi-cli-")
             .tempdir()
@@ -37,6 +42,13 @@ impl Served {
             .arg(dir.path().join("data"))
             .arg("--csi-endpoint")
             .arg(&endpoint)
+            .args(extra.iter().map(|a| {
+                if a.starts_with("--") {
+                    std::ffi::OsString::from(a)
+                } else {
+                    dir.path().join(a).into_os_string()
+                }
+            }))
             .stderr(log)
             .spawn()
             .unwrap();
@@ -886,4 +898,40 @@ fn timeout_gives_up_waiting_and_no_wait_does_not_wait() {
         );
     }
     assert!(!s.image_ready("bi-late"));
+}
+
+#[test]
+fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
+    if !is_root() {
+        return;
+    }
+    let s = Served::start_with(&["--disk", "d1", "--disk", "d2"]);
+    let data = noise(32 << 20, 17);
+    let file = s.path("img.raw");
+    std::fs::write(&file, &data).unwrap();
+    s.ok(&["image", "upload", "img", file.to_str().unwrap()]);
+    s.ok(&[
+        "volume",
+        "create",
+        "two",
+        "--size",
+        "32Mi",
+        "-p",
+        "backingImage=img",
+        "-p",
+        "numberOfReplicas=2",
+    ]);
+    let dev = s.path("two-dev");
+    let out = s.bicsi(&["volume", "attach", "two", "--block", dev.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The image's file had to reach the second disk first: the CLI showed that it waited.
+    assert!(stderr.contains("attaching two: "), "{stderr}");
+    let mut back = vec![0u8; data.len()];
+    std::io::Read::read_exact(&mut std::fs::File::open(&dev).unwrap(), &mut back).unwrap();
+    assert!(back == data, "the volume does not read as its image");
+    let row = s.ok(&["get", "volume", "two"]);
+    assert!(row.contains(" 2/2 "), "{row}");
+    s.ok(&["volume", "detach", "two"]);
+    s.ok(&["volume", "delete", "two"]);
 }
