@@ -366,6 +366,7 @@ pub enum GetCommand {
     Backingimage {
         /// The backing image to show.
         name: String,
+        /// json or yaml.
         #[arg(short = 'o', long, value_enum, default_value = "yaml")]
         output: Output,
         #[command(flatten)]
@@ -398,6 +399,7 @@ pub enum GetCommand {
     },
     /// List the settings with their values, defaults and descriptions.
     Settings {
+        /// json|yaml: the records (default: a table).
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
         #[command(flatten)]
@@ -744,12 +746,12 @@ mod tests {
     }
 
     #[test]
-    fn every_positional_argument_has_help() {
+    fn every_argument_has_help() {
         let mut missing = Vec::new();
         for (path, cmd) in commands() {
-            for arg in cmd.get_positionals() {
-                if arg.get_help().is_none() {
-                    missing.push(format!("{path} <{}>", arg.get_id()));
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && !arg.is_hide_set() {
+                    missing.push(format!("{path} {}", arg.get_id()));
                 }
             }
         }
