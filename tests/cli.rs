@@ -358,8 +358,8 @@ fn slow_file_server(body: Vec<u8>, rate: u64) -> String {
     url
 }
 
-/// A TCP proxy to `upstream` (`http://HOST:PORT`) whose answers flow at `rate` bytes per second
-/// and, when `cut_after` is set, break off after that many bytes.
+/// A TCP proxy to `upstream` (`http://HOST:PORT`) whose bytes flow at `rate` bytes per second
+/// each way and, when `cut_after` is set, whose answers break off after that many bytes.
 fn slow_proxy(upstream: &str, rate: u64, cut_after: Option<usize>) -> String {
     let upstream = upstream.trim_start_matches("http://").to_string();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -371,7 +371,14 @@ fn slow_proxy(upstream: &str, rate: u64, cut_after: Option<usize>) -> String {
             };
             let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    trickle(&mut s_out, &buf[..n], rate);
+                }
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
             });
             let (mut s_in, mut c_out) = (server, client);
             std::thread::spawn(move || {
@@ -934,4 +941,40 @@ fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
     assert!(row.contains(" 2/2 "), "{row}");
     s.ok(&["volume", "detach", "two"]);
     s.ok(&["volume", "delete", "two"]);
+}
+
+#[test]
+fn ctrl_c_of_an_upload_says_it_must_start_over() {
+    let s = Served::start();
+    let data = noise(4 << 20, 19);
+    let file = s.path("up.raw");
+    std::fs::write(&file, &data).unwrap();
+    let slow = slow_proxy(&s.http, 512 << 10, None);
+    let err_path = s.path("upload.err");
+    let child = s
+        .command(&["image", "upload", "cut", file.to_str().unwrap()])
+        .args(["--server", &slow])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("an upload progress line", Duration::from_secs(30), || {
+        std::fs::read_to_string(&err_path).is_ok_and(|e| e.contains("uploading: "))
+    });
+    interrupt(&child);
+    let status = child.wait_with_output().unwrap().status;
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("an upload cannot resume"), "{stderr}");
+    assert!(!s.image_ready("cut"));
+    // What the message says: the file fails, and uploading again works.
+    wait_until("the cut upload to fail", Duration::from_secs(30), || {
+        let bi: serde_json::Value =
+            serde_json::from_str(&s.ok(&["get", "backingimage", "cut", "-o", "json"])).unwrap();
+        bi["status"]["diskFileStatusMap"]
+            .as_object()
+            .is_some_and(|m| m.values().any(|f| f["state"] == "failed"))
+    });
+    s.ok(&["image", "upload", "cut", file.to_str().unwrap()]);
+    assert!(s.image_ready("cut"));
 }

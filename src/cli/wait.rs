@@ -16,6 +16,14 @@ use std::time::{Duration, Instant};
 static NOTE: Mutex<String> = Mutex::new(String::new());
 /// Files a command is writing that must not survive an interrupt (`FILE.part`).
 static PARTIAL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// The bars on the terminal, cleared before the interrupt note is printed.
+static BARS: Mutex<Vec<indicatif::ProgressBar>> = Mutex::new(Vec::new());
+
+fn show(bar: &indicatif::ProgressBar) {
+    let mut bars = BARS.lock().unwrap_or_else(|e| e.into_inner());
+    bars.retain(|b| !b.is_finished());
+    bars.push(bar.clone());
+}
 
 /// The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 pub const INTERRUPTED_EXIT: i32 = 130;
@@ -48,17 +56,26 @@ pub async fn interruptible<T>(command: impl Future<Output = T>) -> T {
 }
 
 fn interrupted() -> ! {
+    for b in BARS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        b.finish_and_clear();
+    }
     for p in PARTIAL.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
         let _ = std::fs::remove_file(&p);
     }
     let note = NOTE.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if note.is_empty() {
-        eprintln!(
-            "\ninterrupted: a request already sent may still complete on the server; check with `bicsi get …`"
-        );
+    let note = if note.is_empty() {
+        "a request already sent may still complete on the server; check with `bicsi get …`"
+            .to_string()
     } else {
-        eprintln!("\ninterrupted: {note}");
-    }
+        note
+    };
+    // On a terminal the "^C" echo is left on the line: start on a fresh one.
+    let fresh = if std::io::stderr().is_terminal() {
+        "\n"
+    } else {
+        ""
+    };
+    eprintln!("{fresh}interrupted: {note}");
     std::process::exit(INTERRUPTED_EXIT)
 }
 
@@ -125,6 +142,7 @@ impl Progress {
             }
             bar.set_prefix(what.clone());
             bar.enable_steady_tick(Duration::from_millis(120));
+            show(&bar);
             bar
         });
         Progress {
@@ -211,6 +229,9 @@ impl ByteProgress {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(verb.to_string());
+        if terminal {
+            show(&bar);
+        }
         ByteProgress {
             bar,
             plain: (!terminal)
