@@ -2,21 +2,19 @@
 //! lives here; every command calls the library and prints. Flags named in the issues are
 //! contracts other tools script against: add flags, never rename them.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use serde::{Deserialize, Serialize};
 
-use crate::client::{CsiClient, status_error};
-use crate::csi::pb;
 use crate::error::{Error, Result};
 use crate::model::{AccessMode, AccessType, Capability};
-use crate::quantity;
 
 mod snapshot;
+mod volume;
+pub mod wait;
 
 pub use snapshot::SnapshotCommand;
+pub use volume::VolumeCommand;
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/bicsi";
 const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
@@ -30,8 +28,9 @@ const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// The HTTP API's bearer token (Secret bicsi-api-token), for commands that use --server.
-    #[arg(long, env = "BICSI_TOKEN", global = true, hide_env_values = true)]
+    /// Kept for scripts that write `bicsi --token T COMMAND`; the commands that talk to the HTTP
+    /// API take `--token` themselves (and show it in their help).
+    #[arg(long, hide = true)]
     pub token: Option<String>,
 }
 
@@ -57,8 +56,15 @@ pub enum Command {
     Get(GetCommand),
     /// Create or check the BackingImages and StorageClasses in a YAML file (`-f -`: stdin).
     Apply {
+        /// The YAML file of one or more documents; `-` reads stdin.
         #[arg(short = 'f', long = "filename")]
         file: String,
+        /// Then wait until every BackingImage in the file is ready to use.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long (90s, 5m, 1h; 0: no limit).
+        #[arg(long, default_value = "0", value_parser = wait::parse_timeout)]
+        timeout: std::time::Duration,
         #[command(flatten)]
         server: Server,
     },
@@ -80,7 +86,9 @@ pub enum Command {
 pub enum SetCommand {
     /// Set a setting (`bicsi get settings` lists them); it applies without a restart.
     Setting {
+        /// The setting's name, as `bicsi get settings` lists it.
         name: String,
+        /// The new value, in the unit `bicsi get settings` shows.
         value: String,
         #[command(flatten)]
         server: Server,
@@ -92,7 +100,9 @@ pub enum ImageCommand {
     /// Upload a local file as the file of a backing image (created with sourceType upload when
     /// it does not exist).
     Upload {
+        /// The backing image (created with sourceType upload when missing).
         name: String,
+        /// The local file to upload (raw or qcow2).
         file: PathBuf,
         /// The file's SHA-512 (`shasum -a 512 FILE`); the upload fails if what arrives differs.
         #[arg(long)]
@@ -102,6 +112,7 @@ pub enum ImageCommand {
     },
     /// Download a backing image's ready file, verified by its SHA-512.
     Download {
+        /// The backing image to download.
         name: String,
         /// Where to write the file (default: NAME in the current directory).
         #[arg(short = 'o', long = "output")]
@@ -112,6 +123,7 @@ pub enum ImageCommand {
     /// Remove a backing image's files from chosen disks now (never a file replicas use, and
     /// never below minNumberOfCopies files); says which disks were refused and why.
     Cleanup {
+        /// The backing image whose files to remove.
         name: String,
         /// A disk id or path (repeatable), as `bicsi get disks` shows.
         #[arg(long = "disk", required = true)]
@@ -121,11 +133,15 @@ pub enum ImageCommand {
     },
 }
 
+/// The flags of a command that talks to the HTTP API.
 #[derive(Args, Debug, Clone)]
 pub struct Server {
     /// The HTTP API of the running bicsi.
     #[arg(long, env = "BICSI_SERVER", default_value = "http://127.0.0.1:9500")]
     pub server: String,
+    /// The HTTP API's bearer token (Secret bicsi-api-token).
+    #[arg(long, env = "BICSI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,23 +149,55 @@ pub enum DeleteCommand {
     /// Delete a backing image and its files (refused while volumes use it).
     #[command(alias = "backingimages", alias = "bi")]
     Backingimage {
+        /// The backing image to delete.
         name: String,
+        /// Exit 0, quietly, when it does not exist (else: NotFound, exit 1).
+        #[arg(long)]
+        ignore_not_found: bool,
         #[command(flatten)]
         server: Server,
     },
     /// Delete a StorageClass kept by bicsi.
     #[command(alias = "storageclasses", alias = "sc")]
     Storageclass {
+        /// The StorageClass to delete.
         name: String,
+        /// Exit 0, quietly, when it does not exist (else: NotFound, exit 1).
+        #[arg(long)]
+        ignore_not_found: bool,
         #[command(flatten)]
         server: Server,
     },
 }
 
+/// The output of a `get` of one object.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Output {
     Json,
     Yaml,
+}
+
+/// The output of a `get` that prints a table: JSON or YAML records, or a wider table.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListOutput {
+    Json,
+    Yaml,
+    Wide,
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
+    crate::outln!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints a value as YAML on stdout.
+pub(crate) fn print_yaml<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
+    crate::out!(
+        "{}",
+        serde_yaml::to_string(value).map_err(|e| Error::Internal(e.to_string()))?
+    );
+    Ok(())
 }
 
 /// Flags every serving mode takes.
@@ -285,71 +333,44 @@ pub struct Endpoint {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum VolumeCommand {
-    /// Create a volume (CSI CreateVolume).
-    Create {
-        name: String,
-        /// Size in Kubernetes quantity form: 256Mi, 10Gi.
-        #[arg(long)]
-        size: String,
-        /// A StorageClass parameter KEY=VALUE (repeatable); split at the first '='.
-        #[arg(short = 'p', long = "parameter")]
-        parameters: Vec<String>,
-        /// Take the parameters of this StorageClass (applied with `bicsi apply`); -p overrides.
-        #[arg(long)]
-        storage_class: Option<String>,
+pub enum GetCommand {
+    /// List volumes with size, backing image, replicas (healthy/wanted), attachment and
+    /// condition.
+    Volumes {
+        /// json|yaml: the records; wide: also the replicas' nodes.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
         #[command(flatten)]
         endpoint: Endpoint,
         #[command(flatten)]
         server: Server,
     },
-    /// Attach a volume to this node: ControllerPublish, NodeStage, NodePublish.
-    Attach {
+    /// Show one volume (as a row of `get volumes`, or its record with -o json|yaml).
+    Volume {
+        /// The volume (as given to `bicsi volume create`).
         name: String,
-        /// Mount the volume's filesystem at PATH.
-        #[arg(long, conflicts_with = "block", required_unless_present = "block")]
-        mount: Option<PathBuf>,
-        /// Expose the raw block device at PATH (a file).
-        #[arg(long)]
-        block: Option<PathBuf>,
-        /// Filesystem for a new volume: ext4 (default) or xfs.
-        #[arg(long)]
-        fs_type: Option<String>,
-        #[arg(long)]
-        read_only: bool,
+        /// json|yaml: the record; wide: also the replicas' nodes.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
         #[command(flatten)]
         endpoint: Endpoint,
-    },
-    /// Detach a volume attached with `bicsi volume attach`.
-    Detach {
-        name: String,
         #[command(flatten)]
-        endpoint: Endpoint,
-    },
-    /// Delete a volume (CSI DeleteVolume).
-    Delete {
-        name: String,
-        #[command(flatten)]
-        endpoint: Endpoint,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum GetCommand {
-    /// List volumes with capacity, attachment and condition.
-    Volumes {
-        #[command(flatten)]
-        endpoint: Endpoint,
+        server: Server,
     },
     /// List backing images with their state on each disk.
     #[command(alias = "bi")]
     Backingimages {
+        /// json|yaml: the objects; wide: also the full checksum and the image's message.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
         #[command(flatten)]
         server: Server,
     },
     /// Show one backing image with its status.
     Backingimage {
+        /// The backing image to show.
         name: String,
+        /// json or yaml.
         #[arg(short = 'o', long, value_enum, default_value = "yaml")]
         output: Output,
         #[command(flatten)]
@@ -358,21 +379,31 @@ pub enum GetCommand {
     /// List the StorageClasses kept by bicsi.
     #[command(alias = "sc")]
     Storageclasses {
+        /// json|yaml: the objects (wide: the table).
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
         #[command(flatten)]
         server: Server,
     },
     /// List the nodes with their state.
     Nodes {
+        /// json|yaml: the records; wide: also the file-transfer URL.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
         #[command(flatten)]
         server: Server,
     },
     /// List the disks of the up nodes with their free space.
     Disks {
+        /// json|yaml: the records (wide: the table).
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
         #[command(flatten)]
         server: Server,
     },
     /// List the settings with their values, defaults and descriptions.
     Settings {
+        /// json|yaml: the records (default: a table).
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
         #[command(flatten)]
@@ -390,24 +421,45 @@ pub fn parse_parameter(text: &str) -> Result<(String, String)> {
     }
 }
 
-/// What `attach` remembers so `detach` can undo it: kept beside the socket, in `cli-attach/`.
-#[derive(Serialize, Deserialize)]
-struct AttachRecord {
-    volume_id: String,
-    node_id: String,
-    staging_path: PathBuf,
-    target_path: PathBuf,
-    block: bool,
-    capability: Capability,
-}
-
-fn attach_dir(endpoint: &str) -> Result<PathBuf> {
-    let sock = crate::server::socket_path(endpoint)?;
-    Ok(sock.parent().unwrap_or(Path::new("/")).join("cli-attach"))
+/// The HTTP API flags of a client command, if it talks to the HTTP API.
+fn server_of(cmd: &Command) -> Option<&Server> {
+    match cmd {
+        Command::Serve(_)
+        | Command::Controller(_)
+        | Command::Node(_)
+        | Command::Engine(_)
+        | Command::Crd => None,
+        Command::Apply { server, .. } => Some(server),
+        Command::Volume(VolumeCommand::Create { server, .. }) => Some(server),
+        Command::Volume(_) => None,
+        Command::Get(g) => match g {
+            GetCommand::Volumes { server, .. }
+            | GetCommand::Volume { server, .. }
+            | GetCommand::Backingimages { server, .. }
+            | GetCommand::Backingimage { server, .. }
+            | GetCommand::Storageclasses { server, .. }
+            | GetCommand::Nodes { server, .. }
+            | GetCommand::Disks { server, .. }
+            | GetCommand::Settings { server, .. } => Some(server),
+        },
+        Command::Delete(
+            DeleteCommand::Backingimage { server, .. } | DeleteCommand::Storageclass { server, .. },
+        ) => Some(server),
+        Command::Image(
+            ImageCommand::Upload { server, .. }
+            | ImageCommand::Download { server, .. }
+            | ImageCommand::Cleanup { server, .. },
+        ) => Some(server),
+        Command::Snapshot(s) => s.server(),
+        Command::Set(SetCommand::Setting { server, .. }) => Some(server),
+    }
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    crate::cli_api::set_token(cli.token);
+    let token = server_of(&cli.command)
+        .and_then(|s| s.token.clone())
+        .or(cli.token);
+    crate::cli_api::set_token(token);
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Controller(args) => {
@@ -436,63 +488,114 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             crate::server::node(cfg, split, os, shutdown_signal()).await
         }
+        // Client commands stop waiting on Ctrl-C (see `wait`); servers stop on their own signal.
+        cmd => wait::interruptible(client(cmd)).await,
+    }
+}
+
+async fn client(cmd: Command) -> Result<()> {
+    use crate::cli_api as api;
+    match cmd {
+        Command::Serve(_) | Command::Controller(_) | Command::Node(_) | Command::Engine(_) => {
+            unreachable!("servers are run by `run`")
+        }
         Command::Crd => {
-            print!("{}", crate::store::kubernetes::crd::manifests());
+            crate::out!("{}", crate::store::kubernetes::crd::manifests());
             Ok(())
         }
-        Command::Get(GetCommand::Nodes { server }) => {
-            crate::cli_api::get_nodes(&server.server).await
+        Command::Get(GetCommand::Nodes { output, server }) => {
+            api::get_nodes(&server.server, output).await
         }
-        Command::Get(GetCommand::Disks { server }) => {
-            crate::cli_api::get_disks(&server.server).await
+        Command::Get(GetCommand::Disks { output, server }) => {
+            api::get_disks(&server.server, output).await
         }
         Command::Get(GetCommand::Settings { output, server }) => {
-            crate::cli_api::get_settings(&server.server, output).await
+            api::get_settings(&server.server, output).await
         }
         Command::Set(SetCommand::Setting {
             name,
             value,
             server,
-        }) => crate::cli_api::set_setting(&server.server, &name, &value).await,
+        }) => api::set_setting(&server.server, &name, &value).await,
         Command::Image(ImageCommand::Cleanup {
             name,
             disks,
             server,
-        }) => crate::cli_api::cleanup_image(&server.server, &name, &disks).await,
-        Command::Volume(cmd) => volume(cmd).await,
+        }) => api::cleanup_image(&server.server, &name, &disks).await,
+        Command::Volume(cmd) => volume::run(cmd).await,
         Command::Snapshot(cmd) => snapshot::run(cmd).await,
-        Command::Get(GetCommand::Volumes { endpoint }) => get_volumes(&endpoint.csi_endpoint).await,
-        Command::Get(GetCommand::Backingimages { server }) => {
-            crate::cli_api::get_backing_images(&server.server).await
+        Command::Get(GetCommand::Volumes {
+            output,
+            endpoint,
+            server,
+        }) => volume::get_volumes(&endpoint.csi_endpoint, &server, output).await,
+        Command::Get(GetCommand::Volume {
+            name,
+            output,
+            endpoint,
+            server,
+        }) => volume::get_volume(&name, &endpoint.csi_endpoint, &server, output).await,
+        Command::Get(GetCommand::Backingimages { output, server }) => {
+            api::get_backing_images(&server.server, output).await
         }
         Command::Get(GetCommand::Backingimage {
             name,
             output,
             server,
-        }) => crate::cli_api::get_backing_image(&server.server, &name, output).await,
-        Command::Get(GetCommand::Storageclasses { server }) => {
-            crate::cli_api::get_storage_classes(&server.server).await
+        }) => api::get_backing_image(&server.server, &name, output).await,
+        Command::Get(GetCommand::Storageclasses { output, server }) => {
+            api::get_storage_classes(&server.server, output).await
         }
-        Command::Apply { file, server } => crate::cli_api::apply(&server.server, &file).await,
-        Command::Delete(DeleteCommand::Backingimage { name, server }) => {
-            crate::cli_api::delete(&server.server, "backingimages", &name).await
+        Command::Apply {
+            file,
+            wait,
+            timeout,
+            server,
+        } => {
+            let deadline = (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout);
+            api::apply(&server.server, &file, wait, deadline).await
         }
-        Command::Delete(DeleteCommand::Storageclass { name, server }) => {
-            crate::cli_api::delete(&server.server, "storageclasses", &name).await
+        Command::Delete(DeleteCommand::Backingimage {
+            name,
+            ignore_not_found,
+            server,
+        }) => {
+            api::delete(
+                &server.server,
+                "backingimages",
+                "backingimage",
+                &name,
+                ignore_not_found,
+            )
+            .await
+        }
+        Command::Delete(DeleteCommand::Storageclass {
+            name,
+            ignore_not_found,
+            server,
+        }) => {
+            api::delete(
+                &server.server,
+                "storageclasses",
+                "storageclass",
+                &name,
+                ignore_not_found,
+            )
+            .await
         }
         Command::Image(ImageCommand::Upload {
             name,
             file,
             checksum,
             server,
-        }) => crate::cli_api::upload_image(&server.server, &name, &file, checksum).await,
+        }) => api::upload_image(&server.server, &name, &file, checksum).await,
         Command::Image(ImageCommand::Download {
             name,
             output,
             server,
         }) => {
             let output = output.unwrap_or_else(|| PathBuf::from(&name));
-            crate::cli_api::download_image(&server.server, &name, &output).await
+            api::download_image(&server.server, &name, &output).await
         }
     }
 }
@@ -584,16 +687,18 @@ async fn engine(args: EngineArgs) -> Result<()> {
     if args.probe {
         let socket = crate::server::socket_path(&listen)?;
         let info = crate::os::engine::host::ping_async(&socket).await?;
-        println!(
+        crate::outln!(
             "engine host pid {} (bicsi {}), data dir {}",
-            info.pid, info.version, info.data_dir
+            info.pid,
+            info.version,
+            info.data_dir
         );
         return Ok(());
     }
     crate::server::engine(args.data_dir, &listen, shutdown_signal()).await
 }
 
-fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {
+pub(crate) fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {
     Capability {
         access: AccessType::Mount {
             fs_type: fs_type.unwrap_or_default(),
@@ -604,273 +709,6 @@ fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {
         } else {
             AccessMode::SingleNodeWriter
         },
-    }
-}
-
-async fn volume(cmd: VolumeCommand) -> Result<()> {
-    match cmd {
-        VolumeCommand::Create {
-            name,
-            size,
-            parameters,
-            storage_class,
-            endpoint,
-            server,
-        } => {
-            let bytes = quantity::parse(&size).map_err(Error::InvalidArgument)?;
-            let mut merged: HashMap<String, String> = HashMap::new();
-            if let Some(sc) = storage_class {
-                merged.extend(crate::cli_api::storage_class_parameters(&server.server, &sc).await?);
-            }
-            for p in &parameters {
-                let (k, v) = parse_parameter(p)?;
-                merged.insert(k, v);
-            }
-            let parameters = merged;
-            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            let v = c
-                .controller
-                .create_volume(pb::CreateVolumeRequest {
-                    name: name.clone(),
-                    capacity_range: Some(pb::CapacityRange {
-                        required_bytes: bytes as i64,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![crate::csi::capability_to_pb(&mount_capability(
-                        None, false,
-                    ))],
-                    parameters,
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .volume
-                .unwrap_or_default();
-            println!(
-                "volume {name} created: id {}, {}",
-                v.volume_id,
-                quantity::format(v.capacity_bytes as u64)
-            );
-            Ok(())
-        }
-        VolumeCommand::Attach {
-            name,
-            mount,
-            block,
-            fs_type,
-            read_only,
-            endpoint,
-        } => {
-            let volume_id = crate::controller::volume_id_for(&name);
-            let (target, cap) = match (mount, block) {
-                (Some(m), None) => (m, mount_capability(fs_type, read_only)),
-                (None, Some(b)) => (
-                    b,
-                    Capability {
-                        access: AccessType::Block,
-                        mode: if read_only {
-                            AccessMode::SingleNodeReaderOnly
-                        } else {
-                            AccessMode::SingleNodeWriter
-                        },
-                    },
-                ),
-                _ => {
-                    return Err(Error::InvalidArgument(
-                        "give exactly one of --mount PATH or --block PATH".into(),
-                    ));
-                }
-            };
-            let target = std::path::absolute(&target)
-                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", target.display())))?;
-            let dir = attach_dir(&endpoint.csi_endpoint)?;
-            let staging = dir.join(&volume_id).join("staging");
-            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            let node_id = c
-                .node
-                .node_get_info(pb::NodeGetInfoRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .node_id;
-            let pb_cap = crate::csi::capability_to_pb(&cap);
-            let publish_context = publish_until_ready(
-                &mut c,
-                pb::ControllerPublishVolumeRequest {
-                    volume_id: volume_id.clone(),
-                    node_id: node_id.clone(),
-                    volume_capability: Some(pb_cap.clone()),
-                    readonly: read_only,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            std::fs::create_dir_all(&staging)
-                .map_err(|e| Error::Internal(format!("{}: {e}", staging.display())))?;
-            let record = AttachRecord {
-                volume_id: volume_id.clone(),
-                node_id,
-                staging_path: staging.clone(),
-                target_path: target.clone(),
-                block: cap.is_block(),
-                capability: cap,
-            };
-            crate::fsutil::write_atomic(
-                &dir.join(format!("{volume_id}.json")),
-                &serde_json::to_vec_pretty(&record)?,
-            )
-            .map_err(|e| Error::Internal(format!("cannot record the attachment: {e}")))?;
-            c.node
-                .node_stage_volume(pb::NodeStageVolumeRequest {
-                    volume_id: volume_id.clone(),
-                    publish_context: publish_context.clone(),
-                    staging_target_path: staging.display().to_string(),
-                    volume_capability: Some(pb_cap.clone()),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?;
-            c.node
-                .node_publish_volume(pb::NodePublishVolumeRequest {
-                    volume_id: volume_id.clone(),
-                    publish_context,
-                    staging_target_path: staging.display().to_string(),
-                    target_path: target.display().to_string(),
-                    volume_capability: Some(pb_cap),
-                    readonly: read_only,
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?;
-            println!("volume {name} attached at {}", target.display());
-            Ok(())
-        }
-        VolumeCommand::Detach { name, endpoint } => {
-            let volume_id = crate::controller::volume_id_for(&name);
-            let dir = attach_dir(&endpoint.csi_endpoint)?;
-            let record_path = dir.join(format!("{volume_id}.json"));
-            let bytes = std::fs::read(&record_path).map_err(|_| {
-                Error::NotFound(format!(
-                    "volume {name:?} was not attached with `bicsi volume attach` through this endpoint"
-                ))
-            })?;
-            let rec: AttachRecord = serde_json::from_slice(&bytes)?;
-            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            c.node
-                .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                    volume_id: volume_id.clone(),
-                    target_path: rec.target_path.display().to_string(),
-                })
-                .await
-                .map_err(status_error)?;
-            c.node
-                .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                    volume_id: volume_id.clone(),
-                    staging_target_path: rec.staging_path.display().to_string(),
-                })
-                .await
-                .map_err(status_error)?;
-            c.controller
-                .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-                    volume_id: volume_id.clone(),
-                    node_id: rec.node_id.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?;
-            let _ = std::fs::remove_file(&record_path);
-            let _ = std::fs::remove_dir_all(dir.join(&volume_id));
-            println!("volume {name} detached");
-            Ok(())
-        }
-        VolumeCommand::Delete { name, endpoint } => {
-            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            c.controller
-                .delete_volume(pb::DeleteVolumeRequest {
-                    volume_id: crate::controller::volume_id_for(&name),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?;
-            println!("volume {name} deleted");
-            Ok(())
-        }
-    }
-}
-
-/// ControllerPublishVolume, retried while the volume is being prepared (its backing image is on
-/// its way to a replica's disk), with the progress shown.
-async fn publish_until_ready(
-    c: &mut CsiClient,
-    req: pb::ControllerPublishVolumeRequest,
-) -> Result<HashMap<String, String>> {
-    let bar = indicatif::ProgressBar::new_spinner();
-    loop {
-        match c.controller.controller_publish_volume(req.clone()).await {
-            Ok(r) => {
-                bar.finish_and_clear();
-                return Ok(r.into_inner().publish_context);
-            }
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                bar.set_message(s.message().to_string());
-                bar.tick();
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-            Err(s) => {
-                bar.finish_and_clear();
-                return Err(status_error(s));
-            }
-        }
-    }
-}
-
-async fn get_volumes(endpoint: &str) -> Result<()> {
-    let mut c = CsiClient::connect(endpoint).await?;
-    let mut token = String::new();
-    println!(
-        "{:<44} {:>10} {:<20} CONDITION",
-        "VOLUME", "SIZE", "ATTACHED TO"
-    );
-    loop {
-        let page = c
-            .controller
-            .list_volumes(pb::ListVolumesRequest {
-                max_entries: 100,
-                starting_token: token.clone(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        for e in page.entries {
-            let v = e.volume.unwrap_or_default();
-            let status = e.status.unwrap_or_default();
-            let cond = status
-                .volume_condition
-                .map(|c| {
-                    if c.abnormal {
-                        format!("abnormal: {}", c.message)
-                    } else {
-                        c.message
-                    }
-                })
-                .unwrap_or_default();
-            println!(
-                "{:<44} {:>10} {:<20} {}",
-                v.volume_id,
-                quantity::format(v.capacity_bytes as u64),
-                if status.published_node_ids.is_empty() {
-                    "-".to_string()
-                } else {
-                    status.published_node_ids.join(",")
-                },
-                cond
-            );
-        }
-        if page.next_token.is_empty() {
-            return Ok(());
-        }
-        token = page.next_token;
     }
 }
 
@@ -894,6 +732,81 @@ mod tests {
         );
         assert!(parse_parameter("novalue").is_err());
         assert!(parse_parameter("=v").is_err());
+    }
+
+    /// Every command of the tree, with its path (`volume attach`).
+    fn all_commands(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            let p = format!("{path} {}", sub.get_name()).trim().to_string();
+            out.push((p.clone(), sub.clone()));
+            all_commands(sub, p, out);
+        }
+    }
+
+    fn commands() -> Vec<(String, clap::Command)> {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let mut out = Vec::new();
+        all_commands(&cmd, String::new(), &mut out);
+        out
+    }
+
+    #[test]
+    fn every_argument_has_help() {
+        let mut missing = Vec::new();
+        for (path, cmd) in commands() {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && !arg.is_hide_set() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn token_is_shown_only_where_the_http_api_is_used() {
+        let has_token = |c: &clap::Command| {
+            c.get_arguments()
+                .any(|a| a.get_id() == "token" && !a.is_hide_set())
+        };
+        let all = commands();
+        let find = |p: &str| {
+            all.iter()
+                .find(|(path, _)| path == p)
+                .map(|(_, c)| c)
+                .unwrap_or_else(|| panic!("no command {p}"))
+        };
+        for p in [
+            "volume attach",
+            "volume detach",
+            "volume delete",
+            "volume expand",
+            "snapshot list",
+            "snapshot delete",
+            "serve",
+            "node",
+            "crd",
+        ] {
+            assert!(!has_token(find(p)), "{p} shows --token");
+        }
+        for p in [
+            "apply",
+            "get backingimages",
+            "get nodes",
+            "get volumes",
+            "delete backingimage",
+            "image upload",
+            "image download",
+            "set setting",
+            "volume create",
+        ] {
+            assert!(has_token(find(p)), "{p} lacks --token");
+        }
+        assert!(!has_token(&<Cli as clap::CommandFactory>::command()));
+        // `bicsi --token T COMMAND`, as scripts wrote it before, still parses.
+        let cli = Cli::try_parse_from(["bicsi", "--token", "t", "get", "backingimages"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("t"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::backing::object::BackingImage;
-use crate::cli::Output;
+use crate::cli::{ListOutput, Output};
 use crate::error::{Error, Result};
 use crate::storageclass::StorageClass;
 
@@ -77,7 +77,13 @@ async fn json<T: for<'de> Deserialize<'de>>(resp: reqwest::Response) -> Result<T
 }
 
 /// `bicsi apply -f FILE`: every YAML document is created, or checked against what exists.
-pub async fn apply(server: &str, file: &str) -> Result<()> {
+/// With `wait`, then waits until every BackingImage applied has a ready file (or `deadline`).
+pub async fn apply(
+    server: &str,
+    file: &str,
+    wait: bool,
+    deadline: Option<std::time::Instant>,
+) -> Result<()> {
     let text = if file == "-" {
         let mut s = String::new();
         std::io::stdin()
@@ -90,6 +96,7 @@ pub async fn apply(server: &str, file: &str) -> Result<()> {
     };
     let mut failed = 0;
     let mut seen = 0;
+    let mut images = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let value = Value::deserialize(doc)
             .map_err(|e| Error::InvalidArgument(format!("{file}: not valid YAML: {e}")))?;
@@ -115,11 +122,14 @@ pub async fn apply(server: &str, file: &str) -> Result<()> {
         };
         let result = send(client().post(url(server, path)).json(&value), server).await;
         let lower = kind.to_ascii_lowercase();
+        if result.is_ok() && kind == "BackingImage" {
+            images.push(name.clone());
+        }
         match result {
             Ok(resp) if resp.status() == reqwest::StatusCode::CREATED => {
-                println!("{lower}/{name} created")
+                crate::outln!("{lower}/{name} created")
             }
-            Ok(_) => println!("{lower}/{name} unchanged"),
+            Ok(_) => crate::outln!("{lower}/{name} unchanged"),
             Err(e) => {
                 eprintln!("error: {lower}/{name}: {e}");
                 failed += 1;
@@ -134,15 +144,46 @@ pub async fn apply(server: &str, file: &str) -> Result<()> {
             "{failed} of {seen} objects were not applied"
         )));
     }
+    if wait {
+        for name in &images {
+            crate::cli::wait::on_interrupt(format!(
+                "stopped waiting; {file} is applied and bicsi goes on preparing backing image {name:?} (`bicsi get backingimages` shows how it goes)"
+            ));
+            wait_for_image(server, name, deadline).await?;
+            crate::outln!("backingimage/{name} ready");
+        }
+    }
     Ok(())
 }
 
-pub async fn get_backing_images(server: &str) -> Result<()> {
+/// Prints `list` as JSON or YAML and answers true, or answers false for a table.
+fn print_records<T: serde::Serialize>(list: &[T], output: Option<ListOutput>) -> Result<bool> {
+    match output {
+        Some(ListOutput::Json) => crate::cli::print_json(list).map(|()| true),
+        Some(ListOutput::Yaml) => crate::cli::print_yaml(list).map(|()| true),
+        None | Some(ListOutput::Wide) => Ok(false),
+    }
+}
+
+/// The controller's volume records (`GET /v1/volumes`).
+pub async fn volumes(server: &str) -> Result<Vec<crate::model::Volume>> {
+    json(send(client().get(url(server, "v1/volumes")), server).await?).await
+}
+
+pub async fn get_backing_images(server: &str, output: Option<ListOutput>) -> Result<()> {
     let list: Vec<BackingImage> =
         json(send(client().get(url(server, "v1/backingimages")), server).await?).await?;
-    println!(
+    if print_records(&list, output)? {
+        return Ok(());
+    }
+    let wide = output == Some(ListOutput::Wide);
+    crate::outln!(
         "{:<24} {:<19} {:<36} {:>10} {:>12} CHECKSUM",
-        "NAME", "SOURCE", "STATE (DISK: STATE PROGRESS)", "SIZE", "VIRTUAL"
+        "NAME",
+        "SOURCE",
+        "STATE (DISK: STATE PROGRESS)",
+        "SIZE",
+        "VIRTUAL"
     );
     for bi in list {
         let states = if bi.status.disk_file_status_map.is_empty() {
@@ -162,7 +203,7 @@ pub async fn get_backing_images(server: &str) -> Result<()> {
                 crate::quantity::human(n)
             }
         };
-        println!(
+        crate::outln!(
             "{:<24} {:<19} {:<36} {:>10} {:>12} {}",
             bi.metadata.name,
             bi.spec.source_type.as_str(),
@@ -171,10 +212,15 @@ pub async fn get_backing_images(server: &str) -> Result<()> {
             size(bi.status.virtual_size),
             if bi.status.checksum.is_empty() {
                 "-".to_string()
+            } else if wide {
+                bi.status.checksum.clone()
             } else {
                 format!("{}…", &bi.status.checksum[..16])
             }
         );
+        if wide && !bi.status.message.is_empty() {
+            crate::outln!("    message: {}", bi.status.message);
+        }
     }
     Ok(())
 }
@@ -189,21 +235,20 @@ pub async fn get_backing_image(server: &str, name: &str, output: Output) -> Resu
     )
     .await?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&bi)?),
-        Output::Yaml => print!(
-            "{}",
-            serde_yaml::to_string(&bi).map_err(|e| Error::Internal(e.to_string()))?
-        ),
+        Output::Json => crate::cli::print_json(&bi),
+        Output::Yaml => crate::cli::print_yaml(&bi),
     }
-    Ok(())
 }
 
-pub async fn get_storage_classes(server: &str) -> Result<()> {
+pub async fn get_storage_classes(server: &str, output: Option<ListOutput>) -> Result<()> {
     let list: Vec<StorageClass> =
         json(send(client().get(url(server, "v1/storageclasses")), server).await?).await?;
-    println!("{:<40} {:<24} PARAMETERS", "NAME", "PROVISIONER");
+    if print_records(&list, output)? {
+        return Ok(());
+    }
+    crate::outln!("{:<40} {:<24} PARAMETERS", "NAME", "PROVISIONER");
     for sc in list {
-        println!(
+        crate::outln!(
             "{:<40} {:<24} {}",
             sc.metadata.name,
             sc.provisioner,
@@ -229,49 +274,183 @@ pub async fn storage_class_parameters(server: &str, name: &str) -> Result<HashMa
     Ok(sc.parameters.into_iter().collect())
 }
 
-pub async fn delete(server: &str, collection: &str, name: &str) -> Result<()> {
-    send(
-        client().delete(url(server, &format!("v1/{collection}/{name}"))),
-        server,
-    )
-    .await?;
-    println!("{}/{name} deleted", collection.trim_end_matches('s'));
+/// `bicsi delete KIND NAME`: like `kubectl delete`, a missing object is an error (NotFound,
+/// exit 1) unless `ignore_not_found`, which exits 0 quietly. The server's DELETE is idempotent,
+/// so the CLI asks first; `kind` is the singular the messages use (`storageclass`).
+pub async fn delete(
+    server: &str,
+    collection: &str,
+    kind: &str,
+    name: &str,
+    ignore_not_found: bool,
+) -> Result<()> {
+    let path = format!("v1/{collection}/{name}");
+    match send(client().get(url(server, &path)), server).await {
+        Ok(_) => {}
+        Err(Error::NotFound(_)) if ignore_not_found => return Ok(()),
+        Err(Error::NotFound(_)) => {
+            return Err(Error::NotFound(format!(
+                "{kind} {name:?} not found (--ignore-not-found exits 0 when it is missing)"
+            )));
+        }
+        Err(e) => return Err(e),
+    }
+    send(client().delete(url(server, &path)), server).await?;
+    crate::outln!("{kind}/{name} deleted");
     Ok(())
 }
 
-pub async fn get_nodes(server: &str) -> Result<()> {
+/// One backing image as the HTTP API shows it.
+pub async fn backing_image(server: &str, name: &str) -> Result<BackingImage> {
+    json(
+        send(
+            client().get(url(server, &format!("v1/backingimages/{name}"))),
+            server,
+        )
+        .await?,
+    )
+    .await
+}
+
+/// Whether a backing image can be used now, judged from its status.
+#[derive(Debug, PartialEq)]
+pub enum Readiness {
+    Ready,
+    /// Every file failed; the text says what recovers it, if anything.
+    Failed(String),
+    /// On its way: the furthest file's progress, and every file's state.
+    Preparing {
+        percent: Option<u64>,
+        text: String,
+    },
+}
+
+pub fn readiness(bi: &BackingImage) -> Readiness {
+    use crate::backing::state::FileState;
+    let files = &bi.status.disk_file_status_map;
+    if bi.has_ready_file() {
+        return Readiness::Ready;
+    }
+    let text = crate::backing::BackingImages::describe(bi);
+    if !files.is_empty() && files.values().all(|f| f.state == FileState::Failed) {
+        let next = if bi.spec.source_type == crate::backing::object::SourceType::Upload {
+            "an uploaded image cannot be recovered: delete it and upload it again".to_string()
+        } else {
+            format!(
+                "bicsi prepares it again from its source; `bicsi get backingimage {}` shows how it goes",
+                bi.metadata.name
+            )
+        };
+        let message = if bi.status.message.is_empty() {
+            String::new()
+        } else {
+            format!("{}; ", bi.status.message)
+        };
+        return Readiness::Failed(format!(
+            "backing image {:?} failed: {message}{text}; {next}",
+            bi.metadata.name
+        ));
+    }
+    let percent = files
+        .values()
+        .filter(|f| f.state != FileState::Failed)
+        .map(|f| u64::from(f.progress))
+        .max();
+    Readiness::Preparing { percent, text }
+}
+
+/// Polls a backing image until it has a ready file, showing its progress: Ok when ready, an
+/// error when every file failed or `deadline` passed (the work goes on either way).
+pub async fn wait_for_image(
+    server: &str,
+    name: &str,
+    deadline: Option<std::time::Instant>,
+) -> Result<()> {
+    let mut progress = crate::cli::wait::Progress::new(format!("backing image {name}"));
+    loop {
+        let bi = backing_image(server, name).await?;
+        match readiness(&bi) {
+            Readiness::Ready => {
+                progress.finish();
+                return Ok(());
+            }
+            Readiness::Failed(why) => {
+                progress.finish();
+                return Err(Error::FailedPrecondition(why));
+            }
+            Readiness::Preparing { percent, text } => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    progress.finish();
+                    return Err(Error::Unavailable(format!(
+                        "gave up waiting (--timeout) for backing image {name:?}: {text}; bicsi goes on preparing it"
+                    )));
+                }
+                progress.update(&text, percent);
+            }
+        }
+        tokio::time::sleep(crate::cli::wait::POLL).await;
+    }
+}
+
+pub async fn get_nodes(server: &str, output: Option<ListOutput>) -> Result<()> {
     let nodes: Vec<crate::model::NodeRecord> =
         json(send(client().get(url(server, "v1/nodes")), server).await?).await?;
-    println!(
-        "{:<24} {:<6} {:>5} {:<28} AGENT",
-        "NODE", "STATE", "DISKS", "LAST HEARTBEAT"
+    if print_records(&nodes, output)? {
+        return Ok(());
+    }
+    let wide = output == Some(ListOutput::Wide);
+    crate::outln!(
+        "{:<24} {:<6} {:>5} {:<28} AGENT{}",
+        "NODE",
+        "STATE",
+        "DISKS",
+        "LAST HEARTBEAT",
+        if wide { "  TRANSFER" } else { "" }
     );
     for n in nodes {
-        println!(
-            "{:<24} {:<6} {:>5} {:<28} {}",
+        let agent = if n.agent_url.is_empty() {
+            "(in process)"
+        } else {
+            &n.agent_url
+        };
+        let transfer = if wide {
+            format!(
+                "  {}",
+                if n.transfer_url.is_empty() {
+                    "-"
+                } else {
+                    &n.transfer_url
+                }
+            )
+        } else {
+            String::new()
+        };
+        crate::outln!(
+            "{:<24} {:<6} {:>5} {:<28} {agent}{transfer}",
             n.node_id,
             if n.up { "up" } else { "down" },
             n.disks.len(),
             n.last_heartbeat,
-            if n.agent_url.is_empty() {
-                "(in process)"
-            } else {
-                &n.agent_url
-            }
         );
     }
     Ok(())
 }
 
-pub async fn get_disks(server: &str) -> Result<()> {
+pub async fn get_disks(server: &str, output: Option<ListOutput>) -> Result<()> {
     let disks: Vec<crate::agent::DiskSpace> =
         json(send(client().get(url(server, "v1/disks")), server).await?).await?;
-    println!(
+    if print_records(&disks, output)? {
+        return Ok(());
+    }
+    crate::outln!(
         "{:<14} {:<24} {:>10} {:<8} PATH",
-        "DISK", "NODE", "FREE", "MANAGER"
+        "DISK",
+        "NODE",
+        "FREE",
+        "MANAGER"
     );
     for d in disks {
-        println!(
+        crate::outln!(
             "{:<14} {:<24} {:>10} {:<8} {}",
             d.disk.id,
             d.disk.node_id,
@@ -281,24 +460,6 @@ pub async fn get_disks(server: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A progress bar of bytes with rate and ETA (drawn only on a terminal).
-fn byte_bar(total: Option<u64>, verb: &str) -> indicatif::ProgressBar {
-    let bar = match total {
-        Some(t) => indicatif::ProgressBar::new(t),
-        None => indicatif::ProgressBar::no_length(),
-    };
-    let template = if total.is_some() {
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
-    } else {
-        "{msg} {bytes} {binary_bytes_per_sec}"
-    };
-    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(verb.to_string());
-    bar
 }
 
 /// `bicsi image upload NAME FILE`: creates the image (sourceType upload) when missing, then
@@ -368,7 +529,11 @@ pub async fn upload_image(
         }
         Err(e) => return Err(e),
     }
-    let bar = byte_bar(Some(len), "uploading");
+    crate::cli::wait::on_interrupt(format!(
+        "the upload of {} stopped; an upload cannot resume, so backing image {name:?} gets a failed file: run `bicsi image upload` again",
+        file.display()
+    ));
+    let bar = crate::cli::wait::ByteProgress::new(Some(len), "uploading");
     let b = bar.clone();
     let chunks = futures::stream::unfold(f, |mut f| async move {
         let mut buf = vec![0u8; 1 << 20];
@@ -395,9 +560,9 @@ pub async fn upload_image(
         req = req.header(crate::http::CHECKSUM_HEADER, c);
     }
     let result = send(req, server).await;
-    bar.finish_and_clear();
+    bar.finish();
     let bi: BackingImage = json(result?).await?;
-    println!(
+    crate::outln!(
         "backingimage/{name} uploaded: {} ({}), sha512 {}",
         crate::quantity::human(bi.status.size),
         if bi.status.format.is_empty() {
@@ -433,7 +598,13 @@ pub async fn download_image(server: &str, name: &str, output: &std::path::Path) 
     let part = std::path::PathBuf::from(part);
     let io = |e: std::io::Error| Error::Internal(format!("{}: {e}", part.display()));
     let mut f = tokio::fs::File::create(&part).await.map_err(io)?;
-    let bar = byte_bar(total, "downloading");
+    // Ctrl-C drops this future: the interrupt handler removes what was written so far.
+    crate::cli::wait::remove_on_interrupt(part.clone());
+    crate::cli::wait::on_interrupt(format!(
+        "the download of {name:?} stopped; {} was removed",
+        part.display()
+    ));
+    let bar = crate::cli::wait::ByteProgress::new(total, "downloading");
     let mut hasher = sha2::Sha512::new();
     let mut received = 0u64;
     let mut body = resp.bytes_stream();
@@ -472,21 +643,23 @@ pub async fn download_image(server: &str, name: &str, output: &std::path::Path) 
         Ok(())
     }
     .await;
-    bar.finish_and_clear();
+    bar.finish();
     drop(f);
-    if let Err(e) = outcome {
+    let outcome = outcome.and_then(|()| {
+        std::fs::rename(&part, output).map_err(|e| {
+            Error::Internal(format!(
+                "cannot move {} to {}: {e}",
+                part.display(),
+                output.display()
+            ))
+        })
+    });
+    if outcome.is_err() {
         let _ = std::fs::remove_file(&part);
-        return Err(e);
     }
-    std::fs::rename(&part, output).map_err(|e| {
-        let _ = std::fs::remove_file(&part);
-        Error::Internal(format!(
-            "cannot move {} to {}: {e}",
-            part.display(),
-            output.display()
-        ))
-    })?;
-    println!(
+    crate::cli::wait::keep(&part);
+    outcome?;
+    crate::outln!(
         "backingimage/{name} downloaded to {}: {}, sha512 {expected}",
         output.display(),
         crate::quantity::human(received)
@@ -499,17 +672,21 @@ pub async fn get_settings(server: &str, output: Option<Output>) -> Result<()> {
     let list: Vec<crate::settings::SettingView> =
         json(send(client().get(url(server, "v1/settings")), server).await?).await?;
     match output {
-        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&list)?),
-        Some(Output::Yaml) => print!(
+        Some(Output::Json) => crate::outln!("{}", serde_json::to_string_pretty(&list)?),
+        Some(Output::Yaml) => crate::out!(
             "{}",
             serde_yaml::to_string(&list).map_err(|e| Error::Internal(e.to_string()))?
         ),
         None => {
-            println!("{:<42} {:>8} {:>8} DESCRIPTION", "NAME", "VALUE", "DEFAULT");
+            crate::outln!("{:<42} {:>8} {:>8} DESCRIPTION", "NAME", "VALUE", "DEFAULT");
             for s in list {
-                println!(
+                crate::outln!(
                     "{:<42} {:>8} {:>8} ({}) {}",
-                    s.name, s.value, s.default, s.unit, s.description
+                    s.name,
+                    s.value,
+                    s.default,
+                    s.unit,
+                    s.description
                 );
             }
         }
@@ -532,7 +709,7 @@ pub async fn set_setting(server: &str, name: &str, value: &str) -> Result<()> {
         .await?,
     )
     .await?;
-    println!("setting {} = {} ({})", s.name, s.value, s.unit);
+    crate::outln!("setting {} = {} ({})", s.name, s.value, s.unit);
     Ok(())
 }
 
@@ -550,7 +727,7 @@ pub async fn cleanup_image(server: &str, name: &str, disks: &[String]) -> Result
     )
     .await?;
     for d in &r.cleaned {
-        println!("disk {d}: cleaned up");
+        crate::outln!("disk {d}: cleaned up");
     }
     for f in &r.refused {
         eprintln!("disk {}: refused: {}", f.disk, f.reason);

@@ -1,18 +1,29 @@
-//! The `bicsi volume …` and `bicsi get volumes` commands against a running `bicsi serve`, as a
-//! person without Kubernetes uses them.
+//! The `bicsi volume …`, `get`, `delete`, `image` and `snapshot` commands against a running
+//! `bicsi serve`, as a person without Kubernetes uses them: the real binary, its exit status and
+//! what it prints.
 
-use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Served {
     dir: tempfile::TempDir,
     endpoint: String,
+    /// The HTTP API, `http://127.0.0.1:PORT`.
+    http: String,
     child: Child,
 }
 
 impl Served {
     fn start() -> Served {
+        Served::start_with(&[])
+    }
+
+    /// A `bicsi serve` with extra flags (`--disk` …, paths relative to its directory).
+    fn start_with(extra: &[&str]) -> Served {
         let dir = tempfile::Builder::new()
             .prefix("bicsi-cli-")
             .tempdir()
@@ -31,28 +42,91 @@ impl Served {
             .arg(dir.path().join("data"))
             .arg("--csi-endpoint")
             .arg(&endpoint)
+            .args(extra.iter().map(|a| {
+                if a.starts_with("--") {
+                    std::ffi::OsString::from(a)
+                } else {
+                    dir.path().join(a).into_os_string()
+                }
+            }))
             .stderr(log)
             .spawn()
             .unwrap();
-        let s = Served {
+        let mut s = Served {
             dir,
             endpoint,
+            http: String::new(),
             child,
         };
+        // The HTTP port is the one the OS chose: read it from the "bicsi serving" log line.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !s.dir.path().join("csi.sock").exists() {
-            assert!(Instant::now() < deadline, "bicsi did not start");
+        loop {
+            let log = std::fs::read_to_string(s.dir.path().join("bicsi.log")).unwrap_or_default();
+            if let Some(addr) = log
+                .lines()
+                .filter(|l| l.contains("bicsi serving"))
+                .find_map(|l| l.split(" http=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                && s.dir.path().join("csi.sock").exists()
+            {
+                s.http = format!("http://{addr}");
+                return s;
+            }
+            assert!(Instant::now() < deadline, "bicsi did not start: {log}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        s
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bicsi"));
+        c.args(args)
+            .env("BICSI_CSI_ENDPOINT", &self.endpoint)
+            .env("BICSI_SERVER", &self.http)
+            .env_remove("BICSI_TOKEN");
+        c
     }
 
     fn bicsi(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_bicsi"))
-            .args(args)
-            .env("BICSI_CSI_ENDPOINT", &self.endpoint)
-            .output()
-            .unwrap()
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs a command that must fail; answers its stderr.
+    #[track_caller]
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.bicsi(args);
+        assert!(
+            !out.status.success(),
+            "bicsi {args:?} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Applies a BackingImage that downloads `url`.
+    #[track_caller]
+    fn apply_download(&self, name: &str, url: &str) {
+        let file = self.path(&format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: {name}\n  namespace: longhorn-system\nspec:\n  sourceType: download\n  sourceParameters:\n    url: {url}\n"
+            ),
+        )
+        .unwrap();
+        self.ok(&["apply", "-f", file.to_str().unwrap()]);
+    }
+
+    /// Whether the backing image has a ready file, as `get backingimage -o json` shows.
+    fn image_ready(&self, name: &str) -> bool {
+        let bi: serde_json::Value =
+            serde_json::from_str(&self.ok(&["get", "backingimage", name, "-o", "json"])).unwrap();
+        bi["status"]["diskFileStatusMap"]
+            .as_object()
+            .is_some_and(|m| m.values().any(|f| f["state"] == "ready"))
     }
 
     #[track_caller]
@@ -203,4 +277,704 @@ fn attach_mount_and_block_then_detach() {
     s.ok(&["volume", "detach", "raw"]);
     s.ok(&["volume", "delete", "raw"]);
     s.ok(&["volume", "delete", "web"]);
+}
+
+/// Random-looking bytes (a tiny xorshift), so no chunk is a hole and every byte is checked.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `body` to `out` in 16 KiB pieces at `rate` bytes per second; stops when the reader
+/// goes away.
+fn trickle(out: &mut impl Write, body: &[u8], rate: u64) {
+    for piece in body.chunks(16 * 1024) {
+        if out.write_all(piece).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_nanos(
+            piece.len() as u64 * 1_000_000_000 / rate,
+        ));
+    }
+}
+
+/// An HTTP server of one file at a fixed rate, answering `Range: bytes=A-[B]` with 206.
+fn slow_file_server(body: Vec<u8>, rate: u64) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/image.raw", listener.local_addr().unwrap());
+    let body = Arc::new(body);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut range = None;
+                let mut head = false;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if line.starts_with("HEAD ") {
+                        head = true;
+                    }
+                    if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = r.trim().split_once('-').unwrap_or(("0", ""));
+                        let first: usize = a.parse().unwrap_or(0);
+                        let last = b.parse().unwrap_or(body.len() - 1).min(body.len() - 1);
+                        range = Some((first, last));
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let mut conn = conn;
+                let (status, part) = match range {
+                    Some((a, b)) => (
+                        format!(
+                            "206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}",
+                            body.len()
+                        ),
+                        &body[a..=b],
+                    ),
+                    None => ("200 OK".to_string(), &body[..]),
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                    part.len()
+                );
+                if !head {
+                    trickle(&mut conn, part, rate);
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A TCP proxy to `upstream` (`http://HOST:PORT`) whose bytes flow at `rate` bytes per second
+/// each way and, when `cut_after` is set, whose answers break off after that many bytes.
+fn slow_proxy(upstream: &str, rate: u64, cut_after: Option<usize>) -> String {
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    trickle(&mut s_out, &buf[..n], rate);
+                }
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let mut sent = 0usize;
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = s_in.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let n = cut_after.map_or(n, |cut| n.min(cut - sent));
+                    trickle(&mut c_out, &buf[..n], rate);
+                    sent += n;
+                    if cut_after.is_some_and(|cut| sent >= cut) {
+                        let _ = c_out.shutdown(std::net::Shutdown::Both);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn is_mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == path)
+}
+
+/// Sends SIGINT (what Ctrl-C sends) to a child.
+fn interrupt(child: &Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+}
+
+/// Waits until `done` holds, polling, or panics with `what`.
+#[track_caller]
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn volume_create_waits_for_its_backing_image_with_progress_lines() {
+    let s = Served::start();
+    let url = slow_file_server(noise(3 << 20, 7), 1 << 20);
+    s.apply_download("bi-slow", &url);
+    // Right after `apply`, as the README does: the CLI waits instead of failing.
+    let out = s.bicsi(&[
+        "volume",
+        "create",
+        "vm1",
+        "--size",
+        "8Mi",
+        "-p",
+        "backingImage=bi-slow",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("volume vm1 created"), "{stdout}");
+    // Not a terminal: plain progress lines, with a percentage.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("bi-slow") && l.contains('%')),
+        "{stderr}"
+    );
+    assert!(s.image_ready("bi-slow"));
+    let list = s.ok(&["get", "volumes"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("vm1 ") && l.contains("bi-slow") && l.contains("1/1")),
+        "{list}"
+    );
+}
+
+#[test]
+fn apply_wait_waits_until_the_image_is_ready() {
+    let s = Served::start();
+    let url = slow_file_server(noise(2 << 20, 3), 1 << 20);
+    let file = s.path("bi.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: bi-wait\nspec:\n  sourceType: download\n  sourceParameters:\n    url: {url}\n"
+        ),
+    )
+    .unwrap();
+    let out = s.ok(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
+    assert!(out.contains("backingimage/bi-wait created"), "{out}");
+    assert!(out.contains("backingimage/bi-wait ready"), "{out}");
+    assert!(s.image_ready("bi-wait"));
+}
+
+#[test]
+fn ctrl_c_stops_waiting_not_the_work() {
+    let s = Served::start();
+    let url = slow_file_server(noise(3 << 20, 11), 512 << 10);
+    s.apply_download("bi-int", &url);
+    let stderr_path = s.path("create.err");
+    let mut child = s
+        .command(&[
+            "volume",
+            "create",
+            "vint",
+            "--size",
+            "8Mi",
+            "-p",
+            "backingImage=bi-int",
+            "-p",
+            "numberOfReplicas=1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("a progress line", Duration::from_secs(30), || {
+        std::fs::read_to_string(&stderr_path).is_ok_and(|e| e.contains('%'))
+    });
+    assert!(!s.image_ready("bi-int"), "the image was ready too soon");
+    interrupt(&child);
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted: stopped waiting"), "{stderr}");
+    // The download goes on without the CLI, and the same command then finishes the job.
+    wait_until("the image to be ready", Duration::from_secs(60), || {
+        s.image_ready("bi-int")
+    });
+    s.ok(&[
+        "volume",
+        "create",
+        "vint",
+        "--size",
+        "8Mi",
+        "-p",
+        "backingImage=bi-int",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    assert!(s.ok(&["get", "volume", "vint"]).contains("bi-int"));
+}
+
+#[test]
+fn image_download_leaves_no_part_file_when_interrupted_or_broken() {
+    let s = Served::start();
+    let data = noise(4 << 20, 5);
+    let file = s.path("disk.raw");
+    std::fs::write(&file, &data).unwrap();
+    let out = s.ok(&["image", "upload", "up", file.to_str().unwrap()]);
+    assert!(out.contains("backingimage/up uploaded"), "{out}");
+
+    // Ctrl-C half-way through a slow download.
+    let slow = slow_proxy(&s.http, 512 << 10, None);
+    let target = s.path("copy.raw");
+    let part = s.path("copy.raw.part");
+    let child = s
+        .command(&["image", "download", "up", "-o", target.to_str().unwrap()])
+        .args(["--server", &slow])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("a partial file", Duration::from_secs(30), || {
+        std::fs::metadata(&part).is_ok_and(|m| m.len() > 0)
+    });
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("was removed"), "{stderr}");
+    assert!(!part.exists(), "{} is left behind", part.display());
+    assert!(!target.exists());
+
+    // A connection that breaks off.
+    let broken = slow_proxy(&s.http, 64 << 20, Some(1 << 20));
+    let err = s.fails(&[
+        "image",
+        "download",
+        "up",
+        "-o",
+        target.to_str().unwrap(),
+        "--server",
+        &broken,
+    ]);
+    assert!(err.contains("download again"), "{err}");
+    assert!(!part.exists(), "{} is left behind", part.display());
+    assert!(!target.exists());
+
+    // And a whole one, verified.
+    s.ok(&["image", "download", "up", "-o", target.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    assert!(!part.exists());
+}
+
+#[test]
+fn deleting_what_does_not_exist_says_not_found() {
+    let s = Served::start();
+    for args in [
+        &["delete", "backingimage", "nosuch"][..],
+        &["delete", "storageclass", "nosuch"],
+        &["snapshot", "delete", "nosuch"],
+    ] {
+        let err = s.fails(args);
+        assert!(err.contains("\"nosuch\" not found"), "{args:?}: {err}");
+        let mut quiet = args.to_vec();
+        quiet.push("--ignore-not-found");
+        let out = s.ok(&quiet);
+        assert!(!out.contains("deleted"), "{quiet:?}: {out}");
+    }
+    let sc = s.path("sc.yaml");
+    std::fs::write(
+        &sc,
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: fast\nprovisioner: driver.longhorn.io\nparameters:\n  numberOfReplicas: \"1\"\n",
+    )
+    .unwrap();
+    s.ok(&["apply", "-f", sc.to_str().unwrap()]);
+    let out = s.ok(&["delete", "storageclass", "fast"]);
+    assert_eq!(out.trim(), "storageclass/fast deleted");
+    s.fails(&["delete", "storageclass", "fast"]);
+
+    let img = s.path("i.raw");
+    std::fs::write(&img, noise(1 << 20, 9)).unwrap();
+    s.ok(&["image", "upload", "gone", img.to_str().unwrap()]);
+    assert_eq!(
+        s.ok(&["delete", "backingimage", "gone"]).trim(),
+        "backingimage/gone deleted"
+    );
+    assert!(s.fails(&["delete", "bi", "gone"]).contains("not found"));
+}
+
+#[test]
+fn a_closed_stdout_is_a_quiet_exit() {
+    let s = Served::start();
+    s.ok(&[
+        "volume",
+        "create",
+        "piped",
+        "--size",
+        "8Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    for args in [
+        &["get", "volumes", "-o", "json"][..],
+        &["get", "settings", "-o", "json"],
+        &["get", "backingimages", "-o", "yaml"],
+        &["crd"],
+    ] {
+        // The reader is gone before the first write: every write fails with EPIPE.
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let out = s
+            .command(args)
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn get_volume_and_lists_in_json_and_yaml() {
+    let s = Served::start();
+    s.ok(&[
+        "volume",
+        "create",
+        "one",
+        "--size",
+        "16Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let table = s.ok(&["get", "volumes"]);
+    let header = table.lines().next().unwrap();
+    for col in [
+        "VOLUME",
+        "SIZE",
+        "IMAGE",
+        "REPLICAS",
+        "ATTACHED",
+        "CONDITION",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("one ") && l.contains("16Mi") && l.contains(" 1/1 ")),
+        "{table}"
+    );
+    let one: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "volume", "one", "-o", "json"])).unwrap();
+    assert_eq!(one["id"], "one");
+    assert_eq!(one["capacityBytes"], 16 << 20);
+    assert_eq!(one["healthyReplicas"], 1);
+    assert_eq!(one["wantedReplicas"], 1);
+    assert!(
+        s.ok(&["get", "volume", "one", "-o", "yaml"])
+            .contains("capacityBytes: 16777216")
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "volumes", "-o", "json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(s.ok(&["get", "volumes", "-o", "wide"]).contains("cli-node"));
+    assert!(s.fails(&["get", "volume", "nosuch"]).contains("not found"));
+
+    for list in [
+        &["get", "nodes", "-o", "json"][..],
+        &["get", "disks", "-o", "json"],
+        &["get", "backingimages", "-o", "json"],
+        &["get", "storageclasses", "-o", "json"],
+        &["snapshot", "list", "-o", "json"],
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok(list)).unwrap_or_else(|e| panic!("{list:?}: not JSON: {e}"));
+        assert!(v.is_array(), "{list:?}");
+    }
+    assert!(
+        s.ok(&["get", "nodes", "-o", "yaml"])
+            .contains("nodeId: cli-node")
+    );
+}
+
+#[test]
+fn volume_expand_grows_a_detached_volume() {
+    let s = Served::start();
+    s.ok(&[
+        "volume",
+        "create",
+        "grow",
+        "--size",
+        "16Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let out = s.ok(&["volume", "expand", "grow", "--size", "32Mi"]);
+    assert!(out.contains("volume grow expanded to 32Mi"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "volume", "grow", "-o", "json"])).unwrap();
+    assert_eq!(v["capacityBytes"], 32 << 20);
+    assert!(
+        s.fails(&["volume", "expand", "nosuch", "--size", "32Mi"])
+            .contains("nosuch")
+    );
+}
+
+#[test]
+fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
+    if !is_root() {
+        return;
+    }
+    let s = Served::start();
+    let (a, b) = (s.path("mnt-a"), s.path("mnt-b"));
+    s.ok(&[
+        "volume",
+        "create",
+        "twice",
+        "--size",
+        "32Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    // Attaching again at the same path is fine (idempotent).
+    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    let err = s.fails(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!("attached at {}", a.display())),
+        "{err}"
+    );
+    assert!(!b.exists());
+    let row = s.ok(&["get", "volume", "twice"]);
+    assert!(row.contains(&format!("cli-node:{}", a.display())), "{row}");
+    s.ok(&["volume", "detach", "twice"]);
+    assert!(!a.exists());
+    s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
+    s.ok(&["volume", "detach", "twice"]);
+    assert!(!b.exists());
+
+    // What an older bicsi left: a second attach replaced the record of the first path, which
+    // stayed mounted. Detach now undoes both.
+    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    let record = s.path("cli-attach/twice.json");
+    let text = std::fs::read_to_string(&record).unwrap();
+    std::fs::write(
+        &record,
+        text.replace(a.to_str().unwrap(), b.to_str().unwrap()),
+    )
+    .unwrap();
+    s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
+    assert!(is_mounted(&a) && is_mounted(&b));
+    let out = s.bicsi(&["volume", "detach", "twice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&a) && !is_mounted(&b));
+    assert!(!a.exists() && !b.exists());
+
+    // Grown while detached, the filesystem is larger at the next attach.
+    let total = |p: &Path| {
+        let st = nix::sys::statvfs::statvfs(p).unwrap();
+        st.blocks() as u64 * st.fragment_size() as u64
+    };
+    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    let before = total(&a);
+    let err = s.fails(&["volume", "expand", "twice", "--size", "64Mi"]);
+    assert!(err.contains("detach it"), "{err}");
+    s.ok(&["volume", "detach", "twice"]);
+    s.ok(&["volume", "expand", "twice", "--size", "64Mi"]);
+    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    assert!(total(&a) > before + (16 << 20), "{before} → {}", total(&a));
+    s.ok(&["volume", "detach", "twice"]);
+    s.ok(&["volume", "delete", "twice"]);
+}
+
+#[test]
+fn snapshot_create_waits_until_ready_to_use() {
+    let s = Served::start();
+    s.ok(&[
+        "volume",
+        "create",
+        "src",
+        "--size",
+        "16Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let out = s.ok(&[
+        "snapshot",
+        "create",
+        "exp",
+        "--volume",
+        "src",
+        "-p",
+        "type=bi",
+        "-p",
+        "export-type=raw",
+    ]);
+    let row = out.lines().nth(1).unwrap_or_default();
+    assert!(row.starts_with("exp ") && row.contains(" true "), "{out}");
+    let out = s.ok(&[
+        "snapshot",
+        "restore",
+        "exp",
+        "copy",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    assert!(
+        out.contains("volume copy created from snapshot exp"),
+        "{out}"
+    );
+}
+
+#[test]
+fn timeout_gives_up_waiting_and_no_wait_does_not_wait() {
+    let s = Served::start();
+    let url = slow_file_server(noise(2 << 20, 13), 128 << 10);
+    s.apply_download("bi-late", &url);
+    let started = Instant::now();
+    let err = s.fails(&[
+        "volume",
+        "create",
+        "late",
+        "--size",
+        "8Mi",
+        "-p",
+        "backingImage=bi-late",
+        "-p",
+        "numberOfReplicas=1",
+        "--timeout",
+        "2s",
+    ]);
+    assert!(err.contains("gave up waiting (--timeout)"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    // --no-wait answers at once, and never says the volume will appear by itself.
+    let out = s.bicsi(&[
+        "volume",
+        "create",
+        "late",
+        "--size",
+        "8Mi",
+        "-p",
+        "backingImage=bi-late",
+        "-p",
+        "numberOfReplicas=1",
+        "--no-wait",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("created when it is ready"), "{text}");
+    if out.status.success() {
+        // A server whose CreateVolume does not wait for the image: attach waits for it.
+        assert!(
+            text.contains("`bicsi volume attach late` waits for it"),
+            "{text}"
+        );
+    } else {
+        assert!(
+            text.contains("run the command again to create it"),
+            "{text}"
+        );
+    }
+    assert!(!s.image_ready("bi-late"));
+}
+
+#[test]
+fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
+    if !is_root() {
+        return;
+    }
+    let s = Served::start_with(&["--disk", "d1", "--disk", "d2"]);
+    let data = noise(32 << 20, 17);
+    let file = s.path("img.raw");
+    std::fs::write(&file, &data).unwrap();
+    s.ok(&["image", "upload", "img", file.to_str().unwrap()]);
+    s.ok(&[
+        "volume",
+        "create",
+        "two",
+        "--size",
+        "32Mi",
+        "-p",
+        "backingImage=img",
+        "-p",
+        "numberOfReplicas=2",
+    ]);
+    let dev = s.path("two-dev");
+    let out = s.bicsi(&["volume", "attach", "two", "--block", dev.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The image's file had to reach the second disk first: the CLI showed that it waited.
+    assert!(stderr.contains("attaching two: "), "{stderr}");
+    let mut back = vec![0u8; data.len()];
+    std::io::Read::read_exact(&mut std::fs::File::open(&dev).unwrap(), &mut back).unwrap();
+    assert!(back == data, "the volume does not read as its image");
+    let row = s.ok(&["get", "volume", "two"]);
+    assert!(row.contains(" 2/2 "), "{row}");
+    s.ok(&["volume", "detach", "two"]);
+    s.ok(&["volume", "delete", "two"]);
+}
+
+#[test]
+fn ctrl_c_of_an_upload_says_it_must_start_over() {
+    let s = Served::start();
+    let data = noise(4 << 20, 19);
+    let file = s.path("up.raw");
+    std::fs::write(&file, &data).unwrap();
+    let slow = slow_proxy(&s.http, 512 << 10, None);
+    let err_path = s.path("upload.err");
+    let child = s
+        .command(&["image", "upload", "cut", file.to_str().unwrap()])
+        .args(["--server", &slow])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("an upload progress line", Duration::from_secs(30), || {
+        std::fs::read_to_string(&err_path).is_ok_and(|e| e.contains("uploading: "))
+    });
+    interrupt(&child);
+    let status = child.wait_with_output().unwrap().status;
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("an upload cannot resume"), "{stderr}");
+    assert!(!s.image_ready("cut"));
+    // What the message says: the file fails, and uploading again works.
+    wait_until("the cut upload to fail", Duration::from_secs(30), || {
+        let bi: serde_json::Value =
+            serde_json::from_str(&s.ok(&["get", "backingimage", "cut", "-o", "json"])).unwrap();
+        bi["status"]["diskFileStatusMap"]
+            .as_object()
+            .is_some_and(|m| m.values().any(|f| f["state"] == "failed"))
+    });
+    s.ok(&["image", "upload", "cut", file.to_str().unwrap()]);
+    assert!(s.image_ready("cut"));
 }

@@ -2,12 +2,17 @@
 //! without Kubernetes (the CSI snapshotter sidecar makes the same calls there). It only shapes
 //! requests and prints answers; the rules live in the controller.
 
-use clap::Subcommand;
+use std::time::Instant;
 
-use super::{Endpoint, mount_capability, parse_parameter};
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::wait::{self, Progress, WaitArgs};
+use super::{Endpoint, ListOutput, Server, mount_capability, parse_parameter};
 use crate::client::{CsiClient, status_error};
 use crate::csi::pb;
 use crate::error::{Error, Result};
+use crate::outln;
 use crate::quantity;
 
 #[derive(Subcommand, Debug)]
@@ -15,6 +20,7 @@ pub enum SnapshotCommand {
     /// Take a snapshot of a volume (CSI CreateSnapshot); `-p type=bi -p export-type=raw` also
     /// exports it as a backing image.
     Create {
+        /// The snapshot's name (its id when it is a plain name).
         name: String,
         /// The volume to snapshot.
         #[arg(long)]
@@ -23,23 +29,36 @@ pub enum SnapshotCommand {
         #[arg(short = 'p', long = "parameter")]
         parameters: Vec<String>,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         endpoint: Endpoint,
+        #[command(flatten)]
+        server: Server,
     },
     /// List snapshots, optionally of one volume.
     List {
+        /// Only the snapshots of this volume.
         #[arg(long)]
         volume: Option<String>,
+        /// json|yaml: the records (wide: the table).
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
     /// Delete a snapshot (and the backing image a `type=bi` snapshot exported).
     Delete {
+        /// The snapshot's id, as `bicsi snapshot list` shows it.
         id: String,
+        /// Exit 0, quietly, when it does not exist (else: NotFound, exit 1).
+        #[arg(long)]
+        ignore_not_found: bool,
         #[command(flatten)]
         endpoint: Endpoint,
     },
     /// Create a volume from a snapshot; `-p backingImage=NAME` restores onto another image.
     Restore {
+        /// The snapshot's id, as `bicsi snapshot list` shows it.
         snapshot: String,
         /// The new volume's name.
         volume: String,
@@ -50,14 +69,119 @@ pub enum SnapshotCommand {
         #[arg(short = 'p', long = "parameter")]
         parameters: Vec<String>,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         endpoint: Endpoint,
+        #[command(flatten)]
+        server: Server,
     },
 }
 
+impl SnapshotCommand {
+    /// The HTTP API flags, for the commands that follow a backing image's progress.
+    pub fn server(&self) -> Option<&Server> {
+        match self {
+            SnapshotCommand::Create { server, .. } | SnapshotCommand::Restore { server, .. } => {
+                Some(server)
+            }
+            SnapshotCommand::List { .. } | SnapshotCommand::Delete { .. } => None,
+        }
+    }
+}
+
+/// A snapshot as `-o json|yaml` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SnapshotView {
+    snapshot_id: String,
+    source_volume_id: String,
+    size_bytes: u64,
+    ready_to_use: bool,
+    creation_time: String,
+}
+
+fn view(s: &pb::Snapshot) -> SnapshotView {
+    SnapshotView {
+        snapshot_id: s.snapshot_id.clone(),
+        source_volume_id: s.source_volume_id.clone(),
+        size_bytes: s.size_bytes.max(0) as u64,
+        ready_to_use: s.ready_to_use,
+        creation_time: s
+            .creation_time
+            .as_ref()
+            .map(|t| crate::model::rfc3339(t.seconds.max(0) as u64))
+            .unwrap_or_default(),
+    }
+}
+
+/// The snapshot with this id, if it exists.
+async fn find(c: &mut CsiClient, id: &str) -> Result<Option<pb::Snapshot>> {
+    Ok(c.controller
+        .list_snapshots(pb::ListSnapshotsRequest {
+            snapshot_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| e.snapshot)
+        .find(|s| s.snapshot_id == id))
+}
+
+/// Polls a snapshot until it is ready to use (a `type=bi` one: its backing image has a ready
+/// file), with the image's progress when the HTTP API answers.
+async fn wait_ready(
+    c: &mut CsiClient,
+    id: &str,
+    image: Option<&str>,
+    deadline: Option<Instant>,
+    server: &Server,
+) -> Result<pb::Snapshot> {
+    let mut progress = Progress::new(format!("snapshot {id}"));
+    loop {
+        let s = find(c, id).await?.ok_or_else(|| {
+            Error::NotFound(format!("snapshot {id:?} disappeared while waiting for it"))
+        })?;
+        if s.ready_to_use {
+            progress.finish();
+            return Ok(s);
+        }
+        let (text, percent) = match image {
+            Some(name) => match crate::cli_api::backing_image(&server.server, name).await {
+                Ok(bi) => match crate::cli_api::readiness(&bi) {
+                    crate::cli_api::Readiness::Failed(why) => {
+                        progress.finish();
+                        return Err(Error::FailedPrecondition(why));
+                    }
+                    crate::cli_api::Readiness::Preparing { percent, text } => {
+                        (format!("exporting backing image {name}: {text}"), percent)
+                    }
+                    crate::cli_api::Readiness::Ready => ("ready".to_string(), Some(100)),
+                },
+                Err(_) => (format!("exporting backing image {name}"), None),
+            },
+            None => ("not ready to use yet".to_string(), None),
+        };
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            progress.finish();
+            return Err(Error::Unavailable(format!(
+                "gave up waiting (--timeout) for snapshot {id}: {text}; bicsi goes on with it"
+            )));
+        }
+        progress.update(&text, percent);
+        tokio::time::sleep(wait::POLL).await;
+    }
+}
+
 fn print_header() {
-    println!(
+    outln!(
         "{:<44} {:<30} {:>10} {:<6} CREATED",
-        "SNAPSHOT", "SOURCE VOLUME", "SIZE", "READY"
+        "SNAPSHOT",
+        "SOURCE VOLUME",
+        "SIZE",
+        "READY"
     );
 }
 
@@ -67,7 +191,7 @@ fn print_row(s: &pb::Snapshot) {
         .as_ref()
         .map(|t| crate::model::rfc3339(t.seconds.max(0) as u64))
         .unwrap_or_default();
-    println!(
+    outln!(
         "{:<44} {:<30} {:>10} {:<6} {created}",
         s.snapshot_id,
         s.source_volume_id,
@@ -82,14 +206,19 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
             name,
             volume,
             parameters,
+            wait,
             endpoint,
+            server,
         } => {
-            let parameters = parameters
+            let parameters: std::collections::HashMap<String, String> = parameters
                 .iter()
                 .map(|p| parse_parameter(p))
                 .collect::<Result<_>>()?;
+            let exported = (parameters.get(crate::snapshot::TYPE).map(String::as_str)
+                == Some(crate::snapshot::TYPE_BACKING_IMAGE))
+            .then(|| crate::snapshot::image_name_for(&name));
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            let s = c
+            let mut s = c
                 .controller
                 .create_snapshot(pb::CreateSnapshotRequest {
                     name,
@@ -102,13 +231,31 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
                 .into_inner()
                 .snapshot
                 .unwrap_or_default();
+            if !s.ready_to_use && !wait.no_wait {
+                wait::on_interrupt(format!(
+                    "stopped waiting; snapshot {} is taken and bicsi goes on exporting it (`bicsi snapshot list` shows READY)",
+                    s.snapshot_id
+                ));
+                s = wait_ready(
+                    &mut c,
+                    &s.snapshot_id,
+                    exported.as_deref(),
+                    wait.deadline(),
+                    &server,
+                )
+                .await?;
+            }
             print_header();
             print_row(&s);
             Ok(())
         }
-        SnapshotCommand::List { volume, endpoint } => {
+        SnapshotCommand::List {
+            volume,
+            output,
+            endpoint,
+        } => {
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            print_header();
+            let mut all = Vec::new();
             let mut token = String::new();
             loop {
                 let page = c
@@ -122,17 +269,42 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                for e in page.entries {
-                    print_row(&e.snapshot.unwrap_or_default());
-                }
+                all.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
                 if page.next_token.is_empty() {
-                    return Ok(());
+                    break;
                 }
                 token = page.next_token;
             }
+            match output {
+                Some(ListOutput::Json) => {
+                    super::print_json(&all.iter().map(view).collect::<Vec<_>>())
+                }
+                Some(ListOutput::Yaml) => {
+                    super::print_yaml(&all.iter().map(view).collect::<Vec<_>>())
+                }
+                None | Some(ListOutput::Wide) => {
+                    print_header();
+                    all.iter().for_each(print_row);
+                    Ok(())
+                }
+            }
         }
-        SnapshotCommand::Delete { id, endpoint } => {
+        SnapshotCommand::Delete {
+            id,
+            ignore_not_found,
+            endpoint,
+        } => {
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
+            // DeleteSnapshot of an unknown id succeeds (CSI); the CLI says it was not there, as
+            // `kubectl delete` does.
+            if find(&mut c, &id).await?.is_none() {
+                if ignore_not_found {
+                    return Ok(());
+                }
+                return Err(Error::NotFound(format!(
+                    "snapshot {id:?} not found (--ignore-not-found exits 0 when it is missing)"
+                )));
+            }
             c.controller
                 .delete_snapshot(pb::DeleteSnapshotRequest {
                     snapshot_id: id.clone(),
@@ -140,7 +312,7 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            println!("snapshot {id} deleted");
+            outln!("snapshot {id} deleted");
             Ok(())
         }
         SnapshotCommand::Restore {
@@ -148,48 +320,50 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
             volume,
             size,
             parameters,
+            wait,
             endpoint,
+            server,
         } => {
             let bytes = match size {
                 Some(s) => quantity::parse(&s).map_err(Error::InvalidArgument)?,
                 None => 0,
             };
-            let parameters = parameters
+            let parameters: std::collections::HashMap<String, String> = parameters
                 .iter()
                 .map(|p| parse_parameter(p))
                 .collect::<Result<_>>()?;
+            let image = parameters
+                .get(crate::params::BACKING_IMAGE)
+                .filter(|n| !n.is_empty())
+                .cloned();
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            let v = c
-                .controller
-                .create_volume(pb::CreateVolumeRequest {
-                    name: volume,
-                    capacity_range: (bytes > 0).then_some(pb::CapacityRange {
-                        required_bytes: bytes as i64,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![crate::csi::capability_to_pb(&mount_capability(
-                        None, false,
-                    ))],
-                    parameters,
-                    volume_content_source: Some(pb::VolumeContentSource {
-                        r#type: Some(pb::volume_content_source::Type::Snapshot(
-                            pb::volume_content_source::SnapshotSource {
-                                snapshot_id: snapshot.clone(),
-                            },
-                        )),
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .volume
-                .unwrap_or_default();
-            println!(
-                "volume {} created from snapshot {snapshot} ({})",
-                v.volume_id,
-                quantity::format(v.capacity_bytes.max(0) as u64)
-            );
+            let req = pb::CreateVolumeRequest {
+                name: volume,
+                capacity_range: (bytes > 0).then_some(pb::CapacityRange {
+                    required_bytes: bytes as i64,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![crate::csi::capability_to_pb(&mount_capability(
+                    None, false,
+                ))],
+                parameters,
+                volume_content_source: Some(pb::VolumeContentSource {
+                    r#type: Some(pb::volume_content_source::Type::Snapshot(
+                        pb::volume_content_source::SnapshotSource {
+                            snapshot_id: snapshot.clone(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            };
+            super::volume::create_volume(&mut c, req, image.as_deref(), &wait, &server, |v| {
+                format!(
+                    "volume {} created from snapshot {snapshot} ({})",
+                    v.volume_id,
+                    quantity::format(v.capacity_bytes.max(0) as u64)
+                )
+            })
+            .await?;
             Ok(())
         }
     }
