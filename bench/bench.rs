@@ -43,6 +43,7 @@ use sha2::{Digest, Sha512};
 use tokio::process::Command;
 
 mod control;
+mod create_downloading;
 mod volume_io;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -119,6 +120,9 @@ enum PathName {
     Control,
     /// fio (or dd) through a published volume vs a plain loop device over a raw file (root).
     VolumeIo,
+    /// CreateVolume of volumes from a backing image whose download is still under way (it
+    /// stalls on purpose) vs CreateVolume of plain volumes; target: median under 100 ms.
+    CreateDownloading,
 }
 
 impl PathName {
@@ -377,7 +381,7 @@ async fn run(args: Args) -> Res<bool> {
         let one = attach_unit(size);
         sparse_lens.extend([one, 4 * one]);
     }
-    if paths.contains(&PathName::Control) {
+    if paths.contains(&PathName::Control) || paths.contains(&PathName::CreateDownloading) {
         sparse_lens.insert(attach_unit(size));
     }
     let mut sparse = BTreeMap::new();
@@ -474,6 +478,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::Attach => attach(b, checks).await,
         PathName::Control => control::control(b, checks).await,
         PathName::VolumeIo => volume_io::volume_io(b, checks).await,
+        PathName::CreateDownloading => create_downloading::create_downloading(b, checks).await,
     }
 }
 
@@ -2651,6 +2656,7 @@ async fn start_file_server(files: Vec<(String, PathBuf, u64)>) -> Res<String> {
     let files = files.into_iter().map(|(n, p, l)| (n, (p, l))).collect();
     let app = Router::new()
         .route("/{name}", get(serve_file))
+        .route("/stall/{name}", get(serve_stalling))
         .with_state(Arc::new(Served { files }));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -2733,6 +2739,34 @@ async fn serve_file(
             h.insert(header::CONTENT_RANGE, v);
         }
     }
+    resp
+}
+
+/// `/stall/NAME`: a Range request is answered as `/NAME` answers it; a plain GET sends the
+/// file's length and its first chunk, then nothing more, so a download stays under way.
+async fn serve_stalling(
+    State(f): State<Arc<Served>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.contains_key(header::RANGE) {
+        return serve_file(State(f), UrlPath(name), headers).await;
+    }
+    let Some((path, len)) = f.files.get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let mut first = vec![0u8; (CHUNK as u64).min(len) as usize];
+    let read = std::fs::File::open(&path).and_then(|file| file.read_exact_at(&mut first, 0));
+    if let Err(e) = read {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    let body = futures::StreamExt::chain(
+        futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(first)) }),
+        futures::stream::pending(),
+    );
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }
 

@@ -3,6 +3,7 @@
 //! [`state::transition`]. The file work itself (download, export, copy, transfer) is the nodes'
 //! (`files.rs`); this module must not touch disks, nor know about CSI or HTTP.
 
+pub mod expected;
 pub mod lifecycle;
 pub mod object;
 pub mod state;
@@ -76,6 +77,20 @@ fn set_file(
         },
     );
     Ok(())
+}
+
+/// The message of a first file whose virtual size is not the one volumes were made for.
+pub fn virtual_size_mismatch(bi: &BackingImage, got: u64) -> String {
+    format!(
+        "virtual size mismatch: volumes were made for the {} bytes learned from {}, but the file's virtual size is {got} bytes; the file at the source changed: delete the volumes made from backing image {:?} and the image, then create them again",
+        bi.status.expected_virtual_size,
+        if bi.status.expected_virtual_size_from.is_empty() {
+            "the source"
+        } else {
+            &bi.status.expected_virtual_size_from
+        },
+        bi.name()
+    )
 }
 
 impl BackingImages {
@@ -255,6 +270,13 @@ impl BackingImages {
                             bi.status.checksum, ready.checksum
                         ),
                     );
+                } else if bi.status.expected_virtual_size > 0
+                    && !bi.has_ready_file()
+                    && ready.virtual_size != bi.status.expected_virtual_size
+                {
+                    let message = virtual_size_mismatch(bi, ready.virtual_size);
+                    bi.status.message = message.clone();
+                    report = FileReport::new(FileState::Failed, 0, message);
                 } else {
                     if bi.status.checksum.is_empty() {
                         bi.status.checksum = ready.checksum.clone();
@@ -382,6 +404,17 @@ impl BackingImages {
                     return Err(Error::InvalidArgument(format!(
                         "{BACKING_IMAGE_CHECKSUM} {c} differs from the checksum of the existing backing image {name:?}: {known}"
                     )));
+                }
+                if known.is_empty() {
+                    // What CreateVolume was told is kept: the first file must match it.
+                    return self
+                        .update(name, |b| {
+                            if b.status.checksum.is_empty() {
+                                b.status.checksum = c.clone();
+                            }
+                            Ok(())
+                        })
+                        .await;
                 }
             }
             return Ok(bi);

@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use crate::agent::DiskSpace;
 use crate::backing::BackingImages;
-use crate::backing::object::BackingImage;
-use crate::backing::state::FileState;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::guard::Guards;
@@ -310,14 +308,20 @@ impl Controller {
             return self.create_from_source(&req, p, &id).await;
         }
 
+        // The volume is made as soon as its size is known; its replicas over an image whose
+        // file is not ready yet are made at attach, which is where waiting belongs.
         let image = match &p.backing_image {
-            Some(b) => Some(self.ready_image(b).await?),
+            Some(b) => {
+                let bi = self.backing.ensure_for_volume(b).await?;
+                let virtual_size = self.backing.virtual_size_for_volume(&bi).await?;
+                Some((bi, virtual_size))
+            }
             None => None,
         };
         let size = match &image {
-            Some(bi) => {
+            Some((bi, virtual_size)) => {
                 const MIB: u64 = 1 << 20;
-                let virtual_size = bi.status.virtual_size;
+                let virtual_size = *virtual_size;
                 let size = size_for_range(
                     req.required_bytes,
                     req.limit_bytes,
@@ -347,7 +351,7 @@ impl Controller {
         let chosen = place_replicas(disks, wanted as usize);
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
-        let image_name = image.as_ref().map(|bi| bi.name().to_string());
+        let image_name = image.as_ref().map(|(bi, _)| bi.name().to_string());
         let mut replicas: Vec<Replica> = Vec::new();
         for d in &chosen {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
@@ -439,23 +443,20 @@ impl Controller {
         }
     }
 
-    /// The volume's backing image with a ready file, or why not yet: Unavailable while it is
-    /// being prepared (the provisioner retries), FailedPrecondition when every file failed.
-    async fn ready_image(&self, req: &params::BackingImageRequest) -> Result<BackingImage> {
+    /// The backing image a restore rebases onto, with a ready file (the rebase reads it), or why
+    /// not yet: Unavailable while it is being prepared (the provisioner retries),
+    /// FailedPrecondition when it failed. Plain volumes never wait: see `create_volume`.
+    async fn ready_image(
+        &self,
+        req: &params::BackingImageRequest,
+    ) -> Result<crate::backing::object::BackingImage> {
         let bi = self.backing.ensure_for_volume(req).await?;
         if bi.has_ready_file() {
             return Ok(bi);
         }
-        let files = &bi.status.disk_file_status_map;
-        if !files.is_empty() && files.values().all(|f| f.state == FileState::Failed) {
-            return Err(Error::FailedPrecondition(format!(
-                "backing image {:?} failed: {}; fix its source, delete it and create it again",
-                bi.name(),
-                BackingImages::describe(&bi)
-            )));
-        }
+        self.backing.check_not_failed(&bi)?;
         Err(Error::Unavailable(format!(
-            "backing image {:?} is being prepared ({}); the volume is created when it is ready",
+            "backing image {:?} is being prepared ({}); a volume restored onto it is created when it is ready",
             bi.name(),
             BackingImages::describe(&bi)
         )))
@@ -563,6 +564,12 @@ impl Controller {
                 )));
             }
             None => {}
+        }
+        if let Some(image) = &volume.spec.backing_image {
+            // A volume made before its image's file was ready never attaches over a file
+            // that turned out wrong, nor waits for one that cannot come.
+            let bi = self.backing.must_get(image)?;
+            self.backing.check_not_failed(&bi)?;
         }
         let limit = self
             .store

@@ -325,6 +325,101 @@ pub async fn download(
     .await
 }
 
+/// The first bytes of a URL and what the server says of the whole file, learned without
+/// downloading it: see [`head`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// At most the number of bytes asked for, from offset 0 (fewer when the file is shorter).
+    pub bytes: Vec<u8>,
+    /// The whole file's length: the Content-Range total of a 206 answer, or the Content-Length
+    /// of a 200 one; None when the server says neither.
+    pub total: Option<u64>,
+}
+
+/// Fetches the first `len` bytes of `url` with one ranged GET (`Range: bytes=0-<len-1>`), so a
+/// caller learns the image's size before the download is done. A server that ignores Range
+/// answers the whole file: only `len` bytes are read and the connection is dropped. Nothing is
+/// retried; `timeout` bounds the whole call.
+pub async fn head(url: &str, len: usize, timeout: Duration) -> Result<Head, DownloadError> {
+    let parsed = validate_url(url)?;
+    let shown = redact(&parsed);
+    let client = reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+        .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| DownloadError::Client(error_chain(&e.without_url())))?;
+    let idle = |_| DownloadError::IdleTimeout {
+        url: shown.clone(),
+        idle: timeout,
+        attempts: 1,
+    };
+    let work = async {
+        let response = client
+            .get(parsed.clone())
+            .header(header::ACCEPT_ENCODING, "identity")
+            .header(header::RANGE, format!("bytes=0-{}", len.max(1) - 1))
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_redirect() {
+                    DownloadError::Redirect {
+                        url: shown.clone(),
+                        detail: error_chain(&e.without_url()),
+                    }
+                } else {
+                    DownloadError::Connection {
+                        url: shown.clone(),
+                        attempts: 1,
+                        last: error_chain(&e.without_url()),
+                    }
+                }
+            })?;
+        let status = response.status();
+        let total = match status {
+            StatusCode::PARTIAL_CONTENT => content_range(response.headers())
+                .filter(|(start, _)| *start == 0)
+                .ok_or_else(|| DownloadError::Connection {
+                    url: shown.clone(),
+                    attempts: 1,
+                    last: format!(
+                        "the server answered a Range request from byte 0 with Content-Range {:?}",
+                        response.headers().get(header::CONTENT_RANGE)
+                    ),
+                })?
+                .1,
+            StatusCode::OK => response.content_length(),
+            s => {
+                return Err(DownloadError::HttpStatus {
+                    url: shown.clone(),
+                    status: s,
+                    attempts: 1,
+                });
+            }
+        };
+        let mut bytes = Vec::with_capacity(len);
+        let mut body = response.bytes_stream();
+        while bytes.len() < len {
+            match body.next().await {
+                None => break,
+                Some(Err(e)) => {
+                    return Err(DownloadError::Connection {
+                        url: shown.clone(),
+                        attempts: 1,
+                        last: error_chain(&e.without_url()),
+                    });
+                }
+                Some(Ok(chunk)) => {
+                    let take = chunk.len().min(len - bytes.len());
+                    bytes.extend_from_slice(&chunk[..take]);
+                }
+            }
+        }
+        Ok(Head { bytes, total })
+    };
+    tokio::time::timeout(timeout, work).await.map_err(idle)?
+}
+
 /// Removes the temp file when dropped (on error, cancellation, or a dropped future).
 struct RemoveOnDrop(Option<PathBuf>);
 

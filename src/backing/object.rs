@@ -73,6 +73,10 @@ fn one() -> u32 {
     1
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// The state of the image's file on one disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -112,6 +116,14 @@ pub struct BackingImageStatus {
     /// Disk id → the file's state on that disk.
     #[serde(default)]
     pub disk_file_status_map: BTreeMap<String, DiskFileStatus>,
+    /// The virtual size learned before the first file was ready (from the head of the download,
+    /// or the size of the volume to export), which volumes made meanwhile were sized for: the
+    /// first ready file must have it. 0 while nothing was learned.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expected_virtual_size: u64,
+    /// Where `expected_virtual_size` was learned, for messages ("the qcow2 header at the URL").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub expected_virtual_size_from: String,
     /// What a user must know about the image as a whole (an uploaded image that cannot be
     /// recovered, for one); empty when all is well.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -85,6 +85,45 @@ impl Controller {
             .await
     }
 
+    /// A volume created before its backing image's file was ready has deferred replicas until
+    /// its first attach. A snapshot of it (its content is the image's, as nothing wrote it yet)
+    /// makes them now where the file is ready; while no file is, it answers Unavailable with
+    /// where the image stands, and the CO's retry takes the snapshot.
+    async fn make_deferred_replicas(&self, mut volume: Volume) -> Result<Volume> {
+        let Some(image) = volume.spec.backing_image.clone() else {
+            return Ok(volume);
+        };
+        if volume.replicas.iter().all(|r| !r.deferred) {
+            return Ok(volume);
+        }
+        let mut made = false;
+        for r in volume.replicas.iter_mut().filter(|r| r.deferred) {
+            let Ok(agent) = self.cluster.agent(&r.node_id) else {
+                continue;
+            };
+            if agent
+                .create_replica(r, volume.spec.capacity_bytes, Some(&image))
+                .await?
+            {
+                r.deferred = false;
+                made = true;
+            }
+        }
+        if made {
+            self.store.put(Kind::Volume, &volume.id, &volume)?;
+        }
+        if volume.replicas.iter().all(|r| r.deferred) {
+            let bi = self.backing.must_get(&image)?;
+            self.backing.check_not_failed(&bi)?;
+            return Err(Error::Unavailable(format!(
+                "volume {:?} has not been attached and its backing image {image:?} is being prepared ({}); the snapshot can be taken once the image is ready",
+                volume.id,
+                crate::backing::BackingImages::describe(&bi)
+            )));
+        }
+        Ok(volume)
+    }
+
     pub(super) async fn delete_files(&self, files: &[SnapshotFile]) -> Result<()> {
         let mut by_node: BTreeMap<&str, Vec<SnapshotFile>> = BTreeMap::new();
         for f in files {
@@ -150,6 +189,7 @@ impl Controller {
                 req.name, e.name
             )));
         }
+        let volume = self.make_deferred_replicas(volume).await?;
         let files = self.capture(&id, &volume).await?;
         let (secs, nanos) = now();
         let snapshot = Snapshot {
@@ -289,6 +329,7 @@ impl Controller {
                 (None, Some(vid)) => {
                     let source = self.must_get(vid)?;
                     let _source_guard = self.guards.try_take(&source.id, "volume")?;
+                    let source = self.make_deferred_replicas(source).await?;
                     p.number_of_replicas
                         .get_or_insert(source.spec.number_of_replicas);
                     // A leading '.' never starts a snapshot id (see `volume_id_for`).

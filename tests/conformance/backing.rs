@@ -257,9 +257,11 @@ async fn create_volume_with_the_seed_storage_class_parameters() {
         .await
         .unwrap();
     assert_eq!(v.capacity_bytes, 64 * MIB);
-    let img = get_image(&b, "bi-sc")
-        .await
-        .expect("image created by CreateVolume");
+    assert!(
+        get_image(&b, "bi-sc").await.is_some(),
+        "image created by CreateVolume"
+    );
+    let img = wait_final(&b, "bi-sc").await;
     assert_eq!(img["status"]["checksum"], sha512(&raw));
     // Again: the same volume.
     let again = create_retrying(&mut c, create_with("pvc-1", 64 * MIB, &params, mount_cap()))
@@ -712,4 +714,225 @@ spec:
         b"from the source volume"
     );
     detach(&mut c, "from-export", &st, &tg).await;
+}
+
+/// The seed's StorageClass parameters with one replica (one disk here).
+fn one_replica_params(url: &str, image: &str) -> Vec<(String, String)> {
+    let mut p = seed_sc_params(url, image);
+    p[0].1 = "1".into();
+    p
+}
+
+/// ControllerPublishVolume once, from the test's node.
+async fn publish_once(
+    c: &mut bicsi::client::CsiClient,
+    id: &str,
+) -> Result<tonic::Response<pb::ControllerPublishVolumeResponse>, tonic::Status> {
+    c.controller
+        .controller_publish_volume(cpublish_req(id, mount_cap(), false))
+        .await
+}
+
+#[tokio::test]
+async fn create_volume_answers_at_once_while_the_image_downloads_and_attach_waits() {
+    if !root_or_skip("create_volume_answers_at_once_while_the_image_downloads_and_attach_waits") {
+        return;
+    }
+    let b = Bicsi::start(1).await;
+    let mut c = b.client().await;
+    let work = b.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = ext4_image(&work, 24);
+    let qcow = to_qcow2(&work, &raw);
+    let server = ImageServer::start(
+        [
+            ("slow.raw".to_string(), raw.clone()),
+            ("slow.qcow2".to_string(), qcow.clone()),
+        ]
+        .into(),
+    )
+    .await;
+    // Minutes at this rate: both images are still downloading while the test looks.
+    server.set_rate(128 * 1024);
+    for (image, file) in [("slow-raw", "slow.raw"), ("slow-qcow2", "slow.qcow2")] {
+        let id = format!("vol-{image}");
+        let params = one_replica_params(&server.url(file), image);
+        let started = Instant::now();
+        let v = c
+            .controller
+            .create_volume(create_with(&id, 0, &params, mount_cap()))
+            .await
+            .unwrap_or_else(|s| panic!("CreateVolume {id}: {s:?}"))
+            .into_inner()
+            .volume
+            .unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "{image}: took {took:?}");
+        assert_eq!(v.capacity_bytes, 24 * MIB, "{image}: the virtual size");
+        let img = get_image(&b, image).await.unwrap();
+        assert!(
+            file_states(&img).iter().all(|(s, _)| s != "ready"),
+            "{image} still downloading: {img}"
+        );
+        assert_eq!(img["status"]["expectedVirtualSize"], 24 * MIB, "{img}");
+        // Again: the same volume, answered from what was learned.
+        let again = c
+            .controller
+            .create_volume(create_with(&id, 0, &params, mount_cap()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(again.volume_id, v.volume_id);
+        // Attach is where the waiting is: Unavailable with the progress.
+        let s = publish_once(&mut c, &id).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+        assert!(
+            s.message().contains("being prepared") && s.message().contains('%'),
+            "{}",
+            s.message()
+        );
+    }
+    server.set_rate(0);
+    for image in ["slow-raw", "slow-qcow2"] {
+        let id = format!("vol-{image}");
+        let (st, tg) = attach(&mut c, &b, &id, mount_cap()).await;
+        assert_eq!(
+            std::fs::read_to_string(tg.join("hello.txt")).unwrap(),
+            "hello from the backing image\n",
+            "{image}"
+        );
+        detach(&mut c, &id, &st, &tg).await;
+        let img = wait_final(&b, image).await;
+        assert_eq!(img["status"]["virtualSize"], 24 * MIB, "{img}");
+    }
+}
+
+#[tokio::test]
+async fn a_file_whose_virtual_size_differs_from_its_head_fails_the_image_and_its_volumes() {
+    let b = Bicsi::start(1).await;
+    let mut c = b.client().await;
+    let work = b.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = ext4_image(&work, 16);
+    let q = work.join("head.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&q)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let head = std::fs::read(&q).unwrap();
+    let server = ImageServer::start(
+        [
+            ("head.qcow2".to_string(), head),
+            ("body.raw".to_string(), raw),
+        ]
+        .into(),
+    )
+    .await;
+    let url = format!("{}/liar/head.qcow2/body.raw", server.base);
+    let params = one_replica_params(&url, "bi-liar");
+    let v = c
+        .controller
+        .create_volume(create_with("vol-liar", 0, &params, mount_cap()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 64 * MIB, "the size the head announced");
+    let img = wait_final(&b, "bi-liar").await;
+    let (state, msg) = file_states(&img).remove(0);
+    assert_eq!(state, "failed", "{img}");
+    let (want, got) = ((64 * MIB).to_string(), (16 * MIB).to_string());
+    assert!(
+        msg.contains("virtual size mismatch") && msg.contains(&want) && msg.contains(&got),
+        "{msg}"
+    );
+    assert!(
+        img["status"]["message"].as_str().unwrap().contains(&got),
+        "{img}"
+    );
+    assert_code(
+        publish_once(&mut c, "vol-liar").await,
+        Code::FailedPrecondition,
+        "backing image \"bi-liar\"",
+    );
+    let (_, yaml, _) = b.cli(&["get", "backingimage", "bi-liar", "-o", "yaml"]);
+    assert!(yaml.contains("virtual size mismatch"), "{yaml}");
+}
+
+#[tokio::test]
+async fn a_source_that_gives_no_size_answers_unavailable_saying_why() {
+    let b = Bicsi::start(1).await;
+    let mut c = b.client().await;
+    let work = b.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = ext4_image(&work, 8);
+    let mut gz = vec![0x1f, 0x8b, 8, 0];
+    gz.extend(std::iter::repeat_n(7u8, 100_000));
+    let server = ImageServer::start(
+        [
+            ("plain.raw".to_string(), raw.clone()),
+            ("disk.raw.gz".to_string(), gz),
+        ]
+        .into(),
+    )
+    .await;
+    server.set_rate(64 * 1024);
+    // RAW without Content-Length: nothing says the size until the whole file is in.
+    let url = format!("{}/nolength/plain.raw", server.base);
+    let params = one_replica_params(&url, "bi-nolength");
+    assert_code(
+        c.controller
+            .create_volume(create_with("vol-nolength", 0, &params, mount_cap()))
+            .await,
+        Code::Unavailable,
+        "neither the file's length",
+    );
+    // A compressed file: it can never be a disk, and CreateVolume says so.
+    let params_gz = one_replica_params(&server.url("disk.raw.gz"), "bi-gz");
+    assert_code(
+        c.controller
+            .create_volume(create_with("vol-gz", 0, &params_gz, mount_cap()))
+            .await,
+        Code::FailedPrecondition,
+        "gzip-compressed",
+    );
+    // An image that waits for its upload has no size yet either.
+    let f = b.path("up.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: bi-up\nspec:\n  sourceType: upload\n",
+    )
+    .unwrap();
+    let (ok, out, err) = b.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let by_name = vec![
+        ("backingImage".to_string(), "bi-up".to_string()),
+        ("numberOfReplicas".to_string(), "1".to_string()),
+    ];
+    assert_code(
+        c.controller
+            .create_volume(create_with("vol-up", 0, &by_name, mount_cap()))
+            .await,
+        Code::Unavailable,
+        "waits for its upload",
+    );
+    // Once the file is ready its size is known.
+    server.set_rate(0);
+    let img = wait_final(&b, "bi-nolength").await;
+    assert_eq!(file_states(&img)[0].0, "ready", "{img}");
+    let v = c
+        .controller
+        .create_volume(create_with("vol-nolength", 0, &params, mount_cap()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 8 * MIB);
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path as UrlPath, State};
@@ -19,18 +20,98 @@ use bicsi::csi::pb;
 /// Files served by the test's HTTP server, by name.
 type Files = Arc<HashMap<String, Vec<u8>>>;
 
-pub struct ImageServer {
-    pub base: String,
+/// Bytes per second the server sends (0: as fast as it goes).
+type Rate = Arc<AtomicU64>;
+
+#[derive(Clone)]
+struct Shared {
+    files: Files,
+    rate: Rate,
 }
 
-async fn serve_file(State(files): State<Files>, UrlPath(name): UrlPath<String>) -> Response {
-    match files.get(&name) {
+pub struct ImageServer {
+    pub base: String,
+    rate: Rate,
+}
+
+/// The body of `bytes`, in 64 KiB pieces at the server's rate (read again for every piece, so
+/// a test can speed up a transfer that is under way).
+fn paced(bytes: Vec<u8>, rate: Rate) -> axum::body::Body {
+    let bytes = bytes::Bytes::from(bytes);
+    let body = futures::stream::unfold(0usize, move |at| {
+        let (bytes, rate) = (bytes.clone(), rate.clone());
+        async move {
+            if at >= bytes.len() {
+                return None;
+            }
+            let end = (at + 64 * 1024).min(bytes.len());
+            let r = rate.load(Ordering::Relaxed);
+            if r > 0 {
+                tokio::time::sleep(Duration::from_nanos((end - at) as u64 * 1_000_000_000 / r))
+                    .await;
+            }
+            Some((Ok::<_, std::io::Error>(bytes.slice(at..end)), end))
+        }
+    });
+    axum::body::Body::from_stream(body)
+}
+
+/// `/img/NAME`: the whole file (Range ignored), with its length.
+async fn serve_file(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> Response {
+    match s.files.get(&name) {
         Some(bytes) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            bytes.clone(),
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::CONTENT_LENGTH, bytes.len().to_string()),
+            ],
+            paced(bytes.clone(), s.rate.clone()),
         )
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// `/nolength/NAME`: the whole file without Content-Length (chunked), Range ignored.
+async fn serve_without_length(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> Response {
+    match s.files.get(&name) {
+        Some(bytes) => paced(bytes.clone(), s.rate.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// `/liar/HEAD/BODY`: a Range request for the start gets the start of file HEAD (206, with
+/// HEAD's length as the total); a plain GET gets file BODY. A file that changed between the
+/// two requests looks like this.
+async fn serve_liar(
+    State(s): State<Shared>,
+    UrlPath((head, body)): UrlPath<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let (Some(h), Some(b)) = (s.files.get(&head), s.files.get(&body)) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let range_end = headers.get(header::RANGE).and_then(|v| {
+        v.to_str()
+            .ok()?
+            .strip_prefix("bytes=0-")?
+            .parse::<usize>()
+            .ok()
+    });
+    match range_end {
+        Some(end) => {
+            let end = end.min(h.len() - 1);
+            (
+                StatusCode::PARTIAL_CONTENT,
+                [(header::CONTENT_RANGE, format!("bytes 0-{end}/{}", h.len()))],
+                h[..=end].to_vec(),
+            )
+                .into_response()
+        }
+        None => (
+            [(header::CONTENT_LENGTH, b.len().to_string())],
+            paced(b.clone(), s.rate.clone()),
+        )
+            .into_response(),
     }
 }
 
@@ -44,18 +125,30 @@ async fn redirect(UrlPath(name): UrlPath<String>) -> Response {
 
 impl ImageServer {
     pub async fn start(files: HashMap<String, Vec<u8>>) -> ImageServer {
+        let shared = Shared {
+            files: Arc::new(files),
+            rate: Arc::new(AtomicU64::new(0)),
+        };
+        let rate = shared.rate.clone();
         let app = axum::Router::new()
             .route("/img/{name}", axum::routing::get(serve_file))
+            .route("/nolength/{name}", axum::routing::get(serve_without_length))
+            .route("/liar/{head}/{body}", axum::routing::get(serve_liar))
             .route("/redirect/{name}", axum::routing::get(redirect))
-            .with_state(Arc::new(files));
+            .with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        ImageServer { base }
+        ImageServer { base, rate }
     }
 
     pub fn url(&self, name: &str) -> String {
         format!("{}/img/{name}", self.base)
+    }
+
+    /// Sends at most `bytes_per_sec` from now on (0: as fast as it goes).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 }
 

@@ -635,14 +635,20 @@ async fn wait_snapshot_ready(
 ) -> pb::Snapshot {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = c
+        // A volume made while its image downloads has no replica file until the image is
+        // ready: its snapshot answers Unavailable until then, and the CO retries.
+        let s = match c
             .controller
             .create_snapshot(snap_req(name, source, params))
             .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+        {
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                assert!(s.message().contains("being prepared"), "{}", s.message());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            r => r.unwrap().into_inner().snapshot.unwrap(),
+        };
         if s.ready_to_use {
             return s;
         }
