@@ -506,7 +506,11 @@ impl Agent for LocalAgent {
             .filter(|r| r.node_id == self.node_id)
             .map(|r| r.path.clone())
             .collect();
-        let (os, data_dir, id) = (self.os.clone(), self.data_dir.clone(), volume_id.to_string());
+        let (os, data_dir, id) = (
+            self.os.clone(),
+            self.data_dir.clone(),
+            volume_id.to_string(),
+        );
         if blocking(move || remove_attach_leftovers(&os, &data_dir, &id, &replicas)).await? {
             tracing::info!(volume = %volume_id, node = %self.node_id, "removed what an attach left behind");
         }

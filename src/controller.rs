@@ -394,9 +394,7 @@ impl Controller {
             spec: VolumeSpec {
                 name: req.name.clone(),
                 capacity_bytes: size,
-                number_of_replicas: p
-                    .number_of_replicas
-                    .unwrap_or(replicas.len() as u32),
+                number_of_replicas: p.number_of_replicas.unwrap_or(replicas.len() as u32),
                 stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
                 fs_type: p.fs_type,
                 backing_image,

@@ -297,7 +297,11 @@ impl NodeAgent {
             // its steps, left an engine, a loop device, perhaps a mount: found by the volume's
             // id, they go now.
             let replicas = self.local_replica_paths(volume_id)?;
-            let (os, data_dir, id) = (self.os.clone(), self.data_dir.clone(), volume_id.to_string());
+            let (os, data_dir, id) = (
+                self.os.clone(),
+                self.data_dir.clone(),
+                volume_id.to_string(),
+            );
             if blocking(move || remove_attach_leftovers(&os, &data_dir, &id, &replicas)).await? {
                 tracing::info!(volume = %volume_id, "removed what a failed stage left behind");
             }

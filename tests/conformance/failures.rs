@@ -170,7 +170,11 @@ fn replica_files(b: &Bicsi, id: &str) -> Vec<PathBuf> {
         };
         for e in entries.flatten() {
             let file = e.path().join("volume.qcow2");
-            if e.file_name().to_string_lossy().starts_with(&format!("{id}-")) && file.exists() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{id}-"))
+                && file.exists()
+            {
                 out.push(file);
             }
         }
