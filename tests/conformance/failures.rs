@@ -362,3 +362,44 @@ async fn delete_removes_what_an_old_failed_stage_left() {
     assert_nothing_left(&b, &mut c, "oldleft2", &staging).await;
     assert!(replica_files(&b, "oldleft2").is_empty());
 }
+
+#[tokio::test]
+async fn cli_attach_of_an_xfs_volume_without_mkfs_xfs_fails_and_detach_and_delete_leave_nothing() {
+    if !root_or_skip(
+        "cli_attach_of_an_xfs_volume_without_mkfs_xfs_fails_and_detach_and_delete_leave_nothing",
+    ) {
+        return;
+    }
+    // The steps, on a host without xfsprogs.
+    let b = bicsi_with(&["mkfs.xfs"], &[]).await;
+    let (ok, out, err) = b.cli(&[
+        "volume",
+        "create",
+        "vx",
+        "--size",
+        "1",
+        "-p",
+        "numberOfReplicas=1",
+        "-p",
+        "fsType=xfs",
+    ]);
+    assert!(ok, "{out}{err}");
+    let mnt = b.path("mnt");
+    let (ok, out, err) = b.cli(&["volume", "attach", "vx", "--mount", mnt.to_str().unwrap()]);
+    assert!(!ok, "attach without mkfs.xfs succeeded: {out}");
+    assert!(err.contains("mkfs.xfs"), "{err}");
+    let mut c = b.client().await;
+    let staging = b
+        .path("csi.sock")
+        .parent()
+        .unwrap()
+        .join("cli-attach/vx/staging");
+    assert_nothing_left(&b, &mut c, "vx", &staging).await;
+    assert_logged(&b, "NodeStageVolume", Code::Internal, "vx");
+    let (ok, out, err) = b.cli(&["volume", "detach", "vx"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = b.cli(&["volume", "delete", "vx"]);
+    assert!(ok, "{out}{err}");
+    assert_nothing_left(&b, &mut c, "vx", &staging).await;
+    assert!(replica_files(&b, "vx").is_empty());
+}
