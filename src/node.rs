@@ -6,6 +6,8 @@
 //! Publish: a bind mount of the staging mount (or of the device node, for block) onto the target.
 //! Every step is idempotent and checked against the real system, so a restart of bicsi re-adopts
 //! what is running (the daemon outlives bicsi) and a half-done stage is finished or redone.
+//! A stage that fails undoes the steps it took, so a failed attach leaves no engine, loop device
+//! or mount behind; an unstage without a record removes what older versions' failed stages left.
 //! It must not decide anything about placement or attachment: that is the controller's.
 
 use std::path::{Path, PathBuf};
