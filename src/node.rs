@@ -164,6 +164,16 @@ impl NodeAgent {
     /// Logs what survived a restart; the next Node call on each volume repairs what did not.
     pub async fn readopt(&self) -> Result<()> {
         let records: Vec<NodeVolume> = self.local.list(Kind::NodeVolume)?;
+        // Run directories no record owns are what failed stages of older versions left; only
+        // named here (at startup a spelling of --data-dir other than the records' must not stop
+        // live engines): detaching or deleting their volume removes them.
+        if let Ok(entries) = std::fs::read_dir(self.data_dir.join("engines")) {
+            for dir in entries.flatten().map(|e| e.path()) {
+                if !records.iter().any(|r| r.engine_dir == dir) {
+                    tracing::warn!(run_dir = %dir.display(), "an engine run directory without a stage record (a failed stage left it); detach or delete its volume to remove it");
+                }
+            }
+        }
         for rec in records {
             let os = self.os.clone();
             let r = rec.clone();

@@ -344,6 +344,12 @@ async fn unstage_removes_what_an_old_failed_stage_left() {
     // A restart of bicsi does not change what is left, nor what the next detach removes.
     let mut b = b;
     b.restart().await;
+    assert!(
+        b.log()
+            .contains("an engine run directory without a stage record"),
+        "the restart does not name the leftover engine:\n{}",
+        b.log()
+    );
     let mut c = b.client().await;
     detach_and_delete(&b, &mut c, "oldleft", &staging).await;
 }
