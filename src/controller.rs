@@ -891,6 +891,33 @@ mod tests {
     }
 
     #[test]
+    fn small_requests_are_raised_to_the_minimum_or_refused() {
+        let mib = 1u64 << 20;
+        let table: &[(u64, u64, Result<u64, tonic::Code>)] = &[
+            (0, 0, Ok(0)),
+            (1, 0, Ok(4 * mib)),
+            (4 * mib, 0, Ok(4 * mib)),
+            (5 * mib, 0, Ok(5 * mib)),
+            (1, 4 * mib, Ok(4 * mib)),
+            (0, 4 * mib, Ok(0)),
+            (1, 2 * mib, Err(tonic::Code::OutOfRange)),
+            (0, 2 * mib, Err(tonic::Code::OutOfRange)),
+        ];
+        for (required, limit, want) in table {
+            let req = CreateVolume {
+                name: "v".into(),
+                required_bytes: *required,
+                limit_bytes: *limit,
+                ..CreateVolume::default()
+            };
+            let got = raise_to_minimum(req, 4 * mib, "an ext4 filesystem")
+                .map(|r| r.required_bytes)
+                .map_err(|e| e.code());
+            assert_eq!(got, *want, "required {required} limit {limit}");
+        }
+    }
+
+    #[test]
     fn volume_ids_are_stable_and_safe() {
         assert_eq!(volume_id_for("pvc-1234"), "pvc-1234");
         let weird = volume_id_for("a/b c");
