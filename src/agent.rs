@@ -1,7 +1,8 @@
 //! What the controller asks of a node agent: replica files on its disks, backing image files,
-//! free space. One trait, two implementations: [`LocalAgent`] works on this process's disks (the
-//! all-in-one mode, and the node side of the split mode), `remote::RemoteAgent` forwards the
-//! same calls over gRPC. The controller never touches a disk directly.
+//! free space, and the removal of what a failed attach left on the node. One trait, two
+//! implementations: [`LocalAgent`] works on this process's disks (the all-in-one mode, and the
+//! node side of the split mode), `remote::RemoteAgent` forwards the same calls over gRPC. The
+//! controller never touches a disk directly.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -527,7 +528,11 @@ impl Agent for LocalAgent {
             .filter(|r| r.node_id == self.node_id)
             .map(|r| r.path.clone())
             .collect();
-        let (os, data_dir, id) = (self.os.clone(), self.data_dir.clone(), volume_id.to_string());
+        let (os, data_dir, id) = (
+            self.os.clone(),
+            self.data_dir.clone(),
+            volume_id.to_string(),
+        );
         if blocking(move || remove_attach_leftovers(&os, &data_dir, &id, &replicas)).await? {
             tracing::info!(volume = %volume_id, node = %self.node_id, "removed what an attach left behind");
         }

@@ -413,9 +413,7 @@ impl Controller {
             spec: VolumeSpec {
                 name: req.name.clone(),
                 capacity_bytes: size,
-                number_of_replicas: p
-                    .number_of_replicas
-                    .unwrap_or(replicas.len() as u32),
+                number_of_replicas: p.number_of_replicas.unwrap_or(replicas.len() as u32),
                 stale_replica_timeout_minutes: p.stale_replica_timeout_minutes,
                 fs_type: p.fs_type,
                 backing_image,
@@ -943,6 +941,33 @@ mod tests {
         for (req, lim, want) in table {
             let got = size_for_range(*req, *lim, DEFAULT_VOLUME_SIZE).map_err(|e| e.code());
             assert_eq!(got, *want, "required {req} limit {lim}");
+        }
+    }
+
+    #[test]
+    fn small_requests_are_raised_to_the_minimum_or_refused() {
+        let mib = 1u64 << 20;
+        let table: &[(u64, u64, Result<u64, tonic::Code>)] = &[
+            (0, 0, Ok(0)),
+            (1, 0, Ok(4 * mib)),
+            (4 * mib, 0, Ok(4 * mib)),
+            (5 * mib, 0, Ok(5 * mib)),
+            (1, 4 * mib, Ok(4 * mib)),
+            (0, 4 * mib, Ok(0)),
+            (1, 2 * mib, Err(tonic::Code::OutOfRange)),
+            (0, 2 * mib, Err(tonic::Code::OutOfRange)),
+        ];
+        for (required, limit, want) in table {
+            let req = CreateVolume {
+                name: "v".into(),
+                required_bytes: *required,
+                limit_bytes: *limit,
+                ..CreateVolume::default()
+            };
+            let got = raise_to_minimum(req, 4 * mib, "an ext4 filesystem")
+                .map(|r| r.required_bytes)
+                .map_err(|e| e.code());
+            assert_eq!(got, *want, "required {required} limit {limit}");
         }
     }
 

@@ -6,6 +6,8 @@
 //! Publish: a bind mount of the staging mount (or of the device node, for block) onto the target.
 //! Every step is idempotent and checked against the real system, so a restart of bicsi re-adopts
 //! what is running (the daemon outlives bicsi) and a half-done stage is finished or redone.
+//! A stage that fails undoes the steps it took, so a failed attach leaves no engine, loop device
+//! or mount behind; an unstage without a record removes what older versions' failed stages left.
 //! It must not decide anything about placement or attachment: that is the controller's.
 
 use std::path::{Path, PathBuf};
@@ -176,6 +178,16 @@ impl NodeAgent {
     /// Logs what survived a restart; the next Node call on each volume repairs what did not.
     pub async fn readopt(&self) -> Result<()> {
         let records: Vec<NodeVolume> = self.local.list(Kind::NodeVolume)?;
+        // Run directories no record owns are what failed stages of older versions left; only
+        // named here (at startup a spelling of --data-dir other than the records' must not stop
+        // live engines): detaching or deleting their volume removes them.
+        if let Ok(entries) = std::fs::read_dir(self.data_dir.join("engines")) {
+            for dir in entries.flatten().map(|e| e.path()) {
+                if !records.iter().any(|r| r.engine_dir == dir) {
+                    tracing::warn!(run_dir = %dir.display(), "an engine run directory without a stage record (a failed stage left it); detach or delete its volume to remove it");
+                }
+            }
+        }
         for rec in records {
             let os = self.os.clone();
             let r = rec.clone();
@@ -311,7 +323,11 @@ impl NodeAgent {
             // its steps, left an engine, a loop device, perhaps a mount: found by the volume's
             // id, they go now.
             let replicas = self.local_replica_paths(volume_id)?;
-            let (os, data_dir, id) = (self.os.clone(), self.data_dir.clone(), volume_id.to_string());
+            let (os, data_dir, id) = (
+                self.os.clone(),
+                self.data_dir.clone(),
+                volume_id.to_string(),
+            );
             if blocking(move || remove_attach_leftovers(&os, &data_dir, &id, &replicas)).await? {
                 tracing::info!(volume = %volume_id, "removed what a failed stage left behind");
             }

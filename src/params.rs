@@ -177,7 +177,10 @@ pub const MIN_XFS_SIZE: u64 = 300 << 20;
 pub fn minimum_size(caps: &[crate::model::Capability], fs_type: Option<&str>) -> (u64, String) {
     let mut min = (MIN_BLOCK_SIZE, "a volume".to_string());
     for cap in caps {
-        if let crate::model::AccessType::Mount { fs_type: cap_fs, .. } = &cap.access {
+        if let crate::model::AccessType::Mount {
+            fs_type: cap_fs, ..
+        } = &cap.access
+        {
             let fs = Some(cap_fs.as_str())
                 .filter(|f| !f.is_empty())
                 .or(fs_type)

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::pb::controller_server::Controller as CsiController;
-use super::{
-    Rpc, capability_from_pb, capability_to_pb, pb, required, required_capability,
-};
+use super::{Rpc, capability_from_pb, capability_to_pb, pb, required, required_capability};
 use crate::controller::snapshot::CreateSnapshot;
 use crate::controller::{Controller, CreateVolume};
 use crate::error::Error;

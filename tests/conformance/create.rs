@@ -68,7 +68,11 @@ fn replica_files(b: &Bicsi, id: &str) -> Vec<PathBuf> {
         };
         for e in entries.flatten() {
             let file = e.path().join("volume.qcow2");
-            if e.file_name().to_string_lossy().starts_with(&format!("{id}-")) && file.exists() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{id}-"))
+                && file.exists()
+            {
                 out.push(file);
             }
         }
@@ -103,7 +107,10 @@ async fn a_name_taken_with_another_content_source_is_already_exists() {
     let restore = |source| with_source(create_req("r", 16 * MIB, &one), source);
     let first = create_ok(&mut c, restore(snapshot_source(&sa))).await;
     let again = create_ok(&mut c, restore(snapshot_source(&sa))).await;
-    assert_eq!(first.volume_id, again.volume_id, "same source: the same volume");
+    assert_eq!(
+        first.volume_id, again.volume_id,
+        "same source: the same volume"
+    );
     assert_code(
         c.controller
             .create_volume(restore(snapshot_source(&sb)))
@@ -112,7 +119,9 @@ async fn a_name_taken_with_another_content_source_is_already_exists() {
         &format!("made from snapshot {sa:?}"),
     );
     assert_code(
-        c.controller.create_volume(restore(volume_source("src"))).await,
+        c.controller
+            .create_volume(restore(volume_source("src")))
+            .await,
         Code::AlreadyExists,
         "volume \"src\"",
     );
@@ -186,7 +195,11 @@ async fn small_volumes_are_rounded_up_to_what_their_filesystem_needs() {
     let v = create_ok(&mut c, create_req("tiny", 1, &one)).await;
     assert_eq!(v.capacity_bytes, 4 * MIB);
     let v = create_ok(&mut c, create_req("tiny", 1, &one)).await;
-    assert_eq!(v.capacity_bytes, 4 * MIB, "the same request: the same volume");
+    assert_eq!(
+        v.capacity_bytes,
+        4 * MIB,
+        "the same request: the same volume"
+    );
     // A block volume: 1 MiB.
     let mut block = create_req("tinyblock", 1, &one);
     block.volume_capabilities = vec![block_cap()];
@@ -194,7 +207,11 @@ async fn small_volumes_are_rounded_up_to_what_their_filesystem_needs() {
     // XFS: 300 MiB, from the fsType parameter.
     let v = create_ok(
         &mut c,
-        create_req("smallxfs", 16 * MIB, &[("numberOfReplicas", "1"), ("fsType", "xfs")]),
+        create_req(
+            "smallxfs",
+            16 * MIB,
+            &[("numberOfReplicas", "1"), ("fsType", "xfs")],
+        ),
     )
     .await;
     assert_eq!(v.capacity_bytes, 300 * MIB);

@@ -170,7 +170,11 @@ fn replica_files(b: &Bicsi, id: &str) -> Vec<PathBuf> {
         };
         for e in entries.flatten() {
             let file = e.path().join("volume.qcow2");
-            if e.file_name().to_string_lossy().starts_with(&format!("{id}-")) && file.exists() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{id}-"))
+                && file.exists()
+            {
                 out.push(file);
             }
         }
@@ -340,6 +344,12 @@ async fn unstage_removes_what_an_old_failed_stage_left() {
     // A restart of bicsi does not change what is left, nor what the next detach removes.
     let mut b = b;
     b.restart().await;
+    assert!(
+        b.log()
+            .contains("an engine run directory without a stage record"),
+        "the restart does not name the leftover engine:\n{}",
+        b.log()
+    );
     let mut c = b.client().await;
     detach_and_delete(&b, &mut c, "oldleft", &staging).await;
 }
@@ -357,4 +367,45 @@ async fn delete_removes_what_an_old_failed_stage_left() {
     unpublish_and_delete(&mut c, "oldleft2").await;
     assert_nothing_left(&b, &mut c, "oldleft2", &staging).await;
     assert!(replica_files(&b, "oldleft2").is_empty());
+}
+
+#[tokio::test]
+async fn cli_attach_of_an_xfs_volume_without_mkfs_xfs_fails_and_detach_and_delete_leave_nothing() {
+    if !root_or_skip(
+        "cli_attach_of_an_xfs_volume_without_mkfs_xfs_fails_and_detach_and_delete_leave_nothing",
+    ) {
+        return;
+    }
+    // The steps, on a host without xfsprogs.
+    let b = bicsi_with(&["mkfs.xfs"], &[]).await;
+    let (ok, out, err) = b.cli(&[
+        "volume",
+        "create",
+        "vx",
+        "--size",
+        "1",
+        "-p",
+        "numberOfReplicas=1",
+        "-p",
+        "fsType=xfs",
+    ]);
+    assert!(ok, "{out}{err}");
+    let mnt = b.path("mnt");
+    let (ok, out, err) = b.cli(&["volume", "attach", "vx", "--mount", mnt.to_str().unwrap()]);
+    assert!(!ok, "attach without mkfs.xfs succeeded: {out}");
+    assert!(err.contains("mkfs.xfs"), "{err}");
+    let mut c = b.client().await;
+    let staging = b
+        .path("csi.sock")
+        .parent()
+        .unwrap()
+        .join("cli-attach/vx/staging");
+    assert_nothing_left(&b, &mut c, "vx", &staging).await;
+    assert_logged(&b, "NodeStageVolume", Code::Internal, "vx");
+    let (ok, out, err) = b.cli(&["volume", "detach", "vx"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = b.cli(&["volume", "delete", "vx"]);
+    assert!(ok, "{out}{err}");
+    assert_nothing_left(&b, &mut c, "vx", &staging).await;
+    assert!(replica_files(&b, "vx").is_empty());
 }
