@@ -456,9 +456,11 @@ fn server_of(cmd: &Command) -> Option<&Server> {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    let token = server_of(&cli.command)
-        .and_then(|s| s.token.clone())
-        .or(cli.token);
+    // The hidden top-level flag is only ever typed, never read from the environment: when given
+    // it wins over the command's (which may come from BICSI_TOKEN).
+    let token = cli
+        .token
+        .or_else(|| server_of(&cli.command).and_then(|s| s.token.clone()));
     crate::cli_api::set_token(token);
     match cli.command {
         Command::Serve(args) => serve(args).await,

@@ -742,3 +742,81 @@ pub async fn cleanup_image(server: &str, name: &str, disks: &[String]) -> Result
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(source: &str, files: &[(&str, &str, u8)], message: &str) -> BackingImage {
+        let map: serde_json::Map<String, Value> = files
+            .iter()
+            .map(|(disk, state, progress)| {
+                (
+                    disk.to_string(),
+                    serde_json::json!({
+                        "state": state,
+                        "progress": progress,
+                        "lastStateTransitionTime": "",
+                    }),
+                )
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "longhorn.io/v1beta2",
+            "kind": "BackingImage",
+            "metadata": { "name": "bi" },
+            "spec": { "sourceType": source },
+            "status": { "diskFileStatusMap": map, "message": message },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn readiness_of_images() {
+        assert_eq!(
+            readiness(&image(
+                "download",
+                &[("d1", "failed", 0), ("d2", "ready", 100)],
+                ""
+            )),
+            Readiness::Ready
+        );
+        match readiness(&image(
+            "download",
+            &[
+                ("d1", "in-progress", 40),
+                ("d2", "failed", 90),
+                ("d3", "pending", 0),
+            ],
+            "",
+        )) {
+            // A failed file's progress is not the image's.
+            Readiness::Preparing { percent, text } => {
+                assert_eq!(percent, Some(40));
+                assert!(text.contains("d1: in-progress 40%"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            readiness(&image("download", &[], "")),
+            Readiness::Preparing {
+                percent: None,
+                text: "no file yet".into()
+            }
+        );
+        let Readiness::Failed(why) = readiness(&image("download", &[("d1", "failed", 3)], ""))
+        else {
+            panic!("not failed")
+        };
+        assert!(why.contains("prepares it again from its source"), "{why}");
+        let Readiness::Failed(why) = readiness(&image(
+            "upload",
+            &[("d1", "failed", 3)],
+            "cannot be recovered",
+        )) else {
+            panic!("not failed")
+        };
+        assert!(why.contains("cannot be recovered; "), "{why}");
+        assert!(why.contains("delete it and upload it again"), "{why}");
+    }
+}

@@ -123,6 +123,17 @@ fn cli_sends_the_token_from_the_flag_or_the_environment() {
         "{}",
         String::from_utf8_lossy(&by_flag.stderr)
     );
+    // Before the command, as scripts wrote it when --token was global: still sent, and it wins
+    // over the environment.
+    let before = bicsi(
+        &[&["--token", "tok-456"][..], &get[..]].concat(),
+        Some("bad"),
+    );
+    assert!(
+        before.status.success(),
+        "{}",
+        String::from_utf8_lossy(&before.stderr)
+    );
     let by_env = bicsi(&get, Some("tok-456"));
     assert!(
         by_env.status.success(),

@@ -136,7 +136,7 @@ impl Progress {
         let bar = terminal.then(|| {
             let bar = indicatif::ProgressBar::new(100);
             if let Ok(style) =
-                indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {msg}")
+                indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {wide_msg}")
             {
                 bar.set_style(style.progress_chars("=> "));
             }
