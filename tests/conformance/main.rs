@@ -5,6 +5,7 @@
 //! cannot be installed on these machines; `csi-sanity/run.sh` runs it where it can).
 
 mod backing;
+mod groups;
 mod harness;
 mod images;
 mod lifecycle;
