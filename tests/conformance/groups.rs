@@ -278,7 +278,9 @@ fn write_counter(f: &std::fs::File, n: u64) {
 
 fn read_counter(path: &Path) -> u64 {
     let s = std::fs::read_to_string(path).unwrap();
-    s.trim().parse().unwrap_or_else(|_| panic!("{path:?}: {s:?}"))
+    s.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{path:?}: {s:?}"))
 }
 
 /// Writes counter n to volume A, then (after A acknowledged it) n to volume B, over and over:
