@@ -974,3 +974,86 @@ async fn a_node_tells_the_controller_its_attach_limit() {
     // Idempotent at the limit.
     publish_retrying(&mut ctl, publish("lim-1")).await;
 }
+
+/// A group snapshot through the node agents (the SnapshotGroup Agent RPC): each member's file
+/// on its volume's node, each restorable, all deleted with their group.
+#[tokio::test]
+async fn group_snapshots_through_the_node_agents() {
+    let c = TestCluster::start(2).await;
+    let mut ctl = c.controller_client().await;
+    for v in ["gm-1", "gm-2", "gm-3"] {
+        for _ in 0..2 {
+            ctl.controller
+                .create_volume(create_req(v, 16 * MIB, &[("numberOfReplicas", "1")]))
+                .await
+                .unwrap();
+        }
+    }
+    let req = pb::CreateVolumeGroupSnapshotRequest {
+        name: "g-split".into(),
+        source_volume_ids: vec!["gm-1".into(), "gm-2".into(), "gm-3".into()],
+        ..Default::default()
+    };
+    let g = ctl
+        .group
+        .create_volume_group_snapshot(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let again = ctl
+        .group
+        .create_volume_group_snapshot(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(g, again);
+    assert_eq!(g.snapshots.len(), 3);
+    // The members' files are on the nodes' disks, captured by their agents.
+    let files = |c: &TestCluster| -> usize {
+        c.nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_dir(n.disk.join("snapshots"))
+                    .map(|d| d.count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    assert_eq!(files(&c), 3);
+    for s in &g.snapshots {
+        assert_eq!(s.group_snapshot_id, g.group_snapshot_id);
+        let mut restore = create_req(&format!("r-{}", s.source_volume_id), 16 * MIB, &[]);
+        restore.volume_content_source = Some(pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Snapshot(
+                pb::volume_content_source::SnapshotSource {
+                    snapshot_id: s.snapshot_id.clone(),
+                },
+            )),
+        });
+        for _ in 0..2 {
+            ctl.controller.create_volume(restore.clone()).await.unwrap();
+        }
+    }
+    for _ in 0..2 {
+        ctl.group
+            .delete_volume_group_snapshot(pb::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: g.group_snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let left = ctl
+        .controller
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(files(&c), 0);
+}
