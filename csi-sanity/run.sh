@@ -385,8 +385,10 @@ for mode in mount block; do
         FAILED=1
     fi
     # Ginkgo's last word: "SUCCESS! -- 91 Passed | 0 Failed | 1 Pending | 0 Skipped".
-    counts=$(grep -Eo '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| [0-9]+ Skipped' \
-        "$SANITY_OUT/csi-sanity-$mode.log" | tail -n 1 || true)
+    # (Its colours stripped first.)
+    counts=$(sed 's/\x1b\[[0-9;]*m//g' "$SANITY_OUT/csi-sanity-$mode.log" |
+        grep -Eo '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| [0-9]+ Skipped' |
+        tail -n 1 || true)
     RESULT[$mode]="${RESULT[$mode]}: ${counts:-no spec counts in the log}, $((SECONDS - start)) s"
     if ! alive "$BICSI_PID"; then
         RESULT[$mode]="${RESULT[$mode]}, bicsi exited during the run"

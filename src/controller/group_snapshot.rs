@@ -151,9 +151,9 @@ impl Controller {
             volumes.push(self.must_get(v)?);
         }
         // No member attaches, detaches, grows or is deleted until every member is captured.
-        let mut _volume_guards: Vec<Guard> = Vec::with_capacity(volumes.len());
+        let mut volume_guards: Vec<Guard> = Vec::with_capacity(volumes.len());
         for v in &volumes {
-            _volume_guards.push(self.guards.try_take(&v.id, "volume")?);
+            volume_guards.push(self.guards.try_take(&v.id, "volume")?);
         }
         // The writes bicsi can hold are those of one node (its filesystems' freeze); members
         // attached to several nodes cannot be cut at one instant.

@@ -899,3 +899,161 @@ async fn snapshots_restores_and_clones_through_the_node_agents() {
         .unwrap();
     assert!(!file.exists(), "the node agent removed the snapshot file");
 }
+
+/// A node's `--max-volumes-per-node` reaches the controller at registration: NodeGetInfo
+/// reports it, and ControllerPublishVolume refuses a publish beyond it with ResourceExhausted.
+#[tokio::test]
+async fn a_node_tells_the_controller_its_attach_limit() {
+    let mut c = TestCluster::start(1).await;
+    c.stop_node(0);
+    c.nodes[0]
+        .args
+        .extend(["--max-volumes-per-node".to_string(), "1".to_string()]);
+    c.start_node(0);
+    let mut node = c.node_client(0).await;
+    let info = node
+        .node
+        .node_get_info(pb::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.max_volumes_per_node, 1);
+    let mut ctl = c.controller_client().await;
+    for v in ["lim-1", "lim-2"] {
+        for _ in 0..2 {
+            ctl.controller
+                .create_volume(create_req(v, 16 * MIB, &[("numberOfReplicas", "1")]))
+                .await
+                .unwrap();
+        }
+    }
+    let publish = |v: &str| pb::ControllerPublishVolumeRequest {
+        volume_id: v.into(),
+        node_id: "node-1".into(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    };
+    publish_retrying(&mut ctl, publish("lim-1")).await;
+    // The restarted node registers again with its limit; until then the controller knows the
+    // old registration (no limit), and the second publish is undone and tried again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ctl
+            .controller
+            .controller_publish_volume(publish("lim-2"))
+            .await
+        {
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(
+                    s.message().contains("node \"node-1\"") && s.message().contains("limit of 1"),
+                    "{}",
+                    s.message()
+                );
+                break;
+            }
+            Err(s) if s.code() == Code::Unavailable => {}
+            Ok(_) => {
+                ctl.controller
+                    .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+                        volume_id: "lim-2".into(),
+                        node_id: "node-1".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            Err(s) => panic!("publish lim-2: {s:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the controller never learned the node's limit:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Idempotent at the limit.
+    publish_retrying(&mut ctl, publish("lim-1")).await;
+}
+
+/// A group snapshot through the node agents (the SnapshotGroup Agent RPC): each member's file
+/// on its volume's node, each restorable, all deleted with their group.
+#[tokio::test]
+async fn group_snapshots_through_the_node_agents() {
+    let c = TestCluster::start(2).await;
+    let mut ctl = c.controller_client().await;
+    for v in ["gm-1", "gm-2", "gm-3"] {
+        for _ in 0..2 {
+            ctl.controller
+                .create_volume(create_req(v, 16 * MIB, &[("numberOfReplicas", "1")]))
+                .await
+                .unwrap();
+        }
+    }
+    let req = pb::CreateVolumeGroupSnapshotRequest {
+        name: "g-split".into(),
+        source_volume_ids: vec!["gm-1".into(), "gm-2".into(), "gm-3".into()],
+        ..Default::default()
+    };
+    let g = ctl
+        .group
+        .create_volume_group_snapshot(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let again = ctl
+        .group
+        .create_volume_group_snapshot(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(g, again);
+    assert_eq!(g.snapshots.len(), 3);
+    // The members' files are on the nodes' disks, captured by their agents.
+    let files = |c: &TestCluster| -> usize {
+        c.nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_dir(n.disk.join("snapshots"))
+                    .map(|d| d.count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    assert_eq!(files(&c), 3);
+    for s in &g.snapshots {
+        assert_eq!(s.group_snapshot_id, g.group_snapshot_id);
+        let mut restore = create_req(&format!("r-{}", s.source_volume_id), 16 * MIB, &[]);
+        restore.volume_content_source = Some(pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Snapshot(
+                pb::volume_content_source::SnapshotSource {
+                    snapshot_id: s.snapshot_id.clone(),
+                },
+            )),
+        });
+        for _ in 0..2 {
+            ctl.controller.create_volume(restore.clone()).await.unwrap();
+        }
+    }
+    for _ in 0..2 {
+        ctl.group
+            .delete_volume_group_snapshot(pb::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: g.group_snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let left = ctl
+        .controller
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(files(&c), 0);
+}
