@@ -1032,26 +1032,32 @@ mod tests {
         conn.write_all(&out).await.unwrap();
         let mut decoder = Decoder::new(TABLE_SIZE);
         let mut headers = Vec::new();
-        let result = loop {
-            let mut head = [0u8; 9];
-            conn.read_exact(&mut head).await.unwrap();
-            let len =
-                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-            let mut payload = vec![0u8; len];
-            conn.read_exact(&mut payload).await.unwrap();
-            match head[3] {
-                // RST_STREAM: its error code.
-                0x3 => break Err(u32::from_be_bytes(payload[..4].try_into().unwrap())),
-                HEADERS => {
-                    assert_ne!(head[4] & END_HEADERS, 0);
-                    headers.extend(pairs(&decoder.decode(&payload).unwrap()));
-                    if head[4] & END_STREAM != 0 {
-                        break Ok(headers);
+        let answer = async {
+            loop {
+                let mut head = [0u8; 9];
+                conn.read_exact(&mut head).await.unwrap();
+                let len = (usize::from(head[0]) << 16)
+                    | (usize::from(head[1]) << 8)
+                    | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                conn.read_exact(&mut payload).await.unwrap();
+                match head[3] {
+                    // RST_STREAM: its error code.
+                    0x3 => return Err(u32::from_be_bytes(payload[..4].try_into().unwrap())),
+                    HEADERS => {
+                        assert_ne!(head[4] & END_HEADERS, 0);
+                        headers.extend(pairs(&decoder.decode(&payload).unwrap()));
+                        if head[4] & END_STREAM != 0 {
+                            return Ok(headers);
+                        }
                     }
+                    _ => {}
                 }
-                _ => {}
             }
         };
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+            .await
+            .expect("an answer within 10 s");
         server.abort();
         result
     }
