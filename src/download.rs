@@ -14,8 +14,11 @@
 //!
 //! The temp file at [`DownloadRequest::dest`] is either a complete, synced, verified file when
 //! [`download`] returns `Ok`, or gone: every error, cancellation, or dropping the future removes
-//! it. Renaming it into place (and syncing the directory) is the caller's job, as is deciding
-//! what the image is (see [`crate::imagefmt`]).
+//! it; only a [`DownloadRequest::resume`] download dropped mid-way (its process stopping) leaves
+//! it, with the server's validator beside it, for the next process to go on from with `Range`
+//! and `If-Range` after hashing the kept bytes again. Renaming it into place (and syncing the
+//! directory) is the caller's job, as is deciding what the image is (see [`crate::imagefmt`]).
+//! [`head`] reads the first bytes of a URL, so a caller learns an image's size before it is in.
 //!
 //! It must not know about backing-image objects, disks or Kubernetes, and must never log a URL's
 //! credentials or query string (they often carry tokens): URLs are shown through [`redact`].

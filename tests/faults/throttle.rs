@@ -26,6 +26,8 @@ fn pause(rate: &Rate, len: usize) -> Option<Duration> {
 
 /// Each image with its ETag.
 type Files = Arc<Mutex<HashMap<String, (bytes::Bytes, String)>>>;
+/// Every request: the file's name and the start of its `Range`, if it had one.
+type Ranges = Arc<Mutex<Vec<(String, Option<usize>)>>>;
 
 fn with_etag(b: Vec<u8>) -> (bytes::Bytes, String) {
     let etag = format!("\"{}\"", &crate::images::sha512(&b)[..16]);
@@ -37,8 +39,7 @@ struct Shared {
     files: Files,
     rate: Rate,
     hits: Arc<Mutex<HashMap<String, usize>>>,
-    /// Every request: the file's name and the start of its `Range`, if it had one.
-    ranges: Arc<Mutex<Vec<(String, Option<usize>)>>>,
+    ranges: Ranges,
 }
 
 /// Images served over HTTP at a rate the test controls.
@@ -47,7 +48,7 @@ pub struct ImageServer {
     pub rate: Rate,
     files: Files,
     hits: Arc<Mutex<HashMap<String, usize>>>,
-    ranges: Arc<Mutex<Vec<(String, Option<usize>)>>>,
+    ranges: Ranges,
 }
 
 impl ImageServer {
