@@ -529,14 +529,10 @@ impl FileManagers {
             .replicas
             .iter()
             .find(|r| r.node_id == self.node_id && !r.deferred && r.path.is_file())
-            .cloned()
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "backing image {:?}: volume {vol_name:?} has no replica file on node {:?}",
-                    bi.name(),
-                    self.node_id
-                ))
-            })?;
+            .cloned();
+        let Some(replica) = replica else {
+            return self.export_unwritten(bi, &volume, tmp, format).await;
+        };
         let Some(p) = &volume.publication else {
             return self.convert(replica.path, tmp, format, None).await;
         };
@@ -563,6 +559,68 @@ impl FileManagers {
         let point = tmp.with_extension("pit.qcow2");
         self.convert(replica.path, tmp, format, Some((point, backing)))
             .await
+    }
+
+    /// Exports a volume that was never attached (made while its image's file was on its way,
+    /// its replicas deferred): its content is the image's at the volume's size, so a temporary
+    /// overlay of that size over this node's ready file of the image is converted.
+    async fn export_unwritten(
+        &self,
+        bi: &BackingImage,
+        volume: &Volume,
+        tmp: &Path,
+        format: ImageFormat,
+    ) -> Result<(String, u64, Option<crate::sync::Manifest>)> {
+        let no_file = || {
+            Error::FailedPrecondition(format!(
+                "backing image {:?}: volume {:?} has no replica file on node {:?}",
+                bi.name(),
+                volume.spec.name,
+                self.node_id
+            ))
+        };
+        let never_attached = volume.publication.is_none()
+            && volume
+                .replicas
+                .iter()
+                .all(|r| r.deferred && !r.path.exists());
+        let Some(image_name) = volume
+            .spec
+            .backing_image
+            .as_ref()
+            .filter(|_| never_attached)
+        else {
+            return Err(no_file());
+        };
+        let image = self.image(image_name)?;
+        let Some(disk) = self
+            .disks
+            .iter()
+            .find(|d| ready_on(&image, &d.id) && BackingImages::file_path(d, &image).is_file())
+        else {
+            return Err(Error::Unavailable(format!(
+                "backing image {:?}: volume {:?} has not been written and its backing image {image_name:?} has no ready file on node {:?} yet; the export is tried again",
+                bi.name(),
+                volume.spec.name,
+                self.node_id
+            )));
+        };
+        let backing = BackingImages::file_path(disk, &image);
+        let backing_format = ImageFormat::parse(&image.status.format).ok_or_else(|| {
+            Error::Internal(format!("backing image {image_name:?} has no known format"))
+        })?;
+        let overlay = tmp.with_extension("unwritten.qcow2");
+        let (os, o, size) = (self.os.clone(), overlay.clone(), volume.spec.capacity_bytes);
+        blocking(move || {
+            let _ = std::fs::remove_file(&o);
+            Ok(os
+                .images
+                .create_replica(&o, size, Some((&backing, backing_format)))?)
+        })
+        .await?;
+        let converted = self.convert(overlay.clone(), tmp, format, None).await;
+        let _ = std::fs::remove_file(&overlay);
+        converted
     }
 
     /// Converts `source` into `tmp` (standalone, sparse) and hashes it (SHA-512 and, in the same

@@ -126,12 +126,36 @@ async fn serve(
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
+    let found = s.files.lock().unwrap().get(&name).cloned();
+    // `Range: bytes=0-N`: the head CreateVolume reads for the image's size. It is not a
+    // download, so it is neither a hit nor in the log of ranges.
+    let head_end = headers.get(header::RANGE).and_then(|v| {
+        v.to_str()
+            .ok()?
+            .strip_prefix("bytes=0-")?
+            .parse::<usize>()
+            .ok()
+    });
+    if let (Some(end), Some((bytes, etag))) = (head_end, &found) {
+        let end = end.min(bytes.len().saturating_sub(1));
+        return (
+            StatusCode::PARTIAL_CONTENT,
+            [
+                (
+                    header::CONTENT_RANGE,
+                    format!("bytes 0-{end}/{}", bytes.len()),
+                ),
+                (header::ETAG, etag.clone()),
+            ],
+            bytes.slice(0..=end),
+        )
+            .into_response();
+    }
     *s.hits.lock().unwrap().entry(name.clone()).or_default() += 1;
     s.ranges
         .lock()
         .unwrap()
         .push((name.clone(), range_start(&headers)));
-    let found = s.files.lock().unwrap().get(&name).cloned();
     let Some((bytes, etag)) = found else {
         return StatusCode::NOT_FOUND.into_response();
     };

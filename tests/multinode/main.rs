@@ -522,7 +522,23 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
     };
     req.parameters.insert("numberOfReplicas".into(), "2".into());
     images::create_retrying(&mut ctl, req).await.unwrap();
-    let img = image(&c, "bi-corrupt").await;
+    // CreateVolume does not wait for the first file; the corruption needs it in place.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let img = loop {
+        let img = image(&c, "bi-corrupt").await;
+        let ready = img["status"]["diskFileStatusMap"]
+            .as_object()
+            .is_some_and(|m| m.values().any(|f| f["state"] == "ready"));
+        if ready {
+            break img;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ready file: {img}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let (first_disk, first) = img["status"]["diskFileStatusMap"]
         .as_object()
         .unwrap()
