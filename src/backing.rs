@@ -270,6 +270,8 @@ impl BackingImages {
                             bi.status.checksum, ready.checksum
                         ),
                     );
+                    // A first file from the source would come with the same bytes again.
+                    report.permanent = !bi.has_ready_file();
                 } else if bi.status.expected_virtual_size > 0
                     && !bi.has_ready_file()
                     && ready.virtual_size != bi.status.expected_virtual_size
@@ -277,7 +279,10 @@ impl BackingImages {
                     let message = virtual_size_mismatch(bi, ready.virtual_size);
                     bi.status.message = message.clone();
                     report = FileReport::new(FileState::Failed, 0, message);
+                    report.permanent = true;
                 } else {
+                    bi.status.source_failures = 0;
+                    bi.status.next_source_retry_time.clear();
                     if bi.status.checksum.is_empty() {
                         bi.status.checksum = ready.checksum.clone();
                     }
@@ -286,6 +291,18 @@ impl BackingImages {
                     bi.status.virtual_size = ready.virtual_size;
                     bi.status.format = ready.format.clone();
                 }
+            }
+            if report.state == FileState::Failed && report.permanent {
+                bi.status.source_failures += 1;
+                let wait = lifecycle::source_backoff(bi.status.source_failures);
+                bi.status.next_source_retry_time = rfc3339(now + wait);
+                report.message = format!(
+                    "{}; the source is tried again at {} (in {}; failure {} in a row, the wait doubles up to 6 h)",
+                    report.message,
+                    bi.status.next_source_retry_time,
+                    lifecycle::human_secs(wait),
+                    bi.status.source_failures
+                );
             }
             if report.restart
                 && let Some(f) = bi.status.disk_file_status_map.get(&disk.id)

@@ -14,8 +14,11 @@
 //!
 //! The temp file at [`DownloadRequest::dest`] is either a complete, synced, verified file when
 //! [`download`] returns `Ok`, or gone: every error, cancellation, or dropping the future removes
-//! it. Renaming it into place (and syncing the directory) is the caller's job, as is deciding
-//! what the image is (see [`crate::imagefmt`]).
+//! it; only a [`DownloadRequest::resume`] download dropped mid-way (its process stopping) leaves
+//! it, with the server's validator beside it, for the next process to go on from with `Range`
+//! and `If-Range` after hashing the kept bytes again. Renaming it into place (and syncing the
+//! directory) is the caller's job, as is deciding what the image is (see [`crate::imagefmt`]).
+//! [`head`] reads the first bytes of a URL, so a caller learns an image's size before it is in.
 //!
 //! It must not know about backing-image objects, disks or Kubernetes, and must never log a URL's
 //! credentials or query string (they often carry tokens): URLs are shown through [`redact`].
@@ -70,6 +73,13 @@ pub struct DownloadRequest {
     pub max_attempts: u32,
     /// Wait before the second attempt; doubled for each further one, capped at [`MAX_BACKOFF`].
     pub backoff: Duration,
+    /// Keep the partial file for a later process: the server's validator (strong ETag, else
+    /// Last-Modified) is written beside it at [`resume_path`], a dropped future (the process
+    /// stopping) leaves both in place, and a later download of the same URL into the same
+    /// `dest` goes on from the partial file's end with `Range` and `If-Range`; the bytes kept
+    /// are hashed again from the file, so the SHA-512 is of what is on disk. Errors and
+    /// cancellation still remove both.
+    pub resume: bool,
 }
 
 impl DownloadRequest {
@@ -82,6 +92,7 @@ impl DownloadRequest {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             backoff: DEFAULT_BACKOFF,
+            resume: false,
         }
     }
 }
@@ -95,6 +106,9 @@ pub struct DownloadOutcome {
     pub sha512: String,
     /// How many times the transfer went on from where it broke, with a Range request.
     pub resumed: u32,
+    /// Bytes kept from the partial file of an earlier process ([`DownloadRequest::resume`]):
+    /// hashed again from the file, not downloaded again.
+    pub kept: u64,
     /// The file's chunk manifest, built from the bytes that were hashed, in the same pass. Its
     /// SHA-512 is `sha512`: when the request had an expected checksum, the verified one.
     pub manifest: crate::sync::Manifest,
@@ -214,6 +228,22 @@ impl DownloadError {
         }
     }
 
+    /// Whether the same download would fail the same way however often it is tried: a checksum
+    /// mismatch, a 4xx answer other than 408/429, a bad URL or redirect loop. The caller's
+    /// slow retry loop backs off to hours for these instead of trying every few seconds.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            DownloadError::HttpStatus { status, .. } => {
+                status.is_client_error() && !retryable_status(*status)
+            }
+            DownloadError::ChecksumMismatch { .. }
+            | DownloadError::InvalidUrl { .. }
+            | DownloadError::UnsupportedScheme { .. }
+            | DownloadError::Redirect { .. } => true,
+            _ => false,
+        }
+    }
+
     fn io(path: &Path, source: io::Error) -> Self {
         let full = [Errno::ENOSPC as i32, Errno::EDQUOT as i32];
         if source.raw_os_error().is_some_and(|c| full.contains(&c)) {
@@ -294,15 +324,20 @@ pub async fn download(
     let span = tracing::info_span!("download", url = %shown, dest = %req.dest.display());
     async move {
         // Armed before the file exists: whatever happens from here, a failed download leaves
-        // nothing behind.
-        let mut guard = RemoveOnDrop(Some(req.dest.clone()));
+        // nothing behind (a dropped resumable one leaves its partial file for the next process).
+        let mut guard = RemoveOnDrop {
+            paths: vec![req.dest.clone(), resume_path(&req.dest)],
+            keep_on_drop: req.resume,
+        };
         let started = Instant::now();
-        let result = Transfer::new(req, url, shown, progress, &cancel)?
-            .run()
-            .await;
+        let result = match Transfer::new(req, url, shown, progress, &cancel) {
+            Ok(t) => t.run().await,
+            Err(e) => Err(e),
+        };
         match result {
             Ok(outcome) => {
-                guard.0 = None;
+                guard.paths.remove(0);
+                guard.keep_on_drop = false;
                 let secs = started.elapsed().as_secs_f64();
                 info!(
                     size = outcome.size,
@@ -316,6 +351,7 @@ pub async fn download(
             }
             Err(e) => {
                 warn!(error = %e, "download failed");
+                guard.keep_on_drop = false;
                 drop(guard);
                 Err(e)
             }
@@ -420,12 +456,33 @@ pub async fn head(url: &str, len: usize, timeout: Duration) -> Result<Head, Down
     tokio::time::timeout(timeout, work).await.map_err(idle)?
 }
 
-/// Removes the temp file when dropped (on error, cancellation, or a dropped future).
-struct RemoveOnDrop(Option<PathBuf>);
+/// Where a resumable download keeps the validator of its partial file `dest`.
+pub fn resume_path(dest: &Path) -> PathBuf {
+    dest.with_extension("resume")
+}
+
+/// What a resumable download writes beside its partial file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Kept {
+    url: String,
+    /// The strong ETag or Last-Modified of the answer the partial file holds the start of.
+    validator: String,
+    total: Option<u64>,
+}
+
+/// Removes the temp file (and a resumable one's validator) when dropped: on error, on
+/// cancellation, or on a dropped future unless `keep_on_drop`.
+struct RemoveOnDrop {
+    paths: Vec<PathBuf>,
+    keep_on_drop: bool,
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
+        if self.keep_on_drop {
+            return;
+        }
+        for path in self.paths.drain(..) {
             match std::fs::remove_file(&path) {
                 Ok(()) => debug!(path = %path.display(), "removed temp file"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -486,6 +543,8 @@ struct Transfer<'a> {
     /// changed between attempts is sent whole instead of spliced.
     validator: Option<HeaderValue>,
     resumed: u32,
+    /// Bytes kept from an earlier process's partial file.
+    kept: u64,
     last_progress: Option<Instant>,
 }
 
@@ -515,6 +574,7 @@ impl<'a> Transfer<'a> {
             ranges: Ranges::Unknown,
             validator: None,
             resumed: 0,
+            kept: 0,
             last_progress: None,
         })
     }
@@ -533,8 +593,21 @@ impl<'a> Transfer<'a> {
         if self.cancel.is_cancelled() {
             return Err(self.cancelled());
         }
-        let file = create_dest(self.dest()).await?;
+        let (file, kept) = self.open_dest().await?;
         let mut pipe = Pipeline::start(file);
+        if let Some((len, kept)) = kept {
+            self.rehash(&mut pipe, len).await?;
+            info!(
+                from = len,
+                "going on with the partial file of an earlier process"
+            );
+            self.received = len;
+            self.kept = len;
+            self.total = kept.total;
+            self.validator = HeaderValue::from_str(&kept.validator).ok();
+            self.ranges = Ranges::Yes;
+            self.report(true);
+        }
         let max_attempts = self.req.max_attempts.max(1);
         let mut attempt = 0;
         loop {
@@ -588,8 +661,100 @@ impl<'a> Transfer<'a> {
             size,
             sha512,
             resumed: self.resumed,
+            kept: self.kept,
             manifest,
         })
+    }
+
+    /// The temp file to write and, when a resumable download finds the partial file of an
+    /// earlier process of the same URL with its validator, that file's length and validator.
+    /// Anything else there is started over.
+    async fn open_dest(&self) -> Result<(std::fs::File, Option<(u64, Kept)>), DownloadError> {
+        let dest = self.dest().to_path_buf();
+        let side = resume_path(&dest);
+        if self.req.resume {
+            let kept = std::fs::read(&side)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Kept>(&b).ok())
+                .filter(|k| k.url == self.req.url && !k.validator.is_empty());
+            let len = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+            if let Some(k) = kept
+                && len > 0
+                && k.total.is_none_or(|t| len < t)
+            {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&dest)
+                    .map_err(|e| DownloadError::io(&dest, e))?;
+                return Ok((file, Some((len, k))));
+            }
+        }
+        match std::fs::remove_file(&side) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DownloadError::io(&side, e)),
+        }
+        Ok((create_dest(&dest).await?, None))
+    }
+
+    /// Feeds the first `len` bytes of the partial file to the hash and the manifest (not to the
+    /// writer: they are in the file already). Reading them back costs a pass over the disk but
+    /// hashes exactly what is there, whatever the earlier process managed to write.
+    async fn rehash(&self, pipe: &mut Pipeline, len: u64) -> Result<(), DownloadError> {
+        use tokio::io::AsyncReadExt;
+        let dest = self.dest();
+        let mut f = tokio::fs::File::open(dest)
+            .await
+            .map_err(|e| DownloadError::io(dest, e))?;
+        let mut left = len;
+        while left > 0 {
+            if self.cancel.is_cancelled() {
+                return Err(self.cancelled());
+            }
+            let n = left.min(pipeline::BLOCK as u64) as usize;
+            let mut buf = vec![0u8; n];
+            f.read_exact(&mut buf)
+                .await
+                .map_err(|e| DownloadError::io(dest, e))?;
+            pipe.prefix(Bytes::from(buf))
+                .await
+                .map_err(|e| DownloadError::io(dest, e))?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes (or, without a validator, removes) what a later process needs to go on with the
+    /// partial file of this answer.
+    async fn keep_validator(&self) -> Result<(), Failure> {
+        if !self.req.resume {
+            return Ok(());
+        }
+        let side = resume_path(self.dest());
+        let kept = self
+            .validator
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| Kept {
+                url: self.req.url.clone(),
+                validator: v.to_string(),
+                total: self.total,
+            });
+        let r = tokio::task::spawn_blocking(move || match kept {
+            Some(k) => crate::fsutil::write_atomic(
+                &side,
+                &serde_json::to_vec(&k).map_err(io::Error::other)?,
+            ),
+            None => match std::fs::remove_file(&side) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))
+        .and_then(|r| r);
+        r.map_err(|e| self.io(e))
     }
 
     /// The error to report if this failure is the last one.
@@ -713,6 +878,7 @@ impl<'a> Transfer<'a> {
                     };
                 }
                 self.validator = validator(headers);
+                self.keep_validator().await?;
                 if let Some(total) = self.total {
                     pipe.reserve(total).await.map_err(|e| self.io(e))?;
                 }
@@ -772,6 +938,7 @@ impl<'a> Transfer<'a> {
     async fn restart(&mut self, pipe: &mut Pipeline) -> Result<(), Failure> {
         pipe.restart().await.map_err(|e| self.io(e))?;
         self.received = 0;
+        self.kept = 0;
         self.report(true);
         Ok(())
     }

@@ -65,6 +65,11 @@ pub struct FileReport {
     /// of the image, so no one ever sees it failed for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restart: bool,
+    /// With a failed state: the source failed in a way that trying again soon cannot fix (a
+    /// checksum mismatch, a 4xx answer, a file that is no disk image), so it is retried with a
+    /// backoff that grows to hours.
+    #[serde(default)]
+    pub permanent: bool,
 }
 
 impl FileReport {
@@ -75,6 +80,7 @@ impl FileReport {
             message: message.into(),
             ready: None,
             restart: false,
+            permanent: false,
         }
     }
 
@@ -187,6 +193,22 @@ fn tmp_path(disk: &Disk, bi: &BackingImage) -> PathBuf {
     disk.path
         .join("tmp")
         .join(format!("{}.part", bi.dir_name()))
+}
+
+/// Why a first file failed, and whether its source failed for good (see
+/// [`FileReport::permanent`]).
+struct SourceFailure {
+    error: Error,
+    permanent: bool,
+}
+
+impl From<Error> for SourceFailure {
+    fn from(error: Error) -> Self {
+        SourceFailure {
+            error,
+            permanent: false,
+        }
+    }
 }
 
 /// Whether the image says `disk` holds a ready file.
@@ -376,12 +398,27 @@ impl FileManagers {
         let name = image.to_string();
         let d = disk.clone();
         self.spawn(image, &disk, move |this, cancel| {
-            Box::pin(async move { this.first_file(&name, &d, cancel).await })
+            Box::pin(async move {
+                match this.first_file(&name, &d, cancel.clone()).await {
+                    Err(f) if f.permanent && !cancel.is_cancelled() => {
+                        tracing::warn!(image = %name, disk = %d.id, error = %f.error, "backing image file failed; its source is retried with a growing backoff");
+                        let mut report = FileReport::new(FileState::Failed, 0, f.error.to_string());
+                        report.permanent = true;
+                        this.report(&name, &d, report).await
+                    }
+                    r => r.map_err(|f| f.error),
+                }
+            })
         });
         Ok(())
     }
 
-    async fn first_file(&self, name: &str, disk: &Disk, cancel: CancellationToken) -> Result<()> {
+    async fn first_file(
+        &self,
+        name: &str,
+        disk: &Disk,
+        cancel: CancellationToken,
+    ) -> Result<(), SourceFailure> {
         let bi = self.image(name)?;
         self.report(
             name,
@@ -390,7 +427,10 @@ impl FileManagers {
         )
         .await?;
         let tmp = tmp_path(disk, &bi);
-        let _ = std::fs::remove_file(&tmp);
+        if bi.spec.source_type != SourceType::Download {
+            // A download goes on with a partial file an earlier process left, if it can.
+            let _ = std::fs::remove_file(&tmp);
+        }
         let progress = Arc::new(AtomicU8::new(0));
         let (sha512, size, manifest) = match bi.spec.source_type {
             SourceType::Download => {
@@ -405,12 +445,19 @@ impl FileManagers {
                 let mut req = DownloadRequest::new(url, tmp.clone());
                 req.expected_sha512 =
                     (!bi.status.checksum.is_empty()).then(|| bi.status.checksum.clone());
+                req.resume = true;
                 let sink = percent_sink(progress.clone());
                 let work = download::download(&req, &sink, cancel.clone());
                 let outcome = self
                     .with_progress(name, disk, &progress, &message, work)
                     .await
-                    .map_err(|e| Error::Unavailable(format!("backing image {name:?}: {e}")))?;
+                    .map_err(|e| SourceFailure {
+                        permanent: e.is_permanent(),
+                        error: Error::Unavailable(format!("backing image {name:?}: {e}")),
+                    })?;
+                if outcome.kept > 0 {
+                    tracing::info!(image = %name, disk = %disk.id, kept = outcome.kept, "download went on from the partial file of an earlier process");
+                }
                 (outcome.sha512, outcome.size, Some(outcome.manifest))
             }
             SourceType::ExportFromVolume => {
@@ -425,11 +472,18 @@ impl FileManagers {
             SourceType::Upload => {
                 return Err(Error::FailedPrecondition(format!(
                     "backing image {name:?} is uploaded, not prepared by bicsi"
-                )));
+                ))
+                .into());
             }
         };
+        let download = bi.spec.source_type == SourceType::Download;
         self.finish_file(name, disk, &tmp, sha512, size, manifest)
             .await
+            .map_err(|error| SourceFailure {
+                // The same bytes would come again: not a disk image, or the wrong checksum.
+                permanent: download && matches!(error, Error::FailedPrecondition(_)),
+                error,
+            })
     }
 
     /// Runs `work` while reporting its progress once a second.
@@ -489,14 +543,10 @@ impl FileManagers {
             .replicas
             .iter()
             .find(|r| r.node_id == self.node_id && !r.deferred && r.path.is_file())
-            .cloned()
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "backing image {:?}: volume {vol_name:?} has no replica file on node {:?}",
-                    bi.name(),
-                    self.node_id
-                ))
-            })?;
+            .cloned();
+        let Some(replica) = replica else {
+            return self.export_unwritten(bi, &volume, tmp, format).await;
+        };
         let Some(p) = &volume.publication else {
             return self.convert(replica.path, tmp, format, None).await;
         };
@@ -523,6 +573,68 @@ impl FileManagers {
         let point = tmp.with_extension("pit.qcow2");
         self.convert(replica.path, tmp, format, Some((point, backing)))
             .await
+    }
+
+    /// Exports a volume that was never attached (made while its image's file was on its way,
+    /// its replicas deferred): its content is the image's at the volume's size, so a temporary
+    /// overlay of that size over this node's ready file of the image is converted.
+    async fn export_unwritten(
+        &self,
+        bi: &BackingImage,
+        volume: &Volume,
+        tmp: &Path,
+        format: ImageFormat,
+    ) -> Result<(String, u64, Option<crate::sync::Manifest>)> {
+        let no_file = || {
+            Error::FailedPrecondition(format!(
+                "backing image {:?}: volume {:?} has no replica file on node {:?}",
+                bi.name(),
+                volume.spec.name,
+                self.node_id
+            ))
+        };
+        let never_attached = volume.publication.is_none()
+            && volume
+                .replicas
+                .iter()
+                .all(|r| r.deferred && !r.path.exists());
+        let Some(image_name) = volume
+            .spec
+            .backing_image
+            .as_ref()
+            .filter(|_| never_attached)
+        else {
+            return Err(no_file());
+        };
+        let image = self.image(image_name)?;
+        let Some(disk) = self
+            .disks
+            .iter()
+            .find(|d| ready_on(&image, &d.id) && BackingImages::file_path(d, &image).is_file())
+        else {
+            return Err(Error::Unavailable(format!(
+                "backing image {:?}: volume {:?} has not been written and its backing image {image_name:?} has no ready file on node {:?} yet; the export is tried again",
+                bi.name(),
+                volume.spec.name,
+                self.node_id
+            )));
+        };
+        let backing = BackingImages::file_path(disk, &image);
+        let backing_format = ImageFormat::parse(&image.status.format).ok_or_else(|| {
+            Error::Internal(format!("backing image {image_name:?} has no known format"))
+        })?;
+        let overlay = tmp.with_extension("unwritten.qcow2");
+        let (os, o, size) = (self.os.clone(), overlay.clone(), volume.spec.capacity_bytes);
+        blocking(move || {
+            let _ = std::fs::remove_file(&o);
+            Ok(os
+                .images
+                .create_replica(&o, size, Some((&backing, backing_format)))?)
+        })
+        .await?;
+        let converted = self.convert(overlay.clone(), tmp, format, None).await;
+        let _ = std::fs::remove_file(&overlay);
+        converted
     }
 
     /// Converts `source` into `tmp` (standalone, sparse) and hashes it (SHA-512 and, in the same
@@ -944,7 +1056,10 @@ impl FileManagers {
                         let rest = file_name.strip_prefix(&prefix).unwrap_or_default();
                         // `<name>-<8 hex uuid>` or `<name>-<uuid>.part`; never another image
                         // whose name merely starts with this one.
-                        let uuid = rest.strip_suffix(".part").unwrap_or(rest);
+                        let uuid = rest
+                            .strip_suffix(".part")
+                            .or_else(|| rest.strip_suffix(".resume"))
+                            .unwrap_or(rest);
                         if uuid.len() != 8 || !uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
                             continue;
                         }
@@ -972,8 +1087,8 @@ impl FileManagers {
         Ok(())
     }
 
-    /// After a restart or a return: work that was cut off starts again from the beginning (its
-    /// temp file is removed), ready files that disappeared are reported failed, files marked
+    /// After a restart or a return: work that was cut off starts again (from the beginning, but
+    /// a first download goes on from its partial file when the server offers the same file), ready files that disappeared are reported failed, files marked
     /// unknown while the node was away are verified and reused, and files of images that no
     /// longer exist are removed.
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
@@ -982,11 +1097,19 @@ impl FileManagers {
         // The partial files of work cut off by the restart go before any work starts again
         // (a restarted download or export writes its temp file at once); those of work running
         // in this process now (a node registering again after a controller restart) stay.
+        // A first download cut off keeps its partial file and validator: the download that
+        // starts again below goes on from them when the server still offers the same file.
         for d in &self.disks {
             let live: Vec<PathBuf> = images
                 .iter()
-                .filter(|bi| self.running(&d.id, bi.name()))
-                .map(|bi| tmp_path(d, bi))
+                .filter(|bi| {
+                    self.running(&d.id, bi.name())
+                        || (bi.spec.source_type == SourceType::Download && !bi.has_ready_file())
+                })
+                .flat_map(|bi| {
+                    let tmp = tmp_path(d, bi);
+                    [download::resume_path(&tmp), tmp]
+                })
                 .collect();
             for e in std::fs::read_dir(d.path.join("tmp"))
                 .into_iter()

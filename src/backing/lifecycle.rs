@@ -30,6 +30,28 @@ use crate::store::{Kind, StoreExt};
 /// the failed state with its message stays visible meanwhile.
 pub const RECOVERY_BACKOFF: u64 = 5;
 
+/// The first wait after a failure of a download's source that trying again soon cannot fix;
+/// it doubles with each further one, up to [`SOURCE_BACKOFF_MAX`]. Other failures keep
+/// [`RECOVERY_BACKOFF`].
+pub const SOURCE_BACKOFF_FIRST: u64 = 60;
+pub const SOURCE_BACKOFF_MAX: u64 = 6 * 3600;
+
+/// The wait before the source is tried again after its `failures`-th such failure in a row.
+pub fn source_backoff(failures: u32) -> u64 {
+    let doublings = failures.saturating_sub(1).min(20);
+    (SOURCE_BACKOFF_FIRST << doublings).min(SOURCE_BACKOFF_MAX)
+}
+
+/// `90 s`, `4 min`, `2 h 8 min`: a wait as a person reads it.
+pub fn human_secs(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s if s % 3600 < 60 => format!("{} h", s / 3600),
+        s => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
 /// The answer of a manual cleanup.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanupResult {
@@ -341,6 +363,11 @@ impl BackingImages {
         if !files.values().all(failed_long_enough) {
             return Ok(());
         }
+        // A source that failed for good is not fetched again in full at every round: it waits
+        // for its backoff (the failed file's message says until when).
+        if parse_rfc3339(&bi.status.next_source_retry_time).is_some_and(|t| now < t) {
+            return Ok(());
+        }
         match bi.spec.source_type {
             SourceType::Upload => {
                 let message = unrecoverable_upload(name);
@@ -397,6 +424,9 @@ impl BackingImages {
                 }
                 let message = format!("all files failed; {verb} again");
                 self.update(name, |bi| {
+                    // The wait is over; the count stays until a file is ready, so a further
+                    // failure of the same kind waits twice as long.
+                    bi.status.next_source_retry_time.clear();
                     set_file(bi, &disk, FileState::Pending, 0, message.clone(), now)
                 })
                 .await?;
@@ -428,6 +458,7 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
     use crate::cluster::Cluster;
     use crate::error::{Error, Result};
+    use crate::files::FileReport;
     use crate::model::{NodeRecord, Replica, VolumeSpec};
     use crate::os::ReplicaTarget;
     use crate::settings::{CLEANUP_WAIT_INTERVAL, RECOVERY_WAIT_INTERVAL};
@@ -879,6 +910,92 @@ mod tests {
         // Under way: the next round does not start it twice.
         w.images.tick().await.unwrap();
         assert!(w.agent.take().is_empty());
+    }
+
+    #[test]
+    fn source_backoff_doubles_from_a_minute_to_six_hours() {
+        let waits: Vec<u64> = (1..=11).map(source_backoff).collect();
+        assert_eq!(
+            waits,
+            [
+                60, 120, 240, 480, 960, 1920, 3840, 7680, 15360, 21600, 21600
+            ]
+        );
+        assert_eq!(source_backoff(u32::MAX), SOURCE_BACKOFF_MAX);
+        assert_eq!(human_secs(90), "90 s");
+        assert_eq!(human_secs(240), "4 min");
+        assert_eq!(human_secs(7680), "2 h 8 min");
+        assert_eq!(human_secs(21600), "6 h");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_fails_for_good_is_retried_with_a_growing_backoff_not_every_round() {
+        use FileState::*;
+        let w = world();
+        w.image(SourceType::Download, 1, &[("d1", InProgress)]);
+        let d1 = Disk {
+            id: "d1".into(),
+            node_id: "n1".into(),
+            path: PathBuf::from("/disks/d1"),
+        };
+        let fail = |permanent: bool| {
+            let mut r = FileReport::new(
+                Failed,
+                0,
+                if permanent {
+                    "GET http://127.0.0.1/x: HTTP 404 Not Found"
+                } else {
+                    "GET http://127.0.0.1/x: HTTP 503 Service Unavailable"
+                },
+            );
+            r.permanent = permanent;
+            r
+        };
+        for (round, wait) in [(1u32, 60u64), (2, 120), (3, 240)] {
+            w.images.apply_report("img", &d1, fail(true)).await.unwrap();
+            let bi = w.images.must_get("img").unwrap();
+            assert_eq!(bi.status.source_failures, round);
+            let next = rfc3339(w.clock.now_secs() + wait);
+            assert_eq!(bi.status.next_source_retry_time, next);
+            let msg = &bi.status.disk_file_status_map["d1"].message;
+            assert!(
+                msg.contains("404") && msg.contains(&next) && msg.contains("tried again"),
+                "{msg}"
+            );
+            // Every round until the wait is over leaves the source alone.
+            for _ in 0..3 {
+                w.clock.advance(wait / 3 - 1);
+                w.images.tick().await.unwrap();
+                assert!(w.agent.take().is_empty(), "round {round}: too early");
+            }
+            w.clock.advance(3);
+            w.images.tick().await.unwrap();
+            assert_eq!(
+                w.agent.take(),
+                ["delete img d1", "first img d1"],
+                "round {round}"
+            );
+            w.images
+                .apply_report("img", &d1, FileReport::new(Starting, 0, "starting"))
+                .await
+                .unwrap();
+        }
+        // A transient failure keeps the short retry.
+        w.images
+            .apply_report("img", &d1, fail(false))
+            .await
+            .unwrap();
+        assert!(
+            w.images
+                .must_get("img")
+                .unwrap()
+                .status
+                .next_source_retry_time
+                .is_empty()
+        );
+        w.clock.advance(RECOVERY_BACKOFF);
+        w.images.tick().await.unwrap();
+        assert_eq!(w.agent.take(), ["delete img d1", "first img d1"]);
     }
 
     #[tokio::test]

@@ -77,6 +77,10 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
 /// The state of the image's file on one disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -124,6 +128,14 @@ pub struct BackingImageStatus {
     /// Where `expected_virtual_size` was learned, for messages ("the qcow2 header at the URL").
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub expected_virtual_size_from: String,
+    /// Failures of the data source in a row that trying again soon cannot fix (a checksum
+    /// mismatch, a 4xx answer, a file that is no disk image); 0 again once a file is ready.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub source_failures: u32,
+    /// When the source is tried again after such a failure (RFC 3339; the wait doubles from a
+    /// minute to six hours); empty when no such wait is on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub next_source_retry_time: String,
     /// What a user must know about the image as a whole (an uploaded image that cannot be
     /// recovered, for one); empty when all is well.
     #[serde(default, skip_serializing_if = "String::is_empty")]

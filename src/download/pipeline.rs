@@ -10,8 +10,9 @@
 //! (about 0.5 GiB/s), so it gets a thread of its own and the whole download takes
 //! max(network, write, hash) rather than their sum. Memory is bounded by the queues: about
 //! `(QUEUE_DEPTH + 2) * BLOCK` bytes of body at most, whatever the image size; dirty page cache
-//! by about three [`FLUSH_WINDOW`]s. The hash state lives only here, in memory, so a resumed
-//! download never reads the file back.
+//! by about three [`FLUSH_WINDOW`]s. The hash state lives only here, in memory, so a download
+//! resumed within a process never reads the file back; one that goes on with the partial file of
+//! an earlier process feeds its bytes through [`Pipeline::prefix`] first.
 //!
 //! This module must not know about HTTP, retries or URLs: it takes bytes, restarts from zero when
 //! told, and at the end returns the file (written, not yet synced) and its digest.
@@ -52,6 +53,9 @@ enum Msg {
     /// The final size is known: reserve the space now, so a full disk fails at once rather than
     /// after gigabytes (writer only).
     Reserve(u64),
+    /// This many bytes at the current offset are in the file already (a partial file kept from
+    /// an earlier process): go on after them (writer only; the hash gets them as `Data`).
+    Skip(u64),
 }
 
 pub(super) struct Pipeline {
@@ -114,6 +118,16 @@ impl Pipeline {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Takes bytes that are in the file already, in order, before any [`Self::push`]: they are
+    /// hashed and go into the manifest, and the writer goes on after them.
+    pub(super) async fn prefix(&mut self, block: Bytes) -> Result<(), PipeError> {
+        self.flush().await?;
+        let len = block.len() as u64;
+        let block: Block = Arc::from([block]);
+        self.send_writer(Msg::Skip(len)).await?;
+        self.send_hasher(Msg::Data(block)).await
     }
 
     /// Throws away everything received so far (the server ignored the Range request).
@@ -211,7 +225,7 @@ fn hash_worker(mut rx: mpsc::Receiver<Msg>) -> Sha512 {
         match msg {
             Msg::Data(block) => block.iter().for_each(|b| hasher.update(b)),
             Msg::Restart => hasher = Sha512::new(),
-            Msg::Reserve(_) => {}
+            Msg::Reserve(_) | Msg::Skip(_) => {}
         }
     }
     hasher
@@ -223,7 +237,7 @@ fn manifest_worker(mut rx: mpsc::Receiver<Msg>) -> ManifestBuilder {
         match msg {
             Msg::Data(block) => block.iter().for_each(|b| builder.update(b)),
             Msg::Restart => builder = ManifestBuilder::new(CHUNK_SIZE),
-            Msg::Reserve(_) => {}
+            Msg::Reserve(_) | Msg::Skip(_) => {}
         }
     }
     builder
@@ -269,6 +283,11 @@ fn write_loop(
                 (written, handed) = (0, 0);
             }
             Msg::Reserve(len) => reserve(file, len)?,
+            Msg::Skip(len) => {
+                // On disk already: nothing to write back for these.
+                written += len;
+                handed = written;
+            }
         }
     }
     // Zero chunks were skipped, not written: the length covers the holes at the end.

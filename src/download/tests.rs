@@ -194,6 +194,11 @@ async fn serve(
             .body(body_stream(data.clone(), start, None))
             .unwrap()
     };
+    // If-Range with another validator than the file's: the whole file (RFC 9110 §13.1.5).
+    let if_range_ok = headers
+        .get(h::IF_RANGE)
+        .is_none_or(|v| v.as_bytes() == b"\"v1\"");
+    let range_start = range_start.filter(|_| if_range_ok);
     let with_ranges = |range_start: Option<usize>| match range_start {
         Some(start) => ranged(start, start),
         None => full(None, true),
@@ -889,4 +894,146 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// What an earlier process left: the first `len` bytes of `data` at the request's dest, and the
+/// validator it saw beside them.
+fn leave_partial(req: &DownloadRequest, data: &[u8], len: usize, validator: &str) {
+    std::fs::create_dir_all(req.dest.parent().unwrap()).unwrap();
+    std::fs::write(&req.dest, &data[..len]).unwrap();
+    let kept = serde_json::json!({
+        "url": req.url,
+        "validator": validator,
+        "total": data.len(),
+    });
+    std::fs::write(resume_path(&req.dest), kept.to_string()).unwrap();
+}
+
+#[tokio::test]
+async fn a_partial_file_of_an_earlier_process_is_continued_with_range_and_rehashed() {
+    let f = Fixture::new().await;
+    let mut req = f.request("/range/rand.img");
+    req.resume = true;
+    req.expected_sha512 = Some(sha512_hex(&f.rand));
+    let cut = MIB + 4321;
+    leave_partial(&req, &f.rand, cut, "\"v1\"");
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.kept, cut as u64);
+    assert_eq!(out.sha512, sha512_hex(&f.rand));
+    assert_file(&req, &f.rand);
+    assert_manifest(&req, &out);
+    assert_eq!(
+        f.server.state.ranges("/range/rand.img"),
+        [Some(format!("bytes={cut}-"))],
+        "one request, from where the partial file ends"
+    );
+    assert!(
+        !resume_path(&req.dest).exists(),
+        "the validator goes once done"
+    );
+}
+
+#[tokio::test]
+async fn a_partial_file_whose_validator_changed_starts_over() {
+    let f = Fixture::new().await;
+    let mut req = f.request("/range/rand.img");
+    req.resume = true;
+    // The earlier process saw another version of the file, whose start differs.
+    let mut old = f.rand.to_vec();
+    old[..1000].fill(0xAB);
+    leave_partial(&req, &old, 2 * MIB, "\"v0\"");
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.kept, 0, "nothing of the old version kept");
+    assert_eq!(out.sha512, sha512_hex(&f.rand));
+    assert_file(&req, &f.rand);
+    let ranges = f.server.state.ranges("/range/rand.img");
+    assert_eq!(ranges[0], Some(format!("bytes={}-", 2 * MIB)), "{ranges:?}");
+}
+
+#[tokio::test]
+async fn a_partial_file_of_another_url_or_without_resume_is_not_used() {
+    let f = Fixture::new().await;
+    let mut req = f.request("/range/rand.img");
+    req.resume = true;
+    leave_partial(&req, &f.rand, MIB, "\"v1\"");
+    let mut other = req.clone();
+    other.url = f.server.url("/norange/rand.img");
+    let out = get(&other).await.unwrap();
+    assert_eq!(out.kept, 0);
+    assert_file(&other, &f.rand);
+    leave_partial(&req, &f.rand, MIB, "\"v1\"");
+    req.resume = false;
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.kept, 0);
+    assert_file(&req, &f.rand);
+    assert_eq!(f.server.state.ranges("/range/rand.img"), [None]);
+}
+
+#[tokio::test]
+async fn a_dropped_resumable_download_leaves_its_partial_file_and_validator() {
+    let f = Fixture::new().await;
+    let mut req = f.request("/stall/big.img");
+    req.resume = true;
+    let task = tokio::spawn({
+        let req = req.clone();
+        async move { get(&req).await }
+    });
+    // The stalling server answers and sends its first bytes, then nothing: the validator is
+    // written as the answer arrives, before any byte of the body.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !resume_path(&req.dest).exists() {
+        assert!(std::time::Instant::now() < deadline, "no answer arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task.abort();
+    let _ = task.await;
+    assert!(
+        req.dest.exists(),
+        "the partial file stays for the next process"
+    );
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(resume_path(&req.dest)).unwrap()).unwrap();
+    assert_eq!(kept["validator"], "\"v1\"");
+    // An error still removes both.
+    req.url = f.server.url("/missing");
+    req.dest = req.dest.with_file_name("other.part");
+    std::fs::write(&req.dest, b"x").unwrap();
+    assert!(get(&req).await.is_err());
+    assert_gone(&req);
+    assert!(!resume_path(&req.dest).exists());
+}
+
+#[test]
+fn permanent_errors_are_the_ones_a_retry_cannot_fix() {
+    let status = |s: u16| DownloadError::HttpStatus {
+        url: "u".into(),
+        status: StatusCode::from_u16(s).unwrap(),
+        attempts: 1,
+    };
+    for (e, permanent) in [
+        (status(404), true),
+        (status(403), true),
+        (status(408), false),
+        (status(429), false),
+        (status(503), false),
+        (
+            DownloadError::ChecksumMismatch {
+                expected: "a".into(),
+                got: "b".into(),
+            },
+            true,
+        ),
+        (
+            DownloadError::Connection {
+                url: "u".into(),
+                attempts: 5,
+                last: "refused".into(),
+            },
+            false,
+        ),
+        (DownloadError::DiskFull { path: "/x".into() }, false),
+    ] {
+        assert_eq!(e.is_permanent(), permanent, "{e}");
+    }
 }

@@ -46,9 +46,8 @@ fn paced(bytes: Vec<u8>, rate: Rate) -> axum::body::Body {
             }
             let end = (at + 64 * 1024).min(bytes.len());
             let r = rate.load(Ordering::Relaxed);
-            if r > 0 {
-                tokio::time::sleep(Duration::from_nanos((end - at) as u64 * 1_000_000_000 / r))
-                    .await;
+            if let Some(nanos) = ((end - at) as u64 * 1_000_000_000).checked_div(r) {
+                tokio::time::sleep(Duration::from_nanos(nanos)).await;
             }
             Some((Ok::<_, std::io::Error>(bytes.slice(at..end)), end))
         }

@@ -55,6 +55,8 @@ async fn export_killed(strict: bool) {
     )
     .await
     .unwrap();
+    // CreateVolume does not wait for the first file; the export is timed from its own start.
+    wait_ready_without_failing(&b.http, "bi-src", || b.log()).await;
     let expected = [("bi-src", want.as_str()), ("bi-export", want.as_str())];
     let watch = Watch::start(&b.http, &b.disks, &expected);
     create_image(

@@ -54,6 +54,8 @@ async fn transfer_under_way() -> Setup {
         ],
     );
     create_retrying(&mut ctl, req).await.unwrap();
+    // CreateVolume does not wait for the first file; this setup needs it.
+    wait_ready_without_failing(&c.http, "bi-sync", || c.logs()).await;
     let v = image(&c.http, "bi-sync").await.unwrap();
     let holder = v["status"]["diskFileStatusMap"]
         .as_object()

@@ -24,43 +24,81 @@ fn pause(rate: &Rate, len: usize) -> Option<Duration> {
     (r > 0).then(|| Duration::from_nanos(len as u64 * 1_000_000_000 / r))
 }
 
+/// Each image with its ETag.
+type Files = Arc<Mutex<HashMap<String, (bytes::Bytes, String)>>>;
+/// Every request: the file's name and the start of its `Range`, if it had one.
+type Ranges = Arc<Mutex<Vec<(String, Option<usize>)>>>;
+
+fn with_etag(b: Vec<u8>) -> (bytes::Bytes, String) {
+    let etag = format!("\"{}\"", &crate::images::sha512(&b)[..16]);
+    (bytes::Bytes::from(b), etag)
+}
+
 #[derive(Clone)]
 struct Shared {
-    files: Arc<HashMap<String, (bytes::Bytes, String)>>,
+    files: Files,
     rate: Rate,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    ranges: Ranges,
 }
 
 /// Images served over HTTP at a rate the test controls.
 pub struct ImageServer {
     pub base: String,
     pub rate: Rate,
+    files: Files,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    ranges: Ranges,
 }
 
 impl ImageServer {
     pub async fn start(files: HashMap<String, Vec<u8>>) -> ImageServer {
         // Each image with its ETag, hashed once.
-        let files = files
-            .into_iter()
-            .map(|(n, b)| {
-                let etag = format!("\"{}\"", &crate::images::sha512(&b)[..16]);
-                (n, (bytes::Bytes::from(b), etag))
-            })
-            .collect();
+        let files = files.into_iter().map(|(n, b)| (n, with_etag(b))).collect();
         let shared = Shared {
-            files: Arc::new(files),
+            files: Arc::new(Mutex::new(files)),
             rate: Arc::new(AtomicU64::new(0)),
             hits: Arc::new(Mutex::new(HashMap::new())),
+            ranges: Arc::new(Mutex::new(Vec::new())),
         };
-        let (rate, hits) = (shared.rate.clone(), shared.hits.clone());
+        let (rate, hits, ranges, files) = (
+            shared.rate.clone(),
+            shared.hits.clone(),
+            shared.ranges.clone(),
+            shared.files.clone(),
+        );
         let app = axum::Router::new()
             .route("/img/{name}", axum::routing::get(serve))
             .with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        ImageServer { base, rate, hits }
+        ImageServer {
+            base,
+            rate,
+            files,
+            hits,
+            ranges,
+        }
+    }
+
+    /// Serves other bytes (with another ETag) under `name` from now on.
+    pub fn replace(&self, name: &str, bytes: Vec<u8>) {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), with_etag(bytes));
+    }
+
+    /// The `Range` starts of the requests for `name` so far (None: no Range).
+    pub fn range_starts(&self, name: &str) -> Vec<Option<usize>> {
+        self.ranges
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, r)| *r)
+            .collect()
     }
 
     pub fn url(&self, name: &str) -> String {
@@ -88,8 +126,37 @@ async fn serve(
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
+    let found = s.files.lock().unwrap().get(&name).cloned();
+    // `Range: bytes=0-N`: the head CreateVolume reads for the image's size. It is not a
+    // download, so it is neither a hit nor in the log of ranges.
+    let head_end = headers.get(header::RANGE).and_then(|v| {
+        v.to_str()
+            .ok()?
+            .strip_prefix("bytes=0-")?
+            .parse::<usize>()
+            .ok()
+    });
+    if let (Some(end), Some((bytes, etag))) = (head_end, &found) {
+        let end = end.min(bytes.len().saturating_sub(1));
+        return (
+            StatusCode::PARTIAL_CONTENT,
+            [
+                (
+                    header::CONTENT_RANGE,
+                    format!("bytes 0-{end}/{}", bytes.len()),
+                ),
+                (header::ETAG, etag.clone()),
+            ],
+            bytes.slice(0..=end),
+        )
+            .into_response();
+    }
     *s.hits.lock().unwrap().entry(name.clone()).or_default() += 1;
-    let Some((bytes, etag)) = s.files.get(&name).cloned() else {
+    s.ranges
+        .lock()
+        .unwrap()
+        .push((name.clone(), range_start(&headers)));
+    let Some((bytes, etag)) = found else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let if_range_ok = headers

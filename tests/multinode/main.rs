@@ -522,7 +522,23 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
     };
     req.parameters.insert("numberOfReplicas".into(), "2".into());
     images::create_retrying(&mut ctl, req).await.unwrap();
-    let img = image(&c, "bi-corrupt").await;
+    // CreateVolume does not wait for the first file; the corruption needs it in place.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let img = loop {
+        let img = image(&c, "bi-corrupt").await;
+        let ready = img["status"]["diskFileStatusMap"]
+            .as_object()
+            .is_some_and(|m| m.values().any(|f| f["state"] == "ready"));
+        if ready {
+            break img;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ready file: {img}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let (first_disk, first) = img["status"]["diskFileStatusMap"]
         .as_object()
         .unwrap()
@@ -606,6 +622,60 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
 }
 
 /// The id of the disk of `node` that the image's status lists.
+/// Split mode: the controller learns the size from the download's head and answers CreateVolume
+/// at once; the replicas on the node agents are made at attach, which waits for the file.
+#[tokio::test]
+async fn create_volume_answers_at_once_while_a_node_agent_downloads() {
+    let c = TestCluster::start(2).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = images::ext4_image(&work, 32);
+    let server = images::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
+    server.set_rate(128 * 1024);
+    let mut params = images::seed_sc_params(&server.url("img.raw"), "bi-split");
+    params[0].1 = "2".into();
+    let mut ctl = c.controller_client().await;
+    let started = Instant::now();
+    let v = ctl
+        .controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: "vol-split".into(),
+            volume_capabilities: vec![mount_cap()],
+            parameters: params.iter().cloned().collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("CreateVolume: {s:?}"))
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(v.capacity_bytes, 32 * MIB);
+    let img = image(&c, "bi-split").await;
+    let files = img["status"]["diskFileStatusMap"].as_object().unwrap();
+    assert!(files.values().all(|f| f["state"] != "ready"), "{img}");
+    let mut publish = cpublish_req("vol-split", mount_cap(), false);
+    publish.node_id = "node-2".into();
+    let s = ctl
+        .controller
+        .controller_publish_volume(publish.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+    assert!(s.message().contains('%'), "{}", s.message());
+    server.set_rate(0);
+    publish_retrying(&mut ctl, publish).await;
+    let img = image(&c, "bi-split").await;
+    let files = img["status"]["diskFileStatusMap"].as_object().unwrap();
+    assert_eq!(files.len(), 2, "{img}");
+    assert!(files.values().all(|f| f["state"] == "ready"), "{img}");
+    assert_eq!(img["status"]["virtualSize"], 32 * MIB);
+}
+
 async fn img_disk_of(c: &TestCluster, name: &str, node: &str) -> String {
     let img = image(c, name).await;
     img["status"]["diskFileStatusMap"]
