@@ -279,6 +279,57 @@ fn attach_mount_and_block_then_detach() {
     s.ok(&["volume", "delete", "web"]);
 }
 
+/// An attach that fails on the node (mkfs.xfs refuses a 32 MiB volume) undoes itself: the
+/// volume is no longer published to the node, no record is left for `detach`, and the volume
+/// can be deleted at once; the error printed is the node's.
+#[test]
+fn a_failed_attach_undoes_itself() {
+    if !is_root() {
+        return;
+    }
+    let s = Served::start();
+    let mnt = s.path("mnt");
+    s.ok(&[
+        "volume",
+        "create",
+        "small",
+        "--size",
+        "32Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let err = s.fails(&[
+        "volume",
+        "attach",
+        "small",
+        "--mount",
+        mnt.to_str().unwrap(),
+        "--fs-type",
+        "xfs",
+    ]);
+    assert!(
+        err.contains("xfs needs a volume of at least 300 MiB"),
+        "{err}"
+    );
+    assert!(err.contains("the attach was undone"), "{err}");
+    assert!(!is_mounted(&mnt));
+    let row = s.ok(&["get", "volume", "small"]);
+    assert!(!row.contains("cli-node"), "still attached: {row}");
+    assert!(!s.path("cli-attach/small.json").exists());
+    let err = s.fails(&["volume", "detach", "small"]);
+    assert!(err.contains("was not attached"), "{err}");
+    // Attaching it as it can be still works, and detaching it then too.
+    s.ok(&[
+        "volume",
+        "attach",
+        "small",
+        "--mount",
+        mnt.to_str().unwrap(),
+    ]);
+    s.ok(&["volume", "detach", "small"]);
+    s.ok(&["volume", "delete", "small"]);
+}
+
 /// Bytes written through `--block` targets and only closed (no fsync, no O_DIRECT: what the
 /// page cache holds when detach starts) are there after a detach and a re-attach, for several
 /// volumes attached, written and detached at once.
