@@ -152,6 +152,10 @@ pub fn remove_attach_leftovers(
                 os.mounts.unmount(&target)?;
             }
             tracing::warn!(volume = %volume_id, device = %dev.display(), file = %file.display(), "detaching a loop device an attach left behind");
+            // It may be a live attach: write out what its page cache holds first.
+            if let Err(e) = os.loops.flush(&dev) {
+                tracing::warn!(volume = %volume_id, device = %dev.display(), error = %e, "cannot flush the loop device before detaching it");
+            }
             os.loops.detach(&dev)?;
         }
     }

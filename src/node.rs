@@ -350,6 +350,12 @@ impl NodeAgent {
             }
             if let Some(state) = os.engine.status(&r.engine_dir)? {
                 if let Some(dev) = os.loops.find(&state.export_path)? {
+                    // A block volume's writes may still sit in the device's page cache (a
+                    // program that wrote and closed without fsync), and nothing has flushed the
+                    // engine's own caches (qcow2 metadata) since: flush end to end before the
+                    // device goes, or they are lost with it and with the engine. A failure
+                    // stops here; NodeUnstageVolume is retried.
+                    os.loops.flush(&dev)?;
                     os.loops.detach(&dev)?;
                 }
             } else if !r.device.as_os_str().is_empty() {

@@ -341,6 +341,12 @@ pub trait LoopDevices: Send + Sync {
     fn detach_file(&self, file: &Path) -> OsResult<()>;
     /// Make the device pick up a new size of its backing file.
     fn refresh_size(&self, dev: &Path) -> OsResult<()>;
+    /// Write what the device's page cache holds down to its file and flush that file (fsync of
+    /// the device: the loop driver passes the flush on as an fsync of its backing file, which the
+    /// engine's export turns into a flush of the volume). Detach must come after it: writes still
+    /// cached when a device is detached are dropped, and an engine stopped without a flush may
+    /// lose what it had not written out.
+    fn flush(&self, dev: &Path) -> OsResult<()>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -410,15 +410,25 @@ impl Agent for RemoteAgent {
     }
 
     async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()> {
-        self.client
+        let answer = self
+            .client
             .clone()
             .clean_volume(pb::CleanVolumeRequest {
                 volume_id: volume_id.to_string(),
                 replicas_json: to_json(&replicas)?,
             })
-            .await
-            .map_err(status_error)?;
-        Ok(())
+            .await;
+        match answer {
+            Ok(_) => Ok(()),
+            // An agent of an older version (a rolling upgrade) has no CleanVolume: its attaches
+            // undid nothing either, so there is nothing it could clean; that must not fail
+            // DeleteVolume or ControllerUnpublishVolume.
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::info!(volume = %volume_id, "the node's agent predates CleanVolume; nothing to clean there");
+                Ok(())
+            }
+            Err(s) => Err(status_error(s)),
+        }
     }
 }
 
@@ -735,5 +745,38 @@ pub async fn keep_registered(
             std::time::Duration::from_millis(500)
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gRPC server without the Agent service answers Unimplemented to every Agent call, as an
+    /// agent of a version before CleanVolume answers that call.
+    async fn server_without_agent() -> String {
+        use crate::csi::identity::IdentityService;
+        use crate::csi::pb::identity_server::IdentityServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let router =
+            tonic::transport::Server::builder().add_service(IdentityServer::new(IdentityService {
+                driver_name: "bicsi.test".into(),
+                controller: true,
+            }));
+        tokio::spawn(router.serve_with_incoming(incoming));
+        url
+    }
+
+    #[tokio::test]
+    async fn clean_volume_on_an_older_agent_is_nothing_to_clean() {
+        let agent = RemoteAgent {
+            client: AgentClient::new(channel(&server_without_agent().await).unwrap()),
+        };
+        agent.clean_volume("pvc-1", &[]).await.unwrap();
+        // Other calls still fail: only CleanVolume may be missing on a node.
+        let err = agent.disk_space().await.unwrap_err();
+        assert!(matches!(err, Error::Internal(_)), "{err:?}");
     }
 }

@@ -394,6 +394,7 @@ async fn attach(
         &serde_json::to_vec_pretty(&record)?,
     )
     .map_err(|e| Error::Internal(format!("cannot record the attachment: {e}")))?;
+    let mut staged = false;
     let attached: Result<()> = async {
         c.node
             .node_stage_volume(pb::NodeStageVolumeRequest {
@@ -405,6 +406,7 @@ async fn attach(
             })
             .await
             .map_err(status_error)?;
+        staged = true;
         c.node
             .node_publish_volume(pb::NodePublishVolumeRequest {
                 volume_id: volume_id.clone(),
@@ -421,12 +423,68 @@ async fn attach(
     }
     .await;
     if let Err(e) = attached {
-        return Err(Error::from_code(
-            e.code(),
-            format!("{e}; `bicsi volume detach {name}` undoes what was done"),
-        ));
+        // Undo what this attach did, so that the volume is not left published to this node (which
+        // makes DeleteVolume refuse) with a record only `detach` would remove.
+        return Err(match undo_attach(&mut c, &record, staged, endpoint).await {
+            Ok(()) => Error::from_code(
+                e.code(),
+                format!("{e}; the attach was undone, volume {name} is detached"),
+            ),
+            Err(u) => Error::from_code(
+                e.code(),
+                format!(
+                    "{e}; undoing the attach failed too ({u}): `bicsi volume detach {name}` undoes what was done"
+                ),
+            ),
+        });
     }
     outln!("volume {name} attached at {}", target.display());
+    Ok(())
+}
+
+/// Undoes a failed attach of `rec`: NodeUnstage when NodeStage succeeded (NodePublish removes
+/// what it made when it fails; NodeUnpublish only when NodeUnstage says the target is still
+/// published), ControllerUnpublish, and the attach record.
+async fn undo_attach(
+    c: &mut CsiClient,
+    rec: &AttachRecord,
+    staged: bool,
+    endpoint: &str,
+) -> Result<()> {
+    let unstage = pb::NodeUnstageVolumeRequest {
+        volume_id: rec.volume_id.clone(),
+        staging_target_path: rec.staging_path.display().to_string(),
+    };
+    if staged {
+        match c.node.node_unstage_volume(unstage.clone()).await {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                c.node
+                    .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                        volume_id: rec.volume_id.clone(),
+                        target_path: rec.target_path.display().to_string(),
+                    })
+                    .await
+                    .map_err(status_error)?;
+                c.node
+                    .node_unstage_volume(unstage)
+                    .await
+                    .map_err(status_error)?;
+            }
+            other => {
+                other.map_err(status_error)?;
+            }
+        }
+    }
+    c.controller
+        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: rec.volume_id.clone(),
+            node_id: rec.node_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?;
+    let _ = std::fs::remove_file(record_path(endpoint, &rec.volume_id)?);
+    let _ = std::fs::remove_dir_all(attach_dir(endpoint)?.join(&rec.volume_id));
     Ok(())
 }
 

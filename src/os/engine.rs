@@ -532,6 +532,15 @@ impl QemuStorageDaemon {
 impl QemuStorageDaemon {
     /// Terminate every daemon of `paths` and remove its export mount; run_dir stays.
     fn shut_down(&self, paths: &RunPaths) -> OsResult<()> {
+        // Flush the volume through its export (qemu's FUSE export answers fsync with a flush of
+        // its block node): what qcow2 keeps in memory (new clusters' table entries) is written
+        // out while the daemon certainly runs, not only by a graceful exit that SIGKILL may cut.
+        // Best effort: a dead export cannot be flushed and must still be stopped.
+        if export_mounted(paths)? && !find_daemons(paths).is_empty() {
+            if let Err(e) = File::open(&paths.export).and_then(|f| f.sync_all()) {
+                tracing::warn!(export = %paths.export.display(), error = %e, "cannot flush the engine's export before stopping it");
+            }
+        }
         // Unmount first: a daemon can leave its FUSE mount behind when it quits (seen after a
         // graceful QMP quit), and an unmount refused because a loop device still uses the export
         // must stop us before the data path is cut under a mounted filesystem.

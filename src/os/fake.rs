@@ -1436,6 +1436,18 @@ impl LoopDevices for FakeLoops {
         Ok(())
     }
 
+    fn flush(&self, dev: &Path) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("loops.flush")?;
+        match World::loop_index(dev) {
+            Some(idx) if w.loops.contains_key(&idx) => Ok(()),
+            _ => Err(OsError::NotFound(format!(
+                "loop device {} is not attached; nothing to flush",
+                dev.display()
+            ))),
+        }
+    }
+
     fn detach_file(&self, file: &Path) -> OsResult<()> {
         let file = resolve_parent(file);
         let devs: Vec<PathBuf> = {

@@ -205,6 +205,22 @@ impl LoopDevices for Losetup {
         )))
     }
 
+    fn flush(&self, dev: &Path) -> OsResult<()> {
+        let name = device_name(dev)?;
+        if backing_file(name).is_none() {
+            return Err(OsError::NotFound(format!(
+                "loop device {} is not attached; nothing to flush",
+                dev.display()
+            )));
+        }
+        // fsync of a block device writes its dirty pages and then sends a flush request, which
+        // a loop device turns into an fsync of its file (the engine's export: a flush of every
+        // replica). A read-only open is enough for fsync and works on read-only devices too.
+        fs::File::open(dev)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| OsError::io(format!("flushing loop device {}", dev.display()), e))
+    }
+
     fn refresh_size(&self, dev: &Path) -> OsResult<()> {
         let name = device_name(dev)?;
         if backing_file(name).is_none() {
@@ -276,6 +292,14 @@ pub(crate) mod tests {
         loops.refresh_size(&dev).unwrap();
         assert_eq!(fsys.device_size(&dev).unwrap(), 8 << 20);
 
+        // Buffered writes through the device reach the file once it is flushed.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&dev)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"flushed"))
+            .unwrap();
+        loops.flush(&dev).unwrap();
+        assert_eq!(&fs::read(&file).unwrap()[..7], b"flushed");
         loops.detach(&dev).unwrap();
         // Idempotent by file; a second detach(dev) could hit a device another test got since.
         loops.detach_file(&file).unwrap();
@@ -309,6 +333,8 @@ pub(crate) mod tests {
         // The kernel lets a read-only device be opened for writing, but refuses every write.
         let err = write_block(&dev).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+        // NodeUnstageVolume flushes every device before detaching it, read-only ones too.
+        loops.flush(&dev).unwrap();
         loops.detach(&dev).unwrap();
     }
 
