@@ -490,12 +490,22 @@ async fn undo_attach(
 
 async fn detach(name: &str, endpoint: &str) -> Result<()> {
     let volume_id = crate::controller::volume_id_for(name);
-    let rec = attach_record(endpoint, &volume_id)?.ok_or_else(|| {
-        Error::NotFound(format!(
-            "volume {name:?} was not attached with `bicsi volume attach` through this endpoint"
-        ))
-    })?;
     let mut c = CsiClient::connect(endpoint).await?;
+    let Some(rec) = attach_record(endpoint, &volume_id)? else {
+        // Nothing this CLI attached: fine when the volume is attached nowhere (detach is
+        // idempotent, and a failed attach undoes itself), an error when someone else attached it.
+        let nodes = published_nodes(&mut c, &volume_id).await?.ok_or_else(|| {
+            Error::NotFound(format!("volume {name:?} not found; `bicsi get volumes` lists them"))
+        })?;
+        if nodes.is_empty() {
+            outln!("volume {name} is not attached; nothing to detach");
+            return Ok(());
+        }
+        return Err(Error::FailedPrecondition(format!(
+            "volume {name:?} is attached to {} but not with `bicsi volume attach` through this endpoint; detach it where it was attached",
+            nodes.join(", ")
+        )));
+    };
     wait::on_interrupt(format!(
         "volume {name} may be detached in part: run `bicsi volume detach {name}` again"
     ));
@@ -552,6 +562,31 @@ async fn detach(name: &str, endpoint: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(attach_dir(endpoint)?.join(&volume_id));
     outln!("volume {name} detached");
     Ok(())
+}
+
+/// The nodes a volume is published to, or None when there is no such volume.
+async fn published_nodes(c: &mut CsiClient, volume_id: &str) -> Result<Option<Vec<String>>> {
+    let mut token = String::new();
+    loop {
+        let page = c
+            .controller
+            .list_volumes(pb::ListVolumesRequest {
+                max_entries: 100,
+                starting_token: token.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        for e in page.entries {
+            if e.volume.as_ref().is_some_and(|v| v.volume_id == volume_id) {
+                return Ok(Some(e.status.unwrap_or_default().published_node_ids));
+            }
+        }
+        if page.next_token.is_empty() {
+            return Ok(None);
+        }
+        token = page.next_token;
+    }
 }
 
 async fn expand(name: &str, size: &str, endpoint: &str) -> Result<()> {
@@ -668,11 +703,12 @@ pub struct VolumeView {
     pub record: Option<crate::model::Volume>,
 }
 
-/// Replicas that exist: created (not deferred) and not named missing or down by the condition.
+/// Replicas not named missing or down by the condition. A deferred replica (placed, made at the
+/// volume's first attach once its backing image's file is on that disk) counts: the volume is
+/// not degraded for it, and `-o yaml` shows which ones are deferred.
 fn healthy_replicas(v: &crate::model::Volume, abnormal: bool, condition: &str) -> u32 {
     v.replicas
         .iter()
-        .filter(|r| !r.deferred)
         .filter(|r| !abnormal || !condition.contains(&format!("replica {} ", r.id)))
         .count() as u32
 }
