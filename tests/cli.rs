@@ -1063,10 +1063,12 @@ fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
 #[test]
 fn ctrl_c_of_an_upload_says_it_must_start_over() {
     let s = Served::start();
-    let data = noise(4 << 20, 19);
+    // Larger than the sockets' buffers can hold: what the CLI had sent before Ctrl-C still
+    // reaches the server, and with a small file that was all of it, so the upload completed.
+    let data = noise(32 << 20, 19);
     let file = s.path("up.raw");
     std::fs::write(&file, &data).unwrap();
-    let slow = slow_proxy(&s.http, 512 << 10, None);
+    let slow = slow_proxy(&s.http, 1 << 20, None);
     let err_path = s.path("upload.err");
     let child = s
         .command(&["image", "upload", "cut", file.to_str().unwrap()])
@@ -1078,6 +1080,19 @@ fn ctrl_c_of_an_upload_says_it_must_start_over() {
     wait_until("an upload progress line", Duration::from_secs(30), || {
         std::fs::read_to_string(&err_path).is_ok_and(|e| e.contains("uploading: "))
     });
+    // The CLI's first progress line can come before the server has the request (the proxy
+    // trickles it): interrupt once the server is receiving, so that there is a file to fail.
+    wait_until(
+        "the server to receive the upload",
+        Duration::from_secs(30),
+        || {
+            let bi: serde_json::Value =
+                serde_json::from_str(&s.ok(&["get", "backingimage", "cut", "-o", "json"])).unwrap();
+            bi["status"]["diskFileStatusMap"]
+                .as_object()
+                .is_some_and(|m| m.values().any(|f| f["state"] == "in-progress"))
+        },
+    );
     interrupt(&child);
     let status = child.wait_with_output().unwrap().status;
     let stderr = std::fs::read_to_string(&err_path).unwrap();

@@ -495,7 +495,9 @@ async fn detach(name: &str, endpoint: &str) -> Result<()> {
         // Nothing this CLI attached: fine when the volume is attached nowhere (detach is
         // idempotent, and a failed attach undoes itself), an error when someone else attached it.
         let nodes = published_nodes(&mut c, &volume_id).await?.ok_or_else(|| {
-            Error::NotFound(format!("volume {name:?} not found; `bicsi get volumes` lists them"))
+            Error::NotFound(format!(
+                "volume {name:?} not found; `bicsi get volumes` lists them"
+            ))
         })?;
         if nodes.is_empty() {
             outln!("volume {name} is not attached; nothing to detach");
