@@ -202,7 +202,20 @@ async fn measure(b: &Bench, sides: &[Side], len: u64) -> Res<Results> {
             for k in 0..sides.len() {
                 let s = (run + j + k) % sides.len();
                 sync().await;
-                let (iops, bw) = run_fio(&sides[s].dev, job, len, secs).await?;
+                // A failed job is shown as failed; the other sides and jobs still run.
+                let (iops, bw) = match run_fio(&sides[s].dev, job, len, secs).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let e = e.to_string();
+                        println!(
+                            "    {} on {}: {}",
+                            job.name(),
+                            sides[s].label,
+                            log_tail(&e, 2)
+                        );
+                        (f64::NAN, f64::NAN)
+                    }
+                };
                 let _ = write!(line, " {} {}", sides[s].label, cell(job, iops, bw));
                 res[s][j].push((iops, bw));
             }
@@ -234,7 +247,9 @@ fn fmt_iops(iops: f64) -> String {
 
 /// IOPS for the random jobs, MB/s for the sequential ones.
 fn cell(job: &Job, iops: f64, bw: f64) -> String {
-    if job.sequential() {
+    if iops.is_nan() {
+        "failed".into()
+    } else if job.sequential() {
         format!("{:.0} MB/s", bw / 1e6)
     } else {
         format!("{} IOPS", fmt_iops(iops))
