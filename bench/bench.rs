@@ -44,6 +44,7 @@ use tokio::process::Command;
 
 mod control;
 mod create_downloading;
+mod engines;
 mod volume_io;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -123,11 +124,31 @@ enum PathName {
     /// CreateVolume of volumes from a backing image whose download is still under way (it
     /// stalls on purpose) vs CreateVolume of plain volumes; target: median under 100 ms.
     CreateDownloading,
+    /// Engine candidates (issue 14), not run by default: bicsi's volume as shipped, with fio's
+    /// job matrix (seq 1M / rand 4k, read / write, depth 1 / 32) vs a plain loop device.
+    VolumeIoFuse,
+    /// qemu-storage-daemon 10.0 started by hand with each of its knobs, same jobs.
+    VolumeIoFuseTuned,
+    /// Raw replicas cloned by reflink on XFS, attached straight to loop devices, same jobs;
+    /// and the time to clone an image.
+    VolumeIoLoopRaw,
 }
 
 impl PathName {
+    /// Every path but the engine candidates, which take minutes each (name them to run them).
     fn all() -> Vec<PathName> {
-        PathName::value_variants().to_vec()
+        PathName::value_variants()
+            .iter()
+            .copied()
+            .filter(|p| {
+                !matches!(
+                    p,
+                    PathName::VolumeIoFuse
+                        | PathName::VolumeIoFuseTuned
+                        | PathName::VolumeIoLoopRaw
+                )
+            })
+            .collect()
     }
 }
 
@@ -479,6 +500,9 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::Control => control::control(b, checks).await,
         PathName::VolumeIo => volume_io::volume_io(b, checks).await,
         PathName::CreateDownloading => create_downloading::create_downloading(b, checks).await,
+        PathName::VolumeIoFuse => engines::fuse(b, checks).await,
+        PathName::VolumeIoFuseTuned => engines::fuse_tuned(b, checks).await,
+        PathName::VolumeIoLoopRaw => engines::loop_raw(b, checks).await,
     }
 }
 
