@@ -13,7 +13,8 @@
 //! reflink (a loop-mounted file, root only); cross-node sync between two node agents; attach of
 //! a new volume for two image sizes (root only). Every process, mount, loop device and
 //! qemu-storage-daemon a run leaves behind is removed by a guard ([`SweepOnDrop`]), also on
-//! failure.
+//! failure. The volume engine candidates of issue 14 (`engines`) print their own tables of
+//! IOPS and throughput and run only when named.
 //!
 //! Adding a path: write an `async fn(&Bench, &mut Checks) -> Res<Vec<Row>>` like
 //! [`download_verify`] (time bicsi and its reference in the same runs, alternating their order)
