@@ -32,6 +32,10 @@ pub(super) fn now() -> (u64, u32) {
     (d.as_secs(), d.subsec_nanos())
 }
 
+/// How long a snapshot of a volume whose replicas wait for its backing image's file waits for
+/// that file before answering Unavailable.
+const DEFERRED_SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Controller {
     pub fn get_snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
         self.store.get(Kind::Snapshot, id)
@@ -87,8 +91,9 @@ impl Controller {
 
     /// A volume created before its backing image's file was ready has deferred replicas until
     /// its first attach. A snapshot of it (its content is the image's, as nothing wrote it yet)
-    /// makes them now where the file is ready; while no file is, it answers Unavailable with
-    /// where the image stands, and the CO's retry takes the snapshot.
+    /// makes them now where the file is ready; while no file is, it waits for one up to
+    /// `DEFERRED_SNAPSHOT_WAIT`, then answers Unavailable with where the image stands, and the
+    /// CO's retry takes the snapshot.
     async fn make_deferred_replicas(&self, mut volume: Volume) -> Result<Volume> {
         let Some(image) = volume.spec.backing_image.clone() else {
             return Ok(volume);
@@ -96,30 +101,40 @@ impl Controller {
         if volume.replicas.iter().all(|r| !r.deferred) {
             return Ok(volume);
         }
-        let mut made = false;
-        for r in volume.replicas.iter_mut().filter(|r| r.deferred) {
-            let Ok(agent) = self.cluster.agent(&r.node_id) else {
-                continue;
-            };
-            if agent
-                .create_replica(r, volume.spec.capacity_bytes, Some(&image))
-                .await?
-            {
-                r.deferred = false;
-                made = true;
+        // The image's file is usually on its way (a download, or a copy to the replica's disk):
+        // wait for it a while, so that a snapshot taken right after the volume was created is
+        // taken rather than refused; past the wait the CO's retry takes it.
+        let deadline = tokio::time::Instant::now() + DEFERRED_SNAPSHOT_WAIT;
+        loop {
+            let mut made = false;
+            for r in volume.replicas.iter_mut().filter(|r| r.deferred) {
+                let Ok(agent) = self.cluster.agent(&r.node_id) else {
+                    continue;
+                };
+                if agent
+                    .create_replica(r, volume.spec.capacity_bytes, Some(&image))
+                    .await?
+                {
+                    r.deferred = false;
+                    made = true;
+                }
             }
-        }
-        if made {
-            self.store.put(Kind::Volume, &volume.id, &volume)?;
-        }
-        if volume.replicas.iter().all(|r| r.deferred) {
+            if made {
+                self.store.put(Kind::Volume, &volume.id, &volume)?;
+            }
+            if !volume.replicas.iter().all(|r| r.deferred) {
+                break;
+            }
             let bi = self.backing.must_get(&image)?;
             self.backing.check_not_failed(&bi)?;
-            return Err(Error::Unavailable(format!(
-                "volume {:?} has not been attached and its backing image {image:?} is being prepared ({}); the snapshot can be taken once the image is ready",
-                volume.id,
-                crate::backing::BackingImages::describe(&bi)
-            )));
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "volume {:?} has not been attached and its backing image {image:?} is being prepared ({}); the snapshot can be taken once the image is ready",
+                    volume.id,
+                    crate::backing::BackingImages::describe(&bi)
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         Ok(volume)
     }

@@ -936,3 +936,74 @@ async fn a_source_that_gives_no_size_answers_unavailable_saying_why() {
         .unwrap();
     assert_eq!(v.capacity_bytes, 8 * MIB);
 }
+
+/// A snapshot taken right after CreateVolume, while the image still downloads (what csi-sanity
+/// does with volumes from a backing image): the call waits for the image's file instead of
+/// answering Unavailable at once, and the snapshot restores to the image's content.
+#[tokio::test]
+async fn a_snapshot_right_after_create_waits_for_the_image_and_is_taken() {
+    if !root_or_skip("a_snapshot_right_after_create_waits_for_the_image_and_is_taken") {
+        return;
+    }
+    let b = Bicsi::start(1).await;
+    let mut c = b.client().await;
+    let work = b.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = ext4_image(&work, 8);
+    let server = ImageServer::start([("snap.raw".to_string(), raw)].into()).await;
+    // About 4 s for 8 MiB: still downloading when the snapshot is asked for.
+    server.set_rate(2 << 20);
+    let params = one_replica_params(&server.url("snap.raw"), "bi-snap-early");
+    let v = c
+        .controller
+        .create_volume(create_with("vol-snap-early", 0, &params, mount_cap()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let img = get_image(&b, "bi-snap-early").await.unwrap();
+    assert!(
+        file_states(&img).iter().all(|(s, _)| s != "ready"),
+        "still downloading: {img}"
+    );
+    let started = Instant::now();
+    let snap = c
+        .controller
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "snap-early".into(),
+            source_volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("CreateSnapshot while the image downloads: {s:?}"))
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use, "{snap:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The snapshot holds the image's content.
+    let restored = c
+        .controller
+        .create_volume(pb::CreateVolumeRequest {
+            volume_content_source: Some(pb::VolumeContentSource {
+                r#type: Some(pb::volume_content_source::Type::Snapshot(
+                    pb::volume_content_source::SnapshotSource {
+                        snapshot_id: snap.snapshot_id.clone(),
+                    },
+                )),
+            }),
+            ..create_with("vol-snap-restored", 0, &params, mount_cap())
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (st, tg) = attach(&mut c, &b, &restored.volume_id, mount_cap()).await;
+    assert_eq!(
+        std::fs::read_to_string(tg.join("hello.txt")).unwrap(),
+        "hello from the backing image\n"
+    );
+    detach(&mut c, &restored.volume_id, &st, &tg).await;
+}
