@@ -24,6 +24,9 @@ pub mod snapshot;
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 /// The largest volume bicsi creates (qcow2 handles more; this catches unit mistakes).
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+/// How long ControllerPublishVolume waits in the call for the volume's files (a backing image
+/// downloading or being copied to a replica's disk) before answering Unavailable.
+pub const PUBLISH_PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// CSI names may be up to 128 characters.
 pub const MAX_NAME_LEN: usize = 128;
 const PAGE_TOKEN_PREFIX: &str = "bicsi-page-1:";
@@ -597,7 +600,23 @@ impl Controller {
         } else {
             None
         };
-        let prepared = self.prepare_replicas(&mut volume, node_id).await;
+        // Attach is where a volume waits for its files: a short while in the call, so a file
+        // that is nearly there attaches now rather than after the CO's retry backoff; past it,
+        // Unavailable with the progress, and the retry continues the same work.
+        let deadline = tokio::time::Instant::now() + PUBLISH_PREPARE_WAIT;
+        let prepared = loop {
+            match self.prepare_replicas(&mut volume, node_id).await {
+                Err(Error::Unavailable(why)) if tokio::time::Instant::now() < deadline => {
+                    if let Some(image) = &volume.spec.backing_image {
+                        self.backing
+                            .check_not_failed(&self.backing.must_get(image)?)?;
+                    }
+                    tracing::debug!(volume = %id, node = %node_id, %why, "waiting for the volume's files");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                other => break other,
+            }
+        };
         let published = prepared.and_then(|targets| {
             let context = publish_context(&targets, read_only)?;
             volume.publication = Some(Publication {

@@ -1065,7 +1065,7 @@ impl FileManagers {
                         }
                         let p = e.path();
                         let r = if p.is_dir() {
-                            std::fs::remove_dir_all(&p)
+                            remove_dir_settled(&p)
                         } else {
                             std::fs::remove_file(&p)
                         };
@@ -1318,6 +1318,22 @@ fn redact(url: &str) -> String {
     reqwest::Url::parse(url)
         .map(|u| download::redact(&u))
         .unwrap_or_else(|_| "<invalid URL>".to_string())
+}
+
+/// Removes a file's directory. Work on the image was cancelled just before, but a task already
+/// moving its file into place (the rename, `backing.cfg`, the manifest) finishes those few
+/// steps: a directory that is not empty because of them is removed again once they are done.
+fn remove_dir_settled(dir: &Path) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 #[cfg(test)]
