@@ -752,8 +752,9 @@ async fn create_volume_answers_at_once_while_the_image_downloads_and_attach_wait
         .into(),
     )
     .await;
-    // Minutes at this rate: both images are still downloading while the test looks.
-    server.set_rate(128 * 1024);
+    // Minutes at this rate: both images are still downloading while the test looks, past the
+    // 10 s ControllerPublishVolume waits in the call for a volume's files.
+    server.set_rate(32 * 1024);
     for (image, file) in [("slow-raw", "slow.raw"), ("slow-qcow2", "slow.qcow2")] {
         let id = format!("vol-{image}");
         let params = one_replica_params(&server.url(file), image);
