@@ -1111,6 +1111,8 @@ impl FileManagers {
                     [download::resume_path(&tmp), tmp]
                 })
                 .collect();
+            // A conversion an earlier process started may still be writing here.
+            crate::os::image::kill_stray_jobs(&d.path.join("tmp"));
             for e in std::fs::read_dir(d.path.join("tmp"))
                 .into_iter()
                 .flatten()

@@ -66,6 +66,58 @@ pub(crate) fn parse_info(path: &Path, json: &str) -> OsResult<ImageInfo> {
     })
 }
 
+/// Kills the `qemu-img` processes that write under `dir` and are not this process's children:
+/// ones an earlier bicsi started before it was killed (a kill -9 does not reach its children),
+/// which would otherwise go on writing into `dir` after the new process cleaned it up, and
+/// rename their output over the file a restarted export writes. Returns how many it stopped.
+pub fn kill_stray_jobs(dir: &Path) -> usize {
+    let prefix = format!("{}/", dir.display());
+    let me = std::process::id().to_string();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Some(args) = super::engine::read_cmdline(pid) else {
+            continue;
+        };
+        let is_qemu_img = args
+            .first()
+            .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == "qemu-img"));
+        if !is_qemu_img || !args.iter().any(|a| a.starts_with(&prefix)) {
+            continue;
+        }
+        // The parent pid is the 4th field of /proc/PID/stat, after "pid (comm) state".
+        let parent = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
+            });
+        if parent.as_deref() == Some(me.as_str()) {
+            continue;
+        }
+        let target = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok() {
+            tracing::warn!(pid, dir = %dir.display(), "stopped a qemu-img left running by an earlier bicsi");
+            killed.push(pid);
+        }
+    }
+    // Gone before the caller removes what they wrote.
+    for pid in &killed {
+        for _ in 0..100 {
+            if !super::engine::alive(*pid) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    killed.len()
+}
+
 /// `.<name>.tmp-<pid>` beside `path`: same directory (so the rename is atomic), hidden, and
 /// distinct per process so two agents never write the same temporary file.
 fn temp_path(path: &Path) -> OsResult<PathBuf> {
@@ -291,6 +343,47 @@ impl ImageTool for QemuImg {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A qemu-img whose parent is gone (as after a kill -9 of bicsi) and that works under the
+    /// directory is stopped; one that works elsewhere is left alone.
+    #[test]
+    fn stray_qemu_img_jobs_under_a_directory_are_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, other) = (dir.path().join("tmp"), dir.path().join("other"));
+        let mut pids = Vec::new();
+        for d in [&ours, &other] {
+            fs::create_dir_all(d).unwrap();
+            let img = d.join("x.raw");
+            File::create(&img).unwrap().set_len(1 << 20).unwrap();
+            // `sh` starts it in the background and exits: its parent is no longer this process.
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "qemu-img bench -q -c 2000000000 -d 1 -f raw {} >/dev/null 2>&1 & echo $!",
+                    img.display()
+                ))
+                .output()
+                .unwrap();
+            let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            pids.push(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(super::super::engine::alive(pids[0]) && super::super::engine::alive(pids[1]));
+        assert_eq!(kill_stray_jobs(&ours), 1);
+        assert!(
+            !super::super::engine::alive(pids[0]),
+            "the stray job still runs"
+        );
+        assert!(
+            super::super::engine::alive(pids[1]),
+            "a job elsewhere was stopped"
+        );
+        assert_eq!(kill_stray_jobs(&ours), 0);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pids[1]),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 
     #[test]
     fn parse_info_table() {
