@@ -146,7 +146,8 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Leave nothing mounted or attached if a test failed half-way.
+        // Leave nothing running, mounted or attached if a test failed half-way: the engines
+        // serving this test's volumes outlive a killed serve (they are daemons on purpose).
         let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut mounts: Vec<&str> = mi
             .lines()
@@ -156,6 +157,32 @@ impl Drop for Served {
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in mounts {
             let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        let dir = self.dir.path().display().to_string();
+        if let Ok(out) = Command::new("losetup")
+            .args(["-n", "-l", "-O", "NAME,BACK-FILE"])
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some((dev, back)) = line.split_once(' ')
+                    && back.trim().starts_with(&dir)
+                {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
+                }
+            }
+        }
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("qemu-storage-daemon") && cmdline.contains(&dir) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
     }
 }
