@@ -154,41 +154,24 @@ pub async fn create_volume(
 ) -> Result<pb::Volume> {
     let name = req.name.clone();
     let deadline = wait.deadline();
-    let mut progress: Option<Progress> = None;
     wait::on_interrupt(format!(
         "stopped waiting; volume {name} is not created: run the same command again to create it"
     ));
-    let v = loop {
-        match c.controller.create_volume(req.clone()).await {
-            Ok(r) => break r.into_inner().volume.unwrap_or_default(),
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                // Servers that make CreateVolume wait for the image add that "the volume is
-                // created when it is ready": only a retry does that, so it is not repeated here.
-                let why = s
-                    .message()
-                    .trim_end_matches("; the volume is created when it is ready")
-                    .to_string();
-                if wait.no_wait {
-                    return Err(Error::Unavailable(format!(
-                        "volume {name} is not created: {why}; run the command again to create it (without --no-wait it waits)"
-                    )));
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(Error::Unavailable(format!(
-                        "gave up waiting (--timeout): volume {name} is not created: {why}; run the command again to create it"
-                    )));
-                }
-                progress
-                    .get_or_insert_with(|| Progress::new(format!("creating {name}")))
-                    .update(&why, percent_in(&why));
-                tokio::time::sleep(wait::POLL).await;
-            }
-            Err(s) => return Err(status_error(s)),
-        }
-    };
-    if let Some(p) = progress {
-        p.finish();
-    }
+    let ctl = c.controller.clone();
+    let v = retry_unavailable(
+        wait,
+        format!("creating {name}"),
+        &format!("volume {name} is not created"),
+        "run the command again to create it (without --no-wait it waits)",
+        "run the command again to create it",
+        || {
+            let (mut ctl, req) = (ctl.clone(), req.clone());
+            async move { ctl.create_volume(req).await }
+        },
+    )
+    .await?
+    .volume
+    .unwrap_or_default();
     outln!("{}", announce(&v));
     let Some(image) = image else {
         return Ok(v);
@@ -651,30 +634,66 @@ async fn publish_until_ready(
     name: &str,
     wait: &WaitArgs,
 ) -> Result<HashMap<String, String>> {
+    let ctl = c.controller.clone();
+    let answer = retry_unavailable(
+        wait,
+        format!("attaching {name}"),
+        &format!("volume {name} is not attached"),
+        "bicsi goes on preparing it: run the command again to attach it",
+        "bicsi goes on preparing it: run the command again to attach it",
+        || {
+            let (mut ctl, req) = (ctl.clone(), req.clone());
+            async move { ctl.controller_publish_volume(req).await }
+        },
+    )
+    .await?;
+    Ok(answer.publish_context)
+}
+
+/// Calls `call` until it answers anything but Unavailable, showing the reason it gives as the
+/// progress of `label`. `--no-wait` stops at the first Unavailable and `--timeout` at the
+/// deadline, with "`not_done`: why; hint".
+async fn retry_unavailable<T, F, Fut>(
+    wait: &WaitArgs,
+    label: String,
+    not_done: &str,
+    no_wait_hint: &str,
+    timeout_hint: &str,
+    mut call: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
     let deadline = wait.deadline();
     let mut progress: Option<Progress> = None;
     loop {
-        match c.controller.controller_publish_volume(req.clone()).await {
+        match call().await {
             Ok(r) => {
                 if let Some(p) = progress {
                     p.finish();
                 }
-                return Ok(r.into_inner().publish_context);
+                return Ok(r.into_inner());
             }
             Err(s) if s.code() == tonic::Code::Unavailable => {
-                let why = s.message().to_string();
+                // Servers that make CreateVolume wait for the image add that "the volume is
+                // created when it is ready": only a retry does that, so it is not repeated here.
+                let why = s
+                    .message()
+                    .trim_end_matches("; the volume is created when it is ready")
+                    .to_string();
                 if wait.no_wait {
                     return Err(Error::Unavailable(format!(
-                        "volume {name} is not attached: {why}; bicsi goes on preparing it: run the command again to attach it"
+                        "{not_done}: {why}; {no_wait_hint}"
                     )));
                 }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Err(Error::Unavailable(format!(
-                        "gave up waiting (--timeout): volume {name} is not attached: {why}; bicsi goes on preparing it: run the command again to attach it"
+                        "gave up waiting (--timeout): {not_done}: {why}; {timeout_hint}"
                     )));
                 }
                 progress
-                    .get_or_insert_with(|| Progress::new(format!("attaching {name}")))
+                    .get_or_insert_with(|| Progress::new(label.clone()))
                     .update(&why, percent_in(&why));
                 tokio::time::sleep(wait::POLL).await;
             }
