@@ -561,14 +561,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn expire_fails_only_files_past_their_deadline() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        let images = BackingImages::new(store.clone(), Cluster::new(store.clone()));
-        let t0 = 2_000_000_000;
-        let bi = BackingImage {
+    /// A download image named "img" with `status`, as the lifecycle tests start from.
+    fn download_image(status: BackingImageStatus) -> BackingImage {
+        BackingImage {
             api_version: object::API_VERSION.into(),
             kind: object::KIND.into(),
             metadata: ObjectMeta {
@@ -581,23 +576,33 @@ mod tests {
                 checksum: String::new(),
                 min_number_of_copies: 1,
             },
-            status: BackingImageStatus {
-                uuid: "0123abcd".into(),
-                disk_file_status_map: [
-                    (
-                        "stuck".to_string(),
-                        file(FileState::InProgress, t0, t0 + 60),
-                    ),
-                    (
-                        "alive".to_string(),
-                        file(FileState::InProgress, t0, t0 + 20 * 60),
-                    ),
-                    ("done".to_string(), file(FileState::Ready, t0, t0)),
-                ]
-                .into(),
-                ..Default::default()
-            },
-        };
+            status,
+        }
+    }
+
+    #[tokio::test]
+    async fn expire_fails_only_files_past_their_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let images = BackingImages::new(store.clone(), Cluster::new(store.clone()));
+        let t0 = 2_000_000_000;
+        let bi = download_image(BackingImageStatus {
+            uuid: "0123abcd".into(),
+            disk_file_status_map: [
+                (
+                    "stuck".to_string(),
+                    file(FileState::InProgress, t0, t0 + 60),
+                ),
+                (
+                    "alive".to_string(),
+                    file(FileState::InProgress, t0, t0 + 20 * 60),
+                ),
+                ("done".to_string(), file(FileState::Ready, t0, t0)),
+            ]
+            .into(),
+            ..Default::default()
+        });
         store.put(Kind::BackingImage, "img", &bi).unwrap();
         // Twenty-one minutes on: "stuck" last reported 20 minutes ago, "alive" one minute ago.
         assert_eq!(images.expire(t0 + 21 * 60).await.unwrap(), 1);
@@ -627,24 +632,10 @@ mod tests {
             Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
         let images = BackingImages::new(store.clone(), Cluster::new(store.clone()));
         let t0 = 2_000_000_000;
-        let mut bi = BackingImage {
-            api_version: object::API_VERSION.into(),
-            kind: object::KIND.into(),
-            metadata: ObjectMeta {
-                name: "img".into(),
-                namespace: object::DEFAULT_NAMESPACE.into(),
-            },
-            spec: BackingImageSpec {
-                source_type: SourceType::Download,
-                source_parameters: [("url".to_string(), "http://127.0.0.1/x".to_string())].into(),
-                checksum: String::new(),
-                min_number_of_copies: 1,
-            },
-            status: BackingImageStatus {
-                uuid: "0123abcd".into(),
-                ..Default::default()
-            },
-        };
+        let mut bi = download_image(BackingImageStatus {
+            uuid: "0123abcd".into(),
+            ..Default::default()
+        });
         for (disk, state) in [
             ("starting", FileState::Starting),
             ("in-progress", FileState::InProgress),
