@@ -197,7 +197,7 @@ pub(crate) fn print_yaml<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> 
     Ok(())
 }
 
-/// YAML of a value as its JSON reads (an enum variant is a key, `mount: {fsType: ext4}`), not
+/// YAML of a value as its JSON reads (an enum variant is a key, `mount: {fs_type: ext4}`), not
 /// with serde_yaml's `!mount` tags, which kubectl-minded readers and YAML tools without tag
 /// support trip on.
 pub(crate) fn to_yaml<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
@@ -731,7 +731,7 @@ mod tests {
         let yaml = to_yaml(&cap).unwrap();
         assert!(!yaml.contains('!'), "{yaml}");
         assert!(
-            yaml.contains("mount:") && yaml.contains("fsType: ext4"),
+            yaml.starts_with("mount:\n") && yaml.contains("fs_type: ext4"),
             "{yaml}"
         );
         let block = to_yaml(&crate::model::AccessType::Block).unwrap();
