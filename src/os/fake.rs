@@ -193,6 +193,9 @@ struct World {
     loops: BTreeMap<u32, LoopEntry>,
     mounts: Vec<MountEntry>,
     failures: HashMap<String, VecDeque<OsError>>,
+    /// Directories whose "filesystem" shares blocks (`Fake::share_blocks`): reflink clones
+    /// work under them, as on XFS with reflink; everywhere else they are `Unsupported`.
+    reflink_dirs: Vec<PathBuf>,
 }
 
 /// What a fake loop device's reads and writes reach.
@@ -208,6 +211,11 @@ enum Backing {
 }
 
 impl World {
+    fn shares_blocks(&self, path: &Path) -> bool {
+        let path = resolve_parent(path);
+        self.reflink_dirs.iter().any(|d| path.starts_with(d))
+    }
+
     fn fail(&mut self, op: &str) -> OsResult<()> {
         match self.failures.get_mut(op).and_then(VecDeque::pop_front) {
             Some(e) => Err(e),
@@ -322,9 +330,9 @@ impl World {
                 };
                 Ok(read_image(&file)?.virtual_size)
             }
-            Backing::File(f) => fs::metadata(f)
-                .map(|m| m.len())
-                .map_err(|e| OsError::io(format!("{}", f.display()), e)),
+            // A fake raw replica is a description of its content; other files are raw images
+            // of their own length, which `read_image` reports as their virtual size.
+            Backing::File(f) => Ok(read_image(f)?.virtual_size),
         }
     }
 
@@ -688,6 +696,13 @@ impl Fake {
         lock(&self.world)
     }
 
+    /// Makes everything under `dir` share blocks (reflink clones work there), as a disk on XFS
+    /// with reflink does.
+    pub fn share_blocks(&self, dir: &Path) {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        self.world().reflink_dirs.push(dir);
+    }
+
     /// Make the next call of `op` fail with `error`. `op` is "<trait>.<method>": "images.create_replica",
     /// "images.resize", "images.info", "images.convert", "engine.start", "engine.status",
     /// "engine.stop", "loops.attach", "loops.find", "loops.detach", "loops.detach_file",
@@ -911,7 +926,13 @@ impl ImageTool for FakeImages {
         })
     }
 
-    fn convert(&self, src: &Path, dst: &Path, format: ImageFormat) -> OsResult<()> {
+    fn convert(
+        &self,
+        src: &Path,
+        src_format: ImageFormat,
+        dst: &Path,
+        format: ImageFormat,
+    ) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("images.convert")?;
         if dst.exists() {
@@ -935,6 +956,13 @@ impl ImageTool for FakeImages {
         }
         require_parent(dst)?;
         let img = read_image(src)?;
+        if img.format != src_format.as_str() {
+            // qemu-img convert -f raw would read a qcow2 file's bytes as the volume: a bug.
+            return Err(OsError::Command {
+                cmd: format!("qemu-img convert -f {src_format} {}", src.display()),
+                stderr: format!("the file is {}, not {src_format}", img.format),
+            });
+        }
         write_image(
             dst,
             &FakeImage {
@@ -961,6 +989,102 @@ impl ImageTool for FakeImages {
         img.backing = backing.map(|(f, _)| f.to_path_buf());
         img.backing_format = backing.map(|(_, f)| f.as_str().to_string());
         write_image(path, &img)
+    }
+
+    fn create_raw(&self, path: &Path, size: u64, base: Option<&Path>) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("images.create_raw")?;
+        if path.exists() {
+            let img = read_image(path)?;
+            if img.format == "raw" && img.virtual_size == size {
+                return Ok(());
+            }
+            return Err(OsError::Conflict(format!(
+                "raw replica {} already exists with {} bytes, but {size} bytes was asked",
+                path.display(),
+                img.virtual_size
+            )));
+        }
+        require_parent(path)?;
+        let fs_ = match base {
+            Some(base) => {
+                if !base.is_file() {
+                    return Err(OsError::NotFound(format!(
+                        "raw base {} of replica {} does not exist",
+                        base.display(),
+                        path.display()
+                    )));
+                }
+                if !w.shares_blocks(path) || !w.shares_blocks(base) {
+                    return Err(OsError::Unsupported(format!(
+                        "cannot reflink {} to {}: Operation not supported",
+                        base.display(),
+                        path.display()
+                    )));
+                }
+                content_fs(base)?
+            }
+            None => None,
+        };
+        write_image(
+            path,
+            &FakeImage {
+                format: "raw".into(),
+                virtual_size: size,
+                backing: None,
+                backing_format: None,
+                fs: fs_,
+            },
+        )
+    }
+
+    fn resize_raw(&self, path: &Path, new_size: u64) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("images.resize_raw")?;
+        let mut img = read_image(path)?;
+        if new_size < img.virtual_size {
+            return Err(OsError::Unsupported(format!(
+                "cannot shrink raw replica {} from {} to {new_size} bytes: volumes only grow",
+                path.display(),
+                img.virtual_size
+            )));
+        }
+        img.virtual_size = new_size;
+        write_image(path, &img)
+    }
+
+    fn raw_size(&self, path: &Path) -> OsResult<u64> {
+        self.0.world().fail("images.raw_size")?;
+        Ok(read_image(path)?.virtual_size)
+    }
+
+    fn clone_raw(&self, src: &Path, dst: &Path) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("images.clone_raw")?;
+        if dst.exists() {
+            return Err(OsError::Conflict(format!(
+                "cannot clone {} to {}: the destination exists",
+                src.display(),
+                dst.display()
+            )));
+        }
+        require_parent(dst)?;
+        if !w.shares_blocks(src) || !w.shares_blocks(dst) {
+            return Err(OsError::Unsupported(format!(
+                "cannot reflink {} to {}: Operation not supported",
+                src.display(),
+                dst.display()
+            )));
+        }
+        fs::copy(src, dst)
+            .map(drop)
+            .map_err(|e| OsError::io(format!("cloning {}", src.display()), e))
+    }
+
+    fn shares_blocks(&self, dir: &Path) -> OsResult<bool> {
+        let mut w = self.0.world();
+        w.fail("images.shares_blocks")?;
+        Ok(w.shares_blocks(dir))
     }
 }
 
@@ -1263,6 +1387,13 @@ impl Engine for FakeEngine {
                 export.path.display()
             )));
         }
+        let actual = read_image(&export.path)?.format;
+        if actual != export.format.as_str() {
+            return Err(OsError::Command {
+                cmd: format!("QMP blockdev-add {}", export.path.display()),
+                stderr: format!("Image is not in {} format (it is {actual})", export.format),
+            });
+        }
         let path = resolve_parent(&export.path);
         fs::create_dir_all(run_dir).map_err(|e| {
             OsError::io(
@@ -1370,9 +1501,10 @@ fn export_busy(run_dir: &Path, export: &Path) -> OsError {
     ))
 }
 
-impl LoopDevices for FakeLoops {
-    fn attach(&self, file: &Path) -> OsResult<PathBuf> {
+impl FakeLoops {
+    fn attach_as(&self, file: &Path, force_read_only: bool) -> OsResult<PathBuf> {
         let mut w = self.0.world();
+
         w.fail("loops.attach")?;
         let file = resolve_parent(file);
         if !file.exists() {
@@ -1386,12 +1518,13 @@ impl LoopDevices for FakeLoops {
         }
         let backing = w.backing_of(&file)?;
         let size = w.backing_size(&backing)?;
-        let read_only = match backing {
-            Backing::Engine { read_only, .. } => read_only,
-            Backing::File(_) => fs::metadata(&file)
-                .map(|m| m.permissions().mode() & 0o222 == 0)
-                .unwrap_or(false),
-        };
+        let read_only = force_read_only
+            || match backing {
+                Backing::Engine { read_only, .. } => read_only,
+                Backing::File(_) => fs::metadata(&file)
+                    .map(|m| m.permissions().mode() & 0o222 == 0)
+                    .unwrap_or(false),
+            };
         let idx = (0..)
             .find(|i| !w.loops.contains_key(i))
             .expect("a free index");
@@ -1404,6 +1537,16 @@ impl LoopDevices for FakeLoops {
             },
         );
         Ok(PathBuf::from(format!("{LOOP_PREFIX}{idx}")))
+    }
+}
+
+impl LoopDevices for FakeLoops {
+    fn attach(&self, file: &Path) -> OsResult<PathBuf> {
+        self.attach_as(file, false)
+    }
+
+    fn attach_read_only(&self, file: &Path) -> OsResult<PathBuf> {
+        self.attach_as(file, true)
     }
 
     fn find(&self, file: &Path) -> OsResult<Option<PathBuf>> {
@@ -1463,6 +1606,23 @@ impl LoopDevices for FakeLoops {
             self.detach(&dev)?;
         }
         Ok(())
+    }
+
+    fn file_mounts(&self, file: &Path) -> OsResult<Option<Vec<PathBuf>>> {
+        let mut w = self.0.world();
+        w.fail("loops.file_mounts")?;
+        let file = resolve_parent(file);
+        let Some((idx, _)) = w.loops.iter().find(|(_, l)| l.file == file) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            w.mounts
+                .iter()
+                .filter(|m| m.device == Some(*idx) && m.bind_of.is_none())
+                .map(|m| m.info.target.clone())
+                .take(1)
+                .collect(),
+        ))
     }
 
     fn refresh_size(&self, dev: &Path) -> OsResult<()> {
@@ -2204,12 +2364,19 @@ mod tests {
         os.loops.detach(&dev).unwrap();
         let err = os
             .images
-            .convert(&r, &dir.path().join("x"), ImageFormat::Qcow2)
+            .convert(
+                &r,
+                ImageFormat::Qcow2,
+                &dir.path().join("x"),
+                ImageFormat::Qcow2,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("lock"), "{err}");
         os.engine.stop(&spec.run_dir).unwrap();
         let out = dir.path().join("exported.qcow2");
-        os.images.convert(&r, &out, ImageFormat::Qcow2).unwrap();
+        os.images
+            .convert(&r, ImageFormat::Qcow2, &out, ImageFormat::Qcow2)
+            .unwrap();
         let info = os.images.info(&out).unwrap();
         assert_eq!(
             (info.format, info.virtual_size, info.backing_file),
