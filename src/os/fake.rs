@@ -2416,4 +2416,169 @@ mod tests {
         assert_eq!(sniff_fs(&head).as_deref(), Some("ext4"));
         assert_eq!(sniff_fs(b"XFSB....").as_deref(), Some("xfs"));
     }
+
+    /// The loop engine's file work, as observations that must be the same on the fake and on
+    /// the real machine: `shared` is a directory whose filesystem shares blocks (XFS with
+    /// reflink), `plain` one whose filesystem does not (ext4).
+    fn raw_flow(os: &Os, shared: &Path, plain: &Path, cleanup: &mut Cleanup) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut note = |what: &str, v: String| seen.push(format!("{what}: {v}"));
+        let size = 64u64 << 20;
+        note("shares blocks", kind(&os.images.shares_blocks(shared)));
+        note("plain shares blocks", kind(&os.images.shares_blocks(plain)));
+        let r = shared.join("volume.raw");
+        note("create", kind(&os.images.create_raw(&r, size, None)));
+        note("create again", kind(&os.images.create_raw(&r, size, None)));
+        note(
+            "create other size",
+            kind(&os.images.create_raw(&r, size * 2, None)),
+        );
+        note("size", kind(&os.images.raw_size(&r)));
+        // A base holding a filesystem, as the raw expansion of an image would.
+        let base = shared.join("backing.raw");
+        os.images.create_raw(&base, size / 2, None).unwrap();
+        cleanup.loop_file(&base);
+        let dev = os.loops.attach(&base).unwrap();
+        os.fs.mkfs(&dev, "ext4").unwrap();
+        os.loops.detach(&dev).unwrap();
+        let clone = shared.join("clone.raw");
+        note(
+            "clone of base",
+            kind(&os.images.create_raw(&clone, size, Some(&base))),
+        );
+        note(
+            "clone across filesystems",
+            kind(
+                &os.images
+                    .create_raw(&plain.join("c.raw"), size, Some(&base)),
+            ),
+        );
+        cleanup.loop_file(&clone);
+        let dev = os.loops.attach(&clone).unwrap();
+        note("clone holds", kind(&os.fs.probe(&dev)));
+        note("clone device size", kind(&os.fs.device_size(&dev)));
+        note("file mounts unmounted", kind(&os.loops.file_mounts(&clone)));
+        note("file mounts no device", kind(&os.loops.file_mounts(&r)));
+        let mnt = shared.join("mnt");
+        cleanup.mount(&mnt);
+        os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+        let mounts = os.loops.file_mounts(&clone).unwrap();
+        note(
+            "file mounts",
+            format!("{}", mounts == Some(vec![mnt.clone()])),
+        );
+        os.loops.flush(&dev).unwrap();
+        let snap = shared.join("snapshot.raw");
+        note("clone_raw live", kind(&os.images.clone_raw(&clone, &snap)));
+        note("clone_raw again", kind(&os.images.clone_raw(&clone, &snap)));
+        note(
+            "clone_raw across filesystems",
+            kind(&os.images.clone_raw(&clone, &plain.join("s.raw"))),
+        );
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        note("grow", kind(&os.images.resize_raw(&clone, size * 2)));
+        note("grown size", kind(&os.images.raw_size(&clone)));
+        note("shrink", kind(&os.images.resize_raw(&clone, size)));
+        cleanup.loop_file(&snap);
+        let ro = os.loops.attach_read_only(&snap).unwrap();
+        note("snapshot holds", kind(&os.fs.probe(&ro)));
+        note("snapshot size", kind(&os.fs.device_size(&ro)));
+        note("read-only mkfs", kind(&os.fs.mkfs(&ro, "xfs")));
+        os.loops.detach(&ro).unwrap();
+        let q = shared.join("out.qcow2");
+        note(
+            "convert raw to qcow2",
+            kind(
+                &os.images
+                    .convert(&clone, ImageFormat::Raw, &q, ImageFormat::Qcow2),
+            ),
+        );
+        let info = os.images.info(&q).unwrap();
+        note(
+            "converted",
+            format!("{} {}", info.format, info.virtual_size),
+        );
+        seen
+    }
+
+    const RAW_EXPECTED: &[&str] = &[
+        "shares blocks: Ok(true)",
+        "plain shares blocks: Ok(false)",
+        "create: Ok(())",
+        "create again: Ok(())",
+        "create other size: Conflict",
+        "size: Ok(67108864)",
+        "clone of base: Ok(())",
+        "clone across filesystems: Unsupported",
+        "clone holds: Ok(Some(\"ext4\"))",
+        "clone device size: Ok(67108864)",
+        "file mounts unmounted: Ok(Some([]))",
+        "file mounts no device: Ok(None)",
+        "file mounts: true",
+        "clone_raw live: Ok(())",
+        "clone_raw again: Conflict",
+        "clone_raw across filesystems: Unsupported",
+        "grow: Ok(())",
+        "grown size: Ok(134217728)",
+        "shrink: Unsupported",
+        "snapshot holds: Ok(Some(\"ext4\"))",
+        "snapshot size: Ok(67108864)",
+        "read-only mkfs: Conflict",
+        "convert raw to qcow2: Ok(())",
+        "converted: qcow2 134217728",
+    ];
+
+    #[test]
+    fn fake_raw_flow() {
+        let (shared, plain) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let fake = Fake::new();
+        fake.share_blocks(shared.path());
+        let mut cleanup = Cleanup::with(fake.os());
+        let seen = raw_flow(&fake.os(), shared.path(), plain.path(), &mut cleanup);
+        assert_eq!(seen, RAW_EXPECTED);
+        assert!(fake.loop_devices().is_empty());
+        assert!(fake.mounts().is_empty());
+    }
+
+    /// XFS made with reflink in a file, loop-mounted; lazily unmounted on drop (after the
+    /// test's own `Cleanup`, declared later, has released what sits on it).
+    struct XfsDir(tempfile::TempDir);
+
+    impl Drop for XfsDir {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path().join("mnt"))
+                .status();
+        }
+    }
+
+    #[test]
+    fn real_matches_fake_raw_flow() {
+        if !crate::os::root_or_skip("real_matches_fake_raw_flow") {
+            return;
+        }
+        use crate::os::testutil::sh;
+        use std::process::Command;
+        let xfs = XfsDir(tempfile::tempdir().unwrap());
+        let image = xfs.0.path().join("xfs.img");
+        fs::File::create(&image)
+            .unwrap()
+            .set_len(512 << 20)
+            .unwrap();
+        sh(Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image));
+        let shared = xfs.0.path().join("mnt");
+        fs::create_dir(&shared).unwrap();
+        sh(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&shared));
+        let plain = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let seen = raw_flow(&Os::real(), &shared, plain.path(), &mut cleanup);
+        assert_eq!(seen, RAW_EXPECTED);
+    }
 }
