@@ -618,3 +618,81 @@ async fn loop_volumes_snapshot_restore_clone_expand_and_export() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A group snapshot of two attached loop volumes: their filesystems (mounted from the loop
+/// devices, no engine) are frozen around the reflink clones, and the members restore to what
+/// was written before; an attached raw block member is refused (its writes cannot be held).
+#[tokio::test]
+async fn a_group_snapshot_of_attached_loop_volumes() {
+    let test = "a_group_snapshot_of_attached_loop_volumes";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(xfs) = Xfs::new(test, 1024) else {
+        return;
+    };
+    let b = Bicsi::start_with(0, &["--disk", xfs.path().to_str().unwrap()]).await;
+    let mut c = b.client().await;
+    let one = pairs(&[("numberOfReplicas", "1")]);
+    let mut attached = Vec::new();
+    for name in ["ga", "gb"] {
+        let id = create(&mut c, create_with(name, 32 * MIB, &one, mount_cap())).await;
+        assert_eq!(engine_of(&b, name), "loop");
+        let (st, tg) = attach(&mut c, &b, &id, mount_cap()).await;
+        write_synced(&tg, "log.txt", format!("{name} before").as_bytes());
+        attached.push((id, st, tg));
+    }
+    let group = c
+        .group
+        .create_volume_group_snapshot(pb::CreateVolumeGroupSnapshotRequest {
+            name: "g1".into(),
+            source_volume_ids: attached.iter().map(|(id, _, _)| id.clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", b.log()))
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    for (_, _, tg) in &attached {
+        write_synced(tg, "log.txt", b"after");
+    }
+    for (id, st, tg) in &attached {
+        detach(&mut c, id, st, tg).await;
+    }
+    for (i, (id, _, _)) in attached.iter().enumerate() {
+        let member = group
+            .snapshots
+            .iter()
+            .find(|s| &s.source_volume_id == id)
+            .unwrap();
+        let name = format!("gr{i}");
+        let restored = create(
+            &mut c,
+            from_source(&name, &one, of_snapshot(&member.snapshot_id)),
+        )
+        .await;
+        let (st, tg) = attach(&mut c, &b, &restored, mount_cap()).await;
+        assert_eq!(
+            std::fs::read_to_string(tg.join("log.txt")).unwrap(),
+            format!("{id} before")
+        );
+        detach(&mut c, &restored, &st, &tg).await;
+    }
+
+    // A raw block loop volume attached: no filesystem to freeze, the group is refused.
+    let blk = create(&mut c, create_with("gblk", 32 * MIB, &one, block_cap())).await;
+    let (st, tg) = attach(&mut c, &b, &blk, block_cap()).await;
+    assert_code(
+        c.group
+            .create_volume_group_snapshot(pb::CreateVolumeGroupSnapshotRequest {
+                name: "g2".into(),
+                source_volume_ids: vec![attached[0].0.clone(), blk.clone()],
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "raw block volume",
+    );
+    detach(&mut c, &blk, &st, &tg).await;
+}
