@@ -133,6 +133,9 @@ enum PathName {
     /// Raw replicas cloned by reflink on XFS, attached straight to loop devices, same jobs;
     /// and the time to clone an image.
     VolumeIoLoopRaw,
+    /// The loop engine as it ships: a bicsi volume on an XFS-with-reflink disk (engine chosen
+    /// automatically), same jobs as the candidates, vs a plain loop device in the same XFS.
+    VolumeIoLoop,
 }
 
 impl PathName {
@@ -147,6 +150,7 @@ impl PathName {
                     PathName::VolumeIoFuse
                         | PathName::VolumeIoFuseTuned
                         | PathName::VolumeIoLoopRaw
+                        | PathName::VolumeIoLoop
                 )
             })
             .collect()
@@ -504,6 +508,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::VolumeIoFuse => engines::fuse(b, checks).await,
         PathName::VolumeIoFuseTuned => engines::fuse_tuned(b, checks).await,
         PathName::VolumeIoLoopRaw => engines::loop_raw(b, checks).await,
+        PathName::VolumeIoLoop => engines::loop_engine(b, checks).await,
     }
 }
 

@@ -21,6 +21,10 @@
 
 use super::*;
 
+#[path = "volume_engine.rs"]
+mod volume_engine;
+pub(crate) use volume_engine::loop_engine;
+
 /// One fio job of the matrix.
 struct Job {
     rw: &'static str,

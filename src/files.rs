@@ -570,7 +570,7 @@ impl FileManagers {
             }
             None => None,
         };
-        let point = tmp.with_extension("pit.qcow2");
+        let point = tmp.with_extension(format!("pit.{}", replica.format.extension()));
         self.convert(replica.path, tmp, format, Some((point, backing)))
             .await
     }
@@ -658,7 +658,9 @@ impl FileManagers {
                 }
                 None => source,
             };
-            let converted = os.images.convert(&from, &tmp, format);
+            let converted = os
+                .images
+                .convert(&from, ImageFormat::of_file(&from), &tmp, format);
             if let Some((copy, _)) = &point {
                 let _ = std::fs::remove_file(copy);
             }

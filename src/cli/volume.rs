@@ -713,6 +713,8 @@ pub struct VolumeView {
     pub backing_image: Option<String>,
     pub healthy_replicas: Option<u32>,
     pub wanted_replicas: Option<u32>,
+    /// The engine that serves it (`loop` or `qemu`); None when the HTTP API could not be asked.
+    pub engine: Option<String>,
     pub attached_nodes: Vec<String>,
     /// Where `bicsi volume attach` put it on this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -780,6 +782,7 @@ async fn volume_views(endpoint: &str, server: &Server) -> Result<Vec<VolumeView>
                     .as_ref()
                     .map(|r| healthy_replicas(r, abnormal, &condition)),
                 wanted_replicas: record.as_ref().map(|r| r.spec.number_of_replicas),
+                engine: record.as_ref().map(|r| r.spec.engine.to_string()),
                 attached_nodes: status.published_node_ids,
                 attached_path,
                 abnormal,
@@ -803,25 +806,36 @@ fn attached(v: &VolumeView) -> String {
     }
 }
 
-fn print_table(views: &[VolumeView], wide: bool) {
+/// The table of volumes; `wide` adds the replicas' nodes, `engine` the ENGINE column (wide, and
+/// a single volume, show it).
+fn print_table(views: &[VolumeView], wide: bool, engine: bool) {
     let unknown = |s: Option<String>| s.unwrap_or_else(|| "?".to_string());
+    let engine_col = |e: &str| {
+        if engine {
+            format!("{e:<7} ")
+        } else {
+            String::new()
+        }
+    };
     if wide {
         outln!(
-            "{:<32} {:>10} {:<24} {:<9} {:<40} {:<24} CONDITION",
+            "{:<32} {:>10} {:<24} {:<9} {}{:<40} {:<24} CONDITION",
             "VOLUME",
             "SIZE",
             "IMAGE",
             "REPLICAS",
+            engine_col("ENGINE"),
             "ATTACHED",
             "REPLICA NODES"
         );
     } else {
         outln!(
-            "{:<32} {:>10} {:<24} {:<9} {:<40} CONDITION",
+            "{:<32} {:>10} {:<24} {:<9} {}{:<40} CONDITION",
             "VOLUME",
             "SIZE",
             "IMAGE",
             "REPLICAS",
+            engine_col("ENGINE"),
             "ATTACHED"
         );
     }
@@ -842,6 +856,7 @@ fn print_table(views: &[VolumeView], wide: bool) {
             v.condition.clone()
         };
         let size = quantity::format(v.capacity_bytes);
+        let eng = engine_col(&unknown(v.engine.clone()));
         if wide {
             let nodes = unknown(v.record.as_ref().map(|r| {
                 let mut n: Vec<&str> = r.replicas.iter().map(|r| r.node_id.as_str()).collect();
@@ -849,13 +864,13 @@ fn print_table(views: &[VolumeView], wide: bool) {
                 n.join(",")
             }));
             outln!(
-                "{:<32} {size:>10} {image:<24} {replicas:<9} {:<40} {nodes:<24} {condition}",
+                "{:<32} {size:>10} {image:<24} {replicas:<9} {eng}{:<40} {nodes:<24} {condition}",
                 v.id,
                 attached(v),
             );
         } else {
             outln!(
-                "{:<32} {size:>10} {image:<24} {replicas:<9} {:<40} {condition}",
+                "{:<32} {size:>10} {image:<24} {replicas:<9} {eng}{:<40} {condition}",
                 v.id,
                 attached(v),
             );
@@ -871,8 +886,8 @@ pub async fn get_volumes(
 ) -> Result<()> {
     let views = volume_views(endpoint, server).await?;
     match output {
-        None => print_table(&views, false),
-        Some(ListOutput::Wide) => print_table(&views, true),
+        None => print_table(&views, false, false),
+        Some(ListOutput::Wide) => print_table(&views, true, true),
         Some(ListOutput::Json) => super::print_json(&views)?,
         Some(ListOutput::Yaml) => super::print_yaml(&views)?,
     }
@@ -893,8 +908,8 @@ pub async fn get_volume(
         .find(|v| v.id == id)
         .ok_or_else(|| Error::NotFound(format!("volume {name:?} not found")))?;
     match output {
-        None => print_table(std::slice::from_ref(&view), false),
-        Some(ListOutput::Wide) => print_table(std::slice::from_ref(&view), true),
+        None => print_table(std::slice::from_ref(&view), false, true),
+        Some(ListOutput::Wide) => print_table(std::slice::from_ref(&view), true, true),
         Some(ListOutput::Json) => super::print_json(&view)?,
         Some(ListOutput::Yaml) => super::print_yaml(&view)?,
     }

@@ -11,6 +11,7 @@ mod groups;
 mod harness;
 mod images;
 mod lifecycle;
+mod loop_engine;
 mod node;
 mod snapshots;
 mod transfer;

@@ -1127,3 +1127,114 @@ async fn group_snapshots_through_the_node_agents() {
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(files(&c), 0);
 }
+
+/// A loop-engine volume (its raw replica on node-1's XFS-with-reflink disk) attaches on node-2
+/// through qemu-storage-daemon over NBD (node-1's replica server opens the raw file with the raw
+/// driver), and what node-2 wrote reads back when node-1 attaches it with its loop device.
+#[tokio::test]
+async fn a_loop_volume_attaches_on_another_node_over_nbd() {
+    if !root_or_skip("a_loop_volume_attaches_on_another_node_over_nbd") {
+        return;
+    }
+    if Command::new("mkfs.xfs").arg("-V").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "mkfs.xfs is missing");
+        eprintln!("SKIP a_loop_volume_attaches_on_another_node_over_nbd: no mkfs.xfs");
+        return;
+    }
+    let mut c = TestCluster::start(2).await;
+    // node-1's disk becomes XFS with reflink (a new disk at the same path).
+    c.stop_node(0);
+    let image = c.dir.path().join("xfs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&image));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&c.nodes[0].disk));
+    c.start_node(0);
+    c.wait_up(2).await;
+    let mut ctl = c.controller_client().await;
+    let params = [("numberOfReplicas", "1"), ("engine", "loop")];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The restarted agent answers for its new disk once it registered again.
+        match ctl
+            .controller
+            .create_volume(create_req("lv", 64 * MIB, &params))
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if Instant::now() < deadline => {
+                assert!(
+                    matches!(s.code(), Code::FailedPrecondition | Code::Unavailable),
+                    "{s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("{s:?}\n{}", c.logs()),
+        }
+    }
+    let volumes: serde_json::Value = reqwest::get(format!("{}/v1/volumes", c.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let record = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == "lv")
+        .unwrap()
+        .clone();
+    assert_eq!(record["spec"]["engine"], "loop", "{record}");
+    let replica = PathBuf::from(record["replicas"][0]["path"].as_str().unwrap());
+    assert!(
+        replica.starts_with(&c.nodes[0].disk) && replica.ends_with("volume.raw"),
+        "{}",
+        replica.display()
+    );
+
+    // On node-2: qemu over NBD, the replica server on node-1 serving the raw file.
+    let tg = attach_on(&c, &mut ctl, "lv", 1).await;
+    write_synced(&tg, "remote.txt", b"written from node-2 over NBD");
+    assert!(
+        !engines_under(&c.nodes[1].dir).is_empty(),
+        "node-2 serves it with an engine"
+    );
+    detach_from(&c, &mut ctl, "lv", 1).await;
+
+    // On node-1: the loop device straight on the replica, no engine.
+    let tg = attach_on(&c, &mut ctl, "lv", 0).await;
+    assert_eq!(
+        std::fs::read(tg.join("remote.txt")).unwrap(),
+        b"written from node-2 over NBD"
+    );
+    assert!(
+        engines_under(&c.nodes[0].dir.join("data")).is_empty(),
+        "node-1 runs no engine for it"
+    );
+    assert_eq!(loops_under(&c.nodes[0].disk).len(), 1);
+    detach_from(&c, &mut ctl, "lv", 0).await;
+    ctl.controller
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: "lv".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!replica.exists());
+}
