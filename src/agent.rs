@@ -106,6 +106,15 @@ pub trait Agent: Send + Sync {
     /// (those of this node), its engine. Ok when there is nothing; FailedPrecondition while the
     /// volume is staged on this node.
     async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()>;
+    /// Whether two replicas of this node hold the same content (`qemu-img compare`), for the
+    /// verification that ends a rebuild. Neither may be open in an engine.
+    async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
+        let _ = (a, b);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot compare replicas (needed to verify a rebuild); upgrade it"
+                .into(),
+        ))
+    }
 }
 
 /// The run directory of a volume's engine under a node's data directory. Its QMP socket path
@@ -513,6 +522,11 @@ impl Agent for LocalAgent {
     async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
         let files = files.to_vec();
         blocking(move || files.iter().try_for_each(crate::snapshot::remove)).await
+    }
+
+    async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
+        let (a, b) = (a.path.clone(), b.path.clone());
+        blocking(move || Ok(crate::os::compare::identical_files(&a, &b)?)).await
     }
 
     async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()> {

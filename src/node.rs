@@ -21,6 +21,8 @@ use crate::model::{AccessType, Capability, NodePublication, NodeVolume, Volume};
 use crate::os::{Os, ReplicaTarget, VolumeEngineSpec};
 use crate::store::{Kind, Store, StoreExt};
 
+pub mod watch;
+
 /// Topology key NodeGetInfo reports.
 pub const TOPOLOGY_KEY: &str = "topology.bicsi.io/node";
 
@@ -124,6 +126,14 @@ impl NodeAgent {
                 }
                 Err(e) if e.code() == tonic::Code::FailedPrecondition => {
                     tracing::warn!(volume = %volume.id, replica = %r.id, error = %e, "staging without a replica");
+                    // Degraded attach: the replica misses every write from now on.
+                    changed |= crate::health::transition(
+                        r,
+                        crate::health::ReplicaMode::Err,
+                        &format!("unusable at attach: {e}"),
+                        crate::model::now_secs(),
+                    )
+                    .unwrap_or(false);
                 }
                 Err(e) => return Err(e),
             }
@@ -201,6 +211,45 @@ impl NodeAgent {
         Ok(())
     }
 
+    /// Starts the look at this node's engines every `every`: failed children are recorded,
+    /// taken out of their quorum and marked err (`watch::apply_faults`). A volume with another
+    /// operation in progress is looked at in the next round.
+    pub fn spawn_health_watch(
+        self: &Arc<NodeAgent>,
+        every: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let records: Vec<NodeVolume> = match me.local.list(Kind::NodeVolume) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot list staged volumes");
+                        continue;
+                    }
+                };
+                for rec in records {
+                    let Ok(guard) = me.guards.try_take(&rec.volume_id, "volume") else {
+                        continue;
+                    };
+                    let (os, volumes) = (me.os.clone(), me.volumes.clone());
+                    let id = rec.volume_id.clone();
+                    let done = blocking(move || {
+                        let _guard = guard;
+                        watch::apply_faults(&os, &*volumes, &rec.volume_id, &rec.engine_dir)
+                    })
+                    .await;
+                    if let Err(e) = done {
+                        tracing::warn!(volume = %id, error = %e, "cannot record an engine's replica faults; retrying");
+                    }
+                }
+            }
+        })
+    }
+
     /// `publish_context` is ControllerPublishVolume's answer: it names the engine's children
     /// (replicas of other nodes over NBD). Without it, this node's own replicas are used.
     pub async fn stage(
@@ -261,6 +310,17 @@ impl NodeAgent {
                     .join(", ")
             )));
         }
+        // Only rw replicas are served; after an unclean end they are compared first.
+        let targets = {
+            let (os, volumes, run_dir, id) = (
+                self.os.clone(),
+                self.volumes.clone(),
+                self.engine_dir(volume_id),
+                volume_id.to_string(),
+            );
+            blocking(move || watch::before_engine_start(&os, &*volumes, &id, &run_dir, targets))
+                .await?
+        };
         let replicas: Vec<PathBuf> = targets
             .iter()
             .filter_map(|t| match t {
@@ -344,10 +404,12 @@ impl NodeAgent {
         }
         let os = self.os.clone();
         let r = rec.clone();
-        blocking(move || {
+        let volumes = self.volumes.clone();
+        let clean = blocking(move || {
             if !r.capability.is_block() {
                 os.mounts.unmount(&r.staging_path)?;
             }
+            let live = os.engine.status(&r.engine_dir)?.is_some();
             if let Some(state) = os.engine.status(&r.engine_dir)? {
                 if let Some(dev) = os.loops.find(&state.export_path)? {
                     // A block volume's writes may still sit in the device's page cache (a
@@ -365,10 +427,20 @@ impl NodeAgent {
                     os.loops.detach(&dev)?;
                 }
             }
-            Ok(os.engine.stop(&r.engine_dir)?)
+            // What the engine reported goes into the volume record before its run directory
+            // (and the fault file in it) is removed.
+            watch::apply_faults(&os, &*volumes, &r.volume_id, &r.engine_dir)?;
+            os.engine.stop(&r.engine_dir)?;
+            Ok(live)
         })
         .await?;
         self.local.delete(Kind::NodeVolume, volume_id)?;
+        if clean {
+            // Flushed and stopped: no replica can have missed a write we did not record.
+            watch::after_clean_stop(&*self.volumes, volume_id)?;
+        } else {
+            tracing::warn!(volume = %volume_id, "the engine was gone at unstage: the replicas are compared at the next attach");
+        }
         tracing::info!(volume = %volume_id, "volume unstaged");
         Ok(())
     }

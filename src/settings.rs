@@ -16,6 +16,7 @@ pub const CLEANUP_WAIT_INTERVAL: &str = "backing-image-cleanup-wait-interval";
 pub const RECOVERY_WAIT_INTERVAL: &str = "backing-image-recovery-wait-interval";
 pub const CONCURRENT_SYNCS_PER_NODE: &str = "concurrent-backing-image-syncs-per-node";
 pub const SCRUB_INTERVAL: &str = "backing-image-scrub-interval";
+pub const CONCURRENT_REBUILDS_PER_NODE: &str = "concurrent-replica-rebuilds-per-node";
 
 /// One setting: what it is called, what it counts, its default and the values it takes.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +59,7 @@ impl Definition {
     }
 }
 
-pub const DEFINITIONS: [Definition; 4] = [
+pub const DEFINITIONS: [Definition; 5] = [
     Definition {
         name: CLEANUP_WAIT_INTERVAL,
         unit: "minutes",
@@ -86,6 +87,13 @@ pub const DEFINITIONS: [Definition; 4] = [
         default: 86_400,
         min: 0,
         description: "How often a node re-hashes its ready backing image files (SHA-512) to catch bytes changed on disk (0: never).",
+    },
+    Definition {
+        name: CONCURRENT_REBUILDS_PER_NODE,
+        unit: "rebuilds",
+        default: 1,
+        min: 1,
+        description: "At most this many replica rebuilds (copy and verification) run at once on a node; the others wait for the next pass.",
     },
 ];
 

@@ -690,9 +690,12 @@ mod tests {
                     disk_id: disk.into(),
                     path: PathBuf::from("/nowhere"),
                     deferred: true,
+                    health: Default::default(),
                 }],
                 publication: None,
                 created_at: rfc3339(T0),
+                attach_epoch: None,
+                fault: None,
             };
             self.store.put(Kind::Volume, name, &v).unwrap();
         }

@@ -437,6 +437,7 @@ impl Controller {
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
                 deferred: false,
+                health: Default::default(),
             };
             let source = files
                 .iter()
