@@ -591,6 +591,20 @@ impl NodeAgent {
     /// Usage and health of a volume at one of its paths on this node.
     pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let rec = self.record_at(volume_id, path)?;
+        // The volume's health as its record says (replicas marked err while attached).
+        let health = self
+            .volumes
+            .get::<Volume>(Kind::Volume, volume_id)?
+            .filter(|v| {
+                v.fault.is_some()
+                    || v.replicas
+                        .iter()
+                        .any(|r| r.health.mode != crate::health::ReplicaMode::Rw)
+            })
+            .map(|v| {
+                let (h, why) = crate::health::volume_health(&v);
+                format!("{h}: {why}")
+            });
         let os = self.os.clone();
         let p = path.to_path_buf();
         blocking(move || {
@@ -619,6 +633,7 @@ impl NodeAgent {
             if os.engine.status(&rec.engine_dir)?.is_none() {
                 problems.push("the block engine (qemu-storage-daemon) is not running".into());
             }
+            problems.extend(health);
             stats.abnormal = !problems.is_empty();
             stats.message = if problems.is_empty() {
                 "healthy".into()

@@ -33,6 +33,11 @@ use crate::store::{Kind, StoreExt};
 
 use super::{Controller, place_replicas};
 
+/// How long after a failed rebuild the passes leave the replica alone.
+pub const RETRY_SECS: u64 = 10;
+/// How the reason of a replica whose rebuild failed starts.
+const FAILED_REBUILD: &str = "rebuild from";
+
 /// What one pass did to a volume.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RebuildReport {
@@ -156,10 +161,17 @@ impl Controller {
         if volume.fault.is_some() {
             return Ok(report);
         }
+        // A rebuild that just failed (a disk still full) waits a little before the next try,
+        // unless a person asked for this one.
         let pending: Vec<Replica> = volume
             .replicas
             .iter()
             .filter(|r| r.health.mode == ReplicaMode::Err)
+            .filter(|r| {
+                from.is_some()
+                    || !r.health.mode_reason.starts_with(FAILED_REBUILD)
+                    || now >= r.health.mode_since + RETRY_SECS
+            })
             .cloned()
             .collect();
         if pending.is_empty() {
@@ -316,7 +328,7 @@ impl Controller {
                     volume,
                     &target.id,
                     ReplicaMode::Err,
-                    &format!("rebuild from {} failed: {e}", source.id),
+                    &format!("{FAILED_REBUILD} {} failed: {e}", source.id),
                     |_| {},
                 )?;
                 Err(e)
