@@ -156,6 +156,7 @@ impl Controller {
             }
         }
         if changed {
+            tracing::warn!(volume = %volume.id, "a rebuild was interrupted (its process was killed); it restarts");
             self.store.put(Kind::Volume, &volume.id, &*volume)?;
         }
         if volume.fault.is_some() {
