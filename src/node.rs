@@ -222,8 +222,18 @@ impl NodeAgent {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_probe = std::time::Instant::now();
             loop {
                 tick.tick().await;
+                // Remote replicas are probed every PROBE_EVERY (each probe is a connection).
+                let probe = (last_probe.elapsed() >= watch::PROBE_EVERY).then(|| {
+                    last_probe = std::time::Instant::now();
+                    std::time::Duration::from_secs(
+                        crate::settings::Settings::new(me.volumes.clone())
+                            .value_or_default(crate::settings::REPLICA_TIMEOUT)
+                            .max(1),
+                    )
+                });
                 let records: Vec<NodeVolume> = match me.local.list(Kind::NodeVolume) {
                     Ok(r) => r,
                     Err(e) => {
@@ -232,14 +242,20 @@ impl NodeAgent {
                     }
                 };
                 for rec in records {
-                    let Ok(guard) = me.guards.try_take(&rec.volume_id, "volume") else {
-                        continue;
-                    };
-                    let (os, volumes) = (me.os.clone(), me.volumes.clone());
+                    let (os, volumes, guards) =
+                        (me.os.clone(), me.volumes.clone(), me.guards.clone());
                     let id = rec.volume_id.clone();
+                    // The guard only around the record write: a stage or unstage of the volume
+                    // is not refused while a probe waits.
                     let done = blocking(move || {
-                        let _guard = guard;
-                        watch::apply_faults(&os, &*volumes, &rec.volume_id, &rec.engine_dir)
+                        watch::apply_faults_locked(
+                            &os,
+                            &*volumes,
+                            &rec.volume_id,
+                            &rec.engine_dir,
+                            probe,
+                            || guards.try_take(&rec.volume_id, "volume"),
+                        )
                     })
                     .await;
                     if let Err(e) = done {
@@ -429,7 +445,7 @@ impl NodeAgent {
             }
             // What the engine reported goes into the volume record before its run directory
             // (and the fault file in it) is removed.
-            watch::apply_faults(&os, &*volumes, &r.volume_id, &r.engine_dir)?;
+            watch::apply_faults(&os, &*volumes, &r.volume_id, &r.engine_dir, None)?;
             os.engine.stop(&r.engine_dir)?;
             Ok(live)
         })

@@ -184,7 +184,16 @@ impl Controller {
                 Ok(Some(id)) => report.rebuilt.push(id),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "rebuild failed; the next pass retries");
+                    // Waiting for a source or a disk is said once per pass at debug level; a
+                    // copy or verification that failed is a warning.
+                    if matches!(
+                        e.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted
+                    ) {
+                        tracing::debug!(volume = %volume.id, replica = %old.id, error = %e, "rebuild waits");
+                    } else {
+                        tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "rebuild failed; the next pass retries");
+                    }
                     report.skipped.push(format!("replica {}: {e}", old.id));
                 }
             }

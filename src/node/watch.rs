@@ -20,6 +20,8 @@ use crate::store::{Kind, Store, StoreExt};
 
 /// How often the node looks at its engines' reports.
 pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the remote replicas of attached volumes are probed for a stalled node.
+pub const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The replica of `volume` an engine child is.
 pub fn replica_id_of(volume: &Volume, target: &ReplicaTarget) -> Option<String> {
@@ -33,6 +35,41 @@ pub fn replica_id_of(volume: &Volume, target: &ReplicaTarget) -> Option<String> 
         .map(|r| r.id.clone())
 }
 
+/// The NBD children of the live engine in `run_dir` (not in `skip`) whose server does not greet
+/// a new connection within `timeout`: a stalled node. Their connections are cut, so the engine's
+/// requests to them fail now and its writes go on with the other children.
+fn hung_children(
+    os: &Os,
+    run_dir: &Path,
+    skip: &[FaultRecord],
+    timeout: std::time::Duration,
+) -> Result<Vec<FaultRecord>> {
+    let Some(vs) = os.engine.volume_status(run_dir)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for t in vs.replicas {
+        let ReplicaTarget::Nbd { host, port, .. } = &t else {
+            continue;
+        };
+        if skip.iter().any(|f| f.target == t) || events::nbd_answers(host, *port, timeout) {
+            continue;
+        }
+        if let Err(e) = events::cut_connections(host, *port) {
+            tracing::warn!(replica = %t, error = %e, "cannot cut the connections to a stalled replica server");
+        }
+        out.push(FaultRecord {
+            reason: format!(
+                "its replica server {host}:{port} did not answer within {timeout:?} (a stalled \
+                 node); its connections were cut"
+            ),
+            target: t,
+            at: now_secs(),
+        });
+    }
+    Ok(out)
+}
+
 /// What the engine in `run_dir` reports now: failed children, and with a live engine the NBD
 /// children that reconnected or (when qemu does not say which) every NBD child after failures.
 fn reported(os: &Os, run_dir: &Path) -> Result<Vec<FaultRecord>> {
@@ -42,7 +79,16 @@ fn reported(os: &Os, run_dir: &Path) -> Result<Vec<FaultRecord>> {
             out.push(FaultRecord { target, reason, at });
         }
     }
+    let now = now_secs();
     for f in events::child_faults(run_dir) {
+        if f.request_failed {
+            continue;
+        }
+        // A refused write-zeroes is followed by the quorum's failure event, which qemu may
+        // delay by up to a second (throttling): decide on it once that has passed.
+        if f.error.contains("not supported") && now < f.at + 2 {
+            continue;
+        }
         if matches!(f.operation.as_str(), "write" | "flush") {
             add(
                 &mut out,
@@ -55,7 +101,6 @@ fn reported(os: &Os, run_dir: &Path) -> Result<Vec<FaultRecord>> {
         }
     }
     if let Some(vs) = os.engine.volume_status(run_dir)? {
-        let now = now_secs();
         for t in vs.reconnected {
             add(
                 &mut out,
@@ -95,17 +140,38 @@ fn reported(os: &Os, run_dir: &Path) -> Result<Vec<FaultRecord>> {
 /// Records what the engine in `run_dir` reports (fsync'ed fault file), drops failed children from
 /// its live quorum (never the last healthy one), and marks their replicas err in the volume
 /// record. Returns the replicas newly marked. Idempotent.
+/// `probe`: also look for stalled NBD children, waiting at most this long for each.
 pub fn apply_faults(
     os: &Os,
     volumes: &dyn Store,
     volume_id: &str,
     run_dir: &Path,
+    probe: Option<std::time::Duration>,
+) -> Result<Vec<String>> {
+    apply_faults_locked(os, volumes, volume_id, run_dir, probe, || Ok(()))
+}
+
+/// `apply_faults` for a caller that does not hold the volume's guard (the periodic watch):
+/// everything but the record write runs without it, and `lock` is called only when the record
+/// must change (an error there leaves the marking to the next round; the faults are recorded).
+pub fn apply_faults_locked<G>(
+    os: &Os,
+    volumes: &dyn Store,
+    volume_id: &str,
+    run_dir: &Path,
+    probe: Option<std::time::Duration>,
+    lock: impl FnOnce() -> Result<G>,
 ) -> Result<Vec<String>> {
     if !run_dir.is_dir() {
         return Ok(Vec::new());
     }
     let mut recorded = events::read_faults(run_dir);
-    for f in reported(os, run_dir)? {
+    let mut found = reported(os, run_dir)?;
+    if let Some(timeout) = probe {
+        let known: Vec<FaultRecord> = recorded.iter().chain(&found).cloned().collect();
+        found.extend(hung_children(os, run_dir, &known, timeout)?);
+    }
+    for f in found {
         if !recorded.iter().any(|r| r.target == f.target) {
             events::record_fault(run_dir, &f)?;
             tracing::warn!(volume = %volume_id, replica = %f.target, reason = %f.reason, "a replica missed writes; recorded");
@@ -133,23 +199,37 @@ pub fn apply_faults(
             }
         }
     }
+    let mark = |volume: &mut Volume| -> Result<Vec<String>> {
+        let mut marked = Vec::new();
+        for f in &recorded {
+            let Some(id) = replica_id_of(volume, &f.target) else {
+                continue;
+            };
+            let reason = format!(
+                "{}; recorded in {}",
+                f.reason,
+                events::faults_path(run_dir).display()
+            );
+            if health::mark_err(volume, &id, &reason, f.at.max(1))? {
+                marked.push(id);
+            }
+        }
+        Ok(marked)
+    };
     let Some(mut volume) = volumes.get::<Volume>(Kind::Volume, volume_id)? else {
         return Ok(Vec::new());
     };
-    let mut marked = Vec::new();
-    for f in &recorded {
-        let Some(id) = replica_id_of(&volume, &f.target) else {
-            continue;
-        };
-        let reason = format!(
-            "{}; recorded in {}",
-            f.reason,
-            events::faults_path(run_dir).display()
-        );
-        if health::mark_err(&mut volume, &id, &reason, f.at.max(1))? {
-            marked.push(id);
-        }
+    if mark(&mut volume)?.is_empty() {
+        return Ok(Vec::new());
     }
+    // Read again under the lock, so the write does not undo another one.
+    let Ok(_lock) = lock() else {
+        return Ok(Vec::new());
+    };
+    let Some(mut volume) = volumes.get::<Volume>(Kind::Volume, volume_id)? else {
+        return Ok(Vec::new());
+    };
+    let marked = mark(&mut volume)?;
     if !marked.is_empty() {
         volumes.put(Kind::Volume, volume_id, &volume)?;
         let (h, why) = health::volume_health(&volume);
@@ -172,7 +252,7 @@ pub fn before_engine_start(
     if os.engine.status(run_dir)?.is_some() {
         return Ok(targets);
     }
-    apply_faults(os, volumes, volume_id, run_dir)?;
+    apply_faults(os, volumes, volume_id, run_dir, None)?;
     events::clear_faults(run_dir)?;
     let mut volume: Volume = volumes
         .get(Kind::Volume, volume_id)?

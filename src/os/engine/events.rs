@@ -20,6 +20,13 @@
 //!   as the event is seen, not only marked err for the next attach. The window between the
 //!   failed write and the drop is the watcher's poll interval plus a QMP round trip.
 //!
+//! - a request the whole quorum fails is followed by `QUORUM_FAILURE` for the same range (seen
+//!   when a remote child was cut off while the local one refused a write-zeroes it cannot do
+//!   without fallback, "Operation not supported"): its caller got the error (the export falls
+//!   back to plain writes), so such a child report is not a missed write. qemu throttles
+//!   `QUORUM_FAILURE` too (one a second, the last one kept): a report whose failure event was
+//!   dropped by the throttle counts as a fault, which errs on the safe side.
+//!
 //! A file monitor needs its `qmp_capabilities` from its input file (`events.in`), which is
 //! written before the daemon starts.
 
@@ -49,6 +56,9 @@ pub struct ChildFault {
     pub error: String,
     /// Unix seconds of qemu's timestamp.
     pub at: u64,
+    /// A `QUORUM_FAILURE` for the same range follows: the whole request failed and its caller
+    /// was told, so nothing acknowledged is missing from this child.
+    pub request_failed: bool,
 }
 
 /// One fault the domain recorded: which child, why, when.
@@ -96,10 +106,40 @@ pub fn child_faults(run_dir: &Path) -> Vec<ChildFault> {
         return Vec::new();
     };
     let children = children(run_dir);
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|line| parse_event(line, &children))
-        .collect()
+    let text = String::from_utf8_lossy(&text);
+    let mut out: Vec<(ChildFault, (u64, u64))> = Vec::new();
+    for line in text.lines() {
+        if let Some(range) = quorum_failure(line) {
+            for (f, r) in out.iter_mut() {
+                if *r == range {
+                    f.request_failed = true;
+                }
+            }
+        } else if let Some(f) = parse_event(line, &children) {
+            let range = serde_json::from_str::<Value>(line)
+                .ok()
+                .map(|v| {
+                    let n = |k: &str| v["data"][k].as_u64().unwrap_or(u64::MAX);
+                    (n("sector-num"), n("sectors-count"))
+                })
+                .unwrap_or((u64::MAX, u64::MAX));
+            out.push((f, range));
+        }
+    }
+    out.into_iter().map(|(f, _)| f).collect()
+}
+
+/// The range of a `QUORUM_FAILURE` event (the whole quorum failed a request).
+fn quorum_failure(line: &str) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    if v.get("event")?.as_str()? != "QUORUM_FAILURE" {
+        return None;
+    }
+    let data = v.get("data")?;
+    Some((
+        data.get("sector-num")?.as_u64()?,
+        data.get("sectors-count")?.as_u64()?,
+    ))
 }
 
 fn parse_event(line: &str, children: &[ReplicaTarget]) -> Option<ChildFault> {
@@ -134,6 +174,7 @@ fn parse_event(line: &str, children: &[ReplicaTarget]) -> Option<ChildFault> {
             .and_then(|t| t.get("seconds"))
             .and_then(Value::as_u64)
             .unwrap_or(0),
+        request_failed: false,
     })
 }
 
@@ -227,6 +268,53 @@ pub fn clear_faults(run_dir: &Path) -> OsResult<()> {
     }
 }
 
+/// Whether the NBD server at host:port is alive: it sends its greeting (`NBDMAGIC`) within
+/// `timeout` of a new connection. A server process that is stopped, or a node that stopped
+/// answering without closing connections, does not (its kernel may still accept the
+/// connection). A refused connection counts as answering: a dead server makes qemu's requests
+/// fail at once, which the engine reports itself.
+pub fn nbd_answers(host: &str, port: u16, timeout: std::time::Duration) -> bool {
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let Some(addr) = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        return true;
+    };
+    let mut stream = match std::net::TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => return e.kind() != std::io::ErrorKind::TimedOut,
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut magic = [0u8; 8];
+    match stream.read_exact(&mut magic) {
+        Ok(()) => true,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Destroys this machine's TCP connections to host:port (`ss -K`, the kernel's sock_destroy):
+/// qemu's NBD client sees its requests to a stalled server fail at once instead of waiting for
+/// TCP to give up (minutes), and quorum goes on with the other children.
+pub fn cut_connections(host: &str, port: u16) -> OsResult<()> {
+    let mut cmd = std::process::Command::new("ss");
+    cmd.args(["-K", "-t", "dst", host, "dport", "=", &port.to_string()]);
+    let out = cmd.output().map_err(|e| crate::os::spawn_error(&cmd, e))?;
+    if !out.status.success() {
+        return Err(crate::os::command_failure(
+            crate::os::display_command(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Some("the kernel needs CONFIG_INET_DIAG_DESTROY and the caller CAP_NET_ADMIN"),
+        ));
+    }
+    Ok(())
+}
+
 /// The fault file's path, for messages.
 pub fn faults_path(run_dir: &Path) -> PathBuf {
     run_dir.join(FAULTS)
@@ -250,6 +338,25 @@ mod tests {
         assert_eq!(f.operation, "write");
         assert_eq!(f.error, "No space left on device");
         assert_eq!(f.at, 1_796_197_150);
+        let failed = [
+            r#"{"timestamp": {"seconds": 5}, "event": "QUORUM_REPORT_BAD", "data": {"node-name": "replica0", "sectors-count": 1016, "sector-num": 558, "type": "write", "error": "Operation not supported"}}"#,
+            r#"{"timestamp": {"seconds": 5}, "event": "QUORUM_FAILURE", "data": {"reference": "volume", "sectors-count": 1016, "sector-num": 558}}"#,
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CHILDREN),
+            serde_json::to_string(&children).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join(EVENTS_LOG),
+            format!("{line}\n{}\n{}\n", failed[0], failed[1]),
+        )
+        .unwrap();
+        let got = child_faults(dir.path());
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(!got[0].request_failed, "a write the other child took");
+        assert!(got[1].request_failed, "a request the caller saw fail");
         for other in [
             r#"{"QMP": {"version": {}}}"#,
             r#"{"return": {}}"#,
