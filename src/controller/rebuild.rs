@@ -5,23 +5,27 @@
 //! the source's own clusters copied into a temporary file, pointed at the target disk's file of
 //! the shared backing image, renamed into place only when complete).
 //!
-//! A rebuild of replica T from a rw replica S of the same node:
+//! A rebuild of replica T from a rw replica S (of T's node when there is one):
 //! 1. T err → wo (recorded, with the source);
-//! 2. T's file is removed and made again as a copy of S;
+//! 2. T's file is removed and made again as a copy of S (same node: the agent's sparse copy of
+//!    S's own clusters, pointed at T's disk's file of the backing image; another node: S is
+//!    exported to T's node over NBD and `qemu-img convert` writes it over T's disk's file of the
+//!    backing image);
 //! 3. `qemu-img compare` S T: identical → T wo → rw; else (or on any error) T wo → err.
 //!
 //! A kill -9 anywhere leaves T wo or err, never rw: the next pass turns a wo it did not start into
 //! err and starts over (the copy restarts from nothing; the temporary file of the killed one is
-//! removed by the copy itself). T is replaced instead (a new replica on another disk of S's node,
-//! rebuilt the same way, then T deleted and its space freed) when T's disk is gone or T stayed
+//! removed by the copy itself). T is replaced instead (a new replica on a disk that holds none of
+//! the volume's replicas, on a node that holds none either unless it is S's, rebuilt the same
+//! way, then T deleted and its space freed) when T's disk is gone or T stayed
 //! err longer than the volume's `staleReplicaTimeout` (minutes, as in the seed StorageClass;
 //! 0: at the next pass). At most `concurrent-replica-rebuilds-per-node` rebuilds run at once on a
 //! node.
 //!
 //! Not done: rebuilding while the volume is attached (qemu's `x-blockdev-change` could add the
 //! child to the quorum and a copy job fill it): an attached volume runs degraded and its err
-//! replicas are rebuilt at its next attach. A source and target on different nodes are not
-//! rebuilt (the copy is node-local): a replacement is placed on the source's node.
+//! replicas are rebuilt at its next attach. Progress shows the phase, not a byte count (the copy
+//! runs in one call on the target's node).
 
 use std::sync::Arc;
 
@@ -226,11 +230,11 @@ impl Controller {
             .stale_replica_timeout_minutes
             .is_some_and(|m| now >= old.health.mode_since + u64::from(m) * 60);
         let (target, replaced, source) = if disk_back && !stale {
-            let Some(source) = source(Some(&old.node_id)) else {
-                return Err(Error::FailedPrecondition(format!(
-                    "no rw replica on node {:?} to rebuild from (the copy is node-local)",
-                    old.node_id
-                )));
+            // A source on the same node copies locally; else over NBD from its node.
+            let Some(source) = source(Some(&old.node_id)).or_else(|| source(None)) else {
+                return Err(Error::FailedPrecondition(
+                    "no rw replica to rebuild from".into(),
+                ));
             };
             (old.clone(), None, source)
         } else {
@@ -239,23 +243,29 @@ impl Controller {
                     "no rw replica to rebuild from".into(),
                 ));
             };
+            // Any disk without a replica of the volume, other nodes first (place_replicas).
             let free: Vec<_> = disks
                 .iter()
-                .filter(|d| d.disk.node_id == source.node_id)
                 .filter(|d| !volume.replicas.iter().any(|r| r.disk_id == d.disk.id))
+                .filter(|d| {
+                    d.disk.node_id == source.node_id
+                        || !volume
+                            .replicas
+                            .iter()
+                            .any(|r| r.node_id == d.disk.node_id && r.id != old.id)
+                })
                 .cloned()
                 .collect();
             let Some(d) = place_replicas(free, 1).into_iter().next() else {
                 return Err(Error::ResourceExhausted(format!(
-                    "replica {} must be replaced ({}) but node {:?} has no disk without a \
-                     replica of this volume; add a disk",
+                    "replica {} must be replaced ({}) but no disk is free of this volume's \
+                     replicas; add a disk or a node",
                     old.id,
                     if stale {
                         "err longer than staleReplicaTimeout"
                     } else {
                         "its disk is gone"
                     },
-                    source.node_id
                 )));
             };
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
@@ -353,13 +363,26 @@ impl Controller {
         target: &Replica,
     ) -> Result<bool> {
         let agent = self.cluster.agent(&target.node_id)?;
+        let image = volume.spec.backing_image.as_deref();
+        if source.node_id != target.node_id {
+            // Another node: its agent exports the source to the target's node, which copies it
+            // over NBD and compares; the export goes when done.
+            let source_agent = self.cluster.agent(&source.node_id)?;
+            let exported = source_agent
+                .prepare_replica(source, volume.spec.capacity_bytes, image, &target.node_id)
+                .await?;
+            let copied = agent.copy_replica_from(&exported, target, image).await;
+            if let Err(e) = source_agent.release_replica(source).await {
+                tracing::warn!(volume = %volume.id, replica = %source.id, error = %e, "cannot stop exporting a rebuild's source");
+            }
+            return copied;
+        }
         agent.delete_replica(target).await?;
         let file = SnapshotFile {
             node_id: source.node_id.clone(),
             disk_id: source.disk_id.clone(),
             path: source.path.clone(),
         };
-        let image = volume.spec.backing_image.as_deref();
         agent
             .restore_replica(&file, image, target, volume.spec.capacity_bytes, image)
             .await?;

@@ -1,7 +1,8 @@
 //! Comparing two replicas' content with `qemu-img compare`: what the volume reads from each
 //! (a qcow2 file with its backing chain, or a replica another node serves over NBD). Used where
 //! bicsi must prove two replicas equal (after an unclean end of an engine, after a rebuild). It
-//! only answers; it never changes or chooses a replica.
+//! answers, and makes a replica file from another node's replica ([`copy_from`]); it never
+//! chooses a replica.
 //!
 //! Cost: qemu-img reads both images in full where either has data (allocated clusters of the
 //! overlay and of the backing file; holes on both sides are skipped through block status), so
@@ -58,4 +59,42 @@ pub fn identical_files(a: &Path, b: &Path) -> OsResult<bool> {
         &ReplicaTarget::Local(a.to_path_buf()),
         &ReplicaTarget::Local(b.to_path_buf()),
     )
+}
+
+/// Makes the qcow2 replica file `dest` (which must not exist) with the content of `source` (a
+/// replica another node serves over NBD), over `backing` when given: `qemu-img convert` into
+/// `dest.part`, renamed into place only when complete. Blocking; minutes for large volumes.
+pub fn copy_from(
+    source: &ReplicaTarget,
+    dest: &Path,
+    backing: Option<(&Path, crate::os::ImageFormat)>,
+) -> OsResult<()> {
+    let (src, fmt) = source_of(source);
+    let tmp = dest.with_extension("qcow2.part");
+    let _ = std::fs::remove_file(&tmp);
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", fmt, "-O", "qcow2"]);
+    if let Some((file, format)) = backing {
+        // The new file is an overlay of this disk's file of the image, like every replica.
+        cmd.arg("-B").arg(file).args(["-F", format.as_str()]);
+    }
+    cmd.arg(&src).arg(&tmp).env("LC_ALL", "C");
+    let out = cmd.output().map_err(|e| spawn_error(&cmd, e))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(command_failure(
+            display_command(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Some("check that the source replica is exported and reachable from this node"),
+        ));
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| OsError::io(format!("syncing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, dest)
+        .map_err(|e| OsError::io(format!("renaming {} into place", tmp.display()), e))
+}
+
+fn source_of(t: &ReplicaTarget) -> (String, &'static str) {
+    source(t)
 }

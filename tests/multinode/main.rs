@@ -1246,6 +1246,52 @@ async fn a_stalled_remote_replica_stops_blocking_writes_and_is_marked_err() {
         .clone();
     assert_eq!(local["mode"], "rw", "{local}\nevents:\n{events}");
     detach_from(&c, &mut ctl, "vol-h", 0).await;
+
+    // Detached: the controller's pass rebuilds the stalled replica on its own node from the
+    // other node's (exported over NBD, copied, compared), and only then is it rw.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let replicas = loop {
+        let v: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let reps = v[0]["replicas"].as_array().unwrap().clone();
+        if reps.iter().all(|r| r["mode"] == "rw") {
+            break reps;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rebuild: {reps:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let rebuilt = replicas.iter().find(|r| r["nodeId"] == "node-2").unwrap();
+    assert!(
+        rebuilt["modeReason"]
+            .as_str()
+            .unwrap()
+            .contains("verified identical"),
+        "{rebuilt}"
+    );
+    let same = Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(replicas[0]["path"].as_str().unwrap())
+        .arg(replicas[1]["path"].as_str().unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(
+        same.code(),
+        Some(0),
+        "the replicas differ after the rebuild"
+    );
+    // Both replicas serve the data again.
+    let tg = attach_on(&c, &mut ctl, "vol-h", 1).await;
+    assert_eq!(std::fs::read(tg.join("a")).unwrap(), a);
+    assert_eq!(std::fs::read(tg.join("b")).unwrap(), b);
+    detach_from(&c, &mut ctl, "vol-h", 1).await;
 }
 
 /// `len` bytes that differ with `seed` and from block to block.
