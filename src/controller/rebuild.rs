@@ -435,13 +435,19 @@ impl Controller {
     }
 }
 
-/// Runs [`Controller::rebuild_pass`] every `every`.
+/// Runs [`Controller::rebuild_pass`] every `every` (5 s at most).
 pub fn spawn(
     controller: Arc<Controller>,
     every: std::time::Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
+        // At most every 5 s whatever the lifecycle tick: a pass with nothing to do only lists
+        // the volume records.
+        let every = every.clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(5),
+        );
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

@@ -1249,6 +1249,7 @@ async fn a_stalled_remote_replica_stops_blocking_writes_and_is_marked_err() {
 
     // Detached: the controller's pass rebuilds the stalled replica on its own node from the
     // other node's (exported over NBD, copied, compared), and only then is it rw.
+    let detached = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(60);
     let replicas = loop {
         let v: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
@@ -1268,6 +1269,10 @@ async fn a_stalled_remote_replica_stops_blocking_writes_and_is_marked_err() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    eprintln!(
+        "the stalled replica was rebuilt from the other node {:?} after the detach",
+        detached.elapsed()
+    );
     let rebuilt = replicas.iter().find(|r| r["nodeId"] == "node-2").unwrap();
     assert!(
         rebuilt["modeReason"]
