@@ -300,7 +300,9 @@ impl Controller {
                 });
             },
         )?;
+        let started = std::time::Instant::now();
         let outcome = self.copy_and_verify(volume, &source, &target).await;
+        let took_ms = started.elapsed().as_millis() as u64;
         match outcome {
             Ok(true) => {
                 self.set_mode(
@@ -310,7 +312,7 @@ impl Controller {
                     &format!("rebuilt from {} and verified identical", source.id),
                     |_| {},
                 )?;
-                tracing::info!(volume = %volume.id, replica = %target.id, source = %source.id, "replica rebuilt and verified");
+                tracing::info!(volume = %volume.id, replica = %target.id, source = %source.id, took_ms, "replica rebuilt and verified");
                 if let Some(old) = replaced {
                     volume.replicas.retain(|r| r.id != old.id);
                     self.store.put(Kind::Volume, &volume.id, &*volume)?;
@@ -386,7 +388,10 @@ impl Controller {
         agent
             .restore_replica(&file, image, target, volume.spec.capacity_bytes, image)
             .await?;
-        agent.compare_replicas(source, target).await
+        let copied = std::time::Instant::now();
+        let same = agent.compare_replicas(source, target).await;
+        tracing::debug!(volume = %volume.id, replica = %target.id, compare_ms = copied.elapsed().as_millis() as u64, "rebuild verified");
+        same
     }
 
     /// Moves one replica of `volume` through `health::transition` and stores the record.
