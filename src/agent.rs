@@ -110,6 +110,29 @@ pub trait Agent: Send + Sync {
     /// (those of this node), its engine. Ok when there is nothing; FailedPrecondition while the
     /// volume is staged on this node.
     async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()>;
+    /// Whether two replicas of this node hold the same content (`qemu-img compare`), for the
+    /// verification that ends a rebuild. Neither may be open in an engine.
+    async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
+        let _ = (a, b);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot compare replicas (needed to verify a rebuild); upgrade it"
+                .into(),
+        ))
+    }
+    /// Makes `replica` (of this node; its file is replaced) a copy of `source`, a replica of
+    /// another node exported to this one over NBD, over `backing_image`'s file on its disk, and
+    /// answers whether the two are then identical (`qemu-img compare`): a cross-node rebuild.
+    async fn copy_replica_from(
+        &self,
+        source: &ReplicaTarget,
+        replica: &Replica,
+        backing_image: Option<&str>,
+    ) -> Result<bool> {
+        let _ = (source, replica, backing_image);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot rebuild a replica from another node; upgrade it".into(),
+        ))
+    }
 }
 
 /// The run directory of a volume's engine under a node's data directory. Its QMP socket path
@@ -536,6 +559,56 @@ impl Agent for LocalAgent {
     async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
         let files = files.to_vec();
         blocking(move || files.iter().try_for_each(crate::snapshot::remove)).await
+    }
+
+    async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
+        let (a, b) = (a.path.clone(), b.path.clone());
+        blocking(move || Ok(crate::os::compare::identical_files(&a, &b)?)).await
+    }
+
+    async fn copy_replica_from(
+        &self,
+        source: &ReplicaTarget,
+        replica: &Replica,
+        backing_image: Option<&str>,
+    ) -> Result<bool> {
+        let backing = match backing_image {
+            Some(image) => {
+                self.files.ensure_file(image, &replica.disk_id).await?;
+                let disk = self.disk(&replica.disk_id)?.clone();
+                Some(self.image_file(image, &disk)?.ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "backing image {image:?} is being prepared on disk {}",
+                        disk.id
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        let (source, r) = (source.clone(), replica.clone());
+        blocking(move || {
+            let dir = replica_dir(&r);
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::Internal(format!(
+                        "replica {}: cannot remove {}: {e}",
+                        r.id,
+                        dir.display()
+                    )));
+                }
+            }
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+            crate::os::compare::copy_from(&source, &r.path, b)?;
+            Ok(crate::os::compare::identical(
+                &source,
+                &ReplicaTarget::Local(r.path.clone()),
+            )?)
+        })
+        .await
     }
 
     async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()> {

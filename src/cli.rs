@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::model::{AccessMode, AccessType, Capability};
 
+mod replica;
 mod snapshot;
 mod volume;
 pub mod wait;
@@ -349,6 +350,17 @@ pub enum GetCommand {
         #[command(flatten)]
         server: Server,
     },
+    /// List replicas (of one volume, or all) with node, disk, mode (rw, wo, err), since when,
+    /// why, and rebuild progress.
+    Replicas {
+        /// Only this volume's replicas.
+        volume: Option<String>,
+        /// json|yaml: the rows as records.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
+        #[command(flatten)]
+        server: Server,
+    },
     /// Show one volume (as a row of `get volumes`, or its record with -o json|yaml).
     Volume {
         /// The volume (as given to `bicsi volume create`).
@@ -435,10 +447,12 @@ fn server_of(cmd: &Command) -> Option<&Server> {
         | Command::Crd => None,
         Command::Apply { server, .. } => Some(server),
         Command::Volume(VolumeCommand::Create { server, .. }) => Some(server),
+        Command::Volume(VolumeCommand::Rebuild { server, .. }) => Some(server),
         Command::Volume(_) => None,
         Command::Get(g) => match g {
             GetCommand::Volumes { server, .. }
             | GetCommand::Volume { server, .. }
+            | GetCommand::Replicas { server, .. }
             | GetCommand::Backingimages { server, .. }
             | GetCommand::Backingimage { server, .. }
             | GetCommand::Storageclasses { server, .. }
@@ -541,6 +555,11 @@ async fn client(cmd: Command) -> Result<()> {
             endpoint,
             server,
         }) => volume::get_volume(&name, &endpoint.csi_endpoint, &server, output).await,
+        Command::Get(GetCommand::Replicas {
+            volume,
+            output,
+            server,
+        }) => replica::get_replicas(volume.as_deref(), &server, output).await,
         Command::Get(GetCommand::Backingimages { output, server }) => {
             api::get_backing_images(&server.server, output).await
         }

@@ -18,6 +18,7 @@ use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
 pub mod group_snapshot;
+pub mod rebuild;
 pub mod snapshot;
 
 /// Size of a volume created without a capacity range.
@@ -110,6 +111,8 @@ pub struct Controller {
     /// Held from counting a node's published volumes to recording a new one, so two publishes
     /// to a node with an attach limit cannot both take its last slot.
     attach_slots: tokio::sync::Mutex<()>,
+    /// Rebuilds running per node (`rebuild`), against `concurrent-replica-rebuilds-per-node`.
+    rebuild_slots: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// The CSI volume id for a volume name: the name itself when it is a safe file and path
@@ -267,6 +270,7 @@ impl Controller {
             cluster,
             guards: Guards::default(),
             attach_slots: tokio::sync::Mutex::new(()),
+            rebuild_slots: Default::default(),
         }
     }
 
@@ -367,6 +371,7 @@ impl Controller {
                 disk_id: d.disk.id.clone(),
                 format: engine.replica_format(),
                 deferred: false,
+                health: Default::default(),
             };
             let created = match self.cluster.agent(&replica.node_id) {
                 Ok(agent) => {
@@ -436,6 +441,8 @@ impl Controller {
             replicas,
             publication: None,
             created_at: now_rfc3339(),
+            attach_epoch: None,
+            fault: None,
         };
         if let Err(e) = self.store.put(Kind::Volume, id, &volume) {
             self.delete_replicas(&volume.replicas).await;
@@ -609,6 +616,24 @@ impl Controller {
         } else {
             None
         };
+        // Replicas that missed writes and whose disks are back are rebuilt before the engine
+        // starts (offline); what cannot be rebuilt now is left out of the attach.
+        if volume
+            .replicas
+            .iter()
+            .any(|r| r.health.mode != crate::health::ReplicaMode::Rw)
+            && volume.fault.is_none()
+        {
+            match self.rebuild_detached(&mut volume, None).await {
+                Ok(r) if !r.skipped.is_empty() => {
+                    tracing::warn!(volume = %id, skipped = ?r.skipped, "attaching without rebuilding some replicas");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %id, error = %e, "cannot rebuild replicas before the attach")
+                }
+            }
+        }
         // Attach is where a volume waits for its files: a short while in the call, so a file
         // that is nearly there attaches now rather than after the CO's retry backoff; past it,
         // Unavailable with the progress, and the retry continues the same work.
@@ -670,11 +695,25 @@ impl Controller {
         let mut targets = Vec::new();
         let mut waiting = Vec::new();
         let mut skipped = Vec::new();
+        // Replicas unusable now, with why: marked err when the volume attaches without them.
+        let mut lost: Vec<(String, String, bool)> = Vec::new();
+        if let Some(fault) = &volume.fault {
+            return Err(crate::node::watch::faulted(volume, fault));
+        }
         for r in volume.replicas.iter_mut() {
+            if r.health.mode != crate::health::ReplicaMode::Rw {
+                skipped.push(format!("replica {} is {}", r.id, r.health.mode));
+                continue;
+            }
             let agent = match self.cluster.agent(&r.node_id) {
                 Ok(a) => a,
                 Err(e) => {
                     skipped.push(format!("replica {}: {e}", r.id));
+                    lost.push((
+                        r.id.clone(),
+                        format!("its node {:?} was down at attach", r.node_id),
+                        false,
+                    ));
                     continue;
                 }
             };
@@ -687,8 +726,36 @@ impl Controller {
                     targets.push(t);
                 }
                 Err(e) if e.code() == tonic::Code::Unavailable => waiting.push(e.to_string()),
+                Err(e)
+                    if e.code() == tonic::Code::FailedPrecondition
+                        && matches!(agent.replica_exists(r).await, Ok(false)) =>
+                {
+                    // Its file or disk is gone: the volume attaches from the others.
+                    skipped.push(format!("replica {}: {e}", r.id));
+                    lost.push((
+                        r.id.clone(),
+                        format!(
+                            "unusable at attach on disk {} ({}): {e}",
+                            r.disk_id,
+                            r.path.display()
+                        ),
+                        true,
+                    ));
+                }
                 Err(e) => return Err(e),
             }
+        }
+        // A replica left out of an attach misses its writes: err from now on. A node that is
+        // down does not count against a volume that cannot attach at all (it may come back).
+        let now = crate::model::now_secs();
+        let mut marked = false;
+        for (rid, why, definitive) in &lost {
+            if (!targets.is_empty() || *definitive) && waiting.is_empty() {
+                marked |= crate::health::mark_err(volume, rid, why, now)?;
+            }
+        }
+        if marked {
+            self.store.put(Kind::Volume, &volume.id, &*volume)?;
         }
         if !waiting.is_empty() {
             // Deferred replicas created so far are recorded even though attaching must wait.
@@ -700,6 +767,10 @@ impl Controller {
             )));
         }
         if targets.is_empty() {
+            if crate::health::volume_health(volume).0 == crate::health::VolumeHealth::Faulted {
+                let (_, why) = crate::health::volume_health(volume);
+                return Err(crate::node::watch::faulted(volume, &why));
+            }
             return Err(Error::Unavailable(format!(
                 "no replica of volume {:?} is reachable: {}",
                 volume.id,
@@ -707,7 +778,7 @@ impl Controller {
             )));
         }
         for s in &skipped {
-            tracing::warn!(volume = %volume.id, "attaching without a replica: {s}");
+            tracing::warn!(volume = %volume.id, "attaching degraded, without a replica: {s}");
         }
         // The attaching node's own replica first: qemu's quorum reads from the first child.
         targets.sort_by_key(|t| !matches!(t, crate::os::ReplicaTarget::Local(_)));
@@ -788,6 +859,17 @@ impl Controller {
                     r.path.display()
                 ));
             }
+        }
+        let (health, why) = crate::health::volume_health(volume);
+        // Fewer replicas placed than wanted stays a normal condition (as before modes existed).
+        if health != crate::health::VolumeHealth::Healthy
+            && (volume.fault.is_some()
+                || volume
+                    .replicas
+                    .iter()
+                    .any(|r| r.health.mode != crate::health::ReplicaMode::Rw))
+        {
+            missing.insert(0, format!("{health}: {why}"));
         }
         if missing.is_empty() {
             let message = if volume.is_degraded() {
@@ -903,6 +985,7 @@ impl Controller {
                     disk_id: d.disk.id.clone(),
                     format: source.format,
                     deferred: false,
+                    health: Default::default(),
                 };
                 agent.copy_replica(&source, &r).await?;
                 reps.push(r);

@@ -64,6 +64,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/volumes", get(list_volumes))
         .route(
+            "/v1/volumes/{id}/rebuild",
+            axum::routing::post(rebuild_volume),
+        )
+        .route(
             "/v1/backingimages",
             get(list_backing_images).post(create_backing_image),
         )
@@ -406,6 +410,35 @@ fn body<T: DeserializeOwned>(bytes: &Bytes, what: &str) -> ApiResult<T> {
 async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
     let (volumes, _) = s.controller()?.list_volumes(0, "")?;
     Ok(Json(serde_json::to_value(volumes)?))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct RebuildRequest {
+    #[serde(default)]
+    from: Option<String>,
+}
+
+/// Rebuilds a detached volume's replicas; runs to its end even if the caller goes away.
+async fn rebuild_volume(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<crate::cli_api::RebuildAnswer>> {
+    let req: RebuildRequest = if bytes.is_empty() {
+        RebuildRequest::default()
+    } else {
+        body(&bytes, "rebuild request ({\"from\":\"REPLICA\"})")?
+    };
+    let controller = s.controller()?.clone();
+    let (volume, report) =
+        tokio::spawn(async move { controller.rebuild(&id, req.from.as_deref()).await })
+            .await
+            .map_err(|e| Error::Internal(format!("rebuild task failed: {e}")))??;
+    Ok(Json(crate::cli_api::RebuildAnswer {
+        volume,
+        rebuilt: report.rebuilt,
+        skipped: report.skipped,
+    }))
 }
 
 async fn list_backing_images(State(s): State<ApiState>) -> ApiResult<Json<Vec<BackingImage>>> {

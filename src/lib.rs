@@ -24,6 +24,7 @@ pub mod error;
 pub mod files;
 pub mod fsutil;
 pub mod guard;
+pub mod health;
 pub mod http;
 pub mod imagefmt;
 pub mod model;

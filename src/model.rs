@@ -140,6 +140,10 @@ pub struct Replica {
     /// created, so the overlay is made at first attach, once the file is there.
     #[serde(default)]
     pub deferred: bool,
+    /// Mode (rw, wo, err), since when and why (`crate::health`); flattened, so the record reads
+    /// `mode`, `modeSince`, `modeReason`; records without them read as rw.
+    #[serde(flatten)]
+    pub health: crate::health::ReplicaHealth,
 }
 
 /// A volume attached (ControllerPublished) to a node.
@@ -203,6 +207,15 @@ pub struct Volume {
     pub replicas: Vec<Replica>,
     pub publication: Option<Publication>,
     pub created_at: String,
+    /// Set (unix seconds) when an engine starts for the volume and cleared by a clean detach:
+    /// found set at the next engine start, the previous one ended uncleanly and the replicas are
+    /// compared before use (`crate::health`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach_epoch: Option<u64>,
+    /// Why the volume is faulted although it has rw replicas (they differ after an unclean end
+    /// and no record says which one missed writes); cleared by `bicsi volume rebuild --from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 impl Volume {

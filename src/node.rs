@@ -29,6 +29,8 @@ use crate::model::{AccessType, Capability, EngineKind, NodePublication, NodeVolu
 use crate::os::{ImageFormat, Os, ReplicaTarget, VolumeEngineSpec};
 use crate::store::{Kind, Store, StoreExt};
 
+pub mod watch;
+
 /// Topology key NodeGetInfo reports.
 pub const TOPOLOGY_KEY: &str = "topology.bicsi.io/node";
 
@@ -132,6 +134,14 @@ impl NodeAgent {
                 }
                 Err(e) if e.code() == tonic::Code::FailedPrecondition => {
                     tracing::warn!(volume = %volume.id, replica = %r.id, error = %e, "staging without a replica");
+                    // Degraded attach: the replica misses every write from now on.
+                    changed |= crate::health::transition(
+                        r,
+                        crate::health::ReplicaMode::Err,
+                        &format!("unusable at attach: {e}"),
+                        crate::model::now_secs(),
+                    )
+                    .unwrap_or(false);
                 }
                 Err(e) => return Err(e),
             }
@@ -209,6 +219,61 @@ impl NodeAgent {
         Ok(())
     }
 
+    /// Starts the look at this node's engines every `every`: failed children are recorded,
+    /// taken out of their quorum and marked err (`watch::apply_faults`). A volume with another
+    /// operation in progress is looked at in the next round.
+    pub fn spawn_health_watch(
+        self: &Arc<NodeAgent>,
+        every: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_probe = std::time::Instant::now();
+            loop {
+                tick.tick().await;
+                // Remote replicas are probed every PROBE_EVERY (each probe is a connection).
+                let probe = (last_probe.elapsed() >= watch::PROBE_EVERY).then(|| {
+                    last_probe = std::time::Instant::now();
+                    std::time::Duration::from_secs(
+                        crate::settings::Settings::new(me.volumes.clone())
+                            .value_or_default(crate::settings::REPLICA_TIMEOUT)
+                            .max(1),
+                    )
+                });
+                let records: Vec<NodeVolume> = match me.local.list(Kind::NodeVolume) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot list staged volumes");
+                        continue;
+                    }
+                };
+                for rec in records {
+                    let (os, volumes, guards) =
+                        (me.os.clone(), me.volumes.clone(), me.guards.clone());
+                    let id = rec.volume_id.clone();
+                    // The guard only around the record write: a stage or unstage of the volume
+                    // is not refused while a probe waits.
+                    let done = blocking(move || {
+                        watch::apply_faults_locked(
+                            &os,
+                            &*volumes,
+                            &rec.volume_id,
+                            &rec.engine_dir,
+                            probe,
+                            || guards.try_take(&rec.volume_id, "volume"),
+                        )
+                    })
+                    .await;
+                    if let Err(e) = done {
+                        tracing::warn!(volume = %id, error = %e, "cannot record an engine's replica faults; retrying");
+                    }
+                }
+            }
+        })
+    }
+
     /// `publish_context` is ControllerPublishVolume's answer: it names the engine's children
     /// (replicas of other nodes over NBD). Without it, this node's own replicas are used.
     pub async fn stage(
@@ -269,6 +334,17 @@ impl NodeAgent {
                     .join(", ")
             )));
         }
+        // Only rw replicas are served; after an unclean end they are compared first.
+        let targets = {
+            let (os, volumes, run_dir, id) = (
+                self.os.clone(),
+                self.volumes.clone(),
+                self.engine_dir(volume_id),
+                volume_id.to_string(),
+            );
+            blocking(move || watch::before_engine_start(&os, &*volumes, &id, &run_dir, targets))
+                .await?
+        };
         let replicas: Vec<PathBuf> = targets
             .iter()
             .filter_map(|t| match t {
@@ -354,7 +430,8 @@ impl NodeAgent {
         }
         let os = self.os.clone();
         let r = rec.clone();
-        blocking(move || {
+        let volumes = self.volumes.clone();
+        let clean = blocking(move || {
             if !r.capability.is_block() {
                 os.mounts.unmount(&r.staging_path)?;
             }
@@ -367,8 +444,11 @@ impl NodeAgent {
                     os.loops.flush(&dev)?;
                     os.loops.detach(&dev)?;
                 }
-                return Ok(os.engine.stop(&r.engine_dir)?);
+                os.engine.stop(&r.engine_dir)?;
+                // Flushed and detached: the one replica holds every acknowledged write.
+                return Ok(true);
             }
+            let live = os.engine.status(&r.engine_dir)?.is_some();
             if let Some(state) = os.engine.status(&r.engine_dir)? {
                 if let Some(dev) = os.loops.find(&state.export_path)? {
                     // A block volume's writes may still sit in the device's page cache (a
@@ -386,10 +466,20 @@ impl NodeAgent {
                     os.loops.detach(&dev)?;
                 }
             }
-            Ok(os.engine.stop(&r.engine_dir)?)
+            // What the engine reported goes into the volume record before its run directory
+            // (and the fault file in it) is removed.
+            watch::apply_faults(&os, &*volumes, &r.volume_id, &r.engine_dir, None)?;
+            os.engine.stop(&r.engine_dir)?;
+            Ok(live)
         })
         .await?;
         self.local.delete(Kind::NodeVolume, volume_id)?;
+        if clean {
+            // Flushed and stopped: no replica can have missed a write we did not record.
+            watch::after_clean_stop(&*self.volumes, volume_id)?;
+        } else {
+            tracing::warn!(volume = %volume_id, "the engine was gone at unstage: the replicas are compared at the next attach");
+        }
         tracing::info!(volume = %volume_id, "volume unstaged");
         Ok(())
     }
@@ -540,6 +630,20 @@ impl NodeAgent {
     /// Usage and health of a volume at one of its paths on this node.
     pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let rec = self.record_at(volume_id, path)?;
+        // The volume's health as its record says (replicas marked err while attached).
+        let health = self
+            .volumes
+            .get::<Volume>(Kind::Volume, volume_id)?
+            .filter(|v| {
+                v.fault.is_some()
+                    || v.replicas
+                        .iter()
+                        .any(|r| r.health.mode != crate::health::ReplicaMode::Rw)
+            })
+            .map(|v| {
+                let (h, why) = crate::health::volume_health(&v);
+                format!("{h}: {why}")
+            });
         let os = self.os.clone();
         let p = path.to_path_buf();
         blocking(move || {
@@ -568,6 +672,7 @@ impl NodeAgent {
             if rec.engine == EngineKind::Qemu && os.engine.status(&rec.engine_dir)?.is_none() {
                 problems.push("the block engine (qemu-storage-daemon) is not running".into());
             }
+            problems.extend(health);
             stats.abnormal = !problems.is_empty();
             stats.message = if problems.is_empty() {
                 "healthy".into()

@@ -11,6 +11,7 @@
 //! `tokio::task::spawn_blocking`. Every operation is idempotent where its documentation says
 //! so, because CSI retries every call.
 
+pub mod compare;
 pub mod engine;
 pub mod fake;
 pub mod fs;

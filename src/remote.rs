@@ -347,6 +347,38 @@ impl Agent for RemoteAgent {
             .map_err(status_error)?;
         Ok(())
     }
+
+    async fn copy_replica_from(
+        &self,
+        source: &ReplicaTarget,
+        replica: &Replica,
+        backing_image: Option<&str>,
+    ) -> Result<bool> {
+        let r = self
+            .client
+            .clone()
+            .copy_replica_from(pb::CopyReplicaFromRequest {
+                source_json: to_json(source)?,
+                replica_json: to_json(replica)?,
+                backing_image: backing_image.unwrap_or_default().to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(r.into_inner().identical)
+    }
+
+    async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
+        let r = self
+            .client
+            .clone()
+            .compare_replicas(pb::CompareReplicasRequest {
+                a_json: to_json(a)?,
+                b_json: to_json(b)?,
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(r.into_inner().identical)
+    }
     async fn snapshot_replicas(
         &self,
         snapshot_id: &str,
@@ -523,6 +555,32 @@ impl AgentRpc for AgentService {
         let replica: Replica = from_json(&request.into_inner().replica_json, "replica")?;
         self.local.release_replica(&replica).await?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn copy_replica_from(
+        &self,
+        request: Request<pb::CopyReplicaFromRequest>,
+    ) -> std::result::Result<Response<pb::CompareReplicasResponse>, Status> {
+        let r = request.into_inner();
+        let source: ReplicaTarget = from_json(&r.source_json, "replica target")?;
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let image = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        let identical = self
+            .local
+            .copy_replica_from(&source, &replica, image)
+            .await?;
+        Ok(Response::new(pb::CompareReplicasResponse { identical }))
+    }
+
+    async fn compare_replicas(
+        &self,
+        request: Request<pb::CompareReplicasRequest>,
+    ) -> std::result::Result<Response<pb::CompareReplicasResponse>, Status> {
+        let r = request.into_inner();
+        let a: Replica = from_json(&r.a_json, "replica")?;
+        let b: Replica = from_json(&r.b_json, "replica")?;
+        let identical = self.local.compare_replicas(&a, &b).await?;
+        Ok(Response::new(pb::CompareReplicasResponse { identical }))
     }
 
     async fn delete_image_files(

@@ -256,6 +256,8 @@ pub async fn serve(
         .with_max_volumes(cfg.max_volumes_per_node),
     );
     agent.readopt().await?;
+    let health_watch = agent.spawn_health_watch(crate::node::watch::WATCH_INTERVAL);
+    let rebuilds = crate::controller::rebuild::spawn(controller.clone(), cfg.lifecycle_tick);
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
     let api = crate::auth::protect(
         crate::http::router(crate::http::ApiState {
@@ -280,6 +282,8 @@ pub async fn serve(
     .await;
     lifecycle.abort();
     scrub.abort();
+    health_watch.abort();
+    rebuilds.abort();
     if let Some(task) = reconciler {
         task.abort();
     }
@@ -379,6 +383,7 @@ pub async fn controller(
     );
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing_for_expiry.clone()));
     let lifecycle = spawn_lifecycle(backing_for_expiry, cfg.lifecycle_tick);
+    let rebuilds = crate::controller::rebuild::spawn(controller.clone(), cfg.lifecycle_tick);
     let r = run(
         &cfg,
         Services {
@@ -392,6 +397,7 @@ pub async fn controller(
     .await;
     sweeper.abort();
     lifecycle.abort();
+    rebuilds.abort();
     if let Some(task) = reconciler {
         task.abort();
     }
@@ -462,6 +468,7 @@ pub async fn node(
         .with_max_volumes(cfg.max_volumes_per_node),
     );
     agent.readopt().await?;
+    let health_watch = agent.spawn_health_watch(crate::node::watch::WATCH_INTERVAL);
     let (agent_l, agent_addr) = bind_tcp(&split.agent_listen, "--agent-listen").await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
     let host = split
@@ -512,6 +519,7 @@ pub async fn node(
     .await;
     keeper.abort();
     scrub.abort();
+    health_watch.abort();
     r
 }
 

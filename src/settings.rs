@@ -16,6 +16,8 @@ pub const CLEANUP_WAIT_INTERVAL: &str = "backing-image-cleanup-wait-interval";
 pub const RECOVERY_WAIT_INTERVAL: &str = "backing-image-recovery-wait-interval";
 pub const CONCURRENT_SYNCS_PER_NODE: &str = "concurrent-backing-image-syncs-per-node";
 pub const SCRUB_INTERVAL: &str = "backing-image-scrub-interval";
+pub const CONCURRENT_REBUILDS_PER_NODE: &str = "concurrent-replica-rebuilds-per-node";
+pub const REPLICA_TIMEOUT: &str = "replica-timeout";
 
 /// One setting: what it is called, what it counts, its default and the values it takes.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +60,7 @@ impl Definition {
     }
 }
 
-pub const DEFINITIONS: [Definition; 4] = [
+pub const DEFINITIONS: [Definition; 6] = [
     Definition {
         name: CLEANUP_WAIT_INTERVAL,
         unit: "minutes",
@@ -86,6 +88,20 @@ pub const DEFINITIONS: [Definition; 4] = [
         default: 86_400,
         min: 0,
         description: "How often a node re-hashes its ready backing image files (SHA-512) to catch bytes changed on disk (0: never).",
+    },
+    Definition {
+        name: CONCURRENT_REBUILDS_PER_NODE,
+        unit: "rebuilds",
+        default: 1,
+        min: 1,
+        description: "At most this many replica rebuilds (copy and verification) run at once on a node; the others wait for the next pass.",
+    },
+    Definition {
+        name: REPLICA_TIMEOUT,
+        unit: "seconds",
+        default: 8,
+        min: 1,
+        description: "A remote replica whose node does not answer a new connection within this many seconds (a stalled node) has its connections cut and is marked err, so it stops blocking the volume's writes. Checked every 2 seconds.",
     },
 ];
 
@@ -233,7 +249,10 @@ mod tests {
         assert_eq!(s.scrub_interval(), None);
         assert_eq!(s.concurrent_syncs(), 1);
         let all = s.list().unwrap();
-        assert_eq!(all.len(), 4);
+        assert_eq!(all.len(), DEFINITIONS.len());
+        let named = |n: &str| all.iter().find(|v| v.name == n).unwrap().value.clone();
+        assert_eq!(named(CONCURRENT_REBUILDS_PER_NODE), "1");
+        assert_eq!(named(REPLICA_TIMEOUT), "8");
         assert_eq!(all[0].name, CLEANUP_WAIT_INTERVAL);
         assert_eq!(all[0].value, "0");
         assert_eq!(all[0].default, "60");

@@ -819,16 +819,30 @@ fn get_volume_and_lists_in_json_and_yaml() {
         "SIZE",
         "IMAGE",
         "REPLICAS",
+        "HEALTH",
         "ATTACHED",
         "CONDITION",
     ] {
         assert!(header.contains(col), "{header}");
     }
     assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("one ") && l.contains("16Mi") && l.contains(" 1/1 ")),
+        table.lines().any(|l| l.starts_with("one ")
+            && l.contains("16Mi")
+            && l.contains(" 1/1 ")
+            && l.contains(" healthy ")),
         "{table}"
+    );
+    let replicas: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "replicas", "one", "-o", "json"])).unwrap();
+    assert_eq!(replicas.as_array().unwrap().len(), 1, "{replicas}");
+    assert_eq!(replicas[0]["volume"], "one");
+    assert_eq!(replicas[0]["mode"], "rw");
+    assert_eq!(replicas[0]["node"], "cli-node");
+    let table = s.ok(&["get", "replicas"]);
+    assert!(table.lines().next().unwrap().contains("MODE"), "{table}");
+    assert!(
+        s.fails(&["get", "replicas", "nosuch"])
+            .contains("not found")
     );
     let one: serde_json::Value =
         serde_json::from_str(&s.ok(&["get", "volume", "one", "-o", "json"])).unwrap();

@@ -693,9 +693,12 @@ mod tests {
                     path: PathBuf::from("/nowhere"),
                     format: crate::os::ImageFormat::Qcow2,
                     deferred: true,
+                    health: Default::default(),
                 }],
                 publication: None,
                 created_at: rfc3339(T0),
+                attach_epoch: None,
+                fault: None,
             };
             self.store.put(Kind::Volume, name, &v).unwrap();
         }

@@ -78,6 +78,19 @@ pub enum VolumeCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Rebuild the volume's replicas that missed writes (mode err) from a current one, offline
+    /// (the volume must be detached); --from chooses the source by hand, e.g. for a faulted
+    /// volume whose replicas differ.
+    Rebuild {
+        /// The volume (as given to `bicsi volume create`).
+        name: String,
+        /// The replica to copy from (see `bicsi get replicas NAME`); the others are rebuilt
+        /// from it.
+        #[arg(long)]
+        from: Option<String>,
+        #[command(flatten)]
+        server: Server,
+    },
     /// Grow a volume (CSI ControllerExpandVolume, and NodeExpandVolume when it is attached here);
     /// bicsi grows volumes while they are detached, and the filesystem at the next attach.
     Expand {
@@ -287,6 +300,9 @@ pub async fn run(cmd: VolumeCommand) -> Result<()> {
             size,
             endpoint,
         } => expand(&name, &size, &endpoint.csi_endpoint).await,
+        VolumeCommand::Rebuild { name, from, server } => {
+            super::replica::rebuild(&name, from.as_deref(), &server).await
+        }
     }
 }
 
@@ -721,6 +737,9 @@ pub struct VolumeView {
     pub attached_path: Option<PathBuf>,
     pub abnormal: bool,
     pub condition: String,
+    /// healthy, degraded or faulted (`crate::health`); None when the HTTP API could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::VolumeHealth>,
     /// The controller's whole record (spec, replicas, publication), when it could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record: Option<crate::model::Volume>,
@@ -732,7 +751,8 @@ pub struct VolumeView {
 fn healthy_replicas(v: &crate::model::Volume, abnormal: bool, condition: &str) -> u32 {
     v.replicas
         .iter()
-        .filter(|r| !abnormal || !condition.contains(&format!("replica {} ", r.id)))
+        .filter(|r| r.health.mode == crate::health::ReplicaMode::Rw)
+        .filter(|r| !abnormal || !condition.contains(&format!("replica {} (", r.id)))
         .count() as u32
 }
 
@@ -787,6 +807,7 @@ async fn volume_views(endpoint: &str, server: &Server) -> Result<Vec<VolumeView>
                 attached_path,
                 abnormal,
                 condition,
+                health: record.as_ref().map(|r| crate::health::volume_health(r).0),
                 record,
                 id: v.volume_id,
             });
@@ -819,22 +840,24 @@ fn print_table(views: &[VolumeView], wide: bool, engine: bool) {
     };
     if wide {
         outln!(
-            "{:<32} {:>10} {:<24} {:<9} {}{:<40} {:<24} CONDITION",
+            "{:<32} {:>10} {:<24} {:<9} {:<9} {}{:<40} {:<24} CONDITION",
             "VOLUME",
             "SIZE",
             "IMAGE",
             "REPLICAS",
+            "HEALTH",
             engine_col("ENGINE"),
             "ATTACHED",
             "REPLICA NODES"
         );
     } else {
         outln!(
-            "{:<32} {:>10} {:<24} {:<9} {}{:<40} CONDITION",
+            "{:<32} {:>10} {:<24} {:<9} {:<9} {}{:<40} CONDITION",
             "VOLUME",
             "SIZE",
             "IMAGE",
             "REPLICAS",
+            "HEALTH",
             engine_col("ENGINE"),
             "ATTACHED"
         );
@@ -857,6 +880,7 @@ fn print_table(views: &[VolumeView], wide: bool, engine: bool) {
         };
         let size = quantity::format(v.capacity_bytes);
         let eng = engine_col(&unknown(v.engine.clone()));
+        let health = unknown(v.health.map(|h| h.to_string()));
         if wide {
             let nodes = unknown(v.record.as_ref().map(|r| {
                 let mut n: Vec<&str> = r.replicas.iter().map(|r| r.node_id.as_str()).collect();
@@ -864,13 +888,13 @@ fn print_table(views: &[VolumeView], wide: bool, engine: bool) {
                 n.join(",")
             }));
             outln!(
-                "{:<32} {size:>10} {image:<24} {replicas:<9} {eng}{:<40} {nodes:<24} {condition}",
+                "{:<32} {size:>10} {image:<24} {replicas:<9} {health:<9} {eng}{:<40} {nodes:<24} {condition}",
                 v.id,
                 attached(v),
             );
         } else {
             outln!(
-                "{:<32} {size:>10} {image:<24} {replicas:<9} {eng}{:<40} {condition}",
+                "{:<32} {size:>10} {image:<24} {replicas:<9} {health:<9} {eng}{:<40} {condition}",
                 v.id,
                 attached(v),
             );

@@ -440,6 +440,7 @@ impl Controller {
                 disk_id: d.disk.id.clone(),
                 format: engine.replica_format(),
                 deferred: false,
+                health: Default::default(),
             };
             let source = files
                 .iter()

@@ -26,6 +26,7 @@
 //!   loop does not answer QMP either (and qemu-storage-daemon has no `yank`).
 
 pub(crate) mod backup;
+pub mod events;
 pub mod host;
 
 use std::fs::{self, File, OpenOptions};
@@ -753,7 +754,9 @@ impl Engine for QemuStorageDaemon {
             )
         })?;
 
-        let args = build_args(spec, &paths)?;
+        let mut args = build_args(spec, &paths)?;
+        // The second monitor, on a file: child failures are kept even while nobody listens.
+        args.extend(events::prepare(&paths.dir, &spec.replicas)?);
         let spawned = self.spawn(
             &args,
             &paths.log,

@@ -15,8 +15,8 @@ const MIB: usize = 1 << 20;
 
 /// A small ext4 filesystem on a loop device over a sparse file, mounted at `mnt`; unmounted and
 /// detached when dropped, whatever happened.
-struct SmallDisk {
-    mnt: PathBuf,
+pub struct SmallDisk {
+    pub mnt: PathBuf,
     dev: String,
     _dir: tempfile::TempDir,
 }
@@ -32,7 +32,7 @@ fn run(cmd: &mut Command) -> String {
 }
 
 impl SmallDisk {
-    fn new(mib: u64) -> SmallDisk {
+    pub fn new(mib: u64) -> SmallDisk {
         let tmp = tempfile::Builder::new()
             .prefix("bicsi-faults-disk-")
             .tempdir()

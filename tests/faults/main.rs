@@ -25,6 +25,7 @@ mod disk_full;
 mod download;
 mod export;
 mod node;
+mod replicas;
 mod scrub;
 mod sync;
 mod upload;

@@ -1238,3 +1238,187 @@ async fn a_loop_volume_attaches_on_another_node_over_nbd() {
         .unwrap();
     assert!(!replica.exists());
 }
+
+/// The replica-timeout setting on a volume whose second replica is on another node: that node's
+/// replica server is stopped (SIGSTOP: its kernel still holds the connection open, nothing
+/// answers). The volume's writes resume within a few seconds of the setting, the stalled replica
+/// is marked err, and every synced file reads back.
+#[tokio::test]
+async fn a_stalled_remote_replica_stops_blocking_writes_and_is_marked_err() {
+    if !root_or_skip("a_stalled_remote_replica_stops_blocking_writes_and_is_marked_err") {
+        return;
+    }
+    let c = TestCluster::start(2).await;
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/settings/replica-timeout", c.http))
+        .json(&serde_json::json!({"value": "2"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{put:?}");
+    let mut ctl = c.controller_client().await;
+    ctl.controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: "vol-h".into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_cap()],
+            parameters: [("numberOfReplicas".to_string(), "2".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let tg = attach_on(&c, &mut ctl, "vol-h", 0).await;
+    let a = pattern(4 << 20, 1);
+    write_synced(&tg, "a", &a);
+
+    let server_pid: i32 =
+        std::fs::read_to_string(c.nodes[1].dir.join("data/replica-server/qsd.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let pid = nix::unistd::Pid::from_raw(server_pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let b = pattern(4 << 20, 2);
+    let (dir, bytes) = (tg.clone(), b.clone());
+    let writer = std::thread::spawn(move || write_synced(&dir, "b", &bytes));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !writer.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished = writer.is_finished();
+    let took = started.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        finished,
+        "the write stayed blocked on the stalled replica:\n{}",
+        c.logs()
+    );
+    writer.join().unwrap();
+    eprintln!("a write blocked by a stalled replica resumed after {took:?} (replica-timeout 2 s)");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+
+    let volumes: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let v = volumes.iter().find(|v| v["id"] == "vol-h").unwrap();
+    let remote = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["nodeId"] == "node-2")
+        .unwrap();
+    assert_eq!(remote["mode"], "err", "{v}");
+    assert!(
+        remote["modeReason"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{remote}"
+    );
+    assert_eq!(std::fs::read(tg.join("a")).unwrap(), a);
+    assert_eq!(std::fs::read(tg.join("b")).unwrap(), b);
+    let listed = ctl
+        .controller
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: "vol-h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = listed.status.unwrap().volume_condition.unwrap();
+    let events = std::fs::read_to_string(c.nodes[0].dir.join("data/engines/vol-h/events.log"))
+        .unwrap_or_default();
+    assert!(
+        cond.abnormal && cond.message.contains("degraded"),
+        "{cond:?}\nevents:\n{events}"
+    );
+    // Later reports (the writes cut with the connection) leave the local replica rw.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let local = v[0]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["nodeId"] == "node-1")
+        .unwrap()
+        .clone();
+    assert_eq!(local["mode"], "rw", "{local}\nevents:\n{events}");
+    detach_from(&c, &mut ctl, "vol-h", 0).await;
+
+    // Detached: the controller's pass rebuilds the stalled replica on its own node from the
+    // other node's (exported over NBD, copied, compared), and only then is it rw.
+    let detached = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let replicas = loop {
+        let v: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let reps = v[0]["replicas"].as_array().unwrap().clone();
+        if reps.iter().all(|r| r["mode"] == "rw") {
+            break reps;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rebuild: {reps:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "the stalled replica was rebuilt from the other node {:?} after the detach",
+        detached.elapsed()
+    );
+    let rebuilt = replicas.iter().find(|r| r["nodeId"] == "node-2").unwrap();
+    assert!(
+        rebuilt["modeReason"]
+            .as_str()
+            .unwrap()
+            .contains("verified identical"),
+        "{rebuilt}"
+    );
+    let same = Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(replicas[0]["path"].as_str().unwrap())
+        .arg(replicas[1]["path"].as_str().unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(
+        same.code(),
+        Some(0),
+        "the replicas differ after the rebuild"
+    );
+    // Both replicas serve the data again.
+    let tg = attach_on(&c, &mut ctl, "vol-h", 1).await;
+    assert_eq!(std::fs::read(tg.join("a")).unwrap(), a);
+    assert_eq!(std::fs::read(tg.join("b")).unwrap(), b);
+    detach_from(&c, &mut ctl, "vol-h", 1).await;
+}
+
+/// `len` bytes that differ with `seed` and from block to block.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

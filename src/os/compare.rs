@@ -1,0 +1,100 @@
+//! Comparing two replicas' content with `qemu-img compare`: what the volume reads from each
+//! (a qcow2 file with its backing chain, or a replica another node serves over NBD). Used where
+//! bicsi must prove two replicas equal (after an unclean end of an engine, after a rebuild). It
+//! answers, and makes a replica file from another node's replica ([`copy_from`]); it never
+//! chooses a replica.
+//!
+//! Cost: qemu-img reads both images in full where either has data (allocated clusters of the
+//! overlay and of the backing file; holes on both sides are skipped through block status), so
+//! about the volume's used bytes read twice: measured ~1 s for a 256 MiB volume with 64 MiB
+//! written on this machine's disks.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::{OsError, OsResult, ReplicaTarget, command_failure, display_command, spawn_error};
+
+/// The file name and format qemu-img opens a replica as.
+fn source(t: &ReplicaTarget) -> (String, &'static str) {
+    match t {
+        ReplicaTarget::Local(p) => (p.display().to_string(), "qcow2"),
+        // The remote serves the replica's qcow2 node: its content is the volume as is.
+        ReplicaTarget::Nbd { .. } => (t.to_string(), "raw"),
+    }
+}
+
+/// Whether the two replicas hold the same content. The images must not be written meanwhile
+/// (no engine running on them).
+pub fn identical(a: &ReplicaTarget, b: &ReplicaTarget) -> OsResult<bool> {
+    let (fa, fmt_a) = source(a);
+    let (fb, fmt_b) = source(b);
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["compare", "-q", "-f", fmt_a, "-F", fmt_b])
+        .arg(&fa)
+        .arg(&fb)
+        .env("LC_ALL", "C");
+    let out = cmd.output().map_err(|e| spawn_error(&cmd, e))?;
+    // qemu-img compare: 0 identical, 1 different, anything else an error.
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(command_failure(
+            display_command(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Some("check that both replicas exist and that no engine has them open"),
+        )),
+    }
+}
+
+/// `identical` for two local files, for callers that hold paths.
+pub fn identical_files(a: &Path, b: &Path) -> OsResult<bool> {
+    if !a.is_file() || !b.is_file() {
+        return Err(OsError::NotFound(format!(
+            "cannot compare {} and {}: one of them does not exist",
+            a.display(),
+            b.display()
+        )));
+    }
+    identical(
+        &ReplicaTarget::Local(a.to_path_buf()),
+        &ReplicaTarget::Local(b.to_path_buf()),
+    )
+}
+
+/// Makes the qcow2 replica file `dest` (which must not exist) with the content of `source` (a
+/// replica another node serves over NBD), over `backing` when given: `qemu-img convert` into
+/// `dest.part`, renamed into place only when complete. Blocking; minutes for large volumes.
+pub fn copy_from(
+    source: &ReplicaTarget,
+    dest: &Path,
+    backing: Option<(&Path, crate::os::ImageFormat)>,
+) -> OsResult<()> {
+    let (src, fmt) = source_of(source);
+    let tmp = dest.with_extension("qcow2.part");
+    let _ = std::fs::remove_file(&tmp);
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", fmt, "-O", "qcow2"]);
+    if let Some((file, format)) = backing {
+        // The new file is an overlay of this disk's file of the image, like every replica.
+        cmd.arg("-B").arg(file).args(["-F", format.as_str()]);
+    }
+    cmd.arg(&src).arg(&tmp).env("LC_ALL", "C");
+    let out = cmd.output().map_err(|e| spawn_error(&cmd, e))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(command_failure(
+            display_command(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Some("check that the source replica is exported and reachable from this node"),
+        ));
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| OsError::io(format!("syncing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, dest)
+        .map_err(|e| OsError::io(format!("renaming {} into place", tmp.display()), e))
+}
+
+fn source_of(t: &ReplicaTarget) -> (String, &'static str) {
+    source(t)
+}
