@@ -589,6 +589,31 @@ async fn loop_volumes_snapshot_restore_clone_expand_and_export() {
         "the filesystem grew: {fs_bytes} bytes"
     );
 
+    // export-from-volume of the detached loop volume (raw, read with -f raw): a qemu volume
+    // over the exported image holds everything.
+    let exported_params = pairs(&[
+        ("numberOfReplicas", "1"),
+        ("engine", "qemu"),
+        ("backingImage", "bi-from-loop"),
+        ("backingImageDataSourceType", "export-from-volume"),
+        (
+            "backingImageDataSourceParameters",
+            "{\"volume-name\": \"src\", \"export-type\": \"raw\"}",
+        ),
+    ]);
+    let over_volume_export = create(
+        &mut c,
+        create_with(
+            "over-volume-export",
+            128 * MIB,
+            &exported_params,
+            mount_cap(),
+        ),
+    )
+    .await;
+    assert_eq!(engine_of(&b, "over-volume-export"), "qemu");
+    check_content(&mut c, &b, &over_volume_export, all).await;
+
     // Removing the image's raw expansion breaks nothing: the clones do not depend on it.
     std::fs::remove_file(&expansions[0]).unwrap();
     check_content(&mut c, &b, &r_loop, snapped).await;
@@ -603,7 +628,16 @@ async fn loop_volumes_snapshot_restore_clone_expand_and_export() {
             .unwrap();
     }
     assert!(!snap_file.exists());
-    for v in [&over_export, &q2l, &q, &r_loop, &r_qemu, &clone, &src] {
+    for v in [
+        &over_volume_export,
+        &over_export,
+        &q2l,
+        &q,
+        &r_loop,
+        &r_qemu,
+        &clone,
+        &src,
+    ] {
         c.controller
             .delete_volume(pb::DeleteVolumeRequest {
                 volume_id: v.clone(),
