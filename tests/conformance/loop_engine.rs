@@ -233,6 +233,8 @@ fn fio(dev: &Path, write: bool) {
             "--direct=1",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // No `*-verify.state` file in the working directory (the repository's, under cargo).
+            "--verify_state_save=0",
             "--randrepeat=1",
             "--output-format=terse",
         ]);
@@ -316,6 +318,8 @@ async fn a_loop_volume_keeps_fio_verified_data_through_detach_restart_and_readop
             "--direct=1",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // No `*-verify.state` file in the working directory (the repository's, under cargo).
+            "--verify_state_save=0",
             "--output-format=terse",
         ])
         .stdout(std::process::Stdio::piped())
