@@ -26,6 +26,7 @@ pub mod fsutil;
 pub mod guard;
 pub mod http;
 pub mod imagefmt;
+pub mod messages;
 pub mod model;
 pub mod node;
 pub mod os;
