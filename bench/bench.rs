@@ -43,6 +43,11 @@ use clap::{Parser, ValueEnum};
 use sha2::{Digest, Sha512};
 use tokio::process::Command;
 
+use kit::{alive, engines_under, have_tool, is_root, try_free_port};
+
+#[path = "../tests/kit/host.rs"]
+mod kit;
+
 mod control;
 mod create_downloading;
 mod engines;
@@ -319,7 +324,7 @@ async fn main() -> ExitCode {
             // The run future is dropped by now: its guards killed bicsi, unmounted and swept
             // what they own. Sweep the whole work dir once more for anything in between.
             if let Ok(work) = work.canonicalize() {
-                report_leftovers("after the interruption", &sweep(&work));
+                report_leftovers("after the interruption", &kit::sweep(&work, SWEEP_GRACE));
             }
             Err(format!("stopped by {what}").into())
         }
@@ -452,7 +457,7 @@ async fn run(args: Args) -> Res<bool> {
     for p in paths {
         let result = run_path(p, &bench, &mut checks).await;
         // Whatever the path left behind (it cleans up itself; this is the last resort).
-        report_leftovers("after the path", &sweep(&bench.work));
+        report_leftovers("after the path", &kit::sweep(&bench.work, SWEEP_GRACE));
         rows.extend(result?);
         println!();
     }
@@ -942,7 +947,7 @@ async fn sync_ext4(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
 
 async fn sync_xfs(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     let label = SameNode::XfsReflink.label();
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root() {
         println!("{label}: skipped: needs root");
         return Ok(vec![]);
     }
@@ -1213,7 +1218,7 @@ struct ClusterNode {
 
 impl Cluster {
     async fn start(b: &Bench, dir: &Path) -> Res<Cluster> {
-        let (http_port, cluster_port) = (free_port()?, free_port()?);
+        let (http_port, cluster_port) = (try_free_port()?, try_free_port()?);
         let csi = format!("unix://{}", dir.join("controller.sock").display());
         let s = |v: &str| v.to_string();
         let controller = Daemon::spawn(
@@ -1236,7 +1241,7 @@ impl Cluster {
             let ndir = dir.join(id);
             let disk = ndir.join("disk");
             std::fs::create_dir_all(&disk)?;
-            let node_http = free_port()?;
+            let node_http = try_free_port()?;
             let args = vec![
                 s("node"),
                 s("--node-id"),
@@ -1250,11 +1255,11 @@ impl Cluster {
                 s("--controller"),
                 format!("http://127.0.0.1:{cluster_port}"),
                 s("--agent-listen"),
-                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", try_free_port()?),
                 s("--http-listen"),
                 format!("127.0.0.1:{node_http}"),
                 s("--nbd-listen"),
-                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", try_free_port()?),
             ];
             let daemon = Daemon::spawn(&b.bicsi, &args, ndir.join("node.log"))?;
             nodes.push(ClusterNode {
@@ -1571,7 +1576,7 @@ fn attach_unit(size: u64) -> u64 {
 /// ControllerPublish + NodeStage (block) + NodePublish, for a 1x and a 4x image on one
 /// `bicsi serve`; detach (untimed) after each. O(1) in the image size: the ratio 4x/1x.
 async fn attach(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root() {
         println!("attach: skipped: needs root (loop devices, FUSE, mounts)");
         return Ok(vec![]);
     }
@@ -1701,7 +1706,7 @@ async fn attach_runs(
                 let dir = dir.to_path_buf();
                 move || {
                     let started = Instant::now();
-                    while qsd_under(&dir).into_iter().any(alive)
+                    while engines_under(&dir).into_iter().any(alive)
                         && started.elapsed() < Duration::from_secs(15)
                     {
                         std::thread::sleep(Duration::from_millis(20));
@@ -2142,11 +2147,6 @@ async fn fs_type(dir: &Path) -> String {
     }
 }
 
-fn have_tool(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-}
-
 /// An XFS filesystem with reflink in a sparse file, on a loop device, mounted at `mnt`; dropping
 /// it unmounts, detaches the loop device and removes the file.
 struct LoopMount {
@@ -2179,7 +2179,10 @@ impl LoopMount {
 impl Drop for LoopMount {
     fn drop(&mut self) {
         if self.mounted {
-            report_leftovers(&format!("under {}", self.mnt.display()), &sweep(&self.mnt));
+            report_leftovers(
+                &format!("under {}", self.mnt.display()),
+                &kit::sweep(&self.mnt, SWEEP_GRACE),
+            );
             let mut unmounted = false;
             for _ in 0..10 {
                 let st = std::process::Command::new("umount").arg(&self.mnt).status();
@@ -2207,13 +2210,19 @@ impl Drop for LoopMount {
     }
 }
 
-/// Sweeps `dir` (see [`sweep`]) and removes it when dropped: every run's guard, so a failure or
+/// How long the qemu-storage-daemons a sweep stops get to exit on SIGTERM before SIGKILL.
+const SWEEP_GRACE: Duration = Duration::from_secs(5);
+
+/// Sweeps `dir` (see [`kit::sweep`]) and removes it when dropped: every run's guard, so a failure or
 /// an early return leaves nothing mounted or running.
 struct SweepOnDrop(PathBuf);
 
 impl Drop for SweepOnDrop {
     fn drop(&mut self) {
-        report_leftovers(&format!("of {}", self.0.display()), &sweep(&self.0));
+        report_leftovers(
+            &format!("of {}", self.0.display()),
+            &kit::sweep(&self.0, SWEEP_GRACE),
+        );
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -2222,149 +2231,6 @@ fn report_leftovers(context: &str, done: &[String]) {
     if !done.is_empty() {
         println!("  cleanup {context}: {}", done.join("; "));
     }
-}
-
-/// Removes what bicsi may leave under `dir` after a failure (bind mounts, FUSE exports, loop
-/// devices, qemu-storage-daemon processes, which are daemonized and outlive bicsi): unmounts
-/// everything mounted below `dir` (deepest first), detaches loop devices backed by files below
-/// it, stops (SIGTERM, then SIGKILL after 5 s) the qemu-storage-daemons whose command line
-/// names it, and unmounts again (a FUSE export left by its daemon). Returns what it did.
-fn sweep(dir: &Path) -> Vec<String> {
-    let mut done = Vec::new();
-    let umount = |m: &Path, done: &mut Vec<String>| {
-        let ok = std::process::Command::new("umount")
-            .arg(m)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            done.push(format!("unmounted {}", m.display()));
-        } else {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(m)
-                .status();
-            done.push(format!("unmounted {} lazily", m.display()));
-        }
-    };
-    for m in mounts_under(dir) {
-        umount(&m, &mut done);
-    }
-    for l in loops_under(dir) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &l])
-            .status();
-        done.push(format!("detached {l}"));
-    }
-    let pids = qsd_under(dir);
-    for &pid in &pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        done.push(format!("stopped qemu-storage-daemon {pid}"));
-    }
-    let started = Instant::now();
-    while pids.iter().any(|&p| alive(p)) && started.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for &pid in &pids {
-        if alive(pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    for m in mounts_under(dir) {
-        umount(&m, &mut done);
-    }
-    done
-}
-
-/// Whether `pid` runs (exists and is not a zombie: a daemonized process's parent may be an init
-/// that does not reap).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
-}
-
-/// Mount points strictly below `dir`, deepest first (/proc/self/mountinfo, escapes decoded).
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mount(p)))
-        .filter(|p| p != dir && p.starts_with(dir))
-        .collect();
-    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    out.dedup();
-    out
-}
-
-/// Decodes the `\ooo` octal escapes of /proc/self/mountinfo.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Loop devices whose backing file is below `dir`.
-fn loops_under(dir: &Path) -> Vec<String> {
-    let Ok(out) = std::process::Command::new("losetup")
-        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
-        .output()
-    else {
-        return vec![];
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (name, back) = l.trim().split_once(char::is_whitespace)?;
-            let back = back.trim();
-            let back = back.strip_suffix(" (deleted)").unwrap_or(back);
-            Path::new(back).starts_with(dir).then(|| name.to_string())
-        })
-        .collect()
-}
-
-/// Live qemu-storage-daemon processes whose command line names a path below `dir`.
-fn qsd_under(dir: &Path) -> Vec<i32> {
-    let needle = dir.display().to_string();
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let mut args = cmdline.split(|&c| c == 0).map(String::from_utf8_lossy);
-        let is_qsd = args
-            .next()
-            .is_some_and(|a0| a0.rsplit('/').next() == Some("qemu-storage-daemon"));
-        if is_qsd && args.any(|a| a.contains(&needle)) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2464,7 +2330,7 @@ impl Serve {
         disks: &[PathBuf],
         http: &reqwest::Client,
     ) -> Res<Serve> {
-        let port = free_port()?;
+        let port = try_free_port()?;
         let api = format!("http://127.0.0.1:{port}");
         let log = dir.join("serve.log");
         let csi = format!("unix://{}", dir.join("csi.sock").display());
@@ -2523,13 +2389,6 @@ impl Serve {
     async fn stop(self) -> Res<String> {
         Ok(self.daemon.stop().await)
     }
-}
-
-/// A free port on 127.0.0.1: bound, read and released (the window for another taker is tiny).
-fn free_port() -> Res<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 async fn api_get(http: &reqwest::Client, base: &str, path: &str) -> Res<serde_json::Value> {

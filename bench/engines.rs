@@ -331,7 +331,7 @@ async fn detach(dev: &str) {
 }
 
 fn check_root(path: &str) -> bool {
-    if nix::unistd::geteuid().is_root() && have_tool("fio") {
+    if is_root() && have_tool("fio") {
         return true;
     }
     println!("{path}: skipped: needs root (loop devices, FUSE, mounts) and fio (Debian fio)");
@@ -421,7 +421,7 @@ async fn fuse_runs(b: &Bench, checks: &mut Checks, serve: &Serve, dir: &Path, le
     ];
     let result = measure(b, &sides, len).await;
     detach(&sides[0].dev).await;
-    let peak = qsd_under(dir)
+    let peak = engines_under(dir)
         .into_iter()
         .filter_map(|pid| u32::try_from(pid).ok().and_then(vm_hwm))
         .max();

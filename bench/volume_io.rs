@@ -56,7 +56,7 @@ const NO_NBD: &str = "; bound: every request is a round trip through the daemon'
                       kernel NBD client";
 
 pub(crate) async fn volume_io(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root() {
         println!("volume-io: skipped: needs root (loop devices, FUSE, mounts)");
         return Ok(vec![]);
     }
@@ -160,7 +160,7 @@ async fn io_runs(
     let result = io_sides(b, checks, &target, Path::new(&loopdev), len, fio).await;
     let _ = capture("losetup", &["-d", &loopdev]).await;
     let _ = std::fs::remove_file(&raw);
-    let peak = qsd_under(dir)
+    let peak = engines_under(dir)
         .into_iter()
         .filter_map(|pid| u32::try_from(pid).ok().and_then(vm_hwm))
         .max();

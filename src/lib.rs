@@ -40,3 +40,9 @@ pub mod snapshot;
 pub mod storageclass;
 pub mod store;
 pub mod sync;
+
+// The test kit's machine side (root, tools, ports, sweeping mounts, loops and engines), shared
+// with the integration tests and the benchmark; see tests/kit/mod.rs.
+#[cfg(test)]
+#[path = "../tests/kit/host.rs"]
+mod kit;

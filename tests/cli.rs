@@ -2,6 +2,9 @@
 //! `bicsi serve`, as a person without Kubernetes uses them: the real binary, its exit status and
 //! what it prints.
 
+#[path = "kit/mod.rs"]
+mod kit;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -9,12 +12,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kit::{Proc, cleanup_under, csi_endpoint, root_or_skip, serve_args, temp_dir};
+
 struct Served {
     dir: tempfile::TempDir,
     endpoint: String,
     /// The HTTP API, `http://127.0.0.1:PORT`.
     http: String,
-    child: Child,
+    proc: Proc,
 }
 
 impl Served {
@@ -24,56 +29,41 @@ impl Served {
 
     /// A `bicsi serve` with extra flags (`--disk` …, paths relative to its directory).
     fn start_with(extra: &[&str]) -> Served {
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-cli-")
-            .tempdir()
-            .unwrap();
-        let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
-        let log = std::fs::File::create(dir.path().join("bicsi.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bicsi"))
-            .args([
-                "serve",
-                "--node-id",
-                "cli-node",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--csi-endpoint")
-            .arg(&endpoint)
-            .args(extra.iter().map(|a| {
-                if a.starts_with("--") {
-                    std::ffi::OsString::from(a)
-                } else {
-                    dir.path().join(a).into_os_string()
-                }
-            }))
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut s = Served {
-            dir,
-            endpoint,
-            http: String::new(),
-            child,
-        };
+        let dir = temp_dir("bicsi-cli-");
+        let endpoint = csi_endpoint(dir.path());
+        let mut args = serve_args(dir.path(), "cli-node", "127.0.0.1:0");
+        args.extend(extra.iter().map(|a| {
+            if a.starts_with("--") {
+                a.to_string()
+            } else {
+                dir.path().join(a).display().to_string()
+            }
+        }));
+        let mut proc = Proc::spawn(args, dir.path().join("bicsi.log"));
         // The HTTP port is the one the OS chose: read it from the "bicsi serving" log line.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = std::fs::read_to_string(s.dir.path().join("bicsi.log")).unwrap_or_default();
-            if let Some(addr) = log
+        let mut http = String::new();
+        let socket = dir.path().join("csi.sock");
+        proc.wait_ready_blocking("bicsi", || {
+            let addr = std::fs::read_to_string(dir.path().join("bicsi.log"))
+                .unwrap_or_default()
                 .lines()
                 .filter(|l| l.contains("bicsi serving"))
                 .find_map(|l| l.split(" http=").nth(1))
                 .and_then(|rest| rest.split_whitespace().next())
-                && s.dir.path().join("csi.sock").exists()
-            {
-                s.http = format!("http://{addr}");
-                return s;
+                .map(str::to_string);
+            match addr {
+                Some(addr) if socket.exists() => {
+                    http = format!("http://{addr}");
+                    true
+                }
+                _ => false,
             }
-            assert!(Instant::now() < deadline, "bicsi did not start: {log}");
-            std::thread::sleep(Duration::from_millis(50));
+        });
+        Served {
+            dir,
+            endpoint,
+            http,
+            proc,
         }
     }
 
@@ -144,59 +134,11 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill9();
         // Leave nothing running, mounted or attached if a test failed half-way: the engines
         // serving this test's volumes outlive a killed serve (they are daemons on purpose).
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<&str> = mi
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| Path::new(m).starts_with(self.dir.path()))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
-        let dir = self.dir.path().display().to_string();
-        if let Ok(out) = Command::new("losetup")
-            .args(["-n", "-l", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some((dev, back)) = line.split_once(' ')
-                    && back.trim().starts_with(&dir)
-                {
-                    let _ = Command::new("losetup").args(["-d", dev]).status();
-                }
-            }
-        }
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("qemu-storage-daemon") && cmdline.contains(&dir) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        cleanup_under(self.dir.path());
     }
-}
-
-fn is_root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CLI attach tests need root and CI must not skip them"
-    );
-    eprintln!("SKIP: attaching needs root (loop devices, FUSE, mounts)");
-    false
 }
 
 #[test]
@@ -253,7 +195,7 @@ fn create_list_and_delete_without_attaching() {
 
 #[test]
 fn attach_mount_and_block_then_detach() {
-    if !is_root() {
+    if !root_or_skip("attach_mount_and_block_then_detach") {
         return;
     }
     let s = Served::start();
@@ -311,7 +253,7 @@ fn attach_mount_and_block_then_detach() {
 /// can be deleted at once; the error printed is the node's.
 #[test]
 fn a_failed_attach_undoes_itself() {
-    if !is_root() {
+    if !root_or_skip("a_failed_attach_undoes_itself") {
         return;
     }
     let s = Served::start();
@@ -364,7 +306,7 @@ fn a_failed_attach_undoes_itself() {
 #[test]
 fn block_writes_without_fsync_survive_detach() {
     use sha2::{Digest, Sha512};
-    if !is_root() {
+    if !root_or_skip("block_writes_without_fsync_survive_detach") {
         return;
     }
     let s = Served::start();
@@ -888,7 +830,7 @@ fn volume_expand_grows_a_detached_volume() {
 
 #[test]
 fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
-    if !is_root() {
+    if !root_or_skip("attach_at_a_second_path_is_refused_and_detach_undoes_attach") {
         return;
     }
     let s = Served::start();
@@ -1053,7 +995,7 @@ fn timeout_gives_up_waiting_and_no_wait_does_not_wait() {
 
 #[test]
 fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
-    if !is_root() {
+    if !root_or_skip("attach_waits_while_the_image_is_copied_to_a_second_disk") {
         return;
     }
     let s = Served::start_with(&["--disk", "d1", "--disk", "d2"]);

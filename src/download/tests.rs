@@ -673,8 +673,7 @@ async fn secrets_in_the_url_stay_out_of_errors() {
 
 #[tokio::test]
 async fn disk_full_is_its_own_error_and_leaves_no_file() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("SKIP disk_full_is_its_own_error_and_leaves_no_file: needs root to mount tmpfs");
+    if !crate::kit::root_or_skip("disk_full_is_its_own_error_and_leaves_no_file") {
         return;
     }
     let fx = Fixture::new().await;

@@ -10,6 +10,8 @@ mod failures;
 mod groups;
 mod harness;
 mod images;
+#[path = "../kit/mod.rs"]
+mod kit;
 mod lifecycle;
 mod node;
 mod snapshots;
