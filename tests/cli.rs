@@ -119,6 +119,38 @@ impl Served {
             .is_some_and(|m| m.values().any(|f| f["state"] == "ready"))
     }
 
+    /// `volume create NAME --size SIZE` with one replica; answers what it printed.
+    #[track_caller]
+    fn create_one(&self, name: &str, size: &str) -> String {
+        self.ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            size,
+            "-p",
+            "numberOfReplicas=1",
+        ])
+    }
+
+    /// `volume attach NAME --mount PATH`; answers what it printed.
+    #[track_caller]
+    fn attach_mount(&self, name: &str, path: &Path) -> String {
+        self.ok(&["volume", "attach", name, "--mount", path.to_str().unwrap()])
+    }
+
+    /// `volume attach NAME --block PATH`; answers what it printed.
+    #[track_caller]
+    fn attach_block(&self, name: &str, path: &Path) -> String {
+        self.ok(&["volume", "attach", name, "--block", path.to_str().unwrap()])
+    }
+
+    /// `volume detach NAME`; answers what it printed.
+    #[track_caller]
+    fn detach(&self, name: &str) -> String {
+        self.ok(&["volume", "detach", name])
+    }
+
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
         let out = self.bicsi(args);
@@ -144,15 +176,7 @@ impl Drop for Served {
 #[test]
 fn create_list_and_delete_without_attaching() {
     let s = Served::start();
-    let out = s.ok(&[
-        "volume",
-        "create",
-        "data",
-        "--size",
-        "64Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    let out = s.create_one("data", "64Mi");
     assert!(out.contains("volume data created"), "{out}");
     assert!(out.contains("64Mi"), "{out}");
     let list = s.ok(&["get", "volumes"]);
@@ -200,50 +224,34 @@ fn attach_mount_and_block_then_detach() {
     }
     let s = Served::start();
     let mnt = s.dir.path().join("mnt");
-    s.ok(&[
-        "volume",
-        "create",
-        "web",
-        "--size",
-        "64Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
-    let out = s.ok(&["volume", "attach", "web", "--mount", mnt.to_str().unwrap()]);
+    s.create_one("web", "64Mi");
+    let out = s.attach_mount("web", &mnt);
     assert!(out.contains("attached"), "{out}");
     std::fs::write(mnt.join("index.html"), b"<h1>hi</h1>").unwrap();
     assert!(s.ok(&["get", "volumes"]).contains("cli-node"));
-    s.ok(&["volume", "detach", "web"]);
+    s.detach("web");
     assert!(!mnt.exists());
-    s.ok(&["volume", "attach", "web", "--mount", mnt.to_str().unwrap()]);
+    s.attach_mount("web", &mnt);
     assert_eq!(
         std::fs::read(mnt.join("index.html")).unwrap(),
         b"<h1>hi</h1>"
     );
-    s.ok(&["volume", "detach", "web"]);
+    s.detach("web");
 
     let dev = s.dir.path().join("raw-dev");
-    s.ok(&[
-        "volume",
-        "create",
-        "raw",
-        "--size",
-        "8Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
-    s.ok(&["volume", "attach", "raw", "--block", dev.to_str().unwrap()]);
+    s.create_one("raw", "8Mi");
+    s.attach_block("raw", &dev);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&dev)
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"block bytes"))
         .unwrap();
-    s.ok(&["volume", "detach", "raw"]);
-    s.ok(&["volume", "attach", "raw", "--block", dev.to_str().unwrap()]);
+    s.detach("raw");
+    s.attach_block("raw", &dev);
     let mut back = vec![0u8; 11];
     std::io::Read::read_exact(&mut std::fs::File::open(&dev).unwrap(), &mut back).unwrap();
     assert_eq!(&back, b"block bytes");
-    s.ok(&["volume", "detach", "raw"]);
+    s.detach("raw");
     s.ok(&["volume", "delete", "raw"]);
     s.ok(&["volume", "delete", "web"]);
 }
@@ -258,15 +266,7 @@ fn a_failed_attach_undoes_itself() {
     }
     let s = Served::start();
     let mnt = s.path("mnt");
-    s.ok(&[
-        "volume",
-        "create",
-        "small",
-        "--size",
-        "32Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("small", "32Mi");
     let err = s.fails(&[
         "volume",
         "attach",
@@ -286,17 +286,11 @@ fn a_failed_attach_undoes_itself() {
     assert!(!row.contains("cli-node"), "still attached: {row}");
     assert!(!s.path("cli-attach/small.json").exists());
     // Nothing is attached any more, so detach has nothing to do (and says so).
-    let out = s.ok(&["volume", "detach", "small"]);
+    let out = s.detach("small");
     assert!(out.contains("is not attached; nothing to detach"), "{out}");
     // Attaching it as it can be still works, and detaching it then too.
-    s.ok(&[
-        "volume",
-        "attach",
-        "small",
-        "--mount",
-        mnt.to_str().unwrap(),
-    ]);
-    s.ok(&["volume", "detach", "small"]);
+    s.attach_mount("small", &mnt);
+    s.detach("small");
     s.ok(&["volume", "delete", "small"]);
 }
 
@@ -312,24 +306,15 @@ fn block_writes_without_fsync_survive_detach() {
     let s = Served::start();
     let names: Vec<String> = (0..4).map(|i| format!("durable{i}")).collect();
     for name in &names {
-        s.ok(&[
-            "volume",
-            "create",
-            name,
-            "--size",
-            "16Mi",
-            "-p",
-            "numberOfReplicas=1",
-        ]);
+        s.create_one(name, "16Mi");
     }
     std::thread::scope(|scope| {
         for (i, name) in names.iter().enumerate() {
             let s = &s;
             scope.spawn(move || {
                 let dev = s.path(&format!("{name}-dev"));
-                let dev_str = dev.to_str().unwrap();
                 for round in 0..2u64 {
-                    s.ok(&["volume", "attach", name, "--block", dev_str]);
+                    s.attach_block(name, &dev);
                     // Odd-sized pieces at both ends and in the middle of the device.
                     let body = noise(3 << 20, 1 + i as u64 * 10 + round);
                     let mut f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
@@ -339,8 +324,8 @@ fn block_writes_without_fsync_survive_detach() {
                     }
                     drop(f);
                     let want = Sha512::digest(&body);
-                    s.ok(&["volume", "detach", name]);
-                    s.ok(&["volume", "attach", name, "--block", dev_str]);
+                    s.detach(name);
+                    s.attach_block(name, &dev);
                     let mut f = std::fs::File::open(&dev).unwrap();
                     for off in [0u64, 6 << 20, 13 << 20] {
                         let mut back = vec![0u8; body.len()];
@@ -355,7 +340,7 @@ fn block_writes_without_fsync_survive_detach() {
                         );
                     }
                     drop(f);
-                    s.ok(&["volume", "detach", name]);
+                    s.detach(name);
                 }
             });
         }
@@ -712,15 +697,7 @@ fn deleting_what_does_not_exist_says_not_found() {
 #[test]
 fn a_closed_stdout_is_a_quiet_exit() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "piped",
-        "--size",
-        "8Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("piped", "8Mi");
     for args in [
         &["get", "volumes", "-o", "json"][..],
         &["get", "settings", "-o", "json"],
@@ -745,15 +722,7 @@ fn a_closed_stdout_is_a_quiet_exit() {
 #[test]
 fn get_volume_and_lists_in_json_and_yaml() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "one",
-        "--size",
-        "16Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("one", "16Mi");
     let table = s.ok(&["get", "volumes"]);
     let header = table.lines().next().unwrap();
     for col in [
@@ -808,15 +777,7 @@ fn get_volume_and_lists_in_json_and_yaml() {
 #[test]
 fn volume_expand_grows_a_detached_volume() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "grow",
-        "--size",
-        "16Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("grow", "16Mi");
     let out = s.ok(&["volume", "expand", "grow", "--size", "32Mi"]);
     assert!(out.contains("volume grow expanded to 32Mi"), "{out}");
     let v: serde_json::Value =
@@ -835,18 +796,10 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
     }
     let s = Served::start();
     let (a, b) = (s.path("mnt-a"), s.path("mnt-b"));
-    s.ok(&[
-        "volume",
-        "create",
-        "twice",
-        "--size",
-        "32Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.create_one("twice", "32Mi");
+    s.attach_mount("twice", &a);
     // Attaching again at the same path is fine (idempotent).
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     let err = s.fails(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
     assert!(
         err.contains(&format!("attached at {}", a.display())),
@@ -855,15 +808,15 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
     assert!(!b.exists());
     let row = s.ok(&["get", "volume", "twice"]);
     assert!(row.contains(&format!("cli-node:{}", a.display())), "{row}");
-    s.ok(&["volume", "detach", "twice"]);
+    s.detach("twice");
     assert!(!a.exists());
-    s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
-    s.ok(&["volume", "detach", "twice"]);
+    s.attach_mount("twice", &b);
+    s.detach("twice");
     assert!(!b.exists());
 
     // What an older bicsi left: a second attach replaced the record of the first path, which
     // stayed mounted. Detach now undoes both.
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     let record = s.path("cli-attach/twice.json");
     let text = std::fs::read_to_string(&record).unwrap();
     std::fs::write(
@@ -871,7 +824,7 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
         text.replace(a.to_str().unwrap(), b.to_str().unwrap()),
     )
     .unwrap();
-    s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
+    s.attach_mount("twice", &b);
     assert!(is_mounted(&a) && is_mounted(&b));
     let out = s.bicsi(&["volume", "detach", "twice"]);
     assert!(
@@ -887,30 +840,22 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
         let st = nix::sys::statvfs::statvfs(p).unwrap();
         st.blocks() as u64 * st.fragment_size() as u64
     };
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     let before = total(&a);
     let err = s.fails(&["volume", "expand", "twice", "--size", "64Mi"]);
     assert!(err.contains("detach it"), "{err}");
-    s.ok(&["volume", "detach", "twice"]);
+    s.detach("twice");
     s.ok(&["volume", "expand", "twice", "--size", "64Mi"]);
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     assert!(total(&a) > before + (16 << 20), "{before} → {}", total(&a));
-    s.ok(&["volume", "detach", "twice"]);
+    s.detach("twice");
     s.ok(&["volume", "delete", "twice"]);
 }
 
 #[test]
 fn snapshot_create_waits_until_ready_to_use() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "src",
-        "--size",
-        "16Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("src", "16Mi");
     let out = s.ok(&[
         "snapshot",
         "create",
@@ -1029,7 +974,7 @@ fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
     assert!(back == data, "the volume does not read as its image");
     let row = s.ok(&["get", "volume", "two"]);
     assert!(row.contains(" 2/2 "), "{row}");
-    s.ok(&["volume", "detach", "two"]);
+    s.detach("two");
     s.ok(&["volume", "delete", "two"]);
 }
 

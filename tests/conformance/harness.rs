@@ -35,6 +35,17 @@ impl Bicsi {
         Bicsi::start_with(n_disks, &[]).await
     }
 
+    /// For a test that needs root: bicsi with `n_disks` disk directories and a client, or None
+    /// (the test skips, see [`root_or_skip`]) when not root.
+    pub async fn start_as_root(test: &str, n_disks: usize) -> Option<(Bicsi, CsiClient)> {
+        if !root_or_skip(test) {
+            return None;
+        }
+        let b = Bicsi::start(n_disks).await;
+        let c = b.client().await;
+        Some((b, c))
+    }
+
     /// Starts bicsi with `n_disks` disk directories and extra `bicsi serve` flags.
     pub async fn start_with(n_disks: usize, args: &[&str]) -> Bicsi {
         Bicsi::start_with_env(n_disks, args, &[]).await
@@ -163,6 +174,62 @@ pub async fn unpublish_and_delete(c: &mut CsiClient, volume: &str) {
         })
         .await
         .unwrap_or_else(|e| panic!("delete {volume}: {e}"));
+}
+
+// ---- what the services advertise ------------------------------------------------------------
+
+/// What a GetCapabilities call (`$call`, not yet awaited) advertises: the type of each of its
+/// capabilities of the variant `$variant`.
+macro_rules! advertised {
+    ($call:expr, $($variant:ident)::+) => {
+        $call
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities
+            .into_iter()
+            .filter_map(|cap| match cap.r#type {
+                Some($($variant)::+(x)) => Some(x.r#type),
+                _ => None,
+            })
+            .collect()
+    };
+}
+
+/// The services GetPluginCapabilities advertises.
+pub async fn plugin_services(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.identity
+            .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {}),
+        pb::plugin_capability::Type::Service
+    )
+}
+
+/// The RPCs ControllerGetCapabilities advertises.
+pub async fn controller_rpcs(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.controller
+            .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {}),
+        pb::controller_service_capability::Type::Rpc
+    )
+}
+
+/// The RPCs NodeGetCapabilities advertises.
+pub async fn node_rpcs(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.node
+            .node_get_capabilities(pb::NodeGetCapabilitiesRequest {}),
+        pb::node_service_capability::Type::Rpc
+    )
+}
+
+/// The RPCs GroupControllerGetCapabilities advertises.
+pub async fn group_rpcs(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.group
+            .group_controller_get_capabilities(pb::GroupControllerGetCapabilitiesRequest {}),
+        pb::group_controller_service_capability::Type::Rpc
+    )
 }
 
 // ---- request builders -------------------------------------------------------------------------
