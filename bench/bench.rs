@@ -43,6 +43,7 @@ use clap::{Parser, ValueEnum};
 use sha2::{Digest, Sha512};
 use tokio::process::Command;
 
+use fio::FioJob;
 use kit::{alive, engines_under, have_tool, is_root, try_free_port};
 
 #[path = "../tests/kit/host.rs"]
@@ -51,6 +52,7 @@ mod kit;
 mod control;
 mod create_downloading;
 mod engines;
+mod fio;
 mod volume_io;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;

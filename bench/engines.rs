@@ -92,21 +92,17 @@ impl Job {
 /// Seconds each fio job runs (time-based, so a slow candidate costs no more than a fast one).
 const JOB_SECS: u64 = 5;
 
-/// The fio command of one job (without --filename), as printed with the results.
-fn fio_args(job: &Job, len: u64, secs: u64) -> Vec<String> {
-    vec![
-        "--name=bench".into(),
-        format!("--rw={}", job.rw),
-        format!("--bs={}", job.bs),
-        format!("--iodepth={}", job.qd),
-        "--direct=1".into(),
-        "--ioengine=libaio".into(),
-        format!("--size={len}"),
-        format!("--runtime={secs}"),
-        "--time_based".into(),
-        "--randrepeat=1".into(),
-        "--output-format=json".into(),
-    ]
+impl Job {
+    /// The fio job over `len` bytes for `secs` seconds.
+    fn fio(&self, len: u64, secs: u64) -> FioJob<'static> {
+        FioJob {
+            rw: self.rw,
+            bs: self.bs,
+            iodepth: self.qd,
+            size: len,
+            runtime: Some(secs),
+        }
+    }
 }
 
 /// A block device under test.
@@ -124,25 +120,11 @@ type Results = Vec<Vec<Vec<(f64, f64)>>>;
 
 /// One fio job on `dev`: (IOPS, bytes/s).
 async fn run_fio(dev: &str, job: &Job, len: u64, secs: u64) -> Res<(f64, f64)> {
-    let mut args = fio_args(job, len, secs);
-    args.push(format!("--filename={dev}"));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = capture_checked("fio", &argv).await?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("fio printed no JSON ({e}): {out}"))?;
-    let side = if job.rw.contains("read") {
-        "read"
-    } else {
-        "write"
-    };
-    let iops = v["jobs"][0][side]["iops"]
-        .as_f64()
-        .ok_or_else(|| format!("fio's JSON has no jobs[0].{side}.iops: {out}"))?;
-    let bw = v["jobs"][0][side]["bw_bytes"].as_f64().unwrap_or(0.0);
-    if iops <= 0.0 {
+    let out = job.fio(len, secs).run(dev).await?;
+    if out.iops <= 0.0 {
         return Err(format!("fio {} on {dev} did no I/O", job.name()).into());
     }
-    Ok((iops, bw))
+    Ok((out.iops, out.bw_bytes))
 }
 
 /// Writes a pattern through `dev` with direct I/O (a mix of 4k, 64k and 1M blocks over its last
@@ -296,7 +278,9 @@ fn print_results(title: &str, sides: &[Side], res: &Results, len: u64, runs: usi
         };
         println!("- {}: {}{v}", s.label, s.about);
     }
-    let args = fio_args(&JOBS[0], len, secs)
+    let args = JOBS[0]
+        .fio(len, secs)
+        .args()
         .into_iter()
         .filter(|a| !a.starts_with("--rw") && !a.starts_with("--bs") && !a.starts_with("--iodepth"))
         .collect::<Vec<_>>()

@@ -235,43 +235,25 @@ async fn io_sides(
 
 /// One fio job on `dev`; returns fio's own runtime of the job.
 async fn run_fio(dev: &Path, job: &Job, len: u64) -> Res<Duration> {
-    let out = capture_checked(
-        "fio",
-        &[
-            "--name=bench",
-            &format!("--filename={}", dev.display()),
-            &format!("--rw={}", job.rw),
-            &format!("--bs={}", job.bs),
-            &format!("--size={}", len / job.share),
-            "--direct=1",
-            "--ioengine=libaio",
-            "--iodepth=16",
-            "--randrepeat=1",
-            "--output-format=json",
-        ],
-    )
-    .await?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("fio printed no JSON ({e}): {out}"))?;
-    let side = if job.rw.contains("read") {
-        "read"
-    } else {
-        "write"
+    let size = len / job.share;
+    let fio = FioJob {
+        rw: job.rw,
+        bs: job.bs,
+        iodepth: 16,
+        size,
+        runtime: None,
     };
-    let ms = v["jobs"][0][side]["runtime"]
-        .as_u64()
-        .ok_or_else(|| format!("fio's JSON has no jobs[0].{side}.runtime: {out}"))?;
-    let bytes = v["jobs"][0][side]["io_bytes"].as_u64().unwrap_or(0);
-    if bytes != len / job.share {
+    let out = fio.run(&dev.display().to_string()).await?;
+    if out.io_bytes != size {
         return Err(format!(
-            "fio {} on {} moved {bytes} bytes, not {}",
+            "fio {} on {} moved {} bytes, not {size}",
             job.name,
             dev.display(),
-            len / job.share
+            out.io_bytes
         )
         .into());
     }
-    Ok(Duration::from_millis(ms.max(1)))
+    Ok(Duration::from_millis(out.runtime_ms.max(1)))
 }
 
 /// The sequential jobs with dd (direct I/O), timed from outside.
