@@ -3,6 +3,20 @@
 
 use super::*;
 
+/// A BackingImage that downloads `url` with its SHA-512, as the HTTP API takes it.
+pub(crate) fn download_image(name: &str, url: &str, sha512: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "longhorn.io/v1beta2",
+        "kind": "BackingImage",
+        "metadata": { "name": name },
+        "spec": {
+            "sourceType": "download",
+            "sourceParameters": { "url": url },
+            "checksum": sha512,
+        },
+    })
+}
+
 /// POSTs a download BackingImage of `url` with its checksum and waits until a file of it is
 /// ready on some disk; returns the object.
 pub(crate) async fn create_image(
@@ -13,16 +27,7 @@ pub(crate) async fn create_image(
     sha512: &str,
     len: u64,
 ) -> Res<serde_json::Value> {
-    let body = serde_json::json!({
-        "apiVersion": "longhorn.io/v1beta2",
-        "kind": "BackingImage",
-        "metadata": { "name": name },
-        "spec": {
-            "sourceType": "download",
-            "sourceParameters": { "url": url },
-            "checksum": sha512,
-        },
-    });
+    let body = download_image(name, url, sha512);
     let resp = http
         .post(format!("{api}/v1/backingimages"))
         .json(&body)
@@ -109,20 +114,75 @@ pub(crate) async fn create_volume(
         ("backingImage".to_string(), image.to_string()),
         ("numberOfReplicas".to_string(), replicas.to_string()),
     ]);
-    let v = c
-        .controller
-        .create_volume(pb::CreateVolumeRequest {
-            name: name.into(),
-            volume_capabilities: vec![cap.clone()],
-            parameters,
-            ..Default::default()
-        })
+    let req = pb::CreateVolumeRequest {
+        name: name.into(),
+        volume_capabilities: vec![cap.clone()],
+        parameters,
+        ..Default::default()
+    };
+    Ok(create(c, req, "CreateVolume").await?.volume_id)
+}
+
+/// CreateVolume of `req`; an error names the call as `what`.
+pub(crate) async fn create(
+    c: &mut CsiClient,
+    req: pb::CreateVolumeRequest,
+    what: &str,
+) -> Res<pb::Volume> {
+    Ok(c.controller
+        .create_volume(req)
         .await
-        .map_err(|s| rpc_err("CreateVolume", s))?
+        .map_err(|s| rpc_err(what, s))?
         .into_inner()
         .volume
-        .ok_or("CreateVolume answered no volume")?;
-    Ok(v.volume_id)
+        .ok_or("CreateVolume answered no volume")?)
+}
+
+/// A new empty volume `name` of `len` bytes with one replica, as a block capability asks.
+pub(crate) fn one_replica_block(name: &str, len: u64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: len as i64,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![block_capability()],
+        parameters: HashMap::from([("numberOfReplicas".to_string(), "1".to_string())]),
+        ..Default::default()
+    }
+}
+
+/// A volume published as a block device at `target` (staged at `staging`), paths as strings.
+pub(crate) struct BlockVolume {
+    pub(crate) id: String,
+    pub(crate) staging: String,
+    pub(crate) target: String,
+}
+
+/// Creates a new empty block volume `name` of `len` bytes with one replica and publishes it
+/// (ControllerPublish until ready, NodeStage, NodePublish) under `dir` (`staging`, `target`).
+pub(crate) async fn publish_block_volume(
+    csi: &mut CsiClient,
+    name: &str,
+    len: u64,
+    dir: &Path,
+) -> Res<BlockVolume> {
+    let cap = block_capability();
+    let id = create(csi, one_replica_block(name, len), "CreateVolume")
+        .await?
+        .volume_id;
+    let p = publish_until_ready(csi, &id, "bench", &cap, Duration::from_secs(60)).await?;
+    let staging = dir.join("staging");
+    std::fs::create_dir_all(&staging)?;
+    let staging = staging.display().to_string();
+    let target = dir.join("target").display().to_string();
+    node_stage(csi, &id, &p, &staging, &cap).await?;
+    node_publish(csi, &id, &p, &staging, &target, &cap).await?;
+    Ok(BlockVolume {
+        id,
+        staging,
+        target,
+    })
 }
 
 pub(crate) struct Published {

@@ -34,10 +34,7 @@ pub(crate) async fn attach(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     let guard = SweepOnDrop(dir.clone());
     let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
     let result = attach_runs(b, checks, &serve, &dir, sizes).await;
-    let log = serve.stop().await.unwrap_or_default();
-    if result.is_err() {
-        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
-    }
+    let result = serve.stop_after(result).await;
     drop(guard);
     let (stats, peak, hwm_reset) = result?;
     let [s1, s4] = stats;

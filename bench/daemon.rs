@@ -161,6 +161,16 @@ impl Serve {
     pub(crate) async fn stop(self) -> Res<String> {
         Ok(self.daemon.stop().await)
     }
+
+    /// Stops bicsi after a path's work ended with `result`, showing the last lines of its log
+    /// when the work failed; returns `result`.
+    pub(crate) async fn stop_after<T>(self, result: Res<T>) -> Res<T> {
+        let log = self.stop().await.unwrap_or_default();
+        if result.is_err() {
+            eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
+        }
+        result
+    }
 }
 
 pub(crate) async fn api_get(

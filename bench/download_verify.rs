@@ -166,16 +166,7 @@ pub(crate) async fn bicsi_download(b: &Bench, run: usize) -> Res<BicsiRun> {
             kib_field(&st, "RssFile:").unwrap_or(0),
         );
         sync().await;
-        let body = serde_json::json!({
-            "apiVersion": "longhorn.io/v1beta2",
-            "kind": "BackingImage",
-            "metadata": { "name": name },
-            "spec": {
-                "sourceType": "download",
-                "sourceParameters": { "url": b.url },
-                "checksum": b.source.sha512,
-            },
-        });
+        let body = download_image(&name, &b.url, &b.source.sha512);
         let started = Instant::now();
         let resp = b
             .http
@@ -289,30 +280,9 @@ pub(crate) fn download_secs(log: &str) -> Option<f64> {
 pub(crate) async fn reference(b: &Bench, script: &str) -> Res<(Duration, String)> {
     let file = b.work.join("reference.out");
     sync().await;
-    let started = Instant::now();
-    let out = child_command("bash")
-        .arg("-c")
-        .arg(format!("set -o pipefail; {script}"))
-        .arg("reference")
-        .arg(&file)
-        .arg(&b.url)
-        .stdin(Stdio::null())
-        .output()
-        .await?;
-    let elapsed = started.elapsed();
+    let out = run_script_output(script, &[file.as_os_str(), b.url.as_ref()]).await;
     let _ = std::fs::remove_file(&file);
-    if !out.status.success() {
-        return Err(format!(
-            "reference `{script}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    let sha = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let (elapsed, stdout) = out?;
+    let sha = stdout.split_whitespace().next().unwrap_or("").to_string();
     Ok((elapsed, sha))
 }

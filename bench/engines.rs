@@ -123,6 +123,18 @@ struct Side {
     verified: Option<Result<(), String>>,
 }
 
+/// A candidate's device (`shown` as printed), its pattern verified (see [`verify`]) and said.
+async fn verified_side(label: &str, dev: String, shown: String, about: String, len: u64) -> Side {
+    let verified = verify(&dev, len).await;
+    println!("  {label}: {shown}; verify: {verified:?}");
+    Side {
+        label: label.into(),
+        dev,
+        about,
+        verified: Some(verified),
+    }
+}
+
 /// Per side, per job: each run's (IOPS, bytes/s).
 type Results = Vec<Vec<Vec<(f64, f64)>>>;
 

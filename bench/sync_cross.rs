@@ -151,27 +151,18 @@ pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -
         fmt_bytes(src.allocated),
         POLL.as_millis()
     );
-    let mut bicsi = Stats::default();
-    let mut reference = Stats::default();
-    let mut peak: Option<u64> = None;
+    let mut totals = SyncTotals::new();
     let mut wire: Vec<(u64, u64)> = Vec::new();
-    let mut hwm_reset = true;
     for run in 0..b.runs {
         let dir = b.work.join(format!("cross-{run}"));
-        std::fs::create_dir_all(&dir)?;
-        let guard = SweepOnDrop(dir.clone());
-        let r = cross_run(b, checks, &dir, run, src, manifest).await;
-        drop(guard);
-        let r = r?;
-        bicsi.push(r.bicsi);
-        reference.push(r.reference);
-        peak = peak.max(r.vm_hwm);
-        hwm_reset &= r.hwm_reset;
+        let r = in_swept_dir(&dir, cross_run(b, checks, &dir, run, src, manifest)).await?;
+        totals.add(&r);
         if let (Some(w), Some(a)) = (r.wire, r.data) {
             wire.push((w + r.manifest.unwrap_or(0), a));
         }
         println!("  run {}: {}", run + 1, r.notes.join("\n         "));
     }
+    let (bicsi, reference, peak, hwm_reset) = totals.into_parts();
     let wire_note = match wire.last() {
         Some(&(w, _)) => {
             let over = w as f64 / src.allocated as f64 - 1.0;

@@ -116,6 +116,38 @@ pub(crate) struct SyncRun {
     pub(crate) notes: Vec<String>,
 }
 
+/// What the runs of a sync path add up to.
+pub(crate) struct SyncTotals {
+    pub(crate) bicsi: Stats,
+    pub(crate) reference: Stats,
+    pub(crate) peak: Option<u64>,
+    /// Whether VmHWM was reset before every run's publish.
+    pub(crate) hwm_reset: bool,
+}
+
+impl SyncTotals {
+    pub(crate) fn new() -> SyncTotals {
+        SyncTotals {
+            bicsi: Stats::default(),
+            reference: Stats::default(),
+            peak: None,
+            hwm_reset: true,
+        }
+    }
+
+    pub(crate) fn add(&mut self, r: &SyncRun) {
+        self.bicsi.push(r.bicsi);
+        self.reference.push(r.reference);
+        self.peak = self.peak.max(r.vm_hwm);
+        self.hwm_reset &= r.hwm_reset;
+    }
+
+    /// (bicsi, reference, peak RSS, whether VmHWM was reset every run).
+    pub(crate) fn into_parts(self) -> (Stats, Stats, Option<u64>, bool) {
+        (self.bicsi, self.reference, self.peak, self.hwm_reset)
+    }
+}
+
 /// Same-node sync: a fresh `bicsi serve` with disks A and B under `base` per run, the image
 /// downloaded to one of them (untimed), then ControllerPublishVolume of a 2-replica volume until
 /// it succeeds (the file on the other disk ready) against the reference's copy of that file.
@@ -140,24 +172,15 @@ pub(crate) async fn same_node_sync(
         fmt_bytes(src.allocated),
         POLL.as_millis()
     );
-    let mut bicsi = Stats::default();
-    let mut reference = Stats::default();
-    let mut peak: Option<u64> = None;
-    let mut hwm_reset = true;
+    let mut totals = SyncTotals::new();
     for run in 0..b.runs {
         let dir = base.join(format!("run-{run}"));
-        std::fs::create_dir_all(&dir)?;
-        let guard = SweepOnDrop(dir.clone());
-        let r = same_node_run(b, checks, &dir, run, kind, src).await;
-        drop(guard);
-        let r = r?;
-        bicsi.push(r.bicsi);
-        reference.push(r.reference);
-        peak = peak.max(r.vm_hwm);
-        hwm_reset &= r.hwm_reset;
+        let r = in_swept_dir(&dir, same_node_run(b, checks, &dir, run, kind, src)).await?;
+        totals.add(&r);
         println!("  run {}: {}", run + 1, r.notes.join("\n         "));
     }
     let _ = std::fs::remove_dir(base);
+    let (bicsi, reference, peak, hwm_reset) = totals.into_parts();
     let rss = if hwm_reset {
         "peak RSS = bicsi serve's VmHWM during the publish (reset just before it)"
     } else {
@@ -205,11 +228,7 @@ pub(crate) async fn same_node_run(
     }
     let serve = Serve::start_disks(&b.bicsi, dir, &disks, &b.http).await?;
     let result = same_node_sides(b, checks, dir, run, kind, src, &serve, &disks).await;
-    let log = serve.stop().await.unwrap_or_default();
-    if result.is_err() {
-        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
-    }
-    result
+    serve.stop_after(result).await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -61,6 +61,14 @@ pub(crate) fn vm_hwm(pid: u32) -> Option<u64> {
 
 /// Runs `bash -c SCRIPT reference ARGS…` and returns its time.
 pub(crate) async fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> Res<Duration> {
+    Ok(run_script_output(script, args).await?.0)
+}
+
+/// Runs `bash -c SCRIPT reference ARGS…` and returns its time and what it printed.
+pub(crate) async fn run_script_output(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> Res<(Duration, String)> {
     let started = Instant::now();
     let out = child_command("bash")
         .arg("-c")
@@ -79,7 +87,7 @@ pub(crate) async fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> Res<D
         )
         .into());
     }
-    Ok(elapsed)
+    Ok((elapsed, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
 /// The value of `key=` after the message `msg` on the last log line that holds `msg`.
@@ -171,6 +179,16 @@ pub(crate) const SWEEP_GRACE: Duration = Duration::from_secs(5);
 /// Sweeps `dir` (see [`kit::sweep`]) and removes it when dropped: every run's guard, so a failure or
 /// an early return leaves nothing mounted or running.
 pub(crate) struct SweepOnDrop(pub(crate) PathBuf);
+
+/// Runs `work` (a future that works in `dir`) with `dir` created and swept when it ends,
+/// however (see [`SweepOnDrop`]).
+pub(crate) async fn in_swept_dir<T>(dir: &Path, work: impl Future<Output = Res<T>>) -> Res<T> {
+    std::fs::create_dir_all(dir)?;
+    let guard = SweepOnDrop(dir.to_path_buf());
+    let result = work.await;
+    drop(guard);
+    result
+}
 
 impl Drop for SweepOnDrop {
     fn drop(&mut self) {

@@ -21,10 +21,7 @@ pub(crate) async fn fuse(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     let guard = SweepOnDrop(dir.clone());
     let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
     let result = fuse_runs(b, checks, &serve, &dir, len).await;
-    let log = serve.stop().await.unwrap_or_default();
-    if result.is_err() {
-        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
-    }
+    let result = serve.stop_after(result).await;
     drop(guard);
     result?;
     Ok(vec![])
@@ -32,32 +29,11 @@ pub(crate) async fn fuse(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
 
 async fn fuse_runs(b: &Bench, checks: &mut Checks, serve: &Serve, dir: &Path, len: u64) -> Res<()> {
     let mut csi = csi_connect(&serve.csi).await?;
-    let cap = block_capability();
-    let vol = csi
-        .controller
-        .create_volume(pb::CreateVolumeRequest {
-            name: "volume-io-fuse".into(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: len as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap.clone()],
-            parameters: HashMap::from([("numberOfReplicas".to_string(), "1".to_string())]),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| rpc_err("CreateVolume", s))?
-        .into_inner()
-        .volume
-        .ok_or("CreateVolume answered no volume")?
-        .volume_id;
-    let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
-    let staging = dir.join("staging");
-    let target = dir.join("target");
-    std::fs::create_dir_all(&staging)?;
-    let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
-    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
-    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
+    let BlockVolume {
+        id: vol,
+        staging: staging_s,
+        target: target_s,
+    } = publish_block_volume(&mut csi, "volume-io-fuse", len, dir).await?;
 
     let plain = plain_loop(dir, len).await?;
     let verified = verify(&target_s, len).await;

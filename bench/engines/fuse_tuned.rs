@@ -238,14 +238,7 @@ pub(crate) async fn fuse_tuned(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         match start_variant(&vdir, &backing, len, v).await {
             Ok(dev) => {
                 started.push((vdir, dev.clone()));
-                let verified = verify(&dev, len).await;
-                println!("  {}: {dev}; verify: {verified:?}", v.label);
-                sides.push(Side {
-                    label: v.label.into(),
-                    dev,
-                    about: v.about(),
-                    verified: Some(verified),
-                });
+                sides.push(verified_side(v.label, dev.clone(), dev, v.about(), len).await);
             }
             Err(e) => {
                 result = Err(e);
@@ -253,10 +246,12 @@ pub(crate) async fn fuse_tuned(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
             }
         }
     }
-    let res = match result {
-        Ok(()) => measure(b, &sides, len).await,
-        Err(e) => Err(e),
-    };
+    // Measured only when every candidate started.
+    let res = async {
+        result?;
+        measure(b, &sides, len).await
+    }
+    .await;
     for (vdir, dev) in &started {
         stop_variant(vdir, dev).await;
     }

@@ -134,21 +134,13 @@ async fn loop_raw_in(b: &Bench, checks: &mut Checks, mnt: &Path, len: u64) -> Re
                     dev.trim_start_matches("/dev/")
                 ))
                 .unwrap_or_default();
-                let verified = verify(&dev, len).await;
-                println!(
-                    "  {label}: {dev} (dio={}); verify: {verified:?}",
+                let shown = format!("{dev} (dio={})", dio_now.trim());
+                let about = format!(
+                    "`cp --reflink=always backing.raw replica.raw` then `losetup \
+                     --direct-io={dio} --sector-size {sector}` (sysfs dio={})",
                     dio_now.trim()
                 );
-                sides.push(Side {
-                    label: (*label).into(),
-                    dev,
-                    about: format!(
-                        "`cp --reflink=always backing.raw replica.raw` then `losetup \
-                         --direct-io={dio} --sector-size {sector}` (sysfs dio={})",
-                        dio_now.trim()
-                    ),
-                    verified: Some(verified),
-                });
+                sides.push(verified_side(label, dev, shown, about, len).await);
             }
             Err(e) => {
                 result = Err(e);
@@ -156,10 +148,12 @@ async fn loop_raw_in(b: &Bench, checks: &mut Checks, mnt: &Path, len: u64) -> Re
             }
         }
     }
-    let res = match result {
-        Ok(()) => measure(b, &sides, len).await,
-        Err(e) => Err(e),
-    };
+    // Measured only when every candidate started.
+    let res = async {
+        result?;
+        measure(b, &sides, len).await
+    }
+    .await;
     for s in &sides {
         detach(&s.dev).await;
     }
