@@ -26,8 +26,9 @@ use harness::{
     MIB, NODE_ID, block_cap, cpublish_req, create_req, mount_cap, publish_req, stage_req,
 };
 use kit::{
-    STOP_LIMIT, alive, bicsi, cleanup_under, csi_endpoint, engines_under, free_port, loops_under,
-    mounts_under, root_or_skip, serve_args, spawn_logged, temp_dir, wait_exit,
+    STOP_LIMIT, alive, bicsi, cleanup_under, controller_args, controller_endpoint, csi_endpoint,
+    engines_under, free_port, loops_under, mounts_under, node_args, root_or_skip, serve_args,
+    spawn_logged, temp_dir, wait_exit,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -754,20 +755,9 @@ impl Split {
     async fn start() -> Split {
         let dir = temp_dir("bicsi-engine-split-");
         let (http_port, cluster_port) = (free_port(), free_port());
-        let controller_endpoint =
-            format!("unix://{}", dir.path().join("controller.sock").display());
+        let controller_endpoint = controller_endpoint(dir.path());
         let controller = spawn_logged(
-            &[
-                "controller".to_string(),
-                "--data-dir".into(),
-                dir.path().join("controller").display().to_string(),
-                "--csi-endpoint".into(),
-                controller_endpoint.clone(),
-                "--http-listen".into(),
-                format!("127.0.0.1:{http_port}"),
-                "--cluster-listen".into(),
-                format!("127.0.0.1:{cluster_port}"),
-            ],
+            &controller_args(dir.path(), http_port, cluster_port),
             &dir.path().join("controller.log"),
         );
         let mut s = Split {
@@ -807,28 +797,13 @@ impl Split {
 
     fn agent_args(&self, i: usize) -> Vec<String> {
         let dir = self.node_dir(i);
-        let data = dir.join("data");
-        vec![
-            "node".into(),
-            "--node-id".into(),
-            format!("node-{}", i + 1),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--csi-endpoint".into(),
-            self.node_endpoint(i),
-            "--disk".into(),
-            dir.join("disk").display().to_string(),
-            "--controller".into(),
-            format!("http://127.0.0.1:{}", self.cluster_port),
-            "--agent-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--http-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--nbd-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
+        let id = format!("node-{}", i + 1);
+        let mut args = node_args(&id, &dir, self.cluster_port, free_port(), free_port());
+        args.extend([
             "--engine-endpoint".into(),
-            format!("unix://{}", data.join("engine.sock").display()),
-        ]
+            format!("unix://{}", dir.join("data/engine.sock").display()),
+        ]);
+        args
     }
 
     fn node_dir(&self, i: usize) -> PathBuf {
@@ -836,7 +811,7 @@ impl Split {
     }
 
     fn node_endpoint(&self, i: usize) -> String {
-        format!("unix://{}", self.node_dir(i).join("csi.sock").display())
+        csi_endpoint(&self.node_dir(i))
     }
 
     fn logs(&self) -> String {

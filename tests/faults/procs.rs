@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::kit::{Proc, cleanup_under, csi_endpoint, free_port, serve_args, temp_dir};
+use crate::kit::{
+    Proc, cleanup_under, controller_args, controller_endpoint, csi_endpoint, free_port, node_args,
+    serve_args, temp_dir,
+};
 use crate::throttle::Proxy;
 
 /// How often the processes run their lifecycle work (expiry, cleanup, recovery, scrub).
@@ -111,26 +114,11 @@ impl Cluster {
     pub async fn start(n: usize) -> Cluster {
         let dir = temp_dir("bicsi-faults-");
         let (http_port, cluster_port) = (free_port(), free_port());
-        let endpoint = format!("unix://{}", dir.path().join("controller.sock").display());
-        let mut controller = Proc::spawn(
-            vec![
-                "controller".into(),
-                "--data-dir".into(),
-                dir.path().join("controller").display().to_string(),
-                "--csi-endpoint".into(),
-                endpoint.clone(),
-                "--http-listen".into(),
-                format!("127.0.0.1:{http_port}"),
-                "--cluster-listen".into(),
-                format!("127.0.0.1:{cluster_port}"),
-                "--node-down-after".into(),
-                "3".into(),
-            ]
-            .into_iter()
-            .chain(tick_args())
-            .collect(),
-            dir.path().join("controller.log"),
-        );
+        let endpoint = controller_endpoint(dir.path());
+        let mut args = controller_args(dir.path(), http_port, cluster_port);
+        args.extend(["--node-down-after".into(), "3".into()]);
+        args.extend(tick_args());
+        let mut controller = Proc::spawn(args, dir.path().join("controller.log"));
         let http = format!("http://127.0.0.1:{http_port}");
         wait_http(
             &format!("{http}/healthz"),
@@ -147,32 +135,14 @@ impl Cluster {
             let (agent_port, transfer_port) = (free_port(), free_port());
             let agent = Proxy::start(agent_port).await;
             let transfer = Proxy::start(transfer_port).await;
-            let args: Vec<String> = vec![
-                "node".into(),
-                "--node-id".into(),
-                id.clone(),
-                "--data-dir".into(),
-                ndir.join("data").display().to_string(),
-                "--csi-endpoint".into(),
-                format!("unix://{}", ndir.join("csi.sock").display()),
-                "--disk".into(),
-                disk.display().to_string(),
-                "--controller".into(),
-                format!("http://127.0.0.1:{cluster_port}"),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{agent_port}"),
-                "--http-listen".into(),
-                format!("127.0.0.1:{transfer_port}"),
-                "--nbd-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
+            let mut args = node_args(&id, &ndir, cluster_port, agent_port, transfer_port);
+            args.extend([
                 "--advertise-agent-url".into(),
                 format!("http://127.0.0.1:{}", agent.port),
                 "--advertise-transfer-url".into(),
                 format!("http://127.0.0.1:{}", transfer.port),
-            ]
-            .into_iter()
-            .chain(tick_args())
-            .collect();
+            ]);
+            args.extend(tick_args());
             nodes.push(Node {
                 id,
                 disk,

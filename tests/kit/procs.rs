@@ -47,6 +47,60 @@ pub fn serve_args(dir: &Path, node_id: &str, http_listen: &str) -> Vec<String> {
     ]
 }
 
+/// The CSI endpoint of a test's `bicsi controller` in `dir`: `unix://DIR/controller.sock`.
+pub fn controller_endpoint(dir: &Path) -> String {
+    format!("unix://{}", dir.join("controller.sock").display())
+}
+
+/// `controller` and the flags every test's `bicsi controller` in `dir` has: its data in
+/// `dir/controller`, its CSI socket [`controller_endpoint`], its HTTP API and cluster service on
+/// these ports of 127.0.0.1.
+pub fn controller_args(dir: &Path, http_port: u16, cluster_port: u16) -> Vec<String> {
+    vec![
+        "controller".into(),
+        "--data-dir".into(),
+        dir.join("controller").display().to_string(),
+        "--csi-endpoint".into(),
+        controller_endpoint(dir),
+        "--http-listen".into(),
+        format!("127.0.0.1:{http_port}"),
+        "--cluster-listen".into(),
+        format!("127.0.0.1:{cluster_port}"),
+    ]
+}
+
+/// `node` and the flags every test's node agent `id` in `dir` has: its data in `dir/data`, its
+/// CSI socket [`csi_endpoint`], its disk `dir/disk`, the controller's cluster service on
+/// `cluster_port`, its agent and HTTP (file transfer) listeners on these ports and its NBD
+/// listener on a free one, all on 127.0.0.1.
+pub fn node_args(
+    id: &str,
+    dir: &Path,
+    cluster_port: u16,
+    agent_port: u16,
+    http_port: u16,
+) -> Vec<String> {
+    vec![
+        "node".into(),
+        "--node-id".into(),
+        id.into(),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+        "--csi-endpoint".into(),
+        csi_endpoint(dir),
+        "--disk".into(),
+        dir.join("disk").display().to_string(),
+        "--controller".into(),
+        format!("http://127.0.0.1:{cluster_port}"),
+        "--agent-listen".into(),
+        format!("127.0.0.1:{agent_port}"),
+        "--http-listen".into(),
+        format!("127.0.0.1:{http_port}"),
+        "--nbd-listen".into(),
+        format!("127.0.0.1:{}", crate::kit::free_port()),
+    ]
+}
+
 /// `bicsi ARGS`, stdout discarded, stderr appended to `log`.
 pub fn logged(args: &[String], log: &Path) -> Command {
     let f = std::fs::OpenOptions::new()

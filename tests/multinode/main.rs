@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use bicsi::client::CsiClient;
 use bicsi::csi::pb;
 use harness::*;
-use kit::{Proc, cleanup_under, free_port, temp_dir};
+use kit::{
+    Proc, cleanup_under, controller_args, controller_endpoint, csi_endpoint, free_port, node_args,
+    temp_dir,
+};
 use tonic::Code;
 
 pub struct Node {
@@ -49,52 +52,18 @@ impl TestCluster {
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let dir = temp_dir("bicsi-multi-");
         let (http_port, cluster_port) = (free_port(), free_port());
-        let endpoint = format!("unix://{}", dir.path().join("controller.sock").display());
-        let controller = Proc::spawn(
-            [
-                &[
-                    "controller".into(),
-                    "--data-dir".into(),
-                    dir.path().join("controller").display().to_string(),
-                    "--csi-endpoint".into(),
-                    endpoint.clone(),
-                    "--http-listen".into(),
-                    format!("127.0.0.1:{http_port}"),
-                    "--cluster-listen".into(),
-                    format!("127.0.0.1:{cluster_port}"),
-                    "--node-down-after".into(),
-                    "3".into(),
-                ],
-                &extra[..],
-            ]
-            .concat(),
-            dir.path().join("controller.log"),
-        );
+        let endpoint = controller_endpoint(dir.path());
+        let mut args = controller_args(dir.path(), http_port, cluster_port);
+        args.extend(["--node-down-after".into(), "3".into()]);
+        args.extend(extra.iter().cloned());
+        let controller = Proc::spawn(args, dir.path().join("controller.log"));
         let mut nodes = Vec::new();
         for i in 1..=n {
             let id = format!("node-{i}");
             let ndir = dir.path().join(&id);
             let disk = ndir.join("disk");
-            let endpoint = format!("unix://{}", ndir.join("csi.sock").display());
-            let mut args: Vec<String> = vec![
-                "node".into(),
-                "--node-id".into(),
-                id.clone(),
-                "--data-dir".into(),
-                ndir.join("data").display().to_string(),
-                "--csi-endpoint".into(),
-                endpoint.clone(),
-                "--disk".into(),
-                disk.display().to_string(),
-                "--controller".into(),
-                format!("http://127.0.0.1:{cluster_port}"),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-                "--http-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-                "--nbd-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ];
+            let endpoint = csi_endpoint(&ndir);
+            let mut args = node_args(&id, &ndir, cluster_port, free_port(), free_port());
             args.extend(extra.iter().cloned());
             std::fs::create_dir_all(&ndir).unwrap();
             let proc = Proc::spawn(args, ndir.join("node.log"));
