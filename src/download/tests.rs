@@ -593,10 +593,7 @@ async fn body_without_content_length() {
 async fn connection_refused_gives_up_after_max_attempts() {
     let dir = tempfile::tempdir().unwrap();
     // A port that was just free on loopback; nothing listens there any more.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = crate::kit::free_port();
     let req = DownloadRequest {
         max_attempts: 2,
         backoff: Duration::from_millis(10),

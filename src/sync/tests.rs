@@ -540,9 +540,7 @@ async fn receive_reports_http_errors_bad_streams_and_unreachable_senders() {
     assert!(!dest.exists());
 
     // A port nobody listens on (bound, then released).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = closed.local_addr().unwrap();
-    drop(closed);
+    let addr = format!("127.0.0.1:{}", crate::kit::free_port());
     let err = receive(
         &format!("http://{addr}/file"),
         &dest,
