@@ -157,7 +157,7 @@ pub(crate) fn fmt_rate(bytes_per_s: f64) -> String {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     #[test]
