@@ -89,7 +89,7 @@ async fn loop_engine_runs(
     node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
     node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
     checks.check(
-        qsd_under(dir).is_empty(),
+        engines_under(dir).is_empty(),
         "volume-io-loop: no qemu-storage-daemon serves the loop engine's volume",
     );
 

@@ -27,6 +27,7 @@ pub mod guard;
 pub mod health;
 pub mod http;
 pub mod imagefmt;
+pub mod messages;
 pub mod model;
 pub mod node;
 pub mod os;
@@ -42,3 +43,9 @@ pub mod storageclass;
 pub mod store;
 pub mod sync;
 pub mod volume_engine;
+
+// The test kit's machine side (root, tools, ports, sweeping mounts, loops and engines), shared
+// with the integration tests and the benchmark; see tests/kit/mod.rs.
+#[cfg(test)]
+#[path = "../tests/kit/host.rs"]
+mod kit;

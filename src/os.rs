@@ -527,23 +527,10 @@ impl std::fmt::Debug for Os {
     }
 }
 
-/// For tests that need root: returns false and prints why when not root; panics (test fails) when
-/// env CI is set and we are not root, because CI must not skip them.
-pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{test}: needs root (loop devices, mounts, FUSE) and CI must not skip it; \
-             run the test suite as root"
-        );
-    }
-    eprintln!(
-        "skipping {test}: needs root (loop devices, mounts, FUSE); run the tests as root to include it"
-    );
-    false
-}
+/// For tests that need root: the test kit's (`tests/kit/host.rs`), under the name the OS tests
+/// call it by.
+#[cfg(test)]
+pub(crate) use crate::kit::root_or_skip;
 
 /// A command line as a person would type it, for error messages.
 pub(crate) fn display_command(cmd: &Command) -> String {
