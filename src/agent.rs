@@ -112,6 +112,19 @@ pub trait Agent: Send + Sync {
             "this node agent cannot take backups: backups run on the node of an all-in-one `bicsi serve` for now".into(),
         ))
     }
+    /// Backs up the ready file of a backing image on one of this node's disks into the backup
+    /// target (`crate::backup::image`); the metadata, put last.
+    async fn backup_image(
+        &self,
+        target_url: &str,
+        credential_file: Option<PathBuf>,
+        template: crate::backup::image::ImageMeta,
+    ) -> Result<crate::backup::image::ImageMeta> {
+        let _ = (target_url, credential_file, template);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot back up backing images: that runs on the node of an all-in-one `bicsi serve` for now".into(),
+        ))
+    }
     /// Builds the snapshot file `req.restore_id` on `req.disk_id` with a backup's content over
     /// the backing image's file there (waiting for that file), replacing any earlier one.
     async fn restore_backup_file(
@@ -570,6 +583,29 @@ impl Agent for LocalAgent {
             full: req.full,
         };
         crate::backup::blocks::backup(job, progress).await
+    }
+
+    async fn backup_image(
+        &self,
+        target_url: &str,
+        credential_file: Option<PathBuf>,
+        template: crate::backup::image::ImageMeta,
+    ) -> Result<crate::backup::image::ImageMeta> {
+        let mut file = None;
+        for disk in &self.disks {
+            if let Some((path, _)) = self.image_file(&template.name, disk)? {
+                file = Some(path);
+                break;
+            }
+        }
+        let file = file.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "backing image {:?} has no ready file on node {:?} to back up",
+                template.name, self.node_id
+            ))
+        })?;
+        let target = crate::backup::Target::open(target_url, credential_file.as_deref())?;
+        crate::backup::image::backup_image_file(&target, &file, template).await
     }
 
     async fn restore_backup_file(

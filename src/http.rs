@@ -102,6 +102,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/restores/{volume}", get(get_restore))
         .route("/v1/backupvolumes", get(list_backup_volumes))
+        .route(
+            "/v1/backingimages/{name}/backup",
+            axum::routing::post(backup_backing_image),
+        )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/disks", get(list_disks))
         .with_state(state)
@@ -640,6 +644,15 @@ async fn get_restore(
         .get_restore(&volume)?
         .map(Json)
         .ok_or_else(|| Error::NotFound(format!("no restore into volume {volume:?}")))
+}
+
+/// `POST /v1/backingimages/{name}/backup`: puts the image's file into the backup target (once
+/// per target) and answers its metadata there.
+async fn backup_backing_image(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::backup::image::ImageMeta>> {
+    Ok(Json(s.controller()?.backup_image(&name).await?))
 }
 
 async fn list_backup_volumes(

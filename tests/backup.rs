@@ -408,7 +408,16 @@ fn filesystem_volume_over_an_image_restores_in_a_second_serve_and_over_an_overri
     assert!(up > 3 * MIB && up < 6 * MIB, "{b1}");
     drop(a);
 
-    // Another bicsi with its own data: the image must be there, with the same checksum.
+    // The first backup over the image put the image into the target too, with its SHA-512.
+    let img_meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(target.join("backingimages/img/image.json")).unwrap(),
+    )
+    .unwrap();
+    let img_sha = hex::encode(sha2::Sha512::digest(std::fs::read(&img).unwrap()));
+    assert_eq!(img_meta["checksum"], img_sha.as_str());
+
+    // Another bicsi with its own data dir. Without the image here nor in the target: a clear
+    // error naming the image and what to do.
     let b = Served::start(&base_dir.path().join("b"));
     set_target(&b, &target);
     let listed = b.backups("vm");
@@ -418,13 +427,21 @@ fn filesystem_volume_over_an_image_restores_in_a_second_serve_and_over_an_overri
             .any(|x| x["name"] == "vm-b1" && x["state"] == "completed"),
         "{listed:?}"
     );
+    let hidden = base_dir.path().join("hidden-images");
+    std::fs::rename(target.join("backingimages"), &hidden).unwrap();
     let e = b.fails(&["backup", "restore", "vm-b1", "r0"]);
     assert!(
         e.contains("\"img\"") && e.contains("does not exist here"),
         "{e}"
     );
-    b.ok(&["image", "upload", "img", img.to_str().unwrap()]);
+    std::fs::rename(&hidden, target.join("backingimages")).unwrap();
+    // With the image in the target: restored from there first (source type restore, verified
+    // by its SHA-512), then the volume over it.
     b.ok(&["backup", "restore", "vm-b1", "r1"]);
+    let bi: serde_json::Value =
+        serde_json::from_str(&b.ok(&["get", "backingimage", "img", "-o", "json"])).unwrap();
+    assert_eq!(bi["spec"]["sourceType"], "restore", "{bi}");
+    assert_eq!(bi["status"]["checksum"], img_sha.as_str(), "{bi}");
     b.with_mount("r1", |m| {
         assert_eq!(std::fs::read(m.join("base.bin")).unwrap(), base);
         assert_eq!(std::fs::read(m.join("new.bin")).unwrap(), new);

@@ -53,6 +53,14 @@ pub enum BackupCommand {
         #[command(flatten)]
         server: Server,
     },
+    /// Back up a backing image's file into the backup target (once per target; the first volume
+    /// backup over an image does it too), so restores work where the image does not exist.
+    Image {
+        /// The backing image.
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
     /// Restore a backup into a new volume, over the backup's backing image (or another one).
     Restore {
         /// The backup, as `bicsi backup list` shows it.
@@ -78,6 +86,7 @@ impl BackupCommand {
             BackupCommand::Create { server, .. }
             | BackupCommand::List { server, .. }
             | BackupCommand::Delete { server, .. }
+            | BackupCommand::Image { server, .. }
             | BackupCommand::Restore { server, .. } => server,
         }
     }
@@ -226,6 +235,25 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        BackupCommand::Image { name, server } => {
+            let s = &server.server;
+            let m: crate::backup::image::ImageMeta = json(
+                send(
+                    client().post(url(s, &format!("v1/backingimages/{name}/backup"))),
+                    s,
+                )
+                .await?,
+            )
+            .await?;
+            outln!(
+                "backing image {name} is in the backup target: {} in {} blocks, {} uploaded now, SHA-512 {}",
+                quantity::human(m.size),
+                m.blocks.len(),
+                quantity::human(m.uploaded_bytes),
+                m.checksum
+            );
             Ok(())
         }
         BackupCommand::Delete { name, server } => {

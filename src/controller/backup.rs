@@ -241,6 +241,11 @@ impl Controller {
             }
             None => None,
         };
+        // "BackupBackingImage": the first backup over an image not in the target takes it too,
+        // so a restore works where the image does not exist.
+        if let Some(b) = &backing {
+            self.backup_image(&b.name).await?;
+        }
         let block_size = match volume.spec.parameters.get(params::BACKUP_BLOCK_SIZE) {
             Some(v) => layout::parse_block_size(v)?,
             None => layout::DEFAULT_BLOCK_SIZE,
@@ -276,6 +281,56 @@ impl Controller {
             tracing::warn!(backup = %rec.name, error = %e, "cannot remove the backup's temporary snapshot");
         }
         result
+    }
+
+    /// Backs up a backing image's file into the target, once per target: an image there with
+    /// the same SHA-512 is not put again.
+    pub async fn backup_image(&self, name: &str) -> Result<crate::backup::image::ImageMeta> {
+        let target = self.backup_target()?;
+        target.check().await?;
+        let bi = self.backing.must_get(name)?;
+        if bi.status.checksum.is_empty() || !bi.has_ready_file() {
+            return Err(Error::FailedPrecondition(format!(
+                "backing image {name:?} has no ready file yet ({}); back it up once it is ready",
+                crate::backing::BackingImages::describe(&bi)
+            )));
+        }
+        if let Some(m) = crate::backup::image::get_meta(&target, name).await? {
+            if m.checksum == bi.status.checksum {
+                return Ok(m);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "the backup target {} holds another backing image named {name:?} (SHA-512 {}, this one's is {}); delete it there or rename the image",
+                target.url(),
+                m.checksum,
+                bi.status.checksum
+            )));
+        }
+        let node = bi
+            .status
+            .disk_file_status_map
+            .values()
+            .find(|f| f.state == crate::backing::state::FileState::Ready)
+            .map(|f| f.node_id.clone())
+            .unwrap_or_default();
+        let template = crate::backup::image::ImageMeta {
+            format: layout::FORMAT,
+            name: name.to_string(),
+            checksum: bi.status.checksum.clone(),
+            size: 0,
+            virtual_size: bi.status.virtual_size,
+            image_format: bi.status.format.clone(),
+            source_type: bi.spec.source_type.as_str().to_string(),
+            source_parameters: bi.spec.source_parameters.clone(),
+            block_size: 0,
+            blocks: Vec::new(),
+            uploaded_bytes: 0,
+            created: String::new(),
+        };
+        self.cluster
+            .agent(&node)?
+            .backup_image(target.url(), self.credential_file()?, template)
+            .await
     }
 
     /// The backups: the records of this bicsi (in progress, failed, done) and the completed
@@ -453,6 +508,39 @@ impl Controller {
             return Ok(None);
         };
         let Some(bi) = self.backing.get(&want.name)? else {
+            // Not here: restored from the target first when the target holds it.
+            let target = self.backup_target()?;
+            if let Some(m) = crate::backup::image::get_meta(&target, &want.name).await?
+                && m.checksum == want.checksum
+            {
+                let bi = crate::backing::object::BackingImage {
+                    api_version: crate::backing::object::API_VERSION.to_string(),
+                    kind: crate::backing::object::KIND.to_string(),
+                    metadata: crate::backing::object::ObjectMeta {
+                        name: want.name.clone(),
+                        namespace: crate::backing::object::DEFAULT_NAMESPACE.to_string(),
+                    },
+                    spec: crate::backing::object::BackingImageSpec {
+                        source_type: crate::backing::object::SourceType::Restore,
+                        source_parameters: [(
+                            crate::backup::image::BACKUP_URL.to_string(),
+                            crate::backup::image::backup_url(target.url(), &want.name),
+                        )]
+                        .into(),
+                        checksum: want.checksum.clone(),
+                        min_number_of_copies: 1,
+                    },
+                    status: Default::default(),
+                };
+                self.backing.create(bi).await?;
+                tracing::info!(image = %want.name, backup = %meta.name, "backing image restored from the backup target for a restore");
+                let req = params::BackingImageRequest {
+                    name: want.name.clone(),
+                    source: None,
+                    checksum: None,
+                };
+                return Ok(Some(self.ready_image(&req).await?.name().to_string()));
+            }
             return Err(Error::FailedPrecondition(format!(
                 "backup {:?} was taken over backing image {:?} (SHA-512 {}, {} {:?}), which does not exist here; create it with that checksum (bicsi apply), or restore over another image with --backing-image",
                 meta.name, want.name, want.checksum, want.source_type, want.source_parameters

@@ -219,7 +219,7 @@ mod tests {
         assert_eq!(spec["required"], serde_json::json!(["sourceType"]));
         assert_eq!(
             spec["properties"]["sourceType"]["enum"],
-            serde_json::json!(["download", "upload", "export-from-volume"])
+            serde_json::json!(["download", "upload", "export-from-volume", "restore"])
         );
         // No other kind reuses a Longhorn name whose meaning differs.
         for kind in Kind::ALL {
