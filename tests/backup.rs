@@ -808,3 +808,69 @@ fn s3_target_round_trip_incremental_and_clear_errors() {
     let e = s.fails(&["backup", "create", "obj", "--name", "obj-4"]);
     assert!(e.contains(&url), "{e}");
 }
+
+#[test]
+fn block_volume_over_a_qcow2_image_keeps_zeroed_image_blocks() {
+    if !is_root() {
+        return;
+    }
+    let base = tempfile::Builder::new()
+        .prefix("bicsi-bak-")
+        .tempdir()
+        .unwrap();
+    let s = Served::start(&base.path().join("serve"));
+    let target = target_dir(base.path());
+    set_target(&s, &target);
+    // A qcow2 image with 8 MiB of noise at its start.
+    let raw = base.path().join("q.raw");
+    let mut bytes = noise(8 * MIB as usize, 31);
+    bytes.resize(24 * MIB as usize, 0);
+    std::fs::write(&raw, &bytes).unwrap();
+    let img = base.path().join("q.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    s.ok(&["image", "upload", "q", img.to_str().unwrap()]);
+    s.ok(&[
+        "volume",
+        "create",
+        "qv",
+        "--size",
+        "32Mi",
+        "-p",
+        "numberOfReplicas=1",
+        "-p",
+        "backingImage=q",
+    ]);
+    // Zeros over the image's noise (block 1), new noise past it (block 5), and the image's own
+    // bytes written again unchanged (block 0: equal to the image, so not in the backup).
+    s.with_block("qv", |dev| {
+        write_at(dev, 2 * MIB, &vec![0u8; 2 * MIB as usize]);
+        write_at(dev, 10 * MIB, &noise(MIB as usize, 32));
+        write_at(dev, 0, &bytes[..2 * MIB as usize]);
+    });
+    s.ok(&["backup", "create", "qv", "--name", "qv-1"]);
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(target.join("backupvolumes/qv/backups/qv-1.json")).unwrap(),
+    )
+    .unwrap();
+    let blocks = meta["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 2, "{meta}");
+    assert_eq!(
+        (blocks[0]["i"].as_u64(), blocks[0].get("h")),
+        (Some(1), None),
+        "{meta}"
+    );
+    assert_eq!(blocks[1]["i"], 5, "{meta}");
+    assert_eq!(s.backup("qv-1")["blocksUploaded"], 1);
+    let mut expected = String::new();
+    s.with_block("qv", |dev| expected = sha_of_device(dev, 32 * MIB));
+    s.ok(&["backup", "restore", "qv-1", "qv-back"]);
+    s.with_block("qv-back", |dev| {
+        assert_eq!(sha_of_device(dev, 32 * MIB), expected)
+    });
+}
