@@ -142,7 +142,7 @@ pub async fn backup_image_file(
                 f.read_exact_at(&mut buf[..len], off)
                     .map_err(|e| Error::Internal(format!("cannot read {}: {e}", path.display())))?;
                 sha512.update(&buf[..len]);
-                let item = if buf[..len].iter().all(|&b| b == 0) {
+                let item = if super::blocks::is_zero(&buf[..len]) {
                     (index, None)
                 } else {
                     let h = sha256_hex(&buf[..len]);
