@@ -807,6 +807,12 @@ fn s3_target_round_trip_incremental_and_clear_errors() {
     drop(s3);
     let e = s.fails(&["backup", "create", "obj", "--name", "obj-4"]);
     assert!(e.contains(&url), "{e}");
+    // A restore from a target that does not answer fails at once (it is not retried like an
+    // image being prepared), naming the target.
+    let started = Instant::now();
+    let e = s.fails(&["backup", "restore", "obj-2", "obj-nope"]);
+    assert!(e.contains(&url), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{e}");
 }
 
 #[test]

@@ -46,6 +46,9 @@ pub struct RestoreBackup {
     pub size_bytes: u64,
 }
 
+/// How every error of the backup target starts (`crate::backup::target`).
+const TARGET_ERROR_PREFIX: &str = "backup target ";
+
 /// How often a running backup or restore writes its progress to the store.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -729,11 +732,14 @@ impl Controller {
                 source_backup: Some(rec.backup.clone()),
                 ..Default::default()
             };
-            // The restore waits for a backing image being prepared, as a provisioner retries.
+            // The restore waits for a backing image being prepared, as a provisioner retries;
+            // a target that does not answer (or refuses) ends it at once, with its message.
             let deadline = Instant::now() + Duration::from_secs(30 * 60);
             let result = loop {
                 match this.create_volume(req.clone()).await {
-                    Err(Error::Unavailable(m)) if Instant::now() < deadline => {
+                    Err(Error::Unavailable(m))
+                        if Instant::now() < deadline && !m.starts_with(TARGET_ERROR_PREFIX) =>
+                    {
                         tracing::debug!(volume = %rec.volume, why = %m, "restore waits");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
