@@ -336,6 +336,21 @@ fn block_volume_round_trip_incremental_full_and_delete() {
     s.with_block("copy", |dev| {
         assert_eq!(sha_of_device(dev, 64 * MIB), expected)
     });
+    // A larger volume from the same backup: the backup's bytes, then zeros.
+    s.ok(&["backup", "restore", "web-b2", "bigger", "--size", "96Mi"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "volume", "bigger", "-o", "json"])).unwrap();
+    assert_eq!(v["capacityBytes"], 96 * MIB, "{v}");
+    s.with_block("bigger", |dev| {
+        assert_eq!(sha_of_device(dev, 64 * MIB), expected);
+        let mut tail = vec![1u8; 4096];
+        let mut f = std::fs::File::open(dev).unwrap();
+        f.seek(SeekFrom::Start(96 * MIB - 4096)).unwrap();
+        f.read_exact(&mut tail).unwrap();
+        assert!(tail.iter().all(|&b| b == 0));
+    });
+    let e = s.fails(&["backup", "restore", "web-b2", "smaller", "--size", "32Mi"]);
+    assert!(e.contains("smaller than backup"), "{e}");
 
     let vols = s.ok(&["get", "backupvolumes"]);
     assert!(vols.contains("web") && vols.contains("web-b3"), "{vols}");
@@ -646,6 +661,11 @@ fn a_bak_snapshot_is_a_backup_and_restores_through_csi() {
         out.lines().nth(1).unwrap_or_default().contains(" true "),
         "{out}"
     );
+    // CreateSnapshot again is the same snapshot, not a second backup.
+    s.ok(&[
+        "snapshot", "create", "app-snap", "--volume", "app", "-p", "type=bak",
+    ]);
+    assert_eq!(s.backups("app").len(), 1);
     assert!(
         target
             .join("backupvolumes/app/backups/app-snap.json")
