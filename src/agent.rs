@@ -104,6 +104,43 @@ pub trait Agent: Send + Sync {
     ) -> Result<()>;
     /// Removes snapshot files of this node; Ok when they are gone.
     async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()>;
+    /// Backs up a snapshot file of this node into the backup target (`crate::backup::blocks`);
+    /// the metadata, already written last.
+    async fn backup_file(
+        &self,
+        req: crate::backup::blocks::BackupFileRequest,
+        progress: crate::backup::blocks::ProgressFn,
+    ) -> Result<crate::backup::layout::BackupMeta> {
+        let _ = (req, progress);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot take backups: backups run on the node of an all-in-one `bicsi serve` for now".into(),
+        ))
+    }
+    /// Backs up the ready file of a backing image on one of this node's disks into the backup
+    /// target (`crate::backup::image`); the metadata, put last.
+    async fn backup_image(
+        &self,
+        target_url: &str,
+        credential_file: Option<PathBuf>,
+        template: crate::backup::image::ImageMeta,
+    ) -> Result<crate::backup::image::ImageMeta> {
+        let _ = (target_url, credential_file, template);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot back up backing images: that runs on the node of an all-in-one `bicsi serve` for now".into(),
+        ))
+    }
+    /// Builds the snapshot file `req.restore_id` on `req.disk_id` with a backup's content over
+    /// the backing image's file there (waiting for that file), replacing any earlier one.
+    async fn restore_backup_file(
+        &self,
+        req: crate::backup::blocks::RestoreFileRequest,
+        progress: crate::backup::blocks::ProgressFn,
+    ) -> Result<SnapshotFile> {
+        let _ = (req, progress);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot restore backups: restores run on the node of an all-in-one `bicsi serve` for now".into(),
+        ))
+    }
     /// Removes what an attach of the volume left on this node although the volume is not
     /// staged here (an attach that failed half-way, in a version that did not undo it): mounts
     /// of its loop devices, loop devices over its engine's export or over one of `replicas`
@@ -609,6 +646,113 @@ impl Agent for LocalAgent {
             )?)
         })
         .await
+    }
+
+    async fn backup_file(
+        &self,
+        req: crate::backup::blocks::BackupFileRequest,
+        progress: crate::backup::blocks::ProgressFn,
+    ) -> Result<crate::backup::layout::BackupMeta> {
+        let disk = self.disk(&req.file.disk_id)?.clone();
+        let backing = match req.backing {
+            Some(image) => {
+                let (path, format) = self.image_file(&image.name, &disk)?.ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "backup {:?}: disk {} has no ready file of backing image {:?} to compare the volume's blocks with",
+                        req.name, disk.id, image.name
+                    ))
+                })?;
+                Some((image, path, format))
+            }
+            None => None,
+        };
+        let target = crate::backup::Target::open(&req.target_url, req.credential_file.as_deref())?;
+        let job = crate::backup::blocks::BackupJob {
+            target,
+            work_dir: disk.path.join("tmp").join(format!("backup-{}", req.name)),
+            name: req.name,
+            volume: req.volume,
+            snapshot: req.snapshot,
+            file: req.file.path,
+            backing,
+            block_size: req.block_size,
+            full: req.full,
+        };
+        crate::backup::blocks::backup(job, progress).await
+    }
+
+    async fn backup_image(
+        &self,
+        target_url: &str,
+        credential_file: Option<PathBuf>,
+        template: crate::backup::image::ImageMeta,
+    ) -> Result<crate::backup::image::ImageMeta> {
+        let mut file = None;
+        for disk in &self.disks {
+            if let Some((path, _)) = self.image_file(&template.name, disk)? {
+                file = Some(path);
+                break;
+            }
+        }
+        let file = file.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "backing image {:?} has no ready file on node {:?} to back up",
+                template.name, self.node_id
+            ))
+        })?;
+        let target = crate::backup::Target::open(target_url, credential_file.as_deref())?;
+        crate::backup::image::backup_image_file(&target, &file, template).await
+    }
+
+    async fn restore_backup_file(
+        &self,
+        req: crate::backup::blocks::RestoreFileRequest,
+        progress: crate::backup::blocks::ProgressFn,
+    ) -> Result<SnapshotFile> {
+        let disk = self.disk(&req.disk_id)?.clone();
+        let backing = match &req.backing_image {
+            Some(image) => {
+                // The image's file comes to this disk first (copied or transferred, verified).
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+                loop {
+                    match self.files.ensure_file(image, &disk.id).await {
+                        Ok(_) => break,
+                        Err(Error::Unavailable(m)) if std::time::Instant::now() < deadline => {
+                            tracing::debug!(image = %image, why = %m, "restore waits for the image's file");
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Some(self.image_file(image, &disk)?.ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "backing image {image:?} is being prepared on disk {}",
+                        disk.id
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        let file = SnapshotFile {
+            node_id: self.node_id.clone(),
+            disk_id: disk.id.clone(),
+            path: crate::snapshot::snapshot_path(&disk, &req.restore_id),
+        };
+        // Always built anew: a file left by an attempt a restart cut off is not trusted.
+        crate::snapshot::remove(&file)?;
+        let target = crate::backup::Target::open(&req.target_url, req.credential_file.as_deref())?;
+        let job = crate::backup::blocks::RestoreJob {
+            target,
+            meta: req.meta,
+            dest: file.path.clone(),
+            backing,
+            work_dir: disk
+                .path
+                .join("tmp")
+                .join(format!("restore{}", req.restore_id)),
+        };
+        crate::backup::blocks::restore(job, progress).await?;
+        Ok(file)
     }
 
     async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()> {

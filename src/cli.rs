@@ -9,11 +9,13 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::model::{AccessMode, AccessType, Capability};
 
+mod backup;
 mod replica;
 mod snapshot;
 mod volume;
 pub mod wait;
 
+pub use backup::BackupCommand;
 pub use snapshot::SnapshotCommand;
 pub use volume::VolumeCommand;
 
@@ -81,6 +83,9 @@ pub enum Command {
     /// Change a setting.
     #[command(subcommand)]
     Set(SetCommand),
+    /// Back up volumes to the backup target, list, delete and restore backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -417,6 +422,14 @@ pub enum GetCommand {
         #[command(flatten)]
         server: Server,
     },
+    /// List the backup volumes in the backup target (one per backed-up volume).
+    Backupvolumes {
+        /// json|yaml: the records (wide: the table).
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
+        #[command(flatten)]
+        server: Server,
+    },
     /// List the settings with their values, defaults and descriptions.
     Settings {
         /// json|yaml: the records (default: a table).
@@ -458,6 +471,7 @@ fn server_of(cmd: &Command) -> Option<&Server> {
             | GetCommand::Storageclasses { server, .. }
             | GetCommand::Nodes { server, .. }
             | GetCommand::Disks { server, .. }
+            | GetCommand::Backupvolumes { server, .. }
             | GetCommand::Settings { server, .. } => Some(server),
         },
         Command::Delete(
@@ -470,6 +484,7 @@ fn server_of(cmd: &Command) -> Option<&Server> {
         ) => Some(server),
         Command::Snapshot(s) => s.server(),
         Command::Set(SetCommand::Setting { server, .. }) => Some(server),
+        Command::Backup(b) => Some(b.server()),
     }
 }
 
@@ -544,6 +559,10 @@ async fn client(cmd: Command) -> Result<()> {
         }) => api::cleanup_image(&server.server, &name, &disks).await,
         Command::Volume(cmd) => volume::run(cmd).await,
         Command::Snapshot(cmd) => snapshot::run(cmd).await,
+        Command::Backup(cmd) => backup::run(cmd).await,
+        Command::Get(GetCommand::Backupvolumes { output, server }) => {
+            backup::get_backup_volumes(&server.server, output).await
+        }
         Command::Get(GetCommand::Volumes {
             output,
             endpoint,

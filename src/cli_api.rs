@@ -22,7 +22,7 @@ pub fn set_token(token: Option<String>) {
     }
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(t) = TOKEN.get()
         && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
@@ -36,7 +36,7 @@ fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-fn url(server: &str, path: &str) -> String {
+pub(crate) fn url(server: &str, path: &str) -> String {
     format!(
         "{}/{}",
         server.trim_end_matches('/'),
@@ -45,7 +45,7 @@ fn url(server: &str, path: &str) -> String {
 }
 
 /// Sends a request and turns a non-2xx answer into the server's own error message.
-async fn send(req: reqwest::RequestBuilder, server: &str) -> Result<reqwest::Response> {
+pub(crate) async fn send(req: reqwest::RequestBuilder, server: &str) -> Result<reqwest::Response> {
     let resp = req.send().await.map_err(|e| {
         Error::Unavailable(format!(
             "cannot reach bicsi at {server}: {e}; is `bicsi serve` running with this --server address?"
@@ -70,7 +70,7 @@ async fn send(req: reqwest::RequestBuilder, server: &str) -> Result<reqwest::Res
     })
 }
 
-async fn json<T: for<'de> Deserialize<'de>>(resp: reqwest::Response) -> Result<T> {
+pub(crate) async fn json<T: for<'de> Deserialize<'de>>(resp: reqwest::Response) -> Result<T> {
     resp.json()
         .await
         .map_err(|e| Error::Internal(format!("unexpected answer from bicsi: {e}")))
@@ -715,9 +715,10 @@ pub async fn get_settings(server: &str, output: Option<Output>) -> Result<()> {
 
 /// `bicsi set setting NAME VALUE`: checked here first (the server checks again).
 pub async fn set_setting(server: &str, name: &str, value: &str) -> Result<()> {
-    crate::settings::definition(name)
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?
-        .parse(value)?;
+    crate::settings::check(name, value).map_err(|e| match e {
+        Error::NotFound(m) => Error::InvalidArgument(m),
+        other => other,
+    })?;
     let s: crate::settings::SettingView = json(
         send(
             client()

@@ -17,6 +17,7 @@ use crate::model::{
 use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
+pub mod backup;
 pub mod group_snapshot;
 pub mod rebuild;
 pub mod snapshot;
@@ -82,6 +83,8 @@ pub struct CreateVolume {
     pub capabilities: Vec<Capability>,
     pub source_volume: Option<String>,
     pub source_snapshot: Option<String>,
+    /// A backup to restore (`bicsi backup restore`); CSI reaches backups through `bak` snapshots.
+    pub source_backup: Option<String>,
 }
 
 impl CreateVolume {
@@ -310,6 +313,9 @@ impl Controller {
 
         if let Some(existing) = self.get(&id)? {
             return self.compatible_existing(existing, &req, &p.kept);
+        }
+        if let Some(backup) = &req.source_backup {
+            return self.restore_from_backup(&req, p, &id, backup).await;
         }
         if req.source_snapshot.is_some() || req.source_volume.is_some() {
             return self.create_from_source(&req, p, &id).await;

@@ -98,6 +98,18 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/settings/{name}", get(get_setting).put(put_setting))
         .route("/v1/files/{dir}", get(transfer_file))
         .route("/v1/files/{dir}/manifest", get(transfer_manifest))
+        .route("/v1/backups", get(list_backups).post(create_backup))
+        .route("/v1/backups/{name}", get(get_backup).delete(delete_backup))
+        .route(
+            "/v1/backups/{name}/restore",
+            axum::routing::post(restore_backup),
+        )
+        .route("/v1/restores/{volume}", get(get_restore))
+        .route("/v1/backupvolumes", get(list_backup_volumes))
+        .route(
+            "/v1/backingimages/{name}/backup",
+            axum::routing::post(backup_backing_image),
+        )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/disks", get(list_disks))
         .with_state(state)
@@ -572,6 +584,114 @@ async fn delete_storage_class(
 ) -> ApiResult<StatusCode> {
     s.store.delete(Kind::StorageClass, &name)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize)]
+struct BackupQuery {
+    volume: Option<String>,
+}
+
+async fn list_backups(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<BackupQuery>,
+) -> ApiResult<Json<Vec<crate::backup::Backup>>> {
+    Ok(Json(
+        s.controller()?
+            .list_backups(q.volume.as_deref().filter(|v| !v.is_empty()))
+            .await?,
+    ))
+}
+
+/// `POST /v1/backups` `{"volume":"V","name":"B","full":false}`: starts the backup (202); its
+/// record shows the progress.
+async fn create_backup(
+    State(s): State<ApiState>,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<crate::backup::Backup>)> {
+    let req: crate::controller::backup::CreateBackup =
+        body(&bytes, "backup request ({\"volume\":\"VOLUME\"})")?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(s.controller()?.start_backup(req)?),
+    ))
+}
+
+async fn get_backup(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::backup::Backup>> {
+    let c = s.controller()?;
+    if let Some(b) = c.get_backup_record(&name)? {
+        return Ok(Json(b));
+    }
+    c.list_backups(None)
+        .await?
+        .into_iter()
+        .find(|b| b.name == name)
+        .map(Json)
+        .ok_or_else(|| Error::NotFound(format!("backup {name:?} not found")))
+}
+
+async fn delete_backup(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.controller()?.delete_backup(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RestoreRequest {
+    volume: String,
+    #[serde(default)]
+    backing_image: Option<String>,
+    #[serde(default)]
+    size_bytes: u64,
+}
+
+/// `POST /v1/backups/{name}/restore` `{"volume":"NEW","backingImage":"IMG"}`: starts the
+/// restore (202); `GET /v1/restores/{volume}` shows it.
+async fn restore_backup(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<crate::backup::Restore>)> {
+    let req: RestoreRequest = body(&bytes, "restore request ({\"volume\":\"NEW-VOLUME\"})")?;
+    let rec = s
+        .controller()?
+        .start_restore(crate::controller::backup::RestoreBackup {
+            backup: name,
+            volume: req.volume,
+            backing_image: req.backing_image.filter(|b| !b.is_empty()),
+            size_bytes: req.size_bytes,
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(rec)))
+}
+
+async fn get_restore(
+    State(s): State<ApiState>,
+    Path(volume): Path<String>,
+) -> ApiResult<Json<crate::backup::Restore>> {
+    s.controller()?
+        .get_restore(&volume)?
+        .map(Json)
+        .ok_or_else(|| Error::NotFound(format!("no restore into volume {volume:?}")))
+}
+
+/// `POST /v1/backingimages/{name}/backup`: puts the image's file into the backup target (once
+/// per target) and answers its metadata there.
+async fn backup_backing_image(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::backup::image::ImageMeta>> {
+    Ok(Json(s.controller()?.backup_image(&name).await?))
+}
+
+async fn list_backup_volumes(
+    State(s): State<ApiState>,
+) -> ApiResult<Json<Vec<crate::backup::layout::BackupVolumeMeta>>> {
+    Ok(Json(s.controller()?.backup_volumes().await?))
 }
 
 #[cfg(test)]

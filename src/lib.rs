@@ -11,6 +11,7 @@ pub mod agent;
 pub mod auth;
 pub mod authority;
 pub mod backing;
+pub mod backup;
 pub mod cli;
 pub mod cli_api;
 pub mod client;

@@ -15,6 +15,8 @@ pub const BACKING_IMAGE_SOURCE_PARAMETERS: &str = "backingImageDataSourceParamet
 pub const BACKING_IMAGE_CHECKSUM: &str = "backingImageChecksum";
 /// `auto` (the default), `loop` or `qemu`: see `crate::volume_engine`.
 pub const ENGINE: &str = crate::volume_engine::PARAMETER;
+/// The block size of the volume's backups (`2Mi` by default, `16Mi` for large volumes).
+pub const BACKUP_BLOCK_SIZE: &str = "backupBlockSize";
 
 /// Every parameter key bicsi accepts (besides the `csi.storage.k8s.io/` keys the sidecars add).
 pub const ACCEPTED: &[&str] = &[
@@ -26,6 +28,7 @@ pub const ACCEPTED: &[&str] = &[
     BACKING_IMAGE_SOURCE_PARAMETERS,
     BACKING_IMAGE_CHECKSUM,
     ENGINE,
+    BACKUP_BLOCK_SIZE,
 ];
 
 /// The backing image a volume asks for, and how to create it if it does not exist.
@@ -99,6 +102,9 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
                 let name = bi_name.clone().unwrap_or_default();
                 bi_checksum = Some(crate::backing::object::normalize_checksum(&name, value)?)
                     .filter(|c| !c.is_empty());
+            }
+            BACKUP_BLOCK_SIZE => {
+                crate::backup::layout::parse_block_size(value.trim())?;
             }
             other => {
                 return Err(Error::InvalidArgument(format!(

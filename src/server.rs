@@ -241,6 +241,7 @@ pub async fn serve(
     )?;
     files.resume().await?;
     let controller = Arc::new(Controller::new(store.clone(), cluster, backing.clone()));
+    controller.resume_backups()?;
     let lifecycle = spawn_lifecycle(backing.clone(), cfg.lifecycle_tick);
     let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing.clone()));

@@ -18,6 +18,72 @@ pub const CONCURRENT_SYNCS_PER_NODE: &str = "concurrent-backing-image-syncs-per-
 pub const SCRUB_INTERVAL: &str = "backing-image-scrub-interval";
 pub const CONCURRENT_REBUILDS_PER_NODE: &str = "concurrent-replica-rebuilds-per-node";
 pub const REPLICA_TIMEOUT: &str = "replica-timeout";
+/// Where backups go: `file:///PATH` or `s3://BUCKET/PREFIX?endpoint=…&region=…&path-style=true`
+/// (empty: backups are off). Parsed and reached by `crate::backup::target`.
+pub const BACKUP_TARGET: &str = "backup-target";
+/// A file with the backup target's credentials (`AWS_ACCESS_KEY_ID=…` and
+/// `AWS_SECRET_ACCESS_KEY=…` lines, as a Secret mounted as a file would give them); empty: none.
+pub const BACKUP_TARGET_CREDENTIAL_FILE: &str = "backup-target-credential-file";
+
+/// A setting whose value is text (a URL, a path) rather than a number.
+#[derive(Clone, Copy, Debug)]
+pub struct TextDefinition {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Checks a value's form (not whether what it names is reachable); the trimmed value.
+    pub check: fn(&str) -> Result<String>,
+}
+
+pub const TEXT_DEFINITIONS: [TextDefinition; 2] = [
+    TextDefinition {
+        name: BACKUP_TARGET,
+        description: "Where backups are stored: file:///PATH (a mounted filesystem, NFS) or s3://BUCKET/PREFIX with ?endpoint=URL&region=R&path-style=true for self-hosted stores; empty: no backups.",
+        check: check_backup_target,
+    },
+    TextDefinition {
+        name: BACKUP_TARGET_CREDENTIAL_FILE,
+        description: "A file holding the backup target's credentials as AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines (an s3:// target); empty: none.",
+        check: check_absolute_path,
+    },
+];
+
+fn check_backup_target(value: &str) -> Result<String> {
+    let v = value.trim();
+    let ok = v.is_empty()
+        || v.strip_prefix("file://")
+            .is_some_and(|p| p.starts_with('/') && p.len() > 1)
+        || v.strip_prefix("s3://")
+            .is_some_and(|b| !b.is_empty() && !b.starts_with('/'));
+    if !ok {
+        return Err(Error::InvalidArgument(format!(
+            "setting {BACKUP_TARGET:?}: {v:?} is not a backup target; use file:///PATH or s3://BUCKET/PREFIX (empty: none)"
+        )));
+    }
+    Ok(v.to_string())
+}
+
+fn check_absolute_path(value: &str) -> Result<String> {
+    let v = value.trim();
+    if !v.is_empty() && !v.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "setting {BACKUP_TARGET_CREDENTIAL_FILE:?}: {v:?} is not an absolute path; give the file's full path (empty: none)"
+        )));
+    }
+    Ok(v.to_string())
+}
+
+/// The definition of a text setting, if `name` is one.
+pub fn text_definition(name: &str) -> Option<&'static TextDefinition> {
+    TEXT_DEFINITIONS.iter().find(|d| d.name == name)
+}
+
+/// Checks a value for any setting, number or text, as `set` would store it.
+pub fn check(name: &str, value: &str) -> Result<String> {
+    match text_definition(name) {
+        Some(t) => (t.check)(value),
+        None => definition(name)?.parse(value).map(|n| n.to_string()),
+    }
+}
 
 /// One setting: what it is called, what it counts, its default and the values it takes.
 #[derive(Clone, Copy, Debug)]
@@ -113,6 +179,7 @@ pub fn definition(name: &str) -> Result<&'static Definition> {
             DEFINITIONS
                 .iter()
                 .map(|d| d.name)
+                .chain(TEXT_DEFINITIONS.iter().map(|d| d.name))
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
@@ -191,7 +258,24 @@ impl Settings {
         (s > 0).then(|| Duration::from_secs(s))
     }
 
+    /// The current value of a text setting: the stored one, or "" when none is stored.
+    pub fn text(&self, name: &str) -> Result<String> {
+        let def = text_definition(name)
+            .ok_or_else(|| Error::Internal(format!("setting {name:?} is not a text setting")))?;
+        let stored: Option<Stored> = self.store.get(Kind::Setting, def.name)?;
+        Ok(stored.map(|s| s.value).unwrap_or_default())
+    }
+
     pub fn get(&self, name: &str) -> Result<SettingView> {
+        if let Some(t) = text_definition(name) {
+            return Ok(SettingView {
+                name: t.name.to_string(),
+                value: self.text(name)?,
+                default: String::new(),
+                unit: "text".to_string(),
+                description: t.description.to_string(),
+            });
+        }
         let def = definition(name)?;
         Ok(SettingView {
             name: def.name.to_string(),
@@ -203,11 +287,29 @@ impl Settings {
     }
 
     pub fn list(&self) -> Result<Vec<SettingView>> {
-        DEFINITIONS.iter().map(|d| self.get(d.name)).collect()
+        DEFINITIONS
+            .iter()
+            .map(|d| d.name)
+            .chain(TEXT_DEFINITIONS.iter().map(|d| d.name))
+            .map(|n| self.get(n))
+            .collect()
     }
 
     /// Validates and stores a value; it applies from the next use on.
     pub fn set(&self, name: &str, value: &str) -> Result<SettingView> {
+        if text_definition(name).is_some() {
+            let v = check(name, value)?;
+            self.store.put(
+                Kind::Setting,
+                name,
+                &Stored {
+                    name: name.to_string(),
+                    value: v.clone(),
+                },
+            )?;
+            tracing::info!(setting = name, value = %v, "setting changed");
+            return self.get(name);
+        }
         let def = definition(name)?;
         let n = def.parse(value)?;
         self.store.put(
@@ -253,6 +355,7 @@ mod tests {
         let named = |n: &str| all.iter().find(|v| v.name == n).unwrap().value.clone();
         assert_eq!(named(CONCURRENT_REBUILDS_PER_NODE), "1");
         assert_eq!(named(REPLICA_TIMEOUT), "8");
+        assert_eq!(all.len(), 6);
         assert_eq!(all[0].name, CLEANUP_WAIT_INTERVAL);
         assert_eq!(all[0].value, "0");
         assert_eq!(all[0].default, "60");
@@ -277,6 +380,19 @@ mod tests {
             e.contains("no-such-setting") && e.contains(CLEANUP_WAIT_INTERVAL),
             "{e}"
         );
+        for (name, value, want) in [
+            (BACKUP_TARGET, "nfs://host/x", "file:///PATH"),
+            (BACKUP_TARGET, "file://relative", "file:///PATH"),
+            (BACKUP_TARGET, "s3:///no-bucket", "s3://BUCKET"),
+            (BACKUP_TARGET_CREDENTIAL_FILE, "creds.env", "absolute"),
+        ] {
+            let e = s.set(name, value).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains(want), "{name}={value}: {e}");
+        }
+        assert_eq!(s.text(BACKUP_TARGET).unwrap(), "");
+        s.set(BACKUP_TARGET, " file:///mnt/backups ").unwrap();
+        assert_eq!(s.text(BACKUP_TARGET).unwrap(), "file:///mnt/backups");
+        assert_eq!(s.get(BACKUP_TARGET).unwrap().value, "file:///mnt/backups");
         // Nothing was stored by the refused calls.
         assert_eq!(s.concurrent_syncs(), 3);
         assert_eq!(s.cleanup_wait(), Duration::from_secs(3600));

@@ -40,6 +40,14 @@ pub const EXPORT_TYPE: &str = "export-type";
 pub const TYPE_BACKING_IMAGE: &str = "bi";
 /// The value of [`TYPE`] for a snapshot kept on the volume's disks (the default).
 pub const TYPE_SNAPSHOT: &str = "snap";
+/// The value of [`TYPE`] that makes the snapshot a backup in the backup target
+/// (`crate::controller::backup`): it keeps no file on the volume's disks.
+pub const TYPE_BACKUP: &str = "bak";
+
+/// Whether snapshot parameters ask for a backup (`type: bak`).
+pub fn is_backup(params: &BTreeMap<String, String>) -> bool {
+    params.get(TYPE).map(|s| s.trim()) == Some(TYPE_BACKUP)
+}
 
 /// One file of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,6 +278,10 @@ pub fn parse_parameters(params: &BTreeMap<String, String>) -> Result<Option<Stri
     };
     match params.get(TYPE).map(|s| s.trim()) {
         Some(TYPE_BACKING_IMAGE) => Ok(Some(export_type.unwrap_or_else(|| "qcow2".into()))),
+        Some(TYPE_BACKUP) if export_type.is_some() => Err(Error::InvalidArgument(format!(
+            "snapshot parameter {EXPORT_TYPE} needs {TYPE}: {TYPE_BACKING_IMAGE}, not {TYPE_BACKUP}"
+        ))),
+        Some(TYPE_BACKUP) => Ok(None),
         None | Some("") | Some(TYPE_SNAPSHOT) => {
             if export_type.is_some() {
                 return Err(Error::InvalidArgument(format!(
@@ -279,7 +291,7 @@ pub fn parse_parameters(params: &BTreeMap<String, String>) -> Result<Option<Stri
             Ok(None)
         }
         Some(other) => Err(Error::InvalidArgument(format!(
-            "snapshot parameter {TYPE}: {other:?} is not a snapshot type; use {TYPE_SNAPSHOT} (kept on the volume's disks) or {TYPE_BACKING_IMAGE} (exported as a backing image)"
+            "snapshot parameter {TYPE}: {other:?} is not a snapshot type; use {TYPE_SNAPSHOT} (kept on the volume's disks), {TYPE_BACKING_IMAGE} (exported as a backing image) or {TYPE_BACKUP} (a backup in the backup target)"
         ))),
     }
 }
@@ -524,6 +536,7 @@ mod tests {
             (&[("type", "bi")], Some("qcow2")),
             (&[("type", "bi"), ("export-type", "raw")], Some("raw")),
             (&[("type", "bi"), ("export-type", "qcow2")], Some("qcow2")),
+            (&[("type", "bak")], None),
             (&[("csi.storage.k8s.io/volumesnapshot/name", "s1")], None),
         ];
         for (p, want) in ok {
@@ -538,6 +551,7 @@ mod tests {
             (&[("type", "bi"), ("export-type", "vmdk")], "vmdk"),
             (&[("type", "backup")], "backup"),
             (&[("export-type", "raw")], "needs"),
+            (&[("type", "bak"), ("export-type", "raw")], "needs"),
         ];
         for (p, needle) in bad {
             let e = parse_parameters(&params(p)).unwrap_err();

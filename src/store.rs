@@ -23,10 +23,14 @@ pub enum Kind {
     Setting,
     Node,
     Snapshot,
+    /// A backup of a volume to the backup target (`crate::backup::record`).
+    Backup,
+    /// A volume being restored from a backup, until its volume record exists.
+    Restore,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Volume,
         Kind::NodeVolume,
         Kind::BackingImage,
@@ -34,6 +38,8 @@ impl Kind {
         Kind::Setting,
         Kind::Node,
         Kind::Snapshot,
+        Kind::Backup,
+        Kind::Restore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +51,8 @@ impl Kind {
             Kind::Setting => "settings",
             Kind::Node => "nodes",
             Kind::Snapshot => "snapshots",
+            Kind::Backup => "backups",
+            Kind::Restore => "restores",
         }
     }
 

@@ -159,6 +159,26 @@ impl BackingImages {
                     from: format!("the size of volume {volume:?}"),
                 })
             }
+            SourceType::Restore => {
+                let url = &bi.spec.source_parameters["backup-url"];
+                let (target_url, image) = crate::backup::image::parse_backup_url(url)?;
+                let creds = self
+                    .settings()
+                    .text(crate::settings::BACKUP_TARGET_CREDENTIAL_FILE)?;
+                let creds = (!creds.is_empty()).then(|| std::path::PathBuf::from(creds));
+                let target = crate::backup::Target::open(&target_url, creds.as_deref())?;
+                let meta = crate::backup::image::get_meta(&target, &image)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "backing image {name:?}: {url} names no backed-up image"
+                        ))
+                    })?;
+                Ok(Learned {
+                    virtual_size: meta.virtual_size,
+                    from: format!("the backup of the image in {target_url}"),
+                })
+            }
             SourceType::Upload => Err(Error::Unavailable(format!(
                 "backing image {name:?} waits for its upload, so the size of volumes made from it is not known yet; upload the file (bicsi image upload {name} FILE)"
             ))),

@@ -399,7 +399,7 @@ impl BackingImages {
                 })
                 .await?;
             }
-            SourceType::Download | SourceType::ExportFromVolume => {
+            SourceType::Download | SourceType::ExportFromVolume | SourceType::Restore => {
                 // Prepared again on the disk of a failed file of an up node with the most free
                 // space; the others follow from it once it is ready.
                 let space = self.cluster.disks().await?;
@@ -412,10 +412,10 @@ impl BackingImages {
                 let Some(disk) = target else {
                     return Ok(());
                 };
-                let verb = if bi.spec.source_type == SourceType::Download {
-                    "downloading"
-                } else {
-                    "exporting"
+                let verb = match bi.spec.source_type {
+                    SourceType::Download => "downloading",
+                    SourceType::Restore => "restoring",
+                    _ => "exporting",
                 };
                 tracing::info!(image = %name, disk = %disk.id, "all files failed: {verb} again");
                 let agent = self.cluster.agent(&disk.node_id)?;

@@ -22,16 +22,20 @@ pub enum SourceType {
     Upload,
     #[serde(rename = "export-from-volume")]
     ExportFromVolume,
+    /// Restored from a backup of the image in a backup target (`backup-url`: `TARGET#NAME`).
+    #[serde(rename = "restore")]
+    Restore,
 }
 
 impl SourceType {
-    pub const NAMES: &'static str = "download, upload, export-from-volume";
+    pub const NAMES: &'static str = "download, upload, export-from-volume, restore";
 
     pub fn parse(name: &str) -> Result<SourceType> {
         match name {
             "download" => Ok(SourceType::Download),
             "upload" => Ok(SourceType::Upload),
             "export-from-volume" => Ok(SourceType::ExportFromVolume),
+            "restore" => Ok(SourceType::Restore),
             other => Err(Error::InvalidArgument(format!(
                 "unknown backing image source type {other:?}; use one of: {}",
                 SourceType::NAMES
@@ -44,6 +48,7 @@ impl SourceType {
             SourceType::Download => "download",
             SourceType::Upload => "upload",
             SourceType::ExportFromVolume => "export-from-volume",
+            SourceType::Restore => "restore",
         }
     }
 }
@@ -209,6 +214,7 @@ fn source_keys(t: SourceType) -> (&'static [&'static str], &'static [&'static st
         SourceType::Download => (&["url"], &[]),
         SourceType::Upload => (&[], &[]),
         SourceType::ExportFromVolume => (&["volume-name", "export-type"], &[]),
+        SourceType::Restore => (&["backup-url"], &[]),
     }
 }
 
@@ -262,6 +268,10 @@ pub fn validate_spec(name: &str, spec: &mut BackingImageSpec) -> Result<()> {
             }
         }
         SourceType::Upload => {}
+        SourceType::Restore => {
+            crate::backup::image::parse_backup_url(&spec.source_parameters["backup-url"])
+                .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
+        }
     }
     Ok(())
 }

@@ -81,7 +81,11 @@ impl Controller {
         Ok((node, replicas))
     }
 
-    async fn capture(&self, snapshot_id: &str, volume: &Volume) -> Result<Vec<SnapshotFile>> {
+    pub(super) async fn capture(
+        &self,
+        snapshot_id: &str,
+        volume: &Volume,
+    ) -> Result<Vec<SnapshotFile>> {
         let (node, replicas) = Self::capture_node(volume)?;
         self.cluster
             .agent(&node)?
@@ -94,7 +98,7 @@ impl Controller {
     /// makes them now where the file is ready; while no file is, it waits for one up to
     /// `DEFERRED_SNAPSHOT_WAIT`, then answers Unavailable with where the image stands, and the
     /// CO's retry takes the snapshot.
-    async fn make_deferred_replicas(&self, mut volume: Volume) -> Result<Volume> {
+    pub(super) async fn make_deferred_replicas(&self, mut volume: Volume) -> Result<Volume> {
         let Some(image) = volume.spec.backing_image.clone() else {
             return Ok(volume);
         };
@@ -190,6 +194,9 @@ impl Controller {
             }
             return Ok(existing);
         }
+        if crate::snapshot::is_backup(&req.parameters) {
+            return self.create_backup_snapshot(&req, &id).await;
+        }
         let volume = self.must_get(&req.source_volume_id)?;
         let _volume_guard = self.guards.try_take(&volume.id, "volume")?;
         let exported = export_type.map(|t| ExportedImage {
@@ -273,6 +280,10 @@ impl Controller {
                 "snapshot {id:?} is a member of volume group snapshot {group:?} and cannot be deleted alone; delete the group snapshot (DeleteVolumeGroupSnapshot)"
             )));
         }
+        if crate::snapshot::is_backup(&snapshot.parameters) {
+            // A `bak` snapshot is its backup: deleting one deletes the other.
+            self.delete_backup(&snapshot.id).await?;
+        }
         if let Some(e) = &snapshot.exported {
             let users = self.backing.users(&e.name)?;
             if !users.is_empty() {
@@ -332,6 +343,14 @@ impl Controller {
                     let s = self
                         .get_snapshot(sid)?
                         .ok_or_else(|| Error::NotFound(format!("snapshot {sid:?} not found")))?;
+                    if crate::snapshot::is_backup(&s.parameters) {
+                        if p.number_of_replicas.is_none() {
+                            p.number_of_replicas = self
+                                .get(&s.source_volume_id)?
+                                .map(|v| v.spec.number_of_replicas);
+                        }
+                        return self.restore_from_backup(req, p, id, &s.id).await;
+                    }
                     // Without `numberOfReplicas` a restore keeps its source volume's count
                     // (while that volume exists; else the default for the disks).
                     if p.number_of_replicas.is_none() {
@@ -369,7 +388,7 @@ impl Controller {
         result
     }
 
-    async fn restore_volume(
+    pub(super) async fn restore_volume(
         &self,
         req: &CreateVolume,
         mut p: VolumeParams,
@@ -467,6 +486,39 @@ impl Controller {
             .await?;
         tracing::info!(volume = %id, source = %what, size, backing_image = ?volume.spec.backing_image, "volume created from a source");
         Ok(volume)
+    }
+}
+
+impl Controller {
+    /// CreateSnapshot with `type: bak`: a backup named by the snapshot's id, taken now (the
+    /// call returns when it is complete), recorded as a snapshot without files.
+    async fn create_backup_snapshot(&self, req: &CreateSnapshot, id: &str) -> Result<Snapshot> {
+        let volume = self.must_get(&req.source_volume_id)?;
+        let backup = self
+            .backup_now(super::backup::CreateBackup {
+                volume: volume.spec.name.clone(),
+                name: Some(id.to_string()),
+                snapshot: None,
+                full: false,
+            })
+            .await?;
+        let (secs, nanos) = now();
+        let snapshot = Snapshot {
+            id: id.to_string(),
+            name: req.name.clone(),
+            source_volume_id: volume.id.clone(),
+            size_bytes: backup.size_bytes.max(volume.spec.capacity_bytes),
+            creation_secs: secs,
+            creation_nanos: nanos,
+            backing_image: volume.spec.backing_image.clone(),
+            parameters: req.parameters.clone(),
+            files: Vec::new(),
+            exported: None,
+            group_snapshot_id: None,
+        };
+        self.store.put(Kind::Snapshot, id, &snapshot)?;
+        tracing::info!(snapshot = %id, volume = %volume.id, "snapshot taken as a backup");
+        Ok(snapshot)
     }
 }
 

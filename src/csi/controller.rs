@@ -101,6 +101,7 @@ impl CsiController for ControllerService {
                     capabilities: capabilities(&r.volume_capabilities)?,
                     source_volume,
                     source_snapshot,
+                    source_backup: None,
                 })
                 .await?;
             let mut volume = volume_to_pb(&v);

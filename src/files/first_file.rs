@@ -120,6 +120,27 @@ impl FileManagers {
                 ))
                 .into());
             }
+            SourceType::Restore => {
+                let url = bi.spec.source_parameters["backup-url"].clone();
+                let message = format!("restoring from {url}");
+                self.report(
+                    name,
+                    disk,
+                    FileReport::new(FileState::InProgress, 0, &message),
+                )
+                .await?;
+                let creds = self
+                    .settings
+                    .text(crate::settings::BACKUP_TARGET_CREDENTIAL_FILE)
+                    .unwrap_or_default();
+                let creds = (!creds.is_empty()).then(|| std::path::PathBuf::from(creds));
+                let work =
+                    crate::backup::image::restore_image_file(&url, creds, &tmp, progress.clone());
+                let (sha512, size) = self
+                    .with_progress(name, disk, &progress, &message, work)
+                    .await?;
+                (sha512, size, None)
+            }
         };
         let download = bi.spec.source_type == SourceType::Download;
         self.finish_file(name, disk, &tmp, sha512, size, manifest)

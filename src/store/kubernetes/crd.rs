@@ -124,6 +124,19 @@ record_kind!(
     "A CSI snapshot of a bicsi volume: where its files sit and the backing image it keeps."
 );
 
+record_kind!(
+    BicsiBackupSpec,
+    "BicsiBackup",
+    "bbak",
+    "A backup of a bicsi volume to the backup target: its state, progress and bytes uploaded."
+);
+record_kind!(
+    BicsiRestoreSpec,
+    "BicsiRestore",
+    "brst",
+    "A bicsi volume being restored from a backup, kept until the volume exists."
+);
+
 /// The CRD that holds one kind of record.
 pub fn crd(kind: Kind) -> CustomResourceDefinition {
     match kind {
@@ -134,6 +147,8 @@ pub fn crd(kind: Kind) -> CustomResourceDefinition {
         Kind::StorageClass => BicsiStorageClass::crd(),
         Kind::Setting => BicsiSetting::crd(),
         Kind::Snapshot => BicsiSnapshot::crd(),
+        Kind::Backup => BicsiBackup::crd(),
+        Kind::Restore => BicsiRestore::crd(),
     }
 }
 
@@ -147,6 +162,8 @@ pub fn api_resource(kind: Kind) -> kube::api::ApiResource {
         Kind::StorageClass => kube::api::ApiResource::erase::<BicsiStorageClass>(&()),
         Kind::Setting => kube::api::ApiResource::erase::<BicsiSetting>(&()),
         Kind::Snapshot => kube::api::ApiResource::erase::<BicsiSnapshot>(&()),
+        Kind::Backup => kube::api::ApiResource::erase::<BicsiBackup>(&()),
+        Kind::Restore => kube::api::ApiResource::erase::<BicsiRestore>(&()),
     }
 }
 
@@ -202,7 +219,7 @@ mod tests {
         assert_eq!(spec["required"], serde_json::json!(["sourceType"]));
         assert_eq!(
             spec["properties"]["sourceType"]["enum"],
-            serde_json::json!(["download", "upload", "export-from-volume"])
+            serde_json::json!(["download", "upload", "export-from-volume", "restore"])
         );
         // No other kind reuses a Longhorn name whose meaning differs.
         for kind in Kind::ALL {

@@ -1,0 +1,617 @@
+//! The node's side of backups: a snapshot file's content cut into fixed blocks and stored in the
+//! target, and a backup's blocks written back over a backing image. Runs where the files are.
+//!
+//! Backup: `qemu-img info` tells the snapshot's format (never guessed), `qemu-img map` which of
+//! its extents are its own (depth 0 over a backing file; every data extent of a file without
+//! one). Only blocks touching those are read, from a sparse raw view (`qemu-img convert -O raw`;
+//! a raw file without backing is read as it is), compared with the backing image's bytes and
+//! with zeros, hashed (SHA-256), compressed (zstd) and put under their hash unless the backup
+//! volume holds that block already (or `full` asks for every block again). One reader thread
+//! reads, hashes and compresses while up to [`UPLOADS`] puts run, so memory stays at a few
+//! blocks. The metadata is put last: a backup cut off before it is not a backup.
+//!
+//! Restore: a qcow2 file over the chosen backing image's file (or over nothing), into which
+//! `qemu-io` writes each block of the backup after its SHA-256 is checked, built under a
+//! temporary name and renamed into place when complete.
+//!
+//! This module must not touch records in the store: the controller passes everything in.
+
+use std::collections::{BTreeSet, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::layout::{self, BackupMeta, BlockRef, ImageRef};
+use super::target::Target;
+use crate::error::{Error, Result};
+use crate::os::{ImageFormat, Os};
+
+/// Puts (or gets) in flight at once.
+pub const UPLOADS: usize = 4;
+/// Blocks written by one `qemu-io` run during a restore.
+const RESTORE_BATCH: usize = 16;
+const ZSTD_LEVEL: i32 = 3;
+
+/// How far a backup or a restore is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Blocks to look at (backup) or to write (restore).
+    pub blocks_total: u64,
+    pub blocks_done: u64,
+    /// Blocks put into the target by this backup (restore: 0).
+    pub blocks_uploaded: u64,
+    /// Compressed bytes put (backup) or fetched (restore).
+    pub bytes_transferred: u64,
+}
+
+impl Progress {
+    pub fn percent(&self) -> u64 {
+        (self.blocks_done * 100)
+            .checked_div(self.blocks_total)
+            .unwrap_or(100)
+            .min(100)
+    }
+}
+
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// What the controller asks a node agent to back up: a snapshot file of that node.
+#[derive(Clone, Debug)]
+pub struct BackupFileRequest {
+    pub target_url: String,
+    pub credential_file: Option<PathBuf>,
+    pub name: String,
+    pub volume: String,
+    /// The snapshot's id, when the backup reads an existing snapshot.
+    pub snapshot: String,
+    pub file: crate::snapshot::SnapshotFile,
+    /// The backing image of the snapshot, as the backup will name it.
+    pub backing: Option<ImageRef>,
+    pub block_size: u64,
+    pub full: bool,
+}
+
+/// What the controller asks a node agent to restore: a backup's content over `backing_image`'s
+/// file on `disk_id`, as the snapshot file of `restore_id` there.
+#[derive(Clone, Debug)]
+pub struct RestoreFileRequest {
+    pub target_url: String,
+    pub credential_file: Option<PathBuf>,
+    pub meta: BackupMeta,
+    pub restore_id: String,
+    pub disk_id: String,
+    pub backing_image: Option<String>,
+}
+
+/// What one backup needs, all of it resolved by the controller and the agent.
+#[derive(Clone, Debug)]
+pub struct BackupJob {
+    pub target: Target,
+    pub name: String,
+    pub volume: String,
+    pub snapshot: String,
+    /// The snapshot's file on this node.
+    pub file: PathBuf,
+    /// A scratch directory of the file's disk; removed afterwards.
+    pub work_dir: PathBuf,
+    /// The volume's backing image and its ready file on this node.
+    pub backing: Option<(ImageRef, PathBuf, ImageFormat)>,
+    pub block_size: u64,
+    pub full: bool,
+}
+
+/// What a restore needs.
+#[derive(Clone, Debug)]
+pub struct RestoreJob {
+    pub target: Target,
+    pub meta: BackupMeta,
+    /// The file to build (a snapshot file the normal restore path then copies into replicas).
+    pub dest: PathBuf,
+    /// The backing image's file the restored content goes over.
+    pub backing: Option<(PathBuf, ImageFormat)>,
+    pub work_dir: PathBuf,
+}
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(Clone, Debug, Deserialize)]
+struct Extent {
+    start: u64,
+    length: u64,
+    #[serde(default)]
+    depth: u64,
+    #[serde(default)]
+    data: bool,
+}
+
+fn run(cmd: &mut Command) -> Result<Vec<u8>> {
+    Ok(crate::os::run(cmd)?.stdout)
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Internal(format!("{what} {}: {e}", path.display()))
+}
+
+fn map(file: &Path, format: ImageFormat) -> Result<Vec<Extent>> {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", "-f", format.as_str()])
+        .arg(file))?;
+    serde_json::from_slice(&out).map_err(|e| {
+        Error::Internal(format!(
+            "cannot parse `qemu-img map` of {}: {e}",
+            file.display()
+        ))
+    })
+}
+
+/// A sparse raw copy of `file` (read with its backing chain) at `out`.
+fn to_raw(file: &Path, format: ImageFormat, out: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(out);
+    run(Command::new("qemu-img")
+        .args(["convert", "-U", "-f", format.as_str(), "-O", "raw"])
+        .arg(file)
+        .arg(out))?;
+    Ok(())
+}
+
+/// A readable raw view of an image: the file itself when it is raw, else a converted copy.
+fn raw_view(file: &Path, format: ImageFormat, chain: bool, scratch: &Path) -> Result<PathBuf> {
+    if format == ImageFormat::Raw && !chain {
+        return Ok(file.to_path_buf());
+    }
+    to_raw(file, format, scratch)?;
+    Ok(scratch.to_path_buf())
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
+fn read_at(f: &std::fs::File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f
+            .read_at(&mut buf[done..], offset + done as u64)
+            .map_err(|e| io("cannot read", path, e))?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Whether every byte is 0 (slices of a zero page compared with memcmp, as this runs over
+/// every block read).
+pub fn is_zero(data: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Which blocks may differ from the backing image (or zeros), from the file's extent map.
+fn candidate_blocks(
+    extents: &[Extent],
+    chain: bool,
+    has_image: bool,
+    size: u64,
+    bs: u64,
+) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for e in extents {
+        let own = if chain {
+            e.depth == 0
+        } else {
+            // A file without backing holds everything; over an image every block must be
+            // compared with the image's, else only data can differ from zeros.
+            has_image || e.data
+        };
+        if !own || e.length == 0 || e.start >= size {
+            continue;
+        }
+        let end = (e.start + e.length).min(size);
+        out.extend(e.start / bs..=(end - 1) / bs);
+    }
+    out
+}
+
+/// One block read by the reader thread.
+struct Read {
+    index: u64,
+    /// Whether the backup lists it (it differs from the backing image).
+    listed: bool,
+    /// None: all zeros.
+    hash: Option<String>,
+    /// The compressed bytes to put; None when the target has them (or the block is zeros).
+    upload: Option<Vec<u8>>,
+}
+
+/// Backs up `job.file` into the target. Returns the metadata, already written.
+pub async fn backup(job: BackupJob, progress: ProgressFn) -> Result<BackupMeta> {
+    layout::check_name("backup volume", &job.volume)?;
+    layout::check_name("backup", &job.name)?;
+    let target = job.target.clone();
+    target.check().await?;
+    let key = layout::backup_key(&job.volume, &job.name);
+    if target.get(&key).await?.is_some() {
+        return Err(Error::AlreadyExists(format!(
+            "backup {:?} of volume {:?} exists in the backup target {} already; use another name",
+            job.name,
+            job.volume,
+            target.url()
+        )));
+    }
+    // What the backup volume holds already: those blocks are not put again.
+    let mut existing: HashSet<String> = HashSet::new();
+    if !job.full {
+        for k in target.list(&layout::blocks_prefix(&job.volume)).await? {
+            if let Some(h) = layout::hash_of_block_key(&k) {
+                existing.insert(h.to_string());
+            }
+        }
+    }
+    std::fs::create_dir_all(&job.work_dir).map_err(|e| io("cannot create", &job.work_dir, e))?;
+    let result = run_backup(&job, existing, progress).await;
+    let _ = std::fs::remove_dir_all(&job.work_dir);
+    let meta = result?;
+    // The metadata last: from now on the backup exists, and every block it lists is stored.
+    let doc = serde_json::to_vec_pretty(&meta)?;
+    target.put(&key, Bytes::from(doc)).await?;
+    let vol = layout::BackupVolumeMeta {
+        format: layout::FORMAT,
+        name: meta.volume.clone(),
+        size_bytes: meta.size_bytes,
+        block_size: meta.block_size,
+        backing_image: meta.backing_image.clone(),
+        last_backup: meta.name.clone(),
+        last_backup_at: meta.created.clone(),
+    };
+    target
+        .put(
+            &layout::volume_key(&meta.volume),
+            Bytes::from(serde_json::to_vec_pretty(&vol)?),
+        )
+        .await?;
+    Ok(meta)
+}
+
+async fn run_backup(
+    job: &BackupJob,
+    existing: HashSet<String>,
+    progress: ProgressFn,
+) -> Result<BackupMeta> {
+    let bs = job.block_size;
+    let os = Os::real();
+    let info = os.images.info(&job.file)?;
+    let size = info.virtual_size;
+    let chain = info.backing_file.is_some();
+    let extents = map(&job.file, info.format)?;
+    let candidates = candidate_blocks(&extents, chain, job.backing.is_some(), size, bs);
+    let mut p = Progress {
+        blocks_total: candidates.len() as u64,
+        ..Default::default()
+    };
+    progress(p);
+    tracing::info!(backup = %job.name, volume = %job.volume, size, candidates = candidates.len(), chain, "backup: reading the snapshot's own blocks");
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Read>>(UPLOADS * 2);
+    let reader_job = job.clone();
+    let full = job.full;
+    let reader = tokio::task::spawn_blocking(move || {
+        let send = |r: Result<Read>| tx.blocking_send(r).is_ok();
+        let job = reader_job;
+        let result = (|| -> Result<()> {
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            let content = raw_view(
+                &job.file,
+                info.format,
+                chain,
+                &job.work_dir.join("content.raw"),
+            )?;
+            let content_f =
+                std::fs::File::open(&content).map_err(|e| io("cannot open", &content, e))?;
+            let base = match &job.backing {
+                Some((_, path, fmt)) => {
+                    let view = raw_view(path, *fmt, false, &job.work_dir.join("backing.raw"))?;
+                    let f = std::fs::File::open(&view).map_err(|e| io("cannot open", &view, e))?;
+                    Some((view, f))
+                }
+                None => None,
+            };
+            let mut seen = existing;
+            let mut data = vec![0u8; bs as usize];
+            let mut other = vec![0u8; bs as usize];
+            for index in candidates {
+                let off = index * bs;
+                let len = bs.min(size - off) as usize;
+                read_at(&content_f, &content, off, &mut data[..len])?;
+                let zero = is_zero(&data[..len]);
+                let same = match &base {
+                    Some((view, f)) => {
+                        read_at(f, view, off, &mut other[..len])?;
+                        data[..len] == other[..len]
+                    }
+                    None => zero,
+                };
+                // A block equal to the image's (or to zeros without one) is left out; a zero
+                // block over an image is listed without a hash, so a restore writes zeros there.
+                let read = if same || zero {
+                    Read {
+                        index,
+                        listed: !same,
+                        hash: None,
+                        upload: None,
+                    }
+                } else {
+                    let hash = sha256_hex(&data[..len]);
+                    let upload = if full || !seen.contains(&hash) {
+                        seen.insert(hash.clone());
+                        Some(zstd::bulk::compress(&data[..len], ZSTD_LEVEL).map_err(|e| {
+                            Error::Internal(format!("zstd cannot compress block {index}: {e}"))
+                        })?)
+                    } else {
+                        None
+                    };
+                    Read {
+                        index,
+                        listed: true,
+                        hash: Some(hash),
+                        upload,
+                    }
+                };
+                if !send(Ok(read)) {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+
+    let target = job.target.clone();
+    let volume = job.volume.clone();
+    let mut uploads = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|r| {
+            let target = target.clone();
+            let volume = volume.clone();
+            async move {
+                let r = r?;
+                let mut sent = 0u64;
+                if let (Some(hash), Some(bytes)) = (&r.hash, &r.upload) {
+                    sent = bytes.len() as u64;
+                    target
+                        .put(
+                            &layout::block_key(&volume, hash),
+                            Bytes::copy_from_slice(bytes),
+                        )
+                        .await?;
+                }
+                Ok::<_, Error>((r.index, r.listed, r.hash, sent))
+            }
+        })
+        .buffered(UPLOADS);
+    let mut blocks = Vec::new();
+    let mut data_bytes = 0u64;
+    while let Some(r) = uploads.next().await {
+        let (index, listed, hash, sent) = r?;
+        p.blocks_done += 1;
+        if sent > 0 {
+            p.blocks_uploaded += 1;
+            p.bytes_transferred += sent;
+        }
+        if listed {
+            if hash.is_some() {
+                data_bytes += bs.min(size - index * bs);
+            }
+            blocks.push(BlockRef { index, hash });
+        }
+        progress(p);
+    }
+    reader
+        .await
+        .map_err(|e| Error::Internal(format!("backup reader stopped: {e}")))?;
+    blocks.sort_by_key(|b| b.index);
+    Ok(BackupMeta {
+        format: layout::FORMAT,
+        name: job.name.clone(),
+        volume: job.volume.clone(),
+        snapshot: job.snapshot.clone(),
+        created: crate::model::now_rfc3339(),
+        size_bytes: size,
+        block_size: bs,
+        backing_image: job.backing.as_ref().map(|(r, _, _)| r.clone()),
+        blocks,
+        uploaded_bytes: p.bytes_transferred,
+        data_bytes,
+    })
+}
+
+/// Fetches a block and checks it against its hash; the error names the block and the backup.
+async fn fetch_block(target: &Target, meta: &BackupMeta, b: &BlockRef) -> Result<Vec<u8>> {
+    let Some(hash) = &b.hash else {
+        return Ok(Vec::new());
+    };
+    let key = layout::block_key(&meta.volume, hash);
+    let offset = b.index * meta.block_size;
+    let corrupt = |why: String| {
+        Error::FailedPrecondition(format!(
+            "backup {:?} of volume {:?}: block {} (offset {offset}, {key}) in the backup target {} {why}; the backup cannot be restored as it was: restore another backup of the volume",
+            meta.name,
+            meta.volume,
+            b.index,
+            target.url()
+        ))
+    };
+    let bytes = target
+        .get(&key)
+        .await?
+        .ok_or_else(|| corrupt("is missing".into()))?;
+    let len = meta.block_size.min(meta.size_bytes - offset) as usize;
+    let hash = hash.clone();
+    let data = tokio::task::spawn_blocking(move || {
+        let data = zstd::bulk::decompress(&bytes, len)
+            .map_err(|e| format!("does not decompress ({e})"))?;
+        let got = sha256_hex(&data);
+        if data.len() != len || got != hash {
+            return Err(format!(
+                "is corrupt: its content hashes to {got} ({} bytes), not {hash} ({len} bytes)",
+                data.len()
+            ));
+        }
+        Ok(data)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    data.map_err(corrupt)
+}
+
+/// Builds `job.dest` from the backup: its blocks written over the backing file. Nothing is left
+/// at `dest` unless it completes.
+pub async fn restore(job: RestoreJob, progress: ProgressFn) -> Result<()> {
+    let meta = &job.meta;
+    let part = job.dest.with_extension("qcow2.part");
+    let dir = job
+        .dest
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no directory", job.dest.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    std::fs::create_dir_all(&job.work_dir).map_err(|e| io("cannot create", &job.work_dir, e))?;
+    let _ = std::fs::remove_file(&part);
+    let result = restore_into(&job, &part, progress).await;
+    let _ = std::fs::remove_dir_all(&job.work_dir);
+    match result {
+        Ok(()) => Ok(crate::os::image::commit(&part, &job.dest)?),
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            tracing::warn!(backup = %meta.name, error = %e, "restore failed");
+            Err(e)
+        }
+    }
+}
+
+async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Result<()> {
+    let meta = &job.meta;
+    let os = Os::real();
+    let b = job.backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+    os.images.create_replica(part, meta.size_bytes, b)?;
+    let mut p = Progress {
+        blocks_total: meta.blocks.len() as u64,
+        ..Default::default()
+    };
+    progress(p);
+    let shared = Arc::new((job.target.clone(), meta.clone()));
+    for batch in meta.blocks.chunks(RESTORE_BATCH) {
+        let fetched: Vec<Result<Vec<u8>>> = futures::stream::iter(batch.to_vec())
+            .map(|b| {
+                let shared = shared.clone();
+                async move { fetch_block(&shared.0, &shared.1, &b).await }
+            })
+            .buffered(UPLOADS)
+            .collect()
+            .await;
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "qcow2"]);
+        for (b, data) in batch.iter().zip(fetched) {
+            let data = data?;
+            let off = b.index * meta.block_size;
+            let len = meta.block_size.min(meta.size_bytes - off);
+            if b.hash.is_none() {
+                cmd.arg("-c").arg(format!("write -q -z {off} {len}"));
+            } else {
+                p.bytes_transferred += data.len() as u64;
+                let f = job.work_dir.join(format!("block-{}", b.index));
+                std::fs::write(&f, &data).map_err(|e| io("cannot write", &f, e))?;
+                let f = crate::os::utf8_path(&f)?.to_string();
+                cmd.arg("-c").arg(format!("write -q -s {f} {off} {len}"));
+            }
+        }
+        cmd.arg(part);
+        let out = tokio::task::spawn_blocking(move || run(&mut cmd))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        // qemu-io reports a failed command on stdout and still exits 0.
+        let text = String::from_utf8_lossy(&out?).into_owned();
+        if !text.trim().is_empty() {
+            return Err(Error::Internal(format!(
+                "qemu-io writing backup {:?} into {}: {}",
+                meta.name,
+                part.display(),
+                text.trim()
+            )));
+        }
+        for b in batch {
+            let _ = std::fs::remove_file(job.work_dir.join(format!("block-{}", b.index)));
+        }
+        p.blocks_done += batch.len() as u64;
+        progress(p);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(start: u64, length: u64, depth: u64, data: bool) -> Extent {
+        Extent {
+            start,
+            length,
+            depth,
+            data,
+        }
+    }
+
+    #[test]
+    fn zero_blocks() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&vec![0u8; 10_000]));
+        for at in [0, 4095, 4096, 9_999] {
+            let mut v = vec![0u8; 10_000];
+            v[at] = 1;
+            assert!(!is_zero(&v), "{at}");
+        }
+    }
+
+    #[test]
+    fn candidates_table() {
+        let mib = 1 << 20;
+        let bs = 2 * mib;
+        let map = [
+            ext(0, 64 << 10, 0, false),
+            ext(64 << 10, mib, 1, true),
+            ext(3 * mib, mib, 0, true),
+            ext(4 * mib, 4 * mib, 1, false),
+        ];
+        // Over a backing file: only depth 0, a block per touched range.
+        assert_eq!(
+            candidate_blocks(&map, true, true, 8 * mib, bs),
+            [0, 1].into()
+        );
+        // No backing file, no image: data extents only.
+        assert_eq!(
+            candidate_blocks(&map, false, false, 8 * mib, bs),
+            [0, 1].into()
+        );
+        // No backing file but an image (a full copy): everything is compared.
+        assert_eq!(
+            candidate_blocks(&map, false, true, 8 * mib, bs),
+            [0, 1, 2, 3].into()
+        );
+        // Extents past the size are cut.
+        assert_eq!(
+            candidate_blocks(&[ext(0, 10 * mib, 0, true)], true, true, 3 * mib, bs),
+            [0, 1].into()
+        );
+    }
+}

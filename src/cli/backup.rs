@@ -1,0 +1,371 @@
+//! `bicsi backup create|list|delete|restore` and `bicsi get backupvolumes`: the HTTP API's backup
+//! routes, with progress while a backup or a restore runs. It only shapes requests and prints
+//! answers; the rules live in the controller (`crate::controller::backup`).
+
+use std::time::Instant;
+
+use clap::Subcommand;
+
+use super::wait::{self, Progress, WaitArgs};
+use super::{ListOutput, Server};
+use crate::backup::layout::BackupVolumeMeta;
+use crate::backup::{Backup, BackupState, Restore};
+use crate::cli_api::{client, json, send, url};
+use crate::error::{Error, Result};
+use crate::outln;
+use crate::quantity;
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Back up a volume to the backup target (setting backup-target): only the blocks the
+    /// target does not hold yet are uploaded.
+    Create {
+        /// The volume to back up.
+        volume: String,
+        /// The backup's name (default: VOLUME-<random>).
+        #[arg(long)]
+        name: Option<String>,
+        /// Upload every block again, even those the target holds.
+        #[arg(long)]
+        full: bool,
+        /// Read this existing snapshot (its id) instead of taking one.
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// List backups (of one volume), those in progress and failed ones too.
+    List {
+        /// Only the backups of this volume.
+        volume: Option<String>,
+        /// json|yaml: the records (wide: the table).
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<ListOutput>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Delete a backup, and the blocks no other backup of its volume uses.
+    Delete {
+        /// The backup, as `bicsi backup list` shows it.
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Back up a backing image's file into the backup target (once per target; the first volume
+    /// backup over an image does it too), so restores work where the image does not exist.
+    Image {
+        /// The backing image.
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Restore a backup into a new volume, over the backup's backing image (or another one).
+    Restore {
+        /// The backup, as `bicsi backup list` shows it.
+        backup: String,
+        /// The new volume's name.
+        volume: String,
+        /// Restore over this backing image instead of the backup's own.
+        #[arg(long)]
+        backing_image: Option<String>,
+        /// Size (256Mi, 10Gi); default: the backup's.
+        #[arg(long)]
+        size: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        server: Server,
+    },
+}
+
+impl BackupCommand {
+    pub fn server(&self) -> &Server {
+        match self {
+            BackupCommand::Create { server, .. }
+            | BackupCommand::List { server, .. }
+            | BackupCommand::Delete { server, .. }
+            | BackupCommand::Image { server, .. }
+            | BackupCommand::Restore { server, .. } => server,
+        }
+    }
+}
+
+fn describe(b: &Backup) -> String {
+    format!(
+        "{} {}%: {}/{} blocks, {} uploaded",
+        b.state.as_str(),
+        b.progress,
+        b.blocks_done,
+        b.blocks_total,
+        quantity::human(b.bytes_uploaded)
+    )
+}
+
+async fn get_backup(server: &str, name: &str) -> Result<Backup> {
+    json(
+        send(
+            client().get(url(server, &format!("v1/backups/{name}"))),
+            server,
+        )
+        .await?,
+    )
+    .await
+}
+
+async fn get_restore(server: &str, volume: &str) -> Result<Restore> {
+    json(
+        send(
+            client().get(url(server, &format!("v1/restores/{volume}"))),
+            server,
+        )
+        .await?,
+    )
+    .await
+}
+
+pub async fn run(cmd: BackupCommand) -> Result<()> {
+    match cmd {
+        BackupCommand::Create {
+            volume,
+            name,
+            full,
+            snapshot,
+            wait,
+            server,
+        } => {
+            let s = &server.server;
+            let started: Backup = json(
+                send(
+                    client()
+                        .post(url(s, "v1/backups"))
+                        .json(&serde_json::json!({
+                            "volume": volume, "name": name, "full": full, "snapshot": snapshot,
+                        })),
+                    s,
+                )
+                .await?,
+            )
+            .await?;
+            let name = started.name.clone();
+            outln!("backup {name} of volume {volume} started");
+            if wait.no_wait {
+                return Ok(());
+            }
+            wait::on_interrupt(format!(
+                "stopped waiting; backup {name} goes on in bicsi: `bicsi backup list {volume}` shows it"
+            ));
+            let deadline = wait.deadline();
+            let mut progress = Progress::new(format!("backup {name}"));
+            loop {
+                let b = get_backup(s, &name).await?;
+                match b.state {
+                    BackupState::Completed => {
+                        progress.finish();
+                        outln!(
+                            "backup {name} completed: {} uploaded ({} blocks new of {} read)",
+                            quantity::human(b.bytes_uploaded),
+                            b.blocks_uploaded,
+                            b.blocks_total
+                        );
+                        return Ok(());
+                    }
+                    BackupState::Error => {
+                        progress.finish();
+                        return Err(Error::FailedPrecondition(format!(
+                            "backup {name} failed: {}",
+                            b.message
+                        )));
+                    }
+                    BackupState::InProgress => progress.update(&describe(&b), Some(b.progress)),
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Error::Unavailable(format!(
+                        "backup {name} is still running ({}); it goes on in bicsi",
+                        describe(&b)
+                    )));
+                }
+                tokio::time::sleep(wait::POLL).await;
+            }
+        }
+        BackupCommand::List {
+            volume,
+            output,
+            server,
+        } => {
+            let s = &server.server;
+            let path = match &volume {
+                Some(v) => {
+                    crate::backup::layout::check_name("volume", v)?;
+                    format!("v1/backups?volume={v}")
+                }
+                None => "v1/backups".to_string(),
+            };
+            let list: Vec<Backup> = json(send(client().get(url(s, &path)), s).await?).await?;
+            match output {
+                Some(ListOutput::Json) => super::print_json(&list)?,
+                Some(ListOutput::Yaml) => super::print_yaml(&list)?,
+                _ => {
+                    outln!(
+                        "{:<40} {:<24} {:<12} {:>5} {:>10} {:>10} {:<20} CREATED",
+                        "NAME",
+                        "VOLUME",
+                        "STATE",
+                        "PROG",
+                        "SIZE",
+                        "UPLOADED",
+                        "BACKING-IMAGE"
+                    );
+                    for b in &list {
+                        outln!(
+                            "{:<40} {:<24} {:<12} {:>4}% {:>10} {:>10} {:<20} {}",
+                            b.name,
+                            b.volume,
+                            b.state.as_str(),
+                            b.progress,
+                            quantity::human(b.size_bytes),
+                            quantity::human(b.bytes_uploaded),
+                            b.backing_image.as_deref().unwrap_or("-"),
+                            b.created
+                        );
+                        if b.state == BackupState::Error {
+                            outln!("  error: {}", b.message);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        BackupCommand::Image { name, server } => {
+            let s = &server.server;
+            let m: crate::backup::image::ImageMeta = json(
+                send(
+                    client().post(url(s, &format!("v1/backingimages/{name}/backup"))),
+                    s,
+                )
+                .await?,
+            )
+            .await?;
+            outln!(
+                "backing image {name} is in the backup target: {} in {} blocks, {} uploaded now, SHA-512 {}",
+                quantity::human(m.size),
+                m.blocks.len(),
+                quantity::human(m.uploaded_bytes),
+                m.checksum
+            );
+            Ok(())
+        }
+        BackupCommand::Delete { name, server } => {
+            let s = &server.server;
+            send(client().delete(url(s, &format!("v1/backups/{name}"))), s).await?;
+            outln!("backup {name} deleted");
+            Ok(())
+        }
+        BackupCommand::Restore {
+            backup,
+            volume,
+            backing_image,
+            size,
+            wait,
+            server,
+        } => {
+            let s = &server.server;
+            let size_bytes = match &size {
+                Some(t) => quantity::parse(t).map_err(|e| {
+                    Error::InvalidArgument(format!("--size {t:?}: {e}; use 256Mi or 10Gi"))
+                })?,
+                None => 0,
+            };
+            let _: Restore = json(
+                send(
+                    client()
+                        .post(url(s, &format!("v1/backups/{backup}/restore")))
+                        .json(&serde_json::json!({
+                            "volume": volume, "backingImage": backing_image, "sizeBytes": size_bytes,
+                        })),
+                    s,
+                )
+                .await?,
+            )
+            .await?;
+            outln!("restore of backup {backup} into volume {volume} started");
+            if wait.no_wait {
+                return Ok(());
+            }
+            wait::on_interrupt(format!(
+                "stopped waiting; the restore into {volume} goes on in bicsi (`bicsi get volume {volume}` shows the volume once it exists)"
+            ));
+            let deadline = wait.deadline();
+            let mut progress = Progress::new(format!("restore {volume}"));
+            loop {
+                let r = get_restore(s, &volume).await?;
+                match r.state {
+                    BackupState::Completed => {
+                        progress.finish();
+                        outln!("volume {volume} restored from backup {backup}");
+                        return Ok(());
+                    }
+                    BackupState::Error => {
+                        progress.finish();
+                        return Err(Error::FailedPrecondition(format!(
+                            "restore of backup {backup} into volume {volume} failed: {}",
+                            r.message
+                        )));
+                    }
+                    BackupState::InProgress => progress.update(
+                        &format!(
+                            "{} fetched{}",
+                            quantity::human(r.bytes_fetched),
+                            if r.attempts > 1 {
+                                format!(" (attempt {})", r.attempts)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                        Some(r.progress),
+                    ),
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Error::Unavailable(format!(
+                        "the restore into {volume} is still running ({}%); it goes on in bicsi",
+                        r.progress
+                    )));
+                }
+                tokio::time::sleep(wait::POLL).await;
+            }
+        }
+    }
+}
+
+/// `bicsi get backupvolumes`.
+pub async fn get_backup_volumes(server: &str, output: Option<ListOutput>) -> Result<()> {
+    let list: Vec<BackupVolumeMeta> =
+        json(send(client().get(url(server, "v1/backupvolumes")), server).await?).await?;
+    match output {
+        Some(ListOutput::Json) => super::print_json(&list)?,
+        Some(ListOutput::Yaml) => super::print_yaml(&list)?,
+        _ => {
+            outln!(
+                "{:<32} {:>10} {:>8} {:<20} {:<40} LAST-BACKUP-AT",
+                "NAME",
+                "SIZE",
+                "BLOCK",
+                "BACKING-IMAGE",
+                "LAST-BACKUP"
+            );
+            for v in &list {
+                outln!(
+                    "{:<32} {:>10} {:>8} {:<20} {:<40} {}",
+                    v.name,
+                    quantity::human(v.size_bytes),
+                    quantity::human(v.block_size),
+                    v.backing_image.as_ref().map_or("-", |b| b.name.as_str()),
+                    v.last_backup,
+                    v.last_backup_at
+                );
+            }
+        }
+    }
+    Ok(())
+}
