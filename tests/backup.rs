@@ -900,3 +900,40 @@ fn block_volume_over_a_qcow2_image_keeps_zeroed_image_blocks() {
         assert_eq!(sha_of_device(dev, 32 * MIB), expected)
     });
 }
+
+#[test]
+fn a_backup_of_an_attached_volume_holds_its_content_when_the_backup_started() {
+    if !is_root() {
+        return;
+    }
+    let base = tempfile::Builder::new()
+        .prefix("bicsi-bak-")
+        .tempdir()
+        .unwrap();
+    let s = Served::start(&base.path().join("serve"));
+    let target = target_dir(base.path());
+    set_target(&s, &target);
+    s.ok(&[
+        "volume",
+        "create",
+        "live",
+        "--size",
+        "32Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let first = noise(3 * MIB as usize, 41);
+    let mut image = first.clone();
+    image.resize(32 * MIB as usize, 0);
+    let expected = hex::encode(sha2::Sha256::digest(&image));
+    // Taken while attached (the engine's point-in-time copy), then written over.
+    s.with_block("live", |dev| {
+        write_at(dev, 0, &first);
+        s.ok(&["backup", "create", "live", "--name", "live-1"]);
+        write_at(dev, 0, &noise(3 * MIB as usize, 42));
+    });
+    s.ok(&["backup", "restore", "live-1", "live-back"]);
+    s.with_block("live-back", |dev| {
+        assert_eq!(sha_of_device(dev, 32 * MIB), expected)
+    });
+}

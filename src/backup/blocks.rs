@@ -128,6 +128,55 @@ struct Extent {
     depth: u64,
     #[serde(default)]
     data: bool,
+    #[serde(default)]
+    zero: bool,
+    #[serde(default)]
+    compressed: bool,
+    /// Where the extent's bytes are in the image file (qcow2 data clusters).
+    #[serde(default)]
+    offset: Option<u64>,
+}
+
+/// Where a block's bytes are read from.
+enum Content {
+    /// A raw view of the whole volume (the raw file itself, or a converted copy).
+    Raw(PathBuf, std::fs::File),
+    /// The qcow2 snapshot file itself: its own extents (depth 0) read at their host offsets,
+    /// the rest from the backing image's raw view (or zeros), so nothing is converted.
+    Own(std::fs::File, Vec<Extent>),
+}
+
+/// Whether the own extents of a qcow2 file can be read in place: none compressed, every data
+/// extent with its host offset.
+fn readable_in_place(extents: &[Extent]) -> bool {
+    extents
+        .iter()
+        .filter(|e| e.depth == 0)
+        .all(|e| !e.compressed && (e.zero || !e.data || e.offset.is_some()))
+}
+
+/// Overlays the own extents of `[off, off + buf.len())` onto `buf`, which holds the backing
+/// bytes: data read from the file at the extent's host offset, zeros for zero extents.
+fn overlay_own(
+    f: &std::fs::File,
+    path: &Path,
+    extents: &[Extent],
+    off: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let end = off + buf.len() as u64;
+    for e in extents.iter().filter(|e| e.depth == 0) {
+        let (a, b) = (e.start.max(off), (e.start + e.length).min(end));
+        if a >= b {
+            continue;
+        }
+        let dst = &mut buf[(a - off) as usize..(b - off) as usize];
+        match e.offset {
+            Some(host) if e.data && !e.zero => read_at(f, path, host + (a - e.start), dst)?,
+            _ => dst.fill(0),
+        }
+    }
+    Ok(())
 }
 
 fn run(cmd: &mut Command) -> Result<Vec<u8>> {
@@ -294,12 +343,13 @@ async fn run_backup(
     let chain = info.backing_file.is_some();
     let extents = map(&job.file, info.format)?;
     let candidates = candidate_blocks(&extents, chain, job.backing.is_some(), size, bs);
+    let in_place = info.format == ImageFormat::Qcow2 && readable_in_place(&extents);
     let mut p = Progress {
         blocks_total: candidates.len() as u64,
         ..Default::default()
     };
     progress(p);
-    tracing::info!(backup = %job.name, volume = %job.volume, size, candidates = candidates.len(), chain, "backup: reading the snapshot's own blocks");
+    tracing::info!(backup = %job.name, volume = %job.volume, size, candidates = candidates.len(), chain, in_place, "backup: reading the snapshot's own blocks");
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Read>>(UPLOADS * 2);
     let reader_job = job.clone();
@@ -311,14 +361,6 @@ async fn run_backup(
             if candidates.is_empty() {
                 return Ok(());
             }
-            let content = raw_view(
-                &job.file,
-                info.format,
-                chain,
-                &job.work_dir.join("content.raw"),
-            )?;
-            let content_f =
-                std::fs::File::open(&content).map_err(|e| io("cannot open", &content, e))?;
             let base = match &job.backing {
                 Some((_, path, fmt)) => {
                     let view = raw_view(path, *fmt, false, &job.work_dir.join("backing.raw"))?;
@@ -327,21 +369,44 @@ async fn run_backup(
                 }
                 None => None,
             };
+            // In place when the file's own extents say where every byte is and the chain
+            // below is the image the backup compares with; else through a raw copy.
+            let in_place = info.format == ImageFormat::Qcow2
+                && chain == base.is_some()
+                && readable_in_place(&extents);
+            let content = if in_place {
+                let f =
+                    std::fs::File::open(&job.file).map_err(|e| io("cannot open", &job.file, e))?;
+                Content::Own(f, extents)
+            } else {
+                let view = raw_view(
+                    &job.file,
+                    info.format,
+                    chain,
+                    &job.work_dir.join("content.raw"),
+                )?;
+                let f = std::fs::File::open(&view).map_err(|e| io("cannot open", &view, e))?;
+                Content::Raw(view, f)
+            };
             let mut seen = existing;
             let mut data = vec![0u8; bs as usize];
             let mut other = vec![0u8; bs as usize];
             for index in candidates {
                 let off = index * bs;
                 let len = bs.min(size - off) as usize;
-                read_at(&content_f, &content, off, &mut data[..len])?;
-                let zero = is_zero(&data[..len]);
-                let same = match &base {
-                    Some((view, f)) => {
-                        read_at(f, view, off, &mut other[..len])?;
-                        data[..len] == other[..len]
+                match &base {
+                    Some((view, f)) => read_at(f, view, off, &mut other[..len])?,
+                    None => other[..len].fill(0),
+                }
+                match &content {
+                    Content::Raw(view, f) => read_at(f, view, off, &mut data[..len])?,
+                    Content::Own(f, own) => {
+                        data[..len].copy_from_slice(&other[..len]);
+                        overlay_own(f, &job.file, own, off, &mut data[..len])?;
                     }
-                    None => zero,
-                };
+                }
+                let zero = is_zero(&data[..len]);
+                let same = data[..len] == other[..len];
                 // A block equal to the image's (or to zeros without one) is left out; a zero
                 // block over an image is listed without a hash, so a restore writes zeros there.
                 let read = if same || zero {
@@ -569,6 +634,9 @@ mod tests {
             length,
             depth,
             data,
+            zero: !data,
+            compressed: false,
+            offset: data.then_some(start),
         }
     }
 
