@@ -1191,13 +1191,27 @@ async fn a_stalled_remote_replica_stops_blocking_writes_and_is_marked_err() {
     eprintln!("a write blocked by a stalled replica resumed after {took:?} (replica-timeout 2 s)");
     assert!(took < Duration::from_secs(15), "took {took:?}");
 
-    let volumes: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let v = volumes.iter().find(|v| v["id"] == "vol-h").unwrap();
+    // The write resumes when the connections are cut; the record is marked in the same pass or
+    // the next one (0.5 s later).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let v = loop {
+        let volumes: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let v = volumes.into_iter().find(|v| v["id"] == "vol-h").unwrap();
+        let marked = v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["nodeId"] == "node-2" && r["mode"] == "err");
+        if marked || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let remote = v["replicas"]
         .as_array()
         .unwrap()
