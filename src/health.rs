@@ -35,9 +35,13 @@
 //!   own event file (a QMP monitor on a file, so no listener needs to be connected and a crash of
 //!   bicsi loses nothing); the node agent reads it, records the fault durably (an fsync'ed fault
 //!   file in the run directory), drops the child from the quorum (`x-blockdev-change`), and marks
-//!   the replica err in the volume record. Between the failed write and the drop (milliseconds),
-//!   a read of that very range would be served by the failed child if it is the first in read
-//!   order: the window is measured and named in `os::engine::events`.
+//!   the replica err in the volume record. Between the failed write and the drop (up to the
+//!   watcher's 0.5 s interval plus a QMP round trip), a read of that very range is served by the
+//!   failed child if it is the first in read order (measured: it returns the old bytes; see
+//!   `os::engine::events`). This window is the one stale read left; closing it needs qemu to
+//!   stop reading a child that failed a write, which quorum 10.0 does not do.
+//! - when a remote child's node stalls: a probe finds its server silent for `replica-timeout`
+//!   seconds, its connections are cut and it is marked err like a failed write;
 //! - when an NBD child dropped its connection or reported failures (`volume_status`), checked
 //!   periodically and at detach;
 //! - when the node (bicsi and qemu) died before any of that was recorded: the volume record
@@ -46,8 +50,10 @@
 //!   remaining rw replicas at rest (`qemu-img compare`). Identical: no acknowledged write is
 //!   missing from any of them. Different with no record saying which missed writes: the volume is
 //!   faulted and the attach refused; `bicsi volume rebuild NAME --from REPLICA` lets a person
-//!   choose. A replica that missed a write differs from one that took it (the write changed
-//!   bytes it was acknowledged for), so "identical" is a proof, not a guess.
+//!   choose. "Identical" is the proof needed, not a guess: every byte a read can return is the
+//!   same in each of them, so whichever replica missed a write, reading it returns what the
+//!   others return (a missed write that did not change any byte changed nothing to read). The
+//!   comparison runs before the engine starts, so nothing reads a replica in between.
 
 use serde::{Deserialize, Serialize};
 

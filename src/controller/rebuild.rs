@@ -51,6 +51,25 @@ pub struct RebuildReport {
     pub skipped: Vec<String>,
 }
 
+const STALE: &str = "err longer than staleReplicaTimeout";
+
+/// Why a replica in err since `since` must be replaced rather than rebuilt in place, or None:
+/// its disk (or node) is gone, or it stayed err longer than the volume's staleReplicaTimeout
+/// (minutes; 0: at once; None: never for this reason).
+pub fn replace_reason(
+    disk_back: bool,
+    stale_minutes: Option<u32>,
+    since: u64,
+    now: u64,
+) -> Option<&'static str> {
+    if !disk_back {
+        return Some("its disk is gone");
+    }
+    stale_minutes
+        .is_some_and(|m| now >= since.saturating_add(u64::from(m) * 60))
+        .then_some(STALE)
+}
+
 /// Frees a node's rebuild slot when dropped.
 struct Slot<'a> {
     controller: &'a Controller,
@@ -225,11 +244,14 @@ impl Controller {
         };
         let disk_back = disks.iter().any(|d| d.disk.id == old.disk_id)
             && self.cluster.agent(&old.node_id).is_ok();
-        let stale = volume
-            .spec
-            .stale_replica_timeout_minutes
-            .is_some_and(|m| now >= old.health.mode_since + u64::from(m) * 60);
-        let (target, replaced, source) = if disk_back && !stale {
+        let replace = replace_reason(
+            disk_back,
+            volume.spec.stale_replica_timeout_minutes,
+            old.health.mode_since,
+            now,
+        );
+        let stale = replace == Some(STALE);
+        let (target, replaced, source) = if replace.is_none() {
             // A source on the same node copies locally; else over NBD from its node.
             let Some(source) = source(Some(&old.node_id)).or_else(|| source(None)) else {
                 return Err(Error::FailedPrecondition(
@@ -261,11 +283,7 @@ impl Controller {
                     "replica {} must be replaced ({}) but no disk is free of this volume's \
                      replicas; add a disk or a node",
                     old.id,
-                    if stale {
-                        "err longer than staleReplicaTimeout"
-                    } else {
-                        "its disk is gone"
-                    },
+                    replace.unwrap_or_default(),
                 )));
             };
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
@@ -462,4 +480,31 @@ pub fn spawn(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replacement_table() {
+        // (disk back, staleReplicaTimeout minutes, err since, now) → reason
+        let t0 = 1_000_000;
+        let table = [
+            (true, None, t0, t0 + 86_400, None),
+            (true, Some(2880), t0, t0 + 2880 * 60 - 1, None),
+            (true, Some(2880), t0, t0 + 2880 * 60, Some(STALE)),
+            (true, Some(0), t0, t0, Some(STALE)),
+            (false, None, t0, t0, Some("its disk is gone")),
+            (false, Some(2880), t0, t0, Some("its disk is gone")),
+            (true, Some(1), u64::MAX, u64::MAX - 1, None),
+        ];
+        for (back, minutes, since, now, want) in table {
+            assert_eq!(
+                replace_reason(back, minutes, since, now),
+                want,
+                "{back} {minutes:?} {since} {now}"
+            );
+        }
+    }
 }

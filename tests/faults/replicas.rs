@@ -30,6 +30,7 @@ fn fio(dev: &Path, mib: u64, verify_only: bool) -> String {
         "--direct=1",
         "--verify=crc32c",
         "--verify_fatal=1",
+        // No `*-verify.state` file in the working directory (the repository's, under cargo).
         "--verify_state_save=0",
         "--do_verify=1",
         "--end_fsync=1",
