@@ -59,10 +59,7 @@ pub(crate) async fn control(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     let guard = SweepOnDrop(dir.clone());
     let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
     let result = control_runs(b, checks, &serve, &dir, len, quick).await;
-    let log = serve.stop().await.unwrap_or_default();
-    if result.is_err() {
-        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
-    }
+    let result = serve.stop_after(result).await;
     drop(guard);
     let (stats, refs, peak) = result?;
     let mut rows = Vec::new();

@@ -28,10 +28,7 @@ pub(crate) async fn create_downloading(b: &Bench, checks: &mut Checks) -> Res<Ve
     let guard = SweepOnDrop(dir.clone());
     let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
     let result = runs(b, checks, &serve, len).await;
-    let log = serve.stop().await.unwrap_or_default();
-    if result.is_err() {
-        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
-    }
+    let result = serve.stop_after(result).await;
     drop(guard);
     let (calls, firsts, plain) = result?;
     let median_ms = calls.median() * 1e3;
@@ -84,19 +81,13 @@ async fn runs(
         let mut ids = Vec::new();
         for i in 0..CALLS {
             let t = Instant::now();
-            let v = c
-                .controller
-                .create_volume(pb::CreateVolumeRequest {
-                    name: format!("dl-{run}-{i}"),
-                    volume_capabilities: vec![cap.clone()],
-                    parameters: parameters.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| rpc_err("CreateVolume while downloading", s))?
-                .into_inner()
-                .volume
-                .ok_or("CreateVolume answered no volume")?;
+            let req = pb::CreateVolumeRequest {
+                name: format!("dl-{run}-{i}"),
+                volume_capabilities: vec![cap.clone()],
+                parameters: parameters.clone(),
+                ..Default::default()
+            };
+            let v = create(&mut c, req, "CreateVolume while downloading").await?;
             let took = t.elapsed();
             calls.push(took);
             if i == 0 {
@@ -133,23 +124,11 @@ async fn runs(
         );
         for i in 0..CALLS {
             let t = Instant::now();
-            let v = c
-                .controller
-                .create_volume(pb::CreateVolumeRequest {
-                    name: format!("plain-{run}-{i}"),
-                    volume_capabilities: vec![cap.clone()],
-                    capacity_range: Some(pb::CapacityRange {
-                        required_bytes: len as i64,
-                        limit_bytes: 0,
-                    }),
-                    parameters: HashMap::from([("numberOfReplicas".to_string(), "1".to_string())]),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| rpc_err("CreateVolume", s))?
-                .into_inner()
-                .volume
-                .ok_or("CreateVolume answered no volume")?;
+            let req = pb::CreateVolumeRequest {
+                volume_capabilities: vec![cap.clone()],
+                ..one_replica_block(&format!("plain-{run}-{i}"), len)
+            };
+            let v = create(&mut c, req, "CreateVolume").await?;
             plain.push(t.elapsed());
             ids.push(v.volume_id);
         }

@@ -56,7 +56,7 @@ const NO_NBD: &str = "; bound: every request is a round trip through the daemon'
                       kernel NBD client";
 
 pub(crate) async fn volume_io(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root() {
         println!("volume-io: skipped: needs root (loop devices, FUSE, mounts)");
         return Ok(vec![]);
     }
@@ -85,10 +85,7 @@ pub(crate) async fn volume_io(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     let guard = SweepOnDrop(dir.clone());
     let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
     let result = io_runs(b, checks, &serve, &dir, len, fio).await;
-    let log = serve.stop().await.unwrap_or_default();
-    if result.is_err() {
-        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
-    }
+    let result = serve.stop_after(result).await;
     drop(guard);
     let (stats, peak) = result?;
     let mut rows = Vec::new();
@@ -127,40 +124,27 @@ async fn io_runs(
     fio: bool,
 ) -> Res<(Vec<(Stats, Stats)>, Option<u64>)> {
     let mut csi = csi_connect(&serve.csi).await?;
-    let cap = block_capability();
-    let vol = csi
-        .controller
-        .create_volume(pb::CreateVolumeRequest {
-            name: "volume-io".into(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: len as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap.clone()],
-            parameters: HashMap::from([("numberOfReplicas".to_string(), "1".to_string())]),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| rpc_err("CreateVolume", s))?
-        .into_inner()
-        .volume
-        .ok_or("CreateVolume answered no volume")?
-        .volume_id;
-    let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
-    let staging = dir.join("staging");
-    let target = dir.join("target");
-    std::fs::create_dir_all(&staging)?;
-    let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
-    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
-    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
+    let BlockVolume {
+        id: vol,
+        staging: staging_s,
+        target: target_s,
+    } = publish_block_volume(&mut csi, "volume-io", len, dir).await?;
 
     let raw = dir.join("plain.raw");
     std::fs::File::create(&raw)?.set_len(len)?;
     let loopdev = capture_checked("losetup", &["--find", "--show", &raw.to_string_lossy()]).await?;
-    let result = io_sides(b, checks, &target, Path::new(&loopdev), len, fio).await;
+    let result = io_sides(
+        b,
+        checks,
+        Path::new(&target_s),
+        Path::new(&loopdev),
+        len,
+        fio,
+    )
+    .await;
     let _ = capture("losetup", &["-d", &loopdev]).await;
     let _ = std::fs::remove_file(&raw);
-    let peak = qsd_under(dir)
+    let peak = engines_under(dir)
         .into_iter()
         .filter_map(|pid| u32::try_from(pid).ok().and_then(vm_hwm))
         .max();
@@ -235,43 +219,25 @@ async fn io_sides(
 
 /// One fio job on `dev`; returns fio's own runtime of the job.
 async fn run_fio(dev: &Path, job: &Job, len: u64) -> Res<Duration> {
-    let out = capture_checked(
-        "fio",
-        &[
-            "--name=bench",
-            &format!("--filename={}", dev.display()),
-            &format!("--rw={}", job.rw),
-            &format!("--bs={}", job.bs),
-            &format!("--size={}", len / job.share),
-            "--direct=1",
-            "--ioengine=libaio",
-            "--iodepth=16",
-            "--randrepeat=1",
-            "--output-format=json",
-        ],
-    )
-    .await?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("fio printed no JSON ({e}): {out}"))?;
-    let side = if job.rw.contains("read") {
-        "read"
-    } else {
-        "write"
+    let size = len / job.share;
+    let fio = FioJob {
+        rw: job.rw,
+        bs: job.bs,
+        iodepth: 16,
+        size,
+        runtime: None,
     };
-    let ms = v["jobs"][0][side]["runtime"]
-        .as_u64()
-        .ok_or_else(|| format!("fio's JSON has no jobs[0].{side}.runtime: {out}"))?;
-    let bytes = v["jobs"][0][side]["io_bytes"].as_u64().unwrap_or(0);
-    if bytes != len / job.share {
+    let out = fio.run(&dev.display().to_string()).await?;
+    if out.io_bytes != size {
         return Err(format!(
-            "fio {} on {} moved {bytes} bytes, not {}",
+            "fio {} on {} moved {} bytes, not {size}",
             job.name,
             dev.display(),
-            len / job.share
+            out.io_bytes
         )
         .into());
     }
-    Ok(Duration::from_millis(ms.max(1)))
+    Ok(Duration::from_millis(out.runtime_ms.max(1)))
 }
 
 /// The sequential jobs with dd (direct I/O), timed from outside.

@@ -26,6 +26,10 @@ pub struct DiskSpace {
     /// Whether the disk's backing image manager runs (it does while the disk holds files).
     #[serde(default)]
     pub manager: bool,
+    /// Whether the disk's filesystem shares blocks (FICLONE works: XFS with reflink, btrfs),
+    /// which the loop engine needs; probed once per disk by its agent.
+    #[serde(default)]
+    pub shares_blocks: bool,
 }
 
 #[tonic::async_trait]
@@ -212,6 +216,9 @@ pub struct LocalAgent {
     /// Per-volume guards of the node's attach work, shared with `crate::node::NodeAgent`, so a
     /// cleanup never runs into a stage in progress.
     pub volume_guards: Guards,
+    /// Whether each disk (by id) shares blocks, probed once per disk (a file cloned in its
+    /// `tmp/`): a filesystem does not gain or lose reflink while mounted.
+    pub shares_blocks: Arc<std::sync::Mutex<std::collections::BTreeMap<String, bool>>>,
 }
 
 fn replica_dir(replica: &Replica) -> &Path {
@@ -306,13 +313,25 @@ impl Agent for LocalAgent {
     async fn disk_space(&self) -> Result<Vec<DiskSpace>> {
         let disks = self.disks.clone();
         let running = self.files.running_managers();
+        let (os, probed) = (self.os.clone(), self.shares_blocks.clone());
         blocking(move || {
             disks
                 .into_iter()
                 .map(|d| {
+                    let known = probed.lock().expect("probe cache").get(&d.id).copied();
+                    let shares_blocks = match known {
+                        Some(s) => s,
+                        None => {
+                            let s = os.images.shares_blocks(&d.path.join("tmp"))?;
+                            tracing::info!(disk = %d.id, path = %d.path.display(), shares_blocks = s, "probed whether the disk shares blocks (reflink)");
+                            probed.lock().expect("probe cache").insert(d.id.clone(), s);
+                            s
+                        }
+                    };
                     Ok(DiskSpace {
                         free_bytes: crate::disks::free_bytes(&d.path)?,
                         manager: running.contains(&d.id),
+                        shares_blocks,
                         disk: d,
                     })
                 })
@@ -337,6 +356,7 @@ impl Agent for LocalAgent {
         };
         let os = self.os.clone();
         let r = replica.clone();
+        let tmp_dir = disk.path.join("tmp");
         blocking(move || {
             let dir = replica_dir(&r);
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -347,7 +367,7 @@ impl Agent for LocalAgent {
                 ))
             })?;
             let backing = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-            os.images.create_replica(&r.path, size, backing)?;
+            crate::replica_file::create(&os, &r, size, backing, &tmp_dir)?;
             Ok(true)
         })
         .await
@@ -373,8 +393,8 @@ impl Agent for LocalAgent {
 
     async fn resize_replica(&self, replica: &Replica, size: u64) -> Result<()> {
         let os = self.os.clone();
-        let path = replica.path.clone();
-        blocking(move || Ok(os.images.resize(&path, size)?)).await
+        let (path, format) = (replica.path.clone(), replica.format);
+        blocking(move || crate::replica_file::resize(&os, &path, format, size)).await
     }
 
     async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()> {
@@ -383,7 +403,9 @@ impl Agent for LocalAgent {
             let dir = replica_dir(&r);
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
-            let tmp = dir.join("volume.qcow2.part");
+            let tmp = r
+                .path
+                .with_extension(format!("{}.part", r.format.extension()));
             let _ = std::fs::remove_file(&tmp);
             crate::sync::local_copy(&src.path, &tmp).map_err(|e| {
                 Error::Internal(format!("copying replica {} to {}: {e}", src.id, r.id))
@@ -450,6 +472,7 @@ impl Agent for LocalAgent {
         let export = ReplicaExport {
             replica_id: replica.id.clone(),
             path: replica.path.clone(),
+            format: replica.format,
         };
         let h = host.clone();
         let port =

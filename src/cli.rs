@@ -194,11 +194,15 @@ pub(crate) fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> 
 
 /// Prints a value as YAML on stdout.
 pub(crate) fn print_yaml<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
-    crate::out!(
-        "{}",
-        serde_yaml::to_string(value).map_err(|e| Error::Internal(e.to_string()))?
-    );
+    crate::out!("{}", to_yaml(value)?);
     Ok(())
+}
+
+/// YAML of a value as its JSON reads (an enum variant is a key, `mount: {fs_type: ext4}`), not
+/// with serde_yaml's `!mount` tags, which kubectl-minded readers and YAML tools without tag
+/// support trip on.
+pub(crate) fn to_yaml<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_yaml::to_string(&serde_json::to_value(value)?).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Flags every serving mode takes.
@@ -736,6 +740,22 @@ pub(crate) fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml_output_has_no_enum_tags() {
+        let cap = crate::model::AccessType::Mount {
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+        };
+        let yaml = to_yaml(&cap).unwrap();
+        assert!(!yaml.contains('!'), "{yaml}");
+        assert!(
+            yaml.starts_with("mount:\n") && yaml.contains("fs_type: ext4"),
+            "{yaml}"
+        );
+        let block = to_yaml(&crate::model::AccessType::Block).unwrap();
+        assert_eq!(block.trim(), "block");
+    }
 
     #[test]
     fn parameters_split_at_the_first_equals() {

@@ -695,10 +695,7 @@ pub async fn get_settings(server: &str, output: Option<Output>) -> Result<()> {
         json(send(client().get(url(server, "v1/settings")), server).await?).await?;
     match output {
         Some(Output::Json) => crate::outln!("{}", serde_json::to_string_pretty(&list)?),
-        Some(Output::Yaml) => crate::out!(
-            "{}",
-            serde_yaml::to_string(&list).map_err(|e| Error::Internal(e.to_string()))?
-        ),
+        Some(Output::Yaml) => crate::out!("{}", crate::cli::to_yaml(&list)?),
         None => {
             crate::outln!("{:<42} {:>8} {:>8} DESCRIPTION", "NAME", "VALUE", "DEFAULT");
             for s in list {

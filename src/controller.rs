@@ -352,10 +352,12 @@ impl Controller {
                 "no disks to place replicas on; start bicsi with --disk PATH".into(),
             ));
         }
+        let disks = crate::volume_engine::candidate_disks(p.engine, disks)?;
         let wanted = *p
             .number_of_replicas
             .get_or_insert(params::default_replicas(disks.len()));
         let chosen = place_replicas(disks, wanted as usize);
+        let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
         let image_name = image.as_ref().map(|(bi, _)| bi.name().to_string());
@@ -363,10 +365,11 @@ impl Controller {
         for d in &chosen {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             let mut replica = Replica {
-                path: crate::disks::replica_path(&d.disk, &id, &rid),
+                path: crate::disks::replica_path_as(&d.disk, &id, &rid, engine.replica_format()),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
+                format: engine.replica_format(),
                 deferred: false,
                 health: Default::default(),
             };
@@ -400,7 +403,7 @@ impl Controller {
                 "volume created degraded: fewer disks than replicas"
             );
         } else {
-            tracing::info!(volume = %id, size, replicas = volume.replicas.len(), "volume created");
+            tracing::info!(volume = %id, size, replicas = volume.replicas.len(), engine = %engine, "volume created");
         }
         Ok(volume)
     }
@@ -416,6 +419,11 @@ impl Controller {
         backing_image: Option<String>,
         replicas: Vec<Replica>,
     ) -> Result<Volume> {
+        // The replicas were made in the format of the engine chosen for them.
+        let engine = match replicas.first().map(|r| r.format) {
+            Some(crate::os::ImageFormat::Raw) => crate::model::EngineKind::Loop,
+            _ => crate::model::EngineKind::Qemu,
+        };
         let volume = Volume {
             id: id.to_string(),
             spec: VolumeSpec {
@@ -428,6 +436,7 @@ impl Controller {
                 parameters: p.kept,
                 capabilities: req.capabilities.clone(),
                 source: req.source(),
+                engine,
             },
             replicas,
             publication: None,
@@ -935,6 +944,11 @@ impl Controller {
                 p.node_id
             )));
         }
+        if volume.spec.engine == crate::model::EngineKind::Loop && wanted > 1 {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id:?} is served by the loop engine, which serves exactly one replica; it cannot get {wanted} replicas: clone it into a volume of engine qemu (StorageClass parameter engine: qemu) and use that one"
+            )));
+        }
         if let Some(image) = &volume.spec.backing_image
             && wanted > volume.spec.number_of_replicas
         {
@@ -965,10 +979,11 @@ impl Controller {
             for d in place_replicas(free, want - reps.len()) {
                 let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
                 let r = Replica {
-                    path: crate::disks::replica_path(&d.disk, id, &rid),
+                    path: crate::disks::replica_path_as(&d.disk, id, &rid, source.format),
                     id: rid,
                     node_id: d.disk.node_id.clone(),
                     disk_id: d.disk.id.clone(),
+                    format: source.format,
                     deferred: false,
                     health: Default::default(),
                 };
@@ -1001,6 +1016,7 @@ mod tests {
             },
             free_bytes: free,
             manager: false,
+            shares_blocks: false,
         }
     }
 

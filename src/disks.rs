@@ -78,10 +78,21 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
 
 /// Where a replica of `volume_id` lives on `disk`.
 pub fn replica_path(disk: &Disk, volume_id: &str, replica_id: &str) -> PathBuf {
+    replica_path_as(disk, volume_id, replica_id, crate::os::ImageFormat::Qcow2)
+}
+
+/// Where a replica of `volume_id` in `format` lives on `disk`: `volume.qcow2` or `volume.raw`
+/// (the name says the format, see `ImageFormat::of_file`).
+pub fn replica_path_as(
+    disk: &Disk,
+    volume_id: &str,
+    replica_id: &str,
+    format: crate::os::ImageFormat,
+) -> PathBuf {
     disk.path
         .join("replicas")
         .join(format!("{volume_id}-{replica_id}"))
-        .join("volume.qcow2")
+        .join(format!("volume.{}", format.extension()))
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@ mod pipeline;
 #[cfg(test)]
 mod tests;
 
-use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -42,6 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use pipeline::Pipeline;
+
+use crate::messages::error_chain;
+pub use crate::messages::redact;
 
 /// Default for [`DownloadRequest::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -287,23 +289,6 @@ pub fn validate_url(url: &str) -> Result<Url, DownloadError> {
         });
     }
     Ok(parsed)
-}
-
-/// The URL as it may be logged or shown: no user, password, query or fragment (they often hold
-/// tokens). A removed query shows as `?…`.
-pub fn redact(url: &Url) -> String {
-    let mut shown = url.clone();
-    let had_query = url.query().is_some();
-    // These only fail for URLs that cannot have credentials (no host), which have none to hide.
-    let _ = shown.set_username("");
-    let _ = shown.set_password(None);
-    shown.set_query(None);
-    shown.set_fragment(None);
-    let mut s = shown.to_string();
-    if had_query {
-        s.push_str("?…");
-    }
-    s
 }
 
 /// Downloads `req.url` into `req.dest`, hashing as the bytes arrive.
@@ -1016,20 +1001,6 @@ fn validator(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter(|v| !v.as_bytes().starts_with(b"W/"))
         .or_else(|| headers.get(header::LAST_MODIFIED))
         .cloned()
-}
-
-/// "error: cause: cause" (reqwest's own Display stops at the outermost error).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            let _ = write!(s, ": {text}");
-        }
-        source = cause.source();
-    }
-    s
 }
 
 async fn create_dest(path: &Path) -> Result<std::fs::File, DownloadError> {

@@ -280,6 +280,7 @@ mod tests {
             node_id: "n1".into(),
             disk_id: format!("d-{id}"),
             path: format!("/d/{id}/volume.qcow2").into(),
+            format: crate::os::ImageFormat::Qcow2,
             deferred: false,
             health: ReplicaHealth {
                 mode,
@@ -301,6 +302,7 @@ mod tests {
                 parameters: Default::default(),
                 capabilities: vec![],
                 source: None,
+                engine: Default::default(),
             },
             replicas: modes
                 .iter()

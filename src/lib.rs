@@ -27,6 +27,7 @@ pub mod guard;
 pub mod health;
 pub mod http;
 pub mod imagefmt;
+pub mod messages;
 pub mod model;
 pub mod node;
 pub mod os;
@@ -34,9 +35,17 @@ pub mod params;
 pub mod quantity;
 pub mod reconcile;
 pub mod remote;
+pub mod replica_file;
 pub mod server;
 pub mod settings;
 pub mod snapshot;
 pub mod storageclass;
 pub mod store;
 pub mod sync;
+pub mod volume_engine;
+
+// The test kit's machine side (root, tools, ports, sweeping mounts, loops and engines), shared
+// with the integration tests and the benchmark; see tests/kit/mod.rs.
+#[cfg(test)]
+#[path = "../tests/kit/host.rs"]
+mod kit;

@@ -87,15 +87,55 @@ impl Capability {
     }
 }
 
-/// One copy of a volume's data: a qcow2 file on a disk.
+/// What serves a volume's replicas as a block device (see `crate::volume_engine` for how it is
+/// chosen): `qemu`, qemu-storage-daemon over qcow2 replicas (several replicas, remote ones),
+/// exported over FUSE with a loop device on the export; `loop`, one raw replica file with a loop
+/// device straight on it and no engine process. Records written before engines could be chosen
+/// read as `qemu`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Loop,
+    #[default]
+    Qemu,
+}
+
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Loop => "loop",
+            EngineKind::Qemu => "qemu",
+        }
+    }
+
+    /// The format of this engine's replica files.
+    pub fn replica_format(self) -> crate::os::ImageFormat {
+        match self {
+            EngineKind::Loop => crate::os::ImageFormat::Raw,
+            EngineKind::Qemu => crate::os::ImageFormat::Qcow2,
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One copy of a volume's data: a qcow2 file on a disk, or a raw file for the loop engine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Replica {
     pub id: String,
     pub node_id: String,
     pub disk_id: String,
-    /// The replica's qcow2 file, `<disk>/replicas/<volume>-<id>/volume.qcow2`.
+    /// The replica's file, `<disk>/replicas/<volume>-<id>/volume.qcow2` (or `volume.raw`).
     pub path: PathBuf,
+    /// The file's format: raw for a loop engine's replica, qcow2 otherwise (and for records
+    /// written before replicas had a format).
+    #[serde(default = "crate::os::ImageFormat::qcow2")]
+    pub format: crate::os::ImageFormat,
     /// Not created yet: its disk had no file of the volume's backing image when the volume was
     /// created, so the overlay is made at first attach, once the file is there.
     #[serde(default)]
@@ -136,6 +176,9 @@ pub struct VolumeSpec {
     /// recorded by a version that did not keep its source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
+    /// The engine that serves the volume, chosen at creation.
+    #[serde(default)]
+    pub engine: EngineKind,
 }
 
 /// CreateVolume's content source.
@@ -207,6 +250,11 @@ pub struct NodeVolume {
     #[serde(default)]
     pub targets: Vec<crate::os::ReplicaTarget>,
     pub publications: Vec<NodePublication>,
+    /// What actually serves this attach: `loop` when the loop device sits straight on the
+    /// local raw replica (`replicas[0]`; no engine runs), `qemu` otherwise (also for a loop
+    /// volume whose replica is on another node, reached over NBD).
+    #[serde(default)]
+    pub engine: EngineKind,
 }
 
 /// A disk of a node: a directory that holds replicas (and, later, backing image files).

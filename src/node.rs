@@ -8,6 +8,14 @@
 //! what is running (the daemon outlives bicsi) and a half-done stage is finished or redone.
 //! A stage that fails undoes the steps it took, so a failed attach leaves no engine, loop device
 //! or mount behind; an unstage without a record removes what older versions' failed stages left.
+//! The loop engine (a volume whose one replica is a raw file, `crate::volume_engine`) staged on
+//! the replica's own node has no engine process: the loop device sits straight on the replica
+//! file, attached as the plain loop device the benchmarks compare with (buffered, 512-byte
+//! sectors: direct I/O measured no better on every job, see the README, and a buffered device
+//! is the one whose flush the unstage relies on); the node record says `engine: loop`, and
+//! re-adoption, unstage (flush, then detach) and the undo of a failed stage look for the loop
+//! device on the replica file instead of on an engine's export. Staged on another node, the
+//! same volume is served by qemu-storage-daemon over NBD like any remote replica.
 //! It must not decide anything about placement or attachment: that is the controller's.
 
 use std::path::{Path, PathBuf};
@@ -17,8 +25,8 @@ use crate::agent::{Agent, LocalAgent, remove_attach_leftovers};
 use crate::error::{Error, Result};
 use crate::fsutil::blocking;
 use crate::guard::Guards;
-use crate::model::{AccessType, Capability, NodePublication, NodeVolume, Volume};
-use crate::os::{Os, ReplicaTarget, VolumeEngineSpec};
+use crate::model::{AccessType, Capability, EngineKind, NodePublication, NodeVolume, Volume};
+use crate::os::{ImageFormat, Os, ReplicaTarget, VolumeEngineSpec};
 use crate::store::{Kind, Store, StoreExt};
 
 pub mod watch;
@@ -170,10 +178,10 @@ impl NodeAgent {
 
     /// Whether what the record describes is really in place (engine, loop device, mount).
     fn healthy(os: &Os, rec: &NodeVolume) -> Result<bool> {
-        let Some(state) = os.engine.status(&rec.engine_dir)? else {
+        let Some(file) = served_file(os, rec)? else {
             return Ok(false);
         };
-        if os.loops.find(&state.export_path)?.as_deref() != Some(rec.device.as_path()) {
+        if os.loops.find(&file)?.as_deref() != Some(rec.device.as_path()) {
             return Ok(false);
         }
         if rec.capability.is_block() {
@@ -344,6 +352,7 @@ impl NodeAgent {
                 ReplicaTarget::Nbd { .. } => None,
             })
             .collect();
+        let engine = attach_engine(&targets);
         let read_only = capability.mode.is_read_only();
         let prior = self.record(volume_id)?;
         let rec = NodeVolume {
@@ -358,6 +367,7 @@ impl NodeAgent {
                 .as_ref()
                 .map(|r| r.publications.clone())
                 .unwrap_or_default(),
+            engine,
         };
         let fs_type = default_fs(&capability, &volume);
         let repair = prior.is_some();
@@ -388,7 +398,7 @@ impl NodeAgent {
             result
         })
         .await?;
-        tracing::info!(volume = %volume_id, device = %rec.device.display(), "volume staged");
+        tracing::info!(volume = %volume_id, device = %rec.device.display(), engine = %rec.engine, "volume staged");
         Ok(())
     }
 
@@ -424,6 +434,19 @@ impl NodeAgent {
         let clean = blocking(move || {
             if !r.capability.is_block() {
                 os.mounts.unmount(&r.staging_path)?;
+            }
+            if r.engine == EngineKind::Loop {
+                // No engine: the loop device sits on the replica file. Its page cache goes down
+                // to the file (and the file's to the disk) before it goes.
+                if let Some(file) = r.replicas.first()
+                    && let Some(dev) = os.loops.find(file)?
+                {
+                    os.loops.flush(&dev)?;
+                    os.loops.detach(&dev)?;
+                }
+                os.engine.stop(&r.engine_dir)?;
+                // Flushed and detached: the one replica holds every acknowledged write.
+                return Ok(true);
             }
             let live = os.engine.status(&r.engine_dir)?.is_some();
             if let Some(state) = os.engine.status(&r.engine_dir)? {
@@ -646,7 +669,7 @@ impl NodeAgent {
                 .filter(|r| !r.is_file())
                 .map(|r| format!("replica {} is missing", r.display()))
                 .collect();
-            if os.engine.status(&rec.engine_dir)?.is_none() {
+            if rec.engine == EngineKind::Qemu && os.engine.status(&rec.engine_dir)?.is_none() {
                 problems.push("the block engine (qemu-storage-daemon) is not running".into());
             }
             problems.extend(health);
@@ -703,7 +726,10 @@ impl StageSteps {
             os.mounts.unmount(&rec.staging_path)?;
         }
         if self.loop_device {
-            os.loops.detach_file(&rec.engine_dir.join("export"))?;
+            match (rec.engine, rec.replicas.first()) {
+                (EngineKind::Loop, Some(file)) => os.loops.detach_file(file)?,
+                _ => os.loops.detach_file(&rec.engine_dir.join("export"))?,
+            }
         }
         if self.engine {
             os.engine.stop(&rec.engine_dir)?;
@@ -721,15 +747,26 @@ fn stage_steps(
     read_only: bool,
     done: &mut StageSteps,
 ) -> Result<NodeVolume> {
-    done.engine = os.engine.status(&rec.engine_dir)?.is_none();
-    let state = os.engine.start_volume(&VolumeEngineSpec {
-        volume_id: rec.volume_id.clone(),
-        replicas: rec.targets.clone(),
-        run_dir: rec.engine_dir.clone(),
-        read_only,
-    })?;
-    done.loop_device = os.loops.find(&state.export_path)?.is_none();
-    rec.device = os.loops.attach(&state.export_path)?;
+    let file = match (rec.engine, rec.replicas.first()) {
+        (EngineKind::Loop, Some(replica)) => replica.clone(),
+        _ => {
+            done.engine = os.engine.status(&rec.engine_dir)?.is_none();
+            os.engine
+                .start_volume(&VolumeEngineSpec {
+                    volume_id: rec.volume_id.clone(),
+                    replicas: rec.targets.clone(),
+                    run_dir: rec.engine_dir.clone(),
+                    read_only,
+                })?
+                .export_path
+        }
+    };
+    done.loop_device = os.loops.find(&file)?.is_none();
+    rec.device = if rec.engine == EngineKind::Loop && read_only {
+        os.loops.attach_read_only(&file)?
+    } else {
+        os.loops.attach(&file)?
+    };
     if let AccessType::Mount { mount_flags, .. } = &rec.capability.access {
         let existing = os.fs.probe(&rec.device)?;
         let fs = match existing {
@@ -774,6 +811,27 @@ fn stage_steps(
         }
     }
     Ok(rec)
+}
+
+/// The engine that serves an attach with these children: `loop` for a single local raw replica
+/// (the loop engine on its own node), `qemu` for everything else.
+fn attach_engine(targets: &[ReplicaTarget]) -> EngineKind {
+    match targets {
+        [ReplicaTarget::Local(p)] if ImageFormat::of_file(p) == ImageFormat::Raw => {
+            EngineKind::Loop
+        }
+        _ => EngineKind::Qemu,
+    }
+}
+
+/// The file the record's loop device sits on: the raw replica for the loop engine, the live
+/// engine's export otherwise (None when that engine is not running).
+fn served_file(os: &Os, rec: &NodeVolume) -> Result<Option<PathBuf>> {
+    match (rec.engine, rec.replicas.first()) {
+        (EngineKind::Loop, Some(file)) => Ok(Some(file.clone())),
+        (EngineKind::Loop, None) => Ok(None),
+        (EngineKind::Qemu, _) => Ok(os.engine.status(&rec.engine_dir)?.map(|s| s.export_path)),
+    }
 }
 
 /// A block volume's target is a file the device is bind-mounted onto; the orchestrator may hand

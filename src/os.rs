@@ -20,6 +20,7 @@ pub mod loopdev;
 pub mod mount;
 pub mod nbd;
 pub mod qcow2;
+pub mod rawfile;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -85,13 +86,35 @@ impl OsError {
 /// The filesystems `Filesystems::mkfs` can create.
 pub const SUPPORTED_FILESYSTEMS: &[&str] = &["ext4", "xfs"];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Raw,
     Qcow2,
 }
 
 impl ImageFormat {
+    /// The format of records written before replicas had one: every replica was qcow2.
+    pub fn qcow2() -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    /// The format of a replica, snapshot or export file bicsi made, from its name: `*.raw` is
+    /// raw, everything else qcow2. The one place a file's format is decided from a path; it
+    /// never looks at the content: a raw volume holds whatever its user wrote, a qcow2 header
+    /// naming a host file as its backing included, and qemu must never be told to probe it.
+    pub fn of_file(path: &Path) -> ImageFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("raw") => ImageFormat::Raw,
+            _ => ImageFormat::Qcow2,
+        }
+    }
+
+    /// The file name extension of files of this format.
+    pub fn extension(self) -> &'static str {
+        self.as_str()
+    }
+
     /// The name qemu uses (`-f`, `-F`, `"driver"`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -141,10 +164,17 @@ pub trait ImageTool: Send + Sync {
     fn resize(&self, path: &Path, new_size: u64) -> OsResult<()>;
     /// Format, sizes and backing file; works while an engine has the image open.
     fn info(&self, path: &Path) -> OsResult<ImageInfo>;
-    /// Copy the whole content of `src` (including what it inherits from its backing chain) into a
-    /// new standalone image `dst` of `format`, sparse. Used to export a volume as a backing image.
-    /// `dst` must not exist; it appears only when complete.
-    fn convert(&self, src: &Path, dst: &Path, format: ImageFormat) -> OsResult<()>;
+    /// Copy the whole content of `src`, read as `src_format` (never probed: a raw file may hold
+    /// anything), including what it inherits from its backing chain, into a new standalone image
+    /// `dst` of `format`, sparse. Used to export a volume as a backing image and to change a
+    /// replica's format. `dst` must not exist; it appears only when complete.
+    fn convert(
+        &self,
+        src: &Path,
+        src_format: ImageFormat,
+        dst: &Path,
+        format: ImageFormat,
+    ) -> OsResult<()>;
     /// Point the qcow2 image `path` at another backing file (None: no backing, the content
     /// flattened into it). `safe`: the content stays what it was, qemu writes into `path` every
     /// cluster where the old and the new backing differ; unsafe: only the header changes, for a
@@ -155,6 +185,25 @@ pub trait ImageTool: Send + Sync {
         backing: Option<(&Path, ImageFormat)>,
         safe: bool,
     ) -> OsResult<()>;
+
+    /// Create a raw replica file of `size` bytes: sparse when `base` is None, else a reflink
+    /// clone (FICLONE) of the raw file `base` (on the same filesystem) grown to `size`. The
+    /// clone shares `base`'s blocks but does not depend on it: removing `base` later changes
+    /// nothing in the replica. Idempotent: a raw file of `size` bytes at `path` is Ok; one of
+    /// another size is a `Conflict`. `Unsupported` when the filesystem cannot share blocks.
+    fn create_raw(&self, path: &Path, size: u64, base: Option<&Path>) -> OsResult<()>;
+    /// Grow a raw file to `new_size` (never shrinks; equal is Ok).
+    fn resize_raw(&self, path: &Path, new_size: u64) -> OsResult<()>;
+    /// The size of a raw file, which is the size of the volume it holds.
+    fn raw_size(&self, path: &Path) -> OsResult<u64>;
+    /// Make `dst` (absent) a reflink clone of the raw file `src`, in one FICLONE: a copy of
+    /// `src` at one instant even while writes go on, atomic with respect to each of them.
+    /// `Unsupported` where the filesystem cannot share blocks (no copy is made then: a plain
+    /// copy of a file being written is not a point in time). `dst` appears only when complete.
+    fn clone_raw(&self, src: &Path, dst: &Path) -> OsResult<()>;
+    /// Whether the filesystem of the directory `dir` shares blocks between files (FICLONE works:
+    /// XFS with reflink, btrfs), found by cloning a small file made there and removed again.
+    fn shares_blocks(&self, dir: &Path) -> OsResult<bool>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,8 +307,10 @@ pub struct VolumeEngineState {
 pub struct ReplicaExport {
     /// The NBD export name the other node's engine asks for (`ReplicaTarget::Nbd::export`).
     pub replica_id: String,
-    /// The qcow2 replica file, absolute path.
+    /// The replica file, absolute path.
     pub path: PathBuf,
+    /// Its format: the server opens it with this driver, never by probing.
+    pub format: ImageFormat,
 }
 
 pub trait Engine: Send + Sync {
@@ -332,6 +383,9 @@ pub trait LoopDevices: Send + Sync {
     /// Attach a loop device to `file` (read-only when the file has no write permission bits, as
     /// the engine's read-only export does). Idempotent: returns the device already attached.
     fn attach(&self, file: &Path) -> OsResult<PathBuf>;
+    /// `attach` with a read-only device whatever the file's mode (a loop engine's raw replica
+    /// staged read-only). Idempotent like `attach`: a device already on `file` is returned.
+    fn attach_read_only(&self, file: &Path) -> OsResult<PathBuf>;
     /// The loop device attached to `file`, if any.
     fn find(&self, file: &Path) -> OsResult<Option<PathBuf>>;
     /// Detach; Ok if already gone. `Busy` if it stays attached because it is still in use.
@@ -342,6 +396,10 @@ pub trait LoopDevices: Send + Sync {
     fn detach_file(&self, file: &Path) -> OsResult<()>;
     /// Make the device pick up a new size of its backing file.
     fn refresh_size(&self, dev: &Path) -> OsResult<()>;
+    /// Where the filesystem on the loop device attached straight to `file` is mounted: None when
+    /// no loop device is attached to `file`; an empty list when nothing mounts its filesystem
+    /// (a raw block volume); else its mount point (one; binds of it are not listed).
+    fn file_mounts(&self, file: &Path) -> OsResult<Option<Vec<PathBuf>>>;
     /// Write what the device's page cache holds down to its file and flush that file (fsync of
     /// the device: the loop driver passes the flush on as an fsync of its backing file, which the
     /// engine's export turns into a flush of the volume). Detach must come after it: writes still
@@ -469,23 +527,10 @@ impl std::fmt::Debug for Os {
     }
 }
 
-/// For tests that need root: returns false and prints why when not root; panics (test fails) when
-/// env CI is set and we are not root, because CI must not skip them.
-pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{test}: needs root (loop devices, mounts, FUSE) and CI must not skip it; \
-             run the test suite as root"
-        );
-    }
-    eprintln!(
-        "skipping {test}: needs root (loop devices, mounts, FUSE); run the tests as root to include it"
-    );
-    false
-}
+/// For tests that need root: the test kit's (`tests/kit/host.rs`), under the name the OS tests
+/// call it by.
+#[cfg(test)]
+pub(crate) use crate::kit::root_or_skip;
 
 /// A command line as a person would type it, for error messages.
 pub(crate) fn display_command(cmd: &Command) -> String {

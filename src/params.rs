@@ -13,6 +13,8 @@ pub const BACKING_IMAGE: &str = "backingImage";
 pub const BACKING_IMAGE_SOURCE_TYPE: &str = "backingImageDataSourceType";
 pub const BACKING_IMAGE_SOURCE_PARAMETERS: &str = "backingImageDataSourceParameters";
 pub const BACKING_IMAGE_CHECKSUM: &str = "backingImageChecksum";
+/// `auto` (the default), `loop` or `qemu`: see `crate::volume_engine`.
+pub const ENGINE: &str = crate::volume_engine::PARAMETER;
 
 /// Every parameter key bicsi accepts (besides the `csi.storage.k8s.io/` keys the sidecars add).
 pub const ACCEPTED: &[&str] = &[
@@ -23,6 +25,7 @@ pub const ACCEPTED: &[&str] = &[
     BACKING_IMAGE_SOURCE_TYPE,
     BACKING_IMAGE_SOURCE_PARAMETERS,
     BACKING_IMAGE_CHECKSUM,
+    ENGINE,
 ];
 
 /// The backing image a volume asks for, and how to create it if it does not exist.
@@ -52,6 +55,8 @@ pub struct VolumeParams {
     pub stale_replica_timeout_minutes: Option<u32>,
     pub fs_type: Option<String>,
     pub backing_image: Option<BackingImageRequest>,
+    /// The engine the StorageClass asks for.
+    pub engine: crate::volume_engine::EngineChoice,
     /// The parameters that define the volume (sidecar metadata removed), for idempotency checks.
     pub kept: BTreeMap<String, String>,
 }
@@ -62,6 +67,7 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
         stale_replica_timeout_minutes: None,
         fs_type: None,
         backing_image: None,
+        engine: crate::volume_engine::EngineChoice::Auto,
         kept: BTreeMap::new(),
     };
     let mut bi_name = None;
@@ -82,6 +88,7 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
                 })?)
             }
             FS_TYPE => out.fs_type = Some(parse_fs_type(value)?),
+            ENGINE => out.engine = crate::volume_engine::EngineChoice::parse(value)?,
             BACKING_IMAGE => {
                 crate::backing::object::validate_name(value.trim())?;
                 bi_name = Some(value.trim().to_string());
@@ -321,6 +328,7 @@ mod tests {
             (&[("numberOfReplicas", "21")], "1 to 20"),
             (&[("staleReplicaTimeout", "-1")], "staleReplicaTimeout"),
             (&[("fsType", "btrfs")], "ext4, xfs"),
+            (&[("engine", "fuse")], "auto (the default), loop or qemu"),
             (&[("replicas", "3")], "unknown parameter \"replicas\""),
             (
                 &[("replicas", "3")],

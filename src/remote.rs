@@ -64,6 +64,7 @@ fn disk_infos(disks: &[DiskSpace]) -> Result<Vec<pb::DiskInfo>> {
                 disk_json: to_json(&d.disk)?,
                 free_bytes: d.free_bytes,
                 manager: d.manager,
+                shares_blocks: d.shares_blocks,
             })
         })
         .collect()
@@ -77,6 +78,7 @@ fn disk_spaces(infos: &[pb::DiskInfo]) -> Result<Vec<DiskSpace>> {
                 disk: from_json(&i.disk_json, "disk")?,
                 free_bytes: i.free_bytes,
                 manager: i.manager,
+                shares_blocks: i.shares_blocks,
             })
         })
         .collect()

@@ -224,6 +224,7 @@ pub async fn serve(
         data_dir: cfg.data_dir.clone(),
         node_records: store.clone(),
         volume_guards: Default::default(),
+        shares_blocks: Default::default(),
     });
     cluster.register(
         NodeRecord {
@@ -453,6 +454,7 @@ pub async fn node(
         data_dir: cfg.data_dir.clone(),
         node_records: local_store.clone(),
         volume_guards: Default::default(),
+        shares_blocks: Default::default(),
     });
     let agent = Arc::new(
         NodeAgent::new(

@@ -9,6 +9,17 @@
 //! file (reflink where the filesystem shares blocks). A new volume from a snapshot gets copies of
 //! that file as its replicas, rebased onto the backing image it should use.
 //!
+//! A loop volume's replica is a raw file, and so is its snapshot (`snapshot.raw`): a reflink
+//! copy (FICLONE) of the replica, the whole volume in a file that shares every block with it.
+//! Attached, the loop device is flushed first (what its page cache holds goes down to the
+//! file), then the file is cloned in one FICLONE, which the filesystem makes atomic with
+//! respect to every write into the file (it holds the file's locks and writes back its dirty
+//! pages before sharing the blocks): each write the volume acknowledged before the clone is in
+//! it whole, none after it is, and writes in flight are in or out as a crash would leave them,
+//! so the copy is crash-consistent, as a power cut at that instant would be. A restore or clone
+//! converts between formats where the new volume's engine differs (`qemu-img convert` with the
+//! source format given, never probed).
+//!
 //! The controller decides which snapshot, which volume and which disks (`controller::snapshot`);
 //! this module must not touch volume or snapshot records, and the OS layer does the qemu work.
 
@@ -100,7 +111,8 @@ pub fn capture_plan(os: &Os, node_id: &str, plan: &CapturePlan) -> Result<Vec<Sn
 }
 
 fn capture_first(os: &Os, node_id: &str, plan: &CapturePlan) -> Result<SnapshotFile> {
-    let dest = snapshot_path(&plan.disk, &plan.snapshot_id);
+    let format = ImageFormat::of_file(&plan.replica);
+    let dest = snapshot_path_as(&plan.disk, &plan.snapshot_id, format);
     let b = plan.backing.as_ref().map(|(p, f)| (p.as_path(), *f));
     capture(os, &plan.replica, &dest, b)?;
     Ok(SnapshotFile {
@@ -117,8 +129,9 @@ fn copy_plan(
     first: SnapshotFile,
 ) -> Result<Vec<SnapshotFile>> {
     let mut files = vec![first];
+    let format = ImageFormat::of_file(&files[0].path);
     for (other, other_backing) in &plan.copies {
-        let path = snapshot_path(other, &plan.snapshot_id);
+        let path = snapshot_path_as(other, &plan.snapshot_id, format);
         let b = other_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
         if let Err(e) = copy_to(os, &files[0].path, &path, b) {
             files.iter().for_each(|f| drop(remove(f)));
@@ -158,7 +171,12 @@ pub fn capture_group(
 ) -> Result<Vec<Vec<SnapshotFile>>> {
     let mut frozen: Vec<PathBuf> = Vec::new();
     for plan in plans {
-        match os.engine.engine_mounts(&plan.replica)? {
+        let mounts = match ImageFormat::of_file(&plan.replica) {
+            ImageFormat::Qcow2 => os.engine.engine_mounts(&plan.replica)?,
+            // The loop engine: the filesystem on the loop device over the raw replica.
+            ImageFormat::Raw => os.loops.file_mounts(&plan.replica)?,
+        };
+        match mounts {
             None => {}
             Some(mounts) if mounts.is_empty() => {
                 return Err(Error::FailedPrecondition(format!(
@@ -302,7 +320,12 @@ pub fn snapshot_dir(disk: &Disk, snapshot_id: &str) -> PathBuf {
 }
 
 pub fn snapshot_path(disk: &Disk, snapshot_id: &str) -> PathBuf {
-    snapshot_dir(disk, snapshot_id).join("snapshot.qcow2")
+    snapshot_path_as(disk, snapshot_id, ImageFormat::Qcow2)
+}
+
+/// The snapshot's file on a disk in `format` (the format of the replica it was taken from).
+pub fn snapshot_path_as(disk: &Disk, snapshot_id: &str, format: ImageFormat) -> PathBuf {
+    snapshot_dir(disk, snapshot_id).join(format!("snapshot.{}", format.extension()))
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -310,7 +333,7 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 fn part_path(dest: &Path) -> PathBuf {
-    dest.with_extension("qcow2.part")
+    dest.with_extension(format!("{}.part", ImageFormat::of_file(dest).extension()))
 }
 
 /// Moves a finished file into place durably.
@@ -359,6 +382,9 @@ pub fn capture(
     dest: &Path,
     backing: Option<(&Path, ImageFormat)>,
 ) -> Result<()> {
+    if ImageFormat::of_file(replica) == ImageFormat::Raw {
+        return build(dest, |tmp| capture_raw(os, replica, tmp));
+    }
     build(dest, |tmp| {
         let size = os.images.info(replica)?.virtual_size;
         os.images.create_replica(tmp, size, backing)?;
@@ -373,6 +399,21 @@ pub fn capture(
     })
 }
 
+/// A raw replica as it is now (see the module doc): served by a loop device, that device is
+/// flushed and the file cloned in one FICLONE; at rest, copied (reflink where the filesystem
+/// shares blocks).
+fn capture_raw(os: &Os, replica: &Path, tmp: &Path) -> Result<()> {
+    match os.loops.find(replica)? {
+        Some(dev) => {
+            os.loops.flush(&dev)?;
+            os.images.clone_raw(replica, tmp)?;
+            tracing::info!(replica = %replica.display(), device = %dev.display(), "point-in-time reflink copy of a loop engine's replica");
+            Ok(())
+        }
+        None => copy_file("replica", replica, tmp),
+    }
+}
+
 /// Copies a snapshot file to `dest` (another disk), pointing it at that disk's file of the same
 /// backing image (the same verified bytes, so only the header changes). Blocking.
 pub fn copy_to(
@@ -383,7 +424,8 @@ pub fn copy_to(
 ) -> Result<()> {
     build(dest, |tmp| {
         copy_file("snapshot", src, tmp)?;
-        if backing.is_some() {
+        // A raw snapshot holds the whole volume; it has no backing file to point elsewhere.
+        if backing.is_some() && ImageFormat::of_file(src) == ImageFormat::Qcow2 {
             os.images.rebase(tmp, backing, false)?;
         }
         Ok(())
@@ -402,6 +444,12 @@ pub fn restore(
     backing: Option<(&Path, ImageFormat)>,
     same_image: bool,
 ) -> Result<()> {
+    let (from, to) = (ImageFormat::of_file(src), ImageFormat::of_file(dest));
+    if (from, to) != (ImageFormat::Qcow2, ImageFormat::Qcow2) {
+        return build(dest, |tmp| {
+            restore_across(os, src, from, tmp, to, size, backing)
+        });
+    }
     build(dest, |tmp| {
         copy_file("snapshot", src, tmp)?;
         let current = os.images.info(tmp)?.backing_file;
@@ -414,6 +462,33 @@ pub fn restore(
         os.images.resize(tmp, size)?;
         Ok(())
     })
+}
+
+/// `restore` where the snapshot or the new replica is raw. Raw to raw: a copy (reflink where
+/// the filesystem shares blocks) grown to `size`. qcow2 to raw: the snapshot with its backing
+/// chain flattened into a raw file. Raw to qcow2: the raw content converted to a standalone
+/// qcow2, then put over `backing` by a safe rebase (which keeps the content: it writes into the
+/// replica every cluster where the backing file differs from what the replica held).
+fn restore_across(
+    os: &Os,
+    src: &Path,
+    from: ImageFormat,
+    tmp: &Path,
+    to: ImageFormat,
+    size: u64,
+    backing: Option<(&Path, ImageFormat)>,
+) -> Result<()> {
+    match (from, to) {
+        (ImageFormat::Raw, ImageFormat::Raw) => copy_file("snapshot", src, tmp)?,
+        (_, ImageFormat::Raw) => os.images.convert(src, from, tmp, to)?,
+        (_, ImageFormat::Qcow2) => {
+            os.images.convert(src, from, tmp, to)?;
+            if backing.is_some() {
+                os.images.rebase(tmp, backing, true)?;
+            }
+        }
+    }
+    crate::replica_file::resize(os, tmp, to, size)
 }
 
 /// Removes a snapshot's directory on a disk; Ok when it is gone already.

@@ -190,22 +190,3 @@ impl Drop for RemoveOnDrop {
         }
     }
 }
-
-/// The URL as it may be logged or shown: no user, password, query or fragment (they may hold
-/// tokens). A removed query shows as `?…`.
-fn redact(url: &str) -> String {
-    let Ok(mut shown) = reqwest::Url::parse(url) else {
-        return format!("{url:?}");
-    };
-    let had_query = shown.query().is_some();
-    // These only fail for URLs that cannot have credentials, which have none to hide.
-    let _ = shown.set_username("");
-    let _ = shown.set_password(None);
-    shown.set_query(None);
-    shown.set_fragment(None);
-    let mut s = shown.to_string();
-    if had_query {
-        s.push_str("?…");
-    }
-    s
-}

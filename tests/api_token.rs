@@ -2,63 +2,39 @@
 //! token (401, with what to send) except /healthz, and the CLI gets through with `--token` or
 //! `BICSI_TOKEN`.
 
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+#[path = "kit/mod.rs"]
+mod kit;
 
+use std::process::Output;
+
+use kit::{Proc, bicsi as bicsi_command, free_port, serve_args, temp_dir};
+
+/// `bicsi serve` with a token file; killed before its directory (`_dir`, the last field) goes.
 struct Served {
-    _dir: tempfile::TempDir,
-    child: Child,
+    _proc: Proc,
     server: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    _dir: tempfile::TempDir,
 }
 
 fn serve(token: &str) -> Served {
-    let dir = tempfile::Builder::new()
-        .prefix("bicsi-token-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir("bicsi-token-");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let port = free_port();
-    let log = std::fs::File::create(dir.path().join("bicsi.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_bicsi"))
-        .args(["serve", "--node-id", "token-node"])
-        .arg("--http-listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--api-token-file")
-        .arg(&token_file)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--csi-endpoint")
-        .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let s = Served {
+    let server = format!("http://127.0.0.1:{}", free_port());
+    let mut args = serve_args(
+        dir.path(),
+        "token-node",
+        server.trim_start_matches("http://"),
+    );
+    args.extend(["--api-token-file".into(), token_file.display().to_string()]);
+    let mut proc = Proc::spawn(args, dir.path().join("bicsi.log"));
+    let healthz = format!("{server}/healthz");
+    proc.wait_ready_blocking("bicsi", || http_status(&healthz, None) == Some(200));
+    Served {
+        _proc: proc,
+        server,
         _dir: dir,
-        child,
-        server: format!("http://127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_status(&format!("{}/healthz", s.server), None) != Some(200) {
-        assert!(Instant::now() < deadline, "bicsi did not start");
-        std::thread::sleep(Duration::from_millis(50));
     }
-    s
 }
 
 /// GET with an optional bearer token over a plain TCP connection; the status code.
@@ -81,7 +57,7 @@ fn http_status(url: &str, token: Option<&str>) -> Option<u16> {
 }
 
 fn bicsi(args: &[&str], env_token: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bicsi"));
+    let mut c = bicsi_command();
     c.args(args).env_remove("BICSI_TOKEN");
     if let Some(t) = env_token {
         c.env("BICSI_TOKEN", t);
@@ -144,10 +120,10 @@ fn cli_sends_the_token_from_the_flag_or_the_environment() {
 
 #[test]
 fn an_empty_token_file_stops_the_server_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = temp_dir("bicsi-token-");
     let f = dir.path().join("token");
     std::fs::write(&f, "\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_bicsi"))
+    let out = bicsi_command()
         .args(["serve", "--node-id", "n", "--http-listen", "127.0.0.1:0"])
         .arg("--api-token-file")
         .arg(&f)

@@ -2,6 +2,9 @@
 //! `bicsi serve`, as a person without Kubernetes uses them: the real binary, its exit status and
 //! what it prints.
 
+#[path = "kit/mod.rs"]
+mod kit;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -9,12 +12,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kit::{Proc, cleanup_under, csi_endpoint, root_or_skip, serve_args, temp_dir};
+
 struct Served {
     dir: tempfile::TempDir,
     endpoint: String,
     /// The HTTP API, `http://127.0.0.1:PORT`.
     http: String,
-    child: Child,
+    proc: Proc,
 }
 
 impl Served {
@@ -24,56 +29,41 @@ impl Served {
 
     /// A `bicsi serve` with extra flags (`--disk` …, paths relative to its directory).
     fn start_with(extra: &[&str]) -> Served {
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-cli-")
-            .tempdir()
-            .unwrap();
-        let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
-        let log = std::fs::File::create(dir.path().join("bicsi.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bicsi"))
-            .args([
-                "serve",
-                "--node-id",
-                "cli-node",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--csi-endpoint")
-            .arg(&endpoint)
-            .args(extra.iter().map(|a| {
-                if a.starts_with("--") {
-                    std::ffi::OsString::from(a)
-                } else {
-                    dir.path().join(a).into_os_string()
-                }
-            }))
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut s = Served {
-            dir,
-            endpoint,
-            http: String::new(),
-            child,
-        };
+        let dir = temp_dir("bicsi-cli-");
+        let endpoint = csi_endpoint(dir.path());
+        let mut args = serve_args(dir.path(), "cli-node", "127.0.0.1:0");
+        args.extend(extra.iter().map(|a| {
+            if a.starts_with("--") {
+                a.to_string()
+            } else {
+                dir.path().join(a).display().to_string()
+            }
+        }));
+        let mut proc = Proc::spawn(args, dir.path().join("bicsi.log"));
         // The HTTP port is the one the OS chose: read it from the "bicsi serving" log line.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = std::fs::read_to_string(s.dir.path().join("bicsi.log")).unwrap_or_default();
-            if let Some(addr) = log
+        let mut http = String::new();
+        let socket = dir.path().join("csi.sock");
+        proc.wait_ready_blocking("bicsi", || {
+            let addr = std::fs::read_to_string(dir.path().join("bicsi.log"))
+                .unwrap_or_default()
                 .lines()
                 .filter(|l| l.contains("bicsi serving"))
                 .find_map(|l| l.split(" http=").nth(1))
                 .and_then(|rest| rest.split_whitespace().next())
-                && s.dir.path().join("csi.sock").exists()
-            {
-                s.http = format!("http://{addr}");
-                return s;
+                .map(str::to_string);
+            match addr {
+                Some(addr) if socket.exists() => {
+                    http = format!("http://{addr}");
+                    true
+                }
+                _ => false,
             }
-            assert!(Instant::now() < deadline, "bicsi did not start: {log}");
-            std::thread::sleep(Duration::from_millis(50));
+        });
+        Served {
+            dir,
+            endpoint,
+            http,
+            proc,
         }
     }
 
@@ -129,6 +119,38 @@ impl Served {
             .is_some_and(|m| m.values().any(|f| f["state"] == "ready"))
     }
 
+    /// `volume create NAME --size SIZE` with one replica; answers what it printed.
+    #[track_caller]
+    fn create_one(&self, name: &str, size: &str) -> String {
+        self.ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            size,
+            "-p",
+            "numberOfReplicas=1",
+        ])
+    }
+
+    /// `volume attach NAME --mount PATH`; answers what it printed.
+    #[track_caller]
+    fn attach_mount(&self, name: &str, path: &Path) -> String {
+        self.ok(&["volume", "attach", name, "--mount", path.to_str().unwrap()])
+    }
+
+    /// `volume attach NAME --block PATH`; answers what it printed.
+    #[track_caller]
+    fn attach_block(&self, name: &str, path: &Path) -> String {
+        self.ok(&["volume", "attach", name, "--block", path.to_str().unwrap()])
+    }
+
+    /// `volume detach NAME`; answers what it printed.
+    #[track_caller]
+    fn detach(&self, name: &str) -> String {
+        self.ok(&["volume", "detach", name])
+    }
+
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
         let out = self.bicsi(args);
@@ -144,73 +166,17 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill9();
         // Leave nothing running, mounted or attached if a test failed half-way: the engines
         // serving this test's volumes outlive a killed serve (they are daemons on purpose).
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<&str> = mi
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| Path::new(m).starts_with(self.dir.path()))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
-        let dir = self.dir.path().display().to_string();
-        if let Ok(out) = Command::new("losetup")
-            .args(["-n", "-l", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some((dev, back)) = line.split_once(' ')
-                    && back.trim().starts_with(&dir)
-                {
-                    let _ = Command::new("losetup").args(["-d", dev]).status();
-                }
-            }
-        }
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("qemu-storage-daemon") && cmdline.contains(&dir) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        cleanup_under(self.dir.path());
     }
-}
-
-fn is_root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CLI attach tests need root and CI must not skip them"
-    );
-    eprintln!("SKIP: attaching needs root (loop devices, FUSE, mounts)");
-    false
 }
 
 #[test]
 fn create_list_and_delete_without_attaching() {
     let s = Served::start();
-    let out = s.ok(&[
-        "volume",
-        "create",
-        "data",
-        "--size",
-        "64Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    let out = s.create_one("data", "64Mi");
     assert!(out.contains("volume data created"), "{out}");
     assert!(out.contains("64Mi"), "{out}");
     let list = s.ok(&["get", "volumes"]);
@@ -253,55 +219,39 @@ fn create_list_and_delete_without_attaching() {
 
 #[test]
 fn attach_mount_and_block_then_detach() {
-    if !is_root() {
+    if !root_or_skip("attach_mount_and_block_then_detach") {
         return;
     }
     let s = Served::start();
     let mnt = s.dir.path().join("mnt");
-    s.ok(&[
-        "volume",
-        "create",
-        "web",
-        "--size",
-        "64Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
-    let out = s.ok(&["volume", "attach", "web", "--mount", mnt.to_str().unwrap()]);
+    s.create_one("web", "64Mi");
+    let out = s.attach_mount("web", &mnt);
     assert!(out.contains("attached"), "{out}");
     std::fs::write(mnt.join("index.html"), b"<h1>hi</h1>").unwrap();
     assert!(s.ok(&["get", "volumes"]).contains("cli-node"));
-    s.ok(&["volume", "detach", "web"]);
+    s.detach("web");
     assert!(!mnt.exists());
-    s.ok(&["volume", "attach", "web", "--mount", mnt.to_str().unwrap()]);
+    s.attach_mount("web", &mnt);
     assert_eq!(
         std::fs::read(mnt.join("index.html")).unwrap(),
         b"<h1>hi</h1>"
     );
-    s.ok(&["volume", "detach", "web"]);
+    s.detach("web");
 
     let dev = s.dir.path().join("raw-dev");
-    s.ok(&[
-        "volume",
-        "create",
-        "raw",
-        "--size",
-        "8Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
-    s.ok(&["volume", "attach", "raw", "--block", dev.to_str().unwrap()]);
+    s.create_one("raw", "8Mi");
+    s.attach_block("raw", &dev);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&dev)
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"block bytes"))
         .unwrap();
-    s.ok(&["volume", "detach", "raw"]);
-    s.ok(&["volume", "attach", "raw", "--block", dev.to_str().unwrap()]);
+    s.detach("raw");
+    s.attach_block("raw", &dev);
     let mut back = vec![0u8; 11];
     std::io::Read::read_exact(&mut std::fs::File::open(&dev).unwrap(), &mut back).unwrap();
     assert_eq!(&back, b"block bytes");
-    s.ok(&["volume", "detach", "raw"]);
+    s.detach("raw");
     s.ok(&["volume", "delete", "raw"]);
     s.ok(&["volume", "delete", "web"]);
 }
@@ -311,20 +261,12 @@ fn attach_mount_and_block_then_detach() {
 /// can be deleted at once; the error printed is the node's.
 #[test]
 fn a_failed_attach_undoes_itself() {
-    if !is_root() {
+    if !root_or_skip("a_failed_attach_undoes_itself") {
         return;
     }
     let s = Served::start();
     let mnt = s.path("mnt");
-    s.ok(&[
-        "volume",
-        "create",
-        "small",
-        "--size",
-        "32Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("small", "32Mi");
     let err = s.fails(&[
         "volume",
         "attach",
@@ -344,17 +286,11 @@ fn a_failed_attach_undoes_itself() {
     assert!(!row.contains("cli-node"), "still attached: {row}");
     assert!(!s.path("cli-attach/small.json").exists());
     // Nothing is attached any more, so detach has nothing to do (and says so).
-    let out = s.ok(&["volume", "detach", "small"]);
+    let out = s.detach("small");
     assert!(out.contains("is not attached; nothing to detach"), "{out}");
     // Attaching it as it can be still works, and detaching it then too.
-    s.ok(&[
-        "volume",
-        "attach",
-        "small",
-        "--mount",
-        mnt.to_str().unwrap(),
-    ]);
-    s.ok(&["volume", "detach", "small"]);
+    s.attach_mount("small", &mnt);
+    s.detach("small");
     s.ok(&["volume", "delete", "small"]);
 }
 
@@ -364,30 +300,21 @@ fn a_failed_attach_undoes_itself() {
 #[test]
 fn block_writes_without_fsync_survive_detach() {
     use sha2::{Digest, Sha512};
-    if !is_root() {
+    if !root_or_skip("block_writes_without_fsync_survive_detach") {
         return;
     }
     let s = Served::start();
     let names: Vec<String> = (0..4).map(|i| format!("durable{i}")).collect();
     for name in &names {
-        s.ok(&[
-            "volume",
-            "create",
-            name,
-            "--size",
-            "16Mi",
-            "-p",
-            "numberOfReplicas=1",
-        ]);
+        s.create_one(name, "16Mi");
     }
     std::thread::scope(|scope| {
         for (i, name) in names.iter().enumerate() {
             let s = &s;
             scope.spawn(move || {
                 let dev = s.path(&format!("{name}-dev"));
-                let dev_str = dev.to_str().unwrap();
                 for round in 0..2u64 {
-                    s.ok(&["volume", "attach", name, "--block", dev_str]);
+                    s.attach_block(name, &dev);
                     // Odd-sized pieces at both ends and in the middle of the device.
                     let body = noise(3 << 20, 1 + i as u64 * 10 + round);
                     let mut f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
@@ -397,8 +324,8 @@ fn block_writes_without_fsync_survive_detach() {
                     }
                     drop(f);
                     let want = Sha512::digest(&body);
-                    s.ok(&["volume", "detach", name]);
-                    s.ok(&["volume", "attach", name, "--block", dev_str]);
+                    s.detach(name);
+                    s.attach_block(name, &dev);
                     let mut f = std::fs::File::open(&dev).unwrap();
                     for off in [0u64, 6 << 20, 13 << 20] {
                         let mut back = vec![0u8; body.len()];
@@ -413,7 +340,7 @@ fn block_writes_without_fsync_survive_detach() {
                         );
                     }
                     drop(f);
-                    s.ok(&["volume", "detach", name]);
+                    s.detach(name);
                 }
             });
         }
@@ -770,15 +697,7 @@ fn deleting_what_does_not_exist_says_not_found() {
 #[test]
 fn a_closed_stdout_is_a_quiet_exit() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "piped",
-        "--size",
-        "8Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("piped", "8Mi");
     for args in [
         &["get", "volumes", "-o", "json"][..],
         &["get", "settings", "-o", "json"],
@@ -803,15 +722,7 @@ fn a_closed_stdout_is_a_quiet_exit() {
 #[test]
 fn get_volume_and_lists_in_json_and_yaml() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "one",
-        "--size",
-        "16Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("one", "16Mi");
     let table = s.ok(&["get", "volumes"]);
     let header = table.lines().next().unwrap();
     for col in [
@@ -880,15 +791,7 @@ fn get_volume_and_lists_in_json_and_yaml() {
 #[test]
 fn volume_expand_grows_a_detached_volume() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "grow",
-        "--size",
-        "16Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("grow", "16Mi");
     let out = s.ok(&["volume", "expand", "grow", "--size", "32Mi"]);
     assert!(out.contains("volume grow expanded to 32Mi"), "{out}");
     let v: serde_json::Value =
@@ -902,23 +805,15 @@ fn volume_expand_grows_a_detached_volume() {
 
 #[test]
 fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
-    if !is_root() {
+    if !root_or_skip("attach_at_a_second_path_is_refused_and_detach_undoes_attach") {
         return;
     }
     let s = Served::start();
     let (a, b) = (s.path("mnt-a"), s.path("mnt-b"));
-    s.ok(&[
-        "volume",
-        "create",
-        "twice",
-        "--size",
-        "32Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.create_one("twice", "32Mi");
+    s.attach_mount("twice", &a);
     // Attaching again at the same path is fine (idempotent).
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     let err = s.fails(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
     assert!(
         err.contains(&format!("attached at {}", a.display())),
@@ -927,15 +822,15 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
     assert!(!b.exists());
     let row = s.ok(&["get", "volume", "twice"]);
     assert!(row.contains(&format!("cli-node:{}", a.display())), "{row}");
-    s.ok(&["volume", "detach", "twice"]);
+    s.detach("twice");
     assert!(!a.exists());
-    s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
-    s.ok(&["volume", "detach", "twice"]);
+    s.attach_mount("twice", &b);
+    s.detach("twice");
     assert!(!b.exists());
 
     // What an older bicsi left: a second attach replaced the record of the first path, which
     // stayed mounted. Detach now undoes both.
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     let record = s.path("cli-attach/twice.json");
     let text = std::fs::read_to_string(&record).unwrap();
     std::fs::write(
@@ -943,7 +838,7 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
         text.replace(a.to_str().unwrap(), b.to_str().unwrap()),
     )
     .unwrap();
-    s.ok(&["volume", "attach", "twice", "--mount", b.to_str().unwrap()]);
+    s.attach_mount("twice", &b);
     assert!(is_mounted(&a) && is_mounted(&b));
     let out = s.bicsi(&["volume", "detach", "twice"]);
     assert!(
@@ -959,30 +854,22 @@ fn attach_at_a_second_path_is_refused_and_detach_undoes_attach() {
         let st = nix::sys::statvfs::statvfs(p).unwrap();
         st.blocks() as u64 * st.fragment_size() as u64
     };
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     let before = total(&a);
     let err = s.fails(&["volume", "expand", "twice", "--size", "64Mi"]);
     assert!(err.contains("detach it"), "{err}");
-    s.ok(&["volume", "detach", "twice"]);
+    s.detach("twice");
     s.ok(&["volume", "expand", "twice", "--size", "64Mi"]);
-    s.ok(&["volume", "attach", "twice", "--mount", a.to_str().unwrap()]);
+    s.attach_mount("twice", &a);
     assert!(total(&a) > before + (16 << 20), "{before} → {}", total(&a));
-    s.ok(&["volume", "detach", "twice"]);
+    s.detach("twice");
     s.ok(&["volume", "delete", "twice"]);
 }
 
 #[test]
 fn snapshot_create_waits_until_ready_to_use() {
     let s = Served::start();
-    s.ok(&[
-        "volume",
-        "create",
-        "src",
-        "--size",
-        "16Mi",
-        "-p",
-        "numberOfReplicas=1",
-    ]);
+    s.create_one("src", "16Mi");
     let out = s.ok(&[
         "snapshot",
         "create",
@@ -1067,7 +954,7 @@ fn timeout_gives_up_waiting_and_no_wait_does_not_wait() {
 
 #[test]
 fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
-    if !is_root() {
+    if !root_or_skip("attach_waits_while_the_image_is_copied_to_a_second_disk") {
         return;
     }
     let s = Served::start_with(&["--disk", "d1", "--disk", "d2"]);
@@ -1101,7 +988,7 @@ fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
     assert!(back == data, "the volume does not read as its image");
     let row = s.ok(&["get", "volume", "two"]);
     assert!(row.contains(" 2/2 "), "{row}");
-    s.ok(&["volume", "detach", "two"]);
+    s.detach("two");
     s.ok(&["volume", "delete", "two"]);
 }
 

@@ -7,6 +7,9 @@
 //! as root with real processes, loop devices, FUSE and mounts; what a test started it cleans up
 //! in Drop, and it kills only processes it started.
 
+#[path = "kit/mod.rs"]
+mod kit;
+
 #[path = "conformance/harness.rs"]
 #[allow(dead_code)]
 mod harness;
@@ -14,14 +17,18 @@ mod harness;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bicsi::client::CsiClient;
 use bicsi::csi::pb;
 use harness::{
-    MIB, NODE_ID, block_cap, cpublish_req, create_req, engines_under, loops_under, mount_cap,
-    mounts_under, publish_req, root_or_skip, stage_req,
+    MIB, NODE_ID, block_cap, cpublish_req, create_req, mount_cap, publish_req, stage_req,
+};
+use kit::{
+    STOP_LIMIT, alive, bicsi, cleanup_under, controller_args, controller_endpoint, csi_endpoint,
+    engines_under, free_port, loops_under, mounts_under, node_args, root_or_skip, serve_args,
+    spawn_logged, temp_dir, wait_exit,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -157,24 +164,6 @@ impl Drop for Cgroup {
 
 // ---- processes --------------------------------------------------------------------------------
 
-fn bicsi() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bicsi"))
-}
-
-fn spawn_logged(args: &[String], log: &Path) -> Child {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    bicsi()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .expect("start bicsi")
-}
-
 /// The test's directory with an engine host and a plugin (`bicsi serve`) in it, cleaned up on
 /// drop: plugin and host killed, our mounts and loop devices removed, our daemons killed.
 struct Node {
@@ -189,16 +178,10 @@ struct Node {
 
 impl Node {
     fn new(with_engine_host: bool) -> Node {
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-engine-")
-            .tempdir()
-            .expect("temp dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
+        let dir = temp_dir("bicsi-engine-");
+        let port = free_port();
         Node {
-            endpoint: format!("unix://{}", dir.path().join("csi.sock").display()),
+            endpoint: csi_endpoint(dir.path()),
             http: format!("127.0.0.1:{port}"),
             engine_endpoint: with_engine_host
                 .then(|| format!("unix://{}", dir.path().join("engine.sock").display())),
@@ -277,7 +260,7 @@ impl Node {
     fn stop_engine_host(&mut self) {
         let mut child = self.engine.take().expect("engine host running");
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-        let status = wait_child(&mut child, "bicsi engine");
+        let status = wait_exit(&mut child, "bicsi engine", STOP_LIMIT);
         assert!(status.success(), "{status}:\n{}", self.log("engine.log"));
         assert!(!self.engine_socket().exists(), "socket left behind");
     }
@@ -285,19 +268,8 @@ impl Node {
     /// Starts the plugin, moved into `cgroup` at once (before it starts any engine).
     async fn start_plugin(&mut self, cgroup: Option<&Cgroup>) -> CsiClient {
         assert!(self.plugin.is_none());
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--data-dir".into(),
-            self.data_dir().display().to_string(),
-            "--csi-endpoint".into(),
-            self.endpoint.clone(),
-            "--node-id".into(),
-            NODE_ID.into(),
-            "--http-listen".into(),
-            self.http.clone(),
-            "--disk".into(),
-            self.path("disk0").display().to_string(),
-        ];
+        let mut args = serve_args(self.dir.path(), NODE_ID, &self.http);
+        args.extend(["--disk".into(), self.path("disk0").display().to_string()]);
         if let Some(e) = &self.engine_endpoint {
             args.extend(["--engine-endpoint".into(), e.clone()]);
         }
@@ -326,7 +298,7 @@ impl Node {
     /// The plugin was killed with its cgroup: collect its exit status.
     fn reap_plugin(&mut self) {
         let mut child = self.plugin.take().expect("plugin started");
-        let status = wait_child(&mut child, "bicsi serve");
+        let status = wait_exit(&mut child, "bicsi serve", STOP_LIMIT);
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(libc::SIGKILL),
@@ -345,24 +317,6 @@ impl Node {
     }
 }
 
-/// Removes what a test's processes left under `dir`, whatever state they died in: mounts
-/// (lazily, so a dead FUSE server cannot block it), loop devices, then the daemons, then
-/// mounts their exit left behind.
-fn tear_down_under(dir: &Path) {
-    for m in mounts_under(dir) {
-        let _ = Command::new("umount").arg("-l").arg(&m).status();
-    }
-    for l in loops_under(dir) {
-        let _ = Command::new("losetup").arg("-d").arg(&l).status();
-    }
-    for pid in engines_under(dir) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    for m in mounts_under(dir) {
-        let _ = Command::new("umount").arg("-l").arg(&m).status();
-    }
-}
-
 impl Drop for Node {
     fn drop(&mut self) {
         for mut c in [self.plugin.take(), self.engine.take()]
@@ -372,30 +326,8 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
-        tear_down_under(self.dir.path());
+        cleanup_under(self.dir.path());
     }
-}
-
-fn wait_child(child: &mut Child, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{what} did not exit within 20 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Alive and not a zombie.
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next())
-        })
-        .is_some_and(|state| !matches!(state, 'Z' | 'X'))
 }
 
 /// Children of `parent` that are zombies (exited, not reaped).
@@ -804,13 +736,6 @@ async fn unreachable_engine_host_fails_stage_clearly_and_leaves_nothing() {
 
 // ---- split mode: the replica server -------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
 /// A controller and two node agents, each agent with an engine host of its own: the NBD replica
 /// server a node runs for the other's engine is started by its engine host too.
 struct Split {
@@ -828,25 +753,11 @@ struct Split {
 
 impl Split {
     async fn start() -> Split {
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-engine-split-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = temp_dir("bicsi-engine-split-");
         let (http_port, cluster_port) = (free_port(), free_port());
-        let controller_endpoint =
-            format!("unix://{}", dir.path().join("controller.sock").display());
+        let controller_endpoint = controller_endpoint(dir.path());
         let controller = spawn_logged(
-            &[
-                "controller".to_string(),
-                "--data-dir".into(),
-                dir.path().join("controller").display().to_string(),
-                "--csi-endpoint".into(),
-                controller_endpoint.clone(),
-                "--http-listen".into(),
-                format!("127.0.0.1:{http_port}"),
-                "--cluster-listen".into(),
-                format!("127.0.0.1:{cluster_port}"),
-            ],
+            &controller_args(dir.path(), http_port, cluster_port),
             &dir.path().join("controller.log"),
         );
         let mut s = Split {
@@ -886,28 +797,13 @@ impl Split {
 
     fn agent_args(&self, i: usize) -> Vec<String> {
         let dir = self.node_dir(i);
-        let data = dir.join("data");
-        vec![
-            "node".into(),
-            "--node-id".into(),
-            format!("node-{}", i + 1),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--csi-endpoint".into(),
-            self.node_endpoint(i),
-            "--disk".into(),
-            dir.join("disk").display().to_string(),
-            "--controller".into(),
-            format!("http://127.0.0.1:{}", self.cluster_port),
-            "--agent-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--http-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--nbd-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
+        let id = format!("node-{}", i + 1);
+        let mut args = node_args(&id, &dir, self.cluster_port, free_port(), free_port());
+        args.extend([
             "--engine-endpoint".into(),
-            format!("unix://{}", data.join("engine.sock").display()),
-        ]
+            format!("unix://{}", dir.join("data/engine.sock").display()),
+        ]);
+        args
     }
 
     fn node_dir(&self, i: usize) -> PathBuf {
@@ -915,7 +811,7 @@ impl Split {
     }
 
     fn node_endpoint(&self, i: usize) -> String {
-        format!("unix://{}", self.node_dir(i).join("csi.sock").display())
+        csi_endpoint(&self.node_dir(i))
     }
 
     fn logs(&self) -> String {
@@ -991,7 +887,7 @@ impl Drop for Split {
             let _ = c.kill();
             let _ = c.wait();
         }
-        tear_down_under(self.dir.path());
+        cleanup_under(self.dir.path());
     }
 }
 
@@ -1073,7 +969,7 @@ async fn replica_server_survives_a_restart_of_its_nodes_plugin() {
     // node-2's plugin container restarts; node-1 keeps writing to both replicas.
     cgroup.kill_all();
     let mut agent = s.agents[1].take().unwrap();
-    wait_child(&mut agent, "node-2 agent");
+    wait_exit(&mut agent, "node-2 agent", STOP_LIMIT);
     assert!(
         alive(server),
         "the replica server died with node-2's plugin"

@@ -5,9 +5,14 @@
 //!
 //! Needs python3 with pip: grpcio and grpcio-tools are installed from PyPI when missing.
 
+#[path = "kit/mod.rs"]
+mod kit;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use kit::{Proc, csi_endpoint, free_port, serve_args, temp_dir};
 
 /// Makes sure python3 can import grpc and grpc_tools, installing them with pip once (under a
 /// lock: the tests of this file run at the same time, in processes of their own).
@@ -68,52 +73,10 @@ fn client(args: &[&str]) {
     );
 }
 
-/// A bicsi process killed (and its data removed) at the end of the test.
-struct Bicsi {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Bicsi {
-    fn start(dir: tempfile::TempDir, args: &[String]) -> Bicsi {
-        let log = std::fs::File::create(dir.path().join("bicsi.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bicsi"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Bicsi { dir, child }
-    }
-
-    fn wait_for(&mut self, what: &str, ready: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ready() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("bicsi exited ({status}) before {what}:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "no {what}:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("bicsi.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Bicsi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("bicsi-grpc-clients-")
-        .tempdir()
-        .unwrap()
+/// `bicsi ARGS` logging into `dir`, killed at the end of the test (before `dir`, declared
+/// first, is removed).
+fn start(dir: &tempfile::TempDir, args: &[String]) -> Proc {
+    Proc::spawn(args.to_vec(), dir.path().join("bicsi.log"))
 }
 
 fn path(p: PathBuf) -> String {
@@ -122,32 +85,19 @@ fn path(p: PathBuf) -> String {
 
 #[test]
 fn python_grpcio_calls_identity_controller_and_node_on_the_csi_socket() {
-    let dir = tempdir();
+    let dir = temp_dir("bicsi-grpc-clients-");
     let sock = dir.path().join("csi.sock");
-    let endpoint = format!("unix://{}", sock.display());
-    let args = [
-        "serve".to_string(),
-        "--node-id".into(),
-        "py-node".into(),
-        "--http-listen".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        path(dir.path().join("data")),
-        "--csi-endpoint".into(),
-        endpoint.clone(),
-    ];
-    let mut b = Bicsi::start(dir, &args);
-    b.wait_for("CSI socket", || sock.exists());
+    let endpoint = csi_endpoint(dir.path());
+    let args = serve_args(dir.path(), "py-node", "127.0.0.1:0");
+    let mut b = start(&dir, &args);
+    b.wait_ready_blocking("CSI socket", || sock.exists());
     client(&["csi", &endpoint, "py-node"]);
 }
 
 #[test]
 fn python_grpcio_calls_the_cluster_service_over_tcp() {
-    let dir = tempdir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let dir = temp_dir("bicsi-grpc-clients-");
+    let port = free_port();
     let address = format!("127.0.0.1:{port}");
     let args = [
         "controller".to_string(),
@@ -160,8 +110,8 @@ fn python_grpcio_calls_the_cluster_service_over_tcp() {
         "--csi-endpoint".into(),
         format!("unix://{}", dir.path().join("csi.sock").display()),
     ];
-    let mut b = Bicsi::start(dir, &args);
-    b.wait_for("Cluster service", || {
+    let mut b = start(&dir, &args);
+    b.wait_ready_blocking("Cluster service", || {
         std::net::TcpStream::connect(&address).is_ok()
     });
     client(&["cluster", &address]);

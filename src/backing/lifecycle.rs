@@ -494,6 +494,7 @@ mod tests {
                     },
                     free_bytes: 1000 + i as u64,
                     manager: true,
+                    shares_blocks: false,
                 })
                 .collect())
         }
@@ -683,12 +684,14 @@ mod tests {
                     parameters: Default::default(),
                     capabilities: vec![],
                     source: None,
+                    engine: Default::default(),
                 },
                 replicas: vec![Replica {
                     id: "r1".into(),
                     node_id: "n1".into(),
                     disk_id: disk.into(),
                     path: PathBuf::from("/nowhere"),
+                    format: crate::os::ImageFormat::Qcow2,
                     deferred: true,
                     health: Default::default(),
                 }],

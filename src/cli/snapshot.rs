@@ -2,12 +2,10 @@
 //! without Kubernetes (the CSI snapshotter sidecar makes the same calls there). It only shapes
 //! requests and prints answers; the rules live in the controller.
 
-use std::time::Instant;
-
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::wait::{self, Progress, WaitArgs};
+use super::wait::{self, WaitArgs, retry_unavailable};
 use super::{Endpoint, ListOutput, Server, mount_capability, parse_parameter};
 use crate::client::{CsiClient, status_error};
 use crate::csi::pb;
@@ -131,48 +129,50 @@ async fn find(c: &mut CsiClient, id: &str) -> Result<Option<pb::Snapshot>> {
 }
 
 /// Polls a snapshot until it is ready to use (a `type=bi` one: its backing image has a ready
-/// file), with the image's progress when the HTTP API answers.
+/// file), with the image's progress when the HTTP API answers; `--timeout` gives up through the
+/// CLI's one wait loop ([`retry_unavailable`]), a not-ready snapshot standing for Unavailable.
 async fn wait_ready(
-    c: &mut CsiClient,
+    c: &CsiClient,
     id: &str,
     image: Option<&str>,
-    deadline: Option<Instant>,
+    wait: &WaitArgs,
     server: &Server,
 ) -> Result<pb::Snapshot> {
-    let mut progress = Progress::new(format!("snapshot {id}"));
-    loop {
-        let s = find(c, id).await?.ok_or_else(|| {
-            Error::NotFound(format!("snapshot {id:?} disappeared while waiting for it"))
-        })?;
-        if s.ready_to_use {
-            progress.finish();
-            return Ok(s);
-        }
-        let (text, percent) = match image {
-            Some(name) => match crate::cli_api::backing_image(&server.server, name).await {
-                Ok(bi) => match crate::cli_api::readiness(&bi) {
-                    crate::cli_api::Readiness::Failed(why) => {
-                        progress.finish();
-                        return Err(Error::FailedPrecondition(why));
-                    }
-                    crate::cli_api::Readiness::Preparing { percent, text } => {
-                        (format!("exporting backing image {name}: {text}"), percent)
-                    }
-                    crate::cli_api::Readiness::Ready => ("ready".to_string(), Some(100)),
-                },
-                Err(_) => (format!("exporting backing image {name}"), None),
-            },
-            None => ("not ready to use yet".to_string(), None),
-        };
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            progress.finish();
-            return Err(Error::Unavailable(format!(
-                "gave up waiting (--timeout) for snapshot {id}: {text}; bicsi goes on with it"
-            )));
-        }
-        progress.update(&text, percent);
-        tokio::time::sleep(wait::POLL).await;
-    }
+    retry_unavailable(
+        wait,
+        format!("snapshot {id}"),
+        &format!("snapshot {id} is not ready to use"),
+        "bicsi goes on with it",
+        "bicsi goes on with it",
+        || {
+            let mut c = c.clone();
+            async move {
+                let s = find(&mut c, id).await?.ok_or_else(|| {
+                    Error::NotFound(format!("snapshot {id:?} disappeared while waiting for it"))
+                })?;
+                if s.ready_to_use {
+                    return Ok(tonic::Response::new(s));
+                }
+                let text = match image {
+                    Some(name) => match crate::cli_api::backing_image(&server.server, name).await {
+                        Ok(bi) => match crate::cli_api::readiness(&bi) {
+                            crate::cli_api::Readiness::Failed(why) => {
+                                return Err(Error::FailedPrecondition(why).into());
+                            }
+                            crate::cli_api::Readiness::Preparing { text, .. } => {
+                                format!("exporting backing image {name}: {text}")
+                            }
+                            crate::cli_api::Readiness::Ready => "ready 100%".to_string(),
+                        },
+                        Err(_) => format!("exporting backing image {name}"),
+                    },
+                    None => "not ready to use yet".to_string(),
+                };
+                Err(tonic::Status::unavailable(text))
+            }
+        },
+    )
+    .await
 }
 
 fn print_header() {
@@ -236,14 +236,7 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
                     "stopped waiting; snapshot {} is taken and bicsi goes on exporting it (`bicsi snapshot list` shows READY)",
                     s.snapshot_id
                 ));
-                s = wait_ready(
-                    &mut c,
-                    &s.snapshot_id,
-                    exported.as_deref(),
-                    wait.deadline(),
-                    &server,
-                )
-                .await?;
+                s = wait_ready(&c, &s.snapshot_id, exported.as_deref(), &wait, &server).await?;
             }
             print_header();
             print_row(&s);

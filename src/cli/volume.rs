@@ -5,12 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
-use super::wait::{self, Progress, WaitArgs};
+use super::wait::{self, WaitArgs, retry_unavailable};
 use super::{Endpoint, ListOutput, Server, mount_capability, parse_parameter};
 use crate::client::{CsiClient, status_error};
 use crate::csi::pb;
@@ -133,17 +132,6 @@ fn attach_record(endpoint: &str, volume_id: &str) -> Result<Option<AttachRecord>
             "cannot read the attachment record of {volume_id:?}: {e}"
         ))),
     }
-}
-
-/// The first `NN%` in a progress message (the furthest file's progress).
-fn percent_in(message: &str) -> Option<u64> {
-    let bytes = message.as_bytes();
-    let pos = message.find('%')?;
-    let start = bytes[..pos]
-        .iter()
-        .rposition(|b| !b.is_ascii_digit())
-        .map_or(0, |i| i + 1);
-    message[start..pos].parse().ok()
 }
 
 /// The backing image a volume's parameters name.
@@ -666,58 +654,6 @@ async fn publish_until_ready(
     Ok(answer.publish_context)
 }
 
-/// Calls `call` until it answers anything but Unavailable, showing the reason it gives as the
-/// progress of `label`. `--no-wait` stops at the first Unavailable and `--timeout` at the
-/// deadline, with "`not_done`: why; hint".
-async fn retry_unavailable<T, F, Fut>(
-    wait: &WaitArgs,
-    label: String,
-    not_done: &str,
-    no_wait_hint: &str,
-    timeout_hint: &str,
-    mut call: F,
-) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
-{
-    let deadline = wait.deadline();
-    let mut progress: Option<Progress> = None;
-    loop {
-        match call().await {
-            Ok(r) => {
-                if let Some(p) = progress {
-                    p.finish();
-                }
-                return Ok(r.into_inner());
-            }
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                // Servers that make CreateVolume wait for the image add that "the volume is
-                // created when it is ready": only a retry does that, so it is not repeated here.
-                let why = s
-                    .message()
-                    .trim_end_matches("; the volume is created when it is ready")
-                    .to_string();
-                if wait.no_wait {
-                    return Err(Error::Unavailable(format!(
-                        "{not_done}: {why}; {no_wait_hint}"
-                    )));
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(Error::Unavailable(format!(
-                        "gave up waiting (--timeout): {not_done}: {why}; {timeout_hint}"
-                    )));
-                }
-                progress
-                    .get_or_insert_with(|| Progress::new(label.clone()))
-                    .update(&why, percent_in(&why));
-                tokio::time::sleep(wait::POLL).await;
-            }
-            Err(s) => return Err(status_error(s)),
-        }
-    }
-}
-
 /// A volume as `bicsi get volume(s)` shows it: CSI's view (size, attachment, condition) joined
 /// with the HTTP API's record (image, replicas) and this machine's attach record (path).
 #[derive(Serialize, Debug)]
@@ -729,6 +665,8 @@ pub struct VolumeView {
     pub backing_image: Option<String>,
     pub healthy_replicas: Option<u32>,
     pub wanted_replicas: Option<u32>,
+    /// The engine that serves it (`loop` or `qemu`); None when the HTTP API could not be asked.
+    pub engine: Option<String>,
     pub attached_nodes: Vec<String>,
     /// Where `bicsi volume attach` put it on this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -800,6 +738,7 @@ async fn volume_views(endpoint: &str, server: &Server) -> Result<Vec<VolumeView>
                     .as_ref()
                     .map(|r| healthy_replicas(r, abnormal, &condition)),
                 wanted_replicas: record.as_ref().map(|r| r.spec.number_of_replicas),
+                engine: record.as_ref().map(|r| r.spec.engine.to_string()),
                 attached_nodes: status.published_node_ids,
                 attached_path,
                 abnormal,
@@ -824,27 +763,38 @@ fn attached(v: &VolumeView) -> String {
     }
 }
 
-fn print_table(views: &[VolumeView], wide: bool) {
+/// The table of volumes; `wide` adds the replicas' nodes, `engine` the ENGINE column (wide, and
+/// a single volume, show it).
+fn print_table(views: &[VolumeView], wide: bool, engine: bool) {
     let unknown = |s: Option<String>| s.unwrap_or_else(|| "?".to_string());
+    let engine_col = |e: &str| {
+        if engine {
+            format!("{e:<7} ")
+        } else {
+            String::new()
+        }
+    };
     if wide {
         outln!(
-            "{:<32} {:>10} {:<24} {:<9} {:<9} {:<40} {:<24} CONDITION",
+            "{:<32} {:>10} {:<24} {:<9} {:<9} {}{:<40} {:<24} CONDITION",
             "VOLUME",
             "SIZE",
             "IMAGE",
             "REPLICAS",
             "HEALTH",
+            engine_col("ENGINE"),
             "ATTACHED",
             "REPLICA NODES"
         );
     } else {
         outln!(
-            "{:<32} {:>10} {:<24} {:<9} {:<9} {:<40} CONDITION",
+            "{:<32} {:>10} {:<24} {:<9} {:<9} {}{:<40} CONDITION",
             "VOLUME",
             "SIZE",
             "IMAGE",
             "REPLICAS",
             "HEALTH",
+            engine_col("ENGINE"),
             "ATTACHED"
         );
     }
@@ -865,6 +815,7 @@ fn print_table(views: &[VolumeView], wide: bool) {
             v.condition.clone()
         };
         let size = quantity::format(v.capacity_bytes);
+        let eng = engine_col(&unknown(v.engine.clone()));
         let health = unknown(v.health.map(|h| h.to_string()));
         if wide {
             let nodes = unknown(v.record.as_ref().map(|r| {
@@ -873,13 +824,13 @@ fn print_table(views: &[VolumeView], wide: bool) {
                 n.join(",")
             }));
             outln!(
-                "{:<32} {size:>10} {image:<24} {replicas:<9} {health:<9} {:<40} {nodes:<24} {condition}",
+                "{:<32} {size:>10} {image:<24} {replicas:<9} {health:<9} {eng}{:<40} {nodes:<24} {condition}",
                 v.id,
                 attached(v),
             );
         } else {
             outln!(
-                "{:<32} {size:>10} {image:<24} {replicas:<9} {health:<9} {:<40} {condition}",
+                "{:<32} {size:>10} {image:<24} {replicas:<9} {health:<9} {eng}{:<40} {condition}",
                 v.id,
                 attached(v),
             );
@@ -895,8 +846,8 @@ pub async fn get_volumes(
 ) -> Result<()> {
     let views = volume_views(endpoint, server).await?;
     match output {
-        None => print_table(&views, false),
-        Some(ListOutput::Wide) => print_table(&views, true),
+        None => print_table(&views, false, false),
+        Some(ListOutput::Wide) => print_table(&views, true, true),
         Some(ListOutput::Json) => super::print_json(&views)?,
         Some(ListOutput::Yaml) => super::print_yaml(&views)?,
     }
@@ -917,29 +868,10 @@ pub async fn get_volume(
         .find(|v| v.id == id)
         .ok_or_else(|| Error::NotFound(format!("volume {name:?} not found")))?;
     match output {
-        None => print_table(std::slice::from_ref(&view), false),
-        Some(ListOutput::Wide) => print_table(std::slice::from_ref(&view), true),
+        None => print_table(std::slice::from_ref(&view), false, true),
+        Some(ListOutput::Wide) => print_table(std::slice::from_ref(&view), true, true),
         Some(ListOutput::Json) => super::print_json(&view)?,
         Some(ListOutput::Yaml) => super::print_yaml(&view)?,
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percents_in_progress_messages() {
-        assert_eq!(
-            percent_in(
-                "volume \"v\" is being prepared for node \"n\": backing image \"b\" is being prepared on disk d1: in-progress 45%; retry shortly"
-            ),
-            Some(45)
-        );
-        assert_eq!(percent_in("d1: pending 0%"), Some(0));
-        assert_eq!(percent_in("100% done"), Some(100));
-        assert_eq!(percent_in("no number %"), None);
-        assert_eq!(percent_in("nothing"), None);
-    }
 }

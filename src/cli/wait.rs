@@ -12,6 +12,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::client::status_error;
+use crate::error::{Error, Result};
+
 /// What the user should know if Ctrl-C lands now; empty: the generic note.
 static NOTE: Mutex<String> = Mutex::new(String::new());
 /// Files a command is writing that must not survive an interrupt (`FILE.part`).
@@ -311,9 +314,86 @@ impl WaitArgs {
 /// How long to sleep between two polls.
 pub const POLL: Duration = Duration::from_millis(500);
 
+/// Calls `call` until it answers anything but Unavailable, showing the reason it gives as the
+/// progress of `label`. `--no-wait` stops at the first Unavailable and `--timeout` at the
+/// deadline, with "`not_done`: why; hint".
+pub(super) async fn retry_unavailable<T, F, Fut>(
+    wait: &WaitArgs,
+    label: String,
+    not_done: &str,
+    no_wait_hint: &str,
+    timeout_hint: &str,
+    mut call: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = wait.deadline();
+    let mut progress: Option<Progress> = None;
+    loop {
+        match call().await {
+            Ok(r) => {
+                if let Some(p) = progress {
+                    p.finish();
+                }
+                return Ok(r.into_inner());
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                // Servers that make CreateVolume wait for the image add that "the volume is
+                // created when it is ready": only a retry does that, so it is not repeated here.
+                let why = s
+                    .message()
+                    .trim_end_matches("; the volume is created when it is ready")
+                    .to_string();
+                if wait.no_wait {
+                    return Err(Error::Unavailable(format!(
+                        "{not_done}: {why}; {no_wait_hint}"
+                    )));
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Error::Unavailable(format!(
+                        "gave up waiting (--timeout): {not_done}: {why}; {timeout_hint}"
+                    )));
+                }
+                progress
+                    .get_or_insert_with(|| Progress::new(label.clone()))
+                    .update(&why, percent_in(&why));
+                tokio::time::sleep(POLL).await;
+            }
+            Err(s) => return Err(status_error(s)),
+        }
+    }
+}
+
+/// The first `NN%` in a progress message (the furthest file's progress).
+fn percent_in(message: &str) -> Option<u64> {
+    let bytes = message.as_bytes();
+    let pos = message.find('%')?;
+    let start = bytes[..pos]
+        .iter()
+        .rposition(|b| !b.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    message[start..pos].parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percents_in_progress_messages() {
+        assert_eq!(
+            percent_in(
+                "volume \"v\" is being prepared for node \"n\": backing image \"b\" is being prepared on disk d1: in-progress 45%; retry shortly"
+            ),
+            Some(45)
+        );
+        assert_eq!(percent_in("d1: pending 0%"), Some(0));
+        assert_eq!(percent_in("100% done"), Some(100));
+        assert_eq!(percent_in("no number %"), None);
+        assert_eq!(percent_in("nothing"), None);
+    }
 
     #[test]
     fn timeouts() {

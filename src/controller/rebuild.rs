@@ -288,10 +288,11 @@ impl Controller {
             };
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             let new = Replica {
-                path: crate::disks::replica_path(&d.disk, &volume.id, &rid),
+                path: crate::disks::replica_path_as(&d.disk, &volume.id, &rid, source.format),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
+                format: source.format,
                 deferred: false,
                 health: ReplicaHealth::new_err(&format!("replaces replica {}", old.id), now),
             };

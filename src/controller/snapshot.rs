@@ -418,10 +418,12 @@ impl Controller {
             .into_iter()
             .filter(|d| d.disk.node_id == node)
             .collect();
+        let disks = crate::volume_engine::candidate_disks(p.engine, disks)?;
         let wanted = *p
             .number_of_replicas
             .get_or_insert(crate::params::default_replicas(disks.len()));
         let chosen = place_replicas(disks, wanted as usize);
+        let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
         if chosen.is_empty() {
             return Err(Error::ResourceExhausted(format!(
                 "node {node:?}, which holds {what}, has no disk for the new volume's replicas"
@@ -432,10 +434,11 @@ impl Controller {
         for d in &chosen {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             let replica = Replica {
-                path: crate::disks::replica_path(&d.disk, id, &rid),
+                path: crate::disks::replica_path_as(&d.disk, id, &rid, engine.replica_format()),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
+                format: engine.replica_format(),
                 deferred: false,
                 health: Default::default(),
             };

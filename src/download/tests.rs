@@ -593,10 +593,7 @@ async fn body_without_content_length() {
 async fn connection_refused_gives_up_after_max_attempts() {
     let dir = tempfile::tempdir().unwrap();
     // A port that was just free on loopback; nothing listens there any more.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = crate::kit::free_port();
     let req = DownloadRequest {
         max_attempts: 2,
         backoff: Duration::from_millis(10),
@@ -673,8 +670,7 @@ async fn secrets_in_the_url_stay_out_of_errors() {
 
 #[tokio::test]
 async fn disk_full_is_its_own_error_and_leaves_no_file() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("SKIP disk_full_is_its_own_error_and_leaves_no_file: needs root to mount tmpfs");
+    if !crate::kit::root_or_skip("disk_full_is_its_own_error_and_leaves_no_file") {
         return;
     }
     let fx = Fixture::new().await;

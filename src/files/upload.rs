@@ -242,7 +242,7 @@ impl FileManagers {
         )
         .await?;
         let mut received = 0u64;
-        let mut tick = tokio::time::interval(super::PROGRESS_INTERVAL);
+        let mut tick = tokio::time::interval(super::progress::PROGRESS_INTERVAL);
         tick.tick().await;
         let interrupted = |received: u64, why: String| {
             Error::Aborted(format!(

@@ -25,7 +25,7 @@
 //!   retransmission timeout, ~15 min by default), and while a FUSE request waits the daemon's main
 //!   loop does not answer QMP either (and qemu-storage-daemon has no `yank`).
 
-mod backup;
+pub(crate) mod backup;
 pub mod events;
 pub mod host;
 

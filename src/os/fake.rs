@@ -193,6 +193,9 @@ struct World {
     loops: BTreeMap<u32, LoopEntry>,
     mounts: Vec<MountEntry>,
     failures: HashMap<String, VecDeque<OsError>>,
+    /// Directories whose "filesystem" shares blocks (`Fake::share_blocks`): reflink clones
+    /// work under them, as on XFS with reflink; everywhere else they are `Unsupported`.
+    reflink_dirs: Vec<PathBuf>,
 }
 
 /// What a fake loop device's reads and writes reach.
@@ -208,6 +211,11 @@ enum Backing {
 }
 
 impl World {
+    fn shares_blocks(&self, path: &Path) -> bool {
+        let path = resolve_parent(path);
+        self.reflink_dirs.iter().any(|d| path.starts_with(d))
+    }
+
     fn fail(&mut self, op: &str) -> OsResult<()> {
         match self.failures.get_mut(op).and_then(VecDeque::pop_front) {
             Some(e) => Err(e),
@@ -322,9 +330,9 @@ impl World {
                 };
                 Ok(read_image(&file)?.virtual_size)
             }
-            Backing::File(f) => fs::metadata(f)
-                .map(|m| m.len())
-                .map_err(|e| OsError::io(format!("{}", f.display()), e)),
+            // A fake raw replica is a description of its content; other files are raw images
+            // of their own length, which `read_image` reports as their virtual size.
+            Backing::File(f) => Ok(read_image(f)?.virtual_size),
         }
     }
 
@@ -688,6 +696,13 @@ impl Fake {
         lock(&self.world)
     }
 
+    /// Makes everything under `dir` share blocks (reflink clones work there), as a disk on XFS
+    /// with reflink does.
+    pub fn share_blocks(&self, dir: &Path) {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        self.world().reflink_dirs.push(dir);
+    }
+
     /// Make the next call of `op` fail with `error`. `op` is "<trait>.<method>": "images.create_replica",
     /// "images.resize", "images.info", "images.convert", "engine.start", "engine.status",
     /// "engine.stop", "loops.attach", "loops.find", "loops.detach", "loops.detach_file",
@@ -911,7 +926,13 @@ impl ImageTool for FakeImages {
         })
     }
 
-    fn convert(&self, src: &Path, dst: &Path, format: ImageFormat) -> OsResult<()> {
+    fn convert(
+        &self,
+        src: &Path,
+        src_format: ImageFormat,
+        dst: &Path,
+        format: ImageFormat,
+    ) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("images.convert")?;
         if dst.exists() {
@@ -935,6 +956,13 @@ impl ImageTool for FakeImages {
         }
         require_parent(dst)?;
         let img = read_image(src)?;
+        if img.format != src_format.as_str() {
+            // qemu-img convert -f raw would read a qcow2 file's bytes as the volume: a bug.
+            return Err(OsError::Command {
+                cmd: format!("qemu-img convert -f {src_format} {}", src.display()),
+                stderr: format!("the file is {}, not {src_format}", img.format),
+            });
+        }
         write_image(
             dst,
             &FakeImage {
@@ -961,6 +989,102 @@ impl ImageTool for FakeImages {
         img.backing = backing.map(|(f, _)| f.to_path_buf());
         img.backing_format = backing.map(|(_, f)| f.as_str().to_string());
         write_image(path, &img)
+    }
+
+    fn create_raw(&self, path: &Path, size: u64, base: Option<&Path>) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("images.create_raw")?;
+        if path.exists() {
+            let img = read_image(path)?;
+            if img.format == "raw" && img.virtual_size == size {
+                return Ok(());
+            }
+            return Err(OsError::Conflict(format!(
+                "raw replica {} already exists with {} bytes, but {size} bytes was asked",
+                path.display(),
+                img.virtual_size
+            )));
+        }
+        require_parent(path)?;
+        let fs_ = match base {
+            Some(base) => {
+                if !base.is_file() {
+                    return Err(OsError::NotFound(format!(
+                        "raw base {} of replica {} does not exist",
+                        base.display(),
+                        path.display()
+                    )));
+                }
+                if !w.shares_blocks(path) || !w.shares_blocks(base) {
+                    return Err(OsError::Unsupported(format!(
+                        "cannot reflink {} to {}: Operation not supported",
+                        base.display(),
+                        path.display()
+                    )));
+                }
+                content_fs(base)?
+            }
+            None => None,
+        };
+        write_image(
+            path,
+            &FakeImage {
+                format: "raw".into(),
+                virtual_size: size,
+                backing: None,
+                backing_format: None,
+                fs: fs_,
+            },
+        )
+    }
+
+    fn resize_raw(&self, path: &Path, new_size: u64) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("images.resize_raw")?;
+        let mut img = read_image(path)?;
+        if new_size < img.virtual_size {
+            return Err(OsError::Unsupported(format!(
+                "cannot shrink raw replica {} from {} to {new_size} bytes: volumes only grow",
+                path.display(),
+                img.virtual_size
+            )));
+        }
+        img.virtual_size = new_size;
+        write_image(path, &img)
+    }
+
+    fn raw_size(&self, path: &Path) -> OsResult<u64> {
+        self.0.world().fail("images.raw_size")?;
+        Ok(read_image(path)?.virtual_size)
+    }
+
+    fn clone_raw(&self, src: &Path, dst: &Path) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("images.clone_raw")?;
+        if dst.exists() {
+            return Err(OsError::Conflict(format!(
+                "cannot clone {} to {}: the destination exists",
+                src.display(),
+                dst.display()
+            )));
+        }
+        require_parent(dst)?;
+        if !w.shares_blocks(src) || !w.shares_blocks(dst) {
+            return Err(OsError::Unsupported(format!(
+                "cannot reflink {} to {}: Operation not supported",
+                src.display(),
+                dst.display()
+            )));
+        }
+        fs::copy(src, dst)
+            .map(drop)
+            .map_err(|e| OsError::io(format!("cloning {}", src.display()), e))
+    }
+
+    fn shares_blocks(&self, dir: &Path) -> OsResult<bool> {
+        let mut w = self.0.world();
+        w.fail("images.shares_blocks")?;
+        Ok(w.shares_blocks(dir))
     }
 }
 
@@ -1263,6 +1387,13 @@ impl Engine for FakeEngine {
                 export.path.display()
             )));
         }
+        let actual = read_image(&export.path)?.format;
+        if actual != export.format.as_str() {
+            return Err(OsError::Command {
+                cmd: format!("QMP blockdev-add {}", export.path.display()),
+                stderr: format!("Image is not in {} format (it is {actual})", export.format),
+            });
+        }
         let path = resolve_parent(&export.path);
         fs::create_dir_all(run_dir).map_err(|e| {
             OsError::io(
@@ -1370,9 +1501,10 @@ fn export_busy(run_dir: &Path, export: &Path) -> OsError {
     ))
 }
 
-impl LoopDevices for FakeLoops {
-    fn attach(&self, file: &Path) -> OsResult<PathBuf> {
+impl FakeLoops {
+    fn attach_as(&self, file: &Path, force_read_only: bool) -> OsResult<PathBuf> {
         let mut w = self.0.world();
+
         w.fail("loops.attach")?;
         let file = resolve_parent(file);
         if !file.exists() {
@@ -1386,12 +1518,13 @@ impl LoopDevices for FakeLoops {
         }
         let backing = w.backing_of(&file)?;
         let size = w.backing_size(&backing)?;
-        let read_only = match backing {
-            Backing::Engine { read_only, .. } => read_only,
-            Backing::File(_) => fs::metadata(&file)
-                .map(|m| m.permissions().mode() & 0o222 == 0)
-                .unwrap_or(false),
-        };
+        let read_only = force_read_only
+            || match backing {
+                Backing::Engine { read_only, .. } => read_only,
+                Backing::File(_) => fs::metadata(&file)
+                    .map(|m| m.permissions().mode() & 0o222 == 0)
+                    .unwrap_or(false),
+            };
         let idx = (0..)
             .find(|i| !w.loops.contains_key(i))
             .expect("a free index");
@@ -1404,6 +1537,16 @@ impl LoopDevices for FakeLoops {
             },
         );
         Ok(PathBuf::from(format!("{LOOP_PREFIX}{idx}")))
+    }
+}
+
+impl LoopDevices for FakeLoops {
+    fn attach(&self, file: &Path) -> OsResult<PathBuf> {
+        self.attach_as(file, false)
+    }
+
+    fn attach_read_only(&self, file: &Path) -> OsResult<PathBuf> {
+        self.attach_as(file, true)
     }
 
     fn find(&self, file: &Path) -> OsResult<Option<PathBuf>> {
@@ -1463,6 +1606,23 @@ impl LoopDevices for FakeLoops {
             self.detach(&dev)?;
         }
         Ok(())
+    }
+
+    fn file_mounts(&self, file: &Path) -> OsResult<Option<Vec<PathBuf>>> {
+        let mut w = self.0.world();
+        w.fail("loops.file_mounts")?;
+        let file = resolve_parent(file);
+        let Some((idx, _)) = w.loops.iter().find(|(_, l)| l.file == file) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            w.mounts
+                .iter()
+                .filter(|m| m.device == Some(*idx) && m.bind_of.is_none())
+                .map(|m| m.info.target.clone())
+                .take(1)
+                .collect(),
+        ))
     }
 
     fn refresh_size(&self, dev: &Path) -> OsResult<()> {
@@ -2204,12 +2364,19 @@ mod tests {
         os.loops.detach(&dev).unwrap();
         let err = os
             .images
-            .convert(&r, &dir.path().join("x"), ImageFormat::Qcow2)
+            .convert(
+                &r,
+                ImageFormat::Qcow2,
+                &dir.path().join("x"),
+                ImageFormat::Qcow2,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("lock"), "{err}");
         os.engine.stop(&spec.run_dir).unwrap();
         let out = dir.path().join("exported.qcow2");
-        os.images.convert(&r, &out, ImageFormat::Qcow2).unwrap();
+        os.images
+            .convert(&r, ImageFormat::Qcow2, &out, ImageFormat::Qcow2)
+            .unwrap();
         let info = os.images.info(&out).unwrap();
         assert_eq!(
             (info.format, info.virtual_size, info.backing_file),
@@ -2248,5 +2415,170 @@ mod tests {
         head[1081] = 0xef;
         assert_eq!(sniff_fs(&head).as_deref(), Some("ext4"));
         assert_eq!(sniff_fs(b"XFSB....").as_deref(), Some("xfs"));
+    }
+
+    /// The loop engine's file work, as observations that must be the same on the fake and on
+    /// the real machine: `shared` is a directory whose filesystem shares blocks (XFS with
+    /// reflink), `plain` one whose filesystem does not (ext4).
+    fn raw_flow(os: &Os, shared: &Path, plain: &Path, cleanup: &mut Cleanup) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut note = |what: &str, v: String| seen.push(format!("{what}: {v}"));
+        let size = 64u64 << 20;
+        note("shares blocks", kind(&os.images.shares_blocks(shared)));
+        note("plain shares blocks", kind(&os.images.shares_blocks(plain)));
+        let r = shared.join("volume.raw");
+        note("create", kind(&os.images.create_raw(&r, size, None)));
+        note("create again", kind(&os.images.create_raw(&r, size, None)));
+        note(
+            "create other size",
+            kind(&os.images.create_raw(&r, size * 2, None)),
+        );
+        note("size", kind(&os.images.raw_size(&r)));
+        // A base holding a filesystem, as the raw expansion of an image would.
+        let base = shared.join("backing.raw");
+        os.images.create_raw(&base, size / 2, None).unwrap();
+        cleanup.loop_file(&base);
+        let dev = os.loops.attach(&base).unwrap();
+        os.fs.mkfs(&dev, "ext4").unwrap();
+        os.loops.detach(&dev).unwrap();
+        let clone = shared.join("clone.raw");
+        note(
+            "clone of base",
+            kind(&os.images.create_raw(&clone, size, Some(&base))),
+        );
+        note(
+            "clone across filesystems",
+            kind(
+                &os.images
+                    .create_raw(&plain.join("c.raw"), size, Some(&base)),
+            ),
+        );
+        cleanup.loop_file(&clone);
+        let dev = os.loops.attach(&clone).unwrap();
+        note("clone holds", kind(&os.fs.probe(&dev)));
+        note("clone device size", kind(&os.fs.device_size(&dev)));
+        note("file mounts unmounted", kind(&os.loops.file_mounts(&clone)));
+        note("file mounts no device", kind(&os.loops.file_mounts(&r)));
+        let mnt = shared.join("mnt");
+        cleanup.mount(&mnt);
+        os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+        let mounts = os.loops.file_mounts(&clone).unwrap();
+        note(
+            "file mounts",
+            format!("{}", mounts == Some(vec![mnt.clone()])),
+        );
+        os.loops.flush(&dev).unwrap();
+        let snap = shared.join("snapshot.raw");
+        note("clone_raw live", kind(&os.images.clone_raw(&clone, &snap)));
+        note("clone_raw again", kind(&os.images.clone_raw(&clone, &snap)));
+        note(
+            "clone_raw across filesystems",
+            kind(&os.images.clone_raw(&clone, &plain.join("s.raw"))),
+        );
+        os.mounts.unmount(&mnt).unwrap();
+        os.loops.detach(&dev).unwrap();
+        note("grow", kind(&os.images.resize_raw(&clone, size * 2)));
+        note("grown size", kind(&os.images.raw_size(&clone)));
+        note("shrink", kind(&os.images.resize_raw(&clone, size)));
+        cleanup.loop_file(&snap);
+        let ro = os.loops.attach_read_only(&snap).unwrap();
+        note("snapshot holds", kind(&os.fs.probe(&ro)));
+        note("snapshot size", kind(&os.fs.device_size(&ro)));
+        note("read-only mkfs", kind(&os.fs.mkfs(&ro, "xfs")));
+        os.loops.detach(&ro).unwrap();
+        let q = shared.join("out.qcow2");
+        note(
+            "convert raw to qcow2",
+            kind(
+                &os.images
+                    .convert(&clone, ImageFormat::Raw, &q, ImageFormat::Qcow2),
+            ),
+        );
+        let info = os.images.info(&q).unwrap();
+        note(
+            "converted",
+            format!("{} {}", info.format, info.virtual_size),
+        );
+        seen
+    }
+
+    const RAW_EXPECTED: &[&str] = &[
+        "shares blocks: Ok(true)",
+        "plain shares blocks: Ok(false)",
+        "create: Ok(())",
+        "create again: Ok(())",
+        "create other size: Conflict",
+        "size: Ok(67108864)",
+        "clone of base: Ok(())",
+        "clone across filesystems: Unsupported",
+        "clone holds: Ok(Some(\"ext4\"))",
+        "clone device size: Ok(67108864)",
+        "file mounts unmounted: Ok(Some([]))",
+        "file mounts no device: Ok(None)",
+        "file mounts: true",
+        "clone_raw live: Ok(())",
+        "clone_raw again: Conflict",
+        "clone_raw across filesystems: Unsupported",
+        "grow: Ok(())",
+        "grown size: Ok(134217728)",
+        "shrink: Unsupported",
+        "snapshot holds: Ok(Some(\"ext4\"))",
+        "snapshot size: Ok(67108864)",
+        "read-only mkfs: Conflict",
+        "convert raw to qcow2: Ok(())",
+        "converted: qcow2 134217728",
+    ];
+
+    #[test]
+    fn fake_raw_flow() {
+        let (shared, plain) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let fake = Fake::new();
+        fake.share_blocks(shared.path());
+        let mut cleanup = Cleanup::with(fake.os());
+        let seen = raw_flow(&fake.os(), shared.path(), plain.path(), &mut cleanup);
+        assert_eq!(seen, RAW_EXPECTED);
+        assert!(fake.loop_devices().is_empty());
+        assert!(fake.mounts().is_empty());
+    }
+
+    /// XFS made with reflink in a file, loop-mounted; lazily unmounted on drop (after the
+    /// test's own `Cleanup`, declared later, has released what sits on it).
+    struct XfsDir(tempfile::TempDir);
+
+    impl Drop for XfsDir {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path().join("mnt"))
+                .status();
+        }
+    }
+
+    #[test]
+    fn real_matches_fake_raw_flow() {
+        if !crate::os::root_or_skip("real_matches_fake_raw_flow") {
+            return;
+        }
+        use crate::os::testutil::sh;
+        use std::process::Command;
+        let xfs = XfsDir(tempfile::tempdir().unwrap());
+        let image = xfs.0.path().join("xfs.img");
+        fs::File::create(&image)
+            .unwrap()
+            .set_len(512 << 20)
+            .unwrap();
+        sh(Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image));
+        let shared = xfs.0.path().join("mnt");
+        fs::create_dir(&shared).unwrap();
+        sh(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&shared));
+        let plain = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let seen = raw_flow(&Os::real(), &shared, plain.path(), &mut cleanup);
+        assert_eq!(seen, RAW_EXPECTED);
     }
 }

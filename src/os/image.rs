@@ -276,7 +276,13 @@ impl ImageTool for QemuImg {
         parse_info(path, &json)
     }
 
-    fn convert(&self, src: &Path, dst: &Path, format: ImageFormat) -> OsResult<()> {
+    fn convert(
+        &self,
+        src: &Path,
+        src_format: ImageFormat,
+        dst: &Path,
+        format: ImageFormat,
+    ) -> OsResult<()> {
         if dst.exists() {
             return Err(OsError::Conflict(format!(
                 "cannot convert {} into {}: the destination already exists; delete it or choose \
@@ -296,9 +302,16 @@ impl ImageTool for QemuImg {
         let _ = fs::remove_file(&tmp);
         // No -U: the copy must be consistent, so qemu's locks refuse while an engine writes.
         let mut cmd = Command::new("qemu-img");
-        cmd.args(["convert", "-q", "-O", format.as_str()])
-            .arg(src)
-            .arg(&tmp);
+        cmd.args([
+            "convert",
+            "-q",
+            "-f",
+            src_format.as_str(),
+            "-O",
+            format.as_str(),
+        ])
+        .arg(src)
+        .arg(&tmp);
         let result = qemu_img(&mut cmd, src).and_then(|_| commit(&tmp, dst));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -336,6 +349,26 @@ impl ImageTool for QemuImg {
         File::open(path)
             .and_then(|f| f.sync_all())
             .map_err(|e| OsError::io(format!("syncing {}", path.display()), e))
+    }
+
+    fn create_raw(&self, path: &Path, size: u64, base: Option<&Path>) -> OsResult<()> {
+        super::rawfile::create(path, size, base)
+    }
+
+    fn resize_raw(&self, path: &Path, new_size: u64) -> OsResult<()> {
+        super::rawfile::resize(path, new_size)
+    }
+
+    fn raw_size(&self, path: &Path) -> OsResult<u64> {
+        super::rawfile::size(path)
+    }
+
+    fn clone_raw(&self, src: &Path, dst: &Path) -> OsResult<()> {
+        super::rawfile::clone(src, dst)
+    }
+
+    fn shares_blocks(&self, dir: &Path) -> OsResult<bool> {
+        super::rawfile::shares_blocks(dir)
     }
 }
 
@@ -454,7 +487,8 @@ mod tests {
 
         // Flattening keeps the backing content and drops the backing file.
         let flat = dir.path().join("flat.raw");
-        img.convert(&replica, &flat, ImageFormat::Raw).unwrap();
+        img.convert(&replica, ImageFormat::Qcow2, &flat, ImageFormat::Raw)
+            .unwrap();
         let flat_info = img.info(&flat).unwrap();
         assert_eq!(
             (
@@ -468,11 +502,12 @@ mod tests {
         assert!(bytes[..65536].iter().all(|b| *b == 7));
         assert!(bytes[65536..].iter().all(|b| *b == 0));
         assert!(matches!(
-            img.convert(&replica, &flat, ImageFormat::Raw),
+            img.convert(&replica, ImageFormat::Qcow2, &flat, ImageFormat::Raw),
             Err(OsError::Conflict(_))
         ));
         let q = dir.path().join("flat.qcow2");
-        img.convert(&replica, &q, ImageFormat::Qcow2).unwrap();
+        img.convert(&replica, ImageFormat::Qcow2, &q, ImageFormat::Qcow2)
+            .unwrap();
         assert_eq!(img.info(&q).unwrap().format, ImageFormat::Qcow2);
     }
 

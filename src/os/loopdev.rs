@@ -114,8 +114,8 @@ pub(crate) fn attached() -> OsResult<Vec<(PathBuf, PathBuf)>> {
     Ok(out)
 }
 
-impl LoopDevices for Losetup {
-    fn attach(&self, file: &Path) -> OsResult<PathBuf> {
+impl Losetup {
+    fn attach_as(&self, file: &Path, read_only: bool) -> OsResult<PathBuf> {
         let meta = fs::metadata(file).map_err(|e| {
             OsError::io(
                 format!(
@@ -135,7 +135,7 @@ impl LoopDevices for Losetup {
         // Root ignores permission bits, so the engine's read-only export (mode 0400) would be
         // opened read-write and every write would fail with EIO deep inside a filesystem. Honour
         // the mode ourselves and make the device itself read-only.
-        if meta.permissions().mode() & 0o222 == 0 {
+        if read_only || meta.permissions().mode() & 0o222 == 0 {
             cmd.arg("--read-only");
         }
         cmd.arg("--").arg(file);
@@ -148,6 +148,16 @@ impl LoopDevices for Losetup {
             )));
         }
         Ok(PathBuf::from(dev))
+    }
+}
+
+impl LoopDevices for Losetup {
+    fn attach(&self, file: &Path) -> OsResult<PathBuf> {
+        self.attach_as(file, false)
+    }
+
+    fn attach_read_only(&self, file: &Path) -> OsResult<PathBuf> {
+        self.attach_as(file, true)
     }
 
     fn find(&self, file: &Path) -> OsResult<Option<PathBuf>> {
@@ -219,6 +229,13 @@ impl LoopDevices for Losetup {
         fs::File::open(dev)
             .and_then(|f| f.sync_all())
             .map_err(|e| OsError::io(format!("flushing loop device {}", dev.display()), e))
+    }
+
+    fn file_mounts(&self, file: &Path) -> OsResult<Option<Vec<PathBuf>>> {
+        match self.find(file)? {
+            Some(dev) => super::engine::backup::filesystem_mount(&dev).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn refresh_size(&self, dev: &Path) -> OsResult<()> {

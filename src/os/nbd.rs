@@ -32,7 +32,9 @@ use sha2::Digest;
 use super::engine::{
     MAX_NBD_NAME, MAX_SOCKET_PATH, QemuStorageDaemon, escape_opt, find_processes, terminate,
 };
-use super::{OsError, OsResult, ReplicaExport, command_failure, resolve_parent, utf8_path};
+use super::{
+    ImageFormat, OsError, OsResult, ReplicaExport, command_failure, resolve_parent, utf8_path,
+};
 
 /// How long one QMP exchange may take. The replica server answers within milliseconds unless its
 /// main loop is stuck (a disk that hangs).
@@ -488,9 +490,9 @@ fn ensure_export(qmp: &mut Qmp, paths: &ServerPaths, export: &ReplicaExport) -> 
         Some(_) => {
             // Left over from an interrupted export of another file: not served, so drop it.
             qmp.call("blockdev-del", json!({"node-name": node}))?;
-            add_node(qmp, &node, &want)?;
+            add_node(qmp, &node, &want, export.format)?;
         }
-        None => add_node(qmp, &node, &want)?,
+        None => add_node(qmp, &node, &want, export.format)?,
     }
     let added = qmp.call(
         "block-export-add",
@@ -504,11 +506,13 @@ fn ensure_export(qmp: &mut Qmp, paths: &ServerPaths, export: &ReplicaExport) -> 
     Ok(())
 }
 
-fn add_node(qmp: &mut Qmp, node: &str, path: &Path) -> OsResult<()> {
+/// The replica's format node over its file: qcow2, or raw for a loop engine's replica (opened
+/// with the raw driver, never probed: a raw volume may hold any bytes, a qcow2 header too).
+fn add_node(qmp: &mut Qmp, node: &str, path: &Path, format: ImageFormat) -> OsResult<()> {
     let filename = utf8_path(path)?;
     qmp.call(
         "blockdev-add",
-        json!({"driver": "qcow2", "node-name": node, "discard": "unmap",
+        json!({"driver": format.as_str(), "node-name": node, "discard": "unmap",
             "file": {"driver": "file", "filename": filename, "discard": "unmap"}}),
     )
     .map(|_| ())
@@ -700,6 +704,7 @@ mod tests {
         ReplicaExport {
             replica_id: id.into(),
             path: path.to_path_buf(),
+            format: ImageFormat::of_file(path),
         }
     }
 

@@ -36,7 +36,8 @@ use super::manifest::{
     CHUNK_SIZE, ChunkChecker, ChunkMismatch, MAX_MANIFEST_BYTES, Manifest, ManifestBuilder,
 };
 use super::wire::{Decoder, Event, WireError};
-use super::{ProgressSink, RemoveOnDrop, SyncError, redact};
+use super::{ProgressSink, RemoveOnDrop, SyncError};
+use crate::messages::{error_chain, redact_text};
 
 /// Bytes of contiguous data gathered before they are handed to the workers.
 const BLOCK: u64 = 1 << 20;
@@ -130,7 +131,7 @@ async fn receive_with(
     idle_timeout: Duration,
     progress: &dyn ProgressSink,
 ) -> Result<ReceiveOutcome, SyncError> {
-    let shown = redact(url);
+    let shown = redact_text(url);
     let span = tracing::info_span!("sync_receive", url = %shown, dest = %dest.display());
     async move {
         // Armed before the file exists: whatever happens from here, a failure leaves nothing.
@@ -203,7 +204,7 @@ impl Transfer<'_> {
             Some(m) => match self.fetch_manifest(&client, m, &expected).await {
                 Ok((manifest, bytes)) => (Check::Manifest(Arc::new(manifest)), bytes),
                 Err((why, bytes)) => {
-                    warn!(manifest = %redact(m), %why, "not using the sender's manifest; verifying the whole SHA-512");
+                    warn!(manifest = %redact_text(m), %why, "not using the sender's manifest; verifying the whole SHA-512");
                     (Check::Sha512 { why }, bytes)
                 }
             },
@@ -355,7 +356,7 @@ impl Transfer<'_> {
         url: &str,
         expected: &str,
     ) -> Result<(Manifest, u64), (String, u64)> {
-        let shown = redact(url);
+        let shown = redact_text(url);
         let fetch = async {
             let mut response = client
                 .get(url)
@@ -771,19 +772,4 @@ fn write_block(mut file: &File, offset: u64, block: &[Bytes]) -> io::Result<u64>
         }
     }
     Ok(written)
-}
-
-/// An error and its sources, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
 }

@@ -23,6 +23,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha512};
 
+use crate::kit::{have_tool, is_root, may_run};
+
 use super::*;
 
 const KIB: u64 = 1 << 10;
@@ -82,28 +84,6 @@ fn data_len(path: &Path) -> u64 {
 
 fn size_of(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().len()
-}
-
-/// Whether a test that needs root or a tool may run; when not, says why, and fails under CI
-/// (CI must not skip these).
-fn may_run(ok: bool, why: &str) -> bool {
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("{why}: this test must run in CI");
-        }
-        eprintln!("skipping: {why}");
-    }
-    ok
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Whether `tool` is on PATH (not all tools answer `--version`: mkfs.xfs does not).
-fn have(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
 }
 
 fn run(cmd: &mut Command) {
@@ -281,7 +261,7 @@ impl Drop for XfsMount {
 #[test]
 fn local_copy_reflinks_on_xfs_and_falls_back_across_filesystems() {
     if !may_run(is_root(), "reflink test needs root to loop-mount XFS")
-        || !may_run(have("mkfs.xfs"), "mkfs.xfs is not installed")
+        || !may_run(have_tool("mkfs.xfs"), "mkfs.xfs is not installed")
     {
         return;
     }
@@ -560,9 +540,7 @@ async fn receive_reports_http_errors_bad_streams_and_unreachable_senders() {
     assert!(!dest.exists());
 
     // A port nobody listens on (bound, then released).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = closed.local_addr().unwrap();
-    drop(closed);
+    let addr = format!("127.0.0.1:{}", crate::kit::free_port());
     let err = receive(
         &format!("http://{addr}/file"),
         &dest,
@@ -627,7 +605,7 @@ async fn receive_from_a_stalled_sender_times_out_and_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qcow2_image_survives_local_copy_and_receive_bit_identical() {
-    if !may_run(have("qemu-img"), "qemu-img is not installed") {
+    if !may_run(have_tool("qemu-img"), "qemu-img is not installed") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -552,11 +552,11 @@ pub(super) async fn detach(c: &mut bicsi::client::CsiClient, id: &str, st: &Path
 
 #[tokio::test]
 async fn volumes_show_the_image_content_raw_qcow2_and_block() {
-    if !root_or_skip("volumes_show_the_image_content_raw_qcow2_and_block") {
+    let Some((b, mut c)) =
+        Bicsi::start_as_root("volumes_show_the_image_content_raw_qcow2_and_block", 2).await
+    else {
         return;
-    }
-    let b = Bicsi::start(2).await;
-    let mut c = b.client().await;
+    };
     let work = b.path("work");
     std::fs::create_dir_all(&work).unwrap();
     let raw = ext4_image(&work, 32);
@@ -647,11 +647,11 @@ async fn volumes_show_the_image_content_raw_qcow2_and_block() {
 
 #[tokio::test]
 async fn seed_export_manifest_exports_a_detached_volume() {
-    if !root_or_skip("seed_export_manifest_exports_a_detached_volume") {
+    let Some((b, mut c)) =
+        Bicsi::start_as_root("seed_export_manifest_exports_a_detached_volume", 1).await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     c.controller
         .create_volume(create_req(
             "vol-export-src",
@@ -735,11 +735,14 @@ async fn publish_once(
 
 #[tokio::test]
 async fn create_volume_answers_at_once_while_the_image_downloads_and_attach_waits() {
-    if !root_or_skip("create_volume_answers_at_once_while_the_image_downloads_and_attach_waits") {
+    let Some((b, mut c)) = Bicsi::start_as_root(
+        "create_volume_answers_at_once_while_the_image_downloads_and_attach_waits",
+        1,
+    )
+    .await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let work = b.path("work");
     std::fs::create_dir_all(&work).unwrap();
     let raw = ext4_image(&work, 24);
@@ -943,11 +946,14 @@ async fn a_source_that_gives_no_size_answers_unavailable_saying_why() {
 /// answering Unavailable at once, and the snapshot restores to the image's content.
 #[tokio::test]
 async fn a_snapshot_right_after_create_waits_for_the_image_and_is_taken() {
-    if !root_or_skip("a_snapshot_right_after_create_waits_for_the_image_and_is_taken") {
+    let Some((b, mut c)) = Bicsi::start_as_root(
+        "a_snapshot_right_after_create_waits_for_the_image_and_is_taken",
+        1,
+    )
+    .await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let work = b.path("work");
     std::fs::create_dir_all(&work).unwrap();
     let raw = ext4_image(&work, 8);

@@ -334,11 +334,11 @@ async fn leave_an_old_failed_stage(b: &Bicsi, c: &mut CsiClient, id: &str, stagi
 
 #[tokio::test]
 async fn unstage_removes_what_an_old_failed_stage_left() {
-    if !root_or_skip("unstage_removes_what_an_old_failed_stage_left") {
+    let Some((b, mut c)) =
+        Bicsi::start_as_root("unstage_removes_what_an_old_failed_stage_left", 1).await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let staging = b.path("staging");
     leave_an_old_failed_stage(&b, &mut c, "oldleft", &staging).await;
     // A restart of bicsi does not change what is left, nor what the next detach removes.
@@ -356,11 +356,11 @@ async fn unstage_removes_what_an_old_failed_stage_left() {
 
 #[tokio::test]
 async fn delete_removes_what_an_old_failed_stage_left() {
-    if !root_or_skip("delete_removes_what_an_old_failed_stage_left") {
+    let Some((b, mut c)) =
+        Bicsi::start_as_root("delete_removes_what_an_old_failed_stage_left", 1).await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let staging = b.path("staging");
     leave_an_old_failed_stage(&b, &mut c, "oldleft2", &staging).await;
     // No NodeUnstage: ControllerUnpublish and DeleteVolume alone clean the node.

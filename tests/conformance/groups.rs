@@ -58,6 +58,13 @@ fn restore_req(name: &str, snapshot_id: &str) -> pb::CreateVolumeRequest {
     req
 }
 
+/// Attaches a filesystem volume read-write, writes `file` in it and detaches it again.
+async fn write_once(c: &mut CsiClient, b: &Bicsi, volume: &str, file: &str, bytes: &[u8]) {
+    let (staging, target) = attach(c, b, volume, mount_cap()).await;
+    std::fs::write(target.join(file), bytes).unwrap();
+    detach(c, volume, &staging, &target).await;
+}
+
 async fn list_all_snapshots(c: &mut CsiClient) -> Vec<pb::Snapshot> {
     c.controller
         .list_snapshots(pb::ListSnapshotsRequest::default())
@@ -78,28 +85,18 @@ async fn group_snapshot_rpcs_follow_the_csi_rules() {
     let b = Bicsi::start(1).await;
     let mut c = b.client().await;
 
-    let caps = c
-        .identity
-        .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    use pb::plugin_capability::{Type, service};
-    assert!(caps.capabilities.iter().any(|cap| matches!(
-        &cap.r#type,
-        Some(Type::Service(s)) if s.r#type == service::Type::GroupControllerService as i32
-    )));
-    let gcaps = c
-        .group
-        .group_controller_get_capabilities(pb::GroupControllerGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    use pb::group_controller_service_capability::{Type as GType, rpc::Type as R};
-    assert!(gcaps.capabilities.iter().any(|cap| matches!(
-        &cap.r#type,
-        Some(GType::Rpc(r)) if r.r#type == R::CreateDeleteGetVolumeGroupSnapshot as i32
-    )));
+    use pb::plugin_capability::service;
+    assert!(
+        plugin_services(&mut c)
+            .await
+            .contains(&(service::Type::GroupControllerService as i32))
+    );
+    use pb::group_controller_service_capability::rpc::Type as R;
+    assert!(
+        group_rpcs(&mut c)
+            .await
+            .contains(&(R::CreateDeleteGetVolumeGroupSnapshot as i32))
+    );
 
     create_volume(&mut c, create_req("ga", 16 * MIB, &[])).await;
     create_volume(&mut c, create_req("gb", 16 * MIB, &[])).await;
@@ -334,17 +331,25 @@ fn new_counter(dir: &Path) -> PathBuf {
 /// ahead of A), and the detached one its data.
 #[tokio::test]
 async fn group_snapshot_of_attached_and_detached_volumes_restores_one_instant() {
-    if !root_or_skip("group_snapshot_of_attached_and_detached_volumes_restores_one_instant") {
+    let Some((b, mut c)) = Bicsi::start_as_root(
+        "group_snapshot_of_attached_and_detached_volumes_restores_one_instant",
+        1,
+    )
+    .await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     for v in ["va", "vb", "vc"] {
         create_volume(&mut c, create_with(v, 64 * MIB, &[], mount_cap())).await;
     }
-    let (cst, ctg) = attach(&mut c, &b, "vc", mount_cap()).await;
-    std::fs::write(ctg.join("detached.txt"), b"written while vc was attached").unwrap();
-    detach(&mut c, "vc", &cst, &ctg).await;
+    write_once(
+        &mut c,
+        &b,
+        "vc",
+        "detached.txt",
+        b"written while vc was attached",
+    )
+    .await;
     let (ast, atg) = attach(&mut c, &b, "va", mount_cap()).await;
     let (bst, btg) = attach(&mut c, &b, "vb", mount_cap()).await;
     let (ca, cb) = (new_counter(&atg), new_counter(&btg));
@@ -404,11 +409,11 @@ async fn group_snapshot_of_attached_and_detached_volumes_restores_one_instant() 
 /// no snapshot behind.
 #[tokio::test]
 async fn group_snapshot_refuses_an_attached_block_volume() {
-    if !root_or_skip("group_snapshot_refuses_an_attached_block_volume") {
+    let Some((b, mut c)) =
+        Bicsi::start_as_root("group_snapshot_refuses_an_attached_block_volume", 1).await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     create_volume(&mut c, create_with("fsv", 32 * MIB, &[], mount_cap())).await;
     create_volume(&mut c, create_with("blk", 32 * MIB, &[], block_cap())).await;
     let (fst, ftg) = attach(&mut c, &b, "fsv", mount_cap()).await;
@@ -434,28 +439,19 @@ async fn group_snapshot_refuses_an_attached_block_volume() {
 /// a volume published read-only is read-only in its node mounts.
 #[tokio::test]
 async fn readonly_publish_rules() {
-    if !root_or_skip("readonly_publish_rules") {
+    let Some((b, mut c)) = Bicsi::start_as_root("readonly_publish_rules", 1).await else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
-    let caps = c
-        .controller
-        .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    use pb::controller_service_capability::{Type, rpc::Type as R};
-    assert!(caps.capabilities.iter().any(|cap| matches!(
-        &cap.r#type,
-        Some(Type::Rpc(r)) if r.r#type == R::PublishReadonly as i32
-    )));
+    };
+    use pb::controller_service_capability::rpc::Type as R;
+    assert!(
+        controller_rpcs(&mut c)
+            .await
+            .contains(&(R::PublishReadonly as i32))
+    );
 
     create_volume(&mut c, create_with("rov", 32 * MIB, &[], mount_cap())).await;
     // Written once, read-write, so there is something to read.
-    let (st, tg) = attach(&mut c, &b, "rov", mount_cap()).await;
-    std::fs::write(tg.join("data.txt"), b"written read-write").unwrap();
-    detach(&mut c, "rov", &st, &tg).await;
+    write_once(&mut c, &b, "rov", "data.txt", b"written read-write").await;
 
     let mut context = Default::default();
     for _ in 0..2 {

@@ -1,28 +1,19 @@
 //! Starts the real `bicsi serve` binary on a unix socket in a temp dir and cleans up everything it
-//! may leave behind (engines, loop devices, mounts), also when a test fails.
+//! may leave behind (engines, loop devices, mounts), also when a test fails; the processes, ports
+//! and the sweep come from the test kit (`tests/kit`), the CSI requests are built here.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use bicsi::client::CsiClient;
 use bicsi::csi::pb;
 
+// The suites that include the harness use these through it, each a few of them.
+use crate::kit::{Proc, cleanup_under, csi_endpoint, free_port, serve_args, temp_dir};
+#[allow(unused_imports)]
+pub use crate::kit::{engines_under, loops_under, mounts_under, root_or_skip};
+
 pub const NODE_ID: &str = "test-node";
 pub const MIB: i64 = 1 << 20;
-
-/// Node tests need root (loop devices, FUSE, mounts). Off CI they skip and say why; in CI
-/// (`CI` set) a skip would hide a regression, so it fails instead.
-pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root (loop devices, FUSE, mounts) and CI must not skip it");
-    }
-    eprintln!("SKIP {test}: needs root for loop devices, FUSE and mounts");
-    false
-}
 
 pub struct Bicsi {
     pub dir: tempfile::TempDir,
@@ -35,13 +26,24 @@ pub struct Bicsi {
     /// Environment variables of `bicsi serve` (kept across restarts), e.g. a PATH whose
     /// programs fail on purpose.
     pub env: Vec<(String, String)>,
-    child: Option<Child>,
+    proc: Option<Proc>,
 }
 
 impl Bicsi {
     /// Starts bicsi with `n_disks` disk directories.
     pub async fn start(n_disks: usize) -> Bicsi {
         Bicsi::start_with(n_disks, &[]).await
+    }
+
+    /// For a test that needs root: bicsi with `n_disks` disk directories and a client, or None
+    /// (the test skips, see [`root_or_skip`]) when not root.
+    pub async fn start_as_root(test: &str, n_disks: usize) -> Option<(Bicsi, CsiClient)> {
+        if !root_or_skip(test) {
+            return None;
+        }
+        let b = Bicsi::start(n_disks).await;
+        let c = b.client().await;
+        Some((b, c))
     }
 
     /// Starts bicsi with `n_disks` disk directories and extra `bicsi serve` flags.
@@ -51,18 +53,12 @@ impl Bicsi {
 
     /// Starts bicsi with `n_disks` disk directories, extra flags and environment variables.
     pub async fn start_with_env(n_disks: usize, args: &[&str], env: &[(&str, &str)]) -> Bicsi {
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-test-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = temp_dir("bicsi-test-");
         let disks = (0..n_disks)
             .map(|i| dir.path().join(format!("disk{i}")))
             .collect();
-        let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let endpoint = csi_endpoint(dir.path());
+        let port = free_port();
         let mut b = Bicsi {
             dir,
             endpoint,
@@ -73,7 +69,7 @@ impl Bicsi {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            child: None,
+            proc: None,
         };
         b.spawn().await;
         b
@@ -88,58 +84,29 @@ impl Bicsi {
     }
 
     async fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bicsi"));
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--csi-endpoint")
-            .arg(&self.endpoint)
-            .arg("--node-id")
-            .arg(NODE_ID)
-            .arg("--http-listen")
-            .arg(self.http.trim_start_matches("http://"));
+        let mut args = serve_args(
+            self.dir.path(),
+            NODE_ID,
+            self.http.trim_start_matches("http://"),
+        );
         for d in &self.disks {
-            cmd.arg("--disk").arg(d);
+            args.extend(["--disk".into(), d.display().to_string()]);
         }
-        cmd.args(&self.args);
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("bicsi.log"))
-            .expect("log file");
-        cmd.stdout(Stdio::null()).stderr(log);
-        self.child = Some(cmd.spawn().expect("start bicsi"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if CsiClient::connect(&self.endpoint).await.is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("bicsi exited early ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bicsi did not start:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        args.extend(self.args.iter().cloned());
+        let log = self.dir.path().join("bicsi.log");
+        let proc = self
+            .proc
+            .insert(Proc::spawn_with_env(args, self.env.clone(), log));
+        let endpoint = self.endpoint.clone();
+        proc.wait_ready("bicsi", async || {
+            CsiClient::connect(&endpoint).await.is_ok()
+        })
+        .await;
     }
 
     /// Runs the `bicsi` CLI against this server; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_bicsi"))
-            .args(args)
-            .env("BICSI_CSI_ENDPOINT", &self.endpoint)
-            .env("BICSI_SERVER", &self.http)
-            .output()
-            .expect("run bicsi");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        crate::kit::cli(&self.http, Some(&self.endpoint), args)
     }
 
     pub fn log(&self) -> String {
@@ -152,29 +119,15 @@ impl Bicsi {
 
     /// SIGTERM and wait: the clean stop a user does.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("bicsi did not stop on SIGTERM within 20 s:\n{}", self.log());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
         }
     }
 
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
         }
     }
 
@@ -191,7 +144,6 @@ impl Drop for Bicsi {
     }
 }
 
-/// Mount points under `dir`, deepest first.
 /// How many nodes the HTTP API at `http` lists as up (0 while it does not answer).
 #[allow(dead_code)] // for the suites that start several node agents (engine, multinode, faults)
 pub async fn nodes_up(http: &str) -> usize {
@@ -224,72 +176,60 @@ pub async fn unpublish_and_delete(c: &mut CsiClient, volume: &str) {
         .unwrap_or_else(|e| panic!("delete {volume}: {e}"));
 }
 
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    out
+// ---- what the services advertise ------------------------------------------------------------
+
+/// What a GetCapabilities call (`$call`, not yet awaited) advertises: the type of each of its
+/// capabilities of the variant `$variant`.
+macro_rules! advertised {
+    ($call:expr, $($variant:ident)::+) => {
+        $call
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities
+            .into_iter()
+            .filter_map(|cap| match cap.r#type {
+                Some($($variant)::+(x)) => Some(x.r#type),
+                _ => None,
+            })
+            .collect()
+    };
 }
 
-/// Loop devices whose backing file is under `dir`.
-pub fn loops_under(dir: &Path) -> Vec<String> {
-    let out = Command::new("losetup")
-        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
-        .output();
-    let Ok(out) = out else { return vec![] };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let name = it.next()?;
-            let back = it.next()?;
-            Path::new(back).starts_with(dir).then(|| name.to_string())
-        })
-        .collect()
+/// The services GetPluginCapabilities advertises.
+pub async fn plugin_services(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.identity
+            .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {}),
+        pb::plugin_capability::Type::Service
+    )
 }
 
-/// Live qemu-storage-daemon processes started for `dir`.
-pub fn engines_under(dir: &Path) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let needle = dir.display().to_string();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmdline);
-            if cmd.starts_with("qemu-storage-daemon") && cmd.contains(&needle) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
+/// The RPCs ControllerGetCapabilities advertises.
+pub async fn controller_rpcs(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.controller
+            .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {}),
+        pb::controller_service_capability::Type::Rpc
+    )
 }
 
-fn cleanup_under(dir: &Path) {
-    for m in mounts_under(dir) {
-        let _ = Command::new("umount").arg("-l").arg(&m).status();
-    }
-    for l in loops_under(dir) {
-        let _ = Command::new("losetup").arg("-d").arg(&l).status();
-    }
-    for pid in engines_under(dir) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    for m in mounts_under(dir) {
-        let _ = Command::new("umount").arg("-l").arg(&m).status();
-    }
+/// The RPCs NodeGetCapabilities advertises.
+pub async fn node_rpcs(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.node
+            .node_get_capabilities(pb::NodeGetCapabilitiesRequest {}),
+        pb::node_service_capability::Type::Rpc
+    )
+}
+
+/// The RPCs GroupControllerGetCapabilities advertises.
+pub async fn group_rpcs(c: &mut CsiClient) -> Vec<i32> {
+    advertised!(
+        c.group
+            .group_controller_get_capabilities(pb::GroupControllerGetCapabilitiesRequest {}),
+        pb::group_controller_service_capability::Type::Rpc
+    )
 }
 
 // ---- request builders -------------------------------------------------------------------------

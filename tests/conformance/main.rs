@@ -10,7 +10,10 @@ mod failures;
 mod groups;
 mod harness;
 mod images;
+#[path = "../kit/mod.rs"]
+mod kit;
 mod lifecycle;
+mod loop_engine;
 mod node;
 mod snapshots;
 mod transfer;
@@ -33,17 +36,12 @@ async fn identity_reports_name_capabilities_and_readiness() {
         .into_inner();
     assert_eq!(info.name, "driver.longhorn.io");
     assert!(!info.vendor_version.is_empty());
-    let caps = c
-        .identity
-        .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    use pb::plugin_capability::{Type, service};
-    assert!(caps.capabilities.iter().any(|cap| matches!(
-        &cap.r#type,
-        Some(Type::Service(s)) if s.r#type == service::Type::ControllerService as i32
-    )));
+    use pb::plugin_capability::service;
+    assert!(
+        plugin_services(&mut c)
+            .await
+            .contains(&(service::Type::ControllerService as i32))
+    );
     let probe = c
         .identity
         .probe(pb::ProbeRequest {})
@@ -57,21 +55,8 @@ async fn identity_reports_name_capabilities_and_readiness() {
 async fn controller_advertises_what_it_implements() {
     let b = Bicsi::start(1).await;
     let mut c = b.client().await;
-    let caps = c
-        .controller
-        .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    use pb::controller_service_capability::{Type, rpc::Type as R};
-    let got: Vec<i32> = caps
-        .capabilities
-        .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(Type::Rpc(r)) => Some(r.r#type),
-            _ => None,
-        })
-        .collect();
+    use pb::controller_service_capability::rpc::Type as R;
+    let got = controller_rpcs(&mut c).await;
     for want in [
         R::CreateDeleteVolume,
         R::PublishUnpublishVolume,

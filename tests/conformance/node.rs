@@ -106,21 +106,8 @@ async fn node_info_and_capabilities() {
         info.accessible_topology.unwrap().segments["topology.bicsi.io/node"],
         NODE_ID
     );
-    let caps = c
-        .node
-        .node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    use pb::node_service_capability::{Type, rpc::Type as R};
-    let got: Vec<i32> = caps
-        .capabilities
-        .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(Type::Rpc(r)) => Some(r.r#type),
-            _ => None,
-        })
-        .collect();
+    use pb::node_service_capability::rpc::Type as R;
+    let got = node_rpcs(&mut c).await;
     for want in [
         R::StageUnstageVolume,
         R::GetVolumeStats,
@@ -371,11 +358,9 @@ async fn filesystem_volume_holds_data_across_restage_and_restart() {
 
 #[tokio::test]
 async fn read_only_publish_refuses_writes() {
-    if !root_or_skip("read_only_publish_refuses_writes") {
+    let Some((b, mut c)) = Bicsi::start_as_root("read_only_publish_refuses_writes", 1).await else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let (st, tg, ro_tg) = (b.path("staging"), b.path("target"), b.path("ro-target"));
     create_and_cpublish(&mut c, "rov", 32 * MIB, "1", mount_cap()).await;
     stage_publish(&mut c, "rov", &st, &tg, mount_cap()).await;
@@ -402,11 +387,10 @@ async fn read_only_publish_refuses_writes() {
 
 #[tokio::test]
 async fn block_volume_reads_back_its_bytes() {
-    if !root_or_skip("block_volume_reads_back_its_bytes") {
+    let Some((b, mut c)) = Bicsi::start_as_root("block_volume_reads_back_its_bytes", 1).await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let (st, tg) = (b.path("staging"), b.path("pods/dev"));
     // The orchestrator may hand over the block target as an existing directory.
     std::fs::create_dir_all(&tg).unwrap();
@@ -446,11 +430,9 @@ async fn block_volume_reads_back_its_bytes() {
 
 #[tokio::test]
 async fn writes_reach_every_replica() {
-    if !root_or_skip("writes_reach_every_replica") {
+    let Some((b, mut c)) = Bicsi::start_as_root("writes_reach_every_replica", 3).await else {
         return;
-    }
-    let b = Bicsi::start(3).await;
-    let mut c = b.client().await;
+    };
     let (st, tg) = (b.path("staging"), b.path("target"));
     create_and_cpublish(&mut c, "rep3", 32 * MIB, "3", mount_cap()).await;
     stage_publish(&mut c, "rep3", &st, &tg, mount_cap()).await;
@@ -481,11 +463,11 @@ async fn writes_reach_every_replica() {
 
 #[tokio::test]
 async fn offline_expansion_then_online_filesystem_growth() {
-    if !root_or_skip("offline_expansion_then_online_filesystem_growth") {
+    let Some((b, mut c)) =
+        Bicsi::start_as_root("offline_expansion_then_online_filesystem_growth", 2).await
+    else {
         return;
-    }
-    let b = Bicsi::start(2).await;
-    let mut c = b.client().await;
+    };
     let (st, tg) = (b.path("staging"), b.path("target"));
     create_and_cpublish(&mut c, "grow", 64 * MIB, "2", mount_cap()).await;
     stage_publish(&mut c, "grow", &st, &tg, mount_cap()).await;
@@ -566,11 +548,11 @@ async fn offline_expansion_then_online_filesystem_growth() {
 
 #[tokio::test]
 async fn missing_replica_makes_the_condition_abnormal() {
-    if !root_or_skip("missing_replica_makes_the_condition_abnormal") {
+    let Some((b, mut c)) =
+        Bicsi::start_as_root("missing_replica_makes_the_condition_abnormal", 2).await
+    else {
         return;
-    }
-    let b = Bicsi::start(2).await;
-    let mut c = b.client().await;
+    };
     let (st, tg) = (b.path("staging"), b.path("target"));
     create_and_cpublish(&mut c, "sick", 16 * MIB, "2", mount_cap()).await;
     stage_publish(&mut c, "sick", &st, &tg, mount_cap()).await;
@@ -606,11 +588,10 @@ async fn missing_replica_makes_the_condition_abnormal() {
 
 #[tokio::test]
 async fn xfs_volume_from_the_fs_type_parameter() {
-    if !root_or_skip("xfs_volume_from_the_fs_type_parameter") {
+    let Some((b, mut c)) = Bicsi::start_as_root("xfs_volume_from_the_fs_type_parameter", 1).await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let (st, tg) = (b.path("staging"), b.path("target"));
     c.controller
         .create_volume(create_req(

@@ -452,11 +452,14 @@ async fn image_params(
 
 #[tokio::test]
 async fn snapshot_of_an_attached_volume_restores_and_clones_with_the_backing_image() {
-    if !root_or_skip("snapshot_of_an_attached_volume_restores_and_clones_with_the_backing_image") {
+    let Some((b, mut c)) = Bicsi::start_as_root(
+        "snapshot_of_an_attached_volume_restores_and_clones_with_the_backing_image",
+        2,
+    )
+    .await
+    else {
         return;
-    }
-    let b = Bicsi::start(2).await;
-    let mut c = b.client().await;
+    };
     let (_server, sc) = image_params(&b, "bi-base", "2").await;
     create_retrying(&mut c, create_with("src", 64 * MIB, &sc, mount_cap()))
         .await
@@ -538,11 +541,14 @@ async fn snapshot_of_an_attached_volume_restores_and_clones_with_the_backing_ima
 
 #[tokio::test]
 async fn restore_overrides_the_backing_image_and_keeps_the_content() {
-    if !root_or_skip("restore_overrides_the_backing_image_and_keeps_the_content") {
+    let Some((b, mut c)) = Bicsi::start_as_root(
+        "restore_overrides_the_backing_image_and_keeps_the_content",
+        1,
+    )
+    .await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     let work = b.path("work");
     std::fs::create_dir_all(&work).unwrap();
     let one = ext4_image(&work, 32);
@@ -667,11 +673,14 @@ fn allocated(path: &Path) -> u64 {
 /// volume's engine (see `src/os/engine/backup.rs`); bicsi finalizes it over QMP.
 #[tokio::test]
 async fn attached_volumes_export_consistently_as_raw_and_qcow2_and_as_snapshots() {
-    if !root_or_skip("attached_volumes_export_consistently_as_raw_and_qcow2_and_as_snapshots") {
+    let Some((b, mut c)) = Bicsi::start_as_root(
+        "attached_volumes_export_consistently_as_raw_and_qcow2_and_as_snapshots",
+        1,
+    )
+    .await
+    else {
         return;
-    }
-    let b = Bicsi::start(1).await;
-    let mut c = b.client().await;
+    };
     c.controller
         .create_volume(create_req("live", 256 * MIB, &[("numberOfReplicas", "1")]))
         .await

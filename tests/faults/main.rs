@@ -10,6 +10,9 @@
 //! the node agents advertise with `--advertise-agent-url`/`--advertise-transfer-url`) for the
 //! same reason. Waits poll with deadlines (the processes run with a small `--lifecycle-tick-ms`): no fixed sleeps.
 
+#[path = "../kit/mod.rs"]
+mod kit;
+
 #[path = "../conformance/harness.rs"]
 #[allow(dead_code)]
 mod harness;

@@ -1,12 +1,14 @@
 //! The processes under test: `bicsi serve`, or a `bicsi controller` with `bicsi node` agents, each
 //! a real child process that a test can `kill -9`, stop with SIGTERM and start again with the
-//! same flags and data.
+//! same flags and data (the kit's [`Proc`]).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{engines_under, loops_under, mounts_under};
+use crate::kit::{
+    Proc, cleanup_under, controller_args, controller_endpoint, csi_endpoint, free_port, node_args,
+    serve_args, temp_dir,
+};
 use crate::throttle::Proxy;
 
 /// How often the processes run their lifecycle work (expiry, cleanup, recovery, scrub).
@@ -17,129 +19,14 @@ pub fn tick_args() -> Vec<String> {
     vec!["--lifecycle-tick-ms".into(), TICK_MS.into()]
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// One bicsi process, restartable with the same arguments.
-pub struct Proc {
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Proc {
-    pub fn spawn(args: Vec<String>, log: PathBuf) -> Proc {
-        let mut p = Proc {
-            args,
-            log,
-            child: None,
-        };
-        p.start();
-        p
-    }
-
-    pub fn start(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_bicsi"))
-                .args(&self.args)
-                .stdout(Stdio::null())
-                .stderr(f)
-                .spawn()
-                .expect("start bicsi"),
-        );
-    }
-
-    /// SIGKILL: a crash, nothing runs after it.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM and wait: the clean stop an operator does.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    panic!("bicsi did not stop on SIGTERM within 20 s:\n{}", self.log());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    /// Panics with the log if the process has exited.
-    pub fn assert_alive(&mut self) {
-        if let Some(c) = self.child.as_mut()
-            && let Some(status) = c.try_wait().unwrap()
-        {
-            panic!("bicsi exited ({status}):\n{}", self.log());
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// Lazily unmounts and detaches whatever the processes left under `dir`.
-pub fn cleanup_under(dir: &Path) {
-    for m in mounts_under(dir) {
-        let _ = Command::new("umount").arg("-l").arg(&m).status();
-    }
-    for l in loops_under(dir) {
-        let _ = Command::new("losetup").arg("-d").arg(&l).status();
-    }
-    for pid in engines_under(dir) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-/// Polls `url` until it answers, or panics with `log()` after 30 s.
+/// Waits until `url` answers 2xx, or panics with the process's log after the kit's start limit.
 async fn wait_http(url: &str, what: &str, proc: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if reqwest::get(url)
+    proc.wait_ready(what, async || {
+        reqwest::get(url)
             .await
             .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        proc.assert_alive();
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not start:\n{}",
-            proc.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 /// `bicsi serve` with disk directories of the test's choosing.
@@ -155,18 +42,8 @@ impl Serve {
     /// Starts `bicsi serve` in `dir` (its data directory is `dir/data`) with these disks.
     pub async fn start(dir: &Path, disks: Vec<PathBuf>) -> Serve {
         let http = format!("127.0.0.1:{}", free_port());
-        let endpoint = format!("unix://{}", dir.join("csi.sock").display());
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--data-dir".into(),
-            dir.join("data").display().to_string(),
-            "--csi-endpoint".into(),
-            endpoint.clone(),
-            "--node-id".into(),
-            "fault-node".into(),
-            "--http-listen".into(),
-            http.clone(),
-        ];
+        let endpoint = csi_endpoint(dir);
+        let mut args = serve_args(dir, "fault-node", &http);
         args.extend(tick_args());
         for d in &disks {
             args.push("--disk".into());
@@ -204,7 +81,7 @@ impl Serve {
 
     /// Runs the `bicsi` CLI against this server; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        cli(&self.http, Some(&self.endpoint), args)
+        crate::kit::cli(&self.http, Some(&self.endpoint), args)
     }
 }
 
@@ -213,20 +90,6 @@ impl Drop for Serve {
         self.proc.kill9();
         cleanup_under(&self.dir);
     }
-}
-
-pub fn cli(http: &str, endpoint: Option<&str>, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bicsi"));
-    cmd.args(args).env("BICSI_SERVER", http);
-    if let Some(e) = endpoint {
-        cmd.env("BICSI_CSI_ENDPOINT", e);
-    }
-    let out = cmd.output().expect("run bicsi");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// One node agent of a [`Cluster`]. It advertises the URLs of proxies of the test that forward
@@ -249,31 +112,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(n: usize) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-faults-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = temp_dir("bicsi-faults-");
         let (http_port, cluster_port) = (free_port(), free_port());
-        let endpoint = format!("unix://{}", dir.path().join("controller.sock").display());
-        let mut controller = Proc::spawn(
-            vec![
-                "controller".into(),
-                "--data-dir".into(),
-                dir.path().join("controller").display().to_string(),
-                "--csi-endpoint".into(),
-                endpoint.clone(),
-                "--http-listen".into(),
-                format!("127.0.0.1:{http_port}"),
-                "--cluster-listen".into(),
-                format!("127.0.0.1:{cluster_port}"),
-                "--node-down-after".into(),
-                "3".into(),
-            ]
-            .into_iter()
-            .chain(tick_args())
-            .collect(),
-            dir.path().join("controller.log"),
-        );
+        let endpoint = controller_endpoint(dir.path());
+        let mut args = controller_args(dir.path(), http_port, cluster_port);
+        args.extend(["--node-down-after".into(), "3".into()]);
+        args.extend(tick_args());
+        let mut controller = Proc::spawn(args, dir.path().join("controller.log"));
         let http = format!("http://127.0.0.1:{http_port}");
         wait_http(
             &format!("{http}/healthz"),
@@ -290,32 +135,14 @@ impl Cluster {
             let (agent_port, transfer_port) = (free_port(), free_port());
             let agent = Proxy::start(agent_port).await;
             let transfer = Proxy::start(transfer_port).await;
-            let args: Vec<String> = vec![
-                "node".into(),
-                "--node-id".into(),
-                id.clone(),
-                "--data-dir".into(),
-                ndir.join("data").display().to_string(),
-                "--csi-endpoint".into(),
-                format!("unix://{}", ndir.join("csi.sock").display()),
-                "--disk".into(),
-                disk.display().to_string(),
-                "--controller".into(),
-                format!("http://127.0.0.1:{cluster_port}"),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{agent_port}"),
-                "--http-listen".into(),
-                format!("127.0.0.1:{transfer_port}"),
-                "--nbd-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
+            let mut args = node_args(&id, &ndir, cluster_port, agent_port, transfer_port);
+            args.extend([
                 "--advertise-agent-url".into(),
                 format!("http://127.0.0.1:{}", agent.port),
                 "--advertise-transfer-url".into(),
                 format!("http://127.0.0.1:{}", transfer.port),
-            ]
-            .into_iter()
-            .chain(tick_args())
-            .collect();
+            ]);
+            args.extend(tick_args());
             nodes.push(Node {
                 id,
                 disk,

@@ -520,7 +520,7 @@ async fn kill9_during_a_rebuild_restarts_it_and_the_replica_is_never_rw_before()
     let endpoint = s.endpoint.clone();
     let from = source["replica"].as_str().unwrap().to_string();
     let rebuild = std::thread::spawn(move || {
-        crate::procs::cli(
+        crate::kit::cli(
             &http,
             Some(&endpoint),
             &["volume", "rebuild", VOLUME, "--from", &from],

@@ -3,6 +3,9 @@
 //! the nodes over HTTP (data extents only, SHA-512 verified), and volumes whose replicas sit on
 //! several nodes attach through NBD.
 
+#[path = "../kit/mod.rs"]
+mod kit;
+
 #[path = "../conformance/harness.rs"]
 #[allow(dead_code)]
 mod harness;
@@ -11,42 +14,24 @@ mod harness;
 mod images;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bicsi::client::CsiClient;
 use bicsi::csi::pb;
 use harness::*;
+use kit::{
+    Proc, cleanup_under, controller_args, controller_endpoint, csi_endpoint, free_port, node_args,
+    temp_dir,
+};
 use tonic::Code;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
-fn spawn(args: &[String], log: &Path) -> Child {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_bicsi"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .unwrap()
-}
 
 pub struct Node {
     pub id: String,
     pub dir: PathBuf,
     pub endpoint: String,
     pub disk: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
+    proc: Proc,
 }
 
 pub struct TestCluster {
@@ -54,7 +39,7 @@ pub struct TestCluster {
     pub http: String,
     pub endpoint: String,
     pub nodes: Vec<Node>,
-    controller: Child,
+    controller: Proc,
 }
 
 impl TestCluster {
@@ -65,67 +50,29 @@ impl TestCluster {
     /// `n` nodes, with `extra` flags for the controller and every node.
     pub async fn start_with(n: usize, extra: &[&str]) -> TestCluster {
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-multi-")
-            .tempdir()
-            .unwrap();
+        let dir = temp_dir("bicsi-multi-");
         let (http_port, cluster_port) = (free_port(), free_port());
-        let endpoint = format!("unix://{}", dir.path().join("controller.sock").display());
-        let controller = spawn(
-            &[
-                &[
-                    "controller".into(),
-                    "--data-dir".into(),
-                    dir.path().join("controller").display().to_string(),
-                    "--csi-endpoint".into(),
-                    endpoint.clone(),
-                    "--http-listen".into(),
-                    format!("127.0.0.1:{http_port}"),
-                    "--cluster-listen".into(),
-                    format!("127.0.0.1:{cluster_port}"),
-                    "--node-down-after".into(),
-                    "3".into(),
-                ],
-                &extra[..],
-            ]
-            .concat(),
-            &dir.path().join("controller.log"),
-        );
+        let endpoint = controller_endpoint(dir.path());
+        let mut args = controller_args(dir.path(), http_port, cluster_port);
+        args.extend(["--node-down-after".into(), "3".into()]);
+        args.extend(extra.iter().cloned());
+        let controller = Proc::spawn(args, dir.path().join("controller.log"));
         let mut nodes = Vec::new();
         for i in 1..=n {
             let id = format!("node-{i}");
             let ndir = dir.path().join(&id);
             let disk = ndir.join("disk");
-            let endpoint = format!("unix://{}", ndir.join("csi.sock").display());
-            let mut args: Vec<String> = vec![
-                "node".into(),
-                "--node-id".into(),
-                id.clone(),
-                "--data-dir".into(),
-                ndir.join("data").display().to_string(),
-                "--csi-endpoint".into(),
-                endpoint.clone(),
-                "--disk".into(),
-                disk.display().to_string(),
-                "--controller".into(),
-                format!("http://127.0.0.1:{cluster_port}"),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-                "--http-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-                "--nbd-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ];
+            let endpoint = csi_endpoint(&ndir);
+            let mut args = node_args(&id, &ndir, cluster_port, free_port(), free_port());
             args.extend(extra.iter().cloned());
             std::fs::create_dir_all(&ndir).unwrap();
-            let child = spawn(&args, &ndir.join("node.log"));
+            let proc = Proc::spawn(args, ndir.join("node.log"));
             nodes.push(Node {
                 id,
                 dir: ndir,
                 endpoint,
                 disk,
-                args,
-                child: Some(child),
+                proc,
             });
         }
         let c = TestCluster {
@@ -140,17 +87,15 @@ impl TestCluster {
     }
 
     pub fn logs(&self) -> String {
-        let mut out =
-            std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
+        let mut out = self.controller.log();
         for n in &self.nodes {
-            out.push_str(&format!("\n--- {} ---\n", n.id));
-            out.push_str(&std::fs::read_to_string(n.dir.join("node.log")).unwrap_or_default());
+            out.push_str(&format!("\n--- {} ---\n{}", n.id, n.proc.log()));
         }
         out
     }
 
     pub fn node_log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.nodes[i].dir.join("node.log")).unwrap_or_default()
+        self.nodes[i].proc.log()
     }
 
     /// Waits until `n` nodes are registered and up.
@@ -189,59 +134,26 @@ impl TestCluster {
     }
 
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_bicsi"))
-            .args(args)
-            .env("BICSI_SERVER", &self.http)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        kit::cli(&self.http, None, args)
     }
 
+    /// SIGTERM to node `i`'s agent, waiting for it to exit.
     pub fn stop_node(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
+        self.nodes[i].proc.stop();
     }
 
     pub fn start_node(&mut self, i: usize) {
-        let n = &mut self.nodes[i];
-        n.child = Some(spawn(&n.args, &n.dir.join("node.log")));
+        self.nodes[i].proc.start();
     }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            n.proc.kill9();
         }
-        let _ = self.controller.kill();
-        let _ = self.controller.wait();
-        for m in mounts_under(self.dir.path()) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        for l in loops_under(self.dir.path()) {
-            let _ = Command::new("losetup").arg("-d").arg(&l).status();
-        }
-        for pid in engines_under(self.dir.path()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        for m in mounts_under(self.dir.path()) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
+        self.controller.kill9();
+        cleanup_under(self.dir.path());
     }
 }
 
@@ -977,7 +889,8 @@ async fn a_node_tells_the_controller_its_attach_limit() {
     let mut c = TestCluster::start(1).await;
     c.stop_node(0);
     c.nodes[0]
-        .args
+        .proc
+        .args_mut()
         .extend(["--max-volumes-per-node".to_string(), "1".to_string()]);
     c.start_node(0);
     let mut node = c.node_client(0).await;
@@ -1126,6 +1039,117 @@ async fn group_snapshots_through_the_node_agents() {
         .entries;
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(files(&c), 0);
+}
+
+/// A loop-engine volume (its raw replica on node-1's XFS-with-reflink disk) attaches on node-2
+/// through qemu-storage-daemon over NBD (node-1's replica server opens the raw file with the raw
+/// driver), and what node-2 wrote reads back when node-1 attaches it with its loop device.
+#[tokio::test]
+async fn a_loop_volume_attaches_on_another_node_over_nbd() {
+    if !root_or_skip("a_loop_volume_attaches_on_another_node_over_nbd") {
+        return;
+    }
+    if Command::new("mkfs.xfs").arg("-V").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "mkfs.xfs is missing");
+        eprintln!("SKIP a_loop_volume_attaches_on_another_node_over_nbd: no mkfs.xfs");
+        return;
+    }
+    let mut c = TestCluster::start(2).await;
+    // node-1's disk becomes XFS with reflink (a new disk at the same path).
+    c.stop_node(0);
+    let image = c.dir.path().join("xfs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&image));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&c.nodes[0].disk));
+    c.start_node(0);
+    c.wait_up(2).await;
+    let mut ctl = c.controller_client().await;
+    let params = [("numberOfReplicas", "1"), ("engine", "loop")];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The restarted agent answers for its new disk once it registered again.
+        match ctl
+            .controller
+            .create_volume(create_req("lv", 64 * MIB, &params))
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if Instant::now() < deadline => {
+                assert!(
+                    matches!(s.code(), Code::FailedPrecondition | Code::Unavailable),
+                    "{s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("{s:?}\n{}", c.logs()),
+        }
+    }
+    let volumes: serde_json::Value = reqwest::get(format!("{}/v1/volumes", c.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let record = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == "lv")
+        .unwrap()
+        .clone();
+    assert_eq!(record["spec"]["engine"], "loop", "{record}");
+    let replica = PathBuf::from(record["replicas"][0]["path"].as_str().unwrap());
+    assert!(
+        replica.starts_with(&c.nodes[0].disk) && replica.ends_with("volume.raw"),
+        "{}",
+        replica.display()
+    );
+
+    // On node-2: qemu over NBD, the replica server on node-1 serving the raw file.
+    let tg = attach_on(&c, &mut ctl, "lv", 1).await;
+    write_synced(&tg, "remote.txt", b"written from node-2 over NBD");
+    assert!(
+        !engines_under(&c.nodes[1].dir).is_empty(),
+        "node-2 serves it with an engine"
+    );
+    detach_from(&c, &mut ctl, "lv", 1).await;
+
+    // On node-1: the loop device straight on the replica, no engine.
+    let tg = attach_on(&c, &mut ctl, "lv", 0).await;
+    assert_eq!(
+        std::fs::read(tg.join("remote.txt")).unwrap(),
+        b"written from node-2 over NBD"
+    );
+    assert!(
+        engines_under(&c.nodes[0].dir.join("data")).is_empty(),
+        "node-1 runs no engine for it"
+    );
+    assert_eq!(loops_under(&c.nodes[0].disk).len(), 1);
+    detach_from(&c, &mut ctl, "lv", 0).await;
+    ctl.controller
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: "lv".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!replica.exists());
 }
 
 /// The replica-timeout setting on a volume whose second replica is on another node: that node's

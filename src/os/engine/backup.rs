@@ -87,18 +87,22 @@ pub(super) fn engine_mounts(replica: &Path) -> OsResult<Option<Vec<PathBuf>>> {
     let Some(dev) = crate::os::loopdev::Losetup.find(&export)? else {
         return Ok(Some(vec![]));
     };
+    filesystem_mount(&dev).map(Some)
+}
+
+/// The mount point of the filesystem on the block device `dev` (at most one: binds of it are
+/// left out); empty when nothing mounts a filesystem from it.
+pub(crate) fn filesystem_mount(dev: &Path) -> OsResult<Vec<PathBuf>> {
     let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let sys = Path::new("/sys/block").join(name).join("dev");
     let majmin = std::fs::read_to_string(&sys)
         .map_err(|e| OsError::io(format!("reading {}", sys.display()), e))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| OsError::io("reading /proc/self/mountinfo", e))?;
-    Ok(Some(
-        mount_points_of(&mountinfo, majmin.trim())
-            .into_iter()
-            .take(1)
-            .collect(),
-    ))
+    Ok(mount_points_of(&mountinfo, majmin.trim())
+        .into_iter()
+        .take(1)
+        .collect())
 }
 
 /// The mount points in `mountinfo` (the format of /proc/self/mountinfo) of the filesystem on

@@ -35,6 +35,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use super::{Spawned, daemonizing_command, read_log_from};
+use crate::messages::error_chain;
 use crate::os::{OsError, OsResult, spawn_error};
 use crate::remote::pb;
 use pb::engine_host_client::EngineHostClient;
@@ -380,17 +381,6 @@ impl pb::engine_host_server::EngineHost for EngineHostService {
 }
 
 // ---- the client -----------------------------------------------------------------------------
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
 
 fn unreachable(socket: &Path, why: String) -> OsError {
     OsError::Unavailable(format!(

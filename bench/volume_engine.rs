@@ -1,0 +1,120 @@
+//! Path `volume-io-loop`: the loop engine as it ships (issue 14, Deliver 2). A new empty
+//! 1-replica block volume of one `bicsi serve` whose disk is XFS made with reflink on a loop
+//! device (as sync-xfs sets up), so the automatic choice gives it the loop engine: its replica
+//! is a raw file and its published device a loop device straight on that file, no engine
+//! process. Measured against a plain loop device over a sparse raw file in the same XFS, with
+//! the same fio jobs as the engine candidates (`engines.rs`: seq 1M and rand 4k, read and
+//! write, depth 1 and 32, direct I/O, sides rotating), after a crc32c-verified pattern. It
+//! must not touch anything outside its own directory of the work dir.
+
+use super::*;
+
+pub(crate) async fn loop_engine(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    if !check_root("volume-io-loop") {
+        return Ok(vec![]);
+    }
+    if !have_tool("mkfs.xfs") {
+        println!("volume-io-loop: skipped: mkfs.xfs is missing (Debian package xfsprogs)");
+        return Ok(vec![]);
+    }
+    let len = device_len(b.size);
+    println!(
+        "volume-io-loop: a new empty {} volume of one `bicsi serve` (1 replica, block, engine \
+         chosen automatically) on a disk in XFS (reflink=1) on a loop device, vs a plain loop \
+         device in the same XFS; load average {}",
+        fmt_bytes(len),
+        load_average()
+    );
+    let dir = b.work.join("volume-io-loop");
+    std::fs::create_dir_all(&dir)?;
+    let guard = SweepOnDrop(dir.clone());
+    let xfs = LoopMount::xfs(&dir.join("xfs.img"), &dir.join("xfs"), 4 * len + GIB).await?;
+    let disk = xfs.mnt.join("disk");
+    std::fs::create_dir_all(&disk)?;
+    let serve = Serve::start(&b.bicsi, &dir, &disk, &b.http).await?;
+    let result = loop_engine_runs(b, checks, &serve, &dir, &xfs.mnt, len).await;
+    let log = serve.stop().await.unwrap_or_default();
+    if result.is_err() {
+        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
+    }
+    drop(xfs);
+    drop(guard);
+    result?;
+    Ok(vec![])
+}
+
+async fn loop_engine_runs(
+    b: &Bench,
+    checks: &mut Checks,
+    serve: &Serve,
+    dir: &Path,
+    xfs: &Path,
+    len: u64,
+) -> Res<()> {
+    let mut csi = csi_connect(&serve.csi).await?;
+    let cap = block_capability();
+    let vol = csi
+        .controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: "volume-io-loop".into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: len as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap.clone()],
+            parameters: HashMap::from([("numberOfReplicas".to_string(), "1".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("CreateVolume", s))?
+        .into_inner()
+        .volume
+        .ok_or("CreateVolume answered no volume")?
+        .volume_id;
+    let volumes = serve.get("/v1/volumes").await?;
+    let engine = volumes
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["id"] == vol.as_str()))
+        .map(|v| v["spec"]["engine"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    checks.check(
+        engine == "loop",
+        format!("volume-io-loop: the volume on XFS with reflink got the loop engine ({engine:?})"),
+    );
+    let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
+    let staging = dir.join("staging");
+    let target = dir.join("target");
+    std::fs::create_dir_all(&staging)?;
+    let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
+    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
+    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
+    checks.check(
+        engines_under(dir).is_empty(),
+        "volume-io-loop: no qemu-storage-daemon serves the loop engine's volume",
+    );
+
+    let plain = plain_loop(xfs, len).await?;
+    let verified = verify(&target_s, len).await;
+    checks.check(
+        verified.is_ok(),
+        format!("volume-io-loop: a verified pattern reads back through the volume: {verified:?}"),
+    );
+    let sides = vec![
+        plain,
+        Side {
+            label: "bicsi (loop engine)".into(),
+            dev: target_s.clone(),
+            about: "the published block device of a bicsi volume of the loop engine: a buffered \
+                    loop device (512-byte sectors) straight on the raw replica file in the same \
+                    XFS"
+            .into(),
+            verified: Some(verified),
+        },
+    ];
+    let result = measure(b, &sides, len).await;
+    detach(&sides[0].dev).await;
+    detach_and_delete(&mut csi, &vol, target_s, staging_s).await?;
+    let res = result?;
+    print_results("volume-io-loop", &sides, &res, len, b.runs, b.quick);
+    Ok(())
+}

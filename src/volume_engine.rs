@@ -1,0 +1,202 @@
+//! Which engine serves a volume: the StorageClass parameter `engine` (`auto`, the default;
+//! `loop`; `qemu`) and the choice made from it when the volume is created, recorded in its spec.
+//!
+//! Why: issue 14 measured the candidates on the same fio jobs (README, "Volume engine
+//! candidates"). qemu-storage-daemon 10.0's FUSE export serves one request at a time in its main
+//! loop: 0.03–0.24× a plain loop device on random 4k at queue depth 32, whatever its knobs. A
+//! raw replica file with a loop device straight on it is the plain loop device (0.6–1.1× on
+//! every job, the differences being noise), and on a filesystem that shares blocks its replicas
+//! still start as reflink clones of one per-disk raw expansion of the backing image (about 2 ms
+//! per GiB), so the image stays stored once per disk and snapshots, clones and exports are
+//! reflink copies too. So `auto` picks `loop` where it can do everything the volume needs, and
+//! `qemu` elsewhere:
+//!
+//! - `loop` serves exactly one replica: a loop device has one backing file, so there is nothing
+//!   to fan writes out to several replicas (qemu's quorum does that). A volume with several
+//!   replicas stays on `qemu`, and its figures are not improved by this engine.
+//! - `loop` needs the replica's disk to share blocks (FICLONE works there: XFS with reflink=1,
+//!   btrfs; probed once per disk by its node agent): without it a replica over a backing image
+//!   would be a full copy of the image, and a snapshot of an attached volume would not be one
+//!   instant (only a FICLONE is atomic with respect to the writes going on).
+//! - A `loop` volume attached on a node other than its replica's is served by `qemu` on the
+//!   attaching node over NBD (the replica server opens the raw file with the raw driver), so it
+//!   keeps working anywhere; the node record says which engine serves each attach.
+//!
+//! It must not touch disks or processes: it decides from what the node agents report.
+
+use crate::agent::DiskSpace;
+use crate::error::{Error, Result};
+use crate::model::EngineKind;
+
+/// StorageClass parameter that pins the engine.
+pub const PARAMETER: &str = "engine";
+
+/// What the StorageClass asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// `loop` where it can serve the volume, else `qemu`.
+    #[default]
+    Auto,
+    Pinned(EngineKind),
+}
+
+impl EngineChoice {
+    /// The parameter's value; an unknown one is InvalidArgument naming the allowed values.
+    pub fn parse(value: &str) -> Result<EngineChoice> {
+        match value.trim() {
+            "" | "auto" => Ok(EngineChoice::Auto),
+            "loop" => Ok(EngineChoice::Pinned(EngineKind::Loop)),
+            "qemu" => Ok(EngineChoice::Pinned(EngineKind::Qemu)),
+            other => Err(Error::InvalidArgument(format!(
+                "parameter {PARAMETER}={other:?} is not an engine; use auto (the default), loop or qemu"
+            ))),
+        }
+    }
+}
+
+/// The disks a volume's replicas may go on: all of them, except for a volume pinned to `loop`,
+/// whose single replica needs a disk that shares blocks (FailedPrecondition naming the disks
+/// and the fix when there is none).
+pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Vec<DiskSpace>> {
+    if choice != EngineChoice::Pinned(EngineKind::Loop) || disks.is_empty() {
+        return Ok(disks);
+    }
+    let names: Vec<String> = disks
+        .iter()
+        .map(|d| {
+            format!(
+                "{} ({} on node {})",
+                d.disk.id,
+                d.disk.path.display(),
+                d.disk.node_id
+            )
+        })
+        .collect();
+    let sharing: Vec<DiskSpace> = disks.into_iter().filter(|d| d.shares_blocks).collect();
+    if sharing.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "{PARAMETER}: loop needs a disk whose filesystem shares blocks (XFS made with reflink=1, or btrfs), and none of the disks does: {}; add such a disk, or use {PARAMETER}: qemu (or auto)",
+            names.join(", ")
+        )));
+    }
+    Ok(sharing)
+}
+
+/// The engine of a new volume with `wanted` replicas placed on `placed` (see the module doc).
+pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result<EngineKind> {
+    let loop_fits = wanted == 1 && placed.len() == 1 && placed[0].shares_blocks;
+    match choice {
+        EngineChoice::Pinned(EngineKind::Qemu) => Ok(EngineKind::Qemu),
+        EngineChoice::Auto if loop_fits => Ok(EngineKind::Loop),
+        EngineChoice::Auto => Ok(EngineKind::Qemu),
+        EngineChoice::Pinned(EngineKind::Loop) => {
+            if wanted != 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "{PARAMETER}: loop serves exactly one replica, but numberOfReplicas is {wanted}; set numberOfReplicas: 1, or use {PARAMETER}: qemu (or auto) for several replicas"
+                )));
+            }
+            match placed.first() {
+                Some(d) if !d.shares_blocks => Err(Error::FailedPrecondition(format!(
+                    "{PARAMETER}: loop needs a disk whose filesystem shares blocks, and disk {} ({} on node {}) does not (it is not XFS with reflink=1 or btrfs); move the disk to such a filesystem, or use {PARAMETER}: qemu (or auto)",
+                    d.disk.id,
+                    d.disk.path.display(),
+                    d.disk.node_id
+                ))),
+                _ => Ok(EngineKind::Loop),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Disk;
+
+    fn disk(id: &str, shares: bool) -> DiskSpace {
+        DiskSpace {
+            disk: Disk {
+                id: id.into(),
+                node_id: "n1".into(),
+                path: format!("/d/{id}").into(),
+            },
+            free_bytes: 1 << 30,
+            manager: false,
+            shares_blocks: shares,
+        }
+    }
+
+    #[test]
+    fn parses_the_parameter() {
+        let table: &[(&str, Option<EngineChoice>)] = &[
+            ("", Some(EngineChoice::Auto)),
+            ("auto", Some(EngineChoice::Auto)),
+            (" loop ", Some(EngineChoice::Pinned(EngineKind::Loop))),
+            ("qemu", Some(EngineChoice::Pinned(EngineKind::Qemu))),
+            ("fuse", None),
+            ("LOOP", None),
+        ];
+        for (value, want) in table {
+            match (EngineChoice::parse(value), want) {
+                (Ok(got), Some(want)) => assert_eq!(got, *want, "{value:?}"),
+                (Err(e), None) => {
+                    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("engine=")
+                            && text.contains("auto (the default), loop or qemu"),
+                        "{text}"
+                    );
+                }
+                (got, want) => panic!("{value:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn decides_by_replicas_and_disk() {
+        use EngineChoice::*;
+        use EngineKind::*;
+        let (xfs, ext4) = (disk("xfs", true), disk("ext4", false));
+        let ok: &[(EngineChoice, u32, Vec<DiskSpace>, EngineKind)] = &[
+            (Auto, 1, vec![xfs.clone()], Loop),
+            (Auto, 1, vec![ext4.clone()], Qemu),
+            (Auto, 2, vec![xfs.clone(), xfs.clone()], Qemu),
+            // Degraded at birth (fewer disks than replicas): still a quorum volume.
+            (Auto, 2, vec![xfs.clone()], Qemu),
+            (Pinned(Qemu), 1, vec![xfs.clone()], Qemu),
+            (Pinned(Loop), 1, vec![xfs.clone()], Loop),
+        ];
+        for (choice, wanted, placed, want) in ok {
+            assert_eq!(
+                decide(*choice, *wanted, placed).unwrap(),
+                *want,
+                "{choice:?} {wanted}"
+            );
+        }
+        let e = decide(Pinned(Loop), 2, &[xfs.clone(), xfs.clone()]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("numberOfReplicas: 1"), "{e}");
+        let e = decide(Pinned(Loop), 1, std::slice::from_ref(&ext4)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("disk ext4 (/d/ext4"), "{e}");
+    }
+
+    #[test]
+    fn pinned_loop_keeps_only_disks_that_share_blocks() {
+        let all = vec![disk("a", false), disk("b", true)];
+        let got = candidate_disks(EngineChoice::Pinned(EngineKind::Loop), all.clone()).unwrap();
+        assert_eq!(
+            got.iter().map(|d| d.disk.id.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert_eq!(candidate_disks(EngineChoice::Auto, all).unwrap().len(), 2);
+        let e = candidate_disks(
+            EngineChoice::Pinned(EngineKind::Loop),
+            vec![disk("a", false)],
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("a (/d/a on node n1)"), "{e}");
+    }
+}

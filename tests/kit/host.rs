@@ -1,0 +1,202 @@
+//! The machine side of the test kit: whether a test may run here (root, tools), free TCP ports
+//! on 127.0.0.1, and what a test's processes may leave behind under its directory (mounts, loop
+//! devices, qemu-storage-daemon engines), found and swept. The integration tests, the
+//! benchmark and the crate's own real-system tests include this file (`#[path]`), so it uses
+//! nothing but std and nix and must not name the `bicsi` crate nor start bicsi (that is
+//! `procs.rs`, for the integration tests only).
+
+#![allow(dead_code)] // each includer uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Whether a test whose need is `ok` may run. Off CI it skips and says `why`; in CI (`CI` set)
+/// a skip would hide a regression, so it fails instead.
+pub fn may_run(ok: bool, why: &str) -> bool {
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}: this test must run in CI");
+        }
+        eprintln!("SKIP: {why}");
+    }
+    ok
+}
+
+/// For tests that need root (loop devices, FUSE, mounts): see [`may_run`].
+pub fn root_or_skip(test: &str) -> bool {
+    may_run(
+        is_root(),
+        &format!("{test}: needs root (loop devices, FUSE, mounts); run the tests as root"),
+    )
+}
+
+/// Whether `tool` is on PATH (not all tools answer `--version`: mkfs.xfs does not).
+pub fn have_tool(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+}
+
+/// A free TCP port on 127.0.0.1: bound, read and released (the window for another taker is
+/// tiny).
+pub fn try_free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// [`try_free_port`] for a test, which fails if there is none.
+pub fn free_port() -> u16 {
+    try_free_port().expect("a free TCP port on 127.0.0.1")
+}
+
+/// Mount points strictly below `dir`, deepest first (/proc/self/mountinfo, escapes decoded).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount(p)))
+        .filter(|p| p != dir && p.starts_with(dir))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+/// Decodes the `\ooo` octal escapes of /proc/self/mountinfo.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Loop devices whose backing file is below `dir` (also once the file is deleted).
+pub fn loops_under(dir: &Path) -> Vec<String> {
+    let Ok(out) = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+        .output()
+    else {
+        return vec![];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, back) = l.trim().split_once(char::is_whitespace)?;
+            let back = back.trim();
+            let back = back.strip_suffix(" (deleted)").unwrap_or(back);
+            Path::new(back).starts_with(dir).then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// Live qemu-storage-daemon processes whose command line names a path below `dir`.
+pub fn engines_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&c| c == 0).map(String::from_utf8_lossy);
+        let is_qsd = args
+            .next()
+            .is_some_and(|a0| a0.rsplit('/').next() == Some("qemu-storage-daemon"));
+        if is_qsd && args.any(|a| a.contains(&needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Whether `pid` runs (exists and is not a zombie: a daemonized process's parent may be an init
+/// that does not reap).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Removes what a run's processes may leave under `dir`, whatever state they died in (bind
+/// mounts, FUSE exports, loop devices, qemu-storage-daemon processes, which are daemonized and
+/// outlive bicsi): unmounts everything mounted below `dir` (deepest first; lazily where a plain
+/// unmount fails, so a dead FUSE server cannot block it), detaches loop devices backed by files
+/// below it, stops the qemu-storage-daemons whose command line names it (SIGTERM and up to
+/// `grace` to exit, then SIGKILL; at once with SIGKILL for a zero `grace`), and unmounts again
+/// (a FUSE export left by its daemon). Returns what it did.
+pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
+    let mut done = Vec::new();
+    let umount = |m: &Path, done: &mut Vec<String>| {
+        let ok = Command::new("umount")
+            .arg(m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            done.push(format!("unmounted {}", m.display()));
+        } else {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+            done.push(format!("unmounted {} lazily", m.display()));
+        }
+    };
+    for m in mounts_under(dir) {
+        umount(&m, &mut done);
+    }
+    for l in loops_under(dir) {
+        let _ = Command::new("losetup").args(["-d", &l]).status();
+        done.push(format!("detached {l}"));
+    }
+    let pids = engines_under(dir);
+    let first = if grace.is_zero() {
+        Signal::SIGKILL
+    } else {
+        Signal::SIGTERM
+    };
+    for &pid in &pids {
+        let _ = kill(Pid::from_raw(pid), first);
+        done.push(format!("stopped qemu-storage-daemon {pid}"));
+    }
+    let started = Instant::now();
+    while pids.iter().any(|&p| alive(p)) && started.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &pid in &pids {
+        if alive(pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    for m in mounts_under(dir) {
+        umount(&m, &mut done);
+    }
+    done
+}
+
+/// [`sweep`] for a test's drop: daemons are killed at once, nothing is reported.
+pub fn cleanup_under(dir: &Path) {
+    sweep(dir, Duration::ZERO);
+}
