@@ -351,11 +351,11 @@ mod tests {
         assert_eq!(s.scrub_interval(), None);
         assert_eq!(s.concurrent_syncs(), 1);
         let all = s.list().unwrap();
-        assert_eq!(all.len(), DEFINITIONS.len());
+        assert_eq!(all.len(), DEFINITIONS.len() + TEXT_DEFINITIONS.len());
         let named = |n: &str| all.iter().find(|v| v.name == n).unwrap().value.clone();
         assert_eq!(named(CONCURRENT_REBUILDS_PER_NODE), "1");
         assert_eq!(named(REPLICA_TIMEOUT), "8");
-        assert_eq!(all.len(), 6);
+        assert_eq!(DEFINITIONS.len(), 6);
         assert_eq!(all[0].name, CLEANUP_WAIT_INTERVAL);
         assert_eq!(all[0].value, "0");
         assert_eq!(all[0].default, "60");

@@ -584,26 +584,43 @@ fn kill_9_during_a_backup_and_during_a_restore() {
     let data = noise(160 * MIB as usize, 6);
     s.with_block("big", |dev| write_at(dev, 0, &data));
 
-    s.ok(&["backup", "create", "big", "--name", "big-cut", "--no-wait"]);
-    wait_until(
-        "the backup to make progress",
-        Duration::from_secs(60),
-        || s.backup("big-cut")["blocksDone"].as_u64().unwrap_or(0) > 0,
-    );
-    s.kill_and_restart();
-    // No metadata: the target holds no backup of that name, and the record says why.
-    assert!(
-        !target
-            .join("backupvolumes/big/backups/big-cut.json")
-            .exists()
-    );
-    let cut = s.backup("big-cut");
+    // The kill must land while the backup runs: bicsi is stopped (SIGSTOP) once the backup has
+    // made progress, and killed only if its metadata is not in the target yet; a backup that
+    // was quicker than the test is let go and a full one (every block put again) tried anew.
+    let mut cut_name = None;
+    for attempt in 0..5 {
+        let name = format!("big-cut{attempt}");
+        let mut args = vec!["backup", "create", "big", "--name", &name, "--no-wait"];
+        if attempt > 0 {
+            args.push("--full");
+        }
+        s.ok(&args);
+        wait_until(
+            "the backup to make progress",
+            Duration::from_secs(60),
+            || s.backup(&name)["blocksDone"].as_u64().unwrap_or(0) > 0,
+        );
+        let pid = nix::unistd::Pid::from_raw(s.child.as_ref().unwrap().id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let meta = target.join(format!("backupvolumes/big/backups/{name}.json"));
+        if meta.exists() {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+            continue;
+        }
+        s.kill_and_restart();
+        // No metadata: the target holds no backup of that name, and the record says why.
+        assert!(!meta.exists(), "{}", meta.display());
+        cut_name = Some(name);
+        break;
+    }
+    let cut_name = cut_name.expect("five backups all ended before bicsi could be stopped");
+    let cut = s.backup(&cut_name);
     assert_eq!(cut["state"], "error", "{cut}");
     assert!(
         cut["message"].as_str().unwrap().contains("restarted"),
         "{cut}"
     );
-    let e = s.fails(&["backup", "restore", "big-cut", "nope"]);
+    let e = s.fails(&["backup", "restore", &cut_name, "nope"]);
     assert!(e.contains("only a completed backup"), "{e}");
 
     // The next backup completes (reusing the blocks the cut one had put).

@@ -6,6 +6,20 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// `client.method(request)` retried while it answers Aborted (`wait::retry_aborted`): another
+/// operation on the volume (a rebuild pass, the replica watcher) is waited out, not reported.
+macro_rules! retrying {
+    ($client:expr, $method:ident, $req:expr) => {{
+        let req = $req;
+        wait::retry_aborted(|| {
+            let mut client = $client.clone();
+            let req = req.clone();
+            async move { client.$method(req).await }
+        })
+        .await
+    }};
+}
+
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
@@ -272,14 +286,16 @@ pub async fn run(cmd: VolumeCommand) -> Result<()> {
         }
         VolumeCommand::Detach { name, endpoint } => detach(&name, &endpoint.csi_endpoint).await,
         VolumeCommand::Delete { name, endpoint } => {
-            let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            c.controller
-                .delete_volume(pb::DeleteVolumeRequest {
+            let c = CsiClient::connect(&endpoint.csi_endpoint).await?;
+            retrying!(
+                c.controller,
+                delete_volume,
+                pb::DeleteVolumeRequest {
                     volume_id: crate::controller::volume_id_for(&name),
                     ..Default::default()
-                })
-                .await
-                .map_err(status_error)?;
+                }
+            )
+            .map_err(status_error)?;
             outln!("volume {name} deleted");
             Ok(())
         }
@@ -383,19 +399,23 @@ async fn attach(
     .map_err(|e| Error::Internal(format!("cannot record the attachment: {e}")))?;
     let mut staged = false;
     let attached: Result<()> = async {
-        c.node
-            .node_stage_volume(pb::NodeStageVolumeRequest {
+        retrying!(
+            c.node,
+            node_stage_volume,
+            pb::NodeStageVolumeRequest {
                 volume_id: volume_id.clone(),
                 publish_context: publish_context.clone(),
                 staging_target_path: staging.display().to_string(),
                 volume_capability: Some(pb_cap.clone()),
                 ..Default::default()
-            })
-            .await
-            .map_err(status_error)?;
+            }
+        )
+        .map_err(status_error)?;
         staged = true;
-        c.node
-            .node_publish_volume(pb::NodePublishVolumeRequest {
+        retrying!(
+            c.node,
+            node_publish_volume,
+            pb::NodePublishVolumeRequest {
                 volume_id: volume_id.clone(),
                 publish_context,
                 staging_target_path: staging.display().to_string(),
@@ -403,9 +423,9 @@ async fn attach(
                 volume_capability: Some(pb_cap),
                 readonly: read_only,
                 ..Default::default()
-            })
-            .await
-            .map_err(status_error)?;
+            }
+        )
+        .map_err(status_error)?;
         Ok(())
     }
     .await;
@@ -443,33 +463,34 @@ async fn undo_attach(
         staging_target_path: rec.staging_path.display().to_string(),
     };
     if staged {
-        match c.node.node_unstage_volume(unstage.clone()).await {
+        match retrying!(c.node, node_unstage_volume, unstage.clone()) {
             Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                c.node
-                    .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                retrying!(
+                    c.node,
+                    node_unpublish_volume,
+                    pb::NodeUnpublishVolumeRequest {
                         volume_id: rec.volume_id.clone(),
                         target_path: rec.target_path.display().to_string(),
-                    })
-                    .await
-                    .map_err(status_error)?;
-                c.node
-                    .node_unstage_volume(unstage)
-                    .await
-                    .map_err(status_error)?;
+                    }
+                )
+                .map_err(status_error)?;
+                retrying!(c.node, node_unstage_volume, unstage).map_err(status_error)?;
             }
             other => {
                 other.map_err(status_error)?;
             }
         }
     }
-    c.controller
-        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+    retrying!(
+        c.controller,
+        controller_unpublish_volume,
+        pb::ControllerUnpublishVolumeRequest {
             volume_id: rec.volume_id.clone(),
             node_id: rec.node_id.clone(),
             ..Default::default()
-        })
-        .await
-        .map_err(status_error)?;
+        }
+    )
+    .map_err(status_error)?;
     let _ = std::fs::remove_file(record_path(endpoint, &rec.volume_id)?);
     let _ = std::fs::remove_dir_all(attach_dir(endpoint)?.join(&rec.volume_id));
     Ok(())
@@ -498,25 +519,28 @@ async fn detach(name: &str, endpoint: &str) -> Result<()> {
     wait::on_interrupt(format!(
         "volume {name} may be detached in part: run `bicsi volume detach {name}` again"
     ));
-    c.node
-        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+    retrying!(
+        c.node,
+        node_unpublish_volume,
+        pb::NodeUnpublishVolumeRequest {
             volume_id: volume_id.clone(),
             target_path: rec.target_path.display().to_string(),
-        })
-        .await
-        .map_err(status_error)?;
+        }
+    )
+    .map_err(status_error)?;
     // An older bicsi replaced the record on a second attach at another path, so the first
     // path stayed published and NodeUnstage refuses, naming it: unpublish what it names (only
     // paths of this volume on this node) and unstage again.
     let mut stranded = Vec::new();
     loop {
-        let unstaged = c
-            .node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        let unstaged = retrying!(
+            c.node,
+            node_unstage_volume,
+            pb::NodeUnstageVolumeRequest {
                 volume_id: volume_id.clone(),
                 staging_target_path: rec.staging_path.display().to_string(),
-            })
-            .await;
+            }
+        );
         let path = match &unstaged {
             Err(s) if s.code() == tonic::Code::FailedPrecondition && stranded.len() < 16 => s
                 .message()
@@ -529,24 +553,28 @@ async fn detach(name: &str, endpoint: &str) -> Result<()> {
             unstaged.map_err(status_error)?;
             break;
         };
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        retrying!(
+            c.node,
+            node_unpublish_volume,
+            pb::NodeUnpublishVolumeRequest {
                 volume_id: volume_id.clone(),
                 target_path: path.clone(),
-            })
-            .await
-            .map_err(status_error)?;
+            }
+        )
+        .map_err(status_error)?;
         eprintln!("volume {name}: unpublished {path} too (left by an earlier attach)");
         stranded.push(path);
     }
-    c.controller
-        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+    retrying!(
+        c.controller,
+        controller_unpublish_volume,
+        pb::ControllerUnpublishVolumeRequest {
             volume_id: volume_id.clone(),
             node_id: rec.node_id.clone(),
             ..Default::default()
-        })
-        .await
-        .map_err(status_error)?;
+        }
+    )
+    .map_err(status_error)?;
     let _ = std::fs::remove_file(record_path(endpoint, &volume_id)?);
     let _ = std::fs::remove_dir_all(attach_dir(endpoint)?.join(&volume_id));
     outln!("volume {name} detached");
@@ -646,8 +674,14 @@ async fn publish_until_ready(
         "bicsi goes on preparing it: run the command again to attach it",
         "bicsi goes on preparing it: run the command again to attach it",
         || {
-            let (mut ctl, req) = (ctl.clone(), req.clone());
-            async move { ctl.controller_publish_volume(req).await }
+            let (ctl, req) = (ctl.clone(), req.clone());
+            async move {
+                wait::retry_aborted(|| {
+                    let (mut ctl, req) = (ctl.clone(), req.clone());
+                    async move { ctl.controller_publish_volume(req).await }
+                })
+                .await
+            }
         },
     )
     .await?;
