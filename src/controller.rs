@@ -362,6 +362,7 @@ impl Controller {
         let wanted = *p
             .number_of_replicas
             .get_or_insert(params::default_replicas(disks.len()));
+        let disks = crate::volume_engine::preferred_disks(p.engine, wanted, size, disks);
         let chosen = place_replicas(disks, wanted as usize);
         let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
         // A replica on a disk that holds a ready file of the image is an overlay on it now;

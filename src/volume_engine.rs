@@ -82,6 +82,26 @@ pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Ve
     Ok(sharing)
 }
 
+/// The disks `auto` places a one-replica volume of `size` bytes on: those that share blocks
+/// and have room for it, when there are any (so that it gets the loop engine where the node
+/// offers one), else all of them. Several replicas, or a pinned engine, place as before.
+pub fn preferred_disks(
+    choice: EngineChoice,
+    wanted: u32,
+    size: u64,
+    disks: Vec<DiskSpace>,
+) -> Vec<DiskSpace> {
+    if choice != EngineChoice::Auto || wanted != 1 {
+        return disks;
+    }
+    let fits = |d: &DiskSpace| d.shares_blocks && d.free_bytes >= size;
+    if disks.iter().any(fits) {
+        disks.into_iter().filter(fits).collect()
+    } else {
+        disks
+    }
+}
+
 /// The engine of a new volume with `wanted` replicas placed on `placed` (see the module doc).
 pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result<EngineKind> {
     let loop_fits = wanted == 1 && placed.len() == 1 && placed[0].shares_blocks;
@@ -198,5 +218,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("a (/d/a on node n1)"), "{e}");
+    }
+
+    #[test]
+    fn auto_places_one_replica_on_a_disk_that_shares_blocks_when_it_has_room() {
+        let ids = |v: Vec<DiskSpace>| v.into_iter().map(|d| d.disk.id).collect::<Vec<_>>();
+        let disks = || vec![disk("ext4", false), disk("xfs", true)];
+        assert_eq!(
+            ids(preferred_disks(EngineChoice::Auto, 1, 1 << 20, disks())),
+            ["xfs"]
+        );
+        // Too small for it, several replicas, or a pinned engine: every disk as before.
+        assert_eq!(
+            ids(preferred_disks(EngineChoice::Auto, 1, 2 << 30, disks())).len(),
+            2
+        );
+        assert_eq!(
+            ids(preferred_disks(EngineChoice::Auto, 2, 1 << 20, disks())).len(),
+            2
+        );
+        let qemu = EngineChoice::Pinned(EngineKind::Qemu);
+        assert_eq!(ids(preferred_disks(qemu, 1, 1 << 20, disks())).len(), 2);
     }
 }
