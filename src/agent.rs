@@ -113,7 +113,7 @@ pub trait Agent: Send + Sync {
     ) -> Result<crate::backup::layout::BackupMeta> {
         let _ = (req, progress);
         Err(Error::FailedPrecondition(
-            "this node agent cannot take backups: backups run on the node of an all-in-one `bicsi serve` for now".into(),
+            "this node agent cannot take backups; upgrade it".into(),
         ))
     }
     /// Backs up the ready file of a backing image on one of this node's disks into the backup
@@ -126,7 +126,7 @@ pub trait Agent: Send + Sync {
     ) -> Result<crate::backup::image::ImageMeta> {
         let _ = (target_url, credential_file, template);
         Err(Error::FailedPrecondition(
-            "this node agent cannot back up backing images: that runs on the node of an all-in-one `bicsi serve` for now".into(),
+            "this node agent cannot back up backing images; upgrade it".into(),
         ))
     }
     /// Builds the snapshot file `req.restore_id` on `req.disk_id` with a backup's content over
@@ -138,7 +138,7 @@ pub trait Agent: Send + Sync {
     ) -> Result<SnapshotFile> {
         let _ = (req, progress);
         Err(Error::FailedPrecondition(
-            "this node agent cannot restore backups: restores run on the node of an all-in-one `bicsi serve` for now".into(),
+            "this node agent cannot restore backups; upgrade it".into(),
         ))
     }
     /// Removes what an attach of the volume left on this node although the volume is not

@@ -62,8 +62,9 @@ impl Progress {
 
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
-/// What the controller asks a node agent to back up: a snapshot file of that node.
-#[derive(Clone, Debug)]
+/// What the controller asks a node agent to back up: a snapshot file of that node (JSON on the
+/// split mode's wire, `crate::remote`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackupFileRequest {
     pub target_url: String,
     pub credential_file: Option<PathBuf>,
@@ -79,8 +80,8 @@ pub struct BackupFileRequest {
 }
 
 /// What the controller asks a node agent to restore: a backup's content over `backing_image`'s
-/// file on `disk_id`, as the snapshot file of `restore_id` there.
-#[derive(Clone, Debug)]
+/// file on `disk_id`, as the snapshot file of `restore_id` there (JSON on the split mode's wire).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RestoreFileRequest {
     pub target_url: String,
     pub credential_file: Option<PathBuf>,
