@@ -752,6 +752,35 @@ mod tests {
         }
     }
 
+    /// Blocks the backup left out are compared between the original and the override: listed
+    /// blocks are skipped, bytes past the original's end count as zeros.
+    #[test]
+    fn blocks_where_the_override_differs_from_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096u64;
+        let mut original = vec![7u8; 3 * bs as usize];
+        original[..bs as usize].fill(0);
+        let mut over = original.clone();
+        over[10] = 1; // block 0: differs, the original's bytes are zeros
+        over[bs as usize + 5] = 1; // block 1: differs, but the backup lists it
+        over.extend(vec![9u8; bs as usize]); // block 3: past the original's end
+        let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+        std::fs::write(&a, &original).unwrap();
+        std::fs::write(&b, &over).unwrap();
+        let listed: HashSet<u64> = [1].into();
+        let (blocks, view) = differing_blocks(
+            &(a.clone(), ImageFormat::Raw),
+            &(b, ImageFormat::Raw),
+            &listed,
+            5 * bs,
+            bs,
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(blocks, [(0, true), (3, true)]);
+        assert_eq!(view, a, "a raw original is read as it is");
+    }
+
     #[test]
     fn zero_blocks() {
         assert!(is_zero(&[]));
