@@ -1453,6 +1453,13 @@ async fn a_backup_and_its_restore_run_through_the_node_agents() {
     let (ok, out, err) = c.cli(&["backup", "create", "bak-src", "--name", "bak-1"]);
     assert!(ok, "{out}{err}\n{}", c.logs());
     assert!(out.contains("backup bak-1 completed"), "{out}");
+    // The record's block counts come only from the progress the node streamed back.
+    let (ok, out, err) = c.cli(&["backup", "list", "bak-src", "-o", "json"]);
+    assert!(ok, "{err}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let rec = list.iter().find(|b| b["name"] == "bak-1").expect("bak-1");
+    assert!(rec["blocksUploaded"].as_u64().unwrap() >= 2, "{rec}");
+    assert_eq!(rec["blocksDone"], rec["blocksTotal"], "{rec}");
     assert!(
         target
             .join("backupvolumes/bak-src/backups/bak-1.json")
