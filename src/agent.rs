@@ -742,7 +742,10 @@ impl Agent for LocalAgent {
             .join(format!("restore{}", req.restore_id));
         let target = crate::backup::Target::open(&req.target_url, req.credential_file.as_deref())?;
         // Over an override, the original image's file: one of this cluster's, or from the target.
-        let original_dir = work_dir.with_extension("original");
+        let original_dir = disk
+            .path
+            .join("tmp")
+            .join(format!("restore{}-original", req.restore_id));
         let original = match &req.original {
             Some(o) if backing.is_some() => Some(match &o.local {
                 Some(image) => self.wait_image_file(image, &disk).await?,
