@@ -113,7 +113,7 @@ pub trait Agent: Send + Sync {
     ) -> Result<crate::backup::layout::BackupMeta> {
         let _ = (req, progress);
         Err(Error::FailedPrecondition(
-            "this node agent cannot take backups: backups run on the node of an all-in-one `bicsi serve` for now".into(),
+            "this node agent cannot take backups; upgrade it".into(),
         ))
     }
     /// Backs up the ready file of a backing image on one of this node's disks into the backup
@@ -126,7 +126,7 @@ pub trait Agent: Send + Sync {
     ) -> Result<crate::backup::image::ImageMeta> {
         let _ = (target_url, credential_file, template);
         Err(Error::FailedPrecondition(
-            "this node agent cannot back up backing images: that runs on the node of an all-in-one `bicsi serve` for now".into(),
+            "this node agent cannot back up backing images; upgrade it".into(),
         ))
     }
     /// Builds the snapshot file `req.restore_id` on `req.disk_id` with a backup's content over
@@ -138,7 +138,7 @@ pub trait Agent: Send + Sync {
     ) -> Result<SnapshotFile> {
         let _ = (req, progress);
         Err(Error::FailedPrecondition(
-            "this node agent cannot restore backups: restores run on the node of an all-in-one `bicsi serve` for now".into(),
+            "this node agent cannot restore backups; upgrade it".into(),
         ))
     }
     /// Removes what an attach of the volume left on this node although the volume is not
@@ -324,6 +324,28 @@ impl LocalAgent {
     }
 
     /// The ready file of `image` on `disk` and its format; None when the disk has none yet.
+    /// The ready file of `image` on `disk`, brought there first (copied or transferred,
+    /// verified) and waited for up to ten minutes.
+    async fn wait_image_file(&self, image: &str, disk: &Disk) -> Result<(PathBuf, ImageFormat)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        loop {
+            match self.files.ensure_file(image, &disk.id).await {
+                Ok(_) => break,
+                Err(Error::Unavailable(m)) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(image = %image, why = %m, "restore waits for the image's file");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.image_file(image, disk)?.ok_or_else(|| {
+            Error::Unavailable(format!(
+                "backing image {image:?} is being prepared on disk {}",
+                disk.id
+            ))
+        })
+    }
+
     fn image_file(&self, image: &str, disk: &Disk) -> Result<Option<(PathBuf, ImageFormat)>> {
         let bi: crate::backing::object::BackingImage =
             self.store
@@ -711,27 +733,63 @@ impl Agent for LocalAgent {
     ) -> Result<SnapshotFile> {
         let disk = self.disk(&req.disk_id)?.clone();
         let backing = match &req.backing_image {
-            Some(image) => {
-                // The image's file comes to this disk first (copied or transferred, verified).
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-                loop {
-                    match self.files.ensure_file(image, &disk.id).await {
-                        Ok(_) => break,
-                        Err(Error::Unavailable(m)) if std::time::Instant::now() < deadline => {
-                            tracing::debug!(image = %image, why = %m, "restore waits for the image's file");
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Some(self.image_file(image, &disk)?.ok_or_else(|| {
-                    Error::Unavailable(format!(
-                        "backing image {image:?} is being prepared on disk {}",
-                        disk.id
-                    ))
-                })?)
-            }
+            Some(image) => Some(self.wait_image_file(image, &disk).await?),
             None => None,
+        };
+        let work_dir = disk
+            .path
+            .join("tmp")
+            .join(format!("restore{}", req.restore_id));
+        let target = crate::backup::Target::open(&req.target_url, req.credential_file.as_deref())?;
+        // Over an override, the original image's file: one of this cluster's, or from the target.
+        let original_dir = disk
+            .path
+            .join("tmp")
+            .join(format!("restore{}-original", req.restore_id));
+        let original = match &req.original {
+            Some(o) if backing.is_some() => Some(match &o.local {
+                Some(image) => self.wait_image_file(image, &disk).await?,
+                None => {
+                    std::fs::create_dir_all(&original_dir).map_err(|e| {
+                        Error::Internal(format!("cannot create {}: {e}", original_dir.display()))
+                    })?;
+                    let m = crate::backup::image::get_meta(&target, &o.name)
+                        .await?
+                        .ok_or_else(|| {
+                            Error::FailedPrecondition(format!(
+                                "backup {:?}: its backing image {:?} is no longer in the backup target {}; back it up there again (bicsi backup image {}) or restore without --backing-image",
+                                req.meta.name, o.name, req.target_url, o.name
+                            ))
+                        })?;
+                    let format = match m.image_format.as_str() {
+                        "raw" => ImageFormat::Raw,
+                        "qcow2" => ImageFormat::Qcow2,
+                        other => {
+                            return Err(Error::FailedPrecondition(format!(
+                                "backing image {:?} in the backup target {} has format {other:?}; this bicsi reads raw and qcow2",
+                                o.name, req.target_url
+                            )));
+                        }
+                    };
+                    let path = original_dir.join("image");
+                    let (sha, _) = crate::backup::image::restore_image_file(
+                        &crate::backup::image::backup_url(&req.target_url, &o.name),
+                        req.credential_file.clone(),
+                        &path,
+                        Default::default(),
+                    )
+                    .await?;
+                    if sha != o.checksum {
+                        let _ = std::fs::remove_dir_all(&original_dir);
+                        return Err(Error::FailedPrecondition(format!(
+                            "backing image {:?} in the backup target {} has SHA-512 {sha}, not the {} backup {:?} was taken over; restore without --backing-image",
+                            o.name, req.target_url, o.checksum, req.meta.name
+                        )));
+                    }
+                    (path, format)
+                }
+            }),
+            _ => None,
         };
         let file = SnapshotFile {
             node_id: self.node_id.clone(),
@@ -740,18 +798,17 @@ impl Agent for LocalAgent {
         };
         // Always built anew: a file left by an attempt a restart cut off is not trusted.
         crate::snapshot::remove(&file)?;
-        let target = crate::backup::Target::open(&req.target_url, req.credential_file.as_deref())?;
         let job = crate::backup::blocks::RestoreJob {
             target,
             meta: req.meta,
             dest: file.path.clone(),
             backing,
-            work_dir: disk
-                .path
-                .join("tmp")
-                .join(format!("restore{}", req.restore_id)),
+            original,
+            work_dir,
         };
-        crate::backup::blocks::restore(job, progress).await?;
+        let result = crate::backup::blocks::restore(job, progress).await;
+        let _ = std::fs::remove_dir_all(&original_dir);
+        result?;
         Ok(file)
     }
 

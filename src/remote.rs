@@ -39,6 +39,65 @@ fn from_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
         .map_err(|e| Error::InvalidArgument(format!("malformed {what} record: {e}")))
 }
 
+/// Backups' server-streamed answers (`BackupStep`): progress messages, then the result.
+type Steps = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = std::result::Result<pb::BackupStep, Status>> + Send>,
+>;
+
+/// Runs `work` in a task of its own, streaming each progress it reports and then its result
+/// (or its error as the stream's final status). The work finishes even when the caller goes
+/// away: a backup's metadata is put last, a restore's file renamed into place last.
+fn stream_steps<T, F>(work: impl FnOnce(crate::backup::blocks::ProgressFn) -> F) -> Response<Steps>
+where
+    T: Serialize,
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let progress_tx = tx.clone();
+    let progress: crate::backup::blocks::ProgressFn = Arc::new(move |p| {
+        if let Ok(progress_json) = serde_json::to_vec(&p) {
+            let _ = progress_tx.send(Ok(pb::BackupStep {
+                progress_json,
+                result_json: Vec::new(),
+            }));
+        }
+    });
+    let fut = work(progress);
+    tokio::spawn(async move {
+        let step = fut
+            .await
+            .and_then(|v| to_json(&v))
+            .map(|result_json| pb::BackupStep {
+                progress_json: Vec::new(),
+                result_json,
+            });
+        let _ = tx.send(step.map_err(Status::from));
+    });
+    Response::new(Box::pin(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+    ))
+}
+
+/// Follows a `BackupStep` stream to its result, handing each progress to `progress`.
+async fn follow_steps<T: DeserializeOwned>(
+    answer: std::result::Result<Response<tonic::Streaming<pb::BackupStep>>, Status>,
+    progress: Option<&crate::backup::blocks::ProgressFn>,
+    what: &str,
+) -> Result<T> {
+    let mut steps = answer.map_err(status_error)?.into_inner();
+    while let Some(step) = steps.message().await.map_err(status_error)? {
+        if !step.result_json.is_empty() {
+            return from_json(&step.result_json, what);
+        }
+        if let Some(f) = progress {
+            f(from_json(&step.progress_json, "backup progress")?);
+        }
+    }
+    Err(Error::Unavailable(format!(
+        "the node agent's answer ended without the {what}; it may have restarted: try again"
+    )))
+}
+
 fn status_error(s: Status) -> Error {
     Error::from_code(s.code(), s.message().to_string())
 }
@@ -443,6 +502,57 @@ impl Agent for RemoteAgent {
         Ok(())
     }
 
+    async fn backup_file(
+        &self,
+        req: crate::backup::blocks::BackupFileRequest,
+        progress: crate::backup::blocks::ProgressFn,
+    ) -> Result<crate::backup::layout::BackupMeta> {
+        let answer = self
+            .client
+            .clone()
+            .backup_file(pb::BackupFileRpc {
+                request_json: to_json(&req)?,
+            })
+            .await;
+        follow_steps(answer, Some(&progress), "backup metadata").await
+    }
+
+    async fn backup_image(
+        &self,
+        target_url: &str,
+        credential_file: Option<std::path::PathBuf>,
+        template: crate::backup::image::ImageMeta,
+    ) -> Result<crate::backup::image::ImageMeta> {
+        let answer = self
+            .client
+            .clone()
+            .backup_image(pb::BackupImageRpc {
+                target_url: target_url.to_string(),
+                credential_file: match credential_file {
+                    Some(p) => crate::os::utf8_path(&p)?.to_string(),
+                    None => String::new(),
+                },
+                template_json: to_json(&template)?,
+            })
+            .await;
+        follow_steps(answer, None, "backing image backup metadata").await
+    }
+
+    async fn restore_backup_file(
+        &self,
+        req: crate::backup::blocks::RestoreFileRequest,
+        progress: crate::backup::blocks::ProgressFn,
+    ) -> Result<SnapshotFile> {
+        let answer = self
+            .client
+            .clone()
+            .restore_backup_file(pb::RestoreBackupFileRpc {
+                request_json: to_json(&req)?,
+            })
+            .await;
+        follow_steps(answer, Some(&progress), "restored snapshot file").await
+    }
+
     async fn clean_volume(&self, volume_id: &str, replicas: &[Replica]) -> Result<()> {
         let answer = self
             .client
@@ -655,6 +765,47 @@ impl AgentRpc for AgentService {
             from_json(&request.into_inner().files_json, "snapshot files")?;
         self.local.delete_snapshot_files(&files).await?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn backup_file(
+        &self,
+        request: Request<pb::BackupFileRpc>,
+    ) -> std::result::Result<Response<Steps>, Status> {
+        let req: crate::backup::blocks::BackupFileRequest =
+            from_json(&request.into_inner().request_json, "backup request")?;
+        let local = self.local.clone();
+        Ok(stream_steps(move |progress| async move {
+            local.backup_file(req, progress).await
+        }))
+    }
+
+    async fn backup_image(
+        &self,
+        request: Request<pb::BackupImageRpc>,
+    ) -> std::result::Result<Response<Steps>, Status> {
+        let r = request.into_inner();
+        let template: crate::backup::image::ImageMeta =
+            from_json(&r.template_json, "backing image backup metadata")?;
+        let credential_file =
+            (!r.credential_file.is_empty()).then(|| std::path::PathBuf::from(&r.credential_file));
+        let local = self.local.clone();
+        Ok(stream_steps(move |_| async move {
+            local
+                .backup_image(&r.target_url, credential_file, template)
+                .await
+        }))
+    }
+
+    async fn restore_backup_file(
+        &self,
+        request: Request<pb::RestoreBackupFileRpc>,
+    ) -> std::result::Result<Response<Steps>, Status> {
+        let req: crate::backup::blocks::RestoreFileRequest =
+            from_json(&request.into_inner().request_json, "restore request")?;
+        let local = self.local.clone();
+        Ok(stream_steps(move |progress| async move {
+            local.restore_backup_file(req, progress).await
+        }))
     }
 
     async fn clean_volume(

@@ -462,24 +462,62 @@ fn filesystem_volume_over_an_image_restores_in_a_second_serve_and_over_an_overri
         assert_eq!(std::fs::read(m.join("new.bin")).unwrap(), new);
     });
 
-    // An override: another image of the same content is accepted; one larger than the volume is
-    // refused, naming its size.
-    b.ok(&["image", "upload", "img-copy", img.to_str().unwrap()]);
+    // An override: another image of the same virtual size is accepted. The blocks the backup
+    // left out hold the original image's bytes: where the override differs (here base.bin's
+    // blocks and an unused stretch of the filesystem), the restore writes the original's, so
+    // the volume reads exactly as one restored over the original itself (never mounted: a mount
+    // writes to the filesystem).
+    b.ok(&["backup", "restore", "vm-b1", "r-ref"]);
+    let mut r1_sha = String::new();
+    b.with_block("r-ref", |dev| r1_sha = sha_of_device(dev, 64 * MIB));
+    let image_bytes = std::fs::read(&img).unwrap();
+    let at = image_bytes
+        .windows(4096)
+        .position(|w| w == &base[..4096])
+        .expect("base.bin's bytes in the image");
+    let mut other = image_bytes.clone();
+    other[at..at + base.len()].copy_from_slice(&noise(base.len(), 9));
+    let unused = 40 * MIB as usize;
+    other[unused..unused + MIB as usize].copy_from_slice(&noise(MIB as usize, 10));
+    let other_img = base_dir.path().join("other.raw");
+    std::fs::write(&other_img, &other).unwrap();
+    b.ok(&["image", "upload", "img-other", other_img.to_str().unwrap()]);
+    // Here the original is this bicsi's "img" (same SHA-512).
     b.ok(&[
         "backup",
         "restore",
         "vm-b1",
         "r2",
         "--backing-image",
-        "img-copy",
+        "img-other",
     ]);
+    b.with_block("r2", |dev| assert_eq!(sha_of_device(dev, 64 * MIB), r1_sha));
     b.with_mount("r2", |m| {
         assert_eq!(std::fs::read(m.join("base.bin")).unwrap(), base);
         assert_eq!(std::fs::read(m.join("new.bin")).unwrap(), new);
     });
     let vols: serde_json::Value =
         serde_json::from_str(&b.ok(&["get", "volume", "r2", "-o", "json"])).unwrap();
-    assert_eq!(vols["backingImage"], "img-copy", "{vols}");
+    assert_eq!(vols["backingImage"], "img-other", "{vols}");
+    // A third bicsi without the original: it comes from the target's copy.
+    let c = Served::start(&base_dir.path().join("c"));
+    set_target(&c, &target);
+    c.ok(&["image", "upload", "img-other", other_img.to_str().unwrap()]);
+    c.ok(&[
+        "backup",
+        "restore",
+        "vm-b1",
+        "r4",
+        "--backing-image",
+        "img-other",
+    ]);
+    assert!(
+        c.fails(&["get", "backingimage", "img"])
+            .contains("not found"),
+        "the original was read from the target, not created here"
+    );
+    c.with_block("r4", |dev| assert_eq!(sha_of_device(dev, 64 * MIB), r1_sha));
+    drop(c);
     let big = base_dir.path().join("big.raw");
     std::fs::File::create(&big)
         .unwrap()

@@ -12,7 +12,10 @@
 //!
 //! Restore: a qcow2 file over the chosen backing image's file (or over nothing), into which
 //! `qemu-io` writes each block of the backup after its SHA-256 is checked, built under a
-//! temporary name and renamed into place when complete.
+//! temporary name and renamed into place when complete. Over an override image (not the one the
+//! backup was taken over), the blocks the backup left out hold the original image's bytes: where
+//! the original (a file of this node, or fetched from the target) and the override differ,
+//! those blocks are written from the original as well.
 //!
 //! This module must not touch records in the store: the controller passes everything in.
 
@@ -62,8 +65,9 @@ impl Progress {
 
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
-/// What the controller asks a node agent to back up: a snapshot file of that node.
-#[derive(Clone, Debug)]
+/// What the controller asks a node agent to back up: a snapshot file of that node (JSON on the
+/// split mode's wire, `crate::remote`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackupFileRequest {
     pub target_url: String,
     pub credential_file: Option<PathBuf>,
@@ -79,8 +83,8 @@ pub struct BackupFileRequest {
 }
 
 /// What the controller asks a node agent to restore: a backup's content over `backing_image`'s
-/// file on `disk_id`, as the snapshot file of `restore_id` there.
-#[derive(Clone, Debug)]
+/// file on `disk_id`, as the snapshot file of `restore_id` there (JSON on the split mode's wire).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RestoreFileRequest {
     pub target_url: String,
     pub credential_file: Option<PathBuf>,
@@ -88,6 +92,23 @@ pub struct RestoreFileRequest {
     pub restore_id: String,
     pub disk_id: String,
     pub backing_image: Option<String>,
+    /// Where the backup's own backing image comes from when `backing_image` overrides it (the
+    /// blocks the backup left out hold that image's bytes); None without an override, or when
+    /// neither this cluster nor the target has it.
+    #[serde(default)]
+    pub original: Option<OriginalImage>,
+}
+
+/// The backing image a backup was taken over, for a restore over another image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OriginalImage {
+    /// Its name in the backup (and in the target's `backingimages/`).
+    pub name: String,
+    /// Its SHA-512.
+    pub checksum: String,
+    /// A backing image of this cluster with that SHA-512, whose file is used; None: the image
+    /// is fetched from the target (checked against `checksum`).
+    pub local: Option<String>,
 }
 
 /// What one backup needs, all of it resolved by the controller and the agent.
@@ -116,6 +137,9 @@ pub struct RestoreJob {
     pub dest: PathBuf,
     /// The backing image's file the restored content goes over.
     pub backing: Option<(PathBuf, ImageFormat)>,
+    /// The file of the image the backup was taken over, when `backing` is another one: every
+    /// block the backup left out is written from it where the two differ.
+    pub original: Option<(PathBuf, ImageFormat)>,
     pub work_dir: PathBuf,
 }
 
@@ -575,6 +599,23 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
         ..Default::default()
     };
     progress(p);
+    // Over an override: the blocks the backup left out, where the original image differs.
+    let (from_original, original_view) = match (&job.original, &job.backing) {
+        (Some(original), Some(over)) => {
+            let listed: HashSet<u64> = meta.blocks.iter().map(|b| b.index).collect();
+            let (original, over) = (original.clone(), over.clone());
+            let (work_dir, size, bs) = (job.work_dir.clone(), meta.size_bytes, meta.block_size);
+            let (blocks, view) = tokio::task::spawn_blocking(move || {
+                differing_blocks(&original, &over, &listed, size, bs, &work_dir)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+            (blocks, Some(view))
+        }
+        _ => (Vec::new(), None),
+    };
+    p.blocks_total += from_original.len() as u64;
+    progress(p);
     let shared = Arc::new((job.target.clone(), meta.clone()));
     for batch in meta.blocks.chunks(RESTORE_BATCH) {
         let fetched: Vec<Result<Vec<u8>>> = futures::stream::iter(batch.to_vec())
@@ -601,27 +642,98 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
                 cmd.arg("-c").arg(format!("write -q -s {f} {off} {len}"));
             }
         }
-        cmd.arg(part);
-        let out = tokio::task::spawn_blocking(move || run(&mut cmd))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        // qemu-io reports a failed command on stdout and still exits 0.
-        let text = String::from_utf8_lossy(&out?).into_owned();
-        if !text.trim().is_empty() {
-            return Err(Error::Internal(format!(
-                "qemu-io writing backup {:?} into {}: {}",
-                meta.name,
-                part.display(),
-                text.trim()
-            )));
-        }
+        run_qemu_io(cmd, part, &meta.name).await?;
         for b in batch {
             let _ = std::fs::remove_file(job.work_dir.join(format!("block-{}", b.index)));
         }
         p.blocks_done += batch.len() as u64;
         progress(p);
     }
+    if let Some(view) = original_view {
+        let f = std::fs::File::open(&view).map_err(|e| io("cannot open", &view, e))?;
+        let mut data = vec![0u8; meta.block_size as usize];
+        for batch in from_original.chunks(RESTORE_BATCH) {
+            let mut cmd = Command::new("qemu-io");
+            cmd.args(["-f", "qcow2"]);
+            let mut files = Vec::new();
+            for &(index, zero) in batch {
+                let off = index * meta.block_size;
+                let len = meta.block_size.min(meta.size_bytes - off);
+                if zero {
+                    cmd.arg("-c").arg(format!("write -q -z {off} {len}"));
+                } else {
+                    read_at(&f, &view, off, &mut data[..len as usize])?;
+                    let b = job.work_dir.join(format!("original-{index}"));
+                    std::fs::write(&b, &data[..len as usize])
+                        .map_err(|e| io("cannot write", &b, e))?;
+                    let name = crate::os::utf8_path(&b)?.to_string();
+                    cmd.arg("-c").arg(format!("write -q -s {name} {off} {len}"));
+                    files.push(b);
+                }
+            }
+            run_qemu_io(cmd, part, &meta.name).await?;
+            for b in files {
+                let _ = std::fs::remove_file(b);
+            }
+            p.blocks_done += batch.len() as u64;
+            progress(p);
+        }
+        tracing::info!(backup = %meta.name, blocks = from_original.len(), "restore: blocks of the backup's original image written over the override where they differ");
+    }
     Ok(())
+}
+
+/// Runs the `qemu-io` writes of a restore into `part`.
+async fn run_qemu_io(mut cmd: Command, part: &Path, backup: &str) -> Result<()> {
+    cmd.arg(part);
+    let out = tokio::task::spawn_blocking(move || run(&mut cmd))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    // qemu-io reports a failed command on stdout and still exits 0.
+    let text = String::from_utf8_lossy(&out?).into_owned();
+    if !text.trim().is_empty() {
+        return Err(Error::Internal(format!(
+            "qemu-io writing backup {backup:?} into {}: {}",
+            part.display(),
+            text.trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The blocks a backup left out (not in `listed`: equal to its original image, zeros past that
+/// image's end) where the override image `over` reads otherwise, each with whether the
+/// original's bytes there are zeros; and the original's raw view (in `work_dir` unless it is a
+/// raw file) to read their bytes from. Both images are read through raw views.
+fn differing_blocks(
+    original: &(PathBuf, ImageFormat),
+    over: &(PathBuf, ImageFormat),
+    listed: &HashSet<u64>,
+    size: u64,
+    bs: u64,
+    work_dir: &Path,
+) -> Result<(Vec<(u64, bool)>, PathBuf)> {
+    let a = raw_view(
+        &original.0,
+        original.1,
+        false,
+        &work_dir.join("original.raw"),
+    )?;
+    let b = raw_view(&over.0, over.1, false, &work_dir.join("override.raw"))?;
+    let fa = std::fs::File::open(&a).map_err(|e| io("cannot open", &a, e))?;
+    let fb = std::fs::File::open(&b).map_err(|e| io("cannot open", &b, e))?;
+    let mut out = Vec::new();
+    let (mut da, mut db) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
+    for index in (0..size.div_ceil(bs)).filter(|i| !listed.contains(i)) {
+        let off = index * bs;
+        let len = bs.min(size - off) as usize;
+        read_at(&fa, &a, off, &mut da[..len])?;
+        read_at(&fb, &b, off, &mut db[..len])?;
+        if da[..len] != db[..len] {
+            out.push((index, is_zero(&da[..len])));
+        }
+    }
+    Ok((out, a))
 }
 
 #[cfg(test)]
@@ -638,6 +750,35 @@ mod tests {
             compressed: false,
             offset: data.then_some(start),
         }
+    }
+
+    /// Blocks the backup left out are compared between the original and the override: listed
+    /// blocks are skipped, bytes past the original's end count as zeros.
+    #[test]
+    fn blocks_where_the_override_differs_from_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096u64;
+        let mut original = vec![7u8; 3 * bs as usize];
+        original[..bs as usize].fill(0);
+        let mut over = original.clone();
+        over[10] = 1; // block 0: differs, the original's bytes are zeros
+        over[bs as usize + 5] = 1; // block 1: differs, but the backup lists it
+        over.extend(vec![9u8; bs as usize]); // block 3: past the original's end
+        let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+        std::fs::write(&a, &original).unwrap();
+        std::fs::write(&b, &over).unwrap();
+        let listed: HashSet<u64> = [1].into();
+        let (blocks, view) = differing_blocks(
+            &(a.clone(), ImageFormat::Raw),
+            &(b, ImageFormat::Raw),
+            &listed,
+            5 * bs,
+            bs,
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(blocks, [(0, true), (3, true)]);
+        assert_eq!(view, a, "a raw original is read as it is");
     }
 
     #[test]

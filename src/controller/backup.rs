@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Controller, CreateVolume, size_for_range, volume_id_for};
-use crate::backup::blocks::{BackupFileRequest, Progress, ProgressFn, RestoreFileRequest};
+use crate::backup::blocks::{
+    BackupFileRequest, OriginalImage, Progress, ProgressFn, RestoreFileRequest,
+};
 use crate::backup::layout::{self, BackupMeta, BackupVolumeMeta, ImageRef};
 use crate::backup::{Backup, BackupState, Restore, Target};
 use crate::error::{Error, Result};
@@ -495,7 +497,7 @@ impl Controller {
         p: &VolumeParams,
         size: u64,
         name: &str,
-    ) -> Result<Option<String>> {
+    ) -> Result<(Option<String>, Option<OriginalImage>)> {
         if let Some(b) = &p.backing_image {
             let bi = self.ready_image(b).await?;
             if bi.status.virtual_size > size {
@@ -505,10 +507,13 @@ impl Controller {
                     bi.name()
                 )));
             }
-            return Ok(Some(bi.name().to_string()));
+            let original = self
+                .original_image(meta, bi.status.checksum.as_str())
+                .await?;
+            return Ok((Some(bi.name().to_string()), original));
         }
         let Some(want) = &meta.backing_image else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let Some(bi) = self.backing.get(&want.name)? else {
             // Not here: restored from the target first when the target holds it.
@@ -542,7 +547,7 @@ impl Controller {
                     source: None,
                     checksum: None,
                 };
-                return Ok(Some(self.ready_image(&req).await?.name().to_string()));
+                return Ok((Some(self.ready_image(&req).await?.name().to_string()), None));
             }
             return Err(Error::FailedPrecondition(format!(
                 "backup {:?} was taken over backing image {:?} (SHA-512 {}, {} {:?}), which does not exist here; create it with that checksum (bicsi apply), or restore over another image with --backing-image",
@@ -568,7 +573,56 @@ impl Controller {
             source: None,
             checksum: None,
         };
-        Ok(Some(self.ready_image(&req).await?.name().to_string()))
+        Ok((Some(self.ready_image(&req).await?.name().to_string()), None))
+    }
+
+    /// Where a restore over an override finds the image `meta` was taken over (the blocks the
+    /// backup left out hold its bytes): an image of this cluster with its SHA-512, else the
+    /// target's copy. None when the override has that SHA-512 itself, or when neither has it
+    /// (the left-out blocks then come from the override, as logged).
+    async fn original_image(
+        &self,
+        meta: &BackupMeta,
+        override_checksum: &str,
+    ) -> Result<Option<OriginalImage>> {
+        let Some(want) = &meta.backing_image else {
+            return Ok(None);
+        };
+        if want.checksum.is_empty() || want.checksum == override_checksum {
+            return Ok(None);
+        }
+        let mut here: Vec<_> = self
+            .backing
+            .list()?
+            .into_iter()
+            .filter(|bi| bi.status.checksum == want.checksum)
+            .collect();
+        here.sort_by_key(|bi| bi.name() != want.name);
+        if let Some(bi) = here.first() {
+            let req = params::BackingImageRequest {
+                name: bi.name().to_string(),
+                source: None,
+                checksum: None,
+            };
+            let local = self.ready_image(&req).await?.name().to_string();
+            return Ok(Some(OriginalImage {
+                name: want.name.clone(),
+                checksum: want.checksum.clone(),
+                local: Some(local),
+            }));
+        }
+        let target = self.backup_target()?;
+        if let Some(m) = crate::backup::image::get_meta(&target, &want.name).await?
+            && m.checksum == want.checksum
+        {
+            return Ok(Some(OriginalImage {
+                name: want.name.clone(),
+                checksum: want.checksum.clone(),
+                local: None,
+            }));
+        }
+        tracing::warn!(backup = %meta.name, image = %want.name, "the backup's backing image is neither here nor in the target: the blocks the backup left out come from the override image as they are");
+        Ok(None)
     }
 
     /// CreateVolume from a backup: one file of the backup's content over the chosen image on a
@@ -590,7 +644,7 @@ impl Controller {
                 req.name, meta.size_bytes, meta.size_bytes
             )));
         }
-        let image = self.restore_image(&meta, &p, size, &req.name).await?;
+        let (image, original) = self.restore_image(&meta, &p, size, &req.name).await?;
         // A disk that holds a ready file of the image, else the one with the most room.
         let mut disks = self.cluster.disks().await?;
         if disks.is_empty() {
@@ -637,6 +691,7 @@ impl Controller {
                     restore_id: format!(".restore-{id}"),
                     disk_id: disk.id.clone(),
                     backing_image: image.clone(),
+                    original,
                 },
                 progress,
             )

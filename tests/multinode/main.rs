@@ -1408,6 +1408,87 @@ async fn remote_replica_fault(fault: RemoteFault) {
     detach_from(&c, &mut ctl, "vol-h", 1).await;
 }
 
+/// Backups in the split mode go through the node agents' Agent RPCs (BackupFile, BackupImage,
+/// RestoreBackupFile): a volume over a downloaded image, written on node-1, is backed up to a
+/// `file://` target (its backing image with it, by the node holding the image's file) and
+/// restored into a new volume that attaches on node-2 with the same bytes.
+#[tokio::test]
+async fn a_backup_and_its_restore_run_through_the_node_agents() {
+    if !root_or_skip("a_backup_and_its_restore_run_through_the_node_agents") {
+        return;
+    }
+    let c = TestCluster::start(2).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = images::ext4_image(&work, 64);
+    let server = images::ImageServer::start([("img.raw".to_string(), raw)].into()).await;
+    let mut params = images::seed_sc_params(&server.url("img.raw"), "bi-bak");
+    for (k, v) in &mut params {
+        if k == "numberOfReplicas" {
+            *v = "1".into();
+        }
+    }
+    let mut ctl = c.controller_client().await;
+    let req = pb::CreateVolumeRequest {
+        name: "bak-src".into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: 64 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: params.iter().cloned().collect(),
+        ..Default::default()
+    };
+    images::create_retrying(&mut ctl, req).await.unwrap();
+    let data = pattern(3 * MIB as usize + 12_345, 17);
+    let tg = attach_on(&c, &mut ctl, "bak-src", 0).await;
+    write_synced(&tg, "data.bin", &data);
+    detach_from(&c, &mut ctl, "bak-src", 0).await;
+
+    let target = c.dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let url = format!("file://{}", target.display());
+    let (ok, _, err) = c.cli(&["set", "setting", "backup-target", &url]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = c.cli(&["backup", "create", "bak-src", "--name", "bak-1"]);
+    assert!(ok, "{out}{err}\n{}", c.logs());
+    assert!(out.contains("backup bak-1 completed"), "{out}");
+    // The record's block counts come only from the progress the node streamed back.
+    let (ok, out, err) = c.cli(&["backup", "list", "bak-src", "-o", "json"]);
+    assert!(ok, "{err}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let rec = list.iter().find(|b| b["name"] == "bak-1").expect("bak-1");
+    assert!(rec["blocksUploaded"].as_u64().unwrap() >= 2, "{rec}");
+    assert_eq!(rec["blocksDone"], rec["blocksTotal"], "{rec}");
+    assert!(
+        target
+            .join("backupvolumes/bak-src/backups/bak-1.json")
+            .is_file(),
+        "the metadata is in the target"
+    );
+    // The first backup over the image backed the image up too, through BackupImage.
+    let image_meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(target.join("backingimages/bi-bak/image.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(image_meta["name"], "bi-bak", "{image_meta}");
+
+    let (ok, out, err) = c.cli(&["backup", "restore", "bak-1", "bak-copy"]);
+    assert!(ok, "{out}{err}\n{}", c.logs());
+    assert!(
+        out.contains("volume bak-copy restored from backup bak-1"),
+        "{out}"
+    );
+    let tg = attach_on(&c, &mut ctl, "bak-copy", 1).await;
+    assert_eq!(std::fs::read(tg.join("data.bin")).unwrap(), data);
+    assert_eq!(
+        std::fs::read(tg.join("hello.txt")).unwrap(),
+        b"hello from the backing image\n",
+        "the image's own bytes under the restored blocks"
+    );
+    detach_from(&c, &mut ctl, "bak-copy", 1).await;
+}
+
 /// `len` bytes that differ with `seed` and from block to block.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
