@@ -2,6 +2,9 @@
 //! backup target in a temporary directory, volumes written through real attaches (loop devices,
 //! qemu-storage-daemon, mounts), and the bytes read back after a restore.
 
+#[path = "kit/mod.rs"]
+mod kit;
+
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -23,7 +26,7 @@ impl Served {
         std::fs::create_dir_all(dir).unwrap();
         let mut s = Served {
             dir: dir.to_path_buf(),
-            endpoint: format!("unix://{}", dir.join("csi.sock").display()),
+            endpoint: kit::csi_endpoint(dir),
             http: String::new(),
             child: None,
             starts: 0,
@@ -150,55 +153,13 @@ impl Drop for Served {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let dir = self.dir.display().to_string();
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<&str> = mi
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
-        if let Ok(out) = Command::new("losetup")
-            .args(["-n", "-l", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some((dev, back)) = line.split_once(' ')
-                    && back.trim().starts_with(&dir)
-                {
-                    let _ = Command::new("losetup").args(["-d", dev]).status();
-                }
-            }
-        }
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("qemu-storage-daemon") && cmdline.contains(&dir) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        // Mounts, loop devices and engines a failed test left under its directory.
+        kit::cleanup_under(&self.dir);
     }
 }
 
 fn is_root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "backup tests need root and CI must not skip them"
-    );
-    eprintln!("SKIP: backup tests attach volumes, which needs root");
-    false
+    kit::root_or_skip("backup tests (they attach volumes)")
 }
 
 /// Pseudo-random bytes (xorshift), different per seed.
@@ -277,10 +238,7 @@ fn block_volume_round_trip_incremental_full_and_delete() {
     if !is_root() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base = kit::temp_dir("bicsi-bak-");
     let s = Served::start(&base.path().join("serve"));
     let target = target_dir(base.path());
 
@@ -389,10 +347,7 @@ fn filesystem_volume_over_an_image_restores_in_a_second_serve_and_over_an_overri
     if !is_root() {
         return;
     }
-    let base_dir = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base_dir = kit::temp_dir("bicsi-bak-");
     let target = target_dir(base_dir.path());
     let (img, base) = ext4_image(base_dir.path(), "img", "48M");
 
@@ -533,10 +488,7 @@ fn a_corrupt_block_is_named_at_restore() {
     if !is_root() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base = kit::temp_dir("bicsi-bak-");
     let s = Served::start(&base.path().join("serve"));
     let target = target_dir(base.path());
     set_target(&s, &target);
@@ -603,10 +555,7 @@ fn kill_9_during_a_backup_and_during_a_restore() {
     if !is_root() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base = kit::temp_dir("bicsi-bak-");
     let mut s = Served::start(&base.path().join("serve"));
     let target = target_dir(base.path());
     set_target(&s, &target);
@@ -690,10 +639,7 @@ fn a_bak_snapshot_is_a_backup_and_restores_through_csi() {
     if !is_root() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base = kit::temp_dir("bicsi-bak-");
     let s = Served::start(&base.path().join("serve"));
     let target = target_dir(base.path());
     set_target(&s, &target);
@@ -771,11 +717,7 @@ struct S3 {
 impl S3 {
     fn start(bin: &Path, root: &Path, bucket: &str) -> S3 {
         std::fs::create_dir_all(root.join(bucket)).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = kit::free_port();
         let log = std::fs::File::create(root.with_extension("log")).unwrap();
         let child = Command::new(bin)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -814,10 +756,7 @@ fn s3_target_round_trip_incremental_and_clear_errors() {
         );
         return;
     };
-    let base = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base = kit::temp_dir("bicsi-bak-");
     let s3 = S3::start(&bin, &base.path().join("s3"), "backups");
     let s = Served::start(&base.path().join("serve"));
     let creds = base.path().join("creds.env");
@@ -895,10 +834,7 @@ fn block_volume_over_a_qcow2_image_keeps_zeroed_image_blocks() {
     if !is_root() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base = kit::temp_dir("bicsi-bak-");
     let s = Served::start(&base.path().join("serve"));
     let target = target_dir(base.path());
     set_target(&s, &target);
@@ -961,10 +897,7 @@ fn a_backup_of_an_attached_volume_holds_its_content_when_the_backup_started() {
     if !is_root() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("bicsi-bak-")
-        .tempdir()
-        .unwrap();
+    let base = kit::temp_dir("bicsi-bak-");
     let s = Served::start(&base.path().join("serve"));
     let target = target_dir(base.path());
     set_target(&s, &target);
