@@ -197,6 +197,18 @@ fn sha_of_device(dev: &Path, len: u64) -> String {
     hex::encode(h.finalize())
 }
 
+impl Served {
+    /// A `bicsi serve` in a new temp dir whose backup target is a `file://` directory in it:
+    /// the temp dir (kept alive by the caller), the serve, and the target directory.
+    fn with_file_target() -> (tempfile::TempDir, Served, PathBuf) {
+        let base = kit::temp_dir("bicsi-bak-");
+        let s = Served::start(&base.path().join("serve"));
+        let target = target_dir(base.path());
+        set_target(&s, &target);
+        (base, s, target)
+    }
+}
+
 fn target_dir(base: &Path) -> PathBuf {
     let t = base.join("target");
     std::fs::create_dir_all(&t).unwrap();
@@ -488,10 +500,7 @@ fn a_corrupt_block_is_named_at_restore() {
     if !is_root() {
         return;
     }
-    let base = kit::temp_dir("bicsi-bak-");
-    let s = Served::start(&base.path().join("serve"));
-    let target = target_dir(base.path());
-    set_target(&s, &target);
+    let (_base, s, target) = Served::with_file_target();
     s.ok(&[
         "volume",
         "create",
@@ -555,10 +564,7 @@ fn kill_9_during_a_backup_and_during_a_restore() {
     if !is_root() {
         return;
     }
-    let base = kit::temp_dir("bicsi-bak-");
-    let mut s = Served::start(&base.path().join("serve"));
-    let target = target_dir(base.path());
-    set_target(&s, &target);
+    let (_base, mut s, target) = Served::with_file_target();
     s.ok(&[
         "volume",
         "create",
@@ -639,10 +645,7 @@ fn a_bak_snapshot_is_a_backup_and_restores_through_csi() {
     if !is_root() {
         return;
     }
-    let base = kit::temp_dir("bicsi-bak-");
-    let s = Served::start(&base.path().join("serve"));
-    let target = target_dir(base.path());
-    set_target(&s, &target);
+    let (_base, s, target) = Served::with_file_target();
     s.ok(&[
         "volume",
         "create",
@@ -834,10 +837,7 @@ fn block_volume_over_a_qcow2_image_keeps_zeroed_image_blocks() {
     if !is_root() {
         return;
     }
-    let base = kit::temp_dir("bicsi-bak-");
-    let s = Served::start(&base.path().join("serve"));
-    let target = target_dir(base.path());
-    set_target(&s, &target);
+    let (base, s, target) = Served::with_file_target();
     // A qcow2 image with 8 MiB of noise at its start.
     let raw = base.path().join("q.raw");
     let mut bytes = noise(8 * MIB as usize, 31);
@@ -897,10 +897,7 @@ fn a_backup_of_an_attached_volume_holds_its_content_when_the_backup_started() {
     if !is_root() {
         return;
     }
-    let base = kit::temp_dir("bicsi-bak-");
-    let s = Served::start(&base.path().join("serve"));
-    let target = target_dir(base.path());
-    set_target(&s, &target);
+    let (_base, s, _target) = Served::with_file_target();
     s.ok(&[
         "volume",
         "create",
