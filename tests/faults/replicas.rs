@@ -75,6 +75,23 @@ async fn attach(s: &Serve, dev: &Path) -> (bool, String, String) {
     }
 }
 
+/// Creates the 2-replica block volume `VOLUME` of `size` (with `extra` CLI arguments, e.g.
+/// more `-p` parameters) and attaches it at `dev`.
+async fn create_two_replicas_and_attach(s: &Serve, dev: &Path, size: &str, extra: &[&str]) {
+    let mut args = vec![
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        size,
+        "-p",
+        "numberOfReplicas=2",
+    ];
+    args.extend_from_slice(extra);
+    ok(s, &args);
+    attach_ok(s, dev).await;
+}
+
 async fn attach_ok(s: &Serve, dev: &Path) {
     let (good, out, err) = attach(s, dev).await;
     assert!(good, "attach failed:\n{out}\n{err}\n{}", s.log());
@@ -193,19 +210,7 @@ async fn a_disk_that_fills_marks_its_replica_err_and_the_rebuild_makes_it_identi
     let d = TwoDisks::new();
     let s = Serve::start(d.dir.path(), vec![d.small_disk.clone(), d.big_disk.clone()]).await;
     let dev = d.dir.path().join("blk");
-    ok(
-        &s,
-        &[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            "64Mi",
-            "-p",
-            "numberOfReplicas=2",
-        ],
-    );
-    attach_ok(&s, &dev).await;
+    create_two_replicas_and_attach(&s, &dev, "64Mi", &[]).await;
     d.fill();
     // 40 MiB: the small disk has ~20 MiB left. Every write is acknowledged (the other replica
     // took it) and reads back.
@@ -281,21 +286,7 @@ async fn a_replica_lost_while_detached_attaches_degraded_and_is_replaced() {
     let s = Serve::start(dir.path(), disks.clone()).await;
     let dev = dir.path().join("blk");
     // staleReplicaTimeout 0: a replica in err is replaced at the next pass.
-    ok(
-        &s,
-        &[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            "64Mi",
-            "-p",
-            "numberOfReplicas=2",
-            "-p",
-            "staleReplicaTimeout=0",
-        ],
-    );
-    attach_ok(&s, &dev).await;
+    create_two_replicas_and_attach(&s, &dev, "64Mi", &["-p", "staleReplicaTimeout=0"]).await;
     fio(&dev, 32, false);
     ok(&s, &["volume", "detach", VOLUME]);
     let before = replicas(&s);
@@ -373,19 +364,7 @@ async fn crash_after_a_missed_write(keep_events: bool) {
     let data = d.dir.path().join("data");
     let mut s = Serve::start(d.dir.path(), vec![d.small_disk.clone(), d.big_disk.clone()]).await;
     let dev = d.dir.path().join("blk");
-    ok(
-        &s,
-        &[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            "64Mi",
-            "-p",
-            "numberOfReplicas=2",
-        ],
-    );
-    attach_ok(&s, &dev).await;
+    create_two_replicas_and_attach(&s, &dev, "64Mi", &[]).await;
     let list = replicas(&s);
     let small = replica_on(&list, &d.small_disk).clone();
     let big = replica_on(&list, &d.big_disk).clone();
@@ -497,19 +476,7 @@ async fn kill9_during_a_rebuild_restarts_it_and_the_replica_is_never_rw_before()
     }
     let mut s = Serve::start(dir.path(), disks.clone()).await;
     let dev = dir.path().join("blk");
-    ok(
-        &s,
-        &[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            "1Gi",
-            "-p",
-            "numberOfReplicas=2",
-        ],
-    );
-    attach_ok(&s, &dev).await;
+    create_two_replicas_and_attach(&s, &dev, "1Gi", &[]).await;
     fio(&dev, 768, false);
     ok(&s, &["volume", "detach", VOLUME]);
     let list = replicas(&s);
