@@ -1,6 +1,7 @@
 //! Bearer-token authentication of the HTTP API (`--api-token-file`), for when it is reachable
 //! beyond loopback (the `bicsi-api` Service in a cluster). Every route but `/healthz` (the
-//! kubelet's probe carries no token) requires `Authorization: Bearer <token>`; anything else is
+//! kubelet's probe carries no token) and the web UI's files (`crate::ui`: the page that asks for
+//! the token) requires `Authorization: Bearer <token>`; anything else is
 //! answered 401 with a message saying what to send. The token itself is never logged.
 
 use std::path::Path;
@@ -52,7 +53,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn require(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/healthz" {
+    // The probe, and the web UI's files (not secret: the page must load to ask for the token).
+    if req.uri().path() == "/healthz" || crate::ui::is_ui_path(req.uri().path()) {
         return next.run(req).await;
     }
     let given = req

@@ -1,5 +1,8 @@
-//! The HTTP API on loopback: backing images, StorageClasses, volumes (read-only) and health.
+//! The HTTP API on loopback: backing images, StorageClasses, volumes (read-only) and health,
+//! the live stream of lists the web UI watches (`events`), and the web UI itself (`crate::ui`).
 //! Handlers are thin: parse, call the domain, map errors with `Error::http_status`.
+
+mod events;
 
 use std::sync::Arc;
 
@@ -60,8 +63,9 @@ impl ApiState {
 }
 
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    crate::ui::routes()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/events", get(events::stream))
         .route("/v1/volumes", get(list_volumes))
         .route(
             "/v1/volumes/{id}/rebuild",
@@ -116,12 +120,17 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn list_nodes(State(s): State<ApiState>) -> ApiResult<Json<Vec<crate::model::NodeRecord>>> {
+    Ok(Json(nodes(&s)?))
+}
+
+/// The nodes the controller knows, each with whether it is up now.
+fn nodes(s: &ApiState) -> ApiResult<Vec<crate::model::NodeRecord>> {
     let cluster = s.controller()?.cluster().clone();
     let mut nodes: Vec<crate::model::NodeRecord> = s.store.list(Kind::Node)?;
     for n in &mut nodes {
         n.up = cluster.is_up(&n.node_id);
     }
-    Ok(Json(nodes))
+    Ok(nodes)
 }
 
 async fn list_disks(State(s): State<ApiState>) -> ApiResult<Json<Vec<crate::agent::DiskSpace>>> {

@@ -43,6 +43,7 @@ pub mod snapshot;
 pub mod storageclass;
 pub mod store;
 pub mod sync;
+pub mod ui;
 pub mod volume_engine;
 
 // The test kit's machine side (root, tools, ports, sweeping mounts, loops and engines), shared
