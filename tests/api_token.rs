@@ -72,6 +72,19 @@ fn http_api_requires_the_token_except_healthz() {
         http_status(&format!("{}/healthz", s.server), None),
         Some(200)
     );
+    // The web UI's files are open (the page must load to ask for the token); its data is not.
+    for path in ["", "index.html", "ui/app.js", "ui/api.js", "ui/style.css"] {
+        let url = format!("{}/{path}", s.server);
+        assert_eq!(http_status(&url, None), Some(200), "{path}");
+    }
+    assert_eq!(
+        http_status(&format!("{}/ui/nope.js", s.server), None),
+        Some(401)
+    );
+    // The live stream too (not read with the token here: it never ends).
+    let events = format!("{}/v1/events", s.server);
+    assert_eq!(http_status(&events, None), Some(401));
+    assert_eq!(http_status(&events, Some("nope")), Some(401));
     for path in ["v1/backingimages", "v1/storageclasses", "v1/volumes"] {
         let url = format!("{}/{path}", s.server);
         assert_eq!(http_status(&url, None), Some(401), "{path}");
