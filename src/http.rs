@@ -1,8 +1,10 @@
-//! The HTTP API on loopback: backing images, StorageClasses, volumes (read-only) and health,
+//! The HTTP API on loopback: backing images, StorageClasses, volumes and snapshots (`volumes`),
+//! backups, settings, nodes and disks, and health,
 //! the live stream of lists the web UI watches (`events`), and the web UI itself (`crate::ui`).
 //! Handlers are thin: parse, call the domain, map errors with `Error::http_status`.
 
 mod events;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -66,7 +68,16 @@ pub fn router(state: ApiState) -> Router {
     crate::ui::routes()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/events", get(events::stream))
-        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes", get(list_volumes).post(volumes::create))
+        .route("/v1/volumes/{id}", axum::routing::delete(volumes::delete))
+        .route(
+            "/v1/snapshots",
+            get(volumes::list_snapshots).post(volumes::create_snapshot),
+        )
+        .route(
+            "/v1/snapshots/{id}",
+            axum::routing::delete(volumes::delete_snapshot),
+        )
         .route(
             "/v1/volumes/{id}/rebuild",
             axum::routing::post(rebuild_volume),

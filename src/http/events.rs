@@ -1,4 +1,4 @@
-//! `GET /v1/events?topics=backingimages,volumes,...`: a server-sent event stream of the lists the
+//! `GET /v1/events?topics=backingimages,volumes,...` (also snapshots, disks, nodes, settings): a server-sent event stream of the lists the
 //! web UI shows, so a page follows ten images syncing to thirty disks without reloading or
 //! polling each list itself. Each topic is read from the domain every [`EVERY`] and sent as an
 //! event named after the topic (its data: the JSON the topic's `GET /v1/...` answers) when it
@@ -24,7 +24,14 @@ use crate::error::Error;
 pub const EVERY: Duration = Duration::from_millis(500);
 
 /// The topics a stream can follow, as `topics=` names them.
-pub const TOPICS: [&str; 5] = ["backingimages", "volumes", "disks", "nodes", "settings"];
+pub const TOPICS: [&str; 6] = [
+    "backingimages",
+    "volumes",
+    "snapshots",
+    "disks",
+    "nodes",
+    "settings",
+];
 
 #[derive(serde::Deserialize)]
 pub(super) struct EventsQuery {
@@ -59,6 +66,10 @@ async fn read(s: &ApiState, topic: &str) -> ApiResult<serde_json::Value> {
         "volumes" => {
             let (volumes, _) = s.controller()?.list_volumes(0, "")?;
             serde_json::to_value(volumes)?
+        }
+        "snapshots" => {
+            let (snapshots, _) = s.controller()?.list_snapshots(0, "", "", "")?;
+            serde_json::to_value(snapshots)?
         }
         "disks" => serde_json::to_value(s.controller()?.cluster().disks().await?)?,
         "nodes" => serde_json::to_value(super::nodes(s)?)?,
@@ -137,8 +148,8 @@ mod tests {
 
     #[test]
     fn topics() {
-        assert_eq!(parse_topics(None).unwrap().len(), 5);
-        assert_eq!(parse_topics(Some(" ")).unwrap().len(), 5);
+        assert_eq!(parse_topics(None).unwrap().len(), 6);
+        assert_eq!(parse_topics(Some(" ")).unwrap().len(), 6);
         assert_eq!(
             parse_topics(Some("volumes, backingimages,volumes")).unwrap(),
             vec!["volumes", "backingimages"]

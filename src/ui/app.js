@@ -8,7 +8,7 @@ import { sha512OfBlob } from "/ui/sha512.js";
 const PAGE_SIZE = 20;
 
 // The latest of each list, as the event stream sent it (null: not heard yet).
-const data = { backingimages: null, volumes: null, disks: null, nodes: null, settings: null };
+const data = { backingimages: null, volumes: null, snapshots: null, disks: null, nodes: null, settings: null };
 // What failed to load per topic (a node agent alone has no volumes, ...).
 const topicErrors = {};
 // The first row shown per table.
@@ -450,10 +450,183 @@ function volumeState(v) {
   return v.publication ? "attached" : "detached";
 }
 
+/** Sends a request that the controller answers 503 while a backing image is being prepared
+ * again every 2 s (as the CSI provisioner retries), showing its message, for up to 10 minutes. */
+async function retryingUnavailable(send, status) {
+  const end = Date.now() + 600000;
+  for (;;) {
+    try {
+      return await send();
+    } catch (e) {
+      if (!(e instanceof ApiError) || e.status !== 503 || Date.now() > end) throw e;
+      status.textContent = `waiting: ${e.message}`;
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+  }
+}
+
+/** A select of the backing images: `auto` (the text of the automatic choice) first when given. */
+function imagePicker(id, auto) {
+  const select = h("select", { id, name: "backingImage" });
+  if (auto !== undefined) select.append(h("option", { value: "" }, auto ? `automatic: ${auto}` : "automatic: none"));
+  else select.append(h("option", { value: "" }, "none (an empty volume)"));
+  for (const bi of data.backingimages || []) select.append(h("option", { value: bi.metadata.name }, `${bi.metadata.name} (${imageState(bi)})`));
+  return select;
+}
+
+function field(label, input, hint) {
+  const id = input.id || `f-${Math.random().toString(36).slice(2)}`;
+  input.id = id;
+  const out = h("div", { class: "field" }, h("label", { for: id }, label), input);
+  if (hint) {
+    input.setAttribute("aria-describedby", `${id}-hint`);
+    out.append(h("div", { id: `${id}-hint`, class: "muted hint" }, hint));
+  }
+  return out;
+}
+
+/** The StorageClass a Kubernetes user would write for these parameters. */
+function storageClassYaml(name, params) {
+  const q = (v) => JSON.stringify(String(v));
+  const lines = ["kind: StorageClass", "apiVersion: storage.k8s.io/v1", "metadata:", `  name: ${name || "NAME"}`, "provisioner: driver.longhorn.io", "allowVolumeExpansion: true", "reclaimPolicy: Delete", "volumeBindingMode: Immediate", "parameters:"];
+  for (const [k, v] of Object.entries(params)) lines.push(`  ${k}: ${q(v)}`);
+  return lines.join("\n");
+}
+
+function createVolumeDialog() {
+  const name = h("input", { name: "name", required: true, autocomplete: "off" });
+  const size = h("input", { name: "size", value: "1Gi", autocomplete: "off" });
+  const image = imagePicker("volume-image");
+  const replicas = h("input", { name: "replicas", type: "number", min: 1, value: 1 });
+  const fsType = h("select", { name: "fsType" }, h("option", { value: "ext4" }, "ext4"), h("option", { value: "xfs" }, "xfs"));
+  const yaml = h("pre", { class: "yaml", "aria-label": "The StorageClass parameters as YAML" });
+  const status = h("div", { class: "muted", role: "status" });
+  const params = () => {
+    const p = { numberOfReplicas: replicas.value || "1", fsType: fsType.value };
+    if (image.value) p.backingImage = image.value;
+    return p;
+  };
+  const show = () => (yaml.textContent = storageClassYaml(name.value ? `bicsi-${name.value}` : "", params()));
+  for (const el of [name, image, replicas, fsType]) el.addEventListener("input", show);
+  show();
+  const submit = h("button", { type: "submit", class: "primary" }, "Create");
+  const form = h(
+    "form",
+    { novalidate: true },
+    field("Name", name),
+    field("Size", size, "a quantity: 256Mi, 10Gi"),
+    field("Backing image", image, "from the backing image list; bicsi prepares its file on the replicas' disks"),
+    field("Number of replicas", replicas),
+    field("Filesystem", fsType),
+    h("h3", {}, "As a StorageClass"),
+    yaml,
+    status,
+    h("div", { class: "buttons" }, h("button", { type: "button", onclick: () => dialog.close() }, "Cancel"), submit)
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    act(submit, async () => {
+      const v = await retryingUnavailable(() => call("POST", "/v1/volumes", { name: name.value.trim(), size: size.value.trim(), parameters: params() }), status);
+      notice(`volume ${v.id} created`);
+      dialog.close();
+    });
+  });
+  const dialog = openDialog("Create volume", form);
+  name.focus();
+}
+
+function restoreDialog(title, auto, sizeBytes, send) {
+  const name = h("input", { name: "name", required: true, autocomplete: "off" });
+  const image = imagePicker("restore-image", auto || "");
+  const status = h("div", { class: "muted", role: "status" });
+  const submit = h("button", { type: "submit", class: "primary" }, "Restore");
+  const form = h(
+    "form",
+    { novalidate: true },
+    field("New volume name", name),
+    field("Backing image", image, auto ? `the backup's volume used ${auto}; pick another to override it` : "the source used none; pick one to override"),
+    h("p", { class: "muted" }, `Size: ${bytes(sizeBytes)}`),
+    status,
+    h("div", { class: "buttons" }, h("button", { type: "button", onclick: () => dialog.close() }, "Cancel"), submit)
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    act(submit, async () => {
+      const text = await retryingUnavailable(() => send(name.value.trim(), image.value), status);
+      notice(text);
+      dialog.close();
+    });
+  });
+  const dialog = openDialog(title, form);
+  name.focus();
+}
+
+function snapshotVolume(v) {
+  const name = h("input", { name: "name", required: true, autocomplete: "off", value: `${v.id}-snap-${new Date().toISOString().slice(0, 19).replace(/[-:T]/g, "")}` });
+  const kind = h("select", { name: "type" }, h("option", { value: "snap" }, "snapshot (snap)"), h("option", { value: "bi" }, "snapshot exported as a backing image (bi)"));
+  const submit = h("button", { type: "submit", class: "primary" }, "Take snapshot");
+  const form = h(
+    "form",
+    { novalidate: true },
+    field("Snapshot name", name),
+    field("Type", kind),
+    h("div", { class: "buttons" }, h("button", { type: "button", onclick: () => dialog.close() }, "Cancel"), submit)
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    act(submit, async () => {
+      const parameters = kind.value === "bi" ? { type: "bi" } : {};
+      const s = await call("POST", "/v1/snapshots", { name: name.value.trim(), volume: v.id, parameters });
+      notice(`snapshot ${s.id} of ${v.id} taken`);
+      dialog.close();
+    });
+  });
+  const dialog = openDialog(`Snapshot of volume ${v.id}`, form);
+  name.focus();
+}
+
+function backupVolume(v, button) {
+  act(button, async () => {
+    const b = await call("POST", "/v1/backups", { volume: v.id });
+    notice(`backup ${b.name} of ${v.id} started`);
+    loadBackups();
+  });
+}
+
+function deleteVolume(v, button) {
+  if (!confirm(`Delete volume ${v.id} and its replicas?`)) return;
+  act(button, async () => {
+    await call("DELETE", `/v1/volumes/${encodeURIComponent(v.id)}`);
+    notice(`volume ${v.id} deleted`);
+  });
+}
+
+// The backups in the target: asked for on demand (the target may be remote), not streamed.
+let backups = null;
+let backupsError = "";
+
+async function loadBackups(button) {
+  await act(button, async () => {
+    try {
+      backups = await call("GET", "/v1/backups");
+      backupsError = "";
+    } catch (e) {
+      backups = [];
+      backupsError = e.message;
+    }
+    if (current() === "volumes") render();
+  });
+}
+
 function volumesPage() {
   const rows = (data.volumes || []).map((v) => Object.assign({ __key: v.id }, v));
+  const snaps = (data.snapshots || []).map((s) => Object.assign({ __key: s.id }, s));
+  if (backups === null) {
+    backups = [];
+    loadBackups();
+  }
   return [
-    h("div", { class: "bar" }, h("h2", {}, "Volumes")),
+    h("div", { class: "bar" }, h("h2", {}, "Volumes"), h("button", { type: "button", class: "primary", "data-key": "create-volume", onclick: createVolumeDialog }, "Create volume")),
     topicNote("volumes"),
     table(
       "volumes",
@@ -474,10 +647,90 @@ function volumesPage() {
           ],
         ],
         ["Attached to", (v) => (v.publication ? v.publication.nodeId : "—")],
-        ["Created", (v) => v.createdAt || "—"],
+        [
+          "Operations",
+          (v) => {
+            const snap = h("button", { type: "button", "data-key": `snapshot-${v.id}` }, "Snapshot");
+            snap.addEventListener("click", () => snapshotVolume(v));
+            const backup = h("button", { type: "button", "data-key": `backup-${v.id}` }, "Back up");
+            backup.addEventListener("click", () => backupVolume(v, backup));
+            const del = h("button", { type: "button", class: "danger", "data-key": `delete-volume-${v.id}` }, "Delete");
+            del.addEventListener("click", () => deleteVolume(v, del));
+            return h("div", { class: "ops", "aria-label": `Operations of ${v.id}` }, snap, backup, del);
+          },
+        ],
       ],
       rows,
       "No volumes yet."
+    ),
+    h("p", { class: "muted" }, "Attach and detach with the CLI on the node (bicsi volume attach NAME --mount PATH) or through Kubernetes: they need that machine's mounts."),
+    h("h3", {}, "Snapshots"),
+    topicNote("snapshots"),
+    table(
+      "snapshots",
+      "Snapshots, live",
+      [
+        ["Snapshot", (s) => h("strong", { class: "mono" }, s.id)],
+        ["Volume", (s) => s.sourceVolumeId],
+        ["Size", (s) => bytes(s.sizeBytes)],
+        ["Backing image", (s) => s.backingImage || "—"],
+        ["Taken", (s) => new Date(s.creationSecs * 1000).toISOString().replace(".000Z", "Z")],
+        [
+          "Operations",
+          (s) => {
+            const restore = h("button", { type: "button", "data-key": `restore-snap-${s.id}` }, "Restore");
+            restore.addEventListener("click", () =>
+              restoreDialog(`Restore snapshot ${s.id}`, s.backingImage, s.sizeBytes, async (volume, image) => {
+                const parameters = image ? { backingImage: image } : {};
+                const v = await call("POST", "/v1/volumes", { name: volume, fromSnapshot: s.id, parameters });
+                return `volume ${v.id} restored from snapshot ${s.id}`;
+              })
+            );
+            const del = h("button", { type: "button", class: "danger", "data-key": `delete-snap-${s.id}` }, "Delete");
+            del.addEventListener("click", () => {
+              if (!confirm(`Delete snapshot ${s.id}?`)) return;
+              act(del, async () => {
+                await call("DELETE", `/v1/snapshots/${encodeURIComponent(s.id)}`);
+                notice(`snapshot ${s.id} deleted`);
+              });
+            });
+            return h("div", { class: "ops" }, restore, del);
+          },
+        ],
+      ],
+      snaps,
+      "No snapshots."
+    ),
+    h("div", { class: "bar" }, h("h3", {}, "Backups"), h("button", { type: "button", "data-key": "refresh-backups", onclick: (ev) => loadBackups(ev.currentTarget) }, "Refresh backups")),
+    backupsError ? h("div", { class: "error" }, h("span", { class: "error-text" }, `backups: ${backupsError}`)) : null,
+    table(
+      "backups",
+      "Backups in the backup target (Refresh to read it again)",
+      [
+        ["Backup", (b) => h("strong", { class: "mono" }, b.name)],
+        ["Volume", (b) => b.volume],
+        ["State", (b) => [h("span", { class: `state-${b.state}` }, b.state), ` ${b.progress}%`, b.message ? h("div", { class: "message" }, b.message) : null]],
+        ["Size", (b) => bytes(b.sizeBytes)],
+        ["Backing image", (b) => b.backingImage || "—"],
+        ["Created", (b) => b.created],
+        [
+          "Operations",
+          (b) => {
+            const restore = h("button", { type: "button", "data-key": `restore-backup-${b.name}`, disabled: b.state !== "completed" }, "Restore");
+            restore.addEventListener("click", () =>
+              restoreDialog(`Restore backup ${b.name}`, b.backingImage, b.sizeBytes, async (volume, image) => {
+                const body = { volume };
+                if (image) body.backingImage = image;
+                await call("POST", `/v1/backups/${encodeURIComponent(b.name)}/restore`, body);
+                return `restore of backup ${b.name} into volume ${volume} started`;
+              })
+            );
+            return restore;
+          },
+        ],
+      ],
+      (backups || []).map((b) => Object.assign({ __key: b.name }, b)),
+      "No backups (or no backup target set: Settings › backup-target)."
     ),
   ];
 }
@@ -579,7 +832,7 @@ const PAGES = {
 // The lists each page draws from: an event of another list does not redraw it.
 const USES = {
   backingimages: ["backingimages", "volumes", "disks"],
-  volumes: ["volumes"],
+  volumes: ["volumes", "snapshots", "backingimages"],
   settings: ["settings"],
   nodes: ["nodes", "disks"],
 };

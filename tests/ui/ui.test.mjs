@@ -313,81 +313,6 @@ test("download a ready file to the local machine", async () => {
   assert.equal(download.suggestedFilename(), "bi-dl");
 });
 
-test("volumes: a volume using the image shows live; its disks cannot be cleaned; delete is refused with its name", async () => {
-  await visit("volumes");
-  await page.locator("#volumes", { hasText: "No volumes yet." }).waitFor();
-  cli("volume", "create", "ui-vol", "--size", "64Mi", "-p", "numberOfReplicas=2", "-p", "backingImage=bi-dl");
-  const vrow = page.locator("#volumes tbody tr", { hasText: "ui-vol" });
-  await vrow.waitFor();
-  assert.match(await vrow.innerText(), /64\.0 MiB/);
-  assert.match(await vrow.innerText(), /bi-dl/);
-  assert.match(await vrow.innerText(), /2 of 2/);
-  // Attached by the CLI: the page shows it without a reload.
-  cli("volume", "attach", "ui-vol", "--block", path.join(b.dir, "ui-vol.block"));
-  await vrow.locator(".state-attached").waitFor({ timeout: 30000 });
-  await shot("volumes");
-
-  // The image now has a file on both disks, each holding a replica of ui-vol.
-  await until("bi-dl on both disks", async () => files(await image("bi-dl")).filter((f) => f.state === "ready").length === 2);
-  await visit("backingimages");
-  await row("bi-dl").getByRole("button", { name: "Clean up" }).click();
-  const dialog = page.locator("dialog[open]");
-  const boxes = dialog.locator("input[name=disk]");
-  assert.equal(await boxes.count(), 2);
-  for (let i = 0; i < 2; i++) assert.ok(await boxes.nth(i).isDisabled(), "a disk with a replica using the image is not selectable");
-  assert.equal(await dialog.locator(".in-use", { hasText: "ui-vol" }).count(), 2);
-  await shot("backing-images-cleanup-in-use");
-  await dialog.getByRole("button", { name: "Close" }).click();
-
-  await row("bi-dl").getByRole("button", { name: "Delete" }).click();
-  const err = page.locator("#errors .error", { hasText: "used by volumes" });
-  await err.waitFor();
-  assert.match(await err.innerText(), /ui-vol/);
-  assert.ok(await image("bi-dl"), "still there");
-  await err.getByRole("button", { name: "Dismiss" }).click();
-});
-
-test("export a volume as a backing image through the volume picker", async () => {
-  const dialog = await openCreate();
-  await dialog.getByLabel("Name").fill("bi-exp");
-  await dialog.getByLabel("Data source").selectOption("export-from-volume");
-  await dialog.getByLabel("Volume", { exact: true }).selectOption("ui-vol");
-  await dialog.getByLabel("Export type").selectOption("qcow2");
-  await dialog.getByRole("button", { name: "Create" }).click();
-  await dialog.waitFor({ state: "detached" });
-  await row("bi-exp").locator(".image-state.state-ready").waitFor({ timeout: 120000 });
-  assert.match(await row("bi-exp").innerText(), /qcow2/);
-  assert.match(await row("bi-exp").innerText(), /export of volume ui-vol/);
-});
-
-test("clean up through the disk picker once no replica uses the file; the last copy is refused", async () => {
-  cli("volume", "detach", "ui-vol");
-  cli("volume", "delete", "ui-vol");
-  await visit("backingimages");
-  await until("ui-vol gone from the page", async () => !(await row("bi-dl").innerText()).includes("ui-vol"));
-  await row("bi-dl").getByRole("button", { name: "Clean up" }).click();
-  let dialog = page.locator("dialog[open]");
-  const boxes = dialog.locator("input[name=disk]");
-  assert.equal(await boxes.count(), 2);
-  const first = await boxes.nth(0).getAttribute("value");
-  const second = await boxes.nth(1).getAttribute("value");
-  await boxes.nth(0).check();
-  await shot("backing-images-cleanup");
-  await dialog.getByRole("button", { name: "Clean up" }).click();
-  await dialog.locator(".notice", { hasText: `disk ${first}: cleaned up` }).waitFor();
-  await dialog.getByRole("button", { name: "Close" }).click();
-  await until("one file left", async () => files(await image("bi-dl")).length === 1);
-  await row("bi-dl").locator(`.file[data-disk="${first}"]`).waitFor({ state: "detached" });
-  // The last file stays (minNumberOfCopies 1): refused, with the reason shown.
-  await row("bi-dl").getByRole("button", { name: "Clean up" }).click();
-  dialog = page.locator("dialog[open]");
-  await dialog.locator(`input[value="${second}"]`).check();
-  await dialog.getByRole("button", { name: "Clean up" }).click();
-  await dialog.locator(".dialog-errors .error", { hasText: "minNumberOfCopies" }).waitFor();
-  await dialog.getByRole("button", { name: "Close" }).click();
-  assert.equal(files(await image("bi-dl")).length, 1);
-});
-
 test("settings: the lifecycle settings with descriptions and defaults; a change is saved, a bad value shows the API's error", async () => {
   await visit("settings");
   const r = page.locator("#settings tbody tr", { hasText: "backing-image-cleanup-wait-interval" });
@@ -427,6 +352,164 @@ test("restore a backing image from a backup in the target", async () => {
   await row("bi-restored").locator(".image-state.state-ready").waitFor({ timeout: 120000 });
   const bi = await image("bi-restored");
   assert.equal(bi.status.checksum, (await image("bi-up")).status.checksum);
+});
+
+test("volumes: create with a backing image picked from the list and its StorageClass shown; live state; its disks cannot be cleaned; delete is refused with its name", async () => {
+  await visit("volumes");
+  await page.locator("#volumes", { hasText: "No volumes yet." }).waitFor();
+  await page.getByRole("button", { name: "Create volume" }).click();
+  const create = page.locator("dialog[open]");
+  await create.getByLabel("Name", { exact: true }).fill("ui-vol");
+  await create.getByLabel("Size", { exact: true }).fill("64Mi");
+  await create.getByLabel("Backing image", { exact: true }).selectOption("bi-dl");
+  await create.getByLabel("Number of replicas", { exact: true }).fill("2");
+  const yaml = await create.locator("pre.yaml").innerText();
+  for (const line of ["provisioner: driver.longhorn.io", 'numberOfReplicas: "2"', 'backingImage: "bi-dl"', "name: bicsi-ui-vol"]) assert.ok(yaml.includes(line), yaml);
+  await shot("volumes-create");
+  await create.getByRole("button", { name: "Create" }).click();
+  await create.waitFor({ state: "detached", timeout: 120000 });
+  const vrow = page.locator("#volumes tbody tr", { hasText: "ui-vol" });
+  await vrow.waitFor();
+  assert.match(await vrow.innerText(), /64\.0 MiB/);
+  assert.match(await vrow.innerText(), /bi-dl/);
+  assert.match(await vrow.innerText(), /2 of 2/);
+  const v = (await api("/v1/volumes")).find((x) => x.id === "ui-vol");
+  assert.equal(v.spec.backingImage, "bi-dl");
+  assert.equal(v.spec.numberOfReplicas, 2);
+  // Attached by the CLI: the page shows it without a reload.
+  cli("volume", "attach", "ui-vol", "--block", path.join(b.dir, "ui-vol.block"));
+  await vrow.locator(".state-attached").waitFor({ timeout: 30000 });
+  await shot("volumes");
+
+  // The image now has a file on both disks, each holding a replica of ui-vol.
+  await until("bi-dl on both disks", async () => files(await image("bi-dl")).filter((f) => f.state === "ready").length === 2);
+  await visit("backingimages");
+  await row("bi-dl").getByRole("button", { name: "Clean up" }).click();
+  const dialog = page.locator("dialog[open]");
+  const boxes = dialog.locator("input[name=disk]");
+  assert.equal(await boxes.count(), 2);
+  for (let i = 0; i < 2; i++) assert.ok(await boxes.nth(i).isDisabled(), "a disk with a replica using the image is not selectable");
+  assert.equal(await dialog.locator(".in-use", { hasText: "ui-vol" }).count(), 2);
+  await shot("backing-images-cleanup-in-use");
+  await dialog.getByRole("button", { name: "Close" }).click();
+
+  await row("bi-dl").getByRole("button", { name: "Delete" }).click();
+  const err = page.locator("#errors .error", { hasText: "used by volumes" });
+  await err.waitFor();
+  assert.match(await err.innerText(), /ui-vol/);
+  assert.ok(await image("bi-dl"), "still there");
+  await err.getByRole("button", { name: "Dismiss" }).click();
+});
+
+test("volumes: snapshot and restore with the image chosen automatically; back up and restore with an override picked", async () => {
+  // An image with the same bytes as bi-dl, to override it with.
+  const made = await fetch(`${b.url}/v1/backingimages`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ apiVersion: "longhorn.io/v1beta2", kind: "BackingImage", metadata: { name: "bi-dl-copy" }, spec: { sourceType: "download", sourceParameters: { url: `${imageUrl}/img.raw` }, checksum: sha512(small) } }),
+  });
+  assert.ok(made.ok, await made.text());
+  await until("bi-dl-copy ready", async () => files(await image("bi-dl-copy")).some((f) => f.state === "ready"));
+
+  await visit("volumes");
+  const vrow = page.locator("#volumes tbody tr", { hasText: "ui-vol" });
+  await vrow.getByRole("button", { name: "Snapshot" }).click();
+  let dialog = page.locator("dialog[open]");
+  await dialog.getByLabel("Snapshot name").fill("ui-snap");
+  await dialog.getByRole("button", { name: "Take snapshot" }).click();
+  await dialog.waitFor({ state: "detached", timeout: 120000 });
+  const srow = page.locator("#snapshots tbody tr", { hasText: "ui-vol" });
+  await srow.waitFor();
+  const snapId = await srow.locator("strong").innerText();
+  assert.match(await srow.innerText(), /bi-dl/);
+
+  await srow.getByRole("button", { name: "Restore" }).click();
+  dialog = page.locator("dialog[open]");
+  assert.equal(await dialog.getByLabel("Backing image", { exact: true }).locator("option:checked").innerText(), "automatic: bi-dl");
+  await dialog.getByLabel("New volume name").fill("ui-from-snap");
+  await dialog.getByRole("button", { name: "Restore" }).click();
+  await dialog.waitFor({ state: "detached", timeout: 120000 });
+  await page.locator("#volumes tbody tr", { hasText: "ui-from-snap" }).waitFor();
+  const fromSnap = (await api("/v1/volumes")).find((x) => x.id === "ui-from-snap");
+  assert.equal(fromSnap.spec.backingImage, "bi-dl", "the snapshot's image, chosen automatically");
+  assert.deepEqual(fromSnap.spec.source, { snapshot: { id: snapId } });
+
+  // A backup of ui-vol, listed once Refresh reads the target again.
+  await vrow.getByRole("button", { name: "Back up" }).click();
+  await page.locator(".notice", { hasText: "backup" }).first().waitFor();
+  const brow = page.locator("#backups tbody tr", { hasText: "ui-vol" });
+  await until("the backup completed", async () => {
+    await page.getByRole("button", { name: "Refresh backups" }).click();
+    await sleep(300);
+    return (await brow.count()) === 1 && /completed/.test(await brow.innerText());
+  }, 120000);
+  await brow.getByRole("button", { name: "Restore" }).click();
+  dialog = page.locator("dialog[open]");
+  const picker = dialog.getByLabel("Backing image", { exact: true });
+  assert.equal(await picker.locator("option:checked").innerText(), "automatic: bi-dl");
+  await picker.selectOption("bi-dl-copy");
+  await dialog.getByLabel("New volume name").fill("ui-from-backup");
+  await shot("volumes-restore-backup");
+  await dialog.getByRole("button", { name: "Restore" }).click();
+  await dialog.waitFor({ state: "detached" });
+  await until("the restore completed", async () => (await api("/v1/restores/ui-from-backup")).state === "completed", 120000);
+  await page.locator("#volumes tbody tr", { hasText: "ui-from-backup" }).waitFor();
+  const fromBackup = (await api("/v1/volumes")).find((x) => x.id === "ui-from-backup");
+  assert.equal(fromBackup.spec.backingImage, "bi-dl-copy", "the override picked");
+
+  // Delete through the page: the restored volumes and the snapshot.
+  for (const name of ["ui-from-snap", "ui-from-backup"]) {
+    await page.locator("#volumes tbody tr", { hasText: name }).getByRole("button", { name: "Delete" }).click();
+    await page.locator("#volumes tbody tr", { hasText: name }).waitFor({ state: "detached" });
+  }
+  await srow.getByRole("button", { name: "Delete" }).click();
+  await srow.waitFor({ state: "detached" });
+  assert.deepEqual(await api("/v1/snapshots"), []);
+});
+
+test("export a volume as a backing image through the volume picker", async () => {
+  const dialog = await openCreate();
+  await dialog.getByLabel("Name").fill("bi-exp");
+  await dialog.getByLabel("Data source").selectOption("export-from-volume");
+  await dialog.getByLabel("Volume", { exact: true }).selectOption("ui-vol");
+  await dialog.getByLabel("Export type").selectOption("qcow2");
+  await dialog.getByRole("button", { name: "Create" }).click();
+  await dialog.waitFor({ state: "detached" });
+  await row("bi-exp").locator(".image-state.state-ready").waitFor({ timeout: 120000 });
+  assert.match(await row("bi-exp").innerText(), /qcow2/);
+  assert.match(await row("bi-exp").innerText(), /export of volume ui-vol/);
+});
+
+test("clean up through the disk picker once no replica uses the file; the last copy is refused", async () => {
+  cli("volume", "detach", "ui-vol");
+  await visit("volumes");
+  const vrow = page.locator("#volumes tbody tr", { hasText: "ui-vol" });
+  await vrow.locator(".state-detached").waitFor();
+  await vrow.getByRole("button", { name: "Delete" }).click();
+  await vrow.waitFor({ state: "detached" });
+  await visit("backingimages");
+  await until("ui-vol gone from the page", async () => !(await row("bi-dl").innerText()).includes("ui-vol"));
+  await row("bi-dl").getByRole("button", { name: "Clean up" }).click();
+  let dialog = page.locator("dialog[open]");
+  const boxes = dialog.locator("input[name=disk]");
+  assert.equal(await boxes.count(), 2);
+  const first = await boxes.nth(0).getAttribute("value");
+  const second = await boxes.nth(1).getAttribute("value");
+  await boxes.nth(0).check();
+  await shot("backing-images-cleanup");
+  await dialog.getByRole("button", { name: "Clean up" }).click();
+  await dialog.locator(".notice", { hasText: `disk ${first}: cleaned up` }).waitFor();
+  await dialog.getByRole("button", { name: "Close" }).click();
+  await until("one file left", async () => files(await image("bi-dl")).length === 1);
+  await row("bi-dl").locator(`.file[data-disk="${first}"]`).waitFor({ state: "detached" });
+  // The last file stays (minNumberOfCopies 1): refused, with the reason shown.
+  await row("bi-dl").getByRole("button", { name: "Clean up" }).click();
+  dialog = page.locator("dialog[open]");
+  await dialog.locator(`input[value="${second}"]`).check();
+  await dialog.getByRole("button", { name: "Clean up" }).click();
+  await dialog.locator(".dialog-errors .error", { hasText: "minNumberOfCopies" }).waitFor();
+  await dialog.getByRole("button", { name: "Close" }).click();
+  assert.equal(files(await image("bi-dl")).length, 1);
 });
 
 test("nodes and disks: up, free space, manager running", async () => {
