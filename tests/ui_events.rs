@@ -1,8 +1,10 @@
 //! The web UI's side of the HTTP API on the real binary: `/` and its files are served by
 //! `bicsi serve` and by the split mode's controller, and `GET /v1/events` streams the lists the
 //! pages show as server-sent events: each topic at once, again when it changes (a setting set,
-//! a backing image created), an unknown topic refused with the known ones named. The pages
-//! themselves are tested in a browser by tests/ui (scripts/test runs them).
+//! a backing image created), an unknown topic refused with the known ones named; and the volume
+//! and snapshot routes the Volumes page uses (create, idempotent by name, restore from a
+//! snapshot, delete). The pages themselves are tested in a browser by tests/ui (scripts/test
+//! runs them).
 
 #[path = "kit/mod.rs"]
 mod kit;
@@ -201,5 +203,156 @@ async fn the_split_mode_controller_serves_the_ui_and_its_events() {
     let (name, disks) = next_event(&mut body, &mut buf).await;
     assert_eq!((name.as_str(), disks), ("disks", serde_json::json!([])));
     drop(body);
+    proc.stop();
+}
+
+/// A JSON request; (status, parsed body or null).
+async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = http.request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
+    (status, value)
+}
+
+#[tokio::test]
+async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
+    use reqwest::Method;
+    let dir = temp_dir("bicsi-http-vol-");
+    let base = format!("http://127.0.0.1:{}", free_port());
+    let mut proc = Proc::spawn(
+        serve_args(dir.path(), "vol-node", base.trim_start_matches("http://")),
+        dir.path().join("bicsi.log"),
+    );
+    wait_healthz(&mut proc, &base);
+    let http = reqwest::Client::new();
+    let volumes = format!("{base}/v1/volumes");
+
+    // Bad requests: named, nothing created.
+    let (status, e) = send(
+        &http,
+        Method::POST,
+        volumes.clone(),
+        Some(serde_json::json!({"name": "hv"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("give its size"),
+        "{e}"
+    );
+    let (status, e) = send(
+        &http,
+        Method::POST,
+        volumes.clone(),
+        Some(serde_json::json!({"name": "hv", "size": "lots"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("\"lots\""), "{e}");
+    let (status, e) = send(
+        &http,
+        Method::POST,
+        volumes.clone(),
+        Some(serde_json::json!({"name": "hv", "size": "64Mi", "storageClass": "nope"})),
+    )
+    .await;
+    assert_eq!(status, 404, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("StorageClass \"nope\""),
+        "{e}"
+    );
+    let (_, list) = send(&http, Method::GET, volumes.clone(), None).await;
+    assert_eq!(list, serde_json::json!([]));
+
+    // Created, and the same request again gives the same volume.
+    let req =
+        serde_json::json!({"name": "hv", "size": "64Mi", "parameters": {"numberOfReplicas": "1"}});
+    let (status, v) = send(&http, Method::POST, volumes.clone(), Some(req.clone())).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["id"], "hv");
+    assert_eq!(v["spec"]["capacityBytes"], 64 << 20);
+    let (status, again) = send(&http, Method::POST, volumes.clone(), Some(req)).await;
+    assert_eq!((status, &again["id"]), (201, &v["id"]));
+    let (status, e) = send(
+        &http,
+        Method::POST,
+        volumes.clone(),
+        Some(serde_json::json!({"name": "hv", "size": "128Mi"})),
+    )
+    .await;
+    assert_eq!(status, 409, "another request for the same name: {e}");
+
+    // A snapshot, listed by volume, restored into a new volume, then deleted.
+    let (status, s) = send(
+        &http,
+        Method::POST,
+        format!("{base}/v1/snapshots"),
+        Some(serde_json::json!({"name": "hs", "volume": "hv"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s}");
+    let snap = s["id"].as_str().unwrap().to_string();
+    let (_, list) = send(
+        &http,
+        Method::GET,
+        format!("{base}/v1/snapshots?volume=hv"),
+        None,
+    )
+    .await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let (_, none) = send(
+        &http,
+        Method::GET,
+        format!("{base}/v1/snapshots?volume=other"),
+        None,
+    )
+    .await;
+    assert_eq!(none, serde_json::json!([]));
+    let (status, r) = send(
+        &http,
+        Method::POST,
+        volumes.clone(),
+        Some(serde_json::json!({"name": "hv-restored", "fromSnapshot": snap})),
+    )
+    .await;
+    assert_eq!(status, 201, "{r}");
+    assert_eq!(
+        r["spec"]["source"],
+        serde_json::json!({"snapshot": {"id": snap}})
+    );
+    assert_eq!(r["spec"]["capacityBytes"], 64 << 20, "the snapshot's size");
+    for _ in 0..2 {
+        let (status, e) = send(
+            &http,
+            Method::DELETE,
+            format!("{base}/v1/snapshots/{snap}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 204, "{e}");
+    }
+    for id in ["hv-restored", "hv", "hv"] {
+        let (status, e) = send(&http, Method::DELETE, format!("{volumes}/{id}"), None).await;
+        assert_eq!(status, 204, "{id}: {e}");
+    }
+    let (_, list) = send(&http, Method::GET, volumes, None).await;
+    assert_eq!(list, serde_json::json!([]));
     proc.stop();
 }
