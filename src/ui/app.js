@@ -25,7 +25,7 @@ function h(tag, attrs, ...children) {
     else if (v === true) el.setAttribute(k, "");
     else el.setAttribute(k, String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -182,7 +182,7 @@ function filesCell(bi) {
       " ",
       h("span", { class: `state-${f.state}` }, f.state),
       ` ${f.progress}%`,
-      f.message ? h("div", { class: "message" }, f.message) : null
+      f.message ? h("div", { class: f.state === "failed" ? "message" : "muted" }, f.message) : null
     )
   );
 }
@@ -190,11 +190,16 @@ function filesCell(bi) {
 async function download(bi, button) {
   const path = `/v1/backingimages/${encodeURIComponent(bi.metadata.name)}/file`;
   if (!token()) {
-    // The browser streams the file to disk itself.
-    const a = h("a", { href: path, download: bi.metadata.name });
-    document.body.append(a);
-    a.click();
-    a.remove();
+    // The browser streams the file to disk itself; its first byte is asked for first, so an
+    // error (no ready file here, a controller without disks) is shown instead of saved as the file.
+    await act(button, async () => {
+      const probe = await raw("GET", path, { headers: { Range: "bytes=0-0" } });
+      await probe.body?.cancel();
+      const a = h("a", { href: path, download: bi.metadata.name });
+      document.body.append(a);
+      a.click();
+      a.remove();
+    });
     return;
   }
   // With a token the request needs its header: fetched into a Blob (which Chromium keeps on

@@ -373,13 +373,15 @@ test("volumes: create with a backing image picked from the list and its StorageC
   assert.match(await vrow.innerText(), /64\.0 MiB/);
   assert.match(await vrow.innerText(), /bi-dl/);
   assert.match(await vrow.innerText(), /2 of 2/);
+  // Each replica with its node, disk and mode.
+  assert.equal(await vrow.locator(".file", { hasText: /^ui-node\/\w+ rw/ }).count(), 2, await vrow.innerText());
   const v = (await api("/v1/volumes")).find((x) => x.id === "ui-vol");
   assert.equal(v.spec.backingImage, "bi-dl");
   assert.equal(v.spec.numberOfReplicas, 2);
   // Attached by the CLI: the page shows it without a reload.
   cli("volume", "attach", "ui-vol", "--block", path.join(b.dir, "ui-vol.block"));
   await vrow.locator(".state-attached").waitFor({ timeout: 30000 });
-  await shot("volumes");
+  await shot("volumes-attached");
 
   // The image now has a file on both disks, each holding a replica of ui-vol.
   await until("bi-dl on both disks", async () => files(await image("bi-dl")).filter((f) => f.state === "ready").length === 2);
@@ -562,8 +564,32 @@ test("every page at phone width: no sideways scrolling", async () => {
     await visit(p);
     await page.locator(`#${p}`).waitFor();
     await sleep(300);
-    await shot(p);
+    await shot(`page-${p}`);
   }
+});
+
+test("a long list pages by 20 rows", async () => {
+  const names = Array.from({ length: 25 }, (_, i) => `bi-many-${String(i).padStart(2, "0")}`);
+  for (const name of names) {
+    const r = await fetch(`${b.url}/v1/backingimages`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ apiVersion: "longhorn.io/v1beta2", kind: "BackingImage", metadata: { name }, spec: { sourceType: "upload" } }),
+    });
+    assert.ok(r.ok, await r.text());
+  }
+  await visit("backingimages");
+  const total = (await api("/v1/backingimages")).length;
+  const pager = page.locator(".pager", { hasText: "of" });
+  await pager.locator("span", { hasText: `1–20 of ${total}` }).waitFor();
+  assert.equal(await page.locator("#backingimages tbody tr").count(), 20);
+  await pager.getByRole("button", { name: "Next" }).click();
+  await pager.locator("span", { hasText: `21–${Math.min(40, total)} of ${total}` }).waitFor();
+  assert.equal(await page.locator("#backingimages tbody tr").count(), Math.min(20, total - 20));
+  await pager.getByRole("button", { name: "Previous" }).click();
+  await pager.locator("span", { hasText: `1–20 of ${total}` }).waitFor();
+  for (const name of names) await fetch(`${b.url}/v1/backingimages/${name}`, { method: "DELETE" });
+  await page.locator(".pager").waitFor({ state: "detached" });
 });
 
 test("with an API token: the login prompt, a wrong token refused with the API's message, the token in sessionStorage only", async () => {
