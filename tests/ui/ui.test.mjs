@@ -1,6 +1,7 @@
 // bicsi's web UI in a real browser (Debian's chromium, driven by playwright-core) against a real
-// `bicsi serve` (the built binary, BICSI_BIN) with two disks, and images served by an HTTP server
-// of this test on 127.0.0.1. Each flow is done the way a user does it (clicks, the file picker,
+// `bicsi serve` (the built binary, BICSI_BIN) with two disks, and against the split mode's
+// `bicsi controller` with one `bicsi node`, with images served by an HTTP server of this test on
+// 127.0.0.1. Each flow is done the way a user does it (clicks, the file picker,
 // the keyboard) and checked on the page and through the API. Screenshots of each page, at
 // 1280×800 and at a phone's 390×844, go to UI_OUT (default target/ui-screenshots).
 //
@@ -54,6 +55,21 @@ async function until(what, fn, limitMs = 60000) {
   }
 }
 
+/** `bicsi ARGS` logging to `dir/NAME.log`, once `url/healthz` answers; `stop()` ends it. */
+async function started(dir, name, args, url) {
+  const log = fs.openSync(path.join(dir, `${name}.log`), "w");
+  const child = spawn(BIN, args, { stdio: ["ignore", log, log] });
+  await until(`${name} to answer /healthz`, async () => (await fetch(`${url}/healthz`)).ok, 30000);
+  return {
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill("SIGTERM");
+        await until(`${name} to stop`, () => child.exitCode !== null || child.signalCode !== null, 20000).catch(() => child.kill("SIGKILL"));
+      }
+    },
+  };
+}
+
 /** A `bicsi serve` in its own temp dir with two disks; `stop()` ends it. */
 async function serve(name, extra = []) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `bicsi-ui-${name}-`));
@@ -62,22 +78,9 @@ async function serve(name, extra = []) {
   const port = await freePort();
   const endpoint = `unix://${dir}/csi.sock`;
   const args = ["serve", "--data-dir", `${dir}/data`, "--csi-endpoint", endpoint, "--node-id", "ui-node", "--http-listen", `127.0.0.1:${port}`, ...disks.flatMap((d) => ["--disk", d]), ...extra];
-  const log = fs.openSync(path.join(dir, "bicsi.log"), "w");
-  const child = spawn(BIN, args, { stdio: ["ignore", log, log] });
   const url = `http://127.0.0.1:${port}`;
-  await until("bicsi to answer /healthz", async () => (await fetch(`${url}/healthz`)).ok, 30000);
-  return {
-    dir,
-    url,
-    endpoint,
-    log: () => fs.readFileSync(path.join(dir, "bicsi.log"), "utf8"),
-    async stop() {
-      if (child.exitCode === null) {
-        child.kill("SIGTERM");
-        await until("bicsi to stop", () => child.exitCode !== null || child.signalCode !== null, 20000).catch(() => child.kill("SIGKILL"));
-      }
-    },
-  };
+  const proc = await started(dir, "bicsi", args, url);
+  return { dir, url, endpoint, stop: () => proc.stop() };
 }
 
 let b; // the bicsi under test
@@ -616,6 +619,47 @@ test("with an API token: the login prompt, a wrong token refused with the API's 
   } finally {
     await t.stop();
     fs.rmSync(t.dir, { recursive: true, force: true });
+  }
+});
+
+test("the split mode's controller serves the same page: its node and disk, a download created through it, its errors shown", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "bicsi-ui-split-"));
+  const [httpPort, clusterPort, agentPort, nodeHttp] = [await freePort(), await freePort(), await freePort(), await freePort()];
+  const ctlUrl = `http://127.0.0.1:${httpPort}`;
+  const procs = [];
+  try {
+    procs.push(await started(dir, "controller", ["controller", "--data-dir", `${dir}/controller`, "--csi-endpoint", `unix://${dir}/controller.sock`, "--http-listen", `127.0.0.1:${httpPort}`, "--cluster-listen", `127.0.0.1:${clusterPort}`], ctlUrl));
+    const nodeDir = path.join(dir, "n1");
+    fs.mkdirSync(path.join(nodeDir, "disk"), { recursive: true });
+    procs.push(
+      await started(dir, "node", ["node", "--node-id", "split-n1", "--data-dir", `${nodeDir}/data`, "--csi-endpoint", `unix://${nodeDir}/csi.sock`, "--disk", `${nodeDir}/disk`, "--controller", `http://127.0.0.1:${clusterPort}`, "--agent-listen", `127.0.0.1:${agentPort}`, "--http-listen", `127.0.0.1:${nodeHttp}`, "--nbd-listen", `127.0.0.1:${await freePort()}`], `http://127.0.0.1:${nodeHttp}`)
+    );
+    const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 }, acceptDownloads: true });
+    const p = await ctx.newPage();
+    const errors = [];
+    p.on("pageerror", (e) => errors.push(e.message));
+    p.on("dialog", (d) => d.accept());
+    await p.goto(`${ctlUrl}/?split#/nodes`);
+    await p.locator("#nodes tbody tr", { hasText: "split-n1" }).locator(".state-up").waitFor({ timeout: 30000 });
+    await p.locator("#disks tbody tr", { hasText: "split-n1" }).waitFor();
+    await p.goto(`${ctlUrl}/?split2#/backingimages`);
+    await p.getByRole("button", { name: "Create backing image" }).click();
+    const dialog = p.locator("dialog[open]");
+    await dialog.getByLabel("Name", { exact: true }).fill("bi-split");
+    await dialog.getByLabel("URL", { exact: true }).fill(`${imageUrl}/img.raw`);
+    await dialog.getByRole("button", { name: "Create" }).click();
+    await dialog.waitFor({ state: "detached" });
+    const r = p.locator("#backingimages tbody tr", { hasText: "bi-split" });
+    await r.locator(".image-state.state-ready").waitFor({ timeout: 60000 });
+    // The controller holds no files: its 501 is shown, not saved as the file.
+    await r.getByRole("button", { name: "Download" }).click();
+    await p.locator("#errors .error", { hasText: "not supported" }).waitFor();
+    await p.screenshot({ path: path.join(OUT, "split-controller.png"), fullPage: true });
+    assert.deepEqual(errors, []);
+    await ctx.close();
+  } finally {
+    for (const proc of procs.reverse()) await proc.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 
