@@ -1,8 +1,8 @@
 //! Bearer-token authentication of the HTTP API (`--api-token-file`), for when it is reachable
 //! beyond loopback (the `bicsi-api` Service in a cluster). Every route but `/healthz` (the
 //! kubelet's probe carries no token) and the web UI's files (`crate::ui`: the page that asks for
-//! the token) requires `Authorization: Bearer <token>`; anything else is
-//! answered 401 with a message saying what to send. The token itself is never logged.
+//! the token) requires `Authorization: Bearer <token>`; anything else is answered 401 with a
+//! message saying what to send. The token itself is never logged.
 
 use std::path::Path;
 use std::sync::Arc;

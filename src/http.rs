@@ -1,6 +1,6 @@
 //! The HTTP API on loopback: backing images, StorageClasses, volumes and snapshots (`volumes`),
-//! backups, settings, nodes and disks, and health,
-//! the live stream of lists the web UI watches (`events`), and the web UI itself (`crate::ui`).
+//! backups, settings, nodes and disks, health, the live stream of the lists the web UI watches
+//! (`events`), and the web UI itself (`crate::ui`).
 //! Handlers are thin: parse, call the domain, map errors with `Error::http_status`.
 
 mod events;
