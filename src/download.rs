@@ -1051,6 +1051,10 @@ fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
         "*" => None,
         t => Some(t.parse().ok()?),
     };
+    // A range that ends at or past the whole length is malformed (RFC 9110 §14.4).
+    if total.is_some_and(|t: u64| end >= t) {
+        return None;
+    }
     Some((start, total))
 }
 
@@ -1096,4 +1100,18 @@ fn settle(file: &std::fs::File, path: &Path, size: u64) -> Result<(), DownloadEr
         debug!(error = %e, "posix_fadvise(DONTNEED) failed; page cache left to the kernel");
     }
     Ok(())
+}
+
+/// Fuzzing entry (feature `fuzzing`, `fuzz/`): a Content-Range a server sends never panics, and
+/// one that parses has its start within its total.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_content_range(data: &[u8]) {
+    let Ok(value) = HeaderValue::from_bytes(data) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_RANGE, value);
+    if let Some((start, Some(total))) = content_range(&headers) {
+        assert!(start < total, "{data:?}");
+    }
 }
