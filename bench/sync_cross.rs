@@ -94,6 +94,20 @@ impl Cluster {
                 Err(_) => 0,
             };
             if up == c.nodes.len() {
+                // The bench's image server is on 127.0.0.1, which a cluster's downloads may not
+                // reach by default: open the hole an operator would.
+                let put = b
+                    .http
+                    .put(format!(
+                        "{}/v1/settings/backing-image-download-allowed-networks",
+                        c.api
+                    ))
+                    .json(&serde_json::json!({ "value": "127.0.0.1" }))
+                    .send()
+                    .await?;
+                if !put.status().is_success() {
+                    return Err(format!("set the download hole: {}", put.text().await?).into());
+                }
                 return Ok(c);
             }
             c.controller.check_alive()?;

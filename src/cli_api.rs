@@ -76,6 +76,20 @@ pub(crate) async fn json<T: for<'de> Deserialize<'de>>(resp: reqwest::Response) 
         .map_err(|e| Error::Internal(format!("unexpected answer from bicsi: {e}")))
 }
 
+/// The documents of a YAML manifest (`---`-separated), empty ones left out. The whole file must
+/// be valid YAML, so that nothing of a broken file is applied.
+pub fn manifest_documents(file: &str, text: &str) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc)
+            .map_err(|e| Error::InvalidArgument(format!("{file}: not valid YAML: {e}")))?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
 /// `bicsi apply -f FILE`: every YAML document is created, or checked against what exists.
 /// With `wait`, then waits until every BackingImage applied has a ready file (or `deadline`).
 pub async fn apply(
@@ -97,12 +111,7 @@ pub async fn apply(
     let mut failed = 0;
     let mut seen = 0;
     let mut images = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = Value::deserialize(doc)
-            .map_err(|e| Error::InvalidArgument(format!("{file}: not valid YAML: {e}")))?;
-        if value.is_null() {
-            continue;
-        }
+    for value in manifest_documents(file, &text)? {
         seen += 1;
         let kind = value["kind"].as_str().unwrap_or_default().to_string();
         let name = value["metadata"]["name"]

@@ -23,6 +23,7 @@
 //! It must not know about backing-image objects, disks or Kubernetes, and must never log a URL's
 //! credentials or query string (they often carry tokens): URLs are shown through [`redact`].
 
+pub mod guard;
 mod pipeline;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,7 @@ use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use guard::{NetworkGuard, Refusal};
 use pipeline::Pipeline;
 
 use crate::messages::error_chain;
@@ -82,6 +84,9 @@ pub struct DownloadRequest {
     /// are hashed again from the file, so the SHA-512 is of what is on disk. Errors and
     /// cancellation still remove both.
     pub resume: bool,
+    /// The addresses it may connect to ([`guard`]); by default the default of where this process
+    /// runs, with no setting applied.
+    pub guard: NetworkGuard,
 }
 
 impl DownloadRequest {
@@ -95,6 +100,13 @@ impl DownloadRequest {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             backoff: DEFAULT_BACKOFF,
             resume: false,
+            guard: NetworkGuard::from_settings(
+                "",
+                "",
+                guard::in_cluster(),
+                &guard::node_addresses(),
+            )
+            .expect("the default networks parse"),
         }
     }
 }
@@ -174,6 +186,8 @@ pub enum DownloadError {
     },
     #[error("GET {url}: {detail}")]
     Redirect { url: String, detail: String },
+    #[error("GET {url}: refused: {refusal}")]
+    Denied { url: String, refusal: Refusal },
     #[error(
         "checksum mismatch: expected {expected}, got {got}; the file at the URL changed or is \
          corrupt"
@@ -222,6 +236,7 @@ impl DownloadError {
             DownloadError::InvalidUrl { .. }
             | DownloadError::UnsupportedScheme { .. }
             | DownloadError::Redirect { .. }
+            | DownloadError::Denied { .. }
             | DownloadError::ChecksumMismatch { .. }
             | DownloadError::DiskFull { .. }
             | DownloadError::Io { .. }
@@ -241,7 +256,8 @@ impl DownloadError {
             DownloadError::ChecksumMismatch { .. }
             | DownloadError::InvalidUrl { .. }
             | DownloadError::UnsupportedScheme { .. }
-            | DownloadError::Redirect { .. } => true,
+            | DownloadError::Redirect { .. }
+            | DownloadError::Denied { .. } => true,
             _ => false,
         }
     }
@@ -265,6 +281,32 @@ fn retryable_status(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
+}
+
+/// The HTTP client of a download: it connects only where `guard` allows (host names through
+/// its resolver, IP literals of redirects through the redirect policy; the first URL's literal
+/// is checked by the caller) and follows at most [`MAX_REDIRECTS`] redirects.
+fn http_client(
+    guard: &NetworkGuard,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, DownloadError> {
+    let redirects = guard.clone();
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(format!("too many redirects (more than {MAX_REDIRECTS})"));
+        }
+        match redirects.check_url(attempt.url()) {
+            Ok(()) => attempt.follow(),
+            Err(refusal) => attempt.error(refusal),
+        }
+    });
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .redirect(policy)
+        .dns_resolver(guard.resolver())
+        .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| DownloadError::Client(error_chain(&e.without_url())))
 }
 
 /// Parses `url` and accepts only absolute http and https URLs with a host.
@@ -361,15 +403,21 @@ pub struct Head {
 /// caller learns the image's size before the download is done. A server that ignores Range
 /// answers the whole file: only `len` bytes are read and the connection is dropped. Nothing is
 /// retried; `timeout` bounds the whole call.
-pub async fn head(url: &str, len: usize, timeout: Duration) -> Result<Head, DownloadError> {
+pub async fn head(
+    url: &str,
+    len: usize,
+    timeout: Duration,
+    guard: &NetworkGuard,
+) -> Result<Head, DownloadError> {
     let parsed = validate_url(url)?;
     let shown = redact(&parsed);
-    let client = reqwest::Client::builder()
-        .connect_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-        .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| DownloadError::Client(error_chain(&e.without_url())))?;
+    guard
+        .check_url(&parsed)
+        .map_err(|refusal| DownloadError::Denied {
+            url: shown.clone(),
+            refusal,
+        })?;
+    let client = http_client(guard, timeout)?;
     let idle = |_| DownloadError::IdleTimeout {
         url: shown.clone(),
         idle: timeout,
@@ -383,7 +431,12 @@ pub async fn head(url: &str, len: usize, timeout: Duration) -> Result<Head, Down
             .send()
             .await
             .map_err(|e| {
-                if e.is_redirect() {
+                if let Some(refusal) = guard::refusal_in(&e) {
+                    DownloadError::Denied {
+                        url: shown.clone(),
+                        refusal,
+                    }
+                } else if e.is_redirect() {
                     DownloadError::Redirect {
                         url: shown.clone(),
                         detail: error_chain(&e.without_url()),
@@ -541,12 +594,13 @@ impl<'a> Transfer<'a> {
         progress: &'a dyn ProgressSink,
         cancel: &'a CancellationToken,
     ) -> Result<Self, DownloadError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(req.idle_timeout)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-            .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DownloadError::Client(error_chain(&e.without_url())))?;
+        req.guard
+            .check_url(&url)
+            .map_err(|refusal| DownloadError::Denied {
+                url: shown.clone(),
+                refusal,
+            })?;
+        let client = http_client(&req.guard, req.idle_timeout)?;
         Ok(Transfer {
             req,
             url,
@@ -933,6 +987,12 @@ impl<'a> Transfer<'a> {
     }
 
     fn request_failure(&self, e: reqwest::Error) -> Failure {
+        if let Some(refusal) = guard::refusal_in(&e) {
+            return Failure::Fatal(DownloadError::Denied {
+                url: self.shown.clone(),
+                refusal,
+            });
+        }
         let (redirect, builder) = (e.is_redirect(), e.is_builder());
         let detail = error_chain(&e.without_url());
         if redirect {
@@ -991,6 +1051,10 @@ fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
         "*" => None,
         t => Some(t.parse().ok()?),
     };
+    // A range that ends at or past the whole length is malformed (RFC 9110 §14.4).
+    if total.is_some_and(|t: u64| end >= t) {
+        return None;
+    }
     Some((start, total))
 }
 
@@ -1036,4 +1100,18 @@ fn settle(file: &std::fs::File, path: &Path, size: u64) -> Result<(), DownloadEr
         debug!(error = %e, "posix_fadvise(DONTNEED) failed; page cache left to the kernel");
     }
     Ok(())
+}
+
+/// Fuzzing entry (feature `fuzzing`, `fuzz/`): a Content-Range a server sends never panics, and
+/// one that parses has its start within its total.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_content_range(data: &[u8]) {
+    let Ok(value) = HeaderValue::from_bytes(data) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_RANGE, value);
+    if let Some((start, Some(total))) = content_range(&headers) {
+        assert!(start < total, "{data:?}");
+    }
 }

@@ -731,3 +731,22 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Ok(None));
     }
 }
+
+/// Fuzzing entry (feature `fuzzing`, `fuzz/`): any Range header against any file size (the
+/// first 8 bytes) gives no range, an unsatisfiable one, or one inside the file.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_range(data: &[u8]) {
+    if data.len() < 8 {
+        return;
+    }
+    let size = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+    let Ok(header) = std::str::from_utf8(&data[8..]) else {
+        return;
+    };
+    if let Ok(Some((first, last))) = parse_range(Some(header), size) {
+        assert!(
+            first <= last && last < size,
+            "{header:?} of {size}: {first}-{last}"
+        );
+    }
+}

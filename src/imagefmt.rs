@@ -752,3 +752,16 @@ mod tests {
         assert!(e.to_string().contains("missing"), "{e}");
     }
 }
+
+/// Fuzzing entry (feature `fuzzing`, `fuzz/`): any first bytes of an image (the file's size is
+/// the input's length) give a header or an error, never a panic; a RAW file's virtual size is
+/// its length.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz(data: &[u8]) {
+    if let Ok(info) = parse_header(data, data.len() as u64) {
+        assert_eq!(info.file_size, data.len() as u64);
+        if info.format == Format::Raw {
+            assert_eq!(info.virtual_size, info.file_size);
+        }
+    }
+}

@@ -24,6 +24,9 @@ pub mod download;
 pub mod error;
 pub mod files;
 pub mod fsutil;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 pub mod health;
 pub mod http;

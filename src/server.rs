@@ -203,6 +203,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let token = crate::auth::load(cfg.api_token_file.as_deref())?;
+    // In a cluster (--store kubernetes), a download may not reach the node itself by default.
+    crate::download::guard::set_in_cluster(cfg.store == StoreBackend::Kubernetes);
     let (store, kube, disks) = open_local(&cfg).await?;
     let cluster = Cluster::new(store.clone());
     let backing = BackingImages::new(store.clone(), cluster.clone());
@@ -335,6 +337,7 @@ pub async fn controller(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
     let token = crate::auth::load(cfg.api_token_file.as_deref())?;
+    crate::download::guard::set_in_cluster(true);
     let (store, kube) = open_store(&cfg).await?;
     let cluster = Cluster::with_down_after(
         store.clone(),
@@ -413,6 +416,7 @@ pub async fn node(
     os: Os,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    crate::download::guard::set_in_cluster(true);
     let (local_store, _, disks) = open_local(&cfg).await?;
     let channel = crate::remote::channel(&split.controller)?;
     let cluster_store: Arc<dyn Store> = Arc::new(crate::remote::RemoteStore::new(channel.clone()));

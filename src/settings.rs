@@ -34,7 +34,12 @@ pub struct TextDefinition {
     pub check: fn(&str) -> Result<String>,
 }
 
-pub const TEXT_DEFINITIONS: [TextDefinition; 2] = [
+/// Networks backing image downloads never connect to (empty: the default of where bicsi runs).
+pub const DOWNLOAD_DENIED_NETWORKS: &str = crate::download::guard::DENIED_SETTING;
+/// Networks downloads may connect to even inside a denied one.
+pub const DOWNLOAD_ALLOWED_NETWORKS: &str = crate::download::guard::ALLOWED_SETTING;
+
+pub const TEXT_DEFINITIONS: [TextDefinition; 4] = [
     TextDefinition {
         name: BACKUP_TARGET,
         description: "Where backups are stored: file:///PATH (a mounted filesystem, NFS) or s3://BUCKET/PREFIX with ?endpoint=URL&region=R&path-style=true for self-hosted stores; empty: no backups.",
@@ -45,7 +50,31 @@ pub const TEXT_DEFINITIONS: [TextDefinition; 2] = [
         description: "A file holding the backup target's credentials as AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines (an s3:// target); empty: none.",
         check: check_absolute_path,
     },
+    TextDefinition {
+        name: DOWNLOAD_DENIED_NETWORKS,
+        description: "Networks a backing image download never connects to, checked on every address a URL or a redirect resolves to: CIDRs, addresses, or the names loopback, link-local and node (this node's own addresses), separated by commas. Empty: link-local on the embedded bicsi serve; link-local, loopback and node in a cluster (split mode, --store kubernetes). Link-local (cloud metadata) is always denied.",
+        check: check_denied_networks,
+    },
+    TextDefinition {
+        name: DOWNLOAD_ALLOWED_NETWORKS,
+        description: "Networks a backing image download may connect to even when a denied network holds them (a hole, e.g. an image server on this node in a cluster): CIDRs, addresses, or the names loopback, link-local and node, separated by commas. Empty: none.",
+        check: check_allowed_networks,
+    },
 ];
+
+fn check_networks(name: &str, value: &str) -> Result<String> {
+    let v = value.trim();
+    crate::download::guard::parse_networks(name, v).map_err(Error::InvalidArgument)?;
+    Ok(v.to_string())
+}
+
+fn check_denied_networks(value: &str) -> Result<String> {
+    check_networks(DOWNLOAD_DENIED_NETWORKS, value)
+}
+
+fn check_allowed_networks(value: &str) -> Result<String> {
+    check_networks(DOWNLOAD_ALLOWED_NETWORKS, value)
+}
 
 fn check_backup_target(value: &str) -> Result<String> {
     let v = value.trim();
@@ -264,6 +293,19 @@ impl Settings {
             .ok_or_else(|| Error::Internal(format!("setting {name:?} is not a text setting")))?;
         let stored: Option<Stored> = self.store.get(Kind::Setting, def.name)?;
         Ok(stored.map(|s| s.value).unwrap_or_default())
+    }
+
+    /// The download guard these settings make, for this process (see
+    /// [`crate::download::guard`]).
+    pub fn download_guard(&self) -> Result<crate::download::guard::NetworkGuard> {
+        use crate::download::guard;
+        guard::NetworkGuard::from_settings(
+            &self.text(DOWNLOAD_DENIED_NETWORKS)?,
+            &self.text(DOWNLOAD_ALLOWED_NETWORKS)?,
+            guard::in_cluster(),
+            &guard::node_addresses(),
+        )
+        .map_err(Error::FailedPrecondition)
     }
 
     pub fn get(&self, name: &str) -> Result<SettingView> {

@@ -56,6 +56,8 @@ mod send;
 #[cfg(test)]
 mod tests;
 mod wire;
+#[cfg(feature = "fuzzing")]
+pub use wire::fuzz as fuzz_wire;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -122,7 +122,8 @@ impl BackingImages {
                 let shown = crate::download::validate_url(url)
                     .map(|u| crate::download::redact(&u))
                     .unwrap_or_default();
-                let head = crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT)
+                let guard = self.settings().download_guard()?;
+                let head = crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT, &guard)
                     .await
                     .map_err(|e| {
                         let m = format!(

@@ -231,6 +231,24 @@ async fn serve(
             .header(h::LOCATION, format!("/range/{name}"))
             .body(Body::empty())
             .unwrap(),
+        // To the same port on another loopback address, where nothing listens: only the guard
+        // may stop the client before it tries.
+        "away" => Response::builder()
+            .status(AxStatus::FOUND)
+            .header(
+                h::LOCATION,
+                format!(
+                    "http://127.0.0.2:{}/range/{name}",
+                    headers
+                        .get(h::HOST)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.rsplit_once(':'))
+                        .map(|(_, p)| p)
+                        .unwrap_or("80")
+                ),
+            )
+            .body(Body::empty())
+            .unwrap(),
         _ => Response::builder()
             .status(AxStatus::BAD_REQUEST)
             .body(Body::empty())
@@ -789,6 +807,9 @@ fn content_range_table() {
         ("bytes */200", None),
         ("items 1-2/3", None),
         ("bytes 1-x/3", None),
+        // Past the whole length (found by the content-range fuzz target's check).
+        ("bytes 5-10/3", None),
+        ("bytes 0-199/199", None),
     ];
     for (v, want) in cases {
         let mut headers = HeaderMap::new();
@@ -1032,4 +1053,98 @@ fn permanent_errors_are_the_ones_a_retry_cannot_fix() {
     ] {
         assert_eq!(e.is_permanent(), permanent, "{e}");
     }
+}
+
+// ------------------------------------------------------------------ the download guard
+
+fn cluster_guard(allowed: &str) -> super::guard::NetworkGuard {
+    super::guard::NetworkGuard::from_settings("", allowed, true, &[]).unwrap()
+}
+
+#[tokio::test]
+async fn guard_refuses_a_loopback_url_in_a_cluster_before_connecting() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/range/rand.img");
+    req.guard = cluster_guard("");
+    let e = get(&req).await.unwrap_err();
+    println!("{e}");
+    let DownloadError::Denied { refusal, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(refusal.addr.to_string(), "127.0.0.1");
+    assert_eq!(refusal.network, "127.0.0.0/8 (loopback)");
+    assert!(e.to_string().contains(super::guard::DENIED_SETTING), "{e}");
+    assert!(e.to_string().contains(super::guard::ALLOWED_SETTING), "{e}");
+    assert!(!e.is_retryable() && e.is_permanent());
+    assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
+    assert_gone(&req);
+    // head() says the same, before any connection.
+    let e = head(&req.url, 64, Duration::from_secs(2), &req.guard)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DownloadError::Denied { .. }), "{e:?}");
+    assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
+}
+
+#[tokio::test]
+async fn guard_refuses_a_host_name_that_resolves_to_a_denied_address() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/range/rand.img");
+    req.url = req.url.replace("127.0.0.1", "localhost");
+    req.guard = cluster_guard("");
+    let e = get(&req).await.unwrap_err();
+    let DownloadError::Denied { refusal, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(refusal.host, "localhost");
+    assert!(refusal.addr.is_loopback(), "{e}");
+    assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn guard_lets_an_allowed_network_through() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/range/rand.img");
+    req.url = req.url.replace("127.0.0.1", "localhost");
+    req.expected_sha512 = Some(sha512_hex(&fx.rand));
+    req.guard = cluster_guard("loopback");
+    get(&req).await.unwrap();
+    assert_file(&req, &fx.rand);
+    let e = head(&req.url, 16, Duration::from_secs(5), &req.guard).await;
+    assert_eq!(e.unwrap().bytes, fx.rand[..16].to_vec());
+}
+
+#[tokio::test]
+async fn guard_refuses_a_redirect_to_a_denied_address() {
+    let fx = Fixture::new().await;
+    let mut req = fx.request("/away/rand.img");
+    // 127.0.0.1 is allowed, the rest of loopback is not.
+    req.guard = cluster_guard("127.0.0.1");
+    let e = get(&req).await.unwrap_err();
+    println!("{e}");
+    let DownloadError::Denied { refusal, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(refusal.addr.to_string(), "127.0.0.2");
+    assert!(!e.is_retryable());
+    // One request, the redirect; not retried.
+    assert_eq!(fx.server.state.hits("/away/rand.img"), 1);
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn guard_refuses_the_metadata_address_even_on_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = DownloadRequest::new(
+        "http://169.254.169.254/latest/meta-data/",
+        dir.path().join("m.part"),
+    );
+    req.guard = super::guard::NetworkGuard::from_settings("", "", false, &[]).unwrap();
+    let started = std::time::Instant::now();
+    let e = get(&req).await.unwrap_err();
+    assert!(matches!(e, DownloadError::Denied { .. }), "{e:?}");
+    assert!(e.to_string().contains("169.254.0.0/16 (link-local)"), "{e}");
+    // Refused before any connection: no connect timeout was waited out.
+    assert!(started.elapsed() < Duration::from_secs(1));
 }

@@ -91,6 +91,10 @@ impl FileManagers {
                 req.expected_sha512 =
                     (!bi.status.checksum.is_empty()).then(|| bi.status.checksum.clone());
                 req.resume = true;
+                req.guard = self.settings.download_guard().map_err(|e| SourceFailure {
+                    permanent: true,
+                    error: Error::FailedPrecondition(format!("backing image {name:?}: {e}")),
+                })?;
                 let sink = percent_sink(progress.clone());
                 let work = download::download(&req, &sink, cancel.clone());
                 let outcome = self

@@ -538,3 +538,14 @@ mod tests {
         assert!(err.detail.contains("manifest ends"), "{err:?}");
     }
 }
+
+/// Fuzzing entry (feature `fuzzing`, `fuzz/`): a manifest that parses is written back byte for
+/// byte as it was read and parses to the same value.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz(data: &[u8]) {
+    if let Ok(m) = Manifest::parse(data) {
+        let again =
+            Manifest::parse(&m.to_bytes()).expect("a parsed manifest, written back, parses");
+        assert_eq!(again, m);
+    }
+}

@@ -340,3 +340,56 @@ mod tests {
         }
     }
 }
+
+/// Fuzzing entry (feature `fuzzing`, `fuzz/`): decodes `data` as a stream cut into chunks whose
+/// sizes come from the input's first byte, and checks what the receiver relies on: the header
+/// comes first; data lies inside the file, in order, never overlapping; the end record comes
+/// once and last; `finish` agrees with whether it came.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz(data: &[u8]) {
+    let Some((&step, body)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step).max(1);
+    let mut decoder = Decoder::default();
+    let mut events = Vec::new();
+    let mut failed = false;
+    for piece in body.chunks(step) {
+        if decoder
+            .feed(Bytes::copy_from_slice(piece), &mut events)
+            .is_err()
+        {
+            failed = true;
+            break;
+        }
+    }
+    let mut size = None;
+    let mut end = 0u64;
+    let mut ended = false;
+    for (i, e) in events.iter().enumerate() {
+        assert!(!ended, "an event after the end record");
+        match e {
+            Event::Start { size: s } => {
+                assert_eq!(i, 0, "the header is not first");
+                size = Some(*s);
+            }
+            Event::Data { offset, bytes } => {
+                let size = size.expect("data before the header");
+                let last = offset
+                    .checked_add(bytes.len() as u64)
+                    .expect("a record past u64");
+                assert!(*offset >= end, "records overlap or go back");
+                assert!(last <= size, "data past the file's size");
+                end = last;
+            }
+            Event::End => ended = true,
+        }
+    }
+    if !failed {
+        assert_eq!(
+            decoder.finish().is_ok(),
+            ended,
+            "finish disagrees with the end record"
+        );
+    }
+}

@@ -32,6 +32,8 @@ struct Shared {
 pub struct ImageServer {
     pub base: String,
     rate: Rate,
+    /// Requests received, of any path.
+    requests: Arc<AtomicU64>,
 }
 
 /// The body of `bytes`, in 64 KiB pieces at the server's rate (read again for every piece, so
@@ -129,16 +131,33 @@ impl ImageServer {
             rate: Arc::new(AtomicU64::new(0)),
         };
         let rate = shared.rate.clone();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
         let app = axum::Router::new()
             .route("/img/{name}", axum::routing::get(serve_file))
             .route("/nolength/{name}", axum::routing::get(serve_without_length))
             .route("/liar/{head}/{body}", axum::routing::get(serve_liar))
             .route("/redirect/{name}", axum::routing::get(redirect))
-            .with_state(shared);
+            .with_state(shared)
+            .layer(axum::middleware::map_request(
+                move |req: axum::extract::Request| {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    async move { req }
+                },
+            ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        ImageServer { base, rate }
+        ImageServer {
+            base,
+            rate,
+            requests,
+        }
+    }
+
+    /// How many requests the server has received.
+    pub fn hits(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     pub fn url(&self, name: &str) -> String {

@@ -415,3 +415,73 @@ async fn an_uploaded_image_whose_only_file_changed_cannot_be_recovered_and_says_
     assert!(ok, "{err}");
     assert!(backing_files(&b, "bi-up").is_empty());
 }
+
+/// Issue 19's download guard on the embedded `bicsi serve`: loopback is allowed by default (the
+/// image servers of every other test are on 127.0.0.1), link-local (the cloud metadata address)
+/// is refused without a connection, and a denied list set through the CLI applies at once.
+#[tokio::test]
+async fn the_download_guard_refuses_link_local_and_what_the_denied_setting_names() {
+    let b = Bicsi::start(1).await;
+    let mut c = b.client().await;
+    let create = |name: &str, url: &str| {
+        let source = format!("{{\"url\": \"{url}\"}}");
+        create_req(
+            name,
+            0,
+            &[
+                ("backingImage", name),
+                ("backingImageDataSourceType", "download"),
+                ("backingImageDataSourceParameters", &source),
+            ],
+        )
+    };
+    let started = Instant::now();
+    let s = c
+        .controller
+        .create_volume(create(
+            "bi-meta",
+            "http://169.254.169.254/latest/meta-data/",
+        ))
+        .await
+        .expect_err("the metadata address");
+    assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+    assert!(
+        s.message().contains("169.254.0.0/16 (link-local)"),
+        "{}",
+        s.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it tried to connect"
+    );
+
+    // A bad list is refused naming the entry; a good one applies to the next download.
+    let (ok, _, err) = b.cli(&[
+        "set",
+        "setting",
+        "backing-image-download-denied-networks",
+        "loopback,10.0.0.0/33",
+    ]);
+    assert!(!ok && err.contains("\"10.0.0.0/33\""), "{err}");
+    set(&b, "backing-image-download-denied-networks", "loopback");
+    let raw = ext4_image(b.dir.path(), 8);
+    let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
+    let s = c
+        .controller
+        .create_volume(create("bi-lo", &server.url("img.raw")))
+        .await
+        .expect_err("loopback is denied now");
+    assert!(
+        s.message().contains("127.0.0.0/8 (loopback)"),
+        "{}",
+        s.message()
+    );
+    assert_eq!(server.hits(), 0);
+    // The refused image waits out its backoff (as any failed source does); a new one downloads
+    // at once.
+    set(&b, "backing-image-download-denied-networks", "");
+    c.controller
+        .create_volume(create("bi-lo2", &server.url("img.raw")))
+        .await
+        .unwrap_or_else(|s| panic!("loopback allowed again: {s:?}"));
+}

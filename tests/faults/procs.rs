@@ -159,6 +159,8 @@ impl Cluster {
             controller,
         };
         c.wait_up(n).await;
+        // A cluster's downloads may not reach loopback by default; the image servers are there.
+        crate::kit::allow_loopback_downloads(&c.http, true);
         c
     }
 

@@ -271,6 +271,28 @@ impl Drop for Proc {
 
 /// Runs the `bicsi` CLI against the server at `http` (and the CSI socket `endpoint`); returns
 /// (success, stdout, stderr).
+/// Opens (or closes, `yes` false) the download guard's hole for 127.0.0.1 on the bicsi at
+/// `http`: a cluster's downloads may not reach loopback by default (issue 19), and the tests'
+/// image servers listen there, so the split-mode clusters of the tests open it as an operator
+/// would.
+pub fn allow_loopback_downloads(http: &str, yes: bool) {
+    let value = if yes { "127.0.0.1" } else { "" };
+    let (ok, out, err) = cli(
+        http,
+        None,
+        &[
+            "set",
+            "setting",
+            "backing-image-download-allowed-networks",
+            value,
+        ],
+    );
+    assert!(
+        ok,
+        "set setting backing-image-download-allowed-networks: {out}{err}"
+    );
+}
+
 pub fn cli(http: &str, endpoint: Option<&str>, args: &[&str]) -> (bool, String, String) {
     let mut cmd = bicsi();
     cmd.args(args)

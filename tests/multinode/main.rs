@@ -83,7 +83,16 @@ impl TestCluster {
             controller,
         };
         c.wait_up(n).await;
+        // In a cluster, downloads may not reach loopback by default; the image servers of these
+        // tests live there, so the cluster opens a hole for 127.0.0.1 as an operator would.
+        c.allow_loopback_downloads(true);
         c
+    }
+
+    /// Opens (or closes) the download guard's hole for 127.0.0.1, where the tests' image
+    /// servers listen.
+    pub fn allow_loopback_downloads(&self, yes: bool) {
+        kit::allow_loopback_downloads(&self.http, yes);
     }
 
     pub fn logs(&self) -> String {
@@ -536,6 +545,70 @@ async fn a_corrupted_transfer_is_caught_and_retried() {
 /// The id of the disk of `node` that the image's status lists.
 /// Split mode: the controller learns the size from the download's head and answers CreateVolume
 /// at once; the replicas on the node agents are made at attach, which waits for the file.
+/// Issue 19's download guard in a cluster: by default a URL on loopback is refused with a message
+/// naming the network and both settings, before anything connects to it; the allowed-networks
+/// setting opens the hole and the same URL then downloads.
+#[tokio::test]
+async fn a_cluster_refuses_downloads_from_loopback_until_the_hole_is_opened() {
+    let c = TestCluster::start(1).await;
+    c.allow_loopback_downloads(false);
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = images::ext4_image(&work, 16);
+    let server = images::ImageServer::start([("img.raw".to_string(), raw.clone())].into()).await;
+    let mut params = images::seed_sc_params(&server.url("img.raw"), "bi-guard");
+    params[0].1 = "1".into();
+    let mut ctl = c.controller_client().await;
+    let req = pb::CreateVolumeRequest {
+        name: "vol-guard".into(),
+        volume_capabilities: vec![mount_cap()],
+        parameters: params.iter().cloned().collect(),
+        ..Default::default()
+    };
+    let s = ctl
+        .controller
+        .create_volume(req.clone())
+        .await
+        .expect_err("a loopback URL in a cluster");
+    println!("{}", s.message());
+    assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+    for want in [
+        "127.0.0.0/8 (loopback)",
+        "backing-image-download-denied-networks",
+        "backing-image-download-allowed-networks",
+    ] {
+        assert!(s.message().contains(want), "{want}: {}", s.message());
+    }
+    assert_eq!(server.hits(), 0, "the guard connected to the server");
+    // The refused image waits out its backoff (as any failed source does): a new one downloads
+    // at once.
+    c.allow_loopback_downloads(true);
+    let mut params = images::seed_sc_params(&server.url("img.raw"), "bi-guard2");
+    params[0].1 = "1".into();
+    let req = pb::CreateVolumeRequest {
+        name: "vol-guard".into(),
+        volume_capabilities: vec![mount_cap()],
+        parameters: params.iter().cloned().collect(),
+        ..Default::default()
+    };
+    let v = ctl
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap_or_else(|s| panic!("CreateVolume with the hole open: {s:?}"))
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 16 * MIB);
+    let mut publish = cpublish_req("vol-guard", mount_cap(), false);
+    publish.node_id = "node-1".into();
+    publish_retrying(&mut ctl, publish).await;
+    let img = image(&c, "bi-guard2").await;
+    let files = img["status"]["diskFileStatusMap"].as_object().unwrap();
+    assert!(files.values().all(|f| f["state"] == "ready"), "{img}");
+    assert!(server.hits() > 0);
+}
+
 #[tokio::test]
 async fn create_volume_answers_at_once_while_a_node_agent_downloads() {
     let c = TestCluster::start(2).await;
