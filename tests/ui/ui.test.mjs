@@ -642,6 +642,14 @@ test("the split mode's controller serves the same page: its node and disk, a dow
     await p.goto(`${ctlUrl}/?split#/nodes`);
     await p.locator("#nodes tbody tr", { hasText: "split-n1" }).locator(".state-up").waitFor({ timeout: 30000 });
     await p.locator("#disks tbody tr", { hasText: "split-n1" }).waitFor();
+    // A cluster's downloads may not reach loopback by default (the download guard); this
+    // test's image server is there, so open the hole an operator would.
+    const hole = await fetch(`${ctlUrl}/v1/settings/backing-image-download-allowed-networks`, {
+      method: "PUT",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ value: "127.0.0.1" }),
+    });
+    assert.equal(hole.status, 200, await hole.text());
     await p.goto(`${ctlUrl}/?split2#/backingimages`);
     await p.getByRole("button", { name: "Create backing image" }).click();
     const dialog = p.locator("dialog[open]");
