@@ -41,7 +41,10 @@
 //! same reason; a new child whose backing is the healthy child cannot join the quorum (a
 //! backing link unshares WRITE, which the quorum needs) and `block-stream` refuses a written
 //! intermediate node; a new child whose backing reads the export's own FUSE file from inside
-//! the daemon hangs the daemon. An attached volume runs degraded and its err replicas are
+//! the daemon hangs the daemon; one whose backing is read over NBD from a separate `qemu-nbd`
+//! joins the quorum and takes writes, but neither `block-stream` nor a backup through a
+//! `copy-on-read` filter may fill it (RESIZE, WRITE), and a read-only FUSE export of that
+//! filter hangs the daemon. An attached volume runs degraded and its err replicas are
 //! rebuilt at its next attach or once it is detached. Progress shows the phase, not a byte
 //! count (the copy runs in one call on the target's node).
 
