@@ -170,7 +170,8 @@ enum PathName {
 }
 
 impl PathName {
-    /// Every path but the engine candidates, which take minutes each (name them to run them).
+    /// Every path but the engine candidates, which take minutes each, and the rebuild (name them
+    /// to run them).
     fn all() -> Vec<PathName> {
         PathName::value_variants()
             .iter()
@@ -182,6 +183,7 @@ impl PathName {
                         | PathName::VolumeIoFuseTuned
                         | PathName::VolumeIoLoopRaw
                         | PathName::VolumeIoLoop
+                        | PathName::Rebuild
                 )
             })
             .collect()
