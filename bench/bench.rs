@@ -68,6 +68,7 @@ mod download_verify;
 mod engines;
 mod fio;
 mod images;
+mod rebuild;
 mod results;
 mod sync_cross;
 mod sync_same_node;
@@ -163,10 +164,14 @@ enum PathName {
     /// The loop engine as it ships: a bicsi volume on an XFS-with-reflink disk (engine chosen
     /// automatically), same jobs as the candidates, vs a plain loop device in the same XFS.
     VolumeIoLoop,
+    /// A replica rebuilt by hand (detached 2-replica volume of --size, a quarter written) vs
+    /// `cp --sparse=always` of the source replica's file, and the same with `sync` (issue 15).
+    Rebuild,
 }
 
 impl PathName {
-    /// Every path but the engine candidates, which take minutes each (name them to run them).
+    /// Every path but the engine candidates, which take minutes each, and the rebuild (name them
+    /// to run them).
     fn all() -> Vec<PathName> {
         PathName::value_variants()
             .iter()
@@ -178,6 +183,7 @@ impl PathName {
                         | PathName::VolumeIoFuseTuned
                         | PathName::VolumeIoLoopRaw
                         | PathName::VolumeIoLoop
+                        | PathName::Rebuild
                 )
             })
             .collect()
@@ -413,6 +419,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::VolumeIoFuseTuned => engines::fuse_tuned(b, checks).await,
         PathName::VolumeIoLoopRaw => engines::loop_raw(b, checks).await,
         PathName::VolumeIoLoop => engines::loop_engine(b, checks).await,
+        PathName::Rebuild => rebuild::rebuild(b, checks).await,
     }
 }
 

@@ -622,7 +622,14 @@ impl Agent for LocalAgent {
 
     async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
         let (a, b) = (a.path.clone(), b.path.clone());
-        blocking(move || Ok(crate::os::compare::identical_files(&a, &b)?)).await
+        blocking(move || {
+            let same = crate::os::compare::identical_files(&a, &b);
+            // A rebuild's copy left both files' pages cached for this read; they go now.
+            crate::sync::drop_cache(&a);
+            crate::sync::drop_cache(&b);
+            Ok(same?)
+        })
+        .await
     }
 
     async fn copy_replica_from(

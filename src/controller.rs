@@ -116,6 +116,9 @@ pub struct Controller {
     attach_slots: tokio::sync::Mutex<()>,
     /// Rebuilds running per node (`rebuild`), against `concurrent-replica-rebuilds-per-node`.
     rebuild_slots: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Volumes with a rebuild copying now (`rebuild`): the copy runs without the volume's
+    /// guard, so this is what tells a running rebuild from one a crash cut.
+    rebuilding: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 /// The CSI volume id for a volume name: the name itself when it is a safe file and path
@@ -274,6 +277,7 @@ impl Controller {
             guards: Guards::default(),
             attach_slots: tokio::sync::Mutex::new(()),
             rebuild_slots: Default::default(),
+            rebuilding: Default::default(),
         }
     }
 
@@ -528,6 +532,7 @@ impl Controller {
 
     pub async fn delete_volume(&self, id: &str) -> Result<()> {
         let _guard = self.guards.try_take(id, "volume")?;
+        self.refuse_while_rebuilding(id)?;
         let Some(volume) = self.get(id)? else {
             return Ok(());
         };
@@ -561,6 +566,7 @@ impl Controller {
     ) -> Result<BTreeMap<String, String>> {
         check_capabilities(std::slice::from_ref(&capability))?;
         let _guard = self.guards.try_take(id, "volume")?;
+        self.note_publish_during_rebuild(id);
         let mut volume = self.must_get(id)?;
         if !self.cluster.known(node_id) {
             return Err(Error::NotFound(format!(
@@ -631,7 +637,10 @@ impl Controller {
             .any(|r| r.health.mode != crate::health::ReplicaMode::Rw)
             && volume.fault.is_none()
         {
-            match self.rebuild_detached(&mut volume, None).await {
+            match self
+                .rebuild_detached(&mut volume, None, rebuild::Records::Held)
+                .await
+            {
                 Ok(r) if !r.skipped.is_empty() => {
                     tracing::warn!(volume = %id, skipped = ?r.skipped, "attaching without rebuilding some replicas");
                 }
@@ -910,6 +919,7 @@ impl Controller {
         is_block: bool,
     ) -> Result<(u64, bool)> {
         let _guard = self.guards.try_take(id, "volume")?;
+        self.refuse_while_rebuilding(id)?;
         let mut volume = self.must_get(id)?;
         let size = size_for_range(required, limit, volume.spec.capacity_bytes)?;
         if size <= volume.spec.capacity_bytes {
@@ -941,6 +951,7 @@ impl Controller {
         };
         let wanted = params::parse_replicas(wanted)?;
         let _guard = self.guards.try_take(id, "volume")?;
+        self.refuse_while_rebuilding(id)?;
         let mut volume = self.must_get(id)?;
         if volume.spec.number_of_replicas == wanted {
             return Ok(());

@@ -463,7 +463,17 @@ pub fn restore(
         });
     }
     build(dest, |tmp| {
-        copy_file("snapshot", src, tmp)?;
+        // Its pages stay cached: a rebuild compares the copy with its source next, and the
+        // node's compare drops them (`Agent::compare_replicas`).
+        crate::sync::local_copy_keeping_cache(src, tmp)
+            .map(drop)
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "copying snapshot {} to {}: {e}",
+                    src.display(),
+                    tmp.display()
+                ))
+            })?;
         let current = os.images.info(tmp)?.backing_file;
         let wanted = backing.map(|(p, _)| p.to_path_buf());
         if !same_image {

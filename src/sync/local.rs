@@ -54,6 +54,25 @@ pub struct CopyOutcome {
 ///
 /// Blocking: call it from a blocking thread. `src` must not change during the copy.
 pub fn local_copy(src: &Path, dst: &Path) -> Result<CopyOutcome, SyncError> {
+    copy_durably(src, dst, true)
+}
+
+/// [`local_copy`] that leaves the pages of `src` and `dst` in the page cache: for a caller that
+/// reads both again at once (a rebuild's `qemu-img compare`, which after a drop read them from
+/// the disk: measured 2.4 s against 0.17 s for a 257 MiB replica) and drops them itself
+/// ([`drop_cache`]). `dst` is fsync'ed all the same.
+pub fn local_copy_keeping_cache(src: &Path, dst: &Path) -> Result<CopyOutcome, SyncError> {
+    copy_durably(src, dst, false)
+}
+
+/// Drops the page cache of `path` (advice only: errors are ignored).
+pub fn drop_cache(path: &Path) {
+    if let Ok(f) = File::open(path) {
+        let _ = posix_fadvise(&f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+}
+
+fn copy_durably(src: &Path, dst: &Path, drop_pages: bool) -> Result<CopyOutcome, SyncError> {
     let started = Instant::now();
     let source = File::open(src).map_err(|e| SyncError::io("opening", src, e))?;
     let meta = source
@@ -80,9 +99,11 @@ pub fn local_copy(src: &Path, dst: &Path) -> Result<CopyOutcome, SyncError> {
         .sync_all()
         .map_err(|e| SyncError::io("syncing", dst, e))?;
     // Advice only: the data is on disk, so dropping its pages cannot lose anything.
-    let _ = posix_fadvise(&target, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-    if outcome.method == CopyMethod::SparseCopy {
-        let _ = posix_fadvise(&source, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    if drop_pages {
+        let _ = posix_fadvise(&target, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        if outcome.method == CopyMethod::SparseCopy {
+            let _ = posix_fadvise(&source, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        }
     }
     guard.disarm();
     info!(

@@ -541,3 +541,79 @@ async fn kill9_during_a_rebuild_restarts_it_and_the_replica_is_never_rw_before()
     fio(&dev, 768, true);
     ok(&s, &["volume", "detach", VOLUME]);
 }
+
+/// The rebuild holds the volume's guard only to read and write its record: an attach that
+/// arrives while a replica is copied is answered without waiting for the copy, attaches from
+/// the rw replica, and the copy's result is dropped (the engine does not write the target), so
+/// the target goes back to err and is rebuilt once the volume is detached.
+#[tokio::test]
+async fn an_attach_during_a_rebuild_is_answered_at_once_and_the_copy_starts_over() {
+    if !root_or_skip("an_attach_during_a_rebuild_is_answered_at_once_and_the_copy_starts_over") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("bicsi-replicas-")
+        .tempdir()
+        .unwrap();
+    let disks: Vec<PathBuf> = (1..=2).map(|i| dir.path().join(format!("d{i}"))).collect();
+    for d in &disks {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let s = Serve::start(dir.path(), disks.clone()).await;
+    let dev = dir.path().join("blk");
+    create_two_replicas_and_attach(&s, &dev, "1Gi", &[]).await;
+    fio(&dev, 768, false);
+    ok(&s, &["volume", "detach", VOLUME]);
+    let list = replicas(&s);
+    let (source, target) = (list[0].clone(), list[1].clone());
+    let target_id = target["replica"].as_str().unwrap().to_string();
+    let http = s.http.clone();
+    let endpoint = s.endpoint.clone();
+    let from = source["replica"].as_str().unwrap().to_string();
+    let rebuild = std::thread::spawn(move || {
+        crate::kit::cli(
+            &http,
+            Some(&endpoint),
+            &["volume", "rebuild", VOLUME, "--from", &from],
+        )
+    });
+    wait_mode(&s, &target_id, "wo", Duration::from_secs(20)).await;
+    let asked = std::time::Instant::now();
+    let (good, out, err) = s.cli(&["volume", "attach", VOLUME, "--block", dev.to_str().unwrap()]);
+    let took = asked.elapsed();
+    assert!(good, "attach failed:\n{out}\n{err}\n{}", s.log());
+    let now = replicas(&s)
+        .into_iter()
+        .find(|r| r["replica"] == target_id.as_str())
+        .unwrap();
+    eprintln!("attach answered in {took:?} during the rebuild; the target is then {now}");
+    // Had the attach waited for the copy (the guard held through it), the target would be rw
+    // by now; it is still being copied, or its copy was dropped.
+    assert_ne!(
+        now["mode"], "rw",
+        "the attach waited for the rebuild: {now}"
+    );
+    let _ = rebuild.join();
+    let dropped = wait_mode(&s, &target_id, "err", Duration::from_secs(60)).await;
+    assert!(
+        dropped["modeReason"]
+            .as_str()
+            .unwrap()
+            .contains("attached while it was rebuilt"),
+        "{dropped}"
+    );
+    fio(&dev, 768, true);
+    ok(&s, &["volume", "detach", VOLUME]);
+    let done = wait_mode(&s, &target_id, "rw", Duration::from_secs(60)).await;
+    assert!(
+        done["modeReason"]
+            .as_str()
+            .unwrap()
+            .contains("verified identical"),
+        "{done}"
+    );
+    assert!(identical(
+        source["path"].as_str().unwrap(),
+        done["path"].as_str().unwrap()
+    ));
+}
