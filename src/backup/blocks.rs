@@ -827,8 +827,7 @@ async fn restore_into(
         checkpoint(job, part, digest, p.blocks_done).await?;
         progress(p);
     }
-    if let Some(view) = original_view {
-        let f = std::fs::File::open(&view).map_err(|e| io("cannot open", &view, e))?;
+    if let Some(original) = original_view {
         let mut data = vec![0u8; meta.block_size as usize];
         let skip = resume
             .saturating_sub(meta.blocks.len())
@@ -843,7 +842,7 @@ async fn restore_into(
                 if zero {
                     cmd.arg("-c").arg(format!("write -q -z {off} {len}"));
                 } else {
-                    read_at(&f, &view, off, &mut data[..len as usize])?;
+                    original.read(off, &mut data[..len as usize])?;
                     let b = job.work_dir.join(format!("original-{index}"));
                     std::fs::write(&b, &data[..len as usize])
                         .map_err(|e| io("cannot write", &b, e))?;
@@ -897,10 +896,65 @@ async fn run_qemu_io(mut cmd: Command, part: &Path, backup: &str) -> Result<()> 
     Ok(())
 }
 
+/// A backing image read block by block where it is, never converted when it need not be: a raw
+/// file as it is; a qcow2 file at the host offsets of its extents (`qemu-img map`: no backing
+/// chain, no compressed clusters); else (compressed clusters) through a raw copy. Its extent
+/// map tells which blocks read as zeros without reading them.
+struct ImageReader {
+    path: PathBuf,
+    file: std::fs::File,
+    /// The qcow2 extents to read at their host offsets; None: `file` is a raw view.
+    own: Option<Vec<Extent>>,
+    map: Vec<Extent>,
+}
+
+impl ImageReader {
+    fn open(image: &(PathBuf, ImageFormat), scratch: &Path) -> Result<ImageReader> {
+        let (path, format) = image;
+        let extents = map(path, *format)?;
+        let (path, own) = match format {
+            ImageFormat::Raw => (path.clone(), None),
+            ImageFormat::Qcow2 if readable_in_place(&extents) => {
+                (path.clone(), Some(extents.clone()))
+            }
+            _ => (raw_view(path, *format, false, scratch)?, None),
+        };
+        let file = std::fs::File::open(&path).map_err(|e| io("cannot open", &path, e))?;
+        Ok(ImageReader {
+            path,
+            file,
+            own,
+            map: extents,
+        })
+    }
+
+    /// Whether `[off, off + len)` reads as zeros by the extent map alone (past the end: zeros).
+    fn zero_by_map(&self, off: u64, len: u64) -> bool {
+        let end = off + len;
+        self.map
+            .iter()
+            .filter(|e| e.start < end && e.start + e.length > off)
+            .all(|e| e.zero || !e.data)
+    }
+
+    /// Reads `buf.len()` bytes at `off` (zeros past the end).
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.own {
+            Some(extents) => {
+                buf.fill(0);
+                overlay_own(&self.file, &self.path, extents, off, buf)
+            }
+            None => read_at(&self.file, &self.path, off, buf),
+        }
+    }
+}
+
 /// The blocks a backup left out (not in `listed`: equal to its original image, zeros past that
 /// image's end) where the override image `over` reads otherwise, each with whether the
-/// original's bytes there are zeros; and the original's raw view (in `work_dir` unless it is a
-/// raw file) to read their bytes from. Both images are read through raw views.
+/// original's bytes there are zeros; and the original's reader to take their bytes from. Only
+/// blocks that hold data in one of the two images by their extent maps are read (a block that
+/// is zeros in both is equal), each where it is in its file ([`ImageReader`]); how many were
+/// read is logged.
 fn differing_blocks(
     original: &(PathBuf, ImageFormat),
     over: &(PathBuf, ImageFormat),
@@ -908,27 +962,44 @@ fn differing_blocks(
     size: u64,
     bs: u64,
     work_dir: &Path,
-) -> Result<(Vec<(u64, bool)>, PathBuf)> {
-    let a = raw_view(
-        &original.0,
-        original.1,
-        false,
-        &work_dir.join("original.raw"),
-    )?;
-    let b = raw_view(&over.0, over.1, false, &work_dir.join("override.raw"))?;
-    let fa = std::fs::File::open(&a).map_err(|e| io("cannot open", &a, e))?;
-    let fb = std::fs::File::open(&b).map_err(|e| io("cannot open", &b, e))?;
+) -> Result<(Vec<(u64, bool)>, ImageReader)> {
+    let a = ImageReader::open(original, &work_dir.join("original.raw"))?;
+    let b = ImageReader::open(over, &work_dir.join("override.raw"))?;
     let mut out = Vec::new();
     let (mut da, mut db) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
+    let (mut read, mut skipped) = (0u64, 0u64);
     for index in (0..size.div_ceil(bs)).filter(|i| !listed.contains(i)) {
         let off = index * bs;
         let len = bs.min(size - off) as usize;
-        read_at(&fa, &a, off, &mut da[..len])?;
-        read_at(&fb, &b, off, &mut db[..len])?;
+        let (za, zb) = (
+            a.zero_by_map(off, len as u64),
+            b.zero_by_map(off, len as u64),
+        );
+        if za && zb {
+            skipped += 1;
+            continue;
+        }
+        read += 1;
+        if za {
+            da[..len].fill(0);
+        } else {
+            a.read(off, &mut da[..len])?;
+        }
+        if zb {
+            db[..len].fill(0);
+        } else {
+            b.read(off, &mut db[..len])?;
+        }
         if da[..len] != db[..len] {
             out.push((index, is_zero(&da[..len])));
         }
     }
+    tracing::info!(
+        blocks_read = read,
+        blocks_zero_in_both = skipped,
+        differing = out.len(),
+        "restore over an override: compared the left-out blocks of the two images"
+    );
     Ok((out, a))
 }
 
@@ -974,7 +1045,58 @@ mod tests {
         )
         .unwrap();
         assert_eq!(blocks, [(0, true), (3, true)]);
-        assert_eq!(view, a, "a raw original is read as it is");
+        assert_eq!(view.path, a, "a raw original is read as it is");
+    }
+
+    /// A qcow2 original is read in place (no raw copy in the work dir), sparse raw files by
+    /// their data only: blocks that are zeros in both by the maps are not read, and still equal.
+    #[test]
+    fn a_qcow2_original_is_compared_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 64u64 << 10;
+        let mut original = vec![0u8; 8 * bs as usize];
+        original[..bs as usize].fill(3); // block 0: data in both, equal
+        original[2 * bs as usize..3 * bs as usize].fill(4); // block 2: differs
+        let raw = dir.path().join("o.raw");
+        std::fs::write(&raw, &original).unwrap();
+        let qcow2 = dir.path().join("o.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow2)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // The override: sparse, block 0 as the original, block 2 other, block 5 data.
+        let over = dir.path().join("over.raw");
+        let f = std::fs::File::create(&over).unwrap();
+        f.set_len(8 * bs).unwrap();
+        f.write_all_at(&vec![3u8; bs as usize], 0).unwrap();
+        f.write_all_at(&vec![5u8; bs as usize], 2 * bs).unwrap();
+        f.write_all_at(&vec![6u8; bs as usize], 5 * bs).unwrap();
+        drop(f);
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let (blocks, reader) = differing_blocks(
+            &(qcow2.clone(), ImageFormat::Qcow2),
+            &(over, ImageFormat::Raw),
+            &HashSet::new(),
+            8 * bs,
+            bs,
+            &work,
+        )
+        .unwrap();
+        assert_eq!(blocks, [(2, false), (5, true)]);
+        assert!(
+            reader.own.is_some() && reader.path == qcow2,
+            "read in place"
+        );
+        assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "no raw copy");
+        // Blocks 3, 4, 6, 7 are zeros in both by the maps alone.
+        assert!(reader.zero_by_map(3 * bs, bs) && !reader.zero_by_map(2 * bs, bs));
+        let mut buf = vec![0u8; bs as usize];
+        reader.read(2 * bs, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 4));
     }
 
     #[test]
