@@ -11,7 +11,8 @@
 //!
 //! Paths: download + verify; same-node sync on ext4 (the work dir's filesystem) and on XFS with
 //! reflink (a loop-mounted file, root only); cross-node sync between two node agents; attach of
-//! a new volume for two image sizes (root only). Every process, mount, loop device and
+//! a new volume for two image sizes (root only); backup and restore to a backup target (root
+//! only, `backup`). Every process, mount, loop device and
 //! qemu-storage-daemon a run leaves behind is removed by a guard ([`SweepOnDrop`]), also on
 //! failure. The volume engine candidates of issue 14 (`engines`) print their own tables of
 //! IOPS and throughput and run only when named.
@@ -61,6 +62,7 @@ mod kit;
 
 mod api;
 mod attach;
+mod backup;
 mod control;
 mod create_downloading;
 mod daemon;
@@ -153,6 +155,9 @@ enum PathName {
     /// CreateVolume of volumes from a backing image whose download is still under way (it
     /// stalls on purpose) vs CreateVolume of plain volumes; target: median under 100 ms.
     CreateDownloading,
+    /// Backup and restore of a volume with a quarter written over an image, to file:// and a
+    /// local S3 server, vs `tar | zstd` and restic; the incremental after 1% more (root).
+    Backup,
     /// Engine candidates (issue 14), not run by default: bicsi's volume as shipped, with fio's
     /// job matrix (seq 1M / rand 4k, read / write, depth 1 / 32) vs a plain loop device.
     VolumeIoFuse,
@@ -415,6 +420,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::Control => control::control(b, checks).await,
         PathName::VolumeIo => volume_io::volume_io(b, checks).await,
         PathName::CreateDownloading => create_downloading::create_downloading(b, checks).await,
+        PathName::Backup => backup::backup(b, checks).await,
         PathName::VolumeIoFuse => engines::fuse(b, checks).await,
         PathName::VolumeIoFuseTuned => engines::fuse_tuned(b, checks).await,
         PathName::VolumeIoLoopRaw => engines::loop_raw(b, checks).await,

@@ -706,6 +706,8 @@ impl Agent for LocalAgent {
             backing,
             block_size: req.block_size,
             full: req.full,
+            compression: req.compression,
+            volume_parameters: req.volume_parameters,
         };
         crate::backup::blocks::backup(job, progress).await
     }
@@ -803,8 +805,18 @@ impl Agent for LocalAgent {
             disk_id: disk.id.clone(),
             path: crate::snapshot::snapshot_path(&disk, &req.restore_id),
         };
-        // Always built anew: a file left by an attempt a restart cut off is not trusted.
-        crate::snapshot::remove(&file)?;
+        // A finished file of an earlier attempt is built again; a `.part` file a restart cut
+        // off is continued when its checkpoint is of this very job (`backup::blocks::restore`).
+        match std::fs::remove_file(&file.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "cannot remove {}: {e}",
+                    file.path.display()
+                )));
+            }
+        }
         let job = crate::backup::blocks::RestoreJob {
             target,
             meta: req.meta,

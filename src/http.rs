@@ -561,7 +561,16 @@ async fn put_setting(
             )));
         }
     };
-    Ok(Json(settings(&s)?.set(&name, &value)?))
+    let settings = settings(&s)?;
+    // A backup target is reached before it is stored: a wrong path or store fails here, not
+    // at the first backup.
+    if name == crate::settings::BACKUP_TARGET {
+        let checked = crate::settings::check(&name, &value)?;
+        let creds = settings.text(crate::settings::BACKUP_TARGET_CREDENTIAL_FILE)?;
+        let creds = (!creds.is_empty()).then(|| std::path::PathBuf::from(creds));
+        crate::backup::target::check_new_target(&checked, creds.as_deref()).await?;
+    }
+    Ok(Json(settings.set(&name, &value)?))
 }
 
 async fn list_storage_classes(State(s): State<ApiState>) -> ApiResult<Json<Vec<StorageClass>>> {
@@ -622,8 +631,8 @@ async fn list_backups(
     ))
 }
 
-/// `POST /v1/backups` `{"volume":"V","name":"B","full":false}`: starts the backup (202); its
-/// record shows the progress.
+/// `POST /v1/backups` `{"volume":"V","name":"B","full":false,"compression":"lz4"}`: starts the
+/// backup (202); its record shows the progress.
 async fn create_backup(
     State(s): State<ApiState>,
     bytes: Bytes,
@@ -668,10 +677,13 @@ struct RestoreRequest {
     backing_image: Option<String>,
     #[serde(default)]
     size_bytes: u64,
+    #[serde(default)]
+    parameters: std::collections::BTreeMap<String, String>,
 }
 
-/// `POST /v1/backups/{name}/restore` `{"volume":"NEW","backingImage":"IMG"}`: starts the
-/// restore (202); `GET /v1/restores/{volume}` shows it.
+/// `POST /v1/backups/{name}/restore` `{"volume":"NEW","backingImage":"IMG","parameters":{..}}`:
+/// starts the restore (202); `GET /v1/restores/{volume}` shows it. Without parameters the
+/// volume takes those the backup recorded (replica count, engine, ...); given ones win.
 async fn restore_backup(
     State(s): State<ApiState>,
     Path(name): Path<String>,
@@ -685,6 +697,7 @@ async fn restore_backup(
             volume: req.volume,
             backing_image: req.backing_image.filter(|b| !b.is_empty()),
             size_bytes: req.size_bytes,
+            parameters: req.parameters,
         })?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }

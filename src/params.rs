@@ -17,6 +17,8 @@ pub const BACKING_IMAGE_CHECKSUM: &str = "backingImageChecksum";
 pub const ENGINE: &str = crate::volume_engine::PARAMETER;
 /// The block size of the volume's backups (`2Mi` by default, `16Mi` for large volumes).
 pub const BACKUP_BLOCK_SIZE: &str = "backupBlockSize";
+/// How the volume's backup blocks are compressed: `zstd` (the default), `lz4` or `none`.
+pub const BACKUP_COMPRESSION: &str = "backupCompression";
 
 /// Every parameter key bicsi accepts (besides the `csi.storage.k8s.io/` keys the sidecars add).
 pub const ACCEPTED: &[&str] = &[
@@ -29,6 +31,7 @@ pub const ACCEPTED: &[&str] = &[
     BACKING_IMAGE_CHECKSUM,
     ENGINE,
     BACKUP_BLOCK_SIZE,
+    BACKUP_COMPRESSION,
 ];
 
 /// The backing image a volume asks for, and how to create it if it does not exist.
@@ -105,6 +108,9 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
             }
             BACKUP_BLOCK_SIZE => {
                 crate::backup::layout::parse_block_size(value.trim())?;
+            }
+            BACKUP_COMPRESSION => {
+                crate::backup::layout::Compression::parse(value)?;
             }
             other => {
                 return Err(Error::InvalidArgument(format!(

@@ -19,10 +19,16 @@ struct Served {
     http: String,
     child: Option<Child>,
     starts: u32,
+    /// More `bicsi serve` arguments (disks).
+    extra: Vec<String>,
 }
 
 impl Served {
     fn start(dir: &Path) -> Served {
+        Served::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Served {
         std::fs::create_dir_all(dir).unwrap();
         let mut s = Served {
             dir: dir.to_path_buf(),
@@ -30,6 +36,7 @@ impl Served {
             http: String::new(),
             child: None,
             starts: 0,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.launch();
         s
@@ -55,6 +62,7 @@ impl Served {
             .arg(self.dir.join("data"))
             .arg("--csi-endpoint")
             .arg(&self.endpoint)
+            .args(&self.extra)
             .stderr(log)
             .spawn()
             .unwrap();
@@ -224,13 +232,21 @@ fn set_target(s: &Served, dir: &Path) {
     ]);
 }
 
-/// Block files stored in the target for a backup volume.
+/// Block files stored in the target for a backup volume, of any compression.
 fn stored_blocks(target: &Path, volume: &str) -> usize {
-    fn walk(p: &Path, n: &mut usize) {
+    ["zst", "lz4", "raw"]
+        .iter()
+        .map(|ext| stored_blocks_as(target, volume, ext))
+        .sum()
+}
+
+/// Block files stored in the target for a backup volume with the extension `ext` (zst, lz4, raw).
+fn stored_blocks_as(target: &Path, volume: &str, ext: &str) -> usize {
+    fn walk(p: &Path, ext: &str, n: &mut usize) {
         for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
             if e.path().is_dir() {
-                walk(&e.path(), n);
-            } else if e.path().extension().is_some_and(|x| x == "zst") {
+                walk(&e.path(), ext, n);
+            } else if e.path().extension().is_some_and(|x| x == ext) {
                 *n += 1;
             }
         }
@@ -238,9 +254,30 @@ fn stored_blocks(target: &Path, volume: &str) -> usize {
     let mut n = 0;
     walk(
         &target.join("backupvolumes").join(volume).join("blocks"),
+        ext,
         &mut n,
     );
     n
+}
+
+/// A backup's metadata document in a `file://` target.
+fn backup_meta(target: &Path, volume: &str, name: &str) -> serde_json::Value {
+    let p = target.join(format!("backupvolumes/{volume}/backups/{name}.json"));
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+/// Files under `dir` whose name ends with `suffix`.
+fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(files_ending(&p, suffix));
+        } else if p.to_string_lossy().ends_with(suffix) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 const MIB: u64 = 1 << 20;
@@ -621,21 +658,69 @@ fn kill_9_during_a_backup_and_during_a_restore() {
     let mut expected = String::new();
     s.with_block("big", |dev| expected = sha_of_device(dev, 256 * MIB));
 
-    s.ok(&["backup", "restore", "big-ok", "again", "--no-wait"]);
-    wait_until(
-        "the restore to make progress",
-        Duration::from_secs(60),
-        || {
-            let v = http_get_json(&s.http, "/v1/restores/again");
-            v["bytesFetched"].as_u64().unwrap_or(0) > 0
-        },
-    );
-    s.kill_and_restart();
-    // The restore starts again by itself and ends with the volume, complete.
-    wait_until("the restarted restore", Duration::from_secs(120), || {
-        s.bicsi(&["get", "volume", "again"]).status.success()
+    // The blocks the restore fetches: the backup's blocks that have content.
+    let meta = backup_meta(&target, "big", "big-ok");
+    let with_content = meta["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["h"].is_string())
+        .count() as u64;
+    assert!(with_content >= 80, "{with_content}");
+    // The kill lands once the restore has checkpointed some blocks (its record counts them
+    // after the checkpoint is on disk) and before it has finished: bicsi is stopped, and killed
+    // only while the restore's checkpoint file is there; a restore quicker than the test is let
+    // go and another one tried.
+    let data_dir = s.dir.join("data");
+    let mut cut = None;
+    for attempt in 0..5 {
+        let volume = format!("again{attempt}");
+        s.ok(&["backup", "restore", "big-ok", &volume, "--no-wait"]);
+        wait_until(
+            "the restore to write blocks",
+            Duration::from_secs(60),
+            || {
+                let v = http_get_json(&s.http, &format!("/v1/restores/{volume}"));
+                v["blocksDone"].as_u64().unwrap_or(0) > 0 || v["state"] != "in-progress"
+            },
+        );
+        let pid = nix::unistd::Pid::from_raw(s.child.as_ref().unwrap().id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let checkpoints = files_ending(&data_dir, ".qcow2.progress");
+        let done: Option<u64> = checkpoints.first().and_then(|p| {
+            let c: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+            c["done"].as_u64()
+        });
+        match done {
+            Some(d) if d > 0 && d < with_content => {
+                s.kill_and_restart();
+                cut = Some((volume, d));
+                break;
+            }
+            _ => nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap(),
+        }
+        wait_until("the uncut restore", Duration::from_secs(120), || {
+            s.bicsi(&["get", "volume", &volume]).status.success()
+        });
+    }
+    let (volume, done_before) = cut.expect("five restores all ended before bicsi could be stopped");
+    // The restore continues by itself from its checkpoint and ends with the volume, complete.
+    wait_until("the continued restore", Duration::from_secs(120), || {
+        s.bicsi(&["get", "volume", &volume]).status.success()
     });
-    s.with_block("again", |dev| {
+    let r = http_get_json(&s.http, &format!("/v1/restores/{volume}"));
+    assert_eq!(r["state"], "completed", "{r}");
+    assert_eq!(r["attempts"], 2, "{r}");
+    // The second run fetched only the blocks after the checkpoint, not the whole backup.
+    let fetched = r["blocksFetched"].as_u64().unwrap();
+    assert!(fetched > 0, "{r}");
+    assert!(
+        fetched <= with_content - done_before && fetched < with_content,
+        "the continued restore fetched {fetched} of {with_content} blocks, {done_before} were checkpointed: {r}"
+    );
+    assert!(files_ending(&data_dir, ".qcow2.progress").is_empty());
+    assert!(files_ending(&data_dir, ".qcow2.part").is_empty());
+    s.with_block(&volume, |dev| {
         assert_eq!(sha_of_device(dev, 256 * MIB), expected)
     });
 }
@@ -772,12 +857,30 @@ fn s3_target_round_trip_incremental_and_clear_errors() {
         "s3://backups/cluster-1?endpoint=http://127.0.0.1:{}&region=us-east-1&path-style=true",
         s3.port
     );
+    // Without credentials, then with wrong ones, the target is refused at set time, by name.
+    let e = s.fails(&["set", "setting", "backup-target", &url]);
+    assert!(
+        e.contains(&url) && e.contains("backup-target-credential-file"),
+        "{e}"
+    );
+    std::fs::write(
+        &creds,
+        "AWS_ACCESS_KEY_ID=bicsi-key\nAWS_SECRET_ACCESS_KEY=wrong\n",
+    )
+    .unwrap();
     s.ok(&[
         "set",
         "setting",
         "backup-target-credential-file",
         creds.to_str().unwrap(),
     ]);
+    let e = s.fails(&["set", "setting", "backup-target", &url]);
+    assert!(e.contains(&url) && e.contains("unchanged"), "{e}");
+    std::fs::write(
+        &creds,
+        "AWS_ACCESS_KEY_ID=bicsi-key\nAWS_SECRET_ACCESS_KEY=bicsi-secret\n",
+    )
+    .unwrap();
     s.ok(&["set", "setting", "backup-target", &url]);
 
     s.ok(&[
@@ -921,4 +1024,265 @@ fn a_backup_of_an_attached_volume_holds_its_content_when_the_backup_started() {
     s.with_block("live-back", |dev| {
         assert_eq!(sha_of_device(dev, 32 * MIB), expected)
     });
+}
+
+/// A volume whose backups are lz4 (`backupCompression`): its blocks are `.lz4` objects and the
+/// restore is byte for byte; an incremental backup in zstd (`--compression`) reuses the lz4
+/// blocks, puts only the changed one, and its restore reads the mix; `none` stores blocks as
+/// they are. A bad compression and a target that is not a directory are refused by name.
+#[test]
+fn lz4_backups_restore_and_an_incremental_changes_compression() {
+    if !is_root() {
+        return;
+    }
+    let (base, s, target) = Served::with_file_target();
+    let e = s.fails(&[
+        "volume",
+        "create",
+        "bad",
+        "--size",
+        "16Mi",
+        "-p",
+        "backupCompression=gzip",
+    ]);
+    assert!(e.contains("gzip") && e.contains("lz4"), "{e}");
+    s.ok(&[
+        "volume",
+        "create",
+        "lz",
+        "--size",
+        "32Mi",
+        "-p",
+        "numberOfReplicas=1",
+        "-p",
+        "backupCompression=lz4",
+    ]);
+    // Noise (does not compress) and text (does) in blocks of their own.
+    let text: Vec<u8> = b"bicsi lz4 block "
+        .iter()
+        .copied()
+        .cycle()
+        .take(2 * MIB as usize)
+        .collect();
+    s.with_block("lz", |dev| {
+        write_at(dev, 0, &noise(3 * MIB as usize, 41));
+        write_at(dev, 8 * MIB, &text);
+    });
+    s.ok(&["backup", "create", "lz", "--name", "lz-1"]);
+    assert_eq!(stored_blocks_as(&target, "lz", "lz4"), 3);
+    assert_eq!(stored_blocks_as(&target, "lz", "zst"), 0);
+    let m1 = backup_meta(&target, "lz", "lz-1");
+    assert_eq!(m1["format"], 2, "{m1}");
+    assert!(
+        m1["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["c"] == "lz4"),
+        "{m1}"
+    );
+    // The text block went in compressed: far below its 2 MiB.
+    let up1 = s.backup("lz-1")["bytesUploaded"].as_u64().unwrap();
+    assert!(up1 < 4 * MIB + MIB / 2, "{up1}");
+    let mut sha1 = String::new();
+    s.with_block("lz", |dev| sha1 = sha_of_device(dev, 32 * MIB));
+    s.ok(&["backup", "restore", "lz-1", "lz-copy"]);
+    s.with_block("lz-copy", |dev| {
+        assert_eq!(sha_of_device(dev, 32 * MIB), sha1)
+    });
+
+    // The next backup in zstd: the changed block only, the others stay lz4 objects.
+    s.with_block("lz", |dev| write_at(dev, 20 * MIB, &noise(4096, 42)));
+    let e = s.fails(&["backup", "create", "lz", "--compression", "brotli"]);
+    assert!(e.contains("brotli"), "{e}");
+    s.ok(&[
+        "backup",
+        "create",
+        "lz",
+        "--name",
+        "lz-2",
+        "--compression",
+        "zstd",
+    ]);
+    assert_eq!(s.backup("lz-2")["blocksUploaded"], 1);
+    assert_eq!(stored_blocks_as(&target, "lz", "zst"), 1);
+    assert_eq!(stored_blocks_as(&target, "lz", "lz4"), 3);
+    let m2 = backup_meta(&target, "lz", "lz-2");
+    let kinds: Vec<String> = m2["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["c"].as_str().unwrap_or("zstd").to_string())
+        .collect();
+    assert_eq!(kinds, ["lz4", "lz4", "lz4", "zstd"], "{m2}");
+    let mut sha2 = String::new();
+    s.with_block("lz", |dev| sha2 = sha_of_device(dev, 32 * MIB));
+    assert_ne!(sha1, sha2);
+    s.ok(&["backup", "restore", "lz-2", "lz-copy2"]);
+    s.with_block("lz-copy2", |dev| {
+        assert_eq!(sha_of_device(dev, 32 * MIB), sha2)
+    });
+    // `none`, full: every block again, as it is.
+    s.ok(&[
+        "backup",
+        "create",
+        "lz",
+        "--name",
+        "lz-3",
+        "--full",
+        "--compression",
+        "none",
+    ]);
+    assert_eq!(stored_blocks_as(&target, "lz", "raw"), 4);
+    s.ok(&["backup", "restore", "lz-3", "lz-copy3"]);
+    s.with_block("lz-copy3", |dev| {
+        assert_eq!(sha_of_device(dev, 32 * MIB), sha2)
+    });
+    // Deleting the first two keeps what lz-3 lists (its raw blocks) and nothing else.
+    s.ok(&["backup", "delete", "lz-1"]);
+    s.ok(&["backup", "delete", "lz-2"]);
+    assert_eq!(stored_blocks(&target, "lz"), 4);
+    assert_eq!(stored_blocks_as(&target, "lz", "raw"), 4);
+
+    // The setting checks a new target: a missing directory and a file are refused, naming the
+    // target and the fix, and the setting keeps its value.
+    let before = s.ok(&["get", "settings", "-o", "json"]);
+    let missing = format!("file://{}/nope", base.path().display());
+    let e = s.fails(&["set", "setting", "backup-target", &missing]);
+    assert!(e.contains(&missing) && e.contains("create it"), "{e}");
+    let file = base.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let not_dir = format!("file://{}", file.display());
+    let e = s.fails(&["set", "setting", "backup-target", &not_dir]);
+    assert!(e.contains(&not_dir) && e.contains("not a directory"), "{e}");
+    assert_eq!(s.ok(&["get", "settings", "-o", "json"]), before);
+    // The check leaves nothing in a good target.
+    set_target(&s, &target);
+    assert!(
+        std::fs::read_dir(&target)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".bicsi-check"))
+    );
+}
+
+/// A restore takes the backed-up volume's replica count and parameters by default; `-p` and
+/// `--storage-class` override them; an unknown parameter is refused before anything starts.
+#[test]
+fn a_restore_takes_the_backed_up_volumes_parameters_unless_given() {
+    if !is_root() {
+        return;
+    }
+    let base = kit::temp_dir("bicsi-bak-");
+    let (d1, d2) = (base.path().join("d1"), base.path().join("d2"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let s = Served::start_with(
+        &base.path().join("serve"),
+        &[
+            "--disk",
+            d1.to_str().unwrap(),
+            "--disk",
+            d2.to_str().unwrap(),
+        ],
+    );
+    let target = target_dir(base.path());
+    set_target(&s, &target);
+    s.ok(&[
+        "volume",
+        "create",
+        "par",
+        "--size",
+        "16Mi",
+        "-p",
+        "numberOfReplicas=2",
+        "-p",
+        "staleReplicaTimeout=30",
+        "-p",
+        "backupBlockSize=1Mi",
+    ]);
+    s.with_block("par", |dev| {
+        write_at(dev, MIB, &noise(3 * MIB as usize, 51))
+    });
+    s.ok(&["backup", "create", "par", "--name", "par-b1"]);
+    let meta = backup_meta(&target, "par", "par-b1");
+    assert_eq!(meta["volumeParameters"]["numberOfReplicas"], "2", "{meta}");
+    assert_eq!(
+        meta["volumeParameters"]["staleReplicaTimeout"], "30",
+        "{meta}"
+    );
+    let mut expected = String::new();
+    s.with_block("par", |dev| expected = sha_of_device(dev, 16 * MIB));
+
+    let volume = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&s.ok(&["get", "volume", name, "-o", "json"])).unwrap()
+    };
+    // By default: the backed-up volume's.
+    s.ok(&["backup", "restore", "par-b1", "par-copy"]);
+    let v = volume("par-copy");
+    assert_eq!(v["wantedReplicas"], 2, "{v}");
+    let p = &v["record"]["spec"]["parameters"];
+    assert_eq!(p["staleReplicaTimeout"], "30", "{v}");
+    assert_eq!(p["backupBlockSize"], "1Mi", "{v}");
+    s.with_block("par-copy", |dev| {
+        assert_eq!(sha_of_device(dev, 16 * MIB), expected)
+    });
+    // -p wins over the recorded ones, key by key.
+    s.ok(&[
+        "backup",
+        "restore",
+        "par-b1",
+        "par-one",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let v = volume("par-one");
+    assert_eq!(v["wantedReplicas"], 1, "{v}");
+    assert_eq!(
+        v["record"]["spec"]["parameters"]["staleReplicaTimeout"],
+        "30"
+    );
+    // --storage-class: its parameters, then -p.
+    let sc = base.path().join("sc.yaml");
+    std::fs::write(
+        &sc,
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: single\nprovisioner: driver.longhorn.io\nparameters:\n  numberOfReplicas: \"1\"\n  staleReplicaTimeout: \"45\"\n",
+    )
+    .unwrap();
+    s.ok(&["apply", "-f", sc.to_str().unwrap()]);
+    s.ok(&[
+        "backup",
+        "restore",
+        "par-b1",
+        "par-sc",
+        "--storage-class",
+        "single",
+        "-p",
+        "staleReplicaTimeout=50",
+    ]);
+    let v = volume("par-sc");
+    assert_eq!(v["wantedReplicas"], 1, "{v}");
+    assert_eq!(
+        v["record"]["spec"]["parameters"]["staleReplicaTimeout"],
+        "50"
+    );
+    s.with_block("par-sc", |dev| {
+        assert_eq!(sha_of_device(dev, 16 * MIB), expected)
+    });
+    // Refused before a restore starts: no record, no volume.
+    let e = s.fails(&["backup", "restore", "par-b1", "par-bad", "-p", "colour=red"]);
+    assert!(
+        e.contains("colour") && e.contains("numberOfReplicas"),
+        "{e}"
+    );
+    assert!(s.fails(&["get", "volume", "par-bad"]).contains("not found"));
+    let e = s.fails(&[
+        "backup",
+        "restore",
+        "par-b1",
+        "par-bad",
+        "--storage-class",
+        "nosuch",
+    ]);
+    assert!(e.contains("nosuch"), "{e}");
 }

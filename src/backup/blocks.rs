@@ -5,21 +5,27 @@
 //! its extents are its own (depth 0 over a backing file; every data extent of a file without
 //! one). Only blocks touching those are read, from a sparse raw view (`qemu-img convert -O raw`;
 //! a raw file without backing is read as it is), compared with the backing image's bytes and
-//! with zeros, hashed (SHA-256), compressed (zstd) and put under their hash unless the backup
-//! volume holds that block already (or `full` asks for every block again). One reader thread
+//! with zeros, hashed (SHA-256), compressed (zstd, lz4 or not at all: the volume's
+//! `backupCompression`) and put under their hash unless the backup volume holds that block
+//! already, under any compression (or `full` asks for every block again). One reader thread
 //! reads, hashes and compresses while up to [`UPLOADS`] puts run, so memory stays at a few
 //! blocks. The metadata is put last: a backup cut off before it is not a backup.
 //!
 //! Restore: a qcow2 file over the chosen backing image's file (or over nothing), into which
 //! `qemu-io` writes each block of the backup after its SHA-256 is checked, built under a
-//! temporary name and renamed into place when complete. Over an override image (not the one the
+//! temporary name (`.part`) and renamed into place when complete. After each batch of blocks the
+//! `.part` file is fsynced and then a checkpoint beside it (`.progress`: which job, how many
+//! blocks are written) is replaced atomically and fsynced, so a restore cut off by a kill or a
+//! crash continues after the last checkpoint: the same job (the same backup metadata over the
+//! same files) finds the `.part` sound (`qemu-img check`) and fetches only the blocks after it.
+//! Any other job, a missing or unsound `.part`, starts from the beginning. Over an override image (not the one the
 //! backup was taken over), the blocks the backup left out hold the original image's bytes: where
 //! the original (a file of this node, or fetched from the target) and the override differ,
 //! those blocks are written from the original as well.
 //!
 //! This module must not touch records in the store: the controller passes everything in.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,7 +36,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use super::layout::{self, BackupMeta, BlockRef, ImageRef};
+use super::layout::{self, BackupMeta, BlockRef, Compression, ImageRef};
 use super::target::Target;
 use crate::error::{Error, Result};
 use crate::os::{ImageFormat, Os};
@@ -52,6 +58,10 @@ pub struct Progress {
     pub blocks_uploaded: u64,
     /// Compressed bytes put (backup) or fetched (restore).
     pub bytes_transferred: u64,
+    /// Restore: blocks this run fetched from the target (a resumed restore fetches only those
+    /// after its checkpoint).
+    #[serde(default)]
+    pub blocks_fetched: u64,
 }
 
 impl Progress {
@@ -80,6 +90,12 @@ pub struct BackupFileRequest {
     pub backing: Option<ImageRef>,
     pub block_size: u64,
     pub full: bool,
+    /// How the blocks this backup puts are compressed.
+    #[serde(default)]
+    pub compression: Compression,
+    /// The volume's parameters, recorded in the backup (`BackupMeta::volume_parameters`).
+    #[serde(default)]
+    pub volume_parameters: std::collections::BTreeMap<String, String>,
 }
 
 /// What the controller asks a node agent to restore: a backup's content over `backing_image`'s
@@ -126,6 +142,8 @@ pub struct BackupJob {
     pub backing: Option<(ImageRef, PathBuf, ImageFormat)>,
     pub block_size: u64,
     pub full: bool,
+    pub compression: Compression,
+    pub volume_parameters: std::collections::BTreeMap<String, String>,
 }
 
 /// What a restore needs.
@@ -295,6 +313,30 @@ fn candidate_blocks(
     out
 }
 
+/// Compresses a block's bytes for its object.
+pub fn compress(c: Compression, data: &[u8]) -> Result<Vec<u8>> {
+    match c {
+        Compression::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL)
+            .map_err(|e| Error::Internal(format!("zstd cannot compress a block: {e}"))),
+        Compression::Lz4 => Ok(lz4_flex::block::compress(data)),
+        Compression::None => Ok(data.to_vec()),
+    }
+}
+
+/// The bytes of a block object compressed with `c`, which holds `len` bytes; the error says
+/// why it does not decompress.
+pub fn decompress(
+    c: Compression,
+    bytes: &[u8],
+    len: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    match c {
+        Compression::Zstd => zstd::bulk::decompress(bytes, len).map_err(|e| e.to_string()),
+        Compression::Lz4 => lz4_flex::block::decompress(bytes, len).map_err(|e| e.to_string()),
+        Compression::None => Ok(bytes.to_vec()),
+    }
+}
+
 /// One block read by the reader thread.
 struct Read {
     index: u64,
@@ -302,6 +344,8 @@ struct Read {
     listed: bool,
     /// None: all zeros.
     hash: Option<String>,
+    /// How its object is (or is to be) compressed.
+    compression: Compression,
     /// The compressed bytes to put; None when the target has them (or the block is zeros).
     upload: Option<Vec<u8>>,
 }
@@ -321,12 +365,13 @@ pub async fn backup(job: BackupJob, progress: ProgressFn) -> Result<BackupMeta> 
             target.url()
         )));
     }
-    // What the backup volume holds already: those blocks are not put again.
-    let mut existing: HashSet<String> = HashSet::new();
+    // What the backup volume holds already, under any compression: those blocks are not put
+    // again, and the backup lists them as they are stored.
+    let mut existing: HashMap<String, Compression> = HashMap::new();
     if !job.full {
         for k in target.list(&layout::blocks_prefix(&job.volume)).await? {
-            if let Some(h) = layout::hash_of_block_key(&k) {
-                existing.insert(h.to_string());
+            if let Some((h, c)) = layout::hash_of_block_key(&k) {
+                existing.insert(h.to_string(), c);
             }
         }
     }
@@ -357,7 +402,7 @@ pub async fn backup(job: BackupJob, progress: ProgressFn) -> Result<BackupMeta> 
 
 async fn run_backup(
     job: &BackupJob,
-    existing: HashSet<String>,
+    existing: HashMap<String, Compression>,
     progress: ProgressFn,
 ) -> Result<BackupMeta> {
     let bs = job.block_size;
@@ -378,6 +423,7 @@ async fn run_backup(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Read>>(UPLOADS * 2);
     let reader_job = job.clone();
     let full = job.full;
+    let compression = job.compression;
     let reader = tokio::task::spawn_blocking(move || {
         let send = |r: Result<Read>| tx.blocking_send(r).is_ok();
         let job = reader_job;
@@ -438,22 +484,26 @@ async fn run_backup(
                         index,
                         listed: !same,
                         hash: None,
+                        compression: Compression::Zstd,
                         upload: None,
                     }
                 } else {
                     let hash = sha256_hex(&data[..len]);
-                    let upload = if full || !seen.contains(&hash) {
-                        seen.insert(hash.clone());
-                        Some(zstd::bulk::compress(&data[..len], ZSTD_LEVEL).map_err(|e| {
-                            Error::Internal(format!("zstd cannot compress block {index}: {e}"))
-                        })?)
-                    } else {
-                        None
+                    let stored = seen.get(&hash).copied();
+                    let (upload, compression) = match stored {
+                        Some(c) if !full => (None, c),
+                        _ => {
+                            seen.insert(hash.clone(), compression);
+                            let bytes = compress(compression, &data[..len])
+                                .map_err(|e| Error::Internal(format!("block {index}: {e}")))?;
+                            (Some(bytes), compression)
+                        }
                     };
                     Read {
                         index,
                         listed: true,
                         hash: Some(hash),
+                        compression,
                         upload,
                     }
                 };
@@ -477,23 +527,23 @@ async fn run_backup(
             async move {
                 let r = r?;
                 let mut sent = 0u64;
-                if let (Some(hash), Some(bytes)) = (&r.hash, &r.upload) {
+                if let (Some(hash), Some(bytes)) = (&r.hash, r.upload) {
                     sent = bytes.len() as u64;
                     target
                         .put(
-                            &layout::block_key(&volume, hash),
-                            Bytes::copy_from_slice(bytes),
+                            &layout::block_key(&volume, hash, r.compression),
+                            Bytes::from(bytes),
                         )
                         .await?;
                 }
-                Ok::<_, Error>((r.index, r.listed, r.hash, sent))
+                Ok::<_, Error>((r.index, r.listed, r.hash, r.compression, sent))
             }
         })
         .buffered(UPLOADS);
     let mut blocks = Vec::new();
     let mut data_bytes = 0u64;
     while let Some(r) = uploads.next().await {
-        let (index, listed, hash, sent) = r?;
+        let (index, listed, hash, compression, sent) = r?;
         p.blocks_done += 1;
         if sent > 0 {
             p.blocks_uploaded += 1;
@@ -503,7 +553,11 @@ async fn run_backup(
             if hash.is_some() {
                 data_bytes += bs.min(size - index * bs);
             }
-            blocks.push(BlockRef { index, hash });
+            blocks.push(BlockRef {
+                index,
+                hash,
+                compression,
+            });
         }
         progress(p);
     }
@@ -512,7 +566,7 @@ async fn run_backup(
         .map_err(|e| Error::Internal(format!("backup reader stopped: {e}")))?;
     blocks.sort_by_key(|b| b.index);
     Ok(BackupMeta {
-        format: layout::FORMAT,
+        format: BackupMeta::format_for(&blocks),
         name: job.name.clone(),
         volume: job.volume.clone(),
         snapshot: job.snapshot.clone(),
@@ -523,6 +577,7 @@ async fn run_backup(
         blocks,
         uploaded_bytes: p.bytes_transferred,
         data_bytes,
+        volume_parameters: job.volume_parameters.clone(),
     })
 }
 
@@ -531,7 +586,7 @@ async fn fetch_block(target: &Target, meta: &BackupMeta, b: &BlockRef) -> Result
     let Some(hash) = &b.hash else {
         return Ok(Vec::new());
     };
-    let key = layout::block_key(&meta.volume, hash);
+    let key = layout::block_key(&meta.volume, hash, b.compression);
     let offset = b.index * meta.block_size;
     let corrupt = |why: String| {
         Error::FailedPrecondition(format!(
@@ -548,9 +603,10 @@ async fn fetch_block(target: &Target, meta: &BackupMeta, b: &BlockRef) -> Result
         .ok_or_else(|| corrupt("is missing".into()))?;
     let len = meta.block_size.min(meta.size_bytes - offset) as usize;
     let hash = hash.clone();
+    let compression = b.compression;
     let data = tokio::task::spawn_blocking(move || {
-        let data = zstd::bulk::decompress(&bytes, len)
-            .map_err(|e| format!("does not decompress ({e})"))?;
+        let data = decompress(compression, &bytes, len)
+            .map_err(|e| format!("does not decompress as {} ({e})", compression.as_str()))?;
         let got = sha256_hex(&data);
         if data.len() != len || got != hash {
             return Err(format!(
@@ -565,8 +621,83 @@ async fn fetch_block(target: &Target, meta: &BackupMeta, b: &BlockRef) -> Result
     data.map_err(corrupt)
 }
 
-/// Builds `job.dest` from the backup: its blocks written over the backing file. Nothing is left
-/// at `dest` unless it completes.
+/// What a restore has made durable in its `.part` file: which job (a digest of the backup's
+/// metadata and the files it goes over) and how many of its blocks, in the order they are
+/// written, are in the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Checkpoint {
+    job: String,
+    done: u64,
+}
+
+/// The identity of a restore job: the same backup over the same files writes the same blocks in
+/// the same order.
+fn job_digest(job: &RestoreJob) -> Result<String> {
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(&job.meta)?);
+    for f in [&job.backing, &job.original] {
+        h.update(format!("\n{f:?}"));
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn checkpoint_path(dest: &Path) -> PathBuf {
+    dest.with_extension("qcow2.progress")
+}
+
+/// Replaces the checkpoint durably (`crate::os::image::commit`: fsync, rename, fsync of the
+/// directory). The `.part` file's data must be fsynced before.
+fn write_checkpoint(dest: &Path, c: &Checkpoint) -> Result<()> {
+    let path = checkpoint_path(dest);
+    let tmp = dest.with_extension("qcow2.progress.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(c)?).map_err(|e| io("cannot write", &tmp, e))?;
+    Ok(crate::os::image::commit(&tmp, &path)?)
+}
+
+/// How many blocks of `digest`'s job a `.part` left by an earlier run holds: its checkpoint's
+/// count when the checkpoint is of this job and the file is sound; else 0.
+fn resumable(dest: &Path, part: &Path, digest: &str) -> usize {
+    let Ok(bytes) = std::fs::read(checkpoint_path(dest)) else {
+        return 0;
+    };
+    let Ok(c) = serde_json::from_slice::<Checkpoint>(&bytes) else {
+        return 0;
+    };
+    if c.job != digest || !part.is_file() {
+        return 0;
+    }
+    // A qemu-io started by a bicsi that was killed may still hold the file (qemu's image lock):
+    // let it finish its batch first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = Command::new("qemu-img")
+            .args(["check", "-q", "-f", "qcow2"])
+            .arg(part)
+            .output();
+        match out {
+            // 0: clean; 3: leaked clusters only (a write cut off), which do no harm.
+            Ok(o) if matches!(o.status.code(), Some(0 | 3)) => return c.done as usize,
+            Ok(o)
+                if String::from_utf8_lossy(&o.stderr).contains("lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Ok(o) => {
+                tracing::warn!(file = %part.display(), stderr = %String::from_utf8_lossy(&o.stderr).trim(), "restore: the file an earlier run left is not sound; starting again");
+                return 0;
+            }
+            Err(e) => {
+                tracing::warn!(file = %part.display(), error = %e, "restore: cannot check the file an earlier run left; starting again");
+                return 0;
+            }
+        }
+    }
+}
+
+/// Builds `job.dest` from the backup: its blocks written over the backing file, continuing an
+/// earlier run of the same job from its checkpoint. Nothing is left at `dest` unless it
+/// completes; a restore that fails (rather than being cut off) leaves nothing.
 pub async fn restore(job: RestoreJob, progress: ProgressFn) -> Result<()> {
     let meta = &job.meta;
     let part = job.dest.with_extension("qcow2.part");
@@ -576,26 +707,70 @@ pub async fn restore(job: RestoreJob, progress: ProgressFn) -> Result<()> {
         .ok_or_else(|| Error::Internal(format!("{} has no directory", job.dest.display())))?;
     std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
     std::fs::create_dir_all(&job.work_dir).map_err(|e| io("cannot create", &job.work_dir, e))?;
-    let _ = std::fs::remove_file(&part);
-    let result = restore_into(&job, &part, progress).await;
+    let digest = job_digest(&job)?;
+    let (dest, part2, digest2) = (job.dest.clone(), part.clone(), digest.clone());
+    let resume = tokio::task::spawn_blocking(move || resumable(&dest, &part2, &digest2))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    if resume == 0 {
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(checkpoint_path(&job.dest));
+    } else {
+        tracing::info!(backup = %meta.name, blocks = resume, "restore: continuing after the blocks an earlier run wrote");
+    }
+    let result = restore_into(&job, &part, &digest, resume, progress).await;
     let _ = std::fs::remove_dir_all(&job.work_dir);
     match result {
-        Ok(()) => Ok(crate::os::image::commit(&part, &job.dest)?),
+        Ok(()) => {
+            crate::os::image::commit(&part, &job.dest)?;
+            let _ = std::fs::remove_file(checkpoint_path(&job.dest));
+            Ok(())
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&part);
+            let _ = std::fs::remove_file(checkpoint_path(&job.dest));
             tracing::warn!(backup = %meta.name, error = %e, "restore failed");
             Err(e)
         }
     }
 }
 
-async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Result<()> {
+/// After a batch: the `.part` file's data on disk, then the checkpoint that counts it.
+async fn checkpoint(job: &RestoreJob, part: &Path, digest: &str, done: u64) -> Result<()> {
+    let (part, dest, c) = (
+        part.to_path_buf(),
+        job.dest.clone(),
+        Checkpoint {
+            job: digest.to_string(),
+            done,
+        },
+    );
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&part)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("cannot sync", &part, e))?;
+        write_checkpoint(&dest, &c)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+async fn restore_into(
+    job: &RestoreJob,
+    part: &Path,
+    digest: &str,
+    resume: usize,
+    progress: ProgressFn,
+) -> Result<()> {
     let meta = &job.meta;
     let os = Os::real();
     let b = job.backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-    os.images.create_replica(part, meta.size_bytes, b)?;
+    if resume == 0 {
+        os.images.create_replica(part, meta.size_bytes, b)?;
+    }
     let mut p = Progress {
         blocks_total: meta.blocks.len() as u64,
+        blocks_done: resume as u64,
         ..Default::default()
     };
     progress(p);
@@ -617,7 +792,8 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
     p.blocks_total += from_original.len() as u64;
     progress(p);
     let shared = Arc::new((job.target.clone(), meta.clone()));
-    for batch in meta.blocks.chunks(RESTORE_BATCH) {
+    let skip = resume.min(meta.blocks.len());
+    for batch in meta.blocks[skip..].chunks(RESTORE_BATCH) {
         let fetched: Vec<Result<Vec<u8>>> = futures::stream::iter(batch.to_vec())
             .map(|b| {
                 let shared = shared.clone();
@@ -636,6 +812,7 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
                 cmd.arg("-c").arg(format!("write -q -z {off} {len}"));
             } else {
                 p.bytes_transferred += data.len() as u64;
+                p.blocks_fetched += 1;
                 let f = job.work_dir.join(format!("block-{}", b.index));
                 std::fs::write(&f, &data).map_err(|e| io("cannot write", &f, e))?;
                 let f = crate::os::utf8_path(&f)?.to_string();
@@ -647,12 +824,15 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
             let _ = std::fs::remove_file(job.work_dir.join(format!("block-{}", b.index)));
         }
         p.blocks_done += batch.len() as u64;
+        checkpoint(job, part, digest, p.blocks_done).await?;
         progress(p);
     }
-    if let Some(view) = original_view {
-        let f = std::fs::File::open(&view).map_err(|e| io("cannot open", &view, e))?;
+    if let Some(original) = original_view {
         let mut data = vec![0u8; meta.block_size as usize];
-        for batch in from_original.chunks(RESTORE_BATCH) {
+        let skip = resume
+            .saturating_sub(meta.blocks.len())
+            .min(from_original.len());
+        for batch in from_original[skip..].chunks(RESTORE_BATCH) {
             let mut cmd = Command::new("qemu-io");
             cmd.args(["-f", "qcow2"]);
             let mut files = Vec::new();
@@ -662,7 +842,7 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
                 if zero {
                     cmd.arg("-c").arg(format!("write -q -z {off} {len}"));
                 } else {
-                    read_at(&f, &view, off, &mut data[..len as usize])?;
+                    original.read(off, &mut data[..len as usize])?;
                     let b = job.work_dir.join(format!("original-{index}"));
                     std::fs::write(&b, &data[..len as usize])
                         .map_err(|e| io("cannot write", &b, e))?;
@@ -676,6 +856,7 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
                 let _ = std::fs::remove_file(b);
             }
             p.blocks_done += batch.len() as u64;
+            checkpoint(job, part, digest, p.blocks_done).await?;
             progress(p);
         }
         tracing::info!(backup = %meta.name, blocks = from_original.len(), "restore: blocks of the backup's original image written over the override where they differ");
@@ -683,12 +864,26 @@ async fn restore_into(job: &RestoreJob, part: &Path, progress: ProgressFn) -> Re
     Ok(())
 }
 
-/// Runs the `qemu-io` writes of a restore into `part`.
+/// Runs the `qemu-io` writes of a restore into `part`. While another `qemu-io` holds the file
+/// (one a killed bicsi started, finishing its batch), it waits up to a minute.
 async fn run_qemu_io(mut cmd: Command, part: &Path, backup: &str) -> Result<()> {
     cmd.arg(part);
-    let out = tokio::task::spawn_blocking(move || run(&mut cmd))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (out, _) = tokio::task::spawn_blocking(move || {
+        loop {
+            let out = run(&mut cmd);
+            match &out {
+                Err(e)
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(200))
+                }
+                _ => return (out, ()),
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?;
     // qemu-io reports a failed command on stdout and still exits 0.
     let text = String::from_utf8_lossy(&out?).into_owned();
     if !text.trim().is_empty() {
@@ -701,10 +896,65 @@ async fn run_qemu_io(mut cmd: Command, part: &Path, backup: &str) -> Result<()> 
     Ok(())
 }
 
+/// A backing image read block by block where it is, never converted when it need not be: a raw
+/// file as it is; a qcow2 file at the host offsets of its extents (`qemu-img map`: no backing
+/// chain, no compressed clusters); else (compressed clusters) through a raw copy. Its extent
+/// map tells which blocks read as zeros without reading them.
+struct ImageReader {
+    path: PathBuf,
+    file: std::fs::File,
+    /// The qcow2 extents to read at their host offsets; None: `file` is a raw view.
+    own: Option<Vec<Extent>>,
+    map: Vec<Extent>,
+}
+
+impl ImageReader {
+    fn open(image: &(PathBuf, ImageFormat), scratch: &Path) -> Result<ImageReader> {
+        let (path, format) = image;
+        let extents = map(path, *format)?;
+        let (path, own) = match format {
+            ImageFormat::Raw => (path.clone(), None),
+            ImageFormat::Qcow2 if readable_in_place(&extents) => {
+                (path.clone(), Some(extents.clone()))
+            }
+            _ => (raw_view(path, *format, false, scratch)?, None),
+        };
+        let file = std::fs::File::open(&path).map_err(|e| io("cannot open", &path, e))?;
+        Ok(ImageReader {
+            path,
+            file,
+            own,
+            map: extents,
+        })
+    }
+
+    /// Whether `[off, off + len)` reads as zeros by the extent map alone (past the end: zeros).
+    fn zero_by_map(&self, off: u64, len: u64) -> bool {
+        let end = off + len;
+        self.map
+            .iter()
+            .filter(|e| e.start < end && e.start + e.length > off)
+            .all(|e| e.zero || !e.data)
+    }
+
+    /// Reads `buf.len()` bytes at `off` (zeros past the end).
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.own {
+            Some(extents) => {
+                buf.fill(0);
+                overlay_own(&self.file, &self.path, extents, off, buf)
+            }
+            None => read_at(&self.file, &self.path, off, buf),
+        }
+    }
+}
+
 /// The blocks a backup left out (not in `listed`: equal to its original image, zeros past that
 /// image's end) where the override image `over` reads otherwise, each with whether the
-/// original's bytes there are zeros; and the original's raw view (in `work_dir` unless it is a
-/// raw file) to read their bytes from. Both images are read through raw views.
+/// original's bytes there are zeros; and the original's reader to take their bytes from. Only
+/// blocks that hold data in one of the two images by their extent maps are read (a block that
+/// is zeros in both is equal), each where it is in its file ([`ImageReader`]); how many were
+/// read is logged.
 fn differing_blocks(
     original: &(PathBuf, ImageFormat),
     over: &(PathBuf, ImageFormat),
@@ -712,27 +962,44 @@ fn differing_blocks(
     size: u64,
     bs: u64,
     work_dir: &Path,
-) -> Result<(Vec<(u64, bool)>, PathBuf)> {
-    let a = raw_view(
-        &original.0,
-        original.1,
-        false,
-        &work_dir.join("original.raw"),
-    )?;
-    let b = raw_view(&over.0, over.1, false, &work_dir.join("override.raw"))?;
-    let fa = std::fs::File::open(&a).map_err(|e| io("cannot open", &a, e))?;
-    let fb = std::fs::File::open(&b).map_err(|e| io("cannot open", &b, e))?;
+) -> Result<(Vec<(u64, bool)>, ImageReader)> {
+    let a = ImageReader::open(original, &work_dir.join("original.raw"))?;
+    let b = ImageReader::open(over, &work_dir.join("override.raw"))?;
     let mut out = Vec::new();
     let (mut da, mut db) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
+    let (mut read, mut skipped) = (0u64, 0u64);
     for index in (0..size.div_ceil(bs)).filter(|i| !listed.contains(i)) {
         let off = index * bs;
         let len = bs.min(size - off) as usize;
-        read_at(&fa, &a, off, &mut da[..len])?;
-        read_at(&fb, &b, off, &mut db[..len])?;
+        let (za, zb) = (
+            a.zero_by_map(off, len as u64),
+            b.zero_by_map(off, len as u64),
+        );
+        if za && zb {
+            skipped += 1;
+            continue;
+        }
+        read += 1;
+        if za {
+            da[..len].fill(0);
+        } else {
+            a.read(off, &mut da[..len])?;
+        }
+        if zb {
+            db[..len].fill(0);
+        } else {
+            b.read(off, &mut db[..len])?;
+        }
         if da[..len] != db[..len] {
             out.push((index, is_zero(&da[..len])));
         }
     }
+    tracing::info!(
+        blocks_read = read,
+        blocks_zero_in_both = skipped,
+        differing = out.len(),
+        "restore over an override: compared the left-out blocks of the two images"
+    );
     Ok((out, a))
 }
 
@@ -778,7 +1045,58 @@ mod tests {
         )
         .unwrap();
         assert_eq!(blocks, [(0, true), (3, true)]);
-        assert_eq!(view, a, "a raw original is read as it is");
+        assert_eq!(view.path, a, "a raw original is read as it is");
+    }
+
+    /// A qcow2 original is read in place (no raw copy in the work dir), sparse raw files by
+    /// their data only: blocks that are zeros in both by the maps are not read, and still equal.
+    #[test]
+    fn a_qcow2_original_is_compared_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 64u64 << 10;
+        let mut original = vec![0u8; 8 * bs as usize];
+        original[..bs as usize].fill(3); // block 0: data in both, equal
+        original[2 * bs as usize..3 * bs as usize].fill(4); // block 2: differs
+        let raw = dir.path().join("o.raw");
+        std::fs::write(&raw, &original).unwrap();
+        let qcow2 = dir.path().join("o.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow2)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // The override: sparse, block 0 as the original, block 2 other, block 5 data.
+        let over = dir.path().join("over.raw");
+        let f = std::fs::File::create(&over).unwrap();
+        f.set_len(8 * bs).unwrap();
+        f.write_all_at(&vec![3u8; bs as usize], 0).unwrap();
+        f.write_all_at(&vec![5u8; bs as usize], 2 * bs).unwrap();
+        f.write_all_at(&vec![6u8; bs as usize], 5 * bs).unwrap();
+        drop(f);
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let (blocks, reader) = differing_blocks(
+            &(qcow2.clone(), ImageFormat::Qcow2),
+            &(over, ImageFormat::Raw),
+            &HashSet::new(),
+            8 * bs,
+            bs,
+            &work,
+        )
+        .unwrap();
+        assert_eq!(blocks, [(2, false), (5, true)]);
+        assert!(
+            reader.own.is_some() && reader.path == qcow2,
+            "read in place"
+        );
+        assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "no raw copy");
+        // Blocks 3, 4, 6, 7 are zeros in both by the maps alone.
+        assert!(reader.zero_by_map(3 * bs, bs) && !reader.zero_by_map(2 * bs, bs));
+        let mut buf = vec![0u8; bs as usize];
+        reader.read(2 * bs, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 4));
     }
 
     #[test]

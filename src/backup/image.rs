@@ -117,7 +117,7 @@ pub async fn backup_image_file(
     layout::check_name("backing image", &name)?;
     let mut existing: HashSet<String> = HashSet::new();
     for k in target.list(&format!("backingimages/{name}/blocks")).await? {
-        if let Some(h) = layout::hash_of_block_key(&k) {
+        if let Some((h, layout::Compression::Zstd)) = layout::hash_of_block_key(&k) {
             existing.insert(h.to_string());
         }
     }
@@ -202,7 +202,11 @@ pub async fn backup_image_file(
         let (index, hash, sent) = r?;
         uploaded += sent;
         if hash.is_some() {
-            blocks.push(BlockRef { index, hash });
+            blocks.push(BlockRef {
+                index,
+                hash,
+                compression: layout::Compression::Zstd,
+            });
         }
     }
     reader

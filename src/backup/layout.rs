@@ -7,8 +7,16 @@
 //! backupvolumes/<volume>/volume.json                 the backup volume: size, block size, image
 //! backupvolumes/<volume>/blocks/<h[0..2]>/<h>.zst    one block, zstd, named by the SHA-256 of its
 //!                                                    uncompressed bytes
+//! backupvolumes/<volume>/blocks/<h[0..2]>/<h>.lz4    the same, lz4 (block format)
+//! backupvolumes/<volume>/blocks/<h[0..2]>/<h>.raw    the same, not compressed
 //! backupvolumes/<volume>/backups/<backup>.json       a backup: written last, after its blocks
 //! ```
+//!
+//! Each block of a backup records how its object is compressed (`c`: absent for zstd, the only
+//! kind format 1 knew), so one backup may list blocks of several kinds: a block stored once
+//! under one compression is reused by later backups whatever their own compression is. A backup
+//! that lists a block other than zstd is written as format 2, which a bicsi reading only format 1
+//! refuses by name instead of missing its blocks.
 //!
 //! A backup exists once its metadata document exists: a backup cut off before that leaves only
 //! blocks, which no backup lists, and the next delete on that backup volume removes them.
@@ -19,8 +27,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The version of the metadata documents this bicsi writes and reads.
-pub const FORMAT: u32 = 1;
+/// The newest version of the metadata documents this bicsi writes and reads: 2 adds the
+/// compression of each block. A backup whose blocks are all zstd is still written as format 1.
+pub const FORMAT: u32 = 2;
+/// The oldest version this bicsi reads.
+pub const FORMAT_MIN: u32 = 1;
 /// The default block size of a volume's backups (a volume option, `backupBlockSize`).
 pub const DEFAULT_BLOCK_SIZE: u64 = 2 << 20;
 
@@ -36,15 +47,70 @@ pub fn blocks_prefix(volume: &str) -> String {
     format!("backupvolumes/{volume}/blocks")
 }
 
-pub fn block_key(volume: &str, hash: &str) -> String {
-    format!("backupvolumes/{volume}/blocks/{}/{hash}.zst", &hash[..2])
+/// How a block object is compressed (a volume option, `backupCompression`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    Zstd,
+    Lz4,
+    None,
 }
 
-/// The hash of a block key, when `key` is one.
-pub fn hash_of_block_key(key: &str) -> Option<&str> {
+impl Compression {
+    pub const ALL: [Compression; 3] = [Compression::Zstd, Compression::Lz4, Compression::None];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::None => "none",
+        }
+    }
+
+    /// The extension of its block objects.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zst",
+            Compression::Lz4 => "lz4",
+            Compression::None => "raw",
+        }
+    }
+
+    /// Parses the option's value: `zstd`, `lz4` or `none`.
+    pub fn parse(text: &str) -> Result<Compression> {
+        let t = text.trim();
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.as_str().eq_ignore_ascii_case(t))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "backup compression {text:?} is not known; use zstd, lz4 or none"
+                ))
+            })
+    }
+
+    fn is_zstd(&self) -> bool {
+        *self == Compression::Zstd
+    }
+}
+
+pub fn block_key(volume: &str, hash: &str, compression: Compression) -> String {
+    format!(
+        "backupvolumes/{volume}/blocks/{}/{hash}.{}",
+        &hash[..2],
+        compression.extension()
+    )
+}
+
+/// The hash and compression of a block key, when `key` is one.
+pub fn hash_of_block_key(key: &str) -> Option<(&str, Compression)> {
     let name = key.rsplit('/').next()?;
-    let hash = name.strip_suffix(".zst")?;
-    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hash)
+    let (hash, ext) = name.rsplit_once('.')?;
+    let c = Compression::ALL
+        .into_iter()
+        .find(|c| c.extension() == ext)?;
+    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some((hash, c))
 }
 
 pub fn backups_prefix(volume: &str) -> String {
@@ -94,6 +160,18 @@ pub struct BlockRef {
     /// SHA-256 of its bytes; None: the block is all zeros (nothing is stored for it).
     #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+    /// How its object is compressed (absent: zstd).
+    #[serde(rename = "c", default, skip_serializing_if = "Compression::is_zstd")]
+    pub compression: Compression,
+}
+
+impl BlockRef {
+    /// Its object's key, when it has one.
+    pub fn key(&self, volume: &str) -> Option<String> {
+        self.hash
+            .as_deref()
+            .map(|h| block_key(volume, h, self.compression))
+    }
 }
 
 /// A complete backup, as the target keeps it.
@@ -115,6 +193,10 @@ pub struct BackupMeta {
     pub uploaded_bytes: u64,
     /// Uncompressed bytes of its non-zero blocks: what a restore writes.
     pub data_bytes: u64,
+    /// The source volume's StorageClass parameters (its backing image's left out: the restore
+    /// chooses the image) with its replica count: a restore's defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volume_parameters: BTreeMap<String, String>,
 }
 
 impl BackupMeta {
@@ -124,9 +206,9 @@ impl BackupMeta {
                 "backup metadata {key} in the backup target is not valid: {e}"
             ))
         })?;
-        if m.format != FORMAT {
+        if !(FORMAT_MIN..=FORMAT).contains(&m.format) {
             return Err(Error::FailedPrecondition(format!(
-                "backup metadata {key} has format {}, this bicsi reads format {FORMAT}; use a matching bicsi",
+                "backup metadata {key} has format {}, this bicsi reads formats {FORMAT_MIN} to {FORMAT}; use a matching bicsi",
                 m.format
             )));
         }
@@ -136,6 +218,16 @@ impl BackupMeta {
             )));
         }
         Ok(m)
+    }
+
+    /// The format a backup with these blocks is written in: 1 while every block is zstd (so
+    /// a bicsi reading format 1 reads it), else 2.
+    pub fn format_for(blocks: &[BlockRef]) -> u32 {
+        if blocks.iter().all(|b| b.compression.is_zstd()) {
+            1
+        } else {
+            FORMAT
+        }
     }
 }
 
@@ -171,14 +263,50 @@ pub fn parse_block_size(text: &str) -> Result<u64> {
 mod tests {
     use super::*;
 
+    /// Blocks of zstd only are written as format 1 (older readers read them) and without a `c`
+    /// field; an lz4 block makes the backup format 2 and is named in its block.
+    #[test]
+    fn compression_is_recorded_per_block() {
+        let h = "cd".repeat(32);
+        let zstd = BlockRef {
+            index: 1,
+            hash: Some(h.clone()),
+            compression: Compression::Zstd,
+        };
+        let lz4 = BlockRef {
+            compression: Compression::Lz4,
+            ..zstd.clone()
+        };
+        assert_eq!(BackupMeta::format_for(std::slice::from_ref(&zstd)), 1);
+        assert_eq!(BackupMeta::format_for(&[zstd.clone(), lz4.clone()]), 2);
+        let text = serde_json::to_string(&zstd).unwrap();
+        assert!(!text.contains("\"c\""), "{text}");
+        let text = serde_json::to_string(&lz4).unwrap();
+        assert!(text.contains("\"c\":\"lz4\""), "{text}");
+        let back: BlockRef = serde_json::from_str(&format!("{{\"i\":1,\"h\":\"{h}\"}}")).unwrap();
+        assert_eq!(back, zstd);
+        assert_eq!(
+            lz4.key("v").unwrap(),
+            format!("backupvolumes/v/blocks/cd/{h}.lz4")
+        );
+    }
+
     #[test]
     fn keys_and_names() {
         let h = "ab".repeat(32);
-        let k = block_key("vol-1", &h);
+        let k = block_key("vol-1", &h, Compression::Zstd);
         assert_eq!(k, format!("backupvolumes/vol-1/blocks/ab/{h}.zst"));
-        assert_eq!(hash_of_block_key(&k), Some(h.as_str()));
+        assert_eq!(hash_of_block_key(&k), Some((h.as_str(), Compression::Zstd)));
+        for c in Compression::ALL {
+            let k = block_key("v", &h, c);
+            assert_eq!(hash_of_block_key(&k), Some((h.as_str(), c)), "{k}");
+            assert_eq!(Compression::parse(c.as_str()).unwrap(), c);
+        }
         assert_eq!(hash_of_block_key("backupvolumes/v/blocks/ab/x.zst"), None);
         assert_eq!(hash_of_block_key(&format!("{h}.zst#1")), None);
+        assert_eq!(hash_of_block_key(&format!("{h}.gz")), None);
+        let e = Compression::parse("gzip").unwrap_err().to_string();
+        assert!(e.contains("gzip") && e.contains("lz4"), "{e}");
         for good in ["v", "vol-1_a.b"] {
             check_name("backup", good).unwrap();
         }
@@ -211,13 +339,15 @@ mod tests {
             blocks: vec![BlockRef {
                 index: 0,
                 hash: None,
+                compression: Compression::Zstd,
             }],
             uploaded_bytes: 0,
             data_bytes: 0,
+            volume_parameters: BTreeMap::new(),
         };
         let bytes = serde_json::to_vec(&m).unwrap();
         let e = BackupMeta::parse(&bytes, "k").unwrap_err().to_string();
-        assert!(e.contains("format 2"), "{e}");
+        assert!(e.contains(&format!("format {}", FORMAT + 1)), "{e}");
         let e = BackupMeta::parse(b"{", "k").unwrap_err().to_string();
         assert!(e.contains("k") && e.contains("not valid"), "{e}");
     }

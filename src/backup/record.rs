@@ -6,7 +6,7 @@
 //! Backup:  in-progress ──> completed
 //!               └────────> error      (also: in progress when bicsi restarted)
 //! Restore: in-progress ──> completed  (the volume exists)
-//!               └────────> error
+//!               └────────> error      (a restart continues an in-progress one)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -107,9 +107,33 @@ pub struct Restore {
     #[serde(default)]
     pub message: String,
     pub created: String,
-    /// How many times it was started (a restart of bicsi starts it again).
+    /// How many times it was started (a restart of bicsi continues it from its checkpoint).
     #[serde(default)]
     pub attempts: u32,
+    /// Blocks to write, and written (counting those an earlier attempt wrote).
+    #[serde(default)]
+    pub blocks_total: u64,
+    #[serde(default)]
+    pub blocks_done: u64,
+    /// Blocks the latest attempt fetched from the target.
+    #[serde(default)]
+    pub blocks_fetched: u64,
+    /// The disk the restore builds its file on (kept, so a continued restore finds its file).
+    #[serde(default)]
+    pub disk_id: String,
+    /// StorageClass parameters of the new volume, over those the backup recorded.
+    #[serde(default)]
+    pub parameters: std::collections::BTreeMap<String, String>,
+}
+
+impl Restore {
+    pub fn set_progress(&mut self, p: &Progress) {
+        self.progress = p.percent();
+        self.bytes_fetched = p.bytes_transferred;
+        self.blocks_total = p.blocks_total;
+        self.blocks_done = p.blocks_done;
+        self.blocks_fetched = p.blocks_fetched;
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,11 @@
 //! `?endpoint=URL&region=R&path-style=true` for self-hosted stores. Both go through the
 //! `object_store` crate (Apache Arrow), whose local store writes each object to a temporary file
 //! and renames it into place, and whose S3 PUT is atomic per object, so a reader never sees half
-//! an object. This module owns the URL syntax, the credentials file and the error wording (every
+//! an object. The local store runs with fsync on: each object's data is synced before its
+//! rename, and the directories whose entries changed (the rename's, new ones) after it, so a
+//! put that returned is on disk, and a crash cannot leave a backup's metadata (put after its
+//! blocks) without the blocks it lists. [`check_new_target`] is what `set setting
+//! backup-target` runs before it stores a URL. This module owns the URL syntax, the credentials file and the error wording (every
 //! error names the target); it must not know what the keys mean (`crate::backup::layout` does).
 
 use std::collections::BTreeMap;
@@ -153,6 +157,12 @@ impl Target {
         let url = url.trim().to_string();
         match parsed {
             TargetUrl::File { path } => {
+                if path.exists() && !path.is_dir() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "backup target {url}: {} is not a directory; give the path of a directory (an NFS mount or any filesystem)",
+                        path.display()
+                    )));
+                }
                 if !path.is_dir() {
                     return Err(Error::FailedPrecondition(format!(
                         "backup target {url}: directory {} does not exist; create it or mount the backup filesystem there",
@@ -160,7 +170,8 @@ impl Target {
                     )));
                 }
                 let store = object_store::local::LocalFileSystem::new_with_prefix(&path)
-                    .map_err(|e| Error::FailedPrecondition(format!("backup target {url}: {e}")))?;
+                    .map_err(|e| Error::FailedPrecondition(format!("backup target {url}: {e}")))?
+                    .with_fsync(true);
                 Ok(Target {
                     url,
                     store: Arc::new(store),
@@ -315,9 +326,82 @@ impl Target {
     }
 }
 
+/// Checks a URL before the setting `backup-target` takes it: it parses, the target answers (with
+/// the credentials of `credential_file`), and an object can be written there and removed. An
+/// empty URL (no target) passes. The error names the target and says what to fix.
+pub async fn check_new_target(url: &str, credential_file: Option<&Path>) -> Result<()> {
+    if url.trim().is_empty() {
+        return Ok(());
+    }
+    let hint = |e: Error| {
+        let s3 = url.trim().starts_with("s3://");
+        let fix = if s3 && credential_file.is_none() {
+            "; when the store needs credentials, set backup-target-credential-file first"
+        } else {
+            ""
+        };
+        let text = format!("{e}{fix}; the setting backup-target is unchanged");
+        match e {
+            Error::InvalidArgument(_) => Error::InvalidArgument(text),
+            Error::Unavailable(_) => Error::Unavailable(text),
+            _ => Error::FailedPrecondition(text),
+        }
+    };
+    let t = Target::open(url, credential_file).map_err(hint)?;
+    t.check().await.map_err(hint)?;
+    let probe = format!(".bicsi-check-{}", uuid::Uuid::new_v4().simple());
+    t.put(
+        &probe,
+        Bytes::from_static(b"bicsi checks that it can write to this backup target\n"),
+    )
+    .await
+    .map_err(hint)?;
+    t.delete(&probe).await.map_err(hint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checks `set setting backup-target` runs: a missing directory, a file, an unreachable
+    /// store are refused with the target and the fix; a writable directory passes and keeps no
+    /// probe object.
+    #[tokio::test]
+    async fn a_new_target_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = format!("file://{}", dir.path().display());
+        check_new_target(&ok, None).await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        check_new_target("", None).await.unwrap();
+
+        let missing = format!("file://{}/nope", dir.path().display());
+        let e = check_new_target(&missing, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&missing) && e.contains("create it"), "{e}");
+        assert!(e.contains("unchanged"), "{e}");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let not_dir = format!("file://{}", file.display());
+        let e = check_new_target(&not_dir, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&not_dir) && e.contains("not a directory"), "{e}");
+
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let url = format!("s3://b/x?endpoint=http://127.0.0.1:{port}&path-style=true");
+        let e = check_new_target(&url, None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        let e = e.to_string();
+        assert!(
+            e.contains(&url) && e.contains("backup-target-credential-file"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn urls_table() {

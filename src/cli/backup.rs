@@ -28,6 +28,10 @@ pub enum BackupCommand {
         /// Upload every block again, even those the target holds.
         #[arg(long)]
         full: bool,
+        /// Compress this backup's new blocks with zstd, lz4 or none (default: the volume's
+        /// backupCompression parameter, else zstd). Restores read any mix.
+        #[arg(long)]
+        compression: Option<String>,
         /// Read this existing snapshot (its id) instead of taking one.
         #[arg(long)]
         snapshot: Option<String>,
@@ -73,6 +77,13 @@ pub enum BackupCommand {
         /// Size (256Mi, 10Gi); default: the backup's.
         #[arg(long)]
         size: Option<String>,
+        /// A StorageClass parameter KEY=VALUE of the new volume (repeatable); by default the
+        /// volume takes the backed-up volume's replica count and parameters.
+        #[arg(short = 'p', long = "parameter")]
+        parameters: Vec<String>,
+        /// Take the parameters of this StorageClass (applied with `bicsi apply`); -p overrides.
+        #[arg(long)]
+        storage_class: Option<String>,
         #[command(flatten)]
         wait: WaitArgs,
         #[command(flatten)]
@@ -131,6 +142,7 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
             volume,
             name,
             full,
+            compression,
             snapshot,
             wait,
             server,
@@ -142,6 +154,7 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
                         .post(url(s, "v1/backups"))
                         .json(&serde_json::json!({
                             "volume": volume, "name": name, "full": full, "snapshot": snapshot,
+                            "compression": compression,
                         })),
                     s,
                 )
@@ -267,10 +280,20 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
             volume,
             backing_image,
             size,
+            parameters,
+            storage_class,
             wait,
             server,
         } => {
             let s = &server.server;
+            let mut merged = std::collections::BTreeMap::new();
+            if let Some(sc) = storage_class {
+                merged.extend(crate::cli_api::storage_class_parameters(s, &sc).await?);
+            }
+            for p in &parameters {
+                let (k, v) = super::parse_parameter(p)?;
+                merged.insert(k, v);
+            }
             let size_bytes = match &size {
                 Some(t) => quantity::parse(t).map_err(|e| {
                     Error::InvalidArgument(format!("--size {t:?}: {e}; use 256Mi or 10Gi"))
@@ -283,6 +306,7 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
                         .post(url(s, &format!("v1/backups/{backup}/restore")))
                         .json(&serde_json::json!({
                             "volume": volume, "backingImage": backing_image, "sizeBytes": size_bytes,
+                            "parameters": merged,
                         })),
                     s,
                 )
@@ -315,10 +339,12 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
                     }
                     BackupState::InProgress => progress.update(
                         &format!(
-                            "{} fetched{}",
+                            "{}/{} blocks, {} fetched{}",
+                            r.blocks_done,
+                            r.blocks_total,
                             quantity::human(r.bytes_fetched),
                             if r.attempts > 1 {
-                                format!(" (attempt {})", r.attempts)
+                                format!(" (attempt {}, continued)", r.attempts)
                             } else {
                                 String::new()
                             }

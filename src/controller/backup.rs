@@ -33,6 +33,10 @@ pub struct CreateBackup {
     pub snapshot: Option<String>,
     #[serde(default)]
     pub full: bool,
+    /// How this backup's new blocks are compressed (default: the volume's `backupCompression`,
+    /// else zstd).
+    #[serde(default)]
+    pub compression: Option<String>,
 }
 
 /// A `bicsi backup restore` request.
@@ -46,6 +50,9 @@ pub struct RestoreBackup {
     /// 0: the backup's size.
     #[serde(default)]
     pub size_bytes: u64,
+    /// StorageClass parameters of the new volume, over the ones the backup recorded.
+    #[serde(default)]
+    pub parameters: std::collections::BTreeMap<String, String>,
 }
 
 /// How every error of the backup target starts (`crate::backup::target`).
@@ -110,6 +117,9 @@ impl Controller {
         };
         layout::check_name("backup", &name)?;
         layout::check_name("backup volume", &volume.id)?;
+        if let Some(c) = &req.compression {
+            layout::Compression::parse(c)?;
+        }
         if let Some(existing) = self.get_backup_record(&name)?
             && existing.state != BackupState::Error
         {
@@ -255,6 +265,15 @@ impl Controller {
             Some(v) => layout::parse_block_size(v)?,
             None => layout::DEFAULT_BLOCK_SIZE,
         };
+        let compression = match req.compression.as_deref().or(volume
+            .spec
+            .parameters
+            .get(params::BACKUP_COMPRESSION)
+            .map(String::as_str))
+        {
+            Some(c) => layout::Compression::parse(c)?,
+            None => layout::Compression::Zstd,
+        };
         let progress = progress_writer(
             self.store.clone(),
             Kind::Backup,
@@ -276,6 +295,8 @@ impl Controller {
             backing,
             block_size,
             full: req.full,
+            compression,
+            volume_parameters: restore_defaults(&volume),
         };
         let result = self
             .cluster
@@ -468,20 +489,19 @@ impl Controller {
         Ok(())
     }
 
-    /// Removes the blocks of a backup volume that none of its backups lists; how many.
+    /// Removes the blocks of a backup volume that none of its backups lists (a block is its hash
+    /// under one compression); how many.
     async fn collect_blocks(&self, target: &Target, volume: &str) -> Result<usize> {
         let mut used = std::collections::HashSet::new();
         for key in target.list(&layout::backups_prefix(volume)).await? {
             if let Some(bytes) = target.get(&key).await? {
                 let meta = BackupMeta::parse(&bytes, &key)?;
-                used.extend(meta.blocks.into_iter().filter_map(|b| b.hash));
+                used.extend(meta.blocks.iter().filter_map(|b| b.key(volume)));
             }
         }
         let mut removed = 0;
         for key in target.list(&layout::blocks_prefix(volume)).await? {
-            if let Some(h) = layout::hash_of_block_key(&key)
-                && !used.contains(h)
-            {
+            if layout::hash_of_block_key(&key).is_some() && !used.contains(&key) {
                 target.delete(&key).await?;
                 removed += 1;
             }
@@ -665,19 +685,27 @@ impl Controller {
             None => Vec::new(),
         };
         disks.sort_by_key(|d| (!ready_on.contains(&d.disk.id), u64::MAX - d.free_bytes));
-        let disk = disks.swap_remove(0).disk;
         let progress_key = req.name.clone();
-        let restore_rec: Option<Restore> = self.store.get(Kind::Restore, &progress_key)?;
+        let mut restore_rec: Option<Restore> = self.store.get(Kind::Restore, &progress_key)?;
+        // The disk an earlier attempt built on, where its file is continued; else the best one,
+        // recorded for the next attempt.
+        let earlier = restore_rec
+            .as_ref()
+            .and_then(|r| disks.iter().position(|d| d.disk.id == r.disk_id));
+        let disk = disks.swap_remove(earlier.unwrap_or(0)).disk;
+        if let Some(r) = restore_rec.as_mut()
+            && r.disk_id != disk.id
+        {
+            r.disk_id = disk.id.clone();
+            self.store.put(Kind::Restore, &progress_key, &*r)?;
+        }
         let progress: ProgressFn = match restore_rec {
             Some(r) => progress_writer(
                 self.store.clone(),
                 Kind::Restore,
                 progress_key,
                 r,
-                |r: &mut Restore, p| {
-                    r.progress = p.percent();
-                    r.bytes_fetched = p.bytes_transferred;
-                },
+                Restore::set_progress,
             ),
             None => Arc::new(|_| {}),
         };
@@ -732,10 +760,15 @@ impl Controller {
         if let Some(b) = &req.backing_image {
             crate::backing::object::validate_name(b)?;
         }
+        // Unknown or bad parameters are refused now, not when the restore runs.
+        params::parse(&req.parameters)?;
         if let Some(existing) = self.get_restore(&req.volume)?
             && existing.state == BackupState::InProgress
         {
-            if existing.backup != req.backup || existing.backing_image != req.backing_image {
+            if existing.backup != req.backup
+                || existing.backing_image != req.backing_image
+                || existing.parameters != req.parameters
+            {
                 return Err(Error::AlreadyExists(format!(
                     "volume {:?} is being restored from backup {:?} already",
                     req.volume, existing.backup
@@ -760,6 +793,11 @@ impl Controller {
             message: String::new(),
             created: crate::model::now_rfc3339(),
             attempts: 1,
+            blocks_total: 0,
+            blocks_done: 0,
+            blocks_fetched: 0,
+            disk_id: String::new(),
+            parameters: req.parameters.clone(),
         };
         self.store.put(Kind::Restore, &rec.volume, &rec)?;
         self.spawn_restore(rec.clone());
@@ -769,7 +807,18 @@ impl Controller {
     fn spawn_restore(self: &Arc<Self>, rec: Restore) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut parameters = std::collections::BTreeMap::new();
+            // The backed-up volume's parameters (its replica count, engine, ...), then the
+            // request's, then the override image.
+            let recorded = match this.backup_target() {
+                Ok(target) => this
+                    .find_backup(&target, &rec.backup)
+                    .await
+                    .map(|m| m.volume_parameters)
+                    .unwrap_or_default(),
+                Err(_) => Default::default(),
+            };
+            let mut parameters = recorded;
+            parameters.extend(rec.parameters.clone());
             if let Some(b) = &rec.backing_image {
                 parameters.insert(params::BACKING_IMAGE.to_string(), b.clone());
             }
@@ -823,8 +872,9 @@ impl Controller {
     }
 
     /// After a restart: a backup that was running is failed (its metadata was never written, so
-    /// the target holds no backup of that name), and a restore that was running starts again
-    /// from the beginning (nothing of it became a volume).
+    /// the target holds no backup of that name), and a restore that was running continues: its
+    /// file on the disk it recorded, from the blocks its checkpoint says are written
+    /// (`crate::backup::blocks::restore`).
     pub fn resume_backups(self: &Arc<Self>) -> Result<()> {
         for mut b in self.store.list::<Backup>(Kind::Backup)? {
             if b.state == BackupState::InProgress {
@@ -837,9 +887,9 @@ impl Controller {
         for mut r in self.store.list::<Restore>(Kind::Restore)? {
             if r.state == BackupState::InProgress {
                 r.attempts += 1;
-                r.progress = 0;
+                r.blocks_fetched = 0;
                 self.store.put(Kind::Restore, &r.volume, &r)?;
-                tracing::info!(volume = %r.volume, backup = %r.backup, attempt = r.attempts, "restore interrupted by a restart; starting it again");
+                tracing::info!(volume = %r.volume, backup = %r.backup, attempt = r.attempts, done = r.blocks_done, "restore interrupted by a restart; continuing it");
                 self.spawn_restore(r);
             }
         }
@@ -867,4 +917,21 @@ fn record_of(meta: &BackupMeta, target: &str) -> Backup {
         created: meta.created.clone(),
         completed: meta.created.clone(),
     }
+}
+
+/// What a restore of a backup of `volume` takes by default: its parameters, without those
+/// naming its backing image (the restore chooses the image), with its replica count.
+fn restore_defaults(volume: &Volume) -> std::collections::BTreeMap<String, String> {
+    let mut out: std::collections::BTreeMap<String, String> = volume
+        .spec
+        .parameters
+        .iter()
+        .filter(|(k, _)| !k.starts_with("backingImage") && !k.starts_with("csi.storage.k8s.io/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.insert(
+        params::NUMBER_OF_REPLICAS.to_string(),
+        volume.spec.number_of_replicas.to_string(),
+    );
+    out
 }

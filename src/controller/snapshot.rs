@@ -500,6 +500,7 @@ impl Controller {
                 name: Some(id.to_string()),
                 snapshot: None,
                 full: false,
+                compression: None,
             })
             .await?;
         let (secs, nanos) = now();
