@@ -163,6 +163,12 @@ enum PathName {
     /// The loop engine as it ships: a bicsi volume on an XFS-with-reflink disk (engine chosen
     /// automatically), same jobs as the candidates, vs a plain loop device in the same XFS.
     VolumeIoLoop,
+    /// bicsi's own mirror engine started by hand with its knobs: two raw replicas on two XFS
+    /// disks, same jobs.
+    VolumeIoMirrorTuned,
+    /// The mirror engine as it ships: a 2-replica bicsi volume on two XFS disks (engine chosen
+    /// automatically), same jobs, and the engine's resident memory.
+    VolumeIoMirror,
 }
 
 impl PathName {
@@ -178,6 +184,8 @@ impl PathName {
                         | PathName::VolumeIoFuseTuned
                         | PathName::VolumeIoLoopRaw
                         | PathName::VolumeIoLoop
+                        | PathName::VolumeIoMirrorTuned
+                        | PathName::VolumeIoMirror
                 )
             })
             .collect()
@@ -413,6 +421,8 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::VolumeIoFuseTuned => engines::fuse_tuned(b, checks).await,
         PathName::VolumeIoLoopRaw => engines::loop_raw(b, checks).await,
         PathName::VolumeIoLoop => engines::loop_engine(b, checks).await,
+        PathName::VolumeIoMirrorTuned => engines::mirror_tuned(b, checks).await,
+        PathName::VolumeIoMirror => engines::mirror_engine(b, checks).await,
     }
 }
 
