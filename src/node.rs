@@ -820,9 +820,7 @@ fn stage_steps(
 /// (the loop engine on its own node), `mirror` for several local raw replicas, `qemu` for
 /// everything else.
 fn attach_engine(targets: &[ReplicaTarget]) -> EngineKind {
-    let raw = |t: &ReplicaTarget| {
-        matches!(t, ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw)
-    };
+    let raw = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw);
     match targets {
         [t] if raw(t) => EngineKind::Loop,
         [_, _, ..] if targets.iter().all(raw) => EngineKind::Mirror,

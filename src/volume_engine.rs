@@ -144,9 +144,11 @@ pub fn preferred_disks(
 /// The engine of a new volume with `wanted` replicas placed on `placed` (see the module doc).
 pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result<EngineKind> {
     let loop_fits = wanted == 1 && placed.len() == 1 && placed[0].shares_blocks;
-    let one_node = placed
-        .iter()
-        .all(|d| placed.first().is_some_and(|f| f.disk.node_id == d.disk.node_id));
+    let one_node = placed.iter().all(|d| {
+        placed
+            .first()
+            .is_some_and(|f| f.disk.node_id == d.disk.node_id)
+    });
     let mirror_fits = wanted >= 2
         && placed.len() == wanted as usize
         && one_node
@@ -165,7 +167,11 @@ pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result
             if !one_node {
                 return Err(Error::FailedPrecondition(format!(
                     "{PARAMETER}: mirror serves replicas on one node, and they were placed on nodes {}; use {PARAMETER}: qemu (or auto) for replicas on several nodes",
-                    placed.iter().map(|d| d.disk.node_id.as_str()).collect::<Vec<_>>().join(", ")
+                    placed
+                        .iter()
+                        .map(|d| d.disk.node_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             if let Some(d) = placed.iter().find(|d| !d.shares_blocks) {

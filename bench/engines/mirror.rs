@@ -365,9 +365,7 @@ async fn mirror_engine_runs(
     let verified = verify(&target_s, len).await;
     checks.check(
         verified.is_ok(),
-        format!(
-            "volume-io-mirror: a verified pattern reads back through the volume: {verified:?}"
-        ),
+        format!("volume-io-mirror: a verified pattern reads back through the volume: {verified:?}"),
     );
     let sides = vec![
         plain,

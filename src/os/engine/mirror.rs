@@ -17,9 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{
-    DaemonArgs, QemuStorageDaemon, RunPaths, events, find_processes, spawn_daemonized,
-};
+use super::{DaemonArgs, QemuStorageDaemon, RunPaths, events, find_processes, spawn_daemonized};
 use crate::os::{EngineState, ImageFormat, OsError, OsResult, ReplicaTarget, VolumeEngineSpec};
 use crate::os::{command_failure, utf8_path};
 
@@ -182,10 +180,25 @@ pub(super) fn start(
             return Ok(QemuStorageDaemon::state(paths, pid, &a));
         }
         if Instant::now() >= deadline {
-            return Err(failure("started but its file never appeared as a mount".into()));
+            return Err(failure(
+                "started but its file never appeared as a mount".into(),
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The export file of the live mirror engine on this machine that serves `replica` (named as
+/// its record names it), if any: snapshots of such a replica go through the engine (`pause`).
+pub fn export_of(replica: &Path) -> Option<PathBuf> {
+    let wanted = ReplicaTarget::Local(replica.to_path_buf());
+    // No pid file to start from: every process's command line is read.
+    find_processes(Path::new("/nonexistent/mirror.pid"), |argv| {
+        parse_args(argv).filter(|a| a.targets.contains(&wanted))
+    })
+    .into_iter()
+    .next()
+    .map(|(_, a)| a.export)
 }
 
 /// Writes held by the live mirror engine of a run directory: new writes wait until this is
@@ -205,7 +218,10 @@ pub fn pause(run_dir: &Path) -> OsResult<Paused> {
     let socket = RunPaths::new(run_dir).dir.join(CONTROL);
     let mut conn = UnixStream::connect(&socket).map_err(|e| {
         OsError::io(
-            format!("connecting to the mirror engine's control socket {}", socket.display()),
+            format!(
+                "connecting to the mirror engine's control socket {}",
+                socket.display()
+            ),
             e,
         )
     })?;
