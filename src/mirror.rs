@@ -50,6 +50,8 @@ use fuser::{
 use crate::os::ReplicaTarget;
 use crate::os::engine::events::FaultRecord;
 
+/// The FUSE file system's source name (mountinfo): how a loop device knows the file is ours.
+pub const FS_NAME: &str = "bicsi-mirror";
 /// The largest request the kernel sends (FUSE `max_write`, and the read-ahead window).
 pub const MAX_REQUEST: u32 = 1 << 20;
 /// Writes from this size on go to the replicas in parallel.
@@ -527,8 +529,8 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
         gid: nix::unistd::getgid().as_raw(),
     };
     let mut options = vec![
-        MountOption::FSName("bicsi-mirror".into()),
-        MountOption::Subtype("bicsi-mirror".into()),
+        MountOption::FSName(FS_NAME.into()),
+        MountOption::Subtype(FS_NAME.into()),
     ];
     options.push(if cfg.read_only {
         MountOption::RO
