@@ -85,8 +85,13 @@ async fn a_mirror_volume_keeps_fio_verified_data_through_detach_restart_kill_and
         engines_under(b.dir.path()).is_empty(),
         "a qemu-storage-daemon runs"
     );
-    // The loop device sits on the engine's file, not on a replica.
+    // The loop device sits on the engine's file, not on a replica, and does direct I/O.
     assert!(loops_under(&x1.path()).is_empty() && loops_under(&x2.path()).is_empty());
+    let devs = loops_under(b.dir.path());
+    assert_eq!(devs.len(), 1, "{devs:?}");
+    let name = devs[0].trim_start_matches("/dev/");
+    let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap();
+    assert_eq!(dio.trim(), "1", "the mirror engine's loop device is buffered");
     fio(&tg, true);
     detach(&mut c, &id, &st, &tg).await;
     assert!(
