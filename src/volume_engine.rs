@@ -111,7 +111,7 @@ pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Ve
                 None => nodes.push((&d.disk.node_id, 1, d.free_bytes)),
             }
         }
-        nodes.sort_by(|a, b| (b.1, b.2).cmp(&(a.1, a.2)));
+        nodes.sort_by_key(|n| std::cmp::Reverse((n.1, n.2)));
         let node = nodes[0].0.to_string();
         return Ok(sharing
             .into_iter()

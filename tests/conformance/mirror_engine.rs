@@ -91,7 +91,11 @@ async fn a_mirror_volume_keeps_fio_verified_data_through_detach_restart_kill_and
     assert_eq!(devs.len(), 1, "{devs:?}");
     let name = devs[0].trim_start_matches("/dev/");
     let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap();
-    assert_eq!(dio.trim(), "1", "the mirror engine's loop device is buffered");
+    assert_eq!(
+        dio.trim(),
+        "1",
+        "the mirror engine's loop device is buffered"
+    );
     fio(&tg, true);
     detach(&mut c, &id, &st, &tg).await;
     assert!(
