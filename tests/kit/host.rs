@@ -196,7 +196,10 @@ pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
         let _ = Command::new("losetup").args(["-d", &l]).status();
         done.push(format!("detached {l}"));
     }
-    let pids = engines_under(dir);
+    // qemu-storage-daemons, and bicsi's mirror engines (whose FUSE file may have been
+    // unmounted lazily above, which leaves them running).
+    let mut pids = engines_under(dir);
+    pids.extend(mirror_engines_under(dir));
     let first = if grace.is_zero() {
         Signal::SIGKILL
     } else {
@@ -204,7 +207,7 @@ pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
     };
     for &pid in &pids {
         let _ = kill(Pid::from_raw(pid), first);
-        done.push(format!("stopped qemu-storage-daemon {pid}"));
+        done.push(format!("stopped engine {pid}"));
     }
     let started = Instant::now();
     while pids.iter().any(|&p| alive(p)) && started.elapsed() < grace {
