@@ -172,6 +172,12 @@ enum PathName {
     /// A replica rebuilt by hand (detached 2-replica volume of --size, a quarter written) vs
     /// `cp --sparse=always` of the source replica's file, and the same with `sync` (issue 15).
     Rebuild,
+    /// bicsi's own mirror engine started by hand with its knobs: two raw replicas on two XFS
+    /// disks, same jobs.
+    VolumeIoMirrorTuned,
+    /// The mirror engine as it ships: a 2-replica bicsi volume on two XFS disks (engine chosen
+    /// automatically), same jobs, and the engine's resident memory.
+    VolumeIoMirror,
 }
 
 impl PathName {
@@ -189,6 +195,8 @@ impl PathName {
                         | PathName::VolumeIoLoopRaw
                         | PathName::VolumeIoLoop
                         | PathName::Rebuild
+                        | PathName::VolumeIoMirrorTuned
+                        | PathName::VolumeIoMirror
                 )
             })
             .collect()
@@ -426,6 +434,8 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::VolumeIoLoopRaw => engines::loop_raw(b, checks).await,
         PathName::VolumeIoLoop => engines::loop_engine(b, checks).await,
         PathName::Rebuild => rebuild::rebuild(b, checks).await,
+        PathName::VolumeIoMirrorTuned => engines::mirror_tuned(b, checks).await,
+        PathName::VolumeIoMirror => engines::mirror_engine(b, checks).await,
     }
 }
 

@@ -22,10 +22,12 @@
 mod fuse;
 mod fuse_tuned;
 mod loop_raw;
+mod mirror;
 
 pub(crate) use fuse::fuse;
 pub(crate) use fuse_tuned::fuse_tuned;
 pub(crate) use loop_raw::loop_raw;
+pub(crate) use mirror::{mirror_engine, mirror_tuned};
 
 use super::*;
 

@@ -49,6 +49,9 @@ pub enum Command {
     /// The engine host of a node: starts the node agent's qemu-storage-daemon processes so they
     /// live in this process's container and survive restarts of the agent's (--engine-endpoint).
     Engine(EngineArgs),
+    /// The mirror engine of one volume: started by the node agent, not by people.
+    #[command(name = "engine-mirror", hide = true)]
+    EngineMirror(crate::mirror::MirrorArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (deploy/crds.yaml).
     Crd,
     /// Create, attach, detach and delete volumes on a running `bicsi serve`.
@@ -457,6 +460,7 @@ fn server_of(cmd: &Command) -> Option<&Server> {
         | Command::Controller(_)
         | Command::Node(_)
         | Command::Engine(_)
+        | Command::EngineMirror(_)
         | Command::Crd => None,
         Command::Apply { server, .. } => Some(server),
         Command::Volume(VolumeCommand::Create { server, .. }) => Some(server),
@@ -509,6 +513,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::server::controller(cfg, split, shutdown_signal()).await
         }
         Command::Engine(args) => engine(args).await,
+        Command::EngineMirror(args) => tokio::task::spawn_blocking(move || {
+            crate::mirror::main(args).map_err(|e| Error::Internal(format!("mirror engine: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("mirror engine: {e}")))?,
         Command::Node(args) => {
             let os = real_os(args.disk.engine_endpoint.as_deref())?;
             let cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
@@ -531,7 +540,11 @@ pub async fn run(cli: Cli) -> Result<()> {
 async fn client(cmd: Command) -> Result<()> {
     use crate::cli_api as api;
     match cmd {
-        Command::Serve(_) | Command::Controller(_) | Command::Node(_) | Command::Engine(_) => {
+        Command::Serve(_)
+        | Command::Controller(_)
+        | Command::Node(_)
+        | Command::Engine(_)
+        | Command::EngineMirror(_) => {
             unreachable!("servers are run by `run`")
         }
         Command::Crd => {

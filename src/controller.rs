@@ -432,6 +432,9 @@ impl Controller {
     ) -> Result<Volume> {
         // The replicas were made in the format of the engine chosen for them.
         let engine = match replicas.first().map(|r| r.format) {
+            Some(crate::os::ImageFormat::Raw) if replicas.len() > 1 => {
+                crate::model::EngineKind::Mirror
+            }
             Some(crate::os::ImageFormat::Raw) => crate::model::EngineKind::Loop,
             _ => crate::model::EngineKind::Qemu,
         };
@@ -960,6 +963,11 @@ impl Controller {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id:?} is attached to node {:?}; change its replicas while it is detached",
                 p.node_id
+            )));
+        }
+        if volume.spec.engine == crate::model::EngineKind::Mirror {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id:?} is served by the mirror engine, whose replicas are raw files made at creation; its number of replicas cannot change: clone it into a new volume with the number of replicas wanted"
             )));
         }
         if volume.spec.engine == crate::model::EngineKind::Loop && wanted > 1 {

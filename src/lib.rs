@@ -32,6 +32,7 @@ pub mod health;
 pub mod http;
 pub mod imagefmt;
 pub mod messages;
+pub mod mirror;
 pub mod model;
 pub mod node;
 pub mod os;

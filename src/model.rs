@@ -90,14 +90,16 @@ impl Capability {
 /// What serves a volume's replicas as a block device (see `crate::volume_engine` for how it is
 /// chosen): `qemu`, qemu-storage-daemon over qcow2 replicas (several replicas, remote ones),
 /// exported over FUSE with a loop device on the export; `loop`, one raw replica file with a loop
-/// device straight on it and no engine process. Records written before engines could be chosen
-/// read as `qemu`.
+/// device straight on it and no engine process; `mirror`, several raw replica files on one node
+/// served by bicsi's own engine process over FUSE (`crate::mirror`), a loop device on its file.
+/// Records written before engines could be chosen read as `qemu`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Loop,
     #[default]
     Qemu,
+    Mirror,
 }
 
 impl EngineKind {
@@ -105,13 +107,14 @@ impl EngineKind {
         match self {
             EngineKind::Loop => "loop",
             EngineKind::Qemu => "qemu",
+            EngineKind::Mirror => "mirror",
         }
     }
 
     /// The format of this engine's replica files.
     pub fn replica_format(self) -> crate::os::ImageFormat {
         match self {
-            EngineKind::Loop => crate::os::ImageFormat::Raw,
+            EngineKind::Loop | EngineKind::Mirror => crate::os::ImageFormat::Raw,
             EngineKind::Qemu => crate::os::ImageFormat::Qcow2,
         }
     }

@@ -672,6 +672,9 @@ impl NodeAgent {
             if rec.engine == EngineKind::Qemu && os.engine.status(&rec.engine_dir)?.is_none() {
                 problems.push("the block engine (qemu-storage-daemon) is not running".into());
             }
+            if rec.engine == EngineKind::Mirror && os.engine.status(&rec.engine_dir)?.is_none() {
+                problems.push("the block engine (bicsi's mirror engine) is not running".into());
+            }
             problems.extend(health);
             stats.abnormal = !problems.is_empty();
             stats.message = if problems.is_empty() {
@@ -814,12 +817,13 @@ fn stage_steps(
 }
 
 /// The engine that serves an attach with these children: `loop` for a single local raw replica
-/// (the loop engine on its own node), `qemu` for everything else.
+/// (the loop engine on its own node), `mirror` for several local raw replicas, `qemu` for
+/// everything else.
 fn attach_engine(targets: &[ReplicaTarget]) -> EngineKind {
+    let raw = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw);
     match targets {
-        [ReplicaTarget::Local(p)] if ImageFormat::of_file(p) == ImageFormat::Raw => {
-            EngineKind::Loop
-        }
+        [t] if raw(t) => EngineKind::Loop,
+        [_, _, ..] if targets.iter().all(raw) => EngineKind::Mirror,
         _ => EngineKind::Qemu,
     }
 }
@@ -830,7 +834,9 @@ fn served_file(os: &Os, rec: &NodeVolume) -> Result<Option<PathBuf>> {
     match (rec.engine, rec.replicas.first()) {
         (EngineKind::Loop, Some(file)) => Ok(Some(file.clone())),
         (EngineKind::Loop, None) => Ok(None),
-        (EngineKind::Qemu, _) => Ok(os.engine.status(&rec.engine_dir)?.map(|s| s.export_path)),
+        (EngineKind::Qemu | EngineKind::Mirror, _) => {
+            Ok(os.engine.status(&rec.engine_dir)?.map(|s| s.export_path))
+        }
     }
 }
 

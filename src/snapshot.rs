@@ -181,8 +181,12 @@ pub fn capture_group(
     for plan in plans {
         let mounts = match ImageFormat::of_file(&plan.replica) {
             ImageFormat::Qcow2 => os.engine.engine_mounts(&plan.replica)?,
-            // The loop engine: the filesystem on the loop device over the raw replica.
-            ImageFormat::Raw => os.loops.file_mounts(&plan.replica)?,
+            // The loop engine: the filesystem on the loop device over the raw replica; the
+            // mirror engine: the one on the loop device over its file.
+            ImageFormat::Raw => match crate::os::engine::mirror::export_of(&plan.replica) {
+                Some(export) => os.loops.file_mounts(&export)?,
+                None => os.loops.file_mounts(&plan.replica)?,
+            },
         };
         match mounts {
             None => {}
@@ -412,9 +416,23 @@ pub fn capture(
 }
 
 /// A raw replica as it is now (see the module doc): served by a loop device, that device is
-/// flushed and the file cloned in one FICLONE; at rest, copied (reflink where the filesystem
-/// shares blocks).
+/// flushed and the file cloned in one FICLONE; served by a mirror engine, the loop device on
+/// its file is flushed, the engine holds writes (those in flight complete first: every write
+/// it acknowledged is in every replica, none after), the file is cloned and the writes go on;
+/// at rest, copied (reflink where the filesystem shares blocks).
 fn capture_raw(os: &Os, replica: &Path, tmp: &Path) -> Result<()> {
+    if let Some(export) = crate::os::engine::mirror::export_of(replica) {
+        if let Some(dev) = os.loops.find(&export)? {
+            os.loops.flush(&dev)?;
+        }
+        let run_dir = export.parent().unwrap_or(Path::new("/"));
+        let paused = crate::os::engine::mirror::pause(run_dir)?;
+        let cloned = os.images.clone_raw(replica, tmp);
+        drop(paused);
+        cloned?;
+        tracing::info!(replica = %replica.display(), engine = %run_dir.display(), "point-in-time reflink copy of a mirror engine's replica, its writes held");
+        return Ok(());
+    }
     match os.loops.find(replica)? {
         Some(dev) => {
             os.loops.flush(&dev)?;

@@ -22,6 +22,16 @@
 //!   attaching node over NBD (the replica server opens the raw file with the raw driver), so it
 //!   keeps working anywhere; the node record says which engine serves each attach.
 //!
+//! - `mirror` (bicsi's own engine process, `crate::mirror`) serves several raw replicas on ONE
+//!   node: writes go to every replica file, reads to one, over a multi-threaded FUSE file with a
+//!   direct-I/O loop device on it (README, volume-io-mirror). `auto` gives it to a volume with
+//!   several replicas when every replica landed on the same node and on disks that share blocks
+//!   (so that, as for `loop`, images are reflink clones and a snapshot of an attached volume is
+//!   one FICLONE while the engine holds writes). Replicas on several nodes stay on `qemu`: the
+//!   mirror engine has no NBD client yet, and qemu reads raw replicas of other nodes only as a
+//!   whole-volume NBD child. Placement is not changed for it: replicas still go to distinct nodes
+//!   first, so on a cluster of several nodes `auto` keeps choosing `qemu` for them.
+//!
 //! It must not touch disks or processes: it decides from what the node agents report.
 
 use crate::agent::DiskSpace;
@@ -47,8 +57,9 @@ impl EngineChoice {
             "" | "auto" => Ok(EngineChoice::Auto),
             "loop" => Ok(EngineChoice::Pinned(EngineKind::Loop)),
             "qemu" => Ok(EngineChoice::Pinned(EngineKind::Qemu)),
+            "mirror" => Ok(EngineChoice::Pinned(EngineKind::Mirror)),
             other => Err(Error::InvalidArgument(format!(
-                "parameter {PARAMETER}={other:?} is not an engine; use auto (the default), loop or qemu"
+                "parameter {PARAMETER}={other:?} is not an engine; use auto (the default), loop, mirror or qemu"
             ))),
         }
     }
@@ -56,9 +67,14 @@ impl EngineChoice {
 
 /// The disks a volume's replicas may go on: all of them, except for a volume pinned to `loop`,
 /// whose single replica needs a disk that shares blocks (FailedPrecondition naming the disks
-/// and the fix when there is none).
+/// and the fix when there is none), and one pinned to `mirror`, whose replicas need such disks
+/// on one node (the node with the most of them).
 pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Vec<DiskSpace>> {
-    if choice != EngineChoice::Pinned(EngineKind::Loop) || disks.is_empty() {
+    let raw = [
+        EngineChoice::Pinned(EngineKind::Loop),
+        EngineChoice::Pinned(EngineKind::Mirror),
+    ];
+    if !raw.contains(&choice) || disks.is_empty() {
         return Ok(disks);
     }
     let names: Vec<String> = disks
@@ -73,11 +89,34 @@ pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Ve
         })
         .collect();
     let sharing: Vec<DiskSpace> = disks.into_iter().filter(|d| d.shares_blocks).collect();
+    let name = match choice {
+        EngineChoice::Pinned(kind) => kind.as_str(),
+        EngineChoice::Auto => "auto",
+    };
     if sharing.is_empty() {
         return Err(Error::FailedPrecondition(format!(
-            "{PARAMETER}: loop needs a disk whose filesystem shares blocks (XFS made with reflink=1, or btrfs), and none of the disks does: {}; add such a disk, or use {PARAMETER}: qemu (or auto)",
+            "{PARAMETER}: {name} needs a disk whose filesystem shares blocks (XFS made with reflink=1, or btrfs), and none of the disks does: {}; add such a disk, or use {PARAMETER}: qemu (or auto)",
             names.join(", ")
         )));
+    }
+    if choice == EngineChoice::Pinned(EngineKind::Mirror) {
+        // The node with the most such disks (then the most free space) keeps its disks.
+        let mut nodes: Vec<(&str, usize, u64)> = Vec::new();
+        for d in &sharing {
+            match nodes.iter_mut().find(|(n, _, _)| *n == d.disk.node_id) {
+                Some(entry) => {
+                    entry.1 += 1;
+                    entry.2 += d.free_bytes;
+                }
+                None => nodes.push((&d.disk.node_id, 1, d.free_bytes)),
+            }
+        }
+        nodes.sort_by_key(|n| std::cmp::Reverse((n.1, n.2)));
+        let node = nodes[0].0.to_string();
+        return Ok(sharing
+            .into_iter()
+            .filter(|d| d.disk.node_id == node)
+            .collect());
     }
     Ok(sharing)
 }
@@ -105,10 +144,46 @@ pub fn preferred_disks(
 /// The engine of a new volume with `wanted` replicas placed on `placed` (see the module doc).
 pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result<EngineKind> {
     let loop_fits = wanted == 1 && placed.len() == 1 && placed[0].shares_blocks;
+    let one_node = placed.iter().all(|d| {
+        placed
+            .first()
+            .is_some_and(|f| f.disk.node_id == d.disk.node_id)
+    });
+    let mirror_fits = wanted >= 2
+        && placed.len() == wanted as usize
+        && one_node
+        && placed.iter().all(|d| d.shares_blocks);
     match choice {
         EngineChoice::Pinned(EngineKind::Qemu) => Ok(EngineKind::Qemu),
         EngineChoice::Auto if loop_fits => Ok(EngineKind::Loop),
+        EngineChoice::Auto if mirror_fits => Ok(EngineKind::Mirror),
         EngineChoice::Auto => Ok(EngineKind::Qemu),
+        EngineChoice::Pinned(EngineKind::Mirror) => {
+            if wanted < 2 {
+                return Err(Error::InvalidArgument(format!(
+                    "{PARAMETER}: mirror serves several replicas, but numberOfReplicas is {wanted}; use {PARAMETER}: loop (or auto) for one replica"
+                )));
+            }
+            if !one_node {
+                return Err(Error::FailedPrecondition(format!(
+                    "{PARAMETER}: mirror serves replicas on one node, and they were placed on nodes {}; use {PARAMETER}: qemu (or auto) for replicas on several nodes",
+                    placed
+                        .iter()
+                        .map(|d| d.disk.node_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if let Some(d) = placed.iter().find(|d| !d.shares_blocks) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{PARAMETER}: mirror needs disks whose filesystem shares blocks, and disk {} ({} on node {}) does not (it is not XFS with reflink=1 or btrfs); move the disk to such a filesystem, or use {PARAMETER}: qemu (or auto)",
+                    d.disk.id,
+                    d.disk.path.display(),
+                    d.disk.node_id
+                )));
+            }
+            Ok(EngineKind::Mirror)
+        }
         EngineChoice::Pinned(EngineKind::Loop) => {
             if wanted != 1 {
                 return Err(Error::InvalidArgument(format!(
@@ -153,6 +228,7 @@ mod tests {
             ("auto", Some(EngineChoice::Auto)),
             (" loop ", Some(EngineChoice::Pinned(EngineKind::Loop))),
             ("qemu", Some(EngineChoice::Pinned(EngineKind::Qemu))),
+            ("mirror", Some(EngineChoice::Pinned(EngineKind::Mirror))),
             ("fuse", None),
             ("LOOP", None),
         ];
@@ -164,7 +240,7 @@ mod tests {
                     let text = e.to_string();
                     assert!(
                         text.contains("engine=")
-                            && text.contains("auto (the default), loop or qemu"),
+                            && text.contains("auto (the default), loop, mirror or qemu"),
                         "{text}"
                     );
                 }
@@ -178,12 +254,18 @@ mod tests {
         use EngineChoice::*;
         use EngineKind::*;
         let (xfs, ext4) = (disk("xfs", true), disk("ext4", false));
+        let mut other_node = disk("xfs2", true);
+        other_node.disk.node_id = "n2".into();
         let ok: &[(EngineChoice, u32, Vec<DiskSpace>, EngineKind)] = &[
             (Auto, 1, vec![xfs.clone()], Loop),
             (Auto, 1, vec![ext4.clone()], Qemu),
-            (Auto, 2, vec![xfs.clone(), xfs.clone()], Qemu),
+            (Auto, 2, vec![xfs.clone(), xfs.clone()], Mirror),
+            (Auto, 3, vec![xfs.clone(), xfs.clone(), xfs.clone()], Mirror),
+            (Auto, 2, vec![xfs.clone(), ext4.clone()], Qemu),
+            (Auto, 2, vec![xfs.clone(), other_node.clone()], Qemu),
             // Degraded at birth (fewer disks than replicas): still a quorum volume.
             (Auto, 2, vec![xfs.clone()], Qemu),
+            (Pinned(Mirror), 2, vec![xfs.clone(), xfs.clone()], Mirror),
             (Pinned(Qemu), 1, vec![xfs.clone()], Qemu),
             (Pinned(Loop), 1, vec![xfs.clone()], Loop),
         ];
@@ -197,6 +279,15 @@ mod tests {
         let e = decide(Pinned(Loop), 2, &[xfs.clone(), xfs.clone()]).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains("numberOfReplicas: 1"), "{e}");
+        let e = decide(Pinned(Mirror), 1, std::slice::from_ref(&xfs)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("engine: loop (or auto)"), "{e}");
+        let e = decide(Pinned(Mirror), 2, &[xfs.clone(), other_node.clone()]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("nodes n1, n2"), "{e}");
+        let e = decide(Pinned(Mirror), 2, &[xfs.clone(), ext4.clone()]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("disk ext4 (/d/ext4"), "{e}");
         let e = decide(Pinned(Loop), 1, std::slice::from_ref(&ext4)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("disk ext4 (/d/ext4"), "{e}");
@@ -218,6 +309,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("a (/d/a on node n1)"), "{e}");
+    }
+
+    #[test]
+    fn pinned_mirror_keeps_the_node_with_most_disks_that_share_blocks() {
+        let mut b = disk("b", true);
+        b.disk.node_id = "n2".into();
+        let mut c = disk("c", true);
+        c.disk.node_id = "n2".into();
+        let all = vec![disk("a", true), b, c, disk("d", false)];
+        let got = candidate_disks(EngineChoice::Pinned(EngineKind::Mirror), all).unwrap();
+        assert_eq!(
+            got.iter().map(|d| d.disk.id.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
     }
 
     #[test]

@@ -181,8 +181,11 @@ pub fn apply_faults_locked<G>(
     if recorded.is_empty() {
         return Ok(Vec::new());
     }
-    // Out of the live quorum first: from now on nothing reads the failed child.
-    if let Some(state) = os.engine.status(run_dir)? {
+    // Out of the live quorum first: from now on nothing reads the failed child. (The mirror
+    // engine drops a replica itself before it records the fault.)
+    if let Some(state) = os.engine.status(run_dir)?
+        && !crate::os::engine::mirror::serving(run_dir)
+    {
         let children = events::children(run_dir);
         let healthy = children
             .iter()

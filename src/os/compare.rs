@@ -17,7 +17,11 @@ use super::{OsError, OsResult, ReplicaTarget, command_failure, display_command, 
 /// The file name and format qemu-img opens a replica as.
 fn source(t: &ReplicaTarget) -> (String, &'static str) {
     match t {
-        ReplicaTarget::Local(p) => (p.display().to_string(), "qcow2"),
+        // A raw replica (loop and mirror engines) is opened as raw: never probed.
+        ReplicaTarget::Local(p) => (
+            p.display().to_string(),
+            super::ImageFormat::of_file(p).as_str(),
+        ),
         // The remote serves the replica's qcow2 node: its content is the volume as is.
         ReplicaTarget::Nbd { .. } => (t.to_string(), "raw"),
     }

@@ -28,6 +28,7 @@
 pub(crate) mod backup;
 pub mod events;
 pub mod host;
+pub mod mirror;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -344,8 +345,12 @@ pub(super) fn find_processes<T>(
     found
 }
 
-/// The live daemons serving `paths.export`.
+/// The live daemons serving `paths.export` (a mirror engine, `mirror`, counts as one).
 fn find_daemons(paths: &RunPaths) -> Vec<(i32, DaemonArgs)> {
+    let mirrors = mirror::find(paths);
+    if !mirrors.is_empty() {
+        return mirrors;
+    }
     find_processes(&paths.pid, |argv| {
         parse_args(argv).filter(|a| a.export == paths.export)
     })
@@ -745,6 +750,10 @@ impl Engine for QemuStorageDaemon {
         self.shut_down(&paths)?;
         for stale in [&paths.pid, &paths.qmp, &paths.trace] {
             let _ = fs::remove_file(stale);
+        }
+        // Raw replica files: served by bicsi's own mirror engine, not by the daemon.
+        if mirror::serves(&spec.replicas) {
+            return mirror::start(self, spec, &paths);
         }
         // The FUSE export mounts over an existing regular file.
         File::create(&paths.export).map_err(|e| {

@@ -5,6 +5,10 @@
 //! `losetup --direct-io=on` is accepted but writes through the device are lost or misplaced
 //! (a pattern written with O_DIRECT reads back different from byte 1; ext4 made on it fails to
 //! mount with "journal inode checksum invalid"), while buffered loop devices read back exactly.
+//! The exception is the file of bicsi's own mirror engine (`crate::mirror`, FUSE source
+//! `bicsi-mirror`): it copies every write before answering and serves many requests at once, so
+//! its loop device does direct I/O (asynchronous, several requests in flight, and no second page
+//! cache over the replicas' own); fio `verify=crc32c` passes on it (README, volume-io-mirror).
 //!
 //! A buffered loop device reads its file through the page cache, so over a FUSE export the
 //! file's read-ahead decides how large the requests to the engine are. It raises that read-ahead
@@ -130,8 +134,20 @@ impl Losetup {
             return Ok(dev);
         }
         raise_fuse_read_ahead(file);
+        let mirror = super::mount::lookup(file)
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.source == crate::mirror::FS_NAME);
         let mut cmd = Command::new("losetup");
-        cmd.args(["--find", "--show", "--direct-io=off"]);
+        cmd.args([
+            "--find",
+            "--show",
+            if mirror {
+                "--direct-io=on"
+            } else {
+                "--direct-io=off"
+            },
+        ]);
         // Root ignores permission bits, so the engine's read-only export (mode 0400) would be
         // opened read-write and every write would fail with EIO deep inside a filesystem. Honour
         // the mode ourselves and make the device itself read-only.

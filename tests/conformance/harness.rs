@@ -10,7 +10,9 @@ use bicsi::csi::pb;
 // The suites that include the harness use these through it, each a few of them.
 use crate::kit::{Proc, cleanup_under, csi_endpoint, free_port, serve_args, temp_dir};
 #[allow(unused_imports)]
-pub use crate::kit::{engines_under, loops_under, mounts_under, root_or_skip};
+pub use crate::kit::{
+    engines_under, loops_under, mirror_engines_under, mounts_under, root_or_skip,
+};
 
 pub const NODE_ID: &str = "test-node";
 pub const MIB: i64 = 1 << 20;

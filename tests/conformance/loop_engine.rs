@@ -19,13 +19,13 @@ use bicsi::csi::pb;
 /// An XFS filesystem made with reflink in a sparse file, loop-mounted in a temp dir; on drop
 /// (also when a test fails) whatever is left on it (mounts, loop devices of replicas) goes, then
 /// the filesystem is unmounted.
-struct Xfs {
+pub(super) struct Xfs {
     dir: tempfile::TempDir,
 }
 
 impl Xfs {
     /// None (the test skips, saying why) where mkfs.xfs is missing; CI installs xfsprogs.
-    fn new(test: &str, mib: u64) -> Option<Xfs> {
+    pub(super) fn new(test: &str, mib: u64) -> Option<Xfs> {
         if Command::new("mkfs.xfs").arg("-V").output().is_err() {
             if std::env::var_os("CI").is_some() {
                 panic!("{test}: mkfs.xfs is missing (xfsprogs) and CI must not skip it");
@@ -53,7 +53,7 @@ impl Xfs {
         Some(Xfs { dir })
     }
 
-    fn path(&self) -> PathBuf {
+    pub(super) fn path(&self) -> PathBuf {
         self.dir.path().join("mnt")
     }
 }
@@ -78,7 +78,7 @@ impl Drop for Xfs {
 }
 
 #[track_caller]
-fn run(cmd: &mut Command) -> String {
+pub(super) fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -88,20 +88,20 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+pub(super) fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
     p.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
 
 /// `bicsi get volume NAME -o json`: the view with the engine and the controller's record.
-fn volume_view(b: &Bicsi, name: &str) -> serde_json::Value {
+pub(super) fn volume_view(b: &Bicsi, name: &str) -> serde_json::Value {
     let (ok, out, err) = b.cli(&["get", "volume", name, "-o", "json"]);
     assert!(ok, "get volume {name}: {err}");
     serde_json::from_str(&out).unwrap()
 }
 
-fn engine_of(b: &Bicsi, name: &str) -> String {
+pub(super) fn engine_of(b: &Bicsi, name: &str) -> String {
     volume_view(b, name)["engine"]
         .as_str()
         .unwrap_or_default()
@@ -109,7 +109,7 @@ fn engine_of(b: &Bicsi, name: &str) -> String {
 }
 
 /// The volume's replica files as its record names them.
-fn replica_paths(b: &Bicsi, name: &str) -> Vec<PathBuf> {
+pub(super) fn replica_paths(b: &Bicsi, name: &str) -> Vec<PathBuf> {
     volume_view(b, name)["record"]["replicas"]
         .as_array()
         .unwrap()
@@ -119,7 +119,7 @@ fn replica_paths(b: &Bicsi, name: &str) -> Vec<PathBuf> {
 }
 
 /// Creates a volume (twice: CreateVolume is idempotent) and answers its id.
-async fn create(c: &mut CsiClient, req: pb::CreateVolumeRequest) -> String {
+pub(super) async fn create(c: &mut CsiClient, req: pb::CreateVolumeRequest) -> String {
     let v = create_retrying(c, req.clone()).await.unwrap();
     let again = create_retrying(c, req).await.unwrap();
     assert_eq!(v.volume_id, again.volume_id);
@@ -156,7 +156,7 @@ async fn the_engine_is_chosen_by_disk_and_replicas() {
             .create_volume(create_with("bad", 16 * MIB, &bad, mount_cap()))
             .await,
         Code::InvalidArgument,
-        "auto (the default), loop or qemu",
+        "auto (the default), loop, mirror or qemu",
     );
 
     // XFS with reflink: one replica is loop, several stay on qemu, loop with several is refused.
@@ -217,7 +217,7 @@ async fn the_engine_is_chosen_by_disk_and_replicas() {
 
 /// fio over `dev`: `write` lays down a crc32c-verified pattern (random 4k at depth 32, then
 /// sequential 1M) and reads it back; otherwise only verifies what an earlier run wrote.
-fn fio(dev: &Path, write: bool) {
+pub(super) fn fio(dev: &Path, write: bool) {
     for (name, rw, bs) in [("rand", "randwrite", "4k"), ("seq", "write", "1M")] {
         let offset = if name == "rand" { "0" } else { "32M" };
         let mut cmd = Command::new("fio");

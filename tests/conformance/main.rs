@@ -14,6 +14,7 @@ mod images;
 mod kit;
 mod lifecycle;
 mod loop_engine;
+mod mirror_engine;
 mod node;
 mod snapshots;
 mod transfer;

@@ -617,3 +617,132 @@ async fn an_attach_during_a_rebuild_is_answered_at_once_and_the_copy_starts_over
         done["path"].as_str().unwrap()
     ));
 }
+
+/// An XFS filesystem made with reflink (`mkfs.xfs` needs 300 MiB at least) in a sparse file,
+/// loop-mounted in a temp dir; unmounted (with whatever is left on it) on drop.
+struct XfsDisk {
+    mnt: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl XfsDisk {
+    fn new(mib: u64) -> XfsDisk {
+        let dir = tempfile::Builder::new()
+            .prefix("bicsi-faults-xfs-")
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join("xfs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let made = Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image)
+            .status()
+            .expect("mkfs.xfs (xfsprogs) is needed");
+        assert!(made.success());
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        XfsDisk { mnt, dir }
+    }
+
+    /// Leaves about `free_mib` MiB free with a filler file.
+    fn fill_to(&self, free_mib: u64) {
+        let st = nix::sys::statvfs::statvfs(&self.mnt).unwrap();
+        let avail = st.blocks_available() * st.fragment_size();
+        let len = avail.saturating_sub(free_mib << 20);
+        let ok = Command::new("fallocate")
+            .args(["-l", &len.to_string()])
+            .arg(self.mnt.join("filler"))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for XfsDisk {
+    fn drop(&mut self) {
+        crate::kit::sweep(&self.mnt, Duration::from_secs(2));
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = &self.dir;
+    }
+}
+
+#[tokio::test]
+async fn a_disk_that_fills_under_a_mirror_volume_drops_its_replica_and_the_rebuild_makes_it_identical()
+ {
+    let test = "a_disk_that_fills_under_a_mirror_volume_drops_its_replica_and_the_rebuild_makes_it_identical";
+    if !root_or_skip(test) {
+        return;
+    }
+    let (small, big) = (XfsDisk::new(320), XfsDisk::new(320));
+    let (small_disk, big_disk) = (small.mnt.join("disk"), big.mnt.join("disk"));
+    std::fs::create_dir_all(&small_disk).unwrap();
+    std::fs::create_dir_all(&big_disk).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("bicsi-replicas-")
+        .tempdir()
+        .unwrap();
+    let s = Serve::start(dir.path(), vec![small_disk.clone(), big_disk.clone()]).await;
+    let dev = dir.path().join("blk");
+    create_two_replicas_and_attach(&s, &dev, "64Mi", &[]).await;
+    assert_eq!(record(&s)["engine"], "mirror", "{}", record(&s));
+    small.fill_to(20);
+    // 40 MiB: the small disk has ~20 MiB left. Every write is acknowledged (the other replica
+    // took it) and reads back.
+    fio(&dev, 40, false);
+    let list = replicas(&s);
+    let small_id = replica_on(&list, &small_disk)["replica"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let big_r = replica_on(&list, &big_disk).clone();
+    let err = wait_mode(&s, &small_id, "err", Duration::from_secs(10)).await;
+    let reason = err["modeReason"].as_str().unwrap();
+    assert!(
+        reason.contains("No space left on device") && reason.contains("mirror engine"),
+        "{err}"
+    );
+    assert_eq!(big_r["mode"], "rw");
+    let v = record(&s);
+    assert_eq!(v["health"], "degraded", "{v}");
+    // The engine dropped the replica at its first failed write: the data reads back right now,
+    // from the replica that has it.
+    fio(&dev, 40, true);
+    ok(&s, &["volume", "detach", VOLUME]);
+
+    // Room again: the offline rebuild copies the raw replica and verifies it identical.
+    std::fs::remove_file(small.mnt.join("filler")).unwrap();
+    let rw = wait_mode(&s, &small_id, "rw", Duration::from_secs(60)).await;
+    assert!(
+        rw["modeReason"]
+            .as_str()
+            .unwrap()
+            .contains("verified identical"),
+        "{rw}"
+    );
+    let (a, b) = (
+        std::fs::read(big_r["path"].as_str().unwrap()).unwrap(),
+        std::fs::read(rw["path"].as_str().unwrap()).unwrap(),
+    );
+    assert!(a == b, "the rebuilt raw replica differs");
+    attach_ok(&s, &dev).await;
+    assert_eq!(record(&s)["health"], "healthy");
+    fio(&dev, 40, true);
+    ok(&s, &["volume", "detach", VOLUME]);
+    drop(s);
+}

@@ -132,6 +132,31 @@ pub fn engines_under(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// The pids of bicsi's mirror engines (`bicsi engine-mirror`) whose command line names `dir`.
+pub fn mirror_engines_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<_> = cmdline
+            .split(|&c| c == 0)
+            .map(String::from_utf8_lossy)
+            .collect();
+        if args.get(1).is_some_and(|a| a == "engine-mirror")
+            && args.iter().any(|a| a.contains(&needle))
+            && alive(pid)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// Whether `pid` runs (exists and is not a zombie: a daemonized process's parent may be an init
 /// that does not reap).
 pub fn alive(pid: i32) -> bool {
@@ -171,7 +196,10 @@ pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
         let _ = Command::new("losetup").args(["-d", &l]).status();
         done.push(format!("detached {l}"));
     }
-    let pids = engines_under(dir);
+    // qemu-storage-daemons, and bicsi's mirror engines (whose FUSE file may have been
+    // unmounted lazily above, which leaves them running).
+    let mut pids = engines_under(dir);
+    pids.extend(mirror_engines_under(dir));
     let first = if grace.is_zero() {
         Signal::SIGKILL
     } else {
@@ -179,7 +207,7 @@ pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
     };
     for &pid in &pids {
         let _ = kill(Pid::from_raw(pid), first);
-        done.push(format!("stopped qemu-storage-daemon {pid}"));
+        done.push(format!("stopped engine {pid}"));
     }
     let started = Instant::now();
     while pids.iter().any(|&p| alive(p)) && started.elapsed() < grace {

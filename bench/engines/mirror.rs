@@ -1,0 +1,400 @@
+//! Paths of bicsi's own `mirror` engine (issue 14, several replicas): two XFS disks (reflink=1,
+//! each on a loop device of its own), the volume's two raw replicas one on each, against a
+//! plain loop device over a sparse raw file in the first XFS, with the candidates' fio jobs.
+//!
+//! - `volume-io-mirror-tuned`: `bicsi engine-mirror` started by hand, one per variant, over two
+//!   sparse raw replicas, a loop device on its FUSE file: FUSE worker threads, the loop device's
+//!   direct I/O and logical block size, FOPEN_DIRECT_IO, FUSE's writeback cache.
+//! - `volume-io-mirror`: the engine as it ships: a new empty 2-replica block volume of one
+//!   `bicsi serve` with the two XFS disks (engine chosen automatically, checked: `mirror`),
+//!   published through CSI; plus the engine's resident memory after the jobs.
+
+use super::*;
+
+/// Two XFS disks on loop devices under `dir`.
+async fn two_disks(dir: &Path, len: u64) -> Res<(LoopMount, LoopMount)> {
+    let a = LoopMount::xfs(&dir.join("xfs1.img"), &dir.join("xfs1"), 4 * len + GIB).await?;
+    let b = LoopMount::xfs(&dir.join("xfs2.img"), &dir.join("xfs2"), 4 * len + GIB).await?;
+    Ok((a, b))
+}
+
+fn have_xfs(path: &str) -> bool {
+    if !check_root(path) {
+        return false;
+    }
+    if !have_tool("mkfs.xfs") {
+        println!("{path}: skipped: mkfs.xfs is missing (Debian package xfsprogs)");
+        return false;
+    }
+    true
+}
+
+/// One hand-started variant.
+struct Variant {
+    label: &'static str,
+    threads: usize,
+    direct_io: bool,
+    writeback: bool,
+    loop_dio: &'static str,
+    sector: &'static str,
+}
+
+const VARIANTS: [Variant; 7] = [
+    Variant {
+        label: "4 threads, loop dio",
+        threads: 4,
+        direct_io: false,
+        writeback: false,
+        loop_dio: "on",
+        sector: "512",
+    },
+    Variant {
+        label: "1 thread, loop dio",
+        threads: 1,
+        direct_io: false,
+        writeback: false,
+        loop_dio: "on",
+        sector: "512",
+    },
+    Variant {
+        label: "8 threads, loop dio",
+        threads: 8,
+        direct_io: false,
+        writeback: false,
+        loop_dio: "on",
+        sector: "512",
+    },
+    Variant {
+        label: "4 threads, loop dio 4k",
+        threads: 4,
+        direct_io: false,
+        writeback: false,
+        loop_dio: "on",
+        sector: "4096",
+    },
+    Variant {
+        label: "4 threads, FOPEN_DIRECT_IO, loop dio",
+        threads: 4,
+        direct_io: true,
+        writeback: false,
+        loop_dio: "on",
+        sector: "512",
+    },
+    Variant {
+        label: "4 threads, loop buffered",
+        threads: 4,
+        direct_io: false,
+        writeback: false,
+        loop_dio: "off",
+        sector: "512",
+    },
+    Variant {
+        label: "4 threads, writeback cache, loop buffered",
+        threads: 4,
+        direct_io: false,
+        writeback: true,
+        loop_dio: "off",
+        sector: "512",
+    },
+];
+
+pub(crate) async fn mirror_tuned(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    let path = "volume-io-mirror-tuned";
+    if !have_xfs(path) {
+        return Ok(vec![]);
+    }
+    let len = device_len(b.size);
+    println!(
+        "{path}: `bicsi engine-mirror` over two {} sparse raw replicas, one per XFS disk \
+         (reflink=1, each on a loop device), a loop device on its FUSE file, vs a plain loop \
+         device in the first XFS; load average {}",
+        fmt_bytes(len),
+        load_average()
+    );
+    let dir = b.work.join(path);
+    std::fs::create_dir_all(&dir)?;
+    let guard = SweepOnDrop(dir.clone());
+    let (d1, d2) = two_disks(&dir, len).await?;
+    let result = mirror_tuned_in(b, checks, &dir, &d1.mnt, &d2.mnt, len).await;
+    drop((d1, d2));
+    drop(guard);
+    result?;
+    Ok(vec![])
+}
+
+/// Starts `bicsi engine-mirror` for `v` and attaches its loop device.
+async fn start_variant(
+    b: &Bench,
+    dir: &Path,
+    d1: &Path,
+    d2: &Path,
+    i: usize,
+    v: &Variant,
+    len: u64,
+) -> Res<(String, PathBuf)> {
+    let r1 = d1.join(format!("m{i}.raw"));
+    let r2 = d2.join(format!("m{i}.raw"));
+    for r in [&r1, &r2] {
+        std::fs::File::create(r)?.set_len(len)?;
+    }
+    let export = dir.join(format!("export-{i}"));
+    std::fs::File::create(&export)?;
+    let pid = dir.join(format!("mirror-{i}.pid"));
+    let mut args: Vec<String> = vec![
+        "engine-mirror".into(),
+        "--export".into(),
+        export.display().to_string(),
+        "--replica".into(),
+        r1.display().to_string(),
+        "--replica".into(),
+        r2.display().to_string(),
+        "--threads".into(),
+        v.threads.to_string(),
+        "--pid-file".into(),
+        pid.display().to_string(),
+        "--daemonize".into(),
+    ];
+    if v.direct_io {
+        args.push("--direct-io".into());
+    }
+    if v.writeback {
+        args.push("--writeback-cache".into());
+    }
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    capture_checked(&b.bicsi.to_string_lossy(), &arg_refs).await?;
+    let dev = capture_checked(
+        "losetup",
+        &[
+            "--find",
+            "--show",
+            &format!("--direct-io={}", v.loop_dio),
+            "--sector-size",
+            v.sector,
+            &export.to_string_lossy(),
+        ],
+    )
+    .await?;
+    Ok((dev, export))
+}
+
+async fn mirror_tuned_in(
+    b: &Bench,
+    checks: &mut Checks,
+    dir: &Path,
+    d1: &Path,
+    d2: &Path,
+    len: u64,
+) -> Res<()> {
+    let mut sides = vec![plain_loop(d1, len).await?];
+    let mut exports = Vec::new();
+    let mut result = Ok(());
+    for (i, v) in VARIANTS.iter().enumerate() {
+        match start_variant(b, dir, d1, d2, i, v, len).await {
+            Ok((dev, export)) => {
+                let dio_now = std::fs::read_to_string(format!(
+                    "/sys/block/{}/loop/dio",
+                    dev.trim_start_matches("/dev/")
+                ))
+                .unwrap_or_default();
+                let about = format!(
+                    "`bicsi engine-mirror --threads {}{}{}` over two sparse raw replicas (one per \
+                     XFS disk), `losetup --direct-io={} --sector-size {}` on its file (sysfs \
+                     dio={})",
+                    v.threads,
+                    if v.direct_io { " --direct-io" } else { "" },
+                    if v.writeback {
+                        " --writeback-cache"
+                    } else {
+                        ""
+                    },
+                    v.loop_dio,
+                    v.sector,
+                    dio_now.trim()
+                );
+                let shown = format!("{dev} (dio={})", dio_now.trim());
+                sides.push(verified_side(v.label, dev, shown, about, len).await);
+                exports.push(export);
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let res = async {
+        result?;
+        measure(b, &sides, len).await
+    }
+    .await;
+    for s in &sides {
+        detach(&s.dev).await;
+    }
+    for e in &exports {
+        let _ = capture("umount", &[&e.to_string_lossy()]).await;
+    }
+    let res = res?;
+    print_results("volume-io-mirror-tuned", &sides, &res, len, b.runs, b.quick);
+    for s in &sides[1..] {
+        checks.check(
+            s.verified.as_ref().is_some_and(Result::is_ok),
+            format!(
+                "volume-io-mirror-tuned: {} reads back a verified pattern",
+                s.label
+            ),
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn mirror_engine(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    let path = "volume-io-mirror";
+    if !have_xfs(path) {
+        return Ok(vec![]);
+    }
+    let len = device_len(b.size);
+    println!(
+        "{path}: a new empty {} volume of one `bicsi serve` (2 replicas, block, engine chosen \
+         automatically) on two disks in XFS (reflink=1) on loop devices, vs a plain loop device \
+         in the first XFS; load average {}",
+        fmt_bytes(len),
+        load_average()
+    );
+    let dir = b.work.join(path);
+    std::fs::create_dir_all(&dir)?;
+    let guard = SweepOnDrop(dir.clone());
+    let (d1, d2) = two_disks(&dir, len).await?;
+    let disks = [d1.mnt.join("disk"), d2.mnt.join("disk")];
+    for d in &disks {
+        std::fs::create_dir_all(d)?;
+    }
+    let serve = Serve::start_disks(&b.bicsi, &dir, &disks, &b.http).await?;
+    let result = mirror_engine_runs(b, checks, &serve, &dir, &d1.mnt, len).await;
+    let log = serve.stop().await.unwrap_or_default();
+    if result.is_err() {
+        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
+    }
+    drop((d1, d2));
+    drop(guard);
+    result?;
+    Ok(vec![])
+}
+
+/// Resident memory (VmRSS, bytes) of the mirror engines whose command line names `dir`.
+fn mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let needle = dir.display().to_string();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.contains("engine-mirror") || !cmd.contains(&needle) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        out.push((pid, rss * 1024));
+    }
+    out
+}
+
+async fn mirror_engine_runs(
+    b: &Bench,
+    checks: &mut Checks,
+    serve: &Serve,
+    dir: &Path,
+    xfs: &Path,
+    len: u64,
+) -> Res<()> {
+    let mut csi = csi_connect(&serve.csi).await?;
+    let cap = block_capability();
+    let vol = csi
+        .controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: "volume-io-mirror".into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: len as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap.clone()],
+            parameters: HashMap::from([("numberOfReplicas".to_string(), "2".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("CreateVolume", s))?
+        .into_inner()
+        .volume
+        .ok_or("CreateVolume answered no volume")?
+        .volume_id;
+    let volumes = serve.get("/v1/volumes").await?;
+    let engine = volumes
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["id"] == vol.as_str()))
+        .map(|v| v["spec"]["engine"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    checks.check(
+        engine == "mirror",
+        format!(
+            "volume-io-mirror: the 2-replica volume on two XFS disks got the mirror engine \
+             ({engine:?})"
+        ),
+    );
+    let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
+    let staging = dir.join("staging");
+    let target = dir.join("target");
+    std::fs::create_dir_all(&staging)?;
+    let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
+    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
+    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
+    checks.check(
+        engines_under(dir).is_empty(),
+        "volume-io-mirror: no qemu-storage-daemon serves the mirror engine's volume",
+    );
+
+    let plain = plain_loop(xfs, len).await?;
+    let verified = verify(&target_s, len).await;
+    checks.check(
+        verified.is_ok(),
+        format!("volume-io-mirror: a verified pattern reads back through the volume: {verified:?}"),
+    );
+    let sides = vec![
+        plain,
+        Side {
+            label: "bicsi (mirror engine, 2 replicas)".into(),
+            dev: target_s.clone(),
+            about: "the published block device of a bicsi volume of the mirror engine: a \
+                    direct-I/O loop device on the engine's FUSE file, every write to both raw \
+                    replicas (one per XFS disk)"
+                .into(),
+            verified: Some(verified),
+        },
+    ];
+    let result = measure(b, &sides, len).await;
+    let rss = mirror_rss(dir);
+    println!(
+        "  mirror engine resident memory after the jobs: {}",
+        rss.iter()
+            .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    checks.check(
+        !rss.is_empty() && rss.iter().all(|(_, r)| *r < 64 * MIB),
+        format!("volume-io-mirror: the engine's resident memory stays under 64 MiB ({rss:?})"),
+    );
+    detach(&sides[0].dev).await;
+    detach_and_delete(&mut csi, &vol, target_s, staging_s).await?;
+    let res = result?;
+    print_results("volume-io-mirror", &sides, &res, len, b.runs, b.quick);
+    Ok(())
+}

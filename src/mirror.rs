@@ -1,0 +1,687 @@
+//! The `mirror` engine process (issue 14): serves ONE regular file over FUSE whose bytes are the
+//! volume, backed by several raw replica files of the same size (the `loop` engine's
+//! `volume.raw`). Reads go to the first healthy replica (the caller lists the preferred one
+//! first); writes, discards and zeroings go to every healthy replica before they are
+//! acknowledged; an fsync of the file fsyncs every healthy replica. A loop device on the file
+//! makes it a block device, as for qemu-storage-daemon's export.
+//!
+//! Many requests in flight: `threads` FUSE worker threads, each reading the kernel's queue on
+//! its own clone of the /dev/fuse descriptor (`FUSE_DEV_IOC_CLONE`, done by the `fuser` crate),
+//! requests of up to 1 MiB (`max_write`), and `FUSE_ASYNC_DIO` so a loop device in direct-I/O
+//! mode keeps several requests outstanding. A write larger than `PARALLEL_WRITE` goes to the
+//! replicas in parallel (one scoped thread per extra replica); smaller ones one after the other,
+//! where a thread would cost more than the copy.
+//!
+//! Faults (issue 15's rules): a replica whose write, discard or fsync fails while another
+//! replica took the same request is dropped from the engine at once (never read or written again
+//! by this process) and the fault is appended, fsync'ed, to `faults` (the run directory's
+//! `faults.jsonl`, the node watcher's record) BEFORE the request is acknowledged, so the domain
+//! marks it `err` even if this process dies right after. A request every healthy replica fails
+//! returns the error to the caller and drops nothing: no replica holds what the others lack.
+//! A read that fails on one replica is retried on the next, and the failing one is dropped.
+//!
+//! Snapshots: the `control` socket (a unix socket in the run directory) takes one-line commands:
+//! `pause` waits for the writes in flight and holds new ones until `resume` (or until the
+//! client's connection closes, so a crashed client never leaves the volume frozen); `status`
+//! prints the healthy replicas. Between the two the replicas do not change, so each can be
+//! cloned (FICLONE) as one instant of the volume.
+//!
+//! It must not resize (the replicas grow offline; the file's size is the replicas' at start),
+//! must not touch loop devices or mounts other than its own export, and keeps no state that is
+//! not in its command line, its pid file or the fault file: re-adoption after a restart of bicsi
+//! reads those (`crate::os::engine::mirror`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty,
+    ReplyOpen, ReplyWrite, Request, Session, SessionACL, WriteFlags,
+};
+
+use crate::os::ReplicaTarget;
+use crate::os::engine::events::FaultRecord;
+
+/// The FUSE file system's source name (mountinfo): how a loop device knows the file is ours.
+pub const FS_NAME: &str = "bicsi-mirror";
+/// The largest request the kernel sends (FUSE `max_write`, and the read-ahead window).
+pub const MAX_REQUEST: u32 = 1 << 20;
+/// Writes from this size on go to the replicas in parallel.
+pub const PARALLEL_WRITE: usize = 64 * 1024;
+/// FUSE worker threads when the command line does not say.
+pub const DEFAULT_THREADS: usize = 4;
+
+/// How the engine serves its file: the knobs measured by `bench/run --path volume-io-mirror`.
+#[derive(Clone, Debug)]
+pub struct MirrorConfig {
+    /// The regular file the FUSE file system is mounted over (it must exist).
+    pub export: PathBuf,
+    /// The raw replica files, the preferred one for reads first.
+    pub replicas: Vec<PathBuf>,
+    pub read_only: bool,
+    /// FUSE worker threads (each with its own cloned /dev/fuse descriptor).
+    pub threads: usize,
+    /// Open the file with FOPEN_DIRECT_IO (no page cache of the FUSE file in the kernel).
+    pub direct_io: bool,
+    /// Ask for FUSE_WRITEBACK_CACHE (the kernel caches writes to the FUSE file and sends them
+    /// later): only with `direct_io` off.
+    pub writeback_cache: bool,
+    /// Where faults are appended (one `FaultRecord` a line); None: nowhere (benchmarks).
+    pub faults: Option<PathBuf>,
+    /// The control socket (`pause`, `resume`, `status`); None: none.
+    pub control: Option<PathBuf>,
+}
+
+/// One replica file and whether it still gets requests.
+struct Replica {
+    path: PathBuf,
+    file: File,
+    healthy: Arc<AtomicBool>,
+}
+
+/// The volume the FUSE file shows.
+struct Mirror {
+    replicas: Vec<Replica>,
+    size: u64,
+    read_only: bool,
+    direct_io: bool,
+    writeback_cache: bool,
+    faults: Option<PathBuf>,
+    /// Serializes appends to the fault file.
+    fault_lock: Mutex<()>,
+    /// Writes hold it shared; `pause` holds it exclusively.
+    pause: Arc<RwLock<()>>,
+    /// When the engine started: the file's times.
+    started: SystemTime,
+    uid: u32,
+    gid: u32,
+}
+
+const TTL: Duration = Duration::from_secs(1);
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from(std::io::Error::from_raw_os_error(
+        e.raw_os_error().unwrap_or(libc::EIO),
+    ))
+}
+
+impl Mirror {
+    fn attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo::ROOT,
+            size: self.size,
+            blocks: self.size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: FileType::RegularFile,
+            perm: if self.read_only { 0o400 } else { 0o600 },
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn healthy(&self) -> impl Iterator<Item = (usize, &Replica)> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.healthy.load(Ordering::Acquire))
+    }
+
+    /// Drops replica `i` (once) and records why, durably, before returning.
+    fn drop_replica(&self, i: usize, operation: &str, error: &std::io::Error) {
+        let r = &self.replicas[i];
+        if !r.healthy.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let reason = format!(
+            "the mirror engine dropped replica {} after a failed {operation}: {error}",
+            r.path.display()
+        );
+        eprintln!("bicsi mirror: {reason}");
+        let Some(path) = &self.faults else {
+            return;
+        };
+        let record = FaultRecord {
+            target: ReplicaTarget::Local(r.path.clone()),
+            reason,
+            at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let _guard = self.fault_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let written = (|| -> std::io::Result<()> {
+            let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+            let line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
+            writeln!(f, "{line}")?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            eprintln!(
+                "bicsi mirror: cannot record the fault in {}: {e}",
+                path.display()
+            );
+        }
+    }
+
+    /// Runs `op` on every healthy replica (in parallel when `parallel`); drops the replicas that
+    /// failed when at least one succeeded; the error when none did.
+    fn on_all(
+        &self,
+        operation: &str,
+        parallel: bool,
+        op: impl Fn(&File) -> std::io::Result<()> + Sync,
+    ) -> Result<(), Errno> {
+        let targets: Vec<(usize, &Replica)> = self.healthy().collect();
+        if targets.is_empty() {
+            return Err(Errno::EIO);
+        }
+        let results: Vec<(usize, std::io::Result<()>)> = if parallel && targets.len() > 1 {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = targets[1..]
+                    .iter()
+                    .map(|(i, r)| {
+                        let op = &op;
+                        (*i, s.spawn(move || op(&r.file)))
+                    })
+                    .collect();
+                let mut out = vec![(targets[0].0, op(&targets[0].1.file))];
+                for (i, h) in handles {
+                    out.push((
+                        i,
+                        h.join()
+                            .unwrap_or_else(|_| Err(std::io::Error::other("writer panicked"))),
+                    ));
+                }
+                out
+            })
+        } else {
+            targets.iter().map(|(i, r)| (*i, op(&r.file))).collect()
+        };
+        let ok = results.iter().any(|(_, r)| r.is_ok());
+        if !ok {
+            let first = results
+                .iter()
+                .find_map(|(_, r)| r.as_ref().err())
+                .map(errno_of)
+                .unwrap_or(Errno::EIO);
+            return Err(first);
+        }
+        for (i, r) in &results {
+            if let Err(e) = r {
+                self.drop_replica(*i, operation, e);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let end = (offset + size as u64).min(self.size);
+        let len = end.saturating_sub(offset) as usize;
+        let mut buf = vec![0u8; len];
+        for (i, r) in self.healthy() {
+            match read_full(&r.file, &mut buf, offset) {
+                Ok(()) => return Ok(buf),
+                Err(e) => self.drop_replica(i, "read", &e),
+            }
+        }
+        Err(Errno::EIO)
+    }
+}
+
+/// Fills `buf` from `offset`; zeros past the end of the file.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Filesystem for Mirror {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_REQUEST);
+        let _ = config.set_max_readahead(MAX_REQUEST);
+        let _ = config.set_max_background(128);
+        let _ = config.set_congestion_threshold(96);
+        // Several direct-I/O requests of one caller in flight at once (the loop device's aio).
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        if self.writeback_cache && !self.direct_io {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        Ok(())
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        reply.attr(&TTL, &self.attr());
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        // The volume's size is its replicas': it grows offline, never through the file.
+        if size.is_some_and(|s| s != self.size) {
+            return reply.error(Errno::EPERM);
+        }
+        reply.attr(&TTL, &self.attr());
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let mut open = FopenFlags::empty();
+        if self.direct_io {
+            open |= FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+        }
+        reply.opened(FileHandle(0), open);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.read_at(offset, size) {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        if offset.saturating_add(data.len() as u64) > self.size {
+            return reply.error(Errno::ENOSPC);
+        }
+        let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
+        match self.on_all("write", data.len() >= PARALLEL_WRITE, |f| {
+            f.write_all_at(data, offset)
+        }) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2): nothing is buffered here; durability is fsync's.
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.read_only {
+            return reply.ok();
+        }
+        match self.on_all("fsync", true, |f| f.sync_data()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        let flags = FallocateFlags::from_bits_truncate(mode);
+        // Only what keeps the size: a discard (punch hole) or a zeroing from the loop device.
+        if !flags.contains(FallocateFlags::FALLOC_FL_KEEP_SIZE)
+            && offset.saturating_add(length) > self.size
+        {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
+        match self.on_all("discard", false, |f| {
+            fallocate(f, flags, offset as i64, length as i64).map_err(std::io::Error::from)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// Serves the control socket: `pause` (holds new writes until `resume` or the connection
+/// closes), `resume`, `status`.
+fn serve_control(mirror: Arc<MirrorShared>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let mirror = mirror.clone();
+        std::thread::spawn(move || control_session(&mirror, conn));
+    }
+}
+
+/// What the control socket needs of the engine, shared with the FUSE session.
+struct MirrorShared {
+    pause: Arc<RwLock<()>>,
+    replicas: Vec<(PathBuf, Arc<AtomicBool>)>,
+}
+
+fn control_session(shared: &MirrorShared, conn: UnixStream) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut held = None;
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { break };
+        let answer = match line.trim() {
+            "pause" if held.is_some() => "ok paused".to_string(),
+            "pause" => {
+                held = Some(shared.pause.write().unwrap_or_else(|e| e.into_inner()));
+                "ok paused".to_string()
+            }
+            "resume" => {
+                held = None;
+                "ok resumed".to_string()
+            }
+            "status" => {
+                let healthy: Vec<String> = shared
+                    .replicas
+                    .iter()
+                    .filter(|(_, h)| h.load(Ordering::Acquire))
+                    .map(|(p, _)| p.display().to_string())
+                    .collect();
+                format!("ok healthy {}", serde_json::json!(healthy))
+            }
+            other => format!("error unknown command {other:?}; use pause, resume or status"),
+        };
+        if writeln!(out, "{answer}").is_err() {
+            break;
+        }
+    }
+    drop(held);
+}
+
+/// Opens the replicas, mounts the FUSE file over `export` and serves it until it is unmounted.
+/// `ready` runs once the file is mounted (the caller writes its pid file there).
+pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    if cfg.replicas.is_empty() {
+        return Err(std::io::Error::other(
+            "the mirror engine needs at least one --replica",
+        ));
+    }
+    let mut replicas = Vec::new();
+    let mut size = None;
+    for path in &cfg.replicas {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(path)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("opening replica {}: {e}", path.display()))
+            })?;
+        let len = file.metadata()?.len();
+        match size {
+            None => size = Some(len),
+            Some(s) if s != len => {
+                return Err(std::io::Error::other(format!(
+                    "replica {} has {len} bytes but {} has {s}: the replicas of a volume have \
+                     one size; grow or rebuild the smaller one first",
+                    path.display(),
+                    cfg.replicas[0].display()
+                )));
+            }
+            Some(_) => {}
+        }
+        replicas.push(Replica {
+            path: path.clone(),
+            file,
+            healthy: Arc::new(AtomicBool::new(true)),
+        });
+    }
+    let mirror = Mirror {
+        replicas,
+        size: size.unwrap_or(0),
+        read_only: cfg.read_only,
+        direct_io: cfg.direct_io,
+        writeback_cache: cfg.writeback_cache,
+        faults: cfg.faults.clone(),
+        fault_lock: Mutex::new(()),
+        pause: Arc::new(RwLock::new(())),
+        started: SystemTime::now(),
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    };
+    let mut options = vec![
+        MountOption::FSName(FS_NAME.into()),
+        MountOption::Subtype(FS_NAME.into()),
+    ];
+    options.push(if cfg.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = SessionACL::Owner;
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = true;
+    let shared = control_shared(&mirror);
+    let session = Session::new(mirror, &cfg.export, &config)?;
+    if let Some(path) = &cfg.control {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("binding control socket {}: {e}", path.display()),
+            )
+        })?;
+        std::thread::spawn(move || serve_control(shared, listener));
+    }
+    ready()?;
+    session.run()
+}
+
+fn control_shared(mirror: &Mirror) -> Arc<MirrorShared> {
+    Arc::new(MirrorShared {
+        pause: mirror.pause.clone(),
+        replicas: mirror
+            .replicas
+            .iter()
+            .map(|r| (r.path.clone(), r.healthy.clone()))
+            .collect(),
+    })
+}
+
+/// The replica paths an engine's fault file says were dropped.
+pub fn dropped_replicas(faults: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string(faults) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<FaultRecord>(l).ok())
+        .filter_map(|r| match r.target {
+            ReplicaTarget::Local(p) => Some(p),
+            ReplicaTarget::Nbd { .. } => None,
+        })
+        .collect()
+}
+
+/// The hidden `bicsi engine-mirror` command's flags (the node agent builds them; see
+/// `crate::os::engine::mirror`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MirrorArgs {
+    /// The regular file to mount the volume over.
+    #[arg(long)]
+    pub export: PathBuf,
+    /// A raw replica file; repeat for each, the one to read from first.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<PathBuf>,
+    #[arg(long)]
+    pub read_only: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = DEFAULT_THREADS)]
+    pub threads: usize,
+    /// FOPEN_DIRECT_IO on the file (no page cache for it in the kernel).
+    #[arg(long)]
+    pub direct_io: bool,
+    /// FUSE_WRITEBACK_CACHE (without --direct-io only).
+    #[arg(long)]
+    pub writeback_cache: bool,
+    /// Append dropped replicas here (the run directory's faults.jsonl).
+    #[arg(long)]
+    pub faults: Option<PathBuf>,
+    /// The control socket (pause, resume, status).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Written with the serving process's pid once the file is mounted.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Serve from a child process in its own process group and return once the file is mounted
+    /// (0) or the child failed (non-zero): the readiness signal of the node agent.
+    #[arg(long)]
+    pub daemonize: bool,
+}
+
+impl MirrorArgs {
+    pub fn config(&self) -> MirrorConfig {
+        MirrorConfig {
+            export: self.export.clone(),
+            replicas: self.replicas.clone(),
+            read_only: self.read_only,
+            threads: self.threads,
+            direct_io: self.direct_io,
+            writeback_cache: self.writeback_cache,
+            faults: self.faults.clone(),
+            control: self.control.clone(),
+        }
+    }
+}
+
+/// How long `--daemonize` waits for the child to mount its file.
+const DAEMONIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `bicsi engine-mirror`: serve in this process, or (`--daemonize`) start a copy of this
+/// command without the flag in its own process group and wait for its pid file.
+pub fn main(args: MirrorArgs) -> std::io::Result<()> {
+    if !args.daemonize {
+        let pid_file = args.pid_file.clone();
+        return run(&args.config(), move || match &pid_file {
+            Some(p) => std::fs::write(p, format!("{}\n", std::process::id())),
+            None => Ok(()),
+        });
+    }
+    let Some(pid_file) = args.pid_file.clone() else {
+        return Err(std::io::Error::other(
+            "--daemonize needs --pid-file (its readiness signal)",
+        ));
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    let argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--daemonize")
+        .collect();
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .args(&argv)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + DAEMONIZE_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(std::io::Error::other(format!(
+                "the mirror engine exited with {status} before its file was mounted"
+            )));
+        }
+        let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        if pid.trim() == child.id().to_string() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "the mirror engine did not mount {} within {DAEMONIZE_TIMEOUT:?}",
+                args.export.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

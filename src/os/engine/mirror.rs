@@ -1,0 +1,284 @@
+//! Starting, finding and pausing the `mirror` engine (`crate::mirror`, the hidden `bicsi
+//! engine-mirror` command): the engine of a volume whose replicas are local raw files. It lives
+//! in the same run directory as a qemu-storage-daemon would (`export`, `faults.jsonl`,
+//! `children.json`) with its own pid file (`mirror.pid`), log (`mirror.log`) and control socket
+//! (`control.sock`), and is found again after a restart of bicsi from its pid file and its
+//! command line in /proc, like the daemon. `QemuStorageDaemon` hands it the volumes whose
+//! children are raw files and otherwise treats it as one of its own: status, stop (flush through
+//! the export, unmount, SIGTERM) and the idempotence and conflict rules are the same code.
+//!
+//! It serves local replicas only: a remote (NBD) child is refused with the fix. It is started by
+//! this process even when an engine host is configured (the host runs only
+//! qemu-storage-daemon), so on Kubernetes a restart of the plugin's container ends it.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{DaemonArgs, QemuStorageDaemon, RunPaths, events, find_processes, spawn_daemonized};
+use crate::os::{EngineState, ImageFormat, OsError, OsResult, ReplicaTarget, VolumeEngineSpec};
+use crate::os::{command_failure, utf8_path};
+
+/// The hidden subcommand of the bicsi binary that serves the volume.
+pub const SUBCOMMAND: &str = "engine-mirror";
+const PID: &str = "mirror.pid";
+const LOG: &str = "mirror.log";
+/// The control socket in the run directory (`pause`, `resume`, `status`).
+pub const CONTROL: &str = "control.sock";
+/// FUSE worker threads of a shipped engine (see README, volume-io-mirror).
+const THREADS: usize = crate::mirror::DEFAULT_THREADS;
+
+/// The program to run: `BICSI_MIRROR_PROGRAM` when set (tests whose own binary is not bicsi),
+/// else this executable.
+fn program() -> OsResult<PathBuf> {
+    if let Some(p) = std::env::var_os("BICSI_MIRROR_PROGRAM") {
+        return Ok(PathBuf::from(p));
+    }
+    std::env::current_exe()
+        .map_err(|e| OsError::io("finding the bicsi executable for the mirror engine", e))
+}
+
+/// Whether the mirror engine serves these children: any of them is a raw file here (qemu's
+/// engine reads local children as qcow2).
+pub(super) fn serves(targets: &[ReplicaTarget]) -> bool {
+    targets.iter().any(|t| match t {
+        ReplicaTarget::Local(p) => ImageFormat::of_file(p) == ImageFormat::Raw,
+        ReplicaTarget::Nbd { .. } => false,
+    })
+}
+
+/// Whether the live engine of `run_dir` is a mirror engine.
+pub fn serving(run_dir: &Path) -> bool {
+    !find(&RunPaths::new(run_dir)).is_empty()
+}
+
+/// What an `engine-mirror` command line says.
+fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
+    if argv.get(1).map(String::as_str) != Some(SUBCOMMAND) {
+        return None;
+    }
+    let mut export = None;
+    let mut targets = Vec::new();
+    let mut read_only = false;
+    let mut it = argv[2..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--export" => export = Some(PathBuf::from(it.next()?)),
+            "--replica" => targets.push(ReplicaTarget::Local(PathBuf::from(it.next()?))),
+            "--read-only" => read_only = true,
+            _ => {}
+        }
+    }
+    Some(DaemonArgs {
+        export: export?,
+        targets,
+        read_only,
+    })
+}
+
+/// The live mirror engines of `paths` (none without a pid file: a mirror engine always has one).
+pub(super) fn find(paths: &RunPaths) -> Vec<(i32, DaemonArgs)> {
+    let pid = paths.dir.join(PID);
+    if !pid.exists() {
+        return Vec::new();
+    }
+    find_processes(&pid, |argv| {
+        parse_args(argv).filter(|a| a.export == paths.export)
+    })
+}
+
+/// Starts the engine for `spec` in `paths` (a run directory with no live engine, leftovers
+/// removed) and returns once its file is mounted.
+pub(super) fn start(
+    engine: &QemuStorageDaemon,
+    spec: &VolumeEngineSpec,
+    paths: &RunPaths,
+) -> OsResult<EngineState> {
+    let mut args = vec![SUBCOMMAND.to_string()];
+    for t in &spec.replicas {
+        match t {
+            ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw => {
+                args.extend(["--replica".into(), utf8_path(p)?.to_string()]);
+            }
+            other => {
+                return Err(OsError::Unsupported(format!(
+                    "engine for volume {:?}: the mirror engine serves raw replica files on this \
+                     node, and {other} is not one; attach the volume on the node of its raw \
+                     replicas, or use a volume of engine qemu (StorageClass parameter engine: \
+                     qemu) for replicas on several nodes",
+                    spec.volume_id
+                )));
+            }
+        }
+    }
+    let pid = paths.dir.join(PID);
+    let control = paths.dir.join(CONTROL);
+    for stale in [&pid, &control] {
+        let _ = fs::remove_file(stale);
+    }
+    File::create(&paths.export).map_err(|e| {
+        OsError::io(
+            format!("creating export file {}", paths.export.display()),
+            e,
+        )
+    })?;
+    // children.json, for the fault file's readers; the qemu monitor arguments are not needed.
+    let _ = events::prepare(&paths.dir, &spec.replicas)?;
+    args.extend([
+        "--export".into(),
+        utf8_path(&paths.export)?.to_string(),
+        "--faults".into(),
+        utf8_path(&events::faults_path(&paths.dir))?.to_string(),
+        "--control".into(),
+        utf8_path(&control)?.to_string(),
+        "--pid-file".into(),
+        utf8_path(&pid)?.to_string(),
+        "--threads".into(),
+        THREADS.to_string(),
+        "--daemonize".into(),
+    ]);
+    if spec.read_only {
+        args.push("--read-only".into());
+    }
+    let log = paths.dir.join(LOG);
+    let spawned = spawn_daemonized(
+        &program()?,
+        &args,
+        &log,
+        &format!("starting mirror engine for volume {:?}", spec.volume_id),
+        engine.start_timeout,
+    )?;
+    let failure = |reason: String| -> OsError {
+        let _ = engine.shut_down(paths);
+        let text = spawned.log_text(&log);
+        command_failure(
+            spawned.display.clone(),
+            format!("{reason}; log {}:\n{text}", log.display()),
+            Some(
+                "the mirror engine needs /dev/fuse (modprobe fuse; in a container, give it \
+                 /dev/fuse and CAP_SYS_ADMIN) and its replica files readable and writable",
+            ),
+        )
+    };
+    match spawned.status {
+        None => {
+            return Err(failure(format!(
+                "did not mount its file within {:?}",
+                engine.start_timeout
+            )));
+        }
+        Some(status) if !status.success() => {
+            return Err(failure(format!("exited with {status}")));
+        }
+        Some(_) => {}
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some((_, pid, a)) = engine.live(&paths.dir)? {
+            return Ok(QemuStorageDaemon::state(paths, pid, &a));
+        }
+        if Instant::now() >= deadline {
+            return Err(failure(
+                "started but its file never appeared as a mount".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The export file of the live mirror engine on this machine that serves `replica` (named as
+/// its record names it), if any: snapshots of such a replica go through the engine (`pause`).
+pub fn export_of(replica: &Path) -> Option<PathBuf> {
+    let wanted = ReplicaTarget::Local(replica.to_path_buf());
+    // No pid file to start from: every process's command line is read.
+    find_processes(Path::new("/nonexistent/mirror.pid"), |argv| {
+        parse_args(argv).filter(|a| a.targets.contains(&wanted))
+    })
+    .into_iter()
+    .next()
+    .map(|(_, a)| a.export)
+}
+
+/// Writes held by the live mirror engine of a run directory: new writes wait until this is
+/// dropped (or this process dies: the engine resumes when the connection closes).
+pub struct Paused {
+    conn: UnixStream,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = writeln!(self.conn, "resume");
+    }
+}
+
+/// Pauses the writes of the live mirror engine in `run_dir` (those in flight complete first).
+pub fn pause(run_dir: &Path) -> OsResult<Paused> {
+    let socket = RunPaths::new(run_dir).dir.join(CONTROL);
+    let mut conn = UnixStream::connect(&socket).map_err(|e| {
+        OsError::io(
+            format!(
+                "connecting to the mirror engine's control socket {}",
+                socket.display()
+            ),
+            e,
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| OsError::io("setting a timeout", e))?;
+    writeln!(conn, "pause").map_err(|e| OsError::io("asking the mirror engine to pause", e))?;
+    let mut line = String::new();
+    BufReader::new(
+        conn.try_clone()
+            .map_err(|e| OsError::io("cloning the control connection", e))?,
+    )
+    .read_line(&mut line)
+    .map_err(|e| OsError::io("waiting for the mirror engine to pause", e))?;
+    if !line.starts_with("ok") {
+        return Err(OsError::Other(format!(
+            "the mirror engine in {} did not pause: {}",
+            run_dir.display(),
+            line.trim()
+        )));
+    }
+    Ok(Paused { conn })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_command_line_back() {
+        let argv: Vec<String> = [
+            "/usr/bin/bicsi",
+            SUBCOMMAND,
+            "--replica",
+            "/d1/r.raw",
+            "--replica",
+            "/d2/r.raw",
+            "--export",
+            "/run/e/export",
+            "--threads",
+            "4",
+            "--read-only",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let a = parse_args(&argv).expect("parsed");
+        assert_eq!(a.export, PathBuf::from("/run/e/export"));
+        assert_eq!(
+            a.targets,
+            vec![
+                ReplicaTarget::Local("/d1/r.raw".into()),
+                ReplicaTarget::Local("/d2/r.raw".into())
+            ]
+        );
+        assert!(a.read_only);
+        let mut qemu = argv.clone();
+        qemu[1] = "--blockdev".into();
+        assert!(parse_args(&qemu).is_none());
+    }
+}
