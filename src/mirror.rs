@@ -593,6 +593,7 @@ pub struct MirrorArgs {
     /// A raw replica file; repeat for each, the one to read from first.
     #[arg(long = "replica", required = true)]
     pub replicas: Vec<PathBuf>,
+    /// Serve the file read only (writes and opens for writing are refused).
     #[arg(long)]
     pub read_only: bool,
     /// FUSE worker threads.

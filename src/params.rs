@@ -340,7 +340,10 @@ mod tests {
             (&[("numberOfReplicas", "21")], "1 to 20"),
             (&[("staleReplicaTimeout", "-1")], "staleReplicaTimeout"),
             (&[("fsType", "btrfs")], "ext4, xfs"),
-            (&[("engine", "fuse")], "auto (the default), loop or qemu"),
+            (
+                &[("engine", "fuse")],
+                "auto (the default), loop, mirror or qemu",
+            ),
             (&[("replicas", "3")], "unknown parameter \"replicas\""),
             (
                 &[("replicas", "3")],
