@@ -705,8 +705,10 @@ fn kill_9_during_a_backup_and_during_a_restore() {
     }
     let (volume, done_before) = cut.expect("five restores all ended before bicsi could be stopped");
     // The restore continues by itself from its checkpoint and ends with the volume, complete.
+    // The volume record comes first and the Restore record is marked after it, so wait for both.
     wait_until("the continued restore", Duration::from_secs(120), || {
         s.bicsi(&["get", "volume", &volume]).status.success()
+            && http_get_json(&s.http, &format!("/v1/restores/{volume}"))["state"] != "in-progress"
     });
     let r = http_get_json(&s.http, &format!("/v1/restores/{volume}"));
     assert_eq!(r["state"], "completed", "{r}");
