@@ -32,7 +32,18 @@ fn run(cmd: &mut Command) -> String {
 }
 
 impl SmallDisk {
+    /// An ext4 disk of `mib` MiB.
     pub fn new(mib: u64) -> SmallDisk {
+        SmallDisk::made_with(mib, &["mkfs.ext4", "-q", "-F"])
+    }
+
+    /// An XFS disk that shares blocks (`-m reflink=1`; mkfs.xfs needs 300 MiB at least), as the
+    /// loop and mirror engines want.
+    pub fn xfs(mib: u64) -> SmallDisk {
+        SmallDisk::made_with(mib, &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"])
+    }
+
+    fn made_with(mib: u64, mkfs: &[&str]) -> SmallDisk {
         let tmp = tempfile::Builder::new()
             .prefix("bicsi-faults-disk-")
             .tempdir()
@@ -49,7 +60,7 @@ impl SmallDisk {
         // On the device, not the file: for a file, mkfs asks every loop device of the machine
         // whether it is backed by it, and one that hangs (a stuck FUSE export of some other
         // test) would hang this test too.
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&dev));
         let mnt = dir.join("small");
         std::fs::create_dir_all(&mnt).unwrap();
         let d = SmallDisk {
@@ -59,6 +70,16 @@ impl SmallDisk {
         };
         run(Command::new("mount").arg(&d.dev).arg(&d.mnt));
         d
+    }
+
+    /// Leaves about `free_mib` MiB free, with a filler file.
+    pub fn fill_to(&self, free_mib: u64) {
+        let st = nix::sys::statvfs::statvfs(&self.mnt).unwrap();
+        let avail = st.blocks_available() * st.fragment_size();
+        let len = avail.saturating_sub(free_mib << 20);
+        run(Command::new("fallocate")
+            .args(["-l", &len.to_string()])
+            .arg(self.mnt.join("filler")));
     }
 }
 
@@ -72,6 +93,8 @@ impl Drop for SmallDisk {
                 .status()
                 .is_ok_and(|s| s.success())
         };
+        // Engines, loops and mounts of what is on it first, or the disk stays busy.
+        crate::kit::sweep(&self.mnt, std::time::Duration::from_secs(2));
         if !quiet(&["umount"], &self.mnt) {
             quiet(&["umount", "-l"], &self.mnt);
         }

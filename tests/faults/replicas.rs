@@ -169,6 +169,20 @@ struct TwoDisks {
     dir: tempfile::TempDir,
 }
 
+/// A temp dir with `n` plain disk directories in it (`d1`, `d2`, ...) and bicsi serving them.
+async fn serve_on_plain_disks(n: usize) -> (tempfile::TempDir, Serve) {
+    let dir = tempfile::Builder::new()
+        .prefix("bicsi-replicas-")
+        .tempdir()
+        .unwrap();
+    let disks: Vec<PathBuf> = (1..=n).map(|i| dir.path().join(format!("d{i}"))).collect();
+    for d in &disks {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let s = Serve::start(dir.path(), disks.clone()).await;
+    (dir, s)
+}
+
 impl TwoDisks {
     fn new() -> TwoDisks {
         let dir = tempfile::Builder::new()
@@ -275,15 +289,7 @@ async fn a_replica_lost_while_detached_attaches_degraded_and_is_replaced() {
     if !root_or_skip("a_replica_lost_while_detached_attaches_degraded_and_is_replaced") {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("bicsi-replicas-")
-        .tempdir()
-        .unwrap();
-    let disks: Vec<PathBuf> = (1..=3).map(|i| dir.path().join(format!("d{i}"))).collect();
-    for d in &disks {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let s = Serve::start(dir.path(), disks.clone()).await;
+    let (dir, s) = serve_on_plain_disks(3).await;
     let dev = dir.path().join("blk");
     // staleReplicaTimeout 0: a replica in err is replaced at the next pass.
     create_two_replicas_and_attach(&s, &dev, "64Mi", &["-p", "staleReplicaTimeout=0"]).await;
@@ -466,15 +472,7 @@ async fn kill9_during_a_rebuild_restarts_it_and_the_replica_is_never_rw_before()
     if !root_or_skip("kill9_during_a_rebuild_restarts_it_and_the_replica_is_never_rw_before") {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("bicsi-replicas-")
-        .tempdir()
-        .unwrap();
-    let disks: Vec<PathBuf> = (1..=2).map(|i| dir.path().join(format!("d{i}"))).collect();
-    for d in &disks {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let mut s = Serve::start(dir.path(), disks.clone()).await;
+    let (dir, mut s) = serve_on_plain_disks(2).await;
     let dev = dir.path().join("blk");
     create_two_replicas_and_attach(&s, &dev, "1Gi", &[]).await;
     fio(&dev, 768, false);
@@ -551,15 +549,7 @@ async fn an_attach_during_a_rebuild_is_answered_at_once_and_the_copy_starts_over
     if !root_or_skip("an_attach_during_a_rebuild_is_answered_at_once_and_the_copy_starts_over") {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("bicsi-replicas-")
-        .tempdir()
-        .unwrap();
-    let disks: Vec<PathBuf> = (1..=2).map(|i| dir.path().join(format!("d{i}"))).collect();
-    for d in &disks {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let s = Serve::start(dir.path(), disks.clone()).await;
+    let (dir, s) = serve_on_plain_disks(2).await;
     let dev = dir.path().join("blk");
     create_two_replicas_and_attach(&s, &dev, "1Gi", &[]).await;
     fio(&dev, 768, false);
@@ -618,70 +608,6 @@ async fn an_attach_during_a_rebuild_is_answered_at_once_and_the_copy_starts_over
     ));
 }
 
-/// An XFS filesystem made with reflink (`mkfs.xfs` needs 300 MiB at least) in a sparse file,
-/// loop-mounted in a temp dir; unmounted (with whatever is left on it) on drop.
-struct XfsDisk {
-    mnt: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl XfsDisk {
-    fn new(mib: u64) -> XfsDisk {
-        let dir = tempfile::Builder::new()
-            .prefix("bicsi-faults-xfs-")
-            .tempdir()
-            .unwrap();
-        let image = dir.path().join("xfs.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(mib << 20)
-            .unwrap();
-        let made = Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&image)
-            .status()
-            .expect("mkfs.xfs (xfsprogs) is needed");
-        assert!(made.success());
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&mnt)
-            .status()
-            .unwrap();
-        assert!(mounted.success());
-        XfsDisk { mnt, dir }
-    }
-
-    /// Leaves about `free_mib` MiB free with a filler file.
-    fn fill_to(&self, free_mib: u64) {
-        let st = nix::sys::statvfs::statvfs(&self.mnt).unwrap();
-        let avail = st.blocks_available() * st.fragment_size();
-        let len = avail.saturating_sub(free_mib << 20);
-        let ok = Command::new("fallocate")
-            .args(["-l", &len.to_string()])
-            .arg(self.mnt.join("filler"))
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-}
-
-impl Drop for XfsDisk {
-    fn drop(&mut self) {
-        crate::kit::sweep(&self.mnt, Duration::from_secs(2));
-        let ok = Command::new("umount")
-            .arg(&self.mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        let _ = &self.dir;
-    }
-}
-
 #[tokio::test]
 async fn a_disk_that_fills_under_a_mirror_volume_drops_its_replica_and_the_rebuild_makes_it_identical()
  {
@@ -689,7 +615,7 @@ async fn a_disk_that_fills_under_a_mirror_volume_drops_its_replica_and_the_rebui
     if !root_or_skip(test) {
         return;
     }
-    let (small, big) = (XfsDisk::new(320), XfsDisk::new(320));
+    let (small, big) = (SmallDisk::xfs(320), SmallDisk::xfs(320));
     let (small_disk, big_disk) = (small.mnt.join("disk"), big.mnt.join("disk"));
     std::fs::create_dir_all(&small_disk).unwrap();
     std::fs::create_dir_all(&big_disk).unwrap();
