@@ -215,6 +215,43 @@ async fn the_engine_is_chosen_by_disk_and_replicas() {
     assert!(!r[0].exists());
 }
 
+/// A crash (SIGKILL) and a restart of bicsi while fio writes to `dev` (rate-limited, so the
+/// writes span both): every write must still go through and verify.
+pub(super) async fn kill_and_restart_while_fio_writes(b: &mut Bicsi, dev: &Path) {
+    let writer = Command::new("fio")
+        .args([
+            "--name=during",
+            &format!("--filename={}", dev.display()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--offset=56M",
+            "--size=8M",
+            "--rate=4m",
+            "--ioengine=libaio",
+            "--iodepth=8",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            // No `*-verify.state` file in the working directory (the repository's, under cargo).
+            "--verify_state_save=0",
+            "--output-format=terse",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    b.kill();
+    b.restart().await;
+    let out = writer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio across the restart: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// fio over `dev`: `write` lays down a crc32c-verified pattern (random 4k at depth 32, then
 /// sequential 1M) and reads it back; otherwise only verifies what an earlier run wrote.
 pub(super) fn fio(dev: &Path, write: bool) {
@@ -304,38 +341,7 @@ async fn a_loop_volume_keeps_fio_verified_data_through_detach_restart_and_readop
     fio(&tg, false);
     // A crash (SIGKILL) and a restart of bicsi while fio writes (rate-limited, so it spans
     // them) change nothing either: the writes go on through the loop device and verify.
-    let writer = Command::new("fio")
-        .args([
-            "--name=during",
-            &format!("--filename={}", tg.display()),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--offset=56M",
-            "--size=8M",
-            "--rate=4m",
-            "--ioengine=libaio",
-            "--iodepth=8",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            // No `*-verify.state` file in the working directory (the repository's, under cargo).
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    b.kill();
-    b.restart().await;
-    let out = writer.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio across the restart: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kill_and_restart_while_fio_writes(&mut b, &tg).await;
     let mut c = b.client().await;
     fio(&tg, false);
     detach(&mut c, &id, &st, &tg).await;

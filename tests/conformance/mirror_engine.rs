@@ -12,7 +12,9 @@ use tonic::Code;
 
 use super::backing::{attach, create_with, detach};
 use super::harness::*;
-use super::loop_engine::{Xfs, create, engine_of, fio, pairs, replica_paths};
+use super::loop_engine::{
+    Xfs, create, engine_of, fio, kill_and_restart_while_fio_writes, pairs, replica_paths,
+};
 use bicsi::csi::pb;
 
 fn have_fio(test: &str) -> bool {
@@ -125,37 +127,7 @@ async fn a_mirror_volume_keeps_fio_verified_data_through_detach_restart_kill_and
 
     // kill -9 of bicsi and a restart while fio writes (rate-limited, so it spans them): the
     // writes go on through the engine and verify.
-    let writer = Command::new("fio")
-        .args([
-            "--name=during",
-            &format!("--filename={}", tg.display()),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--offset=56M",
-            "--size=8M",
-            "--rate=4m",
-            "--ioengine=libaio",
-            "--iodepth=8",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    b.kill();
-    b.restart().await;
-    let out = writer.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio across the kill: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kill_and_restart_while_fio_writes(&mut b, &tg).await;
     assert_eq!(mirror_engines_under(b.dir.path()), before);
     let mut c = b.client().await;
     fio(&tg, false);
