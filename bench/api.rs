@@ -246,6 +246,36 @@ pub(crate) async fn publish_until_ready(
     }
 }
 
+/// CreateVolume of a block volume `name` of `len` bytes with `parameters`: its id.
+pub(crate) async fn create_block_volume(
+    csi: &mut CsiClient,
+    name: &str,
+    len: u64,
+    parameters: &[(&str, &str)],
+) -> Res<String> {
+    Ok(csi
+        .controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: len as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![block_capability()],
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| rpc_err("CreateVolume", s))?
+        .into_inner()
+        .volume
+        .ok_or("CreateVolume answered no volume")?
+        .volume_id)
+}
+
 /// Unpublishes and unstages `volume_id` on the node (node "bench"), then unpublishes and deletes it.
 /// NodeStageVolume of a published volume at `staging`.
 pub(crate) async fn node_stage(

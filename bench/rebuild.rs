@@ -53,27 +53,13 @@ async fn rebuild_runs(
 ) -> Res<()> {
     let mut csi = csi_connect(&serve.csi).await?;
     let cap = block_capability();
-    let vol = csi
-        .controller
-        .create_volume(pb::CreateVolumeRequest {
-            name: "rebuild".into(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: len as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap.clone()],
-            parameters: HashMap::from([
-                ("numberOfReplicas".to_string(), "2".to_string()),
-                ("engine".to_string(), "qemu".to_string()),
-            ]),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| rpc_err("CreateVolume", s))?
-        .into_inner()
-        .volume
-        .ok_or("CreateVolume answered no volume")?
-        .volume_id;
+    let vol = create_block_volume(
+        &mut csi,
+        "rebuild",
+        len,
+        &[("numberOfReplicas", "2"), ("engine", "qemu")],
+    )
+    .await?;
     let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
     let staging = dir.join("staging");
     let target = dir.join("target");

@@ -318,24 +318,13 @@ async fn mirror_engine_runs(
 ) -> Res<()> {
     let mut csi = csi_connect(&serve.csi).await?;
     let cap = block_capability();
-    let vol = csi
-        .controller
-        .create_volume(pb::CreateVolumeRequest {
-            name: "volume-io-mirror".into(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: len as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap.clone()],
-            parameters: HashMap::from([("numberOfReplicas".to_string(), "2".to_string())]),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| rpc_err("CreateVolume", s))?
-        .into_inner()
-        .volume
-        .ok_or("CreateVolume answered no volume")?
-        .volume_id;
+    let vol = create_block_volume(
+        &mut csi,
+        "volume-io-mirror",
+        len,
+        &[("numberOfReplicas", "2")],
+    )
+    .await?;
     let volumes = serve.get("/v1/volumes").await?;
     let engine = volumes
         .as_array()
