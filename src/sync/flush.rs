@@ -1,5 +1,6 @@
 //! Writeback while a file is being written: every [`WINDOW`] bytes written, a helper thread
-//! `fdatasync`s the file and drops the window's pages from the page cache.
+//! `fdatasync`s the file and (unless the caller reads the file again at once, see
+//! [`Pages`]) drops the window's pages from the page cache.
 //!
 //! Without it a copy or transfer leaves the whole file dirty in memory until the final sync,
 //! which then waits for all of it: the disk would work after the network instead of with it,
@@ -45,10 +46,21 @@ impl Writeback {
     }
 }
 
+/// What the flusher does with a window's pages once they are on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Pages {
+    /// Drop them: a large image must not fill the page cache.
+    Drop,
+    /// Keep them: the caller reads the whole file again at once (a rebuild's compare), which
+    /// would otherwise read it back from the disk.
+    Keep,
+}
+
 /// Runs `body` with a flusher thread behind it; returns `body`'s result, or the flusher's
 /// error if `body` succeeded and the flusher did not.
 pub(super) fn with_writeback<T>(
     file: &File,
+    pages: Pages,
     body: impl FnOnce(&mut Writeback) -> io::Result<T>,
 ) -> io::Result<T> {
     std::thread::scope(|scope| {
@@ -56,6 +68,9 @@ pub(super) fn with_writeback<T>(
         let flusher = scope.spawn(move || -> io::Result<()> {
             for (from, to) in rx {
                 file.sync_data()?;
+                if pages == Pages::Keep {
+                    continue;
+                }
                 let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
                     continue;
                 };

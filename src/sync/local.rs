@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use tracing::{debug, info};
 
 use super::extents::extents_within;
-use super::flush::{Writeback, with_writeback};
+use super::flush::{Pages, Writeback, with_writeback};
 use super::{RemoveOnDrop, SyncError, reflink};
 
 /// Bytes asked of one `copy_file_range` call: small enough that writeback follows closely.
@@ -94,7 +94,8 @@ fn copy_durably(src: &Path, dst: &Path, drop_pages: bool) -> Result<CopyOutcome,
         .map_err(|e| SyncError::io("creating (it must not exist yet)", dst, e))?;
     let mut guard = RemoveOnDrop::new(dst);
 
-    let outcome = copy(&source, &target, src, dst, size)?;
+    let pages = if drop_pages { Pages::Drop } else { Pages::Keep };
+    let outcome = copy(&source, &target, src, dst, size, pages)?;
     target
         .sync_all()
         .map_err(|e| SyncError::io("syncing", dst, e))?;
@@ -124,6 +125,7 @@ fn copy(
     src: &Path,
     dst: &Path,
     size: u64,
+    pages: Pages,
 ) -> Result<CopyOutcome, SyncError> {
     match reflink::ficlone(source, target) {
         Ok(()) => {
@@ -151,7 +153,7 @@ fn copy(
         use_cfr: true,
         buf: Vec::new(),
     };
-    let bytes_copied = with_writeback(target, |writeback| {
+    let bytes_copied = with_writeback(target, pages, |writeback| {
         let mut copied = 0;
         for extent in &extents {
             copier.copy_range(extent.offset, extent.len, writeback)?;
@@ -254,7 +256,7 @@ mod tests {
             use_cfr: false,
             buf: Vec::new(),
         };
-        with_writeback(&target, |writeback| {
+        with_writeback(&target, Pages::Drop, |writeback| {
             copier.copy_range(10, 5, writeback)?;
             copier.copy_range(RW_CHUNK as u64, 2 * RW_CHUNK as u64 + 123, writeback)
         })
@@ -265,7 +267,9 @@ mod tests {
         want[RW_CHUNK..].copy_from_slice(&data[RW_CHUNK..]);
         assert!(copied == want, "copied bytes differ");
         // Asking past the source's end is an error, not a silent short copy.
-        let err = with_writeback(&target, |wb| copier.copy_range(data.len() as u64, 1, wb));
+        let err = with_writeback(&target, Pages::Drop, |wb| {
+            copier.copy_range(data.len() as u64, 1, wb)
+        });
         assert_eq!(err.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, warn};
 
-use super::flush::with_writeback;
+use super::flush::{Pages, with_writeback};
 use super::hash::hash_zeros;
 use super::manifest::{
     CHUNK_SIZE, ChunkChecker, ChunkMismatch, MAX_MANIFEST_BYTES, Manifest, ManifestBuilder,
@@ -737,7 +737,7 @@ fn check_worker(mut rx: mpsc::Receiver<HashMsg>, manifest: &Manifest) -> Result<
 }
 
 fn write_worker(file: File, mut rx: mpsc::Receiver<WriteMsg>) -> io::Result<File> {
-    with_writeback(&file, |writeback| {
+    with_writeback(&file, Pages::Drop, |writeback| {
         while let Some(msg) = rx.blocking_recv() {
             match msg {
                 // Sized up front: the gaps between records stay holes, and the file has its

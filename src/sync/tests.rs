@@ -159,6 +159,49 @@ fn local_copy_on_ext4_copies_data_extents_and_keeps_holes() {
     assert!(a_dst < 10 * MIB, "holes filled: {a_dst} allocated");
 }
 
+/// Bytes of `path` in the page cache (`fincore`, util-linux).
+fn cached_bytes(path: &Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// A rebuild compares the copy with its source right after `local_copy_keeping_cache`: the
+/// copy's pages must still be cached then (its writeback used to drop them window by window,
+/// so the compare read the whole copy back from the disk), while `local_copy` drops them.
+#[test]
+fn local_copy_keeping_cache_leaves_the_copy_in_the_page_cache() {
+    // Not /tmp: on a tmpfs the page cache is the storage and nothing is ever dropped.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = dir.path().join("src");
+    let len = 64 * MIB; // four writeback windows
+    make_sparse(&src, len, &[(0, len)]);
+    let (kept, dropped) = (dir.path().join("kept"), dir.path().join("dropped"));
+    assert_eq!(
+        local_copy_keeping_cache(&src, &kept).unwrap().method,
+        CopyMethod::SparseCopy
+    );
+    assert_eq!(
+        local_copy(&src, &dropped).unwrap().method,
+        CopyMethod::SparseCopy
+    );
+    let (k, d) = (cached_bytes(&kept), cached_bytes(&dropped));
+    assert!(
+        k >= len * 9 / 10,
+        "the kept copy has {k} of {len} bytes cached"
+    );
+    assert!(
+        d <= len / 10,
+        "the dropped copy has {d} of {len} bytes cached"
+    );
+    drop_cache(&kept);
+    assert!(cached_bytes(&kept) <= len / 10, "drop_cache left the pages");
+}
+
 #[test]
 fn local_copy_of_empty_and_hole_only_files() {
     let dir = tempfile::tempdir().unwrap();
