@@ -370,6 +370,11 @@ impl BackingImages {
                 .collect();
             for d in disks {
                 self.update(bi.name(), |bi| {
+                    // Registered again since the sweep found it silent: its reports (a
+                    // restarted download among them) are the truth now, not "unknown".
+                    if self.cluster.is_up(node_id) {
+                        return Ok(());
+                    }
                     set_file(
                         bi,
                         &d,

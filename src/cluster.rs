@@ -49,8 +49,11 @@ impl Cluster {
         let mut record = record;
         record.up = true;
         record.last_heartbeat = crate::model::now_rfc3339();
+        // Under the nodes lock, so a sweep that found this node silent a moment ago cannot
+        // record it down after this registration (see `sweep`).
+        let mut nodes = self.nodes.write().expect("nodes poisoned");
         self.store.put(Kind::Node, &record.node_id, &record)?;
-        self.nodes.write().expect("nodes poisoned").insert(
+        nodes.insert(
             record.node_id.clone(),
             Entry {
                 agent,
@@ -143,14 +146,14 @@ impl Cluster {
 
     /// Marks silent nodes down in the store; returns the ids that went down now.
     pub fn sweep(&self) -> Result<Vec<String>> {
-        let silent: Vec<String> = {
-            let nodes = self.nodes.read().expect("nodes poisoned");
-            nodes
-                .iter()
-                .filter(|(_, e)| !e.local && e.last_seen.elapsed() >= self.down_after)
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
+        // The nodes lock is held until the records are written: a node registering again
+        // meanwhile (its agent restarted) waits, and is not recorded down after it is back.
+        let nodes = self.nodes.read().expect("nodes poisoned");
+        let silent: Vec<String> = nodes
+            .iter()
+            .filter(|(_, e)| !e.local && e.last_seen.elapsed() >= self.down_after)
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut went_down = Vec::new();
         for id in silent {
             if let Some(mut rec) = self.store.get::<NodeRecord>(Kind::Node, &id)?

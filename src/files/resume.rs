@@ -62,7 +62,19 @@ impl FileManagers {
                 if !f.state.is_final() && self.running(&disk.id, bi.name()) {
                     continue;
                 }
-                match f.state {
+                // Unknown: the controller lost this node (down longer than
+                // `--node-down-after`) and no longer knows what the file was. With the file on
+                // the disk it is verified and reused below; without it, it was work cut off by
+                // the same restart or outage (a first download, a sync), which starts again
+                // like any other, not a ready file that disappeared.
+                let state = if f.state == FileState::Unknown
+                    && !BackingImages::file_path(&disk, bi).is_file()
+                {
+                    FileState::Pending
+                } else {
+                    f.state
+                };
+                match state {
                     // An upload cut off by the restart cannot go on: its client has gone.
                     FileState::Starting | FileState::InProgress | FileState::Pending
                         if bi.spec.source_type == SourceType::Upload =>
