@@ -698,7 +698,8 @@ async fn restore_backup(
             backing_image: req.backing_image.filter(|b| !b.is_empty()),
             size_bytes: req.size_bytes,
             parameters: req.parameters,
-        })?;
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
