@@ -3,8 +3,11 @@
 //! (`events`), and the web UI itself (`crate::ui`).
 //! Handlers are thin: parse, call the domain, map errors with `Error::http_status`.
 
+mod attach;
 mod events;
 mod volumes;
+
+pub use attach::LocalAttach;
 
 use std::sync::Arc;
 
@@ -34,6 +37,8 @@ pub struct ApiState {
     pub files: Option<Arc<FileManagers>>,
     pub store: Arc<dyn Store>,
     pub driver_name: String,
+    /// Attach and detach on this machine (`bicsi serve` only: its CSI socket serves a node).
+    pub attach: Option<LocalAttach>,
 }
 
 impl IntoResponse for Error {
@@ -70,6 +75,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(events::stream))
         .route("/v1/volumes", get(list_volumes).post(volumes::create))
         .route("/v1/volumes/{id}", axum::routing::delete(volumes::delete))
+        .route(
+            "/v1/volumes/{id}/attach",
+            axum::routing::post(attach::attach),
+        )
+        .route(
+            "/v1/volumes/{id}/detach",
+            axum::routing::post(attach::detach),
+        )
+        .route("/v1/attachments", get(attach::list))
         .route(
             "/v1/snapshots",
             get(volumes::list_snapshots).post(volumes::create_snapshot),
