@@ -1376,7 +1376,9 @@ fn kill_9_during_a_csi_restore_and_the_cos_retry_continues_it() {
     }
     let (volume, done_before) = cut.expect("five restores all ended before bicsi could be stopped");
     let progress_file = || -> Option<u64> {
-        let p = files_ending(&data_dir, ".qcow2.progress").into_iter().next()?;
+        let p = files_ending(&data_dir, ".qcow2.progress")
+            .into_iter()
+            .next()?;
         let c: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
         c["done"].as_u64()
     };
@@ -1481,10 +1483,7 @@ fn a_restore_of_a_missing_backup_is_refused_at_once() {
     ]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        e.contains("not found") && e.contains("gone-bak"),
-        "{e}"
-    );
+    assert!(e.contains("not found") && e.contains("gone-bak"), "{e}");
     let r = http_get_json(&s.http, "/v1/restores/from-gone");
     assert!(r["state"].is_null(), "{r}");
     assert!(

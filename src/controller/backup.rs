@@ -803,9 +803,8 @@ impl Controller {
             }
             Err(e) => {
                 r.state = BackupState::Error;
-                r.message = format!(
-                    "{e}; the CO's retry of CreateVolume {volume:?} continues the restore"
-                );
+                r.message =
+                    format!("{e}; the CO's retry of CreateVolume {volume:?} continues the restore");
             }
         }
         if let Err(e) = self.store.put(Kind::Restore, volume, &r) {
