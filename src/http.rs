@@ -1,4 +1,5 @@
 //! The HTTP API on loopback: backing images, StorageClasses, volumes and snapshots (`volumes`),
+//! attach and detach on this node (`attach`),
 //! backups, settings, nodes and disks, health, the live stream of the lists the web UI watches
 //! (`events`), and the web UI itself (`crate::ui`).
 //! Handlers are thin: parse, call the domain, map errors with `Error::http_status`.
