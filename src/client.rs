@@ -1,5 +1,7 @@
 //! A CSI client over the unix socket, used by the `bicsi volume …` commands (people who run
-//! `serve` without Kubernetes) and by the tests.
+//! `serve` without Kubernetes), by the HTTP API's attach (`attach`) and by the tests.
+
+pub mod attach;
 
 use std::path::PathBuf;
 
@@ -54,4 +56,33 @@ impl CsiClient {
 /// Converts a gRPC status from bicsi back into a domain error for display.
 pub fn status_error(s: tonic::Status) -> Error {
     Error::from_code(s.code(), s.message().to_string())
+}
+
+/// How long a volume command waits out another operation on the same volume (Aborted: a
+/// rebuild pass, the node's replica watcher writing a mark, another attach): the CSI rule is
+/// that the caller retries, as a CO does.
+pub const ABORTED_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How often an Aborted call is tried again.
+const ABORTED_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Calls `call` again while it answers Aborted ("another operation in progress"), for up to
+/// [`ABORTED_WAIT`]; any other answer, or Aborted after that, is returned as it is.
+pub async fn retry_aborted<T, F, Fut>(
+    mut call: F,
+) -> std::result::Result<tonic::Response<T>, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = std::time::Instant::now() + ABORTED_WAIT;
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                tracing::debug!(why = %s.message(), "retrying after Aborted");
+                tokio::time::sleep(ABORTED_POLL).await;
+            }
+            other => return other,
+        }
+    }
 }

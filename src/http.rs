@@ -1,10 +1,14 @@
 //! The HTTP API on loopback: backing images, StorageClasses, volumes and snapshots (`volumes`),
+//! attach and detach on this node (`attach`),
 //! backups, settings, nodes and disks, health, the live stream of the lists the web UI watches
 //! (`events`), and the web UI itself (`crate::ui`).
 //! Handlers are thin: parse, call the domain, map errors with `Error::http_status`.
 
+mod attach;
 mod events;
 mod volumes;
+
+pub use attach::LocalAttach;
 
 use std::sync::Arc;
 
@@ -34,6 +38,8 @@ pub struct ApiState {
     pub files: Option<Arc<FileManagers>>,
     pub store: Arc<dyn Store>,
     pub driver_name: String,
+    /// Attach and detach on this machine (`bicsi serve` only: its CSI socket serves a node).
+    pub attach: Option<LocalAttach>,
 }
 
 impl IntoResponse for Error {
@@ -70,6 +76,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(events::stream))
         .route("/v1/volumes", get(list_volumes).post(volumes::create))
         .route("/v1/volumes/{id}", axum::routing::delete(volumes::delete))
+        .route(
+            "/v1/volumes/{id}/attach",
+            axum::routing::post(attach::attach),
+        )
+        .route(
+            "/v1/volumes/{id}/detach",
+            axum::routing::post(attach::detach),
+        )
+        .route("/v1/attachments", get(attach::list))
         .route(
             "/v1/snapshots",
             get(volumes::list_snapshots).post(volumes::create_snapshot),
@@ -698,7 +713,8 @@ async fn restore_backup(
             backing_image: req.backing_image.filter(|b| !b.is_empty()),
             size_bytes: req.size_bytes,
             parameters: req.parameters,
-        })?;
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 

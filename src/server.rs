@@ -269,6 +269,10 @@ pub async fn serve(
             files: Some(files),
             store,
             driver_name: cfg.driver_name.clone(),
+            attach: Some(crate::http::LocalAttach {
+                csi_endpoint: cfg.csi_endpoint.clone(),
+                data_dir: std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone()),
+            }),
         }),
         token,
     );
@@ -382,6 +386,7 @@ pub async fn controller(
             files: None,
             store,
             driver_name: cfg.driver_name.clone(),
+            attach: None,
         }),
         token,
     );
@@ -510,6 +515,7 @@ pub async fn node(
         files: Some(files),
         store: local_store,
         driver_name: cfg.driver_name.clone(),
+        attach: None,
     });
     let r = run(
         &cfg,

@@ -85,7 +85,12 @@ fn http_api_requires_the_token_except_healthz() {
     let events = format!("{}/v1/events", s.server);
     assert_eq!(http_status(&events, None), Some(401));
     assert_eq!(http_status(&events, Some("nope")), Some(401));
-    for path in ["v1/backingimages", "v1/storageclasses", "v1/volumes"] {
+    for path in [
+        "v1/backingimages",
+        "v1/storageclasses",
+        "v1/volumes",
+        "v1/attachments",
+    ] {
         let url = format!("{}/{path}", s.server);
         assert_eq!(http_status(&url, None), Some(401), "{path}");
         assert_eq!(http_status(&url, Some("nope")), Some(401), "{path}");

@@ -1288,3 +1288,206 @@ fn a_restore_takes_the_backed_up_volumes_parameters_unless_given() {
     ]);
     assert!(e.contains("nosuch"), "{e}");
 }
+
+/// A restore started by CSI CreateVolume (from a `bak` snapshot) that bicsi's kill -9 cuts off
+/// is not started again by bicsi at its restart (the CO retries the call); the CO's retry of the
+/// same CreateVolume continues it on the disk its record names, fetching only the blocks after
+/// its checkpoint, and the volume ends byte-exact.
+#[test]
+fn kill_9_during_a_csi_restore_and_the_cos_retry_continues_it() {
+    if !is_root() {
+        return;
+    }
+    let (_base, mut s, target) = Served::with_file_target();
+    s.ok(&[
+        "volume",
+        "create",
+        "csi",
+        "--size",
+        "256Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    s.with_block("csi", |dev| {
+        write_at(dev, 0, &noise(160 * MIB as usize, 61))
+    });
+    s.ok(&[
+        "snapshot", "create", "csi-bak", "--volume", "csi", "-p", "type=bak",
+    ]);
+    let mut expected = String::new();
+    s.with_block("csi", |dev| expected = sha_of_device(dev, 256 * MIB));
+    let meta = backup_meta(&target, "csi", "csi-bak");
+    let with_content = meta["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["h"].is_string())
+        .count() as u64;
+    assert!(with_content >= 80, "{with_content}");
+
+    // CreateVolume is the CLI's `snapshot restore` (a CSI call that returns when the volume
+    // exists), run in the background; bicsi is killed once the restore has checkpointed some
+    // blocks and not all.
+    let data_dir = s.dir.join("data");
+    let restore = |volume: &str| -> Child {
+        Command::new(env!("CARGO_BIN_EXE_bicsi"))
+            .args(["snapshot", "restore", "csi-bak", volume])
+            .args(["-p", "numberOfReplicas=1"])
+            .env("BICSI_CSI_ENDPOINT", &s.endpoint)
+            .env("BICSI_SERVER", &s.http)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut cut = None;
+    for attempt in 0..5 {
+        let volume = format!("csi-again{attempt}");
+        let mut call = restore(&volume);
+        wait_until(
+            "the CSI restore to write blocks",
+            Duration::from_secs(60),
+            || {
+                let v = http_get_json(&s.http, &format!("/v1/restores/{volume}"));
+                v["blocksDone"].as_u64().unwrap_or(0) > 0
+                    || v["state"] == "completed"
+                    || call.try_wait().unwrap().is_some()
+            },
+        );
+        let pid = nix::unistd::Pid::from_raw(s.child.as_ref().unwrap().id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let done: Option<u64> = files_ending(&data_dir, ".qcow2.progress")
+            .first()
+            .and_then(|p| {
+                let c: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+                c["done"].as_u64()
+            });
+        match done {
+            Some(d) if d > 0 && d < with_content => {
+                s.kill_and_restart();
+                // The CO's call fails with the connection.
+                assert!(!call.wait().unwrap().success());
+                cut = Some((volume, d));
+                break;
+            }
+            _ => nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap(),
+        }
+        assert!(call.wait().unwrap().success(), "the uncut restore failed");
+    }
+    let (volume, done_before) = cut.expect("five restores all ended before bicsi could be stopped");
+    let progress_file = || -> Option<u64> {
+        let p = files_ending(&data_dir, ".qcow2.progress")
+            .into_iter()
+            .next()?;
+        let c: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+        c["done"].as_u64()
+    };
+    // bicsi does not start it again by itself: the record waits for the CO's retry, and the
+    // restore's file stays where it was.
+    std::thread::sleep(Duration::from_secs(3));
+    let r = http_get_json(&s.http, &format!("/v1/restores/{volume}"));
+    assert_eq!(r["state"], "in-progress", "{r}");
+    assert_eq!(r["attempts"], 1, "{r}");
+    assert_eq!(r["csi"], true, "{r}");
+    assert!(
+        r["message"].as_str().unwrap_or_default().contains("retry"),
+        "{r}"
+    );
+    let disk = r["diskId"].as_str().unwrap().to_string();
+    assert!(!disk.is_empty(), "{r}");
+    assert!(!s.bicsi(&["get", "volume", &volume]).status.success());
+    assert_eq!(progress_file(), Some(done_before));
+
+    // The CO's retry: the same CreateVolume, which continues the restore and ends with the
+    // volume.
+    s.ok(&[
+        "snapshot",
+        "restore",
+        "csi-bak",
+        &volume,
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    let r = http_get_json(&s.http, &format!("/v1/restores/{volume}"));
+    assert_eq!(r["state"], "completed", "{r}");
+    assert_eq!(r["attempts"], 2, "{r}");
+    assert_eq!(r["diskId"], disk.as_str(), "{r}");
+    let fetched = r["blocksFetched"].as_u64().unwrap();
+    assert!(fetched > 0, "{r}");
+    assert!(
+        fetched <= with_content - done_before && fetched < with_content,
+        "the continued restore fetched {fetched} of {with_content} blocks, {done_before} were checkpointed: {r}"
+    );
+    assert!(files_ending(&data_dir, ".qcow2.progress").is_empty());
+    assert!(files_ending(&data_dir, ".qcow2.part").is_empty());
+    // The same call again is the same volume (idempotent by name), with no restore run.
+    s.ok(&[
+        "snapshot",
+        "restore",
+        "csi-bak",
+        &volume,
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    assert_eq!(
+        http_get_json(&s.http, &format!("/v1/restores/{volume}"))["attempts"],
+        2
+    );
+    s.with_block(&volume, |dev| {
+        assert_eq!(sha_of_device(dev, 256 * MIB), expected)
+    });
+}
+
+/// A restore of a backup that does not exist is refused at once, through the CLI (naming the
+/// backup and `bicsi backup list`) and through CSI (NotFound), leaving no record and no volume.
+#[test]
+fn a_restore_of_a_missing_backup_is_refused_at_once() {
+    if !is_root() {
+        return;
+    }
+    let (_base, s, _target) = Served::with_file_target();
+    let e = s.fails(&["backup", "restore", "nope", "from-nope"]);
+    assert!(
+        e.contains("\"nope\"") && e.contains("bicsi backup list"),
+        "{e}"
+    );
+    assert!(e.contains("not found"), "{e}");
+    let r = http_get_json(&s.http, "/v1/restores/from-nope");
+    assert!(r["state"].is_null(), "{r}");
+    assert!(
+        s.fails(&["get", "volume", "from-nope"])
+            .contains("not found")
+    );
+
+    // CSI: a `bak` snapshot whose backup was deleted from the target.
+    s.ok(&[
+        "volume",
+        "create",
+        "gone",
+        "--size",
+        "16Mi",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    s.ok(&[
+        "snapshot", "create", "gone-bak", "--volume", "gone", "-p", "type=bak",
+    ]);
+    s.ok(&["backup", "delete", "gone-bak"]);
+    let out = s.bicsi(&[
+        "snapshot",
+        "restore",
+        "gone-bak",
+        "from-gone",
+        "-p",
+        "numberOfReplicas=1",
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("not found") && e.contains("gone-bak"), "{e}");
+    let r = http_get_json(&s.http, "/v1/restores/from-gone");
+    assert!(r["state"].is_null(), "{r}");
+    assert!(
+        s.fails(&["get", "volume", "from-gone"])
+            .contains("not found")
+    );
+}

@@ -8,6 +8,11 @@
 //! Restore: in-progress ──> completed  (the volume exists)
 //!               └────────> error      (a restart continues an in-progress one)
 //! ```
+//!
+//! A restore started by `bicsi backup restore` (the HTTP API) is continued after a restart by
+//! bicsi itself; one started by CSI CreateVolume (`csi`) by the CO's retry of the same
+//! CreateVolume, which finds its disk here (also when the record says error: the retry is a new
+//! attempt of the same restore).
 
 use serde::{Deserialize, Serialize};
 
@@ -124,6 +129,10 @@ pub struct Restore {
     /// StorageClass parameters of the new volume, over those the backup recorded.
     #[serde(default)]
     pub parameters: std::collections::BTreeMap<String, String>,
+    /// Started by CSI CreateVolume from a `bak` snapshot: continued by the CO's retry of that
+    /// call (same name), never by bicsi's resume at start, so it is not started twice.
+    #[serde(default)]
+    pub csi: bool,
 }
 
 impl Restore {

@@ -4,27 +4,14 @@
 //! rules live in the controller and the node.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-/// `client.method(request)` retried while it answers Aborted (`wait::retry_aborted`): another
-/// operation on the volume (a rebuild pass, the replica watcher) is waited out, not reported.
-macro_rules! retrying {
-    ($client:expr, $method:ident, $req:expr) => {{
-        let req = $req;
-        wait::retry_aborted(|| {
-            let mut client = $client.clone();
-            let req = req.clone();
-            async move { client.$method(req).await }
-        })
-        .await
-    }};
-}
+use std::path::PathBuf;
 
 use clap::Subcommand;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::wait::{self, WaitArgs, retry_unavailable};
 use super::{Endpoint, ListOutput, Server, mount_capability, parse_parameter};
+use crate::client::attach::{Attach, Detached, attach_record};
 use crate::client::{CsiClient, status_error};
 use crate::csi::pb;
 use crate::error::{Error, Result};
@@ -115,37 +102,6 @@ pub enum VolumeCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
-}
-
-/// What `attach` remembers so `detach` can undo it: kept beside the socket, in `cli-attach/`.
-#[derive(Serialize, Deserialize)]
-struct AttachRecord {
-    volume_id: String,
-    node_id: String,
-    staging_path: PathBuf,
-    target_path: PathBuf,
-    block: bool,
-    capability: Capability,
-}
-
-fn attach_dir(endpoint: &str) -> Result<PathBuf> {
-    let sock = crate::server::socket_path(endpoint)?;
-    Ok(sock.parent().unwrap_or(Path::new("/")).join("cli-attach"))
-}
-
-fn record_path(endpoint: &str, volume_id: &str) -> Result<PathBuf> {
-    Ok(attach_dir(endpoint)?.join(format!("{volume_id}.json")))
-}
-
-/// The attachment `bicsi volume attach` recorded for a volume through this endpoint, if any.
-fn attach_record(endpoint: &str, volume_id: &str) -> Result<Option<AttachRecord>> {
-    match std::fs::read(record_path(endpoint, volume_id)?) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Internal(format!(
-            "cannot read the attachment record of {volume_id:?}: {e}"
-        ))),
-    }
 }
 
 /// The backing image a volume's parameters name.
@@ -287,14 +243,15 @@ pub async fn run(cmd: VolumeCommand) -> Result<()> {
         VolumeCommand::Detach { name, endpoint } => detach(&name, &endpoint.csi_endpoint).await,
         VolumeCommand::Delete { name, endpoint } => {
             let c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            retrying!(
-                c.controller,
-                delete_volume,
-                pb::DeleteVolumeRequest {
-                    volume_id: crate::controller::volume_id_for(&name),
-                    ..Default::default()
-                }
-            )
+            let req = pb::DeleteVolumeRequest {
+                volume_id: crate::controller::volume_id_for(&name),
+                ..Default::default()
+            };
+            wait::retry_aborted(|| {
+                let (mut ctl, req) = (c.controller.clone(), req.clone());
+                async move { ctl.delete_volume(req).await }
+            })
+            .await
             .map_err(status_error)?;
             outln!("volume {name} deleted");
             Ok(())
@@ -319,7 +276,6 @@ async fn attach(
     wait: &WaitArgs,
     endpoint: &str,
 ) -> Result<()> {
-    let volume_id = crate::controller::volume_id_for(name);
     let (target, cap) = match (mount, block) {
         (Some(m), None) => (m, mount_capability(fs_type, read_only)),
         (None, Some(b)) => (
@@ -341,269 +297,47 @@ async fn attach(
     };
     let target = std::path::absolute(&target)
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", target.display())))?;
-    // One attachment per volume through the CLI: a second path would replace the record that
-    // detach undoes, and strand the first mount.
-    if let Some(rec) = attach_record(endpoint, &volume_id)?
-        && rec.target_path != target
-    {
-        return Err(Error::FailedPrecondition(format!(
-            "volume {name} is attached at {} already; `bicsi volume detach {name}` first to attach it at {}",
-            rec.target_path.display(),
-            target.display()
-        )));
-    }
-    let dir = attach_dir(endpoint)?;
-    let staging = dir.join(&volume_id).join("staging");
     let mut c = CsiClient::connect(endpoint).await?;
-    let node_id = c
-        .node
-        .node_get_info(pb::NodeGetInfoRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .node_id;
-    let pb_cap = crate::csi::capability_to_pb(&cap);
     wait::on_interrupt(format!(
         "stopped waiting; volume {name} is not attached, and bicsi goes on preparing its files for this node: run the same command again to attach it"
     ));
-    let publish_context = publish_until_ready(
-        &mut c,
-        pb::ControllerPublishVolumeRequest {
-            volume_id: volume_id.clone(),
-            node_id: node_id.clone(),
-            volume_capability: Some(pb_cap.clone()),
-            readonly: read_only,
-            ..Default::default()
-        },
-        name,
-        wait,
-    )
-    .await?;
-    wait::on_interrupt(format!(
-        "volume {name} may be attached in part: `bicsi volume detach {name}` undoes it, or run the same command again"
-    ));
-    std::fs::create_dir_all(&staging)
-        .map_err(|e| Error::Internal(format!("{}: {e}", staging.display())))?;
-    let record = AttachRecord {
-        volume_id: volume_id.clone(),
-        node_id,
-        staging_path: staging.clone(),
-        target_path: target.clone(),
-        block: cap.is_block(),
+    let request = Attach {
+        name: name.to_string(),
+        target,
         capability: cap,
+        read_only,
     };
-    crate::fsutil::write_atomic(
-        &record_path(endpoint, &volume_id)?,
-        &serde_json::to_vec_pretty(&record)?,
-    )
-    .map_err(|e| Error::Internal(format!("cannot record the attachment: {e}")))?;
-    let mut staged = false;
-    let attached: Result<()> = async {
-        retrying!(
-            c.node,
-            node_stage_volume,
-            pb::NodeStageVolumeRequest {
-                volume_id: volume_id.clone(),
-                publish_context: publish_context.clone(),
-                staging_target_path: staging.display().to_string(),
-                volume_capability: Some(pb_cap.clone()),
-                ..Default::default()
-            }
-        )
-        .map_err(status_error)?;
-        staged = true;
-        retrying!(
-            c.node,
-            node_publish_volume,
-            pb::NodePublishVolumeRequest {
-                volume_id: volume_id.clone(),
-                publish_context,
-                staging_target_path: staging.display().to_string(),
-                target_path: target.display().to_string(),
-                volume_capability: Some(pb_cap),
-                readonly: read_only,
-                ..Default::default()
-            }
-        )
-        .map_err(status_error)?;
-        Ok(())
-    }
-    .await;
-    if let Err(e) = attached {
-        // Undo what this attach did, so that the volume is not left published to this node (which
-        // makes DeleteVolume refuse) with a record only `detach` would remove.
-        return Err(match undo_attach(&mut c, &record, staged, endpoint).await {
-            Ok(()) => Error::from_code(
-                e.code(),
-                format!("{e}; the attach was undone, volume {name} is detached"),
-            ),
-            Err(u) => Error::from_code(
-                e.code(),
-                format!(
-                    "{e}; undoing the attach failed too ({u}): `bicsi volume detach {name}` undoes what was done"
-                ),
-            ),
-        });
-    }
-    outln!("volume {name} attached at {}", target.display());
-    Ok(())
-}
-
-/// Undoes a failed attach of `rec`: NodeUnstage when NodeStage succeeded (NodePublish removes
-/// what it made when it fails; NodeUnpublish only when NodeUnstage says the target is still
-/// published), ControllerUnpublish, and the attach record.
-async fn undo_attach(
-    c: &mut CsiClient,
-    rec: &AttachRecord,
-    staged: bool,
-    endpoint: &str,
-) -> Result<()> {
-    let unstage = pb::NodeUnstageVolumeRequest {
-        volume_id: rec.volume_id.clone(),
-        staging_target_path: rec.staging_path.display().to_string(),
-    };
-    if staged {
-        match retrying!(c.node, node_unstage_volume, unstage.clone()) {
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                retrying!(
-                    c.node,
-                    node_unpublish_volume,
-                    pb::NodeUnpublishVolumeRequest {
-                        volume_id: rec.volume_id.clone(),
-                        target_path: rec.target_path.display().to_string(),
-                    }
-                )
-                .map_err(status_error)?;
-                retrying!(c.node, node_unstage_volume, unstage).map_err(status_error)?;
-            }
-            other => {
-                other.map_err(status_error)?;
-            }
-        }
-    }
-    retrying!(
-        c.controller,
-        controller_unpublish_volume,
-        pb::ControllerUnpublishVolumeRequest {
-            volume_id: rec.volume_id.clone(),
-            node_id: rec.node_id.clone(),
-            ..Default::default()
-        }
-    )
-    .map_err(status_error)?;
-    let _ = std::fs::remove_file(record_path(endpoint, &rec.volume_id)?);
-    let _ = std::fs::remove_dir_all(attach_dir(endpoint)?.join(&rec.volume_id));
+    let ctl = c.clone();
+    let rec = crate::client::attach::attach(&mut c, endpoint, &request, |req| async move {
+        let mut ctl = ctl;
+        let context = publish_until_ready(&mut ctl, req, name, wait).await?;
+        wait::on_interrupt(format!(
+            "volume {name} may be attached in part: `bicsi volume detach {name}` undoes it, or run the same command again"
+        ));
+        Ok(context)
+    })
+    .await?;
+    outln!("volume {name} attached at {}", rec.target_path.display());
     Ok(())
 }
 
 async fn detach(name: &str, endpoint: &str) -> Result<()> {
-    let volume_id = crate::controller::volume_id_for(name);
     let mut c = CsiClient::connect(endpoint).await?;
-    let Some(rec) = attach_record(endpoint, &volume_id)? else {
-        // Nothing this CLI attached: fine when the volume is attached nowhere (detach is
-        // idempotent, and a failed attach undoes itself), an error when someone else attached it.
-        let nodes = published_nodes(&mut c, &volume_id).await?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "volume {name:?} not found; `bicsi get volumes` lists them"
-            ))
-        })?;
-        if nodes.is_empty() {
-            outln!("volume {name} is not attached; nothing to detach");
-            return Ok(());
-        }
-        return Err(Error::FailedPrecondition(format!(
-            "volume {name:?} is attached to {} but not with `bicsi volume attach` through this endpoint; detach it where it was attached",
-            nodes.join(", ")
-        )));
-    };
     wait::on_interrupt(format!(
         "volume {name} may be detached in part: run `bicsi volume detach {name}` again"
     ));
-    retrying!(
-        c.node,
-        node_unpublish_volume,
-        pb::NodeUnpublishVolumeRequest {
-            volume_id: volume_id.clone(),
-            target_path: rec.target_path.display().to_string(),
+    match crate::client::attach::detach(&mut c, endpoint, name).await? {
+        Detached::NotAttached => outln!("volume {name} is not attached; nothing to detach"),
+        Detached::Detached {
+            also_unpublished, ..
+        } => {
+            for path in also_unpublished {
+                eprintln!("volume {name}: unpublished {path} too (left by an earlier attach)");
+            }
+            outln!("volume {name} detached");
         }
-    )
-    .map_err(status_error)?;
-    // An older bicsi replaced the record on a second attach at another path, so the first
-    // path stayed published and NodeUnstage refuses, naming it: unpublish what it names (only
-    // paths of this volume on this node) and unstage again.
-    let mut stranded = Vec::new();
-    loop {
-        let unstaged = retrying!(
-            c.node,
-            node_unstage_volume,
-            pb::NodeUnstageVolumeRequest {
-                volume_id: volume_id.clone(),
-                staging_target_path: rec.staging_path.display().to_string(),
-            }
-        );
-        let path = match &unstaged {
-            Err(s) if s.code() == tonic::Code::FailedPrecondition && stranded.len() < 16 => s
-                .message()
-                .split_once(" is still published at ")
-                .and_then(|(_, rest)| rest.rsplit_once("; unpublish it first"))
-                .map(|(p, _)| p.to_string()),
-            _ => None,
-        };
-        let Some(path) = path.filter(|p| !stranded.contains(p)) else {
-            unstaged.map_err(status_error)?;
-            break;
-        };
-        retrying!(
-            c.node,
-            node_unpublish_volume,
-            pb::NodeUnpublishVolumeRequest {
-                volume_id: volume_id.clone(),
-                target_path: path.clone(),
-            }
-        )
-        .map_err(status_error)?;
-        eprintln!("volume {name}: unpublished {path} too (left by an earlier attach)");
-        stranded.push(path);
     }
-    retrying!(
-        c.controller,
-        controller_unpublish_volume,
-        pb::ControllerUnpublishVolumeRequest {
-            volume_id: volume_id.clone(),
-            node_id: rec.node_id.clone(),
-            ..Default::default()
-        }
-    )
-    .map_err(status_error)?;
-    let _ = std::fs::remove_file(record_path(endpoint, &volume_id)?);
-    let _ = std::fs::remove_dir_all(attach_dir(endpoint)?.join(&volume_id));
-    outln!("volume {name} detached");
     Ok(())
-}
-
-/// The nodes a volume is published to, or None when there is no such volume.
-async fn published_nodes(c: &mut CsiClient, volume_id: &str) -> Result<Option<Vec<String>>> {
-    let mut token = String::new();
-    loop {
-        let page = c
-            .controller
-            .list_volumes(pb::ListVolumesRequest {
-                max_entries: 100,
-                starting_token: token.clone(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        for e in page.entries {
-            if e.volume.as_ref().is_some_and(|v| v.volume_id == volume_id) {
-                return Ok(Some(e.status.unwrap_or_default().published_node_ids));
-            }
-        }
-        if page.next_token.is_empty() {
-            return Ok(None);
-        }
-        token = page.next_token;
-    }
 }
 
 async fn expand(name: &str, size: &str, endpoint: &str) -> Result<()> {

@@ -314,31 +314,9 @@ impl WaitArgs {
 /// How long to sleep between two polls.
 pub const POLL: Duration = Duration::from_millis(500);
 
-/// How long a volume command waits out another operation on the same volume (Aborted: a
-/// rebuild pass, the node's replica watcher writing a mark, another attach): the CSI rule is
-/// that the caller retries, as a CO does.
-pub const ABORTED_WAIT: Duration = Duration::from_secs(120);
-
-/// Calls `call` again while it answers Aborted ("another operation in progress"), for up to
-/// [`ABORTED_WAIT`]; any other answer, or Aborted after that, is returned as it is.
-pub(super) async fn retry_aborted<T, F, Fut>(
-    mut call: F,
-) -> std::result::Result<tonic::Response<T>, tonic::Status>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
-{
-    let deadline = Instant::now() + ABORTED_WAIT;
-    loop {
-        match call().await {
-            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
-                tracing::debug!(why = %s.message(), "retrying after Aborted");
-                tokio::time::sleep(POLL / 2).await;
-            }
-            other => return other,
-        }
-    }
-}
+/// Another operation on the same volume is waited out, as a CO does (shared with the HTTP
+/// API's attach: `crate::client`).
+pub(super) use crate::client::retry_aborted;
 
 /// Calls `call` until it answers anything but Unavailable, showing the reason it gives as the
 /// progress of `label`. `--no-wait` stops at the first Unavailable and `--timeout` at the

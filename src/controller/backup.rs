@@ -437,7 +437,7 @@ impl Controller {
             )));
         }
         Err(Error::NotFound(format!(
-            "backup {name:?} not found in the backup target {}",
+            "backup {name:?} not found in the backup target {}; `bicsi backup list` shows the backups there",
             target.url()
         )))
     }
@@ -686,29 +686,23 @@ impl Controller {
         };
         disks.sort_by_key(|d| (!ready_on.contains(&d.disk.id), u64::MAX - d.free_bytes));
         let progress_key = req.name.clone();
-        let mut restore_rec: Option<Restore> = self.store.get(Kind::Restore, &progress_key)?;
+        let mut restore_rec = self.restore_record_for(req, backup, size)?;
         // The disk an earlier attempt built on, where its file is continued; else the best one,
-        // recorded for the next attempt.
-        let earlier = restore_rec
-            .as_ref()
-            .and_then(|r| disks.iter().position(|d| d.disk.id == r.disk_id));
+        // recorded (before any block is written) for the next attempt.
+        let earlier = disks
+            .iter()
+            .position(|d| !restore_rec.disk_id.is_empty() && d.disk.id == restore_rec.disk_id);
         let disk = disks.swap_remove(earlier.unwrap_or(0)).disk;
-        if let Some(r) = restore_rec.as_mut()
-            && r.disk_id != disk.id
-        {
-            r.disk_id = disk.id.clone();
-            self.store.put(Kind::Restore, &progress_key, &*r)?;
-        }
-        let progress: ProgressFn = match restore_rec {
-            Some(r) => progress_writer(
-                self.store.clone(),
-                Kind::Restore,
-                progress_key,
-                r,
-                Restore::set_progress,
-            ),
-            None => Arc::new(|_| {}),
-        };
+        restore_rec.disk_id = disk.id.clone();
+        self.store.put(Kind::Restore, &progress_key, &restore_rec)?;
+        let csi = restore_rec.csi;
+        let progress: ProgressFn = progress_writer(
+            self.store.clone(),
+            Kind::Restore,
+            progress_key.clone(),
+            restore_rec,
+            Restore::set_progress,
+        );
         let agent = self.cluster.agent(&disk.node_id)?;
         let file = agent
             .restore_backup_file(
@@ -723,7 +717,18 @@ impl Controller {
                 },
                 progress,
             )
-            .await?;
+            .await;
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                // A CSI restore's record says why its attempt failed; the CO's retry continues
+                // it on the same disk. (`bicsi backup restore`'s is ended by its own task.)
+                if csi {
+                    self.end_csi_restore(&progress_key, Err(&e));
+                }
+                return Err(e);
+            }
+        };
         // The file is over `image` already: the snapshot path only copies it (same image).
         p.backing_image = None;
         let result = self
@@ -739,9 +744,72 @@ impl Controller {
         if let Err(e) = self.delete_files(std::slice::from_ref(&file)).await {
             tracing::warn!(volume = %id, error = %e, "cannot remove the restore's temporary file");
         }
+        if csi {
+            self.end_csi_restore(&progress_key, result.as_ref().map(|_| ()));
+        }
         let v = result?;
         tracing::info!(volume = %id, backup = %backup, data_bytes = meta.data_bytes, "volume restored from a backup");
         Ok(v)
+    }
+
+    /// The Restore record a restore into `req.name` works under. `bicsi backup restore` made
+    /// one before it started (its task drives it); a CSI CreateVolume from a `bak` snapshot makes
+    /// its own, so the CO's retry of the same call (same name) after a restart or a failure finds
+    /// the disk the earlier attempt built on and continues its file there.
+    fn restore_record_for(&self, req: &CreateVolume, backup: &str, size: u64) -> Result<Restore> {
+        let existing: Option<Restore> = self.store.get(Kind::Restore, &req.name)?;
+        match existing {
+            Some(r) if !r.csi && r.state == BackupState::InProgress => Ok(r),
+            Some(mut r) if r.csi && r.backup == backup && r.state != BackupState::Completed => {
+                // A retry: another attempt of the same restore.
+                r.attempts += 1;
+                r.blocks_fetched = 0;
+                r.state = BackupState::InProgress;
+                r.message.clear();
+                tracing::info!(volume = %r.volume, backup = %r.backup, attempt = r.attempts, done = r.blocks_done, disk = %r.disk_id, "CreateVolume retried: continuing its restore");
+                Ok(r)
+            }
+            _ => Ok(Restore {
+                volume: req.name.clone(),
+                backup: backup.to_string(),
+                backing_image: None,
+                size_bytes: size,
+                state: BackupState::InProgress,
+                progress: 0,
+                bytes_fetched: 0,
+                message: String::new(),
+                created: crate::model::now_rfc3339(),
+                attempts: 1,
+                blocks_total: 0,
+                blocks_done: 0,
+                blocks_fetched: 0,
+                disk_id: String::new(),
+                parameters: Default::default(),
+                csi: true,
+            }),
+        }
+    }
+
+    /// Marks a CSI restore's record with how its attempt ended.
+    fn end_csi_restore(&self, volume: &str, result: std::result::Result<(), &Error>) {
+        let Ok(Some(mut r)) = self.get_restore(volume) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                r.state = BackupState::Completed;
+                r.progress = 100;
+                r.message.clear();
+            }
+            Err(e) => {
+                r.state = BackupState::Error;
+                r.message =
+                    format!("{e}; the CO's retry of CreateVolume {volume:?} continues the restore");
+            }
+        }
+        if let Err(e) = self.store.put(Kind::Restore, volume, &r) {
+            tracing::warn!(volume = %volume, error = %e, "cannot record the restore's end");
+        }
     }
 
     pub fn get_restore(&self, volume: &str) -> Result<Option<Restore>> {
@@ -750,7 +818,7 @@ impl Controller {
 
     /// Starts restoring a backup into a new volume in the background; the Restore record (by
     /// the volume's name) shows its progress until the volume exists.
-    pub fn start_restore(self: &Arc<Self>, req: RestoreBackup) -> Result<Restore> {
+    pub async fn start_restore(self: &Arc<Self>, req: RestoreBackup) -> Result<Restore> {
         layout::check_name("backup", &req.backup)?;
         if req.volume.is_empty() {
             return Err(Error::InvalidArgument(
@@ -765,6 +833,12 @@ impl Controller {
         if let Some(existing) = self.get_restore(&req.volume)?
             && existing.state == BackupState::InProgress
         {
+            if existing.csi {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} is being restored from backup {:?} by a CSI CreateVolume already; its retry continues it",
+                    req.volume, existing.backup
+                )));
+            }
             if existing.backup != req.backup
                 || existing.backing_image != req.backing_image
                 || existing.parameters != req.parameters
@@ -782,6 +856,11 @@ impl Controller {
                 req.volume
             )));
         }
+        // A backup that is not there (or not complete) is refused now, before anything is
+        // recorded, rather than a restore that "started" and fails in the background.
+        let target = self.backup_target()?;
+        target.check().await?;
+        self.find_backup(&target, &req.backup).await?;
         let rec = Restore {
             volume: req.volume.clone(),
             backup: req.backup.clone(),
@@ -798,6 +877,7 @@ impl Controller {
             blocks_fetched: 0,
             disk_id: String::new(),
             parameters: req.parameters.clone(),
+            csi: false,
         };
         self.store.put(Kind::Restore, &rec.volume, &rec)?;
         self.spawn_restore(rec.clone());
@@ -885,6 +965,17 @@ impl Controller {
             }
         }
         for mut r in self.store.list::<Restore>(Kind::Restore)? {
+            if r.state == BackupState::InProgress && r.csi {
+                // Its CreateVolume was cut off; the CO retries it, and that retry continues
+                // the restore (`restore_record_for`). Starting it here too would run it twice.
+                r.message = format!(
+                    "bicsi restarted during the restore; the CO's retry of CreateVolume {:?} continues it",
+                    r.volume
+                );
+                self.store.put(Kind::Restore, &r.volume, &r)?;
+                tracing::info!(volume = %r.volume, backup = %r.backup, done = r.blocks_done, "CSI restore interrupted by a restart; the CO's retry continues it");
+                continue;
+            }
             if r.state == BackupState::InProgress {
                 r.attempts += 1;
                 r.blocks_fetched = 0;

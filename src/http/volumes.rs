@@ -2,8 +2,8 @@
 //! (empty, with a backing image, from a snapshot or a volume), delete it, and take, list and
 //! delete snapshots. Each is the controller call the CSI adapter makes for the same CSI RPC,
 //! with the same rules and errors; a volume is created for a mount with the filesystem its
-//! `fsType` parameter names, as `bicsi volume create` does. Attaching stays with the CLI and the
-//! kubelet: it needs this machine's mounts, which a browser cannot name.
+//! `fsType` parameter names, as `bicsi volume create` does. Attaching is `attach` (on `bicsi
+//! serve`'s own node, at paths bicsi chooses).
 
 use std::collections::BTreeMap;
 

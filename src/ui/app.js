@@ -606,6 +606,67 @@ function deleteVolume(v, button) {
   });
 }
 
+// What is attached on this node through its CSI socket (by the UI or the CLI), read again
+// whenever the volumes change; `attachError` is why this server cannot attach (the split mode's
+// controller runs no node), shown instead of the buttons.
+let attachments = null;
+let attachError = "";
+
+async function loadAttachments() {
+  try {
+    attachments = await call("GET", "/v1/attachments");
+    attachError = "";
+  } catch (e) {
+    attachments = [];
+    attachError = e.message;
+  }
+  if (current() === "volumes") render();
+}
+
+function attachmentOf(v) {
+  return (attachments || []).find((a) => a.volume === v.id);
+}
+
+function attachDialog(v) {
+  const mode = h("select", { name: "mode" }, h("option", { value: "filesystem" }, "filesystem (mounted)"), h("option", { value: "block" }, "block device"));
+  const readOnly = h("input", { type: "checkbox", name: "readOnly" });
+  const status = h("div", { class: "muted", role: "status" });
+  const submit = h("button", { type: "submit", class: "primary" }, "Attach");
+  const form = h(
+    "form",
+    { novalidate: true },
+    field("Attach as", mode, "bicsi chooses the path: under its data directory on this node"),
+    h("div", { class: "field" }, h("label", {}, readOnly, " read-only")),
+    status,
+    h("div", { class: "buttons" }, h("button", { type: "button", onclick: () => dialog.close() }, "Cancel"), submit)
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    act(submit, async () => {
+      status.textContent = "attaching…";
+      let a;
+      try {
+        a = await retryingUnavailable(() => call("POST", `/v1/volumes/${encodeURIComponent(v.id)}/attach`, { mode: mode.value, readOnly: readOnly.checked }), status);
+      } finally {
+        status.textContent = "";
+      }
+      notice(`volume ${v.id} attached as ${a.mode === "block" ? "a block device" : "a filesystem"} at ${a.path}`);
+      dialog.close();
+      await loadAttachments();
+    });
+  });
+  const dialog = openDialog(`Attach volume ${v.id} on this node`, form);
+  mode.focus();
+}
+
+function detachVolume(v, button) {
+  act(button, async () => {
+    const d = await call("POST", `/v1/volumes/${encodeURIComponent(v.id)}/detach`);
+    notice(d.detached ? `volume ${v.id} detached from ${d.path}` : `volume ${v.id} was not attached`);
+    await loadAttachments();
+  });
+}
+
 // The backups in the target: asked for on demand (the target may be remote), not streamed.
 let backups = null;
 let backupsError = "";
@@ -630,6 +691,10 @@ function volumesPage() {
     backups = [];
     loadBackups();
   }
+  if (attachments === null) {
+    attachments = [];
+    loadAttachments();
+  }
   return [
     h("div", { class: "bar" }, h("h2", {}, "Volumes"), h("button", { type: "button", class: "primary", "data-key": "create-volume", onclick: createVolumeDialog }, "Create volume")),
     topicNote("volumes"),
@@ -651,7 +716,14 @@ function volumesPage() {
             ),
           ],
         ],
-        ["Attached to", (v) => (v.publication ? v.publication.nodeId : "—")],
+        [
+          "Attached to",
+          (v) => {
+            const a = attachmentOf(v);
+            if (!v.publication && !a) return "—";
+            return [v.publication ? v.publication.nodeId : "", a ? h("div", { class: "attach-path" }, `${a.mode}: `, h("span", { class: "mono" }, a.path)) : null];
+          },
+        ],
         [
           "Operations",
           (v) => {
@@ -661,14 +733,23 @@ function volumesPage() {
             backup.addEventListener("click", () => backupVolume(v, backup));
             const del = h("button", { type: "button", class: "danger", "data-key": `delete-volume-${v.id}` }, "Delete");
             del.addEventListener("click", () => deleteVolume(v, del));
-            return h("div", { class: "ops", "aria-label": `Operations of ${v.id}` }, snap, backup, del);
+            // Attached (here, by the UI or the CLI; or anywhere): Detach; else Attach. Where this
+            // server cannot attach, both are disabled with the reason as their title.
+            const attached = attachmentOf(v) || v.publication;
+            const toggle = attached
+              ? h("button", { type: "button", "data-key": `detach-${v.id}`, disabled: !!attachError, title: attachError || false }, "Detach")
+              : h("button", { type: "button", "data-key": `attach-${v.id}`, disabled: !!attachError, title: attachError || false }, "Attach");
+            toggle.addEventListener("click", () => (attached ? detachVolume(v, toggle) : attachDialog(v)));
+            return h("div", { class: "ops", "aria-label": `Operations of ${v.id}` }, toggle, snap, backup, del);
           },
         ],
       ],
       rows,
       "No volumes yet."
     ),
-    h("p", { class: "muted" }, "Attach and detach with the CLI on the node (bicsi volume attach NAME --mount PATH) or through Kubernetes: they need that machine's mounts."),
+    attachError
+      ? h("div", { class: "error attach-unavailable" }, h("span", { class: "error-text" }, `Attach and detach: ${attachError}`))
+      : h("p", { class: "muted" }, "Attach mounts a volume (or puts its block device) on the machine bicsi serve runs on, under its data directory; the CLI's attachments (bicsi volume attach) show here too, and either side detaches the other's."),
     h("h3", {}, "Snapshots"),
     topicNote("snapshots"),
     table(
@@ -880,6 +961,8 @@ function start() {
       } else if (name in data) {
         delete topicErrors[name];
         data[name] = value;
+        // An attach or detach changes a volume's publication: read the paths again.
+        if (name === "volumes" && attachments !== null) loadAttachments();
       }
       live.textContent = "live";
       live.classList.remove("down");

@@ -185,10 +185,12 @@ after(async () => {
   if (browser) await browser.close();
   if (b) {
     // Detach what a failed test left attached, before bicsi stops and its directory goes.
-    try {
-      cli("volume", "detach", "ui-vol");
-    } catch {
-      /* not attached */
+    for (const v of ["ui-vol", "ui-att"]) {
+      try {
+        cli("volume", "detach", v);
+      } catch {
+        /* not attached */
+      }
     }
     await b.stop();
     fs.rmSync(b.dir, { recursive: true, force: true });
@@ -517,6 +519,83 @@ test("clean up through the disk picker once no replica uses the file; the last c
   assert.equal(files(await image("bi-dl")).length, 1);
 });
 
+/** Whether `p` is a mount point now (/proc/self/mountinfo; this test runs as root beside bicsi). */
+function mounted(p) {
+  return fs
+    .readFileSync("/proc/self/mountinfo", "utf8")
+    .split("\n")
+    .some((l) => l.split(" ")[4] === p);
+}
+
+test("attach and detach from the page: a filesystem under bicsi's data directory, written through; the CLI's attachment shown and detached; a refusal shown", async () => {
+  const made = await fetch(`${b.url}/v1/volumes`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ name: "ui-att", size: "32Mi", parameters: { numberOfReplicas: "1" } }),
+  });
+  assert.equal(made.status, 201, await made.text());
+  await visit("volumes");
+  const vrow = page.locator("#volumes tbody tr", { hasText: "ui-att" });
+  await vrow.getByRole("button", { name: "Attach" }).click();
+  let dialog = page.locator("dialog[open]");
+  await dialog.getByLabel("Attach as").selectOption("filesystem");
+  await shot("volumes-attach");
+  await dialog.getByRole("button", { name: "Attach" }).click();
+  await dialog.waitFor({ state: "detached", timeout: 120000 });
+  const where = path.join(b.dir, "data", "attached", "ui-att", "mount");
+  await page.locator(".notice", { hasText: `attached as a filesystem at ${where}` }).waitFor();
+  await vrow.locator(".attach-path", { hasText: where }).waitFor();
+  await vrow.locator(".state-attached").waitFor();
+  const [a] = await api("/v1/attachments");
+  assert.deepEqual([a.volume, a.mode, a.path], ["ui-att", "filesystem", where]);
+  assert.ok(mounted(where), `${where} is mounted`);
+  // Written through the mount by this test, read back after a detach and a CLI attach below.
+  const written = crypto.randomBytes(MIB);
+  fs.writeFileSync(path.join(where, "from-the-test"), written);
+  await shot("volumes-attached-ui");
+  // The row with its path at a phone's width: no sideways scrolling.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await sleep(300);
+  const [scroll, width] = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+  assert.ok(scroll <= width, `volumes with an attachment: ${scroll} > ${width}`);
+  await shot("phone-volumes-attached");
+  await page.setViewportSize({ width: 1280, height: 800 });
+
+  // Detach from the page: the mount goes, the row says so.
+  await vrow.getByRole("button", { name: "Detach" }).click();
+  await page.locator(".notice", { hasText: `volume ui-att detached from ${where}` }).waitFor();
+  await vrow.getByRole("button", { name: "Attach" }).waitFor();
+  assert.ok(!mounted(where));
+  assert.deepEqual(await api("/v1/attachments"), []);
+
+  // Attached by the CLI at its own path: the page shows that path, and its Detach undoes it.
+  const cliMount = path.join(b.dir, "cli-mnt");
+  cli("volume", "attach", "ui-att", "--mount", cliMount);
+  assert.ok(fs.readFileSync(path.join(cliMount, "from-the-test")).equals(written), "the bytes written through the UI's attach");
+  await vrow.locator(".attach-path", { hasText: cliMount }).waitFor({ timeout: 30000 });
+  await vrow.getByRole("button", { name: "Detach" }).click();
+  await vrow.getByRole("button", { name: "Attach" }).waitFor({ timeout: 30000 });
+  assert.ok(!mounted(cliMount));
+  assert.match(cli("volume", "detach", "ui-att"), /nothing to detach/);
+
+  // A refusal shown: the CLI attaches the volume as a block device while the dialog is open.
+  await vrow.getByRole("button", { name: "Attach" }).click();
+  dialog = page.locator("dialog[open]");
+  const dev = path.join(b.dir, "ui-att.block");
+  cli("volume", "attach", "ui-att", "--block", dev);
+  await dialog.getByRole("button", { name: "Attach" }).click();
+  const err = dialog.locator(".dialog-errors .error", { hasText: `attached at ${dev}` });
+  await err.waitFor({ timeout: 30000 });
+  await shot("volumes-attach-refused");
+  await dialog.getByRole("button", { name: "Cancel" }).click();
+  await vrow.locator(".attach-path", { hasText: dev }).waitFor({ timeout: 30000 });
+  await vrow.getByRole("button", { name: "Detach" }).click();
+  await vrow.getByRole("button", { name: "Attach" }).waitFor({ timeout: 30000 });
+  assert.ok(!fs.existsSync(dev));
+  await vrow.getByRole("button", { name: "Delete" }).click();
+  await vrow.waitFor({ state: "detached" });
+});
+
 test("nodes and disks: up, free space, manager running", async () => {
   await visit("nodes");
   const n = page.locator("#nodes tbody tr", { hasText: "ui-node" });
@@ -642,6 +721,19 @@ test("the split mode's controller serves the same page: its node and disk, a dow
     await p.goto(`${ctlUrl}/?split#/nodes`);
     await p.locator("#nodes tbody tr", { hasText: "split-n1" }).locator(".state-up").waitFor({ timeout: 30000 });
     await p.locator("#disks tbody tr", { hasText: "split-n1" }).waitFor();
+    // The controller runs no node: the volumes page says why it cannot attach, and its
+    // buttons are disabled with that reason.
+    const vol = await fetch(`${ctlUrl}/v1/volumes`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ name: "split-vol", size: "16Mi", parameters: { numberOfReplicas: "1" } }),
+    });
+    assert.equal(vol.status, 201, await vol.text());
+    await p.goto(`${ctlUrl}/?split1#/volumes`);
+    await p.locator(".attach-unavailable", { hasText: "split mode" }).waitFor();
+    const attachButton = p.locator("#volumes tbody tr", { hasText: "split-vol" }).getByRole("button", { name: "Attach" });
+    assert.ok(await attachButton.isDisabled());
+    assert.match(await attachButton.getAttribute("title"), /split mode/);
     // A cluster's downloads may not reach loopback by default (the download guard); this
     // test's image server is there, so open the hole an operator would.
     const hole = await fetch(`${ctlUrl}/v1/settings/backing-image-download-allowed-networks`, {
