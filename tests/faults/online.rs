@@ -159,9 +159,10 @@ async fn a_replica_whose_disk_filled_is_rebuilt_online_while_fio_writes_and_veri
         log.contains("online rebuild started in the mirror engine"),
         "{log}"
     );
+    let v = record(&t.s);
     assert!(
-        record(&t.s)["publication"].is_object(),
-        "detached meanwhile"
+        v["record"]["publication"].is_object(),
+        "detached meanwhile: {v}"
     );
     assert_eq!(record(&t.s)["health"], "healthy", "{}", record(&t.s));
     // What the last fio run wrote reads back, then the two replicas are byte-identical at rest.
