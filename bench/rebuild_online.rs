@@ -3,14 +3,15 @@
 //! 4k write IOPS while it runs against the healthy figure. One `bicsi serve` with two XFS disks
 //! (reflink=1, each on a loop device of its own, so the engine is `mirror`), a block volume of
 //! --size with a quarter of it written (the image's first bytes) through the attached volume.
-//! Each run: fio random write 4k at depth 32 over the written quarter for 5 s (healthy); the
-//! first disk filled and 16 MiB written into a hole of the volume (the engine drops that disk's
-//! replica: err); the disk's filler removed and, at once, the same fio job started for 30 s with
-//! its IOPS logged every 100 ms, while the reconcile pass rebuilds the replica online (wo, then
-//! rw; the record polled every 50 ms); the IOPS of the samples inside the wo window against the
-//! healthy figure; the rebuild's time as bicsi logs it (from the target's file being made to the
-//! replica in place) against `cp --sparse=always` of the source replica's file onto the first
-//! disk (and the same with `sync`). It must not touch anything outside its own directory of the
+//! Each run: fio random write 4k at depth 32 over the written quarter for 5 s (healthy); then
+//! twice the first disk filled and 16 MiB written into a hole of the volume (the engine drops
+//! that disk's replica: err) and the filler removed: once with nothing else running (the
+//! rebuild's own time, as bicsi logs it from the target's file being made to the replica in
+//! place, against `cp --sparse=always` of the source replica's file onto the first disk, and the
+//! same with `sync`), once with the same fio job started at once for 30 s, its IOPS logged every
+//! 100 ms, while the record is polled every 50 ms (the IOPS of the samples inside the wo window
+//! against the healthy figure). The first disk's space held by the replicas the engine dropped
+//! is freed when the engine stops. It must not touch anything outside its own directory of the
 //! work dir.
 
 use super::*;
@@ -50,6 +51,78 @@ pub(crate) async fn rebuild_online(b: &Bench, checks: &mut Checks) -> Res<Vec<Ro
     drop(guard);
     result?;
     Ok(vec![])
+}
+
+/// Fills the disk at `small`, writes 16 MiB of random data at MiB `seek` of the volume (a hole:
+/// its replica on that disk fails the write and the engine drops it), waits for it to be err and
+/// makes room again.
+async fn make_err(
+    serve: &Serve,
+    vol: &str,
+    replica: &str,
+    small: &Path,
+    dev: &str,
+    seek: u64,
+) -> Res<()> {
+    let st = nix::sys::statvfs::statvfs(small)?;
+    let avail = st.blocks_available() * st.fragment_size();
+    let filler = small.join("filler");
+    capture_checked(
+        "fallocate",
+        &[
+            "-l",
+            &avail.saturating_sub(MIB).to_string(),
+            &filler.display().to_string(),
+        ],
+    )
+    .await?;
+    capture_checked(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={dev}"),
+            "bs=1M",
+            "count=16",
+            &format!("seek={seek}"),
+            "oflag=direct",
+            "conv=fsync,notrunc",
+            "status=none",
+        ],
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mode_of(&volume_record(serve, vol).await?, replica) != "err" {
+        if Instant::now() > deadline {
+            return Err("rebuild-online: the replica on the full disk never turned err".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_file(&filler)?;
+    Ok(())
+}
+
+/// Polls the record every 50 ms until `replica` is rw again: (when it was first seen wo, when
+/// rw), measured from `t0`.
+async fn wait_rebuilt(
+    serve: &Serve,
+    vol: &str,
+    replica: &str,
+    t0: Instant,
+) -> Res<(Duration, Duration)> {
+    let mut wo_at = None;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        let m = mode_of(&volume_record(serve, vol).await?, replica);
+        if m == "wo" && wo_at.is_none() {
+            wo_at = Some(t0.elapsed());
+        }
+        if m == "rw" {
+            let rw = t0.elapsed();
+            return Ok((wo_at.unwrap_or(rw), rw));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("rebuild-online: the replica did not turn rw within 180 s".into())
 }
 
 /// A replica's mode in a `GET /v1/volumes` record.
@@ -183,41 +256,29 @@ async fn online_runs(
     for run in 0..b.runs {
         let healthy = job.run(&target_s).await?;
         healthy_iops.push(healthy.iops);
-        // The first disk full, then a write into a hole of the volume: its replica fails it.
-        let st = nix::sys::statvfs::statvfs(small)?;
-        let avail = st.blocks_available() * st.fragment_size();
-        let filler = small.join("filler");
-        capture_checked(
-            "fallocate",
-            &[
-                "-l",
-                &avail.saturating_sub(MIB).to_string(),
-                &filler.display().to_string(),
-            ],
+        // Idle: the rebuild's own time, against cp of the same file.
+        make_err(
+            serve,
+            &vol,
+            &victim_id,
+            small,
+            &target_s,
+            (len / 2) / MIB + run as u64 * 64,
         )
         .await?;
-        capture_checked(
-            "dd",
-            &[
-                "if=/dev/urandom",
-                &format!("of={target_s}"),
-                "bs=1M",
-                "count=16",
-                &format!("seek={}", (len / 2) / MIB + run as u64 * 32),
-                "oflag=direct",
-                "conv=fsync,notrunc",
-                "status=none",
-            ],
+        let (wo, rw) = wait_rebuilt(serve, &vol, &victim_id, Instant::now()).await?;
+        let idle_ms = last_took_ms(&serve.log_text()).unwrap_or((rw - wo).as_millis() as u64);
+        ours.push(Duration::from_millis(idle_ms));
+        // Under fio: the volume's IOPS while the rebuild runs.
+        make_err(
+            serve,
+            &vol,
+            &victim_id,
+            small,
+            &target_s,
+            (len / 2) / MIB + run as u64 * 64 + 32,
         )
         .await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while mode_of(&volume_record(serve, &vol).await?, &victim_id) != "err" {
-            if Instant::now() > deadline {
-                return Err("rebuild-online: the replica on the full disk never turned err".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        std::fs::remove_file(&filler)?;
         let iops_prefix = dir.join(format!("fio-{run}"));
         let mut args = FioJob {
             runtime: Some(30),
@@ -234,25 +295,10 @@ async fn online_runs(
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
             capture_checked("fio", &argv).await.map(|_| ())
         });
-        let (mut wo_at, mut rw_at) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while rw_at.is_none() && Instant::now() < deadline {
-            let m = mode_of(&volume_record(serve, &vol).await?, &victim_id);
-            if m == "wo" && wo_at.is_none() {
-                wo_at = Some(fio_started.elapsed());
-            }
-            if m == "rw" {
-                rw_at = Some(fio_started.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (wo, rw) = wait_rebuilt(serve, &vol, &victim_id, fio_started).await?;
         fio.await??;
-        let (Some(wo), Some(rw)) = (wo_at.or(rw_at), rw_at) else {
-            return Err("rebuild-online: the replica did not turn rw within 120 s".into());
-        };
-        window.push(rw - wo);
         let took = last_took_ms(&serve.log_text()).unwrap_or((rw - wo).as_millis() as u64);
-        ours.push(Duration::from_millis(took));
+        window.push(Duration::from_millis(took));
         let log = PathBuf::from(format!("{}_iops.1.log", iops_prefix.display()));
         let during = mean_iops(&log, wo.as_millis() as u64, rw.as_millis() as u64);
         if let Some((iops, _)) = during {
@@ -285,10 +331,10 @@ async fn online_runs(
         }
         let _ = std::fs::remove_file(&copy);
         println!(
-            "  run {run}: rebuild {:.3} s (wo→rw seen {:.3} s), cp {:.3} s, cp + sync {:.3} s; fio \
+            "  run {run}: rebuild {:.3} s idle, {:.3} s under fio; cp {:.3} s, cp + sync {:.3} s; fio \
              rand write 4k qd32: healthy {:.0} IOPS, during the rebuild {} ({} samples)",
+            idle_ms as f64 / 1000.0,
             took as f64 / 1000.0,
-            (rw - wo).as_secs_f64(),
             cp.0.last().copied().unwrap_or_default(),
             cp_sync.0.last().copied().unwrap_or_default(),
             healthy.iops,
@@ -305,7 +351,7 @@ async fn online_runs(
     };
     let (h, d) = (med(healthy_iops), med(during_iops));
     println!(
-        "rebuild-online: source replica {} allocated; bicsi online rebuild {} (wo→rw {}) | cp \
+        "rebuild-online: source replica {} allocated; bicsi online rebuild {} (under fio {}) | cp \
          --sparse=always {} | cp + sync {} | ratio {:.2}x (to cp), {:.2}x (to cp + sync); fio \
          rand write 4k qd32 median: healthy {h:.0} IOPS, during the rebuild {d:.0} IOPS \
          ({:.2}x); load average {}",
