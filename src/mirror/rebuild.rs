@@ -480,6 +480,10 @@ fn compare_chunk(
         }
         dst.read_at(&mut b[..len], s)
             .map_err(|e| format!("reading the target at {s}: {e}"))?;
+        // memcmp first; the byte-by-byte search only names the offset of a difference.
+        if a[..len] == b[..len] {
+            continue;
+        }
         if let Some(i) = a[..len].iter().zip(&b[..len]).position(|(x, y)| x != y) {
             return Err(format!(
                 "the verification found the target different from {} at byte {}",
