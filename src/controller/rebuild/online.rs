@@ -169,7 +169,21 @@ impl Controller {
                 .find(|d| d.disk.id == target.disk_id)
                 .map(|d| d.free_bytes)
                 .unwrap_or(0);
-            if free < volume.spec.capacity_bytes {
+            // A target the engine still holds (bicsi was killed during its rebuild) has its
+            // space already: it is kept, not made again.
+            let held = match self.cluster.agent(&node) {
+                Ok(agent) => agent
+                    .online_rebuild_status(&volume.id, &target)
+                    .await
+                    .is_ok_and(|s| {
+                        matches!(
+                            s.state.as_str(),
+                            "copying" | "verifying" | "complete" | "promoted"
+                        )
+                    }),
+                Err(_) => false,
+            };
+            if !held && free < volume.spec.capacity_bytes {
                 return Err(Error::ResourceExhausted(format!(
                     "disk {} has {free} bytes free, less than volume {:?}'s {} bytes: the online \
                      rebuild of replica {} waits for room",
