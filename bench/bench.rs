@@ -71,6 +71,7 @@ mod engines;
 mod fio;
 mod images;
 mod rebuild;
+mod rebuild_online;
 mod results;
 mod sync_cross;
 mod sync_same_node;
@@ -172,6 +173,10 @@ enum PathName {
     /// A replica rebuilt by hand (detached 2-replica volume of --size, a quarter written) vs
     /// `cp --sparse=always` of the source replica's file, and the same with `sync` (issue 15).
     Rebuild,
+    /// A replica of an attached 2-replica mirror volume (two XFS disks) made err by its disk
+    /// filling and rebuilt online vs `cp --sparse=always` of the source replica's file, and fio
+    /// random write 4k IOPS during the rebuild vs healthy (issue 15).
+    RebuildOnline,
     /// bicsi's own mirror engine started by hand with its knobs: two raw replicas on two XFS
     /// disks, same jobs.
     VolumeIoMirrorTuned,
@@ -195,6 +200,7 @@ impl PathName {
                         | PathName::VolumeIoLoopRaw
                         | PathName::VolumeIoLoop
                         | PathName::Rebuild
+                        | PathName::RebuildOnline
                         | PathName::VolumeIoMirrorTuned
                         | PathName::VolumeIoMirror
                 )
@@ -434,6 +440,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::VolumeIoLoopRaw => engines::loop_raw(b, checks).await,
         PathName::VolumeIoLoop => engines::loop_engine(b, checks).await,
         PathName::Rebuild => rebuild::rebuild(b, checks).await,
+        PathName::RebuildOnline => rebuild_online::rebuild_online(b, checks).await,
         PathName::VolumeIoMirrorTuned => engines::mirror_tuned(b, checks).await,
         PathName::VolumeIoMirror => engines::mirror_engine(b, checks).await,
     }

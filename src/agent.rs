@@ -18,6 +18,42 @@ use crate::os::{ImageFormat, Os, ReplicaExport, ReplicaTarget};
 use crate::snapshot::{GroupMember, SnapshotFile};
 use crate::store::{Kind, Store, StoreExt};
 
+/// Where an online rebuild of a replica is, as the node's mirror engine says (issue 15).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OnlineRebuild {
+    /// copying, verifying, complete (filled and verified, not yet in place), promoted (renamed
+    /// into place and a replica of the engine), failed, or missing (the engine has no such
+    /// target: it was restarted, or the volume detached).
+    pub state: String,
+    /// Bytes of the source's data done in the current pass (copy, then verification), and in all.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl OnlineRebuild {
+    pub fn missing() -> OnlineRebuild {
+        OnlineRebuild {
+            state: "missing".into(),
+            done_bytes: 0,
+            total_bytes: 0,
+            error: None,
+        }
+    }
+}
+
+/// The temporary name of a replica's file while an online rebuild fills it: beside its final
+/// name (so the rename is atomic), never the final name before it is complete and verified.
+pub fn online_target_path(replica: &Replica) -> PathBuf {
+    let name = replica
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    replica.path.with_file_name(format!("{name}.online"))
+}
+
 /// A disk that can take replicas, with the bytes it has free.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpace {
@@ -169,6 +205,47 @@ pub trait Agent: Send + Sync {
         Err(Error::FailedPrecondition(
             "this node agent cannot rebuild a replica from another node; upgrade it".into(),
         ))
+    }
+    /// Starts the online rebuild of `replica` (of this node) in the mirror engine that serves
+    /// `volume_id` here: its file is made under a temporary name ([`online_target_path`]) as a
+    /// reflink clone of its disk's raw file of `backing_image` (or a sparse file of `size`), and
+    /// the engine adds it write-only and fills it. Idempotent: a target the engine still has
+    /// (filling, complete or promoted) is kept, since it got every write since it was added.
+    async fn start_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<()> {
+        let _ = (volume_id, replica, size, backing_image);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot rebuild a replica online; upgrade it".into(),
+        ))
+    }
+    /// Where the online rebuild of `replica` is.
+    async fn online_rebuild_status(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+    ) -> Result<OnlineRebuild> {
+        let _ = (volume_id, replica);
+        Ok(OnlineRebuild::missing())
+    }
+    /// Ends a complete online rebuild: the file is renamed to the replica's path, the engine
+    /// makes it one of its replicas, and the run directory and the node's stage record list it.
+    /// Idempotent. FailedPrecondition when the engine does not say complete (or promoted).
+    async fn finish_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+        let _ = (volume_id, replica);
+        Err(Error::FailedPrecondition(
+            "this node agent cannot rebuild a replica online; upgrade it".into(),
+        ))
+    }
+    /// Has the engine forget the target of `replica` and removes its temporary file; Ok when
+    /// there is none.
+    async fn cancel_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+        let _ = (volume_id, replica);
+        Ok(())
     }
 }
 
@@ -618,6 +695,164 @@ impl Agent for LocalAgent {
     async fn delete_snapshot_files(&self, files: &[SnapshotFile]) -> Result<()> {
         let files = files.to_vec();
         blocking(move || files.iter().try_for_each(crate::snapshot::remove)).await
+    }
+
+    async fn start_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<()> {
+        let run_dir = engine_dir(&self.data_dir, volume_id);
+        let tmp = online_target_path(replica);
+        let serving = {
+            let run_dir = run_dir.clone();
+            blocking(move || Ok(crate::os::engine::mirror::serving(&run_dir))).await?
+        };
+        if !serving {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id:?} is not served by a mirror engine on node {:?}; its replica \
+                 {} is rebuilt offline once it is detached",
+                self.node_id, replica.id
+            )));
+        }
+        let status = self.online_rebuild_status(volume_id, replica).await?;
+        match status.state.as_str() {
+            "copying" | "verifying" | "complete" | "promoted" => return Ok(()),
+            _ => self.cancel_online_rebuild(volume_id, replica).await?,
+        }
+        let disk = self.disk(&replica.disk_id)?.clone();
+        let backing = match backing_image {
+            Some(image) => {
+                self.files.ensure_file(image, &replica.disk_id).await?;
+                Some(self.image_file(image, &disk)?.ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "backing image {image:?} is being prepared on disk {}",
+                        disk.id
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        let os = self.os.clone();
+        let mut target = replica.clone();
+        target.path = tmp.clone();
+        let tmp_dir = disk.path.join("tmp");
+        let id = volume_id.to_string();
+        blocking(move || {
+            if let Some(dir) = target.path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Error::Internal(format!("replica {}: cannot create {}: {e}", target.id, dir.display()))
+                })?;
+            }
+            let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+            crate::replica_file::create(&os, &target, size, b, &tmp_dir)?;
+            crate::os::engine::mirror::add_target(&run_dir, &target.path).map_err(|e| {
+                let _ = std::fs::remove_file(&target.path);
+                Error::from(e)
+            })?;
+            tracing::info!(volume = %id, replica = %target.id, file = %target.path.display(), "online rebuild started in the mirror engine");
+            Ok(())
+        })
+        .await
+    }
+
+    async fn online_rebuild_status(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+    ) -> Result<OnlineRebuild> {
+        let run_dir = engine_dir(&self.data_dir, volume_id);
+        let (tmp, path) = (online_target_path(replica), replica.path.clone());
+        blocking(move || {
+            if !crate::os::engine::mirror::serving(&run_dir) {
+                return Ok(OnlineRebuild::missing());
+            }
+            let targets = crate::os::engine::mirror::targets(&run_dir)?;
+            Ok(targets
+                .into_iter()
+                .filter(|t| t.path == tmp || t.name == path)
+                .map(|t| OnlineRebuild {
+                    state: t.state,
+                    done_bytes: t.done,
+                    total_bytes: t.total,
+                    error: t.error,
+                })
+                // A failed one and a new one: the new one.
+                .min_by_key(|s| s.state == "failed")
+                .unwrap_or_else(OnlineRebuild::missing))
+        })
+        .await
+    }
+
+    async fn finish_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+        let status = self.online_rebuild_status(volume_id, replica).await?;
+        if !matches!(status.state.as_str(), "complete" | "promoted") {
+            return Err(Error::FailedPrecondition(format!(
+                "the online rebuild of replica {} is {}{}, not complete",
+                replica.id,
+                status.state,
+                status.error.map(|e| format!(" ({e})")).unwrap_or_default()
+            )));
+        }
+        let run_dir = engine_dir(&self.data_dir, volume_id);
+        let (tmp, path) = (online_target_path(replica), replica.path.clone());
+        let local = self.node_records.clone();
+        let id = volume_id.to_string();
+        blocking(move || {
+            use crate::os::engine::mirror;
+            if status.state == "complete" {
+                // The temporary file is gone only once renamed: the engine holds the target, so
+                // nothing else removes it (see `start_online_rebuild`).
+                if tmp.exists() {
+                    std::fs::rename(&tmp, &path).map_err(|e| {
+                        Error::Internal(format!(
+                            "renaming {} to {}: {e}",
+                            tmp.display(),
+                            path.display()
+                        ))
+                    })?;
+                    if let Some(dir) = path.parent() {
+                        std::fs::File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(|e| {
+                                Error::Internal(format!("fsync of {}: {e}", dir.display()))
+                            })?;
+                    }
+                }
+                mirror::promote(&run_dir, &tmp, &path)?;
+            }
+            mirror::record_added(&run_dir, &path)?;
+            // The node's stage record: a repair of the stage compares the live engine's
+            // replicas with these.
+            if let Some(mut rec) = local.get::<NodeVolume>(Kind::NodeVolume, &id)? {
+                let t = ReplicaTarget::Local(path.clone());
+                if !rec.targets.contains(&t) {
+                    rec.targets.push(t);
+                    rec.replicas.push(path.clone());
+                    local.put(Kind::NodeVolume, &id, &rec)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn cancel_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+        let run_dir = engine_dir(&self.data_dir, volume_id);
+        let tmp = online_target_path(replica);
+        blocking(move || {
+            if crate::os::engine::mirror::serving(&run_dir) {
+                crate::os::engine::mirror::drop_target(&run_dir, &tmp)?;
+            }
+            match std::fs::remove_file(&tmp) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::Internal(format!("removing {}: {e}", tmp.display()))),
+            }
+        })
+        .await
     }
 
     async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {

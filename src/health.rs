@@ -8,7 +8,8 @@
 //!               write failed / connection dropped / found behind / disk gone
 //!        ┌──── rw ─────────────────────────────────────────────────────┐
 //!        │     ▲                                                         ▼
-//!        │     │ rebuild verified (qemu-img compare identical)          err ◄──┐
+//!        │     │ rebuild verified (qemu-img compare, or the mirror      err ◄──┐
+//!        │     │ engine's own verification when rebuilt online)          │     │
 //!        │     │                                                         │     │ copy failed,
 //!        │     └──────────────────── wo ◄────────────────────────────────┘     │ killed, or
 //!        │                           │          rebuild starts                 │ a write failed
@@ -54,6 +55,11 @@
 //!   same in each of them, so whichever replica missed a write, reading it returns what the
 //!   others return (a missed write that did not change any byte changed nothing to read). The
 //!   comparison runs before the engine starts, so nothing reads a replica in between.
+//! - an online rebuild (mirror engine, `crate::controller::rebuild::online`): the engine never
+//!   reads its target while it is filled or verified, reads it only after `promote` (filled,
+//!   verified identical, renamed into place), and the record makes it rw only after that; a
+//!   fault recorded for the replica before its rebuild began (the engine's fault file lives as
+//!   long as the engine) is not applied to the rebuilt replica, one recorded after is.
 
 use serde::{Deserialize, Serialize};
 

@@ -26,10 +26,17 @@
 //! prints the healthy replicas. Between the two the replicas do not change, so each can be
 //! cloned (FICLONE) as one instant of the volume.
 //!
+//! Online rebuild (`rebuild`, issue 15): `add PATH` takes a new replica file while serving, writes
+//! it from then on, fills and verifies it in a copier thread; `targets` prints each one's state
+//! and progress (also on `status`), `promote PATH FINAL` makes a complete one a replica under
+//! its final name once the node agent renamed it, `drop PATH` forgets one. The argument that a
+//! copy of old data never lands over a newer write is in `rebuild`'s module doc.
+//!
 //! It must not resize (the replicas grow offline; the file's size is the replicas' at start),
 //! must not touch loop devices or mounts other than its own export, and keeps no state that is
 //! not in its command line, its pid file or the fault file: re-adoption after a restart of bicsi
-//! reads those (`crate::os::engine::mirror`).
+//! reads those (`crate::os::engine::mirror`), and the replicas promoted by online rebuilds from
+//! the run directory's `added.json`, which the node agent writes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -49,6 +56,10 @@ use fuser::{
 
 use crate::os::ReplicaTarget;
 use crate::os::engine::events::FaultRecord;
+
+mod rebuild;
+
+pub use rebuild::TargetState;
 
 /// The FUSE file system's source name (mountinfo): how a loop device knows the file is ours.
 pub const FS_NAME: &str = "bicsi-mirror";
@@ -87,9 +98,60 @@ struct Replica {
     healthy: Arc<AtomicBool>,
 }
 
+/// The replica I/O the engine does, in one place.
+impl Replica {
+    fn open(path: &Path, read_only: bool) -> std::io::Result<(Replica, u64)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("opening replica {}: {e}", path.display()))
+            })?;
+        let len = file.metadata()?.len();
+        let replica = Replica {
+            path: path.to_path_buf(),
+            file,
+            healthy: Arc::new(AtomicBool::new(true)),
+        };
+        Ok((replica, len))
+    }
+
+    /// Fills `buf` from `offset`; zeros past the end of the file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        read_full(&self.file, buf, offset)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// fallocate(2) with `flags` (a punch or a zeroing that keeps the size).
+    fn discard(
+        &self,
+        flags: nix::fcntl::FallocateFlags,
+        offset: u64,
+        length: u64,
+    ) -> std::io::Result<()> {
+        nix::fcntl::fallocate(&self.file, flags, offset as i64, length as i64)
+            .map_err(std::io::Error::from)
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The data extents of the file within `[from, to)`.
+    fn data_extents(&self, from: u64, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
+        crate::sync::extents_in(&self.file, from, to)
+    }
+}
+
 /// The volume the FUSE file shows.
 struct Mirror {
-    replicas: Vec<Replica>,
+    replicas: Arc<Vec<Replica>>,
+    /// Replicas added while serving (online rebuilds).
+    targets: Arc<rebuild::Targets>,
     size: u64,
     read_only: bool,
     direct_io: bool,
@@ -147,16 +209,21 @@ impl Mirror {
         if !r.healthy.swap(false, Ordering::AcqRel) {
             return;
         }
+        self.record_fault(&r.path, operation, error);
+    }
+
+    /// Says why the replica `replica` was dropped and appends it, fsync'ed, to the fault file.
+    fn record_fault(&self, replica: &Path, operation: &str, error: &std::io::Error) {
         let reason = format!(
             "the mirror engine dropped replica {} after a failed {operation}: {error}",
-            r.path.display()
+            replica.display()
         );
         eprintln!("bicsi mirror: {reason}");
         let Some(path) = &self.faults else {
             return;
         };
         let record = FaultRecord {
-            target: ReplicaTarget::Local(r.path.clone()),
+            target: ReplicaTarget::Local(replica.to_path_buf()),
             reason,
             at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -178,16 +245,19 @@ impl Mirror {
         }
     }
 
-    /// Runs `op` on every healthy replica (in parallel when `parallel`); drops the replicas that
-    /// failed when at least one succeeded; the error when none did.
+    /// Runs `op` on every healthy replica (in parallel when `parallel`), then on the targets
+    /// of online rebuilds; drops the replicas that failed when at least one succeeded; the
+    /// error when none did. A target that fails is dropped and never fails the request, unless
+    /// it is a promoted one, which counts as a replica.
     fn on_all(
         &self,
         operation: &str,
         parallel: bool,
-        op: impl Fn(&File) -> std::io::Result<()> + Sync,
+        op: impl Fn(&Replica) -> std::io::Result<()> + Sync,
     ) -> Result<(), Errno> {
+        let extra = self.targets.written();
         let targets: Vec<(usize, &Replica)> = self.healthy().collect();
-        if targets.is_empty() {
+        if targets.is_empty() && !extra.iter().any(|t| t.promoted()) {
             return Err(Errno::EIO);
         }
         let results: Vec<(usize, std::io::Result<()>)> = if parallel && targets.len() > 1 {
@@ -196,10 +266,10 @@ impl Mirror {
                     .iter()
                     .map(|(i, r)| {
                         let op = &op;
-                        (*i, s.spawn(move || op(&r.file)))
+                        (*i, s.spawn(move || op(r)))
                     })
                     .collect();
-                let mut out = vec![(targets[0].0, op(&targets[0].1.file))];
+                let mut out = vec![(targets[0].0, op(targets[0].1))];
                 for (i, h) in handles {
                     out.push((
                         i,
@@ -210,9 +280,17 @@ impl Mirror {
                 out
             })
         } else {
-            targets.iter().map(|(i, r)| (*i, op(&r.file))).collect()
+            targets.iter().map(|(i, r)| (*i, op(r))).collect()
         };
-        let ok = results.iter().any(|(_, r)| r.is_ok());
+        let extra: Vec<_> = extra
+            .into_iter()
+            .map(|t| {
+                let r = op(&t.replica);
+                (t, r)
+            })
+            .collect();
+        let ok = results.iter().any(|(_, r)| r.is_ok())
+            || extra.iter().any(|(t, r)| t.promoted() && r.is_ok());
         if !ok {
             let first = results
                 .iter()
@@ -226,6 +304,19 @@ impl Mirror {
                 self.drop_replica(*i, operation, e);
             }
         }
+        for (t, r) in &extra {
+            if let Err(e) = r {
+                let why = format!("a {operation} failed: {e}");
+                if t.fail(why.clone()) == Some(true) {
+                    self.record_fault(&t.name(), operation, e);
+                } else {
+                    eprintln!(
+                        "bicsi mirror: dropped rebuild target {}: {why}",
+                        t.replica.path.display()
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -234,9 +325,20 @@ impl Mirror {
         let len = end.saturating_sub(offset) as usize;
         let mut buf = vec![0u8; len];
         for (i, r) in self.healthy() {
-            match read_full(&r.file, &mut buf, offset) {
+            match r.read_at(&mut buf, offset) {
                 Ok(()) => return Ok(buf),
                 Err(e) => self.drop_replica(i, "read", &e),
+            }
+        }
+        // A target is read only once promoted (filled, verified and renamed into place).
+        for t in self.targets.written().iter().filter(|t| t.promoted()) {
+            match t.replica.read_at(&mut buf, offset) {
+                Ok(()) => return Ok(buf),
+                Err(e) => {
+                    if t.fail(format!("a read failed: {e}")).is_some() {
+                        self.record_fault(&t.name(), "read", &e);
+                    }
+                }
             }
         }
         Err(Errno::EIO)
@@ -359,8 +461,9 @@ impl Filesystem for Mirror {
             return reply.error(Errno::ENOSPC);
         }
         let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
-        match self.on_all("write", data.len() >= PARALLEL_WRITE, |f| {
-            f.write_all_at(data, offset)
+        let _chunks = self.targets.lock_range(offset, data.len() as u64);
+        match self.on_all("write", data.len() >= PARALLEL_WRITE, |r| {
+            r.write_at(data, offset)
         }) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
@@ -390,7 +493,7 @@ impl Filesystem for Mirror {
         if self.read_only {
             return reply.ok();
         }
-        match self.on_all("fsync", true, |f| f.sync_data()) {
+        match self.on_all("fsync", true, Replica::sync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -406,7 +509,7 @@ impl Filesystem for Mirror {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        use nix::fcntl::{FallocateFlags, fallocate};
+        use nix::fcntl::FallocateFlags;
         if self.read_only {
             return reply.error(Errno::EROFS);
         }
@@ -418,9 +521,8 @@ impl Filesystem for Mirror {
             return reply.error(Errno::EOPNOTSUPP);
         }
         let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
-        match self.on_all("discard", false, |f| {
-            fallocate(f, flags, offset as i64, length as i64).map_err(std::io::Error::from)
-        }) {
+        let _chunks = self.targets.lock_range(offset, length);
+        match self.on_all("discard", false, |r| r.discard(flags, offset, length)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -428,7 +530,7 @@ impl Filesystem for Mirror {
 }
 
 /// Serves the control socket: `pause` (holds new writes until `resume` or the connection
-/// closes), `resume`, `status`.
+/// closes), `resume`, `status`, and the online rebuild's `add`, `targets`, `promote`, `drop`.
 fn serve_control(mirror: Arc<MirrorShared>, listener: UnixListener) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
@@ -441,6 +543,82 @@ fn serve_control(mirror: Arc<MirrorShared>, listener: UnixListener) {
 struct MirrorShared {
     pause: Arc<RwLock<()>>,
     replicas: Vec<(PathBuf, Arc<AtomicBool>)>,
+    sources: Arc<Vec<Replica>>,
+    targets: Arc<rebuild::Targets>,
+    size: u64,
+    read_only: bool,
+}
+
+impl MirrorShared {
+    /// `add PATH`: opens the target, installs it while no write is in flight (the pause lock
+    /// held exclusively, see `rebuild`) and starts its copier.
+    fn add(&self, path: &Path) -> Result<String, String> {
+        if self.read_only {
+            return Err("the engine serves its volume read only; nothing to rebuild".into());
+        }
+        if self.replicas.iter().any(|(p, _)| p == path) {
+            return Err(format!(
+                "{} is one of the engine's replicas; add a new file (a temporary name)",
+                path.display()
+            ));
+        }
+        if let Some(t) = self.targets.find(path) {
+            if t.written() {
+                return Ok(format!("ok adding {} (already)", path.display()));
+            }
+            self.targets.remove(&t);
+        }
+        let (replica, len) = Replica::open(path, false).map_err(|e| e.to_string())?;
+        if len != self.size {
+            return Err(format!(
+                "{} has {len} bytes but the volume has {}; make the target the volume's size",
+                path.display(),
+                self.size
+            ));
+        }
+        let target = Arc::new(rebuild::Target::new(replica));
+        {
+            let _no_write_in_flight = self.pause.write().unwrap_or_else(|e| e.into_inner());
+            self.targets.push(target.clone());
+        }
+        let (sources, targets, size) = (self.sources.clone(), self.targets.clone(), self.size);
+        std::thread::spawn(move || rebuild::fill(sources, targets, target, size));
+        eprintln!("bicsi mirror: rebuilding {} online", path.display());
+        Ok(format!("ok adding {}", path.display()))
+    }
+
+    /// `promote PATH FINAL`: a complete target, renamed to FINAL by the node agent, becomes a
+    /// replica (read when the others fail; its faults recorded as FINAL's).
+    fn promote(&self, path: &Path, name: &Path) -> Result<String, String> {
+        let t = self
+            .targets
+            .find(path)
+            .ok_or_else(|| format!("no rebuild target {}", path.display()))?;
+        match t.promote(name) {
+            Ok(()) => Ok(format!("ok promoted {}", name.display())),
+            Err(state) => Err(format!(
+                "target {} is {}, not complete; promote it once `targets` says complete",
+                path.display(),
+                state.as_str()
+            )),
+        }
+    }
+
+    fn drop_target(&self, path: &Path) -> String {
+        match self.targets.find(path) {
+            Some(t) => {
+                t.fail("dropped by the node agent".into());
+                self.targets.remove(&t);
+                format!("ok dropped {}", path.display())
+            }
+            None => format!("ok dropped {} (not a target)", path.display()),
+        }
+    }
+
+    fn targets_json(&self) -> String {
+        serde_json::Value::Array(self.targets.all().iter().map(|t| t.status()).collect())
+            .to_string()
+    }
 }
 
 fn control_session(shared: &MirrorShared, conn: UnixStream) {
@@ -466,10 +644,38 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
                     .iter()
                     .filter(|(_, h)| h.load(Ordering::Acquire))
                     .map(|(p, _)| p.display().to_string())
+                    .chain(
+                        shared
+                            .targets
+                            .written()
+                            .iter()
+                            .filter(|t| t.promoted())
+                            .map(|t| t.name().display().to_string()),
+                    )
                     .collect();
-                format!("ok healthy {}", serde_json::json!(healthy))
+                let mut answer = format!("ok healthy {}", serde_json::json!(healthy));
+                if !shared.targets.all().is_empty() {
+                    answer.push_str(&format!(" targets {}", shared.targets_json()));
+                }
+                answer
             }
-            other => format!("error unknown command {other:?}; use pause, resume or status"),
+            "targets" => format!("ok targets {}", shared.targets_json()),
+            other => match other.split_once(' ') {
+                Some(("add", path)) => shared
+                    .add(Path::new(path))
+                    .unwrap_or_else(|e| format!("error {e}")),
+                Some(("drop", path)) => shared.drop_target(Path::new(path)),
+                Some(("promote", paths)) => match paths.split_once(' ') {
+                    Some((path, name)) => shared
+                        .promote(Path::new(path), Path::new(name))
+                        .unwrap_or_else(|e| format!("error {e}")),
+                    None => "error promote needs PATH FINAL".to_string(),
+                },
+                _ => format!(
+                    "error unknown command {other:?}; use pause, resume, status, targets, add \
+                     PATH, promote PATH FINAL or drop PATH"
+                ),
+            },
         };
         if writeln!(out, "{answer}").is_err() {
             break;
@@ -489,14 +695,7 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
     let mut replicas = Vec::new();
     let mut size = None;
     for path in &cfg.replicas {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .open(path)
-            .map_err(|e| {
-                std::io::Error::new(e.kind(), format!("opening replica {}: {e}", path.display()))
-            })?;
-        let len = file.metadata()?.len();
+        let (replica, len) = Replica::open(path, cfg.read_only)?;
         match size {
             None => size = Some(len),
             Some(s) if s != len => {
@@ -509,14 +708,11 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
             }
             Some(_) => {}
         }
-        replicas.push(Replica {
-            path: path.clone(),
-            file,
-            healthy: Arc::new(AtomicBool::new(true)),
-        });
+        replicas.push(replica);
     }
     let mirror = Mirror {
-        replicas,
+        replicas: Arc::new(replicas),
+        targets: Arc::default(),
         size: size.unwrap_or(0),
         read_only: cfg.read_only,
         direct_io: cfg.direct_io,
@@ -566,6 +762,10 @@ fn control_shared(mirror: &Mirror) -> Arc<MirrorShared> {
             .iter()
             .map(|r| (r.path.clone(), r.healthy.clone()))
             .collect(),
+        sources: mirror.replicas.clone(),
+        targets: mirror.targets.clone(),
+        size: mirror.size,
+        read_only: mirror.read_only,
     })
 }
 

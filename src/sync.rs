@@ -66,7 +66,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use tracing::{debug, warn};
 
-pub use extents::{Extent, allocated_bytes, data_extents};
+pub use extents::{Extent, allocated_bytes, data_extents, extents_in};
 pub use hash::{hash_sparse, sha512_sparse};
 pub use local::{CopyMethod, CopyOutcome, drop_cache, local_copy, local_copy_keeping_cache};
 pub use manifest::Manifest;

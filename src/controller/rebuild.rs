@@ -32,7 +32,10 @@
 //! target, so the target misses what is written from then on): the target goes back to err and
 //! is rebuilt after the detach.
 //!
-//! Not done: rebuilding while the volume is attached. Measured with qemu-storage-daemon 10.0.2
+//! An attached volume served by the mirror engine is rebuilt online instead ([`online`]): the
+//! engine takes the target write-only, fills and verifies it while it serves.
+//!
+//! Not done: rebuilding a qemu-served volume while it is attached. Measured with qemu-storage-daemon 10.0.2
 //! (quorum under a writable FUSE export, the engine's layout), none of qemu's copy jobs can
 //! fill a new quorum child while the export writes: `blockdev-mirror` of the quorum (with
 //! `replaces` naming a child, qemu's quorum repair) is refused because a writable FUSE export
@@ -57,6 +60,8 @@ use crate::snapshot::SnapshotFile;
 use crate::store::{Kind, StoreExt};
 
 use super::{Controller, place_replicas};
+
+pub mod online;
 
 /// How long after a failed rebuild the passes leave the replica alone.
 pub const RETRY_SECS: u64 = 10;
@@ -284,10 +289,16 @@ impl Controller {
         let (mut volume, running) = {
             let _guard = self.guards.try_take(id, "volume")?;
             let mut volume = self.must_get(id)?;
+            if online::online(&volume) && from.is_none() {
+                drop(_guard);
+                let report = self.rebuild_attached(&mut volume).await?;
+                return Ok((volume, report));
+            }
             if let Some(p) = &volume.publication {
                 return Err(Error::FailedPrecondition(format!(
-                    "volume {id:?} is attached to node {:?}; bicsi rebuilds replicas offline: \
-                     detach it (its replicas are also rebuilt at its next attach)",
+                    "volume {id:?} is attached to node {:?}; bicsi rebuilds the replicas of an \
+                     attached volume online only when the mirror engine serves it, without \
+                     --from: detach it (its replicas are also rebuilt at its next attach)",
                     p.node_id
                 )));
             }
@@ -697,14 +708,22 @@ impl Controller {
     }
 
     /// One reconcile pass: every detached volume with a replica that is not rw gets a rebuild
-    /// pass, which takes the volume's guard only to read and write its record.
+    /// pass, which takes the volume's guard only to read and write its record; an attached one
+    /// served by the mirror engine an online rebuild pass.
     pub async fn rebuild_pass(&self) -> Result<()> {
         let volumes: Vec<Volume> = self.store.list(Kind::Volume)?;
         for mut v in volumes {
-            if v.publication.is_some()
-                || v.fault.is_some()
-                || v.replicas.iter().all(|r| r.health.mode == ReplicaMode::Rw)
-            {
+            if v.fault.is_some() || v.replicas.iter().all(|r| r.health.mode == ReplicaMode::Rw) {
+                continue;
+            }
+            if online::online(&v) {
+                // Attached and served by the mirror engine: rebuilt while it serves.
+                if let Err(e) = self.rebuild_attached(&mut v).await {
+                    tracing::warn!(volume = %v.id, error = %e, "online rebuild pass failed; retrying at the next tick");
+                }
+                continue;
+            }
+            if v.publication.is_some() {
                 continue;
             }
             // The record is read again under the guard there: an attach may come meanwhile.

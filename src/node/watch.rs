@@ -208,6 +208,14 @@ pub fn apply_faults_locked<G>(
             let Some(id) = replica_id_of(volume, &f.target) else {
                 continue;
             };
+            // A fault older than the replica's wo or rw mode came before its online rebuild
+            // started (the engine's fault file lives as long as the engine): that rebuild
+            // began from err after it, so the fault is not about the rebuilt file.
+            if volume.replicas.iter().any(|r| {
+                r.id == id && r.health.mode != ReplicaMode::Err && f.at < r.health.mode_since
+            }) {
+                continue;
+            }
             let reason = format!(
                 "{}; recorded in {}",
                 f.reason,

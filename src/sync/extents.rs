@@ -47,17 +47,23 @@ pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
 
 /// [`data_extents`] of the first `size` bytes of `file` (its size when the caller looked).
 pub(super) fn extents_within(file: &File, size: u64) -> io::Result<Vec<Extent>> {
+    extents_in(file, 0, size)
+}
+
+/// The data extents of `file` between `from` and `size` (clipped to that range): what a copy of
+/// one chunk of a file must read. Same rules as [`data_extents`].
+pub fn extents_in(file: &File, from: u64, size: u64) -> io::Result<Vec<Extent>> {
     let whole = || {
-        (size > 0)
+        (size > from)
             .then_some(Extent {
-                offset: 0,
-                len: size,
+                offset: from,
+                len: size - from,
             })
             .into_iter()
             .collect()
     };
     let mut extents: Vec<Extent> = Vec::new();
-    let mut pos = 0u64;
+    let mut pos = from;
     while pos < size {
         let start = match lseek(file, to_off(pos)?, Whence::SeekData) {
             Ok(start) => start as u64,

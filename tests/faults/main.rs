@@ -28,6 +28,7 @@ mod disk_full;
 mod download;
 mod export;
 mod node;
+mod online;
 mod replicas;
 mod scrub;
 mod sync;

@@ -15,12 +15,12 @@ use crate::disk_full::SmallDisk;
 use crate::harness::root_or_skip;
 use crate::procs::Serve;
 
-const VOLUME: &str = "rv";
+pub(crate) const VOLUME: &str = "rv";
 
 /// Runs fio on the block device `dev`: a sequential write of `mib` MiB (fsync'ed at the end) that
 /// reads every block back and checks it, or (`verify_only`) only the check of what an earlier run
 /// wrote. Returns fio's output; panics when fio reports an error.
-fn fio(dev: &Path, mib: u64, verify_only: bool) -> String {
+pub(crate) fn fio(dev: &Path, mib: u64, verify_only: bool) -> String {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=acked",
@@ -53,7 +53,7 @@ fn fio(dev: &Path, mib: u64, verify_only: bool) -> String {
     text
 }
 
-fn ok(s: &Serve, args: &[&str]) -> String {
+pub(crate) fn ok(s: &Serve, args: &[&str]) -> String {
     let (good, out, err) = s.cli(args);
     assert!(good, "bicsi {args:?} failed:\n{out}\n{err}\n{}", s.log());
     out
@@ -77,7 +77,12 @@ async fn attach(s: &Serve, dev: &Path) -> (bool, String, String) {
 
 /// Creates the 2-replica block volume `VOLUME` of `size` (with `extra` CLI arguments, e.g.
 /// more `-p` parameters) and attaches it at `dev`.
-async fn create_two_replicas_and_attach(s: &Serve, dev: &Path, size: &str, extra: &[&str]) {
+pub(crate) async fn create_two_replicas_and_attach(
+    s: &Serve,
+    dev: &Path,
+    size: &str,
+    extra: &[&str],
+) {
     let mut args = vec![
         "volume",
         "create",
@@ -92,13 +97,13 @@ async fn create_two_replicas_and_attach(s: &Serve, dev: &Path, size: &str, extra
     attach_ok(s, dev).await;
 }
 
-async fn attach_ok(s: &Serve, dev: &Path) {
+pub(crate) async fn attach_ok(s: &Serve, dev: &Path) {
     let (good, out, err) = attach(s, dev).await;
     assert!(good, "attach failed:\n{out}\n{err}\n{}", s.log());
 }
 
 /// `bicsi get replicas rv -o json`.
-fn replicas(s: &Serve) -> Vec<Value> {
+pub(crate) fn replicas(s: &Serve) -> Vec<Value> {
     let out = ok(s, &["get", "replicas", VOLUME, "-o", "json"]);
     serde_json::from_str::<Value>(&out)
         .unwrap()
@@ -108,12 +113,12 @@ fn replicas(s: &Serve) -> Vec<Value> {
 }
 
 /// The volume's record (`bicsi get volume rv -o json`).
-fn record(s: &Serve) -> Value {
+pub(crate) fn record(s: &Serve) -> Value {
     let out = ok(s, &["get", "volume", VOLUME, "-o", "json"]);
     serde_json::from_str::<Value>(&out).unwrap()
 }
 
-fn replica_on<'a>(list: &'a [Value], disk_dir: &Path) -> &'a Value {
+pub(crate) fn replica_on<'a>(list: &'a [Value], disk_dir: &Path) -> &'a Value {
     list.iter()
         .find(|r| Path::new(r["path"].as_str().unwrap()).starts_with(disk_dir))
         .unwrap_or_else(|| panic!("no replica under {}: {list:?}", disk_dir.display()))
@@ -127,7 +132,7 @@ fn identical(a: &str, b: &str) -> bool {
     out.code() == Some(0)
 }
 
-async fn wait_mode(s: &Serve, replica: &str, mode: &str, limit: Duration) -> Value {
+pub(crate) async fn wait_mode(s: &Serve, replica: &str, mode: &str, limit: Duration) -> Value {
     wait_for(
         &format!("replica {replica} {mode}"),
         limit,

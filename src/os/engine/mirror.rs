@@ -7,6 +7,12 @@
 //! children are raw files and otherwise treats it as one of its own: status, stop (flush through
 //! the export, unmount, SIGTERM) and the idempotence and conflict rules are the same code.
 //!
+//! Online rebuilds: [`add_target`], [`targets`], [`promote`], [`drop_target`] speak the engine's
+//! control socket; a replica promoted by one is listed in the run directory's `added.json`
+//! ([`record_added`]), which re-adoption reads with the command line, so a restarted bicsi sees
+//! the engine's replicas as they are (a new engine starts from the volume record's rw replicas
+//! and the file goes).
+//!
 //! It serves local replicas only: a remote (NBD) child is refused with the fix. It is started by
 //! this process even when an engine host is configured (the host runs only
 //! qemu-storage-daemon), so on Kubernetes a restart of the plugin's container ends it.
@@ -27,6 +33,8 @@ const PID: &str = "mirror.pid";
 const LOG: &str = "mirror.log";
 /// The control socket in the run directory (`pause`, `resume`, `status`).
 pub const CONTROL: &str = "control.sock";
+/// The replicas promoted by online rebuilds, beside the command line's (a JSON list of paths).
+pub const ADDED: &str = "added.json";
 /// FUSE worker threads of a shipped engine (see README, volume-io-mirror).
 const THREADS: usize = crate::mirror::DEFAULT_THREADS;
 
@@ -85,8 +93,129 @@ pub(super) fn find(paths: &RunPaths) -> Vec<(i32, DaemonArgs)> {
         return Vec::new();
     }
     find_processes(&pid, |argv| {
-        parse_args(argv).filter(|a| a.export == paths.export)
+        parse_args(argv)
+            .filter(|a| a.export == paths.export)
+            .map(with_added)
     })
+}
+
+/// The engine's replicas: its command line's and those its online rebuilds promoted.
+fn with_added(mut args: DaemonArgs) -> DaemonArgs {
+    if let Some(dir) = args.export.parent() {
+        for p in added(dir) {
+            let t = ReplicaTarget::Local(p);
+            if !args.targets.contains(&t) {
+                args.targets.push(t);
+            }
+        }
+    }
+    args
+}
+
+/// The replicas `added.json` in `run_dir` lists.
+pub fn added(run_dir: &Path) -> Vec<PathBuf> {
+    fs::read(run_dir.join(ADDED))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Lists `replica` in `added.json` (atomically: temporary file, fsync, rename, fsync of the
+/// directory), after the engine promoted it.
+pub fn record_added(run_dir: &Path, replica: &Path) -> OsResult<()> {
+    let mut list = added(run_dir);
+    if list.iter().any(|p| p == replica) {
+        return Ok(());
+    }
+    list.push(replica.to_path_buf());
+    let tmp = run_dir.join(format!("{ADDED}.tmp"));
+    let text = serde_json::to_vec(&list).map_err(|e| OsError::Other(e.to_string()))?;
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        fs::rename(&tmp, run_dir.join(ADDED))?;
+        File::open(run_dir)?.sync_all()
+    };
+    write().map_err(|e| OsError::io(format!("writing {}", run_dir.join(ADDED).display()), e))
+}
+
+/// What the engine says of one online rebuild target (`targets` on the control socket).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct TargetStatus {
+    /// The file it was added as (its temporary name).
+    pub path: PathBuf,
+    /// The name it is known by (the final one once promoted).
+    pub name: PathBuf,
+    /// copying, verifying, complete, promoted or failed.
+    pub state: String,
+    pub done: u64,
+    pub total: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Sends one command line to the engine in `run_dir` and returns its answer after `ok `.
+fn command(run_dir: &Path, line: &str) -> OsResult<String> {
+    let socket = RunPaths::new(run_dir).dir.join(CONTROL);
+    let conn = UnixStream::connect(&socket).map_err(|e| {
+        OsError::io(
+            format!(
+                "connecting to the mirror engine's control socket {}",
+                socket.display()
+            ),
+            e,
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| OsError::io("setting a timeout", e))?;
+    let mut out = conn
+        .try_clone()
+        .map_err(|e| OsError::io("cloning the control connection", e))?;
+    writeln!(out, "{line}").map_err(|e| OsError::io("writing to the mirror engine", e))?;
+    let mut answer = String::new();
+    BufReader::new(conn)
+        .read_line(&mut answer)
+        .map_err(|e| OsError::io("reading the mirror engine's answer", e))?;
+    match answer.trim().strip_prefix("ok") {
+        Some(rest) => Ok(rest.trim().to_string()),
+        None => Err(OsError::Other(format!(
+            "the mirror engine in {} refused `{line}`: {}",
+            run_dir.display(),
+            answer.trim()
+        ))),
+    }
+}
+
+/// Has the engine in `run_dir` take `path` (the volume's size) as a write-only target and fill it.
+pub fn add_target(run_dir: &Path, path: &Path) -> OsResult<()> {
+    command(run_dir, &format!("add {}", utf8_path(path)?)).map(|_| ())
+}
+
+/// The engine's online rebuild targets.
+pub fn targets(run_dir: &Path) -> OsResult<Vec<TargetStatus>> {
+    let answer = command(run_dir, "targets")?;
+    let json = answer.strip_prefix("targets").unwrap_or(&answer).trim();
+    serde_json::from_str(json).map_err(|e| {
+        OsError::Other(format!(
+            "the mirror engine in {} answered `targets` with {json:?}: {e}",
+            run_dir.display()
+        ))
+    })
+}
+
+/// Makes the complete target `path`, renamed to `name`, a replica of the engine.
+pub fn promote(run_dir: &Path, path: &Path, name: &Path) -> OsResult<()> {
+    command(
+        run_dir,
+        &format!("promote {} {}", utf8_path(path)?, utf8_path(name)?),
+    )
+    .map(|_| ())
+}
+
+/// Has the engine forget the target known as `path` (Ok when it has none).
+pub fn drop_target(run_dir: &Path, path: &Path) -> OsResult<()> {
+    command(run_dir, &format!("drop {}", utf8_path(path)?)).map(|_| ())
 }
 
 /// Starts the engine for `spec` in `paths` (a run directory with no live engine, leftovers
@@ -115,7 +244,8 @@ pub(super) fn start(
     }
     let pid = paths.dir.join(PID);
     let control = paths.dir.join(CONTROL);
-    for stale in [&pid, &control] {
+    let added = paths.dir.join(ADDED);
+    for stale in [&pid, &control, &added] {
         let _ = fs::remove_file(stale);
     }
     File::create(&paths.export).map_err(|e| {
@@ -194,7 +324,9 @@ pub fn export_of(replica: &Path) -> Option<PathBuf> {
     let wanted = ReplicaTarget::Local(replica.to_path_buf());
     // No pid file to start from: every process's command line is read.
     find_processes(Path::new("/nonexistent/mirror.pid"), |argv| {
-        parse_args(argv).filter(|a| a.targets.contains(&wanted))
+        parse_args(argv)
+            .map(with_added)
+            .filter(|a| a.targets.contains(&wanted))
     })
     .into_iter()
     .next()

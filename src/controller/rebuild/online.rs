@@ -1,0 +1,372 @@
+//! Rebuilding the err replicas of an ATTACHED mirror volume while it serves (issue 15): the
+//! mirror engine owns its write path, so it can take a new replica write-only, fill it and
+//! verify it itself (`crate::mirror`'s `rebuild` module holds the copy and its locking
+//! argument). This module drives it from the reconcile pass and `bicsi volume rebuild`, with the
+//! offline path's rules (`super`): the guard only around record changes, a slot per node
+//! (`concurrent-replica-rebuilds-per-node`), a replacement replica placed when the old one's disk
+//! is gone or it stayed err past `staleReplicaTimeout` (here on a disk of the attached node that
+//! shares blocks: the engine serves one node's raw files).
+//!
+//! One online rebuild of target T from source S (rw, on the attached node N):
+//! 1. under the guard: T err → wo (recorded with the source), a slot of N taken;
+//! 2. N's agent makes T's file under a temporary name (a reflink clone of its disk's raw file
+//!    of the backing image, or a sparse file) and the engine adds it (`add`): every write from
+//!    then on reaches it, never a read; the engine copies and verifies; the pass follows its
+//!    progress (`bicsi get replicas` REBUILD: the copy is the first half, the verification the
+//!    second);
+//! 3. complete: the agent renames the file into place, the engine promotes it to a replica and
+//!    the run directory's `added.json` and the node's stage record list it; then, under the
+//!    guard, T wo → rw. Failed, lost (the engine restarted, the volume detached) or marked err
+//!    meanwhile by the node watcher: T wo → err and the target is dropped.
+//!
+//! Crashes: bicsi killed at any step leaves T wo (or err) in the record, never rw before the
+//! engine said complete; the next pass turns a wo it did not start into err and starts again,
+//! keeping a target the engine still holds (it got every write since its `add`, so the copy
+//! and verification the engine runs or ran are as good as a new one; a complete or promoted one
+//! is only renamed into place again, idempotently). The engine killed: the node's normal
+//! restart path starts a new engine from the record's rw replicas, without T; the pass finds the
+//! target missing and T goes back to err, to be rebuilt again.
+
+use crate::error::{Error, Result};
+use crate::health::{RebuildProgress, ReplicaMode};
+use crate::model::{EngineKind, Replica, Volume, now_secs};
+use crate::store::{Kind, StoreExt};
+
+use super::{Controller, FAILED_REBUILD, RETRY_SECS, RebuildReport, Records, Running};
+
+/// How often the pass asks the engine where a rebuild is.
+const POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether `volume` is rebuilt online: attached and served by the mirror engine.
+pub fn online(volume: &Volume) -> bool {
+    volume.publication.is_some() && volume.spec.engine == EngineKind::Mirror
+}
+
+impl Controller {
+    /// One pass over the attached mirror volume `volume`: each err replica is rebuilt online.
+    pub(crate) async fn rebuild_attached(&self, volume: &mut Volume) -> Result<RebuildReport> {
+        let Some(running) = self.start_running(&volume.id) else {
+            return Ok(RebuildReport {
+                skipped: vec!["a rebuild of this volume is running".into()],
+                ..Default::default()
+            });
+        };
+        let mut report = RebuildReport::default();
+        let now = now_secs();
+        let pending: Vec<Replica> = {
+            let _guard = self.lock_records(&volume.id, Records::Take).await?;
+            *volume = self.must_get(&volume.id)?;
+            if !online(volume) {
+                return Ok(report);
+            }
+            // A wo replica with no rebuild running (the running entry is ours) was cut by a
+            // crash of bicsi: never made rw by a later step, it starts over from err.
+            let mut changed = false;
+            for r in volume.replicas.iter_mut() {
+                if r.health.mode == ReplicaMode::Wo {
+                    changed |= crate::health::transition(
+                        r,
+                        ReplicaMode::Err,
+                        "its online rebuild was interrupted; it restarts",
+                        now,
+                    )?;
+                }
+            }
+            if changed {
+                tracing::warn!(volume = %volume.id, "an online rebuild was interrupted (bicsi was killed); it restarts");
+                self.store.put(Kind::Volume, &volume.id, &*volume)?;
+            }
+            if volume.fault.is_some() {
+                return Ok(report);
+            }
+            volume
+                .replicas
+                .iter()
+                .filter(|r| r.health.mode == ReplicaMode::Err)
+                // The err mark must be older than the wo one to come: the node watcher applies
+                // a replica's fault records only when they are not older than its mode (see
+                // `crate::node::watch`), so its old fault cannot cut the rebuild.
+                .filter(|r| now > r.health.mode_since)
+                .filter(|r| {
+                    !r.health.mode_reason.starts_with(FAILED_REBUILD)
+                        || now >= r.health.mode_since + RETRY_SECS
+                })
+                .cloned()
+                .collect()
+        };
+        if pending.is_empty() {
+            return Ok(report);
+        }
+        let disks = self.cluster.disks().await?;
+        for old in pending {
+            match self
+                .rebuild_one_online(volume, &old.id, &disks, now, &running)
+                .await
+            {
+                Ok(Some(id)) => report.rebuilt.push(id),
+                Ok(None) => {}
+                Err(e) => {
+                    if matches!(
+                        e.code(),
+                        tonic::Code::FailedPrecondition
+                            | tonic::Code::ResourceExhausted
+                            | tonic::Code::Aborted
+                    ) {
+                        tracing::debug!(volume = %volume.id, replica = %old.id, error = %e, "online rebuild waits");
+                    } else {
+                        tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "online rebuild failed; the next pass retries");
+                    }
+                    report.skipped.push(format!("replica {}: {e}", old.id));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn rebuild_one_online(
+        &self,
+        volume: &mut Volume,
+        old_id: &str,
+        disks: &[crate::agent::DiskSpace],
+        now: u64,
+        running: &Running<'_>,
+    ) -> Result<Option<String>> {
+        let (target, replaced, source, node, _slot) = {
+            let _guard = self.lock_records(&volume.id, Records::Take).await?;
+            *volume = self.must_get(&volume.id)?;
+            let Some(node) = volume.publication.as_ref().map(|p| p.node_id.clone()) else {
+                return Ok(None);
+            };
+            let Some(old) = volume
+                .replicas
+                .iter()
+                .find(|r| r.id == old_id && r.health.mode == ReplicaMode::Err)
+                .cloned()
+            else {
+                return Ok(None);
+            };
+            // The engine serves the attached node's raw files: the target goes on one of its
+            // disks that share blocks, and has room for the volume.
+            let here: Vec<_> = disks
+                .iter()
+                .filter(|d| d.disk.node_id == node && d.shares_blocks)
+                .cloned()
+                .collect();
+            let Some((target, replaced, source)) =
+                self.choose_target(volume, &old, None, &here, now).await?
+            else {
+                return Ok(None);
+            };
+            if source.node_id != node || target.node_id != node {
+                return Err(Error::FailedPrecondition(format!(
+                    "replica {} cannot be rebuilt online: the mirror engine on node {node:?} \
+                     serves that node's replicas only; it is rebuilt once the volume is detached",
+                    old.id
+                )));
+            }
+            let free = here
+                .iter()
+                .find(|d| d.disk.id == target.disk_id)
+                .map(|d| d.free_bytes)
+                .unwrap_or(0);
+            // A target the engine still holds (bicsi was killed during its rebuild) has its
+            // space already: it is kept, not made again.
+            let held = match self.cluster.agent(&node) {
+                Ok(agent) => agent
+                    .online_rebuild_status(&volume.id, &target)
+                    .await
+                    .is_ok_and(|s| {
+                        matches!(
+                            s.state.as_str(),
+                            "copying" | "verifying" | "complete" | "promoted"
+                        )
+                    }),
+                Err(_) => false,
+            };
+            if !held && free < volume.spec.capacity_bytes {
+                return Err(Error::ResourceExhausted(format!(
+                    "disk {} has {free} bytes free, less than volume {:?}'s {} bytes: the online \
+                     rebuild of replica {} waits for room",
+                    target.disk_id, volume.spec.name, volume.spec.capacity_bytes, target.id
+                )));
+            }
+            let Some(slot) = self.take_rebuild_slot(&node) else {
+                tracing::info!(volume = %volume.id, replica = %target.id, node = %node, "online rebuild waits for a slot on its node");
+                return Ok(None);
+            };
+            self.set_mode(
+                volume,
+                &target.id,
+                ReplicaMode::Wo,
+                &format!("rebuilding online from {}", source.id),
+                |h| {
+                    h.rebuild = Some(RebuildProgress {
+                        source: source.id.clone(),
+                        done_bytes: 0,
+                        total_bytes: 0,
+                        started: now,
+                    });
+                },
+            )?;
+            (target, replaced, source, node, slot)
+        };
+        let _ = running;
+        let agent = self.cluster.agent(&node)?;
+        let image = volume.spec.backing_image.clone();
+        let started = std::time::Instant::now();
+        let outcome = match agent
+            .start_online_rebuild(
+                &volume.id,
+                &target,
+                volume.spec.capacity_bytes,
+                image.as_deref(),
+            )
+            .await
+        {
+            Ok(()) => self.follow(volume, &target, &node, agent.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        let _guard = self.lock_records(&volume.id, Records::Take).await?;
+        *volume = self.must_get(&volume.id)?;
+        let still_wo = volume
+            .replicas
+            .iter()
+            .any(|r| r.id == target.id && r.health.mode == ReplicaMode::Wo);
+        match outcome {
+            Ok(()) if still_wo => {
+                self.set_mode(
+                    volume,
+                    &target.id,
+                    ReplicaMode::Rw,
+                    &format!(
+                        "rebuilt online from {} and verified identical by the mirror engine",
+                        source.id
+                    ),
+                    |_| {},
+                )?;
+                tracing::info!(volume = %volume.id, replica = %target.id, source = %source.id, took_ms = started.elapsed().as_millis() as u64, "replica rebuilt online and verified");
+                if let Some(old) = replaced {
+                    volume.replicas.retain(|r| r.id != old.id);
+                    self.store.put(Kind::Volume, &volume.id, &*volume)?;
+                    if let Err(e) = agent.delete_replica(&old).await {
+                        tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "cannot delete the replaced replica's files");
+                    }
+                }
+                Ok(Some(target.id))
+            }
+            Ok(()) => Err(Error::FailedPrecondition(format!(
+                "replica {} changed mode during its online rebuild; the next pass looks again",
+                target.id
+            ))),
+            Err(e) => {
+                if let Err(c) = agent.cancel_online_rebuild(&volume.id, &target).await {
+                    tracing::warn!(volume = %volume.id, replica = %target.id, error = %c, "cannot drop a failed online rebuild's target");
+                }
+                if still_wo {
+                    self.set_mode(
+                        volume,
+                        &target.id,
+                        ReplicaMode::Err,
+                        &format!("{FAILED_REBUILD} {} (online) failed: {e}", source.id),
+                        |_| {},
+                    )?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Follows the engine's rebuild of `target` until it is complete and in place (Ok), or
+    /// failed, lost, or no longer wanted (Err, why).
+    async fn follow(
+        &self,
+        volume: &Volume,
+        target: &Replica,
+        node: &str,
+        agent: &dyn crate::agent::Agent,
+    ) -> Result<()> {
+        let mut last = (u64::MAX, u64::MAX);
+        loop {
+            tokio::time::sleep(POLL).await;
+            let now: Volume = self.must_get(&volume.id)?;
+            if now.publication.as_ref().map(|p| p.node_id.as_str()) != Some(node) {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {:?} was detached during the online rebuild of replica {}; it is \
+                     rebuilt offline",
+                    volume.spec.name, target.id
+                )));
+            }
+            let mode = now
+                .replicas
+                .iter()
+                .find(|r| r.id == target.id)
+                .map(|r| (r.health.mode, r.health.mode_reason.clone()));
+            if mode.as_ref().map(|m| m.0) != Some(ReplicaMode::Wo) {
+                return Err(Error::FailedPrecondition(format!(
+                    "replica {} left wo during its online rebuild ({})",
+                    target.id,
+                    mode.map(|m| format!("{}: {}", m.0, m.1))
+                        .unwrap_or_else(|| "removed".into())
+                )));
+            }
+            let s = agent.online_rebuild_status(&volume.id, target).await?;
+            match s.state.as_str() {
+                "complete" | "promoted" => {
+                    agent.finish_online_rebuild(&volume.id, target).await?;
+                    return Ok(());
+                }
+                "copying" | "verifying" => {
+                    // The copy is the first half of the progress, the verification the second.
+                    let done = if s.state == "verifying" {
+                        s.total_bytes + s.done_bytes
+                    } else {
+                        s.done_bytes
+                    };
+                    let total = 2 * s.total_bytes;
+                    if (done, total) != last {
+                        last = (done, total);
+                        self.note_progress(&volume.id, &target.id, done, total);
+                    }
+                }
+                "failed" => {
+                    return Err(Error::Internal(format!(
+                        "the mirror engine's online rebuild of replica {} failed: {}",
+                        target.id,
+                        s.error.unwrap_or_default()
+                    )));
+                }
+                _ => {
+                    return Err(Error::Unavailable(format!(
+                        "the mirror engine serving volume {:?} no longer has the rebuild target \
+                         of replica {} (it was restarted); the rebuild starts over",
+                        volume.spec.name, target.id
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Records a rebuild's progress when the volume's guard is free (else at the next poll).
+    fn note_progress(&self, volume_id: &str, replica: &str, done: u64, total: u64) {
+        let Ok(_guard) = self.guards.try_take(volume_id, "volume") else {
+            return;
+        };
+        let Ok(mut v) = self.must_get(volume_id) else {
+            return;
+        };
+        let Some(r) = v
+            .replicas
+            .iter_mut()
+            .find(|r| r.id == replica && r.health.mode == ReplicaMode::Wo)
+        else {
+            return;
+        };
+        if let Some(p) = r.health.rebuild.as_mut() {
+            p.done_bytes = done;
+            p.total_bytes = total;
+        }
+        if let Err(e) = self.store.put(Kind::Volume, volume_id, &v) {
+            tracing::debug!(volume = %volume_id, error = %e, "cannot record a rebuild's progress");
+        }
+    }
+}
