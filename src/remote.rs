@@ -426,6 +426,56 @@ impl Agent for RemoteAgent {
         Ok(r.into_inner().identical)
     }
 
+    async fn start_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        size: u64,
+        backing_image: Option<&str>,
+    ) -> Result<()> {
+        let mut req = online_request(volume_id, replica)?;
+        req.size = size;
+        req.backing_image = backing_image.unwrap_or_default().to_string();
+        self.client
+            .clone()
+            .start_online_rebuild(req)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn online_rebuild_status(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+    ) -> Result<crate::agent::OnlineRebuild> {
+        let r = self
+            .client
+            .clone()
+            .online_rebuild_status(online_request(volume_id, replica)?)
+            .await
+            .map_err(status_error)?;
+        from_json(&r.into_inner().status_json, "online rebuild status")
+    }
+
+    async fn finish_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+        self.client
+            .clone()
+            .finish_online_rebuild(online_request(volume_id, replica)?)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn cancel_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+        self.client
+            .clone()
+            .cancel_online_rebuild(online_request(volume_id, replica)?)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
     async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
         let r = self
             .client
@@ -682,6 +732,58 @@ impl AgentRpc for AgentService {
         Ok(Response::new(pb::CompareReplicasResponse { identical }))
     }
 
+    async fn start_online_rebuild(
+        &self,
+        request: Request<pb::OnlineRebuildRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let image = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
+        self.local
+            .start_online_rebuild(&r.volume_id, &replica, r.size, image)
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn online_rebuild_status(
+        &self,
+        request: Request<pb::OnlineRebuildRequest>,
+    ) -> std::result::Result<Response<pb::OnlineRebuildStatusResponse>, Status> {
+        let r = request.into_inner();
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let status = self
+            .local
+            .online_rebuild_status(&r.volume_id, &replica)
+            .await?;
+        Ok(Response::new(pb::OnlineRebuildStatusResponse {
+            status_json: to_json(&status)?,
+        }))
+    }
+
+    async fn finish_online_rebuild(
+        &self,
+        request: Request<pb::OnlineRebuildRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        self.local
+            .finish_online_rebuild(&r.volume_id, &replica)
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn cancel_online_rebuild(
+        &self,
+        request: Request<pb::OnlineRebuildRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        self.local
+            .cancel_online_rebuild(&r.volume_id, &replica)
+            .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn compare_replicas(
         &self,
         request: Request<pb::CompareReplicasRequest>,
@@ -906,6 +1008,16 @@ impl FileReports for RemoteReports {
             .map_err(status_error)?;
         Ok(())
     }
+}
+
+/// The request of the four online-rebuild calls.
+fn online_request(volume_id: &str, replica: &Replica) -> Result<pb::OnlineRebuildRequest> {
+    Ok(pb::OnlineRebuildRequest {
+        volume_id: volume_id.to_string(),
+        replica_json: to_json(replica)?,
+        size: 0,
+        backing_image: String::new(),
+    })
 }
 
 /// Registers the node with the controller and keeps sending heartbeats (registering again
