@@ -1577,3 +1577,169 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// An XFS filesystem (reflink=1) of `mib` MiB in a file under `dir`, mounted on `mnt` through a
+/// loop device; `umount` of `mnt` detaches it again (the loop device is autoclear).
+fn mount_xfs(dir: &Path, name: &str, mib: u64, mnt: &Path) {
+    let image = dir.join(format!("{name}.img"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    for cmd in [
+        Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image),
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(mnt),
+    ] {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+async fn volume_json(c: &TestCluster, id: &str) -> serde_json::Value {
+    let all: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    all.into_iter().find(|v| v["id"] == id).unwrap()
+}
+
+/// The split mode's controller drives the online rebuild of a mirror volume through the node
+/// agent's gRPC service, as `bicsi serve` does in one process: node-1 has two XFS disks, the
+/// 2-replica volume gets the mirror engine and is attached there; the second disk fills under
+/// a write, its replica turns err; once the disk has room again the replica is rebuilt while
+/// the volume stays attached, turns rw, and the two replica files are identical after detach.
+#[tokio::test]
+async fn the_split_mode_rebuilds_a_mirror_replica_online() {
+    if !root_or_skip("the_split_mode_rebuilds_a_mirror_replica_online") {
+        return;
+    }
+    let mut c = TestCluster::start(1).await;
+    c.stop_node(0);
+    let disk2 = c.nodes[0].dir.join("disk2");
+    std::fs::create_dir_all(&disk2).unwrap();
+    mount_xfs(c.dir.path(), "d1", 512, &c.nodes[0].disk);
+    mount_xfs(c.dir.path(), "d2", 400, &disk2);
+    c.nodes[0]
+        .proc
+        .args_mut()
+        .extend(["--disk".to_string(), disk2.display().to_string()]);
+    c.start_node(0);
+    c.wait_up(1).await;
+    let mut ctl = c.controller_client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The restarted agent answers for its new disks once it registered again.
+        match ctl
+            .controller
+            .create_volume(create_req("ov", 96 * MIB, &[("numberOfReplicas", "2")]))
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if Instant::now() < deadline => {
+                assert!(
+                    matches!(s.code(), Code::FailedPrecondition | Code::Unavailable),
+                    "{s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("{s:?}\n{}", c.logs()),
+        }
+    }
+    let v = volume_json(&c, "ov").await;
+    assert_eq!(v["spec"]["engine"], "mirror", "{v}");
+    let on_disk2 = |v: &serde_json::Value| {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| {
+                r["path"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(disk2.to_str().unwrap())
+            })
+            .unwrap()
+            .clone()
+    };
+    let target = on_disk2(&v);
+    let tg = attach_on(&c, &mut ctl, "ov", 0).await;
+
+    // disk2 keeps 8 MiB free: a 48 MiB write fails there and the engine drops that replica.
+    let st = nix::sys::statvfs::statvfs(&disk2).unwrap();
+    let free = st.blocks_available() * st.fragment_size();
+    let filler = disk2.join("filler");
+    let out = Command::new("fallocate")
+        .args(["-l", &(free - (8 << 20)).to_string()])
+        .arg(&filler)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let data = pattern(48 << 20, 7);
+    write_synced(&tg, "data", &data);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = on_disk2(&volume_json(&c, "ov").await);
+        if r["mode"] == "err" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never err: {r}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Room again: the controller rebuilds it online, through the node agent's gRPC service.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let rebuilt = loop {
+        let r = on_disk2(&volume_json(&c, "ov").await);
+        if r["mode"] == "rw" {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never rw again: {r}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        rebuilt["modeReason"].as_str().unwrap().contains("online"),
+        "{rebuilt}"
+    );
+    assert_eq!(
+        target["id"], rebuilt["id"],
+        "the same replica, rebuilt in place"
+    );
+    assert_eq!(std::fs::read(tg.join("data")).unwrap(), data);
+    let v = volume_json(&c, "ov").await;
+    assert!(
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["mode"] == "rw"),
+        "{v}"
+    );
+    detach_from(&c, &mut ctl, "ov", 0).await;
+    let v = volume_json(&c, "ov").await;
+    let files: Vec<Vec<u8>> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| std::fs::read(r["path"].as_str().unwrap()).unwrap())
+        .collect();
+    assert!(
+        files.len() == 2 && files[0] == files[1],
+        "the replicas differ"
+    );
+}
