@@ -26,6 +26,14 @@
 //! prints the healthy replicas. Between the two the replicas do not change, so each can be
 //! cloned (FICLONE) as one instant of the volume.
 //!
+//! Remote replicas (`--remote nbd://host:port/export`, issue 14's replicas on several nodes):
+//! another node's replica server exports the raw replica over NBD and this engine reads and
+//! writes it with its own client (`nbd`: one connection, many requests in flight). Each replica
+//! is a `Replica` with a backend, a local file or an NBD connection, behind the same small
+//! methods, so the rules above hold for both: a remote replica whose request fails, whose
+//! connection drops, or that does not answer within `--replica-timeout` seconds is dropped and
+//! recorded like a local one. Reads go to the local replicas first (they come first).
+//!
 //! It must not resize (the replicas grow offline; the file's size is the replicas' at start),
 //! must not touch loop devices or mounts other than its own export, and keeps no state that is
 //! not in its command line, its pid file or the fault file: re-adoption after a restart of bicsi
@@ -50,6 +58,8 @@ use fuser::{
 use crate::os::ReplicaTarget;
 use crate::os::engine::events::FaultRecord;
 
+mod nbd;
+
 /// The FUSE file system's source name (mountinfo): how a loop device knows the file is ours.
 pub const FS_NAME: &str = "bicsi-mirror";
 /// The largest request the kernel sends (FUSE `max_write`, and the read-ahead window).
@@ -58,6 +68,9 @@ pub const MAX_REQUEST: u32 = 1 << 20;
 pub const PARALLEL_WRITE: usize = 64 * 1024;
 /// FUSE worker threads when the command line does not say.
 pub const DEFAULT_THREADS: usize = 4;
+/// Seconds a remote replica may take to answer when the command line does not say (the
+/// `replica-timeout` setting's default).
+pub const DEFAULT_REPLICA_TIMEOUT: u64 = 8;
 
 /// How the engine serves its file: the knobs measured by `bench/run --path volume-io-mirror`.
 #[derive(Clone, Debug)]
@@ -66,6 +79,10 @@ pub struct MirrorConfig {
     pub export: PathBuf,
     /// The raw replica files, the preferred one for reads first.
     pub replicas: Vec<PathBuf>,
+    /// Replicas on other nodes (`ReplicaTarget::Nbd`), read only when no local one answers.
+    pub remotes: Vec<ReplicaTarget>,
+    /// How long a remote replica may take to answer a request before it is dropped.
+    pub replica_timeout: Duration,
     pub read_only: bool,
     /// FUSE worker threads (each with its own cloned /dev/fuse descriptor).
     pub threads: usize,
@@ -80,11 +97,102 @@ pub struct MirrorConfig {
     pub control: Option<PathBuf>,
 }
 
-/// One replica file and whether it still gets requests.
+/// Where a replica's bytes are.
+enum Backend {
+    File(File),
+    Nbd(nbd::NbdClient),
+}
+
+/// One replica and whether it still gets requests.
 struct Replica {
-    path: PathBuf,
-    file: File,
+    target: ReplicaTarget,
+    backend: Backend,
     healthy: Arc<AtomicBool>,
+}
+
+impl Replica {
+    /// Fills `buf` from `offset` (zeros past the end of a file).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(f) => read_full(f, buf, offset),
+            Backend::Nbd(c) => c.read_at(buf, offset),
+        }
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(f) => f.write_all_at(data, offset),
+            Backend::Nbd(c) => c.write_at(data, offset, false),
+        }
+    }
+
+    /// Frees the range; it reads back as zeros (a punched hole).
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(_) => self.fallocate_file(
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            Backend::Nbd(c) => c.write_zeroes(offset, len, true),
+        }
+    }
+
+    /// Makes the range read as zeros, keeping it allocated.
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(_) => self.fallocate_file(
+                nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            Backend::Nbd(c) => c.write_zeroes(offset, len, false),
+        }
+    }
+
+    /// What an fallocate(2) of the volume file does to this replica: a local file gets the
+    /// same call; a remote one gets the punch or zeroing it means (an allocation is a hint
+    /// an NBD server has no request for).
+    fn fallocate(
+        &self,
+        flags: nix::fcntl::FallocateFlags,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        use nix::fcntl::FallocateFlags as F;
+        match &self.backend {
+            Backend::File(_) => self.fallocate_file(flags, offset, len),
+            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_PUNCH_HOLE) => {
+                self.discard(offset, len)
+            }
+            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_ZERO_RANGE) => {
+                self.write_zeroes(offset, len)
+            }
+            Backend::Nbd(_) => Ok(()),
+        }
+    }
+
+    fn fallocate_file(
+        &self,
+        flags: nix::fcntl::FallocateFlags,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        let Backend::File(f) = &self.backend else {
+            return Err(std::io::Error::other("not a local replica"));
+        };
+        nix::fcntl::fallocate(f, flags, offset as i64, len as i64).map_err(std::io::Error::from)
+    }
+
+    /// Makes every acknowledged write durable (fdatasync, or an NBD FLUSH).
+    fn sync(&self) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(f) => f.sync_data(),
+            Backend::Nbd(c) => c.flush(),
+        }
+    }
 }
 
 /// The volume the FUSE file shows.
@@ -149,14 +257,14 @@ impl Mirror {
         }
         let reason = format!(
             "the mirror engine dropped replica {} after a failed {operation}: {error}",
-            r.path.display()
+            r.target
         );
         eprintln!("bicsi mirror: {reason}");
         let Some(path) = &self.faults else {
             return;
         };
         let record = FaultRecord {
-            target: ReplicaTarget::Local(r.path.clone()),
+            target: r.target.clone(),
             reason,
             at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -184,7 +292,7 @@ impl Mirror {
         &self,
         operation: &str,
         parallel: bool,
-        op: impl Fn(&File) -> std::io::Result<()> + Sync,
+        op: impl Fn(&Replica) -> std::io::Result<()> + Sync,
     ) -> Result<(), Errno> {
         let targets: Vec<(usize, &Replica)> = self.healthy().collect();
         if targets.is_empty() {
@@ -196,10 +304,10 @@ impl Mirror {
                     .iter()
                     .map(|(i, r)| {
                         let op = &op;
-                        (*i, s.spawn(move || op(&r.file)))
+                        (*i, s.spawn(move || op(r)))
                     })
                     .collect();
-                let mut out = vec![(targets[0].0, op(&targets[0].1.file))];
+                let mut out = vec![(targets[0].0, op(targets[0].1))];
                 for (i, h) in handles {
                     out.push((
                         i,
@@ -210,7 +318,7 @@ impl Mirror {
                 out
             })
         } else {
-            targets.iter().map(|(i, r)| (*i, op(&r.file))).collect()
+            targets.iter().map(|(i, r)| (*i, op(r))).collect()
         };
         let ok = results.iter().any(|(_, r)| r.is_ok());
         if !ok {
@@ -234,7 +342,7 @@ impl Mirror {
         let len = end.saturating_sub(offset) as usize;
         let mut buf = vec![0u8; len];
         for (i, r) in self.healthy() {
-            match read_full(&r.file, &mut buf, offset) {
+            match r.read_at(&mut buf, offset) {
                 Ok(()) => return Ok(buf),
                 Err(e) => self.drop_replica(i, "read", &e),
             }
@@ -359,8 +467,8 @@ impl Filesystem for Mirror {
             return reply.error(Errno::ENOSPC);
         }
         let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
-        match self.on_all("write", data.len() >= PARALLEL_WRITE, |f| {
-            f.write_all_at(data, offset)
+        match self.on_all("write", data.len() >= PARALLEL_WRITE, |r| {
+            r.write_at(data, offset)
         }) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
@@ -390,7 +498,7 @@ impl Filesystem for Mirror {
         if self.read_only {
             return reply.ok();
         }
-        match self.on_all("fsync", true, |f| f.sync_data()) {
+        match self.on_all("fsync", true, |r| r.sync()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -406,7 +514,7 @@ impl Filesystem for Mirror {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        use nix::fcntl::{FallocateFlags, fallocate};
+        use nix::fcntl::FallocateFlags;
         if self.read_only {
             return reply.error(Errno::EROFS);
         }
@@ -418,9 +526,7 @@ impl Filesystem for Mirror {
             return reply.error(Errno::EOPNOTSUPP);
         }
         let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
-        match self.on_all("discard", false, |f| {
-            fallocate(f, flags, offset as i64, length as i64).map_err(std::io::Error::from)
-        }) {
+        match self.on_all("discard", false, |r| r.fallocate(flags, offset, length)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -440,7 +546,7 @@ fn serve_control(mirror: Arc<MirrorShared>, listener: UnixListener) {
 /// What the control socket needs of the engine, shared with the FUSE session.
 struct MirrorShared {
     pause: Arc<RwLock<()>>,
-    replicas: Vec<(PathBuf, Arc<AtomicBool>)>,
+    replicas: Vec<(ReplicaTarget, Arc<AtomicBool>)>,
 }
 
 fn control_session(shared: &MirrorShared, conn: UnixStream) {
@@ -465,7 +571,7 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
                     .replicas
                     .iter()
                     .filter(|(_, h)| h.load(Ordering::Acquire))
-                    .map(|(p, _)| p.display().to_string())
+                    .map(|(t, _)| t.to_string())
                     .collect();
                 format!("ok healthy {}", serde_json::json!(healthy))
             }
@@ -481,9 +587,9 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
 /// Opens the replicas, mounts the FUSE file over `export` and serves it until it is unmounted.
 /// `ready` runs once the file is mounted (the caller writes its pid file there).
 pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
-    if cfg.replicas.is_empty() {
+    if cfg.replicas.is_empty() && cfg.remotes.is_empty() {
         return Err(std::io::Error::other(
-            "the mirror engine needs at least one --replica",
+            "the mirror engine needs at least one --replica or --remote",
         ));
     }
     let mut replicas = Vec::new();
@@ -510,10 +616,29 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
             Some(_) => {}
         }
         replicas.push(Replica {
-            path: path.clone(),
-            file,
+            target: ReplicaTarget::Local(path.clone()),
+            backend: Backend::File(file),
             healthy: Arc::new(AtomicBool::new(true)),
         });
+    }
+    for target in &cfg.remotes {
+        let replica = connect_remote(target, cfg)?;
+        let len = match &replica.backend {
+            Backend::Nbd(c) => c.size(),
+            Backend::File(f) => f.metadata()?.len(),
+        };
+        match size {
+            None => size = Some(len),
+            Some(s) if s != len => {
+                return Err(std::io::Error::other(format!(
+                    "remote replica {target} has {len} bytes but the first replica has {s}: \
+                     the replicas of a volume have one size; grow or rebuild the smaller one \
+                     first"
+                )));
+            }
+            Some(_) => {}
+        }
+        replicas.push(replica);
     }
     let mirror = Mirror {
         replicas,
@@ -558,13 +683,42 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
     session.run()
 }
 
+/// Connects to a remote replica (an NBD export of another node's replica server).
+fn connect_remote(target: &ReplicaTarget, cfg: &MirrorConfig) -> std::io::Result<Replica> {
+    let ReplicaTarget::Nbd { host, port, export } = target else {
+        return Err(std::io::Error::other(format!(
+            "--remote {target}: not an nbd://host:port/export address"
+        )));
+    };
+    let client = nbd::NbdClient::connect(host, *port, export, cfg.replica_timeout).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "connecting to remote replica {target}: {e}; check that its node's replica \
+                 server runs and exports it, and that {host}:{port} is reachable from here"
+            ),
+        )
+    })?;
+    if client.read_only() && !cfg.read_only {
+        return Err(std::io::Error::other(format!(
+            "remote replica {target} is exported read-only, and the volume is served writable; \
+             export it writable (the replica server does) or serve the volume read-only"
+        )));
+    }
+    Ok(Replica {
+        target: target.clone(),
+        backend: Backend::Nbd(client),
+        healthy: Arc::new(AtomicBool::new(true)),
+    })
+}
+
 fn control_shared(mirror: &Mirror) -> Arc<MirrorShared> {
     Arc::new(MirrorShared {
         pause: mirror.pause.clone(),
         replicas: mirror
             .replicas
             .iter()
-            .map(|r| (r.path.clone(), r.healthy.clone()))
+            .map(|r| (r.target.clone(), r.healthy.clone()))
             .collect(),
     })
 }
@@ -591,8 +745,16 @@ pub struct MirrorArgs {
     #[arg(long)]
     pub export: PathBuf,
     /// A raw replica file; repeat for each, the one to read from first.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", required_unless_present = "remotes")]
     pub replicas: Vec<PathBuf>,
+    /// A replica on another node, `nbd://HOST:PORT/EXPORT` (its replica server's export);
+    /// repeat for each. Read only when no local replica answers.
+    #[arg(long = "remote", value_parser = parse_remote)]
+    pub remotes: Vec<ReplicaTarget>,
+    /// Seconds a remote replica may take to answer a request before it is dropped (the
+    /// `replica-timeout` setting).
+    #[arg(long, default_value_t = DEFAULT_REPLICA_TIMEOUT)]
+    pub replica_timeout: u64,
     /// Serve the file read only (writes and opens for writing are refused).
     #[arg(long)]
     pub read_only: bool,
@@ -625,6 +787,8 @@ impl MirrorArgs {
         MirrorConfig {
             export: self.export.clone(),
             replicas: self.replicas.clone(),
+            remotes: self.remotes.clone(),
+            replica_timeout: Duration::from_secs(self.replica_timeout.max(1)),
             read_only: self.read_only,
             threads: self.threads,
             direct_io: self.direct_io,
@@ -633,6 +797,13 @@ impl MirrorArgs {
             control: self.control.clone(),
         }
     }
+}
+
+/// `--remote`'s value: an `nbd://host:port/export` address.
+fn parse_remote(value: &str) -> Result<ReplicaTarget, String> {
+    ReplicaTarget::parse_nbd(value).ok_or_else(|| {
+        format!("{value:?} is not an NBD address; write nbd://HOST:PORT/EXPORT (IPv6: [HOST])")
+    })
 }
 
 /// How long `--daemonize` waits for the child to mount its file.
