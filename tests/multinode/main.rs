@@ -1289,7 +1289,8 @@ fn fio_at(dev: &Path, offset_mib: u64, mib: u64, verify_only: bool, rate: Option
 /// crc32c pattern reads back through attach, detach, re-attach and an attach on node-2 (where
 /// node-1's replica is the remote one). Then node-2's replica server is killed (kill -9) while
 /// fio writes: the writes go on, the replica is marked err with the engine's reason, the volume
-/// is degraded, and everything fio wrote verifies.
+/// is degraded, and everything fio wrote verifies; once detached the replica is rebuilt across
+/// the nodes, the two files are identical, and node-2 reads everything back from its own.
 #[tokio::test]
 async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the_remote() {
     let test = "a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the_remote";
@@ -1445,6 +1446,39 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
     fio_at(&dev, 0, 24, true, None);
     fio_at(&dev, 64, 16, true, None);
     detach_from(&c, &mut ctl, "mr", 0).await;
+
+    // Detached: the controller rebuilds node-2's replica from node-1's (raw, across nodes);
+    // rw again only once identical, and node-2's engine reads everything back from it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let v = loop {
+        let v = volume_record(&c, "mr").await;
+        if v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["mode"] == "rw")
+        {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rebuild: {v}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let paths: Vec<&str> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    let same = Command::new("cmp").args(&paths).status().unwrap();
+    assert!(same.success(), "the replicas differ after the rebuild: {v}");
+    let dev = attach_as(&c, &mut ctl, "mr", 1, block_cap()).await;
+    fio_at(&dev, 0, 24, true, None);
+    fio_at(&dev, 64, 16, true, None);
+    detach_from(&c, &mut ctl, "mr", 1).await;
 }
 
 /// The replica-timeout setting on a volume whose second replica is on another node: that node's
