@@ -164,9 +164,7 @@ impl Replica {
         use nix::fcntl::FallocateFlags as F;
         match &self.backend {
             Backend::File(_) => self.fallocate_file(flags, offset, len),
-            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_PUNCH_HOLE) => {
-                self.discard(offset, len)
-            }
+            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_PUNCH_HOLE) => self.discard(offset, len),
             Backend::Nbd(_) if flags.contains(F::FALLOC_FL_ZERO_RANGE) => {
                 self.write_zeroes(offset, len)
             }
@@ -690,15 +688,16 @@ fn connect_remote(target: &ReplicaTarget, cfg: &MirrorConfig) -> std::io::Result
             "--remote {target}: not an nbd://host:port/export address"
         )));
     };
-    let client = nbd::NbdClient::connect(host, *port, export, cfg.replica_timeout).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "connecting to remote replica {target}: {e}; check that its node's replica \
+    let client =
+        nbd::NbdClient::connect(host, *port, export, cfg.replica_timeout).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "connecting to remote replica {target}: {e}; check that its node's replica \
                  server runs and exports it, and that {host}:{port} is reachable from here"
-            ),
-        )
-    })?;
+                ),
+            )
+        })?;
     if client.read_only() && !cfg.read_only {
         return Err(std::io::Error::other(format!(
             "remote replica {target} is exported read-only, and the volume is served writable; \

@@ -845,9 +845,7 @@ fn attach_engine(volume: EngineKind, targets: &[ReplicaTarget]) -> EngineKind {
     match targets {
         [t] if raw(t) => EngineKind::Loop,
         [_, _, ..] if targets.iter().all(raw) => EngineKind::Mirror,
-        [_, ..]
-            if volume == EngineKind::Mirror && targets.iter().all(|t| raw(t) || remote(t)) =>
-        {
+        [_, ..] if volume == EngineKind::Mirror && targets.iter().all(|t| raw(t) || remote(t)) => {
             EngineKind::Mirror
         }
         _ => EngineKind::Qemu,

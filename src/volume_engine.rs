@@ -231,7 +231,12 @@ mod tests {
             // Degraded at birth (fewer disks than replicas): still a quorum volume.
             (Auto, 2, vec![xfs.clone()], Qemu),
             (Pinned(Mirror), 2, vec![xfs.clone(), xfs.clone()], Mirror),
-            (Pinned(Mirror), 2, vec![xfs.clone(), other_node.clone()], Mirror),
+            (
+                Pinned(Mirror),
+                2,
+                vec![xfs.clone(), other_node.clone()],
+                Mirror,
+            ),
             (Pinned(Qemu), 1, vec![xfs.clone()], Qemu),
             (Pinned(Loop), 1, vec![xfs.clone()], Loop),
         ];

@@ -494,8 +494,11 @@ async fn cluster_volume(
             .to_string(),
     };
     let p = publish_until_ready(ctl, &id, &node, &cap, Duration::from_secs(60)).await?;
-    let mut node_csi =
-        csi_connect(&format!("unix://{}", dir.join(&node).join("csi.sock").display())).await?;
+    let mut node_csi = csi_connect(&format!(
+        "unix://{}",
+        dir.join(&node).join("csi.sock").display()
+    ))
+    .await?;
     let staging = dir.join(format!("staging-{name}"));
     let target = dir.join(format!("target-{name}"));
     std::fs::create_dir_all(&staging)?;
@@ -532,8 +535,17 @@ async fn mirror_remote_runs(
             one_rec["spec"]["engine"]
         ),
     );
-    let (two, two_rec) =
-        cluster_volume(b, cluster, &mut ctl, dir, "vio-remote", "2", Some("n1"), len).await?;
+    let (two, two_rec) = cluster_volume(
+        b,
+        cluster,
+        &mut ctl,
+        dir,
+        "vio-remote",
+        "2",
+        Some("n1"),
+        len,
+    )
+    .await?;
     let mut nodes: Vec<&str> = two_rec["replicas"]
         .as_array()
         .map(|a| a.iter().filter_map(|r| r["nodeId"].as_str()).collect())
@@ -560,8 +572,7 @@ async fn mirror_remote_runs(
     );
     let result = async {
         let plain = plain_loop(&dir.join("n1"), len).await?;
-        let one_side =
-            verified_side_of("bicsi loop (1 replica)", &one, len, one_rec).await;
+        let one_side = verified_side_of("bicsi loop (1 replica)", &one, len, one_rec).await;
         let two_side =
             verified_side_of("bicsi mirror (2 replicas, 1 remote)", &two, len, two_rec).await;
         let sides = vec![plain, one_side, two_side];

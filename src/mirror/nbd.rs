@@ -432,11 +432,7 @@ impl NbdClient {
             let mut head = [0u8; 28];
             head[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
             head[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-            let mut w = self
-                .shared
-                .writer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
             let _ = w.write_all(&head);
         }
         self.shared.kill("closed by the engine");

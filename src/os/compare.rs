@@ -86,7 +86,9 @@ pub fn copy_from(
         && format == crate::os::ImageFormat::Qcow2
     {
         // The new file is an overlay of this disk's file of the image, like every replica.
-        cmd.arg("-B").arg(file).args(["-F", backing_format.as_str()]);
+        cmd.arg("-B")
+            .arg(file)
+            .args(["-F", backing_format.as_str()]);
     }
     cmd.arg(&src).arg(&tmp).env("LC_ALL", "C");
     let out = cmd.output().map_err(|e| spawn_error(&cmd, e))?;

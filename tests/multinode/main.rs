@@ -159,7 +159,10 @@ impl TestCluster {
     /// the same path; the agent is stopped meanwhile and waited for once it is back).
     pub async fn xfs_disk(&mut self, i: usize, bytes: u64) {
         self.stop_node(i);
-        let image = self.dir.path().join(format!("xfs-{}.img", self.nodes[i].id));
+        let image = self
+            .dir
+            .path()
+            .join(format!("xfs-{}.img", self.nodes[i].id));
         std::fs::File::create(&image)
             .unwrap()
             .set_len(bytes)
@@ -1399,7 +1402,9 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    writer.join().expect("fio's writes go on without the remote replica");
+    writer
+        .join()
+        .expect("fio's writes go on without the remote replica");
     let deadline = Instant::now() + Duration::from_secs(10);
     let remote = loop {
         let v = volume_record(&c, "mr").await;
@@ -1433,7 +1438,10 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         .unwrap()
         .volume_condition
         .unwrap();
-    assert!(cond.abnormal && cond.message.contains("degraded"), "{cond:?}");
+    assert!(
+        cond.abnormal && cond.message.contains("degraded"),
+        "{cond:?}"
+    );
     let local = volume_record(&c, "mr").await["replicas"]
         .as_array()
         .unwrap()
@@ -1460,11 +1468,7 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         {
             break v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no rebuild: {v}\n{}",
-            c.logs()
-        );
+        assert!(Instant::now() < deadline, "no rebuild: {v}\n{}", c.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let paths: Vec<&str> = v["replicas"]

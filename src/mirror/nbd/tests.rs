@@ -39,8 +39,22 @@ impl Server {
             .unwrap()
             .port();
         let out = Command::new("qemu-nbd")
-            .args(["--fork", "--persistent", "--shared=8", "-f", "raw", "-x", "r1"])
-            .args(["--bind", HOST, "--port", &port.to_string(), "--cache=writeback"])
+            .args([
+                "--fork",
+                "--persistent",
+                "--shared=8",
+                "-f",
+                "raw",
+                "-x",
+                "r1",
+            ])
+            .args([
+                "--bind",
+                HOST,
+                "--port",
+                &port.to_string(),
+                "--cache=writeback",
+            ])
             .args(["--discard=unmap"])
             .arg("--pid-file")
             .arg(&pid_file)
@@ -130,7 +144,11 @@ fn reads_and_writes_a_qemu_nbd_export() {
     c.read_at(&mut z, 4096 + 17).unwrap();
     assert!(z.iter().all(|b| *b == 0), "zeroed range reads non-zero");
     c.flush().unwrap();
-    assert!(file_bytes(&server.file, 4096 + 17, 4096).iter().all(|b| *b == 0));
+    assert!(
+        file_bytes(&server.file, 4096 + 17, 4096)
+            .iter()
+            .all(|b| *b == 0)
+    );
 }
 
 #[test]
@@ -181,7 +199,10 @@ fn an_unknown_export_is_refused_with_its_name() {
         .unwrap()
         .port();
     let e = NbdClient::connect(HOST, free, "r1", Duration::from_secs(2)).unwrap_err();
-    assert!(e.to_string().contains(&format!("nbd://{HOST}:{free}/r1")), "{e}");
+    assert!(
+        e.to_string().contains(&format!("nbd://{HOST}:{free}/r1")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -221,7 +242,10 @@ fn a_server_killed_mid_request_fails_every_request_at_once() {
     });
     for (after, e) in &failed {
         // Far below the 30 s timeout: the dropped connection fails them, not the clock.
-        assert!(*after < Duration::from_secs(5), "failed {after:?} after the kill: {e}");
+        assert!(
+            *after < Duration::from_secs(5),
+            "failed {after:?} after the kill: {e}"
+        );
     }
     // Later requests fail at once, naming why.
     let t = Instant::now();
