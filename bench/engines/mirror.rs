@@ -468,16 +468,27 @@ impl Attached {
 
 /// Creates a block volume `name` of the cluster with `replicas`, checks its engine is `engine`,
 /// and attaches it on `node` (None: the node of its first replica). Returns it and its record.
+/// A volume to create in the cluster: its name, number of replicas and the node to attach it on
+/// (None: the node of its first replica).
+struct Wanted<'a> {
+    name: &'a str,
+    replicas: &'a str,
+    node: Option<&'a str>,
+}
+
 async fn cluster_volume(
     b: &Bench,
     cluster: &Cluster,
     ctl: &mut CsiClient,
     dir: &Path,
-    name: &str,
-    replicas: &str,
-    node: Option<&str>,
+    want: Wanted<'_>,
     len: u64,
 ) -> Res<(Attached, serde_json::Value)> {
+    let Wanted {
+        name,
+        replicas,
+        node,
+    } = want;
     let cap = block_capability();
     let id = create_block_volume(ctl, name, len, &[("numberOfReplicas", replicas)]).await?;
     let volumes = api_get(&b.http, &cluster.api, "/v1/volumes").await?;
@@ -526,8 +537,19 @@ async fn mirror_remote_runs(
 ) -> Res<()> {
     let path = "volume-io-mirror-remote";
     let mut ctl = csi_connect(&cluster.csi).await?;
-    let (one, one_rec) =
-        cluster_volume(b, cluster, &mut ctl, dir, "vio-one", "1", None, len).await?;
+    let (one, one_rec) = cluster_volume(
+        b,
+        cluster,
+        &mut ctl,
+        dir,
+        Wanted {
+            name: "vio-one",
+            replicas: "1",
+            node: None,
+        },
+        len,
+    )
+    .await?;
     checks.check(
         one_rec["spec"]["engine"] == "loop",
         format!(
@@ -540,9 +562,11 @@ async fn mirror_remote_runs(
         cluster,
         &mut ctl,
         dir,
-        "vio-remote",
-        "2",
-        Some("n1"),
+        Wanted {
+            name: "vio-remote",
+            replicas: "2",
+            node: Some("n1"),
+        },
         len,
     )
     .await?;
