@@ -615,7 +615,7 @@ async fn mirror_remote_runs(
             if job.rw.contains("write") && job.qd == 32 {
                 let bw = |s: usize| median(res[s][j].iter().map(|r| r.1).collect());
                 println!(
-                    "  {} qd32: 2 replicas (1 remote) / 1 replica = {:.2} (target >= 0.5)",
+                    "  {}: 2 replicas (1 remote) / 1 replica = {:.2} (target >= 0.5)",
                     job.name(),
                     bw(2) / bw(1)
                 );
