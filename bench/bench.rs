@@ -183,6 +183,10 @@ enum PathName {
     /// The mirror engine as it ships: a 2-replica bicsi volume on two XFS disks (engine chosen
     /// automatically), same jobs, and the engine's resident memory.
     VolumeIoMirror,
+    /// The mirror engine with a remote replica: a controller and two node agents on 127.0.0.1
+    /// (an XFS disk each), a 2-replica volume attached on the first (its second replica over the
+    /// engine's NBD client) vs a 1-replica loop-engine volume, same jobs.
+    VolumeIoMirrorRemote,
 }
 
 impl PathName {
@@ -203,6 +207,7 @@ impl PathName {
                         | PathName::RebuildOnline
                         | PathName::VolumeIoMirrorTuned
                         | PathName::VolumeIoMirror
+                        | PathName::VolumeIoMirrorRemote
                 )
             })
             .collect()
@@ -443,6 +448,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::RebuildOnline => rebuild_online::rebuild_online(b, checks).await,
         PathName::VolumeIoMirrorTuned => engines::mirror_tuned(b, checks).await,
         PathName::VolumeIoMirror => engines::mirror_engine(b, checks).await,
+        PathName::VolumeIoMirrorRemote => engines::mirror_remote(b, checks).await,
     }
 }
 

@@ -31,6 +31,13 @@
 //! and progress (also on `status`), `promote PATH FINAL` makes a complete one a replica under
 //! its final name once the node agent renamed it, `drop PATH` forgets one. The argument that a
 //! copy of old data never lands over a newer write is in `rebuild`'s module doc.
+//! Remote replicas (`--remote nbd://host:port/export`, issue 14's replicas on several nodes):
+//! another node's replica server exports the raw replica over NBD and this engine reads and
+//! writes it with its own client (`nbd`: one connection, many requests in flight). Each replica
+//! is a `Replica` with a backend, a local file or an NBD connection, behind the same small
+//! methods, so the rules above hold for both: a remote replica whose request fails, whose
+//! connection drops, or that does not answer within `--replica-timeout` seconds is dropped and
+//! recorded like a local one. Reads go to the local replicas first (they come first).
 //!
 //! It must not resize (the replicas grow offline; the file's size is the replicas' at start),
 //! must not touch loop devices or mounts other than its own export, and keeps no state that is
@@ -57,6 +64,7 @@ use fuser::{
 use crate::os::ReplicaTarget;
 use crate::os::engine::events::FaultRecord;
 
+mod nbd;
 mod rebuild;
 
 pub use rebuild::TargetState;
@@ -69,6 +77,9 @@ pub const MAX_REQUEST: u32 = 1 << 20;
 pub const PARALLEL_WRITE: usize = 64 * 1024;
 /// FUSE worker threads when the command line does not say.
 pub const DEFAULT_THREADS: usize = 4;
+/// Seconds a remote replica may take to answer when the command line does not say (the
+/// `replica-timeout` setting's default).
+pub const DEFAULT_REPLICA_TIMEOUT: u64 = 8;
 
 /// How the engine serves its file: the knobs measured by `bench/run --path volume-io-mirror`.
 #[derive(Clone, Debug)]
@@ -77,6 +88,10 @@ pub struct MirrorConfig {
     pub export: PathBuf,
     /// The raw replica files, the preferred one for reads first.
     pub replicas: Vec<PathBuf>,
+    /// Replicas on other nodes (`ReplicaTarget::Nbd`), read only when no local one answers.
+    pub remotes: Vec<ReplicaTarget>,
+    /// How long a remote replica may take to answer a request before it is dropped.
+    pub replica_timeout: Duration,
     pub read_only: bool,
     /// FUSE worker threads (each with its own cloned /dev/fuse descriptor).
     pub threads: usize,
@@ -91,15 +106,24 @@ pub struct MirrorConfig {
     pub control: Option<PathBuf>,
 }
 
-/// One replica file and whether it still gets requests.
+/// Where a replica's bytes are.
+enum Backend {
+    File(File),
+    Nbd(nbd::NbdClient),
+}
+
+/// One replica and whether it still gets requests.
 struct Replica {
+    /// A local replica's file, or a remote one's `nbd://` address as a path (for messages and
+    /// the online rebuild's names).
     path: PathBuf,
-    file: File,
+    target: ReplicaTarget,
+    backend: Backend,
     healthy: Arc<AtomicBool>,
 }
 
-/// The replica I/O the engine does, in one place.
 impl Replica {
+    /// Opens a local replica file; returns it with the file's length.
     fn open(path: &Path, read_only: bool) -> std::io::Result<(Replica, u64)> {
         let file = OpenOptions::new()
             .read(true)
@@ -111,39 +135,117 @@ impl Replica {
         let len = file.metadata()?.len();
         let replica = Replica {
             path: path.to_path_buf(),
-            file,
+            target: ReplicaTarget::Local(path.to_path_buf()),
+            backend: Backend::File(file),
             healthy: Arc::new(AtomicBool::new(true)),
         };
         Ok((replica, len))
     }
 
-    /// Fills `buf` from `offset`; zeros past the end of the file.
+    /// The local file (tests of the online rebuild write into it behind the engine's back).
+    #[cfg(test)]
+    fn file(&self) -> &File {
+        match &self.backend {
+            Backend::File(f) => f,
+            Backend::Nbd(_) => panic!("{} is not a local replica", self.target),
+        }
+    }
+
+    /// The data extents within `[from, to)`: a local file's (SEEK_DATA/SEEK_HOLE); a remote
+    /// replica's is the whole range (NBD's simple replies say nothing of holes).
+    fn data_extents(&self, from: u64, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
+        match &self.backend {
+            Backend::File(f) => crate::sync::extents_in(f, from, to),
+            Backend::Nbd(_) => Ok(if to > from {
+                vec![crate::sync::Extent {
+                    offset: from,
+                    len: to - from,
+                }]
+            } else {
+                Vec::new()
+            }),
+        }
+    }
+
+    /// Fills `buf` from `offset` (zeros past the end of a file).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        read_full(&self.file, buf, offset)
+        match &self.backend {
+            Backend::File(f) => read_full(f, buf, offset),
+            Backend::Nbd(c) => c.read_at(buf, offset),
+        }
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(data, offset)
+        match &self.backend {
+            Backend::File(f) => f.write_all_at(data, offset),
+            Backend::Nbd(c) => c.write_at(data, offset, false),
+        }
     }
 
-    /// fallocate(2) with `flags` (a punch or a zeroing that keeps the size).
-    fn discard(
+    /// Frees the range; it reads back as zeros (a punched hole).
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(_) => self.fallocate_file(
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            Backend::Nbd(c) => c.write_zeroes(offset, len, true),
+        }
+    }
+
+    /// Makes the range read as zeros, keeping it allocated.
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(_) => self.fallocate_file(
+                nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            Backend::Nbd(c) => c.write_zeroes(offset, len, false),
+        }
+    }
+
+    /// What an fallocate(2) of the volume file does to this replica: a local file gets the
+    /// same call; a remote one gets the punch or zeroing it means (an allocation is a hint
+    /// an NBD server has no request for).
+    fn fallocate(
         &self,
         flags: nix::fcntl::FallocateFlags,
         offset: u64,
-        length: u64,
+        len: u64,
     ) -> std::io::Result<()> {
-        nix::fcntl::fallocate(&self.file, flags, offset as i64, length as i64)
-            .map_err(std::io::Error::from)
+        use nix::fcntl::FallocateFlags as F;
+        match &self.backend {
+            Backend::File(_) => self.fallocate_file(flags, offset, len),
+            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_PUNCH_HOLE) => self.discard(offset, len),
+            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_ZERO_RANGE) => {
+                self.write_zeroes(offset, len)
+            }
+            Backend::Nbd(_) => Ok(()),
+        }
     }
 
+    fn fallocate_file(
+        &self,
+        flags: nix::fcntl::FallocateFlags,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        let Backend::File(f) = &self.backend else {
+            return Err(std::io::Error::other("not a local replica"));
+        };
+        nix::fcntl::fallocate(f, flags, offset as i64, len as i64).map_err(std::io::Error::from)
+    }
+
+    /// Makes every acknowledged write durable (fdatasync, or an NBD FLUSH).
     fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-
-    /// The data extents of the file within `[from, to)`.
-    fn data_extents(&self, from: u64, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
-        crate::sync::extents_in(&self.file, from, to)
+        match &self.backend {
+            Backend::File(f) => f.sync_data(),
+            Backend::Nbd(c) => c.flush(),
+        }
     }
 }
 
@@ -209,21 +311,21 @@ impl Mirror {
         if !r.healthy.swap(false, Ordering::AcqRel) {
             return;
         }
-        self.record_fault(&r.path, operation, error);
+        self.record_fault(&r.target, operation, error);
     }
 
     /// Says why the replica `replica` was dropped and appends it, fsync'ed, to the fault file.
-    fn record_fault(&self, replica: &Path, operation: &str, error: &std::io::Error) {
+    fn record_fault(&self, target: &ReplicaTarget, operation: &str, error: &std::io::Error) {
         let reason = format!(
             "the mirror engine dropped replica {} after a failed {operation}: {error}",
-            replica.display()
+            target
         );
         eprintln!("bicsi mirror: {reason}");
         let Some(path) = &self.faults else {
             return;
         };
         let record = FaultRecord {
-            target: ReplicaTarget::Local(replica.to_path_buf()),
+            target: target.clone(),
             reason,
             at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -308,7 +410,7 @@ impl Mirror {
             if let Err(e) = r {
                 let why = format!("a {operation} failed: {e}");
                 if t.fail(why.clone()) == Some(true) {
-                    self.record_fault(&t.name(), operation, e);
+                    self.record_fault(&ReplicaTarget::Local(t.name()), operation, e);
                 } else {
                     eprintln!(
                         "bicsi mirror: dropped rebuild target {}: {why}",
@@ -336,7 +438,7 @@ impl Mirror {
                 Ok(()) => return Ok(buf),
                 Err(e) => {
                     if t.fail(format!("a read failed: {e}")).is_some() {
-                        self.record_fault(&t.name(), "read", &e);
+                        self.record_fault(&ReplicaTarget::Local(t.name()), "read", &e);
                     }
                 }
             }
@@ -522,7 +624,7 @@ impl Filesystem for Mirror {
         }
         let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
         let _chunks = self.targets.lock_range(offset, length);
-        match self.on_all("discard", false, |r| r.discard(flags, offset, length)) {
+        match self.on_all("discard", false, |r| r.fallocate(flags, offset, length)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -542,7 +644,7 @@ fn serve_control(mirror: Arc<MirrorShared>, listener: UnixListener) {
 /// What the control socket needs of the engine, shared with the FUSE session.
 struct MirrorShared {
     pause: Arc<RwLock<()>>,
-    replicas: Vec<(PathBuf, Arc<AtomicBool>)>,
+    replicas: Vec<(ReplicaTarget, Arc<AtomicBool>)>,
     sources: Arc<Vec<Replica>>,
     targets: Arc<rebuild::Targets>,
     size: u64,
@@ -556,7 +658,11 @@ impl MirrorShared {
         if self.read_only {
             return Err("the engine serves its volume read only; nothing to rebuild".into());
         }
-        if self.replicas.iter().any(|(p, _)| p == path) {
+        if self
+            .replicas
+            .iter()
+            .any(|(t, _)| matches!(t, ReplicaTarget::Local(p) if p == path))
+        {
             return Err(format!(
                 "{} is one of the engine's replicas; add a new file (a temporary name)",
                 path.display()
@@ -643,7 +749,7 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
                     .replicas
                     .iter()
                     .filter(|(_, h)| h.load(Ordering::Acquire))
-                    .map(|(p, _)| p.display().to_string())
+                    .map(|(t, _)| t.to_string())
                     .chain(
                         shared
                             .targets
@@ -687,9 +793,9 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
 /// Opens the replicas, mounts the FUSE file over `export` and serves it until it is unmounted.
 /// `ready` runs once the file is mounted (the caller writes its pid file there).
 pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
-    if cfg.replicas.is_empty() {
+    if cfg.replicas.is_empty() && cfg.remotes.is_empty() {
         return Err(std::io::Error::other(
-            "the mirror engine needs at least one --replica",
+            "the mirror engine needs at least one --replica or --remote",
         ));
     }
     let mut replicas = Vec::new();
@@ -704,6 +810,25 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
                      one size; grow or rebuild the smaller one first",
                     path.display(),
                     cfg.replicas[0].display()
+                )));
+            }
+            Some(_) => {}
+        }
+        replicas.push(replica);
+    }
+    for target in &cfg.remotes {
+        let replica = connect_remote(target, cfg)?;
+        let len = match &replica.backend {
+            Backend::Nbd(c) => c.size(),
+            Backend::File(f) => f.metadata()?.len(),
+        };
+        match size {
+            None => size = Some(len),
+            Some(s) if s != len => {
+                return Err(std::io::Error::other(format!(
+                    "remote replica {target} has {len} bytes but the first replica has {s}: \
+                     the replicas of a volume have one size; grow or rebuild the smaller one \
+                     first"
                 )));
             }
             Some(_) => {}
@@ -754,13 +879,44 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
     session.run()
 }
 
+/// Connects to a remote replica (an NBD export of another node's replica server).
+fn connect_remote(target: &ReplicaTarget, cfg: &MirrorConfig) -> std::io::Result<Replica> {
+    let ReplicaTarget::Nbd { host, port, export } = target else {
+        return Err(std::io::Error::other(format!(
+            "--remote {target}: not an nbd://host:port/export address"
+        )));
+    };
+    let client =
+        nbd::NbdClient::connect(host, *port, export, cfg.replica_timeout).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "connecting to remote replica {target}: {e}; check that its node's replica \
+                 server runs and exports it, and that {host}:{port} is reachable from here"
+                ),
+            )
+        })?;
+    if client.read_only() && !cfg.read_only {
+        return Err(std::io::Error::other(format!(
+            "remote replica {target} is exported read-only, and the volume is served writable; \
+             export it writable (the replica server does) or serve the volume read-only"
+        )));
+    }
+    Ok(Replica {
+        path: PathBuf::from(target.to_string()),
+        target: target.clone(),
+        backend: Backend::Nbd(client),
+        healthy: Arc::new(AtomicBool::new(true)),
+    })
+}
+
 fn control_shared(mirror: &Mirror) -> Arc<MirrorShared> {
     Arc::new(MirrorShared {
         pause: mirror.pause.clone(),
         replicas: mirror
             .replicas
             .iter()
-            .map(|r| (r.path.clone(), r.healthy.clone()))
+            .map(|r| (r.target.clone(), r.healthy.clone()))
             .collect(),
         sources: mirror.replicas.clone(),
         targets: mirror.targets.clone(),
@@ -791,8 +947,16 @@ pub struct MirrorArgs {
     #[arg(long)]
     pub export: PathBuf,
     /// A raw replica file; repeat for each, the one to read from first.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", required_unless_present = "remotes")]
     pub replicas: Vec<PathBuf>,
+    /// A replica on another node, `nbd://HOST:PORT/EXPORT` (its replica server's export);
+    /// repeat for each. Read only when no local replica answers.
+    #[arg(long = "remote", value_parser = parse_remote)]
+    pub remotes: Vec<ReplicaTarget>,
+    /// Seconds a remote replica may take to answer a request before it is dropped (the
+    /// `replica-timeout` setting).
+    #[arg(long, default_value_t = DEFAULT_REPLICA_TIMEOUT)]
+    pub replica_timeout: u64,
     /// Serve the file read only (writes and opens for writing are refused).
     #[arg(long)]
     pub read_only: bool,
@@ -825,6 +989,8 @@ impl MirrorArgs {
         MirrorConfig {
             export: self.export.clone(),
             replicas: self.replicas.clone(),
+            remotes: self.remotes.clone(),
+            replica_timeout: Duration::from_secs(self.replica_timeout.max(1)),
             read_only: self.read_only,
             threads: self.threads,
             direct_io: self.direct_io,
@@ -833,6 +999,13 @@ impl MirrorArgs {
             control: self.control.clone(),
         }
     }
+}
+
+/// `--remote`'s value: an `nbd://host:port/export` address.
+fn parse_remote(value: &str) -> Result<ReplicaTarget, String> {
+    ReplicaTarget::parse_nbd(value).ok_or_else(|| {
+        format!("{value:?} is not an NBD address; write nbd://HOST:PORT/EXPORT (IPv6: [HOST])")
+    })
 }
 
 /// How long `--daemonize` waits for the child to mount its file.

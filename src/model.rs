@@ -90,8 +90,9 @@ impl Capability {
 /// What serves a volume's replicas as a block device (see `crate::volume_engine` for how it is
 /// chosen): `qemu`, qemu-storage-daemon over qcow2 replicas (several replicas, remote ones),
 /// exported over FUSE with a loop device on the export; `loop`, one raw replica file with a loop
-/// device straight on it and no engine process; `mirror`, several raw replica files on one node
-/// served by bicsi's own engine process over FUSE (`crate::mirror`), a loop device on its file.
+/// device straight on it and no engine process; `mirror`, several raw replicas (files on the
+/// attaching node, NBD exports of the others) served by bicsi's own engine process over FUSE
+/// (`crate::mirror`), a loop device on its file.
 /// Records written before engines could be chosen read as `qemu`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -352,7 +352,7 @@ impl NodeAgent {
                 ReplicaTarget::Nbd { .. } => None,
             })
             .collect();
-        let engine = attach_engine(&targets);
+        let engine = attach_engine(volume.spec.engine, &targets);
         let read_only = capability.mode.is_read_only();
         let prior = self.record(volume_id)?;
         let rec = NodeVolume {
@@ -371,10 +371,22 @@ impl NodeAgent {
         };
         let fs_type = default_fs(&capability, &volume);
         let repair = prior.is_some();
+        let replica_timeout = std::time::Duration::from_secs(
+            crate::settings::Settings::new(self.volumes.clone())
+                .value_or_default(crate::settings::REPLICA_TIMEOUT)
+                .max(1),
+        );
         let (os, data_dir, local) = (self.os.clone(), self.data_dir.clone(), self.local.clone());
         let rec = blocking(move || {
             let mut done = StageSteps::default();
-            let result = stage_steps(&os, rec.clone(), &fs_type, read_only, &mut done)
+            let result = stage_steps(
+                &os,
+                rec.clone(),
+                &fs_type,
+                read_only,
+                replica_timeout,
+                &mut done,
+            )
                 .and_then(|rec| {
                     local.put(Kind::NodeVolume, &rec.volume_id, &rec)?;
                     Ok(rec)
@@ -743,25 +755,31 @@ impl StageSteps {
 
 /// Engine, loop device, filesystem and staging mount of `rec`, each step skipped when it is in
 /// place already; `done` learns each step as it is taken, so a failure can be undone.
+/// `replica_timeout`: the `replica-timeout` setting, for the mirror engine's remote replicas.
 fn stage_steps(
     os: &Os,
     mut rec: NodeVolume,
     fs_type: &str,
     read_only: bool,
+    replica_timeout: std::time::Duration,
     done: &mut StageSteps,
 ) -> Result<NodeVolume> {
     let file = match (rec.engine, rec.replicas.first()) {
         (EngineKind::Loop, Some(replica)) => replica.clone(),
         _ => {
             done.engine = os.engine.status(&rec.engine_dir)?.is_none();
-            os.engine
-                .start_volume(&VolumeEngineSpec {
-                    volume_id: rec.volume_id.clone(),
-                    replicas: rec.targets.clone(),
-                    run_dir: rec.engine_dir.clone(),
-                    read_only,
-                })?
-                .export_path
+            let spec = VolumeEngineSpec {
+                volume_id: rec.volume_id.clone(),
+                replicas: rec.targets.clone(),
+                run_dir: rec.engine_dir.clone(),
+                read_only,
+            };
+            let state = if rec.engine == EngineKind::Mirror {
+                os.engine.start_mirror(&spec, replica_timeout)?
+            } else {
+                os.engine.start_volume(&spec)?
+            };
+            state.export_path
         }
     };
     done.loop_device = os.loops.find(&file)?.is_none();
@@ -816,14 +834,20 @@ fn stage_steps(
     Ok(rec)
 }
 
-/// The engine that serves an attach with these children: `loop` for a single local raw replica
-/// (the loop engine on its own node), `mirror` for several local raw replicas, `qemu` for
-/// everything else.
-fn attach_engine(targets: &[ReplicaTarget]) -> EngineKind {
+/// The engine that serves an attach of a volume of engine `volume` with these children: `loop`
+/// for a single local raw replica (the loop engine on its own node), `mirror` for several local
+/// raw replicas, and for a mirror volume whose children are raw files here and replicas of
+/// other nodes (over NBD, all of them when this node holds none), `qemu` for everything else
+/// (a loop volume attached on another node, qcow2 replicas).
+fn attach_engine(volume: EngineKind, targets: &[ReplicaTarget]) -> EngineKind {
     let raw = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw);
+    let remote = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Nbd { .. });
     match targets {
         [t] if raw(t) => EngineKind::Loop,
         [_, _, ..] if targets.iter().all(raw) => EngineKind::Mirror,
+        [_, ..] if volume == EngineKind::Mirror && targets.iter().all(|t| raw(t) || remote(t)) => {
+            EngineKind::Mirror
+        }
         _ => EngineKind::Qemu,
     }
 }

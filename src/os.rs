@@ -256,6 +256,31 @@ impl std::fmt::Display for ReplicaTarget {
     }
 }
 
+impl ReplicaTarget {
+    /// An NBD child read back from its `Display` form, `nbd://host:port/export` (IPv6 hosts in
+    /// brackets); None for anything else. The export is everything after the port's slash.
+    pub fn parse_nbd(value: &str) -> Option<ReplicaTarget> {
+        let rest = value.strip_prefix("nbd://")?;
+        let (authority, export) = rest.split_once('/')?;
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, port) = v6.split_once("]:")?;
+                (host, port)
+            }
+            None => authority.rsplit_once(':')?,
+        };
+        let port: u16 = port.parse().ok()?;
+        if host.is_empty() || export.is_empty() || port == 0 {
+            return None;
+        }
+        Some(ReplicaTarget::Nbd {
+            host: host.to_string(),
+            port,
+            export: export.to_string(),
+        })
+    }
+}
+
 /// `EngineSpec` with replicas that may live on other nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeEngineSpec {
@@ -333,6 +358,17 @@ pub trait Engine: Send + Sync {
     /// left behind while the volume keeps working from the others (see `volume_status`). Stop it
     /// with `stop`, before the replica servers it uses.
     fn start_volume(&self, spec: &VolumeEngineSpec) -> OsResult<EngineState>;
+    /// `start_volume` with bicsi's mirror engine (`crate::mirror`) for a volume of that engine:
+    /// local children must be raw files, NBD children are read by the engine's own client, and
+    /// one that does not answer within `replica_timeout` is dropped (recorded in the run
+    /// directory's fault file). Engines without it start the volume their own way.
+    fn start_mirror(
+        &self,
+        spec: &VolumeEngineSpec,
+        _replica_timeout: std::time::Duration,
+    ) -> OsResult<EngineState> {
+        self.start_volume(spec)
+    }
     /// The live engine in `run_dir` with all its children, local and remote, and what its NBD
     /// client saw of the remote ones; None as for `status`.
     fn volume_status(&self, run_dir: &Path) -> OsResult<Option<VolumeEngineState>>;
@@ -729,6 +765,34 @@ pub(crate) mod testutil {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nbd_targets_read_back_from_their_display() {
+        for t in [
+            ReplicaTarget::Nbd {
+                host: "127.0.0.1".into(),
+                port: 10809,
+                export: "pvc-1-r0".into(),
+            },
+            ReplicaTarget::Nbd {
+                host: "fd00::1".into(),
+                port: 1,
+                export: "a/b".into(),
+            },
+        ] {
+            assert_eq!(ReplicaTarget::parse_nbd(&t.to_string()), Some(t));
+        }
+        for bad in [
+            "/d/r.raw",
+            "nbd://h:0/x",
+            "nbd://h:1/",
+            "nbd://:1/x",
+            "nbd://h/x",
+            "nbd://h:port/x",
+        ] {
+            assert_eq!(ReplicaTarget::parse_nbd(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn display_command_quotes_what_a_shell_would_split() {

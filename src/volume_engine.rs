@@ -22,15 +22,14 @@
 //!   attaching node over NBD (the replica server opens the raw file with the raw driver), so it
 //!   keeps working anywhere; the node record says which engine serves each attach.
 //!
-//! - `mirror` (bicsi's own engine process, `crate::mirror`) serves several raw replicas on ONE
-//!   node: writes go to every replica file, reads to one, over a multi-threaded FUSE file with a
-//!   direct-I/O loop device on it (README, volume-io-mirror). `auto` gives it to a volume with
-//!   several replicas when every replica landed on the same node and on disks that share blocks
-//!   (so that, as for `loop`, images are reflink clones and a snapshot of an attached volume is
-//!   one FICLONE while the engine holds writes). Replicas on several nodes stay on `qemu`: the
-//!   mirror engine has no NBD client yet, and qemu reads raw replicas of other nodes only as a
-//!   whole-volume NBD child. Placement is not changed for it: replicas still go to distinct nodes
-//!   first, so on a cluster of several nodes `auto` keeps choosing `qemu` for them.
+//! - `mirror` (bicsi's own engine process, `crate::mirror`) serves several raw replicas: writes
+//!   go to every replica, reads to a local one, over a multi-threaded FUSE file with a
+//!   direct-I/O loop device on it (README, volume-io-mirror). Replicas on the attaching node are
+//!   files; those on other nodes are exported raw by their node's replica server and reached by
+//!   the engine's own NBD client (README, volume-io-mirror-remote). `auto` gives it to a volume
+//!   with several replicas when every replica landed on a disk that shares blocks, on one node
+//!   or several (so that, as for `loop`, images are reflink clones and a snapshot of a replica is
+//!   a FICLONE). Placement is not changed for it: replicas still go to distinct nodes first.
 //!
 //! It must not touch disks or processes: it decides from what the node agents report.
 
@@ -68,7 +67,7 @@ impl EngineChoice {
 /// The disks a volume's replicas may go on: all of them, except for a volume pinned to `loop`,
 /// whose single replica needs a disk that shares blocks (FailedPrecondition naming the disks
 /// and the fix when there is none), and one pinned to `mirror`, whose replicas need such disks
-/// on one node (the node with the most of them).
+/// (on any node: replicas of other nodes are reached over NBD).
 pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Vec<DiskSpace>> {
     let raw = [
         EngineChoice::Pinned(EngineKind::Loop),
@@ -99,25 +98,6 @@ pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Ve
             names.join(", ")
         )));
     }
-    if choice == EngineChoice::Pinned(EngineKind::Mirror) {
-        // The node with the most such disks (then the most free space) keeps its disks.
-        let mut nodes: Vec<(&str, usize, u64)> = Vec::new();
-        for d in &sharing {
-            match nodes.iter_mut().find(|(n, _, _)| *n == d.disk.node_id) {
-                Some(entry) => {
-                    entry.1 += 1;
-                    entry.2 += d.free_bytes;
-                }
-                None => nodes.push((&d.disk.node_id, 1, d.free_bytes)),
-            }
-        }
-        nodes.sort_by_key(|n| std::cmp::Reverse((n.1, n.2)));
-        let node = nodes[0].0.to_string();
-        return Ok(sharing
-            .into_iter()
-            .filter(|d| d.disk.node_id == node)
-            .collect());
-    }
     Ok(sharing)
 }
 
@@ -144,15 +124,8 @@ pub fn preferred_disks(
 /// The engine of a new volume with `wanted` replicas placed on `placed` (see the module doc).
 pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result<EngineKind> {
     let loop_fits = wanted == 1 && placed.len() == 1 && placed[0].shares_blocks;
-    let one_node = placed.iter().all(|d| {
-        placed
-            .first()
-            .is_some_and(|f| f.disk.node_id == d.disk.node_id)
-    });
-    let mirror_fits = wanted >= 2
-        && placed.len() == wanted as usize
-        && one_node
-        && placed.iter().all(|d| d.shares_blocks);
+    let mirror_fits =
+        wanted >= 2 && placed.len() == wanted as usize && placed.iter().all(|d| d.shares_blocks);
     match choice {
         EngineChoice::Pinned(EngineKind::Qemu) => Ok(EngineKind::Qemu),
         EngineChoice::Auto if loop_fits => Ok(EngineKind::Loop),
@@ -162,16 +135,6 @@ pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result
             if wanted < 2 {
                 return Err(Error::InvalidArgument(format!(
                     "{PARAMETER}: mirror serves several replicas, but numberOfReplicas is {wanted}; use {PARAMETER}: loop (or auto) for one replica"
-                )));
-            }
-            if !one_node {
-                return Err(Error::FailedPrecondition(format!(
-                    "{PARAMETER}: mirror serves replicas on one node, and they were placed on nodes {}; use {PARAMETER}: qemu (or auto) for replicas on several nodes",
-                    placed
-                        .iter()
-                        .map(|d| d.disk.node_id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
                 )));
             }
             if let Some(d) = placed.iter().find(|d| !d.shares_blocks) {
@@ -262,10 +225,18 @@ mod tests {
             (Auto, 2, vec![xfs.clone(), xfs.clone()], Mirror),
             (Auto, 3, vec![xfs.clone(), xfs.clone(), xfs.clone()], Mirror),
             (Auto, 2, vec![xfs.clone(), ext4.clone()], Qemu),
-            (Auto, 2, vec![xfs.clone(), other_node.clone()], Qemu),
+            // Replicas on several nodes: the mirror engine reaches the others over NBD.
+            (Auto, 2, vec![xfs.clone(), other_node.clone()], Mirror),
+            (Auto, 2, vec![other_node.clone(), ext4.clone()], Qemu),
             // Degraded at birth (fewer disks than replicas): still a quorum volume.
             (Auto, 2, vec![xfs.clone()], Qemu),
             (Pinned(Mirror), 2, vec![xfs.clone(), xfs.clone()], Mirror),
+            (
+                Pinned(Mirror),
+                2,
+                vec![xfs.clone(), other_node.clone()],
+                Mirror,
+            ),
             (Pinned(Qemu), 1, vec![xfs.clone()], Qemu),
             (Pinned(Loop), 1, vec![xfs.clone()], Loop),
         ];
@@ -282,9 +253,6 @@ mod tests {
         let e = decide(Pinned(Mirror), 1, std::slice::from_ref(&xfs)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains("engine: loop (or auto)"), "{e}");
-        let e = decide(Pinned(Mirror), 2, &[xfs.clone(), other_node.clone()]).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(e.to_string().contains("nodes n1, n2"), "{e}");
         let e = decide(Pinned(Mirror), 2, &[xfs.clone(), ext4.clone()]).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("disk ext4 (/d/ext4"), "{e}");
@@ -312,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn pinned_mirror_keeps_the_node_with_most_disks_that_share_blocks() {
+    fn pinned_mirror_keeps_the_disks_that_share_blocks_on_every_node() {
         let mut b = disk("b", true);
         b.disk.node_id = "n2".into();
         let mut c = disk("c", true);
@@ -321,7 +289,7 @@ mod tests {
         let got = candidate_disks(EngineChoice::Pinned(EngineKind::Mirror), all).unwrap();
         assert_eq!(
             got.iter().map(|d| d.disk.id.as_str()).collect::<Vec<_>>(),
-            ["b", "c"]
+            ["a", "b", "c"]
         );
     }
 

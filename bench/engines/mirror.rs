@@ -8,13 +8,24 @@
 //! - `volume-io-mirror`: the engine as it ships: a new empty 2-replica block volume of one
 //!   `bicsi serve` with the two XFS disks (engine chosen automatically, checked: `mirror`),
 //!   published through CSI; plus the engine's resident memory after the jobs.
+//! - `volume-io-mirror-remote`: a `bicsi controller` and two `bicsi node` agents on 127.0.0.1
+//!   (`sync_cross::Cluster`), each node's directory on its own XFS disk: a 2-replica volume
+//!   (engine chosen automatically, checked: `mirror`, one replica per node) attached on n1, so
+//!   its second replica is written over the engine's NBD client to n2's replica server, against
+//!   a 1-replica volume of the loop engine (issue 14's "1-replica figure") and the plain loop
+//!   device, same jobs.
 
 use super::*;
 
 /// Two XFS disks on loop devices under `dir`.
 async fn two_disks(dir: &Path, len: u64) -> Res<(LoopMount, LoopMount)> {
-    let a = LoopMount::xfs(&dir.join("xfs1.img"), &dir.join("xfs1"), 4 * len + GIB).await?;
-    let b = LoopMount::xfs(&dir.join("xfs2.img"), &dir.join("xfs2"), 4 * len + GIB).await?;
+    two_disks_at(dir, [&dir.join("xfs1"), &dir.join("xfs2")], len).await
+}
+
+/// Two XFS disks on loop devices (images in `dir`) mounted at `at`.
+async fn two_disks_at(dir: &Path, at: [&Path; 2], len: u64) -> Res<(LoopMount, LoopMount)> {
+    let a = LoopMount::xfs(&dir.join("xfs1.img"), at[0], 4 * len + GIB).await?;
+    let b = LoopMount::xfs(&dir.join("xfs2.img"), at[1], 4 * len + GIB).await?;
     Ok((a, b))
 }
 
@@ -386,4 +397,266 @@ async fn mirror_engine_runs(
     let res = result?;
     print_results("volume-io-mirror", &sides, &res, len, b.runs, b.quick);
     Ok(())
+}
+
+pub(crate) async fn mirror_remote(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    let path = "volume-io-mirror-remote";
+    if !have_xfs(path) {
+        return Ok(vec![]);
+    }
+    let len = device_len(b.size);
+    println!(
+        "{path}: a controller and two node agents on 127.0.0.1, each node's directory on an XFS \
+         disk (reflink=1) on a loop device; a new empty {} 2-replica volume (block, engine \
+         chosen automatically) attached on n1 with its second replica on n2, vs a 1-replica \
+         volume (loop engine) and a plain loop device in n1's XFS; load average {}",
+        fmt_bytes(len),
+        load_average()
+    );
+    let dir = b.work.join(path);
+    std::fs::create_dir_all(&dir)?;
+    let guard = SweepOnDrop(dir.clone());
+    let (n1, n2) = (dir.join("n1"), dir.join("n2"));
+    let (d1, d2) = two_disks_at(&dir, [&n1, &n2], len).await?;
+    let result = match Cluster::start(b, &dir).await {
+        Ok(cluster) => {
+            let result = mirror_remote_runs(b, checks, &cluster, &dir, len).await;
+            let logs = cluster.stop().await;
+            if result.is_err() {
+                eprintln!("cluster logs (last lines):\n{logs}");
+            }
+            result
+        }
+        Err(e) => Err(e),
+    };
+    drop((d1, d2));
+    drop(guard);
+    result?;
+    Ok(vec![])
+}
+
+/// A volume of the cluster attached on one node: what to detach and delete afterwards.
+struct Attached {
+    id: String,
+    node: String,
+    node_csi: CsiClient,
+    staging: String,
+    target: String,
+}
+
+impl Attached {
+    async fn detach_and_delete(mut self, ctl: &mut CsiClient) -> Res<()> {
+        self.node_csi
+            .node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: self.id.clone(),
+                target_path: self.target.clone(),
+            })
+            .await
+            .map_err(|s| rpc_err("NodeUnpublishVolume", s))?;
+        self.node_csi
+            .node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: self.id.clone(),
+                staging_target_path: self.staging.clone(),
+            })
+            .await
+            .map_err(|s| rpc_err("NodeUnstageVolume", s))?;
+        unpublish_and_delete(ctl, &self.id, &self.node).await
+    }
+}
+
+/// Creates a block volume `name` of the cluster with `replicas`, checks its engine is `engine`,
+/// and attaches it on `node` (None: the node of its first replica). Returns it and its record.
+/// A volume to create in the cluster: its name, number of replicas and the node to attach it on
+/// (None: the node of its first replica).
+struct Wanted<'a> {
+    name: &'a str,
+    replicas: &'a str,
+    node: Option<&'a str>,
+}
+
+async fn cluster_volume(
+    b: &Bench,
+    cluster: &Cluster,
+    ctl: &mut CsiClient,
+    dir: &Path,
+    want: Wanted<'_>,
+    len: u64,
+) -> Res<(Attached, serde_json::Value)> {
+    let Wanted {
+        name,
+        replicas,
+        node,
+    } = want;
+    let cap = block_capability();
+    let id = create_block_volume(ctl, name, len, &[("numberOfReplicas", replicas)]).await?;
+    let volumes = api_get(&b.http, &cluster.api, "/v1/volumes").await?;
+    let record = volumes
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["id"] == id.as_str()))
+        .cloned()
+        .ok_or_else(|| format!("volume {id} is not listed"))?;
+    let node = match node {
+        Some(n) => n.to_string(),
+        None => record["replicas"][0]["nodeId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let p = publish_until_ready(ctl, &id, &node, &cap, Duration::from_secs(60)).await?;
+    let mut node_csi = csi_connect(&format!(
+        "unix://{}",
+        dir.join(&node).join("csi.sock").display()
+    ))
+    .await?;
+    let staging = dir.join(format!("staging-{name}"));
+    let target = dir.join(format!("target-{name}"));
+    std::fs::create_dir_all(&staging)?;
+    let (staging, target) = (staging.display().to_string(), target.display().to_string());
+    node_stage(&mut node_csi, &id, &p, &staging, &cap).await?;
+    node_publish(&mut node_csi, &id, &p, &staging, &target, &cap).await?;
+    Ok((
+        Attached {
+            id,
+            node,
+            node_csi,
+            staging,
+            target,
+        },
+        record,
+    ))
+}
+
+async fn mirror_remote_runs(
+    b: &Bench,
+    checks: &mut Checks,
+    cluster: &Cluster,
+    dir: &Path,
+    len: u64,
+) -> Res<()> {
+    let path = "volume-io-mirror-remote";
+    let mut ctl = csi_connect(&cluster.csi).await?;
+    let (one, one_rec) = cluster_volume(
+        b,
+        cluster,
+        &mut ctl,
+        dir,
+        Wanted {
+            name: "vio-one",
+            replicas: "1",
+            node: None,
+        },
+        len,
+    )
+    .await?;
+    checks.check(
+        one_rec["spec"]["engine"] == "loop",
+        format!(
+            "{path}: the 1-replica volume on XFS got the loop engine ({})",
+            one_rec["spec"]["engine"]
+        ),
+    );
+    let (two, two_rec) = cluster_volume(
+        b,
+        cluster,
+        &mut ctl,
+        dir,
+        Wanted {
+            name: "vio-remote",
+            replicas: "2",
+            node: Some("n1"),
+        },
+        len,
+    )
+    .await?;
+    let mut nodes: Vec<&str> = two_rec["replicas"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["nodeId"].as_str()).collect())
+        .unwrap_or_default();
+    nodes.sort();
+    checks.check(
+        two_rec["spec"]["engine"] == "mirror" && nodes == ["n1", "n2"],
+        format!(
+            "{path}: the 2-replica volume got the mirror engine with one replica per node ({}, \
+             {nodes:?})",
+            two_rec["spec"]["engine"]
+        ),
+    );
+    let remote_engines: Vec<(i32, u64)> = mirror_rss(&dir.join("n1"))
+        .into_iter()
+        .filter(|(pid, _)| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("nbd://127.0.0.1:"))
+        })
+        .collect();
+    checks.check(
+        remote_engines.len() == 1,
+        format!("{path}: n1's mirror engine reaches n2's replica over NBD ({remote_engines:?})"),
+    );
+    let result = async {
+        let plain = plain_loop(&dir.join("n1"), len).await?;
+        let one_side = verified_side_of("bicsi loop (1 replica)", &one, len, one_rec).await;
+        let two_side =
+            verified_side_of("bicsi mirror (2 replicas, 1 remote)", &two, len, two_rec).await;
+        let sides = vec![plain, one_side, two_side];
+        let res = measure(b, &sides, len).await;
+        detach(&sides[0].dev).await;
+        let res = res?;
+        for s in &sides[1..] {
+            checks.check(
+                s.verified.as_ref().is_some_and(Result::is_ok),
+                format!("{path}: {} reads back a verified pattern", s.label),
+            );
+        }
+        print_results(path, &sides, &res, len, b.runs, b.quick);
+        // The issue's target: the remote volume's writes against the 1-replica figure.
+        for (j, job) in JOBS.iter().enumerate() {
+            if job.rw.contains("write") && job.qd == 32 {
+                let bw = |s: usize| median(res[s][j].iter().map(|r| r.1).collect());
+                println!(
+                    "  {}: 2 replicas (1 remote) / 1 replica = {:.2} (target >= 0.5)",
+                    job.name(),
+                    bw(2) / bw(1)
+                );
+            }
+        }
+        let rss = mirror_rss(&dir.join("n1"));
+        println!(
+            "  mirror engine resident memory after the jobs: {}",
+            rss.iter()
+                .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    let detached = async {
+        one.detach_and_delete(&mut ctl).await?;
+        two.detach_and_delete(&mut ctl).await
+    }
+    .await;
+    result?;
+    detached
+}
+
+/// A published volume's side, its pattern verified, described from its record.
+async fn verified_side_of(label: &str, v: &Attached, len: u64, record: serde_json::Value) -> Side {
+    let replicas: Vec<String> = record["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| format!("{} on {}", r["format"].as_str().unwrap_or("?"), r["nodeId"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    let about = format!(
+        "the published block device of a bicsi volume of engine {} (replicas: {}), attached on \
+         {}",
+        record["spec"]["engine"],
+        replicas.join(", "),
+        v.node
+    );
+    verified_side(label, v.target.clone(), v.target.clone(), about, len).await
 }

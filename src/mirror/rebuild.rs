@@ -444,13 +444,8 @@ fn copy_chunk(
                     .map_err(|e| format!("writing the target at {s}: {e}"))?;
             }
         } else if has_data(dst, s, t)? {
-            use nix::fcntl::FallocateFlags;
-            dst.discard(
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                s,
-                t - s,
-            )
-            .map_err(|e| format!("punching the target at {s}: {e}"))?;
+            dst.discard(s, t - s)
+                .map_err(|e| format!("punching the target at {s}: {e}"))?;
         }
     }
     Ok(data)
@@ -509,11 +504,8 @@ mod tests {
             .open(path)
             .unwrap();
         file.set_len(size).unwrap();
-        Replica {
-            path: path.to_path_buf(),
-            file,
-            healthy: Arc::new(AtomicBool::new(true)),
-        }
+        drop(file);
+        Replica::open(path, false).unwrap().0
     }
 
     /// A write into the chunk the copier holds waits for it, and lands after the copy: the
@@ -523,7 +515,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = 4 * CHUNK;
         let src = replica(&dir.path().join("src"), size);
-        src.file.write_all_at(&[b'o'; 4096], CHUNK + 8192).unwrap();
+        src.file()
+            .write_all_at(&[b'o'; 4096], CHUNK + 8192)
+            .unwrap();
         let dst = replica(&dir.path().join("dst"), size);
         let targets = Targets::default();
         targets.filling.fetch_add(1, Ordering::AcqRel);
@@ -578,14 +572,14 @@ mod tests {
         let src = replica(&dir.path().join("src"), size);
         for i in 0..size / 65536 {
             if i % 3 != 0 {
-                src.file
+                src.file()
                     .write_all_at(&[(i % 251) as u8 + 1; 65536], i * 65536)
                     .unwrap();
             }
         }
         let dst = replica(&dir.path().join("dst"), size);
         // The target starts with bytes where the source has holes: they must be punched.
-        dst.file.write_all_at(&[7u8; 65536], 0).unwrap();
+        dst.file().write_all_at(&[7u8; 65536], 0).unwrap();
         let sources = Arc::new(vec![src]);
         let targets = Arc::new(Targets::default());
         let target = Arc::new(Target::new(dst));
@@ -628,16 +622,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = 2 * CHUNK;
         let src = replica(&dir.path().join("src"), size);
-        src.file.write_all_at(&[1u8; 8192], 0).unwrap();
+        src.file().write_all_at(&[1u8; 8192], 0).unwrap();
         let dst = replica(&dir.path().join("dst"), size);
         let (mut a, mut b) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
         copy_chunk(&src, &dst, 0, CHUNK, &mut a, &mut b).unwrap();
         compare_chunk(&src, &dst, 0, CHUNK, &mut a, &mut b).unwrap();
-        dst.file.write_all_at(&[9u8; 10], 100).unwrap();
+        dst.file().write_all_at(&[9u8; 10], 100).unwrap();
         let e = compare_chunk(&src, &dst, 0, CHUNK, &mut a, &mut b).unwrap_err();
         assert!(e.contains("at byte 100"), "{e}");
         // Data in the target where the source has a hole is a difference too.
-        dst.file.write_all_at(&[9u8; 10], CHUNK + 5).unwrap();
+        dst.file().write_all_at(&[9u8; 10], CHUNK + 5).unwrap();
         let e = compare_chunk(&src, &dst, CHUNK, size, &mut a, &mut b).unwrap_err();
         assert!(e.contains(&format!("at byte {}", CHUNK + 5)), "{e}");
     }

@@ -65,22 +65,30 @@ pub fn identical_files(a: &Path, b: &Path) -> OsResult<bool> {
     )
 }
 
-/// Makes the qcow2 replica file `dest` (which must not exist) with the content of `source` (a
-/// replica another node serves over NBD), over `backing` when given: `qemu-img convert` into
-/// `dest.part`, renamed into place only when complete. Blocking; minutes for large volumes.
+/// Makes the replica file `dest` (which must not exist) with the content of `source` (a
+/// replica another node serves over NBD), in `dest`'s format (its extension): a qcow2 file over
+/// `backing` when given; a raw file (the loop and mirror engines' replicas) as a sparse copy of
+/// the whole content (zeros left as holes), which shares no blocks with the disk's file of the
+/// backing image. `qemu-img convert` into `dest.<format>.part`, renamed into place only when
+/// complete. Blocking; minutes for large volumes.
 pub fn copy_from(
     source: &ReplicaTarget,
     dest: &Path,
     backing: Option<(&Path, crate::os::ImageFormat)>,
 ) -> OsResult<()> {
     let (src, fmt) = source_of(source);
-    let tmp = dest.with_extension("qcow2.part");
+    let format = crate::os::ImageFormat::of_file(dest);
+    let tmp = dest.with_extension(format!("{}.part", format.extension()));
     let _ = std::fs::remove_file(&tmp);
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["convert", "-q", "-f", fmt, "-O", "qcow2"]);
-    if let Some((file, format)) = backing {
+    cmd.args(["convert", "-q", "-f", fmt, "-O", format.as_str()]);
+    if let Some((file, backing_format)) = backing
+        && format == crate::os::ImageFormat::Qcow2
+    {
         // The new file is an overlay of this disk's file of the image, like every replica.
-        cmd.arg("-B").arg(file).args(["-F", format.as_str()]);
+        cmd.arg("-B")
+            .arg(file)
+            .args(["-F", backing_format.as_str()]);
     }
     cmd.arg(&src).arg(&tmp).env("LC_ALL", "C");
     let out = cmd.output().map_err(|e| spawn_error(&cmd, e))?;
@@ -101,4 +109,41 @@ pub fn copy_from(
 
 fn source_of(t: &ReplicaTarget) -> (String, &'static str) {
     source(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// A raw replica made from another one is a raw file with the same bytes (a qcow2 file
+    /// named `.raw` would read as different), sparse where the source has zeros.
+    #[test]
+    fn copy_from_makes_a_raw_replica_in_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.raw");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 65536], 5 << 20).unwrap();
+        f.write_all_at(b"end", (64 << 20) - 3).unwrap();
+        drop(f);
+        let dest = dir.path().join("volume.raw");
+        copy_from(&ReplicaTarget::Local(src.clone()), &dest, None).unwrap();
+        assert!(std::fs::read(&src).unwrap() == std::fs::read(&dest).unwrap());
+        assert!(identical_files(&src, &dest).unwrap());
+        let used = std::process::Command::new("du")
+            .args(["-k", "--"])
+            .arg(&dest)
+            .output()
+            .unwrap();
+        let kib: u64 = String::from_utf8_lossy(&used.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(kib < 4096, "the copy is not sparse: {kib} KiB used");
+        assert!(!dir.path().join("volume.raw.part").exists());
+    }
 }

@@ -691,12 +691,14 @@ fn read_nbd_trace(path: &Path, targets: &[ReplicaTarget]) -> (Vec<ReplicaTarget>
     (reconnected, failures)
 }
 
-impl Engine for QemuStorageDaemon {
-    fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
-        self.start_volume(&VolumeEngineSpec::from(spec))
-    }
-
-    fn start_volume(&self, spec: &VolumeEngineSpec) -> OsResult<EngineState> {
+impl QemuStorageDaemon {
+    /// `start_volume`; `mirror`: served by bicsi's mirror engine whatever the children are,
+    /// with this replica timeout (else the mirror engine serves only raw local children).
+    fn start_engine(
+        &self,
+        spec: &VolumeEngineSpec,
+        mirror: Option<Duration>,
+    ) -> OsResult<EngineState> {
         Self::validate(spec)?;
         let qmp = resolve_parent(&spec.run_dir).join("qmp.sock");
         if qmp.as_os_str().len() > MAX_SOCKET_PATH {
@@ -751,9 +753,13 @@ impl Engine for QemuStorageDaemon {
         for stale in [&paths.pid, &paths.qmp, &paths.trace] {
             let _ = fs::remove_file(stale);
         }
-        // Raw replica files: served by bicsi's own mirror engine, not by the daemon.
-        if mirror::serves(&spec.replicas) {
-            return mirror::start(self, spec, &paths);
+        // Raw replica files, or a volume of the mirror engine: served by bicsi's own mirror
+        // engine, not by the daemon.
+        if let Some(timeout) = mirror.or_else(|| {
+            mirror::serves(&spec.replicas)
+                .then(|| Duration::from_secs(crate::mirror::DEFAULT_REPLICA_TIMEOUT))
+        }) {
+            return mirror::start(self, spec, &paths, timeout);
         }
         // The FUSE export mounts over an existing regular file.
         File::create(&paths.export).map_err(|e| {
@@ -824,6 +830,24 @@ impl Engine for QemuStorageDaemon {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+impl Engine for QemuStorageDaemon {
+    fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
+        self.start_volume(&VolumeEngineSpec::from(spec))
+    }
+
+    fn start_volume(&self, spec: &VolumeEngineSpec) -> OsResult<EngineState> {
+        self.start_engine(spec, None)
+    }
+
+    fn start_mirror(
+        &self,
+        spec: &VolumeEngineSpec,
+        replica_timeout: Duration,
+    ) -> OsResult<EngineState> {
+        self.start_engine(spec, Some(replica_timeout))
     }
 
     fn status(&self, run_dir: &Path) -> OsResult<Option<EngineState>> {

@@ -154,6 +154,71 @@ impl TestCluster {
     pub fn start_node(&mut self, i: usize) {
         self.nodes[i].proc.start();
     }
+
+    /// Node `i`'s disk becomes an XFS with reflink of `bytes` on a loop device (a new disk at
+    /// the same path; the agent is stopped meanwhile and waited for once it is back).
+    pub async fn xfs_disk(&mut self, i: usize, bytes: u64) {
+        self.stop_node(i);
+        let image = self
+            .dir
+            .path()
+            .join(format!("xfs-{}.img", self.nodes[i].id));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image));
+        std::fs::create_dir_all(&self.nodes[i].disk).unwrap();
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&self.nodes[i].disk));
+        self.start_node(i);
+        self.wait_up(self.nodes.len()).await;
+    }
+}
+
+/// CreateVolume until the node agents answer for their disks (a restarted agent does once it
+/// registered again).
+async fn create_retrying(c: &TestCluster, ctl: &mut CsiClient, req: pb::CreateVolumeRequest) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ctl.controller.create_volume(req.clone()).await {
+            Ok(_) => return,
+            Err(s) if Instant::now() < deadline => {
+                assert!(
+                    matches!(s.code(), Code::FailedPrecondition | Code::Unavailable),
+                    "{s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("{s:?}\n{}", c.logs()),
+        }
+    }
+}
+
+/// The volume's record as the controller's HTTP API shows it.
+async fn volume_record(c: &TestCluster, id: &str) -> serde_json::Value {
+    let volumes: Vec<serde_json::Value> = reqwest::get(format!("{}/v1/volumes", c.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    volumes
+        .into_iter()
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("no volume {id}"))
 }
 
 impl Drop for TestCluster {
@@ -811,16 +876,27 @@ async fn a_file_changed_on_one_node_is_caught_by_its_scrub_and_synced_again_from
 
 /// Publishes `volume` to node `i` and stages and publishes it there; returns the target path.
 async fn attach_on(c: &TestCluster, ctl: &mut CsiClient, volume: &str, i: usize) -> PathBuf {
-    let mut publish = cpublish_req(volume, mount_cap(), false);
+    attach_as(c, ctl, volume, i, mount_cap()).await
+}
+
+/// `attach_on` with capability `cap` (for a block volume the target is the device's file).
+async fn attach_as(
+    c: &TestCluster,
+    ctl: &mut CsiClient,
+    volume: &str,
+    i: usize,
+    cap: pb::VolumeCapability,
+) -> PathBuf {
+    let mut publish = cpublish_req(volume, cap.clone(), false);
     publish.node_id = c.nodes[i].id.clone();
     let ctx = publish_retrying(ctl, publish).await.publish_context;
     let mut node = c.node_client(i).await;
     let st = c.dir.path().join(format!("st-{volume}"));
     let tg = c.dir.path().join(format!("tg-{volume}"));
-    let mut stage = stage_req(volume, &st, mount_cap());
+    let mut stage = stage_req(volume, &st, cap.clone());
     stage.publish_context = ctx.clone();
     node.node.node_stage_volume(stage).await.unwrap();
-    let mut pubr = publish_req(volume, &st, &tg, mount_cap(), false);
+    let mut pubr = publish_req(volume, &st, &tg, cap, false);
     pubr.publish_context = ctx;
     node.node.node_publish_volume(pubr).await.unwrap();
     tg
@@ -1129,63 +1205,11 @@ async fn a_loop_volume_attaches_on_another_node_over_nbd() {
     }
     let mut c = TestCluster::start(2).await;
     // node-1's disk becomes XFS with reflink (a new disk at the same path).
-    c.stop_node(0);
-    let image = c.dir.path().join("xfs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(Command::new("mkfs.xfs")
-        .args(["-q", "-m", "reflink=1"])
-        .arg(&image));
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&c.nodes[0].disk));
-    c.start_node(0);
-    c.wait_up(2).await;
+    c.xfs_disk(0, 512 << 20).await;
     let mut ctl = c.controller_client().await;
     let params = [("numberOfReplicas", "1"), ("engine", "loop")];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // The restarted agent answers for its new disk once it registered again.
-        match ctl
-            .controller
-            .create_volume(create_req("lv", 64 * MIB, &params))
-            .await
-        {
-            Ok(_) => break,
-            Err(s) if Instant::now() < deadline => {
-                assert!(
-                    matches!(s.code(), Code::FailedPrecondition | Code::Unavailable),
-                    "{s:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => panic!("{s:?}\n{}", c.logs()),
-        }
-    }
-    let volumes: serde_json::Value = reqwest::get(format!("{}/v1/volumes", c.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let record = volumes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["id"] == "lv")
-        .unwrap()
-        .clone();
+    create_retrying(&c, &mut ctl, create_req("lv", 64 * MIB, &params)).await;
+    let record = volume_record(&c, "lv").await;
     assert_eq!(record["spec"]["engine"], "loop", "{record}");
     let replica = PathBuf::from(record["replicas"][0]["path"].as_str().unwrap());
     assert!(
@@ -1223,6 +1247,242 @@ async fn a_loop_volume_attaches_on_another_node_over_nbd() {
         .await
         .unwrap();
     assert!(!replica.exists());
+}
+
+/// fio over the block device (or its bind-mounted target file) `dev`: a crc32c-verified pattern
+/// laid down at `offset` (random 4k at depth 32, `mib` MiB) and read back, or (`verify_only`)
+/// only the check of what an earlier run wrote there. `rate`: limit the writes (bytes/s).
+fn fio_at(dev: &Path, offset_mib: u64, mib: u64, verify_only: bool, rate: Option<&str>) {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=verified",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--ioengine=libaio",
+        "--iodepth=32",
+        "--direct=1",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        // No `*-verify.state` file in the working directory (the repository's, under cargo).
+        "--verify_state_save=0",
+        "--randrepeat=1",
+        "--output-format=terse",
+    ])
+    .arg(format!("--filename={}", dev.display()))
+    .arg(format!("--offset={offset_mib}M"))
+    .arg(format!("--size={mib}M"));
+    if let Some(rate) = rate {
+        cmd.arg(format!("--rate={rate}"));
+    }
+    if verify_only {
+        cmd.arg("--verify_only");
+    }
+    let out = cmd.output().expect("fio");
+    assert!(
+        out.status.success(),
+        "fio at {offset_mib}M (verify_only={verify_only}) failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 14's remote replica on the mirror engine: two node agents, each with an XFS disk
+/// (reflink), a 2-replica block volume gets `mirror` with one replica per node; attached on
+/// node-1, the engine writes its local file and node-2's replica over its own NBD client. fio's
+/// crc32c pattern reads back through attach, detach, re-attach and an attach on node-2 (where
+/// node-1's replica is the remote one). Then node-2's replica server is killed (kill -9) while
+/// fio writes: the writes go on, the replica is marked err with the engine's reason, the volume
+/// is degraded, and everything fio wrote verifies; once detached the replica is rebuilt across
+/// the nodes, the two files are identical, and node-2 reads everything back from its own.
+#[tokio::test]
+async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the_remote() {
+    let test = "a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the_remote";
+    if !root_or_skip(test) {
+        return;
+    }
+    for tool in ["mkfs.xfs", "fio"] {
+        if Command::new(tool).arg("--version").output().is_err()
+            && Command::new(tool).arg("-V").output().is_err()
+        {
+            assert!(std::env::var_os("CI").is_none(), "{tool} is missing");
+            eprintln!("SKIP {test}: no {tool}");
+            return;
+        }
+    }
+    let mut c = TestCluster::start(2).await;
+    c.xfs_disk(0, 768 << 20).await;
+    c.xfs_disk(1, 768 << 20).await;
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/settings/replica-timeout", c.http))
+        .json(&serde_json::json!({"value": "3"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{put:?}");
+    let mut ctl = c.controller_client().await;
+    let mut req = create_req("mr", 128 * MIB, &[("numberOfReplicas", "2")]);
+    req.volume_capabilities = vec![block_cap()];
+    create_retrying(&c, &mut ctl, req).await;
+    let record = volume_record(&c, "mr").await;
+    assert_eq!(record["spec"]["engine"], "mirror", "{record}");
+    let mut nodes: Vec<&str> = record["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["nodeId"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["node-1", "node-2"], "{record}");
+    let replica_on = |node: &str| {
+        PathBuf::from(
+            record["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["nodeId"] == node)
+                .unwrap()["path"]
+                .as_str()
+                .unwrap(),
+        )
+    };
+    let (r1, r2) = (replica_on("node-1"), replica_on("node-2"));
+
+    // On node-1: the mirror engine, node-2's replica on its command line as an NBD address.
+    let dev = attach_as(&c, &mut ctl, "mr", 0, block_cap()).await;
+    let engines = mirror_engines_under(&c.nodes[0].dir);
+    assert_eq!(engines.len(), 1, "node-1 serves it with the mirror engine");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", engines[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("--remote nbd://127.0.0.1:") && cmdline.contains("--replica-timeout 3"),
+        "{cmdline}"
+    );
+    assert!(
+        engines_under(&c.nodes[0].dir).is_empty(),
+        "no qemu-storage-daemon serves it"
+    );
+    fio_at(&dev, 0, 24, false, None);
+    detach_from(&c, &mut ctl, "mr", 0).await;
+    // Both replica files hold what was written: the remote one got every write.
+    let same = Command::new("cmp").arg(&r1).arg(&r2).status().unwrap();
+    assert!(same.success(), "the replicas differ after a clean detach");
+    let dev = attach_as(&c, &mut ctl, "mr", 0, block_cap()).await;
+    fio_at(&dev, 0, 24, true, None);
+    detach_from(&c, &mut ctl, "mr", 0).await;
+    // On node-2, node-1's replica is the remote one.
+    let dev = attach_as(&c, &mut ctl, "mr", 1, block_cap()).await;
+    assert_eq!(mirror_engines_under(&c.nodes[1].dir).len(), 1);
+    fio_at(&dev, 0, 24, true, None);
+    detach_from(&c, &mut ctl, "mr", 1).await;
+
+    // Attached on node-1 again; node-2's replica server dies while fio writes.
+    let dev = attach_as(&c, &mut ctl, "mr", 0, block_cap()).await;
+    let writer = {
+        let dev = dev.clone();
+        std::thread::spawn(move || fio_at(&dev, 64, 16, false, Some("4m")))
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let server_pid: i32 =
+        std::fs::read_to_string(c.nodes[1].dir.join("data/replica-server/qsd.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    while !writer.is_finished() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "fio stays blocked after the remote replica died:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer
+        .join()
+        .expect("fio's writes go on without the remote replica");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let remote = loop {
+        let v = volume_record(&c, "mr").await;
+        let remote = v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["nodeId"] == "node-2")
+            .unwrap()
+            .clone();
+        if remote["mode"] == "err" || Instant::now() > deadline {
+            break remote;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(remote["mode"], "err", "{remote}\n{}", c.logs());
+    let reason = remote["modeReason"].as_str().unwrap();
+    assert!(
+        reason.contains("mirror engine dropped replica nbd://127.0.0.1:"),
+        "{remote}"
+    );
+    let cond = ctl
+        .controller
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: "mr".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("degraded"),
+        "{cond:?}"
+    );
+    let local = volume_record(&c, "mr").await["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["nodeId"] == "node-1")
+        .unwrap()
+        .clone();
+    assert_eq!(local["mode"], "rw", "{local}");
+    // Every acknowledged write reads back: before the fault and across it.
+    fio_at(&dev, 0, 24, true, None);
+    fio_at(&dev, 64, 16, true, None);
+    detach_from(&c, &mut ctl, "mr", 0).await;
+
+    // Detached: the controller rebuilds node-2's replica from node-1's (raw, across nodes);
+    // rw again only once identical, and node-2's engine reads everything back from it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let v = loop {
+        let v = volume_record(&c, "mr").await;
+        if v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["mode"] == "rw")
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no rebuild: {v}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let paths: Vec<&str> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    let same = Command::new("cmp").args(&paths).status().unwrap();
+    assert!(same.success(), "the replicas differ after the rebuild: {v}");
+    let dev = attach_as(&c, &mut ctl, "mr", 1, block_cap()).await;
+    fio_at(&dev, 0, 24, true, None);
+    fio_at(&dev, 64, 16, true, None);
+    detach_from(&c, &mut ctl, "mr", 1).await;
 }
 
 /// The replica-timeout setting on a volume whose second replica is on another node: that node's

@@ -13,9 +13,12 @@
 //! the engine's replicas as they are (a new engine starts from the volume record's rw replicas
 //! and the file goes).
 //!
-//! It serves local replicas only: a remote (NBD) child is refused with the fix. It is started by
-//! this process even when an engine host is configured (the host runs only
-//! qemu-storage-daemon), so on Kubernetes a restart of the plugin's container ends it.
+//! Its children are local raw files (`--replica`) and replicas of other nodes (`--remote
+//! nbd://host:port/export`, served by their node's replica server and read by the engine's own
+//! NBD client), both on its command line so that re-adoption sees them; a local child that is
+//! not a raw file is refused with the fix. It is started by this process even when an engine
+//! host is configured (the host runs only qemu-storage-daemon), so on Kubernetes a restart of
+//! the plugin's container ends it.
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
@@ -75,6 +78,7 @@ fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
         match a.as_str() {
             "--export" => export = Some(PathBuf::from(it.next()?)),
             "--replica" => targets.push(ReplicaTarget::Local(PathBuf::from(it.next()?))),
+            "--remote" => targets.push(ReplicaTarget::parse_nbd(it.next()?)?),
             "--read-only" => read_only = true,
             _ => {}
         }
@@ -220,10 +224,12 @@ pub fn drop_target(run_dir: &Path, path: &Path) -> OsResult<()> {
 
 /// Starts the engine for `spec` in `paths` (a run directory with no live engine, leftovers
 /// removed) and returns once its file is mounted.
+/// `replica_timeout`: how long a remote child may take to answer before the engine drops it.
 pub(super) fn start(
     engine: &QemuStorageDaemon,
     spec: &VolumeEngineSpec,
     paths: &RunPaths,
+    replica_timeout: Duration,
 ) -> OsResult<EngineState> {
     let mut args = vec![SUBCOMMAND.to_string()];
     for t in &spec.replicas {
@@ -231,17 +237,24 @@ pub(super) fn start(
             ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw => {
                 args.extend(["--replica".into(), utf8_path(p)?.to_string()]);
             }
+            ReplicaTarget::Nbd { .. } => {
+                args.extend(["--remote".into(), t.to_string()]);
+            }
             other => {
                 return Err(OsError::Unsupported(format!(
-                    "engine for volume {:?}: the mirror engine serves raw replica files on this \
-                     node, and {other} is not one; attach the volume on the node of its raw \
-                     replicas, or use a volume of engine qemu (StorageClass parameter engine: \
-                     qemu) for replicas on several nodes",
+                    "engine for volume {:?}: the mirror engine serves raw replica files and \
+                     replicas of other nodes over NBD, and {other} is neither (a qcow2 file); \
+                     use a volume of engine qemu (StorageClass parameter engine: qemu) for \
+                     qcow2 replicas",
                     spec.volume_id
                 )));
             }
         }
     }
+    args.extend([
+        "--replica-timeout".into(),
+        replica_timeout.as_secs().max(1).to_string(),
+    ]);
     let pid = paths.dir.join(PID);
     let control = paths.dir.join(CONTROL);
     let added = paths.dir.join(ADDED);
@@ -392,8 +405,12 @@ mod tests {
             "/d2/r.raw",
             "--export",
             "/run/e/export",
+            "--remote",
+            "nbd://127.0.0.1:10809/r-2",
             "--threads",
             "4",
+            "--replica-timeout",
+            "8",
             "--read-only",
         ]
         .iter()
@@ -405,7 +422,12 @@ mod tests {
             a.targets,
             vec![
                 ReplicaTarget::Local("/d1/r.raw".into()),
-                ReplicaTarget::Local("/d2/r.raw".into())
+                ReplicaTarget::Local("/d2/r.raw".into()),
+                ReplicaTarget::Nbd {
+                    host: "127.0.0.1".into(),
+                    port: 10809,
+                    export: "r-2".into()
+                }
             ]
         );
         assert!(a.read_only);

@@ -1,0 +1,279 @@
+//! The client against a real NBD server: `qemu-nbd` (qemu-utils) on 127.0.0.1, over a raw file,
+//! as qemu's replica server serves a replica.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::*;
+
+const HOST: &str = "127.0.0.1";
+const MIB: u64 = 1 << 20;
+
+/// A `qemu-nbd` serving one raw file; killed on drop.
+struct Server {
+    pid: i32,
+    port: u16,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Serves a new `size`-byte raw file as export "r1", writable, several clients allowed.
+    fn start(size: u64) -> Option<Server> {
+        if Command::new("qemu-nbd").arg("--version").output().is_err() {
+            println!("skipped: qemu-nbd is missing (Debian package qemu-utils)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("replica.raw");
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        let pid_file = dir.path().join("nbd.pid");
+        let port = std::net::TcpListener::bind((HOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let out = Command::new("qemu-nbd")
+            .args([
+                "--fork",
+                "--persistent",
+                "--shared=8",
+                "-f",
+                "raw",
+                "-x",
+                "r1",
+            ])
+            .args([
+                "--bind",
+                HOST,
+                "--port",
+                &port.to_string(),
+                "--cache=writeback",
+            ])
+            .args(["--discard=unmap"])
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "qemu-nbd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Some(Server {
+            pid,
+            port,
+            file,
+            _dir: dir,
+        })
+    }
+
+    fn connect(&self, timeout: Duration) -> NbdClient {
+        NbdClient::connect(HOST, self.port, "r1", timeout).unwrap()
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid), signal).unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGCONT);
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+    }
+}
+
+/// Deterministic incompressible bytes.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+#[test]
+fn reads_and_writes_a_qemu_nbd_export() {
+    let Some(server) = Server::start(64 * MIB) else {
+        return;
+    };
+    let c = server.connect(Duration::from_secs(5));
+    assert_eq!(c.size(), 64 * MIB);
+    assert!(!c.read_only());
+    // Larger than one request (MAX_IO), unaligned offset.
+    let data = pattern(9 * MIB as usize + 123, 7);
+    c.write_at(&data, 4096 + 17, false).unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_at(&mut back, 4096 + 17).unwrap();
+    assert!(back == data, "read back differs");
+    c.write_at(&data[..4096], 0, true).unwrap();
+    c.flush().unwrap();
+    // What the server wrote to its file is what was sent.
+    assert!(file_bytes(&server.file, 0, 4096) == data[..4096]);
+    assert!(file_bytes(&server.file, 4096 + 17, 1000) == data[..1000]);
+    // Zeroing, both kinds.
+    c.write_zeroes(4096 + 17, MIB, true).unwrap();
+    c.write_zeroes(4096 + 17 + MIB, MIB, false).unwrap();
+    let mut z = vec![1u8; 2 * MIB as usize];
+    c.read_at(&mut z, 4096 + 17).unwrap();
+    assert!(z.iter().all(|b| *b == 0), "zeroed range reads non-zero");
+    c.flush().unwrap();
+    assert!(
+        file_bytes(&server.file, 4096 + 17, 4096)
+            .iter()
+            .all(|b| *b == 0)
+    );
+}
+
+#[test]
+fn many_requests_in_flight_on_one_connection() {
+    let Some(server) = Server::start(64 * MIB) else {
+        return;
+    };
+    let c = Arc::new(server.connect(Duration::from_secs(10)));
+    // 16 threads, each its own 4 MiB region in 4k writes, then reads them back.
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let c = c.clone();
+            s.spawn(move || {
+                let base = t * 4 * MIB;
+                let data = pattern(4 * MIB as usize, t + 1);
+                for (i, chunk) in data.chunks(4096).enumerate() {
+                    c.write_at(chunk, base + (i * 4096) as u64, false).unwrap();
+                }
+                let mut back = vec![0u8; data.len()];
+                for (i, chunk) in back.chunks_mut(64 << 10).enumerate() {
+                    c.read_at(chunk, base + (i * (64 << 10)) as u64).unwrap();
+                }
+                assert!(back == data, "thread {t}: read back differs");
+            });
+        }
+    });
+    c.flush().unwrap();
+    assert!(file_bytes(&server.file, 5 * 4 * MIB, 4096) == pattern(4096, 6));
+}
+
+#[test]
+fn an_unknown_export_is_refused_with_its_name() {
+    let Some(server) = Server::start(MIB) else {
+        return;
+    };
+    let e = NbdClient::connect(HOST, server.port, "no-such", Duration::from_secs(5)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("\"no-such\"") && text.contains("replica server"),
+        "{text}"
+    );
+    // Nothing listens: the address is named.
+    drop(server);
+    let free = std::net::TcpListener::bind((HOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = NbdClient::connect(HOST, free, "r1", Duration::from_secs(2)).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("nbd://{HOST}:{free}/r1")),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_server_killed_mid_request_fails_every_request_at_once() {
+    let Some(server) = Server::start(256 * MIB) else {
+        return;
+    };
+    let c = Arc::new(server.connect(Duration::from_secs(30)));
+    let data = pattern(MIB as usize, 3);
+    // Writers keep 8 requests in flight until one fails.
+    let failed = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (c, data) = (c.clone(), &data);
+                s.spawn(move || {
+                    let mut i = 0u64;
+                    loop {
+                        let at = ((t * 32 + i % 32) * MIB) % (256 * MIB);
+                        if let Err(e) = c.write_at(data, at, false) {
+                            return (Instant::now(), e);
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let killed = Instant::now();
+        server.signal(Signal::SIGKILL);
+        workers
+            .into_iter()
+            .map(|w| {
+                let (at, e) = w.join().unwrap();
+                (at.duration_since(killed), e)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (after, e) in &failed {
+        // Far below the 30 s timeout: the dropped connection fails them, not the clock.
+        assert!(
+            *after < Duration::from_secs(5),
+            "failed {after:?} after the kill: {e}"
+        );
+    }
+    // Later requests fail at once, naming why.
+    let t = Instant::now();
+    let e = c.read_at(&mut [0u8; 4096], 0).unwrap_err();
+    assert!(t.elapsed() < Duration::from_millis(100));
+    assert!(e.to_string().contains("connection"), "{e}");
+}
+
+#[test]
+fn a_stalled_server_times_out_within_the_timeout() {
+    let Some(server) = Server::start(16 * MIB) else {
+        return;
+    };
+    let c = server.connect(Duration::from_millis(700));
+    c.write_at(&pattern(4096, 1), 0, false).unwrap();
+    // The server stops answering without closing its connection (a hung node).
+    server.signal(Signal::SIGSTOP);
+    let t = Instant::now();
+    let e = c.write_at(&pattern(4096, 2), 4096, false).unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(e.to_string().contains("replica-timeout"), "{e}");
+    // Dead from now on, even once the server wakes up: the replica missed a write.
+    server.signal(Signal::SIGCONT);
+    let e = c.read_at(&mut [0u8; 512], 0).unwrap_err();
+    assert!(e.to_string().contains("did not answer"), "{e}");
+}
