@@ -1908,7 +1908,11 @@ async fn the_split_mode_rebuilds_a_mirror_replica_online() {
             Ok(_) => break,
             Err(s) if Instant::now() < deadline => {
                 assert!(
-                    matches!(s.code(), Code::FailedPrecondition | Code::Unavailable),
+                    matches!(
+                        s.code(),
+                        // Until the agent registered again, no disk is up.
+                        Code::FailedPrecondition | Code::Unavailable | Code::ResourceExhausted
+                    ),
                     "{s:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
