@@ -858,7 +858,13 @@ impl Agent for LocalAgent {
     async fn compare_replicas(&self, a: &Replica, b: &Replica) -> Result<bool> {
         let (a, b) = (a.path.clone(), b.path.clone());
         blocking(move || {
-            let same = crate::os::compare::identical_files(&a, &b);
+            // A copy that kept the source's bytes and holes (a replica without a backing
+            // file, or raw) is identical as files; anything else (a qcow2 rebased onto its
+            // own disk's image file) is compared by content with qemu-img.
+            let same = match crate::sync::byte_identical(&a, &b) {
+                Ok(true) => Ok(true),
+                _ => crate::os::compare::identical_files(&a, &b),
+            };
             // A rebuild's copy left both files' pages cached for this read; they go now.
             crate::sync::drop_cache(&a);
             crate::sync::drop_cache(&b);

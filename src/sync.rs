@@ -68,7 +68,9 @@ use tracing::{debug, warn};
 
 pub use extents::{Extent, allocated_bytes, data_extents, extents_in};
 pub use hash::{hash_sparse, sha512_sparse};
-pub use local::{CopyMethod, CopyOutcome, drop_cache, local_copy, local_copy_keeping_cache};
+pub use local::{
+    CopyMethod, CopyOutcome, byte_identical, drop_cache, local_copy, local_copy_keeping_cache,
+};
 pub use manifest::Manifest;
 pub use receive::{ReceiveOutcome, Verified, receive, receive_with_manifest};
 pub use send::extent_stream;

@@ -202,6 +202,60 @@ fn local_copy_keeping_cache_leaves_the_copy_in_the_page_cache() {
     assert!(cached_bytes(&kept) <= len / 10, "drop_cache left the pages");
 }
 
+/// A rebuild's verification takes byte identity (same bytes, same holes) as identity and asks
+/// qemu-img otherwise: a sparse copy is byte-identical; a changed byte, a different length or
+/// zeros written where the other has a hole are not (the last is the same content, left to
+/// qemu-img compare).
+#[test]
+fn byte_identical_holds_for_a_sparse_copy_and_nothing_else() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = dir.path().join("src");
+    make_sparse(&src, 64 * MIB, SPARSE_64);
+    let copy = dir.path().join("copy");
+    local_copy(&src, &copy).unwrap();
+    assert!(byte_identical(&src, &copy).unwrap());
+
+    let changed = dir.path().join("changed");
+    local_copy(&src, &changed).unwrap();
+    let (offset, _) = SPARSE_64[SPARSE_64.len() - 1];
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&changed)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    File::open(&src)
+        .unwrap()
+        .read_exact_at(&mut byte, offset + 7)
+        .unwrap();
+    f.write_all_at(&[byte[0] ^ 0xff], offset + 7).unwrap();
+    assert!(!byte_identical(&src, &changed).unwrap());
+
+    let longer = dir.path().join("longer");
+    local_copy(&src, &longer).unwrap();
+    File::options()
+        .write(true)
+        .open(&longer)
+        .unwrap()
+        .set_len(65 * MIB)
+        .unwrap();
+    assert!(!byte_identical(&src, &longer).unwrap());
+
+    // Zeros written into a hole: the same content, other extents.
+    let filled = dir.path().join("filled");
+    local_copy(&src, &filled).unwrap();
+    let hole = (0..64)
+        .map(|i| i * MIB)
+        .find(|o| SPARSE_64.iter().all(|&(d, l)| o + MIB <= d || *o >= d + l))
+        .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filled)
+        .unwrap();
+    f.write_all_at(&vec![0u8; MIB as usize], hole).unwrap();
+    f.sync_all().unwrap();
+    assert!(!byte_identical(&src, &filled).unwrap());
+}
+
 #[test]
 fn local_copy_of_empty_and_hole_only_files() {
     let dir = tempfile::tempdir().unwrap();
