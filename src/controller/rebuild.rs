@@ -77,6 +77,23 @@ pub struct RebuildReport {
     pub skipped: Vec<String>,
 }
 
+impl RebuildReport {
+    /// A replica not rebuilt in this pass: waiting for a source, a disk or the volume is said
+    /// at debug level; a copy or verification that failed is a warning. `what` names the kind
+    /// of rebuild in the log.
+    pub(crate) fn skip(&mut self, volume: &str, replica: &str, what: &str, e: &Error) {
+        if matches!(
+            e.code(),
+            tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted | tonic::Code::Aborted
+        ) {
+            tracing::debug!(volume, replica, error = %e, "{what} waits");
+        } else {
+            tracing::warn!(volume, replica, error = %e, "{what} failed; the next pass retries");
+        }
+        self.skipped.push(format!("replica {replica}: {e}"));
+    }
+}
+
 const STALE: &str = "err longer than staleReplicaTimeout";
 
 /// Why a replica in err since `since` must be replaced rather than rebuilt in place, or None:
@@ -397,21 +414,7 @@ impl Controller {
             {
                 Ok(Some(id)) => report.rebuilt.push(id),
                 Ok(None) => {}
-                Err(e) => {
-                    // Waiting for a source or a disk is said once per pass at debug level; a
-                    // copy or verification that failed is a warning.
-                    if matches!(
-                        e.code(),
-                        tonic::Code::FailedPrecondition
-                            | tonic::Code::ResourceExhausted
-                            | tonic::Code::Aborted
-                    ) {
-                        tracing::debug!(volume = %volume.id, replica = %old.id, error = %e, "rebuild waits");
-                    } else {
-                        tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "rebuild failed; the next pass retries");
-                    }
-                    report.skipped.push(format!("replica {}: {e}", old.id));
-                }
+                Err(e) => report.skip(&volume.id, &old.id, "rebuild", &e),
             }
         }
         Ok(report)

@@ -105,19 +105,7 @@ impl Controller {
             {
                 Ok(Some(id)) => report.rebuilt.push(id),
                 Ok(None) => {}
-                Err(e) => {
-                    if matches!(
-                        e.code(),
-                        tonic::Code::FailedPrecondition
-                            | tonic::Code::ResourceExhausted
-                            | tonic::Code::Aborted
-                    ) {
-                        tracing::debug!(volume = %volume.id, replica = %old.id, error = %e, "online rebuild waits");
-                    } else {
-                        tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "online rebuild failed; the next pass retries");
-                    }
-                    report.skipped.push(format!("replica {}: {e}", old.id));
-                }
+                Err(e) => report.skip(&volume.id, &old.id, "online rebuild", &e),
             }
         }
         Ok(report)
