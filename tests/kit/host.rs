@@ -47,6 +47,26 @@ pub fn have_tool(tool: &str) -> bool {
 /// A free TCP port on 127.0.0.1: bound, read and released (the window for another taker is
 /// tiny).
 pub fn try_free_port() -> std::io::Result<u16> {
+    // Below the kernel's ephemeral range (32768-60999 by default): a port bound to 0 comes from
+    // that range, where the outgoing connections of every test on the machine take their local
+    // ports too, so one of them could take it before the process the test gives it to binds
+    // it (seen: a node agent's replica server failing "Address already in use"). Random, so
+    // that tests in other processes rarely pick the same one; never the same twice here.
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    const LOW: u16 = 20000;
+    const HIGH: u16 = 32767;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..200 {
+        let port = LOW + (uuid::Uuid::new_v4().as_u128() % u128::from(HIGH - LOW)) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
