@@ -371,21 +371,12 @@ impl Controller {
             }
             // A wo replica with no rebuild running (this volume's entry in the running set is
             // ours) was cut by a crash: it starts over from err.
-            let mut changed = false;
-            for r in volume.replicas.iter_mut() {
-                if r.health.mode == ReplicaMode::Wo {
-                    changed |= health::transition(
-                        r,
-                        ReplicaMode::Err,
-                        "its rebuild was interrupted; it restarts",
-                        now,
-                    )?;
-                }
-            }
-            if changed {
-                tracing::warn!(volume = %volume.id, "a rebuild was interrupted (its process was killed); it restarts");
-                self.store.put(Kind::Volume, &volume.id, &*volume)?;
-            }
+            self.reset_interrupted(
+                volume,
+                "rebuild",
+                "a rebuild was interrupted (its process was killed); it restarts",
+                now,
+            )?;
             if volume.fault.is_some() {
                 return Ok(report);
             }
@@ -689,6 +680,34 @@ impl Controller {
             "rebuild copied and compared"
         );
         same
+    }
+
+    /// Turns every wo replica of `volume` err ("its WHAT was interrupted; it restarts") and
+    /// stores the record and logs `log` when one changed: called with no rebuild of the volume running, so a
+    /// wo replica is one a crash cut, never made rw by a later step.
+    pub(crate) fn reset_interrupted(
+        &self,
+        volume: &mut Volume,
+        what: &str,
+        log: &str,
+        now: u64,
+    ) -> Result<()> {
+        let mut changed = false;
+        for r in volume.replicas.iter_mut() {
+            if r.health.mode == ReplicaMode::Wo {
+                changed |= health::transition(
+                    r,
+                    ReplicaMode::Err,
+                    &format!("its {what} was interrupted; it restarts"),
+                    now,
+                )?;
+            }
+        }
+        if changed {
+            tracing::warn!(volume = %volume.id, "{log}");
+            self.store.put(Kind::Volume, &volume.id, &*volume)?;
+        }
+        Ok(())
     }
 
     /// Moves one replica of `volume` through `health::transition` and stores the record.

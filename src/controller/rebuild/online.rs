@@ -61,21 +61,12 @@ impl Controller {
             }
             // A wo replica with no rebuild running (the running entry is ours) was cut by a
             // crash of bicsi: never made rw by a later step, it starts over from err.
-            let mut changed = false;
-            for r in volume.replicas.iter_mut() {
-                if r.health.mode == ReplicaMode::Wo {
-                    changed |= crate::health::transition(
-                        r,
-                        ReplicaMode::Err,
-                        "its online rebuild was interrupted; it restarts",
-                        now,
-                    )?;
-                }
-            }
-            if changed {
-                tracing::warn!(volume = %volume.id, "an online rebuild was interrupted (bicsi was killed); it restarts");
-                self.store.put(Kind::Volume, &volume.id, &*volume)?;
-            }
+            self.reset_interrupted(
+                volume,
+                "online rebuild",
+                "an online rebuild was interrupted (bicsi was killed); it restarts",
+                now,
+            )?;
             if volume.fault.is_some() {
                 return Ok(report);
             }
