@@ -683,8 +683,8 @@ impl Controller {
     }
 
     /// Turns every wo replica of `volume` err ("its WHAT was interrupted; it restarts") and
-    /// stores the record and logs `log` when one changed: called with no rebuild of the volume running, so a
-    /// wo replica is one a crash cut, never made rw by a later step.
+    /// stores the record and logs `log` when one changed: called with no rebuild of the volume
+    /// running, so a wo replica is one a crash cut, never made rw by a later step.
     pub(crate) fn reset_interrupted(
         &self,
         volume: &mut Volume,
