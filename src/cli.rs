@@ -37,7 +37,13 @@ pub struct Cli {
     pub token: Option<String>,
     /// How the log lines on stderr are written: `text` (for people) or `json` (one object a
     /// line, with the fields of the spans it is in, for log collectors).
-    #[arg(long, global = true, value_enum, env = "BICSI_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "BICSI_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: crate::logs::LogFormat,
 }
 

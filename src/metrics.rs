@@ -263,9 +263,7 @@ pub fn cleanup(trigger: &'static str) {
 fn csi_call(method: &str, code: tonic::Code, seconds: f64) {
     let m = &*RECORDED;
     let code_name = code_name(code);
-    m.csi_requests
-        .with_label_values(&[method, code_name])
-        .inc();
+    m.csi_requests.with_label_values(&[method, code_name]).inc();
     m.csi_seconds
         .with_label_values(&[method, code_name])
         .observe(seconds);
@@ -327,10 +325,7 @@ async fn scrape(State(sources): State<Arc<Sources>>) -> impl IntoResponse {
     let body = tokio::task::spawn_blocking(move || render(&sources))
         .await
         .unwrap_or_else(|e| format!("# the scrape failed: {e}\n"));
-    (
-        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-        body,
-    )
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
 }
 
 /// The sources of a process that owns the cluster state (serve, controller).
@@ -343,7 +338,12 @@ pub fn controller_sources(store: Arc<dyn Store>, cluster: Arc<crate::cluster::Cl
 }
 
 /// Adds a node's disks and its own records (staged volumes) to `sources`.
-pub fn with_node(mut sources: Sources, node_id: &str, disks: Vec<Disk>, node_records: Arc<dyn Store>) -> Sources {
+pub fn with_node(
+    mut sources: Sources,
+    node_id: &str,
+    disks: Vec<Disk>,
+    node_records: Arc<dyn Store>,
+) -> Sources {
     sources.node_id = node_id.to_string();
     sources.disks = disks;
     sources.node_records = Some(node_records);

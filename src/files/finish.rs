@@ -172,13 +172,13 @@ impl FileManagers {
             Ok(sum) => {
                 crate::metrics::checksum_failure("verify");
                 FileReport::new(
-                FileState::Failed,
-                0,
-                format!(
-                    "{why}: checksum mismatch on disk {}: expected {}, got {sum}; the file changed on disk",
-                    disk.id, bi.status.checksum
-                ),
-            )
+                    FileState::Failed,
+                    0,
+                    format!(
+                        "{why}: checksum mismatch on disk {}: expected {}, got {sum}; the file changed on disk",
+                        disk.id, bi.status.checksum
+                    ),
+                )
             }
             Err(e) => FileReport::new(
                 FileState::Failed,

@@ -65,8 +65,9 @@ impl FileManagers {
         cancel: CancellationToken,
     ) -> Result<(), SourceFailure> {
         let bi = self.image(name)?;
-        let mut transfer =
-            crate::metrics::Transfer::start(crate::metrics::TransferKind::of_source(bi.spec.source_type));
+        let mut transfer = crate::metrics::Transfer::start(
+            crate::metrics::TransferKind::of_source(bi.spec.source_type),
+        );
         self.report(
             name,
             disk,

@@ -198,7 +198,10 @@ impl FileManagers {
                     .await
                     .map_err(|e| {
                         use crate::sync::SyncError;
-                        if matches!(e, SyncError::ChecksumMismatch { .. } | SyncError::ChunkMismatch { .. }) {
+                        if matches!(
+                            e,
+                            SyncError::ChecksumMismatch { .. } | SyncError::ChunkMismatch { .. }
+                        ) {
                             crate::metrics::checksum_failure("transfer");
                         }
                         Error::Unavailable(format!("backing image {name:?}, disk {}: {e}", disk.id))

@@ -78,7 +78,11 @@ pub fn collect(sources: &Sources) -> Vec<MetricFamily> {
     }
     if let Some(store) = &sources.node_records {
         match store.list::<NodeVolume>(Kind::NodeVolume) {
-            Ok(staged) => out.extend(io_families(&sources.node_id, &staged, Path::new("/sys/block"))),
+            Ok(staged) => out.extend(io_families(
+                &sources.node_id,
+                &staged,
+                Path::new("/sys/block"),
+            )),
             Err(e) => tracing::debug!(error = %e, "metrics: cannot list staged volumes"),
         }
     }
@@ -180,9 +184,7 @@ pub(super) fn volume_families(volumes: &[Volume]) -> Vec<MetricFamily> {
         }
         for m in MODES {
             let n = v.replicas.iter().filter(|r| r.health.mode == m).count();
-            replicas
-                .with_label_values(&[id, m.as_str()])
-                .set(n as f64);
+            replicas.with_label_values(&[id, m.as_str()]).set(n as f64);
         }
         wanted
             .with_label_values(&[id])
@@ -275,9 +277,7 @@ pub(super) fn disk_families(node: &str, disks: &[Disk]) -> Vec<MetricFamily> {
         match nix::sys::statvfs::statvfs(&d.path) {
             Ok(s) => {
                 let frag = s.fragment_size() as f64;
-                capacity
-                    .with_label_values(&l)
-                    .set(s.blocks() as f64 * frag);
+                capacity.with_label_values(&l).set(s.blocks() as f64 * frag);
                 free.with_label_values(&l)
                     .set(s.blocks_available() as f64 * frag);
             }
@@ -302,7 +302,11 @@ pub(super) fn disk_families(node: &str, disks: &[Disk]) -> Vec<MetricFamily> {
 /// The I/O of each volume staged on this node, as its block device counts it: every engine
 /// (loop, mirror, qemu) ends in a loop device, whose `/sys/block/loopN/stat` the kernel keeps
 /// at no cost. The counts start at 0 with each attach (a new loop device).
-pub(super) fn io_families(node: &str, staged: &[NodeVolume], sys_block: &Path) -> Vec<MetricFamily> {
+pub(super) fn io_families(
+    node: &str,
+    staged: &[NodeVolume],
+    sys_block: &Path,
+) -> Vec<MetricFamily> {
     let labels = ["volume", "node"];
     let read_bytes = counter(
         "bicsi_volume_read_bytes_total",
@@ -339,7 +343,9 @@ pub(super) fn io_families(node: &str, staged: &[NodeVolume], sys_block: &Path) -
             continue;
         };
         let l = [v.volume_id.as_str(), node];
-        read_bytes.with_label_values(&l).inc_by(stat.read_sectors as f64 * 512.0);
+        read_bytes
+            .with_label_values(&l)
+            .inc_by(stat.read_sectors as f64 * 512.0);
         written_bytes
             .with_label_values(&l)
             .inc_by(stat.write_sectors as f64 * 512.0);
@@ -405,24 +411,24 @@ fn process() -> Vec<MetricFamily> {
         "Resident memory size in bytes.",
         &[],
     );
-    let fds = gauge(
-        "process_open_fds",
-        "Number of open file descriptors.",
-        &[],
-    );
+    let fds = gauge("process_open_fds", "Number of open file descriptors.", &[]);
     let build = gauge(
         "bicsi_build_info",
         "Always 1; the labels say which bicsi runs.",
         &["version"],
     );
     if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
-        && let Some(pages) = statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok())
+        && let Some(pages) = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u64>().ok())
     {
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
             .flatten()
             .unwrap_or(4096) as f64;
-        rss.with_label_values(&[] as &[&str]).set(pages as f64 * page);
+        rss.with_label_values(&[] as &[&str])
+            .set(pages as f64 * page);
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
         // The directory read itself holds one descriptor while it is listed.

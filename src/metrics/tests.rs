@@ -1,6 +1,4 @@
-use super::collect::{
-    BlockStat, images_families, io_families, parse_block_stat, volume_families,
-};
+use super::collect::{BlockStat, images_families, io_families, parse_block_stat, volume_families};
 use super::csi::{answer_code, csi_method};
 use super::*;
 use crate::backing::object::BackingImage;
@@ -76,11 +74,7 @@ fn volume_io_comes_from_the_loop_devices_stat() {
     let dir = tempfile::tempdir().unwrap();
     let sys = dir.path().join("sys");
     std::fs::create_dir_all(sys.join("loop7")).unwrap();
-    std::fs::write(
-        sys.join("loop7/stat"),
-        "10 0 8 5 4 0 16 2 0 0 0 0 0 0 0\n",
-    )
-    .unwrap();
+    std::fs::write(sys.join("loop7/stat"), "10 0 8 5 4 0 16 2 0 0 0 0 0 0 0\n").unwrap();
     let dev = dir.path().join("loop7");
     std::fs::write(&dev, "").unwrap();
     let staged: NodeVolume = serde_json::from_value(serde_json::json!({
