@@ -72,20 +72,8 @@ impl Served {
         resp.text().await.unwrap()
     }
 
-    /// The CLI against this server, with the token in `BICSI_TOKEN`.
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = kit::bicsi()
-            .args(args)
-            .env("BICSI_SERVER", &self.http)
-            .env("BICSI_CSI_ENDPOINT", &self.endpoint)
-            .env("BICSI_TOKEN", TOKEN)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        cli(&self.http, &self.endpoint, args)
     }
 
     async fn api(
@@ -137,6 +125,35 @@ impl Served {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The CLI against the server at `http` and the CSI socket `endpoint`, with the token in
+/// `BICSI_TOKEN`.
+fn cli(http: &str, endpoint: &str, args: &[&str]) -> (bool, String, String) {
+    let out = kit::bicsi()
+        .args(args)
+        .env("BICSI_SERVER", http)
+        .env("BICSI_CSI_ENDPOINT", endpoint)
+        .env("BICSI_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `/metrics` at `http` with the token.
+async fn scrape(http: &str) -> String {
+    let resp = reqwest::Client::new()
+        .get(format!("{http}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{http}/metrics");
+    resp.text().await.unwrap()
 }
 
 /// The samples of a scrape: `name{labels}` (as written) → value.
@@ -287,7 +304,7 @@ async fn metrics_need_the_token_and_pass_promtool() {
     promtool_accepts(&scrape);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_a_failing_checksum_and_a_sync_move_their_metrics() {
     let good = raw_image(4 * MIB, 1);
     let bad = raw_image(2 * MIB, 2);
@@ -657,4 +674,122 @@ async fn json_logs_parse_and_a_failed_call_carries_its_code_and_span() {
         assert!(Instant::now() < deadline, "no failed-call line:\n{log}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+// Multi-threaded: the image server runs on this runtime while the CLI blocks a thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_mode_the_controller_and_each_node_serve_metrics_and_count_a_cross_node_sync() {
+    let dir = temp_dir("bicsi-metrics-split-");
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let token_arg = ["--api-token-file".to_string(), token.display().to_string()];
+    let (http_port, cluster_port) = (free_port(), free_port());
+    let mut args = kit::controller_args(dir.path(), http_port, cluster_port);
+    args.extend(token_arg.iter().cloned());
+    let mut controller = Proc::spawn(args, dir.path().join("controller.log"));
+    let http = format!("http://127.0.0.1:{http_port}");
+    let endpoint = kit::controller_endpoint(dir.path());
+    let mut nodes = Vec::new();
+    for id in ["node-1", "node-2"] {
+        let ndir = dir.path().join(id);
+        std::fs::create_dir_all(&ndir).unwrap();
+        let node_http = free_port();
+        let mut args = kit::node_args(id, &ndir, cluster_port, free_port(), node_http);
+        args.extend(token_arg.iter().cloned());
+        let proc = Proc::spawn(args, ndir.join("node.log"));
+        nodes.push((proc, format!("http://127.0.0.1:{node_http}")));
+    }
+    let healthz = format!("{http}/healthz");
+    controller
+        .wait_ready("bicsi controller", async || {
+            reqwest::get(&healthz).await.is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sum(&scrape(&http).await, "bicsi_node_up", &[]) < 2.0 {
+        assert!(Instant::now() < deadline, "the nodes did not come up:\n{}", controller.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Each node's /metrics: behind the token, its own disk, accepted by promtool.
+    for (i, (proc, node_http)) in nodes.iter_mut().enumerate() {
+        let url = format!("{node_http}/metrics");
+        proc.wait_ready("bicsi node", async || reqwest::get(&url).await.is_ok()).await;
+        assert_eq!(reqwest::get(&url).await.unwrap().status(), 401);
+        let s = scrape(node_http).await;
+        let node = format!("node=\"node-{}\"", i + 1);
+        assert_eq!(
+            samples(&s)
+                .keys()
+                .filter(|k| k.starts_with("bicsi_disk_capacity_bytes{") && k.contains(&node))
+                .count(),
+            1,
+            "{s}"
+        );
+        promtool_accepts(&s);
+    }
+    let (ok, out, err) = cli(&http, &endpoint, &[
+        "set", "setting", "backing-image-download-allowed-networks", "127.0.0.1",
+    ]);
+    assert!(ok, "{out}{err}");
+
+    let image = raw_image(3 * MIB, 3);
+    let base = image_server([("img.raw".to_string(), image.clone())].into()).await;
+    let before: Vec<String> = futures::future::join_all(nodes.iter().map(|(_, h)| scrape(h))).await;
+    let ctl_before = scrape(&http).await;
+    let (ok, out, err) = cli(&http, &endpoint, &[
+        "volume", "create", "vol-x", "--size", "16Mi", "--timeout", "60s",
+        "-p", "numberOfReplicas=2",
+        "-p", "backingImage=bi-x",
+        "-p", "backingImageDataSourceType=download",
+        "-p", &format!("backingImageDataSourceParameters={{\"url\": \"{base}/img.raw\"}}"),
+        "-p", &format!("backingImageChecksum={}", sha512(&image)),
+    ]);
+    assert!(ok, "{out}{err}\n{}", controller.log());
+    // Publishing to either node brings the file to the node without it.
+    let mut c = CsiClient::connect(&endpoint).await.unwrap();
+    let publish = pb::ControllerPublishVolumeRequest {
+        volume_id: "vol-x".into(),
+        node_id: "node-1".into(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(pb::volume_capability::AccessType::Block(Default::default())),
+            access_mode: Some(pb::volume_capability::AccessMode {
+                mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.controller.controller_publish_volume(publish.clone()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("publish: {e}\n{}", controller.log()),
+        }
+    }
+    let after: Vec<String> = futures::future::join_all(nodes.iter().map(|(_, h)| scrape(h))).await;
+    let total = |series: &str| -> f64 {
+        before.iter().zip(&after).map(|(b, a)| grew(b, a, series)).sum()
+    };
+    let len = image.len() as f64;
+    // One download on one node, one transfer to the other: counted where they ran.
+    assert_eq!(total(r#"bicsi_backing_image_transfers_total{kind="download",result="ok"}"#), 1.0);
+    assert_eq!(total(r#"bicsi_backing_image_transfers_total{kind="sync_cross_node",result="ok"}"#), 1.0);
+    assert_eq!(total(r#"bicsi_backing_image_prepared_bytes_total{kind="sync_cross_node"}"#), len);
+    let wire = total(r#"bicsi_backing_image_transfer_bytes_total{kind="sync_cross_node"}"#);
+    assert!(wire >= len, "the whole file (no holes) crossed the wire: {wire}");
+    // The controller sees the files of both nodes and the publish.
+    let ctl = scrape(&http).await;
+    assert_eq!(sum(&ctl, "bicsi_backing_image_files", &[r#"state="ready""#]), 2.0, "{ctl}");
+    assert_eq!(
+        grew(&ctl_before, &ctl, r#"bicsi_csi_requests_total{code="OK",method="ControllerPublishVolume"}"#),
+        1.0
+    );
+    promtool_accepts(&ctl);
+    for (mut p, _) in nodes {
+        p.stop();
+    }
+    controller.stop();
+    kit::cleanup_under(dir.path());
 }
