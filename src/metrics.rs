@@ -328,6 +328,11 @@ async fn scrape(State(sources): State<Arc<Sources>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
 }
 
+/// A volume was staged on `device`: its I/O is counted from here (see `collect::io_families`).
+pub fn volume_staged(volume_id: &str, device: &std::path::Path) {
+    collect::note_staged(volume_id, device);
+}
+
 /// The sources of a process that owns the cluster state (serve, controller).
 pub fn controller_sources(store: Arc<dyn Store>, cluster: Arc<crate::cluster::Cluster>) -> Sources {
     Sources {

@@ -5,8 +5,8 @@
 //! says why at debug level) rather than failing the scrape.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
@@ -81,7 +81,8 @@ pub fn collect(sources: &Sources) -> Vec<MetricFamily> {
             Ok(staged) => out.extend(io_families(
                 &sources.node_id,
                 &staged,
-                Path::new("/sys/block"),
+                Path::new(SYS_BLOCK),
+                &IO_BASE,
             )),
             Err(e) => tracing::debug!(error = %e, "metrics: cannot list staged volumes"),
         }
@@ -299,14 +300,44 @@ pub(super) fn disk_families(node: &str, disks: &[Disk]) -> Vec<MetricFamily> {
     .concat()
 }
 
+const SYS_BLOCK: &str = "/sys/block";
+
+/// Volume and device → the device's counters when the volume was staged on it (or, after a
+/// restart of this process, when a scrape first saw it): loop devices are reused, and the kernel
+/// keeps their counters for the device's life, over every volume that used it.
+pub(super) type IoBases = Mutex<HashMap<(String, PathBuf), BlockStat>>;
+static IO_BASE: LazyLock<IoBases> = LazyLock::new(Default::default);
+
+/// Takes the counters of `device` as the volume's zero.
+pub(super) fn note_staged(volume_id: &str, device: &Path) {
+    note_staged_in(&IO_BASE, volume_id, device, Path::new(SYS_BLOCK));
+}
+
+pub(super) fn note_staged_in(bases: &IoBases, volume_id: &str, device: &Path, sys_block: &Path) {
+    if let Some(stat) = block_stat(device, sys_block) {
+        bases
+            .lock()
+            .expect("io bases poisoned")
+            .insert((volume_id.to_string(), device.to_path_buf()), stat);
+    }
+}
+
 /// The I/O of each volume staged on this node, as its block device counts it: every engine
 /// (loop, mirror, qemu) ends in a loop device, whose `/sys/block/loopN/stat` the kernel keeps
-/// at no cost. The counts start at 0 with each attach (a new loop device).
+/// at no cost. Counted from the volume's stage on that device ([`note_staged`]; after a restart
+/// of this process, from the first scrape that sees it), so each attach starts at 0.
 pub(super) fn io_families(
     node: &str,
     staged: &[NodeVolume],
     sys_block: &Path,
+    bases: &IoBases,
 ) -> Vec<MetricFamily> {
+    let mut bases = bases.lock().expect("io bases poisoned");
+    bases.retain(|(volume, device), _| {
+        staged
+            .iter()
+            .any(|v| &v.volume_id == volume && &v.device == device)
+    });
     let labels = ["volume", "node"];
     let read_bytes = counter(
         "bicsi_volume_read_bytes_total",
@@ -339,9 +370,13 @@ pub(super) fn io_families(
         &labels,
     );
     for v in staged {
-        let Some(stat) = block_stat(&v.device, sys_block) else {
+        let Some(now) = block_stat(&v.device, sys_block) else {
             continue;
         };
+        let base = bases
+            .entry((v.volume_id.clone(), v.device.clone()))
+            .or_insert_with(|| now.clone());
+        let stat = now.since(base);
         let l = [v.volume_id.as_str(), node];
         read_bytes
             .with_label_values(&l)
@@ -370,7 +405,7 @@ pub(super) fn io_families(
 }
 
 /// The fields of a block device's `stat` file that the metrics use.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct BlockStat {
     pub reads: u64,
     pub read_sectors: u64,
@@ -378,6 +413,20 @@ pub(super) struct BlockStat {
     pub writes: u64,
     pub write_sectors: u64,
     pub write_ms: u64,
+}
+
+impl BlockStat {
+    /// What was counted since `base`.
+    fn since(&self, base: &BlockStat) -> BlockStat {
+        BlockStat {
+            reads: self.reads.saturating_sub(base.reads),
+            read_sectors: self.read_sectors.saturating_sub(base.read_sectors),
+            read_ms: self.read_ms.saturating_sub(base.read_ms),
+            writes: self.writes.saturating_sub(base.writes),
+            write_sectors: self.write_sectors.saturating_sub(base.write_sectors),
+            write_ms: self.write_ms.saturating_sub(base.write_ms),
+        }
+    }
 }
 
 /// Parses `/sys/block/DEV/stat` (Documentation/block/stat.rst: reads, merges, sectors, ticks,

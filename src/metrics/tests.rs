@@ -1,4 +1,6 @@
-use super::collect::{BlockStat, images_families, io_families, parse_block_stat, volume_families};
+use super::collect::{
+    BlockStat, images_families, io_families, note_staged_in, parse_block_stat, volume_families,
+};
 use super::csi::{answer_code, csi_method};
 use super::*;
 use crate::backing::object::BackingImage;
@@ -70,11 +72,20 @@ fn block_stat_fields() {
 }
 
 #[test]
-fn volume_io_comes_from_the_loop_devices_stat() {
+fn volume_io_is_the_loop_devices_stat_since_the_stage() {
     let dir = tempfile::tempdir().unwrap();
     let sys = dir.path().join("sys");
     std::fs::create_dir_all(sys.join("loop7")).unwrap();
-    std::fs::write(sys.join("loop7/stat"), "10 0 8 5 4 0 16 2 0 0 0 0 0 0 0\n").unwrap();
+    // reads, sectors read, ms reading, writes, sectors written: the kernel keeps them for the
+    // device's life, so what earlier volumes on the reused device did is there too.
+    let stat = |reads: u64, sectors: u64, ms: u64, writes: u64, written: u64| {
+        std::fs::write(
+            sys.join("loop7/stat"),
+            format!("{reads} 0 {sectors} {ms} {writes} 0 {written} 2 0 0 0 0 0 0 0\n"),
+        )
+        .unwrap()
+    };
+    stat(1000, 80000, 500, 7000, 90000);
     let dev = dir.path().join("loop7");
     std::fs::write(&dev, "").unwrap();
     let staged: NodeVolume = serde_json::from_value(serde_json::json!({
@@ -83,7 +94,15 @@ fn volume_io_comes_from_the_loop_devices_stat() {
         "capability": {"access": "block", "mode": "singleNodeWriter"},
     }))
     .unwrap();
-    let got = lines(&io_families("n1", &[staged], &sys));
+    let bases = Default::default();
+    note_staged_in(&bases, "v1", &dev, &sys);
+    stat(1010, 80008, 505, 7004, 90016);
+    let got = lines(&io_families(
+        "n1",
+        std::slice::from_ref(&staged),
+        &sys,
+        &bases,
+    ));
     for want in [
         r#"bicsi_volume_read_bytes_total{node="n1",volume="v1"} 4096"#,
         r#"bicsi_volume_written_bytes_total{node="n1",volume="v1"} 8192"#,
@@ -93,6 +112,20 @@ fn volume_io_comes_from_the_loop_devices_stat() {
     ] {
         assert!(got.iter().any(|l| l == want), "{want} not in {got:#?}");
     }
+    // Unstaged: its zero is forgotten. Seen again without a stage (this process restarted):
+    // counted from that first sight.
+    let _ = io_families("n1", &[], &sys, &bases);
+    let got = lines(&io_families(
+        "n1",
+        std::slice::from_ref(&staged),
+        &sys,
+        &bases,
+    ));
+    assert!(
+        got.iter()
+            .any(|l| l == r#"bicsi_volume_reads_total{node="n1",volume="v1"} 0"#),
+        "{got:#?}"
+    );
 }
 
 #[test]
