@@ -35,6 +35,16 @@ pub struct Cli {
     /// API take `--token` themselves (and show it in their help).
     #[arg(long, hide = true)]
     pub token: Option<String>,
+    /// How the log lines on stderr are written: `text` (for people) or `json` (one object a
+    /// line, with the fields of the spans it is in, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "BICSI_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: crate::logs::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -336,6 +346,10 @@ pub struct NodeArgs {
     /// Where this node serves its replicas to other nodes' engines (NBD over TCP).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: String,
+    /// A file holding the bearer token /metrics on --http-listen requires (the controller's
+    /// API token); without it /metrics is open like the file transfers beside it.
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -520,7 +534,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         .map_err(|e| Error::Internal(format!("mirror engine: {e}")))?,
         Command::Node(args) => {
             let os = real_os(args.disk.engine_endpoint.as_deref())?;
-            let cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
+            let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
+            cfg.api_token_file = args.api_token_file;
             let split = crate::server::SplitConfig {
                 controller: args.controller,
                 agent_listen: args.agent_listen,

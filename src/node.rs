@@ -411,6 +411,7 @@ impl NodeAgent {
         })
         .await?;
         tracing::info!(volume = %volume_id, device = %rec.device.display(), engine = %rec.engine, "volume staged");
+        crate::metrics::volume_staged(volume_id, &rec.device);
         Ok(())
     }
 

@@ -207,6 +207,8 @@ pub async fn serve(
     crate::download::guard::set_in_cluster(cfg.store == StoreBackend::Kubernetes);
     let (store, kube, disks) = open_local(&cfg).await?;
     let cluster = Cluster::new(store.clone());
+    let metrics = crate::metrics::controller_sources(store.clone(), cluster.clone());
+    let metrics = crate::metrics::with_node(metrics, &cfg.node_id, disks.clone(), store.clone());
     let backing = BackingImages::new(store.clone(), cluster.clone());
     let files = FileManagers::new(
         cfg.node_id.clone(),
@@ -273,7 +275,8 @@ pub async fn serve(
                 csi_endpoint: cfg.csi_endpoint.clone(),
                 data_dir: std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone()),
             }),
-        }),
+        })
+        .merge(crate::metrics::routes(metrics)),
         token,
     );
     let r = run(
@@ -379,6 +382,7 @@ pub async fn controller(
     };
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
     let backing_for_expiry = backing.clone();
+    let metrics = crate::metrics::controller_sources(store.clone(), cluster.clone());
     let api = crate::auth::protect(
         crate::http::router(crate::http::ApiState {
             controller: Some(controller.clone()),
@@ -387,7 +391,8 @@ pub async fn controller(
             store,
             driver_name: cfg.driver_name.clone(),
             attach: None,
-        }),
+        })
+        .merge(crate::metrics::routes(metrics)),
         token,
     );
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing_for_expiry.clone()));
@@ -509,6 +514,12 @@ pub async fn node(
         local_agent,
     ));
     let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
+    let metrics = crate::metrics::with_node(
+        Default::default(),
+        &cfg.node_id,
+        disks.clone(),
+        local_store.clone(),
+    );
     let api = crate::http::router(crate::http::ApiState {
         controller: None,
         backing: None,
@@ -516,7 +527,12 @@ pub async fn node(
         store: local_store,
         driver_name: cfg.driver_name.clone(),
         attach: None,
-    });
+    })
+    // The file transfers stay as they are; /metrics takes the token the node is given.
+    .merge(crate::auth::protect(
+        crate::metrics::routes(metrics),
+        crate::auth::load(cfg.api_token_file.as_deref())?,
+    ));
     let r = run(
         &cfg,
         Services {
@@ -610,7 +626,8 @@ async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder =
+        tonic::transport::Server::builder().layer(crate::metrics::csi::CsiMetricsLayer);
     let mut router = builder.add_service(IdentityServer::new(IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: services.controller.is_some(),

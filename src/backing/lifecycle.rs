@@ -217,6 +217,7 @@ impl BackingImages {
                 match self.remove_file(&name, &disk, &node).await {
                     Ok(()) => {
                         tracing::info!(image = %name, disk = %disk, "unused backing image file cleaned up");
+                        crate::metrics::cleanup("automatic");
                         removed.push((name.clone(), disk));
                     }
                     Err(e) => {
@@ -310,6 +311,7 @@ impl BackingImages {
             match self.remove_file(name, disk, &node).await {
                 Ok(()) => {
                     tracing::info!(image = %name, disk = %disk, "backing image file cleaned up on request");
+                    crate::metrics::cleanup("manual");
                     result.cleaned.push(disk.clone());
                 }
                 Err(e) => result.refused.push(Refusal {
@@ -350,6 +352,7 @@ impl BackingImages {
                     continue;
                 }
                 tracing::info!(image = %name, disk = %disk, "failed file: removing it and syncing it again from a ready one");
+                crate::metrics::recovery("ready_file");
                 self.remove_file(name, disk, &f.node_id).await?;
                 self.cluster
                     .agent(&f.node_id)?
@@ -431,6 +434,7 @@ impl BackingImages {
                 })
                 .await?;
                 agent.prepare_first_file(name, &disk.id).await?;
+                crate::metrics::recovery("source");
             }
         }
         Ok(())

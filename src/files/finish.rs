@@ -57,6 +57,7 @@ impl FileManagers {
         };
         let bi = self.image(name)?;
         if !bi.status.checksum.is_empty() && bi.status.checksum != sha512 {
+            crate::metrics::checksum_failure("prepared");
             let _ = std::fs::remove_file(tmp);
             return Err(Error::FailedPrecondition(format!(
                 "backing image {name:?}: checksum mismatch: expected {}, got {sha512}; the file changed or is corrupt",
@@ -168,14 +169,17 @@ impl FileManagers {
                 });
                 r
             }
-            Ok(sum) => FileReport::new(
-                FileState::Failed,
-                0,
-                format!(
-                    "{why}: checksum mismatch on disk {}: expected {}, got {sum}; the file changed on disk",
-                    disk.id, bi.status.checksum
-                ),
-            ),
+            Ok(sum) => {
+                crate::metrics::checksum_failure("verify");
+                FileReport::new(
+                    FileState::Failed,
+                    0,
+                    format!(
+                        "{why}: checksum mismatch on disk {}: expected {}, got {sum}; the file changed on disk",
+                        disk.id, bi.status.checksum
+                    ),
+                )
+            }
             Err(e) => FileReport::new(
                 FileState::Failed,
                 0,

@@ -65,6 +65,9 @@ impl FileManagers {
         cancel: CancellationToken,
     ) -> Result<(), SourceFailure> {
         let bi = self.image(name)?;
+        let mut transfer = crate::metrics::Transfer::start(
+            crate::metrics::TransferKind::of_source(bi.spec.source_type),
+        );
         self.report(
             name,
             disk,
@@ -100,10 +103,16 @@ impl FileManagers {
                 let outcome = self
                     .with_progress(name, disk, &progress, &message, work)
                     .await
-                    .map_err(|e| SourceFailure {
-                        permanent: e.is_permanent(),
-                        error: Error::Unavailable(format!("backing image {name:?}: {e}")),
+                    .map_err(|e| {
+                        if matches!(e, download::DownloadError::ChecksumMismatch { .. }) {
+                            crate::metrics::checksum_failure("download");
+                        }
+                        SourceFailure {
+                            permanent: e.is_permanent(),
+                            error: Error::Unavailable(format!("backing image {name:?}: {e}")),
+                        }
                     })?;
+                transfer.moved(outcome.size - outcome.kept);
                 if outcome.kept > 0 {
                     tracing::info!(image = %name, disk = %disk.id, kept = outcome.kept, "download went on from the partial file of an earlier process");
                 }
@@ -147,8 +156,12 @@ impl FileManagers {
             }
         };
         let download = bi.spec.source_type == SourceType::Download;
+        if !download {
+            transfer.moved(size);
+        }
         self.finish_file(name, disk, &tmp, sha512, size, manifest)
             .await
+            .map(|()| transfer.ok(size))
             .map_err(|error| SourceFailure {
                 // The same bytes would come again: not a disk image, or the wrong checksum.
                 permanent: download && matches!(error, Error::FailedPrecondition(_)),

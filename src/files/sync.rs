@@ -137,6 +137,10 @@ impl FileManagers {
             }
         };
         let _slot = slot;
+        let mut transfer = crate::metrics::Transfer::start(match source {
+            Source::Local(_) => crate::metrics::TransferKind::SyncSameNode,
+            Source::Remote { .. } => crate::metrics::TransferKind::SyncCrossNode,
+        });
         let bi = self.image(name)?;
         self.report(
             name,
@@ -170,6 +174,7 @@ impl FileManagers {
                 })
                 .await?;
                 tracing::info!(image = %name, disk = %disk.id, method = ?outcome.method, bytes = outcome.bytes_copied, "copied backing image file between disks");
+                transfer.moved(outcome.bytes_copied);
                 // Same bytes of the same node, copied by the kernel: the checksum is the image's.
                 let size = std::fs::metadata(&tmp)
                     .map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?
@@ -192,8 +197,16 @@ impl FileManagers {
                     .with_progress(name, disk, &progress, &message, work)
                     .await
                     .map_err(|e| {
+                        use crate::sync::SyncError;
+                        if matches!(
+                            e,
+                            SyncError::ChecksumMismatch { .. } | SyncError::ChunkMismatch { .. }
+                        ) {
+                            crate::metrics::checksum_failure("transfer");
+                        }
                         Error::Unavailable(format!("backing image {name:?}, disk {}: {e}", disk.id))
                     })?;
+                transfer.moved(outcome.bytes_on_wire + outcome.manifest_bytes);
                 let verified = match &outcome.verified {
                     crate::sync::Verified::Manifest => "manifest",
                     crate::sync::Verified::Sha512 { .. } => "sha512",
@@ -204,6 +217,7 @@ impl FileManagers {
         };
         self.finish_file(name, disk, &tmp, sha512, size, manifest)
             .await
+            .map(|()| transfer.ok(size))
     }
 }
 

@@ -205,6 +205,7 @@ impl FileManagers {
         E: std::fmt::Display,
     {
         let bi = self.image(name)?;
+        let mut transfer = crate::metrics::Transfer::start(crate::metrics::TransferKind::Upload);
         // A failed earlier attempt on this disk starts over (failed → pending).
         self.report(
             name,
@@ -304,6 +305,7 @@ impl FileManagers {
         if let Some(expected) = &req.checksum
             && *expected != sha512
         {
+            crate::metrics::checksum_failure("upload");
             return Err(Error::FailedPrecondition(format!(
                 "backing image {name:?}: checksum mismatch: expected {expected}, got {sha512}; the upload is corrupt or the checksum is wrong: upload again"
             )));
@@ -323,6 +325,8 @@ impl FileManagers {
             let _ = std::fs::remove_file(&tmp);
         }
         r?;
+        transfer.moved(size);
+        transfer.ok(size);
         let bi = self.image(name)?;
         Ok(ReadyFile {
             size: bi.status.size,
