@@ -13,6 +13,7 @@ pub mod authority;
 pub mod backing;
 pub mod backup;
 pub mod cli;
+pub mod certs;
 pub mod cli_api;
 pub mod client;
 pub mod clock;
@@ -47,6 +48,7 @@ pub mod snapshot;
 pub mod storageclass;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod ui;
 pub mod volume_engine;
 
