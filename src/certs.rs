@@ -63,13 +63,17 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
-/// The CA's parameters: the same every time, so an [`Issuer`] rebuilt from them and the CA key
-/// signs as the CA certificate says (issuer name and key identifier).
-fn ca_params() -> CertificateParams {
+/// The CA's parameters, derived from its key alone, so an [`Issuer`] rebuilt from them and the
+/// key signs as the CA certificate says (issuer name and key identifier). The name carries a
+/// digest of the public key: two clusters' CAs never share a name, so a certificate of the other
+/// is refused as of an unknown issuer.
+fn ca_params(key: &KeyPair) -> CertificateParams {
+    use sha2::Digest;
+    let id = hex::encode(&sha2::Sha256::digest(key.public_key_raw())[..6]);
     let mut p = CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name
-        .push(DnType::CommonName, "bicsi cluster CA");
+        .push(DnType::CommonName, format!("bicsi cluster CA {id}"));
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -104,10 +108,10 @@ fn ca(ca_dir: &Path) -> Result<(Issuer<'static, KeyPair>, bool)> {
                 ca_dir.display()
             )));
         }
-        return Ok((Issuer::new(ca_params(), key), false));
+        return Ok((Issuer::new(ca_params(&key), key), false));
     }
     let key = KeyPair::generate().map_err(|e| cert_err("the CA key", e))?;
-    let mut params = ca_params();
+    let mut params = ca_params(&key);
     let now = SystemTime::now();
     params.not_before = (now - SKEW).into();
     params.not_after = (now + CA_VALIDITY).into();
@@ -117,7 +121,7 @@ fn ca(ca_dir: &Path) -> Result<(Issuer<'static, KeyPair>, bool)> {
         .map_err(|e| cert_err("the CA", e))?;
     write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
     write_file(&ca_dir.join(CA_FILE), cert.pem().as_bytes(), false)?;
-    Ok((Issuer::new(ca_params(), key), true))
+    Ok((Issuer::new(ca_params(&key), key), true))
 }
 
 /// A certificate of `role` (and any `extra_names`) signed by the CA in `ca_dir`, valid from

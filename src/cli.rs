@@ -155,6 +155,10 @@ pub struct Server {
     /// The HTTP API's bearer token (Secret bicsi-api-token).
     #[arg(long, env = "BICSI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A PEM CA certificate to trust, besides the system's, for an https:// --server (an API
+    /// served with --tls-cert by a private CA).
+    #[arg(long, env = "BICSI_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -552,6 +556,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         .token
         .or_else(|| server_of(&cli.command).and_then(|s| s.token.clone()));
     crate::cli_api::set_token(token);
+    if let Some(ca) = server_of(&cli.command).and_then(|s| s.ca_cert.as_deref()) {
+        crate::cli_api::set_ca_cert(ca)?;
+    }
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Controller(args) => {
