@@ -37,11 +37,7 @@ impl Cluster {
             .arg(&certs)
             .output()?;
         if !made.status.success() {
-            return Err(format!(
-                "bicsi certs: {}",
-                String::from_utf8_lossy(&made.stderr)
-            )
-            .into());
+            return Err(format!("bicsi certs: {}", String::from_utf8_lossy(&made.stderr)).into());
         }
         let tls_dir = |role: &str| certs.join(role).display().to_string();
         let controller = Daemon::spawn(

@@ -6,8 +6,10 @@
 //! `OUT/controller/` and `OUT/node/`, each with `ca.crt`, `tls.crt`, `tls.key` (and `ca.crl`
 //! once something was revoked): the keys of a `kubernetes.io/tls` Secret with `ca.crt`, as
 //! cert-manager writes them. `revoke(OUT, CERTS)` adds certificates' serial numbers to
-//! `OUT/ca/revoked` and writes the CRL into the CA's and both roles' directories. Keys are
-//! written 0600 and every file atomically; the CA key never goes into a role's directory.
+//! `OUT/ca/revoked` and writes the CRL into the CA's and both roles' directories. Both write
+//! `OUT/tls-secrets.yaml`, the two Secrets `deploy/tls.yaml` holds (`bicsi-controller-tls`,
+//! `bicsi-node-tls`) with the roles' files. Keys are written 0600 and every file atomically;
+//! the CA key never goes into a role's directory nor into a Secret.
 //! This module only writes files: [`crate::tls`] reads them.
 
 use std::io::Write;
@@ -31,6 +33,53 @@ const SKEW: Duration = Duration::from_secs(300);
 pub const CA_KEY_FILE: &str = "ca.key";
 /// The revoked serial numbers (hex, one a line), from which the CRL is rebuilt.
 const REVOKED_FILE: &str = "revoked";
+/// The Secrets of `deploy/tls.yaml`, made from the roles' directories.
+pub const SECRETS_FILE: &str = "tls-secrets.yaml";
+/// The namespace of `deploy/`.
+const NAMESPACE: &str = "longhorn-system";
+
+/// The Secrets `deploy/tls.yaml` holds, with the files of `OUT/controller` and `OUT/node`
+/// (ca.crl too when there is one), as YAML.
+fn secrets_yaml(out: &Path) -> Result<String> {
+    use k8s_openapi::api::core::v1::Secret;
+    let mut docs = Vec::new();
+    for (name, dir) in [
+        ("bicsi-controller-tls", "controller"),
+        ("bicsi-node-tls", "node"),
+    ] {
+        let mut data = std::collections::BTreeMap::new();
+        for file in [CA_FILE, CERT_FILE, KEY_FILE, CRL_FILE] {
+            let path = out.join(dir).join(file);
+            if file == CRL_FILE && !path.exists() {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+            data.insert(file.to_string(), k8s_openapi::ByteString(bytes));
+        }
+        let secret = Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(NAMESPACE.into()),
+                labels: Some(
+                    [("app.kubernetes.io/part-of".to_string(), "bicsi".to_string())].into(),
+                ),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(data),
+            ..Default::default()
+        };
+        let mut value = serde_json::to_value(&secret)?;
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "Secret".into();
+        docs.push(serde_yaml::to_string(&value).map_err(|e| Error::Internal(e.to_string()))?);
+    }
+    Ok(format!(
+        "# Made by `bicsi certs --out {}`: copy to deploy/tls.yaml. Holds private keys.\n{}",
+        out.display(),
+        docs.join("---\n")
+    ))
+}
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("{}: {e}", path.display()))
@@ -184,10 +233,7 @@ pub fn make(out: &Path, days: u64, controller_names: &[String]) -> Result<Made> 
     let now = SystemTime::now();
     let until = now + Duration::from_secs(days.saturating_mul(86400));
     let mut dirs = Vec::new();
-    for (role, extra) in [
-        (Role::Controller, controller_names),
-        (Role::Node, &[][..]),
-    ] {
+    for (role, extra) in [(Role::Controller, controller_names), (Role::Node, &[][..])] {
         let dir = out.join(match role {
             Role::Controller => "controller",
             Role::Node => "node",
@@ -205,6 +251,7 @@ pub fn make(out: &Path, days: u64, controller_names: &[String]) -> Result<Made> 
     }
     let node_dir = dirs.pop().expect("two roles");
     let controller_dir = dirs.pop().expect("two roles");
+    write_file(&out.join(SECRETS_FILE), secrets_yaml(out)?.as_bytes(), true)?;
     Ok(Made {
         ca_created,
         ca_dir,
@@ -284,6 +331,9 @@ pub fn revoke(out: &Path, certs: &[PathBuf]) -> Result<Vec<String>> {
             write_file(&d.join(CRL_FILE), crl.as_bytes(), false)?;
         }
     }
+    if out.join("controller").is_dir() && out.join("node").is_dir() {
+        write_file(&out.join(SECRETS_FILE), secrets_yaml(out)?.as_bytes(), true)?;
+    }
     Ok(added)
 }
 
@@ -328,6 +378,7 @@ mod tests {
     use super::*;
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
+    use serde::Deserialize;
 
     #[test]
     fn make_reuses_the_ca_and_issues_both_roles() {
@@ -348,6 +399,24 @@ mod tests {
             crate::tls::ClusterTls::load(d).unwrap();
         }
         assert!(make(dir.path(), 0, &[]).is_err());
+        // The Secrets for deploy/tls.yaml: both roles, every file, base64 as Kubernetes wants.
+        let yaml = std::fs::read_to_string(dir.path().join(SECRETS_FILE)).unwrap();
+        let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 2, "{yaml}");
+        for (doc, dir) in docs.iter().zip([&second.controller_dir, &second.node_dir]) {
+            assert_eq!(doc["kind"], "Secret");
+            assert_eq!(doc["type"], "kubernetes.io/tls");
+            assert_eq!(doc["metadata"]["namespace"], "longhorn-system");
+            let key: k8s_openapi::ByteString =
+                serde_json::from_value(doc["data"]["tls.key"].clone()).unwrap();
+            assert_eq!(key.0, std::fs::read(dir.join(KEY_FILE)).unwrap());
+            assert!(doc["data"].get("ca.key").is_none());
+        }
+        assert!(
+            yaml.contains("name: bicsi-controller-tls") && yaml.contains("name: bicsi-node-tls")
+        );
     }
 
     #[test]
@@ -364,6 +433,8 @@ mod tests {
         for d in ["ca", "controller", "node"] {
             assert!(dir.path().join(d).join(CRL_FILE).exists(), "{d}");
         }
+        let yaml = std::fs::read_to_string(dir.path().join(SECRETS_FILE)).unwrap();
+        assert_eq!(yaml.matches("ca.crl:").count(), 2, "{yaml}");
         // Revoking again keeps one entry; the CRL still loads in a --tls-dir.
         revoke(dir.path(), &[made.node_dir.join(CERT_FILE)]).unwrap();
         let list = std::fs::read_to_string(dir.path().join("ca").join(REVOKED_FILE)).unwrap();

@@ -776,8 +776,9 @@ fn certs(args: CertsArgs) -> Result<()> {
             crate::outln!("revoked serial {s}");
         }
         crate::outln!(
-            "wrote {}/{{ca,controller,node}}/ca.crl; update the Secrets and restart the processes",
-            args.out.display()
+            "wrote {}/{{ca,controller,node}}/ca.crl and {}; apply the Secrets and restart the processes",
+            args.out.display(),
+            args.out.join(crate::certs::SECRETS_FILE).display()
         );
         return Ok(());
     }
@@ -795,16 +796,10 @@ fn certs(args: CertsArgs) -> Result<()> {
         "node agents: {}  (bicsi node --tls-dir)",
         made.node_dir.display()
     );
-    crate::outln!("In a cluster, as the Secrets deploy/ mounts:");
-    for (name, dir) in [
-        ("bicsi-controller-tls", &made.controller_dir),
-        ("bicsi-node-tls", &made.node_dir),
-    ] {
-        crate::outln!(
-            "  kubectl -n longhorn-system create secret generic {name} --from-file={} --dry-run=client -o yaml | kubectl apply -f -",
-            dir.display()
-        );
-    }
+    crate::outln!(
+        "Secrets bicsi-controller-tls and bicsi-node-tls: {} (copy to deploy/tls.yaml)",
+        args.out.join(crate::certs::SECRETS_FILE).display()
+    );
     Ok(())
 }
 

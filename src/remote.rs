@@ -171,7 +171,10 @@ impl ClusterRpc for ClusterService {
             max_volumes_per_node: r.max_volumes_per_node,
         };
         let agent = Arc::new(RemoteAgent {
-            client: AgentClient::new(self.transport.channel(&r.agent_url, crate::tls::Role::Node)?),
+            client: AgentClient::new(
+                self.transport
+                    .channel(&r.agent_url, crate::tls::Role::Node)?,
+            ),
         });
         self.cluster.register(record, agent, false)?;
         Ok(Response::new(pb::RegisterNodeResponse {

@@ -189,8 +189,19 @@ impl Listen {
         }
     }
 
-    /// The HTTP API's listener: HTTPS with `--tls-cert`/`--tls-key`, else plain.
+    /// The HTTP API's listener: HTTPS with `--tls-cert`/`--tls-key`, else plain. Beyond
+    /// loopback without a token, anyone who reaches it may do anything: said in the log.
     fn api(listener: TcpListener, cfg: &Config) -> Result<Listen> {
+        if let Ok(addr) = listener.local_addr()
+            && !addr.ip().is_loopback()
+        {
+            if cfg.api_token_file.is_none() {
+                tracing::warn!(%addr, "the HTTP API listens beyond loopback without --api-token-file: anyone who reaches it can create and delete images and volumes");
+            }
+            if cfg.api_tls.is_none() {
+                tracing::warn!(%addr, "the HTTP API listens beyond loopback over plain HTTP: its bearer token crosses the network readable; give --tls-cert and --tls-key");
+            }
+        }
         match &cfg.api_tls {
             None => Ok(Listen::Plain(listener)),
             Some((cert, key)) => Ok(Listen::Tls(

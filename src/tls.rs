@@ -114,8 +114,8 @@ impl ClusterTls {
         if chain.is_empty() {
             return Err(bad(dir, CERT_FILE, "no certificate in it"));
         }
-        let key = PrivateKeyDer::from_pem_file(dir.join(KEY_FILE))
-            .map_err(|e| bad(dir, KEY_FILE, e))?;
+        let key =
+            PrivateKeyDer::from_pem_file(dir.join(KEY_FILE)).map_err(|e| bad(dir, KEY_FILE, e))?;
         let crl_path = dir.join(CRL_FILE);
         let crls = if crl_path.exists() {
             CertificateRevocationListDer::pem_file_iter(&crl_path)
@@ -287,8 +287,8 @@ impl Transport {
             return Ok(endpoint.connect_lazy());
         };
         let connector = tokio_rustls::TlsConnector::from(tls.client_config(peer)?);
-        Ok(
-            endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: tonic::transport::Uri| {
+        Ok(endpoint.connect_with_connector_lazy(tower::service_fn(
+            move |uri: tonic::transport::Uri| {
                 let connector = connector.clone();
                 async move {
                     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
@@ -298,8 +298,8 @@ impl Transport {
                     let tls = connector.connect(peer.server_name(), tcp).await?;
                     Ok::<_, std::io::Error>(TokioIo::new(tls))
                 }
-            })),
-        )
+            },
+        )))
     }
 }
 
@@ -345,18 +345,19 @@ impl TlsListener {
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _ = tcp.set_nodelay(true);
-                    let stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::warn!(listener = what, %peer, error = %e, "refused a TLS client");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::warn!(listener = what, %peer, "refused a TLS client: no handshake within {HANDSHAKE_TIMEOUT:?}");
-                                return;
-                            }
-                        };
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::warn!(listener = what, %peer, error = %e, "refused a TLS client");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(listener = what, %peer, "refused a TLS client: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                            return;
+                        }
+                    };
                     if let Some(role) = client_role
                         && let Err(why) = holds_role(&stream, role)
                     {

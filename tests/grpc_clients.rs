@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use kit::{
-    Proc, controller_tls_dir, csi_endpoint, free_port, node_tls_dir, serve_args, temp_dir,
-};
+use kit::{Proc, controller_tls_dir, csi_endpoint, free_port, node_tls_dir, serve_args, temp_dir};
 
 /// Makes sure python3 can import grpc and grpc_tools, installing them with pip once (under a
 /// lock: the tests of this file run at the same time, in processes of their own).

@@ -73,7 +73,11 @@ fn client_config(ca: &Path, identity: Option<&Path>) -> Arc<rustls::ClientConfig
 
 /// A gRPC channel over TLS with `config` to 127.0.0.1:`port`, checking the server's certificate
 /// for `server`'s role name.
-fn channel(port: u16, config: Arc<rustls::ClientConfig>, server: Role) -> tonic::transport::Channel {
+fn channel(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    server: Role,
+) -> tonic::transport::Channel {
     let connector = tokio_rustls::TlsConnector::from(config);
     tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .unwrap()
@@ -160,7 +164,13 @@ async fn every_listener_refuses_clients_without_a_valid_certificate_of_its_role(
     let now = SystemTime::now();
     let day = Duration::from_secs(86400);
     // A node certificate and a controller certificate of the cluster's CA, both revoked.
-    let revoked_node = issued(&dir.path().join("revoked-node"), &ca, Role::Node, now - day, now + day);
+    let revoked_node = issued(
+        &dir.path().join("revoked-node"),
+        &ca,
+        Role::Node,
+        now - day,
+        now + day,
+    );
     let revoked_ctl = issued(
         &dir.path().join("revoked-controller"),
         &ca,
@@ -177,9 +187,17 @@ async fn every_listener_refuses_clients_without_a_valid_certificate_of_its_role(
         revoked_ctl.join("tls.crt").to_str().unwrap(),
     ]);
     assert_eq!(out.matches("revoked serial").count(), 2, "{out}");
-    assert!(certs_dir.join("controller/ca.crl").is_file() && certs_dir.join("node/ca.crl").is_file());
+    assert!(
+        certs_dir.join("controller/ca.crl").is_file() && certs_dir.join("node/ca.crl").is_file()
+    );
     // Expired ones of the same CA, and valid ones of another CA.
-    let expired_node = issued(&dir.path().join("expired-node"), &ca, Role::Node, now - 3 * day, now - day);
+    let expired_node = issued(
+        &dir.path().join("expired-node"),
+        &ca,
+        Role::Node,
+        now - 3 * day,
+        now - day,
+    );
     let expired_ctl = issued(
         &dir.path().join("expired-controller"),
         &ca,
@@ -234,14 +252,18 @@ async fn every_listener_refuses_clients_without_a_valid_certificate_of_its_role(
     );
     // The node registers over mTLS, and the controller reaches its agent (disks) over mTLS.
     let api = format!("http://127.0.0.1:{http}");
-    wait_for("the node did not register over mTLS", &mut node, async || {
-        let Ok(r) = reqwest::get(format!("{api}/v1/disks")).await else {
-            return false;
-        };
-        r.json::<serde_json::Value>()
-            .await
-            .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 1))
-    })
+    wait_for(
+        "the node did not register over mTLS",
+        &mut node,
+        async || {
+            let Ok(r) = reqwest::get(format!("{api}/v1/disks")).await else {
+                return false;
+            };
+            r.json::<serde_json::Value>()
+                .await
+                .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 1))
+        },
+    )
     .await;
     controller.assert_alive();
     let nodes: serde_json::Value = reqwest::get(format!("{api}/v1/nodes"))
@@ -252,7 +274,9 @@ async fn every_listener_refuses_clients_without_a_valid_certificate_of_its_role(
         .unwrap();
     for field in ["agentUrl", "transferUrl"] {
         assert!(
-            nodes[0][field].as_str().is_some_and(|u| u.starts_with("https://")),
+            nodes[0][field]
+                .as_str()
+                .is_some_and(|u| u.starts_with("https://")),
             "{field}: {nodes}"
         );
     }
@@ -271,21 +295,32 @@ async fn every_listener_refuses_clients_without_a_valid_certificate_of_its_role(
         ("another CA's", Some(&other_node), "UnknownIssuer"),
         ("expired", Some(&expired_node), "expired"),
         ("revoked", Some(&revoked_node), "Revoked"),
-        ("the controller's (wrong role)", Some(&ctl_id), "not a node agent certificate"),
+        (
+            "the controller's (wrong role)",
+            Some(&ctl_id),
+            "not a node agent certificate",
+        ),
     ];
     let refused_for_controller: [Case; 5] = [
         ("no certificate", None, "peer sent no certificates"),
         ("another CA's", Some(&other_ctl), "UnknownIssuer"),
         ("expired", Some(&expired_ctl), "expired"),
         ("revoked", Some(&revoked_ctl), "Revoked"),
-        ("a node's (wrong role)", Some(&node_id), "not a controller certificate"),
+        (
+            "a node's (wrong role)",
+            Some(&node_id),
+            "not a controller certificate",
+        ),
     ];
 
     // The controller's Cluster service: node agents only.
     for (what, id, reason) in refused_for_nodes {
         let before = controller.log().matches(reason).count();
         let r = call_cluster(cluster, cfg(id)).await;
-        assert!(r.is_err(), "Cluster service answered a client with {what} certificate: {r:?}");
+        assert!(
+            r.is_err(),
+            "Cluster service answered a client with {what} certificate: {r:?}"
+        );
         let log = logged(&controller, reason, before).await;
         assert!(log.contains("listener=\"Cluster service\""), "{log}");
     }
@@ -295,7 +330,10 @@ async fn every_listener_refuses_clients_without_a_valid_certificate_of_its_role(
     for (what, id, reason) in refused_for_controller {
         let before = node.log().matches(reason).count();
         let r = call_agent(agent, cfg(id)).await;
-        assert!(r.is_err(), "Agent service answered a client with {what} certificate: {r:?}");
+        assert!(
+            r.is_err(),
+            "Agent service answered a client with {what} certificate: {r:?}"
+        );
         let log = logged(&node, reason, before).await;
         assert!(log.contains("listener=\"Agent service\""), "{log}");
     }
@@ -305,11 +343,16 @@ async fn every_listener_refuses_clients_without_a_valid_certificate_of_its_role(
     for (what, id, reason) in refused_for_nodes {
         let before = node.log().matches(reason).count();
         let r = call_transfers(transfers, cfg(id)).await;
-        assert!(r.is_err(), "the transfer listener answered a client with {what} certificate: {r:?}");
+        assert!(
+            r.is_err(),
+            "the transfer listener answered a client with {what} certificate: {r:?}"
+        );
         logged(&node, reason, before).await;
     }
     assert_eq!(
-        call_transfers(transfers, cfg(Some(&node_id))).await.as_deref(),
+        call_transfers(transfers, cfg(Some(&node_id)))
+            .await
+            .as_deref(),
         Ok("ok\n")
     );
     // Plain HTTP to the transfer listener gets nothing either.
@@ -344,10 +387,16 @@ async fn split_mode_needs_tls_dir_or_an_explicit_insecure_which_warns() {
     let out = bicsi().args(base(&[])).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("--tls-dir") && err.contains("--insecure") && err.contains("bicsi certs"), "{err}");
+    assert!(
+        err.contains("--tls-dir") && err.contains("--insecure") && err.contains("bicsi certs"),
+        "{err}"
+    );
     // Both: contradictory.
     let tls = kit::controller_tls_dir();
-    let out = bicsi().args(base(&["--tls-dir", &tls, "--insecure"])).output().unwrap();
+    let out = bicsi()
+        .args(base(&["--tls-dir", &tls, "--insecure"]))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("contradict"));
     // A --tls-dir without the files: refused at start, naming the directory and the file.
@@ -359,11 +408,19 @@ async fn split_mode_needs_tls_dir_or_an_explicit_insecure_which_warns() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains(empty.to_str().unwrap()) && err.contains("ca.crt"), "{err}");
+    assert!(
+        err.contains(empty.to_str().unwrap()) && err.contains("ca.crt"),
+        "{err}"
+    );
     // --insecure: it runs, and says what that means.
     let mut p = Proc::spawn(base(&["--insecure"]), dir.path().join("insecure.log"));
     let log = logged(&p, "bicsi serving", 0).await;
-    assert!(log.contains("--insecure: the Cluster and Agent services and file transfers run over plain TCP"), "{log}");
+    assert!(
+        log.contains(
+            "--insecure: the Cluster and Agent services and file transfers run over plain TCP"
+        ),
+        "{log}"
+    );
     p.assert_alive();
 }
 
@@ -372,7 +429,12 @@ async fn http_api_serves_https_with_tls_cert_and_key() {
     let dir = temp_dir("bicsi-mtls-api-");
     // Any certificate and key do; here a controller certificate that also names 127.0.0.1.
     let made = dir.path().join("api-certs");
-    certs(&["--out", made.to_str().unwrap(), "--controller-name", "127.0.0.1"]);
+    certs(&[
+        "--out",
+        made.to_str().unwrap(),
+        "--controller-name",
+        "127.0.0.1",
+    ]);
     let tls = made.join("controller");
     let port = free_port();
     let mut args = kit::serve_args(dir.path(), "api-node", &format!("127.0.0.1:{port}"));
@@ -391,11 +453,19 @@ async fn http_api_serves_https_with_tls_cert_and_key() {
         .unwrap();
     let url = format!("https://127.0.0.1:{port}/v1/backingimages");
     wait_for("the HTTPS API did not answer", &mut p, async || {
-        client.get(&url).send().await.is_ok_and(|r| r.status().is_success())
+        client
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
     })
     .await;
     // Plain HTTP is not served on that port.
-    assert!(reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.is_err());
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .is_err()
+    );
     // The CLI reaches it with --ca-cert.
     let out = bicsi()
         .args(["get", "backingimages", "--server"])
@@ -405,7 +475,11 @@ async fn http_api_serves_https_with_tls_cert_and_key() {
         .env_remove("BICSI_TOKEN")
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{text}");
     // A key that is not the certificate's: refused at start.
     let other = dir.path().join("other");
@@ -420,5 +494,8 @@ async fn http_api_serves_https_with_tls_cert_and_key() {
     let out = bicsi().args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("--tls-key") && err.contains("does not fit"), "{err}");
+    assert!(
+        err.contains("--tls-key") && err.contains("does not fit"),
+        "{err}"
+    );
 }

@@ -95,7 +95,16 @@ pub async fn receive(
     idle_timeout: Duration,
     progress: &dyn ProgressSink,
 ) -> Result<ReceiveOutcome, SyncError> {
-    receive_with(url, None, dest, expected_sha512, idle_timeout, progress, None).await
+    receive_with(
+        url,
+        None,
+        dest,
+        expected_sha512,
+        idle_timeout,
+        progress,
+        None,
+    )
+    .await
 }
 
 /// [`receive`], verified chunk by chunk against the manifest at `manifest_url` (served by the

@@ -81,7 +81,11 @@ pub fn cluster_certs() -> PathBuf {
             // Another test process was first: use its certificates.
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        assert!(root.join("node").join("tls.key").exists(), "no certificates in {}", root.display());
+        assert!(
+            root.join("node").join("tls.key").exists(),
+            "no certificates in {}",
+            root.display()
+        );
         root
     })
     .clone()
