@@ -157,7 +157,7 @@ impl Cluster {
 /// (the other node has received, verified and stored the file) against curl of the same stream
 /// from the sending node, then `sync FILE`.
 pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -> Res<Vec<Row>> {
-    const REF: &str = "curl -o FILE http://SENDER/v1/files/NAME-UUID && sync FILE";
+    const REF: &str = "curl --cert NODE.crt --key NODE.key -o FILE https://SENDER/v1/files/NAME-UUID && sync FILE";
     let src = b.sparse_image(b.size)?;
     let title = if manifest {
         "cross-node sync"
@@ -175,8 +175,8 @@ pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -
          127.0.0.1; the {} sparse image ({} allocated) is downloaded to one node (untimed) and a \
          2-replica volume created (one replica per node, the other node's deferred); bicsi = \
          ControllerPublishVolume to the node holding the file (retried every {} ms while \
-         Unavailable) until it succeeds: the other node has pulled the data extents over HTTP, \
-         hashed and fsynced them; reference = `{REF}` of the same stream from the sender; the \
+         Unavailable) until it succeeds: the other node has pulled the data extents over HTTPS \
+         (mutual TLS), hashed and fsynced them; reference = `{REF}` of the same stream from the sender; the \
          sender's page cache of the file is dropped before each side",
         b.runs,
         fmt_bytes(src.len),
