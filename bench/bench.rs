@@ -140,7 +140,7 @@ enum PathName {
     /// Second disk of the same node ready on XFS with reflink (loop-mounted; root) vs
     /// `cp --reflink=always`.
     SyncXfs,
-    /// Another node's disk ready (HTTP between two node agents) vs curl of the same stream.
+    /// Another node's disk ready (HTTPS, mutual TLS, between two node agents) vs curl of the same stream.
     SyncCross,
     /// The same with the sender's chunk manifest removed first: the receiver falls back to the
     /// SHA-512 of the whole logical content (as before manifests, and for files without one).

@@ -1,6 +1,6 @@
-//! Path: cross-node sync. Another node's disk made ready over HTTP between two node agents
-//! (with the sender's chunk manifest, or with it removed: the whole SHA-512) against curl of the
-//! same stream.
+//! Path: cross-node sync. Another node's disk made ready over HTTPS (mutual TLS) between two
+//! node agents (with the sender's chunk manifest, or with it removed: the whole SHA-512)
+//! against curl of the same stream with a node's certificate.
 
 use super::*;
 
@@ -12,6 +12,8 @@ pub(crate) struct Cluster {
     pub(crate) api: String,
     /// The controller's CSI endpoint.
     pub(crate) csi: String,
+    /// `bicsi certs --out`: the CA and the `--tls-dir`s `controller` and `node`.
+    pub(crate) certs: PathBuf,
 }
 
 pub(crate) struct ClusterNode {
@@ -27,6 +29,17 @@ impl Cluster {
         let (http_port, cluster_port) = (try_free_port()?, try_free_port()?);
         let csi = format!("unix://{}", dir.join("controller.sock").display());
         let s = |v: &str| v.to_string();
+        // Mutual TLS on, as in a cluster: the transfers measured are HTTPS between the nodes.
+        let certs = dir.join("certs");
+        let made = std::process::Command::new(&b.bicsi)
+            .arg("certs")
+            .arg("--out")
+            .arg(&certs)
+            .output()?;
+        if !made.status.success() {
+            return Err(format!("bicsi certs: {}", String::from_utf8_lossy(&made.stderr)).into());
+        }
+        let tls_dir = |role: &str| certs.join(role).display().to_string();
         let controller = Daemon::spawn(
             &b.bicsi,
             &[
@@ -39,6 +52,8 @@ impl Cluster {
                 format!("127.0.0.1:{http_port}"),
                 s("--cluster-listen"),
                 format!("127.0.0.1:{cluster_port}"),
+                s("--tls-dir"),
+                tls_dir("controller"),
             ],
             dir.join("controller.log"),
         )?;
@@ -66,6 +81,8 @@ impl Cluster {
                 format!("127.0.0.1:{node_http}"),
                 s("--nbd-listen"),
                 format!("127.0.0.1:{}", try_free_port()?),
+                s("--tls-dir"),
+                tls_dir("node"),
             ];
             let daemon = Daemon::spawn(&b.bicsi, &args, ndir.join("node.log"))?;
             nodes.push(ClusterNode {
@@ -80,6 +97,7 @@ impl Cluster {
             nodes,
             api: format!("http://127.0.0.1:{http_port}"),
             csi,
+            certs,
         };
         let started = Instant::now();
         loop {
@@ -139,7 +157,7 @@ impl Cluster {
 /// (the other node has received, verified and stored the file) against curl of the same stream
 /// from the sending node, then `sync FILE`.
 pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -> Res<Vec<Row>> {
-    const REF: &str = "curl -o FILE http://SENDER/v1/files/NAME-UUID && sync FILE";
+    const REF: &str = "curl --cert NODE.crt --key NODE.key -o FILE https://SENDER/v1/files/NAME-UUID && sync FILE";
     let src = b.sparse_image(b.size)?;
     let title = if manifest {
         "cross-node sync"
@@ -157,8 +175,8 @@ pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -
          127.0.0.1; the {} sparse image ({} allocated) is downloaded to one node (untimed) and a \
          2-replica volume created (one replica per node, the other node's deferred); bicsi = \
          ControllerPublishVolume to the node holding the file (retried every {} ms while \
-         Unavailable) until it succeeds: the other node has pulled the data extents over HTTP, \
-         hashed and fsynced them; reference = `{REF}` of the same stream from the sender; the \
+         Unavailable) until it succeeds: the other node has pulled the data extents over HTTPS \
+         (mutual TLS), hashed and fsynced them; reference = `{REF}` of the same stream from the sender; the \
          sender's page cache of the file is dropped before each side",
         b.runs,
         fmt_bytes(src.len),
@@ -266,10 +284,13 @@ pub(crate) async fn cross_sides(
     let mut csi = csi_connect(&cluster.csi).await?;
     let cap = mount_capability();
     let vol = create_volume(&mut csi, &format!("cross-vol-{run}"), &name, 2, &cap).await?;
+    // The node certificates name bicsi-node, not the address: curl resolves that name.
     let stream_url = format!(
-        "http://127.0.0.1:{}/v1/files/{name}-{uuid}",
+        "https://bicsi-node:{}/v1/files/{name}-{uuid}",
         sender.http_port
     );
+    let resolve = format!("bicsi-node:{}:127.0.0.1", sender.http_port);
+    let node_tls = cluster.certs.join("node");
     let mut out = SyncRun::default();
     for k in 0..2 {
         if (run + k) % 2 == 0 {
@@ -348,8 +369,13 @@ pub(crate) async fn cross_sides(
             sync().await;
             drop_page_cache(&from);
             let t = run_script(
-                r#"curl -sS --fail --noproxy '*' -o "$1" "$2" && sync "$1""#,
-                &[file.as_os_str(), std::ffi::OsStr::new(&stream_url)],
+                r#"curl -sS --fail --noproxy '*' --resolve "$3" --cacert "$4/ca.crt" --cert "$4/tls.crt" --key "$4/tls.key" -o "$1" "$2" && sync "$1""#,
+                &[
+                    file.as_os_str(),
+                    std::ffi::OsStr::new(&stream_url),
+                    std::ffi::OsStr::new(&resolve),
+                    node_tls.as_os_str(),
+                ],
             )
             .await?;
             out.curl_bytes = std::fs::metadata(&file)?.len();

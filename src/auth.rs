@@ -47,9 +47,16 @@ pub fn protect(api: Router, token: Option<String>) -> Router {
     }
 }
 
-/// Compares without stopping at the first differing byte, so timing does not reveal a prefix.
+/// Compares in constant time: both sides are hashed to SHA-256 first (32 bytes whatever their
+/// lengths, so neither a prefix nor the token's length shows in the timing), and the digests
+/// are compared without stopping at the first differing byte.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
 }
 
 async fn require(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
@@ -134,6 +141,27 @@ mod tests {
             assert_eq!(code, want, "{path} {auth:?}: {body}");
             assert!(body.contains(text), "{path} {auth:?}: {body}");
         }
+    }
+
+    #[test]
+    fn tokens_compare_equal_only_when_every_byte_is() {
+        let token = b"0123456789abcdef0123456789abcdef";
+        assert!(same(token, token));
+        let mut first = *token;
+        first[0] ^= 1;
+        let mut last = *token;
+        last[31] ^= 1;
+        for (other, why) in [
+            (&first[..], "first byte differs"),
+            (&last[..], "last byte differs"),
+            (&token[..31], "a prefix"),
+            (b"0123456789abcdef0123456789abcdef0", "longer"),
+            (b"", "empty"),
+        ] {
+            assert!(!same(other, token), "{why}");
+            assert!(!same(token, other), "{why}");
+        }
+        assert!(same(b"", b""));
     }
 
     #[tokio::test]

@@ -64,6 +64,10 @@ pub enum Command {
     EngineMirror(crate::mirror::MirrorArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (deploy/crds.yaml).
     Crd,
+    /// Make the cluster CA and the controller's and node agents' certificates for the split
+    /// mode's mutual TLS (OUT/controller and OUT/node are --tls-dir directories), or, with
+    /// --revoke, put certificates on the CA's revocation list.
+    Certs(CertsArgs),
     /// Create, attach, detach and delete volumes on a running `bicsi serve`.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -161,6 +165,10 @@ pub struct Server {
     /// The HTTP API's bearer token (Secret bicsi-api-token).
     #[arg(long, env = "BICSI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A PEM CA certificate to trust, besides the system's, for an https:// --server (an API
+    /// served with --tls-cert by a private CA).
+    #[arg(long, env = "BICSI_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -286,6 +294,50 @@ pub struct StateArgs {
     /// A file holding the bearer token the HTTP API requires on every route but /healthz.
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
+    /// Serve the HTTP API over HTTPS with this PEM certificate (chain); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CertsArgs {
+    /// Where to write: OUT/ca (the CA: made once, reused after), OUT/controller, OUT/node.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// How many days the controller's and nodes' certificates are valid.
+    #[arg(long, default_value_t = 365)]
+    pub days: u64,
+    /// More DNS names for the controller's certificate (repeatable); it always has
+    /// bicsi-controller, the name node agents check.
+    #[arg(long)]
+    pub controller_name: Vec<String>,
+    /// Revoke this certificate (a PEM file; repeatable) instead of making certificates: writes
+    /// ca.crl into OUT/ca, OUT/controller and OUT/node.
+    #[arg(long)]
+    pub revoke: Vec<PathBuf>,
+}
+
+/// How the split mode's processes authenticate each other (controller, node).
+#[derive(Args, Debug, Clone)]
+pub struct ClusterTlsArgs {
+    /// Mutual TLS for the Cluster and Agent services and file transfers: a directory with
+    /// ca.crt, tls.crt, tls.key and optionally ca.crl (a mounted kubernetes.io/tls Secret;
+    /// `bicsi certs` makes them).
+    #[arg(long, env = "BICSI_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Plain TCP instead: unauthenticated and unencrypted, for a test machine only (logs a
+    /// warning).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl ClusterTlsArgs {
+    fn transport(&self) -> Result<crate::tls::Transport> {
+        crate::tls::Transport::from_flags(self.tls_dir.as_deref(), self.insecure)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -316,6 +368,8 @@ pub struct ControllerArgs {
     /// Seconds without a heartbeat after which a node is down.
     #[arg(long, default_value_t = crate::cluster::DOWN_AFTER.as_secs())]
     pub node_down_after: u64,
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -346,10 +400,17 @@ pub struct NodeArgs {
     /// Where this node serves its replicas to other nodes' engines (NBD over TCP).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: String,
-    /// A file holding the bearer token /metrics on --http-listen requires (the controller's
-    /// API token); without it /metrics is open like the file transfers beside it.
+    /// A file holding the bearer token /metrics requires (the controller's API token), on
+    /// --http-listen and --metrics-listen; without it /metrics is open.
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
+    /// Also serve /metrics (only it, plain HTTP, behind --api-token-file's token) on this
+    /// address (`host:port`): with mutual TLS, --http-listen answers only other nodes'
+    /// certificates, which a Prometheus server does not hold.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -475,7 +536,8 @@ fn server_of(cmd: &Command) -> Option<&Server> {
         | Command::Node(_)
         | Command::Engine(_)
         | Command::EngineMirror(_)
-        | Command::Crd => None,
+        | Command::Crd
+        | Command::Certs(_) => None,
         Command::Apply { server, .. } => Some(server),
         Command::Volume(VolumeCommand::Create { server, .. }) => Some(server),
         Command::Volume(VolumeCommand::Rebuild { server, .. }) => Some(server),
@@ -513,15 +575,21 @@ pub async fn run(cli: Cli) -> Result<()> {
         .token
         .or_else(|| server_of(&cli.command).and_then(|s| s.token.clone()));
     crate::cli_api::set_token(token);
+    if let Some(ca) = server_of(&cli.command).and_then(|s| s.ca_cert.as_deref()) {
+        crate::cli_api::set_ca_cert(ca)?;
+    }
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Controller(args) => {
+            let transport = args.tls.transport()?;
             let mut cfg = process_config(args.process, None, args.http_listen)?;
             cfg.store = args.state.store;
             cfg.api_token_file = args.state.api_token_file;
+            cfg.api_tls = args.state.tls_cert.zip(args.state.tls_key);
             let split = crate::server::SplitConfig {
                 cluster_listen: args.cluster_listen,
                 node_down_after: Some(std::time::Duration::from_secs(args.node_down_after.max(1))),
+                transport: Some(transport),
                 ..Default::default()
             };
             crate::server::controller(cfg, split, shutdown_signal()).await
@@ -533,10 +601,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         .await
         .map_err(|e| Error::Internal(format!("mirror engine: {e}")))?,
         Command::Node(args) => {
+            let transport = args.tls.transport()?;
             let os = real_os(args.disk.engine_endpoint.as_deref())?;
             let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
             cfg.api_token_file = args.api_token_file;
             let split = crate::server::SplitConfig {
+                metrics_listen: args.metrics_listen,
+                transport: Some(transport),
                 controller: args.controller,
                 agent_listen: args.agent_listen,
                 advertise_host: args.advertise_host,
@@ -562,6 +633,7 @@ async fn client(cmd: Command) -> Result<()> {
         | Command::EngineMirror(_) => {
             unreachable!("servers are run by `run`")
         }
+        Command::Certs(args) => certs(args),
         Command::Crd => {
             crate::out!("{}", crate::store::kubernetes::crd::manifests());
             Ok(())
@@ -676,6 +748,7 @@ pub fn serve_config(args: ServeArgs) -> Result<crate::server::Config> {
     let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
     cfg.store = args.state.store;
     cfg.api_token_file = args.state.api_token_file;
+    cfg.api_tls = args.state.tls_cert.zip(args.state.tls_key);
     Ok(cfg)
 }
 
@@ -712,7 +785,43 @@ fn process_config(
         store: Default::default(),
         api_token_file: None,
         max_volumes_per_node,
+        api_tls: None,
     })
+}
+
+/// `bicsi certs`.
+fn certs(args: CertsArgs) -> Result<()> {
+    if !args.revoke.is_empty() {
+        let serials = crate::certs::revoke(&args.out, &args.revoke)?;
+        for s in serials {
+            crate::outln!("revoked serial {s}");
+        }
+        crate::outln!(
+            "wrote {}/{{ca,controller,node}}/ca.crl and {}; apply the Secrets and restart the processes",
+            args.out.display(),
+            args.out.join(crate::certs::SECRETS_FILE).display()
+        );
+        return Ok(());
+    }
+    let made = crate::certs::make(&args.out, args.days, &args.controller_name)?;
+    crate::outln!(
+        "{} CA: {}",
+        if made.ca_created { "new" } else { "kept the" },
+        made.ca_dir.display()
+    );
+    crate::outln!(
+        "controller: {}  (bicsi controller --tls-dir)",
+        made.controller_dir.display()
+    );
+    crate::outln!(
+        "node agents: {}  (bicsi node --tls-dir)",
+        made.node_dir.display()
+    );
+    crate::outln!(
+        "Secrets bicsi-controller-tls and bicsi-node-tls: {} (copy to deploy/tls.yaml)",
+        args.out.join(crate::certs::SECRETS_FILE).display()
+    );
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -22,6 +22,30 @@ pub fn set_token(token: Option<String>) {
     }
 }
 
+/// The CA certificates `--ca-cert` adds to the system's (an https API of a private CA).
+static CA_CERTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+
+/// Trusts the PEM certificate(s) in `path` for the HTTP API; called once by `cli::run`.
+pub fn set_ca_cert(path: &std::path::Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "--ca-cert {}: {e}; give the PEM CA certificate of the API's --tls-cert",
+            path.display()
+        ))
+    })?;
+    let certs = reqwest::Certificate::from_pem_bundle(&bytes)
+        .ok()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "--ca-cert {}: no PEM certificate in it",
+                path.display()
+            ))
+        })?;
+    let _ = CA_CERTS.set(certs);
+    Ok(())
+}
+
 pub(crate) fn client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(t) = TOKEN.get()
@@ -30,10 +54,11 @@ pub(crate) fn client() -> reqwest::Client {
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap_or_default()
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(certs) = CA_CERTS.get() {
+        builder = builder.tls_certs_merge(certs.iter().cloned());
+    }
+    builder.build().unwrap_or_default()
 }
 
 pub(crate) fn url(server: &str, path: &str) -> String {

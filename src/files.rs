@@ -137,6 +137,9 @@ pub struct FileManagers {
     verified_at_start: AtomicBool,
     /// When this process started (seconds): the scrub's first round counts from it.
     started: u64,
+    /// The TLS client identity for fetching from other nodes (`bicsi node --tls-dir`); unset:
+    /// plain HTTP (`--insecure`, or `bicsi serve`, which has no other nodes).
+    peer_tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 /// The chunk manifest beside a ready `backing` file (the path of that file).
@@ -189,7 +192,13 @@ impl FileManagers {
             syncs: SyncSlots::default(),
             verified: Mutex::new(HashMap::new()),
             verified_at_start: AtomicBool::new(false),
+            peer_tls: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Fetches from other nodes with this TLS client identity from now on (set once, at start).
+    pub fn use_peer_tls(&self, config: Arc<rustls::ClientConfig>) {
+        let _ = self.peer_tls.set(config);
     }
 }
 

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod authority;
 pub mod backing;
 pub mod backup;
+pub mod certs;
 pub mod cli;
 pub mod cli_api;
 pub mod client;
@@ -49,6 +50,7 @@ pub mod snapshot;
 pub mod storageclass;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod ui;
 pub mod volume_engine;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, DiskSpace, LocalAgent};
@@ -106,13 +106,10 @@ fn kind(name: &str) -> Result<Kind> {
     Kind::parse(name).ok_or_else(|| Error::InvalidArgument(format!("unknown record kind {name:?}")))
 }
 
-/// A lazily connecting channel to `url` (`http://host:port`).
+/// A lazily connecting plain-TCP channel to `url` (`http://host:port`); the split mode's
+/// processes connect through their [`crate::tls::Transport`] instead.
 pub fn channel(url: &str) -> Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| Error::InvalidArgument(format!("bad address {url:?}: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(60))
-        .connect_lazy())
+    crate::tls::Transport::Insecure.channel(url, crate::tls::Role::Node)
 }
 
 fn disk_infos(disks: &[DiskSpace]) -> Result<Vec<pb::DiskInfo>> {
@@ -149,6 +146,8 @@ pub struct ClusterService {
     pub cluster: Arc<Cluster>,
     pub store: Arc<dyn Store>,
     pub backing: Arc<BackingImages>,
+    /// How the controller reaches the agents that register (mutual TLS or plain TCP).
+    pub transport: crate::tls::Transport,
 }
 
 #[tonic::async_trait]
@@ -172,7 +171,10 @@ impl ClusterRpc for ClusterService {
             max_volumes_per_node: r.max_volumes_per_node,
         };
         let agent = Arc::new(RemoteAgent {
-            client: AgentClient::new(channel(&r.agent_url)?),
+            client: AgentClient::new(
+                self.transport
+                    .channel(&r.agent_url, crate::tls::Role::Node)?,
+            ),
         });
         self.cluster.register(record, agent, false)?;
         Ok(Response::new(pb::RegisterNodeResponse {

@@ -52,6 +52,9 @@ pub struct Config {
     /// How many volumes may be published to this node at once (`--max-volumes-per-node`):
     /// NodeGetInfo reports it and ControllerPublishVolume enforces it; 0: no limit.
     pub max_volumes_per_node: u64,
+    /// The HTTP API's certificate and key (`--tls-cert`, `--tls-key`; serve and controller):
+    /// it then serves HTTPS. None: plain HTTP.
+    pub api_tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// `--store`: the embedded redb file (default) or Kubernetes custom resources.
@@ -148,13 +151,79 @@ pub struct SplitConfig {
     pub nbd_listen: String,
     /// Controller: a node silent for this long is down.
     pub node_down_after: Option<std::time::Duration>,
+    /// How the controller and the node agents talk: mutual TLS or (`--insecure`) plain TCP.
+    /// None is refused: the choice is the operator's, never a default.
+    pub transport: Option<crate::tls::Transport>,
+    /// Node: a plain-HTTP listener (`host:port`) serving only /metrics, for Prometheus.
+    pub metrics_listen: Option<String>,
+}
+
+impl SplitConfig {
+    fn transport(&self) -> Result<crate::tls::Transport> {
+        self.transport.clone().ok_or_else(|| {
+            Error::InvalidArgument(
+                "no transport chosen for the split mode: give --tls-dir or --insecure".into(),
+            )
+        })
+    }
+}
+
+/// A TCP listener, served as it is or behind TLS.
+enum Listen {
+    Plain(TcpListener),
+    Tls(crate::tls::TlsListener),
+}
+
+impl Listen {
+    /// `listener` behind `transport`: with mTLS, clients must hold a certificate of `role`.
+    fn cluster(
+        listener: TcpListener,
+        transport: &crate::tls::Transport,
+        role: crate::tls::Role,
+        what: &'static str,
+    ) -> Result<Listen> {
+        match transport {
+            crate::tls::Transport::Insecure => Ok(Listen::Plain(listener)),
+            crate::tls::Transport::Mtls(tls) => Ok(Listen::Tls(
+                crate::tls::TlsListener::new(listener, tls.server_config(None)?, Some(role), what)
+                    .map_err(|e| Error::Internal(format!("{what}: {e}")))?,
+            )),
+        }
+    }
+
+    /// The HTTP API's listener: HTTPS with `--tls-cert`/`--tls-key`, else plain. Beyond
+    /// loopback without a token, anyone who reaches it may do anything: said in the log.
+    fn api(listener: TcpListener, cfg: &Config) -> Result<Listen> {
+        if let Ok(addr) = listener.local_addr()
+            && !addr.ip().is_loopback()
+        {
+            if cfg.api_token_file.is_none() {
+                tracing::warn!(%addr, "the HTTP API listens beyond loopback without --api-token-file: anyone who reaches it can create and delete images and volumes");
+            }
+            if cfg.api_tls.is_none() {
+                tracing::warn!(%addr, "the HTTP API listens beyond loopback over plain HTTP: its bearer token crosses the network readable; give --tls-cert and --tls-key");
+            }
+        }
+        match &cfg.api_tls {
+            None => Ok(Listen::Plain(listener)),
+            Some((cert, key)) => Ok(Listen::Tls(
+                crate::tls::TlsListener::new(
+                    listener,
+                    crate::tls::api_server_config(cert, key)?,
+                    None,
+                    "HTTP API",
+                )
+                .map_err(|e| Error::Internal(format!("HTTP API: {e}")))?,
+            )),
+        }
+    }
 }
 
 /// What one process runs: the CSI services it offers and the extra gRPC services.
 struct Services {
     controller: Option<Arc<Controller>>,
     node: Option<Arc<NodeAgent>>,
-    extra: Option<(TcpListener, tonic::service::Routes)>,
+    extra: Option<(Listen, tonic::service::Routes)>,
 }
 
 /// Opens the data directory, the store and the disks.
@@ -264,6 +333,7 @@ pub async fn serve(
     let health_watch = agent.spawn_health_watch(crate::node::watch::WATCH_INTERVAL);
     let rebuilds = crate::controller::rebuild::spawn(controller.clone(), cfg.lifecycle_tick);
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
+    let http = Listen::api(http, &cfg)?;
     let api = crate::auth::protect(
         crate::http::router(crate::http::ApiState {
             controller: Some(controller.clone()),
@@ -344,6 +414,7 @@ pub async fn controller(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| Error::Internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
     let token = crate::auth::load(cfg.api_token_file.as_deref())?;
+    let transport = split.transport()?;
     crate::download::guard::set_in_cluster(true);
     let (store, kube) = open_store(&cfg).await?;
     let cluster = Cluster::with_down_after(
@@ -357,12 +428,19 @@ pub async fn controller(
         backing.clone(),
     ));
     let (cluster_l, cluster_addr) = bind_tcp(&split.cluster_listen, "--cluster-listen").await?;
-    tracing::info!(cluster = %cluster_addr, "serving node agents");
+    tracing::info!(cluster = %cluster_addr, tls = transport.scheme() == "https", "serving node agents");
+    let cluster_l = Listen::cluster(
+        cluster_l,
+        &transport,
+        crate::tls::Role::Node,
+        "Cluster service",
+    )?;
     let routes = tonic::service::Routes::new(
         crate::remote::pb::cluster_server::ClusterServer::new(crate::remote::ClusterService {
             cluster: cluster.clone(),
             store: store.clone(),
             backing: backing.clone(),
+            transport,
         }),
     );
     // Nodes that stop sending heartbeats are marked down, and their files unknown.
@@ -381,6 +459,7 @@ pub async fn controller(
         })
     };
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
+    let http = Listen::api(http, &cfg)?;
     let backing_for_expiry = backing.clone();
     let metrics = crate::metrics::controller_sources(store.clone(), cluster.clone());
     let api = crate::auth::protect(
@@ -426,9 +505,18 @@ pub async fn node(
     os: Os,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let transport = split.transport()?;
+    if let (crate::tls::Transport::Mtls(_), Some(url)) = (&transport, &split.advertise_transfer_url)
+        && !url.starts_with("https://")
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--advertise-transfer-url {url:?}: with --tls-dir the transfer listener serves HTTPS; \
+             give an https:// URL"
+        )));
+    }
     crate::download::guard::set_in_cluster(true);
     let (local_store, _, disks) = open_local(&cfg).await?;
-    let channel = crate::remote::channel(&split.controller)?;
+    let channel = transport.channel(&split.controller, crate::tls::Role::Controller)?;
     let cluster_store: Arc<dyn Store> = Arc::new(crate::remote::RemoteStore::new(channel.clone()));
     let reports = Arc::new(crate::remote::RemoteReports {
         client: crate::remote::pb::cluster_client::ClusterClient::new(channel.clone()),
@@ -441,6 +529,9 @@ pub async fn node(
         reports,
         crate::clock::system(),
     );
+    if let crate::tls::Transport::Mtls(tls) = &transport {
+        files.use_peer_tls(tls.client_config(crate::tls::Role::Node)?);
+    }
     let (nbd_host, nbd_port) = split.nbd_listen.rsplit_once(':').ok_or_else(|| {
         Error::InvalidArgument(format!(
             "--nbd-listen {:?} is not host:port",
@@ -486,6 +577,15 @@ pub async fn node(
     let health_watch = agent.spawn_health_watch(crate::node::watch::WATCH_INTERVAL);
     let (agent_l, agent_addr) = bind_tcp(&split.agent_listen, "--agent-listen").await?;
     let (http, http_addr) = bind_tcp(&cfg.http_listen, "--http-listen").await?;
+    // Only the controller calls the Agent service; only other nodes fetch files.
+    let agent_l = Listen::cluster(
+        agent_l,
+        &transport,
+        crate::tls::Role::Controller,
+        "Agent service",
+    )?;
+    let http = Listen::cluster(http, &transport, crate::tls::Role::Node, "file transfers")?;
+    let scheme = transport.scheme();
     let host = split
         .advertise_host
         .clone()
@@ -495,11 +595,11 @@ pub async fn node(
         agent_url: split
             .advertise_agent_url
             .clone()
-            .unwrap_or_else(|| format!("http://{host}:{}", agent_addr.port())),
+            .unwrap_or_else(|| format!("{scheme}://{host}:{}", agent_addr.port())),
         transfer_url: split
             .advertise_transfer_url
             .clone()
-            .unwrap_or_else(|| format!("http://{host}:{}", http_addr.port())),
+            .unwrap_or_else(|| format!("{scheme}://{host}:{}", http_addr.port())),
         disks: vec![],
         max_volumes_per_node: cfg.max_volumes_per_node,
     };
@@ -530,9 +630,31 @@ pub async fn node(
     })
     // The file transfers stay as they are; /metrics takes the token the node is given.
     .merge(crate::auth::protect(
-        crate::metrics::routes(metrics),
+        crate::metrics::routes(metrics.clone()),
         crate::auth::load(cfg.api_token_file.as_deref())?,
     ));
+    // /metrics alone, plain HTTP, for a scraper without a cluster certificate.
+    let metrics_server = match &split.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "--metrics-listen {addr:?}: cannot listen there: {e}; choose a free \
+                     host:port"
+                ))
+            })?;
+            let router = crate::auth::protect(
+                crate::metrics::routes(metrics),
+                crate::auth::load(cfg.api_token_file.as_deref())?,
+            );
+            tracing::info!(listen = %addr, "serving /metrics");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::warn!(error = %e, "the /metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let r = run(
         &cfg,
         Services {
@@ -547,6 +669,9 @@ pub async fn node(
     keeper.abort();
     scrub.abort();
     health_watch.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     r
 }
 
@@ -604,7 +729,7 @@ pub async fn engine(
 async fn run(
     cfg: &Config,
     services: Services,
-    (http, http_addr, api): (TcpListener, SocketAddr, axum::Router),
+    (http, http_addr, api): (Listen, SocketAddr, axum::Router),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let sock = socket_path(&cfg.csi_endpoint)?;
@@ -646,15 +771,28 @@ async fn run(
         wait(stop_rx.clone()),
     ));
     let extra = services.extra.map(|(listener, routes)| {
-        let incoming = any_authority(tokio_stream::wrappers::TcpListenerStream::new(listener));
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone())),
-        )
+        let server = tonic::transport::Server::builder().add_routes(routes);
+        match listener {
+            Listen::Plain(l) => tokio::spawn(server.serve_with_incoming_shutdown(
+                any_authority(tokio_stream::wrappers::TcpListenerStream::new(l)),
+                wait(stop_rx.clone()),
+            )),
+            Listen::Tls(l) => tokio::spawn(server.serve_with_incoming_shutdown(
+                any_authority(l.into_stream()),
+                wait(stop_rx.clone()),
+            )),
+        }
     });
-    let http_server = axum::serve(http, api).with_graceful_shutdown(wait(stop_rx.clone()));
-    let http_server = tokio::spawn(async move { http_server.await });
+    let http_server = match http {
+        Listen::Plain(l) => {
+            let s = axum::serve(l, api).with_graceful_shutdown(wait(stop_rx.clone()));
+            tokio::spawn(async move { s.await })
+        }
+        Listen::Tls(l) => {
+            let s = axum::serve(l, api).with_graceful_shutdown(wait(stop_rx.clone()));
+            tokio::spawn(async move { s.await })
+        }
+    };
     wait(stop_rx.clone()).await;
     // Sidecars and the kubelet keep their connections open; give in-flight calls a grace period,
     // then stop regardless, so SIGTERM always ends the process.

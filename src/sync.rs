@@ -72,7 +72,7 @@ pub use local::{
     CopyMethod, CopyOutcome, byte_identical, drop_cache, local_copy, local_copy_keeping_cache,
 };
 pub use manifest::Manifest;
-pub use receive::{ReceiveOutcome, Verified, receive, receive_with_manifest};
+pub use receive::{ReceiveOutcome, Verified, receive, receive_from_peer, receive_with_manifest};
 pub use send::extent_stream;
 
 /// Progress of a [`receive`] (`done` bytes of the file's logical content, holes included, of

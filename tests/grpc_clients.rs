@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use kit::{Proc, csi_endpoint, free_port, serve_args, temp_dir};
+use kit::{Proc, controller_tls_dir, csi_endpoint, free_port, node_tls_dir, serve_args, temp_dir};
 
 /// Makes sure python3 can import grpc and grpc_tools, installing them with pip once (under a
 /// lock: the tests of this file run at the same time, in processes of their own).
@@ -109,10 +109,13 @@ fn python_grpcio_calls_the_cluster_service_over_tcp() {
         path(dir.path().join("data")),
         "--csi-endpoint".into(),
         format!("unix://{}", dir.path().join("csi.sock").display()),
+        "--tls-dir".into(),
+        controller_tls_dir(),
     ];
     let mut b = start(&dir, &args);
     b.wait_ready_blocking("Cluster service", || {
         std::net::TcpStream::connect(&address).is_ok()
     });
-    client(&["cluster", &address]);
+    // Over mutual TLS, with a node agent's certificate: the C core's TLS, not rustls.
+    client(&["cluster", &address, &node_tls_dir()]);
 }

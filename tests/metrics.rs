@@ -697,11 +697,17 @@ async fn split_mode_the_controller_and_each_node_serve_metrics_and_count_a_cross
     for id in ["node-1", "node-2"] {
         let ndir = dir.path().join(id);
         std::fs::create_dir_all(&ndir).unwrap();
-        let node_http = free_port();
+        // The node's --http-listen takes only cluster certificates (mutual TLS): a scraper
+        // reads /metrics on --metrics-listen, plain HTTP behind the token.
+        let (node_http, node_metrics) = (free_port(), free_port());
         let mut args = kit::node_args(id, &ndir, cluster_port, free_port(), node_http);
         args.extend(token_arg.iter().cloned());
+        args.extend([
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{node_metrics}"),
+        ]);
         let proc = Proc::spawn(args, ndir.join("node.log"));
-        nodes.push((proc, format!("http://127.0.0.1:{node_http}")));
+        nodes.push((proc, format!("http://127.0.0.1:{node_metrics}")));
     }
     let healthz = format!("{http}/healthz");
     controller

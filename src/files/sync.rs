@@ -185,13 +185,14 @@ impl FileManagers {
                 let progress = Arc::new(AtomicU8::new(0));
                 let sink = percent_sink(progress.clone());
                 let manifest_url = format!("{url}/manifest");
-                let work = crate::sync::receive_with_manifest(
+                let work = crate::sync::receive_from_peer(
                     url,
                     &manifest_url,
                     &tmp,
                     &bi.status.checksum,
                     TRANSFER_IDLE_TIMEOUT,
                     &sink,
+                    self.peer_tls.get().cloned(),
                 );
                 let outcome = self
                     .with_progress(name, disk, &progress, &message, work)

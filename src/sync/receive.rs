@@ -95,7 +95,16 @@ pub async fn receive(
     idle_timeout: Duration,
     progress: &dyn ProgressSink,
 ) -> Result<ReceiveOutcome, SyncError> {
-    receive_with(url, None, dest, expected_sha512, idle_timeout, progress).await
+    receive_with(
+        url,
+        None,
+        dest,
+        expected_sha512,
+        idle_timeout,
+        progress,
+        None,
+    )
+    .await
 }
 
 /// [`receive`], verified chunk by chunk against the manifest at `manifest_url` (served by the
@@ -119,6 +128,31 @@ pub async fn receive_with_manifest(
         expected_sha512,
         idle_timeout,
         progress,
+        None,
+    )
+    .await
+}
+
+/// [`receive_with_manifest`] from another node's transfer listener: with `tls` (the cluster's
+/// mutual TLS, [`crate::tls`]) both GETs present this node's certificate, check the peer's, and
+/// a plain `http://` URL is refused.
+pub async fn receive_from_peer(
+    url: &str,
+    manifest_url: &str,
+    dest: &Path,
+    expected_sha512: &str,
+    idle_timeout: Duration,
+    progress: &dyn ProgressSink,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<ReceiveOutcome, SyncError> {
+    receive_with(
+        url,
+        Some(manifest_url),
+        dest,
+        expected_sha512,
+        idle_timeout,
+        progress,
+        tls,
     )
     .await
 }
@@ -130,6 +164,7 @@ async fn receive_with(
     expected_sha512: &str,
     idle_timeout: Duration,
     progress: &dyn ProgressSink,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<ReceiveOutcome, SyncError> {
     let shown = redact_text(url);
     let span = tracing::info_span!("sync_receive", url = %shown, dest = %dest.display());
@@ -144,6 +179,7 @@ async fn receive_with(
             dest,
             idle: idle_timeout,
             progress,
+            tls,
         };
         match transfer.run(expected_sha512).await {
             Ok(outcome) => {
@@ -178,6 +214,7 @@ struct Transfer<'a> {
     dest: &'a Path,
     idle: Duration,
     progress: &'a dyn ProgressSink,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Transfer<'_> {
@@ -194,7 +231,13 @@ impl Transfer<'_> {
                 self.shown
             )));
         }
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder();
+        if let Some(tls) = &self.tls {
+            client = client
+                .tls_backend_preconfigured((**tls).clone())
+                .https_only(true);
+        }
+        let client = client
             .connect_timeout(self.idle)
             .user_agent(concat!("bicsi-sync/", env!("CARGO_PKG_VERSION")))
             .build()

@@ -301,3 +301,42 @@ async fn upload_too_large(keep_cause: bool) {
     an_image_that_fits_becomes_ready(&mut s).await;
     watch.finish().await;
 }
+
+/// An upload whose Content-Length is more than the disk's free space is refused before a byte
+/// of it is read or written (issue 19): the answer comes while the client has sent no byte of
+/// the body, names the sizes, and no temp file appears on the disk.
+#[tokio::test]
+async fn an_upload_announced_larger_than_the_free_space_is_refused_before_writing() {
+    if !root_or_skip("an_upload_announced_larger_than_the_free_space") {
+        return;
+    }
+    let s = setup().await;
+    let b = &s.b;
+    create_image(&b.http, "bi-announced", "upload", serde_json::json!({})).await;
+    // A body that never sends a byte: only the announced length can have it refused.
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, std::io::Error>>();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        reqwest::Client::new()
+            .put(format!("{}/v1/backingimages/bi-announced/file", b.http))
+            .header(reqwest::header::CONTENT_LENGTH, 64 * MIB)
+            .body(reqwest::Body::wrap_stream(rx))
+            .send(),
+    )
+    .await
+    .expect("bicsi waited for the body instead of refusing its announced length")
+    .expect("an answer");
+    assert_eq!(resp.status().as_u16(), 507, "ResourceExhausted");
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("the upload is") && text.contains("free"),
+        "{text}"
+    );
+    drop(tx);
+    let tmp = s.disk.join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "temp files: {left:?}");
+    assert!(backing_files(&s.disk).is_empty());
+}

@@ -136,11 +136,12 @@ impl Cluster {
             let agent = Proxy::start(agent_port).await;
             let transfer = Proxy::start(transfer_port).await;
             let mut args = node_args(&id, &ndir, cluster_port, agent_port, transfer_port);
+            // The proxies pass TLS through: the nodes run with mTLS (the kit's --tls-dir).
             args.extend([
                 "--advertise-agent-url".into(),
-                format!("http://127.0.0.1:{}", agent.port),
+                format!("https://127.0.0.1:{}", agent.port),
                 "--advertise-transfer-url".into(),
-                format!("http://127.0.0.1:{}", transfer.port),
+                format!("https://127.0.0.1:{}", transfer.port),
             ]);
             args.extend(tick_args());
             nodes.push(Node {

@@ -47,6 +47,60 @@ pub fn serve_args(dir: &Path, node_id: &str, http_listen: &str) -> Vec<String> {
     ]
 }
 
+/// The cluster CA and certificates the tests' controllers and node agents use (mutual TLS is on
+/// in every split-mode test, as in a real cluster), made once with `bicsi certs` and shared by
+/// every test process of this build: `ROOT/ca`, `ROOT/controller`, `ROOT/node` (the last two
+/// are `--tls-dir`s). A generation lasts 100 days (the certificates 365), so none a test uses
+/// has expired; processes racing to make it keep whichever was renamed into place first.
+pub fn cluster_certs() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 86400;
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let root = base.join(format!("bicsi-test-certs-{}", days / 100));
+        if root.join("node").join("tls.key").exists() {
+            return root;
+        }
+        let tmp = base.join(format!("bicsi-test-certs.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let out = bicsi()
+            .args(["certs", "--out"])
+            .arg(&tmp)
+            .output()
+            .expect("run bicsi certs");
+        assert!(
+            out.status.success(),
+            "bicsi certs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if std::fs::rename(&tmp, &root).is_err() {
+            // Another test process was first: use its certificates.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        assert!(
+            root.join("node").join("tls.key").exists(),
+            "no certificates in {}",
+            root.display()
+        );
+        root
+    })
+    .clone()
+}
+
+/// `--tls-dir` of a test's controller ([`cluster_certs`]).
+pub fn controller_tls_dir() -> String {
+    cluster_certs().join("controller").display().to_string()
+}
+
+/// `--tls-dir` of a test's node agent ([`cluster_certs`]).
+pub fn node_tls_dir() -> String {
+    cluster_certs().join("node").display().to_string()
+}
+
 /// The CSI endpoint of a test's `bicsi controller` in `dir`: `unix://DIR/controller.sock`.
 pub fn controller_endpoint(dir: &Path) -> String {
     format!("unix://{}", dir.join("controller.sock").display())
@@ -54,7 +108,7 @@ pub fn controller_endpoint(dir: &Path) -> String {
 
 /// `controller` and the flags every test's `bicsi controller` in `dir` has: its data in
 /// `dir/controller`, its CSI socket [`controller_endpoint`], its HTTP API and cluster service on
-/// these ports of 127.0.0.1.
+/// these ports of 127.0.0.1, and its certificate ([`controller_tls_dir`]).
 pub fn controller_args(dir: &Path, http_port: u16, cluster_port: u16) -> Vec<String> {
     vec![
         "controller".into(),
@@ -66,13 +120,15 @@ pub fn controller_args(dir: &Path, http_port: u16, cluster_port: u16) -> Vec<Str
         format!("127.0.0.1:{http_port}"),
         "--cluster-listen".into(),
         format!("127.0.0.1:{cluster_port}"),
+        "--tls-dir".into(),
+        controller_tls_dir(),
     ]
 }
 
 /// `node` and the flags every test's node agent `id` in `dir` has: its data in `dir/data`, its
 /// CSI socket [`csi_endpoint`], its disk `dir/disk`, the controller's cluster service on
 /// `cluster_port`, its agent and HTTP (file transfer) listeners on these ports and its NBD
-/// listener on a free one, all on 127.0.0.1.
+/// listener on a free one, all on 127.0.0.1, and its certificate ([`node_tls_dir`]).
 pub fn node_args(
     id: &str,
     dir: &Path,
@@ -98,6 +154,8 @@ pub fn node_args(
         format!("127.0.0.1:{http_port}"),
         "--nbd-listen".into(),
         format!("127.0.0.1:{}", crate::kit::free_port()),
+        "--tls-dir".into(),
+        node_tls_dir(),
     ]
 }
 
