@@ -445,6 +445,9 @@ struct FakeServer {
     pid: i32,
     /// Replica id → file (resolved).
     exports: BTreeMap<String, PathBuf>,
+    /// Which server this is: bicsi's (raw replicas) or qemu-storage-daemon (qcow2), as the
+    /// format of its first export chose (the real one dispatches the same way).
+    format: ImageFormat,
 }
 
 #[derive(Default)]
@@ -1413,6 +1416,11 @@ impl Engine for FakeEngine {
         let net = w.net.clone();
         let mut net = net.lock();
         let addr = match net.server_of(node, &run_dir) {
+            Some((_, server)) if server.format != export.format => {
+                return Err(OsError::Conflict(super::engine::server_kind_conflict(
+                    &run_dir, export,
+                )));
+            }
             Some((addr, _)) => {
                 if addr.0 != host || (port != 0 && port != addr.1) {
                     return Err(OsError::Conflict(format!(
@@ -1465,6 +1473,7 @@ impl Engine for FakeEngine {
                     run_dir: run_dir.clone(),
                     pid: w.next_pid,
                     exports: BTreeMap::new(),
+                    format: export.format,
                 },
             );
         }
