@@ -1191,8 +1191,8 @@ async fn group_snapshots_through_the_node_agents() {
 }
 
 /// A loop-engine volume (its raw replica on node-1's XFS-with-reflink disk) attaches on node-2
-/// through qemu-storage-daemon over NBD (node-1's replica server opens the raw file with the raw
-/// driver), and what node-2 wrote reads back when node-1 attaches it with its loop device.
+/// through qemu-storage-daemon over NBD (node-1's raw replica server, bicsi's own, serves the
+/// raw file), and what node-2 wrote reads back when node-1 attaches it with its loop device.
 #[tokio::test]
 async fn a_loop_volume_attaches_on_another_node_over_nbd() {
     if !root_or_skip("a_loop_volume_attaches_on_another_node_over_nbd") {
@@ -1382,8 +1382,9 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         std::thread::spawn(move || fio_at(&dev, 64, 16, false, Some("4m")))
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Raw replicas are served by bicsi's own replica server, not qemu-storage-daemon's.
     let server_pid: i32 =
-        std::fs::read_to_string(c.nodes[1].dir.join("data/replica-server/qsd.pid"))
+        std::fs::read_to_string(c.nodes[1].dir.join("data/replica-server-raw/server.pid"))
             .unwrap()
             .trim()
             .parse()
