@@ -85,14 +85,20 @@ pub struct ServerConfig {
     pub slow_read_at: Option<(u64, Duration)>,
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
+impl ServerConfig {
+    pub fn new(workers: usize, max_in_flight: usize) -> ServerConfig {
         ServerConfig {
-            workers: DEFAULT_WORKERS,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT_MIB << 20,
+            workers,
+            max_in_flight,
             #[cfg(test)]
             slow_read_at: None,
         }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig::new(DEFAULT_WORKERS, DEFAULT_MAX_IN_FLIGHT_MIB << 20)
     }
 }
 
@@ -961,11 +967,7 @@ pub fn main(args: ReplicaServerArgs) -> std::io::Result<()> {
         )
     })?;
     let exports = Arc::new(Exports::default());
-    let cfg = ServerConfig {
-        workers: args.workers.max(1),
-        max_in_flight: args.max_in_flight_mib.max(1) << 20,
-        ..ServerConfig::default()
-    };
+    let cfg = ServerConfig::new(args.workers.max(1), args.max_in_flight_mib.max(1) << 20);
     {
         let (exports, listen) = (exports.clone(), listen.clone());
         std::thread::spawn(move || serve_control(control, exports, listen));
