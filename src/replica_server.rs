@@ -828,8 +828,15 @@ pub fn serve_nbd(listener: TcpListener, exports: Arc<Exports>, cfg: ServerConfig
             .name("nbd-conn".into())
             .spawn(move || {
                 let peer = conn.peer_addr().ok();
+                // A client that leaves, or resets its connection, is no news: the node's probe
+                // of stalled servers connects, reads the greeting and closes every 2 s.
                 if let Err(e) = session(&exports, &cfg, conn)
-                    && e.kind() != std::io::ErrorKind::UnexpectedEof
+                    && !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::BrokenPipe
+                    )
                 {
                     eprintln!("bicsi replica-server: connection from {peer:?}: {e}");
                 }
