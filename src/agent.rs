@@ -323,6 +323,10 @@ pub struct LocalAgent {
     /// Where this node serves its replicas to other nodes: the replica server's run directory
     /// and its NBD address (host, port). None in the all-in-one mode (one node, no exports).
     pub nbd: Option<(PathBuf, String, u16)>,
+    /// Where this node serves its raw replicas (`loop` and `mirror` volumes) to other nodes:
+    /// bicsi's replica server's run directory and NBD address (port 0: any free port). None:
+    /// raw replicas go to `nbd`'s server as well.
+    pub raw_nbd: Option<(PathBuf, String, u16)>,
     /// This node's data directory (the engines' run directories are under it).
     pub data_dir: PathBuf,
     /// This node's own records (what is staged here).
@@ -598,7 +602,11 @@ impl Agent for LocalAgent {
         if attach_node == self.node_id {
             return Ok(ReplicaTarget::Local(replica.path.clone()));
         }
-        let (run_dir, host, port) = self.nbd.clone().ok_or_else(|| {
+        let server = match replica.format {
+            ImageFormat::Raw => self.raw_nbd.clone().or_else(|| self.nbd.clone()),
+            ImageFormat::Qcow2 => self.nbd.clone(),
+        };
+        let (run_dir, host, port) = server.ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "node {:?} does not serve replicas to other nodes (no --nbd-listen)",
                 self.node_id
@@ -621,14 +629,24 @@ impl Agent for LocalAgent {
     }
 
     async fn release_replica(&self, replica: &Replica) -> Result<()> {
-        let Some((run_dir, _, _)) = self.nbd.clone() else {
-            return Ok(());
-        };
+        // Either server may have it (a raw replica exported before bicsi's own server served
+        // them is on qemu's); each is Ok when it does not.
+        let run_dirs: Vec<PathBuf> = [&self.raw_nbd, &self.nbd]
+            .into_iter()
+            .flatten()
+            .map(|(dir, _, _)| dir.clone())
+            .collect();
         let os = self.os.clone();
         let id = replica.id.clone();
         // The attaching node unstaged (or is gone): a connection left behind must not keep the
         // export busy forever.
-        blocking(move || Ok(os.engine.unexport_replica_force(&run_dir, &id)?)).await
+        blocking(move || {
+            for run_dir in &run_dirs {
+                os.engine.unexport_replica_force(run_dir, &id)?;
+            }
+            Ok(())
+        })
+        .await
     }
     async fn snapshot_replicas(
         &self,

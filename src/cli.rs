@@ -62,6 +62,9 @@ pub enum Command {
     /// The mirror engine of one volume: started by the node agent, not by people.
     #[command(name = "engine-mirror", hide = true)]
     EngineMirror(crate::mirror::MirrorArgs),
+    /// The NBD server of a node's raw replicas: started by the node agent, not by people.
+    #[command(name = "replica-server", hide = true)]
+    ReplicaServer(crate::replica_server::ReplicaServerArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (deploy/crds.yaml).
     Crd,
     /// Make the cluster CA and the controller's and node agents' certificates for the split
@@ -400,6 +403,11 @@ pub struct NodeArgs {
     /// Where this node serves its replicas to other nodes' engines (NBD over TCP).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: String,
+    /// The port bicsi's replica server serves this node's raw replicas on (loop and mirror
+    /// volumes), on the same host as --nbd-listen's server, which keeps the qcow2 ones. 0: any
+    /// free port (pin one for a firewall).
+    #[arg(long, default_value_t = 0)]
+    pub raw_nbd_port: u16,
     /// A file holding the bearer token /metrics requires (the controller's API token), on
     /// --http-listen and --metrics-listen; without it /metrics is open.
     #[arg(long)]
@@ -536,6 +544,7 @@ fn server_of(cmd: &Command) -> Option<&Server> {
         | Command::Node(_)
         | Command::Engine(_)
         | Command::EngineMirror(_)
+        | Command::ReplicaServer(_)
         | Command::Crd
         | Command::Certs(_) => None,
         Command::Apply { server, .. } => Some(server),
@@ -600,6 +609,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         })
         .await
         .map_err(|e| Error::Internal(format!("mirror engine: {e}")))?,
+        Command::ReplicaServer(args) => tokio::task::spawn_blocking(move || {
+            crate::replica_server::main(args)
+                .map_err(|e| Error::Internal(format!("replica server: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("replica server: {e}")))?,
         Command::Node(args) => {
             let transport = args.tls.transport()?;
             let os = real_os(args.disk.engine_endpoint.as_deref())?;
@@ -614,6 +629,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 advertise_agent_url: args.advertise_agent_url,
                 advertise_transfer_url: args.advertise_transfer_url,
                 nbd_listen: args.nbd_listen,
+                raw_nbd_port: args.raw_nbd_port,
                 ..Default::default()
             };
             crate::server::node(cfg, split, os, shutdown_signal()).await
@@ -630,7 +646,8 @@ async fn client(cmd: Command) -> Result<()> {
         | Command::Controller(_)
         | Command::Node(_)
         | Command::Engine(_)
-        | Command::EngineMirror(_) => {
+        | Command::EngineMirror(_)
+        | Command::ReplicaServer(_) => {
             unreachable!("servers are run by `run`")
         }
         Command::Certs(args) => certs(args),

@@ -49,7 +49,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -64,7 +63,7 @@ use fuser::{
 use crate::os::ReplicaTarget;
 use crate::os::engine::events::FaultRecord;
 
-mod nbd;
+pub(crate) mod nbd;
 mod rebuild;
 
 pub use rebuild::TargetState;
@@ -1008,9 +1007,6 @@ fn parse_remote(value: &str) -> Result<ReplicaTarget, String> {
     })
 }
 
-/// How long `--daemonize` waits for the child to mount its file.
-const DAEMONIZE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// `bicsi engine-mirror`: serve in this process, or (`--daemonize`) start a copy of this
 /// command without the flag in its own process group and wait for its pid file.
 pub fn main(args: MirrorArgs) -> std::io::Result<()> {
@@ -1026,36 +1022,8 @@ pub fn main(args: MirrorArgs) -> std::io::Result<()> {
             "--daemonize needs --pid-file (its readiness signal)",
         ));
     };
-    let _ = std::fs::remove_file(&pid_file);
-    let argv: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--daemonize")
-        .collect();
-    let exe = std::env::current_exe()?;
-    let mut child = std::process::Command::new(exe)
-        .args(&argv)
-        .stdin(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()?;
-    let deadline = std::time::Instant::now() + DAEMONIZE_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Err(std::io::Error::other(format!(
-                "the mirror engine exited with {status} before its file was mounted"
-            )));
-        }
-        let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
-        if pid.trim() == child.id().to_string() {
-            return Ok(());
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::other(format!(
-                "the mirror engine did not mount {} within {DAEMONIZE_TIMEOUT:?}",
-                args.export.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    crate::os::engine::daemonize_self(
+        &pid_file,
+        &format!("the mirror engine of {}", args.export.display()),
+    )
 }

@@ -21,6 +21,7 @@ pub mod mount;
 pub mod nbd;
 pub mod qcow2;
 pub mod rawfile;
+pub mod replica_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

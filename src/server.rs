@@ -149,6 +149,9 @@ pub struct SplitConfig {
     pub advertise_transfer_url: Option<String>,
     /// Node: where this node's replica server listens for NBD clients (`host:port`).
     pub nbd_listen: String,
+    /// Node: the port bicsi's replica server of the raw replicas listens on, on the replica
+    /// server's host (0: any free port).
+    pub raw_nbd_port: u16,
     /// Controller: a node silent for this long is down.
     pub node_down_after: Option<std::time::Duration>,
     /// How the controller and the node agents talk: mutual TLS or (`--insecure`) plain TCP.
@@ -294,6 +297,7 @@ pub async fn serve(
         files: files.clone(),
         store: store.clone(),
         nbd: None,
+        raw_nbd: None,
         data_dir: cfg.data_dir.clone(),
         node_records: store.clone(),
         volume_guards: Default::default(),
@@ -545,7 +549,6 @@ pub async fn node(
         .advertise_host
         .clone()
         .unwrap_or_else(|| nbd_host.to_string());
-    let _ = nbd_host;
     let local_agent = Arc::new(LocalAgent {
         node_id: cfg.node_id.clone(),
         disks: disks.clone(),
@@ -554,8 +557,13 @@ pub async fn node(
         store: cluster_store.clone(),
         nbd: Some((
             cfg.data_dir.join("replica-server"),
-            nbd_advertised,
+            nbd_advertised.clone(),
             nbd_port,
+        )),
+        raw_nbd: Some((
+            cfg.data_dir.join(crate::os::replica_server::RUN_DIR),
+            nbd_advertised,
+            split.raw_nbd_port,
         )),
         data_dir: cfg.data_dir.clone(),
         node_records: local_store.clone(),

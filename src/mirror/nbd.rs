@@ -1,5 +1,7 @@
 //! The mirror engine's NBD client: one replica on another node, read and written through that
-//! node's replica server (`crate::os::nbd`, qemu-storage-daemon's NBD server) over TCP.
+//! node's raw replica server (`crate::replica_server`, bicsi's own; qemu-storage-daemon's NBD
+//! server, which served them before, speaks the same protocol) over TCP. The protocol's numbers
+//! are `crate::nbd_wire`'s.
 //!
 //! Protocol (the NBD spec's fixed newstyle): the handshake asks for the export by name with
 //! `NBD_OPT_GO` (`NBD_OPT_EXPORT_NAME` when a server does not know GO), and transmission uses
@@ -33,34 +35,12 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
-
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
-const INFO_EXPORT: u16 = 0;
-
-const TFLAG_READ_ONLY: u16 = 1 << 1;
-const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-const TFLAG_SEND_FUA: u16 = 1 << 3;
-const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_FLAG_FUA: u16 = 1 << 0;
-const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+use crate::nbd_wire::{
+    CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES,
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO,
+    REP_ACK, REP_ERR_UNSUP, REP_INFO, REPLY_MAGIC_OPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_WRITE_ZEROES, be16, be32, be64,
+};
 
 /// The largest READ or WRITE sent as one request (qemu's server takes up to 32 MiB).
 const MAX_IO: usize = 8 << 20;
@@ -138,16 +118,6 @@ impl std::fmt::Debug for NbdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "NbdClient({})", self.name)
     }
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap_or_default())
 }
 
 fn protocol(msg: String) -> std::io::Error {
@@ -470,7 +440,9 @@ fn read_replies(shared: &Shared, mut s: TcpStream) {
             break format!("the server answered handle {handle}, which was never sent");
         };
         let reply = if error != 0 {
-            Err(std::io::Error::from_raw_os_error(nbd_errno(error)))
+            Err(std::io::Error::from_raw_os_error(
+                crate::nbd_wire::errno_of(error),
+            ))
         } else if w.read_len > 0 {
             let mut data = vec![0u8; w.read_len];
             if let Err(e) = s.read_exact(&mut data) {
@@ -487,14 +459,6 @@ fn read_replies(shared: &Shared, mut s: TcpStream) {
         let _ = w.tx.try_send(reply);
     };
     shared.kill(&cause);
-}
-
-/// The errno of an NBD error value (the spec's values are Linux's for the ones it names).
-fn nbd_errno(error: u32) -> i32 {
-    match error {
-        1 | 5 | 12 | 22 | 28 | 75 | 95 | 108 => error as i32,
-        _ => libc::EIO,
-    }
 }
 
 #[cfg(test)]

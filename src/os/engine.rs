@@ -42,9 +42,9 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use super::{
-    Engine, EngineSpec, EngineState, OsError, OsResult, ReplicaExport, ReplicaTarget,
+    Engine, EngineSpec, EngineState, ImageFormat, OsError, OsResult, ReplicaExport, ReplicaTarget,
     VolumeEngineSpec, VolumeEngineState, command_failure, display_command, loopdev, mount, nbd,
-    resolve_parent, spawn_error, utf8_path,
+    replica_server, resolve_parent, spawn_error, utf8_path,
 };
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -519,6 +519,49 @@ pub(super) fn spawn_daemonized(
     })
 }
 
+/// How long `daemonize_self` waits for the child to be ready.
+const DAEMONIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `--daemonize` of bicsi's own daemons (`engine-mirror`, `replica-server`): runs this
+/// command again without the flag, in its own process group (so it outlives this process and
+/// its session), and returns once the child wrote its pid to `pid_file` (its readiness signal),
+/// or an error when it exited first or took longer than 30 s (then it is killed). `what` names
+/// the daemon in errors.
+pub fn daemonize_self(pid_file: &Path, what: &str) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let _ = fs::remove_file(pid_file);
+    let argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--daemonize")
+        .collect();
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(&argv)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let deadline = Instant::now() + DAEMONIZE_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(std::io::Error::other(format!(
+                "{what} exited with {status} before it was ready"
+            )));
+        }
+        let pid = fs::read_to_string(pid_file).unwrap_or_default();
+        if pid.trim() == child.id().to_string() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "{what} was not ready within {DAEMONIZE_TIMEOUT:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 impl QemuStorageDaemon {
     /// Start a daemon: forked from this process, or by the engine host when one is configured,
     /// so that it lives in the host's container.
@@ -903,14 +946,34 @@ impl Engine for QemuStorageDaemon {
         port: u16,
         export: &ReplicaExport,
     ) -> OsResult<u16> {
-        nbd::export_replica(self, run_dir, host, port, export)
+        // Raw replicas go to bicsi's server, qcow2 ones to qemu's; a run directory holds one.
+        let raw = export.format == ImageFormat::Raw;
+        let other = if raw {
+            nbd::serving(run_dir)
+        } else {
+            replica_server::serving(run_dir)
+        };
+        if other {
+            return Err(OsError::Conflict(server_kind_conflict(run_dir, export)));
+        }
+        if raw {
+            replica_server::export_replica(self, run_dir, host, port, export)
+        } else {
+            nbd::export_replica(self, run_dir, host, port, export)
+        }
     }
 
     fn unexport_replica(&self, run_dir: &Path, replica_id: &str) -> OsResult<()> {
+        if replica_server::serving(run_dir) {
+            return replica_server::unexport_replica(self, run_dir, replica_id, false);
+        }
         nbd::unexport_replica(self, run_dir, replica_id, false)
     }
 
     fn unexport_replica_force(&self, run_dir: &Path, replica_id: &str) -> OsResult<()> {
+        if replica_server::serving(run_dir) {
+            return replica_server::unexport_replica(self, run_dir, replica_id, true);
+        }
         nbd::unexport_replica(self, run_dir, replica_id, true)
     }
 
@@ -923,8 +986,29 @@ impl Engine for QemuStorageDaemon {
     }
 
     fn replica_server_status(&self, run_dir: &Path) -> OsResult<Option<(u16, Vec<String>)>> {
+        if replica_server::serving(run_dir) {
+            return replica_server::replica_server_status(run_dir);
+        }
         nbd::replica_server_status(self, run_dir)
     }
+}
+
+/// Why `export` cannot go to the server of `run_dir`: that one serves the other format.
+pub(crate) fn server_kind_conflict(run_dir: &Path, export: &ReplicaExport) -> String {
+    let (running, wanted) = match export.format {
+        ImageFormat::Raw => (
+            "qemu-storage-daemon's (qcow2 replicas)",
+            "bicsi's replica server",
+        ),
+        ImageFormat::Qcow2 => ("bicsi's (raw replicas)", "qemu-storage-daemon"),
+    };
+    format!(
+        "replica server in {} is {running}, and replica {:?} is a {} file, which {wanted} \
+         serves; give each server a run directory of its own (raw replicas: --raw-nbd-listen's)",
+        run_dir.display(),
+        export.replica_id,
+        export.format
+    )
 }
 
 #[cfg(test)]

@@ -445,6 +445,9 @@ struct FakeServer {
     pid: i32,
     /// Replica id → file (resolved).
     exports: BTreeMap<String, PathBuf>,
+    /// Which server this is: bicsi's (raw replicas) or qemu-storage-daemon (qcow2), as the
+    /// format of its first export chose (the real one dispatches the same way).
+    format: ImageFormat,
 }
 
 #[derive(Default)]
@@ -1413,6 +1416,11 @@ impl Engine for FakeEngine {
         let net = w.net.clone();
         let mut net = net.lock();
         let addr = match net.server_of(node, &run_dir) {
+            Some((_, server)) if server.format != export.format => {
+                return Err(OsError::Conflict(super::engine::server_kind_conflict(
+                    &run_dir, export,
+                )));
+            }
             Some((addr, _)) => {
                 if addr.0 != host || (port != 0 && port != addr.1) {
                     return Err(OsError::Conflict(format!(
@@ -1465,6 +1473,7 @@ impl Engine for FakeEngine {
                     run_dir: run_dir.clone(),
                     pid: w.next_pid,
                     exports: BTreeMap::new(),
+                    format: export.format,
                 },
             );
         }
@@ -2539,6 +2548,66 @@ mod tests {
         assert_eq!(seen, RAW_EXPECTED);
         assert!(fake.loop_devices().is_empty());
         assert!(fake.mounts().is_empty());
+    }
+
+    /// A run directory holds one replica server: raw replicas (bicsi's server) and qcow2 ones
+    /// (qemu-storage-daemon) in the same one conflict, as on the real engine
+    /// (`tests/replica_server.rs` checks the real side).
+    #[test]
+    fn fake_replica_servers_are_one_kind_per_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let fake = Fake::new();
+        let os = fake.os();
+        let (raw, qcow2) = (d.join("r.raw"), d.join("q.qcow2"));
+        os.images.create_raw(&raw, 1 << 20, None).unwrap();
+        os.images.create_replica(&qcow2, 1 << 20, None).unwrap();
+        let export = |id: &str, path: &Path, format| ReplicaExport {
+            replica_id: id.into(),
+            path: path.to_path_buf(),
+            format,
+        };
+        let (raw_dir, qemu_dir) = (d.join("replica-server-raw"), d.join("replica-server"));
+        let port = os
+            .engine
+            .export_replica(
+                &raw_dir,
+                "127.0.0.1",
+                0,
+                &export("r", &raw, ImageFormat::Raw),
+            )
+            .unwrap();
+        let err = os
+            .engine
+            .export_replica(
+                &raw_dir,
+                "127.0.0.1",
+                0,
+                &export("q", &qcow2, ImageFormat::Qcow2),
+            )
+            .unwrap_err();
+        assert!(matches!(err, OsError::Conflict(_)), "{err}");
+        assert!(
+            err.to_string().contains("run directory of its own"),
+            "{err}"
+        );
+        let qport = os
+            .engine
+            .export_replica(
+                &qemu_dir,
+                "127.0.0.1",
+                0,
+                &export("q", &qcow2, ImageFormat::Qcow2),
+            )
+            .unwrap();
+        assert_ne!(port, qport);
+        assert_eq!(
+            os.engine.replica_server_status(&raw_dir).unwrap(),
+            Some((port, vec!["r".to_string()]))
+        );
+        os.engine.unexport_replica(&raw_dir, "r").unwrap();
+        os.engine.unexport_replica(&qemu_dir, "q").unwrap();
+        assert!(fake.replica_servers().is_empty());
     }
 
     /// XFS made with reflink in a file, loop-mounted; lazily unmounted on drop (after the

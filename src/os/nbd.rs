@@ -44,7 +44,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(15);
 /// start two servers, and the QMP socket takes one client at a time anyway.
 static SERVER_LOCK: Mutex<()> = Mutex::new(());
 
-fn server_lock() -> MutexGuard<'static, ()> {
+pub(super) fn server_lock() -> MutexGuard<'static, ()> {
     SERVER_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -332,7 +332,7 @@ fn free_port(host: &str) -> OsResult<u16> {
         .map_err(|e| OsError::io(format!("finding a free TCP port on {host}"), e))
 }
 
-fn validate(run_dir: &Path, host: &str, export: &ReplicaExport) -> OsResult<()> {
+pub(super) fn validate(run_dir: &Path, host: &str, export: &ReplicaExport) -> OsResult<()> {
     let id = &export.replica_id;
     if id.is_empty() || id.len() > MAX_NBD_NAME {
         return Err(OsError::Unsupported(format!(
@@ -637,6 +637,11 @@ pub(crate) fn unexport_replica(
         stop_server(qsd, &paths)?;
     }
     Ok(())
+}
+
+/// Whether qemu-storage-daemon's replica server runs in `run_dir`.
+pub(crate) fn serving(run_dir: &Path) -> bool {
+    live_server(run_dir).is_some()
 }
 
 pub(crate) fn replica_server_status(

@@ -1191,8 +1191,8 @@ async fn group_snapshots_through_the_node_agents() {
 }
 
 /// A loop-engine volume (its raw replica on node-1's XFS-with-reflink disk) attaches on node-2
-/// through qemu-storage-daemon over NBD (node-1's replica server opens the raw file with the raw
-/// driver), and what node-2 wrote reads back when node-1 attaches it with its loop device.
+/// through qemu-storage-daemon over NBD (node-1's raw replica server, bicsi's own, serves the
+/// raw file), and what node-2 wrote reads back when node-1 attaches it with its loop device.
 #[tokio::test]
 async fn a_loop_volume_attaches_on_another_node_over_nbd() {
     if !root_or_skip("a_loop_volume_attaches_on_another_node_over_nbd") {
@@ -1225,13 +1225,49 @@ async fn a_loop_volume_attaches_on_another_node_over_nbd() {
         !engines_under(&c.nodes[1].dir).is_empty(),
         "node-2 serves it with an engine"
     );
+    // node-1's raw replicas are served by bicsi's own replica server, which outlives a restart
+    // of node-1's agent: the restarted agent finds it (and its export) and stops it with the
+    // release at the detach.
+    let raw_server = c.nodes[0].dir.join("data/replica-server-raw");
+    let server_pid = || -> i32 {
+        std::fs::read_to_string(raw_server.join("server.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let pid = server_pid();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("replica-server"));
+    c.stop_node(0);
+    c.start_node(0);
+    c.wait_up(2).await;
+    assert_eq!(server_pid(), pid, "the replica server outlived the agent");
+    write_synced(
+        &tg,
+        "after-restart.txt",
+        b"node-1's agent restarted meanwhile",
+    );
     detach_from(&c, &mut ctl, "lv", 1).await;
+    assert!(
+        !raw_server.exists(),
+        "the release stopped the re-adopted server"
+    );
+    let gone = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+        st.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    });
+    assert!(gone, "replica server pid {pid} still runs");
 
     // On node-1: the loop device straight on the replica, no engine.
     let tg = attach_on(&c, &mut ctl, "lv", 0).await;
     assert_eq!(
         std::fs::read(tg.join("remote.txt")).unwrap(),
         b"written from node-2 over NBD"
+    );
+    assert_eq!(
+        std::fs::read(tg.join("after-restart.txt")).unwrap(),
+        b"node-1's agent restarted meanwhile"
     );
     assert!(
         engines_under(&c.nodes[0].dir.join("data")).is_empty(),
@@ -1382,8 +1418,9 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         std::thread::spawn(move || fio_at(&dev, 64, 16, false, Some("4m")))
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Raw replicas are served by bicsi's own replica server, not qemu-storage-daemon's.
     let server_pid: i32 =
-        std::fs::read_to_string(c.nodes[1].dir.join("data/replica-server/qsd.pid"))
+        std::fs::read_to_string(c.nodes[1].dir.join("data/replica-server-raw/server.pid"))
             .unwrap()
             .trim()
             .parse()

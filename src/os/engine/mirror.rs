@@ -40,6 +40,11 @@ pub const CONTROL: &str = "control.sock";
 pub const ADDED: &str = "added.json";
 /// FUSE worker threads of a shipped engine (see README, volume-io-mirror).
 const THREADS: usize = crate::mirror::DEFAULT_THREADS;
+/// FUSE worker threads of an engine with a remote child: a thread waits for the remote's reply
+/// before it takes the next request, so the threads bound the writes in flight to the replica
+/// server (measured, debug build, 4k random writes at depth 32 with one local and one remote
+/// child on bicsi's replica server: 5.3k IOPS with 4 threads, 10.0k with 16).
+const REMOTE_THREADS: usize = 16;
 
 /// The program to run: `BICSI_MIRROR_PROGRAM` when set (tests whose own binary is not bicsi),
 /// else this executable.
@@ -279,7 +284,16 @@ pub(super) fn start(
         "--pid-file".into(),
         utf8_path(&pid)?.to_string(),
         "--threads".into(),
-        THREADS.to_string(),
+        if spec
+            .replicas
+            .iter()
+            .any(|t| matches!(t, ReplicaTarget::Nbd { .. }))
+        {
+            REMOTE_THREADS
+        } else {
+            THREADS
+        }
+        .to_string(),
         "--daemonize".into(),
     ]);
     if spec.read_only {
