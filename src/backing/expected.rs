@@ -35,6 +35,20 @@ pub struct Learned {
 /// when the server said it. Errors say why no size can be known yet (Unavailable) or why the
 /// file can never be a disk image (FailedPrecondition).
 pub fn size_from_head(name: &str, url: &str, head: &[u8], total: Option<u64>) -> Result<Learned> {
+    if let Some(c) = crate::download::Compression::detect(head) {
+        // The stored image is the decompressed body: its header is in the first bytes the
+        // head decompresses to, and a RAW image's length is known only at the end.
+        let inner = crate::download::decode_prefix(c, head, imagefmt::PROBE_LEN);
+        return match imagefmt::parse_header(&inner, u64::MAX) {
+            Ok(h) if h.format == Format::Qcow2 => Ok(Learned {
+                virtual_size: h.virtual_size,
+                from: format!("the qcow2 header of {url} ({c}-compressed)"),
+            }),
+            _ => Err(Error::Unavailable(format!(
+                "backing image {name:?}: {url} is {c}-compressed and its start has no qcow2 header, so the volume's size is known only when the download is done; retry then"
+            ))),
+        };
+    }
     // A qcow2 header needs no total: its virtual size is in it. The parser checks lengths
     // against the file size, which is at least what was read when the server did not say.
     let file_size = total.unwrap_or(u64::MAX);

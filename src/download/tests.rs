@@ -1148,3 +1148,214 @@ async fn guard_refuses_the_metadata_address_even_on_the_embedded_default() {
     // Refused before any connection: no connect timeout was waited out.
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+// Compressed bodies and the source checksum.
+
+use super::decompress::tests::{ALL as COMPRESSIONS, compress};
+
+/// A server with every image of the fixture compressed in every format (`NAME.FORMAT`), and a
+/// corrupt xz file.
+async fn compressed_fixture() -> (Fixture, Server, HashMap<String, Bytes>) {
+    let fx = Fixture::new().await;
+    let mut files = HashMap::new();
+    for c in COMPRESSIONS {
+        for (name, data) in [("sparse.img", sparse_bytes()), ("made.qcow2", fx.qcow2.clone())] {
+            files.insert(format!("{name}.{c}"), Bytes::from(compress(c, &data)));
+        }
+    }
+    let mut bad = compress(Compression::Xz, &fx.rand);
+    let mid = bad.len() / 2;
+    bad[mid..mid + 16].copy_from_slice(&[0x55; 16]);
+    files.insert("corrupt.xz".to_owned(), Bytes::from(bad));
+    let server = Server::start(files.clone()).await;
+    (fx, server, files)
+}
+
+fn compressed_request(fx: &Fixture, server: &Server, path: &str) -> DownloadRequest {
+    DownloadRequest {
+        url: server.url(path),
+        ..fx.request(path)
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[tokio::test]
+async fn each_compression_of_a_raw_and_a_qcow2_image_is_stored_decompressed_with_its_holes() {
+    let (fx, server, _) = compressed_fixture().await;
+    for c in COMPRESSIONS {
+        for (name, want) in [("sparse.img", sparse_bytes()), ("made.qcow2", fx.qcow2.clone())] {
+            let path = format!("/range/{name}.{c}");
+            let mut req = compressed_request(&fx, &server, &path);
+            req.expected_sha512 = Some(sha512_hex(&want));
+            let out = get(&req).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(out.compression, Some(c), "{path}");
+            assert_eq!(out.size, want.len() as u64, "{path}");
+            assert_eq!(out.sha512, sha512_hex(&want), "{path}");
+            assert_file(&req, &want);
+            assert_manifest(&req, &out);
+            let data = want.chunks(64 * 1024).filter(|c| c.iter().any(|b| *b != 0));
+            let data = data.count() as u64 * 64 * 1024;
+            let allocated = crate::sync::allocated_bytes(&req.dest).unwrap();
+            assert!(
+                allocated <= data + MIB as u64,
+                "{path}: {} bytes with {data} of data allocated {allocated}",
+                want.len()
+            );
+            std::fs::remove_file(&req.dest).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cut_compressed_download_resumes_with_range_and_the_decoder_goes_on() {
+    let (fx, server, files) = compressed_fixture().await;
+    let want = sparse_bytes();
+    for c in COMPRESSIONS {
+        let path = format!("/drop/sparse.img.{c}");
+        let mut req = compressed_request(&fx, &server, &path);
+        req.expected_sha512 = Some(sha512_hex(&want));
+        let out = get(&req).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(out.resumed >= 1, "{path}: {out:?}");
+        assert_file(&req, &want);
+        let ranges = server.state.ranges(&path);
+        assert_eq!(ranges.len(), 2, "{path}: {ranges:?}");
+        let start: usize = ranges[1]
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+            .expect("the second request has Range: bytes=N-");
+        let compressed_len = files[&format!("sparse.img.{c}")].len();
+        assert!(start > 0 && start <= compressed_len / 2, "{path}: {start}");
+        std::fs::remove_file(&req.dest).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_cut_compressed_download_without_range_support_starts_over() {
+    let (fx, server, _) = compressed_fixture().await;
+    let want = sparse_bytes();
+    let path = "/drop-norange/sparse.img.zstd";
+    let mut req = compressed_request(&fx, &server, path);
+    req.expected_sha512 = Some(sha512_hex(&want));
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.resumed, 0);
+    assert_file(&req, &want);
+    assert_eq!(server.state.hits(path), 2);
+}
+
+#[tokio::test]
+async fn source_checksum_is_of_the_bytes_as_downloaded() {
+    let (fx, server, files) = compressed_fixture().await;
+    let served = &files["sparse.img.xz"];
+    let want = sparse_bytes();
+    let path = "/range/sparse.img.xz";
+    for algo in ["sha256", "sha512"] {
+        let hex = if algo == "sha256" {
+            sha256_hex(served)
+        } else {
+            sha512_hex(served)
+        };
+        let mut req = compressed_request(&fx, &server, path);
+        req.source_checksum = Some(SourceChecksum::parse(&format!("{algo}:{hex}")).unwrap());
+        req.expected_sha512 = Some(sha512_hex(&want));
+        let out = get(&req).await.unwrap();
+        assert_eq!(out.source_checksum.unwrap().to_string(), format!("{algo}:{hex}"));
+        assert_file(&req, &want);
+        std::fs::remove_file(&req.dest).unwrap();
+    }
+    // A plain body: the source checksum is the file's own.
+    let mut req = fx.request("/range/rand.img");
+    req.source_checksum =
+        Some(SourceChecksum::parse(&format!("SHA256:{}", sha256_hex(&fx.rand).to_uppercase())).unwrap());
+    get(&req).await.unwrap();
+    std::fs::remove_file(&req.dest).unwrap();
+    req.source_checksum =
+        Some(SourceChecksum::parse(&format!("sha512:{}", sha512_hex(&fx.rand))).unwrap());
+    get(&req).await.unwrap();
+
+    // Wrong: both values named, nothing left, not retried.
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let mut req = compressed_request(&fx, &server, path);
+    req.source_checksum = Some(SourceChecksum::parse(&wrong).unwrap());
+    let err = get(&req).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&wrong), "{msg}");
+    assert!(msg.contains(&format!("sha256:{}", sha256_hex(served))), "{msg}");
+    assert!(err.is_permanent(), "{msg}");
+    assert_gone(&req);
+    assert!(!resume_path(&req.dest).exists());
+}
+
+#[test]
+fn source_checksum_parse_table() {
+    let h64 = "a".repeat(64);
+    let h128 = "B".repeat(128);
+    let ok = [
+        (format!("sha256:{h64}"), format!("sha256:{h64}")),
+        (format!(" SHA512:{h128} "), format!("sha512:{}", "b".repeat(128))),
+    ];
+    for (input, want) in ok {
+        assert_eq!(SourceChecksum::parse(&input).unwrap().to_string(), want);
+    }
+    let bad = [
+        (h64.clone(), "no algorithm"),
+        (format!("md5:{h64}"), "not supported"),
+        (format!("sha256:{h128}"), "64 hexadecimal"),
+        (format!("sha512:{h64}"), "128 hexadecimal"),
+        (format!("sha256:{}", "g".repeat(64)), "64 hexadecimal"),
+        ("sha256:".to_owned(), "64 hexadecimal"),
+    ];
+    for (input, want) in bad {
+        let e = SourceChecksum::parse(&input).unwrap_err();
+        assert!(e.contains(want), "{input}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_compressed_body_fails_naming_the_format_and_leaves_nothing() {
+    let (fx, server, _) = compressed_fixture().await;
+    let mut req = compressed_request(&fx, &server, "/range/corrupt.xz");
+    req.resume = true;
+    let err = get(&req).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DownloadError::Corrupt { .. }), "{msg}");
+    assert!(msg.contains("xz-compressed but does not decompress"), "{msg}");
+    assert!(err.is_permanent(), "{msg}");
+    assert_eq!(server.state.hits("/range/corrupt.xz"), 1, "not retried");
+    assert_gone(&req);
+    assert!(!resume_path(&req.dest).exists());
+}
+
+#[tokio::test]
+async fn a_compressed_body_cut_short_without_a_length_fails_and_leaves_nothing() {
+    let fx = Fixture::new().await;
+    let z = compress(Compression::Gzip, &fx.rand);
+    let files = HashMap::from([("cut.gz".to_owned(), Bytes::copy_from_slice(&z[..z.len() / 2]))]);
+    let server = Server::start(files).await;
+    // `chunked`: no Content-Length, so only the decoder can tell the body is cut short.
+    let req = compressed_request(&fx, &server, "/chunked/cut.gz");
+    let msg = get(&req).await.unwrap_err().to_string();
+    assert!(msg.contains("gzip-compressed") && msg.contains("cut short"), "{msg}");
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn a_dropped_compressed_resumable_download_keeps_no_validator() {
+    let (fx, server, _) = compressed_fixture().await;
+    // The plain stalled download writes its validator (see above); a compressed one must not,
+    // since a later process cannot go on decoding from the middle.
+    let mut req = compressed_request(&fx, &server, "/stall/sparse.img.gzip");
+    req.resume = true;
+    let task = tokio::spawn({
+        let req = req.clone();
+        async move { get(&req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!task.is_finished(), "the download stalls mid-way");
+    task.abort();
+    let _ = task.await;
+    assert!(req.dest.exists(), "the partial file is left as a plain one is");
+    assert!(!resume_path(&req.dest).exists());
+}
