@@ -23,6 +23,7 @@
 //! It must not know about backing-image objects, disks or Kubernetes, and must never log a URL's
 //! credentials or query string (they often carry tokens): URLs are shown through [`redact`].
 
+mod access;
 mod decompress;
 pub mod guard;
 mod pipeline;
@@ -47,6 +48,7 @@ use pipeline::Pipeline;
 
 use crate::messages::error_chain;
 pub use crate::messages::redact;
+pub use access::{Access, AccessFiles};
 pub use decompress::{Compression, decode_prefix};
 
 /// Default for [`DownloadRequest::idle_timeout`].
@@ -92,6 +94,8 @@ pub struct DownloadRequest {
     /// The checksum of the body's bytes as downloaded (compressed or not), as distributions
     /// publish in their SHA256SUMS; checked at the end like `expected_sha512`.
     pub source_checksum: Option<SourceChecksum>,
+    /// Headers (credentials) sent with every request, and extra trusted CA certificates.
+    pub access: Access,
 }
 
 /// A hash a [`SourceChecksum`] is made with.
@@ -182,6 +186,7 @@ impl DownloadRequest {
             )
             .expect("the default networks parse"),
             source_checksum: None,
+            access: Access::default(),
         }
     }
 }
@@ -266,6 +271,11 @@ pub enum DownloadError {
     },
     #[error("GET {url}: {detail}")]
     Redirect { url: String, detail: String },
+    #[error(
+        "GET {url}: the server's TLS certificate is not trusted ({detail}); if a private CA \
+         signed it, give that CA's certificate in the source parameter caBundleFile"
+    )]
+    Untrusted { url: String, detail: String },
     #[error("GET {url}: refused: {refusal}")]
     Denied { url: String, refusal: Refusal },
     #[error(
@@ -327,6 +337,7 @@ impl DownloadError {
             | DownloadError::UnsupportedScheme { .. }
             | DownloadError::Redirect { .. }
             | DownloadError::Denied { .. }
+            | DownloadError::Untrusted { .. }
             | DownloadError::ChecksumMismatch { .. }
             | DownloadError::SourceChecksumMismatch { .. }
             | DownloadError::Corrupt { .. }
@@ -351,6 +362,7 @@ impl DownloadError {
             | DownloadError::InvalidUrl { .. }
             | DownloadError::UnsupportedScheme { .. }
             | DownloadError::Redirect { .. }
+            | DownloadError::Untrusted { .. }
             | DownloadError::Denied { .. } => true,
             _ => false,
         }
@@ -383,6 +395,7 @@ fn retryable_status(status: StatusCode) -> bool {
 fn http_client(
     guard: &NetworkGuard,
     connect_timeout: Duration,
+    access: &Access,
 ) -> Result<reqwest::Client, DownloadError> {
     let redirects = guard.clone();
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -394,11 +407,17 @@ fn http_client(
             Err(refusal) => attempt.error(refusal),
         }
     });
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .redirect(policy)
         .dns_resolver(guard.resolver())
-        .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = &access.ca_bundle {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| DownloadError::Client(format!("caBundleFile: {e}")))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder
         .build()
         .map_err(|e| DownloadError::Client(error_chain(&e.without_url())))
 }
@@ -502,6 +521,7 @@ pub async fn head(
     len: usize,
     timeout: Duration,
     guard: &NetworkGuard,
+    access: &Access,
 ) -> Result<Head, DownloadError> {
     let parsed = validate_url(url)?;
     let shown = redact(&parsed);
@@ -511,15 +531,18 @@ pub async fn head(
             url: shown.clone(),
             refusal,
         })?;
-    let client = http_client(guard, timeout)?;
+    let client = http_client(guard, timeout, access)?;
     let idle = |_| DownloadError::IdleTimeout {
         url: shown.clone(),
         idle: timeout,
         attempts: 1,
     };
     let work = async {
-        let response = client
-            .get(parsed.clone())
+        let mut request = client.get(parsed.clone());
+        for (name, value) in &access.headers {
+            request = request.header(name, value);
+        }
+        let response = request
             .header(header::ACCEPT_ENCODING, "identity")
             .header(header::RANGE, format!("bytes=0-{}", len.max(1) - 1))
             .send()
@@ -529,6 +552,11 @@ pub async fn head(
                     DownloadError::Denied {
                         url: shown.clone(),
                         refusal,
+                    }
+                } else if let Some(detail) = untrusted_in(&e) {
+                    DownloadError::Untrusted {
+                        url: shown.clone(),
+                        detail,
                     }
                 } else if e.is_redirect() {
                     DownloadError::Redirect {
@@ -698,7 +726,7 @@ impl<'a> Transfer<'a> {
                 url: shown.clone(),
                 refusal,
             })?;
-        let client = http_client(&req.guard, req.idle_timeout)?;
+        let client = http_client(&req.guard, req.idle_timeout, &req.access)?;
         Ok(Transfer {
             req,
             url,
@@ -942,11 +970,12 @@ impl<'a> Transfer<'a> {
         if resume_from > 0 && !try_range {
             self.restart(pipe).await?;
         }
-        let mut request = self
-            .client
-            .get(self.url.clone())
-            // The checksum is of the bytes as stored: no transfer compression.
-            .header(header::ACCEPT_ENCODING, "identity");
+        let mut request = self.client.get(self.url.clone());
+        for (name, value) in &self.req.access.headers {
+            request = request.header(name, value);
+        }
+        // The checksum is of the bytes as stored: no transfer compression.
+        request = request.header(header::ACCEPT_ENCODING, "identity");
         if try_range {
             request = request.header(header::RANGE, format!("bytes={resume_from}-"));
             if let Some(v) = &self.validator {
@@ -1123,6 +1152,12 @@ impl<'a> Transfer<'a> {
                 refusal,
             });
         }
+        if let Some(detail) = untrusted_in(&e) {
+            return Failure::Fatal(DownloadError::Untrusted {
+                url: self.shown.clone(),
+                detail,
+            });
+        }
         let (redirect, builder) = (e.is_redirect(), e.is_builder());
         let detail = error_chain(&e.without_url());
         if redirect {
@@ -1148,6 +1183,16 @@ impl<'a> Transfer<'a> {
             self.progress.progress(self.received, self.total);
         }
     }
+}
+
+/// The reason, when a request failed because the server's certificate is not trusted: trying
+/// again cannot help, trusting its CA can.
+fn untrusted_in(e: &reqwest::Error) -> Option<String> {
+    // rustls reports it as "invalid peer certificate: <reason>", wrapped in I/O errors whose
+    // `source` skips it: the text of the chain is what is left to look at.
+    let chain = error_chain(e);
+    let at = chain.find("invalid peer certificate")?;
+    Some(chain[at..].to_string())
 }
 
 /// Wait before attempt `attempt + 1`: base · 2^(attempt-1), at most [`MAX_BACKOFF`].

@@ -137,8 +137,12 @@ impl BackingImages {
                     .map(|u| crate::download::redact(&u))
                     .unwrap_or_default();
                 let guard = self.settings().download_guard()?;
-                let head = crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT, &guard)
-                    .await
+                let access = super::object::download_access_files(&bi.spec.source_parameters)
+                    .load()
+                    .map_err(|e| Error::FailedPrecondition(format!("backing image {name:?}: {e}")))?;
+                let head =
+                    crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT, &guard, &access)
+                        .await
                     .map_err(|e| {
                         let m = format!(
                             "backing image {name:?}: cannot learn the volume's size from the head of the download: {e}"

@@ -210,7 +210,34 @@ pub fn normalize_checksum(name: &str, checksum: &str) -> Result<String> {
 
 /// The optional source parameters of a download (see the README's "Compressed and private
 /// sources").
-pub const DOWNLOAD_OPTIONAL: &[&str] = &["sourceChecksum"];
+pub const DOWNLOAD_OPTIONAL: &[&str] = &[
+    "sourceChecksum",
+    "headersFile",
+    "authorizationFile",
+    "usernameFile",
+    "passwordFile",
+    "caBundleFile",
+];
+
+/// The files a download's private-URL parameters name (paths only: the secrets stay in them).
+pub fn download_access_files(
+    params: &std::collections::BTreeMap<String, String>,
+) -> crate::download::AccessFiles {
+    let path = |key: &str| {
+        params
+            .get(key)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    crate::download::AccessFiles {
+        headers: path("headersFile"),
+        authorization: path("authorizationFile"),
+        username: path("usernameFile"),
+        password: path("passwordFile"),
+        ca_bundle: path("caBundleFile"),
+    }
+}
 
 /// The source parameters each source type takes: (required, optional).
 fn source_keys(t: SourceType) -> (&'static [&'static str], &'static [&'static str]) {
@@ -273,6 +300,9 @@ pub fn validate_spec(name: &str, spec: &mut BackingImageSpec) -> Result<()> {
                 spec.source_parameters
                     .insert("sourceChecksum".to_string(), parsed.to_string());
             }
+            download_access_files(&spec.source_parameters)
+                .check()
+                .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
         }
         SourceType::ExportFromVolume => {
             let t = &spec.source_parameters["export-type"];

@@ -1079,7 +1079,7 @@ async fn guard_refuses_a_loopback_url_in_a_cluster_before_connecting() {
     assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
     assert_gone(&req);
     // head() says the same, before any connection.
-    let e = head(&req.url, 64, Duration::from_secs(2), &req.guard)
+    let e = head(&req.url, 64, Duration::from_secs(2), &req.guard, &req.access)
         .await
         .unwrap_err();
     assert!(matches!(e, DownloadError::Denied { .. }), "{e:?}");
@@ -1111,7 +1111,7 @@ async fn guard_lets_an_allowed_network_through() {
     req.guard = cluster_guard("loopback");
     get(&req).await.unwrap();
     assert_file(&req, &fx.rand);
-    let e = head(&req.url, 16, Duration::from_secs(5), &req.guard).await;
+    let e = head(&req.url, 16, Duration::from_secs(5), &req.guard, &req.access).await;
     assert_eq!(e.unwrap().bytes, fx.rand[..16].to_vec());
 }
 
@@ -1358,4 +1358,191 @@ async fn a_dropped_compressed_resumable_download_keeps_no_validator() {
     let _ = task.await;
     assert!(req.dest.exists(), "the partial file is left as a plain one is");
     assert!(!resume_path(&req.dest).exists());
+}
+
+// Private URLs: a real HTTPS server on 127.0.0.1 with a certificate of a CA made here.
+
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A client that does not trust the certificate hangs up in the handshake.
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A CA certificate (PEM) and the issuer that signs with it.
+fn make_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(params, key))
+}
+
+const BEARER: &str = "Bearer s3cret-token";
+
+/// Serves `data` at `/private/img` over HTTPS to requests with `Authorization: BEARER` (or basic
+/// auth alice / open sesame); 401 otherwise. Returns its base URL and its CA's PEM.
+async fn private_server(data: Bytes) -> (String, String) {
+    use tokio_rustls::rustls;
+    let (ca_pem, issuer) = make_ca("bicsi test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let app = Router::new().route(
+        "/private/img",
+        axum::routing::get(move |headers: AxHeaders| {
+            let data = data.clone();
+            async move {
+                let auth = headers.get(h::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+                let basic = format!(
+                    "Basic {}",
+                    base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        "alice:open sesame"
+                    )
+                );
+                if auth.as_deref() == Some(BEARER.as_bytes())
+                    || auth.as_deref() == Some(basic.as_bytes())
+                {
+                    Response::builder()
+                        .status(AxStatus::OK)
+                        .header(h::CONTENT_LENGTH, data.len())
+                        .body(Body::from(data))
+                        .unwrap()
+                } else {
+                    Response::builder()
+                        .status(AxStatus::UNAUTHORIZED)
+                        .body(Body::empty())
+                        .unwrap()
+                }
+            }
+        }),
+    );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", tcp.local_addr().unwrap());
+    let listener = TlsListener {
+        tcp,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, ca_pem)
+}
+
+#[tokio::test]
+async fn a_private_https_url_needs_its_ca_and_its_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(2 * MIB + 3, 5);
+    let (base, ca_pem) = private_server(data.clone()).await;
+    let url = format!("{base}/private/img");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        Some(p)
+    };
+    let ca_file = write("ca.pem", &ca_pem);
+    let request = |access: Access| DownloadRequest {
+        idle_timeout: Duration::from_secs(5),
+        max_attempts: 3,
+        backoff: Duration::from_millis(10),
+        access,
+        ..DownloadRequest::new(&url, dir.path().join("disk/tmp/image.part"))
+    };
+
+    // The system roots do not know the test CA: refused at once, saying what to do.
+    let creds = AccessFiles {
+        authorization: write("auth", &format!("{BEARER}\n")),
+        ..Default::default()
+    };
+    let req = request(creds.load().unwrap());
+    let err = get(&req).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DownloadError::Untrusted { .. }), "{msg}");
+    assert!(msg.contains("caBundleFile") && msg.contains("not trusted"), "{msg}");
+    assert!(err.is_permanent());
+    assert!(!msg.contains("s3cret"), "{msg}");
+    assert_gone(&req);
+    // Another CA's bundle does not help either.
+    let (other_ca, _) = make_ca("another CA");
+    let other = AccessFiles {
+        ca_bundle: write("other.pem", &other_ca),
+        ..creds.clone()
+    };
+    let err = get(&request(other.load().unwrap())).await.unwrap_err();
+    assert!(matches!(err, DownloadError::Untrusted { .. }), "{err}");
+
+    // Trusted, but without the credential: the server's 401, not retried.
+    let trusted_only = AccessFiles {
+        ca_bundle: ca_file.clone(),
+        ..Default::default()
+    };
+    let err = get(&request(trusted_only.load().unwrap())).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    assert!(err.is_permanent());
+
+    // Trusted and with the credential, each way of giving it.
+    let ways = [
+        AccessFiles {
+            ca_bundle: ca_file.clone(),
+            ..creds.clone()
+        },
+        AccessFiles {
+            ca_bundle: ca_file.clone(),
+            headers: write("headers", &format!("# for the test\nAuthorization: {BEARER}\n")),
+            ..Default::default()
+        },
+        AccessFiles {
+            ca_bundle: ca_file.clone(),
+            username: write("user", "alice\n"),
+            password: write("pass", "open sesame\n"),
+            ..Default::default()
+        },
+    ];
+    for files in ways {
+        let access = files.load().unwrap();
+        let req = request(access.clone());
+        assert!(!format!("{req:?}").contains("s3cret"), "{req:?}");
+        let out = get(&req).await.unwrap_or_else(|e| panic!("{files:?}: {e}"));
+        assert_eq!(out.sha512, sha512_hex(&data));
+        assert_file(&req, &data);
+        // The head, which sizes volumes before the download is in, goes the same way.
+        let got = head(&url, 16, Duration::from_secs(5), &req.guard, &access)
+            .await
+            .unwrap();
+        assert_eq!(got.bytes, data[..16]);
+        std::fs::remove_file(&req.dest).unwrap();
+    }
 }
