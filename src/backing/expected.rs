@@ -139,7 +139,9 @@ impl BackingImages {
                 let guard = self.settings().download_guard()?;
                 let access = super::object::download_access_files(&bi.spec.source_parameters)
                     .load()
-                    .map_err(|e| Error::FailedPrecondition(format!("backing image {name:?}: {e}")))?;
+                    .map_err(|e| {
+                        Error::FailedPrecondition(format!("backing image {name:?}: {e}"))
+                    })?;
                 let head =
                     crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT, &guard, &access)
                         .await

@@ -112,8 +112,9 @@ impl AccessFiles {
                 let (name, value) = line.split_once(':').ok_or_else(|| bad("no ':'"))?;
                 let name = HeaderName::from_bytes(name.trim().as_bytes())
                     .map_err(|_| bad("not a valid header name"))?;
-                let value = secret_value(value.trim())
-                    .ok_or_else(|| bad(&format!("the value of {name} is not a valid header value")))?;
+                let value = secret_value(value.trim()).ok_or_else(|| {
+                    bad(&format!("the value of {name} is not a valid header value"))
+                })?;
                 access.headers.push((name, value));
             }
         }
@@ -196,7 +197,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let files = AccessFiles {
-            headers: file(d, "h", "# comment\n\nPRIVATE-TOKEN: s3cret-1\nX-Other:  two words \n"),
+            headers: file(
+                d,
+                "h",
+                "# comment\n\nPRIVATE-TOKEN: s3cret-1\nX-Other:  two words \n",
+            ),
             ..Default::default()
         };
         let a = files.load().unwrap();

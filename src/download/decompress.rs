@@ -281,8 +281,7 @@ pub(crate) mod tests {
     pub(crate) fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
         match c {
             Compression::Gzip => {
-                let mut e =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 e.write_all(data).unwrap();
                 e.finish().unwrap()
             }
@@ -351,7 +350,9 @@ pub(crate) mod tests {
 
     #[test]
     fn each_format_decodes_split_anywhere_and_concatenated() {
-        let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         for c in ALL {
             let mut z = compress(c, &data[..150_000]);
             z.extend(compress(c, &data[150_000..]));

@@ -357,7 +357,9 @@ impl Pipeline {
         if let Some((tx, _)) = &self.source
             && tx.send(block.clone()).await.is_err()
         {
-            return Err(io::Error::other("download source hasher stopped unexpectedly"));
+            return Err(io::Error::other(
+                "download source hasher stopped unexpectedly",
+            ));
         }
         Ok(())
     }

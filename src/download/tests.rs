@@ -1079,9 +1079,15 @@ async fn guard_refuses_a_loopback_url_in_a_cluster_before_connecting() {
     assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
     assert_gone(&req);
     // head() says the same, before any connection.
-    let e = head(&req.url, 64, Duration::from_secs(2), &req.guard, &req.access)
-        .await
-        .unwrap_err();
+    let e = head(
+        &req.url,
+        64,
+        Duration::from_secs(2),
+        &req.guard,
+        &req.access,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, DownloadError::Denied { .. }), "{e:?}");
     assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
 }
@@ -1111,7 +1117,14 @@ async fn guard_lets_an_allowed_network_through() {
     req.guard = cluster_guard("loopback");
     get(&req).await.unwrap();
     assert_file(&req, &fx.rand);
-    let e = head(&req.url, 16, Duration::from_secs(5), &req.guard, &req.access).await;
+    let e = head(
+        &req.url,
+        16,
+        Duration::from_secs(5),
+        &req.guard,
+        &req.access,
+    )
+    .await;
     assert_eq!(e.unwrap().bytes, fx.rand[..16].to_vec());
 }
 
@@ -1159,7 +1172,10 @@ async fn compressed_fixture() -> (Fixture, Server, HashMap<String, Bytes>) {
     let fx = Fixture::new().await;
     let mut files = HashMap::new();
     for c in COMPRESSIONS {
-        for (name, data) in [("sparse.img", sparse_bytes()), ("made.qcow2", fx.qcow2.clone())] {
+        for (name, data) in [
+            ("sparse.img", sparse_bytes()),
+            ("made.qcow2", fx.qcow2.clone()),
+        ] {
             files.insert(format!("{name}.{c}"), Bytes::from(compress(c, &data)));
         }
     }
@@ -1186,7 +1202,10 @@ fn sha256_hex(data: &[u8]) -> String {
 async fn each_compression_of_a_raw_and_a_qcow2_image_is_stored_decompressed_with_its_holes() {
     let (fx, server, _) = compressed_fixture().await;
     for c in COMPRESSIONS {
-        for (name, want) in [("sparse.img", sparse_bytes()), ("made.qcow2", fx.qcow2.clone())] {
+        for (name, want) in [
+            ("sparse.img", sparse_bytes()),
+            ("made.qcow2", fx.qcow2.clone()),
+        ] {
             let path = format!("/range/{name}.{c}");
             let mut req = compressed_request(&fx, &server, &path);
             req.expected_sha512 = Some(sha512_hex(&want));
@@ -1261,14 +1280,18 @@ async fn source_checksum_is_of_the_bytes_as_downloaded() {
         req.source_checksum = Some(SourceChecksum::parse(&format!("{algo}:{hex}")).unwrap());
         req.expected_sha512 = Some(sha512_hex(&want));
         let out = get(&req).await.unwrap();
-        assert_eq!(out.source_checksum.unwrap().to_string(), format!("{algo}:{hex}"));
+        assert_eq!(
+            out.source_checksum.unwrap().to_string(),
+            format!("{algo}:{hex}")
+        );
         assert_file(&req, &want);
         std::fs::remove_file(&req.dest).unwrap();
     }
     // A plain body: the source checksum is the file's own.
     let mut req = fx.request("/range/rand.img");
-    req.source_checksum =
-        Some(SourceChecksum::parse(&format!("SHA256:{}", sha256_hex(&fx.rand).to_uppercase())).unwrap());
+    req.source_checksum = Some(
+        SourceChecksum::parse(&format!("SHA256:{}", sha256_hex(&fx.rand).to_uppercase())).unwrap(),
+    );
     get(&req).await.unwrap();
     std::fs::remove_file(&req.dest).unwrap();
     req.source_checksum =
@@ -1282,7 +1305,10 @@ async fn source_checksum_is_of_the_bytes_as_downloaded() {
     let err = get(&req).await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&wrong), "{msg}");
-    assert!(msg.contains(&format!("sha256:{}", sha256_hex(served))), "{msg}");
+    assert!(
+        msg.contains(&format!("sha256:{}", sha256_hex(served))),
+        "{msg}"
+    );
     assert!(err.is_permanent(), "{msg}");
     assert_gone(&req);
     assert!(!resume_path(&req.dest).exists());
@@ -1294,7 +1320,10 @@ fn source_checksum_parse_table() {
     let h128 = "B".repeat(128);
     let ok = [
         (format!("sha256:{h64}"), format!("sha256:{h64}")),
-        (format!(" SHA512:{h128} "), format!("sha512:{}", "b".repeat(128))),
+        (
+            format!(" SHA512:{h128} "),
+            format!("sha512:{}", "b".repeat(128)),
+        ),
     ];
     for (input, want) in ok {
         assert_eq!(SourceChecksum::parse(&input).unwrap().to_string(), want);
@@ -1321,7 +1350,10 @@ async fn a_corrupt_compressed_body_fails_naming_the_format_and_leaves_nothing() 
     let err = get(&req).await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, DownloadError::Corrupt { .. }), "{msg}");
-    assert!(msg.contains("xz-compressed but does not decompress"), "{msg}");
+    assert!(
+        msg.contains("xz-compressed but does not decompress"),
+        "{msg}"
+    );
     assert!(err.is_permanent(), "{msg}");
     assert_eq!(server.state.hits("/range/corrupt.xz"), 1, "not retried");
     assert_gone(&req);
@@ -1332,12 +1364,18 @@ async fn a_corrupt_compressed_body_fails_naming_the_format_and_leaves_nothing() 
 async fn a_compressed_body_cut_short_without_a_length_fails_and_leaves_nothing() {
     let fx = Fixture::new().await;
     let z = compress(Compression::Gzip, &fx.rand);
-    let files = HashMap::from([("cut.gz".to_owned(), Bytes::copy_from_slice(&z[..z.len() / 2]))]);
+    let files = HashMap::from([(
+        "cut.gz".to_owned(),
+        Bytes::copy_from_slice(&z[..z.len() / 2]),
+    )]);
     let server = Server::start(files).await;
     // `chunked`: no Content-Length, so only the decoder can tell the body is cut short.
     let req = compressed_request(&fx, &server, "/chunked/cut.gz");
     let msg = get(&req).await.unwrap_err().to_string();
-    assert!(msg.contains("gzip-compressed") && msg.contains("cut short"), "{msg}");
+    assert!(
+        msg.contains("gzip-compressed") && msg.contains("cut short"),
+        "{msg}"
+    );
     assert_gone(&req);
 }
 
@@ -1356,7 +1394,10 @@ async fn a_dropped_compressed_resumable_download_keeps_no_validator() {
     assert!(!task.is_finished(), "the download stalls mid-way");
     task.abort();
     let _ = task.await;
-    assert!(req.dest.exists(), "the partial file is left as a plain one is");
+    assert!(
+        req.dest.exists(),
+        "the partial file is left as a plain one is"
+    );
     assert!(!resume_path(&req.dest).exists());
 }
 
@@ -1491,7 +1532,10 @@ async fn a_private_https_url_needs_its_ca_and_its_credentials() {
     let err = get(&req).await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, DownloadError::Untrusted { .. }), "{msg}");
-    assert!(msg.contains("caBundleFile") && msg.contains("not trusted"), "{msg}");
+    assert!(
+        msg.contains("caBundleFile") && msg.contains("not trusted"),
+        "{msg}"
+    );
     assert!(err.is_permanent());
     assert!(!msg.contains("s3cret"), "{msg}");
     assert_gone(&req);
@@ -1509,7 +1553,9 @@ async fn a_private_https_url_needs_its_ca_and_its_credentials() {
         ca_bundle: ca_file.clone(),
         ..Default::default()
     };
-    let err = get(&request(trusted_only.load().unwrap())).await.unwrap_err();
+    let err = get(&request(trusted_only.load().unwrap()))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
     assert!(err.is_permanent());
 
@@ -1521,7 +1567,10 @@ async fn a_private_https_url_needs_its_ca_and_its_credentials() {
         },
         AccessFiles {
             ca_bundle: ca_file.clone(),
-            headers: write("headers", &format!("# for the test\nAuthorization: {BEARER}\n")),
+            headers: write(
+                "headers",
+                &format!("# for the test\nAuthorization: {BEARER}\n"),
+            ),
             ..Default::default()
         },
         AccessFiles {

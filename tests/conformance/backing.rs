@@ -1099,6 +1099,15 @@ async fn compressed_sources_are_stored_decompressed_and_checked_by_source_checks
     let (ok, _, err) = apply("bad-src", &server.url("a.raw.xz"), "md5:abc", "");
     assert!(!ok && err.contains("sha256 or sha512"), "{err}");
     assert!(get_image(&b, "bad-src").await.is_none());
+    // The private-URL parameters are checked at creation too (paths, never contents).
+    let yaml = format!(
+        "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: bad-auth\nspec:\n  sourceType: download\n  sourceParameters:\n    url: {}\n    usernameFile: /etc/user\n",
+        server.url("a.raw.xz")
+    );
+    let f = b.path("bad-auth.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let (ok, _, err) = b.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(!ok && err.contains("passwordFile"), "{err}");
 
     // The StorageClass path takes the same parameter; the volume's size comes from the head
     // of the compressed qcow2 before the download is done.
