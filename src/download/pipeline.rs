@@ -67,6 +67,9 @@ enum Stream {
     Compressed(Compression),
 }
 
+/// The decoder thread: the decompressed length, or why it stopped.
+type DecoderHandle = JoinHandle<Result<u64, DecodeEnd>>;
+
 /// What [`Pipeline::finish`] returns.
 pub(super) struct Finished {
     /// The file, written, not yet synced.
@@ -111,7 +114,7 @@ pub(super) struct Pipeline {
     stream: Stream,
     /// The decoder thread while the body is compressed: the body's blocks go to it, and it
     /// hands the decompressed ones to the three workers.
-    decoder: Option<(mpsc::Sender<Block>, JoinHandle<Result<u64, DecodeEnd>>)>,
+    decoder: Option<(mpsc::Sender<Block>, DecoderHandle)>,
     /// The source checksum asked for, and its worker once the stream is known (none when it
     /// is the file's SHA-512 of a plain body).
     source_algo: Option<SourceAlgo>,
