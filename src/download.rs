@@ -23,6 +23,8 @@
 //! It must not know about backing-image objects, disks or Kubernetes, and must never log a URL's
 //! credentials or query string (they often carry tokens): URLs are shown through [`redact`].
 
+mod access;
+mod decompress;
 pub mod guard;
 mod pipeline;
 #[cfg(test)]
@@ -46,6 +48,8 @@ use pipeline::Pipeline;
 
 use crate::messages::error_chain;
 pub use crate::messages::redact;
+pub use access::{Access, AccessFiles};
+pub use decompress::{Compression, decode_prefix};
 
 /// Default for [`DownloadRequest::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -87,6 +91,80 @@ pub struct DownloadRequest {
     /// The addresses it may connect to ([`guard`]); by default the default of where this process
     /// runs, with no setting applied.
     pub guard: NetworkGuard,
+    /// The checksum of the body's bytes as downloaded (compressed or not), as distributions
+    /// publish in their SHA256SUMS; checked at the end like `expected_sha512`.
+    pub source_checksum: Option<SourceChecksum>,
+    /// Headers (credentials) sent with every request, and extra trusted CA certificates.
+    pub access: Access,
+}
+
+/// A hash a [`SourceChecksum`] is made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceAlgo {
+    Sha256,
+    Sha512,
+}
+
+impl SourceAlgo {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceAlgo::Sha256 => "sha256",
+            SourceAlgo::Sha512 => "sha512",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            SourceAlgo::Sha256 => 64,
+            SourceAlgo::Sha512 => 128,
+        }
+    }
+}
+
+/// The checksum of a download's bytes as they come from the server: `sha256:HEX` or
+/// `sha512:HEX` (the `sourceChecksum` source parameter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceChecksum {
+    pub algo: SourceAlgo,
+    /// Lower-case hex.
+    pub hex: String,
+}
+
+impl SourceChecksum {
+    /// Parses `sha256:HEX` or `sha512:HEX` (hex in any case, spaces around ignored).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let Some((algo, hex)) = text.split_once(':') else {
+            return Err(format!(
+                "sourceChecksum {text:?} has no algorithm: write sha256:HEX or sha512:HEX (as sha256sum or sha512sum prints HEX)"
+            ));
+        };
+        let algo = match algo.trim().to_ascii_lowercase().as_str() {
+            "sha256" => SourceAlgo::Sha256,
+            "sha512" => SourceAlgo::Sha512,
+            other => {
+                return Err(format!(
+                    "sourceChecksum algorithm {other:?} is not supported: use sha256 or sha512"
+                ));
+            }
+        };
+        let hex = hex.trim().to_ascii_lowercase();
+        if hex.len() != algo.hex_len() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "sourceChecksum: a {} checksum is {} hexadecimal characters, got {:?}",
+                algo.as_str(),
+                algo.hex_len(),
+                hex
+            ));
+        }
+        Ok(SourceChecksum { algo, hex })
+    }
+}
+
+impl std::fmt::Display for SourceChecksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.algo.as_str(), self.hex)
+    }
 }
 
 impl DownloadRequest {
@@ -107,6 +185,8 @@ impl DownloadRequest {
                 &guard::node_addresses(),
             )
             .expect("the default networks parse"),
+            source_checksum: None,
+            access: Access::default(),
         }
     }
 }
@@ -116,8 +196,13 @@ impl DownloadRequest {
 pub struct DownloadOutcome {
     /// Bytes in the file.
     pub size: u64,
-    /// Lower-case hex SHA-512 of the whole file.
+    /// Lower-case hex SHA-512 of the whole file (of the decompressed image when the body was
+    /// compressed).
     pub sha512: String,
+    /// How the body was compressed; the file holds it decompressed.
+    pub compression: Option<Compression>,
+    /// The checksum of the body's bytes as downloaded, when one was asked for (and matched).
+    pub source_checksum: Option<SourceChecksum>,
     /// How many times the transfer went on from where it broke, with a Range request.
     pub resumed: u32,
     /// Bytes kept from the partial file of an earlier process ([`DownloadRequest::resume`]):
@@ -186,6 +271,11 @@ pub enum DownloadError {
     },
     #[error("GET {url}: {detail}")]
     Redirect { url: String, detail: String },
+    #[error(
+        "GET {url}: the server's TLS certificate is not trusted ({detail}); if a private CA \
+         signed it, give that CA's certificate in the source parameter caBundleFile"
+    )]
+    Untrusted { url: String, detail: String },
     #[error("GET {url}: refused: {refusal}")]
     Denied { url: String, refusal: Refusal },
     #[error(
@@ -193,6 +283,16 @@ pub enum DownloadError {
          corrupt"
     )]
     ChecksumMismatch { expected: String, got: String },
+    #[error(
+        "source checksum mismatch: sourceChecksum is {expected} but the bytes downloaded have \
+         {got}; the file at the URL changed or is corrupt, or the checksum is of another file"
+    )]
+    SourceChecksumMismatch { expected: String, got: String },
+    #[error("GET {url}: {corrupt}; the file at the URL is corrupt or cut short")]
+    Corrupt {
+        url: String,
+        corrupt: decompress::Corrupt,
+    },
     #[error(
         "disk full: no space left to write {path}; free space on that disk and retry",
         path = path.display()
@@ -237,7 +337,10 @@ impl DownloadError {
             | DownloadError::UnsupportedScheme { .. }
             | DownloadError::Redirect { .. }
             | DownloadError::Denied { .. }
+            | DownloadError::Untrusted { .. }
             | DownloadError::ChecksumMismatch { .. }
+            | DownloadError::SourceChecksumMismatch { .. }
+            | DownloadError::Corrupt { .. }
             | DownloadError::DiskFull { .. }
             | DownloadError::Io { .. }
             | DownloadError::Client(_)
@@ -254,9 +357,12 @@ impl DownloadError {
                 status.is_client_error() && !retryable_status(*status)
             }
             DownloadError::ChecksumMismatch { .. }
+            | DownloadError::SourceChecksumMismatch { .. }
+            | DownloadError::Corrupt { .. }
             | DownloadError::InvalidUrl { .. }
             | DownloadError::UnsupportedScheme { .. }
             | DownloadError::Redirect { .. }
+            | DownloadError::Untrusted { .. }
             | DownloadError::Denied { .. } => true,
             _ => false,
         }
@@ -289,6 +395,7 @@ fn retryable_status(status: StatusCode) -> bool {
 fn http_client(
     guard: &NetworkGuard,
     connect_timeout: Duration,
+    access: &Access,
 ) -> Result<reqwest::Client, DownloadError> {
     let redirects = guard.clone();
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -300,11 +407,17 @@ fn http_client(
             Err(refusal) => attempt.error(refusal),
         }
     });
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .redirect(policy)
         .dns_resolver(guard.resolver())
-        .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("bicsi/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = &access.ca_bundle {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| DownloadError::Client(format!("caBundleFile: {e}")))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder
         .build()
         .map_err(|e| DownloadError::Client(error_chain(&e.without_url())))
 }
@@ -408,6 +521,7 @@ pub async fn head(
     len: usize,
     timeout: Duration,
     guard: &NetworkGuard,
+    access: &Access,
 ) -> Result<Head, DownloadError> {
     let parsed = validate_url(url)?;
     let shown = redact(&parsed);
@@ -417,15 +531,18 @@ pub async fn head(
             url: shown.clone(),
             refusal,
         })?;
-    let client = http_client(guard, timeout)?;
+    let client = http_client(guard, timeout, access)?;
     let idle = |_| DownloadError::IdleTimeout {
         url: shown.clone(),
         idle: timeout,
         attempts: 1,
     };
     let work = async {
-        let response = client
-            .get(parsed.clone())
+        let mut request = client.get(parsed.clone());
+        for (name, value) in &access.headers {
+            request = request.header(name, value);
+        }
+        let response = request
             .header(header::ACCEPT_ENCODING, "identity")
             .header(header::RANGE, format!("bytes=0-{}", len.max(1) - 1))
             .send()
@@ -435,6 +552,11 @@ pub async fn head(
                     DownloadError::Denied {
                         url: shown.clone(),
                         refusal,
+                    }
+                } else if let Some(detail) = untrusted_in(&e) {
+                    DownloadError::Untrusted {
+                        url: shown.clone(),
+                        detail,
                     }
                 } else if e.is_redirect() {
                     DownloadError::Redirect {
@@ -584,6 +706,10 @@ struct Transfer<'a> {
     /// Bytes kept from an earlier process's partial file.
     kept: u64,
     last_progress: Option<Instant>,
+    /// The validator of the current answer is not written beside the partial file yet: it is
+    /// once the body is known to be plain (a compressed one cannot go on from its partial
+    /// file: the decoder's state is lost with the process).
+    validator_unsaved: bool,
 }
 
 impl<'a> Transfer<'a> {
@@ -600,7 +726,7 @@ impl<'a> Transfer<'a> {
                 url: shown.clone(),
                 refusal,
             })?;
-        let client = http_client(&req.guard, req.idle_timeout)?;
+        let client = http_client(&req.guard, req.idle_timeout, &req.access)?;
         Ok(Transfer {
             req,
             url,
@@ -615,6 +741,7 @@ impl<'a> Transfer<'a> {
             resumed: 0,
             kept: 0,
             last_progress: None,
+            validator_unsaved: false,
         })
     }
 
@@ -633,7 +760,7 @@ impl<'a> Transfer<'a> {
             return Err(self.cancelled());
         }
         let (file, kept) = self.open_dest().await?;
-        let mut pipe = Pipeline::start(file);
+        let mut pipe = Pipeline::start(file, self.req.source_checksum.as_ref().map(|c| c.algo));
         if let Some((len, kept)) = kept {
             self.rehash(&mut pipe, len).await?;
             info!(
@@ -677,17 +804,27 @@ impl<'a> Transfer<'a> {
             }
         }
 
-        let (file, sha512, manifest) = pipe
-            .finish()
-            .await
-            .map_err(|e| DownloadError::io(self.dest(), e))?;
-        let size = self.received;
-        self.progress.progress(size, self.total.or(Some(size)));
+        let finished = pipe.finish().await.map_err(|e| self.pipe_error(e))?;
+        let (file, size) = (finished.file, finished.size);
+        self.progress
+            .progress(self.received, self.total.or(Some(self.received)));
         let dest = self.dest().to_path_buf();
         tokio::task::spawn_blocking(move || settle(&file, &dest, size))
             .await
             .map_err(|e| DownloadError::io(self.dest(), io::Error::other(e.to_string())))??;
 
+        if let Some(expected) = &self.req.source_checksum
+            && finished.source.as_ref() != Some(expected)
+        {
+            return Err(DownloadError::SourceChecksumMismatch {
+                expected: expected.to_string(),
+                got: finished
+                    .source
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), |s| s.to_string()),
+            });
+        }
+        let sha512 = finished.sha512;
         if let Some(expected) = &self.req.expected_sha512
             && !expected.eq_ignore_ascii_case(&sha512)
         {
@@ -699,9 +836,11 @@ impl<'a> Transfer<'a> {
         Ok(DownloadOutcome {
             size,
             sha512,
+            compression: finished.compression,
+            source_checksum: finished.source,
             resumed: self.resumed,
             kept: self.kept,
-            manifest,
+            manifest: finished.manifest,
         })
     }
 
@@ -766,7 +905,7 @@ impl<'a> Transfer<'a> {
 
     /// Writes (or, without a validator, removes) what a later process needs to go on with the
     /// partial file of this answer.
-    async fn keep_validator(&self) -> Result<(), Failure> {
+    async fn keep_validator(&self, compressed: bool) -> Result<(), Failure> {
         if !self.req.resume {
             return Ok(());
         }
@@ -774,6 +913,7 @@ impl<'a> Transfer<'a> {
         let kept = self
             .validator
             .as_ref()
+            .filter(|_| !compressed)
             .and_then(|v| v.to_str().ok())
             .map(|v| Kept {
                 url: self.req.url.clone(),
@@ -830,11 +970,12 @@ impl<'a> Transfer<'a> {
         if resume_from > 0 && !try_range {
             self.restart(pipe).await?;
         }
-        let mut request = self
-            .client
-            .get(self.url.clone())
-            // The checksum is of the bytes as stored: no transfer compression.
-            .header(header::ACCEPT_ENCODING, "identity");
+        let mut request = self.client.get(self.url.clone());
+        for (name, value) in &self.req.access.headers {
+            request = request.header(name, value);
+        }
+        // The checksum is of the bytes as stored: no transfer compression.
+        request = request.header(header::ACCEPT_ENCODING, "identity");
         if try_range {
             request = request.header(header::RANGE, format!("bytes={resume_from}-"));
             if let Some(v) = &self.validator {
@@ -917,7 +1058,8 @@ impl<'a> Transfer<'a> {
                     };
                 }
                 self.validator = validator(headers);
-                self.keep_validator().await?;
+                // Written once the first bytes say whether the body is compressed.
+                self.validator_unsaved = self.req.resume;
                 if let Some(total) = self.total {
                     pipe.reserve(total).await.map_err(|e| self.io(e))?;
                 }
@@ -959,6 +1101,12 @@ impl<'a> Transfer<'a> {
             };
             self.received += chunk.len() as u64;
             pipe.push(chunk).await.map_err(|e| self.io(e))?;
+            if self.validator_unsaved
+                && let Some(compressed) = pipe.compressed()
+            {
+                self.validator_unsaved = false;
+                self.keep_validator(compressed).await?;
+            }
             self.report(false);
         }
         match self.total {
@@ -983,7 +1131,18 @@ impl<'a> Transfer<'a> {
     }
 
     fn io(&self, e: io::Error) -> Failure {
-        Failure::Fatal(DownloadError::io(self.dest(), e))
+        Failure::Fatal(self.pipe_error(e))
+    }
+
+    /// The error the pipeline stopped with: a body that does not decompress, or the file's.
+    fn pipe_error(&self, e: io::Error) -> DownloadError {
+        match decompress::corrupt_in(&e) {
+            Some(c) => DownloadError::Corrupt {
+                url: self.shown.clone(),
+                corrupt: c.clone(),
+            },
+            None => DownloadError::io(self.dest(), e),
+        }
     }
 
     fn request_failure(&self, e: reqwest::Error) -> Failure {
@@ -991,6 +1150,12 @@ impl<'a> Transfer<'a> {
             return Failure::Fatal(DownloadError::Denied {
                 url: self.shown.clone(),
                 refusal,
+            });
+        }
+        if let Some(detail) = untrusted_in(&e) {
+            return Failure::Fatal(DownloadError::Untrusted {
+                url: self.shown.clone(),
+                detail,
             });
         }
         let (redirect, builder) = (e.is_redirect(), e.is_builder());
@@ -1018,6 +1183,16 @@ impl<'a> Transfer<'a> {
             self.progress.progress(self.received, self.total);
         }
     }
+}
+
+/// The reason, when a request failed because the server's certificate is not trusted: trying
+/// again cannot help, trusting its CA can.
+fn untrusted_in(e: &reqwest::Error) -> Option<String> {
+    // rustls reports it as "invalid peer certificate: <reason>", wrapped in I/O errors whose
+    // `source` skips it: the text of the chain is what is left to look at.
+    let chain = error_chain(e);
+    let at = chain.find("invalid peer certificate")?;
+    Some(chain[at..].to_string())
 }
 
 /// Wait before attempt `attempt + 1`: base · 2^(attempt-1), at most [`MAX_BACKOFF`].

@@ -35,6 +35,20 @@ pub struct Learned {
 /// when the server said it. Errors say why no size can be known yet (Unavailable) or why the
 /// file can never be a disk image (FailedPrecondition).
 pub fn size_from_head(name: &str, url: &str, head: &[u8], total: Option<u64>) -> Result<Learned> {
+    if let Some(c) = crate::download::Compression::detect(head) {
+        // The stored image is the decompressed body: its header is in the first bytes the
+        // head decompresses to, and a RAW image's length is known only at the end.
+        let inner = crate::download::decode_prefix(c, head, imagefmt::PROBE_LEN);
+        return match imagefmt::parse_header(&inner, u64::MAX) {
+            Ok(h) if h.format == Format::Qcow2 => Ok(Learned {
+                virtual_size: h.virtual_size,
+                from: format!("the qcow2 header of {url} ({c}-compressed)"),
+            }),
+            _ => Err(Error::Unavailable(format!(
+                "backing image {name:?}: {url} is {c}-compressed and its start has no qcow2 header, so the volume's size is known only when the download is done; retry then"
+            ))),
+        };
+    }
     // A qcow2 header needs no total: its virtual size is in it. The parser checks lengths
     // against the file size, which is at least what was read when the server did not say.
     let file_size = total.unwrap_or(u64::MAX);
@@ -123,8 +137,14 @@ impl BackingImages {
                     .map(|u| crate::download::redact(&u))
                     .unwrap_or_default();
                 let guard = self.settings().download_guard()?;
-                let head = crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT, &guard)
-                    .await
+                let access = super::object::download_access_files(&bi.spec.source_parameters)
+                    .load()
+                    .map_err(|e| {
+                        Error::FailedPrecondition(format!("backing image {name:?}: {e}"))
+                    })?;
+                let head =
+                    crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT, &guard, &access)
+                        .await
                     .map_err(|e| {
                         let m = format!(
                             "backing image {name:?}: cannot learn the volume's size from the head of the download: {e}"
@@ -234,11 +254,33 @@ mod tests {
                 None,
                 Err((tonic::Code::Unavailable, "neither the file's length")),
             ),
+            // A compressed body is stored decompressed (issue 20): a qcow2 inside is sized from
+            // its header; a RAW image inside only when the download is done.
             (
-                "gzip",
+                "gzip of a raw image",
                 vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0],
                 Some(1000),
-                Err((tonic::Code::FailedPrecondition, "gzip-compressed")),
+                Err((tonic::Code::Unavailable, "gzip-compressed")),
+            ),
+            (
+                "xz of a qcow2 image, the head cut mid-stream",
+                {
+                    let mut z = Vec::new();
+                    let mut e = liblzma::write::XzEncoder::new(&mut z, 1);
+                    std::io::Write::write_all(&mut e, &qcow2_header(64 << 20)).unwrap();
+                    std::io::Write::write_all(&mut e, &vec![0u8; 1 << 20]).unwrap();
+                    e.finish().unwrap();
+                    z.truncate(z.len() - 20);
+                    z
+                },
+                Some(1000),
+                Ok(64 << 20),
+            ),
+            (
+                "zip",
+                b"PK\x03\x04 rest".to_vec(),
+                Some(1000),
+                Err((tonic::Code::FailedPrecondition, "zip archive")),
             ),
             (
                 "truncated qcow2",

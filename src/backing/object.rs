@@ -208,10 +208,41 @@ pub fn normalize_checksum(name: &str, checksum: &str) -> Result<String> {
     }
 }
 
+/// The optional source parameters of a download (see the README's "Compressed and private
+/// sources").
+pub const DOWNLOAD_OPTIONAL: &[&str] = &[
+    "sourceChecksum",
+    "headersFile",
+    "authorizationFile",
+    "usernameFile",
+    "passwordFile",
+    "caBundleFile",
+];
+
+/// The files a download's private-URL parameters name (paths only: the secrets stay in them).
+pub fn download_access_files(
+    params: &std::collections::BTreeMap<String, String>,
+) -> crate::download::AccessFiles {
+    let path = |key: &str| {
+        params
+            .get(key)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    crate::download::AccessFiles {
+        headers: path("headersFile"),
+        authorization: path("authorizationFile"),
+        username: path("usernameFile"),
+        password: path("passwordFile"),
+        ca_bundle: path("caBundleFile"),
+    }
+}
+
 /// The source parameters each source type takes: (required, optional).
 fn source_keys(t: SourceType) -> (&'static [&'static str], &'static [&'static str]) {
     match t {
-        SourceType::Download => (&["url"], &[]),
+        SourceType::Download => (&["url"], DOWNLOAD_OPTIONAL),
         SourceType::Upload => (&[], &[]),
         SourceType::ExportFromVolume => (&["volume-name", "export-type"], &[]),
         SourceType::Restore => (&["backup-url"], &[]),
@@ -245,10 +276,15 @@ pub fn validate_spec(name: &str, spec: &mut BackingImageSpec) -> Result<()> {
             return Err(Error::InvalidArgument(format!(
                 "backing image {name:?}: unknown source parameter {key:?} for source type {}; it takes: {}",
                 spec.source_type.as_str(),
-                if required.is_empty() {
+                if required.is_empty() && optional.is_empty() {
                     "no parameters".to_string()
                 } else {
-                    required.join(", ")
+                    required
+                        .iter()
+                        .chain(optional)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             )));
         }
@@ -257,6 +293,15 @@ pub fn validate_spec(name: &str, spec: &mut BackingImageSpec) -> Result<()> {
         SourceType::Download => {
             let url = &spec.source_parameters["url"];
             crate::download::validate_url(url)
+                .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
+            if let Some(c) = spec.source_parameters.get("sourceChecksum") {
+                let parsed = crate::download::SourceChecksum::parse(c)
+                    .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
+                spec.source_parameters
+                    .insert("sourceChecksum".to_string(), parsed.to_string());
+            }
+            download_access_files(&spec.source_parameters)
+                .check()
                 .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
         }
         SourceType::ExportFromVolume => {

@@ -14,6 +14,15 @@
 //! resumed within a process never reads the file back; one that goes on with the partial file of
 //! an earlier process feeds its bytes through [`Pipeline::prefix`] first.
 //!
+//! The body's first block says what it is ([`Compression::detect`]). A plain body goes to the
+//! three workers as it is; a compressed one goes to a decoder thread ([`super::decompress`]),
+//! which hands the decompressed blocks to them instead, so the file, its SHA-512 and its
+//! manifest are of the decompressed image, and a resume within the process feeds the decoder
+//! the rest of the compressed stream. When a source checksum is asked for, a fifth worker
+//! hashes the body's bytes as they arrived (compressed or not) with SHA-256 or SHA-512; for a
+//! plain body and SHA-512 that is the stored file's hash, and no extra worker runs. A restart
+//! stops the decoder and the source hasher, and the next bytes are looked at afresh.
+//!
 //! This module must not know about HTTP, retries or URLs: it takes bytes, restarts from zero when
 //! told, and at the end returns the file (written, not yet synced) and its digest.
 
@@ -29,6 +38,8 @@ use sha2::{Digest, Sha512};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::decompress::{self, BlockReader, Compression, DecodeEnd};
+use super::{SourceAlgo, SourceChecksum};
 use crate::sync::manifest::{CHUNK_SIZE, Manifest, ManifestBuilder};
 
 /// Bytes per block handed to the workers: large writes, few queue operations.
@@ -42,8 +53,38 @@ const QUEUE_DEPTH: usize = 3;
 /// Bytes written before they are handed to the flusher thread for writeback.
 const FLUSH_WINDOW: u64 = 16 << 20;
 
-/// A run of the body, in order: the chunks as they arrived, shared between the two workers.
-type Block = Arc<[Bytes]>;
+/// A run of the body, in order: the chunks as they arrived, shared between the workers.
+type Block = decompress::Block;
+
+/// What the body is, as far as its first bytes said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    /// No block handed on yet since the start or the last restart.
+    Unknown,
+    /// Stored as it arrives.
+    Plain,
+    /// Decompressed on the decoder thread.
+    Compressed(Compression),
+}
+
+/// The decoder thread: the decompressed length, or why it stopped.
+type DecoderHandle = JoinHandle<Result<u64, DecodeEnd>>;
+
+/// What [`Pipeline::finish`] returns.
+pub(super) struct Finished {
+    /// The file, written, not yet synced.
+    pub file: File,
+    /// Bytes in the file (the decompressed length of a compressed body).
+    pub size: u64,
+    /// Lower-case hex SHA-512 of the file's bytes.
+    pub sha512: String,
+    /// The file's manifest (naming `sha512`: keep it only if that is the expected one).
+    pub manifest: Manifest,
+    /// The source checksum asked for, of the body's bytes as they arrived.
+    pub source: Option<SourceChecksum>,
+    /// How the body was compressed.
+    pub compression: Option<Compression>,
+}
 
 #[derive(Clone)]
 enum Msg {
@@ -69,14 +110,22 @@ pub(super) struct Pipeline {
     write_tx: mpsc::Sender<Msg>,
     hasher: Option<JoinHandle<Sha512>>,
     builder: Option<JoinHandle<ManifestBuilder>>,
-    writer: Option<JoinHandle<io::Result<File>>>,
+    writer: Option<JoinHandle<io::Result<(File, u64)>>>,
+    stream: Stream,
+    /// The decoder thread while the body is compressed: the body's blocks go to it, and it
+    /// hands the decompressed ones to the three workers.
+    decoder: Option<(mpsc::Sender<Block>, DecoderHandle)>,
+    /// The source checksum asked for, and its worker once the stream is known (none when it
+    /// is the file's SHA-512 of a plain body).
+    source_algo: Option<SourceAlgo>,
+    source: Option<(mpsc::Sender<Block>, JoinHandle<SourceChecksum>)>,
 }
 
 /// Why the pipeline stopped: the writer's error (disk full, I/O), or a worker that panicked.
 pub(super) type PipeError = io::Error;
 
 impl Pipeline {
-    pub(super) fn start(file: File) -> Self {
+    pub(super) fn start(file: File, source_algo: Option<SourceAlgo>) -> Self {
         let (hash_tx, hash_rx) = mpsc::channel(QUEUE_DEPTH);
         let (manifest_tx, manifest_rx) = mpsc::channel(QUEUE_DEPTH);
         let (write_tx, write_rx) = mpsc::channel(QUEUE_DEPTH);
@@ -94,7 +143,62 @@ impl Pipeline {
             writer: Some(tokio::task::spawn_blocking(move || {
                 write_worker(file, write_rx)
             })),
+            stream: Stream::Unknown,
+            decoder: None,
+            source_algo,
+            source: None,
         }
+    }
+
+    /// Whether the body is compressed; `None` until its first block was handed on.
+    pub(super) fn compressed(&self) -> Option<bool> {
+        match self.stream {
+            Stream::Unknown => None,
+            Stream::Plain => Some(false),
+            Stream::Compressed(_) => Some(true),
+        }
+    }
+
+    /// Starts the stages of a body whose first bytes are `head`.
+    fn begin(&mut self, head: &[u8]) {
+        self.stream = match Compression::detect(head) {
+            None => Stream::Plain,
+            Some(c) => {
+                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                let out = [
+                    self.hash_tx.clone(),
+                    self.manifest_tx.clone(),
+                    self.write_tx.clone(),
+                ];
+                let handle = tokio::task::spawn_blocking(move || decode_worker(c, rx, out));
+                self.decoder = Some((tx, handle));
+                Stream::Compressed(c)
+            }
+        };
+        let algo = self.source_algo;
+        match algo {
+            Some(SourceAlgo::Sha512) if self.stream == Stream::Plain => {}
+            Some(algo) => {
+                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                let handle = tokio::task::spawn_blocking(move || source_worker(algo, rx));
+                self.source = Some((tx, handle));
+            }
+            None => {}
+        }
+    }
+
+    /// Stops the decoder and the source hasher, whatever they hold: what they made of the
+    /// bytes so far is thrown away.
+    async fn end_stream(&mut self) {
+        if let Some((tx, handle)) = self.decoder.take() {
+            drop(tx);
+            let _ = handle.await;
+        }
+        if let Some((tx, handle)) = self.source.take() {
+            drop(tx);
+            let _ = handle.await;
+        }
+        self.stream = Stream::Unknown;
     }
 
     /// Takes one chunk of the body, in order.
@@ -114,18 +218,37 @@ impl Pipeline {
             }
             self.pending.push(chunk);
         }
+        if self.stream == Stream::Unknown && self.pending_len >= decompress::MAGIC_LEN {
+            let head = self.head();
+            self.begin(&head);
+        }
         if self.pending_len >= BLOCK {
             self.flush().await?;
         }
         Ok(())
     }
 
+    /// The first [`decompress::MAGIC_LEN`] bytes gathered (fewer if fewer are in).
+    fn head(&self) -> Vec<u8> {
+        let mut head = Vec::with_capacity(decompress::MAGIC_LEN);
+        for piece in self.pending.iter().chain([&self.small.clone().freeze()]) {
+            let want = decompress::MAGIC_LEN - head.len();
+            head.extend_from_slice(&piece[..want.min(piece.len())]);
+        }
+        head
+    }
+
     /// Takes bytes that are in the file already, in order, before any [`Self::push`]: they are
     /// hashed and go into the manifest, and the writer goes on after them.
+    /// A kept partial file is always of a plain body: a compressed download never keeps one.
     pub(super) async fn prefix(&mut self, block: Bytes) -> Result<(), PipeError> {
         self.flush().await?;
+        if self.stream == Stream::Unknown {
+            self.begin(&[]);
+        }
         let len = block.len() as u64;
         let block: Block = Arc::from([block]);
+        self.send_source(&block).await?;
         self.send_writer(Msg::Skip(len)).await?;
         self.send_hasher(Msg::Data(block)).await
     }
@@ -135,6 +258,7 @@ impl Pipeline {
         self.pending.clear();
         self.pending_len = 0;
         self.small.clear();
+        self.end_stream().await;
         self.send_hasher(Msg::Restart).await?;
         self.send_writer(Msg::Restart).await
     }
@@ -144,11 +268,33 @@ impl Pipeline {
         self.send_writer(Msg::Reserve(len)).await
     }
 
-    /// Hands over the last partial block, stops the workers and returns the file (not yet
-    /// synced), the lower-case hex SHA-512 of every byte pushed since the last restart, and the
-    /// manifest of those bytes (naming that SHA-512: keep it only if it is the expected one).
-    pub(super) async fn finish(mut self) -> Result<(File, String, Manifest), PipeError> {
+    /// Hands over the last partial block, stops the workers and returns the file with its
+    /// SHA-512 and manifest of every byte stored since the last restart (see [`Finished`]).
+    pub(super) async fn finish(mut self) -> Result<Finished, PipeError> {
         self.flush().await?;
+        if self.stream == Stream::Unknown {
+            // An empty body.
+            self.begin(&[]);
+        }
+        let compression = match self.stream {
+            Stream::Compressed(c) => Some(c),
+            _ => None,
+        };
+        if let Some((tx, handle)) = self.decoder.take() {
+            drop(tx);
+            match join(handle).await? {
+                Ok(_) => {}
+                Err(DecodeEnd::Corrupt(e)) => return Err(e),
+                Err(DecodeEnd::Downstream) => return Err(self.worker_died(false).await),
+            }
+        }
+        let source = match self.source.take() {
+            Some((tx, handle)) => {
+                drop(tx);
+                Some(join(handle).await?)
+            }
+            None => None,
+        };
         let Pipeline {
             hash_tx,
             manifest_tx,
@@ -156,16 +302,33 @@ impl Pipeline {
             hasher,
             builder,
             writer,
+            source_algo,
             ..
         } = self;
         drop((hash_tx, manifest_tx, write_tx));
-        let file = join(writer.expect("writer joined once")).await??;
+        let (file, size) = join(writer.expect("writer joined once")).await??;
         let digest = join(hasher.expect("hasher joined once")).await?.finalize();
         let sha512 = hex::encode(digest);
         let manifest = join(builder.expect("builder joined once"))
             .await?
             .finish(&sha512);
-        Ok((file, sha512, manifest))
+        let source = match (source, source_algo) {
+            (Some(s), _) => Some(s),
+            // A plain body's bytes are the file's: its SHA-512 is the one asked for.
+            (None, Some(SourceAlgo::Sha512)) => Some(SourceChecksum {
+                algo: SourceAlgo::Sha512,
+                hex: sha512.clone(),
+            }),
+            (None, _) => None,
+        };
+        Ok(Finished {
+            file,
+            size,
+            sha512,
+            manifest,
+            source,
+            compression,
+        })
     }
 
     async fn flush(&mut self) -> Result<(), PipeError> {
@@ -175,16 +338,38 @@ impl Pipeline {
         if self.pending.is_empty() {
             return Ok(());
         }
+        if self.stream == Stream::Unknown {
+            let head = self.head();
+            self.begin(&head);
+        }
         let block: Block = std::mem::take(&mut self.pending).into();
         self.pending_len = 0;
-        // Both workers share the block's buffers: the bytes are in memory once.
+        self.send_source(&block).await?;
+        if let Some((tx, _)) = &self.decoder {
+            if tx.send(block).await.is_err() {
+                return Err(self.worker_died(true).await);
+            }
+            return Ok(());
+        }
+        // The workers share the block's buffers: the bytes are in memory once.
         self.send_writer(Msg::Data(block.clone())).await?;
         self.send_hasher(Msg::Data(block)).await
     }
 
+    async fn send_source(&mut self, block: &Block) -> Result<(), PipeError> {
+        if let Some((tx, _)) = &self.source
+            && tx.send(block.clone()).await.is_err()
+        {
+            return Err(io::Error::other(
+                "download source hasher stopped unexpectedly",
+            ));
+        }
+        Ok(())
+    }
+
     async fn send_writer(&mut self, msg: Msg) -> Result<(), PipeError> {
         if self.write_tx.send(msg).await.is_err() {
-            return Err(self.worker_died().await);
+            return Err(self.worker_died(false).await);
         }
         Ok(())
     }
@@ -194,14 +379,22 @@ impl Pipeline {
         if self.hash_tx.send(msg.clone()).await.is_err()
             || self.manifest_tx.send(msg).await.is_err()
         {
-            return Err(self.worker_died().await);
+            return Err(self.worker_died(false).await);
         }
         Ok(())
     }
 
-    /// A queue was closed: a worker stopped early. The writer stops on an I/O error, which is
-    /// the one worth reporting; otherwise something panicked.
-    async fn worker_died(&mut self) -> PipeError {
+    /// A queue was closed: a worker stopped early. The decoder stops on data that does not
+    /// decompress (`decoder`: its queue was the one closed), the writer on an I/O error: those
+    /// are worth reporting; otherwise something panicked.
+    async fn worker_died(&mut self, decoder: bool) -> PipeError {
+        if decoder && let Some((tx, handle)) = self.decoder.take() {
+            drop(tx);
+            match join(handle).await {
+                Ok(Err(DecodeEnd::Corrupt(e))) | Err(e) => return e,
+                Ok(_) => {}
+            }
+        }
         if let Some(writer) = self.writer.take() {
             match join(writer).await {
                 Ok(Err(e)) => return e,
@@ -243,8 +436,51 @@ fn manifest_worker(mut rx: mpsc::Receiver<Msg>) -> ManifestBuilder {
     builder
 }
 
-fn write_worker(file: File, rx: mpsc::Receiver<Msg>) -> io::Result<File> {
-    std::thread::scope(|scope| {
+/// Decompresses the body's blocks and hands the output to the SHA-512 worker, the manifest
+/// builder and the writer (`out`, in that order), as the async side does for a plain body.
+fn decode_worker(
+    compression: Compression,
+    rx: mpsc::Receiver<Block>,
+    out: [mpsc::Sender<Msg>; 3],
+) -> Result<u64, DecodeEnd> {
+    let mut input = BlockReader::new(rx);
+    decompress::decode(compression, &mut input, BLOCK, |bytes| {
+        let block: Block = Arc::from([bytes]);
+        for tx in &out {
+            tx.blocking_send(Msg::Data(block.clone())).map_err(|_| ())?;
+        }
+        Ok(())
+    })
+}
+
+/// Hashes the body's bytes as they arrived, for the source checksum.
+fn source_worker(algo: SourceAlgo, mut rx: mpsc::Receiver<Block>) -> SourceChecksum {
+    use sha2::Sha256;
+    enum H {
+        S256(Sha256),
+        S512(Sha512),
+    }
+    let mut h = match algo {
+        SourceAlgo::Sha256 => H::S256(Sha256::new()),
+        SourceAlgo::Sha512 => H::S512(Sha512::new()),
+    };
+    while let Some(block) = rx.blocking_recv() {
+        for piece in block.iter() {
+            match &mut h {
+                H::S256(h) => h.update(piece),
+                H::S512(h) => h.update(piece),
+            }
+        }
+    }
+    let hex = match h {
+        H::S256(h) => hex::encode(h.finalize()),
+        H::S512(h) => hex::encode(h.finalize()),
+    };
+    SourceChecksum { algo, hex }
+}
+
+fn write_worker(file: File, rx: mpsc::Receiver<Msg>) -> io::Result<(File, u64)> {
+    let written = std::thread::scope(|scope| {
         // One window queued while another is being flushed: at most about three windows of the
         // file are dirty in the page cache at any time.
         let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(1);
@@ -253,16 +489,17 @@ fn write_worker(file: File, rx: mpsc::Receiver<Msg>) -> io::Result<File> {
         let flushed = flusher
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("download flusher thread panicked")));
-        written.and(flushed)
+        written.and_then(|n| flushed.map(|()| n))
     })?;
-    Ok(file)
+    Ok((file, written))
 }
 
+/// Returns the file's length.
 fn write_loop(
     mut file: &File,
     mut rx: mpsc::Receiver<Msg>,
     flush_tx: std::sync::mpsc::SyncSender<(u64, u64)>,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     let mut written = 0u64;
     let mut handed = 0u64;
     while let Some(msg) = rx.blocking_recv() {
@@ -272,7 +509,7 @@ fn write_loop(
                 if written - handed >= FLUSH_WINDOW {
                     if flush_tx.send((handed, written)).is_err() {
                         // The flusher stopped on an error; joining it reports that error.
-                        return Ok(());
+                        return Ok(written);
                     }
                     handed = written;
                 }
@@ -294,7 +531,7 @@ fn write_loop(
     if file.metadata()?.len() != written {
         file.set_len(written)?;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Chunks of this size (aligned to the file offset) that hold only zeros are not written, so

@@ -1079,9 +1079,15 @@ async fn guard_refuses_a_loopback_url_in_a_cluster_before_connecting() {
     assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
     assert_gone(&req);
     // head() says the same, before any connection.
-    let e = head(&req.url, 64, Duration::from_secs(2), &req.guard)
-        .await
-        .unwrap_err();
+    let e = head(
+        &req.url,
+        64,
+        Duration::from_secs(2),
+        &req.guard,
+        &req.access,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, DownloadError::Denied { .. }), "{e:?}");
     assert_eq!(fx.server.state.hits("/range/rand.img"), 0);
 }
@@ -1111,7 +1117,14 @@ async fn guard_lets_an_allowed_network_through() {
     req.guard = cluster_guard("loopback");
     get(&req).await.unwrap();
     assert_file(&req, &fx.rand);
-    let e = head(&req.url, 16, Duration::from_secs(5), &req.guard).await;
+    let e = head(
+        &req.url,
+        16,
+        Duration::from_secs(5),
+        &req.guard,
+        &req.access,
+    )
+    .await;
     assert_eq!(e.unwrap().bytes, fx.rand[..16].to_vec());
 }
 
@@ -1147,4 +1160,438 @@ async fn guard_refuses_the_metadata_address_even_on_the_embedded_default() {
     assert!(e.to_string().contains("169.254.0.0/16 (link-local)"), "{e}");
     // Refused before any connection: no connect timeout was waited out.
     assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+// Compressed bodies and the source checksum.
+
+use super::decompress::tests::{ALL as COMPRESSIONS, compress};
+
+/// A server with every image of the fixture compressed in every format (`NAME.FORMAT`), and a
+/// corrupt xz file.
+async fn compressed_fixture() -> (Fixture, Server, HashMap<String, Bytes>) {
+    let fx = Fixture::new().await;
+    let mut files = HashMap::new();
+    for c in COMPRESSIONS {
+        for (name, data) in [
+            ("sparse.img", sparse_bytes()),
+            ("made.qcow2", fx.qcow2.clone()),
+        ] {
+            files.insert(format!("{name}.{c}"), Bytes::from(compress(c, &data)));
+        }
+    }
+    let mut bad = compress(Compression::Xz, &fx.rand);
+    let mid = bad.len() / 2;
+    bad[mid..mid + 16].copy_from_slice(&[0x55; 16]);
+    files.insert("corrupt.xz".to_owned(), Bytes::from(bad));
+    let server = Server::start(files.clone()).await;
+    (fx, server, files)
+}
+
+fn compressed_request(fx: &Fixture, server: &Server, path: &str) -> DownloadRequest {
+    DownloadRequest {
+        url: server.url(path),
+        ..fx.request(path)
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[tokio::test]
+async fn each_compression_of_a_raw_and_a_qcow2_image_is_stored_decompressed_with_its_holes() {
+    let (fx, server, _) = compressed_fixture().await;
+    for c in COMPRESSIONS {
+        for (name, want) in [
+            ("sparse.img", sparse_bytes()),
+            ("made.qcow2", fx.qcow2.clone()),
+        ] {
+            let path = format!("/range/{name}.{c}");
+            let mut req = compressed_request(&fx, &server, &path);
+            req.expected_sha512 = Some(sha512_hex(&want));
+            let out = get(&req).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(out.compression, Some(c), "{path}");
+            assert_eq!(out.size, want.len() as u64, "{path}");
+            assert_eq!(out.sha512, sha512_hex(&want), "{path}");
+            assert_file(&req, &want);
+            assert_manifest(&req, &out);
+            let data = want.chunks(64 * 1024).filter(|c| c.iter().any(|b| *b != 0));
+            let data = data.count() as u64 * 64 * 1024;
+            let allocated = crate::sync::allocated_bytes(&req.dest).unwrap();
+            assert!(
+                allocated <= data + MIB as u64,
+                "{path}: {} bytes with {data} of data allocated {allocated}",
+                want.len()
+            );
+            std::fs::remove_file(&req.dest).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cut_compressed_download_resumes_with_range_and_the_decoder_goes_on() {
+    let (fx, server, files) = compressed_fixture().await;
+    let want = sparse_bytes();
+    for c in COMPRESSIONS {
+        let path = format!("/drop/sparse.img.{c}");
+        let mut req = compressed_request(&fx, &server, &path);
+        req.expected_sha512 = Some(sha512_hex(&want));
+        let out = get(&req).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(out.resumed >= 1, "{path}: {out:?}");
+        assert_file(&req, &want);
+        let ranges = server.state.ranges(&path);
+        assert_eq!(ranges.len(), 2, "{path}: {ranges:?}");
+        let start: usize = ranges[1]
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+            .expect("the second request has Range: bytes=N-");
+        let compressed_len = files[&format!("sparse.img.{c}")].len();
+        assert!(start > 0 && start <= compressed_len / 2, "{path}: {start}");
+        std::fs::remove_file(&req.dest).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_cut_compressed_download_without_range_support_starts_over() {
+    let (fx, server, _) = compressed_fixture().await;
+    let want = sparse_bytes();
+    let path = "/drop-norange/sparse.img.zstd";
+    let mut req = compressed_request(&fx, &server, path);
+    req.expected_sha512 = Some(sha512_hex(&want));
+    let out = get(&req).await.unwrap();
+    assert_eq!(out.resumed, 0);
+    assert_file(&req, &want);
+    assert_eq!(server.state.hits(path), 2);
+}
+
+#[tokio::test]
+async fn source_checksum_is_of_the_bytes_as_downloaded() {
+    let (fx, server, files) = compressed_fixture().await;
+    let served = &files["sparse.img.xz"];
+    let want = sparse_bytes();
+    let path = "/range/sparse.img.xz";
+    for algo in ["sha256", "sha512"] {
+        let hex = if algo == "sha256" {
+            sha256_hex(served)
+        } else {
+            sha512_hex(served)
+        };
+        let mut req = compressed_request(&fx, &server, path);
+        req.source_checksum = Some(SourceChecksum::parse(&format!("{algo}:{hex}")).unwrap());
+        req.expected_sha512 = Some(sha512_hex(&want));
+        let out = get(&req).await.unwrap();
+        assert_eq!(
+            out.source_checksum.unwrap().to_string(),
+            format!("{algo}:{hex}")
+        );
+        assert_file(&req, &want);
+        std::fs::remove_file(&req.dest).unwrap();
+    }
+    // A plain body: the source checksum is the file's own.
+    let mut req = fx.request("/range/rand.img");
+    req.source_checksum = Some(
+        SourceChecksum::parse(&format!("SHA256:{}", sha256_hex(&fx.rand).to_uppercase())).unwrap(),
+    );
+    get(&req).await.unwrap();
+    std::fs::remove_file(&req.dest).unwrap();
+    req.source_checksum =
+        Some(SourceChecksum::parse(&format!("sha512:{}", sha512_hex(&fx.rand))).unwrap());
+    get(&req).await.unwrap();
+
+    // Wrong: both values named, nothing left, not retried.
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let mut req = compressed_request(&fx, &server, path);
+    req.source_checksum = Some(SourceChecksum::parse(&wrong).unwrap());
+    let err = get(&req).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&wrong), "{msg}");
+    assert!(
+        msg.contains(&format!("sha256:{}", sha256_hex(served))),
+        "{msg}"
+    );
+    assert!(err.is_permanent(), "{msg}");
+    assert_gone(&req);
+    assert!(!resume_path(&req.dest).exists());
+}
+
+#[test]
+fn source_checksum_parse_table() {
+    let h64 = "a".repeat(64);
+    let h128 = "B".repeat(128);
+    let ok = [
+        (format!("sha256:{h64}"), format!("sha256:{h64}")),
+        (
+            format!(" SHA512:{h128} "),
+            format!("sha512:{}", "b".repeat(128)),
+        ),
+    ];
+    for (input, want) in ok {
+        assert_eq!(SourceChecksum::parse(&input).unwrap().to_string(), want);
+    }
+    let bad = [
+        (h64.clone(), "no algorithm"),
+        (format!("md5:{h64}"), "not supported"),
+        (format!("sha256:{h128}"), "64 hexadecimal"),
+        (format!("sha512:{h64}"), "128 hexadecimal"),
+        (format!("sha256:{}", "g".repeat(64)), "64 hexadecimal"),
+        ("sha256:".to_owned(), "64 hexadecimal"),
+    ];
+    for (input, want) in bad {
+        let e = SourceChecksum::parse(&input).unwrap_err();
+        assert!(e.contains(want), "{input}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_compressed_body_fails_naming_the_format_and_leaves_nothing() {
+    let (fx, server, _) = compressed_fixture().await;
+    let mut req = compressed_request(&fx, &server, "/range/corrupt.xz");
+    req.resume = true;
+    let err = get(&req).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DownloadError::Corrupt { .. }), "{msg}");
+    assert!(
+        msg.contains("xz-compressed but does not decompress"),
+        "{msg}"
+    );
+    assert!(err.is_permanent(), "{msg}");
+    assert_eq!(server.state.hits("/range/corrupt.xz"), 1, "not retried");
+    assert_gone(&req);
+    assert!(!resume_path(&req.dest).exists());
+}
+
+#[tokio::test]
+async fn a_compressed_body_cut_short_without_a_length_fails_and_leaves_nothing() {
+    let fx = Fixture::new().await;
+    let z = compress(Compression::Gzip, &fx.rand);
+    let files = HashMap::from([(
+        "cut.gz".to_owned(),
+        Bytes::copy_from_slice(&z[..z.len() / 2]),
+    )]);
+    let server = Server::start(files).await;
+    // `chunked`: no Content-Length, so only the decoder can tell the body is cut short.
+    let req = compressed_request(&fx, &server, "/chunked/cut.gz");
+    let msg = get(&req).await.unwrap_err().to_string();
+    assert!(
+        msg.contains("gzip-compressed") && msg.contains("cut short"),
+        "{msg}"
+    );
+    assert_gone(&req);
+}
+
+#[tokio::test]
+async fn a_dropped_compressed_resumable_download_keeps_no_validator() {
+    let (fx, server, _) = compressed_fixture().await;
+    // The plain stalled download writes its validator (see above); a compressed one must not,
+    // since a later process cannot go on decoding from the middle.
+    let mut req = compressed_request(&fx, &server, "/stall/sparse.img.gzip");
+    req.resume = true;
+    let task = tokio::spawn({
+        let req = req.clone();
+        async move { get(&req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!task.is_finished(), "the download stalls mid-way");
+    task.abort();
+    let _ = task.await;
+    assert!(
+        req.dest.exists(),
+        "the partial file is left as a plain one is"
+    );
+    assert!(!resume_path(&req.dest).exists());
+}
+
+// Private URLs: a real HTTPS server on 127.0.0.1 with a certificate of a CA made here.
+
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A client that does not trust the certificate hangs up in the handshake.
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A CA certificate (PEM) and the issuer that signs with it.
+fn make_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(params, key))
+}
+
+const BEARER: &str = "Bearer s3cret-token";
+
+/// Serves `data` at `/private/img` over HTTPS to requests with `Authorization: BEARER` (or basic
+/// auth alice / open sesame); 401 otherwise. Returns its base URL and its CA's PEM.
+async fn private_server(data: Bytes) -> (String, String) {
+    use tokio_rustls::rustls;
+    let (ca_pem, issuer) = make_ca("bicsi test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let app = Router::new().route(
+        "/private/img",
+        axum::routing::get(move |headers: AxHeaders| {
+            let data = data.clone();
+            async move {
+                let auth = headers.get(h::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+                let basic = format!(
+                    "Basic {}",
+                    base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        "alice:open sesame"
+                    )
+                );
+                if auth.as_deref() == Some(BEARER.as_bytes())
+                    || auth.as_deref() == Some(basic.as_bytes())
+                {
+                    Response::builder()
+                        .status(AxStatus::OK)
+                        .header(h::CONTENT_LENGTH, data.len())
+                        .body(Body::from(data))
+                        .unwrap()
+                } else {
+                    Response::builder()
+                        .status(AxStatus::UNAUTHORIZED)
+                        .body(Body::empty())
+                        .unwrap()
+                }
+            }
+        }),
+    );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", tcp.local_addr().unwrap());
+    let listener = TlsListener {
+        tcp,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, ca_pem)
+}
+
+#[tokio::test]
+async fn a_private_https_url_needs_its_ca_and_its_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(2 * MIB + 3, 5);
+    let (base, ca_pem) = private_server(data.clone()).await;
+    let url = format!("{base}/private/img");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        Some(p)
+    };
+    let ca_file = write("ca.pem", &ca_pem);
+    let request = |access: Access| DownloadRequest {
+        idle_timeout: Duration::from_secs(5),
+        max_attempts: 3,
+        backoff: Duration::from_millis(10),
+        access,
+        ..DownloadRequest::new(&url, dir.path().join("disk/tmp/image.part"))
+    };
+
+    // The system roots do not know the test CA: refused at once, saying what to do.
+    let creds = AccessFiles {
+        authorization: write("auth", &format!("{BEARER}\n")),
+        ..Default::default()
+    };
+    let req = request(creds.load().unwrap());
+    let err = get(&req).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DownloadError::Untrusted { .. }), "{msg}");
+    assert!(
+        msg.contains("caBundleFile") && msg.contains("not trusted"),
+        "{msg}"
+    );
+    assert!(err.is_permanent());
+    assert!(!msg.contains("s3cret"), "{msg}");
+    assert_gone(&req);
+    // Another CA's bundle does not help either.
+    let (other_ca, _) = make_ca("another CA");
+    let other = AccessFiles {
+        ca_bundle: write("other.pem", &other_ca),
+        ..creds.clone()
+    };
+    let err = get(&request(other.load().unwrap())).await.unwrap_err();
+    assert!(matches!(err, DownloadError::Untrusted { .. }), "{err}");
+
+    // Trusted, but without the credential: the server's 401, not retried.
+    let trusted_only = AccessFiles {
+        ca_bundle: ca_file.clone(),
+        ..Default::default()
+    };
+    let err = get(&request(trusted_only.load().unwrap()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    assert!(err.is_permanent());
+
+    // Trusted and with the credential, each way of giving it.
+    let ways = [
+        AccessFiles {
+            ca_bundle: ca_file.clone(),
+            ..creds.clone()
+        },
+        AccessFiles {
+            ca_bundle: ca_file.clone(),
+            headers: write(
+                "headers",
+                &format!("# for the test\nAuthorization: {BEARER}\n"),
+            ),
+            ..Default::default()
+        },
+        AccessFiles {
+            ca_bundle: ca_file.clone(),
+            username: write("user", "alice\n"),
+            password: write("pass", "open sesame\n"),
+            ..Default::default()
+        },
+    ];
+    for files in ways {
+        let access = files.load().unwrap();
+        let req = request(access.clone());
+        assert!(!format!("{req:?}").contains("s3cret"), "{req:?}");
+        let out = get(&req).await.unwrap_or_else(|e| panic!("{files:?}: {e}"));
+        assert_eq!(out.sha512, sha512_hex(&data));
+        assert_file(&req, &data);
+        // The head, which sizes volumes before the download is in, goes the same way.
+        let got = head(&url, 16, Duration::from_secs(5), &req.guard, &access)
+            .await
+            .unwrap();
+        assert_eq!(got.bytes, data[..16]);
+        std::fs::remove_file(&req.dest).unwrap();
+    }
 }

@@ -94,6 +94,25 @@ impl FileManagers {
                 req.expected_sha512 =
                     (!bi.status.checksum.is_empty()).then(|| bi.status.checksum.clone());
                 req.resume = true;
+                req.access =
+                    crate::backing::object::download_access_files(&bi.spec.source_parameters)
+                        .load()
+                        .map_err(|e| SourceFailure {
+                            permanent: false,
+                            error: Error::FailedPrecondition(format!(
+                                "backing image {name:?}: {e}"
+                            )),
+                        })?;
+                req.source_checksum = bi
+                    .spec
+                    .source_parameters
+                    .get("sourceChecksum")
+                    .map(|c| download::SourceChecksum::parse(c))
+                    .transpose()
+                    .map_err(|e| SourceFailure {
+                        permanent: true,
+                        error: Error::FailedPrecondition(format!("backing image {name:?}: {e}")),
+                    })?;
                 req.guard = self.settings.download_guard().map_err(|e| SourceFailure {
                     permanent: true,
                     error: Error::FailedPrecondition(format!("backing image {name:?}: {e}")),

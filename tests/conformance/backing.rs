@@ -897,13 +897,14 @@ async fn a_source_that_gives_no_size_answers_unavailable_saying_why() {
         Code::Unavailable,
         "neither the file's length",
     );
-    // A compressed file: it can never be a disk, and CreateVolume says so.
+    // A compressed file is stored decompressed (issue 20): with no qcow2 header in its first
+    // bytes, its size is known only when the download is done.
     let params_gz = one_replica_params(&server.url("disk.raw.gz"), "bi-gz");
     assert_code(
         c.controller
             .create_volume(create_with("vol-gz", 0, &params_gz, mount_cap()))
             .await,
-        Code::FailedPrecondition,
+        Code::Unavailable,
         "gzip-compressed",
     );
     // An image that waits for its upload has no size yet either.
@@ -1013,4 +1014,119 @@ async fn a_snapshot_right_after_create_waits_for_the_image_and_is_taken() {
         "hello from the backing image\n"
     );
     detach(&mut c, &restored.volume_id, &st, &tg).await;
+}
+
+/// `tool -c FILE` (gzip, xz, zstd, bzip2): compressed the way distributions publish images.
+fn compress_with(tool: &str, dir: &Path, data: &[u8]) -> Vec<u8> {
+    let f = dir.join(format!("to-{tool}"));
+    std::fs::write(&f, data).unwrap();
+    let out = Command::new(tool).arg("-c").arg(&f).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[tokio::test]
+async fn compressed_sources_are_stored_decompressed_and_checked_by_source_checksum() {
+    let b = Bicsi::start(1).await;
+    let mut c = b.client().await;
+    let work = b.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = ext4_image(&work, 8);
+    let qcow = to_qcow2(&work, &raw);
+    let mut files = std::collections::HashMap::new();
+    for tool in ["gzip", "xz", "zstd", "bzip2"] {
+        files.insert(format!("a.raw.{tool}"), compress_with(tool, &work, &raw));
+        files.insert(format!("a.qcow2.{tool}"), compress_with(tool, &work, &qcow));
+    }
+    let server = ImageServer::start(files.clone()).await;
+    let sha256 = |d: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(d));
+    let apply = |name: &str, url: &str, source_checksum: &str, checksum: &str| {
+        let yaml = format!(
+            "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: {name}\nspec:\n  sourceType: download\n  sourceParameters:\n    url: {url}\n    sourceChecksum: \"{source_checksum}\"\n  checksum: \"{checksum}\"\n"
+        );
+        let f = b.path(&format!("{name}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        b.cli(&["apply", "-f", f.to_str().unwrap()])
+    };
+
+    // Each compression of a RAW and a qcow2 image: stored decompressed, the image's checksum
+    // is the SHA-512 of the decompressed file, the source checksum of the bytes served.
+    for tool in ["gzip", "xz", "zstd", "bzip2"] {
+        for (kind, image) in [("raw", &raw), ("qcow2", &qcow)] {
+            let name = format!("{kind}-{tool}");
+            let file = format!("a.{kind}.{tool}");
+            let (ok, _, err) = apply(
+                &name,
+                &server.url(&file),
+                &format!("sha256:{}", sha256(&files[&file])),
+                &sha512(image),
+            );
+            assert!(ok, "{err}");
+            let v = wait_final(&b, &name).await;
+            assert_eq!(file_states(&v)[0].0, "ready", "{name}: {v}");
+            assert_eq!(v["status"]["checksum"], sha512(image), "{name}");
+            assert_eq!(v["status"]["format"], kind, "{name}");
+            assert_eq!(v["status"]["virtualSize"], 8 << 20, "{name}");
+            assert_eq!(v["status"]["size"], image.len() as u64, "{name}");
+        }
+    }
+    let uuid = get_image(&b, "raw-xz").await.unwrap()["status"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stored = b.disks[0].join(format!("backing-images/raw-xz-{uuid}/backing"));
+    let sum = Command::new("sha512sum").arg(&stored).output().unwrap();
+    assert!(String::from_utf8_lossy(&sum.stdout).starts_with(&sha512(&raw)));
+    let blocks = nix::sys::stat::stat(&stored).unwrap().st_blocks as u64 * 512;
+    assert!(
+        blocks < raw.len() as u64,
+        "the ext4 image's zeros stay holes: {blocks} bytes allocated of {}",
+        raw.len()
+    );
+
+    // A wrong source checksum fails the file naming both; a malformed one is refused at once.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    assert!(apply("wrong-src", &server.url("a.raw.xz"), &wrong, "").0);
+    let (state, msg) = file_states(&wait_final(&b, "wrong-src").await).remove(0);
+    assert_eq!(state, "failed");
+    assert!(
+        msg.contains(&wrong) && msg.contains(&sha256(&files["a.raw.xz"])),
+        "{msg}"
+    );
+    let (ok, _, err) = apply("bad-src", &server.url("a.raw.xz"), "md5:abc", "");
+    assert!(!ok && err.contains("sha256 or sha512"), "{err}");
+    assert!(get_image(&b, "bad-src").await.is_none());
+    // The private-URL parameters are checked at creation too (paths, never contents).
+    let yaml = format!(
+        "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: bad-auth\nspec:\n  sourceType: download\n  sourceParameters:\n    url: {}\n    usernameFile: /etc/user\n",
+        server.url("a.raw.xz")
+    );
+    let f = b.path("bad-auth.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let (ok, _, err) = b.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(!ok && err.contains("passwordFile"), "{err}");
+
+    // The StorageClass path takes the same parameter; the volume's size comes from the head
+    // of the compressed qcow2 before the download is done.
+    let mut params = seed_sc_params(&server.url("a.qcow2.zstd"), "sc-zstd");
+    params[4].1 = format!(
+        "{{\"url\": \"{}\", \"sourceChecksum\": \"sha512:{}\"}}",
+        server.url("a.qcow2.zstd"),
+        sha512(&files["a.qcow2.zstd"])
+    );
+    let v = create_retrying(&mut c, create_with("pvc-zstd", 0, &params, mount_cap()))
+        .await
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 8 * MIB);
+    let img = wait_final(&b, "sc-zstd").await;
+    assert_eq!(img["status"]["checksum"], sha512(&qcow));
+
+    assert!(
+        files_under(&b.disks[0].join("tmp")).is_empty(),
+        "no temp file left"
+    );
 }

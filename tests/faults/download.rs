@@ -261,3 +261,47 @@ async fn kill9_of_the_controller_during_a_download_does_not_leave_the_file_in_pr
     settle(&c.http, &c.disks(), &expected, || c.logs()).await;
     watch.finish().await;
 }
+
+#[tokio::test]
+async fn kill9_during_a_compressed_download_starts_it_over_and_the_checksum_is_of_the_image() {
+    let dir = tempfile::Builder::new()
+        .prefix("bicsi-faults-")
+        .tempdir()
+        .unwrap();
+    let raw = random_image(24 * MIB, 5);
+    let want = sha512(&raw);
+    // Random bytes stay about 24 MiB compressed: long enough to be cut off at 6 MiB/s.
+    let zst = zstd::encode_all(&raw[..], 1).unwrap();
+    let server = ImageServer::start([("img.raw.zst".to_string(), zst)].into()).await;
+    server.set_rate(6 * MIB as u64);
+    let disk = dir.path().join("disk");
+    let mut b = Serve::start(dir.path(), vec![disk.clone()]).await;
+    let watch = Watch::start(&b.http, &b.disks, &[("bi-zst", &want)]);
+    create_image(
+        &b.http,
+        "bi-zst",
+        "download",
+        serde_json::json!({ "url": server.url("img.raw.zst") }),
+    )
+    .await;
+    wait_part(&disk, 8 * MIB as u64, || b.log()).await;
+    b.kill9();
+    assert!(
+        std::fs::read_dir(disk.join("tmp"))
+            .unwrap()
+            .flatten()
+            .all(|e| e.path().extension().is_none_or(|x| x != "resume")),
+        "a compressed download keeps no validator to go on from"
+    );
+    b.restart().await;
+    server.set_rate(0);
+    wait_ready_without_failing(&b.http, "bi-zst", || b.log()).await;
+    settle(&b.http, &b.disks, &[("bi-zst", &want)], || b.log()).await;
+    let starts = server.range_starts("img.raw.zst");
+    assert_eq!(
+        starts,
+        [None, None],
+        "started over from 0 after the restart"
+    );
+    watch.finish().await;
+}
