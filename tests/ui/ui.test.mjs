@@ -707,11 +707,13 @@ test("the split mode's controller serves the same page: its node and disk, a dow
   const ctlUrl = `http://127.0.0.1:${httpPort}`;
   const procs = [];
   try {
-    procs.push(await started(dir, "controller", ["controller", "--data-dir", `${dir}/controller`, "--csi-endpoint", `unix://${dir}/controller.sock`, "--http-listen", `127.0.0.1:${httpPort}`, "--cluster-listen", `127.0.0.1:${clusterPort}`], ctlUrl));
+    // The page is what is tested here, not the cluster's transport (tests/mtls.rs is): the
+    // two processes talk plain TCP on 127.0.0.1, which the split mode takes only when told.
+    procs.push(await started(dir, "controller", ["controller", "--insecure", "--data-dir", `${dir}/controller`, "--csi-endpoint", `unix://${dir}/controller.sock`, "--http-listen", `127.0.0.1:${httpPort}`, "--cluster-listen", `127.0.0.1:${clusterPort}`], ctlUrl));
     const nodeDir = path.join(dir, "n1");
     fs.mkdirSync(path.join(nodeDir, "disk"), { recursive: true });
     procs.push(
-      await started(dir, "node", ["node", "--node-id", "split-n1", "--data-dir", `${nodeDir}/data`, "--csi-endpoint", `unix://${nodeDir}/csi.sock`, "--disk", `${nodeDir}/disk`, "--controller", `http://127.0.0.1:${clusterPort}`, "--agent-listen", `127.0.0.1:${agentPort}`, "--http-listen", `127.0.0.1:${nodeHttp}`, "--nbd-listen", `127.0.0.1:${await freePort()}`], `http://127.0.0.1:${nodeHttp}`)
+      await started(dir, "node", ["node", "--insecure", "--node-id", "split-n1", "--data-dir", `${nodeDir}/data`, "--csi-endpoint", `unix://${nodeDir}/csi.sock`, "--disk", `${nodeDir}/disk`, "--controller", `http://127.0.0.1:${clusterPort}`, "--agent-listen", `127.0.0.1:${agentPort}`, "--http-listen", `127.0.0.1:${nodeHttp}`, "--nbd-listen", `127.0.0.1:${await freePort()}`], `http://127.0.0.1:${nodeHttp}`)
     );
     const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 }, acceptDownloads: true });
     const p = await ctx.newPage();
