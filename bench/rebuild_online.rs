@@ -141,6 +141,48 @@ fn mode_of(record: &serde_json::Value, replica: &str) -> String {
 }
 
 /// The `took_ms` of the last "replica rebuilt online and verified" line of the log.
+/// Where the last online rebuild's time went: the domain's stages (from its log line) and the
+/// engine's (from the engine's log under `data_dir`).
+fn last_stages(log: &str, data_dir: &Path) -> String {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        let rest = &line[line.find(name)? + name.len()..];
+        rest.trim_start_matches(['=', ':', '"', ' '])
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
+    };
+    let Some(line) = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("replica rebuilt online and verified"))
+    else {
+        return "stages: n/a".into();
+    };
+    let ms = |name| field(line, name).map_or("?".to_string(), |v| v.to_string());
+    let engine = std::fs::read_dir(data_dir.join("engines"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("mirror.log")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter(|l| l.contains("copied and verified identical"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .last()
+        .and_then(|l| l.find('(').map(|i| l[i..].to_string()))
+        .unwrap_or_else(|| "(engine stages n/a)".into());
+    format!(
+        "stages: start {} ms, engine {} ms {engine}, finish {} ms",
+        ms("start_ms"),
+        ms("engine_ms"),
+        ms("finish_ms")
+    )
+}
+
 fn last_took_ms(log: &str) -> Option<u64> {
     let line = log
         .lines()
@@ -269,6 +311,7 @@ async fn online_runs(
         let (wo, rw) = wait_rebuilt(serve, &vol, &victim_id, Instant::now()).await?;
         let idle_ms = last_took_ms(&serve.log_text()).unwrap_or((rw - wo).as_millis() as u64);
         ours.push(Duration::from_millis(idle_ms));
+        let idle_stages = last_stages(&serve.log_text(), &dir);
         // Under fio: the volume's IOPS while the rebuild runs.
         make_err(
             serve,
@@ -332,7 +375,8 @@ async fn online_runs(
         let _ = std::fs::remove_file(&copy);
         println!(
             "  run {run}: rebuild {:.3} s idle, {:.3} s under fio; cp {:.3} s, cp + sync {:.3} s; fio \
-             rand write 4k qd32: healthy {:.0} IOPS, during the rebuild {} ({} samples)",
+             rand write 4k qd32: healthy {:.0} IOPS, during the rebuild {} ({} samples); idle \
+             {idle_stages}",
             idle_ms as f64 / 1000.0,
             took as f64 / 1000.0,
             cp.0.last().copied().unwrap_or_default(),

@@ -331,13 +331,19 @@ pub(super) fn fill(
     target: Arc<Target>,
     size: u64,
 ) {
-    let outcome = fill_and_verify(&sources, &targets, &target, size);
+    let mut took = Stages::default();
+    let outcome = fill_and_verify(&sources, &targets, &target, size, &mut took);
     match outcome {
         Ok(()) => {
             if target.advance(TargetState::Verifying, TargetState::Complete) {
                 eprintln!(
-                    "bicsi mirror: target {} copied and verified identical",
-                    target.replica.path.display()
+                    "bicsi mirror: target {} copied and verified identical (copy {} ms, fsync {} \
+                     ms, verification of {} written chunks {} ms)",
+                    target.replica.path.display(),
+                    took.copy.as_millis(),
+                    took.fsync.as_millis(),
+                    took.dirty,
+                    took.verify.as_millis()
                 );
             }
         }
@@ -353,12 +359,23 @@ pub(super) fn fill(
     targets.filling.fetch_sub(1, Ordering::AcqRel);
 }
 
+/// How long each stage of a fill took (the engine's log says it when the target is complete).
+#[derive(Default)]
+struct Stages {
+    copy: Duration,
+    fsync: Duration,
+    verify: Duration,
+    dirty: usize,
+}
+
 fn fill_and_verify(
     sources: &[Replica],
     targets: &Targets,
     target: &Target,
     size: u64,
+    took: &mut Stages,
 ) -> Result<(), String> {
+    let started = Instant::now();
     let source = || {
         sources
             .iter()
@@ -388,10 +405,14 @@ fn fill_and_verify(
         })?;
         target.done.fetch_add(data, Ordering::AcqRel);
     }
+    took.copy = started.elapsed();
+    let started = Instant::now();
     target
         .replica
         .sync()
         .map_err(|e| format!("fsync of the copy: {e}"))?;
+    took.fsync = started.elapsed();
+    let started = Instant::now();
     if !target.advance(TargetState::Copying, TargetState::Verifying) {
         return Err(lock(&target.error).clone().unwrap_or_default());
     }
@@ -399,7 +420,8 @@ fn fill_and_verify(
     // order, once each, as a pass over the whole volume would: writes go on meanwhile, and one
     // to a chunk still ahead marks it for this pass, one behind it is past, as it would be.
     target.done.store(0, Ordering::Release);
-    let to_verify = lock(&target.dirty).len().max(1) as u64;
+    took.dirty = lock(&target.dirty).len();
+    let to_verify = took.dirty.max(1) as u64;
     let mut verified = 0u64;
     let mut next = 0u64;
     loop {
@@ -419,6 +441,7 @@ fn fill_and_verify(
         );
     }
     target.done.store(total, Ordering::Release);
+    took.verify = started.elapsed();
     Ok(())
 }
 
