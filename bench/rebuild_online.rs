@@ -311,7 +311,7 @@ async fn online_runs(
         let (wo, rw) = wait_rebuilt(serve, &vol, &victim_id, Instant::now()).await?;
         let idle_ms = last_took_ms(&serve.log_text()).unwrap_or((rw - wo).as_millis() as u64);
         ours.push(Duration::from_millis(idle_ms));
-        let idle_stages = last_stages(&serve.log_text(), &dir);
+        let idle_stages = last_stages(&serve.log_text(), dir);
         // Under fio: the volume's IOPS while the rebuild runs.
         make_err(
             serve,

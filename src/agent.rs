@@ -54,6 +54,14 @@ pub fn online_target_path(replica: &Replica) -> PathBuf {
     replica.path.with_file_name(format!("{name}.online"))
 }
 
+/// The `nbd://` address of an online rebuild's target on another node than `node_id`: the
+/// controller passes such a replica with its path set to the address its node exported it at
+/// (`Agent::prepare_replica`); None for a replica of this node.
+pub fn remote_target(replica: &Replica, node_id: &str) -> Option<String> {
+    let path = replica.path.to_str()?;
+    (replica.node_id != node_id && path.starts_with("nbd://")).then(|| path.to_string())
+}
+
 /// A disk that can take replicas, with the bytes it has free.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpace {
@@ -209,8 +217,11 @@ pub trait Agent: Send + Sync {
     /// Starts the online rebuild of `replica` (of this node) in the mirror engine that serves
     /// `volume_id` here: its file is made under a temporary name ([`online_target_path`]) as a
     /// reflink clone of its disk's raw file of `backing_image` (or a sparse file of `size`), and
-    /// the engine adds it write-only and fills it. Idempotent: a target the engine still has
-    /// (filling, complete or promoted) is kept, since it got every write since it was added.
+    /// the engine adds it write-only and fills it. A replica of another node comes with its path
+    /// set to the `nbd://` address its node exported it at ([`remote_target`]): the engine adds
+    /// that address and fills the file in place over NBD (nothing is renamed at the end).
+    /// Idempotent: a target the engine still has (filling, complete or promoted) is kept, since
+    /// it got every write since it was added.
     async fn start_online_rebuild(
         &self,
         volume_id: &str,
@@ -740,6 +751,18 @@ impl Agent for LocalAgent {
             "copying" | "verifying" | "complete" | "promoted" => return Ok(()),
             _ => self.cancel_online_rebuild(volume_id, replica).await?,
         }
+        if let Some(url) = remote_target(replica, &self.node_id) {
+            // Another node's replica, exported by its node for this rebuild (`prepare_replica`):
+            // the engine connects to it and fills it in place.
+            let id = volume_id.to_string();
+            let replica_id = replica.id.clone();
+            return blocking(move || {
+                crate::os::engine::mirror::add_target(&run_dir, Path::new(&url))?;
+                tracing::info!(volume = %id, replica = %replica_id, target = %url, "online rebuild of a remote replica started in the mirror engine");
+                Ok(())
+            })
+            .await;
+        }
         let disk = self.disk(&replica.disk_id)?.clone();
         let backing = match backing_image {
             Some(image) => {
@@ -782,7 +805,10 @@ impl Agent for LocalAgent {
         replica: &Replica,
     ) -> Result<OnlineRebuild> {
         let run_dir = engine_dir(&self.data_dir, volume_id);
-        let (tmp, path) = (online_target_path(replica), replica.path.clone());
+        let (tmp, path) = match remote_target(replica, &self.node_id) {
+            Some(url) => (PathBuf::from(&url), PathBuf::from(url)),
+            None => (online_target_path(replica), replica.path.clone()),
+        };
         blocking(move || {
             if !crate::os::engine::mirror::serving(&run_dir) {
                 return Ok(OnlineRebuild::missing());
@@ -816,10 +842,27 @@ impl Agent for LocalAgent {
         }
         let run_dir = engine_dir(&self.data_dir, volume_id);
         let (tmp, path) = (online_target_path(replica), replica.path.clone());
+        let remote = remote_target(replica, &self.node_id);
         let local = self.node_records.clone();
         let id = volume_id.to_string();
         blocking(move || {
             use crate::os::engine::mirror;
+            if let Some(url) = remote {
+                // Filled in place on its node: nothing to rename; promoted under its address.
+                let url = PathBuf::from(url);
+                if status.state == "complete" {
+                    mirror::promote(&run_dir, &url, &url)?;
+                }
+                mirror::record_added(&run_dir, &url)?;
+                if let Some(mut rec) = local.get::<NodeVolume>(Kind::NodeVolume, &id)?
+                    && let Some(t) = url.to_str().and_then(ReplicaTarget::parse_nbd)
+                    && !rec.targets.contains(&t)
+                {
+                    rec.targets.push(t);
+                    local.put(Kind::NodeVolume, &id, &rec)?;
+                }
+                return Ok(());
+            }
             if status.state == "complete" {
                 // The temporary file is gone only once renamed: the engine holds the target, so
                 // nothing else removes it (see `start_online_rebuild`).
@@ -859,10 +902,17 @@ impl Agent for LocalAgent {
 
     async fn cancel_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
         let run_dir = engine_dir(&self.data_dir, volume_id);
-        let tmp = online_target_path(replica);
+        let remote = remote_target(replica, &self.node_id);
+        let tmp = remote
+            .clone()
+            .map_or_else(|| online_target_path(replica), PathBuf::from);
         blocking(move || {
             if crate::os::engine::mirror::serving(&run_dir) {
                 crate::os::engine::mirror::drop_target(&run_dir, &tmp)?;
+            }
+            if remote.is_some() {
+                // Its node's file: the controller releases its export; the file stays err.
+                return Ok(());
             }
             match std::fs::remove_file(&tmp) {
                 Ok(()) => Ok(()),

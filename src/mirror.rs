@@ -409,7 +409,7 @@ impl Mirror {
             if let Err(e) = r {
                 let why = format!("a {operation} failed: {e}");
                 if t.fail(why.clone()) == Some(true) {
-                    self.record_fault(&ReplicaTarget::Local(t.name()), operation, e);
+                    self.record_fault(&target_named(&t.name()), operation, e);
                 } else {
                     eprintln!(
                         "bicsi mirror: dropped rebuild target {}: {why}",
@@ -437,7 +437,7 @@ impl Mirror {
                 Ok(()) => return Ok(buf),
                 Err(e) => {
                     if t.fail(format!("a read failed: {e}")).is_some() {
-                        self.record_fault(&ReplicaTarget::Local(t.name()), "read", &e);
+                        self.record_fault(&target_named(&t.name()), "read", &e);
                     }
                 }
             }
@@ -642,6 +642,8 @@ fn serve_control(mirror: Arc<MirrorShared>, listener: UnixListener) {
 
 /// What the control socket needs of the engine, shared with the FUSE session.
 struct MirrorShared {
+    /// How remote targets are connected (`add nbd://…`), as the command line's remotes were.
+    cfg: MirrorConfig,
     pause: Arc<RwLock<()>>,
     replicas: Vec<(ReplicaTarget, Arc<AtomicBool>)>,
     sources: Arc<Vec<Replica>>,
@@ -651,19 +653,32 @@ struct MirrorShared {
 }
 
 impl MirrorShared {
-    /// `add PATH`: opens the target, installs it while no write is in flight (the pause lock
-    /// held exclusively, see `rebuild`) and starts its copier.
+    /// `add PATH`: opens the target (a local file, or `nbd://host:port/export`: a replica that
+    /// another node's replica server exports), installs it while no write is in flight (the
+    /// pause lock held exclusively, see `rebuild`) and starts its copier.
     fn add(&self, path: &Path) -> Result<String, String> {
         if self.read_only {
             return Err("the engine serves its volume read only; nothing to rebuild".into());
         }
-        if self
-            .replicas
-            .iter()
-            .any(|(t, _)| matches!(t, ReplicaTarget::Local(p) if p == path))
-        {
+        let remote = path
+            .to_str()
+            .filter(|p| p.starts_with("nbd://"))
+            .map(|p| {
+                ReplicaTarget::parse_nbd(p)
+                    .ok_or_else(|| format!("{p}: not an nbd://host:port/export address"))
+            })
+            .transpose()?;
+        // A remote replica is rebuilt in place (its node's file, exported again): the engine
+        // may have it among its replicas, dropped; a healthy one is never a target.
+        let clash = self.replicas.iter().any(|(t, healthy)| match (&remote, t) {
+            (None, ReplicaTarget::Local(p)) => p == path,
+            (Some(r), t) => r == t && healthy.load(Ordering::Acquire),
+            (None, _) => false,
+        });
+        if clash {
             return Err(format!(
-                "{} is one of the engine's replicas; add a new file (a temporary name)",
+                "{} is one of the engine's healthy replicas; add a new file (a temporary name) \
+                 or a replica the engine dropped",
                 path.display()
             ));
         }
@@ -673,7 +688,17 @@ impl MirrorShared {
             }
             self.targets.remove(&t);
         }
-        let (replica, len) = Replica::open(path, false).map_err(|e| e.to_string())?;
+        let (replica, len) = match &remote {
+            None => Replica::open(path, false).map_err(|e| e.to_string())?,
+            Some(target) => {
+                let replica = connect_remote(target, &self.cfg).map_err(|e| e.to_string())?;
+                let len = match &replica.backend {
+                    Backend::Nbd(c) => c.size(),
+                    Backend::File(f) => f.metadata().map_err(|e| e.to_string())?.len(),
+                };
+                (replica, len)
+            }
+        };
         if len != self.size {
             return Err(format!(
                 "{} has {len} bytes but the volume has {}; make the target the volume's size",
@@ -862,7 +887,7 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
     config.acl = SessionACL::Owner;
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
-    let shared = control_shared(&mirror);
+    let shared = control_shared(&mirror, cfg);
     let session = Session::new(mirror, &cfg.export, &config)?;
     if let Some(path) = &cfg.control {
         let _ = std::fs::remove_file(path);
@@ -909,8 +934,9 @@ fn connect_remote(target: &ReplicaTarget, cfg: &MirrorConfig) -> std::io::Result
     })
 }
 
-fn control_shared(mirror: &Mirror) -> Arc<MirrorShared> {
+fn control_shared(mirror: &Mirror, cfg: &MirrorConfig) -> Arc<MirrorShared> {
     Arc::new(MirrorShared {
+        cfg: cfg.clone(),
         pause: mirror.pause.clone(),
         replicas: mirror
             .replicas
@@ -922,6 +948,13 @@ fn control_shared(mirror: &Mirror) -> Arc<MirrorShared> {
         size: mirror.size,
         read_only: mirror.read_only,
     })
+}
+
+/// A promoted target's replica by its name: a remote one's is its `nbd://` address.
+fn target_named(name: &Path) -> ReplicaTarget {
+    name.to_str()
+        .and_then(ReplicaTarget::parse_nbd)
+        .unwrap_or_else(|| ReplicaTarget::Local(name.to_path_buf()))
 }
 
 /// The replica paths an engine's fault file says were dropped.

@@ -1413,6 +1413,7 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
 
     // Attached on node-1 again; node-2's replica server dies while fio writes.
     let dev = attach_as(&c, &mut ctl, "mr", 0, block_cap()).await;
+    let engines = mirror_engines_under(&c.nodes[0].dir);
     let writer = {
         let dev = dev.clone();
         std::thread::spawn(move || fio_at(&dev, 64, 16, false, Some("4m")))
@@ -1431,17 +1432,8 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
     )
     .unwrap();
     let killed = Instant::now();
-    while !writer.is_finished() {
-        assert!(
-            killed.elapsed() < Duration::from_secs(60),
-            "fio stays blocked after the remote replica died:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    writer
-        .join()
-        .expect("fio's writes go on without the remote replica");
+    // Marked err within the replica timeout, while fio still writes; watched closely, as the
+    // online rebuild below follows within seconds.
     let deadline = Instant::now() + Duration::from_secs(10);
     let remote = loop {
         let v = volume_record(&c, "mr").await;
@@ -1455,7 +1447,7 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         if remote["mode"] == "err" || Instant::now() > deadline {
             break remote;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(remote["mode"], "err", "{remote}\n{}", c.logs());
     let reason = remote["modeReason"].as_str().unwrap();
@@ -1479,6 +1471,17 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         cond.abnormal && cond.message.contains("degraded"),
         "{cond:?}"
     );
+    while !writer.is_finished() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "fio stays blocked after the remote replica died:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer
+        .join()
+        .expect("fio's writes go on without the remote replica");
     let local = volume_record(&c, "mr").await["replicas"]
         .as_array()
         .unwrap()
@@ -1490,10 +1493,48 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
     // Every acknowledged write reads back: before the fault and across it.
     fio_at(&dev, 0, 24, true, None);
     fio_at(&dev, 64, 16, true, None);
+
+    // Still attached: the controller rebuilds node-2's replica online (issue 15): node-2
+    // exports its file again and node-1's engine fills it in place over NBD while it serves
+    // the volume; rw only once the engine verified it. The engine is the same process.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = volume_record(&c, "mr").await;
+        if v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["mode"] == "rw")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no online rebuild of the remote replica: {v}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        c.logs()
+            .contains("online rebuild of a remote replica started in the mirror engine"),
+        "{}",
+        c.logs()
+    );
+    assert_eq!(
+        mirror_engines_under(&c.nodes[0].dir),
+        engines,
+        "the same engine serves it"
+    );
+    fio_at(&dev, 0, 24, true, None);
+    fio_at(&dev, 64, 16, true, None);
+    // Written after the rebuild: it reaches the rebuilt remote replica too.
+    fio_at(&dev, 100, 8, false, None);
     detach_from(&c, &mut ctl, "mr", 0).await;
 
-    // Detached: the controller rebuilds node-2's replica from node-1's (raw, across nodes);
-    // rw again only once identical, and node-2's engine reads everything back from it.
+    // Detached: every replica is rw (rebuilt above, or, had the online rebuild been cut, by
+    // the detached pass from node-1's, raw, across nodes); identical, and node-2's engine reads
+    // everything back from its own.
     let deadline = Instant::now() + Duration::from_secs(90);
     let v = loop {
         let v = volume_record(&c, "mr").await;
@@ -1519,6 +1560,7 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
     let dev = attach_as(&c, &mut ctl, "mr", 1, block_cap()).await;
     fio_at(&dev, 0, 24, true, None);
     fio_at(&dev, 64, 16, true, None);
+    fio_at(&dev, 100, 8, true, None);
     detach_from(&c, &mut ctl, "mr", 1).await;
 }
 

@@ -130,25 +130,15 @@ impl Controller {
             else {
                 return Ok(None);
             };
-            // The engine serves the attached node's raw files: the target goes on one of its
-            // disks that share blocks, and has room for the volume.
-            let here: Vec<_> = disks
-                .iter()
-                .filter(|d| d.disk.node_id == node && d.shares_blocks)
-                .cloned()
-                .collect();
+            // The engine serves raw files: the target goes on a disk that shares blocks and has
+            // room for the volume, of the attached node (a file the engine opens) or of another
+            // (a file its node exports to the engine over NBD).
+            let here: Vec<_> = disks.iter().filter(|d| d.shares_blocks).cloned().collect();
             let Some((target, replaced, source)) =
                 self.choose_target(volume, &old, None, &here, now).await?
             else {
                 return Ok(None);
             };
-            if source.node_id != node || target.node_id != node {
-                return Err(Error::FailedPrecondition(format!(
-                    "replica {} cannot be rebuilt online: the mirror engine on node {node:?} \
-                     serves that node's replicas only; it is rebuilt once the volume is detached",
-                    old.id
-                )));
-            }
             let free = here
                 .iter()
                 .find(|d| d.disk.id == target.disk_id)
@@ -168,7 +158,9 @@ impl Controller {
                     }),
                 Err(_) => false,
             };
-            if !held && free < volume.spec.capacity_bytes {
+            // A remote replica rebuilt in place is filled over the file it has.
+            let in_place = replaced.is_none() && target.node_id != node;
+            if !held && !in_place && free < volume.spec.capacity_bytes {
                 return Err(Error::ResourceExhausted(format!(
                     "disk {} has {free} bytes free, less than volume {:?}'s {} bytes: the online \
                      rebuild of replica {} waits for room",
@@ -199,27 +191,53 @@ impl Controller {
         let agent = self.cluster.agent(&node)?;
         let image = volume.spec.backing_image.clone();
         let started = std::time::Instant::now();
+        // A target on another node: its node makes the file (when it is a new replica) and
+        // exports it to the attached node, and the engine gets its address (`remote_target`).
+        let remote = target.node_id != node;
+        let engine_target = if remote {
+            let exported = self
+                .cluster
+                .agent(&target.node_id)?
+                .prepare_replica(&target, volume.spec.capacity_bytes, image.as_deref(), &node)
+                .await;
+            match exported {
+                Ok(t) => {
+                    let mut t2 = target.clone();
+                    t2.path = std::path::PathBuf::from(t.to_string());
+                    Ok(t2)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(target.clone())
+        };
         // Each stage's time goes into the log line of a rebuild that succeeds (the bench reads
         // the whole; the stages say where it goes).
         let mut stages = [0u128; 3];
-        let outcome = match agent
-            .start_online_rebuild(
-                &volume.id,
-                &target,
-                volume.spec.capacity_bytes,
-                image.as_deref(),
-            )
-            .await
-        {
-            Ok(()) => {
-                stages[0] = started.elapsed().as_millis();
-                let out = self
-                    .follow(volume, &target, &node, agent.as_ref(), &mut stages[2])
-                    .await;
-                stages[1] = started.elapsed().as_millis() - stages[0] - stages[2];
-                out
+        let (engine_target, outcome) = match engine_target {
+            Ok(t) => {
+                let out = match agent
+                    .start_online_rebuild(
+                        &volume.id,
+                        &t,
+                        volume.spec.capacity_bytes,
+                        image.as_deref(),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        stages[0] = started.elapsed().as_millis();
+                        let out = self
+                            .follow(volume, &t, &node, agent.as_ref(), &mut stages[2])
+                            .await;
+                        stages[1] = started.elapsed().as_millis() - stages[0] - stages[2];
+                        out
+                    }
+                    Err(e) => Err(e),
+                };
+                (Some(t), out)
             }
-            Err(e) => Err(e),
+            Err(e) => (None, Err(e)),
         };
         let _guard = self.lock_records(&volume.id, Records::Take).await?;
         *volume = self.must_get(&volume.id)?;
@@ -243,7 +261,11 @@ impl Controller {
                 if let Some(old) = replaced {
                     volume.replicas.retain(|r| r.id != old.id);
                     self.store.put(Kind::Volume, &volume.id, &*volume)?;
-                    if let Err(e) = agent.delete_replica(&old).await {
+                    let deleted = match self.cluster.agent(&old.node_id) {
+                        Ok(a) => a.delete_replica(&old).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = deleted {
                         tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "cannot delete the replaced replica's files");
                     }
                 }
@@ -254,8 +276,17 @@ impl Controller {
                 target.id
             ))),
             Err(e) => {
-                if let Err(c) = agent.cancel_online_rebuild(&volume.id, &target).await {
+                let t = engine_target.as_ref().unwrap_or(&target);
+                if let Err(c) = agent.cancel_online_rebuild(&volume.id, t).await {
                     tracing::warn!(volume = %volume.id, replica = %target.id, error = %c, "cannot drop a failed online rebuild's target");
+                }
+                if remote
+                    && let Err(c) = match self.cluster.agent(&target.node_id) {
+                        Ok(a) => a.release_replica(&target).await,
+                        Err(e) => Err(e),
+                    }
+                {
+                    tracing::warn!(volume = %volume.id, replica = %target.id, error = %c, "cannot stop exporting a failed online rebuild's target");
                 }
                 if still_wo {
                     self.set_mode(

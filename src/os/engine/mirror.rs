@@ -112,7 +112,11 @@ pub(super) fn find(paths: &RunPaths) -> Vec<(i32, DaemonArgs)> {
 fn with_added(mut args: DaemonArgs) -> DaemonArgs {
     if let Some(dir) = args.export.parent() {
         for p in added(dir) {
-            let t = ReplicaTarget::Local(p);
+            // A remote replica rebuilt online is listed by its `nbd://` address.
+            let t = p
+                .to_str()
+                .and_then(ReplicaTarget::parse_nbd)
+                .unwrap_or(ReplicaTarget::Local(p));
             if !args.targets.contains(&t) {
                 args.targets.push(t);
             }
