@@ -409,8 +409,8 @@ mod tests {
         )
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_repeat_updates_the_series_and_a_new_note_creates_an_event() {
+    #[test]
+    fn a_repeat_updates_the_series_and_a_new_note_creates_an_event() {
         let mut c = Correlator::new(0x100);
         let t = Instant::now();
         let first = c.observe(&ev("25%"), t);
@@ -449,8 +449,8 @@ mod tests {
         ));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn similar_notes_are_combined_past_ten() {
+    #[test]
+    fn similar_notes_are_combined_past_ten() {
         let mut c = Correlator::new(0);
         let t = Instant::now();
         let mut creates = 0;
@@ -476,8 +476,8 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_burst_is_bounded_per_object_and_refills_slowly() {
+    #[test]
+    fn a_burst_is_bounded_per_object_and_refills_slowly() {
         let mut c = Correlator::new(0);
         let t = Instant::now();
         let written = (0..100)

@@ -206,3 +206,6 @@ impl Publisher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
