@@ -185,7 +185,10 @@ mod tests {
         }
     }
 
-    fn reasons(before: &[(&str, FileState, u8)], after: &[(&str, FileState, u8)]) -> Vec<String> {
+    /// (disk, state, progress) of each file.
+    type Files<'a> = &'a [(&'a str, FileState, u8)];
+
+    fn reasons(before: Files, after: Files) -> Vec<String> {
         file_events(&image(before), &image(after))
             .into_iter()
             .map(|e| {
@@ -205,7 +208,7 @@ mod tests {
     #[test]
     fn table() {
         use FileState::*;
-        let cases: &[(&[(&str, FileState, u8)], &[(&str, FileState, u8)], &[&str])] = &[
+        let cases: &[(Files, Files, &[&str])] = &[
             (
                 &[("d", Pending, 0)],
                 &[("d", InProgress, 0)],

@@ -323,7 +323,7 @@ impl FakeApi {
                     {
                         return status(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request".into());
                     }
-                    if let Err(why) = crate::events::validate(&body) {
+                    if let Err(why) = crate::events::validate(body) {
                         return status(
                             422,
                             "Invalid",
