@@ -3,6 +3,7 @@
 //! [`state::transition`]. The file work itself (download, export, copy, transfer) is the nodes'
 //! (`files.rs`); this module must not touch disks, nor know about CSI or HTTP.
 
+pub mod events;
 pub mod expected;
 pub mod lifecycle;
 pub mod object;
@@ -153,8 +154,10 @@ impl BackingImages {
     ) -> Result<BackingImage> {
         let _w = self.write.lock().await;
         let mut bi = self.must_get(name)?;
+        let before = bi.clone();
         f(&mut bi)?;
         self.store.put(Kind::BackingImage, name, &bi)?;
+        events::announce(&*self.store, name, events::file_events(&before, &bi));
         Ok(bi)
     }
 

@@ -119,6 +119,8 @@ pub struct Controller {
     /// Volumes with a rebuild copying now (`rebuild`): the copy runs without the volume's
     /// guard, so this is what tells a running rebuild from one a crash cut.
     rebuilding: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    /// Each volume's health at the last rebuild pass, to tell its changes as events.
+    health_seen: std::sync::Mutex<std::collections::HashMap<String, crate::health::VolumeHealth>>,
 }
 
 /// The CSI volume id for a volume name: the name itself when it is a safe file and path
@@ -278,6 +280,7 @@ impl Controller {
             attach_slots: tokio::sync::Mutex::new(()),
             rebuild_slots: Default::default(),
             rebuilding: Default::default(),
+            health_seen: Default::default(),
         }
     }
 
@@ -451,6 +454,7 @@ impl Controller {
                 capabilities: req.capabilities.clone(),
                 source: req.source(),
                 engine,
+                claim: crate::events::claim_of(&req.parameters),
             },
             replicas,
             publication: None,

@@ -309,6 +309,7 @@ mod tests {
                 capabilities: vec![],
                 source: None,
                 engine: Default::default(),
+                claim: None,
             },
             replicas: modes
                 .iter()

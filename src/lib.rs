@@ -23,6 +23,7 @@ pub mod csi;
 pub mod disks;
 pub mod download;
 pub mod error;
+pub mod events;
 pub mod files;
 pub mod fsutil;
 #[cfg(feature = "fuzzing")]

@@ -52,6 +52,8 @@ struct Recorded {
     checksum_failures: IntCounterVec,
     recoveries: IntCounterVec,
     cleanups: IntCounterVec,
+    rebuilds_started: IntCounterVec,
+    rebuilds_finished: IntCounterVec,
     csi_requests: IntCounterVec,
     csi_seconds: HistogramVec,
     attach_seconds: HistogramVec,
@@ -124,6 +126,18 @@ static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
             "bicsi_backing_image_cleanups_total",
             "Unused backing image files removed, automatically or on request.",
             &["trigger"],
+        ),
+        rebuilds_started: counter(
+            &r,
+            "bicsi_volume_rebuilds_started_total",
+            "Replica rebuilds started by the controller, offline (detached volume) or online (attached, mirror engine).",
+            &["mode"],
+        ),
+        rebuilds_finished: counter(
+            &r,
+            "bicsi_volume_rebuilds_finished_total",
+            "Replica rebuilds that ended, by mode and result (ok: the replica is rw again; failed: it is err).",
+            &["mode", "result"],
         ),
         csi_requests: counter(
             &r,
@@ -257,6 +271,20 @@ pub fn recovery(from: &'static str) {
 /// An unused file was removed, by the `automatic` cleanup or a `manual` one.
 pub fn cleanup(trigger: &'static str) {
     RECORDED.cleanups.with_label_values(&[trigger]).inc();
+}
+
+/// The controller starts rebuilding a replica, `offline` or `online`.
+pub fn rebuild_started(mode: &'static str) {
+    RECORDED.rebuilds_started.with_label_values(&[mode]).inc();
+}
+
+/// A rebuild `mode` ended: `ok` (the replica is rw again) or `failed`.
+pub fn rebuild_finished(mode: &'static str, ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    RECORDED
+        .rebuilds_finished
+        .with_label_values(&[mode, result])
+        .inc();
 }
 
 /// A CSI call answered with `code` after `seconds`.

@@ -183,6 +183,18 @@ pub struct VolumeSpec {
     /// The engine that serves the volume, chosen at creation.
     #[serde(default)]
     pub engine: EngineKind,
+    /// The PersistentVolumeClaim it was made for (the `csi.storage.k8s.io/pvc/*` parameters of
+    /// CreateVolume), where its Kubernetes Events go (`crate::events`); not compared on a
+    /// repeated CreateVolume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimRef>,
+}
+
+/// A PersistentVolumeClaim, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// CreateVolume's content source.

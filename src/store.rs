@@ -70,6 +70,9 @@ pub trait Store: Send + Sync {
     fn put_raw(&self, kind: Kind, key: &str, value: &[u8]) -> Result<()>;
     /// Removes the document; Ok when it was already gone.
     fn delete(&self, kind: Kind, key: &str) -> Result<()>;
+    /// Publishes a Kubernetes Event (`crate::events`), without waiting: only the Kubernetes
+    /// store does; the others leave it to the log `events::emit` already wrote.
+    fn record_event(&self, _event: crate::events::Event) {}
 }
 
 /// Typed access to a [`Store`].

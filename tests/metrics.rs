@@ -680,6 +680,72 @@ async fn json_logs_parse_and_a_failed_call_carries_its_code_and_span() {
     }
 }
 
+/// Backing image work logs in a span with the image, the disk and the node; without the
+/// Kubernetes store the events (`bicsi::events`) go to the log only, one line each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_backing_image_span_and_events_go_to_the_log() {
+    let bad = raw_image(MIB, 3);
+    let base = image_server([("bad.raw".to_string(), bad)].into()).await;
+    let s = Served::start(1, &["--log-format", "json"]).await;
+    s.api(
+        reqwest::Method::POST,
+        "/v1/backingimages",
+        Some(download_image(
+            "bi-logged",
+            &format!("{base}/bad.raw"),
+            &"0".repeat(128),
+        )),
+    )
+    .await;
+    s.wait_file("bi-logged", "failed").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = s.proc.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let in_span = lines.iter().find(|l| {
+            l["spans"].as_array().is_some_and(|spans| {
+                spans
+                    .iter()
+                    .any(|sp| sp["name"] == "backing_image" && sp["image"] == "bi-logged")
+            }) && l["level"] == "WARN"
+        });
+        let event = lines.iter().find(|l| {
+            l["message"] == "event"
+                && l["object"] == "backingimage/bi-logged"
+                && l["reason"] == "BackingImageFailed"
+        });
+        if let (Some(l), Some(e)) = (in_span, event) {
+            let span = l["spans"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|sp| sp["name"] == "backing_image")
+                .unwrap();
+            assert_eq!(span["node"], "metrics-node", "{l}");
+            assert!(span["disk"].as_str().is_some_and(|d| !d.is_empty()), "{l}");
+            assert_eq!(e["level"], "WARN", "{e}");
+            assert!(e["note"].as_str().unwrap().contains("checksum"), "{e}");
+            // The start of the preparation was told as well, once.
+            let started = lines
+                .iter()
+                .filter(|l| {
+                    l["message"] == "event"
+                        && l["object"] == "backingimage/bi-logged"
+                        && l["reason"] == "BackingImagePreparing"
+                })
+                .count();
+            assert!(started >= 1, "{log}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no span or event line:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 // Multi-threaded: the image server runs on this runtime while the CLI blocks a thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_mode_the_controller_and_each_node_serve_metrics_and_count_a_cross_node_sync() {

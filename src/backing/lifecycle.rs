@@ -218,6 +218,7 @@ impl BackingImages {
                     Ok(()) => {
                         tracing::info!(image = %name, disk = %disk, "unused backing image file cleaned up");
                         crate::metrics::cleanup("automatic");
+                        super::events::cleaned_up(&*self.store, &name, &disk, &node, "automatic");
                         removed.push((name.clone(), disk));
                     }
                     Err(e) => {
@@ -312,6 +313,7 @@ impl BackingImages {
                 Ok(()) => {
                     tracing::info!(image = %name, disk = %disk, "backing image file cleaned up on request");
                     crate::metrics::cleanup("manual");
+                    super::events::cleaned_up(&*self.store, name, disk, &node, "manual");
                     result.cleaned.push(disk.clone());
                 }
                 Err(e) => result.refused.push(Refusal {
@@ -689,6 +691,7 @@ mod tests {
                     capabilities: vec![],
                     source: None,
                     engine: Default::default(),
+                    claim: None,
                 },
                 replicas: vec![Replica {
                     id: "r1".into(),

@@ -464,6 +464,7 @@ impl Controller {
             )?;
             (target, replaced, source, slot)
         };
+        self.rebuild_started(volume, "offline", &target, &source);
         let started = std::time::Instant::now();
         let outcome = self.copy_and_verify(volume, &source, &target).await;
         let took_ms = started.elapsed().as_millis() as u64;
@@ -476,7 +477,7 @@ impl Controller {
             .replicas
             .iter()
             .any(|r| r.id == target.id && r.health.mode == ReplicaMode::Wo);
-        match outcome {
+        let result = match outcome {
             // Whatever the copy or its check said (a check that ran into the engine's lock on
             // the source fails): the copy is stale.
             _ if attached && still_wo => {
@@ -516,7 +517,7 @@ impl Controller {
                         }
                     }
                 }
-                Ok(Some(target.id))
+                Ok(Some(target.id.clone()))
             }
             Ok(true) => Err(Error::FailedPrecondition(format!(
                 "replica {} changed mode during its rebuild; the next pass looks again",
@@ -552,7 +553,9 @@ impl Controller {
                 }
                 Err(e)
             }
-        }
+        };
+        self.rebuild_finished(volume, "offline", &target, &result);
+        result
     }
 
     /// The source and target of the rebuild of `old` (err), placing a replacement replica (and
@@ -710,6 +713,83 @@ impl Controller {
         Ok(())
     }
 
+    /// A rebuild of `target` from `source` started (`mode`: offline, online): counted, and an
+    /// event on the volume's claim.
+    pub(crate) fn rebuild_started(
+        &self,
+        volume: &Volume,
+        mode: &'static str,
+        target: &Replica,
+        source: &Replica,
+    ) {
+        crate::metrics::rebuild_started(mode);
+        crate::events::emit(
+            &*self.store,
+            crate::events::Event::normal(
+                crate::events::of_volume(volume),
+                crate::events::reason::REBUILD_STARTED,
+                format!(
+                    "rebuilding replica {} on node {} from replica {} ({mode})",
+                    target.id, target.node_id, source.id
+                ),
+            ),
+        );
+    }
+
+    /// The rebuild of `target` ended with `result`: counted, and an event.
+    pub(crate) fn rebuild_finished(
+        &self,
+        volume: &Volume,
+        mode: &'static str,
+        target: &Replica,
+        result: &Result<Option<String>>,
+    ) {
+        crate::metrics::rebuild_finished(mode, result.is_ok());
+        let regarding = crate::events::of_volume(volume);
+        let event = match result {
+            Ok(_) => crate::events::Event::normal(
+                regarding,
+                crate::events::reason::REBUILD_FINISHED,
+                format!("replica {} rebuilt and verified ({mode})", target.id),
+            ),
+            Err(e) => crate::events::Event::warning(
+                regarding,
+                crate::events::reason::REBUILD_FAILED,
+                format!("rebuild of replica {} failed ({mode}): {e}", target.id),
+            ),
+        };
+        crate::events::emit(&*self.store, event);
+    }
+
+    /// Tells each change of a volume's health since the last pass as an event on its claim
+    /// (a volume first seen not healthy counts as a change, so a restart tells it again).
+    fn announce_health(&self, volumes: &[Volume]) {
+        let mut seen = self.health_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|id, _| volumes.iter().any(|v| &v.id == id));
+        for v in volumes {
+            let (now, why) = health::volume_health(v);
+            let before = seen.insert(v.id.clone(), now);
+            if before.unwrap_or(health::VolumeHealth::Healthy) == now {
+                continue;
+            }
+            let regarding = crate::events::of_volume(v);
+            let event = match now {
+                health::VolumeHealth::Healthy => crate::events::Event::normal(
+                    regarding,
+                    crate::events::reason::HEALTHY,
+                    "every replica is rw again".to_string(),
+                ),
+                health::VolumeHealth::Degraded => {
+                    crate::events::Event::warning(regarding, crate::events::reason::DEGRADED, why)
+                }
+                health::VolumeHealth::Faulted => {
+                    crate::events::Event::warning(regarding, crate::events::reason::FAULTED, why)
+                }
+            };
+            crate::events::emit(&*self.store, event);
+        }
+    }
+
     /// Moves one replica of `volume` through `health::transition` and stores the record.
     fn set_mode(
         &self,
@@ -734,6 +814,7 @@ impl Controller {
     /// served by the mirror engine an online rebuild pass.
     pub async fn rebuild_pass(&self) -> Result<()> {
         let volumes: Vec<Volume> = self.store.list(Kind::Volume)?;
+        self.announce_health(&volumes);
         for mut v in volumes {
             if v.fault.is_some() || v.replicas.iter().all(|r| r.health.mode == ReplicaMode::Rw) {
                 continue;

@@ -150,21 +150,26 @@ impl FileManagers {
         let name = image.to_string();
         let disk = disk.clone();
         let fut = work(this.clone(), cancel.clone());
-        tokio::spawn(async move {
-            if let Err(e) = fut.await
-                && !cancel.is_cancelled()
-            {
-                tracing::warn!(image = %name, disk = %disk.id, error = %e, "backing image file failed");
-                let _ = this
-                    .report(
-                        &name,
-                        &disk,
-                        FileReport::new(FileState::Failed, 0, e.to_string()),
-                    )
-                    .await;
-            }
-            manager.tasks.lock().expect("tasks poisoned").remove(&name);
-        });
+        // The work's log lines carry the image, disk and node (`--log-format json`: `spans`).
+        let span = tracing::info_span!("backing_image", image = %name, disk = %disk.id, node = %disk.node_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(e) = fut.await
+                    && !cancel.is_cancelled()
+                {
+                    tracing::warn!(image = %name, disk = %disk.id, error = %e, "backing image file failed");
+                    let _ = this
+                        .report(
+                            &name,
+                            &disk,
+                            FileReport::new(FileState::Failed, 0, e.to_string()),
+                        )
+                        .await;
+                }
+                manager.tasks.lock().expect("tasks poisoned").remove(&name);
+            },
+            span,
+        ));
         true
     }
 }

@@ -256,3 +256,47 @@ fn csi_calls_are_counted_and_stage_is_the_attach() {
         1.0
     );
 }
+
+/// The rebuild counters count by mode and result, and their names pass promtool's lint when it
+/// is installed (the integration tests' scrapes never hold a rebuild).
+#[test]
+fn rebuild_counters_count_and_pass_promtool() {
+    rebuild_started("offline");
+    rebuild_started("offline");
+    rebuild_started("online");
+    rebuild_finished("offline", true);
+    rebuild_finished("offline", false);
+    let text = render(&Sources::default());
+    for want in [
+        r#"bicsi_volume_rebuilds_started_total{mode="offline"} 2"#,
+        r#"bicsi_volume_rebuilds_started_total{mode="online"} 1"#,
+        r#"bicsi_volume_rebuilds_finished_total{mode="offline",result="ok"} 1"#,
+        r#"bicsi_volume_rebuilds_finished_total{mode="offline",result="failed"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == want), "{want} not in\n{text}");
+    }
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed: the lint is left to tests/metrics.rs");
+        return;
+    };
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

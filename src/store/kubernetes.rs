@@ -19,6 +19,7 @@
 //! beyond splitting a BackingImage into spec and status.
 
 pub mod crd;
+pub mod events;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -145,6 +146,8 @@ pub struct KubeStore {
     caches: HashMap<Kind, Arc<Cache>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
     handle: tokio::runtime::Handle,
+    /// The queue of the Event publisher (`events`), which runs until the store is dropped.
+    events: tokio::sync::mpsc::Sender<events::Queued>,
 }
 
 impl Drop for KubeStore {
@@ -278,11 +281,14 @@ impl KubeStore {
             apis.insert(kind, api);
             caches.insert(kind, cache);
         }
+        let (events_tx, events_rx) = tokio::sync::mpsc::channel(events::QUEUE);
+        watchers.push(tokio::spawn(events::run(client.clone(), events_rx)));
         let store = KubeStore {
             namespace: namespace.to_string(),
             apis,
             caches,
             watchers,
+            events: events_tx,
             handle: tokio::runtime::Handle::current(),
         };
         for kind in Kind::ALL {
@@ -670,5 +676,22 @@ impl Store for KubeStore {
 
     fn delete(&self, kind: Kind, key: &str) -> Result<()> {
         self.block(self.delete_async(kind, key))
+    }
+
+    fn record_event(&self, event: crate::events::Event) {
+        // A volume without a claim has no object in the cluster to carry its events.
+        if matches!(event.regarding, crate::events::Regarding::Volume(_)) {
+            return;
+        }
+        let uid = match &event.regarding {
+            crate::events::Regarding::BackingImage(key) => self
+                .cached(Kind::BackingImage, &object_name(key))
+                .and_then(|o| o.metadata.uid),
+            _ => None,
+        };
+        let reference = events::reference(&event.regarding, &self.namespace, uid);
+        if let Err(e) = self.events.try_send(events::Queued { event, reference }) {
+            tracing::warn!(error = %e, "event queue full; the event is only logged");
+        }
     }
 }

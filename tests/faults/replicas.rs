@@ -286,6 +286,35 @@ async fn a_disk_that_fills_marks_its_replica_err_and_the_rebuild_makes_it_identi
     assert_eq!(record(&s)["health"], "healthy");
     fio(&dev, 40, true);
     ok(&s, &["volume", "detach", VOLUME]);
+    // Counted: every rebuild started has ended, one of them ok (the one after the room).
+    let metrics = reqwest::get(format!("{}/metrics", s.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let total = |name: &str, label: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let started = total("bicsi_volume_rebuilds_started_total", "mode=");
+    let ended_ok = total("bicsi_volume_rebuilds_finished_total", r#"result="ok""#);
+    let ended_failed = total("bicsi_volume_rebuilds_finished_total", r#"result="failed""#);
+    assert_eq!(ended_ok, 1.0, "{metrics}");
+    assert_eq!(started, ended_ok + ended_failed, "{metrics}");
+    // And told: without the Kubernetes store the events go to the log.
+    let log = s.log();
+    for reason in [
+        "VolumeDegraded",
+        "RebuildStarted",
+        "RebuildFinished",
+        "VolumeHealthy",
+    ] {
+        assert!(log.contains(reason), "no {reason} event in the log:\n{log}");
+    }
     drop(s);
 }
 

@@ -187,6 +187,7 @@ impl Controller {
             )?;
             (target, replaced, source, node, slot)
         };
+        self.rebuild_started(volume, "online", &target, &source);
         let _ = running;
         let agent = self.cluster.agent(&node)?;
         let image = volume.spec.backing_image.clone();
@@ -245,7 +246,7 @@ impl Controller {
             .replicas
             .iter()
             .any(|r| r.id == target.id && r.health.mode == ReplicaMode::Wo);
-        match outcome {
+        let result = match outcome {
             Ok(()) if still_wo => {
                 self.set_mode(
                     volume,
@@ -269,7 +270,7 @@ impl Controller {
                         tracing::warn!(volume = %volume.id, replica = %old.id, error = %e, "cannot delete the replaced replica's files");
                     }
                 }
-                Ok(Some(target.id))
+                Ok(Some(target.id.clone()))
             }
             Ok(()) => Err(Error::FailedPrecondition(format!(
                 "replica {} changed mode during its online rebuild; the next pass looks again",
@@ -299,7 +300,9 @@ impl Controller {
                 }
                 Err(e)
             }
-        }
+        };
+        self.rebuild_finished(volume, "online", &target, &result);
+        result
     }
 
     /// Follows the engine's rebuild of `target` until it is complete and in place (Ok), or

@@ -74,6 +74,17 @@ fn has_status_subresource(plural: &str) -> bool {
     plural == "backingimages"
 }
 
+/// The apiVersion of the objects kept under `plural` (see [`FakeApi::resource`]).
+fn api_version_of(plural: &str) -> &'static str {
+    if plural.starts_with("events.") {
+        "events.k8s.io/v1"
+    } else if plural.starts_with("persistentvolumeclaims.") || plural == "nodes" {
+        "v1"
+    } else {
+        "longhorn.io/v1beta2"
+    }
+}
+
 impl FakeApi {
     /// Starts the server; returns it and a client for it.
     pub async fn start() -> (FakeApi, kube::Client) {
@@ -192,12 +203,10 @@ impl FakeApi {
             .await
             .unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let prefix = format!("/apis/longhorn.io/v1beta2/namespaces/{NS}/");
-        let Some(rest) = path.strip_prefix(&prefix) else {
+        let Some(parts) = FakeApi::resource(&path) else {
             let (code, v) = status(404, "NotFound", format!("no route {path}"));
             return self.answer(method, path, query, body, code, v);
         };
-        let parts: Vec<String> = rest.split('/').map(String::from).collect();
         let plural = parts[0].clone();
         if method == Method::GET && parts.len() == 1 && query.contains("watch=") {
             self.log_req(&method, &path, &query, &body, 200);
@@ -208,6 +217,45 @@ impl FakeApi {
             self.route(&mut st, &method, &parts, &body)
         };
         self.answer(method, path, query, body, code, v)
+    }
+
+    /// The path's resource as [plural, name, subresource]: bicsi's kinds in [`NS`] by their
+    /// plural; Events (`events.k8s.io/v1`) and PVCs of any namespace as `events.NS` and
+    /// `persistentvolumeclaims.NS`; Nodes as `nodes`.
+    fn resource(path: &str) -> Option<Vec<String>> {
+        let split = |rest: &str| rest.split('/').map(String::from).collect::<Vec<_>>();
+        if let Some(rest) =
+            path.strip_prefix(&format!("/apis/longhorn.io/v1beta2/namespaces/{NS}/"))
+        {
+            return Some(split(rest));
+        }
+        let namespaced = |prefix: &str, plural: &str| {
+            let rest = path.strip_prefix(prefix)?;
+            let (ns, rest) = rest.split_once('/')?;
+            let rest = rest.strip_prefix(plural)?;
+            let mut parts = vec![format!("{plural}.{ns}")];
+            parts.extend(rest.split('/').filter(|p| !p.is_empty()).map(String::from));
+            Some(parts)
+        };
+        if let Some(parts) = namespaced("/apis/events.k8s.io/v1/namespaces/", "events") {
+            return Some(parts);
+        }
+        if let Some(parts) = namespaced("/api/v1/namespaces/", "persistentvolumeclaims") {
+            return Some(parts);
+        }
+        path.strip_prefix("/api/v1/")
+            .filter(|r| r.starts_with("nodes"))
+            .map(split)
+    }
+
+    /// Every Event (`events.k8s.io/v1`) stored, in any namespace.
+    pub fn events(&self) -> Vec<Value> {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .iter()
+            .filter(|((p, _), _)| p.starts_with("events."))
+            .map(|(_, o)| o.clone())
+            .collect()
     }
 
     fn log_req(&self, method: &Method, path: &str, query: &str, body: &Value, status: u16) {
@@ -264,8 +312,24 @@ impl FakeApi {
                 )
             }
             (Method::POST, 1) => {
-                if body["apiVersion"] != "longhorn.io/v1beta2" || !body["kind"].is_string() {
+                if body["apiVersion"] != api_version_of(plural) || !body["kind"].is_string() {
                     return status(400, "BadRequest", "Object 'Kind' is missing".into());
+                }
+                if plural.starts_with("events.") {
+                    let ns = plural.trim_start_matches("events.");
+                    if body["metadata"]["namespace"]
+                        .as_str()
+                        .is_some_and(|n| n != ns)
+                    {
+                        return status(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request".into());
+                    }
+                    if let Err(why) = crate::events::validate(body) {
+                        return status(
+                            422,
+                            "Invalid",
+                            format!("Event {:?} is invalid: {why}", body["metadata"]["name"]),
+                        );
+                    }
                 }
                 let name = body["metadata"]["name"].as_str().unwrap_or("").to_string();
                 if st.objects.contains_key(&(plural.to_string(), name.clone())) {
@@ -337,6 +401,11 @@ impl FakeApi {
                 }
                 let mut obj = old.clone();
                 merge(&mut obj, body);
+                if plural.starts_with("events.")
+                    && let Err(why) = crate::events::validate(&obj)
+                {
+                    return status(422, "Invalid", format!("Event {name:?} is invalid: {why}"));
+                }
                 if sub_status {
                     let status = obj.get("status").cloned();
                     obj = old.clone();
