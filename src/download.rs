@@ -28,6 +28,8 @@ mod decompress;
 pub mod guard;
 pub mod oci;
 mod pipeline;
+#[cfg(test)]
+mod remote_tests;
 pub mod s3;
 #[cfg(test)]
 mod tests;
