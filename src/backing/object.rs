@@ -411,12 +411,15 @@ fn check_download(params: &BTreeMap<String, String>) -> std::result::Result<(), 
     download_access_files(params).check()
 }
 
-/// Where a download's Secret and CA ConfigMap are: (namespace, name) of each, the namespace
-/// defaulting to `default_ns` (the store's).
+/// A Kubernetes object by (namespace, name).
+pub type ObjectRef = (String, String);
+
+/// Where a download's Secret and CA ConfigMap are, the namespace defaulting to `default_ns`
+/// (the store's).
 pub fn cluster_refs(
     params: &BTreeMap<String, String>,
     default_ns: &str,
-) -> (Option<(String, String)>, Option<(String, String)>) {
+) -> (Option<ObjectRef>, Option<ObjectRef>) {
     let pick = |name: &str, ns: &str| {
         param(params, name).map(|n| {
             (
