@@ -95,8 +95,15 @@ pub trait Agent: Send + Sync {
     async fn resize_replica(&self, replica: &Replica, size: u64) -> Result<()>;
     /// Creates `replica` as a copy of `source`, another replica on this node (sparse).
     async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()>;
-    /// Starts preparing an image's first file on one of this node's disks.
-    async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()>;
+    /// Starts preparing an image's first file on one of this node's disks. `credentials` are
+    /// what the controller read from the Secret and ConfigMap the image's source names (the
+    /// node never reads them itself); `None` when it names none.
+    async fn prepare_first_file(
+        &self,
+        image: &str,
+        disk_id: &str,
+        credentials: Option<&crate::download::Credentials>,
+    ) -> Result<()>;
     /// Removes every file of an image from this node's disks.
     async fn delete_image_files(&self, image: &str) -> Result<()>;
     /// Removes the image's file (and any work in progress on it) from one of this node's disks.
@@ -567,8 +574,14 @@ impl Agent for LocalAgent {
         .await
     }
 
-    async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()> {
-        self.files.prepare_first_file(image, disk_id)
+    async fn prepare_first_file(
+        &self,
+        image: &str,
+        disk_id: &str,
+        credentials: Option<&crate::download::Credentials>,
+    ) -> Result<()> {
+        self.files
+            .prepare_first_file_with(image, disk_id, credentials.cloned())
     }
 
     async fn delete_image_files(&self, image: &str) -> Result<()> {

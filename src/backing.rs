@@ -166,6 +166,7 @@ impl BackingImages {
     pub async fn create(self: &Arc<Self>, wanted: BackingImage) -> Result<(BackingImage, bool)> {
         let wanted = object::from_user(wanted)?;
         let name = wanted.name().to_string();
+        self.check_cluster_keys(&wanted)?;
         let created = {
             let _w = self.write.lock().await;
             if let Some(existing) = self.get(&name)? {
@@ -210,6 +211,7 @@ impl BackingImages {
                 return Ok(());
             }
             let mut bi = object::from_user(found)?;
+            self.check_cluster_keys(&bi)?;
             self.initialise(&mut bi).await?;
             self.store.put(Kind::BackingImage, name, &bi)?;
             bi
@@ -240,14 +242,101 @@ impl BackingImages {
         )
     }
 
-    /// Asks the nodes holding pending first files to start preparing them.
+    /// Refuses a source that names a Secret or ConfigMap where the store has none to read.
+    fn check_cluster_keys(&self, bi: &BackingImage) -> Result<()> {
+        let params = &bi.spec.source_parameters;
+        if bi.spec.source_type == SourceType::Download
+            && object::names_cluster_objects(params)
+            && self.store.cluster_namespace().is_none()
+        {
+            return Err(object::cluster_keys_refused(bi.name(), params));
+        }
+        Ok(())
+    }
+
+    /// The values of the Secret and CA ConfigMap a download's source names, read from the
+    /// cluster now, for the node's request or the head of the download: never stored, logged
+    /// or put in the image's status. `None` when the source names neither.
+    pub fn source_credentials(
+        &self,
+        bi: &BackingImage,
+    ) -> Result<Option<crate::download::Credentials>> {
+        let params = &bi.spec.source_parameters;
+        if bi.spec.source_type != SourceType::Download || !object::names_cluster_objects(params) {
+            return Ok(None);
+        }
+        let name = bi.name();
+        let ns = self
+            .store
+            .cluster_namespace()
+            .ok_or_else(|| object::cluster_keys_refused(name, params))?;
+        let about = |e: Error| match e {
+            Error::FailedPrecondition(m) => {
+                Error::FailedPrecondition(format!("backing image {name:?}: {m}"))
+            }
+            Error::Unavailable(m) => Error::Unavailable(format!("backing image {name:?}: {m}")),
+            other => other,
+        };
+        let (secret, ca) = object::cluster_refs(params, &ns);
+        let mut c = crate::download::Credentials::default();
+        if let Some((ns, secret)) = secret {
+            c.origin = format!("Secret {ns}/{secret}");
+            for (key, value) in self.store.read_secret(&ns, &secret).map_err(about)? {
+                let value = String::from_utf8(value).map_err(|_| {
+                    Error::FailedPrecondition(format!(
+                        "backing image {name:?}: Secret {ns}/{secret}: the value of key {key} is not UTF-8 text"
+                    ))
+                })?;
+                c.values.insert(key, value);
+            }
+        }
+        if let Some((ns, map)) = ca {
+            c.ca_origin = format!("ConfigMap {ns}/{map}, key ca.crt");
+            let data = self.store.read_config_map(&ns, &map).map_err(about)?;
+            c.ca_bundle = Some(data.get("ca.crt").cloned().ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "backing image {name:?}: ConfigMap {ns}/{map} has no key ca.crt; put the PEM certificates of the CA there"
+                ))
+            })?);
+        }
+        Ok(Some(c))
+    }
+
+    /// Asks the nodes holding pending first files to start preparing them, with the values of
+    /// the Secret and ConfigMap the source names; when those cannot be read, the files fail
+    /// with the reason (and recovery tries again).
     async fn start_first_files(&self, bi: &BackingImage) {
+        let credentials = match self.source_credentials(bi) {
+            Ok(c) => c,
+            Err(e) => {
+                for (disk_id, f) in &bi.status.disk_file_status_map {
+                    if f.state != FileState::Pending {
+                        continue;
+                    }
+                    tracing::warn!(image = %bi.name(), disk = %disk_id, error = %e, "cannot read the source's credentials");
+                    let disk = Disk {
+                        id: disk_id.clone(),
+                        node_id: f.node_id.clone(),
+                        path: Default::default(),
+                    };
+                    let report = FileReport::new(FileState::Failed, 0, e.to_string());
+                    if let Err(e) = self.apply_report(bi.name(), &disk, report).await {
+                        tracing::warn!(image = %bi.name(), disk = %disk_id, error = %e, "cannot report the failed first file");
+                    }
+                }
+                return;
+            }
+        };
         for (disk_id, f) in &bi.status.disk_file_status_map {
             if f.state != FileState::Pending {
                 continue;
             }
             let r = match self.cluster.agent(&f.node_id) {
-                Ok(agent) => agent.prepare_first_file(bi.name(), disk_id).await,
+                Ok(agent) => {
+                    agent
+                        .prepare_first_file(bi.name(), disk_id, credentials.as_ref())
+                        .await
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = r {

@@ -26,7 +26,11 @@
 mod access;
 mod decompress;
 pub mod guard;
+pub mod oci;
 mod pipeline;
+#[cfg(test)]
+mod remote_tests;
+pub mod s3;
 #[cfg(test)]
 mod tests;
 
@@ -48,7 +52,8 @@ use pipeline::Pipeline;
 
 use crate::messages::error_chain;
 pub use crate::messages::redact;
-pub use access::{Access, AccessFiles};
+use crate::messages::redact_text;
+pub use access::{Access, AccessFiles, Credentials, SECRET_HTTP_KEYS};
 pub use decompress::{Compression, decode_prefix};
 
 /// Default for [`DownloadRequest::idle_timeout`].
@@ -96,6 +101,20 @@ pub struct DownloadRequest {
     pub source_checksum: Option<SourceChecksum>,
     /// Headers (credentials) sent with every request, and extra trusted CA certificates.
     pub access: Access,
+    /// What `url` names: an http(s) URL, or an object store or registry reached over HTTP.
+    pub remote: Remote,
+}
+
+/// What kind of thing a download's URL names, with what it needs besides [`Access`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Remote {
+    /// `http://` or `https://`: fetched as it is.
+    #[default]
+    Http,
+    /// `s3://bucket/key`: fetched with a presigned (or, public, plain) GET ([`s3`]).
+    S3(s3::S3Access),
+    /// `docker://` or `oci://`: the disk image in a layer of a registry's image ([`oci`]).
+    Oci(oci::OciAccess),
 }
 
 /// A hash a [`SourceChecksum`] is made with.
@@ -187,6 +206,7 @@ impl DownloadRequest {
             .expect("the default networks parse"),
             source_checksum: None,
             access: Access::default(),
+            remote: Remote::Http,
         }
     }
 }
@@ -278,6 +298,17 @@ pub enum DownloadError {
     Untrusted { url: String, detail: String },
     #[error("GET {url}: refused: {refusal}")]
     Denied { url: String, refusal: Refusal },
+    /// An object store or registry said no, with what that means for its kind of source.
+    #[error("GET {url}: HTTP {status}: {hint}")]
+    Refused {
+        url: String,
+        status: StatusCode,
+        hint: String,
+    },
+    /// What an s3:// or docker:// URL names could not be found or used (a manifest without a
+    /// disk image, a platform the image lacks, bad credentials given for it).
+    #[error("{url}: {detail}")]
+    Source { url: String, detail: String },
     #[error(
         "checksum mismatch: expected {expected}, got {got}; the file at the URL changed or is \
          corrupt"
@@ -337,6 +368,8 @@ impl DownloadError {
             | DownloadError::UnsupportedScheme { .. }
             | DownloadError::Redirect { .. }
             | DownloadError::Denied { .. }
+            | DownloadError::Refused { .. }
+            | DownloadError::Source { .. }
             | DownloadError::Untrusted { .. }
             | DownloadError::ChecksumMismatch { .. }
             | DownloadError::SourceChecksumMismatch { .. }
@@ -363,6 +396,8 @@ impl DownloadError {
             | DownloadError::UnsupportedScheme { .. }
             | DownloadError::Redirect { .. }
             | DownloadError::Untrusted { .. }
+            | DownloadError::Refused { .. }
+            | DownloadError::Source { .. }
             | DownloadError::Denied { .. } => true,
             _ => false,
         }
@@ -459,8 +494,133 @@ pub async fn download(
     progress: &dyn ProgressSink,
     cancel: CancellationToken,
 ) -> Result<DownloadOutcome, DownloadError> {
-    let url = validate_url(&req.url)?;
-    let shown = redact(&url);
+    let plan = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(DownloadError::Cancelled { url: redact_text(&req.url) }),
+        plan = resolve(req, req.idle_timeout) => plan?,
+    };
+    let mut effective;
+    let req = if plan.changes_request() {
+        effective = req.clone();
+        effective
+            .access
+            .headers
+            .extend(plan.headers.iter().cloned());
+        if let Some(c) = &plan.source_checksum {
+            effective.source_checksum = Some(c.clone());
+        }
+        &effective
+    } else {
+        req
+    };
+    let result = fetch(req, plan.url.clone(), plan.shown.clone(), progress, cancel).await;
+    result.map_err(|e| plan.explain(e))
+}
+
+/// The HTTP GET a download's URL comes down to, once its [`Remote`] is resolved.
+struct Plan {
+    url: Url,
+    /// How the source is shown in messages (`s3://bucket/key`, never a presigned URL).
+    shown: String,
+    /// Added to the request's headers (a registry's token).
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// Checked as the request's source checksum (a registry blob's digest).
+    source_checksum: Option<SourceChecksum>,
+    remote: RemoteKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RemoteKind {
+    Http,
+    S3 { signed: bool },
+    Oci,
+}
+
+impl Plan {
+    fn changes_request(&self) -> bool {
+        !self.headers.is_empty() || self.source_checksum.is_some()
+    }
+
+    /// A refusal explained for its kind of source.
+    fn explain(&self, e: DownloadError) -> DownloadError {
+        let hint = match (&e, self.remote) {
+            (DownloadError::HttpStatus { status, .. }, RemoteKind::S3 { signed }) => {
+                s3::explain(*status, signed)
+            }
+            (DownloadError::HttpStatus { status, .. }, RemoteKind::Oci) => oci::explain(*status),
+            _ => None,
+        };
+        match (e, hint) {
+            (DownloadError::HttpStatus { url, status, .. }, Some(hint)) => DownloadError::Refused {
+                url,
+                status,
+                hint: hint.to_string(),
+            },
+            (e, _) => e,
+        }
+    }
+}
+
+/// Turns the request's URL into the GET to make: an http(s) URL as it is, an S3 object's
+/// presigned URL, a registry image's layer blob with its token and digest.
+async fn resolve(req: &DownloadRequest, timeout: Duration) -> Result<Plan, DownloadError> {
+    match &req.remote {
+        Remote::Http => {
+            let url = validate_url(&req.url)?;
+            let shown = redact(&url);
+            Ok(Plan {
+                url,
+                shown,
+                headers: Vec::new(),
+                source_checksum: None,
+                remote: RemoteKind::Http,
+            })
+        }
+        Remote::S3(access) => {
+            let object =
+                s3::S3Object::parse(&req.url).map_err(|reason| DownloadError::InvalidUrl {
+                    url: redact_text(&req.url),
+                    reason,
+                })?;
+            let shown = object.to_string();
+            let url =
+                s3::object_url(&object, access)
+                    .await
+                    .map_err(|detail| DownloadError::Source {
+                        url: shown.clone(),
+                        detail,
+                    })?;
+            Ok(Plan {
+                url,
+                shown,
+                headers: Vec::new(),
+                source_checksum: None,
+                remote: RemoteKind::S3 {
+                    signed: access.keys.is_some(),
+                },
+            })
+        }
+        Remote::Oci(access) => {
+            let blob = oci::resolve(&req.url, access, &req.guard, &req.access, timeout).await?;
+            Ok(Plan {
+                url: blob.url,
+                shown: blob.shown,
+                headers: blob.headers,
+                source_checksum: Some(blob.digest),
+                remote: RemoteKind::Oci,
+            })
+        }
+    }
+}
+
+/// [`download`] of a resolved plain GET.
+async fn fetch(
+    req: &DownloadRequest,
+    url: Url,
+    shown: String,
+    progress: &dyn ProgressSink,
+    cancel: CancellationToken,
+) -> Result<DownloadOutcome, DownloadError> {
     let span = tracing::info_span!("download", url = %shown, dest = %req.dest.display());
     async move {
         // Armed before the file exists: whatever happens from here, a failed download leaves
@@ -512,6 +672,37 @@ pub struct Head {
     pub total: Option<u64>,
 }
 
+/// [`head`] of any source: an S3 object through its presigned URL, a registry image's disk
+/// image through its layer ([`oci::head`]).
+pub async fn head_remote(
+    url: &str,
+    remote: &Remote,
+    len: usize,
+    timeout: Duration,
+    guard: &NetworkGuard,
+    access: &Access,
+) -> Result<Head, DownloadError> {
+    if let Remote::Oci(oci_access) = remote {
+        let work = oci::head(url, oci_access, len, timeout, guard, access);
+        return tokio::time::timeout(timeout, work).await.map_err(|_| {
+            DownloadError::IdleTimeout {
+                url: redact_text(url),
+                idle: timeout,
+                attempts: 1,
+            }
+        })?;
+    }
+    let req = DownloadRequest {
+        remote: remote.clone(),
+        ..DownloadRequest::new(url, PathBuf::new())
+    };
+    let plan = resolve(&req, timeout).await?;
+    let shown = plan.shown.clone();
+    head_url(plan.url.clone(), shown, len, timeout, guard, access)
+        .await
+        .map_err(|e| plan.explain(e))
+}
+
 /// Fetches the first `len` bytes of `url` with one ranged GET (`Range: bytes=0-<len-1>`), so a
 /// caller learns the image's size before the download is done. A server that ignores Range
 /// answers the whole file: only `len` bytes are read and the connection is dropped. Nothing is
@@ -525,6 +716,17 @@ pub async fn head(
 ) -> Result<Head, DownloadError> {
     let parsed = validate_url(url)?;
     let shown = redact(&parsed);
+    head_url(parsed, shown, len, timeout, guard, access).await
+}
+
+async fn head_url(
+    parsed: Url,
+    shown: String,
+    len: usize,
+    timeout: Duration,
+    guard: &NetworkGuard,
+    access: &Access,
+) -> Result<Head, DownloadError> {
     guard
         .check_url(&parsed)
         .map_err(|refusal| DownloadError::Denied {
@@ -760,7 +962,11 @@ impl<'a> Transfer<'a> {
             return Err(self.cancelled());
         }
         let (file, kept) = self.open_dest().await?;
-        let mut pipe = Pipeline::start(file, self.req.source_checksum.as_ref().map(|c| c.algo));
+        let mut pipe = Pipeline::start(
+            file,
+            self.req.source_checksum.as_ref().map(|c| c.algo),
+            matches!(self.req.remote, Remote::Oci(_)),
+        );
         if let Some((len, kept)) = kept {
             self.rehash(&mut pipe, len).await?;
             info!(
@@ -1136,6 +1342,12 @@ impl<'a> Transfer<'a> {
 
     /// The error the pipeline stopped with: a body that does not decompress, or the file's.
     fn pipe_error(&self, e: io::Error) -> DownloadError {
+        if let Some(n) = oci::not_a_disk_in(&e) {
+            return DownloadError::Source {
+                url: self.shown.clone(),
+                detail: n.to_string(),
+            };
+        }
         match decompress::corrupt_in(&e) {
             Some(c) => DownloadError::Corrupt {
                 url: self.shown.clone(),

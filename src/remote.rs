@@ -330,12 +330,18 @@ impl Agent for RemoteAgent {
         )))
     }
 
-    async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()> {
+    async fn prepare_first_file(
+        &self,
+        image: &str,
+        disk_id: &str,
+        credentials: Option<&crate::download::Credentials>,
+    ) -> Result<()> {
         self.client
             .clone()
             .prepare_first_file(pb::FileRequest {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
+                credentials_json: credentials.map(to_json).transpose()?.unwrap_or_default(),
             })
             .await
             .map_err(status_error)?;
@@ -348,6 +354,7 @@ impl Agent for RemoteAgent {
             .delete_image_files(pb::FileRequest {
                 image: image.to_string(),
                 disk_id: String::new(),
+                credentials_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -360,6 +367,7 @@ impl Agent for RemoteAgent {
             .delete_image_files(pb::FileRequest {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
+                credentials_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -372,6 +380,7 @@ impl Agent for RemoteAgent {
             .sync_image_file(pb::FileRequest {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
+                credentials_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -690,7 +699,12 @@ impl AgentRpc for AgentService {
         request: Request<pb::FileRequest>,
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        self.local.prepare_first_file(&r.image, &r.disk_id).await?;
+        let credentials: Option<crate::download::Credentials> = (!r.credentials_json.is_empty())
+            .then(|| from_json(&r.credentials_json, "source credentials"))
+            .transpose()?;
+        self.local
+            .prepare_first_file(&r.image, &r.disk_id, credentials.as_ref())
+            .await?;
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -73,6 +73,36 @@ pub trait Store: Send + Sync {
     /// Publishes a Kubernetes Event (`crate::events`), without waiting: only the Kubernetes
     /// store does; the others leave it to the log `events::emit` already wrote.
     fn record_event(&self, _event: crate::events::Event) {}
+
+    /// The namespace a source's Secret or ConfigMap is looked up in when none is given; `None`
+    /// when the store does not live in a cluster (then it reads neither).
+    fn cluster_namespace(&self) -> Option<String> {
+        None
+    }
+
+    /// The data of the Kubernetes Secret `namespace/name` (key → bytes), for a source's
+    /// credentials. Only a store that lives in a cluster has Secrets: the others refuse.
+    fn read_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+        Err(crate::error::Error::FailedPrecondition(format!(
+            "Secret {namespace}/{name}: Secrets are read only with --store kubernetes; without a cluster give the credentials in files"
+        )))
+    }
+
+    /// The data of the Kubernetes ConfigMap `namespace/name` (key → text); as
+    /// [`Store::read_secret`].
+    fn read_config_map(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        Err(crate::error::Error::FailedPrecondition(format!(
+            "ConfigMap {namespace}/{name}: ConfigMaps are read only with --store kubernetes; without a cluster give the CA bundle in a file"
+        )))
+    }
 }
 
 /// Typed access to a [`Store`].

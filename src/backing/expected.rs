@@ -133,18 +133,23 @@ impl BackingImages {
         match bi.spec.source_type {
             SourceType::Download => {
                 let url = &bi.spec.source_parameters["url"];
-                let shown = crate::download::validate_url(url)
-                    .map(|u| crate::download::redact(&u))
-                    .unwrap_or_default();
+                let shown = crate::messages::redact_text(url);
                 let guard = self.settings().download_guard()?;
-                let access = super::object::download_access_files(&bi.spec.source_parameters)
-                    .load()
-                    .map_err(|e| {
-                        Error::FailedPrecondition(format!("backing image {name:?}: {e}"))
-                    })?;
-                let head =
-                    crate::download::head(url, imagefmt::PROBE_LEN, HEAD_TIMEOUT, &guard, &access)
-                        .await
+                let credentials = self.source_credentials(bi)?;
+                let (remote, access) = super::object::download_source(
+                    &bi.spec.source_parameters,
+                    credentials.as_ref(),
+                )
+                .map_err(|e| Error::FailedPrecondition(format!("backing image {name:?}: {e}")))?;
+                let head = crate::download::head_remote(
+                    url,
+                    &remote,
+                    imagefmt::PROBE_LEN,
+                    HEAD_TIMEOUT,
+                    &guard,
+                    &access,
+                )
+                .await
                     .map_err(|e| {
                         let m = format!(
                             "backing image {name:?}: cannot learn the volume's size from the head of the download: {e}"

@@ -435,7 +435,10 @@ impl BackingImages {
                     set_file(bi, &disk, FileState::Pending, 0, message.clone(), now)
                 })
                 .await?;
-                agent.prepare_first_file(name, &disk.id).await?;
+                let credentials = self.source_credentials(&self.must_get(name)?)?;
+                agent
+                    .prepare_first_file(name, &disk.id, credentials.as_ref())
+                    .await?;
                 crate::metrics::recovery("source");
             }
         }
@@ -519,7 +522,12 @@ mod tests {
         async fn copy_replica(&self, _: &Replica, _: &Replica) -> Result<()> {
             Err(unused())
         }
-        async fn prepare_first_file(&self, image: &str, disk_id: &str) -> Result<()> {
+        async fn prepare_first_file(
+            &self,
+            image: &str,
+            disk_id: &str,
+            _credentials: Option<&crate::download::Credentials>,
+        ) -> Result<()> {
             self.record(format!("first {image} {disk_id}"))
         }
         async fn delete_image_files(&self, image: &str) -> Result<()> {

@@ -217,7 +217,377 @@ pub const DOWNLOAD_OPTIONAL: &[&str] = &[
     "usernameFile",
     "passwordFile",
     "caBundleFile",
+    "secret",
+    "secretNamespace",
+    "caBundleConfigMap",
+    "caBundleConfigMapNamespace",
+    "endpoint",
+    "region",
+    "accessKeyIdFile",
+    "secretAccessKeyFile",
+    "dockerConfigFile",
 ];
+
+/// The source parameters that name Kubernetes objects: only a store in a cluster reads them.
+pub const CLUSTER_KEYS: &[&str] = &["secret", "caBundleConfigMap"];
+
+/// What a download's `url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlKind {
+    Http,
+    S3,
+    Registry,
+}
+
+impl UrlKind {
+    pub fn of(url: &str) -> UrlKind {
+        let u = url.trim();
+        if u.starts_with("s3://") {
+            UrlKind::S3
+        } else if u.starts_with("docker://") || u.starts_with("oci://") {
+            UrlKind::Registry
+        } else {
+            UrlKind::Http
+        }
+    }
+
+    /// The optional keys only this kind takes, and the credential keys it takes.
+    fn own_keys(self) -> &'static [&'static str] {
+        match self {
+            UrlKind::Http => &[
+                "headersFile",
+                "authorizationFile",
+                "usernameFile",
+                "passwordFile",
+            ],
+            UrlKind::S3 => &[
+                "endpoint",
+                "region",
+                "accessKeyIdFile",
+                "secretAccessKeyFile",
+            ],
+            UrlKind::Registry => &["dockerConfigFile", "usernameFile", "passwordFile"],
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            UrlKind::Http => "an http(s) URL",
+            UrlKind::S3 => "an s3:// URL",
+            UrlKind::Registry => "a docker:// or oci:// image",
+        }
+    }
+}
+
+/// Keys every download takes, whatever its URL.
+const COMMON_KEYS: &[&str] = &[
+    "sourceChecksum",
+    "caBundleFile",
+    "secret",
+    "secretNamespace",
+    "caBundleConfigMap",
+    "caBundleConfigMapNamespace",
+];
+
+/// The credential-file keys a `secret` replaces.
+const CREDENTIAL_FILE_KEYS: &[&str] = &[
+    "headersFile",
+    "authorizationFile",
+    "usernameFile",
+    "passwordFile",
+    "accessKeyIdFile",
+    "secretAccessKeyFile",
+    "dockerConfigFile",
+];
+
+fn param<'a>(params: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    params.get(key).map(|v| v.trim()).filter(|v| !v.is_empty())
+}
+
+/// Checks the parameters of a download beyond their names: which keys go with which kind of
+/// URL and with each other.
+fn check_download(params: &BTreeMap<String, String>) -> std::result::Result<(), String> {
+    let url = params["url"].trim();
+    let kind = UrlKind::of(url);
+    match kind {
+        UrlKind::Http => {
+            crate::download::validate_url(url).map_err(|e| e.to_string())?;
+        }
+        UrlKind::S3 => {
+            crate::download::s3::S3Object::parse(url)?;
+        }
+        UrlKind::Registry => {
+            crate::download::oci::Reference::parse(url)?;
+        }
+    }
+    for key in params.keys() {
+        let k = key.as_str();
+        if k != "url" && !COMMON_KEYS.contains(&k) && !kind.own_keys().contains(&k) {
+            return Err(format!(
+                "the source parameter {k:?} does not go with {} ({url:?}); it takes: {}",
+                kind.describe(),
+                COMMON_KEYS
+                    .iter()
+                    .chain(kind.own_keys())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    if kind == UrlKind::Registry && params.contains_key("sourceChecksum") {
+        return Err(
+            "sourceChecksum does not go with a registry image: the layer's own digest is checked; pin the image with @sha256:DIGEST instead"
+                .to_string(),
+        );
+    }
+    if param(params, "secret").is_some() {
+        if let Some(k) = CREDENTIAL_FILE_KEYS
+            .iter()
+            .find(|k| params.contains_key(**k))
+        {
+            return Err(format!(
+                "secret and {k} both give the credentials; give one (secret in a cluster, the files without one)"
+            ));
+        }
+    } else if params.contains_key("secretNamespace") {
+        return Err("secretNamespace names the namespace of secret, which is not given".into());
+    }
+    if param(params, "caBundleConfigMap").is_some() {
+        if params.contains_key("caBundleFile") {
+            return Err(
+                "caBundleConfigMap and caBundleFile both give the CA bundle; give one".into(),
+            );
+        }
+    } else if params.contains_key("caBundleConfigMapNamespace") {
+        return Err(
+            "caBundleConfigMapNamespace names the namespace of caBundleConfigMap, which is not given"
+                .into(),
+        );
+    }
+    for key in [
+        "secret",
+        "secretNamespace",
+        "caBundleConfigMap",
+        "caBundleConfigMapNamespace",
+    ] {
+        if let Some(v) = param(params, key)
+            && validate_name(v).is_err()
+        {
+            return Err(format!(
+                "{key} {v:?} is not a Kubernetes object name (lower-case letters, digits and '-')"
+            ));
+        }
+    }
+    if let Some(ep) = param(params, "endpoint") {
+        crate::download::s3::check_endpoint(ep)?;
+    }
+    if params.contains_key("accessKeyIdFile") != params.contains_key("secretAccessKeyFile") {
+        return Err(
+            "accessKeyIdFile and secretAccessKeyFile go together (an S3 access key); give both"
+                .into(),
+        );
+    }
+    for key in ["accessKeyIdFile", "secretAccessKeyFile", "dockerConfigFile"] {
+        if let Some(p) = param(params, key)
+            && !std::path::Path::new(p).is_absolute()
+        {
+            return Err(format!(
+                "{key} {p:?} is not an absolute path; give the file's full path on the machine bicsi runs on"
+            ));
+        }
+    }
+    if kind == UrlKind::Registry
+        && params.contains_key("usernameFile") != params.contains_key("passwordFile")
+    {
+        return Err("usernameFile and passwordFile go together (the registry's user and password); give both".into());
+    }
+    if kind == UrlKind::Registry
+        && params.contains_key("usernameFile")
+        && params.contains_key("dockerConfigFile")
+    {
+        return Err("dockerConfigFile and usernameFile/passwordFile both give the registry's credentials; give one".into());
+    }
+    download_access_files(params).check()
+}
+
+/// A Kubernetes object by (namespace, name).
+pub type ObjectRef = (String, String);
+
+/// Where a download's Secret and CA ConfigMap are, the namespace defaulting to `default_ns`
+/// (the store's).
+pub fn cluster_refs(
+    params: &BTreeMap<String, String>,
+    default_ns: &str,
+) -> (Option<ObjectRef>, Option<ObjectRef>) {
+    let pick = |name: &str, ns: &str| {
+        param(params, name).map(|n| {
+            (
+                param(params, ns).unwrap_or(default_ns).to_string(),
+                n.to_string(),
+            )
+        })
+    };
+    (
+        pick("secret", "secretNamespace"),
+        pick("caBundleConfigMap", "caBundleConfigMapNamespace"),
+    )
+}
+
+/// Whether the source names Kubernetes objects (a Secret or a CA ConfigMap).
+pub fn names_cluster_objects(params: &BTreeMap<String, String>) -> bool {
+    CLUSTER_KEYS.iter().any(|k| param(params, k).is_some())
+}
+
+/// The refusal of `secret` and `caBundleConfigMap` where no cluster holds them.
+pub fn cluster_keys_refused(name: &str, params: &BTreeMap<String, String>) -> Error {
+    let kind = params.get("url").map_or(UrlKind::Http, |u| UrlKind::of(u));
+    let files = match kind {
+        UrlKind::Http => "headersFile, authorizationFile, or usernameFile and passwordFile",
+        UrlKind::S3 => "accessKeyIdFile and secretAccessKeyFile",
+        UrlKind::Registry => "dockerConfigFile, or usernameFile and passwordFile",
+    };
+    Error::InvalidArgument(format!(
+        "backing image {name:?}: the source parameters secret and caBundleConfigMap name Kubernetes objects, which only --store kubernetes reads; without a cluster give the credentials in files ({files}) and the CA bundle in caBundleFile"
+    ))
+}
+
+fn read_file(key: &str, path: &str) -> std::result::Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!("{key} {path}: cannot read it ({e}); check the path and that bicsi may read it")
+    })?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// What a download needs besides its URL, from the files its parameters name or, for a
+/// source that names a Secret or ConfigMap, from the `credentials` the controller read from
+/// them. Errors name the key and the file or object, never a value.
+pub fn download_source(
+    params: &BTreeMap<String, String>,
+    credentials: Option<&crate::download::Credentials>,
+) -> std::result::Result<(crate::download::Remote, crate::download::Access), String> {
+    use crate::download::{Access, Remote, oci, s3};
+    let url = params["url"].trim();
+    let kind = UrlKind::of(url);
+    if names_cluster_objects(params) && credentials.is_none() {
+        return Err(
+            "its source names a Secret or ConfigMap, and their values were not handed over (the controller reads them and starts the download again)"
+                .to_string(),
+        );
+    }
+    let secret = credentials.filter(|c| !c.origin.is_empty());
+    let ca = match credentials.map(|c| c.ca_pem()).transpose()?.flatten() {
+        Some(pem) => Some(pem),
+        None => download_access_files(params).load()?.ca_bundle,
+    };
+    match kind {
+        UrlKind::Http => {
+            let mut access = match secret {
+                Some(c) => {
+                    if !c
+                        .values
+                        .keys()
+                        .any(|k| crate::download::SECRET_HTTP_KEYS.contains(&k.as_str()))
+                    {
+                        return Err(format!(
+                            "{}: none of the keys authorization, username and password, or headers; put the URL's credentials in one of them",
+                            c.origin
+                        ));
+                    }
+                    c.access()?
+                }
+                None => download_access_files(params).load()?,
+            };
+            access.ca_bundle = ca;
+            Ok((Remote::Http, access))
+        }
+        UrlKind::S3 => {
+            let keys = match secret {
+                Some(c) => match (c.get("accessKeyId"), c.get("secretAccessKey")) {
+                    (Some(id), Some(key)) => Some(s3::S3Keys {
+                        access_key_id: id.trim().to_string(),
+                        secret_access_key: key.trim().to_string(),
+                    }),
+                    _ => {
+                        return Err(format!(
+                            "{}: an S3 source's Secret needs the keys accessKeyId and secretAccessKey",
+                            c.origin
+                        ));
+                    }
+                },
+                None => match (
+                    param(params, "accessKeyIdFile"),
+                    param(params, "secretAccessKeyFile"),
+                ) {
+                    (Some(i), Some(k)) => Some(s3::S3Keys {
+                        access_key_id: read_file("accessKeyIdFile", i)?.trim().to_string(),
+                        secret_access_key: read_file("secretAccessKeyFile", k)?.trim().to_string(),
+                    }),
+                    _ => None,
+                },
+            };
+            let remote = Remote::S3(s3::S3Access {
+                endpoint: param(params, "endpoint").map(str::to_string),
+                region: param(params, "region")
+                    .unwrap_or(s3::DEFAULT_REGION)
+                    .to_string(),
+                keys,
+            });
+            Ok((
+                remote,
+                Access {
+                    headers: Vec::new(),
+                    ca_bundle: ca,
+                },
+            ))
+        }
+        UrlKind::Registry => {
+            let mut access = oci::OciAccess::default();
+            match secret {
+                Some(c) => {
+                    if let Some(cfg) = c.get(".dockerconfigjson").or_else(|| c.get("config.json")) {
+                        oci::OciAccess::check_docker_config(
+                            &format!("{}, key .dockerconfigjson", c.origin),
+                            cfg,
+                        )?;
+                        access.docker_config = Some(cfg.to_string());
+                    } else if let (Some(u), Some(p)) = (c.get("username"), c.get("password")) {
+                        access.basic = Some((u.to_string(), p.to_string()));
+                    } else {
+                        return Err(format!(
+                            "{}: a registry's pull Secret needs the key .dockerconfigjson (kubectl create secret docker-registry) or username and password",
+                            c.origin
+                        ));
+                    }
+                }
+                None => {
+                    if let Some(p) = param(params, "dockerConfigFile") {
+                        let text = read_file("dockerConfigFile", p)?;
+                        oci::OciAccess::check_docker_config(
+                            &format!("dockerConfigFile {p}"),
+                            &text,
+                        )?;
+                        access.docker_config = Some(text);
+                    } else if let (Some(u), Some(pw)) =
+                        (param(params, "usernameFile"), param(params, "passwordFile"))
+                    {
+                        access.basic = Some((
+                            read_file("usernameFile", u)?,
+                            read_file("passwordFile", pw)?,
+                        ));
+                    }
+                }
+            }
+            Ok((
+                Remote::Oci(access),
+                Access {
+                    headers: Vec::new(),
+                    ca_bundle: ca,
+                },
+            ))
+        }
+    }
+}
 
 /// The files a download's private-URL parameters name (paths only: the secrets stay in them).
 pub fn download_access_files(
@@ -291,8 +661,7 @@ pub fn validate_spec(name: &str, spec: &mut BackingImageSpec) -> Result<()> {
     }
     match spec.source_type {
         SourceType::Download => {
-            let url = &spec.source_parameters["url"];
-            crate::download::validate_url(url)
+            check_download(&spec.source_parameters)
                 .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
             if let Some(c) = spec.source_parameters.get("sourceChecksum") {
                 let parsed = crate::download::SourceChecksum::parse(c)

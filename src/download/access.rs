@@ -97,26 +97,8 @@ impl AccessFiles {
         let mut access = Access::default();
         if let Some(p) = &self.headers {
             let text = read_text("headersFile", p)?;
-            for (i, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let bad = |what: &str| {
-                    format!(
-                        "headersFile {}: line {}: {what}; write one `Name: value` per line",
-                        p.display(),
-                        i + 1
-                    )
-                };
-                let (name, value) = line.split_once(':').ok_or_else(|| bad("no ':'"))?;
-                let name = HeaderName::from_bytes(name.trim().as_bytes())
-                    .map_err(|_| bad("not a valid header name"))?;
-                let value = secret_value(value.trim()).ok_or_else(|| {
-                    bad(&format!("the value of {name} is not a valid header value"))
-                })?;
-                access.headers.push((name, value));
-            }
+            let what = format!("headersFile {}", p.display());
+            access.headers.extend(header_lines(&what, &text)?);
         }
         if let Some(p) = &self.authorization {
             let text = read_text("authorizationFile", p)?;
@@ -134,34 +116,146 @@ impl AccessFiles {
             // A trailing newline is how editors and `echo` end a file, not part of the secret.
             let user = user.trim_end_matches(['\r', '\n']);
             let pass = pass.trim_end_matches(['\r', '\n']);
-            if user.contains(':') {
-                return Err(format!(
-                    "usernameFile {}: a basic-auth user name cannot contain ':'",
-                    u.display()
-                ));
-            }
-            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-            let value = secret_value(&format!("Basic {token}")).expect("base64 is a valid value");
+            let value = basic(&format!("usernameFile {}", u.display()), user, pass)?;
             access.headers.push((AUTHORIZATION, value));
         }
         if let Some(p) = &self.ca_bundle {
             let pem = std::fs::read(p).map_err(|e| cannot_read("caBundleFile", p, e))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                format!(
-                    "caBundleFile {}: not a PEM certificate bundle ({e})",
-                    p.display()
-                )
-            })?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "caBundleFile {}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
-                    p.display()
-                ));
-            }
+            check_pem(&format!("caBundleFile {}", p.display()), &pem)?;
             access.ca_bundle = Some(pem);
         }
         Ok(access)
     }
+}
+
+/// Parses `Name: value` lines (empty lines and `#` comments skipped); errors name `what` and the
+/// line, never a value.
+fn header_lines(what: &str, text: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |why: &str| {
+            format!(
+                "{what}: line {}: {why}; write one `Name: value` per line",
+                i + 1
+            )
+        };
+        let (name, value) = line.split_once(':').ok_or_else(|| bad("no ':'"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| bad("not a valid header name"))?;
+        let value = secret_value(value.trim())
+            .ok_or_else(|| bad(&format!("the value of {name} is not a valid header value")))?;
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// `Basic base64(user:password)`; the user may not contain ':'.
+fn basic(what: &str, user: &str, pass: &str) -> Result<HeaderValue, String> {
+    if user.contains(':') {
+        return Err(format!("{what}: a basic-auth user name cannot contain ':'"));
+    }
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    Ok(secret_value(&format!("Basic {token}")).expect("base64 is a valid value"))
+}
+
+/// Secret material of a source as the controller read it from Kubernetes objects (a Secret's
+/// keys, a ConfigMap's CA bundle) and hands to the node in its request: the node never calls
+/// the API server. Values are never shown: `Debug` lists which ones are present.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    /// Where the values came from, for messages: `Secret "ns/name"`.
+    pub origin: String,
+    /// The Secret's keys and values (`authorization`, `username`, `password`, `headers`,
+    /// `accessKeyId`, `secretAccessKey`, `.dockerconfigjson`), as UTF-8 text.
+    pub values: std::collections::BTreeMap<String, String>,
+    /// PEM certificates trusted in addition to the system roots (a ConfigMap's `ca.crt`).
+    pub ca_bundle: Option<String>,
+    /// Where the CA bundle came from, for messages: `ConfigMap "ns/name"`.
+    pub ca_origin: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("origin", &self.origin)
+            .field("keys", &self.values.keys().collect::<Vec<_>>())
+            .field("ca_bundle", &self.ca_bundle.as_ref().map(String::len))
+            .field("ca_origin", &self.ca_origin)
+            .finish()
+    }
+}
+
+/// The keys of a Secret that make a plain URL's headers.
+pub const SECRET_HTTP_KEYS: &[&str] = &["authorization", "username", "password", "headers"];
+
+impl Credentials {
+    /// A value of the Secret, trimmed of the newline `echo` and editors end files with.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .get(key)
+            .map(|v| v.trim_end_matches(['\r', '\n']))
+    }
+
+    /// The headers and trust of a plain http(s) URL: `authorization` (the whole value), or
+    /// `username` + `password` (basic authentication), and/or `headers` (`Name: value` lines);
+    /// the CA bundle when one was given. Errors name the Secret and the key, never a value.
+    pub fn access(&self) -> Result<Access, String> {
+        let o = &self.origin;
+        let mut access = Access::default();
+        if let Some(text) = self.get("headers") {
+            access
+                .headers
+                .extend(header_lines(&format!("{o}, key headers"), text)?);
+        }
+        let (user, pass) = (self.get("username"), self.get("password"));
+        if user.is_some() != pass.is_some() {
+            return Err(format!(
+                "{o}: the keys username and password go together (basic authentication); give both"
+            ));
+        }
+        if let Some(auth) = self.get("authorization") {
+            if user.is_some() {
+                return Err(format!(
+                    "{o}: the keys authorization and username/password both set the Authorization header; give one"
+                ));
+            }
+            let value = secret_value(auth.trim()).ok_or_else(|| {
+                format!("{o}, key authorization: not a valid Authorization value (one line, such as `Bearer TOKEN`)")
+            })?;
+            access.headers.push((AUTHORIZATION, value));
+        }
+        if let (Some(u), Some(p)) = (user, pass) {
+            access
+                .headers
+                .push((AUTHORIZATION, basic(&format!("{o}, key username"), u, p)?));
+        }
+        access.ca_bundle = self.ca_pem()?;
+        Ok(access)
+    }
+
+    /// The CA bundle, checked to hold PEM certificates.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(pem) = &self.ca_bundle else {
+            return Ok(None);
+        };
+        check_pem(&self.ca_origin, pem.as_bytes())?;
+        Ok(Some(pem.clone().into_bytes()))
+    }
+}
+
+fn check_pem(what: &str, pem: &[u8]) -> Result<(), String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem)
+        .map_err(|e| format!("{what}: not a PEM certificate bundle ({e})"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it"
+        ));
+    }
+    Ok(())
 }
 
 fn cannot_read(key: &str, path: &Path, e: std::io::Error) -> String {

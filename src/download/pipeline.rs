@@ -65,6 +65,9 @@ enum Stream {
     Plain,
     /// Decompressed on the decoder thread.
     Compressed(Compression),
+    /// A container image layer: decompressed (when it is) and unpacked on the decoder thread,
+    /// which hands on only the disk file's bytes ([`super::oci::DiskEntry`]).
+    Layer(Option<Compression>),
 }
 
 /// The decoder thread: the decompressed length, or why it stopped.
@@ -119,13 +122,15 @@ pub(super) struct Pipeline {
     /// is the file's SHA-512 of a plain body).
     source_algo: Option<SourceAlgo>,
     source: Option<(mpsc::Sender<Block>, JoinHandle<SourceChecksum>)>,
+    /// The body is a layer's tar: store only its disk file.
+    layer: bool,
 }
 
 /// Why the pipeline stopped: the writer's error (disk full, I/O), or a worker that panicked.
 pub(super) type PipeError = io::Error;
 
 impl Pipeline {
-    pub(super) fn start(file: File, source_algo: Option<SourceAlgo>) -> Self {
+    pub(super) fn start(file: File, source_algo: Option<SourceAlgo>, layer: bool) -> Self {
         let (hash_tx, hash_rx) = mpsc::channel(QUEUE_DEPTH);
         let (manifest_tx, manifest_rx) = mpsc::channel(QUEUE_DEPTH);
         let (write_tx, write_rx) = mpsc::channel(QUEUE_DEPTH);
@@ -147,6 +152,7 @@ impl Pipeline {
             decoder: None,
             source_algo,
             source: None,
+            layer,
         }
     }
 
@@ -155,13 +161,24 @@ impl Pipeline {
         match self.stream {
             Stream::Unknown => None,
             Stream::Plain => Some(false),
-            Stream::Compressed(_) => Some(true),
+            Stream::Compressed(_) | Stream::Layer(_) => Some(true),
         }
     }
 
     /// Starts the stages of a body whose first bytes are `head`.
     fn begin(&mut self, head: &[u8]) {
         self.stream = match Compression::detect(head) {
+            c if self.layer => {
+                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                let out = [
+                    self.hash_tx.clone(),
+                    self.manifest_tx.clone(),
+                    self.write_tx.clone(),
+                ];
+                let handle = tokio::task::spawn_blocking(move || layer_worker(c, rx, out));
+                self.decoder = Some((tx, handle));
+                Stream::Layer(c)
+            }
             None => Stream::Plain,
             Some(c) => {
                 let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -277,7 +294,7 @@ impl Pipeline {
             self.begin(&[]);
         }
         let compression = match self.stream {
-            Stream::Compressed(c) => Some(c),
+            Stream::Compressed(c) | Stream::Layer(Some(c)) => Some(c),
             _ => None,
         };
         if let Some((tx, handle)) = self.decoder.take() {
@@ -451,6 +468,61 @@ fn decode_worker(
         }
         Ok(())
     })
+}
+
+/// Unpacks a layer's tar (decompressing it first when `compression` says) and hands the disk
+/// file's bytes to the SHA-512 worker, the manifest builder and the writer, as
+/// [`decode_worker`] does with a whole body. A tar without exactly one whole disk file is
+/// [`DecodeEnd::Corrupt`] with a [`super::oci::NotADisk`] in it.
+fn layer_worker(
+    compression: Option<Compression>,
+    rx: mpsc::Receiver<Block>,
+    out: [mpsc::Sender<Msg>; 3],
+) -> Result<u64, DecodeEnd> {
+    let mut entry = super::oci::DiskEntry::new();
+    let mut failed: Option<io::Error> = None;
+    let mut emit = |bytes: Bytes| -> Result<(), ()> {
+        let block: Block = Arc::from([bytes]);
+        for tx in &out {
+            tx.blocking_send(Msg::Data(block.clone())).map_err(|_| ())?;
+        }
+        Ok(())
+    };
+    let mut feed = |bytes: Bytes, entry: &mut super::oci::DiskEntry| -> Result<(), ()> {
+        if failed.is_some() {
+            // Read to the end anyway: the source checksum covers the whole blob.
+            return Ok(());
+        }
+        match entry.push(bytes, &mut emit) {
+            Ok(()) => Ok(()),
+            Err(e) if super::oci::not_a_disk_in(&e).is_some() => {
+                failed = Some(e);
+                Ok(())
+            }
+            Err(_) => Err(()),
+        }
+    };
+    let mut input = BlockReader::new(rx);
+    match compression {
+        Some(c) => {
+            decompress::decode(c, &mut input, BLOCK, |bytes| feed(bytes, &mut entry))?;
+        }
+        None => loop {
+            use std::io::BufRead;
+            let buf = input.fill_buf().map_err(|_| DecodeEnd::Downstream)?;
+            if buf.is_empty() {
+                break;
+            }
+            let bytes = Bytes::copy_from_slice(buf);
+            let n = bytes.len();
+            input.consume(n);
+            feed(bytes, &mut entry).map_err(|()| DecodeEnd::Downstream)?;
+        },
+    }
+    if let Some(e) = failed {
+        return Err(DecodeEnd::Corrupt(e));
+    }
+    entry.finish().map_err(DecodeEnd::Corrupt)
 }
 
 /// Hashes the body's bytes as they arrived, for the source checksum.

@@ -1595,3 +1595,218 @@ async fn a_private_https_url_needs_its_ca_and_its_credentials() {
         std::fs::remove_file(&req.dest).unwrap();
     }
 }
+
+/// A BackingImage in a cluster whose source names a Secret and a CA ConfigMap: the controller
+/// reads them from the (fake) API server, the values make the download's headers and trust,
+/// nothing of them lands in the stored object, and a wrong or missing Secret is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_ca_come_from_a_secret_and_a_configmap_in_the_cluster() {
+    use crate::backing::BackingImages;
+    use crate::backing::object::{self, BackingImage};
+    use crate::store::kubernetes::KubeStore;
+    use crate::store::kubernetes::tests::{FakeApi, NS};
+    use base64::Engine;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(MIB + 7, 9);
+    let (base, ca_pem) = private_server(data.clone()).await;
+    let url = format!("{base}/private/img");
+    let (fake, client) = FakeApi::start().await;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    fake.put_core(
+        "images",
+        "secrets",
+        "pull",
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "pull", "namespace": "images"},
+            "data": {"username": b64("alice"), "password": b64("open sesame\n")}}),
+    );
+    fake.put_core(
+        NS,
+        "secrets",
+        "wrong",
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "wrong", "namespace": NS},
+            "data": {"authorization": b64("Bearer not-it")}}),
+    );
+    fake.put_core(
+        NS,
+        "configmaps",
+        "private-ca",
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "private-ca", "namespace": NS},
+            "data": {"ca.crt": ca_pem}}),
+    );
+    let store: Arc<dyn crate::store::Store> = Arc::new(KubeStore::new(client, NS).await.unwrap());
+    let images = BackingImages::new(store.clone(), crate::cluster::Cluster::new(store.clone()));
+    let image = |params: &[(&str, &str)]| {
+        let mut bi: BackingImage = serde_json::from_value(serde_json::json!({
+            "apiVersion": object::API_VERSION, "kind": object::KIND,
+            "metadata": {"name": "private", "namespace": NS},
+            "spec": {"sourceType": "download", "sourceParameters": {"url": url}},
+        }))
+        .unwrap();
+        for (k, v) in params {
+            bi.spec
+                .source_parameters
+                .insert(k.to_string(), v.to_string());
+        }
+        object::from_user(bi).unwrap()
+    };
+    let fetch = |bi: BackingImage| {
+        let images = images.clone();
+        let dest = dir.path().join("disk/tmp/image.part");
+        let url = url.clone();
+        async move {
+            let creds = images.source_credentials(&bi)?;
+            let (remote, access) =
+                object::download_source(&bi.spec.source_parameters, creds.as_ref())
+                    .map_err(crate::error::Error::FailedPrecondition)?;
+            let req = DownloadRequest {
+                idle_timeout: Duration::from_secs(5),
+                max_attempts: 2,
+                backoff: Duration::from_millis(10),
+                remote,
+                access,
+                ..DownloadRequest::new(&url, dest)
+            };
+            get(&req)
+                .await
+                .map_err(|e| crate::error::Error::Unavailable(e.to_string()))
+        }
+    };
+
+    // The Secret in another namespace and the CA from the store's: the image comes in.
+    let good = image(&[
+        ("secret", "pull"),
+        ("secretNamespace", "images"),
+        ("caBundleConfigMap", "private-ca"),
+    ]);
+    let out = fetch(good.clone()).await.unwrap();
+    assert_eq!(out.sha512, sha512_hex(&data));
+    let creds = images.source_credentials(&good).unwrap().unwrap();
+    assert!(!format!("{creds:?}").contains("open sesame"), "{creds:?}");
+    // What the node gets travels as JSON in its request: the same values come out.
+    let json = serde_json::to_vec(&creds).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<crate::download::Credentials>(&json).unwrap(),
+        creds
+    );
+    let reads = fake.log();
+    assert!(
+        reads
+            .iter()
+            .any(|l| l.path == "/api/v1/namespaces/images/secrets/pull")
+            && reads
+                .iter()
+                .any(|l| l.path == format!("/api/v1/namespaces/{NS}/configmaps/private-ca")),
+        "{reads:?}"
+    );
+
+    // Without the CA the server is not trusted; with the wrong Secret the server says 401.
+    let e = fetch(image(&[("secret", "pull"), ("secretNamespace", "images")]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not trusted"), "{e}");
+    let e = fetch(image(&[
+        ("secret", "wrong"),
+        ("caBundleConfigMap", "private-ca"),
+    ]))
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("401") && !e.contains("not-it"), "{e}");
+    // A Secret or ConfigMap that is not there is named, with the fix.
+    let e = images
+        .source_credentials(&image(&[("secret", "nope")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("Secret {NS}/nope does not exist")) && e.contains("\"private\""),
+        "{e}"
+    );
+    let e = images
+        .source_credentials(&image(&[("caBundleConfigMap", "gone")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("ConfigMap {NS}/gone")), "{e}");
+    // The node without the values (a restart of a node in the split mode) says so and fails
+    // softly: the controller starts it again with them.
+    let e = object::download_source(&good.spec.source_parameters, None).unwrap_err();
+    assert!(e.contains("not handed over"), "{e}");
+}
+
+/// Without a cluster the keys that name Kubernetes objects are refused when the image is made,
+/// pointing at the file keys; mixing a Secret and files is refused too.
+#[tokio::test]
+async fn cluster_keys_are_refused_without_a_cluster() {
+    use crate::backing::BackingImages;
+    use crate::backing::object::{self, BackingImage};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn crate::store::Store> =
+        Arc::new(crate::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+    let images = BackingImages::new(store.clone(), crate::cluster::Cluster::new(store.clone()));
+    let bi = |params: serde_json::Value| -> BackingImage {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": object::API_VERSION, "kind": object::KIND,
+            "metadata": {"name": "private", "namespace": object::DEFAULT_NAMESPACE},
+            "spec": {"sourceType": "download", "sourceParameters": params},
+        }))
+        .unwrap()
+    };
+    for (params, want) in [
+        (
+            serde_json::json!({"url": "https://example.com/x.img", "secret": "s"}),
+            "usernameFile and passwordFile",
+        ),
+        (
+            serde_json::json!({"url": "s3://bucket/x.img", "caBundleConfigMap": "ca"}),
+            "accessKeyIdFile and secretAccessKeyFile",
+        ),
+        (
+            serde_json::json!({"url": "docker://quay.io/a/b:1", "secret": "pull"}),
+            "dockerConfigFile",
+        ),
+    ] {
+        let e = images.create(bi(params)).await.unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, crate::error::Error::InvalidArgument(_)), "{m}");
+        assert!(m.contains("--store kubernetes") && m.contains(want), "{m}");
+    }
+    for (params, want) in [
+        (
+            serde_json::json!({"url": "https://e.com/x", "secret": "s", "authorizationFile": "/a"}),
+            "give one",
+        ),
+        (
+            serde_json::json!({"url": "https://e.com/x", "endpoint": "http://127.0.0.1:1"}),
+            "does not go with an http(s) URL",
+        ),
+        (
+            serde_json::json!({"url": "s3://bucket/k", "dockerConfigFile": "/c"}),
+            "does not go with an s3:// URL",
+        ),
+        (
+            serde_json::json!({"url": "s3://bucket/k", "accessKeyIdFile": "/k"}),
+            "go together",
+        ),
+        (
+            serde_json::json!({"url": "s3://bucket/k", "endpoint": "http://h:1/bucket"}),
+            "without a path",
+        ),
+        (
+            serde_json::json!({"url": "docker://h.io/a:1", "sourceChecksum": format!("sha256:{}", "0".repeat(64))}),
+            "layer's own digest",
+        ),
+        (
+            serde_json::json!({"url": "https://e.com/x", "secretNamespace": "x"}),
+            "not given",
+        ),
+    ] {
+        let e = object::from_user(bi(params.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{params}: {e}");
+    }
+}

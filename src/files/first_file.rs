@@ -39,12 +39,26 @@ impl From<Error> for SourceFailure {
 impl FileManagers {
     /// Starts preparing the image's first file on `disk_id` from its data source.
     pub fn prepare_first_file(self: &Arc<Self>, image: &str, disk_id: &str) -> Result<()> {
+        self.prepare_first_file_with(image, disk_id, None)
+    }
+
+    /// [`Self::prepare_first_file`] with the values of the Secret and ConfigMap the image's
+    /// source names, as the controller read them (kept in memory only, for this download).
+    pub fn prepare_first_file_with(
+        self: &Arc<Self>,
+        image: &str,
+        disk_id: &str,
+        credentials: Option<crate::download::Credentials>,
+    ) -> Result<()> {
         let disk = self.disk(disk_id)?.clone();
         let name = image.to_string();
         let d = disk.clone();
         self.spawn(image, &disk, move |this, cancel| {
             Box::pin(async move {
-                match this.first_file(&name, &d, cancel.clone()).await {
+                match this
+                    .first_file(&name, &d, credentials.as_ref(), cancel.clone())
+                    .await
+                {
                     Err(f) if f.permanent && !cancel.is_cancelled() => {
                         tracing::warn!(image = %name, disk = %d.id, error = %f.error, "backing image file failed; its source is retried with a growing backoff");
                         let mut report = FileReport::new(FileState::Failed, 0, f.error.to_string());
@@ -62,6 +76,7 @@ impl FileManagers {
         &self,
         name: &str,
         disk: &Disk,
+        credentials: Option<&crate::download::Credentials>,
         cancel: CancellationToken,
     ) -> Result<(), SourceFailure> {
         let bi = self.image(name)?;
@@ -94,15 +109,14 @@ impl FileManagers {
                 req.expected_sha512 =
                     (!bi.status.checksum.is_empty()).then(|| bi.status.checksum.clone());
                 req.resume = true;
-                req.access =
-                    crate::backing::object::download_access_files(&bi.spec.source_parameters)
-                        .load()
-                        .map_err(|e| SourceFailure {
-                            permanent: false,
-                            error: Error::FailedPrecondition(format!(
-                                "backing image {name:?}: {e}"
-                            )),
-                        })?;
+                (req.remote, req.access) = crate::backing::object::download_source(
+                    &bi.spec.source_parameters,
+                    credentials,
+                )
+                .map_err(|e| SourceFailure {
+                    permanent: false,
+                    error: Error::FailedPrecondition(format!("backing image {name:?}: {e}")),
+                })?;
                 req.source_checksum = bi
                     .spec
                     .source_parameters

@@ -142,6 +142,8 @@ impl Cache {
 
 pub struct KubeStore {
     namespace: String,
+    /// For the Secrets and ConfigMaps sources name (read once per use, never cached or logged).
+    client: kube::Client,
     apis: HashMap<Kind, Api<DynamicObject>>,
     caches: HashMap<Kind, Arc<Cache>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
@@ -285,6 +287,7 @@ impl KubeStore {
         watchers.push(tokio::spawn(events::run(client.clone(), events_rx)));
         let store = KubeStore {
             namespace: namespace.to_string(),
+            client: client.clone(),
             apis,
             caches,
             watchers,
@@ -693,5 +696,63 @@ impl Store for KubeStore {
         if let Err(e) = self.events.try_send(events::Queued { event, reference }) {
             tracing::warn!(error = %e, "event queue full; the event is only logged");
         }
+    }
+
+    fn cluster_namespace(&self) -> Option<String> {
+        Some(self.namespace.clone())
+    }
+
+    fn read_secret(&self, namespace: &str, name: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = self
+            .block(api.get_opt(name))
+            .map_err(|e| cluster_read_error("Secret", "secrets", namespace, name, e))?
+            .ok_or_else(|| not_found("Secret", namespace, name))?;
+        let mut data: BTreeMap<String, Vec<u8>> = secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        // stringData is write-only in a real API server; a fake or an old object may carry it.
+        for (k, v) in secret.string_data.unwrap_or_default() {
+            data.entry(k).or_insert_with(|| v.into_bytes());
+        }
+        Ok(data)
+    }
+
+    fn read_config_map(&self, namespace: &str, name: &str) -> Result<BTreeMap<String, String>> {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let map = self
+            .block(api.get_opt(name))
+            .map_err(|e| cluster_read_error("ConfigMap", "configmaps", namespace, name, e))?
+            .ok_or_else(|| not_found("ConfigMap", namespace, name))?;
+        Ok(map.data.unwrap_or_default())
+    }
+}
+
+fn not_found(kind: &str, namespace: &str, name: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "{kind} {namespace}/{name} does not exist; create it, or fix the source parameters that name it"
+    ))
+}
+
+/// A Secret or ConfigMap that could not be read: forbidden says which RBAC rule is missing.
+fn cluster_read_error(
+    kind: &str,
+    plural: &str,
+    namespace: &str,
+    name: &str,
+    e: kube::Error,
+) -> Error {
+    match api_code(&e) {
+        Some(403) => Error::FailedPrecondition(format!(
+            "{kind} {namespace}/{name}: bicsi may not read it (403); give its service account `get` on {plural} in namespace {namespace} (deploy/rbac)"
+        )),
+        _ => Error::Unavailable(format!(
+            "{kind} {namespace}/{name}: cannot read it from the Kubernetes API ({e})"
+        )),
     }
 }

@@ -142,6 +142,15 @@ impl FakeApi {
         assert_eq!(code, 201, "{v}");
     }
 
+    /// `kubectl apply` of a core object (`secrets`, `configmaps`) in namespace `ns`.
+    pub fn put_core(&self, ns: &str, plural: &str, name: &str, obj: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .insert((format!("core/{ns}/{plural}"), name.to_string()), obj);
+    }
+
     /// `kubectl delete`.
     pub fn kubectl_delete(&self, plural: &str, name: &str) {
         let mut st = self.state.lock().unwrap();
@@ -203,6 +212,26 @@ impl FakeApi {
             .await
             .unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        // Core objects (Secrets, ConfigMaps) a source names: read only, by name.
+        if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+            && let parts = rest.split('/').collect::<Vec<&str>>()
+            && matches!(parts.get(1), Some(&"secrets") | Some(&"configmaps"))
+        {
+            let (code, v) = match (method.clone(), parts.as_slice()) {
+                (Method::GET, [ns, plural, name]) => {
+                    let st = self.state.lock().unwrap();
+                    match st
+                        .objects
+                        .get(&(format!("core/{ns}/{plural}"), name.to_string()))
+                    {
+                        Some(o) => (200, o.clone()),
+                        None => status(404, "NotFound", format!("{plural} {name:?} not found")),
+                    }
+                }
+                _ => status(405, "MethodNotAllowed", format!("no route {method} {path}")),
+            };
+            return self.answer(method, path, query, body, code, v);
+        }
         let Some(parts) = FakeApi::resource(&path) else {
             let (code, v) = status(404, "NotFound", format!("no route {path}"));
             return self.answer(method, path, query, body, code, v);
