@@ -38,6 +38,9 @@
 //! methods, so the rules above hold for both: a remote replica whose request fails, whose
 //! connection drops, or that does not answer within `--replica-timeout` seconds is dropped and
 //! recorded like a local one. Reads go to the local replicas first (they come first).
+//! A third backend, a copy-on-write replica over a shared raw base (`--cow-replica`, `cow`:
+//! issue 14's layout for disks without reflink), is a local replica to every rule above; the
+//! engine serves a single replica of any kind as well as several.
 //!
 //! It must not resize (the replicas grow offline; the file's size is the replicas' at start),
 //! must not touch loop devices or mounts other than its own export, and keeps no state that is

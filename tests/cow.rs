@@ -46,7 +46,10 @@ fn start(dir: &Path, export: &Path, spec: &CowSpec) -> Child {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !pid.exists() {
-        assert!(Instant::now() < deadline, "the engine did not mount its file");
+        assert!(
+            Instant::now() < deadline,
+            "the engine did not mount its file"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     child
@@ -90,7 +93,10 @@ fn a_killed_engine_over_a_cow_replica_keeps_every_flushed_write() {
     assert_eq!(file.metadata().unwrap().len(), SIZE as u64);
     let mut got = vec![0u8; SIZE];
     file.read_exact_at(&mut got, 0).unwrap();
-    assert!(got == initial, "a new replica reads as its base, then zeros");
+    assert!(
+        got == initial,
+        "a new replica reads as its base, then zeros"
+    );
 
     // Flushed: part of a clear cluster, a run across cluster edges past the base's end.
     let mut model = initial.clone();

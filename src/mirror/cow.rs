@@ -232,9 +232,7 @@ pub fn create(spec: &CowSpec, size: u64, cluster: u32) -> std::io::Result<()> {
     let base_len = match &spec.base {
         Some(b) => Some(
             std::fs::metadata(b)
-                .map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("base {}: {e}", b.display()))
-                })?
+                .map_err(|e| std::io::Error::new(e.kind(), format!("base {}: {e}", b.display())))?
                 .len(),
         ),
         None => None,
@@ -393,7 +391,11 @@ impl Cow {
                 let first = w as u64 * 64;
                 if first + 64 > clusters {
                     let keep = clusters.saturating_sub(first);
-                    word &= if keep == 0 { 0 } else { u64::MAX >> (64 - keep) };
+                    word &= if keep == 0 {
+                        0
+                    } else {
+                        u64::MAX >> (64 - keep)
+                    };
                 }
                 AtomicU64::new(word)
             })
@@ -467,7 +469,10 @@ impl Cow {
     /// Locks the stripes of `clusters` in ascending order.
     fn lock_clusters(&self, clusters: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
         let stripes: BTreeSet<usize> = clusters.map(|k| (k % STRIPES as u64) as usize).collect();
-        stripes.into_iter().map(|s| lock(&self.stripes[s])).collect()
+        stripes
+            .into_iter()
+            .map(|s| lock(&self.stripes[s]))
+            .collect()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -644,7 +649,9 @@ impl Cow {
             return Ok(());
         }
         let _flush = lock(&self.flush);
-        let pages: Vec<u64> = std::mem::take(&mut *lock(&self.dirty)).into_iter().collect();
+        let pages: Vec<u64> = std::mem::take(&mut *lock(&self.dirty))
+            .into_iter()
+            .collect();
         let copies: Vec<(u64, Vec<u8>)> = pages
             .iter()
             .map(|&p| {

@@ -94,7 +94,11 @@ fn a_new_replica_reads_its_base_then_zeros_past_the_base() {
     cow.read_at(&mut buf, 3 * C - 2000).unwrap();
     assert_eq!(buf, f.initial(8 * C)[(3 * C - 2000) as usize..][..5000]);
     assert_eq!(cow.clusters_in_data(), 0);
-    assert_eq!(allocated(&f.spec.data), 0, "a new replica takes no data blocks");
+    assert_eq!(
+        allocated(&f.spec.data),
+        0,
+        "a new replica takes no data blocks"
+    );
 }
 
 #[test]
@@ -115,7 +119,10 @@ fn a_partial_write_to_a_clear_cluster_copies_the_rest_of_the_cluster_from_the_ba
     assert_eq!(cow.clusters_in_data(), 1);
     // The whole cluster is in `data`: the base's bytes of it were copied there.
     let data = std::fs::read(&f.spec.data).unwrap();
-    assert_eq!(&data[C as usize..2 * C as usize], &model[C as usize..2 * C as usize]);
+    assert_eq!(
+        &data[C as usize..2 * C as usize],
+        &model[C as usize..2 * C as usize]
+    );
     // A second write to the set cluster goes straight to data.
     let more = pattern(2, 100);
     cow.write_at(&more, C + 10).unwrap();
@@ -185,7 +192,10 @@ fn discard_without_a_base_punches_the_cluster_and_clears_its_bit() {
     model[(3 * C + 4096) as usize..][..4096].fill(0);
     assert_eq!(read_all(&cow), model);
     assert_eq!(cow.clusters_in_data(), 2);
-    assert!(allocated(&f.spec.data) <= full - 2 * C, "the clusters are freed");
+    assert!(
+        allocated(&f.spec.data) <= full - 2 * C,
+        "the clusters are freed"
+    );
     cow.sync().unwrap();
     drop(cow);
     let cow = f.open();
@@ -246,10 +256,12 @@ fn the_map_on_disk_takes_a_cluster_only_at_a_flush_and_flushed_writes_survive_a_
     let flushed = model.clone();
     // Writes after the flush: to a set cluster, to clear ones, and a discard; then killed.
     cow.write_at(&pattern(9, 500), 20).unwrap();
-    cow.write_at(&pattern(10, (2 * C) as usize), 3 * C + 7).unwrap();
+    cow.write_at(&pattern(10, (2 * C) as usize), 3 * C + 7)
+        .unwrap();
     cow.discard(6 * C, C).unwrap();
     model[20..520].copy_from_slice(&pattern(9, 500));
-    model[(3 * C + 7) as usize..][..(2 * C) as usize].copy_from_slice(&pattern(10, (2 * C) as usize));
+    model[(3 * C + 7) as usize..][..(2 * C) as usize]
+        .copy_from_slice(&pattern(10, (2 * C) as usize));
     model[6 * C as usize..7 * C as usize].fill(0);
     let killed = Cow::open(&f.snapshot("killed"), false).unwrap();
     let got = read_all(&killed);
@@ -317,9 +329,11 @@ fn random_operations_match_an_in_memory_model_across_flushes_and_reopens() {
                     let killed = Cow::open(&spec, false).unwrap();
                     let got = read_all(&killed);
                     for k in 0..size.div_ceil(cluster as u64) as usize {
-                        let r = k * cluster as usize..((k + 1) * cluster as usize).min(size as usize);
+                        let r =
+                            k * cluster as usize..((k + 1) * cluster as usize).min(size as usize);
                         assert!(
-                            got[r.clone()] == flushed[r.clone()] || got[r.clone()] == model[r.clone()],
+                            got[r.clone()] == flushed[r.clone()]
+                                || got[r.clone()] == model[r.clone()],
                             "seed {seed} step {step}: cluster {k} reads garbage after a kill"
                         );
                     }
@@ -434,6 +448,9 @@ fn spec_values_parse_or_say_what_to_write() {
         ("data=,map=/m", "empty path"),
     ] {
         let e = CowSpec::parse(bad).unwrap_err();
-        assert!(e.contains(says) && e.contains("data=PATH,map=PATH"), "{bad}: {e}");
+        assert!(
+            e.contains(says) && e.contains("data=PATH,map=PATH"),
+            "{bad}: {e}"
+        );
     }
 }
