@@ -36,9 +36,9 @@
 //! The FUSE threads call in parallel. A cluster's fill (read the base, write the merged
 //! cluster, set the bit) must not race another request on the same cluster, or the fill could
 //! write the base's bytes over bytes a concurrent write just put there. So every request that
-//! touches a clear cluster, and every discard, takes the locks of the clusters it touches (one
-//! mutex per stripe of clusters, [`STRIPES`] stripes, taken in ascending order so two requests
-//! never deadlock) and looks at the bits again under them. A write that finds every cluster it
+//! touches a clear cluster, and every discard, takes the locks of all the clusters it touches
+//! (one mutex per stripe of clusters, [`STRIPES`] stripes, taken in ascending order so two
+//! requests never deadlock) and looks at the bits again under them. A write that finds every cluster it
 //! touches already set takes no lock: nothing but a discard changes a set cluster's state, and
 //! a discard racing a write leaves the result of one of the two orders (the two requests are
 //! concurrent, so the kernel promises no order). Reads take no lock: a bit is set (Release)
@@ -536,7 +536,9 @@ impl Cow {
         if clusters.clone().all(|k| self.is_set(k)) {
             return self.data.write_all_at(bytes, offset);
         }
-        let _locks = self.lock_clusters(clusters.clone().filter(|&k| !self.is_set(k)));
+        // All of the range's clusters, not only the clear ones: a discard may clear a set one
+        // between the test above and the loop below, which then fills it.
+        let _locks = self.lock_clusters(clusters.clone());
         let end = offset + len;
         let mut filled = Vec::new();
         // A run of bytes that go to `data` as they are: [run_start, pos).
