@@ -38,6 +38,9 @@
 //! methods, so the rules above hold for both: a remote replica whose request fails, whose
 //! connection drops, or that does not answer within `--replica-timeout` seconds is dropped and
 //! recorded like a local one. Reads go to the local replicas first (they come first).
+//! A third backend, a copy-on-write replica over a shared raw base (`--cow-replica`, `cow`:
+//! issue 14's layout for disks without reflink), is a local replica to every rule above; the
+//! engine serves a single replica of any kind as well as several.
 //!
 //! It must not resize (the replicas grow offline; the file's size is the replicas' at start),
 //! must not touch loop devices or mounts other than its own export, and keeps no state that is
@@ -63,6 +66,7 @@ use fuser::{
 use crate::os::ReplicaTarget;
 use crate::os::engine::events::FaultRecord;
 
+pub mod cow;
 pub(crate) mod nbd;
 mod rebuild;
 
@@ -87,6 +91,8 @@ pub struct MirrorConfig {
     pub export: PathBuf,
     /// The raw replica files, the preferred one for reads first.
     pub replicas: Vec<PathBuf>,
+    /// Copy-on-write replicas (disks without reflink: `cow`), after the raw ones.
+    pub cow_replicas: Vec<cow::CowSpec>,
     /// Replicas on other nodes (`ReplicaTarget::Nbd`), read only when no local one answers.
     pub remotes: Vec<ReplicaTarget>,
     /// How long a remote replica may take to answer a request before it is dropped.
@@ -109,6 +115,8 @@ pub struct MirrorConfig {
 enum Backend {
     File(File),
     Nbd(nbd::NbdClient),
+    /// A copy-on-write replica over a shared base (`cow`: disks without reflink).
+    Cow(cow::Cow),
 }
 
 /// One replica and whether it still gets requests.
@@ -141,12 +149,28 @@ impl Replica {
         Ok((replica, len))
     }
 
+    /// Opens a copy-on-write replica (`cow`); returns it with the volume's size. Its faults are
+    /// recorded under its data file's path.
+    fn open_cow(spec: &cow::CowSpec, read_only: bool) -> std::io::Result<(Replica, u64)> {
+        let layer = cow::Cow::open(spec, read_only)?;
+        let len = layer.size();
+        let replica = Replica {
+            path: spec.data.clone(),
+            target: ReplicaTarget::Local(spec.data.clone()),
+            backend: Backend::Cow(layer),
+            healthy: Arc::new(AtomicBool::new(true)),
+        };
+        Ok((replica, len))
+    }
+
     /// The local file (tests of the online rebuild write into it behind the engine's back).
     #[cfg(test)]
     fn file(&self) -> &File {
         match &self.backend {
             Backend::File(f) => f,
-            Backend::Nbd(_) => panic!("{} is not a local replica", self.target),
+            Backend::Nbd(_) | Backend::Cow(_) => {
+                panic!("{} is not a local raw replica", self.target)
+            }
         }
     }
 
@@ -155,6 +179,7 @@ impl Replica {
     fn data_extents(&self, from: u64, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
         match &self.backend {
             Backend::File(f) => crate::sync::extents_in(f, from, to),
+            Backend::Cow(c) => c.data_extents(from, to),
             Backend::Nbd(_) => Ok(if to > from {
                 vec![crate::sync::Extent {
                     offset: from,
@@ -171,6 +196,7 @@ impl Replica {
         match &self.backend {
             Backend::File(f) => read_full(f, buf, offset),
             Backend::Nbd(c) => c.read_at(buf, offset),
+            Backend::Cow(c) => c.read_at(buf, offset),
         }
     }
 
@@ -178,6 +204,7 @@ impl Replica {
         match &self.backend {
             Backend::File(f) => f.write_all_at(data, offset),
             Backend::Nbd(c) => c.write_at(data, offset, false),
+            Backend::Cow(c) => c.write_at(data, offset),
         }
     }
 
@@ -191,6 +218,7 @@ impl Replica {
                 len,
             ),
             Backend::Nbd(c) => c.write_zeroes(offset, len, true),
+            Backend::Cow(c) => c.discard(offset, len),
         }
     }
 
@@ -204,6 +232,7 @@ impl Replica {
                 len,
             ),
             Backend::Nbd(c) => c.write_zeroes(offset, len, false),
+            Backend::Cow(c) => c.write_zeroes(offset, len),
         }
     }
 
@@ -219,11 +248,10 @@ impl Replica {
         use nix::fcntl::FallocateFlags as F;
         match &self.backend {
             Backend::File(_) => self.fallocate_file(flags, offset, len),
-            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_PUNCH_HOLE) => self.discard(offset, len),
-            Backend::Nbd(_) if flags.contains(F::FALLOC_FL_ZERO_RANGE) => {
-                self.write_zeroes(offset, len)
-            }
-            Backend::Nbd(_) => Ok(()),
+            _ if flags.contains(F::FALLOC_FL_PUNCH_HOLE) => self.discard(offset, len),
+            _ if flags.contains(F::FALLOC_FL_ZERO_RANGE) => self.write_zeroes(offset, len),
+            // A copy-on-write replica allocates on write; an NBD server has no such request.
+            _ => Ok(()),
         }
     }
 
@@ -244,6 +272,7 @@ impl Replica {
         match &self.backend {
             Backend::File(f) => f.sync_data(),
             Backend::Nbd(c) => c.flush(),
+            Backend::Cow(c) => c.sync(),
         }
     }
 }
@@ -817,9 +846,9 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
 /// Opens the replicas, mounts the FUSE file over `export` and serves it until it is unmounted.
 /// `ready` runs once the file is mounted (the caller writes its pid file there).
 pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
-    if cfg.replicas.is_empty() && cfg.remotes.is_empty() {
+    if cfg.replicas.is_empty() && cfg.cow_replicas.is_empty() && cfg.remotes.is_empty() {
         return Err(std::io::Error::other(
-            "the mirror engine needs at least one --replica or --remote",
+            "the mirror engine needs at least one --replica, --cow-replica or --remote",
         ));
     }
     let mut replicas = Vec::new();
@@ -840,11 +869,28 @@ pub fn run(cfg: &MirrorConfig, ready: impl FnOnce() -> std::io::Result<()>) -> s
         }
         replicas.push(replica);
     }
+    for spec in &cfg.cow_replicas {
+        let (replica, len) = Replica::open_cow(spec, cfg.read_only)?;
+        match size {
+            None => size = Some(len),
+            Some(s) if s != len => {
+                return Err(std::io::Error::other(format!(
+                    "copy-on-write replica {} has {len} bytes but the first replica has {s}: \
+                     the replicas of a volume have one size; grow or rebuild the smaller one \
+                     first",
+                    spec.data.display()
+                )));
+            }
+            Some(_) => {}
+        }
+        replicas.push(replica);
+    }
     for target in &cfg.remotes {
         let replica = connect_remote(target, cfg)?;
         let len = match &replica.backend {
             Backend::Nbd(c) => c.size(),
             Backend::File(f) => f.metadata()?.len(),
+            Backend::Cow(c) => c.size(),
         };
         match size {
             None => size = Some(len),
@@ -979,8 +1025,13 @@ pub struct MirrorArgs {
     #[arg(long)]
     pub export: PathBuf,
     /// A raw replica file; repeat for each, the one to read from first.
-    #[arg(long = "replica", required_unless_present = "remotes")]
+    #[arg(long = "replica", required_unless_present_any = ["remotes", "cow_replicas"])]
     pub replicas: Vec<PathBuf>,
+    /// A copy-on-write replica on a disk without reflink, `data=PATH,map=PATH[,base=PATH]`:
+    /// its sparse data file, its cluster map and the disk's raw expansion of the backing image
+    /// (none for a volume without one); repeat for each. Read after the raw replicas.
+    #[arg(long = "cow-replica", value_parser = cow::CowSpec::parse)]
+    pub cow_replicas: Vec<cow::CowSpec>,
     /// A replica on another node, `nbd://HOST:PORT/EXPORT` (its replica server's export);
     /// repeat for each. Read only when no local replica answers.
     #[arg(long = "remote", value_parser = parse_remote)]
@@ -1021,6 +1072,7 @@ impl MirrorArgs {
         MirrorConfig {
             export: self.export.clone(),
             replicas: self.replicas.clone(),
+            cow_replicas: self.cow_replicas.clone(),
             remotes: self.remotes.clone(),
             replica_timeout: Duration::from_secs(self.replica_timeout.max(1)),
             read_only: self.read_only,
