@@ -724,6 +724,7 @@ impl MirrorShared {
                 let len = match &replica.backend {
                     Backend::Nbd(c) => c.size(),
                     Backend::File(f) => f.metadata().map_err(|e| e.to_string())?.len(),
+                    Backend::Cow(c) => c.size(),
                 };
                 (replica, len)
             }
