@@ -185,7 +185,18 @@ fn pump(tcp: TcpStream, mut conn: rustls::Connection) -> std::io::Result<UnixStr
     conn.set_buffer_limit(None);
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
-    let (ours, theirs) = UnixStream::pair()?;
+    let (mut ours, theirs) = UnixStream::pair()?;
+    // A peer may send data right behind its last handshake message (gnutls does): the
+    // handshake read it already, so it is handed on here, not waited for on the socket.
+    let mut early = Vec::new();
+    match conn.reader().read_to_end(&mut early) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    if !early.is_empty() {
+        ours.write_all(&early)?;
+    }
     let pump = Arc::new(Pump {
         conn: Mutex::new(conn),
         send: Mutex::new(tcp.try_clone()?),
