@@ -552,6 +552,22 @@ impl Os {
         }
     }
 
+    /// The machine, with the NBD servers of this node's replicas requiring TLS with a node
+    /// certificate of the cluster CA, and the engines' NBD clients presenting this node's:
+    /// `dir` is the node's `--tls-dir` (`crate::tls`).
+    /// `engine_host`: as `real_with_engine_host`.
+    pub fn real_with_nbd_tls(engine_host: Option<PathBuf>, dir: PathBuf) -> Os {
+        let mut engine = match engine_host {
+            Some(socket) => engine::QemuStorageDaemon::with_host(socket),
+            None => engine::QemuStorageDaemon::new(),
+        };
+        engine.nbd_tls = Some(dir);
+        Os {
+            engine: Arc::new(engine),
+            ..Os::real()
+        }
+    }
+
     /// In-memory fakes sharing one simulated machine; see `fake::Fake` to inspect it.
     pub fn fake() -> Os {
         fake::Fake::new().os()

@@ -203,6 +203,7 @@ fn opt_go(s: &mut Sock, export: &str) -> std::io::Result<Option<(u64, u16)>> {
 impl NbdClient {
     /// Connects to `export` on host:port and negotiates; `timeout` bounds the connection, the
     /// handshake and every later request.
+    #[cfg(test)]
     pub fn connect(
         host: &str,
         port: u16,
