@@ -618,7 +618,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Node(args) => {
             let transport = args.tls.transport()?;
             // The NBD listeners and the engines' NBD clients use the node's certificate too.
-            let os = real_os(args.disk.engine_endpoint.as_deref(), args.tls.tls_dir.clone())?;
+            let os = real_os(
+                args.disk.engine_endpoint.as_deref(),
+                args.tls.tls_dir.clone(),
+            )?;
             let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
             cfg.api_token_file = args.api_token_file;
             let split = crate::server::SplitConfig {

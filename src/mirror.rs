@@ -891,12 +891,14 @@ fn connect_remote(target: &ReplicaTarget, cfg: &MirrorConfig) -> std::io::Result
         Some(dir) => Some(
             crate::tls::ClusterTls::load(dir)
                 .and_then(|t| t.client_config(crate::tls::Role::Node))
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
+                .map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+                })?,
         ),
         None => None,
     };
-    let client =
-        nbd::NbdClient::connect_tls(host, *port, export, cfg.replica_timeout, tls).map_err(|e| {
+    let client = nbd::NbdClient::connect_tls(host, *port, export, cfg.replica_timeout, tls)
+        .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(

@@ -286,11 +286,7 @@ impl Exports {
 
     /// Looks `name` up and registers `socket` as its client, in one step (a removal cannot
     /// slip between them).
-    fn attach(
-        &self,
-        name: &str,
-        socket: &Sock,
-    ) -> std::io::Result<Option<(u64, Arc<Export>)>> {
+    fn attach(&self, name: &str, socket: &Sock) -> std::io::Result<Option<(u64, Arc<Export>)>> {
         let mut st = lock(&self.state);
         let Some(export) = st.exports.get(name).cloned() else {
             return Ok(None);
@@ -1024,7 +1020,9 @@ pub fn main(args: ReplicaServerArgs) -> std::io::Result<()> {
         Some(dir) => Some(
             crate::tls::ClusterTls::load(dir)
                 .and_then(|t| t.server_config(Some(&[])))
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
+                .map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+                })?,
         ),
         None => None,
     };

@@ -45,8 +45,9 @@ use std::time::Duration;
 use crate::nbd_wire::{
     CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO,
-    OPT_STARTTLS, REP_ACK, REP_ERR_UNSUP, REP_INFO, REPLY_MAGIC_OPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
-    TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_WRITE_ZEROES, be16, be32, be64,
+    OPT_STARTTLS, REP_ACK, REP_ERR_UNSUP, REP_INFO, REPLY_MAGIC_OPT, REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_WRITE_ZEROES,
+    be16, be32, be64,
 };
 
 /// The largest READ or WRITE sent as one request (qemu's server takes up to 32 MiB).
@@ -300,8 +301,7 @@ impl NbdClient {
             let Sock::Tcp(tcp) = &*s else {
                 unreachable!("STARTTLS is sent once, on TCP")
             };
-            let plain =
-                crate::nbd_tls::connect(tcp.try_clone()?, config, crate::tls::Role::Node)?;
+            let plain = crate::nbd_tls::connect(tcp.try_clone()?, config, crate::tls::Role::Node)?;
             plain.set_read_timeout(Some(timeout))?;
             plain.set_write_timeout(Some(timeout))?;
             *s = Sock::Unix(plain);

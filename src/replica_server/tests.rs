@@ -508,7 +508,13 @@ fn tls_client(port: u16, id: &str, dir: &Path) -> std::io::Result<NbdClient> {
 
 /// qemu-img info through qemu's own TLS client (gnutls) with the certificate of `identity`,
 /// laid out under qemu's file names.
-fn qemu_img_tls(dir: &Path, ca: &Path, identity: &Path, port: u16, id: &str) -> std::process::Output {
+fn qemu_img_tls(
+    dir: &Path,
+    ca: &Path,
+    identity: &Path,
+    port: u16,
+    id: &str,
+) -> std::process::Output {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::copy(ca.join("ca.crt"), dir.join("ca-cert.pem")).unwrap();
     std::fs::copy(identity.join("tls.crt"), dir.join("client-cert.pem")).unwrap();
@@ -592,7 +598,11 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
     assert!(e.to_string().contains("requires TLS"), "{e}");
     let mut s = raw_connect(srv.port);
     for option in [OPT_LIST, OPT_INFO, OPT_GO] {
-        let data = if option == OPT_LIST { vec![] } else { go_data("r1", &[]) };
+        let data = if option == OPT_LIST {
+            vec![]
+        } else {
+            go_data("r1", &[])
+        };
         send_option(&mut s, option, &data);
         let (kind, text) = option_reply_of(&mut s, option);
         assert_eq!(kind, REP_ERR_TLS_REQD, "option {option}");
@@ -601,30 +611,64 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
     // Refused at the handshake or right after it: a controller's certificate (wrong role), a
     // node certificate of another CA, a revoked one.
     let refused = [
-        ("controller", tls_dir(&certs.path().join("d-ctl"), &made.ca_dir, &made.controller_dir)),
-        ("other CA", tls_dir(&certs.path().join("d-other"), &made.ca_dir, &other.node_dir)),
-        ("revoked", tls_dir(&certs.path().join("d-rev"), &made.ca_dir, &revoked)),
+        (
+            "controller",
+            tls_dir(
+                &certs.path().join("d-ctl"),
+                &made.ca_dir,
+                &made.controller_dir,
+            ),
+        ),
+        (
+            "other CA",
+            tls_dir(&certs.path().join("d-other"), &made.ca_dir, &other.node_dir),
+        ),
+        (
+            "revoked",
+            tls_dir(&certs.path().join("d-rev"), &made.ca_dir, &revoked),
+        ),
     ];
     for (what, dir) in &refused {
         let e = tls_client(srv.port, "r1", dir).err();
-        assert!(e.is_some(), "{what}: a client with this certificate was served");
+        assert!(
+            e.is_some(),
+            "{what}: a client with this certificate was served"
+        );
     }
     assert!(srv.exports.list()[0].clients == 0);
 
     // qemu's client (gnutls) with the node certificate works; without TLS, or with the wrong
     // certificates, qemu-img info fails.
     if have("qemu-img") {
-        let ok = qemu_img_tls(&certs.path().join("q-node"), &made.ca_dir, &made.node_dir, srv.port, "r1");
+        let ok = qemu_img_tls(
+            &certs.path().join("q-node"),
+            &made.ca_dir,
+            &made.node_dir,
+            srv.port,
+            "r1",
+        );
         assert!(ok.status.success(), "{ok:?}");
-        assert!(String::from_utf8_lossy(&ok.stdout).contains("4 MiB"), "{ok:?}");
-        let plain = Command::new("qemu-img").args(["info", &srv.url("r1")]).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&ok.stdout).contains("4 MiB"),
+            "{ok:?}"
+        );
+        let plain = Command::new("qemu-img")
+            .args(["info", &srv.url("r1")])
+            .output()
+            .unwrap();
         assert!(!plain.status.success(), "{plain:?}");
         for (what, identity) in [
             ("controller", &made.controller_dir),
             ("other CA", &other.node_dir),
             ("revoked", &revoked),
         ] {
-            let out = qemu_img_tls(&certs.path().join(format!("q-{what}")), &made.ca_dir, identity, srv.port, "r1");
+            let out = qemu_img_tls(
+                &certs.path().join(format!("q-{what}")),
+                &made.ca_dir,
+                identity,
+                srv.port,
+                "r1",
+            );
             assert!(!out.status.success(), "{what}: {out:?}");
         }
     }
