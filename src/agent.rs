@@ -911,6 +911,7 @@ impl Agent for LocalAgent {
             None => None,
         };
         let (source, r) = (source.clone(), replica.clone());
+        let tls = self.os.engine.nbd_tls();
         blocking(move || {
             let dir = replica_dir(&r);
             match std::fs::remove_dir_all(dir) {
@@ -927,10 +928,11 @@ impl Agent for LocalAgent {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
             let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-            crate::os::compare::copy_from(&source, &r.path, b)?;
+            crate::os::compare::copy_from(&source, &r.path, b, tls.as_deref())?;
             Ok(crate::os::compare::identical(
                 &source,
                 &ReplicaTarget::Local(r.path.clone()),
+                tls.as_deref(),
             )?)
         })
         .await

@@ -414,6 +414,11 @@ pub trait Engine: Send + Sync {
     fn engine_mounts(&self, _replica: &Path) -> OsResult<Option<Vec<PathBuf>>> {
         Ok(None)
     }
+    /// The node's `--tls-dir` when its NBD servers and clients use TLS (issue 19): the qemu-img
+    /// commands that read another node's replica present its certificate.
+    fn nbd_tls(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 pub trait LoopDevices: Send + Sync {

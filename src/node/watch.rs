@@ -291,7 +291,7 @@ pub fn before_engine_start(
         let first = &readable[0];
         let mut differ = Vec::new();
         for other in &readable[1..] {
-            if !crate::os::compare::identical(first, other)? {
+            if !crate::os::compare::identical(first, other, os.engine.nbd_tls().as_deref())? {
                 differ.push(other.clone());
             }
         }

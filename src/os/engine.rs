@@ -943,6 +943,10 @@ impl Engine for QemuStorageDaemon {
         }
     }
 
+    fn nbd_tls(&self) -> Option<PathBuf> {
+        self.nbd_tls.clone()
+    }
+
     fn export_replica(
         &self,
         run_dir: &Path,
