@@ -911,7 +911,11 @@ impl Agent for LocalAgent {
             None => None,
         };
         let (source, r) = (source.clone(), replica.clone());
-        let tls = self.os.engine.nbd_tls();
+        // Raw replicas are served by bicsi's replica server, under TLS with the node's
+        // certificate; qcow2 ones by qemu-storage-daemon, still plain (issue 19).
+        let tls = (crate::os::ImageFormat::of_file(&replica.path) == crate::os::ImageFormat::Raw)
+            .then(|| self.os.engine.nbd_tls())
+            .flatten();
         blocking(move || {
             let dir = replica_dir(&r);
             match std::fs::remove_dir_all(dir) {
