@@ -974,6 +974,11 @@ impl Agent for LocalAgent {
             None => None,
         };
         let (source, r) = (source.clone(), replica.clone());
+        // Raw replicas are served by bicsi's replica server, under TLS with the node's
+        // certificate; qcow2 ones by qemu-storage-daemon, still plain (issue 19).
+        let tls = (crate::os::ImageFormat::of_file(&replica.path) == crate::os::ImageFormat::Raw)
+            .then(|| self.os.engine.nbd_tls())
+            .flatten();
         blocking(move || {
             let dir = replica_dir(&r);
             match std::fs::remove_dir_all(dir) {
@@ -990,10 +995,11 @@ impl Agent for LocalAgent {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
             let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-            crate::os::compare::copy_from(&source, &r.path, b)?;
+            crate::os::compare::copy_from(&source, &r.path, b, tls.as_deref())?;
             Ok(crate::os::compare::identical(
                 &source,
                 &ReplicaTarget::Local(r.path.clone()),
+                tls.as_deref(),
             )?)
         })
         .await

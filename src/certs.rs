@@ -193,7 +193,12 @@ pub fn issue(
         .distinguished_name
         .push(DnType::CommonName, role.dns_name());
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Key encipherment too: qemu's NBD TLS (gnutls, `tls-creds-x509`) refuses a certificate
+    // whose critical key usage lacks it, whatever the key's algorithm.
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     // Every process is a server to some and a client of others.
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,

@@ -617,7 +617,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         .map_err(|e| Error::Internal(format!("replica server: {e}")))?,
         Command::Node(args) => {
             let transport = args.tls.transport()?;
-            let os = real_os(args.disk.engine_endpoint.as_deref())?;
+            // The NBD listeners and the engines' NBD clients use the node's certificate too.
+            let os = real_os(
+                args.disk.engine_endpoint.as_deref(),
+                args.tls.tls_dir.clone(),
+            )?;
             let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
             cfg.api_token_file = args.api_token_file;
             let split = crate::server::SplitConfig {
@@ -853,13 +857,27 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let os = real_os(args.disk.engine_endpoint.as_deref())?;
+    // The embedded mode has no other nodes: its replica servers, if any, stay plain.
+    let os = real_os(args.disk.engine_endpoint.as_deref(), None)?;
     let cfg = serve_config(args)?;
     crate::server::serve(cfg, os, shutdown_signal()).await
 }
 
 /// The machine, with engines started by the engine host at `engine_endpoint` when one is given.
-fn real_os(engine_endpoint: Option<&str>) -> Result<crate::os::Os> {
+/// `nbd_tls`: the node's `--tls-dir`, for its NBD servers and its engines' NBD clients.
+fn real_os(engine_endpoint: Option<&str>, nbd_tls: Option<PathBuf>) -> Result<crate::os::Os> {
+    let host = engine_endpoint
+        .map(|e| {
+            crate::server::socket_path(e).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "--engine-endpoint {e:?} is not a unix socket; use unix:///path/to/engine.sock"
+                ))
+            })
+        })
+        .transpose()?;
+    if let Some(dir) = nbd_tls {
+        return Ok(crate::os::Os::real_with_nbd_tls(host, dir));
+    }
     Ok(match engine_endpoint {
         None => crate::os::Os::real(),
         Some(e) => {

@@ -38,6 +38,7 @@ pub mod messages;
 pub mod metrics;
 pub mod mirror;
 pub mod model;
+pub mod nbd_tls;
 pub mod nbd_wire;
 pub mod node;
 pub mod os;

@@ -97,6 +97,8 @@ pub struct MirrorConfig {
     pub remotes: Vec<ReplicaTarget>,
     /// How long a remote replica may take to answer a request before it is dropped.
     pub replica_timeout: Duration,
+    /// The node's `--tls-dir`: remote replicas are reached over TLS with its certificate.
+    pub tls_dir: Option<PathBuf>,
     pub read_only: bool,
     /// FUSE worker threads (each with its own cloned /dev/fuse descriptor).
     pub threads: usize,
@@ -957,8 +959,18 @@ fn connect_remote(target: &ReplicaTarget, cfg: &MirrorConfig) -> std::io::Result
             "--remote {target}: not an nbd://host:port/export address"
         )));
     };
-    let client =
-        nbd::NbdClient::connect(host, *port, export, cfg.replica_timeout).map_err(|e| {
+    let tls = match &cfg.tls_dir {
+        Some(dir) => Some(
+            crate::tls::ClusterTls::load(dir)
+                .and_then(|t| t.client_config(crate::tls::Role::Node))
+                .map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+                })?,
+        ),
+        None => None,
+    };
+    let client = nbd::NbdClient::connect_tls(host, *port, export, cfg.replica_timeout, tls)
+        .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
@@ -1041,6 +1053,10 @@ pub struct MirrorArgs {
     /// `replica-timeout` setting).
     #[arg(long, default_value_t = DEFAULT_REPLICA_TIMEOUT)]
     pub replica_timeout: u64,
+    /// Reach remote replicas over TLS with this node's certificate (the node's `--tls-dir`:
+    /// ca.crt, tls.crt, tls.key, optionally ca.crl); their servers must hold node certificates.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
     /// Serve the file read only (writes and opens for writing are refused).
     #[arg(long)]
     pub read_only: bool,
@@ -1076,6 +1092,7 @@ impl MirrorArgs {
             cow_replicas: self.cow_replicas.clone(),
             remotes: self.remotes.clone(),
             replica_timeout: Duration::from_secs(self.replica_timeout.max(1)),
+            tls_dir: self.tls_dir.clone(),
             read_only: self.read_only,
             threads: self.threads,
             direct_io: self.direct_io,

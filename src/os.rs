@@ -414,6 +414,11 @@ pub trait Engine: Send + Sync {
     fn engine_mounts(&self, _replica: &Path) -> OsResult<Option<Vec<PathBuf>>> {
         Ok(None)
     }
+    /// The node's `--tls-dir` when its NBD servers and clients use TLS (issue 19): the qemu-img
+    /// commands that read another node's replica present its certificate.
+    fn nbd_tls(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 pub trait LoopDevices: Send + Sync {
@@ -548,6 +553,22 @@ impl Os {
     pub fn real_with_engine_host(socket: PathBuf) -> Os {
         Os {
             engine: Arc::new(engine::QemuStorageDaemon::with_host(socket)),
+            ..Os::real()
+        }
+    }
+
+    /// The machine, with the NBD servers of this node's replicas requiring TLS with a node
+    /// certificate of the cluster CA, and the engines' NBD clients presenting this node's:
+    /// `dir` is the node's `--tls-dir` (`crate::tls`).
+    /// `engine_host`: as `real_with_engine_host`.
+    pub fn real_with_nbd_tls(engine_host: Option<PathBuf>, dir: PathBuf) -> Os {
+        let mut engine = match engine_host {
+            Some(socket) => engine::QemuStorageDaemon::with_host(socket),
+            None => engine::QemuStorageDaemon::new(),
+        };
+        engine.nbd_tls = Some(dir);
+        Os {
+            engine: Arc::new(engine),
             ..Os::real()
         }
     }

@@ -8,8 +8,16 @@
 //! `NBD_OPT_INFO` answer the export's size and transmission flags (and block sizes when asked),
 //! `NBD_OPT_EXPORT_NAME` is honoured for old clients, `NBD_OPT_ABORT` ends the session, and
 //! `NBD_OPT_LIST` is refused with `NBD_REP_ERR_POLICY`: a client must know the replica id it asks
-//! for. Everything else (TLS, structured replies, meta contexts, extended headers) is answered
-//! `NBD_REP_ERR_UNSUP`, so clients fall back to simple replies. Transmission: READ, WRITE (with
+//! for. Everything else (structured replies, meta contexts, extended headers) is answered
+//! `NBD_REP_ERR_UNSUP`, so clients fall back to simple replies.
+//!
+//! TLS (issue 19): with `--tls-dir` (the node's cluster certificate, `crate::tls`) the server is
+//! in the spec's "TLS only" mode: before `NBD_OPT_STARTTLS` every option but ABORT is answered
+//! `NBD_REP_ERR_TLS_REQD` (and EXPORT_NAME ends the session), so nothing about any export leaks
+//! to a client that has not authenticated; the handshake requires a client certificate of the
+//! cluster CA, valid and not revoked (`ca.crl`), and the connection is dropped unless that
+//! certificate is a node's (`bicsi-node`): only node agents' engines read and write replicas.
+//! TLS runs in a pump (`crate::nbd_tls`) and the rest of the session is unchanged. Transmission: READ, WRITE (with
 //! FUA), FLUSH, TRIM, WRITE_ZEROES (with NO_HOLE) and DISC, simple replies, sent as each request
 //! completes (out of order by handle). `NBD_FLAG_CAN_MULTI_CONN` is advertised honestly: every
 //! connection to an export writes through the one file descriptor the export opened, and a
@@ -40,6 +48,8 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+
+use crate::nbd_tls::Sock;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -51,6 +61,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::nbd_wire::*;
+use crate::tls::Role;
 
 /// Worker threads per connection when the command line does not say.
 pub const DEFAULT_WORKERS: usize = 4;
@@ -81,6 +92,9 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Tests only: a READ at this offset waits this long before it is served (shows that one
     /// slow request does not hold back the others).
+    /// With TLS: every client must STARTTLS and hold a node certificate of the cluster CA
+    /// (this config requires and checks client certificates; the role is checked after).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     #[cfg(test)]
     pub slow_read_at: Option<(u64, Duration)>,
 }
@@ -90,6 +104,7 @@ impl ServerConfig {
         ServerConfig {
             workers,
             max_in_flight,
+            tls: None,
             #[cfg(test)]
             slow_read_at: None,
         }
@@ -129,7 +144,7 @@ pub struct Listing {
 /// A connection in transmission: the export it uses and its socket (to cut it).
 struct Client {
     export: String,
-    socket: TcpStream,
+    socket: Sock,
 }
 
 #[derive(Default)]
@@ -271,11 +286,7 @@ impl Exports {
 
     /// Looks `name` up and registers `socket` as its client, in one step (a removal cannot
     /// slip between them).
-    fn attach(
-        &self,
-        name: &str,
-        socket: &TcpStream,
-    ) -> std::io::Result<Option<(u64, Arc<Export>)>> {
+    fn attach(&self, name: &str, socket: &Sock) -> std::io::Result<Option<(u64, Arc<Export>)>> {
         let mut st = lock(&self.state);
         let Some(export) = st.exports.get(name).cloned() else {
             return Ok(None);
@@ -303,7 +314,7 @@ fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
 }
 
-fn option_reply(s: &mut TcpStream, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+fn option_reply(s: &mut Sock, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
     let mut msg = Vec::with_capacity(20 + data.len());
     msg.extend_from_slice(&REPLY_MAGIC_OPT.to_be_bytes());
     msg.extend_from_slice(&option.to_be_bytes());
@@ -329,7 +340,8 @@ fn export_size(export: &Export) -> std::io::Result<u64> {
 /// export, registered as used by this connection. None: the client left or aborted.
 fn handshake(
     exports: &Exports,
-    s: &mut TcpStream,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+    s: &mut Sock,
 ) -> std::io::Result<Option<(u64, Arc<Export>, u64)>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
@@ -368,7 +380,41 @@ fn handshake(
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
+        // "the server MUST NOT send any data related to the export until the TLS handshake is
+        // complete": with TLS configured, nothing but STARTTLS and ABORT is answered before it
+        // (REP_ERR_TLS_REQD, the spec's "TLS only" mode), and NBD_OPT_EXPORT_NAME, which cannot
+        // be refused, ends the session.
+        if tls.is_some() && !s.is_tls() && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Ok(None);
+            }
+            option_reply(
+                s,
+                option,
+                REP_ERR_TLS_REQD,
+                b"this replica server requires TLS (NBD_OPT_STARTTLS) with a node certificate",
+            )?;
+            continue;
+        }
         match option {
+            OPT_STARTTLS => {
+                let Some(config) = tls else {
+                    option_reply(s, option, REP_ERR_UNSUP, b"TLS is not configured here")?;
+                    continue;
+                };
+                if s.is_tls() || !data.is_empty() {
+                    option_reply(s, option, REP_ERR_INVALID, b"already in TLS, or data sent")?;
+                    continue;
+                }
+                option_reply(s, option, REP_ACK, &[])?;
+                let Sock::Tcp(tcp) = &*s else {
+                    unreachable!("checked above")
+                };
+                let plain = crate::nbd_tls::accept(tcp.try_clone()?, config.clone(), Role::Node)?;
+                plain.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+                plain.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+                *s = Sock::Unix(plain);
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
                 // No way to refuse here but to end the session (the spec's rule).
@@ -515,9 +561,9 @@ struct Job {
 /// What the workers of one connection share.
 struct Conn {
     export: Arc<Export>,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Sock>,
     /// For shutdown without the writer's lock (a writer stuck on a full socket).
-    socket: TcpStream,
+    socket: Sock,
     budget: Budget,
     dead: AtomicBool,
     #[cfg(test)]
@@ -666,7 +712,7 @@ fn transmission(
     cfg: &ServerConfig,
     export: Arc<Export>,
     size: u64,
-    socket: TcpStream,
+    socket: Sock,
 ) -> std::io::Result<()> {
     let conn = Arc::new(Conn {
         export,
@@ -706,7 +752,7 @@ fn transmission(
 fn read_requests(
     conn: &Conn,
     size: u64,
-    socket: TcpStream,
+    socket: Sock,
     tx: &SyncSender<Job>,
 ) -> std::io::Result<()> {
     let mut r = BufReader::with_capacity(256 << 10, socket);
@@ -799,11 +845,12 @@ fn read_requests(
 }
 
 /// One client connection, from the greeting to its end.
-fn session(exports: &Exports, cfg: &ServerConfig, mut socket: TcpStream) -> std::io::Result<()> {
-    socket.set_nodelay(true)?;
-    socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    socket.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let Some((client, export, size)) = handshake(exports, &mut socket)? else {
+fn session(exports: &Exports, cfg: &ServerConfig, tcp: TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut socket = Sock::Tcp(tcp);
+    let Some((client, export, size)) = handshake(exports, cfg.tls.as_ref(), &mut socket)? else {
         return Ok(());
     };
     let result = (|| {
@@ -950,6 +997,10 @@ pub struct ReplicaServerArgs {
     /// failed (non-zero): the readiness signal of the node agent.
     #[arg(long)]
     pub daemonize: bool,
+    /// Require TLS with a node certificate of the cluster CA: the node's `--tls-dir` (ca.crt,
+    /// tls.crt, tls.key, optionally ca.crl). Without it the server speaks plain NBD.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// The NBD listener of `listen` (`host:port`, IPv6 hosts in brackets).
@@ -964,6 +1015,17 @@ pub fn main(args: ReplicaServerArgs) -> std::io::Result<()> {
     if args.daemonize {
         return crate::os::engine::daemonize_self(&args.pid_file, "the replica server");
     }
+    // Checked before listening: a bad directory stops the start with the reason.
+    let tls = match &args.tls_dir {
+        Some(dir) => Some(
+            crate::tls::ClusterTls::load(dir)
+                .and_then(|t| t.server_config(Some(&[])))
+                .map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+                })?,
+        ),
+        None => None,
+    };
     let listener = bind(&args.listen)?;
     let listen = listener.local_addr()?.to_string();
     let _ = std::fs::remove_file(&args.control);
@@ -974,7 +1036,8 @@ pub fn main(args: ReplicaServerArgs) -> std::io::Result<()> {
         )
     })?;
     let exports = Arc::new(Exports::default());
-    let cfg = ServerConfig::new(args.workers.max(1), args.max_in_flight_mib.max(1) << 20);
+    let mut cfg = ServerConfig::new(args.workers.max(1), args.max_in_flight_mib.max(1) << 20);
+    cfg.tls = tls;
     {
         let (exports, listen) = (exports.clone(), listen.clone());
         std::thread::spawn(move || serve_control(control, exports, listen));

@@ -402,8 +402,16 @@ impl axum::serve::Listener for TlsListener {
 /// Whether the client's certificate (already verified against the CA) names `role`.
 fn holds_role(stream: &TlsStream<TcpStream>, role: Role) -> std::result::Result<(), String> {
     let (_, conn) = stream.get_ref();
-    let cert = conn
-        .peer_certificates()
+    peer_holds_role(conn.peer_certificates(), role)
+}
+
+/// Whether the peer's certificate chain (already verified against the CA by rustls) names
+/// `role`; the error says why not, for the log.
+pub fn peer_holds_role(
+    certs: Option<&[CertificateDer<'static>]>,
+    role: Role,
+) -> std::result::Result<(), String> {
+    let cert = certs
         .and_then(|c| c.first())
         .ok_or("it sent no certificate")?;
     let parsed = rustls::server::ParsedCertificate::try_from(cert)

@@ -19,6 +19,11 @@
 //! cover writes acknowledged on another; on one connection it covers every write acknowledged
 //! before it, which is what fsync of the volume needs.
 //!
+//! TLS (issue 19): given the node's certificate (`bicsi engine-mirror --tls-dir`), the client
+//! asks for `NBD_OPT_STARTTLS` before anything else, and refuses to go on without it; the
+//! server's certificate must be a node's of the cluster CA. The session then runs through the
+//! pump of `crate::nbd_tls`, unchanged.
+//!
 //! Failures are final: a request that fails, a connection that drops, or a reply that does not
 //! come within the timeout (`replica-timeout`) marks the client dead, shuts the socket down (the
 //! reader thread and every waiting caller get an error at once) and every later request fails
@@ -30,6 +35,8 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+
+use crate::nbd_tls::Sock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -38,8 +45,9 @@ use std::time::Duration;
 use crate::nbd_wire::{
     CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO,
-    REP_ACK, REP_ERR_UNSUP, REP_INFO, REPLY_MAGIC_OPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
-    TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_WRITE_ZEROES, be16, be32, be64,
+    OPT_STARTTLS, REP_ACK, REP_ERR_UNSUP, REP_INFO, REPLY_MAGIC_OPT, REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_WRITE_ZEROES,
+    be16, be32, be64,
 };
 
 /// The largest READ or WRITE sent as one request (qemu's server takes up to 32 MiB).
@@ -59,14 +67,14 @@ struct Waiting {
 
 struct Shared {
     /// Where requests are written (one at a time, each whole).
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Sock>,
     waiting: Mutex<HashMap<u64, Waiting>>,
     next_handle: AtomicU64,
     dead: AtomicBool,
     /// Why the connection died, for the errors of later requests.
     cause: Mutex<String>,
     /// For `shutdown`, independent of the writer's lock (a writer stuck on a full socket).
-    socket: TcpStream,
+    socket: Sock,
 }
 
 impl Shared {
@@ -125,7 +133,7 @@ fn protocol(msg: String) -> std::io::Error {
 }
 
 /// An option request: IHAVEOPT, the option, its data.
-fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) -> std::io::Result<()> {
+fn send_option(s: &mut Sock, option: u32, data: &[u8]) -> std::io::Result<()> {
     let mut msg = Vec::with_capacity(16 + data.len());
     msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
     msg.extend_from_slice(&option.to_be_bytes());
@@ -135,7 +143,7 @@ fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) -> std::io::Result<(
 }
 
 /// One option reply: its type and data.
-fn read_option_reply(s: &mut TcpStream, option: u32) -> std::io::Result<(u32, Vec<u8>)> {
+fn read_option_reply(s: &mut Sock, option: u32) -> std::io::Result<(u32, Vec<u8>)> {
     let mut head = [0u8; 20];
     s.read_exact(&mut head)?;
     if be64(&head) != REPLY_MAGIC_OPT || be32(&head[8..]) != option {
@@ -156,7 +164,7 @@ fn read_option_reply(s: &mut TcpStream, option: u32) -> std::io::Result<(u32, Ve
 
 /// NBD_OPT_GO for `export`: Ok(Some((size, flags))), or Ok(None) when the server does not
 /// know the option (then EXPORT_NAME is the way).
-fn opt_go(s: &mut TcpStream, export: &str) -> std::io::Result<Option<(u64, u16)>> {
+fn opt_go(s: &mut Sock, export: &str) -> std::io::Result<Option<(u64, u16)>> {
     let mut data = Vec::new();
     data.extend_from_slice(&(export.len() as u32).to_be_bytes());
     data.extend_from_slice(export.as_bytes());
@@ -196,11 +204,25 @@ fn opt_go(s: &mut TcpStream, export: &str) -> std::io::Result<Option<(u64, u16)>
 impl NbdClient {
     /// Connects to `export` on host:port and negotiates; `timeout` bounds the connection, the
     /// handshake and every later request.
+    #[cfg(test)]
     pub fn connect(
         host: &str,
         port: u16,
         export: &str,
         timeout: Duration,
+    ) -> std::io::Result<NbdClient> {
+        Self::connect_tls(host, port, export, timeout, None)
+    }
+
+    /// `connect`, inside TLS when `tls` is given: `NBD_OPT_STARTTLS` first, then the handshake
+    /// with `tls` (the node's certificate; the server's must be a node's of the cluster CA),
+    /// then the rest of the protocol through the pump of `crate::nbd_tls`.
+    pub fn connect_tls(
+        host: &str,
+        port: u16,
+        export: &str,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> std::io::Result<NbdClient> {
         let name = if host.contains(':') {
             format!("nbd://[{host}]:{port}/{export}")
@@ -213,11 +235,12 @@ impl NbdClient {
             .map_err(context)?
             .next()
             .ok_or_else(|| context(std::io::Error::other("the host has no address")))?;
-        let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(context)?;
-        s.set_nodelay(true).map_err(context)?;
-        s.set_read_timeout(Some(timeout)).map_err(context)?;
-        s.set_write_timeout(Some(timeout)).map_err(context)?;
-        let (size, flags) = Self::handshake(&mut s, export).map_err(context)?;
+        let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(context)?;
+        tcp.set_nodelay(true).map_err(context)?;
+        tcp.set_read_timeout(Some(timeout)).map_err(context)?;
+        tcp.set_write_timeout(Some(timeout)).map_err(context)?;
+        let mut s = Sock::Tcp(tcp);
+        let (size, flags) = Self::handshake(&mut s, export, tls, timeout).map_err(context)?;
         // The reader thread waits for replies as long as it takes; the callers time out.
         s.set_read_timeout(None).map_err(context)?;
         let shared = Arc::new(Shared {
@@ -242,7 +265,12 @@ impl NbdClient {
         })
     }
 
-    fn handshake(s: &mut TcpStream, export: &str) -> std::io::Result<(u64, u16)> {
+    fn handshake(
+        s: &mut Sock,
+        export: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+    ) -> std::io::Result<(u64, u16)> {
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello)?;
         if be64(&hello) != NBDMAGIC || be64(&hello[8..]) != IHAVEOPT {
@@ -258,6 +286,26 @@ impl NbdClient {
         }
         let client = (server & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)) as u32;
         s.write_all(&client.to_be_bytes())?;
+        if let Some(config) = tls {
+            send_option(s, OPT_STARTTLS, &[])?;
+            let (kind, data) = read_option_reply(s, OPT_STARTTLS)?;
+            if kind != REP_ACK {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the server does not offer TLS (reply {kind:#x}: {}); is its replica                          server started with the node's --tls-dir?",
+                        String::from_utf8_lossy(&data)
+                    ),
+                ));
+            }
+            let Sock::Tcp(tcp) = &*s else {
+                unreachable!("STARTTLS is sent once, on TCP")
+            };
+            let plain = crate::nbd_tls::connect(tcp.try_clone()?, config, crate::tls::Role::Node)?;
+            plain.set_read_timeout(Some(timeout))?;
+            plain.set_write_timeout(Some(timeout))?;
+            *s = Sock::Unix(plain);
+        }
         if let Some(found) = opt_go(s, export)? {
             return Ok(found);
         }
@@ -416,7 +464,7 @@ impl Drop for NbdClient {
 }
 
 /// The reader thread: matches replies to waiting callers until the connection ends.
-fn read_replies(shared: &Shared, mut s: TcpStream) {
+fn read_replies(shared: &Shared, mut s: Sock) {
     let cause = loop {
         let mut head = [0u8; 16];
         if let Err(e) = s.read_exact(&mut head) {

@@ -291,7 +291,14 @@ pub fn before_engine_start(
         let first = &readable[0];
         let mut differ = Vec::new();
         for other in &readable[1..] {
-            if !crate::os::compare::identical(first, other)? {
+            // Raw replicas' servers are bicsi's, under TLS; qcow2 ones' (qemu) still plain.
+            let tls = volume
+                .replicas
+                .iter()
+                .all(|r| r.format == crate::os::ImageFormat::Raw)
+                .then(|| os.engine.nbd_tls())
+                .flatten();
+            if !crate::os::compare::identical(first, other, tls.as_deref())? {
                 differ.push(other.clone());
             }
         }

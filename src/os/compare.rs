@@ -14,6 +14,80 @@ use std::process::Command;
 
 use super::{OsError, OsResult, ReplicaTarget, command_failure, display_command, spawn_error};
 
+/// A directory removed when dropped.
+pub(crate) struct PrivateDir(std::path::PathBuf);
+
+impl PrivateDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The qemu object id of the NBD client's TLS credentials.
+const TLS_ID: &str = "bicsi-nbd-tls";
+
+/// qemu's TLS credentials of a client with the node's `--tls-dir` (issue 19): a private
+/// directory (0700, removed when dropped) of links under the names qemu reads (ca-cert.pem,
+/// client-cert.pem, client-key.pem, ca-crl.pem), and the `--object` argument naming it.
+pub(crate) fn qemu_client_creds(tls_dir: &Path) -> OsResult<(PrivateDir, String)> {
+    use std::os::unix::fs::DirBuilderExt;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "bicsi-nbd-tls-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .map_err(|e| OsError::io(format!("making qemu's TLS directory {}", path.display()), e))?;
+    let dir = PrivateDir(path);
+    for (ours, qemus) in [
+        (crate::tls::CA_FILE, "ca-cert.pem"),
+        (crate::tls::CERT_FILE, "client-cert.pem"),
+        (crate::tls::KEY_FILE, "client-key.pem"),
+        (crate::tls::CRL_FILE, "ca-crl.pem"),
+    ] {
+        let from = tls_dir.join(ours);
+        if ours == crate::tls::CRL_FILE && !from.exists() {
+            continue;
+        }
+        std::os::unix::fs::symlink(&from, dir.path().join(qemus))
+            .map_err(|e| OsError::io(format!("linking {}", from.display()), e))?;
+    }
+    let object = format!(
+        "tls-creds-x509,id={TLS_ID},endpoint=client,dir={}",
+        dir.path().display().to_string().replace(',', ",,")
+    );
+    Ok((dir, object))
+}
+
+/// A replica as `--image-opts` (every image of a qemu-img command is then given so): remote
+/// ones over TLS with the credentials `TLS_ID`, the server's certificate checked for the node
+/// role.
+fn image_opts(t: &ReplicaTarget) -> String {
+    match t {
+        ReplicaTarget::Local(p) => format!(
+            "driver={},file.driver=file,file.filename={}",
+            super::ImageFormat::of_file(p).as_str(),
+            p.display().to_string().replace(',', ",,")
+        ),
+        ReplicaTarget::Nbd { host, port, export } => format!(
+            "driver=raw,file.driver=nbd,file.host={host},file.port={port},file.export={},\
+             file.tls-creds={TLS_ID},file.tls-hostname={}",
+            export.replace(',', ",,"),
+            crate::tls::Role::Node.dns_name()
+        ),
+    }
+}
+
 /// The file name and format qemu-img opens a replica as.
 fn source(t: &ReplicaTarget) -> (String, &'static str) {
     match t {
@@ -29,7 +103,20 @@ fn source(t: &ReplicaTarget) -> (String, &'static str) {
 
 /// Whether the two replicas hold the same content. The images must not be written meanwhile
 /// (no engine running on them).
-pub fn identical(a: &ReplicaTarget, b: &ReplicaTarget) -> OsResult<bool> {
+/// `tls_dir`: the node's `--tls-dir`; remote replicas are then read over TLS.
+pub fn identical(a: &ReplicaTarget, b: &ReplicaTarget, tls_dir: Option<&Path>) -> OsResult<bool> {
+    let remote = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Nbd { .. });
+    if let Some(tls) = tls_dir
+        && (remote(a) || remote(b))
+    {
+        let (_creds, object) = qemu_client_creds(tls)?;
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["compare", "-q", "--object", &object, "--image-opts"])
+            .arg(image_opts(a))
+            .arg(image_opts(b))
+            .env("LC_ALL", "C");
+        return compared(cmd);
+    }
     let (fa, fmt_a) = source(a);
     let (fb, fmt_b) = source(b);
     let mut cmd = Command::new("qemu-img");
@@ -37,6 +124,11 @@ pub fn identical(a: &ReplicaTarget, b: &ReplicaTarget) -> OsResult<bool> {
         .arg(&fa)
         .arg(&fb)
         .env("LC_ALL", "C");
+    compared(cmd)
+}
+
+/// Runs a `qemu-img compare` command.
+fn compared(mut cmd: Command) -> OsResult<bool> {
     let out = cmd.output().map_err(|e| spawn_error(&cmd, e))?;
     // qemu-img compare: 0 identical, 1 different, anything else an error.
     match out.status.code() {
@@ -62,6 +154,7 @@ pub fn identical_files(a: &Path, b: &Path) -> OsResult<bool> {
     identical(
         &ReplicaTarget::Local(a.to_path_buf()),
         &ReplicaTarget::Local(b.to_path_buf()),
+        None,
     )
 }
 
@@ -71,17 +164,31 @@ pub fn identical_files(a: &Path, b: &Path) -> OsResult<bool> {
 /// the whole content (zeros left as holes), which shares no blocks with the disk's file of the
 /// backing image. `qemu-img convert` into `dest.<format>.part`, renamed into place only when
 /// complete. Blocking; minutes for large volumes.
+/// `tls_dir`: the node's `--tls-dir`; a remote source is then read over TLS.
 pub fn copy_from(
     source: &ReplicaTarget,
     dest: &Path,
     backing: Option<(&Path, crate::os::ImageFormat)>,
+    tls_dir: Option<&Path>,
 ) -> OsResult<()> {
-    let (src, fmt) = source_of(source);
+    let (mut src, fmt) = source_of(source);
     let format = crate::os::ImageFormat::of_file(dest);
     let tmp = dest.with_extension(format!("{}.part", format.extension()));
     let _ = std::fs::remove_file(&tmp);
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["convert", "-q", "-f", fmt, "-O", format.as_str()]);
+    let mut _creds = None;
+    match tls_dir {
+        Some(tls) if matches!(source, ReplicaTarget::Nbd { .. }) => {
+            let (dir, object) = qemu_client_creds(tls)?;
+            _creds = Some(dir);
+            src = image_opts(source);
+            cmd.args(["convert", "-q", "--object", &object, "--image-opts"])
+                .args(["-O", format.as_str()]);
+        }
+        _ => {
+            cmd.args(["convert", "-q", "-f", fmt, "-O", format.as_str()]);
+        }
+    }
     if let Some((file, backing_format)) = backing
         && format == crate::os::ImageFormat::Qcow2
     {

@@ -73,6 +73,9 @@ pub struct QemuStorageDaemon {
     /// it instead of forked from this process. Everything else (pid files, /proc, QMP, stop)
     /// works on the shared host PID namespace and data directory as before.
     pub host: Option<PathBuf>,
+    /// The node's `--tls-dir` (`crate::tls`): the replica servers require TLS with a node
+    /// certificate of its CA, and the engines' NBD clients present its certificate.
+    pub nbd_tls: Option<PathBuf>,
 }
 
 impl Default for QemuStorageDaemon {
@@ -82,6 +85,7 @@ impl Default for QemuStorageDaemon {
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
             host: None,
+            nbd_tls: None,
         }
     }
 }
@@ -937,6 +941,10 @@ impl Engine for QemuStorageDaemon {
                 e,
             )),
         }
+    }
+
+    fn nbd_tls(&self) -> Option<PathBuf> {
+        self.nbd_tls.clone()
     }
 
     fn export_replica(

@@ -197,7 +197,7 @@ fn start(engine: &QemuStorageDaemon, paths: &Paths, host: &str, port: u16) -> Os
     for stale in [&paths.pid, &paths.control] {
         let _ = std::fs::remove_file(stale);
     }
-    let args = vec![
+    let mut args = vec![
         SUBCOMMAND.to_string(),
         "--listen".into(),
         listen_addr(host, port),
@@ -207,6 +207,9 @@ fn start(engine: &QemuStorageDaemon, paths: &Paths, host: &str, port: u16) -> Os
         utf8_path(&paths.pid)?.to_string(),
         "--daemonize".into(),
     ];
+    if let Some(dir) = &engine.nbd_tls {
+        args.extend(["--tls-dir".into(), utf8_path(dir)?.to_string()]);
+    }
     let spawned = spawn_daemonized(
         &program()?,
         &args,

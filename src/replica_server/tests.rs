@@ -484,3 +484,192 @@ fn the_in_flight_budget_blocks_and_wakes() {
     b.release(6);
     assert_eq!(waiter.join().unwrap(), 10);
 }
+
+// ---- TLS (issue 19) ------------------------------------------------------------------------
+
+/// `dir` with the cluster CA `ca` and the certificate and key of `identity` (a directory with
+/// tls.crt and tls.key): a `--tls-dir` whose identity may come from anywhere.
+fn tls_dir(dir: &Path, ca: &Path, identity: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(ca.join("ca.crt"), dir.join("ca.crt")).unwrap();
+    std::fs::copy(identity.join("tls.crt"), dir.join("tls.crt")).unwrap();
+    std::fs::copy(identity.join("tls.key"), dir.join("tls.key")).unwrap();
+    dir.to_path_buf()
+}
+
+/// The mirror client with the `--tls-dir` `dir`.
+fn tls_client(port: u16, id: &str, dir: &Path) -> std::io::Result<NbdClient> {
+    let config = crate::tls::ClusterTls::load(dir)
+        .unwrap()
+        .client_config(crate::tls::Role::Node)
+        .unwrap();
+    NbdClient::connect_tls(HOST, port, id, Duration::from_secs(10), Some(config))
+}
+
+/// qemu-img info through qemu's own TLS client (gnutls) with the certificate of `identity`,
+/// laid out under qemu's file names.
+fn qemu_img_tls(
+    dir: &Path,
+    ca: &Path,
+    identity: &Path,
+    port: u16,
+    id: &str,
+) -> std::process::Output {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(ca.join("ca.crt"), dir.join("ca-cert.pem")).unwrap();
+    std::fs::copy(identity.join("tls.crt"), dir.join("client-cert.pem")).unwrap();
+    std::fs::copy(identity.join("tls.key"), dir.join("client-key.pem")).unwrap();
+    Command::new("qemu-img")
+        .args([
+            "info",
+            "--object",
+            &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", dir.display()),
+            "--image-opts",
+            &format!(
+                "driver=nbd,host={HOST},port={port},export={id},tls-creds=tls0,tls-hostname=bicsi-node"
+            ),
+        ])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
+    use crate::tls::Role;
+    let certs = tempfile::tempdir().unwrap();
+    let out = certs.path().join("cluster");
+    let made = crate::certs::make(&out, 1, &[]).unwrap();
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86400);
+    let issued = |name: &str, ca: &Path, role: Role| {
+        let (cert, key) = crate::certs::issue(ca, role, &[], now - day, now + day).unwrap();
+        let d = certs.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("tls.crt"), cert).unwrap();
+        std::fs::write(d.join("tls.key"), key).unwrap();
+        d
+    };
+    let revoked = issued("revoked", &made.ca_dir, Role::Node);
+    crate::certs::revoke(&out, &[revoked.join("tls.crt")]).unwrap();
+    let other = crate::certs::make(&certs.path().join("other"), 1, &[]).unwrap();
+
+    let mut cfg = ServerConfig::default();
+    cfg.tls = Some(
+        crate::tls::ClusterTls::load(&made.node_dir)
+            .unwrap()
+            .server_config(Some(&[]))
+            .unwrap(),
+    );
+    let srv = Served::start(cfg);
+    let file = srv.export("r1", 4 * MIB);
+
+    // A node certificate: reads and writes, large and small, go through the pump.
+    let c = tls_client(srv.port, "r1", &made.node_dir).unwrap();
+    assert_eq!(c.size(), 4 * MIB);
+    let data = pattern(3 * MIB as usize, 7);
+    c.write_at(&data, 4096, true).unwrap();
+    c.flush().unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_at(&mut back, 4096).unwrap();
+    assert!(back == data);
+    assert!(file_bytes(&file, 4096, data.len()) == data);
+    let threads: Vec<_> = (0..4u64)
+        .map(|i| {
+            let c = tls_client(srv.port, "r1", &made.node_dir).unwrap();
+            std::thread::spawn(move || {
+                for j in 0..64u64 {
+                    let b = pattern(4096, i * 100 + j);
+                    let at = (i * 64 + j) * 4096;
+                    c.write_at(&b, at, false).unwrap();
+                    let mut r = vec![0u8; 4096];
+                    c.read_at(&mut r, at).unwrap();
+                    assert!(r == b);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    c.close();
+
+    // Without TLS: no export is named, listed or opened.
+    let e = NbdClient::connect(HOST, srv.port, "r1", Duration::from_secs(5)).unwrap_err();
+    assert!(e.to_string().contains("requires TLS"), "{e}");
+    let mut s = raw_connect(srv.port);
+    for option in [OPT_LIST, OPT_INFO, OPT_GO] {
+        let data = if option == OPT_LIST {
+            vec![]
+        } else {
+            go_data("r1", &[])
+        };
+        send_option(&mut s, option, &data);
+        let (kind, text) = option_reply_of(&mut s, option);
+        assert_eq!(kind, REP_ERR_TLS_REQD, "option {option}");
+        assert!(!String::from_utf8_lossy(&text).contains("r1"));
+    }
+    // Refused at the handshake or right after it: a controller's certificate (wrong role), a
+    // node certificate of another CA, a revoked one.
+    let refused = [
+        (
+            "controller",
+            tls_dir(
+                &certs.path().join("d-ctl"),
+                &made.ca_dir,
+                &made.controller_dir,
+            ),
+        ),
+        (
+            "other CA",
+            tls_dir(&certs.path().join("d-other"), &made.ca_dir, &other.node_dir),
+        ),
+        (
+            "revoked",
+            tls_dir(&certs.path().join("d-rev"), &made.ca_dir, &revoked),
+        ),
+    ];
+    for (what, dir) in &refused {
+        let e = tls_client(srv.port, "r1", dir).err();
+        assert!(
+            e.is_some(),
+            "{what}: a client with this certificate was served"
+        );
+    }
+    assert!(srv.exports.list()[0].clients == 0);
+
+    // qemu's client (gnutls) with the node certificate works; without TLS, or with the wrong
+    // certificates, qemu-img info fails.
+    if have("qemu-img") {
+        let ok = qemu_img_tls(
+            &certs.path().join("q-node"),
+            &made.ca_dir,
+            &made.node_dir,
+            srv.port,
+            "r1",
+        );
+        assert!(ok.status.success(), "{ok:?}");
+        assert!(
+            String::from_utf8_lossy(&ok.stdout).contains("4 MiB"),
+            "{ok:?}"
+        );
+        let plain = Command::new("qemu-img")
+            .args(["info", &srv.url("r1")])
+            .output()
+            .unwrap();
+        assert!(!plain.status.success(), "{plain:?}");
+        for (what, identity) in [
+            ("controller", &made.controller_dir),
+            ("other CA", &other.node_dir),
+            ("revoked", &revoked),
+        ] {
+            let out = qemu_img_tls(
+                &certs.path().join(format!("q-{what}")),
+                &made.ca_dir,
+                identity,
+                srv.port,
+                "r1",
+            );
+            assert!(!out.status.success(), "{what}: {out:?}");
+        }
+    }
+}

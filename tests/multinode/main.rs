@@ -1393,6 +1393,22 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
         cmdline.contains("--remote nbd://127.0.0.1:") && cmdline.contains("--replica-timeout 3"),
         "{cmdline}"
     );
+    // Issue 19: the engine reaches node-2's replica server over TLS with node-1's certificate,
+    // and that server refuses a client without one (qemu's, plain NBD) while the engine uses it.
+    assert!(cmdline.contains("--tls-dir "), "{cmdline}");
+    let remote_url = cmdline
+        .split_whitespace()
+        .find(|a| a.starts_with("nbd://"))
+        .unwrap()
+        .to_string();
+    let plain = Command::new("qemu-img")
+        .args(["info", &remote_url])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success() && String::from_utf8_lossy(&plain.stderr).contains("TLS"),
+        "a plain NBD client read node-2's replica: {plain:?}"
+    );
     assert!(
         engines_under(&c.nodes[0].dir).is_empty(),
         "no qemu-storage-daemon serves it"

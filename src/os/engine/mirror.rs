@@ -264,6 +264,14 @@ pub(super) fn start(
         "--replica-timeout".into(),
         replica_timeout.as_secs().max(1).to_string(),
     ]);
+    if let Some(dir) = &engine.nbd_tls
+        && spec
+            .replicas
+            .iter()
+            .any(|t| matches!(t, ReplicaTarget::Nbd { .. }))
+    {
+        args.extend(["--tls-dir".into(), utf8_path(dir)?.to_string()]);
+    }
     let pid = paths.dir.join(PID);
     let control = paths.dir.join(CONTROL);
     let added = paths.dir.join(ADDED);
