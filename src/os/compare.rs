@@ -236,7 +236,7 @@ mod tests {
         f.write_all_at(b"end", (64 << 20) - 3).unwrap();
         drop(f);
         let dest = dir.path().join("volume.raw");
-        copy_from(&ReplicaTarget::Local(src.clone()), &dest, None).unwrap();
+        copy_from(&ReplicaTarget::Local(src.clone()), &dest, None, None).unwrap();
         assert!(std::fs::read(&src).unwrap() == std::fs::read(&dest).unwrap());
         assert!(identical_files(&src, &dest).unwrap());
         let used = std::process::Command::new("du")

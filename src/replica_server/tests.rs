@@ -553,13 +553,15 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
     crate::certs::revoke(&out, &[revoked.join("tls.crt")]).unwrap();
     let other = crate::certs::make(&certs.path().join("other"), 1, &[]).unwrap();
 
-    let mut cfg = ServerConfig::default();
-    cfg.tls = Some(
-        crate::tls::ClusterTls::load(&made.node_dir)
-            .unwrap()
-            .server_config(Some(&[]))
-            .unwrap(),
-    );
+    let cfg = ServerConfig {
+        tls: Some(
+            crate::tls::ClusterTls::load(&made.node_dir)
+                .unwrap()
+                .server_config(Some(&[]))
+                .unwrap(),
+        ),
+        ..ServerConfig::default()
+    };
     let srv = Served::start(cfg);
     let file = srv.export("r1", 4 * MIB);
 

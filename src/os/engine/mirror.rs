@@ -264,12 +264,9 @@ pub(super) fn start(
         "--replica-timeout".into(),
         replica_timeout.as_secs().max(1).to_string(),
     ]);
-    if let Some(dir) = &engine.nbd_tls
-        && spec
-            .replicas
-            .iter()
-            .any(|t| matches!(t, ReplicaTarget::Nbd { .. }))
-    {
+    // Also for an engine with local replicas only: an online rebuild may add a replica of
+    // another node to it later (`add nbd://…`), over TLS like the command line's remotes.
+    if let Some(dir) = &engine.nbd_tls {
         args.extend(["--tls-dir".into(), utf8_path(dir)?.to_string()]);
     }
     let pid = paths.dir.join(PID);
