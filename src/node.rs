@@ -837,16 +837,21 @@ fn stage_steps(
 
 /// The engine that serves an attach of a volume of engine `volume` with these children: `loop`
 /// for a single local raw replica (the loop engine on its own node), `mirror` for several local
-/// raw replicas, and for a mirror volume whose children are raw files here and replicas of
-/// other nodes (over NBD, all of them when this node holds none), `qemu` for everything else
-/// (a loop volume attached on another node, qcow2 replicas).
+/// raw replicas, and for a mirror or loop volume whose children are raw files here and replicas
+/// of other nodes (over NBD, all of them when this node holds none: a loop volume attached on
+/// another node), `qemu` for everything else (qcow2 replicas). So raw replicas of other nodes
+/// are always read by bicsi's own NBD client from bicsi's replica server (TLS between the two
+/// with `--tls-dir`, issue 19), qcow2 ones by qemu's client from qemu's server.
 fn attach_engine(volume: EngineKind, targets: &[ReplicaTarget]) -> EngineKind {
     let raw = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw);
     let remote = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Nbd { .. });
     match targets {
         [t] if raw(t) => EngineKind::Loop,
         [_, _, ..] if targets.iter().all(raw) => EngineKind::Mirror,
-        [_, ..] if volume == EngineKind::Mirror && targets.iter().all(|t| raw(t) || remote(t)) => {
+        [_, ..]
+            if matches!(volume, EngineKind::Mirror | EngineKind::Loop)
+                && targets.iter().all(|t| raw(t) || remote(t)) =>
+        {
             EngineKind::Mirror
         }
         _ => EngineKind::Qemu,

@@ -1218,12 +1218,18 @@ async fn a_loop_volume_attaches_on_another_node_over_nbd() {
         replica.display()
     );
 
-    // On node-2: qemu over NBD, the replica server on node-1 serving the raw file.
+    // On node-2: the mirror engine with node-1's replica as its one remote, read by bicsi's
+    // NBD client (over TLS) from the replica server on node-1 serving the raw file.
     let tg = attach_on(&c, &mut ctl, "lv", 1).await;
     write_synced(&tg, "remote.txt", b"written from node-2 over NBD");
+    assert_eq!(
+        mirror_engines_under(&c.nodes[1].dir).len(),
+        1,
+        "node-2 serves it with the mirror engine"
+    );
     assert!(
-        !engines_under(&c.nodes[1].dir).is_empty(),
-        "node-2 serves it with an engine"
+        engines_under(&c.nodes[1].dir).is_empty(),
+        "no qemu-storage-daemon (its NBD client would meet a TLS-only server)"
     );
     // node-1's raw replicas are served by bicsi's own replica server, which outlives a restart
     // of node-1's agent: the restarted agent finds it (and its export) and stops it with the
