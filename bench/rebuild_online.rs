@@ -140,40 +140,42 @@ fn mode_of(record: &serde_json::Value, replica: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The `took_ms` of the last "replica rebuilt online and verified" line of the log.
+/// The last "replica rebuilt online and verified" line of the log.
+fn last_rebuild_line(log: &str) -> Option<&str> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("replica rebuilt online and verified"))
+}
+
+/// The number after `name` (`name=123`, `"name":123`) in a log line.
+fn log_number(line: &str, name: &str) -> Option<u64> {
+    let rest = &line[line.find(name)? + name.len()..];
+    rest.trim_start_matches(['=', ':', '"', ' '])
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
 /// Where the last online rebuild's time went: the domain's stages (from its log line) and the
 /// engine's (from the engine's log under `data_dir`).
 fn last_stages(log: &str, data_dir: &Path) -> String {
-    let field = |line: &str, name: &str| -> Option<u64> {
-        let rest = &line[line.find(name)? + name.len()..];
-        rest.trim_start_matches(['=', ':', '"', ' '])
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .ok()
-    };
-    let Some(line) = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("replica rebuilt online and verified"))
-    else {
+    let Some(line) = last_rebuild_line(log) else {
         return "stages: n/a".into();
     };
-    let ms = |name| field(line, name).map_or("?".to_string(), |v| v.to_string());
+    let ms = |name| log_number(line, name).map_or("?".to_string(), |v| v.to_string());
     let engine = std::fs::read_dir(data_dir.join("engines"))
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path().join("mirror.log")).ok())
-        .flat_map(|t| {
+        .filter_map(|t| {
             t.lines()
-                .filter(|l| l.contains("copied and verified identical"))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
+                .rfind(|l| l.contains("copied and verified identical"))
+                .and_then(|l| l.find('(').map(|i| l[i..].to_string()))
         })
         .last()
-        .and_then(|l| l.find('(').map(|i| l[i..].to_string()))
         .unwrap_or_else(|| "(engine stages n/a)".into());
     format!(
         "stages: start {} ms, engine {} ms {engine}, finish {} ms",
@@ -183,18 +185,9 @@ fn last_stages(log: &str, data_dir: &Path) -> String {
     )
 }
 
+/// The `took_ms` of the last "replica rebuilt online and verified" line of the log.
 fn last_took_ms(log: &str) -> Option<u64> {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("replica rebuilt online and verified"))?;
-    let rest = &line[line.find("took_ms")? + "took_ms".len()..];
-    rest.trim_start_matches(['=', ':', '"', ' '])
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
+    log_number(last_rebuild_line(log)?, "took_ms")
 }
 
 /// Mean of fio's IOPS log samples (`msec, iops, ...`) with msec in `[from, to]`.

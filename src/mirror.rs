@@ -196,7 +196,7 @@ impl Replica {
     /// Fills `buf` from `offset` (zeros past the end of a file).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         match &self.backend {
-            Backend::File(f) => read_full(f, buf, offset),
+            Backend::File(f) => crate::os::rawfile::read_full(f, buf, offset),
             Backend::Nbd(c) => c.read_at(buf, offset),
             Backend::Cow(c) => c.read_at(buf, offset),
         }
@@ -475,23 +475,6 @@ impl Mirror {
         }
         Err(Errno::EIO)
     }
-}
-
-/// Fills `buf` from `offset`; zeros past the end of the file.
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 impl Filesystem for Mirror {

@@ -602,7 +602,7 @@ impl Conn {
                     std::thread::sleep(delay);
                 }
                 let mut msg = vec![0u8; 16 + job.len as usize];
-                let r = read_full(file, &mut msg[16..], job.offset);
+                let r = crate::os::rawfile::read_full(file, &mut msg[16..], job.offset);
                 if r.is_err() {
                     msg.truncate(16);
                 }
@@ -640,23 +640,6 @@ impl Conn {
         self.reply(job.handle, error, msg);
         self.budget.release(job.charged);
     }
-}
-
-/// Fills `buf` from `offset`; zeros past the end of the file.
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn fallocate(

@@ -280,23 +280,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Fills `buf` from `offset` of `file`; zeros past its end.
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 fn fallocate(file: &File, flags: FallocateFlags, offset: u64, len: u64) -> std::io::Result<()> {
     if len == 0 {
         return Ok(());
@@ -341,7 +324,7 @@ impl Cow {
         let data = open(&spec.data, !read_only)?;
         let map = open(&spec.map, !read_only)?;
         let mut head = vec![0u8; HEADER as usize];
-        read_full(&map, &mut head, 0)?;
+        crate::os::rawfile::read_full(&map, &mut head, 0)?;
         let header = Header::decode(&spec.map, &head)?;
         let data_len = data.metadata()?.len();
         if data_len != header.size {
@@ -380,7 +363,7 @@ impl Cow {
         };
         let cluster = header.cluster as u64;
         let mut bitmap = vec![0u8; bitmap_bytes(header.size, cluster) as usize];
-        read_full(&map, &mut bitmap, HEADER)?;
+        crate::os::rawfile::read_full(&map, &mut bitmap, HEADER)?;
         let clusters = header.size.div_ceil(cluster);
         let bits: Vec<AtomicU64> = bitmap
             .chunks(8)
@@ -488,7 +471,7 @@ impl Cow {
     /// The base's bytes of `[offset, offset + buf.len())` (zeros past its end, or no base).
     fn read_base(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         match &self.base {
-            Some(b) if offset < self.base_len => read_full(b, buf, offset),
+            Some(b) if offset < self.base_len => crate::os::rawfile::read_full(b, buf, offset),
             _ => {
                 buf.fill(0);
                 Ok(())
@@ -516,7 +499,7 @@ impl Cow {
             let run_end = run_end.min(end);
             let part = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
             if set {
-                read_full(&self.data, part, pos)?;
+                crate::os::rawfile::read_full(&self.data, part, pos)?;
             } else {
                 self.read_base(part, pos)?;
             }

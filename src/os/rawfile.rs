@@ -4,13 +4,15 @@
 //! It owns the file work: a sparse file (`truncate`), a reflink clone of a raw base (FICLONE
 //! through `cp --reflink=always`, which fails rather than copies where blocks cannot be shared),
 //! growing a file, the probe of whether a directory's filesystem shares blocks, and the per-disk
-//! raw expansion of a backing image file ([`expand_backing`]). Files appear only when complete
-//! (temporary name, fsync, rename, fsync of the directory).
+//! raw expansion of a backing image file ([`expand_backing`]), and the positioned read of a
+//! raw file that the engines and the replica server share ([`read_full`]). Files appear only
+//! when complete (temporary name, fsync, rename, fsync of the directory).
 //!
 //! It must not decide which volumes are raw (the domain's `volume_engine` does) and never reads
 //! a raw file's content to learn its format: a raw file is always opened as raw.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,6 +20,24 @@ use super::{ImageFormat, ImageTool, OsError, OsResult, output};
 
 /// A temporary name beside `path` (same directory, so the rename is atomic), distinct per
 /// process and per call.
+/// Fills `buf` from `offset` of `file` (retrying short and interrupted reads); zeros past its
+/// end, as a sparse raw file reads past its size.
+pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn temp_beside(path: &Path) -> OsResult<PathBuf> {
     let name = path
         .file_name()

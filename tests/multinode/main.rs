@@ -221,6 +221,30 @@ async fn volume_record(c: &TestCluster, id: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no volume {id}"))
 }
 
+/// Volume `id`'s record once every replica of it is rw, polled every 200 ms; fails with `what`
+/// after `within`.
+async fn all_replicas_rw(
+    c: &TestCluster,
+    id: &str,
+    within: Duration,
+    what: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = volume_record(c, id).await;
+        if v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["mode"] == "rw")
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: {v}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
@@ -1519,24 +1543,13 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
     // Still attached: the controller rebuilds node-2's replica online (issue 15): node-2
     // exports its file again and node-1's engine fills it in place over NBD while it serves
     // the volume; rw only once the engine verified it. The engine is the same process.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = volume_record(&c, "mr").await;
-        if v["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["mode"] == "rw")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no online rebuild of the remote replica: {v}\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    all_replicas_rw(
+        &c,
+        "mr",
+        Duration::from_secs(60),
+        "no online rebuild of the remote replica",
+    )
+    .await;
     assert!(
         c.logs()
             .contains("online rebuild of a remote replica started in the mirror engine"),
@@ -1557,20 +1570,7 @@ async fn a_mirror_volume_with_replicas_on_two_nodes_writes_both_and_outlives_the
     // Detached: every replica is rw (rebuilt above, or, had the online rebuild been cut, by
     // the detached pass from node-1's, raw, across nodes); identical, and node-2's engine reads
     // everything back from its own.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let v = loop {
-        let v = volume_record(&c, "mr").await;
-        if v["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["mode"] == "rw")
-        {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no rebuild: {v}\n{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let v = all_replicas_rw(&c, "mr", Duration::from_secs(90), "no rebuild").await;
     let paths: Vec<&str> = v["replicas"]
         .as_array()
         .unwrap()

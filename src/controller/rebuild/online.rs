@@ -195,51 +195,43 @@ impl Controller {
         // A target on another node: its node makes the file (when it is a new replica) and
         // exports it to the attached node, and the engine gets its address (`remote_target`).
         let remote = target.node_id != node;
-        let engine_target = if remote {
-            let exported = self
-                .cluster
-                .agent(&target.node_id)?
-                .prepare_replica(&target, volume.spec.capacity_bytes, image.as_deref(), &node)
-                .await;
-            match exported {
-                Ok(t) => {
-                    let mut t2 = target.clone();
-                    t2.path = std::path::PathBuf::from(t.to_string());
-                    Ok(t2)
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            Ok(target.clone())
-        };
+        let mut engine_target = target.clone();
+        let mut exported = false;
         // Each stage's time goes into the log line of a rebuild that succeeds (the bench reads
         // the whole; the stages say where it goes).
         let mut stages = [0u128; 3];
-        let (engine_target, outcome) = match engine_target {
-            Ok(t) => {
-                let out = match agent
-                    .start_online_rebuild(
-                        &volume.id,
-                        &t,
-                        volume.spec.capacity_bytes,
-                        image.as_deref(),
-                    )
-                    .await
-                {
-                    Ok(()) => {
-                        stages[0] = started.elapsed().as_millis();
-                        let out = self
-                            .follow(volume, &t, &node, agent.as_ref(), &mut stages[2])
-                            .await;
-                        stages[1] = started.elapsed().as_millis() - stages[0] - stages[2];
-                        out
-                    }
-                    Err(e) => Err(e),
-                };
-                (Some(t), out)
+        let outcome: Result<()> = async {
+            if remote {
+                let address = self
+                    .cluster
+                    .agent(&target.node_id)?
+                    .prepare_replica(&target, volume.spec.capacity_bytes, image.as_deref(), &node)
+                    .await?;
+                engine_target.path = std::path::PathBuf::from(address.to_string());
+                exported = true;
             }
-            Err(e) => (None, Err(e)),
-        };
+            agent
+                .start_online_rebuild(
+                    &volume.id,
+                    &engine_target,
+                    volume.spec.capacity_bytes,
+                    image.as_deref(),
+                )
+                .await?;
+            stages[0] = started.elapsed().as_millis();
+            let followed = self
+                .follow(
+                    volume,
+                    &engine_target,
+                    &node,
+                    agent.as_ref(),
+                    &mut stages[2],
+                )
+                .await;
+            stages[1] = started.elapsed().as_millis() - stages[0] - stages[2];
+            followed
+        }
+        .await;
         let _guard = self.lock_records(&volume.id, Records::Take).await?;
         *volume = self.must_get(&volume.id)?;
         let still_wo = volume
@@ -277,8 +269,12 @@ impl Controller {
                 target.id
             ))),
             Err(e) => {
-                let t = engine_target.as_ref().unwrap_or(&target);
-                if let Err(c) = agent.cancel_online_rebuild(&volume.id, t).await {
+                // A remote target the engine never got (its export failed) is not dropped there.
+                if (!remote || exported)
+                    && let Err(c) = agent
+                        .cancel_online_rebuild(&volume.id, &engine_target)
+                        .await
+                {
                     tracing::warn!(volume = %volume.id, replica = %target.id, error = %c, "cannot drop a failed online rebuild's target");
                 }
                 if remote
