@@ -7,6 +7,7 @@ pub mod events;
 pub mod expected;
 pub mod lifecycle;
 pub mod object;
+pub mod poll;
 pub mod state;
 
 use std::path::PathBuf;
@@ -531,7 +532,8 @@ impl BackingImages {
                         .await;
                 }
             }
-            return Ok(bi);
+            // A polled image: new volumes get its newest ready version.
+            return self.alias_target(bi);
         }
         let Some((source_type, params)) = &req.source else {
             return Err(Error::NotFound(format!(

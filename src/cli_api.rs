@@ -233,6 +233,7 @@ pub async fn get_backing_images(server: &str, output: Option<ListOutput>) -> Res
         return Ok(());
     }
     let wide = output == Some(ListOutput::Wide);
+    let names: Vec<String> = list.iter().map(|b| b.metadata.name.clone()).collect();
     crate::outln!(
         "{:<24} {:<19} {:<36} {:>10} {:>12} CHECKSUM",
         "NAME",
@@ -277,8 +278,52 @@ pub async fn get_backing_images(server: &str, output: Option<ListOutput>) -> Res
         if wide && !bi.status.message.is_empty() {
             crate::outln!("    message: {}", bi.status.message);
         }
+        if let Some(line) = poll_line(&bi, &names) {
+            crate::outln!("    {line}");
+        }
     }
     Ok(())
+}
+
+/// The line under a polled image (its alias and versions) or a version (whose version it is).
+fn poll_line(bi: &BackingImage, names: &[String]) -> Option<String> {
+    if !bi.status.version_of.is_empty() {
+        return Some(format!("version of {}", bi.status.version_of));
+    }
+    let p = bi.status.poll.as_ref()?;
+    let current = if p.current.is_empty() {
+        &bi.metadata.name
+    } else {
+        &p.current
+    };
+    let versions = if p.versions.is_empty() {
+        "none yet".to_string()
+    } else {
+        p.versions
+            .iter()
+            .map(|v| {
+                if names.contains(&v.name) {
+                    v.name.clone()
+                } else {
+                    format!("{} (gone)", v.name)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut line = format!(
+        "alias: {} -> {current}; versions: {versions}; next check {}",
+        bi.metadata.name,
+        if p.next_check_time.is_empty() {
+            "now"
+        } else {
+            &p.next_check_time
+        }
+    );
+    if !p.last_error.is_empty() {
+        line.push_str(&format!("; last check failed: {}", p.last_error));
+    }
+    Some(line)
 }
 
 pub async fn get_backing_image(server: &str, name: &str, output: Output) -> Result<()> {

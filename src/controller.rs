@@ -405,7 +405,8 @@ impl Controller {
             }
             replicas.push(replica);
         }
-        let image = p.backing_image.as_ref().map(|b| b.name.clone());
+        // The image the volume is made from: a polled image's current version, not its name.
+        let image = image_name;
         let volume = self
             .record_volume(&id, &req, p, size, image, replicas)
             .await?;

@@ -670,6 +670,10 @@ pub struct Head {
     /// The whole file's length: the Content-Range total of a 206 answer, or the Content-Length
     /// of a 200 one; None when the server says neither.
     pub total: Option<u64>,
+    /// What says which content the source has now: `etag:VALUE` (weak ones too), else
+    /// `last-modified:VALUE`; None when the server sends neither (and for a registry image,
+    /// whose manifest digest [`oci::digest`] gives).
+    pub validator: Option<String>,
 }
 
 /// [`head`] of any source: an S3 object through its presigned URL, a registry image's disk
@@ -774,6 +778,7 @@ async fn head_url(
                 }
             })?;
         let status = response.status();
+        let validator = change_validator(response.headers());
         let total = match status {
             StatusCode::PARTIAL_CONTENT => content_range(response.headers())
                 .filter(|(start, _)| *start == 0)
@@ -813,7 +818,11 @@ async fn head_url(
                 }
             }
         }
-        Ok(Head { bytes, total })
+        Ok(Head {
+            bytes,
+            total,
+            validator,
+        })
     };
     tokio::time::timeout(timeout, work).await.map_err(idle)?
 }
@@ -1452,6 +1461,19 @@ fn validator(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter(|v| !v.as_bytes().starts_with(b"W/"))
         .or_else(|| headers.get(header::LAST_MODIFIED))
         .cloned()
+}
+
+/// Any ETag (weak ones say a change too), else Last-Modified, named: what a poll compares.
+fn change_validator(headers: &HeaderMap) -> Option<String> {
+    let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).trim().to_string();
+    headers
+        .get(header::ETAG)
+        .map(|v| format!("etag:{}", text(v)))
+        .or_else(|| {
+            headers
+                .get(header::LAST_MODIFIED)
+                .map(|v| format!("last-modified:{}", text(v)))
+        })
 }
 
 async fn create_dest(path: &Path) -> Result<std::fs::File, DownloadError> {

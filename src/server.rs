@@ -320,6 +320,7 @@ pub async fn serve(
     let controller = Arc::new(Controller::new(store.clone(), cluster, backing.clone()));
     controller.resume_backups()?;
     let lifecycle = spawn_lifecycle(backing.clone(), cfg.lifecycle_tick);
+    let poll = spawn_poll(backing.clone());
     let scrub = spawn_scrub(files.clone(), cfg.lifecycle_tick);
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing.clone()));
     let agent = Arc::new(
@@ -365,6 +366,7 @@ pub async fn serve(
     )
     .await;
     lifecycle.abort();
+    poll.abort();
     scrub.abort();
     health_watch.abort();
     rebuilds.abort();
@@ -386,6 +388,21 @@ fn spawn_lifecycle(
             tick.tick().await;
             if let Err(e) = backing.tick().await {
                 tracing::warn!(error = %e, "backing image lifecycle round failed; retrying at the next tick");
+            }
+        }
+    })
+}
+
+/// The controller's poll of images that update (`pollInterval`): every second it sees which
+/// images are due; the intervals themselves are the images' own.
+fn spawn_poll(backing: Arc<BackingImages>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = backing.poll(backing.now()).await {
+                tracing::warn!(error = %e, "poll of the images that update failed; retrying at the next round");
             }
         }
     })
@@ -479,6 +496,7 @@ pub async fn controller(
         token,
     );
     let reconciler = kube.map(|k| crate::reconcile::spawn(k, backing_for_expiry.clone()));
+    let poll = spawn_poll(backing_for_expiry.clone());
     let lifecycle = spawn_lifecycle(backing_for_expiry, cfg.lifecycle_tick);
     let rebuilds = crate::controller::rebuild::spawn(controller.clone(), cfg.lifecycle_tick);
     let r = run(
@@ -494,6 +512,7 @@ pub async fn controller(
     .await;
     sweeper.abort();
     lifecycle.abort();
+    poll.abort();
     rebuilds.abort();
     if let Some(task) = reconciler {
         task.abort();

@@ -1042,3 +1042,215 @@ fn ctrl_c_of_an_upload_says_it_must_start_over() {
     s.ok(&["image", "upload", "cut", file.to_str().unwrap()]);
     assert!(s.image_ready("cut"));
 }
+
+/// The content an [`changing_server`] serves now: the body and its ETag.
+type Served2 = Arc<std::sync::Mutex<(Vec<u8>, String)>>;
+
+/// An HTTP server of one file whose content (and ETag) the test changes, answering HEAD, GET
+/// and `Range: bytes=A-[B]` with the current ETag.
+fn changing_server(body: Vec<u8>, etag: &str) -> (String, Served2) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cloud.img", listener.local_addr().unwrap());
+    let now: Served2 = Arc::new(std::sync::Mutex::new((body, etag.to_string())));
+    let state = now.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let (mut range, mut head, mut line) = (None, false, String::new());
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    head |= line.starts_with("HEAD ");
+                    if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = r.trim().split_once('-').unwrap_or(("0", ""));
+                        range = Some((a.parse().unwrap_or(0usize), b.parse::<usize>().ok()));
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let (body, etag) = state.lock().unwrap().clone();
+                let (status, part) = match range {
+                    Some((a, b)) => {
+                        let b = b.unwrap_or(body.len() - 1).min(body.len() - 1);
+                        (
+                            format!(
+                                "206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}",
+                                body.len()
+                            ),
+                            &body[a..=b],
+                        )
+                    }
+                    None => ("200 OK".to_string(), &body[..]),
+                };
+                let mut conn = conn;
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nETag: \"{etag}\"\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n",
+                    part.len()
+                );
+                if !head {
+                    let _ = conn.write_all(part);
+                }
+            });
+        }
+    });
+    (url, now)
+}
+
+impl Served {
+    /// `get backingimage NAME -o json`, or None when there is no such image.
+    fn image_json(&self, name: &str) -> Option<serde_json::Value> {
+        let out = self.bicsi(&["get", "backingimage", name, "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// The image a volume was made from.
+    fn volume_image(&self, name: &str) -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["get", "volume", name, "-o", "json"])).unwrap();
+        v["backingImage"].as_str().unwrap_or("").to_string()
+    }
+
+    /// `volume create NAME` from backing image `image`, one replica.
+    #[track_caller]
+    fn create_from(&self, name: &str, image: &str) {
+        self.ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "8Mi",
+            "-p",
+            &format!("backingImage={image}"),
+            "-p",
+            "numberOfReplicas=1",
+        ]);
+    }
+}
+
+fn file_states(bi: &serde_json::Value) -> Vec<String> {
+    bi["status"]["diskFileStatusMap"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .map(|f| f["state"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Images that update: the controller polls the source's ETag every second; a change makes a
+/// verified version `NAME-<digest>` that new volumes get, old volumes keep theirs, a version
+/// whose content is bad leaves the alias, an unchanged source makes nothing, and versions no
+/// volume uses beyond `keepVersions` go.
+#[test]
+fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
+    use sha2::{Digest, Sha512};
+    let s = Served::start();
+    let v1 = noise(1 << 20, 1);
+    let (url, source) = changing_server(v1.clone(), "v1");
+    let file = s.path("poll.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: bi-poll\nspec:\n  sourceType: download\n  sourceParameters:\n    url: {url}\n    pollInterval: 1s\n    keepVersions: \"1\"\n"
+        ),
+    )
+    .unwrap();
+    s.ok(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
+    let poll = |name: &str| s.image_json(name).unwrap()["status"]["poll"].clone();
+    wait_until("the first check", Duration::from_secs(20), || {
+        poll("bi-poll")["validator"] == "etag:\"v1\""
+    });
+    s.create_from("vol-a", "bi-poll");
+    assert_eq!(s.volume_image("vol-a"), "bi-poll");
+
+    // Unchanged: checked again, nothing made.
+    let first = poll("bi-poll")["lastCheckTime"].clone();
+    wait_until("a second check", Duration::from_secs(20), || {
+        poll("bi-poll")["lastCheckTime"] != first
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(poll("bi-poll")["versions"].is_null(), "{}", poll("bi-poll"));
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&s.ok(&["get", "backingimages", "-o", "json"])).unwrap();
+    assert_eq!(list.len(), 1);
+
+    // A new content: a version, verified, and new volumes get it.
+    let v2 = noise(1 << 20, 2);
+    *source.lock().unwrap() = (v2.clone(), "v2".into());
+    let mut second = String::new();
+    wait_until("the alias to move to the new version", Duration::from_secs(60), || {
+        second = poll("bi-poll")["current"].as_str().unwrap_or("").to_string();
+        !second.is_empty()
+    });
+    assert!(second.starts_with("bi-poll-") && second.len() == "bi-poll-".len() + 8, "{second}");
+    let version = s.image_json(&second).unwrap();
+    assert_eq!(version["status"]["checksum"], hex::encode(Sha512::digest(&v2)));
+    assert_eq!(version["status"]["versionOf"], "bi-poll");
+    assert!(version["spec"]["sourceParameters"].get("pollInterval").is_none());
+    s.create_from("vol-b", "bi-poll");
+    assert_eq!(s.volume_image("vol-b"), second);
+    assert_eq!(s.volume_image("vol-a"), "bi-poll", "an old volume keeps its image");
+
+    // A bad content (a gzip body whose CRC is wrong): its version fails, the alias stays.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&noise(1 << 20, 3)).unwrap();
+    let mut bad = gz.finish().unwrap();
+    let crc = bad.len() - 8;
+    bad[crc] ^= 0xff;
+    *source.lock().unwrap() = (bad, "v3".into());
+    let mut third = String::new();
+    wait_until("the bad version to fail", Duration::from_secs(60), || {
+        let versions = poll("bi-poll")["versions"].clone();
+        let Some(last) = versions.as_array().and_then(|v| v.last()) else {
+            return false;
+        };
+        third = last["name"].as_str().unwrap().to_string();
+        third != second
+            && s.image_json(&third)
+                .is_some_and(|b| file_states(&b).iter().any(|f| f == "failed"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(poll("bi-poll")["current"], second.as_str());
+    s.create_from("vol-c", "bi-poll");
+    assert_eq!(s.volume_image("vol-c"), second);
+
+    // Another good content: the alias moves; keepVersions 1 deletes the failed version, while
+    // the one volumes use stays.
+    let v4 = noise(1 << 20, 4);
+    *source.lock().unwrap() = (v4.clone(), "v4".into());
+    let mut fourth = String::new();
+    wait_until("the alias to move again", Duration::from_secs(60), || {
+        fourth = poll("bi-poll")["current"].as_str().unwrap_or("").to_string();
+        fourth != second
+    });
+    assert_eq!(
+        s.image_json(&fourth).unwrap()["status"]["checksum"],
+        hex::encode(Sha512::digest(&v4))
+    );
+    wait_until("the failed version to go", Duration::from_secs(20), || {
+        s.image_json(&third).is_none()
+    });
+    assert!(s.image_json(&second).is_some(), "a version in use is kept");
+    let table = s.ok(&["get", "backingimages"]);
+    assert!(
+        table.contains(&format!("alias: bi-poll -> {fourth}"))
+            && table.contains(&format!("versions: {second}, {fourth}"))
+            && table.contains("version of bi-poll"),
+        "{table}"
+    );
+    // Its volumes gone, the old version goes too; the newest stays.
+    s.ok(&["volume", "delete", "vol-b"]);
+    s.ok(&["volume", "delete", "vol-c"]);
+    wait_until("the unused version to go", Duration::from_secs(20), || {
+        s.image_json(&second).is_none()
+    });
+    assert!(s.image_json(&fourth).is_some());
+    assert!(s.image_json("bi-poll").is_some());
+    assert_eq!(s.volume_image("vol-a"), "bi-poll");
+}

@@ -145,6 +145,50 @@ pub struct BackingImageStatus {
     /// recovered, for one); empty when all is well.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Of an image whose source is polled (`pollInterval`): what the poll saw and made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll: Option<PollStatus>,
+    /// Of a version the poll made: the polled image it is a version of; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version_of: String,
+}
+
+/// The poll of an image that updates (see [`super::poll`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PollStatus {
+    /// The source's validator the image or its newest version was made from (`etag:"…"`,
+    /// `last-modified:…`, or a registry manifest's `sha256:…`); empty before the first check.
+    #[serde(default)]
+    pub validator: String,
+    /// When the source was last checked (RFC 3339).
+    #[serde(default)]
+    pub last_check_time: String,
+    /// When it is checked next (RFC 3339); empty: at once.
+    #[serde(default)]
+    pub next_check_time: String,
+    /// Why the last check failed; empty when it did not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+    /// The image new volumes naming this one get: the newest version with a ready file; empty
+    /// while that is this image itself.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub current: String,
+    /// The versions made, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<PolledVersion>,
+}
+
+/// One version the poll made of an image.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolledVersion {
+    /// `NAME-<short digest>`, a BackingImage of its own.
+    pub name: String,
+    /// The validator the source had when the version was made.
+    pub validator: String,
+    /// When it was made (RFC 3339).
+    pub created_time: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +270,8 @@ pub const DOWNLOAD_OPTIONAL: &[&str] = &[
     "accessKeyIdFile",
     "secretAccessKeyFile",
     "dockerConfigFile",
+    "pollInterval",
+    "keepVersions",
 ];
 
 /// The source parameters that name Kubernetes objects: only a store in a cluster reads them.
@@ -282,6 +328,8 @@ impl UrlKind {
 /// Keys every download takes, whatever its URL.
 const COMMON_KEYS: &[&str] = &[
     "sourceChecksum",
+    "pollInterval",
+    "keepVersions",
     "caBundleFile",
     "secret",
     "secretNamespace",
@@ -671,6 +719,8 @@ pub fn validate_spec(name: &str, spec: &mut BackingImageSpec) -> Result<()> {
             }
             download_access_files(&spec.source_parameters)
                 .check()
+                .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
+            super::poll::check_spec(name, spec)
                 .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
         }
         SourceType::ExportFromVolume => {

@@ -508,6 +508,13 @@ impl Registry<'_> {
 
     /// A manifest by tag or digest, checked against the digest when it is one.
     async fn manifest(&mut self, reference: &str) -> Result<Value, DownloadError> {
+        let bytes = self.manifest_bytes(reference).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| self.err(format!("the manifest is not JSON ({e})")))
+    }
+
+    /// The bytes of a manifest by tag or digest, checked against the digest when it is one.
+    async fn manifest_bytes(&mut self, reference: &str) -> Result<Vec<u8>, DownloadError> {
         let url = format!("{}/manifests/{reference}", self.reference.base());
         let resp = self.get(&url, Some(ACCEPT), None).await?;
         let status = resp.status();
@@ -542,8 +549,7 @@ impl Registry<'_> {
                 )));
             }
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| self.err(format!("the manifest is not JSON ({e})")))
+        Ok(bytes)
     }
 
     /// The image manifest for the platform: an index's matching entry, or the manifest itself.
@@ -704,6 +710,21 @@ pub async fn resolve(
     )))
 }
 
+/// The digest (`sha256:HEX`) of the manifest the image's tag names now (the index's, for a
+/// multi-platform image): what a poll compares, and what pins a version of it.
+pub async fn digest(
+    url: &str,
+    access: &OciAccess,
+    guard: &NetworkGuard,
+    extra: &Access,
+    timeout: Duration,
+) -> Result<String, DownloadError> {
+    let mut reg = open(url, access, guard, extra, timeout).await?;
+    let reference = reg.reference.reference.clone();
+    let bytes = reg.manifest_bytes(&reference).await?;
+    Ok(format!("sha256:{}", hex::encode(Sha256::digest(&bytes))))
+}
+
 /// The first `len` bytes of the disk image inside a layer blob and the disk image's size, read
 /// from the blob's start (at most [`HEAD_LIMIT`] bytes of it); `None` when the layer's tar has
 /// no file under `/disk/` before the limit.
@@ -791,6 +812,7 @@ pub async fn head(
         Some((bytes, size)) => Ok(Head {
             bytes,
             total: Some(size),
+            validator: None,
         }),
         None => Err(reg.err(format!(
             "the layer {} has no file under /{DISK_DIR}; a containerDisk image keeps its disk image there",
