@@ -1184,18 +1184,39 @@ fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
     let v2 = noise(1 << 20, 2);
     *source.lock().unwrap() = (v2.clone(), "v2".into());
     let mut second = String::new();
-    wait_until("the alias to move to the new version", Duration::from_secs(60), || {
-        second = poll("bi-poll")["current"].as_str().unwrap_or("").to_string();
-        !second.is_empty()
-    });
-    assert!(second.starts_with("bi-poll-") && second.len() == "bi-poll-".len() + 8, "{second}");
+    wait_until(
+        "the alias to move to the new version",
+        Duration::from_secs(60),
+        || {
+            second = poll("bi-poll")["current"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            !second.is_empty()
+        },
+    );
+    assert!(
+        second.starts_with("bi-poll-") && second.len() == "bi-poll-".len() + 8,
+        "{second}"
+    );
     let version = s.image_json(&second).unwrap();
-    assert_eq!(version["status"]["checksum"], hex::encode(Sha512::digest(&v2)));
+    assert_eq!(
+        version["status"]["checksum"],
+        hex::encode(Sha512::digest(&v2))
+    );
     assert_eq!(version["status"]["versionOf"], "bi-poll");
-    assert!(version["spec"]["sourceParameters"].get("pollInterval").is_none());
+    assert!(
+        version["spec"]["sourceParameters"]
+            .get("pollInterval")
+            .is_none()
+    );
     s.create_from("vol-b", "bi-poll");
     assert_eq!(s.volume_image("vol-b"), second);
-    assert_eq!(s.volume_image("vol-a"), "bi-poll", "an old volume keeps its image");
+    assert_eq!(
+        s.volume_image("vol-a"),
+        "bi-poll",
+        "an old volume keeps its image"
+    );
 
     // A bad content (a gzip body whose CRC is wrong): its version fails, the alias stays.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -1226,7 +1247,10 @@ fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
     *source.lock().unwrap() = (v4.clone(), "v4".into());
     let mut fourth = String::new();
     wait_until("the alias to move again", Duration::from_secs(60), || {
-        fourth = poll("bi-poll")["current"].as_str().unwrap_or("").to_string();
+        fourth = poll("bi-poll")["current"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         fourth != second
     });
     assert_eq!(
@@ -1253,4 +1277,214 @@ fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
     assert!(s.image_json(&fourth).is_some());
     assert!(s.image_json("bi-poll").is_some());
     assert_eq!(s.volume_image("vol-a"), "bi-poll");
+}
+
+impl Served {
+    /// kill -9 and start again on the same HTTP address: a crash and a restart.
+    fn restart(&mut self) {
+        self.proc.kill9();
+        let addr = self.http.trim_start_matches("http://").to_string();
+        let args = self.proc.args_mut();
+        let at = args.iter().position(|a| a == "--http-listen").unwrap();
+        args[at + 1] = addr;
+        self.proc.start();
+        let socket = self.dir.path().join("csi.sock");
+        let http = self.http.clone();
+        self.proc.wait_ready_blocking("bicsi again", || {
+            socket.exists()
+                && Command::new(env!("CARGO_BIN_EXE_bicsi"))
+                    .args(["get", "backingimages"])
+                    .env("BICSI_SERVER", &http)
+                    .env("BICSI_CSI_ENDPOINT", csi_endpoint(socket.parent().unwrap()))
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        });
+    }
+}
+
+/// A program on the PATH, or None (the test says it skips) outside CI.
+fn program(name: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs {name} ({install}; scripts/test installs it)"
+        );
+        eprintln!("SKIP: no {name} ({install})");
+    }
+    found
+}
+
+/// Writes a containerDisk image (one gzip layer holding `/disk/disk.img`) into a fresh OCI
+/// layout at `layout` under the tag `latest`.
+fn container_disk_layout(layout: &Path, disk: &[u8]) {
+    use sha2::{Digest, Sha256};
+    let _ = std::fs::remove_dir_all(layout);
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let blob = |bytes: &[u8]| {
+        let hex = hex::encode(Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(disk.len() as u64);
+    h.set_mode(0o444);
+    b.append_data(&mut h, "disk/disk.img", disk).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let (ld, ls) = blob(&gz.finish().unwrap());
+    let config = serde_json::json!({"architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+        "os": "linux", "rootfs": {"type": "layers",
+        "diff_ids": [format!("sha256:{}", hex::encode(Sha256::digest(&tar)))]}});
+    let (cd, cs) = blob(config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": ls}]});
+    let (md, ms) = blob(manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+}
+
+/// A registry tag re-pushed with skopeo: the poll sees the new manifest digest (and, across a
+/// crash and restart of bicsi, no change while there is none), makes a version pinned to the
+/// digest, and new volumes get it while the old one keeps its image.
+#[test]
+fn a_polled_registry_tag_pushed_again_makes_a_pinned_version() {
+    use sha2::{Digest, Sha512};
+    let Some(registry_bin) = program("docker-registry", "apt-get install docker-registry") else {
+        return;
+    };
+    let Some(skopeo) = program("skopeo", "apt-get install skopeo") else {
+        return;
+    };
+    let mut s = Served::start();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let root = s.path("registry");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(
+        root.join("config.yml"),
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            root.join("data").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(root.join("registry.log")).unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _registry = Kill(
+        Command::new(&registry_bin)
+            .arg("serve")
+            .arg(root.join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the registry to listen", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let layout = s.path("layout");
+    let image = format!("127.0.0.1:{port}/vm/disk:latest");
+    let push = |disk: &[u8]| {
+        container_disk_layout(&layout, disk);
+        let out = Command::new(&skopeo)
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{image}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let a = noise(1 << 20, 11);
+    push(&a);
+    let file = s.path("reg.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: bi-reg\nspec:\n  sourceType: download\n  sourceParameters:\n    url: docker://{image}\n    pollInterval: 1s\n"
+        ),
+    )
+    .unwrap();
+    s.ok(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
+    let poll = |s: &Served| s.image_json("bi-reg").unwrap()["status"]["poll"].clone();
+    wait_until("the first check", Duration::from_secs(20), || {
+        poll(&s)["validator"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("sha256:"))
+    });
+    let first = poll(&s)["validator"].as_str().unwrap().to_string();
+    s.create_from("vol-r1", "bi-reg");
+
+    // A crash and a restart: the poll goes on from its record, and makes nothing.
+    s.restart();
+    let checked = poll(&s)["lastCheckTime"].clone();
+    wait_until("a check after the restart", Duration::from_secs(20), || {
+        poll(&s)["lastCheckTime"] != checked
+    });
+    assert_eq!(poll(&s)["validator"], first.as_str());
+    assert!(poll(&s)["versions"].is_null(), "{}", poll(&s));
+
+    // The tag pushed again with another disk: a version pinned to the new digest.
+    let b = noise(1 << 20, 12);
+    push(&b);
+    let mut current = String::new();
+    wait_until(
+        "the alias to move to the new version",
+        Duration::from_secs(60),
+        || {
+            current = poll(&s)["current"].as_str().unwrap_or("").to_string();
+            !current.is_empty()
+        },
+    );
+    let digest = poll(&s)["validator"].as_str().unwrap().to_string();
+    assert_ne!(digest, first);
+    assert_eq!(
+        current,
+        format!("bi-reg-{}", &digest["sha256:".len()..][..8])
+    );
+    let version = s.image_json(&current).unwrap();
+    assert_eq!(
+        version["spec"]["sourceParameters"]["url"],
+        format!("docker://127.0.0.1:{port}/vm/disk@{digest}")
+    );
+    assert_eq!(
+        version["status"]["checksum"],
+        hex::encode(Sha512::digest(&b))
+    );
+    s.create_from("vol-r2", "bi-reg");
+    assert_eq!(s.volume_image("vol-r2"), current);
+    assert_eq!(s.volume_image("vol-r1"), "bi-reg");
+    assert_eq!(
+        s.image_json("bi-reg").unwrap()["status"]["checksum"],
+        hex::encode(Sha512::digest(&a))
+    );
 }

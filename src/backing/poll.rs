@@ -40,9 +40,8 @@ const SUFFIX_LEN: usize = 9;
 /// Seconds of a duration written as number-unit groups (`s`, `m`, `h`, `d`): `90s`, `1h30m`.
 pub fn parse_interval(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
-    let bad = || {
-        format!("{POLL_INTERVAL} {t:?} is not a duration; write e.g. 30s, 10m, 1h30m or 1d")
-    };
+    let bad =
+        || format!("{POLL_INTERVAL} {t:?} is not a duration; write e.g. 30s, 10m, 1h30m or 1d");
     if t.is_empty() {
         return Err(bad());
     }
@@ -267,10 +266,9 @@ impl BackingImages {
                 .map_err(timed_out)?
                 .map_err(explain);
         }
-        let head =
-            crate::download::head_remote(url, &remote, 1, CHECK_TIMEOUT, &guard, &access)
-                .await
-                .map_err(explain)?;
+        let head = crate::download::head_remote(url, &remote, 1, CHECK_TIMEOUT, &guard, &access)
+            .await
+            .map_err(explain)?;
         head.validator.ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "backing image {name:?}: the server of {} sends neither ETag nor Last-Modified, so {POLL_INTERVAL} cannot tell when it changes; drop {POLL_INTERVAL} or serve the image with one",
@@ -413,7 +411,16 @@ mod tests {
         assert_eq!(parse_interval("30s").unwrap(), 30);
         assert_eq!(parse_interval("1h30m").unwrap(), 5400);
         assert_eq!(parse_interval(" 1d ").unwrap(), 86400);
-        for bad in ["", "30", "s", "1x", "0s", "1.5h", "-1s", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "1x",
+            "0s",
+            "1.5h",
+            "-1s",
+            "99999999999999999999d",
+        ] {
             assert!(parse_interval(bad).is_err(), "{bad:?}");
         }
     }
@@ -454,7 +461,12 @@ mod tests {
                 "img",
                 "pin one content",
             ),
-            (&[url, (POLL_INTERVAL, "5m")], "ab", "img", "pin one content"),
+            (
+                &[url, (POLL_INTERVAL, "5m")],
+                "ab",
+                "img",
+                "pin one content",
+            ),
             (
                 &[
                     (
@@ -482,8 +494,13 @@ mod tests {
         let mut s = spec(&[url, (POLL_INTERVAL, "10s"), (KEEP_VERSIONS, "2")], "");
         object::validate_spec("img", &mut s).unwrap();
         let mut s = spec(&[url, (POLL_INTERVAL, "never")], "");
-        let e = object::validate_spec("img", &mut s).unwrap_err().to_string();
-        assert!(e.contains("backing image \"img\"") && e.contains("30s"), "{e}");
+        let e = object::validate_spec("img", &mut s)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backing image \"img\"") && e.contains("30s"),
+            "{e}"
+        );
     }
 
     #[test]
