@@ -66,6 +66,7 @@ mod backup;
 mod control;
 mod create_downloading;
 mod daemon;
+mod decompress;
 mod download_verify;
 mod engines;
 mod fio;
@@ -134,6 +135,9 @@ struct Args {
 enum PathName {
     /// URL to a ready, verified file vs `curl -o FILE URL && sha512sum FILE`.
     DownloadVerify,
+    /// A compressed sparse image (gzip, xz, zstd) to a ready, verified file vs
+    /// `curl URL | <decompressor> > FILE && sha512sum FILE` (issue 20; name it to run it).
+    DownloadDecompress,
     /// Second disk of the same node ready (ext4, the work dir's filesystem) vs
     /// `cp --sparse=always`.
     SyncExt4,
@@ -190,8 +194,8 @@ enum PathName {
 }
 
 impl PathName {
-    /// Every path but the engine candidates, which take minutes each, and the rebuild (name them
-    /// to run them).
+    /// Every path but the engine candidates, which take minutes each, the rebuild and the
+    /// decompression (its images take minutes to compress): name them to run them.
     fn all() -> Vec<PathName> {
         PathName::value_variants()
             .iter()
@@ -200,6 +204,7 @@ impl PathName {
                 !matches!(
                     p,
                     PathName::VolumeIoFuse
+                        | PathName::DownloadDecompress
                         | PathName::VolumeIoFuseTuned
                         | PathName::VolumeIoLoopRaw
                         | PathName::VolumeIoLoop
@@ -333,6 +338,7 @@ async fn run(args: Args) -> Res<bool> {
                 | PathName::SyncXfs
                 | PathName::SyncCross
                 | PathName::SyncCrossSha512
+                | PathName::DownloadDecompress
         )
     }) {
         sparse_lens.insert(size);
@@ -431,6 +437,7 @@ async fn run(args: Args) -> Res<bool> {
 async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     match p {
         PathName::DownloadVerify => download_verify(b, checks).await,
+        PathName::DownloadDecompress => decompress::download_decompress(b, checks).await,
         PathName::SyncExt4 => sync_ext4(b, checks).await,
         PathName::SyncXfs => sync_xfs(b, checks).await,
         PathName::SyncCross => sync_cross(b, checks, true).await,

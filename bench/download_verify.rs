@@ -154,6 +154,18 @@ impl BicsiRun {
 }
 
 pub(crate) async fn bicsi_download(b: &Bench, run: usize) -> Res<BicsiRun> {
+    bicsi_download_of(b, run, &b.url, &b.source.sha512, b.source.len).await
+}
+
+/// [`bicsi_download`] of `url`, whose stored file must have the SHA-512 `sha512` (`len` bytes:
+/// it sizes the deadline).
+pub(crate) async fn bicsi_download_of(
+    b: &Bench,
+    run: usize,
+    url: &str,
+    sha512: &str,
+    len: u64,
+) -> Res<BicsiRun> {
     let dir = b.work.join(format!("bicsi-{run}"));
     let disk = dir.join("disk");
     std::fs::create_dir_all(&disk)?;
@@ -166,7 +178,7 @@ pub(crate) async fn bicsi_download(b: &Bench, run: usize) -> Res<BicsiRun> {
             kib_field(&st, "RssFile:").unwrap_or(0),
         );
         sync().await;
-        let body = download_image(&name, &b.url, &b.source.sha512);
+        let body = download_image(&name, url, sha512);
         let started = Instant::now();
         let resp = b
             .http
@@ -178,7 +190,7 @@ pub(crate) async fn bicsi_download(b: &Bench, run: usize) -> Res<BicsiRun> {
             let status = resp.status();
             return Err(format!("POST backing image: {status}: {}", resp.text().await?).into());
         }
-        let deadline = Duration::from_secs(120 + b.source.len / (5 * MIB));
+        let deadline = Duration::from_secs(120 + len / (5 * MIB));
         let (mut anon_peak, mut file_peak, mut threads_peak) = (0, 0, 0);
         let obj = loop {
             if let Some(st) = proc_status(serve.pid) {

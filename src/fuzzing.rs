@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 pub use crate::download::fuzz_content_range;
+pub use crate::download::oci::fuzz as fuzz_disk_entry;
 pub use crate::http::fuzz_range;
 pub use crate::imagefmt::fuzz as fuzz_image_header;
 pub use crate::sync::fuzz_wire;

@@ -1107,6 +1107,46 @@ impl DiskEntry {
     }
 }
 
+/// Fuzzing entry (feature `fuzzing`, `fuzz/`): a layer's tar stream never panics the reader,
+/// and the pieces it comes in do not matter: pushed whole or cut where the first two bytes say,
+/// it gives the same disk bytes and the same verdict. What it hands on is never more than the
+/// size the disk file's header said, and a whole disk file is exactly that size.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz(data: &[u8]) {
+    let (cut, tar) = match data {
+        [a, b, rest @ ..] => (1 + (usize::from(*a) << 8 | usize::from(*b)), rest),
+        _ => return,
+    };
+    let run = |piece: usize| {
+        let mut entry = DiskEntry::new();
+        let mut out = Vec::new();
+        let mut pushed = Ok(());
+        for chunk in tar.chunks(piece) {
+            pushed = entry.push(Bytes::copy_from_slice(chunk), &mut |b: Bytes| {
+                out.extend_from_slice(&b);
+                Ok(())
+            });
+            if pushed.is_err() {
+                break;
+            }
+        }
+        let verdict = pushed
+            .and_then(|()| entry.finish())
+            .map_err(|e| e.to_string());
+        if let Some((_, size)) = entry.found() {
+            assert!(out.len() as u64 <= size, "more bytes than the header said");
+        } else {
+            assert!(out.is_empty(), "bytes handed on without a disk file");
+        }
+        if let Ok(size) = &verdict {
+            assert_eq!(out.len() as u64, *size, "a whole disk file is its size");
+        }
+        (out, verdict)
+    };
+    let whole = run(tar.len().max(1));
+    assert_eq!(run(cut), whole, "the pieces changed the result (cut {cut})");
+}
+
 /// An octal field (NUL or space terminated).
 fn octal(f: &[u8]) -> Option<u64> {
     let s = std::str::from_utf8(f).ok()?;
