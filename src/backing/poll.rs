@@ -446,7 +446,9 @@ mod tests {
             &spec(&[url, (POLL_INTERVAL, "5m"), (KEEP_VERSIONS, "1")], ""),
         )
         .unwrap();
-        let refused: &[(&[(&str, &str)], &str, &str, &str)] = &[
+        /// Parameters, checksum, name, and what the refusal says.
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str, &'a str);
+        let refused: &[Case] = &[
             (&[url, (KEEP_VERSIONS, "2")], "", "img", "is not given"),
             (&[url, (POLL_INTERVAL, "soon")], "", "img", "not a duration"),
             (
