@@ -1810,3 +1810,30 @@ async fn cluster_keys_are_refused_without_a_cluster() {
         assert!(e.contains(want), "{params}: {e}");
     }
 }
+
+/// What a poll compares: any ETag (a weak one too), else Last-Modified, named; nothing when the
+/// server sends neither.
+#[test]
+fn the_change_validator_is_the_etag_else_last_modified() {
+    let of = |pairs: &[(header::HeaderName, &str)]| {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(k.clone(), HeaderValue::from_str(v).unwrap());
+        }
+        change_validator(&m)
+    };
+    let lm = "Wed, 02 Dec 2026 10:00:00 GMT";
+    assert_eq!(
+        of(&[(header::ETAG, "\"v1\""), (header::LAST_MODIFIED, lm)]).as_deref(),
+        Some("etag:\"v1\"")
+    );
+    assert_eq!(
+        of(&[(header::ETAG, "W/\"v2\"")]).as_deref(),
+        Some("etag:W/\"v2\"")
+    );
+    assert_eq!(
+        of(&[(header::LAST_MODIFIED, lm)]),
+        Some(format!("last-modified:{lm}"))
+    );
+    assert_eq!(of(&[(header::CONTENT_LENGTH, "3")]), None);
+}
