@@ -372,7 +372,8 @@ impl BackingImages {
                     deleted.push(v.name.clone());
                 }
                 Err(e) => {
-                    tracing::warn!(image = %name, version = %v.name, error = %e, "an old version stays")
+                    // Held by a snapshot, or a node to reach: tried again next round (each second).
+                    tracing::debug!(image = %name, version = %v.name, error = %e, "an old version stays")
                 }
             }
         }
