@@ -19,6 +19,7 @@ pub mod image;
 pub mod loopdev;
 pub mod mount;
 pub mod nbd;
+pub mod pagecache;
 pub mod qcow2;
 pub mod rawfile;
 pub mod replica_server;
