@@ -145,6 +145,9 @@ enum PathName {
     /// The same with the sender's chunk manifest removed first: the receiver falls back to the
     /// SHA-512 of the whole logical content (as before manifests, and for files without one).
     SyncCrossSha512,
+    /// The same as sync-cross with the fully random image of --size (no holes: every chunk is
+    /// data), vs curl of the same bytes (issue 22).
+    SyncCrossDense,
     /// CreateVolume + ControllerPublish + NodeStage + NodePublish of a new volume, for a 1x and a
     /// 4x image (root).
     Attach,
@@ -433,8 +436,9 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::DownloadVerify => download_verify(b, checks).await,
         PathName::SyncExt4 => sync_ext4(b, checks).await,
         PathName::SyncXfs => sync_xfs(b, checks).await,
-        PathName::SyncCross => sync_cross(b, checks, true).await,
-        PathName::SyncCrossSha512 => sync_cross(b, checks, false).await,
+        PathName::SyncCross => sync_cross(b, checks, true, false).await,
+        PathName::SyncCrossSha512 => sync_cross(b, checks, false, false).await,
+        PathName::SyncCrossDense => sync_cross(b, checks, true, true).await,
         PathName::Attach => attach(b, checks).await,
         PathName::Control => control::control(b, checks).await,
         PathName::VolumeIo => volume_io::volume_io(b, checks).await,
