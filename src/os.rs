@@ -20,6 +20,7 @@ pub mod loopdev;
 pub mod mount;
 pub mod nbd;
 pub mod qcow2;
+pub mod qemu_tls;
 pub mod rawfile;
 pub mod replica_server;
 
