@@ -165,18 +165,24 @@ struct Pump {
 
 impl Pump {
     /// Sends what the connection has queued; `conn` is the connection's guard, let go before the
-    /// socket is written (but after the send lock is taken: the order of records holds).
-    fn flush(&self, mut conn: MutexGuard<'_, rustls::Connection>) -> std::io::Result<()> {
+    /// socket is written (but after the send lock is taken: the order of records holds). `out`
+    /// is the calling thread's buffer for the records, kept between calls (its capacity grows
+    /// once to a batch's records instead of a new allocation and its regrowths per batch).
+    fn flush(
+        &self,
+        mut conn: MutexGuard<'_, rustls::Connection>,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
         if !conn.wants_write() {
             return Ok(());
         }
-        let mut out = Vec::new();
+        out.clear();
         while conn.wants_write() {
-            conn.write_tls(&mut out)?;
+            conn.write_tls(out)?;
         }
         let mut send = lock(&self.send);
         drop(conn);
-        send.write_all(&out)
+        send.write_all(out)
     }
 }
 
@@ -201,7 +207,7 @@ fn pump(tcp: TcpStream, mut conn: rustls::Connection) -> std::io::Result<UnixStr
         conn: Mutex::new(conn),
         send: Mutex::new(tcp.try_clone()?),
     });
-    pump.flush(lock(&pump.conn))?;
+    pump.flush(lock(&pump.conn), &mut Vec::new())?;
     {
         let (pump, tcp, app) = (pump.clone(), tcp.try_clone()?, ours.try_clone()?);
         std::thread::Builder::new()
@@ -219,14 +225,17 @@ fn pump(tcp: TcpStream, mut conn: rustls::Connection) -> std::io::Result<UnixStr
 fn inbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
     let mut net = &tcp;
     let mut buf = vec![0u8; CHUNK];
-    let mut plain = Vec::with_capacity(CHUNK);
+    // The plaintext of one read from the socket is gathered in `plain[..filled]`; `plain` is
+    // zeroed only where it grows, never again per batch.
+    let mut plain = vec![0u8; CHUNK];
+    let mut out = Vec::new();
     'outer: loop {
         let n = match net.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let mut data = &buf[..n];
-        plain.clear();
+        let mut filled = 0;
         let mut closed = false;
         while !data.is_empty() {
             let mut conn = lock(&pump.conn);
@@ -236,25 +245,31 @@ fn inbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
             let state = match conn.process_new_packets() {
                 Ok(s) => s,
                 Err(_) => {
-                    let _ = pump.flush(conn);
+                    let _ = pump.flush(conn, &mut out);
                     break 'outer;
                 }
             };
             let want = state.plaintext_bytes_to_read();
             if want > 0 {
-                let at = plain.len();
-                plain.resize(at + want, 0);
-                if conn.reader().read_exact(&mut plain[at..]).is_err() {
+                if plain.len() < filled + want {
+                    plain.resize(filled + want, 0);
+                }
+                if conn
+                    .reader()
+                    .read_exact(&mut plain[filled..filled + want])
+                    .is_err()
+                {
                     break 'outer;
                 }
+                filled += want;
             }
             closed |= state.peer_has_closed();
             // A key update's answer, say.
-            if pump.flush(conn).is_err() {
+            if pump.flush(conn, &mut out).is_err() {
                 break 'outer;
             }
         }
-        if !plain.is_empty() && app.write_all(&plain).is_err() {
+        if filled > 0 && app.write_all(&plain[..filled]).is_err() {
             break;
         }
         if closed {
@@ -269,13 +284,14 @@ fn inbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
 /// closes it, close_notify and the TCP connection's end.
 fn outbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
     let mut buf = vec![0u8; CHUNK];
+    let mut out = Vec::new();
     loop {
         let n = match app.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let mut conn = lock(&pump.conn);
-        if conn.writer().write_all(&buf[..n]).is_err() || pump.flush(conn).is_err() {
+        if conn.writer().write_all(&buf[..n]).is_err() || pump.flush(conn, &mut out).is_err() {
             let _ = app.shutdown(Shutdown::Both);
             let _ = tcp.shutdown(Shutdown::Both);
             return;
@@ -283,6 +299,6 @@ fn outbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
     }
     let mut conn = lock(&pump.conn);
     conn.send_close_notify();
-    let _ = pump.flush(conn);
+    let _ = pump.flush(conn, &mut out);
     let _ = tcp.shutdown(Shutdown::Both);
 }

@@ -1893,6 +1893,12 @@ mod tests {
             )
             .unwrap()
         );
+        // The offline rebuild's copy of a remote qcow2 replica goes over TLS too.
+        let copy = d.join("c/volume.qcow2");
+        fs::create_dir_all(d.join("c")).unwrap();
+        crate::os::compare::copy_from(&nbd(port, "v-r1"), &copy, None, Some(&made.node_dir))
+            .unwrap();
+        assert_eq!(compare(&r0, &copy), "Images are identical.");
         // Without the node's certificate the same comparison fails, naming qemu's reason.
         let err = crate::os::compare::identical(
             &ReplicaTarget::Local(r0.clone()),
