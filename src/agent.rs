@@ -974,11 +974,9 @@ impl Agent for LocalAgent {
             None => None,
         };
         let (source, r) = (source.clone(), replica.clone());
-        // Raw replicas are served by bicsi's replica server, under TLS with the node's
-        // certificate; qcow2 ones by qemu-storage-daemon, still plain (issue 19).
-        let tls = (crate::os::ImageFormat::of_file(&replica.path) == crate::os::ImageFormat::Raw)
-            .then(|| self.os.engine.nbd_tls())
-            .flatten();
+        // Both replica servers (bicsi's for raw replicas, qemu-storage-daemon's for qcow2
+        // ones) require TLS with a node certificate when the node has a --tls-dir (issue 19).
+        let tls = self.os.engine.nbd_tls();
         blocking(move || {
             let dir = replica_dir(&r);
             match std::fs::remove_dir_all(dir) {

@@ -21,6 +21,7 @@ pub mod mount;
 pub mod nbd;
 pub mod pagecache;
 pub mod qcow2;
+pub mod qemu_tls;
 pub mod rawfile;
 pub mod replica_server;
 

@@ -14,63 +14,10 @@ use std::process::Command;
 
 use super::{OsError, OsResult, ReplicaTarget, command_failure, display_command, spawn_error};
 
-/// A directory removed when dropped.
-pub(crate) struct PrivateDir(std::path::PathBuf);
-
-impl PrivateDir {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The qemu object id of the NBD client's TLS credentials.
-const TLS_ID: &str = "bicsi-nbd-tls";
-
-/// qemu's TLS credentials of a client with the node's `--tls-dir` (issue 19): a private
-/// directory (0700, removed when dropped) of links under the names qemu reads (ca-cert.pem,
-/// client-cert.pem, client-key.pem, ca-crl.pem), and the `--object` argument naming it.
-pub(crate) fn qemu_client_creds(tls_dir: &Path) -> OsResult<(PrivateDir, String)> {
-    use std::os::unix::fs::DirBuilderExt;
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "bicsi-nbd-tls-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&path)
-        .map_err(|e| OsError::io(format!("making qemu's TLS directory {}", path.display()), e))?;
-    let dir = PrivateDir(path);
-    for (ours, qemus) in [
-        (crate::tls::CA_FILE, "ca-cert.pem"),
-        (crate::tls::CERT_FILE, "client-cert.pem"),
-        (crate::tls::KEY_FILE, "client-key.pem"),
-        (crate::tls::CRL_FILE, "ca-crl.pem"),
-    ] {
-        let from = tls_dir.join(ours);
-        if ours == crate::tls::CRL_FILE && !from.exists() {
-            continue;
-        }
-        std::os::unix::fs::symlink(&from, dir.path().join(qemus))
-            .map_err(|e| OsError::io(format!("linking {}", from.display()), e))?;
-    }
-    let object = format!(
-        "tls-creds-x509,id={TLS_ID},endpoint=client,dir={}",
-        dir.path().display().to_string().replace(',', ",,")
-    );
-    Ok((dir, object))
-}
+use super::qemu_tls::{CREDS_ID, client_creds};
 
 /// A replica as `--image-opts` (every image of a qemu-img command is then given so): remote
-/// ones over TLS with the credentials `TLS_ID`, the server's certificate checked for the node
+/// ones over TLS with the credentials `CREDS_ID`, the server's certificate checked for the node
 /// role.
 fn image_opts(t: &ReplicaTarget) -> String {
     match t {
@@ -81,9 +28,9 @@ fn image_opts(t: &ReplicaTarget) -> String {
         ),
         ReplicaTarget::Nbd { host, port, export } => format!(
             "driver=raw,file.driver=nbd,file.host={host},file.port={port},file.export={},\
-             file.tls-creds={TLS_ID},file.tls-hostname={}",
+             file.tls-creds={CREDS_ID},file.tls-hostname={}",
             export.replace(',', ",,"),
-            crate::tls::Role::Node.dns_name()
+            super::qemu_tls::server_name()
         ),
     }
 }
@@ -109,7 +56,7 @@ pub fn identical(a: &ReplicaTarget, b: &ReplicaTarget, tls_dir: Option<&Path>) -
     if let Some(tls) = tls_dir
         && (remote(a) || remote(b))
     {
-        let (_creds, object) = qemu_client_creds(tls)?;
+        let (_creds, object) = client_creds(tls)?;
         let mut cmd = Command::new("qemu-img");
         cmd.args(["compare", "-q", "--object", &object, "--image-opts"])
             .arg(image_opts(a))
@@ -179,7 +126,7 @@ pub fn copy_from(
     let mut _creds = None;
     match tls_dir {
         Some(tls) if matches!(source, ReplicaTarget::Nbd { .. }) => {
-            let (dir, object) = qemu_client_creds(tls)?;
+            let (dir, object) = client_creds(tls)?;
             _creds = Some(dir);
             src = image_opts(source);
             cmd.args(["convert", "-q", "--object", &object, "--image-opts"])

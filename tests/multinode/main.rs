@@ -438,6 +438,49 @@ async fn attaching_brings_the_image_to_every_replica_disk_and_writes_reach_every
         "hello from the backing image\n"
     );
     std::fs::write(tg.join("new.bin"), vec![9u8; 3 << 20]).unwrap();
+    // Issue 19: the quorum's NBD children reach node-1's and node-3's qemu replica servers
+    // over TLS with node-2's certificate; those servers require it and refuse a plain client.
+    let engines = engines_under(&c.nodes[1].dir.join("data/engines"));
+    assert_eq!(engines.len(), 1, "node-2 runs the volume's engine");
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", engines[0])).unwrap())
+            .replace('\0', " ");
+    assert!(
+        cmdline.contains("tls-creds-x509,id=bicsi-nbd-tls,endpoint=client,")
+            && cmdline.matches("\"tls-creds\":\"bicsi-nbd-tls\"").count() == 2
+            && cmdline.matches("\"tls-hostname\":\"bicsi-node\"").count() == 2,
+        "{cmdline}"
+    );
+    for i in [0, 2] {
+        let pid: i32 = std::fs::read_to_string(c.nodes[i].dir.join("data/replica-server/qsd.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let server =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+                .replace('\0', " ");
+        assert!(
+            server.contains("endpoint=server,verify-peer=on")
+                && server.contains("authz-simple,id=bicsi-nbd-authz,identity=CN=bicsi-node")
+                && server.contains("\"tls-authz\":\"bicsi-nbd-authz\""),
+            "{server}"
+        );
+        let port = server
+            .split("\"port\":\"")
+            .nth(1)
+            .and_then(|p| p.split('"').next())
+            .unwrap();
+        let plain = Command::new("qemu-img")
+            .args(["info", &format!("nbd://127.0.0.1:{port}/x")])
+            .output()
+            .unwrap();
+        assert!(
+            !plain.status.success() && String::from_utf8_lossy(&plain.stderr).contains("TLS"),
+            "a plain NBD client reached node-{}'s replica server: {plain:?}",
+            i + 1
+        );
+    }
     n2.node
         .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
             volume_id: "vol-3".into(),
