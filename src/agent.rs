@@ -975,12 +975,12 @@ impl Agent for LocalAgent {
             mirror::record_added(&run_dir, &path)?;
             // The node's stage record: a repair of the stage compares the live engine's
             // replicas with these.
-            if let Some(mut rec) = local.get::<NodeVolume>(Kind::NodeVolume, &id)? {
-                if !rec.targets.contains(&target) {
-                    rec.targets.push(target);
-                    rec.replicas.push(path.clone());
-                    local.put(Kind::NodeVolume, &id, &rec)?;
-                }
+            if let Some(mut rec) = local.get::<NodeVolume>(Kind::NodeVolume, &id)?
+                && !rec.targets.contains(&target)
+            {
+                rec.targets.push(target);
+                rec.replicas.push(path.clone());
+                local.put(Kind::NodeVolume, &id, &rec)?;
             }
             Ok(())
         })
