@@ -378,12 +378,15 @@ impl Controller {
         let mut replicas: Vec<Replica> = Vec::new();
         for d in &chosen {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+            let format = crate::volume_engine::replica_format(engine, d);
             let mut replica = Replica {
-                path: crate::disks::replica_path_as(&d.disk, &id, &rid, engine.replica_format()),
+                path: crate::disks::replica_path_as(&d.disk, &id, &rid, format),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
-                format: engine.replica_format(),
+                format,
+                cluster_bytes: (format == crate::os::ImageFormat::Cow)
+                    .then_some(crate::mirror::cow::DEFAULT_CLUSTER),
                 deferred: false,
                 health: Default::default(),
             };
@@ -407,7 +410,7 @@ impl Controller {
         }
         let image = p.backing_image.as_ref().map(|b| b.name.clone());
         let volume = self
-            .record_volume(&id, &req, p, size, image, replicas)
+            .record_volume(&id, &req, p, size, image, engine, replicas)
             .await?;
         if volume.is_degraded() {
             tracing::warn!(
@@ -431,16 +434,9 @@ impl Controller {
         p: params::VolumeParams,
         size: u64,
         backing_image: Option<String>,
+        engine: crate::model::EngineKind,
         replicas: Vec<Replica>,
     ) -> Result<Volume> {
-        // The replicas were made in the format of the engine chosen for them.
-        let engine = match replicas.first().map(|r| r.format) {
-            Some(crate::os::ImageFormat::Raw) if replicas.len() > 1 => {
-                crate::model::EngineKind::Mirror
-            }
-            Some(crate::os::ImageFormat::Raw) => crate::model::EngineKind::Loop,
-            _ => crate::model::EngineKind::Qemu,
-        };
         let volume = Volume {
             id: id.to_string(),
             spec: VolumeSpec {
@@ -932,6 +928,9 @@ impl Controller {
         if size <= volume.spec.capacity_bytes {
             return Ok((volume.spec.capacity_bytes, !is_block));
         }
+        if let Some(r) = volume.cow_replica() {
+            return Err(crate::replica_file::cow_refused("grow", &r.path));
+        }
         if let Some(p) = &volume.publication {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id:?} is attached to node {:?}; bicsi grows volumes offline: detach it, expand it, attach it again",
@@ -1015,6 +1014,7 @@ impl Controller {
                     disk_id: d.disk.id.clone(),
                     format: source.format,
                     deferred: false,
+                    cluster_bytes: source.cluster_bytes,
                     health: Default::default(),
                 };
                 agent.copy_replica(&source, &r).await?;

@@ -194,6 +194,11 @@ impl Controller {
             }
             return Ok(existing);
         }
+        if let Some(v) = self.get(&req.source_volume_id)?
+            && let Some(r) = v.cow_replica()
+        {
+            return Err(crate::replica_file::cow_refused("snapshot", &r.path));
+        }
         if crate::snapshot::is_backup(&req.parameters) {
             return self.create_backup_snapshot(&req, &id).await;
         }
@@ -362,6 +367,9 @@ impl Controller {
                 }
                 (None, Some(vid)) => {
                     let source = self.must_get(vid)?;
+                    if let Some(r) = source.cow_replica() {
+                        return Err(crate::replica_file::cow_refused("clone", &r.path));
+                    }
                     let _source_guard = self.guards.try_take(&source.id, "volume")?;
                     let source = self.make_deferred_replicas(source).await?;
                     p.number_of_replicas
@@ -459,6 +467,7 @@ impl Controller {
                 disk_id: d.disk.id.clone(),
                 format: engine.replica_format(),
                 deferred: false,
+                cluster_bytes: None,
                 health: Default::default(),
             };
             let source = files
@@ -482,7 +491,7 @@ impl Controller {
             replicas.push(replica);
         }
         let volume = self
-            .record_volume(id, req, p, size, image, replicas)
+            .record_volume(id, req, p, size, image, engine, replicas)
             .await?;
         tracing::info!(volume = %id, source = %what, size, backing_image = ?volume.spec.backing_image, "volume created from a source");
         Ok(volume)
