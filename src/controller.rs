@@ -372,6 +372,7 @@ impl Controller {
         let disks = crate::volume_engine::preferred_disks(p.engine, wanted, size, disks);
         let chosen = place_replicas(disks, wanted as usize);
         let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
+        p.engine = crate::volume_engine::EngineChoice::Pinned(engine);
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
         let image_name = image.as_ref().map(|(bi, _)| bi.name().to_string());
@@ -410,7 +411,7 @@ impl Controller {
         }
         let image = p.backing_image.as_ref().map(|b| b.name.clone());
         let volume = self
-            .record_volume(&id, &req, p, size, image, engine, replicas)
+            .record_volume(&id, &req, p, size, image, replicas)
             .await?;
         if volume.is_degraded() {
             tracing::warn!(
@@ -434,9 +435,14 @@ impl Controller {
         p: params::VolumeParams,
         size: u64,
         backing_image: Option<String>,
-        engine: crate::model::EngineKind,
         replicas: Vec<Replica>,
     ) -> Result<Volume> {
+        // The callers pin the engine `decide` chose (the replicas' formats do not say it: a
+        // pinned `mirror` may have one raw replica).
+        let engine = match p.engine {
+            crate::volume_engine::EngineChoice::Pinned(kind) => kind,
+            crate::volume_engine::EngineChoice::Auto => crate::model::EngineKind::Qemu,
+        };
         let volume = Volume {
             id: id.to_string(),
             spec: VolumeSpec {

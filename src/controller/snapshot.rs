@@ -86,6 +86,9 @@ impl Controller {
         snapshot_id: &str,
         volume: &Volume,
     ) -> Result<Vec<SnapshotFile>> {
+        if let Some(r) = volume.cow_replica() {
+            return Err(crate::replica_file::cow_refused("snapshot", &r.path));
+        }
         let (node, replicas) = Self::capture_node(volume)?;
         self.cluster
             .agent(&node)?
@@ -451,6 +454,7 @@ impl Controller {
             .get_or_insert(crate::params::default_replicas(disks.len()));
         let chosen = place_replicas(disks, wanted as usize);
         let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
+        p.engine = crate::volume_engine::EngineChoice::Pinned(engine);
         if chosen.is_empty() {
             return Err(Error::ResourceExhausted(format!(
                 "node {node:?}, which holds {what}, has no disk for the new volume's replicas"
@@ -491,7 +495,7 @@ impl Controller {
             replicas.push(replica);
         }
         let volume = self
-            .record_volume(id, req, p, size, image, engine, replicas)
+            .record_volume(id, req, p, size, image, replicas)
             .await?;
         tracing::info!(volume = %id, source = %what, size, backing_image = ?volume.spec.backing_image, "volume created from a source");
         Ok(volume)
