@@ -190,6 +190,9 @@ enum PathName {
     /// (an XFS disk each), a 2-replica volume attached on the first (its second replica over the
     /// engine's NBD client) vs a 1-replica loop-engine volume, same jobs.
     VolumeIoMirrorRemote,
+    /// The mirror engine over a copy-on-write replica: a 1-replica bicsi volume (`engine:
+    /// mirror`) on an ext4 disk on a loop device, same jobs, vs a plain loop device in that ext4.
+    VolumeIoCow,
 }
 
 impl PathName {
@@ -211,6 +214,7 @@ impl PathName {
                         | PathName::VolumeIoMirrorTuned
                         | PathName::VolumeIoMirror
                         | PathName::VolumeIoMirrorRemote
+                        | PathName::VolumeIoCow
                 )
             })
             .collect()
@@ -453,6 +457,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::VolumeIoMirrorTuned => engines::mirror_tuned(b, checks).await,
         PathName::VolumeIoMirror => engines::mirror_engine(b, checks).await,
         PathName::VolumeIoMirrorRemote => engines::mirror_remote(b, checks).await,
+        PathName::VolumeIoCow => engines::cow_engine(b, checks).await,
     }
 }
 

@@ -617,6 +617,9 @@ impl Agent for LocalAgent {
     }
 
     async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()> {
+        if source.format == ImageFormat::Cow {
+            return Err(crate::replica_file::cow_refused("copy", &source.path));
+        }
         let (src, r) = (source.clone(), replica.clone());
         blocking(move || {
             let dir = replica_dir(&r);
@@ -690,6 +693,12 @@ impl Agent for LocalAgent {
         let server = match replica.format {
             ImageFormat::Raw => self.raw_nbd.clone().or_else(|| self.nbd.clone()),
             ImageFormat::Qcow2 => self.nbd.clone(),
+            ImageFormat::Cow => {
+                return Err(Error::FailedPrecondition(format!(
+                    "replica {} on node {:?} is a copy-on-write replica (engine mirror on a disk that does not share blocks), which only an engine on its own node reads; attach the volume on node {:?}, or make it with engine: qemu to attach it anywhere",
+                    replica.id, self.node_id, self.node_id
+                )));
+            }
         };
         let (run_dir, host, port) = server.ok_or_else(|| {
             Error::FailedPrecondition(format!(

@@ -1032,6 +1032,10 @@ pub(crate) fn server_kind_conflict(run_dir: &Path, export: &ReplicaExport) -> St
             "bicsi's replica server",
         ),
         ImageFormat::Qcow2 => ("bicsi's (raw replicas)", "qemu-storage-daemon"),
+        ImageFormat::Cow => (
+            "a replica server",
+            "no replica server (a copy-on-write replica is read on its own node only)",
+        ),
     };
     format!(
         "replica server in {} is {running}, and replica {:?} is a {} file, which {wanted} \

@@ -2155,3 +2155,57 @@ async fn the_split_mode_rebuilds_a_mirror_replica_online() {
         "the replicas differ"
     );
 }
+
+#[tokio::test]
+async fn a_copy_on_write_volume_keeps_its_replicas_and_its_attach_on_one_node() {
+    let test = "a_copy_on_write_volume_keeps_its_replicas_and_its_attach_on_one_node";
+    if !root_or_skip(test) {
+        return;
+    }
+    // Both nodes' disks are on the temp dir's ext4: a pinned mirror gets cow replicas.
+    let c = TestCluster::start(2).await;
+    let mut ctl = c.controller_client().await;
+    // Two replicas go to distinct nodes first: refused, naming the nodes and the fixes.
+    let two = [("numberOfReplicas", "2"), ("engine", "mirror")];
+    let e = ctl
+        .controller
+        .create_volume(create_req("cw2", 64 * MIB, &two))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("nodes") && e.message().contains("engine: qemu"),
+        "{}",
+        e.message()
+    );
+    let one = [("numberOfReplicas", "1"), ("engine", "mirror")];
+    create_retrying(&c, &mut ctl, create_req("cw", 64 * MIB, &one)).await;
+    let record = volume_record(&c, "cw").await;
+    assert_eq!(record["spec"]["engine"], "mirror", "{record}");
+    assert_eq!(record["replicas"][0]["format"], "cow", "{record}");
+    let owner = record["replicas"][0]["nodeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = c.nodes.iter().position(|n| n.id != owner).unwrap();
+    // Attached on the node without its replica: refused (no server reads the layout).
+    let mut publish = cpublish_req("cw", mount_cap(), false);
+    publish.node_id = c.nodes[other].id.clone();
+    let refused = match ctl.controller.controller_publish_volume(publish).await {
+        Err(s) => s,
+        Ok(r) => {
+            let mut node = c.node_client(other).await;
+            let st = c.dir.path().join("st-cw");
+            let mut stage = stage_req("cw", &st, mount_cap());
+            stage.publish_context = r.into_inner().publish_context;
+            node.node.node_stage_volume(stage).await.unwrap_err()
+        }
+    };
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("copy-on-write") && refused.message().contains(&owner),
+        "{}",
+        refused.message()
+    );
+    assert!(mirror_engines_under(&c.nodes[other].dir).is_empty());
+}
