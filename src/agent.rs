@@ -1287,6 +1287,7 @@ mod online_target_tests {
             format: ImageFormat::Raw,
             deferred: false,
             health: Default::default(),
+            cluster_bytes: None,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod fake;
 pub mod fs;
 pub mod image;
 pub mod loopdev;
+pub mod malloc;
 pub mod mount;
 pub mod nbd;
 pub mod pagecache;

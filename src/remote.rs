@@ -1165,6 +1165,7 @@ mod tests {
             format: crate::os::ImageFormat::Raw,
             deferred: false,
             health: Default::default(),
+            cluster_bytes: None,
         };
         for target in [
             ReplicaTarget::Local(replica.path.clone()),
