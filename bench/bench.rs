@@ -149,6 +149,9 @@ enum PathName {
     /// The same with the sender's chunk manifest removed first: the receiver falls back to the
     /// SHA-512 of the whole logical content (as before manifests, and for files without one).
     SyncCrossSha512,
+    /// The same as sync-cross with the fully random image of --size (no holes: every chunk is
+    /// data), vs curl of the same bytes (issue 22).
+    SyncCrossDense,
     /// CreateVolume + ControllerPublish + NodeStage + NodePublish of a new volume, for a 1x and a
     /// 4x image (root).
     Attach,
@@ -191,6 +194,9 @@ enum PathName {
     /// (an XFS disk each), a 2-replica volume attached on the first (its second replica over the
     /// engine's NBD client) vs a 1-replica loop-engine volume, same jobs.
     VolumeIoMirrorRemote,
+    /// The mirror engine over a copy-on-write replica: a 1-replica bicsi volume (`engine:
+    /// mirror`) on an ext4 disk on a loop device, same jobs, vs a plain loop device in that ext4.
+    VolumeIoCow,
 }
 
 impl PathName {
@@ -213,6 +219,7 @@ impl PathName {
                         | PathName::VolumeIoMirrorTuned
                         | PathName::VolumeIoMirror
                         | PathName::VolumeIoMirrorRemote
+                        | PathName::VolumeIoCow
                 )
             })
             .collect()
@@ -440,8 +447,9 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::DownloadDecompress => decompress::download_decompress(b, checks).await,
         PathName::SyncExt4 => sync_ext4(b, checks).await,
         PathName::SyncXfs => sync_xfs(b, checks).await,
-        PathName::SyncCross => sync_cross(b, checks, true).await,
-        PathName::SyncCrossSha512 => sync_cross(b, checks, false).await,
+        PathName::SyncCross => sync_cross(b, checks, true, false).await,
+        PathName::SyncCrossSha512 => sync_cross(b, checks, false, false).await,
+        PathName::SyncCrossDense => sync_cross(b, checks, true, true).await,
         PathName::Attach => attach(b, checks).await,
         PathName::Control => control::control(b, checks).await,
         PathName::VolumeIo => volume_io::volume_io(b, checks).await,
@@ -456,6 +464,7 @@ async fn run_path(p: PathName, b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
         PathName::VolumeIoMirrorTuned => engines::mirror_tuned(b, checks).await,
         PathName::VolumeIoMirror => engines::mirror_engine(b, checks).await,
         PathName::VolumeIoMirrorRemote => engines::mirror_remote(b, checks).await,
+        PathName::VolumeIoCow => engines::cow_engine(b, checks).await,
     }
 }
 

@@ -27,7 +27,7 @@ mod mirror;
 pub(crate) use fuse::fuse;
 pub(crate) use fuse_tuned::fuse_tuned;
 pub(crate) use loop_raw::loop_raw;
-pub(crate) use mirror::{mirror_engine, mirror_remote, mirror_tuned};
+pub(crate) use mirror::{cow_engine, mirror_engine, mirror_remote, mirror_tuned};
 
 use super::*;
 

@@ -156,13 +156,31 @@ impl Cluster {
 /// node (untimed); ControllerPublishVolume of a 2-replica volume to that node until it succeeds
 /// (the other node has received, verified and stored the file) against curl of the same stream
 /// from the sending node, then `sync FILE`.
-pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -> Res<Vec<Row>> {
+/// Which cross-node sync: with the sender's manifest or not, of the sparse or the dense image.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Variant {
+    pub(crate) manifest: bool,
+    pub(crate) dense: bool,
+}
+
+/// With `dense`, the image is the fully random one of --size (every chunk data: issue 22's dense
+/// path) instead of the sparse one.
+pub(crate) async fn sync_cross(
+    b: &Bench,
+    checks: &mut Checks,
+    manifest: bool,
+    dense: bool,
+) -> Res<Vec<Row>> {
     const REF: &str = "curl --cert NODE.crt --key NODE.key -o FILE https://SENDER/v1/files/NAME-UUID && sync FILE";
-    let src = b.sparse_image(b.size)?;
-    let title = if manifest {
-        "cross-node sync"
+    let src = if dense {
+        &b.source
     } else {
-        "cross-node sync, no manifest"
+        b.sparse_image(b.size)?
+    };
+    let title = match (manifest, dense) {
+        (true, false) => "cross-node sync",
+        (false, _) => "cross-node sync, no manifest",
+        (true, true) => "cross-node sync, dense",
     };
     let variant = if manifest {
         ""
@@ -172,7 +190,7 @@ pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -
     };
     println!(
         "{title}: {} runs;{variant} fresh `bicsi controller` + 2 `bicsi node` per run on \
-         127.0.0.1; the {} sparse image ({} allocated) is downloaded to one node (untimed) and a \
+         127.0.0.1; the {} {} image ({} allocated) is downloaded to one node (untimed) and a \
          2-replica volume created (one replica per node, the other node's deferred); bicsi = \
          ControllerPublishVolume to the node holding the file (retried every {} ms while \
          Unavailable) until it succeeds: the other node has pulled the data extents over HTTPS \
@@ -180,6 +198,7 @@ pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -
          sender's page cache of the file is dropped before each side",
         b.runs,
         fmt_bytes(src.len),
+        if dense { "random (dense)" } else { "sparse" },
         fmt_bytes(src.allocated),
         POLL.as_millis()
     );
@@ -187,7 +206,11 @@ pub(crate) async fn sync_cross(b: &Bench, checks: &mut Checks, manifest: bool) -
     let mut wire: Vec<(u64, u64)> = Vec::new();
     for run in 0..b.runs {
         let dir = b.work.join(format!("cross-{run}"));
-        let r = in_swept_dir(&dir, cross_run(b, checks, &dir, run, src, manifest)).await?;
+        let r = in_swept_dir(
+            &dir,
+            cross_run(b, checks, &dir, run, src, Variant { manifest, dense }),
+        )
+        .await?;
         totals.add(&r);
         if let (Some(w), Some(a)) = (r.wire, r.data) {
             wire.push((w + r.manifest.unwrap_or(0), a));
@@ -239,10 +262,10 @@ pub(crate) async fn cross_run(
     dir: &Path,
     run: usize,
     src: &Source,
-    manifest: bool,
+    variant: Variant,
 ) -> Res<SyncRun> {
     let cluster = Cluster::start(b, dir).await?;
-    let result = cross_sides(b, checks, dir, run, src, &cluster, manifest).await;
+    let result = cross_sides(b, checks, dir, run, src, &cluster, variant).await;
     let logs = cluster.stop().await;
     if result.is_err() {
         eprintln!("bicsi logs (last lines):\n{logs}");
@@ -257,10 +280,14 @@ pub(crate) async fn cross_sides(
     run: usize,
     src: &Source,
     cluster: &Cluster,
-    manifest: bool,
+    Variant { manifest, dense }: Variant,
 ) -> Res<SyncRun> {
     let name = format!("cross-{run}");
-    let url = b.sparse_url(src.len);
+    let url = if dense {
+        b.url.clone()
+    } else {
+        b.sparse_url(src.len)
+    };
     let obj = create_image(&b.http, &cluster.api, &name, &url, &src.sha512, src.len).await?;
     let uuid = obj["status"]["uuid"]
         .as_str()

@@ -110,7 +110,7 @@ pub(crate) async fn fs_type(dir: &Path) -> String {
     }
 }
 
-/// An XFS filesystem with reflink in a sparse file, on a loop device, mounted at `mnt`; dropping
+/// An XFS filesystem with reflink (or ext4) in a sparse file, on a loop device, mounted at `mnt`; dropping
 /// it unmounts, detaches the loop device and removes the file.
 pub(crate) struct LoopMount {
     pub(crate) img: PathBuf,
@@ -121,6 +121,15 @@ pub(crate) struct LoopMount {
 
 impl LoopMount {
     pub(crate) async fn xfs(img: &Path, mnt: &Path, len: u64) -> Res<LoopMount> {
+        LoopMount::make(img, mnt, len, "mkfs.xfs", &["-q", "-m", "reflink=1"]).await
+    }
+
+    /// The same with ext4 (no reflink: the copy-on-write replicas' disk).
+    pub(crate) async fn ext4(img: &Path, mnt: &Path, len: u64) -> Res<LoopMount> {
+        LoopMount::make(img, mnt, len, "mkfs.ext4", &["-q", "-F"]).await
+    }
+
+    async fn make(img: &Path, mnt: &Path, len: u64, mkfs: &str, opts: &[&str]) -> Res<LoopMount> {
         let mut lm = LoopMount {
             img: img.to_path_buf(),
             dev: None,
@@ -129,7 +138,9 @@ impl LoopMount {
         };
         std::fs::File::create(img)?.set_len(len)?;
         let img_s = img.to_string_lossy();
-        capture_checked("mkfs.xfs", &["-q", "-m", "reflink=1", &img_s]).await?;
+        let mut args = opts.to_vec();
+        args.push(&img_s);
+        capture_checked(mkfs, &args).await?;
         let dev = capture_checked("losetup", &["--find", "--show", &img_s]).await?;
         lm.dev = Some(dev.clone());
         std::fs::create_dir_all(mnt)?;

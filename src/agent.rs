@@ -46,20 +46,68 @@ impl OnlineRebuild {
 /// The temporary name of a replica's file while an online rebuild fills it: beside its final
 /// name (so the rename is atomic), never the final name before it is complete and verified.
 pub fn online_target_path(replica: &Replica) -> PathBuf {
-    let name = replica
-        .path
+    online_temp_name(&replica.path)
+}
+
+fn online_temp_name(path: &Path) -> PathBuf {
+    let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    replica.path.with_file_name(format!("{name}.online"))
+    path.with_file_name(format!("{name}.online"))
 }
 
-/// The `nbd://` address of an online rebuild's target on another node than `node_id`: the
-/// controller passes such a replica with its path set to the address its node exported it at
-/// (`Agent::prepare_replica`); None for a replica of this node.
-pub fn remote_target(replica: &Replica, node_id: &str) -> Option<String> {
-    let path = replica.path.to_str()?;
-    (replica.node_id != node_id && path.starts_with("nbd://")).then(|| path.to_string())
+/// How the engine of the node an online rebuild runs on knows its target, from the typed
+/// [`ReplicaTarget`] the controller passes with the replica (issue 15): a local replica file is
+/// filled under a temporary name and renamed into place; another node's replica, exported to
+/// this node (`Agent::prepare_replica`), is filled in place over NBD under its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnlineTarget {
+    /// What the engine is told to `add` (and `drop`).
+    pub added: PathBuf,
+    /// The name it is promoted to, and listed under in `added.json`.
+    pub name: PathBuf,
+    /// Another node's replica: nothing to make, rename or remove here.
+    pub remote: bool,
+}
+
+impl OnlineTarget {
+    /// Checks `target` against `replica` for the node `node_id`: a local target must be a
+    /// replica of this node (InvalidArgument otherwise, naming what to pass instead).
+    pub fn of(replica: &Replica, target: &ReplicaTarget, node_id: &str) -> Result<OnlineTarget> {
+        match target {
+            ReplicaTarget::Local(path) => {
+                if replica.node_id != node_id {
+                    return Err(Error::InvalidArgument(format!(
+                        "replica {} is on node {:?}, not on node {node_id:?}: its online rebuild                          target is the NBD address its node exported it at (prepare_replica),                          not the local path {}",
+                        replica.id,
+                        replica.node_id,
+                        path.display()
+                    )));
+                }
+                if !path.is_absolute() {
+                    return Err(Error::InvalidArgument(format!(
+                        "replica {}: online rebuild target {} is not an absolute path",
+                        replica.id,
+                        path.display()
+                    )));
+                }
+                Ok(OnlineTarget {
+                    added: online_temp_name(path),
+                    name: path.clone(),
+                    remote: false,
+                })
+            }
+            ReplicaTarget::Nbd { .. } => {
+                let url = PathBuf::from(target.to_string());
+                Ok(OnlineTarget {
+                    added: url.clone(),
+                    name: url,
+                    remote: true,
+                })
+            }
+        }
+    }
 }
 
 /// A disk that can take replicas, with the bytes it has free.
@@ -221,48 +269,61 @@ pub trait Agent: Send + Sync {
             "this node agent cannot rebuild a replica from another node; upgrade it".into(),
         ))
     }
-    /// Starts the online rebuild of `replica` (of this node) in the mirror engine that serves
-    /// `volume_id` here: its file is made under a temporary name ([`online_target_path`]) as a
-    /// reflink clone of its disk's raw file of `backing_image` (or a sparse file of `size`), and
-    /// the engine adds it write-only and fills it. A replica of another node comes with its path
-    /// set to the `nbd://` address its node exported it at ([`remote_target`]): the engine adds
-    /// that address and fills the file in place over NBD (nothing is renamed at the end).
-    /// Idempotent: a target the engine still has (filling, complete or promoted) is kept, since
-    /// it got every write since it was added.
+    /// Starts the online rebuild of `replica` in the mirror engine that serves `volume_id` here,
+    /// into `target`: a local path (a replica of this node, its final path) has its file made
+    /// under a temporary name ([`online_target_path`]) as a reflink clone of its disk's raw
+    /// file of `backing_image` (or a sparse file of `size`), and the engine adds it write-only
+    /// and fills it; another node's replica comes as the NBD address its node exported it at
+    /// (`prepare_replica`): the engine adds that address and fills the file in place over NBD
+    /// (nothing is renamed at the end). Idempotent: a target the engine still has (filling,
+    /// complete or promoted) is kept, since it got every write since it was added.
     async fn start_online_rebuild(
         &self,
         volume_id: &str,
         replica: &Replica,
+        target: &ReplicaTarget,
         size: u64,
         backing_image: Option<&str>,
     ) -> Result<()> {
-        let _ = (volume_id, replica, size, backing_image);
+        let _ = (volume_id, replica, target, size, backing_image);
         Err(Error::FailedPrecondition(
             "this node agent cannot rebuild a replica online; upgrade it".into(),
         ))
     }
-    /// Where the online rebuild of `replica` is.
+    /// Where the online rebuild of `replica` into `target` is.
     async fn online_rebuild_status(
         &self,
         volume_id: &str,
         replica: &Replica,
+        target: &ReplicaTarget,
     ) -> Result<OnlineRebuild> {
-        let _ = (volume_id, replica);
+        let _ = (volume_id, replica, target);
         Ok(OnlineRebuild::missing())
     }
-    /// Ends a complete online rebuild: the file is renamed to the replica's path, the engine
-    /// makes it one of its replicas, and the run directory and the node's stage record list it.
-    /// Idempotent. FailedPrecondition when the engine does not say complete (or promoted).
-    async fn finish_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
-        let _ = (volume_id, replica);
+    /// Ends a complete online rebuild: a local file is renamed to the replica's path, the engine
+    /// makes the target one of its replicas, and the run directory and the node's stage record
+    /// list it. Idempotent. FailedPrecondition when the engine does not say complete (or
+    /// promoted).
+    async fn finish_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        target: &ReplicaTarget,
+    ) -> Result<()> {
+        let _ = (volume_id, replica, target);
         Err(Error::FailedPrecondition(
             "this node agent cannot rebuild a replica online; upgrade it".into(),
         ))
     }
-    /// Has the engine forget the target of `replica` and removes its temporary file; Ok when
+    /// Has the engine forget `target` and removes its temporary file (a local one); Ok when
     /// there is none.
-    async fn cancel_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
-        let _ = (volume_id, replica);
+    async fn cancel_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        target: &ReplicaTarget,
+    ) -> Result<()> {
+        let _ = (volume_id, replica, target);
         Ok(())
     }
 }
@@ -556,6 +617,9 @@ impl Agent for LocalAgent {
     }
 
     async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()> {
+        if source.format == ImageFormat::Cow {
+            return Err(crate::replica_file::cow_refused("copy", &source.path));
+        }
         let (src, r) = (source.clone(), replica.clone());
         blocking(move || {
             let dir = replica_dir(&r);
@@ -629,6 +693,12 @@ impl Agent for LocalAgent {
         let server = match replica.format {
             ImageFormat::Raw => self.raw_nbd.clone().or_else(|| self.nbd.clone()),
             ImageFormat::Qcow2 => self.nbd.clone(),
+            ImageFormat::Cow => {
+                return Err(Error::FailedPrecondition(format!(
+                    "replica {} on node {:?} is a copy-on-write replica (engine mirror on a disk that does not share blocks), which only an engine on its own node reads; attach the volume on node {:?}, or make it with engine: qemu to attach it anywhere",
+                    replica.id, self.node_id, self.node_id
+                )));
+            }
         };
         let (run_dir, host, port) = server.ok_or_else(|| {
             Error::FailedPrecondition(format!(
@@ -743,11 +813,12 @@ impl Agent for LocalAgent {
         &self,
         volume_id: &str,
         replica: &Replica,
+        target: &ReplicaTarget,
         size: u64,
         backing_image: Option<&str>,
     ) -> Result<()> {
+        let names = OnlineTarget::of(replica, target, &self.node_id)?;
         let run_dir = engine_dir(&self.data_dir, volume_id);
-        let tmp = online_target_path(replica);
         let serving = {
             let run_dir = run_dir.clone();
             blocking(move || Ok(crate::os::engine::mirror::serving(&run_dir))).await?
@@ -759,19 +830,24 @@ impl Agent for LocalAgent {
                 self.node_id, replica.id
             )));
         }
-        let status = self.online_rebuild_status(volume_id, replica).await?;
+        let status = self
+            .online_rebuild_status(volume_id, replica, target)
+            .await?;
         match status.state.as_str() {
             "copying" | "verifying" | "complete" | "promoted" => return Ok(()),
-            _ => self.cancel_online_rebuild(volume_id, replica).await?,
+            _ => {
+                self.cancel_online_rebuild(volume_id, replica, target)
+                    .await?
+            }
         }
-        if let Some(url) = remote_target(replica, &self.node_id) {
+        if names.remote {
             // Another node's replica, exported by its node for this rebuild (`prepare_replica`):
             // the engine connects to it and fills it in place.
             let id = volume_id.to_string();
             let replica_id = replica.id.clone();
             return blocking(move || {
-                crate::os::engine::mirror::add_target(&run_dir, Path::new(&url))?;
-                tracing::info!(volume = %id, replica = %replica_id, target = %url, "online rebuild of a remote replica started in the mirror engine");
+                crate::os::engine::mirror::add_target(&run_dir, &names.added)?;
+                tracing::info!(volume = %id, replica = %replica_id, target = %names.added.display(), "online rebuild of a remote replica started in the mirror engine");
                 Ok(())
             })
             .await;
@@ -790,23 +866,23 @@ impl Agent for LocalAgent {
             None => None,
         };
         let os = self.os.clone();
-        let mut target = replica.clone();
-        target.path = tmp.clone();
+        let mut file = replica.clone();
+        file.path = names.added.clone();
         let tmp_dir = disk.path.join("tmp");
         let id = volume_id.to_string();
         blocking(move || {
-            if let Some(dir) = target.path.parent() {
+            if let Some(dir) = file.path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
-                    Error::Internal(format!("replica {}: cannot create {}: {e}", target.id, dir.display()))
+                    Error::Internal(format!("replica {}: cannot create {}: {e}", file.id, dir.display()))
                 })?;
             }
             let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-            crate::replica_file::create(&os, &target, size, b, &tmp_dir)?;
-            crate::os::engine::mirror::add_target(&run_dir, &target.path).map_err(|e| {
-                let _ = std::fs::remove_file(&target.path);
+            crate::replica_file::create(&os, &file, size, b, &tmp_dir)?;
+            crate::os::engine::mirror::add_target(&run_dir, &file.path).map_err(|e| {
+                let _ = std::fs::remove_file(&file.path);
                 Error::from(e)
             })?;
-            tracing::info!(volume = %id, replica = %target.id, file = %target.path.display(), "online rebuild started in the mirror engine");
+            tracing::info!(volume = %id, replica = %file.id, file = %file.path.display(), "online rebuild started in the mirror engine");
             Ok(())
         })
         .await
@@ -816,12 +892,10 @@ impl Agent for LocalAgent {
         &self,
         volume_id: &str,
         replica: &Replica,
+        target: &ReplicaTarget,
     ) -> Result<OnlineRebuild> {
+        let names = OnlineTarget::of(replica, target, &self.node_id)?;
         let run_dir = engine_dir(&self.data_dir, volume_id);
-        let (tmp, path) = match remote_target(replica, &self.node_id) {
-            Some(url) => (PathBuf::from(&url), PathBuf::from(url)),
-            None => (online_target_path(replica), replica.path.clone()),
-        };
         blocking(move || {
             if !crate::os::engine::mirror::serving(&run_dir) {
                 return Ok(OnlineRebuild::missing());
@@ -829,7 +903,7 @@ impl Agent for LocalAgent {
             let targets = crate::os::engine::mirror::targets(&run_dir)?;
             Ok(targets
                 .into_iter()
-                .filter(|t| t.path == tmp || t.name == path)
+                .filter(|t| t.path == names.added || t.name == names.name)
                 .map(|t| OnlineRebuild {
                     state: t.state,
                     done_bytes: t.done,
@@ -843,8 +917,16 @@ impl Agent for LocalAgent {
         .await
     }
 
-    async fn finish_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
-        let status = self.online_rebuild_status(volume_id, replica).await?;
+    async fn finish_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        target: &ReplicaTarget,
+    ) -> Result<()> {
+        let names = OnlineTarget::of(replica, target, &self.node_id)?;
+        let status = self
+            .online_rebuild_status(volume_id, replica, target)
+            .await?;
         if !matches!(status.state.as_str(), "complete" | "promoted") {
             return Err(Error::FailedPrecondition(format!(
                 "the online rebuild of replica {} is {}{}, not complete",
@@ -854,24 +936,26 @@ impl Agent for LocalAgent {
             )));
         }
         let run_dir = engine_dir(&self.data_dir, volume_id);
-        let (tmp, path) = (online_target_path(replica), replica.path.clone());
-        let remote = remote_target(replica, &self.node_id);
+        let target = target.clone();
         let local = self.node_records.clone();
         let id = volume_id.to_string();
         blocking(move || {
             use crate::os::engine::mirror;
-            if let Some(url) = remote {
+            let OnlineTarget {
+                added: tmp,
+                name: path,
+                remote,
+            } = names;
+            if remote {
                 // Filled in place on its node: nothing to rename; promoted under its address.
-                let url = PathBuf::from(url);
                 if status.state == "complete" {
-                    mirror::promote(&run_dir, &url, &url)?;
+                    mirror::promote(&run_dir, &path, &path)?;
                 }
-                mirror::record_added(&run_dir, &url)?;
+                mirror::record_added(&run_dir, &path)?;
                 if let Some(mut rec) = local.get::<NodeVolume>(Kind::NodeVolume, &id)?
-                    && let Some(t) = url.to_str().and_then(ReplicaTarget::parse_nbd)
-                    && !rec.targets.contains(&t)
+                    && !rec.targets.contains(&target)
                 {
-                    rec.targets.push(t);
+                    rec.targets.push(target);
                     local.put(Kind::NodeVolume, &id, &rec)?;
                 }
                 return Ok(());
@@ -900,37 +984,41 @@ impl Agent for LocalAgent {
             mirror::record_added(&run_dir, &path)?;
             // The node's stage record: a repair of the stage compares the live engine's
             // replicas with these.
-            if let Some(mut rec) = local.get::<NodeVolume>(Kind::NodeVolume, &id)? {
-                let t = ReplicaTarget::Local(path.clone());
-                if !rec.targets.contains(&t) {
-                    rec.targets.push(t);
-                    rec.replicas.push(path.clone());
-                    local.put(Kind::NodeVolume, &id, &rec)?;
-                }
+            if let Some(mut rec) = local.get::<NodeVolume>(Kind::NodeVolume, &id)?
+                && !rec.targets.contains(&target)
+            {
+                rec.targets.push(target);
+                rec.replicas.push(path.clone());
+                local.put(Kind::NodeVolume, &id, &rec)?;
             }
             Ok(())
         })
         .await
     }
 
-    async fn cancel_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+    async fn cancel_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        target: &ReplicaTarget,
+    ) -> Result<()> {
+        let names = OnlineTarget::of(replica, target, &self.node_id)?;
         let run_dir = engine_dir(&self.data_dir, volume_id);
-        let remote = remote_target(replica, &self.node_id);
-        let tmp = remote
-            .clone()
-            .map_or_else(|| online_target_path(replica), PathBuf::from);
         blocking(move || {
             if crate::os::engine::mirror::serving(&run_dir) {
-                crate::os::engine::mirror::drop_target(&run_dir, &tmp)?;
+                crate::os::engine::mirror::drop_target(&run_dir, &names.added)?;
             }
-            if remote.is_some() {
+            if names.remote {
                 // Its node's file: the controller releases its export; the file stays err.
                 return Ok(());
             }
-            match std::fs::remove_file(&tmp) {
+            match std::fs::remove_file(&names.added) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::Internal(format!("removing {}: {e}", tmp.display()))),
+                Err(e) => Err(Error::Internal(format!(
+                    "removing {}: {e}",
+                    names.added.display()
+                ))),
             }
         })
         .await
@@ -974,11 +1062,9 @@ impl Agent for LocalAgent {
             None => None,
         };
         let (source, r) = (source.clone(), replica.clone());
-        // Raw replicas are served by bicsi's replica server, under TLS with the node's
-        // certificate; qcow2 ones by qemu-storage-daemon, still plain (issue 19).
-        let tls = (crate::os::ImageFormat::of_file(&replica.path) == crate::os::ImageFormat::Raw)
-            .then(|| self.os.engine.nbd_tls())
-            .flatten();
+        // Both replica servers (bicsi's for raw replicas, qemu-storage-daemon's for qcow2
+        // ones) require TLS with a node certificate when the node has a --tls-dir (issue 19).
+        let tls = self.os.engine.nbd_tls();
         blocking(move || {
             let dir = replica_dir(&r);
             match std::fs::remove_dir_all(dir) {
@@ -1185,5 +1271,68 @@ impl Agent for LocalAgent {
             tracing::info!(volume = %volume_id, node = %self.node_id, "removed what an attach left behind");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod online_target_tests {
+    use super::*;
+
+    fn replica(node: &str, path: &str) -> Replica {
+        Replica {
+            id: "r1".into(),
+            node_id: node.into(),
+            disk_id: "d1".into(),
+            path: PathBuf::from(path),
+            format: ImageFormat::Raw,
+            deferred: false,
+            health: Default::default(),
+            cluster_bytes: None,
+        }
+    }
+
+    /// The engine's name of an online rebuild's target comes from the typed target alone: a
+    /// local path is filled under its temporary name and promoted to the path; an NBD address
+    /// is filled and promoted under the address. A replica's `path` is never read as an
+    /// address any more (it was how the controller said "remote" before), and a local target
+    /// of a replica of another node is refused, naming what to pass.
+    #[test]
+    fn the_online_target_is_read_from_its_type_not_from_the_replica_path() {
+        let r = replica("n1", "/d1/replicas/v-r1/volume.raw");
+        let local = OnlineTarget::of(&r, &ReplicaTarget::Local(r.path.clone()), "n1").unwrap();
+        assert_eq!(
+            local,
+            OnlineTarget {
+                added: PathBuf::from("/d1/replicas/v-r1/volume.raw.online"),
+                name: r.path.clone(),
+                remote: false,
+            }
+        );
+        let address = ReplicaTarget::Nbd {
+            host: "127.0.0.1".into(),
+            port: 10809,
+            export: "r1".into(),
+        };
+        // Another node's replica keeps its own path; the target says where the engine finds it.
+        let theirs = replica("n2", "/d9/replicas/v-r1/volume.raw");
+        let remote = OnlineTarget::of(&theirs, &address, "n1").unwrap();
+        assert_eq!(
+            remote,
+            OnlineTarget {
+                added: PathBuf::from("nbd://127.0.0.1:10809/r1"),
+                name: PathBuf::from("nbd://127.0.0.1:10809/r1"),
+                remote: true,
+            }
+        );
+        // An address in a local replica's path is just a (bad) path, never a remote target.
+        let odd = replica("n1", "nbd://127.0.0.1:10809/r1");
+        let e = OnlineTarget::of(&odd, &ReplicaTarget::Local(odd.path.clone()), "n1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an absolute path"), "{e}");
+        let e = OnlineTarget::of(&theirs, &ReplicaTarget::Local(theirs.path.clone()), "n1")
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        assert!(e.to_string().contains("NBD address"), "{e}");
     }
 }

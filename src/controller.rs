@@ -372,18 +372,22 @@ impl Controller {
         let disks = crate::volume_engine::preferred_disks(p.engine, wanted, size, disks);
         let chosen = place_replicas(disks, wanted as usize);
         let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
+        p.engine = crate::volume_engine::EngineChoice::Pinned(engine);
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
         let image_name = image.as_ref().map(|(bi, _)| bi.name().to_string());
         let mut replicas: Vec<Replica> = Vec::new();
         for d in &chosen {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+            let format = crate::volume_engine::replica_format(engine, d);
             let mut replica = Replica {
-                path: crate::disks::replica_path_as(&d.disk, &id, &rid, engine.replica_format()),
+                path: crate::disks::replica_path_as(&d.disk, &id, &rid, format),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
-                format: engine.replica_format(),
+                format,
+                cluster_bytes: (format == crate::os::ImageFormat::Cow)
+                    .then_some(crate::mirror::cow::DEFAULT_CLUSTER),
                 deferred: false,
                 health: Default::default(),
             };
@@ -434,13 +438,11 @@ impl Controller {
         backing_image: Option<String>,
         replicas: Vec<Replica>,
     ) -> Result<Volume> {
-        // The replicas were made in the format of the engine chosen for them.
-        let engine = match replicas.first().map(|r| r.format) {
-            Some(crate::os::ImageFormat::Raw) if replicas.len() > 1 => {
-                crate::model::EngineKind::Mirror
-            }
-            Some(crate::os::ImageFormat::Raw) => crate::model::EngineKind::Loop,
-            _ => crate::model::EngineKind::Qemu,
+        // The callers pin the engine `decide` chose (the replicas' formats do not say it: a
+        // pinned `mirror` may have one raw replica).
+        let engine = match p.engine {
+            crate::volume_engine::EngineChoice::Pinned(kind) => kind,
+            crate::volume_engine::EngineChoice::Auto => crate::model::EngineKind::Qemu,
         };
         let volume = Volume {
             id: id.to_string(),
@@ -933,6 +935,9 @@ impl Controller {
         if size <= volume.spec.capacity_bytes {
             return Ok((volume.spec.capacity_bytes, !is_block));
         }
+        if let Some(r) = volume.cow_replica() {
+            return Err(crate::replica_file::cow_refused("grow", &r.path));
+        }
         if let Some(p) = &volume.publication {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id:?} is attached to node {:?}; bicsi grows volumes offline: detach it, expand it, attach it again",
@@ -1016,6 +1021,7 @@ impl Controller {
                     disk_id: d.disk.id.clone(),
                     format: source.format,
                     deferred: false,
+                    cluster_bytes: source.cluster_bytes,
                     health: Default::default(),
                 };
                 agent.copy_replica(&source, &r).await?;

@@ -288,6 +288,7 @@ mod tests {
             path: format!("/d/{id}/volume.qcow2").into(),
             format: crate::os::ImageFormat::Qcow2,
             deferred: false,
+            cluster_bytes: None,
             health: ReplicaHealth {
                 mode,
                 ..Default::default()

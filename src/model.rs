@@ -140,6 +140,10 @@ pub struct Replica {
     /// written before replicas had a format).
     #[serde(default = "crate::os::ImageFormat::qcow2")]
     pub format: crate::os::ImageFormat,
+    /// The cluster size of a copy-on-write replica (`format: cow`, `crate::mirror::cow`), in
+    /// bytes; absent for the other formats (and in records written before the layout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_bytes: Option<u32>,
     /// Not created yet: its disk had no file of the volume's backing image when the volume was
     /// created, so the overlay is made at first attach, once the file is there.
     #[serde(default)]
@@ -235,6 +239,14 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// A copy-on-write replica of the volume, if it has one (what bicsi does not do with such
+    /// replicas yet is refused naming it: `crate::replica_file::cow_refused`).
+    pub fn cow_replica(&self) -> Option<&Replica> {
+        self.replicas
+            .iter()
+            .find(|r| r.format == crate::os::ImageFormat::Cow)
+    }
+
     /// Fewer replicas than asked for: the volume works but has less redundancy.
     pub fn is_degraded(&self) -> bool {
         (self.replicas.len() as u32) < self.spec.number_of_replicas

@@ -31,6 +31,9 @@ use crate::tls::Role;
 /// Plaintext read from the NBD side per record batch (a 1 MiB WRITE goes as four batches).
 const CHUNK: usize = 256 << 10;
 
+/// The socket buffers asked for on each end of the pump's socketpair.
+const PAIR_BUFFER: usize = 2 << 20;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -165,18 +168,24 @@ struct Pump {
 
 impl Pump {
     /// Sends what the connection has queued; `conn` is the connection's guard, let go before the
-    /// socket is written (but after the send lock is taken: the order of records holds).
-    fn flush(&self, mut conn: MutexGuard<'_, rustls::Connection>) -> std::io::Result<()> {
+    /// socket is written (but after the send lock is taken: the order of records holds). `out`
+    /// is the calling thread's buffer for the records, kept between calls (its capacity grows
+    /// once to a batch's records instead of a new allocation and its regrowths per batch).
+    fn flush(
+        &self,
+        mut conn: MutexGuard<'_, rustls::Connection>,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
         if !conn.wants_write() {
             return Ok(());
         }
-        let mut out = Vec::new();
+        out.clear();
         while conn.wants_write() {
-            conn.write_tls(&mut out)?;
+            conn.write_tls(out)?;
         }
         let mut send = lock(&self.send);
         drop(conn);
-        send.write_all(&out)
+        send.write_all(out)
     }
 }
 
@@ -186,6 +195,13 @@ fn pump(tcp: TcpStream, mut conn: rustls::Connection) -> std::io::Result<UnixStr
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
     let (mut ours, theirs) = UnixStream::pair()?;
+    // A 1 MiB WRITE crosses the pair in one go instead of five wake-ups of the default 208 KiB
+    // (the kernel caps it at net.core.wmem_max/rmem_max; best effort).
+    for end in [&ours, &theirs] {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let _ = setsockopt(end, sockopt::SndBuf, &PAIR_BUFFER);
+        let _ = setsockopt(end, sockopt::RcvBuf, &PAIR_BUFFER);
+    }
     // A peer may send data right behind its last handshake message (gnutls does): the
     // handshake read it already, so it is handed on here, not waited for on the socket.
     let mut early = Vec::new();
@@ -201,7 +217,7 @@ fn pump(tcp: TcpStream, mut conn: rustls::Connection) -> std::io::Result<UnixStr
         conn: Mutex::new(conn),
         send: Mutex::new(tcp.try_clone()?),
     });
-    pump.flush(lock(&pump.conn))?;
+    pump.flush(lock(&pump.conn), &mut Vec::new())?;
     {
         let (pump, tcp, app) = (pump.clone(), tcp.try_clone()?, ours.try_clone()?);
         std::thread::Builder::new()
@@ -219,14 +235,17 @@ fn pump(tcp: TcpStream, mut conn: rustls::Connection) -> std::io::Result<UnixStr
 fn inbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
     let mut net = &tcp;
     let mut buf = vec![0u8; CHUNK];
-    let mut plain = Vec::with_capacity(CHUNK);
+    // The plaintext of one read from the socket is gathered in `plain[..filled]`; `plain` is
+    // zeroed only where it grows, never again per batch.
+    let mut plain = vec![0u8; CHUNK];
+    let mut out = Vec::new();
     'outer: loop {
         let n = match net.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let mut data = &buf[..n];
-        plain.clear();
+        let mut filled = 0;
         let mut closed = false;
         while !data.is_empty() {
             let mut conn = lock(&pump.conn);
@@ -236,25 +255,31 @@ fn inbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
             let state = match conn.process_new_packets() {
                 Ok(s) => s,
                 Err(_) => {
-                    let _ = pump.flush(conn);
+                    let _ = pump.flush(conn, &mut out);
                     break 'outer;
                 }
             };
             let want = state.plaintext_bytes_to_read();
             if want > 0 {
-                let at = plain.len();
-                plain.resize(at + want, 0);
-                if conn.reader().read_exact(&mut plain[at..]).is_err() {
+                if plain.len() < filled + want {
+                    plain.resize(filled + want, 0);
+                }
+                if conn
+                    .reader()
+                    .read_exact(&mut plain[filled..filled + want])
+                    .is_err()
+                {
                     break 'outer;
                 }
+                filled += want;
             }
             closed |= state.peer_has_closed();
             // A key update's answer, say.
-            if pump.flush(conn).is_err() {
+            if pump.flush(conn, &mut out).is_err() {
                 break 'outer;
             }
         }
-        if !plain.is_empty() && app.write_all(&plain).is_err() {
+        if filled > 0 && app.write_all(&plain[..filled]).is_err() {
             break;
         }
         if closed {
@@ -269,13 +294,14 @@ fn inbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
 /// closes it, close_notify and the TCP connection's end.
 fn outbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
     let mut buf = vec![0u8; CHUNK];
+    let mut out = Vec::new();
     loop {
         let n = match app.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let mut conn = lock(&pump.conn);
-        if conn.writer().write_all(&buf[..n]).is_err() || pump.flush(conn).is_err() {
+        if conn.writer().write_all(&buf[..n]).is_err() || pump.flush(conn, &mut out).is_err() {
             let _ = app.shutdown(Shutdown::Both);
             let _ = tcp.shutdown(Shutdown::Both);
             return;
@@ -283,6 +309,6 @@ fn outbound(pump: &Pump, tcp: TcpStream, mut app: UnixStream) {
     }
     let mut conn = lock(&pump.conn);
     conn.send_close_notify();
-    let _ = pump.flush(conn);
+    let _ = pump.flush(conn, &mut out);
     let _ = tcp.shutdown(Shutdown::Both);
 }

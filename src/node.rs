@@ -837,16 +837,25 @@ fn stage_steps(
 
 /// The engine that serves an attach of a volume of engine `volume` with these children: `loop`
 /// for a single local raw replica (the loop engine on its own node), `mirror` for several local
-/// raw replicas, and for a mirror or loop volume whose children are raw files here and replicas
+/// raw replicas and for local copy-on-write ones (one or several), and for a mirror or loop volume whose children are raw files here and replicas
 /// of other nodes (over NBD, all of them when this node holds none: a loop volume attached on
 /// another node), `qemu` for everything else (qcow2 replicas). So raw replicas of other nodes
 /// are always read by bicsi's own NBD client from bicsi's replica server (TLS between the two
 /// with `--tls-dir`, issue 19), qcow2 ones by qemu's client from qemu's server.
 fn attach_engine(volume: EngineKind, targets: &[ReplicaTarget]) -> EngineKind {
-    let raw = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw);
+    let format = |t: &ReplicaTarget| match t {
+        ReplicaTarget::Local(p) => Some(ImageFormat::of_file(p)),
+        ReplicaTarget::Nbd { .. } => None,
+    };
+    let raw = |t: &ReplicaTarget| format(t) == Some(ImageFormat::Raw);
+    let cow = |t: &ReplicaTarget| format(t) == Some(ImageFormat::Cow);
     let remote = |t: &ReplicaTarget| matches!(t, ReplicaTarget::Nbd { .. });
     match targets {
         [t] if raw(t) => EngineKind::Loop,
+        // Copy-on-write replicas: only the mirror engine reads the layout.
+        [_, ..] if targets.iter().all(|t| raw(t) || cow(t)) && targets.iter().any(cow) => {
+            EngineKind::Mirror
+        }
         [_, _, ..] if targets.iter().all(raw) => EngineKind::Mirror,
         [_, ..]
             if matches!(volume, EngineKind::Mirror | EngineKind::Loop)

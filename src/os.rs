@@ -17,9 +17,12 @@ pub mod fake;
 pub mod fs;
 pub mod image;
 pub mod loopdev;
+pub mod malloc;
 pub mod mount;
 pub mod nbd;
+pub mod pagecache;
 pub mod qcow2;
+pub mod qemu_tls;
 pub mod rawfile;
 pub mod replica_server;
 
@@ -92,6 +95,12 @@ pub const SUPPORTED_FILESYSTEMS: &[&str] = &["ext4", "xfs"];
 pub enum ImageFormat {
     Raw,
     Qcow2,
+    /// bicsi's copy-on-write replica layout (`crate::mirror::cow`) on disks whose filesystem
+    /// does not share blocks: the file (`volume.cow`) is its data, `volume.cowmap` beside it
+    /// its cluster map, and `base` beside it, when there, a link to the disk's raw expansion of
+    /// the backing image. Only bicsi's mirror engine reads it: qemu has no driver for it, so
+    /// it is never handed to qemu (every path that would is refused before, naming the volume).
+    Cow,
 }
 
 impl ImageFormat {
@@ -101,12 +110,13 @@ impl ImageFormat {
     }
 
     /// The format of a replica, snapshot or export file bicsi made, from its name: `*.raw` is
-    /// raw, everything else qcow2. The one place a file's format is decided from a path; it
+    /// raw, `*.cow` bicsi's copy-on-write layout, everything else qcow2. The one place a file's format is decided from a path; it
     /// never looks at the content: a raw volume holds whatever its user wrote, a qcow2 header
     /// naming a host file as its backing included, and qemu must never be told to probe it.
     pub fn of_file(path: &Path) -> ImageFormat {
         match path.extension().and_then(|e| e.to_str()) {
             Some("raw") => ImageFormat::Raw,
+            Some("cow") => ImageFormat::Cow,
             _ => ImageFormat::Qcow2,
         }
     }
@@ -116,14 +126,29 @@ impl ImageFormat {
         self.as_str()
     }
 
-    /// The name qemu uses (`-f`, `-F`, `"driver"`).
+    /// The name qemu uses (`-f`, `-F`, `"driver"`); `cow` for bicsi's layout, which qemu
+    /// does not know (its own long-removed `cow` driver is not this).
     pub fn as_str(self) -> &'static str {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Cow => "cow",
         }
     }
 
+    /// The map file of a copy-on-write replica whose data file is `data`.
+    pub fn cow_map(data: &Path) -> PathBuf {
+        data.with_extension("cowmap")
+    }
+
+    /// The link to the base of a copy-on-write replica whose data file is `data` (absent for a
+    /// volume without a backing image).
+    pub fn cow_base(data: &Path) -> PathBuf {
+        data.with_file_name("base")
+    }
+
+    /// A backing image's or a user's format name (`raw`, `qcow2`); bicsi's `cow` layout is
+    /// never one.
     pub fn parse(name: &str) -> Option<ImageFormat> {
         match name {
             "raw" => Some(ImageFormat::Raw),

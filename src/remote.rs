@@ -441,10 +441,11 @@ impl Agent for RemoteAgent {
         &self,
         volume_id: &str,
         replica: &Replica,
+        target: &ReplicaTarget,
         size: u64,
         backing_image: Option<&str>,
     ) -> Result<()> {
-        let mut req = online_request(volume_id, replica)?;
+        let mut req = online_request(volume_id, replica, target)?;
         req.size = size;
         req.backing_image = backing_image.unwrap_or_default().to_string();
         self.client
@@ -459,29 +460,40 @@ impl Agent for RemoteAgent {
         &self,
         volume_id: &str,
         replica: &Replica,
+        target: &ReplicaTarget,
     ) -> Result<crate::agent::OnlineRebuild> {
         let r = self
             .client
             .clone()
-            .online_rebuild_status(online_request(volume_id, replica)?)
+            .online_rebuild_status(online_request(volume_id, replica, target)?)
             .await
             .map_err(status_error)?;
         from_json(&r.into_inner().status_json, "online rebuild status")
     }
 
-    async fn finish_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+    async fn finish_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        target: &ReplicaTarget,
+    ) -> Result<()> {
         self.client
             .clone()
-            .finish_online_rebuild(online_request(volume_id, replica)?)
+            .finish_online_rebuild(online_request(volume_id, replica, target)?)
             .await
             .map_err(status_error)?;
         Ok(())
     }
 
-    async fn cancel_online_rebuild(&self, volume_id: &str, replica: &Replica) -> Result<()> {
+    async fn cancel_online_rebuild(
+        &self,
+        volume_id: &str,
+        replica: &Replica,
+        target: &ReplicaTarget,
+    ) -> Result<()> {
         self.client
             .clone()
-            .cancel_online_rebuild(online_request(volume_id, replica)?)
+            .cancel_online_rebuild(online_request(volume_id, replica, target)?)
             .await
             .map_err(status_error)?;
         Ok(())
@@ -753,10 +765,10 @@ impl AgentRpc for AgentService {
         request: Request<pb::OnlineRebuildRequest>,
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let (replica, target) = online_parts(&r)?;
         let image = (!r.backing_image.is_empty()).then_some(r.backing_image.as_str());
         self.local
-            .start_online_rebuild(&r.volume_id, &replica, r.size, image)
+            .start_online_rebuild(&r.volume_id, &replica, &target, r.size, image)
             .await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -766,10 +778,10 @@ impl AgentRpc for AgentService {
         request: Request<pb::OnlineRebuildRequest>,
     ) -> std::result::Result<Response<pb::OnlineRebuildStatusResponse>, Status> {
         let r = request.into_inner();
-        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let (replica, target) = online_parts(&r)?;
         let status = self
             .local
-            .online_rebuild_status(&r.volume_id, &replica)
+            .online_rebuild_status(&r.volume_id, &replica, &target)
             .await?;
         Ok(Response::new(pb::OnlineRebuildStatusResponse {
             status_json: to_json(&status)?,
@@ -781,9 +793,9 @@ impl AgentRpc for AgentService {
         request: Request<pb::OnlineRebuildRequest>,
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let (replica, target) = online_parts(&r)?;
         self.local
-            .finish_online_rebuild(&r.volume_id, &replica)
+            .finish_online_rebuild(&r.volume_id, &replica, &target)
             .await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -793,9 +805,9 @@ impl AgentRpc for AgentService {
         request: Request<pb::OnlineRebuildRequest>,
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        let replica: Replica = from_json(&r.replica_json, "replica")?;
+        let (replica, target) = online_parts(&r)?;
         self.local
-            .cancel_online_rebuild(&r.volume_id, &replica)
+            .cancel_online_rebuild(&r.volume_id, &replica, &target)
             .await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -1027,13 +1039,34 @@ impl FileReports for RemoteReports {
 }
 
 /// The request of the four online-rebuild calls.
-fn online_request(volume_id: &str, replica: &Replica) -> Result<pb::OnlineRebuildRequest> {
+fn online_request(
+    volume_id: &str,
+    replica: &Replica,
+    target: &ReplicaTarget,
+) -> Result<pb::OnlineRebuildRequest> {
     Ok(pb::OnlineRebuildRequest {
         volume_id: volume_id.to_string(),
         replica_json: to_json(replica)?,
         size: 0,
         backing_image: String::new(),
+        target_json: to_json(target)?,
     })
+}
+
+/// The replica and its typed target of an online-rebuild request; a request without a target
+/// comes from a controller older than this node agent (it put an address in the replica's
+/// path), which this agent no longer reads.
+fn online_parts(r: &pb::OnlineRebuildRequest) -> Result<(Replica, ReplicaTarget)> {
+    let replica: Replica = from_json(&r.replica_json, "replica")?;
+    if r.target_json.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "online rebuild of replica {} without its target (target_json): the controller is \
+             older than this node agent; upgrade the controller",
+            replica.id
+        )));
+    }
+    let target: ReplicaTarget = from_json(&r.target_json, "replica target")?;
+    Ok((replica, target))
 }
 
 /// Registers the node with the controller and keeps sending heartbeats (registering again
@@ -1117,5 +1150,39 @@ mod tests {
         // Other calls still fail: only CleanVolume may be missing on a node.
         let err = agent.disk_space().await.unwrap_err();
         assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    }
+
+    /// The four online-rebuild calls carry the typed target over the wire (the split mode):
+    /// what the controller sends is what the node agent gets, and a request without one (an
+    /// older controller, which put an address in the replica's path) is refused by name.
+    #[test]
+    fn an_online_rebuild_request_carries_its_typed_target() {
+        let replica = crate::model::Replica {
+            id: "r1".into(),
+            node_id: "n2".into(),
+            disk_id: "d1".into(),
+            path: "/d1/replicas/v-r1/volume.raw".into(),
+            format: crate::os::ImageFormat::Raw,
+            deferred: false,
+            health: Default::default(),
+            cluster_bytes: None,
+        };
+        for target in [
+            ReplicaTarget::Local(replica.path.clone()),
+            ReplicaTarget::Nbd {
+                host: "::1".into(),
+                port: 10809,
+                export: "r1".into(),
+            },
+        ] {
+            let req = online_request("v", &replica, &target).unwrap();
+            let (r, t) = online_parts(&req).unwrap();
+            assert_eq!((r, t), (replica.clone(), target));
+        }
+        let mut old = online_request("v", &replica, &ReplicaTarget::Local("/x".into())).unwrap();
+        old.target_json.clear();
+        let e = online_parts(&old).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        assert!(e.to_string().contains("upgrade the controller"), "{e}");
     }
 }

@@ -1,6 +1,9 @@
 //! A replica's file in its format: qcow2 for the `qemu` engine (an overlay on the disk's file of
 //! the backing image), raw for the `loop` engine (a sparse file, or a reflink clone of the
-//! disk's raw expansion of the backing image). Creating, growing and sizing a replica go through
+//! disk's raw expansion of the backing image), cow for the `mirror` engine on a disk that does
+//! not share blocks (`crate::mirror::cow`: a sparse data file `volume.cow`, its cluster map
+//! `volume.cowmap` and a link `base` to the disk's raw expansion of the backing image, all in
+//! the replica's directory, so removing the directory removes the replica). Creating, growing and sizing a replica go through
 //! here, so the callers (node agent, snapshots) never assume a format; which format a file has
 //! comes from its record (`Replica::format`) or, for files bicsi named itself, from
 //! `ImageFormat::of_file`, never from its content.
@@ -9,7 +12,8 @@
 
 use std::path::Path;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::mirror::cow::CowSpec;
 use crate::model::Replica;
 use crate::os::{ImageFormat, Os};
 
@@ -42,7 +46,89 @@ pub fn create(
             };
             Ok(os.images.create_raw(&replica.path, size, base.as_deref())?)
         }
+        ImageFormat::Cow => {
+            let cluster = replica
+                .cluster_bytes
+                .unwrap_or(crate::mirror::cow::DEFAULT_CLUSTER);
+            create_cow(os, &replica.path, size, cluster, backing, tmp_dir)
+        }
     }
+}
+
+/// The engine's view of the copy-on-write replica whose data file is `data`: its map beside it
+/// and its base when the replica has one (`base` beside it).
+pub fn cow_spec(data: &Path) -> CowSpec {
+    let base = ImageFormat::cow_base(data);
+    CowSpec {
+        data: data.to_path_buf(),
+        map: ImageFormat::cow_map(data),
+        base: std::fs::symlink_metadata(&base).is_ok().then_some(base),
+    }
+}
+
+/// Creates the copy-on-write replica with data file `data`: the base link first (to the disk's
+/// raw expansion, made once per disk), then `cow::create` (the data, then the map, atomically).
+/// A replica made already is Ok when it holds `size` bytes (CreateVolume retried), else
+/// AlreadyExists; a failure leaves none of the three files behind.
+fn create_cow(
+    os: &Os,
+    data: &Path,
+    size: u64,
+    cluster: u32,
+    backing: Option<(&Path, ImageFormat)>,
+    tmp_dir: &Path,
+) -> Result<()> {
+    let map = ImageFormat::cow_map(data);
+    if map.is_file() {
+        let have = crate::mirror::cow::Cow::open(&cow_spec(data), true)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .size();
+        if have == size {
+            return Ok(());
+        }
+        return Err(Error::AlreadyExists(format!(
+            "copy-on-write replica {} holds {have} bytes, not {size}; remove its directory to make it again",
+            data.display()
+        )));
+    }
+    // Leftovers of a creation that crashed before its map was written.
+    let link = ImageFormat::cow_base(data);
+    for stale in [data, link.as_path()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let made = (|| -> Result<()> {
+        if let Some((file, format)) = backing {
+            let base = crate::os::rawfile::expand_backing(&*os.images, file, format, tmp_dir)?;
+            std::os::unix::fs::symlink(&base, &link).map_err(|e| {
+                Error::Internal(format!(
+                    "copy-on-write replica {}: linking its base {}: {e}",
+                    data.display(),
+                    base.display()
+                ))
+            })?;
+        }
+        crate::mirror::cow::create(&cow_spec(data), size, cluster).map_err(|e| {
+            Error::Internal(format!(
+                "creating copy-on-write replica {}: {e}",
+                data.display()
+            ))
+        })
+    })();
+    if made.is_err() {
+        for f in [data, map.as_path(), link.as_path()] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    made
+}
+
+/// FailedPrecondition for `what` (an operation) on the copy-on-write replica `path`, which is
+/// not wired for it yet, naming the fix.
+pub fn cow_refused(what: &str, path: &Path) -> Error {
+    Error::FailedPrecondition(format!(
+        "{what}: replica {} is a copy-on-write replica (engine mirror on a disk that does not share blocks), and bicsi does not {what} such replicas yet; make the volume with the StorageClass parameter engine: qemu (or on a disk that shares blocks: XFS with reflink=1, btrfs) where this is needed",
+        path.display()
+    ))
 }
 
 /// Grows the file at `path` of `format` to `size` (offline). Blocking.
@@ -50,6 +136,7 @@ pub fn resize(os: &Os, path: &Path, format: ImageFormat, size: u64) -> Result<()
     match format {
         ImageFormat::Qcow2 => Ok(os.images.resize(path, size)?),
         ImageFormat::Raw => Ok(os.images.resize_raw(path, size)?),
+        ImageFormat::Cow => Err(cow_refused("grow", path)),
     }
 }
 
@@ -58,5 +145,101 @@ pub fn volume_size(os: &Os, path: &Path, format: ImageFormat) -> Result<u64> {
     match format {
         ImageFormat::Qcow2 => Ok(os.images.info(path)?.virtual_size),
         ImageFormat::Raw => Ok(os.images.raw_size(path)?),
+        ImageFormat::Cow => Ok(crate::mirror::cow::Cow::open(&cow_spec(path), true)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .size()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Replica;
+    use crate::os::ReplicaTarget;
+    use crate::os::compare::identical;
+
+    fn cow_replica(path: &Path) -> Replica {
+        Replica {
+            id: "r1".into(),
+            node_id: "n1".into(),
+            disk_id: "d1".into(),
+            path: path.to_path_buf(),
+            format: ImageFormat::Cow,
+            cluster_bytes: Some(4096),
+            deferred: false,
+            health: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_cow_replica_is_made_over_the_base_idempotently_and_compares_on_its_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let os = Os::real();
+        // A raw image file is its own expansion (no qemu-img needed).
+        let image = dir.path().join("backing");
+        let content: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, &content).unwrap();
+        let rdir = dir.path().join("replicas/v-r1");
+        std::fs::create_dir_all(&rdir).unwrap();
+        let data = rdir.join("volume.cow");
+        assert_eq!(ImageFormat::of_file(&data), ImageFormat::Cow);
+        let r = cow_replica(&data);
+        let size = 8 * 4096;
+        let backing = Some((image.as_path(), ImageFormat::Raw));
+        create(&os, &r, size, backing, dir.path()).unwrap();
+        assert!(data.is_file() && rdir.join("volume.cowmap").is_file());
+        assert_eq!(std::fs::read_link(rdir.join("base")).unwrap(), image);
+        assert_eq!(cow_spec(&data).base, Some(rdir.join("base")));
+        // CreateVolume retried: the same size is Ok, another AlreadyExists naming the fix.
+        create(&os, &r, size, backing, dir.path()).unwrap();
+        let e = create(&os, &r, size * 2, backing, dir.path()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+        assert!(e.to_string().contains("remove its directory"), "{e}");
+        assert_eq!(volume_size(&os, &data, ImageFormat::Cow).unwrap(), size);
+        // Growing is not wired: refused, naming the replica and the fix.
+        let e = resize(&os, &data, ImageFormat::Cow, size * 2).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            e.to_string().contains(&data.display().to_string())
+                && e.to_string().contains("engine: qemu"),
+            "{e}"
+        );
+
+        // Its view is the base then zeros: equal to a raw file of that content.
+        let raw = dir.path().join("other.raw");
+        let mut want = content.clone();
+        want.resize(size as usize, 0);
+        std::fs::write(&raw, &want).unwrap();
+        let (a, b) = (
+            ReplicaTarget::Local(data.clone()),
+            ReplicaTarget::Local(raw.clone()),
+        );
+        assert!(identical(&a, &b, None).unwrap());
+        // A write through the layer shows; the raw file without it differs.
+        {
+            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            layer.write_at(b"changed", 5000).unwrap();
+            layer.sync().unwrap();
+        }
+        assert!(!identical(&a, &b, None).unwrap());
+        want[5000..5007].copy_from_slice(b"changed");
+        std::fs::write(&raw, &want).unwrap();
+        assert!(identical(&a, &b, None).unwrap());
+        // Against a qcow2 replica: refused (qemu cannot read the layout).
+        let q = ReplicaTarget::Local(dir.path().join("x.qcow2"));
+        assert!(identical(&a, &q, None).is_err());
+
+        // Without a backing image: no base link; a failed creation leaves nothing behind.
+        let plain = dir.path().join("replicas/v-r2");
+        std::fs::create_dir_all(&plain).unwrap();
+        let d2 = plain.join("volume.cow");
+        create(&os, &cow_replica(&d2), size, None, dir.path()).unwrap();
+        assert!(!plain.join("base").exists() && cow_spec(&d2).base.is_none());
+        let bad = dir.path().join("replicas/v-r3");
+        std::fs::create_dir_all(&bad).unwrap();
+        let mut r3 = cow_replica(&bad.join("volume.cow"));
+        r3.cluster_bytes = Some(1000); // not a power of two
+        assert!(create(&os, &r3, size, backing, dir.path()).is_err());
+        assert_eq!(std::fs::read_dir(&bad).unwrap().count(), 0, "leftovers");
     }
 }

@@ -187,6 +187,9 @@ pub fn capture_group(
                 Some(export) => os.loops.file_mounts(&export)?,
                 None => os.loops.file_mounts(&plan.replica)?,
             },
+            ImageFormat::Cow => {
+                return Err(crate::replica_file::cow_refused("snapshot", &plan.replica));
+            }
         };
         match mounts {
             None => {}
@@ -398,8 +401,10 @@ pub fn capture(
     dest: &Path,
     backing: Option<(&Path, ImageFormat)>,
 ) -> Result<()> {
-    if ImageFormat::of_file(replica) == ImageFormat::Raw {
-        return build(dest, |tmp| capture_raw(os, replica, tmp));
+    match ImageFormat::of_file(replica) {
+        ImageFormat::Raw => return build(dest, |tmp| capture_raw(os, replica, tmp)),
+        ImageFormat::Cow => return Err(crate::replica_file::cow_refused("snapshot", replica)),
+        ImageFormat::Qcow2 => {}
     }
     build(dest, |tmp| {
         let size = os.images.info(replica)?.virtual_size;
@@ -519,6 +524,8 @@ fn restore_across(
     backing: Option<(&Path, ImageFormat)>,
 ) -> Result<()> {
     match (from, to) {
+        (ImageFormat::Cow, _) => return Err(crate::replica_file::cow_refused("restore", src)),
+        (_, ImageFormat::Cow) => return Err(crate::replica_file::cow_refused("restore", tmp)),
         (ImageFormat::Raw, ImageFormat::Raw) => copy_file("snapshot", src, tmp)?,
         (_, ImageFormat::Raw) => os.images.convert(src, from, tmp, to)?,
         (_, ImageFormat::Qcow2) => {

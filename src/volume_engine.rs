@@ -31,11 +31,24 @@
 //!   or several (so that, as for `loop`, images are reflink clones and a snapshot of a replica is
 //!   a FICLONE). Placement is not changed for it: replicas still go to distinct nodes first.
 //!
+//! - `mirror` over **copy-on-write replicas** (`crate::mirror::cow`, format `cow`) on disks that
+//!   do not share blocks (ext4): each replica is a sparse data file and a cluster map over the
+//!   disk's shared raw expansion of the backing image, so the image is still stored once per
+//!   disk without reflink. The engine serves one replica too, so a pinned `mirror` with one
+//!   replica is accepted. Such a volume keeps all its replicas on ONE node: a cow replica is
+//!   read only by an engine on its own node (no replica server serves its view yet), so
+//!   replicas spread over nodes are refused (pinned) or kept on `qemu` (auto); and a volume
+//!   mixes no raw and cow replicas (pinned `mirror` then keeps the disks that share blocks when
+//!   there are any, as before). `auto` does not give it yet: snapshots, clones, exports,
+//!   rebuilds, expansion and backups of a cow volume are refused with FailedPrecondition until
+//!   they are wired (README, "A sparse layout for disks without reflink").
+//!
 //! It must not touch disks or processes: it decides from what the node agents report.
 
 use crate::agent::DiskSpace;
 use crate::error::{Error, Result};
 use crate::model::EngineKind;
+use crate::os::ImageFormat;
 
 /// StorageClass parameter that pins the engine.
 pub const PARAMETER: &str = "engine";
@@ -66,8 +79,9 @@ impl EngineChoice {
 
 /// The disks a volume's replicas may go on: all of them, except for a volume pinned to `loop`,
 /// whose single replica needs a disk that shares blocks (FailedPrecondition naming the disks
-/// and the fix when there is none), and one pinned to `mirror`, whose replicas need such disks
-/// (on any node: replicas of other nodes are reached over NBD).
+/// and the fix when there is none), and one pinned to `mirror`, whose replicas go on the disks
+/// that share blocks when there are any (on any node: replicas of other nodes are reached over
+/// NBD), else on the others as copy-on-write replicas.
 pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Vec<DiskSpace>> {
     let raw = [
         EngineChoice::Pinned(EngineKind::Loop),
@@ -87,7 +101,11 @@ pub fn candidate_disks(choice: EngineChoice, disks: Vec<DiskSpace>) -> Result<Ve
             )
         })
         .collect();
-    let sharing: Vec<DiskSpace> = disks.into_iter().filter(|d| d.shares_blocks).collect();
+    let sharing: Vec<DiskSpace> = disks.iter().filter(|d| d.shares_blocks).cloned().collect();
+    if sharing.is_empty() && choice == EngineChoice::Pinned(EngineKind::Mirror) {
+        // Copy-on-write replicas on the disks that do not share blocks.
+        return Ok(disks);
+    }
     let name = match choice {
         EngineChoice::Pinned(kind) => kind.as_str(),
         EngineChoice::Auto => "auto",
@@ -121,6 +139,25 @@ pub fn preferred_disks(
     }
 }
 
+/// The format of a replica of a volume of `engine` on `disk`: the engine's, except that the
+/// mirror engine's replicas on a disk that does not share blocks use the copy-on-write layout.
+pub fn replica_format(engine: EngineKind, disk: &DiskSpace) -> ImageFormat {
+    match engine {
+        EngineKind::Mirror if !disk.shares_blocks => ImageFormat::Cow,
+        other => other.replica_format(),
+    }
+}
+
+/// Whether `placed` are copy-on-write replicas the mirror engine can serve: at least one, none
+/// on a disk that shares blocks, all on one node (see the module doc).
+fn cow_fits(placed: &[DiskSpace]) -> bool {
+    !placed.is_empty()
+        && placed.iter().all(|d| !d.shares_blocks)
+        && placed
+            .iter()
+            .all(|d| d.disk.node_id == placed[0].disk.node_id)
+}
+
 /// The engine of a new volume with `wanted` replicas placed on `placed` (see the module doc).
 pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result<EngineKind> {
     let loop_fits = wanted == 1 && placed.len() == 1 && placed[0].shares_blocks;
@@ -131,12 +168,20 @@ pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result
         EngineChoice::Auto if loop_fits => Ok(EngineKind::Loop),
         EngineChoice::Auto if mirror_fits => Ok(EngineKind::Mirror),
         EngineChoice::Auto => Ok(EngineKind::Qemu),
-        EngineChoice::Pinned(EngineKind::Mirror) => {
-            if wanted < 2 {
-                return Err(Error::InvalidArgument(format!(
-                    "{PARAMETER}: mirror serves several replicas, but numberOfReplicas is {wanted}; use {PARAMETER}: loop (or auto) for one replica"
+        EngineChoice::Pinned(EngineKind::Mirror)
+            if !placed.is_empty() && placed.iter().all(|d| !d.shares_blocks) =>
+        {
+            if !cow_fits(placed) {
+                let nodes: std::collections::BTreeSet<&str> =
+                    placed.iter().map(|d| d.disk.node_id.as_str()).collect();
+                return Err(Error::FailedPrecondition(format!(
+                    "{PARAMETER}: mirror on disks that do not share blocks uses copy-on-write replicas, which are read on their own node only, and this volume's {wanted} replicas were placed on nodes {}; use numberOfReplicas: 1 (or as many as one node has disks), disks that share blocks (XFS with reflink=1, btrfs), or {PARAMETER}: qemu (or auto)",
+                    nodes.into_iter().collect::<Vec<_>>().join(", ")
                 )));
             }
+            Ok(EngineKind::Mirror)
+        }
+        EngineChoice::Pinned(EngineKind::Mirror) => {
             if let Some(d) = placed.iter().find(|d| !d.shares_blocks) {
                 return Err(Error::FailedPrecondition(format!(
                     "{PARAMETER}: mirror needs disks whose filesystem shares blocks, and disk {} ({} on node {}) does not (it is not XFS with reflink=1 or btrfs); move the disk to such a filesystem, or use {PARAMETER}: qemu (or auto)",
@@ -250,15 +295,55 @@ mod tests {
         let e = decide(Pinned(Loop), 2, &[xfs.clone(), xfs.clone()]).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains("numberOfReplicas: 1"), "{e}");
-        let e = decide(Pinned(Mirror), 1, std::slice::from_ref(&xfs)).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.to_string().contains("engine: loop (or auto)"), "{e}");
+        // The engine serves one replica (issue 14, copy-on-write wiring).
+        assert_eq!(
+            decide(Pinned(Mirror), 1, std::slice::from_ref(&xfs)).unwrap(),
+            Mirror
+        );
         let e = decide(Pinned(Mirror), 2, &[xfs.clone(), ext4.clone()]).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("disk ext4 (/d/ext4"), "{e}");
         let e = decide(Pinned(Loop), 1, std::slice::from_ref(&ext4)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("disk ext4 (/d/ext4"), "{e}");
+    }
+
+    #[test]
+    fn pinned_mirror_on_disks_without_reflink_gives_cow_replicas_on_one_node() {
+        use EngineChoice::*;
+        use EngineKind::*;
+        let ext4 = disk("ext4", false);
+        let mut ext4b = disk("ext4b", false);
+        let mut far = disk("far", false);
+        far.disk.node_id = "n2".into();
+        for placed in [vec![ext4.clone()], vec![ext4.clone(), ext4b.clone()]] {
+            let wanted = placed.len() as u32;
+            assert_eq!(decide(Pinned(Mirror), wanted, &placed).unwrap(), Mirror);
+            for d in &placed {
+                assert_eq!(replica_format(Mirror, d), ImageFormat::Cow);
+            }
+            // auto does not give it yet.
+            assert_eq!(decide(Auto, wanted, &placed).unwrap(), Qemu);
+        }
+        ext4b.shares_blocks = true;
+        assert_eq!(replica_format(Mirror, &ext4b), ImageFormat::Raw);
+        assert_eq!(replica_format(Loop, &ext4b), ImageFormat::Raw);
+        assert_eq!(replica_format(Qemu, &ext4), ImageFormat::Qcow2);
+        // Across nodes: refused, naming the nodes and the fixes.
+        let e = decide(Pinned(Mirror), 2, &[ext4.clone(), far]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        let text = e.to_string();
+        assert!(
+            text.contains("nodes n1, n2") && text.contains("engine: qemu"),
+            "{text}"
+        );
+        // No disk shares blocks: pinned mirror keeps them all (cow); loop still refuses.
+        let all = vec![disk("a", false), disk("b", false)];
+        assert_eq!(
+            candidate_disks(Pinned(Mirror), all.clone()).unwrap().len(),
+            2
+        );
+        assert!(candidate_disks(Pinned(Loop), all).is_err());
     }
 
     #[test]

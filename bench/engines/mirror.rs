@@ -290,6 +290,115 @@ pub(crate) async fn mirror_engine(b: &Bench, checks: &mut Checks) -> Res<Vec<Row
     Ok(vec![])
 }
 
+pub(crate) async fn cow_engine(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
+    let path = "volume-io-cow";
+    if !check_root(path) {
+        return Ok(vec![]);
+    }
+    if !have_tool("mkfs.ext4") {
+        println!("{path}: skipped: mkfs.ext4 is missing (Debian package e2fsprogs)");
+        return Ok(vec![]);
+    }
+    let len = device_len(b.size);
+    println!(
+        "{path}: a new empty {} volume of one `bicsi serve` (1 replica, block, engine: mirror) \
+         on a disk in ext4 (no reflink: a copy-on-write replica) on a loop device, vs a plain \
+         loop device in that ext4; load average {}",
+        fmt_bytes(len),
+        load_average()
+    );
+    let dir = b.work.join(path);
+    std::fs::create_dir_all(&dir)?;
+    let guard = SweepOnDrop(dir.clone());
+    let fs = LoopMount::ext4(&dir.join("ext4.img"), &dir.join("ext4"), 4 * len + GIB).await?;
+    let disk = fs.mnt.join("disk");
+    std::fs::create_dir_all(&disk)?;
+    let serve = Serve::start_disks(&b.bicsi, &dir, std::slice::from_ref(&disk), &b.http).await?;
+    let result = cow_engine_runs(b, checks, &serve, &dir, &fs.mnt, len).await;
+    let log = serve.stop().await.unwrap_or_default();
+    if result.is_err() {
+        eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
+    }
+    drop(fs);
+    drop(guard);
+    result?;
+    Ok(vec![])
+}
+
+async fn cow_engine_runs(
+    b: &Bench,
+    checks: &mut Checks,
+    serve: &Serve,
+    dir: &Path,
+    ext4: &Path,
+    len: u64,
+) -> Res<()> {
+    let path = "volume-io-cow";
+    let mut csi = csi_connect(&serve.csi).await?;
+    let cap = block_capability();
+    let vol = create_block_volume(
+        &mut csi,
+        path,
+        len,
+        &[("numberOfReplicas", "1"), ("engine", "mirror")],
+    )
+    .await?;
+    let volumes = serve.get("/v1/volumes").await?;
+    let record = volumes
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["id"] == vol.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    let engine = record["spec"]["engine"].as_str().unwrap_or_default();
+    let format = record["replicas"][0]["format"].as_str().unwrap_or_default();
+    checks.check(
+        engine == "mirror" && format == "cow",
+        format!(
+            "{path}: the volume on ext4 got the mirror engine over a copy-on-write replica \
+             (engine {engine:?}, replica format {format:?})"
+        ),
+    );
+    let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
+    let staging = dir.join("staging");
+    let target = dir.join("target");
+    std::fs::create_dir_all(&staging)?;
+    let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
+    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
+    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
+    checks.check(
+        engines_under(dir).is_empty(),
+        format!("{path}: no qemu-storage-daemon serves the copy-on-write volume"),
+    );
+    let plain = plain_loop(ext4, len).await?;
+    let verified = verify(&target_s, len).await;
+    checks.check(
+        verified.is_ok(),
+        format!("{path}: a verified pattern reads back through the volume: {verified:?}"),
+    );
+    let sides = vec![
+        plain,
+        Side {
+            label: "bicsi (mirror engine, 1 cow replica)".into(),
+            dev: target_s.clone(),
+            about: "the published block device of a bicsi volume of the mirror engine over one \
+                    copy-on-write replica (sparse data file + cluster map) on ext4"
+                .into(),
+            verified: Some(verified),
+        },
+    ];
+    let result = measure(b, &sides, len).await;
+    let rss = mirror_rss(dir);
+    checks.check(
+        !rss.is_empty() && rss.iter().all(|(_, r)| *r < 64 * MIB),
+        format!("{path}: the engine's resident memory stays under 64 MiB ({rss:?})"),
+    );
+    detach(&sides[0].dev).await;
+    detach_and_delete(&mut csi, &vol, target_s, staging_s).await?;
+    let res = result?;
+    print_results(path, &sides, &res, len, b.runs, b.quick);
+    Ok(())
+}
+
 /// Resident memory (VmRSS, bytes) of the mirror engines whose command line names `dir`.
 fn mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
     let mut out = Vec::new();

@@ -708,6 +708,7 @@ mod tests {
                     path: PathBuf::from("/nowhere"),
                     format: crate::os::ImageFormat::Qcow2,
                     deferred: true,
+                    cluster_bytes: None,
                     health: Default::default(),
                 }],
                 publication: None,

@@ -306,6 +306,9 @@ impl Controller {
         let (mut volume, running) = {
             let _guard = self.guards.try_take(id, "volume")?;
             let mut volume = self.must_get(id)?;
+            if let Some(r) = volume.cow_replica() {
+                return Err(crate::replica_file::cow_refused("rebuild", &r.path));
+            }
             if online::online(&volume) && from.is_none() {
                 drop(_guard);
                 let report = self.rebuild_attached(&mut volume).await?;
@@ -629,6 +632,7 @@ impl Controller {
                 disk_id: d.disk.id.clone(),
                 format: source.format,
                 deferred: false,
+                cluster_bytes: source.cluster_bytes,
                 health: ReplicaHealth::new_err(&format!("replaces replica {}", old.id), now),
             };
             volume.replicas.push(new.clone());
@@ -817,6 +821,10 @@ impl Controller {
         self.announce_health(&volumes);
         for mut v in volumes {
             if v.fault.is_some() || v.replicas.iter().all(|r| r.health.mode == ReplicaMode::Rw) {
+                continue;
+            }
+            if let Some(r) = v.cow_replica() {
+                tracing::debug!(volume = %v.id, replica = %r.id, "not rebuilt: copy-on-write replicas are not rebuilt yet");
                 continue;
             }
             if online::online(&v) {

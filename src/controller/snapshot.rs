@@ -86,6 +86,9 @@ impl Controller {
         snapshot_id: &str,
         volume: &Volume,
     ) -> Result<Vec<SnapshotFile>> {
+        if let Some(r) = volume.cow_replica() {
+            return Err(crate::replica_file::cow_refused("snapshot", &r.path));
+        }
         let (node, replicas) = Self::capture_node(volume)?;
         self.cluster
             .agent(&node)?
@@ -193,6 +196,11 @@ impl Controller {
                 )));
             }
             return Ok(existing);
+        }
+        if let Some(v) = self.get(&req.source_volume_id)?
+            && let Some(r) = v.cow_replica()
+        {
+            return Err(crate::replica_file::cow_refused("snapshot", &r.path));
         }
         if crate::snapshot::is_backup(&req.parameters) {
             return self.create_backup_snapshot(&req, &id).await;
@@ -362,6 +370,9 @@ impl Controller {
                 }
                 (None, Some(vid)) => {
                     let source = self.must_get(vid)?;
+                    if let Some(r) = source.cow_replica() {
+                        return Err(crate::replica_file::cow_refused("clone", &r.path));
+                    }
                     let _source_guard = self.guards.try_take(&source.id, "volume")?;
                     let source = self.make_deferred_replicas(source).await?;
                     p.number_of_replicas
@@ -443,6 +454,7 @@ impl Controller {
             .get_or_insert(crate::params::default_replicas(disks.len()));
         let chosen = place_replicas(disks, wanted as usize);
         let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
+        p.engine = crate::volume_engine::EngineChoice::Pinned(engine);
         if chosen.is_empty() {
             return Err(Error::ResourceExhausted(format!(
                 "node {node:?}, which holds {what}, has no disk for the new volume's replicas"
@@ -459,6 +471,7 @@ impl Controller {
                 disk_id: d.disk.id.clone(),
                 format: engine.replica_format(),
                 deferred: false,
+                cluster_bytes: None,
                 health: Default::default(),
             };
             let source = files

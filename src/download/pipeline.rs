@@ -33,7 +33,6 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use nix::errno::Errno;
-use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 use sha2::{Digest, Sha512};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -574,10 +573,12 @@ fn write_loop(
 ) -> io::Result<u64> {
     let mut written = 0u64;
     let mut handed = 0u64;
+    // The one buffer a block is gathered into, reused: no allocation per block.
+    let mut buf = Vec::with_capacity(BLOCK);
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Data(block) => {
-                written += write_block(file, written, &block)?;
+                written += write_block(file, written, &block, &mut buf)?;
                 if written - handed >= FLUSH_WINDOW {
                     if flush_tx.send((handed, written)).is_err() {
                         // The flusher stopped on an error; joining it reports that error.
@@ -612,12 +613,13 @@ fn write_loop(
 const HOLE_CHUNK: u64 = 64 * 1024;
 
 /// Writes the block at `offset`, leaving its all-zero chunks as holes; returns its length.
-fn write_block(file: &File, offset: u64, block: &[Bytes]) -> io::Result<u64> {
+/// `buf` is scratch space, reused from block to block.
+fn write_block(file: &File, offset: u64, block: &[Bytes], buf: &mut Vec<u8>) -> io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let total: usize = block.iter().map(Bytes::len).sum();
     // One contiguous copy of about 1 MiB: cheap next to hashing it, and it lets the zero scan
     // and the writes ignore how the network split the bytes.
-    let mut buf = Vec::with_capacity(total);
+    buf.clear();
     for piece in block {
         buf.extend_from_slice(piece);
     }
@@ -650,17 +652,7 @@ fn write_block(file: &File, offset: u64, block: &[Bytes]) -> io::Result<u64> {
 /// it, and a large download would fill the page cache.
 fn flush_worker(file: &File, rx: std::sync::mpsc::Receiver<(u64, u64)>) -> io::Result<()> {
     for (from, to) in rx {
-        file.sync_data()?;
-        let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
-            continue;
-        };
-        // Advice only: the pages are clean now, so this cannot lose data.
-        let _ = posix_fadvise(
-            file.as_fd(),
-            offset,
-            len,
-            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        crate::os::pagecache::write_back(file, from, to, true)?;
     }
     Ok(())
 }

@@ -49,6 +49,9 @@ impl FileManagers {
         let Some(replica) = replica else {
             return self.export_unwritten(bi, &volume, tmp, format).await;
         };
+        if replica.format == ImageFormat::Cow {
+            return Err(crate::replica_file::cow_refused("export", &replica.path));
+        }
         let Some(p) = &volume.publication else {
             return self.convert(replica.path, tmp, format, None).await;
         };

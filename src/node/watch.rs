@@ -291,13 +291,8 @@ pub fn before_engine_start(
         let first = &readable[0];
         let mut differ = Vec::new();
         for other in &readable[1..] {
-            // Raw replicas' servers are bicsi's, under TLS; qcow2 ones' (qemu) still plain.
-            let tls = volume
-                .replicas
-                .iter()
-                .all(|r| r.format == crate::os::ImageFormat::Raw)
-                .then(|| os.engine.nbd_tls())
-                .flatten();
+            // Both kinds of replica server require TLS when the node has a --tls-dir.
+            let tls = os.engine.nbd_tls();
             if !crate::os::compare::identical(first, other, tls.as_deref())? {
                 differ.push(other.clone());
             }

@@ -113,6 +113,8 @@ struct RunPaths {
     pid: PathBuf,
     log: PathBuf,
     trace: PathBuf,
+    /// qemu's TLS credentials of the NBD children (links into the node's `--tls-dir`).
+    tls: PathBuf,
 }
 
 impl RunPaths {
@@ -126,6 +128,7 @@ impl RunPaths {
             pid: dir.join("qsd.pid"),
             log: dir.join("qsd.log"),
             trace: dir.join("nbd-trace.log"),
+            tls: dir.join(super::qemu_tls::DIR_NAME),
             dir,
         }
     }
@@ -158,15 +161,23 @@ pub(super) fn escape_opt(value: &str) -> String {
 }
 
 /// The daemon's arguments. Block nodes and the export use qemu's JSON syntax, so paths need no
-/// escaping; only --chardev and --trace still take the key=value syntax.
-fn build_args(spec: &VolumeEngineSpec, paths: &RunPaths) -> OsResult<Vec<String>> {
+/// escaping; only --chardev, --trace and --object still take the key=value syntax.
+/// `tls`: the NBD children connect over TLS with the credentials in `paths.tls` (made by the
+/// caller) and check the server's certificate for the node role.
+fn build_args(spec: &VolumeEngineSpec, paths: &RunPaths, tls: bool) -> OsResult<Vec<String>> {
     let ro = spec.read_only;
     let mut args = Vec::new();
-    if spec
+    let remote = spec
         .replicas
         .iter()
-        .any(|t| matches!(t, ReplicaTarget::Nbd { .. }))
-    {
+        .any(|t| matches!(t, ReplicaTarget::Nbd { .. }));
+    if remote && tls {
+        args.extend([
+            "--object".to_string(),
+            super::qemu_tls::creds_object(&paths.tls, super::qemu_tls::Endpoint::Client)?,
+        ]);
+    }
+    if remote {
         // First, so that the handshakes of the initial connections are recorded too.
         args.extend([
             "--trace".to_string(),
@@ -200,10 +211,14 @@ fn build_args(spec: &VolumeEngineSpec, paths: &RunPaths) -> OsResult<Vec<String>
                 // reconnect-delay stays 0: a request to a lost child fails at once and quorum
                 // goes on with the others instead of waiting. keep-alive lets the kernel break
                 // an idle connection to a dead host (after net.ipv4.tcp_keepalive_time).
-                let nbd_node = json!({"driver": "nbd", "node-name": node,
+                let mut nbd_node = json!({"driver": "nbd", "node-name": node,
                     "server": {"type": "inet", "host": host, "port": port.to_string(),
                         "keep-alive": true},
                     "export": export, "read-only": ro, "discard": "unmap"});
+                if tls {
+                    nbd_node["tls-creds"] = json!(super::qemu_tls::CREDS_ID);
+                    nbd_node["tls-hostname"] = json!(super::qemu_tls::server_name());
+                }
                 args.extend(["--blockdev".to_string(), nbd_node.to_string()]);
             }
         }
@@ -816,7 +831,15 @@ impl QemuStorageDaemon {
             )
         })?;
 
-        let mut args = build_args(spec, &paths)?;
+        let tls = self.nbd_tls.as_ref().filter(|_| {
+            spec.replicas
+                .iter()
+                .any(|t| matches!(t, ReplicaTarget::Nbd { .. }))
+        });
+        if let Some(tls_dir) = tls {
+            super::qemu_tls::link_dir(tls_dir, &paths.tls)?;
+        }
+        let mut args = build_args(spec, &paths, tls.is_some())?;
         // The second monitor, on a file: child failures are kept even while nobody listens.
         args.extend(events::prepare(&paths.dir, &spec.replicas)?);
         let spawned = self.spawn(
@@ -1009,6 +1032,10 @@ pub(crate) fn server_kind_conflict(run_dir: &Path, export: &ReplicaExport) -> St
             "bicsi's replica server",
         ),
         ImageFormat::Qcow2 => ("bicsi's (raw replicas)", "qemu-storage-daemon"),
+        ImageFormat::Cow => (
+            "a replica server",
+            "no replica server (a copy-on-write replica is read on its own node only)",
+        ),
     };
     format!(
         "replica server in {} is {running}, and replica {:?} is a {} file, which {wanted} \
@@ -1044,7 +1071,7 @@ mod tests {
             read_only: false,
         };
         let mut argv = vec!["/usr/bin/qemu-storage-daemon".to_string()];
-        argv.extend(build_args(&VolumeEngineSpec::from(&s), &paths).unwrap());
+        argv.extend(build_args(&VolumeEngineSpec::from(&s), &paths, false).unwrap());
         assert!(argv.contains(&"--daemonize".to_string()));
         assert!(
             argv.contains(
@@ -1082,7 +1109,7 @@ mod tests {
             ..s
         };
         let mut argv = vec!["qemu-storage-daemon".to_string()];
-        argv.extend(build_args(&VolumeEngineSpec::from(&one), &paths).unwrap());
+        argv.extend(build_args(&VolumeEngineSpec::from(&one), &paths, false).unwrap());
         assert!(!argv.iter().any(|a| a.contains("quorum")));
         let export = argv.iter().find(|a| a.contains("\"fuse\"")).unwrap();
         let e: Value = serde_json::from_str(export).unwrap();
@@ -1116,7 +1143,7 @@ mod tests {
             read_only: false,
         };
         let mut argv = vec!["qemu-storage-daemon".to_string()];
-        argv.extend(build_args(&spec, &paths).unwrap());
+        argv.extend(build_args(&spec, &paths, false).unwrap());
         // The trace comes before the block nodes, so the first handshakes are recorded.
         assert_eq!(argv[1], "--trace");
         assert_eq!(
@@ -1134,15 +1161,44 @@ mod tests {
         let parsed = parse_args(&argv).unwrap();
         assert_eq!(parsed.targets, spec.replicas);
         assert_eq!(parsed.local_replicas(), vec![PathBuf::from("/d/r0.qcow2")]);
-        // Local only: no trace.
+        assert!(!argv.iter().any(|a| a.contains("tls")), "{argv:?}");
+        // With the node's --tls-dir: the client credentials first, each NBD child names them
+        // and checks the server for the node role; read back as the same targets.
+        let mut tls = vec!["qemu-storage-daemon".to_string()];
+        tls.extend(build_args(&spec, &paths, true).unwrap());
+        assert_eq!(
+            tls[1..3],
+            [
+                "--object",
+                "tls-creds-x509,id=bicsi-nbd-tls,endpoint=client,dir=/run/bi,,csi/vol/tls"
+            ]
+        );
+        let children: Vec<Value> = tls
+            .iter()
+            .filter(|a| a.contains("\"nbd\""))
+            .map(|a| serde_json::from_str(a).unwrap())
+            .collect();
+        assert_eq!(children.len(), 2);
+        for c in &children {
+            assert_eq!(c["tls-creds"], "bicsi-nbd-tls");
+            assert_eq!(c["tls-hostname"], "bicsi-node");
+        }
+        assert_eq!(parse_args(&tls).unwrap().targets, spec.replicas);
+        // Local only: no trace, and no TLS whatever the node has.
         let local = VolumeEngineSpec {
             replicas: spec.replicas[..1].to_vec(),
             ..spec.clone()
         };
         assert!(
-            !build_args(&local, &paths)
+            !build_args(&local, &paths, false)
                 .unwrap()
                 .contains(&"--trace".to_string())
+        );
+        assert!(
+            !build_args(&local, &paths, true)
+                .unwrap()
+                .iter()
+                .any(|a| a.contains("tls"))
         );
 
         let dir = tempfile::tempdir().unwrap();

@@ -16,8 +16,14 @@
 //! client is connected; the hard mode cuts the clients off. The NBD server sets no keep-alive, so
 //! a client on a node that died keeps its export busy until the hard mode is used.
 //!
-//! Security: NBD has no authentication here; bind the server to an address only the cluster's
-//! nodes reach.
+//! Security (issue 19): with the node's `--tls-dir` (`QemuStorageDaemon::nbd_tls`) the server
+//! requires TLS (`tls-creds-x509`, `verify-peer=on`, the credentials linked into the run
+//! directory's `tls/` by `qemu_tls`) and lets in only node certificates (`authz-simple` for
+//! `CN=bicsi-node`): a client without TLS is refused before any export is opened, one with a
+//! certificate of another CA or another role at the handshake. Without a `--tls-dir`
+//! (`--insecure`) it serves plain NBD to anyone who reaches it, as before. A server running the
+//! other way than the node now asks for (a restart from `--insecure` to `--tls-dir`) is
+//! restarted when it exports nothing, else refused with the fix named.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -207,6 +213,8 @@ struct ServerPaths {
     qmp: PathBuf,
     pid: PathBuf,
     log: PathBuf,
+    /// qemu's TLS credentials (links into the node's `--tls-dir`).
+    tls: PathBuf,
 }
 
 impl ServerPaths {
@@ -216,6 +224,7 @@ impl ServerPaths {
             qmp: dir.join("qmp.sock"),
             pid: dir.join("qsd.pid"),
             log: dir.join("qsd.log"),
+            tls: dir.join(super::qemu_tls::DIR_NAME),
             dir,
         }
     }
@@ -226,11 +235,33 @@ impl ServerPaths {
 struct ServerArgs {
     host: String,
     port: u16,
+    /// Whether it requires TLS (its `--nbd-server` names credentials).
+    tls: bool,
 }
 
-fn build_server_args(host: &str, port: u16, paths: &ServerPaths) -> OsResult<Vec<String>> {
-    let server = json!({"addr": {"type": "inet", "host": host, "port": port.to_string()}});
-    Ok(vec![
+/// The daemon's arguments; `tls`: serve only TLS clients with node certificates, with the
+/// credentials in `paths.tls` (made by the caller).
+fn build_server_args(
+    host: &str,
+    port: u16,
+    paths: &ServerPaths,
+    tls: bool,
+) -> OsResult<Vec<String>> {
+    use super::qemu_tls::{AUTHZ_ID, CREDS_ID, Endpoint, authz_object, creds_object};
+    let mut server = json!({"addr": {"type": "inet", "host": host, "port": port.to_string()}});
+    let mut args = Vec::new();
+    if tls {
+        // Objects first: the NBD server names them.
+        args.extend([
+            "--object".to_string(),
+            creds_object(&paths.tls, Endpoint::Server)?,
+            "--object".to_string(),
+            authz_object(),
+        ]);
+        server["tls-creds"] = json!(CREDS_ID);
+        server["tls-authz"] = json!(AUTHZ_ID);
+    }
+    args.extend([
         "--nbd-server".to_string(),
         server.to_string(),
         "--chardev".to_string(),
@@ -244,13 +275,14 @@ fn build_server_args(host: &str, port: u16, paths: &ServerPaths) -> OsResult<Vec
         "--pidfile".to_string(),
         utf8_path(&paths.pid)?.to_string(),
         "--daemonize".to_string(),
-    ])
+    ]);
+    Ok(args)
 }
 
-/// The replica server's arguments for a run directory, for the engine host's tests.
+/// The replica server's arguments (with TLS) for a run directory, for the engine host's tests.
 #[cfg(test)]
 pub(crate) fn server_args_for_tests(run_dir: &Path) -> Vec<String> {
-    build_server_args("127.0.0.1", 10809, &ServerPaths::new(run_dir)).unwrap()
+    build_server_args("127.0.0.1", 10809, &ServerPaths::new(run_dir), true).unwrap()
 }
 
 /// Our replica server of `pid_file`, read back from its command line; None for anything else.
@@ -273,6 +305,7 @@ fn parse_server_args(argv: &[String], pid_file: &Path) -> Option<ServerArgs> {
                 server = Some(ServerArgs {
                     host: addr.get("host")?.as_str()?.to_string(),
                     port,
+                    tls: v.get("tls-creds").is_some(),
                 });
             }
             "--pidfile" => ours = Path::new(&pair[1]) == pid_file,
@@ -380,11 +413,14 @@ fn start_server(
     for stale in [&paths.pid, &paths.qmp] {
         let _ = std::fs::remove_file(stale);
     }
+    if let Some(tls_dir) = &qsd.nbd_tls {
+        super::qemu_tls::link_dir(tls_dir, &paths.tls)?;
+    }
     // A port we pick may be taken by someone else before the daemon binds it: pick again.
     let attempts = if port == 0 { 5 } else { 1 };
     for attempt in 1..=attempts {
         let port = if port == 0 { free_port(host)? } else { port };
-        let args = build_server_args(host, port, paths)?;
+        let args = build_server_args(host, port, paths, qsd.nbd_tls.is_some())?;
         let spawned = qsd.spawn(
             &args,
             &paths.log,
@@ -536,7 +572,32 @@ pub(crate) fn export_replica(
             e,
         )
     })?;
+    let tls = qsd.nbd_tls.is_some();
     let (paths, port, fresh) = match live_server(run_dir) {
+        Some((paths, _, args)) if args.tls != tls => {
+            // Started before the node's TLS setting changed: restarted when it serves nothing,
+            // never silently kept (a plain server would serve anyone).
+            let exports = Qmp::connect(&paths.qmp).and_then(|mut q| list_exports(&mut q))?;
+            if !exports.is_empty() {
+                return Err(OsError::Conflict(format!(
+                    "replica server in {} runs {} but this node {}; unexport its replicas (it                      stops with the last one, e.g. detach their volumes) and export again",
+                    paths.dir.display(),
+                    if args.tls { "with TLS" } else { "without TLS" },
+                    if tls {
+                        "has a --tls-dir"
+                    } else {
+                        "runs --insecure"
+                    },
+                )));
+            }
+            stop_server(qsd, &paths)?;
+            std::fs::create_dir_all(run_dir).map_err(|e| {
+                OsError::io(format!("creating run directory {}", run_dir.display()), e)
+            })?;
+            let paths = ServerPaths::new(run_dir);
+            let (_, port) = start_server(qsd, &paths, host, port)?;
+            (paths, port, true)
+        }
         Some((paths, _, args)) => {
             if args.host != host || (port != 0 && port != args.port) {
                 return Err(OsError::Conflict(format!(
@@ -1166,14 +1227,37 @@ mod tests {
         assert_eq!(replica_of("export0"), None);
         let paths = ServerPaths::new(Path::new("/var/lib/bi,csi/run/replicas"));
         let mut argv = vec!["/usr/bin/qemu-storage-daemon".to_string()];
-        argv.extend(build_server_args("10.0.0.7", 10809, &paths).unwrap());
+        argv.extend(build_server_args("10.0.0.7", 10809, &paths, false).unwrap());
         assert_eq!(
             parse_server_args(&argv, &paths.pid),
             Some(ServerArgs {
                 host: "10.0.0.7".into(),
-                port: 10809
+                port: 10809,
+                tls: false,
             })
         );
+        assert!(!argv.iter().any(|a| a.contains("tls")), "{argv:?}");
+        // With the node's --tls-dir: credentials and authorization before the server names
+        // them, read back as a TLS server.
+        let mut tls = vec!["/usr/bin/qemu-storage-daemon".to_string()];
+        tls.extend(build_server_args("10.0.0.7", 10809, &paths, true).unwrap());
+        assert_eq!(
+            parse_server_args(&tls, &paths.pid).map(|a| a.tls),
+            Some(true)
+        );
+        assert_eq!(
+            tls[1..5],
+            [
+                "--object",
+                "tls-creds-x509,id=bicsi-nbd-tls,endpoint=server,verify-peer=on,\
+                 dir=/var/lib/bi,,csi/run/replicas/tls",
+                "--object",
+                "authz-simple,id=bicsi-nbd-authz,identity=CN=bicsi-node",
+            ]
+        );
+        let server: Value = serde_json::from_str(&tls[6]).unwrap();
+        assert_eq!(server["tls-creds"], "bicsi-nbd-tls");
+        assert_eq!(server["tls-authz"], "bicsi-nbd-authz");
         assert_eq!(parse_server_args(&argv, Path::new("/other/qsd.pid")), None);
         assert!(
             argv.contains(
@@ -1643,5 +1727,250 @@ mod tests {
         restarted.unexport_replica(&server, "v-r1").unwrap();
         restarted.unexport_replica(&server, "v-r2").unwrap();
         assert_eq!(restarted.replica_server_status(&server).unwrap(), None);
+    }
+
+    /// qemu-img on `url`-ish image options through qemu's TLS client with the `--tls-dir`
+    /// `tls` (its credentials laid out by `qemu_tls`, as the node's own qemu-img calls are).
+    fn qemu_img_info_tls(tls: &Path, port: u16, export: &str) -> std::process::Output {
+        let (_dir, object) = crate::os::qemu_tls::client_creds(tls).unwrap();
+        Command::new("qemu-img")
+            .args(["info", "--object", &object, "--image-opts"])
+            .arg(format!(
+                "driver=nbd,host={HOST},port={port},export={export},tls-creds=bicsi-nbd-tls,\
+                 tls-hostname=bicsi-node"
+            ))
+            .output()
+            .unwrap()
+    }
+
+    /// `tls` with the CA `ca` and the certificate and key of `identity`.
+    fn tls_dir_of(dir: &Path, ca: &Path, identity: &Path) -> PathBuf {
+        fs::create_dir_all(dir).unwrap();
+        fs::copy(ca.join("ca.crt"), dir.join("ca.crt")).unwrap();
+        fs::copy(identity.join("tls.crt"), dir.join("tls.crt")).unwrap();
+        fs::copy(identity.join("tls.key"), dir.join("tls.key")).unwrap();
+        dir.to_path_buf()
+    }
+
+    /// (5) Issue 19: with the node's --tls-dir, qemu's replica server serves qcow2 replicas only
+    /// over TLS to node certificates of the cluster CA, and the engine's NBD children and
+    /// qemu-img reach it with the node's certificate. A plain client, a controller's
+    /// certificate and a node certificate of another CA are refused; an authorized client can
+    /// list the export names (qemu 10.0 answers NBD_OPT_LIST after the handshake).
+    #[test]
+    fn real_tls_replica_server_serves_node_certificates_only() {
+        if !crate::os::root_or_skip("real_tls_replica_server_serves_node_certificates_only") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let made = crate::certs::make(&d.join("certs"), 1, &[]).unwrap();
+        let other = crate::certs::make(&d.join("other"), 1, &[]).unwrap();
+        let os = Os::real_with_nbd_tls(None, made.node_dir.clone());
+        let mut cb = Cleanup::default();
+        let mut ca = Cleanup::default();
+        let r0 = replicas(&os, &d.join("a"), &["r0"], 64 << 20).remove(0);
+        let r1 = replicas(&os, &d.join("b"), &["r1"], 64 << 20).remove(0);
+        let server = d.join("b/run");
+        cb.replica_server(&server);
+        let port = os
+            .engine
+            .export_replica(&server, HOST, 0, &export("v-r1", &r1))
+            .unwrap();
+        // The credentials are links in the run directory, private to root.
+        let tls = server.join("tls");
+        assert_eq!(
+            fs::read_link(tls.join("server-key.pem")).unwrap(),
+            made.node_dir.join("tls.key")
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&tls).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+
+        // Refused: plain NBD (qemu's server answers every option with TLS required), a
+        // controller's certificate (authz), a node certificate of another CA (handshake).
+        let plain = Command::new("qemu-img")
+            .args(["info", &format!("nbd://{HOST}:{port}/v-r1")])
+            .output()
+            .unwrap();
+        assert!(
+            !plain.status.success() && String::from_utf8_lossy(&plain.stderr).contains("TLS"),
+            "{plain:?}"
+        );
+        let plain_list = Command::new("qemu-nbd")
+            .args(["--list", "-b", HOST, "-p", &port.to_string()])
+            .output()
+            .unwrap();
+        assert!(!plain_list.status.success(), "{plain_list:?}");
+        assert!(
+            !String::from_utf8_lossy(&plain_list.stdout).contains("v-r1"),
+            "{plain_list:?}"
+        );
+        let controller = tls_dir_of(&d.join("as-controller"), &made.ca_dir, &made.controller_dir);
+        let foreign = tls_dir_of(&d.join("other-ca"), &made.ca_dir, &other.node_dir);
+        for (what, tls) in [("controller", &controller), ("other CA", &foreign)] {
+            let out = qemu_img_info_tls(tls, port, "v-r1");
+            assert!(!out.status.success(), "{what}: {out:?}");
+        }
+        let log = fs::read_to_string(server.join("qsd.log")).unwrap_or_default();
+        eprintln!("replica server log after the refused clients:\n{log}");
+        // The node's certificate: qemu-img reads it, and can list the export names.
+        let ok = qemu_img_info_tls(&made.node_dir, port, "v-r1");
+        assert!(ok.status.success(), "{ok:?}");
+        assert!(
+            String::from_utf8_lossy(&ok.stdout).contains("64 MiB"),
+            "{ok:?}"
+        );
+        let (_creds, object) = crate::os::qemu_tls::client_creds(&made.node_dir).unwrap();
+        let list = Command::new("qemu-nbd")
+            .args([
+                "--list",
+                "-b",
+                HOST,
+                "-p",
+                &port.to_string(),
+                "--object",
+                &object,
+            ])
+            .args(["--tls-creds=bicsi-nbd-tls", "--tls-hostname=bicsi-node"])
+            .output()
+            .unwrap();
+        eprintln!("qemu-nbd --list with a node certificate: {list:?}");
+        assert!(list.status.success(), "{list:?}");
+        assert!(
+            String::from_utf8_lossy(&list.stdout).contains("v-r1"),
+            "{list:?}"
+        );
+        let (_creds, object) = crate::os::qemu_tls::client_creds(&controller).unwrap();
+        let list = Command::new("qemu-nbd")
+            .args([
+                "--list",
+                "-b",
+                HOST,
+                "-p",
+                &port.to_string(),
+                "--object",
+                &object,
+            ])
+            .args(["--tls-creds=bicsi-nbd-tls", "--tls-hostname=bicsi-node"])
+            .output()
+            .unwrap();
+        assert!(!list.status.success(), "{list:?}");
+        assert!(
+            !String::from_utf8_lossy(&list.stdout).contains("v-r1"),
+            "{list:?}"
+        );
+
+        // The engine's NBD child over TLS: writes reach the remote, reads come back.
+        let spec = VolumeEngineSpec {
+            volume_id: "v".into(),
+            replicas: vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")],
+            run_dir: d.join("a/run"),
+            read_only: false,
+        };
+        ca.engine(&spec.run_dir);
+        let state = os.engine.start_volume(&spec).unwrap();
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        ca.loop_file(&state.export_path);
+        let data = pattern(4 << 20, 9);
+        {
+            let f = fs::OpenOptions::new().write(true).open(&dev).unwrap();
+            f.write_all_at(&data, 1 << 20).unwrap();
+            f.sync_all().unwrap();
+        }
+        let vs = os.engine.volume_status(&spec.run_dir).unwrap().unwrap();
+        assert_eq!(vs.remote_errors, 0, "{vs:?}");
+        os.loops.detach(&dev).unwrap();
+        os.engine.stop(&spec.run_dir).unwrap();
+        // Both replicas hold it: compared over TLS by the node's qemu-img, and by hand.
+        assert!(
+            crate::os::compare::identical(
+                &ReplicaTarget::Local(r0.clone()),
+                &nbd(port, "v-r1"),
+                Some(&made.node_dir)
+            )
+            .unwrap()
+        );
+        // The offline rebuild's copy of a remote qcow2 replica goes over TLS too.
+        let copy = d.join("c/volume.qcow2");
+        fs::create_dir_all(d.join("c")).unwrap();
+        crate::os::compare::copy_from(&nbd(port, "v-r1"), &copy, None, Some(&made.node_dir))
+            .unwrap();
+        assert_eq!(compare(&r0, &copy), "Images are identical.");
+        // Without the node's certificate the same comparison fails, naming qemu's reason.
+        let err = crate::os::compare::identical(
+            &ReplicaTarget::Local(r0.clone()),
+            &nbd(port, "v-r1"),
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("TLS"), "{err}");
+        os.engine.unexport_replica(&server, "v-r1").unwrap();
+        assert_eq!(compare(&r0, &r1), "Images are identical.");
+        assert!(!server.exists(), "the run directory and its links went");
+    }
+
+    /// A replica server started plain (the node was --insecure) is restarted with TLS when the
+    /// node now has a --tls-dir and it exports nothing; while it exports something it is
+    /// refused with the fix named, never kept serving plain under a TLS node.
+    #[test]
+    fn real_plain_replica_server_is_not_kept_under_a_tls_node() {
+        if !crate::os::root_or_skip("real_plain_replica_server_is_not_kept_under_a_tls_node") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let made = crate::certs::make(&d.join("certs"), 1, &[]).unwrap();
+        let plain = Os::real();
+        let tls = Os::real_with_nbd_tls(None, made.node_dir.clone());
+        let mut cb = Cleanup::default();
+        let rb = replicas(&plain, &d.join("b"), &["r1", "r2"], 16 << 20);
+        let server = d.join("b/run");
+        cb.replica_server(&server);
+        let port = plain
+            .engine
+            .export_replica(&server, HOST, 0, &export("v-r1", &rb[0]))
+            .unwrap();
+        let err = tls
+            .engine
+            .export_replica(&server, HOST, port, &export("v-r2", &rb[1]))
+            .unwrap_err();
+        assert!(matches!(err, OsError::Conflict(_)), "{err}");
+        assert!(err.to_string().contains("without TLS"), "{err}");
+        // Its export gone behind bicsi's back (the server keeps running with none): a TLS
+        // node restarts it with TLS.
+        let plain_pid = live_server(&server).unwrap().1;
+        let mut qmp = Qmp::connect(&server.join("qmp.sock")).unwrap();
+        qmp.call(
+            "block-export-del",
+            json!({"id": export_id("v-r1"), "mode": "hard"}),
+        )
+        .unwrap();
+        let t = Instant::now();
+        while !list_exports(&mut qmp).unwrap().is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(qmp);
+        let port = tls
+            .engine
+            .export_replica(&server, HOST, 0, &export("v-r2", &rb[1]))
+            .unwrap();
+        let out = Command::new("qemu-img")
+            .args(["info", &format!("nbd://{HOST}:{port}/v-r2")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        assert!(
+            qemu_img_info_tls(&made.node_dir, port, "v-r2")
+                .status
+                .success()
+        );
+        let (_, pid, args) = live_server(&server).unwrap();
+        assert!(args.tls && pid != plain_pid, "{args:?}");
+        assert!(wait_exit(plain_pid, Duration::from_secs(5)));
+        tls.engine.unexport_replica(&server, "v-r2").unwrap();
     }
 }

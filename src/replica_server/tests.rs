@@ -675,3 +675,89 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
         }
     }
 }
+
+/// This process's CPU time (user + system, every thread) so far, from /proc (clock ticks).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis((f[0] + f[1]) * 10)
+}
+
+/// The TLS pump's cost, measured (issue 19, issue 14's remote replica): `total` bytes of 1 MiB
+/// WRITEs from `writers` threads sharing one mirror client (as the mirror engine's FUSE threads
+/// do), to a server in this process, plain and over TLS. Prints MB/s (wall, load-dependent)
+/// and the CPU time per MiB of the whole process (client, pumps, server: load-independent),
+/// and checks what arrived. `cargo nextest run --run-ignored only -E
+/// 'test(measure_tls_pump)' --no-capture`; `BICSI_MEASURE_MIB` changes the amount.
+#[test]
+#[ignore = "a measurement: run by hand with --run-ignored"]
+fn measure_tls_pump_write_throughput() {
+    let total_mib: u64 = std::env::var("BICSI_MEASURE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let writers = 8u64;
+    let made_dir = tempfile::tempdir().unwrap();
+    let made = crate::certs::make(made_dir.path(), 1, &[]).unwrap();
+    for tls in [false, true] {
+        let cfg = ServerConfig {
+            tls: tls.then(|| {
+                crate::tls::ClusterTls::load(&made.node_dir)
+                    .unwrap()
+                    .server_config(Some(&[]))
+                    .unwrap()
+            }),
+            ..ServerConfig::default()
+        };
+        let srv = Served::start(cfg);
+        let size = 256 * MIB;
+        let file = srv.export("m", size);
+        let c = Arc::new(if tls {
+            tls_client(srv.port, "m", &made.node_dir).unwrap()
+        } else {
+            srv.client("m")
+        });
+        let data = Arc::new(pattern(MIB as usize, 11));
+        let (t0, cpu0) = (Instant::now(), cpu_time());
+        let per = total_mib / writers;
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let (c, data) = (c.clone(), data.clone());
+                std::thread::spawn(move || {
+                    for i in 0..per {
+                        let at = ((w * per + i) * MIB) % size;
+                        c.write_at(&data, at, false).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        c.flush().unwrap();
+        let (wall, cpu) = (t0.elapsed(), cpu_time() - cpu0);
+        let mib = (per * writers) as f64;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        eprintln!(
+            "{}: {mib} MiB in 1 MiB writes, {writers} in flight: {:.0} MB/s, CPU {:.2} ms/MiB \
+             (load {})",
+            if tls { "TLS  " } else { "plain" },
+            mib * MIB as f64 / wall.as_secs_f64() / 1e6,
+            cpu.as_secs_f64() * 1e3 / mib,
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        assert!(file_bytes(&file, 5 * MIB, MIB as usize) == *data);
+        c.close();
+    }
+}

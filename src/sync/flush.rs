@@ -1,6 +1,7 @@
 //! Writeback while a file is being written: every [`WINDOW`] bytes written, a helper thread
-//! `fdatasync`s the file and (unless the caller reads the file again at once, see
-//! [`Pages`]) drops the window's pages from the page cache.
+//! writes the window back ([`crate::os::pagecache::write_back`]: no journal commit, the final
+//! `fsync` is the owner's) and (unless the caller reads the file again at once, see [`Pages`])
+//! drops its pages from the page cache.
 //!
 //! Without it a copy or transfer leaves the whole file dirty in memory until the final sync,
 //! which then waits for all of it: the disk would work after the network instead of with it,
@@ -11,8 +12,6 @@
 use std::fs::File;
 use std::io;
 use std::sync::mpsc::{SyncSender, sync_channel};
-
-use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 
 /// Bytes written between two writebacks.
 pub(super) const WINDOW: u64 = 16 << 20;
@@ -67,15 +66,7 @@ pub(super) fn with_writeback<T>(
         let (tx, rx) = sync_channel::<(u64, u64)>(1);
         let flusher = scope.spawn(move || -> io::Result<()> {
             for (from, to) in rx {
-                file.sync_data()?;
-                if pages == Pages::Keep {
-                    continue;
-                }
-                let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
-                    continue;
-                };
-                // Advice only: the pages are clean now, so dropping them cannot lose data.
-                let _ = posix_fadvise(file, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+                crate::os::pagecache::write_back(file, from, to, pages == Pages::Drop)?;
             }
             Ok(())
         });

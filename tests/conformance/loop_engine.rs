@@ -359,7 +359,7 @@ async fn a_loop_volume_keeps_fio_verified_data_through_detach_restart_and_readop
     assert!(!replica.exists());
 }
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
+pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {
@@ -372,14 +372,18 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Writes a file and makes it durable (data, inode and directory entry).
-fn write_synced(dir: &Path, name: &str, bytes: &[u8]) {
+pub(super) fn write_synced(dir: &Path, name: &str, bytes: &[u8]) {
     let mut f = std::fs::File::create(dir.join(name)).unwrap();
     f.write_all(bytes).unwrap();
     f.sync_all().unwrap();
     std::fs::File::open(dir).unwrap().sync_all().unwrap();
 }
 
-fn snap_req(name: &str, source: &str, params: &[(&str, &str)]) -> pb::CreateSnapshotRequest {
+pub(super) fn snap_req(
+    name: &str,
+    source: &str,
+    params: &[(&str, &str)],
+) -> pb::CreateSnapshotRequest {
     pb::CreateSnapshotRequest {
         name: name.into(),
         source_volume_id: source.into(),

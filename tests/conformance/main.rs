@@ -5,6 +5,7 @@
 //! upstream csi-sanity suite besides).
 
 mod backing;
+mod cow_engine;
 mod create;
 mod failures;
 mod groups;

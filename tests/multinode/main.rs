@@ -438,6 +438,49 @@ async fn attaching_brings_the_image_to_every_replica_disk_and_writes_reach_every
         "hello from the backing image\n"
     );
     std::fs::write(tg.join("new.bin"), vec![9u8; 3 << 20]).unwrap();
+    // Issue 19: the quorum's NBD children reach node-1's and node-3's qemu replica servers
+    // over TLS with node-2's certificate; those servers require it and refuse a plain client.
+    let engines = engines_under(&c.nodes[1].dir.join("data/engines"));
+    assert_eq!(engines.len(), 1, "node-2 runs the volume's engine");
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", engines[0])).unwrap())
+            .replace('\0', " ");
+    assert!(
+        cmdline.contains("tls-creds-x509,id=bicsi-nbd-tls,endpoint=client,")
+            && cmdline.matches("\"tls-creds\":\"bicsi-nbd-tls\"").count() == 2
+            && cmdline.matches("\"tls-hostname\":\"bicsi-node\"").count() == 2,
+        "{cmdline}"
+    );
+    for i in [0, 2] {
+        let pid: i32 = std::fs::read_to_string(c.nodes[i].dir.join("data/replica-server/qsd.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let server =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+                .replace('\0', " ");
+        assert!(
+            server.contains("endpoint=server,verify-peer=on")
+                && server.contains("authz-simple,id=bicsi-nbd-authz,identity=CN=bicsi-node")
+                && server.contains("\"tls-authz\":\"bicsi-nbd-authz\""),
+            "{server}"
+        );
+        let port = server
+            .split("\"port\":\"")
+            .nth(1)
+            .and_then(|p| p.split('"').next())
+            .unwrap();
+        let plain = Command::new("qemu-img")
+            .args(["info", &format!("nbd://127.0.0.1:{port}/x")])
+            .output()
+            .unwrap();
+        assert!(
+            !plain.status.success() && String::from_utf8_lossy(&plain.stderr).contains("TLS"),
+            "a plain NBD client reached node-{}'s replica server: {plain:?}",
+            i + 1
+        );
+    }
     n2.node
         .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
             volume_id: "vol-3".into(),
@@ -2111,4 +2154,58 @@ async fn the_split_mode_rebuilds_a_mirror_replica_online() {
         files.len() == 2 && files[0] == files[1],
         "the replicas differ"
     );
+}
+
+#[tokio::test]
+async fn a_copy_on_write_volume_keeps_its_replicas_and_its_attach_on_one_node() {
+    let test = "a_copy_on_write_volume_keeps_its_replicas_and_its_attach_on_one_node";
+    if !root_or_skip(test) {
+        return;
+    }
+    // Both nodes' disks are on the temp dir's ext4: a pinned mirror gets cow replicas.
+    let c = TestCluster::start(2).await;
+    let mut ctl = c.controller_client().await;
+    // Two replicas go to distinct nodes first: refused, naming the nodes and the fixes.
+    let two = [("numberOfReplicas", "2"), ("engine", "mirror")];
+    let e = ctl
+        .controller
+        .create_volume(create_req("cw2", 64 * MIB, &two))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("nodes") && e.message().contains("engine: qemu"),
+        "{}",
+        e.message()
+    );
+    let one = [("numberOfReplicas", "1"), ("engine", "mirror")];
+    create_retrying(&c, &mut ctl, create_req("cw", 64 * MIB, &one)).await;
+    let record = volume_record(&c, "cw").await;
+    assert_eq!(record["spec"]["engine"], "mirror", "{record}");
+    assert_eq!(record["replicas"][0]["format"], "cow", "{record}");
+    let owner = record["replicas"][0]["nodeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = c.nodes.iter().position(|n| n.id != owner).unwrap();
+    // Attached on the node without its replica: refused (no server reads the layout).
+    let mut publish = cpublish_req("cw", mount_cap(), false);
+    publish.node_id = c.nodes[other].id.clone();
+    let refused = match ctl.controller.controller_publish_volume(publish).await {
+        Err(s) => s,
+        Ok(r) => {
+            let mut node = c.node_client(other).await;
+            let st = c.dir.path().join("st-cw");
+            let mut stage = stage_req("cw", &st, mount_cap());
+            stage.publish_context = r.into_inner().publish_context;
+            node.node.node_stage_volume(stage).await.unwrap_err()
+        }
+    };
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("copy-on-write") && refused.message().contains(&owner),
+        "{}",
+        refused.message()
+    );
+    assert!(mirror_engines_under(&c.nodes[other].dir).is_empty());
 }

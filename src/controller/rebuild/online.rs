@@ -9,8 +9,11 @@
 //!
 //! One online rebuild of target T from source S (rw, on the attached node N):
 //! 1. under the guard: T err → wo (recorded with the source), a slot of N taken;
-//! 2. N's agent makes T's file under a temporary name (a reflink clone of its disk's raw file
-//!    of the backing image, or a sparse file) and the engine adds it (`add`): every write from
+//! 2. N's agent is told T and where the engine finds it, a typed `ReplicaTarget`: T's local
+//!    path when T is on N (the agent makes its file under a temporary name, a reflink clone of
+//!    its disk's raw file of the backing image, or a sparse file), or the NBD address T's node
+//!    exported it at (`prepare_replica`) when it is on another node; the engine adds it
+//!    (`add`): every write from
 //!    then on reaches it, never a read; the engine copies and verifies; the pass follows its
 //!    progress (`bicsi get replicas` REBUILD: the copy is the first half, the verification the
 //!    second);
@@ -30,6 +33,7 @@
 use crate::error::{Error, Result};
 use crate::health::{RebuildProgress, ReplicaMode};
 use crate::model::{EngineKind, Replica, Volume, now_secs};
+use crate::os::ReplicaTarget;
 use crate::store::{Kind, StoreExt};
 
 use super::{Controller, FAILED_REBUILD, RETRY_SECS, RebuildReport, Records, Running};
@@ -146,9 +150,14 @@ impl Controller {
                 .unwrap_or(0);
             // A target the engine still holds (bicsi was killed during its rebuild) has its
             // space already: it is kept, not made again.
+            // (A remote target's address is known once its node exports it: never held here.)
             let held = match self.cluster.agent(&node) {
-                Ok(agent) => agent
-                    .online_rebuild_status(&volume.id, &target)
+                Ok(agent) if target.node_id == node => agent
+                    .online_rebuild_status(
+                        &volume.id,
+                        &target,
+                        &ReplicaTarget::Local(target.path.clone()),
+                    )
                     .await
                     .is_ok_and(|s| {
                         matches!(
@@ -156,7 +165,7 @@ impl Controller {
                             "copying" | "verifying" | "complete" | "promoted"
                         )
                     }),
-                Err(_) => false,
+                _ => false,
             };
             // A remote replica rebuilt in place is filled over the file it has.
             let in_place = replaced.is_none() && target.node_id != node;
@@ -193,9 +202,10 @@ impl Controller {
         let image = volume.spec.backing_image.clone();
         let started = std::time::Instant::now();
         // A target on another node: its node makes the file (when it is a new replica) and
-        // exports it to the attached node, and the engine gets its address (`remote_target`).
+        // exports it to the attached node, and the engine gets its address; one of the attached
+        // node is its local path.
         let remote = target.node_id != node;
-        let mut engine_target = target.clone();
+        let mut engine_target = ReplicaTarget::Local(target.path.clone());
         let mut exported = false;
         // Each stage's time goes into the log line of a rebuild that succeeds (the bench reads
         // the whole; the stages say where it goes).
@@ -207,12 +217,13 @@ impl Controller {
                     .agent(&target.node_id)?
                     .prepare_replica(&target, volume.spec.capacity_bytes, image.as_deref(), &node)
                     .await?;
-                engine_target.path = std::path::PathBuf::from(address.to_string());
+                engine_target = address;
                 exported = true;
             }
             agent
                 .start_online_rebuild(
                     &volume.id,
+                    &target,
                     &engine_target,
                     volume.spec.capacity_bytes,
                     image.as_deref(),
@@ -222,6 +233,7 @@ impl Controller {
             let followed = self
                 .follow(
                     volume,
+                    &target,
                     &engine_target,
                     &node,
                     agent.as_ref(),
@@ -272,7 +284,7 @@ impl Controller {
                 // A remote target the engine never got (its export failed) is not dropped there.
                 if (!remote || exported)
                     && let Err(c) = agent
-                        .cancel_online_rebuild(&volume.id, &engine_target)
+                        .cancel_online_rebuild(&volume.id, &target, &engine_target)
                         .await
                 {
                     tracing::warn!(volume = %volume.id, replica = %target.id, error = %c, "cannot drop a failed online rebuild's target");
@@ -307,6 +319,7 @@ impl Controller {
         &self,
         volume: &Volume,
         target: &Replica,
+        engine_target: &ReplicaTarget,
         node: &str,
         agent: &dyn crate::agent::Agent,
         finish_ms: &mut u128,
@@ -338,11 +351,15 @@ impl Controller {
                         .unwrap_or_else(|| "removed".into())
                 )));
             }
-            let s = agent.online_rebuild_status(&volume.id, target).await?;
+            let s = agent
+                .online_rebuild_status(&volume.id, target, engine_target)
+                .await?;
             match s.state.as_str() {
                 "complete" | "promoted" => {
                     let started = std::time::Instant::now();
-                    agent.finish_online_rebuild(&volume.id, target).await?;
+                    agent
+                        .finish_online_rebuild(&volume.id, target, engine_target)
+                        .await?;
                     *finish_ms = started.elapsed().as_millis();
                     return Ok(());
                 }

@@ -189,6 +189,9 @@ pub fn check_spawn(data_dir: &Path, args: &[String], log_path: &Path) -> OsResul
             "--trace" => ("--trace", &["file"]),
             "--export" => ("--export", &["mountpoint"]),
             "--nbd-server" => ("--nbd-server", &[]),
+            // TLS credentials (a directory of links to the node's --tls-dir) and any object
+            // that would read a file.
+            "--object" => ("--object", &["dir", "file"]),
             _ => continue,
         };
         for p in option_paths(&w[1], keys) {
@@ -523,7 +526,7 @@ mod tests {
             run_dir: run.to_path_buf(),
             read_only: false,
         };
-        super::super::build_args(&spec, &super::super::RunPaths::new(run)).unwrap()
+        super::super::build_args(&spec, &super::super::RunPaths::new(run), true).unwrap()
     }
 
     fn swap(args: &[String], from: &str, to: &str) -> Vec<String> {
@@ -536,6 +539,10 @@ mod tests {
         let run = data.join("engines/vol-a");
         let args = engine_args(&run);
         assert!(args.iter().any(|a| a.starts_with("enable=")), "{args:?}");
+        assert!(
+            args.iter().any(|a| a.starts_with("tls-creds-x509")),
+            "{args:?}"
+        );
         assert_eq!(
             check_spawn(&data, &args, &run.join("qsd.log")).unwrap(),
             run
@@ -560,6 +567,7 @@ mod tests {
         let qmp = format!("{run_s}/qmp.sock");
         let export = format!("{run_s}/export");
         let trace = format!("{run_s}/nbd-trace.log");
+        let tls = format!("dir={run_s}/tls");
         let without = |flag: &str| -> Vec<String> {
             let mut a = args.clone();
             let i = a.iter().position(|x| x == flag).unwrap();
@@ -646,6 +654,22 @@ mod tests {
                 swap(&args, &trace, "/tmp/trace"),
                 log.clone(),
                 "--trace: /tmp/trace is outside",
+            ),
+            (
+                "TLS credentials elsewhere",
+                swap(&args, &tls, "dir=/tmp/tls"),
+                log.clone(),
+                "--object: /tmp/tls is outside",
+            ),
+            (
+                "a secret read from a file",
+                {
+                    let mut a = args.clone();
+                    a.extend(["--object".into(), "secret,id=s,file=/etc/shadow".into()]);
+                    a
+                },
+                log.clone(),
+                "--object: /etc/shadow is outside",
             ),
             (
                 "log elsewhere",

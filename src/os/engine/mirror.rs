@@ -13,7 +13,9 @@
 //! the engine's replicas as they are (a new engine starts from the volume record's rw replicas
 //! and the file goes).
 //!
-//! Its children are local raw files (`--replica`) and replicas of other nodes (`--remote
+//! Its children are local raw files (`--replica`), local copy-on-write replicas (`--cow-replica
+//! data=,map=[,base=]`, known by their data file `*.cow`, see `crate::replica_file`) and
+//! replicas of other nodes (`--remote
 //! nbd://host:port/export`, served by their node's replica server and read by the engine's own
 //! NBD client), both on its command line so that re-adoption sees them; a local child that is
 //! not a raw file is refused with the fix. It is started by this process even when an engine
@@ -60,9 +62,25 @@ fn program() -> OsResult<PathBuf> {
 /// engine reads local children as qcow2).
 pub(super) fn serves(targets: &[ReplicaTarget]) -> bool {
     targets.iter().any(|t| match t {
-        ReplicaTarget::Local(p) => ImageFormat::of_file(p) == ImageFormat::Raw,
+        ReplicaTarget::Local(p) => {
+            matches!(ImageFormat::of_file(p), ImageFormat::Raw | ImageFormat::Cow)
+        }
         ReplicaTarget::Nbd { .. } => false,
     })
+}
+
+/// The `--cow-replica` value of the copy-on-write replica whose data file is `data`.
+fn cow_arg(data: &Path) -> OsResult<String> {
+    let spec = crate::replica_file::cow_spec(data);
+    let mut arg = format!(
+        "data={},map={}",
+        utf8_path(&spec.data)?,
+        utf8_path(&spec.map)?
+    );
+    if let Some(base) = &spec.base {
+        arg.push_str(&format!(",base={}", utf8_path(base)?));
+    }
+    Ok(arg)
 }
 
 /// Whether the live engine of `run_dir` is a mirror engine.
@@ -84,6 +102,10 @@ fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
             "--export" => export = Some(PathBuf::from(it.next()?)),
             "--replica" => targets.push(ReplicaTarget::Local(PathBuf::from(it.next()?))),
             "--remote" => targets.push(ReplicaTarget::parse_nbd(it.next()?)?),
+            // A copy-on-write replica is known by its data file (its map and base beside it).
+            "--cow-replica" => targets.push(ReplicaTarget::Local(
+                crate::mirror::cow::CowSpec::parse(it.next()?).ok()?.data,
+            )),
             "--read-only" => read_only = true,
             _ => {}
         }
@@ -245,6 +267,9 @@ pub(super) fn start(
         match t {
             ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Raw => {
                 args.extend(["--replica".into(), utf8_path(p)?.to_string()]);
+            }
+            ReplicaTarget::Local(p) if ImageFormat::of_file(p) == ImageFormat::Cow => {
+                args.extend(["--cow-replica".into(), cow_arg(p)?]);
             }
             ReplicaTarget::Nbd { .. } => {
                 args.extend(["--remote".into(), t.to_string()]);
@@ -430,6 +455,8 @@ mod tests {
             "/run/e/export",
             "--remote",
             "nbd://127.0.0.1:10809/r-2",
+            "--cow-replica",
+            "data=/d3/r/volume.cow,map=/d3/r/volume.cowmap,base=/d3/r/base",
             "--threads",
             "4",
             "--replica-timeout",
@@ -450,10 +477,15 @@ mod tests {
                     host: "127.0.0.1".into(),
                     port: 10809,
                     export: "r-2".into()
-                }
+                },
+                ReplicaTarget::Local("/d3/r/volume.cow".into()),
             ]
         );
         assert!(a.read_only);
+        assert!(serves(&[ReplicaTarget::Local("/d3/r/volume.cow".into())]));
+        assert!(!serves(&[ReplicaTarget::Local(
+            "/d3/r/volume.qcow2".into()
+        )]));
         let mut qemu = argv.clone();
         qemu[1] = "--blockdev".into();
         assert!(parse_args(&qemu).is_none());

@@ -141,6 +141,7 @@ fn volume() -> Volume {
             path: "/d1/replicas/vol-a-r0/volume.qcow2".into(),
             format: crate::os::ImageFormat::Qcow2,
             deferred: false,
+            cluster_bytes: None,
             health: ReplicaHealth {
                 mode: ReplicaMode::Rw,
                 ..Default::default()

@@ -1,0 +1,112 @@
+//! The page cache behind the long writers (downloads, same-node copies, cross-node receives):
+//! write a range of a file back to the disk while the next ranges are written, then drop its
+//! pages, so a large image neither fills memory nor waits for all its writeback at the end.
+//!
+//! It owns the one kernel call for this, `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`:
+//! it writes the range's dirty pages and waits for them, and nothing else. An `fdatasync` per
+//! window, which these writers used before, also commits the filesystem's journal and flushes
+//! the device's write cache each time (on ext4 a journal commit per 16 MiB), work the writer's
+//! one final `fsync` does anyway. This module must not make anything durable: its callers
+//! still `fsync` the file when it is complete, and only that makes it durable.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+
+/// Writes back the dirty pages of `[from, to)` of `file` and waits until they are on the disk
+/// (not durable: no journal commit, no cache flush), then, with `drop_pages`, drops them from
+/// the page cache (advice only; the pages are clean, so nothing can be lost).
+pub fn write_back(file: &File, from: u64, to: u64, drop_pages: bool) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to.saturating_sub(from)))
+    else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("write-back range {from}..{to} is past what the kernel takes"),
+        ));
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    loop {
+        // SAFETY: sync_file_range takes a file descriptor, two integers and flags, and touches
+        // no memory of ours; the descriptor is valid for as long as `file` is borrowed.
+        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+        if rc == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    if drop_pages {
+        let _ = posix_fadvise(file, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::process::Command;
+
+    /// Bytes of `path` in the page cache, by util-linux's `fincore`.
+    fn resident(path: &std::path::Path) -> u64 {
+        let out = Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// A range written back with its pages dropped leaves the page cache (dropping dirty pages
+    /// does not: without the write-back they stay), reads back intact, and a range the kernel
+    /// cannot take is refused with what it was.
+    #[test]
+    fn a_written_back_range_leaves_the_page_cache_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let data: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all_at(&data, 0).unwrap();
+        let before = resident(&path);
+        write_back(&f, 0, 4 << 20, true).unwrap();
+        write_back(&f, 4 << 20, 8 << 20, false).unwrap();
+        write_back(&f, 5, 5, true).unwrap();
+        let after = resident(&path);
+        // (A /tmp on tmpfs has no page cache to drop: the test needs a disk filesystem.)
+        assert!(before >= 8 << 20, "written pages resident: {before}");
+        assert!(
+            after <= (4 << 20) + (256 << 10),
+            "{before} -> {after} bytes resident"
+        );
+        assert!(after >= 4 << 20, "the kept half stays: {after}");
+        let mut back = vec![0u8; data.len()];
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
+        assert!(back == data);
+        let err = write_back(&f, 0, u64::MAX, false).unwrap_err();
+        assert!(
+            err.to_string().contains("past what the kernel takes"),
+            "{err}"
+        );
+    }
+}
