@@ -206,7 +206,11 @@ pub(crate) async fn sync_cross(
     let mut wire: Vec<(u64, u64)> = Vec::new();
     for run in 0..b.runs {
         let dir = b.work.join(format!("cross-{run}"));
-        let r = in_swept_dir(&dir, cross_run(b, checks, &dir, run, src, Variant { manifest, dense })).await?;
+        let r = in_swept_dir(
+            &dir,
+            cross_run(b, checks, &dir, run, src, Variant { manifest, dense }),
+        )
+        .await?;
         totals.add(&r);
         if let (Some(w), Some(a)) = (r.wire, r.data) {
             wire.push((w + r.manifest.unwrap_or(0), a));

@@ -131,6 +131,148 @@ pub fn cow_refused(what: &str, path: &Path) -> Error {
     ))
 }
 
+/// Bytes read per step when copying a volume's view.
+const STEP: usize = 1 << 20;
+/// The granularity at which zeros are left as holes in a raw copy.
+const BLOCK: usize = 4096;
+
+fn internal(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("{what} {}: {e}", path.display()))
+}
+
+/// Writes the view of the copy-on-write replica `data` (as its files on disk hold it: a
+/// replica an engine serves must be flushed first, see `snapshot::capture`) into the new
+/// sparse raw file `dest` of the volume's size: only the layer's data extents are read (the
+/// clusters in its data file where that file has data, the base elsewhere), and only the
+/// non-zero 4 KiB blocks of those are written, so holes stay holes. Blocking.
+pub fn cow_to_raw(data: &Path, dest: &Path) -> Result<()> {
+    let layer = crate::mirror::cow::Cow::open(&cow_spec(data), true)
+        .map_err(|e| internal("reading copy-on-write replica", data, e))?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|e| internal("creating", dest, e))?;
+    out.set_len(layer.size())
+        .map_err(|e| internal("sizing", dest, e))?;
+    let extents = layer
+        .data_extents(0, layer.size())
+        .map_err(|e| internal("mapping copy-on-write replica", data, e))?;
+    let mut buf = vec![0u8; STEP];
+    for e in extents {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let n = (e.end() - pos).min(STEP as u64) as usize;
+            let part = &mut buf[..n];
+            layer
+                .read_at(part, pos)
+                .map_err(|e| internal("reading copy-on-write replica", data, e))?;
+            write_nonzero(&out, part, pos).map_err(|e| internal("writing", dest, e))?;
+            pos += n as u64;
+        }
+    }
+    out.sync_all().map_err(|e| internal("syncing", dest, e))
+}
+
+/// Writes the runs of non-zero [`BLOCK`]s of `buf` at `offset + their place` in `out`.
+fn write_nonzero(out: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut i = 0;
+    while i < buf.len() {
+        let zero = |j: usize| buf[j..(j + BLOCK).min(buf.len())].iter().all(|&b| b == 0);
+        if zero(i) {
+            i += BLOCK;
+            continue;
+        }
+        let start = i;
+        while i < buf.len() && !zero(i) {
+            i += BLOCK;
+        }
+        out.write_all_at(&buf[start..i.min(buf.len())], offset + start as u64)?;
+    }
+    Ok(())
+}
+
+/// Makes the copy-on-write replica `data` (no base) of `size` bytes holding the raw file
+/// `src`'s content (zeros past its end): a new replica whose clusters with non-zero bytes are
+/// written through the layer. Built under temporary names beside `data` and moved into place
+/// at the end, the map first and the data file last, so `data` exists only once the replica is
+/// whole (a restore retried finds it, `Agent::restore_replica`), and a failure leaves none of
+/// its files behind. Blocking.
+pub fn cow_from_raw(src: &Path, data: &Path, size: u64, cluster: u32) -> Result<()> {
+    let stem = data
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let part = data.with_file_name(format!(".{stem}.part.cow"));
+    let part_map = ImageFormat::cow_map(&part);
+    let map = ImageFormat::cow_map(data);
+    let cleanup = || {
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(&part_map);
+    };
+    cleanup();
+    let made = (|| -> Result<()> {
+        let spec = CowSpec {
+            data: part.clone(),
+            map: part_map.clone(),
+            base: None,
+        };
+        crate::mirror::cow::create(&spec, size, cluster)
+            .map_err(|e| internal("creating copy-on-write replica", data, e))?;
+        let layer = crate::mirror::cow::Cow::open(&spec, false)
+            .map_err(|e| internal("opening copy-on-write replica", data, e))?;
+        let input = std::fs::File::open(src).map_err(|e| internal("opening", src, e))?;
+        let len = input
+            .metadata()
+            .map_err(|e| internal("reading", src, e))?
+            .len()
+            .min(size);
+        let extents =
+            crate::sync::extents_in(&input, 0, len).map_err(|e| internal("mapping", src, e))?;
+        let step = (STEP as u64).max(cluster as u64) as usize;
+        let mut buf = vec![0u8; step];
+        for e in extents {
+            // Whole clusters: the layer fills a partly written cluster from nothing (no base).
+            let mut pos = e.offset / cluster as u64 * cluster as u64;
+            let end = e.end().min(len);
+            while pos < end {
+                let n = (end - pos).min(step as u64) as usize;
+                let part = &mut buf[..n];
+                crate::os::rawfile::read_full(&input, part, pos)
+                    .map_err(|e| internal("reading", src, e))?;
+                for (k, chunk) in part.chunks(cluster as usize).enumerate() {
+                    if chunk.iter().any(|&b| b != 0) {
+                        let at = pos + (k * cluster as usize) as u64;
+                        layer
+                            .write_at(chunk, at)
+                            .map_err(|e| internal("writing copy-on-write replica", data, e))?;
+                    }
+                }
+                pos += n as u64;
+            }
+        }
+        layer
+            .sync()
+            .map_err(|e| internal("syncing copy-on-write replica", data, e))?;
+        drop(layer);
+        // A base link left by an earlier attempt would make the engine read through it.
+        let _ = std::fs::remove_file(ImageFormat::cow_base(data));
+        std::fs::rename(&part_map, &map).map_err(|e| internal("moving into place", &map, e))?;
+        std::fs::rename(&part, data).map_err(|e| internal("moving into place", data, e))?;
+        let dir = data.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| internal("syncing", dir, e))
+    })();
+    if made.is_err() {
+        cleanup();
+        let _ = std::fs::remove_file(&map);
+    }
+    made
+}
+
 /// Grows the file at `path` of `format` to `size` (offline). Blocking.
 pub fn resize(os: &Os, path: &Path, format: ImageFormat, size: u64) -> Result<()> {
     match format {
