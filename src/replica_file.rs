@@ -278,7 +278,8 @@ pub fn resize(os: &Os, path: &Path, format: ImageFormat, size: u64) -> Result<()
     match format {
         ImageFormat::Qcow2 => Ok(os.images.resize(path, size)?),
         ImageFormat::Raw => Ok(os.images.resize_raw(path, size)?),
-        ImageFormat::Cow => Err(cow_refused("grow", path)),
+        ImageFormat::Cow => crate::mirror::cow::grow(&cow_spec(path), size)
+            .map_err(|e| internal("growing copy-on-write replica", path, e)),
     }
 }
 
@@ -313,6 +314,96 @@ mod tests {
         }
     }
 
+    fn read_view(data: &Path) -> Vec<u8> {
+        let layer = crate::mirror::cow::Cow::open(&cow_spec(data), true).unwrap();
+        let mut all = vec![0u8; layer.size() as usize];
+        layer.read_at(&mut all, 0).unwrap();
+        all
+    }
+
+    #[test]
+    fn a_cow_replica_grows_in_two_readable_steps_and_copies_to_and_from_sparse_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let os = Os::real();
+        // A base of 2 clusters (8 KiB), a volume of 5 clusters and a half.
+        let image = dir.path().join("backing");
+        std::fs::write(&image, vec![7u8; 2 * 4096]).unwrap();
+        let rdir = dir.path().join("replicas/v-r1");
+        std::fs::create_dir_all(&rdir).unwrap();
+        let data = rdir.join("volume.cow");
+        let size = 5 * 4096 + 2048;
+        let backing = Some((image.as_path(), ImageFormat::Raw));
+        create(&os, &cow_replica(&data), size, backing, dir.path()).unwrap();
+        {
+            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            layer.write_at(b"tail", size - 4).unwrap();
+            layer.write_at(b"mid", 3 * 4096).unwrap();
+            layer.sync().unwrap();
+        }
+        let mut want = read_view(&data);
+        assert_eq!(&want[..8192], &[7u8; 8192][..]);
+
+        // A crash between the two steps: the data file is longer, the map says the old size.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(64 * 1024)
+            .unwrap();
+        assert_eq!(volume_size(&os, &data, ImageFormat::Cow).unwrap(), size);
+        assert_eq!(read_view(&data), want);
+        // Done again: the new size, the old content, zeros after it; idempotent.
+        for _ in 0..2 {
+            resize(&os, &data, ImageFormat::Cow, 64 * 1024).unwrap();
+            assert_eq!(
+                volume_size(&os, &data, ImageFormat::Cow).unwrap(),
+                64 * 1024
+            );
+            want.resize(64 * 1024, 0);
+            assert_eq!(read_view(&data), want);
+        }
+        let e = resize(&os, &data, ImageFormat::Cow, 4096).unwrap_err();
+        assert!(e.to_string().contains("cannot shrink"), "{e}");
+        // The new clusters take writes.
+        {
+            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            layer.write_at(b"new", 60 * 1024).unwrap();
+            layer.sync().unwrap();
+        }
+        want[60 * 1024..60 * 1024 + 3].copy_from_slice(b"new");
+        assert_eq!(read_view(&data), want);
+
+        // To raw: the view, holes where it is zero.
+        let raw = dir.path().join("snapshot.raw");
+        cow_to_raw(&data, &raw).unwrap();
+        assert_eq!(std::fs::read(&raw).unwrap(), want);
+        let extents =
+            crate::sync::extents_in(&std::fs::File::open(&raw).unwrap(), 0, 65536).unwrap();
+        let allocated: u64 = extents.iter().map(|e| e.len).sum();
+        assert!(allocated <= 5 * 4096, "{extents:?}");
+        // From raw: a new replica without a base holding the same view, a larger size too.
+        let back = dir.path().join("replicas/v-r2/volume.cow");
+        std::fs::create_dir_all(back.parent().unwrap()).unwrap();
+        cow_from_raw(&raw, &back, 128 * 1024, 4096).unwrap();
+        assert!(cow_spec(&back).base.is_none());
+        let mut bigger = want.clone();
+        bigger.resize(128 * 1024, 0);
+        assert_eq!(read_view(&back), bigger);
+        let leftovers: Vec<_> = std::fs::read_dir(back.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+        // A source that cannot be read leaves nothing behind.
+        let none = dir.path().join("replicas/v-r3/volume.cow");
+        std::fs::create_dir_all(none.parent().unwrap()).unwrap();
+        assert!(cow_from_raw(&dir.path().join("missing.raw"), &none, 4096, 4096).is_err());
+        assert_eq!(
+            std::fs::read_dir(none.parent().unwrap()).unwrap().count(),
+            0
+        );
+    }
+
     #[test]
     fn a_cow_replica_is_made_over_the_base_idempotently_and_compares_on_its_view() {
         let dir = tempfile::tempdir().unwrap();
@@ -338,14 +429,6 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
         assert!(e.to_string().contains("remove its directory"), "{e}");
         assert_eq!(volume_size(&os, &data, ImageFormat::Cow).unwrap(), size);
-        // Growing is not wired: refused, naming the replica and the fix.
-        let e = resize(&os, &data, ImageFormat::Cow, size * 2).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(
-            e.to_string().contains(&data.display().to_string())
-                && e.to_string().contains("engine: qemu"),
-            "{e}"
-        );
 
         // Its view is the base then zeros: equal to a raw file of that content.
         let raw = dir.path().join("other.raw");

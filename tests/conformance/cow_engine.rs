@@ -12,8 +12,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tonic::Code;
-
 use super::backing::{attach, create_with, detach};
 use super::harness::*;
 use super::images::*;
@@ -321,8 +319,54 @@ async fn a_pinned_mirror_volume_on_ext4_is_served_over_copy_on_write_replicas() 
         detach(&mut c, id, &st, &tg).await;
     }
 
-    // Not wired yet: refused, naming the replica and the fix; nothing is made.
-    let refused = [c
+    // Exports: a `type: bi` snapshot of the attached volume, and export-from-volume of the
+    // detached one; a qemu volume over each holds the volume's files.
+    let (st, tg) = attach(&mut c, &b, &img, mount_cap()).await;
+    let sbi = c
+        .controller
+        .create_snapshot(snap_req(
+            "s-bi",
+            &img,
+            &[("type", "bi"), ("export-type", "raw")],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    detach(&mut c, &img, &st, &tg).await;
+    wait_final(&b, "s-bi").await;
+    let from_volume = pairs(&[
+        ("numberOfReplicas", "1"),
+        ("engine", "qemu"),
+        ("backingImage", "bi-from-cow"),
+        ("backingImageDataSourceType", "export-from-volume"),
+        (
+            "backingImageDataSourceParameters",
+            "{\"volume-name\": \"img\", \"export-type\": \"qcow2\"}",
+        ),
+    ]);
+    let over_bi = pairs(&[
+        ("numberOfReplicas", "1"),
+        ("engine", "qemu"),
+        ("backingImage", "s-bi"),
+    ]);
+    let mut exported = Vec::new();
+    for (name, params) in [("over-bi", &over_bi), ("over-volume", &from_volume)] {
+        let id = create(&mut c, create_with(name, 64 * MIB, params, mount_cap())).await;
+        let (st, tg) = attach(&mut c, &b, &id, mount_cap()).await;
+        assert!(
+            std::fs::read(tg.join("data.bin")).unwrap() == data,
+            "{name}"
+        );
+        assert!(tg.join("after.bin").exists(), "{name}");
+        detach(&mut c, &id, &st, &tg).await;
+        exported.push(id);
+    }
+
+    // Expansion (offline): data file and map grow together; the filesystem grows at attach.
+    let grown = c
         .controller
         .controller_expand_volume(pb::ControllerExpandVolumeRequest {
             volume_id: img.clone(),
@@ -333,11 +377,14 @@ async fn a_pinned_mirror_volume_on_ext4_is_served_over_copy_on_write_replicas() 
             ..Default::default()
         })
         .await
-        .map(drop)];
-    for r in refused {
-        assert_code(r, Code::FailedPrecondition, "copy-on-write replica");
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 128 * MIB);
+    for r in &replicas {
+        assert_eq!(std::fs::metadata(r).unwrap().len(), 128 << 20, "{r:?}");
     }
-    assert_eq!(replica_dirs(&b).len(), 6, "{:?}", replica_dirs(&b));
+    assert_same_view(&replicas[0], &replicas[1]);
+    assert_eq!(replica_dirs(&b).len(), 8, "{:?}", replica_dirs(&b));
 
     // The image and its expansion stay while the volume uses them: its content still reads.
     let (ok, _, err) = b.cli(&["delete", "backingimage", "bi-cow"]);
@@ -348,19 +395,19 @@ async fn a_pinned_mirror_volume_on_ext4_is_served_over_copy_on_write_replicas() 
         std::fs::read(tg.join("hello.txt")).unwrap(),
         b"hello from the backing image\n"
     );
+    let fs = nix::sys::statvfs::statvfs(&tg).unwrap();
+    let fs_bytes = fs.blocks() as u64 * fs.fragment_size() as u64;
+    assert!(
+        fs_bytes > 100 << 20,
+        "the filesystem grew: {fs_bytes} bytes"
+    );
     detach(&mut c, &img, &st, &tg).await;
 
     // Deleting the volumes removes every replica's files.
-    for id in [&s1, &s2, &s3] {
-        c.controller
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                snapshot_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    for id in [&img, &blk, &restored, &from_s3, &clone] {
+    for id in exported
+        .iter()
+        .chain([&img, &blk, &restored, &from_s3, &clone])
+    {
         for _ in 0..2 {
             c.controller
                 .delete_volume(pb::DeleteVolumeRequest {
@@ -370,6 +417,15 @@ async fn a_pinned_mirror_volume_on_ext4_is_served_over_copy_on_write_replicas() 
                 .await
                 .unwrap();
         }
+    }
+    for id in [&s1, &s2, &s3, &sbi] {
+        c.controller
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
     }
     assert!(replica_dirs(&b).is_empty(), "{:?}", replica_dirs(&b));
 }
