@@ -193,13 +193,72 @@ fn write_nonzero(out: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Resul
     Ok(())
 }
 
-/// Makes the copy-on-write replica `data` (no base) of `size` bytes holding the raw file
-/// `src`'s content (zeros past its end): a new replica whose clusters with non-zero bytes are
-/// written through the layer. Built under temporary names beside `data` and moved into place
-/// at the end, the map first and the data file last, so `data` exists only once the replica is
-/// whole (a restore retried finds it, `Agent::restore_replica`), and a failure leaves none of
-/// its files behind. Blocking.
-pub fn cow_from_raw(src: &Path, data: &Path, size: u64, cluster: u32) -> Result<()> {
+/// A volume's content read in-process: a raw file, or a copy-on-write replica's view.
+enum Source {
+    Raw(std::fs::File, u64),
+    Cow(crate::mirror::cow::Cow),
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Source> {
+        match ImageFormat::of_file(path) {
+            ImageFormat::Cow => crate::mirror::cow::Cow::open(&cow_spec(path), true)
+                .map(Source::Cow)
+                .map_err(|e| internal("opening copy-on-write replica", path, e)),
+            ImageFormat::Raw => {
+                let f = std::fs::File::open(path).map_err(|e| internal("opening", path, e))?;
+                let len = f
+                    .metadata()
+                    .map_err(|e| internal("reading", path, e))?
+                    .len();
+                Ok(Source::Raw(f, len))
+            }
+            ImageFormat::Qcow2 => Err(Error::Internal(format!(
+                "{} is qcow2; flatten it into a raw file first",
+                path.display()
+            ))),
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Source::Raw(_, len) => *len,
+            Source::Cow(c) => c.size(),
+        }
+    }
+
+    fn extents(&self, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
+        match self {
+            Source::Raw(f, _) => crate::sync::extents_in(f, 0, to),
+            Source::Cow(c) => c.data_extents(0, to),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            Source::Raw(f, _) => crate::os::rawfile::read_full(f, buf, offset),
+            Source::Cow(c) => c.read_at(buf, offset),
+        }
+    }
+}
+
+/// Makes the copy-on-write replica `data` of `size` bytes holding the content of `src` (a raw
+/// file, or another copy-on-write replica at rest, read through its view; zeros past its end),
+/// over `base` (the disk's raw expansion of the volume's backing image, linked as its `base`)
+/// or none: a new replica, then every cluster where `src` reads other than the new replica
+/// (its base, or zeros) is written through the layer, so a replica over the same image as its
+/// source holds only what differs from it. Only where `src` has data or the base has bytes
+/// is read. Built under temporary names beside `data` and moved into place at the end, the
+/// map first and the data file last, so `data` exists only once the replica is whole (a
+/// restore retried finds it, `Agent::restore_replica`), and a failure leaves none of its files
+/// behind. Blocking.
+pub fn cow_from(
+    src: &Path,
+    data: &Path,
+    size: u64,
+    cluster: u32,
+    base: Option<&Path>,
+) -> Result<()> {
     let stem = data
         .file_stem()
         .unwrap_or_default()
@@ -208,57 +267,74 @@ pub fn cow_from_raw(src: &Path, data: &Path, size: u64, cluster: u32) -> Result<
     let part = data.with_file_name(format!(".{stem}.part.cow"));
     let part_map = ImageFormat::cow_map(&part);
     let map = ImageFormat::cow_map(data);
+    let link = ImageFormat::cow_base(data);
     let cleanup = || {
         let _ = std::fs::remove_file(&part);
         let _ = std::fs::remove_file(&part_map);
     };
     cleanup();
+    // A base link left by an earlier attempt is made again (or must not be there).
+    let _ = std::fs::remove_file(&link);
     let made = (|| -> Result<()> {
+        if let Some(b) = base {
+            std::os::unix::fs::symlink(b, &link)
+                .map_err(|e| internal("linking the base of", data, e))?;
+        }
         let spec = CowSpec {
             data: part.clone(),
             map: part_map.clone(),
-            base: None,
+            base: base.map(|_| link.clone()),
         };
         crate::mirror::cow::create(&spec, size, cluster)
             .map_err(|e| internal("creating copy-on-write replica", data, e))?;
         let layer = crate::mirror::cow::Cow::open(&spec, false)
             .map_err(|e| internal("opening copy-on-write replica", data, e))?;
-        let input = std::fs::File::open(src).map_err(|e| internal("opening", src, e))?;
-        let len = input
-            .metadata()
-            .map_err(|e| internal("reading", src, e))?
-            .len()
-            .min(size);
-        let extents =
-            crate::sync::extents_in(&input, 0, len).map_err(|e| internal("mapping", src, e))?;
-        let step = (STEP as u64).max(cluster as u64) as usize;
-        let mut buf = vec![0u8; step];
-        for e in extents {
-            // Whole clusters: the layer fills a partly written cluster from nothing (no base).
-            let mut pos = e.offset / cluster as u64 * cluster as u64;
+        let input = Source::open(src)?;
+        let len = input.size().min(size);
+        let mut ranges = input
+            .extents(len)
+            .map_err(|e| internal("mapping", src, e))?;
+        // Where the base shows through, a hole of the source must be written as zeros.
+        ranges.extend(
+            layer
+                .data_extents(0, len)
+                .map_err(|e| internal("mapping the base of", data, e))?,
+        );
+        ranges.sort_by_key(|e| e.offset);
+        let c = cluster as u64;
+        let step = (STEP as u64).max(c) as usize;
+        let (mut want, mut have) = (vec![0u8; step], vec![0u8; step]);
+        let mut done = 0u64; // Everything below is copied.
+        for e in ranges {
+            // Whole clusters: a cluster is compared and written whole.
+            let mut pos = (e.offset / c * c).max(done);
             let end = e.end().min(len);
             while pos < end {
-                let n = (end - pos).min(step as u64) as usize;
-                let part = &mut buf[..n];
-                crate::os::rawfile::read_full(&input, part, pos)
+                let n = (len - pos)
+                    .min(step as u64)
+                    .min((end - pos).div_ceil(c) * c) as usize;
+                let (w, h) = (&mut want[..n], &mut have[..n]);
+                input
+                    .read_at(w, pos)
                     .map_err(|e| internal("reading", src, e))?;
-                for (k, chunk) in part.chunks(cluster as usize).enumerate() {
-                    if chunk.iter().any(|&b| b != 0) {
-                        let at = pos + (k * cluster as usize) as u64;
+                layer
+                    .read_at(h, pos)
+                    .map_err(|e| internal("reading copy-on-write replica", data, e))?;
+                for (k, (a, b)) in w.chunks(c as usize).zip(h.chunks(c as usize)).enumerate() {
+                    if a != b {
                         layer
-                            .write_at(chunk, at)
+                            .write_at(a, pos + k as u64 * c)
                             .map_err(|e| internal("writing copy-on-write replica", data, e))?;
                     }
                 }
                 pos += n as u64;
+                done = pos;
             }
         }
         layer
             .sync()
             .map_err(|e| internal("syncing copy-on-write replica", data, e))?;
         drop(layer);
-        // A base link left by an earlier attempt would make the engine read through it.
-        let _ = std::fs::remove_file(ImageFormat::cow_base(data));
         std::fs::rename(&part_map, &map).map_err(|e| internal("moving into place", &map, e))?;
         std::fs::rename(&part, data).map_err(|e| internal("moving into place", data, e))?;
         let dir = data.parent().unwrap_or(Path::new("."));
@@ -269,6 +345,7 @@ pub fn cow_from_raw(src: &Path, data: &Path, size: u64, cluster: u32) -> Result<
     if made.is_err() {
         cleanup();
         let _ = std::fs::remove_file(&map);
+        let _ = std::fs::remove_file(&link);
     }
     made
 }
@@ -384,7 +461,7 @@ mod tests {
         // From raw: a new replica without a base holding the same view, a larger size too.
         let back = dir.path().join("replicas/v-r2/volume.cow");
         std::fs::create_dir_all(back.parent().unwrap()).unwrap();
-        cow_from_raw(&raw, &back, 128 * 1024, 4096).unwrap();
+        cow_from(&raw, &back, 128 * 1024, 4096, None).unwrap();
         assert!(cow_spec(&back).base.is_none());
         let mut bigger = want.clone();
         bigger.resize(128 * 1024, 0);
@@ -397,7 +474,7 @@ mod tests {
         // A source that cannot be read leaves nothing behind.
         let none = dir.path().join("replicas/v-r3/volume.cow");
         std::fs::create_dir_all(none.parent().unwrap()).unwrap();
-        assert!(cow_from_raw(&dir.path().join("missing.raw"), &none, 4096, 4096).is_err());
+        assert!(cow_from(&dir.path().join("missing.raw"), &none, 4096, 4096, None).is_err());
         assert_eq!(
             std::fs::read_dir(none.parent().unwrap()).unwrap().count(),
             0

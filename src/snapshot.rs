@@ -12,7 +12,8 @@
 //! A copy-on-write replica's snapshot is raw too (`snapshot.raw`): the volume's view read
 //! through the layer, holes kept (`capture_cow` has the argument for an attached volume), so
 //! restores, clones, exports and backups read it as any raw snapshot; a restore into a
-//! copy-on-write replica writes a new one without a base (`restore_into_cow`).
+//! copy-on-write replica writes a new one over the disk's raw expansion of the backing image,
+//! with what differs from it (`restore_into_cow`).
 //!
 //! A loop volume's replica is a raw file, and so is its snapshot (`snapshot.raw`): a reflink
 //! copy (FICLONE) of the replica, the whole volume in a file that shares every block with it.
@@ -528,7 +529,7 @@ pub fn restore(
 ) -> Result<()> {
     let (from, to) = (ImageFormat::of_file(src), ImageFormat::of_file(dest));
     if to == ImageFormat::Cow {
-        return restore_into_cow(os, src, from, dest, size);
+        return restore_into_cow(os, src, from, dest, size, backing);
     }
     if (from, to) != (ImageFormat::Qcow2, ImageFormat::Qcow2) {
         return build(dest, |tmp| {
@@ -559,17 +560,46 @@ pub fn restore(
     })
 }
 
-/// `restore` into a copy-on-write replica: a new one without a base, holding the snapshot's
-/// content (`replica_file::cow_from_raw`); a qcow2 snapshot is first flattened into a raw
-/// file beside the replica, removed after. The replica's cluster size is the default one.
-fn restore_into_cow(os: &Os, src: &Path, from: ImageFormat, dest: &Path, size: u64) -> Result<()> {
+/// `restore` into a copy-on-write replica (a restore, a clone, or an offline rebuild whose
+/// source is a replica at rest): a new one over `backing`'s raw expansion on the replica's
+/// disk (made there when missing, through the disk's `tmp/`; the replica's path is
+/// `<disk>/replicas/<dir>/volume.cow`), or without a base when the volume has no image, that
+/// holds the source's content: every cluster where the source reads other than the base is
+/// written (`replica_file::cow_from`), so over the same image only what the volume wrote takes
+/// room. A raw snapshot or a raw or copy-on-write replica is read directly; a qcow2 snapshot is
+/// first flattened into a raw file beside the replica, removed after. The cluster size is the
+/// default one.
+fn restore_into_cow(
+    os: &Os,
+    src: &Path,
+    from: ImageFormat,
+    dest: &Path,
+    size: u64,
+    backing: Option<(&Path, ImageFormat)>,
+) -> Result<()> {
     let dir = dest
         .parent()
         .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
     std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let base = match backing {
+        Some((file, format)) => {
+            let disk = dir.parent().and_then(Path::parent).ok_or_else(|| {
+                Error::Internal(format!("{} is not in a disk's replicas/", dest.display()))
+            })?;
+            Some(crate::os::rawfile::expand_backing(
+                &*os.images,
+                file,
+                format,
+                &disk.join("tmp"),
+            )?)
+        }
+        None => None,
+    };
     let cluster = crate::mirror::cow::DEFAULT_CLUSTER;
+    let into =
+        |src: &Path| crate::replica_file::cow_from(src, dest, size, cluster, base.as_deref());
     match from {
-        ImageFormat::Raw => crate::replica_file::cow_from_raw(src, dest, size, cluster),
+        ImageFormat::Raw | ImageFormat::Cow => into(src),
         ImageFormat::Qcow2 => {
             let flat = dest.with_extension("import.raw");
             let _ = std::fs::remove_file(&flat);
@@ -577,11 +607,10 @@ fn restore_into_cow(os: &Os, src: &Path, from: ImageFormat, dest: &Path, size: u
                 .images
                 .convert(src, from, &flat, ImageFormat::Raw)
                 .map_err(Error::from)
-                .and_then(|()| crate::replica_file::cow_from_raw(&flat, dest, size, cluster));
+                .and_then(|()| into(&flat));
             let _ = std::fs::remove_file(&flat);
             made
         }
-        ImageFormat::Cow => Err(crate::replica_file::cow_refused("restore", src)),
     }
 }
 

@@ -386,6 +386,27 @@ async fn a_pinned_mirror_volume_on_ext4_is_served_over_copy_on_write_replicas() 
     assert_same_view(&replicas[0], &replicas[1]);
     assert_eq!(replica_dirs(&b).len(), 8, "{:?}", replica_dirs(&b));
 
+    // An offline rebuild by hand: the other replica is made again through the source's view,
+    // a new cow replica over its own disk's base, equal to the source.
+    let ids: Vec<String> = volume_view(&b, "img")["record"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let old_inode = std::fs::metadata(&replicas[1]).unwrap().ino();
+    let (ok, out, err) = b.cli(&["volume", "rebuild", "img", "--from", &ids[0]]);
+    assert!(ok && out.contains("rebuilt and verified"), "{out}{err}");
+    assert_ne!(std::fs::metadata(&replicas[1]).unwrap().ino(), old_inode);
+    assert_same_view(&replicas[0], &replicas[1]);
+    let base = std::fs::read_link(replicas[1].with_file_name("base")).unwrap();
+    let disk = b.disks.iter().find(|d| replicas[1].starts_with(d)).unwrap();
+    assert!(
+        base.starts_with(disk) && base.ends_with("backing.raw"),
+        "{base:?}"
+    );
+    assert_eq!(replica_dirs(&b).len(), 8, "{:?}", replica_dirs(&b));
+
     // The image and its expansion stay while the volume uses them: its content still reads.
     let (ok, _, err) = b.cli(&["delete", "backingimage", "bi-cow"]);
     assert!(!ok && err.contains("used by volumes"), "{err}");
