@@ -471,6 +471,26 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+        // From a cow replica over a base to a new one over the same base: only the clusters
+        // that differ from the base are written, a hole over base bytes included.
+        {
+            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            layer.write_zeroes(0, 4096).unwrap();
+            layer.sync().unwrap();
+        }
+        want[..4096].fill(0);
+        let over = dir.path().join("replicas/v-r4/volume.cow");
+        std::fs::create_dir_all(over.parent().unwrap()).unwrap();
+        cow_from(&data, &over, 64 * 1024, 4096, Some(&image)).unwrap();
+        assert_eq!(
+            std::fs::read_link(over.with_file_name("base")).unwrap(),
+            image
+        );
+        assert_eq!(read_view(&over), want);
+        let layer = crate::mirror::cow::Cow::open(&cow_spec(&over), true).unwrap();
+        // Cluster 0 (zeroed over the base), 3 ("mid"), 5 ("tail"), 15 ("new").
+        assert_eq!(layer.clusters_in_data(), 4);
+        drop(layer);
         // A source that cannot be read leaves nothing behind.
         let none = dir.path().join("replicas/v-r3/volume.cow");
         std::fs::create_dir_all(none.parent().unwrap()).unwrap();
