@@ -617,21 +617,10 @@ impl Agent for LocalAgent {
     }
 
     async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()> {
-        if source.format == ImageFormat::Cow || replica.format == ImageFormat::Cow {
-            // Copy-on-write replicas are copied through the source's view into a new one
-            // without a base (so it depends on no other disk): `replica_file::cow_from`.
-            if source.format == ImageFormat::Qcow2 || replica.format != ImageFormat::Cow {
-                return Err(crate::replica_file::cow_refused("copy", &source.path));
-            }
-            let (os, src, r) = (self.os.clone(), source.clone(), replica.clone());
-            return blocking(move || {
-                let size = crate::replica_file::volume_size(&os, &src.path, src.format)?;
-                let cluster = r
-                    .cluster_bytes
-                    .unwrap_or(crate::mirror::cow::DEFAULT_CLUSTER);
-                crate::replica_file::cow_from(&src.path, &r.path, size, cluster, None)
-            })
-            .await;
+        // Unreachable from the controller today (a mirror volume's number of replicas does
+        // not change); a cow replica's copy would go through its view (`replica_file::cow_from`).
+        if source.format == ImageFormat::Cow {
+            return Err(crate::replica_file::cow_refused("copy", &source.path));
         }
         let (src, r) = (source.clone(), replica.clone());
         blocking(move || {
