@@ -617,6 +617,8 @@ impl Agent for LocalAgent {
     }
 
     async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()> {
+        // Unreachable from the controller today (a mirror volume's number of replicas does
+        // not change); a cow replica's copy would go through its view (`replica_file::cow_from`).
         if source.format == ImageFormat::Cow {
             return Err(crate::replica_file::cow_refused("copy", &source.path));
         }

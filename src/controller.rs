@@ -935,9 +935,6 @@ impl Controller {
         if size <= volume.spec.capacity_bytes {
             return Ok((volume.spec.capacity_bytes, !is_block));
         }
-        if let Some(r) = volume.cow_replica() {
-            return Err(crate::replica_file::cow_refused("grow", &r.path));
-        }
         if let Some(p) = &volume.publication {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id:?} is attached to node {:?}; bicsi grows volumes offline: detach it, expand it, attach it again",

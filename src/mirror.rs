@@ -24,7 +24,9 @@
 //! `pause` waits for the writes in flight and holds new ones until `resume` (or until the
 //! client's connection closes, so a crashed client never leaves the volume frozen); `status`
 //! prints the healthy replicas. Between the two the replicas do not change, so each can be
-//! cloned (FICLONE) as one instant of the volume.
+//! cloned (FICLONE) as one instant of the volume. `flush PATH` (between the two, for a
+//! copy-on-write replica) makes that replica's map on disk hold every bit the engine has in
+//! memory, so a second open of its files reads that instant (`snapshot::capture`).
 //!
 //! Online rebuild (`rebuild`, issue 15): `add PATH` takes a new replica file while serving, writes
 //! it from then on, fills and verifies it in a copier thread; `targets` prints each one's state
@@ -667,6 +669,28 @@ struct MirrorShared {
 }
 
 impl MirrorShared {
+    /// `flush PATH`: makes every write the local replica `PATH` took durable (its `sync`: for a
+    /// copy-on-write replica, its map on disk then holds every bit the engine has in memory),
+    /// while the engine stays healthy on it; an error when `PATH` is not one of its healthy
+    /// replicas (dropped, or never one). A snapshot asks this between `pause` and `resume`, so
+    /// that a second open of the replica's files reads the volume as the engine serves it.
+    fn flush_replica(&self, path: &Path) -> String {
+        let wanted = ReplicaTarget::Local(path.to_path_buf());
+        let Some(i) = self.replicas.iter().position(|(t, _)| *t == wanted) else {
+            return format!("error {} is not a replica of this engine", path.display());
+        };
+        if !self.replicas[i].1.load(Ordering::Acquire) {
+            return format!(
+                "error replica {} was dropped by this engine (a fault); it is not current",
+                path.display()
+            );
+        }
+        match self.sources[i].sync() {
+            Ok(()) => "ok flushed".to_string(),
+            Err(e) => format!("error flushing replica {}: {e}", path.display()),
+        }
+    }
+
     /// `add PATH`: opens the target (a local file, or `nbd://host:port/export`: a replica that
     /// another node's replica server exports), installs it while no write is in flight (the
     /// pause lock held exclusively, see `rebuild`) and starts its copier.
@@ -806,6 +830,7 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
             }
             "targets" => format!("ok targets {}", shared.targets_json()),
             other => match other.split_once(' ') {
+                Some(("flush", path)) => shared.flush_replica(Path::new(path)),
                 Some(("add", path)) => shared
                     .add(Path::new(path))
                     .unwrap_or_else(|e| format!("error {e}")),
@@ -818,7 +843,7 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
                 },
                 _ => format!(
                     "error unknown command {other:?}; use pause, resume, status, targets, add \
-                     PATH, promote PATH FINAL or drop PATH"
+                     PATH, promote PATH FINAL, drop PATH or flush PATH"
                 ),
             },
         };

@@ -9,6 +9,12 @@
 //! file (reflink where the filesystem shares blocks). A new volume from a snapshot gets copies of
 //! that file as its replicas, rebased onto the backing image it should use.
 //!
+//! A copy-on-write replica's snapshot is raw too (`snapshot.raw`): the volume's view read
+//! through the layer, holes kept (`capture_cow` has the argument for an attached volume), so
+//! restores, clones, exports and backups read it as any raw snapshot; a restore into a
+//! copy-on-write replica writes a new one over the disk's raw expansion of the backing image,
+//! with what differs from it (`restore_into_cow`).
+//!
 //! A loop volume's replica is a raw file, and so is its snapshot (`snapshot.raw`): a reflink
 //! copy (FICLONE) of the replica, the whole volume in a file that shares every block with it.
 //! Attached, the loop device is flushed first (what its page cache holds goes down to the
@@ -118,8 +124,17 @@ pub fn capture_plan(os: &Os, node_id: &str, plan: &CapturePlan) -> Result<Vec<Sn
     copy_plan(os, node_id, plan, first)
 }
 
+/// The format of a snapshot of a replica of `format`: a copy-on-write replica's snapshot is
+/// raw (its view, see [`capture`]), so everything that reads raw snapshots reads it.
+pub fn snapshot_format(format: ImageFormat) -> ImageFormat {
+    match format {
+        ImageFormat::Cow => ImageFormat::Raw,
+        f => f,
+    }
+}
+
 fn capture_first(os: &Os, node_id: &str, plan: &CapturePlan) -> Result<SnapshotFile> {
-    let format = ImageFormat::of_file(&plan.replica);
+    let format = snapshot_format(ImageFormat::of_file(&plan.replica));
     let dest = snapshot_path_as(&plan.disk, &plan.snapshot_id, format);
     let b = plan.backing.as_ref().map(|(p, f)| (p.as_path(), *f));
     capture(os, &plan.replica, &dest, b)?;
@@ -183,12 +198,11 @@ pub fn capture_group(
             ImageFormat::Qcow2 => os.engine.engine_mounts(&plan.replica)?,
             // The loop engine: the filesystem on the loop device over the raw replica; the
             // mirror engine: the one on the loop device over its file.
-            ImageFormat::Raw => match crate::os::engine::mirror::export_of(&plan.replica) {
-                Some(export) => os.loops.file_mounts(&export)?,
-                None => os.loops.file_mounts(&plan.replica)?,
-            },
-            ImageFormat::Cow => {
-                return Err(crate::replica_file::cow_refused("snapshot", &plan.replica));
+            ImageFormat::Raw | ImageFormat::Cow => {
+                match crate::os::engine::mirror::export_of(&plan.replica) {
+                    Some(export) => os.loops.file_mounts(&export)?,
+                    None => os.loops.file_mounts(&plan.replica)?,
+                }
             }
         };
         match mounts {
@@ -403,7 +417,7 @@ pub fn capture(
 ) -> Result<()> {
     match ImageFormat::of_file(replica) {
         ImageFormat::Raw => return build(dest, |tmp| capture_raw(os, replica, tmp)),
-        ImageFormat::Cow => return Err(crate::replica_file::cow_refused("snapshot", replica)),
+        ImageFormat::Cow => return build(dest, |tmp| capture_cow(os, replica, tmp)),
         ImageFormat::Qcow2 => {}
     }
     build(dest, |tmp| {
@@ -449,6 +463,40 @@ fn capture_raw(os: &Os, replica: &Path, tmp: &Path) -> Result<()> {
     }
 }
 
+/// A copy-on-write replica as it is now, into the sparse raw file `tmp` (its view through the
+/// layer, `replica_file::cow_to_raw`). At rest, its files on disk are the volume (the engine
+/// that served it flushed them when it stopped). Served by a mirror engine: the loop device on
+/// the engine's file is flushed, the engine holds writes (`pause`: those in flight complete
+/// first), then flushes this replica (`flush PATH`), and only then are the replica's files
+/// opened a second time and read, before the writes go on. Why that reads every acknowledged
+/// write and nothing later: the engine acknowledges a write only after the layer wrote its
+/// bytes into the data file and set its cluster's bit in memory; the map on disk may lag
+/// behind those bits until the layer's `sync`, which writes every bit set before it (after
+/// making the data durable). Under `pause` no write or discard is in flight or can start, so
+/// the bits in memory are fixed, and the `sync` asked for under it puts all of them on disk:
+/// the second open then sees exactly the engine's bits, and the data file's bytes through the
+/// same page cache. Reading the engine's FUSE file instead is not safe: a write held by the
+/// pause may hold that file's page locks (or have put its bytes in its cache already). The
+/// replica must be healthy in the engine: one it dropped is refused by `flush` (not current).
+fn capture_cow(os: &Os, replica: &Path, tmp: &Path) -> Result<()> {
+    if let Some(export) = crate::os::engine::mirror::export_of(replica) {
+        if let Some(dev) = os.loops.find(&export)? {
+            os.loops.flush(&dev)?;
+        }
+        let run_dir = export.parent().unwrap_or(Path::new("/"));
+        let mut paused = crate::os::engine::mirror::pause(run_dir)?;
+        let copied = paused
+            .flush(replica)
+            .map_err(Error::from)
+            .and_then(|()| crate::replica_file::cow_to_raw(replica, tmp));
+        drop(paused);
+        copied?;
+        tracing::info!(replica = %replica.display(), engine = %run_dir.display(), "point-in-time copy of a mirror engine's copy-on-write replica, its writes held");
+        return Ok(());
+    }
+    crate::replica_file::cow_to_raw(replica, tmp)
+}
+
 /// Copies a snapshot file to `dest` (another disk), pointing it at that disk's file of the same
 /// backing image (the same verified bytes, so only the header changes). Blocking.
 pub fn copy_to(
@@ -480,6 +528,9 @@ pub fn restore(
     same_image: bool,
 ) -> Result<()> {
     let (from, to) = (ImageFormat::of_file(src), ImageFormat::of_file(dest));
+    if to == ImageFormat::Cow {
+        return restore_into_cow(os, src, from, dest, size, backing);
+    }
     if (from, to) != (ImageFormat::Qcow2, ImageFormat::Qcow2) {
         return build(dest, |tmp| {
             restore_across(os, src, from, tmp, to, size, backing)
@@ -509,6 +560,60 @@ pub fn restore(
     })
 }
 
+/// `restore` into a copy-on-write replica (a restore, a clone, or an offline rebuild whose
+/// source is a replica at rest): a new one over `backing`'s raw expansion on the replica's
+/// disk (made there when missing, through the disk's `tmp/`; the replica's path is
+/// `<disk>/replicas/<dir>/volume.cow`), or without a base when the volume has no image, that
+/// holds the source's content: every cluster where the source reads other than the base is
+/// written (`replica_file::cow_from`), so over the same image only what the volume wrote takes
+/// room. A raw snapshot or a raw or copy-on-write replica is read directly; a qcow2 snapshot is
+/// first flattened into a raw file beside the replica, removed after. The cluster size is the
+/// default one.
+fn restore_into_cow(
+    os: &Os,
+    src: &Path,
+    from: ImageFormat,
+    dest: &Path,
+    size: u64,
+    backing: Option<(&Path, ImageFormat)>,
+) -> Result<()> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no directory", dest.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let base = match backing {
+        Some((file, format)) => {
+            let disk = dir.parent().and_then(Path::parent).ok_or_else(|| {
+                Error::Internal(format!("{} is not in a disk's replicas/", dest.display()))
+            })?;
+            Some(crate::os::rawfile::expand_backing(
+                &*os.images,
+                file,
+                format,
+                &disk.join("tmp"),
+            )?)
+        }
+        None => None,
+    };
+    let cluster = crate::mirror::cow::DEFAULT_CLUSTER;
+    let into =
+        |src: &Path| crate::replica_file::cow_from(src, dest, size, cluster, base.as_deref());
+    match from {
+        ImageFormat::Raw | ImageFormat::Cow => into(src),
+        ImageFormat::Qcow2 => {
+            let flat = dest.with_extension("import.raw");
+            let _ = std::fs::remove_file(&flat);
+            let made = os
+                .images
+                .convert(src, from, &flat, ImageFormat::Raw)
+                .map_err(Error::from)
+                .and_then(|()| into(&flat));
+            let _ = std::fs::remove_file(&flat);
+            made
+        }
+    }
+}
+
 /// `restore` where the snapshot or the new replica is raw. Raw to raw: a copy (reflink where
 /// the filesystem shares blocks) grown to `size`. qcow2 to raw: the snapshot with its backing
 /// chain flattened into a raw file. Raw to qcow2: the raw content converted to a standalone
@@ -524,8 +629,10 @@ fn restore_across(
     backing: Option<(&Path, ImageFormat)>,
 ) -> Result<()> {
     match (from, to) {
-        (ImageFormat::Cow, _) => return Err(crate::replica_file::cow_refused("restore", src)),
-        (_, ImageFormat::Cow) => return Err(crate::replica_file::cow_refused("restore", tmp)),
+        // Snapshots of copy-on-write replicas are raw; restores into them: `restore_into_cow`.
+        (ImageFormat::Cow, _) | (_, ImageFormat::Cow) => {
+            return Err(crate::replica_file::cow_refused("restore", src));
+        }
         (ImageFormat::Raw, ImageFormat::Raw) => copy_file("snapshot", src, tmp)?,
         (_, ImageFormat::Raw) => os.images.convert(src, from, tmp, to)?,
         (_, ImageFormat::Qcow2) => {

@@ -1,7 +1,8 @@
 //! The mirror engine serving a copy-on-write replica (`--cow-replica`, issue 14's layout for
 //! disks without reflink) as a real `bicsi engine-mirror` process over FUSE: bytes written
 //! through its file read back, and a SIGKILL between flushes loses no flushed write and leaves
-//! no cluster reading anything but its flushed or its newer bytes.
+//! no cluster reading anything but its flushed or its newer bytes; `pause` + `flush PATH` put
+//! every acknowledged write into the map a second open reads (attached snapshots).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -23,6 +24,10 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// Starts the engine on `export` (in the foreground, as its own child) and waits until the
 /// file is mounted (its pid file is written then).
 fn start(dir: &Path, export: &Path, spec: &CowSpec) -> Child {
+    start_with(dir, export, spec, &[])
+}
+
+fn start_with(dir: &Path, export: &Path, spec: &CowSpec, extra: &[&Path]) -> Child {
     let pid = dir.join("mirror.pid");
     let _ = std::fs::remove_file(&pid);
     let base = spec
@@ -42,6 +47,7 @@ fn start(dir: &Path, export: &Path, spec: &CowSpec) -> Child {
         ))
         .arg("--pid-file")
         .arg(&pid)
+        .args(extra)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -59,8 +65,7 @@ fn unmount(export: &Path) {
     let _ = Command::new("umount").arg("-l").arg(export).status();
 }
 
-#[test]
-fn a_killed_engine_over_a_cow_replica_keeps_every_flushed_write() {
+fn is_root() -> bool {
     // As the test kit's root_or_skip (not included: this binary needs nothing else of it).
     if !nix::unistd::geteuid().is_root() {
         assert!(
@@ -68,6 +73,79 @@ fn a_killed_engine_over_a_cow_replica_keeps_every_flushed_write() {
             "needs root (FUSE, mounts): this test must run in CI"
         );
         eprintln!("SKIP: needs root (FUSE, mounts); run the tests as root");
+        return false;
+    }
+    true
+}
+
+/// What a snapshot of an attached cow volume relies on (`snapshot::capture_cow`): a write the
+/// engine acknowledged without a flush is not in the replica's map on disk, so a second open
+/// reads the old cluster; after `pause` and `flush PATH` on the control socket it is, and a
+/// second open reads it; `flush` of a path that is not a replica is an error.
+#[test]
+fn pause_and_flush_put_every_acknowledged_write_in_the_map_a_second_open_reads() {
+    if !is_root() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let base: Vec<u8> = pattern(200, SIZE / 2);
+    std::fs::write(dir.path().join("base.raw"), &base).unwrap();
+    let spec = CowSpec {
+        data: dir.path().join("volume.data"),
+        map: dir.path().join("volume.map"),
+        base: Some(dir.path().join("base.raw")),
+    };
+    cow::create(&spec, SIZE as u64, cow::DEFAULT_CLUSTER).unwrap();
+    let export: PathBuf = dir.path().join("export");
+    std::fs::write(&export, b"").unwrap();
+    let socket = dir.path().join("control");
+    let mut engine = start_with(
+        dir.path(),
+        &export,
+        &spec,
+        &[Path::new("--control"), &socket],
+    );
+    let file = OpenOptions::new().write(true).open(&export).unwrap();
+    let written = pattern(9, 3 * C);
+    file.write_all_at(&written, C as u64 + 5).unwrap();
+    let second = || {
+        let layer = cow::Cow::open(&spec, true).unwrap();
+        let mut got = vec![0u8; 3 * C];
+        layer.read_at(&mut got, C as u64 + 5).unwrap();
+        got
+    };
+    assert!(
+        second() != written,
+        "the map on disk has the write before any flush"
+    );
+    let conn = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut out = conn.try_clone().unwrap();
+    let mut lines = BufReader::new(conn).lines();
+    let mut ask = |cmd: &str| {
+        writeln!(out, "{cmd}").unwrap();
+        lines.next().unwrap().unwrap()
+    };
+    assert_eq!(ask("pause"), "ok paused");
+    let data = spec.data.display().to_string();
+    assert_eq!(ask(&format!("flush {data}")), "ok flushed");
+    assert!(
+        second() == written,
+        "a second open after flush misses the write"
+    );
+    let e = ask("flush /nowhere/volume.cow");
+    assert!(e.starts_with("error") && e.contains("not a replica"), "{e}");
+    assert_eq!(ask("resume"), "ok resumed");
+    drop(file);
+    let _ = Command::new("umount").arg(&export).status();
+    let _ = engine.kill();
+    let _ = engine.wait();
+    unmount(&export);
+}
+
+#[test]
+fn a_killed_engine_over_a_cow_replica_keeps_every_flushed_write() {
+    if !is_root() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

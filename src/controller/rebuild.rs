@@ -306,8 +306,15 @@ impl Controller {
         let (mut volume, running) = {
             let _guard = self.guards.try_take(id, "volume")?;
             let mut volume = self.must_get(id)?;
-            if let Some(r) = volume.cow_replica() {
-                return Err(crate::replica_file::cow_refused("rebuild", &r.path));
+            // Offline rebuilds of copy-on-write replicas go through their view
+            // (`snapshot::restore`); online ones are not wired (the engine's rebuild target).
+            if let Some(r) = volume.cow_replica()
+                && volume.publication.is_some()
+            {
+                return Err(crate::replica_file::cow_refused(
+                    "rebuild (attached)",
+                    &r.path,
+                ));
             }
             if online::online(&volume) && from.is_none() {
                 drop(_guard);
@@ -823,8 +830,10 @@ impl Controller {
             if v.fault.is_some() || v.replicas.iter().all(|r| r.health.mode == ReplicaMode::Rw) {
                 continue;
             }
-            if let Some(r) = v.cow_replica() {
-                tracing::debug!(volume = %v.id, replica = %r.id, "not rebuilt: copy-on-write replicas are not rebuilt yet");
+            if let Some(r) = v.cow_replica()
+                && v.publication.is_some()
+            {
+                tracing::debug!(volume = %v.id, replica = %r.id, "not rebuilt while attached: copy-on-write replicas are rebuilt offline only");
                 continue;
             }
             if online::online(&v) {

@@ -86,9 +86,6 @@ impl Controller {
         snapshot_id: &str,
         volume: &Volume,
     ) -> Result<Vec<SnapshotFile>> {
-        if let Some(r) = volume.cow_replica() {
-            return Err(crate::replica_file::cow_refused("snapshot", &r.path));
-        }
         let (node, replicas) = Self::capture_node(volume)?;
         self.cluster
             .agent(&node)?
@@ -196,11 +193,6 @@ impl Controller {
                 )));
             }
             return Ok(existing);
-        }
-        if let Some(v) = self.get(&req.source_volume_id)?
-            && let Some(r) = v.cow_replica()
-        {
-            return Err(crate::replica_file::cow_refused("snapshot", &r.path));
         }
         if crate::snapshot::is_backup(&req.parameters) {
             return self.create_backup_snapshot(&req, &id).await;
@@ -370,9 +362,6 @@ impl Controller {
                 }
                 (None, Some(vid)) => {
                     let source = self.must_get(vid)?;
-                    if let Some(r) = source.cow_replica() {
-                        return Err(crate::replica_file::cow_refused("clone", &r.path));
-                    }
                     let _source_guard = self.guards.try_take(&source.id, "volume")?;
                     let source = self.make_deferred_replicas(source).await?;
                     p.number_of_replicas
@@ -464,14 +453,18 @@ impl Controller {
         let mut replicas: Vec<Replica> = Vec::new();
         for d in &chosen {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+            // The format the engine uses on this disk: a mirror volume on a disk that does
+            // not share blocks gets a copy-on-write replica, as a new volume does.
+            let format = crate::volume_engine::replica_format(engine, d);
             let replica = Replica {
-                path: crate::disks::replica_path_as(&d.disk, id, &rid, engine.replica_format()),
+                path: crate::disks::replica_path_as(&d.disk, id, &rid, format),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
-                format: engine.replica_format(),
+                format,
                 deferred: false,
-                cluster_bytes: None,
+                cluster_bytes: (format == crate::os::ImageFormat::Cow)
+                    .then_some(crate::mirror::cow::DEFAULT_CLUSTER),
                 health: Default::default(),
             };
             let source = files

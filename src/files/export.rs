@@ -49,18 +49,20 @@ impl FileManagers {
         let Some(replica) = replica else {
             return self.export_unwritten(bi, &volume, tmp, format).await;
         };
-        if replica.format == ImageFormat::Cow {
-            return Err(crate::replica_file::cow_refused("export", &replica.path));
-        }
-        let Some(p) = &volume.publication else {
-            return self.convert(replica.path, tmp, format, None).await;
-        };
-        if p.node_id != self.node_id {
-            return Err(Error::FailedPrecondition(format!(
-                "backing image {:?}: volume {vol_name:?} is attached to node {:?} and its replica here is written over the network; export it while it is detached, or from a snapshot (type: bi) in the all-in-one mode",
-                bi.name(),
-                p.node_id
-            )));
+        // A copy-on-write replica is never handed to qemu: its view is captured into a raw
+        // file first (`snapshot::capture`), attached or not.
+        let cow = replica.format == ImageFormat::Cow;
+        match &volume.publication {
+            None if !cow => return self.convert(replica.path, tmp, format, None).await,
+            // A cow replica is attached only on its own node (this one).
+            Some(p) if p.node_id != self.node_id && !cow => {
+                return Err(Error::FailedPrecondition(format!(
+                    "backing image {:?}: volume {vol_name:?} is attached to node {:?} and its replica here is written over the network; export it while it is detached, or from a snapshot (type: bi) in the all-in-one mode",
+                    bi.name(),
+                    p.node_id
+                )));
+            }
+            _ => {}
         }
         // The engine copies the replica's own clusters as they are now, over the same backing
         // file; the conversion then reads that copy, which no one writes.
@@ -75,7 +77,8 @@ impl FileManagers {
             }
             None => None,
         };
-        let point = tmp.with_extension(format!("pit.{}", replica.format.extension()));
+        let pit = crate::snapshot::snapshot_format(replica.format);
+        let point = tmp.with_extension(format!("pit.{}", pit.extension()));
         self.convert(replica.path, tmp, format, Some((point, backing)))
             .await
     }

@@ -255,6 +255,59 @@ pub fn create(spec: &CowSpec, size: u64, cluster: u32) -> std::io::Result<()> {
     )
 }
 
+/// Grows the replica `spec` (no engine may have it open) to `size` bytes, in two steps each of
+/// which leaves a readable replica: (1) the data file is grown (the new tail is a hole, zeros)
+/// and fsync'ed, while the map still says the old size ([`Cow::open`] accepts a data file
+/// longer than its map: the old volume); (2) the map is written again with the new size and
+/// the old bits (the bits past the old last cluster, which meant nothing, cleared; the new
+/// clusters' bits clear) through a temporary file renamed over it ([`write_atomically`]). A
+/// crash before (2) completes leaves the old size, after it the new one; calling this again
+/// finishes the job. The base is not touched: its length never exceeds the old size (a volume
+/// is at least its image), so the new clusters read as zeros until written. The same size is
+/// Ok; a smaller one is refused.
+pub fn grow(spec: &CowSpec, size: u64) -> std::io::Result<()> {
+    let name = spec.data.display();
+    let map = OpenOptions::new().read(true).open(&spec.map)?;
+    let mut head = vec![0u8; HEADER as usize];
+    crate::os::rawfile::read_full(&map, &mut head, 0)?;
+    let header = Header::decode(&spec.map, &head)?;
+    if size < header.size {
+        return Err(err(format!(
+            "copy-on-write replica {name} holds {} bytes; it cannot shrink to {size}",
+            header.size
+        )));
+    }
+    let data = OpenOptions::new().write(true).open(&spec.data)?;
+    let data_len = data.metadata()?.len();
+    if data_len < header.size {
+        return Err(err(format!(
+            "copy-on-write replica {name} has {data_len} bytes but its map {} says {}; give the \
+             map made with this data file",
+            spec.map.display(),
+            header.size
+        )));
+    }
+    if data_len < size {
+        data.set_len(size)?;
+        data.sync_all()?;
+    }
+    if header.size == size {
+        return Ok(());
+    }
+    let cluster = header.cluster as u64;
+    let old_bytes = bitmap_bytes(header.size, cluster);
+    let mut bitmap = vec![0u8; bitmap_bytes(size, cluster) as usize];
+    crate::os::rawfile::read_full(&map, &mut bitmap[..old_bytes as usize], HEADER)?;
+    let clusters = header.size.div_ceil(cluster);
+    for k in clusters..old_bytes * 8 {
+        bitmap[(k / 8) as usize] &= !(1u8 << (k % 8));
+    }
+    let mut bytes = Header { size, ..header }.encode();
+    bytes.extend_from_slice(&bitmap);
+    let len = bytes.len() as u64;
+    write_atomically(&spec.map, &bytes, len)
+}
+
 /// One open copy-on-write replica.
 pub struct Cow {
     data: File,
@@ -327,7 +380,8 @@ impl Cow {
         crate::os::rawfile::read_full(&map, &mut head, 0)?;
         let header = Header::decode(&spec.map, &head)?;
         let data_len = data.metadata()?.len();
-        if data_len != header.size {
+        // Longer is an expansion cut off between its two steps ([`grow`]): the map's size holds.
+        if data_len < header.size {
             return Err(err(format!(
                 "copy-on-write replica {name} has {data_len} bytes but its map {} says {}; \
                  grow both together, or give the map made with this data file",

@@ -400,6 +400,32 @@ pub struct Paused {
     conn: UnixStream,
 }
 
+impl Paused {
+    /// Asks the paused engine to make every write its local replica `replica` took durable
+    /// (`flush PATH`): for a copy-on-write replica, its map on disk then holds every bit the
+    /// engine has in memory, and no write changes it before this is dropped.
+    pub fn flush(&mut self, replica: &Path) -> OsResult<()> {
+        writeln!(self.conn, "flush {}", replica.display())
+            .map_err(|e| OsError::io("asking the mirror engine to flush a replica", e))?;
+        let mut line = String::new();
+        BufReader::new(
+            self.conn
+                .try_clone()
+                .map_err(|e| OsError::io("cloning the control connection", e))?,
+        )
+        .read_line(&mut line)
+        .map_err(|e| OsError::io("waiting for the mirror engine to flush a replica", e))?;
+        if !line.starts_with("ok") {
+            return Err(OsError::Other(format!(
+                "the mirror engine serving {} did not flush it: {}",
+                replica.display(),
+                line.trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Paused {
     fn drop(&mut self) {
         let _ = writeln!(self.conn, "resume");
