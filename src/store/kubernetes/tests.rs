@@ -643,11 +643,15 @@ fn reads_come_from_the_watch_not_from_requests() {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert!(
-            fake.log().is_empty(),
-            "reads made requests: {:?}",
-            fake.log()
-        );
+        // The store's watches of every kind start (and restart) in the background on their
+        // own schedule: a watch of another kind that opens now is not a read. Seen in a full
+        // run: the bicsirestores watch's first request landed after clear_log.
+        let requests: Vec<Logged> = fake
+            .log()
+            .into_iter()
+            .filter(|l| !l.query.contains("watch=true"))
+            .collect();
+        assert!(requests.is_empty(), "reads made requests: {requests:?}");
     });
 }
 
