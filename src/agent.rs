@@ -79,7 +79,9 @@ impl OnlineTarget {
             ReplicaTarget::Local(path) => {
                 if replica.node_id != node_id {
                     return Err(Error::InvalidArgument(format!(
-                        "replica {} is on node {:?}, not on node {node_id:?}: its online rebuild                          target is the NBD address its node exported it at (prepare_replica),                          not the local path {}",
+                        "replica {} is on node {:?}, not on node {node_id:?}: its online rebuild \
+                         target is the NBD address its node exported it at (prepare_replica), \
+                         not the local path {}",
                         replica.id,
                         replica.node_id,
                         path.display()

@@ -193,51 +193,56 @@ fn write_nonzero(out: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Resul
     Ok(())
 }
 
-/// A volume's content read in-process: a raw file, or a copy-on-write replica's view.
-enum Source {
+/// A volume's content read in-process from a local replica: a raw file, or a copy-on-write
+/// replica's view through its layer (qemu cannot read that layout). Used by the restores into
+/// copy-on-write replicas ([`cow_from`]) and by the compare of local replicas
+/// (`os::compare::identical`).
+pub enum View {
     Raw(std::fs::File, u64),
     Cow(crate::mirror::cow::Cow),
 }
 
-impl Source {
-    fn open(path: &Path) -> Result<Source> {
+impl View {
+    /// Opens the replica file `path` read only; a qcow2 file is refused (Unsupported: flatten
+    /// it into a raw file first, or let qemu read it).
+    pub fn open(path: &Path) -> std::io::Result<View> {
         match ImageFormat::of_file(path) {
-            ImageFormat::Cow => crate::mirror::cow::Cow::open(&cow_spec(path), true)
-                .map(Source::Cow)
-                .map_err(|e| internal("opening copy-on-write replica", path, e)),
+            ImageFormat::Cow => crate::mirror::cow::Cow::open(&cow_spec(path), true).map(View::Cow),
             ImageFormat::Raw => {
-                let f = std::fs::File::open(path).map_err(|e| internal("opening", path, e))?;
-                let len = f
-                    .metadata()
-                    .map_err(|e| internal("reading", path, e))?
-                    .len();
-                Ok(Source::Raw(f, len))
+                let f = std::fs::File::open(path)?;
+                let len = f.metadata()?.len();
+                Ok(View::Raw(f, len))
             }
-            ImageFormat::Qcow2 => Err(Error::Internal(format!(
-                "{} is qcow2; flatten it into a raw file first",
-                path.display()
-            ))),
+            ImageFormat::Qcow2 => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "{} is qcow2; flatten it into a raw file first",
+                    path.display()
+                ),
+            )),
         }
     }
 
-    fn size(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         match self {
-            Source::Raw(_, len) => *len,
-            Source::Cow(c) => c.size(),
+            View::Raw(_, len) => *len,
+            View::Cow(c) => c.size(),
         }
     }
 
-    fn extents(&self, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
+    /// Where it has data below `to`; elsewhere it reads as zeros.
+    pub fn extents(&self, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
         match self {
-            Source::Raw(f, _) => crate::sync::extents_in(f, 0, to),
-            Source::Cow(c) => c.data_extents(0, to),
+            View::Raw(f, _) => crate::sync::extents_in(f, 0, to),
+            View::Cow(c) => c.data_extents(0, to),
         }
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    /// Fills `buf` from `offset`; zeros past the end.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         match self {
-            Source::Raw(f, _) => crate::os::rawfile::read_full(f, buf, offset),
-            Source::Cow(c) => c.read_at(buf, offset),
+            View::Raw(f, _) => crate::os::rawfile::read_full(f, buf, offset),
+            View::Cow(c) => c.read_at(buf, offset),
         }
     }
 }
@@ -289,7 +294,7 @@ pub fn cow_from(
             .map_err(|e| internal("creating copy-on-write replica", data, e))?;
         let layer = crate::mirror::cow::Cow::open(&spec, false)
             .map_err(|e| internal("opening copy-on-write replica", data, e))?;
-        let input = Source::open(src)?;
+        let input = View::open(src).map_err(|e| internal("opening", src, e))?;
         let len = input.size().min(size);
         let mut ranges = input
             .extents(len)

@@ -148,14 +148,11 @@ pub fn replica_format(engine: EngineKind, disk: &DiskSpace) -> ImageFormat {
     }
 }
 
-/// Whether `placed` are copy-on-write replicas the mirror engine can serve: at least one, none
-/// on a disk that shares blocks, all on one node (see the module doc).
-fn cow_fits(placed: &[DiskSpace]) -> bool {
-    !placed.is_empty()
-        && placed.iter().all(|d| !d.shares_blocks)
-        && placed
-            .iter()
-            .all(|d| d.disk.node_id == placed[0].disk.node_id)
+/// Whether `placed` are all on one node, as copy-on-write replicas must be (see the module doc).
+fn on_one_node(placed: &[DiskSpace]) -> bool {
+    placed
+        .iter()
+        .all(|d| d.disk.node_id == placed[0].disk.node_id)
 }
 
 /// The engine of a new volume with `wanted` replicas placed on `placed` (see the module doc).
@@ -171,7 +168,7 @@ pub fn decide(choice: EngineChoice, wanted: u32, placed: &[DiskSpace]) -> Result
         EngineChoice::Pinned(EngineKind::Mirror)
             if !placed.is_empty() && placed.iter().all(|d| !d.shares_blocks) =>
         {
-            if !cow_fits(placed) {
+            if !on_one_node(placed) {
                 let nodes: std::collections::BTreeSet<&str> =
                     placed.iter().map(|d| d.disk.node_id.as_str()).collect();
                 return Err(Error::FailedPrecondition(format!(

@@ -20,6 +20,7 @@ use std::process::Command;
 use super::{OsError, OsResult, ReplicaTarget, command_failure, display_command, spawn_error};
 
 use super::qemu_tls::{CREDS_ID, client_creds};
+use crate::replica_file::View;
 
 /// A replica as `--image-opts` (every image of a qemu-img command is then given so): remote
 /// ones over TLS with the credentials `CREDS_ID`, the server's certificate checked for the node
@@ -83,58 +84,29 @@ pub fn identical(a: &ReplicaTarget, b: &ReplicaTarget, tls_dir: Option<&Path>) -
     compared(cmd)
 }
 
-/// A local replica read in-process: a raw file, or a copy-on-write replica through its layer.
-enum View {
-    Raw(std::fs::File),
-    Cow(crate::mirror::cow::Cow),
-}
-
-impl View {
-    fn open(t: &ReplicaTarget, other: &ReplicaTarget) -> OsResult<View> {
-        use super::ImageFormat;
-        let unsupported = || {
-            OsError::Unsupported(format!(
-                "cannot compare {t} with {other}: a copy-on-write replica is compared with a raw or copy-on-write replica of its own node only"
-            ))
-        };
-        let ReplicaTarget::Local(p) = t else {
-            return Err(unsupported());
-        };
-        match ImageFormat::of_file(p) {
-            ImageFormat::Raw => std::fs::File::open(p)
-                .map(View::Raw)
-                .map_err(|e| OsError::io(format!("opening {}", p.display()), e)),
-            ImageFormat::Cow => {
-                crate::mirror::cow::Cow::open(&crate::replica_file::cow_spec(p), true)
-                    .map(View::Cow)
-                    .map_err(|e| OsError::io(format!("opening {}", p.display()), e))
-            }
-            ImageFormat::Qcow2 => Err(unsupported()),
+/// A local raw or copy-on-write replica for [`identical_views`] (`replica_file::View`); a
+/// remote or qcow2 one is refused (Unsupported, naming both).
+fn open_view(t: &ReplicaTarget, other: &ReplicaTarget) -> OsResult<View> {
+    let unsupported = || {
+        OsError::Unsupported(format!(
+            "cannot compare {t} with {other}: a copy-on-write replica is compared with a raw or copy-on-write replica of its own node only"
+        ))
+    };
+    match t {
+        ReplicaTarget::Local(p) if super::ImageFormat::of_file(p) != super::ImageFormat::Qcow2 => {
+            View::open(p).map_err(|e| OsError::io(format!("opening {}", p.display()), e))
         }
-    }
-
-    fn size(&self) -> std::io::Result<u64> {
-        match self {
-            View::Raw(f) => Ok(f.metadata()?.len()),
-            View::Cow(c) => Ok(c.size()),
-        }
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        match self {
-            View::Raw(f) => super::rawfile::read_full(f, buf, offset),
-            View::Cow(c) => c.read_at(buf, offset),
-        }
+        _ => Err(unsupported()),
     }
 }
 
 /// Whether two local replicas, one of them copy-on-write at least, read the same: same size
 /// and the same bytes, read in 1 MiB chunks.
 fn identical_views(a: &ReplicaTarget, b: &ReplicaTarget) -> OsResult<bool> {
-    let (va, vb) = (View::open(a, b)?, View::open(b, a)?);
+    let (va, vb) = (open_view(a, b)?, open_view(b, a)?);
     let read_err = |t: &ReplicaTarget, e: std::io::Error| OsError::io(format!("reading {t}"), e);
-    let size = va.size().map_err(|e| read_err(a, e))?;
-    if size != vb.size().map_err(|e| read_err(b, e))? {
+    let size = va.size();
+    if size != vb.size() {
         return Ok(false);
     }
     const CHUNK: u64 = 1 << 20;

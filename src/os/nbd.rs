@@ -580,7 +580,8 @@ pub(crate) fn export_replica(
             let exports = Qmp::connect(&paths.qmp).and_then(|mut q| list_exports(&mut q))?;
             if !exports.is_empty() {
                 return Err(OsError::Conflict(format!(
-                    "replica server in {} runs {} but this node {}; unexport its replicas (it                      stops with the last one, e.g. detach their volumes) and export again",
+                    "replica server in {} runs {} but this node {}; unexport its replicas (it \
+                     stops with the last one, e.g. detach their volumes) and export again",
                     paths.dir.display(),
                     if args.tls { "with TLS" } else { "without TLS" },
                     if tls {
@@ -1743,6 +1744,25 @@ mod tests {
             .unwrap()
     }
 
+    /// `qemu-nbd --list` of the server at `port` through qemu's TLS client with the `--tls-dir`
+    /// `tls`.
+    fn qemu_nbd_list_tls(tls: &Path, port: u16) -> std::process::Output {
+        let (_creds, object) = crate::os::qemu_tls::client_creds(tls).unwrap();
+        Command::new("qemu-nbd")
+            .args([
+                "--list",
+                "-b",
+                HOST,
+                "-p",
+                &port.to_string(),
+                "--object",
+                &object,
+            ])
+            .args(["--tls-creds=bicsi-nbd-tls", "--tls-hostname=bicsi-node"])
+            .output()
+            .unwrap()
+    }
+
     /// `tls` with the CA `ca` and the certificate and key of `identity`.
     fn tls_dir_of(dir: &Path, ca: &Path, identity: &Path) -> PathBuf {
         fs::create_dir_all(dir).unwrap();
@@ -1823,40 +1843,14 @@ mod tests {
             String::from_utf8_lossy(&ok.stdout).contains("64 MiB"),
             "{ok:?}"
         );
-        let (_creds, object) = crate::os::qemu_tls::client_creds(&made.node_dir).unwrap();
-        let list = Command::new("qemu-nbd")
-            .args([
-                "--list",
-                "-b",
-                HOST,
-                "-p",
-                &port.to_string(),
-                "--object",
-                &object,
-            ])
-            .args(["--tls-creds=bicsi-nbd-tls", "--tls-hostname=bicsi-node"])
-            .output()
-            .unwrap();
+        let list = qemu_nbd_list_tls(&made.node_dir, port);
         eprintln!("qemu-nbd --list with a node certificate: {list:?}");
         assert!(list.status.success(), "{list:?}");
         assert!(
             String::from_utf8_lossy(&list.stdout).contains("v-r1"),
             "{list:?}"
         );
-        let (_creds, object) = crate::os::qemu_tls::client_creds(&controller).unwrap();
-        let list = Command::new("qemu-nbd")
-            .args([
-                "--list",
-                "-b",
-                HOST,
-                "-p",
-                &port.to_string(),
-                "--object",
-                &object,
-            ])
-            .args(["--tls-creds=bicsi-nbd-tls", "--tls-hostname=bicsi-node"])
-            .output()
-            .unwrap();
+        let list = qemu_nbd_list_tls(&controller, port);
         assert!(!list.status.success(), "{list:?}");
         assert!(
             !String::from_utf8_lossy(&list.stdout).contains("v-r1"),

@@ -52,29 +52,31 @@ pub fn write_back(file: &File, from: u64, to: u64, drop_pages: bool) -> io::Resu
     Ok(())
 }
 
+/// Bytes of `path` in the page cache (util-linux's `fincore`): for the tests of the writers
+/// that drop or keep their pages.
+#[cfg(test)]
+pub(crate) fn cached_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
-    use std::process::Command;
-
-    /// Bytes of `path` in the page cache, by util-linux's `fincore`.
-    fn resident(path: &std::path::Path) -> u64 {
-        let out = Command::new("fincore")
-            .args(["--bytes", "--noheadings", "--output", "RES"])
-            .arg(path)
-            .output()
-            .expect("fincore (util-linux) runs");
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    }
 
     /// A range written back with its pages dropped leaves the page cache (dropping dirty pages
     /// does not: without the write-back they stay), reads back intact, and a range the kernel
     /// cannot take is refused with what it was.
     #[test]
     fn a_written_back_range_leaves_the_page_cache_and_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
+        // Not /tmp: on a tmpfs the page cache is the storage and nothing is ever dropped.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let path = dir.path().join("f");
         let f = File::options()
             .read(true)
@@ -85,12 +87,11 @@ mod tests {
             .unwrap();
         let data: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 % 251) as u8).collect();
         f.write_all_at(&data, 0).unwrap();
-        let before = resident(&path);
+        let before = cached_bytes(&path);
         write_back(&f, 0, 4 << 20, true).unwrap();
         write_back(&f, 4 << 20, 8 << 20, false).unwrap();
         write_back(&f, 5, 5, true).unwrap();
-        let after = resident(&path);
-        // (A /tmp on tmpfs has no page cache to drop: the test needs a disk filesystem.)
+        let after = cached_bytes(&path);
         assert!(before >= 8 << 20, "written pages resident: {before}");
         assert!(
             after <= (4 << 20) + (256 << 10),

@@ -159,16 +159,7 @@ fn local_copy_on_ext4_copies_data_extents_and_keeps_holes() {
     assert!(a_dst < 10 * MIB, "holes filled: {a_dst} allocated");
 }
 
-/// Bytes of `path` in the page cache (`fincore`, util-linux).
-fn cached_bytes(path: &Path) -> u64 {
-    let out = Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .expect("fincore (util-linux) runs");
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
+use crate::os::pagecache::cached_bytes;
 
 /// A rebuild compares the copy with its source right after `local_copy_keeping_cache`: the
 /// copy's pages must still be cached then (its writeback used to drop them window by window,
