@@ -43,12 +43,9 @@ impl OnlineRebuild {
     }
 }
 
-/// The temporary name of a replica's file while an online rebuild fills it: beside its final
-/// name (so the rename is atomic), never the final name before it is complete and verified.
-pub fn online_target_path(replica: &Replica) -> PathBuf {
-    online_temp_name(&replica.path)
-}
-
+/// The temporary name of a replica file at `path` while an online rebuild fills it: beside its
+/// final name (so the rename is atomic), never the final name before it is complete and
+/// verified.
 fn online_temp_name(path: &Path) -> PathBuf {
     let name = path
         .file_name()
@@ -273,7 +270,7 @@ pub trait Agent: Send + Sync {
     }
     /// Starts the online rebuild of `replica` in the mirror engine that serves `volume_id` here,
     /// into `target`: a local path (a replica of this node, its final path) has its file made
-    /// under a temporary name ([`online_target_path`]) as a reflink clone of its disk's raw
+    /// under a temporary name (`online_temp_name`) as a reflink clone of its disk's raw
     /// file of `backing_image` (or a sparse file of `size`), and the engine adds it write-only
     /// and fills it; another node's replica comes as the NBD address its node exported it at
     /// (`prepare_replica`): the engine adds that address and fills the file in place over NBD
