@@ -1,9 +1,14 @@
 //! The records bicsi keeps: volumes with their replicas and attachments, and what a node has
 //! staged and published. Plain data with serde; no I/O and no protocol types (the CSI adapter
 //! converts from and to these).
+//!
+//! It is the bottom floor the OS seams and the domain share, so it also holds the values both
+//! speak of: a replica file's format and an engine's replica target (`ImageFormat`,
+//! `ReplicaTarget`, re-exported by `os`) and a replica's health record (`ReplicaMode`,
+//! `ReplicaHealth`, `RebuildProgress`; their rules are `health`'s).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,10 +118,10 @@ impl EngineKind {
     }
 
     /// The format of this engine's replica files.
-    pub fn replica_format(self) -> crate::os::ImageFormat {
+    pub fn replica_format(self) -> ImageFormat {
         match self {
-            EngineKind::Loop | EngineKind::Mirror => crate::os::ImageFormat::Raw,
-            EngineKind::Qemu => crate::os::ImageFormat::Qcow2,
+            EngineKind::Loop | EngineKind::Mirror => ImageFormat::Raw,
+            EngineKind::Qemu => ImageFormat::Qcow2,
         }
     }
 }
@@ -138,8 +143,8 @@ pub struct Replica {
     pub path: PathBuf,
     /// The file's format: raw for a loop engine's replica, qcow2 otherwise (and for records
     /// written before replicas had a format).
-    #[serde(default = "crate::os::ImageFormat::qcow2")]
-    pub format: crate::os::ImageFormat,
+    #[serde(default = "ImageFormat::qcow2")]
+    pub format: ImageFormat,
     /// The cluster size of a copy-on-write replica (`format: cow`, `crate::mirror::cow`), in
     /// bytes; absent for the other formats (and in records written before the layout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,7 +156,7 @@ pub struct Replica {
     /// Mode (rw, wo, err), since when and why (`crate::health`); flattened, so the record reads
     /// `mode`, `modeSince`, `modeReason`; records without them read as rw.
     #[serde(flatten)]
-    pub health: crate::health::ReplicaHealth,
+    pub health: ReplicaHealth,
 }
 
 /// A volume attached (ControllerPublished) to a node.
@@ -163,7 +168,7 @@ pub struct Publication {
     pub read_only: bool,
     /// How the attaching node's engine reaches each replica (local file or NBD export).
     #[serde(default)]
-    pub targets: Vec<crate::os::ReplicaTarget>,
+    pub targets: Vec<ReplicaTarget>,
 }
 
 /// What a user asked for when creating the volume (desired state).
@@ -242,9 +247,7 @@ impl Volume {
     /// A copy-on-write replica of the volume, if it has one (what bicsi does not do with such
     /// replicas yet is refused naming it: `crate::replica_file::cow_refused`).
     pub fn cow_replica(&self) -> Option<&Replica> {
-        self.replicas
-            .iter()
-            .find(|r| r.format == crate::os::ImageFormat::Cow)
+        self.replicas.iter().find(|r| r.format == ImageFormat::Cow)
     }
 
     /// Fewer replicas than asked for: the volume works but has less redundancy.
@@ -276,7 +279,7 @@ pub struct NodeVolume {
     pub replicas: Vec<PathBuf>,
     /// Every child of the engine, local and remote.
     #[serde(default)]
-    pub targets: Vec<crate::os::ReplicaTarget>,
+    pub targets: Vec<ReplicaTarget>,
     pub publications: Vec<NodePublication>,
     /// What actually serves this attach: `loop` when the loop device sits straight on the
     /// local raw replica (`replicas[0]`; no engine runs), `qemu` otherwise (also for a loop
@@ -375,6 +378,214 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A replica the volume engine reads and writes: a local qcow2 file, or a replica served by
+/// another node's engine over NBD (TCP).
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum ReplicaTarget {
+    /// A qcow2 replica file on this node, absolute path.
+    Local(PathBuf),
+    /// A replica exported by another node's replica server (`Engine::export_replica`): `export`
+    /// is the replica id it was exported under. Read by qemu's built-in NBD client, so no kernel
+    /// NBD module is needed.
+    Nbd {
+        host: String,
+        port: u16,
+        export: String,
+    },
+}
+
+impl std::fmt::Display for ReplicaTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaTarget::Local(path) => write!(f, "{}", path.display()),
+            ReplicaTarget::Nbd { host, port, export } if host.contains(':') => {
+                write!(f, "nbd://[{host}]:{port}/{export}")
+            }
+            ReplicaTarget::Nbd { host, port, export } => write!(f, "nbd://{host}:{port}/{export}"),
+        }
+    }
+}
+
+impl ReplicaTarget {
+    /// An NBD child read back from its `Display` form, `nbd://host:port/export` (IPv6 hosts in
+    /// brackets); None for anything else. The export is everything after the port's slash.
+    pub fn parse_nbd(value: &str) -> Option<ReplicaTarget> {
+        let rest = value.strip_prefix("nbd://")?;
+        let (authority, export) = rest.split_once('/')?;
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, port) = v6.split_once("]:")?;
+                (host, port)
+            }
+            None => authority.rsplit_once(':')?,
+        };
+        let port: u16 = port.parse().ok()?;
+        if host.is_empty() || export.is_empty() || port == 0 {
+            return None;
+        }
+        Some(ReplicaTarget::Nbd {
+            host: host.to_string(),
+            port,
+            export: export.to_string(),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+    /// bicsi's copy-on-write replica layout (`crate::mirror::cow`) on disks whose filesystem
+    /// does not share blocks: the file (`volume.cow`) is its data, `volume.cowmap` beside it
+    /// its cluster map, and `base` beside it, when there, a link to the disk's raw expansion of
+    /// the backing image. Only bicsi's mirror engine reads it: qemu has no driver for it, so
+    /// it is never handed to qemu (every path that would is refused before, naming the volume).
+    Cow,
+}
+
+impl ImageFormat {
+    /// The format of records written before replicas had one: every replica was qcow2.
+    pub fn qcow2() -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    /// The format of a replica, snapshot or export file bicsi made, from its name: `*.raw` is
+    /// raw, `*.cow` bicsi's copy-on-write layout, everything else qcow2. The one place a file's format is decided from a path; it
+    /// never looks at the content: a raw volume holds whatever its user wrote, a qcow2 header
+    /// naming a host file as its backing included, and qemu must never be told to probe it.
+    pub fn of_file(path: &Path) -> ImageFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("raw") => ImageFormat::Raw,
+            Some("cow") => ImageFormat::Cow,
+            _ => ImageFormat::Qcow2,
+        }
+    }
+
+    /// The file name extension of files of this format.
+    pub fn extension(self) -> &'static str {
+        self.as_str()
+    }
+
+    /// The name qemu uses (`-f`, `-F`, `"driver"`); `cow` for bicsi's layout, which qemu
+    /// does not know (its own long-removed `cow` driver is not this).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Cow => "cow",
+        }
+    }
+
+    /// The map file of a copy-on-write replica whose data file is `data`.
+    pub fn cow_map(data: &Path) -> PathBuf {
+        data.with_extension("cowmap")
+    }
+
+    /// The link to the base of a copy-on-write replica whose data file is `data` (absent for a
+    /// volume without a backing image).
+    pub fn cow_base(data: &Path) -> PathBuf {
+        data.with_file_name("base")
+    }
+
+    /// A backing image's or a user's format name (`raw`, `qcow2`); bicsi's `cow` layout is
+    /// never one.
+    pub fn parse(name: &str) -> Option<ImageFormat> {
+        match name {
+            "raw" => Some(ImageFormat::Raw),
+            "qcow2" => Some(ImageFormat::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a replica may be used for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaMode {
+    /// Holds every acknowledged write: read and written.
+    #[default]
+    Rw,
+    /// Being rebuilt: written (new writes, the copy) but never read.
+    Wo,
+    /// Missed writes, or its file or disk is gone: neither read nor written until rebuilt.
+    Err,
+}
+
+impl ReplicaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaMode::Rw => "rw",
+            ReplicaMode::Wo => "wo",
+            ReplicaMode::Err => "err",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rebuild of a replica in progress (mode wo), for `bicsi get replicas`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildProgress {
+    /// The replica copied from.
+    pub source: String,
+    /// Bytes of the source's own clusters copied so far, and in all.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+impl RebuildProgress {
+    pub fn percent(&self) -> u64 {
+        (self.done_bytes * 100)
+            .checked_div(self.total_bytes)
+            .unwrap_or(0)
+            .min(100)
+    }
+}
+
+/// A replica's mode with when and why it was entered. Records written before modes existed read
+/// as rw since 0 (their replicas were all written alike).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaHealth {
+    #[serde(default)]
+    pub mode: ReplicaMode,
+    /// Unix seconds.
+    #[serde(default)]
+    pub mode_since: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mode_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildProgress>,
+}
+
+impl ReplicaHealth {
+    /// A replica made to replace another: not readable until rebuilt.
+    pub fn new_err(reason: &str, now: u64) -> ReplicaHealth {
+        ReplicaHealth {
+            mode: ReplicaMode::Err,
+            mode_since: now,
+            mode_reason: reason.to_string(),
+            rebuild: None,
+        }
+    }
 }
 
 #[cfg(test)]
