@@ -43,6 +43,7 @@ pub mod nbd_wire;
 pub mod node;
 pub mod os;
 pub mod params;
+pub mod proto;
 pub mod quantity;
 pub mod reconcile;
 pub mod remote;

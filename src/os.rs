@@ -12,7 +12,9 @@
 //! so, because CSI retries every call.
 
 pub mod compare;
+pub mod cow;
 pub mod engine;
+pub mod extents;
 pub mod fake;
 pub mod fs;
 pub mod image;

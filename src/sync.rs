@@ -45,7 +45,6 @@
 //! logical content (holes as zeros) against the SHA-512 its caller knows, directly or through
 //! the file's manifest (a separate document, see [`manifest`]).
 
-mod extents;
 mod flush;
 mod hash;
 mod local;
@@ -66,7 +65,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use tracing::{debug, warn};
 
-pub use extents::{Extent, allocated_bytes, data_extents, extents_in};
+pub use crate::os::extents::{Extent, allocated_bytes, data_extents, extents_in};
 pub use hash::{hash_sparse, sha512_sparse};
 pub use local::{
     CopyMethod, CopyOutcome, byte_identical, drop_cache, local_copy, local_copy_keeping_cache,
