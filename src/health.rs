@@ -196,6 +196,35 @@ pub fn readable(v: &Volume) -> impl Iterator<Item = &Replica> {
         .filter(|r| r.health.mode == ReplicaMode::Rw)
 }
 
+/// The refusal of an attach of a faulted volume, naming the replicas and the fix.
+pub fn faulted(volume: &Volume, why: &str) -> Error {
+    let replicas = volume
+        .replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{} on node {} disk {} ({}{})",
+                r.id,
+                r.node_id,
+                r.disk_id,
+                r.health.mode,
+                if r.health.mode_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.health.mode_reason)
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Error::FailedPrecondition(format!(
+        "volume {:?} is faulted: {why}; replicas: {replicas}; choose the replica that holds the \
+         data with `bicsi volume rebuild {} --from REPLICA` (the others are rebuilt from it), or \
+         restore the volume from a snapshot or backup",
+        volume.spec.name, volume.spec.name
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

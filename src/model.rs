@@ -6,6 +6,9 @@
 //! speak of: a replica file's format and an engine's replica target (`ImageFormat`,
 //! `ReplicaTarget`, re-exported by `os`) and a replica's health record (`ReplicaMode`,
 //! `ReplicaHealth`, `RebuildProgress`; their rules are `health`'s).
+//! Also: a disk's free space as the controller's placement sees it (`DiskSpace`, re-exported
+//! by `agent`), the publish context's keys (the controller's message to the node) and the
+//! object-name rule (`validate_name`, a DNS-1123 label).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -585,6 +588,48 @@ impl ReplicaHealth {
             mode_reason: reason.to_string(),
             rebuild: None,
         }
+    }
+}
+
+// The publish context is the controller's message to the node (ControllerPublishVolume's answer,
+// NodeStageVolume's and NodePublishVolume's input): its keys are records both sides read.
+
+/// The key of the publish context that carries the replica targets to NodeStageVolume.
+pub const REPLICAS_CONTEXT_KEY: &str = "bicsi.io/replicas";
+
+/// The key of the publish context that tells NodePublishVolume the volume was published
+/// read-only (PUBLISH_READONLY), so every mount of it on the node is read-only.
+pub const READ_ONLY_CONTEXT_KEY: &str = "bicsi.io/read-only";
+
+/// A disk that can take replicas, with the bytes it has free.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpace {
+    pub disk: Disk,
+    pub free_bytes: u64,
+    /// Whether the disk's backing image manager runs (it does while the disk holds files).
+    #[serde(default)]
+    pub manager: bool,
+    /// Whether the disk's filesystem shares blocks (FICLONE works: XFS with reflink, btrfs),
+    /// which the loop engine needs; probed once per disk by its agent.
+    #[serde(default)]
+    pub shares_blocks: bool,
+}
+
+/// DNS-1123 label: what Kubernetes allows as an object name segment, and safe as a path part.
+pub fn validate_name(name: &str) -> crate::error::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "backing image name {name:?} is invalid: use at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit (a DNS-1123 label)"
+        )))
     }
 }
 

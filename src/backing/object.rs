@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::FileState;
 use crate::error::{Error, Result};
+pub use crate::model::validate_name;
 
 pub const API_VERSION: &str = "longhorn.io/v1beta2";
 pub const KIND: &str = "BackingImage";
@@ -218,24 +219,6 @@ impl BackingImage {
             .disk_file_status_map
             .values()
             .any(|f| f.state == FileState::Ready)
-    }
-}
-
-/// DNS-1123 label: what Kubernetes allows as an object name segment, and safe as a path part.
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "backing image name {name:?} is invalid: use at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit (a DNS-1123 label)"
-        )))
     }
 }
 
