@@ -8,7 +8,8 @@
 //! `ReplicaHealth`, `RebuildProgress`; their rules are `health`'s).
 //! Also: a disk's free space as the controller's placement sees it (`DiskSpace`, re-exported
 //! by `agent`), the publish context's keys (the controller's message to the node) and the
-//! object-name rule (`validate_name`, a DNS-1123 label).
+//! object-name rules (`validate_name`, a DNS-1123 label; `object_name`, a store key as a
+//! Kubernetes object name, re-exported by `store::kubernetes`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -630,6 +631,23 @@ pub fn validate_name(name: &str) -> crate::error::Result<()> {
         Err(crate::error::Error::InvalidArgument(format!(
             "backing image name {name:?} is invalid: use at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit (a DNS-1123 label)"
         )))
+    }
+}
+
+/// A valid Kubernetes object name (DNS-1123 subdomain) for a store key.
+pub fn object_name(key: &str) -> String {
+    let valid = !key.is_empty()
+        && key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && key.as_bytes()[0].is_ascii_alphanumeric()
+        && key.as_bytes()[key.len() - 1].is_ascii_alphanumeric();
+    if valid {
+        key.to_string()
+    } else {
+        let digest = hex::encode(<sha2::Sha512 as sha2::Digest>::digest(key.as_bytes()));
+        format!("k-{}", &digest[..40])
     }
 }
 

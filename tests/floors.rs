@@ -91,10 +91,9 @@ const KNOWN_BACK_EDGES: &[(&str, &str)] = &[
     ("files", "settings"),
     ("files", "store"),
     // Within the node and controller domain, the edges that close loops (the floor reads, from
-    // the bottom: store, events, settings, params, backing, storageclass, agent, cluster,
+    // the bottom: events, store, settings, params, backing, storageclass, agent, cluster,
     // metrics, node, controller, reconcile).
     ("store", "backing"),
-    ("store", "events"),
     ("params", "backing"),
     ("backing", "cluster"),
     ("backing", "controller"),
