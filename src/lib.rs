@@ -21,7 +21,7 @@
 //! 6. The CLI: `cli`, `cli_api` (and `fuzzing`'s entry points).
 //!
 //! Imports that still run up are listed, each with its reason, in `tests/floors.rs`
-//! (`KNOWN_BACK_EDGES`): `files` reaches into floor 3, five edges close loops within floor 3
+//! (`KNOWN_BACK_EDGES`): `files` reaches into floor 3, four edges close loops within floor 3
 //! and `cli_api` prints through `cli`.
 
 // `deny`, not `forbid`: the one FICLONE ioctl in `sync::reflink` allows it, with its reasons.

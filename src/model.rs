@@ -7,9 +7,10 @@
 //! `ReplicaTarget`, re-exported by `os`) and a replica's health record (`ReplicaMode`,
 //! `ReplicaHealth`, `RebuildProgress`; their rules are `health`'s).
 //! Also: a disk's free space as the controller's placement sees it (`DiskSpace`, re-exported
-//! by `agent`), the publish context's keys (the controller's message to the node) and the
-//! object-name rules (`validate_name`, a DNS-1123 label; `object_name`, a store key as a
-//! Kubernetes object name, re-exported by `store::kubernetes`).
+//! by `agent`); the publish context's keys (the controller's message to the node); a backing
+//! image's source type and checksum rule (`SourceType`, `normalize_checksum`, re-exported by
+//! `backing::object`); and the object-name rules (`validate_name`, a DNS-1123 label;
+//! `object_name`, a store key as a Kubernetes object name, re-exported by `store::kubernetes`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -648,6 +649,61 @@ pub fn object_name(key: &str) -> String {
     } else {
         let digest = hex::encode(<sha2::Sha512 as sha2::Digest>::digest(key.as_bytes()));
         format!("k-{}", &digest[..40])
+    }
+}
+
+// Where a backing image's first file comes from (a BackingImage's `sourceType`, and the
+// StorageClass parameter `backingImageDataSourceType`). Not a doc comment: it would become the
+// CRD schema's description, and deploy/crds.yaml is kept as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum SourceType {
+    #[serde(rename = "download")]
+    Download,
+    #[serde(rename = "upload")]
+    Upload,
+    #[serde(rename = "export-from-volume")]
+    ExportFromVolume,
+    /// Restored from a backup of the image in a backup target (`backup-url`: `TARGET#NAME`).
+    #[serde(rename = "restore")]
+    Restore,
+}
+
+impl SourceType {
+    pub const NAMES: &'static str = "download, upload, export-from-volume, restore";
+
+    pub fn parse(name: &str) -> crate::error::Result<SourceType> {
+        match name {
+            "download" => Ok(SourceType::Download),
+            "upload" => Ok(SourceType::Upload),
+            "export-from-volume" => Ok(SourceType::ExportFromVolume),
+            "restore" => Ok(SourceType::Restore),
+            other => Err(crate::error::Error::InvalidArgument(format!(
+                "unknown backing image source type {other:?}; use one of: {}",
+                SourceType::NAMES
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceType::Download => "download",
+            SourceType::Upload => "upload",
+            SourceType::ExportFromVolume => "export-from-volume",
+            SourceType::Restore => "restore",
+        }
+    }
+}
+
+/// Normalises and checks an expected checksum: empty, or 128 hexadecimal characters.
+pub fn normalize_checksum(name: &str, checksum: &str) -> crate::error::Result<String> {
+    let c = checksum.trim().to_ascii_lowercase();
+    if c.is_empty() || (c.len() == 128 && c.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(c)
+    } else {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "backing image {name:?}: checksum must be the SHA-512 of the file, 128 hexadecimal characters (as `shasum -a 512 FILE` prints), got {} characters",
+            checksum.trim().len()
+        )))
     }
 }
 

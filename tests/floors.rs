@@ -94,7 +94,6 @@ const KNOWN_BACK_EDGES: &[(&str, &str)] = &[
     // the bottom: events, store, settings, params, backing, storageclass, agent, cluster,
     // metrics, node, controller, reconcile).
     ("store", "backing"),
-    ("params", "backing"),
     ("backing", "cluster"),
     ("backing", "controller"),
     ("backing", "metrics"),
