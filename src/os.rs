@@ -10,6 +10,12 @@
 //! everything again. Every call may block: the domain runs them inside
 //! `tokio::task::spawn_blocking`. Every operation is idempotent where its documentation says
 //! so, because CSI retries every call.
+//!
+//! It stands on the bottom floor only (`error`, `model`, `proto`, `tls`, `messages`), so what
+//! it shares with the code above lives here and is re-exported there: the image formats it
+//! reads and writes (qcow2, raw and bicsi's copy-on-write layout, [`cow`]), a file's data
+//! extents ([`extents`]), and the command lines, defaults and control records of the engines
+//! and replica servers it starts (`crate::mirror`, `crate::replica_server`).
 
 pub mod compare;
 pub mod cow;
