@@ -109,19 +109,7 @@ impl OnlineTarget {
     }
 }
 
-/// A disk that can take replicas, with the bytes it has free.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskSpace {
-    pub disk: Disk,
-    pub free_bytes: u64,
-    /// Whether the disk's backing image manager runs (it does while the disk holds files).
-    #[serde(default)]
-    pub manager: bool,
-    /// Whether the disk's filesystem shares blocks (FICLONE works: XFS with reflink, btrfs),
-    /// which the loop engine needs; probed once per disk by its agent.
-    #[serde(default)]
-    pub shares_blocks: bool,
-}
+pub use crate::model::DiskSpace;
 
 #[tonic::async_trait]
 pub trait Agent: Send + Sync {

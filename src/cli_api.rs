@@ -204,13 +204,7 @@ pub async fn volumes(server: &str) -> Result<Vec<crate::model::Volume>> {
     json(send(client().get(url(server, "v1/volumes")), server).await?).await
 }
 
-/// What `POST /v1/volumes/{id}/rebuild` answers.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct RebuildAnswer {
-    pub volume: crate::model::Volume,
-    pub rebuilt: Vec<String>,
-    pub skipped: Vec<String>,
-}
+pub use crate::http::RebuildAnswer;
 
 /// Rebuilds a detached volume's replicas that are not rw (`bicsi volume rebuild`).
 pub async fn rebuild_volume(server: &str, id: &str, from: Option<&str>) -> Result<RebuildAnswer> {

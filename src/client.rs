@@ -26,7 +26,7 @@ pub struct CsiClient {
 impl CsiClient {
     /// Connects to `unix:///path` (or a plain path).
     pub async fn connect(endpoint: &str) -> Result<CsiClient> {
-        let path: PathBuf = crate::server::socket_path(endpoint)?;
+        let path: PathBuf = crate::csi::socket_path(endpoint)?;
         let p = path.clone();
         // The URI is required by tonic but unused: the connector below opens the socket.
         let channel = Endpoint::try_from("http://[::]:50051")

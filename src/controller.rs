@@ -205,12 +205,7 @@ fn check_capabilities(caps: &[Capability]) -> Result<()> {
     Ok(())
 }
 
-/// The key of the publish context that carries the replica targets to NodeStageVolume.
-pub const REPLICAS_CONTEXT_KEY: &str = "bicsi.io/replicas";
-
-/// The key of the publish context that tells NodePublishVolume the volume was published
-/// read-only (PUBLISH_READONLY), so every mount of it on the node is read-only.
-pub const READ_ONLY_CONTEXT_KEY: &str = "bicsi.io/read-only";
+pub use crate::model::{READ_ONLY_CONTEXT_KEY, REPLICAS_CONTEXT_KEY};
 
 fn publish_context(
     targets: &[crate::os::ReplicaTarget],
@@ -725,7 +720,7 @@ impl Controller {
         // Replicas unusable now, with why: marked err when the volume attaches without them.
         let mut lost: Vec<(String, String, bool)> = Vec::new();
         if let Some(fault) = &volume.fault {
-            return Err(crate::node::watch::faulted(volume, fault));
+            return Err(crate::health::faulted(volume, fault));
         }
         for r in volume.replicas.iter_mut() {
             if r.health.mode != crate::health::ReplicaMode::Rw {
@@ -796,7 +791,7 @@ impl Controller {
         if targets.is_empty() {
             if crate::health::volume_health(volume).0 == crate::health::VolumeHealth::Faulted {
                 let (_, why) = crate::health::volume_health(volume);
-                return Err(crate::node::watch::faulted(volume, &why));
+                return Err(crate::health::faulted(volume, &why));
             }
             return Err(Error::Unavailable(format!(
                 "no replica of volume {:?} is reachable: {}",

@@ -13,6 +13,8 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
+use std::path::PathBuf;
+
 use pb::volume_capability::access_mode::Mode;
 
 use crate::error::{Error, Result};
@@ -138,4 +140,18 @@ where
         }
         result
     }
+}
+
+/// `unix:///run/csi.sock` (or a plain path) → the socket path.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .unwrap_or(endpoint)
+        .to_string();
+    if path.is_empty() || endpoint.contains("://") && !endpoint.starts_with("unix://") {
+        return Err(Error::InvalidArgument(format!(
+            "CSI endpoint {endpoint:?} is not a unix socket; use unix:///path/to/csi.sock"
+        )));
+    }
+    Ok(PathBuf::from(path))
 }

@@ -53,6 +53,7 @@ use pipeline::Pipeline;
 use crate::messages::error_chain;
 pub use crate::messages::redact;
 use crate::messages::redact_text;
+pub use crate::sync::{NoProgress, ProgressSink};
 pub use access::{Access, AccessFiles, Credentials, SECRET_HTTP_KEYS};
 pub use decompress::{Compression, decode_prefix};
 
@@ -231,28 +232,6 @@ pub struct DownloadOutcome {
     /// The file's chunk manifest, built from the bytes that were hashed, in the same pass. Its
     /// SHA-512 is `sha512`: when the request had an expected checksum, the verified one.
     pub manifest: crate::sync::Manifest,
-}
-
-/// Receives progress. Called from the download's task, so it must be cheap (store, don't block).
-pub trait ProgressSink: Send + Sync {
-    /// `received` bytes of `total` (when the server said) are in; `received` can go back to 0
-    /// when the server ignores a Range request and the download restarts.
-    fn progress(&self, received: u64, total: Option<u64>);
-}
-
-/// Any `Fn(received, total)` closure is a sink.
-impl<F: Fn(u64, Option<u64>) + Send + Sync> ProgressSink for F {
-    fn progress(&self, received: u64, total: Option<u64>) {
-        self(received, total)
-    }
-}
-
-/// A sink that ignores progress.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoProgress;
-
-impl ProgressSink for NoProgress {
-    fn progress(&self, _: u64, _: Option<u64>) {}
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,9 +2,8 @@
 //! statuses. Nothing else in the crate decides a status code: adapters convert with `From`.
 //!
 //! Messages name the object and, where there is one, the fix: they are read by people running
-//! `kubectl describe pvc`, not by programs.
-
-use crate::os::OsError;
+//! `kubectl describe pvc`, not by programs. `OsError`, the error of the OS seams (`os`), lives here
+//! too, below them, so this floor imports nothing of the crate.
 
 /// What went wrong, classified the way CSI (and HTTP) callers need to react to it.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +38,63 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub type OsResult<T> = Result<T, OsError>;
+
+/// What went wrong below the domain. Each message names the object and, where one is known, the
+/// fix. The variants exist so that the domain can map them to CSI codes without parsing text:
+/// `NotFound` → NotFound, `Busy` → FailedPrecondition, `Conflict` → AlreadyExists or
+/// FailedPrecondition, `Unsupported` → InvalidArgument, `NoSpace` → ResourceExhausted,
+/// `Timeout` and `Unavailable` → Unavailable, everything else → Internal.
+#[derive(Debug, thiserror::Error)]
+pub enum OsError {
+    /// A program exited non-zero; `stderr` is what it said (plus a hint when one is known).
+    #[error("{cmd} failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, device, program or process the call needs does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The object is in use (a mounted loop device, an export with a loop device on it).
+    #[error("{0}")]
+    Busy(String),
+    /// The object exists but differs from what was asked (a replica with another size, an engine
+    /// serving other replicas, a device that already holds data).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request cannot be served by this layer (a filesystem type, an image format, a path).
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Timeout(String),
+    /// A service this layer depends on does not answer (the engine host of `--engine-endpoint`).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl OsError {
+    /// An I/O error with context; ENOSPC becomes `NoSpace` and ENOENT `NotFound` so callers can
+    /// tell them apart without looking at errno.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> OsError {
+        let context = context.into();
+        match source.kind() {
+            std::io::ErrorKind::StorageFull => {
+                OsError::NoSpace(format!("{context}: {source}; free space on that disk"))
+            }
+            std::io::ErrorKind::NotFound => OsError::NotFound(format!("{context}: {source}")),
+            _ => OsError::Io { context, source },
+        }
+    }
+}
 
 impl Error {
     /// The gRPC code for this error: the whole table lives here.

@@ -23,7 +23,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::model::{ClaimRef, Volume};
-use crate::store::Store;
 
 /// Events per object before the bucket runs dry (client-go's spam filter: 25).
 pub const BURST: u32 = 25;
@@ -128,8 +127,16 @@ impl Event {
     }
 }
 
+/// Where [`emit`] hands an event once logged: every `crate::store::Store` is one (the store
+/// implements this for them all), so the domain passes the store it holds, and this module
+/// needs nothing of the store's floor.
+pub trait EventSink {
+    /// Publishes the event, without waiting (only the Kubernetes store does anything).
+    fn publish(&self, event: Event);
+}
+
 /// Logs `event` and hands it to the store, which publishes it when it is the Kubernetes one.
-pub fn emit(store: &dyn Store, event: Event) {
+pub fn emit<S: EventSink + ?Sized>(store: &S, event: Event) {
     match event.type_ {
         EventType::Normal => tracing::info!(
             object = %event.regarding, reason = event.reason, note = %event.note, "event"
@@ -138,7 +145,7 @@ pub fn emit(store: &dyn Store, event: Event) {
             object = %event.regarding, reason = event.reason, note = %event.note, "event"
         ),
     }
-    store.record_event(event);
+    store.publish(event);
 }
 
 /// The volume's claim, from the parameters the external-provisioner adds with
@@ -304,7 +311,7 @@ impl Correlator {
         let suffix = format!(".{:x}", self.base.wrapping_add(self.seq));
         let name = format!(
             "{}{suffix}",
-            crate::store::kubernetes::object_name(&truncate(object, 253 - suffix.len()))
+            crate::model::object_name(&truncate(object, 253 - suffix.len()))
         );
         self.series.insert(
             key,

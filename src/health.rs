@@ -64,86 +64,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::model::{RebuildProgress, ReplicaHealth, ReplicaMode};
 use crate::model::{Replica, Volume};
-
-/// What a replica may be used for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReplicaMode {
-    /// Holds every acknowledged write: read and written.
-    #[default]
-    Rw,
-    /// Being rebuilt: written (new writes, the copy) but never read.
-    Wo,
-    /// Missed writes, or its file or disk is gone: neither read nor written until rebuilt.
-    Err,
-}
-
-impl ReplicaMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReplicaMode::Rw => "rw",
-            ReplicaMode::Wo => "wo",
-            ReplicaMode::Err => "err",
-        }
-    }
-}
-
-impl std::fmt::Display for ReplicaMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A rebuild of a replica in progress (mode wo), for `bicsi get replicas`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RebuildProgress {
-    /// The replica copied from.
-    pub source: String,
-    /// Bytes of the source's own clusters copied so far, and in all.
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    /// Unix seconds.
-    pub started: u64,
-}
-
-impl RebuildProgress {
-    pub fn percent(&self) -> u64 {
-        (self.done_bytes * 100)
-            .checked_div(self.total_bytes)
-            .unwrap_or(0)
-            .min(100)
-    }
-}
-
-/// A replica's mode with when and why it was entered. Records written before modes existed read
-/// as rw since 0 (their replicas were all written alike).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReplicaHealth {
-    #[serde(default)]
-    pub mode: ReplicaMode,
-    /// Unix seconds.
-    #[serde(default)]
-    pub mode_since: u64,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub mode_reason: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rebuild: Option<RebuildProgress>,
-}
-
-impl ReplicaHealth {
-    /// A replica made to replace another: not readable until rebuilt.
-    pub fn new_err(reason: &str, now: u64) -> ReplicaHealth {
-        ReplicaHealth {
-            mode: ReplicaMode::Err,
-            mode_since: now,
-            mode_reason: reason.to_string(),
-            rebuild: None,
-        }
-    }
-}
 
 /// Whether `from → to` is a legal move (staying is not a move).
 pub fn legal(from: ReplicaMode, to: ReplicaMode) -> bool {
@@ -272,6 +194,35 @@ pub fn readable(v: &Volume) -> impl Iterator<Item = &Replica> {
     v.replicas
         .iter()
         .filter(|r| r.health.mode == ReplicaMode::Rw)
+}
+
+/// The refusal of an attach of a faulted volume, naming the replicas and the fix.
+pub fn faulted(volume: &Volume, why: &str) -> Error {
+    let replicas = volume
+        .replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{} on node {} disk {} ({}{})",
+                r.id,
+                r.node_id,
+                r.disk_id,
+                r.health.mode,
+                if r.health.mode_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.health.mode_reason)
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Error::FailedPrecondition(format!(
+        "volume {:?} is faulted: {why}; replicas: {replicas}; choose the replica that holds the \
+         data with `bicsi volume rebuild {} --from REPLICA` (the others are rebuilt from it), or \
+         restore the volume from a snapshot or backup",
+        volume.spec.name, volume.spec.name
+    ))
 }
 
 #[cfg(test)]

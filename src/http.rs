@@ -470,7 +470,7 @@ async fn rebuild_volume(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<crate::cli_api::RebuildAnswer>> {
+) -> ApiResult<Json<RebuildAnswer>> {
     let req: RebuildRequest = if bytes.is_empty() {
         RebuildRequest::default()
     } else {
@@ -481,7 +481,7 @@ async fn rebuild_volume(
         tokio::spawn(async move { controller.rebuild(&id, req.from.as_deref()).await })
             .await
             .map_err(|e| Error::Internal(format!("rebuild task failed: {e}")))??;
-    Ok(Json(crate::cli_api::RebuildAnswer {
+    Ok(Json(RebuildAnswer {
         volume,
         rebuilt: report.rebuilt,
         skipped: report.skipped,
@@ -741,6 +741,14 @@ async fn list_backup_volumes(
     State(s): State<ApiState>,
 ) -> ApiResult<Json<Vec<crate::backup::layout::BackupVolumeMeta>>> {
     Ok(Json(s.controller()?.backup_volumes().await?))
+}
+
+/// What `POST /v1/volumes/{id}/rebuild` answers.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RebuildAnswer {
+    pub volume: crate::model::Volume,
+    pub rebuilt: Vec<String>,
+    pub skipped: Vec<String>,
 }
 
 #[cfg(test)]

@@ -68,23 +68,18 @@ use fuser::{
 use crate::os::ReplicaTarget;
 use crate::os::engine::events::FaultRecord;
 
-pub mod cow;
+/// The copy-on-write replica layout, one of the image formats of the OS seams.
+pub use crate::os::cow;
 pub(crate) mod nbd;
 mod rebuild;
 
+pub use crate::os::engine::mirror::{DEFAULT_REPLICA_TIMEOUT, DEFAULT_THREADS, FS_NAME};
 pub use rebuild::TargetState;
 
-/// The FUSE file system's source name (mountinfo): how a loop device knows the file is ours.
-pub const FS_NAME: &str = "bicsi-mirror";
 /// The largest request the kernel sends (FUSE `max_write`, and the read-ahead window).
 pub const MAX_REQUEST: u32 = 1 << 20;
 /// Writes from this size on go to the replicas in parallel.
 pub const PARALLEL_WRITE: usize = 64 * 1024;
-/// FUSE worker threads when the command line does not say.
-pub const DEFAULT_THREADS: usize = 4;
-/// Seconds a remote replica may take to answer when the command line does not say (the
-/// `replica-timeout` setting's default).
-pub const DEFAULT_REPLICA_TIMEOUT: u64 = 8;
 
 /// How the engine serves its file: the knobs measured by `bench/run --path volume-io-mirror`.
 #[derive(Clone, Debug)]

@@ -1,9 +1,19 @@
 //! The records bicsi keeps: volumes with their replicas and attachments, and what a node has
 //! staged and published. Plain data with serde; no I/O and no protocol types (the CSI adapter
 //! converts from and to these).
+//!
+//! It is the bottom floor the OS seams and the domain share, so it also holds the values both
+//! speak of: a replica file's format and an engine's replica target (`ImageFormat`,
+//! `ReplicaTarget`, re-exported by `os`) and a replica's health record (`ReplicaMode`,
+//! `ReplicaHealth`, `RebuildProgress`; their rules are `health`'s).
+//! Also: a disk's free space as the controller's placement sees it (`DiskSpace`, re-exported
+//! by `agent`); the publish context's keys (the controller's message to the node); a backing
+//! image's source type and checksum rule (`SourceType`, `normalize_checksum`, re-exported by
+//! `backing::object`); and the object-name rules (`validate_name`, a DNS-1123 label;
+//! `object_name`, a store key as a Kubernetes object name, re-exported by `store::kubernetes`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,10 +123,10 @@ impl EngineKind {
     }
 
     /// The format of this engine's replica files.
-    pub fn replica_format(self) -> crate::os::ImageFormat {
+    pub fn replica_format(self) -> ImageFormat {
         match self {
-            EngineKind::Loop | EngineKind::Mirror => crate::os::ImageFormat::Raw,
-            EngineKind::Qemu => crate::os::ImageFormat::Qcow2,
+            EngineKind::Loop | EngineKind::Mirror => ImageFormat::Raw,
+            EngineKind::Qemu => ImageFormat::Qcow2,
         }
     }
 }
@@ -138,8 +148,8 @@ pub struct Replica {
     pub path: PathBuf,
     /// The file's format: raw for a loop engine's replica, qcow2 otherwise (and for records
     /// written before replicas had a format).
-    #[serde(default = "crate::os::ImageFormat::qcow2")]
-    pub format: crate::os::ImageFormat,
+    #[serde(default = "ImageFormat::qcow2")]
+    pub format: ImageFormat,
     /// The cluster size of a copy-on-write replica (`format: cow`, `crate::mirror::cow`), in
     /// bytes; absent for the other formats (and in records written before the layout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,7 +161,7 @@ pub struct Replica {
     /// Mode (rw, wo, err), since when and why (`crate::health`); flattened, so the record reads
     /// `mode`, `modeSince`, `modeReason`; records without them read as rw.
     #[serde(flatten)]
-    pub health: crate::health::ReplicaHealth,
+    pub health: ReplicaHealth,
 }
 
 /// A volume attached (ControllerPublished) to a node.
@@ -163,7 +173,7 @@ pub struct Publication {
     pub read_only: bool,
     /// How the attaching node's engine reaches each replica (local file or NBD export).
     #[serde(default)]
-    pub targets: Vec<crate::os::ReplicaTarget>,
+    pub targets: Vec<ReplicaTarget>,
 }
 
 /// What a user asked for when creating the volume (desired state).
@@ -242,9 +252,7 @@ impl Volume {
     /// A copy-on-write replica of the volume, if it has one (what bicsi does not do with such
     /// replicas yet is refused naming it: `crate::replica_file::cow_refused`).
     pub fn cow_replica(&self) -> Option<&Replica> {
-        self.replicas
-            .iter()
-            .find(|r| r.format == crate::os::ImageFormat::Cow)
+        self.replicas.iter().find(|r| r.format == ImageFormat::Cow)
     }
 
     /// Fewer replicas than asked for: the volume works but has less redundancy.
@@ -276,7 +284,7 @@ pub struct NodeVolume {
     pub replicas: Vec<PathBuf>,
     /// Every child of the engine, local and remote.
     #[serde(default)]
-    pub targets: Vec<crate::os::ReplicaTarget>,
+    pub targets: Vec<ReplicaTarget>,
     pub publications: Vec<NodePublication>,
     /// What actually serves this attach: `loop` when the loop device sits straight on the
     /// local raw replica (`replicas[0]`; no engine runs), `qemu` otherwise (also for a loop
@@ -375,6 +383,328 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A replica the volume engine reads and writes: a local qcow2 file, or a replica served by
+/// another node's engine over NBD (TCP).
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum ReplicaTarget {
+    /// A qcow2 replica file on this node, absolute path.
+    Local(PathBuf),
+    /// A replica exported by another node's replica server (`Engine::export_replica`): `export`
+    /// is the replica id it was exported under. Read by qemu's built-in NBD client, so no kernel
+    /// NBD module is needed.
+    Nbd {
+        host: String,
+        port: u16,
+        export: String,
+    },
+}
+
+impl std::fmt::Display for ReplicaTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaTarget::Local(path) => write!(f, "{}", path.display()),
+            ReplicaTarget::Nbd { host, port, export } if host.contains(':') => {
+                write!(f, "nbd://[{host}]:{port}/{export}")
+            }
+            ReplicaTarget::Nbd { host, port, export } => write!(f, "nbd://{host}:{port}/{export}"),
+        }
+    }
+}
+
+impl ReplicaTarget {
+    /// An NBD child read back from its `Display` form, `nbd://host:port/export` (IPv6 hosts in
+    /// brackets); None for anything else. The export is everything after the port's slash.
+    pub fn parse_nbd(value: &str) -> Option<ReplicaTarget> {
+        let rest = value.strip_prefix("nbd://")?;
+        let (authority, export) = rest.split_once('/')?;
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, port) = v6.split_once("]:")?;
+                (host, port)
+            }
+            None => authority.rsplit_once(':')?,
+        };
+        let port: u16 = port.parse().ok()?;
+        if host.is_empty() || export.is_empty() || port == 0 {
+            return None;
+        }
+        Some(ReplicaTarget::Nbd {
+            host: host.to_string(),
+            port,
+            export: export.to_string(),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+    /// bicsi's copy-on-write replica layout (`crate::mirror::cow`) on disks whose filesystem
+    /// does not share blocks: the file (`volume.cow`) is its data, `volume.cowmap` beside it
+    /// its cluster map, and `base` beside it, when there, a link to the disk's raw expansion of
+    /// the backing image. Only bicsi's mirror engine reads it: qemu has no driver for it, so
+    /// it is never handed to qemu (every path that would is refused before, naming the volume).
+    Cow,
+}
+
+impl ImageFormat {
+    /// The format of records written before replicas had one: every replica was qcow2.
+    pub fn qcow2() -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    /// The format of a replica, snapshot or export file bicsi made, from its name: `*.raw` is
+    /// raw, `*.cow` bicsi's copy-on-write layout, everything else qcow2. The one place a file's format is decided from a path; it
+    /// never looks at the content: a raw volume holds whatever its user wrote, a qcow2 header
+    /// naming a host file as its backing included, and qemu must never be told to probe it.
+    pub fn of_file(path: &Path) -> ImageFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("raw") => ImageFormat::Raw,
+            Some("cow") => ImageFormat::Cow,
+            _ => ImageFormat::Qcow2,
+        }
+    }
+
+    /// The file name extension of files of this format.
+    pub fn extension(self) -> &'static str {
+        self.as_str()
+    }
+
+    /// The name qemu uses (`-f`, `-F`, `"driver"`); `cow` for bicsi's layout, which qemu
+    /// does not know (its own long-removed `cow` driver is not this).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Cow => "cow",
+        }
+    }
+
+    /// The map file of a copy-on-write replica whose data file is `data`.
+    pub fn cow_map(data: &Path) -> PathBuf {
+        data.with_extension("cowmap")
+    }
+
+    /// The link to the base of a copy-on-write replica whose data file is `data` (absent for a
+    /// volume without a backing image).
+    pub fn cow_base(data: &Path) -> PathBuf {
+        data.with_file_name("base")
+    }
+
+    /// A backing image's or a user's format name (`raw`, `qcow2`); bicsi's `cow` layout is
+    /// never one.
+    pub fn parse(name: &str) -> Option<ImageFormat> {
+        match name {
+            "raw" => Some(ImageFormat::Raw),
+            "qcow2" => Some(ImageFormat::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a replica may be used for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaMode {
+    /// Holds every acknowledged write: read and written.
+    #[default]
+    Rw,
+    /// Being rebuilt: written (new writes, the copy) but never read.
+    Wo,
+    /// Missed writes, or its file or disk is gone: neither read nor written until rebuilt.
+    Err,
+}
+
+impl ReplicaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaMode::Rw => "rw",
+            ReplicaMode::Wo => "wo",
+            ReplicaMode::Err => "err",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rebuild of a replica in progress (mode wo), for `bicsi get replicas`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildProgress {
+    /// The replica copied from.
+    pub source: String,
+    /// Bytes of the source's own clusters copied so far, and in all.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+impl RebuildProgress {
+    pub fn percent(&self) -> u64 {
+        (self.done_bytes * 100)
+            .checked_div(self.total_bytes)
+            .unwrap_or(0)
+            .min(100)
+    }
+}
+
+/// A replica's mode with when and why it was entered. Records written before modes existed read
+/// as rw since 0 (their replicas were all written alike).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaHealth {
+    #[serde(default)]
+    pub mode: ReplicaMode,
+    /// Unix seconds.
+    #[serde(default)]
+    pub mode_since: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mode_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildProgress>,
+}
+
+impl ReplicaHealth {
+    /// A replica made to replace another: not readable until rebuilt.
+    pub fn new_err(reason: &str, now: u64) -> ReplicaHealth {
+        ReplicaHealth {
+            mode: ReplicaMode::Err,
+            mode_since: now,
+            mode_reason: reason.to_string(),
+            rebuild: None,
+        }
+    }
+}
+
+// The publish context is the controller's message to the node (ControllerPublishVolume's answer,
+// NodeStageVolume's and NodePublishVolume's input): its keys are records both sides read.
+
+/// The key of the publish context that carries the replica targets to NodeStageVolume.
+pub const REPLICAS_CONTEXT_KEY: &str = "bicsi.io/replicas";
+
+/// The key of the publish context that tells NodePublishVolume the volume was published
+/// read-only (PUBLISH_READONLY), so every mount of it on the node is read-only.
+pub const READ_ONLY_CONTEXT_KEY: &str = "bicsi.io/read-only";
+
+/// A disk that can take replicas, with the bytes it has free.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpace {
+    pub disk: Disk,
+    pub free_bytes: u64,
+    /// Whether the disk's backing image manager runs (it does while the disk holds files).
+    #[serde(default)]
+    pub manager: bool,
+    /// Whether the disk's filesystem shares blocks (FICLONE works: XFS with reflink, btrfs),
+    /// which the loop engine needs; probed once per disk by its agent.
+    #[serde(default)]
+    pub shares_blocks: bool,
+}
+
+/// DNS-1123 label: what Kubernetes allows as an object name segment, and safe as a path part.
+pub fn validate_name(name: &str) -> crate::error::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "backing image name {name:?} is invalid: use at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit (a DNS-1123 label)"
+        )))
+    }
+}
+
+/// A valid Kubernetes object name (DNS-1123 subdomain) for a store key.
+pub fn object_name(key: &str) -> String {
+    let valid = !key.is_empty()
+        && key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && key.as_bytes()[0].is_ascii_alphanumeric()
+        && key.as_bytes()[key.len() - 1].is_ascii_alphanumeric();
+    if valid {
+        key.to_string()
+    } else {
+        let digest = hex::encode(<sha2::Sha512 as sha2::Digest>::digest(key.as_bytes()));
+        format!("k-{}", &digest[..40])
+    }
+}
+
+// Where a backing image's first file comes from (a BackingImage's `sourceType`, and the
+// StorageClass parameter `backingImageDataSourceType`). Not a doc comment: it would become the
+// CRD schema's description, and deploy/crds.yaml is kept as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum SourceType {
+    #[serde(rename = "download")]
+    Download,
+    #[serde(rename = "upload")]
+    Upload,
+    #[serde(rename = "export-from-volume")]
+    ExportFromVolume,
+    /// Restored from a backup of the image in a backup target (`backup-url`: `TARGET#NAME`).
+    #[serde(rename = "restore")]
+    Restore,
+}
+
+impl SourceType {
+    pub const NAMES: &'static str = "download, upload, export-from-volume, restore";
+
+    pub fn parse(name: &str) -> crate::error::Result<SourceType> {
+        match name {
+            "download" => Ok(SourceType::Download),
+            "upload" => Ok(SourceType::Upload),
+            "export-from-volume" => Ok(SourceType::ExportFromVolume),
+            "restore" => Ok(SourceType::Restore),
+            other => Err(crate::error::Error::InvalidArgument(format!(
+                "unknown backing image source type {other:?}; use one of: {}",
+                SourceType::NAMES
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceType::Download => "download",
+            SourceType::Upload => "upload",
+            SourceType::ExportFromVolume => "export-from-volume",
+            SourceType::Restore => "restore",
+        }
+    }
+}
+
+/// Normalises and checks an expected checksum: empty, or 128 hexadecimal characters.
+pub fn normalize_checksum(name: &str, checksum: &str) -> crate::error::Result<String> {
+    let c = checksum.trim().to_ascii_lowercase();
+    if c.is_empty() || (c.len() == 128 && c.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(c)
+    } else {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "backing image {name:?}: checksum must be the SHA-512 of the file, 128 hexadecimal characters (as `shasum -a 512 FILE` prints), got {} characters",
+            checksum.trim().len()
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -308,11 +308,11 @@ impl NodeAgent {
             }
             tracing::warn!(volume = %volume_id, "repairing a staged volume that is not fully in place");
         }
-        let targets = match publish_context.get(crate::controller::REPLICAS_CONTEXT_KEY) {
+        let targets = match publish_context.get(crate::model::REPLICAS_CONTEXT_KEY) {
             Some(json) => serde_json::from_str::<Vec<ReplicaTarget>>(json).map_err(|e| {
                 Error::InvalidArgument(format!(
                     "publish_context {} is malformed ({e}); pass ControllerPublishVolume's answer unchanged",
-                    crate::controller::REPLICAS_CONTEXT_KEY
+                    crate::model::REPLICAS_CONTEXT_KEY
                 ))
             })?,
             None => {

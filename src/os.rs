@@ -10,9 +10,17 @@
 //! everything again. Every call may block: the domain runs them inside
 //! `tokio::task::spawn_blocking`. Every operation is idempotent where its documentation says
 //! so, because CSI retries every call.
+//!
+//! It stands on the bottom floor only (`error`, `model`, `proto`, `tls`, `messages`), so what
+//! it shares with the code above lives here and is re-exported there: the image formats it
+//! reads and writes (qcow2, raw and bicsi's copy-on-write layout, [`cow`]), a file's data
+//! extents ([`extents`]), and the command lines, defaults and control records of the engines
+//! and replica servers it starts (`crate::mirror`, `crate::replica_server`).
 
 pub mod compare;
+pub mod cow;
 pub mod engine;
+pub mod extents;
 pub mod fake;
 pub mod fs;
 pub mod image;
@@ -30,139 +38,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
-pub type OsResult<T> = Result<T, OsError>;
-
-/// What went wrong below the domain. Each message names the object and, where one is known, the
-/// fix. The variants exist so that the domain can map them to CSI codes without parsing text:
-/// `NotFound` → NotFound, `Busy` → FailedPrecondition, `Conflict` → AlreadyExists or
-/// FailedPrecondition, `Unsupported` → InvalidArgument, `NoSpace` → ResourceExhausted,
-/// `Timeout` and `Unavailable` → Unavailable, everything else → Internal.
-#[derive(Debug, thiserror::Error)]
-pub enum OsError {
-    /// A program exited non-zero; `stderr` is what it said (plus a hint when one is known).
-    #[error("{cmd} failed: {stderr}")]
-    Command { cmd: String, stderr: String },
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file, device, program or process the call needs does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// The object is in use (a mounted loop device, an export with a loop device on it).
-    #[error("{0}")]
-    Busy(String),
-    /// The object exists but differs from what was asked (a replica with another size, an engine
-    /// serving other replicas, a device that already holds data).
-    #[error("{0}")]
-    Conflict(String),
-    /// The request cannot be served by this layer (a filesystem type, an image format, a path).
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{0}")]
-    NoSpace(String),
-    #[error("{0}")]
-    Timeout(String),
-    /// A service this layer depends on does not answer (the engine host of `--engine-endpoint`).
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Other(String),
-}
-
-impl OsError {
-    /// An I/O error with context; ENOSPC becomes `NoSpace` and ENOENT `NotFound` so callers can
-    /// tell them apart without looking at errno.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> OsError {
-        let context = context.into();
-        match source.kind() {
-            std::io::ErrorKind::StorageFull => {
-                OsError::NoSpace(format!("{context}: {source}; free space on that disk"))
-            }
-            std::io::ErrorKind::NotFound => OsError::NotFound(format!("{context}: {source}")),
-            _ => OsError::Io { context, source },
-        }
-    }
-}
+pub use crate::error::{OsError, OsResult};
+pub use crate::model::{ImageFormat, ReplicaTarget};
 
 /// The filesystems `Filesystems::mkfs` can create.
 pub const SUPPORTED_FILESYSTEMS: &[&str] = &["ext4", "xfs"];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageFormat {
-    Raw,
-    Qcow2,
-    /// bicsi's copy-on-write replica layout (`crate::mirror::cow`) on disks whose filesystem
-    /// does not share blocks: the file (`volume.cow`) is its data, `volume.cowmap` beside it
-    /// its cluster map, and `base` beside it, when there, a link to the disk's raw expansion of
-    /// the backing image. Only bicsi's mirror engine reads it: qemu has no driver for it, so
-    /// it is never handed to qemu (every path that would is refused before, naming the volume).
-    Cow,
-}
-
-impl ImageFormat {
-    /// The format of records written before replicas had one: every replica was qcow2.
-    pub fn qcow2() -> ImageFormat {
-        ImageFormat::Qcow2
-    }
-
-    /// The format of a replica, snapshot or export file bicsi made, from its name: `*.raw` is
-    /// raw, `*.cow` bicsi's copy-on-write layout, everything else qcow2. The one place a file's format is decided from a path; it
-    /// never looks at the content: a raw volume holds whatever its user wrote, a qcow2 header
-    /// naming a host file as its backing included, and qemu must never be told to probe it.
-    pub fn of_file(path: &Path) -> ImageFormat {
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("raw") => ImageFormat::Raw,
-            Some("cow") => ImageFormat::Cow,
-            _ => ImageFormat::Qcow2,
-        }
-    }
-
-    /// The file name extension of files of this format.
-    pub fn extension(self) -> &'static str {
-        self.as_str()
-    }
-
-    /// The name qemu uses (`-f`, `-F`, `"driver"`); `cow` for bicsi's layout, which qemu
-    /// does not know (its own long-removed `cow` driver is not this).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageFormat::Raw => "raw",
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Cow => "cow",
-        }
-    }
-
-    /// The map file of a copy-on-write replica whose data file is `data`.
-    pub fn cow_map(data: &Path) -> PathBuf {
-        data.with_extension("cowmap")
-    }
-
-    /// The link to the base of a copy-on-write replica whose data file is `data` (absent for a
-    /// volume without a backing image).
-    pub fn cow_base(data: &Path) -> PathBuf {
-        data.with_file_name("base")
-    }
-
-    /// A backing image's or a user's format name (`raw`, `qcow2`); bicsi's `cow` layout is
-    /// never one.
-    pub fn parse(name: &str) -> Option<ImageFormat> {
-        match name {
-            "raw" => Some(ImageFormat::Raw),
-            "qcow2" => Some(ImageFormat::Qcow2),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for ImageFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -250,61 +130,6 @@ pub struct EngineState {
     pub qmp_socket: PathBuf,
     pub replicas: Vec<PathBuf>,
     pub read_only: bool,
-}
-
-/// A replica the volume engine reads and writes: a local qcow2 file, or a replica served by
-/// another node's engine over NBD (TCP).
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub enum ReplicaTarget {
-    /// A qcow2 replica file on this node, absolute path.
-    Local(PathBuf),
-    /// A replica exported by another node's replica server (`Engine::export_replica`): `export`
-    /// is the replica id it was exported under. Read by qemu's built-in NBD client, so no kernel
-    /// NBD module is needed.
-    Nbd {
-        host: String,
-        port: u16,
-        export: String,
-    },
-}
-
-impl std::fmt::Display for ReplicaTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplicaTarget::Local(path) => write!(f, "{}", path.display()),
-            ReplicaTarget::Nbd { host, port, export } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{export}")
-            }
-            ReplicaTarget::Nbd { host, port, export } => write!(f, "nbd://{host}:{port}/{export}"),
-        }
-    }
-}
-
-impl ReplicaTarget {
-    /// An NBD child read back from its `Display` form, `nbd://host:port/export` (IPv6 hosts in
-    /// brackets); None for anything else. The export is everything after the port's slash.
-    pub fn parse_nbd(value: &str) -> Option<ReplicaTarget> {
-        let rest = value.strip_prefix("nbd://")?;
-        let (authority, export) = rest.split_once('/')?;
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(v6) => {
-                let (host, port) = v6.split_once("]:")?;
-                (host, port)
-            }
-            None => authority.rsplit_once(':')?,
-        };
-        let port: u16 = port.parse().ok()?;
-        if host.is_empty() || export.is_empty() || port == 0 {
-            return None;
-        }
-        Some(ReplicaTarget::Nbd {
-            host: host.to_string(),
-            port,
-            export: export.to_string(),
-        })
-    }
 }
 
 /// `EngineSpec` with replicas that may live on other nodes.

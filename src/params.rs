@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::backing::object::SourceType;
 use crate::error::{Error, Result};
+use crate::model::SourceType;
 
 pub const NUMBER_OF_REPLICAS: &str = "numberOfReplicas";
 pub const STALE_REPLICA_TIMEOUT: &str = "staleReplicaTimeout";
@@ -96,14 +96,14 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
             FS_TYPE => out.fs_type = Some(parse_fs_type(value)?),
             ENGINE => out.engine = crate::volume_engine::EngineChoice::parse(value)?,
             BACKING_IMAGE => {
-                crate::backing::object::validate_name(value.trim())?;
+                crate::model::validate_name(value.trim())?;
                 bi_name = Some(value.trim().to_string());
             }
             BACKING_IMAGE_SOURCE_TYPE => bi_type = Some(SourceType::parse(value.trim())?),
             BACKING_IMAGE_SOURCE_PARAMETERS => bi_params = Some(parse_source_parameters(value)?),
             BACKING_IMAGE_CHECKSUM => {
                 let name = bi_name.clone().unwrap_or_default();
-                bi_checksum = Some(crate::backing::object::normalize_checksum(&name, value)?)
+                bi_checksum = Some(crate::model::normalize_checksum(&name, value)?)
                     .filter(|c| !c.is_empty());
             }
             BACKUP_BLOCK_SIZE => {

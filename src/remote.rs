@@ -20,10 +20,8 @@ use crate::os::ReplicaTarget;
 use crate::snapshot::{GroupMember, SnapshotFile};
 use crate::store::{Kind, Store};
 
-pub mod pb {
-    #![allow(clippy::all)]
-    tonic::include_proto!("bicsi.v1");
-}
+/// The generated types of `proto/bicsi.proto`, under the name this module's callers use.
+pub use crate::proto as pb;
 
 use pb::agent_client::AgentClient;
 use pb::agent_server::Agent as AgentRpc;

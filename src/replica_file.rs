@@ -13,9 +13,11 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::mirror::cow::CowSpec;
 use crate::model::Replica;
+use crate::os::cow::CowSpec;
 use crate::os::{ImageFormat, Os};
+
+pub use crate::os::cow::{View, cow_spec};
 
 /// Creates `replica`'s file of `size` bytes over `backing` (the disk's ready file of the
 /// volume's backing image and its format). Raw: the backing image is expanded to raw once per
@@ -49,20 +51,9 @@ pub fn create(
         ImageFormat::Cow => {
             let cluster = replica
                 .cluster_bytes
-                .unwrap_or(crate::mirror::cow::DEFAULT_CLUSTER);
+                .unwrap_or(crate::os::cow::DEFAULT_CLUSTER);
             create_cow(os, &replica.path, size, cluster, backing, tmp_dir)
         }
-    }
-}
-
-/// The engine's view of the copy-on-write replica whose data file is `data`: its map beside it
-/// and its base when the replica has one (`base` beside it).
-pub fn cow_spec(data: &Path) -> CowSpec {
-    let base = ImageFormat::cow_base(data);
-    CowSpec {
-        data: data.to_path_buf(),
-        map: ImageFormat::cow_map(data),
-        base: std::fs::symlink_metadata(&base).is_ok().then_some(base),
     }
 }
 
@@ -80,7 +71,7 @@ fn create_cow(
 ) -> Result<()> {
     let map = ImageFormat::cow_map(data);
     if map.is_file() {
-        let have = crate::mirror::cow::Cow::open(&cow_spec(data), true)
+        let have = crate::os::cow::Cow::open(&cow_spec(data), true)
             .map_err(|e| Error::Internal(e.to_string()))?
             .size();
         if have == size {
@@ -107,7 +98,7 @@ fn create_cow(
                 ))
             })?;
         }
-        crate::mirror::cow::create(&cow_spec(data), size, cluster).map_err(|e| {
+        crate::os::cow::create(&cow_spec(data), size, cluster).map_err(|e| {
             Error::Internal(format!(
                 "creating copy-on-write replica {}: {e}",
                 data.display()
@@ -146,7 +137,7 @@ fn internal(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
 /// clusters in its data file where that file has data, the base elsewhere), and only the
 /// non-zero 4 KiB blocks of those are written, so holes stay holes. Blocking.
 pub fn cow_to_raw(data: &Path, dest: &Path) -> Result<()> {
-    let layer = crate::mirror::cow::Cow::open(&cow_spec(data), true)
+    let layer = crate::os::cow::Cow::open(&cow_spec(data), true)
         .map_err(|e| internal("reading copy-on-write replica", data, e))?;
     let out = std::fs::OpenOptions::new()
         .write(true)
@@ -193,60 +184,6 @@ fn write_nonzero(out: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Resul
     Ok(())
 }
 
-/// A volume's content read in-process from a local replica: a raw file, or a copy-on-write
-/// replica's view through its layer (qemu cannot read that layout). Used by the restores into
-/// copy-on-write replicas ([`cow_from`]) and by the compare of local replicas
-/// (`os::compare::identical`).
-pub enum View {
-    Raw(std::fs::File, u64),
-    Cow(crate::mirror::cow::Cow),
-}
-
-impl View {
-    /// Opens the replica file `path` read only; a qcow2 file is refused (Unsupported: flatten
-    /// it into a raw file first, or let qemu read it).
-    pub fn open(path: &Path) -> std::io::Result<View> {
-        match ImageFormat::of_file(path) {
-            ImageFormat::Cow => crate::mirror::cow::Cow::open(&cow_spec(path), true).map(View::Cow),
-            ImageFormat::Raw => {
-                let f = std::fs::File::open(path)?;
-                let len = f.metadata()?.len();
-                Ok(View::Raw(f, len))
-            }
-            ImageFormat::Qcow2 => Err(std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                format!(
-                    "{} is qcow2; flatten it into a raw file first",
-                    path.display()
-                ),
-            )),
-        }
-    }
-
-    pub fn size(&self) -> u64 {
-        match self {
-            View::Raw(_, len) => *len,
-            View::Cow(c) => c.size(),
-        }
-    }
-
-    /// Where it has data below `to`; elsewhere it reads as zeros.
-    pub fn extents(&self, to: u64) -> std::io::Result<Vec<crate::sync::Extent>> {
-        match self {
-            View::Raw(f, _) => crate::sync::extents_in(f, 0, to),
-            View::Cow(c) => c.data_extents(0, to),
-        }
-    }
-
-    /// Fills `buf` from `offset`; zeros past the end.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        match self {
-            View::Raw(f, _) => crate::os::rawfile::read_full(f, buf, offset),
-            View::Cow(c) => c.read_at(buf, offset),
-        }
-    }
-}
-
 /// Makes the copy-on-write replica `data` of `size` bytes holding the content of `src` (a raw
 /// file, or another copy-on-write replica at rest, read through its view; zeros past its end),
 /// over `base` (the disk's raw expansion of the volume's backing image, linked as its `base`)
@@ -290,9 +227,9 @@ pub fn cow_from(
             map: part_map.clone(),
             base: base.map(|_| link.clone()),
         };
-        crate::mirror::cow::create(&spec, size, cluster)
+        crate::os::cow::create(&spec, size, cluster)
             .map_err(|e| internal("creating copy-on-write replica", data, e))?;
-        let layer = crate::mirror::cow::Cow::open(&spec, false)
+        let layer = crate::os::cow::Cow::open(&spec, false)
             .map_err(|e| internal("opening copy-on-write replica", data, e))?;
         let input = View::open(src).map_err(|e| internal("opening", src, e))?;
         let len = input.size().min(size);
@@ -360,7 +297,7 @@ pub fn resize(os: &Os, path: &Path, format: ImageFormat, size: u64) -> Result<()
     match format {
         ImageFormat::Qcow2 => Ok(os.images.resize(path, size)?),
         ImageFormat::Raw => Ok(os.images.resize_raw(path, size)?),
-        ImageFormat::Cow => crate::mirror::cow::grow(&cow_spec(path), size)
+        ImageFormat::Cow => crate::os::cow::grow(&cow_spec(path), size)
             .map_err(|e| internal("growing copy-on-write replica", path, e)),
     }
 }
@@ -370,7 +307,7 @@ pub fn volume_size(os: &Os, path: &Path, format: ImageFormat) -> Result<u64> {
     match format {
         ImageFormat::Qcow2 => Ok(os.images.info(path)?.virtual_size),
         ImageFormat::Raw => Ok(os.images.raw_size(path)?),
-        ImageFormat::Cow => Ok(crate::mirror::cow::Cow::open(&cow_spec(path), true)
+        ImageFormat::Cow => Ok(crate::os::cow::Cow::open(&cow_spec(path), true)
             .map_err(|e| Error::Internal(e.to_string()))?
             .size()),
     }
@@ -397,7 +334,7 @@ mod tests {
     }
 
     fn read_view(data: &Path) -> Vec<u8> {
-        let layer = crate::mirror::cow::Cow::open(&cow_spec(data), true).unwrap();
+        let layer = crate::os::cow::Cow::open(&cow_spec(data), true).unwrap();
         let mut all = vec![0u8; layer.size() as usize];
         layer.read_at(&mut all, 0).unwrap();
         all
@@ -417,7 +354,7 @@ mod tests {
         let backing = Some((image.as_path(), ImageFormat::Raw));
         create(&os, &cow_replica(&data), size, backing, dir.path()).unwrap();
         {
-            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            let layer = crate::os::cow::Cow::open(&cow_spec(&data), false).unwrap();
             layer.write_at(b"tail", size - 4).unwrap();
             layer.write_at(b"mid", 3 * 4096).unwrap();
             layer.sync().unwrap();
@@ -448,7 +385,7 @@ mod tests {
         assert!(e.to_string().contains("cannot shrink"), "{e}");
         // The new clusters take writes.
         {
-            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            let layer = crate::os::cow::Cow::open(&cow_spec(&data), false).unwrap();
             layer.write_at(b"new", 60 * 1024).unwrap();
             layer.sync().unwrap();
         }
@@ -479,7 +416,7 @@ mod tests {
         // From a cow replica over a base to a new one over the same base: only the clusters
         // that differ from the base are written, a hole over base bytes included.
         {
-            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            let layer = crate::os::cow::Cow::open(&cow_spec(&data), false).unwrap();
             layer.write_zeroes(0, 4096).unwrap();
             layer.sync().unwrap();
         }
@@ -492,7 +429,7 @@ mod tests {
             image
         );
         assert_eq!(read_view(&over), want);
-        let layer = crate::mirror::cow::Cow::open(&cow_spec(&over), true).unwrap();
+        let layer = crate::os::cow::Cow::open(&cow_spec(&over), true).unwrap();
         // Cluster 0 (zeroed over the base), 3 ("mid"), 5 ("tail"), 15 ("new").
         assert_eq!(layer.clusters_in_data(), 4);
         drop(layer);
@@ -544,7 +481,7 @@ mod tests {
         assert!(identical(&a, &b, None).unwrap());
         // A write through the layer shows; the raw file without it differs.
         {
-            let layer = crate::mirror::cow::Cow::open(&cow_spec(&data), false).unwrap();
+            let layer = crate::os::cow::Cow::open(&cow_spec(&data), false).unwrap();
             layer.write_at(b"changed", 5000).unwrap();
             layer.sync().unwrap();
         }

@@ -58,10 +58,10 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::nbd_wire::*;
 use crate::tls::Role;
+
+pub use crate::os::replica_server::{AddRequest, ExportInfo, Listing, RemoveRequest};
 
 /// Worker threads per connection when the command line does not say.
 pub const DEFAULT_WORKERS: usize = 4;
@@ -122,23 +122,6 @@ struct Export {
     id: String,
     path: PathBuf,
     file: File,
-}
-
-/// What `list` reports of one export.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportInfo {
-    pub id: String,
-    pub path: PathBuf,
-    /// Connections in transmission on it.
-    pub clients: usize,
-}
-
-/// What `list` answers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Listing {
-    /// The address the server listens on, `host:port` (the port it actually bound).
-    pub listen: String,
-    pub exports: Vec<ExportInfo>,
 }
 
 /// A connection in transmission: the export it uses and its socket (to cut it).
@@ -878,21 +861,6 @@ pub fn serve_nbd(listener: TcpListener, exports: Arc<Exports>, cfg: ServerConfig
 }
 
 // ---- control ------------------------------------------------------------------------------
-
-/// `add`'s argument.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AddRequest {
-    pub id: String,
-    pub path: PathBuf,
-}
-
-/// `remove`'s argument.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RemoveRequest {
-    pub id: String,
-    #[serde(default)]
-    pub force: bool,
-}
 
 /// One control command's answer line.
 fn control_answer(exports: &Exports, listen: &str, line: &str) -> String {

@@ -91,19 +91,7 @@ async fn open_store(
 /// The default `--lifecycle-tick-ms`.
 pub const LIFECYCLE_TICK: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// `unix:///run/csi.sock` (or a plain path) → the socket path.
-pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .unwrap_or(endpoint)
-        .to_string();
-    if path.is_empty() || endpoint.contains("://") && !endpoint.starts_with("unix://") {
-        return Err(Error::InvalidArgument(format!(
-            "CSI endpoint {endpoint:?} is not a unix socket; use unix:///path/to/csi.sock"
-        )));
-    }
-    Ok(PathBuf::from(path))
-}
+pub use crate::csi::socket_path;
 
 /// The default endpoint for a data directory.
 pub fn default_endpoint(data_dir: &Path) -> String {

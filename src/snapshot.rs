@@ -321,7 +321,7 @@ pub fn parse_parameters(params: &BTreeMap<String, String>) -> Result<Option<Stri
 /// label already, else its lower-cased letters and digits joined by '-', cut to fit, with a
 /// digest of the full name so two names never share an image.
 pub fn image_name_for(snapshot_name: &str) -> String {
-    if crate::backing::object::validate_name(snapshot_name).is_ok() {
+    if crate::model::validate_name(snapshot_name).is_ok() {
         return snapshot_name.to_string();
     }
     let mut clean = String::new();
@@ -712,7 +712,7 @@ mod tests {
             "a.b.c",
         ] {
             let got = image_name_for(name);
-            crate::backing::object::validate_name(&got)
+            crate::model::validate_name(&got)
                 .unwrap_or_else(|e| panic!("{name:?} -> {got:?}: {e}"));
             assert_eq!(got, image_name_for(name), "stable");
         }

@@ -128,6 +128,14 @@ pub trait StoreExt: Store {
 
 impl<S: Store + ?Sized> StoreExt for S {}
 
+/// Every store is where `events::emit` hands its events (to `record_event`), so `events`, below
+/// the store, needs nothing of it.
+impl<S: Store + ?Sized> crate::events::EventSink for S {
+    fn publish(&self, event: crate::events::Event) {
+        self.record_event(event)
+    }
+}
+
 /// The conformance tests every backend must pass; each backend's test module calls them.
 #[cfg(test)]
 pub(crate) mod conformance {

@@ -45,7 +45,6 @@
 //! logical content (holes as zeros) against the SHA-512 its caller knows, directly or through
 //! the file's manifest (a separate document, see [`manifest`]).
 
-mod extents;
 mod flush;
 mod hash;
 mod local;
@@ -66,7 +65,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use tracing::{debug, warn};
 
-pub use extents::{Extent, allocated_bytes, data_extents, extents_in};
+pub use crate::os::extents::{Extent, allocated_bytes, data_extents, extents_in};
 pub use hash::{hash_sparse, sha512_sparse};
 pub use local::{
     CopyMethod, CopyOutcome, byte_identical, drop_cache, local_copy, local_copy_keeping_cache,
@@ -75,9 +74,30 @@ pub use manifest::Manifest;
 pub use receive::{ReceiveOutcome, Verified, receive, receive_from_peer, receive_with_manifest};
 pub use send::extent_stream;
 
-/// Progress of a [`receive`] (`done` bytes of the file's logical content, holes included, of
-/// `total`): the download module's sink, so one adapter serves both.
-pub use crate::download::{NoProgress, ProgressSink};
+/// Receives progress. Called from the download's task, so it must be cheap (store, don't block).
+/// Also the progress of a [`receive`] (`done` bytes of the file's logical content, holes
+/// included, of `total`): one sink for both, so one adapter serves both (`crate::download`
+/// re-exports it).
+pub trait ProgressSink: Send + Sync {
+    /// `received` bytes of `total` (when the server said) are in; `received` can go back to 0
+    /// when the server ignores a Range request and the download restarts.
+    fn progress(&self, received: u64, total: Option<u64>);
+}
+
+/// Any `Fn(received, total)` closure is a sink.
+impl<F: Fn(u64, Option<u64>) + Send + Sync> ProgressSink for F {
+    fn progress(&self, received: u64, total: Option<u64>) {
+        self(received, total)
+    }
+}
+
+/// A sink that ignores progress.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn progress(&self, _: u64, _: Option<u64>) {}
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

@@ -51,8 +51,8 @@
 //!
 //! It must not touch disks or processes: it decides from what the node agents report.
 
-use crate::agent::DiskSpace;
 use crate::error::{Error, Result};
+use crate::model::DiskSpace;
 use crate::model::EngineKind;
 use crate::os::ImageFormat;
 

@@ -9,49 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use super::state::FileState;
 use crate::error::{Error, Result};
+pub use crate::model::{SourceType, normalize_checksum, validate_name};
 
 pub const API_VERSION: &str = "longhorn.io/v1beta2";
 pub const KIND: &str = "BackingImage";
 pub const DEFAULT_NAMESPACE: &str = "longhorn-system";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum SourceType {
-    #[serde(rename = "download")]
-    Download,
-    #[serde(rename = "upload")]
-    Upload,
-    #[serde(rename = "export-from-volume")]
-    ExportFromVolume,
-    /// Restored from a backup of the image in a backup target (`backup-url`: `TARGET#NAME`).
-    #[serde(rename = "restore")]
-    Restore,
-}
-
-impl SourceType {
-    pub const NAMES: &'static str = "download, upload, export-from-volume, restore";
-
-    pub fn parse(name: &str) -> Result<SourceType> {
-        match name {
-            "download" => Ok(SourceType::Download),
-            "upload" => Ok(SourceType::Upload),
-            "export-from-volume" => Ok(SourceType::ExportFromVolume),
-            "restore" => Ok(SourceType::Restore),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown backing image source type {other:?}; use one of: {}",
-                SourceType::NAMES
-            ))),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceType::Download => "download",
-            SourceType::Upload => "upload",
-            SourceType::ExportFromVolume => "export-from-volume",
-            SourceType::Restore => "restore",
-        }
-    }
-}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -218,37 +180,6 @@ impl BackingImage {
             .disk_file_status_map
             .values()
             .any(|f| f.state == FileState::Ready)
-    }
-}
-
-/// DNS-1123 label: what Kubernetes allows as an object name segment, and safe as a path part.
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "backing image name {name:?} is invalid: use at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit (a DNS-1123 label)"
-        )))
-    }
-}
-
-/// Normalises and checks an expected checksum: empty, or 128 hexadecimal characters.
-pub fn normalize_checksum(name: &str, checksum: &str) -> Result<String> {
-    let c = checksum.trim().to_ascii_lowercase();
-    if c.is_empty() || (c.len() == 128 && c.bytes().all(|b| b.is_ascii_hexdigit())) {
-        Ok(c)
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "backing image {name:?}: checksum must be the SHA-512 of the file, 128 hexadecimal characters (as `shasum -a 512 FILE` prints), got {} characters",
-            checksum.trim().len()
-        )))
     }
 }
 

@@ -53,7 +53,7 @@ impl AttachRecord {
 
 /// The directory of the attach records of the bicsi at `endpoint`.
 pub fn attach_dir(endpoint: &str) -> Result<PathBuf> {
-    let sock = crate::server::socket_path(endpoint)?;
+    let sock = crate::csi::socket_path(endpoint)?;
     Ok(sock.parent().unwrap_or(Path::new("/")).join("cli-attach"))
 }
 

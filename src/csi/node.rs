@@ -84,7 +84,7 @@ impl CsiNode for NodeService {
                     // every mount, whatever this call's own flag says.
                     r.readonly
                         || r.publish_context
-                            .get(crate::controller::READ_ONLY_CONTEXT_KEY)
+                            .get(crate::model::READ_ONLY_CONTEXT_KEY)
                             .is_some_and(|v| v == "true"),
                 )
                 .await?;

@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::health::{self, ReplicaMode};
+use crate::health::{self, ReplicaMode, faulted};
 use crate::model::{Volume, now_secs};
 use crate::os::engine::events::{self, FaultRecord};
 use crate::os::{Os, ReplicaTarget};
@@ -334,33 +334,4 @@ pub fn after_clean_stop(volumes: &dyn Store, volume_id: &str) -> Result<()> {
         volumes.put(Kind::Volume, volume_id, &volume)?;
     }
     Ok(())
-}
-
-/// The refusal of an attach of a faulted volume, naming the replicas and the fix.
-pub fn faulted(volume: &Volume, why: &str) -> Error {
-    let replicas = volume
-        .replicas
-        .iter()
-        .map(|r| {
-            format!(
-                "{} on node {} disk {} ({}{})",
-                r.id,
-                r.node_id,
-                r.disk_id,
-                r.health.mode,
-                if r.health.mode_reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", r.health.mode_reason)
-                }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    Error::FailedPrecondition(format!(
-        "volume {:?} is faulted: {why}; replicas: {replicas}; choose the replica that holds the \
-         data with `bicsi volume rebuild {} --from REPLICA` (the others are rebuilt from it), or \
-         restore the volume from a snapshot or backup",
-        volume.spec.name, volume.spec.name
-    ))
 }

@@ -19,8 +19,8 @@ use std::process::Command;
 
 use super::{OsError, OsResult, ReplicaTarget, command_failure, display_command, spawn_error};
 
+use super::cow::View;
 use super::qemu_tls::{CREDS_ID, client_creds};
-use crate::replica_file::View;
 
 /// A replica as `--image-opts` (every image of a qemu-img command is then given so): remote
 /// ones over TLS with the credentials `CREDS_ID`, the server's certificate checked for the node

@@ -826,7 +826,7 @@ impl QemuStorageDaemon {
         // engine, not by the daemon.
         if let Some(timeout) = mirror.or_else(|| {
             mirror::serves(&spec.replicas)
-                .then(|| Duration::from_secs(crate::mirror::DEFAULT_REPLICA_TIMEOUT))
+                .then(|| Duration::from_secs(mirror::DEFAULT_REPLICA_TIMEOUT))
         }) {
             return mirror::start(self, spec, &paths, timeout);
         }

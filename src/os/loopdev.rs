@@ -137,7 +137,7 @@ impl Losetup {
         let mirror = super::mount::lookup(file)
             .ok()
             .flatten()
-            .is_some_and(|m| m.source == crate::mirror::FS_NAME);
+            .is_some_and(|m| m.source == crate::os::engine::mirror::FS_NAME);
         let mut cmd = Command::new("losetup");
         cmd.args([
             "--find",

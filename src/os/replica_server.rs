@@ -27,7 +27,7 @@ use super::engine::{
 use super::{
     OsError, OsResult, ReplicaExport, command_failure, loopdev, resolve_parent, utf8_path,
 };
-use crate::replica_server::{AddRequest, Listing, RemoveRequest};
+use serde::{Deserialize, Serialize};
 
 /// The node's run directory of the server, relative to its data directory (qemu's server has
 /// `replica-server/`).
@@ -41,6 +41,41 @@ const LOG: &str = "server.log";
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a safe unexport waits for a client that has just disconnected to be released.
 const CLIENT_RELEASE_GRACE: Duration = Duration::from_secs(2);
+
+// The control socket's records, written by this side and read by the server's
+// (`crate::replica_server`), which re-exports them.
+
+/// What `list` reports of one export.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    pub id: String,
+    pub path: PathBuf,
+    /// Connections in transmission on it.
+    pub clients: usize,
+}
+
+/// What `list` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    /// The address the server listens on, `host:port` (the port it actually bound).
+    pub listen: String,
+    pub exports: Vec<ExportInfo>,
+}
+
+/// `add`'s argument.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddRequest {
+    pub id: String,
+    pub path: PathBuf,
+}
+
+/// `remove`'s argument.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    pub id: String,
+    #[serde(default)]
+    pub force: bool,
+}
 
 /// The program to run: `BICSI_PROGRAM` when set (tests whose own binary is not bicsi), else
 /// this executable.

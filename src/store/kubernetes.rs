@@ -36,10 +36,10 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
-use sha2::Digest;
 
 use super::{Kind, Store};
 use crate::error::{Error, Result};
+pub use crate::model::object_name;
 
 /// Held by every object bicsi writes; removed by bicsi only when the record is deleted.
 pub const FINALIZER: &str = "longhorn.io/bicsi";
@@ -157,23 +157,6 @@ impl Drop for KubeStore {
         for w in &self.watchers {
             w.abort();
         }
-    }
-}
-
-/// A valid Kubernetes object name (DNS-1123 subdomain) for a store key.
-pub fn object_name(key: &str) -> String {
-    let valid = !key.is_empty()
-        && key.len() <= 253
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && key.as_bytes()[0].is_ascii_alphanumeric()
-        && key.as_bytes()[key.len() - 1].is_ascii_alphanumeric();
-    if valid {
-        key.to_string()
-    } else {
-        let digest = hex::encode(sha2::Sha512::digest(key.as_bytes()));
-        format!("k-{}", &digest[..40])
     }
 }
 

@@ -17,8 +17,8 @@ use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 use sha2::{Digest, Sha512};
 
 use super::SyncError;
-use super::extents::extents_within;
 use super::manifest::{CHUNK_SIZE, Manifest, ManifestBuilder};
+use crate::os::extents::extents_within;
 
 /// Zeros for hashing holes: small enough to stay in the CPU cache while it is hashed over and
 /// over, large enough that the per-call overhead does not show.

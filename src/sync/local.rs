@@ -16,9 +16,9 @@ use nix::fcntl::{PosixFadviseAdvice, copy_file_range, posix_fadvise};
 use std::os::unix::fs::FileExt;
 use tracing::{debug, info};
 
-use super::extents::extents_within;
 use super::flush::{Pages, Writeback, with_writeback};
 use super::{RemoveOnDrop, SyncError, reflink};
+use crate::os::extents::extents_within;
 
 /// Bytes asked of one `copy_file_range` call: small enough that writeback follows closely.
 const CFR_CHUNK: u64 = 8 << 20;

@@ -18,8 +18,8 @@ use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::extents::extents_within;
 use super::wire::{self, HEAD_LEN};
+use crate::os::extents::extents_within;
 
 /// Largest chunk handed to the body (headers included).
 const CHUNK: usize = 1 << 20;

@@ -42,7 +42,7 @@ use tonic::{Request, Response, Status};
 use super::{Spawned, daemonizing_command, read_log_from};
 use crate::messages::error_chain;
 use crate::os::{OsError, OsResult, spawn_error};
-use crate::remote::pb;
+use crate::proto as pb;
 use pb::engine_host_client::EngineHostClient;
 
 /// The host's socket in its data directory, unless `--listen` says otherwise.

@@ -42,8 +42,17 @@ const LOG: &str = "mirror.log";
 pub const CONTROL: &str = "control.sock";
 /// The replicas promoted by online rebuilds, beside the command line's (a JSON list of paths).
 pub const ADDED: &str = "added.json";
+// The engine's own defaults and name, here with its command line so that this seam needs
+// nothing of the engine (`crate::mirror` re-exports them).
+/// The FUSE file system's source name (mountinfo): how a loop device knows the file is ours.
+pub const FS_NAME: &str = "bicsi-mirror";
+/// FUSE worker threads when the command line does not say.
+pub const DEFAULT_THREADS: usize = 4;
+/// Seconds a remote replica may take to answer when the command line does not say (the
+/// `replica-timeout` setting's default).
+pub const DEFAULT_REPLICA_TIMEOUT: u64 = 8;
 /// FUSE worker threads of a shipped engine (see README, volume-io-mirror).
-const THREADS: usize = crate::mirror::DEFAULT_THREADS;
+const THREADS: usize = DEFAULT_THREADS;
 /// FUSE worker threads of an engine with a remote child: a thread waits for the remote's reply
 /// before it takes the next request, so the threads bound the writes in flight to the replica
 /// server (measured, debug build, 4k random writes at depth 32 with one local and one remote
@@ -73,7 +82,7 @@ pub(super) fn serves(targets: &[ReplicaTarget]) -> bool {
 
 /// The `--cow-replica` value of the copy-on-write replica whose data file is `data`.
 fn cow_arg(data: &Path) -> OsResult<String> {
-    let spec = crate::replica_file::cow_spec(data);
+    let spec = crate::os::cow::cow_spec(data);
     let mut arg = format!(
         "data={},map={}",
         utf8_path(&spec.data)?,
@@ -106,7 +115,7 @@ fn parse_args(argv: &[String]) -> Option<DaemonArgs> {
             "--remote" => targets.push(ReplicaTarget::parse_nbd(it.next()?)?),
             // A copy-on-write replica is known by its data file (its map and base beside it).
             "--cow-replica" => targets.push(ReplicaTarget::Local(
-                crate::mirror::cow::CowSpec::parse(it.next()?).ok()?.data,
+                crate::os::cow::CowSpec::parse(it.next()?).ok()?.data,
             )),
             "--read-only" => read_only = true,
             _ => {}

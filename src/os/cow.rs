@@ -72,7 +72,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use nix::fcntl::FallocateFlags;
 
-use crate::sync::Extent;
+use super::ImageFormat;
+use super::extents::Extent;
 
 /// The cluster size of new replicas when the caller does not say (see the README's figures).
 pub const DEFAULT_CLUSTER: u32 = 64 * 1024;
@@ -743,9 +744,9 @@ impl Cow {
             }
             let run_end = run_end.min(to);
             let found = match (&self.base, set) {
-                (_, true) => crate::sync::extents_in(&self.data, pos, run_end)?,
+                (_, true) => super::extents::extents_in(&self.data, pos, run_end)?,
                 (Some(b), false) if pos < self.base_len => {
-                    crate::sync::extents_in(b, pos, run_end.min(self.base_len))?
+                    super::extents::extents_in(b, pos, run_end.min(self.base_len))?
                 }
                 _ => Vec::new(),
             };
@@ -758,6 +759,71 @@ impl Cow {
             pos = run_end;
         }
         Ok(out)
+    }
+}
+
+/// A volume's content read in-process from a local replica: a raw file, or a copy-on-write
+/// replica's view through its layer (qemu cannot read that layout). Used by the restores into
+/// copy-on-write replicas (`replica_file::cow_from`) and by the compare of local replicas
+/// ([`super::compare::identical`]).
+pub enum View {
+    Raw(std::fs::File, u64),
+    Cow(Cow),
+}
+
+impl View {
+    /// Opens the replica file `path` read only; a qcow2 file is refused (Unsupported: flatten
+    /// it into a raw file first, or let qemu read it).
+    pub fn open(path: &Path) -> std::io::Result<View> {
+        match ImageFormat::of_file(path) {
+            ImageFormat::Cow => Cow::open(&cow_spec(path), true).map(View::Cow),
+            ImageFormat::Raw => {
+                let f = std::fs::File::open(path)?;
+                let len = f.metadata()?.len();
+                Ok(View::Raw(f, len))
+            }
+            ImageFormat::Qcow2 => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "{} is qcow2; flatten it into a raw file first",
+                    path.display()
+                ),
+            )),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            View::Raw(_, len) => *len,
+            View::Cow(c) => c.size(),
+        }
+    }
+
+    /// Where it has data below `to`; elsewhere it reads as zeros.
+    pub fn extents(&self, to: u64) -> std::io::Result<Vec<Extent>> {
+        match self {
+            View::Raw(f, _) => super::extents::extents_in(f, 0, to),
+            View::Cow(c) => c.data_extents(0, to),
+        }
+    }
+
+    /// Fills `buf` from `offset`; zeros past the end.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            View::Raw(f, _) => crate::os::rawfile::read_full(f, buf, offset),
+            View::Cow(c) => c.read_at(buf, offset),
+        }
+    }
+}
+
+/// The engine's view of the copy-on-write replica whose data file is `data`: its map beside it
+/// and its base when the replica has one (`base` beside it).
+pub fn cow_spec(data: &Path) -> CowSpec {
+    let base = ImageFormat::cow_base(data);
+    CowSpec {
+        data: data.to_path_buf(),
+        map: ImageFormat::cow_map(data),
+        base: std::fs::symlink_metadata(&base).is_ok().then_some(base),
     }
 }
 

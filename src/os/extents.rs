@@ -46,7 +46,7 @@ pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
 }
 
 /// [`data_extents`] of the first `size` bytes of `file` (its size when the caller looked).
-pub(super) fn extents_within(file: &File, size: u64) -> io::Result<Vec<Extent>> {
+pub(crate) fn extents_within(file: &File, size: u64) -> io::Result<Vec<Extent>> {
     extents_in(file, 0, size)
 }
 
