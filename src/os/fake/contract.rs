@@ -1,0 +1,672 @@
+//! The contract between the fakes and the machine: the same flows of calls, with good and bad
+//! inputs, run on `Fake` and (as root) on `Os::real()`, reduced to what a caller observes (Ok or
+//! which error kind, sizes, listings) and compared with one expected list. A fake that accepts
+//! what the machine refuses, or the reverse, fails here. The remote flow (replica servers and NBD
+//! children on two machines) is `super::super::nbd`'s `remote_flow`.
+
+use super::*;
+use crate::os::testutil::Cleanup;
+
+fn kind(r: &OsResult<impl std::fmt::Debug>) -> String {
+    match r {
+        Ok(v) => format!("Ok({v:?})"),
+        Err(OsError::Command { .. }) => "Command".into(),
+        Err(OsError::Io { .. }) => "Io".into(),
+        Err(OsError::NotFound(_)) => "NotFound".into(),
+        Err(OsError::Busy(_)) => "Busy".into(),
+        Err(OsError::Conflict(_)) => "Conflict".into(),
+        Err(OsError::Unsupported(_)) => "Unsupported".into(),
+        Err(OsError::NoSpace(_)) => "NoSpace".into(),
+        Err(OsError::Timeout(_)) => "Timeout".into(),
+        Err(OsError::Unavailable(_)) => "Unavailable".into(),
+        Err(OsError::Other(_)) => "Other".into(),
+    }
+}
+
+/// The basic node flow, as observations that must be the same on the fake and on the real
+/// machine (paths of devices and pids differ, so they are reduced to what a caller checks).
+fn basic_flow(os: &Os, dir: &Path, cleanup: &mut Cleanup) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, v: String| seen.push(format!("{what}: {v}"));
+    let size = 64u64 << 20;
+    let reps: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let disk = dir.join(format!("disk{i}"));
+            fs::create_dir_all(&disk).unwrap();
+            disk.join("replica.qcow2")
+        })
+        .collect();
+    for r in &reps {
+        note("create", kind(&os.images.create_replica(r, size, None)));
+        note(
+            "create again",
+            kind(&os.images.create_replica(r, size, None)),
+        );
+    }
+    let info = os.images.info(&reps[0]).unwrap();
+    note(
+        "info",
+        format!(
+            "{} {} {:?}",
+            info.format, info.virtual_size, info.backing_file
+        ),
+    );
+    note(
+        "create other size",
+        kind(&os.images.create_replica(&reps[0], size * 2, None)),
+    );
+    let run_dir = dir.join("run");
+    cleanup.engine(&run_dir);
+    let spec = EngineSpec {
+        volume_id: "pvc-flow".into(),
+        replicas: reps.clone(),
+        run_dir: run_dir.clone(),
+        read_only: false,
+    };
+    note("status before", kind(&os.engine.status(&run_dir)));
+    let state = os.engine.start(&spec).unwrap();
+    note(
+        "state",
+        format!("{:?} ro={}", state.replicas == reps, state.read_only),
+    );
+    let status = os.engine.status(&run_dir).unwrap().unwrap();
+    note("status pid", format!("{}", status.pid == state.pid));
+    note(
+        "start again",
+        format!("{}", os.engine.start(&spec).unwrap().pid == state.pid),
+    );
+    note(
+        "resize while running",
+        kind(&os.images.resize(&reps[0], size * 2)),
+    );
+
+    let dev = os.loops.attach(&state.export_path).unwrap();
+    cleanup.loop_file(&state.export_path);
+    note(
+        "attach again",
+        format!("{}", os.loops.attach(&state.export_path).unwrap() == dev),
+    );
+    note(
+        "find",
+        format!(
+            "{}",
+            os.loops.find(&state.export_path).unwrap() == Some(dev.clone())
+        ),
+    );
+    note("device size", kind(&os.fs.device_size(&dev)));
+    note("probe", kind(&os.fs.probe(&dev)));
+    note("mkfs btrfs", kind(&os.fs.mkfs(&dev, "btrfs")));
+    note("mkfs", kind(&os.fs.mkfs(&dev, "ext4")));
+    note("probe after", kind(&os.fs.probe(&dev)));
+    note("mkfs again", kind(&os.fs.mkfs(&dev, "ext4")));
+
+    let stage = dir.join("stage");
+    let publish = dir.join("publish");
+    let block = dir.join("block");
+    cleanup.mount(&stage);
+    cleanup.mount(&publish);
+    cleanup.mount(&block);
+    note(
+        "mount wrong fs",
+        kind(&os.mounts.mount(&dev, &stage, "xfs", &[])),
+    );
+    note("mount", kind(&os.mounts.mount(&dev, &stage, "ext4", &[])));
+    note(
+        "mount again",
+        kind(&os.mounts.mount(&dev, &stage, "ext4", &[])),
+    );
+    let m = os.mounts.mount_info(&stage).unwrap().unwrap();
+    note(
+        "stage info",
+        format!(
+            "{} {} rw={}",
+            m.fstype,
+            m.target == resolve_parent(&stage),
+            m.options.contains(&"rw".into())
+        ),
+    );
+    note(
+        "bind ro",
+        kind(&os.mounts.bind_mount(&stage, &publish, true)),
+    );
+    note(
+        "bind ro again",
+        kind(&os.mounts.bind_mount(&stage, &publish, true)),
+    );
+    note(
+        "bind rw over ro",
+        kind(&os.mounts.bind_mount(&stage, &publish, false)),
+    );
+    let p = os.mounts.mount_info(&publish).unwrap().unwrap();
+    note(
+        "publish info",
+        format!("{} ro={}", p.fstype, p.options.contains(&"ro".into())),
+    );
+    note(
+        "bind block",
+        kind(&os.mounts.bind_mount(&dev, &block, false)),
+    );
+    note(
+        "block target is not a dir",
+        format!("{}", !fs::metadata(&block).unwrap().is_dir()),
+    );
+    let st = os.fs.stats(&stage).unwrap();
+    note(
+        "stats",
+        format!(
+            "{}",
+            st.total_bytes > 0 && st.total_bytes <= size && st.used_bytes < st.total_bytes
+        ),
+    );
+    note("stop while attached", kind(&os.engine.stop(&run_dir)));
+
+    for t in [&publish, &block, &stage] {
+        note("unmount", kind(&os.mounts.unmount(t)));
+        note("unmount again", kind(&os.mounts.unmount(t)));
+        note("info after", kind(&os.mounts.mount_info(t)));
+    }
+    note("detach", kind(&os.loops.detach(&dev)));
+    note(
+        "detach again",
+        kind(&os.loops.detach_file(&state.export_path)),
+    );
+    note("find after", kind(&os.loops.find(&state.export_path)));
+    note("stop", kind(&os.engine.stop(&run_dir)));
+    note("stop again", kind(&os.engine.stop(&run_dir)));
+    note("status after", kind(&os.engine.status(&run_dir)));
+    note("run dir gone", format!("{}", !run_dir.exists()));
+    for r in &reps {
+        note("resize stopped", kind(&os.images.resize(r, size * 2)));
+    }
+    note("shrink", kind(&os.images.resize(&reps[0], size)));
+    note(
+        "attach missing",
+        kind(&os.loops.attach(&dir.join("nothing"))),
+    );
+    note("probe missing", kind(&os.fs.probe(&dir.join("nothing"))));
+    note(
+        "mount missing",
+        kind(&os.mounts.mount(&dir.join("nothing"), &stage, "ext4", &[])),
+    );
+
+    // Restart: the filesystem made through the first engine is there through the second.
+    let state = os.engine.start(&spec).unwrap();
+    let dev = os.loops.attach(&state.export_path).unwrap();
+    cleanup.loop_file(&state.export_path);
+    note(
+        "size after offline resize",
+        format!("{}", os.fs.device_size(&dev).unwrap() == size * 2),
+    );
+    note("probe after restart", kind(&os.fs.probe(&dev)));
+    note("grow xfs unmounted", kind(&os.fs.grow(&dev, &stage, "xfs")));
+    note("grow offline", kind(&os.fs.grow(&dev, &stage, "ext4")));
+    note(
+        "grow offline again",
+        kind(&os.fs.grow(&dev, &stage, "ext4")),
+    );
+    note(
+        "mount after restart",
+        kind(&os.mounts.mount(&dev, &stage, "ext4", &[])),
+    );
+    note(
+        "grow mounted elsewhere",
+        kind(&os.fs.grow(&dev, &publish, "ext4")),
+    );
+    let st = os.fs.stats(&stage).unwrap();
+    note("grown", format!("{}", st.total_bytes > size));
+    os.mounts.unmount(&stage).unwrap();
+    os.loops.detach(&dev).unwrap();
+    os.engine.stop(&run_dir).unwrap();
+    seen
+}
+
+const EXPECTED: &[&str] = &[
+    "create: Ok(())",
+    "create again: Ok(())",
+    "create: Ok(())",
+    "create again: Ok(())",
+    "info: qcow2 67108864 None",
+    "create other size: Conflict",
+    "status before: Ok(None)",
+    "state: true ro=false",
+    "status pid: true",
+    "start again: true",
+    "resize while running: Command",
+    "attach again: true",
+    "find: true",
+    "device size: Ok(67108864)",
+    "probe: Ok(None)",
+    "mkfs btrfs: Unsupported",
+    "mkfs: Ok(())",
+    "probe after: Ok(Some(\"ext4\"))",
+    "mkfs again: Conflict",
+    "mount wrong fs: Command",
+    "mount: Ok(())",
+    "mount again: Ok(())",
+    "stage info: ext4 true rw=true",
+    "bind ro: Ok(())",
+    "bind ro again: Ok(())",
+    "bind rw over ro: Conflict",
+    "publish info: ext4 ro=true",
+    "bind block: Ok(())",
+    "block target is not a dir: true",
+    "stats: true",
+    "stop while attached: Busy",
+    "unmount: Ok(())",
+    "unmount again: Ok(())",
+    "info after: Ok(None)",
+    "unmount: Ok(())",
+    "unmount again: Ok(())",
+    "info after: Ok(None)",
+    "unmount: Ok(())",
+    "unmount again: Ok(())",
+    "info after: Ok(None)",
+    "detach: Ok(())",
+    "detach again: Ok(())",
+    "find after: Ok(None)",
+    "stop: Ok(())",
+    "stop again: Ok(())",
+    "status after: Ok(None)",
+    "run dir gone: true",
+    "resize stopped: Ok(())",
+    "resize stopped: Ok(())",
+    "shrink: Unsupported",
+    "attach missing: NotFound",
+    "probe missing: NotFound",
+    "mount missing: NotFound",
+    "size after offline resize: true",
+    "probe after restart: Ok(Some(\"ext4\"))",
+    "grow xfs unmounted: Unsupported",
+    "grow offline: Ok(())",
+    "grow offline again: Ok(())",
+    "mount after restart: Ok(())",
+    "grow mounted elsewhere: Busy",
+    "grown: true",
+];
+
+#[test]
+fn fake_basic_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new();
+    let mut cleanup = Cleanup::with(fake.os());
+    let seen = basic_flow(&fake.os(), dir.path(), &mut cleanup);
+    assert_eq!(seen, EXPECTED);
+    assert!(fake.engines().is_empty());
+    assert!(fake.loop_devices().is_empty());
+    assert!(fake.mounts().is_empty());
+}
+
+#[test]
+fn real_matches_fake_basic_flow() {
+    if !crate::os::root_or_skip("real_matches_fake_basic_flow") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let seen = basic_flow(&Os::real(), dir.path(), &mut cleanup);
+    assert_eq!(seen, EXPECTED);
+}
+
+#[test]
+fn fake_engines_lock_replicas_and_readonly_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new();
+    let os = fake.os();
+    let r = dir.path().join("r.qcow2");
+    os.images.create_replica(&r, 1 << 30, None).unwrap();
+    let spec = |run: &str, ro: bool| EngineSpec {
+        volume_id: "v".into(),
+        replicas: vec![r.clone()],
+        run_dir: dir.path().join(run),
+        read_only: ro,
+    };
+    let a = os.engine.start(&spec("a", false)).unwrap();
+    let err = os.engine.start(&spec("b", false)).unwrap_err();
+    assert!(err.to_string().contains("lock"), "{err}");
+    assert!(matches!(
+        os.engine.start(&spec("b", true)),
+        Err(OsError::Command { .. })
+    ));
+    let dev = os.loops.attach(&a.export_path).unwrap();
+    os.fs.mkfs(&dev, "xfs").unwrap();
+    os.loops.detach(&dev).unwrap();
+    os.engine.stop(&dir.path().join("a")).unwrap();
+
+    // Two read-only engines may share a replica; their devices and mounts are read-only.
+    let b = os.engine.start(&spec("b", true)).unwrap();
+    let c = os.engine.start(&spec("c", true)).unwrap();
+    let dev = os.loops.attach(&b.export_path).unwrap();
+    assert!(matches!(
+        os.fs.mkfs(&dev, "ext4"),
+        Err(OsError::Conflict(_))
+    ));
+    let mnt = dir.path().join("mnt");
+    os.mounts.mount(&dev, &mnt, "xfs", &[]).unwrap();
+    let info = os.mounts.mount_info(&mnt).unwrap().unwrap();
+    assert_eq!(info.options[0], "ro");
+    assert!(matches!(os.loops.detach(&dev), Err(OsError::Busy(_))));
+    os.mounts.unmount(&mnt).unwrap();
+    os.loops.detach(&dev).unwrap();
+    assert_eq!(fake.engines().len(), 2);
+    os.engine.stop(&dir.path().join("b")).unwrap();
+    os.engine.stop(&dir.path().join("c")).unwrap();
+    let _ = c;
+}
+
+#[test]
+fn fake_crash_failure_injection_and_backing_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new();
+    let os = fake.os();
+    // A backing image that carries a filesystem shows through a bigger replica.
+    let backing = dir.path().join("backing");
+    fake.make_image(&backing, ImageFormat::Raw, 8 << 20, Some("ext4"))
+        .unwrap();
+    assert_eq!(os.images.info(&backing).unwrap().format, ImageFormat::Raw);
+    let r = dir.path().join("r.qcow2");
+    os.images
+        .create_replica(&r, 32 << 20, Some((&backing, ImageFormat::Raw)))
+        .unwrap();
+    assert_eq!(
+        os.images.info(&r).unwrap().backing_file,
+        Some(backing.clone())
+    );
+    let spec = EngineSpec {
+        volume_id: "v".into(),
+        replicas: vec![r.clone()],
+        run_dir: dir.path().join("run"),
+        read_only: false,
+    };
+    let st = os.engine.start(&spec).unwrap();
+    let dev = os.loops.attach(&st.export_path).unwrap();
+    assert_eq!(os.fs.probe(&dev).unwrap().as_deref(), Some("ext4"));
+    let mnt = dir.path().join("mnt");
+    os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+    assert_eq!(os.fs.stats(&mnt).unwrap().total_bytes, 8 << 20);
+    os.fs.grow(&dev, &mnt, "ext4").unwrap();
+    assert_eq!(os.fs.stats(&mnt).unwrap().total_bytes, 32 << 20);
+    // The shared backing file is untouched.
+    assert_eq!(content_fs(&backing).unwrap().unwrap().size, 8 << 20);
+
+    // Exporting the volume flattens it.
+    os.mounts.unmount(&mnt).unwrap();
+    os.loops.detach(&dev).unwrap();
+    let err = os
+        .images
+        .convert(
+            &r,
+            ImageFormat::Qcow2,
+            &dir.path().join("x"),
+            ImageFormat::Qcow2,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("lock"), "{err}");
+    os.engine.stop(&spec.run_dir).unwrap();
+    let out = dir.path().join("exported.qcow2");
+    os.images
+        .convert(&r, ImageFormat::Qcow2, &out, ImageFormat::Qcow2)
+        .unwrap();
+    let info = os.images.info(&out).unwrap();
+    assert_eq!(
+        (info.format, info.virtual_size, info.backing_file),
+        (ImageFormat::Qcow2, 32 << 20, None)
+    );
+
+    // A crashed engine: not live, its stale export blocks nothing once the loop is gone.
+    let st = os.engine.start(&spec).unwrap();
+    let dev = os.loops.attach(&st.export_path).unwrap();
+    fake.kill_engine(&spec.run_dir);
+    assert_eq!(os.engine.status(&spec.run_dir).unwrap(), None);
+    assert!(matches!(os.fs.probe(&dev), Err(OsError::Io { .. })));
+    assert!(matches!(os.engine.start(&spec), Err(OsError::Busy(_))));
+    os.loops.detach(&dev).unwrap();
+    let st2 = os.engine.start(&spec).unwrap();
+    assert_ne!(st2.pid, st.pid);
+
+    // Injected failures come once each, in order.
+    fake.fail_next("fs.mkfs", OsError::NoSpace("disk full".into()));
+    let dev = os.loops.attach(&st2.export_path).unwrap();
+    assert!(matches!(os.fs.mkfs(&dev, "ext4"), Err(OsError::NoSpace(_))));
+    assert!(matches!(
+        os.fs.mkfs(&dev, "ext4"),
+        Err(OsError::Conflict(_))
+    ));
+    os.loops.detach(&dev).unwrap();
+    os.engine.stop(&spec.run_dir).unwrap();
+    assert!(fake.engines().is_empty());
+}
+
+#[test]
+fn fake_sniffs_real_filesystems_in_raw_files() {
+    let mut head = vec![0u8; 2048];
+    assert_eq!(sniff_fs(&head), None);
+    head[1080] = 0x53;
+    head[1081] = 0xef;
+    assert_eq!(sniff_fs(&head).as_deref(), Some("ext4"));
+    assert_eq!(sniff_fs(b"XFSB....").as_deref(), Some("xfs"));
+}
+
+/// The loop engine's file work, as observations that must be the same on the fake and on
+/// the real machine: `shared` is a directory whose filesystem shares blocks (XFS with
+/// reflink), `plain` one whose filesystem does not (ext4).
+fn raw_flow(os: &Os, shared: &Path, plain: &Path, cleanup: &mut Cleanup) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, v: String| seen.push(format!("{what}: {v}"));
+    let size = 64u64 << 20;
+    note("shares blocks", kind(&os.images.shares_blocks(shared)));
+    note("plain shares blocks", kind(&os.images.shares_blocks(plain)));
+    let r = shared.join("volume.raw");
+    note("create", kind(&os.images.create_raw(&r, size, None)));
+    note("create again", kind(&os.images.create_raw(&r, size, None)));
+    note(
+        "create other size",
+        kind(&os.images.create_raw(&r, size * 2, None)),
+    );
+    note("size", kind(&os.images.raw_size(&r)));
+    // A base holding a filesystem, as the raw expansion of an image would.
+    let base = shared.join("backing.raw");
+    os.images.create_raw(&base, size / 2, None).unwrap();
+    cleanup.loop_file(&base);
+    let dev = os.loops.attach(&base).unwrap();
+    os.fs.mkfs(&dev, "ext4").unwrap();
+    os.loops.detach(&dev).unwrap();
+    let clone = shared.join("clone.raw");
+    note(
+        "clone of base",
+        kind(&os.images.create_raw(&clone, size, Some(&base))),
+    );
+    note(
+        "clone across filesystems",
+        kind(
+            &os.images
+                .create_raw(&plain.join("c.raw"), size, Some(&base)),
+        ),
+    );
+    cleanup.loop_file(&clone);
+    let dev = os.loops.attach(&clone).unwrap();
+    note("clone holds", kind(&os.fs.probe(&dev)));
+    note("clone device size", kind(&os.fs.device_size(&dev)));
+    note("file mounts unmounted", kind(&os.loops.file_mounts(&clone)));
+    note("file mounts no device", kind(&os.loops.file_mounts(&r)));
+    let mnt = shared.join("mnt");
+    cleanup.mount(&mnt);
+    os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
+    let mounts = os.loops.file_mounts(&clone).unwrap();
+    note(
+        "file mounts",
+        format!("{}", mounts == Some(vec![mnt.clone()])),
+    );
+    os.loops.flush(&dev).unwrap();
+    let snap = shared.join("snapshot.raw");
+    note("clone_raw live", kind(&os.images.clone_raw(&clone, &snap)));
+    note("clone_raw again", kind(&os.images.clone_raw(&clone, &snap)));
+    note(
+        "clone_raw across filesystems",
+        kind(&os.images.clone_raw(&clone, &plain.join("s.raw"))),
+    );
+    os.mounts.unmount(&mnt).unwrap();
+    os.loops.detach(&dev).unwrap();
+    note("grow", kind(&os.images.resize_raw(&clone, size * 2)));
+    note("grown size", kind(&os.images.raw_size(&clone)));
+    note("shrink", kind(&os.images.resize_raw(&clone, size)));
+    cleanup.loop_file(&snap);
+    let ro = os.loops.attach_read_only(&snap).unwrap();
+    note("snapshot holds", kind(&os.fs.probe(&ro)));
+    note("snapshot size", kind(&os.fs.device_size(&ro)));
+    note("read-only mkfs", kind(&os.fs.mkfs(&ro, "xfs")));
+    os.loops.detach(&ro).unwrap();
+    let q = shared.join("out.qcow2");
+    note(
+        "convert raw to qcow2",
+        kind(
+            &os.images
+                .convert(&clone, ImageFormat::Raw, &q, ImageFormat::Qcow2),
+        ),
+    );
+    let info = os.images.info(&q).unwrap();
+    note(
+        "converted",
+        format!("{} {}", info.format, info.virtual_size),
+    );
+    seen
+}
+
+const RAW_EXPECTED: &[&str] = &[
+    "shares blocks: Ok(true)",
+    "plain shares blocks: Ok(false)",
+    "create: Ok(())",
+    "create again: Ok(())",
+    "create other size: Conflict",
+    "size: Ok(67108864)",
+    "clone of base: Ok(())",
+    "clone across filesystems: Unsupported",
+    "clone holds: Ok(Some(\"ext4\"))",
+    "clone device size: Ok(67108864)",
+    "file mounts unmounted: Ok(Some([]))",
+    "file mounts no device: Ok(None)",
+    "file mounts: true",
+    "clone_raw live: Ok(())",
+    "clone_raw again: Conflict",
+    "clone_raw across filesystems: Unsupported",
+    "grow: Ok(())",
+    "grown size: Ok(134217728)",
+    "shrink: Unsupported",
+    "snapshot holds: Ok(Some(\"ext4\"))",
+    "snapshot size: Ok(67108864)",
+    "read-only mkfs: Conflict",
+    "convert raw to qcow2: Ok(())",
+    "converted: qcow2 134217728",
+];
+
+#[test]
+fn fake_raw_flow() {
+    let (shared, plain) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let fake = Fake::new();
+    fake.share_blocks(shared.path());
+    let mut cleanup = Cleanup::with(fake.os());
+    let seen = raw_flow(&fake.os(), shared.path(), plain.path(), &mut cleanup);
+    assert_eq!(seen, RAW_EXPECTED);
+    assert!(fake.loop_devices().is_empty());
+    assert!(fake.mounts().is_empty());
+}
+
+/// A run directory holds one replica server: raw replicas (bicsi's server) and qcow2 ones
+/// (qemu-storage-daemon) in the same one conflict, as on the real engine
+/// (`tests/replica_server.rs` checks the real side).
+#[test]
+fn fake_replica_servers_are_one_kind_per_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fake = Fake::new();
+    let os = fake.os();
+    let (raw, qcow2) = (d.join("r.raw"), d.join("q.qcow2"));
+    os.images.create_raw(&raw, 1 << 20, None).unwrap();
+    os.images.create_replica(&qcow2, 1 << 20, None).unwrap();
+    let export = |id: &str, path: &Path, format| ReplicaExport {
+        replica_id: id.into(),
+        path: path.to_path_buf(),
+        format,
+    };
+    let (raw_dir, qemu_dir) = (d.join("replica-server-raw"), d.join("replica-server"));
+    let port = os
+        .engine
+        .export_replica(
+            &raw_dir,
+            "127.0.0.1",
+            0,
+            &export("r", &raw, ImageFormat::Raw),
+        )
+        .unwrap();
+    let err = os
+        .engine
+        .export_replica(
+            &raw_dir,
+            "127.0.0.1",
+            0,
+            &export("q", &qcow2, ImageFormat::Qcow2),
+        )
+        .unwrap_err();
+    assert!(matches!(err, OsError::Conflict(_)), "{err}");
+    assert!(
+        err.to_string().contains("run directory of its own"),
+        "{err}"
+    );
+    let qport = os
+        .engine
+        .export_replica(
+            &qemu_dir,
+            "127.0.0.1",
+            0,
+            &export("q", &qcow2, ImageFormat::Qcow2),
+        )
+        .unwrap();
+    assert_ne!(port, qport);
+    assert_eq!(
+        os.engine.replica_server_status(&raw_dir).unwrap(),
+        Some((port, vec!["r".to_string()]))
+    );
+    os.engine.unexport_replica(&raw_dir, "r").unwrap();
+    os.engine.unexport_replica(&qemu_dir, "q").unwrap();
+    assert!(fake.replica_servers().is_empty());
+}
+
+/// XFS made with reflink in a file, loop-mounted; lazily unmounted on drop (after the
+/// test's own `Cleanup`, declared later, has released what sits on it).
+struct XfsDir(tempfile::TempDir);
+
+impl Drop for XfsDir {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path().join("mnt"))
+            .status();
+    }
+}
+
+#[test]
+fn real_matches_fake_raw_flow() {
+    if !crate::os::root_or_skip("real_matches_fake_raw_flow") {
+        return;
+    }
+    use crate::os::testutil::sh;
+    use std::process::Command;
+    let xfs = XfsDir(tempfile::tempdir().unwrap());
+    let image = xfs.0.path().join("xfs.img");
+    fs::File::create(&image)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    sh(Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&image));
+    let shared = xfs.0.path().join("mnt");
+    fs::create_dir(&shared).unwrap();
+    sh(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&shared));
+    let plain = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let seen = raw_flow(&Os::real(), &shared, plain.path(), &mut cleanup);
+    assert_eq!(seen, RAW_EXPECTED);
+}
