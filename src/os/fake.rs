@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Engine, EngineSpec, EngineState, Filesystems, FsStats, ImageFormat, ImageInfo, ImageTool,
     LoopDevices, MountInfo, Mounter, Os, OsError, OsResult, ReplicaExport, ReplicaTarget,
-    SUPPORTED_FILESYSTEMS, VolumeEngineSpec, VolumeEngineState, resolve_parent,
+    VolumeEngineSpec, VolumeEngineState, resolve_parent,
 };
 use engine::FakeEngine;
 use filesystems::FakeFilesystems;

@@ -365,7 +365,16 @@ fn free_port(host: &str) -> OsResult<u16> {
         .map_err(|e| OsError::io(format!("finding a free TCP port on {host}"), e))
 }
 
-pub(super) fn validate(run_dir: &Path, host: &str, export: &ReplicaExport) -> OsResult<()> {
+/// What `export_replica` refuses for what the request itself says: a replica id that is no NBD
+/// export name (1 to 4096 bytes), a host that is no host name or address, a replica path that is
+/// relative, missing or not UTF-8, and a run directory too long for the server's socket. Both
+/// replica servers (`super::replica_server` for raw replicas) and the fake engine
+/// (`super::fake`) call it.
+pub(crate) fn check_replica_export(
+    run_dir: &Path,
+    host: &str,
+    export: &ReplicaExport,
+) -> OsResult<()> {
     let id = &export.replica_id;
     if id.is_empty() || id.len() > MAX_NBD_NAME {
         return Err(OsError::Unsupported(format!(
@@ -561,7 +570,7 @@ pub(crate) fn export_replica(
     port: u16,
     export: &ReplicaExport,
 ) -> OsResult<u16> {
-    validate(run_dir, host, export)?;
+    check_replica_export(run_dir, host, export)?;
     let _guard = server_lock();
     std::fs::create_dir_all(run_dir).map_err(|e| {
         OsError::io(

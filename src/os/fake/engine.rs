@@ -4,62 +4,27 @@
 //! `super::super::nbd::check_replica_export`).
 
 use super::*;
+use crate::os::{engine, nbd};
 
 /// The `Engine` part of a fake machine.
 pub(super) struct FakeEngine(pub(super) Fake);
 
 impl FakeEngine {
     /// `start_volume` without the failure injection, shared by `start`.
-    fn start_targets(&self, w: &mut World, spec: &VolumeEngineSpec) -> OsResult<EngineState> {
+    /// `mirror`: the volume of bicsi's mirror engine (`start_mirror`).
+    fn start_targets(
+        &self,
+        w: &mut World,
+        spec: &VolumeEngineSpec,
+        mirror: bool,
+    ) -> OsResult<EngineState> {
         let volume = &spec.volume_id;
-        if spec.replicas.is_empty() {
-            return Err(OsError::Unsupported(format!(
-                "engine for volume {volume:?}: no replicas given; a volume needs at least one"
-            )));
-        }
-        for (i, target) in spec.replicas.iter().enumerate() {
-            if spec.replicas[..i].contains(target) {
-                return Err(OsError::Unsupported(format!(
-                    "engine for volume {volume:?}: replica {target} is listed twice"
-                )));
-            }
-            match target {
-                ReplicaTarget::Local(r) => {
-                    if !r.is_absolute() {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica path {} must be absolute",
-                            r.display()
-                        )));
-                    }
-                    if !r.is_file() {
-                        return Err(OsError::NotFound(format!(
-                            "engine for volume {volume:?}: replica {} does not exist; create it \
-                             first",
-                            r.display()
-                        )));
-                    }
-                }
-                ReplicaTarget::Nbd { host, port, export } => {
-                    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica {target}: {host:?} is not a \
-                             host name or address"
-                        )));
-                    }
-                    if *port == 0 {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica {target}: port 0; give the \
-                             port export_replica returned"
-                        )));
-                    }
-                    if export.is_empty() || export.len() > 4096 {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica {target}: the export name must \
-                             have 1 to 4096 bytes"
-                        )));
-                    }
-                }
-            }
+        engine::check_volume_spec(spec)?;
+        // As the real engine: raw children (or a mirror engine asked for) are served by bicsi's
+        // mirror engine, which serves no qcow2 file; qemu's reads local children as qcow2.
+        let mirror = mirror || engine::mirror::serves(&spec.replicas);
+        if mirror {
+            engine::mirror::check_children(spec)?;
         }
         fs::create_dir_all(&spec.run_dir).map_err(|e| {
             OsError::io(
@@ -116,7 +81,7 @@ impl FakeEngine {
         }
         for r in &replicas {
             let img = read_image(r)?;
-            if img.format != "qcow2" {
+            if !mirror && img.format != "qcow2" {
                 return Err(OsError::Command {
                     cmd: "qemu-storage-daemon".into(),
                     stderr: format!(
@@ -204,13 +169,45 @@ impl Engine for FakeEngine {
     fn start(&self, spec: &EngineSpec) -> OsResult<EngineState> {
         let mut w = self.0.world();
         w.fail("engine.start")?;
-        self.start_targets(&mut w, &VolumeEngineSpec::from(spec))
+        self.start_targets(&mut w, &VolumeEngineSpec::from(spec), false)
     }
 
     fn start_volume(&self, spec: &VolumeEngineSpec) -> OsResult<EngineState> {
         let mut w = self.0.world();
         w.fail("engine.start_volume")?;
-        self.start_targets(&mut w, spec)
+        self.start_targets(&mut w, spec, false)
+    }
+
+    fn start_mirror(
+        &self,
+        spec: &VolumeEngineSpec,
+        _replica_timeout: std::time::Duration,
+    ) -> OsResult<EngineState> {
+        let mut w = self.0.world();
+        w.fail("engine.start_mirror")?;
+        self.start_targets(&mut w, spec, true)
+    }
+
+    fn engine_mounts(&self, replica: &Path) -> OsResult<Option<Vec<PathBuf>>> {
+        let mut w = self.0.world();
+        w.fail("engine.engine_mounts")?;
+        let Some(e) = w.engine_using(&resolve_parent(replica), None) else {
+            return Ok(None);
+        };
+        // The filesystem mount of the loop device on its export, not the binds of it.
+        let device = w
+            .loops
+            .iter()
+            .find(|(_, l)| l.file == e.export)
+            .map(|(i, _)| *i);
+        Ok(Some(
+            w.mounts
+                .iter()
+                .filter(|m| device.is_some() && m.device == device && m.bind_of.is_none())
+                .map(|m| m.info.target.clone())
+                .take(1)
+                .collect(),
+        ))
     }
 
     fn status(&self, run_dir: &Path) -> OsResult<Option<EngineState>> {
@@ -274,28 +271,7 @@ impl Engine for FakeEngine {
         let mut w = self.0.world();
         w.fail("engine.export_replica")?;
         let id = &export.replica_id;
-        if id.is_empty() || id.len() > 4096 {
-            return Err(OsError::Unsupported(format!(
-                "replica id {id:?}: an NBD export name must have 1 to 4096 bytes"
-            )));
-        }
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
-            return Err(OsError::Unsupported(format!(
-                "replica server address {host:?} is not a host name or address"
-            )));
-        }
-        if !export.path.is_absolute() {
-            return Err(OsError::Unsupported(format!(
-                "replica {id:?}: path {} must be absolute",
-                export.path.display()
-            )));
-        }
-        if !export.path.is_file() {
-            return Err(OsError::NotFound(format!(
-                "replica {id:?}: {} does not exist; create it first",
-                export.path.display()
-            )));
-        }
+        nbd::check_replica_export(run_dir, host, export)?;
         let actual = read_image(&export.path)?.format;
         if actual != export.format.as_str() {
             return Err(OsError::Command {

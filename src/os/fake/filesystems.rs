@@ -3,6 +3,7 @@
 //! offline rules, and `stats` of a fake mount is shaped like a fresh filesystem.
 
 use super::*;
+use crate::os::fs as sysfs;
 
 /// The `Filesystems` part of a fake machine.
 pub(super) struct FakeFilesystems(pub(super) Fake);
@@ -11,11 +12,9 @@ impl Filesystems for FakeFilesystems {
     fn probe(&self, dev: &Path) -> OsResult<Option<String>> {
         let mut w = self.0.world();
         w.fail("fs.probe")?;
-        if fs::metadata(dev).is_ok_and(|m| m.is_dir()) {
-            return Err(OsError::Unsupported(format!(
-                "cannot probe {}: it is neither a block device nor a regular file",
-                dev.display()
-            )));
+        // Fake devices are not on disk; anything else that is must be a file or a device.
+        if let Ok(m) = fs::metadata(dev) {
+            sysfs::check_device_kind(dev, m.file_type())?;
         }
         match w.device_fs(dev) {
             Ok(found) => Ok(found.map(|f| f.fstype)),
@@ -27,12 +26,7 @@ impl Filesystems for FakeFilesystems {
     fn mkfs(&self, dev: &Path, fstype: &str) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("fs.mkfs")?;
-        if !SUPPORTED_FILESYSTEMS.contains(&fstype) {
-            return Err(OsError::Unsupported(format!(
-                "filesystem type {fstype:?} is not supported; use one of {}",
-                SUPPORTED_FILESYSTEMS.join(", ")
-            )));
-        }
+        sysfs::check_fstype(fstype)?;
         if let Some(found) = w.device_fs(dev)? {
             return Err(OsError::Conflict(format!(
                 "refusing to format {} as {fstype}: it already holds {}; its data would be lost",
@@ -44,9 +38,10 @@ impl Filesystems for FakeFilesystems {
         if fstype == "xfs" && size <= 300 << 20 {
             return Err(OsError::Command {
                 cmd: format!("mkfs.xfs -f -q -K {}", dev.display()),
-                stderr: "Filesystem must be larger than 300MB.; xfs needs a volume of at least \
-                         300 MiB; ask for a bigger volume"
-                    .into(),
+                stderr: format!(
+                    "Filesystem must be larger than 300MB.; {}",
+                    sysfs::XFS_TOO_SMALL
+                ),
             });
         }
         w.set_device_fs(
@@ -61,35 +56,22 @@ impl Filesystems for FakeFilesystems {
     fn grow(&self, dev: &Path, mount_point: &Path, fstype: &str) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("fs.grow")?;
-        if !SUPPORTED_FILESYSTEMS.contains(&fstype) {
-            return Err(OsError::Unsupported(format!(
-                "filesystem type {fstype:?} is not supported; use one of {}",
-                SUPPORTED_FILESYSTEMS.join(", ")
-            )));
-        }
         let idx = World::loop_index(dev);
         let mounted_here = w
             .top_mount(&resolve_parent(mount_point))
             .is_some_and(|m| idx.is_some() && m.device == idx);
-        if !mounted_here {
-            if let Some(m) = w.mounts.iter().find(|m| idx.is_some() && m.device == idx) {
-                return Err(OsError::Busy(format!(
-                    "cannot grow the filesystem on {}: it is mounted at {}, not at {}; pass that \
-                     mount point",
-                    dev.display(),
-                    m.info.target.display(),
-                    mount_point.display()
-                )));
-            }
-            if fstype == "xfs" {
-                return Err(OsError::Unsupported(format!(
-                    "cannot grow the xfs filesystem on {}: xfs grows only while mounted; mount it \
-                     at {} first",
-                    dev.display(),
-                    mount_point.display()
-                )));
-            }
-        }
+        let mounted_at = w
+            .mounts
+            .iter()
+            .find(|m| idx.is_some() && m.device == idx)
+            .map(|m| m.info.target.clone());
+        sysfs::check_grow(
+            dev,
+            mount_point,
+            fstype,
+            mounted_here,
+            mounted_at.as_deref(),
+        )?;
         let found = w.device_fs(dev)?;
         if found.as_ref().map(|f| f.fstype.as_str()) != Some(fstype) {
             return Err(OsError::Command {
@@ -142,5 +124,76 @@ impl Filesystems for FakeFilesystems {
         let mut w = self.0.world();
         w.fail("fs.device_size")?;
         w.device_size(dev)
+    }
+
+    fn fs_size(&self, dev: &Path, fstype: &str) -> OsResult<Option<u64>> {
+        let mut w = self.0.world();
+        w.fail("fs.fs_size")?;
+        // As the real one: read from an ext4 superblock, unknown for anything else.
+        if fstype != "ext4" {
+            return Ok(None);
+        }
+        Ok(w.device_fs(dev)?
+            .filter(|f| f.fstype == "ext4")
+            .map(|f| f.size))
+    }
+
+    fn freeze(&self, mount_point: &Path) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("fs.freeze")?;
+        let target = fsfreeze_target(&w, mount_point, "--freeze")?;
+        if w.frozen.contains(&target) {
+            return Err(fsfreeze_error(
+                mount_point,
+                "--freeze",
+                "Device or resource busy",
+            ));
+        }
+        w.frozen.push(target);
+        Ok(())
+    }
+
+    fn thaw(&self, mount_point: &Path) -> OsResult<()> {
+        let mut w = self.0.world();
+        w.fail("fs.thaw")?;
+        let target = fsfreeze_target(&w, mount_point, "--unfreeze")?;
+        let before = w.frozen.len();
+        w.frozen.retain(|f| *f != target);
+        if w.frozen.len() == before {
+            return Err(fsfreeze_error(
+                mount_point,
+                "--unfreeze",
+                "Invalid argument",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The fake mount `fsfreeze` acts on at `mount_point`: missing is fsfreeze's "cannot open"; a
+/// path that no fake filesystem is mounted on would freeze the test machine's own filesystem,
+/// which the fake refuses.
+fn fsfreeze_target(w: &World, mount_point: &Path, flag: &str) -> OsResult<PathBuf> {
+    if !mount_point.exists() {
+        return Err(fsfreeze_error(
+            mount_point,
+            flag,
+            "No such file or directory",
+        ));
+    }
+    let target = resolve_parent(mount_point);
+    match w.top_mount(&target) {
+        Some(m) if m.device.is_some() && m.info.fstype != "devtmpfs" => Ok(target),
+        _ => Err(OsError::Other(format!(
+            "the fake cannot freeze {}: no fake filesystem is mounted there",
+            mount_point.display()
+        ))),
+    }
+}
+
+fn fsfreeze_error(mount_point: &Path, flag: &str, why: &str) -> OsError {
+    OsError::Command {
+        cmd: format!("fsfreeze {flag} {}", mount_point.display()),
+        stderr: format!("fsfreeze: {}: {why}", mount_point.display()),
     }
 }

@@ -1,7 +1,8 @@
-//! The fake `LoopDevices`: devices named `/dev/fakeloopN` that live in memory only (nothing is
+//! The fake `LoopDevices`: devices named `/dev/fake/loopN` that live in memory only (nothing is
 //! created under /dev), read-only when the file or the engine is, `Busy` to detach while mounted.
 
 use super::*;
+use crate::os::loopdev;
 
 /// The `Loops` part of a fake machine.
 pub(super) struct FakeLoops(pub(super) Fake);
@@ -67,11 +68,10 @@ impl LoopDevices for FakeLoops {
     fn detach(&self, dev: &Path) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("loops.detach")?;
+        loopdev::check_loop_device(dev)?;
+        // A loop device this machine never attached is not attached: nothing to do.
         let Some(idx) = World::loop_index(dev) else {
-            return Err(OsError::Unsupported(format!(
-                "{} is not a loop device (expected {LOOP_PREFIX}N)",
-                dev.display()
-            )));
+            return Ok(());
         };
         if w.mounts.iter().any(|m| m.device == Some(idx)) {
             return Err(OsError::Busy(format!(
@@ -87,6 +87,7 @@ impl LoopDevices for FakeLoops {
     fn flush(&self, dev: &Path) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("loops.flush")?;
+        loopdev::check_loop_device(dev)?;
         match World::loop_index(dev) {
             Some(idx) if w.loops.contains_key(&idx) => Ok(()),
             _ => Err(OsError::NotFound(format!(
@@ -133,6 +134,7 @@ impl LoopDevices for FakeLoops {
     fn refresh_size(&self, dev: &Path) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("loops.refresh_size")?;
+        loopdev::check_loop_device(dev)?;
         let Some((idx, l)) = w.loop_entry(dev) else {
             return Err(OsError::NotFound(format!(
                 "loop device {} is not attached; attach it to the volume's export first",

@@ -9,7 +9,7 @@ use super::*;
 /// First line of a fake image file.
 pub(super) const MAGIC: &str = "BICSI-FAKE-IMAGE v1\n";
 /// Where fake loop devices pretend to live; nothing is ever created there.
-pub(super) const LOOP_PREFIX: &str = "/dev/fakeloop";
+pub(super) const LOOP_PREFIX: &str = "/dev/fake/loop";
 
 /// A filesystem as the fake knows it: its type and the size it was made or last grown to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +167,8 @@ pub(super) struct World {
     /// Directories whose "filesystem" shares blocks (`Fake::share_blocks`): reflink clones
     /// work under them, as on XFS with reflink; everywhere else they are `Unsupported`.
     pub(super) reflink_dirs: Vec<PathBuf>,
+    /// Mount points whose filesystem is frozen (`Filesystems::freeze`).
+    pub(super) frozen: Vec<PathBuf>,
 }
 
 /// What a fake loop device's reads and writes reach.

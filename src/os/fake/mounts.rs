@@ -1,30 +1,11 @@
 //! The fake `Mounter`: mounts and binds kept in memory, their targets created on disk as the real
-//! one does (with its own `ensure_target`), idempotent and `Conflict` by the real rules.
+//! one does (with its `ensure_target`), idempotent and `Conflict` by the real rules.
 
 use super::*;
+use crate::os::mount::{check_bind_source, ensure_target};
 
 /// The `Mounter` part of a fake machine.
 pub(super) struct FakeMounter(pub(super) Fake);
-
-fn ensure_target(target: &Path, want_dir: bool) -> OsResult<()> {
-    if fs::symlink_metadata(target).is_ok() {
-        return Ok(());
-    }
-    let result = if want_dir {
-        fs::create_dir(target)
-    } else {
-        fs::write(target, b"")
-    };
-    result.map_err(|e| {
-        OsError::io(
-            format!(
-                "creating mount target {} (its parent directory must exist)",
-                target.display()
-            ),
-            e,
-        )
-    })
-}
 
 impl Mounter for FakeMounter {
     fn mount(
@@ -120,16 +101,7 @@ impl Mounter for FakeMounter {
         } else if let Some(m) = w.top_mount(&source_key) {
             (m.info.source.clone(), m.info.fstype.clone(), m.device, true)
         } else {
-            let meta = fs::metadata(source).map_err(|e| {
-                OsError::io(
-                    format!(
-                        "cannot bind-mount {} on {}: source",
-                        source.display(),
-                        target.display()
-                    ),
-                    e,
-                )
-            })?;
+            let meta = check_bind_source(source, &target)?;
             ("none".to_string(), "none".to_string(), None, meta.is_dir())
         };
         if let Some(top) = w.top_mount(&target) {
