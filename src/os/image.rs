@@ -42,6 +42,12 @@ struct QemuImgInfo {
     backing_filename: Option<String>,
 }
 
+/// qemu counts a disk in 512-byte sectors: the virtual size it reports of a raw file, and gives
+/// a new qcow2 image, is the length rounded up to a whole sector. The fake follows it too.
+pub(crate) fn sectors_rounded(len: u64) -> u64 {
+    len.div_ceil(512) * 512
+}
+
 /// The format of the image at `path` as qemu names it: raw or qcow2, else `Unsupported` with
 /// the fix. The fake image tool (`super::fake`) calls it too.
 pub(crate) fn check_format(path: &Path, name: &str) -> OsResult<ImageFormat> {

@@ -43,7 +43,7 @@ const REFBLOCK_ENTRIES: u64 = CLUSTER / 2;
 /// below or a backing file name qemu would refuse (not UTF-8, longer than its 1023 bytes). The
 /// fake image tool (`super::fake`) calls it too.
 pub(crate) fn check_image(size: u64, backing: Option<(&Path, ImageFormat)>) -> OsResult<u64> {
-    let size = size.div_ceil(512) * 512;
+    let size = super::image::sectors_rounded(size);
     let l1_entries = size.div_ceil(L2_COVERS);
     let clusters = 3 + (l1_entries * 8).div_ceil(CLUSTER);
     if clusters > REFBLOCK_ENTRIES || l1_entries > u64::from(u32::MAX) {

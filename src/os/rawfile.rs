@@ -216,8 +216,22 @@ pub(crate) fn clone(src: &Path, dst: &Path) -> OsResult<()> {
     made
 }
 
+/// `shares_blocks` probes a directory that exists: `NotFound` naming it otherwise. The fake
+/// image tool (`super::fake`) calls it too.
+pub(crate) fn check_probe_dir(dir: &Path) -> OsResult<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(OsError::NotFound(format!(
+        "cannot tell whether {} shares blocks: it is not a directory; create the disk's \
+         directory first",
+        dir.display()
+    )))
+}
+
 /// See [`ImageTool::shares_blocks`].
 pub(crate) fn shares_blocks(dir: &Path) -> OsResult<bool> {
+    check_probe_dir(dir)?;
     let probe = dir.join(format!(
         ".reflink-probe-{}-{}",
         std::process::id(),

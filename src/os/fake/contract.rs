@@ -670,3 +670,597 @@ fn real_matches_fake_raw_flow() {
     let seen = raw_flow(&Os::real(), &shared, plain.path(), &mut cleanup);
     assert_eq!(seen, RAW_EXPECTED);
 }
+
+/// Every trait method the flows above leave out, and bad input for each method, as
+/// observations that must be the same on the fake and on the real machine: sizes that are not
+/// multiples of 512, names and paths too long for qemu or a unix socket, relative and missing
+/// paths, unknown formats and filesystem types, devices that are no loop devices.
+fn edge_flow(os: &Os, dir: &Path, cleanup: &mut Cleanup) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, v: String| seen.push(format!("{what}: {v}"));
+    let size = 64u64 << 20;
+    let missing = dir.join("missing");
+    let no_dir = dir.join("no/such/dir");
+    let long_run = dir.join("r".repeat(120));
+
+    // ImageTool.
+    let odd = dir.join("odd.qcow2");
+    note(
+        "create odd size",
+        kind(&os.images.create_replica(&odd, 1000, None)),
+    );
+    note(
+        "odd size as qemu rounds it",
+        kind(&os.images.info(&odd).map(|i| i.virtual_size)),
+    );
+    note(
+        "create odd size again",
+        kind(&os.images.create_replica(&odd, 1000, None)),
+    );
+    note(
+        "create too large",
+        kind(
+            &os.images
+                .create_replica(&dir.join("huge.qcow2"), u64::MAX / 2, None),
+        ),
+    );
+    let base = dir.join("base.qcow2");
+    os.images.create_replica(&base, size, None).unwrap();
+    let r = dir.join("r.qcow2");
+    note(
+        "create over a relative backing",
+        kind(&os.images.create_replica(
+            &r,
+            size,
+            Some((Path::new("base.qcow2"), ImageFormat::Qcow2)),
+        )),
+    );
+    note(
+        "create over a missing backing",
+        kind(
+            &os.images
+                .create_replica(&r, size, Some((&missing, ImageFormat::Qcow2))),
+        ),
+    );
+    // A backing file whose path is longer than qemu's 1023 bytes.
+    let mut deep = dir.to_path_buf();
+    for i in 0..5 {
+        deep = deep.join(format!("{i}{}", "d".repeat(220)));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let far = deep.join("base.qcow2");
+    fs::copy(&base, &far).unwrap();
+    note(
+        "create over a backing name too long",
+        kind(
+            &os.images
+                .create_replica(&r, size, Some((&far, ImageFormat::Qcow2))),
+        ),
+    );
+    note(
+        "create in a missing directory",
+        kind(
+            &os.images
+                .create_replica(&no_dir.join("r.qcow2"), size, None),
+        ),
+    );
+    note("create over a backing", {
+        let made = os
+            .images
+            .create_replica(&r, size, Some((&base, ImageFormat::Qcow2)));
+        kind(&made.and_then(|()| {
+            os.images
+                .info(&r)
+                .map(|i| i.backing_file == Some(base.clone()))
+        }))
+    });
+    note("info of a missing image", kind(&os.images.info(&missing)));
+    let plain = dir.join("plain.raw");
+    fs::write(&plain, vec![7u8; 3000]).unwrap();
+    note(
+        "info of a plain file",
+        kind(
+            &os.images
+                .info(&plain)
+                .map(|i| (i.format, i.virtual_size, i.backing_file)),
+        ),
+    );
+    note(
+        "resize a missing image",
+        kind(&os.images.resize(&missing, size)),
+    );
+    note(
+        "resize to the same size",
+        kind(&os.images.resize(&base, size)),
+    );
+    note("shrink", kind(&os.images.resize(&base, size / 2)));
+    note(
+        "convert onto an existing file",
+        kind(
+            &os.images
+                .convert(&r, ImageFormat::Qcow2, &base, ImageFormat::Qcow2),
+        ),
+    );
+    note(
+        "convert a missing image",
+        kind(&os.images.convert(
+            &missing,
+            ImageFormat::Qcow2,
+            &dir.join("c1.qcow2"),
+            ImageFormat::Qcow2,
+        )),
+    );
+    note(
+        "convert into a missing directory",
+        kind(&os.images.convert(
+            &r,
+            ImageFormat::Qcow2,
+            &no_dir.join("c.qcow2"),
+            ImageFormat::Qcow2,
+        )),
+    );
+    note(
+        "convert a raw file read as qcow2",
+        kind(&os.images.convert(
+            &plain,
+            ImageFormat::Qcow2,
+            &dir.join("c2.qcow2"),
+            ImageFormat::Qcow2,
+        )),
+    );
+    note(
+        "convert a qcow2 file read as raw",
+        kind(
+            &os.images
+                .convert(&r, ImageFormat::Raw, &dir.join("c3.raw"), ImageFormat::Raw),
+        ),
+    );
+    note(
+        "rebase a missing image",
+        kind(&os.images.rebase(&missing, None, true)),
+    );
+    note(
+        "rebase onto a relative backing",
+        kind(&os.images.rebase(
+            &r,
+            Some((Path::new("base.qcow2"), ImageFormat::Qcow2)),
+            false,
+        )),
+    );
+    note(
+        "rebase flattening",
+        kind(
+            &os.images
+                .rebase(&r, None, true)
+                .and_then(|()| os.images.info(&r).map(|i| i.backing_file)),
+        ),
+    );
+    note(
+        "rebase unsafe onto a backing",
+        kind(
+            &os.images
+                .rebase(&r, Some((&base, ImageFormat::Qcow2)), false)
+                .and_then(|()| {
+                    os.images
+                        .info(&r)
+                        .map(|i| i.backing_file == Some(base.clone()))
+                }),
+        ),
+    );
+    let raw = dir.join("v.raw");
+    note(
+        "create raw of an odd size",
+        kind(
+            &os.images
+                .create_raw(&raw, 1000, None)
+                .and_then(|()| os.images.raw_size(&raw)),
+        ),
+    );
+    note(
+        "create raw over a missing base",
+        kind(
+            &os.images
+                .create_raw(&dir.join("w.raw"), size, Some(&missing)),
+        ),
+    );
+    note(
+        "create raw in a missing directory",
+        kind(&os.images.create_raw(&no_dir.join("w.raw"), size, None)),
+    );
+    note(
+        "size of a missing raw file",
+        kind(&os.images.raw_size(&missing)),
+    );
+    note(
+        "grow a missing raw file",
+        kind(&os.images.resize_raw(&missing, size)),
+    );
+    note(
+        "grow raw to the same size",
+        kind(&os.images.resize_raw(&raw, 1000)),
+    );
+    note(
+        "clone a missing raw file",
+        kind(&os.images.clone_raw(&missing, &dir.join("x.raw"))),
+    );
+    note(
+        "clone into a missing directory",
+        kind(&os.images.clone_raw(&raw, &no_dir.join("x.raw"))),
+    );
+    note(
+        "shares blocks of a missing directory",
+        kind(&os.images.shares_blocks(&no_dir)),
+    );
+
+    // Engine.
+    let spec = |replicas: Vec<ReplicaTarget>, run: &Path| VolumeEngineSpec {
+        volume_id: "pvc-edge".into(),
+        replicas,
+        run_dir: run.to_path_buf(),
+        read_only: false,
+    };
+    let run = dir.join("run");
+    cleanup.engine(&run);
+    let local = |p: &Path| ReplicaTarget::Local(p.to_path_buf());
+    note(
+        "start with no replica",
+        kind(&os.engine.start_volume(&spec(vec![], &run))),
+    );
+    note(
+        "start with a relative replica",
+        kind(
+            &os.engine
+                .start_volume(&spec(vec![local(Path::new("r.qcow2"))], &run)),
+        ),
+    );
+    note(
+        "start with a missing replica",
+        kind(&os.engine.start_volume(&spec(vec![local(&missing)], &run))),
+    );
+    note(
+        "start with a replica twice",
+        kind(
+            &os.engine
+                .start_volume(&spec(vec![local(&base), local(&base)], &run)),
+        ),
+    );
+    note(
+        "start with a run directory too long",
+        kind(&os.engine.start_volume(&spec(vec![local(&base)], &long_run))),
+    );
+    note(
+        "start with an export name too long",
+        kind(&os.engine.start_volume(&spec(
+            vec![ReplicaTarget::Nbd {
+                host: "127.0.0.1".into(),
+                port: 1,
+                export: "e".repeat(4097),
+            }],
+            &run,
+        ))),
+    );
+    note(
+        "start with no host",
+        kind(&os.engine.start_volume(&spec(
+            vec![ReplicaTarget::Nbd {
+                host: "".into(),
+                port: 1,
+                export: "e".into(),
+            }],
+            &run,
+        ))),
+    );
+    note(
+        "start a mirror engine over qcow2",
+        kind(&os.engine.start_mirror(
+            &spec(vec![local(&base)], &run),
+            std::time::Duration::from_secs(5),
+        )),
+    );
+    note("status of none", kind(&os.engine.status(&run)));
+    note(
+        "volume status of none",
+        kind(&os.engine.volume_status(&run)),
+    );
+    note("stop none", kind(&os.engine.stop(&run)));
+    note(
+        "backup of a replica no engine has open",
+        kind(&os.engine.backup_replica(&base, &r)),
+    );
+    note(
+        "mounts of a replica no engine has open",
+        kind(&os.engine.engine_mounts(&base)),
+    );
+    note("tls", format!("{:?}", os.engine.nbd_tls()));
+    let server = dir.join("server");
+    cleanup.replica_server(&server);
+    let export = |id: &str, path: &Path| ReplicaExport {
+        replica_id: id.into(),
+        path: path.to_path_buf(),
+        format: ImageFormat::of_file(path),
+    };
+    note(
+        "export with an empty id",
+        kind(
+            &os.engine
+                .export_replica(&server, "127.0.0.1", 0, &export("", &base)),
+        ),
+    );
+    note(
+        "export with an id too long",
+        kind(
+            &os.engine
+                .export_replica(&server, "127.0.0.1", 0, &export(&"i".repeat(4097), &base)),
+        ),
+    );
+    note(
+        "export on a bad host",
+        kind(
+            &os.engine
+                .export_replica(&server, "a host", 0, &export("b", &base)),
+        ),
+    );
+    note(
+        "export a relative path",
+        kind(&os.engine.export_replica(
+            &server,
+            "127.0.0.1",
+            0,
+            &export("b", Path::new("base.qcow2")),
+        )),
+    );
+    note(
+        "export with a run directory too long",
+        kind(
+            &os.engine
+                .export_replica(&long_run, "127.0.0.1", 0, &export("b", &base)),
+        ),
+    );
+    note(
+        "unexport from no server",
+        kind(&os.engine.unexport_replica(&server, "b")),
+    );
+    note(
+        "force unexport from no server",
+        kind(&os.engine.unexport_replica_force(&server, "b")),
+    );
+    note(
+        "status of no server",
+        kind(&os.engine.replica_server_status(&server)),
+    );
+
+    // A live engine: its replica is backed up at an instant and its mount is known.
+    let state = os
+        .engine
+        .start_volume(&spec(vec![local(&base)], &run))
+        .unwrap();
+    note(
+        "mounts of a replica an engine has open",
+        kind(&os.engine.engine_mounts(&base)),
+    );
+    let target = dir.join("backup.qcow2");
+    os.images.create_replica(&target, size, None).unwrap();
+    note(
+        "backup of a live replica",
+        kind(&os.engine.backup_replica(&base, &target)),
+    );
+
+    // LoopDevices.
+    let dev = os.loops.attach(&state.export_path).unwrap();
+    cleanup.loop_file(&state.export_path);
+    note("find of no device", kind(&os.loops.find(&plain)));
+    let not_a_loop = dir.join("sda");
+    note("detach no loop device", kind(&os.loops.detach(&not_a_loop)));
+    note("flush no loop device", kind(&os.loops.flush(&not_a_loop)));
+    note(
+        "refresh no loop device",
+        kind(&os.loops.refresh_size(&not_a_loop)),
+    );
+    let unattached = Path::new("/dev/loop99999");
+    note("detach unattached", kind(&os.loops.detach(unattached)));
+    note("flush unattached", kind(&os.loops.flush(unattached)));
+    note(
+        "refresh unattached",
+        kind(&os.loops.refresh_size(unattached)),
+    );
+    note("detach_file of none", kind(&os.loops.detach_file(&plain)));
+    note("flush", kind(&os.loops.flush(&dev)));
+
+    // Filesystems and Mounter.
+    note("probe a directory", kind(&os.fs.probe(dir)));
+    note(
+        "device size of a missing device",
+        kind(&os.fs.device_size(&missing)),
+    );
+    note("grow btrfs", kind(&os.fs.grow(&dev, &missing, "btrfs")));
+    note("mkfs", kind(&os.fs.mkfs(&dev, "ext4")));
+    note("fs size of ext4", kind(&os.fs.fs_size(&dev, "ext4")));
+    note("fs size as xfs", kind(&os.fs.fs_size(&dev, "xfs")));
+    note(
+        "mount in a missing directory",
+        kind(&os.mounts.mount(&dev, &no_dir.join("m"), "ext4", &[])),
+    );
+    let mnt = dir.join("mnt");
+    let bind = dir.join("bind");
+    cleanup.mount(&mnt);
+    cleanup.mount(&bind);
+    note(
+        "mount with options",
+        kind(&os.mounts.mount(&dev, &mnt, "ext4", &["noatime".into()])),
+    );
+    note(
+        "bind of a missing source",
+        kind(&os.mounts.bind_mount(&missing, &dir.join("b2"), false)),
+    );
+    note("bind", kind(&os.mounts.bind_mount(&mnt, &bind, false)));
+    note(
+        "mounts of the device",
+        kind(&os.mounts.mounts_of(&dev).map(|found| {
+            found
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })),
+    );
+    note(
+        "mounts of another device",
+        kind(&os.mounts.mounts_of(&not_a_loop)),
+    );
+    note(
+        "engine mounts",
+        kind(
+            &os.engine
+                .engine_mounts(&base)
+                .map(|m| m.map(|m| m == [resolve_parent(&mnt)])),
+        ),
+    );
+    note("stats of a missing path", kind(&os.fs.stats(&missing)));
+    note("freeze a missing path", kind(&os.fs.freeze(&missing)));
+    note("freeze", kind(&os.fs.freeze(&mnt)));
+    note("freeze again", kind(&os.fs.freeze(&mnt)));
+    note("thaw", kind(&os.fs.thaw(&mnt)));
+    note("thaw again", kind(&os.fs.thaw(&mnt)));
+    os.mounts.unmount(&bind).unwrap();
+    os.mounts.unmount(&mnt).unwrap();
+    os.loops.detach(&dev).unwrap();
+    os.engine.stop(&run).unwrap();
+
+    // A raw file on a loop device picks up its new size.
+    let grown = dir.join("grown.raw");
+    os.images.create_raw(&grown, size, None).unwrap();
+    let dev = os.loops.attach(&grown).unwrap();
+    cleanup.loop_file(&grown);
+    os.images.resize_raw(&grown, size * 2).unwrap();
+    note("size before refresh", kind(&os.fs.device_size(&dev)));
+    note("refresh", kind(&os.loops.refresh_size(&dev)));
+    note("size after refresh", kind(&os.fs.device_size(&dev)));
+    os.loops.detach(&dev).unwrap();
+    seen
+}
+
+const EDGE_EXPECTED: &[&str] = &[
+    "create odd size: Ok(())",
+    "odd size as qemu rounds it: Ok(1024)",
+    "create odd size again: Conflict",
+    "create too large: Unsupported",
+    "create over a relative backing: Unsupported",
+    "create over a missing backing: NotFound",
+    "create over a backing name too long: Unsupported",
+    "create in a missing directory: NotFound",
+    "create over a backing: Ok(true)",
+    "info of a missing image: NotFound",
+    "info of a plain file: Ok((Raw, 3072, None))",
+    "resize a missing image: NotFound",
+    "resize to the same size: Ok(())",
+    "shrink: Unsupported",
+    "convert onto an existing file: Conflict",
+    "convert a missing image: NotFound",
+    "convert into a missing directory: NotFound",
+    "convert a raw file read as qcow2: Command",
+    "convert a qcow2 file read as raw: Ok(())",
+    "rebase a missing image: NotFound",
+    "rebase onto a relative backing: Unsupported",
+    "rebase flattening: Ok(None)",
+    "rebase unsafe onto a backing: Ok(true)",
+    "create raw of an odd size: Ok(1000)",
+    "create raw over a missing base: NotFound",
+    "create raw in a missing directory: NotFound",
+    "size of a missing raw file: NotFound",
+    "grow a missing raw file: NotFound",
+    "grow raw to the same size: Ok(())",
+    "clone a missing raw file: NotFound",
+    "clone into a missing directory: NotFound",
+    "shares blocks of a missing directory: NotFound",
+    "start with no replica: Unsupported",
+    "start with a relative replica: Unsupported",
+    "start with a missing replica: NotFound",
+    "start with a replica twice: Unsupported",
+    "start with a run directory too long: Unsupported",
+    "start with an export name too long: Unsupported",
+    "start with no host: Unsupported",
+    "start a mirror engine over qcow2: Unsupported",
+    "status of none: Ok(None)",
+    "volume status of none: Ok(None)",
+    "stop none: Ok(())",
+    "backup of a replica no engine has open: Ok(false)",
+    "mounts of a replica no engine has open: Ok(None)",
+    "tls: None",
+    "export with an empty id: Unsupported",
+    "export with an id too long: Unsupported",
+    "export on a bad host: Unsupported",
+    "export a relative path: Unsupported",
+    "export with a run directory too long: Unsupported",
+    "unexport from no server: Ok(())",
+    "force unexport from no server: Ok(())",
+    "status of no server: Ok(None)",
+    "mounts of a replica an engine has open: Ok(Some([]))",
+    "backup of a live replica: Ok(true)",
+    "find of no device: Ok(None)",
+    "detach no loop device: Unsupported",
+    "flush no loop device: Unsupported",
+    "refresh no loop device: Unsupported",
+    "detach unattached: Ok(())",
+    "flush unattached: NotFound",
+    "refresh unattached: NotFound",
+    "detach_file of none: Ok(())",
+    "flush: Ok(())",
+    "probe a directory: Unsupported",
+    "device size of a missing device: NotFound",
+    "grow btrfs: Unsupported",
+    "mkfs: Ok(())",
+    "fs size of ext4: Ok(Some(67108864))",
+    "fs size as xfs: Ok(None)",
+    "mount in a missing directory: NotFound",
+    "mount with options: Ok(())",
+    "bind of a missing source: NotFound",
+    "bind: Ok(())",
+    "mounts of the device: Ok([\"mnt\", \"bind\"])",
+    "mounts of another device: Ok([])",
+    "engine mounts: Ok(Some(true))",
+    "stats of a missing path: NotFound",
+    "freeze a missing path: Command",
+    "freeze: Ok(())",
+    "freeze again: Command",
+    "thaw: Ok(())",
+    "thaw again: Command",
+    "size before refresh: Ok(67108864)",
+    "refresh: Ok(())",
+    "size after refresh: Ok(134217728)",
+];
+
+/// The one contract: every flow on the fake, and as root the same flows on the machine, must
+/// give the expected observations, so the fake and the real implementations agree on every
+/// trait method with good and bad input alike.
+#[test]
+fn fake_and_real_keep_one_contract() {
+    let flows: [(&str, &[&str], fn(&Os, &Path, &mut Cleanup) -> Vec<String>); 2] = [
+        ("basic", EXPECTED, basic_flow),
+        ("edge", EDGE_EXPECTED, edge_flow),
+    ];
+    let real = crate::os::root_or_skip("fake_and_real_keep_one_contract (its real half)");
+    for (name, expected, flow) in flows {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::new();
+        let mut cleanup = Cleanup::with(fake.os());
+        let on_fake = flow(&fake.os(), dir.path(), &mut cleanup);
+        drop(cleanup);
+        if real {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cleanup = Cleanup::default();
+            let on_real = flow(&Os::real(), dir.path(), &mut cleanup);
+            drop(cleanup);
+            let differ: Vec<String> = on_fake
+                .iter()
+                .zip(&on_real)
+                .filter(|(f, r)| f != r)
+                .map(|(f, r)| format!("fake {f:?} / real {r:?}"))
+                .collect();
+            assert!(
+                differ.is_empty() && on_fake.len() == on_real.len(),
+                "{name} flow: the fake and the machine disagree:\n{}",
+                differ.join("\n")
+            );
+        }
+        assert_eq!(on_fake, expected, "{name} flow");
+    }
+}

@@ -10,9 +10,14 @@ pub(super) struct FakeImages(pub(super) Fake);
 
 /// What `info` reports of a fake image.
 fn info_of(path: &Path, img: &FakeImage) -> OsResult<ImageInfo> {
+    let format = image::check_format(path, &img.format)?;
     Ok(ImageInfo {
-        format: image::check_format(path, &img.format)?,
-        virtual_size: img.virtual_size,
+        format,
+        // What qemu reports of a raw file: its length in whole sectors.
+        virtual_size: match format {
+            ImageFormat::Raw => image::sectors_rounded(img.virtual_size),
+            _ => img.virtual_size,
+        },
         actual_size: fs::metadata(path).map(|m| m.len()).unwrap_or(0),
         backing_file: img.backing.clone(),
     })
@@ -202,6 +207,7 @@ impl ImageTool for FakeImages {
     fn shares_blocks(&self, dir: &Path) -> OsResult<bool> {
         let mut w = self.0.world();
         w.fail("images.shares_blocks")?;
+        rawfile::check_probe_dir(dir)?;
         Ok(w.shares_blocks(dir))
     }
 }
