@@ -41,6 +41,8 @@ mod net;
 
 #[cfg(test)]
 mod contract;
+#[cfg(test)]
+mod tests;
 
 pub use machine::{Fake, FakeFs, image_bytes};
 pub use net::FakeNet;

@@ -733,7 +733,7 @@ pub(crate) fn replica_server_status(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs;
     use std::io::Write as _;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -799,7 +799,7 @@ mod tests {
 
     /// The real replica server of `run_dir` dies at once (SIGKILL): the kernel closes its
     /// connections, as when its node's bicsi-managed daemon crashes.
-    fn kill_real_server(run_dir: &Path) {
+    pub(crate) fn kill_real_server(run_dir: &Path) {
         let pid: i32 = fs::read_to_string(run_dir.join("qsd.pid"))
             .unwrap()
             .trim()
@@ -841,8 +841,9 @@ mod tests {
     }
 
     /// Two nodes: B serves replicas, A runs the volume engine over a local replica and B's. As
-    /// observations that must be the same on the fakes and on the real machine.
-    fn remote_flow(
+    /// observations that must be the same on the fakes and on the real machine (the contract
+    /// test, `crate::os::fake`'s `fake_and_real_keep_one_contract`, runs it on both).
+    pub(crate) fn remote_flow(
         a: &Os,
         b: &Os,
         dir: &Path,
@@ -1062,7 +1063,7 @@ mod tests {
         seen
     }
 
-    const EXPECTED_REMOTE: &[&str] = &[
+    pub(crate) const EXPECTED_REMOTE: &[&str] = &[
         "export r1: Ok(true)",
         "export r2: Ok(true)",
         "export r1 again: Ok(true)",
@@ -1115,25 +1116,6 @@ mod tests {
         assert!(nodes[0].engines().is_empty());
         assert!(nodes[1].engines().is_empty());
         assert!(nodes[1].replica_servers().is_empty());
-    }
-
-    #[test]
-    fn real_matches_fake_remote_flow() {
-        if !crate::os::root_or_skip("real_matches_fake_remote_flow") {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let mut cb = Cleanup::default();
-        let mut ca = Cleanup::default();
-        let seen = remote_flow(
-            &Os::real(),
-            &Os::real(),
-            dir.path(),
-            &mut ca,
-            &mut cb,
-            &kill_real_server,
-        );
-        assert_eq!(seen, EXPECTED_REMOTE);
     }
 
     #[test]

@@ -296,156 +296,6 @@ fn fake_basic_flow() {
     assert!(fake.mounts().is_empty());
 }
 
-#[test]
-fn real_matches_fake_basic_flow() {
-    if !crate::os::root_or_skip("real_matches_fake_basic_flow") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup::default();
-    let seen = basic_flow(&Os::real(), dir.path(), &mut cleanup);
-    assert_eq!(seen, EXPECTED);
-}
-
-#[test]
-fn fake_engines_lock_replicas_and_readonly_is_enforced() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = Fake::new();
-    let os = fake.os();
-    let r = dir.path().join("r.qcow2");
-    os.images.create_replica(&r, 1 << 30, None).unwrap();
-    let spec = |run: &str, ro: bool| EngineSpec {
-        volume_id: "v".into(),
-        replicas: vec![r.clone()],
-        run_dir: dir.path().join(run),
-        read_only: ro,
-    };
-    let a = os.engine.start(&spec("a", false)).unwrap();
-    let err = os.engine.start(&spec("b", false)).unwrap_err();
-    assert!(err.to_string().contains("lock"), "{err}");
-    assert!(matches!(
-        os.engine.start(&spec("b", true)),
-        Err(OsError::Command { .. })
-    ));
-    let dev = os.loops.attach(&a.export_path).unwrap();
-    os.fs.mkfs(&dev, "xfs").unwrap();
-    os.loops.detach(&dev).unwrap();
-    os.engine.stop(&dir.path().join("a")).unwrap();
-
-    // Two read-only engines may share a replica; their devices and mounts are read-only.
-    let b = os.engine.start(&spec("b", true)).unwrap();
-    let c = os.engine.start(&spec("c", true)).unwrap();
-    let dev = os.loops.attach(&b.export_path).unwrap();
-    assert!(matches!(
-        os.fs.mkfs(&dev, "ext4"),
-        Err(OsError::Conflict(_))
-    ));
-    let mnt = dir.path().join("mnt");
-    os.mounts.mount(&dev, &mnt, "xfs", &[]).unwrap();
-    let info = os.mounts.mount_info(&mnt).unwrap().unwrap();
-    assert_eq!(info.options[0], "ro");
-    assert!(matches!(os.loops.detach(&dev), Err(OsError::Busy(_))));
-    os.mounts.unmount(&mnt).unwrap();
-    os.loops.detach(&dev).unwrap();
-    assert_eq!(fake.engines().len(), 2);
-    os.engine.stop(&dir.path().join("b")).unwrap();
-    os.engine.stop(&dir.path().join("c")).unwrap();
-    let _ = c;
-}
-
-#[test]
-fn fake_crash_failure_injection_and_backing_images() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = Fake::new();
-    let os = fake.os();
-    // A backing image that carries a filesystem shows through a bigger replica.
-    let backing = dir.path().join("backing");
-    fake.make_image(&backing, ImageFormat::Raw, 8 << 20, Some("ext4"))
-        .unwrap();
-    assert_eq!(os.images.info(&backing).unwrap().format, ImageFormat::Raw);
-    let r = dir.path().join("r.qcow2");
-    os.images
-        .create_replica(&r, 32 << 20, Some((&backing, ImageFormat::Raw)))
-        .unwrap();
-    assert_eq!(
-        os.images.info(&r).unwrap().backing_file,
-        Some(backing.clone())
-    );
-    let spec = EngineSpec {
-        volume_id: "v".into(),
-        replicas: vec![r.clone()],
-        run_dir: dir.path().join("run"),
-        read_only: false,
-    };
-    let st = os.engine.start(&spec).unwrap();
-    let dev = os.loops.attach(&st.export_path).unwrap();
-    assert_eq!(os.fs.probe(&dev).unwrap().as_deref(), Some("ext4"));
-    let mnt = dir.path().join("mnt");
-    os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
-    assert_eq!(os.fs.stats(&mnt).unwrap().total_bytes, 8 << 20);
-    os.fs.grow(&dev, &mnt, "ext4").unwrap();
-    assert_eq!(os.fs.stats(&mnt).unwrap().total_bytes, 32 << 20);
-    // The shared backing file is untouched.
-    assert_eq!(content_fs(&backing).unwrap().unwrap().size, 8 << 20);
-
-    // Exporting the volume flattens it.
-    os.mounts.unmount(&mnt).unwrap();
-    os.loops.detach(&dev).unwrap();
-    let err = os
-        .images
-        .convert(
-            &r,
-            ImageFormat::Qcow2,
-            &dir.path().join("x"),
-            ImageFormat::Qcow2,
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("lock"), "{err}");
-    os.engine.stop(&spec.run_dir).unwrap();
-    let out = dir.path().join("exported.qcow2");
-    os.images
-        .convert(&r, ImageFormat::Qcow2, &out, ImageFormat::Qcow2)
-        .unwrap();
-    let info = os.images.info(&out).unwrap();
-    assert_eq!(
-        (info.format, info.virtual_size, info.backing_file),
-        (ImageFormat::Qcow2, 32 << 20, None)
-    );
-
-    // A crashed engine: not live, its stale export blocks nothing once the loop is gone.
-    let st = os.engine.start(&spec).unwrap();
-    let dev = os.loops.attach(&st.export_path).unwrap();
-    fake.kill_engine(&spec.run_dir);
-    assert_eq!(os.engine.status(&spec.run_dir).unwrap(), None);
-    assert!(matches!(os.fs.probe(&dev), Err(OsError::Io { .. })));
-    assert!(matches!(os.engine.start(&spec), Err(OsError::Busy(_))));
-    os.loops.detach(&dev).unwrap();
-    let st2 = os.engine.start(&spec).unwrap();
-    assert_ne!(st2.pid, st.pid);
-
-    // Injected failures come once each, in order.
-    fake.fail_next("fs.mkfs", OsError::NoSpace("disk full".into()));
-    let dev = os.loops.attach(&st2.export_path).unwrap();
-    assert!(matches!(os.fs.mkfs(&dev, "ext4"), Err(OsError::NoSpace(_))));
-    assert!(matches!(
-        os.fs.mkfs(&dev, "ext4"),
-        Err(OsError::Conflict(_))
-    ));
-    os.loops.detach(&dev).unwrap();
-    os.engine.stop(&spec.run_dir).unwrap();
-    assert!(fake.engines().is_empty());
-}
-
-#[test]
-fn fake_sniffs_real_filesystems_in_raw_files() {
-    let mut head = vec![0u8; 2048];
-    assert_eq!(sniff_fs(&head), None);
-    head[1080] = 0x53;
-    head[1081] = 0xef;
-    assert_eq!(sniff_fs(&head).as_deref(), Some("ext4"));
-    assert_eq!(sniff_fs(b"XFSB....").as_deref(), Some("xfs"));
-}
-
 /// The loop engine's file work, as observations that must be the same on the fake and on
 /// the real machine: `shared` is a directory whose filesystem shares blocks (XFS with
 /// reflink), `plain` one whose filesystem does not (ext4).
@@ -570,66 +420,6 @@ fn fake_raw_flow() {
     assert!(fake.mounts().is_empty());
 }
 
-/// A run directory holds one replica server: raw replicas (bicsi's server) and qcow2 ones
-/// (qemu-storage-daemon) in the same one conflict, as on the real engine
-/// (`tests/replica_server.rs` checks the real side).
-#[test]
-fn fake_replica_servers_are_one_kind_per_run_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let fake = Fake::new();
-    let os = fake.os();
-    let (raw, qcow2) = (d.join("r.raw"), d.join("q.qcow2"));
-    os.images.create_raw(&raw, 1 << 20, None).unwrap();
-    os.images.create_replica(&qcow2, 1 << 20, None).unwrap();
-    let export = |id: &str, path: &Path, format| ReplicaExport {
-        replica_id: id.into(),
-        path: path.to_path_buf(),
-        format,
-    };
-    let (raw_dir, qemu_dir) = (d.join("replica-server-raw"), d.join("replica-server"));
-    let port = os
-        .engine
-        .export_replica(
-            &raw_dir,
-            "127.0.0.1",
-            0,
-            &export("r", &raw, ImageFormat::Raw),
-        )
-        .unwrap();
-    let err = os
-        .engine
-        .export_replica(
-            &raw_dir,
-            "127.0.0.1",
-            0,
-            &export("q", &qcow2, ImageFormat::Qcow2),
-        )
-        .unwrap_err();
-    assert!(matches!(err, OsError::Conflict(_)), "{err}");
-    assert!(
-        err.to_string().contains("run directory of its own"),
-        "{err}"
-    );
-    let qport = os
-        .engine
-        .export_replica(
-            &qemu_dir,
-            "127.0.0.1",
-            0,
-            &export("q", &qcow2, ImageFormat::Qcow2),
-        )
-        .unwrap();
-    assert_ne!(port, qport);
-    assert_eq!(
-        os.engine.replica_server_status(&raw_dir).unwrap(),
-        Some((port, vec!["r".to_string()]))
-    );
-    os.engine.unexport_replica(&raw_dir, "r").unwrap();
-    os.engine.unexport_replica(&qemu_dir, "q").unwrap();
-    assert!(fake.replica_servers().is_empty());
-}
-
 /// XFS made with reflink in a file, loop-mounted; lazily unmounted on drop (after the
 /// test's own `Cleanup`, declared later, has released what sits on it).
 struct XfsDir(tempfile::TempDir);
@@ -641,34 +431,6 @@ impl Drop for XfsDir {
             .arg(self.0.path().join("mnt"))
             .status();
     }
-}
-
-#[test]
-fn real_matches_fake_raw_flow() {
-    if !crate::os::root_or_skip("real_matches_fake_raw_flow") {
-        return;
-    }
-    use crate::os::testutil::sh;
-    use std::process::Command;
-    let xfs = XfsDir(tempfile::tempdir().unwrap());
-    let image = xfs.0.path().join("xfs.img");
-    fs::File::create(&image)
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
-    sh(Command::new("mkfs.xfs")
-        .args(["-q", "-m", "reflink=1"])
-        .arg(&image));
-    let shared = xfs.0.path().join("mnt");
-    fs::create_dir(&shared).unwrap();
-    sh(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&shared));
-    let plain = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup::default();
-    let seen = raw_flow(&Os::real(), &shared, plain.path(), &mut cleanup);
-    assert_eq!(seen, RAW_EXPECTED);
 }
 
 /// Every trait method the flows above leave out, and bad input for each method, as
@@ -1228,39 +990,115 @@ const EDGE_EXPECTED: &[&str] = &[
     "size after refresh: Ok(134217728)",
 ];
 
-/// The one contract: every flow on the fake, and as root the same flows on the machine, must
+/// What two runs of one flow saw: equal, and as expected.
+fn agree(name: &str, expected: &[&str], on_fake: &[String], on_real: Option<&[String]>) {
+    if let Some(on_real) = on_real {
+        let differ: Vec<String> = on_fake
+            .iter()
+            .zip(on_real)
+            .filter(|(f, r)| f != r)
+            .map(|(f, r)| format!("fake {f:?} / real {r:?}"))
+            .collect();
+        assert!(
+            differ.is_empty() && on_fake.len() == on_real.len(),
+            "{name} flow: the fake and the machine disagree:\n{}\nfake: {on_fake:?}\nreal: \
+             {on_real:?}",
+            differ.join("\n")
+        );
+    }
+    assert_eq!(on_fake, expected, "{name} flow");
+}
+
+/// A directory whose filesystem shares blocks on the machine: XFS with reflink, made in a file
+/// and loop-mounted under `xfs`.
+fn reflink_dir(xfs: &XfsDir) -> PathBuf {
+    use crate::os::testutil::sh;
+    use std::process::Command;
+    let image = xfs.0.path().join("xfs.img");
+    fs::File::create(&image)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    sh(Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&image));
+    let shared = xfs.0.path().join("mnt");
+    fs::create_dir(&shared).unwrap();
+    sh(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&shared));
+    shared
+}
+
+/// The one contract: every flow on the fake and, as root, the same flows on the machine must
 /// give the expected observations, so the fake and the real implementations agree on every
-/// trait method with good and bad input alike.
+/// trait method of `ImageTool`, `Engine`, `LoopDevices`, `Mounter` and `Filesystems`, with good
+/// and bad input alike: the basic node flow, the loop engine's raw files (`raw_flow`), the
+/// edges (`edge_flow`) and replica servers with NBD children on two machines
+/// (`crate::os::nbd`'s `remote_flow`).
 #[test]
 fn fake_and_real_keep_one_contract() {
+    let real = crate::os::root_or_skip("fake_and_real_keep_one_contract (its real half)");
     let flows: [(&str, &[&str], fn(&Os, &Path, &mut Cleanup) -> Vec<String>); 2] = [
         ("basic", EXPECTED, basic_flow),
         ("edge", EDGE_EXPECTED, edge_flow),
     ];
-    let real = crate::os::root_or_skip("fake_and_real_keep_one_contract (its real half)");
     for (name, expected, flow) in flows {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = Fake::new();
-        let mut cleanup = Cleanup::with(fake.os());
-        let on_fake = flow(&fake.os(), dir.path(), &mut cleanup);
-        drop(cleanup);
-        if real {
+        let on_fake = {
+            let dir = tempfile::tempdir().unwrap();
+            let fake = Fake::new();
+            let mut cleanup = Cleanup::with(fake.os());
+            flow(&fake.os(), dir.path(), &mut cleanup)
+        };
+        let on_real = real.then(|| {
             let dir = tempfile::tempdir().unwrap();
             let mut cleanup = Cleanup::default();
-            let on_real = flow(&Os::real(), dir.path(), &mut cleanup);
-            drop(cleanup);
-            let differ: Vec<String> = on_fake
-                .iter()
-                .zip(&on_real)
-                .filter(|(f, r)| f != r)
-                .map(|(f, r)| format!("fake {f:?} / real {r:?}"))
-                .collect();
-            assert!(
-                differ.is_empty() && on_fake.len() == on_real.len(),
-                "{name} flow: the fake and the machine disagree:\n{}",
-                differ.join("\n")
-            );
-        }
-        assert_eq!(on_fake, expected, "{name} flow");
+            flow(&Os::real(), dir.path(), &mut cleanup)
+        });
+        agree(name, expected, &on_fake, on_real.as_deref());
     }
+
+    let on_fake = {
+        let (shared, plain) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let fake = Fake::new();
+        fake.share_blocks(shared.path());
+        let mut cleanup = Cleanup::with(fake.os());
+        raw_flow(&fake.os(), shared.path(), plain.path(), &mut cleanup)
+    };
+    let on_real = real.then(|| {
+        let xfs = XfsDir(tempfile::tempdir().unwrap());
+        let shared = reflink_dir(&xfs);
+        let plain = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        raw_flow(&Os::real(), &shared, plain.path(), &mut cleanup)
+    });
+    agree("raw", RAW_EXPECTED, &on_fake, on_real.as_deref());
+
+    use crate::os::nbd::tests::{EXPECTED_REMOTE, kill_real_server, remote_flow};
+    let on_fake = {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = Fake::new_cluster(2);
+        let (a, b) = (nodes[0].os(), nodes[1].os());
+        let mut cb = Cleanup::with(b.clone());
+        let mut ca = Cleanup::with(a.clone());
+        let node_b = nodes[1].clone();
+        remote_flow(&a, &b, dir.path(), &mut ca, &mut cb, &|run_dir| {
+            node_b.kill_replica_server(run_dir)
+        })
+    };
+    let on_real = real.then(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cb = Cleanup::default();
+        let mut ca = Cleanup::default();
+        remote_flow(
+            &Os::real(),
+            &Os::real(),
+            dir.path(),
+            &mut ca,
+            &mut cb,
+            &kill_real_server,
+        )
+    });
+    agree("remote", EXPECTED_REMOTE, &on_fake, on_real.as_deref());
 }
