@@ -990,6 +990,9 @@ const EDGE_EXPECTED: &[&str] = &[
     "size after refresh: Ok(134217728)",
 ];
 
+/// A flow of calls on one machine, in a directory of its own, as what a caller observes.
+type Flow = fn(&Os, &Path, &mut Cleanup) -> Vec<String>;
+
 /// What two runs of one flow saw: equal, and as expected.
 fn agree(name: &str, expected: &[&str], on_fake: &[String], on_real: Option<&[String]>) {
     if let Some(on_real) = on_real {
@@ -1040,7 +1043,7 @@ fn reflink_dir(xfs: &XfsDir) -> PathBuf {
 #[test]
 fn fake_and_real_keep_one_contract() {
     let real = crate::os::root_or_skip("fake_and_real_keep_one_contract (its real half)");
-    let flows: [(&str, &[&str], fn(&Os, &Path, &mut Cleanup) -> Vec<String>); 2] = [
+    let flows: [(&str, &[&str], Flow); 2] = [
         ("basic", EXPECTED, basic_flow),
         ("edge", EDGE_EXPECTED, edge_flow),
     ];
