@@ -52,17 +52,25 @@ const CLOSE: &str = "CLOSE";
 
 /// The OpenAPI schema of the custom resource kept under `plural`, None for built-in kinds.
 fn crd_schema(plural: &str) -> Option<Value> {
-    Kind::ALL.iter().find_map(|k| {
-        let crd = super::crd::crd(*k);
-        (crd.spec.names.plural == plural).then(|| {
-            let schema = crd.spec.versions[0]
-                .schema
-                .as_ref()
-                .and_then(|s| s.open_api_v3_schema.as_ref())
-                .expect("a CRD with a schema");
-            serde_json::to_value(schema).unwrap()
+    // Made once: every request asks, and generating the CRDs is not free in a debug build.
+    static SCHEMAS: std::sync::OnceLock<BTreeMap<String, Value>> = std::sync::OnceLock::new();
+    SCHEMAS
+        .get_or_init(|| {
+            Kind::ALL
+                .iter()
+                .map(|k| {
+                    let crd = super::crd::crd(*k);
+                    let schema = crd.spec.versions[0]
+                        .schema
+                        .as_ref()
+                        .and_then(|s| s.open_api_v3_schema.as_ref())
+                        .expect("a CRD with a schema");
+                    (crd.spec.names.plural, serde_json::to_value(schema).unwrap())
+                })
+                .collect()
         })
-    })
+        .get(plural)
+        .cloned()
 }
 
 /// Drops what `schema` does not know, as the API server prunes a custom resource (structural
