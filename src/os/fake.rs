@@ -39,9 +39,7 @@ mod machine;
 mod mounts;
 mod net;
 
-#[cfg(test)]
 mod contract;
-#[cfg(test)]
 mod tests;
 
 pub use machine::{Fake, FakeFs, image_bytes};

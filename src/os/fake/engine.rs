@@ -1,7 +1,8 @@
 //! The fake `Engine`: volume engines and replica servers as entries of the simulated machine and
 //! its network, with the real idempotency, `Conflict` and `Busy` rules. The spec and export
-//! checks are the real ones (`super::super::engine::check_volume_spec`,
-//! `super::super::nbd::check_replica_export`).
+//! checks are the real ones (`crate::os::engine::check_volume_spec`,
+//! `crate::os::engine::mirror::check_children`, `crate::os::nbd::check_replica_export`). It
+//! does not run bicsi's mirror engine: a volume of raw children is simulated as qemu's is.
 
 use super::*;
 use crate::os::{engine, nbd};

@@ -331,6 +331,14 @@ impl FakeApi {
             .await
             .unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let entry = Logged {
+            method: method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            body: body.clone(),
+            status: 0,
+            content_type,
+        };
         // Core objects (Secrets, ConfigMaps) a source names: read only, by name.
         if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
             && let parts = rest.split('/').collect::<Vec<&str>>()
@@ -349,21 +357,21 @@ impl FakeApi {
                 }
                 _ => status(405, "MethodNotAllowed", format!("no route {method} {path}")),
             };
-            return self.answer(method, path, query, body, code, v, &content_type);
+            return self.answer(entry, code, v);
         }
         let Some(parts) = FakeApi::resource(&path) else {
             let (code, v) = status(404, "NotFound", format!("no route {path}"));
-            return self.answer(method, path, query, body, code, v, &content_type);
+            return self.answer(entry, code, v);
         };
         let plural = parts[0].clone();
         if method == Method::GET && parts.len() == 1 && query.contains("watch=") {
-            return self.watch(&plural, &path, &query);
+            return self.watch(&plural, entry);
         }
         let (code, v) = {
             let mut st = self.state.lock().unwrap();
-            self.route(&mut st, &method, &parts, &body, &content_type)
+            self.route(&mut st, &method, &parts, &body, &entry.content_type)
         };
-        self.answer(method, path, query, body, code, v, &content_type)
+        self.answer(entry, code, v)
     }
 
     /// The path's resource as [plural, name, subresource]: bicsi's kinds in [`NS`] by their
@@ -405,36 +413,10 @@ impl FakeApi {
             .collect()
     }
 
-    fn log_req(
-        &self,
-        method: &Method,
-        path: &str,
-        query: &str,
-        body: &Value,
-        status: u16,
-        content_type: &str,
-    ) {
-        self.state.lock().unwrap().log.push(Logged {
-            method: method.to_string(),
-            path: path.to_string(),
-            query: query.to_string(),
-            body: body.clone(),
-            status,
-            content_type: content_type.to_string(),
-        });
-    }
-
-    fn answer(
-        &self,
-        method: Method,
-        path: String,
-        query: String,
-        body: Value,
-        code: u16,
-        v: Value,
-        content_type: &str,
-    ) -> Response {
-        self.log_req(&method, &path, &query, &body, code, content_type);
+    /// Logs the request with the status it got and answers it.
+    fn answer(&self, mut entry: Logged, code: u16, v: Value) -> Response {
+        entry.status = code;
+        self.state.lock().unwrap().log.push(entry);
         (
             StatusCode::from_u16(code).unwrap(),
             [("content-type", "application/json")],
@@ -638,25 +620,18 @@ impl FakeApi {
 
     /// A watch from the resourceVersion in the query: past events, then live ones.
     /// Logged with the status the watcher sees: 200, or 410 for a version compacted away.
-    fn watch(&self, plural: &str, path: &str, query: &str) -> Response {
-        let from: u64 = query
+    fn watch(&self, plural: &str, mut entry: Logged) -> Response {
+        let from: u64 = entry
+            .query
             .split('&')
             .find_map(|kv| kv.strip_prefix("resourceVersion="))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let (past, live) = {
-            let st = self.state.lock().unwrap();
+            let mut st = self.state.lock().unwrap();
             let gone = from != 0 && from < st.compacted;
-            drop(st);
-            self.log_req(
-                &Method::GET,
-                path,
-                query,
-                &Value::Null,
-                if gone { 410 } else { 200 },
-                "",
-            );
-            let st = self.state.lock().unwrap();
+            entry.status = if gone { 410 } else { 200 };
+            st.log.push(entry);
             if gone {
                 // The real server answers 200 and sends one ERROR event with a 410 Status.
                 let (_, gone) = status(
