@@ -990,6 +990,55 @@ const EDGE_EXPECTED: &[&str] = &[
     "size after refresh: Ok(134217728)",
 ];
 
+/// Every method of the five traits, as `Fake::called` names them: the contract test must call
+/// each (add a new trait method here and to a flow).
+const EVERY_METHOD: &[&str] = &[
+    "images.create_replica",
+    "images.resize",
+    "images.info",
+    "images.convert",
+    "images.rebase",
+    "images.create_raw",
+    "images.resize_raw",
+    "images.raw_size",
+    "images.clone_raw",
+    "images.shares_blocks",
+    "engine.start",
+    "engine.status",
+    "engine.stop",
+    "engine.start_volume",
+    "engine.start_mirror",
+    "engine.volume_status",
+    "engine.export_replica",
+    "engine.unexport_replica",
+    "engine.unexport_replica_force",
+    "engine.replica_server_status",
+    "engine.backup_replica",
+    "engine.engine_mounts",
+    "engine.nbd_tls",
+    "loops.attach",
+    "loops.attach_read_only",
+    "loops.find",
+    "loops.detach",
+    "loops.detach_file",
+    "loops.refresh_size",
+    "loops.file_mounts",
+    "loops.flush",
+    "mounts.mount",
+    "mounts.bind_mount",
+    "mounts.unmount",
+    "mounts.mount_info",
+    "mounts.mounts_of",
+    "fs.probe",
+    "fs.mkfs",
+    "fs.grow",
+    "fs.stats",
+    "fs.freeze",
+    "fs.thaw",
+    "fs.device_size",
+    "fs.fs_size",
+];
+
 /// A flow of calls on one machine, in a directory of its own, as what a caller observes.
 type Flow = fn(&Os, &Path, &mut Cleanup) -> Vec<String>;
 
@@ -1043,6 +1092,7 @@ fn reflink_dir(xfs: &XfsDir) -> PathBuf {
 #[test]
 fn fake_and_real_keep_one_contract() {
     let real = crate::os::root_or_skip("fake_and_real_keep_one_contract (its real half)");
+    let mut called = std::collections::BTreeSet::new();
     let flows: [(&str, &[&str], Flow); 2] = [
         ("basic", EXPECTED, basic_flow),
         ("edge", EDGE_EXPECTED, edge_flow),
@@ -1052,7 +1102,9 @@ fn fake_and_real_keep_one_contract() {
             let dir = tempfile::tempdir().unwrap();
             let fake = Fake::new();
             let mut cleanup = Cleanup::with(fake.os());
-            flow(&fake.os(), dir.path(), &mut cleanup)
+            let seen = flow(&fake.os(), dir.path(), &mut cleanup);
+            called.extend(fake.called());
+            seen
         };
         let on_real = real.then(|| {
             let dir = tempfile::tempdir().unwrap();
@@ -1067,7 +1119,9 @@ fn fake_and_real_keep_one_contract() {
         let fake = Fake::new();
         fake.share_blocks(shared.path());
         let mut cleanup = Cleanup::with(fake.os());
-        raw_flow(&fake.os(), shared.path(), plain.path(), &mut cleanup)
+        let seen = raw_flow(&fake.os(), shared.path(), plain.path(), &mut cleanup);
+        called.extend(fake.called());
+        seen
     };
     let on_real = real.then(|| {
         let xfs = XfsDir(tempfile::tempdir().unwrap());
@@ -1086,9 +1140,11 @@ fn fake_and_real_keep_one_contract() {
         let mut cb = Cleanup::with(b.clone());
         let mut ca = Cleanup::with(a.clone());
         let node_b = nodes[1].clone();
-        remote_flow(&a, &b, dir.path(), &mut ca, &mut cb, &|run_dir| {
+        let seen = remote_flow(&a, &b, dir.path(), &mut ca, &mut cb, &|run_dir| {
             node_b.kill_replica_server(run_dir)
-        })
+        });
+        called.extend(nodes.iter().flat_map(Fake::called));
+        seen
     };
     let on_real = real.then(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -1104,4 +1160,16 @@ fn fake_and_real_keep_one_contract() {
         )
     });
     agree("remote", EXPECTED_REMOTE, &on_fake, on_real.as_deref());
+
+    let missed: Vec<&str> = EVERY_METHOD
+        .iter()
+        .copied()
+        .filter(|m| !called.contains(*m))
+        .collect();
+    assert!(missed.is_empty(), "no flow calls {missed:?}");
+    let unknown: Vec<&String> = called
+        .iter()
+        .filter(|c| !EVERY_METHOD.contains(&c.as_str()))
+        .collect();
+    assert!(unknown.is_empty(), "EVERY_METHOD lacks {unknown:?}");
 }

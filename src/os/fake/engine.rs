@@ -123,6 +123,9 @@ impl FakeEngine {
     fn unexport(&self, run_dir: &Path, replica_id: &str, force: bool) -> OsResult<()> {
         let mut w = self.0.world();
         w.fail("engine.unexport_replica")?;
+        if force {
+            w.called.insert("engine.unexport_replica_force".into());
+        }
         let run_dir = resolve_parent(run_dir);
         let node = w.node;
         let net = w.net.clone();
@@ -177,6 +180,12 @@ impl Engine for FakeEngine {
         let mut w = self.0.world();
         w.fail("engine.start_volume")?;
         self.start_targets(&mut w, spec, false)
+    }
+
+    fn nbd_tls(&self) -> Option<PathBuf> {
+        // The fake's NBD servers and clients never use TLS.
+        self.0.world().called.insert("engine.nbd_tls".into());
+        None
     }
 
     fn start_mirror(

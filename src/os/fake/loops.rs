@@ -12,6 +12,9 @@ impl FakeLoops {
         let mut w = self.0.world();
 
         w.fail("loops.attach")?;
+        if force_read_only {
+            w.called.insert("loops.attach_read_only".into());
+        }
         let file = resolve_parent(file);
         if !file.exists() {
             return Err(OsError::NotFound(format!(

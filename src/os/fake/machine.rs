@@ -169,6 +169,8 @@ pub(super) struct World {
     pub(super) reflink_dirs: Vec<PathBuf>,
     /// Mount points whose filesystem is frozen (`Filesystems::freeze`).
     pub(super) frozen: Vec<PathBuf>,
+    /// Every trait method called, as "<trait>.<method>" (`Fake::called`).
+    pub(super) called: std::collections::BTreeSet<String>,
 }
 
 /// What a fake loop device's reads and writes reach.
@@ -189,7 +191,9 @@ impl World {
         self.reflink_dirs.iter().any(|d| path.starts_with(d))
     }
 
+    /// Records the call of `op` ("<trait>.<method>") and returns the failure injected for it.
     pub(super) fn fail(&mut self, op: &str) -> OsResult<()> {
+        self.called.insert(op.to_string());
         match self.failures.get_mut(op).and_then(VecDeque::pop_front) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -484,6 +488,13 @@ impl Fake {
     /// "fs.mkfs", "fs.grow", "fs.stats", "fs.device_size", "engine.start_volume",
     /// "engine.volume_status", "engine.export_replica", "engine.unexport_replica" (also for the
     /// forced form), "engine.replica_server_status". Several calls queue up.
+    /// Every trait method called on this machine so far, as "<trait>.<method>" (the names
+    /// `fail_next` takes; `loops.attach_read_only`, `engine.unexport_replica_force` and
+    /// `engine.nbd_tls` besides), for a test to show what it exercised.
+    pub fn called(&self) -> std::collections::BTreeSet<String> {
+        self.world().called.clone()
+    }
+
     pub fn fail_next(&self, op: &str, error: OsError) {
         self.world()
             .failures
