@@ -1,6 +1,7 @@
 //! The operating-system layer: the few small, synchronous traits through which the node domain
 //! touches the machine (qcow2 images, the qemu-storage-daemon engine, loop devices, mounts and
-//! filesystems), their real implementations, and in-memory fakes for tests that run without root.
+//! filesystems), their real implementations, and (in test builds only, `fake`) in-memory fakes for
+//! tests that run without root.
 //!
 //! It owns the exact command lines, kernel calls and the facts measured on real machines (why loop
 //! devices never use direct I/O on the FUSE export, why the export is unmounted before the daemon
@@ -21,6 +22,7 @@ pub mod compare;
 pub mod cow;
 pub mod engine;
 pub mod extents;
+#[cfg(test)]
 pub mod fake;
 pub mod fs;
 pub mod image;
@@ -423,7 +425,8 @@ impl Os {
         }
     }
 
-    /// In-memory fakes sharing one simulated machine; see `fake::Fake` to inspect it.
+    /// In-memory fakes sharing one simulated machine; see `fake::Fake` to inspect it. Tests only.
+    #[cfg(test)]
     pub fn fake() -> Os {
         fake::Fake::new().os()
     }

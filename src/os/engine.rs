@@ -631,61 +631,6 @@ impl QemuStorageDaemon {
         unmount_export(paths)
     }
 
-    fn validate(spec: &VolumeEngineSpec) -> OsResult<()> {
-        let volume = &spec.volume_id;
-        if spec.replicas.is_empty() {
-            return Err(OsError::Unsupported(format!(
-                "engine for volume {volume:?}: no replicas given; a volume needs at least one"
-            )));
-        }
-        for (i, target) in spec.replicas.iter().enumerate() {
-            if spec.replicas[..i].contains(target) {
-                return Err(OsError::Unsupported(format!(
-                    "engine for volume {volume:?}: replica {target} is listed twice"
-                )));
-            }
-            match target {
-                ReplicaTarget::Local(r) => {
-                    if !r.is_absolute() {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica path {} must be absolute",
-                            r.display()
-                        )));
-                    }
-                    if !r.is_file() {
-                        return Err(OsError::NotFound(format!(
-                            "engine for volume {volume:?}: replica {} does not exist; create it \
-                             first",
-                            r.display()
-                        )));
-                    }
-                    utf8_path(r)?;
-                }
-                ReplicaTarget::Nbd { host, port, export } => {
-                    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica {target}: {host:?} is not a \
-                             host name or address"
-                        )));
-                    }
-                    if *port == 0 {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica {target}: port 0; give the \
-                             port export_replica returned"
-                        )));
-                    }
-                    if export.is_empty() || export.len() > MAX_NBD_NAME {
-                        return Err(OsError::Unsupported(format!(
-                            "engine for volume {volume:?}: replica {target}: the export name must \
-                             have 1 to {MAX_NBD_NAME} bytes"
-                        )));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn state(paths: &RunPaths, pid: i32, args: &DaemonArgs) -> EngineState {
         EngineState {
             pid,
@@ -710,6 +655,74 @@ impl QemuStorageDaemon {
         }
         Ok(Some((paths, pid, args)))
     }
+}
+
+/// What `start_volume` refuses for what the spec itself says: no replicas, one listed twice, a
+/// local one that is relative, missing or not UTF-8, an NBD one without a host, a port or a
+/// valid export name, and a run directory too long for the engine's socket. The fake engine
+/// (`super::fake`) calls it too.
+pub(crate) fn check_volume_spec(spec: &VolumeEngineSpec) -> OsResult<()> {
+    let volume = &spec.volume_id;
+    if spec.replicas.is_empty() {
+        return Err(OsError::Unsupported(format!(
+            "engine for volume {volume:?}: no replicas given; a volume needs at least one"
+        )));
+    }
+    for (i, target) in spec.replicas.iter().enumerate() {
+        if spec.replicas[..i].contains(target) {
+            return Err(OsError::Unsupported(format!(
+                "engine for volume {volume:?}: replica {target} is listed twice"
+            )));
+        }
+        match target {
+            ReplicaTarget::Local(r) => {
+                if !r.is_absolute() {
+                    return Err(OsError::Unsupported(format!(
+                        "engine for volume {volume:?}: replica path {} must be absolute",
+                        r.display()
+                    )));
+                }
+                if !r.is_file() {
+                    return Err(OsError::NotFound(format!(
+                        "engine for volume {volume:?}: replica {} does not exist; create it \
+                         first",
+                        r.display()
+                    )));
+                }
+                utf8_path(r)?;
+            }
+            ReplicaTarget::Nbd { host, port, export } => {
+                if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+                    return Err(OsError::Unsupported(format!(
+                        "engine for volume {volume:?}: replica {target}: {host:?} is not a \
+                         host name or address"
+                    )));
+                }
+                if *port == 0 {
+                    return Err(OsError::Unsupported(format!(
+                        "engine for volume {volume:?}: replica {target}: port 0; give the \
+                         port export_replica returned"
+                    )));
+                }
+                if export.is_empty() || export.len() > MAX_NBD_NAME {
+                    return Err(OsError::Unsupported(format!(
+                        "engine for volume {volume:?}: replica {target}: the export name must \
+                         have 1 to {MAX_NBD_NAME} bytes"
+                    )));
+                }
+            }
+        }
+    }
+    let qmp = resolve_parent(&spec.run_dir).join("qmp.sock");
+    if qmp.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(OsError::Unsupported(format!(
+            "engine for volume {:?}: socket path {} is longer than {MAX_SOCKET_PATH} bytes, \
+             the limit of unix sockets; use a shorter data directory",
+            spec.volume_id,
+            qmp.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Order-insensitive: the same set of children is the same engine; which one is read first only
@@ -768,15 +781,9 @@ impl QemuStorageDaemon {
         spec: &VolumeEngineSpec,
         mirror: Option<Duration>,
     ) -> OsResult<EngineState> {
-        Self::validate(spec)?;
-        let qmp = resolve_parent(&spec.run_dir).join("qmp.sock");
-        if qmp.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(OsError::Unsupported(format!(
-                "engine for volume {:?}: socket path {} is longer than {MAX_SOCKET_PATH} bytes, \
-                 the limit of unix sockets; use a shorter data directory",
-                spec.volume_id,
-                qmp.display()
-            )));
+        check_volume_spec(spec)?;
+        if mirror.is_some() {
+            mirror::check_children(spec)?;
         }
         // With an engine host, make sure it answers before anything is created for the new
         // engine, so an unreachable host leaves nothing behind (a live engine needs no host).

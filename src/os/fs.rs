@@ -51,11 +51,75 @@ impl SysFilesystems {
     }
 }
 
-fn unsupported_fs(fstype: &str) -> OsError {
-    OsError::Unsupported(format!(
+/// The hint when mkfs.xfs refuses a small device (the fake's mkfs gives it too).
+pub(crate) const XFS_TOO_SMALL: &str =
+    "xfs needs a volume of at least 300 MiB; ask for a bigger volume";
+
+/// `mkfs` and `grow` know only `SUPPORTED_FILESYSTEMS`: `Unsupported` naming them otherwise.
+/// The fake (`super::fake`) calls it too, as it calls the checks below.
+pub(crate) fn check_fstype(fstype: &str) -> OsResult<()> {
+    if SUPPORTED_FILESYSTEMS.contains(&fstype) {
+        return Ok(());
+    }
+    Err(OsError::Unsupported(format!(
         "filesystem type {fstype:?} is not supported; use one of {}",
         SUPPORTED_FILESYSTEMS.join(", ")
-    ))
+    )))
+}
+
+/// Only a block device or a regular file can hold a filesystem: `Unsupported` for anything
+/// else (a directory), before any probe.
+pub(crate) fn check_device_kind(dev: &Path, kind: std::fs::FileType) -> OsResult<()> {
+    if kind.is_block_device() || kind.is_file() {
+        return Ok(());
+    }
+    Err(OsError::Unsupported(format!(
+        "cannot probe {}: it is neither a block device nor a regular file",
+        dev.display()
+    )))
+}
+
+/// How `grow` grows the `fstype` filesystem on `dev`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Growth {
+    /// It is mounted at the mount point given: through it.
+    Online,
+    /// It is mounted nowhere, and it is ext4: checked and grown offline.
+    Offline,
+}
+
+/// The rule of `grow`, from where the filesystem is mounted: at `mount_point` (`mounted_here`),
+/// elsewhere (`mounted_at`, `Busy`: pass that mount point), or nowhere (ext4 offline; xfs is
+/// `Unsupported`: it grows only while mounted).
+pub(crate) fn check_grow(
+    dev: &Path,
+    mount_point: &Path,
+    fstype: &str,
+    mounted_here: bool,
+    mounted_at: Option<&Path>,
+) -> OsResult<Growth> {
+    check_fstype(fstype)?;
+    if mounted_here {
+        return Ok(Growth::Online);
+    }
+    if let Some(at) = mounted_at {
+        return Err(OsError::Busy(format!(
+            "cannot grow the filesystem on {}: it is mounted at {}, not at {}; pass that mount \
+             point",
+            dev.display(),
+            at.display(),
+            mount_point.display()
+        )));
+    }
+    match fstype {
+        "ext4" => Ok(Growth::Offline),
+        _ => Err(OsError::Unsupported(format!(
+            "cannot grow the xfs filesystem on {}: xfs grows only while mounted; mount it at {} \
+             first",
+            dev.display(),
+            mount_point.display()
+        ))),
+    }
 }
 
 /// The `blkid -o export` answer: the filesystem type, else the partition table type, else a
@@ -89,13 +153,7 @@ fn check_readable(dev: &Path) -> OsResult<()> {
             e,
         )
     })?;
-    let kind = meta.file_type();
-    if !(kind.is_block_device() || kind.is_file()) {
-        return Err(OsError::Unsupported(format!(
-            "cannot probe {}: it is neither a block device nor a regular file",
-            dev.display()
-        )));
-    }
+    check_device_kind(dev, meta.file_type())?;
     let mut buf = vec![0u8; 4096];
     File::open(dev)
         .and_then(|mut f| f.read(&mut buf))
@@ -158,9 +216,7 @@ impl Filesystems for SysFilesystems {
     }
 
     fn mkfs(&self, dev: &Path, fstype: &str) -> OsResult<()> {
-        if !SUPPORTED_FILESYSTEMS.contains(&fstype) {
-            return Err(unsupported_fs(fstype));
-        }
+        check_fstype(fstype)?;
         if let Some(found) = self.probe(dev)? {
             return Err(OsError::Conflict(format!(
                 "refusing to format {} as {fstype}: it already holds {found}; its data would be \
@@ -197,40 +253,32 @@ impl Filesystems for SysFilesystems {
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let hint = (fstype == "xfs" && stderr.contains("must be larger than"))
-                .then_some("xfs needs a volume of at least 300 MiB; ask for a bigger volume");
+                .then_some(XFS_TOO_SMALL);
             return Err(command_error(&cmd, &out, hint));
         }
         Ok(())
     }
 
     fn grow(&self, dev: &Path, mount_point: &Path, fstype: &str) -> OsResult<()> {
-        if !SUPPORTED_FILESYSTEMS.contains(&fstype) {
-            return Err(unsupported_fs(fstype));
-        }
         let mounted_here =
             mount::lookup(mount_point)?.is_some_and(|m| mount::entry_is_device(&m, dev));
-        if !mounted_here {
-            if let Some(m) = mount::read_mountinfo()?
-                .iter()
+        let mounted_at = if mounted_here {
+            None
+        } else {
+            mount::read_mountinfo()?
+                .into_iter()
                 .find(|m| mount::entry_is_device(m, dev))
-            {
-                return Err(OsError::Busy(format!(
-                    "cannot grow the filesystem on {}: it is mounted at {}, not at {}; pass that \
-                     mount point",
-                    dev.display(),
-                    m.mount_point.display(),
-                    mount_point.display()
-                )));
-            }
-            return match fstype {
-                "ext4" => grow_ext4_offline(dev),
-                _ => Err(OsError::Unsupported(format!(
-                    "cannot grow the xfs filesystem on {}: xfs grows only while mounted; mount it \
-                     at {} first",
-                    dev.display(),
-                    mount_point.display()
-                ))),
-            };
+                .map(|m| m.mount_point)
+        };
+        match check_grow(
+            dev,
+            mount_point,
+            fstype,
+            mounted_here,
+            mounted_at.as_deref(),
+        )? {
+            Growth::Offline => return grow_ext4_offline(dev),
+            Growth::Online => {}
         }
         let mut cmd = if fstype == "ext4" {
             let mut cmd = Command::new("resize2fs");

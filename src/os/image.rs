@@ -42,6 +42,24 @@ struct QemuImgInfo {
     backing_filename: Option<String>,
 }
 
+/// qemu counts a disk in 512-byte sectors: the virtual size it reports of a raw file, and gives
+/// a new qcow2 image, is the length rounded up to a whole sector. The fake follows it too.
+pub(crate) fn sectors_rounded(len: u64) -> u64 {
+    len.div_ceil(512) * 512
+}
+
+/// The format of the image at `path` as qemu names it: raw or qcow2, else `Unsupported` with
+/// the fix. The fake image tool (`super::fake`) calls it too.
+pub(crate) fn check_format(path: &Path, name: &str) -> OsResult<ImageFormat> {
+    ImageFormat::parse(name).ok_or_else(|| {
+        OsError::Unsupported(format!(
+            "image {} is in format {name:?}; only raw and qcow2 are supported, convert it with \
+             `qemu-img convert -O qcow2`",
+            path.display(),
+        ))
+    })
+}
+
 pub(crate) fn parse_info(path: &Path, json: &str) -> OsResult<ImageInfo> {
     let raw: QemuImgInfo = serde_json::from_str(json).map_err(|e| {
         OsError::Other(format!(
@@ -49,16 +67,8 @@ pub(crate) fn parse_info(path: &Path, json: &str) -> OsResult<ImageInfo> {
             path.display()
         ))
     })?;
-    let format = ImageFormat::parse(&raw.format).ok_or_else(|| {
-        OsError::Unsupported(format!(
-            "image {} is in format {:?}; only raw and qcow2 are supported, convert it with \
-             `qemu-img convert -O qcow2`",
-            path.display(),
-            raw.format
-        ))
-    })?;
     Ok(ImageInfo {
-        format,
+        format: check_format(path, &raw.format)?,
         virtual_size: raw.virtual_size,
         actual_size: raw.actual_size,
         backing_file: raw
@@ -228,7 +238,8 @@ pub(crate) fn commit(tmp: &Path, path: &Path) -> OsResult<()> {
     Ok(())
 }
 
-fn require_parent(path: &Path, what: &str) -> OsResult<()> {
+/// The directory a new file goes into must exist: `NotFound` naming it otherwise.
+pub(crate) fn require_parent(path: &Path, what: &str) -> OsResult<()> {
     match path.parent() {
         Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => Ok(()),
         Some(dir) => Err(OsError::NotFound(format!(
@@ -241,6 +252,118 @@ fn require_parent(path: &Path, what: &str) -> OsResult<()> {
             path.display()
         ))),
     }
+}
+
+// The checks of the requests below that need no qemu: the fake image tool (`super::fake`)
+// calls the same functions, so it refuses exactly what this one refuses.
+
+/// A backing file is named by an absolute path: qemu resolves a relative one against the
+/// image's directory, which is not what the caller meant.
+pub(crate) fn check_backing_path(image: &Path, backing: &Path) -> OsResult<()> {
+    if backing.is_absolute() {
+        return Ok(());
+    }
+    Err(OsError::Unsupported(format!(
+        "backing file {} of {} must be an absolute path (qemu resolves a relative one against \
+         the image's directory)",
+        backing.display(),
+        image.display()
+    )))
+}
+
+/// What `create_replica` refuses before looking at `path`: a backing file that is relative or
+/// missing, and a size or backing name qcow2 cannot hold (`super::qcow2::check_image`).
+/// Returns the virtual size the image gets (`size` rounded up to 512, as qemu does).
+pub(crate) fn check_replica(
+    path: &Path,
+    size: u64,
+    backing: Option<(&Path, ImageFormat)>,
+) -> OsResult<u64> {
+    if let Some((file, _)) = backing {
+        check_backing_path(path, file)?;
+        if !file.exists() {
+            return Err(OsError::NotFound(format!(
+                "backing file {} of replica {} does not exist; prepare the backing image on \
+                 this disk first",
+                file.display(),
+                path.display()
+            )));
+        }
+    }
+    super::qcow2::check_image(size, backing)
+}
+
+/// `create_replica` of a `path` that exists already, as `found`: Ok when it is the replica
+/// asked for (qcow2, `size` bytes, that backing file), else `Conflict`. The size is compared as
+/// asked, not rounded: a replica created with a size that is not a multiple of 512 has the
+/// rounded size, so asking for it again with the same size is a `Conflict`.
+pub(crate) fn check_existing_replica(
+    path: &Path,
+    found: &ImageInfo,
+    size: u64,
+    backing: Option<(&Path, ImageFormat)>,
+) -> OsResult<()> {
+    let want_backing = backing.map(|(f, _)| f.to_path_buf());
+    if found.format == ImageFormat::Qcow2
+        && found.virtual_size == size
+        && found.backing_file == want_backing
+    {
+        return Ok(());
+    }
+    Err(OsError::Conflict(format!(
+        "replica {} already exists as {} of {} bytes with backing {:?}, but {} bytes with \
+         backing {:?} was asked; delete it or use another path",
+        path.display(),
+        found.format,
+        found.virtual_size,
+        found.backing_file,
+        size,
+        want_backing
+    )))
+}
+
+/// An image that is read or changed in place must exist (`NotFound`) and have a UTF-8 path
+/// (`Unsupported`: qemu's options need one).
+pub(crate) fn check_image_path(path: &Path) -> OsResult<()> {
+    if !path.exists() {
+        return Err(OsError::NotFound(format!(
+            "image {} does not exist",
+            path.display()
+        )));
+    }
+    utf8_path(path).map(drop)
+}
+
+/// Growing `what` at `path` from `current` to `new` bytes: Ok(false) when it has that size
+/// already, Ok(true) when it grows, `Unsupported` when it would shrink (volumes only grow).
+pub(crate) fn check_grow(what: &str, path: &Path, current: u64, new: u64) -> OsResult<bool> {
+    if new < current {
+        return Err(OsError::Unsupported(format!(
+            "cannot shrink {what} {} from {current} to {new} bytes: volumes only grow",
+            path.display()
+        )));
+    }
+    Ok(new > current)
+}
+
+/// `convert` writes a new `dst` from an existing `src`: `Conflict` when `dst` exists,
+/// `NotFound` when `src` or `dst`'s directory does not.
+pub(crate) fn check_convert(src: &Path, dst: &Path) -> OsResult<()> {
+    if dst.exists() {
+        return Err(OsError::Conflict(format!(
+            "cannot convert {} into {}: the destination already exists; delete it or choose \
+             another path",
+            src.display(),
+            dst.display()
+        )));
+    }
+    if !src.exists() {
+        return Err(OsError::NotFound(format!(
+            "cannot convert {}: it does not exist",
+            src.display()
+        )));
+    }
+    require_parent(dst, "image")
 }
 
 /// Run qemu-img; on failure, point at the usual cause when qemu's image locks refused.
@@ -267,43 +390,9 @@ impl ImageTool for QemuImg {
         size: u64,
         backing: Option<(&Path, ImageFormat)>,
     ) -> OsResult<()> {
-        if let Some((file, _)) = backing {
-            if !file.is_absolute() {
-                return Err(OsError::Unsupported(format!(
-                    "backing file {} of replica {} must be an absolute path (qemu resolves a \
-                     relative one against the replica's directory)",
-                    file.display(),
-                    path.display()
-                )));
-            }
-            if !file.exists() {
-                return Err(OsError::NotFound(format!(
-                    "backing file {} of replica {} does not exist; prepare the backing image on \
-                     this disk first",
-                    file.display(),
-                    path.display()
-                )));
-            }
-        }
+        check_replica(path, size, backing)?;
         if path.exists() {
-            let info = self.info(path)?;
-            let want_backing = backing.map(|(f, _)| f.to_path_buf());
-            if info.format == ImageFormat::Qcow2
-                && info.virtual_size == size
-                && info.backing_file == want_backing
-            {
-                return Ok(());
-            }
-            return Err(OsError::Conflict(format!(
-                "replica {} already exists as {} of {} bytes with backing {:?}, but {} bytes with \
-                 backing {:?} was asked; delete it or use another path",
-                path.display(),
-                info.format,
-                info.virtual_size,
-                info.backing_file,
-                size,
-                want_backing
-            )));
+            return check_existing_replica(path, &self.info(path)?, size, backing);
         }
         require_parent(path, "replica")?;
         let tmp = temp_path(path)?;
@@ -319,16 +408,8 @@ impl ImageTool for QemuImg {
 
     fn resize(&self, path: &Path, new_size: u64) -> OsResult<()> {
         let info = self.info(path)?;
-        if new_size == info.virtual_size {
+        if !check_grow("image", path, info.virtual_size, new_size)? {
             return Ok(());
-        }
-        if new_size < info.virtual_size {
-            return Err(OsError::Unsupported(format!(
-                "cannot shrink image {} from {} to {} bytes: volumes only grow",
-                path.display(),
-                info.virtual_size,
-                new_size
-            )));
         }
         let mut cmd = Command::new("qemu-img");
         cmd.args(["resize", "-q", "-f", info.format.as_str()])
@@ -338,13 +419,7 @@ impl ImageTool for QemuImg {
     }
 
     fn info(&self, path: &Path) -> OsResult<ImageInfo> {
-        if !path.exists() {
-            return Err(OsError::NotFound(format!(
-                "image {} does not exist",
-                path.display()
-            )));
-        }
-        utf8_path(path)?;
+        check_image_path(path)?;
         // A plain qcow2 header is read here: a qemu-img process costs 15-50 ms, a few of which
         // made up most of what a rebuild spends beside its copy and compare.
         if let Some(info) = native_info(path) {
@@ -364,21 +439,7 @@ impl ImageTool for QemuImg {
         dst: &Path,
         format: ImageFormat,
     ) -> OsResult<()> {
-        if dst.exists() {
-            return Err(OsError::Conflict(format!(
-                "cannot convert {} into {}: the destination already exists; delete it or choose \
-                 another path",
-                src.display(),
-                dst.display()
-            )));
-        }
-        if !src.exists() {
-            return Err(OsError::NotFound(format!(
-                "cannot convert {}: it does not exist",
-                src.display()
-            )));
-        }
-        require_parent(dst, "image")?;
+        check_convert(src, dst)?;
         let tmp = temp_path(dst)?;
         let _ = fs::remove_file(&tmp);
         // No -U: the copy must be consistent, so qemu's locks refuse while an engine writes.
@@ -410,15 +471,10 @@ impl ImageTool for QemuImg {
         if !safe {
             cmd.arg("-u");
         }
+        check_image_path(path)?;
         match backing {
             Some((file, format)) => {
-                if !file.is_absolute() {
-                    return Err(OsError::Unsupported(format!(
-                        "backing file {} of {} must be an absolute path",
-                        file.display(),
-                        path.display()
-                    )));
-                }
+                check_backing_path(path, file)?;
                 cmd.arg("-b").arg(file).arg("-F").arg(format.as_str());
             }
             None => {

@@ -76,7 +76,9 @@ impl Losetup {
     }
 }
 
-fn device_name(dev: &Path) -> OsResult<&str> {
+/// A loop device is named `loopN` (any directory): its name, else `Unsupported`. Every call
+/// that takes a device checks it first, here and in the fake (`super::fake`).
+pub(crate) fn check_loop_device(dev: &Path) -> OsResult<&str> {
     dev.file_name()
         .and_then(|n| n.to_str())
         .filter(|n| n.starts_with("loop") && n[4..].chars().all(|c| c.is_ascii_digit()))
@@ -185,7 +187,7 @@ impl LoopDevices for Losetup {
     }
 
     fn detach(&self, dev: &Path) -> OsResult<()> {
-        let name = device_name(dev)?;
+        let name = check_loop_device(dev)?;
         let Some(file) = backing_file(name) else {
             return Ok(());
         };
@@ -232,7 +234,7 @@ impl LoopDevices for Losetup {
     }
 
     fn flush(&self, dev: &Path) -> OsResult<()> {
-        let name = device_name(dev)?;
+        let name = check_loop_device(dev)?;
         if backing_file(name).is_none() {
             return Err(OsError::NotFound(format!(
                 "loop device {} is not attached; nothing to flush",
@@ -255,7 +257,7 @@ impl LoopDevices for Losetup {
     }
 
     fn refresh_size(&self, dev: &Path) -> OsResult<()> {
-        let name = device_name(dev)?;
+        let name = check_loop_device(dev)?;
         if backing_file(name).is_none() {
             return Err(OsError::NotFound(format!(
                 "loop device {} is not attached; attach it to the volume's export first",
@@ -284,12 +286,12 @@ pub(crate) mod tests {
 
     #[test]
     fn device_names() {
-        assert!(device_name(Path::new("/dev/loop12")).is_ok());
+        assert!(check_loop_device(Path::new("/dev/loop12")).is_ok());
         assert!(matches!(
-            device_name(Path::new("/dev/sda")),
+            check_loop_device(Path::new("/dev/sda")),
             Err(OsError::Unsupported(_))
         ));
-        assert!(device_name(Path::new("/dev/loop-control")).is_err());
+        assert!(check_loop_device(Path::new("/dev/loop-control")).is_err());
     }
 
     #[test]
@@ -356,7 +358,7 @@ pub(crate) mod tests {
         let mut cleanup = Cleanup::default();
         let dev = loops.attach(&file).unwrap();
         cleanup.loop_file(&file);
-        let name = device_name(&dev).unwrap();
+        let name = check_loop_device(&dev).unwrap();
         assert_eq!(
             fs::read_to_string(format!("/sys/block/{name}/ro"))
                 .unwrap()

@@ -170,8 +170,9 @@ pub(crate) fn unmount_all(target: &Path) -> OsResult<()> {
 }
 
 /// Create a missing mount target: a directory for directory sources, an empty file otherwise
-/// (device nodes for block volumes), as the kernel only binds like onto like.
-fn ensure_target(target: &Path, want_dir: bool) -> OsResult<()> {
+/// (device nodes for block volumes), as the kernel only binds like onto like. The fake mounter
+/// (`super::fake`) makes its targets with it too.
+pub(crate) fn ensure_target(target: &Path, want_dir: bool) -> OsResult<()> {
     match fs::symlink_metadata(target) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -200,6 +201,22 @@ fn ensure_target(target: &Path, want_dir: bool) -> OsResult<()> {
         // call, whose error then names it.
         Err(_) => Ok(()),
     }
+}
+
+/// The source of a bind mount must be there: its metadata (a directory is bound on a
+/// directory, anything else on a file), else the error naming it. The fake mounter
+/// (`super::fake`) calls it for sources that are plain paths.
+pub(crate) fn check_bind_source(source: &Path, target: &Path) -> OsResult<fs::Metadata> {
+    fs::metadata(source).map_err(|e| {
+        OsError::io(
+            format!(
+                "cannot bind-mount {} on {}: source",
+                source.display(),
+                target.display()
+            ),
+            e,
+        )
+    })
 }
 
 /// Does `entry` show `source` (a block device) mounted? Compared by device number, not by name,
@@ -301,16 +318,7 @@ impl Mounter for SysMounter {
     }
 
     fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> OsResult<()> {
-        let meta = fs::metadata(source).map_err(|e| {
-            OsError::io(
-                format!(
-                    "cannot bind-mount {} on {}: source",
-                    source.display(),
-                    target.display()
-                ),
-                e,
-            )
-        })?;
+        let meta = check_bind_source(source, target)?;
         if let Some(existing) = lookup(target)? {
             let is_ro = existing.mount_options.iter().any(|o| o == "ro");
             if same_file(source, target) && is_ro == read_only {

@@ -365,7 +365,16 @@ fn free_port(host: &str) -> OsResult<u16> {
         .map_err(|e| OsError::io(format!("finding a free TCP port on {host}"), e))
 }
 
-pub(super) fn validate(run_dir: &Path, host: &str, export: &ReplicaExport) -> OsResult<()> {
+/// What `export_replica` refuses for what the request itself says: a replica id that is no NBD
+/// export name (1 to 4096 bytes), a host that is no host name or address, a replica path that is
+/// relative, missing or not UTF-8, and a run directory too long for the server's socket. Both
+/// replica servers (`super::replica_server` for raw replicas) and the fake engine
+/// (`super::fake`) call it.
+pub(crate) fn check_replica_export(
+    run_dir: &Path,
+    host: &str,
+    export: &ReplicaExport,
+) -> OsResult<()> {
     let id = &export.replica_id;
     if id.is_empty() || id.len() > MAX_NBD_NAME {
         return Err(OsError::Unsupported(format!(
@@ -561,7 +570,7 @@ pub(crate) fn export_replica(
     port: u16,
     export: &ReplicaExport,
 ) -> OsResult<u16> {
-    validate(run_dir, host, export)?;
+    check_replica_export(run_dir, host, export)?;
     let _guard = server_lock();
     std::fs::create_dir_all(run_dir).map_err(|e| {
         OsError::io(
@@ -724,7 +733,7 @@ pub(crate) fn replica_server_status(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs;
     use std::io::Write as _;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -790,7 +799,7 @@ mod tests {
 
     /// The real replica server of `run_dir` dies at once (SIGKILL): the kernel closes its
     /// connections, as when its node's bicsi-managed daemon crashes.
-    fn kill_real_server(run_dir: &Path) {
+    pub(crate) fn kill_real_server(run_dir: &Path) {
         let pid: i32 = fs::read_to_string(run_dir.join("qsd.pid"))
             .unwrap()
             .trim()
@@ -832,8 +841,9 @@ mod tests {
     }
 
     /// Two nodes: B serves replicas, A runs the volume engine over a local replica and B's. As
-    /// observations that must be the same on the fakes and on the real machine.
-    fn remote_flow(
+    /// observations that must be the same on the fakes and on the real machine (the contract
+    /// test, `crate::os::fake`'s `fake_and_real_keep_one_contract`, runs it on both).
+    pub(crate) fn remote_flow(
         a: &Os,
         b: &Os,
         dir: &Path,
@@ -1053,7 +1063,7 @@ mod tests {
         seen
     }
 
-    const EXPECTED_REMOTE: &[&str] = &[
+    pub(crate) const EXPECTED_REMOTE: &[&str] = &[
         "export r1: Ok(true)",
         "export r2: Ok(true)",
         "export r1 again: Ok(true)",
@@ -1106,25 +1116,6 @@ mod tests {
         assert!(nodes[0].engines().is_empty());
         assert!(nodes[1].engines().is_empty());
         assert!(nodes[1].replica_servers().is_empty());
-    }
-
-    #[test]
-    fn real_matches_fake_remote_flow() {
-        if !crate::os::root_or_skip("real_matches_fake_remote_flow") {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let mut cb = Cleanup::default();
-        let mut ca = Cleanup::default();
-        let seen = remote_flow(
-            &Os::real(),
-            &Os::real(),
-            dir.path(),
-            &mut ca,
-            &mut cb,
-            &kill_real_server,
-        );
-        assert_eq!(seen, EXPECTED_REMOTE);
     }
 
     #[test]

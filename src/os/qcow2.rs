@@ -38,30 +38,43 @@ const L2_COVERS: u64 = (CLUSTER / 8) * CLUSTER;
 /// Clusters one refcount block counts (2-byte entries).
 const REFBLOCK_ENTRIES: u64 = CLUSTER / 2;
 
-/// The bytes of an empty qcow2 image of `size` guest bytes (rounded up to 512, as qemu does),
-/// optionally over `backing` (an absolute path) of the given format.
-pub fn empty_image(size: u64, backing: Option<(&Path, ImageFormat)>) -> OsResult<Vec<u8>> {
-    let size = size.div_ceil(512) * 512;
+/// What an empty qcow2 image of `size` guest bytes over `backing` can be: its virtual size
+/// (`size` rounded up to 512, as qemu does), or `Unsupported` for a size beyond the layout
+/// below or a backing file name qemu would refuse (not UTF-8, longer than its 1023 bytes). The
+/// fake image tool (`super::fake`) calls it too.
+pub(crate) fn check_image(size: u64, backing: Option<(&Path, ImageFormat)>) -> OsResult<u64> {
+    let size = super::image::sectors_rounded(size);
     let l1_entries = size.div_ceil(L2_COVERS);
-    let l1_bytes = l1_entries * 8;
-    let l1_clusters = l1_bytes.div_ceil(CLUSTER);
-    let clusters = 3 + l1_clusters;
+    let clusters = 3 + (l1_entries * 8).div_ceil(CLUSTER);
     if clusters > REFBLOCK_ENTRIES || l1_entries > u64::from(u32::MAX) {
         return Err(OsError::Unsupported(format!(
             "a qcow2 image of {size} bytes is larger than bicsi creates; ask for a smaller volume"
         )));
     }
+    if let Some((path, _)) = backing {
+        let name = utf8_path(path)?;
+        if name.len() > MAX_BACKING_NAME {
+            return Err(OsError::Unsupported(format!(
+                "backing file path {name} is longer than qemu's {MAX_BACKING_NAME} bytes; use a \
+                 shorter disk path"
+            )));
+        }
+    }
+    Ok(size)
+}
+
+/// The bytes of an empty qcow2 image of `size` guest bytes (rounded up to 512, as qemu does),
+/// optionally over `backing` (an absolute path) of the given format.
+pub fn empty_image(size: u64, backing: Option<(&Path, ImageFormat)>) -> OsResult<Vec<u8>> {
+    let size = check_image(size, backing)?;
+    let l1_entries = size.div_ceil(L2_COVERS);
+    let l1_bytes = l1_entries * 8;
+    let l1_clusters = l1_bytes.div_ceil(CLUSTER);
+    let clusters = 3 + l1_clusters;
     let (name, format) = match backing {
         Some((path, format)) => (utf8_path(path)?.as_bytes(), format.as_str().as_bytes()),
         None => (&[][..], &[][..]),
     };
-    if name.len() > MAX_BACKING_NAME {
-        return Err(OsError::Unsupported(format!(
-            "backing file path {} is longer than qemu's {MAX_BACKING_NAME} bytes; use a shorter \
-             disk path",
-            String::from_utf8_lossy(name)
-        )));
-    }
     // Extensions follow the header, each padded to 8 bytes; the backing file name follows them.
     let mut ext = Vec::new();
     if backing.is_some() {

@@ -92,12 +92,19 @@ fn file_len(path: &Path) -> OsResult<u64> {
         .map_err(|e| OsError::io(format!("raw file {}", path.display()), e))
 }
 
-/// See [`ImageTool::create_raw`].
-pub(crate) fn create(path: &Path, size: u64, base: Option<&Path>) -> OsResult<()> {
-    if path.exists() {
-        let len = file_len(path)?;
+/// What `create_raw` refuses or finds done, from the request and the length of the file
+/// already at `path` (None: there is none): Ok(false) when that file is the replica asked for,
+/// `Conflict` when it has another size, `NotFound` for a missing base or directory, Ok(true)
+/// when the replica is to be made. The fake image tool (`super::fake`) calls it too.
+pub(crate) fn check_create(
+    path: &Path,
+    size: u64,
+    base: Option<&Path>,
+    existing: Option<u64>,
+) -> OsResult<bool> {
+    if let Some(len) = existing {
         if len == size {
-            return Ok(());
+            return Ok(false);
         }
         return Err(OsError::Conflict(format!(
             "raw replica {} already exists with {len} bytes, but {size} bytes was asked; delete \
@@ -116,13 +123,44 @@ pub(crate) fn create(path: &Path, size: u64, base: Option<&Path>) -> OsResult<()
         )));
     }
     match path.parent() {
-        Some(dir) if dir.is_dir() => {}
-        _ => {
-            return Err(OsError::NotFound(format!(
-                "cannot create raw replica {}: its directory does not exist; create it first",
-                path.display()
-            )));
-        }
+        Some(dir) if dir.is_dir() => Ok(true),
+        _ => Err(OsError::NotFound(format!(
+            "cannot create raw replica {}: its directory does not exist; create it first",
+            path.display()
+        ))),
+    }
+}
+
+/// What `clone_raw` refuses before any copy: a `dst` that exists (`Conflict`), a `src` that
+/// is not a file or a `dst` directory that does not exist (`NotFound`). The fake image tool
+/// (`super::fake`) calls it too.
+pub(crate) fn check_clone(src: &Path, dst: &Path) -> OsResult<()> {
+    if dst.exists() {
+        return Err(OsError::Conflict(format!(
+            "cannot clone {} to {}: the destination exists",
+            src.display(),
+            dst.display()
+        )));
+    }
+    if !src.is_file() {
+        return Err(OsError::NotFound(format!(
+            "cannot clone {} to {}: the source does not exist",
+            src.display(),
+            dst.display()
+        )));
+    }
+    super::image::require_parent(dst, "clone")
+}
+
+/// See [`ImageTool::create_raw`].
+pub(crate) fn create(path: &Path, size: u64, base: Option<&Path>) -> OsResult<()> {
+    let existing = if path.exists() {
+        Some(file_len(path)?)
+    } else {
+        None
+    };
+    if !check_create(path, size, base, existing)? {
+        return Ok(());
     }
     let tmp = temp_beside(path)?;
     let made = (|| {
@@ -153,15 +191,8 @@ pub(crate) fn create(path: &Path, size: u64, base: Option<&Path>) -> OsResult<()
 
 /// See [`ImageTool::resize_raw`].
 pub(crate) fn resize(path: &Path, new_size: u64) -> OsResult<()> {
-    let len = file_len(path)?;
-    if new_size == len {
+    if !super::image::check_grow("raw replica", path, file_len(path)?, new_size)? {
         return Ok(());
-    }
-    if new_size < len {
-        return Err(OsError::Unsupported(format!(
-            "cannot shrink raw replica {} from {len} to {new_size} bytes: volumes only grow",
-            path.display()
-        )));
     }
     set_len(path, new_size)?;
     fs::File::open(path)
@@ -176,13 +207,7 @@ pub(crate) fn size(path: &Path) -> OsResult<u64> {
 
 /// See [`ImageTool::clone_raw`].
 pub(crate) fn clone(src: &Path, dst: &Path) -> OsResult<()> {
-    if dst.exists() {
-        return Err(OsError::Conflict(format!(
-            "cannot clone {} to {}: the destination exists",
-            src.display(),
-            dst.display()
-        )));
-    }
+    check_clone(src, dst)?;
     let tmp = temp_beside(dst)?;
     let made = reflink(src, &tmp).and_then(|()| super::image::commit(&tmp, dst));
     if made.is_err() {
@@ -191,8 +216,22 @@ pub(crate) fn clone(src: &Path, dst: &Path) -> OsResult<()> {
     made
 }
 
+/// `shares_blocks` probes a directory that exists: `NotFound` naming it otherwise. The fake
+/// image tool (`super::fake`) calls it too.
+pub(crate) fn check_probe_dir(dir: &Path) -> OsResult<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(OsError::NotFound(format!(
+        "cannot tell whether {} shares blocks: it is not a directory; create the disk's \
+         directory first",
+        dir.display()
+    )))
+}
+
 /// See [`ImageTool::shares_blocks`].
 pub(crate) fn shares_blocks(dir: &Path) -> OsResult<bool> {
+    check_probe_dir(dir)?;
     let probe = dir.join(format!(
         ".reflink-probe-{}-{}",
         std::process::id(),

@@ -313,7 +313,7 @@ pub(crate) fn export_replica(
     port: u16,
     export: &ReplicaExport,
 ) -> OsResult<u16> {
-    super::nbd::validate(run_dir, host, export)?;
+    super::nbd::check_replica_export(run_dir, host, export)?;
     let control = resolve_parent(run_dir).join(CONTROL);
     if control.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(OsError::Unsupported(format!(

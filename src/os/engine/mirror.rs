@@ -71,7 +71,7 @@ pub fn program() -> OsResult<PathBuf> {
 
 /// Whether the mirror engine serves these children: any of them is a raw file here (qemu's
 /// engine reads local children as qcow2).
-pub(super) fn serves(targets: &[ReplicaTarget]) -> bool {
+pub(crate) fn serves(targets: &[ReplicaTarget]) -> bool {
     targets.iter().any(|t| match t {
         ReplicaTarget::Local(p) => {
             matches!(ImageFormat::of_file(p), ImageFormat::Raw | ImageFormat::Cow)
@@ -264,6 +264,30 @@ pub fn drop_target(run_dir: &Path, path: &Path) -> OsResult<()> {
     command(run_dir, &format!("drop {}", utf8_path(path)?)).map(|_| ())
 }
 
+/// What the mirror engine refuses to serve: a local child that is neither a raw nor a
+/// copy-on-write file (a qcow2 file is qemu's). Checked before anything of the engine is made;
+/// the fake engine (`crate::os::fake`) calls it too.
+pub(crate) fn check_children(spec: &VolumeEngineSpec) -> OsResult<()> {
+    match spec.replicas.iter().find(|t| match t {
+        ReplicaTarget::Local(p) => {
+            !matches!(ImageFormat::of_file(p), ImageFormat::Raw | ImageFormat::Cow)
+        }
+        ReplicaTarget::Nbd { .. } => false,
+    }) {
+        Some(other) => Err(not_served(spec, other)),
+        None => Ok(()),
+    }
+}
+
+fn not_served(spec: &VolumeEngineSpec, child: &ReplicaTarget) -> OsError {
+    OsError::Unsupported(format!(
+        "engine for volume {:?}: the mirror engine serves raw replica files and replicas of \
+         other nodes over NBD, and {child} is neither (a qcow2 file); use a volume of engine \
+         qemu (StorageClass parameter engine: qemu) for qcow2 replicas",
+        spec.volume_id
+    ))
+}
+
 /// The engine's command line for `spec` in `paths` (without the program): its replicas, then
 /// the run directory's files and the settings.
 pub(super) fn args(
@@ -284,15 +308,7 @@ pub(super) fn args(
             ReplicaTarget::Nbd { .. } => {
                 args.extend(["--remote".into(), t.to_string()]);
             }
-            other => {
-                return Err(OsError::Unsupported(format!(
-                    "engine for volume {:?}: the mirror engine serves raw replica files and \
-                     replicas of other nodes over NBD, and {other} is neither (a qcow2 file); \
-                     use a volume of engine qemu (StorageClass parameter engine: qemu) for \
-                     qcow2 replicas",
-                    spec.volume_id
-                )));
-            }
+            other => return Err(not_served(spec, other)),
         }
     }
     args.extend([

@@ -1,7 +1,10 @@
 //! The Kubernetes store against a small in-memory API server on 127.0.0.1: it keeps objects,
 //! numbers resourceVersions, answers 409 to a stale update, honours finalizers and the status
 //! subresource, serves list and watch streams, and records every request so the tests can check
-//! what the store asked for.
+//! what the store asked for. As the real server does, it compacts its history (a watch from a
+//! version older than the compaction gets `410 Gone`, and the client must list again), tells a
+//! JSON merge patch from a strategic merge patch (which custom resources refuse with 415), and
+//! prunes the fields a custom resource's schema does not know.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,8 @@ pub struct Logged {
     pub query: String,
     pub body: Value,
     pub status: u16,
+    /// The request's content type (a PATCH says which kind of patch it is).
+    pub content_type: String,
 }
 
 #[derive(Default)]
@@ -33,7 +38,97 @@ struct FakeState {
     objects: BTreeMap<(String, String), Value>,
     /// (rv, plural, event type, object) for watches that start in the past.
     history: Vec<(u64, String, String, Value)>,
+    /// The history before this version was compacted away: a watch from older gets 410.
+    compacted: u64,
     log: Vec<Logged>,
+}
+
+/// The media types of the three kinds of PATCH.
+const MERGE_PATCH: &str = "application/merge-patch+json";
+const STRATEGIC_PATCH: &str = "application/strategic-merge-patch+json";
+const JSON_PATCH: &str = "application/json-patch+json";
+/// What a live watch receives to end, as the server ends watches when it likes.
+const CLOSE: &str = "CLOSE";
+
+/// The OpenAPI schema of the custom resource kept under `plural`, None for built-in kinds.
+fn crd_schema(plural: &str) -> Option<Value> {
+    // Made once: every request asks, and generating the CRDs is not free in a debug build.
+    static SCHEMAS: std::sync::OnceLock<BTreeMap<String, Value>> = std::sync::OnceLock::new();
+    SCHEMAS
+        .get_or_init(|| {
+            Kind::ALL
+                .iter()
+                .map(|k| {
+                    let crd = super::crd::crd(*k);
+                    let schema = crd.spec.versions[0]
+                        .schema
+                        .as_ref()
+                        .and_then(|s| s.open_api_v3_schema.as_ref())
+                        .expect("a CRD with a schema");
+                    (crd.spec.names.plural, serde_json::to_value(schema).unwrap())
+                })
+                .collect()
+        })
+        .get(plural)
+        .cloned()
+}
+
+/// Drops what `schema` does not know, as the API server prunes a custom resource (structural
+/// schemas): unknown fields of an object go unless it preserves them
+/// (`x-kubernetes-preserve-unknown-fields`) or is a map (`additionalProperties`).
+fn prune(value: &mut Value, schema: &Value) {
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == json!(true);
+    match value {
+        Value::Object(map) => {
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                if !preserve {
+                    map.retain(|k, _| props.contains_key(k));
+                }
+                for (k, v) in map.iter_mut() {
+                    if let Some(s) = props.get(k) {
+                        prune(v, s);
+                    }
+                }
+            } else if let Some(items) = schema.get("additionalProperties").filter(|a| a.is_object())
+            {
+                for v in map.values_mut() {
+                    prune(v, items);
+                }
+            } else if !preserve && schema["type"] == json!("object") {
+                map.clear();
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for v in items {
+                    prune(v, s);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A custom resource as the API server keeps it: its root fields other than apiVersion, kind
+/// and metadata pruned by its CRD's schema.
+fn pruned(plural: &str, mut obj: Value) -> Value {
+    if let Some(schema) = crd_schema(plural)
+        && let Some(map) = obj.as_object_mut()
+    {
+        let props = schema["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        map.retain(|k, _| {
+            matches!(k.as_str(), "apiVersion" | "kind" | "metadata") || props.contains_key(k)
+        });
+        for (k, v) in map.iter_mut() {
+            if let Some(s) = props.get(k) {
+                prune(v, s);
+            }
+        }
+    }
+    obj
 }
 
 #[derive(Clone)]
@@ -138,7 +233,13 @@ impl FakeApi {
     /// `kubectl apply` of a new object.
     pub fn kubectl_create(&self, plural: &str, manifest: Value) {
         let mut st = self.state.lock().unwrap();
-        let (code, v) = self.route(&mut st, &Method::POST, &[plural.to_string()], &manifest);
+        let (code, v) = self.route(
+            &mut st,
+            &Method::POST,
+            &[plural.to_string()],
+            &manifest,
+            "application/json",
+        );
         assert_eq!(code, 201, "{v}");
     }
 
@@ -159,8 +260,20 @@ impl FakeApi {
             &Method::DELETE,
             &[plural.to_string(), name.to_string()],
             &Value::Null,
+            "application/json",
         );
         assert_eq!(code, 200, "{v}");
+    }
+
+    /// Compacts the history (a watch from before now gets 410 Gone) and ends every live watch,
+    /// as the API server does: its watchers come back from where they were and must list again.
+    pub fn compact_and_end_watches(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.compacted = st.rv;
+        st.history.clear();
+        let _ = self
+            .events
+            .send((u64::MAX, String::new(), CLOSE.into(), Value::Null));
     }
 
     pub fn object(&self, plural: &str, name: &str) -> Option<Value> {
@@ -208,10 +321,24 @@ impl FakeApi {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
             .await
             .unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let entry = Logged {
+            method: method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            body: body.clone(),
+            status: 0,
+            content_type,
+        };
         // Core objects (Secrets, ConfigMaps) a source names: read only, by name.
         if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
             && let parts = rest.split('/').collect::<Vec<&str>>()
@@ -230,22 +357,21 @@ impl FakeApi {
                 }
                 _ => status(405, "MethodNotAllowed", format!("no route {method} {path}")),
             };
-            return self.answer(method, path, query, body, code, v);
+            return self.answer(entry, code, v);
         }
         let Some(parts) = FakeApi::resource(&path) else {
             let (code, v) = status(404, "NotFound", format!("no route {path}"));
-            return self.answer(method, path, query, body, code, v);
+            return self.answer(entry, code, v);
         };
         let plural = parts[0].clone();
         if method == Method::GET && parts.len() == 1 && query.contains("watch=") {
-            self.log_req(&method, &path, &query, &body, 200);
-            return self.watch(&plural, &query);
+            return self.watch(&plural, entry);
         }
         let (code, v) = {
             let mut st = self.state.lock().unwrap();
-            self.route(&mut st, &method, &parts, &body)
+            self.route(&mut st, &method, &parts, &body, &entry.content_type)
         };
-        self.answer(method, path, query, body, code, v)
+        self.answer(entry, code, v)
     }
 
     /// The path's resource as [plural, name, subresource]: bicsi's kinds in [`NS`] by their
@@ -287,26 +413,10 @@ impl FakeApi {
             .collect()
     }
 
-    fn log_req(&self, method: &Method, path: &str, query: &str, body: &Value, status: u16) {
-        self.state.lock().unwrap().log.push(Logged {
-            method: method.to_string(),
-            path: path.to_string(),
-            query: query.to_string(),
-            body: body.clone(),
-            status,
-        });
-    }
-
-    fn answer(
-        &self,
-        method: Method,
-        path: String,
-        query: String,
-        body: Value,
-        code: u16,
-        v: Value,
-    ) -> Response {
-        self.log_req(&method, &path, &query, &body, code);
+    /// Logs the request with the status it got and answers it.
+    fn answer(&self, mut entry: Logged, code: u16, v: Value) -> Response {
+        entry.status = code;
+        self.state.lock().unwrap().log.push(entry);
         (
             StatusCode::from_u16(code).unwrap(),
             [("content-type", "application/json")],
@@ -321,6 +431,7 @@ impl FakeApi {
         method: &Method,
         parts: &[String],
         body: &Value,
+        content_type: &str,
     ) -> (u16, Value) {
         let plural = parts[0].as_str();
         let name = parts.get(1).cloned().unwrap_or_default();
@@ -368,7 +479,7 @@ impl FakeApi {
                         format!("{plural} {name:?} already exists"),
                     );
                 }
-                let mut obj = body.clone();
+                let mut obj = pruned(plural, body.clone());
                 if has_status_subresource(plural) {
                     obj.as_object_mut().unwrap().remove("status");
                 }
@@ -397,7 +508,7 @@ impl FakeApi {
                         ),
                     );
                 }
-                let mut obj = body.clone();
+                let mut obj = pruned(plural, body.clone());
                 if has_status_subresource(plural) {
                     match old.get("status") {
                         Some(s) => obj["status"] = s.clone(),
@@ -428,8 +539,35 @@ impl FakeApi {
                         ),
                     );
                 }
+                let custom = crd_schema(plural).is_some();
+                match content_type.split(';').next().unwrap_or("").trim() {
+                    MERGE_PATCH => {}
+                    // Built-in kinds take a strategic merge patch; for the kinds these tests
+                    // keep (Events, Nodes, PVCs) it merges maps as a JSON merge patch does.
+                    STRATEGIC_PATCH if !custom => {}
+                    STRATEGIC_PATCH => {
+                        return status(
+                            415,
+                            "UnsupportedMediaType",
+                            format!(
+                                "the body of the request was in an unknown format - accepted media types include: {JSON_PATCH}, {MERGE_PATCH}, application/apply-patch+yaml"
+                            ),
+                        );
+                    }
+                    other => {
+                        return status(
+                            415,
+                            "UnsupportedMediaType",
+                            format!(
+                                "the fake API server takes a JSON merge patch ({MERGE_PATCH}) or, for built-in kinds, a strategic merge patch, not {other:?}"
+                            ),
+                        );
+                    }
+                }
                 let mut obj = old.clone();
                 merge(&mut obj, body);
+                let obj_pruned = pruned(plural, obj);
+                let mut obj = obj_pruned;
                 if plural.starts_with("events.")
                     && let Err(why) = crate::events::validate(&obj)
                 {
@@ -481,14 +619,30 @@ impl FakeApi {
     }
 
     /// A watch from the resourceVersion in the query: past events, then live ones.
-    fn watch(&self, plural: &str, query: &str) -> Response {
-        let from: u64 = query
+    /// Logged with the status the watcher sees: 200, or 410 for a version compacted away.
+    fn watch(&self, plural: &str, mut entry: Logged) -> Response {
+        let from: u64 = entry
+            .query
             .split('&')
             .find_map(|kv| kv.strip_prefix("resourceVersion="))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let (past, live) = {
-            let st = self.state.lock().unwrap();
+            let mut st = self.state.lock().unwrap();
+            let gone = from != 0 && from < st.compacted;
+            entry.status = if gone { 410 } else { 200 };
+            st.log.push(entry);
+            if gone {
+                // The real server answers 200 and sends one ERROR event with a 410 Status.
+                let (_, gone) = status(
+                    410,
+                    "Expired",
+                    format!("too old resource version: {from} ({})", st.compacted),
+                );
+                let line = format!("{}\n", json!({"type": "ERROR", "object": gone}));
+                return (StatusCode::OK, [("content-type", "application/json")], line)
+                    .into_response();
+            }
             let live = self.events.subscribe();
             let past: Vec<(u64, String, String, Value)> = st
                 .history
@@ -512,6 +666,7 @@ impl FakeApi {
                 }
             }
         })
+        .take_while(|(_, _, t, _)| std::future::ready(t != CLOSE))
         .filter(move |(rv, p, _, _)| std::future::ready(*rv > last && *p == plural));
         let stream = futures::stream::iter(past).chain(live).map(line);
         (
@@ -848,6 +1003,7 @@ fn kubectl_delete_leaves_the_object_until_bicsi_releases_it() {
             &Method::DELETE,
             &["bicsivolumes".into(), "v".into()],
             &Value::Null,
+            "application/json",
         );
         drop(st);
         assert_eq!(code, 200);
@@ -934,4 +1090,164 @@ fn object_names_are_valid_kubernetes_names() {
         assert!(name.len() <= 253 && !name.is_empty());
     }
     assert_ne!(object_name("Vol"), object_name("vol-x"));
+}
+
+/// The server compacts its history and ends its watches: the store's watcher comes back from
+/// the version it had seen, gets 410 Gone, and lists again, so it learns a change no watch
+/// event carried (one made while it was away, whose event the compaction dropped).
+#[test]
+fn a_watch_from_a_compacted_version_gets_gone_and_the_store_lists_again() {
+    with_store(|fake, s| {
+        s.put_raw(Kind::Setting, "interval", br#"{"value":"60"}"#)
+            .unwrap();
+        fake.modify("bicsisettings", "interval", true, |o| {
+            o["spec"]["value"] = json!("90")
+        });
+        fake.clear_log();
+        fake.compact_and_end_watches();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let v: Value = s.get(Kind::Setting, "interval").unwrap().unwrap();
+            if v["value"] == "90" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never listed again: {:?}",
+                fake.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let of_settings: Vec<(bool, u16)> = fake
+            .log()
+            .into_iter()
+            .filter(|l| l.method == "GET" && l.path.ends_with("/bicsisettings"))
+            .map(|l| (l.query.contains("watch="), l.status))
+            .collect();
+        let gone = of_settings
+            .iter()
+            .position(|c| *c == (true, 410))
+            .unwrap_or_else(|| panic!("no watch answered 410: {of_settings:?}"));
+        assert!(
+            of_settings[gone..].contains(&(false, 200)),
+            "no list after the 410: {of_settings:?}"
+        );
+    });
+}
+
+/// The store patches with JSON merge patches (RFC 7386), the only merge patch a custom
+/// resource takes: the fake refuses a strategic merge patch on one with 415, as the real
+/// server does, and would fail every test of the store's patches if it sent one.
+#[test]
+fn patches_are_json_merge_patches_as_custom_resources_need() {
+    with_store(|fake, s| {
+        s.put_raw(Kind::BackingImage, "bi-download", &image(json!({})))
+            .unwrap();
+        s.put_raw(
+            Kind::BackingImage,
+            "bi-download",
+            &image(json!({"uuid": "u-1", "size": 5})),
+        )
+        .unwrap();
+        s.delete(Kind::BackingImage, "bi-download").unwrap();
+        let patches = requests(fake, "PATCH");
+        assert!(!patches.is_empty(), "{:?}", fake.log());
+        for p in &patches {
+            assert!(
+                p.content_type.starts_with(MERGE_PATCH),
+                "{} {}: {:?}",
+                p.path,
+                p.status,
+                p.content_type
+            );
+            assert_eq!(p.status, 200, "{p:?}");
+        }
+    });
+    runtime().block_on(async {
+        let (fake, client) = FakeApi::start().await;
+        fake.kubectl_create(
+            "bicsivolumes",
+            json!({"apiVersion": "longhorn.io/v1beta2", "kind": "BicsiVolume",
+                   "metadata": {"name": "v", "namespace": NS, "finalizers": ["a", "b"]},
+                   "spec": {"size": 1}}),
+        );
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client, NS, &super::crd::api_resource(Kind::Volume));
+        let strategic = api
+            .patch(
+                "v",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"size": 2}})),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&strategic, kube::Error::Api(s) if s.code == 415),
+            "{strategic:?}"
+        );
+        // A JSON merge patch replaces a list whole.
+        api.patch(
+            "v",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["b"]}, "spec": {"size": 2}})),
+        )
+        .await
+        .unwrap();
+        let obj = fake.object("bicsivolumes", "v").unwrap();
+        assert_eq!(obj["metadata"]["finalizers"], json!(["b"]));
+        assert_eq!(obj["spec"], json!({"size": 2}));
+    });
+}
+
+/// The server prunes what a custom resource's schema does not know: a manifest's unknown
+/// fields are gone from what is stored and the store reads the rest; what the store itself
+/// writes (a record kept whole, a backing image's spec and status) is all kept.
+#[test]
+fn unknown_fields_are_pruned_by_the_schema_and_the_store_keeps_what_it_writes() {
+    with_store(|fake, s| {
+        fake.kubectl_create(
+            "backingimages",
+            json!({"apiVersion": "longhorn.io/v1beta2", "kind": "BackingImage",
+                   "metadata": {"name": "bi-x", "namespace": NS},
+                   "extra": true,
+                   "spec": {"sourceType": "download",
+                            "sourceParameters": {"url": "http://x/a.raw"},
+                            "checksum": "", "minNumberOfCopies": 2,
+                            "notAField": {"deep": 1}}}),
+        );
+        let stored = fake.object("backingimages", "bi-x").unwrap();
+        assert!(stored.get("extra").is_none(), "{stored}");
+        assert!(stored["spec"].get("notAField").is_none(), "{stored}");
+        assert_eq!(stored["spec"]["minNumberOfCopies"], 2);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let bi = loop {
+            if let Some(bi) = s
+                .get::<crate::backing::object::BackingImage>(Kind::BackingImage, "bi-x")
+                .unwrap()
+            {
+                break bi;
+            }
+            assert!(std::time::Instant::now() < deadline, "never seen");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(bi.spec.min_number_of_copies, 2);
+
+        let record = json!({"id": "v", "nested": {"any": [1, {"x": null}]}, "size": 3});
+        s.put_raw(Kind::Volume, "v", &serde_json::to_vec(&record).unwrap())
+            .unwrap();
+        assert_eq!(fake.object("bicsivolumes", "v").unwrap()["spec"], record);
+        let status = json!({"uuid": "u-1", "size": 5});
+        s.put_raw(Kind::BackingImage, "bi-download", &image(json!({})))
+            .unwrap();
+        s.put_raw(Kind::BackingImage, "bi-download", &image(status.clone()))
+            .unwrap();
+        let written: Value = serde_json::from_slice(&image(status)).unwrap();
+        let stored = fake.object("backingimages", "bi-download").unwrap();
+        for (k, v) in written["status"].as_object().unwrap() {
+            assert_eq!(&stored["status"][k], v, "status.{k} was pruned: {stored}");
+        }
+        for (k, v) in written["spec"].as_object().unwrap() {
+            assert_eq!(&stored["spec"][k], v, "spec.{k} was pruned: {stored}");
+        }
+    });
 }
