@@ -35,6 +35,37 @@
 //! when it compares: a difference is real and fails the rebuild. Once verified, the target gets
 //! every write as the replicas do, without the locks (nothing else writes it any more).
 //!
+//! # A copy-on-write target (issue 15 with 14: disks without reflink)
+//! A volume over copy-on-write replicas (`super::cow`) is rebuilt into a NEW copy-on-write
+//! replica over the target disk's own base (`add data=PATH,map=PATH[,base=PATH]`: the node agent
+//! makes it empty, under temporary names, and renames its map and then its data file into place
+//! only after the engine says complete). Nothing above changes for it, because the target is
+//! reached only through `Replica`'s methods and so through its layer:
+//! - *No acknowledged write is lost.* A volume write reaches the target as `Cow::write_at`,
+//!   under the chunk locks like any target; a partial write to a clear cluster of the target
+//!   fills the rest of that cluster from the target's base inside the layer (under the layer's
+//!   own cluster lock) before it sets the bit, so the cluster then holds the base's bytes with
+//!   the write over them: what the source's view holds there too, when the source's cluster was
+//!   clear (the same base) or when the copier has copied it (it does so under the chunk lock,
+//!   before or after the write, as for a raw target). The copier's own writes and punches go
+//!   through the layer the same way (a punch of a whole cluster over base bytes keeps zeros in
+//!   the data file and sets the bit, so the base never shows through).
+//! - *The target never serves stale data.* It is read only once promoted, i.e. complete and
+//!   verified, and the domain makes the replica rw only after the node agent renamed both files
+//!   into place. The verification compares the two VIEWS (read through both layers) under the
+//!   chunk locks, exactly as for raw files. Its durability: the final `sync` of the target is
+//!   the layer's flush (data, then map), so the map on disk names every cluster the copy and
+//!   the volume's writes set before it was reported complete.
+//! - *Only what differs is copied* (`shared_base`, `pieces`): where the source and the target
+//!   are both copy-on-write replicas over the same base (`cow::Cow::same_base`: both without a
+//!   base, or the same backing image's expansion) and a cluster is clear in both, both read the
+//!   base there: it is equal without being read. Under the chunk lock no write sets a bit, so
+//!   the test holds while the chunk is copied or verified. Elsewhere the target is compared and
+//!   written cluster by cluster, so a cluster the volume wrote with its base's own bytes stays
+//!   clear in the target and only clusters whose view differs from the target's base take room.
+//!   A kill -9 of the engine leaves only the temporary files, which the next rebuild removes
+//!   and makes again (`replica_file::create_cow_target`); nothing ever opens them as a replica.
+//!
 //! # What the copy reads and writes
 //! Per chunk, under its lock, the copier asks both files where they hold data (SEEK_DATA and
 //! SEEK_HOLE for a local file; a copy-on-write replica's map; everything for an NBD one, which

@@ -4,8 +4,12 @@
 //! argument). This module drives it from the reconcile pass and `bicsi volume rebuild`, with the
 //! offline path's rules (`super`): the guard only around record changes, a slot per node
 //! (`concurrent-replica-rebuilds-per-node`), a replacement replica placed when the old one's disk
-//! is gone or it stayed err past `staleReplicaTimeout` (here on a disk of the attached node that
-//! shares blocks: the engine serves one node's raw files).
+//! is gone or it stayed err past `staleReplicaTimeout` (here on a disk that shares blocks: the
+//! engine serves raw files, its node's and, over NBD, other nodes'). A volume over copy-on-write
+//! replicas (ext4) is rebuilt the same way into a new copy-on-write replica on a disk of the
+//! attached node that does not share blocks (its replicas all live there: the engine reads
+//! them); a target on another node is refused (FailedPrecondition naming the replica and the
+//! fix), and the engine's side of it is argued in `crate::mirror`'s `rebuild` module.
 //!
 //! One online rebuild of target T from source S (rw, on the attached node N):
 //! 1. under the guard: T err → wo (recorded with the source), a slot of N taken;
