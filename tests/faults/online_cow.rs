@@ -30,11 +30,18 @@ struct Setup {
     dev: PathBuf,
     s: Serve,
     dir: tempfile::TempDir,
+    _server: Option<crate::throttle::ImageServer>,
 }
 
 /// Two ext4 disks (no reflink: copy-on-write replicas), bicsi serving them, and the pinned
 /// 2-replica mirror volume of `size` attached at `dir/blk`.
 async fn setup(disk_mib: u64, size: &str) -> Setup {
+    setup_with(disk_mib, size, None).await
+}
+
+/// [`setup`], the volume over `image` (a raw image served over HTTP, made a backing image
+/// first) when given: its replicas are cow replicas over each disk's file of it.
+async fn setup_with(disk_mib: u64, size: &str, image: Option<Vec<u8>>) -> Setup {
     let (small, big) = (SmallDisk::new(disk_mib), SmallDisk::new(disk_mib));
     let (small_disk, big_disk) = (small.mnt.join("disk"), big.mnt.join("disk"));
     std::fs::create_dir_all(&small_disk).unwrap();
@@ -45,7 +52,25 @@ async fn setup(disk_mib: u64, size: &str) -> Setup {
         .unwrap();
     let s = Serve::start(dir.path(), vec![small_disk.clone(), big_disk.clone()]).await;
     let dev = dir.path().join("blk");
-    create_two_replicas_and_attach(&s, &dev, size, &["-p", "engine=mirror"]).await;
+    let mut extra = vec!["-p", "engine=mirror"];
+    let server = match image {
+        Some(bytes) => {
+            let server =
+                crate::throttle::ImageServer::start([("img.raw".to_string(), bytes)].into()).await;
+            create_image(
+                &s.http,
+                "bi-cow",
+                "download",
+                serde_json::json!({ "url": server.url("img.raw") }),
+            )
+            .await;
+            wait_ready_without_failing(&s.http, "bi-cow", || s.log()).await;
+            extra.extend(["-p", "backingImage=bi-cow"]);
+            Some(server)
+        }
+        None => None,
+    };
+    create_two_replicas_and_attach(&s, &dev, size, &extra).await;
     let v = record(&s);
     assert_eq!(v["engine"], "mirror", "{v}");
     for r in v["record"]["replicas"].as_array().unwrap() {
@@ -59,6 +84,7 @@ async fn setup(disk_mib: u64, size: &str) -> Setup {
         dev,
         s,
         dir,
+        _server: server,
     }
 }
 
@@ -334,5 +360,68 @@ async fn kill9_of_the_engine_during_an_online_rebuild_of_a_cow_replica_leaves_it
         same_view(src, dst),
         "the rebuilt replica differs from its source"
     );
+    assert_eq!(temporaries(dst), Vec::<PathBuf>::new(), "temporary files stayed");
+}
+
+/// The engine's count of one kind of bytes in its log line of a complete target.
+fn counted(line: &str, what: &str) -> u64 {
+    let at = line
+        .find(what)
+        .unwrap_or_else(|| panic!("no {what:?} in {line}"));
+    line[at + what.len()..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A volume over a backing image: the rebuilt cow replica is made over ITS disk's file of the
+/// image, and the copy neither reads nor writes the image's clusters that the volume never
+/// wrote (clear in both replicas): only the clusters whose view differs from the base.
+#[tokio::test]
+async fn an_online_rebuild_over_a_backing_image_copies_only_what_differs_from_the_base() {
+    if !root_or_skip(
+        "an_online_rebuild_over_a_backing_image_copies_only_what_differs_from_the_base",
+    ) {
+        return;
+    }
+    let t = setup_with(400, "128Mi", Some(random_image(96 << 20, 11))).await;
+    // 60 MiB written from offset 0: the first 60 MiB of the image's 96 are overwritten.
+    let (small_id, big) = fill_until_err(&t, 60).await;
+    std::fs::remove_file(t.small.mnt.join("filler")).unwrap();
+    let rw = wait_mode(&t.s, &small_id, "rw", Duration::from_secs(120)).await;
+    assert!(
+        rw["modeReason"]
+            .as_str()
+            .unwrap()
+            .contains("rebuilt online"),
+        "{rw}"
+    );
+    let engine = engine_log(&t);
+    let line = engine
+        .lines()
+        .find(|l| l.contains("copied and verified identical"))
+        .unwrap_or_else(|| panic!("no complete target in the engine's log:\n{engine}"));
+    eprintln!("{line}");
+    // The image's last 36 MiB are clear in both: equal without a read.
+    assert!(
+        counted(line, "the same base in both") >= 30 << 20,
+        "{line}"
+    );
+    assert!(counted(line, ", written") <= 64 << 20, "{line}");
+    fio(&t.dev, 60, true);
+    ok(&t.s, &["volume", "detach", VOLUME]);
+    let (src, dst) = (big["path"].as_str().unwrap(), rw["path"].as_str().unwrap());
+    assert!(
+        same_view(src, dst),
+        "the replica rebuilt online differs from its source"
+    );
+    let base = std::fs::read_link(Path::new(dst).with_file_name("base")).unwrap();
+    assert!(base.starts_with(&t.small_disk), "{base:?}");
+    let (a, b) = (allocated(src), allocated(dst));
+    eprintln!("allocated: source {a} bytes, rebuilt {b} bytes");
+    assert!(b <= a + (4 << 20), "rebuilt {b} bytes allocated, source {a}");
     assert_eq!(temporaries(dst), Vec::<PathBuf>::new(), "temporary files stayed");
 }
