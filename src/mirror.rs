@@ -848,13 +848,12 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
             other => match other.split_once(' ') {
                 Some(("flush", path)) => shared.flush_replica(Path::new(path)),
                 // A copy-on-write target: `add data=PATH,map=PATH[,base=PATH]`.
-                Some(("add", spec)) if spec.starts_with("data=") => {
-                    match cow::CowSpec::parse(spec) {
-                        Ok(spec) => shared.add(&spec.data.clone(), Some(&spec)),
-                        Err(e) => Err(e),
-                    }
-                    .unwrap_or_else(|e| format!("error {e}"))
+                Some(("add", spec)) if spec.starts_with("data=") => match cow::CowSpec::parse(spec)
+                {
+                    Ok(spec) => shared.add(&spec.data.clone(), Some(&spec)),
+                    Err(e) => Err(e),
                 }
+                .unwrap_or_else(|e| format!("error {e}")),
                 Some(("add", path)) => shared
                     .add(Path::new(path), None)
                     .unwrap_or_else(|e| format!("error {e}")),

@@ -1198,7 +1198,12 @@ mod tests {
         src.write_at(&[0xbb; 4096], 5 * k + 8192).unwrap();
         src.discard(10 * k, k).unwrap();
         src.write_at(&[0xcc; 65536], 70 * k).unwrap();
-        let dst = cow_replica(&dir.path().join("d2/r"), "volume.online", Some(&base2), size);
+        let dst = cow_replica(
+            &dir.path().join("d2/r"),
+            "volume.online",
+            Some(&base2),
+            size,
+        );
         assert!(cow_of(&src).same_base(cow_of(&dst)));
         let mut copier = ChunkCopier::new();
         for c in 0..size / CHUNK {
@@ -1220,7 +1225,9 @@ mod tests {
         assert_eq!(copier.io.written, 4 * k);
         assert_eq!(copier.io.punched, k);
         for c in 0..size / CHUNK {
-            copier.compare(&src, &dst, c * CHUNK, (c + 1) * CHUNK).unwrap();
+            copier
+                .compare(&src, &dst, c * CHUNK, (c + 1) * CHUNK)
+                .unwrap();
         }
         // The target's map on disk says the same after its flush: a second open reads the view.
         dst.sync().unwrap();
@@ -1230,7 +1237,10 @@ mod tests {
             base: Some(base2.clone()),
         };
         let again = Replica::open_cow(&spec, true).unwrap().0;
-        assert!(view(&src, size) == view(&again, size), "reopened view differs");
+        assert!(
+            view(&src, size) == view(&again, size),
+            "reopened view differs"
+        );
 
         // Over bases that are not known to be the same image, nothing is skipped, and the
         // result is the same view.
@@ -1252,7 +1262,9 @@ mod tests {
         assert!(!cow_of(&src).same_base(cow_of(&dst2)));
         let mut copier = ChunkCopier::new();
         for c in 0..size / CHUNK {
-            copier.copy(&src, &dst2, c * CHUNK, (c + 1) * CHUNK).unwrap();
+            copier
+                .copy(&src, &dst2, c * CHUNK, (c + 1) * CHUNK)
+                .unwrap();
         }
         assert_eq!(copier.base_equal, 0);
         assert!(view(&src, size) == view(&dst2, size), "views differ");
@@ -1276,7 +1288,12 @@ mod tests {
                     .unwrap();
             }
         }
-        let dst = cow_replica(&dir.path().join("d2/r"), "volume.online", Some(&base2), size);
+        let dst = cow_replica(
+            &dir.path().join("d2/r"),
+            "volume.online",
+            Some(&base2),
+            size,
+        );
         let sources = Arc::new(vec![src]);
         let targets = Arc::new(Targets::default());
         let target = Arc::new(Target::new(dst));

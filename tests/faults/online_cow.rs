@@ -175,8 +175,7 @@ async fn a_cow_replica_whose_disk_filled_is_rebuilt_online_while_fio_writes_and_
             break out;
         }
         assert!(
-            err.contains("another operation in progress")
-                && std::time::Instant::now() < deadline,
+            err.contains("another operation in progress") && std::time::Instant::now() < deadline,
             "bicsi volume rebuild failed:\n{out}\n{err}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -226,12 +225,19 @@ async fn a_cow_replica_whose_disk_filled_is_rebuilt_online_while_fio_writes_and_
         same_view(src, dst),
         "the replica rebuilt online differs from its source"
     );
-    assert_eq!(temporaries(dst), Vec::<PathBuf>::new(), "temporary files stayed");
+    assert_eq!(
+        temporaries(dst),
+        Vec::<PathBuf>::new(),
+        "temporary files stayed"
+    );
     // Only what the volume holds was written: the rebuilt data file takes no more room than
     // its source's (both got the same writes; the rest of the 128 MiB stayed holes).
     let (a, b) = (allocated(src), allocated(dst));
     eprintln!("allocated: source {a} bytes, rebuilt {b} bytes");
-    assert!(b <= a + (4 << 20), "rebuilt {b} bytes allocated, source {a}");
+    assert!(
+        b <= a + (4 << 20),
+        "rebuilt {b} bytes allocated, source {a}"
+    );
     // The next attach serves both replicas and the data is intact.
     attach_ok(&t.s, &t.dev).await;
     assert_eq!(record(&t.s)["health"], "healthy");
@@ -258,8 +264,7 @@ async fn wait_wo(t: &Setup, id: &str) {
 }
 
 #[tokio::test]
-async fn kill9_during_an_online_rebuild_of_a_cow_replica_never_makes_it_rw_before_it_completes()
-{
+async fn kill9_during_an_online_rebuild_of_a_cow_replica_never_makes_it_rw_before_it_completes() {
     if !root_or_skip(
         "kill9_during_an_online_rebuild_of_a_cow_replica_never_makes_it_rw_before_it_completes",
     ) {
@@ -301,7 +306,11 @@ async fn kill9_during_an_online_rebuild_of_a_cow_replica_never_makes_it_rw_befor
         same_view(src, dst),
         "the replica rebuilt online differs from its source"
     );
-    assert_eq!(temporaries(dst), Vec::<PathBuf>::new(), "temporary files stayed");
+    assert_eq!(
+        temporaries(dst),
+        Vec::<PathBuf>::new(),
+        "temporary files stayed"
+    );
 }
 
 /// Kills the live mirror engine of the volume (kill -9), as a crash of it would; returns once
@@ -360,7 +369,11 @@ async fn kill9_of_the_engine_during_an_online_rebuild_of_a_cow_replica_leaves_it
         same_view(src, dst),
         "the rebuilt replica differs from its source"
     );
-    assert_eq!(temporaries(dst), Vec::<PathBuf>::new(), "temporary files stayed");
+    assert_eq!(
+        temporaries(dst),
+        Vec::<PathBuf>::new(),
+        "temporary files stayed"
+    );
 }
 
 /// The engine's count of one kind of bytes in its log line of a complete target.
@@ -406,10 +419,7 @@ async fn an_online_rebuild_over_a_backing_image_copies_only_what_differs_from_th
         .unwrap_or_else(|| panic!("no complete target in the engine's log:\n{engine}"));
     eprintln!("{line}");
     // The image's last 36 MiB are clear in both: equal without a read.
-    assert!(
-        counted(line, "the same base in both") >= 30 << 20,
-        "{line}"
-    );
+    assert!(counted(line, "the same base in both") >= 30 << 20, "{line}");
     assert!(counted(line, ", written") <= 64 << 20, "{line}");
     fio(&t.dev, 60, true);
     ok(&t.s, &["volume", "detach", VOLUME]);
@@ -422,6 +432,13 @@ async fn an_online_rebuild_over_a_backing_image_copies_only_what_differs_from_th
     assert!(base.starts_with(&t.small_disk), "{base:?}");
     let (a, b) = (allocated(src), allocated(dst));
     eprintln!("allocated: source {a} bytes, rebuilt {b} bytes");
-    assert!(b <= a + (4 << 20), "rebuilt {b} bytes allocated, source {a}");
-    assert_eq!(temporaries(dst), Vec::<PathBuf>::new(), "temporary files stayed");
+    assert!(
+        b <= a + (4 << 20),
+        "rebuilt {b} bytes allocated, source {a}"
+    );
+    assert_eq!(
+        temporaries(dst),
+        Vec::<PathBuf>::new(),
+        "temporary files stayed"
+    );
 }
