@@ -76,6 +76,17 @@ async fn setup_with(disk_mib: u64, size: &str, image: Option<Vec<u8>>) -> Setup 
     for r in v["record"]["replicas"].as_array().unwrap() {
         assert_eq!(r["format"], "cow", "not a copy-on-write replica: {v}");
     }
+    // The disk that fills is the one of the record's first replica, which snapshots capture
+    // (`snapshot create` in the first test then captures the rebuilt replica).
+    let first = v["record"]["replicas"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (small, big, small_disk, big_disk) = if Path::new(&first).starts_with(&small_disk) {
+        (small, big, small_disk, big_disk)
+    } else {
+        (big, small, big_disk, small_disk)
+    };
     Setup {
         small,
         _big: big,
@@ -220,6 +231,10 @@ async fn a_cow_replica_whose_disk_filled_is_rebuilt_online_while_fio_writes_and_
     assert_eq!(v["health"], "healthy", "{v}");
     // What the last fio run wrote reads back; at rest the views are identical.
     fio_random(&t.dev, 48, true);
+    // A snapshot while attached: the engine flushes the replica it captures, the rebuilt one
+    // (a promoted target) too.
+    assert_eq!(v["record"]["replicas"][0]["id"], small_id.as_str(), "{v}");
+    ok(&t.s, &["snapshot", "create", "s1", "--volume", VOLUME]);
     ok(&t.s, &["volume", "detach", VOLUME]);
     let (src, dst) = (big["path"].as_str().unwrap(), rw["path"].as_str().unwrap());
     assert!(dst.ends_with("volume.cow"), "{rw}");
