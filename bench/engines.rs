@@ -22,7 +22,7 @@
 mod fuse;
 mod fuse_tuned;
 mod loop_raw;
-mod mirror;
+pub(crate) mod mirror;
 
 pub(crate) use fuse::fuse;
 pub(crate) use fuse_tuned::fuse_tuned;

@@ -365,13 +365,14 @@ impl Controller {
                 "no disks to place replicas on; start bicsi with --disk PATH".into(),
             ));
         }
+        let nodes = crate::volume_engine::nodes_of(&disks);
         let disks = crate::volume_engine::candidate_disks(p.engine, disks)?;
         let wanted = *p
             .number_of_replicas
             .get_or_insert(params::default_replicas(disks.len()));
         let disks = crate::volume_engine::preferred_disks(p.engine, wanted, size, disks);
         let chosen = place_replicas(disks, wanted as usize);
-        let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
+        let engine = crate::volume_engine::decide(p.engine, wanted, &chosen, nodes)?;
         p.engine = crate::volume_engine::EngineChoice::Pinned(engine);
         // A replica on a disk that holds a ready file of the image is an overlay on it now;
         // elsewhere it is made at first attach, when the file has been brought to that disk.
@@ -972,7 +973,13 @@ impl Controller {
                 p.node_id
             )));
         }
-        if volume.spec.engine == crate::model::EngineKind::Mirror {
+        // A mirror volume over copy-on-write replicas (all on one node) changes like a qemu
+        // one: a new replica is built from an existing one through its view, on the same node.
+        let cow = volume
+            .replicas
+            .iter()
+            .any(|r| r.format == crate::os::ImageFormat::Cow);
+        if volume.spec.engine == crate::model::EngineKind::Mirror && !cow {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id:?} is served by the mirror engine, whose replicas are raw files made at creation; its number of replicas cannot change: clone it into a new volume with the number of replicas wanted"
             )));
@@ -1021,7 +1028,17 @@ impl Controller {
                     cluster_bytes: source.cluster_bytes,
                     health: Default::default(),
                 };
-                agent.copy_replica(&source, &r).await?;
+                if source.format == crate::os::ImageFormat::Cow {
+                    let file = crate::snapshot::SnapshotFile {
+                        node_id: source.node_id.clone(),
+                        disk_id: source.disk_id.clone(),
+                        path: source.path.clone(),
+                    };
+                    let size = volume.spec.capacity_bytes;
+                    agent.restore_replica(&file, None, &r, size, None).await?;
+                } else {
+                    agent.copy_replica(&source, &r).await?;
+                }
                 reps.push(r);
             }
         }

@@ -737,6 +737,7 @@ pub async fn engine(
     let service = host::EngineHostService::new(
         data_dir.clone(),
         crate::os::engine::QemuStorageDaemon::new().program,
+        crate::os::engine::mirror::program().map_err(Error::Os)?,
         children.clone(),
     );
     tracing::info!(socket = %sock.display(), data_dir = %data_dir.display(), "engine host serving");

@@ -27,8 +27,8 @@ use harness::{
 };
 use kit::{
     STOP_LIMIT, alive, bicsi, cleanup_under, controller_args, controller_endpoint, csi_endpoint,
-    engines_under, free_port, loops_under, mounts_under, node_args, root_or_skip, serve_args,
-    spawn_logged, temp_dir, wait_exit,
+    engines_under, free_port, loops_under, mirror_engines_under, mounts_under, node_args,
+    root_or_skip, serve_args, spawn_logged, temp_dir, wait_exit,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -306,9 +306,15 @@ impl Node {
         );
     }
 
-    /// The pid in a volume engine's pid file, and whether that daemon is alive.
+    /// The pid in a volume engine's pid file: qemu-storage-daemon's (`qsd.pid`), or the mirror
+    /// engine's (`mirror.pid`) when that is the one there.
     fn engine_pid(&self, volume: &str) -> i32 {
-        let file = self.data_dir().join("engines").join(volume).join("qsd.pid");
+        let dir = self.data_dir().join("engines").join(volume);
+        let file = ["qsd.pid", "mirror.pid"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|f| f.exists())
+            .unwrap_or_else(|| dir.join("qsd.pid"));
         std::fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
             .trim()
@@ -358,10 +364,32 @@ fn zombie_children(parent: u32) -> Vec<i32> {
 const FILE_VOL: &str = "engine-fs";
 const BLOCK_VOL: &str = "engine-block";
 
-/// Creates, controller-publishes, stages and publishes a volume.
-async fn attach(c: &mut CsiClient, node: &Node, name: &str, block: bool) {
+/// Which engine's pid file a volume's run directory has: "qemu" or "mirror".
+fn engine_kind(node: &Node, volume: &str) -> &'static str {
+    let dir = node.data_dir().join("engines").join(volume);
+    if dir.join("mirror.pid").exists() {
+        "mirror"
+    } else {
+        "qemu"
+    }
+}
+
+/// Every engine process (qemu-storage-daemon or bicsi's mirror engine) naming a path under `dir`.
+fn all_engines_under(dir: &Path) -> Vec<i32> {
+    let mut pids = engines_under(dir);
+    pids.extend(mirror_engines_under(dir));
+    pids
+}
+
+/// Creates, controller-publishes, stages and publishes a volume of the StorageClass parameter
+/// `engine` ("" for the default, `auto`).
+async fn attach(c: &mut CsiClient, node: &Node, name: &str, block: bool, engine: &str) {
     let cap = if block { block_cap() } else { mount_cap() };
-    let mut req = create_req(name, 64 * MIB, &[("numberOfReplicas", "1")]);
+    let mut params = vec![("numberOfReplicas", "1")];
+    if !engine.is_empty() {
+        params.push(("engine", engine));
+    }
+    let mut req = create_req(name, 64 * MIB, &params);
     req.volume_capabilities = vec![cap.clone()];
     let id = c
         .controller
@@ -479,8 +507,12 @@ async fn plugin_container_restart_keeps_volumes_served_by_the_engine_host() {
     );
     assert_eq!(mode & 0o777, 0o600, "the engine socket is root's only");
     let mut c = node.start_plugin(Some(&first)).await;
-    attach(&mut c, &node, FILE_VOL, false).await;
-    attach(&mut c, &node, BLOCK_VOL, true).await;
+    // The default engine on this one-node ext4 cluster (the mirror engine over a copy-on-write
+    // replica) and qemu-storage-daemon, pinned: the host runs both.
+    attach(&mut c, &node, FILE_VOL, false, "").await;
+    attach(&mut c, &node, BLOCK_VOL, true, "qemu").await;
+    assert_eq!(engine_kind(&node, FILE_VOL), "mirror");
+    assert_eq!(engine_kind(&node, BLOCK_VOL), "qemu");
     let target = node.path(&format!("target-{FILE_VOL}"));
     let dev = node.path(&format!("target-{BLOCK_VOL}"));
     write_file(&target.join("before"), b"written before the restart\n");
@@ -488,6 +520,11 @@ async fn plugin_container_restart_keeps_volumes_served_by_the_engine_host() {
     let pids = [node.engine_pid(FILE_VOL), node.engine_pid(BLOCK_VOL)];
     for pid in pids {
         assert!(alive(pid), "engine {pid}");
+        assert_eq!(
+            parent_of(pid),
+            Some(host_pid),
+            "engine {pid} is the engine host's child"
+        );
         // The daemons are the engine host's, not the plugin's: outside the plugin's cgroup.
         assert!(
             !first.procs().contains(&pid),
@@ -552,7 +589,7 @@ async fn plugin_container_restart_keeps_volumes_served_by_the_engine_host() {
         [node.engine_pid(FILE_VOL), node.engine_pid(BLOCK_VOL)],
         pids
     );
-    assert_eq!(engines_under(node.dir.path()).len(), 2, "no new daemon");
+    assert_eq!(all_engines_under(node.dir.path()).len(), 2, "no new daemon");
     assert_eq!(
         std::fs::read(target.join("during")).unwrap(),
         b"written while the plugin is down\n"
@@ -565,7 +602,7 @@ async fn plugin_container_restart_keeps_volumes_served_by_the_engine_host() {
     for pid in pids {
         assert!(!alive(pid), "engine {pid} survives unstage");
     }
-    assert_eq!(engines_under(node.dir.path()), Vec::<i32>::new());
+    assert_eq!(all_engines_under(node.dir.path()), Vec::<i32>::new());
     assert_eq!(loops_under(node.dir.path()), Vec::<String>::new());
     assert_eq!(mounts_under(node.dir.path()), Vec::<PathBuf>::new());
     // The daemons of the second host were never its children (the first host's were orphaned
@@ -636,7 +673,7 @@ async fn without_the_engine_host_a_container_restart_kills_the_engine() {
     let cgroup = Cgroup::create(&format!("bicsi-test-plugin-{}-c", std::process::id()));
     let mut node = Node::new(false);
     let mut c = node.start_plugin(Some(&cgroup)).await;
-    attach(&mut c, &node, BLOCK_VOL, true).await;
+    attach(&mut c, &node, BLOCK_VOL, true, "").await;
     let pid = node.engine_pid(BLOCK_VOL);
     assert!(
         cgroup.procs().contains(&pid),

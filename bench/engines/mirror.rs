@@ -400,7 +400,7 @@ async fn cow_engine_runs(
 }
 
 /// Resident memory (VmRSS, bytes) of the mirror engines whose command line names `dir`.
-fn mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
+pub(crate) fn mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return out;

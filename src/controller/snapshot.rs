@@ -430,19 +430,15 @@ impl Controller {
         };
         // The snapshot's files are on one node; the new replicas go on that node's disks.
         let node = first.node_id.clone();
-        let disks: Vec<_> = self
-            .cluster
-            .disks()
-            .await?
-            .into_iter()
-            .filter(|d| d.disk.node_id == node)
-            .collect();
+        let all = self.cluster.disks().await?;
+        let nodes = crate::volume_engine::nodes_of(&all);
+        let disks: Vec<_> = all.into_iter().filter(|d| d.disk.node_id == node).collect();
         let disks = crate::volume_engine::candidate_disks(p.engine, disks)?;
         let wanted = *p
             .number_of_replicas
             .get_or_insert(crate::params::default_replicas(disks.len()));
         let chosen = place_replicas(disks, wanted as usize);
-        let engine = crate::volume_engine::decide(p.engine, wanted, &chosen)?;
+        let engine = crate::volume_engine::decide(p.engine, wanted, &chosen, nodes)?;
         p.engine = crate::volume_engine::EngineChoice::Pinned(engine);
         if chosen.is_empty() {
             return Err(Error::ResourceExhausted(format!(

@@ -591,7 +591,14 @@ impl QemuStorageDaemon {
         banner: &str,
     ) -> OsResult<Spawned> {
         match &self.host {
-            Some(socket) => host::spawn(socket, args, log_path, banner, self.start_timeout),
+            Some(socket) => host::spawn(
+                socket,
+                host::QEMU,
+                args,
+                log_path,
+                banner,
+                self.start_timeout,
+            ),
             None => spawn_daemonized(&self.program, args, log_path, banner, self.start_timeout),
         }
     }

@@ -67,13 +67,19 @@ fn replica_files(b: &Bicsi, id: &str) -> Vec<PathBuf> {
             continue;
         };
         for e in entries.flatten() {
-            let file = e.path().join("volume.qcow2");
-            if e.file_name()
+            if !e
+                .file_name()
                 .to_string_lossy()
                 .starts_with(&format!("{id}-"))
-                && file.exists()
             {
-                out.push(file);
+                continue;
+            }
+            // Any engine's replica file: qcow2, raw, or a copy-on-write replica's data file.
+            for name in ["volume.qcow2", "volume.raw", "volume.cow"] {
+                let file = e.path().join(name);
+                if file.exists() {
+                    out.push(file);
+                }
             }
         }
     }

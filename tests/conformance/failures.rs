@@ -105,9 +105,10 @@ async fn assert_nothing_left(b: &Bicsi, c: &mut CsiClient, id: &str, staging: &P
         b.log()
     );
     assert!(
-        engines_under(dir).is_empty(),
-        "engines left: {:?}\n{}",
+        engines_under(dir).is_empty() && mirror_engines_under(dir).is_empty(),
+        "engines left: {:?} {:?}\n{}",
         engines_under(dir),
+        mirror_engines_under(dir),
         b.log()
     );
     let run_dir = b.data_dir().join("engines").join(id);
@@ -169,13 +170,20 @@ fn replica_files(b: &Bicsi, id: &str) -> Vec<PathBuf> {
             continue;
         };
         for e in entries.flatten() {
-            let file = e.path().join("volume.qcow2");
-            if e.file_name()
+            if !e
+                .file_name()
                 .to_string_lossy()
                 .starts_with(&format!("{id}-"))
-                && file.exists()
             {
-                out.push(file);
+                continue;
+            }
+            // qemu's qcow2, the loop and mirror engines' raw file, or a copy-on-write replica's
+            // data file (the default on this one-node ext4 cluster).
+            for name in ["volume.qcow2", "volume.raw", "volume.cow"] {
+                let file = e.path().join(name);
+                if file.exists() {
+                    out.push(file);
+                }
             }
         }
     }
@@ -192,9 +200,27 @@ async fn stage_fails_and_leaves_nothing(
     code: Code,
     needle: &str,
 ) {
+    stage_fails_and_leaves_nothing_on(b, id, bytes, cap, code, needle, "").await;
+}
+
+/// `stage_fails_and_leaves_nothing` for a volume of StorageClass parameter `engine` ("": the
+/// default).
+async fn stage_fails_and_leaves_nothing_on(
+    b: &Bicsi,
+    id: &str,
+    bytes: i64,
+    cap: pb::VolumeCapability,
+    code: Code,
+    needle: &str,
+    engine: &str,
+) {
     let mut c = b.client().await;
     let staging = b.path("staging");
-    create(&mut c, id, bytes, &[("numberOfReplicas", "1")]).await;
+    let mut params = vec![("numberOfReplicas", "1")];
+    if !engine.is_empty() {
+        params.push(("engine", engine));
+    }
+    create(&mut c, id, bytes, &params).await;
     c.controller
         .controller_publish_volume(cpublish_req(id, cap.clone(), false))
         .await
@@ -294,9 +320,38 @@ async fn stage_with_engine_start_failing_leaves_nothing() {
     let script = r#"echo "qemu-storage-daemon: simulated start failure" >&2
 exit 1"#;
     let b = bicsi_with(&[], &[("qemu-storage-daemon", script)]).await;
-    stage_fails_and_leaves_nothing(
+    stage_fails_and_leaves_nothing_on(
         &b,
         "noengine",
+        16 * MIB,
+        block_cap(),
+        Code::Internal,
+        "simulated start failure",
+        "qemu",
+    )
+    .await;
+}
+
+/// The same for the default engine of this one-node ext4 cluster, bicsi's mirror engine over a
+/// copy-on-write replica, whose process fails to start.
+#[tokio::test]
+async fn stage_with_mirror_engine_start_failing_leaves_nothing() {
+    if !root_or_skip("stage_with_mirror_engine_start_failing_leaves_nothing") {
+        return;
+    }
+    let mut b = Bicsi::start(1).await;
+    let program = b.path("failing-mirror");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\necho \"bicsi engine-mirror: simulated start failure\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    b.env = vec![("BICSI_MIRROR_PROGRAM".into(), program.display().to_string())];
+    b.restart().await;
+    stage_fails_and_leaves_nothing(
+        &b,
+        "nomirror",
         16 * MIB,
         block_cap(),
         Code::Internal,
@@ -308,7 +363,14 @@ exit 1"#;
 /// What an older version's failed stage left: the engine serving the replica, a loop device on
 /// its export and the filesystem mounted at the staging path, with no record of any of it.
 async fn leave_an_old_failed_stage(b: &Bicsi, c: &mut CsiClient, id: &str, staging: &Path) {
-    create(c, id, 16 * MIB, &[("numberOfReplicas", "1")]).await;
+    // An older version served every volume with qemu-storage-daemon.
+    create(
+        c,
+        id,
+        16 * MIB,
+        &[("numberOfReplicas", "1"), ("engine", "qemu")],
+    )
+    .await;
     c.controller
         .controller_publish_volume(cpublish_req(id, mount_cap(), false))
         .await
@@ -329,7 +391,9 @@ async fn leave_an_old_failed_stage(b: &Bicsi, c: &mut CsiClient, id: &str, stagi
     let dev = os.loops.attach(&state.export_path).unwrap();
     os.fs.mkfs(&dev, "ext4").unwrap();
     os.mounts.mount(&dev, staging, "ext4", &[]).unwrap();
-    assert!(!engines_under(b.dir.path()).is_empty());
+    assert!(
+        !engines_under(b.dir.path()).is_empty() || !mirror_engines_under(b.dir.path()).is_empty()
+    );
 }
 
 #[tokio::test]

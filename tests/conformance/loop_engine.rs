@@ -134,13 +134,21 @@ async fn the_engine_is_chosen_by_disk_and_replicas() {
     let Some(xfs) = Xfs::new("the_engine_is_chosen_by_disk_and_replicas", 512) else {
         return;
     };
-    // A directory on ext4 (the temp dir): no reflink, so qemu, and a pinned loop is refused.
+    // A directory on ext4 (the temp dir): no reflink, so in this one-node cluster the mirror
+    // engine over a copy-on-write replica (qemu when pinned), and a pinned loop is refused.
     let ext4 = Bicsi::start(1).await;
     let mut c = ext4.client().await;
     let one = pairs(&[("numberOfReplicas", "1")]);
     create(&mut c, create_with("plain", 16 * MIB, &one, mount_cap())).await;
-    assert_eq!(engine_of(&ext4, "plain"), "qemu");
+    assert_eq!(engine_of(&ext4, "plain"), "mirror");
     let r = replica_paths(&ext4, "plain");
+    assert!(r[0].ends_with("volume.cow") && r[0].is_file(), "{r:?}");
+    let record = &volume_view(&ext4, "plain")["record"]["replicas"][0];
+    assert_eq!(record["format"], "cow", "{record}");
+    let q = pairs(&[("numberOfReplicas", "1"), ("engine", "qemu")]);
+    create(&mut c, create_with("plainq", 16 * MIB, &q, mount_cap())).await;
+    assert_eq!(engine_of(&ext4, "plainq"), "qemu");
+    let r = replica_paths(&ext4, "plainq");
     assert!(r[0].ends_with("volume.qcow2") && r[0].is_file(), "{r:?}");
     let pinned = pairs(&[("numberOfReplicas", "1"), ("engine", "loop")]);
     assert_code(

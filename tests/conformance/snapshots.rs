@@ -163,7 +163,14 @@ fn replica_files(b: &Bicsi, volume: &str) -> Vec<PathBuf> {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.rsplit_once('-').is_some_and(|(v, _)| v == volume) {
-                    out.push(e.path().join("volume.qcow2"));
+                    // Any engine's replica file: qcow2, raw, or a copy-on-write replica's data
+                    // file (a sparse raw file of the volume's size).
+                    let file = ["volume.qcow2", "volume.raw", "volume.cow"]
+                        .iter()
+                        .map(|f| e.path().join(f))
+                        .find(|f| f.exists())
+                        .unwrap_or_else(|| e.path().join("volume.qcow2"));
+                    out.push(file);
                 }
             }
         }
@@ -219,9 +226,16 @@ async fn snapshot_rpcs_follow_the_csi_rules() {
     let b = Bicsi::start(1).await;
     let mut c = b.client().await;
     // The capabilities are asserted by `controller_advertises_what_it_implements` (main.rs).
+    // qemu's engine, pinned: its qcow2 snapshot files are inspected below (the default engine
+    // of this one-node ext4 cluster, mirror over copy-on-write replicas, takes raw snapshots:
+    // `cow_engine.rs`).
     for name in ["src-a", "src-b"] {
         c.controller
-            .create_volume(create_req(name, 16 * MIB, &[("numberOfReplicas", "1")]))
+            .create_volume(create_req(
+                name,
+                16 * MIB,
+                &[("numberOfReplicas", "1"), ("engine", "qemu")],
+            ))
             .await
             .unwrap();
     }
@@ -460,7 +474,10 @@ async fn snapshot_of_an_attached_volume_restores_and_clones_with_the_backing_ima
     else {
         return;
     };
-    let (_server, sc) = image_params(&b, "bi-base", "2").await;
+    let (_server, mut sc) = image_params(&b, "bi-base", "2").await;
+    // qemu's engine, pinned: its log line and qcow2 snapshot files are checked below (the
+    // default engine's attached snapshots: `cow_engine.rs`).
+    sc.push(("engine".into(), "qemu".into()));
     create_retrying(&mut c, create_with("src", 64 * MIB, &sc, mount_cap()))
         .await
         .unwrap();
@@ -565,10 +582,13 @@ async fn restore_overrides_the_backing_image_and_keeps_the_content() {
         .into(),
     )
     .await;
+    // qemu's engine, pinned: the qcow2 replicas' backing files are inspected below.
     let mut sc_one = seed_sc_params(&server.url("one.raw"), "bi-one");
     sc_one[0].1 = "1".into();
+    sc_one.push(("engine".into(), "qemu".into()));
     let mut sc_two = seed_sc_params(&server.url("two.raw"), "bi-two");
     sc_two[0].1 = "1".into();
+    sc_two.push(("engine".into(), "qemu".into()));
     create_retrying(&mut c, create_with("src", 64 * MIB, &sc_one, mount_cap()))
         .await
         .unwrap();
@@ -584,7 +604,7 @@ async fn restore_overrides_the_backing_image_and_keeps_the_content() {
             "keep",
             0,
             &s.snapshot_id,
-            &params(&[("numberOfReplicas", "1")]),
+            &params(&[("numberOfReplicas", "1"), ("engine", "qemu")]),
         ),
     )
     .await
@@ -682,7 +702,12 @@ async fn attached_volumes_export_consistently_as_raw_and_qcow2_and_as_snapshots(
         return;
     };
     c.controller
-        .create_volume(create_req("live", 256 * MIB, &[("numberOfReplicas", "1")]))
+        // qemu's engine, pinned: its copy jobs are what this test checks.
+        .create_volume(create_req(
+            "live",
+            256 * MIB,
+            &[("numberOfReplicas", "1"), ("engine", "qemu")],
+        ))
         .await
         .unwrap();
     let (st, tg) = attach(&mut c, &b, "live", mount_cap()).await;

@@ -2178,6 +2178,15 @@ async fn a_copy_on_write_volume_keeps_its_replicas_and_its_attach_on_one_node() 
         "{}",
         e.message()
     );
+    // `auto` in a cluster of two nodes keeps ext4 volumes on qemu: they may be attached on
+    // either node, and a cow replica is read on its own node only.
+    for (name, replicas) in [("auto1", "1"), ("auto2", "2")] {
+        let params = [("numberOfReplicas", replicas)];
+        create_retrying(&c, &mut ctl, create_req(name, 64 * MIB, &params)).await;
+        let record = volume_record(&c, name).await;
+        assert_eq!(record["spec"]["engine"], "qemu", "{record}");
+        assert_eq!(record["replicas"][0]["format"], "qcow2", "{record}");
+    }
     let one = [("numberOfReplicas", "1"), ("engine", "mirror")];
     create_retrying(&c, &mut ctl, create_req("cw", 64 * MIB, &one)).await;
     let record = volume_record(&c, "cw").await;

@@ -11,7 +11,12 @@
 //! in the host's PID namespace and share the data directory. It only ever runs its own
 //! qemu-storage-daemon, `--daemonize`d, with its pid file, sockets, export, trace and log inside a
 //! run directory under `<data-dir>/engines/` (volume engines) or `<data-dir>/replica-server/` (the
-//! node's NBD replica server).
+//! node's NBD replica server), and bicsi's own mirror engine (its own executable's hidden
+//! `engine-mirror` command, Spawn's `program: "engine-mirror"`), `--daemonize`d, with only the
+//! flags that engine has, its pid file, export, fault file, control socket and log inside a run
+//! directory under `<data-dir>/engines/` (its replicas are on the node's disks, as a qemu
+//! engine's are). A host that predates the hosted mirror engine lists no programs in Ping, and
+//! the agent then starts that engine itself (`crate::os::engine::mirror`).
 //!
 //! Daemonized children re-parent to this process (PR_SET_CHILD_SUBREAPER, set by `serve`), so
 //! their exits are reaped here: one reaper owns every `waitpid`, and a spawn registers its
@@ -47,6 +52,28 @@ pub const SOCKET_NAME: &str = "engine.sock";
 /// engine's directory is a child of `engines/`, the replica server's is `replica-server/` itself.
 pub const ENGINES_DIR: &str = "engines";
 pub const REPLICA_SERVER_DIR: &str = "replica-server";
+
+/// Spawn's `program` for qemu-storage-daemon (also the empty string, older agents' default).
+pub const QEMU: &str = "qemu-storage-daemon";
+/// Spawn's `program` for bicsi's mirror engine: the host's own executable, this subcommand.
+pub const MIRROR: &str = super::mirror::SUBCOMMAND;
+
+/// The flags of `bicsi engine-mirror` the agent uses, each with whether it takes a value: the
+/// host runs no other (`--direct-io` and `--writeback-cache` are for measurements only).
+const MIRROR_FLAGS: &[(&str, bool)] = &[
+    ("--replica", true),
+    ("--cow-replica", true),
+    ("--remote", true),
+    ("--replica-timeout", true),
+    ("--tls-dir", true),
+    ("--export", true),
+    ("--faults", true),
+    ("--control", true),
+    ("--pid-file", true),
+    ("--threads", true),
+    ("--daemonize", false),
+    ("--read-only", false),
+];
 
 /// The longest a spawn may wait for the daemonizing parent, whatever the request asks.
 const MAX_SPAWN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -213,6 +240,101 @@ pub fn check_spawn(data_dir: &Path, args: &[String], log_path: &Path) -> OsResul
     Ok(run_dir)
 }
 
+/// Checks a Spawn request for the mirror engine (`args` begin with its subcommand) as
+/// [`check_spawn`] does for qemu-storage-daemon: it must `--daemonize`, use only the flags the
+/// agent uses, and keep its pid file, export, fault file, control socket and log in one run
+/// directory under `<data-dir>/engines/`. Returns that directory, resolved.
+pub fn check_spawn_mirror(data_dir: &Path, args: &[String], log_path: &Path) -> OsResult<PathBuf> {
+    let engines = data_dir.join(ENGINES_DIR);
+    if args.first().map(String::as_str) != Some(MIRROR) {
+        return Err(refused(
+            "arguments",
+            format!(
+                "program {MIRROR} runs `bicsi {MIRROR} ...`: the first argument must be {MIRROR:?}, \
+                 got {:?}",
+                args.first()
+            ),
+        ));
+    }
+    let mut files: Vec<(String, &str)> = vec![(log_path.display().to_string(), "log")];
+    let mut pid_files = Vec::new();
+    let mut i = 1;
+    while i < args.len() {
+        let flag = args[i].as_str();
+        let Some(&(_, takes_value)) = MIRROR_FLAGS.iter().find(|(f, _)| *f == flag) else {
+            return Err(refused(
+                "arguments",
+                format!(
+                    "{flag:?} is not a flag the host passes to the mirror engine (it runs only {})",
+                    MIRROR_FLAGS
+                        .iter()
+                        .map(|(f, _)| *f)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        if takes_value {
+            let Some(value) = args.get(i + 1) else {
+                return Err(refused("arguments", format!("{flag} has no value")));
+            };
+            match flag {
+                "--pid-file" => pid_files.push(value.clone()),
+                "--export" | "--faults" | "--control" => files.push((value.clone(), flag)),
+                _ => {}
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    if !args.iter().any(|a| a == "--daemonize") {
+        return Err(refused(
+            "arguments",
+            "--daemonize is missing; the host only starts daemons that detach once set up"
+                .to_string(),
+        ));
+    }
+    let [pid_file] = pid_files.as_slice() else {
+        return Err(refused(
+            "arguments",
+            format!(
+                "exactly one --pid-file is needed (got {}); it names the engine's run directory",
+                pid_files.len()
+            ),
+        ));
+    };
+    let run_dir = resolved_dir(Path::new(pid_file), "--pid-file")?;
+    if run_dir.parent() != Some(engines.as_path()) {
+        return Err(refused(
+            "--pid-file",
+            format!(
+                "{pid_file} is not in a run directory under {}; the node and `bicsi engine` must \
+                 use the same --data-dir",
+                engines.display()
+            ),
+        ));
+    }
+    for flag in ["--export", "--control"] {
+        if !files.iter().any(|(_, what)| *what == flag) {
+            return Err(refused("arguments", format!("{flag} is missing")));
+        }
+    }
+    for (file, what) in files {
+        let dir = resolved_dir(Path::new(&file), what)?;
+        if dir != run_dir {
+            return Err(refused(
+                what,
+                format!(
+                    "{file} is outside the engine's run directory {}",
+                    run_dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(run_dir)
+}
+
 // ---- the service ----------------------------------------------------------------------------
 
 /// The daemonizing parents spawns wait for, keyed by pid; the reaper hands each its wait status.
@@ -272,26 +394,54 @@ fn raw_status(status: &WaitStatus) -> i32 {
 pub struct EngineHostService {
     /// Resolved.
     data_dir: PathBuf,
+    /// qemu-storage-daemon.
     program: PathBuf,
+    /// bicsi's own executable, for the mirror engine.
+    mirror_program: PathBuf,
     children: Arc<Children>,
 }
 
 impl EngineHostService {
-    pub fn new(data_dir: PathBuf, program: PathBuf, children: Arc<Children>) -> EngineHostService {
+    /// `program`: qemu-storage-daemon; `mirror_program`: the bicsi executable whose
+    /// `engine-mirror` command serves mirror volumes (this one's, see `mirror::program`).
+    pub fn new(
+        data_dir: PathBuf,
+        program: PathBuf,
+        mirror_program: PathBuf,
+        children: Arc<Children>,
+    ) -> EngineHostService {
         EngineHostService {
             data_dir,
             program,
+            mirror_program,
             children,
         }
     }
 
     async fn run(&self, req: pb::SpawnRequest) -> OsResult<pb::SpawnResponse> {
         let log_path = PathBuf::from(&req.log_path);
-        let run_dir = check_spawn(&self.data_dir, &req.args, &log_path)?;
+        let (program, run_dir) = match req.program.as_str() {
+            "" | QEMU => (
+                &self.program,
+                check_spawn(&self.data_dir, &req.args, &log_path)?,
+            ),
+            MIRROR => (
+                &self.mirror_program,
+                check_spawn_mirror(&self.data_dir, &req.args, &log_path)?,
+            ),
+            other => {
+                return Err(refused(
+                    "program",
+                    format!(
+                        "{other:?} is not a program the host runs; it runs {QEMU} and {MIRROR}"
+                    ),
+                ));
+            }
+        };
         let timeout =
             Duration::from_millis(req.timeout_ms).clamp(Duration::from_secs(1), MAX_SPAWN_TIMEOUT);
         let (mut cmd, display, log_start) =
-            daemonizing_command(&self.program, &req.args, &log_path, &req.banner)?;
+            daemonizing_command(program, &req.args, &log_path, &req.banner)?;
         let started = Instant::now();
         // Registered before the reaper can run, so the parent's exit cannot be reaped unseen.
         let (pid, mut rx) = {
@@ -336,7 +486,9 @@ impl EngineHostService {
             0
         };
         tracing::info!(run_dir = %run_dir.display(), pid = daemon, ?status,
-            elapsed_ms = started.elapsed().as_millis() as u64, "spawned qemu-storage-daemon");
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            program = if req.program.is_empty() { QEMU } else { req.program.as_str() },
+            "spawned a daemon");
         Ok(pb::SpawnResponse {
             display,
             log_start,
@@ -353,10 +505,11 @@ impl EngineHostService {
     }
 }
 
-/// The pid file's name (check_spawn made sure there is exactly one, in the run directory).
+/// The pid file's name (the checks made sure there is exactly one, in the run directory):
+/// qemu-storage-daemon's `--pidfile`, the mirror engine's `--pid-file`.
 fn pid_file_name(args: &[String]) -> PathBuf {
     args.windows(2)
-        .find(|w| w[0] == "--pidfile")
+        .find(|w| w[0] == "--pidfile" || w[0] == "--pid-file")
         .and_then(|w| Path::new(&w[1]).file_name().map(PathBuf::from))
         .unwrap_or_default()
 }
@@ -368,6 +521,7 @@ impl pb::engine_host_server::EngineHost for EngineHostService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             data_dir: self.data_dir.display().to_string(),
             pid: std::process::id() as i32,
+            programs: vec![QEMU.to_string(), MIRROR.to_string()],
         }))
     }
 
@@ -461,9 +615,16 @@ pub(in crate::os) fn ping(socket: &Path) -> OsResult<pb::EngineHostInfo> {
     block_on(ping_async(socket))?
 }
 
-/// `spawn_daemonized`, done by the host at `socket`.
+/// Whether the host at `socket` runs `program` (a host from before the hosted mirror engine
+/// lists none, and runs qemu-storage-daemon only).
+pub(in crate::os) fn runs(socket: &Path, program: &str) -> OsResult<bool> {
+    Ok(ping(socket)?.programs.iter().any(|p| p == program))
+}
+
+/// `spawn_daemonized`, done by the host at `socket`; `program` is [`QEMU`] or [`MIRROR`].
 pub(in crate::os) fn spawn(
     socket: &Path,
+    program: &str,
     args: &[String],
     log_path: &Path,
     banner: &str,
@@ -475,6 +636,7 @@ pub(in crate::os) fn spawn(
         log_path: crate::os::utf8_path(log_path)?.to_string(),
         banner: banner.to_string(),
         timeout_ms: timeout.as_millis() as u64,
+        program: program.to_string(),
     };
     let r = block_on(async {
         let mut client = connect(socket).await?;
@@ -553,6 +715,158 @@ mod tests {
             check_spawn(&data, &server, &rs.join("qsd.log")).unwrap(),
             rs
         );
+    }
+
+    /// The mirror engine's arguments as the node builds them: a raw, a cow and a remote child.
+    fn mirror_args(run: &Path) -> Vec<String> {
+        let spec = crate::os::VolumeEngineSpec {
+            volume_id: "vol-a".into(),
+            replicas: vec![
+                crate::os::ReplicaTarget::Local("/disks/d1/replicas/r1/volume.raw".into()),
+                crate::os::ReplicaTarget::Local("/disks/d2/replicas/r2/volume.cow".into()),
+                crate::os::ReplicaTarget::Nbd {
+                    host: "10.0.0.2".into(),
+                    port: 10810,
+                    export: "r3".into(),
+                },
+            ],
+            run_dir: run.to_path_buf(),
+            read_only: true,
+        };
+        let mut engine = super::super::QemuStorageDaemon::new();
+        engine.nbd_tls = Some("/etc/bicsi/tls".into());
+        super::super::mirror::args(
+            &engine,
+            &spec,
+            &super::super::RunPaths::new(run),
+            Duration::from_secs(8),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn accepts_the_mirror_engine_the_node_builds_and_nothing_else() {
+        let (_t, data) = setup();
+        let run = data.join("engines/vol-a");
+        let log = run.join("mirror.log");
+        let args = mirror_args(&run);
+        for flag in ["--cow-replica", "--remote", "--tls-dir", "--read-only"] {
+            assert!(args.iter().any(|a| a == flag), "{flag}: {args:?}");
+        }
+        assert_eq!(check_spawn_mirror(&data, &args, &log).unwrap(), run);
+        // qemu's check refuses the mirror engine's command line, and the reverse.
+        assert!(check_spawn(&data, &args, &log).is_err());
+        assert!(check_spawn_mirror(&data, &engine_args(&run), &run.join("qsd.log")).is_err());
+
+        let run_s = run.display().to_string();
+        let without = |flag: &str| -> Vec<String> {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < args.len() {
+                if args[i] == flag {
+                    i += if flag == "--daemonize" { 1 } else { 2 };
+                    continue;
+                }
+                out.push(args[i].clone());
+                i += 1;
+            }
+            out
+        };
+        let with = |extra: &[&str]| -> Vec<String> {
+            let mut a = args.clone();
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let cases: Vec<(&str, Vec<String>, PathBuf, &str)> = vec![
+            (
+                "another subcommand",
+                {
+                    let mut a = args.clone();
+                    a[0] = "replica-server".into();
+                    a
+                },
+                log.clone(),
+                "first argument must be \"engine-mirror\"",
+            ),
+            (
+                "no --daemonize",
+                without("--daemonize"),
+                log.clone(),
+                "--daemonize is missing",
+            ),
+            (
+                "no pid file",
+                without("--pid-file"),
+                log.clone(),
+                "exactly one --pid-file",
+            ),
+            (
+                "two pid files",
+                with(&["--pid-file", &format!("{run_s}/other.pid")]),
+                log.clone(),
+                "exactly one --pid-file",
+            ),
+            (
+                "no control socket",
+                without("--control"),
+                log.clone(),
+                "--control is missing",
+            ),
+            (
+                "a flag the agent never passes",
+                with(&["--writeback-cache"]),
+                log.clone(),
+                "\"--writeback-cache\" is not a flag",
+            ),
+            (
+                "a flag without its value",
+                with(&["--threads"]),
+                log.clone(),
+                "--threads has no value",
+            ),
+            (
+                "export elsewhere",
+                swap(&args, &format!("{run_s}/export"), "/tmp/export"),
+                log.clone(),
+                "--export: /tmp/export is outside",
+            ),
+            (
+                "fault file elsewhere",
+                swap(&args, &format!("{run_s}/faults.jsonl"), "/tmp/faults.jsonl"),
+                log.clone(),
+                "--faults: /tmp/faults.jsonl is outside",
+            ),
+            (
+                "log elsewhere",
+                args.clone(),
+                PathBuf::from("/tmp/mirror.log"),
+                "log: /tmp/mirror.log is outside",
+            ),
+            (
+                "the replica server's directory",
+                swap(
+                    &args,
+                    &run_s,
+                    &data.join("replica-server").display().to_string(),
+                ),
+                data.join("replica-server/mirror.log"),
+                "not in a run directory under",
+            ),
+            (
+                "dot-dot",
+                swap(
+                    &args,
+                    &format!("{run_s}/mirror.pid"),
+                    &format!("{run_s}/../vol-a/mirror.pid"),
+                ),
+                log.clone(),
+                "without . or ..",
+            ),
+        ];
+        for (what, a, log, want) in cases {
+            let e = check_spawn_mirror(&data, &a, &log).expect_err(what);
+            assert!(e.to_string().contains(want), "{what}: {e}");
+        }
     }
 
     #[test]

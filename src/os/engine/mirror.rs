@@ -18,9 +18,11 @@
 //! replicas of other nodes (`--remote
 //! nbd://host:port/export`, served by their node's replica server and read by the engine's own
 //! NBD client), both on its command line so that re-adoption sees them; a local child that is
-//! not a raw file is refused with the fix. It is started by this process even when an engine
-//! host is configured (the host runs only qemu-storage-daemon), so on Kubernetes a restart of
-//! the plugin's container ends it.
+//! not a raw file is refused with the fix. With an engine host configured (`--engine-endpoint`)
+//! the host starts it (Spawn with program `engine-mirror`: the host's own bicsi executable), so
+//! it lives in the host's container and a restart of the plugin's container (on Kubernetes)
+//! leaves it serving, as qemu-storage-daemon; a host that predates this (its Ping lists no
+//! programs) is left alone and the engine is started by this process, with a warning.
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
@@ -50,7 +52,7 @@ const REMOTE_THREADS: usize = 16;
 
 /// The program to run: `BICSI_MIRROR_PROGRAM` when set (tests whose own binary is not bicsi),
 /// else this executable.
-fn program() -> OsResult<PathBuf> {
+pub fn program() -> OsResult<PathBuf> {
     if let Some(p) = std::env::var_os("BICSI_MIRROR_PROGRAM") {
         return Ok(PathBuf::from(p));
     }
@@ -267,15 +269,14 @@ pub fn drop_target(run_dir: &Path, path: &Path) -> OsResult<()> {
     command(run_dir, &format!("drop {}", utf8_path(path)?)).map(|_| ())
 }
 
-/// Starts the engine for `spec` in `paths` (a run directory with no live engine, leftovers
-/// removed) and returns once its file is mounted.
-/// `replica_timeout`: how long a remote child may take to answer before the engine drops it.
-pub(super) fn start(
+/// The engine's command line for `spec` in `paths` (without the program): its replicas, then
+/// the run directory's files and the settings.
+pub(super) fn args(
     engine: &QemuStorageDaemon,
     spec: &VolumeEngineSpec,
     paths: &RunPaths,
     replica_timeout: Duration,
-) -> OsResult<EngineState> {
+) -> OsResult<Vec<String>> {
     let mut args = vec![SUBCOMMAND.to_string()];
     for t in &spec.replicas {
         match t {
@@ -308,29 +309,15 @@ pub(super) fn start(
     if let Some(dir) = &engine.nbd_tls {
         args.extend(["--tls-dir".into(), utf8_path(dir)?.to_string()]);
     }
-    let pid = paths.dir.join(PID);
-    let control = paths.dir.join(CONTROL);
-    let added = paths.dir.join(ADDED);
-    for stale in [&pid, &control, &added] {
-        let _ = fs::remove_file(stale);
-    }
-    File::create(&paths.export).map_err(|e| {
-        OsError::io(
-            format!("creating export file {}", paths.export.display()),
-            e,
-        )
-    })?;
-    // children.json, for the fault file's readers; the qemu monitor arguments are not needed.
-    let _ = events::prepare(&paths.dir, &spec.replicas)?;
     args.extend([
         "--export".into(),
         utf8_path(&paths.export)?.to_string(),
         "--faults".into(),
         utf8_path(&events::faults_path(&paths.dir))?.to_string(),
         "--control".into(),
-        utf8_path(&control)?.to_string(),
+        utf8_path(&paths.dir.join(CONTROL))?.to_string(),
         "--pid-file".into(),
-        utf8_path(&pid)?.to_string(),
+        utf8_path(&paths.dir.join(PID))?.to_string(),
         "--threads".into(),
         if spec
             .replicas
@@ -347,14 +334,53 @@ pub(super) fn start(
     if spec.read_only {
         args.push("--read-only".into());
     }
+    Ok(args)
+}
+
+/// Starts the engine for `spec` in `paths` (a run directory with no live engine, leftovers
+/// removed) and returns once its file is mounted.
+/// `replica_timeout`: how long a remote child may take to answer before the engine drops it.
+pub(super) fn start(
+    engine: &QemuStorageDaemon,
+    spec: &VolumeEngineSpec,
+    paths: &RunPaths,
+    replica_timeout: Duration,
+) -> OsResult<EngineState> {
+    let args = args(engine, spec, paths, replica_timeout)?;
+    for stale in [PID, CONTROL, ADDED] {
+        let _ = fs::remove_file(paths.dir.join(stale));
+    }
+    File::create(&paths.export).map_err(|e| {
+        OsError::io(
+            format!("creating export file {}", paths.export.display()),
+            e,
+        )
+    })?;
+    // children.json, for the fault file's readers; the qemu monitor arguments are not needed.
+    let _ = events::prepare(&paths.dir, &spec.replicas)?;
     let log = paths.dir.join(LOG);
-    let spawned = spawn_daemonized(
-        &program()?,
-        &args,
-        &log,
-        &format!("starting mirror engine for volume {:?}", spec.volume_id),
-        engine.start_timeout,
-    )?;
+    let banner = format!("starting mirror engine for volume {:?}", spec.volume_id);
+    let hosted = match &engine.host {
+        Some(socket) if super::host::runs(socket, super::host::MIRROR)? => Some(socket),
+        Some(socket) => {
+            tracing::warn!(socket = %socket.display(), volume = %spec.volume_id,
+                "the engine host does not run the mirror engine (an older bicsi engine): \
+                 starting it from this process, so a restart of this process's container ends it");
+            None
+        }
+        None => None,
+    };
+    let spawned = match hosted {
+        Some(socket) => super::host::spawn(
+            socket,
+            super::host::MIRROR,
+            &args,
+            &log,
+            &banner,
+            engine.start_timeout,
+        )?,
+        None => spawn_daemonized(&program()?, &args, &log, &banner, engine.start_timeout)?,
+    };
     let failure = |reason: String| -> OsError {
         let _ = engine.shut_down(paths);
         let text = spawned.log_text(&log);
