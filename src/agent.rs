@@ -54,6 +54,18 @@ fn online_temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!("{name}.online"))
 }
 
+/// The files of the copy-on-write target of an online rebuild whose final data file is `data`
+/// (`volume.cow`): its data and map under temporary names beside their final ones
+/// (`volume.cow.online`, `volume.cowmap.online`), its base the replica's `base` link (absent
+/// without a backing image: then none).
+pub fn online_cow_spec(data: &Path, with_base: bool) -> crate::mirror::cow::CowSpec {
+    crate::mirror::cow::CowSpec {
+        data: online_temp_name(data),
+        map: online_temp_name(&ImageFormat::cow_map(data)),
+        base: with_base.then(|| ImageFormat::cow_base(data)),
+    }
+}
+
 /// How the engine of the node an online rebuild runs on knows its target, from the typed
 /// [`ReplicaTarget`] the controller passes with the replica (issue 15): a local replica file is
 /// filled under a temporary name and renamed into place; another node's replica, exported to
@@ -859,6 +871,26 @@ impl Agent for LocalAgent {
         file.path = names.added.clone();
         let tmp_dir = disk.path.join("tmp");
         let id = volume_id.to_string();
+        if ImageFormat::of_file(&names.name) == ImageFormat::Cow {
+            // A new copy-on-write replica over this disk's base, under temporary names; the
+            // engine fills only what its view lacks and writes it through its layer.
+            let cluster = replica
+                .cluster_bytes
+                .unwrap_or(crate::mirror::cow::DEFAULT_CLUSTER);
+            let spec = online_cow_spec(&names.name, backing.is_some());
+            return blocking(move || {
+                let b = backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+                crate::replica_file::create_cow_target(&os, &spec, size, cluster, b, &tmp_dir)?;
+                crate::os::engine::mirror::add_cow_target(&run_dir, &spec).map_err(|e| {
+                    let _ = std::fs::remove_file(&spec.data);
+                    let _ = std::fs::remove_file(&spec.map);
+                    Error::from(e)
+                })?;
+                tracing::info!(volume = %id, replica = %file.id, file = %spec.data.display(), "online rebuild started in the mirror engine (copy-on-write target)");
+                Ok(())
+            })
+            .await;
+        }
         blocking(move || {
             if let Some(dir) = file.path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -950,6 +982,23 @@ impl Agent for LocalAgent {
                 return Ok(());
             }
             if status.state == "complete" {
+                // A copy-on-write target's map goes into place first, then its data file (the
+                // replica is wo until the domain makes it rw, so nothing reads the pair between).
+                if ImageFormat::of_file(&path) == ImageFormat::Cow {
+                    let (tmp_map, map) = (
+                        online_temp_name(&ImageFormat::cow_map(&path)),
+                        ImageFormat::cow_map(&path),
+                    );
+                    if tmp_map.exists() {
+                        std::fs::rename(&tmp_map, &map).map_err(|e| {
+                            Error::Internal(format!(
+                                "renaming {} to {}: {e}",
+                                tmp_map.display(),
+                                map.display()
+                            ))
+                        })?;
+                    }
+                }
                 // The temporary file is gone only once renamed: the engine holds the target, so
                 // nothing else removes it (see `start_online_rebuild`).
                 if tmp.exists() {
@@ -1001,14 +1050,20 @@ impl Agent for LocalAgent {
                 // Its node's file: the controller releases its export; the file stays err.
                 return Ok(());
             }
-            match std::fs::remove_file(&names.added) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::Internal(format!(
-                    "removing {}: {e}",
-                    names.added.display()
-                ))),
+            let mut files = vec![names.added.clone()];
+            if ImageFormat::of_file(&names.name) == ImageFormat::Cow {
+                files.push(online_temp_name(&ImageFormat::cow_map(&names.name)));
             }
+            for f in files {
+                match std::fs::remove_file(&f) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(Error::Internal(format!("removing {}: {e}", f.display())));
+                    }
+                }
+            }
+            Ok(())
         })
         .await
     }

@@ -28,8 +28,9 @@
 //! copy-on-write replica) makes that replica's map on disk hold every bit the engine has in
 //! memory, so a second open of its files reads that instant (`snapshot::capture`).
 //!
-//! Online rebuild (`rebuild`, issue 15): `add PATH` takes a new replica file while serving, writes
-//! it from then on, fills and verifies it in a copier thread; `targets` prints each one's state
+//! Online rebuild (`rebuild`, issue 15): `add PATH` takes a new replica file while serving (`add
+//! data=PATH,map=PATH[,base=PATH]`: a new copy-on-write replica), writes it from then on, fills
+//! and verifies it in a copier thread; `targets` prints each one's state
 //! and progress (also on `status`), `promote PATH FINAL` makes a complete one a replica under
 //! its final name once the node agent renamed it, `drop PATH` forgets one. The argument that a
 //! copy of old data never lands over a newer write is in `rebuild`'s module doc.
@@ -670,6 +671,14 @@ impl MirrorShared {
     /// replicas (dropped, or never one). A snapshot asks this between `pause` and `resume`, so
     /// that a second open of the replica's files reads the volume as the engine serves it.
     fn flush_replica(&self, path: &Path) -> String {
+        // A target promoted under this name (an online rebuild) is the replica now, even when
+        // a dropped replica of the command line had the same name.
+        if let Some(t) = self.targets.find(path).filter(|t| t.promoted()) {
+            return match t.replica.sync() {
+                Ok(()) => "ok flushed".to_string(),
+                Err(e) => format!("error flushing replica {}: {e}", path.display()),
+            };
+        }
         let wanted = ReplicaTarget::Local(path.to_path_buf());
         let Some(i) = self.replicas.iter().position(|(t, _)| *t == wanted) else {
             return format!("error {} is not a replica of this engine", path.display());
@@ -687,9 +696,13 @@ impl MirrorShared {
     }
 
     /// `add PATH`: opens the target (a local file, or `nbd://host:port/export`: a replica that
-    /// another node's replica server exports), installs it while no write is in flight (the
-    /// pause lock held exclusively, see `rebuild`) and starts its copier.
-    fn add(&self, path: &Path) -> Result<String, String> {
+    /// another node's replica server exports; `cow`: a new copy-on-write replica, given as
+    /// `add data=PATH,map=PATH[,base=PATH]` and known by its data file), installs it while no
+    /// write is in flight (the pause lock held exclusively, see `rebuild`) and starts its
+    /// copier. A copy-on-write target is written through its layer like a replica (a partial
+    /// write to a clear cluster fills the rest from its base) and filled with only what its
+    /// view lacks (`rebuild`'s doc).
+    fn add(&self, path: &Path, cow: Option<&cow::CowSpec>) -> Result<String, String> {
         if self.read_only {
             return Err("the engine serves its volume read only; nothing to rebuild".into());
         }
@@ -722,7 +735,10 @@ impl MirrorShared {
             self.targets.remove(&t);
         }
         let (replica, len) = match &remote {
-            None => Replica::open(path, false).map_err(|e| e.to_string())?,
+            None => match cow {
+                Some(spec) => Replica::open_cow(spec, false).map_err(|e| e.to_string())?,
+                None => Replica::open(path, false).map_err(|e| e.to_string())?,
+            },
             Some(target) => {
                 let replica = connect_remote(target, &self.cfg).map_err(|e| e.to_string())?;
                 let len = match &replica.backend {
@@ -826,8 +842,15 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
             "targets" => format!("ok targets {}", shared.targets_json()),
             other => match other.split_once(' ') {
                 Some(("flush", path)) => shared.flush_replica(Path::new(path)),
+                // A copy-on-write target: `add data=PATH,map=PATH[,base=PATH]`.
+                Some(("add", spec)) if spec.starts_with("data=") => match cow::CowSpec::parse(spec)
+                {
+                    Ok(spec) => shared.add(&spec.data.clone(), Some(&spec)),
+                    Err(e) => Err(e),
+                }
+                .unwrap_or_else(|e| format!("error {e}")),
                 Some(("add", path)) => shared
-                    .add(Path::new(path))
+                    .add(Path::new(path), None)
                     .unwrap_or_else(|e| format!("error {e}")),
                 Some(("drop", path)) => shared.drop_target(Path::new(path)),
                 Some(("promote", paths)) => match paths.split_once(' ') {
@@ -838,7 +861,8 @@ fn control_session(shared: &MirrorShared, conn: UnixStream) {
                 },
                 _ => format!(
                     "error unknown command {other:?}; use pause, resume, status, targets, add \
-                     PATH, promote PATH FINAL, drop PATH or flush PATH"
+                     PATH, add data=PATH,map=PATH[,base=PATH], promote PATH FINAL, drop PATH or \
+                     flush PATH"
                 ),
             },
         };

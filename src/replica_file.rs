@@ -113,6 +113,59 @@ fn create_cow(
     made
 }
 
+/// Creates the copy-on-write target `spec` of an online rebuild (its data and map under
+/// temporary names, `agent::online_cow_spec`) of `size` bytes, empty: every cluster reads from
+/// its base, the disk's raw expansion of `backing` (made once per disk, as for [`create`]),
+/// reached through `spec.base` (the replica's `base` link, made or pointed again at this disk's
+/// expansion), or as zeros without a backing image. Leftovers of an earlier attempt at these
+/// temporary names are removed first: a target is always filled from empty. On failure neither
+/// temporary file is left. Blocking.
+pub fn create_cow_target(
+    os: &Os,
+    spec: &CowSpec,
+    size: u64,
+    cluster: u32,
+    backing: Option<(&Path, ImageFormat)>,
+    tmp_dir: &Path,
+) -> Result<()> {
+    let name = spec.data.display();
+    if let Some(dir) = spec.data.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| internal("creating the directory of", &spec.data, e))?;
+    }
+    for stale in [&spec.data, &spec.map] {
+        match std::fs::remove_file(stale) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal("removing the leftover", stale, e)),
+        }
+    }
+    match (backing, &spec.base) {
+        (Some((file, format)), Some(link)) => {
+            let base = crate::os::rawfile::expand_backing(&*os.images, file, format, tmp_dir)?;
+            if std::fs::read_link(link).ok().as_deref() != Some(base.as_path()) {
+                // A new link renamed over the old one: the replica's other files never see none.
+                let tmp = link.with_file_name("base.online");
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(&base, &tmp)
+                    .and_then(|()| std::fs::rename(&tmp, link))
+                    .map_err(|e| internal("linking the base of", &spec.data, e))?;
+            }
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Internal(format!(
+                "copy-on-write target {name}: a base link is given exactly when the volume has                  a backing image"
+            )));
+        }
+    }
+    crate::mirror::cow::create(spec, size, cluster).map_err(|e| {
+        let _ = std::fs::remove_file(&spec.data);
+        let _ = std::fs::remove_file(&spec.map);
+        Error::Internal(format!("creating copy-on-write target {name}: {e}"))
+    })
+}
+
 /// FailedPrecondition for `what` (an operation) on the copy-on-write replica `path`, which is
 /// not wired for it yet, naming the fix.
 pub fn cow_refused(what: &str, path: &Path) -> Error {

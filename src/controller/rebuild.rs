@@ -307,15 +307,8 @@ impl Controller {
             let _guard = self.guards.try_take(id, "volume")?;
             let mut volume = self.must_get(id)?;
             // Offline rebuilds of copy-on-write replicas go through their view
-            // (`snapshot::restore`); online ones are not wired (the engine's rebuild target).
-            if let Some(r) = volume.cow_replica()
-                && volume.publication.is_some()
-            {
-                return Err(crate::replica_file::cow_refused(
-                    "rebuild (attached)",
-                    &r.path,
-                ));
-            }
+            // (`snapshot::restore`); online ones into a new copy-on-write target of the engine
+            // (`online`).
             if online::online(&volume) && from.is_none() {
                 drop(_guard);
                 let report = self.rebuild_attached(&mut volume).await?;
@@ -828,12 +821,6 @@ impl Controller {
         self.announce_health(&volumes);
         for mut v in volumes {
             if v.fault.is_some() || v.replicas.iter().all(|r| r.health.mode == ReplicaMode::Rw) {
-                continue;
-            }
-            if let Some(r) = v.cow_replica()
-                && v.publication.is_some()
-            {
-                tracing::debug!(volume = %v.id, replica = %r.id, "not rebuilt while attached: copy-on-write replicas are rebuilt offline only");
                 continue;
             }
             if online::online(&v) {

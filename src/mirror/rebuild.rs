@@ -35,6 +35,37 @@
 //! when it compares: a difference is real and fails the rebuild. Once verified, the target gets
 //! every write as the replicas do, without the locks (nothing else writes it any more).
 //!
+//! # A copy-on-write target (issue 15 with 14: disks without reflink)
+//! A volume over copy-on-write replicas (`super::cow`) is rebuilt into a NEW copy-on-write
+//! replica over the target disk's own base (`add data=PATH,map=PATH[,base=PATH]`: the node agent
+//! makes it empty, under temporary names, and renames its map and then its data file into place
+//! only after the engine says complete). Nothing above changes for it, because the target is
+//! reached only through `Replica`'s methods and so through its layer:
+//! - *No acknowledged write is lost.* A volume write reaches the target as `Cow::write_at`,
+//!   under the chunk locks like any target; a partial write to a clear cluster of the target
+//!   fills the rest of that cluster from the target's base inside the layer (under the layer's
+//!   own cluster lock) before it sets the bit, so the cluster then holds the base's bytes with
+//!   the write over them: what the source's view holds there too, when the source's cluster was
+//!   clear (the same base) or when the copier has copied it (it does so under the chunk lock,
+//!   before or after the write, as for a raw target). The copier's own writes and punches go
+//!   through the layer the same way (a punch of a whole cluster over base bytes keeps zeros in
+//!   the data file and sets the bit, so the base never shows through).
+//! - *The target never serves stale data.* It is read only once promoted, i.e. complete and
+//!   verified, and the domain makes the replica rw only after the node agent renamed both files
+//!   into place. The verification compares the two VIEWS (read through both layers) under the
+//!   chunk locks, exactly as for raw files. Its durability: the final `sync` of the target is
+//!   the layer's flush (data, then map), so the map on disk names every cluster the copy and
+//!   the volume's writes set before it was reported complete.
+//! - *Only what differs is copied* (`shared_base`, `pieces`): where the source and the target
+//!   are both copy-on-write replicas over the same base (`cow::Cow::same_base`: both without a
+//!   base, or the same backing image's expansion) and a cluster is clear in both, both read the
+//!   base there: it is equal without being read. Under the chunk lock no write sets a bit, so
+//!   the test holds while the chunk is copied or verified. Elsewhere the target is compared and
+//!   written cluster by cluster, so a cluster the volume wrote with its base's own bytes stays
+//!   clear in the target and only clusters whose view differs from the target's base take room.
+//!   A kill -9 of the engine leaves only the temporary files, which the next rebuild removes
+//!   and makes again (`replica_file::create_cow_target`); nothing ever opens them as a replica.
+//!
 //! # What the copy reads and writes
 //! Per chunk, under its lock, the copier asks both files where they hold data (SEEK_DATA and
 //! SEEK_HOLE for a local file; a copy-on-write replica's map; everything for an NBD one, which
@@ -358,7 +389,8 @@ pub(super) fn fill(
                 eprintln!(
                     "bicsi mirror: target {} copied and verified identical (copy {} ms, fsync {} \
                      ms, verification of {} written chunks {} ms; bytes: source read {}, target \
-                     read {}, written {}, read back {}, punched {}, equal without a read {})",
+                     read {}, written {}, read back {}, punched {}, equal without a read {}, \
+                     the same base in both {})",
                     target.replica.path.display(),
                     took.copy.as_millis(),
                     took.fsync.as_millis(),
@@ -370,6 +402,7 @@ pub(super) fn fill(
                     io.read_back,
                     io.punched,
                     io.hole_equal,
+                    took.base_equal,
                 );
             }
         }
@@ -394,6 +427,8 @@ struct Stages {
     verify: Duration,
     dirty: usize,
     io: Io,
+    /// Source data skipped as the same base in both (copy-on-write source and target).
+    base_equal: u64,
 }
 
 /// Bytes a fill read, wrote and punched.
@@ -530,6 +565,7 @@ fn fill_and_verify(
     target.done.store(total, Ordering::Release);
     took.verify = started.elapsed();
     took.io = copier.io;
+    took.base_equal = copier.base_equal;
     Ok(())
 }
 
@@ -596,6 +632,63 @@ fn extents(r: &Replica, offset: u64, end: u64) -> Result<Vec<crate::sync::Extent
         .map_err(|e| format!("finding the data of {} at {offset}: {e}", r.path.display()))
 }
 
+/// The runs of `[offset, end)` that read the same bytes in `src` and `dst` without either
+/// being read: both are copy-on-write replicas over the same base (`cow::Cow::same_base`) and
+/// the clusters are clear in both, so both read the base there (or zeros). Empty for every
+/// other pair. The caller holds the chunk's lock, so no write sets a bit meanwhile.
+fn shared_base(src: &Replica, dst: &Replica, offset: u64, end: u64) -> Vec<(u64, u64)> {
+    let (super::Backend::Cow(a), super::Backend::Cow(b)) = (&src.backend, &dst.backend) else {
+        return Vec::new();
+    };
+    if !a.same_base(b) {
+        return Vec::new();
+    }
+    let (mine, theirs) = (a.clear_runs(offset, end), b.clear_runs(offset, end));
+    let mut out = Vec::new();
+    for &(s, t) in &mine {
+        for &(u, v) in &theirs {
+            let (x, y) = (s.max(u), t.min(v));
+            if x < y {
+                out.push((x, y));
+            }
+        }
+    }
+    out
+}
+
+/// `segments` cut further at the target's cluster edges when it is a copy-on-write replica, so
+/// each cluster is compared, and written when it differs, on its own: a cluster equal to the
+/// target's base stays clear (no space taken) beside one that differs. Other targets keep the
+/// segments as they are.
+fn pieces(dst: &Replica, segments: Vec<(u64, u64, bool)>) -> Vec<(u64, u64, bool)> {
+    let super::Backend::Cow(c) = &dst.backend else {
+        return segments;
+    };
+    let k = c.cluster();
+    let mut out = Vec::new();
+    for (s, t, data) in segments {
+        let mut pos = s;
+        while pos < t {
+            let next = ((pos / k + 1) * k).min(t);
+            out.push((pos, next, data));
+            pos = next;
+        }
+    }
+    out
+}
+
+/// `[s, t)` cut by the sorted, disjoint `runs`: (start, end, inside a run).
+fn cut(runs: &[(u64, u64)], s: u64, t: u64) -> Vec<(u64, u64, bool)> {
+    let extents: Vec<crate::sync::Extent> = runs
+        .iter()
+        .map(|&(offset, end)| crate::sync::Extent {
+            offset,
+            len: end - offset,
+        })
+        .collect();
+    segments(&extents, s, t)
+}
+
 /// Copies and compares chunks of a source into a target (two chunk buffers and a chunk of
 /// zeros), counting what it reads and writes. Each replica backend is reached through the
 /// same few `Replica` methods (extents, read, write, discard): a target of any kind fits.
@@ -604,6 +697,9 @@ struct ChunkCopier {
     b: Vec<u8>,
     zeros: Vec<u8>,
     io: Io,
+    /// Source data equal to the target's without a read of either: clusters clear in both
+    /// copy-on-write replicas over the same base ([`shared_base`]).
+    base_equal: u64,
 }
 
 impl ChunkCopier {
@@ -613,6 +709,7 @@ impl ChunkCopier {
             b: vec![0u8; CHUNK as usize],
             zeros: vec![0u8; CHUNK as usize],
             io: Io::default(),
+            base_equal: 0,
         }
     }
 
@@ -625,6 +722,7 @@ impl ChunkCopier {
     /// the range.
     fn copy(&mut self, src: &Replica, dst: &Replica, offset: u64, end: u64) -> Result<u64, String> {
         let theirs = extents(dst, offset, end)?;
+        let shared = shared_base(src, dst, offset, end);
         let mut data = 0;
         for (s, t, is_data) in segments(&extents(src, offset, end)?, offset, end) {
             if !is_data {
@@ -634,11 +732,33 @@ impl ChunkCopier {
                 continue;
             }
             data += t - s;
+            for (s, t, same) in cut(&shared, s, t) {
+                if same {
+                    self.base_equal += t - s;
+                } else {
+                    self.copy_data(src, dst, &theirs, s, t)?;
+                }
+            }
+        }
+        Ok(data)
+    }
+
+    /// [`ChunkCopier::copy`] of `[s, t)`, where the source has data (`theirs`: the target's
+    /// data extents).
+    fn copy_data(
+        &mut self,
+        src: &Replica,
+        dst: &Replica,
+        theirs: &[crate::sync::Extent],
+        s: u64,
+        t: u64,
+    ) -> Result<(), String> {
+        {
             let len = (t - s) as usize;
             src.read_at(&mut self.a[..len], s)
                 .map_err(|e| format!("reading {} at {s}: {e}", src.path.display()))?;
             self.io.source_read += t - s;
-            for (u, v, target_data) in segments(&theirs, s, t) {
+            for (u, v, target_data) in pieces(dst, segments(theirs, s, t)) {
                 let (i, j) = ((u - s) as usize, (v - s) as usize);
                 if target_data {
                     dst.read_at(&mut self.b[..j - i], u)
@@ -660,7 +780,7 @@ impl ChunkCopier {
                 check_same(src, &self.a[i..j], &self.b[..j - i], u)?;
             }
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Punches the target's `[s, t)` (a hole of the source) and checks it reads as zeros.
@@ -690,25 +810,49 @@ impl ChunkCopier {
         end: u64,
     ) -> Result<u64, String> {
         let theirs = extents(dst, offset, end)?;
+        let shared = shared_base(src, dst, offset, end);
         let mut data = 0;
         for (s, t, is_data) in segments(&extents(src, offset, end)?, offset, end) {
-            let len = (t - s) as usize;
             if is_data {
                 data += t - s;
+            }
+            for (s, t, same) in cut(&shared, s, t) {
+                if is_data && same {
+                    self.base_equal += t - s;
+                } else {
+                    self.compare_part(src, dst, &theirs, s, t, is_data)?;
+                }
+            }
+        }
+        Ok(data)
+    }
+
+    /// [`ChunkCopier::compare`] of `[s, t)`, where the source has data or not (`is_data`).
+    fn compare_part(
+        &mut self,
+        src: &Replica,
+        dst: &Replica,
+        theirs: &[crate::sync::Extent],
+        s: u64,
+        t: u64,
+        is_data: bool,
+    ) -> Result<(), String> {
+        {
+            let len = (t - s) as usize;
+            if is_data {
                 src.read_at(&mut self.a[..len], s)
                     .map_err(|e| format!("reading {} at {s}: {e}", src.path.display()))?;
                 self.io.source_read += t - s;
-            } else if segments(&theirs, s, t).iter().any(|p| p.2) {
+            } else if segments(theirs, s, t).iter().any(|p| p.2) {
                 self.a[..len].fill(0);
             } else {
-                continue;
+                return Ok(());
             }
             dst.read_at(&mut self.b[..len], s)
                 .map_err(|e| format!("reading the target at {s}: {e}"))?;
             self.io.target_read += t - s;
-            check_same(src, &self.a[..len], &self.b[..len], s)?;
+            check_same(src, &self.a[..len], &self.b[..len], s)
         }
-        Ok(data)
     }
 }
 
@@ -979,5 +1123,205 @@ mod tests {
                 .compare(&src, &dst, c * CHUNK, (c + 1) * CHUNK)
                 .unwrap();
         }
+    }
+    /// A copy-on-write replica over `base` (None: without one) in `dir`, opened as the engine
+    /// opens one.
+    fn cow_replica(dir: &Path, name: &str, base: Option<&Path>, size: u64) -> Replica {
+        let spec = super::super::cow::CowSpec {
+            data: dir.join(format!("{name}.cow")),
+            map: dir.join(format!("{name}.cowmap")),
+            base: base.map(Path::to_path_buf),
+        };
+        super::super::cow::create(&spec, size, 65536).unwrap();
+        Replica::open_cow(&spec, false).unwrap().0
+    }
+
+    fn cow_of(r: &Replica) -> &super::super::cow::Cow {
+        match &r.backend {
+            super::super::Backend::Cow(c) => c,
+            _ => panic!("not a copy-on-write replica"),
+        }
+    }
+
+    fn view(r: &Replica, size: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; size as usize];
+        r.read_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    /// The same backing image expanded on two disks: `<disk>/backing-images/img-1/backing.raw`,
+    /// 3 MiB of non-zero bytes but for a hole at 1 MiB.
+    fn two_bases(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let mut bases = Vec::new();
+        for disk in ["d1", "d2"] {
+            let d = dir.join(disk).join("backing-images/img-1");
+            std::fs::create_dir_all(&d).unwrap();
+            let f = std::fs::File::create(d.join("backing.raw")).unwrap();
+            for k in 0..48u64 {
+                if !(16..20).contains(&k) {
+                    f.write_all_at(&[(k % 200) as u8 + 1; 65536], k * 65536)
+                        .unwrap();
+                }
+            }
+            f.set_len(3 * CHUNK).unwrap();
+            bases.push(d.join("backing.raw"));
+        }
+        (bases.remove(0), bases.remove(0))
+    }
+
+    /// The copy into a copy-on-write target over its own disk's base writes only the clusters
+    /// where the source's view differs from that base: clusters clear in both (the base in
+    /// both) are neither read nor written, a cluster the volume wrote with the base's own
+    /// bytes is read and found equal, and the target ends with exactly the differing clusters
+    /// set, its view the source's. Without the skip, the source's base bytes were read too.
+    #[test]
+    fn the_copy_into_a_cow_target_writes_only_the_clusters_that_differ_from_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 6 * CHUNK;
+        let k = 65536u64;
+        let (base1, base2) = two_bases(dir.path());
+        std::fs::create_dir_all(dir.path().join("d1/r")).unwrap();
+        std::fs::create_dir_all(dir.path().join("d2/r")).unwrap();
+        let src = cow_replica(&dir.path().join("d1/r"), "volume", Some(&base1), size);
+        // Cluster 0: new bytes over the base (differs). Cluster 2: the base's own bytes
+        // (set in the source, equal to the target's base). Cluster 5: a partial write (the
+        // rest of the cluster from the base). Cluster 10: discarded (zeros over base bytes).
+        // Cluster 70 (past the base): new bytes.
+        src.write_at(&[0xaa; 65536], 0).unwrap();
+        let mut own = vec![0u8; 65536];
+        std::fs::File::open(&base1)
+            .unwrap()
+            .read_exact_at(&mut own, 2 * k)
+            .unwrap();
+        src.write_at(&own, 2 * k).unwrap();
+        src.write_at(&[0xdd; 65536], 3 * k).unwrap();
+        src.write_at(&[0xbb; 4096], 5 * k + 8192).unwrap();
+        src.discard(10 * k, k).unwrap();
+        src.write_at(&[0xcc; 65536], 70 * k).unwrap();
+        let dst = cow_replica(
+            &dir.path().join("d2/r"),
+            "volume.online",
+            Some(&base2),
+            size,
+        );
+        assert!(cow_of(&src).same_base(cow_of(&dst)));
+        let mut copier = ChunkCopier::new();
+        for c in 0..size / CHUNK {
+            copier.copy(&src, &dst, c * CHUNK, (c + 1) * CHUNK).unwrap();
+        }
+        assert!(view(&src, size) == view(&dst, size), "views differ");
+        // Set in the target: 0, 3, 5, 10 and 70; not 2 (equal to its base), although the
+        // source's 2 and 3 are one run of data.
+        assert_eq!(cow_of(&dst).clusters_in_data(), 5);
+        assert_eq!(cow_of(&dst).clear_runs(2 * k, 3 * k), vec![(2 * k, 3 * k)]);
+        // Read from the source: only its set clusters with data (0, 2, 3, 5, 70; 10 is a
+        // hole).
+        assert_eq!(copier.io.source_read, 5 * k);
+        // The base's data under clusters clear in both: 48 - 4 (its hole) - 5 (set in the
+        // source) clusters, neither read nor written.
+        assert_eq!(copier.base_equal, (48 - 4 - 5) * k);
+        // Written cluster by cluster: 0, 3, 5 (the whole cluster: it differs) and 70; 10 is
+        // punched, 2 found equal.
+        assert_eq!(copier.io.written, 4 * k);
+        assert_eq!(copier.io.punched, k);
+        for c in 0..size / CHUNK {
+            copier
+                .compare(&src, &dst, c * CHUNK, (c + 1) * CHUNK)
+                .unwrap();
+        }
+        // The target's map on disk says the same after its flush: a second open reads the view.
+        dst.sync().unwrap();
+        let spec = super::super::cow::CowSpec {
+            data: dir.path().join("d2/r/volume.online.cow"),
+            map: dir.path().join("d2/r/volume.online.cowmap"),
+            base: Some(base2.clone()),
+        };
+        let again = Replica::open_cow(&spec, true).unwrap().0;
+        assert!(
+            view(&src, size) == view(&again, size),
+            "reopened view differs"
+        );
+
+        // Over bases that are not known to be the same image, nothing is skipped, and the
+        // result is the same view.
+        let other = dir.path().join("d2/backing-images/img-2");
+        std::fs::create_dir_all(&other).unwrap();
+        let copied = std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&base2)
+            .arg(other.join("backing.raw"))
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let dst2 = cow_replica(
+            &dir.path().join("d2/r"),
+            "other",
+            Some(&other.join("backing.raw")),
+            size,
+        );
+        assert!(!cow_of(&src).same_base(cow_of(&dst2)));
+        let mut copier = ChunkCopier::new();
+        for c in 0..size / CHUNK {
+            copier
+                .copy(&src, &dst2, c * CHUNK, (c + 1) * CHUNK)
+                .unwrap();
+        }
+        assert_eq!(copier.base_equal, 0);
+        assert!(view(&src, size) == view(&dst2, size), "views differ");
+        assert_eq!(cow_of(&dst2).clusters_in_data(), 5);
+    }
+
+    /// The whole fill into a copy-on-write target while writes (partial clusters included) go
+    /// to the source and, through its layer, to the target: the target ends complete, its view
+    /// the source's.
+    #[test]
+    fn writes_during_the_fill_of_a_cow_target_end_identical_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 6 * CHUNK;
+        let (base1, base2) = two_bases(dir.path());
+        std::fs::create_dir_all(dir.path().join("d1/r")).unwrap();
+        std::fs::create_dir_all(dir.path().join("d2/r")).unwrap();
+        let src = cow_replica(&dir.path().join("d1/r"), "volume", Some(&base1), size);
+        for i in 0..size / 65536 {
+            if i % 4 == 1 {
+                src.write_at(&[(i % 251) as u8 + 1; 30000], i * 65536 + 1000)
+                    .unwrap();
+            }
+        }
+        let dst = cow_replica(
+            &dir.path().join("d2/r"),
+            "volume.online",
+            Some(&base2),
+            size,
+        );
+        let sources = Arc::new(vec![src]);
+        let targets = Arc::new(Targets::default());
+        let target = Arc::new(Target::new(dst));
+        targets.push(target.clone());
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let (sources2, targets2, target2) = (sources.clone(), targets.clone(), target.clone());
+            let copier = s.spawn(move || fill(sources2, targets2, target2, size));
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let off = (n * 300_007) % (size - 100_000);
+                    let bytes = vec![(n % 200) as u8 + 3; 5000 + (n % 7) as usize * 9000];
+                    let _l = targets.lock_range(off, bytes.len() as u64);
+                    sources[0].write_at(&bytes, off).unwrap();
+                    for t in targets.written() {
+                        t.replica.write_at(&bytes, off).unwrap();
+                    }
+                    n += 1;
+                }
+            });
+            copier.join().unwrap();
+            stop.store(true, Ordering::Release);
+        });
+        assert_eq!(target.state(), TargetState::Complete, "{}", target.status());
+        assert!(
+            view(&sources[0], size) == view(&target.replica, size),
+            "target differs from its source"
+        );
     }
 }

@@ -314,6 +314,8 @@ pub struct Cow {
     data: File,
     map: File,
     base: Option<File>,
+    /// The base's path as opened (its link resolved), for [`Cow::same_base`].
+    base_path: Option<PathBuf>,
     /// The base's length (0 without a base): clusters from here on have no base bytes.
     base_len: u64,
     size: u64,
@@ -416,6 +418,10 @@ impl Cow {
                 )));
             }
         };
+        let base_path = spec
+            .base
+            .as_ref()
+            .map(|b| std::fs::canonicalize(b).unwrap_or_else(|_| b.clone()));
         let cluster = header.cluster as u64;
         let mut bitmap = vec![0u8; bitmap_bytes(header.size, cluster) as usize];
         crate::os::rawfile::read_full(&map, &mut bitmap, HEADER)?;
@@ -442,6 +448,7 @@ impl Cow {
             data,
             map,
             base,
+            base_path,
             base_len: header.base_len.unwrap_or(0),
             size: header.size,
             cluster,
@@ -479,6 +486,48 @@ impl Cow {
         if (old & bit != 0) != on {
             lock(&self.dirty).insert(k / 64 / WORDS_PER_PAGE as u64);
         }
+    }
+
+    /// Whether a cluster that is clear in both `self` and `other` reads the same bytes in both:
+    /// neither has a base (zeros), or both read the same backing image's raw expansion. Two
+    /// bases are the same image's when they are one file, or when they have one length and the
+    /// same name in a directory of the same name: bicsi keeps one expansion per disk per image
+    /// at `backing-images/<name>-<uuid>/` (`backing.raw`, or `backing` for a raw image), made
+    /// from that image's one file, so those names say the bytes. The online rebuild into a
+    /// copy-on-write target (`super::rebuild`) skips such clusters without reading them.
+    pub fn same_base(&self, other: &Cow) -> bool {
+        match (&self.base_path, &other.base_path) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a == b
+                    || (self.base_len == other.base_len
+                        && a.file_name() == b.file_name()
+                        && a.parent().and_then(Path::file_name)
+                            == b.parent().and_then(Path::file_name))
+            }
+            _ => false,
+        }
+    }
+
+    /// The runs `[start, end)` within `[from, to)` whose clusters are clear (they read the base,
+    /// or zeros), in order. A caller that must not see them change holds what orders it
+    /// against the volume's writes (the online rebuild's chunk locks).
+    pub fn clear_runs(&self, from: u64, to: u64) -> Vec<(u64, u64)> {
+        let to = to.min(self.size);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = from;
+        while pos < to {
+            let k = pos / self.cluster;
+            let end = self.bounds(k).1.min(to);
+            if !self.is_set(k) {
+                match out.last_mut() {
+                    Some(last) if last.1 == pos => last.1 = end,
+                    _ => out.push((pos, end)),
+                }
+            }
+            pos = end;
+        }
+        out
     }
 
     /// Clusters set in memory (tests and the README's space figures).

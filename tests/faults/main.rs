@@ -29,6 +29,7 @@ mod download;
 mod export;
 mod node;
 mod online;
+mod online_cow;
 mod replicas;
 mod scrub;
 mod sync;

@@ -21,7 +21,7 @@ use crate::replicas::{
 /// Random 4k writes at depth 16 over the first `mib` MiB of `dev`, each block read back and
 /// checked (crc32c) at the end of the run, or (`verify_only`) only the check of an earlier run
 /// (fio repeats the same offsets and patterns). Panics when fio reports an error.
-fn fio_random(dev: &Path, mib: u64, verify_only: bool) {
+pub(crate) fn fio_random(dev: &Path, mib: u64, verify_only: bool) {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=online",

@@ -4,8 +4,12 @@
 //! argument). This module drives it from the reconcile pass and `bicsi volume rebuild`, with the
 //! offline path's rules (`super`): the guard only around record changes, a slot per node
 //! (`concurrent-replica-rebuilds-per-node`), a replacement replica placed when the old one's disk
-//! is gone or it stayed err past `staleReplicaTimeout` (here on a disk of the attached node that
-//! shares blocks: the engine serves one node's raw files).
+//! is gone or it stayed err past `staleReplicaTimeout` (here on a disk that shares blocks: the
+//! engine serves raw files, its node's and, over NBD, other nodes'). A volume over copy-on-write
+//! replicas (ext4) is rebuilt the same way into a new copy-on-write replica on a disk of the
+//! attached node that does not share blocks (its replicas all live there: the engine reads
+//! them); a target on another node is refused (FailedPrecondition naming the replica and the
+//! fix), and the engine's side of it is argued in `crate::mirror`'s `rebuild` module.
 //!
 //! One online rebuild of target T from source S (rw, on the attached node N):
 //! 1. under the guard: T err → wo (recorded with the source), a slot of N taken;
@@ -136,13 +140,35 @@ impl Controller {
             };
             // The engine serves raw files: the target goes on a disk that shares blocks and has
             // room for the volume, of the attached node (a file the engine opens) or of another
-            // (a file its node exports to the engine over NBD).
-            let here: Vec<_> = disks.iter().filter(|d| d.shares_blocks).cloned().collect();
+            // (a file its node exports to the engine over NBD). A copy-on-write volume keeps
+            // all its replicas on the attached node, on disks that do not share blocks (the
+            // placement `volume_engine` gave it): a new copy-on-write replica there.
+            let cow = volume.cow_replica().is_some();
+            let here: Vec<_> = disks
+                .iter()
+                .filter(|d| {
+                    if cow {
+                        !d.shares_blocks && d.disk.node_id == node
+                    } else {
+                        d.shares_blocks
+                    }
+                })
+                .cloned()
+                .collect();
             let Some((target, replaced, source)) =
                 self.choose_target(volume, &old, None, &here, now).await?
             else {
                 return Ok(None);
             };
+            if cow && target.node_id != node {
+                return Err(Error::FailedPrecondition(format!(
+                    "replica {} of volume {:?} is a copy-on-write replica on node {:?}, and the \
+                     volume is attached on node {node:?}: bicsi rebuilds copy-on-write replicas \
+                     online only on the attached node (the engine reads them there); detach the \
+                     volume to rebuild it offline, or attach it on node {:?}",
+                    target.id, volume.spec.name, target.node_id, target.node_id
+                )));
+            }
             let free = here
                 .iter()
                 .find(|d| d.disk.id == target.disk_id)

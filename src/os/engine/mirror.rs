@@ -238,6 +238,20 @@ pub fn add_target(run_dir: &Path, path: &Path) -> OsResult<()> {
     command(run_dir, &format!("add {}", utf8_path(path)?)).map(|_| ())
 }
 
+/// Has the engine take the new copy-on-write replica `spec` as an online rebuild target (`add
+/// data=,map=[,base=]`); it is known by its data file from then on.
+pub fn add_cow_target(run_dir: &Path, spec: &crate::mirror::cow::CowSpec) -> OsResult<()> {
+    let mut line = format!(
+        "add data={},map={}",
+        utf8_path(&spec.data)?,
+        utf8_path(&spec.map)?
+    );
+    if let Some(base) = &spec.base {
+        line.push_str(&format!(",base={}", utf8_path(base)?));
+    }
+    command(run_dir, &line).map(|_| ())
+}
+
 /// The engine's online rebuild targets.
 pub fn targets(run_dir: &Path) -> OsResult<Vec<TargetStatus>> {
     let answer = command(run_dir, "targets")?;
