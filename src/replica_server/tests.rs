@@ -655,6 +655,38 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
     for t in threads {
         t.join().unwrap();
     }
+    // The mirror engine's pool: every one of its 3 connections is inside TLS (each its own
+    // STARTTLS and pump), and writes spread over them read back.
+    let config = crate::tls::ClusterTls::load(&made.node_dir)
+        .unwrap()
+        .client_config(Role::Node)
+        .unwrap();
+    let pool = Arc::new(
+        NbdClient::connect_pool(
+            HOST,
+            srv.port,
+            "r1",
+            Duration::from_secs(10),
+            Some(config),
+            3,
+        )
+        .unwrap(),
+    );
+    assert_eq!(pool.connections(), 3);
+    std::thread::scope(|s| {
+        for t in 0..6u64 {
+            let pool = pool.clone();
+            s.spawn(move || {
+                let b = pattern(64 << 10, 500 + t);
+                pool.write_at(&b, MIB + t * (64 << 10), false).unwrap();
+                let mut r = vec![0u8; b.len()];
+                pool.read_at(&mut r, MIB + t * (64 << 10)).unwrap();
+                assert!(r == b, "pooled TLS write {t}");
+            });
+        }
+    });
+    pool.flush().unwrap();
+    pool.close();
     c.close();
 
     // Without TLS: no export is named, listed or opened.
