@@ -9,8 +9,10 @@
 //! its own clone of the /dev/fuse descriptor (`FUSE_DEV_IOC_CLONE`, done by the `fuser` crate),
 //! requests of up to 1 MiB (`max_write`), and `FUSE_ASYNC_DIO` so a loop device in direct-I/O
 //! mode keeps several requests outstanding. A write larger than `PARALLEL_WRITE` goes to the
-//! replicas in parallel (one scoped thread per extra replica); smaller ones one after the other,
-//! where a thread would cost more than the copy.
+//! local replicas in parallel (one scoped thread per extra local replica); smaller ones one
+//! after the other, where a thread would cost more than the copy. A remote replica's request
+//! is sent before the local writes and its reply awaited after them, whatever the size, so the
+//! network round trip overlaps the local work without a thread.
 //!
 //! Faults (issue 15's rules): a replica whose write, discard or fsync fails while another
 //! replica took the same request is dropped from the engine at once (never read or written again
@@ -36,7 +38,8 @@
 //! copy of old data never lands over a newer write is in `rebuild`'s module doc.
 //! Remote replicas (`--remote nbd://host:port/export`, issue 14's replicas on several nodes):
 //! another node's replica server exports the raw replica over NBD and this engine reads and
-//! writes it with its own client (`nbd`: one connection, many requests in flight). Each replica
+//! writes it with its own client (`nbd`: several connections when the server allows
+//! multi-conn, `--remote-connections`, many requests in flight on each). Each replica
 //! is a `Replica` with a backend, a local file or an NBD connection, behind the same small
 //! methods, so the rules above hold for both: a remote replica whose request fails, whose
 //! connection drops, or that does not answer within `--replica-timeout` seconds is dropped and
@@ -81,6 +84,9 @@ pub use rebuild::TargetState;
 pub const MAX_REQUEST: u32 = 1 << 20;
 /// Writes from this size on go to the replicas in parallel.
 pub const PARALLEL_WRITE: usize = 64 * 1024;
+/// Connections to each remote replica when the command line does not say (one when its
+/// server does not advertise multi-conn).
+pub const DEFAULT_REMOTE_CONNECTIONS: usize = 4;
 
 /// How the engine serves its file: the knobs measured by `bench/run --path volume-io-mirror`.
 #[derive(Clone, Debug)]
@@ -97,6 +103,8 @@ pub struct MirrorConfig {
     pub replica_timeout: Duration,
     /// The node's `--tls-dir`: remote replicas are reached over TLS with its certificate.
     pub tls_dir: Option<PathBuf>,
+    /// Connections to each remote replica (when its server advertises multi-conn).
+    pub remote_connections: usize,
     pub read_only: bool,
     /// FUSE worker threads (each with its own cloned /dev/fuse descriptor).
     pub threads: usize,
@@ -275,6 +283,51 @@ impl Replica {
             Backend::Cow(c) => c.sync(),
         }
     }
+
+    /// `write_at`, begun: a remote replica's request is sent and its reply awaited by
+    /// `Begun::finish`; a local one is written at once.
+    fn begin_write(&self, data: &[u8], offset: u64) -> Begun<'_> {
+        match &self.backend {
+            Backend::Nbd(c) => Begun::sent(c, c.begin_write(data, offset)),
+            _ => Begun::Done(self.write_at(data, offset)),
+        }
+    }
+
+    /// `sync`, begun as `begin_write`.
+    fn begin_sync(&self) -> Begun<'_> {
+        match &self.backend {
+            Backend::Nbd(c) => Begun::sent(c, c.begin_flush()),
+            _ => Begun::Done(self.sync()),
+        }
+    }
+
+    fn is_remote(&self) -> bool {
+        matches!(self.backend, Backend::Nbd(_))
+    }
+}
+
+/// A request begun on one replica: done (a local one), or sent to a remote one and not yet
+/// answered (`on_all` sends to the remote replicas first, then writes the local ones, then
+/// waits: the round trip overlaps the local write instead of following it).
+enum Begun<'a> {
+    Done(std::io::Result<()>),
+    Sent(&'a nbd::NbdClient, nbd::Pending),
+}
+
+impl<'a> Begun<'a> {
+    fn sent(client: &'a nbd::NbdClient, sent: std::io::Result<nbd::Pending>) -> Begun<'a> {
+        match sent {
+            Ok(p) => Begun::Sent(client, p),
+            Err(e) => Begun::Done(Err(e)),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Begun::Done(r) => r,
+            Begun::Sent(c, p) => c.finish(p),
+        }
+    }
 }
 
 /// The volume the FUSE file shows.
@@ -375,7 +428,8 @@ impl Mirror {
         }
     }
 
-    /// Runs `op` on every healthy replica (in parallel when `parallel`), then on the targets
+    /// Runs `op` on every healthy replica (the remote ones' requests sent first, then the local
+    /// ones, in parallel when `parallel`, then the remote replies awaited), then on the targets
     /// of online rebuilds; drops the replicas that failed when at least one succeeded; the
     /// error when none did. A target that fails is dropped and never fails the request, unless
     /// it is a promoted one, which counts as a replica.
@@ -383,23 +437,26 @@ impl Mirror {
         &self,
         operation: &str,
         parallel: bool,
-        op: impl Fn(&Replica) -> std::io::Result<()> + Sync,
+        op: impl for<'r> Fn(&'r Replica) -> Begun<'r> + Sync,
     ) -> Result<(), Errno> {
         let extra = self.targets.written();
         let targets: Vec<(usize, &Replica)> = self.healthy().collect();
         if targets.is_empty() && !extra.iter().any(|t| t.promoted()) {
             return Err(Errno::EIO);
         }
-        let results: Vec<(usize, std::io::Result<()>)> = if parallel && targets.len() > 1 {
+        let (remote, local): (Vec<_>, Vec<_>) =
+            targets.into_iter().partition(|(_, r)| r.is_remote());
+        let sent: Vec<(usize, Begun)> = remote.iter().map(|(i, r)| (*i, op(r))).collect();
+        let mut results: Vec<(usize, std::io::Result<()>)> = if parallel && local.len() > 1 {
             std::thread::scope(|s| {
-                let handles: Vec<_> = targets[1..]
+                let handles: Vec<_> = local[1..]
                     .iter()
                     .map(|(i, r)| {
                         let op = &op;
-                        (*i, s.spawn(move || op(r)))
+                        (*i, s.spawn(move || op(r).finish()))
                     })
                     .collect();
-                let mut out = vec![(targets[0].0, op(targets[0].1))];
+                let mut out = vec![(local[0].0, op(local[0].1).finish())];
                 for (i, h) in handles {
                     out.push((
                         i,
@@ -410,12 +467,13 @@ impl Mirror {
                 out
             })
         } else {
-            targets.iter().map(|(i, r)| (*i, op(r))).collect()
+            local.iter().map(|(i, r)| (*i, op(r).finish())).collect()
         };
+        results.extend(sent.into_iter().map(|(i, b)| (i, b.finish())));
         let extra: Vec<_> = extra
             .into_iter()
             .map(|t| {
-                let r = op(&t.replica);
+                let r = op(&t.replica).finish();
                 (t, r)
             })
             .collect();
@@ -576,7 +634,7 @@ impl Filesystem for Mirror {
         let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
         let _chunks = self.targets.lock_range(offset, data.len() as u64);
         match self.on_all("write", data.len() >= PARALLEL_WRITE, |r| {
-            r.write_at(data, offset)
+            r.begin_write(data, offset)
         }) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
@@ -606,7 +664,7 @@ impl Filesystem for Mirror {
         if self.read_only {
             return reply.ok();
         }
-        match self.on_all("fsync", true, Replica::sync) {
+        match self.on_all("fsync", true, Replica::begin_sync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -635,7 +693,9 @@ impl Filesystem for Mirror {
         }
         let _paused = self.pause.read().unwrap_or_else(|e| e.into_inner());
         let _chunks = self.targets.lock_range(offset, length);
-        match self.on_all("discard", false, |r| r.fallocate(flags, offset, length)) {
+        match self.on_all("discard", false, |r| {
+            Begun::Done(r.fallocate(flags, offset, length))
+        }) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -996,16 +1056,27 @@ fn connect_remote(target: &ReplicaTarget, cfg: &MirrorConfig) -> std::io::Result
         ),
         None => None,
     };
-    let client = nbd::NbdClient::connect_tls(host, *port, export, cfg.replica_timeout, tls)
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "connecting to remote replica {target}: {e}; check that its node's replica \
+    let client = nbd::NbdClient::connect_pool(
+        host,
+        *port,
+        export,
+        cfg.replica_timeout,
+        tls,
+        cfg.remote_connections,
+    )
+    .map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "connecting to remote replica {target}: {e}; check that its node's replica \
                  server runs and exports it, and that {host}:{port} is reachable from here"
-                ),
-            )
-        })?;
+            ),
+        )
+    })?;
+    eprintln!(
+        "bicsi mirror: remote replica {target}: {} connection(s)",
+        client.connections()
+    );
     if client.read_only() && !cfg.read_only {
         return Err(std::io::Error::other(format!(
             "remote replica {target} is exported read-only, and the volume is served writable; \
@@ -1084,6 +1155,10 @@ pub struct MirrorArgs {
     /// ca.crt, tls.crt, tls.key, optionally ca.crl); their servers must hold node certificates.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    /// TCP connections to each remote replica, when its server advertises multi-conn (bicsi's
+    /// replica server does; otherwise one).
+    #[arg(long, default_value_t = DEFAULT_REMOTE_CONNECTIONS)]
+    pub remote_connections: usize,
     /// Serve the file read only (writes and opens for writing are refused).
     #[arg(long)]
     pub read_only: bool,
@@ -1120,6 +1195,7 @@ impl MirrorArgs {
             remotes: self.remotes.clone(),
             replica_timeout: Duration::from_secs(self.replica_timeout.max(1)),
             tls_dir: self.tls_dir.clone(),
+            remote_connections: self.remote_connections.max(1),
             read_only: self.read_only,
             threads: self.threads,
             direct_io: self.direct_io,

@@ -25,7 +25,12 @@
 //!
 //! Many requests in flight per connection: a reader thread parses requests (and reads WRITE
 //! payloads) and hands them to the connection's pool of `workers` threads, which pread/pwrite
-//! the file and write their replies whole under the connection's writer lock. Memory is bounded:
+//! the file and write their replies whole under the connection's writer lock. Small WRITEs
+//! without FUA (`inline_write_max`, 64 KiB) are written by the reader thread itself (a pwrite
+//! into the page cache costs less than waking a worker), and their replies are sent together
+//! once no further request is buffered (or 64 are held): a burst of requests is one read,
+//! its pwrites and one send. FLUSH, FUA, READ and the rest still go to the workers, so a slow
+//! one never holds back the reader. Memory is bounded:
 //! the payload bytes of requests in flight on one connection are capped (`max_in_flight`; the
 //! reader stops reading the socket until replies free some, so TCP pushes back), and so is their
 //! number. Sockets have TCP_NODELAY (Nagle's delay on small replies would stall a pipelined
@@ -69,6 +74,11 @@ pub const DEFAULT_WORKERS: usize = 4;
 pub const DEFAULT_MAX_IN_FLIGHT_MIB: usize = 64;
 /// The longest export name (the spec's limit on names and option strings).
 pub const MAX_NAME: usize = 4096;
+/// WRITEs without FUA up to this size (KiB) are written by the connection's reader thread
+/// itself when the command line does not say.
+pub const DEFAULT_INLINE_WRITE_KIB: usize = 64;
+/// Replies of inline WRITEs held for one send at most.
+const REPLY_BATCH: usize = 64;
 /// Requests queued for a connection's workers beyond those they are running.
 const QUEUE: usize = 64;
 /// How long a client may take over the handshake before its connection is closed.
@@ -90,6 +100,8 @@ pub struct ServerConfig {
     /// Payload bytes in flight per connection (READ data waiting to be sent, WRITE data
     /// waiting to be written); a larger single request still runs, alone.
     pub max_in_flight: usize,
+    /// WRITEs without FUA up to this many bytes are written by the reader thread (0: none).
+    pub inline_write_max: usize,
     /// Tests only: a READ at this offset waits this long before it is served (shows that one
     /// slow request does not hold back the others).
     /// With TLS: every client must STARTTLS and hold a node certificate of the cluster CA
@@ -104,6 +116,7 @@ impl ServerConfig {
         ServerConfig {
             workers,
             max_in_flight,
+            inline_write_max: DEFAULT_INLINE_WRITE_KIB << 10,
             tls: None,
             #[cfg(test)]
             slow_read_at: None,
@@ -549,6 +562,8 @@ struct Conn {
     socket: Sock,
     budget: Budget,
     dead: AtomicBool,
+    /// WRITEs without FUA up to this many bytes are served by the reader thread.
+    inline_write_max: usize,
     #[cfg(test)]
     slow_read_at: Option<(u64, Duration)>,
 }
@@ -562,7 +577,16 @@ impl Conn {
         if self.dead.load(Ordering::Acquire) {
             return;
         }
-        let sent = lock(&self.writer).write_all(&msg);
+        self.send(&msg);
+    }
+
+    /// Sends replies already encoded (one or several, each whole); a failure kills the
+    /// connection.
+    fn send(&self, msg: &[u8]) {
+        if self.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let sent = lock(&self.writer).write_all(msg);
         if sent.is_err() {
             self.dead.store(true, Ordering::Release);
             let _ = self.socket.shutdown(Shutdown::Both);
@@ -686,6 +710,7 @@ fn transmission(
         socket: socket.try_clone()?,
         budget: Budget::new(cfg.max_in_flight.max(1 << 20)),
         dead: AtomicBool::new(false),
+        inline_write_max: cfg.inline_write_max,
         #[cfg(test)]
         slow_read_at: cfg.slow_read_at,
     });
@@ -715,6 +740,8 @@ fn transmission(
     result
 }
 
+/// Reads and dispatches requests until DISC, EOF or an error; the replies of inline WRITEs
+/// still held are sent before it returns.
 fn read_requests(
     conn: &Conn,
     size: u64,
@@ -722,7 +749,35 @@ fn read_requests(
     tx: &SyncSender<Job>,
 ) -> std::io::Result<()> {
     let mut r = BufReader::with_capacity(256 << 10, socket);
+    let mut held = Vec::with_capacity(16 * REPLY_BATCH);
+    let result = dispatch(conn, size, &mut r, tx, &mut held);
+    send_held(conn, &mut held);
+    result
+}
+
+/// Sends the held replies of inline WRITEs, if any.
+fn send_held(conn: &Conn, held: &mut Vec<u8>) {
+    if !held.is_empty() {
+        conn.send(held);
+        held.clear();
+    }
+}
+
+fn dispatch(
+    conn: &Conn,
+    size: u64,
+    r: &mut BufReader<Sock>,
+    tx: &SyncSender<Job>,
+    held: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    // One buffer for the payloads of inline WRITEs (zeroed only where it grows).
+    let mut inline = Vec::new();
     loop {
+        // About to wait for the client (no whole request header buffered), or holding many:
+        // the held replies go now.
+        if r.buffer().len() < 28 || held.len() >= 16 * REPLY_BATCH {
+            send_held(conn, held);
+        }
         let mut head = [0u8; 28];
         match r.read_exact(&mut head) {
             Ok(()) => {}
@@ -747,6 +802,27 @@ fn read_requests(
                     // fit anything, so the session ends.
                     return Err(invalid(format!("a WRITE of {len} bytes")));
                 }
+                if flags & CMD_FLAG_FUA == 0 && len as usize <= conn.inline_write_max {
+                    let n = len as usize;
+                    if inline.len() < n {
+                        inline.resize(n, 0);
+                    }
+                    r.read_exact(&mut inline[..n])?;
+                    let error = if beyond {
+                        ENOSPC
+                    } else {
+                        match conn.export.file.write_all_at(&inline[..n], offset) {
+                            Ok(()) => 0,
+                            Err(e) => error_of(&e),
+                        }
+                    };
+                    held.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                    held.extend_from_slice(&error.to_be_bytes());
+                    held.extend_from_slice(&handle.to_be_bytes());
+                    continue;
+                }
+                // The reader may wait below (for the budget, for a worker): nothing held.
+                send_held(conn, held);
                 let charged = conn.budget.acquire(len as usize);
                 let mut payload = vec![0u8; len as usize];
                 if let Err(e) = r.read_exact(&mut payload) {
@@ -772,6 +848,7 @@ fn read_requests(
                 }
             }
             CMD_READ | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES => {
+                send_held(conn, held);
                 if kind == CMD_READ && len > MAX_PAYLOAD {
                     refuse(EOVERFLOW);
                     continue;
@@ -944,6 +1021,10 @@ pub struct ReplicaServerArgs {
     /// Payload bytes in flight per connection, in MiB.
     #[arg(long, default_value_t = DEFAULT_MAX_IN_FLIGHT_MIB)]
     pub max_in_flight_mib: usize,
+    /// WRITEs without FUA up to this size (KiB) are written by a connection's reader thread,
+    /// their replies sent together (0: every request goes to the workers).
+    #[arg(long, default_value_t = DEFAULT_INLINE_WRITE_KIB)]
+    pub inline_write_kib: usize,
     /// Serve from a child process in its own process group and return once it listens (0) or
     /// failed (non-zero): the readiness signal of the node agent.
     #[arg(long)]
@@ -988,6 +1069,7 @@ pub fn main(args: ReplicaServerArgs) -> std::io::Result<()> {
     })?;
     let exports = Arc::new(Exports::default());
     let mut cfg = ServerConfig::new(args.workers.max(1), args.max_in_flight_mib.max(1) << 20);
+    cfg.inline_write_max = args.inline_write_kib << 10;
     cfg.tls = tls;
     {
         let (exports, listen) = (exports.clone(), listen.clone());

@@ -11,43 +11,48 @@
 //! and NBD's TRIM does not promise that; WRITE_ZEROES without NO_HOLE does, and lets the server
 //! free the blocks (qemu's replica server opens replicas with discard=unmap).
 //!
-//! Many requests in flight on ONE connection: every caller (a FUSE worker thread) writes its
-//! request under a lock and waits for its own reply, which a reader thread matches by handle
-//! (qemu's server runs the requests of one connection concurrently and may answer out of order).
-//! One connection, not a pool: qemu's server does not advertise multi-conn on a writable
-//! export (`NBD_FLAG_CAN_MULTI_CONN`), so a FLUSH on one connection would not be promised to
-//! cover writes acknowledged on another; on one connection it covers every write acknowledged
-//! before it, which is what fsync of the volume needs.
+//! Many requests in flight: every caller (a FUSE worker thread) sends its request whole (header
+//! and payload in one vectored write) under its connection's writer lock and waits for its own
+//! reply, which the connection's reader thread matches by handle (servers run the requests of
+//! one connection concurrently and may answer out of order). A request can also be sent and
+//! its reply awaited later (`begin_write`, `begin_flush`, then `finish`), so the engine writes
+//! its local replicas while the remote one works. Several connections to one export when the
+//! server advertises multi-conn (`NBD_FLAG_CAN_MULTI_CONN`, as bicsi's replica server does):
+//! each request goes to a connection whose writer is free, so payloads cross in parallel and
+//! no caller waits behind another's 1 MiB; the spec promises that a FLUSH on one of them covers
+//! every write acknowledged on any, which is what fsync of the volume needs. A server without
+//! multi-conn (qemu's, on a writable export) gets one connection whatever was asked, where a
+//! FLUSH covers every write acknowledged before it.
 //!
 //! TLS (issue 19): given the node's certificate (`bicsi engine-mirror --tls-dir`), the client
 //! asks for `NBD_OPT_STARTTLS` before anything else, and refuses to go on without it; the
 //! server's certificate must be a node's of the cluster CA. The session then runs through the
 //! pump of `crate::nbd_tls`, unchanged.
 //!
-//! Failures are final: a request that fails, a connection that drops, or a reply that does not
-//! come within the timeout (`replica-timeout`) marks the client dead, shuts the socket down (the
-//! reader thread and every waiting caller get an error at once) and every later request fails
-//! at once. The engine drops such a replica and records why; it is never reconnected, because a
+//! Failures are final: a request that fails, a connection (any of them) that drops, or a reply
+//! that does not come within the timeout (`replica-timeout`) marks the client dead, shuts every
+//! socket down (the reader threads and every waiting caller get an error at once) and every
+//! later request fails at once. The engine drops such a replica and records why; it is never reconnected, because a
 //! replica that missed writes must not be read again until it is rebuilt.
 //!
 //! It must not retry, reconnect, or hide a failure from the engine.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 
 use crate::nbd_tls::Sock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::nbd_wire::{
     CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME, OPT_GO,
     OPT_STARTTLS, REP_ACK, REP_ERR_UNSUP, REP_INFO, REPLY_MAGIC_OPT, REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_WRITE_ZEROES,
-    be16, be32, be64,
+    SIMPLE_REPLY_MAGIC, TFLAG_CAN_MULTI_CONN, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA,
+    TFLAG_SEND_WRITE_ZEROES, be16, be32, be64,
 };
 
 /// The largest READ or WRITE sent as one request (qemu's server takes up to 32 MiB).
@@ -59,32 +64,43 @@ const ZERO_CHUNK: usize = 1 << 20;
 
 type Reply = std::io::Result<Vec<u8>>;
 
-/// A caller waiting for a reply: where to send it, and how many data bytes a READ's reply has.
+/// A caller waiting for a reply: where to send it, how many data bytes a READ's reply has, and
+/// the connection its request went out on (the only one that may answer it).
 struct Waiting {
     tx: SyncSender<Reply>,
     read_len: usize,
+    conn: usize,
+}
+
+/// One TCP connection of a client.
+struct Conn {
+    /// Where requests are written (one at a time, each whole).
+    writer: Mutex<Sock>,
+    /// For `shutdown`, independent of the writer's lock (a writer stuck on a full socket).
+    socket: Sock,
+    /// Requests sent on it (tests: the connections share the load).
+    sent: AtomicU64,
 }
 
 struct Shared {
-    /// Where requests are written (one at a time, each whole).
-    writer: Mutex<Sock>,
+    conns: Vec<Conn>,
     waiting: Mutex<HashMap<u64, Waiting>>,
     next_handle: AtomicU64,
     dead: AtomicBool,
     /// Why the connection died, for the errors of later requests.
     cause: Mutex<String>,
-    /// For `shutdown`, independent of the writer's lock (a writer stuck on a full socket).
-    socket: Sock,
 }
 
 impl Shared {
-    /// Marks the connection dead (the first cause is kept), shuts the socket down and fails
+    /// Marks the client dead (the first cause is kept), shuts every connection down and fails
     /// every waiting caller.
     fn kill(&self, cause: &str) {
         if !self.dead.swap(true, Ordering::AcqRel) {
             *self.cause.lock().unwrap_or_else(|e| e.into_inner()) = cause.to_string();
         }
-        let _ = self.socket.shutdown(Shutdown::Both);
+        for c in &self.conns {
+            let _ = c.socket.shutdown(Shutdown::Both);
+        }
         let waiting: Vec<Waiting> = self
             .waiting
             .lock()
@@ -111,9 +127,41 @@ impl Shared {
     }
 }
 
+/// Requests sent and not yet answered (`NbdClient::finish` waits for them).
+#[must_use = "a sent request is done only once `finish` has its reply"]
+pub struct Pending {
+    /// Each request's reply and the moment it is late (its send + the timeout).
+    replies: Vec<(Receiver<Reply>, Instant)>,
+}
+
+/// Writes `head` then `payload` whole, in as few system calls as the socket takes.
+fn write_request(w: &mut Sock, head: &[u8], payload: &[u8]) -> std::io::Result<()> {
+    let mut slices = [IoSlice::new(head), IoSlice::new(payload)];
+    let mut left: &mut [IoSlice<'_>] = &mut slices;
+    if payload.is_empty() {
+        left = &mut left[..1];
+    }
+    while !left.is_empty() {
+        match w.write_vectored(left) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "the socket took no bytes",
+                ));
+            }
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A connection to one NBD export, usable from many threads at once.
 pub struct NbdClient {
     shared: Arc<Shared>,
+    /// Where the next request looks for a free connection first (round robin).
+    next_conn: AtomicUsize,
     /// The export's size in bytes.
     size: u64,
     flags: u16,
@@ -217,12 +265,27 @@ impl NbdClient {
     /// `connect`, inside TLS when `tls` is given: `NBD_OPT_STARTTLS` first, then the handshake
     /// with `tls` (the node's certificate; the server's must be a node's of the cluster CA),
     /// then the rest of the protocol through the pump of `crate::nbd_tls`.
+    #[cfg(test)]
     pub fn connect_tls(
         host: &str,
         port: u16,
         export: &str,
         timeout: Duration,
         tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> std::io::Result<NbdClient> {
+        Self::connect_pool(host, port, export, timeout, tls, 1)
+    }
+
+    /// `connect_tls` with up to `connections` connections to the export: that many when the
+    /// server advertises multi-conn, one otherwise. Every connection must show the first one's
+    /// size and flags.
+    pub fn connect_pool(
+        host: &str,
+        port: u16,
+        export: &str,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        connections: usize,
     ) -> std::io::Result<NbdClient> {
         let name = if host.contains(':') {
             format!("nbd://[{host}]:{port}/{export}")
@@ -235,34 +298,74 @@ impl NbdClient {
             .map_err(context)?
             .next()
             .ok_or_else(|| context(std::io::Error::other("the host has no address")))?;
-        let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(context)?;
-        tcp.set_nodelay(true).map_err(context)?;
-        tcp.set_read_timeout(Some(timeout)).map_err(context)?;
-        tcp.set_write_timeout(Some(timeout)).map_err(context)?;
-        let mut s = Sock::Tcp(tcp);
-        let (size, flags) = Self::handshake(&mut s, export, tls, timeout).map_err(context)?;
-        // The reader thread waits for replies as long as it takes; the callers time out.
-        s.set_read_timeout(None).map_err(context)?;
+        let open = || -> std::io::Result<(Sock, u64, u16)> {
+            let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+            tcp.set_nodelay(true)?;
+            tcp.set_read_timeout(Some(timeout))?;
+            tcp.set_write_timeout(Some(timeout))?;
+            let mut s = Sock::Tcp(tcp);
+            let (size, flags) = Self::handshake(&mut s, export, tls.clone(), timeout)?;
+            // The reader thread waits for replies as long as it takes; the callers time out.
+            s.set_read_timeout(None)?;
+            Ok((s, size, flags))
+        };
+        let (first, size, flags) = open().map_err(context)?;
+        let mut socks = vec![first];
+        let wanted = if flags & TFLAG_CAN_MULTI_CONN != 0 {
+            connections.max(1)
+        } else {
+            1
+        };
+        while socks.len() < wanted {
+            let (s, len, more) = open().map_err(context)?;
+            if (len, more) != (size, flags) {
+                return Err(context(protocol(format!(
+                    "a second connection to the export shows {len} bytes and flags {more:#x},                      the first {size} bytes and flags {flags:#x}"
+                ))));
+            }
+            socks.push(s);
+        }
+        let conns = socks
+            .iter()
+            .map(|s| {
+                Ok(Conn {
+                    writer: Mutex::new(s.try_clone()?),
+                    socket: s.try_clone()?,
+                    sent: AtomicU64::new(0),
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(context)?;
         let shared = Arc::new(Shared {
-            writer: Mutex::new(s.try_clone().map_err(context)?),
+            conns,
             waiting: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             dead: AtomicBool::new(false),
             cause: Mutex::new(String::new()),
-            socket: s.try_clone().map_err(context)?,
         });
-        let reader = shared.clone();
-        std::thread::Builder::new()
-            .name("nbd-reader".into())
-            .spawn(move || read_replies(&reader, s))
-            .map_err(context)?;
+        for (i, s) in socks.into_iter().enumerate() {
+            let reader = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("nbd-reader".into())
+                .spawn(move || read_replies(&reader, i, s));
+            if let Err(e) = spawned {
+                shared.kill("a reader thread could not start");
+                return Err(context(e));
+            }
+        }
         Ok(NbdClient {
             shared,
+            next_conn: AtomicUsize::new(0),
             size,
             flags,
             timeout,
             name,
         })
+    }
+
+    /// How many connections carry the requests.
+    pub fn connections(&self) -> usize {
+        self.shared.conns.len()
     }
 
     fn handshake(
@@ -338,10 +441,44 @@ impl NbdClient {
         len: u32,
         payload: &[u8],
     ) -> std::io::Result<Vec<u8>> {
+        let (rx, late) = self.send(kind, flags, offset, len, payload)?;
+        self.wait(rx, late)
+    }
+
+    /// Sends one request on a connection whose writer is free (else the next one's, in turn)
+    /// and returns where its reply will come, and when it is late.
+    fn send(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<(Receiver<Reply>, Instant)> {
         let shared = &self.shared;
         if shared.dead.load(Ordering::Acquire) {
             return Err(shared.dead_error());
         }
+        let n = shared.conns.len();
+        let start = self.next_conn.fetch_add(1, Ordering::Relaxed) % n;
+        let mut writer = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if let Ok(w) = shared.conns[i].writer.try_lock() {
+                writer = Some((i, w));
+                break;
+            }
+        }
+        let (conn, mut w) = match writer {
+            Some(found) => found,
+            None => (
+                start,
+                shared.conns[start]
+                    .writer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            ),
+        };
         let handle = shared.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         let read_len = if kind == CMD_READ { len as usize } else { 0 };
@@ -349,7 +486,7 @@ impl NbdClient {
             .waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(handle, Waiting { tx, read_len });
+            .insert(handle, Waiting { tx, read_len, conn });
         let mut head = [0u8; 28];
         head[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         head[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -357,16 +494,22 @@ impl NbdClient {
         head[8..16].copy_from_slice(&handle.to_be_bytes());
         head[16..24].copy_from_slice(&offset.to_be_bytes());
         head[24..28].copy_from_slice(&len.to_be_bytes());
-        let sent = {
-            let mut w = shared.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.write_all(&head).and_then(|_| w.write_all(payload))
-        };
+        let late = Instant::now() + self.timeout;
+        let sent = write_request(&mut w, &head, payload);
+        drop(w);
+        shared.conns[conn].sent.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = sent {
             let cause = format!("sending a request to {} failed: {e}", self.name);
             shared.kill(&cause);
             return Err(std::io::Error::new(e.kind(), cause));
         }
-        match rx.recv_timeout(self.timeout) {
+        Ok((rx, late))
+    }
+
+    /// Waits for one reply until `late`; past it the client is dead (replica-timeout).
+    fn wait(&self, rx: Receiver<Reply>, late: Instant) -> std::io::Result<Vec<u8>> {
+        let shared = &self.shared;
+        match rx.recv_timeout(late.saturating_duration_since(Instant::now())) {
             Ok(reply) => reply,
             Err(RecvTimeoutError::Timeout) => {
                 let cause = format!(
@@ -378,6 +521,40 @@ impl NbdClient {
             }
             Err(RecvTimeoutError::Disconnected) => Err(shared.dead_error()),
         }
+    }
+
+    /// Sends `data` at `offset` as WRITEs without waiting: `finish` waits for their replies.
+    pub fn begin_write(&self, data: &[u8], offset: u64) -> std::io::Result<Pending> {
+        let mut replies = Vec::with_capacity(data.len().div_ceil(MAX_IO).max(1));
+        for (i, chunk) in data.chunks(MAX_IO).enumerate() {
+            let at = offset + (i * MAX_IO) as u64;
+            replies.push(self.send(CMD_WRITE, 0, at, chunk.len() as u32, chunk)?);
+        }
+        Ok(Pending { replies })
+    }
+
+    /// Sends a FLUSH without waiting (nothing when the server does not offer FLUSH: it then
+    /// writes through): `finish` waits for it.
+    pub fn begin_flush(&self) -> std::io::Result<Pending> {
+        let mut replies = Vec::new();
+        if self.flags & TFLAG_SEND_FLUSH != 0 {
+            replies.push(self.send(CMD_FLUSH, 0, 0, 0, &[])?);
+        }
+        Ok(Pending { replies })
+    }
+
+    /// Waits for every reply of `pending`; the first error is returned (and a late reply
+    /// kills the client, as for any request).
+    pub fn finish(&self, pending: Pending) -> std::io::Result<()> {
+        let mut result = Ok(());
+        for (rx, late) in pending.replies {
+            if let Err(e) = self.wait(rx, late)
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     /// Fills `buf` from `offset`.
@@ -398,10 +575,12 @@ impl NbdClient {
         } else {
             0
         };
+        let mut replies = Vec::with_capacity(data.len().div_ceil(MAX_IO).max(1));
         for (i, chunk) in data.chunks(MAX_IO).enumerate() {
             let at = offset + (i * MAX_IO) as u64;
-            self.request(CMD_WRITE, flag, at, chunk.len() as u32, chunk)?;
+            replies.push(self.send(CMD_WRITE, flag, at, chunk.len() as u32, chunk)?);
         }
+        self.finish(Pending { replies })?;
         if fua && flag == 0 {
             self.flush()?;
         }
@@ -409,12 +588,11 @@ impl NbdClient {
     }
 
     /// Makes every write acknowledged before it durable (nothing to do when the server does
-    /// not offer FLUSH: it then writes through).
+    /// not offer FLUSH: it then writes through). One FLUSH on one connection: with several,
+    /// the server promised multi-conn, so it covers what any connection had acknowledged.
     pub fn flush(&self) -> std::io::Result<()> {
-        if self.flags & TFLAG_SEND_FLUSH == 0 {
-            return Ok(());
-        }
-        self.request(CMD_FLUSH, 0, 0, 0, &[]).map(|_| ())
+        let pending = self.begin_flush()?;
+        self.finish(pending)
     }
 
     /// Makes the range read as zeros; `may_punch`: the server may free the blocks (a discard),
@@ -444,14 +622,16 @@ impl NbdClient {
         Ok(())
     }
 
-    /// Closes the connection (NBD_CMD_DISC, then shutdown); later requests fail.
+    /// Closes the connections (NBD_CMD_DISC on each, then shutdown); later requests fail.
     pub fn close(&self) {
         if !self.shared.dead.load(Ordering::Acquire) {
             let mut head = [0u8; 28];
             head[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
             head[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-            let mut w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = w.write_all(&head);
+            for c in &self.shared.conns {
+                let mut w = c.writer.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = w.write_all(&head);
+            }
         }
         self.shared.kill("closed by the engine");
     }
@@ -463,8 +643,11 @@ impl Drop for NbdClient {
     }
 }
 
-/// The reader thread: matches replies to waiting callers until the connection ends.
-fn read_replies(shared: &Shared, mut s: Sock) {
+/// The reader thread of connection `conn`: matches replies to waiting callers until the
+/// connection ends. Buffered: one read takes every reply the socket holds (a reply is 16
+/// bytes, and a busy server sends many between two wake-ups of this thread).
+fn read_replies(shared: &Shared, conn: usize, s: Sock) {
+    let mut s = std::io::BufReader::with_capacity(64 << 10, s);
     let cause = loop {
         let mut head = [0u8; 16];
         if let Err(e) = s.read_exact(&mut head) {
@@ -487,6 +670,15 @@ fn read_replies(shared: &Shared, mut s: Sock) {
         else {
             break format!("the server answered handle {handle}, which was never sent");
         };
+        if w.conn != conn {
+            let _ = w.tx.try_send(Err(protocol(format!(
+                "the server answered handle {handle} on another connection"
+            ))));
+            break format!(
+                "the server answered handle {handle} on connection {conn}, sent on {}",
+                w.conn
+            );
+        }
         let reply = if error != 0 {
             Err(std::io::Error::from_raw_os_error(
                 crate::nbd_wire::errno_of(error),

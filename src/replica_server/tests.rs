@@ -360,6 +360,68 @@ fn a_slow_request_does_not_hold_back_the_others() {
 }
 
 #[test]
+fn small_writes_are_written_by_the_reader_and_answered_together() {
+    // One worker, held 2 s by a slow READ: small WRITEs sent after it are still written and
+    // answered at once (by the reader thread); with inline writes off they wait for the
+    // worker, after the READ.
+    for inline in [true, false] {
+        let srv = Served::start(ServerConfig {
+            workers: 1,
+            slow_read_at: Some((0, Duration::from_secs(2))),
+            inline_write_max: if inline { 64 << 10 } else { 0 },
+            ..ServerConfig::default()
+        });
+        let file = srv.export("r", 4 * MIB);
+        let mut s = raw_go(srv.port, "r");
+        let t = Instant::now();
+        send_request(&mut s, CMD_READ, 1, 0, 4096);
+        let mut burst = Vec::new();
+        for i in 0..8u64 {
+            burst.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            burst.extend_from_slice(&0u16.to_be_bytes());
+            burst.extend_from_slice(&CMD_WRITE.to_be_bytes());
+            burst.extend_from_slice(&(10 + i).to_be_bytes());
+            burst.extend_from_slice(&((i + 1) * 65536).to_be_bytes());
+            burst.extend_from_slice(&4096u32.to_be_bytes());
+            burst.extend_from_slice(&pattern(4096, i + 1));
+        }
+        s.write_all(&burst).unwrap();
+        if !inline {
+            assert_eq!(reply_of(&mut s), (0, 1));
+            s.read_exact(&mut [0u8; 4096]).unwrap();
+        }
+        let mut answered = Vec::new();
+        for _ in 0..8 {
+            let (error, handle) = reply_of(&mut s);
+            assert_eq!(error, 0);
+            answered.push(handle);
+        }
+        let writes = t.elapsed();
+        answered.sort();
+        assert_eq!(answered, (10..18).collect::<Vec<u64>>());
+        if inline {
+            assert!(
+                writes < Duration::from_secs(1),
+                "inline writes waited {writes:?}"
+            );
+        } else {
+            assert!(writes >= Duration::from_secs(2), "{writes:?}");
+        }
+        for i in 0..8u64 {
+            assert!(file_bytes(&file, (i + 1) * 65536, 4096) == pattern(4096, i + 1));
+        }
+        if inline {
+            assert_eq!(reply_of(&mut s), (0, 1));
+            s.read_exact(&mut [0u8; 4096]).unwrap();
+        }
+        // DISC: the server closes once everything is answered.
+        send_request(&mut s, CMD_DISC, 3, 0, 0);
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+    }
+}
+
+#[test]
 fn many_writers_on_one_connection_under_a_small_in_flight_cap() {
     // 1 MiB of payload in flight at most, 16 threads of 1 MiB writes and reads: everything
     // completes (no deadlock on the cap) and lands where it was sent.
@@ -593,6 +655,38 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
     for t in threads {
         t.join().unwrap();
     }
+    // The mirror engine's pool: every one of its 3 connections is inside TLS (each its own
+    // STARTTLS and pump), and writes spread over them read back.
+    let config = crate::tls::ClusterTls::load(&made.node_dir)
+        .unwrap()
+        .client_config(Role::Node)
+        .unwrap();
+    let pool = Arc::new(
+        NbdClient::connect_pool(
+            HOST,
+            srv.port,
+            "r1",
+            Duration::from_secs(10),
+            Some(config),
+            3,
+        )
+        .unwrap(),
+    );
+    assert_eq!(pool.connections(), 3);
+    std::thread::scope(|s| {
+        for t in 0..6u64 {
+            let pool = pool.clone();
+            s.spawn(move || {
+                let b = pattern(64 << 10, 500 + t);
+                pool.write_at(&b, MIB + t * (64 << 10), false).unwrap();
+                let mut r = vec![0u8; b.len()];
+                pool.read_at(&mut r, MIB + t * (64 << 10)).unwrap();
+                assert!(r == b, "pooled TLS write {t}");
+            });
+        }
+    });
+    pool.flush().unwrap();
+    pool.close();
     c.close();
 
     // Without TLS: no export is named, listed or opened.

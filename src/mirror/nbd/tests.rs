@@ -1,5 +1,6 @@
 //! The client against a real NBD server: `qemu-nbd` (qemu-utils) on 127.0.0.1, over a raw file,
-//! as qemu's replica server serves a replica.
+//! as qemu's replica server serves a replica; and bicsi's replica server (in this process) for
+//! several connections, which it allows by advertising multi-conn.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -276,4 +277,155 @@ fn a_stalled_server_times_out_within_the_timeout() {
     server.signal(Signal::SIGCONT);
     let e = c.read_at(&mut [0u8; 512], 0).unwrap_err();
     assert!(e.to_string().contains("did not answer"), "{e}");
+}
+
+/// bicsi's replica server in this process on a port of its own, serving a new sparse file of
+/// `size` bytes as "r1".
+fn bicsi_server(
+    size: u64,
+) -> (
+    u16,
+    Arc<crate::replica_server::Exports>,
+    PathBuf,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("replica.raw");
+    std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+    let listener = std::net::TcpListener::bind((HOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let exports = Arc::new(crate::replica_server::Exports::default());
+    assert_eq!(exports.add("r1", &file), Ok(true));
+    let e = exports.clone();
+    std::thread::spawn(move || {
+        crate::replica_server::serve_nbd(
+            listener,
+            e,
+            crate::replica_server::ServerConfig::default(),
+        )
+    });
+    (port, exports, file, dir)
+}
+
+#[test]
+fn several_connections_share_the_requests_and_a_flush_covers_them_all() {
+    let (port, exports, file, _dir) = bicsi_server(64 * MIB);
+    let c = Arc::new(
+        NbdClient::connect_pool(HOST, port, "r1", Duration::from_secs(10), None, 4).unwrap(),
+    );
+    assert_eq!(c.connections(), 4);
+    assert_eq!(exports.list()[0].clients, 4, "{:?}", exports.list());
+    // One writer: each request takes the next free connection in turn, so each carries some.
+    for i in 0..8u64 {
+        c.write_at(&pattern(4096, i + 1), i * 4096, false).unwrap();
+    }
+    let sent: Vec<u64> = c
+        .shared
+        .conns
+        .iter()
+        .map(|k| k.sent.load(Ordering::Relaxed))
+        .collect();
+    assert!(
+        sent.iter().all(|&n| n >= 1),
+        "requests per connection: {sent:?}"
+    );
+    // Many writers at once, 1 MiB each, then one FLUSH (on one connection): every write is in
+    // the file, read back through the client and from the file itself.
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let c = c.clone();
+            s.spawn(move || {
+                c.write_at(&pattern(MIB as usize, 100 + t), (t + 1) * MIB, false)
+                    .unwrap()
+            });
+        }
+    });
+    c.flush().unwrap();
+    for t in 0..16u64 {
+        let want = pattern(MIB as usize, 100 + t);
+        assert!(
+            file_bytes(&file, (t + 1) * MIB, MIB as usize) == want,
+            "write {t} in the file"
+        );
+        let mut back = vec![0u8; MIB as usize];
+        c.read_at(&mut back, (t + 1) * MIB).unwrap();
+        assert!(back == want, "write {t} read back");
+    }
+    for i in 0..8u64 {
+        assert!(file_bytes(&file, i * 4096, 4096) == pattern(4096, i + 1));
+    }
+}
+
+#[test]
+fn one_dropped_connection_of_several_fails_the_whole_client() {
+    let (port, _exports, _file, _dir) = bicsi_server(16 * MIB);
+    let c = NbdClient::connect_pool(HOST, port, "r1", Duration::from_secs(30), None, 3).unwrap();
+    assert_eq!(c.connections(), 3);
+    c.write_at(&pattern(4096, 1), 0, false).unwrap();
+    // The second connection drops (as a TCP connection cut between the nodes): the client is
+    // dead at once, well before the 30 s timeout, on every connection, naming why.
+    c.shared.conns[1].socket.shutdown(Shutdown::Both).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.shared.dead.load(Ordering::Acquire) {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped connection went unnoticed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 0..6u64 {
+        let e = c.write_at(&pattern(4096, 2), i * 4096, false).unwrap_err();
+        assert!(e.to_string().contains("closed the connection"), "{e}");
+    }
+    assert!(c.flush().is_err());
+}
+
+#[test]
+fn a_server_without_multi_conn_gets_one_connection() {
+    let Some(server) = Server::start(16 * MIB) else {
+        return;
+    };
+    let c =
+        NbdClient::connect_pool(HOST, server.port, "r1", Duration::from_secs(10), None, 4).unwrap();
+    let multi = c.flags & TFLAG_CAN_MULTI_CONN != 0;
+    assert_eq!(
+        c.connections(),
+        if multi { 4 } else { 1 },
+        "flags {:#x}",
+        c.flags
+    );
+    c.write_at(&pattern(4096, 5), 8192, false).unwrap();
+    c.flush().unwrap();
+    assert!(file_bytes(&server.file, 8192, 4096) == pattern(4096, 5));
+}
+
+#[test]
+fn a_begun_write_returns_before_its_reply_and_finish_waits_for_it() {
+    let Some(server) = Server::start(16 * MIB) else {
+        return;
+    };
+    let c = server.connect(Duration::from_millis(800));
+    let p = c.begin_write(&pattern(4096, 1), 0).unwrap();
+    c.finish(p).unwrap();
+    assert!(file_bytes(&server.file, 0, 4096) == pattern(4096, 1));
+    // A stopped server: the write is sent (begin returns at once), the reply never comes, and
+    // finish gives up at the timeout counted from the send.
+    server.signal(Signal::SIGSTOP);
+    let t = Instant::now();
+    let p = c.begin_write(&pattern(4096, 2), 4096).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let e = c.finish(p).unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    server.signal(Signal::SIGCONT);
+    assert!(c.begin_flush().is_err(), "a dead client sends nothing");
 }
