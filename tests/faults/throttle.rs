@@ -195,6 +195,22 @@ async fn serve(
     resp
 }
 
+/// What the proxy's side of an upstream connection may hold unread. A router holds little;
+/// without a bound the kernel grows the buffer up to `net.ipv4.tcp_rmem`'s maximum (32 MiB on
+/// the CI machines), so a whole 16 MiB transfer could sit in it and still reach the receiver at
+/// the throttled rate after a `kill -9` of the sender, which then never looks cut (seen: the
+/// sender-kill test waited 30 s for a failure that could not come).
+const UPSTREAM_RCVBUF: u32 = 128 << 10;
+
+async fn connect_bounded(port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    // Set before connect, so the window the sender sees never grows past it.
+    socket.set_recv_buffer_size(UPSTREAM_RCVBUF)?;
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+}
+
 /// A TCP proxy on a port of its own on 127.0.0.1 to `127.0.0.1:PORT`; answers flow at
 /// [`Proxy::rate`]. Node agents advertise the proxy's URL (`--advertise-*-url`).
 pub struct Proxy {
@@ -216,8 +232,7 @@ impl Proxy {
             while let Ok((client, _)) = listener.accept().await {
                 let r = r.clone();
                 tokio::spawn(async move {
-                    let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
-                    else {
+                    let Ok(upstream) = connect_bounded(port).await else {
                         return;
                     };
                     let (mut cr, mut cw) = client.into_split();
