@@ -324,10 +324,24 @@ pub(super) fn read_cmdline(pid: i32) -> Option<Vec<String>> {
 
 /// Alive and not a zombie: if bicsi runs as PID 1 of a container, an exited daemon is re-parented
 /// to us and lingers as a zombie that kill(0) still reports as existing.
+///
+/// A process is alive while any of its threads is: after SIGKILL the thread-group leader turns
+/// zombie first while the others are still exiting, and they hold the shared file table, so
+/// qemu's image locks (and FUSE's device) are released only when the last thread is gone. Read
+/// as dead at the leader's zombie, a restart raced them ("Failed to get \"write\" lock").
 pub(super) fn alive(pid: i32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
+    tasks.flatten().any(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .map(|stat| running(&stat))
+            .unwrap_or(false)
+    })
+}
+
+/// Whether a `/proc/.../stat` line shows a task that has not exited (neither zombie nor dead).
+fn running(stat: &str) -> bool {
     // The state follows the last ')' (the command name may itself contain parentheses).
     match stat.rsplit_once(')') {
         Some((_, rest)) => !matches!(rest.trim_start().chars().next(), Some('Z' | 'X') | None),
@@ -1073,6 +1087,55 @@ mod tests {
             run_dir: dir.join("run"),
             read_only,
         }
+    }
+
+    #[test]
+    fn a_task_state_reads_as_running_unless_zombie_or_dead() {
+        for (stat, want) in [
+            ("12 (qemu-storage-d) S 1 12", true),
+            ("12 (a) (b)) R 1 12", true),
+            ("12 (qemu) Z 1 12", false),
+            ("12 (qemu) X 1 12", false),
+            ("12 (qemu)", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(running(stat), want, "{stat:?}");
+        }
+    }
+
+    /// A process whose leader has exited while another thread still runs (as after SIGKILL,
+    /// the leader first) is alive: its threads still hold its files and their locks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_process_is_alive_while_a_thread_outlives_its_zombie_leader() {
+        // The main thread leaves by the raw exit(2) (60 on x86_64), not exit_group: the leader
+        // turns zombie, the other thread sleeps on for a second.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes, threading, time\n\
+                 threading.Thread(target=lambda: time.sleep(1)).start()\n\
+                 ctypes.CDLL(None).syscall(60, 0)",
+            ])
+            .spawn()
+            .expect("python3 runs");
+        let pid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let leader_zombie =
+            || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !running(&s));
+        while !leader_zombie() {
+            assert!(
+                Instant::now() < deadline,
+                "the leader of {pid} never exited"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(alive(pid), "a thread of {pid} still runs");
+        assert!(
+            wait_exit(pid, Duration::from_secs(5)),
+            "{pid} ends with its thread"
+        );
+        let _ = child.wait();
     }
 
     #[test]
