@@ -244,7 +244,9 @@ async fn calls(
     Ok(((started.elapsed(), lat), ids))
 }
 
-/// Replica files (`*.qcow2`) under `<disk>/replicas`.
+/// Replica files under `<disk>/replicas`: `volume.qcow2`, `volume.raw` or `volume.cow`, whichever
+/// the engine the volume got asks for (the mirror engine over copy-on-write replicas on ext4 in
+/// one `bicsi serve`, by default since session 11).
 fn replicas_on_disk(disk: &Path) -> usize {
     let Ok(dirs) = std::fs::read_dir(disk.join("replicas")) else {
         return 0;
@@ -253,7 +255,12 @@ fn replicas_on_disk(disk: &Path) -> usize {
         .filter_map(|d| std::fs::read_dir(d.path()).ok())
         .flatten()
         .flatten()
-        .filter(|f| f.path().extension().is_some_and(|e| e == "qcow2"))
+        .filter(|f| {
+            let name = f.file_name();
+            ["volume.qcow2", "volume.raw", "volume.cow"]
+                .iter()
+                .any(|n| name == std::ffi::OsStr::new(n))
+        })
         .count()
 }
 
