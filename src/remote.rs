@@ -14,6 +14,7 @@ use crate::agent::{Agent, DiskSpace, LocalAgent};
 use crate::backing::BackingImages;
 use crate::cluster::{Cluster, HEARTBEAT_INTERVAL};
 use crate::error::{Error, Result};
+use crate::files::source::ImageSource;
 use crate::files::{FileReport, FileReports};
 use crate::model::{Disk, NodeRecord, Replica};
 use crate::os::ReplicaTarget;
@@ -332,6 +333,7 @@ impl Agent for RemoteAgent {
         &self,
         image: &str,
         disk_id: &str,
+        source: &ImageSource,
         credentials: Option<&crate::download::Credentials>,
     ) -> Result<()> {
         self.client
@@ -340,6 +342,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
                 credentials_json: credentials.map(to_json).transpose()?.unwrap_or_default(),
+                source_json: to_json(source)?,
             })
             .await
             .map_err(status_error)?;
@@ -353,6 +356,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: String::new(),
                 credentials_json: Vec::new(),
+                source_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -366,6 +370,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
                 credentials_json: Vec::new(),
+                source_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -379,6 +384,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
                 credentials_json: Vec::new(),
+                source_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -712,9 +718,12 @@ impl AgentRpc for AgentService {
         let credentials: Option<crate::download::Credentials> = (!r.credentials_json.is_empty())
             .then(|| from_json(&r.credentials_json, "source credentials"))
             .transpose()?;
+        let source: Option<ImageSource> = (!r.source_json.is_empty())
+            .then(|| from_json(&r.source_json, "image source"))
+            .transpose()?;
         self.local
-            .prepare_first_file(&r.image, &r.disk_id, credentials.as_ref())
-            .await?;
+            .files
+            .prepare_first_file_with(&r.image, &r.disk_id, source, credentials)?;
         Ok(Response::new(pb::Empty {}))
     }
 

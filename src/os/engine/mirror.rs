@@ -240,7 +240,7 @@ pub fn add_target(run_dir: &Path, path: &Path) -> OsResult<()> {
 
 /// Has the engine take the new copy-on-write replica `spec` as an online rebuild target (`add
 /// data=,map=[,base=]`); it is known by its data file from then on.
-pub fn add_cow_target(run_dir: &Path, spec: &crate::mirror::cow::CowSpec) -> OsResult<()> {
+pub fn add_cow_target(run_dir: &Path, spec: &crate::os::cow::CowSpec) -> OsResult<()> {
     let mut line = format!(
         "add data={},map={}",
         utf8_path(&spec.data)?,
