@@ -3,6 +3,13 @@
 //! implementations: [`LocalAgent`] works on this process's disks (the all-in-one mode, and the
 //! node side of the split mode), `remote::RemoteAgent` forwards the same calls over gRPC. The
 //! controller never touches a disk directly.
+//!
+//! One name per role, across the modules: `Agent` is the controller's handle on a node (local:
+//! [`LocalAgent`]; remote: `remote::RemoteAgent`, the gRPC client); `remote::AgentService` is
+//! the node's end of that gRPC (the stub that answers the controller and calls its
+//! `LocalAgent`); `node::NodeAgent` is the node domain itself (stage, publish, unstage on this
+//! node, which the CSI node service calls). A backing image's first file is asked for with its
+//! typed source (`files::source::ImageSource`), so the node reads no source parameter.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -2,6 +2,11 @@
 //! (`proto/bicsi.proto`), and the client side of each, implementing the same traits as the
 //! in-process versions (`Agent`, `Store`, `FileReports`), so the domain runs unchanged in both
 //! modes. Records travel as the JSON documents the store keeps.
+//!
+//! The roles (see `agent`'s doc): [`RemoteAgent`] is the controller's handle on a node over
+//! gRPC, [`AgentService`] the node's end that answers it through its `LocalAgent`;
+//! [`RemoteStore`] and [`RemoteReports`] are the node's view of the controller's records and
+//! the way its file reports go back.
 
 use std::sync::Arc;
 

@@ -664,10 +664,6 @@ mod tests {
                 SourceType::Restore => &[("backup-url", "s3://bucket/backups#img")],
                 SourceType::Upload => &[],
             };
-            let params = params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
             let bi = BackingImage {
                 api_version: object::API_VERSION.into(),
                 kind: object::KIND.into(),
@@ -676,10 +672,8 @@ mod tests {
                     namespace: object::DEFAULT_NAMESPACE.into(),
                 },
                 spec: BackingImageSpec {
-                    source_type: source,
-                    source_parameters: params,
-                    checksum: String::new(),
                     min_number_of_copies: min,
+                    ..crate::model::backing_image::spec_of(source, params)
                 },
                 status: BackingImageStatus {
                     uuid: "0123abcd".into(),

@@ -367,6 +367,7 @@ pub fn first_difference(existing: &BackingImageSpec, wanted: &BackingImageSpec) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::backing_image::spec_of as spec;
 
     #[test]
     fn names_are_dns_labels() {
@@ -387,18 +388,6 @@ mod tests {
         for bad in ["abc", &"g".repeat(128), &"a".repeat(127)] {
             let e = normalize_checksum("x", bad).unwrap_err();
             assert!(e.to_string().contains("128 hexadecimal"), "{e}");
-        }
-    }
-
-    fn spec(t: SourceType, params: &[(&str, &str)]) -> BackingImageSpec {
-        BackingImageSpec {
-            source_type: t,
-            source_parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            checksum: String::new(),
-            min_number_of_copies: 1,
         }
     }
 

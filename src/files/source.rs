@@ -400,18 +400,7 @@ mod source_checksum {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(t: SourceType, params: &[(&str, &str)]) -> BackingImageSpec {
-        BackingImageSpec {
-            source_type: t,
-            source_parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            checksum: String::new(),
-            min_number_of_copies: 1,
-        }
-    }
+    use crate::model::backing_image::spec_of as spec;
 
     #[test]
     fn each_source_type_parses_into_its_typed_value() {

@@ -217,3 +217,17 @@ pub struct FileMeta {
     pub checksum: String,
     pub source_type: String,
 }
+
+/// A spec of `source_type` with `params`, no checksum and one copy (for tests).
+#[cfg(test)]
+pub(crate) fn spec_of(source_type: SourceType, params: &[(&str, &str)]) -> BackingImageSpec {
+    BackingImageSpec {
+        source_type,
+        source_parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        checksum: String::new(),
+        min_number_of_copies: 1,
+    }
+}
