@@ -1,7 +1,10 @@
 //! Backing images as the controller keeps them: the objects, where the first file goes, the
 //! reports of the nodes on their files, and deletion. Every change of a file's state goes through
 //! [`state::transition`]. The file work itself (download, export, copy, transfer) is the nodes'
-//! (`files.rs`); this module must not touch disks, nor know about CSI or HTTP.
+//! (`files.rs`); this module must not touch disks, nor know about CSI or HTTP. It is where an
+//! image's source is parsed for the nodes ([`first_file_source`]: the typed source with what
+//! only the records know), and it gives the nodes' file managers their view of the records
+//! ([`StoreRecords`]).
 
 pub mod events;
 pub mod expected;

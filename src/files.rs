@@ -8,11 +8,17 @@
 //! checksum, so nothing half-written is ever ready. Beside it go `backing.cfg` (its facts) and,
 //! when one was built from the same bytes as that SHA-512, `backing.manifest` (its chunk
 //! manifest, see [`crate::sync::manifest`], which lets other nodes check a transfer chunk by
-//! chunk); verification and the scrub rebuild a missing or wrong manifest. It must not change
-//! image objects itself: the controller owns them and applies the reports.
+//! chunk); verification and the scrub rebuild a missing or wrong manifest (the paths are
+//! `model::Disk`'s layout). It must not change image objects itself: the controller owns them
+//! and applies the reports.
 //!
-//! This module holds what every job shares: the reports, the [`FileManagers`] state and the
-//! paths of a file's pieces. One job a file below it:
+//! It stands below the controller domain and imports nothing of it: what it reads of the
+//! records and settings comes through the traits it defines here ([`ImageRecords`],
+//! [`FileSettings`]), an image's source comes typed in the request ([`source`]), and what
+//! happens is counted through `counters`.
+//!
+//! This module holds what every job shares: the reports, the [`FileManagers`] state and those
+//! traits. One job a file below it:
 //! - [`managers`]: the registry of disk managers, their tasks, look-ups and deleting files;
 //! - [`slots`]: the sync slots that bound the syncs running on the node;
 //! - [`source`]: an image's data source, typed, as the requests carry it;

@@ -319,7 +319,8 @@ pub struct Disk {
 /// ```
 impl Disk {
     /// The directories a disk holds from its first use.
-    pub const DIRS: [&'static str; 3] = ["replicas", "backing-images", "tmp"];
+    pub const DIRS: [&'static str; 3] = ["replicas", "backing-images", Disk::TMP];
+    const TMP: &'static str = "tmp";
 
     pub fn replicas_dir(&self) -> PathBuf {
         self.path.join("replicas")
@@ -372,8 +373,15 @@ impl Disk {
 
     /// Work in progress (temp files, restores, backups), renamed into place only when whole.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.path.join("tmp")
+        self.path.join(Disk::TMP)
     }
+}
+
+/// The `tmp/` of the disk that holds the replica file `file`
+/// (`<disk>/replicas/<volume>-<replica>/volume.*`); `None` when it is not that deep.
+pub fn disk_tmp_of_replica(file: &Path) -> Option<PathBuf> {
+    let disk = file.parent()?.parent()?.parent()?;
+    Some(disk.join(Disk::TMP))
 }
 
 /// The chunk manifest beside a ready `backing` file (the path of that file).

@@ -579,14 +579,14 @@ fn restore_into_cow(
     std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
     let base = match backing {
         Some((file, format)) => {
-            let disk = dir.parent().and_then(Path::parent).ok_or_else(|| {
+            let tmp = crate::model::disk_tmp_of_replica(dest).ok_or_else(|| {
                 Error::Internal(format!("{} is not in a disk's replicas/", dest.display()))
             })?;
             Some(crate::os::rawfile::expand_backing(
                 &*os.images,
                 file,
                 format,
-                &disk.join("tmp"),
+                &tmp,
             )?)
         }
         None => None,

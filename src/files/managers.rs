@@ -202,8 +202,8 @@ impl FileManagers {
         let prefix = format!("{name}-");
         blocking(move || {
             for d in &disks {
-                for sub in ["backing-images", "tmp"] {
-                    let Ok(entries) = std::fs::read_dir(d.path.join(sub)) else {
+                for dir in [d.backing_images_dir(), d.tmp_dir()] {
+                    let Ok(entries) = std::fs::read_dir(dir) else {
                         continue;
                     };
                     for e in entries.flatten() {
