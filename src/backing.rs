@@ -814,4 +814,60 @@ mod tests {
         );
         assert_eq!(state("ready").state, FileState::Ready);
     }
+
+    #[test]
+    fn an_exports_source_names_the_snapshot_the_records_say_it_comes_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let mut bi = download_image(BackingImageStatus::default());
+        bi.spec = crate::model::backing_image::spec_of(
+            SourceType::ExportFromVolume,
+            &[("volume-name", "pvc/1"), ("export-type", "raw")],
+        );
+        let export = |store: &dyn Store| match first_file_source(store, &bi).unwrap() {
+            ImageSource::ExportFromVolume(e) => e,
+            other => panic!("{other:?}"),
+        };
+        // The volume as it is now: its id comes with the source, no snapshot.
+        let now = export(&*store);
+        assert_eq!(now.volume_id, crate::model::volume_id_for("pvc/1"));
+        assert_eq!(now.format, crate::model::ImageFormat::Raw);
+        assert_eq!(now.snapshot, None);
+        // A `type: bi` snapshot exported as this image: its files come with the source.
+        let file = crate::snapshot::SnapshotFile {
+            node_id: "n2".into(),
+            disk_id: "d9".into(),
+            path: "/d9/snapshots/s1/snapshot.raw".into(),
+        };
+        let snapshot = crate::snapshot::Snapshot {
+            id: "s1".into(),
+            name: "snap-1".into(),
+            source_volume_id: now.volume_id.clone(),
+            size_bytes: 1 << 20,
+            creation_secs: 1,
+            creation_nanos: 0,
+            backing_image: None,
+            parameters: Default::default(),
+            files: vec![file.clone()],
+            exported: Some(crate::snapshot::ExportedImage {
+                name: "img".into(),
+                export_type: "raw".into(),
+            }),
+            group_snapshot_id: None,
+        };
+        store.put(Kind::Snapshot, "s1", &snapshot).unwrap();
+        assert_eq!(
+            export(&*store).snapshot,
+            Some(ExportedSnapshot {
+                name: "snap-1".into(),
+                files: vec![file],
+            })
+        );
+        // Through the file managers' view of the records, the same.
+        assert_eq!(
+            StoreRecords(store.clone()).source(&bi).unwrap(),
+            first_file_source(&*store, &bi).unwrap()
+        );
+    }
 }

@@ -502,4 +502,31 @@ mod tests {
         let e = d.access(None).unwrap_err();
         assert!(e.contains("Secret or ConfigMap"), "{e}");
     }
+
+    #[test]
+    fn a_record_as_older_versions_wrote_it_loads_and_gives_its_typed_source() {
+        // The stored shape is the same before and after the source became typed: sourceType
+        // and sourceParameters, nothing more.
+        let json = r#"{"apiVersion":"longhorn.io/v1beta2","kind":"BackingImage",
+            "metadata":{"name":"img"},
+            "spec":{"sourceType":"export-from-volume",
+                    "sourceParameters":{"volume-name":"v1","export-type":"qcow2"}},
+            "status":{"uuid":"0123abcd","diskFileStatusMap":{"d1":{"state":"in-progress",
+                "progress":5,"lastStateTransitionTime":"2033-05-18T03:33:20Z"}}}}"#;
+        let bi: crate::model::backing_image::BackingImage = serde_json::from_str(json).unwrap();
+        assert_eq!(bi.spec.min_number_of_copies, 1);
+        assert_eq!(
+            bi.status.disk_file_status_map["d1"].state,
+            crate::model::file_state::FileState::InProgress
+        );
+        assert_eq!(
+            ImageSource::from_spec(&bi.spec).unwrap(),
+            ImageSource::ExportFromVolume(ExportSource {
+                volume_name: "v1".into(),
+                volume_id: "v1".into(),
+                format: ImageFormat::Qcow2,
+                snapshot: None,
+            })
+        );
+    }
 }
