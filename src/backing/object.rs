@@ -344,7 +344,7 @@ pub fn first_difference(existing: &BackingImageSpec, wanted: &BackingImageSpec) 
             existing.source_parameters, wanted.source_parameters
         ));
     }
-    if !wanted.checksum.is_empty() && existing.checksum != wanted.checksum {
+    if !crate::model::checksum::matches(&wanted.checksum, &existing.checksum) {
         return Some(format!(
             "checksum is {} but {} was requested",
             if existing.checksum.is_empty() {

@@ -569,7 +569,7 @@ impl Controller {
                 meta.name, want.name, want.checksum, want.source_type, want.source_parameters
             )));
         };
-        if !want.checksum.is_empty() && bi.status.checksum != want.checksum {
+        if !crate::model::checksum::matches(&want.checksum, &bi.status.checksum) {
             return Err(Error::FailedPrecondition(format!(
                 "backup {:?} was taken over backing image {:?} with SHA-512 {}, but the image of that name here has {}; restore over it explicitly with --backing-image {} if its content is the same, or over another image",
                 meta.name,
@@ -603,7 +603,7 @@ impl Controller {
         let Some(want) = &meta.backing_image else {
             return Ok(None);
         };
-        if want.checksum.is_empty() || want.checksum == override_checksum {
+        if crate::model::checksum::matches(&want.checksum, override_checksum) {
             return Ok(None);
         }
         let mut here: Vec<_> = self

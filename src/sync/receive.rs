@@ -435,7 +435,7 @@ impl Transfer<'_> {
         let bytes = body.len() as u64;
         let manifest = Manifest::parse(&body)
             .map_err(|why| (format!("the manifest at {shown} is invalid: {why}"), bytes))?;
-        if manifest.sha512 != expected {
+        if !crate::model::checksum::matches(expected, &manifest.sha512) {
             return Err((
                 format!(
                     "the manifest at {shown} is of content with SHA-512 {}, not the expected {expected}",
