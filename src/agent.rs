@@ -3,16 +3,23 @@
 //! implementations: [`LocalAgent`] works on this process's disks (the all-in-one mode, and the
 //! node side of the split mode), `remote::RemoteAgent` forwards the same calls over gRPC. The
 //! controller never touches a disk directly.
+//!
+//! One name per role, across the modules: `Agent` is the controller's handle on a node (local:
+//! [`LocalAgent`]; remote: `remote::RemoteAgent`, the gRPC client); `remote::AgentService` is
+//! the node's end of that gRPC (the stub that answers the controller and calls its
+//! `LocalAgent`); `node::NodeAgent` is the node domain itself (stage, publish, unstage on this
+//! node, which the CSI node service calls). A backing image's first file is asked for with its
+//! typed source (`files::source::ImageSource`), so the node reads no source parameter.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backing::BackingImages;
-use crate::backing::state::FileState;
 use crate::error::{Error, Result};
 use crate::files::FileManagers;
+use crate::files::source::ImageSource;
 use crate::fsutil::blocking;
 use crate::guard::Guards;
+use crate::model::file_state::FileState;
 use crate::model::{Disk, NodeVolume, Replica};
 use crate::os::{ImageFormat, Os, ReplicaExport, ReplicaTarget};
 use crate::snapshot::{GroupMember, SnapshotFile};
@@ -142,13 +149,15 @@ pub trait Agent: Send + Sync {
     async fn resize_replica(&self, replica: &Replica, size: u64) -> Result<()>;
     /// Creates `replica` as a copy of `source`, another replica on this node (sparse).
     async fn copy_replica(&self, source: &Replica, replica: &Replica) -> Result<()>;
-    /// Starts preparing an image's first file on one of this node's disks. `credentials` are
-    /// what the controller read from the Secret and ConfigMap the image's source names (the
-    /// node never reads them itself); `None` when it names none.
+    /// Starts preparing an image's first file on one of this node's disks from `source`, as
+    /// the controller parsed it (`backing::first_file_source`). `credentials` are what the
+    /// controller read from the Secret and ConfigMap the source names (the node never reads
+    /// them itself); `None` when it names none.
     async fn prepare_first_file(
         &self,
         image: &str,
         disk_id: &str,
+        source: &ImageSource,
         credentials: Option<&crate::download::Credentials>,
     ) -> Result<()>;
     /// Removes every file of an image from this node's disks.
@@ -506,11 +515,11 @@ impl LocalAgent {
     }
 
     fn image_file(&self, image: &str, disk: &Disk) -> Result<Option<(PathBuf, ImageFormat)>> {
-        let bi: crate::backing::object::BackingImage =
-            self.store
-                .get(Kind::BackingImage, image)?
-                .ok_or_else(|| Error::NotFound(format!("backing image {image:?} not found")))?;
-        let file = BackingImages::file_path(disk, &bi);
+        let bi: crate::model::backing_image::BackingImage = self
+            .store
+            .get(Kind::BackingImage, image)?
+            .ok_or_else(|| Error::NotFound(format!("backing image {image:?} not found")))?;
+        let file = disk.image_file(&bi);
         let ready = bi
             .status
             .disk_file_status_map
@@ -540,7 +549,7 @@ impl Agent for LocalAgent {
                     let shares_blocks = match known {
                         Some(s) => s,
                         None => {
-                            let s = os.images.shares_blocks(&d.path.join("tmp"))?;
+                            let s = os.images.shares_blocks(&d.tmp_dir())?;
                             tracing::info!(disk = %d.id, path = %d.path.display(), shares_blocks = s, "probed whether the disk shares blocks (reflink)");
                             probed.lock().expect("probe cache").insert(d.id.clone(), s);
                             s
@@ -574,7 +583,7 @@ impl Agent for LocalAgent {
         };
         let os = self.os.clone();
         let r = replica.clone();
-        let tmp_dir = disk.path.join("tmp");
+        let tmp_dir = disk.tmp_dir();
         blocking(move || {
             let dir = replica_dir(&r);
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -643,10 +652,15 @@ impl Agent for LocalAgent {
         &self,
         image: &str,
         disk_id: &str,
+        source: &ImageSource,
         credentials: Option<&crate::download::Credentials>,
     ) -> Result<()> {
-        self.files
-            .prepare_first_file_with(image, disk_id, credentials.cloned())
+        self.files.prepare_first_file_with(
+            image,
+            disk_id,
+            Some(source.clone()),
+            credentials.cloned(),
+        )
     }
 
     async fn delete_image_files(&self, image: &str) -> Result<()> {
@@ -869,7 +883,7 @@ impl Agent for LocalAgent {
         let os = self.os.clone();
         let mut file = replica.clone();
         file.path = names.added.clone();
-        let tmp_dir = disk.path.join("tmp");
+        let tmp_dir = disk.tmp_dir();
         let id = volume_id.to_string();
         if ImageFormat::of_file(&names.name) == ImageFormat::Cow {
             // A new copy-on-write replica over this disk's base, under temporary names; the
@@ -1156,7 +1170,7 @@ impl Agent for LocalAgent {
         let target = crate::backup::Target::open(&req.target_url, req.credential_file.as_deref())?;
         let job = crate::backup::blocks::BackupJob {
             target,
-            work_dir: disk.path.join("tmp").join(format!("backup-{}", req.name)),
+            work_dir: disk.tmp_dir().join(format!("backup-{}", req.name)),
             name: req.name,
             volume: req.volume,
             snapshot: req.snapshot,
@@ -1203,15 +1217,11 @@ impl Agent for LocalAgent {
             Some(image) => Some(self.wait_image_file(image, &disk).await?),
             None => None,
         };
-        let work_dir = disk
-            .path
-            .join("tmp")
-            .join(format!("restore{}", req.restore_id));
+        let work_dir = disk.tmp_dir().join(format!("restore{}", req.restore_id));
         let target = crate::backup::Target::open(&req.target_url, req.credential_file.as_deref())?;
         // Over an override, the original image's file: one of this cluster's, or from the target.
         let original_dir = disk
-            .path
-            .join("tmp")
+            .tmp_dir()
             .join(format!("restore{}-original", req.restore_id));
         let original = match &req.original {
             Some(o) if backing.is_some() => Some(match &o.local {

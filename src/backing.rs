@@ -1,42 +1,31 @@
 //! Backing images as the controller keeps them: the objects, where the first file goes, the
 //! reports of the nodes on their files, and deletion. Every change of a file's state goes through
 //! [`state::transition`]. The file work itself (download, export, copy, transfer) is the nodes'
-//! (`files.rs`); this module must not touch disks, nor know about CSI or HTTP.
+//! (`files.rs`); this module must not touch disks, nor know about CSI or HTTP. It is where an
+//! image's source is parsed for the nodes ([`first_file_source`]: the typed source with what
+//! only the records know), and it gives the nodes' file managers their view of the records
+//! ([`StoreRecords`]).
 
 pub mod events;
 pub mod expected;
 pub mod lifecycle;
 pub mod object;
 pub mod poll;
-pub mod state;
+/// The states of a file and their one transition function (`model::file_state`).
+pub use crate::model::file_state as state;
 
-use std::path::PathBuf;
 use std::sync::Arc;
-
-use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
-use crate::files::{FileReport, FileReports};
+use crate::files::source::{ExportedSnapshot, ImageSource};
+use crate::files::{FileReport, FileReports, ImageRecords};
 use crate::model::{Disk, Volume, rfc3339};
 use crate::settings::Settings;
 use crate::store::{Kind, Store, StoreExt};
 use object::{BackingImage, DiskFileStatus, SourceType};
 use state::{FileState, transition};
-
-/// The metadata file beside a ready `backing` file.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FileMeta {
-    pub name: String,
-    pub uuid: String,
-    pub size: u64,
-    pub virtual_size: u64,
-    pub format: String,
-    pub checksum: String,
-    pub source_type: String,
-}
 
 pub struct BackingImages {
     store: Arc<dyn Store>,
@@ -137,14 +126,6 @@ impl BackingImages {
 
     pub fn list(&self) -> Result<Vec<BackingImage>> {
         self.store.list(Kind::BackingImage)
-    }
-
-    /// The path of the image's file on `disk`.
-    pub fn file_path(disk: &Disk, bi: &BackingImage) -> PathBuf {
-        disk.path
-            .join("backing-images")
-            .join(bi.dir_name())
-            .join("backing")
     }
 
     /// Applies `f` to the stored object under the write lock and stores the result.
@@ -307,8 +288,10 @@ impl BackingImages {
     /// the Secret and ConfigMap the source names; when those cannot be read, the files fail
     /// with the reason (and recovery tries again).
     async fn start_first_files(&self, bi: &BackingImage) {
-        let credentials = match self.source_credentials(bi) {
-            Ok(c) => c,
+        let request = first_file_source(&*self.store, bi)
+            .and_then(|source| Ok((source, self.source_credentials(bi)?)));
+        let (source, credentials) = match request {
+            Ok(r) => r,
             Err(e) => {
                 for (disk_id, f) in &bi.status.disk_file_status_map {
                     if f.state != FileState::Pending {
@@ -335,7 +318,7 @@ impl BackingImages {
             let r = match self.cluster.agent(&f.node_id) {
                 Ok(agent) => {
                     agent
-                        .prepare_first_file(bi.name(), disk_id, credentials.as_ref())
+                        .prepare_first_file(bi.name(), disk_id, &source, credentials.as_ref())
                         .await
                 }
                 Err(e) => Err(e),
@@ -354,7 +337,7 @@ impl BackingImages {
         self.update(name, |bi| {
             let mut report = report;
             if let Some(ready) = &report.ready {
-                if !bi.status.checksum.is_empty() && bi.status.checksum != ready.checksum {
+                if !crate::model::checksum::matches(&bi.status.checksum, &ready.checksum) {
                     report = FileReport::new(
                         FileState::Failed,
                         0,
@@ -586,7 +569,7 @@ impl BackingImages {
                 users.join(", ")
             )));
         }
-        let snapshots = crate::controller::snapshot::snapshots_over(&*self.store, name)?;
+        let snapshots = snapshots_over(&*self.store, name)?;
         if !snapshots.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "backing image {name:?} holds the data under snapshots {}; delete them first",
@@ -610,26 +593,71 @@ impl BackingImages {
         Ok(())
     }
 
-    /// A one-line summary of where an image stands, for retryable errors and tables.
+    /// A one-line summary of where an image stands (`BackingImage::describe`, the record's
+    /// own; kept here for the callers that know it by this name).
     pub fn describe(bi: &BackingImage) -> String {
-        if bi.status.disk_file_status_map.is_empty() {
-            return match bi.spec.source_type {
-                SourceType::Upload => "waiting for an upload".to_string(),
-                _ => "no file yet".to_string(),
-            };
-        }
-        bi.status
-            .disk_file_status_map
-            .iter()
-            .map(|(disk, f)| {
-                let mut s = format!("{disk}: {} {}%", f.state, f.progress);
-                if !f.message.is_empty() {
-                    s.push_str(&format!(" ({})", f.message));
-                }
-                s
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
+        bi.describe()
+    }
+}
+
+/// The typed source of the image's first file, as a node's request carries it: the spec's
+/// source (`files::source`), and for an export the snapshot it comes from when a `type: bi`
+/// snapshot made the image (the records know it; the node reads no snapshot records).
+pub fn first_file_source(store: &dyn Store, bi: &BackingImage) -> Result<ImageSource> {
+    let name = bi.name();
+    let mut source = ImageSource::from_spec(&bi.spec)
+        .map_err(|e| Error::FailedPrecondition(format!("backing image {name:?}: {e}")))?;
+    if let ImageSource::ExportFromVolume(export) = &mut source {
+        export.snapshot = exported_by(store, name)?.map(|s| ExportedSnapshot {
+            name: s.name,
+            files: s.files,
+        });
+    }
+    Ok(source)
+}
+
+/// The `type: bi` snapshot that was exported as backing image `image`, if one was.
+pub fn exported_by(store: &dyn Store, image: &str) -> Result<Option<crate::snapshot::Snapshot>> {
+    let snapshots: Vec<crate::snapshot::Snapshot> = store.list(Kind::Snapshot)?;
+    Ok(snapshots
+        .into_iter()
+        .find(|s| s.exported.as_ref().is_some_and(|e| e.name == image)))
+}
+
+/// Snapshots whose files sit on top of backing image `image` (their source volume's): the
+/// image cannot go while they exist.
+pub fn snapshots_over(store: &dyn Store, image: &str) -> Result<Vec<String>> {
+    let snapshots: Vec<crate::snapshot::Snapshot> = store.list(Kind::Snapshot)?;
+    Ok(snapshots
+        .into_iter()
+        .filter(|s| s.backing_image.as_deref() == Some(image))
+        .map(|s| s.name)
+        .collect())
+}
+
+/// The file managers' view of the records (`files::ImageRecords`) over a store: a node's,
+/// local or remote.
+pub struct StoreRecords(pub Arc<dyn Store>);
+
+impl ImageRecords for StoreRecords {
+    fn image(&self, name: &str) -> Result<Option<BackingImage>> {
+        self.0.get(Kind::BackingImage, name)
+    }
+
+    fn images(&self) -> Result<Vec<BackingImage>> {
+        self.0.list(Kind::BackingImage)
+    }
+
+    fn node(&self, node_id: &str) -> Result<Option<crate::model::NodeRecord>> {
+        self.0.get(Kind::Node, node_id)
+    }
+
+    fn volume(&self, volume_id: &str) -> Result<Option<Volume>> {
+        self.0.get(Kind::Volume, volume_id)
+    }
+
+    fn source(&self, bi: &BackingImage) -> Result<ImageSource> {
+        first_file_source(&*self.0, bi)
     }
 }
 
@@ -785,5 +813,61 @@ mod tests {
                 .is_err()
         );
         assert_eq!(state("ready").state, FileState::Ready);
+    }
+
+    #[test]
+    fn an_exports_source_names_the_snapshot_the_records_say_it_comes_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let mut bi = download_image(BackingImageStatus::default());
+        bi.spec = crate::model::backing_image::spec_of(
+            SourceType::ExportFromVolume,
+            &[("volume-name", "pvc/1"), ("export-type", "raw")],
+        );
+        let export = |store: &dyn Store| match first_file_source(store, &bi).unwrap() {
+            ImageSource::ExportFromVolume(e) => e,
+            other => panic!("{other:?}"),
+        };
+        // The volume as it is now: its id comes with the source, no snapshot.
+        let now = export(&*store);
+        assert_eq!(now.volume_id, crate::model::volume_id_for("pvc/1"));
+        assert_eq!(now.format, crate::model::ImageFormat::Raw);
+        assert_eq!(now.snapshot, None);
+        // A `type: bi` snapshot exported as this image: its files come with the source.
+        let file = crate::snapshot::SnapshotFile {
+            node_id: "n2".into(),
+            disk_id: "d9".into(),
+            path: "/d9/snapshots/s1/snapshot.raw".into(),
+        };
+        let snapshot = crate::snapshot::Snapshot {
+            id: "s1".into(),
+            name: "snap-1".into(),
+            source_volume_id: now.volume_id.clone(),
+            size_bytes: 1 << 20,
+            creation_secs: 1,
+            creation_nanos: 0,
+            backing_image: None,
+            parameters: Default::default(),
+            files: vec![file.clone()],
+            exported: Some(crate::snapshot::ExportedImage {
+                name: "img".into(),
+                export_type: "raw".into(),
+            }),
+            group_snapshot_id: None,
+        };
+        store.put(Kind::Snapshot, "s1", &snapshot).unwrap();
+        assert_eq!(
+            export(&*store).snapshot,
+            Some(ExportedSnapshot {
+                name: "snap-1".into(),
+                files: vec![file],
+            })
+        );
+        // Through the file managers' view of the records, the same.
+        assert_eq!(
+            StoreRecords(store.clone()).source(&bi).unwrap(),
+            first_file_source(&*store, &bi).unwrap()
+        );
     }
 }

@@ -17,6 +17,9 @@ use crate::model::{
 use crate::params;
 use crate::store::{Kind, Store, StoreExt};
 
+/// The volume id rule is the model's; re-exported for the callers that know it here.
+pub use crate::model::volume_id_for;
+
 pub mod backup;
 pub mod group_snapshot;
 pub mod rebuild;
@@ -121,24 +124,6 @@ pub struct Controller {
     rebuilding: std::sync::Mutex<std::collections::HashMap<String, bool>>,
     /// Each volume's health at the last rebuild pass, to tell its changes as events.
     health_seen: std::sync::Mutex<std::collections::HashMap<String, crate::health::VolumeHealth>>,
-}
-
-/// The CSI volume id for a volume name: the name itself when it is a safe file and path
-/// component, else a digest of it. Deterministic, so a repeated CreateVolume finds its volume.
-pub fn volume_id_for(name: &str) -> String {
-    let safe = !name.is_empty()
-        && name.len() <= 100
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && !name.starts_with('.');
-    if safe {
-        name.to_string()
-    } else {
-        use sha2::Digest;
-        let digest = sha2::Sha512::digest(name.as_bytes());
-        format!("vol-{}", &hex::encode(digest)[..40])
-    }
 }
 
 /// The size to create for a capacity range, or OutOfRange.
@@ -377,7 +362,7 @@ impl Controller {
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             let format = crate::volume_engine::replica_format(engine, d);
             let mut replica = Replica {
-                path: crate::disks::replica_path_as(&d.disk, &id, &rid, format),
+                path: d.disk.replica_file(&id, &rid, format),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
@@ -492,7 +477,7 @@ impl Controller {
         Err(Error::Unavailable(format!(
             "backing image {:?} is being prepared ({}); a volume restored onto it is created when it is ready",
             bi.name(),
-            BackingImages::describe(&bi)
+            bi.describe()
         )))
     }
 
@@ -1014,7 +999,7 @@ impl Controller {
             for d in place_replicas(free, want - reps.len()) {
                 let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
                 let r = Replica {
-                    path: crate::disks::replica_path_as(&d.disk, id, &rid, source.format),
+                    path: d.disk.replica_file(id, &rid, source.format),
                     id: rid,
                     node_id: d.disk.node_id.clone(),
                     disk_id: d.disk.id.clone(),

@@ -1,7 +1,7 @@
 //! The disks of this node: directories given with `--disk`, each with a stable id kept in
 //! `<disk>/disk.json` so a disk keeps its identity when its path or the node's state changes.
-//! Layout under a disk: `replicas/` (volume data), `backing-images/` (shared image files),
-//! `tmp/` (work in progress, renamed into place only when complete).
+//! The layout under a disk (`replicas/`, `backing-images/`, `snapshots/`, `tmp/`) is computed
+//! in one place, `model::Disk`'s methods.
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,7 @@ pub fn open_disk(node_id: &str, path: &Path) -> Result<Disk> {
             .map_err(|e| Error::Internal(format!("current directory: {e}")))?
             .join(path)
     };
-    for sub in ["replicas", "backing-images", "tmp"] {
+    for sub in Disk::DIRS {
         std::fs::create_dir_all(path.join(sub)).map_err(|e| {
             Error::FailedPrecondition(format!(
                 "disk {}: cannot create {sub}/: {e}; check that the path is writable",
@@ -76,23 +76,9 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-/// Where a replica of `volume_id` lives on `disk`.
+/// Where a qcow2 replica of `volume_id` lives on `disk` (`Disk::replica_file`).
 pub fn replica_path(disk: &Disk, volume_id: &str, replica_id: &str) -> PathBuf {
-    replica_path_as(disk, volume_id, replica_id, crate::os::ImageFormat::Qcow2)
-}
-
-/// Where a replica of `volume_id` in `format` lives on `disk`: `volume.qcow2` or `volume.raw`
-/// (the name says the format, see `ImageFormat::of_file`).
-pub fn replica_path_as(
-    disk: &Disk,
-    volume_id: &str,
-    replica_id: &str,
-    format: crate::os::ImageFormat,
-) -> PathBuf {
-    disk.path
-        .join("replicas")
-        .join(format!("{volume_id}-{replica_id}"))
-        .join(format!("volume.{}", format.extension()))
+    disk.replica_file(volume_id, replica_id, crate::os::ImageFormat::Qcow2)
 }
 
 #[cfg(test)]

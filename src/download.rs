@@ -1020,7 +1020,7 @@ impl<'a> Transfer<'a> {
         }
         let sha512 = finished.sha512;
         if let Some(expected) = &self.req.expected_sha512
-            && !expected.eq_ignore_ascii_case(&sha512)
+            && !crate::model::checksum::matches(expected, &sha512)
         {
             return Err(DownloadError::ChecksumMismatch {
                 expected: expected.to_ascii_lowercase(),

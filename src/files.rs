@@ -8,13 +8,20 @@
 //! checksum, so nothing half-written is ever ready. Beside it go `backing.cfg` (its facts) and,
 //! when one was built from the same bytes as that SHA-512, `backing.manifest` (its chunk
 //! manifest, see [`crate::sync::manifest`], which lets other nodes check a transfer chunk by
-//! chunk); verification and the scrub rebuild a missing or wrong manifest. It must not change
-//! image objects itself: the controller owns them and applies the reports.
+//! chunk); verification and the scrub rebuild a missing or wrong manifest (the paths are
+//! `model::Disk`'s layout). It must not change image objects itself: the controller owns them
+//! and applies the reports.
 //!
-//! This module holds what every job shares: the reports, the [`FileManagers`] state and the
-//! paths of a file's pieces. One job a file below it:
+//! It stands below the controller domain and imports nothing of it: what it reads of the
+//! records and settings comes through the traits it defines here ([`ImageRecords`],
+//! [`FileSettings`]), an image's source comes typed in the request ([`source`]), and what
+//! happens is counted through `counters`.
+//!
+//! This module holds what every job shares: the reports, the [`FileManagers`] state and those
+//! traits. One job a file below it:
 //! - [`managers`]: the registry of disk managers, their tasks, look-ups and deleting files;
 //! - [`slots`]: the sync slots that bound the syncs running on the node;
+//! - [`source`]: an image's data source, typed, as the requests carry it;
 //! - [`first_file`]: the first file from a download, and [`export`] from a volume;
 //! - [`upload`]: the first file from an upload;
 //! - [`finish`]: finishing a prepared file, verification and the scrub;
@@ -29,6 +36,7 @@ mod managers;
 mod progress;
 mod resume;
 mod slots;
+pub mod source;
 mod sync;
 mod upload;
 
@@ -43,14 +51,13 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::backing::object::BackingImage;
-use crate::backing::state::FileState;
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::model::Disk;
+use crate::model::backing_image::BackingImage;
+use crate::model::file_state::FileState;
+use crate::model::{Disk, NodeRecord, Volume, manifest_path};
 use crate::os::Os;
-use crate::settings::Settings;
-use crate::store::Store;
+use source::ImageSource;
 
 /// The facts of a ready file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +116,33 @@ pub trait FileReports: Send + Sync {
     async fn report(&self, image: &str, disk: &Disk, report: FileReport) -> Result<()>;
 }
 
+/// What the file managers read of the controller's records (its store, local or remote): the
+/// images, the other nodes (where to fetch a file from), the volume an export reads, and the
+/// typed source of an image for the first file a node starts again by itself after a restart
+/// (the controller's requests carry it). The node implements it over its store
+/// (`backing::StoreRecords`); only reads, never writes: the reports go through [`FileReports`].
+pub trait ImageRecords: Send + Sync {
+    fn image(&self, name: &str) -> Result<Option<BackingImage>>;
+    fn images(&self) -> Result<Vec<BackingImage>>;
+    fn node(&self, node_id: &str) -> Result<Option<NodeRecord>>;
+    fn volume(&self, volume_id: &str) -> Result<Option<Volume>>;
+    /// The image's source as the controller would send it (`backing::first_file_source`).
+    fn source(&self, bi: &BackingImage) -> Result<ImageSource>;
+}
+
+/// The settings the file managers follow, read on every use so changes apply without a
+/// restart (`settings::Settings` implements it over the controller's store).
+pub trait FileSettings: Send + Sync {
+    /// `concurrent-backing-image-syncs-per-node`.
+    fn concurrent_syncs(&self) -> usize;
+    /// `backing-image-scrub-interval`; `None`: no scrub.
+    fn scrub_interval(&self) -> Option<std::time::Duration>;
+    /// The networks a download may and may not reach.
+    fn download_guard(&self) -> Result<crate::download::guard::NetworkGuard>;
+    /// The backup target's credential file, for a restore; `None` when not set.
+    fn backup_credential_file(&self) -> Result<Option<PathBuf>>;
+}
+
 /// One disk's manager: the work running on it, by image name.
 pub struct DiskManager {
     pub disk: Disk,
@@ -120,7 +154,7 @@ pub struct FileManagers {
     disks: Vec<Disk>,
     os: Os,
     /// Image, volume and node records (the controller's store, local or remote).
-    store: Arc<dyn Store>,
+    records: Arc<dyn ImageRecords>,
     reports: Arc<dyn FileReports>,
     managers: Mutex<HashMap<String, Arc<DiskManager>>>,
     /// Images being uploaded through this process now.
@@ -128,7 +162,7 @@ pub struct FileManagers {
     /// "Now" for the scrub.
     clock: Arc<dyn Clock>,
     /// Read on every use, from the controller's store: changes apply without a restart.
-    settings: Settings,
+    settings: Arc<dyn FileSettings>,
     /// File syncs (sending or receiving) running on this node.
     syncs: SyncSlots,
     /// (image directory, disk id) → when its ready file was last verified (seconds).
@@ -142,23 +176,12 @@ pub struct FileManagers {
     peer_tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
 }
 
-/// The chunk manifest beside a ready `backing` file (the path of that file).
-pub fn manifest_path(file: &Path) -> PathBuf {
-    file.with_file_name("backing.manifest")
-}
-
 /// The manifest beside a ready file, if there is one, it is intact and it names `sha512`.
 fn read_manifest(file: &Path, sha512: &str) -> Option<crate::sync::Manifest> {
     let bytes = std::fs::read(manifest_path(file)).ok()?;
     crate::sync::Manifest::parse(&bytes)
         .ok()
         .filter(|m| m.sha512 == sha512)
-}
-
-fn tmp_path(disk: &Disk, bi: &BackingImage) -> PathBuf {
-    disk.path
-        .join("tmp")
-        .join(format!("{}.part", bi.dir_name()))
 }
 
 /// Whether the image says `disk` holds a ready file.
@@ -174,7 +197,8 @@ impl FileManagers {
         node_id: String,
         disks: Vec<Disk>,
         os: Os,
-        store: Arc<dyn Store>,
+        records: Arc<dyn ImageRecords>,
+        settings: Arc<dyn FileSettings>,
         reports: Arc<dyn FileReports>,
         clock: Arc<dyn Clock>,
     ) -> Arc<FileManagers> {
@@ -182,8 +206,8 @@ impl FileManagers {
             node_id,
             disks,
             os,
-            settings: Settings::new(store.clone()),
-            store,
+            settings,
+            records,
             reports,
             managers: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashSet::new()),

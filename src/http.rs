@@ -210,7 +210,7 @@ async fn transfer_manifest(
     let (_, ready) = ready_files(&s, &dir)?;
     let paths: Vec<std::path::PathBuf> = ready
         .iter()
-        .map(|p| crate::files::manifest_path(p))
+        .map(|p| crate::model::manifest_path(p))
         .collect();
     let bytes =
         crate::fsutil::blocking(move || Ok(paths.iter().find_map(|p| std::fs::read(p).ok())))
@@ -247,7 +247,7 @@ fn ready_files<'a>(
     let ready = files
         .disks()
         .iter()
-        .map(|d| d.path.join("backing-images").join(dir).join("backing"))
+        .map(|d| d.image_file_in(dir))
         .filter(|p| p.is_file())
         .collect();
     Ok((files, ready))
@@ -581,8 +581,7 @@ async fn put_setting(
     // at the first backup.
     if name == crate::settings::BACKUP_TARGET {
         let checked = crate::settings::check(&name, &value)?;
-        let creds = settings.text(crate::settings::BACKUP_TARGET_CREDENTIAL_FILE)?;
-        let creds = (!creds.is_empty()).then(|| std::path::PathBuf::from(creds));
+        let creds = settings.backup_credential_file()?;
         crate::backup::target::check_new_target(&checked, creds.as_deref()).await?;
     }
     Ok(Json(settings.set(&name, &value)?))

@@ -12,6 +12,10 @@
 //! `backing::object`); and the object-name rules (`validate_name`, a DNS-1123 label;
 //! `object_name`, a store key as a Kubernetes object name, re-exported by `store::kubernetes`).
 
+pub mod backing_image;
+pub mod checksum;
+pub mod file_state;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -302,6 +306,89 @@ pub struct Disk {
     pub path: PathBuf,
 }
 
+/// The layout under a disk, in one home: every path below a disk's directory is computed here.
+///
+/// ```text
+/// <disk>/disk.json                             the disk's id (`disks::open_disk`)
+/// <disk>/replicas/<volume>-<replica>/volume.*  a replica's file (the name says its format)
+/// <disk>/backing-images/<name>-<uuid>/backing  an image's ready file, beside it
+///                                   backing.cfg      its facts (`FileMeta`)
+///                                   backing.manifest its chunk manifest
+/// <disk>/snapshots/<snapshot id>/              a snapshot's file
+/// <disk>/tmp/                                  work in progress, renamed into place when whole
+/// ```
+impl Disk {
+    /// The directories a disk holds from its first use.
+    pub const DIRS: [&'static str; 3] = ["replicas", "backing-images", Disk::TMP];
+    const TMP: &'static str = "tmp";
+
+    pub fn replicas_dir(&self) -> PathBuf {
+        self.path.join("replicas")
+    }
+
+    /// A replica's file: `replicas/<volume>-<replica>/volume.<format>`.
+    pub fn replica_file(&self, volume_id: &str, replica_id: &str, format: ImageFormat) -> PathBuf {
+        self.replicas_dir()
+            .join(format!("{volume_id}-{replica_id}"))
+            .join(format!("volume.{}", format.extension()))
+    }
+
+    pub fn backing_images_dir(&self) -> PathBuf {
+        self.path.join("backing-images")
+    }
+
+    /// The directory of an image's file: `backing-images/<name>-<uuid>`.
+    pub fn image_dir(&self, bi: &backing_image::BackingImage) -> PathBuf {
+        self.backing_images_dir().join(bi.dir_name())
+    }
+
+    /// An image's ready file: `backing-images/<name>-<uuid>/backing`.
+    pub fn image_file(&self, bi: &backing_image::BackingImage) -> PathBuf {
+        self.image_file_in(&bi.dir_name())
+    }
+
+    /// The ready file in the image directory `dir_name` (`<name>-<uuid>`).
+    pub fn image_file_in(&self, dir_name: &str) -> PathBuf {
+        self.backing_images_dir().join(dir_name).join("backing")
+    }
+
+    /// The facts of an image's ready file (`FileMeta`), beside it.
+    pub fn image_meta(&self, bi: &backing_image::BackingImage) -> PathBuf {
+        self.image_dir(bi).join("backing.cfg")
+    }
+
+    /// The work under way on an image's file: `tmp/<name>-<uuid>.part`.
+    pub fn image_tmp(&self, bi: &backing_image::BackingImage) -> PathBuf {
+        self.tmp_dir().join(format!("{}.part", bi.dir_name()))
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.path.join("snapshots")
+    }
+
+    /// The directory of a snapshot's file: `snapshots/<snapshot id>`.
+    pub fn snapshot_dir(&self, snapshot_id: &str) -> PathBuf {
+        self.snapshots_dir().join(snapshot_id)
+    }
+
+    /// Work in progress (temp files, restores, backups), renamed into place only when whole.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.path.join(Disk::TMP)
+    }
+}
+
+/// The `tmp/` of the disk that holds the replica file `file`
+/// (`<disk>/replicas/<volume>-<replica>/volume.*`); `None` when it is not that deep.
+pub fn disk_tmp_of_replica(file: &Path) -> Option<PathBuf> {
+    let disk = file.parent()?.parent()?.parent()?;
+    Some(disk.join(Disk::TMP))
+}
+
+/// The chunk manifest beside a ready `backing` file (the path of that file).
+pub fn manifest_path(file: &Path) -> PathBuf {
+    file.with_file_name("backing.manifest")
+}
+
 /// A node as the controller knows it: where its agent and its file transfers are, its disks, and
 /// whether it is up (sending heartbeats).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,6 +408,24 @@ pub struct NodeRecord {
     /// 0: no limit. Records written before the limit existed read as 0.
     #[serde(default)]
     pub max_volumes_per_node: u64,
+}
+
+/// The CSI volume id for a volume name: the name itself when it is a safe file and path
+/// component, else a digest of it. Deterministic, so a repeated CreateVolume finds its volume.
+pub fn volume_id_for(name: &str) -> String {
+    let safe = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if safe {
+        name.to_string()
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha512::digest(name.as_bytes());
+        format!("vol-{}", &hex::encode(digest)[..40])
+    }
 }
 
 /// Current time as RFC 3339 (UTC, seconds), for records people read.
@@ -694,10 +799,13 @@ impl SourceType {
     }
 }
 
-/// Normalises and checks an expected checksum: empty, or 128 hexadecimal characters.
+/// Normalises and checks an image's expected checksum: empty (not known yet), or a SHA-512
+/// ([`checksum::normalize_sha512`]).
 pub fn normalize_checksum(name: &str, checksum: &str) -> crate::error::Result<String> {
-    let c = checksum.trim().to_ascii_lowercase();
-    if c.is_empty() || (c.len() == 128 && c.bytes().all(|b| b.is_ascii_hexdigit())) {
+    if checksum.trim().is_empty() {
+        return Ok(String::new());
+    }
+    if let Some(c) = checksum::normalize_sha512(checksum) {
         Ok(c)
     } else {
         Err(crate::error::Error::InvalidArgument(format!(

@@ -2,6 +2,11 @@
 //! (`proto/bicsi.proto`), and the client side of each, implementing the same traits as the
 //! in-process versions (`Agent`, `Store`, `FileReports`), so the domain runs unchanged in both
 //! modes. Records travel as the JSON documents the store keeps.
+//!
+//! The roles (see `agent`'s doc): [`RemoteAgent`] is the controller's handle on a node over
+//! gRPC, [`AgentService`] the node's end that answers it through its `LocalAgent`;
+//! [`RemoteStore`] and [`RemoteReports`] are the node's view of the controller's records and
+//! the way its file reports go back.
 
 use std::sync::Arc;
 
@@ -14,6 +19,7 @@ use crate::agent::{Agent, DiskSpace, LocalAgent};
 use crate::backing::BackingImages;
 use crate::cluster::{Cluster, HEARTBEAT_INTERVAL};
 use crate::error::{Error, Result};
+use crate::files::source::ImageSource;
 use crate::files::{FileReport, FileReports};
 use crate::model::{Disk, NodeRecord, Replica};
 use crate::os::ReplicaTarget;
@@ -332,6 +338,7 @@ impl Agent for RemoteAgent {
         &self,
         image: &str,
         disk_id: &str,
+        source: &ImageSource,
         credentials: Option<&crate::download::Credentials>,
     ) -> Result<()> {
         self.client
@@ -340,6 +347,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
                 credentials_json: credentials.map(to_json).transpose()?.unwrap_or_default(),
+                source_json: to_json(source)?,
             })
             .await
             .map_err(status_error)?;
@@ -353,6 +361,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: String::new(),
                 credentials_json: Vec::new(),
+                source_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -366,6 +375,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
                 credentials_json: Vec::new(),
+                source_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -379,6 +389,7 @@ impl Agent for RemoteAgent {
                 image: image.to_string(),
                 disk_id: disk_id.to_string(),
                 credentials_json: Vec::new(),
+                source_json: Vec::new(),
             })
             .await
             .map_err(status_error)?;
@@ -712,9 +723,12 @@ impl AgentRpc for AgentService {
         let credentials: Option<crate::download::Credentials> = (!r.credentials_json.is_empty())
             .then(|| from_json(&r.credentials_json, "source credentials"))
             .transpose()?;
+        let source: Option<ImageSource> = (!r.source_json.is_empty())
+            .then(|| from_json(&r.source_json, "image source"))
+            .transpose()?;
         self.local
-            .prepare_first_file(&r.image, &r.disk_id, credentials.as_ref())
-            .await?;
+            .files
+            .prepare_first_file_with(&r.image, &r.disk_id, source, credentials)?;
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -274,7 +274,8 @@ pub async fn serve(
         cfg.node_id.clone(),
         disks.clone(),
         os.clone(),
-        store.clone(),
+        Arc::new(crate::backing::StoreRecords(store.clone())),
+        Arc::new(crate::settings::Settings::new(store.clone())),
         backing.clone(),
         crate::clock::system(),
     );
@@ -536,7 +537,8 @@ pub async fn node(
         cfg.node_id.clone(),
         disks.clone(),
         os.clone(),
-        cluster_store.clone(),
+        Arc::new(crate::backing::StoreRecords(cluster_store.clone())),
+        Arc::new(crate::settings::Settings::new(cluster_store.clone())),
         reports,
         crate::clock::system(),
     );

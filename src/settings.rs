@@ -295,6 +295,12 @@ impl Settings {
         Ok(stored.map(|s| s.value).unwrap_or_default())
     }
 
+    /// The backup target's credential file; `None` while the setting is empty.
+    pub fn backup_credential_file(&self) -> Result<Option<std::path::PathBuf>> {
+        let creds = self.text(BACKUP_TARGET_CREDENTIAL_FILE)?;
+        Ok((!creds.is_empty()).then(|| std::path::PathBuf::from(creds)))
+    }
+
     /// The download guard these settings make, for this process (see
     /// [`crate::download::guard`]).
     pub fn download_guard(&self) -> Result<crate::download::guard::NetworkGuard> {
@@ -364,6 +370,25 @@ impl Settings {
         )?;
         tracing::info!(setting = name, value = n, "setting changed");
         self.get(name)
+    }
+}
+
+/// The file managers follow these settings (`files` defines what it reads of them).
+impl crate::files::FileSettings for Settings {
+    fn concurrent_syncs(&self) -> usize {
+        Settings::concurrent_syncs(self)
+    }
+
+    fn scrub_interval(&self) -> Option<Duration> {
+        Settings::scrub_interval(self)
+    }
+
+    fn download_guard(&self) -> Result<crate::download::guard::NetworkGuard> {
+        Settings::download_guard(self)
+    }
+
+    fn backup_credential_file(&self) -> Result<Option<std::path::PathBuf>> {
+        Settings::backup_credential_file(self)
     }
 }
 

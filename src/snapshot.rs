@@ -347,18 +347,14 @@ pub fn image_name_for(snapshot_name: &str) -> String {
     }
 }
 
-/// The directory of a snapshot's file on a disk.
-pub fn snapshot_dir(disk: &Disk, snapshot_id: &str) -> PathBuf {
-    disk.path.join("snapshots").join(snapshot_id)
-}
-
 pub fn snapshot_path(disk: &Disk, snapshot_id: &str) -> PathBuf {
     snapshot_path_as(disk, snapshot_id, ImageFormat::Qcow2)
 }
 
 /// The snapshot's file on a disk in `format` (the format of the replica it was taken from).
 pub fn snapshot_path_as(disk: &Disk, snapshot_id: &str, format: ImageFormat) -> PathBuf {
-    snapshot_dir(disk, snapshot_id).join(format!("snapshot.{}", format.extension()))
+    disk.snapshot_dir(snapshot_id)
+        .join(format!("snapshot.{}", format.extension()))
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -583,14 +579,14 @@ fn restore_into_cow(
     std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
     let base = match backing {
         Some((file, format)) => {
-            let disk = dir.parent().and_then(Path::parent).ok_or_else(|| {
+            let tmp = crate::model::disk_tmp_of_replica(dest).ok_or_else(|| {
                 Error::Internal(format!("{} is not in a disk's replicas/", dest.display()))
             })?;
             Some(crate::os::rawfile::expand_backing(
                 &*os.images,
                 file,
                 format,
-                &disk.join("tmp"),
+                &tmp,
             )?)
         }
         None => None,

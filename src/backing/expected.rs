@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::BackingImages;
-use super::object::{BackingImage, SourceType};
+use super::object::BackingImage;
 use super::state::FileState;
 use crate::error::{Error, Result};
+use crate::files::source::ImageSource;
 use crate::imagefmt::{self, Format};
 use crate::model::Volume;
 use crate::store::{Kind, StoreExt};
@@ -122,7 +123,7 @@ impl BackingImages {
             return Err(Error::FailedPrecondition(format!(
                 "backing image {:?} failed: {}; fix its source, delete it and create it again",
                 bi.name(),
-                BackingImages::describe(bi)
+                bi.describe()
             )));
         }
         Ok(())
@@ -130,17 +131,15 @@ impl BackingImages {
 
     async fn learn(&self, bi: &BackingImage) -> Result<Learned> {
         let name = bi.name();
-        match bi.spec.source_type {
-            SourceType::Download => {
-                let url = &bi.spec.source_parameters["url"];
+        match super::first_file_source(&*self.store, bi)? {
+            ImageSource::Download(download) => {
+                let url = &download.url;
                 let shown = crate::messages::redact_text(url);
                 let guard = self.settings().download_guard()?;
                 let credentials = self.source_credentials(bi)?;
-                let (remote, access) = super::object::download_source(
-                    &bi.spec.source_parameters,
-                    credentials.as_ref(),
-                )
-                .map_err(|e| Error::FailedPrecondition(format!("backing image {name:?}: {e}")))?;
+                let (remote, access) = download.access(credentials.as_ref()).map_err(|e| {
+                    Error::FailedPrecondition(format!("backing image {name:?}: {e}"))
+                })?;
                 let head = crate::download::head_remote(
                     url,
                     &remote,
@@ -162,20 +161,15 @@ impl BackingImages {
                     })?;
                 size_from_head(name, &shown, &head.bytes, head.total)
             }
-            SourceType::ExportFromVolume => {
-                let snapshots: Vec<crate::snapshot::Snapshot> = self.store.list(Kind::Snapshot)?;
-                if let Some(s) = snapshots
-                    .iter()
-                    .find(|s| s.exported.as_ref().is_some_and(|e| e.name == name))
-                {
+            ImageSource::ExportFromVolume(export) => {
+                if let Some(s) = super::exported_by(&*self.store, name)? {
                     return Ok(Learned {
                         virtual_size: s.size_bytes,
                         from: format!("the size of snapshot {:?}", s.name),
                     });
                 }
-                let volume = &bi.spec.source_parameters["volume-name"];
-                let id = crate::controller::volume_id_for(volume);
-                let v: Volume = self.store.get(Kind::Volume, &id)?.ok_or_else(|| {
+                let volume = &export.volume_name;
+                let v: Volume = self.store.get(Kind::Volume, &export.volume_id)?.ok_or_else(|| {
                     Error::Unavailable(format!(
                         "backing image {name:?}: volume {volume:?} to export does not exist, so the size of volumes made from the image is not known; create that volume"
                     ))
@@ -185,13 +179,10 @@ impl BackingImages {
                     from: format!("the size of volume {volume:?}"),
                 })
             }
-            SourceType::Restore => {
-                let url = &bi.spec.source_parameters["backup-url"];
+            ImageSource::Restore(restore) => {
+                let url = &restore.backup_url;
                 let (target_url, image) = crate::backup::image::parse_backup_url(url)?;
-                let creds = self
-                    .settings()
-                    .text(crate::settings::BACKUP_TARGET_CREDENTIAL_FILE)?;
-                let creds = (!creds.is_empty()).then(|| std::path::PathBuf::from(creds));
+                let creds = self.settings().backup_credential_file()?;
                 let target = crate::backup::Target::open(&target_url, creds.as_deref())?;
                 let meta = crate::backup::image::get_meta(&target, &image)
                     .await?
@@ -205,7 +196,7 @@ impl BackingImages {
                     from: format!("the backup of the image in {target_url}"),
                 })
             }
-            SourceType::Upload => Err(Error::Unavailable(format!(
+            ImageSource::Upload => Err(Error::Unavailable(format!(
                 "backing image {name:?} waits for its upload, so the size of volumes made from it is not known yet; upload the file (bicsi image upload {name} FILE)"
             ))),
         }

@@ -217,7 +217,7 @@ impl BackingImages {
                 match self.remove_file(&name, &disk, &node).await {
                     Ok(()) => {
                         tracing::info!(image = %name, disk = %disk, "unused backing image file cleaned up");
-                        crate::metrics::cleanup("automatic");
+                        crate::counters::cleanup("automatic");
                         super::events::cleaned_up(&*self.store, &name, &disk, &node, "automatic");
                         removed.push((name.clone(), disk));
                     }
@@ -312,7 +312,7 @@ impl BackingImages {
             match self.remove_file(name, disk, &node).await {
                 Ok(()) => {
                     tracing::info!(image = %name, disk = %disk, "backing image file cleaned up on request");
-                    crate::metrics::cleanup("manual");
+                    crate::counters::cleanup("manual");
                     super::events::cleaned_up(&*self.store, name, disk, &node, "manual");
                     result.cleaned.push(disk.clone());
                 }
@@ -354,7 +354,7 @@ impl BackingImages {
                     continue;
                 }
                 tracing::info!(image = %name, disk = %disk, "failed file: removing it and syncing it again from a ready one");
-                crate::metrics::recovery("ready_file");
+                crate::counters::recovery("ready_file");
                 self.remove_file(name, disk, &f.node_id).await?;
                 self.cluster
                     .agent(&f.node_id)?
@@ -435,11 +435,13 @@ impl BackingImages {
                     set_file(bi, &disk, FileState::Pending, 0, message.clone(), now)
                 })
                 .await?;
-                let credentials = self.source_credentials(&self.must_get(name)?)?;
+                let bi = self.must_get(name)?;
+                let source = super::first_file_source(&*self.store, &bi)?;
+                let credentials = self.source_credentials(&bi)?;
                 agent
-                    .prepare_first_file(name, &disk.id, credentials.as_ref())
+                    .prepare_first_file(name, &disk.id, &source, credentials.as_ref())
                     .await?;
-                crate::metrics::recovery("source");
+                crate::counters::recovery("source");
             }
         }
         Ok(())
@@ -526,6 +528,7 @@ mod tests {
             &self,
             image: &str,
             disk_id: &str,
+            _source: &crate::files::source::ImageSource,
             _credentials: Option<&crate::download::Credentials>,
         ) -> Result<()> {
             self.record(format!("first {image} {disk_id}"))
@@ -653,11 +656,13 @@ mod tests {
 
     impl World {
         fn image(&self, source: SourceType, min: u32, files: &[(&str, FileState)]) {
-            let params = match source {
-                SourceType::Download => [("url".to_string(), "http://127.0.0.1/x".to_string())]
-                    .into_iter()
-                    .collect(),
-                _ => Default::default(),
+            // The parameters a valid spec of each source type has (its typed source is parsed
+            // from them when a first file is asked for).
+            let params: &[(&str, &str)] = match source {
+                SourceType::Download => &[("url", "http://127.0.0.1/x")],
+                SourceType::ExportFromVolume => &[("volume-name", "v"), ("export-type", "qcow2")],
+                SourceType::Restore => &[("backup-url", "s3://bucket/backups#img")],
+                SourceType::Upload => &[],
             };
             let bi = BackingImage {
                 api_version: object::API_VERSION.into(),
@@ -667,10 +672,8 @@ mod tests {
                     namespace: object::DEFAULT_NAMESPACE.into(),
                 },
                 spec: BackingImageSpec {
-                    source_type: source,
-                    source_parameters: params,
-                    checksum: String::new(),
                     min_number_of_copies: min,
+                    ..crate::model::backing_image::spec_of(source, params)
                 },
                 status: BackingImageStatus {
                     uuid: "0123abcd".into(),

@@ -1,187 +1,17 @@
-//! The BackingImage object, shaped like the `longhorn.io/v1beta2` manifests users already have,
-//! and its validation. Spec (what the user asked) and status (what bicsi observed) are separate
-//! types; only bicsi writes the status.
+//! The validation of the BackingImage object (its records are `model::backing_image`'s,
+//! re-exported here): which source parameters each source type takes and how they go together,
+//! and what a user's object is checked and normalised to.
 
 use std::collections::BTreeMap;
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-
-use super::state::FileState;
 use crate::error::{Error, Result};
+pub use crate::files::source::{CLUSTER_KEYS, UrlKind};
+use crate::files::source::{ImageSource, access_files_of, param};
+pub use crate::model::backing_image::{
+    API_VERSION, BackingImage, BackingImageSpec, BackingImageStatus, DEFAULT_NAMESPACE,
+    DiskFileStatus, KIND, ObjectMeta, PollStatus, PolledVersion,
+};
 pub use crate::model::{SourceType, normalize_checksum, validate_name};
-
-pub const API_VERSION: &str = "longhorn.io/v1beta2";
-pub const KIND: &str = "BackingImage";
-pub const DEFAULT_NAMESPACE: &str = "longhorn-system";
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ObjectMeta {
-    pub name: String,
-    #[serde(default)]
-    pub namespace: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BackingImageSpec {
-    pub source_type: SourceType,
-    #[serde(default)]
-    pub source_parameters: BTreeMap<String, String>,
-    /// Expected SHA-512 (lower-case hex) of the whole file; empty when not given.
-    #[serde(default)]
-    pub checksum: String,
-    #[serde(default = "one")]
-    pub min_number_of_copies: u32,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-fn is_zero_u32(n: &u32) -> bool {
-    *n == 0
-}
-
-/// The state of the image's file on one disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DiskFileStatus {
-    pub state: FileState,
-    pub progress: u8,
-    #[serde(default)]
-    pub message: String,
-    pub last_state_transition_time: String,
-    /// The last report on the file (progress counts as life for an in-progress file).
-    #[serde(default)]
-    pub last_update_time: String,
-    /// The node the disk belongs to.
-    #[serde(default)]
-    pub node_id: String,
-    /// Since when no replica on the disk uses the file (RFC 3339); empty while one does. The
-    /// cleanup wait is measured from it.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub unused_since: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BackingImageStatus {
-    #[serde(default)]
-    pub uuid: String,
-    #[serde(default)]
-    pub size: u64,
-    #[serde(default)]
-    pub virtual_size: u64,
-    /// `raw` or `qcow2`, once the first file is ready.
-    #[serde(default)]
-    pub format: String,
-    /// The image's checksum, fixed once known (given in the spec, or the first ready file's).
-    #[serde(default)]
-    pub checksum: String,
-    /// Disk id → the file's state on that disk.
-    #[serde(default)]
-    pub disk_file_status_map: BTreeMap<String, DiskFileStatus>,
-    /// The virtual size learned before the first file was ready (from the head of the download,
-    /// or the size of the volume to export), which volumes made meanwhile were sized for: the
-    /// first ready file must have it. 0 while nothing was learned.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub expected_virtual_size: u64,
-    /// Where `expected_virtual_size` was learned, for messages ("the qcow2 header at the URL").
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub expected_virtual_size_from: String,
-    /// Failures of the data source in a row that trying again soon cannot fix (a checksum
-    /// mismatch, a 4xx answer, a file that is no disk image); 0 again once a file is ready.
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
-    pub source_failures: u32,
-    /// When the source is tried again after such a failure (RFC 3339; the wait doubles from a
-    /// minute to six hours); empty when no such wait is on.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub next_source_retry_time: String,
-    /// What a user must know about the image as a whole (an uploaded image that cannot be
-    /// recovered, for one); empty when all is well.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub message: String,
-    /// Of an image whose source is polled (`pollInterval`): what the poll saw and made.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub poll: Option<PollStatus>,
-    /// Of a version the poll made: the polled image it is a version of; empty otherwise.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub version_of: String,
-}
-
-/// The poll of an image that updates (see [`super::poll`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PollStatus {
-    /// The source's validator the image or its newest version was made from (`etag:"…"`,
-    /// `last-modified:…`, or a registry manifest's `sha256:…`); empty before the first check.
-    #[serde(default)]
-    pub validator: String,
-    /// When the source was last checked (RFC 3339).
-    #[serde(default)]
-    pub last_check_time: String,
-    /// When it is checked next (RFC 3339); empty: at once.
-    #[serde(default)]
-    pub next_check_time: String,
-    /// Why the last check failed; empty when it did not.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub last_error: String,
-    /// The image new volumes naming this one get: the newest version with a ready file; empty
-    /// while that is this image itself.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub current: String,
-    /// The versions made, oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub versions: Vec<PolledVersion>,
-}
-
-/// One version the poll made of an image.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PolledVersion {
-    /// `NAME-<short digest>`, a BackingImage of its own.
-    pub name: String,
-    /// The validator the source had when the version was made.
-    pub validator: String,
-    /// When it was made (RFC 3339).
-    pub created_time: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BackingImage {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    pub spec: BackingImageSpec,
-    #[serde(default)]
-    pub status: BackingImageStatus,
-}
-
-impl BackingImage {
-    pub fn name(&self) -> &str {
-        &self.metadata.name
-    }
-
-    /// The directory name of this image's file on a disk: `<name>-<uuid>`.
-    pub fn dir_name(&self) -> String {
-        format!("{}-{}", self.metadata.name, self.status.uuid)
-    }
-
-    /// Whether some disk holds a ready file.
-    pub fn has_ready_file(&self) -> bool {
-        self.status
-            .disk_file_status_map
-            .values()
-            .any(|f| f.state == FileState::Ready)
-    }
-}
 
 /// The optional source parameters of a download (see the README's "Compressed and private
 /// sources").
@@ -205,54 +35,30 @@ pub const DOWNLOAD_OPTIONAL: &[&str] = &[
     "keepVersions",
 ];
 
-/// The source parameters that name Kubernetes objects: only a store in a cluster reads them.
-pub const CLUSTER_KEYS: &[&str] = &["secret", "caBundleConfigMap"];
-
-/// What a download's `url` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UrlKind {
-    Http,
-    S3,
-    Registry,
+/// The optional keys only this kind of URL takes, and the credential keys it takes.
+fn own_keys(kind: UrlKind) -> &'static [&'static str] {
+    match kind {
+        UrlKind::Http => &[
+            "headersFile",
+            "authorizationFile",
+            "usernameFile",
+            "passwordFile",
+        ],
+        UrlKind::S3 => &[
+            "endpoint",
+            "region",
+            "accessKeyIdFile",
+            "secretAccessKeyFile",
+        ],
+        UrlKind::Registry => &["dockerConfigFile", "usernameFile", "passwordFile"],
+    }
 }
 
-impl UrlKind {
-    pub fn of(url: &str) -> UrlKind {
-        let u = url.trim();
-        if u.starts_with("s3://") {
-            UrlKind::S3
-        } else if u.starts_with("docker://") || u.starts_with("oci://") {
-            UrlKind::Registry
-        } else {
-            UrlKind::Http
-        }
-    }
-
-    /// The optional keys only this kind takes, and the credential keys it takes.
-    fn own_keys(self) -> &'static [&'static str] {
-        match self {
-            UrlKind::Http => &[
-                "headersFile",
-                "authorizationFile",
-                "usernameFile",
-                "passwordFile",
-            ],
-            UrlKind::S3 => &[
-                "endpoint",
-                "region",
-                "accessKeyIdFile",
-                "secretAccessKeyFile",
-            ],
-            UrlKind::Registry => &["dockerConfigFile", "usernameFile", "passwordFile"],
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            UrlKind::Http => "an http(s) URL",
-            UrlKind::S3 => "an s3:// URL",
-            UrlKind::Registry => "a docker:// or oci:// image",
-        }
+fn describe_kind(kind: UrlKind) -> &'static str {
+    match kind {
+        UrlKind::Http => "an http(s) URL",
+        UrlKind::S3 => "an s3:// URL",
+        UrlKind::Registry => "a docker:// or oci:// image",
     }
 }
 
@@ -279,10 +85,6 @@ const CREDENTIAL_FILE_KEYS: &[&str] = &[
     "dockerConfigFile",
 ];
 
-fn param<'a>(params: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
-    params.get(key).map(|v| v.trim()).filter(|v| !v.is_empty())
-}
-
 /// Checks the parameters of a download beyond their names: which keys go with which kind of
 /// URL and with each other.
 fn check_download(params: &BTreeMap<String, String>) -> std::result::Result<(), String> {
@@ -301,13 +103,13 @@ fn check_download(params: &BTreeMap<String, String>) -> std::result::Result<(), 
     }
     for key in params.keys() {
         let k = key.as_str();
-        if k != "url" && !COMMON_KEYS.contains(&k) && !kind.own_keys().contains(&k) {
+        if k != "url" && !COMMON_KEYS.contains(&k) && !own_keys(kind).contains(&k) {
             return Err(format!(
                 "the source parameter {k:?} does not go with {} ({url:?}); it takes: {}",
-                kind.describe(),
+                describe_kind(kind),
                 COMMON_KEYS
                     .iter()
-                    .chain(kind.own_keys())
+                    .chain(own_keys(kind))
                     .copied()
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -387,7 +189,7 @@ fn check_download(params: &BTreeMap<String, String>) -> std::result::Result<(), 
     {
         return Err("dockerConfigFile and usernameFile/passwordFile both give the registry's credentials; give one".into());
     }
-    download_access_files(params).check()
+    access_files_of(params).check()
 }
 
 /// A Kubernetes object by (namespace, name).
@@ -429,163 +231,6 @@ pub fn cluster_keys_refused(name: &str, params: &BTreeMap<String, String>) -> Er
     Error::InvalidArgument(format!(
         "backing image {name:?}: the source parameters secret and caBundleConfigMap name Kubernetes objects, which only --store kubernetes reads; without a cluster give the credentials in files ({files}) and the CA bundle in caBundleFile"
     ))
-}
-
-fn read_file(key: &str, path: &str) -> std::result::Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!("{key} {path}: cannot read it ({e}); check the path and that bicsi may read it")
-    })?;
-    Ok(text.trim_end_matches(['\r', '\n']).to_string())
-}
-
-/// What a download needs besides its URL, from the files its parameters name or, for a
-/// source that names a Secret or ConfigMap, from the `credentials` the controller read from
-/// them. Errors name the key and the file or object, never a value.
-pub fn download_source(
-    params: &BTreeMap<String, String>,
-    credentials: Option<&crate::download::Credentials>,
-) -> std::result::Result<(crate::download::Remote, crate::download::Access), String> {
-    use crate::download::{Access, Remote, oci, s3};
-    let url = params["url"].trim();
-    let kind = UrlKind::of(url);
-    if names_cluster_objects(params) && credentials.is_none() {
-        return Err(
-            "its source names a Secret or ConfigMap, and their values were not handed over (the controller reads them and starts the download again)"
-                .to_string(),
-        );
-    }
-    let secret = credentials.filter(|c| !c.origin.is_empty());
-    let ca = match credentials.map(|c| c.ca_pem()).transpose()?.flatten() {
-        Some(pem) => Some(pem),
-        None => download_access_files(params).load()?.ca_bundle,
-    };
-    match kind {
-        UrlKind::Http => {
-            let mut access = match secret {
-                Some(c) => {
-                    if !c
-                        .values
-                        .keys()
-                        .any(|k| crate::download::SECRET_HTTP_KEYS.contains(&k.as_str()))
-                    {
-                        return Err(format!(
-                            "{}: none of the keys authorization, username and password, or headers; put the URL's credentials in one of them",
-                            c.origin
-                        ));
-                    }
-                    c.access()?
-                }
-                None => download_access_files(params).load()?,
-            };
-            access.ca_bundle = ca;
-            Ok((Remote::Http, access))
-        }
-        UrlKind::S3 => {
-            let keys = match secret {
-                Some(c) => match (c.get("accessKeyId"), c.get("secretAccessKey")) {
-                    (Some(id), Some(key)) => Some(s3::S3Keys {
-                        access_key_id: id.trim().to_string(),
-                        secret_access_key: key.trim().to_string(),
-                    }),
-                    _ => {
-                        return Err(format!(
-                            "{}: an S3 source's Secret needs the keys accessKeyId and secretAccessKey",
-                            c.origin
-                        ));
-                    }
-                },
-                None => match (
-                    param(params, "accessKeyIdFile"),
-                    param(params, "secretAccessKeyFile"),
-                ) {
-                    (Some(i), Some(k)) => Some(s3::S3Keys {
-                        access_key_id: read_file("accessKeyIdFile", i)?.trim().to_string(),
-                        secret_access_key: read_file("secretAccessKeyFile", k)?.trim().to_string(),
-                    }),
-                    _ => None,
-                },
-            };
-            let remote = Remote::S3(s3::S3Access {
-                endpoint: param(params, "endpoint").map(str::to_string),
-                region: param(params, "region")
-                    .unwrap_or(s3::DEFAULT_REGION)
-                    .to_string(),
-                keys,
-            });
-            Ok((
-                remote,
-                Access {
-                    headers: Vec::new(),
-                    ca_bundle: ca,
-                },
-            ))
-        }
-        UrlKind::Registry => {
-            let mut access = oci::OciAccess::default();
-            match secret {
-                Some(c) => {
-                    if let Some(cfg) = c.get(".dockerconfigjson").or_else(|| c.get("config.json")) {
-                        oci::OciAccess::check_docker_config(
-                            &format!("{}, key .dockerconfigjson", c.origin),
-                            cfg,
-                        )?;
-                        access.docker_config = Some(cfg.to_string());
-                    } else if let (Some(u), Some(p)) = (c.get("username"), c.get("password")) {
-                        access.basic = Some((u.to_string(), p.to_string()));
-                    } else {
-                        return Err(format!(
-                            "{}: a registry's pull Secret needs the key .dockerconfigjson (kubectl create secret docker-registry) or username and password",
-                            c.origin
-                        ));
-                    }
-                }
-                None => {
-                    if let Some(p) = param(params, "dockerConfigFile") {
-                        let text = read_file("dockerConfigFile", p)?;
-                        oci::OciAccess::check_docker_config(
-                            &format!("dockerConfigFile {p}"),
-                            &text,
-                        )?;
-                        access.docker_config = Some(text);
-                    } else if let (Some(u), Some(pw)) =
-                        (param(params, "usernameFile"), param(params, "passwordFile"))
-                    {
-                        access.basic = Some((
-                            read_file("usernameFile", u)?,
-                            read_file("passwordFile", pw)?,
-                        ));
-                    }
-                }
-            }
-            Ok((
-                Remote::Oci(access),
-                Access {
-                    headers: Vec::new(),
-                    ca_bundle: ca,
-                },
-            ))
-        }
-    }
-}
-
-/// The files a download's private-URL parameters name (paths only: the secrets stay in them).
-pub fn download_access_files(
-    params: &std::collections::BTreeMap<String, String>,
-) -> crate::download::AccessFiles {
-    let path = |key: &str| {
-        params
-            .get(key)
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
-            .map(std::path::PathBuf::from)
-    };
-    crate::download::AccessFiles {
-        headers: path("headersFile"),
-        authorization: path("authorizationFile"),
-        username: path("usernameFile"),
-        password: path("passwordFile"),
-        ca_bundle: path("caBundleFile"),
-    }
 }
 
 /// The source parameters each source type takes: (required, optional).
@@ -648,25 +293,21 @@ pub fn validate_spec(name: &str, spec: &mut BackingImageSpec) -> Result<()> {
                 spec.source_parameters
                     .insert("sourceChecksum".to_string(), parsed.to_string());
             }
-            download_access_files(&spec.source_parameters)
+            access_files_of(&spec.source_parameters)
                 .check()
                 .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
             super::poll::check_spec(name, spec)
                 .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
         }
-        SourceType::ExportFromVolume => {
-            let t = &spec.source_parameters["export-type"];
-            if t != "raw" && t != "qcow2" {
-                return Err(Error::InvalidArgument(format!(
-                    "backing image {name:?}: export-type {t:?} is not supported; use raw or qcow2"
-                )));
-            }
-        }
-        SourceType::Upload => {}
-        SourceType::Restore => {
-            crate::backup::image::parse_backup_url(&spec.source_parameters["backup-url"])
-                .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
-        }
+        SourceType::ExportFromVolume | SourceType::Upload | SourceType::Restore => {}
+    }
+    // What travels to the nodes is this spec's typed source: every spec accepted here has one
+    // (an export's `export-type` is checked in the parse).
+    let source = ImageSource::from_spec(spec)
+        .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
+    if let ImageSource::Restore(restore) = &source {
+        crate::backup::image::parse_backup_url(&restore.backup_url)
+            .map_err(|e| Error::InvalidArgument(format!("backing image {name:?}: {e}")))?;
     }
     Ok(())
 }
@@ -703,7 +344,7 @@ pub fn first_difference(existing: &BackingImageSpec, wanted: &BackingImageSpec) 
             existing.source_parameters, wanted.source_parameters
         ));
     }
-    if !wanted.checksum.is_empty() && existing.checksum != wanted.checksum {
+    if !crate::model::checksum::matches(&wanted.checksum, &existing.checksum) {
         return Some(format!(
             "checksum is {} but {} was requested",
             if existing.checksum.is_empty() {
@@ -726,6 +367,7 @@ pub fn first_difference(existing: &BackingImageSpec, wanted: &BackingImageSpec) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::backing_image::spec_of as spec;
 
     #[test]
     fn names_are_dns_labels() {
@@ -746,18 +388,6 @@ mod tests {
         for bad in ["abc", &"g".repeat(128), &"a".repeat(127)] {
             let e = normalize_checksum("x", bad).unwrap_err();
             assert!(e.to_string().contains("128 hexadecimal"), "{e}");
-        }
-    }
-
-    fn spec(t: SourceType, params: &[(&str, &str)]) -> BackingImageSpec {
-        BackingImageSpec {
-            source_type: t,
-            source_parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            checksum: String::new(),
-            min_number_of_copies: 1,
         }
     }
 

@@ -23,6 +23,7 @@ use super::object::{
     self, BackingImage, BackingImageSpec, PollStatus, PolledVersion, SourceType, UrlKind,
 };
 use crate::error::{Error, Result};
+use crate::files::source::DownloadSource;
 use crate::model::{parse_rfc3339, rfc3339};
 use crate::store::{Kind, StoreExt};
 
@@ -242,12 +243,12 @@ impl BackingImages {
     /// The source's validator now, read by the controller with the image's credentials.
     async fn check_source(&self, bi: &BackingImage) -> Result<String> {
         let name = bi.name();
-        let params = &bi.spec.source_parameters;
-        let url = params["url"].trim();
+        let failed = |e| Error::FailedPrecondition(format!("backing image {name:?}: {e}"));
+        let download = DownloadSource::from_params(&bi.spec.source_parameters).map_err(failed)?;
+        let url = download.url.trim();
         let guard = self.settings().download_guard()?;
         let credentials = self.source_credentials(bi)?;
-        let (remote, access) = object::download_source(params, credentials.as_ref())
-            .map_err(|e| Error::FailedPrecondition(format!("backing image {name:?}: {e}")))?;
+        let (remote, access) = download.access(credentials.as_ref()).map_err(failed)?;
         let explain = |e: crate::download::DownloadError| {
             Error::Unavailable(format!(
                 "backing image {name:?}: cannot check its source for a new version: {e}"

@@ -18,7 +18,7 @@ use crate::backup::{Backup, BackupState, Restore, Target};
 use crate::error::{Error, Result};
 use crate::model::{Capability, Volume};
 use crate::params::{self, VolumeParams};
-use crate::settings::{BACKUP_TARGET, BACKUP_TARGET_CREDENTIAL_FILE};
+use crate::settings::BACKUP_TARGET;
 use crate::store::{Kind, StoreExt};
 
 /// A `bicsi backup create` request.
@@ -87,17 +87,12 @@ impl Controller {
     pub fn backup_target(&self) -> Result<Target> {
         let settings = self.backing.settings();
         let url = settings.text(BACKUP_TARGET)?;
-        let creds = settings.text(BACKUP_TARGET_CREDENTIAL_FILE)?;
-        let creds = (!creds.is_empty()).then(|| std::path::PathBuf::from(creds));
+        let creds = settings.backup_credential_file()?;
         Target::open(&url, creds.as_deref())
     }
 
     fn credential_file(&self) -> Result<Option<std::path::PathBuf>> {
-        let creds = self
-            .backing
-            .settings()
-            .text(BACKUP_TARGET_CREDENTIAL_FILE)?;
-        Ok((!creds.is_empty()).then(|| creds.into()))
+        self.backing.settings().backup_credential_file()
     }
 
     pub fn get_backup_record(&self, name: &str) -> Result<Option<Backup>> {
@@ -318,7 +313,7 @@ impl Controller {
         if bi.status.checksum.is_empty() || !bi.has_ready_file() {
             return Err(Error::FailedPrecondition(format!(
                 "backing image {name:?} has no ready file yet ({}); back it up once it is ready",
-                crate::backing::BackingImages::describe(&bi)
+                bi.describe()
             )));
         }
         if let Some(m) = crate::backup::image::get_meta(&target, name).await? {
@@ -574,7 +569,7 @@ impl Controller {
                 meta.name, want.name, want.checksum, want.source_type, want.source_parameters
             )));
         };
-        if !want.checksum.is_empty() && bi.status.checksum != want.checksum {
+        if !crate::model::checksum::matches(&want.checksum, &bi.status.checksum) {
             return Err(Error::FailedPrecondition(format!(
                 "backup {:?} was taken over backing image {:?} with SHA-512 {}, but the image of that name here has {}; restore over it explicitly with --backing-image {} if its content is the same, or over another image",
                 meta.name,
@@ -608,7 +603,7 @@ impl Controller {
         let Some(want) = &meta.backing_image else {
             return Ok(None);
         };
-        if want.checksum.is_empty() || want.checksum == override_checksum {
+        if crate::model::checksum::matches(&want.checksum, override_checksum) {
             return Ok(None);
         }
         let mut here: Vec<_> = self

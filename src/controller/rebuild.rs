@@ -626,7 +626,7 @@ impl Controller {
             };
             let rid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             let new = Replica {
-                path: crate::disks::replica_path_as(&d.disk, &volume.id, &rid, source.format),
+                path: d.disk.replica_file(&volume.id, &rid, source.format),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
@@ -726,7 +726,7 @@ impl Controller {
         target: &Replica,
         source: &Replica,
     ) {
-        crate::metrics::rebuild_started(mode);
+        crate::counters::rebuild_started(mode);
         crate::events::emit(
             &*self.store,
             crate::events::Event::normal(
@@ -748,7 +748,7 @@ impl Controller {
         target: &Replica,
         result: &Result<Option<String>>,
     ) {
-        crate::metrics::rebuild_finished(mode, result.is_ok());
+        crate::counters::rebuild_finished(mode, result.is_ok());
         let regarding = crate::events::of_volume(volume);
         let event = match result {
             Ok(_) => crate::events::Event::normal(

@@ -135,7 +135,7 @@ impl Controller {
                 return Err(Error::Unavailable(format!(
                     "volume {:?} has not been attached and its backing image {image:?} is being prepared ({}); the snapshot can be taken once the image is ready",
                     volume.id,
-                    crate::backing::BackingImages::describe(&bi)
+                    bi.describe()
                 )));
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -232,7 +232,7 @@ impl Controller {
             return Err(e);
         }
         if let Some(e) = &exported {
-            // The image's first file is exported from this snapshot's file (see `export_source`),
+            // The image's first file is exported from this snapshot's file (see `backing::first_file_source`),
             // so it holds the volume as it was now, not when the export runs.
             let bi = BackingImage {
                 api_version: object::API_VERSION.to_string(),
@@ -453,7 +453,7 @@ impl Controller {
             // not share blocks gets a copy-on-write replica, as a new volume does.
             let format = crate::volume_engine::replica_format(engine, d);
             let replica = Replica {
-                path: crate::disks::replica_path_as(&d.disk, id, &rid, format),
+                path: d.disk.replica_file(id, &rid, format),
                 id: rid,
                 node_id: d.disk.node_id.clone(),
                 disk_id: d.disk.id.clone(),
@@ -523,42 +523,4 @@ impl Controller {
         tracing::info!(snapshot = %id, volume = %volume.id, "snapshot taken as a backup");
         Ok(snapshot)
     }
-}
-
-/// The file a backing image exported by a `type: bi` snapshot is converted from: that
-/// snapshot's file on one of `disks` (the volume as it was when the snapshot was taken).
-pub fn export_source(
-    store: &dyn crate::store::Store,
-    image: &str,
-    disks: &[crate::model::Disk],
-) -> Result<Option<std::path::PathBuf>> {
-    let snapshots: Vec<Snapshot> = store.list(Kind::Snapshot)?;
-    let Some(s) = snapshots
-        .into_iter()
-        .find(|s| s.exported.as_ref().is_some_and(|e| e.name == image))
-    else {
-        return Ok(None);
-    };
-    s.files
-        .iter()
-        .find(|f| disks.iter().any(|d| d.id == f.disk_id) && f.path.is_file())
-        .map(|f| Some(f.path.clone()))
-        .ok_or_else(|| {
-            let nodes: Vec<&str> = s.files.iter().map(|f| f.node_id.as_str()).collect();
-            Error::FailedPrecondition(format!(
-                "backing image {image:?} is exported from snapshot {:?}, whose files are on node(s) {nodes:?}, not on the disks of this node; delete the snapshot and take it again so the image is prepared where its files are",
-                s.name
-            ))
-        })
-}
-
-/// Snapshots whose files sit on top of backing image `image` (their source volume's): the
-/// image cannot go while they exist.
-pub fn snapshots_over(store: &dyn crate::store::Store, image: &str) -> Result<Vec<String>> {
-    let snapshots: Vec<Snapshot> = store.list(Kind::Snapshot)?;
-    Ok(snapshots
-        .into_iter()
-        .filter(|s| s.backing_image.as_deref() == Some(image))
-        .map(|s| s.name)
-        .collect())
 }

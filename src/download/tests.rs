@@ -1603,6 +1603,7 @@ async fn a_private_https_url_needs_its_ca_and_its_credentials() {
 async fn credentials_and_ca_come_from_a_secret_and_a_configmap_in_the_cluster() {
     use crate::backing::BackingImages;
     use crate::backing::object::{self, BackingImage};
+    use crate::files::source::DownloadSource;
     use crate::store::kubernetes::KubeStore;
     use crate::store::kubernetes::tests::{FakeApi, NS};
     use base64::Engine;
@@ -1659,9 +1660,9 @@ async fn credentials_and_ca_come_from_a_secret_and_a_configmap_in_the_cluster() 
         let url = url.clone();
         async move {
             let creds = images.source_credentials(&bi)?;
-            let (remote, access) =
-                object::download_source(&bi.spec.source_parameters, creds.as_ref())
-                    .map_err(crate::error::Error::FailedPrecondition)?;
+            let (remote, access) = DownloadSource::from_params(&bi.spec.source_parameters)
+                .and_then(|d| d.access(creds.as_ref()))
+                .map_err(crate::error::Error::FailedPrecondition)?;
             let req = DownloadRequest {
                 idle_timeout: Duration::from_secs(5),
                 max_attempts: 2,
@@ -1733,7 +1734,9 @@ async fn credentials_and_ca_come_from_a_secret_and_a_configmap_in_the_cluster() 
     assert!(e.contains(&format!("ConfigMap {NS}/gone")), "{e}");
     // The node without the values (a restart of a node in the split mode) says so and fails
     // softly: the controller starts it again with them.
-    let e = object::download_source(&good.spec.source_parameters, None).unwrap_err();
+    let e = DownloadSource::from_params(&good.spec.source_parameters)
+        .and_then(|d| d.access(None))
+        .unwrap_err();
     assert!(e.contains("not handed over"), "{e}");
 }
 

@@ -6,14 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
+use super::source::{ExportSource, ExportedSnapshot};
 use super::{FileManagers, ready_on};
-use crate::backing::BackingImages;
-use crate::backing::object::BackingImage;
 use crate::error::{Error, Result};
 use crate::fsutil::blocking;
 use crate::model::Volume;
+use crate::model::backing_image::BackingImage;
 use crate::os::ImageFormat;
-use crate::store::{Kind, StoreExt};
 
 impl FileManagers {
     /// Exports a volume's content at one point in time (its replica with its backing chain,
@@ -22,20 +21,16 @@ impl FileManagers {
     pub(super) async fn export_volume(
         &self,
         bi: &BackingImage,
+        source: &ExportSource,
         tmp: &Path,
     ) -> Result<(String, u64, Option<crate::sync::Manifest>)> {
-        let vol_name = bi.spec.source_parameters["volume-name"].clone();
-        let format = match bi.spec.source_parameters["export-type"].as_str() {
-            "raw" => ImageFormat::Raw,
-            _ => ImageFormat::Qcow2,
-        };
-        if let Some(source) =
-            crate::controller::snapshot::export_source(&*self.store, bi.name(), &self.disks)?
-        {
-            return self.convert(source, tmp, format, None).await;
+        let vol_name = &source.volume_name;
+        let format = source.format;
+        if let Some(snapshot) = &source.snapshot {
+            let file = self.snapshot_file(bi, snapshot)?;
+            return self.convert(file, tmp, format, None).await;
         }
-        let id = crate::controller::volume_id_for(&vol_name);
-        let volume: Volume = self.store.get(Kind::Volume, &id)?.ok_or_else(|| {
+        let volume: Volume = self.records.volume(&source.volume_id)?.ok_or_else(|| {
             Error::NotFound(format!(
                 "backing image {:?}: volume {vol_name:?} to export does not exist",
                 bi.name()
@@ -73,7 +68,7 @@ impl FileManagers {
                 let format = ImageFormat::parse(&image.status.format).ok_or_else(|| {
                     Error::Internal(format!("backing image {name:?} has no known format"))
                 })?;
-                Some((BackingImages::file_path(disk, &image), format))
+                Some((disk.image_file(&image), format))
             }
             None => None,
         };
@@ -81,6 +76,23 @@ impl FileManagers {
         let point = tmp.with_extension(format!("pit.{}", pit.extension()));
         self.convert(replica.path, tmp, format, Some((point, backing)))
             .await
+    }
+
+    /// The file of the snapshot an image is exported from, on one of this node's disks.
+    fn snapshot_file(&self, bi: &BackingImage, snapshot: &ExportedSnapshot) -> Result<PathBuf> {
+        snapshot
+            .files
+            .iter()
+            .find(|f| self.disks.iter().any(|d| d.id == f.disk_id) && f.path.is_file())
+            .map(|f| f.path.clone())
+            .ok_or_else(|| {
+                let nodes: Vec<&str> = snapshot.files.iter().map(|f| f.node_id.as_str()).collect();
+                Error::FailedPrecondition(format!(
+                    "backing image {:?} is exported from snapshot {:?}, whose files are on node(s) {nodes:?}, not on the disks of this node; delete the snapshot and take it again so the image is prepared where its files are",
+                    bi.name(),
+                    snapshot.name
+                ))
+            })
     }
 
     /// Exports a volume that was never attached (made while its image's file was on its way,
@@ -118,7 +130,7 @@ impl FileManagers {
         let Some(disk) = self
             .disks
             .iter()
-            .find(|d| ready_on(&image, &d.id) && BackingImages::file_path(d, &image).is_file())
+            .find(|d| ready_on(&image, &d.id) && d.image_file(&image).is_file())
         else {
             return Err(Error::Unavailable(format!(
                 "backing image {:?}: volume {:?} has not been written and its backing image {image_name:?} has no ready file on node {:?} yet; the export is tried again",
@@ -127,7 +139,7 @@ impl FileManagers {
                 self.node_id
             )));
         };
-        let backing = BackingImages::file_path(disk, &image);
+        let backing = disk.image_file(&image);
         let backing_format = ImageFormat::parse(&image.status.format).ok_or_else(|| {
             Error::Internal(format!("backing image {image_name:?} has no known format"))
         })?;

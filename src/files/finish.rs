@@ -6,15 +6,14 @@
 
 use std::path::Path;
 
-use super::{FileManagers, FileReport, ReadyFile, manifest_path, read_manifest, ready_on};
-use crate::backing::object::BackingImage;
-use crate::backing::state::FileState;
-use crate::backing::{BackingImages, FileMeta};
+use super::{FileManagers, FileReport, ReadyFile, read_manifest, ready_on};
 use crate::error::{Error, Result};
 use crate::fsutil::{blocking, write_atomic};
 use crate::imagefmt;
-use crate::model::Disk;
-use crate::store::{Kind, StoreExt};
+use crate::model::backing_image::BackingImage;
+use crate::model::backing_image::FileMeta;
+use crate::model::file_state::FileState;
+use crate::model::{Disk, checksum, manifest_path};
 
 impl FileManagers {
     /// Checks a prepared temp file and moves it into place as the disk's ready file.
@@ -56,15 +55,16 @@ impl FileManagers {
             }
         };
         let bi = self.image(name)?;
-        if !bi.status.checksum.is_empty() && bi.status.checksum != sha512 {
-            crate::metrics::checksum_failure("prepared");
+        if !checksum::matches(&bi.status.checksum, &sha512) {
+            crate::counters::checksum_failure("prepared");
             let _ = std::fs::remove_file(tmp);
             return Err(Error::FailedPrecondition(format!(
                 "backing image {name:?}: checksum mismatch: expected {}, got {sha512}; the file changed or is corrupt",
                 bi.status.checksum
             )));
         }
-        let final_path = BackingImages::file_path(disk, &bi);
+        let final_path = disk.image_file(&bi);
+        let meta_path = disk.image_meta(&bi);
         let dir = final_path
             .parent()
             .expect("file has a directory")
@@ -103,7 +103,7 @@ impl FileManagers {
             }
             std::fs::rename(&tmp, &final_path)
                 .map_err(|e| Error::Internal(format!("cannot move the file into place: {e}")))?;
-            write_atomic(&dir.join("backing.cfg"), &serde_json::to_vec_pretty(&meta)?)
+            write_atomic(&meta_path, &serde_json::to_vec_pretty(&meta)?)
                 .map_err(|e| Error::Internal(format!("cannot write backing.cfg: {e}")))?;
             if let Some(m) = manifest {
                 write_atomic(&manifest_path, &m.to_bytes()).map_err(|e| {
@@ -125,7 +125,7 @@ impl FileManagers {
     /// Checks a file against the image's checksum (SHA-512, streamed): Ready when it matches,
     /// else Failed with a message naming the disk, the mismatch and `why` it was checked.
     pub(super) async fn verify(&self, bi: &BackingImage, disk: &Disk, why: &str) -> FileReport {
-        let path = BackingImages::file_path(disk, bi);
+        let path = disk.image_file(bi);
         self.verified
             .lock()
             .expect("verified poisoned")
@@ -142,13 +142,16 @@ impl FileManagers {
             );
         }
         let p = path.clone();
-        let checksum = bi.status.checksum.clone();
+        let expected = bi.status.checksum.clone();
         let sum = blocking(move || {
             let (sum, manifest) =
                 crate::sync::hash_sparse(&p).map_err(|e| Error::Internal(e.to_string()))?;
             // The file is verified: its manifest, built in the same pass, replaces a missing,
             // corrupt or different one.
-            if sum == checksum && read_manifest(&p, &sum).as_ref() != Some(&manifest) {
+            if !expected.is_empty()
+                && checksum::matches(&expected, &sum)
+                && read_manifest(&p, &sum).as_ref() != Some(&manifest)
+            {
                 let mp = manifest_path(&p);
                 match write_atomic(&mp, &manifest.to_bytes()) {
                     Ok(()) => tracing::info!(path = %mp.display(), "rebuilt the chunk manifest of a verified file"),
@@ -159,7 +162,11 @@ impl FileManagers {
         })
         .await;
         match sum {
-            Ok(sum) if sum == bi.status.checksum => {
+            // A ready file's image always has its checksum: an empty one verifies nothing.
+            Ok(sum)
+                if !bi.status.checksum.is_empty()
+                    && checksum::matches(&bi.status.checksum, &sum) =>
+            {
                 let mut r = FileReport::new(FileState::Ready, 100, format!("{why}: verified"));
                 r.ready = Some(ReadyFile {
                     size: bi.status.size,
@@ -170,7 +177,7 @@ impl FileManagers {
                 r
             }
             Ok(sum) => {
-                crate::metrics::checksum_failure("verify");
+                crate::counters::checksum_failure("verify");
                 FileReport::new(
                     FileState::Failed,
                     0,
@@ -198,7 +205,7 @@ impl FileManagers {
         let Some(interval) = self.settings.scrub_interval() else {
             return Ok(0);
         };
-        let images: Vec<BackingImage> = self.store.list(Kind::BackingImage)?;
+        let images = self.records.images()?;
         let mut hashed = 0;
         for bi in &images {
             for disk in &self.disks {

@@ -12,13 +12,13 @@ use std::sync::atomic::AtomicU8;
 use tokio_util::sync::CancellationToken;
 
 use super::progress::percent_sink;
-use super::{FileManagers, FileReport, tmp_path};
-use crate::backing::object::SourceType;
-use crate::backing::state::FileState;
+use super::source::ImageSource;
+use super::{FileManagers, FileReport};
 use crate::download::{self, DownloadRequest};
 use crate::error::{Error, Result};
 use crate::messages::redact_text;
 use crate::model::Disk;
+use crate::model::file_state::FileState;
 
 /// Why a first file failed, and whether its source failed for good (see
 /// [`FileReport::permanent`]).
@@ -37,17 +37,20 @@ impl From<Error> for SourceFailure {
 }
 
 impl FileManagers {
-    /// Starts preparing the image's first file on `disk_id` from its data source.
+    /// Starts preparing the image's first file on `disk_id` from its data source, as the
+    /// records give it (work a node starts again by itself).
     pub fn prepare_first_file(self: &Arc<Self>, image: &str, disk_id: &str) -> Result<()> {
-        self.prepare_first_file_with(image, disk_id, None)
+        self.prepare_first_file_with(image, disk_id, None, None)
     }
 
-    /// [`Self::prepare_first_file`] with the values of the Secret and ConfigMap the image's
+    /// [`Self::prepare_first_file`] from `source` as the controller's request carries it
+    /// (`None`: as the records give it), with the values of the Secret and ConfigMap the
     /// source names, as the controller read them (kept in memory only, for this download).
     pub fn prepare_first_file_with(
         self: &Arc<Self>,
         image: &str,
         disk_id: &str,
+        source: Option<ImageSource>,
         credentials: Option<crate::download::Credentials>,
     ) -> Result<()> {
         let disk = self.disk(disk_id)?.clone();
@@ -56,7 +59,7 @@ impl FileManagers {
         self.spawn(image, &disk, move |this, cancel| {
             Box::pin(async move {
                 match this
-                    .first_file(&name, &d, credentials.as_ref(), cancel.clone())
+                    .first_file(&name, &d, source, credentials.as_ref(), cancel.clone())
                     .await
                 {
                     Err(f) if f.permanent && !cancel.is_cancelled() => {
@@ -76,12 +79,17 @@ impl FileManagers {
         &self,
         name: &str,
         disk: &Disk,
+        source: Option<ImageSource>,
         credentials: Option<&crate::download::Credentials>,
         cancel: CancellationToken,
     ) -> Result<(), SourceFailure> {
         let bi = self.image(name)?;
-        let mut transfer = crate::metrics::Transfer::start(
-            crate::metrics::TransferKind::of_source(bi.spec.source_type),
+        let source = match source {
+            Some(s) => s,
+            None => self.records.source(&bi)?,
+        };
+        let mut transfer = crate::counters::Transfer::start(
+            crate::counters::TransferKind::of_source(source.source_type()),
         );
         self.report(
             name,
@@ -89,15 +97,15 @@ impl FileManagers {
             FileReport::new(FileState::Starting, 0, "starting"),
         )
         .await?;
-        let tmp = tmp_path(disk, &bi);
-        if bi.spec.source_type != SourceType::Download {
+        let tmp = disk.image_tmp(&bi);
+        if !matches!(source, ImageSource::Download(_)) {
             // A download goes on with a partial file an earlier process left, if it can.
             let _ = std::fs::remove_file(&tmp);
         }
         let progress = Arc::new(AtomicU8::new(0));
-        let (sha512, size, manifest) = match bi.spec.source_type {
-            SourceType::Download => {
-                let url = bi.spec.source_parameters["url"].clone();
+        let (sha512, size, manifest) = match &source {
+            ImageSource::Download(download) => {
+                let url = download.url.clone();
                 let message = format!("downloading {}", redact_text(&url));
                 self.report(
                     name,
@@ -109,24 +117,12 @@ impl FileManagers {
                 req.expected_sha512 =
                     (!bi.status.checksum.is_empty()).then(|| bi.status.checksum.clone());
                 req.resume = true;
-                (req.remote, req.access) = crate::backing::object::download_source(
-                    &bi.spec.source_parameters,
-                    credentials,
-                )
-                .map_err(|e| SourceFailure {
-                    permanent: false,
-                    error: Error::FailedPrecondition(format!("backing image {name:?}: {e}")),
-                })?;
-                req.source_checksum = bi
-                    .spec
-                    .source_parameters
-                    .get("sourceChecksum")
-                    .map(|c| download::SourceChecksum::parse(c))
-                    .transpose()
-                    .map_err(|e| SourceFailure {
-                        permanent: true,
+                (req.remote, req.access) =
+                    download.access(credentials).map_err(|e| SourceFailure {
+                        permanent: false,
                         error: Error::FailedPrecondition(format!("backing image {name:?}: {e}")),
                     })?;
+                req.source_checksum = download.source_checksum.clone();
                 req.guard = self.settings.download_guard().map_err(|e| SourceFailure {
                     permanent: true,
                     error: Error::FailedPrecondition(format!("backing image {name:?}: {e}")),
@@ -138,7 +134,7 @@ impl FileManagers {
                     .await
                     .map_err(|e| {
                         if matches!(e, download::DownloadError::ChecksumMismatch { .. }) {
-                            crate::metrics::checksum_failure("download");
+                            crate::counters::checksum_failure("download");
                         }
                         SourceFailure {
                             permanent: e.is_permanent(),
@@ -151,23 +147,23 @@ impl FileManagers {
                 }
                 (outcome.sha512, outcome.size, Some(outcome.manifest))
             }
-            SourceType::ExportFromVolume => {
+            ImageSource::ExportFromVolume(export) => {
                 self.report(
                     name,
                     disk,
                     FileReport::new(FileState::InProgress, 0, "exporting"),
                 )
                 .await?;
-                self.export_volume(&bi, &tmp).await?
+                self.export_volume(&bi, export, &tmp).await?
             }
-            SourceType::Upload => {
+            ImageSource::Upload => {
                 return Err(Error::FailedPrecondition(format!(
                     "backing image {name:?} is uploaded, not prepared by bicsi"
                 ))
                 .into());
             }
-            SourceType::Restore => {
-                let url = bi.spec.source_parameters["backup-url"].clone();
+            ImageSource::Restore(restore) => {
+                let url = restore.backup_url.clone();
                 let message = format!("restoring from {url}");
                 self.report(
                     name,
@@ -175,11 +171,7 @@ impl FileManagers {
                     FileReport::new(FileState::InProgress, 0, &message),
                 )
                 .await?;
-                let creds = self
-                    .settings
-                    .text(crate::settings::BACKUP_TARGET_CREDENTIAL_FILE)
-                    .unwrap_or_default();
-                let creds = (!creds.is_empty()).then(|| std::path::PathBuf::from(creds));
+                let creds = self.settings.backup_credential_file().unwrap_or_default();
                 let work =
                     crate::backup::image::restore_image_file(&url, creds, &tmp, progress.clone());
                 let (sha512, size) = self
@@ -188,7 +180,7 @@ impl FileManagers {
                 (sha512, size, None)
             }
         };
-        let download = bi.spec.source_type == SourceType::Download;
+        let download = matches!(source, ImageSource::Download(_));
         if !download {
             transfer.moved(size);
         }

@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use super::*;
-use crate::backing::BackingImages;
-use crate::backing::object::SourceType;
+use crate::backing::StoreRecords;
 use crate::backing::object::{self, BackingImageSpec, BackingImageStatus, DiskFileStatus};
 use crate::clock::ManualClock;
 use crate::error::Error;
+use crate::model::SourceType;
+use crate::settings::Settings;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Kind, StoreExt};
+use crate::store::{Kind, Store, StoreExt};
 
 const T0: u64 = 2_000_000_000;
 
@@ -30,8 +31,27 @@ struct World {
     clock: Arc<ManualClock>,
     files: Arc<FileManagers>,
     reports: Arc<Reports>,
+    store: Arc<dyn Store>,
     settings: Settings,
     path: PathBuf,
+}
+
+/// File managers of `disks` over `store` (its records and settings).
+fn managers(
+    store: &Arc<dyn Store>,
+    disks: Vec<Disk>,
+    reports: Arc<Reports>,
+    clock: Arc<ManualClock>,
+) -> Arc<FileManagers> {
+    FileManagers::new(
+        "n1".into(),
+        disks,
+        Os::fake(),
+        Arc::new(StoreRecords(store.clone())),
+        Arc::new(Settings::new(store.clone())),
+        reports,
+        clock,
+    )
 }
 
 /// A node with one disk holding a ready file of image "img" that the store says is ready.
@@ -86,20 +106,14 @@ fn world() -> World {
     store.put(Kind::BackingImage, "img", &bi).unwrap();
     let clock = ManualClock::new(T0);
     let reports = Arc::new(Reports::default());
-    let files = FileManagers::new(
-        "n1".into(),
-        vec![disk],
-        Os::fake(),
-        store.clone(),
-        reports.clone(),
-        clock.clone(),
-    );
+    let files = managers(&store, vec![disk], reports.clone(), clock.clone());
     World {
         _dir: dir,
         clock,
         files,
         reports,
-        settings: Settings::new(store),
+        settings: Settings::new(store.clone()),
+        store,
         path,
     }
 }
@@ -112,11 +126,7 @@ fn flip_a_byte(path: &Path) {
 
 /// Image "img" as the store holds it now.
 fn stored_image(w: &World) -> BackingImage {
-    w.files
-        .store
-        .get(Kind::BackingImage, "img")
-        .unwrap()
-        .unwrap()
+    w.store.get(Kind::BackingImage, "img").unwrap().unwrap()
 }
 
 fn take(w: &World) -> Vec<(String, FileReport)> {
@@ -131,7 +141,7 @@ fn second_disk(w: &World) -> Disk {
         node_id: "n1".into(),
         path: w._dir.path().join("disk2"),
     };
-    std::fs::create_dir_all(d2.path.join("tmp")).unwrap();
+    std::fs::create_dir_all(d2.tmp_dir()).unwrap();
     d2
 }
 
@@ -148,14 +158,7 @@ fn restarted(w: &World) -> Arc<FileManagers> {
 }
 
 fn managers_of(w: &World, disks: Vec<Disk>) -> Arc<FileManagers> {
-    FileManagers::new(
-        "n1".into(),
-        disks,
-        Os::fake(),
-        w.files.store.clone(),
-        w.reports.clone(),
-        w.clock.clone(),
-    )
+    managers(&w.store, disks, w.reports.clone(), w.clock.clone())
 }
 
 /// The reports made until one says ready, by `deadline` at the latest.
@@ -246,9 +249,9 @@ async fn registering_again_leaves_running_work_and_its_temp_file_alone() {
     let disk = w.files.disks()[0].clone();
     let mut bi = stored_image(&w);
     bi.status.disk_file_status_map.get_mut("d1").unwrap().state = FileState::InProgress;
-    w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
-    let tmp = tmp_path(&disk, &bi);
-    std::fs::create_dir_all(disk.path.join("tmp")).unwrap();
+    w.store.put(Kind::BackingImage, "img", &bi).unwrap();
+    let tmp = disk.image_tmp(&bi);
+    std::fs::create_dir_all(disk.tmp_dir()).unwrap();
     std::fs::write(&tmp, b"under way").unwrap();
     let stale = disk.path.join("tmp/gone-0123.part");
     std::fs::write(&stale, b"cut off").unwrap();
@@ -310,7 +313,7 @@ async fn a_first_file_cut_off_by_a_restart_goes_back_to_pending_without_failing(
     let f = bi.status.disk_file_status_map.get_mut("d1").unwrap();
     f.state = FileState::InProgress;
     f.progress = 40;
-    w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
+    w.store.put(Kind::BackingImage, "img", &bi).unwrap();
     w.files.resume().await.unwrap();
     // Its first report puts it back to pending, marked as a restart; the download starts
     // again (and fails for real here: nothing serves its URL).
@@ -343,8 +346,8 @@ async fn a_copy_cut_off_by_a_restart_starts_again_at_resume_and_ends_ready() {
     f.state = FileState::InProgress;
     f.progress = 40;
     bi.status.disk_file_status_map.insert("d2".into(), f);
-    w.files.store.put(Kind::BackingImage, "img", &bi).unwrap();
-    std::fs::write(tmp_path(&d2, &bi), b"partial").unwrap();
+    w.store.put(Kind::BackingImage, "img", &bi).unwrap();
+    std::fs::write(d2.image_tmp(&bi), b"partial").unwrap();
     let files = with_disk(&w, &d2);
     files.resume().await.unwrap();
     // Nothing else asks for it (no attach): resume itself starts the copy again.
@@ -357,10 +360,10 @@ async fn a_copy_cut_off_by_a_restart_starts_again_at_resume_and_ends_ready() {
         "failed on the way: {seen:?}"
     );
     assert_eq!(
-        std::fs::read(BackingImages::file_path(&d2, &bi)).unwrap(),
+        std::fs::read(d2.image_file(&bi)).unwrap(),
         std::fs::read(&w.path).unwrap()
     );
-    assert!(!tmp_path(&d2, &bi).exists());
+    assert!(!d2.image_tmp(&bi).exists());
 }
 
 #[tokio::test]
@@ -387,11 +390,11 @@ async fn a_sync_waits_in_pending_while_the_node_runs_its_limit_of_syncs() {
         take(&w).iter().all(|(_, r)| r.state == FileState::Pending),
         "nothing starts while the slot is taken"
     );
-    assert!(!BackingImages::file_path(&d2, &files.image("img").unwrap()).exists());
+    assert!(!d2.image_file(&files.image("img").unwrap()).exists());
     // The slot frees: the copy runs and ends ready, with the same bytes.
     drop(held);
     reports_until_ready(&w, deadline).await;
-    let copy = BackingImages::file_path(&d2, &files.image("img").unwrap());
+    let copy = d2.image_file(&files.image("img").unwrap());
     assert_eq!(
         std::fs::read(copy).unwrap(),
         std::fs::read(&w.path).unwrap()

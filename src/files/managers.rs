@@ -12,13 +12,11 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::{DiskManager, FileManagers, FileReport, SyncSlots, ready_on};
-use crate::backing::BackingImages;
-use crate::backing::object::BackingImage;
-use crate::backing::state::FileState;
 use crate::error::{Error, Result};
 use crate::fsutil::blocking;
 use crate::model::Disk;
-use crate::store::{Kind, StoreExt};
+use crate::model::backing_image::BackingImage;
+use crate::model::file_state::FileState;
 
 impl FileManagers {
     /// The sync slots of this node (the HTTP sender takes one per file it sends).
@@ -87,7 +85,7 @@ impl FileManagers {
         let mut managers = self.managers.lock().expect("managers poisoned");
         managers.retain(|id, m| {
             let busy = !m.tasks.lock().expect("tasks poisoned").is_empty();
-            let has_files = std::fs::read_dir(m.disk.path.join("backing-images"))
+            let has_files = std::fs::read_dir(m.disk.backing_images_dir())
                 .map(|mut d| d.next().is_some())
                 .unwrap_or(false);
             if !busy && !has_files {
@@ -105,20 +103,20 @@ impl FileManagers {
             .disks
             .iter()
             .filter(|d| ready_on(&bi, &d.id))
-            .map(|d| BackingImages::file_path(d, &bi))
+            .map(|d| d.image_file(&bi))
             .find(|p| p.is_file())
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "backing image {name:?} has no ready file to download yet: {}",
-                    BackingImages::describe(&bi)
+                    bi.describe()
                 ))
             })?;
         Ok((bi, path))
     }
 
     pub(super) fn image(&self, name: &str) -> Result<BackingImage> {
-        self.store
-            .get(Kind::BackingImage, name)?
+        self.records
+            .image(name)?
             .ok_or_else(|| Error::NotFound(format!("backing image {name:?} not found")))
     }
 
@@ -204,8 +202,8 @@ impl FileManagers {
         let prefix = format!("{name}-");
         blocking(move || {
             for d in &disks {
-                for sub in ["backing-images", "tmp"] {
-                    let Ok(entries) = std::fs::read_dir(d.path.join(sub)) else {
+                for dir in [d.backing_images_dir(), d.tmp_dir()] {
+                    let Ok(entries) = std::fs::read_dir(dir) else {
                         continue;
                     };
                     for e in entries.flatten() {

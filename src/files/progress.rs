@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use super::{FileManagers, FileReport};
-use crate::backing::state::FileState;
 use crate::model::Disk;
+use crate::model::file_state::FileState;
 
 /// How often the progress of running work is reported.
 pub(super) const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);

@@ -8,13 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{FileManagers, FileReport, tmp_path};
-use crate::backing::BackingImages;
-use crate::backing::object::{BackingImage, SourceType};
-use crate::backing::state::FileState;
+use super::{FileManagers, FileReport};
 use crate::download;
 use crate::error::Result;
-use crate::store::{Kind, StoreExt};
+use crate::model::SourceType;
+use crate::model::file_state::FileState;
 
 impl FileManagers {
     /// After a restart or a return: work that was cut off starts again (from the beginning, but
@@ -22,7 +20,7 @@ impl FileManagers {
     /// unknown while the node was away are verified and reused, and files of images that no
     /// longer exist are removed.
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
-        let images: Vec<BackingImage> = self.store.list(Kind::BackingImage)?;
+        let images = self.records.images()?;
         let first_start = !self.verified_at_start.load(Ordering::SeqCst);
         // The partial files of work cut off by the restart go before any work starts again
         // (a restarted download or export writes its temp file at once); those of work running
@@ -37,13 +35,13 @@ impl FileManagers {
                         || (bi.spec.source_type == SourceType::Download && !bi.has_ready_file())
                 })
                 .flat_map(|bi| {
-                    let tmp = tmp_path(d, bi);
+                    let tmp = d.image_tmp(bi);
                     [download::resume_path(&tmp), tmp]
                 })
                 .collect();
             // A conversion an earlier process started may still be writing here.
-            crate::os::image::kill_stray_jobs(&d.path.join("tmp"));
-            for e in std::fs::read_dir(d.path.join("tmp"))
+            crate::os::image::kill_stray_jobs(&d.tmp_dir());
+            for e in std::fs::read_dir(d.tmp_dir())
                 .into_iter()
                 .flatten()
                 .flatten()
@@ -67,9 +65,7 @@ impl FileManagers {
                 // the disk it is verified and reused below; without it, it was work cut off by
                 // the same restart or outage (a first download, a sync), which starts again
                 // like any other, not a ready file that disappeared.
-                let state = if f.state == FileState::Unknown
-                    && !BackingImages::file_path(&disk, bi).is_file()
-                {
+                let state = if f.state == FileState::Unknown && !disk.image_file(bi).is_file() {
                     FileState::Pending
                 } else {
                     f.state
@@ -126,7 +122,7 @@ impl FileManagers {
                             self.report(bi.name(), &disk, report).await?;
                         }
                     }
-                    FileState::Ready if !BackingImages::file_path(&disk, bi).is_file() => {
+                    FileState::Ready if !disk.image_file(bi).is_file() => {
                         self.report(
                             bi.name(),
                             &disk,
@@ -150,7 +146,7 @@ impl FileManagers {
         // Files of images deleted while this node was away.
         let live: Vec<String> = images.iter().map(|b| b.dir_name()).collect();
         for d in &self.disks {
-            let Ok(entries) = std::fs::read_dir(d.path.join("backing-images")) else {
+            let Ok(entries) = std::fs::read_dir(d.backing_images_dir()) else {
                 continue;
             };
             for e in entries.flatten() {
@@ -162,7 +158,7 @@ impl FileManagers {
             }
         }
         for d in self.disks.clone() {
-            let has = std::fs::read_dir(d.path.join("backing-images"))
+            let has = std::fs::read_dir(d.backing_images_dir())
                 .map(|mut i| i.next().is_some())
                 .unwrap_or(false);
             if has {

@@ -10,14 +10,12 @@ use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
 use super::progress::percent_sink;
-use super::{FileManagers, FileReport, read_manifest, ready_on, tmp_path};
-use crate::backing::BackingImages;
-use crate::backing::object::BackingImage;
-use crate::backing::state::FileState;
+use super::{FileManagers, FileReport, read_manifest, ready_on};
 use crate::error::{Error, Result};
 use crate::fsutil::blocking;
+use crate::model::backing_image::BackingImage;
+use crate::model::file_state::FileState;
 use crate::model::{Disk, NodeRecord};
-use crate::store::{Kind, StoreExt};
 
 /// A transfer from another node that receives nothing for this long fails (and is retried).
 const TRANSFER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,7 +29,7 @@ impl FileManagers {
     pub async fn ensure_file(self: &Arc<Self>, name: &str, disk_id: &str) -> Result<PathBuf> {
         let disk = self.disk(disk_id)?.clone();
         let bi = self.image(name)?;
-        let path = BackingImages::file_path(&disk, &bi);
+        let path = disk.image_file(&bi);
         if ready_on(&bi, &disk.id) && path.is_file() {
             return Ok(path);
         }
@@ -83,16 +81,18 @@ impl FileManagers {
     }
 
     fn pick_source(&self, bi: &BackingImage, disk: &Disk) -> Result<Source> {
-        if let Some(local) = self.disks.iter().find(|d| {
-            d.id != disk.id && ready_on(bi, &d.id) && BackingImages::file_path(d, bi).is_file()
-        }) {
+        if let Some(local) = self
+            .disks
+            .iter()
+            .find(|d| d.id != disk.id && ready_on(bi, &d.id) && d.image_file(bi).is_file())
+        {
             return Ok(Source::Local(local.clone()));
         }
         for (disk_id, f) in &bi.status.disk_file_status_map {
             if f.state != FileState::Ready || f.node_id == self.node_id || f.node_id.is_empty() {
                 continue;
             }
-            let node: Option<NodeRecord> = self.store.get(Kind::Node, &f.node_id)?;
+            let node: Option<NodeRecord> = self.records.node(&f.node_id)?;
             if let Some(n) = node.filter(|n| n.up && !n.transfer_url.is_empty()) {
                 return Ok(Source::Remote {
                     node_id: n.node_id,
@@ -109,7 +109,7 @@ impl FileManagers {
             "backing image {:?} has no ready file to bring to disk {} yet: {}",
             bi.name(),
             disk.id,
-            BackingImages::describe(bi)
+            bi.describe()
         )))
     }
 
@@ -137,9 +137,9 @@ impl FileManagers {
             }
         };
         let _slot = slot;
-        let mut transfer = crate::metrics::Transfer::start(match source {
-            Source::Local(_) => crate::metrics::TransferKind::SyncSameNode,
-            Source::Remote { .. } => crate::metrics::TransferKind::SyncCrossNode,
+        let mut transfer = crate::counters::Transfer::start(match source {
+            Source::Local(_) => crate::counters::TransferKind::SyncSameNode,
+            Source::Remote { .. } => crate::counters::TransferKind::SyncCrossNode,
         });
         let bi = self.image(name)?;
         self.report(
@@ -154,7 +154,7 @@ impl FileManagers {
             FileReport::new(FileState::InProgress, 0, &message),
         )
         .await?;
-        let tmp = tmp_path(disk, &bi);
+        let tmp = disk.image_tmp(&bi);
         let _ = std::fs::remove_file(&tmp);
         if bi.status.checksum.is_empty() {
             return Err(Error::FailedPrecondition(format!(
@@ -163,7 +163,7 @@ impl FileManagers {
         }
         let (sha512, size, manifest) = match &source {
             Source::Local(from) => {
-                let src = BackingImages::file_path(from, &bi);
+                let src = from.image_file(&bi);
                 let t = tmp.clone();
                 let checksum = bi.status.checksum.clone();
                 let (outcome, manifest) = blocking(move || {
@@ -203,7 +203,7 @@ impl FileManagers {
                             e,
                             SyncError::ChecksumMismatch { .. } | SyncError::ChunkMismatch { .. }
                         ) {
-                            crate::metrics::checksum_failure("transfer");
+                            crate::counters::checksum_failure("transfer");
                         }
                         Error::Unavailable(format!("backing image {name:?}, disk {}: {e}", disk.id))
                     })?;

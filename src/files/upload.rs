@@ -16,11 +16,12 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha512};
 use tokio_util::sync::CancellationToken;
 
-use super::{FileManagers, FileReport, ReadyFile, tmp_path};
-use crate::backing::object::SourceType;
-use crate::backing::state::FileState;
+use super::{FileManagers, FileReport, ReadyFile};
 use crate::error::{Error, Result};
 use crate::model::Disk;
+use crate::model::SourceType;
+use crate::model::checksum;
+use crate::model::file_state::FileState;
 use crate::sync::manifest::{CHUNK_SIZE, Manifest, ManifestBuilder};
 
 /// Chunks queued for the writer before the receiver waits (back-pressure to the client).
@@ -41,13 +42,11 @@ pub struct UploadRequest {
 
 /// Validates a SHA-512 given by a user: 128 hex digits, returned lower-case.
 pub fn parse_checksum(text: &str, what: &str) -> Result<String> {
-    let t = text.trim().to_ascii_lowercase();
-    if t.len() != 128 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::InvalidArgument(format!(
+    checksum::normalize_sha512(text).ok_or_else(|| {
+        Error::InvalidArgument(format!(
             "{what} {text:?} is not a SHA-512 checksum (128 hex digits, as `shasum -a 512 FILE` prints)"
-        )));
-    }
-    Ok(t)
+        ))
+    })
 }
 
 /// Frees the upload slot and the disk manager's task entry when the upload ends, however.
@@ -205,7 +204,7 @@ impl FileManagers {
         E: std::fmt::Display,
     {
         let bi = self.image(name)?;
-        let mut transfer = crate::metrics::Transfer::start(crate::metrics::TransferKind::Upload);
+        let mut transfer = crate::counters::Transfer::start(crate::counters::TransferKind::Upload);
         // A failed earlier attempt on this disk starts over (failed → pending).
         self.report(
             name,
@@ -219,7 +218,7 @@ impl FileManagers {
             FileReport::new(FileState::Starting, 0, "receiving the upload"),
         )
         .await?;
-        let tmp = tmp_path(disk, &bi);
+        let tmp = disk.image_tmp(&bi);
         let mut guard = RemoveOnDrop(Some(tmp.clone()));
         let file = open_tmp(&tmp)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE_DEPTH);
@@ -303,9 +302,9 @@ impl FileManagers {
             ));
         }
         if let Some(expected) = &req.checksum
-            && *expected != sha512
+            && !checksum::matches(expected, &sha512)
         {
-            crate::metrics::checksum_failure("upload");
+            crate::counters::checksum_failure("upload");
             return Err(Error::FailedPrecondition(format!(
                 "backing image {name:?}: checksum mismatch: expected {expected}, got {sha512}; the upload is corrupt or the checksum is wrong: upload again"
             )));

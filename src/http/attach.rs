@@ -121,7 +121,7 @@ pub(super) async fn attach(
     };
     let block = is_block(req.mode.as_deref())?;
     let controller = s.controller()?.clone();
-    let volume_id = crate::controller::volume_id_for(&id);
+    let volume_id = crate::model::volume_id_for(&id);
     if controller.get(&volume_id)?.is_none() {
         return Err(Error::NotFound(format!(
             "volume {id:?} not found; GET /v1/volumes lists them"
@@ -188,7 +188,7 @@ pub(super) async fn detach(
     Path(id): Path<String>,
 ) -> ApiResult<Json<DetachAnswer>> {
     let local = local(&s)?.clone();
-    let volume = crate::controller::volume_id_for(&id);
+    let volume = crate::model::volume_id_for(&id);
     let dir = local.data_dir.join("attached").join(&volume);
     let done = tokio::spawn(async move {
         let mut c = CsiClient::connect(&local.csi_endpoint).await?;

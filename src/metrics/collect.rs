@@ -12,10 +12,10 @@ use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::{CounterVec, GaugeVec, Opts};
 
-use crate::backing::object::BackingImage;
-use crate::backing::state::FileState;
 use crate::cluster::Cluster;
 use crate::health::{ReplicaMode, VolumeHealth, volume_health};
+use crate::model::backing_image::BackingImage;
+use crate::model::file_state::FileState;
 use crate::model::{Disk, NodeRecord, NodeVolume, Volume, now_secs, parse_rfc3339};
 use crate::store::{Kind, Store, StoreExt};
 
@@ -286,10 +286,10 @@ pub(super) fn disk_families(node: &str, disks: &[Disk]) -> Vec<MetricFamily> {
         }
         images
             .with_label_values(&l)
-            .set(allocated_bytes(&d.path.join("backing-images")) as f64);
+            .set(allocated_bytes(&d.backing_images_dir()) as f64);
         replicas
             .with_label_values(&l)
-            .set(allocated_bytes(&d.path.join("replicas")) as f64);
+            .set(allocated_bytes(&d.replicas_dir()) as f64);
     }
     [
         capacity.collect(),

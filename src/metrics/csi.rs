@@ -69,7 +69,7 @@ where
                     Ok(resp) => answer_code(resp.headers()),
                     Err(_) => tonic::Code::Unknown,
                 };
-                super::csi_call(&method, code, started.elapsed().as_secs_f64());
+                crate::counters::csi_call(&method, code, started.elapsed().as_secs_f64());
             }
             r
         })

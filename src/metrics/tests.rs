@@ -4,6 +4,7 @@ use super::collect::{
 use super::csi::{answer_code, csi_method};
 use super::*;
 use crate::backing::object::BackingImage;
+use crate::counters::{Transfer, TransferKind, csi_call, rebuild_finished, rebuild_started};
 use crate::model::{NodeVolume, Volume};
 use prometheus::proto::MetricFamily;
 

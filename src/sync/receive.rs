@@ -220,7 +220,7 @@ struct Transfer<'a> {
 impl Transfer<'_> {
     async fn run(&self, expected_sha512: &str) -> Result<ReceiveOutcome, SyncError> {
         // Checked before any byte moves: a wrong value here would fail only after the transfer.
-        if expected_sha512.len() != 128 || !expected_sha512.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if crate::model::checksum::normalize_sha512(expected_sha512).is_none() {
             return Err(SyncError::InvalidChecksum(expected_sha512.to_owned()));
         }
         let parsed = reqwest::Url::parse(self.url)
@@ -354,7 +354,7 @@ impl Transfer<'_> {
                 (expected, Verified::Manifest, Arc::unwrap_or_clone(m))
             }
             (Verdict::Hashed { sha512, builder }, Check::Sha512 { why }) => {
-                if sha512 != expected {
+                if !crate::model::checksum::matches(&expected, &sha512) {
                     return Err(SyncError::ChecksumMismatch {
                         expected,
                         got: sha512,
@@ -435,7 +435,7 @@ impl Transfer<'_> {
         let bytes = body.len() as u64;
         let manifest = Manifest::parse(&body)
             .map_err(|why| (format!("the manifest at {shown} is invalid: {why}"), bytes))?;
-        if manifest.sha512 != expected {
+        if !crate::model::checksum::matches(expected, &manifest.sha512) {
             return Err((
                 format!(
                     "the manifest at {shown} is of content with SHA-512 {}, not the expected {expected}",

@@ -17,7 +17,7 @@ use kube::CustomResourceExt;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-use crate::backing::object::{BackingImageSpec, BackingImageStatus};
+use crate::model::backing_image::{BackingImageSpec, BackingImageStatus};
 use crate::store::Kind;
 
 pub const GROUP: &str = "longhorn.io";
