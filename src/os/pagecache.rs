@@ -6,13 +6,14 @@
 //! it writes the range's dirty pages and waits for them, and nothing else. An `fdatasync` per
 //! window, which these writers used before, also commits the filesystem's journal and flushes
 //! the device's write cache each time (on ext4 a journal commit per 16 MiB), work the writer's
-//! one final `fsync` does anyway. This module must not make anything durable: its callers
+//! one final `fsync` does anyway. It also holds the writers' one vectored positional write
+//! ([`write_all_at`]). This module must not make anything durable: its callers
 //! still `fsync` the file when it is complete, and only that makes it durable.
 
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
@@ -50,6 +51,32 @@ pub fn write_back(file: &File, from: u64, to: u64, drop_pages: bool) -> io::Resu
         let _ = posix_fadvise(file, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
     Ok(())
+}
+
+/// Writes all of `slices` at `offset` of `file` with `pwritev`, as one run of bytes, without
+/// copying them together first (the writers' blocks are the network's pieces, shared with the
+/// hashing workers); returns the bytes written.
+pub fn write_all_at(file: &File, offset: u64, slices: &mut [IoSlice<'_>]) -> io::Result<u64> {
+    let mut rest = slices;
+    let mut written = 0u64;
+    while !rest.is_empty() {
+        let at = i64::try_from(offset + written).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("write at {offset} is past what the kernel takes"),
+            )
+        })?;
+        match nix::sys::uio::pwritev(file, rest, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n as u64;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(written)
 }
 
 /// Bytes of `path` in the page cache (util-linux's `fincore`): for the tests of the writers

@@ -17,7 +17,7 @@
 //! log a URL's credentials or query.
 
 use std::fs::File;
-use std::io::{self, IoSlice, Seek, SeekFrom, Write};
+use std::io::{self, IoSlice};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -797,22 +797,8 @@ fn write_worker(file: File, mut rx: mpsc::Receiver<WriteMsg>) -> io::Result<File
     Ok(file)
 }
 
-/// Writes the block's pieces at `offset` with `writev` (this thread owns the file position).
-fn write_block(mut file: &File, offset: u64, block: &[Bytes]) -> io::Result<u64> {
-    file.seek(SeekFrom::Start(offset))?;
+/// Writes the block's pieces at `offset` as they are (one vectored write, no copy).
+fn write_block(file: &File, offset: u64, block: &[Bytes]) -> io::Result<u64> {
     let mut slices: Vec<IoSlice<'_>> = block.iter().map(|b| IoSlice::new(b)).collect();
-    let mut rest = &mut slices[..];
-    let mut written = 0u64;
-    while !rest.is_empty() {
-        match file.write_vectored(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                written += n as u64;
-                IoSlice::advance_slices(&mut rest, n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(written)
+    crate::os::pagecache::write_all_at(file, offset, &mut slices)
 }
