@@ -691,16 +691,7 @@ mod tests {
     /// written as its bytes, and its all-zero chunks stay holes.
     #[test]
     fn a_block_in_odd_pieces_is_written_with_its_zero_chunks_as_holes() {
-        // Not /tmp: holes are checked on a real filesystem.
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let path = dir.path().join("f");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (_dir, path, file) = crate::os::pagecache::scratch_file();
         let chunk = HOLE_CHUNK as usize;
         let mut want = vec![0u8; 6 * chunk];
         want[chunk..2 * chunk].fill(7);

@@ -92,6 +92,23 @@ pub(crate) fn cached_bytes(path: &std::path::Path) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// An empty file to write, read and write back in the tests of the long writers, in a temporary
+/// directory on a real filesystem (not /tmp: on a tmpfs the page cache is the storage, nothing
+/// is ever dropped, and there are no holes to check).
+#[cfg(test)]
+pub(crate) fn scratch_file() -> (tempfile::TempDir, std::path::PathBuf, File) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("f");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    (dir, path, file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,16 +119,7 @@ mod tests {
     /// cannot take is refused with what it was.
     #[test]
     fn a_written_back_range_leaves_the_page_cache_and_reads_back() {
-        // Not /tmp: on a tmpfs the page cache is the storage and nothing is ever dropped.
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let path = dir.path().join("f");
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (_dir, path, f) = scratch_file();
         let data: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 % 251) as u8).collect();
         f.write_all_at(&data, 0).unwrap();
         let before = cached_bytes(&path);
