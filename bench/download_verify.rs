@@ -94,6 +94,9 @@ pub(crate) struct BicsiRun {
     /// CPU seconds (user+system) of the process since it started, and of each of its threads
     /// still alive when the file was ready (busiest first).
     pub(crate) cpu: Option<(f64, Vec<(String, f64)>)>,
+    /// Resident memory by mapping, idle before the POST and at the highest sample during it.
+    pub(crate) idle_map: Option<MemMap>,
+    pub(crate) peak_map: Option<MemMap>,
 }
 
 impl BicsiRun {
@@ -136,6 +139,16 @@ impl BicsiRun {
                 busy.join(", ")
             );
         }
+        if let Some(m) = &self.peak_map {
+            let _ = write!(
+                s,
+                "\n         resident at the sampled peak {}",
+                m.describe()
+            );
+        }
+        if let Some(m) = &self.idle_map {
+            let _ = write!(s, "\n         resident idle {}", m.describe());
+        }
         if let Some(smaps) = &self.smaps {
             let kb = |k: &str| kib_field(smaps, k).map_or("?".into(), fmt_bytes);
             let _ = write!(
@@ -177,6 +190,7 @@ pub(crate) async fn bicsi_download_of(
             kib_field(&st, "RssAnon:").unwrap_or(0),
             kib_field(&st, "RssFile:").unwrap_or(0),
         );
+        let idle_map = MemMap::read(serve.pid);
         sync().await;
         let body = download_image(&name, url, sha512);
         let started = Instant::now();
@@ -191,6 +205,7 @@ pub(crate) async fn bicsi_download_of(
             return Err(format!("POST backing image: {status}: {}", resp.text().await?).into());
         }
         let deadline = Duration::from_secs(120 + len / (5 * MIB));
+        let sampler = MemSampler::start(serve.pid);
         let (mut anon_peak, mut file_peak, mut threads_peak) = (0, 0, 0);
         let obj = loop {
             if let Some(st) = proc_status(serve.pid) {
@@ -220,6 +235,7 @@ pub(crate) async fn bicsi_download_of(
             }
         };
         let elapsed = started.elapsed();
+        let peak_map = sampler.stop().await;
         let status = proc_status(serve.pid);
         let vm_hwm = status.as_deref().and_then(|s| kib_field(s, "VmHWM:"));
         let smaps = vm_hwm.filter(|&h| h > RSS_BOUND).and_then(|_| {
@@ -242,6 +258,8 @@ pub(crate) async fn bicsi_download_of(
             logged_secs: None,
             smaps,
             cpu,
+            idle_map,
+            peak_map,
         })
     }
     .await;
@@ -297,4 +315,165 @@ pub(crate) async fn reference(b: &Bench, script: &str) -> Res<(Duration, String)
     let (elapsed, stdout) = out?;
     let sha = stdout.split_whitespace().next().unwrap_or("").to_string();
     Ok((elapsed, sha))
+}
+
+/// Where a process's resident memory is, by mapping (`/proc/PID/smaps`): the figures the
+/// README's memory paragraph names.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct MemMap {
+    /// All resident memory (the sum of the mappings' Rss: VmRSS).
+    pub(crate) rss: u64,
+    /// The executable's code (its r-x mapping), file-backed.
+    pub(crate) text: u64,
+    /// The executable's read-only data (.rodata, .eh_frame: its r-- mappings), file-backed.
+    pub(crate) rodata: u64,
+    /// The executable's pages written since it was loaded: relocated pointers (.data.rel.ro),
+    /// .data and .bss.
+    pub(crate) exe_anon: u64,
+    /// Shared libraries (libc, libm, the loader) and the vdso.
+    pub(crate) libs: u64,
+    /// malloc's main arena (`[heap]`).
+    pub(crate) heap: u64,
+    /// Thread stacks (an anonymous mapping above a guard page) and the main stack.
+    pub(crate) stacks: u64,
+    pub(crate) threads: usize,
+    /// Other anonymous mappings: malloc's large blocks (mmap) and the runtime's own.
+    pub(crate) other_anon: u64,
+}
+
+impl MemMap {
+    pub(crate) fn read(pid: u32) -> Option<MemMap> {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let exe = exe.to_str()?.to_string();
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        struct Mapping<'a> {
+            start: u64,
+            end: u64,
+            perms: &'a str,
+            path: &'a str,
+            rss: u64,
+            anon: u64,
+        }
+        let mut maps: Vec<Mapping> = Vec::new();
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            if let Some(key) = first.strip_suffix(':') {
+                let kib = words
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if let Some(m) = maps.last_mut() {
+                    match key {
+                        "Rss" => m.rss = kib * 1024,
+                        "Anonymous" => m.anon = kib * 1024,
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            let Some((start, end)) = first.split_once('-') else {
+                continue;
+            };
+            let perms = words.next().unwrap_or("");
+            let path = words.nth(3).unwrap_or("");
+            maps.push(Mapping {
+                start: u64::from_str_radix(start, 16).ok()?,
+                end: u64::from_str_radix(end, 16).ok()?,
+                perms,
+                path,
+                rss: 0,
+                anon: 0,
+            });
+        }
+        let mut m = MemMap::default();
+        for (i, map) in maps.iter().enumerate() {
+            m.rss += map.rss;
+            if map.path == exe {
+                if map.perms.contains('x') {
+                    m.text += map.rss - map.anon;
+                } else {
+                    m.rodata += map.rss - map.anon;
+                }
+                m.exe_anon += map.anon;
+            } else if map.path == "[heap]" {
+                m.heap += map.rss;
+            } else if map.path == "[stack]" {
+                m.stacks += map.rss;
+                m.threads += 1;
+            } else if map.path.is_empty() {
+                let guarded = i > 0 && maps[i - 1].perms == "---p" && maps[i - 1].end == map.start;
+                if guarded && map.perms.starts_with("rw") {
+                    m.stacks += map.rss;
+                    m.threads += 1;
+                } else {
+                    m.other_anon += map.rss;
+                }
+            } else {
+                m.libs += map.rss;
+            }
+        }
+        Some(m)
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "{}: code {}, read-only data {}, written data of the binary {}, libraries {}, \
+             malloc heap {}, {} stacks {}, other anonymous {}",
+            fmt_bytes(self.rss),
+            fmt_bytes(self.text),
+            fmt_bytes(self.rodata),
+            fmt_bytes(self.exe_anon),
+            fmt_bytes(self.libs),
+            fmt_bytes(self.heap),
+            self.threads,
+            fmt_bytes(self.stacks),
+            fmt_bytes(self.other_anon)
+        )
+    }
+}
+
+/// Samples a process's [`MemMap`] every [`MEM_SAMPLE`] until stopped and keeps the one with
+/// the most resident memory: the breakdown at (about) the process's peak.
+pub(crate) struct MemSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Option<MemMap>>,
+}
+
+const MEM_SAMPLE: Duration = Duration::from_millis(25);
+
+impl MemSampler {
+    pub(crate) fn start(pid: u32) -> MemSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut peak: Option<MemMap> = None;
+            loop {
+                let done = flag.load(std::sync::atomic::Ordering::Relaxed);
+                if let Some(m) = MemMap::read(pid)
+                    && peak.as_ref().is_none_or(|p| m.rss > p.rss)
+                {
+                    peak = Some(m);
+                }
+                if done {
+                    return peak;
+                }
+                tokio::time::sleep(MEM_SAMPLE).await;
+            }
+        });
+        MemSampler { stop, task }
+    }
+
+    /// The breakdown at the highest resident memory sampled (one last sample included).
+    pub(crate) async fn stop(mut self) -> Option<MemMap> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (&mut self.task).await.ok().flatten()
+    }
+}
+
+impl Drop for MemSampler {
+    /// A run that fails ends its sampler too.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

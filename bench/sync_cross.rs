@@ -335,11 +335,14 @@ pub(crate) async fn cross_sides(
             );
             sync().await;
             drop_page_cache(&from);
+            let idle_map = MemMap::read(receiver.daemon.pid);
             out.hwm_reset = reset_hwm(receiver.daemon.pid);
+            let sampler = MemSampler::start(receiver.daemon.pid);
             let p =
                 publish_until_ready(&mut csi, &vol, &holder, &cap, file_deadline(src.len)).await?;
             out.bicsi = p.elapsed;
             out.vm_hwm = vm_hwm(receiver.daemon.pid);
+            let peak_map = sampler.stop().await;
             let got = ready_file(&receiver.disk, &name)
                 .ok_or("the publish succeeded, but the receiving node has no ready file")?;
             let got_alloc = allocated(&got)?;
@@ -390,6 +393,12 @@ pub(crate) async fn cross_sides(
                 fmt_bytes(got_alloc),
                 out.vm_hwm.map_or("n/a".into(), fmt_bytes)
             ));
+            for (when, m) in [("at the sampled peak", peak_map), ("idle", idle_map)] {
+                if let Some(m) = m {
+                    out.notes
+                        .push(format!("receiver resident {when} {}", m.describe()));
+                }
+            }
             unpublish_and_delete(&mut csi, &vol, &holder).await?;
         } else {
             let file = dir.join("reference.stream");

@@ -2,7 +2,7 @@
 //! by SHA-512, in one streaming pass.
 //!
 //! This module owns the HTTP transfer and everything that makes it dependable: bounded memory
-//! (the body streams through [`pipeline`] in 1 MiB blocks, never held whole), SHA-512 computed
+//! (the body streams through [`pipeline`] in 256 KiB blocks, never held whole), SHA-512 computed
 //! while the bytes arrive on a thread of its own (the hash is the slowest stage, so it overlaps
 //! receiving and writing instead of following them; the file is never read back), the file's
 //! pages written back and dropped from the page cache while it grows (so the disk works with the

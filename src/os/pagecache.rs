@@ -6,13 +6,14 @@
 //! it writes the range's dirty pages and waits for them, and nothing else. An `fdatasync` per
 //! window, which these writers used before, also commits the filesystem's journal and flushes
 //! the device's write cache each time (on ext4 a journal commit per 16 MiB), work the writer's
-//! one final `fsync` does anyway. This module must not make anything durable: its callers
+//! one final `fsync` does anyway. It also holds the writers' one vectored positional write
+//! ([`write_all_at`]). This module must not make anything durable: its callers
 //! still `fsync` the file when it is complete, and only that makes it durable.
 
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
@@ -52,6 +53,32 @@ pub fn write_back(file: &File, from: u64, to: u64, drop_pages: bool) -> io::Resu
     Ok(())
 }
 
+/// Writes all of `slices` at `offset` of `file` with `pwritev`, as one run of bytes, without
+/// copying them together first (the writers' blocks are the network's pieces, shared with the
+/// hashing workers); returns the bytes written.
+pub fn write_all_at(file: &File, offset: u64, slices: &mut [IoSlice<'_>]) -> io::Result<u64> {
+    let mut rest = slices;
+    let mut written = 0u64;
+    while !rest.is_empty() {
+        let at = i64::try_from(offset + written).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("write at {offset} is past what the kernel takes"),
+            )
+        })?;
+        match nix::sys::uio::pwritev(file, rest, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n as u64;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(written)
+}
+
 /// Bytes of `path` in the page cache (util-linux's `fincore`): for the tests of the writers
 /// that drop or keep their pages.
 #[cfg(test)]
@@ -65,6 +92,23 @@ pub(crate) fn cached_bytes(path: &std::path::Path) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// An empty file to write, read and write back in the tests of the long writers, in a temporary
+/// directory on a real filesystem (not /tmp: on a tmpfs the page cache is the storage, nothing
+/// is ever dropped, and there are no holes to check).
+#[cfg(test)]
+pub(crate) fn scratch_file() -> (tempfile::TempDir, std::path::PathBuf, File) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("f");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    (dir, path, file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,16 +119,7 @@ mod tests {
     /// cannot take is refused with what it was.
     #[test]
     fn a_written_back_range_leaves_the_page_cache_and_reads_back() {
-        // Not /tmp: on a tmpfs the page cache is the storage and nothing is ever dropped.
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let path = dir.path().join("f");
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (_dir, path, f) = scratch_file();
         let data: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 % 251) as u8).collect();
         f.write_all_at(&data, 0).unwrap();
         let before = cached_bytes(&path);
