@@ -5,8 +5,11 @@
 use clap::Subcommand;
 use serde::Serialize;
 
+use super::output::{self, ListOutput};
+use super::storageclass::parse_parameter;
+use super::volume::mount_capability;
 use super::wait::{self, WaitArgs, retry_unavailable};
-use super::{Endpoint, ListOutput, Server, mount_capability, parse_parameter};
+use super::{Endpoint, Server};
 use crate::client::{CsiClient, status_error};
 use crate::csi::pb;
 use crate::error::{Error, Result};
@@ -154,15 +157,15 @@ async fn wait_ready(
                     return Ok(tonic::Response::new(s));
                 }
                 let text = match image {
-                    Some(name) => match crate::cli_api::backing_image(&server.server, name).await {
-                        Ok(bi) => match crate::cli_api::readiness(&bi) {
-                            crate::cli_api::Readiness::Failed(why) => {
+                    Some(name) => match super::image::backing_image(&server.server, name).await {
+                        Ok(bi) => match super::image::readiness(&bi) {
+                            super::image::Readiness::Failed(why) => {
                                 return Err(Error::FailedPrecondition(why).into());
                             }
-                            crate::cli_api::Readiness::Preparing { text, .. } => {
+                            super::image::Readiness::Preparing { text, .. } => {
                                 format!("exporting backing image {name}: {text}")
                             }
-                            crate::cli_api::Readiness::Ready => "ready 100%".to_string(),
+                            super::image::Readiness::Ready => "ready 100%".to_string(),
                         },
                         Err(_) => format!("exporting backing image {name}"),
                     },
@@ -268,19 +271,12 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
                 }
                 token = page.next_token;
             }
-            match output {
-                Some(ListOutput::Json) => {
-                    super::print_json(&all.iter().map(view).collect::<Vec<_>>())
-                }
-                Some(ListOutput::Yaml) => {
-                    super::print_yaml(&all.iter().map(view).collect::<Vec<_>>())
-                }
-                None | Some(ListOutput::Wide) => {
-                    print_header();
-                    all.iter().for_each(print_row);
-                    Ok(())
-                }
+            let views: Vec<_> = all.iter().map(view).collect();
+            if !output::print_records(&views, output)? {
+                print_header();
+                all.iter().for_each(print_row);
             }
+            Ok(())
         }
         SnapshotCommand::Delete {
             id,
