@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 
-pub(super) const DEFAULT_DATA_DIR: &str = "/var/lib/bicsi";
+const DEFAULT_DATA_DIR: &str = "/var/lib/bicsi";
 
 /// Flags every serving mode takes.
 #[derive(Args, Debug, Clone)]
