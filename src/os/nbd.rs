@@ -809,20 +809,6 @@ pub(crate) mod tests {
         assert!(wait_exit(pid, Duration::from_secs(5)));
     }
 
-    /// Deterministic incompressible bytes.
-    fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        let mut out = Vec::with_capacity(len);
-        while out.len() < len {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-
     fn write_synced(path: &Path, data: &[u8]) {
         let mut f = fs::File::create(path).unwrap();
         f.write_all(data).unwrap();
@@ -1308,7 +1294,7 @@ pub(crate) mod tests {
         ca.loop_file(&state.export_path);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
-        let data = pattern(8 << 20, 1);
+        let data = crate::kit::noise(8 << 20, 1);
         let t = Instant::now();
         write_synced(&mnt.join("data"), &data);
         eprintln!("8 MiB written and synced: {:?}", t.elapsed());
@@ -1412,7 +1398,7 @@ pub(crate) mod tests {
         ca.loop_file(&state.export_path);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
-        let one = pattern(4 << 20, 2);
+        let one = crate::kit::noise(4 << 20, 2);
         write_synced(&mnt.join("one"), &one);
 
         // An export nobody uses goes at once; the volume does not notice.
@@ -1433,7 +1419,7 @@ pub(crate) mod tests {
             os.engine.replica_server_status(&server).unwrap(),
             Some((port, vec!["v-r1".to_string()]))
         );
-        let two = pattern(4 << 20, 3);
+        let two = crate::kit::noise(4 << 20, 3);
         write_synced(&mnt.join("two"), &two);
         os.mounts.unmount(&mnt).unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
@@ -1490,7 +1476,7 @@ pub(crate) mod tests {
         ca.loop_file(&state.export_path);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
-        let before = pattern(4 << 20, 4);
+        let before = crate::kit::noise(4 << 20, 4);
         write_synced(&mnt.join("before"), &before);
 
         // Kill the server while a writer is busy on the volume.
@@ -1500,7 +1486,7 @@ pub(crate) mod tests {
             let mut written = Vec::new();
             let mut f = fs::File::create(&path)?;
             for i in 0..32u64 {
-                let chunk = pattern(1 << 20, 100 + i);
+                let chunk = crate::kit::noise(1 << 20, 100 + i);
                 f.write_all(&chunk)?;
                 f.sync_data()?;
                 written.extend_from_slice(&chunk);
@@ -1513,7 +1499,7 @@ pub(crate) mod tests {
         rx.recv_timeout(Duration::from_secs(30)).unwrap();
         kill_real_server(&server);
         let during = writer.join().unwrap().expect("writes keep working");
-        let after = pattern(4 << 20, 5);
+        let after = crate::kit::noise(4 << 20, 5);
         write_synced(&mnt.join("after"), &after);
         assert_eq!(os.engine.replica_server_status(&server).unwrap(), None);
         let vs = os.engine.volume_status(&spec.run_dir).unwrap().unwrap();
@@ -1540,7 +1526,7 @@ pub(crate) mod tests {
         let t = Instant::now();
         let mut writes = 0;
         let vs = loop {
-            write_synced(&mnt.join("back"), &pattern(64 << 10, 6 + writes));
+            write_synced(&mnt.join("back"), &crate::kit::noise(64 << 10, 6 + writes));
             writes += 1;
             let vs = os.engine.volume_status(&spec.run_dir).unwrap().unwrap();
             if !vs.reconnected.is_empty() || t.elapsed() > Duration::from_secs(40) {
@@ -1602,7 +1588,7 @@ pub(crate) mod tests {
                     .custom_flags(libc::O_DIRECT)
                     .open(&dev)?;
                 // O_DIRECT wants an aligned buffer: a 64 KiB chunk of a larger allocation.
-                let buf = pattern(128 << 10, seed);
+                let buf = crate::kit::noise(128 << 10, seed);
                 let off = buf.as_ptr().align_offset(4096);
                 f.write_all_at(&buf[off..off + (64 << 10)], 1 << 20)?;
                 f.sync_data()
@@ -1859,7 +1845,7 @@ pub(crate) mod tests {
         let state = os.engine.start_volume(&spec).unwrap();
         let dev = os.loops.attach(&state.export_path).unwrap();
         ca.loop_file(&state.export_path);
-        let data = pattern(4 << 20, 9);
+        let data = crate::kit::noise(4 << 20, 9);
         {
             let f = fs::OpenOptions::new().write(true).open(&dev).unwrap();
             f.write_all_at(&data, 1 << 20).unwrap();

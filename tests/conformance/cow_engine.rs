@@ -16,8 +16,9 @@ use super::backing::{attach, create_with, detach};
 use super::harness::*;
 use super::images::*;
 use super::loop_engine::{
-    create, engine_of, fio, noise, pairs, replica_paths, snap_req, volume_view, write_synced,
+    create, engine_of, fio, pairs, replica_paths, snap_req, volume_view, write_synced,
 };
+use crate::kit::noise;
 use bicsi::csi::pb;
 
 fn have_fio(test: &str) -> bool {

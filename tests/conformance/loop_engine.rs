@@ -13,79 +13,43 @@ use tonic::Code;
 use super::backing::{attach, create_with, detach};
 use super::harness::*;
 use super::images::*;
+use crate::kit::noise;
 use bicsi::client::CsiClient;
 use bicsi::csi::pb;
 
-/// An XFS filesystem made with reflink in a sparse file, loop-mounted in a temp dir; on drop
-/// (also when a test fails) whatever is left on it (mounts, loop devices of replicas) goes, then
-/// the filesystem is unmounted.
+/// An XFS filesystem made with reflink in a sparse file, on a loop device in a temp dir; on
+/// drop (also when a test fails) whatever is left on it (mounts, loop devices of replicas)
+/// goes, then the filesystem is unmounted (`kit::LoopFs`).
 pub(super) struct Xfs {
-    dir: tempfile::TempDir,
+    fs: crate::kit::LoopFs,
+    _dir: tempfile::TempDir,
 }
 
 impl Xfs {
     /// None (the test skips, saying why) where mkfs.xfs is missing; CI installs xfsprogs.
     pub(super) fn new(test: &str, mib: u64) -> Option<Xfs> {
-        if Command::new("mkfs.xfs").arg("-V").output().is_err() {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: mkfs.xfs is missing (xfsprogs) and CI must not skip it");
-            }
-            eprintln!("SKIP {test}: mkfs.xfs is not installed");
+        if !crate::kit::may_run(
+            crate::kit::have_tool("mkfs.xfs"),
+            &format!("{test}: mkfs.xfs is not installed (xfsprogs)"),
+        ) {
             return None;
         }
         let dir = tempfile::Builder::new()
             .prefix("bicsi-xfs-")
             .tempdir()
             .unwrap();
-        let image = dir.path().join("xfs.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(mib << 20)
-            .unwrap();
-        run(Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&image));
-        std::fs::create_dir(dir.path().join("mnt")).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(dir.path().join("mnt")));
-        Some(Xfs { dir })
+        let fs = crate::kit::LoopFs::xfs(
+            &dir.path().join("xfs.img"),
+            &dir.path().join("mnt"),
+            mib << 20,
+        )
+        .unwrap();
+        Some(Xfs { fs, _dir: dir })
     }
 
     pub(super) fn path(&self) -> PathBuf {
-        self.dir.path().join("mnt")
+        self.fs.mnt.clone()
     }
-}
-
-impl Drop for Xfs {
-    fn drop(&mut self) {
-        let mnt = self.path();
-        for m in mounts_under(&mnt).into_iter().filter(|m| *m != mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        for l in loops_under(&mnt) {
-            let _ = Command::new("losetup").arg("-d").arg(&l).status();
-        }
-        let ok = Command::new("umount")
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-        }
-    }
-}
-
-#[track_caller]
-pub(super) fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub(super) fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -365,18 +329,6 @@ async fn a_loop_volume_keeps_fio_verified_data_through_detach_restart_and_readop
             .unwrap();
     }
     assert!(!replica.exists());
-}
-
-pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Writes a file and makes it durable (data, inode and directory entry).

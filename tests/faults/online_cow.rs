@@ -417,7 +417,7 @@ async fn an_online_rebuild_over_a_backing_image_copies_only_what_differs_from_th
     ) {
         return;
     }
-    let t = setup_with(400, "128Mi", Some(random_image(96 << 20, 11))).await;
+    let t = setup_with(400, "128Mi", Some(crate::kit::noise(96 << 20, 11))).await;
     // 60 MiB written from offset 0: the first 60 MiB of the image's 96 are overwritten.
     let (small_id, big) = fill_until_err(&t, 60).await;
     std::fs::remove_file(t.small.mnt.join("filler")).unwrap();
