@@ -36,7 +36,8 @@ use serde_json::{Value, json};
 use sha2::Digest;
 
 use super::engine::{
-    MAX_NBD_NAME, MAX_SOCKET_PATH, QemuStorageDaemon, escape_opt, find_processes, terminate,
+    ListenFailure, MAX_NBD_NAME, MAX_SOCKET_PATH, QemuStorageDaemon, find_processes,
+    listen_failure, monitor_args, terminate,
 };
 use super::{
     ImageFormat, OsError, OsResult, ReplicaExport, command_failure, resolve_parent, utf8_path,
@@ -261,21 +262,8 @@ fn build_server_args(
         server["tls-creds"] = json!(CREDS_ID);
         server["tls-authz"] = json!(AUTHZ_ID);
     }
-    args.extend([
-        "--nbd-server".to_string(),
-        server.to_string(),
-        "--chardev".to_string(),
-        format!(
-            "socket,id=qmp0,path={},server=on,wait=off",
-            escape_opt(utf8_path(&paths.qmp)?)
-        ),
-        "--monitor".to_string(),
-        "chardev=qmp0,mode=control".to_string(),
-        // The pid file names the run directory: it is how a server is recognised in /proc.
-        "--pidfile".to_string(),
-        utf8_path(&paths.pid)?.to_string(),
-        "--daemonize".to_string(),
-    ]);
+    args.extend(["--nbd-server".to_string(), server.to_string()]);
+    args.extend(monitor_args(&paths.qmp, &paths.pid)?);
     Ok(args)
 }
 
@@ -457,24 +445,13 @@ fn start_server(
                 ));
             }
             Some(status) if !status.success() => {
-                let text = log();
-                if text.contains("Address already in use") {
-                    if attempt < attempts {
-                        continue;
+                match listen_failure(&paths.dir, &paths.log, host, port, &log()) {
+                    ListenFailure::PortTaken(_) if attempt < attempts => continue,
+                    ListenFailure::PortTaken(e) => return Err(e),
+                    ListenFailure::Exited { hint } => {
+                        return Err(failure(format!("exited with {status}"), hint));
                     }
-                    return Err(OsError::Conflict(format!(
-                        "replica server in {}: port {port} on {host} is taken by another program; \
-                         use another port (log {}:\n{text})",
-                        paths.dir.display(),
-                        paths.log.display()
-                    )));
                 }
-                let hint = if text.contains("Cannot assign requested address") {
-                    "the address is not one of this node's; give the node's own IP"
-                } else {
-                    "see the log above"
-                };
-                return Err(failure(format!("exited with {status}"), hint));
             }
             Some(_) => {}
         }
