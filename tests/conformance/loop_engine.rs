@@ -52,6 +52,38 @@ impl Xfs {
     }
 }
 
+/// Whether fio is there for `test` (see `kit::may_run`: CI must not skip).
+pub(super) fn have_fio(test: &str) -> bool {
+    crate::kit::may_run(
+        crate::kit::have_tool("fio"),
+        &format!("{test}: fio is not installed"),
+    )
+}
+
+/// A qcow2 image of an ext4 filesystem of `mib` MiB in `b`'s work directory, served over HTTP,
+/// and the volume parameters that make it the backing image `name` (downloaded), after
+/// `params`; the server is returned to keep it up.
+pub(super) async fn served_qcow2(
+    b: &Bicsi,
+    mib: u64,
+    name: &str,
+    params: &[(&str, &str)],
+) -> (ImageServer, Vec<(String, String)>) {
+    let work = b.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = ext4_image(&work, mib);
+    let qcow = to_qcow2(&work, &raw);
+    let server = ImageServer::start([("img.qcow2".to_string(), qcow)].into()).await;
+    let url = format!("{{\"url\": \"{}\"}}", server.url("img.qcow2"));
+    let mut all = pairs(params);
+    all.extend(pairs(&[
+        ("backingImage", name),
+        ("backingImageDataSourceType", "download"),
+        ("backingImageDataSourceParameters", &url),
+    ]));
+    (server, all)
+}
+
 pub(super) fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
     p.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -266,9 +298,7 @@ async fn a_loop_volume_keeps_fio_verified_data_through_detach_restart_and_readop
     if !root_or_skip(test) {
         return;
     }
-    if Command::new("fio").arg("--version").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "{test}: fio is missing");
-        eprintln!("SKIP {test}: fio is not installed");
+    if !have_fio(test) {
         return;
     }
     let Some(xfs) = Xfs::new(test, 512) else {
@@ -414,21 +444,8 @@ async fn loop_volumes_snapshot_restore_clone_expand_and_export() {
     };
     let b = Bicsi::start_with(0, &["--disk", xfs.path().to_str().unwrap()]).await;
     let mut c = b.client().await;
-    let work = b.path("work");
-    std::fs::create_dir_all(&work).unwrap();
     // A qcow2 image: the loop engine's replicas start from its raw expansion on the disk.
-    let raw = ext4_image(&work, 32);
-    let qcow = to_qcow2(&work, &raw);
-    let server = ImageServer::start([("img.qcow2".to_string(), qcow)].into()).await;
-    let image = pairs(&[
-        ("numberOfReplicas", "1"),
-        ("backingImage", "bi-loop"),
-        ("backingImageDataSourceType", "download"),
-        (
-            "backingImageDataSourceParameters",
-            &format!("{{\"url\": \"{}\"}}", server.url("img.qcow2")),
-        ),
-    ]);
+    let (_server, image) = served_qcow2(&b, 32, "bi-loop", &[("numberOfReplicas", "1")]).await;
     let src = create(&mut c, create_with("src", 64 * MIB, &image, mount_cap())).await;
     assert_eq!(engine_of(&b, "src"), "loop");
     let (st, tg) = attach(&mut c, &b, &src, mount_cap()).await;

@@ -21,22 +21,32 @@ pub(crate) const VOLUME: &str = "rv";
 /// reads every block back and checks it, or (`verify_only`) only the check of what an earlier run
 /// wrote. Returns fio's output; panics when fio reports an error.
 pub(crate) fn fio(dev: &Path, mib: u64, verify_only: bool) -> String {
+    fio_job(
+        &["--name=acked", "--rw=write", "--bs=1M", "--ioengine=psync"],
+        dev,
+        mib,
+        verify_only,
+    )
+}
+
+/// Runs the fio `job` (its name, pattern, block size and engine) on the first `mib` MiB of the
+/// block device `dev`, with direct I/O, every block read back and checked (crc32c) at the end,
+/// or (`verify_only`) only the check of an earlier run (fio repeats the same offsets and
+/// patterns). Returns fio's output; panics when fio reports an error.
+pub(crate) fn fio_job(job: &[&str], dev: &Path, mib: u64, verify_only: bool) -> String {
     let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=acked",
-        "--rw=write",
-        "--bs=1M",
-        "--ioengine=psync",
-        "--direct=1",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        // No `*-verify.state` file in the working directory (the repository's, under cargo).
-        "--verify_state_save=0",
-        "--do_verify=1",
-        "--end_fsync=1",
-    ])
-    .arg(format!("--size={mib}M"))
-    .arg(format!("--filename={}", dev.display()));
+    cmd.args(job)
+        .args([
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            // No `*-verify.state` file in the working directory (the repository's, under cargo).
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--end_fsync=1",
+        ])
+        .arg(format!("--size={mib}M"))
+        .arg(format!("--filename={}", dev.display()));
     if verify_only {
         cmd.arg("--verify_only");
     }
