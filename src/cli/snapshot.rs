@@ -251,26 +251,9 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
             endpoint,
         } => {
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = c
-                    .controller
-                    .list_snapshots(pb::ListSnapshotsRequest {
-                        max_entries: 100,
-                        starting_token: token.clone(),
-                        source_volume_id: volume.clone().unwrap_or_default(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                all.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
-                if page.next_token.is_empty() {
-                    break;
-                }
-                token = page.next_token;
-            }
+            let all = c
+                .all_snapshots(volume.as_deref().unwrap_or_default())
+                .await?;
             let views: Vec<_> = all.iter().map(view).collect();
             if !output::print_records(&views, output)? {
                 print_header();

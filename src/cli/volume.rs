@@ -475,53 +475,38 @@ async fn volume_views(endpoint: &str, server: &Server) -> Result<Vec<VolumeView>
         }
     };
     let mut views = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .controller
-            .list_volumes(pb::ListVolumesRequest {
-                max_entries: 100,
-                starting_token: token.clone(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        for e in page.entries {
-            let v = e.volume.unwrap_or_default();
-            let status = e.status.unwrap_or_default();
-            let (abnormal, condition) = status
-                .volume_condition
-                .map(|c| (c.abnormal, c.message))
-                .unwrap_or_default();
-            let record = records.as_ref().and_then(|r| r.get(&v.volume_id)).cloned();
-            let attached_path = attach_record(endpoint, &v.volume_id)
-                .ok()
-                .flatten()
-                .map(|r| r.target_path);
-            views.push(VolumeView {
-                capacity_bytes: v.capacity_bytes.max(0) as u64,
-                backing_image: record
-                    .as_ref()
-                    .map(|r| r.spec.backing_image.clone().unwrap_or_default()),
-                healthy_replicas: record
-                    .as_ref()
-                    .map(|r| healthy_replicas(r, abnormal, &condition)),
-                wanted_replicas: record.as_ref().map(|r| r.spec.number_of_replicas),
-                engine: record.as_ref().map(|r| r.spec.engine.to_string()),
-                attached_nodes: status.published_node_ids,
-                attached_path,
-                abnormal,
-                condition,
-                health: record.as_ref().map(|r| crate::health::volume_health(r).0),
-                record,
-                id: v.volume_id,
-            });
-        }
-        if page.next_token.is_empty() {
-            return Ok(views);
-        }
-        token = page.next_token;
+    for e in c.all_volumes().await? {
+        let v = e.volume.unwrap_or_default();
+        let status = e.status.unwrap_or_default();
+        let (abnormal, condition) = status
+            .volume_condition
+            .map(|c| (c.abnormal, c.message))
+            .unwrap_or_default();
+        let record = records.as_ref().and_then(|r| r.get(&v.volume_id)).cloned();
+        let attached_path = attach_record(endpoint, &v.volume_id)
+            .ok()
+            .flatten()
+            .map(|r| r.target_path);
+        views.push(VolumeView {
+            capacity_bytes: v.capacity_bytes.max(0) as u64,
+            backing_image: record
+                .as_ref()
+                .map(|r| r.spec.backing_image.clone().unwrap_or_default()),
+            healthy_replicas: record
+                .as_ref()
+                .map(|r| healthy_replicas(r, abnormal, &condition)),
+            wanted_replicas: record.as_ref().map(|r| r.spec.number_of_replicas),
+            engine: record.as_ref().map(|r| r.spec.engine.to_string()),
+            attached_nodes: status.published_node_ids,
+            attached_path,
+            abnormal,
+            condition,
+            health: record.as_ref().map(|r| crate::health::volume_health(r).0),
+            record,
+            id: v.volume_id,
+        });
     }
+    Ok(views)
 }
 
 fn attached(v: &VolumeView) -> String {
