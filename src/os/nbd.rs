@@ -774,6 +774,43 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Two nodes of one machine in `d` for the real tests: `a` with its replica r0, `b` with
+    /// the replicas `remote`, which b's replica server (run dir `b/run`, registered in `cb`)
+    /// is to serve. Returns (r0, b's replicas, the server's run dir).
+    fn two_nodes(
+        os: &Os,
+        d: &Path,
+        cb: &mut Cleanup,
+        remote: &[&str],
+        size: u64,
+    ) -> (PathBuf, Vec<PathBuf>, PathBuf) {
+        let r0 = replicas(os, &d.join("a"), &["r0"], size).remove(0);
+        let rb = replicas(os, &d.join("b"), remote, size);
+        let server = d.join("b/run");
+        cb.replica_server(&server);
+        (r0, rb, server)
+    }
+
+    /// Volume "v" on node a (run dir `a/run`) over `replicas`, writable.
+    fn volume_spec(d: &Path, replicas: Vec<ReplicaTarget>) -> VolumeEngineSpec {
+        VolumeEngineSpec {
+            volume_id: "v".into(),
+            replicas,
+            run_dir: d.join("a/run"),
+            read_only: false,
+        }
+    }
+
+    /// Starts `spec`'s engine and attaches its export to a loop device, both registered in `ca`;
+    /// returns the device.
+    fn start_attached(os: &Os, ca: &mut Cleanup, spec: &VolumeEngineSpec) -> PathBuf {
+        ca.engine(&spec.run_dir);
+        let state = os.engine.start_volume(spec).unwrap();
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        ca.loop_file(&state.export_path);
+        dev
+    }
+
     /// The real replica server of `run_dir` dies at once (SIGKILL): the kernel closes its
     /// connections, as when its node's bicsi-managed daemon crashes.
     pub(crate) fn kill_real_server(run_dir: &Path) {
@@ -1233,10 +1270,7 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 64 << 20).remove(0);
-        let rb = replicas(&os, &d.join("b"), &["r1", "r2"], 64 << 20);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, rb, server) = two_nodes(&os, d, &mut cb, &["r1", "r2"], 64 << 20);
         let t = Instant::now();
         let port = os
             .engine
@@ -1251,16 +1285,14 @@ pub(crate) mod tests {
             port
         );
         eprintln!("second export on the running server: {:?}", t.elapsed());
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![
+        let spec = volume_spec(
+            d,
+            vec![
                 ReplicaTarget::Local(r0.clone()),
                 nbd(port, "v-r1"),
                 nbd(port, "v-r2"),
             ],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
+        );
         ca.engine(&spec.run_dir);
         let mnt = d.join("mnt");
         ca.mount(&mnt);
@@ -1328,10 +1360,7 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 64 << 20).remove(0);
-        let rb = replicas(&os, &d.join("b"), &["r1", "r2", "r3"], 64 << 20);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, rb, server) = two_nodes(&os, d, &mut cb, &["r1", "r2", "r3"], 64 << 20);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &rb[0]))
@@ -1357,22 +1386,17 @@ pub(crate) mod tests {
         let err = os.engine.start_volume(&local).unwrap_err();
         assert!(err.to_string().contains("lock"), "{err}");
 
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![
+        let spec = volume_spec(
+            d,
+            vec![
                 ReplicaTarget::Local(r0.clone()),
                 nbd(port, "v-r1"),
                 nbd(port, "v-r2"),
             ],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
+        );
         let mnt = d.join("mnt");
         ca.mount(&mnt);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
+        let dev = start_attached(&os, &mut ca, &spec);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
         let one = crate::kit::noise(4 << 20, 2);
@@ -1431,26 +1455,16 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 128 << 20).remove(0);
-        let r1 = replicas(&os, &d.join("b"), &["r1"], 128 << 20).remove(0);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, mut rb, server) = two_nodes(&os, d, &mut cb, &["r1"], 128 << 20);
+        let r1 = rb.remove(0);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &r1))
             .unwrap();
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
+        let spec = volume_spec(d, vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")]);
         let mnt = d.join("mnt");
         ca.mount(&mnt);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
+        let dev = start_attached(&os, &mut ca, &spec);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
         let before = crate::kit::noise(4 << 20, 4);
@@ -1540,24 +1554,14 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 16 << 20).remove(0);
-        let r1 = replicas(&os, &d.join("b"), &["r1"], 16 << 20).remove(0);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, mut rb, server) = two_nodes(&os, d, &mut cb, &["r1"], 16 << 20);
+        let r1 = rb.remove(0);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &r1))
             .unwrap();
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
+        let spec = volume_spec(d, vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")]);
+        let dev = start_attached(&os, &mut ca, &spec);
         let write = |dev: PathBuf, seed: u64| {
             move || -> std::io::Result<()> {
                 let f = fs::OpenOptions::new()
@@ -1621,10 +1625,7 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 16 << 20).remove(0);
-        let rb = replicas(&os, &d.join("b"), &["r1", "r2"], 16 << 20);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, rb, server) = two_nodes(&os, d, &mut cb, &["r1", "r2"], 16 << 20);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &rb[0]))
@@ -1632,16 +1633,14 @@ pub(crate) mod tests {
         os.engine
             .export_replica(&server, HOST, port, &export("v-r2", &rb[1]))
             .unwrap();
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![
+        let spec = volume_spec(
+            d,
+            vec![
                 nbd(port, "v-r2"),
                 ReplicaTarget::Local(r0.clone()),
                 nbd(port, "v-r1"),
             ],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
+        );
         ca.engine(&spec.run_dir);
         let state = os.engine.start_volume(&spec).unwrap();
 
@@ -1743,10 +1742,8 @@ pub(crate) mod tests {
         let os = Os::real_with_nbd_tls(None, made.node_dir.clone());
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 64 << 20).remove(0);
-        let r1 = replicas(&os, &d.join("b"), &["r1"], 64 << 20).remove(0);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, mut rb, server) = two_nodes(&os, d, &mut cb, &["r1"], 64 << 20);
+        let r1 = rb.remove(0);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &r1))
@@ -1812,16 +1809,8 @@ pub(crate) mod tests {
         );
 
         // The engine's NBD child over TLS: writes reach the remote, reads come back.
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
+        let spec = volume_spec(d, vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")]);
+        let dev = start_attached(&os, &mut ca, &spec);
         let data = crate::kit::noise(4 << 20, 9);
         {
             let f = fs::OpenOptions::new().write(true).open(&dev).unwrap();
