@@ -112,14 +112,7 @@ pub(super) async fn served_volume_runs(
     ];
     let result = measure(b, &sides, len).await;
     if v.mirror_rss {
-        let rss = super::mirror::mirror_rss(dir);
-        println!(
-            "  mirror engine resident memory after the jobs: {}",
-            rss.iter()
-                .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let rss = super::mirror::show_mirror_rss(dir);
         checks.check(
             !rss.is_empty() && rss.iter().all(|(_, r)| *r < 64 * MIB),
             format!("{path}: the engine's resident memory stays under 64 MiB ({rss:?})"),

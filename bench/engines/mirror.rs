@@ -347,6 +347,20 @@ const COW_VOLUME: ServedVolume = ServedVolume {
     mirror_rss: true,
 };
 
+/// Prints the resident memory of the mirror engines whose command line names `dir` after a
+/// path's jobs, and returns it (see [`mirror_rss`]).
+pub(crate) fn show_mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
+    let rss = mirror_rss(dir);
+    println!(
+        "  mirror engine resident memory after the jobs: {}",
+        rss.iter()
+            .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    rss
+}
+
 /// Resident memory (VmRSS, bytes) of the mirror engines whose command line names `dir`.
 pub(crate) fn mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
     let mut out = Vec::new();
@@ -604,14 +618,7 @@ async fn mirror_remote_runs(
                 );
             }
         }
-        let rss = mirror_rss(&dir.join("n1"));
-        println!(
-            "  mirror engine resident memory after the jobs: {}",
-            rss.iter()
-                .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        show_mirror_rss(&dir.join("n1"));
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;
