@@ -106,25 +106,12 @@ impl Served {
 
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            out.status.success(),
-            "bicsi {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        kit::succeeded(args, self.bicsi(args))
     }
 
     #[track_caller]
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            !out.status.success(),
-            "bicsi {args:?} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        kit::failed(args, self.bicsi(args))
     }
 
     fn backups(&self, volume: &str) -> Vec<serde_json::Value> {

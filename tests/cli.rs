@@ -83,13 +83,7 @@ impl Served {
     /// Runs a command that must fail; answers its stderr.
     #[track_caller]
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            !out.status.success(),
-            "bicsi {args:?} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        kit::failed(args, self.bicsi(args))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -153,14 +147,7 @@ impl Served {
 
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            out.status.success(),
-            "bicsi {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        kit::succeeded(args, self.bicsi(args))
     }
 }
 
