@@ -13,8 +13,8 @@ use crate::disk_full::SmallDisk;
 use crate::harness::root_or_skip;
 use crate::procs::Serve;
 use crate::replicas::{
-    VOLUME, attach_ok, create_two_replicas_and_attach, fio, fio_job, ok, record, replica_on,
-    replicas, wait_mode,
+    VOLUME, attach_ok, create_two_replicas_and_attach, fio, fio_job, ok, record, replicas,
+    small_replica_errs, wait_mode,
 };
 
 /// Random 4k writes at depth 16 over the first `mib` MiB of `dev`, each block read back and
@@ -75,20 +75,8 @@ impl Setup {
     pub(crate) async fn fill_until_err(&self, mib: u64) -> (String, serde_json::Value) {
         self.small.fill_to(20);
         fio(&self.dev, mib, false);
-        let list = replicas(&self.s);
-        let small_id = replica_on(&list, &self.small_disk)["replica"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let big = replica_on(&list, &self.big_disk).clone();
-        let err = wait_mode(&self.s, &small_id, "err", Duration::from_secs(10)).await;
-        assert!(
-            err["modeReason"]
-                .as_str()
-                .unwrap()
-                .contains("No space left on device"),
-            "{err}"
-        );
+        let (small_id, _, big) =
+            small_replica_errs(&self.s, &self.small_disk, &self.big_disk).await;
         assert_eq!(record(&self.s)["health"], "degraded");
         (small_id, big)
     }
