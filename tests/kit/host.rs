@@ -198,15 +198,9 @@ pub fn alive(pid: i32) -> bool {
 pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
     let mut done = Vec::new();
     let umount = |m: &Path, done: &mut Vec<String>| {
-        let ok = Command::new("umount")
-            .arg(m)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
+        if unmount(m, 1) {
             done.push(format!("unmounted {}", m.display()));
         } else {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
             done.push(format!("unmounted {} lazily", m.display()));
         }
     };
@@ -243,6 +237,26 @@ pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
         umount(&m, &mut done);
     }
     done
+}
+
+/// Unmounts `m`, trying `tries` times 300 ms apart; when it stays busy (or its FUSE server is
+/// dead), lazily. Answers whether the plain unmount did it.
+pub fn unmount(m: &Path, tries: u32) -> bool {
+    for i in 0..tries {
+        let ok = Command::new("umount")
+            .arg(m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return true;
+        }
+        if i + 1 < tries {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let _ = Command::new("umount").arg("-l").arg(m).status();
+    false
 }
 
 /// [`sweep`] for a test's drop: daemons are killed at once, nothing is reported.
@@ -343,19 +357,8 @@ impl LoopFs {
             .lines()
             .filter_map(|l| l.split(' ').nth(4))
             .any(|p| Path::new(&unescape_mount(p)) == self.mnt);
-        if mounted {
-            let mut unmounted = false;
-            for _ in 0..10 {
-                if quiet(Command::new("umount").arg(&self.mnt)) {
-                    unmounted = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            if !unmounted {
-                eprintln!("{} is busy; unmounting it lazily", self.mnt.display());
-                quiet(Command::new("umount").arg("-l").arg(&self.mnt));
-            }
+        if mounted && !unmount(&self.mnt, 10) {
+            eprintln!("{} was busy; unmounted it lazily", self.mnt.display());
         }
         quiet(Command::new("losetup").arg("-d").arg(&self.dev));
         let _ = std::fs::remove_dir(&self.mnt);
