@@ -328,6 +328,17 @@ pub(crate) async fn detach_and_delete(
     target_path: String,
     staging_target_path: String,
 ) -> Res<()> {
+    node_detach(c, volume_id, target_path, staging_target_path).await?;
+    unpublish_and_delete(c, volume_id, "bench").await
+}
+
+/// NodeUnpublishVolume and NodeUnstageVolume on the node `c` talks to.
+pub(crate) async fn node_detach(
+    c: &mut CsiClient,
+    volume_id: &str,
+    target_path: String,
+    staging_target_path: String,
+) -> Res<()> {
     c.node
         .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
             volume_id: volume_id.into(),
@@ -342,7 +353,7 @@ pub(crate) async fn detach_and_delete(
         })
         .await
         .map_err(|s| rpc_err("NodeUnstageVolume", s))?;
-    unpublish_and_delete(c, volume_id, "bench").await
+    Ok(())
 }
 
 pub(crate) async fn unpublish_and_delete(

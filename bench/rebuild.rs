@@ -152,27 +152,9 @@ async fn rebuild_runs(
             copy_ms.push(c);
             compare_ms.push(v);
         }
-        for with_sync in [false, true] {
-            let _ = std::fs::remove_file(&copy);
-            sync().await;
-            let started = Instant::now();
-            capture_checked(
-                "cp",
-                &[
-                    "--sparse=always",
-                    &source_path.display().to_string(),
-                    &copy.display().to_string(),
-                ],
-            )
-            .await?;
-            if with_sync {
-                sync().await;
-                cp_sync.push(started.elapsed());
-            } else {
-                cp.push(started.elapsed());
-            }
-        }
-        let _ = std::fs::remove_file(&copy);
+        let (plain, synced) = time_cp(&source_path, &copy).await?;
+        cp.push(plain);
+        cp_sync.push(synced);
         println!(
             "  run {run}: rebuild {:.3} s (copy {} ms, compare {} ms), cp {:.3} s, cp + sync {:.3} s",
             took.as_secs_f64(),
@@ -233,4 +215,30 @@ fn last_stages(log: &str) -> Option<(u64, u64)> {
 fn median_u64(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// What the rebuilds are compared with: `cp --sparse=always` of the replica `source` to `copy`
+/// from a synced start, once without and once with the `sync` after it (the copy removed after).
+pub(crate) async fn time_cp(source: &Path, copy: &Path) -> Res<(Duration, Duration)> {
+    let mut took = [Duration::ZERO; 2];
+    for (with_sync, took) in [false, true].into_iter().zip(&mut took) {
+        let _ = std::fs::remove_file(copy);
+        sync().await;
+        let started = Instant::now();
+        capture_checked(
+            "cp",
+            &[
+                "--sparse=always",
+                &source.display().to_string(),
+                &copy.display().to_string(),
+            ],
+        )
+        .await?;
+        if with_sync {
+            sync().await;
+        }
+        *took = started.elapsed();
+    }
+    let _ = std::fs::remove_file(copy);
+    Ok((took[0], took[1]))
 }

@@ -14,6 +14,7 @@
 //! is freed when the engine stops. It must not touch anything outside its own directory of the
 //! work dir.
 
+use super::rebuild::time_cp;
 use super::*;
 
 pub(crate) async fn rebuild_online(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
@@ -345,27 +346,9 @@ async fn online_runs(
             format!("rebuild-online: run {run}: the rebuilt replica is rw"),
         );
         let copy = small.join("cp-copy.raw");
-        for with_sync in [false, true] {
-            let _ = std::fs::remove_file(&copy);
-            sync().await;
-            let started = Instant::now();
-            capture_checked(
-                "cp",
-                &[
-                    "--sparse=always",
-                    &source_path.display().to_string(),
-                    &copy.display().to_string(),
-                ],
-            )
-            .await?;
-            if with_sync {
-                sync().await;
-                cp_sync.push(started.elapsed());
-            } else {
-                cp.push(started.elapsed());
-            }
-        }
-        let _ = std::fs::remove_file(&copy);
+        let (plain, synced) = time_cp(&source_path, &copy).await?;
+        cp.push(plain);
+        cp_sync.push(synced);
         println!(
             "  run {run}: rebuild {:.3} s idle, {:.3} s under fio; cp {:.3} s, cp + sync {:.3} s; fio \
              rand write 4k qd32: healthy {:.0} IOPS, during the rebuild {} ({} samples); idle \

@@ -110,77 +110,52 @@ pub(crate) async fn fs_type(dir: &Path) -> String {
     }
 }
 
-/// An XFS filesystem with reflink (or ext4) in a sparse file, on a loop device, mounted at `mnt`; dropping
-/// it unmounts, detaches the loop device and removes the file.
+/// An XFS filesystem with reflink (or ext4) in a sparse file, on a loop device, mounted at `mnt`
+/// (the kit's [`kit::LoopFs`]); dropping it sweeps it, reporting what was left on it, unmounts
+/// it, detaches the loop device and removes the file.
 pub(crate) struct LoopMount {
-    pub(crate) img: PathBuf,
+    fs: kit::LoopFs,
+    /// The loop device, as `sync-xfs` prints it (`bench/sync_same_node.rs`, which is not
+    /// changed with this; the kit's `dev` is the same).
     pub(crate) dev: Option<String>,
-    pub(crate) mnt: PathBuf,
-    pub(crate) mounted: bool,
+}
+
+impl std::ops::Deref for LoopMount {
+    type Target = kit::LoopFs;
+    fn deref(&self) -> &kit::LoopFs {
+        &self.fs
+    }
 }
 
 impl LoopMount {
     pub(crate) async fn xfs(img: &Path, mnt: &Path, len: u64) -> Res<LoopMount> {
-        LoopMount::make(img, mnt, len, "mkfs.xfs", &["-q", "-m", "reflink=1"]).await
+        LoopMount::make(img, mnt, len, kit::LoopFs::xfs).await
     }
 
     /// The same with ext4 (no reflink: the copy-on-write replicas' disk).
     pub(crate) async fn ext4(img: &Path, mnt: &Path, len: u64) -> Res<LoopMount> {
-        LoopMount::make(img, mnt, len, "mkfs.ext4", &["-q", "-F"]).await
+        LoopMount::make(img, mnt, len, kit::LoopFs::ext4).await
     }
 
-    async fn make(img: &Path, mnt: &Path, len: u64, mkfs: &str, opts: &[&str]) -> Res<LoopMount> {
-        let mut lm = LoopMount {
-            img: img.to_path_buf(),
-            dev: None,
-            mnt: mnt.to_path_buf(),
-            mounted: false,
-        };
-        std::fs::File::create(img)?.set_len(len)?;
-        let img_s = img.to_string_lossy();
-        let mut args = opts.to_vec();
-        args.push(&img_s);
-        capture_checked(mkfs, &args).await?;
-        let dev = capture_checked("losetup", &["--find", "--show", &img_s]).await?;
-        lm.dev = Some(dev.clone());
-        std::fs::create_dir_all(mnt)?;
-        capture_checked("mount", &[&dev, &mnt.to_string_lossy()]).await?;
-        lm.mounted = true;
-        Ok(lm)
+    async fn make(
+        img: &Path,
+        mnt: &Path,
+        len: u64,
+        make: fn(&Path, &Path, u64) -> Result<kit::LoopFs, String>,
+    ) -> Res<LoopMount> {
+        let (img, mnt) = (img.to_path_buf(), mnt.to_path_buf());
+        let fs = tokio::task::spawn_blocking(move || make(&img, &mnt, len)).await??;
+        Ok(LoopMount {
+            dev: Some(fs.dev.clone()),
+            fs,
+        })
     }
 }
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        if self.mounted {
-            report_leftovers(
-                &format!("under {}", self.mnt.display()),
-                &kit::sweep(&self.mnt, SWEEP_GRACE),
-            );
-            let mut unmounted = false;
-            for _ in 0..10 {
-                let st = std::process::Command::new("umount").arg(&self.mnt).status();
-                if st.is_ok_and(|s| s.success()) {
-                    unmounted = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            if !unmounted {
-                eprintln!("{} is busy; unmounting it lazily", self.mnt.display());
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.mnt)
-                    .status();
-            }
-        }
-        if let Some(dev) = &self.dev {
-            let _ = std::process::Command::new("losetup")
-                .args(["-d", dev])
-                .status();
-        }
-        let _ = std::fs::remove_dir(&self.mnt);
-        let _ = std::fs::remove_file(&self.img);
+        let left = self.fs.release(SWEEP_GRACE);
+        report_leftovers(&format!("under {}", self.fs.mnt.display()), &left);
     }
 }
 

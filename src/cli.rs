@@ -1,25 +1,44 @@
-//! The command line: `bicsi serve` and the client commands that drive a running bicsi. Parsing
-//! lives here; every command calls the library and prints. Flags named in the issues are
-//! contracts other tools script against: add flags, never rename them.
+//! The command line: `bicsi serve` and the client commands that drive a running bicsi. This file
+//! holds the command tree and its dispatch; each noun has its module under `cli/` (`volume`,
+//! `image`, `snapshot`, `backup`, `replica`, `storageclass`, `settings`, `nodes`, `apply`,
+//! `certs`, the serving modes in `process`), printing through `output`, talking to the HTTP API
+//! through `api` and waiting through `wait`. Flags named in the issues are contracts other tools
+//! script against: add flags, never rename them.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::error::{Error, Result};
-use crate::model::{AccessMode, AccessType, Capability};
+use crate::error::Result;
 
+mod api;
+pub mod apply;
 mod backup;
+mod certs;
+mod image;
+mod nodes;
+pub mod output;
+mod process;
 mod replica;
+mod settings;
 mod snapshot;
+mod storageclass;
 mod volume;
 pub mod wait;
 
 pub use backup::BackupCommand;
+pub use certs::CertsArgs;
+pub use image::ImageCommand;
+pub use output::{ListOutput, Output};
+pub use process::{
+    ClusterTlsArgs, ControllerArgs, DiskArgs, EngineArgs, NodeArgs, ProcessArgs, ServeArgs,
+    StateArgs, serve_config,
+};
+pub use settings::SetCommand;
 pub use snapshot::SnapshotCommand;
+pub use storageclass::parse_parameter;
 pub use volume::VolumeCommand;
 
-const DEFAULT_DATA_DIR: &str = "/var/lib/bicsi";
 const DEFAULT_ENDPOINT: &str = "unix:///var/lib/bicsi/csi.sock";
 
 #[derive(Parser, Debug)]
@@ -108,57 +127,6 @@ pub enum Command {
     Backup(BackupCommand),
 }
 
-#[derive(Subcommand, Debug)]
-pub enum SetCommand {
-    /// Set a setting (`bicsi get settings` lists them); it applies without a restart.
-    Setting {
-        /// The setting's name, as `bicsi get settings` lists it.
-        name: String,
-        /// The new value, in the unit `bicsi get settings` shows.
-        value: String,
-        #[command(flatten)]
-        server: Server,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum ImageCommand {
-    /// Upload a local file as the file of a backing image (created with sourceType upload when
-    /// it does not exist).
-    Upload {
-        /// The backing image (created with sourceType upload when missing).
-        name: String,
-        /// The local file to upload (raw or qcow2).
-        file: PathBuf,
-        /// The file's SHA-512 (`shasum -a 512 FILE`); the upload fails if what arrives differs.
-        #[arg(long)]
-        checksum: Option<String>,
-        #[command(flatten)]
-        server: Server,
-    },
-    /// Download a backing image's ready file, verified by its SHA-512.
-    Download {
-        /// The backing image to download.
-        name: String,
-        /// Where to write the file (default: NAME in the current directory).
-        #[arg(short = 'o', long = "output")]
-        output: Option<PathBuf>,
-        #[command(flatten)]
-        server: Server,
-    },
-    /// Remove a backing image's files from chosen disks now (never a file replicas use, and
-    /// never below minNumberOfCopies files); says which disks were refused and why.
-    Cleanup {
-        /// The backing image whose files to remove.
-        name: String,
-        /// A disk id or path (repeatable), as `bicsi get disks` shows.
-        #[arg(long = "disk", required = true)]
-        disks: Vec<String>,
-        #[command(flatten)]
-        server: Server,
-    },
-}
-
 /// The flags of a command that talks to the HTTP API.
 #[derive(Args, Debug, Clone)]
 pub struct Server {
@@ -198,227 +166,6 @@ pub enum DeleteCommand {
         #[command(flatten)]
         server: Server,
     },
-}
-
-/// The output of a `get` of one object.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum Output {
-    Json,
-    Yaml,
-}
-
-/// The output of a `get` that prints a table: JSON or YAML records, or a wider table.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListOutput {
-    Json,
-    Yaml,
-    Wide,
-}
-
-/// Prints a value as pretty JSON on stdout.
-pub(crate) fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
-    crate::outln!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
-/// Prints a value as YAML on stdout.
-pub(crate) fn print_yaml<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
-    crate::out!("{}", to_yaml(value)?);
-    Ok(())
-}
-
-/// YAML of a value as its JSON reads (an enum variant is a key, `mount: {fs_type: ext4}`), not
-/// with serde_yaml's `!mount` tags, which kubectl-minded readers and YAML tools without tag
-/// support trip on.
-pub(crate) fn to_yaml<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
-    serde_yaml::to_string(&serde_json::to_value(value)?).map_err(|e| Error::Internal(e.to_string()))
-}
-
-/// Flags every serving mode takes.
-#[derive(Args, Debug, Clone)]
-pub struct ProcessArgs {
-    /// Where bicsi keeps its state, engines and default disk.
-    #[arg(long, default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-    /// CSI endpoint; default unix://<data-dir>/csi.sock.
-    #[arg(long)]
-    pub csi_endpoint: Option<String>,
-    /// The CSI driver name (the StorageClass provisioner).
-    #[arg(long, default_value = "driver.longhorn.io")]
-    pub driver_name: String,
-    /// How often (milliseconds) the controller runs backing image expiry, recovery and cleanup,
-    /// and a node looks for scrub work.
-    #[arg(long, default_value_t = crate::server::LIFECYCLE_TICK.as_millis() as u64)]
-    pub lifecycle_tick_ms: u64,
-}
-
-/// Flags of a process that holds disks (serve, node).
-#[derive(Args, Debug, Clone)]
-pub struct DiskArgs {
-    /// This node's id; default the host name.
-    #[arg(long)]
-    pub node_id: Option<String>,
-    /// A disk directory for replicas and backing images (repeatable); default <data-dir>/disks/default.
-    #[arg(long = "disk")]
-    pub disks: Vec<PathBuf>,
-    /// The engine host (`bicsi engine`, unix:///PATH) that starts this node's qemu-storage-daemon
-    /// processes, so they outlive a restart of this process's container; default: none, this
-    /// process starts them.
-    #[arg(long)]
-    pub engine_endpoint: Option<String>,
-    /// How many volumes may be published to this node at once (CSI's max_volumes_per_node,
-    /// reported by NodeGetInfo and enforced by ControllerPublishVolume); 0: no limit.
-    #[arg(long, default_value_t = 0)]
-    pub max_volumes_per_node: u64,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct EngineArgs {
-    /// The node agent's data directory: the host only starts daemons whose run directories are
-    /// under <data-dir>/engines/ or in <data-dir>/replica-server/.
-    #[arg(long, default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-    /// Where to listen; default unix://<data-dir>/engine.sock.
-    #[arg(long)]
-    pub listen: Option<String>,
-    /// Ask the engine host at --listen whether it answers, print its pid, and exit (non-zero when
-    /// it does not answer): a readiness check.
-    #[arg(long)]
-    pub probe: bool,
-}
-
-/// Flags of the processes that own the cluster state and its HTTP API (serve, controller).
-#[derive(Args, Debug, Clone)]
-pub struct StateArgs {
-    /// Where the state lives: `embedded` (a redb file in the data directory) or `kubernetes`
-    /// (longhorn.io/v1beta2 custom resources in the pod's namespace; apply deploy/crds.yaml).
-    #[arg(long, value_enum, default_value = "embedded")]
-    pub store: crate::server::StoreBackend,
-    /// A file holding the bearer token the HTTP API requires on every route but /healthz.
-    #[arg(long)]
-    pub api_token_file: Option<PathBuf>,
-    /// Serve the HTTP API over HTTPS with this PEM certificate (chain); needs --tls-key.
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// The PEM private key of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct CertsArgs {
-    /// Where to write: OUT/ca (the CA: made once, reused after), OUT/controller, OUT/node.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// How many days the controller's and nodes' certificates are valid.
-    #[arg(long, default_value_t = 365)]
-    pub days: u64,
-    /// More DNS names for the controller's certificate (repeatable); it always has
-    /// bicsi-controller, the name node agents check.
-    #[arg(long)]
-    pub controller_name: Vec<String>,
-    /// Revoke this certificate (a PEM file; repeatable) instead of making certificates: writes
-    /// ca.crl into OUT/ca, OUT/controller and OUT/node.
-    #[arg(long)]
-    pub revoke: Vec<PathBuf>,
-}
-
-/// How the split mode's processes authenticate each other (controller, node).
-#[derive(Args, Debug, Clone)]
-pub struct ClusterTlsArgs {
-    /// Mutual TLS for the Cluster and Agent services and file transfers: a directory with
-    /// ca.crt, tls.crt, tls.key and optionally ca.crl (a mounted kubernetes.io/tls Secret;
-    /// `bicsi certs` makes them).
-    #[arg(long, env = "BICSI_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
-    /// Plain TCP instead: unauthenticated and unencrypted, for a test machine only (logs a
-    /// warning).
-    #[arg(long)]
-    pub insecure: bool,
-}
-
-impl ClusterTlsArgs {
-    fn transport(&self) -> Result<crate::tls::Transport> {
-        crate::tls::Transport::from_flags(self.tls_dir.as_deref(), self.insecure)
-    }
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub process: ProcessArgs,
-    #[command(flatten)]
-    pub state: StateArgs,
-    #[command(flatten)]
-    pub disk: DiskArgs,
-    /// Address of the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:9500")]
-    pub http_listen: String,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ControllerArgs {
-    #[command(flatten)]
-    pub process: ProcessArgs,
-    #[command(flatten)]
-    pub state: StateArgs,
-    /// Address of the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:9500")]
-    pub http_listen: String,
-    /// Where node agents reach the Cluster service.
-    #[arg(long, default_value = "127.0.0.1:9501")]
-    pub cluster_listen: String,
-    /// Seconds without a heartbeat after which a node is down.
-    #[arg(long, default_value_t = crate::cluster::DOWN_AFTER.as_secs())]
-    pub node_down_after: u64,
-    #[command(flatten)]
-    pub tls: ClusterTlsArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct NodeArgs {
-    #[command(flatten)]
-    pub process: ProcessArgs,
-    #[command(flatten)]
-    pub disk: DiskArgs,
-    /// The controller's Cluster service.
-    #[arg(long, default_value = "http://127.0.0.1:9501")]
-    pub controller: String,
-    /// Where the controller reaches this node's Agent service.
-    #[arg(long, default_value = "127.0.0.1:9502")]
-    pub agent_listen: String,
-    /// Where other nodes fetch this node's backing image files (HTTP).
-    #[arg(long, default_value = "127.0.0.1:9503")]
-    pub http_listen: String,
-    /// Host name or address other processes reach this node at (default: the listen address).
-    #[arg(long)]
-    pub advertise_host: Option<String>,
-    /// The Agent service's URL as the controller reaches it, when that is not
-    /// `http://ADVERTISE_HOST:PORT` of --agent-listen (a Service, a NAT, a proxy).
-    #[arg(long)]
-    pub advertise_agent_url: Option<String>,
-    /// The file-transfer URL (this node's HTTP listener) as other nodes reach it, likewise.
-    #[arg(long)]
-    pub advertise_transfer_url: Option<String>,
-    /// Where this node serves its replicas to other nodes' engines (NBD over TCP).
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    pub nbd_listen: String,
-    /// The port bicsi's replica server serves this node's raw replicas on (loop and mirror
-    /// volumes), on the same host as --nbd-listen's server, which keeps the qcow2 ones. 0: any
-    /// free port (pin one for a firewall).
-    #[arg(long, default_value_t = 0)]
-    pub raw_nbd_port: u16,
-    /// A file holding the bearer token /metrics requires (the controller's API token), on
-    /// --http-listen and --metrics-listen; without it /metrics is open.
-    #[arg(long)]
-    pub api_token_file: Option<PathBuf>,
-    /// Also serve /metrics (only it, plain HTTP, behind --api-token-file's token) on this
-    /// address (`host:port`): with mutual TLS, --http-listen answers only other nodes'
-    /// certificates, which a Prometheus server does not hold.
-    #[arg(long)]
-    pub metrics_listen: Option<String>,
-    #[command(flatten)]
-    pub tls: ClusterTlsArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -526,16 +273,6 @@ pub enum GetCommand {
     },
 }
 
-/// Splits `KEY=VALUE` at the first '=', so JSON values with '=' pass through.
-pub fn parse_parameter(text: &str) -> Result<(String, String)> {
-    match text.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(Error::InvalidArgument(format!(
-            "parameter {text:?} is not KEY=VALUE"
-        ))),
-    }
-}
-
 /// The HTTP API flags of a client command, if it talks to the HTTP API.
 fn server_of(cmd: &Command) -> Option<&Server> {
     match cmd {
@@ -583,68 +320,23 @@ pub async fn run(cli: Cli) -> Result<()> {
     let token = cli
         .token
         .or_else(|| server_of(&cli.command).and_then(|s| s.token.clone()));
-    crate::cli_api::set_token(token);
+    api::set_token(token);
     if let Some(ca) = server_of(&cli.command).and_then(|s| s.ca_cert.as_deref()) {
-        crate::cli_api::set_ca_cert(ca)?;
+        api::set_ca_cert(ca)?;
     }
     match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::Controller(args) => {
-            let transport = args.tls.transport()?;
-            let mut cfg = process_config(args.process, None, args.http_listen)?;
-            cfg.store = args.state.store;
-            cfg.api_token_file = args.state.api_token_file;
-            cfg.api_tls = args.state.tls_cert.zip(args.state.tls_key);
-            let split = crate::server::SplitConfig {
-                cluster_listen: args.cluster_listen,
-                node_down_after: Some(std::time::Duration::from_secs(args.node_down_after.max(1))),
-                transport: Some(transport),
-                ..Default::default()
-            };
-            crate::server::controller(cfg, split, shutdown_signal()).await
-        }
-        Command::Engine(args) => engine(args).await,
-        Command::EngineMirror(args) => tokio::task::spawn_blocking(move || {
-            crate::mirror::main(args).map_err(|e| Error::Internal(format!("mirror engine: {e}")))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("mirror engine: {e}")))?,
-        Command::ReplicaServer(args) => tokio::task::spawn_blocking(move || {
-            crate::replica_server::main(args)
-                .map_err(|e| Error::Internal(format!("replica server: {e}")))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("replica server: {e}")))?,
-        Command::Node(args) => {
-            let transport = args.tls.transport()?;
-            // The NBD listeners and the engines' NBD clients use the node's certificate too.
-            let os = real_os(
-                args.disk.engine_endpoint.as_deref(),
-                args.tls.tls_dir.clone(),
-            )?;
-            let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
-            cfg.api_token_file = args.api_token_file;
-            let split = crate::server::SplitConfig {
-                metrics_listen: args.metrics_listen,
-                transport: Some(transport),
-                controller: args.controller,
-                agent_listen: args.agent_listen,
-                advertise_host: args.advertise_host,
-                advertise_agent_url: args.advertise_agent_url,
-                advertise_transfer_url: args.advertise_transfer_url,
-                nbd_listen: args.nbd_listen,
-                raw_nbd_port: args.raw_nbd_port,
-                ..Default::default()
-            };
-            crate::server::node(cfg, split, os, shutdown_signal()).await
-        }
+        Command::Serve(args) => process::serve(args).await,
+        Command::Controller(args) => process::controller(args).await,
+        Command::Node(args) => process::node(args).await,
+        Command::Engine(args) => process::engine(args).await,
+        Command::EngineMirror(args) => process::engine_mirror(args).await,
+        Command::ReplicaServer(args) => process::replica_server(args).await,
         // Client commands stop waiting on Ctrl-C (see `wait`); servers stop on their own signal.
         cmd => wait::interruptible(client(cmd)).await,
     }
 }
 
 async fn client(cmd: Command) -> Result<()> {
-    use crate::cli_api as api;
     match cmd {
         Command::Serve(_)
         | Command::Controller(_)
@@ -654,63 +346,16 @@ async fn client(cmd: Command) -> Result<()> {
         | Command::ReplicaServer(_) => {
             unreachable!("servers are run by `run`")
         }
-        Command::Certs(args) => certs(args),
+        Command::Certs(args) => certs::run(args),
         Command::Crd => {
             crate::out!("{}", crate::store::kubernetes::crd::manifests());
             Ok(())
         }
-        Command::Get(GetCommand::Nodes { output, server }) => {
-            api::get_nodes(&server.server, output).await
-        }
-        Command::Get(GetCommand::Disks { output, server }) => {
-            api::get_disks(&server.server, output).await
-        }
-        Command::Get(GetCommand::Settings { output, server }) => {
-            api::get_settings(&server.server, output).await
-        }
-        Command::Set(SetCommand::Setting {
-            name,
-            value,
-            server,
-        }) => api::set_setting(&server.server, &name, &value).await,
-        Command::Image(ImageCommand::Cleanup {
-            name,
-            disks,
-            server,
-        }) => api::cleanup_image(&server.server, &name, &disks).await,
         Command::Volume(cmd) => volume::run(cmd).await,
         Command::Snapshot(cmd) => snapshot::run(cmd).await,
         Command::Backup(cmd) => backup::run(cmd).await,
-        Command::Get(GetCommand::Backupvolumes { output, server }) => {
-            backup::get_backup_volumes(&server.server, output).await
-        }
-        Command::Get(GetCommand::Volumes {
-            output,
-            endpoint,
-            server,
-        }) => volume::get_volumes(&endpoint.csi_endpoint, &server, output).await,
-        Command::Get(GetCommand::Volume {
-            name,
-            output,
-            endpoint,
-            server,
-        }) => volume::get_volume(&name, &endpoint.csi_endpoint, &server, output).await,
-        Command::Get(GetCommand::Replicas {
-            volume,
-            output,
-            server,
-        }) => replica::get_replicas(volume.as_deref(), &server, output).await,
-        Command::Get(GetCommand::Backingimages { output, server }) => {
-            api::get_backing_images(&server.server, output).await
-        }
-        Command::Get(GetCommand::Backingimage {
-            name,
-            output,
-            server,
-        }) => api::get_backing_image(&server.server, &name, output).await,
-        Command::Get(GetCommand::Storageclasses { output, server }) => {
-            api::get_storage_classes(&server.server, output).await
-        }
+        Command::Image(cmd) => image::run(cmd).await,
+        Command::Set(cmd) => settings::run(cmd).await,
         Command::Apply {
             file,
             wait,
@@ -718,8 +363,45 @@ async fn client(cmd: Command) -> Result<()> {
             server,
         } => {
             let deadline = (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout);
-            api::apply(&server.server, &file, wait, deadline).await
+            apply::apply(&server.server, &file, wait, deadline).await
         }
+        Command::Get(get) => match get {
+            GetCommand::Volumes {
+                output,
+                endpoint,
+                server,
+            } => volume::get_volumes(&endpoint.csi_endpoint, &server, output).await,
+            GetCommand::Volume {
+                name,
+                output,
+                endpoint,
+                server,
+            } => volume::get_volume(&name, &endpoint.csi_endpoint, &server, output).await,
+            GetCommand::Replicas {
+                volume,
+                output,
+                server,
+            } => replica::get_replicas(volume.as_deref(), &server, output).await,
+            GetCommand::Backingimages { output, server } => {
+                image::get_backing_images(&server.server, output).await
+            }
+            GetCommand::Backingimage {
+                name,
+                output,
+                server,
+            } => image::get_backing_image(&server.server, &name, output).await,
+            GetCommand::Storageclasses { output, server } => {
+                storageclass::get_storage_classes(&server.server, output).await
+            }
+            GetCommand::Nodes { output, server } => nodes::get_nodes(&server.server, output).await,
+            GetCommand::Disks { output, server } => nodes::get_disks(&server.server, output).await,
+            GetCommand::Backupvolumes { output, server } => {
+                backup::get_backup_volumes(&server.server, output).await
+            }
+            GetCommand::Settings { output, server } => {
+                settings::get_settings(&server.server, output).await
+            }
+        },
         Command::Delete(DeleteCommand::Backingimage {
             name,
             ignore_not_found,
@@ -748,223 +430,12 @@ async fn client(cmd: Command) -> Result<()> {
             )
             .await
         }
-        Command::Image(ImageCommand::Upload {
-            name,
-            file,
-            checksum,
-            server,
-        }) => api::upload_image(&server.server, &name, &file, checksum).await,
-        Command::Image(ImageCommand::Download {
-            name,
-            output,
-            server,
-        }) => {
-            let output = output.unwrap_or_else(|| PathBuf::from(&name));
-            api::download_image(&server.server, &name, &output).await
-        }
-    }
-}
-
-pub fn serve_config(args: ServeArgs) -> Result<crate::server::Config> {
-    let mut cfg = process_config(args.process, Some(args.disk), args.http_listen)?;
-    cfg.store = args.state.store;
-    cfg.api_token_file = args.state.api_token_file;
-    cfg.api_tls = args.state.tls_cert.zip(args.state.tls_key);
-    Ok(cfg)
-}
-
-/// The server configuration of a mode; a process without disks (the controller) has no node id.
-fn process_config(
-    process: ProcessArgs,
-    disk: Option<DiskArgs>,
-    http_listen: String,
-) -> Result<crate::server::Config> {
-    let max_volumes_per_node = disk.as_ref().map_or(0, |d| d.max_volumes_per_node);
-    let (node_id, disks) = match disk {
-        Some(d) => {
-            let id = match d.node_id {
-                Some(id) => id,
-                None => nix::unistd::gethostname()
-                    .map_err(|e| Error::Internal(format!("host name: {e}; pass --node-id")))?
-                    .to_string_lossy()
-                    .into_owned(),
-            };
-            (id, d.disks)
-        }
-        None => (String::new(), vec![]),
-    };
-    Ok(crate::server::Config {
-        csi_endpoint: process
-            .csi_endpoint
-            .unwrap_or_else(|| crate::server::default_endpoint(&process.data_dir)),
-        data_dir: process.data_dir,
-        node_id,
-        disks,
-        driver_name: process.driver_name,
-        http_listen,
-        lifecycle_tick: std::time::Duration::from_millis(process.lifecycle_tick_ms.max(1)),
-        store: Default::default(),
-        api_token_file: None,
-        max_volumes_per_node,
-        api_tls: None,
-    })
-}
-
-/// `bicsi certs`.
-fn certs(args: CertsArgs) -> Result<()> {
-    if !args.revoke.is_empty() {
-        let serials = crate::certs::revoke(&args.out, &args.revoke)?;
-        for s in serials {
-            crate::outln!("revoked serial {s}");
-        }
-        crate::outln!(
-            "wrote {}/{{ca,controller,node}}/ca.crl and {}; apply the Secrets and restart the processes",
-            args.out.display(),
-            args.out.join(crate::certs::SECRETS_FILE).display()
-        );
-        return Ok(());
-    }
-    let made = crate::certs::make(&args.out, args.days, &args.controller_name)?;
-    crate::outln!(
-        "{} CA: {}",
-        if made.ca_created { "new" } else { "kept the" },
-        made.ca_dir.display()
-    );
-    crate::outln!(
-        "controller: {}  (bicsi controller --tls-dir)",
-        made.controller_dir.display()
-    );
-    crate::outln!(
-        "node agents: {}  (bicsi node --tls-dir)",
-        made.node_dir.display()
-    );
-    crate::outln!(
-        "Secrets bicsi-controller-tls and bicsi-node-tls: {} (copy to deploy/tls.yaml)",
-        args.out.join(crate::certs::SECRETS_FILE).display()
-    );
-    Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
-}
-
-async fn serve(args: ServeArgs) -> Result<()> {
-    // The embedded mode has no other nodes: its replica servers, if any, stay plain.
-    let os = real_os(args.disk.engine_endpoint.as_deref(), None)?;
-    let cfg = serve_config(args)?;
-    crate::server::serve(cfg, os, shutdown_signal()).await
-}
-
-/// The machine, with engines started by the engine host at `engine_endpoint` when one is given.
-/// `nbd_tls`: the node's `--tls-dir`, for its NBD servers and its engines' NBD clients.
-fn real_os(engine_endpoint: Option<&str>, nbd_tls: Option<PathBuf>) -> Result<crate::os::Os> {
-    let host = engine_endpoint
-        .map(|e| {
-            crate::server::socket_path(e).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "--engine-endpoint {e:?} is not a unix socket; use unix:///path/to/engine.sock"
-                ))
-            })
-        })
-        .transpose()?;
-    if let Some(dir) = nbd_tls {
-        return Ok(crate::os::Os::real_with_nbd_tls(host, dir));
-    }
-    Ok(match engine_endpoint {
-        None => crate::os::Os::real(),
-        Some(e) => {
-            let socket = crate::server::socket_path(e).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "--engine-endpoint {e:?} is not a unix socket; use unix:///path/to/engine.sock"
-                ))
-            })?;
-            crate::os::Os::real_with_engine_host(socket)
-        }
-    })
-}
-
-async fn engine(args: EngineArgs) -> Result<()> {
-    let listen = args.listen.unwrap_or_else(|| {
-        format!(
-            "unix://{}",
-            args.data_dir
-                .join(crate::os::engine::host::SOCKET_NAME)
-                .display()
-        )
-    });
-    if args.probe {
-        let socket = crate::server::socket_path(&listen)?;
-        let info = crate::os::engine::host::ping_async(&socket).await?;
-        crate::outln!(
-            "engine host pid {} (bicsi {}), data dir {}",
-            info.pid,
-            info.version,
-            info.data_dir
-        );
-        return Ok(());
-    }
-    crate::server::engine(args.data_dir, &listen, shutdown_signal()).await
-}
-
-pub(crate) fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {
-    Capability {
-        access: AccessType::Mount {
-            fs_type: fs_type.unwrap_or_default(),
-            mount_flags: vec![],
-        },
-        mode: if read_only {
-            AccessMode::SingleNodeReaderOnly
-        } else {
-            AccessMode::SingleNodeWriter
-        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn yaml_output_has_no_enum_tags() {
-        let cap = crate::model::AccessType::Mount {
-            fs_type: "ext4".into(),
-            mount_flags: vec![],
-        };
-        let yaml = to_yaml(&cap).unwrap();
-        assert!(!yaml.contains('!'), "{yaml}");
-        assert!(
-            yaml.starts_with("mount:\n") && yaml.contains("fs_type: ext4"),
-            "{yaml}"
-        );
-        let block = to_yaml(&crate::model::AccessType::Block).unwrap();
-        assert_eq!(block.trim(), "block");
-    }
-
-    #[test]
-    fn parameters_split_at_the_first_equals() {
-        assert_eq!(
-            parse_parameter("backingImageDataSourceParameters={\"url\":\"http://x/?a=b\"}")
-                .unwrap(),
-            (
-                "backingImageDataSourceParameters".to_string(),
-                "{\"url\":\"http://x/?a=b\"}".to_string()
-            )
-        );
-        assert_eq!(
-            parse_parameter("k=").unwrap(),
-            ("k".to_string(), String::new())
-        );
-        assert!(parse_parameter("novalue").is_err());
-        assert!(parse_parameter("=v").is_err());
-    }
 
     /// Every command of the tree, with its path (`volume attach`).
     fn all_commands(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {

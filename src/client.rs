@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::csi::pb;
 use crate::csi::pb::controller_client::ControllerClient;
 use crate::csi::pb::group_controller_client::GroupControllerClient;
 use crate::csi::pb::identity_client::IdentityClient;
@@ -50,6 +51,52 @@ impl CsiClient {
             group: GroupControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
         })
+    }
+
+    /// Every volume (ListVolumes, page after page).
+    pub async fn all_volumes(&mut self) -> Result<Vec<pb::list_volumes_response::Entry>> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .controller
+                .list_volumes(pb::ListVolumesRequest {
+                    max_entries: 100,
+                    starting_token: token,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            all.extend(page.entries);
+            if page.next_token.is_empty() {
+                return Ok(all);
+            }
+            token = page.next_token;
+        }
+    }
+
+    /// Every snapshot, or those of `source_volume_id` (ListSnapshots, page after page).
+    pub async fn all_snapshots(&mut self, source_volume_id: &str) -> Result<Vec<pb::Snapshot>> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .controller
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    max_entries: 100,
+                    starting_token: token,
+                    source_volume_id: source_volume_id.to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            all.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
+            if page.next_token.is_empty() {
+                return Ok(all);
+            }
+            token = page.next_token;
+        }
     }
 }
 

@@ -65,7 +65,7 @@ pub fn fuzz_manifest_yaml(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(docs) = crate::cli_api::manifest_documents("fuzz.yaml", text) {
+    if let Ok(docs) = crate::cli::apply::manifest_documents("fuzz.yaml", text) {
         assert!(docs.iter().all(|d| !d.is_null()));
     }
 }

@@ -25,10 +25,10 @@
 //!    `controller`, `reconcile`.
 //! 4. The wire: `csi`, `client` (the CSI client), `http`, `remote`, `auth`, `ui`.
 //! 5. The processes: `server`.
-//! 6. The CLI: `cli`, `cli_api` (and `fuzzing`'s entry points).
+//! 6. The CLI: `cli` (and `fuzzing`'s entry points).
 //!
 //! Imports that still run up are listed, each with its reason, in `tests/floors.rs`
-//! (`KNOWN_BACK_EDGES`): only `cli_api`, which prints through `cli`.
+//! (`KNOWN_BACK_EDGES`): none is left.
 
 // `deny`, not `forbid`: the one FICLONE ioctl in `sync::reflink` allows it, with its reasons.
 #![deny(unsafe_code)]
@@ -40,7 +40,6 @@ pub mod backing;
 pub mod backup;
 pub mod certs;
 pub mod cli;
-pub mod cli_api;
 pub mod client;
 pub mod clock;
 pub mod cluster;

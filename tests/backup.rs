@@ -106,25 +106,12 @@ impl Served {
 
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            out.status.success(),
-            "bicsi {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        kit::succeeded(args, self.bicsi(args))
     }
 
     #[track_caller]
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            !out.status.success(),
-            "bicsi {args:?} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        kit::failed(args, self.bicsi(args))
     }
 
     fn backups(&self, volume: &str) -> Vec<serde_json::Value> {
@@ -168,20 +155,6 @@ impl Drop for Served {
 
 fn is_root() -> bool {
     kit::root_or_skip("backup tests (they attach volumes)")
-}
-
-/// Pseudo-random bytes (xorshift), different per seed.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn write_at(dev: &Path, offset: u64, data: &[u8]) {
@@ -305,8 +278,8 @@ fn block_volume_round_trip_incremental_full_and_delete() {
     assert!(e.contains("bicsi set setting backup-target"), "{e}");
     set_target(&s, &target);
 
-    let first = noise(5 * MIB as usize, 1);
-    let second = noise(MIB as usize, 2);
+    let first = kit::noise(5 * MIB as usize, 1);
+    let second = kit::noise(MIB as usize, 2);
     s.with_block("web", |dev| {
         write_at(dev, 0, &first);
         write_at(dev, 20 * MIB, &second);
@@ -321,7 +294,7 @@ fn block_volume_round_trip_incremental_full_and_delete() {
     assert!(up1 > 6 * MIB && up1 < 8 * MIB + MIB, "{b1}");
 
     // Incremental: 4 KiB more in a block of its own moves that block only.
-    s.with_block("web", |dev| write_at(dev, 40 * MIB, &noise(4096, 3)));
+    s.with_block("web", |dev| write_at(dev, 40 * MIB, &kit::noise(4096, 3)));
     s.ok(&["backup", "create", "web", "--name", "web-b2"]);
     let b2 = s.backup("web-b2");
     assert_eq!(b2["blocksUploaded"], 1, "{b2}");
@@ -377,7 +350,7 @@ fn block_volume_round_trip_incremental_full_and_delete() {
 fn ext4_image(dir: &Path, name: &str, size: &str) -> (PathBuf, Vec<u8>) {
     let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).unwrap();
-    let base = noise(4 * MIB as usize, 7);
+    let base = kit::noise(4 * MIB as usize, 7);
     std::fs::write(src.join("base.bin"), &base).unwrap();
     let img = dir.join(format!("{name}.raw"));
     let out = Command::new("mkfs.ext4")
@@ -414,7 +387,7 @@ fn filesystem_volume_over_an_image_restores_in_a_second_serve_and_over_an_overri
         "-p",
         "backingImage=img",
     ]);
-    let new = noise(3 * MIB as usize, 8);
+    let new = kit::noise(3 * MIB as usize, 8);
     a.with_mount("vm", |m| {
         assert_eq!(std::fs::read(m.join("base.bin")).unwrap(), base);
         std::fs::write(m.join("new.bin"), &new).unwrap();
@@ -480,9 +453,9 @@ fn filesystem_volume_over_an_image_restores_in_a_second_serve_and_over_an_overri
         .position(|w| w == &base[..4096])
         .expect("base.bin's bytes in the image");
     let mut other = image_bytes.clone();
-    other[at..at + base.len()].copy_from_slice(&noise(base.len(), 9));
+    other[at..at + base.len()].copy_from_slice(&kit::noise(base.len(), 9));
     let unused = 40 * MIB as usize;
-    other[unused..unused + MIB as usize].copy_from_slice(&noise(MIB as usize, 10));
+    other[unused..unused + MIB as usize].copy_from_slice(&kit::noise(MIB as usize, 10));
     let other_img = base_dir.path().join("other.raw");
     std::fs::write(&other_img, &other).unwrap();
     b.ok(&["image", "upload", "img-other", other_img.to_str().unwrap()]);
@@ -547,7 +520,9 @@ fn a_corrupt_block_is_named_at_restore() {
         "-p",
         "numberOfReplicas=1",
     ]);
-    s.with_block("db", |dev| write_at(dev, 6 * MIB, &noise(MIB as usize, 4)));
+    s.with_block("db", |dev| {
+        write_at(dev, 6 * MIB, &kit::noise(MIB as usize, 4))
+    });
     s.ok(&["backup", "create", "db", "--name", "db-b1"]);
     // Block 3 (6 MiB / 2 MiB) is the only one; replace its content with other bytes.
     let meta: serde_json::Value = serde_json::from_slice(
@@ -558,7 +533,7 @@ fn a_corrupt_block_is_named_at_restore() {
     assert_eq!(meta["blocks"][0]["i"], 3, "{meta}");
     let hash = meta["blocks"][0]["h"].as_str().unwrap();
     let file = target.join(format!("backupvolumes/db/blocks/{}/{hash}.zst", &hash[..2]));
-    let other = zstd::bulk::compress(&noise(2 * MIB as usize, 5), 3).unwrap();
+    let other = zstd::bulk::compress(&kit::noise(2 * MIB as usize, 5), 3).unwrap();
     std::fs::write(&file, other).unwrap();
     let e = s.fails(&["backup", "restore", "db-b1", "back"]);
     assert!(
@@ -611,7 +586,7 @@ fn kill_9_during_a_backup_and_during_a_restore() {
         "-p",
         "numberOfReplicas=1",
     ]);
-    let data = noise(160 * MIB as usize, 6);
+    let data = kit::noise(160 * MIB as usize, 6);
     s.with_block("big", |dev| write_at(dev, 0, &data));
 
     // The kill must land while the backup runs: bicsi is stopped (SIGSTOP) once the backup has
@@ -743,7 +718,7 @@ fn a_bak_snapshot_is_a_backup_and_restores_through_csi() {
         "numberOfReplicas=1",
     ]);
     s.with_block("app", |dev| {
-        write_at(dev, MIB, &noise(3 * MIB as usize, 11))
+        write_at(dev, MIB, &kit::noise(3 * MIB as usize, 11))
     });
     let out = s.ok(&[
         "snapshot", "create", "app-snap", "--volume", "app", "-p", "type=bak",
@@ -894,10 +869,12 @@ fn s3_target_round_trip_incremental_and_clear_errors() {
         "-p",
         "numberOfReplicas=1",
     ]);
-    s.with_block("obj", |dev| write_at(dev, 0, &noise(3 * MIB as usize, 21)));
+    s.with_block("obj", |dev| {
+        write_at(dev, 0, &kit::noise(3 * MIB as usize, 21))
+    });
     s.ok(&["backup", "create", "obj", "--name", "obj-1"]);
     assert_eq!(s.backup("obj-1")["blocksUploaded"], 2);
-    s.with_block("obj", |dev| write_at(dev, 9 * MIB, &noise(4096, 22)));
+    s.with_block("obj", |dev| write_at(dev, 9 * MIB, &kit::noise(4096, 22)));
     s.ok(&["backup", "create", "obj", "--name", "obj-2"]);
     assert_eq!(s.backup("obj-2")["blocksUploaded"], 1);
     // The objects are in the bucket, under the prefix.
@@ -945,7 +922,7 @@ fn block_volume_over_a_qcow2_image_keeps_zeroed_image_blocks() {
     let (base, s, target) = Served::with_file_target();
     // A qcow2 image with 8 MiB of noise at its start.
     let raw = base.path().join("q.raw");
-    let mut bytes = noise(8 * MIB as usize, 31);
+    let mut bytes = kit::noise(8 * MIB as usize, 31);
     bytes.resize(24 * MIB as usize, 0);
     std::fs::write(&raw, &bytes).unwrap();
     let img = base.path().join("q.qcow2");
@@ -972,7 +949,7 @@ fn block_volume_over_a_qcow2_image_keeps_zeroed_image_blocks() {
     // bytes written again unchanged (block 0: equal to the image, so not in the backup).
     s.with_block("qv", |dev| {
         write_at(dev, 2 * MIB, &vec![0u8; 2 * MIB as usize]);
-        write_at(dev, 10 * MIB, &noise(MIB as usize, 32));
+        write_at(dev, 10 * MIB, &kit::noise(MIB as usize, 32));
         write_at(dev, 0, &bytes[..2 * MIB as usize]);
     });
     s.ok(&["backup", "create", "qv", "--name", "qv-1"]);
@@ -1012,7 +989,7 @@ fn a_backup_of_an_attached_volume_holds_its_content_when_the_backup_started() {
         "-p",
         "numberOfReplicas=1",
     ]);
-    let first = noise(3 * MIB as usize, 41);
+    let first = kit::noise(3 * MIB as usize, 41);
     let mut image = first.clone();
     image.resize(32 * MIB as usize, 0);
     let expected = hex::encode(sha2::Sha256::digest(&image));
@@ -1020,7 +997,7 @@ fn a_backup_of_an_attached_volume_holds_its_content_when_the_backup_started() {
     s.with_block("live", |dev| {
         write_at(dev, 0, &first);
         s.ok(&["backup", "create", "live", "--name", "live-1"]);
-        write_at(dev, 0, &noise(3 * MIB as usize, 42));
+        write_at(dev, 0, &kit::noise(3 * MIB as usize, 42));
     });
     s.ok(&["backup", "restore", "live-1", "live-back"]);
     s.with_block("live-back", |dev| {
@@ -1067,7 +1044,7 @@ fn lz4_backups_restore_and_an_incremental_changes_compression() {
         .take(2 * MIB as usize)
         .collect();
     s.with_block("lz", |dev| {
-        write_at(dev, 0, &noise(3 * MIB as usize, 41));
+        write_at(dev, 0, &kit::noise(3 * MIB as usize, 41));
         write_at(dev, 8 * MIB, &text);
     });
     s.ok(&["backup", "create", "lz", "--name", "lz-1"]);
@@ -1094,7 +1071,7 @@ fn lz4_backups_restore_and_an_incremental_changes_compression() {
     });
 
     // The next backup in zstd: the changed block only, the others stay lz4 objects.
-    s.with_block("lz", |dev| write_at(dev, 20 * MIB, &noise(4096, 42)));
+    s.with_block("lz", |dev| write_at(dev, 20 * MIB, &kit::noise(4096, 42)));
     let e = s.fails(&["backup", "create", "lz", "--compression", "brotli"]);
     assert!(e.contains("brotli"), "{e}");
     s.ok(&[
@@ -1204,7 +1181,7 @@ fn a_restore_takes_the_backed_up_volumes_parameters_unless_given() {
         "backupBlockSize=1Mi",
     ]);
     s.with_block("par", |dev| {
-        write_at(dev, MIB, &noise(3 * MIB as usize, 51))
+        write_at(dev, MIB, &kit::noise(3 * MIB as usize, 51))
     });
     s.ok(&["backup", "create", "par", "--name", "par-b1"]);
     let meta = backup_meta(&target, "par", "par-b1");
@@ -1309,7 +1286,7 @@ fn kill_9_during_a_csi_restore_and_the_cos_retry_continues_it() {
         "numberOfReplicas=1",
     ]);
     s.with_block("csi", |dev| {
-        write_at(dev, 0, &noise(160 * MIB as usize, 61))
+        write_at(dev, 0, &kit::noise(160 * MIB as usize, 61))
     });
     s.ok(&[
         "snapshot", "create", "csi-bak", "--volume", "csi", "-p", "type=bak",

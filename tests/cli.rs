@@ -83,13 +83,7 @@ impl Served {
     /// Runs a command that must fail; answers its stderr.
     #[track_caller]
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            !out.status.success(),
-            "bicsi {args:?} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        kit::failed(args, self.bicsi(args))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -153,14 +147,7 @@ impl Served {
 
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.bicsi(args);
-        assert!(
-            out.status.success(),
-            "bicsi {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        kit::succeeded(args, self.bicsi(args))
     }
 }
 
@@ -316,7 +303,7 @@ fn block_writes_without_fsync_survive_detach() {
                 for round in 0..2u64 {
                     s.attach_block(name, &dev);
                     // Odd-sized pieces at both ends and in the middle of the device.
-                    let body = noise(3 << 20, 1 + i as u64 * 10 + round);
+                    let body = kit::noise(3 << 20, 1 + i as u64 * 10 + round);
                     let mut f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
                     for off in [0u64, 6 << 20, 13 << 20] {
                         std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(off)).unwrap();
@@ -348,19 +335,6 @@ fn block_writes_without_fsync_survive_detach() {
     for name in &names {
         s.ok(&["volume", "delete", name]);
     }
-}
-
-/// Random-looking bytes (a tiny xorshift), so no chunk is a hole and every byte is checked.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Writes `body` to `out` in 16 KiB pieces at `rate` bytes per second; stops when the reader
@@ -503,7 +477,7 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 #[test]
 fn volume_create_waits_for_its_backing_image_with_progress_lines() {
     let s = Served::start();
-    let url = slow_file_server(noise(3 << 20, 7), 1 << 20);
+    let url = slow_file_server(kit::noise(3 << 20, 7), 1 << 20);
     s.apply_download("bi-slow", &url);
     // Right after `apply`, as the README does: the CLI waits instead of failing.
     let out = s.bicsi(&[
@@ -542,7 +516,7 @@ fn volume_create_waits_for_its_backing_image_with_progress_lines() {
 #[test]
 fn apply_wait_waits_until_the_image_is_ready() {
     let s = Served::start();
-    let url = slow_file_server(noise(2 << 20, 3), 1 << 20);
+    let url = slow_file_server(kit::noise(2 << 20, 3), 1 << 20);
     let file = s.path("bi.yaml");
     std::fs::write(
         &file,
@@ -560,7 +534,7 @@ fn apply_wait_waits_until_the_image_is_ready() {
 #[test]
 fn ctrl_c_stops_waiting_not_the_work() {
     let s = Served::start();
-    let url = slow_file_server(noise(3 << 20, 11), 512 << 10);
+    let url = slow_file_server(kit::noise(3 << 20, 11), 512 << 10);
     s.apply_download("bi-int", &url);
     let stderr_path = s.path("create.err");
     let mut child = s
@@ -609,7 +583,7 @@ fn ctrl_c_stops_waiting_not_the_work() {
 #[test]
 fn image_download_leaves_no_part_file_when_interrupted_or_broken() {
     let s = Served::start();
-    let data = noise(4 << 20, 5);
+    let data = kit::noise(4 << 20, 5);
     let file = s.path("disk.raw");
     std::fs::write(&file, &data).unwrap();
     let out = s.ok(&["image", "upload", "up", file.to_str().unwrap()]);
@@ -685,7 +659,7 @@ fn deleting_what_does_not_exist_says_not_found() {
     s.fails(&["delete", "storageclass", "fast"]);
 
     let img = s.path("i.raw");
-    std::fs::write(&img, noise(1 << 20, 9)).unwrap();
+    std::fs::write(&img, kit::noise(1 << 20, 9)).unwrap();
     s.ok(&["image", "upload", "gone", img.to_str().unwrap()]);
     assert_eq!(
         s.ok(&["delete", "backingimage", "gone"]).trim(),
@@ -900,7 +874,7 @@ fn snapshot_create_waits_until_ready_to_use() {
 #[test]
 fn timeout_gives_up_waiting_and_no_wait_does_not_wait() {
     let s = Served::start();
-    let url = slow_file_server(noise(2 << 20, 13), 128 << 10);
+    let url = slow_file_server(kit::noise(2 << 20, 13), 128 << 10);
     s.apply_download("bi-late", &url);
     let started = Instant::now();
     let err = s.fails(&[
@@ -958,7 +932,7 @@ fn attach_waits_while_the_image_is_copied_to_a_second_disk() {
         return;
     }
     let s = Served::start_with(&["--disk", "d1", "--disk", "d2"]);
-    let data = noise(32 << 20, 17);
+    let data = kit::noise(32 << 20, 17);
     let file = s.path("img.raw");
     std::fs::write(&file, &data).unwrap();
     s.ok(&["image", "upload", "img", file.to_str().unwrap()]);
@@ -997,7 +971,7 @@ fn ctrl_c_of_an_upload_says_it_must_start_over() {
     let s = Served::start();
     // Larger than the sockets' buffers can hold: what the CLI had sent before Ctrl-C still
     // reaches the server, and with a small file that was all of it, so the upload completed.
-    let data = noise(32 << 20, 19);
+    let data = kit::noise(32 << 20, 19);
     let file = s.path("up.raw");
     std::fs::write(&file, &data).unwrap();
     let slow = slow_proxy(&s.http, 1 << 20, None);
@@ -1151,7 +1125,7 @@ fn file_states(bi: &serde_json::Value) -> Vec<String> {
 fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
     use sha2::{Digest, Sha512};
     let s = Served::start();
-    let v1 = noise(1 << 20, 1);
+    let v1 = kit::noise(1 << 20, 1);
     let (url, source) = changing_server(v1.clone(), "v1");
     let file = s.path("poll.yaml");
     std::fs::write(
@@ -1181,7 +1155,7 @@ fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
     assert_eq!(list.len(), 1);
 
     // A new content: a version, verified, and new volumes get it.
-    let v2 = noise(1 << 20, 2);
+    let v2 = kit::noise(1 << 20, 2);
     *source.lock().unwrap() = (v2.clone(), "v2".into());
     let mut second = String::new();
     wait_until(
@@ -1220,7 +1194,7 @@ fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
 
     // A bad content (a gzip body whose CRC is wrong): its version fails, the alias stays.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&noise(1 << 20, 3)).unwrap();
+    gz.write_all(&kit::noise(1 << 20, 3)).unwrap();
     let mut bad = gz.finish().unwrap();
     let crc = bad.len() - 8;
     bad[crc] ^= 0xff;
@@ -1243,7 +1217,7 @@ fn a_polled_image_makes_versions_new_volumes_use_and_old_ones_go() {
 
     // Another good content: the alias moves; keepVersions 1 deletes the failed version, while
     // the one volumes use stays.
-    let v4 = noise(1 << 20, 4);
+    let v4 = kit::noise(1 << 20, 4);
     *source.lock().unwrap() = (v4.clone(), "v4".into());
     let mut fourth = String::new();
     wait_until("the alias to move again", Duration::from_secs(60), || {
@@ -1424,7 +1398,7 @@ fn a_polled_registry_tag_pushed_again_makes_a_pinned_version() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let a = noise(1 << 20, 11);
+    let a = kit::noise(1 << 20, 11);
     push(&a);
     let file = s.path("reg.yaml");
     std::fs::write(
@@ -1454,7 +1428,7 @@ fn a_polled_registry_tag_pushed_again_makes_a_pinned_version() {
     assert!(poll(&s)["versions"].is_null(), "{}", poll(&s));
 
     // The tag pushed again with another disk: a version pinned to the new digest.
-    let b = noise(1 << 20, 12);
+    let b = kit::noise(1 << 20, 12);
     push(&b);
     let mut current = String::new();
     wait_until(

@@ -4,6 +4,9 @@
 //! no cluster reading anything but its flushed or its newer bytes; `pause` + `flush PATH` put
 //! every acknowledged write into the map a second open reads (attached snapshots).
 
+#[path = "kit/mod.rs"]
+mod kit;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -65,26 +68,13 @@ fn unmount(export: &Path) {
     let _ = Command::new("umount").arg("-l").arg(export).status();
 }
 
-fn is_root() -> bool {
-    // As the test kit's root_or_skip (not included: this binary needs nothing else of it).
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "needs root (FUSE, mounts): this test must run in CI"
-        );
-        eprintln!("SKIP: needs root (FUSE, mounts); run the tests as root");
-        return false;
-    }
-    true
-}
-
 /// What a snapshot of an attached cow volume relies on (`snapshot::capture_cow`): a write the
 /// engine acknowledged without a flush is not in the replica's map on disk, so a second open
 /// reads the old cluster; after `pause` and `flush PATH` on the control socket it is, and a
 /// second open reads it; `flush` of a path that is not a replica is an error.
 #[test]
 fn pause_and_flush_put_every_acknowledged_write_in_the_map_a_second_open_reads() {
-    if !is_root() {
+    if !kit::root_or_skip("cow tests (FUSE, mounts)") {
         return;
     }
     use std::io::{BufRead, BufReader, Write};
@@ -145,7 +135,7 @@ fn pause_and_flush_put_every_acknowledged_write_in_the_map_a_second_open_reads()
 
 #[test]
 fn a_killed_engine_over_a_cow_replica_keeps_every_flushed_write() {
-    if !is_root() {
+    if !kit::root_or_skip("cow tests (FUSE, mounts)") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -242,19 +242,6 @@ async fn image_server(files: HashMap<String, Vec<u8>>) -> String {
     format!("http://{addr}")
 }
 
-/// Bytes that are a raw disk image, different for each `seed`.
-fn raw_image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn sha512(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha512::digest(bytes))
@@ -306,8 +293,8 @@ async fn metrics_need_the_token_and_pass_promtool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_a_failing_checksum_and_a_sync_move_their_metrics() {
-    let good = raw_image(4 * MIB, 1);
-    let bad = raw_image(2 * MIB, 2);
+    let good = kit::noise(4 * MIB, 1);
+    let bad = kit::noise(2 * MIB, 2);
     let base = image_server(
         [
             ("good.raw".to_string(), good.clone()),
@@ -684,7 +671,7 @@ async fn json_logs_parse_and_a_failed_call_carries_its_code_and_span() {
 /// Kubernetes store the events (`bicsi::events`) go to the log only, one line each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_backing_image_span_and_events_go_to_the_log() {
-    let bad = raw_image(MIB, 3);
+    let bad = kit::noise(MIB, 3);
     let base = image_server([("bad.raw".to_string(), bad)].into()).await;
     let s = Served::start(1, &["--log-format", "json"]).await;
     s.api(
@@ -822,7 +809,7 @@ async fn split_mode_the_controller_and_each_node_serve_metrics_and_count_a_cross
     );
     assert!(ok, "{out}{err}");
 
-    let image = raw_image(3 * MIB, 3);
+    let image = kit::noise(3 * MIB, 3);
     let base = image_server([("img.raw".to_string(), image.clone())].into()).await;
     let before: Vec<String> = futures::future::join_all(nodes.iter().map(|(_, h)| scrape(h))).await;
     let ctl_before = scrape(&http).await;

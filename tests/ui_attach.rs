@@ -13,28 +13,6 @@ use std::path::{Path, PathBuf};
 use kit::{Proc, cli, controller_args, csi_endpoint, free_port, serve_args, temp_dir};
 use reqwest::Method;
 
-/// A JSON request; (status, parsed body or null).
-async fn send(
-    http: &reqwest::Client,
-    method: Method,
-    url: String,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    let mut req = http.request(method, url);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let value = if text.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
-    };
-    (status, value)
-}
-
 async fn wait_healthz(http: &reqwest::Client, base: &str) {
     for _ in 0..300 {
         if let Ok(r) = http.get(format!("{base}/healthz")).send().await
@@ -76,7 +54,7 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
     let detach = |v: &str| format!("{base}/v1/volumes/{v}/detach");
     let attachments = format!("{base}/v1/attachments");
 
-    let (status, v) = send(
+    let (status, v) = kit::send(
         &http,
         Method::POST,
         format!("{base}/v1/volumes"),
@@ -87,10 +65,10 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
 
     // Refused before anything happens: an unknown volume, an unknown mode, a path (the API
     // chooses where).
-    let (status, e) = send(&http, Method::POST, attach("nope"), None).await;
+    let (status, e) = kit::send(&http, Method::POST, attach("nope"), None).await;
     assert_eq!(status, 404, "{e}");
     assert!(error_of(&e).contains("\"nope\""), "{e}");
-    let (status, e) = send(
+    let (status, e) = kit::send(
         &http,
         Method::POST,
         attach("ua"),
@@ -102,7 +80,7 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
         error_of(&e).contains("filesystem") && error_of(&e).contains("block"),
         "{e}"
     );
-    let (status, e) = send(
+    let (status, e) = kit::send(
         &http,
         Method::POST,
         attach("ua"),
@@ -110,13 +88,13 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
     )
     .await;
     assert_eq!(status, 400, "{e}");
-    let (_, list) = send(&http, Method::GET, attachments.clone(), None).await;
+    let (_, list) = kit::send(&http, Method::GET, attachments.clone(), None).await;
     assert_eq!(list, serde_json::json!([]));
 
     // A filesystem under the data directory, written through; the same call again is the same.
     let mount = dir.path().join("data/attached/ua/mount");
     for _ in 0..2 {
-        let (status, a) = send(
+        let (status, a) = kit::send(
             &http,
             Method::POST,
             attach("ua"),
@@ -130,15 +108,15 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
     }
     assert!(is_mount_point(&mount), "{} is not mounted", mount.display());
     std::fs::write(mount.join("hello"), b"from the api").unwrap();
-    let (_, list) = send(&http, Method::GET, attachments.clone(), None).await;
+    let (_, list) = kit::send(&http, Method::GET, attachments.clone(), None).await;
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["volume"], "ua");
     assert_eq!(list[0]["mode"], "filesystem");
-    let (_, vols) = send(&http, Method::GET, format!("{base}/v1/volumes"), None).await;
+    let (_, vols) = kit::send(&http, Method::GET, format!("{base}/v1/volumes"), None).await;
     assert_eq!(vols[0]["publication"]["nodeId"], "att-node", "{vols}");
 
     // The other mode, by the API or the CLI: refused with the path it is at.
-    let (status, e) = send(
+    let (status, e) = kit::send(
         &http,
         Method::POST,
         attach("ua"),
@@ -164,7 +142,7 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
     assert!(ok, "{out}{err}");
     assert!(!is_mount_point(&mount));
     assert!(!mount.exists());
-    let (_, list) = send(&http, Method::GET, attachments.clone(), None).await;
+    let (_, list) = kit::send(&http, Method::GET, attachments.clone(), None).await;
     assert_eq!(list, serde_json::json!([]));
 
     // The API's detach undoes the CLI's attach, at the CLI's own path.
@@ -181,13 +159,13 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
         std::fs::read(cli_mount.join("hello")).unwrap(),
         b"from the api"
     );
-    let (_, list) = send(&http, Method::GET, attachments.clone(), None).await;
+    let (_, list) = kit::send(&http, Method::GET, attachments.clone(), None).await;
     assert_eq!(
         PathBuf::from(list[0]["path"].as_str().unwrap()),
         cli_mount,
         "{list}"
     );
-    let (status, d) = send(&http, Method::POST, detach("ua"), None).await;
+    let (status, d) = kit::send(&http, Method::POST, detach("ua"), None).await;
     assert_eq!(status, 200, "{d}");
     assert_eq!(d["detached"], true, "{d}");
     assert_eq!(PathBuf::from(d["path"].as_str().unwrap()), cli_mount);
@@ -195,17 +173,17 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
     let (ok, out, _) = run(&["volume", "detach", "ua"]);
     assert!(ok && out.contains("nothing to detach"), "{out}");
     // Detach is idempotent.
-    let (status, d) = send(&http, Method::POST, detach("ua"), None).await;
+    let (status, d) = kit::send(&http, Method::POST, detach("ua"), None).await;
     assert_eq!(
         (status, &d["detached"]),
         (200, &serde_json::json!(false)),
         "{d}"
     );
-    let (_, vols) = send(&http, Method::GET, format!("{base}/v1/volumes"), None).await;
+    let (_, vols) = kit::send(&http, Method::GET, format!("{base}/v1/volumes"), None).await;
     assert!(vols[0]["publication"].is_null(), "{vols}");
 
     // A block device under the data directory: the same volume (its ext4 superblock).
-    let (status, a) = send(
+    let (status, a) = kit::send(
         &http,
         Method::POST,
         attach("ua"),
@@ -223,7 +201,7 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
         f.read_exact(&mut magic).unwrap();
         assert_eq!(magic, [0x53, 0xEF], "ext4 magic through {}", dev.display());
     }
-    let (status, d) = send(&http, Method::POST, detach("ua"), None).await;
+    let (status, d) = kit::send(&http, Method::POST, detach("ua"), None).await;
     assert_eq!(
         (status, &d["detached"]),
         (200, &serde_json::json!(true)),
@@ -231,7 +209,7 @@ async fn attach_and_detach_over_http_share_the_clis_records() {
     );
     assert!(!dev.exists());
     assert!(!dir.path().join("data/attached/ua").exists());
-    let (status, e) = send(&http, Method::DELETE, format!("{base}/v1/volumes/ua"), None).await;
+    let (status, e) = kit::send(&http, Method::DELETE, format!("{base}/v1/volumes/ua"), None).await;
     assert_eq!(status, 204, "{e}");
     proc.stop();
 }
@@ -252,7 +230,7 @@ async fn the_split_mode_controller_refuses_to_attach_and_says_why() {
         (Method::POST, format!("{base}/v1/volumes/any/detach")),
         (Method::GET, format!("{base}/v1/attachments")),
     ] {
-        let (status, e) = send(&http, method, url.clone(), None).await;
+        let (status, e) = kit::send(&http, method, url.clone(), None).await;
         assert_eq!(status, 409, "{url}: {e}");
         assert!(
             error_of(&e).contains("split mode") && error_of(&e).contains("bicsi volume attach"),

@@ -206,28 +206,6 @@ async fn the_split_mode_controller_serves_the_ui_and_its_events() {
     proc.stop();
 }
 
-/// A JSON request; (status, parsed body or null).
-async fn send(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    let mut req = http.request(method, url);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let value = if text.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap()
-    };
-    (status, value)
-}
-
 #[tokio::test]
 async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     use reqwest::Method;
@@ -242,7 +220,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     let volumes = format!("{base}/v1/volumes");
 
     // Bad requests: named, nothing created.
-    let (status, e) = send(
+    let (status, e) = kit::send(
         &http,
         Method::POST,
         volumes.clone(),
@@ -254,7 +232,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
         e["error"].as_str().unwrap().contains("give its size"),
         "{e}"
     );
-    let (status, e) = send(
+    let (status, e) = kit::send(
         &http,
         Method::POST,
         volumes.clone(),
@@ -263,7 +241,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     .await;
     assert_eq!(status, 400, "{e}");
     assert!(e["error"].as_str().unwrap().contains("\"lots\""), "{e}");
-    let (status, e) = send(
+    let (status, e) = kit::send(
         &http,
         Method::POST,
         volumes.clone(),
@@ -278,19 +256,19 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
             .contains("StorageClass \"nope\""),
         "{e}"
     );
-    let (_, list) = send(&http, Method::GET, volumes.clone(), None).await;
+    let (_, list) = kit::send(&http, Method::GET, volumes.clone(), None).await;
     assert_eq!(list, serde_json::json!([]));
 
     // Created, and the same request again gives the same volume.
     let req =
         serde_json::json!({"name": "hv", "size": "64Mi", "parameters": {"numberOfReplicas": "1"}});
-    let (status, v) = send(&http, Method::POST, volumes.clone(), Some(req.clone())).await;
+    let (status, v) = kit::send(&http, Method::POST, volumes.clone(), Some(req.clone())).await;
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["id"], "hv");
     assert_eq!(v["spec"]["capacityBytes"], 64 << 20);
-    let (status, again) = send(&http, Method::POST, volumes.clone(), Some(req)).await;
+    let (status, again) = kit::send(&http, Method::POST, volumes.clone(), Some(req)).await;
     assert_eq!((status, &again["id"]), (201, &v["id"]));
-    let (status, e) = send(
+    let (status, e) = kit::send(
         &http,
         Method::POST,
         volumes.clone(),
@@ -300,7 +278,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     assert_eq!(status, 409, "another request for the same name: {e}");
 
     // A snapshot, listed by volume, restored into a new volume, then deleted.
-    let (status, s) = send(
+    let (status, s) = kit::send(
         &http,
         Method::POST,
         format!("{base}/v1/snapshots"),
@@ -309,7 +287,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     .await;
     assert_eq!(status, 201, "{s}");
     let snap = s["id"].as_str().unwrap().to_string();
-    let (_, list) = send(
+    let (_, list) = kit::send(
         &http,
         Method::GET,
         format!("{base}/v1/snapshots?volume=hv"),
@@ -317,7 +295,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     )
     .await;
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    let (_, none) = send(
+    let (_, none) = kit::send(
         &http,
         Method::GET,
         format!("{base}/v1/snapshots?volume=other"),
@@ -325,7 +303,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     )
     .await;
     assert_eq!(none, serde_json::json!([]));
-    let (status, r) = send(
+    let (status, r) = kit::send(
         &http,
         Method::POST,
         volumes.clone(),
@@ -339,7 +317,7 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
     );
     assert_eq!(r["spec"]["capacityBytes"], 64 << 20, "the snapshot's size");
     for _ in 0..2 {
-        let (status, e) = send(
+        let (status, e) = kit::send(
             &http,
             Method::DELETE,
             format!("{base}/v1/snapshots/{snap}"),
@@ -349,10 +327,10 @@ async fn volumes_and_snapshots_over_http_as_the_ui_makes_them() {
         assert_eq!(status, 204, "{e}");
     }
     for id in ["hv-restored", "hv", "hv"] {
-        let (status, e) = send(&http, Method::DELETE, format!("{volumes}/{id}"), None).await;
+        let (status, e) = kit::send(&http, Method::DELETE, format!("{volumes}/{id}"), None).await;
         assert_eq!(status, 204, "{id}: {e}");
     }
-    let (_, list) = send(&http, Method::GET, volumes, None).await;
+    let (_, list) = kit::send(&http, Method::GET, volumes, None).await;
     assert_eq!(list, serde_json::json!([]));
     proc.stop();
 }

@@ -15,6 +15,7 @@
 //!   a 1-replica volume of the loop engine (issue 14's "1-replica figure") and the plain loop
 //!   device, same jobs.
 
+use super::volume_engine::{ServedVolume, engine_of, served_volume_runs};
 use super::*;
 
 /// Two XFS disks on loop devices under `dir`.
@@ -279,7 +280,7 @@ pub(crate) async fn mirror_engine(b: &Bench, checks: &mut Checks) -> Res<Vec<Row
         std::fs::create_dir_all(d)?;
     }
     let serve = Serve::start_disks(&b.bicsi, &dir, &disks, &b.http).await?;
-    let result = mirror_engine_runs(b, checks, &serve, &dir, &d1.mnt, len).await;
+    let result = served_volume_runs(b, checks, &serve, &dir, &d1.mnt, len, &MIRROR_VOLUME).await;
     let log = serve.stop().await.unwrap_or_default();
     if result.is_err() {
         eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
@@ -314,7 +315,7 @@ pub(crate) async fn cow_engine(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
     let disk = fs.mnt.join("disk");
     std::fs::create_dir_all(&disk)?;
     let serve = Serve::start_disks(&b.bicsi, &dir, std::slice::from_ref(&disk), &b.http).await?;
-    let result = cow_engine_runs(b, checks, &serve, &dir, &fs.mnt, len).await;
+    let result = served_volume_runs(b, checks, &serve, &dir, &fs.mnt, len, &COW_VOLUME).await;
     let log = serve.stop().await.unwrap_or_default();
     if result.is_err() {
         eprintln!("bicsi serve log (last lines):\n{}", log_tail(&log, 20));
@@ -325,78 +326,39 @@ pub(crate) async fn cow_engine(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> 
     Ok(vec![])
 }
 
-async fn cow_engine_runs(
-    b: &Bench,
-    checks: &mut Checks,
-    serve: &Serve,
-    dir: &Path,
-    ext4: &Path,
-    len: u64,
-) -> Res<()> {
-    let path = "volume-io-cow";
-    let mut csi = csi_connect(&serve.csi).await?;
-    let cap = block_capability();
-    let vol = create_block_volume(
-        &mut csi,
-        path,
-        len,
-        &[("numberOfReplicas", "1"), ("engine", "mirror")],
-    )
-    .await?;
-    let volumes = serve.get("/v1/volumes").await?;
-    let record = volumes
-        .as_array()
-        .and_then(|a| a.iter().find(|v| v["id"] == vol.as_str()))
-        .cloned()
-        .unwrap_or_default();
-    let engine = record["spec"]["engine"].as_str().unwrap_or_default();
-    let format = record["replicas"][0]["format"].as_str().unwrap_or_default();
-    checks.check(
-        engine == "mirror" && format == "cow",
-        format!(
-            "{path}: the volume on ext4 got the mirror engine over a copy-on-write replica \
-             (engine {engine:?}, replica format {format:?})"
-        ),
-    );
-    let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
-    let staging = dir.join("staging");
-    let target = dir.join("target");
-    std::fs::create_dir_all(&staging)?;
-    let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
-    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
-    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
-    checks.check(
-        engines_under(dir).is_empty(),
-        format!("{path}: no qemu-storage-daemon serves the copy-on-write volume"),
-    );
-    let plain = plain_loop(ext4, len).await?;
-    let verified = verify(&target_s, len).await;
-    checks.check(
-        verified.is_ok(),
-        format!("{path}: a verified pattern reads back through the volume: {verified:?}"),
-    );
-    let sides = vec![
-        plain,
-        Side {
-            label: "bicsi (mirror engine, 1 cow replica)".into(),
-            dev: target_s.clone(),
-            about: "the published block device of a bicsi volume of the mirror engine over one \
-                    copy-on-write replica (sparse data file + cluster map) on ext4"
-                .into(),
-            verified: Some(verified),
-        },
-    ];
-    let result = measure(b, &sides, len).await;
+const COW_VOLUME: ServedVolume = ServedVolume {
+    path: "volume-io-cow",
+    parameters: &[("numberOfReplicas", "1"), ("engine", "mirror")],
+    chosen: |record| {
+        let engine = engine_of(record);
+        let format = record["replicas"][0]["format"].as_str().unwrap_or_default();
+        (
+            engine == "mirror" && format == "cow",
+            format!(
+                "volume-io-cow: the volume on ext4 got the mirror engine over a copy-on-write \
+                 replica (engine {engine:?}, replica format {format:?})"
+            ),
+        )
+    },
+    no_daemon: "volume-io-cow: no qemu-storage-daemon serves the copy-on-write volume",
+    label: "bicsi (mirror engine, 1 cow replica)",
+    about: "the published block device of a bicsi volume of the mirror engine over one \
+            copy-on-write replica (sparse data file + cluster map) on ext4",
+    mirror_rss: true,
+};
+
+/// Prints the resident memory of the mirror engines whose command line names `dir` after a
+/// path's jobs, and returns it (see [`mirror_rss`]).
+pub(crate) fn show_mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
     let rss = mirror_rss(dir);
-    checks.check(
-        !rss.is_empty() && rss.iter().all(|(_, r)| *r < 64 * MIB),
-        format!("{path}: the engine's resident memory stays under 64 MiB ({rss:?})"),
+    println!(
+        "  mirror engine resident memory after the jobs: {}",
+        rss.iter()
+            .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    detach(&sides[0].dev).await;
-    detach_and_delete(&mut csi, &vol, target_s, staging_s).await?;
-    let res = result?;
-    print_results(path, &sides, &res, len, b.runs, b.quick);
-    Ok(())
+    rss
 }
 
 /// Resident memory (VmRSS, bytes) of the mirror engines whose command line names `dir`.
@@ -428,85 +390,26 @@ pub(crate) fn mirror_rss(dir: &Path) -> Vec<(i32, u64)> {
     out
 }
 
-async fn mirror_engine_runs(
-    b: &Bench,
-    checks: &mut Checks,
-    serve: &Serve,
-    dir: &Path,
-    xfs: &Path,
-    len: u64,
-) -> Res<()> {
-    let mut csi = csi_connect(&serve.csi).await?;
-    let cap = block_capability();
-    let vol = create_block_volume(
-        &mut csi,
-        "volume-io-mirror",
-        len,
-        &[("numberOfReplicas", "2")],
-    )
-    .await?;
-    let volumes = serve.get("/v1/volumes").await?;
-    let engine = volumes
-        .as_array()
-        .and_then(|a| a.iter().find(|v| v["id"] == vol.as_str()))
-        .map(|v| v["spec"]["engine"].as_str().unwrap_or_default().to_string())
-        .unwrap_or_default();
-    checks.check(
-        engine == "mirror",
-        format!(
-            "volume-io-mirror: the 2-replica volume on two XFS disks got the mirror engine \
-             ({engine:?})"
-        ),
-    );
-    let p = publish_until_ready(&mut csi, &vol, "bench", &cap, Duration::from_secs(60)).await?;
-    let staging = dir.join("staging");
-    let target = dir.join("target");
-    std::fs::create_dir_all(&staging)?;
-    let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
-    node_stage(&mut csi, &vol, &p, &staging_s, &cap).await?;
-    node_publish(&mut csi, &vol, &p, &staging_s, &target_s, &cap).await?;
-    checks.check(
-        engines_under(dir).is_empty(),
-        "volume-io-mirror: no qemu-storage-daemon serves the mirror engine's volume",
-    );
-
-    let plain = plain_loop(xfs, len).await?;
-    let verified = verify(&target_s, len).await;
-    checks.check(
-        verified.is_ok(),
-        format!("volume-io-mirror: a verified pattern reads back through the volume: {verified:?}"),
-    );
-    let sides = vec![
-        plain,
-        Side {
-            label: "bicsi (mirror engine, 2 replicas)".into(),
-            dev: target_s.clone(),
-            about: "the published block device of a bicsi volume of the mirror engine: a \
-                    direct-I/O loop device on the engine's FUSE file, every write to both raw \
-                    replicas (one per XFS disk)"
-                .into(),
-            verified: Some(verified),
-        },
-    ];
-    let result = measure(b, &sides, len).await;
-    let rss = mirror_rss(dir);
-    println!(
-        "  mirror engine resident memory after the jobs: {}",
-        rss.iter()
-            .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    checks.check(
-        !rss.is_empty() && rss.iter().all(|(_, r)| *r < 64 * MIB),
-        format!("volume-io-mirror: the engine's resident memory stays under 64 MiB ({rss:?})"),
-    );
-    detach(&sides[0].dev).await;
-    detach_and_delete(&mut csi, &vol, target_s, staging_s).await?;
-    let res = result?;
-    print_results("volume-io-mirror", &sides, &res, len, b.runs, b.quick);
-    Ok(())
-}
+const MIRROR_VOLUME: ServedVolume = ServedVolume {
+    path: "volume-io-mirror",
+    parameters: &[("numberOfReplicas", "2")],
+    chosen: |record| {
+        let engine = engine_of(record);
+        (
+            engine == "mirror",
+            format!(
+                "volume-io-mirror: the 2-replica volume on two XFS disks got the mirror engine \
+                 ({engine:?})"
+            ),
+        )
+    },
+    no_daemon: "volume-io-mirror: no qemu-storage-daemon serves the mirror engine's volume",
+    label: "bicsi (mirror engine, 2 replicas)",
+    about: "the published block device of a bicsi volume of the mirror engine: a direct-I/O \
+            loop device on the engine's FUSE file, every write to both raw replicas (one per XFS \
+            disk)",
+    mirror_rss: true,
+};
 
 pub(crate) async fn mirror_remote(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
     let path = "volume-io-mirror-remote";
@@ -555,22 +458,7 @@ struct Attached {
 
 impl Attached {
     async fn detach_and_delete(mut self, ctl: &mut CsiClient) -> Res<()> {
-        self.node_csi
-            .node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: self.id.clone(),
-                target_path: self.target.clone(),
-            })
-            .await
-            .map_err(|s| rpc_err("NodeUnpublishVolume", s))?;
-        self.node_csi
-            .node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: self.id.clone(),
-                staging_target_path: self.staging.clone(),
-            })
-            .await
-            .map_err(|s| rpc_err("NodeUnstageVolume", s))?;
+        node_detach(&mut self.node_csi, &self.id, self.target, self.staging).await?;
         unpublish_and_delete(ctl, &self.id, &self.node).await
     }
 }
@@ -730,14 +618,7 @@ async fn mirror_remote_runs(
                 );
             }
         }
-        let rss = mirror_rss(&dir.join("n1"));
-        println!(
-            "  mirror engine resident memory after the jobs: {}",
-            rss.iter()
-                .map(|(pid, r)| format!("pid {pid}: {}", fmt_bytes(*r)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        show_mirror_rss(&dir.join("n1"));
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;

@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use clap::Subcommand;
 
-use super::wait::{self, Progress, WaitArgs};
-use super::{ListOutput, Server};
+use super::Server;
+use super::api::{client, json, send, url};
+use super::output::{self, ListOutput, Progress};
+use super::wait::{self, WaitArgs};
 use crate::backup::layout::BackupVolumeMeta;
 use crate::backup::{Backup, BackupState, Restore};
-use crate::cli_api::{client, json, send, url};
 use crate::error::{Error, Result};
 use crate::outln;
 use crate::quantity;
@@ -115,25 +116,11 @@ fn describe(b: &Backup) -> String {
 }
 
 async fn get_backup(server: &str, name: &str) -> Result<Backup> {
-    json(
-        send(
-            client().get(url(server, &format!("v1/backups/{name}"))),
-            server,
-        )
-        .await?,
-    )
-    .await
+    super::api::get(server, &format!("v1/backups/{name}")).await
 }
 
 async fn get_restore(server: &str, volume: &str) -> Result<Restore> {
-    json(
-        send(
-            client().get(url(server, &format!("v1/restores/{volume}"))),
-            server,
-        )
-        .await?,
-    )
-    .await
+    super::api::get(server, &format!("v1/restores/{volume}")).await
 }
 
 pub async fn run(cmd: BackupCommand) -> Result<()> {
@@ -215,36 +202,32 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
                 }
                 None => "v1/backups".to_string(),
             };
-            let list: Vec<Backup> = json(send(client().get(url(s, &path)), s).await?).await?;
-            match output {
-                Some(ListOutput::Json) => super::print_json(&list)?,
-                Some(ListOutput::Yaml) => super::print_yaml(&list)?,
-                _ => {
+            let list: Vec<Backup> = super::api::get(s, &path).await?;
+            if !output::print_records(&list, output)? {
+                outln!(
+                    "{:<40} {:<24} {:<12} {:>5} {:>10} {:>10} {:<20} CREATED",
+                    "NAME",
+                    "VOLUME",
+                    "STATE",
+                    "PROG",
+                    "SIZE",
+                    "UPLOADED",
+                    "BACKING-IMAGE"
+                );
+                for b in &list {
                     outln!(
-                        "{:<40} {:<24} {:<12} {:>5} {:>10} {:>10} {:<20} CREATED",
-                        "NAME",
-                        "VOLUME",
-                        "STATE",
-                        "PROG",
-                        "SIZE",
-                        "UPLOADED",
-                        "BACKING-IMAGE"
+                        "{:<40} {:<24} {:<12} {:>4}% {:>10} {:>10} {:<20} {}",
+                        b.name,
+                        b.volume,
+                        b.state.as_str(),
+                        b.progress,
+                        quantity::human(b.size_bytes),
+                        quantity::human(b.bytes_uploaded),
+                        b.backing_image.as_deref().unwrap_or("-"),
+                        b.created
                     );
-                    for b in &list {
-                        outln!(
-                            "{:<40} {:<24} {:<12} {:>4}% {:>10} {:>10} {:<20} {}",
-                            b.name,
-                            b.volume,
-                            b.state.as_str(),
-                            b.progress,
-                            quantity::human(b.size_bytes),
-                            quantity::human(b.bytes_uploaded),
-                            b.backing_image.as_deref().unwrap_or("-"),
-                            b.created
-                        );
-                        if b.state == BackupState::Error {
-                            outln!("  error: {}", b.message);
-                        }
+                    if b.state == BackupState::Error {
+                        outln!("  error: {}", b.message);
                     }
                 }
             }
@@ -286,14 +269,8 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
             server,
         } => {
             let s = &server.server;
-            let mut merged = std::collections::BTreeMap::new();
-            if let Some(sc) = storage_class {
-                merged.extend(crate::cli_api::storage_class_parameters(s, &sc).await?);
-            }
-            for p in &parameters {
-                let (k, v) = super::parse_parameter(p)?;
-                merged.insert(k, v);
-            }
+            let merged =
+                super::storageclass::parameters(s, storage_class.as_deref(), &parameters).await?;
             let size_bytes = match &size {
                 Some(t) => quantity::parse(t).map_err(|e| {
                     Error::InvalidArgument(format!("--size {t:?}: {e}; use 256Mi or 10Gi"))
@@ -366,31 +343,26 @@ pub async fn run(cmd: BackupCommand) -> Result<()> {
 
 /// `bicsi get backupvolumes`.
 pub async fn get_backup_volumes(server: &str, output: Option<ListOutput>) -> Result<()> {
-    let list: Vec<BackupVolumeMeta> =
-        json(send(client().get(url(server, "v1/backupvolumes")), server).await?).await?;
-    match output {
-        Some(ListOutput::Json) => super::print_json(&list)?,
-        Some(ListOutput::Yaml) => super::print_yaml(&list)?,
-        _ => {
+    let list: Vec<BackupVolumeMeta> = super::api::get(server, "v1/backupvolumes").await?;
+    if !output::print_records(&list, output)? {
+        outln!(
+            "{:<32} {:>10} {:>8} {:<20} {:<40} LAST-BACKUP-AT",
+            "NAME",
+            "SIZE",
+            "BLOCK",
+            "BACKING-IMAGE",
+            "LAST-BACKUP"
+        );
+        for v in &list {
             outln!(
-                "{:<32} {:>10} {:>8} {:<20} {:<40} LAST-BACKUP-AT",
-                "NAME",
-                "SIZE",
-                "BLOCK",
-                "BACKING-IMAGE",
-                "LAST-BACKUP"
+                "{:<32} {:>10} {:>8} {:<20} {:<40} {}",
+                v.name,
+                quantity::human(v.size_bytes),
+                quantity::human(v.block_size),
+                v.backing_image.as_ref().map_or("-", |b| b.name.as_str()),
+                v.last_backup,
+                v.last_backup_at
             );
-            for v in &list {
-                outln!(
-                    "{:<32} {:>10} {:>8} {:<20} {:<40} {}",
-                    v.name,
-                    quantity::human(v.size_bytes),
-                    quantity::human(v.block_size),
-                    v.backing_image.as_ref().map_or("-", |b| b.name.as_str()),
-                    v.last_backup,
-                    v.last_backup_at
-                );
-            }
         }
     }
     Ok(())

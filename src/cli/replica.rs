@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::wait::{self, Progress};
-use super::{ListOutput, Server};
+use super::Server;
+use super::api::{client, json, send, url};
+use super::output::{self, ListOutput, Progress};
+use super::wait;
 use crate::error::{Error, Result};
 use crate::health::{ReplicaMode, volume_health};
 use crate::model::{Volume, rfc3339};
@@ -71,7 +73,7 @@ pub async fn get_replicas(
     server: &Server,
     output: Option<ListOutput>,
 ) -> Result<()> {
-    let volumes = crate::cli_api::volumes(&server.server).await?;
+    let volumes = super::volume::records(&server.server).await?;
     if let Some(name) = volume
         && !volumes
             .iter()
@@ -80,10 +82,8 @@ pub async fn get_replicas(
         return Err(Error::NotFound(format!("volume {name:?} not found")));
     }
     let views = replica_views(&volumes, volume);
-    match output {
-        Some(ListOutput::Json) => return super::print_json(&views),
-        Some(ListOutput::Yaml) => return super::print_yaml(&views),
-        _ => {}
+    if output::print_records(&views, output)? {
+        return Ok(());
     }
     outln!(
         "{:<32} {:<10} {:<16} {:<16} {:<5} {:<21} {:<16} REASON",
@@ -123,13 +123,13 @@ pub async fn rebuild(name: &str, from: Option<&str>, server: &Server) -> Result<
         "the rebuild of volume {name} goes on in bicsi; follow it with `bicsi get replicas {name}`"
     ));
     let mut progress = Progress::new(format!("rebuild of volume {name}"));
-    let call = crate::cli_api::rebuild_volume(&server.server, &id, from);
+    let call = rebuild_volume(&server.server, &id, from);
     tokio::pin!(call);
     let answer = loop {
         tokio::select! {
             r = &mut call => break r,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Ok(volumes) = crate::cli_api::volumes(&server.server).await {
+                if let Ok(volumes) = super::volume::records(&server.server).await {
                     let views = replica_views(&volumes, Some(name));
                     if let Some(r) = views.iter().find(|r| r.mode == ReplicaMode::Wo) {
                         let pct = r.rebuild.as_ref().map(|p| p.percent());
@@ -160,4 +160,22 @@ pub async fn rebuild(name: &str, from: Option<&str>, server: &Server) -> Result<
     }
     let _ = id;
     Ok(())
+}
+
+/// Rebuilds a detached volume's replicas that are not rw (`POST /v1/volumes/ID/rebuild`).
+async fn rebuild_volume(
+    server: &str,
+    id: &str,
+    from: Option<&str>,
+) -> Result<crate::http::RebuildAnswer> {
+    json(
+        send(
+            client()
+                .post(url(server, &format!("v1/volumes/{id}/rebuild")))
+                .json(&serde_json::json!({ "from": from })),
+            server,
+        )
+        .await?,
+    )
+    .await
 }

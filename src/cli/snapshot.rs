@@ -5,8 +5,11 @@
 use clap::Subcommand;
 use serde::Serialize;
 
+use super::output::{self, ListOutput};
+use super::storageclass::parse_parameter;
+use super::volume::mount_capability;
 use super::wait::{self, WaitArgs, retry_unavailable};
-use super::{Endpoint, ListOutput, Server, mount_capability, parse_parameter};
+use super::{Endpoint, Server};
 use crate::client::{CsiClient, status_error};
 use crate::csi::pb;
 use crate::error::{Error, Result};
@@ -154,15 +157,15 @@ async fn wait_ready(
                     return Ok(tonic::Response::new(s));
                 }
                 let text = match image {
-                    Some(name) => match crate::cli_api::backing_image(&server.server, name).await {
-                        Ok(bi) => match crate::cli_api::readiness(&bi) {
-                            crate::cli_api::Readiness::Failed(why) => {
+                    Some(name) => match super::image::backing_image(&server.server, name).await {
+                        Ok(bi) => match super::image::readiness(&bi) {
+                            super::image::Readiness::Failed(why) => {
                                 return Err(Error::FailedPrecondition(why).into());
                             }
-                            crate::cli_api::Readiness::Preparing { text, .. } => {
+                            super::image::Readiness::Preparing { text, .. } => {
                                 format!("exporting backing image {name}: {text}")
                             }
-                            crate::cli_api::Readiness::Ready => "ready 100%".to_string(),
+                            super::image::Readiness::Ready => "ready 100%".to_string(),
                         },
                         Err(_) => format!("exporting backing image {name}"),
                     },
@@ -248,39 +251,15 @@ pub async fn run(cmd: SnapshotCommand) -> Result<()> {
             endpoint,
         } => {
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = c
-                    .controller
-                    .list_snapshots(pb::ListSnapshotsRequest {
-                        max_entries: 100,
-                        starting_token: token.clone(),
-                        source_volume_id: volume.clone().unwrap_or_default(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                all.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
-                if page.next_token.is_empty() {
-                    break;
-                }
-                token = page.next_token;
+            let all = c
+                .all_snapshots(volume.as_deref().unwrap_or_default())
+                .await?;
+            let views: Vec<_> = all.iter().map(view).collect();
+            if !output::print_records(&views, output)? {
+                print_header();
+                all.iter().for_each(print_row);
             }
-            match output {
-                Some(ListOutput::Json) => {
-                    super::print_json(&all.iter().map(view).collect::<Vec<_>>())
-                }
-                Some(ListOutput::Yaml) => {
-                    super::print_yaml(&all.iter().map(view).collect::<Vec<_>>())
-                }
-                None | Some(ListOutput::Wide) => {
-                    print_header();
-                    all.iter().for_each(print_row);
-                    Ok(())
-                }
-            }
+            Ok(())
         }
         SnapshotCommand::Delete {
             id,

@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use serde::Serialize;
 
+use super::output::{self, ListOutput};
 use super::wait::{self, WaitArgs, retry_unavailable};
-use super::{Endpoint, ListOutput, Server, mount_capability, parse_parameter};
+use super::{Endpoint, Server};
 use crate::client::attach::{Attach, Detached, attach_record};
 use crate::client::{CsiClient, status_error};
 use crate::csi::pb;
@@ -147,7 +148,7 @@ pub async fn create_volume(
     let Some(image) = image else {
         return Ok(v);
     };
-    let bi = match crate::cli_api::backing_image(&server.server, image).await {
+    let bi = match super::image::backing_image(&server.server, image).await {
         Ok(bi) => bi,
         Err(e) => {
             eprintln!(
@@ -157,19 +158,19 @@ pub async fn create_volume(
             return Ok(v);
         }
     };
-    match crate::cli_api::readiness(&bi) {
-        crate::cli_api::Readiness::Ready => {}
-        crate::cli_api::Readiness::Failed(why) => return Err(Error::FailedPrecondition(why)),
-        crate::cli_api::Readiness::Preparing { text, .. } if wait.no_wait => {
+    match super::image::readiness(&bi) {
+        super::image::Readiness::Ready => {}
+        super::image::Readiness::Failed(why) => return Err(Error::FailedPrecondition(why)),
+        super::image::Readiness::Preparing { text, .. } if wait.no_wait => {
             outln!(
                 "backing image {image} is being prepared ({text}); `bicsi volume attach {name}` waits for it"
             );
         }
-        crate::cli_api::Readiness::Preparing { .. } => {
+        super::image::Readiness::Preparing { .. } => {
             wait::on_interrupt(format!(
                 "stopped waiting; volume {name} is created and bicsi goes on preparing backing image {image:?}; `bicsi volume attach {name}` waits for it"
             ));
-            crate::cli_api::wait_for_image(&server.server, image, deadline).await?;
+            super::image::wait_for_image(&server.server, image, deadline).await?;
             outln!("backing image {image} is ready");
         }
     }
@@ -188,14 +189,14 @@ pub async fn run(cmd: VolumeCommand) -> Result<()> {
             server,
         } => {
             let bytes = quantity::parse(&size).map_err(Error::InvalidArgument)?;
-            let mut merged: HashMap<String, String> = HashMap::new();
-            if let Some(sc) = storage_class {
-                merged.extend(crate::cli_api::storage_class_parameters(&server.server, &sc).await?);
-            }
-            for p in &parameters {
-                let (k, v) = parse_parameter(p)?;
-                merged.insert(k, v);
-            }
+            let merged: HashMap<String, String> = super::storageclass::parameters(
+                &server.server,
+                storage_class.as_deref(),
+                &parameters,
+            )
+            .await?
+            .into_iter()
+            .collect();
             let image = image_of(&merged);
             let mut c = CsiClient::connect(&endpoint.csi_endpoint).await?;
             let req = pb::CreateVolumeRequest {
@@ -462,65 +463,50 @@ fn healthy_replicas(v: &crate::model::Volume, abnormal: bool, condition: &str) -
 
 async fn volume_views(endpoint: &str, server: &Server) -> Result<Vec<VolumeView>> {
     let mut c = CsiClient::connect(endpoint).await?;
-    let records: Option<HashMap<String, crate::model::Volume>> =
-        match crate::cli_api::volumes(&server.server).await {
-            Ok(list) => Some(list.into_iter().map(|v| (v.id.clone(), v)).collect()),
-            Err(e) => {
-                eprintln!(
-                    "warning: IMAGE and REPLICAS need the HTTP API ({}): {e}",
-                    server.server
-                );
-                None
-            }
-        };
+    let records: Option<HashMap<String, crate::model::Volume>> = match records(&server.server).await
+    {
+        Ok(list) => Some(list.into_iter().map(|v| (v.id.clone(), v)).collect()),
+        Err(e) => {
+            eprintln!(
+                "warning: IMAGE and REPLICAS need the HTTP API ({}): {e}",
+                server.server
+            );
+            None
+        }
+    };
     let mut views = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .controller
-            .list_volumes(pb::ListVolumesRequest {
-                max_entries: 100,
-                starting_token: token.clone(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        for e in page.entries {
-            let v = e.volume.unwrap_or_default();
-            let status = e.status.unwrap_or_default();
-            let (abnormal, condition) = status
-                .volume_condition
-                .map(|c| (c.abnormal, c.message))
-                .unwrap_or_default();
-            let record = records.as_ref().and_then(|r| r.get(&v.volume_id)).cloned();
-            let attached_path = attach_record(endpoint, &v.volume_id)
-                .ok()
-                .flatten()
-                .map(|r| r.target_path);
-            views.push(VolumeView {
-                capacity_bytes: v.capacity_bytes.max(0) as u64,
-                backing_image: record
-                    .as_ref()
-                    .map(|r| r.spec.backing_image.clone().unwrap_or_default()),
-                healthy_replicas: record
-                    .as_ref()
-                    .map(|r| healthy_replicas(r, abnormal, &condition)),
-                wanted_replicas: record.as_ref().map(|r| r.spec.number_of_replicas),
-                engine: record.as_ref().map(|r| r.spec.engine.to_string()),
-                attached_nodes: status.published_node_ids,
-                attached_path,
-                abnormal,
-                condition,
-                health: record.as_ref().map(|r| crate::health::volume_health(r).0),
-                record,
-                id: v.volume_id,
-            });
-        }
-        if page.next_token.is_empty() {
-            return Ok(views);
-        }
-        token = page.next_token;
+    for e in c.all_volumes().await? {
+        let v = e.volume.unwrap_or_default();
+        let status = e.status.unwrap_or_default();
+        let (abnormal, condition) = status
+            .volume_condition
+            .map(|c| (c.abnormal, c.message))
+            .unwrap_or_default();
+        let record = records.as_ref().and_then(|r| r.get(&v.volume_id)).cloned();
+        let attached_path = attach_record(endpoint, &v.volume_id)
+            .ok()
+            .flatten()
+            .map(|r| r.target_path);
+        views.push(VolumeView {
+            capacity_bytes: v.capacity_bytes.max(0) as u64,
+            backing_image: record
+                .as_ref()
+                .map(|r| r.spec.backing_image.clone().unwrap_or_default()),
+            healthy_replicas: record
+                .as_ref()
+                .map(|r| healthy_replicas(r, abnormal, &condition)),
+            wanted_replicas: record.as_ref().map(|r| r.spec.number_of_replicas),
+            engine: record.as_ref().map(|r| r.spec.engine.to_string()),
+            attached_nodes: status.published_node_ids,
+            attached_path,
+            abnormal,
+            condition,
+            health: record.as_ref().map(|r| crate::health::volume_health(r).0),
+            record,
+            id: v.volume_id,
+        });
     }
+    Ok(views)
 }
 
 fn attached(v: &VolumeView) -> String {
@@ -613,11 +599,9 @@ pub async fn get_volumes(
     output: Option<ListOutput>,
 ) -> Result<()> {
     let views = volume_views(endpoint, server).await?;
-    match output {
-        None => print_table(&views, false, false),
-        Some(ListOutput::Wide) => print_table(&views, true, true),
-        Some(ListOutput::Json) => super::print_json(&views)?,
-        Some(ListOutput::Yaml) => super::print_yaml(&views)?,
+    if !output::print_records(&views, output)? {
+        let wide = output == Some(ListOutput::Wide);
+        print_table(&views, wide, wide);
     }
     Ok(())
 }
@@ -635,11 +619,29 @@ pub async fn get_volume(
         .into_iter()
         .find(|v| v.id == id)
         .ok_or_else(|| Error::NotFound(format!("volume {name:?} not found")))?;
-    match output {
-        None => print_table(std::slice::from_ref(&view), false, true),
-        Some(ListOutput::Wide) => print_table(std::slice::from_ref(&view), true, true),
-        Some(ListOutput::Json) => super::print_json(&view)?,
-        Some(ListOutput::Yaml) => super::print_yaml(&view)?,
+    if !output::print_records(&view, output)? {
+        let wide = output == Some(ListOutput::Wide);
+        print_table(std::slice::from_ref(&view), wide, true);
     }
     Ok(())
+}
+
+/// The controller's volume records (`GET /v1/volumes`).
+pub(super) async fn records(server: &str) -> Result<Vec<crate::model::Volume>> {
+    super::api::get(server, "v1/volumes").await
+}
+
+/// The capability of a filesystem volume on one node (`--fs-type`, `--read-only`).
+pub(super) fn mount_capability(fs_type: Option<String>, read_only: bool) -> Capability {
+    Capability {
+        access: AccessType::Mount {
+            fs_type: fs_type.unwrap_or_default(),
+            mount_flags: vec![],
+        },
+        mode: if read_only {
+            AccessMode::SingleNodeReaderOnly
+        } else {
+            AccessMode::SingleNodeWriter
+        },
+    }
 }

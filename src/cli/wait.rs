@@ -1,6 +1,5 @@
-//! How the CLI waits for work it started: a progress display (an indicatif bar or spinner on a
-//! terminal, plain lines on stderr otherwise), Ctrl-C that stops the waiting and never the work,
-//! and the output macros that turn a closed stdout (`| head -1`) into a quiet exit.
+//! How the CLI waits for work it started: polling with `--no-wait` and `--timeout`, shown by
+//! `output`'s progress displays, and Ctrl-C that stops the waiting and never the work.
 //!
 //! Ctrl-C is caught around every client command (`cli::run`): the command's future is dropped,
 //! the files it registered with [`remove_on_interrupt`] are removed, the note it set with
@@ -12,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::output::Progress;
 use crate::client::status_error;
 use crate::error::{Error, Result};
 
@@ -19,14 +19,6 @@ use crate::error::{Error, Result};
 static NOTE: Mutex<String> = Mutex::new(String::new());
 /// Files a command is writing that must not survive an interrupt (`FILE.part`).
 static PARTIAL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-/// The bars on the terminal, cleared before the interrupt note is printed.
-static BARS: Mutex<Vec<indicatif::ProgressBar>> = Mutex::new(Vec::new());
-
-fn show(bar: &indicatif::ProgressBar) {
-    let mut bars = BARS.lock().unwrap_or_else(|e| e.into_inner());
-    bars.retain(|b| !b.is_finished());
-    bars.push(bar.clone());
-}
 
 /// The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 pub const INTERRUPTED_EXIT: i32 = 130;
@@ -59,9 +51,7 @@ pub async fn interruptible<T>(command: impl Future<Output = T>) -> T {
 }
 
 fn interrupted() -> ! {
-    for b in BARS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        b.finish_and_clear();
-    }
+    super::output::clear_bars();
     for p in PARTIAL.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
         let _ = std::fs::remove_file(&p);
     }
@@ -80,194 +70,6 @@ fn interrupted() -> ! {
     };
     eprintln!("{fresh}interrupted: {note}");
     std::process::exit(INTERRUPTED_EXIT)
-}
-
-/// Writes a line to stdout; a closed stdout (the reader went away, EPIPE) ends the process
-/// quietly with status 0, as `head` expects of the commands it reads.
-#[macro_export]
-#[doc(hidden)]
-macro_rules! outln {
-    ($($arg:tt)*) => {
-        $crate::cli::wait::write_out(format_args!("{}\n", format_args!($($arg)*)))
-    };
-}
-
-/// [`outln!`] without the newline.
-#[macro_export]
-#[doc(hidden)]
-macro_rules! out {
-    ($($arg:tt)*) => {
-        $crate::cli::wait::write_out(format_args!($($arg)*))
-    };
-}
-
-#[doc(hidden)]
-pub fn write_out(args: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: cannot write to stdout: {e}");
-        std::process::exit(1);
-    }
-}
-
-/// How often a plain progress line repeats an unchanged message.
-const PLAIN_REPEAT: Duration = Duration::from_secs(10);
-/// The least time between two plain progress lines.
-const PLAIN_EVERY: Duration = Duration::from_secs(2);
-
-/// A progress display for one wait: a bar (with a percentage) or spinner on a terminal, plain
-/// `WHAT: MESSAGE` lines on stderr otherwise (at most one every 2 s, and only when the message
-/// changed or 10 s passed).
-pub struct Progress {
-    what: String,
-    bar: Option<indicatif::ProgressBar>,
-    last: Option<(String, Instant)>,
-}
-
-impl Progress {
-    /// A display that draws a bar when stderr is a terminal.
-    pub fn new(what: impl Into<String>) -> Progress {
-        Progress::with_terminal(what, std::io::stderr().is_terminal())
-    }
-
-    fn with_terminal(what: impl Into<String>, terminal: bool) -> Progress {
-        let what = what.into();
-        let bar = terminal.then(|| {
-            let bar = indicatif::ProgressBar::new(100);
-            if let Ok(style) =
-                indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {wide_msg}")
-            {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar.set_prefix(what.clone());
-            bar.enable_steady_tick(Duration::from_millis(120));
-            show(&bar);
-            bar
-        });
-        Progress {
-            what,
-            bar,
-            last: None,
-        }
-    }
-
-    /// Shows `message`, and `percent` on the bar when known.
-    pub fn update(&mut self, message: &str, percent: Option<u64>) {
-        if let Some(bar) = &self.bar {
-            if let Some(p) = percent {
-                bar.set_position(p.min(100));
-            }
-            bar.set_message(message.to_string());
-            return;
-        }
-        let line = match percent {
-            Some(p) => format!("{}: {p}%: {message}", self.what),
-            None => format!("{}: {message}", self.what),
-        };
-        if let Some(text) = self.plain_line(line, Instant::now()) {
-            eprintln!("{text}");
-        }
-    }
-
-    /// The plain line to print now, if any (rate-limited, repeats only after a while).
-    fn plain_line(&mut self, line: String, now: Instant) -> Option<String> {
-        let due = match &self.last {
-            None => true,
-            Some((prev, at)) => {
-                let since = now.saturating_duration_since(*at);
-                (since >= PLAIN_EVERY && *prev != line) || since >= PLAIN_REPEAT
-            }
-        };
-        if !due {
-            return None;
-        }
-        self.last = Some((line.clone(), now));
-        Some(line)
-    }
-
-    /// Removes the bar (plain output needs nothing).
-    pub fn finish(self) {
-        // Drop clears the bar.
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-/// A transfer's progress in bytes: indicatif's bar with rate and ETA on a terminal, plain
-/// `VERB: N%: DONE of TOTAL` lines otherwise. Clones share the count (a stream updates it).
-#[derive(Clone)]
-pub struct ByteProgress {
-    bar: indicatif::ProgressBar,
-    plain: Option<std::sync::Arc<Mutex<Progress>>>,
-    total: Option<u64>,
-}
-
-impl ByteProgress {
-    pub fn new(total: Option<u64>, verb: &str) -> ByteProgress {
-        let terminal = std::io::stderr().is_terminal();
-        let bar = match (terminal, total) {
-            (false, _) => indicatif::ProgressBar::hidden(),
-            (true, Some(t)) => indicatif::ProgressBar::new(t),
-            (true, None) => indicatif::ProgressBar::no_length(),
-        };
-        if let Some(t) = total {
-            bar.set_length(t);
-        }
-        let template = if total.is_some() {
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
-        } else {
-            "{msg} {bytes} {binary_bytes_per_sec}"
-        };
-        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_message(verb.to_string());
-        if terminal {
-            show(&bar);
-        }
-        ByteProgress {
-            bar,
-            plain: (!terminal)
-                .then(|| std::sync::Arc::new(Mutex::new(Progress::with_terminal(verb, false)))),
-            total,
-        }
-    }
-
-    pub fn inc(&self, n: u64) {
-        self.bar.inc(n);
-        if let Some(plain) = &self.plain {
-            let done = self.bar.position();
-            let (text, percent) = match self.total {
-                Some(t) if t > 0 => (
-                    format!(
-                        "{} of {}",
-                        crate::quantity::human(done),
-                        crate::quantity::human(t)
-                    ),
-                    Some(done.saturating_mul(100) / t),
-                ),
-                _ => (crate::quantity::human(done), None),
-            };
-            plain
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .update(&text, percent);
-        }
-    }
-
-    pub fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
 }
 
 /// A `--timeout` value: `0` waits forever; `90`, `90s`, `5m`, `1h`.
@@ -407,25 +209,5 @@ mod tests {
         for bad in ["", "m", "5x", "-1", "1.5m"] {
             assert!(parse_timeout(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn plain_lines_are_rate_limited_and_repeat_after_a_while() {
-        let mut p = Progress::with_terminal("waiting", false);
-        let t0 = Instant::now();
-        assert_eq!(p.plain_line("a".into(), t0).as_deref(), Some("a"));
-        // Too soon for a change, and never a repeat right away.
-        assert_eq!(p.plain_line("b".into(), t0 + Duration::from_secs(1)), None);
-        assert_eq!(p.plain_line("a".into(), t0 + Duration::from_secs(3)), None);
-        assert_eq!(
-            p.plain_line("b".into(), t0 + Duration::from_secs(3))
-                .as_deref(),
-            Some("b")
-        );
-        assert_eq!(
-            p.plain_line("b".into(), t0 + Duration::from_secs(13))
-                .as_deref(),
-            Some("b")
-        );
     }
 }

@@ -371,25 +371,9 @@ pub async fn detach(c: &mut CsiClient, endpoint: &str, name: &str) -> Result<Det
 
 /// The nodes a volume is published to, or None when there is no such volume.
 pub async fn published_nodes(c: &mut CsiClient, volume_id: &str) -> Result<Option<Vec<String>>> {
-    let mut token = String::new();
-    loop {
-        let page = c
-            .controller
-            .list_volumes(pb::ListVolumesRequest {
-                max_entries: 100,
-                starting_token: token.clone(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        for e in page.entries {
-            if e.volume.as_ref().is_some_and(|v| v.volume_id == volume_id) {
-                return Ok(Some(e.status.unwrap_or_default().published_node_ids));
-            }
-        }
-        if page.next_token.is_empty() {
-            return Ok(None);
-        }
-        token = page.next_token;
-    }
+    Ok(c.all_volumes()
+        .await?
+        .into_iter()
+        .find(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == volume_id))
+        .map(|e| e.status.unwrap_or_default().published_node_ids))
 }

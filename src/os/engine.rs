@@ -160,6 +160,58 @@ pub(super) fn escape_opt(value: &str) -> String {
     value.replace(',', ",,")
 }
 
+/// The last arguments of every qemu-storage-daemon bicsi starts: its QMP monitor on the socket
+/// `qmp`, its pid file `pid` (the file names the run directory: it is how a daemon is
+/// recognised in /proc), and `--daemonize`: the daemon outlives bicsi (re-adoption after a
+/// restart), and its parent exits only once it is up or failed, which is our readiness signal.
+pub(super) fn monitor_args(qmp: &Path, pid: &Path) -> OsResult<[String; 7]> {
+    Ok([
+        "--chardev".to_string(),
+        format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            escape_opt(utf8_path(qmp)?)
+        ),
+        "--monitor".to_string(),
+        "chardev=qmp0,mode=control".to_string(),
+        "--pidfile".to_string(),
+        utf8_path(pid)?.to_string(),
+        "--daemonize".to_string(),
+    ])
+}
+
+/// A replica server (qemu's or bicsi's) in `dir` that was to listen on `host:port` and exited:
+/// its `log` read for why. The port taken by another program is a Conflict (a server on a port
+/// it picked itself tries another); else the error is the exit with `hint` for the log.
+pub(super) fn listen_failure(
+    dir: &Path,
+    log_path: &Path,
+    host: &str,
+    port: u16,
+    log: &str,
+) -> ListenFailure {
+    if log.contains("Address already in use") {
+        return ListenFailure::PortTaken(OsError::Conflict(format!(
+            "replica server in {}: port {port} on {host} is taken by another program; \
+             use another port (log {}:\n{log})",
+            dir.display(),
+            log_path.display()
+        )));
+    }
+    ListenFailure::Exited {
+        hint: if log.contains("Cannot assign requested address") {
+            "the address is not one of this node's; give the node's own IP"
+        } else {
+            "see the log above"
+        },
+    }
+}
+
+/// Why a replica server did not start listening (see [`listen_failure`]).
+pub(super) enum ListenFailure {
+    PortTaken(OsError),
+    Exited { hint: &'static str },
+}
+
 /// The daemon's arguments. Block nodes and the export use qemu's JSON syntax, so paths need no
 /// escaping; only --chardev, --trace and --object still take the key=value syntax.
 /// `tls`: the NBD children connect over TLS with the credentials in `paths.tls` (made by the
@@ -239,20 +291,7 @@ fn build_args(spec: &VolumeEngineSpec, paths: &RunPaths, tls: bool) -> OsResult<
     let export = json!({"type": "fuse", "id": "export0", "node-name": top,
         "mountpoint": utf8_path(&paths.export)?, "writable": !ro});
     args.extend(["--export".to_string(), export.to_string()]);
-    args.extend([
-        "--chardev".to_string(),
-        format!(
-            "socket,id=qmp0,path={},server=on,wait=off",
-            escape_opt(utf8_path(&paths.qmp)?)
-        ),
-        "--monitor".to_string(),
-        "chardev=qmp0,mode=control".to_string(),
-        "--pidfile".to_string(),
-        utf8_path(&paths.pid)?.to_string(),
-        // The daemon outlives bicsi (re-adoption after a restart), and its parent exits only once
-        // the export is up or failed, which is our readiness signal.
-        "--daemonize".to_string(),
-    ]);
+    args.extend(monitor_args(&paths.qmp, &paths.pid)?);
     Ok(args)
 }
 

@@ -36,7 +36,8 @@ use serde_json::{Value, json};
 use sha2::Digest;
 
 use super::engine::{
-    MAX_NBD_NAME, MAX_SOCKET_PATH, QemuStorageDaemon, escape_opt, find_processes, terminate,
+    ListenFailure, MAX_NBD_NAME, MAX_SOCKET_PATH, QemuStorageDaemon, find_processes,
+    listen_failure, monitor_args, terminate,
 };
 use super::{
     ImageFormat, OsError, OsResult, ReplicaExport, command_failure, resolve_parent, utf8_path,
@@ -261,21 +262,8 @@ fn build_server_args(
         server["tls-creds"] = json!(CREDS_ID);
         server["tls-authz"] = json!(AUTHZ_ID);
     }
-    args.extend([
-        "--nbd-server".to_string(),
-        server.to_string(),
-        "--chardev".to_string(),
-        format!(
-            "socket,id=qmp0,path={},server=on,wait=off",
-            escape_opt(utf8_path(&paths.qmp)?)
-        ),
-        "--monitor".to_string(),
-        "chardev=qmp0,mode=control".to_string(),
-        // The pid file names the run directory: it is how a server is recognised in /proc.
-        "--pidfile".to_string(),
-        utf8_path(&paths.pid)?.to_string(),
-        "--daemonize".to_string(),
-    ]);
+    args.extend(["--nbd-server".to_string(), server.to_string()]);
+    args.extend(monitor_args(&paths.qmp, &paths.pid)?);
     Ok(args)
 }
 
@@ -457,24 +445,13 @@ fn start_server(
                 ));
             }
             Some(status) if !status.success() => {
-                let text = log();
-                if text.contains("Address already in use") {
-                    if attempt < attempts {
-                        continue;
+                match listen_failure(&paths.dir, &paths.log, host, port, &log()) {
+                    ListenFailure::PortTaken(_) if attempt < attempts => continue,
+                    ListenFailure::PortTaken(e) => return Err(e),
+                    ListenFailure::Exited { hint } => {
+                        return Err(failure(format!("exited with {status}"), hint));
                     }
-                    return Err(OsError::Conflict(format!(
-                        "replica server in {}: port {port} on {host} is taken by another program; \
-                         use another port (log {}:\n{text})",
-                        paths.dir.display(),
-                        paths.log.display()
-                    )));
                 }
-                let hint = if text.contains("Cannot assign requested address") {
-                    "the address is not one of this node's; give the node's own IP"
-                } else {
-                    "see the log above"
-                };
-                return Err(failure(format!("exited with {status}"), hint));
             }
             Some(_) => {}
         }
@@ -797,6 +774,43 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Two nodes of one machine in `d` for the real tests: `a` with its replica r0, `b` with
+    /// the replicas `remote`, which b's replica server (run dir `b/run`, registered in `cb`)
+    /// is to serve. Returns (r0, b's replicas, the server's run dir).
+    fn two_nodes(
+        os: &Os,
+        d: &Path,
+        cb: &mut Cleanup,
+        remote: &[&str],
+        size: u64,
+    ) -> (PathBuf, Vec<PathBuf>, PathBuf) {
+        let r0 = replicas(os, &d.join("a"), &["r0"], size).remove(0);
+        let rb = replicas(os, &d.join("b"), remote, size);
+        let server = d.join("b/run");
+        cb.replica_server(&server);
+        (r0, rb, server)
+    }
+
+    /// Volume "v" on node a (run dir `a/run`) over `replicas`, writable.
+    fn volume_spec(d: &Path, replicas: Vec<ReplicaTarget>) -> VolumeEngineSpec {
+        VolumeEngineSpec {
+            volume_id: "v".into(),
+            replicas,
+            run_dir: d.join("a/run"),
+            read_only: false,
+        }
+    }
+
+    /// Starts `spec`'s engine and attaches its export to a loop device, both registered in `ca`;
+    /// returns the device.
+    fn start_attached(os: &Os, ca: &mut Cleanup, spec: &VolumeEngineSpec) -> PathBuf {
+        ca.engine(&spec.run_dir);
+        let state = os.engine.start_volume(spec).unwrap();
+        let dev = os.loops.attach(&state.export_path).unwrap();
+        ca.loop_file(&state.export_path);
+        dev
+    }
+
     /// The real replica server of `run_dir` dies at once (SIGKILL): the kernel closes its
     /// connections, as when its node's bicsi-managed daemon crashes.
     pub(crate) fn kill_real_server(run_dir: &Path) {
@@ -807,20 +821,6 @@ pub(crate) mod tests {
             .unwrap();
         kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
         assert!(wait_exit(pid, Duration::from_secs(5)));
-    }
-
-    /// Deterministic incompressible bytes.
-    fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        let mut out = Vec::with_capacity(len);
-        while out.len() < len {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        out.truncate(len);
-        out
     }
 
     fn write_synced(path: &Path, data: &[u8]) {
@@ -1270,10 +1270,7 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 64 << 20).remove(0);
-        let rb = replicas(&os, &d.join("b"), &["r1", "r2"], 64 << 20);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, rb, server) = two_nodes(&os, d, &mut cb, &["r1", "r2"], 64 << 20);
         let t = Instant::now();
         let port = os
             .engine
@@ -1288,16 +1285,14 @@ pub(crate) mod tests {
             port
         );
         eprintln!("second export on the running server: {:?}", t.elapsed());
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![
+        let spec = volume_spec(
+            d,
+            vec![
                 ReplicaTarget::Local(r0.clone()),
                 nbd(port, "v-r1"),
                 nbd(port, "v-r2"),
             ],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
+        );
         ca.engine(&spec.run_dir);
         let mnt = d.join("mnt");
         ca.mount(&mnt);
@@ -1308,7 +1303,7 @@ pub(crate) mod tests {
         ca.loop_file(&state.export_path);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
-        let data = pattern(8 << 20, 1);
+        let data = crate::kit::noise(8 << 20, 1);
         let t = Instant::now();
         write_synced(&mnt.join("data"), &data);
         eprintln!("8 MiB written and synced: {:?}", t.elapsed());
@@ -1365,10 +1360,7 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 64 << 20).remove(0);
-        let rb = replicas(&os, &d.join("b"), &["r1", "r2", "r3"], 64 << 20);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, rb, server) = two_nodes(&os, d, &mut cb, &["r1", "r2", "r3"], 64 << 20);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &rb[0]))
@@ -1394,25 +1386,20 @@ pub(crate) mod tests {
         let err = os.engine.start_volume(&local).unwrap_err();
         assert!(err.to_string().contains("lock"), "{err}");
 
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![
+        let spec = volume_spec(
+            d,
+            vec![
                 ReplicaTarget::Local(r0.clone()),
                 nbd(port, "v-r1"),
                 nbd(port, "v-r2"),
             ],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
+        );
         let mnt = d.join("mnt");
         ca.mount(&mnt);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
+        let dev = start_attached(&os, &mut ca, &spec);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
-        let one = pattern(4 << 20, 2);
+        let one = crate::kit::noise(4 << 20, 2);
         write_synced(&mnt.join("one"), &one);
 
         // An export nobody uses goes at once; the volume does not notice.
@@ -1433,7 +1420,7 @@ pub(crate) mod tests {
             os.engine.replica_server_status(&server).unwrap(),
             Some((port, vec!["v-r1".to_string()]))
         );
-        let two = pattern(4 << 20, 3);
+        let two = crate::kit::noise(4 << 20, 3);
         write_synced(&mnt.join("two"), &two);
         os.mounts.unmount(&mnt).unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
@@ -1468,29 +1455,19 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 128 << 20).remove(0);
-        let r1 = replicas(&os, &d.join("b"), &["r1"], 128 << 20).remove(0);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, mut rb, server) = two_nodes(&os, d, &mut cb, &["r1"], 128 << 20);
+        let r1 = rb.remove(0);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &r1))
             .unwrap();
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
+        let spec = volume_spec(d, vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")]);
         let mnt = d.join("mnt");
         ca.mount(&mnt);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
+        let dev = start_attached(&os, &mut ca, &spec);
         os.fs.mkfs(&dev, "ext4").unwrap();
         os.mounts.mount(&dev, &mnt, "ext4", &[]).unwrap();
-        let before = pattern(4 << 20, 4);
+        let before = crate::kit::noise(4 << 20, 4);
         write_synced(&mnt.join("before"), &before);
 
         // Kill the server while a writer is busy on the volume.
@@ -1500,7 +1477,7 @@ pub(crate) mod tests {
             let mut written = Vec::new();
             let mut f = fs::File::create(&path)?;
             for i in 0..32u64 {
-                let chunk = pattern(1 << 20, 100 + i);
+                let chunk = crate::kit::noise(1 << 20, 100 + i);
                 f.write_all(&chunk)?;
                 f.sync_data()?;
                 written.extend_from_slice(&chunk);
@@ -1513,7 +1490,7 @@ pub(crate) mod tests {
         rx.recv_timeout(Duration::from_secs(30)).unwrap();
         kill_real_server(&server);
         let during = writer.join().unwrap().expect("writes keep working");
-        let after = pattern(4 << 20, 5);
+        let after = crate::kit::noise(4 << 20, 5);
         write_synced(&mnt.join("after"), &after);
         assert_eq!(os.engine.replica_server_status(&server).unwrap(), None);
         let vs = os.engine.volume_status(&spec.run_dir).unwrap().unwrap();
@@ -1540,7 +1517,7 @@ pub(crate) mod tests {
         let t = Instant::now();
         let mut writes = 0;
         let vs = loop {
-            write_synced(&mnt.join("back"), &pattern(64 << 10, 6 + writes));
+            write_synced(&mnt.join("back"), &crate::kit::noise(64 << 10, 6 + writes));
             writes += 1;
             let vs = os.engine.volume_status(&spec.run_dir).unwrap().unwrap();
             if !vs.reconnected.is_empty() || t.elapsed() > Duration::from_secs(40) {
@@ -1577,24 +1554,14 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 16 << 20).remove(0);
-        let r1 = replicas(&os, &d.join("b"), &["r1"], 16 << 20).remove(0);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, mut rb, server) = two_nodes(&os, d, &mut cb, &["r1"], 16 << 20);
+        let r1 = rb.remove(0);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &r1))
             .unwrap();
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
+        let spec = volume_spec(d, vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")]);
+        let dev = start_attached(&os, &mut ca, &spec);
         let write = |dev: PathBuf, seed: u64| {
             move || -> std::io::Result<()> {
                 let f = fs::OpenOptions::new()
@@ -1602,7 +1569,7 @@ pub(crate) mod tests {
                     .custom_flags(libc::O_DIRECT)
                     .open(&dev)?;
                 // O_DIRECT wants an aligned buffer: a 64 KiB chunk of a larger allocation.
-                let buf = pattern(128 << 10, seed);
+                let buf = crate::kit::noise(128 << 10, seed);
                 let off = buf.as_ptr().align_offset(4096);
                 f.write_all_at(&buf[off..off + (64 << 10)], 1 << 20)?;
                 f.sync_data()
@@ -1658,10 +1625,7 @@ pub(crate) mod tests {
         let d = dir.path();
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 16 << 20).remove(0);
-        let rb = replicas(&os, &d.join("b"), &["r1", "r2"], 16 << 20);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, rb, server) = two_nodes(&os, d, &mut cb, &["r1", "r2"], 16 << 20);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &rb[0]))
@@ -1669,16 +1633,14 @@ pub(crate) mod tests {
         os.engine
             .export_replica(&server, HOST, port, &export("v-r2", &rb[1]))
             .unwrap();
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![
+        let spec = volume_spec(
+            d,
+            vec![
                 nbd(port, "v-r2"),
                 ReplicaTarget::Local(r0.clone()),
                 nbd(port, "v-r1"),
             ],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
+        );
         ca.engine(&spec.run_dir);
         let state = os.engine.start_volume(&spec).unwrap();
 
@@ -1780,10 +1742,8 @@ pub(crate) mod tests {
         let os = Os::real_with_nbd_tls(None, made.node_dir.clone());
         let mut cb = Cleanup::default();
         let mut ca = Cleanup::default();
-        let r0 = replicas(&os, &d.join("a"), &["r0"], 64 << 20).remove(0);
-        let r1 = replicas(&os, &d.join("b"), &["r1"], 64 << 20).remove(0);
-        let server = d.join("b/run");
-        cb.replica_server(&server);
+        let (r0, mut rb, server) = two_nodes(&os, d, &mut cb, &["r1"], 64 << 20);
+        let r1 = rb.remove(0);
         let port = os
             .engine
             .export_replica(&server, HOST, 0, &export("v-r1", &r1))
@@ -1849,17 +1809,9 @@ pub(crate) mod tests {
         );
 
         // The engine's NBD child over TLS: writes reach the remote, reads come back.
-        let spec = VolumeEngineSpec {
-            volume_id: "v".into(),
-            replicas: vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")],
-            run_dir: d.join("a/run"),
-            read_only: false,
-        };
-        ca.engine(&spec.run_dir);
-        let state = os.engine.start_volume(&spec).unwrap();
-        let dev = os.loops.attach(&state.export_path).unwrap();
-        ca.loop_file(&state.export_path);
-        let data = pattern(4 << 20, 9);
+        let spec = volume_spec(d, vec![ReplicaTarget::Local(r0.clone()), nbd(port, "v-r1")]);
+        let dev = start_attached(&os, &mut ca, &spec);
+        let data = crate::kit::noise(4 << 20, 9);
         {
             let f = fs::OpenOptions::new().write(true).open(&dev).unwrap();
             f.write_all_at(&data, 1 << 20).unwrap();

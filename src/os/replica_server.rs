@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::engine::{
-    MAX_SOCKET_PATH, QemuStorageDaemon, find_processes, spawn_daemonized, terminate,
+    ListenFailure, MAX_SOCKET_PATH, QemuStorageDaemon, find_processes, listen_failure,
+    spawn_daemonized, terminate,
 };
 use super::{
     OsError, OsResult, ReplicaExport, command_failure, loopdev, resolve_parent, utf8_path,
@@ -257,18 +258,9 @@ fn start(engine: &QemuStorageDaemon, paths: &Paths, host: &str, port: u16) -> Os
         Some(status) if status.success() => Ok(()),
         Some(status) => {
             let log = text();
-            if log.contains("Address already in use") {
-                return Err(OsError::Conflict(format!(
-                    "replica server in {}: port {port} on {host} is taken by another program; \
-                     use another port (log {}:\n{log})",
-                    paths.dir.display(),
-                    paths.log.display()
-                )));
-            }
-            let hint = if log.contains("Cannot assign requested address") {
-                "the address is not one of this node's; give the node's own IP"
-            } else {
-                "see the log above"
+            let hint = match listen_failure(&paths.dir, &paths.log, host, port, &log) {
+                ListenFailure::PortTaken(e) => return Err(e),
+                ListenFailure::Exited { hint } => hint,
             };
             Err(command_failure(
                 spawned.display.clone(),

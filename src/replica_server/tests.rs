@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::kit::noise;
 use crate::mirror::nbd::NbdClient;
 
 const HOST: &str = "127.0.0.1";
@@ -53,20 +54,6 @@ impl Served {
     fn url(&self, id: &str) -> String {
         format!("nbd://{HOST}:{}/{id}", self.port)
     }
-}
-
-/// Deterministic incompressible bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
@@ -178,7 +165,7 @@ fn the_mirror_client_reads_writes_flushes_and_zeroes() {
     assert_eq!(c.size(), 64 * MIB);
     assert!(!c.read_only());
     // Larger than one client request (8 MiB), at an unaligned offset.
-    let data = pattern(9 * MIB as usize + 123, 7);
+    let data = noise(9 * MIB as usize + 123, 7);
     c.write_at(&data, 4096 + 17, false).unwrap();
     let mut back = vec![0u8; data.len()];
     c.read_at(&mut back, 4096 + 17).unwrap();
@@ -383,7 +370,7 @@ fn small_writes_are_written_by_the_reader_and_answered_together() {
             burst.extend_from_slice(&(10 + i).to_be_bytes());
             burst.extend_from_slice(&((i + 1) * 65536).to_be_bytes());
             burst.extend_from_slice(&4096u32.to_be_bytes());
-            burst.extend_from_slice(&pattern(4096, i + 1));
+            burst.extend_from_slice(&noise(4096, i + 1));
         }
         s.write_all(&burst).unwrap();
         if !inline {
@@ -408,7 +395,7 @@ fn small_writes_are_written_by_the_reader_and_answered_together() {
             assert!(writes >= Duration::from_secs(2), "{writes:?}");
         }
         for i in 0..8u64 {
-            assert!(file_bytes(&file, (i + 1) * 65536, 4096) == pattern(4096, i + 1));
+            assert!(file_bytes(&file, (i + 1) * 65536, 4096) == noise(4096, i + 1));
         }
         if inline {
             assert_eq!(reply_of(&mut s), (0, 1));
@@ -436,7 +423,7 @@ fn many_writers_on_one_connection_under_a_small_in_flight_cap() {
         for t in 0..16u64 {
             let c = c.clone();
             s.spawn(move || {
-                let data = pattern(4 * MIB as usize, t + 1);
+                let data = noise(4 * MIB as usize, t + 1);
                 for (i, chunk) in data.chunks(MIB as usize).enumerate() {
                     c.write_at(chunk, t * 4 * MIB + i as u64 * MIB, false)
                         .unwrap();
@@ -448,7 +435,7 @@ fn many_writers_on_one_connection_under_a_small_in_flight_cap() {
         }
     });
     c.flush().unwrap();
-    assert!(file_bytes(&file, 5 * 4 * MIB, 4096) == pattern(4096, 6));
+    assert!(file_bytes(&file, 5 * 4 * MIB, 4096) == noise(4096, 6));
 }
 
 #[test]
@@ -630,7 +617,7 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
     // A node certificate: reads and writes, large and small, go through the pump.
     let c = tls_client(srv.port, "r1", &made.node_dir).unwrap();
     assert_eq!(c.size(), 4 * MIB);
-    let data = pattern(3 * MIB as usize, 7);
+    let data = noise(3 * MIB as usize, 7);
     c.write_at(&data, 4096, true).unwrap();
     c.flush().unwrap();
     let mut back = vec![0u8; data.len()];
@@ -642,7 +629,7 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
             let c = tls_client(srv.port, "r1", &made.node_dir).unwrap();
             std::thread::spawn(move || {
                 for j in 0..64u64 {
-                    let b = pattern(4096, i * 100 + j);
+                    let b = noise(4096, i * 100 + j);
                     let at = (i * 64 + j) * 4096;
                     c.write_at(&b, at, false).unwrap();
                     let mut r = vec![0u8; 4096];
@@ -677,7 +664,7 @@ fn with_tls_only_node_certificates_of_the_cluster_ca_reach_an_export() {
         for t in 0..6u64 {
             let pool = pool.clone();
             s.spawn(move || {
-                let b = pattern(64 << 10, 500 + t);
+                let b = noise(64 << 10, 500 + t);
                 pool.write_at(&b, MIB + t * (64 << 10), false).unwrap();
                 let mut r = vec![0u8; b.len()];
                 pool.read_at(&mut r, MIB + t * (64 << 10)).unwrap();
@@ -819,7 +806,7 @@ fn measure_tls_pump_write_throughput() {
         } else {
             srv.client("m")
         });
-        let data = Arc::new(pattern(MIB as usize, 11));
+        let data = Arc::new(noise(MIB as usize, 11));
         let (t0, cpu0) = (Instant::now(), cpu_time());
         let per = total_mib / writers;
         let threads: Vec<_> = (0..writers)

@@ -16,18 +16,11 @@ use super::backing::{attach, create_with, detach};
 use super::harness::*;
 use super::images::*;
 use super::loop_engine::{
-    create, engine_of, fio, noise, pairs, replica_paths, snap_req, volume_view, write_synced,
+    create, engine_of, fio, have_fio, pairs, replica_paths, served_qcow2, snap_req, volume_view,
+    write_synced,
 };
+use crate::kit::noise;
 use bicsi::csi::pb;
-
-fn have_fio(test: &str) -> bool {
-    if Command::new("fio").arg("--version").output().is_ok() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "{test}: fio is missing");
-    eprintln!("SKIP {test}: fio is not installed");
-    false
-}
 
 /// The replica directories of the disks of `b` (each holds one replica's files).
 fn replica_dirs(b: &Bicsi) -> Vec<PathBuf> {
@@ -138,21 +131,13 @@ async fn a_pinned_mirror_volume_on_ext4_is_served_over_copy_on_write_replicas() 
     // Two disk directories on the temp dir's ext4: no reflink.
     let mut b = Bicsi::start(2).await;
     let mut c = b.client().await;
-    let work = b.path("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let raw = ext4_image(&work, 16);
-    let qcow = to_qcow2(&work, &raw);
-    let server = ImageServer::start([("img.qcow2".to_string(), qcow)].into()).await;
-    let image = pairs(&[
-        ("numberOfReplicas", "2"),
-        ("engine", "mirror"),
-        ("backingImage", "bi-cow"),
-        ("backingImageDataSourceType", "download"),
-        (
-            "backingImageDataSourceParameters",
-            &format!("{{\"url\": \"{}\"}}", server.url("img.qcow2")),
-        ),
-    ]);
+    let (_server, image) = served_qcow2(
+        &b,
+        16,
+        "bi-cow",
+        &[("numberOfReplicas", "2"), ("engine", "mirror")],
+    )
+    .await;
     let img = create(&mut c, create_with("img", 64 * MIB, &image, mount_cap())).await;
     // One replica, no image, block: the engine serves a single cow replica too.
     let one = pairs(&[("numberOfReplicas", "1"), ("engine", "mirror")]);

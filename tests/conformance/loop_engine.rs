@@ -13,79 +13,75 @@ use tonic::Code;
 use super::backing::{attach, create_with, detach};
 use super::harness::*;
 use super::images::*;
+use crate::kit::noise;
 use bicsi::client::CsiClient;
 use bicsi::csi::pb;
 
-/// An XFS filesystem made with reflink in a sparse file, loop-mounted in a temp dir; on drop
-/// (also when a test fails) whatever is left on it (mounts, loop devices of replicas) goes, then
-/// the filesystem is unmounted.
+/// An XFS filesystem made with reflink in a sparse file, on a loop device in a temp dir; on
+/// drop (also when a test fails) whatever is left on it (mounts, loop devices of replicas)
+/// goes, then the filesystem is unmounted (`kit::LoopFs`).
 pub(super) struct Xfs {
-    dir: tempfile::TempDir,
+    fs: crate::kit::LoopFs,
+    _dir: tempfile::TempDir,
 }
 
 impl Xfs {
     /// None (the test skips, saying why) where mkfs.xfs is missing; CI installs xfsprogs.
     pub(super) fn new(test: &str, mib: u64) -> Option<Xfs> {
-        if Command::new("mkfs.xfs").arg("-V").output().is_err() {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: mkfs.xfs is missing (xfsprogs) and CI must not skip it");
-            }
-            eprintln!("SKIP {test}: mkfs.xfs is not installed");
+        if !crate::kit::may_run(
+            crate::kit::have_tool("mkfs.xfs"),
+            &format!("{test}: mkfs.xfs is not installed (xfsprogs)"),
+        ) {
             return None;
         }
         let dir = tempfile::Builder::new()
             .prefix("bicsi-xfs-")
             .tempdir()
             .unwrap();
-        let image = dir.path().join("xfs.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(mib << 20)
-            .unwrap();
-        run(Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&image));
-        std::fs::create_dir(dir.path().join("mnt")).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(dir.path().join("mnt")));
-        Some(Xfs { dir })
+        let fs = crate::kit::LoopFs::xfs(
+            &dir.path().join("xfs.img"),
+            &dir.path().join("mnt"),
+            mib << 20,
+        )
+        .unwrap();
+        Some(Xfs { fs, _dir: dir })
     }
 
     pub(super) fn path(&self) -> PathBuf {
-        self.dir.path().join("mnt")
+        self.fs.mnt.clone()
     }
 }
 
-impl Drop for Xfs {
-    fn drop(&mut self) {
-        let mnt = self.path();
-        for m in mounts_under(&mnt).into_iter().filter(|m| *m != mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        for l in loops_under(&mnt) {
-            let _ = Command::new("losetup").arg("-d").arg(&l).status();
-        }
-        let ok = Command::new("umount")
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-        }
-    }
+/// Whether fio is there for `test` (see `kit::may_run`: CI must not skip).
+pub(super) fn have_fio(test: &str) -> bool {
+    crate::kit::may_run(
+        crate::kit::have_tool("fio"),
+        &format!("{test}: fio is not installed"),
+    )
 }
 
-#[track_caller]
-pub(super) fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A qcow2 image of an ext4 filesystem of `mib` MiB in `b`'s work directory, served over HTTP,
+/// and the volume parameters that make it the backing image `name` (downloaded), after
+/// `params`; the server is returned to keep it up.
+pub(super) async fn served_qcow2(
+    b: &Bicsi,
+    mib: u64,
+    name: &str,
+    params: &[(&str, &str)],
+) -> (ImageServer, Vec<(String, String)>) {
+    let work = b.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = ext4_image(&work, mib);
+    let qcow = to_qcow2(&work, &raw);
+    let server = ImageServer::start([("img.qcow2".to_string(), qcow)].into()).await;
+    let url = format!("{{\"url\": \"{}\"}}", server.url("img.qcow2"));
+    let mut all = pairs(params);
+    all.extend(pairs(&[
+        ("backingImage", name),
+        ("backingImageDataSourceType", "download"),
+        ("backingImageDataSourceParameters", &url),
+    ]));
+    (server, all)
 }
 
 pub(super) fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -302,9 +298,7 @@ async fn a_loop_volume_keeps_fio_verified_data_through_detach_restart_and_readop
     if !root_or_skip(test) {
         return;
     }
-    if Command::new("fio").arg("--version").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "{test}: fio is missing");
-        eprintln!("SKIP {test}: fio is not installed");
+    if !have_fio(test) {
         return;
     }
     let Some(xfs) = Xfs::new(test, 512) else {
@@ -365,18 +359,6 @@ async fn a_loop_volume_keeps_fio_verified_data_through_detach_restart_and_readop
             .unwrap();
     }
     assert!(!replica.exists());
-}
-
-pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Writes a file and makes it durable (data, inode and directory entry).
@@ -462,21 +444,8 @@ async fn loop_volumes_snapshot_restore_clone_expand_and_export() {
     };
     let b = Bicsi::start_with(0, &["--disk", xfs.path().to_str().unwrap()]).await;
     let mut c = b.client().await;
-    let work = b.path("work");
-    std::fs::create_dir_all(&work).unwrap();
     // A qcow2 image: the loop engine's replicas start from its raw expansion on the disk.
-    let raw = ext4_image(&work, 32);
-    let qcow = to_qcow2(&work, &raw);
-    let server = ImageServer::start([("img.qcow2".to_string(), qcow)].into()).await;
-    let image = pairs(&[
-        ("numberOfReplicas", "1"),
-        ("backingImage", "bi-loop"),
-        ("backingImageDataSourceType", "download"),
-        (
-            "backingImageDataSourceParameters",
-            &format!("{{\"url\": \"{}\"}}", server.url("img.qcow2")),
-        ),
-    ]);
+    let (_server, image) = served_qcow2(&b, 32, "bi-loop", &[("numberOfReplicas", "1")]).await;
     let src = create(&mut c, create_with("src", 64 * MIB, &image, mount_cap())).await;
     assert_eq!(engine_of(&b, "src"), "loop");
     let (st, tg) = attach(&mut c, &b, &src, mount_cap()).await;

@@ -6,25 +6,15 @@
 //! that reads it back; offline expansion grows both replicas.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use tonic::Code;
 
 use super::backing::{attach, create_with, detach};
 use super::harness::*;
 use super::loop_engine::{
-    Xfs, create, engine_of, fio, kill_and_restart_while_fio_writes, pairs, replica_paths,
+    Xfs, create, engine_of, fio, have_fio, kill_and_restart_while_fio_writes, pairs, replica_paths,
 };
 use bicsi::csi::pb;
-
-fn have_fio(test: &str) -> bool {
-    if Command::new("fio").arg("--version").output().is_ok() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "{test}: fio is missing");
-    eprintln!("SKIP {test}: fio is not installed");
-    false
-}
 
 #[track_caller]
 fn assert_same_bytes(a: &Path, b: &Path) {

@@ -14,20 +14,6 @@ use serde_json::Value;
 /// How long a scenario's files may take to reach a final state after the last fault.
 pub const SETTLE: Duration = Duration::from_secs(60);
 
-/// `len` bytes of a pseudo-random (never all-zero) raw image: every byte must travel.
-pub fn random_image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// The id bicsi gave a disk directory (`<disk>/disk.json`).
 pub fn disk_id(disk: &Path) -> String {
     let v: Value = serde_json::from_slice(

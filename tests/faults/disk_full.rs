@@ -8,68 +8,45 @@ use std::time::Duration;
 use crate::checks::*;
 use crate::harness::root_or_skip;
 use crate::images::sha512;
+use crate::kit::{LoopFs, run};
 use crate::procs::Serve;
 use crate::throttle::ImageServer;
 
 const MIB: usize = 1 << 20;
 
-/// A small ext4 filesystem on a loop device over a sparse file, mounted at `mnt`; unmounted and
-/// detached when dropped, whatever happened.
+/// A small filesystem on a loop device over a sparse file in a temp dir, mounted at `mnt`
+/// (`kit::LoopFs`): swept, unmounted and detached when dropped, whatever happened.
 pub struct SmallDisk {
-    pub mnt: PathBuf,
-    dev: String,
+    fs: LoopFs,
     _dir: tempfile::TempDir,
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+impl std::ops::Deref for SmallDisk {
+    type Target = LoopFs;
+    fn deref(&self) -> &LoopFs {
+        &self.fs
+    }
 }
 
 impl SmallDisk {
     /// An ext4 disk of `mib` MiB.
     pub fn new(mib: u64) -> SmallDisk {
-        SmallDisk::made_with(mib, &["mkfs.ext4", "-q", "-F"])
+        SmallDisk::made_with(mib, LoopFs::ext4)
     }
 
-    /// An XFS disk that shares blocks (`-m reflink=1`; mkfs.xfs needs 300 MiB at least), as the
-    /// loop and mirror engines want.
+    /// An XFS disk that shares blocks, as the loop and mirror engines want (300 MiB at least).
     pub fn xfs(mib: u64) -> SmallDisk {
-        SmallDisk::made_with(mib, &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"])
+        SmallDisk::made_with(mib, LoopFs::xfs)
     }
 
-    fn made_with(mib: u64, mkfs: &[&str]) -> SmallDisk {
+    fn made_with(mib: u64, make: fn(&Path, &Path, u64) -> Result<LoopFs, String>) -> SmallDisk {
         let tmp = tempfile::Builder::new()
             .prefix("bicsi-faults-disk-")
             .tempdir()
             .unwrap();
         let dir = tmp.path();
-        let file = dir.join("small-disk.img");
-        std::fs::File::create(&file)
-            .unwrap()
-            .set_len(mib << 20)
-            .unwrap();
-        let dev = run(Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&file));
-        // On the device, not the file: for a file, mkfs asks every loop device of the machine
-        // whether it is backed by it, and one that hangs (a stuck FUSE export of some other
-        // test) would hang this test too.
-        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&dev));
-        let mnt = dir.join("small");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let d = SmallDisk {
-            mnt,
-            dev,
-            _dir: tmp,
-        };
-        run(Command::new("mount").arg(&d.dev).arg(&d.mnt));
-        d
+        let fs = make(&dir.join("small-disk.img"), &dir.join("small"), mib << 20).unwrap();
+        SmallDisk { fs, _dir: tmp }
     }
 
     /// Leaves about `free_mib` MiB free, with a filler file.
@@ -80,25 +57,6 @@ impl SmallDisk {
         run(Command::new("fallocate")
             .args(["-l", &len.to_string()])
             .arg(self.mnt.join("filler")));
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let quiet = |args: &[&str], path: &Path| {
-            Command::new(args[0])
-                .args(&args[1..])
-                .arg(path)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        // Engines, loops and mounts of what is on it first, or the disk stays busy.
-        crate::kit::sweep(&self.mnt, std::time::Duration::from_secs(2));
-        if !quiet(&["umount"], &self.mnt) {
-            quiet(&["umount", "-l"], &self.mnt);
-        }
-        quiet(&["losetup", "-d"], Path::new(&self.dev));
     }
 }
 
@@ -122,8 +80,8 @@ async fn setup() -> Setup {
         .unwrap();
     let small = SmallDisk::new(48);
     let disk = small.mnt.join("bicsi");
-    let big = random_image(64 * MIB, 6);
-    let fits = random_image(4 * MIB, 7);
+    let big = crate::kit::noise(64 * MIB, 6);
+    let fits = crate::kit::noise(4 * MIB, 7);
     let want_fits = sha512(&fits);
     let server = ImageServer::start(
         [

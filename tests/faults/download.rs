@@ -13,7 +13,7 @@ async fn kill9_during_a_download_never_readies_partial_bytes_and_the_download_re
         .prefix("bicsi-faults-")
         .tempdir()
         .unwrap();
-    let raw = random_image(24 * MIB, 1);
+    let raw = crate::kit::noise(24 * MIB, 1);
     let want = sha512(&raw);
     let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
     // 24 MiB at 6 MiB/s: about four seconds, long enough to be cut off.
@@ -82,7 +82,7 @@ async fn kill9_during_a_download_goes_on_from_the_part_with_range_and_the_checks
         .prefix("bicsi-faults-")
         .tempdir()
         .unwrap();
-    let raw = random_image(24 * MIB, 3);
+    let raw = crate::kit::noise(24 * MIB, 3);
     let want = sha512(&raw);
     let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
     server.set_rate(6 * MIB as u64);
@@ -130,8 +130,8 @@ async fn a_partial_download_whose_file_changed_on_the_server_starts_over() {
         .prefix("bicsi-faults-")
         .tempdir()
         .unwrap();
-    let old = random_image(24 * MIB, 4);
-    let new = random_image(24 * MIB, 5);
+    let old = crate::kit::noise(24 * MIB, 4);
+    let new = crate::kit::noise(24 * MIB, 5);
     let want = sha512(&new);
     let server = ImageServer::start([("img.raw".to_string(), old)].into()).await;
     server.set_rate(6 * MIB as u64);
@@ -180,7 +180,7 @@ async fn a_node_agent_away_past_node_down_after_during_a_download_restarts_it() 
 
 async fn kill9_of_a_node_agent_during_a_download(wait_until_down: bool) {
     let mut c = crate::procs::Cluster::start(1).await;
-    let raw = random_image(16 * MIB, 9);
+    let raw = crate::kit::noise(16 * MIB, 9);
     let want = sha512(&raw);
     let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
     server.set_rate(4 * MIB as u64);
@@ -226,7 +226,7 @@ async fn kill9_of_a_node_agent_during_a_download(wait_until_down: bool) {
 #[tokio::test]
 async fn kill9_of_the_controller_during_a_download_does_not_leave_the_file_in_progress() {
     let mut c = crate::procs::Cluster::start(1).await;
-    let raw = random_image(16 * MIB, 10);
+    let raw = crate::kit::noise(16 * MIB, 10);
     let want = sha512(&raw);
     let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
     server.set_rate(4 * MIB as u64);
@@ -268,7 +268,7 @@ async fn kill9_during_a_compressed_download_starts_it_over_and_the_checksum_is_o
         .prefix("bicsi-faults-")
         .tempdir()
         .unwrap();
-    let raw = random_image(24 * MIB, 5);
+    let raw = crate::kit::noise(24 * MIB, 5);
     let want = sha512(&raw);
     // Random bytes stay about 24 MiB compressed: long enough to be cut off at 6 MiB/s.
     let zst = zstd::encode_all(&raw[..], 1).unwrap();

@@ -29,7 +29,7 @@ async fn export_killed(strict: bool) {
         .unwrap();
     // The volume is an overlay on this image with nothing written: a raw export of a volume of
     // the image's size is the image, byte for byte.
-    let raw = random_image(96 * MIB, 3);
+    let raw = crate::kit::noise(96 * MIB, 3);
     let want = sha512(&raw);
     let server = crate::throttle::ImageServer::start([("src.raw".to_string(), raw)].into()).await;
     let disk = dir.path().join("disk");

@@ -19,7 +19,7 @@ async fn only_file(http: &str, name: &str) -> Option<(String, String)> {
 #[tokio::test]
 async fn a_stopped_node_goes_unknown_then_ready_by_verification_not_by_a_new_download() {
     let mut c = Cluster::start(2).await;
-    let raw = random_image(8 << 20, 5);
+    let raw = crate::kit::noise(8 << 20, 5);
     let want = sha512(&raw);
     let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
     let expected = [("bi-away", want.as_str())];

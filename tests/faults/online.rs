@@ -3,8 +3,7 @@
 //! `kill -9` of bicsi in the middle of that rebuild never makes the replica rw before the engine
 //! finished and verified it. Real engine, XFS disks on loop devices, the kits of `replicas`.
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,102 +13,87 @@ use crate::disk_full::SmallDisk;
 use crate::harness::root_or_skip;
 use crate::procs::Serve;
 use crate::replicas::{
-    VOLUME, attach_ok, create_two_replicas_and_attach, fio, ok, record, replica_on, replicas,
-    wait_mode,
+    VOLUME, attach_ok, create_two_replicas_and_attach, fio, fio_job, ok, record, replicas,
+    small_replica_errs, wait_mode,
 };
 
 /// Random 4k writes at depth 16 over the first `mib` MiB of `dev`, each block read back and
 /// checked (crc32c) at the end of the run, or (`verify_only`) only the check of an earlier run
 /// (fio repeats the same offsets and patterns). Panics when fio reports an error.
 pub(crate) fn fio_random(dev: &Path, mib: u64, verify_only: bool) {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=online",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--ioengine=libaio",
-        "--iodepth=16",
-        "--direct=1",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--do_verify=1",
-        "--end_fsync=1",
-    ])
-    .arg(format!("--size={mib}M"))
-    .arg(format!("--filename={}", dev.display()));
-    if verify_only {
-        cmd.arg("--verify_only");
+    fio_job(
+        &[
+            "--name=online",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--ioengine=libaio",
+            "--iodepth=16",
+        ],
+        dev,
+        mib,
+        verify_only,
+    );
+}
+
+/// Two disks, bicsi serving them, and the 2-replica mirror volume attached at `dir/blk`; the
+/// small disk is the one a test fills.
+pub(crate) struct Setup {
+    pub(crate) small: SmallDisk,
+    pub(crate) _big: SmallDisk,
+    pub(crate) small_disk: PathBuf,
+    pub(crate) big_disk: PathBuf,
+    pub(crate) dev: PathBuf,
+    pub(crate) s: Serve,
+    pub(crate) dir: tempfile::TempDir,
+    /// The HTTP server of the volume's backing image, if it has one.
+    pub(crate) _server: Option<crate::throttle::ImageServer>,
+}
+
+impl Setup {
+    /// bicsi serving a `disk` directory on each of `small` and `big`, from a temp dir named
+    /// `prefix…`; no volume yet.
+    pub(crate) async fn serve(small: SmallDisk, big: SmallDisk, prefix: &str) -> Setup {
+        let (small_disk, big_disk) = (small.mnt.join("disk"), big.mnt.join("disk"));
+        std::fs::create_dir_all(&small_disk).unwrap();
+        std::fs::create_dir_all(&big_disk).unwrap();
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let s = Serve::start(dir.path(), vec![small_disk.clone(), big_disk.clone()]).await;
+        Setup {
+            small,
+            _big: big,
+            small_disk,
+            big_disk,
+            dev: dir.path().join("blk"),
+            s,
+            dir,
+            _server: None,
+        }
     }
-    let out = cmd.output().expect("run fio");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("err= 0"),
-        "fio failed:\n{text}"
-    );
+
+    /// Fills the small disk and writes `mib` MiB: its replica turns err (the engine dropped
+    /// it). Returns (the small replica's id, the big replica's record).
+    pub(crate) async fn fill_until_err(&self, mib: u64) -> (String, serde_json::Value) {
+        self.small.fill_to(20);
+        fio(&self.dev, mib, false);
+        let (small_id, _, big) =
+            small_replica_errs(&self.s, &self.small_disk, &self.big_disk).await;
+        assert_eq!(record(&self.s)["health"], "degraded");
+        (small_id, big)
+    }
 }
 
 /// Two XFS disks that share blocks, bicsi serving them, and the 2-replica mirror volume of
 /// `size` attached at `dir/blk`, the first disk left with `free_mib` free.
-struct Setup {
-    small: SmallDisk,
-    _big: SmallDisk,
-    small_disk: std::path::PathBuf,
-    big_disk: std::path::PathBuf,
-    dev: std::path::PathBuf,
-    s: Serve,
-    _dir: tempfile::TempDir,
-}
-
 async fn setup(disk_mib: u64, size: &str) -> Setup {
-    let (small, big) = (SmallDisk::xfs(disk_mib), SmallDisk::xfs(disk_mib));
-    let (small_disk, big_disk) = (small.mnt.join("disk"), big.mnt.join("disk"));
-    std::fs::create_dir_all(&small_disk).unwrap();
-    std::fs::create_dir_all(&big_disk).unwrap();
-    let dir = tempfile::Builder::new()
-        .prefix("bicsi-online-")
-        .tempdir()
-        .unwrap();
-    let s = Serve::start(dir.path(), vec![small_disk.clone(), big_disk.clone()]).await;
-    let dev = dir.path().join("blk");
-    create_two_replicas_and_attach(&s, &dev, size, &[]).await;
-    assert_eq!(record(&s)["engine"], "mirror", "{}", record(&s));
-    Setup {
-        small,
-        _big: big,
-        small_disk,
-        big_disk,
-        dev,
-        s,
-        _dir: dir,
-    }
-}
-
-/// Fills the small disk and writes `mib` MiB: its replica turns err (the engine dropped it).
-/// Returns (the small replica's id, the big replica's record).
-async fn fill_until_err(t: &Setup, mib: u64) -> (String, serde_json::Value) {
-    t.small.fill_to(20);
-    fio(&t.dev, mib, false);
-    let list = replicas(&t.s);
-    let small_id = replica_on(&list, &t.small_disk)["replica"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let big = replica_on(&list, &t.big_disk).clone();
-    let err = wait_mode(&t.s, &small_id, "err", Duration::from_secs(10)).await;
-    assert!(
-        err["modeReason"]
-            .as_str()
-            .unwrap()
-            .contains("No space left on device"),
-        "{err}"
-    );
-    assert_eq!(record(&t.s)["health"], "degraded");
-    (small_id, big)
+    let t = Setup::serve(
+        SmallDisk::xfs(disk_mib),
+        SmallDisk::xfs(disk_mib),
+        "bicsi-online-",
+    )
+    .await;
+    create_two_replicas_and_attach(&t.s, &t.dev, size, &[]).await;
+    assert_eq!(record(&t.s)["engine"], "mirror", "{}", record(&t.s));
+    t
 }
 
 fn same_bytes(a: &str, b: &str) -> bool {
@@ -123,7 +107,7 @@ async fn a_replica_whose_disk_filled_is_rebuilt_online_while_fio_writes_and_veri
         return;
     }
     let t = setup(320, "128Mi").await;
-    let (small_id, big) = fill_until_err(&t, 60).await;
+    let (small_id, big) = t.fill_until_err(60).await;
     // fio writes and verifies in a loop from before the disk has room until after the replica
     // is rw again: the rebuild runs under it, the volume never detached.
     let stop = Arc::new(AtomicBool::new(false));
@@ -191,7 +175,7 @@ async fn kill9_during_an_online_rebuild_never_makes_the_replica_rw_before_it_com
         return;
     }
     let mut t = setup(640, "320Mi").await;
-    let (small_id, big) = fill_until_err(&t, 300).await;
+    let (small_id, big) = t.fill_until_err(300).await;
     std::fs::remove_file(t.small.mnt.join("filler")).unwrap();
     let seen = wait_for(
         "the online rebuild under way",

@@ -15,23 +15,10 @@ use std::time::Duration;
 use crate::checks::*;
 use crate::disk_full::SmallDisk;
 use crate::harness::root_or_skip;
-use crate::online::fio_random;
-use crate::procs::Serve;
+use crate::online::{Setup, fio_random};
 use crate::replicas::{
-    VOLUME, attach_ok, create_two_replicas_and_attach, fio, ok, record, replica_on, replicas,
-    wait_mode,
+    VOLUME, attach_ok, create_two_replicas_and_attach, fio, ok, record, replicas, wait_mode,
 };
-
-struct Setup {
-    small: SmallDisk,
-    _big: SmallDisk,
-    small_disk: PathBuf,
-    big_disk: PathBuf,
-    dev: PathBuf,
-    s: Serve,
-    dir: tempfile::TempDir,
-    _server: Option<crate::throttle::ImageServer>,
-}
 
 /// Two ext4 disks (no reflink: copy-on-write replicas), bicsi serving them, and the pinned
 /// 2-replica mirror volume of `size` attached at `dir/blk`.
@@ -42,16 +29,13 @@ async fn setup(disk_mib: u64, size: &str) -> Setup {
 /// [`setup`], the volume over `image` (a raw image served over HTTP, made a backing image
 /// first) when given: its replicas are cow replicas over each disk's file of it.
 async fn setup_with(disk_mib: u64, size: &str, image: Option<Vec<u8>>) -> Setup {
-    let (small, big) = (SmallDisk::new(disk_mib), SmallDisk::new(disk_mib));
-    let (small_disk, big_disk) = (small.mnt.join("disk"), big.mnt.join("disk"));
-    std::fs::create_dir_all(&small_disk).unwrap();
-    std::fs::create_dir_all(&big_disk).unwrap();
-    let dir = tempfile::Builder::new()
-        .prefix("bicsi-online-cow-")
-        .tempdir()
-        .unwrap();
-    let s = Serve::start(dir.path(), vec![small_disk.clone(), big_disk.clone()]).await;
-    let dev = dir.path().join("blk");
+    let mut t = Setup::serve(
+        SmallDisk::new(disk_mib),
+        SmallDisk::new(disk_mib),
+        "bicsi-online-cow-",
+    )
+    .await;
+    let s = &t.s;
     let mut extra = vec!["-p", "engine=mirror"];
     let server = match image {
         Some(bytes) => {
@@ -70,56 +54,24 @@ async fn setup_with(disk_mib: u64, size: &str, image: Option<Vec<u8>>) -> Setup 
         }
         None => None,
     };
-    create_two_replicas_and_attach(&s, &dev, size, &extra).await;
-    let v = record(&s);
+    create_two_replicas_and_attach(s, &t.dev, size, &extra).await;
+    let v = record(s);
     assert_eq!(v["engine"], "mirror", "{v}");
     for r in v["record"]["replicas"].as_array().unwrap() {
         assert_eq!(r["format"], "cow", "not a copy-on-write replica: {v}");
     }
+    t._server = server;
     // The disk that fills is the one of the record's first replica, which snapshots capture
     // (`snapshot create` in the first test then captures the rebuilt replica).
     let first = v["record"]["replicas"][0]["path"]
         .as_str()
         .unwrap()
         .to_string();
-    let (small, big, small_disk, big_disk) = if Path::new(&first).starts_with(&small_disk) {
-        (small, big, small_disk, big_disk)
-    } else {
-        (big, small, big_disk, small_disk)
-    };
-    Setup {
-        small,
-        _big: big,
-        small_disk,
-        big_disk,
-        dev,
-        s,
-        dir,
-        _server: server,
+    if !Path::new(&first).starts_with(&t.small_disk) {
+        std::mem::swap(&mut t.small, &mut t._big);
+        std::mem::swap(&mut t.small_disk, &mut t.big_disk);
     }
-}
-
-/// Fills the small disk and writes `mib` MiB: its replica turns err (the engine dropped it).
-/// Returns (the small replica's id, the big replica's record).
-async fn fill_until_err(t: &Setup, mib: u64) -> (String, serde_json::Value) {
-    t.small.fill_to(20);
-    fio(&t.dev, mib, false);
-    let list = replicas(&t.s);
-    let small_id = replica_on(&list, &t.small_disk)["replica"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let big = replica_on(&list, &t.big_disk).clone();
-    let err = wait_mode(&t.s, &small_id, "err", Duration::from_secs(10)).await;
-    assert!(
-        err["modeReason"]
-            .as_str()
-            .unwrap()
-            .contains("No space left on device"),
-        "{err}"
-    );
-    assert_eq!(record(&t.s)["health"], "degraded");
-    (small_id, big)
+    t
 }
 
 /// The views of two copy-on-write replicas (data files), compared through the layer.
@@ -163,7 +115,7 @@ async fn a_cow_replica_whose_disk_filled_is_rebuilt_online_while_fio_writes_and_
         return;
     }
     let t = setup(320, "128Mi").await;
-    let (small_id, big) = fill_until_err(&t, 60).await;
+    let (small_id, big) = t.fill_until_err(60).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (stop, dev) = (stop.clone(), t.dev.clone());
@@ -288,7 +240,7 @@ async fn kill9_during_an_online_rebuild_of_a_cow_replica_never_makes_it_rw_befor
         return;
     }
     let mut t = setup(640, "320Mi").await;
-    let (small_id, big) = fill_until_err(&t, 300).await;
+    let (small_id, big) = t.fill_until_err(300).await;
     std::fs::remove_file(t.small.mnt.join("filler")).unwrap();
     wait_wo(&t, &small_id).await;
     t.s.kill9();
@@ -362,7 +314,7 @@ async fn kill9_of_the_engine_during_an_online_rebuild_of_a_cow_replica_leaves_it
         return;
     }
     let t = setup(640, "320Mi").await;
-    let (small_id, big) = fill_until_err(&t, 300).await;
+    let (small_id, big) = t.fill_until_err(300).await;
     std::fs::remove_file(t.small.mnt.join("filler")).unwrap();
     wait_wo(&t, &small_id).await;
     kill_engine(&t);
@@ -417,9 +369,9 @@ async fn an_online_rebuild_over_a_backing_image_copies_only_what_differs_from_th
     ) {
         return;
     }
-    let t = setup_with(400, "128Mi", Some(random_image(96 << 20, 11))).await;
+    let t = setup_with(400, "128Mi", Some(crate::kit::noise(96 << 20, 11))).await;
     // 60 MiB written from offset 0: the first 60 MiB of the image's 96 are overwritten.
-    let (small_id, big) = fill_until_err(&t, 60).await;
+    let (small_id, big) = t.fill_until_err(60).await;
     std::fs::remove_file(t.small.mnt.join("filler")).unwrap();
     let rw = wait_mode(&t.s, &small_id, "rw", Duration::from_secs(120)).await;
     assert!(

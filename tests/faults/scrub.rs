@@ -62,7 +62,7 @@ async fn changed_and_missing_ready_files_are_detected_failed_and_recovered() {
         .prefix("bicsi-faults-")
         .tempdir()
         .unwrap();
-    let raw = random_image(8 << 20, 8);
+    let raw = crate::kit::noise(8 << 20, 8);
     let want = sha512(&raw);
     let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
     let disks = vec![dir.path().join("disk-a"), dir.path().join("disk-b")];

@@ -36,7 +36,7 @@ struct Setup {
 /// 2 MiB/s, and an attach under way that brings the file to the receiver (2 MiB received).
 async fn transfer_under_way() -> Setup {
     let c = Cluster::start(2).await;
-    let raw = random_image(16 << 20, 4);
+    let raw = crate::kit::noise(16 << 20, 4);
     let want = sha512(&raw);
     let server = ImageServer::start([("img.raw".to_string(), raw)].into()).await;
     let mut ctl = CsiClient::connect(&c.endpoint).await.unwrap();

@@ -13,7 +13,7 @@ async fn kill9_during_an_upload_fails_it_with_a_message_and_a_new_upload_succeed
         .prefix("bicsi-faults-")
         .tempdir()
         .unwrap();
-    let raw = random_image(6 * MIB, 2);
+    let raw = crate::kit::noise(6 * MIB, 2);
     let want = sha512(&raw);
     let disk = dir.path().join("disk");
     let mut b = Serve::start(dir.path(), vec![disk.clone()]).await;

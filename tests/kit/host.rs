@@ -1,6 +1,7 @@
 //! The machine side of the test kit: whether a test may run here (root, tools), free TCP ports
-//! on 127.0.0.1, and what a test's processes may leave behind under its directory (mounts, loop
-//! devices, qemu-storage-daemon engines), found and swept. The integration tests, the
+//! on 127.0.0.1, what a test's processes may leave behind under its directory (mounts, loop
+//! devices, qemu-storage-daemon engines), found and swept, filesystems on loop devices
+//! (`LoopFs`), commands that must succeed (`run`) and pseudo-random test data (`noise`). The integration tests, the
 //! benchmark and the crate's own real-system tests include this file (`#[path]`), so it uses
 //! nothing but std and nix and must not name the `bicsi` crate nor start bicsi (that is
 //! `procs.rs`, for the integration tests only).
@@ -197,15 +198,9 @@ pub fn alive(pid: i32) -> bool {
 pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
     let mut done = Vec::new();
     let umount = |m: &Path, done: &mut Vec<String>| {
-        let ok = Command::new("umount")
-            .arg(m)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
+        if unmount(m, 1) {
             done.push(format!("unmounted {}", m.display()));
         } else {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
             done.push(format!("unmounted {} lazily", m.display()));
         }
     };
@@ -244,7 +239,150 @@ pub fn sweep(dir: &Path, grace: Duration) -> Vec<String> {
     done
 }
 
+/// Unmounts `m`, trying `tries` times 300 ms apart; when it stays busy (or its FUSE server is
+/// dead), lazily. Answers whether the plain unmount did it.
+pub fn unmount(m: &Path, tries: u32) -> bool {
+    for i in 0..tries {
+        let ok = Command::new("umount")
+            .arg(m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return true;
+        }
+        if i + 1 < tries {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let _ = Command::new("umount").arg("-l").arg(m).status();
+    false
+}
+
 /// [`sweep`] for a test's drop: daemons are killed at once, nothing is reported.
 pub fn cleanup_under(dir: &Path) {
     sweep(dir, Duration::ZERO);
+}
+
+/// Runs `cmd`, which must succeed; its stdout, trimmed.
+#[track_caller]
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A filesystem in a sparse file `image` on a loop device of its own, mounted at `mnt`: the
+/// disks of the tests and paths that need XFS with reflink, ext4, or a small disk to fill. When
+/// released (or dropped) it sweeps what is left on it (see [`sweep`]), unmounts it (lazily when
+/// it stays busy), detaches its loop device and removes the file.
+pub struct LoopFs {
+    pub image: PathBuf,
+    pub dev: String,
+    pub mnt: PathBuf,
+    released: bool,
+}
+
+impl LoopFs {
+    /// XFS that shares blocks (`-m reflink=1`, as the loop and mirror engines want; mkfs.xfs
+    /// needs 300 MiB at least).
+    pub fn xfs(image: &Path, mnt: &Path, bytes: u64) -> Result<LoopFs, String> {
+        LoopFs::make(
+            image,
+            mnt,
+            bytes,
+            &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
+        )
+    }
+
+    /// ext4 (no reflink: the copy-on-write replicas' disk).
+    pub fn ext4(image: &Path, mnt: &Path, bytes: u64) -> Result<LoopFs, String> {
+        LoopFs::make(image, mnt, bytes, &["mkfs.ext4", "-q", "-F"])
+    }
+
+    /// Made by `mkfs` (the program and its flags; the device is added).
+    pub fn make(image: &Path, mnt: &Path, bytes: u64, mkfs: &[&str]) -> Result<LoopFs, String> {
+        let step = |cmd: &mut Command| -> Result<String, String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(bytes))
+            .map_err(|e| format!("{}: {e}", image.display()))?;
+        let dev = step(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(image),
+        )?;
+        let fs = LoopFs {
+            image: image.to_path_buf(),
+            dev,
+            mnt: mnt.to_path_buf(),
+            released: false,
+        };
+        // On the device, not the file: for a file, mkfs asks every loop device of the machine
+        // whether it is backed by it, and one that hangs (a stuck FUSE export of some other
+        // test) would hang this too.
+        step(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&fs.dev))?;
+        std::fs::create_dir_all(mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
+        step(Command::new("mount").arg(&fs.dev).arg(mnt))?;
+        Ok(fs)
+    }
+
+    /// Sweeps, unmounts and detaches it now, giving the daemons on it `grace` to stop; returns
+    /// what the sweep found left on it.
+    pub fn release(&mut self, grace: Duration) -> Vec<String> {
+        if std::mem::replace(&mut self.released, true) {
+            return vec![];
+        }
+        let left = sweep(&self.mnt, grace);
+        let quiet = |cmd: &mut Command| {
+            cmd.stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // Mounted at all? (make may have failed before the mount.)
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|p| Path::new(&unescape_mount(p)) == self.mnt);
+        if mounted && !unmount(&self.mnt, 10) {
+            eprintln!("{} was busy; unmounted it lazily", self.mnt.display());
+        }
+        quiet(Command::new("losetup").arg("-d").arg(&self.dev));
+        let _ = std::fs::remove_dir(&self.mnt);
+        let _ = std::fs::remove_file(&self.image);
+        left
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        self.release(Duration::from_secs(2));
+    }
+}
+
+/// `len` pseudo-random bytes (xorshift), different for each `seed`: test data that does not
+/// compress and that a test can make again to compare.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

@@ -12,7 +12,7 @@
 //! must not hold one suite's setup: that stays in the suite (`conformance/harness.rs`,
 //! `faults/procs.rs`, …), built on this.
 
-#![allow(dead_code)] // each test binary uses its own part
+#![allow(dead_code, unused_imports)] // each test binary uses its own part
 
 pub mod host;
 pub mod procs;

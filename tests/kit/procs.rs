@@ -366,3 +366,49 @@ pub fn cli(http: &str, endpoint: Option<&str>, args: &[&str]) -> (bool, String, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The stdout of a `bicsi args` run that must have succeeded.
+#[track_caller]
+pub fn succeeded(args: &[&str], out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "bicsi {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The stderr of a `bicsi args` run that must have failed.
+#[track_caller]
+pub fn failed(args: &[&str], out: std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "bicsi {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A JSON request to bicsi's HTTP API; (status, the body parsed as JSON, or as a string when
+/// it is not JSON, or null when empty).
+pub async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = http.request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+    };
+    (status, value)
+}

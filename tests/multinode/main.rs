@@ -22,7 +22,7 @@ use bicsi::csi::pb;
 use harness::*;
 use kit::{
     Proc, cleanup_under, controller_args, controller_endpoint, csi_endpoint, free_port, node_args,
-    temp_dir,
+    noise, temp_dir,
 };
 use tonic::Code;
 
@@ -35,6 +35,8 @@ pub struct Node {
 }
 
 pub struct TestCluster {
+    /// Disks made for the test (`xfs_disk`, `mount_xfs`).
+    disks: Vec<kit::LoopFs>,
     pub dir: tempfile::TempDir,
     pub http: String,
     pub endpoint: String,
@@ -76,6 +78,7 @@ impl TestCluster {
             });
         }
         let c = TestCluster {
+            disks: Vec::new(),
             dir,
             http: format!("http://127.0.0.1:{http_port}"),
             endpoint,
@@ -163,26 +166,8 @@ impl TestCluster {
             .dir
             .path()
             .join(format!("xfs-{}.img", self.nodes[i].id));
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(bytes)
-            .unwrap();
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&image));
-        std::fs::create_dir_all(&self.nodes[i].disk).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&self.nodes[i].disk));
+        let disk = kit::LoopFs::xfs(&image, &self.nodes[i].disk, bytes).unwrap();
+        self.disks.push(disk);
         self.start_node(i);
         self.wait_up(self.nodes.len()).await;
     }
@@ -1694,7 +1679,7 @@ async fn remote_replica_fault(fault: RemoteFault) {
         .await
         .unwrap();
     let tg = attach_on(&c, &mut ctl, "vol-h", 0).await;
-    let a = pattern(4 << 20, 1);
+    let a = noise(4 << 20, 1);
     write_synced(&tg, "a", &a);
 
     let server_pid: i32 =
@@ -1741,7 +1726,7 @@ async fn remote_replica_fault(fault: RemoteFault) {
         }
     }
     let started = Instant::now();
-    let b = pattern(4 << 20, 2);
+    let b = noise(4 << 20, 2);
     let (dir, bytes) = (tg.clone(), b.clone());
     let writer = std::thread::spawn(move || write_synced(&dir, "b", &bytes));
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -1924,7 +1909,7 @@ async fn a_backup_and_its_restore_run_through_the_node_agents() {
         ..Default::default()
     };
     images::create_retrying(&mut ctl, req).await.unwrap();
-    let data = pattern(3 * MIB as usize + 12_345, 17);
+    let data = noise(3 * MIB as usize + 12_345, 17);
     let tg = attach_on(&c, &mut ctl, "bak-src", 0).await;
     write_synced(&tg, "data.bin", &data);
     detach_from(&c, &mut ctl, "bak-src", 0).await;
@@ -1973,43 +1958,12 @@ async fn a_backup_and_its_restore_run_through_the_node_agents() {
     detach_from(&c, &mut ctl, "bak-copy", 1).await;
 }
 
-/// `len` bytes that differ with `seed` and from block to block.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// An XFS filesystem (reflink=1) of `mib` MiB in a file under `dir`, mounted on `mnt` through a
-/// loop device; `umount` of `mnt` detaches it again (the loop device is autoclear).
-fn mount_xfs(dir: &Path, name: &str, mib: u64, mnt: &Path) {
-    let image = dir.join(format!("{name}.img"));
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    for cmd in [
-        Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&image),
-        Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(mnt),
-    ] {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+/// An XFS filesystem (reflink=1) of `mib` MiB in a file under the cluster's directory,
+/// mounted on `mnt` through a loop device, until the cluster is dropped.
+fn mount_xfs(c: &mut TestCluster, name: &str, mib: u64, mnt: &Path) {
+    let image = c.dir.path().join(format!("{name}.img"));
+    let disk = kit::LoopFs::xfs(&image, mnt, mib << 20).unwrap();
+    c.disks.push(disk);
 }
 
 async fn volume_json(c: &TestCluster, id: &str) -> serde_json::Value {
@@ -2036,8 +1990,9 @@ async fn the_split_mode_rebuilds_a_mirror_replica_online() {
     c.stop_node(0);
     let disk2 = c.nodes[0].dir.join("disk2");
     std::fs::create_dir_all(&disk2).unwrap();
-    mount_xfs(c.dir.path(), "d1", 512, &c.nodes[0].disk);
-    mount_xfs(c.dir.path(), "d2", 400, &disk2);
+    let disk1 = c.nodes[0].disk.clone();
+    mount_xfs(&mut c, "d1", 512, &disk1);
+    mount_xfs(&mut c, "d2", 400, &disk2);
     c.nodes[0]
         .proc
         .args_mut()
@@ -2097,7 +2052,7 @@ async fn the_split_mode_rebuilds_a_mirror_replica_online() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let data = pattern(48 << 20, 7);
+    let data = noise(48 << 20, 7);
     write_synced(&tg, "data", &data);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -11,6 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::*;
+use crate::kit::noise;
 
 const HOST: &str = "127.0.0.1";
 const MIB: u64 = 1 << 20;
@@ -96,20 +97,6 @@ impl Drop for Server {
     }
 }
 
-/// Deterministic incompressible bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     std::fs::File::open(path)
@@ -128,7 +115,7 @@ fn reads_and_writes_a_qemu_nbd_export() {
     assert_eq!(c.size(), 64 * MIB);
     assert!(!c.read_only());
     // Larger than one request (MAX_IO), unaligned offset.
-    let data = pattern(9 * MIB as usize + 123, 7);
+    let data = noise(9 * MIB as usize + 123, 7);
     c.write_at(&data, 4096 + 17, false).unwrap();
     let mut back = vec![0u8; data.len()];
     c.read_at(&mut back, 4096 + 17).unwrap();
@@ -164,7 +151,7 @@ fn many_requests_in_flight_on_one_connection() {
             let c = c.clone();
             s.spawn(move || {
                 let base = t * 4 * MIB;
-                let data = pattern(4 * MIB as usize, t + 1);
+                let data = noise(4 * MIB as usize, t + 1);
                 for (i, chunk) in data.chunks(4096).enumerate() {
                     c.write_at(chunk, base + (i * 4096) as u64, false).unwrap();
                 }
@@ -177,7 +164,7 @@ fn many_requests_in_flight_on_one_connection() {
         }
     });
     c.flush().unwrap();
-    assert!(file_bytes(&server.file, 5 * 4 * MIB, 4096) == pattern(4096, 6));
+    assert!(file_bytes(&server.file, 5 * 4 * MIB, 4096) == noise(4096, 6));
 }
 
 #[test]
@@ -212,7 +199,7 @@ fn a_server_killed_mid_request_fails_every_request_at_once() {
         return;
     };
     let c = Arc::new(server.connect(Duration::from_secs(30)));
-    let data = pattern(MIB as usize, 3);
+    let data = noise(MIB as usize, 3);
     // Writers keep 8 requests in flight until one fails.
     let failed = std::thread::scope(|s| {
         let workers: Vec<_> = (0..8u64)
@@ -261,11 +248,11 @@ fn a_stalled_server_times_out_within_the_timeout() {
         return;
     };
     let c = server.connect(Duration::from_millis(700));
-    c.write_at(&pattern(4096, 1), 0, false).unwrap();
+    c.write_at(&noise(4096, 1), 0, false).unwrap();
     // The server stops answering without closing its connection (a hung node).
     server.signal(Signal::SIGSTOP);
     let t = Instant::now();
-    let e = c.write_at(&pattern(4096, 2), 4096, false).unwrap_err();
+    let e = c.write_at(&noise(4096, 2), 4096, false).unwrap_err();
     let took = t.elapsed();
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
     assert!(
@@ -317,7 +304,7 @@ fn several_connections_share_the_requests_and_a_flush_covers_them_all() {
     assert_eq!(exports.list()[0].clients, 4, "{:?}", exports.list());
     // One writer: each request takes the next free connection in turn, so each carries some.
     for i in 0..8u64 {
-        c.write_at(&pattern(4096, i + 1), i * 4096, false).unwrap();
+        c.write_at(&noise(4096, i + 1), i * 4096, false).unwrap();
     }
     let sent: Vec<u64> = c
         .shared
@@ -335,14 +322,14 @@ fn several_connections_share_the_requests_and_a_flush_covers_them_all() {
         for t in 0..16u64 {
             let c = c.clone();
             s.spawn(move || {
-                c.write_at(&pattern(MIB as usize, 100 + t), (t + 1) * MIB, false)
+                c.write_at(&noise(MIB as usize, 100 + t), (t + 1) * MIB, false)
                     .unwrap()
             });
         }
     });
     c.flush().unwrap();
     for t in 0..16u64 {
-        let want = pattern(MIB as usize, 100 + t);
+        let want = noise(MIB as usize, 100 + t);
         assert!(
             file_bytes(&file, (t + 1) * MIB, MIB as usize) == want,
             "write {t} in the file"
@@ -352,7 +339,7 @@ fn several_connections_share_the_requests_and_a_flush_covers_them_all() {
         assert!(back == want, "write {t} read back");
     }
     for i in 0..8u64 {
-        assert!(file_bytes(&file, i * 4096, 4096) == pattern(4096, i + 1));
+        assert!(file_bytes(&file, i * 4096, 4096) == noise(4096, i + 1));
     }
 }
 
@@ -361,7 +348,7 @@ fn one_dropped_connection_of_several_fails_the_whole_client() {
     let (port, _exports, _file, _dir) = bicsi_server(16 * MIB);
     let c = NbdClient::connect_pool(HOST, port, "r1", Duration::from_secs(30), None, 3).unwrap();
     assert_eq!(c.connections(), 3);
-    c.write_at(&pattern(4096, 1), 0, false).unwrap();
+    c.write_at(&noise(4096, 1), 0, false).unwrap();
     // The second connection drops (as a TCP connection cut between the nodes): the client is
     // dead at once, well before the 30 s timeout, on every connection, naming why.
     c.shared.conns[1].socket.shutdown(Shutdown::Both).unwrap();
@@ -374,7 +361,7 @@ fn one_dropped_connection_of_several_fails_the_whole_client() {
         std::thread::sleep(Duration::from_millis(5));
     }
     for i in 0..6u64 {
-        let e = c.write_at(&pattern(4096, 2), i * 4096, false).unwrap_err();
+        let e = c.write_at(&noise(4096, 2), i * 4096, false).unwrap_err();
         assert!(e.to_string().contains("closed the connection"), "{e}");
     }
     assert!(c.flush().is_err());
@@ -394,9 +381,9 @@ fn a_server_without_multi_conn_gets_one_connection() {
         "flags {:#x}",
         c.flags
     );
-    c.write_at(&pattern(4096, 5), 8192, false).unwrap();
+    c.write_at(&noise(4096, 5), 8192, false).unwrap();
     c.flush().unwrap();
-    assert!(file_bytes(&server.file, 8192, 4096) == pattern(4096, 5));
+    assert!(file_bytes(&server.file, 8192, 4096) == noise(4096, 5));
 }
 
 #[test]
@@ -405,14 +392,14 @@ fn a_begun_write_returns_before_its_reply_and_finish_waits_for_it() {
         return;
     };
     let c = server.connect(Duration::from_millis(800));
-    let p = c.begin_write(&pattern(4096, 1), 0).unwrap();
+    let p = c.begin_write(&noise(4096, 1), 0).unwrap();
     c.finish(p).unwrap();
-    assert!(file_bytes(&server.file, 0, 4096) == pattern(4096, 1));
+    assert!(file_bytes(&server.file, 0, 4096) == noise(4096, 1));
     // A stopped server: the write is sent (begin returns at once), the reply never comes, and
     // finish gives up at the timeout counted from the send.
     server.signal(Signal::SIGSTOP);
     let t = Instant::now();
-    let p = c.begin_write(&pattern(4096, 2), 4096).unwrap();
+    let p = c.begin_write(&noise(4096, 2), 4096).unwrap();
     assert!(
         t.elapsed() < Duration::from_millis(300),
         "{:?}",

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::kit::noise;
 
 const C: u64 = 64 * 1024;
 
@@ -14,24 +15,11 @@ struct Fixture {
     base: Vec<u8>,
 }
 
-/// A deterministic byte pattern (different for each `seed`).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A replica of `size` bytes with clusters of `cluster`, over a base of `base_len` bytes of a
 /// pattern (None: no base).
 fn fixture(size: u64, cluster: u32, base_len: Option<usize>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_len.map(|n| pattern(99, n)).unwrap_or_default();
+    let base = base_len.map(|n| noise(n, 99)).unwrap_or_default();
     let base_path = base_len.map(|_| {
         let p = dir.path().join("base.raw");
         std::fs::write(&p, &base).unwrap();
@@ -112,7 +100,7 @@ fn a_partial_write_to_a_clear_cluster_copies_the_rest_of_the_cluster_from_the_ba
     let f = fixture(4 * C, 65536, Some(4 * C as usize));
     let cow = f.open();
     let mut model = f.initial(4 * C);
-    let bytes = pattern(1, 4096);
+    let bytes = noise(4096, 1);
     cow.write_at(&bytes, C + 8192).unwrap();
     model[(C + 8192) as usize..][..4096].copy_from_slice(&bytes);
     assert_eq!(read_all(&cow), model);
@@ -124,7 +112,7 @@ fn a_partial_write_to_a_clear_cluster_copies_the_rest_of_the_cluster_from_the_ba
         &model[C as usize..2 * C as usize]
     );
     // A second write to the set cluster goes straight to data.
-    let more = pattern(2, 100);
+    let more = noise(100, 2);
     cow.write_at(&more, C + 10).unwrap();
     model[(C + 10) as usize..][..100].copy_from_slice(&more);
     assert_eq!(read_all(&cow), model);
@@ -135,11 +123,11 @@ fn a_whole_cluster_write_does_not_read_the_base_and_writes_across_cluster_edges_
     let f = fixture(6 * C, 65536, Some(6 * C as usize));
     let cow = f.open();
     let mut model = f.initial(6 * C);
-    let whole = pattern(3, C as usize);
+    let whole = noise(C as usize, 3);
     cow.write_at(&whole, 2 * C).unwrap();
     model[2 * C as usize..3 * C as usize].copy_from_slice(&whole);
     // From the middle of cluster 0 over clear 1, set 2, to the middle of clear 3.
-    let across = pattern(4, (3 * C) as usize);
+    let across = noise((3 * C) as usize, 4);
     cow.write_at(&across, C / 2).unwrap();
     model[(C / 2) as usize..][..across.len()].copy_from_slice(&across);
     assert_eq!(read_all(&cow), model);
@@ -160,8 +148,8 @@ fn discard_and_zeroing_over_a_base_keep_zeros_in_data_so_the_base_never_shows_th
     let cow = f.open();
     let mut model = f.initial(4 * C);
     // Whole clusters 0 (discard) and 1 (zeroing), and part of cluster 2 (clear) and 3 (set).
-    cow.write_at(&pattern(5, C as usize), 3 * C).unwrap();
-    model[3 * C as usize..].copy_from_slice(&pattern(5, C as usize));
+    cow.write_at(&noise(C as usize, 5), 3 * C).unwrap();
+    model[3 * C as usize..].copy_from_slice(&noise(C as usize, 5));
     cow.discard(0, C).unwrap();
     cow.write_zeroes(C, C).unwrap();
     cow.discard(2 * C + 100, 1000).unwrap();
@@ -181,13 +169,13 @@ fn discard_and_zeroing_over_a_base_keep_zeros_in_data_so_the_base_never_shows_th
 fn discard_without_a_base_punches_the_cluster_and_clears_its_bit() {
     let f = fixture(4 * C, 65536, None);
     let cow = f.open();
-    cow.write_at(&pattern(6, (4 * C) as usize), 0).unwrap();
+    cow.write_at(&noise((4 * C) as usize, 6), 0).unwrap();
     cow.sync().unwrap();
     let full = allocated(&f.spec.data);
     assert!(full >= 4 * C, "{full}");
     cow.discard(C, 2 * C).unwrap();
     cow.discard(3 * C + 4096, 4096).unwrap();
-    let mut model = pattern(6, (4 * C) as usize);
+    let mut model = noise((4 * C) as usize, 6);
     model[C as usize..3 * C as usize].fill(0);
     model[(3 * C + 4096) as usize..][..4096].fill(0);
     assert_eq!(read_all(&cow), model);
@@ -204,7 +192,7 @@ fn discard_without_a_base_punches_the_cluster_and_clears_its_bit() {
     // A discard past the base's end with a base behaves the same.
     let g = fixture(4 * C, 65536, Some(C as usize));
     let cow = g.open();
-    cow.write_at(&pattern(7, (4 * C) as usize), 0).unwrap();
+    cow.write_at(&noise((4 * C) as usize, 7), 0).unwrap();
     cow.discard(2 * C, 2 * C).unwrap();
     assert_eq!(cow.clusters_in_data(), 2);
     assert_eq!(&read_all(&cow)[2 * C as usize..], vec![0u8; 2 * C as usize]);
@@ -223,7 +211,7 @@ fn concurrent_writers_to_one_clear_cluster_each_keep_their_bytes() {
                 let (cow, barrier) = (cow.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    cow.write_at(&pattern(100 + t, 4096), k * C + t * 4096)
+                    cow.write_at(&noise(4096, 100 + t), k * C + t * 4096)
                         .unwrap();
                 })
             })
@@ -233,7 +221,7 @@ fn concurrent_writers_to_one_clear_cluster_each_keep_their_bytes() {
         }
         let mut model = f.initial(4 * C);
         for t in 0..16u64 {
-            model[(k * C + t * 4096) as usize..][..4096].copy_from_slice(&pattern(100 + t, 4096));
+            model[(k * C + t * 4096) as usize..][..4096].copy_from_slice(&noise(4096, 100 + t));
         }
         assert_eq!(read_all(&cow), model, "round {round}");
     }
@@ -245,8 +233,8 @@ fn the_map_on_disk_takes_a_cluster_only_at_a_flush_and_flushed_writes_survive_a_
     let cow = f.open();
     let mut model = f.initial(8 * C);
     let old = model.clone();
-    cow.write_at(&pattern(8, 3000), 10).unwrap();
-    model[10..3010].copy_from_slice(&pattern(8, 3000));
+    cow.write_at(&noise(3000, 8), 10).unwrap();
+    model[10..3010].copy_from_slice(&noise(3000, 8));
     // Killed before any flush: the map has no cluster, the volume reads as before the write
     // (the write was not flushed, so the guest may not rely on it).
     let before = Cow::open(&f.snapshot("before-flush"), false).unwrap();
@@ -255,13 +243,12 @@ fn the_map_on_disk_takes_a_cluster_only_at_a_flush_and_flushed_writes_survive_a_
     cow.sync().unwrap();
     let flushed = model.clone();
     // Writes after the flush: to a set cluster, to clear ones, and a discard; then killed.
-    cow.write_at(&pattern(9, 500), 20).unwrap();
-    cow.write_at(&pattern(10, (2 * C) as usize), 3 * C + 7)
+    cow.write_at(&noise(500, 9), 20).unwrap();
+    cow.write_at(&noise((2 * C) as usize, 10), 3 * C + 7)
         .unwrap();
     cow.discard(6 * C, C).unwrap();
-    model[20..520].copy_from_slice(&pattern(9, 500));
-    model[(3 * C + 7) as usize..][..(2 * C) as usize]
-        .copy_from_slice(&pattern(10, (2 * C) as usize));
+    model[20..520].copy_from_slice(&noise(500, 9));
+    model[(3 * C + 7) as usize..][..(2 * C) as usize].copy_from_slice(&noise((2 * C) as usize, 10));
     model[6 * C as usize..7 * C as usize].fill(0);
     let killed = Cow::open(&f.snapshot("killed"), false).unwrap();
     let got = read_all(&killed);
@@ -293,7 +280,7 @@ fn random_operations_match_an_in_memory_model_across_flushes_and_reopens() {
         let mut cow = f.open();
         let mut model = f.initial(size);
         let mut flushed = model.clone();
-        let mut rng = pattern(seed, 4096 * 8).into_iter().cycle();
+        let mut rng = noise(4096 * 8, seed).into_iter().cycle();
         let mut next = move |n: u64| {
             let mut x = 0u64;
             for _ in 0..4 {
@@ -306,7 +293,7 @@ fn random_operations_match_an_in_memory_model_across_flushes_and_reopens() {
             let len = (1 + next(3 * cluster as u64)).min(size - offset);
             match next(10) {
                 0..=4 => {
-                    let bytes = pattern(seed * 1000 + step, len as usize);
+                    let bytes = noise(len as usize, seed * 1000 + step);
                     cow.write_at(&bytes, offset).unwrap();
                     model[offset as usize..][..len as usize].copy_from_slice(&bytes);
                 }

@@ -1,229 +1,81 @@
-//! The CLI commands that talk to the HTTP API of a running bicsi: `apply`, `get` and `delete` of
-//! backing images and StorageClasses. Errors from the server are shown as it words them.
+//! `bicsi image` (upload, download, cleanup of a backing image's files) and the backing image
+//! as the CLI shows and waits for it: `get backingimages`, `get backingimage`, its readiness.
 
-use std::collections::HashMap;
-use std::io::Read;
+use std::path::PathBuf;
 
-use serde::Deserialize;
-use serde_json::Value;
+use clap::Subcommand;
 
+use super::Server;
+use super::api::{client, json, send, url};
+use super::output::{self, ListOutput, Output};
 use crate::backing::object::BackingImage;
-use crate::cli::{ListOutput, Output};
 use crate::error::{Error, Result};
-use crate::storageclass::StorageClass;
 
-/// The API token of this CLI invocation (`--token` or `BICSI_TOKEN`), sent on every request.
-static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Sets the token the HTTP commands send; called once by `cli::run`.
-pub fn set_token(token: Option<String>) {
-    if let Some(t) = token.filter(|t| !t.trim().is_empty()) {
-        let _ = TOKEN.set(t.trim().to_string());
-    }
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Upload a local file as the file of a backing image (created with sourceType upload when
+    /// it does not exist).
+    Upload {
+        /// The backing image (created with sourceType upload when missing).
+        name: String,
+        /// The local file to upload (raw or qcow2).
+        file: PathBuf,
+        /// The file's SHA-512 (`shasum -a 512 FILE`); the upload fails if what arrives differs.
+        #[arg(long)]
+        checksum: Option<String>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Download a backing image's ready file, verified by its SHA-512.
+    Download {
+        /// The backing image to download.
+        name: String,
+        /// Where to write the file (default: NAME in the current directory).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Remove a backing image's files from chosen disks now (never a file replicas use, and
+    /// never below minNumberOfCopies files); says which disks were refused and why.
+    Cleanup {
+        /// The backing image whose files to remove.
+        name: String,
+        /// A disk id or path (repeatable), as `bicsi get disks` shows.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        #[command(flatten)]
+        server: Server,
+    },
 }
 
-/// The CA certificates `--ca-cert` adds to the system's (an https API of a private CA).
-static CA_CERTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
-
-/// Trusts the PEM certificate(s) in `path` for the HTTP API; called once by `cli::run`.
-pub fn set_ca_cert(path: &std::path::Path) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "--ca-cert {}: {e}; give the PEM CA certificate of the API's --tls-cert",
-            path.display()
-        ))
-    })?;
-    let certs = reqwest::Certificate::from_pem_bundle(&bytes)
-        .ok()
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "--ca-cert {}: no PEM certificate in it",
-                path.display()
-            ))
-        })?;
-    let _ = CA_CERTS.set(certs);
-    Ok(())
-}
-
-pub(crate) fn client() -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = TOKEN.get()
-        && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
-    {
-        v.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, v);
-    }
-    let mut builder = reqwest::Client::builder().default_headers(headers);
-    if let Some(certs) = CA_CERTS.get() {
-        builder = builder.tls_certs_merge(certs.iter().cloned());
-    }
-    builder.build().unwrap_or_default()
-}
-
-pub(crate) fn url(server: &str, path: &str) -> String {
-    format!(
-        "{}/{}",
-        server.trim_end_matches('/'),
-        path.trim_start_matches('/')
-    )
-}
-
-/// Sends a request and turns a non-2xx answer into the server's own error message.
-pub(crate) async fn send(req: reqwest::RequestBuilder, server: &str) -> Result<reqwest::Response> {
-    let resp = req.send().await.map_err(|e| {
-        Error::Unavailable(format!(
-            "cannot reach bicsi at {server}: {e}; is `bicsi serve` running with this --server address?"
-        ))
-    })?;
-    if resp.status().is_success() {
-        return Ok(resp);
-    }
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or(text);
-    Err(match status.as_u16() {
-        400 => Error::InvalidArgument(message),
-        401 => Error::InvalidArgument(format!("bicsi at {server} refused the request: {message}")),
-        404 => Error::NotFound(message),
-        409 => Error::FailedPrecondition(message),
-        503 => Error::Unavailable(message),
-        _ => Error::Internal(format!("HTTP {status}: {message}")),
-    })
-}
-
-pub(crate) async fn json<T: for<'de> Deserialize<'de>>(resp: reqwest::Response) -> Result<T> {
-    resp.json()
-        .await
-        .map_err(|e| Error::Internal(format!("unexpected answer from bicsi: {e}")))
-}
-
-/// The documents of a YAML manifest (`---`-separated), empty ones left out. The whole file must
-/// be valid YAML, so that nothing of a broken file is applied.
-pub fn manifest_documents(file: &str, text: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = Value::deserialize(doc)
-            .map_err(|e| Error::InvalidArgument(format!("{file}: not valid YAML: {e}")))?;
-        if !value.is_null() {
-            out.push(value);
-        }
-    }
-    Ok(out)
-}
-
-/// `bicsi apply -f FILE`: every YAML document is created, or checked against what exists.
-/// With `wait`, then waits until every BackingImage applied has a ready file (or `deadline`).
-pub async fn apply(
-    server: &str,
-    file: &str,
-    wait: bool,
-    deadline: Option<std::time::Instant>,
-) -> Result<()> {
-    let text = if file == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .map_err(|e| Error::InvalidArgument(format!("reading stdin: {e}")))?;
-        s
-    } else {
-        std::fs::read_to_string(file)
-            .map_err(|e| Error::InvalidArgument(format!("cannot read {file}: {e}")))?
-    };
-    let mut failed = 0;
-    let mut seen = 0;
-    let mut images = Vec::new();
-    for value in manifest_documents(file, &text)? {
-        seen += 1;
-        let kind = value["kind"].as_str().unwrap_or_default().to_string();
-        let name = value["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let path = match kind.as_str() {
-            "BackingImage" => "v1/backingimages",
-            "StorageClass" => "v1/storageclasses",
-            other => {
-                eprintln!(
-                    "error: {file}: kind {other:?} (object {name:?}) is not handled by bicsi apply; it takes BackingImage and StorageClass"
-                );
-                failed += 1;
-                continue;
-            }
-        };
-        let result = send(client().post(url(server, path)).json(&value), server).await;
-        let lower = kind.to_ascii_lowercase();
-        if result.is_ok() && kind == "BackingImage" {
-            images.push(name.clone());
-        }
-        match result {
-            Ok(resp) if resp.status() == reqwest::StatusCode::CREATED => {
-                crate::outln!("{lower}/{name} created")
-            }
-            Ok(_) => crate::outln!("{lower}/{name} unchanged"),
-            Err(e) => {
-                eprintln!("error: {lower}/{name}: {e}");
-                failed += 1;
-            }
-        }
-    }
-    if seen == 0 {
-        return Err(Error::InvalidArgument(format!("{file}: no objects found")));
-    }
-    if failed > 0 {
-        return Err(Error::InvalidArgument(format!(
-            "{failed} of {seen} objects were not applied"
-        )));
-    }
-    if wait {
-        for name in &images {
-            crate::cli::wait::on_interrupt(format!(
-                "stopped waiting; {file} is applied and bicsi goes on preparing backing image {name:?} (`bicsi get backingimages` shows how it goes)"
-            ));
-            wait_for_image(server, name, deadline).await?;
-            crate::outln!("backingimage/{name} ready");
-        }
-    }
-    Ok(())
-}
-
-/// Prints `list` as JSON or YAML and answers true, or answers false for a table.
-fn print_records<T: serde::Serialize>(list: &[T], output: Option<ListOutput>) -> Result<bool> {
-    match output {
-        Some(ListOutput::Json) => crate::cli::print_json(list).map(|()| true),
-        Some(ListOutput::Yaml) => crate::cli::print_yaml(list).map(|()| true),
-        None | Some(ListOutput::Wide) => Ok(false),
-    }
-}
-
-/// The controller's volume records (`GET /v1/volumes`).
-pub async fn volumes(server: &str) -> Result<Vec<crate::model::Volume>> {
-    json(send(client().get(url(server, "v1/volumes")), server).await?).await
-}
-
-pub use crate::http::RebuildAnswer;
-
-/// Rebuilds a detached volume's replicas that are not rw (`bicsi volume rebuild`).
-pub async fn rebuild_volume(server: &str, id: &str, from: Option<&str>) -> Result<RebuildAnswer> {
-    json(
-        send(
-            client()
-                .post(url(server, &format!("v1/volumes/{id}/rebuild")))
-                .json(&serde_json::json!({ "from": from })),
+pub(super) async fn run(cmd: ImageCommand) -> Result<()> {
+    match cmd {
+        ImageCommand::Upload {
+            name,
+            file,
+            checksum,
             server,
-        )
-        .await?,
-    )
-    .await
+        } => upload_image(&server.server, &name, &file, checksum).await,
+        ImageCommand::Download {
+            name,
+            output,
+            server,
+        } => {
+            let output = output.unwrap_or_else(|| PathBuf::from(&name));
+            download_image(&server.server, &name, &output).await
+        }
+        ImageCommand::Cleanup {
+            name,
+            disks,
+            server,
+        } => cleanup_image(&server.server, &name, &disks).await,
+    }
 }
 
-pub async fn get_backing_images(server: &str, output: Option<ListOutput>) -> Result<()> {
-    let list: Vec<BackingImage> =
-        json(send(client().get(url(server, "v1/backingimages")), server).await?).await?;
-    if print_records(&list, output)? {
+pub(super) async fn get_backing_images(server: &str, output: Option<ListOutput>) -> Result<()> {
+    let list: Vec<BackingImage> = super::api::get(server, "v1/backingimages").await?;
+    if output::print_records(&list, output)? {
         return Ok(());
     }
     let wide = output == Some(ListOutput::Wide);
@@ -320,96 +172,19 @@ fn poll_line(bi: &BackingImage, names: &[String]) -> Option<String> {
     Some(line)
 }
 
-pub async fn get_backing_image(server: &str, name: &str, output: Output) -> Result<()> {
-    let bi: BackingImage = json(
-        send(
-            client().get(url(server, &format!("v1/backingimages/{name}"))),
-            server,
-        )
-        .await?,
-    )
-    .await?;
-    match output {
-        Output::Json => crate::cli::print_json(&bi),
-        Output::Yaml => crate::cli::print_yaml(&bi),
-    }
-}
-
-pub async fn get_storage_classes(server: &str, output: Option<ListOutput>) -> Result<()> {
-    let list: Vec<StorageClass> =
-        json(send(client().get(url(server, "v1/storageclasses")), server).await?).await?;
-    if print_records(&list, output)? {
-        return Ok(());
-    }
-    crate::outln!("{:<40} {:<24} PARAMETERS", "NAME", "PROVISIONER");
-    for sc in list {
-        crate::outln!(
-            "{:<40} {:<24} {}",
-            sc.metadata.name,
-            sc.provisioner,
-            sc.parameters
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-    }
-    Ok(())
-}
-
-pub async fn storage_class_parameters(server: &str, name: &str) -> Result<HashMap<String, String>> {
-    let sc: StorageClass = json(
-        send(
-            client().get(url(server, &format!("v1/storageclasses/{name}"))),
-            server,
-        )
-        .await?,
-    )
-    .await?;
-    Ok(sc.parameters.into_iter().collect())
-}
-
-/// `bicsi delete KIND NAME`: like `kubectl delete`, a missing object is an error (NotFound,
-/// exit 1) unless `ignore_not_found`, which exits 0 quietly. The server's DELETE is idempotent,
-/// so the CLI asks first; `kind` is the singular the messages use (`storageclass`).
-pub async fn delete(
-    server: &str,
-    collection: &str,
-    kind: &str,
-    name: &str,
-    ignore_not_found: bool,
-) -> Result<()> {
-    let path = format!("v1/{collection}/{name}");
-    match send(client().get(url(server, &path)), server).await {
-        Ok(_) => {}
-        Err(Error::NotFound(_)) if ignore_not_found => return Ok(()),
-        Err(Error::NotFound(_)) => {
-            return Err(Error::NotFound(format!(
-                "{kind} {name:?} not found (--ignore-not-found exits 0 when it is missing)"
-            )));
-        }
-        Err(e) => return Err(e),
-    }
-    send(client().delete(url(server, &path)), server).await?;
-    crate::outln!("{kind}/{name} deleted");
-    Ok(())
+pub(super) async fn get_backing_image(server: &str, name: &str, output: Output) -> Result<()> {
+    let bi = backing_image(server, name).await?;
+    output::print(&bi, output)
 }
 
 /// One backing image as the HTTP API shows it.
-pub async fn backing_image(server: &str, name: &str) -> Result<BackingImage> {
-    json(
-        send(
-            client().get(url(server, &format!("v1/backingimages/{name}"))),
-            server,
-        )
-        .await?,
-    )
-    .await
+pub(super) async fn backing_image(server: &str, name: &str) -> Result<BackingImage> {
+    super::api::get(server, &format!("v1/backingimages/{name}")).await
 }
 
 /// Whether a backing image can be used now, judged from its status.
 #[derive(Debug, PartialEq)]
-pub enum Readiness {
+pub(super) enum Readiness {
     Ready,
     /// Every file failed; the text says what recovers it, if anything.
     Failed(String),
@@ -420,7 +195,7 @@ pub enum Readiness {
     },
 }
 
-pub fn readiness(bi: &BackingImage) -> Readiness {
+pub(super) fn readiness(bi: &BackingImage) -> Readiness {
     use crate::backing::state::FileState;
     let files = &bi.status.disk_file_status_map;
     if bi.has_ready_file() {
@@ -456,12 +231,12 @@ pub fn readiness(bi: &BackingImage) -> Readiness {
 
 /// Polls a backing image until it has a ready file, showing its progress: Ok when ready, an
 /// error when every file failed or `deadline` passed (the work goes on either way).
-pub async fn wait_for_image(
+pub(super) async fn wait_for_image(
     server: &str,
     name: &str,
     deadline: Option<std::time::Instant>,
 ) -> Result<()> {
-    let mut progress = crate::cli::wait::Progress::new(format!("backing image {name}"));
+    let mut progress = output::Progress::new(format!("backing image {name}"));
     loop {
         let bi = backing_image(server, name).await?;
         match readiness(&bi) {
@@ -483,83 +258,13 @@ pub async fn wait_for_image(
                 progress.update(&text, percent);
             }
         }
-        tokio::time::sleep(crate::cli::wait::POLL).await;
+        tokio::time::sleep(super::wait::POLL).await;
     }
-}
-
-pub async fn get_nodes(server: &str, output: Option<ListOutput>) -> Result<()> {
-    let nodes: Vec<crate::model::NodeRecord> =
-        json(send(client().get(url(server, "v1/nodes")), server).await?).await?;
-    if print_records(&nodes, output)? {
-        return Ok(());
-    }
-    let wide = output == Some(ListOutput::Wide);
-    crate::outln!(
-        "{:<24} {:<6} {:>5} {:<28} AGENT{}",
-        "NODE",
-        "STATE",
-        "DISKS",
-        "LAST HEARTBEAT",
-        if wide { "  TRANSFER" } else { "" }
-    );
-    for n in nodes {
-        let agent = if n.agent_url.is_empty() {
-            "(in process)"
-        } else {
-            &n.agent_url
-        };
-        let transfer = if wide {
-            format!(
-                "  {}",
-                if n.transfer_url.is_empty() {
-                    "-"
-                } else {
-                    &n.transfer_url
-                }
-            )
-        } else {
-            String::new()
-        };
-        crate::outln!(
-            "{:<24} {:<6} {:>5} {:<28} {agent}{transfer}",
-            n.node_id,
-            if n.up { "up" } else { "down" },
-            n.disks.len(),
-            n.last_heartbeat,
-        );
-    }
-    Ok(())
-}
-
-pub async fn get_disks(server: &str, output: Option<ListOutput>) -> Result<()> {
-    let disks: Vec<crate::agent::DiskSpace> =
-        json(send(client().get(url(server, "v1/disks")), server).await?).await?;
-    if print_records(&disks, output)? {
-        return Ok(());
-    }
-    crate::outln!(
-        "{:<14} {:<24} {:>10} {:<8} PATH",
-        "DISK",
-        "NODE",
-        "FREE",
-        "MANAGER"
-    );
-    for d in disks {
-        crate::outln!(
-            "{:<14} {:<24} {:>10} {:<8} {}",
-            d.disk.id,
-            d.disk.node_id,
-            crate::quantity::human(d.free_bytes),
-            if d.manager { "running" } else { "-" },
-            d.disk.path.display()
-        );
-    }
-    Ok(())
 }
 
 /// `bicsi image upload NAME FILE`: creates the image (sourceType upload) when missing, then
 /// streams the file to it; the server answers once the file is ready.
-pub async fn upload_image(
+pub(super) async fn upload_image(
     server: &str,
     name: &str,
     file: &std::path::Path,
@@ -624,11 +329,11 @@ pub async fn upload_image(
         }
         Err(e) => return Err(e),
     }
-    crate::cli::wait::on_interrupt(format!(
+    super::wait::on_interrupt(format!(
         "the upload of {} stopped; an upload cannot resume, so backing image {name:?} gets a failed file: run `bicsi image upload` again",
         file.display()
     ));
-    let bar = crate::cli::wait::ByteProgress::new(Some(len), "uploading");
+    let bar = output::ByteProgress::new(Some(len), "uploading");
     let b = bar.clone();
     let chunks = futures::stream::unfold(f, |mut f| async move {
         let mut buf = vec![0u8; 1 << 20];
@@ -672,7 +377,11 @@ pub async fn upload_image(
 
 /// `bicsi image download NAME -o FILE`: writes `FILE.part` while hashing it, and renames it to
 /// FILE only when its SHA-512 is the image's.
-pub async fn download_image(server: &str, name: &str, output: &std::path::Path) -> Result<()> {
+pub(super) async fn download_image(
+    server: &str,
+    name: &str,
+    output: &std::path::Path,
+) -> Result<()> {
     use futures::StreamExt;
     use sha2::Digest;
     use tokio::io::AsyncWriteExt;
@@ -694,12 +403,12 @@ pub async fn download_image(server: &str, name: &str, output: &std::path::Path) 
     let io = |e: std::io::Error| Error::Internal(format!("{}: {e}", part.display()));
     let mut f = tokio::fs::File::create(&part).await.map_err(io)?;
     // Ctrl-C drops this future: the interrupt handler removes what was written so far.
-    crate::cli::wait::remove_on_interrupt(part.clone());
-    crate::cli::wait::on_interrupt(format!(
+    super::wait::remove_on_interrupt(part.clone());
+    super::wait::on_interrupt(format!(
         "the download of {name:?} stopped; {} was removed",
         part.display()
     ));
-    let bar = crate::cli::wait::ByteProgress::new(total, "downloading");
+    let bar = output::ByteProgress::new(total, "downloading");
     let mut hasher = sha2::Sha512::new();
     let mut received = 0u64;
     let mut body = resp.bytes_stream();
@@ -752,7 +461,7 @@ pub async fn download_image(server: &str, name: &str, output: &std::path::Path) 
     if outcome.is_err() {
         let _ = std::fs::remove_file(&part);
     }
-    crate::cli::wait::keep(&part);
+    super::wait::keep(&part);
     outcome?;
     crate::outln!(
         "backingimage/{name} downloaded to {}: {}, sha512 {expected}",
@@ -762,53 +471,9 @@ pub async fn download_image(server: &str, name: &str, output: &std::path::Path) 
     Ok(())
 }
 
-/// `bicsi get settings`: NAME VALUE DEFAULT DESCRIPTION (`-o json|yaml`: the records).
-pub async fn get_settings(server: &str, output: Option<Output>) -> Result<()> {
-    let list: Vec<crate::settings::SettingView> =
-        json(send(client().get(url(server, "v1/settings")), server).await?).await?;
-    match output {
-        Some(Output::Json) => crate::outln!("{}", serde_json::to_string_pretty(&list)?),
-        Some(Output::Yaml) => crate::out!("{}", crate::cli::to_yaml(&list)?),
-        None => {
-            crate::outln!("{:<42} {:>8} {:>8} DESCRIPTION", "NAME", "VALUE", "DEFAULT");
-            for s in list {
-                crate::outln!(
-                    "{:<42} {:>8} {:>8} ({}) {}",
-                    s.name,
-                    s.value,
-                    s.default,
-                    s.unit,
-                    s.description
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `bicsi set setting NAME VALUE`: checked here first (the server checks again).
-pub async fn set_setting(server: &str, name: &str, value: &str) -> Result<()> {
-    crate::settings::check(name, value).map_err(|e| match e {
-        Error::NotFound(m) => Error::InvalidArgument(m),
-        other => other,
-    })?;
-    let s: crate::settings::SettingView = json(
-        send(
-            client()
-                .put(url(server, &format!("v1/settings/{name}")))
-                .json(&serde_json::json!({ "value": value })),
-            server,
-        )
-        .await?,
-    )
-    .await?;
-    crate::outln!("setting {} = {} ({})", s.name, s.value, s.unit);
-    Ok(())
-}
-
 /// `bicsi image cleanup NAME --disk D...`: prints the disks cleaned and those refused with
 /// their reasons; fails when any was refused.
-pub async fn cleanup_image(server: &str, name: &str, disks: &[String]) -> Result<()> {
+pub(super) async fn cleanup_image(server: &str, name: &str, disks: &[String]) -> Result<()> {
     let r: crate::backing::lifecycle::CleanupResult = json(
         send(
             client()
@@ -841,7 +506,7 @@ mod tests {
     use super::*;
 
     fn image(source: &str, files: &[(&str, &str, u8)], message: &str) -> BackingImage {
-        let map: serde_json::Map<String, Value> = files
+        let map: serde_json::Map<String, serde_json::Value> = files
             .iter()
             .map(|(disk, state, progress)| {
                 (
