@@ -289,33 +289,26 @@ async fn online_runs(
         Stats::default(),
     );
     let (mut healthy_iops, mut during_iops) = (Vec::new(), Vec::new());
+    // Each run writes 16 MiB twice into the hole past the written half, at MiB `slot(run, k)`:
+    // 64 MiB apart per run (32 between the idle and the fio fault) where the volume has room,
+    // half that in a small one (`--quick`'s 64 MiB: 32 and 48, ending at its last byte).
+    let stride = if len / 2 + b.runs as u64 * 64 * MIB <= len {
+        64
+    } else {
+        32
+    };
+    let slot = |run: usize, k: u64| (len / 2) / MIB + run as u64 * stride + k * stride / 2;
     for run in 0..b.runs {
         let healthy = job.run(&target_s).await?;
         healthy_iops.push(healthy.iops);
         // Idle: the rebuild's own time, against cp of the same file.
-        make_err(
-            serve,
-            &vol,
-            &victim_id,
-            small,
-            &target_s,
-            (len / 2) / MIB + run as u64 * 64,
-        )
-        .await?;
+        make_err(serve, &vol, &victim_id, small, &target_s, slot(run, 0)).await?;
         let (wo, rw) = wait_rebuilt(serve, &vol, &victim_id, Instant::now()).await?;
         let idle_ms = last_took_ms(&serve.log_text()).unwrap_or((rw - wo).as_millis() as u64);
         ours.push(Duration::from_millis(idle_ms));
         let idle_stages = last_stages(&serve.log_text(), dir);
         // Under fio: the volume's IOPS while the rebuild runs.
-        make_err(
-            serve,
-            &vol,
-            &victim_id,
-            small,
-            &target_s,
-            (len / 2) / MIB + run as u64 * 64 + 32,
-        )
-        .await?;
+        make_err(serve, &vol, &victim_id, small, &target_s, slot(run, 1)).await?;
         let iops_prefix = dir.join(format!("fio-{run}"));
         let mut args = FioJob {
             runtime: Some(30),
