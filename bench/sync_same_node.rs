@@ -89,7 +89,7 @@ pub(crate) async fn sync_xfs(b: &Bench, checks: &mut Checks) -> Res<Vec<Row>> {
         "{label}: XFS (mkfs.xfs -q -m reflink=1) in a {} sparse file on {}, mounted at {} \
          in {:.2} s",
         fmt_bytes(len),
-        fs.dev.as_deref().unwrap_or("?"),
+        fs.dev,
         fs.mnt.display(),
         started.elapsed().as_secs_f64()
     );

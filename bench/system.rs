@@ -115,9 +115,6 @@ pub(crate) async fn fs_type(dir: &Path) -> String {
 /// it, detaches the loop device and removes the file.
 pub(crate) struct LoopMount {
     fs: kit::LoopFs,
-    /// The loop device, as `sync-xfs` prints it (`bench/sync_same_node.rs`, which is not
-    /// changed with this; the kit's `dev` is the same).
-    pub(crate) dev: Option<String>,
 }
 
 impl std::ops::Deref for LoopMount {
@@ -145,10 +142,7 @@ impl LoopMount {
     ) -> Res<LoopMount> {
         let (img, mnt) = (img.to_path_buf(), mnt.to_path_buf());
         let fs = tokio::task::spawn_blocking(move || make(&img, &mnt, len)).await??;
-        Ok(LoopMount {
-            dev: Some(fs.dev.clone()),
-            fs,
-        })
+        Ok(LoopMount { fs })
     }
 }
 
