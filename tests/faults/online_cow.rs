@@ -190,14 +190,10 @@ async fn a_cow_replica_whose_disk_filled_is_rebuilt_online_while_fio_writes_and_
     ok(&t.s, &["volume", "detach", VOLUME]);
     let (src, dst) = (big["path"].as_str().unwrap(), rw["path"].as_str().unwrap());
     assert!(dst.ends_with("volume.cow"), "{rw}");
-    assert!(
-        same_view(src, dst),
-        "the replica rebuilt online differs from its source"
-    );
-    assert_eq!(
-        temporaries(dst),
-        Vec::<PathBuf>::new(),
-        "temporary files stayed"
+    assert_identical_and_clean(
+        src,
+        dst,
+        "the replica rebuilt online differs from its source",
     );
     // Only what the volume holds was written: the rebuilt data file takes no more room than
     // its source's (both got the same writes; the rest of the 128 MiB stayed holes).
@@ -271,14 +267,10 @@ async fn kill9_during_an_online_rebuild_of_a_cow_replica_never_makes_it_rw_befor
     fio(&t.dev, 300, true);
     ok(&t.s, &["volume", "detach", VOLUME]);
     let (src, dst) = (big["path"].as_str().unwrap(), rw["path"].as_str().unwrap());
-    assert!(
-        same_view(src, dst),
-        "the replica rebuilt online differs from its source"
-    );
-    assert_eq!(
-        temporaries(dst),
-        Vec::<PathBuf>::new(),
-        "temporary files stayed"
+    assert_identical_and_clean(
+        src,
+        dst,
+        "the replica rebuilt online differs from its source",
     );
 }
 
@@ -334,15 +326,7 @@ async fn kill9_of_the_engine_during_an_online_rebuild_of_a_cow_replica_leaves_it
     fio(&t.dev, 300, true);
     ok(&t.s, &["volume", "detach", VOLUME]);
     let (src, dst) = (big["path"].as_str().unwrap(), rw["path"].as_str().unwrap());
-    assert!(
-        same_view(src, dst),
-        "the rebuilt replica differs from its source"
-    );
-    assert_eq!(
-        temporaries(dst),
-        Vec::<PathBuf>::new(),
-        "temporary files stayed"
-    );
+    assert_identical_and_clean(src, dst, "the rebuilt replica differs from its source");
 }
 
 /// The engine's count of one kind of bytes in its log line of a complete target.
@@ -405,6 +389,17 @@ async fn an_online_rebuild_over_a_backing_image_copies_only_what_differs_from_th
         b <= a + (4 << 20),
         "rebuilt {b} bytes allocated, source {a}"
     );
+    assert_eq!(
+        temporaries(dst),
+        Vec::<PathBuf>::new(),
+        "temporary files stayed"
+    );
+}
+
+/// The rebuilt replica `dst` reads as its source `src` (`what` says which rebuild), and its
+/// directory keeps no temporary file of the rebuild.
+fn assert_identical_and_clean(src: &str, dst: &str, what: &str) {
+    assert!(same_view(src, dst), "{what}");
     assert_eq!(
         temporaries(dst),
         Vec::<PathBuf>::new(),

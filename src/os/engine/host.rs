@@ -137,6 +137,26 @@ fn refused(what: &str, reason: String) -> OsError {
     OsError::Unsupported(format!("engine host: {what}: {reason}"))
 }
 
+/// The one pid file a spawn names (`flag`: qemu's `--pidfile`, the mirror engine's
+/// `--pid-file`) and the run directory it lies in: refused unless there is exactly one.
+fn one_pid_file<'a, S: AsRef<str>>(
+    pid_files: &'a [S],
+    flag: &str,
+    daemon: &str,
+) -> OsResult<(&'a str, PathBuf)> {
+    let [pid_file] = pid_files else {
+        return Err(refused(
+            "arguments",
+            format!(
+                "exactly one {flag} is needed (got {}); it names the {daemon}'s run directory",
+                pid_files.len()
+            ),
+        ));
+    };
+    let pid_file = pid_file.as_ref();
+    Ok((pid_file, resolved_dir(Path::new(pid_file), flag)?))
+}
+
 /// `path`'s directory, resolved; `path` itself must be absolute, plain (no `.` or `..`) and name a
 /// file in an existing directory.
 fn resolved_dir(path: &Path, what: &str) -> OsResult<PathBuf> {
@@ -188,16 +208,7 @@ pub fn check_spawn(data_dir: &Path, args: &[String], log_path: &Path) -> OsResul
         .filter(|w| w[0] == "--pidfile")
         .map(|w| &w[1])
         .collect();
-    let [pid_file] = pid_files.as_slice() else {
-        return Err(refused(
-            "arguments",
-            format!(
-                "exactly one --pidfile is needed (got {}); it names the daemon's run directory",
-                pid_files.len()
-            ),
-        ));
-    };
-    let run_dir = resolved_dir(Path::new(pid_file), "--pidfile")?;
+    let (pid_file, run_dir) = one_pid_file(&pid_files, "--pidfile", "daemon")?;
     let allowed = run_dir == replica_server || run_dir.parent() == Some(engines.as_path());
     if !allowed {
         return Err(refused(
@@ -295,16 +306,7 @@ pub fn check_spawn_mirror(data_dir: &Path, args: &[String], log_path: &Path) -> 
                 .to_string(),
         ));
     }
-    let [pid_file] = pid_files.as_slice() else {
-        return Err(refused(
-            "arguments",
-            format!(
-                "exactly one --pid-file is needed (got {}); it names the engine's run directory",
-                pid_files.len()
-            ),
-        ));
-    };
-    let run_dir = resolved_dir(Path::new(pid_file), "--pid-file")?;
+    let (pid_file, run_dir) = one_pid_file(&pid_files, "--pid-file", "engine")?;
     if run_dir.parent() != Some(engines.as_path()) {
         return Err(refused(
             "--pid-file",
