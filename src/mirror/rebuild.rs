@@ -875,6 +875,41 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
+    /// Fills `dst` from `src` while a writer thread writes `write(n)` (offset, bytes) for
+    /// n = 0, 1, … to the source and every written target under the range's lock, as the
+    /// volume's writes do, until the fill ends.
+    fn fill_while_writing(
+        src: Replica,
+        dst: Replica,
+        size: u64,
+        write: impl Fn(u64) -> (u64, Vec<u8>) + Sync,
+    ) -> (Arc<Vec<Replica>>, Arc<Targets>, Arc<Target>) {
+        let sources = Arc::new(vec![src]);
+        let targets = Arc::new(Targets::default());
+        let target = Arc::new(Target::new(dst));
+        targets.push(target.clone());
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let (sources2, targets2, target2) = (sources.clone(), targets.clone(), target.clone());
+            let copier = s.spawn(move || fill(sources2, targets2, target2, size));
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let (off, bytes) = write(n);
+                    let _l = targets.lock_range(off, bytes.len() as u64);
+                    sources[0].write_at(&bytes, off).unwrap();
+                    for t in targets.written() {
+                        t.replica.write_at(&bytes, off).unwrap();
+                    }
+                    n += 1;
+                }
+            });
+            copier.join().unwrap();
+            stop.store(true, Ordering::Release);
+        });
+        (sources, targets, target)
+    }
+
     fn replica(path: &Path, size: u64) -> Replica {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -960,30 +995,12 @@ mod tests {
         let dst = replica(&dir.path().join("dst"), size);
         // The target starts with bytes where the source has holes: they must be punched.
         dst.file().write_all_at(&[7u8; 65536], 0).unwrap();
-        let sources = Arc::new(vec![src]);
-        let targets = Arc::new(Targets::default());
-        let target = Arc::new(Target::new(dst));
-        targets.push(target.clone());
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let (sources2, targets2, target2) = (sources.clone(), targets.clone(), target.clone());
-            let copier = s.spawn(move || fill(sources2, targets2, target2, size));
-            s.spawn(|| {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Acquire) {
-                    // Straddles chunk boundaries on purpose.
-                    let off = (n * 300_007) % (size - 200_000);
-                    let bytes = vec![(n % 200) as u8 + 3; 131_072];
-                    let _l = targets.lock_range(off, bytes.len() as u64);
-                    sources[0].write_at(&bytes, off).unwrap();
-                    for t in targets.written() {
-                        t.replica.write_at(&bytes, off).unwrap();
-                    }
-                    n += 1;
-                }
-            });
-            copier.join().unwrap();
-            stop.store(true, Ordering::Release);
+        // Straddles chunk boundaries on purpose.
+        let (sources, targets, target) = fill_while_writing(src, dst, size, |n| {
+            (
+                (n * 300_007) % (size - 200_000),
+                vec![(n % 200) as u8 + 3; 131_072],
+            )
         });
         assert_eq!(target.state(), TargetState::Complete, "{}", target.status());
         let (x, y) = (
@@ -1294,29 +1311,11 @@ mod tests {
             Some(&base2),
             size,
         );
-        let sources = Arc::new(vec![src]);
-        let targets = Arc::new(Targets::default());
-        let target = Arc::new(Target::new(dst));
-        targets.push(target.clone());
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let (sources2, targets2, target2) = (sources.clone(), targets.clone(), target.clone());
-            let copier = s.spawn(move || fill(sources2, targets2, target2, size));
-            s.spawn(|| {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Acquire) {
-                    let off = (n * 300_007) % (size - 100_000);
-                    let bytes = vec![(n % 200) as u8 + 3; 5000 + (n % 7) as usize * 9000];
-                    let _l = targets.lock_range(off, bytes.len() as u64);
-                    sources[0].write_at(&bytes, off).unwrap();
-                    for t in targets.written() {
-                        t.replica.write_at(&bytes, off).unwrap();
-                    }
-                    n += 1;
-                }
-            });
-            copier.join().unwrap();
-            stop.store(true, Ordering::Release);
+        let (sources, _, target) = fill_while_writing(src, dst, size, |n| {
+            (
+                (n * 300_007) % (size - 100_000),
+                vec![(n % 200) as u8 + 3; 5000 + (n % 7) as usize * 9000],
+            )
         });
         assert_eq!(target.state(), TargetState::Complete, "{}", target.status());
         assert!(
